@@ -1,0 +1,53 @@
+# The README's commands. `make demo` and `make test` work on a fresh Debian machine: they install
+# the system packages (apt) and the Python package with its extras first.
+PYTHON ?= python3
+PIP ?= $(PYTHON) -m pip
+BUILD_DIR ?= build/cpp
+APT_PACKAGES := g++ make libeigen3-dev libgtest-dev
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+JOBS ?= $(shell nproc 2>/dev/null || echo 2)
+
+.PHONY: demo test deps install test-cpp test-python bench lint format clean
+
+demo: install
+	$(PYTHON) -m moelb demo
+
+test: install test-cpp test-python
+
+# System packages, installed only when missing.
+deps:
+	@missing=""; for p in $(APT_PACKAGES); do \
+	  dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "apt-get install:$$missing"; \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
+	fi
+	$(PIP) install -q "cmake>=3.20" ninja
+
+install: deps
+	$(PIP) install -q ".[test,torch,notebooks]"
+
+test-cpp: deps
+	cmake -S . -B $(BUILD_DIR) -G Ninja -DCMAKE_BUILD_TYPE=Release \
+	  -DMOELB_BUILD_TESTS=ON -DMOELB_BUILD_PYTHON=OFF
+	cmake --build $(BUILD_DIR) -j $(JOBS)
+	ctest --test-dir $(BUILD_DIR) --output-on-failure -j $(JOBS)
+
+test-python:
+	$(PYTHON) -m pytest tests/python -q
+
+bench: install
+	$(PYTHON) benchmarks/bench_routing.py
+
+lint:
+	$(PYTHON) -m ruff check python tests benchmarks
+	$(PYTHON) -m ruff format --check python tests benchmarks
+
+format:
+	$(PYTHON) -m ruff format python tests benchmarks
+	clang-format -i cpp/include/moelb/*.hpp cpp/src/*.cpp cpp/src/*.hpp cpp/bindings/*.cpp \
+	  cpp/bindings/*.hpp tests/cpp/*.cpp
+
+clean:
+	rm -rf build _skbuild dist *.egg-info

@@ -1,0 +1,117 @@
+// Binding helpers: turn Python arrays into core views with the array-passing rules of STYLE.md.
+// Token-sized inputs must already be C-contiguous with the exact dtype (no silent copies);
+// config-sized inputs may be converted. Errors name the Python parameter.
+#pragma once
+
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <string>
+
+#include "moelb/errors.hpp"
+#include "moelb/views.hpp"
+
+namespace moelb::bindings {
+
+namespace py = pybind11;
+
+template <class T>
+const char* dtype_name() {
+    if constexpr (std::is_same_v<T, float>) return "float32";
+    if constexpr (std::is_same_v<T, double>) return "float64";
+    if constexpr (std::is_same_v<T, std::int32_t>) return "int32";
+    if constexpr (std::is_same_v<T, std::int64_t>) return "int64";
+    return "?";
+}
+
+inline std::string shape_string(const py::array& a) {
+    std::string s = "(";
+    for (py::ssize_t i = 0; i < a.ndim(); ++i) {
+        if (i) s += ", ";
+        s += std::to_string(a.shape(i));
+    }
+    if (a.ndim() == 1) s += ",";
+    return s + ")";
+}
+
+// Converts any array-like (NumPy array, CPU torch tensor, ...) without copying when possible.
+inline py::array as_array(const py::handle& obj) { return py::array::ensure(obj); }
+
+// Checks that `obj` is a C-contiguous `ndim`-D array of exactly T; never copies.
+template <class T>
+py::array_t<T> strict_array(const py::handle& obj, const char* name, int ndim) {
+    py::array a = py::array::ensure(obj);
+    MOELB_CHECK_ARG(a, name << " must be an array, got " << std::string(py::str(py::type::of(obj))));
+    if (!a.dtype().is(py::dtype::of<T>())) {
+        throw InvalidDType(std::string(name) + " must have dtype " + dtype_name<T>() + ", got " +
+                           std::string(py::str(a.dtype())));
+    }
+    MOELB_CHECK_ARG(a.ndim() == ndim, name << " must be " << ndim << "-D, got shape "
+                                           << shape_string(a));
+    MOELB_CHECK_ARG(a.flags() & py::array::c_style,
+                    name << " must be C-contiguous (row-major); pass np.ascontiguousarray(" << name
+                         << ")");
+    return py::reinterpret_borrow<py::array_t<T>>(a);
+}
+
+// Converts a small config-sized array-like to a C-contiguous array of T. Integer targets accept
+// only integer inputs (a float array of ids is an error, not a silent truncation).
+template <class T>
+py::array_t<T, py::array::c_style> config_array(const py::handle& obj, const char* name, int ndim) {
+    py::array a = py::array::ensure(obj);
+    MOELB_CHECK_ARG(a, name << " must be an array, got " << std::string(py::str(py::type::of(obj))));
+    if constexpr (std::is_integral_v<T>) {
+        const char kind = a.dtype().kind();
+        if (kind != 'i' && kind != 'u') {
+            throw InvalidDType(std::string(name) + " must hold integers, got dtype " +
+                               std::string(py::str(a.dtype())));
+        }
+    } else {
+        const char kind = a.dtype().kind();
+        if (kind != 'f' && kind != 'i' && kind != 'u') {
+            throw InvalidDType(std::string(name) + " must hold numbers, got dtype " +
+                               std::string(py::str(a.dtype())));
+        }
+    }
+    MOELB_CHECK_ARG(a.ndim() == ndim, name << " must be " << ndim << "-D, got shape "
+                                           << shape_string(a));
+    if constexpr (std::is_integral_v<T>) {
+        // Range check before narrowing so 2**40 is an error, not a wrapped id.
+        py::array_t<std::int64_t, py::array::c_style | py::array::forcecast> wide(a);
+        const std::int64_t* p = wide.data();
+        for (py::ssize_t i = 0; i < wide.size(); ++i) {
+            MOELB_CHECK_ARG(p[i] >= std::numeric_limits<T>::min() &&
+                                p[i] <= std::numeric_limits<T>::max(),
+                            name << " holds " << p[i] << ", which does not fit in "
+                                 << dtype_name<T>());
+        }
+    }
+    return py::array_t<T, py::array::c_style | py::array::forcecast>(a);
+}
+
+template <class T, int Flags>
+ConstMatrixMap<T> const_matrix(const py::array_t<T, Flags>& a) {
+    return ConstMatrixMap<T>(a.data(), a.shape(0), a.shape(1));
+}
+
+template <class T, int Flags>
+MatrixMap<T> mutable_matrix(py::array_t<T, Flags>& a) {
+    return MatrixMap<T>(a.mutable_data(), a.shape(0), a.shape(1));
+}
+
+// A new C-contiguous [rows, cols] array.
+template <class T>
+py::array_t<T> new_matrix(Index rows, Index cols) {
+    return py::array_t<T>({static_cast<py::ssize_t>(rows), static_cast<py::ssize_t>(cols)});
+}
+
+// A read-only NumPy view of memory owned by `owner` (kept alive by the view).
+template <class T>
+py::array readonly_view(const T* data, std::vector<py::ssize_t> shape, const py::handle& owner) {
+    py::array_t<T> a(std::move(shape), data, owner);
+    py::detail::array_proxy(a.ptr())->flags &= ~py::detail::npy_api::NPY_ARRAY_WRITEABLE_;
+    return a;
+}
+
+}  // namespace moelb::bindings

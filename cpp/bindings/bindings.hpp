@@ -1,0 +1,29 @@
+// One registration function per area; module.cpp calls them in dependency order.
+#pragma once
+
+#include <pybind11/pybind11.h>
+
+namespace moelb::bindings {
+
+void bind_errors(pybind11::module_& m);
+void bind_parallel(pybind11::module_& m);
+void bind_expert_location(pybind11::module_& m);
+void bind_routing(pybind11::module_& m);
+void bind_hash_router(pybind11::module_& m);
+
+}  // namespace moelb::bindings
+
+#include <optional>
+#include <string>
+
+#include "moelb/expert_location.hpp"
+
+namespace moelb::bindings {
+
+// The dispatcher for select_experts-like calls: none without a location; with one, `layer` is
+// required. Errors name the Python parameters.
+std::optional<LayerDispatcher> make_dispatcher(const ExpertLocation* location,
+                                               std::optional<int> layer, int ep_rank,
+                                               const std::string& dispatch, std::int64_t seed);
+
+}  // namespace moelb::bindings

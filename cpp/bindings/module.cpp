@@ -1,0 +1,11 @@
+#include "bindings.hpp"
+
+PYBIND11_MODULE(_core, m) {
+    m.doc() = "moelb's compiled core. Use the public API in the moelb package.";
+    m.attr("__version__") = MOELB_VERSION;
+    moelb::bindings::bind_errors(m);
+    moelb::bindings::bind_parallel(m);
+    moelb::bindings::bind_expert_location(m);
+    moelb::bindings::bind_routing(m);
+    moelb::bindings::bind_hash_router(m);
+}

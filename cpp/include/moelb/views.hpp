@@ -1,0 +1,28 @@
+// Array views the core takes: row-major Eigen maps over caller-owned memory. The core never
+// allocates its outputs; callers (the bindings, tests) own every buffer.
+#pragma once
+
+#include <Eigen/Core>
+#include <cstdint>
+#include <span>
+
+namespace moelb {
+
+using Index = std::int64_t;
+
+template <class T>
+using RowMatrix = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+// A writable [rows, cols] row-major view.
+template <class T>
+using MatrixMap = Eigen::Map<RowMatrix<T>>;
+// A read-only [rows, cols] row-major view.
+template <class T>
+using ConstMatrixMap = Eigen::Map<const RowMatrix<T>>;
+
+// A [rows, cols] view that may be empty (rows == 0) and has a null pointer then.
+template <class T>
+inline MatrixMap<T> empty_matrix_map() {
+    return MatrixMap<T>(nullptr, 0, 0);
+}
+
+}  // namespace moelb

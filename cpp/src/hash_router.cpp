@@ -1,0 +1,153 @@
+#include "moelb/hash_router.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "moelb/errors.hpp"
+#include "moelb/parallel.hpp"
+#include "topk_epilogue.hpp"
+
+namespace moelb {
+namespace {
+
+constexpr Index kRowsPerChunk = 1024;
+constexpr float kMaxFloat = std::numeric_limits<float>::max();
+
+// The score of one logit, with the conventions of select_experts: NaN counts as -inf and +inf as
+// the largest float.
+float score_one(float x, Scoring scoring) {
+    if (std::isnan(x)) x = -std::numeric_limits<float>::infinity();
+    x = std::min(x, kMaxFloat);
+    if (scoring == Scoring::kSigmoid) return 1.0f / (1.0f + std::exp(-x));
+    return x > 20.0f ? std::sqrt(x) : std::sqrt(std::log1p(std::exp(x)));  // sqrt-softplus
+}
+
+}  // namespace
+
+HashRouter::HashRouter(RowMatrix<std::int32_t> tid2eid, Scoring scoring,
+                       float routed_scaling_factor, int num_fused_shared_experts,
+                       bool apply_routed_scaling_factor_on_output, int num_experts)
+    : tid2eid_(std::move(tid2eid)),
+      scoring_(scoring),
+      rsf_(routed_scaling_factor),
+      num_shared_(num_fused_shared_experts),
+      fold_rsf_(apply_routed_scaling_factor_on_output),
+      num_experts_(num_experts) {
+    MOELB_CHECK_ARG(tid2eid_.rows() >= 1 && tid2eid_.cols() >= 1,
+                    "tid2eid must have shape [vocab_size, top_k] with both positive, got ["
+                        << tid2eid_.rows() << ", " << tid2eid_.cols() << "]");
+    MOELB_CHECK_ARG(std::isfinite(rsf_) && rsf_ > 0.0f,
+                    "routed_scaling_factor must be positive and finite, got " << rsf_);
+    MOELB_CHECK_ARG(num_shared_ == 0 || num_shared_ == 1,
+                    "num_fused_shared_experts must be 0 or 1, got " << num_shared_);
+    MOELB_CHECK_ARG(num_experts == -1 || num_experts >= 1,
+                    "num_experts must be positive (or None), got " << num_experts);
+    for (Index v = 0; v < tid2eid_.rows(); ++v) {
+        for (Index k = 0; k < tid2eid_.cols(); ++k) {
+            const std::int32_t e = tid2eid_(v, k);
+            MOELB_CHECK_ARG(e >= 0 && (num_experts < 0 || e < num_experts),
+                            "tid2eid[" << v << ", " << k << "] = " << e << " is outside [0, "
+                                       << (num_experts < 0 ? std::string("num_experts")
+                                                           : std::to_string(num_experts))
+                                       << ")");
+            max_expert_id_ = std::max(max_expert_id_, e);
+        }
+    }
+}
+
+template <class TokenId>
+void HashRouter::select(ConstMatrixMap<float> router_logits, std::span<const TokenId> input_ids,
+                        std::optional<Index> num_token_non_padded,
+                        const LayerDispatcher* dispatcher, TopKOutputView out) const {
+    const Index T = router_logits.rows();
+    const int E = static_cast<int>(router_logits.cols());
+    const int K = top_k();
+    MOELB_CHECK_ARG(static_cast<Index>(input_ids.size()) == T,
+                    "input_ids has " << input_ids.size() << " tokens but router_logits has " << T
+                                     << " rows");
+    MOELB_CHECK_ARG(num_experts_ < 0 || E == num_experts_,
+                    "router_logits has " << E << " expert columns but the router was built for "
+                                         << "num_experts=" << num_experts_);
+    MOELB_CHECK_ARG(max_expert_id_ < E, "tid2eid holds expert id " << max_expert_id_
+                                                                   << " but router_logits has "
+                                                                   << E << " expert columns");
+    detail::check_output_shapes(out, T, K, num_shared_);
+    detail::check_num_token_non_padded(num_token_non_padded, T);
+    detail::check_dispatcher(dispatcher, E);
+    const Index non_padded = num_token_non_padded.value_or(T);
+    const Index V = tid2eid_.rows();
+    // Token ids of padded rows are not looked up (they may be anything).
+    for (Index t = 0; t < non_padded; ++t) {
+        const TokenId id = input_ids[static_cast<std::size_t>(t)];
+        MOELB_CHECK_ARG(id >= 0 && static_cast<Index>(id) < V,
+                        "input_ids[" << t << "] = " << id << " is outside the hash table [0, "
+                                     << "vocab_size=" << V << ")");
+    }
+    const detail::TopKEpilogue epilogue(K, num_shared_, renormalize(), rsf_, fold_rsf_, E,
+                                        num_token_non_padded, dispatcher, out);
+    parallel_for(T, kRowsPerChunk, [&](Index begin, Index end) {
+        std::vector<float> scores(static_cast<std::size_t>(K));
+        for (Index t = begin; t < end; ++t) {
+            if (t >= non_padded) {
+                epilogue.write(t, nullptr, nullptr);
+                continue;
+            }
+            const float* logits = router_logits.row(t).data();
+            const std::int32_t* ids = tid2eid_.row(input_ids[static_cast<std::size_t>(t)]).data();
+            if (scoring_ == Scoring::kSoftmax) {
+                // Probabilities over all E experts, NaN as -inf and +inf as the largest float.
+                float m = -std::numeric_limits<float>::infinity();
+                for (int e = 0; e < E; ++e) {
+                    if (!std::isnan(logits[e])) m = std::max(m, std::min(logits[e], kMaxFloat));
+                }
+                if (m == -std::numeric_limits<float>::infinity()) {
+                    std::fill(scores.begin(), scores.end(), 0.0f);
+                } else {
+                    float sum = 0.0f;
+                    for (int e = 0; e < E; ++e) {
+                        if (!std::isnan(logits[e])) sum += std::exp(std::min(logits[e], kMaxFloat) - m);
+                    }
+                    for (int k = 0; k < K; ++k) {
+                        const float x = logits[ids[k]];
+                        scores[static_cast<std::size_t>(k)] =
+                            std::isnan(x) ? 0.0f : std::exp(std::min(x, kMaxFloat) - m) / sum;
+                    }
+                }
+            } else {
+                for (int k = 0; k < K; ++k) {
+                    scores[static_cast<std::size_t>(k)] = score_one(logits[ids[k]], scoring_);
+                }
+            }
+            epilogue.write(t, ids, scores.data());
+        }
+    });
+}
+
+template <class TokenId>
+TopKOutput HashRouter::select(ConstMatrixMap<float> router_logits,
+                              std::span<const TokenId> input_ids,
+                              std::optional<Index> num_token_non_padded,
+                              const LayerDispatcher* dispatcher) const {
+    TopKOutput out(router_logits.rows(), top_k(), num_shared_);
+    select(router_logits, input_ids, num_token_non_padded, dispatcher, out.view());
+    return out;
+}
+
+template void HashRouter::select<std::int32_t>(ConstMatrixMap<float>, std::span<const std::int32_t>,
+                                               std::optional<Index>, const LayerDispatcher*,
+                                               TopKOutputView) const;
+template void HashRouter::select<std::int64_t>(ConstMatrixMap<float>, std::span<const std::int64_t>,
+                                               std::optional<Index>, const LayerDispatcher*,
+                                               TopKOutputView) const;
+template TopKOutput HashRouter::select<std::int32_t>(ConstMatrixMap<float>,
+                                                     std::span<const std::int32_t>,
+                                                     std::optional<Index>,
+                                                     const LayerDispatcher*) const;
+template TopKOutput HashRouter::select<std::int64_t>(ConstMatrixMap<float>,
+                                                     std::span<const std::int64_t>,
+                                                     std::optional<Index>,
+                                                     const LayerDispatcher*) const;
+
+}  // namespace moelb

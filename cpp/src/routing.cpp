@@ -1,0 +1,395 @@
+#include "moelb/routing.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "moelb/errors.hpp"
+#include "moelb/parallel.hpp"
+#include "topk_epilogue.hpp"
+
+namespace moelb {
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr float kMaxFloat = std::numeric_limits<float>::max();
+constexpr Index kRowsPerChunk = 256;
+
+using ArrayXf = Eigen::Array<float, Eigen::Dynamic, 1>;
+using ConstArrayMap = Eigen::Map<const ArrayXf>;
+
+// The k best (value, id) pairs seen so far, in descending value; among equal values the earlier
+// pushed stays ahead. Pushing ids in ascending order therefore breaks ties to the lowest id.
+class TopKList {
+public:
+    explicit TopKList(int k) : k_(k), values_(static_cast<std::size_t>(k)), ids_(values_.size()) {}
+
+    void clear() { size_ = 0; }
+    // The value a candidate must beat to enter once the list is full.
+    float threshold() const { return size_ < k_ ? kNegInf : values_[static_cast<std::size_t>(k_ - 1)]; }
+    bool full() const { return size_ == k_; }
+
+    void push(float value, std::int32_t id) {
+        int pos;
+        if (size_ < k_) {
+            pos = size_++;
+        } else {
+            if (!(value > values_[static_cast<std::size_t>(k_ - 1)])) return;
+            pos = k_ - 1;
+        }
+        while (pos > 0 && value > values_[static_cast<std::size_t>(pos - 1)]) {
+            values_[static_cast<std::size_t>(pos)] = values_[static_cast<std::size_t>(pos - 1)];
+            ids_[static_cast<std::size_t>(pos)] = ids_[static_cast<std::size_t>(pos - 1)];
+            --pos;
+        }
+        values_[static_cast<std::size_t>(pos)] = value;
+        ids_[static_cast<std::size_t>(pos)] = id;
+    }
+
+    // Pushes values[begin, end) with ids begin..end-1, skipping blocks that cannot enter.
+    void push_range(const float* values, int begin, int end) {
+        int e = begin;
+        // Fill first, then scan in blocks of 8 whose maximum is compared with the threshold.
+        for (; e < end && size_ < k_; ++e) push(values[e], e);
+        constexpr int kBlock = 8;
+        for (; e + kBlock <= end; e += kBlock) {
+            float m = values[e];
+            for (int i = 1; i < kBlock; ++i) m = std::max(m, values[e + i]);
+            if (!(m > values_[static_cast<std::size_t>(k_ - 1)])) continue;
+            for (int i = 0; i < kBlock; ++i) push(values[e + i], e + i);
+        }
+        for (; e < end; ++e) push(values[e], e);
+    }
+
+    int size() const { return size_; }
+    const float* values() const { return values_.data(); }
+    const std::int32_t* ids() const { return ids_.data(); }
+
+private:
+    int k_;
+    int size_ = 0;
+    std::vector<float> values_;
+    std::vector<std::int32_t> ids_;
+};
+
+// Per-thread scratch of select_experts.
+struct Scratch {
+    ArrayXf scores;   // [E] unbiased scores
+    ArrayXf choice;   // [E] selection scores (score + bias; -inf for NaN logits)
+    ArrayXf groups;   // [G] group scores
+    std::vector<std::int32_t> kept_groups;
+    TopKList experts;
+    TopKList group_list;
+    std::vector<float> chosen_scores;
+
+    Scratch(int E, const TopKConfig& c)
+        : scores(E),
+          choice(E),
+          groups(std::max(c.num_groups, 1)),
+          experts(c.top_k),
+          group_list(std::max(c.topk_group, 1)),
+          chosen_scores(static_cast<std::size_t>(c.top_k)) {}
+};
+
+// scores <- f(logits), choice <- scores + bias with NaN logits at -inf.
+void compute_scores(const float* logits, int E, Scoring scoring, const float* bias, Scratch& s) {
+    const ConstArrayMap x(logits, E);
+    // NaN counts as -inf everywhere (x != x only for NaN).
+    s.scores = (x == x).select(x, kNegInf);
+    switch (scoring) {
+        case Scoring::kSigmoid:
+            s.scores = 1.0f / (1.0f + (-s.scores).exp());
+            break;
+        case Scoring::kSqrtSoftplus: {
+            s.scores = s.scores.min(kMaxFloat);
+            s.scores = (s.scores > 20.0f).select(s.scores, s.scores.exp().log1p()).sqrt();
+            break;
+        }
+        case Scoring::kSoftmax: {
+            s.scores = s.scores.min(kMaxFloat);
+            const float m = s.scores.maxCoeff();
+            if (m == kNegInf) {
+                s.scores.setZero();  // every logit NaN or -inf: no probability mass anywhere
+            } else {
+                s.scores = (s.scores - m).exp();
+                s.scores *= 1.0f / s.scores.sum();
+            }
+            break;
+        }
+    }
+    if (bias != nullptr) {
+        s.choice = (x == x).select(s.scores + ConstArrayMap(bias, E), kNegInf);
+    } else {
+        s.choice = (x == x).select(s.scores, kNegInf);
+    }
+}
+
+void select_row(const TopKConfig& c, int E, Scratch& s) {
+    s.experts.clear();
+    const float* choice = s.choice.data();
+    if (!c.grouped()) {
+        s.experts.push_range(choice, 0, E);
+        return;
+    }
+    const int per_group = E / c.num_groups;
+    for (int g = 0; g < c.num_groups; ++g) {
+        const float* v = choice + static_cast<Index>(g) * per_group;
+        float best = kNegInf, second = kNegInf;
+        for (int i = 0; i < per_group; ++i) {
+            if (v[i] > best) {
+                second = best;
+                best = v[i];
+            } else if (v[i] > second) {
+                second = v[i];
+            }
+        }
+        s.groups[g] = (c.group_score == GroupScore::kMax || per_group == 1) ? best : best + second;
+    }
+    s.group_list.clear();
+    for (int g = 0; g < c.num_groups; ++g) s.group_list.push(s.groups[g], g);
+    // Scan the kept groups in ascending id order so expert ties go to the lowest id.
+    s.kept_groups.assign(s.group_list.ids(), s.group_list.ids() + s.group_list.size());
+    std::sort(s.kept_groups.begin(), s.kept_groups.end());
+    for (const std::int32_t g : s.kept_groups) {
+        s.experts.push_range(choice, g * per_group, (g + 1) * per_group);
+    }
+}
+
+}  // namespace
+
+Scoring parse_scoring(std::string_view name, std::string_view param) {
+    if (name == "softmax") return Scoring::kSoftmax;
+    if (name == "sigmoid") return Scoring::kSigmoid;
+    if (name == "sqrtsoftplus") return Scoring::kSqrtSoftplus;
+    MOELB_CHECK_ARG(false, param << "='" << name
+                                 << "' is not a scoring function; expected 'softmax', 'sigmoid' or "
+                                    "'sqrtsoftplus'");
+    return Scoring::kSoftmax;
+}
+
+std::string_view to_string(Scoring scoring) {
+    switch (scoring) {
+        case Scoring::kSoftmax: return "softmax";
+        case Scoring::kSigmoid: return "sigmoid";
+        case Scoring::kSqrtSoftplus: return "sqrtsoftplus";
+    }
+    return "?";
+}
+
+GroupScore parse_group_score(std::string_view name, std::string_view param) {
+    if (name == "top2_sum") return GroupScore::kTop2Sum;
+    if (name == "max") return GroupScore::kMax;
+    MOELB_CHECK_ARG(false,
+                    param << "='" << name << "' is not a group score; expected 'top2_sum' or 'max'");
+    return GroupScore::kTop2Sum;
+}
+
+std::string_view to_string(GroupScore group_score) {
+    return group_score == GroupScore::kMax ? "max" : "top2_sum";
+}
+
+void TopKConfig::validate() const {
+    MOELB_CHECK_ARG(top_k >= 1, "top_k must be at least 1, got " << top_k);
+    MOELB_CHECK_ARG(num_groups >= 0, "num_groups must be positive (or None), got " << num_groups);
+    if (num_groups > 0) {
+        MOELB_CHECK_ARG(topk_group >= 1 && topk_group <= num_groups,
+                        "topk_group=" << topk_group << " must be in [1, num_groups=" << num_groups
+                                      << "]");
+    } else {
+        MOELB_CHECK_ARG(topk_group == 0, "topk_group=" << topk_group
+                                                       << " needs num_groups (grouped selection)");
+    }
+    MOELB_CHECK_ARG(std::isfinite(routed_scaling_factor) && routed_scaling_factor > 0.0f,
+                    "routed_scaling_factor must be positive and finite, got "
+                        << routed_scaling_factor);
+    MOELB_CHECK_ARG(num_fused_shared_experts == 0 || num_fused_shared_experts == 1,
+                    "num_fused_shared_experts must be 0 or 1, got " << num_fused_shared_experts);
+}
+
+void TopKConfig::validate_for(int num_experts) const {
+    validate();
+    MOELB_CHECK_ARG(num_experts >= 1, "router_logits must have at least one expert column");
+    MOELB_CHECK_ARG(top_k <= num_experts,
+                    "top_k=" << top_k << " exceeds the number of experts " << num_experts);
+    if (grouped()) {
+        MOELB_CHECK_ARG(num_experts % num_groups == 0,
+                        "num_experts=" << num_experts << " is not divisible by num_groups="
+                                       << num_groups);
+        const int kept = topk_group * (num_experts / num_groups);
+        MOELB_CHECK_ARG(top_k <= kept, "top_k=" << top_k << " exceeds the " << kept
+                                                << " experts of topk_group=" << topk_group
+                                                << " groups of " << num_experts / num_groups);
+    }
+}
+
+TopKConfig TopKConfig::deepseek_v3() {
+    TopKConfig c;
+    c.top_k = 8;
+    c.scoring = Scoring::kSigmoid;
+    c.num_groups = 8;
+    c.topk_group = 4;
+    c.group_score = GroupScore::kTop2Sum;
+    c.renormalize = true;
+    c.routed_scaling_factor = 2.5f;
+    return c;
+}
+
+TopKConfig TopKConfig::deepseek_v4_flash() {
+    TopKConfig c;
+    c.top_k = 6;
+    c.scoring = Scoring::kSqrtSoftplus;
+    c.renormalize = true;
+    c.routed_scaling_factor = 1.5f;
+    return c;
+}
+
+TopKConfig TopKConfig::deepseek_v4_pro() {
+    TopKConfig c = deepseek_v4_flash();
+    c.routed_scaling_factor = 2.5f;
+    return c;
+}
+
+TopKOutput::TopKOutput(Index num_tokens, int top_k, int num_fused_shared_experts)
+    : topk_ids(num_tokens, top_k + num_fused_shared_experts),
+      topk_weights(num_tokens, top_k + num_fused_shared_experts),
+      recorder_topk_ids(num_tokens, top_k) {}
+
+TopKOutputView TopKOutput::view() {
+    return {MatrixMap<std::int32_t>(topk_ids.data(), topk_ids.rows(), topk_ids.cols()),
+            MatrixMap<float>(topk_weights.data(), topk_weights.rows(), topk_weights.cols()),
+            MatrixMap<std::int32_t>(recorder_topk_ids.data(), recorder_topk_ids.rows(),
+                                    recorder_topk_ids.cols())};
+}
+
+namespace detail {
+
+void check_output_shapes(const TopKOutputView& out, Index T, int K, int F) {
+    MOELB_CHECK_ARG(out.topk_ids.rows() == T && out.topk_ids.cols() == K + F,
+                    "topk_ids has shape [" << out.topk_ids.rows() << ", " << out.topk_ids.cols()
+                                           << "] but [" << T << ", " << K + F << "] is needed");
+    MOELB_CHECK_ARG(out.topk_weights.rows() == T && out.topk_weights.cols() == K + F,
+                    "topk_weights has shape [" << out.topk_weights.rows() << ", "
+                                               << out.topk_weights.cols() << "] but [" << T << ", "
+                                               << K + F << "] is needed");
+    MOELB_CHECK_ARG(out.recorder_topk_ids.rows() == T && out.recorder_topk_ids.cols() == K,
+                    "recorder_topk_ids has shape [" << out.recorder_topk_ids.rows() << ", "
+                                                    << out.recorder_topk_ids.cols() << "] but ["
+                                                    << T << ", " << K << "] is needed");
+}
+
+void check_num_token_non_padded(std::optional<Index> n, Index T) {
+    if (n) {
+        MOELB_CHECK_ARG(*n >= 0 && *n <= T, "num_token_non_padded=" << *n << " is outside [0, "
+                                                                    << T << "] (the token count)");
+    }
+}
+
+void check_dispatcher(const LayerDispatcher* dispatcher, int E) {
+    if (dispatcher) {
+        MOELB_CHECK_ARG(dispatcher->location().num_logical_experts() == E,
+                        "location has num_logical_experts="
+                            << dispatcher->location().num_logical_experts()
+                            << " but router_logits has " << E << " expert columns");
+    }
+}
+
+}  // namespace detail
+
+void select_experts(ConstMatrixMap<float> router_logits, const TopKConfig& config,
+                    std::span<const float> correction_bias,
+                    std::optional<Index> num_token_non_padded, const LayerDispatcher* dispatcher,
+                    TopKOutputView out) {
+    const Index T = router_logits.rows();
+    const int E = static_cast<int>(router_logits.cols());
+    config.validate_for(E);
+    detail::check_output_shapes(out, T, config.top_k, config.num_fused_shared_experts);
+    detail::check_num_token_non_padded(num_token_non_padded, T);
+    detail::check_dispatcher(dispatcher, E);
+    const float* bias = nullptr;
+    if (!correction_bias.empty()) {
+        MOELB_CHECK_ARG(static_cast<int>(correction_bias.size()) == E,
+                        "correction_bias has " << correction_bias.size() << " entries but "
+                                               << "router_logits has " << E << " expert columns");
+        for (int e = 0; e < E; ++e) {
+            MOELB_CHECK_ARG(std::isfinite(correction_bias[static_cast<std::size_t>(e)]),
+                            "correction_bias[" << e << "] = " << correction_bias[e]
+                                               << " is not finite");
+        }
+        bias = correction_bias.data();
+    }
+    const detail::TopKEpilogue epilogue(
+        config.top_k, config.num_fused_shared_experts, config.renormalize,
+        config.routed_scaling_factor, config.apply_routed_scaling_factor_on_output, E,
+        num_token_non_padded, dispatcher, out);
+    const Index non_padded = num_token_non_padded.value_or(T);
+    parallel_for(T, kRowsPerChunk, [&](Index begin, Index end) {
+        Scratch s(E, config);
+        for (Index t = begin; t < end; ++t) {
+            if (t >= non_padded) {
+                epilogue.write(t, nullptr, nullptr);
+                continue;
+            }
+            compute_scores(router_logits.row(t).data(), E, config.scoring, bias, s);
+            select_row(config, E, s);
+            const std::int32_t* ids = s.experts.ids();
+            for (int c = 0; c < config.top_k; ++c) {
+                s.chosen_scores[static_cast<std::size_t>(c)] = s.scores[ids[c]];
+            }
+            epilogue.write(t, ids, s.chosen_scores.data());
+        }
+    });
+}
+
+TopKOutput select_experts(ConstMatrixMap<float> router_logits, const TopKConfig& config,
+                          std::span<const float> correction_bias,
+                          std::optional<Index> num_token_non_padded,
+                          const LayerDispatcher* dispatcher) {
+    config.validate();
+    TopKOutput out(router_logits.rows(), config.top_k, config.num_fused_shared_experts);
+    select_experts(router_logits, config, correction_bias, num_token_non_padded, dispatcher,
+                   out.view());
+    return out;
+}
+
+void remap_topk_for_per_rank_shared_slots(ConstMatrixMap<std::int32_t> topk_ids,
+                                          int num_physical_experts, int ep_size, int ep_rank,
+                                          int num_fused_shared_experts,
+                                          MatrixMap<std::int32_t> out) {
+    const int P = num_physical_experts, W = ep_size, F = num_fused_shared_experts;
+    MOELB_CHECK_ARG(W >= 1, "ep_size must be positive, got " << W);
+    MOELB_CHECK_ARG(P >= 1 && P % W == 0, "num_physical_experts=" << P
+                                                                  << " is not a positive multiple "
+                                                                     "of ep_size="
+                                                                  << W);
+    MOELB_CHECK_ARG(ep_rank >= 0 && ep_rank < W,
+                    "ep_rank=" << ep_rank << " is outside [0, ep_size=" << W << ")");
+    MOELB_CHECK_ARG(F >= 1, "num_fused_shared_experts must be at least 1, got " << F);
+    MOELB_CHECK_ARG(topk_ids.cols() > F, "topk_ids has " << topk_ids.cols()
+                                                         << " columns; it needs the routed "
+                                                            "columns and "
+                                                         << F << " shared column(s)");
+    MOELB_CHECK_ARG(out.rows() == topk_ids.rows() && out.cols() == topk_ids.cols(),
+                    "out has shape [" << out.rows() << ", " << out.cols()
+                                      << "] but topk_ids has shape [" << topk_ids.rows() << ", "
+                                      << topk_ids.cols() << "]");
+    const int S = P / W;
+    const int K = static_cast<int>(topk_ids.cols()) - F;
+    parallel_for(topk_ids.rows(), 4096, [&](Index begin, Index end) {
+        for (Index t = begin; t < end; ++t) {
+            bool any = false;
+            for (int c = 0; c < K; ++c) {
+                const std::int32_t p = topk_ids(t, c);
+                MOELB_CHECK_ARG(p >= -1 && p < P, "topk_ids[" << t << ", " << c << "] = " << p
+                                                              << " is outside [-1, "
+                                                                 "num_physical_experts="
+                                                              << P << ")");
+                any = any || p >= 0;
+                out(t, c) = p < 0 ? -1 : p + (p / S) * F;
+            }
+            for (int j = 0; j < F; ++j) out(t, K + j) = any ? ep_rank * (S + F) + S + j : -1;
+        }
+    });
+}
+
+}  // namespace moelb

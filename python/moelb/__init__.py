@@ -1,0 +1,43 @@
+"""moelb: expert-parallel load balancing for DeepSeek-style Mixture-of-Experts inference.
+
+Routers (``select_experts``, ``HashRouter``), placement maps with logical->physical dispatch
+(``ExpertLocation``) and SGLang placement files (``load_placement`` / ``save_placement``).
+Arrays are NumPy (CPU torch tensors convert without copies): float32 logits and weights, int32 ids,
+row-major. Bad input raises ``InvalidArgumentError`` (a ``ValueError``; a wrong dtype is an
+``InvalidDTypeError``, also a ``TypeError``); a broken internal invariant raises ``Error``.
+"""
+
+from ._core import (
+    Error,
+    ExpertLocation,
+    InvalidArgumentError,
+    InvalidDTypeError,
+    TopKConfig,
+    __version__,
+    get_num_threads,
+    set_num_threads,
+)
+from .io import load_placement, save_placement
+from .routing import (
+    HashRouter,
+    TopKOutput,
+    remap_topk_for_per_rank_shared_slots,
+    select_experts,
+)
+
+__all__ = [
+    "Error",
+    "ExpertLocation",
+    "HashRouter",
+    "InvalidArgumentError",
+    "InvalidDTypeError",
+    "TopKConfig",
+    "TopKOutput",
+    "__version__",
+    "get_num_threads",
+    "load_placement",
+    "remap_topk_for_per_rank_shared_slots",
+    "save_placement",
+    "select_experts",
+    "set_num_threads",
+]

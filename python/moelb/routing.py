@@ -1,0 +1,125 @@
+"""Top-k routing: ``select_experts``, the DeepSeek-V4 ``HashRouter`` and the per-rank shared-slot
+remap. The work runs in the C++ core with the GIL released, in parallel over tokens."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import numpy as np
+import numpy.typing as npt
+
+from . import _core
+from ._core import ExpertLocation, TopKConfig
+
+__all__ = ["HashRouter", "TopKOutput", "remap_topk_for_per_rank_shared_slots", "select_experts"]
+
+
+class TopKOutput(NamedTuple):
+    """The result of routing T tokens.
+
+    topk_ids: [T, K + F] int32 expert ids (physical slots when a location was given), -1 for
+        padded rows; the fused shared expert, if any, is the last column.
+    topk_weights: [T, K + F] float32 combine weights, 0 for padded rows.
+    recorder_topk_ids: [T, K] int32, the routed columns only: what the expert distribution
+        recorder counts (never the shared expert).
+    """
+
+    topk_ids: npt.NDArray[np.int32]
+    topk_weights: npt.NDArray[np.float32]
+    recorder_topk_ids: npt.NDArray[np.int32]
+
+
+def select_experts(
+    router_logits: Any,
+    config: TopKConfig,
+    correction_bias: Any = None,
+    num_token_non_padded: int | None = None,
+    location: ExpertLocation | None = None,
+    layer: int | None = None,
+    ep_rank: int = 0,
+    *,
+    dispatch: str = "static",
+    seed: int = 0,
+) -> TopKOutput:
+    """Routes tokens to their top-k experts.
+
+    router_logits: [T, E] float32, C-contiguous (a NumPy array or a CPU torch tensor; never
+        copied or converted: a wrong dtype raises ``InvalidDTypeError``).
+    config: the layer's ``TopKConfig``.
+    correction_bias: [E] (DeepSeek-V3's e_score_correction_bias) added to the scores for
+        selection only; the weights are the unbiased scores.
+    num_token_non_padded: rows at or after it are padding: ids -1, weights 0.
+    location, layer, ep_rank: map logical ids to physical slots of ``location`` for MoE layer
+        ``layer`` as seen from rank ``ep_rank``, with ``dispatch`` 'static' (a fixed replica per
+        rank: own rank, then same node, else an even seeded spread), 'random' (seeded, per token
+        slot) or 'round_robin'. The fused shared column then gets id P.
+
+    Columns are ordered by descending selection score; ties go to the lowest expert id; a NaN
+    logit never wins a slot. Deterministic for any thread count.
+    """
+    ids, weights, recorder_ids = _core.select_experts(
+        router_logits,
+        config,
+        correction_bias,
+        num_token_non_padded,
+        location,
+        layer,
+        ep_rank,
+        dispatch,
+        seed,
+    )
+    return TopKOutput(ids, weights, recorder_ids)
+
+
+class HashRouter(_core.HashRouter):
+    """The DeepSeek-V4 hash router: the routed experts of a token are ``tid2eid[token id]``.
+
+    ``HashRouter(tid2eid, scoring="sqrtsoftplus", routed_scaling_factor=1.0,
+    num_fused_shared_experts=0, apply_routed_scaling_factor_on_output=False, num_experts=None)``:
+    tid2eid is [vocab_size, top_k] integer expert ids. Weights are the looked-up experts' scores,
+    renormalized to sum 1 except under softmax scoring (then they stay probabilities over all
+    experts, as in SGLang); rsf and the fused shared column follow ``TopKConfig``.
+    """
+
+    def select(  # type: ignore[override]
+        self,
+        router_logits: Any,
+        input_ids: Any,
+        num_token_non_padded: int | None = None,
+        location: ExpertLocation | None = None,
+        layer: int | None = None,
+        ep_rank: int = 0,
+        *,
+        dispatch: str = "static",
+        seed: int = 0,
+    ) -> TopKOutput:
+        """Routes tokens by token id. router_logits: [T, E] float32; input_ids: [T] int32 or
+        int64, each in [0, vocab_size) (out-of-range ids raise ``InvalidArgumentError``); the rest
+        as ``select_experts``. Columns follow tid2eid's order."""
+        ids, weights, recorder_ids = super().select(
+            router_logits,
+            input_ids,
+            num_token_non_padded,
+            location,
+            layer,
+            ep_rank,
+            dispatch,
+            seed,
+        )
+        return TopKOutput(ids, weights, recorder_ids)
+
+
+def remap_topk_for_per_rank_shared_slots(
+    topk_ids: Any,
+    num_physical_experts: int,
+    ep_size: int,
+    ep_rank: int,
+    num_fused_shared_experts: int = 1,
+) -> npt.NDArray[np.int32]:
+    """The per-rank shared-slot layout of DeepEP-class backends (each rank: S routed slots, then
+    F shared slots). topk_ids: [T, K + F] int32 with physical routed ids in the first K columns.
+    Returns a new array: routed p -> p + (p // S) * F, shared column j -> ep_rank * (S + F) + S + j;
+    rows that are all padding (-1) stay -1 everywhere."""
+    return _core.remap_topk_for_per_rank_shared_slots(
+        topk_ids, num_physical_experts, ep_size, ep_rank, num_fused_shared_experts
+    )
