@@ -36,9 +36,11 @@ import numpy.typing as npt
 __all__ = [
     "RENORMALIZE_EPSILON",
     "make_tie_free_logits",
+    "reference_epilogue",
     "reference_hash_select",
     "reference_scores",
     "reference_select_experts",
+    "reference_topk",
 ]
 
 RENORMALIZE_EPSILON = 1e-20
@@ -97,7 +99,7 @@ def _relative_gap(a: np.ndarray, b: np.ndarray, slack: float) -> np.ndarray:
     return np.where(real, gap, np.inf)
 
 
-def _epilogue(
+def reference_epilogue(
     ids: np.ndarray,
     scores: np.ndarray,
     *,
@@ -108,7 +110,10 @@ def _epilogue(
     num_fused_shared_experts: int,
     num_token_non_padded: int | None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Weights, rsf and the fused shared column of the chosen experts (ids/scores: [T, K])."""
+    """Weights, rsf and the fused shared column of the chosen experts.
+
+    ids: [T, K] chosen expert ids; scores: [T, K] float64 unbiased scores. shared_id: the id of
+    the fused shared column (E). Returns (ids int32 [T, K+F], weights float32 [T, K+F])."""
     if num_fused_shared_experts not in (0, 1):
         raise ValueError("num_fused_shared_experts must be 0 or 1")
     rsf = float(routed_scaling_factor)
@@ -129,6 +134,72 @@ def _epilogue(
         ids[num_token_non_padded:] = -1
         weights[num_token_non_padded:] = 0.0
     return ids, weights
+
+
+def reference_topk(
+    router_logits: npt.ArrayLike,
+    *,
+    top_k: int,
+    scoring: str,
+    num_groups: int | None = None,
+    topk_group: int | None = None,
+    group_score: str = "top2_sum",
+    correction_bias: npt.ArrayLike | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The selection part of select_experts.
+
+    Returns (ids int64 [T, K] in descending choice, ties -> lowest id; their unbiased scores
+    float64 [T, K]; margin float64 [T], the smallest relative gap that decided the row: K-th vs
+    (K+1)-th eligible choice, adjacent chosen choices, topk_group-th vs next group score)."""
+    logits = np.asarray(router_logits)
+    if logits.ndim != 2:
+        raise ValueError("router_logits must be [T, E]")
+    t, e = logits.shape
+    if not 1 <= top_k <= e:
+        raise ValueError(f"top_k={top_k} must be in [1, {e}]")
+    scores = reference_scores(logits, scoring)
+    nan = np.isnan(logits)
+    slack = 0.0
+    choice = scores
+    if correction_bias is not None:
+        bias = np.asarray(correction_bias, dtype=np.float64).reshape(-1)
+        if bias.shape != (e,):
+            raise ValueError("correction_bias must have E entries")
+        choice = scores + bias
+        slack = float(np.abs(bias).max(initial=0.0))
+    choice = np.where(nan, -np.inf, choice)
+    margin = np.full(t, np.inf)
+
+    if num_groups:
+        if topk_group is None or not 1 <= topk_group <= num_groups or e % num_groups:
+            raise ValueError("bad num_groups / topk_group")
+        per_group = e // num_groups
+        if top_k > topk_group * per_group:
+            raise ValueError("top_k exceeds the experts of the kept groups")
+        grouped = choice.reshape(t, num_groups, per_group)
+        if group_score == "max" or per_group == 1:
+            group_scores = grouped.max(axis=2)
+            group_slack = slack
+        elif group_score == "top2_sum":
+            group_scores = np.partition(grouped, per_group - 2, axis=2)[:, :, -2:].sum(axis=2)
+            group_slack = 2 * slack
+        else:
+            raise ValueError(f"unknown group_score {group_score!r}")
+        kept, group_gap = _top_k_lowest_id(group_scores, topk_group, group_slack)
+        margin = np.minimum(margin, group_gap)
+        eligible_groups = np.zeros((t, num_groups), dtype=bool)
+        np.put_along_axis(eligible_groups, kept, True, axis=1)
+        eligible = np.repeat(eligible_groups, per_group, axis=1)
+        key = np.where(eligible, np.where(nan, _ELIGIBLE_NAN_KEY, choice), -np.inf)
+    else:
+        key = choice
+    ids, kth_gap = _top_k_lowest_id(key, top_k, slack)
+    margin = np.minimum(margin, kth_gap)
+    if top_k > 1:
+        chosen_keys = np.take_along_axis(key, ids, axis=1)
+        adjacent = _relative_gap(chosen_keys[:, :-1], chosen_keys[:, 1:], slack)
+        margin = np.minimum(margin, adjacent.min(axis=1))
+    return ids, np.take_along_axis(scores, ids, axis=1), margin
 
 
 def reference_select_experts(
@@ -153,61 +224,23 @@ def reference_select_experts(
     (K+1)-th eligible choice, adjacent chosen choices, topk_group-th vs next group score); inf for
     padded rows and where every decision was by exact ties of NaN logits (resolved by id).
     """
-    logits = np.asarray(router_logits)
-    if logits.ndim != 2:
-        raise ValueError("router_logits must be [T, E]")
-    t, e = logits.shape
-    if not 1 <= top_k <= e:
-        raise ValueError(f"top_k={top_k} must be in [1, {e}]")
-    scores = reference_scores(logits, scoring)
-    nan = np.isnan(logits)
-    slack = 0.0
-    choice = scores
-    if correction_bias is not None:
-        bias = np.asarray(correction_bias, dtype=np.float64).reshape(-1)
-        if bias.shape != (e,):
-            raise ValueError("correction_bias must have E entries")
-        choice = scores + bias
-        slack = float(np.abs(bias).max(initial=0.0))
-    choice = np.where(nan, -np.inf, choice)
-    margin = np.full(t, np.inf)
-
-    if num_groups:
-        if topk_group is None or not 1 <= topk_group <= num_groups or e % num_groups:
-            raise ValueError("bad num_groups / topk_group")
-        per_group = e // num_groups
-        grouped = choice.reshape(t, num_groups, per_group)
-        if group_score == "max" or per_group == 1:
-            group_scores = grouped.max(axis=2)
-            group_slack = slack
-        elif group_score == "top2_sum":
-            group_scores = np.partition(grouped, per_group - 2, axis=2)[:, :, -2:].sum(axis=2)
-            group_slack = 2 * slack
-        else:
-            raise ValueError(f"unknown group_score {group_score!r}")
-        kept, group_gap = _top_k_lowest_id(group_scores, topk_group, group_slack)
-        margin = np.minimum(margin, group_gap)
-        eligible_groups = np.zeros((t, num_groups), dtype=bool)
-        np.put_along_axis(eligible_groups, kept, True, axis=1)
-        eligible = np.repeat(eligible_groups, per_group, axis=1)
-        if top_k > topk_group * per_group:
-            raise ValueError("top_k exceeds the experts of the kept groups")
-        key = np.where(eligible, np.where(nan, _ELIGIBLE_NAN_KEY, choice), -np.inf)
-    else:
-        key = choice
-    ids, kth_gap = _top_k_lowest_id(key, top_k, slack)
-    chosen_keys = np.take_along_axis(key, ids, axis=1)
-    margin = np.minimum(margin, kth_gap)
-    if top_k > 1:
-        adjacent = _relative_gap(chosen_keys[:, :-1], chosen_keys[:, 1:], slack)
-        margin = np.minimum(margin, adjacent.min(axis=1))
+    ids, scores, margin = reference_topk(
+        router_logits,
+        top_k=top_k,
+        scoring=scoring,
+        num_groups=num_groups,
+        topk_group=topk_group,
+        group_score=group_score,
+        correction_bias=correction_bias,
+    )
+    t, e = np.shape(router_logits)
     if num_token_non_padded is not None:
         if not 0 <= num_token_non_padded <= t:
             raise ValueError("num_token_non_padded outside [0, T]")
         margin[num_token_non_padded:] = np.inf
-    out_ids, weights = _epilogue(
+    out_ids, weights = reference_epilogue(
         ids,
-        np.take_along_axis(scores, ids, axis=1),
+        scores,
         shared_id=e,
         renormalize=renormalize,
         routed_scaling_factor=routed_scaling_factor,
@@ -246,7 +279,7 @@ def reference_hash_select(
         raise ValueError("input_ids outside the hash table")
     ids = table[lookup]
     scores = np.take_along_axis(reference_scores(logits, scoring), ids, axis=1)
-    return _epilogue(
+    return reference_epilogue(
         ids,
         scores,
         shared_id=e,
@@ -276,11 +309,11 @@ def make_tie_free_logits(
     correction_bias, ...); output-only ones (renormalize, rsf, ...) are accepted and ignored."""
     selection_keys = ("top_k", "scoring", "num_groups", "topk_group", "group_score")
     selection = {k: v for k, v in config.items() if k in selection_keys}
-    bias = config.get("correction_bias")
+    selection["correction_bias"] = config.get("correction_bias")
     logits = (rng.standard_normal((num_tokens, num_experts)) * scale).astype(np.float32)
     rows = np.arange(num_tokens)
     for _ in range(max_rounds):
-        _, _, margin = reference_select_experts(logits[rows], correction_bias=bias, **selection)
+        _, _, margin = reference_topk(logits[rows], **selection)
         rows = rows[margin < min_margin]
         if rows.size == 0:
             return logits
