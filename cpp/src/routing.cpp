@@ -1,8 +1,14 @@
 #include "moelb/routing.hpp"
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <limits>
+#include <utility>
 #include <vector>
 
 #include "moelb/errors.hpp"
@@ -47,19 +53,35 @@ public:
         ids_[static_cast<std::size_t>(pos)] = id;
     }
 
-    // Pushes values[begin, end) with ids begin..end-1, skipping blocks that cannot enter.
-    void push_range(const float* values, int begin, int end) {
-        int e = begin;
-        // Fill first, then scan in blocks of 8 whose maximum is compared with the threshold.
-        for (; e < end && size_ < k_; ++e) push(values[e], e);
-        constexpr int kBlock = 8;
-        for (; e + kBlock <= end; e += kBlock) {
-            float m = values[e];
-            for (int i = 1; i < kBlock; ++i) m = std::max(m, values[e + i]);
-            if (!(m > values_[static_cast<std::size_t>(k_ - 1)])) continue;
-            for (int i = 0; i < kBlock; ++i) push(values[e + i], e + i);
+    // Pushes values[e] (id e) for e in the ascending, disjoint ranges [begin, end) of `ranges`,
+    // skipping values that cannot be among the k largest. The values are split into kLanes sets
+    // (offset within its range mod kLanes); the k-th largest of the sets' maxima is a lower bound
+    // of the k-th largest value (k sets each hold a value at least that large), so only values at
+    // or above it are pushed -- in ascending id order, which keeps ties on the lowest id.
+    void push_ranges(const float* values, std::span<const std::pair<int, int>> ranges) {
+        float lane_max[kLanes];
+        std::fill(lane_max, lane_max + kLanes, kNegInf);
+        int count = 0;
+        for (const auto& [begin, end] : ranges) {
+            int e = begin;
+            for (; e + kLanes <= end; e += kLanes) {
+                for (int j = 0; j < kLanes; ++j) {
+                    lane_max[j] = values[e + j] > lane_max[j] ? values[e + j] : lane_max[j];
+                }
+            }
+            for (int j = 0; e < end; ++e, ++j) {
+                lane_max[j] = values[e] > lane_max[j] ? values[e] : lane_max[j];
+            }
+            count += end - begin;
         }
-        for (; e < end; ++e) push(values[e], e);
+        const float bound =
+            count >= k_ * kLanes ? kth_largest(lane_max, kLanes) : kNegInf;
+        candidates_.resize(static_cast<std::size_t>(count + kLanes));  // slack for SIMD stores
+        int n = 0;
+        for (const auto& [begin, end] : ranges) {
+            n += collect_at_least(values, begin, end, bound, candidates_.data() + n);
+        }
+        for (int j = 0; j < n; ++j) push(values[candidates_[j]], candidates_[j]);
     }
 
     int size() const { return size_; }
@@ -67,10 +89,57 @@ public:
     const std::int32_t* ids() const { return ids_.data(); }
 
 private:
+    static constexpr int kLanes = 16;
+
+    // The k-th largest of xs[0, n) (n >= k).
+    float kth_largest(const float* xs, int n) {
+        float* top = scratch_top_.data();
+        int size = 0;
+        for (int i = 0; i < n; ++i) {
+            const float x = xs[i];
+            if (size == k_ && !(x > top[k_ - 1])) continue;
+            int pos = size < k_ ? size++ : k_ - 1;
+            while (pos > 0 && x > top[pos - 1]) {
+                top[pos] = top[pos - 1];
+                --pos;
+            }
+            top[pos] = x;
+        }
+        return top[k_ - 1];
+    }
+
+    // Writes the ids e in [begin, end) with values[e] >= bound to out, ascending; returns how many.
+    static int collect_at_least(const float* values, int begin, int end, float bound,
+                                std::int32_t* out) {
+        int n = 0;
+        int e = begin;
+#if defined(__AVX512F__)
+        const __m512 b = _mm512_set1_ps(bound);
+        const __m512i lane_ids =
+            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        for (; e + 16 <= end; e += 16) {
+            const __mmask16 m = _mm512_cmp_ps_mask(_mm512_loadu_ps(values + e), b, _CMP_GE_OQ);
+            if (m == 0) continue;
+            // Compress in a register, then a plain store (a compressing store to memory is
+            // microcoded and slow on some CPUs); out has room for 16 more ids.
+            _mm512_storeu_si512(out + n, _mm512_maskz_compress_epi32(
+                                             m, _mm512_add_epi32(lane_ids, _mm512_set1_epi32(e))));
+            n += __builtin_popcount(m);
+        }
+#endif
+        for (; e < end; ++e) {  // branch-free compaction
+            out[n] = e;
+            n += values[e] >= bound ? 1 : 0;
+        }
+        return n;
+    }
+
     int k_;
     int size_ = 0;
     std::vector<float> values_;
     std::vector<std::int32_t> ids_;
+    std::vector<float> scratch_top_ = std::vector<float>(static_cast<std::size_t>(k_));
+    std::vector<std::int32_t> candidates_;
 };
 
 // Per-thread scratch of select_experts.
@@ -78,7 +147,10 @@ struct Scratch {
     ArrayXf scores;   // [E] unbiased scores
     ArrayXf choice;   // [E] selection scores (score + bias; -inf for NaN logits)
     ArrayXf groups;   // [G] group scores
-    std::vector<std::int32_t> kept_groups;
+    ArrayXf tmp;      // [E] temporaries
+    ArrayXf tmp2;
+    ArrayXf tmp3;
+    std::vector<std::pair<int, int>> kept_groups;  // expert ranges of the kept groups
     TopKList experts;
     TopKList group_list;
     std::vector<float> chosen_scores;
@@ -87,10 +159,36 @@ struct Scratch {
         : scores(E),
           choice(E),
           groups(std::max(c.num_groups, 1)),
+          tmp(E),
+          tmp2(E),
+          tmp3(E),
           experts(c.top_k),
           group_list(std::max(c.topk_group, 1)),
           chosen_scores(static_cast<std::size_t>(c.top_k)) {}
 };
+
+// x <- sqrt(softplus(x)) in place, vectorised (h, L, pos: scratch of the same size).
+// With h = exp(-|x|/2), z = h^2 and u = z / (2 + z) <= 1/3:
+//   log1p(z) = 2 atanh(u) = z L,  L = 2 / (2 + z) (1 + u^2/3 + u^4/5 + ... + u^12/13)
+// (truncation below 2e-8 relative), so softplus(x) = max(x, 0) + log1p(exp(-|x|)) gives
+//   x >= 0: sqrt(x + z L)        x < 0: h sqrt(L)
+// The second form keeps full relative precision down to x = -176 where exp(x) itself would
+// underflow. Equals PyTorch's softplus (x for x > 20, else log1p(exp(x))) to float rounding. -inf
+// gives 0; +inf must have been clamped to the largest float.
+void sqrt_softplus(ArrayXf& x, ArrayXf& h, ArrayXf& L, ArrayXf& pos) {
+    h = (-0.5f * x.abs()).exp();
+    L = h.square();  // z
+    const auto u2 = (L / (L + 2.0f)).square();
+    L = 2.0f / (L + 2.0f) *
+        (1.0f +
+         u2 * (1.0f / 3 +
+               u2 * (1.0f / 5 +
+                     u2 * (1.0f / 7 + u2 * (1.0f / 9 + u2 * (1.0f / 11 + u2 * (1.0f / 13)))))));
+    // L = log1p(z) / z. Both forms are evaluated vectorised first (Eigen 3.4's select() is not).
+    pos = (x.max(0.0f) + h.square() * L).sqrt();
+    L = h * L.sqrt();
+    x = (x < 0.0f).select(L, pos);
+}
 
 // scores <- f(logits), choice <- scores + bias with NaN logits at -inf.
 void compute_scores(const float* logits, int E, Scoring scoring, const float* bias, Scratch& s) {
@@ -101,11 +199,10 @@ void compute_scores(const float* logits, int E, Scoring scoring, const float* bi
         case Scoring::kSigmoid:
             s.scores = 1.0f / (1.0f + (-s.scores).exp());
             break;
-        case Scoring::kSqrtSoftplus: {
+        case Scoring::kSqrtSoftplus:
             s.scores = s.scores.min(kMaxFloat);
-            s.scores = (s.scores > 20.0f).select(s.scores, s.scores.exp().log1p()).sqrt();
+            sqrt_softplus(s.scores, s.tmp, s.tmp2, s.tmp3);
             break;
-        }
         case Scoring::kSoftmax: {
             s.scores = s.scores.min(kMaxFloat);
             const float m = s.scores.maxCoeff();
@@ -129,7 +226,8 @@ void select_row(const TopKConfig& c, int E, Scratch& s) {
     s.experts.clear();
     const float* choice = s.choice.data();
     if (!c.grouped()) {
-        s.experts.push_range(choice, 0, E);
+        const std::pair<int, int> all{0, E};
+        s.experts.push_ranges(choice, {&all, 1});
         return;
     }
     const int per_group = E / c.num_groups;
@@ -149,11 +247,13 @@ void select_row(const TopKConfig& c, int E, Scratch& s) {
     s.group_list.clear();
     for (int g = 0; g < c.num_groups; ++g) s.group_list.push(s.groups[g], g);
     // Scan the kept groups in ascending id order so expert ties go to the lowest id.
-    s.kept_groups.assign(s.group_list.ids(), s.group_list.ids() + s.group_list.size());
-    std::sort(s.kept_groups.begin(), s.kept_groups.end());
-    for (const std::int32_t g : s.kept_groups) {
-        s.experts.push_range(choice, g * per_group, (g + 1) * per_group);
+    s.kept_groups.clear();
+    for (int i = 0; i < s.group_list.size(); ++i) {
+        const int g = s.group_list.ids()[i];
+        s.kept_groups.emplace_back(g * per_group, (g + 1) * per_group);
     }
+    std::sort(s.kept_groups.begin(), s.kept_groups.end());
+    s.experts.push_ranges(choice, s.kept_groups);
 }
 
 }  // namespace
