@@ -178,7 +178,8 @@ struct Scratch {
 void sqrt_softplus(ArrayXf& x, ArrayXf& h, ArrayXf& L, ArrayXf& pos) {
     h = (-0.5f * x.abs()).exp();
     L = h.square();  // z
-    const auto u2 = (L / (L + 2.0f)).square();
+    pos = (L / (L + 2.0f)).square();  // u^2 (evaluated once, not per use)
+    const ArrayXf& u2 = pos;
     L = 2.0f / (L + 2.0f) *
         (1.0f +
          u2 * (1.0f / 3 +
