@@ -22,12 +22,16 @@ __all__ = ["main"]
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A plain-text table: first column left-aligned, the others right-aligned."""
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-    line = "  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(headers, widths)))
-    out = [line, "  ".join("-" * w for w in widths)]
-    for r in rows:
-        out.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
-    return "\n".join(out)
+
+    def fmt(cells: Sequence[str]) -> str:
+        return "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        )
+
+    return "\n".join([fmt(headers), "  ".join("-" * w for w in widths), *map(fmt, rows)])
 
 
 def _median_seconds(fn: Callable[[], object], repeats: int) -> float:
@@ -64,38 +68,59 @@ def demo(args: argparse.Namespace) -> int:
     location = ExpertLocation.trivial(1, num_experts, num_experts, ep_size)
     set_num_threads(args.threads)
 
+    v3, v4 = TopKConfig.deepseek_v3(), TopKConfig.deepseek_v4_flash()
     routers: list[tuple[str, str, Callable[[], TopKOutput]]] = [
-        ("DeepSeek-V3", "8 keep 4", lambda: select_experts(logits, TopKConfig.deepseek_v3(), bias)),
-        ("DeepSeek-V4-Flash", "-", lambda: select_experts(logits, TopKConfig.deepseek_v4_flash(), bias)),
+        ("DeepSeek-V3", "8 keep 4", lambda: select_experts(logits, v3, bias)),
+        ("DeepSeek-V4-Flash", "-", lambda: select_experts(logits, v4, bias)),
         ("DeepSeek-V4 hash layer", "-", lambda: hash_router.select(logits, input_ids)),
     ]
-    print(f"moelb {__version__} routing demo: {num_tokens:,} tokens over {num_experts} experts, "
-          f"skew {args.skew}, {args.threads} thread(s), seed {args.seed}\n")
+    print(
+        f"moelb {__version__} routing demo: {num_tokens:,} tokens over {num_experts} experts, "
+        f"skew {args.skew}, {args.threads} thread(s), seed {args.seed}\n"
+    )
     rows = []
-    first: TopKOutput | None = None
+    outputs: list[TopKOutput] = []
     for name, groups, fn in routers:
         seconds = _median_seconds(fn, args.repeats)
         out = fn()
-        first = first or out
+        outputs.append(out)
         counts = np.bincount(out.recorder_topk_ids.ravel(), minlength=num_experts)
-        rows.append([
-            name,
-            str(out.recorder_topk_ids.shape[1]),
-            groups,
-            f"{num_tokens / seconds:,.0f}",
-            f"{counts.max() / counts.sum():.1%}",
-            f"{np.sort(counts)[-8:].sum() / counts.sum():.1%}",
-            f"{_rank_balancedness(out.recorder_topk_ids, location):.3f}",
-        ])
-    print(_table(["router", "K", "groups", "tokens/s", "hottest expert", "top-8 experts",
-                  f"rank balancedness (W={ep_size})"], rows))
-    print(f"\nrank balancedness = mean/max tokens per EP rank under the trivial placement "
-          f"({num_experts // ep_size} experts per rank); EPLB raises it towards 1.\n")
-    assert first is not None
-    print("DeepSeek-V3, first tokens (expert:weight, weights sum to 1; the MoE output is then "
-          "scaled by rsf 2.5):")
+        rows.append(
+            [
+                name,
+                str(out.recorder_topk_ids.shape[1]),
+                groups,
+                f"{num_tokens / seconds:,.0f}",
+                f"{counts.max() / counts.sum():.1%}",
+                f"{np.sort(counts)[-8:].sum() / counts.sum():.1%}",
+                f"{_rank_balancedness(out.recorder_topk_ids, location):.3f}",
+            ]
+        )
+    print(
+        _table(
+            [
+                "router",
+                "K",
+                "groups",
+                "tokens/s",
+                "hottest expert",
+                "top-8 experts",
+                f"rank balancedness (W={ep_size})",
+            ],
+            rows,
+        )
+    )
+    print(
+        f"\nrank balancedness = mean/max tokens per EP rank under the trivial placement "
+        f"({num_experts // ep_size} experts per rank); EPLB raises it towards 1.\n"
+    )
+    print(
+        "DeepSeek-V3, first tokens (expert:weight, weights sum to 1; the MoE output is then "
+        "scaled by rsf 2.5):"
+    )
     for t in range(min(4, num_tokens)):
-        pairs = ", ".join(f"{e}:{w:.3f}" for e, w in zip(first.topk_ids[t], first.topk_weights[t]))
+        row = zip(outputs[0].topk_ids[t], outputs[0].topk_weights[t], strict=True)
+        pairs = ", ".join(f"{e}:{w:.3f}" for e, w in row)
         print(f"  token {t}: {pairs}")
     return 0
 

@@ -57,13 +57,10 @@ def save_placement(location: ExpertLocation, path: str | os.PathLike[str]) -> No
 def _placement_array(obj: Any, source: str) -> np.ndarray:
     if not isinstance(obj, dict):
         raise InvalidArgumentError(
-            f"{source}: expected a JSON object with key {PLACEMENT_KEY!r}, "
-            f"got {type(obj).__name__}"
+            f"{source}: expected a JSON object with key {PLACEMENT_KEY!r}, got {type(obj).__name__}"
         )
     if PLACEMENT_KEY not in obj:
-        raise InvalidArgumentError(
-            f"{source}: no key {PLACEMENT_KEY!r} (keys: {sorted(obj)!r})"
-        )
+        raise InvalidArgumentError(f"{source}: no key {PLACEMENT_KEY!r} (keys: {sorted(obj)!r})")
     rows = obj[PLACEMENT_KEY]
     if not isinstance(rows, list) or not rows or not all(isinstance(r, list) for r in rows):
         raise InvalidArgumentError(
