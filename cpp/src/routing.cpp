@@ -32,9 +32,6 @@ public:
     explicit TopKList(int k) : k_(k), values_(static_cast<std::size_t>(k)), ids_(values_.size()) {}
 
     void clear() { size_ = 0; }
-    // The value a candidate must beat to enter once the list is full.
-    float threshold() const { return size_ < k_ ? kNegInf : values_[static_cast<std::size_t>(k_ - 1)]; }
-    bool full() const { return size_ == k_; }
 
     void push(float value, std::int32_t id) {
         int pos;
@@ -74,8 +71,8 @@ public:
             }
             count += end - begin;
         }
-        const float bound =
-            count >= k_ * kLanes ? kth_largest(lane_max, kLanes) : kNegInf;
+        // Empty lanes keep -inf, which makes the bound -inf (everything is a candidate).
+        const float bound = k_ <= kLanes ? kth_largest(lane_max, kLanes) : kNegInf;
         candidates_.resize(static_cast<std::size_t>(count + kLanes));  // slack for SIMD stores
         int n = 0;
         for (const auto& [begin, end] : ranges) {
@@ -85,13 +82,12 @@ public:
     }
 
     int size() const { return size_; }
-    const float* values() const { return values_.data(); }
     const std::int32_t* ids() const { return ids_.data(); }
 
 private:
     static constexpr int kLanes = 16;
 
-    // The k-th largest of xs[0, n) (n >= k).
+    // The k-th largest of xs[0, n) (k <= n).
     float kth_largest(const float* xs, int n) {
         float* top = scratch_top_.data();
         int size = 0;
