@@ -390,7 +390,7 @@ def format_timings(timings: Sequence[Timing]) -> str:
 
 
 def format_agreement(agreements: Sequence[Agreement]) -> str:
-    header = ("case", "vs", "identical rows", "same set", "near ties", "other", "max |dw|", "status")
+    header = ("case", "vs", "identical rows", "same set", "near ties", "other", "max |dw|", "ok?")
     rows = [
         (
             a.case,
@@ -433,6 +433,14 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
         raise
 
 
+def _load_average() -> float | None:
+    """The 1-minute load average (other work competing for the CPUs), where the OS reports it."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, help=f"tokens per batch (default {DEFAULT_TOKENS})")
@@ -470,9 +478,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "torch": torch_mod.__version__ if torch_mod is not None else None,
         "python": platform.python_version(),
     }
+    load = _load_average()
     print(
         f"select_experts: {args.tokens} tokens, median of {args.repeats} runs; "
-        f"{os.cpu_count()} CPUs ({platform.machine()}); "
+        f"{os.cpu_count()} CPUs ({platform.machine()})"
+        + ("" if load is None else f", load average {load:.2f}")
+        + "; "
         + ", ".join(f"{k} {v}" for k, v in versions.items() if v is not None)
     )
     if torch_ref is None:
@@ -522,6 +533,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "repeats": args.repeats,
             "seed": args.seed,
             "cpu_count": os.cpu_count(),
+            "load_average_before": load,
             "machine": platform.machine(),
             "versions": versions,
             "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
