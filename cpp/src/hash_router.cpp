@@ -7,22 +7,16 @@
 
 #include "moelb/errors.hpp"
 #include "moelb/parallel.hpp"
+#include "scoring.hpp"
 #include "topk_epilogue.hpp"
 
 namespace moelb {
 namespace {
 
 constexpr Index kRowsPerChunk = 1024;
-constexpr float kMaxFloat = std::numeric_limits<float>::max();
-
-// The score of one logit, with the conventions of select_experts: NaN counts as -inf and +inf as
-// the largest float.
-float score_one(float x, Scoring scoring) {
-    if (std::isnan(x)) x = -std::numeric_limits<float>::infinity();
-    x = std::min(x, kMaxFloat);
-    if (scoring == Scoring::kSigmoid) return 1.0f / (1.0f + std::exp(-x));
-    return x > 20.0f ? std::sqrt(x) : std::sqrt(std::log1p(std::exp(x)));  // sqrt-softplus
-}
+// Rows gathered and scored together: their K looked-up logits form one vectorised batch, and
+// the scattered loads of a block overlap in the memory system.
+constexpr Index kRowsPerBlock = 64;
 
 }  // namespace
 
@@ -88,39 +82,39 @@ void HashRouter::select(ConstMatrixMap<float> router_logits, std::span<const Tok
     const detail::TopKEpilogue epilogue(K, num_shared_, renormalize(), rsf_, fold_rsf_, E,
                                         num_token_non_padded, dispatcher, out);
     parallel_for(T, kRowsPerChunk, [&](Index begin, Index end) {
-        std::vector<float> scores(static_cast<std::size_t>(K));
-        for (Index t = begin; t < end; ++t) {
-            if (t >= non_padded) {
-                epilogue.write(t, nullptr, nullptr);
-                continue;
-            }
-            const float* logits = router_logits.row(t).data();
-            const std::int32_t* ids = tid2eid_.row(input_ids[static_cast<std::size_t>(t)]).data();
+        detail::ArrayXf values(kRowsPerBlock * K);  // the looked-up logits, then their scores
+        detail::ArrayXf row;                        // softmax: a whole row
+        detail::ScoreScratch scratch;
+        for (Index block = begin; block < end; block += kRowsPerBlock) {
+            const Index rows = std::min(kRowsPerBlock, end - block);
+            const Index valid = std::clamp<Index>(non_padded - block, 0, rows);
             if (scoring_ == Scoring::kSoftmax) {
-                // Probabilities over all E experts, NaN as -inf and +inf as the largest float.
-                float m = -std::numeric_limits<float>::infinity();
-                for (int e = 0; e < E; ++e) {
-                    if (!std::isnan(logits[e])) m = std::max(m, std::min(logits[e], kMaxFloat));
-                }
-                if (m == -std::numeric_limits<float>::infinity()) {
-                    std::fill(scores.begin(), scores.end(), 0.0f);
-                } else {
-                    float sum = 0.0f;
-                    for (int e = 0; e < E; ++e) {
-                        if (!std::isnan(logits[e])) sum += std::exp(std::min(logits[e], kMaxFloat) - m);
-                    }
-                    for (int k = 0; k < K; ++k) {
-                        const float x = logits[ids[k]];
-                        scores[static_cast<std::size_t>(k)] =
-                            std::isnan(x) ? 0.0f : std::exp(std::min(x, kMaxFloat) - m) / sum;
-                    }
+                // Probabilities over all E experts of the row.
+                for (Index r = 0; r < valid; ++r) {
+                    const Index t = block + r;
+                    detail::sanitize_logits(router_logits.row(t).transpose().array(), row);
+                    detail::softmax(row);
+                    const std::int32_t* ids = tid2eid_.row(input_ids[t]).data();
+                    for (int k = 0; k < K; ++k) values[r * K + k] = row[ids[k]];
                 }
             } else {
-                for (int k = 0; k < K; ++k) {
-                    scores[static_cast<std::size_t>(k)] = score_one(logits[ids[k]], scoring_);
+                for (Index r = 0; r < valid; ++r) {
+                    const float* logits = router_logits.row(block + r).data();
+                    const std::int32_t* ids = tid2eid_.row(input_ids[block + r]).data();
+                    for (int k = 0; k < K; ++k) values[r * K + k] = logits[ids[k]];
+                }
+                values.segment(valid * K, (kRowsPerBlock - valid) * K).setZero();
+                detail::sanitize_logits(values, values);
+                detail::elementwise_scores(scoring_, values, scratch);
+            }
+            for (Index r = 0; r < rows; ++r) {
+                const Index t = block + r;
+                if (r >= valid) {
+                    epilogue.write(t, nullptr, nullptr);
+                } else {
+                    epilogue.write(t, tid2eid_.row(input_ids[t]).data(), values.data() + r * K);
                 }
             }
-            epilogue.write(t, ids, scores.data());
         }
     });
 }

@@ -13,16 +13,16 @@
 
 #include "moelb/errors.hpp"
 #include "moelb/parallel.hpp"
+#include "scoring.hpp"
 #include "topk_epilogue.hpp"
 
 namespace moelb {
 namespace {
 
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-constexpr float kMaxFloat = std::numeric_limits<float>::max();
+using detail::ArrayXf;
+using detail::kNegInf;
 constexpr Index kRowsPerChunk = 256;
 
-using ArrayXf = Eigen::Array<float, Eigen::Dynamic, 1>;
 using ConstArrayMap = Eigen::Map<const ArrayXf>;
 
 // The k best (value, id) pairs seen so far, in descending value; among equal values the earlier
@@ -143,9 +143,7 @@ struct Scratch {
     ArrayXf scores;   // [E] unbiased scores
     ArrayXf choice;   // [E] selection scores (score + bias; -inf for NaN logits)
     ArrayXf groups;   // [G] group scores
-    ArrayXf tmp;      // [E] temporaries
-    ArrayXf tmp2;
-    ArrayXf tmp3;
+    detail::ScoreScratch score_scratch;
     std::vector<std::pair<int, int>> kept_groups;  // expert ranges of the kept groups
     TopKList experts;
     TopKList group_list;
@@ -155,62 +153,19 @@ struct Scratch {
         : scores(E),
           choice(E),
           groups(std::max(c.num_groups, 1)),
-          tmp(E),
-          tmp2(E),
-          tmp3(E),
           experts(c.top_k),
           group_list(std::max(c.topk_group, 1)),
           chosen_scores(static_cast<std::size_t>(c.top_k)) {}
 };
 
-// x <- sqrt(softplus(x)) in place, vectorised (h, L, pos: scratch of the same size).
-// With h = exp(-|x|/2), z = h^2 and u = z / (2 + z) <= 1/3:
-//   log1p(z) = 2 atanh(u) = z L,  L = 2 / (2 + z) (1 + u^2/3 + u^4/5 + ... + u^12/13)
-// (truncation below 2e-8 relative), so softplus(x) = max(x, 0) + log1p(exp(-|x|)) gives
-//   x >= 0: sqrt(x + z L)        x < 0: h sqrt(L)
-// The second form keeps full relative precision down to x = -176 where exp(x) itself would
-// underflow. Equals PyTorch's softplus (x for x > 20, else log1p(exp(x))) to float rounding. -inf
-// gives 0; +inf must have been clamped to the largest float.
-void sqrt_softplus(ArrayXf& x, ArrayXf& h, ArrayXf& L, ArrayXf& pos) {
-    h = (-0.5f * x.abs()).exp();
-    L = h.square();  // z
-    pos = (L / (L + 2.0f)).square();  // u^2 (evaluated once, not per use)
-    const ArrayXf& u2 = pos;
-    L = 2.0f / (L + 2.0f) *
-        (1.0f +
-         u2 * (1.0f / 3 +
-               u2 * (1.0f / 5 +
-                     u2 * (1.0f / 7 + u2 * (1.0f / 9 + u2 * (1.0f / 11 + u2 * (1.0f / 13)))))));
-    // L = log1p(z) / z. Both forms are evaluated vectorised first (Eigen 3.4's select() is not).
-    pos = (x.max(0.0f) + h.square() * L).sqrt();
-    L = h * L.sqrt();
-    x = (x < 0.0f).select(L, pos);
-}
-
 // scores <- f(logits), choice <- scores + bias with NaN logits at -inf.
 void compute_scores(const float* logits, int E, Scoring scoring, const float* bias, Scratch& s) {
     const ConstArrayMap x(logits, E);
-    // NaN counts as -inf everywhere (x != x only for NaN).
-    s.scores = (x == x).select(x, kNegInf);
-    switch (scoring) {
-        case Scoring::kSigmoid:
-            s.scores = 1.0f / (1.0f + (-s.scores).exp());
-            break;
-        case Scoring::kSqrtSoftplus:
-            s.scores = s.scores.min(kMaxFloat);
-            sqrt_softplus(s.scores, s.tmp, s.tmp2, s.tmp3);
-            break;
-        case Scoring::kSoftmax: {
-            s.scores = s.scores.min(kMaxFloat);
-            const float m = s.scores.maxCoeff();
-            if (m == kNegInf) {
-                s.scores.setZero();  // every logit NaN or -inf: no probability mass anywhere
-            } else {
-                s.scores = (s.scores - m).exp();
-                s.scores *= 1.0f / s.scores.sum();
-            }
-            break;
-        }
+    detail::sanitize_logits(x, s.scores);
+    if (scoring == Scoring::kSoftmax) {
+        detail::softmax(s.scores);
+    } else {
+        detail::elementwise_scores(scoring, s.scores, s.score_scratch);
     }
     if (bias != nullptr) {
         s.choice = (x == x).select(s.scores + ConstArrayMap(bias, E), kNegInf);
