@@ -19,10 +19,4 @@ using MatrixMap = Eigen::Map<RowMatrix<T>>;
 template <class T>
 using ConstMatrixMap = Eigen::Map<const RowMatrix<T>>;
 
-// A [rows, cols] view that may be empty (rows == 0) and has a null pointer then.
-template <class T>
-inline MatrixMap<T> empty_matrix_map() {
-    return MatrixMap<T>(nullptr, 0, 0);
-}
-
 }  // namespace moelb
