@@ -36,6 +36,7 @@ import numpy.typing as npt
 __all__ = [
     "RENORMALIZE_EPSILON",
     "make_tie_free_logits",
+    "make_tie_free_selection",
     "reference_epilogue",
     "reference_hash_select",
     "reference_scores",
@@ -291,6 +292,37 @@ def reference_hash_select(
     )
 
 
+def make_tie_free_selection(
+    rng: np.random.Generator,
+    num_tokens: int,
+    num_experts: int,
+    *,
+    scale: float = 1.0,
+    min_margin: float = 1e-5,
+    max_rounds: int = 50,
+    **config: Any,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """make_tie_free_logits, also returning the reference selection of the returned logits:
+    (logits float32 [T, E], ids int64 [T, K], scores float64 [T, K]) from ``reference_topk``."""
+    selection_keys = ("top_k", "scoring", "num_groups", "topk_group", "group_score")
+    selection = {k: v for k, v in config.items() if k in selection_keys}
+    selection["correction_bias"] = config.get("correction_bias")
+
+    def sample(rows: int) -> np.ndarray:
+        return rng.standard_normal((rows, num_experts), dtype=np.float32) * np.float32(scale)
+
+    logits = sample(num_tokens)
+    ids, scores, margin = reference_topk(logits, **selection)
+    rows = np.flatnonzero(margin < min_margin)
+    for _ in range(max_rounds):
+        if rows.size == 0:
+            return logits, ids, scores
+        logits[rows] = sample(rows.size)
+        ids[rows], scores[rows], margin = reference_topk(logits[rows], **selection)
+        rows = rows[margin < min_margin]
+    raise RuntimeError(f"{rows.size} rows stay within {min_margin} of a tie; change the config")
+
+
 def make_tie_free_logits(
     rng: np.random.Generator,
     num_tokens: int,
@@ -307,15 +339,13 @@ def make_tie_free_logits(
 
     config: the keyword arguments of reference_select_experts (top_k, scoring, num_groups,
     correction_bias, ...); output-only ones (renormalize, rsf, ...) are accepted and ignored."""
-    selection_keys = ("top_k", "scoring", "num_groups", "topk_group", "group_score")
-    selection = {k: v for k, v in config.items() if k in selection_keys}
-    selection["correction_bias"] = config.get("correction_bias")
-    logits = (rng.standard_normal((num_tokens, num_experts)) * scale).astype(np.float32)
-    rows = np.arange(num_tokens)
-    for _ in range(max_rounds):
-        _, _, margin = reference_topk(logits[rows], **selection)
-        rows = rows[margin < min_margin]
-        if rows.size == 0:
-            return logits
-        logits[rows] = (rng.standard_normal((rows.size, num_experts)) * scale).astype(np.float32)
-    raise RuntimeError(f"{rows.size} rows stay within {min_margin} of a tie; change the config")
+    logits, _, _ = make_tie_free_selection(
+        rng,
+        num_tokens,
+        num_experts,
+        scale=scale,
+        min_margin=min_margin,
+        max_rounds=max_rounds,
+        **config,
+    )
+    return logits

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from routing_reference import (
     make_tie_free_logits,
+    make_tie_free_selection,
     reference_epilogue,
     reference_select_experts,
     reference_topk,
@@ -61,7 +62,7 @@ def routing_dataset(scoring: str, grouping: str, num_experts: int, with_bias: bo
     kept = num_experts if not groups else groups["topk_group"] * num_experts // groups["num_groups"]
     rng = np.random.default_rng(stable_seed(scoring, grouping, num_experts, with_bias))
     # Margin over the top MAX_TOP_K + 1 covers every K-th vs (K+1)-th gap for K <= MAX_TOP_K.
-    logits = make_tie_free_logits(
+    logits, ids, scores = make_tie_free_selection(
         rng,
         NUM_TOKENS,
         num_experts,
@@ -71,10 +72,7 @@ def routing_dataset(scoring: str, grouping: str, num_experts: int, with_bias: bo
         correction_bias=bias,
         **groups,
     )
-    ids, scores, margin = reference_topk(
-        logits, top_k=MAX_TOP_K, scoring=scoring, correction_bias=bias, **groups
-    )
-    assert margin.min() >= MIN_MARGIN
+    ids, scores = ids[:, :MAX_TOP_K], scores[:, :MAX_TOP_K]
     return logits, bias, ids, scores
 
 
@@ -181,6 +179,19 @@ def test_reference_topk_prefix_property(scoring: str, grouping: str) -> None:
         ids, scores, _ = reference_topk(logits, top_k=k, scoring=scoring, **groups)
         np.testing.assert_array_equal(ids, full[:, :k])
         np.testing.assert_array_equal(scores, full_scores[:, :k])
+
+
+def test_tie_free_selection_is_consistent() -> None:
+    """make_tie_free_selection returns tie-free logits and their reference selection."""
+    bias = make_bias("sigmoid", 64)
+    config = dict(top_k=9, scoring="sigmoid", num_groups=8, topk_group=3, correction_bias=bias)
+    logits, ids, scores = make_tie_free_selection(
+        np.random.default_rng(0), 3000, 64, min_margin=1e-3, **config
+    )
+    again, again_scores, margin = reference_topk(logits, **config)
+    assert margin.min() >= 1e-3
+    np.testing.assert_array_equal(ids, again)
+    np.testing.assert_array_equal(scores, again_scores)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)

@@ -1,0 +1,159 @@
+"""Placement files (SGLang's --init-expert-location JSON): round trip, format, atomic writes and
+malformed files. DESIGN.md section 7."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import moelb
+import numpy as np
+import pytest
+
+
+def sample_location() -> moelb.ExpertLocation:
+    rng = np.random.default_rng(0)
+    rows = [
+        rng.permutation(np.concatenate([np.arange(16), rng.integers(0, 16, 8)])) for _ in range(3)
+    ]
+    return moelb.ExpertLocation(np.array(rows), 16, ep_size=4, num_nodes=2)
+
+
+def test_round_trip(tmp_path: Path) -> None:
+    loc = sample_location()
+    path = tmp_path / "placement.json"
+    moelb.save_placement(loc, path)
+    loaded = moelb.load_placement(path, ep_size=4, num_nodes=2, num_logical_experts=16)
+    assert loaded == loc
+    np.testing.assert_array_equal(loaded.physical_to_logical, loc.physical_to_logical)
+    # str paths work too, and num_logical_experts defaults to the largest id + 1.
+    again = moelb.load_placement(str(path), 4, 2)
+    assert again == loc
+
+
+def test_file_is_sglang_json(tmp_path: Path) -> None:
+    loc = sample_location()
+    path = tmp_path / "placement.json"
+    moelb.save_placement(loc, path)
+    data = json.loads(path.read_text())
+    assert list(data) == ["physical_to_logical_map"]
+    rows = data["physical_to_logical_map"]
+    assert rows == loc.physical_to_logical.tolist()
+    assert all(isinstance(v, int) for row in rows for v in row)
+
+
+def test_reads_files_written_by_others(tmp_path: Path) -> None:
+    path = tmp_path / "sglang.json"
+    path.write_text(json.dumps({"physical_to_logical_map": [[0, 1, 2, 3, 0, 1]] * 2}))
+    loc = moelb.load_placement(path, ep_size=3)
+    assert loc.num_layers == 2 and loc.num_physical_experts == 6 and loc.num_logical_experts == 4
+    np.testing.assert_array_equal(loc.logical_count, [[2, 2, 1, 1]] * 2)
+
+
+def test_overwrite_replaces_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "placement.json"
+    moelb.save_placement(moelb.ExpertLocation.trivial(1, 4, 8, 2), path)
+    moelb.save_placement(sample_location(), path)
+    assert moelb.load_placement(path, 4, 2) == sample_location()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["placement.json"]
+
+
+@pytest.mark.parametrize("failing", ["replace", "fsync"])
+def test_failed_write_leaves_the_old_file_and_no_temporary(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing: str
+) -> None:
+    path = tmp_path / "placement.json"
+    old = moelb.ExpertLocation.trivial(1, 4, 8, 2)
+    moelb.save_placement(old, path)
+    before = path.read_bytes()
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, failing, boom)
+    with pytest.raises(OSError, match="disk full"):
+        moelb.save_placement(sample_location(), path)
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["placement.json"]
+    assert moelb.load_placement(path, 2) == old
+
+
+def test_failed_first_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(OSError):
+        moelb.save_placement(sample_location(), tmp_path / "placement.json")
+    monkeypatch.undo()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_save_errors(tmp_path: Path) -> None:
+    with pytest.raises(moelb.InvalidArgumentError, match="location"):
+        moelb.save_placement(np.zeros((1, 4), dtype=np.int32), tmp_path / "x.json")
+    with pytest.raises(moelb.InvalidArgumentError, match="does not exist"):
+        moelb.save_placement(sample_location(), tmp_path / "missing" / "x.json")
+    assert list(tmp_path.iterdir()) == []
+
+
+MALFORMED = {
+    "not_json": "{physical_to_logical_map: [[0, 1]]",
+    "not_utf8": b"\xff\xfe\x00{",
+    "not_an_object": "[[0, 1, 2, 3]]",
+    "missing_key": '{"physical_to_logical": [[0, 1, 2, 3]]}',
+    "empty_list": '{"physical_to_logical_map": []}',
+    "not_a_list": '{"physical_to_logical_map": "0,1,2,3"}',
+    "flat_list": '{"physical_to_logical_map": [0, 1, 2, 3]}',
+    "ragged_rows": '{"physical_to_logical_map": [[0, 1, 2, 3], [0, 1, 2]]}',
+    "float_id": '{"physical_to_logical_map": [[0, 1, 2.0, 3]]}',
+    "string_id": '{"physical_to_logical_map": [[0, 1, "2", 3]]}',
+    "bool_id": '{"physical_to_logical_map": [[0, 1, true, 3]]}',
+    "null_id": '{"physical_to_logical_map": [[0, 1, null, 3]]}',
+    "negative_id": '{"physical_to_logical_map": [[0, 1, -1, 3]]}',
+    "id_out_of_range": '{"physical_to_logical_map": [[0, 1, 2, 3]]}',
+    "expert_without_replica": '{"physical_to_logical_map": [[0, 1, 3, 3]]}',
+    "not_divisible": '{"physical_to_logical_map": [[0, 1, 2]]}',
+    "huge_id_with_num_logical_experts": '{"physical_to_logical_map": [[0, 1, 2, 99999999999]]}',
+    "huge_id": '{"physical_to_logical_map": [[0, 1, 2, 99999999999]]}',
+}
+NUM_LOGICAL = {"id_out_of_range": 3, "huge_id_with_num_logical_experts": 4}
+HUGE_ID_BUG = pytest.mark.xfail(
+    strict=True,
+    raises=TypeError,
+    reason="BUG: load_placement derives num_logical_experts = max id + 1 = 10**11 and passes it "
+    "to ExpertLocation, whose int parameter rejects it with pybind11's TypeError "
+    "('incompatible constructor arguments') instead of an InvalidArgumentError naming the file",
+)
+
+
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=HUGE_ID_BUG) if n == "huge_id" else n for n in sorted(MALFORMED)]
+)
+def test_malformed_files_name_the_file(tmp_path: Path, name: str) -> None:
+    path = tmp_path / f"{name}.json"
+    content = MALFORMED[name]
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
+    with pytest.raises(moelb.InvalidArgumentError) as info:
+        moelb.load_placement(path, ep_size=2, num_logical_experts=NUM_LOGICAL.get(name))
+    assert str(path) in str(info.value)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "nope.json"
+    with pytest.raises(moelb.InvalidArgumentError, match=r"nope\.json"):
+        moelb.load_placement(path, ep_size=1)
+
+
+def test_bad_cluster_shape_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "placement.json"
+    moelb.save_placement(moelb.ExpertLocation.trivial(1, 4, 8, 2), path)
+    with pytest.raises(moelb.InvalidArgumentError, match=r"placement\.json.*ep_size=3"):
+        moelb.load_placement(path, ep_size=3)
+    with pytest.raises(moelb.InvalidArgumentError, match=r"placement\.json.*expert 4 has no"):
+        moelb.load_placement(path, ep_size=2, num_logical_experts=5)
