@@ -3,6 +3,7 @@
 // threads and every error path.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -10,8 +11,10 @@
 #include <limits>
 #include <optional>
 #include <random>
+#include <span>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "moelb/errors.hpp"
@@ -93,7 +96,7 @@ std::vector<double> reference_weights(const float* logits, int E, const std::vec
                                       Scoring scoring, double rsf, int shared, bool fold) {
     std::vector<double> w;
     if (scoring == Scoring::kSoftmax) {
-        double m = -INFINITY, z = 0.0;
+        double m = -std::numeric_limits<double>::infinity(), z = 0.0;
         for (int e = 0; e < E; ++e) m = std::max(m, static_cast<double>(logits[e]));
         for (int e = 0; e < E; ++e) z += std::exp(logits[e] - m);
         for (const int id : ids) w.push_back(std::exp(logits[id] - m) / z);
@@ -180,6 +183,12 @@ TEST(HashRouter, Accessors) {
 
 using HashParam = std::tuple<Scoring, int /*F*/, bool /*fold*/>;
 
+std::string hash_name(const ::testing::TestParamInfo<HashParam>& info) {
+    const auto& [scoring, shared, fold] = info.param;
+    return std::string(moelb::to_string(scoring)) + "_F" + std::to_string(shared) +
+           (fold ? "_folded" : "_unfolded");
+}
+
 class HashRouterReference : public ::testing::TestWithParam<HashParam> {};
 
 TEST_P(HashRouterReference, MatchesReference) {
@@ -212,7 +221,9 @@ TEST_P(HashRouterReference, MatchesReference) {
             EXPECT_EQ(out.topk_ids(t, k), want_ids[k]) << "row " << t;
             EXPECT_EQ(out.recorder_topk_ids(t, k), want_ids[k]) << "row " << t;
         }
-        if (shared == 1) EXPECT_EQ(out.topk_ids(t, K), E);
+        if (shared == 1) {
+            EXPECT_EQ(out.topk_ids(t, K), E);
+        }
         for (int k = 0; k < K + shared; ++k) {
             EXPECT_NEAR(out.topk_weights(t, k), want[k], 1e-5 * std::abs(want[k]) + 1e-7)
                 << "row " << t << " column " << k;
@@ -227,11 +238,7 @@ INSTANTIATE_TEST_SUITE_P(Matrix, HashRouterReference,
                          ::testing::Combine(::testing::Values(Scoring::kSoftmax, Scoring::kSigmoid,
                                                               Scoring::kSqrtSoftplus),
                                             ::testing::Values(0, 1), ::testing::Bool()),
-                         [](const ::testing::TestParamInfo<HashParam>& info) {
-                             const auto& [scoring, shared, fold] = info.param;
-                             return std::string(moelb::to_string(scoring)) + "_F" +
-                                    std::to_string(shared) + (fold ? "_folded" : "_unfolded");
-                         });
+                         hash_name);
 
 // ------------------------------------------------------------------------------------------------
 
@@ -253,7 +260,9 @@ TEST(HashRouter, NaNLogitsGiveFiniteWeights) {
         EXPECT_GT(out.topk_weights(0, 1), 0.0f) << moelb::to_string(s);
         EXPECT_EQ(out.topk_weights(1, 0), 0.0f) << moelb::to_string(s);
         EXPECT_EQ(out.topk_weights(1, 1), 0.0f) << moelb::to_string(s);
-        if (s != Scoring::kSoftmax) EXPECT_FLOAT_EQ(out.topk_weights(0, 1), 1.0f);
+        if (s != Scoring::kSoftmax) {
+            EXPECT_FLOAT_EQ(out.topk_weights(0, 1), 1.0f);
+        }
     }
 }
 

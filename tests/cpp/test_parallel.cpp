@@ -186,7 +186,9 @@ TEST_P(ParallelCoverage, ResultsIdenticalToOneThread) {
         ASSERT_EQ(one[i], many[i]) << "index " << i;
     }
     // The values are what the body computes (not, e.g., left at zero).
-    if (n > 3) EXPECT_FLOAT_EQ(one[3], f(3 * 0.37f));
+    if (n > 3) {
+        EXPECT_FLOAT_EQ(one[3], f(3 * 0.37f));
+    }
 }
 
 INSTANTIATE_TEST_SUITE_P(Sizes, ParallelCoverage,
