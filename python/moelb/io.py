@@ -18,6 +18,7 @@ from ._core import ExpertLocation, InvalidArgumentError
 __all__ = ["atomic_write_bytes", "load_placement", "save_placement"]
 
 PLACEMENT_KEY = "physical_to_logical_map"
+_MAX_EXPERT_ID = 2**31 - 1  # ids are int32
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
@@ -77,6 +78,11 @@ def _placement_array(obj: Any, source: str) -> np.ndarray:
                 raise InvalidArgumentError(
                     f"{source}: {PLACEMENT_KEY}[{layer}][{slot}] = {value!r} is not an integer"
                 )
+            if not 0 <= value < _MAX_EXPERT_ID:
+                raise InvalidArgumentError(
+                    f"{source}: {PLACEMENT_KEY}[{layer}][{slot}] = {value} is not an expert id "
+                    f"(expected 0 <= id < {_MAX_EXPERT_ID})"
+                )
     return np.asarray(rows, dtype=np.int64)
 
 
@@ -98,6 +104,8 @@ def load_placement(
         raise InvalidArgumentError(f"{source} does not exist") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InvalidArgumentError(f"{source} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise InvalidArgumentError(f"{source} is nested too deeply to be a placement") from None
     array = _placement_array(obj, source)
     if num_logical_experts is None:
         num_logical_experts = int(array.max()) + 1 if array.size else 0

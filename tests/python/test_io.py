@@ -124,26 +124,11 @@ MALFORMED = {
     "nested_too_deep": '{"physical_to_logical_map": ' + "[" * 100_000 + "]" * 100_000 + "}",
 }
 NUM_LOGICAL = {"id_out_of_range": 3, "huge_id_with_num_logical_experts": 4}
-HUGE_ID_BUG = pytest.mark.xfail(
-    strict=True,
-    raises=TypeError,
-    reason="BUG: load_placement derives num_logical_experts = max id + 1 = 10**11 and passes it "
-    "to ExpertLocation, whose int parameter rejects it with pybind11's TypeError "
-    "('incompatible constructor arguments') instead of an InvalidArgumentError naming the file",
-)
-
-DEEP_NESTING_BUG = pytest.mark.xfail(
-    strict=True,
-    raises=RecursionError,
-    reason="BUG: load_placement lets json.load's RecursionError (a RuntimeError) escape for a "
-    "deeply nested file instead of raising an InvalidArgumentError naming the file",
-)
-KNOWN_BUGS = {"huge_id": HUGE_ID_BUG, "nested_too_deep": DEEP_NESTING_BUG}
 
 
 @pytest.mark.parametrize(
     "name",
-    [pytest.param(n, marks=KNOWN_BUGS[n]) if n in KNOWN_BUGS else n for n in sorted(MALFORMED)],
+    sorted(MALFORMED),
 )
 def test_malformed_files_name_the_file(tmp_path: Path, name: str) -> None:
     path = tmp_path / f"{name}.json"
