@@ -103,8 +103,10 @@ std::vector<double> reference_weights(const float* logits, int E, const std::vec
     } else {
         for (const int id : ids) {
             const double x = logits[id];
+            // sqrt(softplus) with PyTorch's threshold: x itself above 20.
+            const double softplus = x > 20.0 ? x : std::log1p(std::exp(x));
             w.push_back(scoring == Scoring::kSigmoid ? 1.0 / (1.0 + std::exp(-x))
-                                                     : std::sqrt(std::log1p(std::exp(x))));
+                                                     : std::sqrt(softplus));
         }
     }
     double sum = 0.0;
@@ -291,6 +293,75 @@ TEST(HashRouter, PaddedRowsAreMaskedAndTheirTokenIdsNotChecked) {
     const TopKOutput none = select<std::int32_t>(router, logits, {9, 9, 9, 9, 9}, 0);
     EXPECT_TRUE((none.topk_ids.array() == -1).all());
     EXPECT_TRUE((none.topk_weights.array() == 0.0f).all());
+}
+
+TEST(HashRouter, PaddingStartingInsideALaterBlockOfRows) {
+    // Long inputs are processed in blocks of rows; padding may start anywhere.
+    const int V = 40, K = 4, E = 32;
+    Rng rng(77);
+    RowMatrix<std::int32_t> tid2eid(V, K);
+    for (int v = 0; v < V; ++v) {
+        for (int k = 0; k < K; ++k) tid2eid(v, k) = static_cast<std::int32_t>(rng.below(E));
+    }
+    const Index T = 300;
+    RowMatrix<float> logits(T, E);
+    for (Index t = 0; t < T; ++t) {
+        for (int e = 0; e < E; ++e) logits(t, e) = static_cast<float>(rng.uniform(-6, 6));
+    }
+    for (const Scoring scoring : {Scoring::kSoftmax, Scoring::kSigmoid, Scoring::kSqrtSoftplus}) {
+        const HashRouter router(tid2eid, scoring, 1.5f, 1);
+        for (const Index non_padded : {Index{1}, Index{63}, Index{64}, Index{65}, Index{150}}) {
+            std::vector<std::int64_t> ids(static_cast<std::size_t>(T), 1LL << 40);  // garbage
+            for (Index t = 0; t < non_padded; ++t) ids[t] = rng.below(V);
+            const TopKOutput out = select(router, logits, ids, non_padded);
+            for (Index t = 0; t < T; ++t) {
+                if (t >= non_padded) {
+                    for (int k = 0; k < K + 1; ++k) {
+                        ASSERT_EQ(out.topk_ids(t, k), -1) << "row " << t;
+                        ASSERT_EQ(out.topk_weights(t, k), 0.0f) << "row " << t;
+                    }
+                    continue;
+                }
+                std::vector<int> want_ids;
+                for (int k = 0; k < K; ++k) want_ids.push_back(tid2eid(ids[t], k));
+                const std::vector<double> want = reference_weights(
+                    logits.row(t).data(), E, want_ids, scoring, 1.5, 1, false);
+                for (int k = 0; k < K + 1; ++k) {
+                    ASSERT_EQ(out.topk_ids(t, k), k < K ? want_ids[k] : E) << "row " << t;
+                    ASSERT_NEAR(out.topk_weights(t, k), want[k], 1e-5 * want[k] + 1e-7)
+                        << moelb::to_string(scoring) << " row " << t << " column " << k;
+                }
+            }
+        }
+    }
+}
+
+TEST(HashRouter, WeightsAccurateOverTheWholeFloatRange) {
+    // Two looked-up experts with logits x and 0: renormalised weights s(x) / (s(x) + s(0)).
+    std::vector<float> xs;
+    for (float x = -170.0f; x < -30.0f; x += 9.1f) xs.push_back(x);
+    for (float x = -30.0f; x <= 30.0f; x += 0.37f) xs.push_back(x);
+    for (const float x : {20.0f, 20.01f, 100.0f, 1e10f, 1e30f, std::numeric_limits<float>::max()}) {
+        xs.push_back(x);
+    }
+    const Index T = static_cast<Index>(xs.size());
+    RowMatrix<float> logits = RowMatrix<float>::Zero(T, 3);
+    for (Index t = 0; t < T; ++t) logits(t, 0) = xs[static_cast<std::size_t>(t)];
+    const std::vector<std::int32_t> ids(static_cast<std::size_t>(T), 0);
+    for (const Scoring scoring : {Scoring::kSigmoid, Scoring::kSqrtSoftplus}) {
+        const HashRouter router(matrix<std::int32_t>({{0, 1}}), scoring);
+        const TopKOutput out = select(router, logits, ids);
+        for (Index t = 0; t < T; ++t) {
+            const double x = xs[static_cast<std::size_t>(t)];
+            if (scoring == Scoring::kSigmoid && x < -80.0) continue;  // below float's range
+            const std::vector<double> want =
+                reference_weights(logits.row(t).data(), 3, {0, 1}, scoring, 1.0, 0, false);
+            EXPECT_NEAR(out.topk_weights(t, 0), want[0], 4e-6 * want[0] + 1e-12)
+                << moelb::to_string(scoring) << "(" << x << ")";
+            EXPECT_NEAR(out.topk_weights(t, 1), want[1], 4e-6 * want[1] + 1e-12)
+                << moelb::to_string(scoring) << "(" << x << ")";
+        }
+    }
 }
 
 TEST(HashRouter, DispatchMapsLogicalIdsToSlots) {

@@ -234,6 +234,9 @@ const Shape kShapes[] = {
     {"e24k3_top2sum_g3tg3", 24, 3, 3, 3, GroupScore::kTop2Sum},     // every group kept
     {"e9k9", 9, 9, 0, 0, GroupScore::kTop2Sum},                     // K = E
     {"e384k8", 384, 8, 0, 0, GroupScore::kTop2Sum},                 // Kimi-K2 width
+    {"e40k16", 40, 16, 0, 0, GroupScore::kTop2Sum},                 // K = 16
+    {"e64k20", 64, 20, 0, 0, GroupScore::kTop2Sum},                 // K > 16
+    {"e96k17_top2sum_g4tg2", 96, 17, 4, 2, GroupScore::kTop2Sum},
 };
 
 // The selection depends on the shape, the scoring and the bias; every test of this suite runs
@@ -494,20 +497,36 @@ TEST_P(RoutingTies, DuplicatedValuesPickLowestIdFirst) {
 
 TEST_P(RoutingTies, QuantizedLogitsMatchReference) {
     // Logits from a few values: many exact ties, which the reference breaks by lowest id too.
-    TopKConfig c;
-    c.top_k = 4;
-    c.scoring = GetParam();
-    const int E = 12;
+    // Group scores use "max" here (a max of equal values is exact; top-2 sums of different pairs
+    // could be near-ties).
+    const Shape shapes[] = {
+        {"e12k4", 12, 4, 0, 0, GroupScore::kMax},
+        {"e100k20", 100, 20, 0, 0, GroupScore::kMax},
+        {"e256k8_g8tg4", 256, 8, 8, 4, GroupScore::kMax},
+        {"e64k17_g4tg2", 64, 17, 4, 2, GroupScore::kMax},
+    };
     Rng rng(7);
     const float values[] = {-1.0f, 0.0f, 0.5f, 2.0f};
-    RowMatrix<float> logits(200, E);
-    for (Index t = 0; t < logits.rows(); ++t) {
-        for (int e = 0; e < E; ++e) logits(t, e) = values[rng.below(4)];
-    }
-    const TopKOutput out = route(logits, c);
-    for (Index t = 0; t < logits.rows(); ++t) {
-        const Reference r = reference_route(logits.row(t).data(), E, c, nullptr);
-        for (int k = 0; k < 4; ++k) ASSERT_EQ(out.topk_ids(t, k), r.ids[k]) << "row " << t;
+    for (const Shape& shape : shapes) {
+        SCOPED_TRACE(shape.name);
+        TopKConfig c;
+        c.top_k = shape.top_k;
+        c.scoring = GetParam();
+        c.num_groups = shape.num_groups;
+        c.topk_group = shape.topk_group;
+        c.group_score = shape.group_score;
+        const int E = shape.num_experts;
+        RowMatrix<float> logits(100, E);
+        for (Index t = 0; t < logits.rows(); ++t) {
+            for (int e = 0; e < E; ++e) logits(t, e) = values[rng.below(4)];
+        }
+        const TopKOutput out = route(logits, c);
+        for (Index t = 0; t < logits.rows(); ++t) {
+            const Reference r = reference_route(logits.row(t).data(), E, c, nullptr);
+            for (int k = 0; k < c.top_k; ++k) {
+                ASSERT_EQ(out.topk_ids(t, k), r.ids[k]) << "row " << t << " column " << k;
+            }
+        }
     }
 }
 
@@ -754,6 +773,57 @@ TEST(Routing, ScoringFunctionValues) {
     c.top_k = 1;
     out = route(row_matrix({{25.0f, 0.0f}}), c);
     EXPECT_NEAR(out.topk_weights(0, 0), 5.0, 1e-5);
+}
+
+TEST(Routing, ScoresAccurateOverTheWholeFloatRange) {
+    // One expert per row, raw weights: the weight is the score of the logit. Compared with the
+    // double-precision definitions over logits from deep in the tails to the largest float.
+    std::vector<float> xs;
+    for (float x = -170.0f; x < -30.0f; x += 7.3f) xs.push_back(x);
+    for (float x = -30.0f; x <= 30.0f; x += 0.173f) xs.push_back(x);
+    for (const float x : {-20.0f, -1e-3f, -1e-7f, 0.0f, 1e-7f, 1e-3f, 19.99f, 20.0f, 20.01f, 45.0f,
+                          100.0f, 1e4f, 1e10f, 1e30f, std::numeric_limits<float>::max()}) {
+        xs.push_back(x);
+    }
+    RowMatrix<float> logits(static_cast<Index>(xs.size()), 2);
+    for (Index t = 0; t < logits.rows(); ++t) {
+        logits(t, 0) = xs[static_cast<std::size_t>(t)];
+        logits(t, 1) = -std::numeric_limits<float>::infinity();  // never chosen over column 0
+    }
+    for (const Scoring scoring : {Scoring::kSigmoid, Scoring::kSqrtSoftplus}) {
+        TopKConfig c;
+        c.top_k = 1;
+        c.scoring = scoring;
+        c.renormalize = false;
+        const TopKOutput out = route(logits, c);
+        for (Index t = 0; t < logits.rows(); ++t) {
+            const double x = xs[static_cast<std::size_t>(t)];
+            double want;
+            if (scoring == Scoring::kSigmoid) {
+                want = 1.0 / (1.0 + std::exp(-x));
+            } else {
+                // sqrt(softplus): log1p(exp(x)) without overflow, PyTorch's threshold 20.
+                want = std::sqrt(x > 20.0 ? x : std::log1p(std::exp(x)));
+            }
+            ASSERT_EQ(out.topk_ids(t, 0), 0);
+            if (scoring == Scoring::kSigmoid && x < -80.0) continue;  // below float's range
+            EXPECT_NEAR(out.topk_weights(t, 0), want, 4e-6 * want)
+                << moelb::to_string(scoring) << "(" << x << ")";
+        }
+    }
+    // Softmax of two logits d apart: 1 / (1 + exp(-d)).
+    TopKConfig c;
+    c.top_k = 1;
+    c.renormalize = false;
+    for (Index t = 0; t < logits.rows(); ++t) logits(t, 1) = 0.0f;
+    const TopKOutput out = route(logits, c);
+    for (Index t = 0; t < logits.rows(); ++t) {
+        const double x = xs[static_cast<std::size_t>(t)];
+        const int best = x >= 0.0 ? 0 : 1;
+        EXPECT_EQ(out.topk_ids(t, 0), best) << x;
+        const double want = 1.0 / (1.0 + std::exp(-std::abs(x)));
+        EXPECT_NEAR(out.topk_weights(t, 0), want, 4e-6 * want) << "softmax(" << x << ", 0)";
+    }
 }
 
 TEST(Routing, SharedColumnAndScalingMatrix) {
