@@ -127,6 +127,13 @@ bool ExpertLocation::operator==(const ExpertLocation& other) const {
 
 std::int32_t ExpertLocation::static_dispatch_slot(int layer, int expert, int ep_rank,
                                                   std::uint64_t seed) const {
+    MOELB_CHECK_ARG(layer >= 0 && layer < num_layers(),
+                    "layer=" << layer << " is outside [0, num_layers=" << num_layers() << ")");
+    MOELB_CHECK_ARG(expert >= 0 && expert < num_logical_experts_,
+                    "expert=" << expert << " is outside [0, num_logical_experts="
+                              << num_logical_experts_ << ")");
+    MOELB_CHECK_ARG(ep_rank >= 0 && ep_rank < ep_size_,
+                    "ep_rank=" << ep_rank << " is outside [0, ep_size=" << ep_size_ << ")");
     const auto reps = replicas(layer, expert);
     const int rank_node = node_of_rank(ep_rank);
     const int rpn = ranks_per_node();

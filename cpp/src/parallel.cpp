@@ -33,36 +33,36 @@ void parallel_for(std::int64_t n, std::int64_t grain,
     const std::int64_t num_chunks = (n + grain - 1) / grain;
     const int num_threads =
         static_cast<int>(std::min<std::int64_t>(get_num_threads(), num_chunks));
-    if (num_threads <= 1) {
-        body(0, n);
-        return;
-    }
-    // Chunks are claimed dynamically; which thread runs a chunk does not change its result.
+    // Chunks are claimed in increasing order; which thread runs a chunk does not change its
+    // result. After a failure, chunks above the lowest failed one are skipped, while every chunk
+    // below it still runs, so the exception rethrown is always that of the lowest failing chunk.
     std::atomic<std::int64_t> next{0};
+    std::atomic<std::int64_t> first_failed{num_chunks};
     std::vector<std::exception_ptr> errors(static_cast<std::size_t>(num_chunks));
-    std::atomic<bool> failed{false};
     auto worker = [&] {
         for (;;) {
             const std::int64_t c = next.fetch_add(1);
-            if (c >= num_chunks || failed.load(std::memory_order_relaxed)) return;
+            if (c >= num_chunks) return;
+            if (c > first_failed.load()) continue;
             const std::int64_t begin = c * grain;
             const std::int64_t end = std::min(n, begin + grain);
             try {
                 body(begin, end);
             } catch (...) {
                 errors[static_cast<std::size_t>(c)] = std::current_exception();
-                failed.store(true);
+                std::int64_t seen = first_failed.load();
+                while (c < seen && !first_failed.compare_exchange_weak(seen, c)) {
+                }
             }
         }
     };
     std::vector<std::thread> threads;
-    threads.reserve(static_cast<std::size_t>(num_threads - 1));
+    if (num_threads > 1) threads.reserve(static_cast<std::size_t>(num_threads - 1));
     for (int i = 1; i < num_threads; ++i) threads.emplace_back(worker);
     worker();
     for (auto& t : threads) t.join();
-    for (auto& e : errors) {
-        if (e) std::rethrow_exception(e);
-    }
+    const std::int64_t failed = first_failed.load();
+    if (failed < num_chunks) std::rethrow_exception(errors[static_cast<std::size_t>(failed)]);
 }
 
 }  // namespace moelb
