@@ -16,7 +16,11 @@
 #include "moelb/expert_location.hpp"
 #include "moelb/parallel.hpp"
 
+#include "test_util.hpp"
+
 namespace {
+
+using namespace moelb::test_util;
 
 using moelb::ConstMatrixMap;
 using moelb::DispatchAlgorithm;
@@ -26,36 +30,6 @@ using moelb::InvalidArgument;
 using moelb::LayerDispatcher;
 using moelb::MatrixMap;
 using moelb::RowMatrix;
-
-template <class T>
-ConstMatrixMap<T> cmap(const RowMatrix<T>& m) {
-    return ConstMatrixMap<T>(m.data(), m.rows(), m.cols());
-}
-
-template <class T>
-MatrixMap<T> mmap(RowMatrix<T>& m) {
-    return MatrixMap<T>(m.data(), m.rows(), m.cols());
-}
-
-RowMatrix<std::int32_t> ids_matrix(const std::vector<std::vector<std::int32_t>>& rows) {
-    RowMatrix<std::int32_t> m(static_cast<Index>(rows.size()),
-                              static_cast<Index>(rows.at(0).size()));
-    for (Index r = 0; r < m.rows(); ++r) {
-        for (Index c = 0; c < m.cols(); ++c) m(r, c) = rows[r][c];
-    }
-    return m;
-}
-
-template <class F>
-void expect_invalid_argument(F&& f, const std::string& needle) {
-    try {
-        f();
-        ADD_FAILURE() << "expected InvalidArgument mentioning '" << needle << "'";
-    } catch (const InvalidArgument& e) {
-        EXPECT_NE(std::string(e.what()).find(needle), std::string::npos)
-            << "message '" << e.what() << "' does not mention '" << needle << "'";
-    }
-}
 
 RowMatrix<std::int32_t> dispatch(const ExpertLocation& loc, const RowMatrix<std::int32_t>& ids,
                                  int layer, int ep_rank, DispatchAlgorithm algorithm,
@@ -190,26 +164,26 @@ struct ErrorCase {
 std::vector<ErrorCase> location_errors() {
     return {
         {"id_too_large",
-         [] { ExpertLocation(ids_matrix({{0, 1, 2, 4}}), 4, 1); },
+         [] { ExpertLocation(matrix<std::int32_t>({{0, 1, 2, 4}}), 4, 1); },
          "physical_to_logical[0, 3] = 4"},
         {"id_negative",
-         [] { ExpertLocation(ids_matrix({{0, 1, 2, 3}, {0, -1, 2, 3}}), 4, 1); },
+         [] { ExpertLocation(matrix<std::int32_t>({{0, 1, 2, 3}, {0, -1, 2, 3}}), 4, 1); },
          "physical_to_logical[1, 1] = -1"},
         {"expert_without_replica",
-         [] { ExpertLocation(ids_matrix({{0, 1, 2, 3}, {0, 1, 1, 3}}), 4, 2); },
+         [] { ExpertLocation(matrix<std::int32_t>({{0, 1, 2, 3}, {0, 1, 1, 3}}), 4, 2); },
          "logical expert 2 has no replica in layer 1"},
         {"slots_not_divisible_by_ep_size",
-         [] { ExpertLocation(ids_matrix({{0, 1, 2, 3, 0, 1}}), 4, 4); }, "ep_size=4"},
+         [] { ExpertLocation(matrix<std::int32_t>({{0, 1, 2, 3, 0, 1}}), 4, 4); }, "ep_size=4"},
         {"ep_size_not_divisible_by_num_nodes",
-         [] { ExpertLocation(ids_matrix({{0, 1, 2, 3, 0, 1}}), 4, 3, 2); }, "num_nodes=2"},
+         [] { ExpertLocation(matrix<std::int32_t>({{0, 1, 2, 3, 0, 1}}), 4, 3, 2); }, "num_nodes=2"},
         {"fewer_slots_than_experts",
-         [] { ExpertLocation(ids_matrix({{0, 1, 2}}), 4, 1); }, "num_physical_experts=3"},
+         [] { ExpertLocation(matrix<std::int32_t>({{0, 1, 2}}), 4, 1); }, "num_physical_experts=3"},
         {"no_layers", [] { ExpertLocation(RowMatrix<std::int32_t>(0, 4), 4, 1); },
          "physical_to_logical"},
-        {"no_logical_experts", [] { ExpertLocation(ids_matrix({{0, 0}}), 0, 1); },
+        {"no_logical_experts", [] { ExpertLocation(matrix<std::int32_t>({{0, 0}}), 0, 1); },
          "num_logical_experts"},
-        {"ep_size_zero", [] { ExpertLocation(ids_matrix({{0, 1}}), 2, 0); }, "ep_size"},
-        {"num_nodes_zero", [] { ExpertLocation(ids_matrix({{0, 1}}), 2, 1, 0); }, "num_nodes"},
+        {"ep_size_zero", [] { ExpertLocation(matrix<std::int32_t>({{0, 1}}), 2, 0); }, "ep_size"},
+        {"num_nodes_zero", [] { ExpertLocation(matrix<std::int32_t>({{0, 1}}), 2, 1, 0); }, "num_nodes"},
         {"trivial_no_layers", [] { ExpertLocation::trivial(0, 4, 4, 1); }, "num_layers"},
         {"trivial_fewer_slots", [] { ExpertLocation::trivial(1, 8, 6, 2); },
          "num_physical_experts=6"},
@@ -236,7 +210,7 @@ INSTANTIATE_TEST_SUITE_P(Cases, ExpertLocationErrors, ::testing::ValuesIn(locati
 
 TEST(StaticDispatch, FourGpusTwoNodesExample) {
     // 4 ranks on 2 nodes, 8 slots (2 per rank); logical i at slots [2i, 2i + 1] (rank i).
-    const ExpertLocation loc(ids_matrix({{0, 0, 1, 1, 2, 2, 3, 3}}), 4, 4, 2);
+    const ExpertLocation loc(matrix<std::int32_t>({{0, 0, 1, 1, 2, 2, 3, 3}}), 4, 4, 2);
     for (const std::uint64_t seed : {0ull, 1ull, 42ull, 977ull}) {
         std::vector<RowMatrix<std::int32_t>> t;
         for (int r = 0; r < 4; ++r) t.push_back(loc.static_dispatch_table(r, seed));
@@ -364,7 +338,7 @@ INSTANTIATE_TEST_SUITE_P(
 
 TEST(StaticDispatch, SeedsCanDiffer) {
     // Experts with replicas on another node only: their choice depends on the seed.
-    const ExpertLocation loc(ids_matrix({{0, 0, 1, 1, 2, 2, 3, 3}}), 4, 4, 2);
+    const ExpertLocation loc(matrix<std::int32_t>({{0, 0, 1, 1, 2, 2, 3, 3}}), 4, 4, 2);
     const RowMatrix<std::int32_t> base = loc.static_dispatch_table(0, 0);
     bool differs = false;
     for (std::uint64_t seed = 1; seed < 32 && !differs; ++seed) {
@@ -402,7 +376,7 @@ protected:
     // 2 layers, E = 6 in P = 12 slots on W = 4 ranks (S = 3), 2 nodes. Layer 1 gives expert 0
     // three replicas, expert 5 one.
     Dispatch()
-        : loc_(ids_matrix({{0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 5},
+        : loc_(matrix<std::int32_t>({{0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 5},
                            {0, 1, 2, 0, 3, 4, 1, 2, 0, 3, 4, 5}}),
                6, 4, 2) {
         std::mt19937 gen(4);
@@ -494,11 +468,11 @@ TEST_F(Dispatch, RoundRobinByTokenAndRank) {
 }
 
 TEST_F(Dispatch, MinusOneStaysMinusOneAndSingleReplicaIsFixed) {
-    const RowMatrix<std::int32_t> ids = ids_matrix({{-1, 5}, {5, -1}, {-1, -1}});
+    const RowMatrix<std::int32_t> ids = matrix<std::int32_t>({{-1, 5}, {5, -1}, {-1, -1}});
     for (const auto a : {DispatchAlgorithm::kStatic, DispatchAlgorithm::kRandom,
                          DispatchAlgorithm::kRoundRobin}) {
         // Expert 5 has the single slot 11 in layer 1.
-        EXPECT_EQ(dispatch(loc_, ids, 1, 0, a, 9), ids_matrix({{-1, 11}, {11, -1}, {-1, -1}}))
+        EXPECT_EQ(dispatch(loc_, ids, 1, 0, a, 9), matrix<std::int32_t>({{-1, 11}, {11, -1}, {-1, -1}}))
             << moelb::to_string(a);
     }
 }
@@ -527,8 +501,8 @@ TEST_F(Dispatch, IdenticalForAnyThreadCount) {
 }
 
 TEST_F(Dispatch, Errors) {
-    const RowMatrix<std::int32_t> bad_high = ids_matrix({{0, 1}, {6, 0}});
-    const RowMatrix<std::int32_t> bad_low = ids_matrix({{0, -2}});
+    const RowMatrix<std::int32_t> bad_high = matrix<std::int32_t>({{0, 1}, {6, 0}});
+    const RowMatrix<std::int32_t> bad_low = matrix<std::int32_t>({{0, -2}});
     for (const auto a : {DispatchAlgorithm::kStatic, DispatchAlgorithm::kRandom,
                          DispatchAlgorithm::kRoundRobin}) {
         expect_invalid_argument([&] { dispatch(loc_, bad_high, 0, 0, a, 0); },

@@ -23,7 +23,11 @@
 #include "moelb/parallel.hpp"
 #include "moelb/routing.hpp"
 
+#include "test_util.hpp"
+
 namespace {
+
+using namespace moelb::test_util;
 
 using moelb::ConstMatrixMap;
 using moelb::DispatchAlgorithm;
@@ -40,25 +44,6 @@ using moelb::TopKOutputView;
 
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 
-template <class T>
-ConstMatrixMap<T> cmap(const RowMatrix<T>& m) {
-    return ConstMatrixMap<T>(m.data(), m.rows(), m.cols());
-}
-
-template <class T>
-MatrixMap<T> mmap(RowMatrix<T>& m) {
-    return MatrixMap<T>(m.data(), m.rows(), m.cols());
-}
-
-template <class T>
-RowMatrix<T> matrix(const std::vector<std::vector<T>>& rows) {
-    RowMatrix<T> m(static_cast<Index>(rows.size()), static_cast<Index>(rows.at(0).size()));
-    for (Index r = 0; r < m.rows(); ++r) {
-        for (Index c = 0; c < m.cols(); ++c) m(r, c) = rows[r][c];
-    }
-    return m;
-}
-
 template <class TokenId>
 TopKOutput select(const HashRouter& router, const RowMatrix<float>& logits,
                   const std::vector<TokenId>& input_ids,
@@ -67,29 +52,6 @@ TopKOutput select(const HashRouter& router, const RowMatrix<float>& logits,
     return router.select(cmap(logits), std::span<const TokenId>(input_ids), non_padded,
                          dispatcher);
 }
-
-template <class F>
-void expect_invalid_argument(F&& f, const std::string& needle) {
-    try {
-        f();
-        ADD_FAILURE() << "expected InvalidArgument mentioning '" << needle << "'";
-    } catch (const InvalidArgument& e) {
-        EXPECT_NE(std::string(e.what()).find(needle), std::string::npos)
-            << "message '" << e.what() << "' does not mention '" << needle << "'";
-    }
-}
-
-class Rng {
-public:
-    explicit Rng(std::uint32_t seed) : gen_(seed) {}
-    double uniform(double lo, double hi) {
-        return lo + (hi - lo) * static_cast<double>(gen_() >> 8) * (1.0 / 16777216.0);
-    }
-    std::uint32_t below(std::uint32_t n) { return gen_() % n; }
-
-private:
-    std::mt19937 gen_;
-};
 
 // Reference weights [K + F] of one token, in double.
 std::vector<double> reference_weights(const float* logits, int E, const std::vector<int>& ids,

@@ -27,7 +27,11 @@
 #include "moelb/parallel.hpp"
 #include "moelb/routing.hpp"
 
+#include "test_util.hpp"
+
 namespace {
+
+using namespace moelb::test_util;
 
 using moelb::ConstMatrixMap;
 using moelb::DispatchAlgorithm;
@@ -49,24 +53,6 @@ constexpr float kInf = std::numeric_limits<float>::infinity();
 // ------------------------------------------------------------------------------------------------
 // Helpers
 
-template <class T>
-ConstMatrixMap<T> cmap(const RowMatrix<T>& m) {
-    return ConstMatrixMap<T>(m.data(), m.rows(), m.cols());
-}
-
-template <class T>
-MatrixMap<T> mmap(RowMatrix<T>& m) {
-    return MatrixMap<T>(m.data(), m.rows(), m.cols());
-}
-
-RowMatrix<float> row_matrix(const std::vector<std::vector<float>>& rows) {
-    RowMatrix<float> m(static_cast<Index>(rows.size()), static_cast<Index>(rows.at(0).size()));
-    for (Index t = 0; t < m.rows(); ++t) {
-        for (Index e = 0; e < m.cols(); ++e) m(t, e) = rows[t][e];
-    }
-    return m;
-}
-
 TopKOutput route(const RowMatrix<float>& logits, const TopKConfig& config,
                  const std::vector<float>& bias = {},
                  std::optional<Index> non_padded = std::nullopt,
@@ -74,31 +60,6 @@ TopKOutput route(const RowMatrix<float>& logits, const TopKConfig& config,
     return moelb::select_experts(cmap(logits), config, std::span<const float>(bias), non_padded,
                                  dispatcher);
 }
-
-// Runs f and expects an InvalidArgument whose message contains `needle`.
-template <class F>
-void expect_invalid_argument(F&& f, const std::string& needle) {
-    try {
-        f();
-        ADD_FAILURE() << "expected InvalidArgument mentioning '" << needle << "'";
-    } catch (const InvalidArgument& e) {
-        EXPECT_NE(std::string(e.what()).find(needle), std::string::npos)
-            << "message '" << e.what() << "' does not mention '" << needle << "'";
-    }
-}
-
-// A portable uniform float in [lo, hi) (std::uniform_real_distribution is not portable).
-class Rng {
-public:
-    explicit Rng(std::uint32_t seed) : gen_(seed) {}
-    double uniform(double lo, double hi) {
-        return lo + (hi - lo) * static_cast<double>(gen_() >> 8) * (1.0 / 16777216.0);
-    }
-    std::uint32_t below(std::uint32_t n) { return gen_() % n; }
-
-private:
-    std::mt19937 gen_;
-};
 
 // ------------------------------------------------------------------------------------------------
 // The reference router (double precision, sorts with ties to the lowest id).
@@ -481,7 +442,7 @@ TEST_P(RoutingTies, DuplicatedValuesPickLowestIdFirst) {
     c.scoring = GetParam();
     c.renormalize = false;
     // Experts 1, 3 and 4 tie for the best value, 0 and 2 for the second.
-    const RowMatrix<float> logits = row_matrix({{1.0f, 3.0f, 1.0f, 3.0f, 3.0f},
+    const RowMatrix<float> logits = matrix<float>({{1.0f, 3.0f, 1.0f, 3.0f, 3.0f},
                                                 {2.0f, -1.0f, 2.0f, 0.5f, 2.0f}});
     const TopKOutput out = route(logits, c);
     EXPECT_EQ(out.topk_ids(0, 0), 1);
@@ -538,7 +499,7 @@ TEST_P(RoutingTies, TiedGroupsKeepLowestGroupIds) {
     c.topk_group = 2;
     // Groups of two; groups 1, 2 and 3 tie (both top2_sum and max); group 0 is worse.
     const RowMatrix<float> logits =
-        row_matrix({{0.0f, 0.0f, 3.0f, 1.0f, 1.0f, 3.0f, 3.0f, 1.0f}});
+        matrix<float>({{0.0f, 0.0f, 3.0f, 1.0f, 1.0f, 3.0f, 3.0f, 1.0f}});
     for (const GroupScore gs : {GroupScore::kTop2Sum, GroupScore::kMax}) {
         c.group_score = gs;
         const TopKOutput out = route(logits, c);
@@ -564,7 +525,7 @@ TEST(Routing, Top2SumCountsADuplicatedMaximumTwice) {
     c.topk_group = 1;
     // Sigmoid is monotone but not linear, so compare sums of sigmoids: 2*s(3)=1.905 > s(4)+s(1)
     // = 1.713.
-    const RowMatrix<float> logits = row_matrix({{3, 3, -5, -5, 4, 1, 1, 1}});
+    const RowMatrix<float> logits = matrix<float>({{3, 3, -5, -5, 4, 1, 1, 1}});
     c.group_score = GroupScore::kTop2Sum;
     EXPECT_EQ(route(logits, c).topk_ids(0, 0), 0);
     c.group_score = GroupScore::kMax;
@@ -577,7 +538,7 @@ TEST(Routing, WeightsAreUnbiasedScoresOfBiasedChoice) {
     c.top_k = 2;
     c.scoring = Scoring::kSigmoid;
     c.renormalize = false;
-    const RowMatrix<float> logits = row_matrix({{2.0f, 1.0f, 0.0f, -1.0f}});
+    const RowMatrix<float> logits = matrix<float>({{2.0f, 1.0f, 0.0f, -1.0f}});
     const std::vector<float> bias = {-1.0f, 0.0f, 0.5f, 2.0f};
     const TopKOutput out = route(logits, c, bias);
     // choice = [0.88-1, 0.73, 0.5+0.5, 0.27+2] -> experts 3, 2.
@@ -597,7 +558,7 @@ TEST_P(RoutingNonFinite, NaNNeverSelectedWhileEnoughFiniteExperts) {
     c.top_k = 3;
     c.scoring = GetParam();
     const RowMatrix<float> logits =
-        row_matrix({{kNaN, -2.0f, kNaN, -3.0f, kNaN, -4.0f, kNaN},
+        matrix<float>({{kNaN, -2.0f, kNaN, -3.0f, kNaN, -4.0f, kNaN},
                     {kNaN, kNaN, kNaN, kNaN, 0.5f, -0.5f, 7.0f},
                     {1.0f, kNaN, 2.0f, kNaN, 3.0f, kNaN, kNaN}});
     const TopKOutput out = route(logits, c);
@@ -622,7 +583,7 @@ TEST_P(RoutingNonFinite, NaNInGroupedSelection) {
     c.topk_group = 1;
     c.group_score = GroupScore::kMax;
     // Group 0 holds NaNs and the best finite value; its experts other than the NaNs win.
-    const RowMatrix<float> logits = row_matrix({{kNaN, 5.0f, kNaN, 4.0f, 1.0f, 1.0f, 1.0f, 1.0f}});
+    const RowMatrix<float> logits = matrix<float>({{kNaN, 5.0f, kNaN, 4.0f, 1.0f, 1.0f, 1.0f, 1.0f}});
     const TopKOutput out = route(logits, c);
     EXPECT_EQ(out.topk_ids(0, 0), 1);
     EXPECT_EQ(out.topk_ids(0, 1), 3);
@@ -637,7 +598,7 @@ TEST_P(RoutingNonFinite, AllNaNRowGivesFiniteZeroWeights) {
         c.num_fused_shared_experts = 1;
         c.routed_scaling_factor = 2.0f;
         const RowMatrix<float> logits =
-            row_matrix({{kNaN, kNaN, kNaN, kNaN, kNaN}, {0.0f, 1.0f, 2.0f, 3.0f, 4.0f}});
+            matrix<float>({{kNaN, kNaN, kNaN, kNaN, kNaN}, {0.0f, 1.0f, 2.0f, 3.0f, 4.0f}});
         const TopKOutput out = route(logits, c);
         std::set<int> ids;
         for (int k = 0; k < 3; ++k) {
@@ -668,7 +629,7 @@ TEST_P(RoutingNonFinite, InfiniteLogitsGiveNoNaN) {
                 c.topk_group = 1;
             }
             const RowMatrix<float> logits =
-                row_matrix({{0.0f, kInf, -kInf, 1.0f, 2.0f, -1.0f},
+                matrix<float>({{0.0f, kInf, -kInf, 1.0f, 2.0f, -1.0f},
                             {kInf, 1.0f, kInf, -kInf, kNaN, 0.0f},
                             {-kInf, -kInf, -kInf, -kInf, -kInf, -kInf}});
             const TopKOutput out = route(logits, c);
@@ -746,7 +707,7 @@ INSTANTIATE_TEST_SUITE_P(Scorings, RoutingNonFinite,
 // Worked values of the scoring functions and the renormalize x rsf x shared matrix.
 
 TEST(Routing, ScoringFunctionValues) {
-    const RowMatrix<float> logits = row_matrix({{0.0f, 1.0f, 2.0f, 3.0f}});
+    const RowMatrix<float> logits = matrix<float>({{0.0f, 1.0f, 2.0f, 3.0f}});
     TopKConfig c;
     c.top_k = 4;
     c.renormalize = false;
@@ -771,7 +732,7 @@ TEST(Routing, ScoringFunctionValues) {
     // Past the softplus threshold (x > 20) sqrt(x) is used.
     c.scoring = Scoring::kSqrtSoftplus;
     c.top_k = 1;
-    out = route(row_matrix({{25.0f, 0.0f}}), c);
+    out = route(matrix<float>({{25.0f, 0.0f}}), c);
     EXPECT_NEAR(out.topk_weights(0, 0), 5.0, 1e-5);
 }
 
@@ -828,7 +789,7 @@ TEST(Routing, ScoresAccurateOverTheWholeFloatRange) {
 
 TEST(Routing, SharedColumnAndScalingMatrix) {
     // Sigmoid scores of logits 0 and ln 3: 0.5 and 0.75, sum 1.25; rsf 2.5.
-    const RowMatrix<float> logits = row_matrix({{0.0f, std::log(3.0f), -30.0f}});
+    const RowMatrix<float> logits = matrix<float>({{0.0f, std::log(3.0f), -30.0f}});
     struct Row {
         bool renormalize, fold;
         double w0, w1, shared;
@@ -1003,7 +964,7 @@ TEST(Routing, ViewOverloadWritesCallerBuffers) {
     TopKConfig c;
     c.top_k = 2;
     c.num_fused_shared_experts = 1;
-    const RowMatrix<float> logits = row_matrix({{0.0f, 2.0f, 1.0f}, {3.0f, 1.0f, 2.0f}});
+    const RowMatrix<float> logits = matrix<float>({{0.0f, 2.0f, 1.0f}, {3.0f, 1.0f, 2.0f}});
     RowMatrix<std::int32_t> ids = RowMatrix<std::int32_t>::Constant(2, 3, -99);
     RowMatrix<float> weights = RowMatrix<float>::Constant(2, 3, -99.0f);
     RowMatrix<std::int32_t> rec = RowMatrix<std::int32_t>::Constant(2, 2, -99);
@@ -1218,15 +1179,6 @@ TEST(Routing, ValidateChecksFieldsOnTheirOwn) {
 // ------------------------------------------------------------------------------------------------
 // remap_topk_for_per_rank_shared_slots.
 
-RowMatrix<std::int32_t> ids_matrix(const std::vector<std::vector<std::int32_t>>& rows) {
-    RowMatrix<std::int32_t> m(static_cast<Index>(rows.size()),
-                              static_cast<Index>(rows.at(0).size()));
-    for (Index t = 0; t < m.rows(); ++t) {
-        for (Index c = 0; c < m.cols(); ++c) m(t, c) = rows[t][c];
-    }
-    return m;
-}
-
 RowMatrix<std::int32_t> remap(const RowMatrix<std::int32_t>& ids, int P, int W, int rank,
                               int F = 1) {
     RowMatrix<std::int32_t> out = RowMatrix<std::int32_t>::Constant(ids.rows(), ids.cols(), -77);
@@ -1236,21 +1188,21 @@ RowMatrix<std::int32_t> remap(const RowMatrix<std::int32_t>& ids, int P, int W, 
 
 TEST(RemapPerRankSharedSlots, WorkedExamples) {
     // P = 264, W = 8 (S = 33), rank 7: shared slot 7 * 34 + 33 = 271.
-    EXPECT_EQ(remap(ids_matrix({{0, 33, 263, 256}}), 264, 8, 7), ids_matrix({{0, 34, 270, 271}}));
+    EXPECT_EQ(remap(matrix<std::int32_t>({{0, 33, 263, 256}}), 264, 8, 7), matrix<std::int32_t>({{0, 34, 270, 271}}));
     // P = 256, W = 4 (S = 64), rank 2: shared slot 2 * 65 + 64 = 194; the input shared column
     // is overwritten whatever it held.
-    EXPECT_EQ(remap(ids_matrix({{0, 65, 256}, {63, 127, -5}}), 256, 4, 2),
-              ids_matrix({{0, 66, 194}, {63, 128, 194}}));
+    EXPECT_EQ(remap(matrix<std::int32_t>({{0, 65, 256}, {63, 127, -5}}), 256, 4, 2),
+              matrix<std::int32_t>({{0, 66, 194}, {63, 128, 194}}));
     // P = 256, W = 8 (S = 32), rank 0: shared slot 32.
-    EXPECT_EQ(remap(ids_matrix({{5, 40, 100, 999}}), 256, 8, 0),
-              ids_matrix({{5, 41, 103, 32}}));
+    EXPECT_EQ(remap(matrix<std::int32_t>({{5, 40, 100, 999}}), 256, 8, 0),
+              matrix<std::int32_t>({{5, 41, 103, 32}}));
 }
 
 TEST(RemapPerRankSharedSlots, PaddedRowsStayPadded) {
-    const RowMatrix<std::int32_t> ids = ids_matrix({{-1, -1, -1, 256}, {-1, 3, -1, 256}});
+    const RowMatrix<std::int32_t> ids = matrix<std::int32_t>({{-1, -1, -1, 256}, {-1, 3, -1, 256}});
     const RowMatrix<std::int32_t> out = remap(ids, 256, 8, 3);
     // An all -1 row gets no phantom shared expert; a -1 among real ids stays -1.
-    EXPECT_EQ(out, ids_matrix({{-1, -1, -1, -1}, {-1, 3, -1, 3 * 33 + 32}}));
+    EXPECT_EQ(out, matrix<std::int32_t>({{-1, -1, -1, -1}, {-1, 3, -1, 3 * 33 + 32}}));
 }
 
 TEST(RemapPerRankSharedSlots, LayoutProperties) {
@@ -1304,17 +1256,17 @@ TEST(RemapPerRankSharedSlots, AfterRoutingWithLocation) {
 }
 
 TEST(RemapPerRankSharedSlots, Errors) {
-    const RowMatrix<std::int32_t> ok = ids_matrix({{0, 1, 256}});
-    expect_invalid_argument([&] { remap(ids_matrix({{0, 256, 256}}), 256, 8, 0); },
+    const RowMatrix<std::int32_t> ok = matrix<std::int32_t>({{0, 1, 256}});
+    expect_invalid_argument([&] { remap(matrix<std::int32_t>({{0, 256, 256}}), 256, 8, 0); },
                             "topk_ids[0, 1] = 256");
-    expect_invalid_argument([&] { remap(ids_matrix({{-2, 3, 256}}), 256, 8, 0); },
+    expect_invalid_argument([&] { remap(matrix<std::int32_t>({{-2, 3, 256}}), 256, 8, 0); },
                             "topk_ids[0, 0] = -2");
     expect_invalid_argument([&] { remap(ok, 250, 8, 0); }, "num_physical_experts=250");
     expect_invalid_argument([&] { remap(ok, 256, 0, 0); }, "ep_size");
     expect_invalid_argument([&] { remap(ok, 256, 8, 8); }, "ep_rank=8");
     expect_invalid_argument([&] { remap(ok, 256, 8, -1); }, "ep_rank=-1");
     expect_invalid_argument([&] { remap(ok, 256, 8, 0, 0); }, "num_fused_shared_experts");
-    expect_invalid_argument([&] { remap(ids_matrix({{256}}), 256, 8, 0); }, "columns");
+    expect_invalid_argument([&] { remap(matrix<std::int32_t>({{256}}), 256, 8, 0); }, "columns");
     expect_invalid_argument(
         [&] {
             RowMatrix<std::int32_t> out(2, 3);
