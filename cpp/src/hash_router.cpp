@@ -92,7 +92,7 @@ void HashRouter::select(ConstMatrixMap<float> router_logits, std::span<const Tok
                 // Probabilities over all E experts of the row.
                 for (Index r = 0; r < valid; ++r) {
                     const Index t = block + r;
-                    detail::sanitize_logits(router_logits.row(t).transpose().array(), row);
+                    detail::sanitize_logits(router_logits.row(t).data(), E, row);
                     detail::softmax(row);
                     const std::int32_t* ids = tid2eid_.row(input_ids[t]).data();
                     for (int k = 0; k < K; ++k) values[r * K + k] = row[ids[k]];
@@ -104,7 +104,7 @@ void HashRouter::select(ConstMatrixMap<float> router_logits, std::span<const Tok
                     for (int k = 0; k < K; ++k) values[r * K + k] = logits[ids[k]];
                 }
                 values.segment(valid * K, (kRowsPerBlock - valid) * K).setZero();
-                detail::sanitize_logits(values, values);
+                detail::sanitize_logits(values.data(), values.size(), values);
                 detail::elementwise_scores(scoring_, values, scratch);
             }
             for (Index r = 0; r < rows; ++r) {

@@ -23,7 +23,6 @@ using detail::ArrayXf;
 using detail::kNegInf;
 constexpr Index kRowsPerChunk = 256;
 
-using ConstArrayMap = Eigen::Map<const ArrayXf>;
 
 // The k best (value, id) pairs seen so far, in descending value; among equal values the earlier
 // pushed stays ahead. Pushing ids in ascending order therefore breaks ties to the lowest id.
@@ -160,17 +159,19 @@ struct Scratch {
 
 // scores <- f(logits), choice <- scores + bias with NaN logits at -inf.
 void compute_scores(const float* logits, int E, Scoring scoring, const float* bias, Scratch& s) {
-    const ConstArrayMap x(logits, E);
-    detail::sanitize_logits(x, s.scores);
+    detail::sanitize_logits(logits, E, s.scores);
     if (scoring == Scoring::kSoftmax) {
         detail::softmax(s.scores);
     } else {
         detail::elementwise_scores(scoring, s.scores, s.score_scratch);
     }
-    if (bias != nullptr) {
-        s.choice = (x == x).select(s.scores + ConstArrayMap(bias, E), kNegInf);
-    } else {
-        s.choice = (x == x).select(s.scores, kNegInf);
+    // A plain loop the compiler vectorises (compare + blend); x != x only for NaN.
+    float* choice = s.choice.data();
+    const float* scores = s.scores.data();
+    for (int e = 0; e < E; ++e) {
+        const float x = logits[e];
+        const float biased = bias != nullptr ? scores[e] + bias[e] : scores[e];
+        choice[e] = x != x ? kNegInf : biased;
     }
 }
 

@@ -19,11 +19,15 @@ struct ScoreScratch {
     ArrayXf a, b, c;
 };
 
-// out <- logits with NaN -> -inf and +inf -> the largest float.
-template <class Derived>
-void sanitize_logits(const Eigen::ArrayBase<Derived>& logits, ArrayXf& out) {
-    // Eigen 3.4's select() is scalar but cheap here; x != x only for NaN.
-    out = (logits == logits).select(logits, kNegInf).min(kMaxFloat);
+// out <- logits with NaN -> -inf and +inf -> the largest float. (A plain loop: the compiler
+// vectorises it as a compare and a blend, which Eigen 3.4's scalar select() does not.)
+inline void sanitize_logits(const float* logits, Eigen::Index n, ArrayXf& out) {
+    out.resize(n);
+    float* o = out.data();
+    for (Eigen::Index i = 0; i < n; ++i) {
+        const float v = logits[i];
+        o[i] = v != v ? kNegInf : (v < kMaxFloat ? v : kMaxFloat);
+    }
 }
 
 // x <- sqrt(softplus(x)) in place, vectorised.
@@ -47,10 +51,14 @@ inline void sqrt_softplus(ArrayXf& x, ScoreScratch& s) {
          u2 * (1.0f / 3 +
                u2 * (1.0f / 5 +
                      u2 * (1.0f / 7 + u2 * (1.0f / 9 + u2 * (1.0f / 11 + u2 * (1.0f / 13)))))));
-    // L = log1p(z) / z. Both forms are evaluated vectorised first (Eigen 3.4's select() is not).
+    // L = log1p(z) / z. Both forms are evaluated vectorised, then blended in a plain loop
+    // (Eigen 3.4's select() is not vectorised).
     pos = (x.max(0.0f) + h.square() * L).sqrt();
     L = h * L.sqrt();
-    x = (x < 0.0f).select(L, pos);
+    float* xs = x.data();
+    const float* neg = L.data();
+    const float* nonneg = pos.data();
+    for (Eigen::Index i = 0; i < x.size(); ++i) xs[i] = xs[i] < 0.0f ? neg[i] : nonneg[i];
 }
 
 // x <- score(x) element by element for kSigmoid / kSqrtSoftplus.
