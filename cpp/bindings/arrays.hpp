@@ -7,6 +7,8 @@
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
+#include <limits>
+#include <optional>
 #include <string>
 
 #include "moelb/errors.hpp"
@@ -88,6 +90,20 @@ py::array_t<T, py::array::c_style> config_array(const py::handle& obj, const cha
         }
     }
     return py::array_t<T, py::array::c_style | py::array::forcecast>(a);
+}
+
+// Python ints arrive as int64 and are narrowed here, so an out-of-range value is an
+// InvalidArgument naming the parameter rather than pybind11's "incompatible arguments".
+inline int narrow(std::int64_t value, const char* name) {
+    MOELB_CHECK_ARG(value >= std::numeric_limits<int>::min() &&
+                        value <= std::numeric_limits<int>::max(),
+                    name << "=" << value << " does not fit in a 32-bit integer");
+    return static_cast<int>(value);
+}
+
+inline std::optional<int> narrow(std::optional<std::int64_t> value, const char* name) {
+    if (!value) return std::nullopt;
+    return narrow(*value, name);
 }
 
 template <class T, int Flags>

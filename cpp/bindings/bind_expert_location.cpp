@@ -8,14 +8,16 @@
 namespace moelb::bindings {
 
 std::optional<LayerDispatcher> make_dispatcher(const ExpertLocation* location,
-                                               std::optional<int> layer, int ep_rank,
-                                               const std::string& dispatch, std::int64_t seed) {
+                                               std::optional<std::int64_t> layer,
+                                               std::int64_t ep_rank, const std::string& dispatch,
+                                               std::int64_t seed) {
     const DispatchAlgorithm algorithm = parse_dispatch_algorithm(dispatch, "dispatch");
     MOELB_CHECK_ARG(seed >= 0, "seed must be non-negative, got " << seed);
     if (location == nullptr) return std::nullopt;
     MOELB_CHECK_ARG(layer.has_value(), "layer is required when a location is given (the MoE layer "
                                        "whose placement maps the ids)");
-    return LayerDispatcher(*location, *layer, ep_rank, algorithm, static_cast<std::uint64_t>(seed));
+    return LayerDispatcher(*location, narrow(*layer, "layer"), narrow(ep_rank, "ep_rank"),
+                           algorithm, static_cast<std::uint64_t>(seed));
 }
 
 void bind_expert_location(py::module_& m) {
@@ -27,15 +29,27 @@ p // (num_physical_experts // ep_size); rank r on node r // (ep_size // num_node
 Validated: ids in [0, num_logical_experts), every logical expert has a replica in every layer,
 num_physical_experts % ep_size == 0, ep_size % num_nodes == 0.
 )doc")
-        .def(py::init([](const py::handle& physical_to_logical, int num_logical_experts,
-                         int ep_size, int num_nodes) {
+        .def(py::init([](const py::handle& physical_to_logical, std::int64_t num_logical_experts,
+                         std::int64_t ep_size, std::int64_t num_nodes) {
                  auto a = config_array<std::int32_t>(physical_to_logical, "physical_to_logical", 2);
                  RowMatrix<std::int32_t> map = const_matrix(a);
-                 return ExpertLocation(std::move(map), num_logical_experts, ep_size, num_nodes);
+                 return ExpertLocation(std::move(map),
+                                       narrow(num_logical_experts, "num_logical_experts"),
+                                       narrow(ep_size, "ep_size"), narrow(num_nodes, "num_nodes"));
              }),
              py::arg("physical_to_logical"), py::arg("num_logical_experts"), py::arg("ep_size"),
              py::arg("num_nodes") = 1)
-        .def_static("trivial", &ExpertLocation::trivial, py::arg("num_layers"),
+        .def_static(
+            "trivial",
+            [](std::int64_t num_layers, std::int64_t num_logical_experts,
+               std::int64_t num_physical_experts, std::int64_t ep_size, std::int64_t num_nodes) {
+                return ExpertLocation::trivial(
+                    narrow(num_layers, "num_layers"),
+                    narrow(num_logical_experts, "num_logical_experts"),
+                    narrow(num_physical_experts, "num_physical_experts"), narrow(ep_size, "ep_size"),
+                    narrow(num_nodes, "num_nodes"));
+            },
+            py::arg("num_layers"),
                     py::arg("num_logical_experts"), py::arg("num_physical_experts"),
                     py::arg("ep_size"), py::arg("num_nodes") = 1,
                     "Slot p holds logical expert p % num_logical_experts in every layer.")
@@ -76,10 +90,10 @@ num_physical_experts % ep_size == 0, ep_size % num_nodes == 0.
             "[L, E] int32 (read-only view): replicas per logical expert (DeepSeek's logcnt).")
         .def(
             "static_dispatch_table",
-            [](const ExpertLocation& loc, int ep_rank, std::int64_t seed) {
+            [](const ExpertLocation& loc, std::int64_t ep_rank, std::int64_t seed) {
                 MOELB_CHECK_ARG(seed >= 0, "seed must be non-negative, got " << seed);
-                RowMatrix<std::int32_t> table =
-                    loc.static_dispatch_table(ep_rank, static_cast<std::uint64_t>(seed));
+                RowMatrix<std::int32_t> table = loc.static_dispatch_table(
+                    narrow(ep_rank, "ep_rank"), static_cast<std::uint64_t>(seed));
                 auto out = new_matrix<std::int32_t>(table.rows(), table.cols());
                 mutable_matrix(out) = table;
                 return out;
@@ -88,8 +102,8 @@ num_physical_experts % ep_size == 0, ep_size % num_nodes == 0.
             "[L, E] int32: the slot rank ep_rank uses for each expert under static dispatch.")
         .def(
             "dispatch",
-            [](const ExpertLocation& loc, const py::handle& topk_ids, int layer, int ep_rank,
-               const std::string& algorithm, std::int64_t seed) {
+            [](const ExpertLocation& loc, const py::handle& topk_ids, std::int64_t layer,
+               std::int64_t ep_rank, const std::string& algorithm, std::int64_t seed) {
                 auto ids = strict_array<std::int32_t>(topk_ids, "topk_ids", 2);
                 MOELB_CHECK_ARG(seed >= 0, "seed must be non-negative, got " << seed);
                 const DispatchAlgorithm a = parse_dispatch_algorithm(algorithm, "algorithm");
@@ -97,7 +111,8 @@ num_physical_experts % ep_size == 0, ep_size % num_nodes == 0.
                 auto out_map = mutable_matrix(out);
                 {
                     py::gil_scoped_release release;
-                    loc.dispatch(const_matrix(ids), layer, ep_rank, a,
+                    loc.dispatch(const_matrix(ids), narrow(layer, "layer"),
+                                 narrow(ep_rank, "ep_rank"), a,
                                  static_cast<std::uint64_t>(seed), out_map);
                 }
                 return out;

@@ -29,13 +29,15 @@ scores, renormalized except under softmax scoring; rsf and the fused shared colu
 TopKConfig. num_experts: E when known (tid2eid is checked now), else checked per call.
 )doc")
         .def(py::init([](const py::handle& tid2eid, const std::string& scoring,
-                         float routed_scaling_factor, int num_fused_shared_experts,
+                         float routed_scaling_factor, std::int64_t num_fused_shared_experts,
                          bool apply_routed_scaling_factor_on_output,
-                         std::optional<int> num_experts) {
+                         std::optional<std::int64_t> num_experts) {
                  auto a = config_array<std::int32_t>(tid2eid, "tid2eid", 2);
-                 return HashRouter(const_matrix(a), parse_scoring(scoring), routed_scaling_factor,
-                                   num_fused_shared_experts,
-                                   apply_routed_scaling_factor_on_output, num_experts.value_or(-1));
+                 return HashRouter(
+                     const_matrix(a), parse_scoring(scoring), routed_scaling_factor,
+                     narrow(num_fused_shared_experts, "num_fused_shared_experts"),
+                     apply_routed_scaling_factor_on_output,
+                     narrow(num_experts, "num_experts").value_or(-1));
              }),
              py::arg("tid2eid"), py::kw_only(), py::arg("scoring") = "sqrtsoftplus",
              py::arg("routed_scaling_factor") = 1.0f, py::arg("num_fused_shared_experts") = 0,
@@ -66,7 +68,8 @@ TopKConfig. num_experts: E when known (tid2eid is checked now), else checked per
             "select",
             [](const HashRouter& router, const py::handle& router_logits,
                const py::handle& input_ids, std::optional<Index> num_token_non_padded,
-               const ExpertLocation* location, std::optional<int> layer, int ep_rank,
+               const ExpertLocation* location, std::optional<std::int64_t> layer,
+               std::int64_t ep_rank,
                const std::string& dispatch, std::int64_t seed) {
                 auto logits = strict_array<float>(router_logits, "router_logits", 2);
                 py::array ids = py::array::ensure(input_ids);

@@ -24,12 +24,16 @@ std::string config_repr(const TopKConfig& c) {
     return os.str();
 }
 
-TopKConfig make_config(int top_k, const std::string& scoring, std::optional<int> num_groups,
-                       std::optional<int> topk_group, const std::string& group_score,
+TopKConfig make_config(std::int64_t top_k, const std::string& scoring,
+                       std::optional<std::int64_t> num_groups_arg,
+                       std::optional<std::int64_t> topk_group_arg, const std::string& group_score,
                        bool renormalize, float routed_scaling_factor,
-                       bool apply_routed_scaling_factor_on_output, int num_fused_shared_experts) {
+                       bool apply_routed_scaling_factor_on_output,
+                       std::int64_t num_fused_shared_experts) {
+    const std::optional<int> num_groups = narrow(num_groups_arg, "num_groups");
+    const std::optional<int> topk_group = narrow(topk_group_arg, "topk_group");
     TopKConfig c;
-    c.top_k = top_k;
+    c.top_k = narrow(top_k, "top_k");
     c.scoring = parse_scoring(scoring);
     MOELB_CHECK_ARG(!num_groups || *num_groups >= 1,
                     "num_groups must be positive (or None for ungrouped), got " << *num_groups);
@@ -43,7 +47,7 @@ TopKConfig make_config(int top_k, const std::string& scoring, std::optional<int>
     c.renormalize = renormalize;
     c.routed_scaling_factor = routed_scaling_factor;
     c.apply_routed_scaling_factor_on_output = apply_routed_scaling_factor_on_output;
-    c.num_fused_shared_experts = num_fused_shared_experts;
+    c.num_fused_shared_experts = narrow(num_fused_shared_experts, "num_fused_shared_experts");
     c.validate();
     return c;
 }
@@ -111,17 +115,19 @@ num_fused_shared_experts: 0 or 1; 1 appends the shared expert column (id E; weig
             },
             [](const py::tuple& s) {
                 MOELB_CHECK_ARG(s.size() == 9, "invalid TopKConfig pickle state");
-                return make_config(s[0].cast<int>(), s[1].cast<std::string>(),
-                                   s[2].cast<std::optional<int>>(), s[3].cast<std::optional<int>>(),
+                return make_config(s[0].cast<std::int64_t>(), s[1].cast<std::string>(),
+                                   s[2].cast<std::optional<std::int64_t>>(),
+                                   s[3].cast<std::optional<std::int64_t>>(),
                                    s[4].cast<std::string>(), s[5].cast<bool>(), s[6].cast<float>(),
-                                   s[7].cast<bool>(), s[8].cast<int>());
+                                   s[7].cast<bool>(), s[8].cast<std::int64_t>());
             }));
 
     m.def(
         "select_experts",
         [](const py::handle& router_logits, const TopKConfig& config,
            const py::handle& correction_bias, std::optional<Index> num_token_non_padded,
-           const ExpertLocation* location, std::optional<int> layer, int ep_rank,
+           const ExpertLocation* location, std::optional<std::int64_t> layer,
+           std::int64_t ep_rank,
            const std::string& dispatch, std::int64_t seed) {
             auto logits = strict_array<float>(router_logits, "router_logits", 2);
             py::array_t<float, py::array::c_style> bias;
@@ -152,16 +158,17 @@ num_fused_shared_experts: 0 or 1; 1 appends the shared expert column (id E; weig
 
     m.def(
         "remap_topk_for_per_rank_shared_slots",
-        [](const py::handle& topk_ids, int num_physical_experts, int ep_size, int ep_rank,
-           int num_fused_shared_experts) {
+        [](const py::handle& topk_ids, std::int64_t num_physical_experts, std::int64_t ep_size,
+           std::int64_t ep_rank, std::int64_t num_fused_shared_experts) {
             auto ids = strict_array<std::int32_t>(topk_ids, "topk_ids", 2);
             auto out = new_matrix<std::int32_t>(ids.shape(0), ids.shape(1));
             auto out_map = mutable_matrix(out);
             {
                 py::gil_scoped_release release;
-                remap_topk_for_per_rank_shared_slots(const_matrix(ids), num_physical_experts,
-                                                     ep_size, ep_rank, num_fused_shared_experts,
-                                                     out_map);
+                remap_topk_for_per_rank_shared_slots(
+                    const_matrix(ids), narrow(num_physical_experts, "num_physical_experts"),
+                    narrow(ep_size, "ep_size"), narrow(ep_rank, "ep_rank"),
+                    narrow(num_fused_shared_experts, "num_fused_shared_experts"), out_map);
             }
             return out;
         },

@@ -23,7 +23,8 @@ namespace moelb::bindings {
 // The dispatcher for select_experts-like calls: none without a location; with one, `layer` is
 // required. Errors name the Python parameters.
 std::optional<LayerDispatcher> make_dispatcher(const ExpertLocation* location,
-                                               std::optional<int> layer, int ep_rank,
-                                               const std::string& dispatch, std::int64_t seed);
+                                               std::optional<std::int64_t> layer,
+                                               std::int64_t ep_rank, const std::string& dispatch,
+                                               std::int64_t seed);
 
 }  // namespace moelb::bindings

@@ -84,3 +84,36 @@ def test_version_matches_package_metadata() -> None:
     if cmake.exists():
         assert moelb.__version__ == project_version()
     assert metadata is not None or cmake.exists()
+
+
+HUGE = 2**40  # a Python int that does not fit the core's 32-bit parameters
+
+
+@pytest.mark.parametrize(
+    ("name", "call"),
+    [
+        ("top_k", lambda: moelb.TopKConfig(top_k=HUGE)),
+        ("num_groups", lambda: moelb.TopKConfig(top_k=2, num_groups=HUGE, topk_group=1)),
+        ("num_logical_experts", lambda: moelb.ExpertLocation(np.zeros((1, 4), int), HUGE, 1)),
+        ("ep_size", lambda: moelb.ExpertLocation.trivial(1, 4, 4, HUGE)),
+        ("num_experts", lambda: moelb.HashRouter([[0]], num_experts=HUGE)),
+        (
+            "ep_rank",
+            lambda: moelb.remap_topk_for_per_rank_shared_slots(
+                np.zeros((1, 2), np.int32), 4, 2, HUGE
+            ),
+        ),
+        (
+            "layer",
+            lambda: moelb.select_experts(
+                np.zeros((1, 4), np.float32),
+                moelb.TopKConfig(top_k=1),
+                location=moelb.ExpertLocation.trivial(1, 4, 4, 1),
+                layer=HUGE,
+            ),
+        ),
+    ],
+)
+def test_out_of_range_integers_name_the_parameter(name: str, call) -> None:
+    with pytest.raises(moelb.InvalidArgumentError, match=f"{name}={HUGE}"):
+        call()
