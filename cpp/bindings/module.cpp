@@ -8,4 +8,5 @@ PYBIND11_MODULE(_core, m) {
     moelb::bindings::bind_expert_location(m);
     moelb::bindings::bind_routing(m);
     moelb::bindings::bind_hash_router(m);
+    moelb::bindings::bind_recorder(m);
 }

@@ -1,7 +1,8 @@
 """moelb: expert-parallel load balancing for DeepSeek-style Mixture-of-Experts inference.
 
 Routers (``select_experts``, ``HashRouter``), placement maps with logical->physical dispatch
-(``ExpertLocation``) and SGLang placement files (``load_placement`` / ``save_placement``).
+(``ExpertLocation``), SGLang placement files (``load_placement`` / ``save_placement``) and the
+expert distribution recorder (``ExpertDistributionRecorder``, ``load_expert_distribution``).
 Arrays are NumPy (CPU torch tensors convert without copies): float32 logits and weights, int32 ids,
 row-major. Bad input raises ``InvalidArgumentError`` (a ``ValueError``; a wrong dtype is an
 ``InvalidDTypeError``, also a ``TypeError``); a broken internal invariant raises ``Error``.
@@ -17,7 +18,13 @@ from ._core import (
     get_num_threads,
     set_num_threads,
 )
-from .io import load_placement, save_placement
+from .io import (
+    load_expert_distribution,
+    load_placement,
+    save_expert_distribution,
+    save_placement,
+)
+from .recorder import ExpertDistributionRecorder, pass_balancedness
 from .routing import (
     HashRouter,
     TopKOutput,
@@ -27,6 +34,7 @@ from .routing import (
 
 __all__ = [
     "Error",
+    "ExpertDistributionRecorder",
     "ExpertLocation",
     "HashRouter",
     "InvalidArgumentError",
@@ -35,8 +43,11 @@ __all__ = [
     "TopKOutput",
     "__version__",
     "get_num_threads",
+    "load_expert_distribution",
     "load_placement",
+    "pass_balancedness",
     "remap_topk_for_per_rank_shared_slots",
+    "save_expert_distribution",
     "save_placement",
     "select_experts",
     "set_num_threads",

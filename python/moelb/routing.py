@@ -9,7 +9,7 @@ import numpy as np
 import numpy.typing as npt
 
 from . import _core
-from ._core import ExpertLocation, TopKConfig
+from ._core import ExpertDistributionRecorder, ExpertLocation, TopKConfig
 
 __all__ = ["HashRouter", "TopKOutput", "remap_topk_for_per_rank_shared_slots", "select_experts"]
 
@@ -37,6 +37,7 @@ def select_experts(
     location: ExpertLocation | None = None,
     layer: int | None = None,
     ep_rank: int = 0,
+    recorder: ExpertDistributionRecorder | None = None,
     *,
     dispatch: str = "static",
     seed: int = 0,
@@ -53,6 +54,9 @@ def select_experts(
         ``layer`` as seen from rank ``ep_rank``, with ``dispatch`` 'static' (a fixed replica per
         rank: own rank, then same node, else an even seeded spread), 'random' (seeded, per token
         slot) or 'round_robin'. The fused shared column then gets id P.
+    recorder: an ``ExpertDistributionRecorder`` that counts the routed columns
+        (``recorder_topk_ids``, never the shared column) into its current layer scope; with
+        ``layer`` given, that scope must be ``layer``.
 
     Columns are ordered by descending selection score; ties go to the lowest expert id; a NaN
     logit never wins a slot. Deterministic for any thread count.
@@ -68,6 +72,8 @@ def select_experts(
         dispatch,
         seed,
     )
+    if recorder is not None:
+        recorder.on_select_experts(recorder_ids, layer)
     return TopKOutput(ids, weights, recorder_ids)
 
 
@@ -89,6 +95,7 @@ class HashRouter(_core.HashRouter):
         location: ExpertLocation | None = None,
         layer: int | None = None,
         ep_rank: int = 0,
+        recorder: ExpertDistributionRecorder | None = None,
         *,
         dispatch: str = "static",
         seed: int = 0,
@@ -106,6 +113,8 @@ class HashRouter(_core.HashRouter):
             dispatch,
             seed,
         )
+        if recorder is not None:
+            recorder.on_select_experts(recorder_ids, layer)
         return TopKOutput(ids, weights, recorder_ids)
 
 

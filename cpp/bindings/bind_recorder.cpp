@@ -1,0 +1,157 @@
+#include <pybind11/stl.h>
+
+#include <cmath>
+
+#include "arrays.hpp"
+#include "bindings.hpp"
+#include "moelb/recorder.hpp"
+
+namespace moelb::bindings {
+
+namespace {
+
+using Recorder = ExpertDistributionRecorder;
+
+py::array_t<std::int32_t> new_3d(Index a, Index b, Index c) {
+    return py::array_t<std::int32_t>(
+        {static_cast<py::ssize_t>(a), static_cast<py::ssize_t>(b), static_cast<py::ssize_t>(c)});
+}
+
+}  // namespace
+
+void bind_recorder(py::module_& m) {
+    m.def(
+        "pass_balancedness",
+        [](const py::handle& counts, std::int64_t ep_size) {
+            auto a = config_array<std::int32_t>(counts, "counts", 2);
+            return pass_balancedness({a.data(), static_cast<std::size_t>(a.size())},
+                                     narrow(a.shape(0), "counts rows"),
+                                     narrow(a.shape(1), "counts columns"),
+                                     narrow(ep_size, "ep_size"));
+        },
+        py::arg("counts"), py::arg("ep_size"),
+        "Balancedness of one pass from its [L, P] counts: per layer with tokens, (mean + 1e-5) / "
+        "(max + 1e-5) over per-GPU counts, averaged over those layers; NaN if none.");
+
+    py::class_<Recorder>(m, "ExpertDistributionRecorder")
+        .def(py::init([](const ExpertLocation& location, const std::string& mode,
+                         std::int64_t buffer_size, std::int64_t rank) {
+                 return std::make_unique<Recorder>(location, parse_recorder_mode(mode),
+                                                   buffer_size, narrow(rank, "rank"));
+             }),
+             py::arg("location"), py::arg("mode") = "stat", py::arg("buffer_size") = 1000,
+             py::arg("rank") = 0)
+        .def_property_readonly("mode",
+                               [](const Recorder& r) { return std::string(to_string(r.mode())); })
+        .def_property_readonly("buffer_size", &Recorder::buffer_size)
+        .def_property_readonly("rank", &Recorder::rank)
+        .def_property_readonly("num_layers", &Recorder::num_layers)
+        .def_property_readonly("num_physical_experts", &Recorder::num_physical_experts)
+        .def_property_readonly("location", [](const Recorder& r) { return *r.location(); })
+        .def("set_location", &Recorder::set_location, py::arg("location"))
+        .def("start", &Recorder::start)
+        .def("stop", &Recorder::stop)
+        .def_property_readonly("recording", &Recorder::recording)
+        .def("begin_forward_pass", &Recorder::begin_forward_pass,
+             py::arg("forward_pass_id") = py::none())
+        .def("end_forward_pass", &Recorder::end_forward_pass)
+        .def("abandon_forward_pass", &Recorder::abandon_forward_pass)
+        .def(
+            "begin_layer",
+            [](Recorder& r, std::int64_t layer) { r.begin_layer(narrow(layer, "layer")); },
+            py::arg("layer"))
+        .def("end_layer", &Recorder::end_layer)
+        .def_property_readonly("current_layer", &Recorder::current_layer)
+        .def(
+            "on_select_experts",
+            [](Recorder& r, const py::handle& topk_ids, std::optional<std::int64_t> layer) {
+                auto ids = strict_array<std::int32_t>(topk_ids, "topk_ids", 2);
+                const std::optional<int> expected = narrow(layer, "layer");
+                py::gil_scoped_release release;
+                r.on_select_experts(const_matrix(ids), expected);
+            },
+            py::arg("topk_ids"), py::arg("layer") = py::none())
+        .def(
+            "on_dispatch_counts",
+            [](Recorder& r, const py::handle& local_counts, std::int64_t rank,
+               std::int64_t num_trailing_shared_slots) {
+                auto counts = config_array<std::int64_t>(local_counts, "local_counts", 1);
+                const int rank32 = narrow(rank, "rank");
+                const int trailing = narrow(num_trailing_shared_slots, "num_trailing_shared_slots");
+                py::gil_scoped_release release;
+                r.on_dispatch_counts({counts.data(), static_cast<std::size_t>(counts.size())},
+                                     rank32, trailing);
+            },
+            py::arg("local_counts"), py::arg("rank"), py::arg("num_trailing_shared_slots") = 0)
+        .def_property_readonly("num_passes", &Recorder::num_passes)
+        .def("logical_count",
+             [](const Recorder& r) {
+                 std::vector<std::int32_t> data;
+                 {
+                     py::gil_scoped_release release;
+                     data = r.logical_count();
+                 }
+                 const auto loc = r.location();
+                 const Index L = loc->num_layers(), E = loc->num_logical_experts();
+                 auto out = new_3d(static_cast<Index>(data.size()) / std::max<Index>(L * E, 1), L,
+                                   E);
+                 std::copy(data.begin(), data.end(), out.mutable_data());
+                 return out;
+             })
+        .def("physical_count",
+             [](const Recorder& r) {
+                 const auto passes = r.passes();
+                 const Index L = r.num_layers(), P = r.num_physical_experts();
+                 auto out = new_3d(static_cast<Index>(passes.size()), L, P);
+                 std::int32_t* dst = out.mutable_data();
+                 for (const auto& p : passes) dst = std::copy(p.counts.begin(), p.counts.end(), dst);
+                 return out;
+             })
+        .def("forward_pass_ids",
+             [](const Recorder& r) {
+                 std::vector<std::int64_t> ids;
+                 for (const auto& p : r.passes()) ids.push_back(p.forward_pass_id);
+                 return py::array_t<std::int64_t>(static_cast<py::ssize_t>(ids.size()), ids.data());
+             })
+        .def("pass_balancedness",
+             [](const Recorder& r) {
+                 std::vector<double> b;
+                 for (const auto& p : r.passes()) b.push_back(p.balancedness);
+                 return py::array_t<double>(static_cast<py::ssize_t>(b.size()), b.data());
+             })
+        .def(
+            "token_ids",
+            [](const Recorder& r, std::int64_t pass_index, std::int64_t layer) {
+                MOELB_CHECK_ARG(r.mode() == RecorderMode::kPerToken,
+                                "token_ids needs mode='per_token', the recorder has mode='"
+                                    << to_string(r.mode()) << "'");
+                const auto passes = r.passes();
+                const auto n = static_cast<std::int64_t>(passes.size());
+                MOELB_CHECK_ARG(pass_index >= -n && pass_index < n,
+                                "pass_index=" << pass_index << " is outside [" << -n << ", " << n
+                                              << ")");
+                const auto& pass = passes[static_cast<std::size_t>(pass_index < 0 ? pass_index + n
+                                                                                  : pass_index)];
+                MOELB_CHECK_ARG(layer >= 0 && layer < r.num_layers(),
+                                "layer=" << layer << " is outside [0, num_layers="
+                                         << r.num_layers() << ")");
+                const auto& ids = pass.token_ids[static_cast<std::size_t>(layer)];
+                const Index k = pass.token_top_k[static_cast<std::size_t>(layer)];
+                auto out = new_matrix<std::int32_t>(k ? static_cast<Index>(ids.size()) / k : 0, k);
+                std::copy(ids.begin(), ids.end(), out.mutable_data());
+                return out;
+            },
+            py::arg("pass_index"), py::arg("layer"),
+            "per_token mode: [tokens, top_k] int32 routed ids offered in that pass and layer.")
+        .def(
+            "average_balancedness",
+            [](const Recorder& r, std::int64_t window) -> py::object {
+                const double v = r.average_balancedness(narrow(window, "window"));
+                return std::isnan(v) ? py::none() : py::object(py::float_(v));
+            },
+            py::arg("window"))
+        .def("clear", &Recorder::clear)
+        .def("merge", &Recorder::merge, py::arg("other"), py::call_guard<py::gil_scoped_release>());
+}
+
+}  // namespace moelb::bindings

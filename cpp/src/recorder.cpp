@@ -1,0 +1,356 @@
+#include "moelb/recorder.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <numeric>
+
+#include "moelb/errors.hpp"
+
+namespace moelb {
+namespace {
+
+constexpr std::size_t kHistory = 1000;  // balancedness passes kept (the largest window)
+constexpr double kBalancednessEpsilon = 1e-5;
+
+}  // namespace
+
+RecorderMode parse_recorder_mode(std::string_view name, std::string_view param) {
+    if (name == "stat") return RecorderMode::kStat;
+    if (name == "per_pass") return RecorderMode::kPerPass;
+    if (name == "per_token") return RecorderMode::kPerToken;
+    MOELB_CHECK_ARG(false, param << "='" << name
+                                 << "' is not a recorder mode; expected 'stat', 'per_pass' or "
+                                    "'per_token'");
+    return RecorderMode::kStat;
+}
+
+std::string_view to_string(RecorderMode mode) {
+    switch (mode) {
+        case RecorderMode::kStat: return "stat";
+        case RecorderMode::kPerPass: return "per_pass";
+        case RecorderMode::kPerToken: return "per_token";
+    }
+    return "?";
+}
+
+double pass_balancedness(std::span<const std::int32_t> counts, int num_layers,
+                         int num_physical_experts, int ep_size) {
+    MOELB_CHECK_ARG(num_layers >= 0 && num_physical_experts >= 1 && ep_size >= 1 &&
+                        num_physical_experts % ep_size == 0,
+                    "num_physical_experts=" << num_physical_experts
+                                            << " is not a positive multiple of ep_size="
+                                            << ep_size);
+    MOELB_CHECK_ARG(static_cast<Index>(counts.size()) ==
+                        static_cast<Index>(num_layers) * num_physical_experts,
+                    "counts has " << counts.size() << " entries but num_layers * "
+                                  << "num_physical_experts = "
+                                  << static_cast<Index>(num_layers) * num_physical_experts);
+    const int S = num_physical_experts / ep_size;
+    double sum = 0.0;
+    int layers = 0;
+    for (int l = 0; l < num_layers; ++l) {
+        const std::int32_t* row = counts.data() + static_cast<Index>(l) * num_physical_experts;
+        double total = 0.0, max_gpu = 0.0;
+        for (int g = 0; g < ep_size; ++g) {
+            double gpu = 0.0;
+            for (int s = 0; s < S; ++s) gpu += row[g * S + s];
+            total += gpu;
+            max_gpu = std::max(max_gpu, gpu);
+        }
+        if (total == 0.0) continue;  // a dense layer or an idle pass: not part of the mean
+        sum += (total / ep_size + kBalancednessEpsilon) / (max_gpu + kBalancednessEpsilon);
+        ++layers;
+    }
+    return layers == 0 ? std::numeric_limits<double>::quiet_NaN() : sum / layers;
+}
+
+ExpertDistributionRecorder::ExpertDistributionRecorder(ExpertLocation location, RecorderMode mode,
+                                                       Index buffer_size, int rank)
+    : mode_(mode),
+      buffer_size_(buffer_size),
+      rank_(rank),
+      location_(std::make_shared<const ExpertLocation>(std::move(location))) {
+    MOELB_CHECK_ARG(buffer_size != 0,
+                    "buffer_size must be positive (passes kept) or negative (unbounded), got 0");
+    MOELB_CHECK_ARG(rank >= 0 && rank < location_->ep_size(),
+                    "rank=" << rank << " is outside [0, ep_size=" << location_->ep_size() << ")");
+}
+
+int ExpertDistributionRecorder::num_layers() const { return location()->num_layers(); }
+
+int ExpertDistributionRecorder::num_physical_experts() const {
+    return location()->num_physical_experts();
+}
+
+std::shared_ptr<const ExpertLocation> ExpertDistributionRecorder::location() const {
+    std::lock_guard lock(mutex_);
+    return location_;
+}
+
+void ExpertDistributionRecorder::set_location(ExpertLocation location) {
+    std::lock_guard lock(mutex_);
+    MOELB_CHECK_ARG(location.num_layers() == location_->num_layers() &&
+                        location.num_physical_experts() == location_->num_physical_experts() &&
+                        location.ep_size() == location_->ep_size(),
+                    "the new location has num_layers=" << location.num_layers()
+                        << ", num_physical_experts=" << location.num_physical_experts()
+                        << ", ep_size=" << location.ep_size() << " but the recorder has "
+                        << location_->num_layers() << ", " << location_->num_physical_experts()
+                        << ", " << location_->ep_size());
+    location_ = std::make_shared<const ExpertLocation>(std::move(location));
+}
+
+void ExpertDistributionRecorder::start() {
+    std::lock_guard lock(mutex_);
+    MOELB_CHECK_ARG(!layer_, "start() inside the layer(" << *layer_ << ") scope");
+    passes_.clear();
+    history_.clear();
+    recording_ = true;
+}
+
+void ExpertDistributionRecorder::stop() {
+    std::lock_guard lock(mutex_);
+    MOELB_CHECK_ARG(!layer_, "stop() inside the layer(" << *layer_ << ") scope");
+    recording_ = false;
+}
+
+bool ExpertDistributionRecorder::recording() const {
+    std::lock_guard lock(mutex_);
+    return recording_;
+}
+
+void ExpertDistributionRecorder::begin_forward_pass(std::optional<std::int64_t> forward_pass_id) {
+    std::lock_guard lock(mutex_);
+    MOELB_CHECK_ARG(!in_pass_, "forward_pass() scopes cannot be nested (pass "
+                                   << current_.forward_pass_id << " is still open)");
+    const int L = location_->num_layers();
+    const int P = location_->num_physical_experts();
+    current_.forward_pass_id = forward_pass_id.value_or(next_pass_id_);
+    next_pass_id_ = current_.forward_pass_id + 1;
+    current_.location = location_;
+    current_.counts.assign(static_cast<std::size_t>(L) * P, 0);
+    current_.balancedness = 0.0;
+    current_.token_ids.assign(mode_ == RecorderMode::kPerToken ? L : 0, {});
+    current_.token_top_k.assign(mode_ == RecorderMode::kPerToken ? L : 0, 0);
+    in_pass_ = true;
+}
+
+void ExpertDistributionRecorder::append_pass_locked() {
+    current_.balancedness =
+        pass_balancedness(current_.counts, location_->num_layers(),
+                          location_->num_physical_experts(), location_->ep_size());
+    history_.push_back(current_.balancedness);
+    if (history_.size() > kHistory) history_.pop_front();
+    passes_.push_back(std::move(current_));
+    if (buffer_size_ > 0 && static_cast<Index>(passes_.size()) > buffer_size_) {
+        passes_.pop_front();
+    }
+    current_ = Pass{};
+}
+
+void ExpertDistributionRecorder::end_forward_pass() {
+    std::lock_guard lock(mutex_);
+    MOELB_CHECK_ARG(in_pass_, "end of a forward_pass() scope that is not open");
+    MOELB_CHECK_ARG(!layer_, "the forward pass ends inside the layer(" << *layer_ << ") scope");
+    in_pass_ = false;
+    if (recording_) append_pass_locked();
+}
+
+void ExpertDistributionRecorder::abandon_forward_pass() {
+    std::lock_guard lock(mutex_);
+    in_pass_ = false;
+    layer_.reset();
+    current_ = Pass{};
+}
+
+void ExpertDistributionRecorder::begin_layer(int layer) {
+    std::lock_guard lock(mutex_);
+    MOELB_CHECK_ARG(in_pass_, "layer(" << layer << ") outside a forward_pass() scope");
+    MOELB_CHECK_ARG(!layer_, "layer() scopes cannot be nested (layer("
+                                 << *layer_ << ") is open, layer(" << layer << ") was asked)");
+    MOELB_CHECK_ARG(layer >= 0 && layer < location_->num_layers(),
+                    "layer=" << layer << " is outside [0, num_layers=" << location_->num_layers()
+                             << ")");
+    layer_ = layer;
+}
+
+void ExpertDistributionRecorder::end_layer() {
+    std::lock_guard lock(mutex_);
+    MOELB_CHECK_ARG(layer_, "end of a layer() scope that is not open");
+    layer_.reset();
+}
+
+std::optional<int> ExpertDistributionRecorder::current_layer() const {
+    std::lock_guard lock(mutex_);
+    return layer_;
+}
+
+void ExpertDistributionRecorder::check_in_layer(const char* hook) const {
+    MOELB_CHECK_ARG(in_pass_, hook << " called outside a forward_pass() scope");
+    MOELB_CHECK_ARG(layer_, hook << " called outside a layer() scope: the counts would have no "
+                                    "layer (wrap each MoE layer in recorder.layer(i))");
+}
+
+void ExpertDistributionRecorder::on_select_experts(ConstMatrixMap<std::int32_t> topk_ids,
+                                                   std::optional<int> expected_layer) {
+    std::lock_guard lock(mutex_);
+    check_in_layer("on_select_experts");
+    MOELB_CHECK_ARG(!expected_layer || *expected_layer == *layer_,
+                    "layer=" << *expected_layer << " but the recorder's current scope is layer("
+                             << *layer_ << ")");
+    const int P = location_->num_physical_experts();
+    const Index T = topk_ids.rows(), K = topk_ids.cols();
+    const std::int32_t* ids = topk_ids.data();
+    // Validate everything first: a bad id counts nothing anywhere.
+    for (Index i = 0; i < T * K; ++i) {
+        MOELB_CHECK_ARG(ids[i] >= -1 && ids[i] < P,
+                        "topk_ids[" << i / K << ", " << i % K << "] = " << ids[i]
+                                    << " is outside [-1, num_physical_experts=" << P << ")");
+    }
+    if (mode_ == RecorderMode::kPerToken) {
+        const int k = current_.token_top_k[static_cast<std::size_t>(*layer_)];
+        MOELB_CHECK_ARG(k == 0 || k == K, "topk_ids has " << K << " columns but layer " << *layer_
+                                                          << " was given " << k
+                                                          << " earlier in this pass");
+    }
+    if (!recording_) return;
+    std::int32_t* row = current_.counts.data() + static_cast<Index>(*layer_) * P;
+    for (Index i = 0; i < T * K; ++i) {
+        if (ids[i] >= 0) ++row[ids[i]];
+    }
+    if (mode_ == RecorderMode::kPerToken && T > 0) {
+        auto& tokens = current_.token_ids[static_cast<std::size_t>(*layer_)];
+        tokens.insert(tokens.end(), ids, ids + T * K);
+        current_.token_top_k[static_cast<std::size_t>(*layer_)] = static_cast<int>(K);
+    }
+}
+
+void ExpertDistributionRecorder::on_dispatch_counts(std::span<const std::int64_t> local_counts,
+                                                    int ep_rank, int num_trailing_shared_slots) {
+    std::lock_guard lock(mutex_);
+    check_in_layer("on_dispatch_counts");
+    const int W = location_->ep_size();
+    const int S = location_->num_local_physical_experts();
+    const auto n = static_cast<Index>(local_counts.size());
+    MOELB_CHECK_ARG(ep_rank >= 0 && ep_rank < W,
+                    "rank=" << ep_rank << " is outside [0, ep_size=" << W << ")");
+    MOELB_CHECK_ARG(num_trailing_shared_slots >= 0 && num_trailing_shared_slots <= n,
+                    "num_trailing_shared_slots=" << num_trailing_shared_slots
+                                                 << " is outside [0, len(local_counts)=" << n
+                                                 << "]");
+    MOELB_CHECK_ARG(n - num_trailing_shared_slots == S,
+                    "local_counts has " << n << " entries; expected " << S
+                                        << " local slots + num_trailing_shared_slots="
+                                        << num_trailing_shared_slots);
+    for (int s = 0; s < S; ++s) {
+        MOELB_CHECK_ARG(local_counts[s] >= 0 &&
+                            local_counts[s] <= std::numeric_limits<std::int32_t>::max(),
+                        "local_counts[" << s << "] = " << local_counts[s]
+                                        << " is not a token count");
+    }
+    if (!recording_) return;
+    std::int32_t* row = current_.counts.data() +
+                        static_cast<Index>(*layer_) * location_->num_physical_experts() +
+                        static_cast<Index>(ep_rank) * S;
+    for (int s = 0; s < S; ++s) row[s] += static_cast<std::int32_t>(local_counts[s]);
+}
+
+std::vector<ExpertDistributionRecorder::Pass> ExpertDistributionRecorder::passes() const {
+    std::lock_guard lock(mutex_);
+    return {passes_.begin(), passes_.end()};
+}
+
+Index ExpertDistributionRecorder::num_passes() const {
+    std::lock_guard lock(mutex_);
+    return static_cast<Index>(passes_.size());
+}
+
+std::vector<std::int32_t> ExpertDistributionRecorder::logical_count() const {
+    std::lock_guard lock(mutex_);
+    const int L = location_->num_layers();
+    const int E = location_->num_logical_experts();
+    const int P = location_->num_physical_experts();
+    std::vector<std::int32_t> out(passes_.size() * static_cast<std::size_t>(L) * E, 0);
+    std::size_t t = 0;
+    for (const Pass& pass : passes_) {
+        const auto& map = pass.location->physical_to_logical();
+        std::int32_t* dst = out.data() + t * static_cast<std::size_t>(L) * E;
+        for (int l = 0; l < L; ++l) {
+            for (int p = 0; p < P; ++p) {
+                dst[static_cast<Index>(l) * E + map(l, p)] +=
+                    pass.counts[static_cast<std::size_t>(l) * P + p];
+            }
+        }
+        ++t;
+    }
+    return out;
+}
+
+double ExpertDistributionRecorder::average_balancedness(int window) const {
+    MOELB_CHECK_ARG(window >= 1, "window must be positive, got " << window);
+    std::lock_guard lock(mutex_);
+    double sum = 0.0;
+    int n = 0;
+    const std::size_t first =
+        history_.size() > static_cast<std::size_t>(window) ? history_.size() - window : 0;
+    for (std::size_t i = first; i < history_.size(); ++i) {
+        if (std::isnan(history_[i])) continue;
+        sum += history_[i];
+        ++n;
+    }
+    return n == 0 ? std::numeric_limits<double>::quiet_NaN() : sum / n;
+}
+
+void ExpertDistributionRecorder::clear() {
+    std::lock_guard lock(mutex_);
+    passes_.clear();
+    history_.clear();
+}
+
+void ExpertDistributionRecorder::merge(const ExpertDistributionRecorder& other) {
+    MOELB_CHECK_ARG(&other != this, "a recorder cannot be merged with itself");
+    std::scoped_lock lock(mutex_, other.mutex_);
+    MOELB_CHECK_ARG(other.mode_ == mode_, "other has mode '" << to_string(other.mode_)
+                                                             << "' but this recorder has '"
+                                                             << to_string(mode_) << "'");
+    MOELB_CHECK_ARG(other.passes_.size() == passes_.size(),
+                    "other holds " << other.passes_.size() << " passes but this recorder holds "
+                                   << passes_.size() << " (ranks must record in lockstep)");
+    // Validate everything before changing anything.
+    for (std::size_t t = 0; t < passes_.size(); ++t) {
+        const Pass& mine = passes_[t];
+        const Pass& theirs = other.passes_[t];
+        MOELB_CHECK_ARG(*theirs.location == *mine.location,
+                        "pass " << t << " was recorded with different placements on the two "
+                                        "recorders");
+        for (std::size_t l = 0; l < mine.token_top_k.size(); ++l) {
+            const int a = mine.token_top_k[l], b = theirs.token_top_k[l];
+            MOELB_CHECK_ARG(a == 0 || b == 0 || a == b, "layer " << l << " of pass " << t
+                                                                 << " has top_k " << a
+                                                                 << " here and " << b
+                                                                 << " in other");
+        }
+    }
+    for (std::size_t t = 0; t < passes_.size(); ++t) {
+        Pass& mine = passes_[t];
+        const Pass& theirs = other.passes_[t];
+        for (std::size_t i = 0; i < mine.counts.size(); ++i) mine.counts[i] += theirs.counts[i];
+        for (std::size_t l = 0; l < mine.token_ids.size(); ++l) {
+            if (theirs.token_top_k[l] == 0) continue;
+            mine.token_top_k[l] = theirs.token_top_k[l];
+            mine.token_ids[l].insert(mine.token_ids[l].end(), theirs.token_ids[l].begin(),
+                                     theirs.token_ids[l].end());
+        }
+        mine.balancedness =
+            pass_balancedness(mine.counts, location_->num_layers(),
+                              location_->num_physical_experts(), location_->ep_size());
+    }
+    // The merged passes' balancedness replaces this recorder's most recent history.
+    const std::size_t n = std::min(history_.size(), passes_.size());
+    for (std::size_t i = 0; i < n; ++i) {
+        history_[history_.size() - n + i] = passes_[passes_.size() - n + i].balancedness;
+    }
+}
+
+}  // namespace moelb
