@@ -305,7 +305,6 @@ double ExpertDistributionRecorder::average_balancedness(int window) const {
 void ExpertDistributionRecorder::clear() {
     std::lock_guard lock(mutex_);
     passes_.clear();
-    history_.clear();
 }
 
 void ExpertDistributionRecorder::merge(const ExpertDistributionRecorder& other) {

@@ -129,7 +129,9 @@ public:
     // Mean balancedness of the last `window` passes that routed tokens (NaN if none). The
     // history keeps the last 1000 passes regardless of buffer_size.
     double average_balancedness(int window) const;
-    // Clears the recorded passes and the balancedness history (recording state unchanged).
+    // Clears the recorded passes (recording state unchanged). The balancedness history is a
+    // rolling monitor of the last 1000 passes and survives clear() (and so dump()); start()
+    // clears both.
     void clear();
     // Adds `other`'s counts (recorded on another rank) pass by pass: both must hold the same
     // number of passes of the same L, P, mode and placements. Per-token ids are appended.
