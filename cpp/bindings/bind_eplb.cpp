@@ -1,0 +1,103 @@
+#include <pybind11/stl.h>
+
+#include "arrays.hpp"
+#include "bindings.hpp"
+#include "moelb/eplb.hpp"
+
+namespace moelb::bindings {
+
+namespace {
+
+py::dict stats_dict(const PlanStats& s) {
+    const auto n = static_cast<py::ssize_t>(s.layers.size());
+    py::array_t<double> max_load(n), mean_load(n), balancedness(n), lower_bound(n), gap(n);
+    py::array_t<std::int64_t> moved(n);
+    py::array_t<bool> kept(n);
+    for (py::ssize_t l = 0; l < n; ++l) {
+        const auto& x = s.layers[static_cast<std::size_t>(l)];
+        max_load.mutable_at(l) = x.max_gpu_load;
+        mean_load.mutable_at(l) = x.mean_gpu_load;
+        balancedness.mutable_at(l) = x.balancedness;
+        lower_bound.mutable_at(l) = x.lower_bound;
+        gap.mutable_at(l) = x.gap;
+        moved.mutable_at(l) = x.moved_experts;
+        kept.mutable_at(l) = x.kept_previous;
+    }
+    py::dict d;
+    d["max_gpu_load"] = max_load;
+    d["mean_gpu_load"] = mean_load;
+    d["layer_balancedness"] = balancedness;
+    d["lower_bound"] = lower_bound;
+    d["gap"] = gap;
+    d["layer_moved_experts"] = moved;
+    d["layer_kept_previous"] = kept;
+    d["balancedness"] = s.balancedness;
+    d["load_weighted_balancedness"] = s.load_weighted_balancedness;
+    d["mean_gap"] = s.mean_gap;
+    d["max_gap"] = s.max_gap;
+    d["moved_experts"] = s.moved_experts;
+    d["wall_time_seconds"] = s.wall_time_seconds;
+    d["algorithm"] = s.algorithm;
+    d["notes"] = s.notes;
+    return d;
+}
+
+}  // namespace
+
+void bind_eplb(py::module_& m) {
+    m.def(
+        "rebalance",
+        [](const py::handle& load, std::int64_t num_physical_experts, std::int64_t num_groups,
+           std::int64_t num_nodes, std::int64_t num_gpus, const std::string& algorithm,
+           const std::string& locality, const ExpertLocation* previous, double move_cost,
+           std::optional<std::int64_t> max_moves) {
+            auto w = strict_array<double>(load, "load", 2);
+            RebalanceOptions o;
+            o.num_physical_experts = narrow(num_physical_experts, "num_physical_experts");
+            o.num_groups = narrow(num_groups, "num_groups");
+            o.num_nodes = narrow(num_nodes, "num_nodes");
+            o.num_gpus = narrow(num_gpus, "num_gpus");
+            o.algorithm = parse_eplb_algorithm(algorithm);
+            o.locality = parse_locality(locality);
+            o.previous = previous;
+            o.move_cost = move_cost;
+            o.max_moves = max_moves.value_or(-1);
+            MOELB_CHECK_ARG(o.max_moves >= -1, "max_moves must be >= 0 (or None), got "
+                                                   << o.max_moves);
+            std::optional<Plan> plan;
+            {
+                py::gil_scoped_release release;
+                plan.emplace(rebalance(const_matrix(w), o));
+            }
+            return py::make_tuple(plan->location, stats_dict(plan->stats));
+        },
+        py::arg("load"), py::arg("num_physical_experts"), py::arg("num_groups"),
+        py::arg("num_nodes"), py::arg("num_gpus"), py::arg("algorithm") = "moelb",
+        py::arg("locality") = "auto", py::arg("previous") = py::none(),
+        py::arg("move_cost") = 0.0, py::arg("max_moves") = py::none(),
+        "Plans a placement from load [L, E] float64; returns (location, stats dict).");
+
+    m.def(
+        "evaluate_placement",
+        [](const py::handle& load, const ExpertLocation& location,
+           const ExpertLocation* previous) {
+            auto w = strict_array<double>(load, "load", 2);
+            return stats_dict(evaluate_placement(const_matrix(w), location, previous));
+        },
+        py::arg("load"), py::arg("location"), py::arg("previous") = py::none(),
+        "The statistics of a placement for load [L, E] float64.");
+
+    m.def(
+        "gpu_loads",
+        [](const py::handle& load, const ExpertLocation& location) {
+            auto w = strict_array<double>(load, "load", 2);
+            const RowMatrix<double> g = gpu_loads(const_matrix(w), location);
+            auto out = new_matrix<double>(g.rows(), g.cols());
+            mutable_matrix(out) = g;
+            return out;
+        },
+        py::arg("load"), py::arg("location"),
+        "[L, G] per-GPU loads of a placement (equal split over replicas).");
+}
+
+}  // namespace moelb::bindings

@@ -1,0 +1,89 @@
+// The EPLB planner (DESIGN section 4; reference/eplb.md): from per-expert loads, how many replicas
+// each logical expert gets and which GPU slot holds each replica.
+//
+// Algorithms:
+//   kDeepSeekHierarchical / kDeepSeekGlobal / kDeepSeek (hierarchical when num_groups % num_nodes
+//   == 0): DeepSeek's eplb.py exactly (float32 loads and pack sums as in eplb.py), with stable
+//   tie rules: sorts are descending by load with ties to the lower index, argmax/argmin ties to
+//   the lower index.
+//   kMoelb: ours. Locality kNode keeps every expert group and its replicas on one node (groups may
+//   be spread unevenly over nodes so that heavy nodes get more redundant slots); kNone places
+//   freely. Replica counts by the divisor method, packing by LPT with a no-duplicate rule and a
+//   swap local search that lowers the maximum GPU load; per layer the result is never worse than
+//   DeepSeek's under the same locality. With `previous`, GPUs and slots are matched to the old
+//   placement so unchanged experts stay where they are, and move_cost / max_moves keep layers
+//   whose gain does not pay for their moves.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "moelb/expert_location.hpp"
+#include "moelb/views.hpp"
+
+namespace moelb {
+
+enum class EplbAlgorithm { kDeepSeek, kDeepSeekHierarchical, kDeepSeekGlobal, kMoelb };
+enum class Locality { kAuto, kNode, kNone };
+
+EplbAlgorithm parse_eplb_algorithm(std::string_view name, std::string_view param = "algorithm");
+std::string_view to_string(EplbAlgorithm algorithm);
+Locality parse_locality(std::string_view name, std::string_view param = "locality");
+std::string_view to_string(Locality locality);
+
+struct RebalanceOptions {
+    int num_physical_experts = 0;  // P (slots per layer)
+    int num_groups = 0;            // K expert groups (0 = none)
+    int num_nodes = 1;             // N
+    int num_gpus = 1;              // G (EP ranks)
+    EplbAlgorithm algorithm = EplbAlgorithm::kMoelb;
+    Locality locality = Locality::kAuto;  // kMoelb only
+    // kMoelb with previous: a layer keeps its previous placement unless its relative max-load
+    // reduction is at least move_cost per moved expert; max_moves (>= 0) caps the slots rewritten
+    // over all layers (layers with the best gain per move first). -1 = no cap.
+    const ExpertLocation* previous = nullptr;
+    double move_cost = 0.0;
+    Index max_moves = -1;
+};
+
+struct LayerPlanStats {
+    double max_gpu_load = 0;   // max over GPUs of the sum of their replicas' loads (equal split)
+    double mean_gpu_load = 0;
+    double balancedness = 0;   // mean / max (1 when the layer has no load)
+    double lower_bound = 0;    // max(total / G, best achievable max per-replica load)
+    double gap = 0;            // max_gpu_load / lower_bound - 1 (0 when the layer has no load)
+    Index moved_experts = 0;   // slots whose expert changes vs previous (0 without previous)
+    bool kept_previous = false;
+};
+
+struct PlanStats {
+    std::vector<LayerPlanStats> layers;
+    double balancedness = 0;            // SGLang: the layer mean of mean/max
+    double load_weighted_balancedness = 0;  // vLLM: sum of means / sum of maxes
+    double mean_gap = 0;
+    double max_gap = 0;
+    Index moved_experts = 0;
+    double wall_time_seconds = 0;
+    std::string algorithm;  // what ran, e.g. "moelb(locality=node)" or "deepseek_global"
+    std::string notes;      // fallbacks and why
+};
+
+struct Plan {
+    ExpertLocation location;
+    PlanStats stats;
+};
+
+// load: [L, E] expert loads (finite, >= 0).
+Plan rebalance(ConstMatrixMap<double> load, const RebalanceOptions& options);
+
+// Per-GPU loads [L, G] of a placement under equal split of each expert's load over its replicas.
+RowMatrix<double> gpu_loads(ConstMatrixMap<double> load, const ExpertLocation& location);
+
+// The statistics of a placement for a load (moved experts counted against `previous` if given).
+PlanStats evaluate_placement(ConstMatrixMap<double> load, const ExpertLocation& location,
+                             const ExpertLocation* previous = nullptr);
+
+}  // namespace moelb

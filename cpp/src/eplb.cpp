@@ -1,0 +1,933 @@
+#include "moelb/eplb.hpp"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <numeric>
+#include <queue>
+#include <sstream>
+#include <utility>
+
+#include "moelb/errors.hpp"
+#include "moelb/parallel.hpp"
+
+namespace moelb {
+namespace {
+
+// =============================================================================================
+// DeepSeek's eplb.py, per layer, in float32 like the original.
+// =============================================================================================
+
+// Indices of w[0, n) by descending value, ties to the lower index (a stable sort).
+void order_descending(const float* w, int n, std::vector<int>& order) {
+    order.resize(static_cast<std::size_t>(n));
+    std::iota(order.begin(), order.end(), 0);
+    std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return w[a] > w[b]; });
+}
+
+// balanced_packing: n items into m packs of n / m items each (greedy by descending weight onto
+// the lightest pack with room, ties to the lower pack). Pack sums accumulate in float32.
+void balanced_packing(const float* w, int n, int m, int* pack, int* rank) {
+    const int per_pack = n / m;
+    if (per_pack == 1) {
+        for (int i = 0; i < n; ++i) {
+            pack[i] = i;
+            rank[i] = 0;
+        }
+        return;
+    }
+    std::vector<int> order;
+    order_descending(w, n, order);
+    std::vector<float> load(static_cast<std::size_t>(m), 0.0f);
+    std::vector<int> count(static_cast<std::size_t>(m), 0);
+    for (const int i : order) {
+        int best = -1;
+        for (int p = 0; p < m; ++p) {
+            if (count[p] < per_pack && (best < 0 || load[p] < load[best])) best = p;
+        }
+        pack[i] = best;
+        rank[i] = count[best]++;
+        load[best] += w[i];
+    }
+}
+
+// replicate_experts: slots 0..n-1 hold experts 0..n-1; each further slot goes to the expert with
+// the largest w / count (float32, ties to the lower index).
+void replicate_experts(const float* w, int n, int num_slots, int* phy2log, int* rank, int* count) {
+    for (int i = 0; i < n; ++i) {
+        phy2log[i] = i;
+        rank[i] = 0;
+        count[i] = 1;
+    }
+    // Max-heap of (w / count, -index): the same argmax as a linear scan.
+    using Entry = std::pair<float, int>;
+    auto less = [](const Entry& a, const Entry& b) {
+        return a.first < b.first || (a.first == b.first && a.second > b.second);
+    };
+    std::priority_queue<Entry, std::vector<Entry>, decltype(less)> heap(less);
+    for (int i = 0; i < n; ++i) heap.emplace(w[i] / 1.0f, i);
+    for (int s = n; s < num_slots; ++s) {
+        const int e = heap.top().second;
+        heap.pop();
+        phy2log[s] = e;
+        rank[s] = count[e]++;
+        heap.emplace(w[e] / static_cast<float>(count[e]), e);
+    }
+}
+
+// rebalance_experts_hierarchical for one layer: K groups, N nodes, G GPUs, R slots. The global
+// policy is K = N = 1. Writes phy2log [R].
+void deepseek_layer(const float* w, int E, int R, int K, int N, int G, std::int32_t* phy2log) {
+    const int group_size = E / K, groups_per_node = K / N, S = R / G;
+    const int experts_per_node = E / N, slots_per_node = R / N, gpus_per_node = G / N;
+    std::vector<float> group_load(static_cast<std::size_t>(K));
+    for (int g = 0; g < K; ++g) {
+        double sum = 0.0;
+        for (int j = 0; j < group_size; ++j) sum += w[g * group_size + j];
+        group_load[g] = static_cast<float>(sum);
+    }
+    std::vector<int> group_pack(static_cast<std::size_t>(K)), group_rank(group_pack.size());
+    balanced_packing(group_load.data(), K, N, group_pack.data(), group_rank.data());
+    std::vector<int> mlog2log(static_cast<std::size_t>(E));
+    for (int e = 0; e < E; ++e) {
+        const int g = e / group_size;
+        mlog2log[(group_pack[g] * groups_per_node + group_rank[g]) * group_size + e % group_size] =
+            e;
+    }
+    std::vector<float> node_w(static_cast<std::size_t>(experts_per_node));
+    std::vector<int> phy2mlog(static_cast<std::size_t>(slots_per_node));
+    std::vector<int> phy_rank(phy2mlog.size()), mlog_count(node_w.size());
+    std::vector<float> replica_w(phy2mlog.size());
+    std::vector<int> pack(phy2mlog.size()), rank(phy2mlog.size());
+    for (int n = 0; n < N; ++n) {
+        for (int i = 0; i < experts_per_node; ++i) {
+            node_w[i] = w[mlog2log[n * experts_per_node + i]];
+        }
+        replicate_experts(node_w.data(), experts_per_node, slots_per_node, phy2mlog.data(),
+                          phy_rank.data(), mlog_count.data());
+        for (int j = 0; j < slots_per_node; ++j) {
+            replica_w[j] = node_w[phy2mlog[j]] / static_cast<float>(mlog_count[phy2mlog[j]]);
+        }
+        balanced_packing(replica_w.data(), slots_per_node, gpus_per_node, pack.data(),
+                         rank.data());
+        for (int j = 0; j < slots_per_node; ++j) {
+            const int slot = n * slots_per_node + pack[j] * S + rank[j];
+            phy2log[slot] = mlog2log[n * experts_per_node + phy2mlog[j]];
+        }
+    }
+}
+
+// =============================================================================================
+// moelb's planner.
+// =============================================================================================
+
+constexpr double kRelTol = 1e-12;
+
+// Divisor-method replica counts for experts `experts` (loads w) over `slots` slots, each expert at
+// most `cap` replicas (when slots allow): minimises the largest per-replica load. Ties go to the
+// earlier expert in the list.
+std::vector<int> divisor_counts(const double* w, const std::vector<int>& experts, int slots,
+                                int cap) {
+    const int n = static_cast<int>(experts.size());
+    std::vector<int> count(static_cast<std::size_t>(n), 1);
+    if (static_cast<Index>(cap) * n < slots) cap = (slots + n - 1) / n;  // cannot honour the cap
+    using Entry = std::pair<double, int>;
+    auto less = [](const Entry& a, const Entry& b) {
+        return a.first < b.first || (a.first == b.first && a.second > b.second);
+    };
+    std::priority_queue<Entry, std::vector<Entry>, decltype(less)> heap(less);
+    for (int i = 0; i < n; ++i) heap.emplace(w[experts[i]], i);
+    for (int s = n; s < slots; ++s) {
+        while (count[heap.top().second] >= cap) heap.pop();
+        const int i = heap.top().second;
+        heap.pop();
+        ++count[i];
+        heap.emplace(w[experts[i]] / count[i], i);
+    }
+    return count;
+}
+
+double max_replica_load(const double* w, const std::vector<int>& experts,
+                        const std::vector<int>& count) {
+    double m = 0.0;
+    for (std::size_t i = 0; i < experts.size(); ++i) m = std::max(m, w[experts[i]] / count[i]);
+    return m;
+}
+
+// Replicas packed into bins (GPUs) of `size` slots. Bins carry a domain (node); swaps stay inside
+// a domain.
+struct Packing {
+    int size = 0;                   // slots per bin
+    std::vector<double> item_load;  // per replica
+    std::vector<int> item_expert;
+    std::vector<int> bin_domain;
+    std::vector<std::vector<int>> bins;  // item ids per bin
+    std::vector<double> bin_load;
+
+    int num_bins() const { return static_cast<int>(bins.size()); }
+
+    bool holds(int b, int expert) const {
+        for (const int i : bins[b]) {
+            if (item_expert[i] == expert) return true;
+        }
+        return false;
+    }
+
+    void recompute_loads() {
+        bin_load.assign(bins.size(), 0.0);
+        for (int b = 0; b < num_bins(); ++b) {
+            for (const int i : bins[b]) bin_load[b] += item_load[i];
+        }
+    }
+
+    double max_load() const {
+        return bin_load.empty() ? 0.0 : *std::max_element(bin_load.begin(), bin_load.end());
+    }
+
+    // Longest-processing-time first onto the lightest bin of the item's domain with room that
+    // does not hold the expert yet (ties to the lower bin); duplicates only when unavoidable.
+    // items_of_domain[d]: the items to place into domain d's bins.
+    void lpt(const std::vector<std::vector<int>>& items_of_domain) {
+        bins.assign(bin_domain.size(), {});
+        bin_load.assign(bin_domain.size(), 0.0);
+        for (std::size_t d = 0; d < items_of_domain.size(); ++d) {
+            std::vector<int> order = items_of_domain[d];
+            std::stable_sort(order.begin(), order.end(), [&](int a, int b) {
+                return item_load[a] > item_load[b] ||
+                       (item_load[a] == item_load[b] && item_expert[a] < item_expert[b]);
+            });
+            using Entry = std::pair<double, int>;  // (load, bin): min-heap
+            std::priority_queue<Entry, std::vector<Entry>, std::greater<>> heap;
+            for (int b = 0; b < num_bins(); ++b) {
+                if (bin_domain[b] == static_cast<int>(d)) heap.emplace(0.0, b);
+            }
+            std::vector<Entry> skipped;
+            for (const int item : order) {
+                skipped.clear();
+                while (!heap.empty() && holds(heap.top().second, item_expert[item])) {
+                    skipped.push_back(heap.top());
+                    heap.pop();
+                }
+                Entry chosen;
+                if (heap.empty()) {  // every bin with room holds this expert: duplicate
+                    chosen = skipped.front();
+                    skipped.erase(skipped.begin());
+                } else {
+                    chosen = heap.top();
+                    heap.pop();
+                }
+                const int b = chosen.second;
+                bins[b].push_back(item);
+                bin_load[b] += item_load[item];
+                if (static_cast<int>(bins[b].size()) < size) heap.emplace(bin_load[b], b);
+                for (const Entry& e : skipped) heap.push(e);
+            }
+        }
+    }
+
+    // Swaps x in bin a with y in bin b when allowed by the no-duplicate rule.
+    bool swap_allowed(int a, int x, int b, int y) const {
+        const int ex = item_expert[x], ey = item_expert[y];
+        if (ex == ey) return false;  // changes nothing
+        for (const int i : bins[b]) {
+            if (i != y && item_expert[i] == ex) return false;
+        }
+        for (const int i : bins[a]) {
+            if (i != x && item_expert[i] == ey) return false;
+        }
+        return true;
+    }
+
+    void apply_swap(int a, int xi, int b, int yi) {
+        const int x = bins[a][xi], y = bins[b][yi];
+        bins[a][xi] = y;
+        bins[b][yi] = x;
+        const double d = item_load[x] - item_load[y];
+        bin_load[a] -= d;
+        bin_load[b] += d;
+    }
+
+    // Removes duplicate experts within a bin by swaps that keep both bins at or below `limit`.
+    void repair_duplicates(double limit) {
+        for (int a = 0; a < num_bins(); ++a) {
+            for (std::size_t xi = 0; xi < bins[a].size(); ++xi) {
+                const int x = bins[a][xi];
+                bool duplicate = false;
+                for (std::size_t k = 0; k < xi; ++k) {
+                    if (item_expert[bins[a][k]] == item_expert[x]) duplicate = true;
+                }
+                if (!duplicate) continue;
+                int best_b = -1, best_yi = -1;
+                double best = std::numeric_limits<double>::infinity();
+                for (int b = 0; b < num_bins(); ++b) {
+                    if (b == a || bin_domain[b] != bin_domain[a] || holds(b, item_expert[x])) {
+                        continue;
+                    }
+                    for (std::size_t yi = 0; yi < bins[b].size(); ++yi) {
+                        const int y = bins[b][yi];
+                        if (holds(a, item_expert[y])) continue;
+                        const double d = item_load[x] - item_load[y];
+                        const double m = std::max(bin_load[a] - d, bin_load[b] + d);
+                        if (m <= limit * (1 + kRelTol) && m < best) {
+                            best = m;
+                            best_b = b;
+                            best_yi = static_cast<int>(yi);
+                        }
+                    }
+                }
+                if (best_b >= 0) apply_swap(a, static_cast<int>(xi), best_b, best_yi);
+            }
+        }
+    }
+
+    // Local search: while the heaviest bin can trade a replica for a lighter one with a bin of
+    // its domain so that both end below its load, do the best such swap. Stops at `target` (a
+    // lower bound: nothing below it is reachable).
+    void swap_search(double target = 0.0) {
+        const int B = num_bins();
+        std::vector<int> candidates;
+        const int max_iterations = 20 * B + 100;
+        constexpr int kMaxPartners = 16;
+        for (int it = 0; it < max_iterations; ++it) {
+            int a = 0;
+            for (int b = 1; b < B; ++b) {
+                if (bin_load[b] > bin_load[a]) a = b;
+            }
+            const double limit = bin_load[a];
+            if (limit <= target * (1 + 1e-9)) return;
+            candidates.clear();
+            for (int b = 0; b < B; ++b) {
+                if (b != a && bin_domain[b] == bin_domain[a]) candidates.push_back(b);
+            }
+            if (static_cast<int>(candidates.size()) > kMaxPartners) {
+                std::nth_element(candidates.begin(), candidates.begin() + kMaxPartners,
+                                 candidates.end(), [&](int x, int y) {
+                                     return bin_load[x] < bin_load[y] ||
+                                            (bin_load[x] == bin_load[y] && x < y);
+                                 });
+                candidates.resize(kMaxPartners);
+                std::sort(candidates.begin(), candidates.end());
+            }
+            double best = limit * (1 - 1e-12);
+            int best_b = -1, best_xi = -1, best_yi = -1;
+            for (const int b : candidates) {
+                const double gap = limit - bin_load[b];
+                if (gap <= 0) continue;
+                for (std::size_t xi = 0; xi < bins[a].size(); ++xi) {
+                    const int x = bins[a][xi];
+                    for (std::size_t yi = 0; yi < bins[b].size(); ++yi) {
+                        const int y = bins[b][yi];
+                        const double d = item_load[x] - item_load[y];
+                        if (d <= 0 || d >= gap) continue;
+                        const double m = std::max(limit - d, bin_load[b] + d);
+                        if (m < best && swap_allowed(a, x, b, y)) {
+                            best = m;
+                            best_b = b;
+                            best_xi = static_cast<int>(xi);
+                            best_yi = static_cast<int>(yi);
+                        }
+                    }
+                }
+            }
+            if (best_b < 0) return;
+            apply_swap(a, best_xi, best_b, best_yi);
+        }
+    }
+};
+
+// Builds the packing of one layer for a given expert -> domain split: counts by the divisor
+// method per domain (capped at the domain's bins), LPT, duplicate repair, swap search.
+Packing pack_domains(const double* w, const std::vector<std::vector<int>>& domain_experts,
+                     int slots_per_domain, int bins_per_domain, int S, double target) {
+    Packing p;
+    p.size = S;
+    const int D = static_cast<int>(domain_experts.size());
+    std::vector<std::vector<int>> items_of_domain(static_cast<std::size_t>(D));
+    for (int d = 0; d < D; ++d) {
+        const auto& experts = domain_experts[d];
+        const std::vector<int> count = divisor_counts(w, experts, slots_per_domain,
+                                                      bins_per_domain);
+        for (std::size_t i = 0; i < experts.size(); ++i) {
+            for (int c = 0; c < count[i]; ++c) {
+                items_of_domain[d].push_back(static_cast<int>(p.item_load.size()));
+                p.item_load.push_back(w[experts[i]] / count[i]);
+                p.item_expert.push_back(experts[i]);
+            }
+        }
+        for (int b = 0; b < bins_per_domain; ++b) p.bin_domain.push_back(d);
+    }
+    p.lpt(items_of_domain);
+    p.repair_duplicates(p.max_load());
+    p.swap_search(target);
+    return p;
+}
+
+// The packing of an existing layer placement (slot -> expert), with equal-split loads.
+Packing packing_of(const double* w, const std::int32_t* phy2log, int E, int R, int G, int N) {
+    Packing p;
+    const int S = R / G;
+    p.size = S;
+    std::vector<int> count(static_cast<std::size_t>(E), 0);
+    for (int s = 0; s < R; ++s) ++count[phy2log[s]];
+    p.bins.assign(static_cast<std::size_t>(G), {});
+    for (int g = 0; g < G; ++g) p.bin_domain.push_back(N > 0 ? g / (G / N) : 0);
+    for (int s = 0; s < R; ++s) {
+        p.bins[s / S].push_back(s);
+        p.item_expert.push_back(phy2log[s]);
+        p.item_load.push_back(w[phy2log[s]] / count[phy2log[s]]);
+    }
+    p.recompute_loads();
+    return p;
+}
+
+// Node-locality estimate of a node's best max GPU load: max(load / GPUs, best per-replica max).
+double node_cost(const double* w, const std::vector<int>& experts, int slots, int gpus) {
+    if (experts.empty()) return 0.0;
+    double total = 0.0;
+    for (const int e : experts) total += w[e];
+    const std::vector<int> count = divisor_counts(w, experts, slots, gpus);
+    return std::max(total / gpus, max_replica_load(w, experts, count));
+}
+
+// Groups -> nodes for node locality: DeepSeek's balanced packing of group loads when K % N == 0
+// (else LPT under capacity), then moves and swaps of groups between nodes that lower the largest
+// node cost. Every node must end with at least one group and at most slots_per_node experts.
+std::vector<int> assign_groups(const double* w, int E, int K, int N, int slots_per_node,
+                               int gpus_per_node) {
+    const int gs = E / K;
+    const int max_groups = slots_per_node / gs;
+    std::vector<double> group_load(static_cast<std::size_t>(K), 0.0);
+    for (int g = 0; g < K; ++g) {
+        for (int j = 0; j < gs; ++j) group_load[g] += w[g * gs + j];
+    }
+    std::vector<int> node(static_cast<std::size_t>(K));
+    std::vector<int> order(static_cast<std::size_t>(K));
+    std::iota(order.begin(), order.end(), 0);
+    std::stable_sort(order.begin(), order.end(),
+                     [&](int a, int b) { return group_load[a] > group_load[b]; });
+    // Every node gets one group first (heaviest groups spread), then LPT with capacity.
+    std::vector<double> load(static_cast<std::size_t>(N), 0.0);
+    std::vector<int> count(static_cast<std::size_t>(N), 0);
+    const int per_node = K % N == 0 ? K / N : max_groups;
+    for (std::size_t i = 0; i < order.size(); ++i) {
+        const int g = order[i];
+        int best = -1;
+        for (int n = 0; n < N; ++n) {
+            const bool must_fill = static_cast<int>(i) < N;
+            if (must_fill && count[n] > 0) continue;
+            if (count[n] >= per_node) continue;
+            if (best < 0 || load[n] < load[best]) best = n;
+        }
+        node[g] = best;
+        ++count[best];
+        load[best] += group_load[g];
+    }
+    auto experts_of = [&](int n, const std::vector<int>& assign) {
+        std::vector<int> ex;
+        for (int g = 0; g < K; ++g) {
+            if (assign[g] == n) {
+                for (int j = 0; j < gs; ++j) ex.push_back(g * gs + j);
+            }
+        }
+        return ex;
+    };
+    std::vector<double> cost(static_cast<std::size_t>(N));
+    for (int n = 0; n < N; ++n) {
+        cost[n] = node_cost(w, experts_of(n, node), slots_per_node, gpus_per_node);
+    }
+    for (int it = 0; it < 4 * K * N + 16; ++it) {
+        const int a = static_cast<int>(std::max_element(cost.begin(), cost.end()) - cost.begin());
+        double best = cost[a] * (1 - 1e-9);
+        std::vector<int> best_assign;
+        std::pair<double, double> best_costs;
+        int best_b = -1;
+        for (int g = 0; g < K; ++g) {
+            if (node[g] != a) continue;
+            for (int b = 0; b < N; ++b) {
+                if (b == a) continue;
+                // Move g to b.
+                if (count[a] > 1 && count[b] < max_groups) {
+                    std::vector<int> trial = node;
+                    trial[g] = b;
+                    const double ca = node_cost(w, experts_of(a, trial), slots_per_node,
+                                                gpus_per_node);
+                    const double cb = node_cost(w, experts_of(b, trial), slots_per_node,
+                                                gpus_per_node);
+                    if (std::max(ca, cb) < best) {
+                        best = std::max(ca, cb);
+                        best_assign = trial;
+                        best_costs = {ca, cb};
+                        best_b = b;
+                    }
+                }
+                // Swap g with a group h of b.
+                for (int h = 0; h < K; ++h) {
+                    if (node[h] != b) continue;
+                    std::vector<int> trial = node;
+                    trial[g] = b;
+                    trial[h] = a;
+                    const double ca = node_cost(w, experts_of(a, trial), slots_per_node,
+                                                gpus_per_node);
+                    const double cb = node_cost(w, experts_of(b, trial), slots_per_node,
+                                                gpus_per_node);
+                    if (std::max(ca, cb) < best) {
+                        best = std::max(ca, cb);
+                        best_assign = trial;
+                        best_costs = {ca, cb};
+                        best_b = b;
+                    }
+                }
+            }
+        }
+        if (best_b < 0) break;
+        node = best_assign;
+        std::fill(count.begin(), count.end(), 0);
+        for (int g = 0; g < K; ++g) ++count[node[g]];
+        cost[a] = best_costs.first;
+        cost[best_b] = best_costs.second;
+    }
+    return node;
+}
+
+// Writes a packing's bins as slots: bin b -> GPU b, items in bin order.
+void write_slots(const Packing& p, std::int32_t* phy2log) {
+    for (int b = 0; b < p.num_bins(); ++b) {
+        for (std::size_t k = 0; k < p.bins[b].size(); ++k) {
+            phy2log[static_cast<Index>(b) * p.size + static_cast<Index>(k)] =
+                p.item_expert[p.bins[b][k]];
+        }
+    }
+}
+
+// Reorders a layer's GPUs (and nodes) and the slots inside each GPU to match the previous
+// placement as well as possible: same expert sets per GPU, only relabelled.
+void match_previous(std::int32_t* phy2log, const std::int32_t* old, int R, int G, int N,
+                    bool node_locality) {
+    const int S = R / G;
+    const int gpn = G / N;
+    auto overlap = [&](const std::int32_t* a, const std::int32_t* b, int n) {
+        // Multiset intersection size of a[0, n) and b[0, n) (n is small).
+        std::vector<int> x(a, a + n), y(b, b + n);
+        std::sort(x.begin(), x.end());
+        std::sort(y.begin(), y.end());
+        int i = 0, j = 0, common = 0;
+        while (i < n && j < n) {
+            if (x[i] == y[j]) {
+                ++common;
+                ++i;
+                ++j;
+            } else if (x[i] < y[j]) {
+                ++i;
+            } else {
+                ++j;
+            }
+        }
+        return common;
+    };
+    // Greedy maximum-overlap matching of `count` new blocks to old blocks of `width` slots
+    // (blocks are contiguous runs of slots starting at new_first / old_first).
+    auto match = [&](const std::int32_t* cur, int new_first, int old_first, int count,
+                     int width) {
+        std::vector<std::tuple<int, int, int>> pairs;  // (-overlap, new, old)
+        for (int a = 0; a < count; ++a) {
+            for (int b = 0; b < count; ++b) {
+                const int o = overlap(cur + static_cast<Index>(new_first + a) * width,
+                                      old + static_cast<Index>(old_first + b) * width, width);
+                if (o > 0) pairs.emplace_back(-o, a, b);
+            }
+        }
+        std::sort(pairs.begin(), pairs.end());
+        std::vector<int> target(static_cast<std::size_t>(count), -1);
+        std::vector<bool> used(static_cast<std::size_t>(count), false);
+        for (const auto& [o, a, b] : pairs) {
+            if (target[a] < 0 && !used[b]) {
+                target[a] = b;
+                used[b] = true;
+            }
+        }
+        int next = 0;
+        for (int a = 0; a < count; ++a) {
+            if (target[a] >= 0) continue;
+            while (used[next]) ++next;
+            target[a] = next;
+            used[next] = true;
+        }
+        return target;
+    };
+    std::vector<std::int32_t> cur(phy2log, phy2log + R);
+    std::vector<std::int32_t> out(static_cast<std::size_t>(R));
+    if (node_locality && N > 1) {
+        const std::vector<int> node_target = match(cur.data(), 0, 0, N, gpn * S);
+        for (int n = 0; n < N; ++n) {
+            std::copy(cur.begin() + static_cast<Index>(n) * gpn * S,
+                      cur.begin() + static_cast<Index>(n + 1) * gpn * S,
+                      out.begin() + static_cast<Index>(node_target[n]) * gpn * S);
+        }
+        cur = out;
+        for (int n = 0; n < N; ++n) {
+            const std::vector<int> gpu_target = match(cur.data(), n * gpn, n * gpn, gpn, S);
+            for (int g = 0; g < gpn; ++g) {
+                std::copy(cur.begin() + static_cast<Index>(n * gpn + g) * S,
+                          cur.begin() + static_cast<Index>(n * gpn + g + 1) * S,
+                          out.begin() + static_cast<Index>(n * gpn + gpu_target[g]) * S);
+            }
+        }
+    } else {
+        const std::vector<int> gpu_target = match(cur.data(), 0, 0, G, S);
+        for (int g = 0; g < G; ++g) {
+            std::copy(cur.begin() + static_cast<Index>(g) * S,
+                      cur.begin() + static_cast<Index>(g + 1) * S,
+                      out.begin() + static_cast<Index>(gpu_target[g]) * S);
+        }
+    }
+    // Inside each GPU: experts already in a slot stay there; the rest fill the free slots.
+    for (int g = 0; g < G; ++g) {
+        std::int32_t* dst = phy2log + static_cast<Index>(g) * S;
+        const std::int32_t* src = out.data() + static_cast<Index>(g) * S;
+        const std::int32_t* prev = old + static_cast<Index>(g) * S;
+        std::vector<std::int32_t> pending(src, src + S);
+        std::vector<bool> filled(static_cast<std::size_t>(S), false);
+        for (int s = 0; s < S; ++s) {
+            const auto it = std::find(pending.begin(), pending.end(), prev[s]);
+            if (it != pending.end()) {
+                dst[s] = prev[s];
+                filled[s] = true;
+                pending.erase(it);
+            }
+        }
+        std::size_t k = 0;
+        for (int s = 0; s < S; ++s) {
+            if (!filled[s]) dst[s] = pending[k++];
+        }
+    }
+}
+
+double layer_max_gpu_load(const double* w, const std::int32_t* phy2log, int E, int R, int G) {
+    std::vector<int> count(static_cast<std::size_t>(E), 0);
+    for (int s = 0; s < R; ++s) ++count[phy2log[s]];
+    const int S = R / G;
+    double m = 0.0;
+    for (int g = 0; g < G; ++g) {
+        double load = 0.0;
+        for (int s = g * S; s < (g + 1) * S; ++s) load += w[phy2log[s]] / count[phy2log[s]];
+        m = std::max(m, load);
+    }
+    return m;
+}
+
+}  // namespace
+
+EplbAlgorithm parse_eplb_algorithm(std::string_view name, std::string_view param) {
+    if (name == "moelb") return EplbAlgorithm::kMoelb;
+    if (name == "deepseek") return EplbAlgorithm::kDeepSeek;
+    if (name == "deepseek_hierarchical") return EplbAlgorithm::kDeepSeekHierarchical;
+    if (name == "deepseek_global") return EplbAlgorithm::kDeepSeekGlobal;
+    MOELB_CHECK_ARG(false, param << "='" << name
+                                 << "' is not an EPLB algorithm; expected 'moelb', 'deepseek', "
+                                    "'deepseek_hierarchical' or 'deepseek_global'");
+    return EplbAlgorithm::kMoelb;
+}
+
+std::string_view to_string(EplbAlgorithm algorithm) {
+    switch (algorithm) {
+        case EplbAlgorithm::kMoelb: return "moelb";
+        case EplbAlgorithm::kDeepSeek: return "deepseek";
+        case EplbAlgorithm::kDeepSeekHierarchical: return "deepseek_hierarchical";
+        case EplbAlgorithm::kDeepSeekGlobal: return "deepseek_global";
+    }
+    return "?";
+}
+
+Locality parse_locality(std::string_view name, std::string_view param) {
+    if (name == "auto") return Locality::kAuto;
+    if (name == "node") return Locality::kNode;
+    if (name == "none") return Locality::kNone;
+    MOELB_CHECK_ARG(false, param << "='" << name
+                                 << "' is not a locality; expected 'auto', 'node' or 'none'");
+    return Locality::kAuto;
+}
+
+std::string_view to_string(Locality locality) {
+    switch (locality) {
+        case Locality::kAuto: return "auto";
+        case Locality::kNode: return "node";
+        case Locality::kNone: return "none";
+    }
+    return "?";
+}
+
+RowMatrix<double> gpu_loads(ConstMatrixMap<double> load, const ExpertLocation& location) {
+    MOELB_CHECK_ARG(load.rows() == location.num_layers() &&
+                        load.cols() == location.num_logical_experts(),
+                    "load has shape [" << load.rows() << ", " << load.cols()
+                                       << "] but the location has " << location.num_layers()
+                                       << " layers and " << location.num_logical_experts()
+                                       << " logical experts");
+    const int L = location.num_layers(), G = location.ep_size();
+    const int R = location.num_physical_experts(), S = R / G;
+    RowMatrix<double> out = RowMatrix<double>::Zero(L, G);
+    for (int l = 0; l < L; ++l) {
+        for (int p = 0; p < R; ++p) {
+            const int e = location.physical_to_logical()(l, p);
+            out(l, p / S) += load(l, e) / location.logical_count()(l, e);
+        }
+    }
+    return out;
+}
+
+PlanStats evaluate_placement(ConstMatrixMap<double> load, const ExpertLocation& location,
+                             const ExpertLocation* previous) {
+    const RowMatrix<double> per_gpu = gpu_loads(load, location);
+    const int L = location.num_layers(), G = location.ep_size();
+    const int E = location.num_logical_experts(), R = location.num_physical_experts();
+    if (previous) {
+        MOELB_CHECK_ARG(previous->num_layers() == L && previous->num_physical_experts() == R &&
+                            previous->num_logical_experts() == E,
+                        "previous has a different shape (layers, logical or physical experts)");
+    }
+    PlanStats stats;
+    stats.layers.resize(static_cast<std::size_t>(L));
+    double sum_mean = 0, sum_max = 0;
+    for (int l = 0; l < L; ++l) {
+        LayerPlanStats& s = stats.layers[l];
+        double total = 0;
+        for (int e = 0; e < E; ++e) total += load(l, e);
+        s.max_gpu_load = per_gpu.row(l).maxCoeff();
+        s.mean_gpu_load = total / G;
+        s.balancedness = s.max_gpu_load > 0 ? s.mean_gpu_load / s.max_gpu_load : 1.0;
+        std::vector<int> experts(static_cast<std::size_t>(E));
+        std::iota(experts.begin(), experts.end(), 0);
+        const std::vector<int> best = divisor_counts(load.row(l).data(), experts, R, R);
+        s.lower_bound = std::max(total / G, max_replica_load(load.row(l).data(), experts, best));
+        s.gap = s.lower_bound > 0 ? s.max_gpu_load / s.lower_bound - 1 : 0.0;
+        if (previous) {
+            for (int p = 0; p < R; ++p) {
+                if (previous->physical_to_logical()(l, p) != location.physical_to_logical()(l, p)) {
+                    ++s.moved_experts;
+                }
+            }
+        }
+        stats.balancedness += s.balancedness / L;
+        stats.mean_gap += s.gap / L;
+        stats.max_gap = std::max(stats.max_gap, s.gap);
+        stats.moved_experts += s.moved_experts;
+        sum_mean += s.mean_gpu_load;
+        sum_max += s.max_gpu_load;
+    }
+    stats.load_weighted_balancedness = sum_max > 0 ? sum_mean / sum_max : 1.0;
+    return stats;
+}
+
+Plan rebalance(ConstMatrixMap<double> load, const RebalanceOptions& o) {
+    const auto started = std::chrono::steady_clock::now();
+    const Index L = load.rows();
+    const int E = static_cast<int>(load.cols());
+    const int R = o.num_physical_experts, K = o.num_groups, N = o.num_nodes, G = o.num_gpus;
+    MOELB_CHECK_ARG(L >= 1 && E >= 1, "load must have shape [num_layers, num_experts] with both "
+                                      "positive, got ["
+                                          << L << ", " << E << "]");
+    for (Index l = 0; l < L; ++l) {
+        for (int e = 0; e < E; ++e) {
+            const double v = load(l, e);
+            MOELB_CHECK_ARG(std::isfinite(v) && v >= 0,
+                            "load[" << l << ", " << e << "] = " << v
+                                    << " is not a finite non-negative load");
+        }
+    }
+    MOELB_CHECK_ARG(G >= 1, "num_gpus must be positive, got " << G);
+    MOELB_CHECK_ARG(N >= 1, "num_nodes must be positive, got " << N);
+    MOELB_CHECK_ARG(K >= 0, "num_groups must be non-negative, got " << K);
+    MOELB_CHECK_ARG(R >= E, "num_physical_experts=" << R << " is smaller than the " << E
+                                                    << " logical experts");
+    MOELB_CHECK_ARG(R % G == 0, "num_physical_experts=" << R << " is not divisible by num_gpus="
+                                                        << G);
+    if (o.previous) {
+        MOELB_CHECK_ARG(o.previous->num_layers() == L && o.previous->num_logical_experts() == E &&
+                            o.previous->num_physical_experts() == R &&
+                            o.previous->ep_size() == G,
+                        "previous has num_layers=" << o.previous->num_layers()
+                            << ", num_logical_experts=" << o.previous->num_logical_experts()
+                            << ", num_physical_experts=" << o.previous->num_physical_experts()
+                            << ", ep_size=" << o.previous->ep_size() << " but the plan has "
+                            << L << ", " << E << ", " << R << ", " << G);
+    }
+    MOELB_CHECK_ARG(o.move_cost >= 0 && std::isfinite(o.move_cost),
+                    "move_cost must be finite and non-negative, got " << o.move_cost);
+    MOELB_CHECK_ARG(o.max_moves >= -1, "max_moves must be >= 0 (or None), got " << o.max_moves);
+
+    std::ostringstream notes;
+    RowMatrix<std::int32_t> phy2log(L, R);
+    std::string name;
+    int location_nodes = N;
+    const bool deepseek = o.algorithm != EplbAlgorithm::kMoelb;
+    if (deepseek) {
+        bool hierarchical = o.algorithm == EplbAlgorithm::kDeepSeekHierarchical ||
+                            (o.algorithm == EplbAlgorithm::kDeepSeek && K > 0 && K % N == 0);
+        MOELB_CHECK_ARG(G % N == 0, "num_gpus=" << G << " is not divisible by num_nodes=" << N
+                                                << " (DeepSeek's EPLB requires it)");
+        if (hierarchical) {
+            MOELB_CHECK_ARG(K > 0, "the hierarchical policy needs num_groups");
+            MOELB_CHECK_ARG(E % K == 0, "num_experts=" << E << " is not divisible by num_groups="
+                                                       << K << " (DeepSeek's EPLB requires it)");
+            MOELB_CHECK_ARG(K % N == 0, "num_groups=" << K << " is not divisible by num_nodes="
+                                                      << N << " (the hierarchical policy "
+                                                              "requires it)");
+        }
+        name = hierarchical ? "deepseek_hierarchical" : "deepseek_global";
+        std::vector<float> w32(static_cast<std::size_t>(L) * E);
+        for (Index l = 0; l < L; ++l) {
+            for (int e = 0; e < E; ++e) w32[l * E + e] = static_cast<float>(load(l, e));
+        }
+        parallel_for(L, 1, [&](Index begin, Index end) {
+            for (Index l = begin; l < end; ++l) {
+                deepseek_layer(w32.data() + l * E, E, R, hierarchical ? K : 1,
+                               hierarchical ? N : 1, G, phy2log.row(l).data());
+            }
+        });
+    } else {
+        Locality locality = o.locality;
+        if (locality == Locality::kAuto) {
+            locality = (K > 0 && K % N == 0) ? Locality::kNode : Locality::kNone;
+        }
+        if (G % N != 0) {
+            notes << "num_gpus=" << G << " is not divisible by num_nodes=" << N
+                  << ": planned without node locality, location has num_nodes=1. ";
+            locality = Locality::kNone;
+            location_nodes = 1;
+        }
+        if (locality == Locality::kNode) {
+            const int gs = K > 0 && E % K == 0 ? E / K : 0;
+            const char* why = nullptr;
+            if (K <= 0) why = "there are no expert groups";
+            else if (E % K != 0) why = "num_experts is not divisible by num_groups";
+            else if (K < N) why = "there are fewer groups than nodes";
+            else if (gs > R / N) why = "a group has more experts than a node has slots";
+            if (why) {
+                notes << "node locality impossible (" << why << "): planned without it. ";
+                locality = Locality::kNone;
+            }
+        }
+        const bool node_locality = locality == Locality::kNode && N > 1;
+        name = std::string("moelb(locality=") + (locality == Locality::kNode ? "node" : "none") +
+               ")";
+        const bool deepseek_comparable =
+            locality == Locality::kNode ? (K > 0 && E % K == 0 && K % N == 0 && G % N == 0)
+                                        : true;
+        std::vector<int> kept_deepseek(static_cast<std::size_t>(L), 0);
+        parallel_for(L, 1, [&](Index begin, Index end) {
+            std::vector<float> w32_local(static_cast<std::size_t>(E));
+            std::vector<std::int32_t> ds(static_cast<std::size_t>(R));
+            for (Index l = begin; l < end; ++l) {
+                const double* w = load.row(l).data();
+                const int domains = node_locality ? N : 1;
+                const int gpus_per_domain = G / domains;
+                const int slots_per_domain = R / domains;
+                std::vector<std::vector<int>> domain_experts(static_cast<std::size_t>(domains));
+                if (node_locality) {
+                    const std::vector<int> node =
+                        assign_groups(w, E, K, N, slots_per_domain, gpus_per_domain);
+                    const int gs = E / K;
+                    for (int e = 0; e < E; ++e) domain_experts[node[e / gs]].push_back(e);
+                } else {
+                    for (int e = 0; e < E; ++e) domain_experts[0].push_back(e);
+                }
+                // The flat lower bound: no placement (under any locality) goes below it.
+                double total = 0.0;
+                for (int e = 0; e < E; ++e) total += w[e];
+                std::vector<int> all(static_cast<std::size_t>(E));
+                std::iota(all.begin(), all.end(), 0);
+                const double bound = std::max(
+                    total / G, max_replica_load(w, all, divisor_counts(w, all, R, R)));
+                Packing ours = pack_domains(w, domain_experts, slots_per_domain,
+                                            gpus_per_domain, R / G, bound);
+                // DeepSeek under the same locality, improved by the same local search: keep
+                // whichever is lower (ours on ties), so we are never worse than DeepSeek. Only
+                // worth it when DeepSeek's own packing beats ours before its improvement.
+                if (deepseek_comparable && ours.max_load() > bound * (1 + 1e-9)) {
+                    for (int e = 0; e < E; ++e) w32_local[e] = static_cast<float>(w[e]);
+                    deepseek_layer(w32_local.data(), E, R, node_locality ? K : 1,
+                                   node_locality ? N : 1, G, ds.data());
+                    Packing theirs = packing_of(w, ds.data(), E, R, G, node_locality ? N : 1);
+                    if (theirs.max_load() < ours.max_load() * (1 - 1e-12)) {
+                        theirs.repair_duplicates(theirs.max_load());
+                        theirs.swap_search(bound);
+                        if (theirs.max_load() < ours.max_load() * (1 - 1e-12)) {
+                            ours = std::move(theirs);
+                            kept_deepseek[l] = 1;
+                        }
+                    }
+                }
+                write_slots(ours, phy2log.row(l).data());
+                if (o.previous) {
+                    match_previous(phy2log.row(l).data(),
+                                   o.previous->physical_to_logical().row(l).data(), R, G,
+                                   node_locality ? N : 1, node_locality);
+                }
+            }
+        });
+        const int from_deepseek = std::accumulate(kept_deepseek.begin(), kept_deepseek.end(), 0);
+        if (from_deepseek > 0) {
+            notes << from_deepseek << " layer(s) started from DeepSeek's packing. ";
+        }
+    }
+
+    // Movement trade-off against the previous placement (moelb only).
+    std::vector<bool> keep_previous(static_cast<std::size_t>(L), false);
+    if (!deepseek && o.previous && (o.move_cost > 0 || o.max_moves >= 0)) {
+        struct Candidate {
+            Index layer;
+            double gain;
+            Index moves;
+        };
+        std::vector<Candidate> candidates;
+        for (Index l = 0; l < L; ++l) {
+            const double* w = load.row(l).data();
+            const std::int32_t* old = o.previous->physical_to_logical().row(l).data();
+            const double old_max = layer_max_gpu_load(w, old, E, R, G);
+            const double new_max = layer_max_gpu_load(w, phy2log.row(l).data(), E, R, G);
+            Index moves = 0;
+            for (int p = 0; p < R; ++p) moves += phy2log(l, p) != old[p];
+            const double gain = old_max > 0 ? (old_max - new_max) / old_max : 0.0;
+            if (moves == 0) continue;
+            if (gain <= 0 || gain < o.move_cost * static_cast<double>(moves)) {
+                keep_previous[l] = true;
+                continue;
+            }
+            candidates.push_back({l, gain, moves});
+        }
+        if (o.max_moves >= 0) {
+            std::stable_sort(candidates.begin(), candidates.end(),
+                             [](const Candidate& a, const Candidate& b) {
+                                 return a.gain / static_cast<double>(a.moves) >
+                                        b.gain / static_cast<double>(b.moves);
+                             });
+            Index budget = o.max_moves;
+            for (const Candidate& c : candidates) {
+                if (c.moves <= budget) {
+                    budget -= c.moves;
+                } else {
+                    keep_previous[c.layer] = true;
+                }
+            }
+        }
+        Index kept = 0;
+        for (Index l = 0; l < L; ++l) {
+            if (!keep_previous[l]) continue;
+            phy2log.row(l) = o.previous->physical_to_logical().row(l);
+            ++kept;
+        }
+        if (kept > 0) notes << kept << " layer(s) kept their previous placement. ";
+    }
+
+    Plan plan{ExpertLocation(std::move(phy2log), E, G, location_nodes), {}};
+    plan.stats = evaluate_placement(load, plan.location, o.previous);
+    for (Index l = 0; l < L; ++l) plan.stats.layers[l].kept_previous = keep_previous[l];
+    plan.stats.algorithm = name;
+    plan.stats.notes = notes.str();
+    if (!plan.stats.notes.empty() && plan.stats.notes.back() == ' ') plan.stats.notes.pop_back();
+    plan.stats.wall_time_seconds =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+    return plan;
+}
+
+}  // namespace moelb
