@@ -12,6 +12,7 @@ void bind_routing(pybind11::module_& m);
 void bind_hash_router(pybind11::module_& m);
 void bind_recorder(pybind11::module_& m);
 void bind_eplb(pybind11::module_& m);
+void bind_weight_moves(pybind11::module_& m);
 
 }  // namespace moelb::bindings
 

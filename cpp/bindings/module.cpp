@@ -10,4 +10,5 @@ PYBIND11_MODULE(_core, m) {
     moelb::bindings::bind_hash_router(m);
     moelb::bindings::bind_recorder(m);
     moelb::bindings::bind_eplb(m);
+    moelb::bindings::bind_weight_moves(m);
 }

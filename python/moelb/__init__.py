@@ -18,6 +18,7 @@ from ._core import (
     get_num_threads,
     set_num_threads,
 )
+from .eplb import Plan, PlanStats, evaluate_placement, gpu_loads, rebalance
 from .io import (
     load_expert_distribution,
     load_placement,
@@ -39,13 +40,18 @@ __all__ = [
     "HashRouter",
     "InvalidArgumentError",
     "InvalidDTypeError",
+    "Plan",
+    "PlanStats",
     "TopKConfig",
     "TopKOutput",
     "__version__",
+    "evaluate_placement",
     "get_num_threads",
+    "gpu_loads",
     "load_expert_distribution",
     "load_placement",
     "pass_balancedness",
+    "rebalance",
     "remap_topk_for_per_rank_shared_slots",
     "save_expert_distribution",
     "save_placement",

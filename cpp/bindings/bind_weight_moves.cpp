@@ -1,0 +1,66 @@
+#include <pybind11/stl.h>
+
+#include "arrays.hpp"
+#include "bindings.hpp"
+#include "moelb/weight_moves.hpp"
+
+namespace moelb::bindings {
+
+void bind_weight_moves(py::module_& m) {
+    py::class_<WeightMovePlan>(m, "WeightMovePlan", R"doc(
+The weight moves of one layer from an old placement to a new one, per EP rank.
+
+ops(rank) lists (kind, expert, src_slot, dst_slot, peer) in execution order. Every rank runs:
+(1) 'copy' and 'send' read the OLD contents of src_slot; (2) 'recv' writes the expert received
+from peer into dst_slot; (3) 'copy' writes what it read into dst_slot; (4) 'fanout' copies the
+NEW contents of src_slot into dst_slot. Sends and receives are sorted by (expert, peer), so both
+ends of every transfer issue them in the same order.
+)doc")
+        .def_readonly("layer", &WeightMovePlan::layer)
+        .def_readonly("ep_size", &WeightMovePlan::ep_size)
+        .def_readonly("num_local_slots", &WeightMovePlan::num_local_slots)
+        .def_readonly("local_copies", &WeightMovePlan::local_copies)
+        .def_readonly("intra_node_transfers", &WeightMovePlan::intra_node_transfers)
+        .def_readonly("inter_node_transfers", &WeightMovePlan::inter_node_transfers)
+        .def_readonly("unchanged_slots", &WeightMovePlan::unchanged_slots)
+        .def_property_readonly("transfers",
+                               [](const WeightMovePlan& p) {
+                                   return p.intra_node_transfers + p.inter_node_transfers;
+                               })
+        .def(
+            "ops",
+            [](const WeightMovePlan& p, std::int64_t rank) {
+                MOELB_CHECK_ARG(rank >= 0 && rank < p.ep_size,
+                                "rank=" << rank << " is outside [0, ep_size=" << p.ep_size << ")");
+                py::list out;
+                for (const MoveOp& op : p.ops[static_cast<std::size_t>(rank)]) {
+                    out.append(py::make_tuple(std::string(to_string(op.kind)), op.expert,
+                                              op.src_slot, op.dst_slot, op.peer));
+                }
+                return out;
+            },
+            py::arg("rank"))
+        .def(
+            "simulate",
+            [](const WeightMovePlan& p, const py::handle& contents) {
+                auto a = config_array<std::int64_t>(contents, "contents", 1);
+                std::vector<std::int64_t> v(a.data(), a.data() + a.size());
+                const std::vector<std::int64_t> out = simulate_weight_moves(p, v);
+                return py::array_t<std::int64_t>(static_cast<py::ssize_t>(out.size()),
+                                                 out.data());
+            },
+            py::arg("contents"),
+            "Runs the plan over all ranks on per-slot contents [ep_size * S] (e.g. expert ids).");
+
+    m.def(
+        "plan_weight_moves",
+        [](const ExpertLocation& old_location, const ExpertLocation& new_location,
+           std::int64_t layer) {
+            const int l = narrow(layer, "layer");
+            py::gil_scoped_release release;
+            return plan_weight_moves(old_location, new_location, l);
+        },
+        py::arg("old"), py::arg("new"), py::arg("layer"));
+}
+
+}  // namespace moelb::bindings

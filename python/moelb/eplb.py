@@ -1,0 +1,151 @@
+"""The EPLB planner: turn recorded expert loads into a placement (``rebalance``), evaluate a
+placement (``evaluate_placement``, ``gpu_loads``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from . import _core
+from ._core import ExpertLocation, InvalidArgumentError
+
+__all__ = ["ALGORITHMS", "Plan", "PlanStats", "evaluate_placement", "gpu_loads", "rebalance"]
+
+ALGORITHMS = ("moelb", "deepseek", "deepseek_hierarchical", "deepseek_global")
+
+
+@dataclass(frozen=True)
+class PlanStats:
+    """Statistics of a placement under a load (per-replica load = expert load / replicas).
+
+    Per layer ([L] arrays): ``max_gpu_load``, ``mean_gpu_load``, ``layer_balancedness``
+    (mean / max), ``lower_bound`` (max(total / GPUs, best achievable max per-replica load)),
+    ``gap`` (max / lower_bound - 1), ``layer_moved_experts`` (slots whose expert changed vs
+    ``previous``), ``layer_kept_previous``. Overall: ``balancedness`` (SGLang's layer mean of
+    mean/max), ``load_weighted_balancedness`` (vLLM's sum of means / sum of maxes), ``mean_gap``,
+    ``max_gap``, ``moved_experts``, ``moved_bytes`` (moved experts x ``expert_bytes``, or None),
+    ``wall_time_seconds`` of the planner, ``algorithm`` that ran and ``notes`` (fallbacks, why).
+    """
+
+    max_gpu_load: npt.NDArray[np.float64]
+    mean_gpu_load: npt.NDArray[np.float64]
+    layer_balancedness: npt.NDArray[np.float64]
+    lower_bound: npt.NDArray[np.float64]
+    gap: npt.NDArray[np.float64]
+    layer_moved_experts: npt.NDArray[np.int64]
+    layer_kept_previous: npt.NDArray[np.bool_]
+    balancedness: float
+    load_weighted_balancedness: float
+    mean_gap: float
+    max_gap: float
+    moved_experts: int
+    moved_bytes: int | None
+    wall_time_seconds: float
+    algorithm: str
+    notes: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A placement (``location``, what SGLang's ``--init-expert-location`` takes once saved with
+    ``moelb.save_placement``) and its ``stats``."""
+
+    location: ExpertLocation
+    stats: PlanStats
+
+
+def _as_load(load: Any) -> npt.NDArray[np.float64]:
+    if hasattr(load, "detach"):  # a torch tensor
+        load = load.detach().cpu().numpy()
+    array = np.asarray(load)
+    if array.dtype.kind not in "iuf":
+        raise InvalidArgumentError(f"load must hold numbers, got dtype {array.dtype}")
+    if array.ndim == 3:  # a time series [T, L, E]: the plan uses the sum over T
+        array = array.sum(axis=0, dtype=np.float64)
+    if array.ndim != 2:
+        raise InvalidArgumentError(
+            f"load must be [num_layers, num_experts] or [T, num_layers, num_experts], "
+            f"got shape {array.shape}"
+        )
+    return np.ascontiguousarray(array, dtype=np.float64)
+
+
+def _stats(raw: dict[str, Any], expert_bytes: int | None) -> PlanStats:
+    moved = int(raw["moved_experts"])
+    return PlanStats(
+        **{k: v for k, v in raw.items() if k != "moved_experts"},
+        moved_experts=moved,
+        moved_bytes=None if expert_bytes is None else moved * int(expert_bytes),
+    )
+
+
+def rebalance(
+    load: Any,
+    num_physical_experts: int,
+    num_groups: int | None,
+    num_nodes: int,
+    num_gpus: int,
+    algorithm: str = "moelb",
+    previous: ExpertLocation | None = None,
+    *,
+    locality: str = "auto",
+    move_cost: float = 0.0,
+    max_moves: int | None = None,
+    expert_bytes: int | None = None,
+) -> Plan:
+    """Plans which GPU slots hold which experts, from loads.
+
+    load: [L, E] or a time series [T, L, E] (summed over T) of per-expert loads (token counts,
+        integer or float, finite and >= 0), e.g. a recorder dump's ``logical_count``.
+    num_physical_experts: slots per layer (E + redundant); a multiple of num_gpus.
+    num_groups: expert groups (DeepSeek-V3: 8), or None.
+    algorithm: ``"moelb"`` (ours, the default), ``"deepseek"`` (DeepSeek's eplb.py: hierarchical
+        when num_groups % num_nodes == 0, else global), ``"deepseek_hierarchical"``,
+        ``"deepseek_global"``.
+    previous: the current placement. moelb keeps unchanged experts in their slots, and with
+        ``move_cost`` (minimum relative max-load reduction per moved expert for a layer to change)
+        or ``max_moves`` (a cap on slots rewritten over all layers) keeps layers whose gain does
+        not pay for their moves. Also makes ``stats`` count moved experts.
+    locality: moelb only: ``"node"`` keeps each expert group and its replicas on one node,
+        ``"none"`` places freely, ``"auto"`` is node when num_groups % num_nodes == 0.
+    expert_bytes: the size of one expert's weights, for ``stats.moved_bytes``.
+    """
+    if algorithm not in ALGORITHMS:
+        raise InvalidArgumentError(
+            f"algorithm={algorithm!r} is not an EPLB algorithm; expected one of {ALGORITHMS}"
+        )
+    if expert_bytes is not None and expert_bytes < 0:
+        raise InvalidArgumentError(f"expert_bytes must be non-negative, got {expert_bytes}")
+    location, raw = _core.rebalance(
+        _as_load(load),
+        num_physical_experts,
+        0 if num_groups is None else num_groups,
+        num_nodes,
+        num_gpus,
+        algorithm,
+        locality,
+        previous,
+        move_cost,
+        max_moves,
+    )
+    return Plan(location, _stats(raw, expert_bytes))
+
+
+def evaluate_placement(
+    load: Any,
+    location: ExpertLocation,
+    previous: ExpertLocation | None = None,
+    *,
+    expert_bytes: int | None = None,
+) -> PlanStats:
+    """The statistics of ``location`` under ``load`` ([L, E] or [T, L, E])."""
+    return _stats(_core.evaluate_placement(_as_load(load), location, previous), expert_bytes)
+
+
+def gpu_loads(load: Any, location: ExpertLocation) -> npt.NDArray[np.float64]:
+    """[L, G]: each GPU's load under ``location`` (each expert's load split equally over its
+    replicas)."""
+    return _core.gpu_loads(_as_load(load), location)
