@@ -124,6 +124,10 @@ void ExpertDistributionRecorder::begin_forward_pass(std::optional<std::int64_t> 
     std::lock_guard lock(mutex_);
     MOELB_CHECK_ARG(!in_pass_, "forward_pass() scopes cannot be nested (pass "
                                    << current_.forward_pass_id << " is still open)");
+    MOELB_CHECK_ARG(!forward_pass_id || *forward_pass_id >= next_pass_id_,
+                    "forward_pass_id=" << *forward_pass_id << " does not increase (the next id is "
+                                       << next_pass_id_
+                                       << "); pass ids must grow so dumps can be merged by id");
     const int L = location_->num_layers();
     const int P = location_->num_physical_experts();
     current_.forward_pass_id = forward_pass_id.value_or(next_pass_id_);

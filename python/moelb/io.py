@@ -267,6 +267,37 @@ def _as_int_array(value: Any, source: str, key: str, ndim: int) -> np.ndarray:
     return array.astype(np.int32)
 
 
+def _scalar(value: Any) -> Any:
+    """A 0-d array or tensor as its Python value; anything else unchanged."""
+    if hasattr(value, "detach"):  # a torch tensor
+        value = value.detach().cpu().numpy()
+    if isinstance(value, np.ndarray):
+        return value.item() if value.ndim == 0 else value
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _int_field(value: Any, source: str, key: str) -> int:
+    value = _scalar(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidArgumentError(f"{source}: {key} must be an integer, got {value!r}")
+    return value
+
+
+def _rate_field(value: Any, source: str) -> float | None:
+    """average_utilization_rate_over_window: a number or None (NaN also means None)."""
+    value = _scalar(value)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidArgumentError(
+            f"{source}: average_utilization_rate_over_window must be a number or None, "
+            f"got {value!r}"
+        )
+    return None if np.isnan(value) else float(value)
+
+
 def _read_file(path: Path) -> Any:
     source = f"dump file {str(path)!r}"
     suffix = _suffix(path)
@@ -286,11 +317,6 @@ def _read_file(path: Path) -> Any:
             raise InvalidArgumentError(f"{source} is not a readable .npz file: {e}") from None
         if "records" not in obj and "forward_pass_id" in obj:
             obj = _unpack_npz_records(obj, source)
-        if "average_utilization_rate_over_window" in obj:
-            rate = float(obj["average_utilization_rate_over_window"])
-            obj["average_utilization_rate_over_window"] = None if np.isnan(rate) else rate
-        if "rank" in obj:
-            obj["rank"] = int(obj["rank"])
         return obj
     try:
         with open(path, encoding="utf-8") as f:
@@ -312,10 +338,14 @@ def _unpack_npz_records(obj: dict[str, Any], source: str) -> dict[str, Any]:
     if missing:
         raise InvalidArgumentError(f"{source}: missing keys {missing}")
     ids, ranks, counts = obj["forward_pass_id"], obj["record_rank"], obj["global_physical_count"]
+    if not (ids.ndim == ranks.ndim == 1 and counts.ndim == 3):
+        raise InvalidArgumentError(
+            f"{source}: forward_pass_id and record_rank must be 1-D and global_physical_count 3-D"
+        )
     if not (len(ids) == len(ranks) == len(counts)):
         raise InvalidArgumentError(f"{source}: record arrays have different lengths")
     records = [
-        {"forward_pass_id": int(ids[i]), "rank": int(ranks[i]), "global_physical_count": counts[i]}
+        {"forward_pass_id": ids[i], "rank": ranks[i], "global_physical_count": counts[i]}
         for i in range(len(ids))
     ]
     return {"records": records, "last_physical_to_logical_map": obj["last_physical_to_logical_map"]}
@@ -325,26 +355,13 @@ def _stat_from(obj: Any, source: str) -> dict[str, Any]:
     missing = [k for k in ("rank", "logical_count") if k not in obj]
     if missing:
         raise InvalidArgumentError(f"{source}: missing keys {missing} (keys: {sorted(obj)!r})")
-    rank = obj["rank"]
-    if hasattr(rank, "item"):
-        rank = rank.item()
-    if isinstance(rank, bool) or not isinstance(rank, int):
-        raise InvalidArgumentError(f"{source}: rank must be an integer, got {rank!r}")
+    rank = _int_field(obj["rank"], source, "rank")
     count = obj["logical_count"]
-    if hasattr(count, "detach"):
-        count = count.detach().cpu().numpy()
-    count = np.asarray(count)
-    if count.ndim == 2:  # SGLang accepts an [L, E] count as one step
-        count = count[None]
-    logical = _as_int_array(count, source, "logical_count", 3)
-    rate = obj.get("average_utilization_rate_over_window")
-    if rate is not None:
-        try:
-            rate = float(rate)
-        except (TypeError, ValueError):
-            raise InvalidArgumentError(
-                f"{source}: average_utilization_rate_over_window must be a number or None"
-            ) from None
+    try:  # SGLang accepts an [L, E] count as one step
+        logical = _as_int_array(count, source, "logical_count", 2)[None]
+    except InvalidArgumentError:
+        logical = _as_int_array(count, source, "logical_count", 3)
+    rate = _rate_field(obj.get("average_utilization_rate_over_window"), source)
     return {"rank": rank, "logical_count": logical, "average_utilization_rate_over_window": rate}
 
 
@@ -375,7 +392,13 @@ def _records_from(obj: Any, source: str) -> tuple[list[tuple[int, int, np.ndarra
                 f"{source}: records[{i}].global_physical_count has shape {counts.shape} but "
                 f"last_physical_to_logical_map has {mapping.shape}"
             )
-        out.append((int(r["forward_pass_id"]), int(r["rank"]), counts))
+        out.append(
+            (
+                _int_field(r["forward_pass_id"], source, f"records[{i}].forward_pass_id"),
+                _int_field(r["rank"], source, f"records[{i}].rank"),
+                counts,
+            )
+        )
     return out, mapping
 
 

@@ -105,7 +105,8 @@ class ExpertDistributionRecorder(_core.ExpertDistributionRecorder):
         super().on_dispatch_counts(local_counts, rank, int(num_trailing_shared_slots))
 
     def balancedness(self) -> dict[int, float | None]:
-        """Mean balancedness over the last 10, 100 and 1000 passes that routed tokens."""
+        """Mean balancedness over the last 10, 100 and 1000 passes (passes that routed nothing
+        are left out of the mean; None when all were)."""
         return {w: self.average_balancedness(w) for w in BALANCEDNESS_WINDOWS}
 
     def dump(self, path: str | os.PathLike[str] | None = None) -> dict[str, Any]:

@@ -971,3 +971,15 @@ def test_per_token_mode_keeps_the_ids() -> None:
         record["topk_ids_of_layer"][1], np.concatenate([IDS, more, more[::-1]])
     )
     assert (record["topk_ids_of_layer"][[0, 2]] == -1).all()
+
+
+def test_explicit_forward_pass_ids_must_grow() -> None:
+    recorder = moelb.ExpertDistributionRecorder((1, 4))
+    recorder.start()
+    with recorder.forward_pass(5):
+        pass
+    with pytest.raises(moelb.InvalidArgumentError, match="forward_pass_id=5 does not increase"):
+        recorder.begin_forward_pass(5)
+    with recorder.forward_pass():  # the default continues after the last id
+        pass
+    assert recorder.forward_pass_ids().tolist() == [5, 6]

@@ -533,58 +533,36 @@ BAD_CONTENT = {
     ),
 }
 
-BUGS = {
+# Regressions: malformed values that once escaped as bare ValueError/TypeError.
+REGRESSIONS = {
     "count_ragged": (
         {"rank": 0, "logical_count": [[[1, 2], [3]]]},
         "logical_count",
-        "BUG: io._stat_from calls np.asarray(logical_count) outside a try: a ragged "
-        "logical_count raises numpy's bare ValueError ('inhomogeneous shape'), not "
-        "InvalidArgumentError naming the file",
     ),
     "record_id_str": (
         per_pass(forward_pass_id="x"),
         "forward_pass_id",
-        "BUG: io._records_from calls int(r['forward_pass_id']) unchecked: forward_pass_id='x' "
-        'raises a bare ValueError ("invalid literal for int()"), not InvalidArgumentError',
     ),
     "record_id_null": (
         per_pass(forward_pass_id=None),
         "forward_pass_id",
-        "BUG: io._records_from: forward_pass_id=None raises a bare TypeError from int(), "
-        "not InvalidArgumentError naming the file",
     ),
     "record_rank_str": (
         per_pass(rank="zero"),
         "rank",
-        "BUG: io._records_from: a record's rank='zero' raises a bare ValueError from int()",
     ),
     "record_id_float": (
         per_pass(forward_pass_id=1.5),
         "forward_pass_id",
-        "BUG: io._records_from truncates forward_pass_id=1.5 to 1 silently (int()); a "
-        "non-integer pass id must be rejected, it can merge distinct passes",
     ),
     "rate_bool": (
         {"rank": 0, "logical_count": COUNT, "average_utilization_rate_over_window": True},
         "average_utilization_rate_over_window",
-        "BUG: io._stat_from accepts average_utilization_rate_over_window=True as 1.0 "
-        "(float(True)) although rank=True is rejected",
     ),
 }
 
 
 TENSOR_KEYS = {"logical_count", "global_physical_count", "last_physical_to_logical_map"}
-
-
-# How each bug shows today: a bare exception, or no error at all (pytest's Failed).
-BUG_RAISES = {
-    "count_ragged": ValueError,
-    "record_id_str": ValueError,
-    "record_id_null": TypeError,
-    "record_rank_str": ValueError,
-    "record_id_float": pytest.fail.Exception,
-    "rate_bool": pytest.fail.Exception,
-}
 
 
 def write_json_or_pt(path: Path, content) -> None:
@@ -620,17 +598,9 @@ def test_bad_content(tmp_path: Path, suffix: str, case: str) -> None:
     assert path.name in str(info.value)
 
 
-@pytest.mark.parametrize(
-    "case",
-    [
-        pytest.param(
-            case, marks=pytest.mark.xfail(strict=True, reason=bug, raises=BUG_RAISES[case])
-        )
-        for case, (_, _, bug) in BUGS.items()
-    ],
-)
-def test_bad_content_bugs(tmp_path: Path, case: str) -> None:
-    content, key, _ = BUGS[case]
+@pytest.mark.parametrize("case", list(REGRESSIONS))
+def test_bad_content_regressions(tmp_path: Path, case: str) -> None:
+    content, key = REGRESSIONS[case]
     path = tmp_path / f"bad_{case}.json"
     path.write_text(json.dumps(content))
     with pytest.raises(moelb.InvalidArgumentError, match=key) as info:
@@ -663,20 +633,15 @@ BAD_NPZ = {
     ),
 }
 
-BAD_NPZ_BUGS = {
-    "rank_vector": (
-        {"rank": np.array([0, 1]), "logical_count": np.zeros((1, 2, 2), np.int32)},
-        "BUG: io._read_file calls int(obj['rank']) unchecked: a .npz whose rank is an array of "
-        "shape (2,) raises a bare TypeError ('only 0-dimensional arrays can be converted')",
-    ),
+# Regressions: values that once escaped as bare TypeError/ValueError.
+BAD_NPZ_REGRESSIONS = {
+    "rank_vector": ({"rank": np.array([0, 1]), "logical_count": np.zeros((1, 2, 2), np.int32)},),
     "rate_string": (
         {
             "rank": np.array(0),
             "logical_count": np.zeros((1, 2, 2), np.int32),
             "average_utilization_rate_over_window": np.array("abc"),
         },
-        "BUG: io._read_file calls float() on the .npz rate unchecked: rate 'abc' raises a bare "
-        "ValueError ('could not convert string to float')",
     ),
     "record_ids_scalar": (
         {
@@ -685,24 +650,16 @@ BAD_NPZ_BUGS = {
             "global_physical_count": np.zeros((2, 2), np.int32),
             "last_physical_to_logical_map": np.array(MAP),
         },
-        "BUG: io._unpack_npz_records: 0-d forward_pass_id/record_rank arrays raise a bare "
-        "TypeError ('len() of unsized object')",
     ),
 }
 
 
 @pytest.mark.parametrize(
     "case",
-    list(BAD_NPZ)
-    + [
-        pytest.param(case, marks=pytest.mark.xfail(strict=True, reason=bug, raises=TypeError))
-        if "TypeError" in bug
-        else pytest.param(case, marks=pytest.mark.xfail(strict=True, reason=bug, raises=ValueError))
-        for case, (_, bug) in BAD_NPZ_BUGS.items()
-    ],
+    list(BAD_NPZ) + list(BAD_NPZ_REGRESSIONS),
 )
 def test_bad_npz_content(tmp_path: Path, case: str) -> None:
-    arrays, message = BAD_NPZ[case] if case in BAD_NPZ else (BAD_NPZ_BUGS[case][0], "")
+    arrays, message = BAD_NPZ[case] if case in BAD_NPZ else (BAD_NPZ_REGRESSIONS[case][0], "")
     path = tmp_path / f"bad_{case}.npz"
     np.savez(path, **arrays)
     with pytest.raises(moelb.InvalidArgumentError, match=message or None) as info:

@@ -72,7 +72,8 @@ public:
     void stop();
     bool recording() const;
 
-    // Scopes. A pass id defaults to one more than the last one begun. Nesting a scope of the
+    // Scopes. A pass id defaults to one more than the last one begun; an explicit id must not be
+    // lower than that (ids grow, so dumps of several ranks merge by id). Nesting a scope of the
     // same kind, or ending one that is not open, is an InvalidArgument. Ending a pass while
     // recording appends it to the window.
     void begin_forward_pass(std::optional<std::int64_t> forward_pass_id = std::nullopt);
@@ -126,8 +127,8 @@ public:
     Index num_passes() const;
     // [T, L, E] logical counts, each pass converted with its own placement.
     std::vector<std::int32_t> logical_count() const;
-    // Mean balancedness of the last `window` passes that routed tokens (NaN if none). The
-    // history keeps the last 1000 passes regardless of buffer_size.
+    // Mean balancedness over the last `window` passes, leaving out passes that routed nothing
+    // (NaN if all did). The history keeps the last 1000 passes regardless of buffer_size.
     double average_balancedness(int window) const;
     // Clears the recorded passes (recording state unchanged). The balancedness history is a
     // rolling monitor of the last 1000 passes and survives clear() (and so dump()); start()
