@@ -32,6 +32,7 @@ from .routing import (
     remap_topk_for_per_rank_shared_slots,
     select_experts,
 )
+from .weight_moves import WeightMovePlan, apply_weight_moves, plan_weight_moves
 
 __all__ = [
     "Error",
@@ -44,13 +45,16 @@ __all__ = [
     "PlanStats",
     "TopKConfig",
     "TopKOutput",
+    "WeightMovePlan",
     "__version__",
+    "apply_weight_moves",
     "evaluate_placement",
     "get_num_threads",
     "gpu_loads",
     "load_expert_distribution",
     "load_placement",
     "pass_balancedness",
+    "plan_weight_moves",
     "rebalance",
     "remap_topk_for_per_rank_shared_slots",
     "save_expert_distribution",

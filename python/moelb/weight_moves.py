@@ -1,0 +1,66 @@
+"""Weight-move plans: what every EP rank copies, sends and receives so that a layer's expert
+slots change from one placement to another (``plan_weight_moves``), and a one-process executor
+over NumPy arrays (``apply_weight_moves``) that runs every rank's operations."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from . import _core
+from ._core import ExpertLocation, InvalidArgumentError, WeightMovePlan
+
+__all__ = ["WeightMovePlan", "apply_weight_moves", "plan_weight_moves"]
+
+
+def plan_weight_moves(old: ExpertLocation, new: ExpertLocation, layer: int) -> WeightMovePlan:
+    """The moves of MoE layer ``layer`` from placement ``old`` to ``new``.
+
+    Node-aware: a rank that needs an expert it does not hold receives it from a rank of its own
+    node when one holds it, else from any holder; needing ranks are shared out evenly over the
+    holders. Every expert a rank needs arrives once (further slots of that rank are filled by a
+    local 'fanout'); unchanged slots are not touched. ``plan.ops(rank)`` lists
+    ``(kind, expert, src_slot, dst_slot, peer)``; see ``WeightMovePlan`` for the execution order.
+    """
+    return _core.plan_weight_moves(old, new, layer)
+
+
+def apply_weight_moves(plan: WeightMovePlan, weights: Any) -> npt.NDArray[Any]:
+    """Runs every rank's operations of ``plan`` on ``weights`` [ep_size, S, ...] (one array per
+    slot, e.g. an expert's w13 rows) in one process; returns the new array. Sends and copies read
+    the old contents, as they do on real ranks (receive into staging buffers before writing)."""
+    old = np.asarray(weights)
+    expected = (plan.ep_size, plan.num_local_slots)
+    if old.ndim < 2 or old.shape[:2] != expected:
+        raise InvalidArgumentError(
+            f"weights has shape {old.shape} but the plan needs [ep_size, S, ...] = "
+            f"[{expected[0]}, {expected[1]}, ...]"
+        )
+    new = old.copy()
+    messages: dict[tuple[int, int, int], list[npt.NDArray[Any]]] = {}
+    for rank in range(plan.ep_size):
+        for kind, expert, src, _dst, peer in plan.ops(rank):
+            if kind == "send":
+                messages.setdefault((rank, peer, expert), []).append(old[rank, src])
+    for rank in range(plan.ep_size):
+        ops = plan.ops(rank)
+        for kind, expert, _src, dst, peer in ops:
+            if kind == "recv":
+                queue = messages.get((peer, rank, expert))
+                if not queue:
+                    raise _core.Error(
+                        f"rank {rank} receives expert {expert} from rank {peer}, which sends "
+                        "nothing matching"
+                    )
+                new[rank, dst] = queue.pop(0)
+        for kind, _expert, src, dst, _peer in ops:
+            if kind == "copy":
+                new[rank, dst] = old[rank, src]
+        for kind, _expert, src, dst, _peer in ops:
+            if kind == "fanout":
+                new[rank, dst] = new[rank, src]
+    if any(messages.values()):
+        raise _core.Error("a send has no matching receive")
+    return new
