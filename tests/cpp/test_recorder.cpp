@@ -855,14 +855,16 @@ TEST(RecorderState, ForwardPassIds) {
     { PassScope pass(r); }
     { PassScope pass(r, 100); }
     { PassScope pass(r); }
-    r.begin_forward_pass(7);
+    r.begin_forward_pass(500);
     r.end_forward_pass();
+    { PassScope pass(r); }
     const std::vector<Recorder::Pass> passes = r.passes();
-    ASSERT_EQ(passes.size(), 4u);
+    ASSERT_EQ(passes.size(), 5u);
     EXPECT_EQ(passes[0].forward_pass_id, 0);
     EXPECT_EQ(passes[1].forward_pass_id, 100);
     EXPECT_EQ(passes[2].forward_pass_id, 101);
-    EXPECT_EQ(passes[3].forward_pass_id, 7);
+    EXPECT_EQ(passes[3].forward_pass_id, 500);
+    EXPECT_EQ(passes[4].forward_pass_id, 501);
 }
 
 TEST(RecorderState, ConstructorErrors) {
