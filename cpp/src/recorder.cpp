@@ -36,7 +36,8 @@ std::string_view to_string(RecorderMode mode) {
 
 double pass_balancedness(std::span<const std::int32_t> counts, int num_layers,
                          int num_physical_experts, int ep_size) {
-    MOELB_CHECK_ARG(num_layers >= 0 && num_physical_experts >= 1 && ep_size >= 1 &&
+    MOELB_CHECK_ARG(num_layers >= 0, "num_layers=" << num_layers << " must be non-negative");
+    MOELB_CHECK_ARG(num_physical_experts >= 1 && ep_size >= 1 &&
                         num_physical_experts % ep_size == 0,
                     "num_physical_experts=" << num_physical_experts
                                             << " is not a positive multiple of ep_size="
@@ -91,13 +92,16 @@ std::shared_ptr<const ExpertLocation> ExpertDistributionRecorder::location() con
 void ExpertDistributionRecorder::set_location(ExpertLocation location) {
     std::lock_guard lock(mutex_);
     MOELB_CHECK_ARG(location.num_layers() == location_->num_layers() &&
+                        location.num_logical_experts() == location_->num_logical_experts() &&
                         location.num_physical_experts() == location_->num_physical_experts() &&
                         location.ep_size() == location_->ep_size(),
                     "the new location has num_layers=" << location.num_layers()
+                        << ", num_logical_experts=" << location.num_logical_experts()
                         << ", num_physical_experts=" << location.num_physical_experts()
                         << ", ep_size=" << location.ep_size() << " but the recorder has "
-                        << location_->num_layers() << ", " << location_->num_physical_experts()
-                        << ", " << location_->ep_size());
+                        << location_->num_layers() << ", " << location_->num_logical_experts()
+                        << ", " << location_->num_physical_experts() << ", "
+                        << location_->ep_size());
     location_ = std::make_shared<const ExpertLocation>(std::move(location));
 }
 
@@ -124,6 +128,8 @@ void ExpertDistributionRecorder::begin_forward_pass(std::optional<std::int64_t> 
     std::lock_guard lock(mutex_);
     MOELB_CHECK_ARG(!in_pass_, "forward_pass() scopes cannot be nested (pass "
                                    << current_.forward_pass_id << " is still open)");
+    MOELB_CHECK_ARG(!forward_pass_id || *forward_pass_id < std::numeric_limits<std::int64_t>::max(),
+                    "forward_pass_id=" << *forward_pass_id << " is too large");
     MOELB_CHECK_ARG(!forward_pass_id || *forward_pass_id >= next_pass_id_,
                     "forward_pass_id=" << *forward_pass_id << " does not increase (the next id is "
                                        << next_pass_id_
@@ -257,6 +263,13 @@ void ExpertDistributionRecorder::on_dispatch_counts(std::span<const std::int64_t
     std::int32_t* row = current_.counts.data() +
                         static_cast<Index>(*layer_) * location_->num_physical_experts() +
                         static_cast<Index>(ep_rank) * S;
+    for (int s = 0; s < S; ++s) {
+        MOELB_CHECK_ARG(static_cast<std::int64_t>(row[s]) + local_counts[s] <=
+                            std::numeric_limits<std::int32_t>::max(),
+                        "local_counts[" << s << "] = " << local_counts[s]
+                                        << " would overflow the int32 count of slot "
+                                        << static_cast<Index>(ep_rank) * S + s << " in this pass");
+    }
     for (int s = 0; s < S; ++s) row[s] += static_cast<std::int32_t>(local_counts[s]);
 }
 
@@ -275,11 +288,11 @@ std::vector<std::int32_t> ExpertDistributionRecorder::logical_count() const {
     const int L = location_->num_layers();
     const int E = location_->num_logical_experts();
     const int P = location_->num_physical_experts();
-    std::vector<std::int32_t> out(passes_.size() * static_cast<std::size_t>(L) * E, 0);
+    std::vector<std::int64_t> wide(passes_.size() * static_cast<std::size_t>(L) * E, 0);
     std::size_t t = 0;
     for (const Pass& pass : passes_) {
         const auto& map = pass.location->physical_to_logical();
-        std::int32_t* dst = out.data() + t * static_cast<std::size_t>(L) * E;
+        std::int64_t* dst = wide.data() + t * static_cast<std::size_t>(L) * E;
         for (int l = 0; l < L; ++l) {
             for (int p = 0; p < P; ++p) {
                 dst[static_cast<Index>(l) * E + map(l, p)] +=
@@ -287,6 +300,12 @@ std::vector<std::int32_t> ExpertDistributionRecorder::logical_count() const {
             }
         }
         ++t;
+    }
+    std::vector<std::int32_t> out(wide.size());
+    for (std::size_t i = 0; i < wide.size(); ++i) {
+        MOELB_CHECK_ARG(wide[i] <= std::numeric_limits<std::int32_t>::max(),
+                        "a logical count of " << wide[i] << " does not fit in int32");
+        out[i] = static_cast<std::int32_t>(wide[i]);
     }
     return out;
 }
@@ -327,6 +346,11 @@ void ExpertDistributionRecorder::merge(const ExpertDistributionRecorder& other) 
         MOELB_CHECK_ARG(*theirs.location == *mine.location,
                         "pass " << t << " was recorded with different placements on the two "
                                         "recorders");
+        for (std::size_t i = 0; i < mine.counts.size(); ++i) {
+            MOELB_CHECK_ARG(static_cast<std::int64_t>(mine.counts[i]) + theirs.counts[i] <=
+                                std::numeric_limits<std::int32_t>::max(),
+                            "merging pass " << t << " would overflow an int32 count");
+        }
         for (std::size_t l = 0; l < mine.token_top_k.size(); ++l) {
             const int a = mine.token_top_k[l], b = theirs.token_top_k[l];
             MOELB_CHECK_ARG(a == 0 || b == 0 || a == b, "layer " << l << " of pass " << t

@@ -345,9 +345,6 @@ TEST(RecorderLocation, SetLocationRejectsADifferentShape) {
 }
 
 TEST(RecorderLocation, SetLocationRejectsADifferentNumberOfLogicalExperts) {
-    GTEST_SKIP() << "BUG: set_location accepts a placement with another num_logical_experts "
-                    "(same L, P, ep_size); logical_count() then sizes its [T, L, E] output with "
-                    "the new E but indexes it with the old passes' expert ids (out of bounds)";
     // logical_count() is [T, L, E] with one E, so a placement with another E must be refused.
     Recorder r(ExpertLocation::trivial(1, 4, 4, 2));
     expect_invalid_argument([&] { r.set_location(ExpertLocation::trivial(1, 2, 4, 2)); },
@@ -606,9 +603,6 @@ TEST(RecorderDispatchCounts, SelectExpertsExamplesFromReference) {
 }
 
 TEST(RecorderDispatchCounts, AccumulationBeyondInt32IsAnError) {
-    GTEST_SKIP() << "BUG: on_dispatch_counts adds each count into the int32 pass counts without "
-                    "an overflow check: {2147483647, 0} then {1, 0} on S=2 overflows the slot "
-                    "(signed overflow, UB; wraps to -2147483648 in practice) instead of raising";
     Recorder r(ExpertLocation::trivial(1, 2, 2, 1));
     r.start();
     r.begin_forward_pass();
@@ -830,10 +824,6 @@ TEST(RecorderState, PassUnwoundByAnExceptionIsNotAppended) {
 }
 
 TEST(RecorderState, PassCompletedDuringUnrelatedUnwindingIsAppended) {
-    GTEST_SKIP() << "BUG: ForwardPassScope's destructor abandons the pass whenever "
-                    "std::uncaught_exceptions() != 0 instead of comparing with the count at "
-                    "construction, so a pass recorded completely inside a destructor that runs "
-                    "during stack unwinding (an unrelated exception) is silently dropped";
     Recorder r(ExpertLocation::trivial(1, 2, 2, 1));
     r.start();
     struct RecordsOnDestruction {
@@ -938,9 +928,6 @@ TEST(RecorderBalancedness, PassBalancednessErrors) {
 }
 
 TEST(RecorderBalancedness, NegativeNumLayersIsNamed) {
-    GTEST_SKIP() << "BUG: pass_balancedness(counts, num_layers=-1, 8, 4) raises InvalidArgument "
-                    "'num_physical_experts=8 is not a positive multiple of ep_size=4': the check "
-                    "covers num_layers >= 0 but the message names the wrong parameters";
     expect_invalid_argument([] { moelb::pass_balancedness(Counts(8, 1), -1, 8, 4); },
                             "num_layers=-1");
 }

@@ -12,6 +12,7 @@
 
 #include <cstdint>
 #include <deque>
+#include <exception>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -63,7 +64,7 @@ public:
     int num_layers() const;
     int num_physical_experts() const;
     std::shared_ptr<const ExpertLocation> location() const;
-    // Later passes are recorded (and converted) with this placement; same L, P and ep_size.
+    // Later passes are recorded (and converted) with this placement; same L, E, P and ep_size.
     void set_location(ExpertLocation location);
 
     // start(): clears what was accumulated and starts recording. stop(): stops recording and
@@ -87,11 +88,12 @@ public:
     public:
         explicit ForwardPassScope(ExpertDistributionRecorder& r,
                                   std::optional<std::int64_t> id = std::nullopt)
-            : r_(&r) {
+            : r_(&r), exceptions_(std::uncaught_exceptions()) {
             r.begin_forward_pass(id);
         }
+        // Ends the pass, or drops it when the scope's own body is unwinding an exception.
         ~ForwardPassScope() noexcept(false) {
-            if (std::uncaught_exceptions() == 0) r_->end_forward_pass();
+            if (std::uncaught_exceptions() == exceptions_) r_->end_forward_pass();
             else r_->abandon_forward_pass();
         }
         ForwardPassScope(const ForwardPassScope&) = delete;
@@ -99,6 +101,7 @@ public:
 
     private:
         ExpertDistributionRecorder* r_;
+        int exceptions_;
     };
     class LayerScope {
     public:
