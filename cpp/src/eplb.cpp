@@ -285,9 +285,9 @@ struct Packing {
     // lower bound: nothing below it is reachable).
     void swap_search(double target = 0.0) {
         const int B = num_bins();
-        std::vector<int> candidates;
+        std::vector<int> partners;
         const int max_iterations = 20 * B + 100;
-        constexpr int kMaxPartners = 16;
+        constexpr int kFirstPartners = 16;  // lightest bins tried first; all bins if none helps
         for (int it = 0; it < max_iterations; ++it) {
             int a = 0;
             for (int b = 1; b < B; ++b) {
@@ -295,43 +295,61 @@ struct Packing {
             }
             const double limit = bin_load[a];
             if (limit <= target * (1 + 1e-9)) return;
-            candidates.clear();
+            partners.clear();
             for (int b = 0; b < B; ++b) {
-                if (b != a && bin_domain[b] == bin_domain[a]) candidates.push_back(b);
+                if (b != a && bin_domain[b] == bin_domain[a] && bin_load[b] < limit) {
+                    partners.push_back(b);
+                }
             }
-            if (static_cast<int>(candidates.size()) > kMaxPartners) {
-                std::nth_element(candidates.begin(), candidates.begin() + kMaxPartners,
-                                 candidates.end(), [&](int x, int y) {
-                                     return bin_load[x] < bin_load[y] ||
-                                            (bin_load[x] == bin_load[y] && x < y);
-                                 });
-                candidates.resize(kMaxPartners);
-                std::sort(candidates.begin(), candidates.end());
+            const auto lighter = [&](int x, int y) {
+                return bin_load[x] < bin_load[y] || (bin_load[x] == bin_load[y] && x < y);
+            };
+            bool swapped = false;
+            for (int round = 0; round < 2 && !swapped; ++round) {
+                std::size_t first = 0, last = partners.size();
+                if (round == 0 && static_cast<int>(partners.size()) > kFirstPartners) {
+                    std::nth_element(partners.begin(), partners.begin() + kFirstPartners,
+                                     partners.end(), lighter);
+                    std::sort(partners.begin(), partners.begin() + kFirstPartners);
+                    last = kFirstPartners;
+                } else if (round == 1) {
+                    if (static_cast<int>(partners.size()) <= kFirstPartners) break;
+                    first = kFirstPartners;
+                }
+                swapped = best_swap(a, limit, partners, first, last);
             }
-            double best = limit * (1 - 1e-12);
-            int best_b = -1, best_xi = -1, best_yi = -1;
-            for (const int b : candidates) {
-                const double gap = limit - bin_load[b];
-                if (gap <= 0) continue;
-                for (std::size_t xi = 0; xi < bins[a].size(); ++xi) {
-                    const int x = bins[a][xi];
-                    for (std::size_t yi = 0; yi < bins[b].size(); ++yi) {
-                        const int y = bins[b][yi];
-                        const double d = item_load[x] - item_load[y];
-                        if (d <= 0 || d >= gap) continue;
-                        const double m = std::max(limit - d, bin_load[b] + d);
-                        if (m < best && swap_allowed(a, x, b, y)) {
-                            best = m;
-                            best_b = b;
-                            best_xi = static_cast<int>(xi);
-                            best_yi = static_cast<int>(yi);
-                        }
+            if (!swapped) return;
+        }
+    }
+
+    // The best swap between bin a (load limit) and partners[first, last); applies it and returns
+    // true if one lowers max(load a, load b) below limit.
+    bool best_swap(int a, double limit, const std::vector<int>& partners, std::size_t first,
+                   std::size_t last) {
+        double best = limit * (1 - 1e-12);
+        int best_b = -1, best_xi = -1, best_yi = -1;
+        for (std::size_t k = first; k < last; ++k) {
+            const int b = partners[k];
+            const double gap = limit - bin_load[b];
+            for (std::size_t xi = 0; xi < bins[a].size(); ++xi) {
+                const int x = bins[a][xi];
+                for (std::size_t yi = 0; yi < bins[b].size(); ++yi) {
+                    const int y = bins[b][yi];
+                    const double d = item_load[x] - item_load[y];
+                    if (d <= 0 || d >= gap) continue;
+                    const double m = std::max(limit - d, bin_load[b] + d);
+                    if (m < best && swap_allowed(a, x, b, y)) {
+                        best = m;
+                        best_b = b;
+                        best_xi = static_cast<int>(xi);
+                        best_yi = static_cast<int>(yi);
                     }
                 }
             }
-            if (best_b < 0) return;
-            apply_swap(a, best_xi, best_b, best_yi);
         }
+        if (best_b < 0) return false;
+        apply_swap(a, best_xi, best_b, best_yi);
+        return true;
     }
 };
 
