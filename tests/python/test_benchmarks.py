@@ -35,3 +35,33 @@ def test_bench_routing_quick(tmp_path: Path, extra: list[str]) -> None:
     cases = {r["case"] for r in data["results"]}
     assert {"V3", "V4-Flash", "V4-Pro", "V4-hash"} <= cases
     assert all(a["ok"] for a in data["agreement"]), data["agreement"]
+
+
+def test_bench_eplb_quick(tmp_path: Path) -> None:
+    out = tmp_path / "eplb.json"
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "bench_eplb.py"), "--quick", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "goal:" in result.stdout
+    data = json.loads(out.read_text())
+    cases = {t["name"] for t in data["topologies"]}
+    assert {(t["case"], t["loads"]) for t in data["timings"]} == {
+        (case, loads) for case in cases for loads in ("zipf", "lognormal")
+    }
+    for t in data["timings"]:
+        assert {"deepseek@1", "deepseek@2", "none@1", "none@2", "python"} <= set(t["seconds"])
+        assert all(s > 0 for s in t["seconds"].values()), t
+    # moelb's deepseek mode equals the ports: replica counts and per-GPU loads on every layer
+    references = {a["reference"] for a in data["agreement"]}
+    assert "python" in references
+    assert all(a["ok"] for a in data["agreement"]), data["agreement"]
+    for q in data["quality"]:
+        assert 0.0 < q["balancedness"] <= 1.0 + 1e-12, q
+        assert -1e-9 <= q["mean_gap"] <= q["max_gap"] + 1e-12, q
+        if q["plan"].startswith("moelb"):
+            assert q["worse_layers"] is not None and q["same_at_2_threads"] is not None, q
+    assert len(data["goals"]) == 5 and all(isinstance(g["met"], bool) for g in data["goals"])
