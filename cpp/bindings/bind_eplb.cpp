@@ -61,9 +61,9 @@ void bind_eplb(py::module_& m) {
             o.locality = parse_locality(locality);
             o.previous = previous;
             o.move_cost = move_cost;
+            MOELB_CHECK_ARG(!max_moves || *max_moves >= 0,
+                            "max_moves must be >= 0 (or None), got " << *max_moves);
             o.max_moves = max_moves.value_or(-1);
-            MOELB_CHECK_ARG(o.max_moves >= -1, "max_moves must be >= 0 (or None), got "
-                                                   << o.max_moves);
             std::optional<Plan> plan;
             {
                 py::gil_scoped_release release;

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <map>
 #include <numeric>
 #include <queue>
 #include <sstream>
@@ -353,18 +354,18 @@ struct Packing {
     }
 };
 
-// Builds the packing of one layer for a given expert -> domain split: counts by the divisor
-// method per domain (capped at the domain's bins), LPT, duplicate repair, swap search.
-Packing pack_domains(const double* w, const std::vector<std::vector<int>>& domain_experts,
-                     int slots_per_domain, int bins_per_domain, int S, double target) {
+// Packs replicas with given counts: domain d's experts (domain_experts[d]) with counts
+// domain_counts[d] into its bins_per_domain bins of S slots; LPT, duplicate repair, swap search.
+Packing pack_counts(const double* w, const std::vector<std::vector<int>>& domain_experts,
+                    const std::vector<std::vector<int>>& domain_counts, int bins_per_domain,
+                    int S, double target) {
     Packing p;
     p.size = S;
     const int D = static_cast<int>(domain_experts.size());
     std::vector<std::vector<int>> items_of_domain(static_cast<std::size_t>(D));
     for (int d = 0; d < D; ++d) {
         const auto& experts = domain_experts[d];
-        const std::vector<int> count = divisor_counts(w, experts, slots_per_domain,
-                                                      bins_per_domain);
+        const auto& count = domain_counts[d];
         for (std::size_t i = 0; i < experts.size(); ++i) {
             for (int c = 0; c < count[i]; ++c) {
                 items_of_domain[d].push_back(static_cast<int>(p.item_load.size()));
@@ -378,6 +379,84 @@ Packing pack_domains(const double* w, const std::vector<std::vector<int>>& domai
     p.repair_duplicates(p.max_load());
     p.swap_search(target);
     return p;
+}
+
+// Builds the packing of one layer for a given expert -> domain split: counts by the divisor
+// method per domain (capped at the domain's bins), then pack_counts.
+Packing pack_domains(const double* w, const std::vector<std::vector<int>>& domain_experts,
+                     int slots_per_domain, int bins_per_domain, int S, double target) {
+    std::vector<std::vector<int>> counts;
+    for (const auto& experts : domain_experts) {
+        counts.push_back(divisor_counts(w, experts, slots_per_domain, bins_per_domain));
+    }
+    return pack_counts(w, domain_experts, counts, bins_per_domain, S, target);
+}
+
+// Experts of `p` with two replicas on one bin although they have no more replicas than their
+// domain has bins (so the duplicate could be avoided), in ascending id order.
+std::vector<int> avoidable_duplicates(const Packing& p, int bins_per_domain) {
+    std::map<int, int> replicas;
+    for (const int e : p.item_expert) ++replicas[e];
+    std::vector<int> out;
+    for (int b = 0; b < p.num_bins(); ++b) {
+        for (std::size_t i = 0; i < p.bins[b].size(); ++i) {
+            for (std::size_t j = 0; j < i; ++j) {
+                const int e = p.item_expert[p.bins[b][i]];
+                if (e == p.item_expert[p.bins[b][j]] && replicas[e] <= bins_per_domain) {
+                    out.push_back(e);
+                }
+            }
+        }
+    }
+    std::sort(out.begin(), out.end());
+    out.erase(std::unique(out.begin(), out.end()), out.end());
+    return out;
+}
+
+// Removes avoidable duplicates that swaps could not: moves one replica of the duplicated expert
+// to another expert of its domain (the best few by the divisor rule) and repacks, keeping a
+// result only if it has fewer avoidable duplicates and no higher maximum load.
+void remove_avoidable_duplicates(Packing& p, const double* w, int bins_per_domain, double target) {
+    constexpr int kCandidates = 8;
+    for (int attempt = 0; attempt < 4; ++attempt) {
+        const std::vector<int> dups = avoidable_duplicates(p, bins_per_domain);
+        if (dups.empty()) return;
+        // Current domains and counts.
+        const int D = p.num_bins() / bins_per_domain;
+        std::vector<std::map<int, int>> counts(static_cast<std::size_t>(D));
+        for (int b = 0; b < p.num_bins(); ++b) {
+            for (const int i : p.bins[b]) ++counts[p.bin_domain[b]][p.item_expert[i]];
+        }
+        const int e = dups.front();
+        int d = 0;
+        while (!counts[d].count(e)) ++d;
+        std::vector<std::pair<double, int>> donors_to;  // (-w/(c+1), f)
+        for (const auto& [f, c] : counts[d]) {
+            if (f != e && c < bins_per_domain) donors_to.emplace_back(-w[f] / (c + 1), f);
+        }
+        std::sort(donors_to.begin(), donors_to.end());
+        if (static_cast<int>(donors_to.size()) > kCandidates) donors_to.resize(kCandidates);
+        bool improved = false;
+        for (const auto& [key, f] : donors_to) {
+            std::vector<std::vector<int>> experts(static_cast<std::size_t>(D));
+            std::vector<std::vector<int>> cnt(static_cast<std::size_t>(D));
+            for (int dd = 0; dd < D; ++dd) {
+                for (const auto& [x, c] : counts[dd]) {
+                    const int changed = c - (dd == d && x == e) + (dd == d && x == f);
+                    experts[dd].push_back(x);
+                    cnt[dd].push_back(changed);
+                }
+            }
+            Packing q = pack_counts(w, experts, cnt, bins_per_domain, p.size, target);
+            if (q.max_load() <= p.max_load() * (1 + 1e-12) &&
+                avoidable_duplicates(q, bins_per_domain).size() < dups.size()) {
+                p = std::move(q);
+                improved = true;
+                break;
+            }
+        }
+        if (!improved) return;
+    }
 }
 
 // The packing of an existing layer placement (slot -> expert), with equal-split loads.
@@ -426,7 +505,7 @@ std::vector<int> assign_groups(const double* w, int E, int K, int N, int slots_p
     // Every node gets one group first (heaviest groups spread), then LPT with capacity.
     std::vector<double> load(static_cast<std::size_t>(N), 0.0);
     std::vector<int> count(static_cast<std::size_t>(N), 0);
-    const int per_node = K % N == 0 ? K / N : max_groups;
+    const int per_node = (K % N == 0 && K / N <= max_groups) ? K / N : max_groups;
     for (std::size_t i = 0; i < order.size(); ++i) {
         const int g = order[i];
         int best = -1;
@@ -781,9 +860,10 @@ Plan rebalance(ConstMatrixMap<double> load, const RebalanceOptions& o) {
     if (deepseek) {
         bool hierarchical = o.algorithm == EplbAlgorithm::kDeepSeekHierarchical ||
                             (o.algorithm == EplbAlgorithm::kDeepSeek && K > 0 && K % N == 0);
-        MOELB_CHECK_ARG(G % N == 0, "num_gpus=" << G << " is not divisible by num_nodes=" << N
-                                                << " (DeepSeek's EPLB requires it)");
         if (hierarchical) {
+            MOELB_CHECK_ARG(G % N == 0, "num_gpus=" << G << " is not divisible by num_nodes="
+                                                    << N
+                                                    << " (the hierarchical policy requires it)");
             MOELB_CHECK_ARG(K > 0, "the hierarchical policy needs num_groups");
             MOELB_CHECK_ARG(E % K == 0, "num_experts=" << E << " is not divisible by num_groups="
                                                        << K << " (DeepSeek's EPLB requires it)");
@@ -792,6 +872,11 @@ Plan rebalance(ConstMatrixMap<double> load, const RebalanceOptions& o) {
                                                               "requires it)");
         }
         name = hierarchical ? "deepseek_hierarchical" : "deepseek_global";
+        if (G % N != 0) {
+            notes << "num_gpus=" << G << " is not divisible by num_nodes=" << N
+                  << ": the location has num_nodes=1. ";
+            location_nodes = 1;
+        }
         std::vector<float> w32(static_cast<std::size_t>(L) * E);
         for (Index l = 0; l < L; ++l) {
             for (int e = 0; e < E; ++e) w32[l * E + e] = static_cast<float>(load(l, e));
@@ -820,6 +905,9 @@ Plan rebalance(ConstMatrixMap<double> load, const RebalanceOptions& o) {
             else if (E % K != 0) why = "num_experts is not divisible by num_groups";
             else if (K < N) why = "there are fewer groups than nodes";
             else if (gs > R / N) why = "a group has more experts than a node has slots";
+            else if (static_cast<Index>(R / N / gs) * N < K) {
+                why = "the groups do not fit the nodes' slots";
+            }
             if (why) {
                 notes << "node locality impossible (" << why << "): planned without it. ";
                 locality = Locality::kNone;
@@ -828,9 +916,15 @@ Plan rebalance(ConstMatrixMap<double> load, const RebalanceOptions& o) {
         const bool node_locality = locality == Locality::kNode && N > 1;
         name = std::string("moelb(locality=") + (locality == Locality::kNode ? "node" : "none") +
                ")";
-        const bool deepseek_comparable =
-            locality == Locality::kNode ? (K > 0 && E % K == 0 && K % N == 0 && G % N == 0)
-                                        : true;
+        // DeepSeek's policies whose placements satisfy this locality: (groups, nodes) pairs.
+        std::vector<std::pair<int, int>> deepseek_variants;
+        const bool hierarchical_valid = K > 0 && E % K == 0 && K % N == 0 && G % N == 0;
+        if (node_locality) {
+            if (hierarchical_valid) deepseek_variants.emplace_back(K, N);
+        } else {
+            deepseek_variants.emplace_back(1, 1);
+            if (hierarchical_valid && (K > 1 || N > 1)) deepseek_variants.emplace_back(K, N);
+        }
         std::vector<int> kept_deepseek(static_cast<std::size_t>(L), 0);
         parallel_for(L, 1, [&](Index begin, Index end) {
             std::vector<float> w32_local(static_cast<std::size_t>(E));
@@ -861,10 +955,10 @@ Plan rebalance(ConstMatrixMap<double> load, const RebalanceOptions& o) {
                 // DeepSeek under the same locality, improved by the same local search: keep
                 // whichever is lower (ours on ties), so we are never worse than DeepSeek. Only
                 // worth it when DeepSeek's own packing beats ours before its improvement.
-                if (deepseek_comparable && ours.max_load() > bound * (1 + 1e-9)) {
+                for (const auto& [groups, nodes] : deepseek_variants) {
+                    if (ours.max_load() <= bound * (1 + 1e-9)) break;
                     for (int e = 0; e < E; ++e) w32_local[e] = static_cast<float>(w[e]);
-                    deepseek_layer(w32_local.data(), E, R, node_locality ? K : 1,
-                                   node_locality ? N : 1, G, ds.data());
+                    deepseek_layer(w32_local.data(), E, R, groups, nodes, G, ds.data());
                     Packing theirs = packing_of(w, ds.data(), E, R, G, node_locality ? N : 1);
                     if (theirs.max_load() < ours.max_load() * (1 - 1e-12)) {
                         theirs.repair_duplicates(theirs.max_load());
@@ -875,6 +969,7 @@ Plan rebalance(ConstMatrixMap<double> load, const RebalanceOptions& o) {
                         }
                     }
                 }
+                if (kept_deepseek[l]) remove_avoidable_duplicates(ours, w, gpus_per_domain, bound);
                 write_slots(ours, phy2log.row(l).data());
                 if (o.previous) {
                     match_previous(phy2log.row(l).data(),

@@ -74,6 +74,8 @@ def _as_load(load: Any) -> npt.NDArray[np.float64]:
 
 
 def _stats(raw: dict[str, Any], expert_bytes: int | None) -> PlanStats:
+    if expert_bytes is not None and expert_bytes < 0:
+        raise InvalidArgumentError(f"expert_bytes must be non-negative, got {expert_bytes}")
     moved = int(raw["moved_experts"])
     return PlanStats(
         **{k: v for k, v in raw.items() if k != "moved_experts"},
@@ -117,8 +119,6 @@ def rebalance(
         raise InvalidArgumentError(
             f"algorithm={algorithm!r} is not an EPLB algorithm; expected one of {ALGORITHMS}"
         )
-    if expert_bytes is not None and expert_bytes < 0:
-        raise InvalidArgumentError(f"expert_bytes must be non-negative, got {expert_bytes}")
     location, raw = _core.rebalance(
         _as_load(load),
         num_physical_experts,

@@ -629,13 +629,6 @@ def named_inputs() -> list[tuple[str, np.ndarray, tuple[int, int, int | None, in
 
 NAMED_INPUTS = named_inputs()
 
-SINGLE_NODE_TIE_BUG = (
-    "BUG: with num_nodes=1 and groups, moelb(locality=node) can be worse than "
-    "deepseek_hierarchical on tied loads; see "
-    "test_single_node_node_locality_never_worse_than_deepseek_hierarchical"
-)
-WORSE_THAN_DEEPSEEK = {"sparse(20, 30, 5, 1, 5)"}
-
 
 @pytest.mark.parametrize(
     ("name", "load", "shape"),
@@ -643,9 +636,6 @@ WORSE_THAN_DEEPSEEK = {"sparse(20, 30, 5, 1, 5)"}
         pytest.param(
             *case,
             id=case[0],
-            marks=[pytest.mark.xfail(strict=True, reason=SINGLE_NODE_TIE_BUG)]
-            if case[0] in WORSE_THAN_DEEPSEEK
-            else [],
         )
         for case in NAMED_INPUTS
     ],
@@ -668,16 +658,6 @@ def test_moelb_never_worse_than_deepseek_on_every_layer(
     assert (ours.stats.max_gpu_load <= ds.stats.max_gpu_load * (1 + 1e-9)).all(), name
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: rebalance([[1,0,0,0,0,0,0,0,1,0,0,0,2,0,0,0,0,0,0,2]], 30, num_groups=5, "
-        "num_nodes=1, num_gpus=5) (moelb, auto = node locality) has max GPU load 4/3 but "
-        "algorithm='deepseek_hierarchical' (and 'deepseek') reaches 1.3 on the same input: "
-        "with one node moelb only compares itself with DeepSeek's global routine, whose tie "
-        "order differs from the hierarchical one (groups sorted by load)"
-    ),
-)
 def test_single_node_node_locality_never_worse_than_deepseek_hierarchical() -> None:
     load = np.zeros((1, 20))
     load[0, [0, 8, 12, 19]] = [1, 1, 2, 2]
@@ -800,14 +780,6 @@ def test_moelb_node_locality_against_brute_force() -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: rebalance([[6, 3, 2, 1]], 6, None, 1, 3) (moelb, locality none) returns "
-        "[[1, 3, 0, 0, 2, 0]], two replicas of expert 0 (3 replicas, G = 3) on GPU 1, taken "
-        "from DeepSeek's packing; [[0, 2, 0, 2, 1, 3]] has the same max load 4 and no duplicate"
-    ),
-)
 def test_no_duplicate_when_a_duplicate_free_placement_is_as_good() -> None:
     w = np.array([[6.0, 3, 2, 1]])
     plan = rebalance(w, 6, None, 1, 3, locality="none")
@@ -930,15 +902,6 @@ def test_any_topology_gives_a_valid_plan(
         assert_groups_within_nodes(plan.location.physical_to_logical, experts, groups, gpus, nodes)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: rebalance(arange(1, 13)[None], 12, 3, 2, 4, locality='node') aborts the process "
-        "('double free or corruption'): 3 groups of 4 experts cannot fit 2 nodes of 6 slots "
-        "(1 group per node); the planner is not told node locality is impossible and "
-        "assign_groups writes out of bounds. Expected a fallback to locality none with a note"
-    ),
-)
 @pytest.mark.parametrize(
     ("experts", "slots", "groups", "nodes", "gpus"), [(12, 12, 3, 2, 4), (24, 24, 3, 2, 4)]
 )
@@ -1322,16 +1285,6 @@ def test_deepseek_modes_accept_what_deepseek_accepts(
         np.testing.assert_array_equal(plan.location.physical_to_logical, phy)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: rebalance(load[2, 12], 18, num_groups=4 or 3, num_nodes=4, num_gpus=6, "
-        "algorithm='deepseek_global' (or 'deepseek' with num_groups % num_nodes != 0)) raises "
-        "'num_gpus=6 is not divisible by num_nodes=4 (DeepSeek's EPLB requires it)', but "
-        "DeepSeek's global policy only needs num_physical_experts % num_gpus == 0 (reference "
-        "1.6): eplb.py calls the hierarchical routine with num_nodes=1 and never checks G % N"
-    ),
-)
 @pytest.mark.parametrize(("algorithm", "groups"), [("deepseek_global", 4), ("deepseek", 3)])
 def test_deepseek_global_accepts_gpus_not_divisible_by_nodes(algorithm: str, groups: int) -> None:
     load = np.random.default_rng(18).uniform(1, 10, (2, 12))
@@ -1384,28 +1337,12 @@ def test_metrics_reject_a_load_of_another_shape() -> None:
         gpu_loads(np.ones(12), loc)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: evaluate_placement(load, location, previous, expert_bytes=-1) returns "
-        "moved_bytes = -moved_experts instead of raising InvalidArgumentError naming "
-        "expert_bytes, as rebalance(..., expert_bytes=-1) does"
-    ),
-)
 def test_evaluate_placement_rejects_negative_expert_bytes() -> None:
     previous = ExpertLocation.trivial(2, 12, 16, 8, 2)
     with pytest.raises(InvalidArgumentError, match=r"expert_bytes"):
         evaluate_placement(GOOD["load"], previous, expert_bytes=-1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: rebalance(..., previous=..., max_moves=-1) is accepted as 'no cap' (the C++ "
-        "sentinel leaks through the binding's max_moves >= -1 check); the Python API says None "
-        "means no cap, and max_moves=-5 is rejected with 'max_moves must be >= 0 (or None)'"
-    ),
-)
 def test_max_moves_minus_one_is_rejected() -> None:
     previous = ExpertLocation.trivial(2, 12, 16, 8, 2)
     with pytest.raises(InvalidArgumentError, match=r"max_moves must be >= 0 \(or None\), got -1"):
