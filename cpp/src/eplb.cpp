@@ -19,11 +19,14 @@ namespace {
 // DeepSeek's eplb.py, per layer, in float32 like the original.
 // =============================================================================================
 
-// Indices of w[0, n) by descending value, ties to the lower index (a stable sort).
+// Indices of w[0, n) by descending value, ties to the lower index (what a stable sort gives;
+// sorting (value, index) keys is faster and identical because the keys are unique).
 void order_descending(const float* w, int n, std::vector<int>& order) {
+    std::vector<std::pair<float, int>> keys(static_cast<std::size_t>(n));
+    for (int i = 0; i < n; ++i) keys[i] = {-w[i], i};
+    std::sort(keys.begin(), keys.end());
     order.resize(static_cast<std::size_t>(n));
-    std::iota(order.begin(), order.end(), 0);
-    std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return w[a] > w[b]; });
+    for (int i = 0; i < n; ++i) order[i] = keys[i].second;
 }
 
 // balanced_packing: n items into m packs of n / m items each (greedy by descending weight onto
@@ -39,16 +42,18 @@ void balanced_packing(const float* w, int n, int m, int* pack, int* rank) {
     }
     std::vector<int> order;
     order_descending(w, n, order);
-    std::vector<float> load(static_cast<std::size_t>(m), 0.0f);
+    // Packs with room in a min-heap of (float32 load, pack): the lightest, ties to the lower
+    // pack -- the same choice as eplb.py's scan.
+    using Entry = std::pair<float, int>;
+    std::priority_queue<Entry, std::vector<Entry>, std::greater<>> heap;
+    for (int p = 0; p < m; ++p) heap.emplace(0.0f, p);
     std::vector<int> count(static_cast<std::size_t>(m), 0);
     for (const int i : order) {
-        int best = -1;
-        for (int p = 0; p < m; ++p) {
-            if (count[p] < per_pack && (best < 0 || load[p] < load[best])) best = p;
-        }
+        const auto [load, best] = heap.top();
+        heap.pop();
         pack[i] = best;
         rank[i] = count[best]++;
-        load[best] += w[i];
+        if (count[best] < per_pack) heap.emplace(load + w[i], best);
     }
 }
 
@@ -774,7 +779,12 @@ RowMatrix<double> gpu_loads(ConstMatrixMap<double> load, const ExpertLocation& l
 
 PlanStats evaluate_placement(ConstMatrixMap<double> load, const ExpertLocation& location,
                              const ExpertLocation* previous) {
-    const RowMatrix<double> per_gpu = gpu_loads(load, location);
+    MOELB_CHECK_ARG(load.rows() == location.num_layers() &&
+                        load.cols() == location.num_logical_experts(),
+                    "load has shape [" << load.rows() << ", " << load.cols()
+                                       << "] but the location has " << location.num_layers()
+                                       << " layers and " << location.num_logical_experts()
+                                       << " logical experts");
     const int L = location.num_layers(), G = location.ep_size();
     const int E = location.num_logical_experts(), R = location.num_physical_experts();
     if (previous) {
@@ -784,26 +794,31 @@ PlanStats evaluate_placement(ConstMatrixMap<double> load, const ExpertLocation& 
     }
     PlanStats stats;
     stats.layers.resize(static_cast<std::size_t>(L));
-    double sum_mean = 0, sum_max = 0;
-    for (int l = 0; l < L; ++l) {
-        LayerPlanStats& s = stats.layers[l];
-        double total = 0;
-        for (int e = 0; e < E; ++e) total += load(l, e);
-        s.max_gpu_load = per_gpu.row(l).maxCoeff();
-        s.mean_gpu_load = total / G;
-        s.balancedness = s.max_gpu_load > 0 ? s.mean_gpu_load / s.max_gpu_load : 1.0;
+    parallel_for(L, 1, [&](Index begin, Index end) {
         std::vector<int> experts(static_cast<std::size_t>(E));
         std::iota(experts.begin(), experts.end(), 0);
-        const std::vector<int> best = divisor_counts(load.row(l).data(), experts, R, R);
-        s.lower_bound = std::max(total / G, max_replica_load(load.row(l).data(), experts, best));
-        s.gap = s.lower_bound > 0 ? s.max_gpu_load / s.lower_bound - 1 : 0.0;
-        if (previous) {
-            for (int p = 0; p < R; ++p) {
-                if (previous->physical_to_logical()(l, p) != location.physical_to_logical()(l, p)) {
-                    ++s.moved_experts;
+        for (Index l = begin; l < end; ++l) {
+            LayerPlanStats& s = stats.layers[static_cast<std::size_t>(l)];
+            const double* w = load.row(l).data();
+            double total = 0;
+            for (int e = 0; e < E; ++e) total += w[e];
+            s.max_gpu_load =
+                layer_max_gpu_load(w, location.physical_to_logical().row(l).data(), E, R, G);
+            s.mean_gpu_load = total / G;
+            s.balancedness = s.max_gpu_load > 0 ? s.mean_gpu_load / s.max_gpu_load : 1.0;
+            const std::vector<int> best = divisor_counts(w, experts, R, R);
+            s.lower_bound = std::max(total / G, max_replica_load(w, experts, best));
+            s.gap = s.lower_bound > 0 ? s.max_gpu_load / s.lower_bound - 1 : 0.0;
+            if (previous) {
+                for (int p = 0; p < R; ++p) {
+                    s.moved_experts += previous->physical_to_logical()(l, p) !=
+                                       location.physical_to_logical()(l, p);
                 }
             }
         }
+    });
+    double sum_mean = 0, sum_max = 0;
+    for (const LayerPlanStats& s : stats.layers) {
         stats.balancedness += s.balancedness / L;
         stats.mean_gap += s.gap / L;
         stats.max_gap = std::max(stats.max_gap, s.gap);
