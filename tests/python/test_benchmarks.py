@@ -37,6 +37,47 @@ def test_bench_routing_quick(tmp_path: Path, extra: list[str]) -> None:
     assert all(a["ok"] for a in data["agreement"]), data["agreement"]
 
 
+@pytest.mark.parametrize("threads", [["1"], ["1", "2"]], ids=["1-thread", "1-2-threads"])
+def test_bench_recorder_quick(tmp_path: Path, threads: list[str]) -> None:
+    out = tmp_path / "recorder.json"
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(BENCHMARKS / "bench_recorder.py"),
+            "--quick",
+            "--buffer-size",
+            "2",  # fewer passes than are routed: the window must drop the oldest
+            "--threads",
+            *threads,
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "on_select_experts" in result.stdout
+    data = json.loads(out.read_text())
+    results = data["results"]
+    assert {(r["case"], r["threads"]) for r in results} == {
+        (case, int(t)) for case in ("V3", "V4-Flash") for t in threads
+    }
+    for r in results:
+        seconds = r["median_seconds"]
+        assert {"select_experts", "on_select_experts", "forward_pass_exit"} <= set(seconds)
+        assert all(s > 0 for s in seconds.values()), r
+        for ratios in (r["ratios_of_medians"], r["ratios_of_lower_quartiles"]):
+            assert ratios["record"] > 0 and ratios["per_pass"] > ratios["forward_pass"] > 0
+    checks = data["checks"]
+    assert len(checks) == 2 * len(results)
+    assert all(c["ok"] for c in checks), checks
+    top_k = {"V3": 8, "V4-Flash": 6}
+    for c in checks:
+        assert c["passes_kept"] == 2 < c["passes_ended"]
+        assert c["min_counted"] == c["max_counted"] == c["ids_per_layer"] == 256 * top_k[c["case"]]
+
+
 def test_bench_eplb_quick(tmp_path: Path) -> None:
     out = tmp_path / "eplb.json"
     result = subprocess.run(
