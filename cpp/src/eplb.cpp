@@ -128,6 +128,7 @@ void deepseek_layer(const float* w, int E, int R, int K, int N, int G, std::int3
 // =============================================================================================
 
 constexpr double kRelTol = 1e-12;
+constexpr int kCountSearchBudget = 2;  // repacks per layer in search_counts
 
 // Divisor-method replica counts for experts `experts` (loads w) over `slots` slots, each expert at
 // most `cap` replicas (when slots allow): minimises the largest per-replica load. Ties go to the
@@ -455,6 +456,78 @@ void remove_avoidable_duplicates(Packing& p, const double* w, int bins_per_domai
             Packing q = pack_counts(w, experts, cnt, bins_per_domain, p.size, target);
             if (q.max_load() <= p.max_load() * (1 + 1e-12) &&
                 avoidable_duplicates(q, bins_per_domain).size() < dups.size()) {
+                p = std::move(q);
+                improved = true;
+                break;
+            }
+        }
+        if (!improved) return;
+    }
+}
+
+// Replica-count search: the divisor method minimises the largest per-replica load, not the
+// largest GPU load. Gives one more replica to an expert of the heaviest GPU, taken from the
+// expert that loses least (smallest load per replica after losing one), repacks, and keeps the
+// result when the maximum drops without adding avoidable duplicates, or stays and avoidable
+// duplicates drop. At most `budget` repacks.
+void search_counts(Packing& p, const double* w, int bins_per_domain, double target, int budget) {
+    const int D = p.num_bins() / bins_per_domain;
+    for (int tries = 0; tries < budget;) {
+        if (p.max_load() <= target * (1 + 1e-9)) return;
+        int a = 0;
+        for (int b = 1; b < p.num_bins(); ++b) {
+            if (p.bin_load[b] > p.bin_load[a]) a = b;
+        }
+        const int d = p.bin_domain[a];
+        std::map<int, int> counts;
+        std::vector<std::map<int, int>> all(static_cast<std::size_t>(D));
+        for (int b = 0; b < p.num_bins(); ++b) {
+            for (const int i : p.bins[b]) ++all[p.bin_domain[b]][p.item_expert[i]];
+        }
+        counts = all[d];
+        // Receivers: the experts on the heaviest GPU, heaviest replica first.
+        std::vector<int> receivers;
+        std::vector<int> items = p.bins[a];
+        std::sort(items.begin(), items.end(), [&](int x, int y) {
+            return p.item_load[x] > p.item_load[y] ||
+                   (p.item_load[x] == p.item_load[y] && p.item_expert[x] < p.item_expert[y]);
+        });
+        for (const int i : items) {
+            const int e = p.item_expert[i];
+            if (counts[e] < bins_per_domain &&
+                std::find(receivers.begin(), receivers.end(), e) == receivers.end()) {
+                receivers.push_back(e);
+            }
+        }
+        bool improved = false;
+        const std::size_t dups = avoidable_duplicates(p, bins_per_domain).size();
+        for (const int e : receivers) {
+            if (tries >= budget) break;
+            int donor = -1;
+            double donor_key = std::numeric_limits<double>::infinity();
+            for (const auto& [f, c] : counts) {
+                if (f == e || c < 2) continue;
+                const double key = w[f] / (c - 1);
+                if (key < donor_key) {
+                    donor_key = key;
+                    donor = f;
+                }
+            }
+            if (donor < 0) break;
+            std::vector<std::vector<int>> experts(static_cast<std::size_t>(D));
+            std::vector<std::vector<int>> cnt(static_cast<std::size_t>(D));
+            for (int dd = 0; dd < D; ++dd) {
+                for (const auto& [x, c] : all[dd]) {
+                    experts[dd].push_back(x);
+                    cnt[dd].push_back(c + (dd == d && x == e) - (dd == d && x == donor));
+                }
+            }
+            ++tries;
+            Packing q = pack_counts(w, experts, cnt, bins_per_domain, p.size, target);
+            const double qm = q.max_load(), pm = p.max_load();
+            const std::size_t qdups = avoidable_duplicates(q, bins_per_domain).size();
+            if ((qm < pm * (1 - 1e-12) && qdups <= dups) ||
+                (qm <= pm * (1 + 1e-12) && qdups < dups)) {
                 p = std::move(q);
                 improved = true;
                 break;
@@ -984,7 +1057,15 @@ Plan rebalance(ConstMatrixMap<double> load, const RebalanceOptions& o) {
                         }
                     }
                 }
-                if (kept_deepseek[l]) remove_avoidable_duplicates(ours, w, gpus_per_domain, bound);
+                // A few count changes when the plan is not at the bound, or keeps an avoidable
+                // duplicate (bounded: each try is a full repack of the layer).
+                if (ours.max_load() > bound * (1 + 2e-3) ||
+                    !avoidable_duplicates(ours, gpus_per_domain).empty()) {
+                    search_counts(ours, w, gpus_per_domain, bound, kCountSearchBudget);
+                }
+                if (!avoidable_duplicates(ours, gpus_per_domain).empty()) {
+                    remove_avoidable_duplicates(ours, w, gpus_per_domain, bound);
+                }
                 write_slots(ours, phy2log.row(l).data());
                 if (o.previous) {
                     match_previous(phy2log.row(l).data(),
