@@ -35,12 +35,10 @@ moelb's deepseek mode disagrees with the ports (replica counts or per-GPU loads)
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -56,6 +54,7 @@ if str(_HERE) not in sys.path:
     sys.path.insert(0, str(_HERE))
 
 import deepseek_eplb_reference as ref  # noqa: E402
+from bench_common import load_average, table, write_json  # noqa: E402
 
 NUM_EXPERTS = 256  # DeepSeek-V3's routed experts
 NUM_GROUPS = 8  # DeepSeek-V3's n_group
@@ -416,7 +415,7 @@ def format_speed(timings: Sequence[Timing], threads: Sequence[int]) -> str:
         ]
         for t in timings
     ]
-    return _table(header, rows)
+    return table(header, rows)
 
 
 def format_moelb_times(timings: Sequence[Timing], threads: Sequence[int]) -> str:
@@ -437,7 +436,7 @@ def format_moelb_times(timings: Sequence[Timing], threads: Sequence[int]) -> str
         ]
         for t in timings
     ]
-    return _table(header, rows)
+    return table(header, rows)
 
 
 def format_quality(qualities: Sequence[Quality], num_layers: int) -> str:
@@ -468,7 +467,7 @@ def format_quality(qualities: Sequence[Quality], num_layers: int) -> str:
         ]
         for q in qualities
     ]
-    return _table(header, rows)
+    return table(header, rows)
 
 
 def format_agreement(agreements: Sequence[Agreement]) -> str:
@@ -485,19 +484,7 @@ def format_agreement(agreements: Sequence[Agreement]) -> str:
         ]
         for a in agreements
     ]
-    return _table(header, rows)
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-
-    def line(cells: Sequence[str]) -> str:
-        first = cells[0].ljust(widths[0])
-        rest = (c.rjust(w) for c, w in zip(cells[1:], widths[1:], strict=True))
-        return "  ".join([first, *rest]).rstrip()
-
-    rule = "  ".join("-" * w for w in widths)
-    return "\n".join([line(header), rule, *(line(r) for r in rows)])
+    return table(header, rows)
 
 
 def evaluate_goals(
@@ -583,28 +570,6 @@ def evaluate_goals(
     return goals
 
 
-def write_json(path: Path, payload: dict[str, Any]) -> None:
-    """Writes ``payload`` to ``path`` atomically (a temporary file beside it, then a rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(payload, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _load_average() -> float | None:
-    """The 1-minute load average (other work competing for the CPUs), where the OS reports it."""
-    try:
-        return os.getloadavg()[0]
-    except (AttributeError, OSError):
-        return None
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", type=int, help=f"MoE layers (default {DEFAULT_LAYERS})")
@@ -650,12 +615,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "torch": torch_mod.__version__ if torch_mod is not None else None,
         "python": platform.python_version(),
     }
-    load_average = _load_average()
+    load_avg = load_average()
     print(
         f"rebalance: {args.layers} layers x {NUM_EXPERTS} experts in {NUM_GROUPS} groups, "
         f"median of {args.repeats} runs ({args.torch_repeats} for torch); "
         f"{os.cpu_count()} CPUs ({platform.machine()})"
-        + ("" if load_average is None else f", load average {load_average:.2f}")
+        + ("" if load_avg is None else f", load average {load_avg:.2f}")
         + "; "
         + ", ".join(f"{k} {v}" for k, v in versions.items() if v is not None)
     )
@@ -754,7 +719,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "threads": args.threads,
             "seed": args.seed,
             "cpu_count": os.cpu_count(),
-            "load_average_before": load_average,
+            "load_average_before": load_avg,
             "machine": platform.machine(),
             "versions": versions,
             "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),

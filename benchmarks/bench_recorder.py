@@ -33,21 +33,21 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import moelb
 import numpy as np
 import numpy.typing as npt
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import load_average, table, write_json
 
 DEFAULT_TOKENS = 4_096
 DEFAULT_REPEATS = 10  # timed forward passes per measurement, each timing every MoE layer
@@ -412,7 +412,7 @@ def format_timings(timings: Sequence[Timing]) -> str:
                 cells.append(_fmt_time(seconds(s, t.num_moe_layers)))
                 cells.append("-" if ratio is None else _fmt_share(r[ratio]))
             rows.append(cells)
-    return _table(header, rows, left=(0, 3, 4), separate_every=len(ROWS))
+    return table(header, rows, left=(0, 3, 4), separate_every=len(ROWS))
 
 
 def format_checks(checks: Sequence[Check]) -> str:
@@ -443,55 +443,7 @@ def format_checks(checks: Sequence[Check]) -> str:
         )
         for c in checks
     ]
-    return _table(header, rows, left=(0, 2))
-
-
-def _table(
-    header: Sequence[str],
-    rows: Sequence[Sequence[str]],
-    left: Sequence[int] = (0,),
-    separate_every: int | None = None,
-) -> str:
-    """Columns padded to their widest cell: those in ``left`` left-aligned, the others right; a
-    blank line every ``separate_every`` rows."""
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-
-    def line(cells: Sequence[str]) -> str:
-        padded = (
-            c.ljust(w) if i in left else c.rjust(w)
-            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-        )
-        return "  ".join(padded).rstrip()
-
-    rule = "  ".join("-" * w for w in widths)
-    lines = [line(header), rule]
-    for i, r in enumerate(rows):
-        if separate_every and i and i % separate_every == 0:
-            lines.append("")
-        lines.append(line(r))
-    return "\n".join(lines)
-
-
-def write_json(path: Path, payload: dict[str, Any]) -> None:
-    """Writes ``payload`` to ``path`` atomically (a temporary file beside it, then a rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(payload, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _load_average() -> float | None:
-    """The 1-minute load average (other work competing for the CPUs), where the OS reports it."""
-    try:
-        return os.getloadavg()[0]
-    except (AttributeError, OSError):
-        return None
+    return table(header, rows, left=(0, 2))
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -560,7 +512,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "numpy": np.__version__,
         "python": platform.python_version(),
     }
-    load = _load_average()
+    load = load_average()
     batches = f"{args.tokens} tokens x {args.repeats} passes" + (
         f" and {args.large_tokens} tokens x {args.large_repeats}" if args.large_tokens else ""
     )

@@ -23,12 +23,10 @@ speed; it exits with status 1 only when the implementations disagree.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -45,6 +43,7 @@ for _folder in (_HERE, _HERE.parent / "tests" / "python"):
     if str(_folder) not in sys.path:
         sys.path.insert(0, str(_folder))
 
+from bench_common import load_average, table, write_json  # noqa: E402
 from routing_reference import reference_hash_select, reference_select_experts  # noqa: E402
 
 DEFAULT_TOKENS = 16_384
@@ -386,7 +385,7 @@ def format_timings(timings: Sequence[Timing]) -> str:
         )
         for t in timings
     ]
-    return _table(header, rows)
+    return table(header, rows)
 
 
 def format_agreement(agreements: Sequence[Agreement]) -> str:
@@ -404,41 +403,7 @@ def format_agreement(agreements: Sequence[Agreement]) -> str:
         )
         for a in agreements
     ]
-    return _table(header, rows)
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-
-    def line(cells: Sequence[str]) -> str:
-        first = cells[0].ljust(widths[0])
-        rest = (c.rjust(w) for c, w in zip(cells[1:], widths[1:], strict=True))
-        return "  ".join([first, *rest]).rstrip()
-
-    rule = "  ".join("-" * w for w in widths)
-    return "\n".join([line(header), rule, *(line(r) for r in rows)])
-
-
-def write_json(path: Path, payload: dict[str, Any]) -> None:
-    """Writes ``payload`` to ``path`` atomically (a temporary file beside it, then a rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(payload, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _load_average() -> float | None:
-    """The 1-minute load average (other work competing for the CPUs), where the OS reports it."""
-    try:
-        return os.getloadavg()[0]
-    except (AttributeError, OSError):
-        return None
+    return table(header, rows)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -478,7 +443,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "torch": torch_mod.__version__ if torch_mod is not None else None,
         "python": platform.python_version(),
     }
-    load = _load_average()
+    load = load_average()
     print(
         f"select_experts: {args.tokens} tokens, median of {args.repeats} runs; "
         f"{os.cpu_count()} CPUs ({platform.machine()})"
