@@ -1057,9 +1057,9 @@ Plan rebalance(ConstMatrixMap<double> load, const RebalanceOptions& o) {
                         }
                     }
                 }
-                // A few count changes when the plan is not at the bound, or keeps an avoidable
+                // A few count changes when the plan is >0.5% above the bound, or keeps an avoidable
                 // duplicate (bounded: each try is a full repack of the layer).
-                if (ours.max_load() > bound * (1 + 2e-3) ||
+                if (ours.max_load() > bound * (1 + 5e-3) ||
                     !avoidable_duplicates(ours, gpus_per_domain).empty()) {
                     search_counts(ours, w, gpus_per_domain, bound, kCountSearchBudget);
                 }
