@@ -43,11 +43,13 @@ bench: install
 lint:
 	$(PYTHON) -m ruff check python tests benchmarks
 	$(PYTHON) -m ruff format --check python tests benchmarks
+	clang-format --dry-run -Werror cpp/include/moelb/*.hpp cpp/src/*.cpp cpp/src/*.hpp \
+	  cpp/bindings/*.cpp cpp/bindings/*.hpp tests/cpp/*.cpp tests/cpp/*.hpp
 
 format:
 	$(PYTHON) -m ruff format python tests benchmarks
 	clang-format -i cpp/include/moelb/*.hpp cpp/src/*.cpp cpp/src/*.hpp cpp/bindings/*.cpp \
-	  cpp/bindings/*.hpp tests/cpp/*.cpp
+	  cpp/bindings/*.hpp tests/cpp/*.cpp tests/cpp/*.hpp
 
 clean:
 	rm -rf build _skbuild dist *.egg-info

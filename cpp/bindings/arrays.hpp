@@ -44,16 +44,17 @@ inline py::array as_array(const py::handle& obj) { return py::array::ensure(obj)
 template <class T>
 py::array_t<T> strict_array(const py::handle& obj, const char* name, int ndim) {
     py::array a = py::array::ensure(obj);
-    MOELB_CHECK_ARG(a, name << " must be an array, got " << std::string(py::str(py::type::of(obj))));
+    MOELB_CHECK_ARG(a,
+                    name << " must be an array, got " << std::string(py::str(py::type::of(obj))));
     if (!a.dtype().is(py::dtype::of<T>())) {
         throw InvalidDType(std::string(name) + " must have dtype " + dtype_name<T>() + ", got " +
                            std::string(py::str(a.dtype())));
     }
-    MOELB_CHECK_ARG(a.ndim() == ndim, name << " must be " << ndim << "-D, got shape "
-                                           << shape_string(a));
-    MOELB_CHECK_ARG(a.flags() & py::array::c_style,
-                    name << " must be C-contiguous (row-major); pass np.ascontiguousarray(" << name
-                         << ")");
+    MOELB_CHECK_ARG(a.ndim() == ndim,
+                    name << " must be " << ndim << "-D, got shape " << shape_string(a));
+    MOELB_CHECK_ARG(
+        a.flags() & py::array::c_style,
+        name << " must be C-contiguous (row-major); pass np.ascontiguousarray(" << name << ")");
     return py::reinterpret_borrow<py::array_t<T>>(a);
 }
 
@@ -62,7 +63,8 @@ py::array_t<T> strict_array(const py::handle& obj, const char* name, int ndim) {
 template <class T>
 py::array_t<T, py::array::c_style> config_array(const py::handle& obj, const char* name, int ndim) {
     py::array a = py::array::ensure(obj);
-    MOELB_CHECK_ARG(a, name << " must be an array, got " << std::string(py::str(py::type::of(obj))));
+    MOELB_CHECK_ARG(a,
+                    name << " must be an array, got " << std::string(py::str(py::type::of(obj))));
     if constexpr (std::is_integral_v<T>) {
         const char kind = a.dtype().kind();
         if (kind != 'i' && kind != 'u') {
@@ -76,17 +78,16 @@ py::array_t<T, py::array::c_style> config_array(const py::handle& obj, const cha
                                std::string(py::str(a.dtype())));
         }
     }
-    MOELB_CHECK_ARG(a.ndim() == ndim, name << " must be " << ndim << "-D, got shape "
-                                           << shape_string(a));
+    MOELB_CHECK_ARG(a.ndim() == ndim,
+                    name << " must be " << ndim << "-D, got shape " << shape_string(a));
     if constexpr (std::is_integral_v<T>) {
         // Range check before narrowing so 2**40 is an error, not a wrapped id.
         py::array_t<std::int64_t, py::array::c_style | py::array::forcecast> wide(a);
         const std::int64_t* p = wide.data();
         for (py::ssize_t i = 0; i < wide.size(); ++i) {
-            MOELB_CHECK_ARG(p[i] >= std::numeric_limits<T>::min() &&
-                                p[i] <= std::numeric_limits<T>::max(),
-                            name << " holds " << p[i] << ", which does not fit in "
-                                 << dtype_name<T>());
+            MOELB_CHECK_ARG(
+                p[i] >= std::numeric_limits<T>::min() && p[i] <= std::numeric_limits<T>::max(),
+                name << " holds " << p[i] << ", which does not fit in " << dtype_name<T>());
         }
     }
     return py::array_t<T, py::array::c_style | py::array::forcecast>(a);
@@ -95,9 +96,9 @@ py::array_t<T, py::array::c_style> config_array(const py::handle& obj, const cha
 // Python ints arrive as int64 and are narrowed here, so an out-of-range value is an
 // InvalidArgument naming the parameter rather than pybind11's "incompatible arguments".
 inline int narrow(std::int64_t value, const char* name) {
-    MOELB_CHECK_ARG(value >= std::numeric_limits<int>::min() &&
-                        value <= std::numeric_limits<int>::max(),
-                    name << "=" << value << " does not fit in a 32-bit integer");
+    MOELB_CHECK_ARG(
+        value >= std::numeric_limits<int>::min() && value <= std::numeric_limits<int>::max(),
+        name << "=" << value << " does not fit in a 32-bit integer");
     return static_cast<int>(value);
 }
 

@@ -73,14 +73,13 @@ void bind_eplb(py::module_& m) {
         },
         py::arg("load"), py::arg("num_physical_experts"), py::arg("num_groups"),
         py::arg("num_nodes"), py::arg("num_gpus"), py::arg("algorithm") = "moelb",
-        py::arg("locality") = "auto", py::arg("previous") = py::none(),
-        py::arg("move_cost") = 0.0, py::arg("max_moves") = py::none(),
+        py::arg("locality") = "auto", py::arg("previous") = py::none(), py::arg("move_cost") = 0.0,
+        py::arg("max_moves") = py::none(),
         "Plans a placement from load [L, E] float64; returns (location, stats dict).");
 
     m.def(
         "evaluate_placement",
-        [](const py::handle& load, const ExpertLocation& location,
-           const ExpertLocation* previous) {
+        [](const py::handle& load, const ExpertLocation& location, const ExpertLocation* previous) {
             auto w = strict_array<double>(load, "load", 2);
             return stats_dict(evaluate_placement(const_matrix(w), location, previous));
         },

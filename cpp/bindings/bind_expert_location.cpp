@@ -14,8 +14,9 @@ std::optional<LayerDispatcher> make_dispatcher(const ExpertLocation* location,
     const DispatchAlgorithm algorithm = parse_dispatch_algorithm(dispatch, "dispatch");
     MOELB_CHECK_ARG(seed >= 0, "seed must be non-negative, got " << seed);
     if (location == nullptr) return std::nullopt;
-    MOELB_CHECK_ARG(layer.has_value(), "layer is required when a location is given (the MoE layer "
-                                       "whose placement maps the ids)");
+    MOELB_CHECK_ARG(layer.has_value(),
+                    "layer is required when a location is given (the MoE layer "
+                    "whose placement maps the ids)");
     return LayerDispatcher(*location, narrow(*layer, "layer"), narrow(ep_rank, "ep_rank"),
                            algorithm, static_cast<std::uint64_t>(seed));
 }
@@ -43,16 +44,15 @@ num_physical_experts % ep_size == 0, ep_size % num_nodes == 0.
             "trivial",
             [](std::int64_t num_layers, std::int64_t num_logical_experts,
                std::int64_t num_physical_experts, std::int64_t ep_size, std::int64_t num_nodes) {
-                return ExpertLocation::trivial(
-                    narrow(num_layers, "num_layers"),
-                    narrow(num_logical_experts, "num_logical_experts"),
-                    narrow(num_physical_experts, "num_physical_experts"), narrow(ep_size, "ep_size"),
-                    narrow(num_nodes, "num_nodes"));
+                return ExpertLocation::trivial(narrow(num_layers, "num_layers"),
+                                               narrow(num_logical_experts, "num_logical_experts"),
+                                               narrow(num_physical_experts, "num_physical_experts"),
+                                               narrow(ep_size, "ep_size"),
+                                               narrow(num_nodes, "num_nodes"));
             },
-            py::arg("num_layers"),
-                    py::arg("num_logical_experts"), py::arg("num_physical_experts"),
-                    py::arg("ep_size"), py::arg("num_nodes") = 1,
-                    "Slot p holds logical expert p % num_logical_experts in every layer.")
+            py::arg("num_layers"), py::arg("num_logical_experts"), py::arg("num_physical_experts"),
+            py::arg("ep_size"), py::arg("num_nodes") = 1,
+            "Slot p holds logical expert p % num_logical_experts in every layer.")
         .def_property_readonly("num_layers", &ExpertLocation::num_layers)
         .def_property_readonly("num_logical_experts", &ExpertLocation::num_logical_experts)
         .def_property_readonly("num_physical_experts", &ExpertLocation::num_physical_experts)
@@ -112,8 +112,8 @@ num_physical_experts % ep_size == 0, ep_size % num_nodes == 0.
                 {
                     py::gil_scoped_release release;
                     loc.dispatch(const_matrix(ids), narrow(layer, "layer"),
-                                 narrow(ep_rank, "ep_rank"), a,
-                                 static_cast<std::uint64_t>(seed), out_map);
+                                 narrow(ep_rank, "ep_rank"), a, static_cast<std::uint64_t>(seed),
+                                 out_map);
                 }
                 return out;
             },

@@ -33,11 +33,10 @@ TopKConfig. num_experts: E when known (tid2eid is checked now), else checked per
                          bool apply_routed_scaling_factor_on_output,
                          std::optional<std::int64_t> num_experts) {
                  auto a = config_array<std::int32_t>(tid2eid, "tid2eid", 2);
-                 return HashRouter(
-                     const_matrix(a), parse_scoring(scoring), routed_scaling_factor,
-                     narrow(num_fused_shared_experts, "num_fused_shared_experts"),
-                     apply_routed_scaling_factor_on_output,
-                     narrow(num_experts, "num_experts").value_or(-1));
+                 return HashRouter(const_matrix(a), parse_scoring(scoring), routed_scaling_factor,
+                                   narrow(num_fused_shared_experts, "num_fused_shared_experts"),
+                                   apply_routed_scaling_factor_on_output,
+                                   narrow(num_experts, "num_experts").value_or(-1));
              }),
              py::arg("tid2eid"), py::kw_only(), py::arg("scoring") = "sqrtsoftplus",
              py::arg("routed_scaling_factor") = 1.0f, py::arg("num_fused_shared_experts") = 0,
@@ -45,11 +44,11 @@ TopKConfig. num_experts: E when known (tid2eid is checked now), else checked per
              py::arg("num_experts") = py::none())
         .def_property_readonly("vocab_size", &HashRouter::vocab_size)
         .def_property_readonly("top_k", &HashRouter::top_k)
-        .def_property_readonly("num_experts",
-                               [](const HashRouter& r) {
-                                   return r.num_experts() > 0 ? py::object(py::int_(r.num_experts()))
-                                                              : py::none();
-                               })
+        .def_property_readonly(
+            "num_experts",
+            [](const HashRouter& r) {
+                return r.num_experts() > 0 ? py::object(py::int_(r.num_experts())) : py::none();
+            })
         .def_property_readonly(
             "scoring", [](const HashRouter& r) { return std::string(to_string(r.scoring())); })
         .def_property_readonly("routed_scaling_factor", &HashRouter::routed_scaling_factor)
@@ -69,8 +68,7 @@ TopKConfig. num_experts: E when known (tid2eid is checked now), else checked per
             [](const HashRouter& router, const py::handle& router_logits,
                const py::handle& input_ids, std::optional<Index> num_token_non_padded,
                const ExpertLocation* location, std::optional<std::int64_t> layer,
-               std::int64_t ep_rank,
-               const std::string& dispatch, std::int64_t seed) {
+               std::int64_t ep_rank, const std::string& dispatch, std::int64_t seed) {
                 auto logits = strict_array<float>(router_logits, "router_logits", 2);
                 py::array ids = py::array::ensure(input_ids);
                 MOELB_CHECK_ARG(ids, "input_ids must be an array");

@@ -16,8 +16,8 @@ void bind_parallel(py::module_& m) {
             set_num_threads(static_cast<int>(std::clamp<std::int64_t>(num_threads, -1, 1 << 16)));
         },
         py::arg("num_threads"),
-          "Sets the threads moelb's parallel loops use; <= 0 restores the default (all cores). "
-          "Results do not depend on it.");
+        "Sets the threads moelb's parallel loops use; <= 0 restores the default (all cores). "
+        "Results do not depend on it.");
     m.def("get_num_threads", &get_num_threads, "The threads moelb's parallel loops use.");
 }
 

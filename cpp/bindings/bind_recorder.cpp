@@ -24,10 +24,9 @@ void bind_recorder(py::module_& m) {
         "pass_balancedness",
         [](const py::handle& counts, std::int64_t ep_size) {
             auto a = config_array<std::int32_t>(counts, "counts", 2);
-            return pass_balancedness({a.data(), static_cast<std::size_t>(a.size())},
-                                     narrow(a.shape(0), "counts rows"),
-                                     narrow(a.shape(1), "counts columns"),
-                                     narrow(ep_size, "ep_size"));
+            return pass_balancedness(
+                {a.data(), static_cast<std::size_t>(a.size())}, narrow(a.shape(0), "counts rows"),
+                narrow(a.shape(1), "counts columns"), narrow(ep_size, "ep_size"));
         },
         py::arg("counts"), py::arg("ep_size"),
         "Balancedness of one pass from its [L, P] counts: per layer with tokens, (mean + 1e-5) / "
@@ -36,8 +35,8 @@ void bind_recorder(py::module_& m) {
     py::class_<Recorder>(m, "ExpertDistributionRecorder")
         .def(py::init([](const ExpertLocation& location, const std::string& mode,
                          std::int64_t buffer_size, std::int64_t rank) {
-                 return std::make_unique<Recorder>(location, parse_recorder_mode(mode),
-                                                   buffer_size, narrow(rank, "rank"));
+                 return std::make_unique<Recorder>(location, parse_recorder_mode(mode), buffer_size,
+                                                   narrow(rank, "rank"));
              }),
              py::arg("location"), py::arg("mode") = "stat", py::arg("buffer_size") = 1000,
              py::arg("rank") = 0)
@@ -93,8 +92,8 @@ void bind_recorder(py::module_& m) {
                  }
                  const auto loc = r.location();
                  const Index L = loc->num_layers(), E = loc->num_logical_experts();
-                 auto out = new_3d(static_cast<Index>(data.size()) / std::max<Index>(L * E, 1), L,
-                                   E);
+                 auto out =
+                     new_3d(static_cast<Index>(data.size()) / std::max<Index>(L * E, 1), L, E);
                  std::copy(data.begin(), data.end(), out.mutable_data());
                  return out;
              })
@@ -104,7 +103,8 @@ void bind_recorder(py::module_& m) {
                  const Index L = r.num_layers(), P = r.num_physical_experts();
                  auto out = new_3d(static_cast<Index>(passes.size()), L, P);
                  std::int32_t* dst = out.mutable_data();
-                 for (const auto& p : passes) dst = std::copy(p.counts.begin(), p.counts.end(), dst);
+                 for (const auto& p : passes)
+                     dst = std::copy(p.counts.begin(), p.counts.end(), dst);
                  return out;
              })
         .def("forward_pass_ids",
@@ -127,14 +127,14 @@ void bind_recorder(py::module_& m) {
                                     << to_string(r.mode()) << "'");
                 const auto passes = r.passes();
                 const auto n = static_cast<std::int64_t>(passes.size());
-                MOELB_CHECK_ARG(pass_index >= -n && pass_index < n,
-                                "pass_index=" << pass_index << " is outside [" << -n << ", " << n
-                                              << ")");
-                const auto& pass = passes[static_cast<std::size_t>(pass_index < 0 ? pass_index + n
-                                                                                  : pass_index)];
-                MOELB_CHECK_ARG(layer >= 0 && layer < r.num_layers(),
-                                "layer=" << layer << " is outside [0, num_layers="
-                                         << r.num_layers() << ")");
+                MOELB_CHECK_ARG(
+                    pass_index >= -n && pass_index < n,
+                    "pass_index=" << pass_index << " is outside [" << -n << ", " << n << ")");
+                const auto& pass =
+                    passes[static_cast<std::size_t>(pass_index < 0 ? pass_index + n : pass_index)];
+                MOELB_CHECK_ARG(
+                    layer >= 0 && layer < r.num_layers(),
+                    "layer=" << layer << " is outside [0, num_layers=" << r.num_layers() << ")");
                 const auto& ids = pass.token_ids[static_cast<std::size_t>(layer)];
                 const Index k = pass.token_top_k[static_cast<std::size_t>(layer)];
                 auto out = new_matrix<std::int32_t>(k ? static_cast<Index>(ids.size()) / k : 0, k);

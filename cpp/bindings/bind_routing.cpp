@@ -84,14 +84,15 @@ num_fused_shared_experts: 0 or 1; 1 appends the shared expert column (id E; weig
         .def_static("deepseek_v4_pro", &TopKConfig::deepseek_v4_pro,
                     "DeepSeek-V4-Pro learned layers: sqrtsoftplus, ungrouped, top_k 6, rsf 2.5.")
         .def_property_readonly("top_k", [](const TopKConfig& c) { return c.top_k; })
-        .def_property_readonly("scoring",
-                               [](const TopKConfig& c) { return std::string(to_string(c.scoring)); })
+        .def_property_readonly(
+            "scoring", [](const TopKConfig& c) { return std::string(to_string(c.scoring)); })
         .def_property_readonly("num_groups",
                                [](const TopKConfig& c) { return optional_int(c.num_groups); })
         .def_property_readonly("topk_group",
                                [](const TopKConfig& c) { return optional_int(c.topk_group); })
         .def_property_readonly(
-            "group_score", [](const TopKConfig& c) { return std::string(to_string(c.group_score)); })
+            "group_score",
+            [](const TopKConfig& c) { return std::string(to_string(c.group_score)); })
         .def_property_readonly("renormalize", [](const TopKConfig& c) { return c.renormalize; })
         .def_property_readonly("routed_scaling_factor",
                                [](const TopKConfig& c) { return c.routed_scaling_factor; })
@@ -106,12 +107,11 @@ num_fused_shared_experts: 0 or 1; 1 appends the shared expert column (id E; weig
         .def(py::self == py::self)
         .def(py::pickle(
             [](const TopKConfig& c) {
-                return py::make_tuple(c.top_k, std::string(to_string(c.scoring)),
-                                      optional_int(c.num_groups), optional_int(c.topk_group),
-                                      std::string(to_string(c.group_score)), c.renormalize,
-                                      c.routed_scaling_factor,
-                                      c.apply_routed_scaling_factor_on_output,
-                                      c.num_fused_shared_experts);
+                return py::make_tuple(
+                    c.top_k, std::string(to_string(c.scoring)), optional_int(c.num_groups),
+                    optional_int(c.topk_group), std::string(to_string(c.group_score)),
+                    c.renormalize, c.routed_scaling_factor, c.apply_routed_scaling_factor_on_output,
+                    c.num_fused_shared_experts);
             },
             [](const py::tuple& s) {
                 MOELB_CHECK_ARG(s.size() == 9, "invalid TopKConfig pickle state");
@@ -126,8 +126,7 @@ num_fused_shared_experts: 0 or 1; 1 appends the shared expert column (id E; weig
         "select_experts",
         [](const py::handle& router_logits, const TopKConfig& config,
            const py::handle& correction_bias, std::optional<Index> num_token_non_padded,
-           const ExpertLocation* location, std::optional<std::int64_t> layer,
-           std::int64_t ep_rank,
+           const ExpertLocation* location, std::optional<std::int64_t> layer, std::int64_t ep_rank,
            const std::string& dispatch, std::int64_t seed) {
             auto logits = strict_array<float>(router_logits, "router_logits", 2);
             py::array_t<float, py::array::c_style> bias;
@@ -154,7 +153,8 @@ num_fused_shared_experts: 0 or 1; 1 appends the shared expert column (id E; weig
         py::arg("num_token_non_padded") = py::none(), py::arg("location") = py::none(),
         py::arg("layer") = py::none(), py::arg("ep_rank") = 0, py::arg("dispatch") = "static",
         py::arg("seed") = 0,
-        "Routes tokens; returns (topk_ids, topk_weights, recorder_topk_ids). See moelb.select_experts.");
+        "Routes tokens; returns (topk_ids, topk_weights, recorder_topk_ids). See "
+        "moelb.select_experts.");
 
     m.def(
         "remap_topk_for_per_rank_shared_slots",

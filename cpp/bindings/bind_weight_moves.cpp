@@ -23,10 +23,9 @@ ends of every transfer issue them in the same order.
         .def_readonly("intra_node_transfers", &WeightMovePlan::intra_node_transfers)
         .def_readonly("inter_node_transfers", &WeightMovePlan::inter_node_transfers)
         .def_readonly("unchanged_slots", &WeightMovePlan::unchanged_slots)
-        .def_property_readonly("transfers",
-                               [](const WeightMovePlan& p) {
-                                   return p.intra_node_transfers + p.inter_node_transfers;
-                               })
+        .def_property_readonly(
+            "transfers",
+            [](const WeightMovePlan& p) { return p.intra_node_transfers + p.inter_node_transfers; })
         .def(
             "ops",
             [](const WeightMovePlan& p, std::int64_t rank) {
@@ -46,8 +45,7 @@ ends of every transfer issue them in the same order.
                 auto a = config_array<std::int64_t>(contents, "contents", 1);
                 std::vector<std::int64_t> v(a.data(), a.data() + a.size());
                 const std::vector<std::int64_t> out = simulate_weight_moves(p, v);
-                return py::array_t<std::int64_t>(static_cast<py::ssize_t>(out.size()),
-                                                 out.data());
+                return py::array_t<std::int64_t>(static_cast<py::ssize_t>(out.size()), out.data());
             },
             py::arg("contents"),
             "Runs the plan over all ranks on per-slot contents [ep_size * S] (e.g. expert ids).");

@@ -114,8 +114,7 @@ void deepseek_layer(const float* w, int E, int R, int K, int N, int G, std::int3
         for (int j = 0; j < slots_per_node; ++j) {
             replica_w[j] = node_w[phy2mlog[j]] / static_cast<float>(mlog_count[phy2mlog[j]]);
         }
-        balanced_packing(replica_w.data(), slots_per_node, gpus_per_node, pack.data(),
-                         rank.data());
+        balanced_packing(replica_w.data(), slots_per_node, gpus_per_node, pack.data(), rank.data());
         for (int j = 0; j < slots_per_node; ++j) {
             const int slot = n * slots_per_node + pack[j] * S + rank[j];
             phy2log[slot] = mlog2log[n * experts_per_node + phy2mlog[j]];
@@ -363,8 +362,8 @@ struct Packing {
 // Packs replicas with given counts: domain d's experts (domain_experts[d]) with counts
 // domain_counts[d] into its bins_per_domain bins of S slots; LPT, duplicate repair, swap search.
 Packing pack_counts(const double* w, const std::vector<std::vector<int>>& domain_experts,
-                    const std::vector<std::vector<int>>& domain_counts, int bins_per_domain,
-                    int S, double target) {
+                    const std::vector<std::vector<int>>& domain_counts, int bins_per_domain, int S,
+                    double target) {
     Packing p;
     p.size = S;
     const int D = static_cast<int>(domain_experts.size());
@@ -624,10 +623,10 @@ std::vector<int> assign_groups(const double* w, int E, int K, int N, int slots_p
                 if (count[a] > 1 && count[b] < max_groups) {
                     std::vector<int> trial = node;
                     trial[g] = b;
-                    const double ca = node_cost(w, experts_of(a, trial), slots_per_node,
-                                                gpus_per_node);
-                    const double cb = node_cost(w, experts_of(b, trial), slots_per_node,
-                                                gpus_per_node);
+                    const double ca =
+                        node_cost(w, experts_of(a, trial), slots_per_node, gpus_per_node);
+                    const double cb =
+                        node_cost(w, experts_of(b, trial), slots_per_node, gpus_per_node);
                     if (std::max(ca, cb) < best) {
                         best = std::max(ca, cb);
                         best_assign = trial;
@@ -641,10 +640,10 @@ std::vector<int> assign_groups(const double* w, int E, int K, int N, int slots_p
                     std::vector<int> trial = node;
                     trial[g] = b;
                     trial[h] = a;
-                    const double ca = node_cost(w, experts_of(a, trial), slots_per_node,
-                                                gpus_per_node);
-                    const double cb = node_cost(w, experts_of(b, trial), slots_per_node,
-                                                gpus_per_node);
+                    const double ca =
+                        node_cost(w, experts_of(a, trial), slots_per_node, gpus_per_node);
+                    const double cb =
+                        node_cost(w, experts_of(b, trial), slots_per_node, gpus_per_node);
                     if (std::max(ca, cb) < best) {
                         best = std::max(ca, cb);
                         best_assign = trial;
@@ -701,8 +700,7 @@ void match_previous(std::int32_t* phy2log, const std::int32_t* old, int R, int G
     };
     // Greedy maximum-overlap matching of `count` new blocks to old blocks of `width` slots
     // (blocks are contiguous runs of slots starting at new_first / old_first).
-    auto match = [&](const std::int32_t* cur, int new_first, int old_first, int count,
-                     int width) {
+    auto match = [&](const std::int32_t* cur, int new_first, int old_first, int count, int width) {
         std::vector<std::tuple<int, int, int>> pairs;  // (-overlap, new, old)
         for (int a = 0; a < count; ++a) {
             for (int b = 0; b < count; ++b) {
@@ -805,10 +803,14 @@ EplbAlgorithm parse_eplb_algorithm(std::string_view name, std::string_view param
 
 std::string_view to_string(EplbAlgorithm algorithm) {
     switch (algorithm) {
-        case EplbAlgorithm::kMoelb: return "moelb";
-        case EplbAlgorithm::kDeepSeek: return "deepseek";
-        case EplbAlgorithm::kDeepSeekHierarchical: return "deepseek_hierarchical";
-        case EplbAlgorithm::kDeepSeekGlobal: return "deepseek_global";
+        case EplbAlgorithm::kMoelb:
+            return "moelb";
+        case EplbAlgorithm::kDeepSeek:
+            return "deepseek";
+        case EplbAlgorithm::kDeepSeekHierarchical:
+            return "deepseek_hierarchical";
+        case EplbAlgorithm::kDeepSeekGlobal:
+            return "deepseek_global";
     }
     return "?";
 }
@@ -817,27 +819,29 @@ Locality parse_locality(std::string_view name, std::string_view param) {
     if (name == "auto") return Locality::kAuto;
     if (name == "node") return Locality::kNode;
     if (name == "none") return Locality::kNone;
-    MOELB_CHECK_ARG(false, param << "='" << name
-                                 << "' is not a locality; expected 'auto', 'node' or 'none'");
+    MOELB_CHECK_ARG(
+        false, param << "='" << name << "' is not a locality; expected 'auto', 'node' or 'none'");
     return Locality::kAuto;
 }
 
 std::string_view to_string(Locality locality) {
     switch (locality) {
-        case Locality::kAuto: return "auto";
-        case Locality::kNode: return "node";
-        case Locality::kNone: return "none";
+        case Locality::kAuto:
+            return "auto";
+        case Locality::kNode:
+            return "node";
+        case Locality::kNone:
+            return "none";
     }
     return "?";
 }
 
 RowMatrix<double> gpu_loads(ConstMatrixMap<double> load, const ExpertLocation& location) {
-    MOELB_CHECK_ARG(load.rows() == location.num_layers() &&
-                        load.cols() == location.num_logical_experts(),
-                    "load has shape [" << load.rows() << ", " << load.cols()
-                                       << "] but the location has " << location.num_layers()
-                                       << " layers and " << location.num_logical_experts()
-                                       << " logical experts");
+    MOELB_CHECK_ARG(
+        load.rows() == location.num_layers() && load.cols() == location.num_logical_experts(),
+        "load has shape [" << load.rows() << ", " << load.cols() << "] but the location has "
+                           << location.num_layers() << " layers and "
+                           << location.num_logical_experts() << " logical experts");
     const int L = location.num_layers(), G = location.ep_size();
     const int R = location.num_physical_experts(), S = R / G;
     RowMatrix<double> out = RowMatrix<double>::Zero(L, G);
@@ -852,12 +856,11 @@ RowMatrix<double> gpu_loads(ConstMatrixMap<double> load, const ExpertLocation& l
 
 PlanStats evaluate_placement(ConstMatrixMap<double> load, const ExpertLocation& location,
                              const ExpertLocation* previous) {
-    MOELB_CHECK_ARG(load.rows() == location.num_layers() &&
-                        load.cols() == location.num_logical_experts(),
-                    "load has shape [" << load.rows() << ", " << load.cols()
-                                       << "] but the location has " << location.num_layers()
-                                       << " layers and " << location.num_logical_experts()
-                                       << " logical experts");
+    MOELB_CHECK_ARG(
+        load.rows() == location.num_layers() && load.cols() == location.num_logical_experts(),
+        "load has shape [" << load.rows() << ", " << load.cols() << "] but the location has "
+                           << location.num_layers() << " layers and "
+                           << location.num_logical_experts() << " logical experts");
     const int L = location.num_layers(), G = location.ep_size();
     const int E = location.num_logical_experts(), R = location.num_physical_experts();
     if (previous) {
@@ -908,33 +911,34 @@ Plan rebalance(ConstMatrixMap<double> load, const RebalanceOptions& o) {
     const Index L = load.rows();
     const int E = static_cast<int>(load.cols());
     const int R = o.num_physical_experts, K = o.num_groups, N = o.num_nodes, G = o.num_gpus;
-    MOELB_CHECK_ARG(L >= 1 && E >= 1, "load must have shape [num_layers, num_experts] with both "
-                                      "positive, got ["
-                                          << L << ", " << E << "]");
+    MOELB_CHECK_ARG(L >= 1 && E >= 1,
+                    "load must have shape [num_layers, num_experts] with both "
+                    "positive, got ["
+                        << L << ", " << E << "]");
     for (Index l = 0; l < L; ++l) {
         for (int e = 0; e < E; ++e) {
             const double v = load(l, e);
-            MOELB_CHECK_ARG(std::isfinite(v) && v >= 0,
-                            "load[" << l << ", " << e << "] = " << v
-                                    << " is not a finite non-negative load");
+            MOELB_CHECK_ARG(
+                std::isfinite(v) && v >= 0,
+                "load[" << l << ", " << e << "] = " << v << " is not a finite non-negative load");
         }
     }
     MOELB_CHECK_ARG(G >= 1, "num_gpus must be positive, got " << G);
     MOELB_CHECK_ARG(N >= 1, "num_nodes must be positive, got " << N);
     MOELB_CHECK_ARG(K >= 0, "num_groups must be non-negative, got " << K);
-    MOELB_CHECK_ARG(R >= E, "num_physical_experts=" << R << " is smaller than the " << E
-                                                    << " logical experts");
-    MOELB_CHECK_ARG(R % G == 0, "num_physical_experts=" << R << " is not divisible by num_gpus="
-                                                        << G);
+    MOELB_CHECK_ARG(
+        R >= E, "num_physical_experts=" << R << " is smaller than the " << E << " logical experts");
+    MOELB_CHECK_ARG(R % G == 0,
+                    "num_physical_experts=" << R << " is not divisible by num_gpus=" << G);
     if (o.previous) {
         MOELB_CHECK_ARG(o.previous->num_layers() == L && o.previous->num_logical_experts() == E &&
-                            o.previous->num_physical_experts() == R &&
-                            o.previous->ep_size() == G,
-                        "previous has num_layers=" << o.previous->num_layers()
+                            o.previous->num_physical_experts() == R && o.previous->ep_size() == G,
+                        "previous has num_layers="
+                            << o.previous->num_layers()
                             << ", num_logical_experts=" << o.previous->num_logical_experts()
                             << ", num_physical_experts=" << o.previous->num_physical_experts()
-                            << ", ep_size=" << o.previous->ep_size() << " but the plan has "
-                            << L << ", " << E << ", " << R << ", " << G);
+                            << ", ep_size=" << o.previous->ep_size() << " but the plan has " << L
+                            << ", " << E << ", " << R << ", " << G);
     }
     MOELB_CHECK_ARG(o.move_cost >= 0 && std::isfinite(o.move_cost),
                     "move_cost must be finite and non-negative, got " << o.move_cost);
@@ -949,15 +953,14 @@ Plan rebalance(ConstMatrixMap<double> load, const RebalanceOptions& o) {
         bool hierarchical = o.algorithm == EplbAlgorithm::kDeepSeekHierarchical ||
                             (o.algorithm == EplbAlgorithm::kDeepSeek && K > 0 && K % N == 0);
         if (hierarchical) {
-            MOELB_CHECK_ARG(G % N == 0, "num_gpus=" << G << " is not divisible by num_nodes="
-                                                    << N
+            MOELB_CHECK_ARG(G % N == 0, "num_gpus=" << G << " is not divisible by num_nodes=" << N
                                                     << " (the hierarchical policy requires it)");
             MOELB_CHECK_ARG(K > 0, "the hierarchical policy needs num_groups");
             MOELB_CHECK_ARG(E % K == 0, "num_experts=" << E << " is not divisible by num_groups="
                                                        << K << " (DeepSeek's EPLB requires it)");
-            MOELB_CHECK_ARG(K % N == 0, "num_groups=" << K << " is not divisible by num_nodes="
-                                                      << N << " (the hierarchical policy "
-                                                              "requires it)");
+            MOELB_CHECK_ARG(K % N == 0, "num_groups=" << K << " is not divisible by num_nodes=" << N
+                                                      << " (the hierarchical policy "
+                                                         "requires it)");
         }
         name = hierarchical ? "deepseek_hierarchical" : "deepseek_global";
         if (G % N != 0) {
@@ -971,8 +974,8 @@ Plan rebalance(ConstMatrixMap<double> load, const RebalanceOptions& o) {
         }
         parallel_for(L, 1, [&](Index begin, Index end) {
             for (Index l = begin; l < end; ++l) {
-                deepseek_layer(w32.data() + l * E, E, R, hierarchical ? K : 1,
-                               hierarchical ? N : 1, G, phy2log.row(l).data());
+                deepseek_layer(w32.data() + l * E, E, R, hierarchical ? K : 1, hierarchical ? N : 1,
+                               G, phy2log.row(l).data());
             }
         });
     } else {
@@ -989,10 +992,14 @@ Plan rebalance(ConstMatrixMap<double> load, const RebalanceOptions& o) {
         if (locality == Locality::kNode) {
             const int gs = K > 0 && E % K == 0 ? E / K : 0;
             const char* why = nullptr;
-            if (K <= 0) why = "there are no expert groups";
-            else if (E % K != 0) why = "num_experts is not divisible by num_groups";
-            else if (K < N) why = "there are fewer groups than nodes";
-            else if (gs > R / N) why = "a group has more experts than a node has slots";
+            if (K <= 0)
+                why = "there are no expert groups";
+            else if (E % K != 0)
+                why = "num_experts is not divisible by num_groups";
+            else if (K < N)
+                why = "there are fewer groups than nodes";
+            else if (gs > R / N)
+                why = "a group has more experts than a node has slots";
             else if (static_cast<Index>(R / N / gs) * N < K) {
                 why = "the groups do not fit the nodes' slots";
             }
@@ -1002,8 +1009,8 @@ Plan rebalance(ConstMatrixMap<double> load, const RebalanceOptions& o) {
             }
         }
         const bool node_locality = locality == Locality::kNode && N > 1;
-        name = std::string("moelb(locality=") + (locality == Locality::kNode ? "node" : "none") +
-               ")";
+        name =
+            std::string("moelb(locality=") + (locality == Locality::kNode ? "node" : "none") + ")";
         // DeepSeek's policies whose placements satisfy this locality: (groups, nodes) pairs.
         std::vector<std::pair<int, int>> deepseek_variants;
         const bool hierarchical_valid = K > 0 && E % K == 0 && K % N == 0 && G % N == 0;
@@ -1036,10 +1043,10 @@ Plan rebalance(ConstMatrixMap<double> load, const RebalanceOptions& o) {
                 for (int e = 0; e < E; ++e) total += w[e];
                 std::vector<int> all(static_cast<std::size_t>(E));
                 std::iota(all.begin(), all.end(), 0);
-                const double bound = std::max(
-                    total / G, max_replica_load(w, all, divisor_counts(w, all, R, R)));
-                Packing ours = pack_domains(w, domain_experts, slots_per_domain,
-                                            gpus_per_domain, R / G, bound);
+                const double bound =
+                    std::max(total / G, max_replica_load(w, all, divisor_counts(w, all, R, R)));
+                Packing ours = pack_domains(w, domain_experts, slots_per_domain, gpus_per_domain,
+                                            R / G, bound);
                 // DeepSeek under the same locality, improved by the same local search: keep
                 // whichever is lower (ours on ties), so we are never worse than DeepSeek. Only
                 // worth it when DeepSeek's own packing beats ours before its improvement.

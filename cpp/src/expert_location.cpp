@@ -43,15 +43,18 @@ DispatchAlgorithm parse_dispatch_algorithm(std::string_view name, std::string_vi
 
 std::string_view to_string(DispatchAlgorithm algorithm) {
     switch (algorithm) {
-        case DispatchAlgorithm::kStatic: return "static";
-        case DispatchAlgorithm::kRandom: return "random";
-        case DispatchAlgorithm::kRoundRobin: return "round_robin";
+        case DispatchAlgorithm::kStatic:
+            return "static";
+        case DispatchAlgorithm::kRandom:
+            return "random";
+        case DispatchAlgorithm::kRoundRobin:
+            return "round_robin";
     }
     return "?";
 }
 
-ExpertLocation::ExpertLocation(RowMatrix<std::int32_t> physical_to_logical,
-                               int num_logical_experts, int ep_size, int num_nodes)
+ExpertLocation::ExpertLocation(RowMatrix<std::int32_t> physical_to_logical, int num_logical_experts,
+                               int ep_size, int num_nodes)
     : physical_to_logical_(std::move(physical_to_logical)),
       num_logical_experts_(num_logical_experts),
       ep_size_(ep_size),
@@ -66,9 +69,8 @@ ExpertLocation::ExpertLocation(RowMatrix<std::int32_t> physical_to_logical,
     MOELB_CHECK_ARG(num_nodes >= 1, "num_nodes must be positive, got " << num_nodes);
     MOELB_CHECK_ARG(P >= E, "num_physical_experts=" << P << " is smaller than num_logical_experts="
                                                     << E << ": some expert would have no replica");
-    MOELB_CHECK_ARG(P % ep_size == 0, "num_physical_experts=" << P
-                                                              << " is not divisible by ep_size="
-                                                              << ep_size);
+    MOELB_CHECK_ARG(P % ep_size == 0,
+                    "num_physical_experts=" << P << " is not divisible by ep_size=" << ep_size);
     MOELB_CHECK_ARG(ep_size % num_nodes == 0,
                     "ep_size=" << ep_size << " is not divisible by num_nodes=" << num_nodes);
 
@@ -83,9 +85,9 @@ ExpertLocation::ExpertLocation(RowMatrix<std::int32_t> physical_to_logical,
             ++logical_count_(l, e);
         }
         for (int e = 0; e < E; ++e) {
-            MOELB_CHECK_ARG(logical_count_(l, e) > 0,
-                            "logical expert " << e << " has no replica in layer " << l
-                                              << " of physical_to_logical");
+            MOELB_CHECK_ARG(logical_count_(l, e) > 0, "logical expert "
+                                                          << e << " has no replica in layer " << l
+                                                          << " of physical_to_logical");
         }
     }
     max_replicas_ = logical_count_.maxCoeff();
@@ -106,10 +108,10 @@ ExpertLocation ExpertLocation::trivial(int num_layers, int num_logical_experts,
     MOELB_CHECK_ARG(num_layers >= 1, "num_layers must be positive, got " << num_layers);
     MOELB_CHECK_ARG(num_logical_experts >= 1,
                     "num_logical_experts must be positive, got " << num_logical_experts);
-    MOELB_CHECK_ARG(num_physical_experts >= num_logical_experts,
-                    "num_physical_experts=" << num_physical_experts
-                                            << " is smaller than num_logical_experts="
-                                            << num_logical_experts);
+    MOELB_CHECK_ARG(
+        num_physical_experts >= num_logical_experts,
+        "num_physical_experts=" << num_physical_experts
+                                << " is smaller than num_logical_experts=" << num_logical_experts);
     RowMatrix<std::int32_t> map(num_layers, num_physical_experts);
     for (int l = 0; l < num_layers; ++l) {
         for (int p = 0; p < num_physical_experts; ++p) map(l, p) = p % num_logical_experts;
@@ -218,12 +220,12 @@ void ExpertLocation::dispatch(ConstMatrixMap<std::int32_t> topk_ids, int layer, 
 LayerDispatcher::LayerDispatcher(const ExpertLocation& location, int layer, int ep_rank,
                                  DispatchAlgorithm algorithm, std::uint64_t seed)
     : location_(&location), layer_(layer), ep_rank_(ep_rank), algorithm_(algorithm), seed_(seed) {
-    MOELB_CHECK_ARG(layer >= 0 && layer < location.num_layers(),
-                    "layer=" << layer << " is outside [0, num_layers=" << location.num_layers()
-                             << ")");
-    MOELB_CHECK_ARG(ep_rank >= 0 && ep_rank < location.ep_size(),
-                    "ep_rank=" << ep_rank << " is outside [0, ep_size=" << location.ep_size()
-                               << ")");
+    MOELB_CHECK_ARG(
+        layer >= 0 && layer < location.num_layers(),
+        "layer=" << layer << " is outside [0, num_layers=" << location.num_layers() << ")");
+    MOELB_CHECK_ARG(
+        ep_rank >= 0 && ep_rank < location.ep_size(),
+        "ep_rank=" << ep_rank << " is outside [0, ep_size=" << location.ep_size() << ")");
     if (algorithm == DispatchAlgorithm::kStatic) {
         static_row_.resize(static_cast<std::size_t>(location.num_logical_experts()));
         for (int e = 0; e < location.num_logical_experts(); ++e) {

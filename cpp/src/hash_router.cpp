@@ -58,15 +58,15 @@ void HashRouter::select(ConstMatrixMap<float> router_logits, std::span<const Tok
     const Index T = router_logits.rows();
     const int E = static_cast<int>(router_logits.cols());
     const int K = top_k();
-    MOELB_CHECK_ARG(static_cast<Index>(input_ids.size()) == T,
-                    "input_ids has " << input_ids.size() << " tokens but router_logits has " << T
-                                     << " rows");
+    MOELB_CHECK_ARG(
+        static_cast<Index>(input_ids.size()) == T,
+        "input_ids has " << input_ids.size() << " tokens but router_logits has " << T << " rows");
     MOELB_CHECK_ARG(num_experts_ < 0 || E == num_experts_,
                     "router_logits has " << E << " expert columns but the router was built for "
                                          << "num_experts=" << num_experts_);
     MOELB_CHECK_ARG(max_expert_id_ < E, "tid2eid holds expert id " << max_expert_id_
-                                                                   << " but router_logits has "
-                                                                   << E << " expert columns");
+                                                                   << " but router_logits has " << E
+                                                                   << " expert columns");
     detail::check_output_shapes(out, T, K, num_shared_);
     detail::check_num_token_non_padded(num_token_non_padded, T);
     detail::check_dispatcher(dispatcher, E);

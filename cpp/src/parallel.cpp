@@ -31,8 +31,7 @@ void parallel_for(std::int64_t n, std::int64_t grain,
     MOELB_CHECK(grain > 0, "parallel_for grain must be positive, got " << grain);
     if (n <= 0) return;
     const std::int64_t num_chunks = (n + grain - 1) / grain;
-    const int num_threads =
-        static_cast<int>(std::min<std::int64_t>(get_num_threads(), num_chunks));
+    const int num_threads = static_cast<int>(std::min<std::int64_t>(get_num_threads(), num_chunks));
     // Chunks are claimed in increasing order; which thread runs a chunk does not change its
     // result. After a failure, chunks above the lowest failed one are skipped, while every chunk
     // below it still runs, so the exception rethrown is always that of the lowest failing chunk.

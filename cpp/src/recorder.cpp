@@ -27,9 +27,12 @@ RecorderMode parse_recorder_mode(std::string_view name, std::string_view param) 
 
 std::string_view to_string(RecorderMode mode) {
     switch (mode) {
-        case RecorderMode::kStat: return "stat";
-        case RecorderMode::kPerPass: return "per_pass";
-        case RecorderMode::kPerToken: return "per_token";
+        case RecorderMode::kStat:
+            return "stat";
+        case RecorderMode::kPerPass:
+            return "per_pass";
+        case RecorderMode::kPerToken:
+            return "per_token";
     }
     return "?";
 }
@@ -37,16 +40,15 @@ std::string_view to_string(RecorderMode mode) {
 double pass_balancedness(std::span<const std::int32_t> counts, int num_layers,
                          int num_physical_experts, int ep_size) {
     MOELB_CHECK_ARG(num_layers >= 0, "num_layers=" << num_layers << " must be non-negative");
-    MOELB_CHECK_ARG(num_physical_experts >= 1 && ep_size >= 1 &&
-                        num_physical_experts % ep_size == 0,
-                    "num_physical_experts=" << num_physical_experts
-                                            << " is not a positive multiple of ep_size="
-                                            << ep_size);
-    MOELB_CHECK_ARG(static_cast<Index>(counts.size()) ==
-                        static_cast<Index>(num_layers) * num_physical_experts,
-                    "counts has " << counts.size() << " entries but num_layers * "
-                                  << "num_physical_experts = "
-                                  << static_cast<Index>(num_layers) * num_physical_experts);
+    MOELB_CHECK_ARG(
+        num_physical_experts >= 1 && ep_size >= 1 && num_physical_experts % ep_size == 0,
+        "num_physical_experts=" << num_physical_experts
+                                << " is not a positive multiple of ep_size=" << ep_size);
+    MOELB_CHECK_ARG(
+        static_cast<Index>(counts.size()) == static_cast<Index>(num_layers) * num_physical_experts,
+        "counts has " << counts.size() << " entries but num_layers * "
+                      << "num_physical_experts = "
+                      << static_cast<Index>(num_layers) * num_physical_experts);
     const int S = num_physical_experts / ep_size;
     double sum = 0.0;
     int layers = 0;
@@ -91,17 +93,17 @@ std::shared_ptr<const ExpertLocation> ExpertDistributionRecorder::location() con
 
 void ExpertDistributionRecorder::set_location(ExpertLocation location) {
     std::lock_guard lock(mutex_);
-    MOELB_CHECK_ARG(location.num_layers() == location_->num_layers() &&
-                        location.num_logical_experts() == location_->num_logical_experts() &&
-                        location.num_physical_experts() == location_->num_physical_experts() &&
-                        location.ep_size() == location_->ep_size(),
-                    "the new location has num_layers=" << location.num_layers()
-                        << ", num_logical_experts=" << location.num_logical_experts()
-                        << ", num_physical_experts=" << location.num_physical_experts()
-                        << ", ep_size=" << location.ep_size() << " but the recorder has "
-                        << location_->num_layers() << ", " << location_->num_logical_experts()
-                        << ", " << location_->num_physical_experts() << ", "
-                        << location_->ep_size());
+    MOELB_CHECK_ARG(
+        location.num_layers() == location_->num_layers() &&
+            location.num_logical_experts() == location_->num_logical_experts() &&
+            location.num_physical_experts() == location_->num_physical_experts() &&
+            location.ep_size() == location_->ep_size(),
+        "the new location has num_layers="
+            << location.num_layers() << ", num_logical_experts=" << location.num_logical_experts()
+            << ", num_physical_experts=" << location.num_physical_experts()
+            << ", ep_size=" << location.ep_size() << " but the recorder has "
+            << location_->num_layers() << ", " << location_->num_logical_experts() << ", "
+            << location_->num_physical_experts() << ", " << location_->ep_size());
     location_ = std::make_shared<const ExpertLocation>(std::move(location));
 }
 
@@ -179,9 +181,9 @@ void ExpertDistributionRecorder::begin_layer(int layer) {
     MOELB_CHECK_ARG(in_pass_, "layer(" << layer << ") outside a forward_pass() scope");
     MOELB_CHECK_ARG(!layer_, "layer() scopes cannot be nested (layer("
                                  << *layer_ << ") is open, layer(" << layer << ") was asked)");
-    MOELB_CHECK_ARG(layer >= 0 && layer < location_->num_layers(),
-                    "layer=" << layer << " is outside [0, num_layers=" << location_->num_layers()
-                             << ")");
+    MOELB_CHECK_ARG(
+        layer >= 0 && layer < location_->num_layers(),
+        "layer=" << layer << " is outside [0, num_layers=" << location_->num_layers() << ")");
     layer_ = layer;
 }
 
@@ -254,10 +256,9 @@ void ExpertDistributionRecorder::on_dispatch_counts(std::span<const std::int64_t
                                         << " local slots + num_trailing_shared_slots="
                                         << num_trailing_shared_slots);
     for (int s = 0; s < S; ++s) {
-        MOELB_CHECK_ARG(local_counts[s] >= 0 &&
-                            local_counts[s] <= std::numeric_limits<std::int32_t>::max(),
-                        "local_counts[" << s << "] = " << local_counts[s]
-                                        << " is not a token count");
+        MOELB_CHECK_ARG(
+            local_counts[s] >= 0 && local_counts[s] <= std::numeric_limits<std::int32_t>::max(),
+            "local_counts[" << s << "] = " << local_counts[s] << " is not a token count");
     }
     if (!recording_) return;
     std::int32_t* row = current_.counts.data() +
@@ -344,8 +345,9 @@ void ExpertDistributionRecorder::merge(const ExpertDistributionRecorder& other) 
         const Pass& mine = passes_[t];
         const Pass& theirs = other.passes_[t];
         MOELB_CHECK_ARG(*theirs.location == *mine.location,
-                        "pass " << t << " was recorded with different placements on the two "
-                                        "recorders");
+                        "pass " << t
+                                << " was recorded with different placements on the two "
+                                   "recorders");
         for (std::size_t i = 0; i < mine.counts.size(); ++i) {
             MOELB_CHECK_ARG(static_cast<std::int64_t>(mine.counts[i]) + theirs.counts[i] <=
                                 std::numeric_limits<std::int32_t>::max(),
@@ -353,10 +355,9 @@ void ExpertDistributionRecorder::merge(const ExpertDistributionRecorder& other) 
         }
         for (std::size_t l = 0; l < mine.token_top_k.size(); ++l) {
             const int a = mine.token_top_k[l], b = theirs.token_top_k[l];
-            MOELB_CHECK_ARG(a == 0 || b == 0 || a == b, "layer " << l << " of pass " << t
-                                                                 << " has top_k " << a
-                                                                 << " here and " << b
-                                                                 << " in other");
+            MOELB_CHECK_ARG(a == 0 || b == 0 || a == b,
+                            "layer " << l << " of pass " << t << " has top_k " << a << " here and "
+                                     << b << " in other");
         }
     }
     for (std::size_t t = 0; t < passes_.size(); ++t) {

@@ -23,11 +23,10 @@ using detail::ArrayXf;
 using detail::kNegInf;
 constexpr Index kRowsPerChunk = 256;
 
-
 // The k best (value, id) pairs seen so far, in descending value; among equal values the earlier
 // pushed stays ahead. Pushing ids in ascending order therefore breaks ties to the lowest id.
 class TopKList {
-public:
+  public:
     explicit TopKList(int k) : k_(k), values_(static_cast<std::size_t>(k)), ids_(values_.size()) {}
 
     void clear() { size_ = 0; }
@@ -83,7 +82,7 @@ public:
     int size() const { return size_; }
     const std::int32_t* ids() const { return ids_.data(); }
 
-private:
+  private:
     static constexpr int kLanes = 16;
 
     // The k-th largest of xs[0, n) (k <= n).
@@ -139,9 +138,9 @@ private:
 
 // Per-thread scratch of select_experts.
 struct Scratch {
-    ArrayXf scores;   // [E] unbiased scores
-    ArrayXf choice;   // [E] selection scores (score + bias; -inf for NaN logits)
-    ArrayXf groups;   // [G] group scores
+    ArrayXf scores;  // [E] unbiased scores
+    ArrayXf choice;  // [E] selection scores (score + bias; -inf for NaN logits)
+    ArrayXf groups;  // [G] group scores
     detail::ScoreScratch score_scratch;
     std::vector<std::pair<int, int>> kept_groups;  // expert ranges of the kept groups
     TopKList experts;
@@ -223,9 +222,12 @@ Scoring parse_scoring(std::string_view name, std::string_view param) {
 
 std::string_view to_string(Scoring scoring) {
     switch (scoring) {
-        case Scoring::kSoftmax: return "softmax";
-        case Scoring::kSigmoid: return "sigmoid";
-        case Scoring::kSqrtSoftplus: return "sqrtsoftplus";
+        case Scoring::kSoftmax:
+            return "softmax";
+        case Scoring::kSigmoid:
+            return "sigmoid";
+        case Scoring::kSqrtSoftplus:
+            return "sqrtsoftplus";
     }
     return "?";
 }
@@ -233,8 +235,8 @@ std::string_view to_string(Scoring scoring) {
 GroupScore parse_group_score(std::string_view name, std::string_view param) {
     if (name == "top2_sum") return GroupScore::kTop2Sum;
     if (name == "max") return GroupScore::kMax;
-    MOELB_CHECK_ARG(false,
-                    param << "='" << name << "' is not a group score; expected 'top2_sum' or 'max'");
+    MOELB_CHECK_ARG(
+        false, param << "='" << name << "' is not a group score; expected 'top2_sum' or 'max'");
     return GroupScore::kTop2Sum;
 }
 
@@ -246,16 +248,16 @@ void TopKConfig::validate() const {
     MOELB_CHECK_ARG(top_k >= 1, "top_k must be at least 1, got " << top_k);
     MOELB_CHECK_ARG(num_groups >= 0, "num_groups must be positive (or None), got " << num_groups);
     if (num_groups > 0) {
-        MOELB_CHECK_ARG(topk_group >= 1 && topk_group <= num_groups,
-                        "topk_group=" << topk_group << " must be in [1, num_groups=" << num_groups
-                                      << "]");
+        MOELB_CHECK_ARG(
+            topk_group >= 1 && topk_group <= num_groups,
+            "topk_group=" << topk_group << " must be in [1, num_groups=" << num_groups << "]");
     } else {
-        MOELB_CHECK_ARG(topk_group == 0, "topk_group=" << topk_group
-                                                       << " needs num_groups (grouped selection)");
+        MOELB_CHECK_ARG(topk_group == 0,
+                        "topk_group=" << topk_group << " needs num_groups (grouped selection)");
     }
-    MOELB_CHECK_ARG(std::isfinite(routed_scaling_factor) && routed_scaling_factor > 0.0f,
-                    "routed_scaling_factor must be positive and finite, got "
-                        << routed_scaling_factor);
+    MOELB_CHECK_ARG(
+        std::isfinite(routed_scaling_factor) && routed_scaling_factor > 0.0f,
+        "routed_scaling_factor must be positive and finite, got " << routed_scaling_factor);
     MOELB_CHECK_ARG(num_fused_shared_experts == 0 || num_fused_shared_experts == 1,
                     "num_fused_shared_experts must be 0 or 1, got " << num_fused_shared_experts);
 }
@@ -266,9 +268,9 @@ void TopKConfig::validate_for(int num_experts) const {
     MOELB_CHECK_ARG(top_k <= num_experts,
                     "top_k=" << top_k << " exceeds the number of experts " << num_experts);
     if (grouped()) {
-        MOELB_CHECK_ARG(num_experts % num_groups == 0,
-                        "num_experts=" << num_experts << " is not divisible by num_groups="
-                                       << num_groups);
+        MOELB_CHECK_ARG(
+            num_experts % num_groups == 0,
+            "num_experts=" << num_experts << " is not divisible by num_groups=" << num_groups);
         const int kept = topk_group * (num_experts / num_groups);
         MOELB_CHECK_ARG(top_k <= kept, "top_k=" << top_k << " exceeds the " << kept
                                                 << " experts of topk_group=" << topk_group
@@ -333,8 +335,8 @@ void check_output_shapes(const TopKOutputView& out, Index T, int K, int F) {
 
 void check_num_token_non_padded(std::optional<Index> n, Index T) {
     if (n) {
-        MOELB_CHECK_ARG(*n >= 0 && *n <= T, "num_token_non_padded=" << *n << " is outside [0, "
-                                                                    << T << "] (the token count)");
+        MOELB_CHECK_ARG(*n >= 0 && *n <= T, "num_token_non_padded=" << *n << " is outside [0, " << T
+                                                                    << "] (the token count)");
     }
 }
 
@@ -365,16 +367,16 @@ void select_experts(ConstMatrixMap<float> router_logits, const TopKConfig& confi
                         "correction_bias has " << correction_bias.size() << " entries but "
                                                << "router_logits has " << E << " expert columns");
         for (int e = 0; e < E; ++e) {
-            MOELB_CHECK_ARG(std::isfinite(correction_bias[static_cast<std::size_t>(e)]),
-                            "correction_bias[" << e << "] = " << correction_bias[e]
-                                               << " is not finite");
+            MOELB_CHECK_ARG(
+                std::isfinite(correction_bias[static_cast<std::size_t>(e)]),
+                "correction_bias[" << e << "] = " << correction_bias[e] << " is not finite");
         }
         bias = correction_bias.data();
     }
-    const detail::TopKEpilogue epilogue(
-        config.top_k, config.num_fused_shared_experts, config.renormalize,
-        config.routed_scaling_factor, config.apply_routed_scaling_factor_on_output, E,
-        num_token_non_padded, dispatcher, out);
+    const detail::TopKEpilogue epilogue(config.top_k, config.num_fused_shared_experts,
+                                        config.renormalize, config.routed_scaling_factor,
+                                        config.apply_routed_scaling_factor_on_output, E,
+                                        num_token_non_padded, dispatcher, out);
     const Index non_padded = num_token_non_padded.value_or(T);
     parallel_for(T, kRowsPerChunk, [&](Index begin, Index end) {
         Scratch s(E, config);

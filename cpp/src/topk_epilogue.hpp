@@ -14,7 +14,7 @@ namespace moelb::detail {
 inline constexpr float kRenormalizeEpsilon = 1e-20f;
 
 class TopKEpilogue {
-public:
+  public:
     TopKEpilogue(int top_k, int num_fused_shared_experts, bool renormalize,
                  float routed_scaling_factor, bool fold_rsf, int num_logical_experts,
                  std::optional<Index> num_token_non_padded, const LayerDispatcher* dispatcher,
@@ -46,8 +46,8 @@ public:
         }
         float sum = 0.0f;
         for (int c = 0; c < top_k_; ++c) sum += scores[c];
-        const float scale = (renormalize_ ? 1.0f / (sum + kRenormalizeEpsilon) : 1.0f) *
-                            (fold_rsf_ ? rsf_ : 1.0f);
+        const float scale =
+            (renormalize_ ? 1.0f / (sum + kRenormalizeEpsilon) : 1.0f) * (fold_rsf_ ? rsf_ : 1.0f);
         for (int c = 0; c < top_k_; ++c) {
             const std::int32_t id = dispatcher_ ? dispatcher_->map(ids[c], t, c) : ids[c];
             out_ids[c] = id;
@@ -68,7 +68,7 @@ public:
         }
     }
 
-private:
+  private:
     int top_k_;
     int num_shared_;
     bool renormalize_;

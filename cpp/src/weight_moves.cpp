@@ -10,31 +10,35 @@ namespace moelb {
 
 std::string_view to_string(MoveKind kind) {
     switch (kind) {
-        case MoveKind::kCopy: return "copy";
-        case MoveKind::kSend: return "send";
-        case MoveKind::kRecv: return "recv";
-        case MoveKind::kFanout: return "fanout";
+        case MoveKind::kCopy:
+            return "copy";
+        case MoveKind::kSend:
+            return "send";
+        case MoveKind::kRecv:
+            return "recv";
+        case MoveKind::kFanout:
+            return "fanout";
     }
     return "?";
 }
 
 WeightMovePlan plan_weight_moves(const ExpertLocation& old_location,
                                  const ExpertLocation& new_location, int layer) {
-    MOELB_CHECK_ARG(old_location.num_layers() == new_location.num_layers() &&
-                        old_location.num_logical_experts() == new_location.num_logical_experts() &&
-                        old_location.num_physical_experts() ==
-                            new_location.num_physical_experts() &&
-                        old_location.ep_size() == new_location.ep_size() &&
-                        old_location.num_nodes() == new_location.num_nodes(),
-                    "old and new locations differ in shape: "
-                        << old_location.num_layers() << "x" << old_location.num_physical_experts()
-                        << " slots on " << old_location.ep_size() << " ranks / "
-                        << old_location.num_nodes() << " nodes vs "
-                        << new_location.num_layers() << "x" << new_location.num_physical_experts()
-                        << " on " << new_location.ep_size() << " / " << new_location.num_nodes());
-    MOELB_CHECK_ARG(layer >= 0 && layer < old_location.num_layers(),
-                    "layer=" << layer << " is outside [0, num_layers=" << old_location.num_layers()
-                             << ")");
+    MOELB_CHECK_ARG(
+        old_location.num_layers() == new_location.num_layers() &&
+            old_location.num_logical_experts() == new_location.num_logical_experts() &&
+            old_location.num_physical_experts() == new_location.num_physical_experts() &&
+            old_location.ep_size() == new_location.ep_size() &&
+            old_location.num_nodes() == new_location.num_nodes(),
+        "old and new locations differ in shape: "
+            << old_location.num_layers() << "x" << old_location.num_physical_experts()
+            << " slots on " << old_location.ep_size() << " ranks / " << old_location.num_nodes()
+            << " nodes vs " << new_location.num_layers() << "x"
+            << new_location.num_physical_experts() << " on " << new_location.ep_size() << " / "
+            << new_location.num_nodes());
+    MOELB_CHECK_ARG(
+        layer >= 0 && layer < old_location.num_layers(),
+        "layer=" << layer << " is outside [0, num_layers=" << old_location.num_layers() << ")");
     const int W = old_location.ep_size(), S = old_location.num_local_physical_experts();
     const int E = old_location.num_logical_experts();
     const auto old_row = old_location.physical_to_logical().row(layer);
@@ -177,8 +181,8 @@ std::vector<std::int64_t> simulate_weight_moves(const WeightMovePlan& plan,
             if (op.kind != MoveKind::kRecv) continue;
             auto it = in_flight.find({op.peer, r, op.expert});
             MOELB_CHECK(it != in_flight.end() && !it->second.empty(),
-                        "rank " << r << " receives expert " << op.expert << " from rank "
-                                << op.peer << " which sends nothing matching");
+                        "rank " << r << " receives expert " << op.expert << " from rank " << op.peer
+                                << " which sends nothing matching");
             next[r * S + op.dst_slot] = it->second.front();
             it->second.erase(it->second.begin());
             if (it->second.empty()) in_flight.erase(it);

@@ -21,7 +21,6 @@
 #include "moelb/errors.hpp"
 #include "moelb/expert_location.hpp"
 #include "moelb/parallel.hpp"
-
 #include "test_util.hpp"
 
 namespace {
@@ -327,7 +326,7 @@ RebalanceOptions options_for(const Topology& t, const AlgoCase& a) {
 bool ran_node_locality(const Plan& plan) { return plan.stats.algorithm == "moelb(locality=node)"; }
 
 class EplbInvariants : public ::testing::TestWithParam<Topology> {
-protected:
+  protected:
     void TearDown() override { moelb::set_num_threads(0); }
 };
 

@@ -15,7 +15,6 @@
 #include "moelb/errors.hpp"
 #include "moelb/expert_location.hpp"
 #include "moelb/parallel.hpp"
-
 #include "test_util.hpp"
 
 namespace {
@@ -142,8 +141,8 @@ TEST(ExpertLocation, Equality) {
 }
 
 TEST(ExpertLocation, ParseDispatchAlgorithm) {
-    for (const auto a : {DispatchAlgorithm::kStatic, DispatchAlgorithm::kRandom,
-                         DispatchAlgorithm::kRoundRobin}) {
+    for (const auto a :
+         {DispatchAlgorithm::kStatic, DispatchAlgorithm::kRandom, DispatchAlgorithm::kRoundRobin}) {
         EXPECT_EQ(moelb::parse_dispatch_algorithm(moelb::to_string(a)), a);
     }
     EXPECT_EQ(moelb::parse_dispatch_algorithm("round_robin"), DispatchAlgorithm::kRoundRobin);
@@ -164,26 +163,52 @@ struct ErrorCase {
 std::vector<ErrorCase> location_errors() {
     return {
         {"id_too_large",
-         [] { ExpertLocation(matrix<std::int32_t>({{0, 1, 2, 4}}), 4, 1); },
+         [] {
+             ExpertLocation(matrix<std::int32_t>({{0, 1, 2, 4}}), 4, 1);
+         },
          "physical_to_logical[0, 3] = 4"},
         {"id_negative",
-         [] { ExpertLocation(matrix<std::int32_t>({{0, 1, 2, 3}, {0, -1, 2, 3}}), 4, 1); },
+         [] {
+             ExpertLocation(matrix<std::int32_t>({{0, 1, 2, 3}, {0, -1, 2, 3}}), 4, 1);
+         },
          "physical_to_logical[1, 1] = -1"},
         {"expert_without_replica",
-         [] { ExpertLocation(matrix<std::int32_t>({{0, 1, 2, 3}, {0, 1, 1, 3}}), 4, 2); },
+         [] {
+             ExpertLocation(matrix<std::int32_t>({{0, 1, 2, 3}, {0, 1, 1, 3}}), 4, 2);
+         },
          "logical expert 2 has no replica in layer 1"},
         {"slots_not_divisible_by_ep_size",
-         [] { ExpertLocation(matrix<std::int32_t>({{0, 1, 2, 3, 0, 1}}), 4, 4); }, "ep_size=4"},
+         [] {
+             ExpertLocation(matrix<std::int32_t>({{0, 1, 2, 3, 0, 1}}), 4, 4);
+         },
+         "ep_size=4"},
         {"ep_size_not_divisible_by_num_nodes",
-         [] { ExpertLocation(matrix<std::int32_t>({{0, 1, 2, 3, 0, 1}}), 4, 3, 2); }, "num_nodes=2"},
+         [] {
+             ExpertLocation(matrix<std::int32_t>({{0, 1, 2, 3, 0, 1}}), 4, 3, 2);
+         },
+         "num_nodes=2"},
         {"fewer_slots_than_experts",
-         [] { ExpertLocation(matrix<std::int32_t>({{0, 1, 2}}), 4, 1); }, "num_physical_experts=3"},
+         [] {
+             ExpertLocation(matrix<std::int32_t>({{0, 1, 2}}), 4, 1);
+         },
+         "num_physical_experts=3"},
         {"no_layers", [] { ExpertLocation(RowMatrix<std::int32_t>(0, 4), 4, 1); },
          "physical_to_logical"},
-        {"no_logical_experts", [] { ExpertLocation(matrix<std::int32_t>({{0, 0}}), 0, 1); },
+        {"no_logical_experts",
+         [] {
+             ExpertLocation(matrix<std::int32_t>({{0, 0}}), 0, 1);
+         },
          "num_logical_experts"},
-        {"ep_size_zero", [] { ExpertLocation(matrix<std::int32_t>({{0, 1}}), 2, 0); }, "ep_size"},
-        {"num_nodes_zero", [] { ExpertLocation(matrix<std::int32_t>({{0, 1}}), 2, 1, 0); }, "num_nodes"},
+        {"ep_size_zero",
+         [] {
+             ExpertLocation(matrix<std::int32_t>({{0, 1}}), 2, 0);
+         },
+         "ep_size"},
+        {"num_nodes_zero",
+         [] {
+             ExpertLocation(matrix<std::int32_t>({{0, 1}}), 2, 1, 0);
+         },
+         "num_nodes"},
         {"trivial_no_layers", [] { ExpertLocation::trivial(0, 4, 4, 1); }, "num_layers"},
         {"trivial_fewer_slots", [] { ExpertLocation::trivial(1, 8, 6, 2); },
          "num_physical_experts=6"},
@@ -310,8 +335,8 @@ TEST_P(StaticDispatchRules, OwnRankThenNodeThenAnywhereEvenly) {
                     for (const int p : reps) {
                         const int served = global_serves.count(p) ? global_serves.at(p) : 0;
                         EXPECT_TRUE(served == m / n || served == (m + n - 1) / n)
-                            << "slot " << p << " serves " << served << " of " << m
-                            << " ranks over " << n << " replicas";
+                            << "slot " << p << " serves " << served << " of " << m << " ranks over "
+                            << n << " replicas";
                     }
                 }
             }
@@ -330,7 +355,7 @@ INSTANTIATE_TEST_SUITE_P(
     Layouts, StaticDispatchRules,
     ::testing::Values(StaticCase{"w8_n2_s5_e32", 3, 32, 8, 2, 5, 1},
                       StaticCase{"w16_n4_s3_e40", 2, 40, 16, 4, 3, 2},
-                      StaticCase{"w6_n3_s2_e8", 4, 8, 6, 3, 2, 3},   // many replicas
+                      StaticCase{"w6_n3_s2_e8", 4, 8, 6, 3, 2, 3},  // many replicas
                       StaticCase{"w12_n2_s2_e23", 2, 23, 12, 2, 2, 4},
                       StaticCase{"w5_n1_s4_e12", 2, 12, 5, 1, 4, 5},  // one node
                       StaticCase{"w4_n4_s3_e9", 2, 9, 4, 4, 3, 6}),   // one rank per node
@@ -372,12 +397,12 @@ TEST(StaticDispatch, SlotRejectsOutOfRangeArguments) {
 // dispatch().
 
 class Dispatch : public ::testing::Test {
-protected:
+  protected:
     // 2 layers, E = 6 in P = 12 slots on W = 4 ranks (S = 3), 2 nodes. Layer 1 gives expert 0
     // three replicas, expert 5 one.
     Dispatch()
-        : loc_(matrix<std::int32_t>({{0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 5},
-                           {0, 1, 2, 0, 3, 4, 1, 2, 0, 3, 4, 5}}),
+        : loc_(matrix<std::int32_t>(
+                   {{0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 5}, {0, 1, 2, 0, 3, 4, 1, 2, 0, 3, 4, 5}}),
                6, 4, 2) {
         std::mt19937 gen(4);
         ids_ = RowMatrix<std::int32_t>(300, 4);
@@ -469,10 +494,11 @@ TEST_F(Dispatch, RoundRobinByTokenAndRank) {
 
 TEST_F(Dispatch, MinusOneStaysMinusOneAndSingleReplicaIsFixed) {
     const RowMatrix<std::int32_t> ids = matrix<std::int32_t>({{-1, 5}, {5, -1}, {-1, -1}});
-    for (const auto a : {DispatchAlgorithm::kStatic, DispatchAlgorithm::kRandom,
-                         DispatchAlgorithm::kRoundRobin}) {
+    for (const auto a :
+         {DispatchAlgorithm::kStatic, DispatchAlgorithm::kRandom, DispatchAlgorithm::kRoundRobin}) {
         // Expert 5 has the single slot 11 in layer 1.
-        EXPECT_EQ(dispatch(loc_, ids, 1, 0, a, 9), matrix<std::int32_t>({{-1, 11}, {11, -1}, {-1, -1}}))
+        EXPECT_EQ(dispatch(loc_, ids, 1, 0, a, 9),
+                  matrix<std::int32_t>({{-1, 11}, {11, -1}, {-1, -1}}))
             << moelb::to_string(a);
     }
 }
@@ -503,8 +529,8 @@ TEST_F(Dispatch, IdenticalForAnyThreadCount) {
 TEST_F(Dispatch, Errors) {
     const RowMatrix<std::int32_t> bad_high = matrix<std::int32_t>({{0, 1}, {6, 0}});
     const RowMatrix<std::int32_t> bad_low = matrix<std::int32_t>({{0, -2}});
-    for (const auto a : {DispatchAlgorithm::kStatic, DispatchAlgorithm::kRandom,
-                         DispatchAlgorithm::kRoundRobin}) {
+    for (const auto a :
+         {DispatchAlgorithm::kStatic, DispatchAlgorithm::kRandom, DispatchAlgorithm::kRoundRobin}) {
         expect_invalid_argument([&] { dispatch(loc_, bad_high, 0, 0, a, 0); },
                                 "topk_ids[1, 0] = 6");
         expect_invalid_argument([&] { dispatch(loc_, bad_low, 0, 0, a, 0); },

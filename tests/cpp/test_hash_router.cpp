@@ -22,7 +22,6 @@
 #include "moelb/hash_router.hpp"
 #include "moelb/parallel.hpp"
 #include "moelb/routing.hpp"
-
 #include "test_util.hpp"
 
 namespace {
@@ -49,8 +48,7 @@ TopKOutput select(const HashRouter& router, const RowMatrix<float>& logits,
                   const std::vector<TokenId>& input_ids,
                   std::optional<Index> non_padded = std::nullopt,
                   const LayerDispatcher* dispatcher = nullptr) {
-    return router.select(cmap(logits), std::span<const TokenId>(input_ids), non_padded,
-                         dispatcher);
+    return router.select(cmap(logits), std::span<const TokenId>(input_ids), non_padded, dispatcher);
 }
 
 // Reference weights [K + F] of one token, in double.
@@ -286,8 +284,8 @@ TEST(HashRouter, PaddingStartingInsideALaterBlockOfRows) {
                 }
                 std::vector<int> want_ids;
                 for (int k = 0; k < K; ++k) want_ids.push_back(tid2eid(ids[t], k));
-                const std::vector<double> want = reference_weights(
-                    logits.row(t).data(), E, want_ids, scoring, 1.5, 1, false);
+                const std::vector<double> want =
+                    reference_weights(logits.row(t).data(), E, want_ids, scoring, 1.5, 1, false);
                 for (int k = 0; k < K + 1; ++k) {
                     ASSERT_EQ(out.topk_ids(t, k), k < K ? want_ids[k] : E) << "row " << t;
                     ASSERT_NEAR(out.topk_weights(t, k), want[k], 1e-5 * want[k] + 1e-7)
@@ -431,19 +429,29 @@ std::vector<ErrorCase> hash_errors() {
     const RowMatrix<float> logits4 = RowMatrix<float>::Zero(3, 4);
     return {
         {"input_id_too_large",
-         [=] { select<std::int32_t>(HashRouter(small_table()), logits4, {0, 3, 1}); },
+         [=] {
+             select<std::int32_t>(HashRouter(small_table()), logits4, {0, 3, 1});
+         },
          "input_ids[1] = 3"},
         {"input_id_negative",
-         [=] { select<std::int32_t>(HashRouter(small_table()), logits4, {0, 1, -1}); },
+         [=] {
+             select<std::int32_t>(HashRouter(small_table()), logits4, {0, 1, -1});
+         },
          "input_ids[2] = -1"},
         {"input_id_int64_huge",
-         [=] { select<std::int64_t>(HashRouter(small_table()), logits4, {1LL << 33, 0, 0}); },
+         [=] {
+             select<std::int64_t>(HashRouter(small_table()), logits4, {1LL << 33, 0, 0});
+         },
          "input_ids[0]"},
         {"input_id_out_of_range_before_padding",
-         [=] { select<std::int32_t>(HashRouter(small_table()), logits4, {0, 5, 9}, 2); },
+         [=] {
+             select<std::int32_t>(HashRouter(small_table()), logits4, {0, 5, 9}, 2);
+         },
          "input_ids[1] = 5"},
         {"input_ids_wrong_length",
-         [=] { select<std::int32_t>(HashRouter(small_table()), logits4, {0, 1}); },
+         [=] {
+             select<std::int32_t>(HashRouter(small_table()), logits4, {0, 1});
+         },
          "input_ids has 2"},
         {"tid2eid_id_beyond_logit_columns",
          [] {
@@ -451,7 +459,10 @@ std::vector<ErrorCase> hash_errors() {
          },
          "tid2eid holds expert id 3"},
         {"tid2eid_negative",
-         [] { (void)HashRouter(matrix<std::int32_t>({{0, 1}, {-1, 2}})); }, "tid2eid[1, 0] = -1"},
+         [] {
+             (void)HashRouter(matrix<std::int32_t>({{0, 1}, {-1, 2}}));
+         },
+         "tid2eid[1, 0] = -1"},
         {"tid2eid_beyond_num_experts",
          [] { (void)HashRouter(small_table(), Scoring::kSqrtSoftplus, 1.0f, 0, false, 3); },
          "tid2eid[1, 1] = 3"},
@@ -472,10 +483,14 @@ std::vector<ErrorCase> hash_errors() {
         {"two_shared_experts", [] { (void)HashRouter(small_table(), Scoring::kSigmoid, 1.0f, 2); },
          "num_fused_shared_experts"},
         {"non_padded_too_large",
-         [=] { select<std::int32_t>(HashRouter(small_table()), logits4, {0, 1, 2}, 4); },
+         [=] {
+             select<std::int32_t>(HashRouter(small_table()), logits4, {0, 1, 2}, 4);
+         },
          "num_token_non_padded=4"},
         {"non_padded_negative",
-         [=] { select<std::int32_t>(HashRouter(small_table()), logits4, {0, 1, 2}, -1); },
+         [=] {
+             select<std::int32_t>(HashRouter(small_table()), logits4, {0, 1, 2}, -1);
+         },
          "num_token_non_padded=-1"},
         {"topk_ids_shape", [] { select_into(2, 2, 2, 3, 2, 2); }, "topk_ids"},
         {"topk_weights_shape", [] { select_into(2, 3, 1, 3, 2, 2); }, "topk_weights"},
@@ -484,8 +499,7 @@ std::vector<ErrorCase> hash_errors() {
          [=] {
              const ExpertLocation loc = ExpertLocation::trivial(1, 6, 6, 1);
              const LayerDispatcher d(loc, 0, 0, DispatchAlgorithm::kStatic, 0);
-             select<std::int32_t>(HashRouter(small_table()), logits4, {0, 1, 2}, std::nullopt,
-                                  &d);
+             select<std::int32_t>(HashRouter(small_table()), logits4, {0, 1, 2}, std::nullopt, &d);
          },
          "num_logical_experts=6"},
     };

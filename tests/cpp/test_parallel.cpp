@@ -33,7 +33,7 @@ int hardware_default() {
 
 // Every test leaves the process at the default thread count.
 class ParallelTest : public ::testing::Test {
-protected:
+  protected:
     void TearDown() override { set_num_threads(0); }
 };
 
@@ -46,7 +46,7 @@ struct ChunkError : std::runtime_error {
 
 // The chunks parallel_for hands out, sorted.
 std::vector<std::pair<std::int64_t, std::int64_t>> chunks_of(std::int64_t n, std::int64_t grain,
-                                                              int threads) {
+                                                             int threads) {
     set_num_threads(threads);
     std::mutex mu;
     std::vector<std::pair<std::int64_t, std::int64_t>> chunks;
@@ -124,8 +124,7 @@ std::string coverage_name(const ::testing::TestParamInfo<CoverageCase>& info) {
            std::to_string(c.threads);
 }
 
-class ParallelCoverage : public ParallelTest,
-                         public ::testing::WithParamInterface<CoverageCase> {};
+class ParallelCoverage : public ParallelTest, public ::testing::WithParamInterface<CoverageCase> {};
 
 TEST_P(ParallelCoverage, EveryIndexExactlyOnce) {
     const auto [n, grain, threads] = GetParam();
@@ -197,8 +196,8 @@ INSTANTIATE_TEST_SUITE_P(Sizes, ParallelCoverage,
                          coverage_name);
 
 TEST_F(ParallelTest, ChunkBoundariesDoNotDependOnThreadCount) {
-    for (const auto& [n, grain] : std::vector<std::pair<std::int64_t, std::int64_t>>{
-             {10, 3}, {1000, 7}, {4096, 256}}) {
+    for (const auto& [n, grain] :
+         std::vector<std::pair<std::int64_t, std::int64_t>>{{10, 3}, {1000, 7}, {4096, 256}}) {
         const auto reference = chunks_of(n, grain, 3);
         EXPECT_EQ(chunks_of(n, grain, 1), reference) << "n=" << n << " grain=" << grain;
         EXPECT_EQ(chunks_of(n, grain, 2), reference) << "n=" << n << " grain=" << grain;

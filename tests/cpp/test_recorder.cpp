@@ -24,7 +24,6 @@
 #include "moelb/errors.hpp"
 #include "moelb/expert_location.hpp"
 #include "moelb/recorder.hpp"
-
 #include "test_util.hpp"
 
 namespace {
@@ -74,9 +73,7 @@ Ids random_ids(int T, int K, int P, Rng& rng) {
     return ids;
 }
 
-std::vector<std::int32_t> flat(const Ids& ids) {
-    return {ids.data(), ids.data() + ids.size()};
-}
+std::vector<std::int32_t> flat(const Ids& ids) { return {ids.data(), ids.data() + ids.size()}; }
 
 // Adds the per-slot histogram of the non-(-1) ids into row `layer` of counts [L, P].
 void add_histogram(Counts& counts, int P, int layer, const Ids& ids) {
@@ -126,10 +123,10 @@ struct ConservationCase {
 
 // What one pass offered to one recorder, counted independently.
 struct Offered {
-    Counts counts;                                // [L, P]
-    std::vector<Index> valid;                     // [L]: non-(-1) ids offered to each layer
-    std::vector<std::vector<std::int32_t>> ids;   // per layer, every call's ids appended
-    std::vector<int> top_k;                       // per layer, 0 = no call
+    Counts counts;                               // [L, P]
+    std::vector<Index> valid;                    // [L]: non-(-1) ids offered to each layer
+    std::vector<std::vector<std::int32_t>> ids;  // per layer, every call's ids appended
+    std::vector<int> top_k;                      // per layer, 0 = no call
 };
 
 // Offers 0 to 3 random batches (1 to 5 tokens) to every layer of one pass, through the RAII scopes
@@ -204,9 +201,9 @@ TEST_P(RecorderConservation, CountsConservedAcrossWrapAroundRelocationAndMerge) 
         offered1.push_back(offer_random_pass(r1, c.K, rng, /*use_scopes=*/false));
     }
 
-    const int kept = c.buffer_size < 0 ? c.num_passes
-                                       : static_cast<int>(std::min<Index>(c.num_passes,
-                                                                          c.buffer_size));
+    const int kept = c.buffer_size < 0
+                         ? c.num_passes
+                         : static_cast<int>(std::min<Index>(c.num_passes, c.buffer_size));
     const int first = c.num_passes - kept;  // the oldest pass still in the window
     ASSERT_EQ(r0.num_passes(), kept);
     ASSERT_EQ(r1.num_passes(), kept);
@@ -315,7 +312,7 @@ TEST(RecorderLogicalCount, EachPassUsesItsOwnPlacement) {
     }
     // Pass 0 (map A): layer 0 slots 0,4,5 -> experts 0,0,1; layer 1 slots 2,3 -> experts 1,0.
     // Pass 1 (map B): layer 0 slots 0,4,5 -> experts 1,1,0; layer 1 slots 2,3 -> experts 2,3.
-    const Counts expected = {2, 1, 0, 0, /**/ 1, 1, 0, 0,  // pass 0: [L=2, E=4]
+    const Counts expected = {2, 1, 0, 0, /**/ 1, 1, 0, 0,   // pass 0: [L=2, E=4]
                              1, 2, 0, 0, /**/ 0, 0, 1, 1};  // pass 1
     EXPECT_EQ(r.logical_count(), expected);
     EXPECT_EQ(r.passes()[0].location->physical_to_logical(), map_a);
@@ -372,14 +369,12 @@ const Ids kSecond = matrix<std::int32_t>({{2, 2}, {-1, 6}, {1, 3}});
 
 std::vector<MisuseCase> misuse_cases() {
     auto select = [](Ids ids, std::optional<int> expected_layer = std::nullopt) {
-        return [ids, expected_layer](Recorder& r) {
-            r.on_select_experts(cmap(ids), expected_layer);
-        };
+        return
+            [ids, expected_layer](Recorder& r) { r.on_select_experts(cmap(ids), expected_layer); };
     };
     auto dispatch = [](std::vector<std::int64_t> counts, int rank, int trailing = 0) {
-        return [counts, rank, trailing](Recorder& r) {
-            r.on_dispatch_counts(counts, rank, trailing);
-        };
+        return
+            [counts, rank, trailing](Recorder& r) { r.on_dispatch_counts(counts, rank, trailing); };
     };
     const Ids good = matrix<std::int32_t>({{1, 2}, {3, 4}});
     // Valid rows first, the bad id in the last row: none of the earlier rows may be counted.
@@ -481,8 +476,7 @@ TEST_P(RecorderMisuse, ThrowsNamingTheProblemAndCountsNothing) {
 
     // The scopes the setup opened are still open, and nothing else is.
     EXPECT_TRUE(r.recording());
-    EXPECT_EQ(r.current_layer(), c.state == State::kInLayer ? std::optional<int>(1)
-                                                            : std::nullopt);
+    EXPECT_EQ(r.current_layer(), c.state == State::kInLayer ? std::optional<int>(1) : std::nullopt);
     if (c.state == State::kInLayer) {
         ASSERT_NO_THROW(r.end_layer());
     }
@@ -595,7 +589,9 @@ TEST(RecorderDispatchCounts, SelectExpertsExamplesFromReference) {
         LayerScope layer(r, 0);
         r.on_select_experts(cmap(matrix<std::int32_t>({{0, 3}, {3, -1}})));
         expect_invalid_argument(
-            [&] { r.on_select_experts(cmap(matrix<std::int32_t>({{-1, 0, 3, 4, 9}}))); },
+            [&] {
+                r.on_select_experts(cmap(matrix<std::int32_t>({{-1, 0, 3, 4, 9}})));
+            },
             "topk_ids[0, 3] = 4");
     }
     ASSERT_EQ(r.num_passes(), 1);
@@ -669,8 +665,11 @@ TEST(RecorderModes, PerTokenRejectsAnotherTopKForTheSameLayerWithinAPass) {
     r.begin_forward_pass();
     r.begin_layer(0);
     r.on_select_experts(cmap(matrix<std::int32_t>({{0, 1}})));
-    expect_invalid_argument([&] { r.on_select_experts(cmap(matrix<std::int32_t>({{2, 3, 1}}))); },
-                            "topk_ids has 3 columns but layer 0 was given 2");
+    expect_invalid_argument(
+        [&] {
+            r.on_select_experts(cmap(matrix<std::int32_t>({{2, 3, 1}})));
+        },
+        "topk_ids has 3 columns but layer 0 was given 2");
     r.end_layer();
     r.end_forward_pass();
     EXPECT_EQ(r.passes()[0].token_ids, (std::vector<std::vector<std::int32_t>>{{0, 1}}));

@@ -26,7 +26,6 @@
 #include "moelb/expert_location.hpp"
 #include "moelb/parallel.hpp"
 #include "moelb/routing.hpp"
-
 #include "test_util.hpp"
 
 namespace {
@@ -89,12 +88,12 @@ bool near_tie(double a, double b) {
 }
 
 struct Reference {
-    std::vector<double> score;      // [E] unbiased scores
-    std::vector<double> choice;     // [E] score + bias
+    std::vector<double> score;   // [E] unbiased scores
+    std::vector<double> choice;  // [E] score + bias
     std::vector<double> group_score;
-    std::vector<int> kept_groups;   // ascending
-    std::vector<int> ids;           // [K] routed, descending choice
-    std::vector<double> weights;    // [K + F]
+    std::vector<int> kept_groups;  // ascending
+    std::vector<int> ids;          // [K] routed, descending choice
+    std::vector<double> weights;   // [K + F]
     bool ambiguous = false;
 };
 
@@ -191,12 +190,12 @@ const Shape kShapes[] = {
     {"e256k8_top2sum_g8tg4", 256, 8, 8, 4, GroupScore::kTop2Sum},
     {"e48k5_max_g6tg3", 48, 5, 6, 3, GroupScore::kMax},
     {"e16k4_top2sum_g16tg4", 16, 4, 16, 4, GroupScore::kTop2Sum},  // groups of one expert
-    {"e32k8_max_g4tg1", 32, 8, 4, 1, GroupScore::kMax},             // K = every kept expert
-    {"e24k3_top2sum_g3tg3", 24, 3, 3, 3, GroupScore::kTop2Sum},     // every group kept
-    {"e9k9", 9, 9, 0, 0, GroupScore::kTop2Sum},                     // K = E
-    {"e384k8", 384, 8, 0, 0, GroupScore::kTop2Sum},                 // Kimi-K2 width
-    {"e40k16", 40, 16, 0, 0, GroupScore::kTop2Sum},                 // K = 16
-    {"e64k20", 64, 20, 0, 0, GroupScore::kTop2Sum},                 // K > 16
+    {"e32k8_max_g4tg1", 32, 8, 4, 1, GroupScore::kMax},            // K = every kept expert
+    {"e24k3_top2sum_g3tg3", 24, 3, 3, 3, GroupScore::kTop2Sum},    // every group kept
+    {"e9k9", 9, 9, 0, 0, GroupScore::kTop2Sum},                    // K = E
+    {"e384k8", 384, 8, 0, 0, GroupScore::kTop2Sum},                // Kimi-K2 width
+    {"e40k16", 40, 16, 0, 0, GroupScore::kTop2Sum},                // K = 16
+    {"e64k20", 64, 20, 0, 0, GroupScore::kTop2Sum},                // K > 16
     {"e96k17_top2sum_g4tg2", 96, 17, 4, 2, GroupScore::kTop2Sum},
 };
 
@@ -399,13 +398,12 @@ TEST_P(RoutingReference, Invariants) {
     }
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    Matrix, RoutingReference,
-    ::testing::Combine(::testing::ValuesIn(kShapes),
-                       ::testing::Values(Scoring::kSoftmax, Scoring::kSigmoid,
-                                         Scoring::kSqrtSoftplus),
-                       ::testing::Bool()),
-    routing_name);
+INSTANTIATE_TEST_SUITE_P(Matrix, RoutingReference,
+                         ::testing::Combine(::testing::ValuesIn(kShapes),
+                                            ::testing::Values(Scoring::kSoftmax, Scoring::kSigmoid,
+                                                              Scoring::kSqrtSoftplus),
+                                            ::testing::Bool()),
+                         routing_name);
 
 // ------------------------------------------------------------------------------------------------
 // Exact ties: the lowest expert id wins.
@@ -442,8 +440,8 @@ TEST_P(RoutingTies, DuplicatedValuesPickLowestIdFirst) {
     c.scoring = GetParam();
     c.renormalize = false;
     // Experts 1, 3 and 4 tie for the best value, 0 and 2 for the second.
-    const RowMatrix<float> logits = matrix<float>({{1.0f, 3.0f, 1.0f, 3.0f, 3.0f},
-                                                {2.0f, -1.0f, 2.0f, 0.5f, 2.0f}});
+    const RowMatrix<float> logits =
+        matrix<float>({{1.0f, 3.0f, 1.0f, 3.0f, 3.0f}, {2.0f, -1.0f, 2.0f, 0.5f, 2.0f}});
     const TopKOutput out = route(logits, c);
     EXPECT_EQ(out.topk_ids(0, 0), 1);
     EXPECT_EQ(out.topk_ids(0, 1), 3);
@@ -557,10 +555,9 @@ TEST_P(RoutingNonFinite, NaNNeverSelectedWhileEnoughFiniteExperts) {
     TopKConfig c;
     c.top_k = 3;
     c.scoring = GetParam();
-    const RowMatrix<float> logits =
-        matrix<float>({{kNaN, -2.0f, kNaN, -3.0f, kNaN, -4.0f, kNaN},
-                    {kNaN, kNaN, kNaN, kNaN, 0.5f, -0.5f, 7.0f},
-                    {1.0f, kNaN, 2.0f, kNaN, 3.0f, kNaN, kNaN}});
+    const RowMatrix<float> logits = matrix<float>({{kNaN, -2.0f, kNaN, -3.0f, kNaN, -4.0f, kNaN},
+                                                   {kNaN, kNaN, kNaN, kNaN, 0.5f, -0.5f, 7.0f},
+                                                   {1.0f, kNaN, 2.0f, kNaN, 3.0f, kNaN, kNaN}});
     const TopKOutput out = route(logits, c);
     const int expected[3][3] = {{1, 3, 5}, {6, 4, 5}, {4, 2, 0}};
     for (Index t = 0; t < 3; ++t) {
@@ -583,7 +580,8 @@ TEST_P(RoutingNonFinite, NaNInGroupedSelection) {
     c.topk_group = 1;
     c.group_score = GroupScore::kMax;
     // Group 0 holds NaNs and the best finite value; its experts other than the NaNs win.
-    const RowMatrix<float> logits = matrix<float>({{kNaN, 5.0f, kNaN, 4.0f, 1.0f, 1.0f, 1.0f, 1.0f}});
+    const RowMatrix<float> logits =
+        matrix<float>({{kNaN, 5.0f, kNaN, 4.0f, 1.0f, 1.0f, 1.0f, 1.0f}});
     const TopKOutput out = route(logits, c);
     EXPECT_EQ(out.topk_ids(0, 0), 1);
     EXPECT_EQ(out.topk_ids(0, 1), 3);
@@ -630,8 +628,8 @@ TEST_P(RoutingNonFinite, InfiniteLogitsGiveNoNaN) {
             }
             const RowMatrix<float> logits =
                 matrix<float>({{0.0f, kInf, -kInf, 1.0f, 2.0f, -1.0f},
-                            {kInf, 1.0f, kInf, -kInf, kNaN, 0.0f},
-                            {-kInf, -kInf, -kInf, -kInf, -kInf, -kInf}});
+                               {kInf, 1.0f, kInf, -kInf, kNaN, 0.0f},
+                               {-kInf, -kInf, -kInf, -kInf, -kInf, -kInf}});
             const TopKOutput out = route(logits, c);
             for (Index t = 0; t < logits.rows(); ++t) {
                 std::set<int> ids;
@@ -809,8 +807,8 @@ TEST(Routing, SharedColumnAndScalingMatrix) {
         c.routed_scaling_factor = 2.5f;
         c.num_fused_shared_experts = 1;
         const TopKOutput out = route(logits, c);
-        const std::string what = "renormalize=" + std::to_string(r.renormalize) +
-                                 " fold=" + std::to_string(r.fold);
+        const std::string what =
+            "renormalize=" + std::to_string(r.renormalize) + " fold=" + std::to_string(r.fold);
         EXPECT_EQ(out.topk_ids(0, 0), 1) << what;
         EXPECT_EQ(out.topk_ids(0, 1), 0) << what;
         EXPECT_EQ(out.topk_ids(0, 2), 3) << what;
@@ -1090,21 +1088,28 @@ std::vector<ErrorCase> routing_errors() {
         {"topk_group_exceeds_num_groups", [] { route(ones(2, 16), grouped(2, 4, 5)); },
          "topk_group=5"},
         {"topk_group_zero", [] { route(ones(2, 16), grouped(2, 4, 0)); }, "topk_group=0"},
-        {"topk_group_without_groups", [] { route(ones(2, 16), grouped(2, 0, 2)); },
-         "topk_group=2"},
+        {"topk_group_without_groups", [] { route(ones(2, 16), grouped(2, 0, 2)); }, "topk_group=2"},
         {"num_groups_negative", [] { route(ones(2, 16), grouped(2, -2, 1)); }, "num_groups"},
         {"experts_not_divisible_by_groups", [] { route(ones(2, 10), grouped(2, 4, 2)); },
          "num_groups=4"},
-        {"top_k_exceeds_kept_experts", [] { route(ones(2, 16), grouped(5, 4, 1)); },
-         "top_k=5"},
+        {"top_k_exceeds_kept_experts", [] { route(ones(2, 16), grouped(5, 4, 1)); }, "top_k=5"},
         {"no_expert_columns", [] { route(ones(2, 0), simple(1)); }, "router_logits"},
-        {"bias_too_short", [] { route(ones(2, 4), simple(2), {0.0f, 0.0f, 0.0f}); },
+        {"bias_too_short",
+         [] {
+             route(ones(2, 4), simple(2), {0.0f, 0.0f, 0.0f});
+         },
          "correction_bias"},
         {"bias_too_long", [] { route(ones(2, 4), simple(2), std::vector<float>(5, 0.0f)); },
          "correction_bias"},
-        {"bias_nan", [] { route(ones(2, 4), simple(2), {0.0f, 0.0f, kNaN, 0.0f}); },
+        {"bias_nan",
+         [] {
+             route(ones(2, 4), simple(2), {0.0f, 0.0f, kNaN, 0.0f});
+         },
          "correction_bias[2]"},
-        {"bias_inf", [] { route(ones(2, 4), simple(2), {-kInf, 0.0f, 0.0f, 0.0f}); },
+        {"bias_inf",
+         [] {
+             route(ones(2, 4), simple(2), {-kInf, 0.0f, 0.0f, 0.0f});
+         },
          "correction_bias[0]"},
         {"non_padded_negative", [] { route(ones(3, 4), simple(2), {}, -1); },
          "num_token_non_padded=-1"},
@@ -1188,7 +1193,8 @@ RowMatrix<std::int32_t> remap(const RowMatrix<std::int32_t>& ids, int P, int W, 
 
 TEST(RemapPerRankSharedSlots, WorkedExamples) {
     // P = 264, W = 8 (S = 33), rank 7: shared slot 7 * 34 + 33 = 271.
-    EXPECT_EQ(remap(matrix<std::int32_t>({{0, 33, 263, 256}}), 264, 8, 7), matrix<std::int32_t>({{0, 34, 270, 271}}));
+    EXPECT_EQ(remap(matrix<std::int32_t>({{0, 33, 263, 256}}), 264, 8, 7),
+              matrix<std::int32_t>({{0, 34, 270, 271}}));
     // P = 256, W = 4 (S = 64), rank 2: shared slot 2 * 65 + 64 = 194; the input shared column
     // is overwritten whatever it held.
     EXPECT_EQ(remap(matrix<std::int32_t>({{0, 65, 256}, {63, 127, -5}}), 256, 4, 2),
@@ -1257,10 +1263,16 @@ TEST(RemapPerRankSharedSlots, AfterRoutingWithLocation) {
 
 TEST(RemapPerRankSharedSlots, Errors) {
     const RowMatrix<std::int32_t> ok = matrix<std::int32_t>({{0, 1, 256}});
-    expect_invalid_argument([&] { remap(matrix<std::int32_t>({{0, 256, 256}}), 256, 8, 0); },
-                            "topk_ids[0, 1] = 256");
-    expect_invalid_argument([&] { remap(matrix<std::int32_t>({{-2, 3, 256}}), 256, 8, 0); },
-                            "topk_ids[0, 0] = -2");
+    expect_invalid_argument(
+        [&] {
+            remap(matrix<std::int32_t>({{0, 256, 256}}), 256, 8, 0);
+        },
+        "topk_ids[0, 1] = 256");
+    expect_invalid_argument(
+        [&] {
+            remap(matrix<std::int32_t>({{-2, 3, 256}}), 256, 8, 0);
+        },
+        "topk_ids[0, 0] = -2");
     expect_invalid_argument([&] { remap(ok, 250, 8, 0); }, "num_physical_experts=250");
     expect_invalid_argument([&] { remap(ok, 256, 0, 0); }, "ep_size");
     expect_invalid_argument([&] { remap(ok, 256, 8, 8); }, "ep_rank=8");

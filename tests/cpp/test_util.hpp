@@ -48,14 +48,14 @@ void expect_invalid_argument(F&& f, const std::string& needle) {
 
 // A portable uniform source (std::uniform_real_distribution is not portable across libraries).
 class Rng {
-public:
+  public:
     explicit Rng(std::uint32_t seed) : gen_(seed) {}
     double uniform(double lo, double hi) {
         return lo + (hi - lo) * static_cast<double>(gen_() >> 8) * (1.0 / 16777216.0);
     }
     std::uint32_t below(std::uint32_t n) { return gen_() % n; }
 
-private:
+  private:
     std::mt19937 gen_;
 };
 

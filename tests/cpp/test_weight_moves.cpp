@@ -17,7 +17,6 @@
 #include "moelb/errors.hpp"
 #include "moelb/expert_location.hpp"
 #include "moelb/weight_moves.hpp"
-
 #include "test_util.hpp"
 
 namespace {

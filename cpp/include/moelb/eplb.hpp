@@ -50,18 +50,18 @@ struct RebalanceOptions {
 };
 
 struct LayerPlanStats {
-    double max_gpu_load = 0;   // max over GPUs of the sum of their replicas' loads (equal split)
+    double max_gpu_load = 0;  // max over GPUs of the sum of their replicas' loads (equal split)
     double mean_gpu_load = 0;
-    double balancedness = 0;   // mean / max (1 when the layer has no load)
-    double lower_bound = 0;    // max(total / G, best achievable max per-replica load)
-    double gap = 0;            // max_gpu_load / lower_bound - 1 (0 when the layer has no load)
-    Index moved_experts = 0;   // slots whose expert changes vs previous (0 without previous)
+    double balancedness = 0;  // mean / max (1 when the layer has no load)
+    double lower_bound = 0;   // max(total / G, best achievable max per-replica load)
+    double gap = 0;           // max_gpu_load / lower_bound - 1 (0 when the layer has no load)
+    Index moved_experts = 0;  // slots whose expert changes vs previous (0 without previous)
     bool kept_previous = false;
 };
 
 struct PlanStats {
     std::vector<LayerPlanStats> layers;
-    double balancedness = 0;            // SGLang: the layer mean of mean/max
+    double balancedness = 0;                // SGLang: the layer mean of mean/max
     double load_weighted_balancedness = 0;  // vLLM: sum of means / sum of maxes
     double mean_gap = 0;
     double max_gap = 0;

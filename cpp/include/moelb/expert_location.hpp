@@ -24,11 +24,12 @@ namespace moelb {
 enum class DispatchAlgorithm { kStatic, kRandom, kRoundRobin };
 
 // Parses "static" | "random" | "round_robin"; bad names are an InvalidArgument naming `param`.
-DispatchAlgorithm parse_dispatch_algorithm(std::string_view name, std::string_view param = "dispatch");
+DispatchAlgorithm parse_dispatch_algorithm(std::string_view name,
+                                           std::string_view param = "dispatch");
 std::string_view to_string(DispatchAlgorithm algorithm);
 
 class ExpertLocation {
-public:
+  public:
     // physical_to_logical: [L, P] int32, the logical expert of every slot. Validated: ids in
     // [0, num_logical_experts), every logical expert has a replica in every layer, P % ep_size ==
     // 0, ep_size % num_nodes == 0.
@@ -36,8 +37,8 @@ public:
                    int ep_size, int num_nodes = 1);
 
     // Slot p holds logical expert p % num_logical_experts in every layer (SGLang's trivial layout).
-    static ExpertLocation trivial(int num_layers, int num_logical_experts,
-                                  int num_physical_experts, int ep_size, int num_nodes = 1);
+    static ExpertLocation trivial(int num_layers, int num_logical_experts, int num_physical_experts,
+                                  int ep_size, int num_nodes = 1);
 
     int num_layers() const { return static_cast<int>(physical_to_logical_.rows()); }
     int num_logical_experts() const { return num_logical_experts_; }
@@ -80,7 +81,7 @@ public:
 
     bool operator==(const ExpertLocation& other) const;
 
-private:
+  private:
     RowMatrix<std::int32_t> physical_to_logical_;
     int num_logical_experts_;
     int ep_size_;
@@ -93,7 +94,7 @@ private:
 // The logical -> physical mapping of one layer as seen by one rank: built once per call (validates
 // layer and ep_rank; precomputes the static table row), then applied per (token, column).
 class LayerDispatcher {
-public:
+  public:
     LayerDispatcher(const ExpertLocation& location, int layer, int ep_rank,
                     DispatchAlgorithm algorithm, std::uint64_t seed);
 
@@ -104,7 +105,7 @@ public:
     // `expert` must be in [0, E).
     std::int32_t map(std::int32_t expert, Index token, int column) const;
 
-private:
+  private:
     const ExpertLocation* location_;
     int layer_;
     int ep_rank_;

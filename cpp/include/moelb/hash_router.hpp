@@ -14,7 +14,7 @@
 namespace moelb {
 
 class HashRouter {
-public:
+  public:
     // tid2eid [V, K] int32: the K expert ids of every token id (all >= 0). Weights: the scores of
     // the looked-up experts (scoring as in TopKConfig), renormalised to sum 1 unless scoring is
     // softmax (softmax weights stay probabilities over all experts, as in SGLang), rsf folded when
@@ -47,7 +47,7 @@ public:
                       std::optional<Index> num_token_non_padded = std::nullopt,
                       const LayerDispatcher* dispatcher = nullptr) const;
 
-private:
+  private:
     RowMatrix<std::int32_t> tid2eid_;
     Scoring scoring_;
     float rsf_;
@@ -59,12 +59,12 @@ private:
 
 extern template void HashRouter::select<std::int32_t>(ConstMatrixMap<float>,
                                                       std::span<const std::int32_t>,
-                                                      std::optional<Index>,
-                                                      const LayerDispatcher*, TopKOutputView) const;
+                                                      std::optional<Index>, const LayerDispatcher*,
+                                                      TopKOutputView) const;
 extern template void HashRouter::select<std::int64_t>(ConstMatrixMap<float>,
                                                       std::span<const std::int64_t>,
-                                                      std::optional<Index>,
-                                                      const LayerDispatcher*, TopKOutputView) const;
+                                                      std::optional<Index>, const LayerDispatcher*,
+                                                      TopKOutputView) const;
 extern template TopKOutput HashRouter::select<std::int32_t>(ConstMatrixMap<float>,
                                                             std::span<const std::int32_t>,
                                                             std::optional<Index>,

@@ -1,6 +1,6 @@
-// Deterministic parallel loops. Work is split into contiguous chunks whose boundaries depend only on
-// the problem size and grain, never on the thread count, and each item's result depends only on its
-// own inputs, so results are identical for any number of threads.
+// Deterministic parallel loops. Work is split into contiguous chunks whose boundaries depend only
+// on the problem size and grain, never on the thread count, and each item's result depends only on
+// its own inputs, so results are identical for any number of threads.
 #pragma once
 
 #include <cstdint>

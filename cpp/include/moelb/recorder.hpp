@@ -39,7 +39,7 @@ double pass_balancedness(std::span<const std::int32_t> counts, int num_layers,
                          int num_physical_experts, int ep_size);
 
 class ExpertDistributionRecorder {
-public:
+  public:
     // One recorded forward pass.
     struct Pass {
         std::int64_t forward_pass_id = 0;
@@ -85,7 +85,7 @@ public:
 
     // RAII scopes for C++ callers.
     class ForwardPassScope {
-    public:
+      public:
         explicit ForwardPassScope(ExpertDistributionRecorder& r,
                                   std::optional<std::int64_t> id = std::nullopt)
             : r_(&r), exceptions_(std::uncaught_exceptions()) {
@@ -93,24 +93,26 @@ public:
         }
         // Ends the pass, or drops it when the scope's own body is unwinding an exception.
         ~ForwardPassScope() noexcept(false) {
-            if (std::uncaught_exceptions() == exceptions_) r_->end_forward_pass();
-            else r_->abandon_forward_pass();
+            if (std::uncaught_exceptions() == exceptions_)
+                r_->end_forward_pass();
+            else
+                r_->abandon_forward_pass();
         }
         ForwardPassScope(const ForwardPassScope&) = delete;
         ForwardPassScope& operator=(const ForwardPassScope&) = delete;
 
-    private:
+      private:
         ExpertDistributionRecorder* r_;
         int exceptions_;
     };
     class LayerScope {
-    public:
+      public:
         LayerScope(ExpertDistributionRecorder& r, int layer) : r_(&r) { r.begin_layer(layer); }
         ~LayerScope() noexcept(false) { r_->end_layer(); }
         LayerScope(const LayerScope&) = delete;
         LayerScope& operator=(const LayerScope&) = delete;
 
-    private:
+      private:
         ExpertDistributionRecorder* r_;
     };
 
@@ -144,7 +146,7 @@ public:
     // For ForwardPassScope when the body threw: closes the pass without appending it.
     void abandon_forward_pass();
 
-private:
+  private:
     void check_in_layer(const char* hook) const;
     void append_pass_locked();
 

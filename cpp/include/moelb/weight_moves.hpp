@@ -32,12 +32,12 @@ struct MoveOp {
 struct WeightMovePlan {
     int layer = 0;
     int ep_size = 0;
-    int num_local_slots = 0;                // S
-    std::vector<std::vector<MoveOp>> ops;   // per rank, in execution order; sends and receives
-                                            // sorted by (expert, peer) so both ends match
-    Index local_copies = 0;                 // kCopy + kFanout
-    Index intra_node_transfers = 0;         // receives from the same node
-    Index inter_node_transfers = 0;         // receives from another node
+    int num_local_slots = 0;               // S
+    std::vector<std::vector<MoveOp>> ops;  // per rank, in execution order; sends and receives
+                                           // sorted by (expert, peer) so both ends match
+    Index local_copies = 0;                // kCopy + kFanout
+    Index intra_node_transfers = 0;        // receives from the same node
+    Index inter_node_transfers = 0;        // receives from another node
     Index unchanged_slots = 0;
 };
 
