@@ -9,6 +9,7 @@
 #include <sstream>
 #include <utility>
 
+#include "enum_names.hpp"
 #include "moelb/errors.hpp"
 #include "moelb/parallel.hpp"
 
@@ -790,51 +791,32 @@ double layer_max_gpu_load(const double* w, const std::int32_t* phy2log, int E, i
 
 }  // namespace
 
+constexpr detail::EnumNames<EplbAlgorithm, 4> kEplbAlgorithmNames{{
+    {"moelb", EplbAlgorithm::kMoelb},
+    {"deepseek", EplbAlgorithm::kDeepSeek},
+    {"deepseek_hierarchical", EplbAlgorithm::kDeepSeekHierarchical},
+    {"deepseek_global", EplbAlgorithm::kDeepSeekGlobal},
+}};
+
 EplbAlgorithm parse_eplb_algorithm(std::string_view name, std::string_view param) {
-    if (name == "moelb") return EplbAlgorithm::kMoelb;
-    if (name == "deepseek") return EplbAlgorithm::kDeepSeek;
-    if (name == "deepseek_hierarchical") return EplbAlgorithm::kDeepSeekHierarchical;
-    if (name == "deepseek_global") return EplbAlgorithm::kDeepSeekGlobal;
-    MOELB_CHECK_ARG(false, param << "='" << name
-                                 << "' is not an EPLB algorithm; expected 'moelb', 'deepseek', "
-                                    "'deepseek_hierarchical' or 'deepseek_global'");
-    return EplbAlgorithm::kMoelb;
+    return detail::parse_enum(kEplbAlgorithmNames, name, param, "an EPLB algorithm");
 }
 
-std::string_view to_string(EplbAlgorithm algorithm) {
-    switch (algorithm) {
-        case EplbAlgorithm::kMoelb:
-            return "moelb";
-        case EplbAlgorithm::kDeepSeek:
-            return "deepseek";
-        case EplbAlgorithm::kDeepSeekHierarchical:
-            return "deepseek_hierarchical";
-        case EplbAlgorithm::kDeepSeekGlobal:
-            return "deepseek_global";
-    }
-    return "?";
+std::string_view to_string(EplbAlgorithm value) {
+    return detail::enum_name(kEplbAlgorithmNames, value);
 }
+
+constexpr detail::EnumNames<Locality, 3> kLocalityNames{{
+    {"auto", Locality::kAuto},
+    {"node", Locality::kNode},
+    {"none", Locality::kNone},
+}};
 
 Locality parse_locality(std::string_view name, std::string_view param) {
-    if (name == "auto") return Locality::kAuto;
-    if (name == "node") return Locality::kNode;
-    if (name == "none") return Locality::kNone;
-    MOELB_CHECK_ARG(
-        false, param << "='" << name << "' is not a locality; expected 'auto', 'node' or 'none'");
-    return Locality::kAuto;
+    return detail::parse_enum(kLocalityNames, name, param, "a locality");
 }
 
-std::string_view to_string(Locality locality) {
-    switch (locality) {
-        case Locality::kAuto:
-            return "auto";
-        case Locality::kNode:
-            return "node";
-        case Locality::kNone:
-            return "none";
-    }
-    return "?";
-}
+std::string_view to_string(Locality value) { return detail::enum_name(kLocalityNames, value); }
 
 RowMatrix<double> gpu_loads(ConstMatrixMap<double> load, const ExpertLocation& location) {
     MOELB_CHECK_ARG(

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 
+#include "enum_names.hpp"
 #include "moelb/errors.hpp"
 #include "moelb/parallel.hpp"
 
@@ -31,26 +32,18 @@ constexpr std::uint64_t kSaltRandom = 3;
 
 }  // namespace
 
+constexpr detail::EnumNames<DispatchAlgorithm, 3> kDispatchNames{{
+    {"static", DispatchAlgorithm::kStatic},
+    {"random", DispatchAlgorithm::kRandom},
+    {"round_robin", DispatchAlgorithm::kRoundRobin},
+}};
+
 DispatchAlgorithm parse_dispatch_algorithm(std::string_view name, std::string_view param) {
-    if (name == "static") return DispatchAlgorithm::kStatic;
-    if (name == "random") return DispatchAlgorithm::kRandom;
-    if (name == "round_robin") return DispatchAlgorithm::kRoundRobin;
-    MOELB_CHECK_ARG(false, param << "='" << name
-                                 << "' is not a dispatch algorithm; expected 'static', 'random' or "
-                                    "'round_robin'");
-    return DispatchAlgorithm::kStatic;  // unreachable
+    return detail::parse_enum(kDispatchNames, name, param, "a dispatch algorithm");
 }
 
-std::string_view to_string(DispatchAlgorithm algorithm) {
-    switch (algorithm) {
-        case DispatchAlgorithm::kStatic:
-            return "static";
-        case DispatchAlgorithm::kRandom:
-            return "random";
-        case DispatchAlgorithm::kRoundRobin:
-            return "round_robin";
-    }
-    return "?";
+std::string_view to_string(DispatchAlgorithm value) {
+    return detail::enum_name(kDispatchNames, value);
 }
 
 ExpertLocation::ExpertLocation(RowMatrix<std::int32_t> physical_to_logical, int num_logical_experts,

@@ -5,6 +5,7 @@
 #include <limits>
 #include <numeric>
 
+#include "enum_names.hpp"
 #include "moelb/errors.hpp"
 
 namespace moelb {
@@ -15,26 +16,18 @@ constexpr double kBalancednessEpsilon = 1e-5;
 
 }  // namespace
 
+constexpr detail::EnumNames<RecorderMode, 3> kRecorderModeNames{{
+    {"stat", RecorderMode::kStat},
+    {"per_pass", RecorderMode::kPerPass},
+    {"per_token", RecorderMode::kPerToken},
+}};
+
 RecorderMode parse_recorder_mode(std::string_view name, std::string_view param) {
-    if (name == "stat") return RecorderMode::kStat;
-    if (name == "per_pass") return RecorderMode::kPerPass;
-    if (name == "per_token") return RecorderMode::kPerToken;
-    MOELB_CHECK_ARG(false, param << "='" << name
-                                 << "' is not a recorder mode; expected 'stat', 'per_pass' or "
-                                    "'per_token'");
-    return RecorderMode::kStat;
+    return detail::parse_enum(kRecorderModeNames, name, param, "a recorder mode");
 }
 
-std::string_view to_string(RecorderMode mode) {
-    switch (mode) {
-        case RecorderMode::kStat:
-            return "stat";
-        case RecorderMode::kPerPass:
-            return "per_pass";
-        case RecorderMode::kPerToken:
-            return "per_token";
-    }
-    return "?";
+std::string_view to_string(RecorderMode value) {
+    return detail::enum_name(kRecorderModeNames, value);
 }
 
 double pass_balancedness(std::span<const std::int32_t> counts, int num_layers,

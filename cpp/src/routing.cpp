@@ -11,6 +11,7 @@
 #include <utility>
 #include <vector>
 
+#include "enum_names.hpp"
 #include "moelb/errors.hpp"
 #include "moelb/parallel.hpp"
 #include "scoring.hpp"
@@ -210,39 +211,28 @@ void select_row(const TopKConfig& c, int E, Scratch& s) {
 
 }  // namespace
 
+constexpr detail::EnumNames<Scoring, 3> kScoringNames{{
+    {"softmax", Scoring::kSoftmax},
+    {"sigmoid", Scoring::kSigmoid},
+    {"sqrtsoftplus", Scoring::kSqrtSoftplus},
+}};
+
 Scoring parse_scoring(std::string_view name, std::string_view param) {
-    if (name == "softmax") return Scoring::kSoftmax;
-    if (name == "sigmoid") return Scoring::kSigmoid;
-    if (name == "sqrtsoftplus") return Scoring::kSqrtSoftplus;
-    MOELB_CHECK_ARG(false, param << "='" << name
-                                 << "' is not a scoring function; expected 'softmax', 'sigmoid' or "
-                                    "'sqrtsoftplus'");
-    return Scoring::kSoftmax;
+    return detail::parse_enum(kScoringNames, name, param, "a scoring function");
 }
 
-std::string_view to_string(Scoring scoring) {
-    switch (scoring) {
-        case Scoring::kSoftmax:
-            return "softmax";
-        case Scoring::kSigmoid:
-            return "sigmoid";
-        case Scoring::kSqrtSoftplus:
-            return "sqrtsoftplus";
-    }
-    return "?";
-}
+std::string_view to_string(Scoring value) { return detail::enum_name(kScoringNames, value); }
+
+constexpr detail::EnumNames<GroupScore, 2> kGroupScoreNames{{
+    {"top2_sum", GroupScore::kTop2Sum},
+    {"max", GroupScore::kMax},
+}};
 
 GroupScore parse_group_score(std::string_view name, std::string_view param) {
-    if (name == "top2_sum") return GroupScore::kTop2Sum;
-    if (name == "max") return GroupScore::kMax;
-    MOELB_CHECK_ARG(
-        false, param << "='" << name << "' is not a group score; expected 'top2_sum' or 'max'");
-    return GroupScore::kTop2Sum;
+    return detail::parse_enum(kGroupScoreNames, name, param, "a group score");
 }
 
-std::string_view to_string(GroupScore group_score) {
-    return group_score == GroupScore::kMax ? "max" : "top2_sum";
-}
+std::string_view to_string(GroupScore value) { return detail::enum_name(kGroupScoreNames, value); }
 
 void TopKConfig::validate() const {
     MOELB_CHECK_ARG(top_k >= 1, "top_k must be at least 1, got " << top_k);
