@@ -8,6 +8,7 @@ EPLB exists to even out. (The end-to-end cluster simulator replaces this demo in
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -154,3 +155,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except InvalidArgumentError as e:
         print(f"moelb: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (e.g. `moelb demo | head`): not an error
+        sys.stdout = open(os.devnull, "w")  # keeps the interpreter quiet at exit
+        return 0
