@@ -1000,7 +1000,11 @@ Plan rebalance(ConstMatrixMap<double> load, const RebalanceOptions& o) {
             if (hierarchical_valid) deepseek_variants.emplace_back(K, N);
         } else {
             deepseek_variants.emplace_back(1, 1);
-            if (hierarchical_valid && (K > 1 || N > 1)) deepseek_variants.emplace_back(K, N);
+            // Node locality on one node runs unconstrained, but must still not lose to
+            // DeepSeek's hierarchical policy (which breaks ties differently from the global one).
+            if (hierarchical_valid && locality == Locality::kNode && K > 1) {
+                deepseek_variants.emplace_back(K, N);
+            }
         }
         std::vector<int> kept_deepseek(static_cast<std::size_t>(L), 0);
         parallel_for(L, 1, [&](Index begin, Index end) {
