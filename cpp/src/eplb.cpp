@@ -620,10 +620,8 @@ std::vector<int> assign_groups(const double* w, int E, int K, int N, int slots_p
             if (node[g] != a) continue;
             for (int b = 0; b < N; ++b) {
                 if (b == a) continue;
-                // Move g to b.
-                if (count[a] > 1 && count[b] < max_groups) {
-                    std::vector<int> trial = node;
-                    trial[g] = b;
+                // Keeps `trial` if it lowers the larger of the two nodes' costs the most so far.
+                const auto consider = [&](const std::vector<int>& trial) {
                     const double ca =
                         node_cost(w, experts_of(a, trial), slots_per_node, gpus_per_node);
                     const double cb =
@@ -634,23 +632,18 @@ std::vector<int> assign_groups(const double* w, int E, int K, int N, int slots_p
                         best_costs = {ca, cb};
                         best_b = b;
                     }
+                };
+                if (count[a] > 1 && count[b] < max_groups) {  // move g to b
+                    std::vector<int> trial = node;
+                    trial[g] = b;
+                    consider(trial);
                 }
-                // Swap g with a group h of b.
-                for (int h = 0; h < K; ++h) {
+                for (int h = 0; h < K; ++h) {  // swap g with a group h of b
                     if (node[h] != b) continue;
                     std::vector<int> trial = node;
                     trial[g] = b;
                     trial[h] = a;
-                    const double ca =
-                        node_cost(w, experts_of(a, trial), slots_per_node, gpus_per_node);
-                    const double cb =
-                        node_cost(w, experts_of(b, trial), slots_per_node, gpus_per_node);
-                    if (std::max(ca, cb) < best) {
-                        best = std::max(ca, cb);
-                        best_assign = trial;
-                        best_costs = {ca, cb};
-                        best_b = b;
-                    }
+                    consider(trial);
                 }
             }
         }
