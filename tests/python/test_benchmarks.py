@@ -13,25 +13,23 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
-@pytest.mark.parametrize("extra", [[], ["--no-torch"]], ids=["with-torch", "no-torch"])
-def test_bench_routing_quick(tmp_path: Path, extra: list[str]) -> None:
-    out = tmp_path / "routing.json"
+def run_quick(tmp_path: Path, script: str, *args: str) -> tuple[str, dict]:
+    """Runs ``benchmarks/<script> --quick --json <tmp> args...``; returns (stdout, the JSON)."""
+    out = tmp_path / f"{script}.json"
     result = subprocess.run(
-        [
-            sys.executable,
-            str(BENCHMARKS / "bench_routing.py"),
-            "--quick",
-            "--json",
-            str(out),
-            *extra,
-        ],
+        [sys.executable, str(BENCHMARKS / script), "--quick", *args, "--json", str(out)],
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "moelb" in result.stdout
-    data = json.loads(out.read_text())
+    return result.stdout, json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("extra", [[], ["--no-torch"]], ids=["with-torch", "no-torch"])
+def test_bench_routing_quick(tmp_path: Path, extra: list[str]) -> None:
+    stdout, data = run_quick(tmp_path, "bench_routing.py", *extra)
+    assert "moelb" in stdout
     cases = {r["case"] for r in data["results"]}
     assert {"V3", "V4-Flash", "V4-Pro", "V4-hash"} <= cases
     assert all(a["ok"] for a in data["agreement"]), data["agreement"]
@@ -39,26 +37,15 @@ def test_bench_routing_quick(tmp_path: Path, extra: list[str]) -> None:
 
 @pytest.mark.parametrize("threads", [["1"], ["1", "2"]], ids=["1-thread", "1-2-threads"])
 def test_bench_recorder_quick(tmp_path: Path, threads: list[str]) -> None:
-    out = tmp_path / "recorder.json"
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(BENCHMARKS / "bench_recorder.py"),
-            "--quick",
-            "--buffer-size",
-            "2",  # fewer passes than are routed: the window must drop the oldest
-            "--threads",
-            *threads,
-            "--json",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    stdout, data = run_quick(
+        tmp_path,
+        "bench_recorder.py",
+        "--buffer-size",
+        "2",  # fewer passes than are routed: the window must drop the oldest
+        "--threads",
+        *threads,
     )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "on_select_experts" in result.stdout
-    data = json.loads(out.read_text())
+    assert "on_select_experts" in stdout
     results = data["results"]
     assert {(r["case"], r["threads"]) for r in results} == {
         (case, int(t)) for case in ("V3", "V4-Flash") for t in threads
@@ -79,16 +66,8 @@ def test_bench_recorder_quick(tmp_path: Path, threads: list[str]) -> None:
 
 
 def test_bench_eplb_quick(tmp_path: Path) -> None:
-    out = tmp_path / "eplb.json"
-    result = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "bench_eplb.py"), "--quick", "--json", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "goal:" in result.stdout
-    data = json.loads(out.read_text())
+    stdout, data = run_quick(tmp_path, "bench_eplb.py")
+    assert "goal:" in stdout
     cases = {t["name"] for t in data["topologies"]}
     assert {(t["case"], t["loads"]) for t in data["timings"]} == {
         (case, loads) for case in cases for loads in ("zipf", "lognormal")
