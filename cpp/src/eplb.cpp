@@ -3,6 +3,10 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <limits>
 #include <map>
 #include <numeric>
 #include <queue>
@@ -20,14 +24,22 @@ namespace {
 // DeepSeek's eplb.py, per layer, in float32 like the original.
 // =============================================================================================
 
-// Indices of w[0, n) by descending value, ties to the lower index (what a stable sort gives;
-// sorting (value, index) keys is faster and identical because the keys are unique).
+// Indices of w[0, n) by descending value, ties to the lower index (what a stable sort gives).
+// Sorts one integer key per item: the float's bits (order-preserving for values >= 0; -0 is
+// normalised to +0) complemented in the high half, the index in the low half. The keys are unique,
+// so any sort gives the stable order.
 void order_descending(const float* w, int n, std::vector<int>& order) {
-    std::vector<std::pair<float, int>> keys(static_cast<std::size_t>(n));
-    for (int i = 0; i < n; ++i) keys[i] = {-w[i], i};
+    thread_local std::vector<std::uint64_t> keys;
+    keys.resize(static_cast<std::size_t>(n));
+    for (int i = 0; i < n; ++i) {
+        std::uint32_t bits;
+        const float v = w[i] + 0.0f;
+        std::memcpy(&bits, &v, sizeof bits);
+        keys[i] = (static_cast<std::uint64_t>(~bits) << 32) | static_cast<std::uint32_t>(i);
+    }
     std::sort(keys.begin(), keys.end());
     order.resize(static_cast<std::size_t>(n));
-    for (int i = 0; i < n; ++i) order[i] = keys[i].second;
+    for (int i = 0; i < n; ++i) order[i] = static_cast<int>(keys[i] & 0xffffffffu);
 }
 
 // balanced_packing: n items into m packs of n / m items each (greedy by descending weight onto
@@ -41,20 +53,94 @@ void balanced_packing(const float* w, int n, int m, int* pack, int* rank) {
         }
         return;
     }
-    std::vector<int> order;
+    thread_local std::vector<int> order, count;
     order_descending(w, n, order);
-    // Packs with room in a min-heap of (float32 load, pack): the lightest, ties to the lower
-    // pack -- the same choice as eplb.py's scan.
+    count.assign(static_cast<std::size_t>(m), 0);
+    if (m <= 32) {
+        // Few packs: a branch-free scan for the lightest (ties to the lower pack). A full pack
+        // scans as +inf; should a pack with room also reach +inf (float32 overflow), the choice
+        // is made again among the packs with room only.
+        constexpr float kFull = std::numeric_limits<float>::infinity();
+        thread_local std::vector<float> load, scan;
+        load.assign(static_cast<std::size_t>(m), 0.0f);
+        scan.assign(static_cast<std::size_t>(m), 0.0f);
+        for (const int i : order) {
+            int best = 0;
+            float lightest = scan[0];
+            for (int p = 1; p < m; ++p) {
+                const bool lighter = scan[p] < lightest;
+                lightest = lighter ? scan[p] : lightest;
+                best = lighter ? p : best;
+            }
+            if (count[best] == per_pack) {
+                best = -1;
+                for (int p = 0; p < m; ++p) {
+                    if (count[p] < per_pack && (best < 0 || load[p] < load[best])) best = p;
+                }
+            }
+            pack[i] = best;
+            rank[i] = count[best]++;
+            load[best] += w[i];
+            scan[best] = count[best] < per_pack ? load[best] : kFull;
+        }
+        return;
+    }
+    // Packs with room in a binary min-heap of (float32 load, pack): the lightest, ties to the
+    // lower pack -- the same choice as eplb.py's scan.
     using Entry = std::pair<float, int>;
-    std::priority_queue<Entry, std::vector<Entry>, std::greater<>> heap;
-    for (int p = 0; p < m; ++p) heap.emplace(0.0f, p);
-    std::vector<int> count(static_cast<std::size_t>(m), 0);
+    thread_local std::vector<Entry> heap;
+    heap.resize(static_cast<std::size_t>(m));
+    for (int p = 0; p < m; ++p) heap[p] = {0.0f, p};  // already a heap
+    const auto after = std::greater<>();
     for (const int i : order) {
-        const auto [load, best] = heap.top();
-        heap.pop();
+        std::pop_heap(heap.begin(), heap.end(), after);
+        const auto [load, best] = heap.back();
+        heap.pop_back();
         pack[i] = best;
         rank[i] = count[best]++;
-        if (count[best] < per_pack) heap.emplace(load + w[i], best);
+        if (count[best] < per_pack) {
+            heap.emplace_back(load + w[i], best);
+            std::push_heap(heap.begin(), heap.end(), after);
+        }
+    }
+}
+
+// The divisor method shared by DeepSeek's replication and moelb's counts: `extra` further replicas
+// go one at a time to the item with the largest key(i, count) = weight(i) / count (ties to the
+// lower i), never beyond `cap` replicas. count[0, n) starts at 1; each extra is reported through
+// give(i) in order. Only a prefix of the items by (weight desc, index asc) can receive extras (an
+// item gets its first extra only once every heavier item has one), so without a binding cap only
+// the `extra` heaviest items enter the heap.
+template <typename T, typename Weight, typename Give>
+void divisor_method(int n, int extra, int cap, const Weight& weight, int* count, const Give& give) {
+    if (extra <= 0) return;
+    using Entry = std::pair<T, int>;
+    auto less = [](const Entry& a, const Entry& b) {
+        return a.first < b.first || (a.first == b.first && a.second > b.second);
+    };
+    thread_local std::vector<Entry> heap;
+    heap.resize(static_cast<std::size_t>(n));
+    for (int i = 0; i < n; ++i) {
+        const T v = static_cast<T>(weight(i));
+        heap[i] = {count[i] == 1 ? v : v / static_cast<T>(count[i]), i};
+    }
+    if (static_cast<Index>(cap) > extra && extra < n) {
+        std::nth_element(heap.begin(), heap.begin() + extra, heap.end(),
+                         [&](const Entry& a, const Entry& b) { return less(b, a); });
+        heap.resize(static_cast<std::size_t>(extra));
+    }
+    std::make_heap(heap.begin(), heap.end(), less);
+    for (int s = 0; s < extra; ++s) {
+        while (count[heap.front().second] >= cap) {
+            std::pop_heap(heap.begin(), heap.end(), less);
+            heap.pop_back();
+        }
+        std::pop_heap(heap.begin(), heap.end(), less);
+        const int i = heap.back().second;
+        give(i);
+        ++count[i];
+        heap.back() = {static_cast<T>(weight(i)) / static_cast<T>(count[i]), i};
+        std::push_heap(heap.begin(), heap.end(), less);
     }
 }
 
@@ -66,20 +152,14 @@ void replicate_experts(const float* w, int n, int num_slots, int* phy2log, int* 
         rank[i] = 0;
         count[i] = 1;
     }
-    // Max-heap of (w / count, -index): the same argmax as a linear scan.
-    using Entry = std::pair<float, int>;
-    auto less = [](const Entry& a, const Entry& b) {
-        return a.first < b.first || (a.first == b.first && a.second > b.second);
-    };
-    std::priority_queue<Entry, std::vector<Entry>, decltype(less)> heap(less);
-    for (int i = 0; i < n; ++i) heap.emplace(w[i] / 1.0f, i);
-    for (int s = n; s < num_slots; ++s) {
-        const int e = heap.top().second;
-        heap.pop();
-        phy2log[s] = e;
-        rank[s] = count[e]++;
-        heap.emplace(w[e] / static_cast<float>(count[e]), e);
-    }
+    int s = n;
+    divisor_method<float>(
+        n, num_slots - n, num_slots, [w](int i) { return w[i]; }, count,
+        [&](int e) {
+            phy2log[s] = e;
+            rank[s] = count[e];
+            ++s;
+        });
 }
 
 // rebalance_experts_hierarchical for one layer: K groups, N nodes, G GPUs, R slots. The global
@@ -138,19 +218,8 @@ std::vector<int> divisor_counts(const double* w, const std::vector<int>& experts
     const int n = static_cast<int>(experts.size());
     std::vector<int> count(static_cast<std::size_t>(n), 1);
     if (static_cast<Index>(cap) * n < slots) cap = (slots + n - 1) / n;  // cannot honour the cap
-    using Entry = std::pair<double, int>;
-    auto less = [](const Entry& a, const Entry& b) {
-        return a.first < b.first || (a.first == b.first && a.second > b.second);
-    };
-    std::priority_queue<Entry, std::vector<Entry>, decltype(less)> heap(less);
-    for (int i = 0; i < n; ++i) heap.emplace(w[experts[i]], i);
-    for (int s = n; s < slots; ++s) {
-        while (count[heap.top().second] >= cap) heap.pop();
-        const int i = heap.top().second;
-        heap.pop();
-        ++count[i];
-        heap.emplace(w[experts[i]] / count[i], i);
-    }
+    divisor_method<double>(
+        n, slots - n, cap, [&](int i) { return w[experts[i]]; }, count.data(), [](int) {});
     return count;
 }
 
