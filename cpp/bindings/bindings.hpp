@@ -13,6 +13,7 @@ void bind_hash_router(pybind11::module_& m);
 void bind_recorder(pybind11::module_& m);
 void bind_eplb(pybind11::module_& m);
 void bind_weight_moves(pybind11::module_& m);
+void bind_waterfill(pybind11::module_& m);
 
 }  // namespace moelb::bindings
 
