@@ -2,7 +2,9 @@
 
 Routers (``select_experts``, ``HashRouter``), placement maps with logical->physical dispatch
 (``ExpertLocation``), SGLang placement files (``load_placement`` / ``save_placement``) and the
-expert distribution recorder (``ExpertDistributionRecorder``, ``load_expert_distribution``).
+expert distribution recorder (``ExpertDistributionRecorder``, ``load_expert_distribution``), the
+EPLB planner (``rebalance``, ``plan_weight_moves``) and the Waterfill shared-expert balancer
+(``WaterfillBalancer``, ``waterfill_rank_loads``).
 Arrays are NumPy (CPU torch tensors convert without copies): float32 logits and weights, int32 ids,
 row-major. Bad input raises ``InvalidArgumentError`` (a ``ValueError``; a wrong dtype is an
 ``InvalidDTypeError``, also a ``TypeError``); a broken internal invariant raises ``Error``.
@@ -32,6 +34,13 @@ from .routing import (
     remap_topk_for_per_rank_shared_slots,
     select_experts,
 )
+from .waterfill import (
+    RankLoads,
+    WaterfillBalancer,
+    WaterfillPlan,
+    torch_all_reduce,
+    waterfill_rank_loads,
+)
 from .weight_moves import WeightMovePlan, apply_weight_moves, plan_weight_moves
 
 __all__ = [
@@ -43,8 +52,11 @@ __all__ = [
     "InvalidDTypeError",
     "Plan",
     "PlanStats",
+    "RankLoads",
     "TopKConfig",
     "TopKOutput",
+    "WaterfillBalancer",
+    "WaterfillPlan",
     "WeightMovePlan",
     "__version__",
     "apply_weight_moves",
@@ -61,4 +73,6 @@ __all__ = [
     "save_placement",
     "select_experts",
     "set_num_threads",
+    "torch_all_reduce",
+    "waterfill_rank_loads",
 ]

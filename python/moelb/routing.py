@@ -9,7 +9,13 @@ import numpy as np
 import numpy.typing as npt
 
 from . import _core
-from ._core import ExpertDistributionRecorder, ExpertLocation, TopKConfig
+from ._core import (
+    ExpertDistributionRecorder,
+    ExpertLocation,
+    InvalidArgumentError,
+    TopKConfig,
+)
+from .waterfill import WaterfillBalancer
 
 __all__ = ["HashRouter", "TopKOutput", "remap_topk_for_per_rank_shared_slots", "select_experts"]
 
@@ -41,6 +47,9 @@ def select_experts(
     *,
     dispatch: str = "static",
     seed: int = 0,
+    waterfill: WaterfillBalancer | None = None,
+    is_decode: bool = False,
+    num_tokens: int | None = None,
 ) -> TopKOutput:
     """Routes tokens to their top-k experts.
 
@@ -61,6 +70,8 @@ def select_experts(
     Columns are ordered by descending selection score; ties go to the lowest expert id; a NaN
     logit never wins a slot. Deterministic for any thread count.
     """
+    if waterfill is not None:
+        _check_waterfill(waterfill, config.num_fused_shared_experts, router_logits, location)
     ids, weights, recorder_ids = _core.select_experts(
         router_logits,
         config,
@@ -74,7 +85,47 @@ def select_experts(
     )
     if recorder is not None:
         recorder.on_select_experts(recorder_ids, layer)
+    if waterfill is not None:
+        ids, weights = _expand(waterfill, recorder_ids, weights, num_tokens, is_decode)
     return TopKOutput(ids, weights, recorder_ids)
+
+
+def _check_waterfill(
+    waterfill: WaterfillBalancer,
+    num_fused_shared_experts: int,
+    router_logits: Any,
+    location: ExpertLocation | None,
+) -> None:
+    if not isinstance(waterfill, WaterfillBalancer):
+        raise InvalidArgumentError(
+            f"waterfill must be a WaterfillBalancer, got {type(waterfill).__name__}"
+        )
+    if num_fused_shared_experts != 1:
+        raise InvalidArgumentError(
+            "waterfill balances a fused shared expert: it needs num_fused_shared_experts=1, "
+            f"got {num_fused_shared_experts}"
+        )
+    shape = getattr(router_logits, "shape", None)
+    slots = location.num_physical_experts if location is not None else None
+    if slots is None and shape is not None and len(shape) == 2:
+        slots = int(shape[1])
+    if slots is not None and waterfill.num_physical_experts != slots:
+        where = "location" if location is not None else "router_logits"
+        raise InvalidArgumentError(
+            f"waterfill has num_physical_experts={waterfill.num_physical_experts} but the "
+            f"routed ids are slots of {slots} experts (from {where})"
+        )
+
+
+def _expand(
+    waterfill: WaterfillBalancer,
+    routed_ids: npt.NDArray[np.int32],
+    weights: npt.NDArray[np.float32],
+    num_tokens: int | None,
+    is_decode: bool,
+) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.float32]]:
+    routed_weights = np.ascontiguousarray(weights[:, : routed_ids.shape[1]])
+    return waterfill.expand(routed_ids, routed_weights, num_tokens, is_decode)
 
 
 class HashRouter(_core.HashRouter):
@@ -99,10 +150,16 @@ class HashRouter(_core.HashRouter):
         *,
         dispatch: str = "static",
         seed: int = 0,
+        waterfill: WaterfillBalancer | None = None,
+        is_decode: bool = False,
+        num_tokens: int | None = None,
     ) -> TopKOutput:
         """Routes tokens by token id. router_logits: [T, E] float32; input_ids: [T] int32 or
         int64, each in [0, vocab_size) (out-of-range ids raise ``InvalidArgumentError``); the rest
-        as ``select_experts``. Columns follow tid2eid's order."""
+        as ``select_experts`` (including Waterfill mode, which needs
+        ``num_fused_shared_experts=1``). Columns follow tid2eid's order."""
+        if waterfill is not None:
+            _check_waterfill(waterfill, self.num_fused_shared_experts, router_logits, location)
         ids, weights, recorder_ids = super().select(
             router_logits,
             input_ids,
@@ -115,6 +172,8 @@ class HashRouter(_core.HashRouter):
         )
         if recorder is not None:
             recorder.on_select_experts(recorder_ids, layer)
+        if waterfill is not None:
+            ids, weights = _expand(waterfill, recorder_ids, weights, num_tokens, is_decode)
         return TopKOutput(ids, weights, recorder_ids)
 
 
