@@ -7,9 +7,7 @@
 #include <cstring>
 #include <functional>
 #include <limits>
-#include <map>
 #include <numeric>
-#include <queue>
 #include <sstream>
 #include <utility>
 
@@ -208,324 +206,396 @@ void deepseek_layer(const float* w, int E, int R, int K, int N, int G, std::int3
 // =============================================================================================
 
 constexpr double kRelTol = 1e-12;
+constexpr double kTargetTol = 1e-9;    // a max load this close to a lower bound has reached it
 constexpr int kCountSearchBudget = 2;  // repacks per layer in search_counts
+// assign_groups memoises node costs per subset of groups (a bitmask) up to this many groups.
+constexpr int kMaxMemoGroups = 12;
 
-// Divisor-method replica counts for experts `experts` (loads w) over `slots` slots, each expert at
-// most `cap` replicas (when slots allow): minimises the largest per-replica load. Ties go to the
-// earlier expert in the list.
-std::vector<int> divisor_counts(const double* w, const std::vector<int>& experts, int slots,
-                                int cap) {
-    const int n = static_cast<int>(experts.size());
-    std::vector<int> count(static_cast<std::size_t>(n), 1);
+// Divisor-method replica counts count[0, n) for experts[0, n) (loads w) over `slots` slots, each
+// expert at most `cap` replicas (when slots allow): minimises the largest per-replica load. Ties
+// go to the earlier expert in the list.
+void divisor_counts(const double* w, const int* experts, int n, int slots, int cap, int* count) {
+    std::fill(count, count + n, 1);
     if (static_cast<Index>(cap) * n < slots) cap = (slots + n - 1) / n;  // cannot honour the cap
     divisor_method<double>(
-        n, slots - n, cap, [&](int i) { return w[experts[i]]; }, count.data(), [](int) {});
-    return count;
+        n, slots - n, cap, [&](int i) { return w[experts[i]]; }, count, [](int) {});
 }
 
-double max_replica_load(const double* w, const std::vector<int>& experts,
-                        const std::vector<int>& count) {
+// The flat lower bound of a layer: no placement of E experts (loads w) on `slots` slots of
+// `gpus` GPUs has a lower maximum GPU load than max(total / gpus, the divisor method's largest
+// per-replica load). `count` is scratch.
+double flat_lower_bound(const double* w, int E, int slots, int gpus, std::vector<int>& count) {
+    double total = 0.0;
+    for (int e = 0; e < E; ++e) total += w[e];
+    count.assign(static_cast<std::size_t>(E), 1);
+    divisor_method<double>(
+        E, slots - E, slots, [w](int i) { return w[i]; }, count.data(), [](int) {});
     double m = 0.0;
-    for (std::size_t i = 0; i < experts.size(); ++i) m = std::max(m, w[experts[i]] / count[i]);
-    return m;
+    for (int e = 0; e < E; ++e) m = std::max(m, w[e] / count[e]);
+    return std::max(total / gpus, m);
 }
 
-// Replicas packed into bins (GPUs) of `size` slots. Bins carry a domain (node); swaps stay inside
-// a domain.
-struct Packing {
-    int size = 0;                   // slots per bin
-    std::vector<double> item_load;  // per replica
-    std::vector<int> item_expert;
-    std::vector<int> bin_domain;
-    std::vector<std::vector<int>> bins;  // item ids per bin
-    std::vector<double> bin_load;
+struct PackScratch;
 
-    int num_bins() const { return static_cast<int>(bins.size()); }
+// Replicas packed into bins (GPUs) of `size` slots. Bins come in domains (nodes) of
+// bins_per_domain consecutive bins; every expert's replicas live in one domain and swaps stay
+// inside a domain. All replicas of an expert carry the same load (its load / its replica count),
+// so a slot only records its expert. Flat arrays, reused from packing to packing.
+struct Packing {
+    int size = 0;  // slots per bin
+    int num_bins = 0;
+    int bins_per_domain = 0;
+    std::vector<int> slot_expert;      // [num_bins * size]: bin b's experts at [b * size, ...)
+    std::vector<double> bin_load;      // [num_bins]
+    std::vector<int> count;            // [E]: replicas of each expert
+    std::vector<double> replica_load;  // [E]: load of one replica
+    std::vector<int> domain_of;        // [E]: the domain of each expert's replicas
+
+    int num_experts() const { return static_cast<int>(count.size()); }
+    int num_domains() const { return num_bins / bins_per_domain; }
+    int domain(int b) const { return b / bins_per_domain; }
+    const int* bin(int b) const { return slot_expert.data() + static_cast<Index>(b) * size; }
+    int* bin(int b) { return slot_expert.data() + static_cast<Index>(b) * size; }
 
     bool holds(int b, int expert) const {
-        for (const int i : bins[b]) {
-            if (item_expert[i] == expert) return true;
+        const int* s = bin(b);
+        for (int k = 0; k < size; ++k) {
+            if (s[k] == expert) return true;
         }
         return false;
-    }
-
-    void recompute_loads() {
-        bin_load.assign(bins.size(), 0.0);
-        for (int b = 0; b < num_bins(); ++b) {
-            for (const int i : bins[b]) bin_load[b] += item_load[i];
-        }
     }
 
     double max_load() const {
         return bin_load.empty() ? 0.0 : *std::max_element(bin_load.begin(), bin_load.end());
     }
 
-    // Longest-processing-time first onto the lightest bin of the item's domain with room that
-    // does not hold the expert yet (ties to the lower bin); duplicates only when unavoidable.
-    // items_of_domain[d]: the items to place into domain d's bins.
-    void lpt(const std::vector<std::vector<int>>& items_of_domain) {
-        bins.assign(bin_domain.size(), {});
-        bin_load.assign(bin_domain.size(), 0.0);
-        for (std::size_t d = 0; d < items_of_domain.size(); ++d) {
-            std::vector<int> order = items_of_domain[d];
-            std::stable_sort(order.begin(), order.end(), [&](int a, int b) {
-                return item_load[a] > item_load[b] ||
-                       (item_load[a] == item_load[b] && item_expert[a] < item_expert[b]);
-            });
-            using Entry = std::pair<double, int>;  // (load, bin): min-heap
-            std::priority_queue<Entry, std::vector<Entry>, std::greater<>> heap;
-            for (int b = 0; b < num_bins(); ++b) {
-                if (bin_domain[b] == static_cast<int>(d)) heap.emplace(0.0, b);
-            }
-            std::vector<Entry> skipped;
-            for (const int item : order) {
-                skipped.clear();
-                while (!heap.empty() && holds(heap.top().second, item_expert[item])) {
-                    skipped.push_back(heap.top());
-                    heap.pop();
-                }
-                Entry chosen;
-                if (heap.empty()) {  // every bin with room holds this expert: duplicate
-                    chosen = skipped.front();
-                    skipped.erase(skipped.begin());
-                } else {
-                    chosen = heap.top();
-                    heap.pop();
-                }
-                const int b = chosen.second;
-                bins[b].push_back(item);
-                bin_load[b] += item_load[item];
-                if (static_cast<int>(bins[b].size()) < size) heap.emplace(bin_load[b], b);
-                for (const Entry& e : skipped) heap.push(e);
-            }
+    // Bins of `size` slots in domains of bins_per_domain, for `experts` experts.
+    void reset(int num_bins_, int bins_per_domain_, int size_, int experts) {
+        num_bins = num_bins_;
+        bins_per_domain = bins_per_domain_;
+        size = size_;
+        slot_expert.resize(static_cast<std::size_t>(num_bins) * size);
+        bin_load.assign(static_cast<std::size_t>(num_bins), 0.0);
+        count.resize(static_cast<std::size_t>(experts));
+        replica_load.resize(static_cast<std::size_t>(experts));
+        domain_of.resize(static_cast<std::size_t>(experts));
+    }
+
+    void compute_replica_loads(const double* w) {
+        for (int e = 0; e < num_experts(); ++e) {
+            replica_load[e] = count[e] > 0 ? w[e] / count[e] : 0.0;
         }
     }
 
-    // Swaps x in bin a with y in bin b when allowed by the no-duplicate rule.
-    bool swap_allowed(int a, int x, int b, int y) const {
-        const int ex = item_expert[x], ey = item_expert[y];
-        if (ex == ey) return false;  // changes nothing
-        for (const int i : bins[b]) {
-            if (i != y && item_expert[i] == ex) return false;
+    // The sum of each bin's replica loads, in slot order.
+    void recompute_loads() {
+        for (int b = 0; b < num_bins; ++b) {
+            double load = 0.0;
+            for (int k = 0; k < size; ++k) load += replica_load[bin(b)[k]];
+            bin_load[b] = load;
         }
-        for (const int i : bins[a]) {
-            if (i != x && item_expert[i] == ey) return false;
+    }
+
+    void lpt(PackScratch& s);
+    void repair_duplicates(double limit);
+    void swap_search(double target, PackScratch& s);
+    bool best_swap(int a, double limit, const std::vector<int>& partners, std::size_t first,
+                   std::size_t last, PackScratch& s);
+
+    // Swaps x = bin(a)[xi] with y = bin(b)[yi] when allowed by the no-duplicate rule.
+    bool swap_allowed(int a, int xi, int b, int yi) const {
+        const int ex = bin(a)[xi], ey = bin(b)[yi];
+        if (ex == ey) return false;  // changes nothing
+        for (int k = 0; k < size; ++k) {
+            if (k != yi && bin(b)[k] == ex) return false;
+        }
+        for (int k = 0; k < size; ++k) {
+            if (k != xi && bin(a)[k] == ey) return false;
         }
         return true;
     }
 
     void apply_swap(int a, int xi, int b, int yi) {
-        const int x = bins[a][xi], y = bins[b][yi];
-        bins[a][xi] = y;
-        bins[b][yi] = x;
-        const double d = item_load[x] - item_load[y];
+        const int x = bin(a)[xi], y = bin(b)[yi];
+        bin(a)[xi] = y;
+        bin(b)[yi] = x;
+        const double d = replica_load[x] - replica_load[y];
         bin_load[a] -= d;
         bin_load[b] += d;
     }
-
-    // Removes duplicate experts within a bin by swaps that keep both bins at or below `limit`.
-    void repair_duplicates(double limit) {
-        for (int a = 0; a < num_bins(); ++a) {
-            for (std::size_t xi = 0; xi < bins[a].size(); ++xi) {
-                const int x = bins[a][xi];
-                bool duplicate = false;
-                for (std::size_t k = 0; k < xi; ++k) {
-                    if (item_expert[bins[a][k]] == item_expert[x]) duplicate = true;
-                }
-                if (!duplicate) continue;
-                int best_b = -1, best_yi = -1;
-                double best = std::numeric_limits<double>::infinity();
-                for (int b = 0; b < num_bins(); ++b) {
-                    if (b == a || bin_domain[b] != bin_domain[a] || holds(b, item_expert[x])) {
-                        continue;
-                    }
-                    for (std::size_t yi = 0; yi < bins[b].size(); ++yi) {
-                        const int y = bins[b][yi];
-                        if (holds(a, item_expert[y])) continue;
-                        const double d = item_load[x] - item_load[y];
-                        const double m = std::max(bin_load[a] - d, bin_load[b] + d);
-                        if (m <= limit * (1 + kRelTol) && m < best) {
-                            best = m;
-                            best_b = b;
-                            best_yi = static_cast<int>(yi);
-                        }
-                    }
-                }
-                if (best_b >= 0) apply_swap(a, static_cast<int>(xi), best_b, best_yi);
-            }
-        }
-    }
-
-    // Local search: while the heaviest bin can trade a replica for a lighter one with a bin of
-    // its domain so that both end below its load, do the best such swap. Stops at `target` (a
-    // lower bound: nothing below it is reachable).
-    void swap_search(double target = 0.0) {
-        const int B = num_bins();
-        std::vector<int> partners;
-        const int max_iterations = 20 * B + 100;
-        constexpr int kFirstPartners = 16;  // lightest bins tried first; all bins if none helps
-        for (int it = 0; it < max_iterations; ++it) {
-            int a = 0;
-            for (int b = 1; b < B; ++b) {
-                if (bin_load[b] > bin_load[a]) a = b;
-            }
-            const double limit = bin_load[a];
-            if (limit <= target * (1 + 1e-9)) return;
-            partners.clear();
-            for (int b = 0; b < B; ++b) {
-                if (b != a && bin_domain[b] == bin_domain[a] && bin_load[b] < limit) {
-                    partners.push_back(b);
-                }
-            }
-            const auto lighter = [&](int x, int y) {
-                return bin_load[x] < bin_load[y] || (bin_load[x] == bin_load[y] && x < y);
-            };
-            bool swapped = false;
-            for (int round = 0; round < 2 && !swapped; ++round) {
-                std::size_t first = 0, last = partners.size();
-                if (round == 0 && static_cast<int>(partners.size()) > kFirstPartners) {
-                    std::nth_element(partners.begin(), partners.begin() + kFirstPartners,
-                                     partners.end(), lighter);
-                    std::sort(partners.begin(), partners.begin() + kFirstPartners);
-                    last = kFirstPartners;
-                } else if (round == 1) {
-                    if (static_cast<int>(partners.size()) <= kFirstPartners) break;
-                    first = kFirstPartners;
-                }
-                swapped = best_swap(a, limit, partners, first, last);
-            }
-            if (!swapped) return;
-        }
-    }
-
-    // The best swap between bin a (load limit) and partners[first, last); applies it and returns
-    // true if one lowers max(load a, load b) below limit.
-    bool best_swap(int a, double limit, const std::vector<int>& partners, std::size_t first,
-                   std::size_t last) {
-        double best = limit * (1 - 1e-12);
-        int best_b = -1, best_xi = -1, best_yi = -1;
-        for (std::size_t k = first; k < last; ++k) {
-            const int b = partners[k];
-            const double gap = limit - bin_load[b];
-            for (std::size_t xi = 0; xi < bins[a].size(); ++xi) {
-                const int x = bins[a][xi];
-                for (std::size_t yi = 0; yi < bins[b].size(); ++yi) {
-                    const int y = bins[b][yi];
-                    const double d = item_load[x] - item_load[y];
-                    if (d <= 0 || d >= gap) continue;
-                    const double m = std::max(limit - d, bin_load[b] + d);
-                    if (m < best && swap_allowed(a, x, b, y)) {
-                        best = m;
-                        best_b = b;
-                        best_xi = static_cast<int>(xi);
-                        best_yi = static_cast<int>(yi);
-                    }
-                }
-            }
-        }
-        if (best_b < 0) return false;
-        apply_swap(a, best_xi, best_b, best_yi);
-        return true;
-    }
 };
 
-// Packs replicas with given counts: domain d's experts (domain_experts[d]) with counts
-// domain_counts[d] into its bins_per_domain bins of S slots; LPT, duplicate repair, swap search.
-Packing pack_counts(const double* w, const std::vector<std::vector<int>>& domain_experts,
-                    const std::vector<std::vector<int>>& domain_counts, int bins_per_domain, int S,
-                    double target) {
-    Packing p;
-    p.size = S;
-    const int D = static_cast<int>(domain_experts.size());
-    std::vector<std::vector<int>> items_of_domain(static_cast<std::size_t>(D));
+// Scratch buffers of the packing steps, reused across calls (one per thread).
+struct PackScratch {
+    std::vector<int> order, offset, fill, held, partners, mark;
+    std::vector<std::pair<double, int>> heap, skipped, by_load;
+    std::vector<double> a_loads, b_loads;
+    int stamp = 0;
+};
+
+// Longest-processing-time first onto the lightest bin of the replica's domain with room that does
+// not hold the expert yet (ties to the lower bin); duplicates only when unavoidable. Replicas go
+// in order of descending replica load, ties to the lower expert, so an expert's replicas are
+// placed one after the other and "the bin holds the expert" means "the bin took one of its
+// earlier replicas".
+void Packing::lpt(PackScratch& s) {
+    const int E = num_experts(), D = num_domains();
+    // Experts by domain (ascending within), then each domain's by (replica load desc, expert asc).
+    s.offset.assign(static_cast<std::size_t>(D) + 1, 0);
+    for (int e = 0; e < E; ++e) {
+        if (count[e] > 0) ++s.offset[domain_of[e] + 1];
+    }
+    for (int d = 0; d < D; ++d) s.offset[d + 1] += s.offset[d];
+    s.order.resize(static_cast<std::size_t>(s.offset[D]));
+    s.fill.assign(s.offset.begin(), s.offset.end() - 1);
+    for (int e = 0; e < E; ++e) {
+        if (count[e] > 0) s.order[s.fill[domain_of[e]]++] = e;
+    }
+    s.fill.assign(static_cast<std::size_t>(num_bins), 0);
+    s.held.assign(static_cast<std::size_t>(num_bins), -1);
+    std::fill(bin_load.begin(), bin_load.end(), 0.0);
+    const auto heavier = [this](int x, int y) {
+        return replica_load[x] > replica_load[y] || (replica_load[x] == replica_load[y] && x < y);
+    };
+    using Entry = std::pair<double, int>;  // (load, bin): a min-heap
+    const auto after = std::greater<>();
     for (int d = 0; d < D; ++d) {
-        const auto& experts = domain_experts[d];
-        const auto& count = domain_counts[d];
-        for (std::size_t i = 0; i < experts.size(); ++i) {
-            for (int c = 0; c < count[i]; ++c) {
-                items_of_domain[d].push_back(static_cast<int>(p.item_load.size()));
-                p.item_load.push_back(w[experts[i]] / count[i]);
-                p.item_expert.push_back(experts[i]);
-            }
+        std::sort(s.order.begin() + s.offset[d], s.order.begin() + s.offset[d + 1], heavier);
+        s.heap.clear();
+        for (int b = d * bins_per_domain; b < (d + 1) * bins_per_domain; ++b) {
+            s.heap.emplace_back(0.0, b);  // ascending: already a heap
         }
-        for (int b = 0; b < bins_per_domain; ++b) p.bin_domain.push_back(d);
-    }
-    p.lpt(items_of_domain);
-    p.repair_duplicates(p.max_load());
-    p.swap_search(target);
-    return p;
-}
-
-// Builds the packing of one layer for a given expert -> domain split: counts by the divisor
-// method per domain (capped at the domain's bins), then pack_counts.
-Packing pack_domains(const double* w, const std::vector<std::vector<int>>& domain_experts,
-                     int slots_per_domain, int bins_per_domain, int S, double target) {
-    std::vector<std::vector<int>> counts;
-    for (const auto& experts : domain_experts) {
-        counts.push_back(divisor_counts(w, experts, slots_per_domain, bins_per_domain));
-    }
-    return pack_counts(w, domain_experts, counts, bins_per_domain, S, target);
-}
-
-// Experts of `p` with two replicas on one bin although they have no more replicas than their
-// domain has bins (so the duplicate could be avoided), in ascending id order.
-std::vector<int> avoidable_duplicates(const Packing& p, int bins_per_domain) {
-    std::map<int, int> replicas;
-    for (const int e : p.item_expert) ++replicas[e];
-    std::vector<int> out;
-    for (int b = 0; b < p.num_bins(); ++b) {
-        for (std::size_t i = 0; i < p.bins[b].size(); ++i) {
-            for (std::size_t j = 0; j < i; ++j) {
-                const int e = p.item_expert[p.bins[b][i]];
-                if (e == p.item_expert[p.bins[b][j]] && replicas[e] <= bins_per_domain) {
-                    out.push_back(e);
+        for (int k = s.offset[d]; k < s.offset[d + 1]; ++k) {
+            const int e = s.order[k];
+            for (int r = 0; r < count[e]; ++r) {
+                s.skipped.clear();
+                while (!s.heap.empty() && s.held[s.heap.front().second] == e) {
+                    std::pop_heap(s.heap.begin(), s.heap.end(), after);
+                    s.skipped.push_back(s.heap.back());
+                    s.heap.pop_back();
+                }
+                Entry chosen;
+                std::size_t first_skipped = 0;
+                if (s.heap.empty()) {  // every bin with room holds this expert: duplicate
+                    chosen = s.skipped.front();
+                    first_skipped = 1;
+                } else {
+                    std::pop_heap(s.heap.begin(), s.heap.end(), after);
+                    chosen = s.heap.back();
+                    s.heap.pop_back();
+                }
+                const int b = chosen.second;
+                bin(b)[s.fill[b]++] = e;
+                s.held[b] = e;
+                bin_load[b] += replica_load[e];
+                if (s.fill[b] < size) {
+                    s.heap.emplace_back(bin_load[b], b);
+                    std::push_heap(s.heap.begin(), s.heap.end(), after);
+                }
+                for (std::size_t i = first_skipped; i < s.skipped.size(); ++i) {
+                    s.heap.push_back(s.skipped[i]);
+                    std::push_heap(s.heap.begin(), s.heap.end(), after);
                 }
             }
         }
     }
-    std::sort(out.begin(), out.end());
-    out.erase(std::unique(out.begin(), out.end()), out.end());
-    return out;
+}
+
+// Removes duplicate experts within a bin by swaps that keep both bins at or below `limit`.
+void Packing::repair_duplicates(double limit) {
+    const auto has_duplicate = [&](int a, int xi) {
+        for (int k = 0; k < xi; ++k) {
+            if (bin(a)[k] == bin(a)[xi]) return true;
+        }
+        return false;
+    };
+    // Without duplicates nothing below would change: skip the swap scans.
+    bool any = false;
+    for (int a = 0; a < num_bins && !any; ++a) {
+        for (int xi = 1; xi < size && !any; ++xi) any = has_duplicate(a, xi);
+    }
+    if (!any) return;
+    for (int a = 0; a < num_bins; ++a) {
+        for (int xi = 0; xi < size; ++xi) {
+            if (!has_duplicate(a, xi)) continue;
+            const int ex = bin(a)[xi];
+            int best_b = -1, best_yi = -1;
+            double best = std::numeric_limits<double>::infinity();
+            for (int b = domain(a) * bins_per_domain; b < (domain(a) + 1) * bins_per_domain; ++b) {
+                if (b == a || holds(b, ex)) continue;
+                for (int yi = 0; yi < size; ++yi) {
+                    const int ey = bin(b)[yi];
+                    if (holds(a, ey)) continue;
+                    const double d = replica_load[ex] - replica_load[ey];
+                    const double m = std::max(bin_load[a] - d, bin_load[b] + d);
+                    if (m <= limit * (1 + kRelTol) && m < best) {
+                        best = m;
+                        best_b = b;
+                        best_yi = yi;
+                    }
+                }
+            }
+            if (best_b >= 0) apply_swap(a, xi, best_b, best_yi);
+        }
+    }
+}
+
+// Local search: while the heaviest bin can trade a replica for a lighter one with a bin of its
+// domain so that both end below its load, do the best such swap. Stops at `target` (a lower
+// bound: nothing below it is reachable).
+void Packing::swap_search(double target, PackScratch& s) {
+    std::vector<int>& partners = s.partners;
+    const int max_iterations = 20 * num_bins + 100;
+    constexpr int kFirstPartners = 16;  // lightest bins tried first; all bins if none helps
+    for (int it = 0; it < max_iterations; ++it) {
+        int a = 0;
+        for (int b = 1; b < num_bins; ++b) {
+            if (bin_load[b] > bin_load[a]) a = b;
+        }
+        const double limit = bin_load[a];
+        if (limit <= target * (1 + kTargetTol)) return;
+        partners.clear();
+        for (int b = domain(a) * bins_per_domain; b < (domain(a) + 1) * bins_per_domain; ++b) {
+            if (b != a && bin_load[b] < limit) partners.push_back(b);
+        }
+        const auto lighter = [&](int x, int y) {
+            return bin_load[x] < bin_load[y] || (bin_load[x] == bin_load[y] && x < y);
+        };
+        bool swapped = false;
+        for (int round = 0; round < 2 && !swapped; ++round) {
+            std::size_t first = 0, last = partners.size();
+            if (round == 0 && static_cast<int>(partners.size()) > kFirstPartners) {
+                std::nth_element(partners.begin(), partners.begin() + kFirstPartners,
+                                 partners.end(), lighter);
+                std::sort(partners.begin(), partners.begin() + kFirstPartners);
+                last = kFirstPartners;
+            } else if (round == 1) {
+                if (static_cast<int>(partners.size()) <= kFirstPartners) break;
+                first = kFirstPartners;
+            }
+            swapped = best_swap(a, limit, partners, first, last, s);
+        }
+        if (!swapped) return;
+    }
+}
+
+// The best swap between bin a (load limit) and partners[first, last): the one that lowers
+// max(load a, load b) the most below limit, ties to the earliest (partner, a's slot, b's slot) in
+// list order. Applies it and returns true if there is one.
+//
+// Partners are tried lightest first: a swap with b cannot end below (limit + load b) / 2, so once
+// that exceeds the best found (with a margin far above rounding), no heavier partner can win,
+// not even a tie.
+bool Packing::best_swap(int a, double limit, const std::vector<int>& partners, std::size_t first,
+                        std::size_t last, PackScratch& s) {
+    constexpr double kBoundSlack = 1e-12;  // relative; rounding moves m by ~1e-16
+    s.by_load.clear();
+    for (std::size_t k = first; k < last; ++k) {
+        s.by_load.emplace_back(bin_load[partners[k]], static_cast<int>(k));
+    }
+    std::sort(s.by_load.begin(), s.by_load.end());
+    s.a_loads.resize(static_cast<std::size_t>(size));
+    s.b_loads.resize(static_cast<std::size_t>(size));
+    for (int xi = 0; xi < size; ++xi) s.a_loads[xi] = replica_load[bin(a)[xi]];
+    double best = limit * (1 - kRelTol);
+    int best_k = -1, best_xi = -1, best_yi = -1;
+    for (const auto& [load_b, k] : s.by_load) {
+        if ((limit + load_b) * 0.5 * (1 - kBoundSlack) > best) break;
+        const int b = partners[k];
+        for (int yi = 0; yi < size; ++yi) s.b_loads[yi] = replica_load[bin(b)[yi]];
+        const double gap = limit - load_b;
+        for (int xi = 0; xi < size; ++xi) {
+            for (int yi = 0; yi < size; ++yi) {
+                const double d = s.a_loads[xi] - s.b_loads[yi];
+                if (d <= 0 || d >= gap) continue;
+                const double m = std::max(limit - d, load_b + d);
+                // Within one partner (xi, yi) ascend, so a tie there never wins.
+                const bool better = m < best || (m == best && best_k > k);
+                if (better && swap_allowed(a, xi, b, yi)) {
+                    best = m;
+                    best_k = k;
+                    best_xi = xi;
+                    best_yi = yi;
+                }
+            }
+        }
+    }
+    if (best_k < 0) return false;
+    apply_swap(a, best_xi, partners[best_k], best_yi);
+    return true;
+}
+
+// Packs p.count replicas of each expert into the bins of its domain p.domain_of: LPT, duplicate
+// repair, swap search down to `target`.
+void pack_counts(Packing& p, const double* w, double target, PackScratch& s) {
+    p.compute_replica_loads(w);
+    p.lpt(s);
+    p.repair_duplicates(p.max_load());
+    p.swap_search(target, s);
+}
+
+// The number of experts of `p` with two replicas on one bin although they have no more replicas
+// than their domain has bins (so the duplicate could be avoided); *first (if given) is the
+// smallest such expert.
+int avoidable_duplicates(const Packing& p, PackScratch& s, int* first = nullptr) {
+    if (s.mark.size() != p.count.size()) {
+        s.mark.assign(p.count.size(), 0);
+        s.stamp = 0;
+    }
+    if (++s.stamp == std::numeric_limits<int>::max()) {
+        std::fill(s.mark.begin(), s.mark.end(), 0);
+        s.stamp = 1;
+    }
+    int n = 0, smallest = -1;
+    for (int b = 0; b < p.num_bins; ++b) {
+        const int* slots = p.bin(b);
+        for (int i = 1; i < p.size; ++i) {
+            const int e = slots[i];
+            if (p.count[e] > p.bins_per_domain || s.mark[e] == s.stamp) continue;
+            for (int j = 0; j < i; ++j) {
+                if (slots[j] == e) {
+                    s.mark[e] = s.stamp;
+                    ++n;
+                    if (smallest < 0 || e < smallest) smallest = e;
+                    break;
+                }
+            }
+        }
+    }
+    if (first) *first = smallest;
+    return n;
 }
 
 // Removes avoidable duplicates that swaps could not: moves one replica of the duplicated expert
 // to another expert of its domain (the best few by the divisor rule) and repacks, keeping a
-// result only if it has fewer avoidable duplicates and no higher maximum load.
-void remove_avoidable_duplicates(Packing& p, const double* w, int bins_per_domain, double target) {
+// result only if it has fewer avoidable duplicates and no higher maximum load. `q` is scratch.
+void remove_avoidable_duplicates(Packing& p, Packing& q, const double* w, double target,
+                                 PackScratch& s) {
     constexpr int kCandidates = 8;
+    const int bins_per_domain = p.bins_per_domain;
+    std::vector<std::pair<double, int>> donors_to;  // (-w/(c+1), f)
     for (int attempt = 0; attempt < 4; ++attempt) {
-        const std::vector<int> dups = avoidable_duplicates(p, bins_per_domain);
-        if (dups.empty()) return;
-        // Current domains and counts.
-        const int D = p.num_bins() / bins_per_domain;
-        std::vector<std::map<int, int>> counts(static_cast<std::size_t>(D));
-        for (int b = 0; b < p.num_bins(); ++b) {
-            for (const int i : p.bins[b]) ++counts[p.bin_domain[b]][p.item_expert[i]];
-        }
-        const int e = dups.front();
-        int d = 0;
-        while (!counts[d].count(e)) ++d;
-        std::vector<std::pair<double, int>> donors_to;  // (-w/(c+1), f)
-        for (const auto& [f, c] : counts[d]) {
-            if (f != e && c < bins_per_domain) donors_to.emplace_back(-w[f] / (c + 1), f);
+        int e = -1;
+        const int dups = avoidable_duplicates(p, s, &e);
+        if (dups == 0) return;
+        const int d = p.domain_of[e];
+        donors_to.clear();
+        for (int f = 0; f < p.num_experts(); ++f) {
+            const int c = p.count[f];
+            if (c > 0 && p.domain_of[f] == d && f != e && c < bins_per_domain) {
+                donors_to.emplace_back(-w[f] / (c + 1), f);
+            }
         }
         std::sort(donors_to.begin(), donors_to.end());
         if (static_cast<int>(donors_to.size()) > kCandidates) donors_to.resize(kCandidates);
         bool improved = false;
         for (const auto& [key, f] : donors_to) {
-            std::vector<std::vector<int>> experts(static_cast<std::size_t>(D));
-            std::vector<std::vector<int>> cnt(static_cast<std::size_t>(D));
-            for (int dd = 0; dd < D; ++dd) {
-                for (const auto& [x, c] : counts[dd]) {
-                    const int changed = c - (dd == d && x == e) + (dd == d && x == f);
-                    experts[dd].push_back(x);
-                    cnt[dd].push_back(changed);
-                }
-            }
-            Packing q = pack_counts(w, experts, cnt, bins_per_domain, p.size, target);
-            if (q.max_load() <= p.max_load() * (1 + 1e-12) &&
-                avoidable_duplicates(q, bins_per_domain).size() < dups.size()) {
-                p = std::move(q);
+            q = p;
+            --q.count[e];
+            ++q.count[f];
+            pack_counts(q, w, target, s);
+            if (q.max_load() <= p.max_load() * (1 + kRelTol) && avoidable_duplicates(q, s) < dups) {
+                std::swap(p, q);
                 improved = true;
                 break;
             }
@@ -538,44 +608,40 @@ void remove_avoidable_duplicates(Packing& p, const double* w, int bins_per_domai
 // largest GPU load. Gives one more replica to an expert of the heaviest GPU, taken from the
 // expert that loses least (smallest load per replica after losing one), repacks, and keeps the
 // result when the maximum drops without adding avoidable duplicates, or stays and avoidable
-// duplicates drop. At most `budget` repacks.
-void search_counts(Packing& p, const double* w, int bins_per_domain, double target, int budget) {
-    const int D = p.num_bins() / bins_per_domain;
+// duplicates drop. At most `budget` repacks. `q` is scratch.
+void search_counts(Packing& p, Packing& q, const double* w, double target, int budget,
+                   PackScratch& s) {
+    const int bins_per_domain = p.bins_per_domain;
+    std::vector<int> receivers, items;
     for (int tries = 0; tries < budget;) {
-        if (p.max_load() <= target * (1 + 1e-9)) return;
+        if (p.max_load() <= target * (1 + kTargetTol)) return;
         int a = 0;
-        for (int b = 1; b < p.num_bins(); ++b) {
+        for (int b = 1; b < p.num_bins; ++b) {
             if (p.bin_load[b] > p.bin_load[a]) a = b;
         }
-        const int d = p.bin_domain[a];
-        std::map<int, int> counts;
-        std::vector<std::map<int, int>> all(static_cast<std::size_t>(D));
-        for (int b = 0; b < p.num_bins(); ++b) {
-            for (const int i : p.bins[b]) ++all[p.bin_domain[b]][p.item_expert[i]];
-        }
-        counts = all[d];
+        const int d = p.domain(a);
         // Receivers: the experts on the heaviest GPU, heaviest replica first.
-        std::vector<int> receivers;
-        std::vector<int> items = p.bins[a];
+        items.assign(p.bin(a), p.bin(a) + p.size);
         std::sort(items.begin(), items.end(), [&](int x, int y) {
-            return p.item_load[x] > p.item_load[y] ||
-                   (p.item_load[x] == p.item_load[y] && p.item_expert[x] < p.item_expert[y]);
+            return p.replica_load[x] > p.replica_load[y] ||
+                   (p.replica_load[x] == p.replica_load[y] && x < y);
         });
-        for (const int i : items) {
-            const int e = p.item_expert[i];
-            if (counts[e] < bins_per_domain &&
+        receivers.clear();
+        for (const int e : items) {
+            if (p.count[e] < bins_per_domain &&
                 std::find(receivers.begin(), receivers.end(), e) == receivers.end()) {
                 receivers.push_back(e);
             }
         }
         bool improved = false;
-        const std::size_t dups = avoidable_duplicates(p, bins_per_domain).size();
+        const int dups = avoidable_duplicates(p, s);
         for (const int e : receivers) {
             if (tries >= budget) break;
             int donor = -1;
             double donor_key = std::numeric_limits<double>::infinity();
-            for (const auto& [f, c] : counts) {
-                if (f == e || c < 2) continue;
+            for (int f = 0; f < p.num_experts(); ++f) {
+                const int c = p.count[f];
+                if (f == e || c < 2 || p.domain_of[f] != d) continue;
                 const double key = w[f] / (c - 1);
                 if (key < donor_key) {
                     donor_key = key;
@@ -583,21 +649,16 @@ void search_counts(Packing& p, const double* w, int bins_per_domain, double targ
                 }
             }
             if (donor < 0) break;
-            std::vector<std::vector<int>> experts(static_cast<std::size_t>(D));
-            std::vector<std::vector<int>> cnt(static_cast<std::size_t>(D));
-            for (int dd = 0; dd < D; ++dd) {
-                for (const auto& [x, c] : all[dd]) {
-                    experts[dd].push_back(x);
-                    cnt[dd].push_back(c + (dd == d && x == e) - (dd == d && x == donor));
-                }
-            }
             ++tries;
-            Packing q = pack_counts(w, experts, cnt, bins_per_domain, p.size, target);
+            q = p;
+            ++q.count[e];
+            --q.count[donor];
+            pack_counts(q, w, target, s);
             const double qm = q.max_load(), pm = p.max_load();
-            const std::size_t qdups = avoidable_duplicates(q, bins_per_domain).size();
-            if ((qm < pm * (1 - 1e-12) && qdups <= dups) ||
-                (qm <= pm * (1 + 1e-12) && qdups < dups)) {
-                p = std::move(q);
+            const int qdups = avoidable_duplicates(q, s);
+            if ((qm < pm * (1 - kRelTol) && qdups <= dups) ||
+                (qm <= pm * (1 + kRelTol) && qdups < dups)) {
+                std::swap(p, q);
                 improved = true;
                 break;
             }
@@ -606,134 +667,157 @@ void search_counts(Packing& p, const double* w, int bins_per_domain, double targ
     }
 }
 
-// The packing of an existing layer placement (slot -> expert), with equal-split loads.
-Packing packing_of(const double* w, const std::int32_t* phy2log, int E, int R, int G, int N) {
-    Packing p;
-    const int S = R / G;
-    p.size = S;
-    std::vector<int> count(static_cast<std::size_t>(E), 0);
-    for (int s = 0; s < R; ++s) ++count[phy2log[s]];
-    p.bins.assign(static_cast<std::size_t>(G), {});
-    for (int g = 0; g < G; ++g) p.bin_domain.push_back(N > 0 ? g / (G / N) : 0);
+// The packing of an existing layer placement (slot -> expert), with equal-split loads; bins in
+// `domains` domains of consecutive GPUs.
+void packing_of(Packing& p, const double* w, const std::int32_t* phy2log, int E, int R, int G,
+                int domains) {
+    p.reset(G, G / domains, R / G, E);
+    std::fill(p.count.begin(), p.count.end(), 0);
     for (int s = 0; s < R; ++s) {
-        p.bins[s / S].push_back(s);
-        p.item_expert.push_back(phy2log[s]);
-        p.item_load.push_back(w[phy2log[s]] / count[phy2log[s]]);
+        p.slot_expert[s] = phy2log[s];
+        ++p.count[phy2log[s]];
+        p.domain_of[phy2log[s]] = s / p.size / p.bins_per_domain;
     }
+    p.compute_replica_loads(w);
     p.recompute_loads();
-    return p;
 }
 
 // Node-locality estimate of a node's best max GPU load: max(load / GPUs, best per-replica max).
-double node_cost(const double* w, const std::vector<int>& experts, int slots, int gpus) {
-    if (experts.empty()) return 0.0;
+// experts[0, n): the node's experts, ascending. `count` is scratch.
+double node_cost(const double* w, const int* experts, int n, int slots, int gpus,
+                 std::vector<int>& count) {
+    if (n == 0) return 0.0;
     double total = 0.0;
-    for (const int e : experts) total += w[e];
-    const std::vector<int> count = divisor_counts(w, experts, slots, gpus);
-    return std::max(total / gpus, max_replica_load(w, experts, count));
+    for (int i = 0; i < n; ++i) total += w[experts[i]];
+    count.resize(static_cast<std::size_t>(n));
+    divisor_counts(w, experts, n, slots, gpus, count.data());
+    double m = 0.0;
+    for (int i = 0; i < n; ++i) m = std::max(m, w[experts[i]] / count[i]);
+    return std::max(total / gpus, m);
 }
+
+// Scratch of assign_groups: a node's cost depends only on its set of groups, so costs are
+// memoised per group bitmask (when there are few groups) for the duration of one call.
+struct GroupScratch {
+    std::vector<double> group_load, cost, memo;
+    std::vector<unsigned> memo_stamp;
+    unsigned stamp = 0;
+    std::vector<int> order, count, experts, divisor;
+};
 
 // Groups -> nodes for node locality: DeepSeek's balanced packing of group loads when K % N == 0
 // (else LPT under capacity), then moves and swaps of groups between nodes that lower the largest
 // node cost. Every node must end with at least one group and at most slots_per_node experts.
-std::vector<int> assign_groups(const double* w, int E, int K, int N, int slots_per_node,
-                               int gpus_per_node) {
+// Writes node[0, K).
+void assign_groups(const double* w, int E, int K, int N, int slots_per_node, int gpus_per_node,
+                   GroupScratch& s, int* node) {
     const int gs = E / K;
     const int max_groups = slots_per_node / gs;
-    std::vector<double> group_load(static_cast<std::size_t>(K), 0.0);
+    s.group_load.assign(static_cast<std::size_t>(K), 0.0);
     for (int g = 0; g < K; ++g) {
-        for (int j = 0; j < gs; ++j) group_load[g] += w[g * gs + j];
+        for (int j = 0; j < gs; ++j) s.group_load[g] += w[g * gs + j];
     }
-    std::vector<int> node(static_cast<std::size_t>(K));
-    std::vector<int> order(static_cast<std::size_t>(K));
-    std::iota(order.begin(), order.end(), 0);
-    std::stable_sort(order.begin(), order.end(),
-                     [&](int a, int b) { return group_load[a] > group_load[b]; });
+    s.order.resize(static_cast<std::size_t>(K));
+    std::iota(s.order.begin(), s.order.end(), 0);
+    std::stable_sort(s.order.begin(), s.order.end(),
+                     [&](int a, int b) { return s.group_load[a] > s.group_load[b]; });
     // Every node gets one group first (heaviest groups spread), then LPT with capacity.
-    std::vector<double> load(static_cast<std::size_t>(N), 0.0);
-    std::vector<int> count(static_cast<std::size_t>(N), 0);
+    std::vector<double>& cost = s.cost;
+    cost.assign(static_cast<std::size_t>(N), 0.0);  // the node loads, then their costs
+    s.count.assign(static_cast<std::size_t>(N), 0);
     const int per_node = (K % N == 0 && K / N <= max_groups) ? K / N : max_groups;
-    for (std::size_t i = 0; i < order.size(); ++i) {
-        const int g = order[i];
+    for (int i = 0; i < K; ++i) {
+        const int g = s.order[i];
         int best = -1;
         for (int n = 0; n < N; ++n) {
-            const bool must_fill = static_cast<int>(i) < N;
-            if (must_fill && count[n] > 0) continue;
-            if (count[n] >= per_node) continue;
-            if (best < 0 || load[n] < load[best]) best = n;
+            const bool must_fill = i < N;
+            if (must_fill && s.count[n] > 0) continue;
+            if (s.count[n] >= per_node) continue;
+            if (best < 0 || cost[n] < cost[best]) best = n;
         }
         node[g] = best;
-        ++count[best];
-        load[best] += group_load[g];
+        ++s.count[best];
+        cost[best] += s.group_load[g];
     }
-    auto experts_of = [&](int n, const std::vector<int>& assign) {
-        std::vector<int> ex;
-        for (int g = 0; g < K; ++g) {
-            if (assign[g] == n) {
-                for (int j = 0; j < gs; ++j) ex.push_back(g * gs + j);
-            }
+    const bool memo = K <= kMaxMemoGroups;
+    if (memo) {
+        const std::size_t size = std::size_t{1} << K;
+        if (s.memo.size() < size) {
+            s.memo.resize(size);
+            s.memo_stamp.assign(size, 0);
+            s.stamp = 0;
         }
-        return ex;
-    };
-    std::vector<double> cost(static_cast<std::size_t>(N));
-    for (int n = 0; n < N; ++n) {
-        cost[n] = node_cost(w, experts_of(n, node), slots_per_node, gpus_per_node);
+        if (++s.stamp == 0) {  // wrapped: forget every stamp
+            std::fill(s.memo_stamp.begin(), s.memo_stamp.end(), 0);
+            s.stamp = 1;
+        }
     }
+    // The cost of node n when group g1 goes to node n1 and group g2 (if >= 0) to node n2.
+    const auto cost_of = [&](int n, int g1, int n1, int g2, int n2) {
+        const auto on = [&](int g) { return g == g1 ? n1 : g == g2 ? n2 : node[g]; };
+        std::uint64_t mask = 0;
+        if (memo) {
+            for (int g = 0; g < K; ++g) {
+                if (on(g) == n) mask |= std::uint64_t{1} << g;
+            }
+            if (s.memo_stamp[mask] == s.stamp) return s.memo[mask];
+        }
+        s.experts.clear();
+        for (int g = 0; g < K; ++g) {
+            if (on(g) != n) continue;
+            for (int j = 0; j < gs; ++j) s.experts.push_back(g * gs + j);
+        }
+        const double c = node_cost(w, s.experts.data(), static_cast<int>(s.experts.size()),
+                                   slots_per_node, gpus_per_node, s.divisor);
+        if (memo) {
+            s.memo[mask] = c;
+            s.memo_stamp[mask] = s.stamp;
+        }
+        return c;
+    };
+    for (int n = 0; n < N; ++n) cost[n] = cost_of(n, -1, -1, -1, -1);
     for (int it = 0; it < 4 * K * N + 16; ++it) {
         const int a = static_cast<int>(std::max_element(cost.begin(), cost.end()) - cost.begin());
-        double best = cost[a] * (1 - 1e-9);
-        std::vector<int> best_assign;
-        std::pair<double, double> best_costs;
-        int best_b = -1;
+        double best = cost[a] * (1 - kTargetTol);
+        double best_ca = 0.0, best_cb = 0.0;
+        int best_b = -1, best_g = -1, best_h = -1;
         for (int g = 0; g < K; ++g) {
             if (node[g] != a) continue;
             for (int b = 0; b < N; ++b) {
                 if (b == a) continue;
-                // Keeps `trial` if it lowers the larger of the two nodes' costs the most so far.
-                const auto consider = [&](const std::vector<int>& trial) {
-                    const double ca =
-                        node_cost(w, experts_of(a, trial), slots_per_node, gpus_per_node);
-                    const double cb =
-                        node_cost(w, experts_of(b, trial), slots_per_node, gpus_per_node);
+                // Keeps the trial (g to b, and h to a if h >= 0) if it lowers the larger of the
+                // two nodes' costs the most so far.
+                const auto consider = [&](int h) {
+                    const double ca = cost_of(a, g, b, h, a);
+                    const double cb = cost_of(b, g, b, h, a);
                     if (std::max(ca, cb) < best) {
                         best = std::max(ca, cb);
-                        best_assign = trial;
-                        best_costs = {ca, cb};
+                        best_ca = ca;
+                        best_cb = cb;
                         best_b = b;
+                        best_g = g;
+                        best_h = h;
                     }
                 };
-                if (count[a] > 1 && count[b] < max_groups) {  // move g to b
-                    std::vector<int> trial = node;
-                    trial[g] = b;
-                    consider(trial);
-                }
+                if (s.count[a] > 1 && s.count[b] < max_groups) consider(-1);  // move g to b
                 for (int h = 0; h < K; ++h) {  // swap g with a group h of b
-                    if (node[h] != b) continue;
-                    std::vector<int> trial = node;
-                    trial[g] = b;
-                    trial[h] = a;
-                    consider(trial);
+                    if (node[h] == b) consider(h);
                 }
             }
         }
         if (best_b < 0) break;
-        node = best_assign;
-        std::fill(count.begin(), count.end(), 0);
-        for (int g = 0; g < K; ++g) ++count[node[g]];
-        cost[a] = best_costs.first;
-        cost[best_b] = best_costs.second;
+        node[best_g] = best_b;
+        if (best_h >= 0) node[best_h] = a;
+        std::fill(s.count.begin(), s.count.end(), 0);
+        for (int g = 0; g < K; ++g) ++s.count[node[g]];
+        cost[a] = best_ca;
+        cost[best_b] = best_cb;
     }
-    return node;
 }
 
-// Writes a packing's bins as slots: bin b -> GPU b, items in bin order.
+// Writes a packing's bins as slots: bin b -> GPU b, experts in bin order.
 void write_slots(const Packing& p, std::int32_t* phy2log) {
-    for (int b = 0; b < p.num_bins(); ++b) {
-        for (std::size_t k = 0; k < p.bins[b].size(); ++k) {
-            phy2log[static_cast<Index>(b) * p.size + static_cast<Index>(k)] =
-                p.item_expert[p.bins[b][k]];
-        }
-    }
+    std::copy(p.slot_expert.begin(), p.slot_expert.end(), phy2log);
 }
 
 // Reorders a layer's GPUs (and nodes) and the slots inside each GPU to match the previous
@@ -838,9 +922,9 @@ void match_previous(std::int32_t* phy2log, const std::int32_t* old, int R, int G
     }
 }
 
-double layer_max_gpu_load(const double* w, const std::int32_t* phy2log, int E, int R, int G) {
-    std::vector<int> count(static_cast<std::size_t>(E), 0);
-    for (int s = 0; s < R; ++s) ++count[phy2log[s]];
+// The largest GPU load of a layer placement whose experts have count[e] replicas.
+double layer_max_gpu_load(const double* w, const std::int32_t* phy2log, const std::int32_t* count,
+                          int R, int G) {
     const int S = R / G;
     double m = 0.0;
     for (int g = 0; g < G; ++g) {
@@ -849,6 +933,128 @@ double layer_max_gpu_load(const double* w, const std::int32_t* phy2log, int E, i
         m = std::max(m, load);
     }
     return m;
+}
+
+double layer_max_gpu_load(const double* w, const std::int32_t* phy2log, int E, int R, int G) {
+    std::vector<std::int32_t> count(static_cast<std::size_t>(E), 0);
+    for (int s = 0; s < R; ++s) ++count[phy2log[s]];
+    return layer_max_gpu_load(w, phy2log, count.data(), R, G);
+}
+
+// One thread's scratch for moelb's layers.
+struct MoelbScratch {
+    Packing ours, theirs, trial;
+    PackScratch pack;
+    GroupScratch groups;
+    std::vector<int> node, experts, count;
+    std::vector<float> w32;
+    std::vector<std::int32_t> ds;
+};
+
+// Plans one layer (loads w[0, E)) with moelb into phy2log[0, R): `domains` domains (node
+// locality: one per node, with K groups; else one), `bound` the layer's flat lower bound,
+// `deepseek_variants` DeepSeek's policies (groups, nodes) whose placements satisfy the locality.
+// Returns whether the plan started from DeepSeek's packing.
+bool moelb_layer(const double* w, int E, int R, int K, int N, int G, int domains, double bound,
+                 const std::vector<std::pair<int, int>>& deepseek_variants, MoelbScratch& s,
+                 std::int32_t* phy2log) {
+    constexpr double kCountSearchGap = 5e-3;  // relative gap to the bound worth a count search
+    const int gpus_per_domain = G / domains;
+    const int slots_per_domain = R / domains;
+    Packing& ours = s.ours;
+    ours.reset(G, gpus_per_domain, R / G, E);
+    if (domains > 1) {
+        s.node.resize(static_cast<std::size_t>(K));
+        assign_groups(w, E, K, N, slots_per_domain, gpus_per_domain, s.groups, s.node.data());
+        const int gs = E / K;
+        for (int e = 0; e < E; ++e) ours.domain_of[e] = s.node[e / gs];
+    } else {
+        std::fill(ours.domain_of.begin(), ours.domain_of.end(), 0);
+    }
+    // Counts by the divisor method per domain, capped at the domain's bins.
+    for (int d = 0; d < domains; ++d) {
+        s.experts.clear();
+        for (int e = 0; e < E; ++e) {
+            if (ours.domain_of[e] == d) s.experts.push_back(e);
+        }
+        const int n = static_cast<int>(s.experts.size());
+        s.count.resize(static_cast<std::size_t>(n));
+        divisor_counts(w, s.experts.data(), n, slots_per_domain, gpus_per_domain, s.count.data());
+        for (int i = 0; i < n; ++i) ours.count[s.experts[i]] = s.count[i];
+    }
+    pack_counts(ours, w, bound, s.pack);
+    // DeepSeek under the same locality, improved by the same local search: keep whichever is
+    // lower (ours on ties), so we are never worse than DeepSeek. Only worth it when DeepSeek's
+    // own packing beats ours before its improvement.
+    bool from_deepseek = false;
+    for (const auto& [groups, nodes] : deepseek_variants) {
+        if (ours.max_load() <= bound * (1 + kTargetTol)) break;
+        s.w32.resize(static_cast<std::size_t>(E));
+        for (int e = 0; e < E; ++e) s.w32[e] = static_cast<float>(w[e]);
+        s.ds.resize(static_cast<std::size_t>(R));
+        deepseek_layer(s.w32.data(), E, R, groups, nodes, G, s.ds.data());
+        Packing& theirs = s.theirs;
+        packing_of(theirs, w, s.ds.data(), E, R, G, domains);
+        if (theirs.max_load() < ours.max_load() * (1 - kRelTol)) {
+            theirs.repair_duplicates(theirs.max_load());
+            theirs.swap_search(bound, s.pack);
+            if (theirs.max_load() < ours.max_load() * (1 - kRelTol)) {
+                std::swap(ours, theirs);
+                from_deepseek = true;
+            }
+        }
+    }
+    // A few count changes when the plan is >0.5% above the bound, or keeps an avoidable
+    // duplicate (bounded: each try is a full repack of the layer).
+    if (ours.max_load() > bound * (1 + kCountSearchGap) || avoidable_duplicates(ours, s.pack) > 0) {
+        search_counts(ours, s.trial, w, bound, kCountSearchBudget, s.pack);
+    }
+    if (avoidable_duplicates(ours, s.pack) > 0) {
+        remove_avoidable_duplicates(ours, s.trial, w, bound, s.pack);
+    }
+    write_slots(ours, phy2log);
+    return from_deepseek;
+}
+
+// evaluate_placement, with the layers' flat lower bounds when already known (else nullptr).
+PlanStats evaluate(ConstMatrixMap<double> load, const ExpertLocation& location,
+                   const ExpertLocation* previous, const double* lower_bounds) {
+    const int L = location.num_layers(), G = location.ep_size();
+    const int E = location.num_logical_experts(), R = location.num_physical_experts();
+    PlanStats stats;
+    stats.layers.resize(static_cast<std::size_t>(L));
+    parallel_for(L, 1, [&](Index begin, Index end) {
+        std::vector<int> count;
+        for (Index l = begin; l < end; ++l) {
+            LayerPlanStats& s = stats.layers[static_cast<std::size_t>(l)];
+            const double* w = load.row(l).data();
+            double total = 0;
+            for (int e = 0; e < E; ++e) total += w[e];
+            s.max_gpu_load = layer_max_gpu_load(w, location.physical_to_logical().row(l).data(),
+                                                location.logical_count().row(l).data(), R, G);
+            s.mean_gpu_load = total / G;
+            s.balancedness = s.max_gpu_load > 0 ? s.mean_gpu_load / s.max_gpu_load : 1.0;
+            s.lower_bound = lower_bounds ? lower_bounds[l] : flat_lower_bound(w, E, R, G, count);
+            s.gap = s.lower_bound > 0 ? s.max_gpu_load / s.lower_bound - 1 : 0.0;
+            if (previous) {
+                for (int p = 0; p < R; ++p) {
+                    s.moved_experts += previous->physical_to_logical()(l, p) !=
+                                       location.physical_to_logical()(l, p);
+                }
+            }
+        }
+    });
+    double sum_mean = 0, sum_max = 0;
+    for (const LayerPlanStats& s : stats.layers) {
+        stats.balancedness += s.balancedness / L;
+        stats.mean_gap += s.gap / L;
+        stats.max_gap = std::max(stats.max_gap, s.gap);
+        stats.moved_experts += s.moved_experts;
+        sum_mean += s.mean_gpu_load;
+        sum_max += s.max_gpu_load;
+    }
+    stats.load_weighted_balancedness = sum_max > 0 ? sum_mean / sum_max : 1.0;
+    return stats;
 }
 
 }  // namespace
@@ -905,49 +1111,14 @@ PlanStats evaluate_placement(ConstMatrixMap<double> load, const ExpertLocation& 
         "load has shape [" << load.rows() << ", " << load.cols() << "] but the location has "
                            << location.num_layers() << " layers and "
                            << location.num_logical_experts() << " logical experts");
-    const int L = location.num_layers(), G = location.ep_size();
+    const int L = location.num_layers();
     const int E = location.num_logical_experts(), R = location.num_physical_experts();
     if (previous) {
         MOELB_CHECK_ARG(previous->num_layers() == L && previous->num_physical_experts() == R &&
                             previous->num_logical_experts() == E,
                         "previous has a different shape (layers, logical or physical experts)");
     }
-    PlanStats stats;
-    stats.layers.resize(static_cast<std::size_t>(L));
-    parallel_for(L, 1, [&](Index begin, Index end) {
-        std::vector<int> experts(static_cast<std::size_t>(E));
-        std::iota(experts.begin(), experts.end(), 0);
-        for (Index l = begin; l < end; ++l) {
-            LayerPlanStats& s = stats.layers[static_cast<std::size_t>(l)];
-            const double* w = load.row(l).data();
-            double total = 0;
-            for (int e = 0; e < E; ++e) total += w[e];
-            s.max_gpu_load =
-                layer_max_gpu_load(w, location.physical_to_logical().row(l).data(), E, R, G);
-            s.mean_gpu_load = total / G;
-            s.balancedness = s.max_gpu_load > 0 ? s.mean_gpu_load / s.max_gpu_load : 1.0;
-            const std::vector<int> best = divisor_counts(w, experts, R, R);
-            s.lower_bound = std::max(total / G, max_replica_load(w, experts, best));
-            s.gap = s.lower_bound > 0 ? s.max_gpu_load / s.lower_bound - 1 : 0.0;
-            if (previous) {
-                for (int p = 0; p < R; ++p) {
-                    s.moved_experts += previous->physical_to_logical()(l, p) !=
-                                       location.physical_to_logical()(l, p);
-                }
-            }
-        }
-    });
-    double sum_mean = 0, sum_max = 0;
-    for (const LayerPlanStats& s : stats.layers) {
-        stats.balancedness += s.balancedness / L;
-        stats.mean_gap += s.gap / L;
-        stats.max_gap = std::max(stats.max_gap, s.gap);
-        stats.moved_experts += s.moved_experts;
-        sum_mean += s.mean_gpu_load;
-        sum_max += s.max_gpu_load;
-    }
-    stats.load_weighted_balancedness = sum_max > 0 ? sum_mean / sum_max : 1.0;
-    return stats;
+    return evaluate(load, location, previous, nullptr);
 }
 
 Plan rebalance(ConstMatrixMap<double> load, const RebalanceOptions& o) {
@@ -990,6 +1161,7 @@ Plan rebalance(ConstMatrixMap<double> load, const RebalanceOptions& o) {
 
     std::ostringstream notes;
     RowMatrix<std::int32_t> phy2log(L, R);
+    std::vector<double> lower_bounds;  // per layer when the planner computed them
     std::string name;
     int location_nodes = N;
     const bool deepseek = o.algorithm != EplbAlgorithm::kMoelb;
@@ -1069,59 +1241,16 @@ Plan rebalance(ConstMatrixMap<double> load, const RebalanceOptions& o) {
             }
         }
         std::vector<int> kept_deepseek(static_cast<std::size_t>(L), 0);
+        lower_bounds.resize(static_cast<std::size_t>(L));
         parallel_for(L, 1, [&](Index begin, Index end) {
-            std::vector<float> w32_local(static_cast<std::size_t>(E));
-            std::vector<std::int32_t> ds(static_cast<std::size_t>(R));
+            thread_local MoelbScratch scratch;
             for (Index l = begin; l < end; ++l) {
                 const double* w = load.row(l).data();
-                const int domains = node_locality ? N : 1;
-                const int gpus_per_domain = G / domains;
-                const int slots_per_domain = R / domains;
-                std::vector<std::vector<int>> domain_experts(static_cast<std::size_t>(domains));
-                if (node_locality) {
-                    const std::vector<int> node =
-                        assign_groups(w, E, K, N, slots_per_domain, gpus_per_domain);
-                    const int gs = E / K;
-                    for (int e = 0; e < E; ++e) domain_experts[node[e / gs]].push_back(e);
-                } else {
-                    for (int e = 0; e < E; ++e) domain_experts[0].push_back(e);
-                }
                 // The flat lower bound: no placement (under any locality) goes below it.
-                double total = 0.0;
-                for (int e = 0; e < E; ++e) total += w[e];
-                std::vector<int> all(static_cast<std::size_t>(E));
-                std::iota(all.begin(), all.end(), 0);
-                const double bound =
-                    std::max(total / G, max_replica_load(w, all, divisor_counts(w, all, R, R)));
-                Packing ours = pack_domains(w, domain_experts, slots_per_domain, gpus_per_domain,
-                                            R / G, bound);
-                // DeepSeek under the same locality, improved by the same local search: keep
-                // whichever is lower (ours on ties), so we are never worse than DeepSeek. Only
-                // worth it when DeepSeek's own packing beats ours before its improvement.
-                for (const auto& [groups, nodes] : deepseek_variants) {
-                    if (ours.max_load() <= bound * (1 + 1e-9)) break;
-                    for (int e = 0; e < E; ++e) w32_local[e] = static_cast<float>(w[e]);
-                    deepseek_layer(w32_local.data(), E, R, groups, nodes, G, ds.data());
-                    Packing theirs = packing_of(w, ds.data(), E, R, G, node_locality ? N : 1);
-                    if (theirs.max_load() < ours.max_load() * (1 - 1e-12)) {
-                        theirs.repair_duplicates(theirs.max_load());
-                        theirs.swap_search(bound);
-                        if (theirs.max_load() < ours.max_load() * (1 - 1e-12)) {
-                            ours = std::move(theirs);
-                            kept_deepseek[l] = 1;
-                        }
-                    }
-                }
-                // A few count changes when the plan is >0.5% above the bound, or keeps an avoidable
-                // duplicate (bounded: each try is a full repack of the layer).
-                if (ours.max_load() > bound * (1 + 5e-3) ||
-                    !avoidable_duplicates(ours, gpus_per_domain).empty()) {
-                    search_counts(ours, w, gpus_per_domain, bound, kCountSearchBudget);
-                }
-                if (!avoidable_duplicates(ours, gpus_per_domain).empty()) {
-                    remove_avoidable_duplicates(ours, w, gpus_per_domain, bound);
-                }
-                write_slots(ours, phy2log.row(l).data());
+                lower_bounds[l] = flat_lower_bound(w, E, R, G, scratch.count);
+                kept_deepseek[l] =
+                    moelb_layer(w, E, R, K, N, G, node_locality ? N : 1, lower_bounds[l],
+                                deepseek_variants, scratch, phy2log.row(l).data());
                 if (o.previous) {
                     match_previous(phy2log.row(l).data(),
                                    o.previous->physical_to_logical().row(l).data(), R, G,
@@ -1184,7 +1313,8 @@ Plan rebalance(ConstMatrixMap<double> load, const RebalanceOptions& o) {
     }
 
     Plan plan{ExpertLocation(std::move(phy2log), E, G, location_nodes), {}};
-    plan.stats = evaluate_placement(load, plan.location, o.previous);
+    plan.stats = evaluate(load, plan.location, o.previous,
+                          lower_bounds.empty() ? nullptr : lower_bounds.data());
     for (Index l = 0; l < L; ++l) plan.stats.layers[l].kept_previous = keep_previous[l];
     plan.stats.algorithm = name;
     plan.stats.notes = notes.str();
