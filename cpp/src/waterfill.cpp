@@ -1,6 +1,7 @@
 #include "moelb/waterfill.hpp"
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <numeric>
 #include <string>
@@ -12,7 +13,9 @@
 namespace moelb {
 namespace {
 
-constexpr Index kRowsPerChunk = 1024;
+// Rows per parallel chunk: the per-row work is a few tens of nanoseconds, so only large batches
+// are worth splitting across threads.
+constexpr Index kRowsPerChunk = 16384;
 
 constexpr detail::EnumNames<WaterfillMode, 2> kModeNames{{
     {"static", WaterfillMode::kStatic},
@@ -32,6 +35,12 @@ std::uint32_t token_hash(Index row, int source) {
     std::uint32_t seed = static_cast<std::uint32_t>(row) ^
                          (static_cast<std::uint32_t>(source) * std::uint32_t{0x9E3779B9u});
     return seed * std::uint32_t{1664525u} + std::uint32_t{1013904223u};
+}
+
+// u = hash mod total, in 32 bits when total fits (a much cheaper division).
+std::int64_t draw(std::uint32_t hash, std::int64_t total) {
+    if (total <= std::int64_t{UINT32_MAX}) return hash % static_cast<std::uint32_t>(total);
+    return static_cast<std::int64_t>(hash % static_cast<std::uint64_t>(total));
 }
 
 // A remote rank's spare capacity counts 10/11 of a local one's.
@@ -77,6 +86,9 @@ WaterfillBalancer::WaterfillBalancer(int num_physical_experts, int ep_size, int 
         "num_physical_experts + ep_size = " << static_cast<Index>(num_physical_experts) + ep_size
                                             << " does not fit int32 ids");
     slots_ = num_physical_experts / ep_size;
+    // Slot -> rank by lookup: an integer division per id would dominate the per-token work.
+    rank_of_.resize(static_cast<std::size_t>(num_physical_experts));
+    for (int p = 0; p < num_physical_experts; ++p) rank_of_[p] = p / slots_;
     // SGLang computes 1 / rsf in double precision and stores it in the float32 weights.
     if (!fold_rsf_ && routed_scaling_factor != 0) {
         shared_weight_ = static_cast<float>(1.0 / routed_scaling_factor);
@@ -98,15 +110,21 @@ void WaterfillBalancer::check_ids(ConstMatrixMap<std::int32_t> topk_ids) const {
                                 << topk_ids.rows() << ", " << K << "]");
     const std::int32_t P = num_physical_;
     parallel_for(topk_ids.rows(), kRowsPerChunk, [&](Index begin, Index end) {
-        for (Index t = begin; t < end; ++t) {
-            for (Index c = 0; c < K; ++c) {
-                const std::int32_t id = topk_ids(t, c);
-                MOELB_CHECK_ARG(id >= -1 && id < P, "topk_ids["
-                                                        << t << ", " << c << "] = " << id
-                                                        << " is not a physical expert id in [0, "
-                                                           "num_physical_experts="
-                                                        << P << ") or -1");
-            }
+        // A vectorised range scan; the offending id is looked up only when there is one.
+        const std::int32_t* ids = topk_ids.data() + begin * K;
+        const Index n = (end - begin) * K;
+        std::int32_t lo = 0, hi = 0;
+        for (Index i = 0; i < n; ++i) {
+            lo = std::min(lo, ids[i]);
+            hi = std::max(hi, ids[i]);
+        }
+        if (lo >= -1 && hi < P) return;
+        for (Index i = 0; i < n; ++i) {
+            MOELB_CHECK_ARG(ids[i] >= -1 && ids[i] < P,
+                            "topk_ids[" << begin + i / K << ", " << i % K << "] = " << ids[i]
+                                        << " is not a physical expert id in [0, "
+                                           "num_physical_experts="
+                                        << P << ") or -1");
         }
     });
 }
@@ -117,12 +135,21 @@ std::vector<std::int64_t> WaterfillBalancer::routed_counts(
     const Index chunks = (N + kRowsPerChunk - 1) / kRowsPerChunk;
     std::vector<std::int64_t> partial(static_cast<std::size_t>(chunks * ep_size_), 0);
     parallel_for(N, kRowsPerChunk, [&](Index begin, Index end) {
+        // Four interleaved histograms: consecutive ids often hit the same (hot) rank, and one
+        // histogram would serialise on that counter.
+        constexpr int kLanes = 4;
+        std::vector<std::int32_t> lanes(static_cast<std::size_t>(kLanes) * (ep_size_ + 1), 0);
+        const std::int32_t* ids = topk_ids.data() + begin * K;
+        const Index n = (end - begin) * K;
+        for (Index i = 0; i < n; ++i) {
+            const std::int32_t id = ids[i];
+            // Padding (-1) counts into a spare bin at index ep_size_.
+            const int w = id >= 0 ? rank_of_[id] : ep_size_;
+            ++lanes[(i % kLanes) * (ep_size_ + 1) + w];
+        }
         std::int64_t* counts = partial.data() + (begin / kRowsPerChunk) * ep_size_;
-        for (Index t = begin; t < end; ++t) {
-            for (Index c = 0; c < K; ++c) {
-                const std::int32_t id = topk_ids(t, c);
-                if (id >= 0) ++counts[id / slots_];
-            }
+        for (int lane = 0; lane < kLanes; ++lane) {
+            for (int w = 0; w < ep_size_; ++w) counts[w] += lanes[lane * (ep_size_ + 1) + w];
         }
     });
     std::vector<std::int64_t> counts(static_cast<std::size_t>(ep_size_), 0);
@@ -241,6 +268,13 @@ void WaterfillBalancer::materialise(ConstMatrixMap<std::int32_t> topk_ids,
                                     ConstMatrixMap<float> topk_weights, const WaterfillPlan& plan,
                                     MatrixMap<std::int32_t> out_ids,
                                     MatrixMap<float> out_weights) const {
+    write_rows(topk_ids, topk_weights, plan, out_ids, out_weights, false);
+}
+
+void WaterfillBalancer::write_rows(ConstMatrixMap<std::int32_t> topk_ids,
+                                   ConstMatrixMap<float> topk_weights, const WaterfillPlan& plan,
+                                   MatrixMap<std::int32_t> out_ids, MatrixMap<float> out_weights,
+                                   bool ids_checked) const {
     const Index N = topk_ids.rows(), K = topk_ids.cols();
     const int W = ep_size_, S = slots_, s = rank_;
     MOELB_CHECK_ARG(topk_weights.rows() == N && topk_weights.cols() == K,
@@ -259,12 +293,13 @@ void WaterfillBalancer::materialise(ConstMatrixMap<std::int32_t> topk_ids,
         MOELB_CHECK_ARG(plan.destination >= 0 && plan.destination < W,
                         "the plan's destination " << plan.destination << " is not a rank");
     }
-    check_ids(topk_ids);
+    if (!ids_checked) check_ids(topk_ids);
 
     // Token-count mode: the target and, when every rank is a candidate, the capacities (the same
     // for every token) as cumulative sums.
     const std::vector<std::int64_t>& load = plan.rank_load;
     std::int64_t target = 0;
+    std::vector<std::int64_t> cap;      // cap[w]: rank w's (discounted) spare capacity
     std::vector<std::int64_t> all_cum;  // all_cum[w + 1] = caps of ranks 0..w
     if (sampled) {
         target = plan.target_total;
@@ -272,12 +307,11 @@ void WaterfillBalancer::materialise(ConstMatrixMap<std::int32_t> topk_ids,
             const std::int64_t total = std::accumulate(load.begin(), load.end(), std::int64_t{0});
             target = (total + total / K + W - 1) / W;
         }
-        if (plan.allow_all_ranks) {
-            all_cum.assign(static_cast<std::size_t>(W) + 1, 0);
-            for (int w = 0; w < W; ++w) {
-                all_cum[w + 1] =
-                    all_cum[w] + discounted(std::max<std::int64_t>(target - load[w], 0), w == s);
-            }
+        cap.resize(static_cast<std::size_t>(W));
+        all_cum.assign(static_cast<std::size_t>(W) + 1, 0);
+        for (int w = 0; w < W; ++w) {
+            cap[w] = discounted(std::max<std::int64_t>(target - load[w], 0), w == s);
+            all_cum[w + 1] = all_cum[w] + cap[w];
         }
     }
     // The fallback when no candidate has spare capacity: this rank unless a candidate's load is
@@ -295,22 +329,21 @@ void WaterfillBalancer::materialise(ConstMatrixMap<std::int32_t> topk_ids,
             for (int w = 0; w < W; ++w) consider(w);
         } else {
             for (Index c = 0; c < K; ++c) {
-                if (ids[c] >= 0) consider(ids[c] / S);
+                if (ids[c] >= 0) consider(rank_of_[ids[c]]);
             }
         }
         return best;
     };
 
     parallel_for(N, kRowsPerChunk, [&](Index begin, Index end) {
-        std::vector<int> candidates;
-        candidates.reserve(static_cast<std::size_t>(K) + 1);
+        std::vector<int> candidates(static_cast<std::size_t>(std::max<Index>(K + 1, 64)));
         for (Index t = begin; t < end; ++t) {
             const std::int32_t* ids = topk_ids.data() + t * K;
             bool has_valid = false;
             for (Index c = 0; c < K; ++c) {
                 const std::int32_t id = ids[c];
                 if (id >= 0) {
-                    out_ids(t, c) = id + id / S;
+                    out_ids(t, c) = id + rank_of_[id];
                     out_weights(t, c) = topk_weights(t, c);
                     has_valid = true;
                 } else {
@@ -334,7 +367,7 @@ void WaterfillBalancer::materialise(ConstMatrixMap<std::int32_t> topk_ids,
                     if (total == 0) {
                         dest = preferred(ids);
                     } else {
-                        const std::int64_t u = hash % total;
+                        const std::int64_t u = draw(hash, total);
                         // The rank whose interval [cum_w, cum_w + cap_w) holds u.
                         dest = static_cast<int>(
                                    std::upper_bound(all_cum.begin() + 1, all_cum.end(), u) -
@@ -342,26 +375,40 @@ void WaterfillBalancer::materialise(ConstMatrixMap<std::int32_t> topk_ids,
                                1;
                     }
                 } else {
-                    candidates.assign(1, s);
-                    for (Index c = 0; c < K; ++c) {
-                        if (ids[c] >= 0) candidates.push_back(ids[c] / S);
+                    // This rank and the token's ranks, ascending, each once: a bit mask when
+                    // the ranks fit 64 bits, else an insertion sort of at most K + 1 ranks.
+                    int* cand = candidates.data();
+                    int count = 0;
+                    if (W <= 64) {
+                        std::uint64_t mask = std::uint64_t{1} << s;
+                        for (Index c = 0; c < K; ++c) {
+                            if (ids[c] >= 0) mask |= std::uint64_t{1} << rank_of_[ids[c]];
+                        }
+                        for (; mask != 0; mask &= mask - 1) cand[count++] = std::countr_zero(mask);
+                    } else {
+                        cand[count++] = s;
+                        for (Index c = 0; c < K; ++c) {
+                            if (ids[c] < 0) continue;
+                            const int w = rank_of_[ids[c]];
+                            int at = count;
+                            while (at > 0 && cand[at - 1] > w) --at;
+                            if (at > 0 && cand[at - 1] == w) continue;
+                            for (int j = count; j > at; --j) cand[j] = cand[j - 1];
+                            cand[at] = w;
+                            ++count;
+                        }
                     }
-                    std::sort(candidates.begin(), candidates.end());
-                    candidates.erase(std::unique(candidates.begin(), candidates.end()),
-                                     candidates.end());
                     std::int64_t total = 0;
-                    for (const int w : candidates) {
-                        total += discounted(std::max<std::int64_t>(target - load[w], 0), w == s);
-                    }
+                    for (int j = 0; j < count; ++j) total += cap[cand[j]];
                     if (total == 0) {
                         dest = preferred(ids);
                     } else {
-                        const std::int64_t u = hash % total;
+                        const std::int64_t u = draw(hash, total);
                         std::int64_t cum = 0;
-                        for (const int w : candidates) {
-                            cum += discounted(std::max<std::int64_t>(target - load[w], 0), w == s);
+                        for (int j = 0; j < count; ++j) {
+                            cum += cap[cand[j]];
                             if (u < cum) {
-                                dest = w;
+                                dest = cand[j];
                                 break;
                             }
                         }
@@ -380,7 +427,7 @@ WaterfillPlan WaterfillBalancer::expand(ConstMatrixMap<std::int32_t> topk_ids,
                                         MatrixMap<std::int32_t> out_ids,
                                         MatrixMap<float> out_weights) const {
     WaterfillPlan p = plan(topk_ids, num_tokens, is_decode, reduced);
-    materialise(topk_ids, topk_weights, p, out_ids, out_weights);
+    write_rows(topk_ids, topk_weights, p, out_ids, out_weights, true);
     return p;
 }
 

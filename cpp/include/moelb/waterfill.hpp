@@ -122,6 +122,9 @@ class WaterfillBalancer {
 
   private:
     void check_ids(ConstMatrixMap<std::int32_t> topk_ids) const;
+    void write_rows(ConstMatrixMap<std::int32_t> topk_ids, ConstMatrixMap<float> topk_weights,
+                    const WaterfillPlan& plan, MatrixMap<std::int32_t> out_ids,
+                    MatrixMap<float> out_weights, bool ids_checked) const;
     std::vector<std::int64_t> routed_counts(ConstMatrixMap<std::int32_t> topk_ids) const;
     std::vector<std::int64_t> active_experts(ConstMatrixMap<std::int32_t> topk_ids) const;
 
@@ -133,6 +136,7 @@ class WaterfillBalancer {
     WaterfillMode mode_;
     bool fold_rsf_;
     float shared_weight_;
+    std::vector<int> rank_of_;  // [P]: the rank of each physical slot
 };
 
 // Per-rank work of one step in which each of W ranks routes its own batch, with and without
