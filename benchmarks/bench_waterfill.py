@@ -17,10 +17,13 @@ its time is printed for scale.
 
 (2) Balance. 16 ranks each route their own batch (sizes drawn from 0.5x-1.5x of ``--tokens``)
 whose logits favour the same hot experts (a per-expert skew of standard deviation ``--skew``),
-as under real traffic. ``moelb.waterfill_rank_loads`` counts each rank's work (routed ids landing
-in its slots + shared experts it computes) without Waterfill (each token's shared expert on its
-own rank) and with it, static and dynamic, prefill and decode; prints the balancedness (mean /
-max rank load) and the gain.
+as under real traffic, on the trivial placement (256 slots) and on an EPLB placement planned by
+``moelb.rebalance`` from a sample of the same traffic (288 slots, 2 nodes; the routed load is then
+nearly even, and the shared experts of the unequal batches are what is left to balance).
+``moelb.waterfill_rank_loads`` counts each rank's work (routed ids landing in its slots + shared
+experts it computes) without Waterfill (each token's shared expert on its own rank) and with it,
+static and dynamic, prefill and decode; prints the balancedness (mean / max rank load) and the
+gain.
 
 This is not a timed test: it never fails on speed; it exits with status 1 only when moelb and the
 reference disagree.
@@ -55,6 +58,7 @@ EP_SIZE = 16
 RANK = 5
 TOP_K = 8
 GOAL = 0.10
+EPLB_SLOTS = 288  # 256 experts + 32 redundant on 16 ranks
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -63,7 +67,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=31)
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--decode-tokens", type=int, default=64, help="per-rank decode batch")
-    p.add_argument("--skew", type=float, default=1.0, help="std of the per-expert logit skew")
+    p.add_argument("--skew", type=float, default=0.5, help="std of the per-expert logit skew")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="write the results here (atomically)")
     p.add_argument("--quick", action="store_true", help="smoke test: small and few repeats")
@@ -196,29 +200,38 @@ def cost(args: argparse.Namespace, rng: np.random.Generator, skew: np.ndarray) -
 def balance(args: argparse.Namespace, rng: np.random.Generator, skew: np.ndarray) -> list[dict]:
     cfg = moelb.TopKConfig.deepseek_v3()
     bias = (rng.standard_normal(NUM_EXPERTS) * 0.05).astype(np.float32)
+    # EPLB from a sample of the same traffic: 288 slots on the 16 ranks (2 nodes).
+    sample = moelb.select_experts(logits_for(rng, 8 * args.tokens, skew), cfg, bias)
+    load = np.bincount(sample.topk_ids.ravel(), minlength=NUM_EXPERTS)[None, :]
+    eplb = moelb.rebalance(load, EPLB_SLOTS, cfg.num_groups, 2, EP_SIZE).location
     rows = []
     for phase, base in (("prefill", args.tokens), ("decode", args.decode_tokens)):
         sizes = [int(s) for s in rng.integers(base // 2, base + base // 2 + 1, EP_SIZE)]
-        batches = [
-            moelb.select_experts(logits_for(rng, n, skew), cfg, bias).recorder_topk_ids
-            for n in sizes
-        ]
-        for mode in ("static", "dynamic"):
-            loads = moelb.waterfill_rank_loads(
-                batches, NUM_EXPERTS, mode, is_decode=phase == "decode"
-            )
-            rows.append(
-                {
-                    "phase": phase,
-                    "mode": mode,
-                    "tokens_per_rank": f"{min(sizes)}-{max(sizes)}",
-                    "balancedness_local": loads.balancedness_local,
-                    "balancedness_waterfill": loads.balancedness_waterfill,
-                    "max_load_local": int(loads.load_local.max()),
-                    "max_load_waterfill": int(loads.load_waterfill.max()),
-                    "mean_load": float(loads.load_local.mean()),
-                }
-            )
+        logits = [logits_for(rng, n, skew) for n in sizes]
+        for placement, location in (("trivial", None), ("eplb", eplb)):
+            slots = NUM_EXPERTS if location is None else EPLB_SLOTS
+            extra: dict[str, Any] = {} if location is None else {"location": location, "layer": 0}
+            batches = [
+                moelb.select_experts(x, cfg, bias, ep_rank=r, **extra).recorder_topk_ids
+                for r, x in enumerate(logits)
+            ]
+            for mode in ("static", "dynamic"):
+                loads = moelb.waterfill_rank_loads(
+                    batches, slots, mode, is_decode=phase == "decode"
+                )
+                rows.append(
+                    {
+                        "phase": phase,
+                        "placement": f"{placement} ({slots} slots)",
+                        "mode": mode,
+                        "tokens_per_rank": f"{min(sizes)}-{max(sizes)}",
+                        "balancedness_local": loads.balancedness_local,
+                        "balancedness_waterfill": loads.balancedness_waterfill,
+                        "max_load_local": int(loads.load_local.max()),
+                        "max_load_waterfill": int(loads.load_waterfill.max()),
+                        "mean_load": float(loads.load_local.mean()),
+                    }
+                )
     return rows
 
 
@@ -296,6 +309,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         table(
             [
                 "phase",
+                "placement",
                 "mode",
                 "tokens/rank",
                 "mean load",
@@ -308,6 +322,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             [
                 [
                     r["phase"],
+                    r["placement"],
                     r["mode"],
                     r["tokens_per_rank"],
                     f"{r['mean_load']:.0f}",
@@ -319,7 +334,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 ]
                 for r in balance_rows
             ],
-            left=(0, 1),
+            left=(0, 1, 2),
         )
     )
     if args.json:

@@ -85,3 +85,21 @@ def test_bench_eplb_quick(tmp_path: Path) -> None:
         if q["plan"].startswith("moelb"):
             assert q["worse_layers"] is not None and q["same_at_2_threads"] is not None, q
     assert len(data["goals"]) == 5 and all(isinstance(g["met"], bool) for g in data["goals"])
+
+
+def test_bench_waterfill_quick(tmp_path: Path) -> None:
+    stdout, data = run_quick(tmp_path, "bench_waterfill.py", "--threads", "1", "2")
+    assert "goal:" in stdout
+    assert {(r["variant"], r["threads"]) for r in data["timing"]["results"]} == {
+        (v, t) for v in ("static prefill", "static decode", "dynamic prefill") for t in (1, 2)
+    }
+    assert all(r["expand_ms"] > 0 and r["route_ms"] > 0 for r in data["timing"]["results"])
+    assert all(c["identical"] for c in data["timing"]["checks"]), data["timing"]["checks"]
+    assert {(r["phase"], r["placement"].split()[0], r["mode"]) for r in data["balance"]} == {
+        (p, placement, m)
+        for p in ("prefill", "decode")
+        for placement in ("trivial", "eplb")
+        for m in ("static", "dynamic")
+    }
+    for r in data["balance"]:
+        assert 0 < r["balancedness_local"] <= 1 and 0 < r["balancedness_waterfill"] <= 1
