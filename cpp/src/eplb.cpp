@@ -250,6 +250,10 @@ struct Packing {
     std::vector<int> count;            // [E]: replicas of each expert
     std::vector<double> replica_load;  // [E]: load of one replica
     std::vector<int> domain_of;        // [E]: the domain of each expert's replicas
+    // LPT's order: each domain's experts by (replica load desc, expert asc), domain d's at
+    // [order_offset[d], order_offset[d + 1]). Kept up to date by change_count once sorted.
+    std::vector<int> order, order_offset;
+    bool order_valid = false;
 
     int num_experts() const { return static_cast<int>(count.size()); }
     int num_domains() const { return num_bins / bins_per_domain; }
@@ -279,6 +283,7 @@ struct Packing {
         count.resize(static_cast<std::size_t>(experts));
         replica_load.resize(static_cast<std::size_t>(experts));
         domain_of.resize(static_cast<std::size_t>(experts));
+        order_valid = false;
     }
 
     void compute_replica_loads(const double* w) {
@@ -296,11 +301,17 @@ struct Packing {
         }
     }
 
+    void sort_order(PackScratch& s);
+    void change_count(int e, int delta, const double* w);
     void lpt(PackScratch& s);
     void repair_duplicates(double limit);
     void swap_search(double target, PackScratch& s);
-    bool best_swap(int a, double limit, const std::vector<int>& partners, std::size_t first,
-                   std::size_t last, PackScratch& s);
+    struct Swap {
+        int b = -1, xi = -1, yi = -1;  // bin(a)[xi] <-> bin(b)[yi]; b < 0: none
+        bool tied = false;             // another partner offers an equally good swap
+    };
+    Swap best_swap(int a, double limit, const int* by_load, int first, int last,
+                   PackScratch& s) const;
 
     // Swaps x = bin(a)[xi] with y = bin(b)[yi] when allowed by the no-duplicate rule.
     bool swap_allowed(int a, int xi, int b, int yi) const {
@@ -327,75 +338,143 @@ struct Packing {
 
 // Scratch buffers of the packing steps, reused across calls (one per thread).
 struct PackScratch {
-    std::vector<int> order, offset, fill, held, partners, mark;
-    std::vector<std::pair<double, int>> heap, skipped, by_load;
+    std::vector<int> fill, held, partners, mark, sorted, position, tie_key;
+    std::vector<std::pair<double, int>> heap, skipped, keyed;
     std::vector<double> a_loads, b_loads;
     int stamp = 0;
 };
 
-// Longest-processing-time first onto the lightest bin of the replica's domain with room that does
-// not hold the expert yet (ties to the lower bin); duplicates only when unavoidable. Replicas go
-// in order of descending replica load, ties to the lower expert, so an expert's replicas are
-// placed one after the other and "the bin holds the expert" means "the bin took one of its
-// earlier replicas".
-void Packing::lpt(PackScratch& s) {
+// Orders each domain's experts by (replica load desc, expert asc): the order LPT places them in.
+void Packing::sort_order(PackScratch& s) {
     const int E = num_experts(), D = num_domains();
-    // Experts by domain (ascending within), then each domain's by (replica load desc, expert asc).
-    s.offset.assign(static_cast<std::size_t>(D) + 1, 0);
+    order_offset.assign(static_cast<std::size_t>(D) + 1, 0);
     for (int e = 0; e < E; ++e) {
-        if (count[e] > 0) ++s.offset[domain_of[e] + 1];
+        if (count[e] > 0) ++order_offset[domain_of[e] + 1];
     }
-    for (int d = 0; d < D; ++d) s.offset[d + 1] += s.offset[d];
-    s.order.resize(static_cast<std::size_t>(s.offset[D]));
-    s.fill.assign(s.offset.begin(), s.offset.end() - 1);
+    for (int d = 0; d < D; ++d) order_offset[d + 1] += order_offset[d];
+    s.fill.assign(order_offset.begin(), order_offset.end() - 1);
+    s.keyed.resize(static_cast<std::size_t>(order_offset[D]));
     for (int e = 0; e < E; ++e) {
-        if (count[e] > 0) s.order[s.fill[domain_of[e]]++] = e;
+        if (count[e] > 0) s.keyed[s.fill[domain_of[e]]++] = {replica_load[e], e};
     }
-    s.fill.assign(static_cast<std::size_t>(num_bins), 0);
-    s.held.assign(static_cast<std::size_t>(num_bins), -1);
-    std::fill(bin_load.begin(), bin_load.end(), 0.0);
+    // Keys are unique (by expert), so the order does not depend on the sort algorithm.
+    const auto heavier = [](const std::pair<double, int>& x, const std::pair<double, int>& y) {
+        return x.first > y.first || (x.first == y.first && x.second < y.second);
+    };
+    order.resize(s.keyed.size());
+    for (int d = 0; d < D; ++d) {
+        std::sort(s.keyed.begin() + order_offset[d], s.keyed.begin() + order_offset[d + 1],
+                  heavier);
+    }
+    for (std::size_t i = 0; i < s.keyed.size(); ++i) order[i] = s.keyed[i].second;
+    order_valid = true;
+}
+
+// Gives expert e `delta` more replicas (it keeps at least one), keeping the LPT order sorted.
+void Packing::change_count(int e, int delta, const double* w) {
+    count[e] += delta;
+    replica_load[e] = w[e] / count[e];
+    if (!order_valid) return;
     const auto heavier = [this](int x, int y) {
         return replica_load[x] > replica_load[y] || (replica_load[x] == replica_load[y] && x < y);
     };
-    using Entry = std::pair<double, int>;  // (load, bin): a min-heap
-    const auto after = std::greater<>();
-    for (int d = 0; d < D; ++d) {
-        std::sort(s.order.begin() + s.offset[d], s.order.begin() + s.offset[d + 1], heavier);
-        s.heap.clear();
-        for (int b = d * bins_per_domain; b < (d + 1) * bins_per_domain; ++b) {
-            s.heap.emplace_back(0.0, b);  // ascending: already a heap
+    const int d = domain_of[e];
+    const int lo = order_offset[d], hi = order_offset[d + 1];
+    int i = static_cast<int>(std::find(order.begin() + lo, order.begin() + hi, e) - order.begin());
+    while (i > lo && heavier(e, order[i - 1])) {
+        order[i] = order[i - 1];
+        --i;
+    }
+    while (i + 1 < hi && heavier(order[i + 1], e)) {
+        order[i] = order[i + 1];
+        ++i;
+    }
+    order[i] = e;
+}
+
+// Longest-processing-time first onto the lightest bin of the replica's domain with room that does
+// not hold the expert yet (ties to the lower bin); duplicates only when unavoidable. Replicas go
+// in `order`, so an expert's replicas are placed one after the other and "the bin holds the
+// expert" means "the bin took one of its earlier replicas". The bins with room are a binary
+// min-heap of (load, bin); keys are unique, so the choice does not depend on the heap's layout.
+void Packing::lpt(PackScratch& s) {
+    s.fill.assign(static_cast<std::size_t>(num_bins), 0);
+    s.held.assign(static_cast<std::size_t>(num_bins), -1);
+    std::fill(bin_load.begin(), bin_load.end(), 0.0);
+    using Entry = std::pair<double, int>;
+    std::vector<Entry>& heap = s.heap;
+    const auto before = [](const Entry& x, const Entry& y) {
+        return x.first < y.first || (x.first == y.first && x.second < y.second);
+    };
+    const auto sift_down = [&](std::size_t i) {
+        const std::size_t n = heap.size();
+        const Entry v = heap[i];
+        for (;;) {
+            std::size_t c = 2 * i + 1;
+            if (c >= n) break;
+            if (c + 1 < n && before(heap[c + 1], heap[c])) ++c;
+            if (!before(heap[c], v)) break;
+            heap[i] = heap[c];
+            i = c;
         }
-        for (int k = s.offset[d]; k < s.offset[d + 1]; ++k) {
-            const int e = s.order[k];
+        heap[i] = v;
+    };
+    const auto push = [&](const Entry& v) {
+        std::size_t i = heap.size();
+        heap.push_back(v);
+        while (i > 0 && before(v, heap[(i - 1) / 2])) {
+            heap[i] = heap[(i - 1) / 2];
+            i = (i - 1) / 2;
+        }
+        heap[i] = v;
+    };
+    const auto pop = [&] {
+        const Entry top = heap.front();
+        heap.front() = heap.back();
+        heap.pop_back();
+        if (!heap.empty()) sift_down(0);
+        return top;
+    };
+    for (int d = 0; d < num_domains(); ++d) {
+        heap.clear();
+        for (int b = d * bins_per_domain; b < (d + 1) * bins_per_domain; ++b) {
+            heap.emplace_back(0.0, b);  // ascending: already a heap
+        }
+        for (int k = order_offset[d]; k < order_offset[d + 1]; ++k) {
+            const int e = order[k];
             for (int r = 0; r < count[e]; ++r) {
-                s.skipped.clear();
-                while (!s.heap.empty() && s.held[s.heap.front().second] == e) {
-                    std::pop_heap(s.heap.begin(), s.heap.end(), after);
-                    s.skipped.push_back(s.heap.back());
-                    s.heap.pop_back();
-                }
-                Entry chosen;
-                std::size_t first_skipped = 0;
-                if (s.heap.empty()) {  // every bin with room holds this expert: duplicate
-                    chosen = s.skipped.front();
-                    first_skipped = 1;
+                int b;
+                if (s.held[heap.front().second] != e) {
+                    // The lightest bin takes it; its new load replaces it at the top.
+                    b = heap.front().second;
+                    bin(b)[s.fill[b]++] = e;
+                    bin_load[b] += replica_load[e];
+                    if (s.fill[b] < size) {
+                        heap.front().first = bin_load[b];
+                        sift_down(0);
+                    } else {
+                        pop();
+                    }
                 } else {
-                    std::pop_heap(s.heap.begin(), s.heap.end(), after);
-                    chosen = s.heap.back();
-                    s.heap.pop_back();
+                    s.skipped.clear();
+                    while (!heap.empty() && s.held[heap.front().second] == e) {
+                        s.skipped.push_back(pop());
+                    }
+                    std::size_t first_skipped = 0;
+                    if (heap.empty()) {  // every bin with room holds this expert: duplicate
+                        b = s.skipped.front().second;
+                        first_skipped = 1;
+                    } else {
+                        b = pop().second;
+                    }
+                    bin(b)[s.fill[b]++] = e;
+                    bin_load[b] += replica_load[e];
+                    if (s.fill[b] < size) push({bin_load[b], b});
+                    for (std::size_t i = first_skipped; i < s.skipped.size(); ++i) {
+                        push(s.skipped[i]);
+                    }
                 }
-                const int b = chosen.second;
-                bin(b)[s.fill[b]++] = e;
                 s.held[b] = e;
-                bin_load[b] += replica_load[e];
-                if (s.fill[b] < size) {
-                    s.heap.emplace_back(bin_load[b], b);
-                    std::push_heap(s.heap.begin(), s.heap.end(), after);
-                }
-                for (std::size_t i = first_skipped; i < s.skipped.size(); ++i) {
-                    s.heap.push_back(s.skipped[i]);
-                    std::push_heap(s.heap.begin(), s.heap.end(), after);
-                }
             }
         }
     }
@@ -443,10 +522,44 @@ void Packing::repair_duplicates(double limit) {
 // Local search: while the heaviest bin can trade a replica for a lighter one with a bin of its
 // domain so that both end below its load, do the best such swap. Stops at `target` (a lower
 // bound: nothing below it is reachable).
+//
+// The partners of the heaviest bin a are the bins of its domain lighter than it. The
+// kFirstPartners lightest (by load, then index) are tried first, ties between equally good swaps
+// to the lower bin; only if none helps, all the others, ties to the earlier partner in the order
+// std::nth_element left them in (the selection of the first round over the partners in index
+// order). Each domain's bins are kept sorted by (load, index) across swaps, so the partners are a
+// prefix of that order, lightest first.
 void Packing::swap_search(double target, PackScratch& s) {
-    std::vector<int>& partners = s.partners;
+    constexpr int kFirstPartners = 16;
     const int max_iterations = 20 * num_bins + 100;
-    constexpr int kFirstPartners = 16;  // lightest bins tried first; all bins if none helps
+    const auto lighter = [&](int x, int y) {
+        return bin_load[x] < bin_load[y] || (bin_load[x] == bin_load[y] && x < y);
+    };
+    s.sorted.resize(static_cast<std::size_t>(num_bins));
+    s.position.resize(static_cast<std::size_t>(num_bins));
+    for (int d = 0; d < num_domains(); ++d) {
+        const auto first = s.sorted.begin() + static_cast<Index>(d) * bins_per_domain;
+        std::iota(first, first + bins_per_domain, d * bins_per_domain);
+        std::sort(first, first + bins_per_domain, lighter);
+    }
+    for (int i = 0; i < num_bins; ++i) s.position[s.sorted[i]] = i;
+    // Restores the order after bin b's load changed.
+    const auto resort = [&](int b) {
+        const int lo = domain(b) * bins_per_domain, hi = lo + bins_per_domain;
+        int i = s.position[b];
+        while (i > lo && lighter(b, s.sorted[i - 1])) {
+            s.sorted[i] = s.sorted[i - 1];
+            s.position[s.sorted[i]] = i;
+            --i;
+        }
+        while (i + 1 < hi && lighter(s.sorted[i + 1], b)) {
+            s.sorted[i] = s.sorted[i + 1];
+            s.position[s.sorted[i]] = i;
+            ++i;
+        }
+        s.sorted[i] = b;
+        s.position[b] = i;
+    };
     for (int it = 0; it < max_iterations; ++it) {
         int a = 0;
         for (int b = 1; b < num_bins; ++b) {
@@ -454,54 +567,55 @@ void Packing::swap_search(double target, PackScratch& s) {
         }
         const double limit = bin_load[a];
         if (limit <= target * (1 + kTargetTol)) return;
-        partners.clear();
-        for (int b = domain(a) * bins_per_domain; b < (domain(a) + 1) * bins_per_domain; ++b) {
-            if (b != a && bin_load[b] < limit) partners.push_back(b);
-        }
-        const auto lighter = [&](int x, int y) {
-            return bin_load[x] < bin_load[y] || (bin_load[x] == bin_load[y] && x < y);
-        };
-        bool swapped = false;
-        for (int round = 0; round < 2 && !swapped; ++round) {
-            std::size_t first = 0, last = partners.size();
-            if (round == 0 && static_cast<int>(partners.size()) > kFirstPartners) {
-                std::nth_element(partners.begin(), partners.begin() + kFirstPartners,
-                                 partners.end(), lighter);
-                std::sort(partners.begin(), partners.begin() + kFirstPartners);
-                last = kFirstPartners;
-            } else if (round == 1) {
-                if (static_cast<int>(partners.size()) <= kFirstPartners) break;
-                first = kFirstPartners;
+        const int* by_load = s.sorted.data() + static_cast<Index>(domain(a)) * bins_per_domain;
+        int n = 0;  // partners: by_load[0, n)
+        while (n < bins_per_domain && bin_load[by_load[n]] < limit) ++n;
+        // Round one: ties to the lower bin.
+        s.tie_key.resize(static_cast<std::size_t>(num_bins));
+        for (int k = 0; k < std::min(n, kFirstPartners); ++k) s.tie_key[by_load[k]] = by_load[k];
+        Swap best = best_swap(a, limit, by_load, 0, std::min(n, kFirstPartners), s);
+        if (best.b < 0 && n > kFirstPartners) {
+            for (int k = kFirstPartners; k < n; ++k) s.tie_key[by_load[k]] = by_load[k];
+            best = best_swap(a, limit, by_load, kFirstPartners, n, s);
+            if (best.tied) {
+                // Equally good swaps with different bins: the winner is the earlier partner in
+                // std::nth_element's order, so rebuild that order and search again.
+                s.partners.clear();
+                for (int b = domain(a) * bins_per_domain; b < (domain(a) + 1) * bins_per_domain;
+                     ++b) {
+                    if (b != a && bin_load[b] < limit) s.partners.push_back(b);
+                }
+                std::nth_element(s.partners.begin(), s.partners.begin() + kFirstPartners,
+                                 s.partners.end(), lighter);
+                for (int k = kFirstPartners; k < n; ++k) s.tie_key[s.partners[k]] = k;
+                best = best_swap(a, limit, by_load, kFirstPartners, n, s);
             }
-            swapped = best_swap(a, limit, partners, first, last, s);
         }
-        if (!swapped) return;
+        if (best.b < 0) return;
+        apply_swap(a, best.xi, best.b, best.yi);
+        resort(a);
+        resort(best.b);
     }
 }
 
-// The best swap between bin a (load limit) and partners[first, last): the one that lowers
-// max(load a, load b) the most below limit, ties to the earliest (partner, a's slot, b's slot) in
-// list order. Applies it and returns true if there is one.
+// The best swap between bin a (load limit) and the partners by_load[first, last) (ascending load):
+// the one that lowers max(load a, load b) the most below limit, ties to the smallest (tie_key of
+// the partner, a's slot, b's slot). Reports whether the best was tied with another partner's.
 //
-// Partners are tried lightest first: a swap with b cannot end below (limit + load b) / 2, so once
-// that exceeds the best found (with a margin far above rounding), no heavier partner can win,
-// not even a tie.
-bool Packing::best_swap(int a, double limit, const std::vector<int>& partners, std::size_t first,
-                        std::size_t last, PackScratch& s) {
+// A swap with b cannot end below (limit + load b) / 2, so once that exceeds the best found (with a
+// margin far above rounding), no heavier partner can win, not even a tie.
+Packing::Swap Packing::best_swap(int a, double limit, const int* by_load, int first, int last,
+                                 PackScratch& s) const {
     constexpr double kBoundSlack = 1e-12;  // relative; rounding moves m by ~1e-16
-    s.by_load.clear();
-    for (std::size_t k = first; k < last; ++k) {
-        s.by_load.emplace_back(bin_load[partners[k]], static_cast<int>(k));
-    }
-    std::sort(s.by_load.begin(), s.by_load.end());
     s.a_loads.resize(static_cast<std::size_t>(size));
     s.b_loads.resize(static_cast<std::size_t>(size));
     for (int xi = 0; xi < size; ++xi) s.a_loads[xi] = replica_load[bin(a)[xi]];
     double best = limit * (1 - kRelTol);
-    int best_k = -1, best_xi = -1, best_yi = -1;
-    for (const auto& [load_b, k] : s.by_load) {
+    Swap out;
+    for (int k = first; k < last; ++k) {
+        const int b = by_load[k];
+        const double load_b = bin_load[b];
         if ((limit + load_b) * 0.5 * (1 - kBoundSlack) > best) break;
-        const int b = partners[k];
         for (int yi = 0; yi < size; ++yi) s.b_loads[yi] = replica_load[bin(b)[yi]];
         const double gap = limit - load_b;
         for (int xi = 0; xi < size; ++xi) {
@@ -509,26 +623,31 @@ bool Packing::best_swap(int a, double limit, const std::vector<int>& partners, s
                 const double d = s.a_loads[xi] - s.b_loads[yi];
                 if (d <= 0 || d >= gap) continue;
                 const double m = std::max(limit - d, load_b + d);
-                // Within one partner (xi, yi) ascend, so a tie there never wins.
-                const bool better = m < best || (m == best && best_k > k);
-                if (better && swap_allowed(a, xi, b, yi)) {
-                    best = m;
-                    best_k = k;
-                    best_xi = xi;
-                    best_yi = yi;
+                if (m > best || (m == best && (out.b < 0 || out.b == b))) continue;
+                if (!swap_allowed(a, xi, b, yi)) continue;
+                if (m == best) {  // as good as another partner's best swap
+                    out.tied = true;
+                    if (s.tie_key[b] > s.tie_key[out.b]) continue;
+                } else {
+                    out.tied = false;
                 }
+                best = m;
+                out.b = b;
+                out.xi = xi;
+                out.yi = yi;
             }
         }
     }
-    if (best_k < 0) return false;
-    apply_swap(a, best_xi, partners[best_k], best_yi);
-    return true;
+    return out;
 }
 
 // Packs p.count replicas of each expert into the bins of its domain p.domain_of: LPT, duplicate
 // repair, swap search down to `target`.
 void pack_counts(Packing& p, const double* w, double target, PackScratch& s) {
-    p.compute_replica_loads(w);
+    if (!p.order_valid) {
+        p.compute_replica_loads(w);
+        p.sort_order(s);
+    }
     p.lpt(s);
     p.repair_duplicates(p.max_load());
     p.swap_search(target, s);
@@ -591,8 +710,8 @@ void remove_avoidable_duplicates(Packing& p, Packing& q, const double* w, double
         bool improved = false;
         for (const auto& [key, f] : donors_to) {
             q = p;
-            --q.count[e];
-            ++q.count[f];
+            q.change_count(e, -1, w);
+            q.change_count(f, +1, w);
             pack_counts(q, w, target, s);
             if (q.max_load() <= p.max_load() * (1 + kRelTol) && avoidable_duplicates(q, s) < dups) {
                 std::swap(p, q);
@@ -651,8 +770,8 @@ void search_counts(Packing& p, Packing& q, const double* w, double target, int b
             if (donor < 0) break;
             ++tries;
             q = p;
-            ++q.count[e];
-            --q.count[donor];
+            q.change_count(e, +1, w);
+            q.change_count(donor, -1, w);
             pack_counts(q, w, target, s);
             const double qm = q.max_load(), pm = p.max_load();
             const int qdups = avoidable_duplicates(q, s);
