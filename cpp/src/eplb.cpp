@@ -801,28 +801,78 @@ void packing_of(Packing& p, const double* w, const std::int32_t* phy2log, int E,
     p.recompute_loads();
 }
 
-// Node-locality estimate of a node's best max GPU load: max(load / GPUs, best per-replica max).
-// experts[0, n): the node's experts, ascending. `count` is scratch.
-double node_cost(const double* w, const int* experts, int n, int slots, int gpus,
-                 std::vector<int>& count) {
-    if (n == 0) return 0.0;
-    double total = 0.0;
-    for (int i = 0; i < n; ++i) total += w[experts[i]];
-    count.resize(static_cast<std::size_t>(n));
-    divisor_counts(w, experts, n, slots, gpus, count.data());
-    double m = 0.0;
-    for (int i = 0; i < n; ++i) m = std::max(m, w[experts[i]] / count[i]);
-    return std::max(total / gpus, m);
-}
-
 // Scratch of assign_groups: a node's cost depends only on its set of groups, so costs are
 // memoised per group bitmask (when there are few groups) for the duration of one call.
 struct GroupScratch {
     std::vector<double> group_load, cost, memo;
     std::vector<unsigned> memo_stamp;
     unsigned stamp = 0;
-    std::vector<int> order, count, experts, divisor;
+    std::vector<int> order, count, groups, by_weight, head, top, replicas;
+    std::vector<std::pair<double, int>> heap;
 };
+
+// Node-locality estimate of a node's best max GPU load: max(load / GPUs, best per-replica max),
+// for the node holding groups[0, num_groups) (ascending) of gs experts each. by_weight: each
+// group's experts by (load desc, expert asc).
+//
+// The best per-replica max is that of the divisor method (capped at the node's GPUs), computed on
+// the heaviest experts only: an expert gets its first extra replica only once every heavier one
+// (ties: lower id) has one, so only the `extra` heaviest can get any, and the others keep their
+// load as their replica's. The result equals running the method on all of the node's experts.
+double node_cost(const double* w, const int* groups, int num_groups, int gs, const int* by_weight,
+                 int slots, int gpus, GroupScratch& s) {
+    if (num_groups == 0) return 0.0;
+    const int n = num_groups * gs;
+    double total = 0.0;  // in ascending expert order, as a sum over the node's experts
+    for (int i = 0; i < num_groups; ++i) {
+        for (int j = 0; j < gs; ++j) total += w[groups[i] * gs + j];
+    }
+    const int extra = slots - n;
+    int cap = gpus;
+    if (static_cast<Index>(cap) * n < slots) cap = (slots + n - 1) / n;  // cannot honour the cap
+    const int t = std::clamp(extra, 0, n);  // the experts that can get extras
+    const int take = std::min(t + 1, n);    // ... and the heaviest of the others
+    // The `take` heaviest by (load desc, expert asc): a merge of the groups' sorted lists.
+    s.head.assign(static_cast<std::size_t>(num_groups), 0);
+    s.top.clear();
+    for (int k = 0; k < take; ++k) {
+        int best = -1, best_e = -1;
+        for (int i = 0; i < num_groups; ++i) {
+            if (s.head[i] == gs) continue;
+            const int e = by_weight[groups[i] * gs + s.head[i]];
+            if (best < 0 || w[e] > w[best_e] || (w[e] == w[best_e] && e < best_e)) {
+                best = i;
+                best_e = e;
+            }
+        }
+        ++s.head[best];
+        s.top.push_back(best_e);
+    }
+    // The divisor method on the t heaviest: the largest key w / count gets the next replica (ties
+    // to the lower expert), never beyond cap.
+    using Entry = std::pair<double, int>;  // (key, -expert): a max-heap
+    s.heap.clear();
+    s.replicas.assign(static_cast<std::size_t>(t), 1);
+    for (int i = 0; i < t; ++i) s.heap.emplace_back(w[s.top[i]], i);
+    const auto less = [&](const Entry& a, const Entry& b) {
+        return a.first < b.first || (a.first == b.first && s.top[a.second] > s.top[b.second]);
+    };
+    std::make_heap(s.heap.begin(), s.heap.end(), less);
+    for (int r = 0; r < extra && !s.heap.empty(); ++r) {
+        while (s.replicas[s.heap.front().second] >= cap) {
+            std::pop_heap(s.heap.begin(), s.heap.end(), less);
+            s.heap.pop_back();
+        }
+        std::pop_heap(s.heap.begin(), s.heap.end(), less);
+        const int i = s.heap.back().second;
+        ++s.replicas[i];
+        s.heap.back() = {w[s.top[i]] / s.replicas[i], i};
+        std::push_heap(s.heap.begin(), s.heap.end(), less);
+    }
+    double m = take > t ? w[s.top[t]] : 0.0;
+    for (int i = 0; i < t; ++i) m = std::max(m, w[s.top[i]] / s.replicas[i]);
+    return std::max(total / gpus, m);
+}
 
 // Groups -> nodes for node locality: DeepSeek's balanced packing of group loads when K % N == 0
 // (else LPT under capacity), then moves and swaps of groups between nodes that lower the largest
@@ -835,6 +885,12 @@ void assign_groups(const double* w, int E, int K, int N, int slots_per_node, int
     s.group_load.assign(static_cast<std::size_t>(K), 0.0);
     for (int g = 0; g < K; ++g) {
         for (int j = 0; j < gs; ++j) s.group_load[g] += w[g * gs + j];
+    }
+    s.by_weight.resize(static_cast<std::size_t>(E));
+    std::iota(s.by_weight.begin(), s.by_weight.end(), 0);
+    for (int g = 0; g < K; ++g) {
+        std::sort(s.by_weight.begin() + g * gs, s.by_weight.begin() + (g + 1) * gs,
+                  [w](int a, int b) { return w[a] > w[b] || (w[a] == w[b] && a < b); });
     }
     s.order.resize(static_cast<std::size_t>(K));
     std::iota(s.order.begin(), s.order.end(), 0);
@@ -881,13 +937,12 @@ void assign_groups(const double* w, int E, int K, int N, int slots_per_node, int
             }
             if (s.memo_stamp[mask] == s.stamp) return s.memo[mask];
         }
-        s.experts.clear();
+        s.groups.clear();
         for (int g = 0; g < K; ++g) {
-            if (on(g) != n) continue;
-            for (int j = 0; j < gs; ++j) s.experts.push_back(g * gs + j);
+            if (on(g) == n) s.groups.push_back(g);
         }
-        const double c = node_cost(w, s.experts.data(), static_cast<int>(s.experts.size()),
-                                   slots_per_node, gpus_per_node, s.divisor);
+        const double c = node_cost(w, s.groups.data(), static_cast<int>(s.groups.size()), gs,
+                                   s.by_weight.data(), slots_per_node, gpus_per_node, s);
         if (memo) {
             s.memo[mask] = c;
             s.memo_stamp[mask] = s.stamp;
