@@ -165,25 +165,32 @@ void replicate_experts(const float* w, int n, int num_slots, int* phy2log, int* 
 void deepseek_layer(const float* w, int E, int R, int K, int N, int G, std::int32_t* phy2log) {
     const int group_size = E / K, groups_per_node = K / N, S = R / G;
     const int experts_per_node = E / N, slots_per_node = R / N, gpus_per_node = G / N;
-    std::vector<float> group_load(static_cast<std::size_t>(K));
+    // Scratch reused across layers (deepseek_layer runs once per layer).
+    thread_local std::vector<float> group_load, node_w, replica_w;
+    thread_local std::vector<int> group_pack, group_rank, mlog2log, phy2mlog, phy_rank, mlog_count,
+        pack, rank;
+    group_load.resize(static_cast<std::size_t>(K));
     for (int g = 0; g < K; ++g) {
         double sum = 0.0;
         for (int j = 0; j < group_size; ++j) sum += w[g * group_size + j];
         group_load[g] = static_cast<float>(sum);
     }
-    std::vector<int> group_pack(static_cast<std::size_t>(K)), group_rank(group_pack.size());
+    group_pack.resize(static_cast<std::size_t>(K));
+    group_rank.resize(group_pack.size());
     balanced_packing(group_load.data(), K, N, group_pack.data(), group_rank.data());
-    std::vector<int> mlog2log(static_cast<std::size_t>(E));
+    mlog2log.resize(static_cast<std::size_t>(E));
     for (int e = 0; e < E; ++e) {
         const int g = e / group_size;
         mlog2log[(group_pack[g] * groups_per_node + group_rank[g]) * group_size + e % group_size] =
             e;
     }
-    std::vector<float> node_w(static_cast<std::size_t>(experts_per_node));
-    std::vector<int> phy2mlog(static_cast<std::size_t>(slots_per_node));
-    std::vector<int> phy_rank(phy2mlog.size()), mlog_count(node_w.size());
-    std::vector<float> replica_w(phy2mlog.size());
-    std::vector<int> pack(phy2mlog.size()), rank(phy2mlog.size());
+    node_w.resize(static_cast<std::size_t>(experts_per_node));
+    mlog_count.resize(node_w.size());
+    phy2mlog.resize(static_cast<std::size_t>(slots_per_node));
+    phy_rank.resize(phy2mlog.size());
+    replica_w.resize(phy2mlog.size());
+    pack.resize(phy2mlog.size());
+    rank.resize(phy2mlog.size());
     for (int n = 0; n < N; ++n) {
         for (int i = 0; i < experts_per_node; ++i) {
             node_w[i] = w[mlog2log[n * experts_per_node + i]];
