@@ -1,0 +1,229 @@
+// The DeepSeek MoE layer forward on CPU (DESIGN section 6; reference/moe_layer.md):
+//
+//     out(x) = rsf * sum_k w_k * expert_{id_k}(x) + shared(x),
+//     expert(x) = W2 (silu(g) * u),  g = min(W1 x, L),  u = clamp(W3 x, -L, L)   (L: swiglu_limit)
+//
+// with the router of DeepSeek-V3 (sigmoid, grouped top-k with correction bias) or V4 (sqrt-softplus
+// top-k; hash routing from the token id in the first num_hash_layers layers), the shared expert
+// separate or fused as routed expert E, and the routed weights held per physical slot of an
+// ExpertLocation (so EPLB weight moves apply to them).
+//
+// Memory: every temporary of the forward comes from a byte-counting Workspace, and the order of
+// the steps follows SGLang's forward_normal, including PR #25279: with an out-of-place routed
+// kernel the shared expert runs after the routed experts ("deferred"), when the routed
+// workspace is already freed, which lowers the peak by one [T, H] buffer. The peak formulas are
+// documented at DeepSeekMoE::expected_peak_bytes (moe_layer.cpp).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <new>
+#include <optional>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "moelb/expert_location.hpp"
+#include "moelb/hash_router.hpp"
+#include "moelb/routing.hpp"
+#include "moelb/views.hpp"
+
+namespace moelb {
+
+// kInplace: the routed kernel writes the layer output into its input buffer (SGLang's Triton
+// path), so the shared expert must read the input first. kOutOfPlace: the input stays intact.
+enum class RoutedKernel { kInplace, kOutOfPlace };
+// kAuto: defer the shared expert exactly when the routed kernel is out-of-place.
+enum class DeferShared { kAuto, kYes, kNo };
+
+RoutedKernel parse_routed_kernel(std::string_view name, std::string_view param = "kernel");
+std::string_view to_string(RoutedKernel kernel);
+
+struct DeepSeekMoEConfig {
+    int hidden_size = 0;        // H
+    int intermediate_size = 0;  // I: per routed expert
+    int num_experts = 0;        // E: routed (logical) experts
+    int top_k = 0;              // K
+    // n_shared: the shared expert's intermediate size is I * n_shared (0: no shared expert).
+    int num_shared_experts = 1;
+    // F = 1: the shared expert is routed expert E (row E of w13 / w2, after the physical slots),
+    // chosen by every token with weight 1/rsf (needs num_shared_experts = 1 and renormalize).
+    bool fuse_shared_experts = false;
+    Scoring scoring = Scoring::kSigmoid;
+    int num_groups = 0;  // grouped selection (0: ungrouped)
+    int topk_group = 0;
+    bool renormalize = true;
+    float routed_scaling_factor = 1.0f;
+    int num_hash_layers = 0;  // layers [0, num_hash_layers) route by token id (V4)
+    int layer_id = 0;
+    int vocab_size = 0;  // hash layers: rows of tid2eid
+    // SwiGLU clamp L (gate <= L, |up| <= L) for the routed experts and for the shared expert; 0 is
+    // none. shared_swiglu_limit < 0: the same as swiglu_limit.
+    float swiglu_limit = 0.0f;
+    float shared_swiglu_limit = -1.0f;
+    RoutedKernel kernel = RoutedKernel::kOutOfPlace;
+    DeferShared defer_shared = DeferShared::kAuto;
+
+    bool is_hash_layer() const { return layer_id < num_hash_layers; }
+    int shared_intermediate_size() const { return intermediate_size * num_shared_experts; }
+    int num_fused_shared() const { return fuse_shared_experts ? 1 : 0; }
+    float effective_shared_swiglu_limit() const {
+        return shared_swiglu_limit < 0 ? swiglu_limit : shared_swiglu_limit;
+    }
+    // Whether the shared expert (separate, not fused) runs after the routed experts.
+    bool defers_shared() const;
+    // The routing of non-hash layers (F included; rsf applied by the layer, not in the weights).
+    TopKConfig topk_config() const;
+    // InvalidArgument naming the field.
+    void validate() const;
+
+    // reference/moe_layer.md section 1. layer_id decides hash routing (V4: layers 0-2).
+    static DeepSeekMoEConfig deepseek_v3(int layer_id = 3);
+    static DeepSeekMoEConfig deepseek_v4_flash(int layer_id = 3);
+    static DeepSeekMoEConfig deepseek_v4_pro(int layer_id = 3);
+};
+
+// Logical weights, float32, row-major. w13 rows [0, I) are the gate projection, [I, 2I) the up
+// projection (SGLang's w13_weight layout).
+struct DeepSeekMoEWeights {
+    RowMatrix<float> gate;               // [E, H]
+    std::vector<float> correction_bias;  // [E], or empty (none; hash layers have none)
+    std::vector<float> w13;              // [E, 2I, H]
+    std::vector<float> w2;               // [E, H, I]
+    RowMatrix<float> shared_gate_up;     // [2 Is, H] (gate rows first), or empty without shared
+    RowMatrix<float> shared_down;        // [H, Is]
+    RowMatrix<std::int32_t> tid2eid;     // [vocab_size, K], hash layers only
+
+    // Seeded random weights of the config's shapes (scaled like a trained layer: unit-variance
+    // activations through each projection).
+    static DeepSeekMoEWeights random(const DeepSeekMoEConfig& config, std::uint64_t seed);
+};
+
+// A counter of live bytes: every temporary buffer of a forward is allocated here.
+class Workspace {
+  public:
+    static constexpr std::size_t kAlignment = 64;
+
+    // An owned float or int32 buffer; returns its bytes to the count when destroyed.
+    template <class T>
+    class Buffer {
+      public:
+        Buffer() = default;
+        Buffer(Workspace* owner, Index count, std::string name);
+        Buffer(Buffer&& other) noexcept;
+        Buffer& operator=(Buffer&& other) noexcept;
+        Buffer(const Buffer&) = delete;
+        Buffer& operator=(const Buffer&) = delete;
+        ~Buffer() { release(); }
+        T* data() { return data_.get(); }
+        const T* data() const { return data_.get(); }
+        Index size() const { return size_; }
+        const std::string& name() const { return name_; }
+        void release();
+
+      private:
+        struct Free {
+            void operator()(T* p) const { ::operator delete[](p, std::align_val_t{kAlignment}); }
+        };
+        Workspace* owner_ = nullptr;
+        // Uninitialised (every buffer is written before it is read) and 64-byte aligned, so that
+        // the vectorised kernels see the same alignment on every call: Eigen's kernels may split
+        // a sum differently at another alignment, which would change the last bits.
+        std::unique_ptr<T[], Free> data_;
+        Index size_ = 0;
+        std::string name_;
+    };
+
+    template <class T>
+    Buffer<T> allocate(Index count, std::string name) {
+        return Buffer<T>(this, count, std::move(name));
+    }
+    std::int64_t live_bytes() const { return live_; }
+    std::int64_t peak_bytes() const { return peak_; }
+    // Counts memory owned elsewhere (the caller's output) as live, or no longer live.
+    void track(std::int64_t bytes) { add(bytes); }
+    void untrack(std::int64_t bytes) { remove(bytes); }
+
+  private:
+    void add(std::int64_t bytes) {
+        live_ += bytes;
+        if (live_ > peak_) peak_ = live_;
+    }
+    void remove(std::int64_t bytes) { live_ -= bytes; }
+    std::int64_t live_ = 0;
+    std::int64_t peak_ = 0;
+};
+
+struct MoEForwardStats {
+    std::int64_t peak_bytes = 0;     // peak live workspace bytes (the input and output excluded)
+    std::vector<std::string> steps;  // e.g. gate, topk, routed, shared, combine
+    bool deferred_shared = false;
+    // Parallel lanes whose scratch was live: min(threads, row blocks) of the routed and shared
+    // steps.
+    int routed_lanes = 0;
+    int shared_lanes = 0;
+};
+
+class DeepSeekMoE {
+  public:
+    // The layer with its routed weights per physical slot of `location`'s layer `location_layer`
+    // (default: the trivial placement, slot = expert), routing from the view of `ep_rank` (static
+    // dispatch).
+    DeepSeekMoE(DeepSeekMoEConfig config, const DeepSeekMoEWeights& weights,
+                std::optional<ExpertLocation> location = std::nullopt, int location_layer = 0,
+                int ep_rank = 0);
+
+    const DeepSeekMoEConfig& config() const { return config_; }
+    int num_physical_experts() const { return num_physical_; }  // P
+    const ExpertLocation& location() const { return location_; }
+    int location_layer() const { return location_layer_; }
+
+    // hidden [T, H] float32; input_ids [T] (hash layers only, each in [0, vocab_size)); out
+    // [T, H]. Out-of-place kernel: hidden is read only and out must not overlap it. In-place
+    // kernel: out must be hidden itself (the result overwrites the input).
+    void forward(MatrixMap<float> hidden, std::span<const std::int64_t> input_ids,
+                 MatrixMap<float> out);
+    const MoEForwardStats& last_stats() const { return stats_; }
+
+    // Routed weights per physical slot: w13 [P, 2I, H], w2 [P, H, I] (the fused shared expert, if
+    // any, is row P, after them, and is not part of these spans).
+    std::span<float> routed_w13() { return {w13_.data(), w13_row_elements() * num_physical_}; }
+    std::span<float> routed_w2() { return {w2_.data(), w2_row_elements() * num_physical_}; }
+    // Fused shared rows (empty without fusion).
+    std::span<const float> fused_shared_w13() const;
+    std::span<const float> fused_shared_w2() const;
+
+    // Switches to another placement of the same shape (after its weight moves were applied to
+    // routed_w13 / routed_w2).
+    void set_location(ExpertLocation location, int location_layer);
+
+    // The peak workspace bytes of a forward of T tokens over P physical slots whose routed and
+    // shared steps ran on `routed_lanes` / `shared_lanes` lanes (MoEForwardStats), in the step
+    // order of `config` (deferred or not; in-place or not), from the formulas documented in
+    // moe_layer.cpp. Needs no weights: it sizes DeepSeek-scale layers that do not fit in memory.
+    static std::int64_t expected_peak_bytes(const DeepSeekMoEConfig& config, Index num_tokens,
+                                            int num_physical_experts, int routed_lanes,
+                                            int shared_lanes);
+
+  private:
+    std::size_t w13_row_elements() const;
+    std::size_t w2_row_elements() const;
+
+    DeepSeekMoEConfig config_;
+    ExpertLocation location_;
+    int location_layer_;
+    int ep_rank_;
+    int num_physical_;
+    RowMatrix<float> gate_;
+    std::vector<float> bias_;
+    std::vector<float> w13_;  // [P + F, 2I, H]
+    std::vector<float> w2_;   // [P + F, H, I]
+    RowMatrix<float> shared_gate_up_;
+    RowMatrix<float> shared_down_;
+    std::optional<HashRouter> hash_router_;
+    std::optional<LayerDispatcher> dispatcher_;
+    MoEForwardStats stats_;
+};
+
+}  // namespace moelb
