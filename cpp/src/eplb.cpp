@@ -244,6 +244,18 @@ double flat_lower_bound(const double* w, int E, int slots, int gpus, std::vector
 
 struct PackScratch;
 
+// kLanes doubles processed as one (GCC/Clang vector extensions; AVX2 registers): the swap search's
+// filter over pairs of replicas. A comparison gives a LaneMask (all bits set where true).
+constexpr int kLanes = 4;
+using Lanes = double __attribute__((vector_size(kLanes * sizeof(double))));
+using LaneMask = std::int64_t __attribute__((vector_size(kLanes * sizeof(double))));
+
+bool any_lane(const LaneMask& m) {
+    std::int64_t any = 0;
+    for (int i = 0; i < kLanes; ++i) any |= m[i];
+    return any != 0;
+}
+
 // Replicas packed into bins (GPUs) of `size` slots. Bins come in domains (nodes) of
 // bins_per_domain consecutive bins; every expert's replicas live in one domain and swaps stay
 // inside a domain. All replicas of an expert carry the same load (its load / its replica count),
@@ -347,7 +359,10 @@ struct Packing {
 struct PackScratch {
     std::vector<int> fill, held, partners, mark, sorted, position, tie_key;
     std::vector<std::pair<double, int>> heap, skipped, keyed;
-    std::vector<double> a_loads, b_loads;
+    // swap_search: the replica load of each slot, bin b's at [b * load_stride, ...) padded with
+    // +inf to a multiple of kLanes (a padding "replica" never makes a useful swap).
+    std::vector<double> slot_load;
+    int load_stride = 0;
     int stamp = 0;
 };
 
@@ -550,6 +565,14 @@ void Packing::swap_search(double target, PackScratch& s) {
         std::sort(first, first + bins_per_domain, lighter);
     }
     for (int i = 0; i < num_bins; ++i) s.position[s.sorted[i]] = i;
+    s.load_stride = (size + kLanes - 1) / kLanes * kLanes;
+    s.slot_load.assign(static_cast<std::size_t>(num_bins) * s.load_stride,
+                       std::numeric_limits<double>::infinity());
+    for (int b = 0; b < num_bins; ++b) {
+        for (int k = 0; k < size; ++k) {
+            s.slot_load[static_cast<Index>(b) * s.load_stride + k] = replica_load[bin(b)[k]];
+        }
+    }
     // Restores the order after bin b's load changed.
     const auto resort = [&](int b) {
         const int lo = domain(b) * bins_per_domain, hi = lo + bins_per_domain;
@@ -568,15 +591,22 @@ void Packing::swap_search(double target, PackScratch& s) {
         s.position[b] = i;
     };
     for (int it = 0; it < max_iterations; ++it) {
-        int a = 0;
-        for (int b = 1; b < num_bins; ++b) {
-            if (bin_load[b] > bin_load[a]) a = b;
+        // The heaviest bin a (ties to the lower bin): each domain's heaviest bins end its sorted
+        // order, the lower bin first. Its partners, the lighter bins, come before them.
+        int a = -1, n = 0;  // partners: by_load[0, n)
+        for (int d = 0; d < num_domains(); ++d) {
+            const int* order = s.sorted.data() + static_cast<Index>(d) * bins_per_domain;
+            int k = bins_per_domain - 1;
+            const double top = bin_load[order[k]];
+            while (k > 0 && bin_load[order[k - 1]] == top) --k;
+            if (a < 0 || top > bin_load[a]) {
+                a = order[k];
+                n = k;
+            }
         }
         const double limit = bin_load[a];
         if (limit <= target * (1 + kTargetTol)) return;
         const int* by_load = s.sorted.data() + static_cast<Index>(domain(a)) * bins_per_domain;
-        int n = 0;  // partners: by_load[0, n)
-        while (n < bins_per_domain && bin_load[by_load[n]] < limit) ++n;
         // Round one: ties to the lower bin.
         s.tie_key.resize(static_cast<std::size_t>(num_bins));
         for (int k = 0; k < std::min(n, kFirstPartners); ++k) s.tie_key[by_load[k]] = by_load[k];
@@ -600,6 +630,8 @@ void Packing::swap_search(double target, PackScratch& s) {
         }
         if (best.b < 0) return;
         apply_swap(a, best.xi, best.b, best.yi);
+        std::swap(s.slot_load[static_cast<Index>(a) * s.load_stride + best.xi],
+                  s.slot_load[static_cast<Index>(best.b) * s.load_stride + best.yi]);
         resort(a);
         resort(best.b);
     }
@@ -610,24 +642,36 @@ void Packing::swap_search(double target, PackScratch& s) {
 // the partner, a's slot, b's slot). Reports whether the best was tied with another partner's.
 //
 // A swap with b cannot end below (limit + load b) / 2, so once that exceeds the best found (with a
-// margin far above rounding), no heavier partner can win, not even a tie.
+// margin far above rounding), no heavier partner can win, not even a tie. Most partners offer no
+// swap at or below the best so far: a branch-free pass over all their pairs, kLanes of b's slots
+// at a time, tests that first, with the same arithmetic as the exact pass that follows, so it
+// only skips partners the exact pass would skip.
 Packing::Swap Packing::best_swap(int a, double limit, const int* by_load, int first, int last,
                                  PackScratch& s) const {
     constexpr double kBoundSlack = 1e-12;  // relative; rounding moves m by ~1e-16
-    s.a_loads.resize(static_cast<std::size_t>(size));
-    s.b_loads.resize(static_cast<std::size_t>(size));
-    for (int xi = 0; xi < size; ++xi) s.a_loads[xi] = replica_load[bin(a)[xi]];
+    const double* a_loads = s.slot_load.data() + static_cast<Index>(a) * s.load_stride;
     double best = limit * (1 - kRelTol);
     Swap out;
     for (int k = first; k < last; ++k) {
         const int b = by_load[k];
         const double load_b = bin_load[b];
         if ((limit + load_b) * 0.5 * (1 - kBoundSlack) > best) break;
-        for (int yi = 0; yi < size; ++yi) s.b_loads[yi] = replica_load[bin(b)[yi]];
+        const double* b_loads = s.slot_load.data() + static_cast<Index>(b) * s.load_stride;
         const double gap = limit - load_b;
+        LaneMask hit{};
+        for (int y0 = 0; y0 < s.load_stride; y0 += kLanes) {
+            Lanes y;
+            std::memcpy(&y, b_loads + y0, sizeof y);
+            for (int xi = 0; xi < size; ++xi) {
+                const Lanes d = a_loads[xi] - y;
+                const Lanes lo = limit - d, hi = load_b + d;
+                hit |= (d > 0) & (d < gap) & ((lo < hi ? hi : lo) <= best);
+            }
+        }
+        if (!any_lane(hit)) continue;
         for (int xi = 0; xi < size; ++xi) {
             for (int yi = 0; yi < size; ++yi) {
-                const double d = s.a_loads[xi] - s.b_loads[yi];
+                const double d = a_loads[xi] - b_loads[yi];
                 if (d <= 0 || d >= gap) continue;
                 const double m = std::max(limit - d, load_b + d);
                 if (m > best || (m == best && (out.b < 0 || out.b == b))) continue;
