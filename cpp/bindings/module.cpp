@@ -12,4 +12,5 @@ PYBIND11_MODULE(_core, m) {
     moelb::bindings::bind_eplb(m);
     moelb::bindings::bind_weight_moves(m);
     moelb::bindings::bind_waterfill(m);
+    moelb::bindings::bind_moe_layer(m);
 }

@@ -4,7 +4,8 @@ Routers (``select_experts``, ``HashRouter``), placement maps with logical->physi
 (``ExpertLocation``), SGLang placement files (``load_placement`` / ``save_placement``) and the
 expert distribution recorder (``ExpertDistributionRecorder``, ``load_expert_distribution``), the
 EPLB planner (``rebalance``, ``plan_weight_moves``) and the Waterfill shared-expert balancer
-(``WaterfillBalancer``, ``waterfill_rank_loads``).
+(``WaterfillBalancer``, ``waterfill_rank_loads``) and the DeepSeek MoE layer on CPU
+(``DeepSeekMoE``, ``DeepSeekMoEConfig``).
 Arrays are NumPy (CPU torch tensors convert without copies): float32 logits and weights, int32 ids,
 row-major. Bad input raises ``InvalidArgumentError`` (a ``ValueError``; a wrong dtype is an
 ``InvalidDTypeError``, also a ``TypeError``); a broken internal invariant raises ``Error``.
@@ -27,6 +28,7 @@ from .io import (
     save_expert_distribution,
     save_placement,
 )
+from .moe_layer import DeepSeekMoE, DeepSeekMoEConfig, random_moe_weights
 from .recorder import ExpertDistributionRecorder, pass_balancedness
 from .routing import (
     HashRouter,
@@ -44,6 +46,8 @@ from .waterfill import (
 from .weight_moves import WeightMovePlan, apply_weight_moves, plan_weight_moves
 
 __all__ = [
+    "DeepSeekMoE",
+    "DeepSeekMoEConfig",
     "Error",
     "ExpertDistributionRecorder",
     "ExpertLocation",
@@ -67,6 +71,7 @@ __all__ = [
     "load_placement",
     "pass_balancedness",
     "plan_weight_moves",
+    "random_moe_weights",
     "rebalance",
     "remap_topk_for_per_rank_shared_slots",
     "save_expert_distribution",

@@ -1,0 +1,297 @@
+#include <pybind11/stl.h>
+
+#include <string>
+#include <vector>
+
+#include "arrays.hpp"
+#include "bindings.hpp"
+#include "moelb/moe_layer.hpp"
+
+namespace moelb::bindings {
+
+namespace {
+
+// The config crosses the boundary as a dict of the Python dataclass's fields (moelb.moe_layer).
+template <class T>
+T field(const py::dict& d, const char* key) {
+    MOELB_CHECK_ARG(d.contains(key), "config has no field '" << key << "'");
+    try {
+        return d[key].cast<T>();
+    } catch (const py::cast_error&) {
+        throw InvalidArgument(std::string("config field '") + key + "' has the wrong type: " +
+                              std::string(py::str(py::type::of(d[key]))));
+    }
+}
+
+DeepSeekMoEConfig config_from(const py::dict& d) {
+    DeepSeekMoEConfig c;
+    c.hidden_size = narrow(field<std::int64_t>(d, "hidden_size"), "hidden_size");
+    c.intermediate_size = narrow(field<std::int64_t>(d, "intermediate_size"), "intermediate_size");
+    c.num_experts = narrow(field<std::int64_t>(d, "num_experts"), "num_experts");
+    c.top_k = narrow(field<std::int64_t>(d, "top_k"), "top_k");
+    c.num_shared_experts =
+        narrow(field<std::int64_t>(d, "num_shared_experts"), "num_shared_experts");
+    c.fuse_shared_experts = field<bool>(d, "fuse_shared_experts");
+    c.scoring = parse_scoring(field<std::string>(d, "scoring"));
+    c.num_groups =
+        narrow(field<std::optional<std::int64_t>>(d, "num_groups").value_or(0), "num_groups");
+    c.topk_group =
+        narrow(field<std::optional<std::int64_t>>(d, "topk_group").value_or(0), "topk_group");
+    c.renormalize = field<bool>(d, "renormalize");
+    c.routed_scaling_factor = field<float>(d, "routed_scaling_factor");
+    c.num_hash_layers = narrow(field<std::int64_t>(d, "num_hash_layers"), "num_hash_layers");
+    c.layer_id = narrow(field<std::int64_t>(d, "layer_id"), "layer_id");
+    c.vocab_size = narrow(field<std::int64_t>(d, "vocab_size"), "vocab_size");
+    c.swiglu_limit = field<std::optional<float>>(d, "swiglu_limit").value_or(0.0f);
+    const auto shared_limit = field<std::optional<float>>(d, "shared_swiglu_limit");
+    c.shared_swiglu_limit = shared_limit ? *shared_limit : -1.0f;
+    MOELB_CHECK_ARG(!shared_limit || *shared_limit >= 0,
+                    "shared_swiglu_limit must be >= 0 (0: no clamp) or None (as swiglu_limit), got "
+                        << *shared_limit);
+    c.kernel = parse_routed_kernel(field<std::string>(d, "kernel"));
+    const py::object defer = d["defer_shared"];
+    if (py::isinstance<py::bool_>(defer)) {
+        c.defer_shared = defer.cast<bool>() ? DeferShared::kYes : DeferShared::kNo;
+    } else {
+        MOELB_CHECK_ARG(
+            py::isinstance<py::str>(defer) && defer.cast<std::string>() == "auto",
+            "defer_shared must be 'auto', True or False, got " << std::string(py::repr(defer)));
+        c.defer_shared = DeferShared::kAuto;
+    }
+    return c;
+}
+
+py::dict config_to_dict(const DeepSeekMoEConfig& c) {
+    py::dict d;
+    d["hidden_size"] = c.hidden_size;
+    d["intermediate_size"] = c.intermediate_size;
+    d["num_experts"] = c.num_experts;
+    d["top_k"] = c.top_k;
+    d["num_shared_experts"] = c.num_shared_experts;
+    d["fuse_shared_experts"] = c.fuse_shared_experts;
+    d["scoring"] = std::string(to_string(c.scoring));
+    d["num_groups"] = c.num_groups > 0 ? py::object(py::int_(c.num_groups)) : py::none();
+    d["topk_group"] = c.num_groups > 0 ? py::object(py::int_(c.topk_group)) : py::none();
+    d["renormalize"] = c.renormalize;
+    d["routed_scaling_factor"] = c.routed_scaling_factor;
+    d["num_hash_layers"] = c.num_hash_layers;
+    d["layer_id"] = c.layer_id;
+    d["vocab_size"] = c.vocab_size;
+    d["swiglu_limit"] = c.swiglu_limit > 0 ? py::object(py::float_(c.swiglu_limit)) : py::none();
+    d["shared_swiglu_limit"] =
+        c.shared_swiglu_limit >= 0 ? py::object(py::float_(c.shared_swiglu_limit)) : py::none();
+    d["kernel"] = std::string(to_string(c.kernel));
+    d["defer_shared"] = c.defer_shared == DeferShared::kAuto
+                            ? py::object(py::str("auto"))
+                            : py::object(py::bool_(c.defer_shared == DeferShared::kYes));
+    return d;
+}
+
+template <class T>
+RowMatrix<T> matrix_arg(const py::handle& obj, const char* name) {
+    auto a = config_array<T>(obj, name, 2);
+    return const_matrix(a);
+}
+
+std::vector<float> tensor_arg(const py::handle& obj, const char* name, std::vector<Index> shape) {
+    auto a = config_array<float>(obj, name, static_cast<int>(shape.size()));
+    for (std::size_t i = 0; i < shape.size(); ++i) {
+        MOELB_CHECK_ARG(a.shape(static_cast<py::ssize_t>(i)) == shape[i],
+                        name << " has shape " << shape_string(a) << ", expected dimension " << i
+                             << " = " << shape[i]);
+    }
+    return {a.data(), a.data() + a.size()};
+}
+
+py::dict weights_to_dict(const DeepSeekMoEWeights& w, const DeepSeekMoEConfig& c) {
+    const py::ssize_t E = c.num_experts, H = c.hidden_size, I = c.intermediate_size;
+    py::dict d;
+    d["gate"] = py::array_t<float>({E, H}, w.gate.data());
+    d["correction_bias"] = w.correction_bias.empty()
+                               ? py::object(py::none())
+                               : py::object(py::array_t<float>(E, w.correction_bias.data()));
+    d["w13"] = py::array_t<float>({E, 2 * I, H}, w.w13.data());
+    d["w2"] = py::array_t<float>({E, H, I}, w.w2.data());
+    if (w.shared_gate_up.size() > 0) {
+        d["shared_gate_up"] = py::array_t<float>(
+            {static_cast<py::ssize_t>(w.shared_gate_up.rows()), H}, w.shared_gate_up.data());
+        d["shared_down"] = py::array_t<float>({H, static_cast<py::ssize_t>(w.shared_down.cols())},
+                                              w.shared_down.data());
+    } else {
+        d["shared_gate_up"] = py::none();
+        d["shared_down"] = py::none();
+    }
+    d["tid2eid"] =
+        w.tid2eid.size() > 0
+            ? py::object(py::array_t<std::int32_t>({static_cast<py::ssize_t>(w.tid2eid.rows()),
+                                                    static_cast<py::ssize_t>(w.tid2eid.cols())},
+                                                   w.tid2eid.data()))
+            : py::object(py::none());
+    return d;
+}
+
+DeepSeekMoEWeights weights_from(const DeepSeekMoEConfig& c, const py::handle& gate,
+                                const py::handle& bias, const py::handle& w13, const py::handle& w2,
+                                const py::handle& shared_gate_up, const py::handle& shared_down,
+                                const py::handle& tid2eid) {
+    const Index E = c.num_experts, H = c.hidden_size, I = c.intermediate_size;
+    DeepSeekMoEWeights w;
+    w.gate = matrix_arg<float>(gate, "gate");
+    if (!bias.is_none()) w.correction_bias = tensor_arg(bias, "correction_bias", {E});
+    w.w13 = tensor_arg(w13, "w13", {E, 2 * I, H});
+    w.w2 = tensor_arg(w2, "w2", {E, H, I});
+    if (!shared_gate_up.is_none())
+        w.shared_gate_up = matrix_arg<float>(shared_gate_up, "shared_gate_up");
+    if (!shared_down.is_none()) w.shared_down = matrix_arg<float>(shared_down, "shared_down");
+    MOELB_CHECK_ARG(
+        c.shared_intermediate_size() == 0 || !shared_gate_up.is_none(),
+        "num_shared_experts=" << c.num_shared_experts << " needs shared_gate_up and shared_down");
+    if (!tid2eid.is_none()) w.tid2eid = matrix_arg<std::int32_t>(tid2eid, "tid2eid");
+    MOELB_CHECK_ARG(!c.is_hash_layer() || !tid2eid.is_none(),
+                    "layer " << c.layer_id << " is a hash layer and needs tid2eid");
+    return w;
+}
+
+// A writable NumPy view of layer memory, keeping the layer alive.
+py::array layer_view(float* data, std::vector<py::ssize_t> shape, const py::handle& owner) {
+    return py::array_t<float>(std::move(shape), data, owner);
+}
+
+}  // namespace
+
+void bind_moe_layer(py::module_& m) {
+    m.def(
+        "moe_config_preset",
+        [](const std::string& name, std::int64_t layer_id) {
+            const int l = narrow(layer_id, "layer_id");
+            if (name == "deepseek_v3") return config_to_dict(DeepSeekMoEConfig::deepseek_v3(l));
+            if (name == "deepseek_v4_flash") {
+                return config_to_dict(DeepSeekMoEConfig::deepseek_v4_flash(l));
+            }
+            MOELB_CHECK_ARG(name == "deepseek_v4_pro",
+                            "preset='" << name << "' is not a DeepSeek MoE preset");
+            return config_to_dict(DeepSeekMoEConfig::deepseek_v4_pro(l));
+        },
+        py::arg("name"), py::arg("layer_id"));
+    m.def(
+        "moe_config_validate", [](const py::dict& d) { config_from(d).validate(); },
+        py::arg("config"));
+    m.def(
+        "moe_random_weights",
+        [](const py::dict& d, std::uint64_t seed) {
+            const DeepSeekMoEConfig c = config_from(d);
+            DeepSeekMoEWeights w;
+            {
+                py::gil_scoped_release release;
+                w = DeepSeekMoEWeights::random(c, seed);
+            }
+            return weights_to_dict(w, c);
+        },
+        py::arg("config"), py::arg("seed"));
+    m.def(
+        "moe_expected_peak_bytes",
+        [](const py::dict& d, std::int64_t num_tokens, std::int64_t num_physical_experts,
+           std::int64_t routed_lanes, std::int64_t shared_lanes) {
+            const DeepSeekMoEConfig c = config_from(d);
+            c.validate();
+            MOELB_CHECK_ARG(num_tokens >= 0, "num_tokens must be non-negative, got " << num_tokens);
+            return DeepSeekMoE::expected_peak_bytes(
+                c, num_tokens, narrow(num_physical_experts, "num_physical_experts"),
+                narrow(routed_lanes, "routed_lanes"), narrow(shared_lanes, "shared_lanes"));
+        },
+        py::arg("config"), py::arg("num_tokens"), py::arg("num_physical_experts"),
+        py::arg("routed_lanes"), py::arg("shared_lanes"));
+
+    py::class_<DeepSeekMoE>(m, "DeepSeekMoE", R"doc(
+The DeepSeek MoE layer forward on CPU. Use moelb.DeepSeekMoE.
+)doc")
+        .def(py::init([](const py::dict& config, const py::handle& gate,
+                         const py::handle& correction_bias, const py::handle& w13,
+                         const py::handle& w2, const py::handle& shared_gate_up,
+                         const py::handle& shared_down, const py::handle& tid2eid,
+                         std::optional<ExpertLocation> location, std::int64_t location_layer,
+                         std::int64_t ep_rank) {
+                 const DeepSeekMoEConfig c = config_from(config);
+                 c.validate();
+                 DeepSeekMoEWeights w = weights_from(c, gate, correction_bias, w13, w2,
+                                                     shared_gate_up, shared_down, tid2eid);
+                 py::gil_scoped_release release;
+                 return DeepSeekMoE(c, w, std::move(location),
+                                    narrow(location_layer, "location_layer"),
+                                    narrow(ep_rank, "ep_rank"));
+             }),
+             py::arg("config"), py::arg("gate"), py::arg("correction_bias"), py::arg("w13"),
+             py::arg("w2"), py::arg("shared_gate_up"), py::arg("shared_down"), py::arg("tid2eid"),
+             py::arg("location"), py::arg("location_layer"), py::arg("ep_rank"))
+        .def_property_readonly("num_physical_experts", &DeepSeekMoE::num_physical_experts)
+        .def_property_readonly("location", &DeepSeekMoE::location)
+        .def_property_readonly("location_layer", &DeepSeekMoE::location_layer)
+        .def("config_dict", [](const DeepSeekMoE& l) { return config_to_dict(l.config()); })
+        .def(
+            "forward",
+            [](DeepSeekMoE& layer, const py::handle& hidden, const py::handle& input_ids) {
+                auto x = strict_array<float>(hidden, "hidden", 2);
+                std::vector<std::int64_t> ids;
+                if (!input_ids.is_none()) {
+                    auto a = config_array<std::int64_t>(input_ids, "input_ids", 1);
+                    ids.assign(a.data(), a.data() + a.size());
+                }
+                const Index T = x.shape(0);
+                const bool inplace = layer.config().kernel == RoutedKernel::kInplace;
+                MOELB_CHECK_ARG(
+                    !inplace || x.writeable(),
+                    "the in-place routed kernel writes into hidden, which is read-only");
+                py::array_t<float> out = inplace ? x : new_matrix<float>(T, x.shape(1));
+                MatrixMap<float> in(inplace ? x.mutable_data() : const_cast<float*>(x.data()), T,
+                                    x.shape(1));
+                MatrixMap<float> dst = mutable_matrix(out);
+                {
+                    py::gil_scoped_release release;
+                    layer.forward(in, ids, dst);
+                }
+                return out;
+            },
+            py::arg("hidden"), py::arg("input_ids") = py::none())
+        .def("last_stats",
+             [](const DeepSeekMoE& layer) {
+                 const MoEForwardStats& s = layer.last_stats();
+                 py::dict d;
+                 d["peak_bytes"] = s.peak_bytes;
+                 d["steps"] = s.steps;
+                 d["deferred_shared"] = s.deferred_shared;
+                 d["routed_lanes"] = s.routed_lanes;
+                 d["shared_lanes"] = s.shared_lanes;
+                 return d;
+             })
+        .def(
+            "routed_weights",
+            [](py::object self) {
+                auto& layer = self.cast<DeepSeekMoE&>();
+                const DeepSeekMoEConfig& c = layer.config();
+                const py::ssize_t P = layer.num_physical_experts(), H = c.hidden_size,
+                                  I = c.intermediate_size;
+                return py::make_tuple(layer_view(layer.routed_w13().data(), {P, 2 * I, H}, self),
+                                      layer_view(layer.routed_w2().data(), {P, H, I}, self));
+            },
+            "(w13 [P, 2I, H], w2 [P, H, I]): writable views of the routed slots' weights.")
+        .def(
+            "fused_shared_weights",
+            [](py::object self) -> py::object {
+                const auto& layer = self.cast<const DeepSeekMoE&>();
+                const DeepSeekMoEConfig& c = layer.config();
+                if (!c.fuse_shared_experts) return py::none();
+                const py::ssize_t H = c.hidden_size, I = c.intermediate_size;
+                return py::make_tuple(
+                    readonly_view(layer.fused_shared_w13().data(), {2 * I, H}, self),
+                    readonly_view(layer.fused_shared_w2().data(), {H, I}, self));
+            },
+            "(gate_up [2I, H], down [H, I]) of the fused shared expert (read-only), or None.")
+        .def(
+            "set_location",
+            [](DeepSeekMoE& layer, ExpertLocation location, std::int64_t location_layer) {
+                layer.set_location(std::move(location), narrow(location_layer, "location_layer"));
+            },
+            py::arg("location"), py::arg("location_layer"));
+}
+
+}  // namespace moelb::bindings

@@ -1,0 +1,214 @@
+"""The DeepSeek MoE layer forward on CPU (``DeepSeekMoE``) and its configuration
+(``DeepSeekMoEConfig``): SGLang's DeepseekV2MoE maths, with the shared expert deferred after an
+out-of-place routed kernel (PR #25279) and every temporary counted by a byte-counting workspace."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from . import _core
+from ._core import ExpertLocation, InvalidArgumentError
+from .weight_moves import WeightMovePlan, apply_weight_moves
+
+__all__ = ["WEIGHT_NAMES", "DeepSeekMoE", "DeepSeekMoEConfig", "random_moe_weights"]
+
+#: The arrays of a layer's weights (``DeepSeekMoE(config, weights)``).
+WEIGHT_NAMES = (
+    "gate",  # [E, H]
+    "correction_bias",  # [E] or None (hash layers have none)
+    "w13",  # [E, 2I, H]: rows [0, I) gate projection, [I, 2I) up projection
+    "w2",  # [E, H, I]
+    "shared_gate_up",  # [2 Is, H] or None (no shared expert)
+    "shared_down",  # [H, Is] or None
+    "tid2eid",  # [vocab_size, K] int, hash layers only
+)
+
+
+@dataclass(frozen=True)
+class DeepSeekMoEConfig:
+    """One MoE layer's shape and behaviour (reference/moe_layer.md sections 1-11).
+
+    hidden_size H, intermediate_size I (per routed expert), num_experts E, top_k K;
+    num_shared_experts: the shared expert's intermediate size is I * num_shared_experts (0: none);
+    fuse_shared_experts: the shared expert is routed expert E, chosen by every token with weight
+        1/rsf (needs num_shared_experts=1 and renormalize);
+    scoring ('sigmoid', 'sqrtsoftplus', 'softmax'), num_groups / topk_group (grouped selection,
+        None: ungrouped), renormalize, routed_scaling_factor (applied once, to the routed sum);
+    num_hash_layers, layer_id: layers below num_hash_layers route by token id (tid2eid,
+        vocab_size rows); swiglu_limit: the SwiGLU clamp (gate <= L, |up| <= L; None: none) of the
+        routed experts, shared_swiglu_limit that of the shared expert (None: the same);
+    kernel: 'out_of_place' (the input survives the routed kernel) or 'inplace' (the routed kernel
+        writes its output into the input, SGLang's Triton path); defer_shared: 'auto' (defer the
+        shared expert exactly when the kernel is out-of-place), True or False.
+
+    Presets: ``deepseek_v3()``, ``deepseek_v4_flash()``, ``deepseek_v4_pro()``; ``replace(...)``
+    for custom (e.g. scaled-down) shapes.
+    """
+
+    hidden_size: int
+    intermediate_size: int
+    num_experts: int
+    top_k: int
+    num_shared_experts: int = 1
+    fuse_shared_experts: bool = False
+    scoring: str = "sigmoid"
+    num_groups: int | None = None
+    topk_group: int | None = None
+    renormalize: bool = True
+    routed_scaling_factor: float = 1.0
+    num_hash_layers: int = 0
+    layer_id: int = 0
+    vocab_size: int = 0
+    swiglu_limit: float | None = None
+    shared_swiglu_limit: float | None = None
+    kernel: str = "out_of_place"
+    defer_shared: bool | str = "auto"
+
+    def __post_init__(self) -> None:
+        _core.moe_config_validate(self.as_dict())
+
+    @classmethod
+    def deepseek_v3(cls, layer_id: int = 3) -> DeepSeekMoEConfig:
+        """DeepSeek-V3/R1: H 7168, I 2048, 256 experts top-8, sigmoid, 8 groups keep 4, rsf 2.5."""
+        return cls(**_core.moe_config_preset("deepseek_v3", layer_id))
+
+    @classmethod
+    def deepseek_v4_flash(cls, layer_id: int = 3) -> DeepSeekMoEConfig:
+        """DeepSeek-V4-Flash: H 4096, I 2048, 256 experts top-6, sqrt-softplus, rsf 1.5, hash
+        routing in layers 0-2, SwiGLU clamp 10."""
+        return cls(**_core.moe_config_preset("deepseek_v4_flash", layer_id))
+
+    @classmethod
+    def deepseek_v4_pro(cls, layer_id: int = 3) -> DeepSeekMoEConfig:
+        """DeepSeek-V4-Pro: H 7168, I 3072, 384 experts top-6, rsf 2.5, otherwise as Flash."""
+        return cls(**_core.moe_config_preset("deepseek_v4_pro", layer_id))
+
+    def replace(self, **changes: Any) -> DeepSeekMoEConfig:
+        return dataclasses.replace(self, **changes)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def is_hash_layer(self) -> bool:
+        return self.layer_id < self.num_hash_layers
+
+    @property
+    def shared_intermediate_size(self) -> int:
+        return self.intermediate_size * self.num_shared_experts
+
+    def expected_peak_bytes(
+        self,
+        num_tokens: int,
+        num_physical_experts: int | None = None,
+        routed_lanes: int = 1,
+        shared_lanes: int = 1,
+    ) -> int:
+        """The forward's peak workspace bytes from the documented formula (moe_layer.cpp): works
+        for shapes too large to instantiate. Lanes: parallel lanes of the routed and shared steps
+        (``last_stats()`` reports them)."""
+        return _core.moe_expected_peak_bytes(
+            self.as_dict(),
+            num_tokens,
+            self.num_experts if num_physical_experts is None else num_physical_experts,
+            routed_lanes,
+            shared_lanes,
+        )
+
+
+def random_moe_weights(config: DeepSeekMoEConfig, seed: int = 0) -> dict[str, Any]:
+    """Seeded random weights of ``config``'s shapes (the arrays of ``WEIGHT_NAMES``)."""
+    return _core.moe_random_weights(config.as_dict(), seed)
+
+
+class DeepSeekMoE(_core.DeepSeekMoE):
+    """The DeepSeek MoE layer on CPU: ``out = rsf * sum_k w_k * expert_k(x) + shared(x)``.
+
+    config: a ``DeepSeekMoEConfig``.
+    weights: a mapping with the arrays of ``WEIGHT_NAMES`` (logical experts; float32, converted
+        if needed), or None for ``random_moe_weights(config, seed)``.
+    location, layer, ep_rank: the routed weights are held per physical slot of ``location``'s MoE
+        layer ``layer`` (default: the trivial placement); tokens are dispatched to replicas as seen
+        from ``ep_rank`` (static dispatch).
+    """
+
+    def __init__(
+        self,
+        config: DeepSeekMoEConfig,
+        weights: Mapping[str, Any] | None = None,
+        *,
+        seed: int = 0,
+        location: ExpertLocation | None = None,
+        layer: int = 0,
+        ep_rank: int = 0,
+    ) -> None:
+        if not isinstance(config, DeepSeekMoEConfig):
+            raise InvalidArgumentError(
+                f"config must be a DeepSeekMoEConfig, got {type(config).__name__}"
+            )
+        if weights is None:
+            weights = random_moe_weights(config, seed)
+        unknown = set(weights) - set(WEIGHT_NAMES)
+        if unknown:
+            raise InvalidArgumentError(
+                f"weights has unknown arrays {sorted(unknown)}; expected {WEIGHT_NAMES}"
+            )
+        if "gate" not in weights or "w13" not in weights or "w2" not in weights:
+            raise InvalidArgumentError("weights needs at least 'gate', 'w13' and 'w2'")
+        super().__init__(
+            config.as_dict(),
+            *(weights.get(name) for name in WEIGHT_NAMES),
+            location,
+            layer,
+            ep_rank,
+        )
+        self.config = config
+
+    def forward(self, hidden: Any, input_ids: Any = None) -> npt.NDArray[np.float32]:  # type: ignore[override]
+        """hidden: [T, H] float32, C-contiguous (with the in-place kernel it is overwritten and
+        returned). input_ids: [T] token ids, required on hash layers. Returns [T, H] float32.
+        Deterministic for any thread count."""
+        return super().forward(hidden, input_ids)
+
+    __call__ = forward
+
+    def get_moe_weights(self) -> list[npt.NDArray[np.float32]]:
+        """SGLang's ``get_moe_weights``: writable views ``[w13 [P, 2I, H], w2 [P, H, I]]`` of the
+        routed physical slots only -- never the fused shared expert's rows (SGLang PR #27150),
+        so EPLB weight moves cannot touch it."""
+        return list(self.routed_weights())
+
+    def apply_weight_moves(self, plan: WeightMovePlan, new_location: ExpertLocation) -> None:
+        """Runs ``plan`` (``moelb.plan_weight_moves(self.location, new_location, layer)``) over
+        the routed slots' weights and switches the layer to ``new_location``."""
+        if plan.layer != self.location_layer:
+            raise InvalidArgumentError(
+                f"plan is for layer {plan.layer} but the layer holds layer {self.location_layer}"
+            )
+        ep_size, slots = plan.ep_size, plan.num_local_slots
+        if ep_size * slots != self.num_physical_experts:
+            raise InvalidArgumentError(
+                f"plan moves {ep_size} x {slots} slots but the layer has "
+                f"{self.num_physical_experts}"
+            )
+        if (
+            new_location.num_physical_experts != self.num_physical_experts
+            or new_location.num_logical_experts != self.config.num_experts
+            or not 0 <= self.location_layer < new_location.num_layers
+        ):
+            raise InvalidArgumentError(
+                f"new_location has {new_location.num_logical_experts} logical / "
+                f"{new_location.num_physical_experts} physical experts in "
+                f"{new_location.num_layers} layers; the layer needs {self.config.num_experts} / "
+                f"{self.num_physical_experts} and layer {self.location_layer}"
+            )
+        for view in self.get_moe_weights():
+            per_rank = view.reshape(ep_size, slots, *view.shape[1:])
+            per_rank[...] = apply_weight_moves(plan, per_rank)
+        self.set_location(new_location, self.location_layer)
