@@ -37,9 +37,12 @@
 // Without a separate shared expert (n_shared = 0, or fused): max(L + TK, TK + W_r + O).
 //
 // Saving Peak_old - Peak_new = S = 4 T H (one [T, H] buffer) whenever the routed step is the
-// peak of both orders, i.e. TK + W_r >= P_sh - S + ... ; for DeepSeek shapes Y alone (4 T K' H)
-// dwarfs P_sh, at any T. With lanes_r = min(threads, routed row blocks) and lanes_s = min(threads,
-// ceil(T / M)) the peak depends on the thread count through the scratch only.
+// largest term of both orders: TK + W_r >= P_sh and W_r + O >= L (then both maxima are their
+// routed terms, which differ by S). For DeepSeek shapes Y alone (4 T K' H) dwarfs P_sh and L, at
+// any T. If instead the shared step dominated (a tiny routed workspace, a wide shared expert),
+// deferral would save less, or nothing. With lanes_r = min(threads, routed row blocks) and
+// lanes_s = min(threads, ceil(T / M)), the peak depends on the thread count through the scratch
+// only.
 // =============================================================================================
 
 namespace moelb {
