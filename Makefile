@@ -26,7 +26,7 @@ deps:
 	$(PIP) install -q "cmake>=3.20" ninja
 
 install: deps
-	$(PIP) install -q ".[test,torch]"
+	$(PIP) install -q ".[test,torch,notebooks]"
 
 test-cpp: deps
 	cmake -S . -B $(BUILD_DIR) -G Ninja -DCMAKE_BUILD_TYPE=Release \
