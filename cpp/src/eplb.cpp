@@ -18,25 +18,68 @@
 namespace moelb {
 namespace {
 
+// Vectors of kLanes doubles (GCC/Clang vector extensions; one AVX2 register), for the swap search's
+// scan over pairs of replicas. A comparison gives a LaneMask with all bits set in the lanes where
+// it holds.
+constexpr int kLanes = 4;
+using Lanes = double __attribute__((vector_size(kLanes * sizeof(double))));
+using LaneMask = std::int64_t __attribute__((vector_size(kLanes * sizeof(double))));
+
+bool any_lane(const LaneMask& m) {
+    std::int64_t any = 0;
+    for (int i = 0; i < kLanes; ++i) any |= m[i];
+    return any != 0;
+}
+
 // =============================================================================================
 // DeepSeek's eplb.py, per layer, in float32 like the original.
 // =============================================================================================
 
+// order_descending sorts this many items or more by radix, fewer by comparisons.
+constexpr int kRadixMinItems = 32;
+
 // Indices of w[0, n) by descending value, ties to the lower index (what a stable sort gives).
 // Sorts one integer key per item: the float's bits (order-preserving for values >= 0; -0 is
-// normalised to +0) complemented in the high half, the index in the low half. The keys are unique,
-// so any sort gives the stable order.
+// normalised to +0) complemented in the high half, the index in the low half. A least significant
+// digit radix sort on the high half (kRadixBits at a time, each pass stable, skipping digits all
+// keys share) keeps equal values in index order.
 void order_descending(const float* w, int n, std::vector<int>& order) {
-    thread_local std::vector<std::uint64_t> keys;
+    constexpr int kRadixBits = 8, kBuckets = 1 << kRadixBits, kPasses = 32 / kRadixBits;
+    thread_local std::vector<std::uint64_t> keys, next;
     keys.resize(static_cast<std::size_t>(n));
+    order.resize(static_cast<std::size_t>(n));
+    if (n < kRadixMinItems) {  // few keys: a comparison sort is cheaper than the passes
+        for (int i = 0; i < n; ++i) {
+            std::uint32_t bits;
+            const float v = w[i] + 0.0f;
+            std::memcpy(&bits, &v, sizeof bits);
+            keys[i] = (static_cast<std::uint64_t>(~bits) << 32) | static_cast<std::uint32_t>(i);
+        }
+        std::sort(keys.begin(), keys.end());
+        for (int i = 0; i < n; ++i) order[i] = static_cast<int>(keys[i] & 0xffffffffu);
+        return;
+    }
+    next.resize(keys.size());
+    std::uint32_t histogram[kPasses][kBuckets] = {};
     for (int i = 0; i < n; ++i) {
         std::uint32_t bits;
         const float v = w[i] + 0.0f;
         std::memcpy(&bits, &v, sizeof bits);
-        keys[i] = (static_cast<std::uint64_t>(~bits) << 32) | static_cast<std::uint32_t>(i);
+        bits = ~bits;
+        keys[i] = (static_cast<std::uint64_t>(bits) << 32) | static_cast<std::uint32_t>(i);
+        for (int pass = 0; pass < kPasses; ++pass) {
+            ++histogram[pass][(bits >> (pass * kRadixBits)) & (kBuckets - 1)];
+        }
     }
-    std::sort(keys.begin(), keys.end());
-    order.resize(static_cast<std::size_t>(n));
+    for (int pass = 0; pass < kPasses && n > 0; ++pass) {
+        const int shift = 32 + pass * kRadixBits;
+        std::uint32_t* count = histogram[pass];
+        if (count[(keys[0] >> shift) & (kBuckets - 1)] == static_cast<std::uint32_t>(n)) continue;
+        std::uint32_t start = 0;
+        for (int d = 0; d < kBuckets; ++d) start += std::exchange(count[d], start);
+        for (const std::uint64_t k : keys) next[count[(k >> shift) & (kBuckets - 1)]++] = k;
+        keys.swap(next);
+    }
     for (int i = 0; i < n; ++i) order[i] = static_cast<int>(keys[i] & 0xffffffffu);
 }
 
@@ -54,51 +97,35 @@ void balanced_packing(const float* w, int n, int m, int* pack, int* rank) {
     thread_local std::vector<int> order, count;
     order_descending(w, n, order);
     count.assign(static_cast<std::size_t>(m), 0);
-    if (m <= 32) {
-        // Few packs: a branch-free scan for the lightest (ties to the lower pack). A full pack
-        // scans as +inf; should a pack with room also reach +inf (float32 overflow), the choice
-        // is made again among the packs with room only.
-        constexpr float kFull = std::numeric_limits<float>::infinity();
-        thread_local std::vector<float> load, scan;
-        load.assign(static_cast<std::size_t>(m), 0.0f);
-        scan.assign(static_cast<std::size_t>(m), 0.0f);
-        for (const int i : order) {
-            int best = 0;
-            float lightest = scan[0];
-            for (int p = 1; p < m; ++p) {
-                const bool lighter = scan[p] < lightest;
-                lightest = lighter ? scan[p] : lightest;
-                best = lighter ? p : best;
-            }
-            if (count[best] == per_pack) {
-                best = -1;
-                for (int p = 0; p < m; ++p) {
-                    if (count[p] < per_pack && (best < 0 || load[p] < load[best])) best = p;
-                }
-            }
-            pack[i] = best;
-            rank[i] = count[best]++;
-            load[best] += w[i];
-            scan[best] = count[best] < per_pack ? load[best] : kFull;
-        }
-        return;
-    }
-    // Packs with room in a binary min-heap of (float32 load, pack): the lightest, ties to the
-    // lower pack -- the same choice as eplb.py's scan.
-    using Entry = std::pair<float, int>;
-    thread_local std::vector<Entry> heap;
-    heap.resize(static_cast<std::size_t>(m));
-    for (int p = 0; p < m; ++p) heap[p] = {0.0f, p};  // already a heap
-    const auto after = std::greater<>();
+    // The packs in a tournament tree of keys (float32 load bits, pack): its root is the lightest
+    // pack with room, ties to the lower pack. Loads are >= +0 (never -0: they start at +0 and
+    // only grow), so their bits order like their values; a full pack's key is kNoRoom.
+    constexpr std::uint64_t kNoRoom = std::numeric_limits<std::uint64_t>::max();
+    const auto key = [](float load, int p) {
+        std::uint32_t bits;
+        std::memcpy(&bits, &load, sizeof bits);
+        return (static_cast<std::uint64_t>(bits) << 32) | static_cast<std::uint32_t>(p);
+    };
+    int leaves = 1;
+    while (leaves < m) leaves *= 2;
+    thread_local std::vector<std::uint64_t> tree;
+    thread_local std::vector<float> load;
+    tree.assign(2 * static_cast<std::size_t>(leaves), kNoRoom);
+    load.assign(static_cast<std::size_t>(m), 0.0f);
+    for (int p = 0; p < m; ++p) tree[leaves + p] = key(0.0f, p);
+    for (int j = leaves - 1; j >= 1; --j) tree[j] = std::min(tree[2 * j], tree[2 * j + 1]);
     for (const int i : order) {
-        std::pop_heap(heap.begin(), heap.end(), after);
-        const auto [load, best] = heap.back();
-        heap.pop_back();
+        const int best = static_cast<int>(tree[1] & 0xffffffffu);
         pack[i] = best;
         rank[i] = count[best]++;
-        if (count[best] < per_pack) {
-            heap.emplace_back(load + w[i], best);
-            std::push_heap(heap.begin(), heap.end(), after);
+        load[best] += w[i];
+        // Up from the leaf, carrying the new minimum (a register, not a reload of the store).
+        std::uint64_t k = count[best] < per_pack ? key(load[best], best) : kNoRoom;
+        int j = leaves + best;
+        tree[j] = k;
+        for (; j > 1; j /= 2) {
+            k = std::min(k, tree[j ^ 1]);
+            tree[j / 2] = k;
         }
     }
 }
@@ -243,18 +270,6 @@ double flat_lower_bound(const double* w, int E, int slots, int gpus, std::vector
 }
 
 struct PackScratch;
-
-// kLanes doubles processed as one (GCC/Clang vector extensions; AVX2 registers): the swap search's
-// filter over pairs of replicas. A comparison gives a LaneMask (all bits set where true).
-constexpr int kLanes = 4;
-using Lanes = double __attribute__((vector_size(kLanes * sizeof(double))));
-using LaneMask = std::int64_t __attribute__((vector_size(kLanes * sizeof(double))));
-
-bool any_lane(const LaneMask& m) {
-    std::int64_t any = 0;
-    for (int i = 0; i < kLanes; ++i) any |= m[i];
-    return any != 0;
-}
 
 // Replicas packed into bins (GPUs) of `size` slots. Bins come in domains (nodes) of
 // bins_per_domain consecutive bins; every expert's replicas live in one domain and swaps stay
