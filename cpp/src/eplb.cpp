@@ -154,18 +154,33 @@ void divisor_method(int n, int extra, int cap, const Weight& weight, int* count,
                          [&](const Entry& a, const Entry& b) { return less(b, a); });
         heap.resize(static_cast<std::size_t>(extra));
     }
-    std::make_heap(heap.begin(), heap.end(), less);
+    // A max-heap by `less` whose top is replaced in place (one sift-down per extra). The entries'
+    // order is total (ties by item), so the choices do not depend on the heap's layout.
+    const auto sift_down = [&](std::size_t i) {
+        const std::size_t size = heap.size();
+        const Entry v = heap[i];
+        for (;;) {
+            std::size_t c = 2 * i + 1;
+            if (c >= size) break;
+            if (c + 1 < size && less(heap[c], heap[c + 1])) ++c;
+            if (!less(v, heap[c])) break;
+            heap[i] = heap[c];
+            i = c;
+        }
+        heap[i] = v;
+    };
+    for (std::size_t i = heap.size() / 2; i-- > 0;) sift_down(i);
     for (int s = 0; s < extra; ++s) {
         while (count[heap.front().second] >= cap) {
-            std::pop_heap(heap.begin(), heap.end(), less);
+            heap.front() = heap.back();
             heap.pop_back();
+            sift_down(0);
         }
-        std::pop_heap(heap.begin(), heap.end(), less);
-        const int i = heap.back().second;
+        const int i = heap.front().second;
         give(i);
         ++count[i];
-        heap.back() = {static_cast<T>(weight(i)) / static_cast<T>(count[i]), i};
-        std::push_heap(heap.begin(), heap.end(), less);
+        heap.front() = {static_cast<T>(weight(i)) / static_cast<T>(count[i]), i};
+        sift_down(0);
     }
 }
 
