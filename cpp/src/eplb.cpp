@@ -488,13 +488,29 @@ void Packing::lpt(PackScratch& s) {
         return top;
     };
     for (int d = 0; d < num_domains(); ++d) {
-        heap.clear();
-        for (int b = d * bins_per_domain; b < (d + 1) * bins_per_domain; ++b) {
-            heap.emplace_back(0.0, b);  // ascending: already a heap
-        }
-        for (int k = order_offset[d]; k < order_offset[d + 1]; ++k) {
+        const int first = d * bins_per_domain;
+        // Round one: while a bin is empty and the replica's load positive, the lightest bin with
+        // room is the lowest empty one (the others are heavier) and holds nothing yet.
+        int k = order_offset[d], r = 0;
+        for (int b = first; b < first + bins_per_domain && k < order_offset[d + 1]; ++b) {
             const int e = order[k];
-            for (int r = 0; r < count[e]; ++r) {
+            if (!(replica_load[e] > 0)) break;
+            bin(b)[s.fill[b]++] = e;
+            bin_load[b] += replica_load[e];
+            s.held[b] = e;
+            if (++r == count[e]) {
+                ++k;
+                r = 0;
+            }
+        }
+        heap.clear();
+        for (int b = first; b < first + bins_per_domain; ++b) {
+            if (s.fill[b] < size) heap.emplace_back(bin_load[b], b);
+        }
+        for (std::size_t i = heap.size() / 2; i-- > 0;) sift_down(i);
+        for (; k < order_offset[d + 1]; ++k, r = 0) {
+            const int e = order[k];
+            for (; r < count[e]; ++r) {
                 int b;
                 if (s.held[heap.front().second] != e) {
                     // The lightest bin takes it; its new load replaces it at the top.
