@@ -15,6 +15,7 @@ void bind_eplb(pybind11::module_& m);
 void bind_weight_moves(pybind11::module_& m);
 void bind_waterfill(pybind11::module_& m);
 void bind_moe_layer(pybind11::module_& m);
+void bind_simulate(pybind11::module_& m);
 
 }  // namespace moelb::bindings
 

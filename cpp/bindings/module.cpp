@@ -13,4 +13,5 @@ PYBIND11_MODULE(_core, m) {
     moelb::bindings::bind_weight_moves(m);
     moelb::bindings::bind_waterfill(m);
     moelb::bindings::bind_moe_layer(m);
+    moelb::bindings::bind_simulate(m);
 }

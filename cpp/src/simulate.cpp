@@ -1,0 +1,162 @@
+#include "moelb/simulate.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <sstream>
+#include <vector>
+
+#include "moelb/errors.hpp"
+#include "moelb/parallel.hpp"
+
+namespace moelb {
+
+namespace {
+
+// Rows (step, layer) per parallel chunk: a chunk is about 100k counts.
+constexpr Index kRowGrain = 512;
+
+void check_counts(const StepCounts& counts) {
+    MOELB_CHECK_ARG(counts.num_steps >= 0 && counts.num_layers >= 0 && counts.num_experts >= 0,
+                    "counts has a negative dimension: [" << counts.num_steps << ", "
+                                                         << counts.num_layers << ", "
+                                                         << counts.num_experts << "]");
+    const Index expected = counts.num_steps * counts.num_layers * counts.num_experts;
+    MOELB_CHECK_ARG(static_cast<Index>(counts.data.size()) == expected,
+                    "counts holds " << counts.data.size() << " values but its shape ["
+                                    << counts.num_steps << ", " << counts.num_layers << ", "
+                                    << counts.num_experts << "] needs " << expected);
+}
+
+void check_output(const MatrixMap<double>& out, const StepCounts& counts, const char* name) {
+    MOELB_CHECK_ARG(out.rows() == counts.num_steps && out.cols() == counts.num_layers,
+                    name << " has shape [" << out.rows() << ", " << out.cols()
+                         << "] but counts has " << counts.num_steps << " steps and "
+                         << counts.num_layers << " layers");
+}
+
+[[noreturn]] void negative_count(const StepCounts& counts, Index row, Index expert,
+                                 std::int32_t value) {
+    std::ostringstream os;
+    os << "counts[" << row / counts.num_layers << ", " << row % counts.num_layers << ", " << expert
+       << "] = " << value << " is negative; counts must be >= 0";
+    detail::throw_invalid_argument(os.str(), "counts >= 0");
+}
+
+// (per-replica load, replicas, expert) of the divisor method's max-heap.
+struct HeapItem {
+    double load;
+    int replicas;
+    Index expert;
+    bool operator<(const HeapItem& o) const { return load < o.load; }
+};
+
+// The divisor method's largest per-replica load: every expert starts with one replica and each of
+// the `extras` slots goes to the expert with the largest per-replica load.
+double divisor_bound(const std::int32_t* c, Index E, Index extras, std::vector<HeapItem>& heap) {
+    heap.clear();
+    for (Index e = 0; e < E; ++e) heap.push_back({static_cast<double>(c[e]), 1, e});
+    std::make_heap(heap.begin(), heap.end());
+    for (Index k = 0; k < extras && heap.front().load > 0; ++k) {
+        std::pop_heap(heap.begin(), heap.end());
+        HeapItem& top = heap.back();
+        ++top.replicas;
+        top.load = static_cast<double>(c[top.expert]) / top.replicas;
+        std::push_heap(heap.begin(), heap.end());
+    }
+    return heap.front().load;
+}
+
+}  // namespace
+
+void score_steps(const StepCounts& counts, const ExpertLocation& location,
+                 MatrixMap<double> max_gpu_load, MatrixMap<double> mean_gpu_load) {
+    check_counts(counts);
+    MOELB_CHECK_ARG(counts.num_layers == location.num_layers(),
+                    "counts has " << counts.num_layers << " layers but the location has "
+                                  << location.num_layers());
+    MOELB_CHECK_ARG(counts.num_experts == location.num_logical_experts(),
+                    "counts has " << counts.num_experts << " experts but the location has "
+                                  << location.num_logical_experts() << " logical experts");
+    check_output(max_gpu_load, counts, "max_gpu_load");
+    check_output(mean_gpu_load, counts, "mean_gpu_load");
+
+    const Index L = counts.num_layers, E = counts.num_experts;
+    const int G = location.ep_size();
+    const int S = location.num_local_physical_experts();
+    // Per layer: 1 / replicas of each expert.
+    RowMatrix<double> inv_replicas(L, E);
+    for (Index l = 0; l < L; ++l) {
+        for (Index e = 0; e < E; ++e) {
+            inv_replicas(l, e) = 1.0 / static_cast<double>(location.logical_count()(l, e));
+        }
+    }
+    const RowMatrix<std::int32_t>& phy2log = location.physical_to_logical();
+    const std::int32_t* data = counts.data.data();
+    const Index rows = counts.num_steps * L;
+    parallel_for(rows, kRowGrain, [&](Index begin, Index end) {
+        std::vector<double> share(static_cast<std::size_t>(E));
+        for (Index row = begin; row < end; ++row) {
+            const Index l = row % L;
+            const std::int32_t* c = data + row * E;
+            const double* inv = inv_replicas.row(l).data();
+            double total = 0.0;
+            for (Index e = 0; e < E; ++e) {
+                if (c[e] < 0) [[unlikely]]
+                    negative_count(counts, row, e, c[e]);
+                total += c[e];
+                share[static_cast<std::size_t>(e)] = c[e] * inv[e];
+            }
+            const std::int32_t* slots = phy2log.row(l).data();
+            double max_load = 0.0;
+            for (int g = 0; g < G; ++g) {
+                double load = 0.0;
+                for (int p = g * S; p < (g + 1) * S; ++p) {
+                    load += share[static_cast<std::size_t>(slots[p])];
+                }
+                max_load = std::max(max_load, load);
+            }
+            max_gpu_load(row / L, l) = max_load;
+            mean_gpu_load(row / L, l) = total / G;
+        }
+    });
+}
+
+void step_lower_bounds(const StepCounts& counts, int num_physical_experts, int num_gpus,
+                       MatrixMap<double> out) {
+    check_counts(counts);
+    MOELB_CHECK_ARG(num_gpus >= 1, "num_gpus must be >= 1, got " << num_gpus);
+    MOELB_CHECK_ARG(num_physical_experts >= counts.num_experts,
+                    "num_physical_experts=" << num_physical_experts << " is less than the "
+                                            << counts.num_experts << " experts of counts");
+    check_output(out, counts, "out");
+    const Index L = counts.num_layers, E = counts.num_experts;
+    const Index extras = num_physical_experts - E;
+    const std::int32_t* data = counts.data.data();
+    parallel_for(counts.num_steps * L, kRowGrain, [&](Index begin, Index end) {
+        std::vector<HeapItem> heap;
+        for (Index row = begin; row < end; ++row) {
+            const std::int32_t* c = data + row * E;
+            double total = 0.0;
+            for (Index e = 0; e < E; ++e) {
+                if (c[e] < 0) [[unlikely]]
+                    negative_count(counts, row, e, c[e]);
+                total += c[e];
+            }
+            // Fast path: when every expert fits under total / num_gpus with the slots available,
+            // the bound is that mean (the divisor method's value cannot exceed it).
+            const double mean = total / num_gpus;
+            double bound = 0.0;
+            if (mean > 0) {
+                const double inv_mean = 1.0 / mean;
+                Index needed = 0;
+                for (Index e = 0; e < E; ++e) {
+                    needed += std::max<Index>(1, static_cast<Index>(std::ceil(c[e] * inv_mean)));
+                }
+                if (needed > num_physical_experts) bound = divisor_bound(c, E, extras, heap);
+            }
+            out(row / L, row % L) = std::max(mean, bound);
+        }
+    });
+}
+
+}  // namespace moelb
