@@ -1217,13 +1217,14 @@ struct MoelbScratch {
     Packing ours, theirs, trial;
     PackScratch pack;
     GroupScratch groups;
-    std::vector<int> node, experts, count;
+    std::vector<int> node, experts, count, flat_count;
     std::vector<float> w32;
     std::vector<std::int32_t> ds;
 };
 
 // Plans one layer (loads w[0, E)) with moelb into phy2log[0, R): `domains` domains (node
-// locality: one per node, with K groups; else one), `bound` the layer's flat lower bound,
+// locality: one per node, with K groups; else one), `bound` the layer's flat lower bound (and
+// s.flat_count the divisor method's counts behind it, for all experts over all slots),
 // `deepseek_variants` DeepSeek's policies (groups, nodes) whose placements satisfy the locality.
 // Returns whether the plan started from DeepSeek's packing.
 bool moelb_layer(const double* w, int E, int R, int K, int N, int G, int domains, double bound,
@@ -1242,8 +1243,13 @@ bool moelb_layer(const double* w, int E, int R, int K, int N, int G, int domains
     } else {
         std::fill(ours.domain_of.begin(), ours.domain_of.end(), 0);
     }
-    // Counts by the divisor method per domain, capped at the domain's bins.
-    for (int d = 0; d < domains; ++d) {
+    // Counts by the divisor method per domain, capped at the domain's bins. With one domain these
+    // are the flat bound's counts unless its cap binds: a method whose cap never stops an item
+    // makes the same choices as one without a cap.
+    const bool flat = domains == 1 && *std::max_element(s.flat_count.begin(), s.flat_count.end()) <=
+                                          gpus_per_domain;
+    if (flat) std::copy(s.flat_count.begin(), s.flat_count.end(), ours.count.begin());
+    for (int d = 0; d < domains && !flat; ++d) {
         s.experts.clear();
         for (int e = 0; e < E; ++e) {
             if (ours.domain_of[e] == d) s.experts.push_back(e);
@@ -1518,7 +1524,7 @@ Plan rebalance(ConstMatrixMap<double> load, const RebalanceOptions& o) {
             for (Index l = begin; l < end; ++l) {
                 const double* w = load.row(l).data();
                 // The flat lower bound: no placement (under any locality) goes below it.
-                lower_bounds[l] = flat_lower_bound(w, E, R, G, scratch.count);
+                lower_bounds[l] = flat_lower_bound(w, E, R, G, scratch.flat_count);
                 kept_deepseek[l] =
                     moelb_layer(w, E, R, K, N, G, node_locality ? N : 1, lower_bounds[l],
                                 deepseek_variants, scratch, phy2log.row(l).data());
