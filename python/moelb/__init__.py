@@ -5,7 +5,8 @@ Routers (``select_experts``, ``HashRouter``), placement maps with logical->physi
 expert distribution recorder (``ExpertDistributionRecorder``, ``load_expert_distribution``), the
 EPLB planner (``rebalance``, ``plan_weight_moves``) and the Waterfill shared-expert balancer
 (``WaterfillBalancer``, ``waterfill_rank_loads``) and the DeepSeek MoE layer on CPU
-(``DeepSeekMoE``, ``DeepSeekMoEConfig``).
+(``DeepSeekMoE``, ``DeepSeekMoEConfig``), and the cluster simulator (``simulate``,
+``SimulationConfig``) behind the ``moelb`` command.
 Arrays are NumPy (CPU torch tensors convert without copies): float32 logits and weights, int32 ids,
 row-major. Bad input raises ``InvalidArgumentError`` (a ``ValueError``; a wrong dtype is an
 ``InvalidDTypeError``, also a ``TypeError``); a broken internal invariant raises ``Error``.
@@ -36,6 +37,16 @@ from .routing import (
     remap_topk_for_per_rank_shared_slots,
     select_experts,
 )
+from .simulate import (
+    MODEL_PRESETS,
+    AlgorithmResult,
+    ModelPreset,
+    SimulationConfig,
+    SimulationResult,
+    score_steps,
+    simulate,
+    step_lower_bounds,
+)
 from .waterfill import (
     RankLoads,
     WaterfillBalancer,
@@ -46,6 +57,8 @@ from .waterfill import (
 from .weight_moves import WeightMovePlan, apply_weight_moves, plan_weight_moves
 
 __all__ = [
+    "MODEL_PRESETS",
+    "AlgorithmResult",
     "DeepSeekMoE",
     "DeepSeekMoEConfig",
     "Error",
@@ -54,9 +67,12 @@ __all__ = [
     "HashRouter",
     "InvalidArgumentError",
     "InvalidDTypeError",
+    "ModelPreset",
     "Plan",
     "PlanStats",
     "RankLoads",
+    "SimulationConfig",
+    "SimulationResult",
     "TopKConfig",
     "TopKOutput",
     "WaterfillBalancer",
@@ -76,8 +92,11 @@ __all__ = [
     "remap_topk_for_per_rank_shared_slots",
     "save_expert_distribution",
     "save_placement",
+    "score_steps",
     "select_experts",
     "set_num_threads",
+    "simulate",
+    "step_lower_bounds",
     "torch_all_reduce",
     "waterfill_rank_loads",
 ]

@@ -1,28 +1,68 @@
-"""The ``moelb`` command line (also ``python -m moelb``).
+"""The ``moelb`` command line (also ``python -m moelb``): what EPLB and Waterfill buy on a cluster.
 
-``moelb demo``: routes a skewed synthetic batch through the DeepSeek-V3 and V4 routers and prints
-what the routers do and how unevenly the trivial placement loads the EP ranks -- the load that
-EPLB exists to even out. (The end-to-end cluster simulator replaces this demo in a later release.)
+  moelb demo                     the main job: a DeepSeek-V3-like model on 32 GPUs in 4 nodes with
+                                 32 redundant experts and skewed, drifting traffic; prints the
+                                 comparison table, writes a placement JSON and PNG plots
+  moelb simulate [flags]         the same with every knob as a flag, or replaying a recorded dump
+  moelb rebalance DUMP -o FILE   an SGLang expert distribution dump -> a placement JSON for
+                                 SGLang's --init-expert-location
+  moelb inspect FILE             per-layer statistics of a placement or a dump
+
+Errors are one line on stderr and a non-zero exit status (2: bad flags or input, 1: other).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn, TextIO
 
 import numpy as np
 
 from . import __version__
-from ._core import ExpertLocation, InvalidArgumentError, TopKConfig, set_num_threads
-from .routing import HashRouter, TopKOutput, select_experts
+from ._core import Error, ExpertLocation, InvalidArgumentError, set_num_threads
+from .eplb import ALGORITHMS, evaluate_placement, rebalance
+from .io import (
+    PLACEMENT_KEY,
+    atomic_write_bytes,
+    load_expert_distribution,
+    load_placement,
+    save_placement,
+)
+from .simulate import MODEL_PRESETS, SimulationConfig, SimulationResult, simulate
 
-__all__ = ["main"]
+__all__ = ["build_parser", "main"]
+
+#: The demo: DeepSeek-V3 (58 MoE layers x 256 experts), 288 slots on 32 GPUs in 4 nodes.
+DEMO_CONFIG = SimulationConfig(
+    model="deepseek-v3",
+    ep_size=32,
+    num_nodes=4,
+    num_redundant_experts=32,
+    num_tokens=4096,
+    num_steps=24,
+    rebalance_period=6,
+    skew=0.6,
+    drift=0.02,
+    algorithms=("deepseek", "moelb", "deepseek_global", "moelb:none"),
+    waterfill="dynamic",
+)
 
 
-def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+class CliError(Exception):
+    """A user-facing error: printed as one line, exit status 2."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Output helpers.
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     """A plain-text table: first column left-aligned, the others right-aligned."""
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
 
@@ -30,131 +70,667 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
         return "  ".join(
             c.ljust(w) if i == 0 else c.rjust(w)
             for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-        )
+        ).rstrip()
 
     return "\n".join([fmt(headers), "  ".join("-" * w for w in widths), *map(fmt, rows)])
 
 
-def _median_seconds(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+class ProgressBar:
+    """A one-line progress bar on a terminal (stderr); silent when the stream is not a terminal
+    unless forced."""
+
+    def __init__(self, label: str, stream: TextIO = sys.stderr, enabled: bool | None = None):
+        self.label, self.stream = label, stream
+        self.enabled = stream.isatty() if enabled is None else enabled
+        self.start = time.perf_counter()
+        self.last_draw = -1.0
+        self.width = 30
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        if done < total and now - self.last_draw < 0.1:
+            return
+        self.last_draw = now
+        fraction = done / total if total else 1.0
+        filled = int(self.width * fraction)
+        bar = "#" * filled + "-" * (self.width - filled)
+        elapsed = now - self.start
+        eta = elapsed / fraction - elapsed if fraction > 0 else 0.0
+        self.stream.write(
+            f"\r{self.label} [{bar}] {done}/{total} {elapsed:5.1f}s (eta {eta:4.1f}s)"
+        )
+        if done >= total:
+            self.stream.write("\n")
+        self.stream.flush()
 
 
-def _rank_balancedness(ids: np.ndarray, location: ExpertLocation) -> float:
-    """mean/max of the tokens each EP rank receives (1.0 = perfectly even)."""
-    valid = ids[ids >= 0]
-    ranks = valid // location.num_local_physical_experts
-    load = np.bincount(ranks, minlength=location.ep_size).astype(np.float64)
-    return float((load.mean() + 1e-5) / (load.max() + 1e-5))
+def _f(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
 
 
-def demo(args: argparse.Namespace) -> int:
-    rng = np.random.default_rng(args.seed)
-    num_tokens, num_experts, ep_size = args.num_tokens, 256, args.ep_size
-    # Skewed traffic: a Zipf-like popularity per expert shifts the router logits, so some experts
-    # are hot; which ones is a seeded shuffle.
-    popularity = 1.0 / np.arange(1, num_experts + 1) ** args.skew
-    popularity = rng.permutation(popularity)
-    shift = np.log(popularity / popularity.mean()).astype(np.float32)
-    logits = rng.standard_normal((num_tokens, num_experts), dtype=np.float32) + shift
-    bias = (0.05 * rng.standard_normal(num_experts)).astype(np.float32)
-    input_ids = rng.integers(0, 129280, num_tokens, dtype=np.int64)
-    tid2eid = rng.integers(0, num_experts, (129280, 6), dtype=np.int32)
-    hash_router = HashRouter(tid2eid, scoring="sqrtsoftplus", routed_scaling_factor=1.5)
-    location = ExpertLocation.trivial(1, num_experts, num_experts, ep_size)
-    set_num_threads(args.threads)
+def _gb(values: Sequence[int]) -> str:
+    return f"{np.mean(values) / 1e9:.1f}" if values else "-"
 
-    v3, v4 = TopKConfig.deepseek_v3(), TopKConfig.deepseek_v4_flash()
-    routers: list[tuple[str, str, Callable[[], TopKOutput]]] = [
-        ("DeepSeek-V3", "8 keep 4", lambda: select_experts(logits, v3, bias)),
-        ("DeepSeek-V4-Flash", "-", lambda: select_experts(logits, v4, bias)),
-        ("DeepSeek-V4 hash layer", "-", lambda: hash_router.select(logits, input_ids)),
+
+def _print_json(payload: Any) -> None:
+    json.dump(payload, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+
+
+def _write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+# ------------------------------------------------------------------------------------------------
+# demo / simulate.
+
+
+def simulation_table(result: SimulationResult) -> str:
+    """The comparison table of a simulation: one row per placement, then the bound."""
+    headers = [
+        "placement",
+        "ran",
+        "in-window",
+        "predictive",
+        "dispatched",
+        "+shared",
+        "+Waterfill",
+        "moved/rebal",
+        "GB/rebal",
+        "plan ms",
     ]
-    print(
-        f"moelb {__version__} routing demo: {num_tokens:,} tokens over {num_experts} experts, "
-        f"skew {args.skew}, {args.threads} thread(s), seed {args.seed}\n"
-    )
     rows = []
-    outputs: list[TopKOutput] = []
-    for name, groups, fn in routers:
-        seconds = _median_seconds(fn, args.repeats)
-        out = fn()
-        outputs.append(out)
-        counts = np.bincount(out.recorder_topk_ids.ravel(), minlength=num_experts)
+    for name, a in result.algorithms.items():
         rows.append(
             [
                 name,
-                str(out.recorder_topk_ids.shape[1]),
-                groups,
-                f"{num_tokens / seconds:,.0f}",
-                f"{counts.max() / counts.sum():.1%}",
-                f"{np.sort(counts)[-8:].sum() / counts.sum():.1%}",
-                f"{_rank_balancedness(out.recorder_topk_ids, location):.3f}",
+                a.ran,
+                _f(a.in_window),
+                _f(a.predictive),
+                _f(a.dispatched),
+                _f(a.shared_local),
+                _f(a.waterfill),
+                f"{np.mean(a.moved_experts):,.0f}" if a.moved_experts else "-",
+                _gb(a.moved_bytes),
+                f"{np.mean(a.plan_seconds) * 1e3:.1f}" if a.plan_seconds else "-",
             ]
         )
-    print(
-        _table(
-            [
-                "router",
-                "K",
-                "groups",
-                "tokens/s",
-                "hottest expert",
-                "top-8 experts",
-                f"rank balancedness (W={ep_size})",
-            ],
-            rows,
+    rows.append(
+        [
+            "lower bound",
+            "any placement",
+            _f(result.bound_in_window),
+            _f(result.bound_predictive),
+            *["-"] * 6,
+        ]
+    )
+    return table(headers, rows)
+
+
+def layer_table(result: SimulationResult) -> str:
+    """Predictive balancedness per simulated layer."""
+    names = list(result.algorithms)
+    rows = [
+        [
+            str(layer),
+            *(_f(result.algorithms[n].layer_predictive[i]) for n in names),
+            _f(result.layer_bound_predictive[i]),
+        ]
+        for i, layer in enumerate(result.layer_ids)
+    ]
+    return table(["layer", *names, "bound"], rows)
+
+
+def _describe(result: SimulationResult) -> str:
+    c = result.config
+    layers = len(result.layer_ids)
+    if c.trace is None:
+        traffic = (
+            f"synthetic traffic: {c.num_tokens:,} tokens/step, Zipf skew {c.skew}, "
+            f"drift {c.drift}/step, seed {c.seed}"
         )
+    else:
+        traffic = f"replayed counts from {c.trace}"
+    waterfill = "off" if c.waterfill is None else c.waterfill
+    return (
+        f"moelb {__version__} simulation: {c.model}, {layers} MoE layers x "
+        f"{MODEL_PRESETS[c.model].num_experts} experts, {result.num_physical_experts} slots on "
+        f"{c.ep_size} GPUs in {c.num_nodes} nodes\n"
+        f"{traffic}; {result.num_steps} steps, rebalance every {c.rebalance_period} "
+        f"({result.num_windows} windows); Waterfill {waterfill}"
     )
-    print(
-        f"\nrank balancedness = mean/max tokens per EP rank under the trivial placement "
-        f"({num_experts // ep_size} experts per rank); EPLB raises it towards 1.\n"
-    )
-    print(
-        "DeepSeek-V3, first tokens (expert:weight, weights sum to 1; the MoE output is then "
-        "scaled by rsf 2.5):"
-    )
-    for t in range(min(4, num_tokens)):
-        row = zip(outputs[0].topk_ids[t], outputs[0].topk_weights[t], strict=True)
-        pairs = ", ".join(f"{e}:{w:.3f}" for e, w in row)
-        print(f"  token {t}: {pairs}")
+
+
+LEGEND = """\
+balancedness = mean / max GPU load per step and layer, averaged (1.0 = perfectly even).
+in-window: the plan scored on the traffic it was planned from; predictive: scored on the next
+window (what serving sees). dispatched / +shared / +Waterfill: token level, the placement in
+service with static dispatch: routed experts only, plus the shared expert on each token's own
+rank, plus the shared expert placed by Waterfill. moved/rebal: expert slots rewritten per
+rebalance (GB: their FP8 weights)."""
+
+
+def _run_simulation(config: SimulationConfig, args: argparse.Namespace) -> int:
+    if args.threads is not None:
+        set_num_threads(args.threads)
+    progress = ProgressBar("simulating", enabled=args.progress)
+    result = simulate(config, progress=progress)
+    out_dir: Path | None = args.output_dir
+    written: list[str] = []
+    notes: list[str] = []
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        focus = _focus(result)
+        placement = out_dir / "placement.json"
+        save_placement(result.algorithms[focus].placement, placement)
+        written.append(str(placement))
+        summary = out_dir / "simulation.json"
+        _write_text(summary, json.dumps(result.to_dict(), indent=2) + "\n")
+        written.append(str(summary))
+        if args.plots:
+            from .plots import PlotsUnavailable, plot_simulation
+
+            try:
+                written += [str(p) for p in plot_simulation(result, out_dir, focus)]
+            except PlotsUnavailable as e:
+                notes.append(f"plots skipped: {e}")
+        else:
+            notes.append("plots skipped: --no-plots")
+    if args.json:
+        payload = result.to_dict()
+        payload["files"] = written
+        payload["notes"] = notes
+        _print_json(payload)
+        return 0
+    print(_describe(result) + "\n")
+    print(simulation_table(result))
+    if args.per_layer:
+        print("\npredictive balancedness per layer\n" + layer_table(result))
+    print("\n" + LEGEND)
+    print(f"\nsimulated in {result.timings['total']:.1f} s")
+    if written:
+        focus = _focus(result)
+        print(f"wrote ({focus} placement for SGLang --init-expert-location):")
+        for path in written:
+            print(f"  {path}")
+    for note in notes:
+        print(note)
     return 0
 
 
+def _focus(result: SimulationResult) -> str:
+    """The placement to write: moelb's if simulated, else the first algorithm's."""
+    names = [n for n in result.algorithms if n != "trivial"]
+    return "moelb" if "moelb" in names else names[0]
+
+
+def demo(args: argparse.Namespace) -> int:
+    config = DEMO_CONFIG
+    if args.quick:
+        config = _replace(config, num_layers=6, num_tokens=1024, num_steps=8, rebalance_period=4)
+    if args.seed is not None:
+        config = _replace(config, seed=args.seed)
+    return _run_simulation(config, args)
+
+
+def _replace(config: SimulationConfig, **changes: Any) -> SimulationConfig:
+    import dataclasses
+
+    return dataclasses.replace(config, **changes)
+
+
+def simulate_command(args: argparse.Namespace) -> int:
+    if args.trace is not None and not Path(args.trace).exists():
+        raise CliError(f"trace file {args.trace!r} does not exist")
+    config = SimulationConfig(
+        model=args.model,
+        ep_size=args.ep_size,
+        num_nodes=args.num_nodes,
+        num_redundant_experts=args.num_redundant_experts,
+        num_tokens=args.num_tokens,
+        num_steps=args.num_steps,
+        rebalance_period=args.rebalance_period,
+        skew=args.skew,
+        drift=args.drift,
+        algorithms=tuple(args.algorithms),
+        waterfill=None if args.waterfill == "off" else args.waterfill,
+        trace=args.trace,
+        num_layers=args.num_layers,
+        expert_bytes=args.expert_bytes,
+        seed=args.seed if args.seed is not None else 0,
+    )
+    return _run_simulation(config, args)
+
+
+# ------------------------------------------------------------------------------------------------
+# rebalance.
+
+
+def _load_dump(path: str, num_logical_experts: int | None = None) -> np.ndarray:
+    if not Path(path).exists():
+        raise CliError(f"dump file {path!r} does not exist")
+    dump = load_expert_distribution(path, num_logical_experts)
+    counts = np.asarray(dump["logical_count"])
+    if counts.shape[0] == 0:
+        raise CliError(f"dump file {path!r} holds no forward passes")
+    return counts
+
+
+def rebalance_command(args: argparse.Namespace) -> int:
+    counts = _load_dump(args.dump, args.num_logical_experts)
+    num_passes, num_layers, num_experts = counts.shape
+    load = counts.sum(axis=0, dtype=np.float64)
+    previous = None
+    if args.previous is not None:
+        previous = load_placement(args.previous, args.num_gpus, args.num_nodes, num_experts)
+    plan = rebalance(
+        load,
+        args.num_physical_experts,
+        args.num_groups,
+        args.num_nodes,
+        args.num_gpus,
+        algorithm=args.algorithm,
+        previous=previous,
+        locality=args.locality,
+        move_cost=args.move_cost,
+        max_moves=args.max_moves,
+        expert_bytes=args.expert_bytes,
+    )
+    output = Path(args.output)
+    save_placement(plan.location, output)
+    trivial = ExpertLocation.trivial(
+        num_layers, num_experts, args.num_physical_experts, args.num_gpus, args.num_nodes
+    )
+    before = evaluate_placement(load, trivial)
+    if previous is not None:
+        before = evaluate_placement(load, previous)
+    after = plan.stats
+    active = load.sum(axis=1) > 0
+    summary = {
+        "dump": args.dump,
+        "output": str(output),
+        "num_passes": int(num_passes),
+        "num_layers": int(num_layers),
+        "num_layers_with_counts": int(active.sum()),
+        "num_logical_experts": int(num_experts),
+        "num_physical_experts": args.num_physical_experts,
+        "num_gpus": args.num_gpus,
+        "num_nodes": args.num_nodes,
+        "num_groups": args.num_groups,
+        "tokens_counted": int(load.sum()),
+        "algorithm": after.algorithm,
+        "notes": after.notes,
+        "baseline": "previous" if previous is not None else "trivial",
+        "balancedness_before": _active_mean(before.layer_balancedness, active),
+        "balancedness_after": _active_mean(after.layer_balancedness, active),
+        "lower_bound_balancedness": _active_mean(
+            _ratio(after.mean_gpu_load, after.lower_bound), active
+        ),
+        "mean_gap": _active_mean(after.gap, active),
+        "max_gap": float(after.max_gap),
+        "moved_experts": after.moved_experts if previous is not None else None,
+        "moved_bytes": after.moved_bytes if previous is not None else None,
+        "plan_seconds": after.wall_time_seconds,
+    }
+    if args.json:
+        _print_json(summary)
+        return 0
+    print(
+        f"{args.dump}: {num_passes:,} passes x {num_layers} layers ({int(active.sum())} with "
+        f"counts) x {num_experts} experts, {int(load.sum()):,} routed tokens"
+    )
+    rows = [
+        [summary["baseline"], _f(summary["balancedness_before"]), "-"],
+        [after.algorithm, _f(summary["balancedness_after"]), _f(summary["mean_gap"] * 100, 2)],
+        ["lower bound", _f(summary["lower_bound_balancedness"]), "0.00"],
+    ]
+    print(table(["placement", "balancedness", "gap %"], rows))
+    if after.notes:
+        print(f"notes: {after.notes}")
+    if previous is not None:
+        moved = f"{after.moved_experts:,} expert slots rewritten"
+        if after.moved_bytes is not None:
+            moved += f" ({after.moved_bytes / 1e9:.2f} GB)"
+        print(moved)
+    print(f"planned in {after.wall_time_seconds * 1e3:.1f} ms")
+    print(
+        f"wrote {output} ([{num_layers}, {args.num_physical_experts}] {PLACEMENT_KEY}); "
+        f"SGLang: --init-expert-location {output}"
+    )
+    return 0
+
+
+def _ratio(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.divide(a, b, out=np.ones_like(a), where=b > 0)
+
+
+def _active_mean(values: np.ndarray, active: np.ndarray) -> float:
+    return float(values[active].mean()) if active.any() else 1.0
+
+
+# ------------------------------------------------------------------------------------------------
+# inspect.
+
+
+def _looks_like_placement(path: Path) -> bool:
+    if path.suffix.lower() != ".json":
+        return False
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    return f'"{PLACEMENT_KEY}"'.encode() in head  # dumps hold "last_physical_to_logical_map"
+
+
+def inspect_command(args: argparse.Namespace) -> int:
+    path = Path(args.file)
+    if not path.exists():
+        raise CliError(f"file {args.file!r} does not exist")
+    if path.is_file() and _looks_like_placement(path):
+        return _inspect_placement(path, args)
+    return _inspect_dump(path, args)
+
+
+def _inspect_placement(path: Path, args: argparse.Namespace) -> int:
+    location = load_placement(path, args.num_gpus or 1, args.num_nodes)
+    phy2log = location.physical_to_logical
+    count = location.logical_count
+    L, P = phy2log.shape
+    S = P // location.ep_size
+    layers = []
+    for layer in range(L):
+        per_gpu = phy2log[layer].reshape(location.ep_size, S)
+        duplicates = sum(S - len(np.unique(row)) for row in per_gpu)
+        layers.append(
+            {
+                "layer": layer,
+                "replicated_experts": int((count[layer] > 1).sum()),
+                "max_replicas": int(count[layer].max()),
+                "same_gpu_duplicates": int(duplicates) if args.num_gpus else None,
+                "trivial": bool(np.array_equal(phy2log[layer], np.arange(P) % count.shape[1])),
+            }
+        )
+    summary = {
+        "kind": "placement",
+        "file": str(path),
+        "num_layers": L,
+        "num_physical_experts": P,
+        "num_logical_experts": location.num_logical_experts,
+        "num_gpus": args.num_gpus,
+        "trivial_layers": sum(x["trivial"] for x in layers),
+        "layers": layers,
+    }
+    if args.json:
+        _print_json(summary)
+        return 0
+    print(
+        f"{path}: placement [{L} layers, {P} slots] of {location.num_logical_experts} experts; "
+        f"{summary['trivial_layers']} layer(s) trivial"
+    )
+    headers = ["layer", "replicated experts", "max replicas", "trivial"]
+    if args.num_gpus:
+        headers.insert(3, f"same-GPU duplicates (G={args.num_gpus})")
+    rows = []
+    for x in layers:
+        row = [str(x["layer"]), str(x["replicated_experts"]), str(x["max_replicas"])]
+        if args.num_gpus:
+            row.append(str(x["same_gpu_duplicates"]))
+        rows.append([*row, "yes" if x["trivial"] else "no"])
+    print(table(headers, rows))
+    return 0
+
+
+def _inspect_dump(path: Path, args: argparse.Namespace) -> int:
+    counts = _load_dump(str(path))
+    T, L, E = counts.shape
+    load = counts.sum(axis=0, dtype=np.float64)
+    totals = load.sum(axis=1)
+    mean = totals / E
+    hottest = load.max(axis=1)
+    gpus = args.num_gpus
+    trivial_bal = bound_bal = None
+    if gpus:
+        slots = args.num_physical_experts or E
+        trivial = ExpertLocation.trivial(L, E, slots, gpus, args.num_nodes)
+        stats = evaluate_placement(load, trivial)
+        trivial_bal = stats.layer_balancedness
+        bound_bal = _ratio(stats.mean_gpu_load, stats.lower_bound)
+    layers = []
+    for layer in range(L):
+        layers.append(
+            {
+                "layer": layer,
+                "tokens": int(totals[layer]),
+                "hottest_expert": int(load[layer].argmax()),
+                "hottest_over_mean": float(hottest[layer] / mean[layer]) if mean[layer] else None,
+                "idle_experts": int((load[layer] == 0).sum()),
+                "trivial_balancedness": None if trivial_bal is None else float(trivial_bal[layer]),
+                "bound_balancedness": None if bound_bal is None else float(bound_bal[layer]),
+            }
+        )
+    summary = {
+        "kind": "dump",
+        "file": str(path),
+        "num_passes": T,
+        "num_layers": L,
+        "num_logical_experts": E,
+        "tokens": int(totals.sum()),
+        "layers_with_counts": int((totals > 0).sum()),
+        "layers": layers,
+    }
+    if args.json:
+        _print_json(summary)
+        return 0
+    print(
+        f"{path}: expert distribution dump, {T:,} passes x {L} layers "
+        f"({summary['layers_with_counts']} with counts) x {E} experts, "
+        f"{summary['tokens']:,} routed tokens"
+    )
+    headers = ["layer", "tokens", "hottest expert", "hottest / mean", "idle experts"]
+    if gpus:
+        headers += [f"trivial bal. (G={gpus})", "bound bal."]
+    rows = []
+    for x in layers:
+        row = [
+            str(x["layer"]),
+            f"{x['tokens']:,}",
+            str(x["hottest_expert"]),
+            _f(x["hottest_over_mean"], 2),
+            str(x["idle_experts"]),
+        ]
+        if gpus:
+            row += [_f(x["trivial_balancedness"]), _f(x["bound_balancedness"])]
+        rows.append(row)
+    print(table(headers, rows))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# Parser.
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage block): ``moelb simulate: error: ...``."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}") from None
+    if not (np.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def _add_run_flags(p: argparse.ArgumentParser, default_dir: str | None) -> None:
+    p.add_argument(
+        "--output-dir",
+        type=Path,
+        default=None if default_dir is None else Path(default_dir),
+        help="write placement.json, simulation.json and PNG plots here"
+        + (f" (default: {default_dir})" if default_dir else " (default: write nothing)"),
+    )
+    p.add_argument("--no-plots", dest="plots", action="store_false", help="do not write PNG plots")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--per-layer", action="store_true", help="also print a per-layer table")
+    p.add_argument("--threads", type=_positive_int, default=None, help="threads (default: all)")
+    p.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
+    p.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bar on stderr (default: when stderr is a terminal)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moelb", description=__doc__.splitlines()[0])
+    parser = _Parser(
+        prog="moelb",
+        description=__doc__.splitlines()[0],
+        epilog="Run `moelb COMMAND --help` for a command's flags.",
+    )
     parser.add_argument("--version", action="version", version=f"moelb {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="route a skewed synthetic batch and print a summary table")
-    p.add_argument("--num-tokens", type=_positive_int, default=16384)
-    p.add_argument("--ep-size", type=_positive_int, default=32, help="EP ranks (divides 256)")
-    p.add_argument("--skew", type=float, default=0.6, help="Zipf exponent of expert popularity")
-    p.add_argument("--threads", type=_positive_int, default=2)
-    p.add_argument("--repeats", type=_positive_int, default=5)
-    p.add_argument("--seed", type=int, default=0)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser(
+        "demo",
+        help="simulate DeepSeek-V3 on 32 GPUs / 4 nodes with skewed, drifting traffic",
+        description="The main job with defaults: "
+        f"{DEMO_CONFIG.model}, {DEMO_CONFIG.ep_size} GPUs in {DEMO_CONFIG.num_nodes} nodes, "
+        f"{DEMO_CONFIG.num_redundant_experts} redundant experts, {DEMO_CONFIG.num_steps} steps "
+        f"of {DEMO_CONFIG.num_tokens} tokens, rebalance every {DEMO_CONFIG.rebalance_period}. "
+        "Same as `moelb simulate` with those values.",
+    )
+    _add_run_flags(p, "moelb-demo")
+    p.add_argument(
+        "--quick", action="store_true", help="a smoke run: 6 layers, 8 steps of 1,024 tokens"
+    )
     p.set_defaults(func=demo)
+
+    p = sub.add_parser(
+        "simulate",
+        help="simulate a cluster with every knob as a flag (or replay a recorded dump)",
+        description="Synthetic or replayed traffic -> routers -> recorder -> periodic EPLB -> "
+        "dispatch -> Waterfill -> per-GPU loads; prints the comparison table.",
+    )
+    d = SimulationConfig()
+    p.add_argument("--model", choices=sorted(MODEL_PRESETS), default=d.model)
+    p.add_argument("--ep-size", type=_positive_int, default=d.ep_size, help="GPUs (EP ranks)")
+    p.add_argument("--num-nodes", type=_positive_int, default=d.num_nodes)
+    p.add_argument(
+        "--num-redundant-experts", type=_non_negative_int, default=d.num_redundant_experts
+    )
+    p.add_argument("--num-tokens", type=_positive_int, default=d.num_tokens, help="per step")
+    p.add_argument("--num-steps", type=_positive_int, default=d.num_steps)
+    p.add_argument("--rebalance-period", type=_positive_int, default=d.rebalance_period)
+    p.add_argument("--skew", type=_non_negative_float, default=d.skew, help="Zipf exponent")
+    p.add_argument(
+        "--drift", type=_non_negative_float, default=d.drift, help="hot-set turnover per step"
+    )
+    p.add_argument(
+        "--algorithms",
+        nargs="+",
+        default=list(d.algorithms),
+        metavar="ALG",
+        help=f"EPLB algorithms: {', '.join(ALGORITHMS)}; moelb:node / moelb:none set moelb's "
+        "locality",
+    )
+    p.add_argument("--waterfill", choices=("dynamic", "static", "off"), default="dynamic")
+    p.add_argument("--trace", default=None, help="replay this recorder dump (.pt/.npz/.json)")
+    p.add_argument(
+        "--num-layers", type=_positive_int, default=None, help="simulate the first N MoE layers"
+    )
+    p.add_argument("--expert-bytes", type=_non_negative_int, default=None)
+    _add_run_flags(p, None)
+    p.set_defaults(func=simulate_command)
+
+    p = sub.add_parser(
+        "rebalance",
+        help="an SGLang expert distribution dump -> a placement JSON for --init-expert-location",
+        description="Plans a placement from the summed counts of a dump (.pt with PyTorch, "
+        ".npz or .json; a folder of them) and writes SGLang's placement JSON.",
+    )
+    p.add_argument("dump", help="expert_distribution_recorder dump (.pt / .npz / .json) or folder")
+    p.add_argument("-o", "--output", required=True, help="placement JSON to write")
+    p.add_argument("--num-physical-experts", type=_positive_int, required=True)
+    p.add_argument("--num-gpus", type=_positive_int, required=True)
+    p.add_argument("--num-nodes", type=_positive_int, default=1)
+    p.add_argument(
+        "--num-groups", type=_positive_int, default=None, help="expert groups (DeepSeek-V3: 8)"
+    )
+    p.add_argument("--algorithm", choices=ALGORITHMS, default="moelb")
+    p.add_argument("--locality", choices=("auto", "node", "none"), default="auto")
+    p.add_argument("--previous", default=None, help="the placement in service (JSON)")
+    p.add_argument("--move-cost", type=_non_negative_float, default=0.0)
+    p.add_argument("--max-moves", type=_non_negative_int, default=None)
+    p.add_argument("--expert-bytes", type=_non_negative_int, default=None)
+    p.add_argument("--num-logical-experts", type=_positive_int, default=None)
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=rebalance_command)
+
+    p = sub.add_parser(
+        "inspect",
+        help="per-layer statistics of a placement JSON or a dump",
+        description="A placement JSON: replicas per layer (and same-GPU duplicates with "
+        "--num-gpus). A dump: tokens and hot experts per layer (and the trivial placement's "
+        "balancedness and the bound with --num-gpus).",
+    )
+    p.add_argument("file")
+    p.add_argument("--num-gpus", type=_positive_int, default=None)
+    p.add_argument("--num-nodes", type=_positive_int, default=1)
+    p.add_argument("--num-physical-experts", type=_positive_int, default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=inspect_command)
     return parser
+
+
+def _one_line(error: BaseException, limit: int = 400) -> str:
+    """An error message on one line (library messages may span several), shortened to
+    ``limit`` characters."""
+    text = " ".join(str(error).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except InvalidArgumentError as e:
-        print(f"moelb: error: {e}", file=sys.stderr)
+    except (CliError, InvalidArgumentError) as e:
+        print(f"moelb {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
-    except BrokenPipeError:  # the reader went away (e.g. `moelb demo | head`): not an error
+    except BrokenPipeError:  # the reader went away (`moelb demo | head`): not an error
         sys.stdout = open(os.devnull, "w")  # keeps the interpreter quiet at exit
         return 0
+    except OSError as e:  # unwritable output folder, disk full, ...
+        print(f"moelb {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return 1
+    except Error as e:
+        print(f"moelb {args.command}: internal error: {_one_line(e)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"moelb {args.command}: interrupted", file=sys.stderr)
+        return 130

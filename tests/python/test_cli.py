@@ -1,48 +1,357 @@
-"""The moelb command line: the demo runs and prints its table; bad flags fail clearly."""
+"""The moelb command line: demo and simulate print consistent tables and write their files, the
+SGLang round trip (.pt dump -> rebalance -> placement JSON), inspect, and one-line errors with a
+non-zero exit for bad flags, missing and corrupt files."""
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
+from pathlib import Path
+
+import moelb
+import numpy as np
+import pytest
+from moelb.cli import main
 
 
-def run(*args: str) -> subprocess.CompletedProcess[str]:
+def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """``python -m moelb args`` with this interpreter and environment (PYTHONPATH included)."""
     return subprocess.run(
-        [sys.executable, "-m", "moelb", *args], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "moelb", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ),
+        cwd=cwd,
     )
 
 
-def test_demo_prints_the_routing_table() -> None:
-    result = run("demo", "--num-tokens", "512", "--repeats", "1", "--threads", "1")
+def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """Runs ``moelb args`` in process; returns (exit status, stdout, stderr)."""
+    try:
+        code = main(list(args))
+    except SystemExit as e:  # argparse: bad flags, --help, --version
+        code = int(e.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code: int, err: str, needle: str) -> None:
+    assert code != 0
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert "error" in lines[0] and needle in lines[0], err
+    assert "Traceback" not in err
+
+
+SIMULATE_SMALL = [
+    "simulate",
+    "--ep-size", "8",
+    "--num-nodes", "2",
+    "--num-redundant-experts", "16",
+    "--num-tokens", "512",
+    "--num-steps", "8",
+    "--rebalance-period", "4",
+    "--num-layers", "3",
+    "--skew", "1.0",
+]  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------
+# demo and simulate.
+
+
+def test_demo_prints_the_table_and_writes_the_files(tmp_path: Path) -> None:
+    result = run("demo", "--quick", "--output-dir", str(tmp_path / "out"), "--progress")
     assert result.returncode == 0, result.stderr
-    for router in ("DeepSeek-V3", "DeepSeek-V4-Flash", "DeepSeek-V4 hash layer"):
-        assert router in result.stdout
-    assert "rank balancedness" in result.stdout
-    assert "token 0:" in result.stdout
+    out = result.stdout
+    assert "deepseek-v3, 6 MoE layers x 256 experts, 288 slots on 32 GPUs in 4 nodes" in out
+    for row in ("trivial", "deepseek", "moelb", "deepseek_global", "moelb:none", "lower bound"):
+        assert f"\n{row} " in out
+    assert "simulating [" in result.stderr  # the progress bar
+    files = {p.name for p in (tmp_path / "out").iterdir()}
+    assert {"placement.json", "simulation.json"} <= files
+    if "plots skipped" not in out:
+        assert {"balancedness_per_layer.png", "gpu_load_heatmap.png"} <= files
+    placement = json.loads((tmp_path / "out" / "placement.json").read_text())
+    assert np.array(placement["physical_to_logical_map"]).shape == (61, 288)
+    summary = json.loads((tmp_path / "out" / "simulation.json").read_text())
+    a = summary["algorithms"]
+    assert a["moelb"]["predictive"] > a["trivial"]["predictive"] + 0.1
 
 
-def test_demo_rejects_an_ep_size_that_does_not_divide_the_experts() -> None:
-    result = run("demo", "--num-tokens", "64", "--repeats", "1", "--ep-size", "7")
-    assert result.returncode == 2
-    assert "num_physical_experts=256 is not divisible by ep_size=7" in result.stderr
+def test_simulate_json_is_consistent(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = cli(capsys, *SIMULATE_SMALL, "--algorithms", "deepseek", "moelb", "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    a = data["algorithms"]
+    assert list(a) == ["trivial", "deepseek", "moelb"]
+    assert data["files"] == [] and data["layer_ids"] == [3, 4, 5]
+    # moelb >= deepseek >= trivial on skewed traffic, on the windows the plans were made from.
+    assert a["moelb"]["in_window"] >= a["deepseek"]["in_window"] - 1e-3
+    assert a["deepseek"]["in_window"] > a["trivial"]["in_window"] + 0.1
+    for r in a.values():
+        assert r["min_gap"] >= -1e-9  # the lower bound holds on every step and layer
+        assert r["predictive"] <= data["bound_predictive"] + 1e-12
+    assert len(a["moelb"]["moved_experts"]) == 2 and min(a["moelb"]["moved_experts"]) > 0
 
 
-def test_bad_flags_exit_non_zero() -> None:
-    assert run("demo", "--num-tokens", "-5").returncode != 0
-    assert run("no-such-command").returncode != 0
+def test_simulate_table_per_layer_and_waterfill_off(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    code, out, err = cli(
+        capsys, *SIMULATE_SMALL, "--per-layer", "--waterfill", "off", "--output-dir",
+        str(tmp_path), "--no-plots",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "Waterfill off" in out and "predictive balancedness per layer" in out
+    assert "plots skipped: --no-plots" in out
+    moelb_row = next(line for line in out.splitlines() if "moelb(locality=node)" in line)
+    assert moelb_row.split()[4:7] == ["-", "-", "-"]  # no token-level figures
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["placement.json", "simulation.json"]
+
+
+def test_simulate_replays_a_trace(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    counts = np.random.default_rng(0).poisson(30, (8, 4, 256)).astype(np.int32)
+    path = tmp_path / "trace.json"
+    moelb.save_expert_distribution(
+        {"rank": 0, "logical_count": counts, "average_utilization_rate_over_window": None}, path
+    )
+    code, out, err = cli(
+        capsys, "simulate", "--trace", str(path), "--ep-size", "8", "--num-nodes", "2",
+        "--rebalance-period", "4",
+    )  # fmt: skip
+    assert code == 0, err
+    assert f"replayed counts from {path}" in out and "8 steps" in out
+
+
+# ------------------------------------------------------------------------------------------------
+# The SGLang round trip.
+
+
+def sglang_stat_dump(path: Path, num_passes: int = 6, seed: int = 0) -> np.ndarray:
+    """SGLang's stat-mode dump: torch.save of {"rank", "logical_count" int32 [T, 61, 256],
+    "average_utilization_rate_over_window"}; the 3 dense layers of DeepSeek-V3 are zero rows."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(seed)
+    popularity = rng.permutation(1.0 / np.arange(1, 257) ** 0.8)
+    counts = rng.poisson(400 * popularity, (num_passes, 61, 256)).astype(np.int32)
+    counts[:, :3] = 0
+    torch.save(
+        {
+            "rank": 0,
+            "logical_count": torch.from_numpy(counts),
+            "average_utilization_rate_over_window": 0.61,
+        },
+        path,
+    )
+    return counts
+
+
+def check_sglang_placement(path: Path, num_layers: int, slots: int, experts: int) -> np.ndarray:
+    """What SGLang's --init-expert-location does with a .json path: json.load, then
+    init_by_mapping(physical_to_logical_map) as an int tensor [L, P]; every expert needs a
+    replica."""
+    torch = pytest.importorskip("torch")
+    obj = json.loads(path.read_text())
+    assert list(obj) == ["physical_to_logical_map"]
+    mapping = torch.tensor(obj["physical_to_logical_map"])
+    assert mapping.dtype == torch.int64 and tuple(mapping.shape) == (num_layers, slots)
+    assert int(mapping.min()) >= 0 and int(mapping.max()) < experts
+    for row in mapping.numpy():
+        assert set(row.tolist()) == set(range(experts))
+    return mapping.numpy()
+
+
+def test_rebalance_round_trip_from_a_pt_dump(capsys: pytest.CaptureFixture[str], tmp_path: Path):
+    dump = tmp_path / "expert_distribution_recorder_1700000000.pt"
+    counts = sglang_stat_dump(dump)
+    out_file = tmp_path / "placement.json"
+    code, out, err = cli(
+        capsys, "rebalance", str(dump), "-o", str(out_file), "--num-physical-experts", "288",
+        "--num-gpus", "32", "--num-nodes", "4", "--num-groups", "8",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "6 passes x 61 layers (58 with counts) x 256 experts" in out
+    assert "moelb(locality=node)" in out and "--init-expert-location" in out
+    mapping = check_sglang_placement(out_file, 61, 288, 256)
+    # The file is what moelb.rebalance plans for the summed counts.
+    plan = moelb.rebalance(counts, 288, 8, 4, 32)
+    np.testing.assert_array_equal(mapping, plan.location.physical_to_logical)
+
+    # Re-plan against the placement in service, as JSON for machines.
+    code, out, err = cli(
+        capsys, "rebalance", str(dump), "-o", str(tmp_path / "next.json"),
+        "--num-physical-experts", "288", "--num-gpus", "32", "--num-nodes", "4",
+        "--num-groups", "8", "--algorithm", "deepseek", "--previous", str(out_file),
+        "--expert-bytes", "1000", "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["algorithm"] == "deepseek_hierarchical" and summary["baseline"] == "previous"
+    assert summary["moved_bytes"] == 1000 * summary["moved_experts"]
+    assert summary["num_layers_with_counts"] == 58
+    assert 0 < summary["balancedness_after"] <= summary["lower_bound_balancedness"] + 1e-12
+    check_sglang_placement(tmp_path / "next.json", 61, 288, 256)
+
+
+def test_rebalance_reads_per_pass_dumps(capsys: pytest.CaptureFixture[str], tmp_path: Path):
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(1)
+    trivial = np.arange(288) % 256
+    records = [
+        {
+            "forward_pass_id": i,
+            "rank": 0,
+            "gatherer_key": "primary",
+            "global_physical_count": torch.from_numpy(rng.poisson(20, (4, 288)).astype(np.int32)),
+        }
+        for i in range(3)
+    ]
+    dump = tmp_path / "per_pass.pt"
+    torch.save(
+        {
+            "records": records,
+            "last_physical_to_logical_map": torch.tensor(np.tile(trivial, (4, 1))),
+        },
+        dump,
+    )
+    out_file = tmp_path / "p.json"
+    code, _, err = cli(
+        capsys, "rebalance", str(dump), "-o", str(out_file), "--num-physical-experts", "288",
+        "--num-gpus", "8",
+    )  # fmt: skip
+    assert code == 0, err
+    check_sglang_placement(out_file, 4, 288, 256)
+
+
+# ------------------------------------------------------------------------------------------------
+# inspect.
+
+
+def test_inspect_placement_and_dump(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    dump = tmp_path / "dump.npz"
+    counts = np.random.default_rng(2).poisson(50, (3, 4, 256)).astype(np.int32)
+    counts[:, 1, 7] = 10_000
+    moelb.save_expert_distribution(
+        {"rank": 0, "logical_count": counts, "average_utilization_rate_over_window": None}, dump
+    )
+    code, out, err = cli(capsys, "inspect", str(dump), "--num-gpus", "8", "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["kind"] == "dump" and data["num_passes"] == 3 and len(data["layers"]) == 4
+    layer1 = data["layers"][1]
+    assert layer1["hottest_expert"] == 7 and layer1["tokens"] == int(counts[:, 1].sum())
+    assert layer1["trivial_balancedness"] < data["layers"][0]["trivial_balancedness"]
+
+    placement = tmp_path / "placement.json"
+    plan = moelb.rebalance(counts, 288, 8, 1, 8)
+    moelb.save_placement(plan.location, placement)
+    code, out, err = cli(capsys, "inspect", str(placement), "--num-gpus", "8")
+    assert code == 0, err
+    assert "placement [4 layers, 288 slots] of 256 experts" in out
+    assert "same-GPU duplicates (G=8)" in out
+    code, out, err = cli(capsys, "inspect", str(placement), "--json")
+    layers = json.loads(out)["layers"]
+    assert layers[1]["max_replicas"] > 1 and layers[1]["replicated_experts"] >= 1
+
+
+# ------------------------------------------------------------------------------------------------
+# Errors: one line, non-zero exit, no traceback.
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["no-such-command"], "invalid choice: 'no-such-command'"),
+        (["simulate", "--ep-size", "-5"], "argument --ep-size: must be a positive integer"),
+        (["simulate", "--skew", "abc"], "argument --skew: must be a number >= 0"),
+        (["simulate", "--model", "gpt"], "argument --model: invalid choice"),
+        (["simulate", "--algorithms", "magic"], "'magic' is not an EPLB algorithm"),
+        (["simulate", "--ep-size", "7", "--num-nodes", "1"], "not divisible by ep_size=7"),
+        (["simulate", "--num-steps", "3"], "fewer than two windows"),
+        (["simulate", "--trace", "missing.pt"], "trace file 'missing.pt' does not exist"),
+        (["rebalance", "x.pt", "--num-gpus", "8"], "the following arguments are required"),
+        (["inspect", "missing.json"], "file 'missing.json' does not exist"),
+        (["demo", "--threads", "0"], "argument --threads: must be a positive integer"),
+    ],
+)
+def test_bad_flags(capsys: pytest.CaptureFixture[str], args: list[str], needle: str) -> None:
+    code, _, err = cli(capsys, *args)
+    assert_one_line_error(code, err, needle)
+    assert code == 2
+
+
+def rebalance_args(dump: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "rebalance", str(dump), "-o", str(out), "--num-physical-experts", "288",
+        "--num-gpus", "8", *extra,
+    ]  # fmt: skip
+
+
+def test_bad_files(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    out = tmp_path / "placement.json"
+    missing = tmp_path / "missing.pt"
+    assert_one_line_error(*cli(capsys, *rebalance_args(missing, out))[::2], "does not exist")
+    for name, content in [
+        ("corrupt.pt", b"not a torch file"),
+        ("corrupt.npz", b"PK\x03\x04 truncated"),
+        ("corrupt.json", b"{not json"),
+        ("wrong.json", b'{"hello": 1}'),
+        ("dump.txt", b"1 2 3"),
+    ]:
+        path = tmp_path / name
+        path.write_bytes(content)
+        code, _, err = cli(capsys, *rebalance_args(path, out))
+        assert_one_line_error(code, err, name)
+        assert code == 2
+        code, _, err = cli(capsys, "inspect", str(path))
+        assert_one_line_error(code, err, name)
+    assert not out.exists()  # nothing written on failure
+
+    good = tmp_path / "good.npz"
+    counts = np.ones((2, 3, 256), np.int32)
+    moelb.save_expert_distribution(
+        {"rank": 0, "logical_count": counts, "average_utilization_rate_over_window": None}, good
+    )
+    # Inconsistent topology: 288 slots on 7 GPUs.
+    code, _, err = cli(
+        capsys, "rebalance", str(good), "-o", str(out), "--num-physical-experts", "288",
+        "--num-gpus", "7",
+    )  # fmt: skip
+    assert_one_line_error(code, err, "288")
+    # An output folder that does not exist.
+    code, _, err = cli(capsys, *rebalance_args(good, tmp_path / "nowhere" / "p.json"))
+    assert_one_line_error(code, err, "does not exist")
+    # A placement that is not one: bad ids.
+    bad_placement = tmp_path / "bad_placement.json"
+    bad_placement.write_text('{"physical_to_logical_map": [[0, 1, -3]]}')
+    code, _, err = cli(capsys, "inspect", str(bad_placement))
+    assert_one_line_error(code, err, "is not an expert id")
+    code, _, err = cli(capsys, *rebalance_args(good, out, "--previous", str(bad_placement)))
+    assert_one_line_error(code, err, "bad_placement.json")
+
+
+def test_entry_point_errors_and_version() -> None:
+    result = run("simulate", "--num-tokens", "-5")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
     result = run("--version")
     assert result.returncode == 0 and result.stdout.startswith("moelb ")
 
 
-def test_closed_pipe_is_not_an_error() -> None:
+def test_closed_pipe_is_not_an_error(tmp_path: Path) -> None:
     demo = subprocess.Popen(
-        [sys.executable, "-m", "moelb", "demo", "--num-tokens", "256", "--repeats", "1"],
+        [sys.executable, "-m", "moelb", *SIMULATE_SMALL, "--per-layer"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+        env=dict(os.environ),
     )
     assert demo.stdout is not None
     demo.stdout.readline()
-    demo.stdout.close()  # like `moelb demo | head -1`
-    _, err = demo.communicate(timeout=120)
+    demo.stdout.close()  # like `moelb simulate ... | head -1`
+    _, err = demo.communicate(timeout=300)
     assert demo.returncode == 0, err.decode()
     assert b"Traceback" not in err

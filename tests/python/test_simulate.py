@@ -1,0 +1,305 @@
+"""The cluster simulator: the C++ scoring loop against NumPy, the figures' consistency on skewed
+traffic (moelb >= deepseek >= trivial, the lower bound respected, moves counted), replay of
+recorded counts, V4 hash layers, determinism, plots and every configuration error."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+import moelb
+import numpy as np
+import pytest
+from moelb.simulate import parse_algorithm
+
+SMALL = moelb.SimulationConfig(
+    model="deepseek-v3",
+    ep_size=8,
+    num_nodes=2,
+    num_redundant_experts=16,
+    num_tokens=512,
+    num_steps=12,
+    rebalance_period=4,
+    skew=1.0,
+    drift=0.05,
+    algorithms=("deepseek", "moelb", "deepseek_global", "moelb:none"),
+    num_layers=4,
+)
+
+
+@pytest.fixture(scope="module")
+def small() -> moelb.SimulationResult:
+    return moelb.simulate(SMALL)
+
+
+def random_counts(shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    scale = 1.0 / np.arange(1, shape[2] + 1) ** 0.8
+    return rng.poisson(200 * rng.permutation(scale), shape).astype(np.int32)
+
+
+# ------------------------------------------------------------------------------------------------
+# The C++ scoring loop.
+
+
+def test_score_steps_matches_gpu_loads() -> None:
+    counts = random_counts((5, 3, 16))
+    rng = np.random.default_rng(1)
+    phy2log = np.concatenate([np.tile(np.arange(16), (3, 1)), rng.integers(0, 16, (3, 8))], 1)
+    location = moelb.ExpertLocation(rng.permuted(phy2log, axis=1), 16, ep_size=4)
+    max_load, mean_load = moelb.score_steps(counts, location)
+    assert max_load.shape == mean_load.shape == (5, 3)
+    for t in range(5):
+        loads = moelb.gpu_loads(counts[t], location)  # [L, G], independent implementation
+        np.testing.assert_allclose(max_load[t], loads.max(axis=1), rtol=1e-12)
+        np.testing.assert_allclose(mean_load[t], counts[t].sum(axis=1) / 4, rtol=1e-12)
+
+
+def test_step_lower_bounds_is_the_flat_bound_per_step() -> None:
+    counts = random_counts((4, 2, 16), seed=2)
+    counts[0, 0] = 0
+    counts[1, 1, 3] = 5000  # one very hot expert: the replica bound exceeds the mean
+    bounds = moelb.step_lower_bounds(counts, 20, 10)
+    for t in range(4):
+        stats = moelb.evaluate_placement(
+            counts[t], moelb.ExpertLocation.trivial(2, 16, 20, ep_size=10)
+        )
+        np.testing.assert_allclose(bounds[t], stats.lower_bound, rtol=1e-12)
+    assert bounds[0, 0] == 0
+    assert bounds[1, 1] == 1000 > counts[1, 1].sum() / 10  # 5000 over 5 replicas
+
+
+def test_scoring_errors() -> None:
+    counts = random_counts((2, 3, 16))
+    location = moelb.ExpertLocation.trivial(3, 16, 16, ep_size=4)
+    with pytest.raises(moelb.InvalidDTypeError, match="counts must have dtype int32"):
+        moelb.score_steps(counts.astype(np.int64), location)
+    with pytest.raises(moelb.InvalidArgumentError, match="counts must be 3-D"):
+        moelb.score_steps(counts[0], location)
+    with pytest.raises(moelb.InvalidArgumentError, match="C-contiguous"):
+        moelb.score_steps(counts[:, :, ::2], moelb.ExpertLocation.trivial(3, 8, 8, ep_size=4))
+    with pytest.raises(moelb.InvalidArgumentError, match="counts has 3 layers but the location"):
+        moelb.score_steps(counts, moelb.ExpertLocation.trivial(2, 16, 16, ep_size=4))
+    bad = counts.copy()
+    bad[1, 2, 5] = -1
+    with pytest.raises(moelb.InvalidArgumentError, match=r"counts\[1, 2, 5\] = -1 is negative"):
+        moelb.score_steps(bad, location)
+    with pytest.raises(moelb.InvalidArgumentError, match="num_physical_experts=8 is less than"):
+        moelb.step_lower_bounds(counts, 8, 4)
+    with pytest.raises(moelb.InvalidArgumentError, match="num_gpus must be >= 1"):
+        moelb.step_lower_bounds(counts, 16, 0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Synthetic traffic end to end.
+
+
+def test_eplb_beats_trivial_and_moelb_matches_or_beats_deepseek(
+    small: moelb.SimulationResult,
+) -> None:
+    a = small.algorithms
+    assert list(a) == ["trivial", "deepseek", "moelb", "deepseek_global", "moelb:none"]
+    assert a["deepseek"].ran == "deepseek_hierarchical"
+    assert a["moelb"].ran == "moelb(locality=node)"
+    assert a["moelb:none"].ran == "moelb(locality=none)"
+    for field in ("in_window", "predictive"):
+        trivial = getattr(a["trivial"], field)
+        for node, flat in (("deepseek", "moelb"), ("deepseek_global", "moelb:none")):
+            assert getattr(a[node], field) > trivial + 0.1, field
+            assert getattr(a[flat], field) >= getattr(a[node], field) - 0.01, (field, flat)
+    # On the planning window's own load moelb is never worse than DeepSeek (same locality).
+    assert a["moelb"].in_window >= a["deepseek"].in_window - 1e-3
+    # Waterfill is simulated at token level on the placements in service.
+    for r in a.values():
+        assert r.dispatched is not None and r.shared_local is not None
+        assert r.waterfill is not None
+        assert 0 < r.dispatched <= 1 and 0 < r.waterfill <= 1
+
+
+def test_lower_bound_is_respected(small: moelb.SimulationResult) -> None:
+    for r in small.algorithms.values():
+        assert r.min_gap >= -1e-9, r.name
+        assert r.in_window <= small.bound_in_window + 1e-12
+        assert r.predictive <= small.bound_predictive + 1e-12
+        assert np.all(r.layer_predictive <= small.layer_bound_predictive + 1e-12)
+    assert 0 < small.bound_predictive <= 1
+
+
+def test_moves_are_counted(small: moelb.SimulationResult) -> None:
+    assert small.num_windows == 3
+    preset = moelb.MODEL_PRESETS["deepseek-v3"]
+    assert small.expert_bytes == preset.expert_bytes == 3 * 7168 * 2048
+    assert small.algorithms["trivial"].moved_experts == []
+    for name in ("deepseek", "moelb"):
+        r = small.algorithms[name]
+        assert len(r.moved_experts) == len(r.plan_seconds) == small.num_windows
+        assert all(0 < m <= 4 * 272 for m in r.moved_experts)  # 4 layers x 272 slots
+        assert r.moved_bytes == [m * small.expert_bytes for m in r.moved_experts]
+        assert all(s > 0 for s in r.plan_seconds)
+    # The written placement covers the model: dense layers 0-2 and layers 7+ stay trivial.
+    placement = small.algorithms["moelb"].placement
+    assert placement.physical_to_logical.shape == (61, 272)
+    trivial_row = np.arange(272) % 256
+    for layer in (0, 1, 2, 7, 60):
+        np.testing.assert_array_equal(placement.physical_to_logical[layer], trivial_row)
+    assert not np.array_equal(placement.physical_to_logical[3], trivial_row)
+    assert list(small.layer_ids) == [3, 4, 5, 6]
+
+
+def test_deterministic(small: moelb.SimulationResult, restore_num_threads: None) -> None:
+    moelb.set_num_threads(1)
+    again = moelb.simulate(SMALL)
+    first, second = small.to_dict(), again.to_dict()
+    for d in (first, second):
+        d.pop("timings")
+        for r in d["algorithms"].values():
+            r.pop("plan_seconds")
+    assert first == second
+
+
+def test_no_drift_predicts_better_than_fast_drift() -> None:
+    base = dataclasses.replace(SMALL, algorithms=("moelb",), waterfill=None, num_tokens=2048)
+    still = moelb.simulate(dataclasses.replace(base, drift=0.0)).algorithms["moelb"]
+    moving = moelb.simulate(dataclasses.replace(base, drift=0.5)).algorithms["moelb"]
+    assert still.predictive > moving.predictive + 0.05
+    assert still.waterfill is None  # waterfill=None: no token-level figures
+
+
+def test_v4_hash_layers() -> None:
+    config = dataclasses.replace(
+        SMALL, model="deepseek-v4-flash", num_layers=4, algorithms=("moelb",)
+    )
+    result = moelb.simulate(config)
+    assert list(result.layer_ids) == [0, 1, 2, 3]  # layers 0-2 route by token id
+    assert result.algorithms["moelb"].placement.physical_to_logical.shape == (43, 272)
+    assert result.algorithms["moelb"].predictive > result.algorithms["trivial"].predictive
+
+
+def test_progress_is_reported() -> None:
+    calls: list[tuple[int, int]] = []
+    config = dataclasses.replace(SMALL, num_steps=8, algorithms=("moelb",), waterfill=None)
+    moelb.simulate(config, progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(i, 8) for i in range(1, 9)]
+
+
+# ------------------------------------------------------------------------------------------------
+# Replay of recorded counts.
+
+
+def test_replay_scores_the_recorded_counts(tmp_path: Path) -> None:
+    counts = random_counts((9, 5, 256), seed=3)
+    counts[:, 0] = 0  # a dense layer, as SGLang dumps hold them: skipped
+    path = tmp_path / "dump.npz"
+    moelb.save_expert_distribution(
+        {"rank": 0, "logical_count": counts, "average_utilization_rate_over_window": None}, path
+    )
+    config = moelb.SimulationConfig(
+        ep_size=8, num_nodes=2, num_redundant_experts=32, rebalance_period=4, trace=str(path)
+    )
+    calls: list[tuple[int, int]] = []
+    result = moelb.simulate(config, progress=lambda d, t: calls.append((d, t)))
+    assert calls == [(4, 9), (8, 9), (9, 9)]
+    assert result.num_steps == 9 and result.num_windows == 3
+    assert list(result.layer_ids) == [1, 2, 3, 4]
+    r = result.algorithms["moelb"]
+    assert r.dispatched is None and r.waterfill is None  # counts carry no tokens
+    assert r.placement.physical_to_logical.shape == (5, 288)
+    # Trivial, recomputed with NumPy: mean / max GPU load per step and layer.
+    trivial = moelb.ExpertLocation.trivial(4, 256, 288, ep_size=8)
+    per_step = [moelb.gpu_loads(counts[t, 1:], trivial) for t in range(9)]
+    bal = np.array([(g.mean(axis=1) / g.max(axis=1)) for g in per_step])  # [T, L]
+    assert result.algorithms["trivial"].in_window == pytest.approx(bal.mean(), rel=1e-12)
+    assert result.algorithms["trivial"].predictive == pytest.approx(bal[4:].mean(), rel=1e-12)
+    np.testing.assert_allclose(result.algorithms["trivial"].step_balancedness, bal.mean(axis=1))
+    # The first plan (on window 0) serves window 1: its predictive score is recomputed here.
+    plan = moelb.rebalance(counts[:4, 1:], 288, 8, 2, 8, previous=trivial)
+    loads = [moelb.gpu_loads(counts[t, 1:], plan.location) for t in range(4, 8)]
+    expected = np.mean([g.mean(axis=1) / g.max(axis=1) for g in loads])
+    np.testing.assert_allclose(r.step_balancedness[4:8].mean(), expected, rtol=1e-12)
+    assert r.moved_experts[0] == plan.stats.moved_experts
+
+
+def test_replay_errors(tmp_path: Path) -> None:
+    def dump(counts: np.ndarray, name: str) -> str:
+        path = tmp_path / name
+        moelb.save_expert_distribution(
+            {"rank": 0, "logical_count": counts, "average_utilization_rate_over_window": None},
+            path,
+        )
+        return str(path)
+
+    base = moelb.SimulationConfig(ep_size=8, num_nodes=2, rebalance_period=4)
+    wrong = dump(random_counts((8, 2, 384)), "v4pro.npz")
+    with pytest.raises(moelb.InvalidArgumentError, match="has 384 experts but model deepseek-v3"):
+        moelb.simulate(dataclasses.replace(base, trace=wrong))
+    short = dump(random_counts((5, 2, 256)), "short.npz")
+    with pytest.raises(moelb.InvalidArgumentError, match="has 5 steps: fewer than two windows"):
+        moelb.simulate(dataclasses.replace(base, trace=short))
+    empty = dump(np.zeros((8, 2, 256), np.int32), "empty.npz")
+    with pytest.raises(moelb.InvalidArgumentError, match="holds no counts"):
+        moelb.simulate(dataclasses.replace(base, trace=empty))
+    with pytest.raises(moelb.InvalidArgumentError, match="does not exist"):
+        moelb.simulate(dataclasses.replace(base, trace=str(tmp_path / "missing.npz")))
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"model": "gpt"}, "model='gpt' is not a preset"),
+        ({"ep_size": 0}, "ep_size must be a positive integer"),
+        ({"num_tokens": 2.5}, "num_tokens must be a positive integer"),
+        ({"num_nodes": 3}, "ep_size=8 is not divisible by num_nodes=3"),
+        ({"num_redundant_experts": -1}, "num_redundant_experts must be >= 0"),
+        ({"num_redundant_experts": 4}, "num_physical_experts=260 .* not divisible by ep_size=8"),
+        ({"skew": -1.0}, "skew must be finite and >= 0"),
+        ({"drift": float("nan")}, "drift must be finite and >= 0"),
+        ({"algorithms": ()}, "algorithms must name at least one"),
+        ({"algorithms": ("magic",)}, "'magic' is not an EPLB algorithm"),
+        ({"algorithms": ("deepseek:none",)}, "only moelb takes a locality"),
+        ({"algorithms": ("moelb:far",)}, "only moelb takes a locality"),
+        ({"algorithms": ("moelb", "moelb")}, "lists one twice"),
+        ({"waterfill": "sometimes"}, "waterfill must be 'dynamic', 'static' or None"),
+        ({"num_layers": 59}, r"num_layers must be in \[1, 58\]"),
+        ({"expert_bytes": -1}, "expert_bytes must be >= 0"),
+        ({"num_steps": 7}, "num_steps=7 gives fewer than two windows"),
+    ],
+)
+def test_config_errors(changes: dict, message: str) -> None:
+    with pytest.raises(moelb.InvalidArgumentError, match=message):
+        moelb.simulate(dataclasses.replace(SMALL, **changes))
+
+
+def test_parse_algorithm() -> None:
+    assert parse_algorithm("moelb") == ("moelb", "auto")
+    assert parse_algorithm("moelb:none") == ("moelb", "none")
+    assert parse_algorithm("deepseek_global") == ("deepseek_global", "auto")
+
+
+# ------------------------------------------------------------------------------------------------
+# Plots.
+
+
+def test_plots(small: moelb.SimulationResult, tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    from moelb.plots import plot_simulation
+
+    written = plot_simulation(small, tmp_path)
+    assert [p.name for p in written] == [
+        "balancedness_per_layer.png",
+        "gpu_load_heatmap.png",
+        "balancedness_over_time.png",
+    ]
+    for path in written:
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plots_without_matplotlib(
+    small: moelb.SimulationResult, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from moelb.plots import PlotsUnavailable, plot_simulation
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    with pytest.raises(PlotsUnavailable, match="pip install 'moelb\\[plots\\]'"):
+        plot_simulation(small, tmp_path)
+    assert list(tmp_path.iterdir()) == []
