@@ -5,6 +5,9 @@ recorded counts, V4 hash layers, determinism, plots and every configuration erro
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -303,3 +306,30 @@ def test_plots_without_matplotlib(
     with pytest.raises(PlotsUnavailable, match="pip install 'moelb\\[plots\\]'"):
         plot_simulation(small, tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------------------
+# The benchmark scripts (smoke runs; speed is measured by running them directly).
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def test_bench_simulate_and_run_all_quick(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "run_all.py"), "--quick", "--only", "bench_simulate",
+         "--output-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, env=dict(os.environ),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    payload = json.loads((tmp_path / "latest.json").read_text())
+    bench = payload["benchmarks"]["bench_simulate"]
+    assert bench["ok"] and "goal: replay under 10 s" in bench["stdout"]
+    data = bench["results"]
+    assert data["steps"] == 400 and {r["threads"] for r in data["results"]} == {1, 2}
+    assert all(r["seconds_min"] > 0 for r in data["results"])
+    quality = data["quality"]
+    assert quality["moelb"]["in_window"] >= quality["deepseek"]["in_window"] - 1e-3
+    assert quality["deepseek"]["in_window"] > quality["trivial"]["in_window"]
+    assert all(q["min_gap"] >= -1e-9 for q in quality.values())
+    markdown = (tmp_path / "latest.md").read_text()
+    assert "| `bench_simulate` | ok |" in markdown and "## `bench_simulate`" in markdown
