@@ -388,7 +388,9 @@ struct Packing {
 // Scratch buffers of the packing steps, reused across calls (one per thread).
 struct PackScratch {
     std::vector<int> fill, held, partners, mark, sorted, position, tie_key;
-    std::vector<std::pair<double, int>> heap, skipped, keyed;
+    std::vector<std::pair<double, int>> heap, skipped;
+    std::vector<std::uint64_t> keys, next_keys;  // sort_order
+    std::vector<int> items, next_items;
     // swap_search: the replica load of each slot, bin b's at [b * load_stride, ...) padded with
     // +inf to a multiple of kLanes (a padding "replica" never makes a useful swap).
     std::vector<double> slot_load;
@@ -404,21 +406,46 @@ void Packing::sort_order(PackScratch& s) {
         if (count[e] > 0) ++order_offset[domain_of[e] + 1];
     }
     for (int d = 0; d < D; ++d) order_offset[d + 1] += order_offset[d];
-    s.fill.assign(order_offset.begin(), order_offset.end() - 1);
-    s.keyed.resize(static_cast<std::size_t>(order_offset[D]));
+    // An LSD radix sort (comparisons of random loads mispredict): the experts in index order with
+    // the complemented bits of their replica loads as keys (non-negative doubles order like their
+    // bits; -0 is normalised to +0), stable passes of kRadixBits over the key (skipping digits
+    // all keys share), then a stable pass by domain.
+    constexpr int kRadixBits = 8, kBuckets = 1 << kRadixBits, kPasses = 64 / kRadixBits;
+    s.keys.clear();
+    s.items.clear();
+    std::uint32_t histogram[kPasses][kBuckets] = {};
     for (int e = 0; e < E; ++e) {
-        if (count[e] > 0) s.keyed[s.fill[domain_of[e]]++] = {replica_load[e], e};
+        if (count[e] == 0) continue;
+        std::uint64_t bits;
+        const double v = replica_load[e] + 0.0;
+        std::memcpy(&bits, &v, sizeof bits);
+        bits = ~bits;
+        s.keys.push_back(bits);
+        s.items.push_back(e);
+        for (int pass = 0; pass < kPasses; ++pass) {
+            ++histogram[pass][(bits >> (pass * kRadixBits)) & (kBuckets - 1)];
+        }
     }
-    // Keys are unique (by expert), so the order does not depend on the sort algorithm.
-    const auto heavier = [](const std::pair<double, int>& x, const std::pair<double, int>& y) {
-        return x.first > y.first || (x.first == y.first && x.second < y.second);
-    };
-    order.resize(s.keyed.size());
-    for (int d = 0; d < D; ++d) {
-        std::sort(s.keyed.begin() + order_offset[d], s.keyed.begin() + order_offset[d + 1],
-                  heavier);
+    const std::size_t n = s.keys.size();
+    s.next_keys.resize(n);
+    s.next_items.resize(n);
+    for (int pass = 0; pass < kPasses && n > 0; ++pass) {
+        const int shift = pass * kRadixBits;
+        std::uint32_t* start = histogram[pass];
+        if (start[(s.keys[0] >> shift) & (kBuckets - 1)] == n) continue;
+        std::uint32_t sum = 0;
+        for (int digit = 0; digit < kBuckets; ++digit) sum += std::exchange(start[digit], sum);
+        for (std::size_t i = 0; i < n; ++i) {
+            const std::uint32_t to = start[(s.keys[i] >> shift) & (kBuckets - 1)]++;
+            s.next_keys[to] = s.keys[i];
+            s.next_items[to] = s.items[i];
+        }
+        s.keys.swap(s.next_keys);
+        s.items.swap(s.next_items);
     }
-    for (std::size_t i = 0; i < s.keyed.size(); ++i) order[i] = s.keyed[i].second;
+    order.resize(n);
+    s.fill.assign(order_offset.begin(), order_offset.end() - 1);
+    for (const int e : s.items) order[s.fill[domain_of[e]]++] = e;
     order_valid = true;
 }
 
