@@ -388,7 +388,7 @@ struct Packing {
 // Scratch buffers of the packing steps, reused across calls (one per thread).
 struct PackScratch {
     std::vector<int> fill, held, partners, mark, sorted, position, tie_key;
-    std::vector<std::pair<double, int>> heap, skipped;
+    std::vector<unsigned __int128> tree;         // lpt
     std::vector<std::uint64_t> keys, next_keys;  // sort_order
     std::vector<int> items, next_items;
     // swap_search: the replica load of each slot, bin b's at [b * load_stride, ...) padded with
@@ -474,45 +474,41 @@ void Packing::change_count(int e, int delta, const double* w) {
 // Longest-processing-time first onto the lightest bin of the replica's domain with room that does
 // not hold the expert yet (ties to the lower bin); duplicates only when unavoidable. Replicas go
 // in `order`, so an expert's replicas are placed one after the other and "the bin holds the
-// expert" means "the bin took one of its earlier replicas". The bins with room are a binary
-// min-heap of (load, bin); keys are unique, so the choice does not depend on the heap's layout.
+// expert" means "the bin took one of its earlier replicas".
+//
+// The domain's bins are the leaves of a tournament tree of integer keys (load bits, bin) -- loads
+// are >= +0, so their bits order like their values -- whose root is the lightest bin with room (a
+// full bin and the padding to a power of two hold kNoRoom). The keys are unique, so the choice is
+// the same as a scan's, and taking the smaller of two integers needs no branch.
 void Packing::lpt(PackScratch& s) {
+    using Key = unsigned __int128;
+    constexpr Key kNoRoom = ~Key{0};
+    const auto key = [](double load, int b) {
+        std::uint64_t bits;
+        const double v = load + 0.0;
+        std::memcpy(&bits, &v, sizeof bits);
+        return (static_cast<Key>(bits) << 32) | static_cast<std::uint32_t>(b);
+    };
     s.fill.assign(static_cast<std::size_t>(num_bins), 0);
     s.held.assign(static_cast<std::size_t>(num_bins), -1);
     std::fill(bin_load.begin(), bin_load.end(), 0.0);
-    using Entry = std::pair<double, int>;
-    std::vector<Entry>& heap = s.heap;
-    const auto before = [](const Entry& x, const Entry& y) {
-        return x.first < y.first || (x.first == y.first && x.second < y.second);
-    };
-    const auto sift_down = [&](std::size_t i) {
-        const std::size_t n = heap.size();
-        const Entry v = heap[i];
-        for (;;) {
-            std::size_t c = 2 * i + 1;
-            if (c >= n) break;
-            if (c + 1 < n && before(heap[c + 1], heap[c])) ++c;
-            if (!before(heap[c], v)) break;
-            heap[i] = heap[c];
-            i = c;
+    int leaves = 1;
+    while (leaves < bins_per_domain) leaves *= 2;
+    std::vector<Key>& tree = s.tree;
+    tree.resize(2 * static_cast<std::size_t>(leaves));
+    // Sets leaf i to k and restores the path to the root, carrying the minimum in a register.
+    const auto set = [&](int i, Key k) {
+        int j = leaves + i;
+        tree[j] = k;
+        for (; j > 1; j /= 2) {
+            k = std::min(k, tree[j ^ 1]);
+            tree[j / 2] = k;
         }
-        heap[i] = v;
     };
-    const auto push = [&](const Entry& v) {
-        std::size_t i = heap.size();
-        heap.push_back(v);
-        while (i > 0 && before(v, heap[(i - 1) / 2])) {
-            heap[i] = heap[(i - 1) / 2];
-            i = (i - 1) / 2;
-        }
-        heap[i] = v;
-    };
-    const auto pop = [&] {
-        const Entry top = heap.front();
-        heap.front() = heap.back();
-        heap.pop_back();
-        if (!heap.empty()) sift_down(0);
-        return top;
+    const auto place = [&](int b, int e) {
+        bin(b)[s.fill[b]++] = e;
+        bin_load[b] += replica_load[e];
+        s.held[b] = e;
     };
     for (int d = 0; d < num_domains(); ++d) {
         const int first = d * bins_per_domain;
@@ -522,54 +518,35 @@ void Packing::lpt(PackScratch& s) {
         for (int b = first; b < first + bins_per_domain && k < order_offset[d + 1]; ++b) {
             const int e = order[k];
             if (!(replica_load[e] > 0)) break;
-            bin(b)[s.fill[b]++] = e;
-            bin_load[b] += replica_load[e];
-            s.held[b] = e;
+            place(b, e);
             if (++r == count[e]) {
                 ++k;
                 r = 0;
             }
         }
-        heap.clear();
-        for (int b = first; b < first + bins_per_domain; ++b) {
-            if (s.fill[b] < size) heap.emplace_back(bin_load[b], b);
+        for (int i = 0; i < leaves; ++i) {
+            const int b = first + i;
+            tree[leaves + i] =
+                i < bins_per_domain && s.fill[b] < size ? key(bin_load[b], b) : kNoRoom;
         }
-        for (std::size_t i = heap.size() / 2; i-- > 0;) sift_down(i);
+        for (int j = leaves - 1; j >= 1; --j) tree[j] = std::min(tree[2 * j], tree[2 * j + 1]);
         for (; k < order_offset[d + 1]; ++k, r = 0) {
             const int e = order[k];
             for (; r < count[e]; ++r) {
-                int b;
-                if (s.held[heap.front().second] != e) {
-                    // The lightest bin takes it; its new load replaces it at the top.
-                    b = heap.front().second;
-                    bin(b)[s.fill[b]++] = e;
-                    bin_load[b] += replica_load[e];
-                    if (s.fill[b] < size) {
-                        heap.front().first = bin_load[b];
-                        sift_down(0);
-                    } else {
-                        pop();
+                int b = static_cast<int>(static_cast<std::uint32_t>(tree[1]));
+                if (s.held[b] == e) {
+                    // The lightest bin with room that does not hold e, by a scan (rare with many
+                    // bins, cheap with few); if every bin with room holds e, the lightest (b)
+                    // takes the duplicate.
+                    int c = -1;
+                    for (int x = first; x < first + bins_per_domain; ++x) {
+                        if (s.fill[x] == size || s.held[x] == e) continue;
+                        if (c < 0 || bin_load[x] < bin_load[c]) c = x;
                     }
-                } else {
-                    s.skipped.clear();
-                    while (!heap.empty() && s.held[heap.front().second] == e) {
-                        s.skipped.push_back(pop());
-                    }
-                    std::size_t first_skipped = 0;
-                    if (heap.empty()) {  // every bin with room holds this expert: duplicate
-                        b = s.skipped.front().second;
-                        first_skipped = 1;
-                    } else {
-                        b = pop().second;
-                    }
-                    bin(b)[s.fill[b]++] = e;
-                    bin_load[b] += replica_load[e];
-                    if (s.fill[b] < size) push({bin_load[b], b});
-                    for (std::size_t i = first_skipped; i < s.skipped.size(); ++i) {
-                        push(s.skipped[i]);
-                    }
+                    if (c >= 0) b = c;
                 }
-                s.held[b] = e;
+                place(b, e);
+                set(b - first, s.fill[b] < size ? key(bin_load[b], b) : kNoRoom);
             }
         }
     }
