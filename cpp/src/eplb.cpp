@@ -1,6 +1,7 @@
 #include "moelb/eplb.hpp"
 
 #include <algorithm>
+#include <bit>
 #include <chrono>
 #include <cmath>
 #include <cstdint>
@@ -10,6 +11,10 @@
 #include <numeric>
 #include <sstream>
 #include <utility>
+
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
 
 #include "enum_names.hpp"
 #include "moelb/errors.hpp"
@@ -29,6 +34,17 @@ bool any_lane(const LaneMask& m) {
     std::int64_t any = 0;
     for (int i = 0; i < kLanes; ++i) any |= m[i];
     return any != 0;
+}
+
+// Bit i set where lane i of m is.
+unsigned lane_bits(const LaneMask& m) {
+#if defined(__AVX__)
+    return static_cast<unsigned>(_mm256_movemask_pd(std::bit_cast<__m256d>(m)));
+#else
+    unsigned bits = 0;
+    for (int i = 0; i < kLanes; ++i) bits |= static_cast<unsigned>(m[i] != 0) << i;
+    return bits;
+#endif
 }
 
 // =============================================================================================
@@ -719,23 +735,33 @@ Packing::Swap Packing::best_swap(int a, double limit, const int* by_load, int fi
             }
         }
         if (!any_lane(hit)) continue;
+        // The exact pass, in the same order (a's slot, then b's) over the pairs the test passes
+        // (with the best as it is by then).
         for (int xi = 0; xi < size; ++xi) {
-            for (int yi = 0; yi < size; ++yi) {
-                const double d = a_loads[xi] - b_loads[yi];
-                if (d <= 0 || d >= gap) continue;
-                const double m = std::max(limit - d, load_b + d);
-                if (m > best || (m == best && (out.b < 0 || out.b == b))) continue;
-                if (!swap_allowed(a, xi, b, yi)) continue;
-                if (m == best) {  // as good as another partner's best swap
-                    out.tied = true;
-                    if (s.tie_key[b] > s.tie_key[out.b]) continue;
-                } else {
-                    out.tied = false;
+            for (int y0 = 0; y0 < s.load_stride; y0 += kLanes) {
+                Lanes y;
+                std::memcpy(&y, b_loads + y0, sizeof y);
+                const Lanes dy = a_loads[xi] - y;
+                const Lanes lo = limit - dy, hi = load_b + dy;
+                unsigned pairs = lane_bits((dy > 0) & (dy < gap) & ((lo < hi ? hi : lo) <= best));
+                for (; pairs != 0; pairs &= pairs - 1) {
+                    const int yi = y0 + std::countr_zero(pairs);
+                    const double d = a_loads[xi] - b_loads[yi];
+                    if (d <= 0 || d >= gap) continue;
+                    const double m = std::max(limit - d, load_b + d);
+                    if (m > best || (m == best && (out.b < 0 || out.b == b))) continue;
+                    if (!swap_allowed(a, xi, b, yi)) continue;
+                    if (m == best) {  // as good as another partner's best swap
+                        out.tied = true;
+                        if (s.tie_key[b] > s.tie_key[out.b]) continue;
+                    } else {
+                        out.tied = false;
+                    }
+                    best = m;
+                    out.b = b;
+                    out.xi = xi;
+                    out.yi = yi;
                 }
-                best = m;
-                out.b = b;
-                out.xi = xi;
-                out.yi = yi;
             }
         }
     }
