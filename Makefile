@@ -38,7 +38,7 @@ test-python:
 	$(PYTHON) -m pytest tests/python -q
 
 bench: install
-	$(PYTHON) benchmarks/bench_routing.py
+	$(PYTHON) benchmarks/run_all.py
 
 lint:
 	$(PYTHON) -m ruff check python tests benchmarks

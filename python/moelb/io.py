@@ -28,6 +28,19 @@ PLACEMENT_KEY = "physical_to_logical_map"
 _MAX_EXPERT_ID = 2**31 - 1  # ids are int32
 
 
+def _new_file_mode() -> int:
+    """0666 & ~umask, the mode open() gives a new file. The umask is read from /proc (setting and
+    restoring it with os.umask would race with other threads); 0644 where /proc is missing."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o644
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     """Writes ``data`` to ``path`` atomically (temporary file in the same folder, fsync, rename)."""
     path = Path(path)
@@ -36,6 +49,8 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
         raise InvalidArgumentError(f"path={str(path)!r}: folder {str(folder)!r} does not exist")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
     try:
+        # mkstemp creates the file 0600; give it the mode a plain open() would.
+        os.fchmod(fd, _new_file_mode())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

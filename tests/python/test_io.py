@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from pathlib import Path
 
 import moelb
@@ -155,3 +156,12 @@ def test_bad_cluster_shape_names_the_file(tmp_path: Path) -> None:
         moelb.load_placement(path, ep_size=3)
     with pytest.raises(moelb.InvalidArgumentError, match=r"placement\.json.*expert 4 has no"):
         moelb.load_placement(path, ep_size=2, num_logical_experts=5)
+
+
+def test_written_files_get_the_usual_mode(tmp_path) -> None:
+    location = moelb.ExpertLocation.trivial(1, 4, 4, ep_size=1)
+    path = tmp_path / "placement.json"
+    moelb.save_placement(location, path)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
