@@ -149,54 +149,45 @@ void balanced_packing(const float* w, int n, int m, int* pack, int* rank) {
 // The divisor method shared by DeepSeek's replication and moelb's counts: `extra` further replicas
 // go one at a time to the item with the largest key(i, count) = weight(i) / count (ties to the
 // lower i), never beyond `cap` replicas. count[0, n) starts at 1; each extra is reported through
-// give(i) in order. Only a prefix of the items by (weight desc, index asc) can receive extras (an
-// item gets its first extra only once every heavier item has one), so without a binding cap only
-// the `extra` heaviest items enter the heap.
+// give(i) in order.
+//
+// The items are the leaves of a tournament tree of integer keys (key bits, complemented item):
+// keys are >= +0, so their bits order like their values, and equal keys go to the lower item. The
+// root is the largest; a capped item's leaf is 0. Taking the larger of two integers needs no
+// branch, where comparing (key, item) pairs mispredicts on random loads.
 template <typename T, typename Weight, typename Give>
 void divisor_method(int n, int extra, int cap, const Weight& weight, int* count, const Give& give) {
     if (extra <= 0) return;
-    using Entry = std::pair<T, int>;
-    auto less = [](const Entry& a, const Entry& b) {
-        return a.first < b.first || (a.first == b.first && a.second > b.second);
+    using Bits = std::conditional_t<sizeof(T) == 8, std::uint64_t, std::uint32_t>;
+    using Key = std::conditional_t<sizeof(T) == 8, unsigned __int128, std::uint64_t>;
+    static_assert(sizeof(T) == sizeof(Bits));
+    constexpr std::uint32_t kLow = 0xffffffffu;
+    const auto key = [&](int i) {
+        T v = static_cast<T>(weight(i));
+        if (count[i] != 1) v /= static_cast<T>(count[i]);
+        v += T(0);  // -0 -> +0
+        Bits bits;
+        std::memcpy(&bits, &v, sizeof bits);
+        return (static_cast<Key>(bits) << 32) | (kLow - static_cast<std::uint32_t>(i));
     };
-    thread_local std::vector<Entry> heap;
-    heap.resize(static_cast<std::size_t>(n));
-    for (int i = 0; i < n; ++i) {
-        const T v = static_cast<T>(weight(i));
-        heap[i] = {count[i] == 1 ? v : v / static_cast<T>(count[i]), i};
-    }
-    if (static_cast<Index>(cap) > extra && extra < n) {
-        std::nth_element(heap.begin(), heap.begin() + extra, heap.end(),
-                         [&](const Entry& a, const Entry& b) { return less(b, a); });
-        heap.resize(static_cast<std::size_t>(extra));
-    }
-    // A max-heap by `less` whose top is replaced in place (one sift-down per extra). The entries'
-    // order is total (ties by item), so the choices do not depend on the heap's layout.
-    const auto sift_down = [&](std::size_t i) {
-        const std::size_t size = heap.size();
-        const Entry v = heap[i];
-        for (;;) {
-            std::size_t c = 2 * i + 1;
-            if (c >= size) break;
-            if (c + 1 < size && less(heap[c], heap[c + 1])) ++c;
-            if (!less(v, heap[c])) break;
-            heap[i] = heap[c];
-            i = c;
-        }
-        heap[i] = v;
-    };
-    for (std::size_t i = heap.size() / 2; i-- > 0;) sift_down(i);
+    int leaves = 1;
+    while (leaves < n) leaves *= 2;
+    thread_local std::vector<Key> tree;
+    tree.resize(2 * static_cast<std::size_t>(leaves));
+    for (int i = 0; i < leaves; ++i) tree[leaves + i] = i < n && count[i] < cap ? key(i) : Key{0};
+    for (int j = leaves - 1; j >= 1; --j) tree[j] = std::max(tree[2 * j], tree[2 * j + 1]);
     for (int s = 0; s < extra; ++s) {
-        while (count[heap.front().second] >= cap) {
-            heap.front() = heap.back();
-            heap.pop_back();
-            sift_down(0);
-        }
-        const int i = heap.front().second;
+        const int i = static_cast<int>(kLow - static_cast<std::uint32_t>(tree[1]));
         give(i);
         ++count[i];
-        heap.front() = {static_cast<T>(weight(i)) / static_cast<T>(count[i]), i};
-        sift_down(0);
+        // Up from the leaf, carrying the new maximum (a register, not a reload of the store).
+        Key k = count[i] < cap ? key(i) : Key{0};
+        int j = leaves + i;
+        tree[j] = k;
+        for (; j > 1; j /= 2) {
+            k = std::max(k, tree[j ^ 1]);
+            tree[j / 2] = k;
+        }
     }
 }
 
