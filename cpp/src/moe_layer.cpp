@@ -6,6 +6,10 @@
 #include <random>
 #include <utility>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #include "enum_names.hpp"
 #include "moelb/errors.hpp"
 #include "moelb/parallel.hpp"
@@ -22,10 +26,12 @@
 //   W_r  routed workspace                                       4 (T K' + 2 (P' + 1))    sort
 //          pairs sorted by slot, slot offsets, block offsets  + 4 T K' H                  Y
 //          Y: every (token, k) pair's expert output           + 4 lanes_r M (H + 2I)     scratch
-//          per lane: gathered rows [M, H], gate/up [M, 2I]
+//          per lane: gathered rows [M, H] (then the expert's
+//          output, column-major), gate/up [M, 2I]
 //   O    the output [T, H] (the caller's; counted from the routed step on, 0 when in-place)
 //   S    shared output [T, H]                                   4 T H
-//   P_sh shared step: S + per lane gate/up [M, 2 Is]            4 T H + 4 lanes_s M 2 Is
+//   P_sh shared step: S + per lane gate/up [M, 2 Is] and        4 T H + 4 lanes_s M (2 Is + H)
+//        the block's output [M, H] (column-major)
 //
 // The input X is the caller's and is not counted. The logits are freed right after top-k (SGLang
 // keeps them until the layer returns), TK and W_r after the routed combine.
@@ -37,19 +43,16 @@
 // Without a separate shared expert (n_shared = 0, or fused): max(L + TK, TK + W_r + O).
 //
 // Saving Peak_old - Peak_new = S = 4 T H (one [T, H] buffer) whenever the routed step is the
-// largest term of both orders: TK + W_r >= P_sh and W_r + O >= L (then both maxima are their
-// routed terms, which differ by S). For DeepSeek shapes Y alone (4 T K' H) dwarfs P_sh and L, at
-// any T. If instead the shared step dominated (a tiny routed workspace, a wide shared expert),
-// deferral would save less, or nothing. With lanes_r = min(threads, routed row blocks) and
-// lanes_s = min(threads, ceil(T / M)), the peak depends on the thread count through the scratch
-// only.
+// peak of both orders, i.e. TK + W_r >= P_sh - S + ... ; for DeepSeek shapes Y alone (4 T K' H)
+// dwarfs P_sh, at any T. With lanes_r = min(threads, routed row blocks) and lanes_s = min(threads,
+// ceil(T / M)) the peak depends on the thread count through the scratch only.
 // =============================================================================================
 
 namespace moelb {
 namespace {
 
 // Rows of one GEMM block: tokens of one expert (routed) or consecutive tokens (shared, gate).
-constexpr Index kBlockRows = 64;
+constexpr Index kBlockRows = 128;
 constexpr Index kCombineRows = 256;
 
 constexpr detail::EnumNames<RoutedKernel, 2> kKernelNames{{
@@ -59,33 +62,45 @@ constexpr detail::EnumNames<RoutedKernel, 2> kKernelNames{{
 
 using RowMap = Eigen::Map<RowMatrix<float>>;
 using ConstRowMap = Eigen::Map<const RowMatrix<float>>;
+using ColMap = Eigen::Map<Eigen::MatrixXf>;
+using ConstColMap = Eigen::Map<const Eigen::MatrixXf>;
 
-// a = silu(min(g, L)) * clamp(u, -L, L) over the first `rows` rows of gate_up [rows, 2 width],
-// written into the first `width` columns (L = 0: no clamp).
-void swiglu_in_place(float* gate_up, Index rows, Index width, float limit) {
-    for (Index r = 0; r < rows; ++r) {
-        float* g = gate_up + r * 2 * width;
-        Eigen::Map<Eigen::ArrayXf> gate(g, width);
-        Eigen::Map<Eigen::ArrayXf> up(g + width, width);
-        if (limit > 0) {
-            gate = gate.min(limit);
-            up = up.max(-limit).min(limit);
-        }
-        gate = gate / (1.0f + (-gate).exp()) * up;
+// One SwiGLU MLP over `rows` input rows: x [rows, H] (row-major) -> y_cm [rows, H], stored
+// column-major, through gate_up [rows, 2 width] (scratch, column-major: the gate columns, then the
+// up columns). w_gate_up [2 width, H], w_down [H, width], row-major; L = limit (0: no clamp).
+//
+// Column-major results put the weights on the right-hand side of both products, where Eigen packs
+// a row-major weight matrix by copying contiguous rows; on the left-hand side it would transpose
+// every expert's weights on every block (the forward's largest cost after the products).
+void mlp_rows(const float* x, Index rows, Index H, Index width, const float* w_gate_up,
+              const float* w_down, float limit, float* gate_up, float* y_cm) {
+    ColMap gu(gate_up, rows, 2 * width);
+    gu.noalias() = ConstRowMap(x, rows, H) * ConstRowMap(w_gate_up, 2 * width, H).transpose();
+    // a = silu(min(g, L)) * clamp(u, -L, L), into the gate columns.
+    Eigen::Map<Eigen::ArrayXf> gate(gate_up, rows * width);
+    Eigen::Map<Eigen::ArrayXf> up(gate_up + rows * width, rows * width);
+    if (limit > 0) {
+        gate = gate.min(limit);
+        up = up.max(-limit).min(limit);
     }
+    gate = gate / (1.0f + (-gate).exp()) * up;
+    ColMap(y_cm, rows, H).noalias() =
+        ConstColMap(gate_up, rows, width) * ConstRowMap(w_down, H, width).transpose();
 }
 
-// One SwiGLU MLP over `rows` input rows: x [rows, H] -> y [rows, H] through gate_up
-// [rows, 2 width] (scratch). w_gate_up [2 width, H], w_down [H, width].
-void mlp_rows(const float* x, Index rows, Index H, Index width, const float* w_gate_up,
-              const float* w_down, float limit, float* gate_up, float* y) {
-    ConstRowMap in(x, rows, H);
-    RowMap gu(gate_up, rows, 2 * width);
-    gu.noalias() = in * ConstRowMap(w_gate_up, 2 * width, H).transpose();
-    swiglu_in_place(gate_up, rows, width, limit);
-    Eigen::Map<const RowMatrix<float>, 0, Eigen::OuterStride<>> act(
-        gate_up, rows, width, Eigen::OuterStride<>(2 * width));
-    RowMap(y, rows, H).noalias() = act * ConstRowMap(w_down, H, width).transpose();
+// Copies y_cm [rows, H] (column-major) row by row to dst_row(r) (H contiguous floats each), in
+// tiles of 16 columns so that each tile's reads stay in cache.
+template <class DstRow>
+void store_rows(const float* y_cm, Index rows, Index H, DstRow dst_row) {
+    constexpr Index kTile = 16;
+    for (Index h0 = 0; h0 < H; h0 += kTile) {
+        const Index width = std::min(kTile, H - h0);
+        for (Index r = 0; r < rows; ++r) {
+            float* dst = dst_row(r) + h0;
+            const float* src = y_cm + h0 * rows + r;
+            for (Index h = 0; h < width; ++h) dst[h] = src[h * rows];
+        }
+    }
 }
 
 void check_config_shape(const char* name, Index rows, Index cols, Index want_rows,
@@ -261,12 +276,14 @@ DeepSeekMoEWeights DeepSeekMoEWeights::random(const DeepSeekMoEConfig& config, s
 
 template <class T>
 Workspace::Buffer<T>::Buffer(Workspace* owner, Index count, std::string name)
-    : owner_(owner),
-      data_(static_cast<T*>(
-          ::operator new[](static_cast<std::size_t>(std::max<Index>(count, 1)) * sizeof(T),
-                           std::align_val_t{kAlignment}))),
-      size_(count),
-      name_(std::move(name)) {
+    : owner_(owner), size_(count), name_(std::move(name)) {
+    const std::size_t bytes = static_cast<std::size_t>(std::max<Index>(count, 1)) * sizeof(T);
+    const std::size_t alignment = bytes >= kHugeBufferBytes ? kHugePageBytes : kAlignment;
+    void* p = ::operator new[](bytes, std::align_val_t{alignment});
+#ifdef MADV_HUGEPAGE
+    if (alignment == kHugePageBytes) madvise(p, bytes, MADV_HUGEPAGE);  // a hint; may fail
+#endif
+    data_ = std::unique_ptr<T[], Free>(static_cast<T*>(p), Free{alignment});
     owner_->add(count * static_cast<Index>(sizeof(T)));
 }
 
@@ -429,7 +446,7 @@ std::int64_t DeepSeekMoE::expected_peak_bytes(const DeepSeekMoEConfig& config, I
     const bool has_shared = Is > 0 && !config.fuse_shared_experts;
     if (!has_shared) return std::max(L + TK, TK + W_r + O);
     const std::int64_t S = b * T * H;
-    const std::int64_t P_sh = S + b * shared_lanes * kBlockRows * 2 * Is;
+    const std::int64_t P_sh = S + b * shared_lanes * kBlockRows * (2 * Is + H);
     if (config.defers_shared()) return std::max({L + TK, TK + W_r + O, O + P_sh});
     return std::max({P_sh, S + L + TK, S + TK + W_r + O});
 }
@@ -477,15 +494,18 @@ void DeepSeekMoE::forward(MatrixMap<float> hidden, std::span<const std::int64_t>
         shared_out = ws.allocate<float>(T * H, "shared_out");
         const Index blocks = (T + kBlockRows - 1) / kBlockRows;
         const int lanes = static_cast<int>(std::min<Index>(threads, blocks));
-        auto scratch = ws.allocate<float>(lanes * kBlockRows * 2 * Is, "shared_gate_up");
+        auto scratch = ws.allocate<float>(lanes * kBlockRows * (2 * Is + H), "shared_scratch");
         const float limit = config_.effective_shared_swiglu_limit();
         parallel_for(lanes, 1, [&](Index begin, Index end) {
             for (Index lane = begin; lane < end; ++lane) {
-                float* gu = scratch.data() + lane * kBlockRows * 2 * Is;
+                float* gu = scratch.data() + lane * kBlockRows * (2 * Is + H);
+                float* y_cm = gu + kBlockRows * 2 * Is;
                 for (Index blk = lane; blk < blocks; blk += lanes) {
                     const Index r0 = blk * kBlockRows, rows = std::min(kBlockRows, T - r0);
                     mlp_rows(x.data() + r0 * H, rows, H, Is, shared_gate_up_.data(),
-                             shared_down_.data(), limit, gu, shared_out.data() + r0 * H);
+                             shared_down_.data(), limit, gu, y_cm);
+                    float* dst = shared_out.data() + r0 * H;
+                    store_rows(y_cm, rows, H, [&](Index r) { return dst + r * H; });
                 }
             }
         });
@@ -584,10 +604,8 @@ void DeepSeekMoE::forward(MatrixMap<float> hidden, std::span<const std::int64_t>
                         // The expert's output overwrites its gathered inputs, then scatters.
                         mlp_rows(rows_in, rows, H, I, w13_.data() + s * w13_row_elements(),
                                  w2_.data() + s * w2_row_elements(), limit, gate_up, rows_in);
-                        for (Index r = 0; r < rows; ++r) {
-                            std::memcpy(y.data() + pairs[r] * H, rows_in + r * H,
-                                        H * sizeof(float));
-                        }
+                        store_rows(rows_in, rows, H,
+                                   [&](Index r) { return y.data() + pairs[r] * H; });
                     }
                 }
             });

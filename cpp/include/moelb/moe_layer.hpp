@@ -104,6 +104,11 @@ struct DeepSeekMoEWeights {
 class Workspace {
   public:
     static constexpr std::size_t kAlignment = 64;
+    // Buffers of at least kHugeBufferBytes are aligned to kHugePageBytes and, on Linux, backed by
+    // transparent huge pages where the system allows it (madvise): a [T K', H] buffer of 4 KiB
+    // pages costs one page fault per page on every forward.
+    static constexpr std::size_t kHugePageBytes = std::size_t{2} << 20;
+    static constexpr std::size_t kHugeBufferBytes = 4 * kHugePageBytes;
 
     // An owned float or int32 buffer; returns its bytes to the count when destroyed.
     template <class T>
@@ -124,7 +129,8 @@ class Workspace {
 
       private:
         struct Free {
-            void operator()(T* p) const { ::operator delete[](p, std::align_val_t{kAlignment}); }
+            std::size_t alignment = kAlignment;
+            void operator()(T* p) const { ::operator delete[](p, std::align_val_t{alignment}); }
         };
         Workspace* owner_ = nullptr;
         // Uninitialised (every buffer is written before it is read) and 64-byte aligned, so that

@@ -1,0 +1,144 @@
+"""A float32 PyTorch CPU reference of SGLang's DeepSeek MoE layer forward, for benchmarking
+moelb's ``DeepSeekMoE`` against.
+
+Written from the behavioural specification (``reference/moe_layer.md`` sections 6-8): the gate
+GEMM, the routers of ``torch_reference.py`` (V3 ``biased_grouped_topk``, V4 ``biased_topk``,
+``hash_topk``), the routed experts as the per-expert loop that SGLang's CPU fallback without AMX
+runs (``moe_forward_native``, section 7.2), ``routed_scaling_factor`` applied once to the routed
+sum (section 7.4) and the separate shared expert MLP added at the end (section 8.3):
+
+    out = rsf * sum_k w_k * W2_e (silu(min(g, L)) * clamp(u, -L, L)) + shared(x)
+
+The routed loop sorts the (token, k) pairs by expert; per expert it gathers the tokens
+(``index_select``), runs ``F.linear`` (gate/up) -> SwiGLU -> ``F.linear`` (down), multiplies by
+the routing weights and ``index_add_``s the rows into the output. SGLang's loop instead scatters
+every pair's output into a [T * K, H] buffer and sums over K; the arithmetic is the same and the
+``index_add_`` form needs less memory. Everything runs in float32 (SGLang runs bf16 activations),
+in whatever threads ``torch.set_num_threads`` allows; call it under ``torch.inference_mode()``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import torch_reference
+
+__all__ = ["TorchDeepSeekMoE", "swiglu"]
+
+
+def swiglu(gate_up: torch.Tensor, limit: float | None) -> torch.Tensor:
+    """silu(min(g, L)) * clamp(u, -L, L) of gate_up [n, 2 width] (gate columns first); L = limit,
+    None: no clamp (SGLang's ``SiluAndMul`` / ``silu_and_mul_clamp``). Returns [n, width]."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    if limit is not None:
+        gate = gate.clamp(max=limit)
+        up = up.clamp(min=-limit, max=limit)
+    return F.silu(gate) * up
+
+
+class TorchDeepSeekMoE:
+    """The MoE layer of ``config`` (a ``moelb.DeepSeekMoEConfig`` or any object with its fields)
+    over ``weights`` (the arrays of ``moelb.random_moe_weights``: gate [E, H], correction_bias
+    [E] or None, w13 [E, 2I, H], w2 [E, H, I], shared_gate_up [2 Is, H], shared_down [H, Is],
+    tid2eid [vocab, K]; float32 NumPy arrays, shared with the tensors, not copied).
+
+    The shared expert must be separate (``fuse_shared_experts`` False)."""
+
+    def __init__(self, config: Any, weights: Mapping[str, Any]) -> None:
+        if config.fuse_shared_experts:
+            raise ValueError("the torch reference runs a separate shared expert only")
+
+        def tensor(name: str) -> torch.Tensor | None:
+            array = weights.get(name)
+            return None if array is None else torch.from_numpy(array)
+
+        self.config = config
+        self.gate = tensor("gate")
+        self.correction_bias = tensor("correction_bias")
+        self.w13 = tensor("w13")
+        self.w2 = tensor("w2")
+        self.shared_gate_up = tensor("shared_gate_up")
+        self.shared_down = tensor("shared_down")
+        self.tid2eid = tensor("tid2eid")
+        self.swiglu_limit = config.swiglu_limit
+        self.shared_swiglu_limit = (
+            config.swiglu_limit
+            if config.shared_swiglu_limit is None
+            else config.shared_swiglu_limit
+        )
+        self.has_shared = config.num_shared_experts > 0
+
+    def route(
+        self, hidden: torch.Tensor, input_ids: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The gate GEMM and top-k: (topk_ids int32 [T, K], topk_weights float32 [T, K]),
+        renormalised, without rsf (the layer applies it to the routed sum)."""
+        c = self.config
+        logits = F.linear(hidden, self.gate)
+        if c.is_hash_layer:
+            if input_ids is None:
+                raise ValueError("a hash layer needs input_ids")
+            return torch_reference.hash_topk(
+                logits,
+                input_ids,
+                self.tid2eid,
+                scoring=c.scoring,
+                routed_scaling_factor=c.routed_scaling_factor,
+            )
+        bias = self.correction_bias
+        if bias is None:
+            bias = torch.zeros(c.num_experts, dtype=torch.float32)
+        common = {
+            "top_k": c.top_k,
+            "renormalize": c.renormalize,
+            "routed_scaling_factor": c.routed_scaling_factor,
+        }
+        if c.num_groups is not None:
+            if c.scoring != "sigmoid":
+                raise ValueError("grouped routing is V3's sigmoid router")
+            return torch_reference.biased_grouped_topk(
+                logits, bias, num_groups=c.num_groups, topk_group=c.topk_group, **common
+            )
+        return torch_reference.biased_topk(logits, bias, scoring=c.scoring, **common)
+
+    def routed(
+        self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
+    ) -> torch.Tensor:
+        """sum_k w_k * expert_{id_k}(x) [T, H] (no rsf), one expert at a time."""
+        top_k = topk_ids.shape[1]
+        out = torch.zeros_like(hidden)
+        flat_ids = topk_ids.reshape(-1).long()
+        order = flat_ids.argsort(stable=True)
+        tokens = order // top_k
+        weights = topk_weights.reshape(-1)[order].unsqueeze(1)
+        counts = torch.bincount(flat_ids, minlength=self.config.num_experts).tolist()
+        start = 0
+        for expert, count in enumerate(counts):
+            if count == 0:
+                continue
+            rows = tokens[start : start + count]
+            x = hidden.index_select(0, rows)
+            act = swiglu(F.linear(x, self.w13[expert]), self.swiglu_limit)
+            y = F.linear(act, self.w2[expert])
+            out.index_add_(0, rows, y.mul_(weights[start : start + count]))
+            start += count
+        return out
+
+    def shared(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The shared expert MLP [T, H]."""
+        act = swiglu(F.linear(hidden, self.shared_gate_up), self.shared_swiglu_limit)
+        return F.linear(act, self.shared_down)
+
+    def forward(self, hidden: torch.Tensor, input_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden [T, H] float32 -> [T, H] float32: rsf * routed + shared."""
+        topk_ids, topk_weights = self.route(hidden, input_ids)
+        out = self.routed(hidden, topk_ids, topk_weights)
+        out.mul_(self.config.routed_scaling_factor)
+        if self.has_shared:
+            out.add_(self.shared(hidden))
+        return out
+
+    __call__ = forward
