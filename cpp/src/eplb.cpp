@@ -291,6 +291,61 @@ double flat_lower_bound(const double* w, int E, int slots, int gpus, std::vector
     return std::max(total / gpus, m);
 }
 
+// Sorts items by keys ascending, keeping the given order among equal keys (both arrays are
+// permuted). Comparisons of random loads mispredict, so: a least significant digit radix sort on
+// the keys' high halves (8 bits a pass, each stable, skipping digits all keys share), then an
+// insertion sort on the whole keys, which only moves items within the (rare, short) runs of equal
+// high halves.
+void stable_sort_by_key(std::vector<std::uint64_t>& keys, std::vector<int>& items) {
+    constexpr int kRadixBits = 8, kBuckets = 1 << kRadixBits, kPasses = 32 / kRadixBits;
+    thread_local std::vector<std::uint64_t> next_keys;
+    thread_local std::vector<int> next_items;
+    const std::size_t n = keys.size();
+    next_keys.resize(n);
+    next_items.resize(n);
+    std::uint32_t histogram[kPasses][kBuckets] = {};
+    for (const std::uint64_t k : keys) {
+        for (int pass = 0; pass < kPasses; ++pass) {
+            ++histogram[pass][(k >> (32 + pass * kRadixBits)) & (kBuckets - 1)];
+        }
+    }
+    for (int pass = 0; pass < kPasses && n > 0; ++pass) {
+        const int shift = 32 + pass * kRadixBits;
+        std::uint32_t* start = histogram[pass];
+        if (start[(keys[0] >> shift) & (kBuckets - 1)] == n) continue;
+        std::uint32_t sum = 0;
+        for (int digit = 0; digit < kBuckets; ++digit) sum += std::exchange(start[digit], sum);
+        for (std::size_t i = 0; i < n; ++i) {
+            const std::uint32_t to = start[(keys[i] >> shift) & (kBuckets - 1)]++;
+            next_keys[to] = keys[i];
+            next_items[to] = items[i];
+        }
+        keys.swap(next_keys);
+        items.swap(next_items);
+    }
+    for (std::size_t i = 1; i < n; ++i) {
+        const std::uint64_t k = keys[i];
+        if (keys[i - 1] <= k) continue;
+        const int item = items[i];
+        std::size_t j = i;
+        for (; j > 0 && keys[j - 1] > k; --j) {
+            keys[j] = keys[j - 1];
+            items[j] = items[j - 1];
+        }
+        keys[j] = k;
+        items[j] = item;
+    }
+}
+
+// The complement of a load's bits: ascending keys order loads descending (non-negative doubles
+// order like their bits; -0 is normalised to +0).
+std::uint64_t descending_key(double load) {
+    std::uint64_t bits;
+    const double v = load + 0.0;
+    std::memcpy(&bits, &v, sizeof bits);
+    return ~bits;
+}
+
 struct PackScratch;
 
 // Replicas packed into bins (GPUs) of `size` slots. Bins come in domains (nodes) of
@@ -395,9 +450,9 @@ struct Packing {
 // Scratch buffers of the packing steps, reused across calls (one per thread).
 struct PackScratch {
     std::vector<int> fill, held, partners, mark, sorted, position, tie_key;
-    std::vector<unsigned __int128> tree;         // lpt
-    std::vector<std::uint64_t> keys, next_keys;  // sort_order
-    std::vector<int> items, next_items;
+    std::vector<unsigned __int128> tree;  // lpt
+    std::vector<std::uint64_t> keys;      // sort_order
+    std::vector<int> items;
     // swap_search: the replica load of each slot, bin b's at [b * load_stride, ...) padded with
     // +inf to a multiple of kLanes (a padding "replica" never makes a useful swap).
     std::vector<double> slot_load;
@@ -413,43 +468,16 @@ void Packing::sort_order(PackScratch& s) {
         if (count[e] > 0) ++order_offset[domain_of[e] + 1];
     }
     for (int d = 0; d < D; ++d) order_offset[d + 1] += order_offset[d];
-    // An LSD radix sort (comparisons of random loads mispredict): the experts in index order with
-    // the complemented bits of their replica loads as keys (non-negative doubles order like their
-    // bits; -0 is normalised to +0), stable passes of kRadixBits over the key (skipping digits
-    // all keys share), then a stable pass by domain.
-    constexpr int kRadixBits = 8, kBuckets = 1 << kRadixBits, kPasses = 64 / kRadixBits;
+    // The experts in index order by their replica loads, then a stable pass by domain.
     s.keys.clear();
     s.items.clear();
-    std::uint32_t histogram[kPasses][kBuckets] = {};
     for (int e = 0; e < E; ++e) {
         if (count[e] == 0) continue;
-        std::uint64_t bits;
-        const double v = replica_load[e] + 0.0;
-        std::memcpy(&bits, &v, sizeof bits);
-        bits = ~bits;
-        s.keys.push_back(bits);
+        s.keys.push_back(descending_key(replica_load[e]));
         s.items.push_back(e);
-        for (int pass = 0; pass < kPasses; ++pass) {
-            ++histogram[pass][(bits >> (pass * kRadixBits)) & (kBuckets - 1)];
-        }
     }
+    stable_sort_by_key(s.keys, s.items);
     const std::size_t n = s.keys.size();
-    s.next_keys.resize(n);
-    s.next_items.resize(n);
-    for (int pass = 0; pass < kPasses && n > 0; ++pass) {
-        const int shift = pass * kRadixBits;
-        std::uint32_t* start = histogram[pass];
-        if (start[(s.keys[0] >> shift) & (kBuckets - 1)] == n) continue;
-        std::uint32_t sum = 0;
-        for (int digit = 0; digit < kBuckets; ++digit) sum += std::exchange(start[digit], sum);
-        for (std::size_t i = 0; i < n; ++i) {
-            const std::uint32_t to = start[(s.keys[i] >> shift) & (kBuckets - 1)]++;
-            s.next_keys[to] = s.keys[i];
-            s.next_items[to] = s.items[i];
-        }
-        s.keys.swap(s.next_keys);
-        s.items.swap(s.next_items);
-    }
     order.resize(n);
     s.fill.assign(order_offset.begin(), order_offset.end() - 1);
     for (const int e : s.items) order[s.fill[domain_of[e]]++] = e;
@@ -925,7 +953,8 @@ struct GroupScratch {
     std::vector<double> group_load, cost, memo;
     std::vector<unsigned> memo_stamp;
     unsigned stamp = 0;
-    std::vector<int> order, count, groups, by_weight, head, top, replicas;
+    std::vector<int> order, count, groups, by_weight, head, top, replicas, experts;
+    std::vector<std::uint64_t> keys;
     std::vector<std::pair<double, int>> heap;
 };
 
@@ -1004,12 +1033,18 @@ void assign_groups(const double* w, int E, int K, int N, int slots_per_node, int
     for (int g = 0; g < K; ++g) {
         for (int j = 0; j < gs; ++j) s.group_load[g] += w[g * gs + j];
     }
-    s.by_weight.resize(static_cast<std::size_t>(E));
-    std::iota(s.by_weight.begin(), s.by_weight.end(), 0);
-    for (int g = 0; g < K; ++g) {
-        std::sort(s.by_weight.begin() + g * gs, s.by_weight.begin() + (g + 1) * gs,
-                  [w](int a, int b) { return w[a] > w[b] || (w[a] == w[b] && a < b); });
+    // Each group's experts by (load desc, expert asc): all experts sorted, then a stable pass by
+    // group.
+    s.keys.resize(static_cast<std::size_t>(E));
+    s.experts.resize(static_cast<std::size_t>(E));
+    for (int e = 0; e < E; ++e) {
+        s.keys[e] = descending_key(w[e]);
+        s.experts[e] = e;
     }
+    stable_sort_by_key(s.keys, s.experts);
+    s.by_weight.resize(static_cast<std::size_t>(E));
+    s.head.assign(static_cast<std::size_t>(K), 0);
+    for (const int e : s.experts) s.by_weight[e / gs * gs + s.head[e / gs]++] = e;
     s.order.resize(static_cast<std::size_t>(K));
     std::iota(s.order.begin(), s.order.end(), 0);
     std::stable_sort(s.order.begin(), s.order.end(),
