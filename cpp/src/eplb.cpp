@@ -155,9 +155,13 @@ void balanced_packing(const float* w, int n, int m, int* pack, int* rank) {
 // keys are >= +0, so their bits order like their values, and equal keys go to the lower item. The
 // root is the largest; a capped item's leaf is 0. Taking the larger of two integers needs no
 // branch, where comparing (key, item) pairs mispredicts on random loads.
+//
+// Returns the largest key left (w / count of the items below the cap; they are its candidates, so
+// it is the largest w / count of all items when none reached the cap), -1 if no extra was given or
+// every item reached the cap.
 template <typename T, typename Weight, typename Give>
-void divisor_method(int n, int extra, int cap, const Weight& weight, int* count, const Give& give) {
-    if (extra <= 0) return;
+T divisor_method(int n, int extra, int cap, const Weight& weight, int* count, const Give& give) {
+    if (extra <= 0) return T(-1);
     using Bits = std::conditional_t<sizeof(T) == 8, std::uint64_t, std::uint32_t>;
     using Key = std::conditional_t<sizeof(T) == 8, unsigned __int128, std::uint64_t>;
     static_assert(sizeof(T) == sizeof(Bits));
@@ -189,6 +193,11 @@ void divisor_method(int n, int extra, int cap, const Weight& weight, int* count,
             tree[j / 2] = k;
         }
     }
+    if (tree[1] == Key{0}) return T(-1);
+    const Bits bits = static_cast<Bits>(tree[1] >> 32);
+    T largest;
+    std::memcpy(&largest, &bits, sizeof largest);
+    return largest;
 }
 
 // replicate_experts: slots 0..n-1 hold experts 0..n-1; each further slot goes to the expert with
@@ -284,10 +293,14 @@ double flat_lower_bound(const double* w, int E, int slots, int gpus, std::vector
     double total = 0.0;
     for (int e = 0; e < E; ++e) total += w[e];
     count.assign(static_cast<std::size_t>(E), 1);
-    divisor_method<double>(
+    // The largest per-replica load: the method's largest key left (w / count, as below), unless
+    // it gave no extra or capped an item.
+    double m = divisor_method<double>(
         E, slots - E, slots, [w](int i) { return w[i]; }, count.data(), [](int) {});
-    double m = 0.0;
-    for (int e = 0; e < E; ++e) m = std::max(m, w[e] / count[e]);
+    if (m < 0) {
+        m = 0.0;
+        for (int e = 0; e < E; ++e) m = std::max(m, w[e] / count[e]);
+    }
     return std::max(total / gpus, m);
 }
 
@@ -938,10 +951,15 @@ void packing_of(Packing& p, const double* w, const std::int32_t* phy2log, int E,
                 int domains) {
     p.reset(G, G / domains, R / G, E);
     std::fill(p.count.begin(), p.count.end(), 0);
+    const int slots_per_domain = p.size * p.bins_per_domain;
     for (int s = 0; s < R; ++s) {
         p.slot_expert[s] = phy2log[s];
         ++p.count[phy2log[s]];
-        p.domain_of[phy2log[s]] = s / p.size / p.bins_per_domain;
+    }
+    for (int d = 0; d < domains; ++d) {
+        for (int s = d * slots_per_domain; s < (d + 1) * slots_per_domain; ++s) {
+            p.domain_of[phy2log[s]] = d;
+        }
     }
     p.compute_replica_loads(w);
     p.recompute_loads();
