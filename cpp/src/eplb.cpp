@@ -180,7 +180,7 @@ T divisor_method(int n, int extra, int cap, const Weight& weight, int* count, co
     tree.resize(2 * static_cast<std::size_t>(leaves));
     for (int i = 0; i < leaves; ++i) tree[leaves + i] = i < n && count[i] < cap ? key(i) : Key{0};
     for (int j = leaves - 1; j >= 1; --j) tree[j] = std::max(tree[2 * j], tree[2 * j + 1]);
-    for (int s = 0; s < extra; ++s) {
+    for (int s = 0; s < extra && tree[1] != Key{0}; ++s) {  // stops if every item is capped
         const int i = static_cast<int>(kLow - static_cast<std::uint32_t>(tree[1]));
         give(i);
         ++count[i];
@@ -973,7 +973,6 @@ struct GroupScratch {
     unsigned stamp = 0;
     std::vector<int> order, count, groups, by_weight, head, top, replicas, experts;
     std::vector<std::uint64_t> keys;
-    std::vector<std::pair<double, int>> heap;
 };
 
 // Node-locality estimate of a node's best max GPU load: max(load / GPUs, best per-replica max),
@@ -1013,27 +1012,12 @@ double node_cost(const double* w, const int* groups, int num_groups, int gs, con
         ++s.head[best];
         s.top.push_back(best_e);
     }
-    // The divisor method on the t heaviest: the largest key w / count gets the next replica (ties
-    // to the lower expert), never beyond cap.
-    using Entry = std::pair<double, int>;  // (key, -expert): a max-heap
-    s.heap.clear();
+    // The divisor method on the t heaviest, never beyond cap. Its ties go to the earlier of the t
+    // (not the lower expert), which does not change the value: every order of equally good
+    // choices reaches the same smallest largest w / count.
     s.replicas.assign(static_cast<std::size_t>(t), 1);
-    for (int i = 0; i < t; ++i) s.heap.emplace_back(w[s.top[i]], i);
-    const auto less = [&](const Entry& a, const Entry& b) {
-        return a.first < b.first || (a.first == b.first && s.top[a.second] > s.top[b.second]);
-    };
-    std::make_heap(s.heap.begin(), s.heap.end(), less);
-    for (int r = 0; r < extra && !s.heap.empty(); ++r) {
-        while (s.replicas[s.heap.front().second] >= cap) {
-            std::pop_heap(s.heap.begin(), s.heap.end(), less);
-            s.heap.pop_back();
-        }
-        std::pop_heap(s.heap.begin(), s.heap.end(), less);
-        const int i = s.heap.back().second;
-        ++s.replicas[i];
-        s.heap.back() = {w[s.top[i]] / s.replicas[i], i};
-        std::push_heap(s.heap.begin(), s.heap.end(), less);
-    }
+    divisor_method<double>(
+        t, extra, cap, [&](int i) { return w[s.top[i]]; }, s.replicas.data(), [](int) {});
     double m = take > t ? w[s.top[t]] : 0.0;
     for (int i = 0; i < t; ++i) m = std::max(m, w[s.top[i]] / s.replicas[i]);
     return std::max(total / gpus, m);
