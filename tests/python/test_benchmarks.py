@@ -103,3 +103,13 @@ def test_bench_waterfill_quick(tmp_path: Path) -> None:
     }
     for r in data["balance"]:
         assert 0 < r["balancedness_local"] <= 1 and 0 < r["balancedness_waterfill"] <= 1
+
+
+def test_bench_moe_quick(tmp_path: Path) -> None:
+    stdout, data = run_quick(tmp_path, "bench_moe.py")
+    assert "goal:" in stdout
+    assert data["results"] and all(r["median_seconds"]["moelb"] > 0 for r in data["results"])
+    assert all(a["ok"] for a in data["agreement"]), data["agreement"]
+    peak = data["peak_bytes"]
+    assert peak["variant_outputs_identical"] and peak["savings_equal_4TH"]
+    assert all(m["ok"] for m in peak["measured"])
