@@ -51,8 +51,8 @@ unsigned lane_bits(const LaneMask& m) {
 // DeepSeek's eplb.py, per layer, in float32 like the original.
 // =============================================================================================
 
-// order_descending sorts this many items or more by radix, fewer by comparisons.
-constexpr int kRadixMinItems = 32;
+// order_descending sorts this many items or more by radix, fewer by counting each one's rank.
+constexpr int kRadixMinItems = 96;
 
 // Indices of w[0, n) by descending value, ties to the lower index (what a stable sort gives).
 // Sorts one integer key per item: the float's bits (order-preserving for values >= 0; -0 is
@@ -64,15 +64,26 @@ void order_descending(const float* w, int n, std::vector<int>& order) {
     thread_local std::vector<std::uint64_t> keys, next;
     keys.resize(static_cast<std::size_t>(n));
     order.resize(static_cast<std::size_t>(n));
-    if (n < kRadixMinItems) {  // few keys: a comparison sort is cheaper than the passes
+    if (n < kRadixMinItems) {
+        // Few keys: each one's rank is the number of smaller keys (the keys are unique), counted
+        // by branch-free comparisons the compiler vectorises. The keys are compared as signed
+        // integers with the top bit flipped, which orders them like unsigned ones.
+        thread_local std::vector<std::int64_t> signed_keys;
+        signed_keys.resize(static_cast<std::size_t>(n));
         for (int i = 0; i < n; ++i) {
             std::uint32_t bits;
             const float v = w[i] + 0.0f;
             std::memcpy(&bits, &v, sizeof bits);
-            keys[i] = (static_cast<std::uint64_t>(~bits) << 32) | static_cast<std::uint32_t>(i);
+            const std::uint64_t k =
+                (static_cast<std::uint64_t>(~bits) << 32) | static_cast<std::uint32_t>(i);
+            signed_keys[i] = static_cast<std::int64_t>(k ^ (std::uint64_t{1} << 63));
         }
-        std::sort(keys.begin(), keys.end());
-        for (int i = 0; i < n; ++i) order[i] = static_cast<int>(keys[i] & 0xffffffffu);
+        for (int i = 0; i < n; ++i) {
+            const std::int64_t k = signed_keys[i];
+            int rank = 0;
+            for (int j = 0; j < n; ++j) rank += signed_keys[j] < k;
+            order[rank] = i;
+        }
         return;
     }
     next.resize(keys.size());
