@@ -4,9 +4,10 @@ Routers (``select_experts``, ``HashRouter``), placement maps with logical->physi
 (``ExpertLocation``), SGLang placement files (``load_placement`` / ``save_placement``) and the
 expert distribution recorder (``ExpertDistributionRecorder``, ``load_expert_distribution``), the
 EPLB planner (``rebalance``, ``plan_weight_moves``) and the Waterfill shared-expert balancer
-(``WaterfillBalancer``, ``waterfill_rank_loads``) and the DeepSeek MoE layer on CPU
-(``DeepSeekMoE``, ``DeepSeekMoEConfig``), and the cluster simulator (``simulate``,
-``SimulationConfig``) behind the ``moelb`` command.
+(``WaterfillBalancer``, ``waterfill_rank_loads``), their ``torch.distributed`` side
+(``ExpertDistributionRecorder.all_reduce``, ``execute_weight_moves``; ``moelb.distributed``), the
+DeepSeek MoE layer on CPU (``DeepSeekMoE``, ``DeepSeekMoEConfig``), and the cluster simulator
+(``simulate``, ``SimulationConfig``) behind the ``moelb`` command.
 Arrays are NumPy (CPU torch tensors convert without copies): float32 logits and weights, int32 ids,
 row-major. Bad input raises ``InvalidArgumentError`` (a ``ValueError``; a wrong dtype is an
 ``InvalidDTypeError``, also a ``TypeError``); a broken internal invariant raises ``Error``.
@@ -22,6 +23,7 @@ from ._core import (
     get_num_threads,
     set_num_threads,
 )
+from .distributed import execute_weight_moves
 from .eplb import Plan, PlanStats, evaluate_placement, gpu_loads, rebalance
 from .io import (
     load_expert_distribution,
@@ -81,6 +83,7 @@ __all__ = [
     "__version__",
     "apply_weight_moves",
     "evaluate_placement",
+    "execute_weight_moves",
     "get_num_threads",
     "gpu_loads",
     "load_expert_distribution",

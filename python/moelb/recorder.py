@@ -104,6 +104,25 @@ class ExpertDistributionRecorder(_core.ExpertDistributionRecorder):
             )
         super().on_dispatch_counts(local_counts, rank, int(num_trailing_shared_slots))
 
+    def all_reduce(self, group: Any = None) -> None:
+        """Sums the counts recorded by every rank of a ``torch.distributed`` process group (the
+        EP group; default the world) into this recorder, on every rank: afterwards each rank's
+        ``physical_count()``, ``logical_count()`` and ``dump()`` hold the whole group's counts
+        (the sum of the ranks' counts, pass by pass, exactly as ``merge`` adds them) and the
+        balancedness of the merged passes. Needs PyTorch and an initialised process group (gloo
+        or NCCL; see ``moelb.distributed``).
+
+        Collective: every rank of the group must call it. The ranks must record in lockstep:
+        the same number of passes with the same forward-pass ids, the same mode and the same
+        current placement, which every pass of the window was recorded with (call it before
+        ``set_location``); otherwise every rank raises the same ``InvalidArgumentError`` and
+        nothing changes. In ``per_token`` mode the other ranks' routed ids are appended after this
+        rank's, in rank order. Memory: one window's counts plus an int64 buffer of at most 32 MiB.
+        """
+        from .distributed import all_reduce_recorder
+
+        all_reduce_recorder(self, group)
+
     def balancedness(self) -> dict[int, float | None]:
         """Mean balancedness over the last 10, 100 and 1000 passes (passes that routed nothing
         are left out of the mean; None when all were)."""

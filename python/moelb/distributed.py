@@ -1,0 +1,303 @@
+"""Expert-parallel load balancing across real processes with ``torch.distributed``.
+
+Each EP rank runs its own process: it routes and records its own tokens, the ranks merge their
+recorder counts, every rank runs the (deterministic) planner on the same merged counts and so gets
+the same new placement, and the ranks then exchange expert weights point to point. One rebalance
+round on EP rank ``rank`` of ``W``:
+
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=..., rank=rank, world_size=W)
+    recorder = moelb.ExpertDistributionRecorder(location, rank=rank)
+    recorder.start()
+    for batch in batches:                                  # this rank's tokens only
+        with recorder.forward_pass():
+            for layer in range(L):
+                with recorder.layer(layer):
+                    moelb.select_experts(logits[layer], config, location=location, layer=layer,
+                                         ep_rank=rank, recorder=recorder)
+    recorder.all_reduce()                                  # every rank now holds the merged counts
+    plan = moelb.rebalance(recorder.dump()["logical_count"], P, groups, nodes, W,
+                           previous=location)              # identical on every rank
+    for layer in range(L):
+        moves = moelb.plan_weight_moves(location, plan.location, layer)
+        moelb.execute_weight_moves(moves, [w13[layer], w2[layer]])   # [S, ...] tensors, in place
+    location = plan.location
+    recorder.set_location(location)
+
+Nothing here is a home-made transport: the counts are summed with ``dist.all_reduce`` and the
+weights move with ``dist.batch_isend_irecv`` (``isend`` / ``irecv`` pairs), on whatever backend
+the process group has. PyTorch stays optional: it is imported when a function here is called.
+
+**On GPUs with NCCL** the same code runs unchanged with ``dist.init_process_group("nccl")``,
+``torch.cuda.set_device(local_rank)`` called first (NCCL's batched point-to-point hangs without
+it), and the expert weights as CUDA tensors: ``execute_weight_moves`` stages its receives and
+copies with ``torch.empty_like`` / ``clone`` on the weights' own device, and
+``ExpertDistributionRecorder.all_reduce`` puts its count buffers on the current CUDA device when
+the group's backend is NCCL. NCCL ignores message tags and pairs the sends and receives between
+two ranks by their order; ``WeightMovePlan`` sorts both ends by (expert, peer), so the order
+matches. Waterfill's ``moelb.torch_all_reduce(group)`` sums a CPU int64 tensor: give it a CPU
+group (``dist.new_group(backend="gloo")``), as SGLang does for its small metadata collectives.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+
+from . import _core
+from ._core import InvalidArgumentError, WeightMovePlan
+
+if TYPE_CHECKING:
+    from .recorder import ExpertDistributionRecorder
+
+__all__ = ["all_reduce_recorder", "execute_weight_moves"]
+
+_MODES = ("stat", "per_pass", "per_token")
+# Passes summed per all_reduce call: bounds the int64 staging buffer to about 32 MiB.
+_CHUNK_ELEMENTS = 1 << 22
+
+
+def _torch_distributed(what: str) -> tuple[Any, Any]:
+    try:
+        import torch
+        import torch.distributed as dist
+    except ImportError as error:  # pragma: no cover - depends on the environment
+        raise ImportError(f"{what} needs PyTorch (pip install 'moelb[torch]')") from error
+    if not dist.is_available() or not dist.is_initialized():
+        raise InvalidArgumentError(
+            f"{what} needs an initialised torch.distributed process group "
+            "(call torch.distributed.init_process_group first)"
+        )
+    return torch, dist
+
+
+def _collective_device(torch: Any, dist: Any, group: Any) -> Any:
+    """Where count buffers live for collectives on ``group``: the current CUDA device for NCCL,
+    the CPU otherwise."""
+    if "nccl" in str(dist.get_backend(group)).lower():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _all_gather_int64(
+    torch: Any, dist: Any, group: Any, device: Any, values: npt.NDArray[np.int64]
+) -> npt.NDArray[np.int64]:
+    """[world, n]: every rank's ``values`` (the same length n on every rank)."""
+    local = torch.as_tensor(np.ascontiguousarray(values, dtype=np.int64), device=device)
+    out = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(out, local, group=group)
+    return np.stack([t.cpu().numpy() for t in out])
+
+
+def all_reduce_recorder(recorder: ExpertDistributionRecorder, group: Any = None) -> None:
+    """Sums the recorded counts of every rank of ``group`` into ``recorder`` on every rank; see
+    ``ExpertDistributionRecorder.all_reduce``."""
+    torch, dist = _torch_distributed("ExpertDistributionRecorder.all_reduce")
+    device = _collective_device(torch, dist, group)
+    world = dist.get_world_size(group)
+    location = recorder.location
+    p2l = np.ascontiguousarray(location.physical_to_logical, dtype=np.int32)
+    ids = np.asarray(recorder.forward_pass_ids(), dtype=np.int64)
+    num_passes = int(ids.shape[0])
+    num_layers, num_physical = recorder.num_layers, recorder.num_physical_experts
+    # Check that the ranks can be merged before summing anything; every rank sees the same
+    # gathered values, so every rank raises the same error (none is left waiting).
+    meta_names = ("passes", "layers", "physical experts", "mode", "ep_size", "placement")
+    meta = np.array(
+        [
+            num_passes,
+            num_layers,
+            num_physical,
+            _MODES.index(recorder.mode),
+            location.ep_size,
+            zlib.crc32(p2l.tobytes()),
+        ],
+        dtype=np.int64,
+    )
+    metas = _all_gather_int64(torch, dist, group, device, meta)
+    for column, name in enumerate(meta_names):
+        values = metas[:, column]
+        if (values != values[0]).any():
+            shown = values if name != "mode" else [_MODES[v] for v in values]
+            if name == "placement":
+                shown = ["rank " + str(r) for r in np.flatnonzero(values != values[0])]
+                raise InvalidArgumentError(
+                    "recorders cannot be merged: the current placement differs from rank 0's on "
+                    + ", ".join(shown)
+                )
+            raise InvalidArgumentError(
+                f"recorders cannot be merged: the ranks hold different {name} "
+                f"(per rank: {[str(v) for v in shown]}); ranks must record in lockstep"
+            )
+    if num_passes == 0:
+        return
+    all_ids = _all_gather_int64(torch, dist, group, device, ids)
+    differ = np.flatnonzero((all_ids != all_ids[0]).any(axis=1))
+    if differ.size:
+        raise InvalidArgumentError(
+            f"recorders cannot be merged: rank {int(differ[0])} recorded forward passes "
+            f"{all_ids[differ[0]].tolist()} but rank 0 recorded {all_ids[0].tolist()}"
+        )
+    if world == 1:
+        return
+
+    mode = recorder.mode
+    ep_size = location.ep_size
+    slots = num_physical // ep_size
+    counts = recorder.physical_count()  # [T, L, P] int32
+    others = _core.ExpertDistributionRecorder(location, mode, -1, recorder.rank)
+    others.start()
+    chunk = max(1, _CHUNK_ELEMENTS // max(1, num_layers * num_physical))
+    for first in range(0, num_passes, chunk):
+        mine = counts[first : first + chunk].astype(np.int64)
+        total = torch.from_numpy(mine.copy()).to(device)
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+        residual = total.cpu().numpy() - mine  # what the other ranks counted
+        for offset in range(mine.shape[0]):
+            t = first + offset
+            tokens = _other_ranks_token_ids(recorder, t, group, dist) if mode == "per_token" else []
+            others.begin_forward_pass(int(ids[t]))
+            for layer in range(num_layers):
+                others.begin_layer(layer)
+                rest = residual[offset, layer]
+                for layer_ids in (per_rank[layer] for per_rank in tokens):
+                    if layer_ids.size:
+                        others.on_select_experts(layer_ids)
+                        valid = layer_ids[layer_ids >= 0]
+                        rest = rest - np.bincount(valid, minlength=num_physical)
+                for w in range(ep_size):
+                    local = rest[w * slots : (w + 1) * slots]
+                    if local.any():
+                        others.on_dispatch_counts(np.ascontiguousarray(local, np.int64), w)
+                others.end_layer()
+            others.end_forward_pass()
+    try:
+        recorder.merge(others)
+    except InvalidArgumentError as error:
+        if "different placements" not in str(error):
+            raise
+        raise InvalidArgumentError(
+            "all_reduce merges passes recorded with the recorder's current placement, but a pass "
+            "in the window was recorded with an earlier one: call all_reduce (or dump) before "
+            f"set_location ({error})"
+        ) from None
+
+
+def _other_ranks_token_ids(
+    recorder: ExpertDistributionRecorder, pass_index: int, group: Any, dist: Any
+) -> list[list[npt.NDArray[np.int32]]]:
+    """per_token mode: the routed ids of pass ``pass_index`` of every other rank, in rank order,
+    per layer."""
+    mine = [recorder.token_ids(pass_index, layer) for layer in range(recorder.num_layers)]
+    gathered: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, mine, group=group)
+    me = dist.get_rank(group)
+    return [
+        [np.ascontiguousarray(ids, dtype=np.int32) for ids in per_rank]
+        for r, per_rank in enumerate(gathered)
+        if r != me
+    ]
+
+
+def _slot_tensors(torch: Any, local_weights: Any, num_local_slots: int) -> list[Any]:
+    items = (
+        list(local_weights)
+        if isinstance(local_weights, (list, tuple)) and not hasattr(local_weights, "shape")
+        else [local_weights]
+    )
+    if not items:
+        raise InvalidArgumentError("local_weights is empty: give a tensor [S, ...] or a list")
+    tensors = []
+    for i, item in enumerate(items):
+        name = "local_weights" if len(items) == 1 else f"local_weights[{i}]"
+        if isinstance(item, np.ndarray):
+            if not (item.flags.c_contiguous and item.flags.writeable):
+                raise InvalidArgumentError(
+                    f"{name} must be a writable C-contiguous array (it is updated in place)"
+                )
+            item = torch.from_numpy(item)
+        elif not isinstance(item, torch.Tensor):
+            raise TypeError(
+                f"{name} must be a torch tensor or a NumPy array, got {type(item).__name__}"
+            )
+        if item.dim() < 1 or item.shape[0] != num_local_slots:
+            raise InvalidArgumentError(
+                f"{name} has shape {tuple(item.shape)} but the plan needs [S, ...] with "
+                f"S={num_local_slots} local slots"
+            )
+        if not item.is_contiguous():
+            raise InvalidArgumentError(f"{name} must be contiguous (slots are sent as views)")
+        tensors.append(item)
+    return tensors
+
+
+def execute_weight_moves(
+    plan: WeightMovePlan,
+    local_weights: Any,
+    group: Any = None,
+) -> Any:
+    """Runs this rank's part of ``plan`` with ``torch.distributed`` point-to-point messages,
+    updating ``local_weights`` in place; returns ``local_weights``.
+
+    plan: the layer's ``WeightMovePlan`` (``plan_weight_moves(old, new, layer)``), the same on
+        every rank; this rank's EP rank is its rank in ``group`` and ``plan.ep_size`` must equal the
+        group's size.
+    local_weights: this rank's expert weights of that layer, one row per local slot: a contiguous
+        tensor [S, ...] (any dtype, on the device of the backend: CPU for gloo, CUDA for NCCL) or a
+        writable C-contiguous NumPy array (gloo), or a list of such (e.g. ``[w13, w2]``), each
+        [S, ...]; every tensor of a slot moves with it.
+    group: the EP process group (default: the world).
+
+    Order (``WeightMovePlan``'s): sends and local copies read the OLD contents; receives land in
+    staging buffers and copies are staged too; after every message completed the received and
+    copied experts are written to their slots, then 'fanout' ops copy NEW contents to further
+    slots. Extra memory: one slot per receive and per copy. Every rank of the group must call this
+    with the same plan (ranks without messages return at once).
+    """
+    torch, dist = _torch_distributed("execute_weight_moves")
+    if not isinstance(plan, WeightMovePlan):
+        raise TypeError(f"plan must be a WeightMovePlan, got {type(plan).__name__}")
+    tensors = _slot_tensors(torch, local_weights, plan.num_local_slots)
+    world = dist.get_world_size(group)
+    if world != plan.ep_size:
+        raise InvalidArgumentError(
+            f"the plan is for ep_size={plan.ep_size} ranks but the process group has {world}"
+        )
+    rank = dist.get_rank(group)
+    ops = plan.ops(rank)
+    messages: list[Any] = []
+    staged: list[tuple[int, list[Any]]] = []
+    for kind, expert, src, dst, peer in ops:
+        if kind not in ("send", "recv"):
+            continue
+        peer_rank = peer if group is None else dist.get_global_rank(group, peer)
+        buffers = (
+            [t[src] for t in tensors]
+            if kind == "send"
+            else [torch.empty_like(t[dst]) for t in tensors]
+        )
+        if kind == "recv":
+            staged.append((dst, buffers))
+        function = dist.isend if kind == "send" else dist.irecv
+        for j, buffer in enumerate(buffers):
+            # Tags keep gloo's pairs apart; NCCL ignores them and pairs by order, which the
+            # plan's (expert, peer) sort makes the same on both ends.
+            tag = expert * len(tensors) + j
+            messages.append(dist.P2POp(function, buffer, peer_rank, group=group, tag=tag))
+    staged += [
+        (dst, [t[src].clone() for t in tensors]) for kind, _, src, dst, _ in ops if kind == "copy"
+    ]
+    if messages:
+        for request in dist.batch_isend_irecv(messages):
+            request.wait()
+    for dst, buffers in staged:
+        for t, buffer in zip(tensors, buffers, strict=True):
+            t[dst].copy_(buffer)
+    for kind, _expert, src, dst, _peer in ops:
+        if kind == "fanout":
+            for t in tensors:
+                t[dst].copy_(t[src])
+    return local_weights
