@@ -10,6 +10,7 @@ compare it with the same work done in this one process.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -163,6 +164,23 @@ def _worker(rank: int, world: int, workdir: str) -> None:
         for layer in range(NUM_LAYERS):
             result[f"per_token_ids_{layer}"] = per_token.token_ids(0, layer)
 
+        # Bad input is refused before any message is sent.
+        errors = []
+        moves = moelb.plan_weight_moves(old, new, 0)
+        two_ranks = ExpertLocation.trivial(NUM_LAYERS, NUM_EXPERTS, NUM_PHYSICAL, ep_size=2)
+        for bad_plan, weights in (
+            (moves, torch.zeros(slots + 1, 3)),
+            (moves, torch.zeros(3, slots).t()),
+            (moves, [torch.zeros(slots, 3), np.zeros((slots, 3))[:, ::2]]),
+            (moelb.plan_weight_moves(two_ranks, two_ranks, 0), np.zeros((12, 3))),
+        ):
+            try:
+                moelb.execute_weight_moves(bad_plan, weights)
+                errors.append("")
+            except moelb.InvalidArgumentError as error:
+                errors.append(str(error))
+        result["bad_input_errors"] = np.array(errors)
+
         # Ranks out of lockstep: every rank raises the same error, none hangs.
         uneven = ExpertDistributionRecorder(old, rank=rank)
         uneven.start()
@@ -192,7 +210,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
         f"import sys; sys.path.insert(0, {here!r}); from test_distributed import _worker; "
         f"_worker(int(sys.argv[1]), {EP_SIZE}, {str(workdir)!r})"
     )
-    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    if "GLOO_SOCKET_IFNAME" not in env and Path("/sys/class/net/lo").exists():
+        env["GLOO_SOCKET_IFNAME"] = "lo"  # all ranks are local; skip resolving the host name
     logs = [open(workdir / f"rank{r}.log", "w+") for r in range(EP_SIZE)]
     procs = [
         subprocess.Popen(
@@ -364,6 +384,18 @@ def test_per_token_mode_merges_ids_in_rank_order(cluster: list[dict[str, Any]]) 
             order = [rank] + [r for r in range(EP_SIZE) if r != rank]
             expected = np.concatenate([routed(r, layer) for r in order])
             np.testing.assert_array_equal(result[f"per_token_ids_{layer}"], expected)
+
+
+def test_bad_weights_are_refused(cluster: list[dict[str, Any]]) -> None:
+    messages = [
+        r"local_weights has shape \(7, 3\) but the plan needs \[S, \.\.\.\] with S=6",
+        r"local_weights must be contiguous",
+        r"local_weights\[1\] must be a writable C-contiguous array",
+        r"the plan is for ep_size=2 ranks but the process group has 4",
+    ]
+    for rank, result in enumerate(cluster):
+        for error, message in zip(result["bad_input_errors"], messages, strict=True):
+            assert re.search(message, str(error)), (rank, error)
 
 
 def test_ranks_out_of_lockstep_raise_everywhere(cluster: list[dict[str, Any]]) -> None:
