@@ -30,6 +30,10 @@ constexpr int kLanes = 4;
 using Lanes = double __attribute__((vector_size(kLanes * sizeof(double))));
 using LaneMask = std::int64_t __attribute__((vector_size(kLanes * sizeof(double))));
 
+// 128-bit integers for (double bits, index) keys (a GCC/Clang extension like the vector types;
+// __extension__ tells -Wpedantic so).
+__extension__ typedef unsigned __int128 Uint128;
+
 bool any_lane(const LaneMask& m) {
     std::int64_t any = 0;
     for (int i = 0; i < kLanes; ++i) any |= m[i];
@@ -174,7 +178,7 @@ template <typename T, typename Weight, typename Give>
 T divisor_method(int n, int extra, int cap, const Weight& weight, int* count, const Give& give) {
     if (extra <= 0) return T(-1);
     using Bits = std::conditional_t<sizeof(T) == 8, std::uint64_t, std::uint32_t>;
-    using Key = std::conditional_t<sizeof(T) == 8, unsigned __int128, std::uint64_t>;
+    using Key = std::conditional_t<sizeof(T) == 8, Uint128, std::uint64_t>;
     static_assert(sizeof(T) == sizeof(Bits));
     constexpr std::uint32_t kLow = 0xffffffffu;
     const auto key = [&](int i) {
@@ -474,8 +478,8 @@ struct Packing {
 // Scratch buffers of the packing steps, reused across calls (one per thread).
 struct PackScratch {
     std::vector<int> fill, held, partners, mark, sorted, position, tie_key;
-    std::vector<unsigned __int128> tree;  // lpt
-    std::vector<std::uint64_t> keys;      // sort_order
+    std::vector<Uint128> tree;        // lpt
+    std::vector<std::uint64_t> keys;  // sort_order
     std::vector<int> items;
     // swap_search: the replica load of each slot, bin b's at [b * load_stride, ...) padded with
     // +inf to a multiple of kLanes (a padding "replica" never makes a useful swap).
@@ -540,7 +544,7 @@ void Packing::change_count(int e, int delta, const double* w) {
 // full bin and the padding to a power of two hold kNoRoom). The keys are unique, so the choice is
 // the same as a scan's, and taking the smaller of two integers needs no branch.
 void Packing::lpt(PackScratch& s) {
-    using Key = unsigned __int128;
+    using Key = Uint128;
     constexpr Key kNoRoom = ~Key{0};
     const auto key = [](double load, int b) {
         std::uint64_t bits;
