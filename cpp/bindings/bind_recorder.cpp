@@ -125,13 +125,7 @@ void bind_recorder(py::module_& m) {
                 MOELB_CHECK_ARG(r.mode() == RecorderMode::kPerToken,
                                 "token_ids needs mode='per_token', the recorder has mode='"
                                     << to_string(r.mode()) << "'");
-                const auto passes = r.passes();
-                const auto n = static_cast<std::int64_t>(passes.size());
-                MOELB_CHECK_ARG(
-                    pass_index >= -n && pass_index < n,
-                    "pass_index=" << pass_index << " is outside [" << -n << ", " << n << ")");
-                const auto& pass =
-                    passes[static_cast<std::size_t>(pass_index < 0 ? pass_index + n : pass_index)];
+                const auto pass = r.pass_at(pass_index);  // one pass, not all of them
                 MOELB_CHECK_ARG(
                     layer >= 0 && layer < r.num_layers(),
                     "layer=" << layer << " is outside [0, num_layers=" << r.num_layers() << ")");

@@ -272,6 +272,14 @@ std::vector<ExpertDistributionRecorder::Pass> ExpertDistributionRecorder::passes
     return {passes_.begin(), passes_.end()};
 }
 
+ExpertDistributionRecorder::Pass ExpertDistributionRecorder::pass_at(Index index) const {
+    std::lock_guard lock(mutex_);
+    const auto n = static_cast<Index>(passes_.size());
+    MOELB_CHECK_ARG(index >= -n && index < n,
+                    "pass_index=" << index << " is outside [" << -n << ", " << n << ")");
+    return passes_[static_cast<std::size_t>(index < 0 ? index + n : index)];
+}
+
 Index ExpertDistributionRecorder::num_passes() const {
     std::lock_guard lock(mutex_);
     return static_cast<Index>(passes_.size());

@@ -129,6 +129,8 @@ class ExpertDistributionRecorder {
 
     // The recorded passes, oldest first (a copy taken under the lock).
     std::vector<Pass> passes() const;
+    // One recorded pass (a copy): index in [-num_passes, num_passes), negative from the newest.
+    Pass pass_at(Index index) const;
     Index num_passes() const;
     // [T, L, E] logical counts, each pass converted with its own placement.
     std::vector<std::int32_t> logical_count() const;
