@@ -93,7 +93,7 @@ void HashRouter::select(ConstMatrixMap<float> router_logits, std::span<const Tok
                 for (Index r = 0; r < valid; ++r) {
                     const Index t = block + r;
                     detail::sanitize_logits(router_logits.row(t).data(), E, row);
-                    detail::softmax(row);
+                    detail::softmax(row, scratch);
                     const std::int32_t* ids = tid2eid_.row(input_ids[t]).data();
                     for (int k = 0; k < K; ++k) values[r * K + k] = row[ids[k]];
                 }

@@ -161,7 +161,7 @@ struct Scratch {
 void compute_scores(const float* logits, int E, Scoring scoring, const float* bias, Scratch& s) {
     detail::sanitize_logits(logits, E, s.scores);
     if (scoring == Scoring::kSoftmax) {
-        detail::softmax(s.scores);
+        detail::softmax(s.scores, s.score_scratch);
     } else {
         detail::elementwise_scores(scoring, s.scores, s.score_scratch);
     }

@@ -16,8 +16,25 @@ inline constexpr float kMaxFloat = std::numeric_limits<float>::max();
 
 // Scratch arrays of the score functions (sized to the input on use).
 struct ScoreScratch {
-    ArrayXf a, b, c;
+    ArrayXf a, b, c, padded;
 };
+
+// Eigen evaluates an array expression in packets and the last size % packet elements with scalar
+// code, whose exp rounds differently (by an ulp; and the vector exp of some ISAs gives a denormal,
+// not 0, for -inf). An element's score would then depend on its position: equal logits would not
+// tie (the lowest-id rule broken in builds without AVX-512) and a token's weights would depend on
+// its place in a block. So the score functions evaluate a copy padded to a multiple of kScoreLanes
+// (the widest float packet, AVX-512's), where every element takes the vector path, and give -inf
+// (a NaN logit) a score of exactly 0.
+inline constexpr Eigen::Index kScoreLanes = 16;
+
+// padded <- x followed by `fill` up to a multiple of kScoreLanes.
+inline void pad_scores(const ArrayXf& x, ArrayXf& padded, float fill) {
+    const Eigen::Index n = x.size();
+    padded.resize((n + kScoreLanes - 1) / kScoreLanes * kScoreLanes);
+    padded.head(n) = x;
+    padded.tail(padded.size() - n).setConstant(fill);
+}
 
 // out <- logits with NaN -> -inf and +inf -> the largest float. (A plain loop: the compiler
 // vectorises it as a compare and a blend, which Eigen 3.4's scalar select() does not.)
@@ -39,10 +56,12 @@ inline void sanitize_logits(const float* logits, Eigen::Index n, ArrayXf& out) {
 // underflow. Equals PyTorch's softplus (x for x > 20, else log1p(exp(x))) to float rounding;
 // -inf gives 0.
 inline void sqrt_softplus(ArrayXf& x, ScoreScratch& s) {
+    ArrayXf& v = s.padded;
+    pad_scores(x, v, 0.0f);
     ArrayXf& h = s.a;
     ArrayXf& L = s.b;
     ArrayXf& pos = s.c;
-    h = (-0.5f * x.abs()).exp();
+    h = (-0.5f * v.abs()).exp();
     L = h.square();                   // z
     pos = (L / (L + 2.0f)).square();  // u^2, evaluated once rather than per use
     const ArrayXf& u2 = pos;
@@ -53,32 +72,45 @@ inline void sqrt_softplus(ArrayXf& x, ScoreScratch& s) {
                      u2 * (1.0f / 7 + u2 * (1.0f / 9 + u2 * (1.0f / 11 + u2 * (1.0f / 13)))))));
     // L = log1p(z) / z. Both forms are evaluated vectorised, then blended in a plain loop
     // (Eigen 3.4's select() is not vectorised).
-    pos = (x.max(0.0f) + h.square() * L).sqrt();
+    pos = (v.max(0.0f) + h.square() * L).sqrt();
     L = h * L.sqrt();
     float* xs = x.data();
     const float* neg = L.data();
     const float* nonneg = pos.data();
-    for (Eigen::Index i = 0; i < x.size(); ++i) xs[i] = xs[i] < 0.0f ? neg[i] : nonneg[i];
+    for (Eigen::Index i = 0; i < x.size(); ++i) {
+        const float xi = xs[i];
+        xs[i] = xi == kNegInf ? 0.0f : (xi < 0.0f ? neg[i] : nonneg[i]);
+    }
 }
 
 // x <- score(x) element by element for kSigmoid / kSqrtSoftplus.
 inline void elementwise_scores(Scoring scoring, ArrayXf& x, ScoreScratch& s) {
     if (scoring == Scoring::kSigmoid) {
-        x = 1.0f / (1.0f + (-x).exp());
+        ArrayXf& v = s.padded;
+        pad_scores(x, v, 0.0f);
+        v = 1.0f / (1.0f + (-v).exp());
+        float* xs = x.data();
+        const float* scores = v.data();
+        for (Eigen::Index i = 0; i < x.size(); ++i) xs[i] = xs[i] == kNegInf ? 0.0f : scores[i];
     } else {
         sqrt_softplus(x, s);
     }
 }
 
 // x <- softmax(x) in place. A row whose logits are all -inf (or NaN) has no probability mass:
-// all zeros.
-inline void softmax(ArrayXf& x) {
+// all zeros; a -inf logit gets exactly 0.
+inline void softmax(ArrayXf& x, ScoreScratch& s) {
     const float m = x.maxCoeff();
     if (m == kNegInf) {
         x.setZero();
         return;
     }
-    x = (x - m).exp();
+    ArrayXf& v = s.padded;
+    pad_scores(x, v, kNegInf);
+    v = (v - m).exp();
+    float* xs = x.data();
+    const float* e = v.data();
+    for (Eigen::Index i = 0; i < x.size(); ++i) xs[i] = xs[i] == kNegInf ? 0.0f : e[i];
     x *= 1.0f / x.sum();
 }
 
