@@ -451,8 +451,8 @@ std::int64_t DeepSeekMoE::expected_peak_bytes(const DeepSeekMoEConfig& config, I
     return std::max({P_sh, S + L + TK, S + TK + W_r + O});
 }
 
-void DeepSeekMoE::forward(MatrixMap<float> hidden, std::span<const std::int64_t> input_ids,
-                          MatrixMap<float> out) {
+void DeepSeekMoE::run_forward(MatrixMap<float> hidden, std::span<const std::int64_t> input_ids,
+                              MatrixMap<float> out, MoEForwardStats& stats) const {
     const Index T = hidden.rows(), H = config_.hidden_size, I = config_.intermediate_size;
     const Index E = config_.num_experts, K = config_.top_k, F = config_.num_fused_shared();
     const Index Kp = K + F, Pp = num_physical_ + F, Is = config_.shared_intermediate_size();
@@ -480,8 +480,8 @@ void DeepSeekMoE::forward(MatrixMap<float> hidden, std::span<const std::int64_t>
             static_cast<Index>(input_ids.size()) == T,
             "input_ids has " << input_ids.size() << " entries but hidden has " << T << " rows");
     }
-    stats_ = MoEForwardStats{};
-    stats_.deferred_shared = config_.defers_shared();
+    stats = MoEForwardStats{};
+    stats.deferred_shared = config_.defers_shared();
     if (T == 0) return;
 
     const int threads = get_num_threads();
@@ -509,11 +509,11 @@ void DeepSeekMoE::forward(MatrixMap<float> hidden, std::span<const std::int64_t>
                 }
             }
         });
-        stats_.shared_lanes = lanes;
-        stats_.steps.emplace_back("shared");
+        stats.shared_lanes = lanes;
+        stats.steps.emplace_back("shared");
     };
 
-    if (has_shared && !stats_.deferred_shared) run_shared();
+    if (has_shared && !stats.deferred_shared) run_shared();
 
     // Gate: router logits [T, E], in fixed row blocks.
     auto logits = ws.allocate<float>(T * E, "router_logits");
@@ -527,7 +527,7 @@ void DeepSeekMoE::forward(MatrixMap<float> hidden, std::span<const std::int64_t>
             }
         });
     }
-    stats_.steps.emplace_back("gate");
+    stats.steps.emplace_back("gate");
 
     // Top-k (physical slot ids of this layer's placement; the fused shared expert is slot P).
     auto topk_ids = ws.allocate<std::int32_t>(T * Kp, "topk_ids");
@@ -547,7 +547,7 @@ void DeepSeekMoE::forward(MatrixMap<float> hidden, std::span<const std::int64_t>
         }
     }
     logits.release();
-    stats_.steps.emplace_back("topk");
+    stats.steps.emplace_back("topk");
 
     // Routed experts: (token, k) pairs sorted by slot, each slot's rows in blocks of kBlockRows;
     // every pair's expert output lands in its own row of Y, then each token sums its K' rows in
@@ -609,7 +609,7 @@ void DeepSeekMoE::forward(MatrixMap<float> hidden, std::span<const std::int64_t>
                     }
                 }
             });
-            stats_.routed_lanes = lanes;
+            stats.routed_lanes = lanes;
         }
         // out = rsf * sum_k w_k y_k, columns in order. In-place: out is hidden, read above only.
         const float rsf = config_.routed_scaling_factor;
@@ -630,16 +630,31 @@ void DeepSeekMoE::forward(MatrixMap<float> hidden, std::span<const std::int64_t>
     topk_ids.release();
     topk_weights.release();
     recorder_ids.release();
-    stats_.steps.emplace_back("routed");
+    stats.steps.emplace_back("routed");
 
-    if (has_shared && stats_.deferred_shared) run_shared();
+    if (has_shared && stats.deferred_shared) run_shared();
     if (has_shared) {
         out.noalias() += ConstRowMap(shared_out.data(), T, H);
         shared_out.release();
-        stats_.steps.emplace_back("combine");
+        stats.steps.emplace_back("combine");
     }
     if (!inplace) ws.untrack(T * H * static_cast<Index>(sizeof(float)));
-    stats_.peak_bytes = ws.peak_bytes();
+    stats.peak_bytes = ws.peak_bytes();
+}
+
+void DeepSeekMoE::forward(MatrixMap<float> hidden, std::span<const std::int64_t> input_ids,
+                          MatrixMap<float> out) {
+    // The forward only reads the layer; its statistics are gathered locally and published under
+    // a lock, so several threads may run forwards of one layer at once.
+    MoEForwardStats stats;
+    run_forward(hidden, input_ids, out, stats);
+    const std::lock_guard lock(*stats_mutex_);
+    stats_ = std::move(stats);
+}
+
+MoEForwardStats DeepSeekMoE::last_stats() const {
+    const std::lock_guard lock(*stats_mutex_);
+    return stats_;
 }
 
 }  // namespace moelb

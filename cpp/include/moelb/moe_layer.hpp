@@ -17,6 +17,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <new>
 #include <optional>
 #include <span>
@@ -188,9 +189,13 @@ class DeepSeekMoE {
     // hidden [T, H] float32; input_ids [T] (hash layers only, each in [0, vocab_size)); out
     // [T, H]. Out-of-place kernel: hidden is read only and out must not overlap it. In-place
     // kernel: out must be hidden itself (the result overwrites the input).
+    // Threads: forwards of one layer may run concurrently (they only read the weights and the
+    // placement; each publishes its statistics under a lock). set_location and writes through
+    // routed_w13 / routed_w2 must not overlap a forward.
     void forward(MatrixMap<float> hidden, std::span<const std::int64_t> input_ids,
                  MatrixMap<float> out);
-    const MoEForwardStats& last_stats() const { return stats_; }
+    // The statistics of the last forward that completed.
+    MoEForwardStats last_stats() const;
 
     // Routed weights per physical slot: w13 [P, 2I, H], w2 [P, H, I] (the fused shared expert, if
     // any, is row P, after them, and is not part of these spans).
@@ -213,6 +218,8 @@ class DeepSeekMoE {
                                             int shared_lanes);
 
   private:
+    void run_forward(MatrixMap<float> hidden, std::span<const std::int64_t> input_ids,
+                     MatrixMap<float> out, MoEForwardStats& stats) const;
     std::size_t w13_row_elements() const;
     std::size_t w2_row_elements() const;
 
@@ -230,6 +237,7 @@ class DeepSeekMoE {
     std::optional<HashRouter> hash_router_;
     std::optional<LayerDispatcher> dispatcher_;
     MoEForwardStats stats_;
+    std::unique_ptr<std::mutex> stats_mutex_ = std::make_unique<std::mutex>();
 };
 
 }  // namespace moelb
