@@ -98,7 +98,9 @@ inline void elementwise_scores(Scoring scoring, ArrayXf& x, ScoreScratch& s) {
 }
 
 // x <- softmax(x) in place. A row whose logits are all -inf (or NaN) has no probability mass:
-// all zeros; a -inf logit gets exactly 0.
+// all zeros. A probability below the smallest normal float is 0: exp(-inf) and the underflowing
+// exp of a logit more than ~87 below the maximum are exactly 0 whatever the ISA (SSE2's vector
+// exp gives 3e-39 for them, AVX-512's 0), so such experts tie at 0 and go to the lowest id.
 inline void softmax(ArrayXf& x, ScoreScratch& s) {
     const float m = x.maxCoeff();
     if (m == kNegInf) {
@@ -110,7 +112,8 @@ inline void softmax(ArrayXf& x, ScoreScratch& s) {
     v = (v - m).exp();
     float* xs = x.data();
     const float* e = v.data();
-    for (Eigen::Index i = 0; i < x.size(); ++i) xs[i] = xs[i] == kNegInf ? 0.0f : e[i];
+    constexpr float kMinNormal = std::numeric_limits<float>::min();
+    for (Eigen::Index i = 0; i < x.size(); ++i) xs[i] = e[i] < kMinNormal ? 0.0f : e[i];
     x *= 1.0f / x.sum();
 }
 
