@@ -221,6 +221,22 @@ void ExpertDistributionRecorder::on_select_experts(ConstMatrixMap<std::int32_t> 
     }
     if (!recording_) return;
     std::int32_t* row = current_.counts.data() + static_cast<Index>(*layer_) * P;
+    // An int32 slot count must not wrap: when this call could push the fullest slot past
+    // INT32_MAX, count exactly what it adds per slot and refuse before changing anything.
+    constexpr std::int64_t kMax = std::numeric_limits<std::int32_t>::max();
+    const std::int64_t fullest = P > 0 ? *std::max_element(row, row + P) : 0;
+    if (fullest + T * K > kMax) {
+        std::vector<std::int64_t> added(static_cast<std::size_t>(P), 0);
+        for (Index i = 0; i < T * K; ++i) {
+            if (ids[i] >= 0) ++added[static_cast<std::size_t>(ids[i])];
+        }
+        for (int p = 0; p < P; ++p) {
+            MOELB_CHECK_ARG(row[p] + added[static_cast<std::size_t>(p)] <= kMax,
+                            "topk_ids adds " << added[static_cast<std::size_t>(p)]
+                                             << " to slot " << p << ", which would overflow its "
+                                             << "int32 count in this pass (" << row[p] << ")");
+        }
+    }
     for (Index i = 0; i < T * K; ++i) {
         if (ids[i] >= 0) ++row[ids[i]];
     }

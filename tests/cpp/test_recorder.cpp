@@ -612,6 +612,26 @@ TEST(RecorderDispatchCounts, AccumulationBeyondInt32IsAnError) {
     EXPECT_EQ(r.passes()[0].counts, (Counts{std::numeric_limits<std::int32_t>::max(), 0}));
 }
 
+TEST(RecorderDispatchCounts, SelectExpertsAfterAFullSlotIsAnErrorThatCountsNothing) {
+    // Found by the fuzzer (tests/python/test_fuzz.py): a dispatch of INT32_MAX tokens, then one
+    // more token selected for the same slot, wrapped the count to -2**31.
+    constexpr std::int32_t kMax = std::numeric_limits<std::int32_t>::max();
+    Recorder r(ExpertLocation::trivial(1, 2, 2, 1));
+    r.start();
+    r.begin_forward_pass();
+    r.begin_layer(0);
+    r.on_dispatch_counts(std::vector<std::int64_t>{kMax - 1, 0}, 0);
+    Ids twice(2, 2);  // slot 0 twice: one too many
+    twice << 0, 1, 0, -1;
+    expect_invalid_argument([&] { r.on_select_experts(cmap(twice)); }, "slot 0");
+    Ids fits(1, 2);
+    fits << 0, 1;
+    r.on_select_experts(cmap(fits));
+    r.end_layer();
+    r.end_forward_pass();
+    EXPECT_EQ(r.passes()[0].counts, (Counts{kMax, 1}));
+}
+
 // ------------------------------------------------------------------------------------------------
 // Modes.
 

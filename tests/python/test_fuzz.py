@@ -953,12 +953,6 @@ def run_recorder_program(rec: Any, program: list[tuple[str, Any]]) -> tuple[int,
     return open_pass, ended
 
 
-@pytest.mark.xfail(
-    reason="BUG (found by CI's fresh run): a program of dispatch hooks reached a pass whose "
-    "slot count reads back as -2**31 from physical_count() instead of 2**31 being refused; "
-    "the recorder's int32 overflow check misses a path. Open; see the session note.",
-    strict=False,
-)
 @budget(300)
 @given(setup=recorder_programs(), mode=st.sampled_from(["stat", "per_pass", "per_token"]))
 def test_recorder_hooks_random_programs(
@@ -977,6 +971,33 @@ def test_recorder_hooks_random_programs(
     if ended:
         logical = rec.logical_count()
         np.testing.assert_array_equal(logical.sum(axis=(1, 2)), counts.sum(axis=(1, 2)))
+
+
+@pytest.mark.parametrize("mode", ["stat", "per_pass", "per_token"])
+def test_recorder_select_after_a_full_slot_regression(mode: str) -> None:
+    """Found by CI's fresh run of the program fuzzer above: a dispatch of 2**31 - 1 tokens to a
+    slot, then one more selected for it, wrapped the slot's int32 count to -2**31. The select
+    must be refused and count nothing."""
+    location = moelb.ExpertLocation.trivial(1, 1, 1, 1)
+    rec = moelb.ExpertDistributionRecorder(location, mode, buffer_size=-1)
+    rec.start()
+    program: list[tuple[str, Any]] = [
+        ("begin_pass", None),
+        ("begin_layer", 0),
+        ("dispatch", (np.array([2**31 - 1], dtype=np.int32), 0, 0)),
+        ("select", (np.array([[0]], dtype=np.int32), None)),
+        ("end_layer", None),
+        ("end_pass", None),
+    ]
+    _, ended = run_recorder_program(rec, program)
+    assert ended == [2**31 - 1]
+    assert rec.physical_count().tolist() == [[[2**31 - 1]]]
+    with rec.forward_pass(), rec.layer(0):
+        rec.on_dispatch_counts(np.array([2**31 - 2]), 0)
+        with pytest.raises(moelb.InvalidArgumentError, match=r"adds 2 to slot 0"):
+            rec.on_select_experts(np.array([[0], [0]], dtype=np.int32))
+        rec.on_select_experts(np.array([[0], [-1]], dtype=np.int32))
+    assert rec.physical_count()[-1].tolist() == [[2**31 - 1]]
 
 
 @budget(100)
