@@ -443,7 +443,7 @@ struct Packing {
     void sort_order(PackScratch& s);
     void change_count(int e, int delta, const double* w);
     void lpt(PackScratch& s);
-    void repair_duplicates(double limit);
+    void repair_duplicates(double limit, PackScratch& s);
     void swap_search(double target, PackScratch& s);
     struct Swap {
         int b = -1, xi = -1, yi = -1;  // bin(a)[xi] <-> bin(b)[yi]; b < 0: none
@@ -486,6 +486,37 @@ struct PackScratch {
     std::vector<double> slot_load;
     int load_stride = 0;
     int stamp = 0;
+    // Duplicate scans: in_bin[e] == bin_stamp marks the experts of the bin being scanned (a new
+    // stamp per scan, so a scan costs its slots, not their square); dup_slots lists its slots
+    // whose expert sits in an earlier slot.
+    std::vector<int> in_bin, dup_slots;
+    int bin_stamp = 0;
+
+    // Starts a bin scan over `experts` experts; returns its stamp.
+    int next_bin_stamp(std::size_t experts) {
+        if (in_bin.size() != experts) {
+            in_bin.assign(experts, 0);
+            bin_stamp = 0;
+        }
+        if (++bin_stamp == std::numeric_limits<int>::max()) {
+            std::fill(in_bin.begin(), in_bin.end(), 0);
+            bin_stamp = 1;
+        }
+        return bin_stamp;
+    }
+    // Marks the experts of the `size` slots at `slots`; fills dup_slots. Returns the stamp.
+    int scan_bin(const int* slots, int size, std::size_t experts) {
+        const int stamp = next_bin_stamp(experts);
+        dup_slots.clear();
+        for (int i = 0; i < size; ++i) {
+            if (in_bin[slots[i]] == stamp) {
+                dup_slots.push_back(i);
+            } else {
+                in_bin[slots[i]] = stamp;
+            }
+        }
+        return stamp;
+    }
 };
 
 // Orders each domain's experts by (replica load desc, expert asc): the order LPT places them in.
@@ -616,22 +647,27 @@ void Packing::lpt(PackScratch& s) {
 }
 
 // Removes duplicate experts within a bin by swaps that keep both bins at or below `limit`.
-void Packing::repair_duplicates(double limit) {
-    const auto has_duplicate = [&](int a, int xi) {
-        for (int k = 0; k < xi; ++k) {
-            if (bin(a)[k] == bin(a)[xi]) return true;
-        }
-        return false;
-    };
+void Packing::repair_duplicates(double limit, PackScratch& s) {
+    if (bins_per_domain <= 1) return;  // no bin to swap with
+    // The slots of bin a whose expert also sits in an earlier slot of a, ascending. A swap below
+    // replaces such a slot's expert with one a does not hold, so it never changes whether a later
+    // slot of a is a duplicate: the list taken before the swaps stays exact.
+    const std::size_t experts = count.size();
     // Without duplicates nothing below would change: skip the swap scans.
     bool any = false;
     for (int a = 0; a < num_bins && !any; ++a) {
-        for (int xi = 1; xi < size && !any; ++xi) any = has_duplicate(a, xi);
+        s.scan_bin(bin(a), size, experts);
+        any = !s.dup_slots.empty();
     }
     if (!any) return;
-    for (int a = 0; a < num_bins; ++a) {
-        for (int xi = 0; xi < size; ++xi) {
-            if (!has_duplicate(a, xi)) continue;
+    // A work budget in slots visited bounds the repair of huge bins full of (unavoidable)
+    // duplicates; plans of realistic sizes never reach it.
+    std::int64_t budget =
+        std::max<std::int64_t>(std::int64_t{1} << 24, std::int64_t{16} * num_bins * size);
+    for (int a = 0; a < num_bins && budget > 0; ++a) {
+        const int stamp = s.scan_bin(bin(a), size, experts);  // in_bin[e] == stamp: a holds e
+        for (const int xi : s.dup_slots) {
+            if ((budget -= std::int64_t{2} * size * bins_per_domain) < 0) break;
             const int ex = bin(a)[xi];
             int best_b = -1, best_yi = -1;
             double best = std::numeric_limits<double>::infinity();
@@ -639,7 +675,7 @@ void Packing::repair_duplicates(double limit) {
                 if (b == a || holds(b, ex)) continue;
                 for (int yi = 0; yi < size; ++yi) {
                     const int ey = bin(b)[yi];
-                    if (holds(a, ey)) continue;
+                    if (s.in_bin[ey] == stamp) continue;  // a holds ey
                     const double d = replica_load[ex] - replica_load[ey];
                     const double m = std::max(bin_load[a] - d, bin_load[b] + d);
                     if (m <= limit * (1 + kRelTol) && m < best) {
@@ -649,7 +685,10 @@ void Packing::repair_duplicates(double limit) {
                     }
                 }
             }
-            if (best_b >= 0) apply_swap(a, xi, best_b, best_yi);
+            if (best_b >= 0) {
+                s.in_bin[bin(best_b)[best_yi]] = stamp;  // a now holds ey (and still ex)
+                apply_swap(a, xi, best_b, best_yi);
+            }
         }
     }
 }
@@ -823,7 +862,7 @@ void pack_counts(Packing& p, const double* w, double target, PackScratch& s) {
         p.sort_order(s);
     }
     p.lpt(s);
-    p.repair_duplicates(p.max_load());
+    p.repair_duplicates(p.max_load(), s);
     p.swap_search(target, s);
 }
 
@@ -842,17 +881,13 @@ int avoidable_duplicates(const Packing& p, PackScratch& s, int* first = nullptr)
     int n = 0, smallest = -1;
     for (int b = 0; b < p.num_bins; ++b) {
         const int* slots = p.bin(b);
-        for (int i = 1; i < p.size; ++i) {
+        s.scan_bin(slots, p.size, p.count.size());
+        for (const int i : s.dup_slots) {
             const int e = slots[i];
             if (p.count[e] > p.bins_per_domain || s.mark[e] == s.stamp) continue;
-            for (int j = 0; j < i; ++j) {
-                if (slots[j] == e) {
-                    s.mark[e] = s.stamp;
-                    ++n;
-                    if (smallest < 0 || e < smallest) smallest = e;
-                    break;
-                }
-            }
+            s.mark[e] = s.stamp;
+            ++n;
+            if (smallest < 0 || e < smallest) smallest = e;
         }
     }
     if (first) *first = smallest;
@@ -1346,7 +1381,7 @@ bool moelb_layer(const double* w, int E, int R, int K, int N, int G, int domains
         Packing& theirs = s.theirs;
         packing_of(theirs, w, s.ds.data(), E, R, G, domains);
         if (theirs.max_load() < ours.max_load() * (1 - kRelTol)) {
-            theirs.repair_duplicates(theirs.max_load());
+            theirs.repair_duplicates(theirs.max_load(), s.pack);
             theirs.swap_search(bound, s.pack);
             if (theirs.max_load() < ours.max_load() * (1 - kRelTol)) {
                 std::swap(ours, theirs);
@@ -1493,6 +1528,9 @@ Plan rebalance(ConstMatrixMap<double> load, const RebalanceOptions& o) {
     MOELB_CHECK_ARG(K >= 0, "num_groups must be non-negative, got " << K);
     MOELB_CHECK_ARG(
         R >= E, "num_physical_experts=" << R << " is smaller than the " << E << " logical experts");
+    MOELB_CHECK_ARG(R <= kMaxPhysicalExperts, "num_physical_experts=" << R << " is above the "
+                                                                      << kMaxPhysicalExperts
+                                                                      << " slots per layer moelb plans");
     MOELB_CHECK_ARG(R % G == 0,
                     "num_physical_experts=" << R << " is not divisible by num_gpus=" << G);
     if (o.previous) {

@@ -102,7 +102,7 @@ def rebalance(
 
     load: [L, E] or a time series [T, L, E] (summed over T) of per-expert loads (token counts,
         integer or float, finite and >= 0), e.g. a recorder dump's ``logical_count``.
-    num_physical_experts: slots per layer (E + redundant); a multiple of num_gpus.
+    num_physical_experts: slots per layer (E + redundant); a multiple of num_gpus, at most 2**20.
     num_groups: expert groups (DeepSeek-V3: 8), or None.
     algorithm: ``"moelb"`` (ours, the default), ``"deepseek"`` (DeepSeek's eplb.py: hierarchical
         when num_groups % num_nodes == 0, else global), ``"deepseek_hierarchical"``,

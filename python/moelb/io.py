@@ -438,8 +438,13 @@ def _logical_from_records(
     index = {p: i for i, p in enumerate(pass_ids)}
     for (pass_id, _), counts in seen.items():
         physical[index[pass_id]] += counts
+    if mapping.size == 0:
+        raise InvalidArgumentError(
+            f"{source}: last_physical_to_logical_map has shape {mapping.shape}; a placement "
+            "needs at least one layer and one slot"
+        )
     num_experts = int(mapping.max()) + 1 if num_logical_experts is None else num_logical_experts
-    if mapping.size and mapping.max() >= num_experts:
+    if mapping.max() >= num_experts:
         raise InvalidArgumentError(
             f"{source}: last_physical_to_logical_map holds expert {int(mapping.max())} but "
             f"num_logical_experts={num_experts}"
@@ -447,6 +452,11 @@ def _logical_from_records(
     logical = np.zeros((len(pass_ids), num_layers, num_experts), np.int64)
     for layer in range(num_layers):
         np.add.at(logical[:, layer], (slice(None), mapping[layer]), physical[:, layer])
+    if logical.size and logical.max() > np.iinfo(np.int32).max:
+        raise InvalidArgumentError(
+            f"{source}: a logical count of {int(logical.max())} (summed over ranks and replicas) "
+            "does not fit the int32 logical_count"
+        )
     return logical.astype(np.int32)
 
 
@@ -495,10 +505,9 @@ def load_expert_distribution(
                 f"{source}: not an expert distribution dump (keys: {sorted(obj)!r}; expected "
                 f"{list(STAT_KEYS)} or {list(DETAIL_KEYS)})"
             )
-    if stats and records:
+    if stats and mapping is not None:
         raise InvalidArgumentError(f"{str(path)!r} mixes stat and per-pass dumps")
-    if records:
-        assert mapping is not None
+    if mapping is not None:  # per-pass dumps, possibly with no records: [0, L, E] counts
         logical = _logical_from_records(records, mapping, num_logical_experts, str(path))
         return {"rank": 0, "logical_count": logical, "average_utilization_rate_over_window": None}
     shapes = {s["logical_count"].shape[1:] for s in stats}

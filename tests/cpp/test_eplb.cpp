@@ -945,6 +945,15 @@ std::vector<ErrorCase> rebalance_errors() {
          "num_physical_experts=8"},
         {"slots_not_divisible_by_gpus", with([](auto&, auto& o) { o.num_physical_experts = 18; }),
          "num_physical_experts=18 is not divisible by num_gpus=8"},
+        {"more_slots_than_planned",
+         with([](auto&, auto& o) { o.num_physical_experts = moelb::kMaxPhysicalExperts + 8; }),
+         "num_physical_experts=1048584 is above the 1048576 slots"},
+        {"int32_max_slots_one_gpu",
+         with([](auto&, auto& o) {
+             o.num_physical_experts = std::numeric_limits<std::int32_t>::max();
+             o.num_gpus = 1;
+         }),
+         "num_physical_experts=2147483647 is above"},
         {"no_gpus", with([](auto&, auto& o) { o.num_gpus = 0; }), "num_gpus"},
         {"no_nodes", with([](auto&, auto& o) { o.num_nodes = 0; }), "num_nodes"},
         {"negative_groups", with([](auto&, auto& o) { o.num_groups = -1; }), "num_groups"},

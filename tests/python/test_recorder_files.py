@@ -531,6 +531,20 @@ BAD_CONTENT = {
         per_pass(global_physical_count=[[1.5, 2], [3, 4]]),
         r"records\[0\]\.global_physical_count must hold integers",
     ),
+    "map_empty": (
+        {"records": [], "last_physical_to_logical_map": [[]]},
+        r"last_physical_to_logical_map has shape \(1, 0\)",
+    ),
+    "ranks_sum_beyond_int32": (  # two ranks' counts of one pass, each valid, sum to 2**31
+        {
+            "records": [
+                dict(RECORD, global_physical_count=[[2**31 - 1, 0], [0, 0]]),
+                dict(RECORD, rank=1, global_physical_count=[[1, 0], [0, 0]]),
+            ],
+            "last_physical_to_logical_map": MAP,
+        },
+        r"logical count of 2147483648 .* does not fit",
+    ),
 }
 
 # Regressions: malformed values that once escaped as bare ValueError/TypeError.

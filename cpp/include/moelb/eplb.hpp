@@ -26,6 +26,10 @@
 
 namespace moelb {
 
+// The most physical expert slots per layer rebalance() plans (2**20): far above any deployment
+// (DeepSeek-V3 serves 256 experts in 288 slots), low enough that a typo cannot ask for gigabytes.
+inline constexpr int kMaxPhysicalExperts = 1 << 20;
+
 enum class EplbAlgorithm { kDeepSeek, kDeepSeekHierarchical, kDeepSeekGlobal, kMoelb };
 enum class Locality { kAuto, kNode, kNone };
 
