@@ -286,7 +286,8 @@ void deepseek_layer(const float* w, int E, int R, int K, int N, int G, std::int3
 // =============================================================================================
 
 constexpr double kRelTol = 1e-12;
-constexpr double kTargetTol = 1e-9;    // a max load this close to a lower bound has reached it
+constexpr double kTargetTol = 1e-9;
+constexpr double kBoundMargin = 1e-9;  // a bound this far above a load is above it despite rounding    // a max load this close to a lower bound has reached it
 constexpr int kCountSearchBudget = 2;  // repacks per layer in search_counts
 // assign_groups memoises node costs per subset of groups (a bitmask) up to this many groups.
 constexpr int kMaxMemoGroups = 12;
@@ -491,6 +492,13 @@ struct PackScratch {
     // whose expert sits in an earlier slot.
     std::vector<int> in_bin, dup_slots;
     int bin_stamp = 0;
+    // trial_lower_bound: a domain's replicas before and after a trial's move.
+    struct Replicas {
+        double load;  // of one replica
+        int count;
+        int expert;
+    };
+    std::vector<Replicas> bound_base, bound_values;
 
     // Starts a bin scan over `experts` experts; returns its stamp.
     int next_bin_stamp(std::size_t experts) {
@@ -932,6 +940,78 @@ void remove_avoidable_duplicates(Packing& p, Packing& q, const double* w, double
     }
 }
 
+// Sorts the replicas of p's domain d as (replica load, replicas, expert), ascending, into
+// s.bound_base: the base trial_lower_bound edits.
+void sort_domain_replicas(const Packing& p, int d, const double* w, PackScratch& s) {
+    s.bound_base.clear();
+    for (int f = 0; f < p.num_experts(); ++f) {
+        if (p.domain_of[f] == d) s.bound_base.push_back({w[f] / p.count[f], p.count[f], f});
+    }
+    std::sort(s.bound_base.begin(), s.bound_base.end(), [](const auto& x, const auto& y) {
+        return x.load < y.load || (x.load == y.load && x.expert < y.expert);
+    });
+}
+
+// A lower bound on the maximum bin load of any packing of domain d = p.domain_of[e] after one
+// replica moves from `donor` to `e` (s.bound_base: d's replicas before the move, from
+// sort_domain_replicas). Every bin holds exactly p.size replicas, so with replica loads
+// r_1 >= r_2 >= ... and U_n the sum of the n smallest: the domain's mean bin load, and for each
+// h, either two of the h largest replicas share a bin (>= r_{h-1} + r_h) or they sit in h bins
+// whose other h (size - 1) slots weigh at least U_{h(size-1)}, so one of those bins weighs
+// >= (r_1 + ... + r_h + U_{h(size-1)}) / h.
+double trial_lower_bound(const Packing& p, int e, int donor, const double* w, PackScratch& s) {
+    auto& values = s.bound_values;
+    values.clear();
+    double total = 0.0;
+    const PackScratch::Replicas moved[2] = {{w[e] / (p.count[e] + 1), p.count[e] + 1, e},
+                                            {w[donor] / (p.count[donor] - 1), p.count[donor] - 1,
+                                             donor}};
+    // The base without e and donor, with their new entries merged in (any order among equal
+    // loads gives the same bound).
+    const auto before = [](const PackScratch::Replicas& x, const PackScratch::Replicas& y) {
+        return x.load < y.load;
+    };
+    PackScratch::Replicas extra[2] = {moved[0], moved[1]};
+    if (before(extra[1], extra[0])) std::swap(extra[0], extra[1]);
+    int next = 0;
+    for (const auto& v : s.bound_base) {
+        if (v.expert == e || v.expert == donor) continue;
+        while (next < 2 && before(extra[next], v)) values.push_back(extra[next++]);
+        values.push_back(v);
+        total += w[v.expert];
+    }
+    while (next < 2) values.push_back(extra[next++]);
+    total += w[e] + w[donor];
+    const int bins = p.bins_per_domain, fill = p.size - 1;
+    double bound = total / bins;
+    // Walks: `top` down from the largest replica, `low` up from the smallest.
+    std::size_t top = values.size(), low = 0;
+    int top_left = 0, low_left = values.empty() ? 0 : values[0].count;
+    double top_sum = 0.0, low_sum = 0.0, previous = 0.0;
+    int low_taken = 0;
+    for (int h = 1; h <= bins; ++h) {
+        if (top_left == 0) {
+            if (top == 0) break;
+            --top;
+            top_left = values[top].count;
+        }
+        const double r = values[top].load;
+        --top_left;
+        top_sum += r;
+        if (h >= 2 && previous + r <= bound) break;  // every later pair bound is lower still
+        for (; low_taken < h * fill && low < values.size(); ++low_taken) {
+            while (low_left == 0 && ++low < values.size()) low_left = values[low].count;
+            if (low >= values.size()) break;
+            low_sum += values[low].load;
+            --low_left;
+        }
+        const double spread = (top_sum + low_sum) / h;
+        bound = std::max(bound, h >= 2 ? std::min(previous + r, spread) : spread);
+        previous = r;
+    }
+    return bound;
+}
+
 // Replica-count search: the divisor method minimises the largest per-replica load, not the
 // largest GPU load. Gives one more replica to an expert of the heaviest GPU, taken from the
 // expert that loses least (smallest load per replica after losing one), repacks, and keeps the
@@ -963,6 +1043,7 @@ void search_counts(Packing& p, Packing& q, const double* w, double target, int b
         }
         bool improved = false;
         const int dups = avoidable_duplicates(p, s);
+        sort_domain_replicas(p, d, w, s);
         for (const int e : receivers) {
             if (tries >= budget) break;
             int donor = -1;
@@ -978,6 +1059,9 @@ void search_counts(Packing& p, Packing& q, const double* w, double target, int b
             }
             if (donor < 0) break;
             ++tries;
+            // A trial whose packing cannot get below p's maximum would be rejected: skip the
+            // repack (the trial still counts against the budget, so the result is the same).
+            if (trial_lower_bound(p, e, donor, w, s) > p.max_load() * (1 + kBoundMargin)) continue;
             q = p;
             q.change_count(e, +1, w);
             q.change_count(donor, -1, w);
