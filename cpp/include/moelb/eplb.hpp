@@ -10,9 +10,12 @@
 //   be spread unevenly over nodes so that heavy nodes get more redundant slots); kNone places
 //   freely. Replica counts by the divisor method, packing by LPT with a no-duplicate rule and a
 //   swap local search that lowers the maximum GPU load; per layer the result is never worse than
-//   DeepSeek's under the same locality. With `previous`, GPUs and slots are matched to the old
-//   placement so unchanged experts stay where they are, and move_cost / max_moves keep layers
-//   whose gain does not pay for their moves.
+//   DeepSeek's under the same locality. Two replicas of an expert share a GPU only when that
+//   expert has more replicas than its domain has GPUs, or when the duplicate balances the layer
+//   (a GPU then takes 2/c of the expert's tokens) and no swap or slot rewrite removes it without
+//   raising the maximum GPU load (tests/python/test_eplb.py checks this on every layer). With
+//   `previous`, GPUs and slots are matched to the old placement so unchanged experts stay where
+//   they are, and move_cost / max_moves keep layers whose gain does not pay for their moves.
 #pragma once
 
 #include <cstdint>
