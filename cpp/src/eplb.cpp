@@ -289,6 +289,7 @@ constexpr double kRelTol = 1e-12;
 constexpr double kTargetTol = 1e-9;
 constexpr double kBoundMargin = 1e-9;  // a bound this far above a load is above it despite rounding    // a max load this close to a lower bound has reached it
 constexpr int kCountSearchBudget = 2;  // repacks per layer in search_counts
+constexpr std::int64_t kSmallLayerWork = 1 << 16;  // E^4 * R up to which search_all_counts runs
 // assign_groups memoises node costs per subset of groups (a bitmask) up to this many groups.
 constexpr int kMaxMemoGroups = 12;
 
@@ -1079,6 +1080,54 @@ void search_counts(Packing& p, Packing& q, const double* w, double target, int b
     }
 }
 
+// The replica-count search of small layers (E^4 * R <= kSmallLayerWork): any expert of a domain
+// may take a replica from any other expert of that domain with two or more, not only the experts
+// of the heaviest GPU (the optimum sometimes gives one to an expert of a lighter GPU), one move
+// at a time and, when no single move helps, two at once (a move that only pays off with another,
+// e.g. a second replica of a tiny expert as a filler). Moves are tried in (receiver, donor) order
+// and a result is kept as in search_counts. `q` is scratch.
+void search_all_counts(Packing& p, Packing& q, const double* w, double target, PackScratch& s) {
+    const int E = p.num_experts();
+    std::vector<std::pair<int, int>> moves;  // (receiver, donor)
+    const auto try_moves = [&](std::initializer_list<std::pair<int, int>> changes, int dups) {
+        q = p;
+        for (const auto& [e, f] : changes) {
+            if (q.count[e] >= q.bins_per_domain || q.count[f] < 2) return false;
+            q.change_count(e, +1, w);
+            q.change_count(f, -1, w);
+        }
+        pack_counts(q, w, target, s);
+        const double qm = q.max_load(), pm = p.max_load();
+        const int qdups = avoidable_duplicates(q, s);
+        if ((qm < pm * (1 - kRelTol) && qdups <= dups) ||
+            (qm <= pm * (1 + kRelTol) && qdups < dups)) {
+            std::swap(p, q);
+            return true;
+        }
+        return false;
+    };
+    for (int round = 0; round < 4 * E; ++round) {
+        if (p.max_load() <= target * (1 + kTargetTol)) return;
+        const int dups = avoidable_duplicates(p, s);
+        moves.clear();
+        for (int e = 0; e < E; ++e) {
+            for (int f = 0; f < E; ++f) {
+                if (f != e && p.domain_of[f] == p.domain_of[e]) moves.emplace_back(e, f);
+            }
+        }
+        bool improved = false;
+        for (std::size_t i = 0; i < moves.size() && !improved; ++i) {
+            improved = try_moves({moves[i]}, dups);
+        }
+        for (std::size_t i = 0; i < moves.size() && !improved; ++i) {
+            for (std::size_t j = i + 1; j < moves.size() && !improved; ++j) {
+                improved = try_moves({moves[i], moves[j]}, dups);
+            }
+        }
+        if (!improved) return;
+    }
+}
+
 // The packing of an existing layer placement (slot -> expert), with equal-split loads; bins in
 // `domains` domains of consecutive GPUs.
 void packing_of(Packing& p, const double* w, const std::int32_t* phy2log, int E, int R, int G,
@@ -1478,6 +1527,9 @@ bool moelb_layer(const double* w, int E, int R, int K, int N, int G, int domains
     if (ours.max_load() > bound * (1 + kCountSearchGap) || avoidable_duplicates(ours, s.pack) > 0) {
         search_counts(ours, s.trial, w, bound, kCountSearchBudget, s.pack);
     }
+    if (static_cast<std::int64_t>(E) * E * E * E * R <= kSmallLayerWork) {
+        search_all_counts(ours, s.trial, w, bound, s.pack);
+    }
     if (avoidable_duplicates(ours, s.pack) > 0) {
         remove_avoidable_duplicates(ours, s.trial, w, bound, s.pack);
     }
@@ -1504,7 +1556,9 @@ PlanStats evaluate(ConstMatrixMap<double> load, const ExpertLocation& location,
             s.mean_gpu_load = total / G;
             s.balancedness = s.max_gpu_load > 0 ? s.mean_gpu_load / s.max_gpu_load : 1.0;
             s.lower_bound = lower_bounds ? lower_bounds[l] : flat_lower_bound(w, E, R, G, count);
-            s.gap = s.lower_bound > 0 ? s.max_gpu_load / s.lower_bound - 1 : 0.0;
+            // Never below 0: a maximum under the bound is rounding (a subnormal load split over
+            // replicas rounds to 0 per replica).
+            s.gap = s.lower_bound > 0 ? std::max(0.0, s.max_gpu_load / s.lower_bound - 1) : 0.0;
             if (previous) {
                 for (int p = 0; p < R; ++p) {
                     s.moved_experts += previous->physical_to_logical()(l, p) !=

@@ -161,8 +161,9 @@ def check_plan(plan: moelb.Plan, load: Any, num_physical_experts: int, num_gpus:
         ]
     )
     np.testing.assert_allclose(stats.lower_bound, bound, rtol=1e-9, atol=1e-12)
-    assert (stats.max_gpu_load >= stats.lower_bound * (1 - 1e-9)).all()
-    gap = np.where(bound > 0, max_load / np.where(bound > 0, bound, 1) - 1, 0.0)
+    # (Minus a subnormal: a load of 5e-324 split over 2 replicas rounds to 0 per replica.)
+    assert (stats.max_gpu_load >= stats.lower_bound * (1 - 1e-9) - 1e-300).all()
+    gap = np.maximum(np.where(bound > 0, max_load / np.where(bound > 0, bound, 1) - 1, 0.0), 0)
     np.testing.assert_allclose(stats.gap, gap, rtol=1e-9, atol=1e-9)
     assert stats.mean_gap == pytest.approx(gap.mean(), rel=1e-9, abs=1e-9)
     assert stats.max_gap == pytest.approx(gap.max(), rel=1e-9, abs=1e-9)
@@ -816,14 +817,6 @@ def shape_of(slots: int, groups: int | None, nodes: int, gpus: int) -> str:
     return f"P={slots} groups={groups} nodes={nodes} gpus={gpus}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "OPEN: on 2 of the 300 tiny instances moelb misses the optimum (the count search only "
-        "gives replicas to experts of the heaviest GPU; the optimum gives one to an expert of "
-        "the lighter GPU) and keeps a duplicate, while a duplicate-free placement is better"
-    ),
-)
 def test_no_avoidable_duplicate_on_tiny_instances() -> None:
     avoidable = 0
     for w, slots, gpus in TINY:

@@ -61,7 +61,7 @@ struct LayerPlanStats {
     double mean_gpu_load = 0;
     double balancedness = 0;  // mean / max (1 when the layer has no load)
     double lower_bound = 0;   // max(total / G, best achievable max per-replica load)
-    double gap = 0;           // max_gpu_load / lower_bound - 1 (0 when the layer has no load)
+    double gap = 0;           // max(0, max_gpu_load / lower_bound - 1) (0 without load)
     Index moved_experts = 0;  // slots whose expert changes vs previous (0 without previous)
     bool kept_previous = false;
 };
