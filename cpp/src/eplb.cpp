@@ -1013,6 +1013,19 @@ double trial_lower_bound(const Packing& p, int e, int donor, const double* w, Pa
     return bound;
 }
 
+// The count searches' keep rule: the repacked trial q replaces p (which has `dups` avoidable
+// duplicates) when its maximum drops without adding avoidable duplicates, or stays and avoidable
+// duplicates drop.
+bool keep_trial(Packing& p, Packing& q, int dups, PackScratch& s) {
+    const double qm = q.max_load(), pm = p.max_load();
+    const int qdups = avoidable_duplicates(q, s);
+    if ((qm < pm * (1 - kRelTol) && qdups <= dups) || (qm <= pm * (1 + kRelTol) && qdups < dups)) {
+        std::swap(p, q);
+        return true;
+    }
+    return false;
+}
+
 // Replica-count search: the divisor method minimises the largest per-replica load, not the
 // largest GPU load. Gives one more replica to an expert of the heaviest GPU, taken from the
 // expert that loses least (smallest load per replica after losing one), repacks, and keeps the
@@ -1067,11 +1080,7 @@ void search_counts(Packing& p, Packing& q, const double* w, double target, int b
             q.change_count(e, +1, w);
             q.change_count(donor, -1, w);
             pack_counts(q, w, target, s);
-            const double qm = q.max_load(), pm = p.max_load();
-            const int qdups = avoidable_duplicates(q, s);
-            if ((qm < pm * (1 - kRelTol) && qdups <= dups) ||
-                (qm <= pm * (1 + kRelTol) && qdups < dups)) {
-                std::swap(p, q);
+            if (keep_trial(p, q, dups, s)) {
                 improved = true;
                 break;
             }
@@ -1097,14 +1106,7 @@ void search_all_counts(Packing& p, Packing& q, const double* w, double target, P
             q.change_count(f, -1, w);
         }
         pack_counts(q, w, target, s);
-        const double qm = q.max_load(), pm = p.max_load();
-        const int qdups = avoidable_duplicates(q, s);
-        if ((qm < pm * (1 - kRelTol) && qdups <= dups) ||
-            (qm <= pm * (1 + kRelTol) && qdups < dups)) {
-            std::swap(p, q);
-            return true;
-        }
-        return false;
+        return keep_trial(p, q, dups, s);
     };
     for (int round = 0; round < 4 * E; ++round) {
         if (p.max_load() <= target * (1 + kTargetTol)) return;

@@ -214,7 +214,9 @@ def int_arrays(draw: st.DrawFn, shape: tuple[int, ...], low: int, high: int) -> 
     return a.astype(draw(mostly(st.just(np.int32), st.just(np.int64))))
 
 
-def trivial_location(num_layers: int, num_experts: int, num_physical: int, ep_size: int) -> Any:
+def trivial_location(
+    num_layers: int, num_experts: int, num_physical: int, ep_size: int, num_nodes: Any = 1
+) -> Any:
     return fuzz_call(
         "ExpertLocation",
         moelb.ExpertLocation.trivial,
@@ -222,6 +224,7 @@ def trivial_location(num_layers: int, num_experts: int, num_physical: int, ep_si
         num_experts,
         num_physical,
         ep_size,
+        num_nodes,
     )
 
 
@@ -242,15 +245,7 @@ def locations(draw: st.DrawFn, num_experts: int | None = None) -> Any:
     num_physical = draw(mostly(st.just(per_rank * max(ep_size, 1)), st.integers(0, 12)))
     num_nodes = draw(mostly(st.sampled_from([n for n in (1, 2) if ep_size % n == 0]), any_ints))
     if draw(st.booleans()):
-        return fuzz_call(
-            "ExpertLocation",
-            moelb.ExpertLocation.trivial,
-            num_layers,
-            num_experts,
-            num_physical,
-            ep_size,
-            num_nodes,
-        )
+        return trivial_location(num_layers, num_experts, num_physical, ep_size, num_nodes)
     seed = draw(st.integers(0, 2**32 - 1))
     rng = np.random.default_rng(seed)
     rows = max(num_layers, 0)
