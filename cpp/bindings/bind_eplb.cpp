@@ -69,7 +69,7 @@ void bind_eplb(py::module_& m) {
                 py::gil_scoped_release release;
                 plan.emplace(rebalance(const_matrix(w), o));
             }
-            return py::make_tuple(plan->location, stats_dict(plan->stats));
+            return py::make_tuple(py::cast(std::move(plan->location)), stats_dict(plan->stats));
         },
         py::arg("load"), py::arg("num_physical_experts"), py::arg("num_groups"),
         py::arg("num_nodes"), py::arg("num_gpus"), py::arg("algorithm") = "moelb",

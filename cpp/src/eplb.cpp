@@ -69,23 +69,42 @@ void order_descending(const float* w, int n, std::vector<int>& order) {
     keys.resize(static_cast<std::size_t>(n));
     order.resize(static_cast<std::size_t>(n));
     if (n < kRadixMinItems) {
-        // Few keys: each one's rank is the number of smaller keys (the keys are unique), counted
-        // by branch-free comparisons the compiler vectorises. The keys are compared as signed
-        // integers with the top bit flipped, which orders them like unsigned ones.
-        thread_local std::vector<std::int64_t> signed_keys;
-        signed_keys.resize(static_cast<std::size_t>(n));
+        // Few items: each one's rank is the number of items before it, counted by branch-free
+        // comparisons over blocks of kBlock keys (vectors of 32-bit lanes). A key is the float's
+        // bits complemented, compared as a signed integer with the top bit flipped (which orders
+        // them like unsigned): an item's rank counts the smaller keys, plus, in the rare case of
+        // equal keys, the equal ones at lower indices. The tail block is padded with the largest
+        // key, whose copies are taken out of the equal count.
+        constexpr int kBlock = 8;
+        using Block = std::int32_t __attribute__((vector_size(kBlock * sizeof(std::int32_t))));
+        constexpr std::int32_t kPad = std::numeric_limits<std::int32_t>::max();
+        const int blocks = (n + kBlock - 1) / kBlock, pads = blocks * kBlock - n;
+        thread_local std::vector<Block> block_keys;
+        block_keys.resize(static_cast<std::size_t>(blocks));
+        std::int32_t* k = reinterpret_cast<std::int32_t*>(block_keys.data());
         for (int i = 0; i < n; ++i) {
             std::uint32_t bits;
             const float v = w[i] + 0.0f;
             std::memcpy(&bits, &v, sizeof bits);
-            const std::uint64_t k =
-                (static_cast<std::uint64_t>(~bits) << 32) | static_cast<std::uint32_t>(i);
-            signed_keys[i] = static_cast<std::int64_t>(k ^ (std::uint64_t{1} << 63));
+            k[i] = static_cast<std::int32_t>(~bits ^ 0x80000000u);
         }
+        for (int i = n; i < blocks * kBlock; ++i) k[i] = kPad;
         for (int i = 0; i < n; ++i) {
-            const std::int64_t k = signed_keys[i];
-            int rank = 0;
-            for (int j = 0; j < n; ++j) rank += signed_keys[j] < k;
+            const std::int32_t ki = k[i];
+            Block less{}, equal{};
+            for (const Block& b : block_keys) {
+                less -= b < ki;  // a true lane is -1
+                equal -= b == ki;
+            }
+            int rank = 0, same = -1;  // -1: the item itself
+            for (int lane = 0; lane < kBlock; ++lane) {
+                rank += less[lane];
+                same += equal[lane];
+            }
+            if (ki == kPad) same -= pads;
+            if (same > 0) {
+                for (int j = 0; j < i; ++j) rank += k[j] == ki;
+            }
             order[rank] = i;
         }
         return;
@@ -287,7 +306,8 @@ void deepseek_layer(const float* w, int E, int R, int K, int N, int G, std::int3
 
 constexpr double kRelTol = 1e-12;
 constexpr double kTargetTol = 1e-9;
-constexpr double kBoundMargin = 1e-9;  // a bound this far above a load is above it despite rounding    // a max load this close to a lower bound has reached it
+constexpr double kBoundMargin = 1e-9;  // a bound this far above a load is above it despite rounding
+                                       // // a max load this close to a lower bound has reached it
 constexpr int kCountSearchBudget = 2;  // repacks per layer in search_counts
 constexpr std::int64_t kSmallLayerWork = 1 << 16;  // E^4 * R up to which search_all_counts runs
 // assign_groups memoises node costs per subset of groups (a bitmask) up to this many groups.
@@ -305,10 +325,36 @@ void divisor_counts(const double* w, const int* experts, int n, int slots, int c
 
 // The flat lower bound of a layer: no placement of E experts (loads w) on `slots` slots of
 // `gpus` GPUs has a lower maximum GPU load than max(total / gpus, the divisor method's largest
-// per-replica load). `count` is scratch.
-double flat_lower_bound(const double* w, int E, int slots, int gpus, std::vector<int>& count) {
+// per-replica load). With `counts`, count holds the divisor method's counts behind the bound for
+// all experts over all slots; else it is scratch.
+double flat_lower_bound(const double* w, int E, int slots, int gpus, std::vector<int>& count,
+                        bool counts = false) {
     double total = 0.0;
     for (int e = 0; e < E; ++e) total += w[e];
+    const double mean = total / gpus;
+    // Often the mean decides: when some counts (summing to at most `slots`) bring every w / count
+    // to the mean or below, so does the divisor method's optimum (it minimises the largest
+    // w / count, in floating point too, since w / c rounds monotonically in c). Each expert needs
+    // the fewest replicas c with w / c <= mean.
+    if (mean > 0 && !counts) {
+        Index needed = 0;
+        for (int e = 0; e < E && needed <= slots; ++e) {
+            if (w[e] <= mean) {
+                ++needed;
+                continue;
+            }
+            const double q = std::ceil(w[e] / mean);
+            if (q > slots) {
+                needed = Index{slots} + 1;
+                break;
+            }
+            int c = std::max(1, static_cast<int>(q));
+            while (w[e] / c > mean) ++c;
+            while (c > 1 && w[e] / (c - 1) <= mean) --c;
+            needed += c;
+        }
+        if (needed <= slots) return mean;
+    }
     count.assign(static_cast<std::size_t>(E), 1);
     // The largest per-replica load: the method's largest key left (w / count, as below), unless
     // it gave no extra or capped an item.
@@ -318,7 +364,7 @@ double flat_lower_bound(const double* w, int E, int slots, int gpus, std::vector
         m = 0.0;
         for (int e = 0; e < E; ++e) m = std::max(m, w[e] / count[e]);
     }
-    return std::max(total / gpus, m);
+    return std::max(mean, m);
 }
 
 // Sorts items by keys ascending, keeping the given order among equal keys (both arrays are
@@ -964,9 +1010,9 @@ double trial_lower_bound(const Packing& p, int e, int donor, const double* w, Pa
     auto& values = s.bound_values;
     values.clear();
     double total = 0.0;
-    const PackScratch::Replicas moved[2] = {{w[e] / (p.count[e] + 1), p.count[e] + 1, e},
-                                            {w[donor] / (p.count[donor] - 1), p.count[donor] - 1,
-                                             donor}};
+    const PackScratch::Replicas moved[2] = {
+        {w[e] / (p.count[e] + 1), p.count[e] + 1, e},
+        {w[donor] / (p.count[donor] - 1), p.count[donor] - 1, donor}};
     // The base without e and donor, with their new entries merged in (any order among equal
     // loads gives the same bound).
     const auto before = [](const PackScratch::Replicas& x, const PackScratch::Replicas& y) {
@@ -1668,9 +1714,9 @@ Plan rebalance(ConstMatrixMap<double> load, const RebalanceOptions& o) {
     MOELB_CHECK_ARG(K >= 0, "num_groups must be non-negative, got " << K);
     MOELB_CHECK_ARG(
         R >= E, "num_physical_experts=" << R << " is smaller than the " << E << " logical experts");
-    MOELB_CHECK_ARG(R <= kMaxPhysicalExperts, "num_physical_experts=" << R << " is above the "
-                                                                      << kMaxPhysicalExperts
-                                                                      << " slots per layer moelb plans");
+    MOELB_CHECK_ARG(R <= kMaxPhysicalExperts,
+                    "num_physical_experts=" << R << " is above the " << kMaxPhysicalExperts
+                                            << " slots per layer moelb plans");
     MOELB_CHECK_ARG(R % G == 0,
                     "num_physical_experts=" << R << " is not divisible by num_gpus=" << G);
     if (o.previous) {
@@ -1775,7 +1821,7 @@ Plan rebalance(ConstMatrixMap<double> load, const RebalanceOptions& o) {
             for (Index l = begin; l < end; ++l) {
                 const double* w = load.row(l).data();
                 // The flat lower bound: no placement (under any locality) goes below it.
-                lower_bounds[l] = flat_lower_bound(w, E, R, G, scratch.flat_count);
+                lower_bounds[l] = flat_lower_bound(w, E, R, G, scratch.flat_count, true);
                 kept_deepseek[l] =
                     moelb_layer(w, E, R, K, N, G, node_locality ? N : 1, lower_bounds[l],
                                 deepseek_variants, scratch, phy2log.row(l).data());

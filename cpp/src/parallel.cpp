@@ -1,7 +1,12 @@
 #include "moelb/parallel.hpp"
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <atomic>
+#include <condition_variable>
+#include <mutex>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -17,28 +22,27 @@ int default_num_threads() {
     return hw == 0 ? 1 : static_cast<int>(hw);
 }
 
-}  // namespace
-
-void set_num_threads(int n) { g_num_threads.store(n > 0 ? n : 0); }
-
-int get_num_threads() {
-    const int n = g_num_threads.load();
-    return n > 0 ? n : default_num_threads();
-}
-
-void parallel_for(std::int64_t n, std::int64_t grain,
-                  const std::function<void(std::int64_t, std::int64_t)>& body) {
-    MOELB_CHECK(grain > 0, "parallel_for grain must be positive, got " << grain);
-    if (n <= 0) return;
-    const std::int64_t num_chunks = (n + grain - 1) / grain;
-    const int num_threads = static_cast<int>(std::min<std::int64_t>(get_num_threads(), num_chunks));
-    // Chunks are claimed in increasing order; which thread runs a chunk does not change its
-    // result. After a failure, chunks above the lowest failed one are skipped, while every chunk
-    // below it still runs, so the exception rethrown is always that of the lowest failing chunk.
+// One parallel_for call: its chunks are claimed in increasing order; which thread runs a chunk
+// does not change its result. After a failure, chunks above the lowest failed one are skipped,
+// while every chunk below it still runs, so the exception rethrown is always that of the lowest
+// failing chunk.
+struct Loop {
+    std::int64_t n, grain, num_chunks;
+    const std::function<void(std::int64_t, std::int64_t)>& body;
     std::atomic<std::int64_t> next{0};
-    std::atomic<std::int64_t> first_failed{num_chunks};
-    std::vector<std::exception_ptr> errors(static_cast<std::size_t>(num_chunks));
-    auto worker = [&] {
+    std::atomic<std::int64_t> first_failed;
+    std::vector<std::exception_ptr> errors;
+
+    Loop(std::int64_t n, std::int64_t grain,
+         const std::function<void(std::int64_t, std::int64_t)>& body)
+        : n(n),
+          grain(grain),
+          num_chunks((n + grain - 1) / grain),
+          body(body),
+          first_failed(num_chunks),
+          errors(static_cast<std::size_t>(num_chunks)) {}
+
+    void work() {
         for (;;) {
             const std::int64_t c = next.fetch_add(1);
             if (c >= num_chunks) return;
@@ -54,14 +58,117 @@ void parallel_for(std::int64_t n, std::int64_t grain,
                 }
             }
         }
-    };
-    std::vector<std::thread> threads;
-    if (num_threads > 1) threads.reserve(static_cast<std::size_t>(num_threads - 1));
-    for (int i = 1; i < num_threads; ++i) threads.emplace_back(worker);
-    worker();
-    for (auto& t : threads) t.join();
-    const std::int64_t failed = first_failed.load();
-    if (failed < num_chunks) std::rethrow_exception(errors[static_cast<std::size_t>(failed)]);
+    }
+};
+
+// Set on pool workers and on a thread while it runs a parallel_for: a parallel_for started there
+// (a nested loop) runs on that thread alone.
+thread_local bool t_in_parallel_for = false;
+
+// Worker threads kept across calls (starting threads per call cost more than a small loop). One
+// parallel_for at a time uses the pool; a concurrent caller runs its loop on its own thread, which
+// gives the same result. Workers are detached and the pool is never destroyed, so a process can
+// exit (or a Python interpreter shut down) at any time; a forked child starts a new pool.
+class Pool {
+  public:
+    // Runs loop on the calling thread and `helpers` workers (started as needed).
+    void run(Loop& loop, int helpers) {
+        {
+            std::lock_guard<std::mutex> lock(mu_);
+            try {
+                while (workers_started_ < helpers) {
+                    std::thread([this, id = workers_started_] { worker(id); }).detach();
+                    ++workers_started_;
+                }
+            } catch (const std::system_error&) {
+                helpers = workers_started_;  // no more threads to be had: fewer helpers
+            }
+            loop_ = &loop;
+            helpers_ = helpers;
+            busy_ = helpers;
+            ++generation_;
+        }
+        wake_.notify_all();
+        loop.work();
+        std::unique_lock<std::mutex> lock(mu_);
+        done_.wait(lock, [this] { return busy_ == 0; });
+        loop_ = nullptr;
+    }
+
+    std::mutex& caller_mutex() { return caller_mu_; }
+
+  private:
+    void worker(int id) {
+        t_in_parallel_for = true;
+        std::uint64_t seen = 0;
+        std::unique_lock<std::mutex> lock(mu_);
+        for (;;) {
+            wake_.wait(lock, [&] { return generation_ != seen && id < helpers_; });
+            seen = generation_;
+            Loop* loop = loop_;
+            lock.unlock();
+            loop->work();
+            lock.lock();
+            if (--busy_ == 0) done_.notify_one();
+        }
+    }
+
+    std::mutex caller_mu_;  // held by the one parallel_for using the pool
+    std::mutex mu_;         // guards everything below
+    std::condition_variable wake_, done_;
+    Loop* loop_ = nullptr;
+    std::uint64_t generation_ = 0;
+    int helpers_ = 0;  // workers 0..helpers_-1 take part in the current loop
+    int busy_ = 0;     // of those, the ones not finished yet
+    int workers_started_ = 0;
+};
+
+std::mutex g_pool_mu;
+Pool* g_pool = nullptr;  // never freed (see Pool)
+pid_t g_pool_pid = 0;
+
+Pool& pool() {
+    std::lock_guard<std::mutex> lock(g_pool_mu);
+    if (g_pool == nullptr || g_pool_pid != getpid()) {
+        g_pool = new Pool;  // a forked child's old pool has no threads: leave it
+        g_pool_pid = getpid();
+    }
+    return *g_pool;
+}
+
+}  // namespace
+
+void set_num_threads(int n) { g_num_threads.store(n > 0 ? n : 0); }
+
+int get_num_threads() {
+    const int n = g_num_threads.load();
+    return n > 0 ? n : default_num_threads();
+}
+
+void parallel_for(std::int64_t n, std::int64_t grain,
+                  const std::function<void(std::int64_t, std::int64_t)>& body) {
+    MOELB_CHECK(grain > 0, "parallel_for grain must be positive, got " << grain);
+    if (n <= 0) return;
+    Loop loop(n, grain, body);
+    const int num_threads =
+        static_cast<int>(std::min<std::int64_t>(get_num_threads(), loop.num_chunks));
+    if (num_threads <= 1 || t_in_parallel_for) {
+        loop.work();
+    } else {
+        Pool& p = pool();
+        std::unique_lock<std::mutex> caller(p.caller_mutex(), std::try_to_lock);
+        t_in_parallel_for = true;
+        if (caller.owns_lock()) {
+            p.run(loop, num_threads - 1);
+        } else {
+            loop.work();  // another thread's loop has the pool
+        }
+        t_in_parallel_for = false;
+    }
+    const std::int64_t failed = loop.first_failed.load();
+    if (failed < loop.num_chunks) {
+        std::rethrow_exception(loop.errors[static_cast<std::size_t>(failed)]);
+    }
 }
 
 }  // namespace moelb

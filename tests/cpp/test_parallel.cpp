@@ -2,6 +2,8 @@
 // chunk boundaries depend only on n and grain, exceptions of the lowest failing chunk propagate
 // after all threads finished, and results do not depend on the thread count.
 #include <gtest/gtest.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
@@ -226,6 +228,98 @@ TEST_F(ParallelTest, UsesSeveralThreadsIncludingTheCaller) {
     EXPECT_FALSE(timed_out) << "the two chunks did not run concurrently";
     EXPECT_EQ(ids.size(), 2u);
     EXPECT_EQ(ids.count(std::this_thread::get_id()), 1u);
+}
+
+TEST_F(ParallelTest, WorkersAreKeptAcrossCalls) {
+    // The same two threads (the caller and one worker) serve consecutive loops.
+    set_num_threads(2);
+    std::set<std::thread::id> all;
+    for (int call = 0; call < 20; ++call) {
+        std::mutex mu;
+        std::condition_variable cv;
+        int arrived = 0;
+        parallel_for(2, 1, [&](std::int64_t, std::int64_t) {
+            std::unique_lock<std::mutex> lock(mu);
+            all.insert(std::this_thread::get_id());
+            ++arrived;
+            cv.notify_all();
+            cv.wait_for(lock, std::chrono::seconds(20), [&] { return arrived == 2; });
+        });
+    }
+    EXPECT_EQ(all.size(), 2u) << "a new thread per call";
+}
+
+TEST_F(ParallelTest, NestedLoopsRunOnTheirThreadAndCoverEverything) {
+    set_num_threads(3);
+    constexpr std::int64_t kOuter = 12, kInner = 50;
+    std::vector<std::atomic<int>> hits(static_cast<std::size_t>(kOuter * kInner));
+    std::atomic<bool> moved{false};
+    parallel_for(kOuter, 1, [&](std::int64_t begin, std::int64_t end) {
+        for (std::int64_t o = begin; o < end; ++o) {
+            const auto self = std::this_thread::get_id();
+            parallel_for(kInner, 7, [&](std::int64_t b, std::int64_t e) {
+                if (std::this_thread::get_id() != self) moved = true;
+                for (std::int64_t i = b; i < e; ++i) {
+                    hits[static_cast<std::size_t>(o * kInner + i)]++;
+                }
+            });
+        }
+    });
+    EXPECT_FALSE(moved.load()) << "a nested loop ran on another thread";
+    for (std::size_t i = 0; i < hits.size(); ++i) ASSERT_EQ(hits[i].load(), 1) << "index " << i;
+}
+
+TEST_F(ParallelTest, ConcurrentCallersEachGetTheirWholeLoop) {
+    // Several threads start loops at once: one gets the workers, the others run alone; every
+    // loop covers its range exactly once with the same results.
+    set_num_threads(2);
+    constexpr int kCallers = 4;
+    constexpr std::int64_t kN = 20000;
+    std::vector<std::vector<float>> out(kCallers, std::vector<float>(kN));
+    std::vector<std::thread> callers;
+    for (int c = 0; c < kCallers; ++c) {
+        callers.emplace_back([&, c] {
+            for (int round = 0; round < 20; ++round) {
+                parallel_for(kN, 97, [&](std::int64_t begin, std::int64_t end) {
+                    for (std::int64_t i = begin; i < end; ++i) {
+                        out[c][static_cast<std::size_t>(i)] += f(static_cast<float>(i) * 0.01f);
+                    }
+                });
+            }
+        });
+    }
+    for (auto& t : callers) t.join();
+    for (int c = 0; c < kCallers; ++c) {
+        for (std::int64_t i = 0; i < kN; i += 997) {
+            float expect = 0;
+            for (int round = 0; round < 20; ++round) expect += f(static_cast<float>(i) * 0.01f);
+            ASSERT_EQ(out[c][static_cast<std::size_t>(i)], expect) << "caller " << c << " i " << i;
+        }
+    }
+}
+
+TEST_F(ParallelTest, AForkedChildStartsItsOwnWorkers) {
+    // The parent's workers do not exist in a forked child: its loops must still run, not wait
+    // for them forever.
+    set_num_threads(2);
+    std::atomic<int> warm{0};
+    parallel_for(8, 1, [&](std::int64_t, std::int64_t) { ++warm; });  // start the workers
+    ASSERT_EQ(warm.load(), 8);
+    const pid_t child = fork();
+    ASSERT_GE(child, 0) << "fork failed";
+    if (child == 0) {
+        std::mutex mu;
+        std::int64_t sum = 0;
+        parallel_for(1000, 10, [&](std::int64_t begin, std::int64_t end) {
+            std::lock_guard<std::mutex> lock(mu);
+            for (std::int64_t i = begin; i < end; ++i) sum += i;
+        });
+        _exit(sum == 999 * 1000 / 2 ? 0 : 1);
+    }
+    int status = 0;  // (a hang would show as a timeout of the test binary)
+    ASSERT_EQ(waitpid(child, &status, 0), child);
+    ASSERT_TRUE(WIFEXITED(status));
+    EXPECT_EQ(WEXITSTATUS(status), 0) << "the child's loop gave a wrong sum";
 }
 
 class ParallelExceptions : public ParallelTest, public ::testing::WithParamInterface<int> {};

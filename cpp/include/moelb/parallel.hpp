@@ -16,7 +16,10 @@ int get_num_threads();
 
 // Calls body(begin, end) over [0, n) in chunks of `grain` items (the last may be shorter), on up
 // to get_num_threads() threads; the calling thread takes part. If bodies throw, the exception of
-// the lowest chunk is rethrown after all threads finished.
+// the lowest chunk is rethrown after all threads finished. The other threads are workers kept
+// across calls (started when first needed; a forked child starts its own). A loop started inside
+// a body (nested), or while another thread's loop has the workers, runs on its calling thread
+// alone: the same result, since results do not depend on the thread count.
 void parallel_for(std::int64_t n, std::int64_t grain,
                   const std::function<void(std::int64_t, std::int64_t)>& body);
 
