@@ -69,44 +69,46 @@ void order_descending(const float* w, int n, std::vector<int>& order) {
     keys.resize(static_cast<std::size_t>(n));
     order.resize(static_cast<std::size_t>(n));
     if (n < kRadixMinItems) {
-        // Few items: each one's rank is the number of items before it, counted by branch-free
-        // comparisons over blocks of kBlock keys (vectors of 32-bit lanes). A key is the float's
-        // bits complemented, compared as a signed integer with the top bit flipped (which orders
-        // them like unsigned): an item's rank counts the smaller keys, plus, in the rare case of
-        // equal keys, the equal ones at lower indices. The tail block is padded with the largest
-        // key, whose copies are taken out of the equal count.
-        constexpr int kBlock = 8;
-        using Block = std::int32_t __attribute__((vector_size(kBlock * sizeof(std::int32_t))));
-        constexpr std::int32_t kPad = std::numeric_limits<std::int32_t>::max();
-        const int blocks = (n + kBlock - 1) / kBlock, pads = blocks * kBlock - n;
-        thread_local std::vector<Block> block_keys;
+        // Few items: each one's rank is the number of smaller keys (the keys are unique), counted
+        // for a block of items at once (a vector of 64-bit lanes) against each key in turn, by
+        // branch-free comparisons. The keys are compared as signed integers with the top bit
+        // flipped, which orders them like unsigned ones; the tail block's spare lanes are padded.
+        constexpr int kBlock = 4;
+        using Block = std::int64_t __attribute__((vector_size(kBlock * sizeof(std::int64_t))));
+        const int blocks = (n + kBlock - 1) / kBlock;
+        thread_local std::vector<Block> block_keys, block_ranks;
         block_keys.resize(static_cast<std::size_t>(blocks));
-        std::int32_t* k = reinterpret_cast<std::int32_t*>(block_keys.data());
+        block_ranks.resize(block_keys.size());
+        std::int64_t* k = reinterpret_cast<std::int64_t*>(block_keys.data());
         for (int i = 0; i < n; ++i) {
             std::uint32_t bits;
             const float v = w[i] + 0.0f;
             std::memcpy(&bits, &v, sizeof bits);
-            k[i] = static_cast<std::int32_t>(~bits ^ 0x80000000u);
+            const std::uint64_t key =
+                (static_cast<std::uint64_t>(~bits) << 32) | static_cast<std::uint32_t>(i);
+            k[i] = static_cast<std::int64_t>(key ^ (std::uint64_t{1} << 63));
         }
-        for (int i = n; i < blocks * kBlock; ++i) k[i] = kPad;
-        for (int i = 0; i < n; ++i) {
-            const std::int32_t ki = k[i];
-            Block less{}, equal{};
-            for (const Block& b : block_keys) {
-                less -= b < ki;  // a true lane is -1
-                equal -= b == ki;
-            }
-            int rank = 0, same = -1;  // -1: the item itself
-            for (int lane = 0; lane < kBlock; ++lane) {
-                rank += less[lane];
-                same += equal[lane];
-            }
-            if (ki == kPad) same -= pads;
-            if (same > 0) {
-                for (int j = 0; j < i; ++j) rank += k[j] == ki;
-            }
-            order[rank] = i;
+        for (int i = n; i < blocks * kBlock; ++i) k[i] = std::numeric_limits<std::int64_t>::max();
+        // Two blocks per pass over the keys (one broadcast serves both; the padding block, if
+        // any, is ignored).
+        if (blocks % 2 == 1) {
+            block_keys.push_back(Block{} + std::numeric_limits<std::int64_t>::max());
+            block_ranks.emplace_back();
+            k = reinterpret_cast<std::int64_t*>(block_keys.data());
         }
+        for (std::size_t b = 0; b + 1 < block_keys.size(); b += 2) {
+            const Block mine0 = block_keys[b], mine1 = block_keys[b + 1];
+            Block rank0{}, rank1{};
+            for (int j = 0; j < n; ++j) {
+                const Block kj = Block{} + k[j];  // k[j] in every lane
+                rank0 -= mine0 > kj;              // a true lane is -1
+                rank1 -= mine1 > kj;
+            }
+            block_ranks[b] = rank0;
+            block_ranks[b + 1] = rank1;
+        }
+        const std::int64_t* rank = reinterpret_cast<const std::int64_t*>(block_ranks.data());
+        for (int i = 0; i < n; ++i) order[rank[i]] = i;
         return;
     }
     next.resize(keys.size());
@@ -135,7 +137,8 @@ void order_descending(const float* w, int n, std::vector<int>& order) {
 
 // balanced_packing: n items into m packs of n / m items each (greedy by descending weight onto
 // the lightest pack with room, ties to the lower pack). Pack sums accumulate in float32.
-void balanced_packing(const float* w, int n, int m, int* pack, int* rank) {
+// `order` is the items' order_descending (ties to the lower index).
+void balanced_packing(const float* w, const int* order, int n, int m, int* pack, int* rank) {
     const int per_pack = n / m;
     if (per_pack == 1) {
         for (int i = 0; i < n; ++i) {
@@ -144,8 +147,7 @@ void balanced_packing(const float* w, int n, int m, int* pack, int* rank) {
         }
         return;
     }
-    thread_local std::vector<int> order, count;
-    order_descending(w, n, order);
+    thread_local std::vector<int> count;
     count.assign(static_cast<std::size_t>(m), 0);
     // The packs in a tournament tree of keys (float32 load bits, pack): its root is the lightest
     // pack with room, ties to the lower pack. Loads are >= +0 (never -0: they start at +0 and
@@ -164,7 +166,8 @@ void balanced_packing(const float* w, int n, int m, int* pack, int* rank) {
     load.assign(static_cast<std::size_t>(m), 0.0f);
     for (int p = 0; p < m; ++p) tree[leaves + p] = key(0.0f, p);
     for (int j = leaves - 1; j >= 1; --j) tree[j] = std::min(tree[2 * j], tree[2 * j + 1]);
-    for (const int i : order) {
+    for (int o = 0; o < n; ++o) {
+        const int i = order[o];
         const int best = static_cast<int>(tree[1] & 0xffffffffu);
         pack[i] = best;
         rank[i] = count[best]++;
@@ -178,6 +181,12 @@ void balanced_packing(const float* w, int n, int m, int* pack, int* rank) {
             tree[j / 2] = k;
         }
     }
+}
+
+void balanced_packing(const float* w, int n, int m, int* pack, int* rank) {
+    thread_local std::vector<int> order;
+    if (n / m > 1) order_descending(w, n, order);
+    balanced_packing(w, order.data(), n, m, pack, rank);
 }
 
 // The divisor method shared by DeepSeek's replication and moelb's counts: `extra` further replicas
@@ -271,10 +280,9 @@ void deepseek_layer(const float* w, int E, int R, int K, int N, int G, std::int3
     group_rank.resize(group_pack.size());
     balanced_packing(group_load.data(), K, N, group_pack.data(), group_rank.data());
     mlog2log.resize(static_cast<std::size_t>(E));
-    for (int e = 0; e < E; ++e) {
-        const int g = e / group_size;
-        mlog2log[(group_pack[g] * groups_per_node + group_rank[g]) * group_size + e % group_size] =
-            e;
+    for (int g = 0; g < K; ++g) {
+        const int first = (group_pack[g] * groups_per_node + group_rank[g]) * group_size;
+        for (int j = 0; j < group_size; ++j) mlog2log[first + j] = g * group_size + j;
     }
     node_w.resize(static_cast<std::size_t>(experts_per_node));
     mlog_count.resize(node_w.size());
@@ -307,7 +315,6 @@ void deepseek_layer(const float* w, int E, int R, int K, int N, int G, std::int3
 constexpr double kRelTol = 1e-12;
 constexpr double kTargetTol = 1e-9;
 constexpr double kBoundMargin = 1e-9;  // a bound this far above a load is above it despite rounding
-                                       // // a max load this close to a lower bound has reached it
 constexpr int kCountSearchBudget = 2;  // repacks per layer in search_counts
 constexpr std::int64_t kSmallLayerWork = 1 << 16;  // E^4 * R up to which search_all_counts runs
 // assign_groups memoises node costs per subset of groups (a bitmask) up to this many groups.
