@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <mutex>
 #include <system_error>
@@ -65,6 +66,25 @@ struct Loop {
 // (a nested loop) runs on that thread alone.
 thread_local bool t_in_parallel_for = false;
 
+// Spins for up to kSpin before blocking, so that loops in quick succession (rebalance runs two)
+// find the threads awake: waking a blocked thread costs tens of microseconds.
+constexpr auto kSpin = std::chrono::microseconds(100);
+
+template <typename Ready>
+bool spin_until(const Ready& ready) {
+    const auto until = std::chrono::steady_clock::now() + kSpin;
+    for (int i = 1;; ++i) {
+        if (ready()) return true;
+        if (i % 64 == 0) {
+            if (std::chrono::steady_clock::now() > until) return false;
+            std::this_thread::yield();  // lets others run when threads outnumber cores
+        }
+#if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause();
+#endif
+    }
+}
+
 // Worker threads kept across calls (starting threads per call cost more than a small loop). One
 // parallel_for at a time uses the pool; a concurrent caller runs its loop on its own thread, which
 // gives the same result. Workers are detached and the pool is never destroyed, so a process can
@@ -84,15 +104,17 @@ class Pool {
                 helpers = workers_started_;  // no more threads to be had: fewer helpers
             }
             loop_ = &loop;
-            helpers_ = helpers;
-            busy_ = helpers;
-            ++generation_;
+            helpers_.store(helpers, std::memory_order_relaxed);
+            busy_.store(helpers, std::memory_order_relaxed);
+            generation_.fetch_add(1, std::memory_order_release);
         }
         wake_.notify_all();
         loop.work();
-        std::unique_lock<std::mutex> lock(mu_);
-        done_.wait(lock, [this] { return busy_ == 0; });
-        loop_ = nullptr;
+        const auto done = [this] { return busy_.load(std::memory_order_acquire) == 0; };
+        if (!spin_until(done)) {
+            std::unique_lock<std::mutex> lock(mu_);
+            done_.wait(lock, done);
+        }
     }
 
     std::mutex& caller_mutex() { return caller_mu_; }
@@ -101,25 +123,29 @@ class Pool {
     void worker(int id) {
         t_in_parallel_for = true;
         std::uint64_t seen = 0;
-        std::unique_lock<std::mutex> lock(mu_);
         for (;;) {
-            wake_.wait(lock, [&] { return generation_ != seen && id < helpers_; });
-            seen = generation_;
-            Loop* loop = loop_;
-            lock.unlock();
-            loop->work();
-            lock.lock();
-            if (--busy_ == 0) done_.notify_one();
+            const auto fresh = [&] { return generation_.load(std::memory_order_acquire) != seen; };
+            if (!spin_until(fresh)) {
+                std::unique_lock<std::mutex> lock(mu_);
+                wake_.wait(lock, fresh);
+            }
+            seen = generation_.load(std::memory_order_acquire);
+            if (id >= helpers_.load(std::memory_order_relaxed)) continue;  // not in this loop
+            loop_->work();
+            if (busy_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+                std::lock_guard<std::mutex> lock(mu_);
+                done_.notify_one();
+            }
         }
     }
 
     std::mutex caller_mu_;  // held by the one parallel_for using the pool
-    std::mutex mu_;         // guards everything below
+    std::mutex mu_;         // for blocking waits, and guards starting workers
     std::condition_variable wake_, done_;
-    Loop* loop_ = nullptr;
-    std::uint64_t generation_ = 0;
-    int helpers_ = 0;  // workers 0..helpers_-1 take part in the current loop
-    int busy_ = 0;     // of those, the ones not finished yet
+    Loop* loop_ = nullptr;  // the current loop (written before generation_ moves on)
+    std::atomic<std::uint64_t> generation_{0};
+    std::atomic<int> helpers_{0};  // workers 0..helpers_-1 take part in the current loop
+    std::atomic<int> busy_{0};     // of those, the ones not finished yet
     int workers_started_ = 0;
 };
 
