@@ -138,20 +138,23 @@ void order_descending(const float* w, int n, std::vector<int>& order) {
 // balanced_packing: n items into m packs of n / m items each (greedy by descending weight onto
 // the lightest pack with room, ties to the lower pack). Pack sums accumulate in float32.
 // `order` is the items' order_descending (ties to the lower index).
-void balanced_packing(const float* w, const int* order, int n, int m, int* pack, int* rank) {
+//
+// Runs `instances` independent packings at once (instance t: w, order, pack and rank at offset
+// t * n), a step of each in turn: one packing is a chain of dependent steps, and interleaving
+// chains lets the processor overlap them.
+void balanced_packing(const float* w, const int* order, int n, int m, int* pack, int* rank,
+                      int instances = 1) {
     const int per_pack = n / m;
     if (per_pack == 1) {
-        for (int i = 0; i < n; ++i) {
-            pack[i] = i;
+        for (int i = 0; i < n * instances; ++i) {
+            pack[i] = i % n;
             rank[i] = 0;
         }
         return;
     }
-    thread_local std::vector<int> count;
-    count.assign(static_cast<std::size_t>(m), 0);
-    // The packs in a tournament tree of keys (float32 load bits, pack): its root is the lightest
-    // pack with room, ties to the lower pack. Loads are >= +0 (never -0: they start at +0 and
-    // only grow), so their bits order like their values; a full pack's key is kNoRoom.
+    // Each instance's packs in a tournament tree of keys (float32 load bits, pack): its root is
+    // the lightest pack with room, ties to the lower pack. Loads are >= +0 (never -0: they start
+    // at +0 and only grow), so their bits order like their values; a full pack's key is kNoRoom.
     constexpr std::uint64_t kNoRoom = std::numeric_limits<std::uint64_t>::max();
     const auto key = [](float load, int p) {
         std::uint32_t bits;
@@ -160,25 +163,35 @@ void balanced_packing(const float* w, const int* order, int n, int m, int* pack,
     };
     int leaves = 1;
     while (leaves < m) leaves *= 2;
-    thread_local std::vector<std::uint64_t> tree;
-    thread_local std::vector<float> load;
-    tree.assign(2 * static_cast<std::size_t>(leaves), kNoRoom);
-    load.assign(static_cast<std::size_t>(m), 0.0f);
-    for (int p = 0; p < m; ++p) tree[leaves + p] = key(0.0f, p);
-    for (int j = leaves - 1; j >= 1; --j) tree[j] = std::min(tree[2 * j], tree[2 * j + 1]);
+    thread_local std::vector<std::uint64_t> trees;
+    thread_local std::vector<float> loads;
+    thread_local std::vector<int> counts;
+    trees.assign(2 * static_cast<std::size_t>(leaves) * instances, kNoRoom);
+    loads.assign(static_cast<std::size_t>(m) * instances, 0.0f);
+    counts.assign(loads.size(), 0);
+    for (int t = 0; t < instances; ++t) {
+        std::uint64_t* tree = trees.data() + 2 * leaves * t;
+        for (int p = 0; p < m; ++p) tree[leaves + p] = key(0.0f, p);
+        for (int j = leaves - 1; j >= 1; --j) tree[j] = std::min(tree[2 * j], tree[2 * j + 1]);
+    }
     for (int o = 0; o < n; ++o) {
-        const int i = order[o];
-        const int best = static_cast<int>(tree[1] & 0xffffffffu);
-        pack[i] = best;
-        rank[i] = count[best]++;
-        load[best] += w[i];
-        // Up from the leaf, carrying the new minimum (a register, not a reload of the store).
-        std::uint64_t k = count[best] < per_pack ? key(load[best], best) : kNoRoom;
-        int j = leaves + best;
-        tree[j] = k;
-        for (; j > 1; j /= 2) {
-            k = std::min(k, tree[j ^ 1]);
-            tree[j / 2] = k;
+        for (int t = 0; t < instances; ++t) {
+            std::uint64_t* tree = trees.data() + 2 * leaves * t;
+            float* load = loads.data() + m * t;
+            int* count = counts.data() + m * t;
+            const int i = order[t * n + o];
+            const int best = static_cast<int>(tree[1] & 0xffffffffu);
+            pack[t * n + i] = best;
+            rank[t * n + i] = count[best]++;
+            load[best] += w[t * n + i];
+            // Up from the leaf, carrying the new minimum (a register, not a reload of the store).
+            std::uint64_t k = count[best] < per_pack ? key(load[best], best) : kNoRoom;
+            int j = leaves + best;
+            tree[j] = k;
+            for (; j > 1; j /= 2) {
+                k = std::min(k, tree[j ^ 1]);
+                tree[j / 2] = k;
+            }
         }
     }
 }
@@ -269,7 +282,7 @@ void deepseek_layer(const float* w, int E, int R, int K, int N, int G, std::int3
     // Scratch reused across layers (deepseek_layer runs once per layer).
     thread_local std::vector<float> group_load, node_w, replica_w;
     thread_local std::vector<int> group_pack, group_rank, mlog2log, phy2mlog, phy_rank, mlog_count,
-        pack, rank;
+        node_order, order, pack, rank;
     group_load.resize(static_cast<std::size_t>(K));
     for (int g = 0; g < K; ++g) {
         double sum = 0.0;
@@ -284,24 +297,36 @@ void deepseek_layer(const float* w, int E, int R, int K, int N, int G, std::int3
         const int first = (group_pack[g] * groups_per_node + group_rank[g]) * group_size;
         for (int j = 0; j < group_size; ++j) mlog2log[first + j] = g * group_size + j;
     }
+    // Per node: replicate, then pack the replicas (all nodes' packings at once).
     node_w.resize(static_cast<std::size_t>(experts_per_node));
     mlog_count.resize(node_w.size());
-    phy2mlog.resize(static_cast<std::size_t>(slots_per_node));
+    phy2mlog.resize(static_cast<std::size_t>(R));
     phy_rank.resize(phy2mlog.size());
     replica_w.resize(phy2mlog.size());
+    order.resize(phy2mlog.size());
     pack.resize(phy2mlog.size());
     rank.resize(phy2mlog.size());
     for (int n = 0; n < N; ++n) {
         for (int i = 0; i < experts_per_node; ++i) {
             node_w[i] = w[mlog2log[n * experts_per_node + i]];
         }
-        replicate_experts(node_w.data(), experts_per_node, slots_per_node, phy2mlog.data(),
+        int* node_phy2mlog = phy2mlog.data() + n * slots_per_node;
+        replicate_experts(node_w.data(), experts_per_node, slots_per_node, node_phy2mlog,
                           phy_rank.data(), mlog_count.data());
-        for (int j = 0; j < slots_per_node; ++j) {
-            replica_w[j] = node_w[phy2mlog[j]] / static_cast<float>(mlog_count[phy2mlog[j]]);
+        for (int i = 0; i < experts_per_node; ++i) {
+            node_w[i] /= static_cast<float>(mlog_count[i]);  // now per replica
         }
-        balanced_packing(replica_w.data(), slots_per_node, gpus_per_node, pack.data(), rank.data());
-        for (int j = 0; j < slots_per_node; ++j) {
+        float* node_replica_w = replica_w.data() + n * slots_per_node;
+        for (int j = 0; j < slots_per_node; ++j) node_replica_w[j] = node_w[node_phy2mlog[j]];
+        if (slots_per_node > gpus_per_node) {
+            order_descending(node_replica_w, slots_per_node, node_order);
+            std::copy(node_order.begin(), node_order.end(), order.begin() + n * slots_per_node);
+        }
+    }
+    balanced_packing(replica_w.data(), order.data(), slots_per_node, gpus_per_node, pack.data(),
+                     rank.data(), N);
+    for (int n = 0; n < N; ++n) {
+        for (int j = n * slots_per_node; j < (n + 1) * slots_per_node; ++j) {
             const int slot = n * slots_per_node + pack[j] * S + rank[j];
             phy2log[slot] = mlog2log[n * experts_per_node + phy2mlog[j]];
         }
@@ -1491,12 +1516,15 @@ void match_previous(std::int32_t* phy2log, const std::int32_t* old, int R, int G
 
 // The largest GPU load of a layer placement whose experts have count[e] replicas.
 double layer_max_gpu_load(const double* w, const std::int32_t* phy2log, const std::int32_t* count,
-                          int R, int G) {
+                          int E, int R, int G) {
+    thread_local std::vector<double> share;  // an expert's load per replica
+    share.resize(static_cast<std::size_t>(E));
+    for (int e = 0; e < E; ++e) share[e] = w[e] / count[e];
     const int S = R / G;
     double m = 0.0;
     for (int g = 0; g < G; ++g) {
         double load = 0.0;
-        for (int s = g * S; s < (g + 1) * S; ++s) load += w[phy2log[s]] / count[phy2log[s]];
+        for (int s = g * S; s < (g + 1) * S; ++s) load += share[phy2log[s]];
         m = std::max(m, load);
     }
     return m;
@@ -1505,7 +1533,7 @@ double layer_max_gpu_load(const double* w, const std::int32_t* phy2log, const st
 double layer_max_gpu_load(const double* w, const std::int32_t* phy2log, int E, int R, int G) {
     std::vector<std::int32_t> count(static_cast<std::size_t>(E), 0);
     for (int s = 0; s < R; ++s) ++count[phy2log[s]];
-    return layer_max_gpu_load(w, phy2log, count.data(), R, G);
+    return layer_max_gpu_load(w, phy2log, count.data(), E, R, G);
 }
 
 // One thread's scratch for moelb's layers.
@@ -1607,7 +1635,7 @@ PlanStats evaluate(ConstMatrixMap<double> load, const ExpertLocation& location,
             double total = 0;
             for (int e = 0; e < E; ++e) total += w[e];
             s.max_gpu_load = layer_max_gpu_load(w, location.physical_to_logical().row(l).data(),
-                                                location.logical_count().row(l).data(), R, G);
+                                                location.logical_count().row(l).data(), E, R, G);
             s.mean_gpu_load = total / G;
             s.balancedness = s.max_gpu_load > 0 ? s.mean_gpu_load / s.max_gpu_load : 1.0;
             s.lower_bound = lower_bounds ? lower_bounds[l] : flat_lower_bound(w, E, R, G, count);

@@ -67,33 +67,44 @@ ExpertLocation::ExpertLocation(RowMatrix<std::int32_t> physical_to_logical, int 
     MOELB_CHECK_ARG(ep_size % num_nodes == 0,
                     "ep_size=" << ep_size << " is not divisible by num_nodes=" << num_nodes);
 
+    // Per layer (in parallel; an error is that of the lowest bad layer, as a serial scan finds):
+    // the replica counts, then the replicas of each expert in slot order, padded with -1.
+    constexpr Index kLayerGrain = 8;
     logical_count_ = RowMatrix<std::int32_t>::Zero(L, E);
-    for (Index l = 0; l < L; ++l) {
-        for (Index p = 0; p < P; ++p) {
-            const std::int32_t e = physical_to_logical_(l, p);
-            MOELB_CHECK_ARG(e >= 0 && e < E, "physical_to_logical[" << l << ", " << p << "] = " << e
-                                                                    << " is outside [0, "
-                                                                       "num_logical_experts="
-                                                                    << E << ")");
-            ++logical_count_(l, e);
+    parallel_for(L, kLayerGrain, [&](Index begin, Index end) {
+        for (Index l = begin; l < end; ++l) {
+            for (Index p = 0; p < P; ++p) {
+                const std::int32_t e = physical_to_logical_(l, p);
+                MOELB_CHECK_ARG(e >= 0 && e < E, "physical_to_logical["
+                                                     << l << ", " << p << "] = " << e
+                                                     << " is outside [0, num_logical_experts=" << E
+                                                     << ")");
+                ++logical_count_(l, e);
+            }
+            for (int e = 0; e < E; ++e) {
+                MOELB_CHECK_ARG(logical_count_(l, e) > 0, "logical expert "
+                                                              << e << " has no replica in layer "
+                                                              << l << " of physical_to_logical");
+            }
         }
-        for (int e = 0; e < E; ++e) {
-            MOELB_CHECK_ARG(logical_count_(l, e) > 0, "logical expert "
-                                                          << e << " has no replica in layer " << l
-                                                          << " of physical_to_logical");
-        }
-    }
+    });
     max_replicas_ = logical_count_.maxCoeff();
-    logical_to_physical_ = RowMatrix<std::int32_t>::Constant(L * E, max_replicas_, -1);
-    std::vector<int> fill(static_cast<std::size_t>(E));
-    for (Index l = 0; l < L; ++l) {
-        std::fill(fill.begin(), fill.end(), 0);
-        for (Index p = 0; p < P; ++p) {
-            const int e = physical_to_logical_(l, p);
-            logical_to_physical_(l * E + e, fill[static_cast<std::size_t>(e)]++) =
-                static_cast<std::int32_t>(p);
+    logical_to_physical_.resize(L * E, max_replicas_);
+    parallel_for(L, kLayerGrain, [&](Index begin, Index end) {
+        std::vector<int> fill(static_cast<std::size_t>(E));
+        for (Index l = begin; l < end; ++l) {
+            std::fill(fill.begin(), fill.end(), 0);
+            for (Index p = 0; p < P; ++p) {
+                const int e = physical_to_logical_(l, p);
+                logical_to_physical_(l * E + e, fill[static_cast<std::size_t>(e)]++) =
+                    static_cast<std::int32_t>(p);
+            }
+            for (int e = 0; e < E; ++e) {
+                std::int32_t* row = logical_to_physical_.row(l * E + e).data();
+                std::fill(row + logical_count_(l, e), row + max_replicas_, -1);
+            }
         }
-    }
+    });
 }
 
 ExpertLocation ExpertLocation::trivial(int num_layers, int num_logical_experts,
