@@ -90,18 +90,17 @@ ExpertLocation::ExpertLocation(RowMatrix<std::int32_t> physical_to_logical, int 
     });
     max_replicas_ = logical_count_.maxCoeff();
     logical_to_physical_.resize(L * E, max_replicas_);
+    const Index X = max_replicas_;
     parallel_for(L, kLayerGrain, [&](Index begin, Index end) {
         std::vector<int> fill(static_cast<std::size_t>(E));
         for (Index l = begin; l < end; ++l) {
+            // The layer's rows are contiguous: pad them all, then place each slot.
+            std::int32_t* rows = logical_to_physical_.data() + l * E * X;
+            std::fill(rows, rows + E * X, -1);
             std::fill(fill.begin(), fill.end(), 0);
             for (Index p = 0; p < P; ++p) {
                 const int e = physical_to_logical_(l, p);
-                logical_to_physical_(l * E + e, fill[static_cast<std::size_t>(e)]++) =
-                    static_cast<std::int32_t>(p);
-            }
-            for (int e = 0; e < E; ++e) {
-                std::int32_t* row = logical_to_physical_.row(l * E + e).data();
-                std::fill(row + logical_count_(l, e), row + max_replicas_, -1);
+                rows[e * X + fill[static_cast<std::size_t>(e)]++] = static_cast<std::int32_t>(p);
             }
         }
     });
