@@ -883,8 +883,8 @@ void Packing::swap_search(double target, PackScratch& s) {
 // A swap with b cannot end below (limit + load b) / 2, so once that exceeds the best found (with a
 // margin far above rounding), no heavier partner can win, not even a tie. Most partners offer no
 // swap at or below the best so far: a branch-free pass over all their pairs, kLanes of b's slots
-// at a time, tests that first, with the same arithmetic as the exact pass that follows, so it
-// only skips partners the exact pass would skip.
+// at a time, tests that first, with a condition the exact pass's implies (load differences in an
+// interval widened by a margin), so it only skips partners the exact pass would skip.
 Packing::Swap Packing::best_swap(int a, double limit, const int* by_load, int first, int last,
                                  PackScratch& s) const {
     constexpr double kBoundSlack = 1e-12;  // relative; rounding moves m by ~1e-16
@@ -897,14 +897,20 @@ Packing::Swap Packing::best_swap(int a, double limit, const int* by_load, int fi
         if ((limit + load_b) * 0.5 * (1 - kBoundSlack) > best) break;
         const double* b_loads = s.slot_load.data() + static_cast<Index>(b) * s.load_stride;
         const double gap = limit - load_b;
+        // The pass keeps a pair when its d = x - y lies in (lower, upper): 0 < d < gap, and
+        // max(limit - d, load_b + d) <= best up to a margin far above rounding, so it keeps
+        // every pair the exact pass accepts.
+        const double margin = kBoundSlack * limit;
+        const double lower = std::max(0.0, limit - best - margin);
+        const double upper = std::min(gap, best - load_b + margin);
+        if (lower >= upper) continue;
         LaneMask hit{};
         for (int y0 = 0; y0 < s.load_stride; y0 += kLanes) {
             Lanes y;
             std::memcpy(&y, b_loads + y0, sizeof y);
             for (int xi = 0; xi < size; ++xi) {
                 const Lanes d = a_loads[xi] - y;
-                const Lanes lo = limit - d, hi = load_b + d;
-                hit |= (d > 0) & (d < gap) & ((lo < hi ? hi : lo) <= best);
+                hit |= (d > lower) & (d < upper);
             }
         }
         if (!any_lane(hit)) continue;
