@@ -3,11 +3,13 @@ implementations. Speed is measured by running them directly, never asserted here
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
@@ -84,7 +86,56 @@ def test_bench_eplb_quick(tmp_path: Path) -> None:
         assert -1e-9 <= q["mean_gap"] <= q["max_gap"] + 1e-12, q
         if q["plan"].startswith("moelb"):
             assert q["worse_layers"] is not None and q["same_at_2_threads"] is not None, q
-    assert len(data["goals"]) == 5 and all(isinstance(g["met"], bool) for g in data["goals"])
+    assert len(data["goals"]) == 6 and all(isinstance(g["met"], bool) for g in data["goals"])
+
+
+def _optimum(w: np.ndarray, slots: int, gpus: int) -> float:
+    """The smallest max GPU load over every placement (slot -> expert, each expert at least once,
+    equal split over replicas), by enumeration."""
+    best = np.inf
+    per_gpu = slots // gpus
+    for row in itertools.product(range(len(w)), repeat=slots):
+        counts = np.bincount(row, minlength=len(w))
+        if (counts == 0).any():
+            continue
+        loads = (w[list(row)] / counts[list(row)]).reshape(gpus, per_gpu).sum(axis=1)
+        best = min(best, float(loads.max()))
+    return best
+
+
+def test_slot_lower_bound_is_a_lower_bound() -> None:
+    """bench_eplb.slot_lower_bound (behind the 'unreachable' note of the gap goal): never above
+    the optimum of a placement, never below the flat bound, and above the flat bound where each
+    GPU must carry more than its one big replica."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from bench_eplb import slot_lower_bound
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    import moelb
+
+    rng = np.random.default_rng(3)
+    above_flat = 0
+    for _ in range(60):
+        experts, gpus = int(rng.integers(2, 5)), int(rng.integers(1, 4))
+        options = [p for p in range(experts, 7) if p % gpus == 0]
+        if not options:
+            continue
+        slots = int(rng.choice(options))
+        w = (
+            rng.integers(0, 6, experts).astype(float)
+            if rng.random() < 0.3
+            else rng.uniform(0, 100, experts)
+        )
+        bound = slot_lower_bound(w, slots, gpus)
+        flat = moelb.rebalance(w[None], slots, None, 1, gpus).stats.lower_bound[0]
+        optimum = _optimum(w, slots, gpus)
+        assert flat * (1 - 1e-12) <= bound <= optimum * (1 + 1e-12), (w, slots, gpus)
+        above_flat += bound > flat * (1 + 1e-9)
+    assert above_flat > 0
+    # Two GPUs of two slots, loads 10, 1, 1, 1: the flat bound is 10, but expert 0's GPU holds
+    # another replica, so every placement is at least 11 (which {0, 1} {2, 3} reaches).
+    assert slot_lower_bound(np.array([10.0, 1.0, 1.0, 1.0]), 4, 2) == 11.0
 
 
 def test_bench_waterfill_quick(tmp_path: Path) -> None:
