@@ -30,6 +30,13 @@ constexpr int kLanes = 4;
 using Lanes = double __attribute__((vector_size(kLanes * sizeof(double))));
 using LaneMask = std::int64_t __attribute__((vector_size(kLanes * sizeof(double))));
 
+// The same for floats: 8 lanes (one AVX2 register), for the swap search's first test in float32,
+// with loads between kFloatMin and kFloatMax and a margin of kFloatSlack of the largest load.
+constexpr int kFloatLanes = 8;
+using FloatLanes = float __attribute__((vector_size(kFloatLanes * sizeof(float))));
+using FloatMask = std::int32_t __attribute__((vector_size(kFloatLanes * sizeof(float))));
+constexpr double kFloatMin = 1e-30, kFloatMax = 1e30, kFloatSlack = 1e-6;
+
 // 128-bit integers for (double bits, index) keys (a GCC/Clang extension like the vector types;
 // __extension__ tells -Wpedantic so).
 __extension__ typedef unsigned __int128 Uint128;
@@ -565,6 +572,11 @@ struct PackScratch {
     // +inf to a multiple of kLanes (a padding "replica" never makes a useful swap).
     std::vector<double> slot_load;
     int load_stride = 0;
+    // The same in float32 (kFloatLanes to a vector), for a quicker first test when the loads are
+    // in a range where float32's rounding stays far below its margin (use_float).
+    std::vector<float> slot_load32;
+    int load_stride32 = 0;
+    bool use_float = false;
     int stamp = 0;
     // Duplicate scans: in_bin[e] == bin_stamp marks the experts of the bin being scanned (a new
     // stamp per scan, so a scan costs its slots, not their square); dup_slots lists its slots
@@ -812,6 +824,21 @@ void Packing::swap_search(double target, PackScratch& s) {
             s.slot_load[static_cast<Index>(b) * s.load_stride + k] = replica_load[bin(b)[k]];
         }
     }
+    // Loads from kFloatMin to kFloatMax (the largest bin's; the limit only falls, and a search
+    // stops at the target, which is at least the mean): float32 keeps them to ~6e-8 relative.
+    const double top = max_load();
+    s.use_float = top <= kFloatMax && target >= kFloatMin;
+    if (s.use_float) {
+        s.load_stride32 = (size + kFloatLanes - 1) / kFloatLanes * kFloatLanes;
+        s.slot_load32.assign(static_cast<std::size_t>(num_bins) * s.load_stride32,
+                             std::numeric_limits<float>::infinity());
+        for (int b = 0; b < num_bins; ++b) {
+            for (int k = 0; k < size; ++k) {
+                s.slot_load32[static_cast<Index>(b) * s.load_stride32 + k] =
+                    static_cast<float>(replica_load[bin(b)[k]]);
+            }
+        }
+    }
     // Restores the order after bin b's load changed.
     const auto resort = [&](int b) {
         const int lo = domain(b) * bins_per_domain, hi = lo + bins_per_domain;
@@ -871,6 +898,10 @@ void Packing::swap_search(double target, PackScratch& s) {
         apply_swap(a, best.xi, best.b, best.yi);
         std::swap(s.slot_load[static_cast<Index>(a) * s.load_stride + best.xi],
                   s.slot_load[static_cast<Index>(best.b) * s.load_stride + best.yi]);
+        if (s.use_float) {
+            std::swap(s.slot_load32[static_cast<Index>(a) * s.load_stride32 + best.xi],
+                      s.slot_load32[static_cast<Index>(best.b) * s.load_stride32 + best.yi]);
+        }
         resort(a);
         resort(best.b);
     }
@@ -904,16 +935,40 @@ Packing::Swap Packing::best_swap(int a, double limit, const int* by_load, int fi
         const double lower = std::max(0.0, limit - best - margin);
         const double upper = std::min(gap, best - load_b + margin);
         if (lower >= upper) continue;
-        LaneMask hit{};
-        for (int y0 = 0; y0 < s.load_stride; y0 += kLanes) {
-            Lanes y;
-            std::memcpy(&y, b_loads + y0, sizeof y);
-            for (int xi = 0; xi < size; ++xi) {
-                const Lanes d = a_loads[xi] - y;
-                hit |= (d > lower) & (d < upper);
+        if (s.use_float) {
+            // In float32 with a margin (kFloatSlack of the limit) far above its rounding of the
+            // loads and the differences (~2e-7 of the limit): still keeps every such pair.
+            const float slack = static_cast<float>(kFloatSlack * limit);
+            const float lower32 = static_cast<float>(lower) - slack;
+            const float upper32 = static_cast<float>(upper) + slack;
+            const float* a32 = s.slot_load32.data() + static_cast<Index>(a) * s.load_stride32;
+            const float* b32 = s.slot_load32.data() + static_cast<Index>(b) * s.load_stride32;
+            FloatMask hit{};
+            for (int y0 = 0; y0 < s.load_stride32; y0 += kFloatLanes) {
+                FloatLanes y;
+                std::memcpy(&y, b32 + y0, sizeof y);
+                for (int xi = 0; xi < size; ++xi) {
+                    const FloatLanes d = a32[xi] - y;
+                    hit |= (d > lower32) & (d < upper32);
+                }
             }
+            std::uint64_t words[sizeof hit / sizeof(std::uint64_t)];
+            std::memcpy(words, &hit, sizeof hit);
+            std::uint64_t any = 0;
+            for (const std::uint64_t w : words) any |= w;
+            if (any == 0) continue;
+        } else {
+            LaneMask hit{};
+            for (int y0 = 0; y0 < s.load_stride; y0 += kLanes) {
+                Lanes y;
+                std::memcpy(&y, b_loads + y0, sizeof y);
+                for (int xi = 0; xi < size; ++xi) {
+                    const Lanes d = a_loads[xi] - y;
+                    hit |= (d > lower) & (d < upper);
+                }
+            }
+            if (!any_lane(hit)) continue;
         }
-        if (!any_lane(hit)) continue;
         // The exact pass, in the same order (a's slot, then b's) over the pairs the test passes
         // (with the best as it is by then).
         for (int xi = 0; xi < size; ++xi) {

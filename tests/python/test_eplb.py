@@ -1196,6 +1196,22 @@ def test_same_plan_whatever_the_thread_count(algorithm: str) -> None:
         assert stats_equal(plan.stats, plans[0].stats)
 
 
+@pytest.mark.parametrize("locality", ["none", "node"])
+def test_same_plan_whatever_the_load_scale(locality: str) -> None:
+    """Scaling every load by a power of two (exact in floating point) changes no plan. The
+    swap search's first test runs in float32 for loads from 1e-30 to 1e30 and in float64 outside:
+    2**-110 and 2**100 take the float64 path, the others the float32 one, and all must agree."""
+    rng = np.random.default_rng(16)
+    load = rng.lognormal(6, 1.5, (6, 64))
+    reference = rebalance(load, 80, 8, 2, 16, locality=locality)
+    for k in (-110, -60, 40, 100):
+        plan = rebalance(load * 2.0**k, 80, 8, 2, 16, locality=locality)
+        np.testing.assert_array_equal(
+            plan.location.physical_to_logical, reference.location.physical_to_logical, err_msg=k
+        )
+        np.testing.assert_allclose(plan.stats.gap, reference.stats.gap, rtol=1e-12, atol=0)
+
+
 def test_plan_stats_equal_evaluate_placement() -> None:
     rng = np.random.default_rng(15)
     load = rng.lognormal(3, 1, (5, 32))
