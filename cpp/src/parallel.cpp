@@ -69,9 +69,11 @@ thread_local bool t_in_parallel_for = false;
 // Spins for up to kSpin before blocking, so that loops in quick succession (rebalance runs two)
 // find the threads awake: waking a blocked thread costs tens of microseconds.
 constexpr auto kSpin = std::chrono::microseconds(100);
+constexpr int kMaxWorkersPerCore = 2;
 
 template <typename Ready>
-bool spin_until(const Ready& ready) {
+bool spin_until(const Ready& ready, bool spin) {
+    if (!spin) return ready();
     const auto until = std::chrono::steady_clock::now() + kSpin;
     for (int i = 1;; ++i) {
         if (ready()) return true;
@@ -95,6 +97,9 @@ class Pool {
     void run(Loop& loop, int helpers) {
         {
             std::lock_guard<std::mutex> lock(mu_);
+            // At most kMaxWorkersPerCore workers per core stay (a larger thread count runs its
+            // loops on fewer threads: the same result).
+            helpers = std::min(helpers, kMaxWorkersPerCore * default_num_threads());
             try {
                 while (workers_started_ < helpers) {
                     std::thread([this, id = workers_started_] { worker(id); }).detach();
@@ -105,13 +110,15 @@ class Pool {
             }
             loop_ = &loop;
             helpers_.store(helpers, std::memory_order_relaxed);
+            // Spinning only pays while every thread has a core of its own.
+            spin_.store(helpers < default_num_threads(), std::memory_order_relaxed);
             busy_.store(helpers, std::memory_order_relaxed);
             generation_.fetch_add(1, std::memory_order_release);
         }
         wake_.notify_all();
         loop.work();
         const auto done = [this] { return busy_.load(std::memory_order_acquire) == 0; };
-        if (!spin_until(done)) {
+        if (!spin_until(done, spin_.load(std::memory_order_relaxed))) {
             std::unique_lock<std::mutex> lock(mu_);
             done_.wait(lock, done);
         }
@@ -125,7 +132,7 @@ class Pool {
         std::uint64_t seen = 0;
         for (;;) {
             const auto fresh = [&] { return generation_.load(std::memory_order_acquire) != seen; };
-            if (!spin_until(fresh)) {
+            if (!spin_until(fresh, spin_.load(std::memory_order_relaxed))) {
                 std::unique_lock<std::mutex> lock(mu_);
                 wake_.wait(lock, fresh);
             }
@@ -144,8 +151,9 @@ class Pool {
     std::condition_variable wake_, done_;
     Loop* loop_ = nullptr;  // the current loop (written before generation_ moves on)
     std::atomic<std::uint64_t> generation_{0};
-    std::atomic<int> helpers_{0};  // workers 0..helpers_-1 take part in the current loop
-    std::atomic<int> busy_{0};     // of those, the ones not finished yet
+    std::atomic<int> helpers_{0};   // workers 0..helpers_-1 take part in the current loop
+    std::atomic<int> busy_{0};      // of those, the ones not finished yet
+    std::atomic<bool> spin_{true};  // whether waits spin before blocking
     int workers_started_ = 0;
 };
 
