@@ -89,11 +89,14 @@ bool spin_until(const Ready& ready, bool spin) {
 
 // Worker threads kept across calls (starting threads per call cost more than a small loop). One
 // parallel_for at a time uses the pool; a concurrent caller runs its loop on its own thread, which
-// gives the same result. Workers are detached and the pool is never destroyed, so a process can
-// exit (or a Python interpreter shut down) at any time; a forked child starts a new pool.
+// gives the same result. The caller never waits for a worker that has not joined its loop yet
+// (a sleeping worker can take long to wake on a busy machine): once the caller finds no chunk
+// left, it closes the loop and waits only for the workers inside it, which finish the chunks they
+// claimed. Workers are detached and the pool is never destroyed, so a process can exit (or a
+// Python interpreter shut down) at any time; a forked child starts a new pool.
 class Pool {
   public:
-    // Runs loop on the calling thread and `helpers` workers (started as needed).
+    // Runs loop on the calling thread and up to `helpers` workers (started as needed).
     void run(Loop& loop, int helpers) {
         {
             std::lock_guard<std::mutex> lock(mu_);
@@ -112,12 +115,17 @@ class Pool {
             helpers_.store(helpers, std::memory_order_relaxed);
             // Spinning only pays while every thread has a core of its own.
             spin_.store(helpers < default_num_threads(), std::memory_order_relaxed);
-            busy_.store(helpers, std::memory_order_relaxed);
+            open_.store(true);
             generation_.fetch_add(1, std::memory_order_release);
         }
         wake_.notify_all();
         loop.work();
-        const auto done = [this] { return busy_.load(std::memory_order_acquire) == 0; };
+        // No chunk is left to claim: close the loop, then wait for the workers inside it. (A
+        // worker joins by counting itself in `inside_`, then checking `open_`; the caller closes,
+        // then checks `inside_`: sequentially consistent, so either the worker sees it closed or
+        // the caller sees the worker.)
+        open_.store(false);
+        const auto done = [this] { return inside_.load() == 0; };
         if (!spin_until(done, spin_.load(std::memory_order_relaxed))) {
             std::unique_lock<std::mutex> lock(mu_);
             done_.wait(lock, done);
@@ -138,8 +146,9 @@ class Pool {
             }
             seen = generation_.load(std::memory_order_acquire);
             if (id >= helpers_.load(std::memory_order_relaxed)) continue;  // not in this loop
-            loop_->work();
-            if (busy_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+            inside_.fetch_add(1);
+            if (open_.load() && generation_.load() == seen) loop_->work();
+            if (inside_.fetch_sub(1) == 1) {
                 std::lock_guard<std::mutex> lock(mu_);
                 done_.notify_one();
             }
@@ -151,9 +160,10 @@ class Pool {
     std::condition_variable wake_, done_;
     Loop* loop_ = nullptr;  // the current loop (written before generation_ moves on)
     std::atomic<std::uint64_t> generation_{0};
-    std::atomic<int> helpers_{0};   // workers 0..helpers_-1 take part in the current loop
-    std::atomic<int> busy_{0};      // of those, the ones not finished yet
-    std::atomic<bool> spin_{true};  // whether waits spin before blocking
+    std::atomic<int> helpers_{0};    // workers 0..helpers_-1 may join the current loop
+    std::atomic<bool> open_{false};  // the current loop may still be joined
+    std::atomic<int> inside_{0};     // workers inside a loop
+    std::atomic<bool> spin_{true};   // whether waits spin before blocking
     int workers_started_ = 0;
 };
 
