@@ -34,18 +34,11 @@ using LaneMask = std::int64_t __attribute__((vector_size(kLanes * sizeof(double)
 // with loads between kFloatMin and kFloatMax and a margin of kFloatSlack of the largest load.
 constexpr int kFloatLanes = 8;
 using FloatLanes = float __attribute__((vector_size(kFloatLanes * sizeof(float))));
-using FloatMask = std::int32_t __attribute__((vector_size(kFloatLanes * sizeof(float))));
 constexpr double kFloatMin = 1e-30, kFloatMax = 1e30, kFloatSlack = 1e-6;
 
 // 128-bit integers for (double bits, index) keys (a GCC/Clang extension like the vector types;
 // __extension__ tells -Wpedantic so).
 __extension__ typedef unsigned __int128 Uint128;
-
-bool any_lane(const LaneMask& m) {
-    std::int64_t any = 0;
-    for (int i = 0; i < kLanes; ++i) any |= m[i];
-    return any != 0;
-}
 
 // Bit i set where lane i of m is.
 unsigned lane_bits(const LaneMask& m) {
@@ -73,16 +66,16 @@ constexpr int kRadixMinItems = 96;
 void order_descending(const float* w, int n, std::vector<int>& order) {
     constexpr int kRadixBits = 8, kBuckets = 1 << kRadixBits, kPasses = 32 / kRadixBits;
     thread_local std::vector<std::uint64_t> keys, next;
-    keys.resize(static_cast<std::size_t>(n));
     order.resize(static_cast<std::size_t>(n));
     if (n < kRadixMinItems) {
         // Few items: each one's rank is the number of smaller keys (the keys are unique), counted
         // for a block of items at once (a vector of 64-bit lanes) against each key in turn, by
         // branch-free comparisons. The keys are compared as signed integers with the top bit
-        // flipped, which orders them like unsigned ones; the tail block's spare lanes are padded.
+        // flipped, which orders them like unsigned ones; spare lanes are padded. Blocks go in
+        // pairs (one broadcast key serves both), so their count is even.
         constexpr int kBlock = 4;
         using Block = std::int64_t __attribute__((vector_size(kBlock * sizeof(std::int64_t))));
-        const int blocks = (n + kBlock - 1) / kBlock;
+        const int blocks = ((n + kBlock - 1) / kBlock + 1) / 2 * 2;
         thread_local std::vector<Block> block_keys, block_ranks;
         block_keys.resize(static_cast<std::size_t>(blocks));
         block_ranks.resize(block_keys.size());
@@ -96,14 +89,7 @@ void order_descending(const float* w, int n, std::vector<int>& order) {
             k[i] = static_cast<std::int64_t>(key ^ (std::uint64_t{1} << 63));
         }
         for (int i = n; i < blocks * kBlock; ++i) k[i] = std::numeric_limits<std::int64_t>::max();
-        // Two blocks per pass over the keys (one broadcast serves both; the padding block, if
-        // any, is ignored).
-        if (blocks % 2 == 1) {
-            block_keys.push_back(Block{} + std::numeric_limits<std::int64_t>::max());
-            block_ranks.emplace_back();
-            k = reinterpret_cast<std::int64_t*>(block_keys.data());
-        }
-        for (std::size_t b = 0; b + 1 < block_keys.size(); b += 2) {
+        for (int b = 0; b < blocks; b += 2) {
             const Block mine0 = block_keys[b], mine1 = block_keys[b + 1];
             Block rank0{}, rank1{};
             for (int j = 0; j < n; ++j) {
@@ -118,6 +104,7 @@ void order_descending(const float* w, int n, std::vector<int>& order) {
         for (int i = 0; i < n; ++i) order[rank[i]] = i;
         return;
     }
+    keys.resize(static_cast<std::size_t>(n));
     next.resize(keys.size());
     std::uint32_t histogram[kPasses][kBuckets] = {};
     for (int i = 0; i < n; ++i) {
@@ -907,6 +894,27 @@ void Packing::swap_search(double target, PackScratch& s) {
     }
 }
 
+// Whether some x of a[0, size) and y of b[0, stride) (b padded with +inf to whole vectors V of
+// T) have lower < x - y < upper: branch-free, a vector of b's slots at a time.
+template <typename V, typename T>
+bool any_difference_in(const T* a, const T* b, int size, int stride, T lower, T upper) {
+    constexpr int kWidth = sizeof(V) / sizeof(T);
+    decltype(V{} < V{}) hit{};
+    for (int y0 = 0; y0 < stride; y0 += kWidth) {
+        V y;
+        std::memcpy(&y, b + y0, sizeof y);
+        for (int xi = 0; xi < size; ++xi) {
+            const V d = a[xi] - y;
+            hit |= (d > lower) & (d < upper);
+        }
+    }
+    std::uint64_t words[sizeof hit / sizeof(std::uint64_t)];
+    std::memcpy(words, &hit, sizeof hit);
+    std::uint64_t any = 0;
+    for (const std::uint64_t w : words) any |= w;
+    return any != 0;
+}
+
 // The best swap between bin a (load limit) and the partners by_load[first, last) (ascending load):
 // the one that lowers max(load a, load b) the most below limit, ties to the smallest (tie_key of
 // the partner, a's slot, b's slot). Reports whether the best was tied with another partner's.
@@ -939,35 +947,15 @@ Packing::Swap Packing::best_swap(int a, double limit, const int* by_load, int fi
             // In float32 with a margin (kFloatSlack of the limit) far above its rounding of the
             // loads and the differences (~2e-7 of the limit): still keeps every such pair.
             const float slack = static_cast<float>(kFloatSlack * limit);
-            const float lower32 = static_cast<float>(lower) - slack;
-            const float upper32 = static_cast<float>(upper) + slack;
-            const float* a32 = s.slot_load32.data() + static_cast<Index>(a) * s.load_stride32;
-            const float* b32 = s.slot_load32.data() + static_cast<Index>(b) * s.load_stride32;
-            FloatMask hit{};
-            for (int y0 = 0; y0 < s.load_stride32; y0 += kFloatLanes) {
-                FloatLanes y;
-                std::memcpy(&y, b32 + y0, sizeof y);
-                for (int xi = 0; xi < size; ++xi) {
-                    const FloatLanes d = a32[xi] - y;
-                    hit |= (d > lower32) & (d < upper32);
-                }
+            if (!any_difference_in<FloatLanes>(
+                    s.slot_load32.data() + static_cast<Index>(a) * s.load_stride32,
+                    s.slot_load32.data() + static_cast<Index>(b) * s.load_stride32, size,
+                    s.load_stride32, static_cast<float>(lower) - slack,
+                    static_cast<float>(upper) + slack)) {
+                continue;
             }
-            std::uint64_t words[sizeof hit / sizeof(std::uint64_t)];
-            std::memcpy(words, &hit, sizeof hit);
-            std::uint64_t any = 0;
-            for (const std::uint64_t w : words) any |= w;
-            if (any == 0) continue;
-        } else {
-            LaneMask hit{};
-            for (int y0 = 0; y0 < s.load_stride; y0 += kLanes) {
-                Lanes y;
-                std::memcpy(&y, b_loads + y0, sizeof y);
-                for (int xi = 0; xi < size; ++xi) {
-                    const Lanes d = a_loads[xi] - y;
-                    hit |= (d > lower) & (d < upper);
-                }
-            }
-            if (!any_lane(hit)) continue;
+        } else if (!any_difference_in<Lanes>(a_loads, b_loads, size, s.load_stride, lower, upper)) {
+            continue;
         }
         // The exact pass, in the same order (a's slot, then b's) over the pairs the test passes
         // (with the best as it is by then).
