@@ -129,6 +129,117 @@ void order_descending(const float* w, int n, std::vector<int>& order) {
     for (int i = 0; i < n; ++i) order[i] = static_cast<int>(keys[i] & 0xffffffffu);
 }
 
+// The order_descending of a layer's replica loads, from its experts instead of its replicas:
+// expert i (of n) has count[i] replicas of load u[i] each (u >= 0, never -0), in slot i and then,
+// in slot order, the slots s in [n, slots) with phy2exp[s] == i. When no two experts' u are equal,
+// sorting the n experts and listing each one's replicas in slot order is the stable sort of the
+// replicas (a tie is then only between replicas of one expert). Ranks are counted for blocks of 8
+// experts at once against each expert's u, as 32-bit integers (the bits of a float >= +0 order like
+// it). Returns false, leaving `order` unspecified, when two experts' u are equal (the caller then
+// sorts the replicas) or n is above kRadixMinItems.
+bool replica_order(const float* u, const int* count, const int* phy2exp, int n, int slots,
+                   int* order) {
+    if (n > kRadixMinItems) return false;
+    // Blocks go in fours (one broadcast key serves four), so their count is a multiple of 4.
+    constexpr int kBlock = 8, kGroup = 4;
+    using Block = std::int32_t __attribute__((vector_size(kBlock * sizeof(std::int32_t))));
+    constexpr int kMaxBlocks = (kRadixMinItems + kBlock * kGroup - 1) / (kBlock * kGroup) * kGroup;
+    Block keys[kMaxBlocks], ranks[kMaxBlocks];
+    const int blocks = (n + kBlock * kGroup - 1) / (kBlock * kGroup) * kGroup;
+    std::int32_t* k = reinterpret_cast<std::int32_t*>(keys);
+    for (int i = 0; i < n; ++i) std::memcpy(&k[i], &u[i], sizeof k[i]);
+    for (int i = n; i < blocks * kBlock; ++i) k[i] = 0;
+    for (int b = 0; b < blocks; b += kGroup) {
+        const Block mine0 = keys[b], mine1 = keys[b + 1], mine2 = keys[b + 2], mine3 = keys[b + 3];
+        Block rank0{}, rank1{}, rank2{}, rank3{};
+        for (int j = 0; j < n; ++j) {
+            const Block kj = Block{} + k[j];  // k[j] in every lane
+            rank0 -= kj > mine0;              // a true lane is -1
+            rank1 -= kj > mine1;
+            rank2 -= kj > mine2;
+            rank3 -= kj > mine3;
+        }
+        ranks[b] = rank0;
+        ranks[b + 1] = rank1;
+        ranks[b + 2] = rank2;
+        ranks[b + 3] = rank3;
+    }
+    // Distinct keys give distinct ranks, a permutation of [0, n): then every expert finds itself
+    // at its rank. (Equal keys share a rank, and only one of them is written there.)
+    const std::int32_t* rank = reinterpret_cast<const std::int32_t*>(ranks);
+    int by_rank[kRadixMinItems];
+    for (int i = 0; i < n; ++i) by_rank[rank[i]] = i;
+    bool distinct = true;
+    for (int i = 0; i < n; ++i) distinct &= by_rank[rank[i]] == i;
+    if (!distinct) return false;
+    // Each expert's first position in `order`, then its replicas' slots in slot order.
+    int next[kRadixMinItems];
+    for (int r = 0, at = 0; r < n; ++r) {
+        const int i = by_rank[r];
+        order[at] = i;
+        next[i] = at + 1;
+        at += count[i];
+    }
+    for (int s = n; s < slots; ++s) order[next[phy2exp[s]]++] = s;
+    return true;
+}
+
+// balanced_packing (below) for m <= kNarrowPacks packs: each instance's pack keys (the float32
+// load's bits, which order like the load since loads are >= +0; a full pack's key is the largest
+// integer) are the lanes of one vector, and a step is branch-free vector work: the minimum key
+// reaches every lane in three pairwise minima, and the lowest lane equal to it is the pack.
+constexpr int kNarrowPacks = 8;
+using PackKeys = std::uint32_t __attribute__((vector_size(kNarrowPacks * sizeof(std::uint32_t))));
+using PackMask = std::int32_t __attribute__((vector_size(kNarrowPacks * sizeof(std::int32_t))));
+
+// Bit i set where lane i of m is.
+unsigned lane_bits(const PackMask& m) {
+#if defined(__AVX__)
+    return static_cast<unsigned>(_mm256_movemask_ps(std::bit_cast<__m256>(m)));
+#else
+    unsigned bits = 0;
+    for (int i = 0; i < kNarrowPacks; ++i) bits |= static_cast<unsigned>(m[i] != 0) << i;
+    return bits;
+#endif
+}
+
+PackKeys lane_min(const PackKeys& a, const PackKeys& b) { return a < b ? a : b; }
+
+void narrow_balanced_packing(const float* w, const int* order, int n, int m, int* pack, int* rank,
+                             int instances) {
+    constexpr std::uint32_t kNoRoom = std::numeric_limits<std::uint32_t>::max();
+    const int per_pack = n / m;
+    PackKeys lane{};
+    for (int p = 0; p < kNarrowPacks; ++p) lane[p] = static_cast<std::uint32_t>(p);
+    thread_local std::vector<PackKeys> keys;
+    thread_local std::vector<float> loads;
+    thread_local std::vector<int> counts;
+    keys.assign(static_cast<std::size_t>(instances), PackKeys{} + kNoRoom);
+    const PackKeys used = PackKeys{} + static_cast<std::uint32_t>(m);
+    for (PackKeys& k : keys) k = lane < used ? PackKeys{} : k;  // the packs start at +0
+    loads.assign(static_cast<std::size_t>(m) * instances, 0.0f);
+    counts.assign(loads.size(), 0);
+    for (int o = 0; o < n; ++o) {
+        for (int t = 0; t < instances; ++t) {
+            PackKeys k = keys[t];
+            PackKeys least = lane_min(k, __builtin_shufflevector(k, k, 4, 5, 6, 7, 0, 1, 2, 3));
+            least = lane_min(least, __builtin_shufflevector(least, least, 2, 3, 0, 1, 6, 7, 4, 5));
+            least = lane_min(least, __builtin_shufflevector(least, least, 1, 0, 3, 2, 5, 4, 7, 6));
+            const int best = std::countr_zero(lane_bits(k == least));
+            float* load = loads.data() + m * t;
+            int* count = counts.data() + m * t;
+            const int i = order[t * n + o];
+            pack[t * n + i] = best;
+            rank[t * n + i] = count[best]++;
+            load[best] += w[t * n + i];
+            std::uint32_t bits;
+            std::memcpy(&bits, &load[best], sizeof bits);
+            if (count[best] == per_pack) bits = kNoRoom;
+            keys[t] = lane == PackKeys{} + static_cast<std::uint32_t>(best) ? PackKeys{} + bits : k;
+        }
+    }
+}
+
 // balanced_packing: n items into m packs of n / m items each (greedy by descending weight onto
 // the lightest pack with room, ties to the lower pack). Pack sums accumulate in float32.
 // `order` is the items' order_descending (ties to the lower index).
@@ -144,6 +255,10 @@ void balanced_packing(const float* w, const int* order, int n, int m, int* pack,
             pack[i] = i % n;
             rank[i] = 0;
         }
+        return;
+    }
+    if (m <= kNarrowPacks) {
+        narrow_balanced_packing(w, order, n, m, pack, rank, instances);
         return;
     }
     // Each instance's packs in a tournament tree of keys (float32 load bits, pack): its root is
@@ -217,9 +332,8 @@ T divisor_method(int n, int extra, int cap, const Weight& weight, int* count, co
     static_assert(sizeof(T) == sizeof(Bits));
     constexpr std::uint32_t kLow = 0xffffffffu;
     const auto key = [&](int i) {
-        T v = static_cast<T>(weight(i));
-        if (count[i] != 1) v /= static_cast<T>(count[i]);
-        v += T(0);  // -0 -> +0
+        // (Dividing by a count of 1 is exact: no branch.)
+        const T v = static_cast<T>(weight(i)) / static_cast<T>(count[i]) + T(0);  // -0 -> +0
         Bits bits;
         std::memcpy(&bits, &v, sizeof bits);
         return (static_cast<Key>(bits) << 32) | (kLow - static_cast<std::uint32_t>(i));
@@ -228,7 +342,8 @@ T divisor_method(int n, int extra, int cap, const Weight& weight, int* count, co
     while (leaves < n) leaves *= 2;
     thread_local std::vector<Key> tree;
     tree.resize(2 * static_cast<std::size_t>(leaves));
-    for (int i = 0; i < leaves; ++i) tree[leaves + i] = i < n && count[i] < cap ? key(i) : Key{0};
+    for (int i = 0; i < n; ++i) tree[leaves + i] = count[i] < cap ? key(i) : Key{0};
+    for (int i = n; i < leaves; ++i) tree[leaves + i] = Key{0};
     for (int j = leaves - 1; j >= 1; --j) tree[j] = std::max(tree[2 * j], tree[2 * j + 1]);
     for (int s = 0; s < extra && tree[1] != Key{0}; ++s) {  // stops if every item is capped
         const int i = static_cast<int>(kLow - static_cast<std::uint32_t>(tree[1]));
@@ -278,11 +393,13 @@ void deepseek_layer(const float* w, int E, int R, int K, int N, int G, std::int3
     thread_local std::vector<int> group_pack, group_rank, mlog2log, phy2mlog, phy_rank, mlog_count,
         node_order, order, pack, rank;
     group_load.resize(static_cast<std::size_t>(K));
-    for (int g = 0; g < K; ++g) {
-        double sum = 0.0;
-        for (int j = 0; j < group_size; ++j) sum += w[g * group_size + j];
-        group_load[g] = static_cast<float>(sum);
+    // Each group's sum in index order, the groups side by side (independent additions overlap).
+    thread_local std::vector<double> group_sum;
+    group_sum.assign(static_cast<std::size_t>(K), 0.0);
+    for (int j = 0; j < group_size; ++j) {
+        for (int g = 0; g < K; ++g) group_sum[g] += w[g * group_size + j];
     }
+    for (int g = 0; g < K; ++g) group_load[g] = static_cast<float>(group_sum[g]);
     group_pack.resize(static_cast<std::size_t>(K));
     group_rank.resize(group_pack.size());
     balanced_packing(group_load.data(), K, N, group_pack.data(), group_rank.data());
@@ -308,11 +425,13 @@ void deepseek_layer(const float* w, int E, int R, int K, int N, int G, std::int3
         replicate_experts(node_w.data(), experts_per_node, slots_per_node, node_phy2mlog,
                           phy_rank.data(), mlog_count.data());
         for (int i = 0; i < experts_per_node; ++i) {
-            node_w[i] /= static_cast<float>(mlog_count[i]);  // now per replica
+            node_w[i] = node_w[i] / static_cast<float>(mlog_count[i]) + 0.0f;  // per replica
         }
         float* node_replica_w = replica_w.data() + n * slots_per_node;
         for (int j = 0; j < slots_per_node; ++j) node_replica_w[j] = node_w[node_phy2mlog[j]];
-        if (slots_per_node > gpus_per_node) {
+        if (slots_per_node > gpus_per_node &&
+            !replica_order(node_w.data(), mlog_count.data(), node_phy2mlog, experts_per_node,
+                           slots_per_node, order.data() + n * slots_per_node)) {
             order_descending(node_replica_w, slots_per_node, node_order);
             std::copy(node_order.begin(), node_order.end(), order.begin() + n * slots_per_node);
         }
