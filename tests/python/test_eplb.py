@@ -447,6 +447,39 @@ def test_parity_with_deepseek_port_on_tie_free_loads(shape: tuple[int, int, int,
 
 
 @needs_reference
+def test_parity_with_deepseek_port_on_integer_loads_with_ties() -> None:
+    """Small integer loads tie everywhere, and their float32 sums are exact, so every tie is a
+    true tie that both sides break by the same documented rule (stable sorts, lower index/pack):
+    phy2log must be identical. Covers the packing paths (at most 8 packs, more), the node replica
+    order with and without tied experts, and one replica per GPU."""
+    rng = np.random.default_rng(7)
+    compared = 0
+    for _ in range(150):
+        experts = int(rng.choice([8, 16, 32, 64, 96, 128]))
+        groups = int(rng.choice([1, 2, 4, 8]))
+        nodes = int(rng.choice([1, 2, 4]))
+        if experts % groups or groups % nodes:
+            continue
+        gpus = nodes * int(rng.choice([1, 2, 4, 8, 16]))
+        per_gpu = -(-experts // gpus)
+        slots = gpus * int(rng.integers(per_gpu, per_gpu + 4))
+        load = rng.integers(0, int(rng.choice([3, 10, 100])), (4, experts)).astype(np.float64)
+        for algorithm, (k, n) in (
+            ("deepseek_hierarchical", (groups, nodes)),
+            ("deepseek_global", (1, 1)),
+        ):
+            phy, _, _ = ds_ref.rebalance_experts(load, slots, k, n, gpus)
+            plan = rebalance(load, slots, groups, nodes, gpus, algorithm=algorithm)
+            np.testing.assert_array_equal(
+                plan.location.physical_to_logical,
+                np.asarray(phy),
+                err_msg=f"{algorithm} E={experts} P={slots} K={groups} N={nodes} G={gpus}",
+            )
+            compared += 1
+    assert compared > 100
+
+
+@needs_reference
 def test_parity_with_deepseek_port_at_deepseek_v3_scale() -> None:
     rng = np.random.default_rng(58)
     load = rng.lognormal(6.0, 1.0, (58, 256))
