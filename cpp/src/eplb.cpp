@@ -342,7 +342,10 @@ T divisor_method(int n, int extra, int cap, const Weight& weight, int* count, co
     while (leaves < n) leaves *= 2;
     thread_local std::vector<Key> tree;
     tree.resize(2 * static_cast<std::size_t>(leaves));
-    for (int i = 0; i < n; ++i) tree[leaves + i] = count[i] < cap ? key(i) : Key{0};
+    for (int i = 0; i < n; ++i) tree[leaves + i] = key(i);  // (no branch: vectorises)
+    for (int i = 0; i < n; ++i) {
+        if (count[i] >= cap) tree[leaves + i] = Key{0};
+    }
     for (int i = n; i < leaves; ++i) tree[leaves + i] = Key{0};
     for (int j = leaves - 1; j >= 1; --j) tree[j] = std::max(tree[2 * j], tree[2 * j + 1]);
     for (int s = 0; s < extra && tree[1] != Key{0}; ++s) {  // stops if every item is capped

@@ -9,6 +9,7 @@
 #include <string_view>
 #include <vector>
 
+#include "moelb/buffer_pool.hpp"
 #include "moelb/views.hpp"
 
 namespace moelb {
@@ -57,7 +58,11 @@ class ExpertLocation {
     // [L, P]
     const RowMatrix<std::int32_t>& physical_to_logical() const { return physical_to_logical_; }
     // [L * E, X]: row l * E + e lists the slots of expert e in layer l, ascending, padded with -1.
-    const RowMatrix<std::int32_t>& logical_to_physical() const { return logical_to_physical_; }
+    ConstMatrixMap<std::int32_t> logical_to_physical() const {
+        return {logical_to_physical_.data(),
+                physical_to_logical_.rows() * static_cast<Index>(num_logical_experts_),
+                max_replicas_};
+    }
     // [L, E]: the number of replicas of each logical expert (DeepSeek's logcnt).
     const RowMatrix<std::int32_t>& logical_count() const { return logical_count_; }
 
@@ -87,7 +92,8 @@ class ExpertLocation {
     int ep_size_;
     int num_nodes_;
     int max_replicas_ = 0;
-    RowMatrix<std::int32_t> logical_to_physical_;
+    // [L * E, X], rebuilt with every placement: pooled, so its pages stay mapped.
+    PooledVector<std::int32_t> logical_to_physical_;
     RowMatrix<std::int32_t> logical_count_;
 };
 
