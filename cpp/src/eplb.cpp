@@ -203,8 +203,6 @@ unsigned lane_bits(const PackMask& m) {
 #endif
 }
 
-PackKeys lane_min(const PackKeys& a, const PackKeys& b) { return a < b ? a : b; }
-
 void narrow_balanced_packing(const float* w, const int* order, int n, int m, int* pack, int* rank,
                              int instances) {
     constexpr std::uint32_t kNoRoom = std::numeric_limits<std::uint32_t>::max();
@@ -222,9 +220,14 @@ void narrow_balanced_packing(const float* w, const int* order, int n, int m, int
     for (int o = 0; o < n; ++o) {
         for (int t = 0; t < instances; ++t) {
             PackKeys k = keys[t];
-            PackKeys least = lane_min(k, __builtin_shufflevector(k, k, 4, 5, 6, 7, 0, 1, 2, 3));
-            least = lane_min(least, __builtin_shufflevector(least, least, 2, 3, 0, 1, 6, 7, 4, 5));
-            least = lane_min(least, __builtin_shufflevector(least, least, 1, 0, 3, 2, 5, 4, 7, 6));
+            // (Lane-wise minima written out: a function returning a vector would warn -Wpsabi
+            // in builds without AVX.)
+            PackKeys other = __builtin_shufflevector(k, k, 4, 5, 6, 7, 0, 1, 2, 3);
+            PackKeys least = k < other ? k : other;
+            other = __builtin_shufflevector(least, least, 2, 3, 0, 1, 6, 7, 4, 5);
+            least = least < other ? least : other;
+            other = __builtin_shufflevector(least, least, 1, 0, 3, 2, 5, 4, 7, 6);
+            least = least < other ? least : other;
             const int best = std::countr_zero(lane_bits(k == least));
             float* load = loads.data() + m * t;
             int* count = counts.data() + m * t;
