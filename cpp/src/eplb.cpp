@@ -40,13 +40,20 @@ constexpr double kFloatMin = 1e-30, kFloatMax = 1e30, kFloatSlack = 1e-6;
 // __extension__ tells -Wpedantic so).
 __extension__ typedef unsigned __int128 Uint128;
 
-// Bit i set where lane i of m is.
-unsigned lane_bits(const LaneMask& m) {
+// Bit i set where lane i of the comparison mask m (a 256-bit vector of 4 or 8 lanes) is.
+template <class Mask>
+unsigned lane_bits(const Mask& m) {
+    constexpr int lanes = static_cast<int>(sizeof(Mask) / sizeof(m[0]));
 #if defined(__AVX__)
-    return static_cast<unsigned>(_mm256_movemask_pd(std::bit_cast<__m256d>(m)));
+    static_assert(sizeof(Mask) == 32);
+    if constexpr (lanes == 4) {
+        return static_cast<unsigned>(_mm256_movemask_pd(std::bit_cast<__m256d>(m)));
+    } else {
+        return static_cast<unsigned>(_mm256_movemask_ps(std::bit_cast<__m256>(m)));
+    }
 #else
     unsigned bits = 0;
-    for (int i = 0; i < kLanes; ++i) bits |= static_cast<unsigned>(m[i] != 0) << i;
+    for (int i = 0; i < lanes; ++i) bits |= static_cast<unsigned>(m[i] != 0) << i;
     return bits;
 #endif
 }
@@ -190,18 +197,6 @@ bool replica_order(const float* u, const int* count, const int* phy2exp, int n, 
 // reaches every lane in three pairwise minima, and the lowest lane equal to it is the pack.
 constexpr int kNarrowPacks = 8;
 using PackKeys = std::uint32_t __attribute__((vector_size(kNarrowPacks * sizeof(std::uint32_t))));
-using PackMask = std::int32_t __attribute__((vector_size(kNarrowPacks * sizeof(std::int32_t))));
-
-// Bit i set where lane i of m is.
-unsigned lane_bits(const PackMask& m) {
-#if defined(__AVX__)
-    return static_cast<unsigned>(_mm256_movemask_ps(std::bit_cast<__m256>(m)));
-#else
-    unsigned bits = 0;
-    for (int i = 0; i < kNarrowPacks; ++i) bits |= static_cast<unsigned>(m[i] != 0) << i;
-    return bits;
-#endif
-}
 
 void narrow_balanced_packing(const float* w, const int* order, int n, int m, int* pack, int* rank,
                              int instances) {
