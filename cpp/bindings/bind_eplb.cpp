@@ -39,8 +39,36 @@ py::dict stats_dict(const PlanStats& s) {
     d["wall_time_seconds"] = s.wall_time_seconds;
     d["algorithm"] = s.algorithm;
     d["notes"] = s.notes;
+    if (s.has_steps) {
+        py::array_t<double> step_max(n);
+        for (py::ssize_t l = 0; l < n; ++l) {
+            step_max.mutable_at(l) = s.layers[static_cast<std::size_t>(l)].step_max_gpu_load;
+        }
+        d["step_max_gpu_load"] = step_max;
+        d["step_balancedness"] = s.step_balancedness;
+    } else {
+        d["step_max_gpu_load"] = py::none();
+        d["step_balancedness"] = py::none();
+    }
     return d;
 }
+
+// A load [L, E] or a time series [T, L, E] (float64, C-contiguous). Holds the array while the
+// core reads it.
+struct LoadArg {
+    py::array_t<double> array;
+    bool steps = false;
+
+    LoadArg(const py::handle& load) {
+        py::array a = py::array::ensure(load);
+        steps = a && a.ndim() == 3;
+        array = strict_array<double>(load, "load", steps ? 3 : 2);
+    }
+    StepLoads step_loads() const {
+        return {std::span<const double>(array.data(), static_cast<std::size_t>(array.size())),
+                array.shape(0), array.shape(1), array.shape(2)};
+    }
+};
 
 }  // namespace
 
@@ -50,8 +78,8 @@ void bind_eplb(py::module_& m) {
         [](const py::handle& load, std::int64_t num_physical_experts, std::int64_t num_groups,
            std::int64_t num_nodes, std::int64_t num_gpus, const std::string& algorithm,
            const std::string& locality, const ExpertLocation* previous, double move_cost,
-           std::optional<std::int64_t> max_moves) {
-            auto w = strict_array<double>(load, "load", 2);
+           std::optional<std::int64_t> max_moves, const std::string& objective) {
+            const LoadArg w(load);
             RebalanceOptions o;
             o.num_physical_experts = narrow(num_physical_experts, "num_physical_experts");
             o.num_groups = narrow(num_groups, "num_groups");
@@ -59,6 +87,7 @@ void bind_eplb(py::module_& m) {
             o.num_gpus = narrow(num_gpus, "num_gpus");
             o.algorithm = parse_eplb_algorithm(algorithm);
             o.locality = parse_locality(locality);
+            o.objective = parse_objective(objective);
             o.previous = previous;
             o.move_cost = move_cost;
             MOELB_CHECK_ARG(!max_moves || *max_moves >= 0,
@@ -67,24 +96,33 @@ void bind_eplb(py::module_& m) {
             std::optional<Plan> plan;
             {
                 py::gil_scoped_release release;
-                plan.emplace(rebalance(const_matrix(w), o));
+                plan.emplace(w.steps ? rebalance(w.step_loads(), o)
+                                     : rebalance(const_matrix(w.array), o));
             }
             return py::make_tuple(py::cast(std::move(plan->location)), stats_dict(plan->stats));
         },
         py::arg("load"), py::arg("num_physical_experts"), py::arg("num_groups"),
         py::arg("num_nodes"), py::arg("num_gpus"), py::arg("algorithm") = "moelb",
         py::arg("locality") = "auto", py::arg("previous") = py::none(), py::arg("move_cost") = 0.0,
-        py::arg("max_moves") = py::none(),
-        "Plans a placement from load [L, E] float64; returns (location, stats dict).");
+        py::arg("max_moves") = py::none(), py::arg("objective") = "total",
+        "Plans a placement from load [L, E] or per-step loads [T, L, E] float64; returns "
+        "(location, stats dict).");
 
     m.def(
         "evaluate_placement",
         [](const py::handle& load, const ExpertLocation& location, const ExpertLocation* previous) {
-            auto w = strict_array<double>(load, "load", 2);
-            return stats_dict(evaluate_placement(const_matrix(w), location, previous));
+            const LoadArg w(load);
+            std::optional<PlanStats> stats;
+            {
+                py::gil_scoped_release release;
+                stats.emplace(w.steps ? evaluate_placement(w.step_loads(), location, previous)
+                                      : evaluate_placement(const_matrix(w.array), location,
+                                                           previous));
+            }
+            return stats_dict(*stats);
         },
         py::arg("load"), py::arg("location"), py::arg("previous") = py::none(),
-        "The statistics of a placement for load [L, E] float64.");
+        "The statistics of a placement for load [L, E] or per-step loads [T, L, E] float64.");
 
     m.def(
         "gpu_loads",

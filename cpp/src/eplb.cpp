@@ -1705,6 +1705,210 @@ double layer_max_gpu_load(const double* w, const std::int32_t* phy2log, int E, i
     return layer_max_gpu_load(w, phy2log, count.data(), E, R, G);
 }
 
+// ---------------------------------------------------------------------------------------------
+// The per-step peak objective (Objective::kStepPeak).
+// ---------------------------------------------------------------------------------------------
+
+// One layer's per-step loads: expert e's load in step t is data[t * stride + e], t < num_steps.
+struct LayerSteps {
+    const double* data = nullptr;
+    Index num_steps = 0;
+    Index stride = 0;
+};
+
+// The sum over steps of each step's largest GPU load of a layer placement whose experts have
+// count[e] replicas (each expert's step load split equally over them).
+double layer_step_peak(const LayerSteps& steps, const std::int32_t* phy2log,
+                       const std::int32_t* count, int E, int R, int G) {
+    thread_local std::vector<double> share;
+    share.resize(static_cast<std::size_t>(E));
+    const int S = R / G;
+    double sum = 0.0;
+    for (Index t = 0; t < steps.num_steps; ++t) {
+        const double* w = steps.data + t * steps.stride;
+        for (int e = 0; e < E; ++e) share[e] = w[e] / count[e];
+        double m = 0.0;
+        for (int g = 0; g < G; ++g) {
+            double load = 0.0;
+            for (int s = g * S; s < (g + 1) * S; ++s) load += share[phy2log[s]];
+            m = std::max(m, load);
+        }
+        sum += m;
+    }
+    return sum;
+}
+
+// Scratch of refine_step_peak, reused across layers (one per thread). Step arrays are padded with
+// zero steps to a multiple of kLanes (a zero step's largest load stays 0 whatever moves).
+struct StepScratch {
+    std::vector<double> share;  // [E, steps]: an expert's load per replica in each step
+    std::vector<double> load;   // [bins, steps]: each bin's load in each step
+    std::vector<double> top1, top2, top3, rest;  // [steps]: the three largest bin loads of a step
+    std::vector<double> reach;  // [chunks + 1]: the most a swap can gain from a chunk on
+    std::vector<int> arg1, arg2;                 // [steps]: the bins of the two largest
+    std::vector<int> peaks, by_peaks;            // [bins]: steps each bin is the largest in
+};
+
+// Lowers the sum over steps of each step's largest bin load by swaps of replicas between bins of
+// a domain that keep the no-duplicate rule (counts and domains unchanged; p.bin_load follows).
+// Repeatedly: for the bins that are the largest in some step (most such steps first, ties to the
+// lower bin), the best swap with another bin of the domain (ties to the lower partner, then
+// slots); the first bin that has one that lowers the objective by more than kStepTol of it
+// makes it. Stops when none has, or after 4 * slots swaps. Sequential and exact in float64 with a
+// fixed summation order: the same result for any thread count.
+//
+// A swap's change is a sum over steps of max(rest, new load of a, new load of b) - largest, where
+// rest is the largest load of the other bins: never negative in a step whose largest bin is
+// neither a nor b, and at least rest - largest in the others. So a candidate is dropped as soon as
+// its sum over the steps so far, less the most the remaining steps can give back, cannot beat the
+// best swap found (checked every kStepChunk steps).
+void refine_step_peak(Packing& p, const LayerSteps& steps, StepScratch& s) {
+    // A swap must lower the objective by this much (relative): smaller gains are mostly the
+    // window's sampling noise (they do not carry over to the next window) and cost time.
+    constexpr double kStepTol = 1e-4;
+    constexpr Index kStepChunk = 8 * kLanes;
+    const int E = p.num_experts(), B = p.num_bins, S = p.size;
+    if (steps.num_steps <= 0 || B < 2) return;
+    const Index T = (steps.num_steps + kStepChunk - 1) / kStepChunk * kStepChunk;
+    const Index chunks = T / kStepChunk;
+    s.share.assign(static_cast<std::size_t>(E * T), 0.0);
+    for (Index t = 0; t < steps.num_steps; ++t) {
+        const double* w = steps.data + t * steps.stride;
+        for (int e = 0; e < E; ++e) s.share[e * T + t] = p.count[e] > 0 ? w[e] / p.count[e] : 0.0;
+    }
+    s.load.resize(static_cast<std::size_t>(B * T));
+    for (auto* v : {&s.top1, &s.top2, &s.top3, &s.rest}) v->resize(static_cast<std::size_t>(T));
+    s.arg1.resize(static_cast<std::size_t>(T));
+    s.arg2.resize(static_cast<std::size_t>(T));
+    s.reach.resize(static_cast<std::size_t>(chunks + 1));
+    s.peaks.resize(static_cast<std::size_t>(B));
+    auto bin_steps = [&](int b) { return s.load.data() + b * T; };
+    auto expert_steps = [&](int e) { return s.share.data() + e * T; };
+    for (int b = 0; b < B; ++b) {
+        double* l = bin_steps(b);
+        std::fill(l, l + T, 0.0);
+        for (int k = 0; k < S; ++k) {
+            const double* u = expert_steps(p.bin(b)[k]);
+            for (Index t = 0; t < T; ++t) l[t] += u[t];
+        }
+    }
+    const int max_swaps = 4 * B * S;
+    for (int swaps = 0; swaps < max_swaps; ++swaps) {
+        // Each step's three largest bin loads (ties to the lower bin), and the objective.
+        std::fill(s.top1.begin(), s.top1.end(), 0.0);
+        std::fill(s.top2.begin(), s.top2.end(), 0.0);
+        std::fill(s.top3.begin(), s.top3.end(), 0.0);
+        std::fill(s.arg1.begin(), s.arg1.end(), -1);
+        std::fill(s.arg2.begin(), s.arg2.end(), -1);
+        for (int b = 0; b < B; ++b) {
+            const double* l = bin_steps(b);
+            for (Index t = 0; t < T; ++t) {
+                const double v = l[t];
+                if (v > s.top1[t]) {
+                    s.top3[t] = s.top2[t];
+                    s.top2[t] = s.top1[t];
+                    s.arg2[t] = s.arg1[t];
+                    s.top1[t] = v;
+                    s.arg1[t] = b;
+                } else if (v > s.top2[t]) {
+                    s.top3[t] = s.top2[t];
+                    s.top2[t] = v;
+                    s.arg2[t] = b;
+                } else if (v > s.top3[t]) {
+                    s.top3[t] = v;
+                }
+            }
+        }
+        double objective = 0.0;
+        for (Index t = 0; t < T; ++t) objective += s.top1[t];
+        if (!(objective > 0)) return;
+        std::fill(s.peaks.begin(), s.peaks.end(), 0);
+        for (Index t = 0; t < T; ++t) {
+            if (s.arg1[t] >= 0) ++s.peaks[s.arg1[t]];
+        }
+        s.by_peaks.clear();
+        for (int b = 0; b < B; ++b) {
+            if (s.peaks[b] > 0) s.by_peaks.push_back(b);
+        }
+        std::stable_sort(s.by_peaks.begin(), s.by_peaks.end(),
+                         [&](int x, int y) { return s.peaks[x] > s.peaks[y]; });
+        const double margin = objective * kStepTol;
+        bool improved = false;
+        for (const int a : s.by_peaks) {
+            const int d = p.domain(a);
+            double best = -margin;  // the best change of the objective so far (negative: lower)
+            int best_b = -1, best_xi = -1, best_yi = -1;
+            const double* la = bin_steps(a);
+            for (int b = d * p.bins_per_domain; b < (d + 1) * p.bins_per_domain; ++b) {
+                if (b == a) continue;
+                // The largest load of the other bins, and how much a swap could gain at most: only
+                // steps whose largest bin is a or b can get lower (to `rest` at best).
+                s.reach[chunks] = 0.0;
+                for (Index c = chunks - 1; c >= 0; --c) {
+                    double gain = 0.0;
+                    for (Index t = c * kStepChunk; t < (c + 1) * kStepChunk; ++t) {
+                        const bool first = s.arg1[t] != a && s.arg1[t] != b;
+                        const bool second = s.arg2[t] != a && s.arg2[t] != b;
+                        s.rest[t] = first ? s.top1[t] : second ? s.top2[t] : s.top3[t];
+                        gain += s.top1[t] - s.rest[t];
+                    }
+                    s.reach[c] = s.reach[c + 1] + gain;
+                }
+                if (-s.reach[0] >= best) continue;
+                const double* lb = bin_steps(b);
+                for (int xi = 0; xi < S; ++xi) {
+                    const double* ux = expert_steps(p.bin(a)[xi]);
+                    for (int yi = 0; yi < S; ++yi) {
+                        if (!p.swap_allowed(a, xi, b, yi)) continue;
+                        const double* uy = expert_steps(p.bin(b)[yi]);
+                        Lanes acc = {0, 0, 0, 0};
+                        double change = 0.0;
+                        Index c = 0;
+                        for (; c < chunks; ++c) {
+                            for (Index t = c * kStepChunk; t < (c + 1) * kStepChunk; t += kLanes) {
+                                Lanes x, y, ga, gb, r, top;
+                                std::memcpy(&x, ux + t, sizeof x);
+                                std::memcpy(&y, uy + t, sizeof y);
+                                std::memcpy(&ga, la + t, sizeof ga);
+                                std::memcpy(&gb, lb + t, sizeof gb);
+                                std::memcpy(&r, s.rest.data() + t, sizeof r);
+                                std::memcpy(&top, s.top1.data() + t, sizeof top);
+                                const Lanes delta = y - x;
+                                const Lanes na = ga + delta, nb = gb - delta;
+                                Lanes m = na > nb ? na : nb;
+                                m = m > r ? m : r;
+                                acc += m - top;
+                            }
+                            change = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+                            if (change - s.reach[c + 1] >= best) break;
+                        }
+                        if (c == chunks && change < best) {
+                            best = change;
+                            best_b = b;
+                            best_xi = xi;
+                            best_yi = yi;
+                        }
+                    }
+                }
+            }
+            if (best_b < 0) continue;
+            const double* ux = expert_steps(p.bin(a)[best_xi]);
+            const double* uy = expert_steps(p.bin(best_b)[best_yi]);
+            double* ga = bin_steps(a);
+            double* gb = bin_steps(best_b);
+            for (Index t = 0; t < T; ++t) {
+                const double delta = uy[t] - ux[t];
+                ga[t] += delta;
+                gb[t] -= delta;
+            }
+            p.apply_swap(a, best_xi, best_b, best_yi);
+            improved = true;
+            break;
+        }
+        if (!improved) return;
+    }
+}
+
 // One thread's scratch for moelb's layers.
 struct MoelbScratch {
     Packing ours, theirs, trial;
@@ -1713,16 +1917,18 @@ struct MoelbScratch {
     std::vector<int> node, experts, count, flat_count;
     std::vector<float> w32;
     std::vector<std::int32_t> ds;
+    StepScratch steps;
 };
 
 // Plans one layer (loads w[0, E)) with moelb into phy2log[0, R): `domains` domains (node
 // locality: one per node, with K groups; else one), `bound` the layer's flat lower bound (and
 // s.flat_count the divisor method's counts behind it, for all experts over all slots),
 // `deepseek_variants` DeepSeek's policies (groups, nodes) whose placements satisfy the locality.
+// With `steps` (Objective::kStepPeak), the plan is then refined against the layer's per-step loads.
 // Returns whether the plan started from DeepSeek's packing.
 bool moelb_layer(const double* w, int E, int R, int K, int N, int G, int domains, double bound,
-                 const std::vector<std::pair<int, int>>& deepseek_variants, MoelbScratch& s,
-                 std::int32_t* phy2log) {
+                 const std::vector<std::pair<int, int>>& deepseek_variants, const LayerSteps* steps,
+                 MoelbScratch& s, std::int32_t* phy2log) {
     constexpr double kCountSearchGap = 5e-3;  // relative gap to the bound worth a count search
     const int gpus_per_domain = G / domains;
     const int slots_per_domain = R / domains;
@@ -1785,13 +1991,15 @@ bool moelb_layer(const double* w, int E, int R, int K, int N, int G, int domains
     if (avoidable_duplicates(ours, s.pack) > 0) {
         remove_avoidable_duplicates(ours, s.trial, w, bound, s.pack);
     }
+    if (steps) refine_step_peak(ours, *steps, s.steps);
     write_slots(ours, phy2log);
     return from_deepseek;
 }
 
 // evaluate_placement, with the layers' flat lower bounds when already known (else nullptr).
 PlanStats evaluate(ConstMatrixMap<double> load, const ExpertLocation& location,
-                   const ExpertLocation* previous, const double* lower_bounds) {
+                   const ExpertLocation* previous, const double* lower_bounds,
+                   const StepLoads* steps) {
     const int L = location.num_layers(), G = location.ep_size();
     const int E = location.num_logical_experts(), R = location.num_physical_experts();
     PlanStats stats;
@@ -1811,6 +2019,13 @@ PlanStats evaluate(ConstMatrixMap<double> load, const ExpertLocation& location,
             // Never below 0: a maximum under the bound is rounding (a subnormal load split over
             // replicas rounds to 0 per replica).
             s.gap = s.lower_bound > 0 ? std::max(0.0, s.max_gpu_load / s.lower_bound - 1) : 0.0;
+            if (steps) {
+                const LayerSteps layer{steps->data.data() + l * E, steps->num_steps,
+                                       steps->num_layers * E};
+                s.step_max_gpu_load =
+                    layer_step_peak(layer, location.physical_to_logical().row(l).data(),
+                                    location.logical_count().row(l).data(), E, R, G);
+            }
             if (previous) {
                 for (int p = 0; p < R; ++p) {
                     s.moved_experts += previous->physical_to_logical()(l, p) !=
@@ -1829,6 +2044,14 @@ PlanStats evaluate(ConstMatrixMap<double> load, const ExpertLocation& location,
         sum_max += s.max_gpu_load;
     }
     stats.load_weighted_balancedness = sum_max > 0 ? sum_mean / sum_max : 1.0;
+    if (steps) {
+        stats.has_steps = true;
+        stats.step_balancedness = 0;
+        for (const LayerPlanStats& s : stats.layers) {
+            stats.step_balancedness +=
+                (s.step_max_gpu_load > 0 ? s.mean_gpu_load / s.step_max_gpu_load : 1.0) / L;
+        }
+    }
     return stats;
 }
 
@@ -1861,6 +2084,17 @@ Locality parse_locality(std::string_view name, std::string_view param) {
 
 std::string_view to_string(Locality value) { return detail::enum_name(kLocalityNames, value); }
 
+constexpr detail::EnumNames<Objective, 2> kObjectiveNames{{
+    {"total", Objective::kTotal},
+    {"step_peak", Objective::kStepPeak},
+}};
+
+Objective parse_objective(std::string_view name, std::string_view param) {
+    return detail::parse_enum(kObjectiveNames, name, param, "an EPLB objective");
+}
+
+std::string_view to_string(Objective value) { return detail::enum_name(kObjectiveNames, value); }
+
 RowMatrix<double> gpu_loads(ConstMatrixMap<double> load, const ExpertLocation& location) {
     MOELB_CHECK_ARG(
         load.rows() == location.num_layers() && load.cols() == location.num_logical_experts(),
@@ -1879,8 +2113,11 @@ RowMatrix<double> gpu_loads(ConstMatrixMap<double> load, const ExpertLocation& l
     return out;
 }
 
-PlanStats evaluate_placement(ConstMatrixMap<double> load, const ExpertLocation& location,
-                             const ExpertLocation* previous) {
+namespace {
+
+// evaluate_placement's checks of the shapes of load, location and previous.
+void check_evaluate_args(ConstMatrixMap<double> load, const ExpertLocation& location,
+                         const ExpertLocation* previous) {
     MOELB_CHECK_ARG(
         load.rows() == location.num_layers() && load.cols() == location.num_logical_experts(),
         "load has shape [" << load.rows() << ", " << load.cols() << "] but the location has "
@@ -1893,11 +2130,37 @@ PlanStats evaluate_placement(ConstMatrixMap<double> load, const ExpertLocation& 
                             previous->num_logical_experts() == E,
                         "previous has a different shape (layers, logical or physical experts)");
     }
-    return evaluate(load, location, previous, nullptr);
 }
 
-Plan rebalance(ConstMatrixMap<double> load, const RebalanceOptions& o) {
-    const auto started = std::chrono::steady_clock::now();
+// Validates a time series and sums it over the steps (in step order) into [L, E].
+RowMatrix<double> sum_steps(const StepLoads& steps) {
+    const Index T = steps.num_steps, L = steps.num_layers, E = steps.num_experts;
+    MOELB_CHECK_ARG(T >= 1 && L >= 1 && E >= 1,
+                    "load must have shape [num_steps, num_layers, num_experts] with all positive, "
+                    "got ["
+                        << T << ", " << L << ", " << E << "]");
+    MOELB_CHECK_ARG(static_cast<Index>(steps.data.size()) == T * L * E,
+                    "load holds " << steps.data.size() << " values, not " << T << " x " << L
+                                  << " x " << E);
+    RowMatrix<double> total = RowMatrix<double>::Zero(L, E);
+    for (Index t = 0; t < T; ++t) {
+        const double* step = steps.data.data() + t * L * E;
+        for (Index l = 0; l < L; ++l) {
+            for (Index e = 0; e < E; ++e) {
+                const double v = step[l * E + e];
+                MOELB_CHECK_ARG(std::isfinite(v) && v >= 0, "load[" << t << ", " << l << ", " << e
+                                                                    << "] = " << v
+                                                                    << " is not a finite "
+                                                                       "non-negative load");
+                total(l, e) += v;
+            }
+        }
+    }
+    return total;
+}
+
+Plan rebalance_impl(ConstMatrixMap<double> load, const RebalanceOptions& o, const StepLoads* steps,
+                    std::chrono::steady_clock::time_point started) {
     const Index L = load.rows();
     const int E = static_cast<int>(load.cols());
     const int R = o.num_physical_experts, K = o.num_groups, N = o.num_nodes, G = o.num_gpus;
@@ -1936,6 +2199,14 @@ Plan rebalance(ConstMatrixMap<double> load, const RebalanceOptions& o) {
     MOELB_CHECK_ARG(o.move_cost >= 0 && std::isfinite(o.move_cost),
                     "move_cost must be finite and non-negative, got " << o.move_cost);
     MOELB_CHECK_ARG(o.max_moves >= -1, "max_moves must be >= 0 (or None), got " << o.max_moves);
+    if (o.objective == Objective::kStepPeak) {
+        MOELB_CHECK_ARG(steps, "objective='step_peak' needs per-step loads: load must be a time "
+                               "series [num_steps, num_layers, num_experts]");
+        MOELB_CHECK_ARG(o.algorithm == EplbAlgorithm::kMoelb,
+                        "objective='step_peak' is moelb's; algorithm='"
+                            << to_string(o.algorithm) << "' plans against the total load");
+    }
+    const bool step_peak = o.objective == Objective::kStepPeak;
 
     std::ostringstream notes;
     RowMatrix<std::int32_t> phy2log(L, R);
@@ -2026,9 +2297,12 @@ Plan rebalance(ConstMatrixMap<double> load, const RebalanceOptions& o) {
                 const double* w = load.row(l).data();
                 // The flat lower bound: no placement (under any locality) goes below it.
                 lower_bounds[l] = flat_lower_bound(w, E, R, G, scratch.flat_count, true);
-                kept_deepseek[l] =
-                    moelb_layer(w, E, R, K, N, G, node_locality ? N : 1, lower_bounds[l],
-                                deepseek_variants, scratch, phy2log.row(l).data());
+                const LayerSteps layer_steps{step_peak ? steps->data.data() + l * E : nullptr,
+                                             step_peak ? steps->num_steps : 0, L * E};
+                kept_deepseek[l] = moelb_layer(w, E, R, K, N, G, node_locality ? N : 1,
+                                               lower_bounds[l], deepseek_variants,
+                                               step_peak ? &layer_steps : nullptr, scratch,
+                                               phy2log.row(l).data());
                 if (o.previous) {
                     match_previous(phy2log.row(l).data(),
                                    o.previous->physical_to_logical().row(l).data(), R, G,
@@ -2092,14 +2366,41 @@ Plan rebalance(ConstMatrixMap<double> load, const RebalanceOptions& o) {
 
     Plan plan{ExpertLocation(std::move(phy2log), E, G, location_nodes), {}};
     plan.stats = evaluate(load, plan.location, o.previous,
-                          lower_bounds.empty() ? nullptr : lower_bounds.data());
+                          lower_bounds.empty() ? nullptr : lower_bounds.data(), steps);
     for (Index l = 0; l < L; ++l) plan.stats.layers[l].kept_previous = keep_previous[l];
-    plan.stats.algorithm = name;
+    plan.stats.algorithm = step_peak ? name + "+step_peak" : name;
     plan.stats.notes = notes.str();
     if (!plan.stats.notes.empty() && plan.stats.notes.back() == ' ') plan.stats.notes.pop_back();
     plan.stats.wall_time_seconds =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
     return plan;
+}
+
+}  // namespace
+
+PlanStats evaluate_placement(ConstMatrixMap<double> load, const ExpertLocation& location,
+                             const ExpertLocation* previous) {
+    check_evaluate_args(load, location, previous);
+    return evaluate(load, location, previous, nullptr, nullptr);
+}
+
+Plan rebalance(ConstMatrixMap<double> load, const RebalanceOptions& options) {
+    return rebalance_impl(load, options, nullptr, std::chrono::steady_clock::now());
+}
+
+Plan rebalance(const StepLoads& steps, const RebalanceOptions& options) {
+    const auto started = std::chrono::steady_clock::now();
+    const RowMatrix<double> total = sum_steps(steps);
+    return rebalance_impl(ConstMatrixMap<double>(total.data(), total.rows(), total.cols()), options,
+                          &steps, started);
+}
+
+PlanStats evaluate_placement(const StepLoads& steps, const ExpertLocation& location,
+                             const ExpertLocation* previous) {
+    const RowMatrix<double> total = sum_steps(steps);
+    const ConstMatrixMap<double> load(total.data(), total.rows(), total.cols());
+    check_evaluate_args(load, location, previous);
+    return evaluate(load, location, previous, nullptr, &steps);
 }
 
 }  // namespace moelb

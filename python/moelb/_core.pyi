@@ -221,6 +221,7 @@ def rebalance(
     previous: ExpertLocation | None = None,
     move_cost: float = 0.0,
     max_moves: int | None = None,
+    objective: str = "total",
 ) -> tuple[ExpertLocation, dict[str, Any]]: ...
 def evaluate_placement(
     load: npt.NDArray[np.float64], location: ExpertLocation, previous: ExpertLocation | None = None

@@ -26,7 +26,7 @@ import numpy as np
 
 from . import __version__
 from ._core import Error, ExpertLocation, InvalidArgumentError, set_num_threads
-from .eplb import ALGORITHMS, evaluate_placement, rebalance
+from .eplb import ALGORITHMS, OBJECTIVES, PlanStats, evaluate_placement, rebalance
 from .io import (
     PLACEMENT_KEY,
     atomic_write_bytes,
@@ -325,8 +325,9 @@ def rebalance_command(args: argparse.Namespace) -> int:
     previous = None
     if args.previous is not None:
         previous = load_placement(args.previous, args.num_gpus, args.num_nodes, num_experts)
+    step_peak = args.objective == "step_peak"
     plan = rebalance(
-        load,
+        counts if step_peak else load,
         args.num_physical_experts,
         args.num_groups,
         args.num_nodes,
@@ -337,15 +338,15 @@ def rebalance_command(args: argparse.Namespace) -> int:
         move_cost=args.move_cost,
         max_moves=args.max_moves,
         expert_bytes=args.expert_bytes,
+        objective=args.objective,
     )
     output = Path(args.output)
     save_placement(plan.location, output)
     trivial = ExpertLocation.trivial(
         num_layers, num_experts, args.num_physical_experts, args.num_gpus, args.num_nodes
     )
-    before = evaluate_placement(load, trivial)
-    if previous is not None:
-        before = evaluate_placement(load, previous)
+    baseline = previous if previous is not None else trivial
+    before = evaluate_placement(counts if step_peak else load, baseline)
     after = plan.stats
     active = load.sum(axis=1) > 0
     summary = {
@@ -373,6 +374,11 @@ def rebalance_command(args: argparse.Namespace) -> int:
         "moved_experts": after.moved_experts if previous is not None else None,
         "moved_bytes": after.moved_bytes if previous is not None else None,
         "plan_seconds": after.wall_time_seconds,
+        "objective": args.objective,
+        # With objective step_peak: SGLang's per-pass balancedness (mean / max GPU load of each
+        # pass), averaged over the passes and the layers with counts.
+        "step_balancedness_before": _step_balancedness(before, active),
+        "step_balancedness_after": _step_balancedness(after, active),
     }
     if args.json:
         _print_json(summary)
@@ -387,6 +393,12 @@ def rebalance_command(args: argparse.Namespace) -> int:
         ["lower bound", _f(summary["lower_bound_balancedness"]), "0.00"],
     ]
     print(table(["placement", "balancedness", "gap %"], rows))
+    if step_peak:
+        print(
+            f"per-pass balancedness: {summary['baseline']} "
+            f"{_f(summary['step_balancedness_before'])}, {after.algorithm} "
+            f"{_f(summary['step_balancedness_after'])}"
+        )
     if after.notes:
         print(f"notes: {after.notes}")
     if previous is not None:
@@ -408,6 +420,12 @@ def _ratio(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def _active_mean(values: np.ndarray, active: np.ndarray) -> float:
     return float(values[active].mean()) if active.any() else 1.0
+
+
+def _step_balancedness(stats: PlanStats, active: np.ndarray) -> float | None:
+    if stats.step_max_gpu_load is None:
+        return None
+    return _active_mean(_ratio(stats.mean_gpu_load, stats.step_max_gpu_load), active)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -672,7 +690,8 @@ def build_parser() -> argparse.ArgumentParser:
         "rebalance",
         help="an SGLang expert distribution dump -> a placement JSON for --init-expert-location",
         description="Plans a placement from the summed counts of a dump (.pt with PyTorch, "
-        ".npz or .json; a folder of them) and writes SGLang's placement JSON.",
+        ".npz or .json; a folder of them), or from its per-pass counts with --objective "
+        "step_peak, and writes SGLang's placement JSON.",
     )
     p.add_argument("dump", help="expert_distribution_recorder dump (.pt / .npz / .json) or folder")
     p.add_argument("-o", "--output", required=True, help="placement JSON to write")
@@ -684,6 +703,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--algorithm", choices=ALGORITHMS, default="moelb")
     p.add_argument("--locality", choices=("auto", "node", "none"), default="auto")
+    p.add_argument(
+        "--objective",
+        choices=OBJECTIVES,
+        default="total",
+        help="total: plan against the summed counts; step_peak: against each pass's peak GPU "
+        "load (moelb only; spreads experts that peak in the same passes)",
+    )
     p.add_argument("--previous", default=None, help="the placement in service (JSON)")
     p.add_argument("--move-cost", type=_non_negative_float, default=0.0)
     p.add_argument("--max-moves", type=_non_negative_int, default=None)

@@ -12,9 +12,18 @@ import numpy.typing as npt
 from . import _core
 from ._core import ExpertLocation, InvalidArgumentError
 
-__all__ = ["ALGORITHMS", "Plan", "PlanStats", "evaluate_placement", "gpu_loads", "rebalance"]
+__all__ = [
+    "ALGORITHMS",
+    "OBJECTIVES",
+    "Plan",
+    "PlanStats",
+    "evaluate_placement",
+    "gpu_loads",
+    "rebalance",
+]
 
 ALGORITHMS = ("moelb", "deepseek", "deepseek_hierarchical", "deepseek_global")
+OBJECTIVES = ("total", "step_peak")
 
 
 @dataclass(frozen=True)
@@ -28,6 +37,12 @@ class PlanStats:
     mean/max), ``load_weighted_balancedness`` (vLLM's sum of means / sum of maxes), ``mean_gap``,
     ``max_gap``, ``moved_experts``, ``moved_bytes`` (moved experts x ``expert_bytes``, or None),
     ``wall_time_seconds`` of the planner, ``algorithm`` that ran and ``notes`` (fallbacks, why).
+
+    With per-step loads (``objective="step_peak"``, or ``evaluate_placement`` of a time series):
+    ``step_max_gpu_load`` ([L]: the sum over steps of each step's largest GPU load, >=
+    ``max_gpu_load``, which is the largest GPU's sum over steps) and ``step_balancedness`` (the
+    layer mean of ``mean_gpu_load / step_max_gpu_load``: SGLang's per-pass balancedness averaged
+    over the steps); None otherwise.
     """
 
     max_gpu_load: npt.NDArray[np.float64]
@@ -46,6 +61,8 @@ class PlanStats:
     wall_time_seconds: float
     algorithm: str
     notes: str
+    step_max_gpu_load: npt.NDArray[np.float64] | None
+    step_balancedness: float | None
 
 
 @dataclass(frozen=True)
@@ -57,12 +74,20 @@ class Plan:
     stats: PlanStats
 
 
-def _as_load(load: Any) -> npt.NDArray[np.float64]:
+def _as_load(load: Any, steps: bool = False) -> npt.NDArray[np.float64]:
+    """load as float64 [L, E]; a time series [T, L, E] is summed over T unless ``steps``."""
     if hasattr(load, "detach"):  # a torch tensor
         load = load.detach().cpu().numpy()
     array = np.asarray(load)
     if array.dtype.kind not in "iuf":
         raise InvalidArgumentError(f"load must hold numbers, got dtype {array.dtype}")
+    if array.ndim == 3 and steps:
+        if 0 in array.shape:
+            raise InvalidArgumentError(
+                f"load must have shape [num_steps, num_layers, num_experts] with all positive, "
+                f"got {array.shape}"
+            )
+        return np.ascontiguousarray(array, dtype=np.float64)
     if array.ndim == 3:  # a time series [T, L, E]: the plan uses the sum over T
         array = array.sum(axis=0, dtype=np.float64)
     if array.ndim != 2:
@@ -97,6 +122,7 @@ def rebalance(
     move_cost: float = 0.0,
     max_moves: int | None = None,
     expert_bytes: int | None = None,
+    objective: str = "total",
 ) -> Plan:
     """Plans which GPU slots hold which experts, from loads.
 
@@ -114,13 +140,23 @@ def rebalance(
     locality: moelb only: ``"node"`` keeps each expert group and its replicas on one node,
         ``"none"`` places freely, ``"auto"`` is node when num_groups % num_nodes == 0.
     expert_bytes: the size of one expert's weights, for ``stats.moved_bytes``.
+    objective: moelb only: ``"total"`` plans against the loads summed over a time series;
+        ``"step_peak"`` needs a time series [T, L, E] and then lowers the sum over steps of each
+        step's largest GPU load (swapping replicas between GPUs, counts unchanged), which spreads
+        experts that peak together: it helps when experts are co-activated in bursts (topics,
+        batch content) and costs O(swaps x slots-per-GPU^2 x GPUs x T) per layer. Its per-step
+        peak is never above the "total" plan's on the given series.
     """
     if algorithm not in ALGORITHMS:
         raise InvalidArgumentError(
             f"algorithm={algorithm!r} is not an EPLB algorithm; expected one of {ALGORITHMS}"
         )
+    if objective not in OBJECTIVES:
+        raise InvalidArgumentError(
+            f"objective={objective!r} is not an EPLB objective; expected one of {OBJECTIVES}"
+        )
     location, raw = _core.rebalance(
-        _as_load(load),
+        _as_load(load, steps=objective == "step_peak"),
         num_physical_experts,
         0 if num_groups is None else num_groups,
         num_nodes,
@@ -130,6 +166,7 @@ def rebalance(
         previous,
         move_cost,
         max_moves,
+        objective,
     )
     return Plan(location, _stats(raw, expert_bytes))
 
@@ -141,8 +178,11 @@ def evaluate_placement(
     *,
     expert_bytes: int | None = None,
 ) -> PlanStats:
-    """The statistics of ``location`` under ``load`` ([L, E] or [T, L, E])."""
-    return _stats(_core.evaluate_placement(_as_load(load), location, previous), expert_bytes)
+    """The statistics of ``location`` under ``load`` ([L, E], or a time series [T, L, E]: then
+    with the per-step peaks, ``step_max_gpu_load`` and ``step_balancedness``)."""
+    return _stats(
+        _core.evaluate_placement(_as_load(load, steps=True), location, previous), expert_bytes
+    )
 
 
 def gpu_loads(load: Any, location: ExpertLocation) -> npt.NDArray[np.float64]:

@@ -16,10 +16,18 @@
 //   raising the maximum GPU load (tests/python/test_eplb.py checks this on every layer). With
 //   `previous`, GPUs and slots are matched to the old placement so unchanged experts stay where
 //   they are, and move_cost / max_moves keep layers whose gain does not pay for their moves.
+//
+// Objectives (kMoelb): kTotal plans against each expert's load summed over the window. kStepPeak
+// takes the window's per-step loads and, starting from the kTotal plan, swaps replicas between
+// GPUs of a domain (same counts, no new same-GPU duplicate) while that lowers the sum over steps
+// of each step's largest GPU load -- what a serving step waits for -- so experts that peak in the
+// same steps end up on different GPUs. Its per-step peak is never above the kTotal plan's.
 #pragma once
 
 #include <cstdint>
+#include <limits>
 #include <optional>
+#include <span>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -35,11 +43,23 @@ inline constexpr int kMaxPhysicalExperts = 1 << 20;
 
 enum class EplbAlgorithm { kDeepSeek, kDeepSeekHierarchical, kDeepSeekGlobal, kMoelb };
 enum class Locality { kAuto, kNode, kNone };
+enum class Objective { kTotal, kStepPeak };
 
 EplbAlgorithm parse_eplb_algorithm(std::string_view name, std::string_view param = "algorithm");
 std::string_view to_string(EplbAlgorithm algorithm);
 Locality parse_locality(std::string_view name, std::string_view param = "locality");
 std::string_view to_string(Locality locality);
+Objective parse_objective(std::string_view name, std::string_view param = "objective");
+std::string_view to_string(Objective objective);
+
+// A read-only view of per-step loads [num_steps, num_layers, num_experts] float64, row-major: a
+// time series of expert loads (e.g. a recorder's per-pass counts), each value finite and >= 0.
+struct StepLoads {
+    std::span<const double> data;
+    Index num_steps = 0;
+    Index num_layers = 0;
+    Index num_experts = 0;
+};
 
 struct RebalanceOptions {
     int num_physical_experts = 0;  // P (slots per layer)
@@ -48,6 +68,7 @@ struct RebalanceOptions {
     int num_gpus = 1;              // G (EP ranks)
     EplbAlgorithm algorithm = EplbAlgorithm::kMoelb;
     Locality locality = Locality::kAuto;  // kMoelb only
+    Objective objective = Objective::kTotal;  // kStepPeak: kMoelb with per-step loads only
     // kMoelb with previous: a layer keeps its previous placement unless its relative max-load
     // reduction is at least move_cost per moved expert; max_moves (>= 0) caps the slots rewritten
     // over all layers (layers with the best gain per move first). -1 = no cap.
@@ -64,6 +85,9 @@ struct LayerPlanStats {
     double gap = 0;           // max(0, max_gpu_load / lower_bound - 1) (0 without load)
     Index moved_experts = 0;  // slots whose expert changes vs previous (0 without previous)
     bool kept_previous = false;
+    // With per-step loads: the sum over steps of each step's largest GPU load (>= max_gpu_load,
+    // which is the largest GPU's sum over steps); NaN without them.
+    double step_max_gpu_load = std::numeric_limits<double>::quiet_NaN();
 };
 
 struct PlanStats {
@@ -74,6 +98,10 @@ struct PlanStats {
     double max_gap = 0;
     Index moved_experts = 0;
     double wall_time_seconds = 0;
+    // With per-step loads: the mean over layers and steps of each step's mean / max GPU load
+    // (SGLang's per-pass balancedness, averaged; per layer mean_gpu_load / step_max_gpu_load).
+    bool has_steps = false;
+    double step_balancedness = std::numeric_limits<double>::quiet_NaN();
     std::string algorithm;  // what ran, e.g. "moelb(locality=node)" or "deepseek_global"
     std::string notes;      // fallbacks and why
 };
@@ -85,12 +113,19 @@ struct Plan {
 
 // load: [L, E] expert loads (finite, >= 0).
 Plan rebalance(ConstMatrixMap<double> load, const RebalanceOptions& options);
+// The same for a time series [T, L, E] (T >= 1): plans against the loads summed over the steps
+// (options.objective == kTotal) or against the per-step peaks (kStepPeak); the statistics include
+// the per-step peaks either way.
+Plan rebalance(const StepLoads& steps, const RebalanceOptions& options);
 
 // Per-GPU loads [L, G] of a placement under equal split of each expert's load over its replicas.
 RowMatrix<double> gpu_loads(ConstMatrixMap<double> load, const ExpertLocation& location);
 
 // The statistics of a placement for a load (moved experts counted against `previous` if given).
 PlanStats evaluate_placement(ConstMatrixMap<double> load, const ExpertLocation& location,
+                             const ExpertLocation* previous = nullptr);
+// The same for a time series [T, L, E], with the per-step peaks.
+PlanStats evaluate_placement(const StepLoads& steps, const ExpertLocation& location,
                              const ExpertLocation* previous = nullptr);
 
 }  // namespace moelb
