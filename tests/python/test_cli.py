@@ -227,6 +227,36 @@ def test_rebalance_reads_per_pass_dumps(capsys: pytest.CaptureFixture[str], tmp_
     check_sglang_placement(out_file, 4, 288, 256)
 
 
+def test_rebalance_step_peak_objective(capsys: pytest.CaptureFixture[str], tmp_path: Path):
+    dump = tmp_path / "dump.npz"
+    counts = np.random.default_rng(4).poisson(30, (5, 3, 64)).astype(np.int32)
+    counts[0, :, :8] *= 20  # experts 0-7 flare up together in pass 0, 8-15 in pass 1
+    counts[1, :, 8:16] *= 20
+    counts[:, 0] = 0  # a dense layer
+    moelb.save_expert_distribution(
+        {"rank": 0, "logical_count": counts, "average_utilization_rate_over_window": None}, dump
+    )
+    out_file = tmp_path / "p.json"
+    args = ["rebalance", str(dump), "-o", str(out_file), "--num-physical-experts", "80",
+            "--num-gpus", "8", "--num-groups", "8", "--num-nodes", "2"]  # fmt: skip
+    code, out, err = cli(capsys, *args, "--objective", "step_peak")
+    assert code == 0, err
+    assert "per-pass balancedness" in out and "+step_peak" in out
+    mapping = check_sglang_placement(out_file, 3, 80, 64)
+    plan = moelb.rebalance(counts, 80, 8, 2, 8, objective="step_peak")
+    np.testing.assert_array_equal(mapping, plan.location.physical_to_logical)
+
+    code, out, err = cli(capsys, *args, "--objective", "step_peak", "--json")
+    summary = json.loads(out)
+    assert summary["objective"] == "step_peak"
+    assert summary["step_balancedness_before"] < summary["step_balancedness_after"] <= 1
+    code, out, err = cli(capsys, *args, "--json")
+    summary = json.loads(out)
+    assert summary["objective"] == "total" and summary["step_balancedness_after"] is None
+    code, out, err = cli(capsys, *args, "--objective", "step_peak", "--algorithm", "deepseek")
+    assert code == 2 and "objective='step_peak' is moelb's" in err and "Traceback" not in err
+
+
 # ------------------------------------------------------------------------------------------------
 # inspect.
 

@@ -1445,3 +1445,168 @@ def test_max_moves_minus_one_is_rejected() -> None:
     previous = ExpertLocation.trivial(2, 12, 16, 8, 2)
     with pytest.raises(InvalidArgumentError, match=r"max_moves must be >= 0 \(or None\), got -1"):
         rebalance(**GOOD, previous=previous, max_moves=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# The per-step peak objective (objective="step_peak" on a time series [T, L, E])
+# ---------------------------------------------------------------------------------------------
+
+
+def numpy_step_peaks(series: np.ndarray, phy2log: np.ndarray, num_gpus: int) -> np.ndarray:
+    """[L]: the sum over steps of each step's largest GPU load (equal split over replicas)."""
+    return np.stack([numpy_gpu_loads(step, phy2log, num_gpus).max(axis=1) for step in series]).sum(
+        axis=0
+    )
+
+
+def bursty_series(
+    rng: np.random.Generator, steps: int, layers: int, experts: int, strength: float
+) -> np.ndarray:
+    """Per-step counts [T, L, E]: a skewed base popularity, plus 4 fixed topics (random subsets
+    of experts) that flare up together in random steps, sampled multinomially."""
+    series = np.zeros((steps, layers, experts), dtype=np.int64)
+    for layer in range(layers):
+        base = 1.0 / (1.0 + rng.permutation(experts)) ** 0.6
+        topics = [rng.choice(experts, max(2, experts // 8), replace=False) for _ in range(4)]
+        for t in range(steps):
+            p = base.copy()
+            for topic, weight in zip(topics, rng.dirichlet(np.full(4, 0.3)), strict=True):
+                p[topic] *= 1.0 + strength * 4 * weight
+            series[t, layer] = rng.multinomial(64 * experts, p / p.sum())
+    return series
+
+
+STEP_SHAPES = [  # (experts, slots, groups, nodes, gpus, locality)
+    (16, 24, 4, 2, 8, "node"),
+    (16, 24, 4, 2, 8, "none"),
+    (32, 40, 8, 2, 4, "node"),
+    (32, 48, None, 1, 6, "none"),
+    (12, 16, None, 1, 2, "none"),
+]
+
+
+@pytest.mark.parametrize("shape", STEP_SHAPES, ids=lambda s: "E{}-P{}-K{}-N{}-G{}-{}".format(*s))
+def test_step_peak_never_above_the_total_plan(shape: tuple[Any, ...]) -> None:
+    experts, slots, groups, nodes, gpus, locality = shape
+    rng = np.random.default_rng(experts * 1000 + slots)
+    series = bursty_series(rng, steps=24, layers=4, experts=experts, strength=3.0)
+    args = (slots, groups, nodes, gpus)
+    total = rebalance(series, *args, locality=locality)
+    peak = rebalance(series, *args, locality=locality, objective="step_peak")
+    check_plan(peak, series, slots, gpus)
+    assert peak.stats.algorithm == total.stats.algorithm + "+step_peak"
+    # Same replica counts and locality; only which GPU holds which replica changes.
+    np.testing.assert_array_equal(peak.location.logical_count, total.location.logical_count)
+    if effective_locality(total) == "node" and nodes > 1:
+        assert_groups_within_nodes(peak.location.physical_to_logical, experts, groups, gpus, nodes)
+    # The step statistics are the NumPy ones, and never above the total plan's.
+    mine = numpy_step_peaks(series, peak.location.physical_to_logical, gpus)
+    theirs = numpy_step_peaks(series, total.location.physical_to_logical, gpus)
+    np.testing.assert_allclose(peak.stats.step_max_gpu_load, mine, rtol=1e-12)
+    assert (mine <= theirs * (1 + 1e-12)).all()
+    assert (peak.stats.step_max_gpu_load >= peak.stats.max_gpu_load * (1 - 1e-12)).all()
+    mean = series.sum(axis=0).sum(axis=1) / gpus
+    assert peak.stats.step_balancedness == pytest.approx((mean / mine).mean(), rel=1e-12)
+    # No new avoidable same-GPU duplicate.
+    counts = peak.location.logical_count
+    cap = gpus // (nodes if effective_locality(total) == "node" else 1)
+    assert duplicates_on_a_gpu(
+        peak.location.physical_to_logical, gpus, counts, cap
+    ) <= duplicates_on_a_gpu(total.location.physical_to_logical, gpus, counts, cap)
+
+
+def test_step_peak_lowers_the_per_step_peak_of_bursty_traffic() -> None:
+    """Not vacuous: on traffic whose experts flare up together, the step objective finds a
+    strictly better per-step peak on most layers."""
+    rng = np.random.default_rng(7)
+    series = bursty_series(rng, steps=40, layers=6, experts=32, strength=3.0)
+    total = rebalance(series, 48, None, 1, 8, locality="none")
+    peak = rebalance(series, 48, None, 1, 8, locality="none", objective="step_peak")
+    before = evaluate_placement(series, total.location)
+    assert (peak.stats.step_max_gpu_load < before.step_max_gpu_load * (1 - 1e-4)).sum() >= 4
+    assert peak.stats.step_balancedness > before.step_balancedness
+
+
+def test_step_peak_hand_checked() -> None:
+    """4 equally loaded experts on 2 GPUs: experts 0 and 1 peak in step 0, 2 and 3 in step 1.
+    Keeping each step's pair apart halves the per-step peak."""
+    series = np.array([[[10, 10, 1, 1]], [[1, 1, 10, 10]]], dtype=np.float64)
+    peak = rebalance(series, 4, None, 1, 2, locality="none", objective="step_peak")
+    for block in peak.location.physical_to_logical[0].reshape(2, 2):
+        assert sorted(block.tolist()) in ([0, 2], [0, 3], [1, 2], [1, 3])
+    assert peak.stats.step_max_gpu_load[0] == pytest.approx(22.0)
+    total = rebalance(series, 4, None, 1, 2, locality="none")
+    assert evaluate_placement(series, total.location).step_max_gpu_load[0] >= 22.0
+
+
+@pytest.mark.usefixtures("restore_num_threads")
+def test_step_peak_same_plan_whatever_the_thread_count() -> None:
+    rng = np.random.default_rng(3)
+    series = bursty_series(rng, steps=30, layers=8, experts=16, strength=2.0)
+    plans = []
+    for threads in (1, 2, 4):
+        moelb.set_num_threads(threads)
+        plans.append(rebalance(series, 24, 4, 2, 8, objective="step_peak"))
+    for other in plans[1:]:
+        np.testing.assert_array_equal(
+            other.location.physical_to_logical, plans[0].location.physical_to_logical
+        )
+        assert stats_equal(other.stats, plans[0].stats)
+
+
+def test_step_peak_with_previous_keeps_its_per_step_peak() -> None:
+    """Matching a previous placement only relabels GPUs and slots."""
+    rng = np.random.default_rng(5)
+    series = bursty_series(rng, steps=20, layers=3, experts=16, strength=2.0)
+    previous = rebalance(series[:10], 24, 4, 2, 8).location
+    fresh = rebalance(series, 24, 4, 2, 8, objective="step_peak")
+    matched = rebalance(series, 24, 4, 2, 8, objective="step_peak", previous=previous)
+    np.testing.assert_allclose(
+        matched.stats.step_max_gpu_load, fresh.stats.step_max_gpu_load, rtol=1e-12
+    )
+    # ... so that fewer slots change than in the fresh plan.
+    assert evaluate_placement(series, fresh.location, previous).moved_experts >= (
+        matched.stats.moved_experts
+    )
+
+
+def test_evaluate_placement_of_a_time_series_has_step_peaks() -> None:
+    rng = np.random.default_rng(11)
+    series = rng.integers(0, 100, (9, 3, 16))
+    location = ExpertLocation.trivial(3, 16, 24, 8, 2)
+    stats = evaluate_placement(series, location)
+    expected = numpy_step_peaks(series, location.physical_to_logical, 8)
+    np.testing.assert_allclose(stats.step_max_gpu_load, expected, rtol=1e-12)
+    mean = series.sum(axis=(0, 2)) / 8
+    assert stats.step_balancedness == pytest.approx((mean / expected).mean(), rel=1e-12)
+    # A series of zeros: balancedness 1, no NaN.
+    zeros = evaluate_placement(np.zeros((2, 3, 16)), location)
+    assert zeros.step_balancedness == 1.0
+    np.testing.assert_array_equal(zeros.step_max_gpu_load, 0.0)
+
+
+@pytest.mark.parametrize(
+    ("load", "kwargs", "match"),
+    [
+        (np.ones((3, 16)), {}, "objective='step_peak' needs per-step loads"),
+        (np.ones((2, 3, 16)), {"algorithm": "deepseek"}, "objective='step_peak' is moelb's"),
+        (np.ones((0, 3, 16)), {}, r"load must have shape \[num_steps"),
+        (np.full((2, 3, 16), -1.0), {}, r"load\[0, 0, 0\] = -1 is not a finite non-negative"),
+        (np.full((2, 3, 16), np.nan), {}, r"load\[0, 0, 0\] = nan"),
+        (np.ones((2, 3, 15)), {}, "num_logical_experts|16|15"),
+    ],
+    ids=["not-a-series", "deepseek", "no-steps", "negative", "nan", "shape"],
+)
+def test_step_peak_bad_input(load: np.ndarray, kwargs: dict[str, Any], match: str) -> None:
+    if load.shape[-1] == 15:  # a previous placement of another shape
+        previous = ExpertLocation.trivial(3, 16, 24, 8, 2)
+        with pytest.raises(InvalidArgumentError, match="previous"):
+            rebalance(load, 24, 4, 2, 8, objective="step_peak", previous=previous)
+        return
+    with pytest.raises(InvalidArgumentError, match=match):
+        rebalance(load, 24, 4, 2, 8, objective="step_peak", **kwargs)
+
+
+def test_unknown_objective() -> None:
+    with pytest.raises(InvalidArgumentError, match="objective='peak' is not an EPLB objective"):
+        rebalance(np.ones((2, 3, 16)), 24, 4, 2, 8, objective="peak")
