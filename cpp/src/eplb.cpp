@@ -1916,7 +1916,7 @@ struct MoelbScratch {
     GroupScratch groups;
     std::vector<int> node, experts, count, flat_count;
     std::vector<float> w32;
-    std::vector<std::int32_t> ds;
+    std::vector<std::int32_t> ds, count32;
     StepScratch steps;
 };
 
@@ -1996,44 +1996,45 @@ bool moelb_layer(const double* w, int E, int R, int K, int N, int G, int domains
     return from_deepseek;
 }
 
-// evaluate_placement, with the layers' flat lower bounds when already known (else nullptr).
-PlanStats evaluate(ConstMatrixMap<double> load, const ExpertLocation& location,
-                   const ExpertLocation* previous, const double* lower_bounds,
-                   const StepLoads* steps) {
-    const int L = location.num_layers(), G = location.ep_size();
-    const int E = location.num_logical_experts(), R = location.num_physical_experts();
-    PlanStats stats;
-    stats.layers.resize(static_cast<std::size_t>(L));
-    parallel_for(L, 1, [&](Index begin, Index end) {
-        std::vector<int> count;
-        for (Index l = begin; l < end; ++l) {
-            LayerPlanStats& s = stats.layers[static_cast<std::size_t>(l)];
-            const double* w = load.row(l).data();
-            double total = 0;
-            for (int e = 0; e < E; ++e) total += w[e];
-            s.max_gpu_load = layer_max_gpu_load(w, location.physical_to_logical().row(l).data(),
-                                                location.logical_count().row(l).data(), E, R, G);
-            s.mean_gpu_load = total / G;
-            s.balancedness = s.max_gpu_load > 0 ? s.mean_gpu_load / s.max_gpu_load : 1.0;
-            s.lower_bound = lower_bounds ? lower_bounds[l] : flat_lower_bound(w, E, R, G, count);
-            // Never below 0: a maximum under the bound is rounding (a subnormal load split over
-            // replicas rounds to 0 per replica).
-            s.gap = s.lower_bound > 0 ? std::max(0.0, s.max_gpu_load / s.lower_bound - 1) : 0.0;
-            if (steps) {
-                const LayerSteps layer{steps->data.data() + l * E, steps->num_steps,
-                                       steps->num_layers * E};
-                s.step_max_gpu_load =
-                    layer_step_peak(layer, location.physical_to_logical().row(l).data(),
-                                    location.logical_count().row(l).data(), E, R, G);
-            }
-            if (previous) {
-                for (int p = 0; p < R; ++p) {
-                    s.moved_experts += previous->physical_to_logical()(l, p) !=
-                                       location.physical_to_logical()(l, p);
-                }
-            }
-        }
-    });
+// The statistics of one layer of a placement: loads w[0, E), slots phy2log[0, R) on G GPUs,
+// `bound` the layer's flat lower bound (NaN: computed here), `previous` the previous slots (or
+// nullptr), `steps` the layer's per-step loads (or nullptr). `count` is scratch.
+LayerPlanStats layer_stats(const double* w, const std::int32_t* phy2log, int E, int R, int G,
+                           double bound, const std::int32_t* previous, const LayerSteps* steps,
+                           std::vector<std::int32_t>& count) {
+    LayerPlanStats s;
+    count.assign(static_cast<std::size_t>(E), 0);
+    for (int p = 0; p < R; ++p) ++count[phy2log[p]];
+    double total = 0;
+    for (int e = 0; e < E; ++e) total += w[e];
+    s.max_gpu_load = layer_max_gpu_load(w, phy2log, count.data(), E, R, G);
+    s.mean_gpu_load = total / G;
+    s.balancedness = s.max_gpu_load > 0 ? s.mean_gpu_load / s.max_gpu_load : 1.0;
+    if (std::isnan(bound)) {
+        thread_local std::vector<int> scratch;
+        bound = flat_lower_bound(w, E, R, G, scratch);
+    }
+    s.lower_bound = bound;
+    // Never below 0: a maximum under the bound is rounding (a subnormal load split over replicas
+    // rounds to 0 per replica).
+    s.gap = s.lower_bound > 0 ? std::max(0.0, s.max_gpu_load / s.lower_bound - 1) : 0.0;
+    if (steps) s.step_max_gpu_load = layer_step_peak(*steps, phy2log, count.data(), E, R, G);
+    if (previous) {
+        for (int p = 0; p < R; ++p) s.moved_experts += previous[p] != phy2log[p];
+    }
+    return s;
+}
+
+// The per-step loads of layer l of a time series (empty without one).
+LayerSteps layer_steps(const StepLoads* steps, Index l) {
+    if (!steps) return {};
+    const Index E = steps->num_experts;
+    return {steps->data.data() + l * E, steps->num_steps, steps->num_layers * E};
+}
+
+// The whole plan's statistics from its layers'.
+void summarise(PlanStats& stats, bool has_steps) {
+    const auto L = static_cast<double>(stats.layers.size());
     double sum_mean = 0, sum_max = 0;
     for (const LayerPlanStats& s : stats.layers) {
         stats.balancedness += s.balancedness / L;
@@ -2044,7 +2045,7 @@ PlanStats evaluate(ConstMatrixMap<double> load, const ExpertLocation& location,
         sum_max += s.max_gpu_load;
     }
     stats.load_weighted_balancedness = sum_max > 0 ? sum_mean / sum_max : 1.0;
-    if (steps) {
+    if (has_steps) {
         stats.has_steps = true;
         stats.step_balancedness = 0;
         for (const LayerPlanStats& s : stats.layers) {
@@ -2052,6 +2053,27 @@ PlanStats evaluate(ConstMatrixMap<double> load, const ExpertLocation& location,
                 (s.step_max_gpu_load > 0 ? s.mean_gpu_load / s.step_max_gpu_load : 1.0) / L;
         }
     }
+}
+
+// evaluate_placement.
+PlanStats evaluate(ConstMatrixMap<double> load, const ExpertLocation& location,
+                   const ExpertLocation* previous, const StepLoads* steps) {
+    const int L = location.num_layers(), G = location.ep_size();
+    const int E = location.num_logical_experts(), R = location.num_physical_experts();
+    constexpr double kUnknown = std::numeric_limits<double>::quiet_NaN();
+    PlanStats stats;
+    stats.layers.resize(static_cast<std::size_t>(L));
+    parallel_for(L, 1, [&](Index begin, Index end) {
+        std::vector<std::int32_t> count;
+        for (Index l = begin; l < end; ++l) {
+            const LayerSteps st = layer_steps(steps, l);
+            stats.layers[static_cast<std::size_t>(l)] = layer_stats(
+                load.row(l).data(), location.physical_to_logical().row(l).data(), E, R, G,
+                kUnknown, previous ? previous->physical_to_logical().row(l).data() : nullptr,
+                steps ? &st : nullptr, count);
+        }
+    });
+    summarise(stats, steps != nullptr);
     return stats;
 }
 
@@ -2210,6 +2232,17 @@ Plan rebalance_impl(ConstMatrixMap<double> load, const RebalanceOptions& o, cons
 
     std::ostringstream notes;
     RowMatrix<std::int32_t> phy2log(L, R);
+    // Each layer's statistics, taken right after it is planned (its data still in cache).
+    PlanStats stats;
+    stats.layers.resize(static_cast<std::size_t>(L));
+    auto take_stats = [&](Index l, double bound, std::vector<std::int32_t>& count) {
+        const LayerSteps st = layer_steps(steps, l);
+        stats.layers[static_cast<std::size_t>(l)] = layer_stats(
+            load.row(l).data(), phy2log.row(l).data(), E, R, G, bound,
+            o.previous ? o.previous->physical_to_logical().row(l).data() : nullptr,
+            steps ? &st : nullptr, count);
+    };
+    constexpr double kUnknown = std::numeric_limits<double>::quiet_NaN();
     std::vector<double> lower_bounds;  // per layer when the planner computed them
     std::string name;
     int location_nodes = N;
@@ -2238,9 +2271,11 @@ Plan rebalance_impl(ConstMatrixMap<double> load, const RebalanceOptions& o, cons
             for (int e = 0; e < E; ++e) w32[l * E + e] = static_cast<float>(load(l, e));
         }
         parallel_for(L, 1, [&](Index begin, Index end) {
+            thread_local std::vector<std::int32_t> count;
             for (Index l = begin; l < end; ++l) {
                 deepseek_layer(w32.data() + l * E, E, R, hierarchical ? K : 1, hierarchical ? N : 1,
                                G, phy2log.row(l).data());
+                take_stats(l, kUnknown, count);
             }
         });
     } else {
@@ -2297,17 +2332,17 @@ Plan rebalance_impl(ConstMatrixMap<double> load, const RebalanceOptions& o, cons
                 const double* w = load.row(l).data();
                 // The flat lower bound: no placement (under any locality) goes below it.
                 lower_bounds[l] = flat_lower_bound(w, E, R, G, scratch.flat_count, true);
-                const LayerSteps layer_steps{step_peak ? steps->data.data() + l * E : nullptr,
-                                             step_peak ? steps->num_steps : 0, L * E};
+                const LayerSteps st = layer_steps(steps, l);
                 kept_deepseek[l] = moelb_layer(w, E, R, K, N, G, node_locality ? N : 1,
                                                lower_bounds[l], deepseek_variants,
-                                               step_peak ? &layer_steps : nullptr, scratch,
+                                               step_peak ? &st : nullptr, scratch,
                                                phy2log.row(l).data());
                 if (o.previous) {
                     match_previous(phy2log.row(l).data(),
                                    o.previous->physical_to_logical().row(l).data(), R, G,
                                    node_locality ? N : 1, node_locality);
                 }
+                take_stats(l, lower_bounds[l], scratch.count32);
             }
         });
         const int from_deepseek = std::accumulate(kept_deepseek.begin(), kept_deepseek.end(), 0);
@@ -2329,7 +2364,7 @@ Plan rebalance_impl(ConstMatrixMap<double> load, const RebalanceOptions& o, cons
             const double* w = load.row(l).data();
             const std::int32_t* old = o.previous->physical_to_logical().row(l).data();
             const double old_max = layer_max_gpu_load(w, old, E, R, G);
-            const double new_max = layer_max_gpu_load(w, phy2log.row(l).data(), E, R, G);
+            const double new_max = stats.layers[static_cast<std::size_t>(l)].max_gpu_load;
             Index moves = 0;
             for (int p = 0; p < R; ++p) moves += phy2log(l, p) != old[p];
             const double gain = old_max > 0 ? (old_max - new_max) / old_max : 0.0;
@@ -2356,18 +2391,19 @@ Plan rebalance_impl(ConstMatrixMap<double> load, const RebalanceOptions& o, cons
             }
         }
         Index kept = 0;
+        std::vector<std::int32_t> count;
         for (Index l = 0; l < L; ++l) {
             if (!keep_previous[l]) continue;
             phy2log.row(l) = o.previous->physical_to_logical().row(l);
+            take_stats(l, lower_bounds[l], count);
             ++kept;
         }
         if (kept > 0) notes << kept << " layer(s) kept their previous placement. ";
     }
 
-    Plan plan{ExpertLocation(std::move(phy2log), E, G, location_nodes), {}};
-    plan.stats = evaluate(load, plan.location, o.previous,
-                          lower_bounds.empty() ? nullptr : lower_bounds.data(), steps);
-    for (Index l = 0; l < L; ++l) plan.stats.layers[l].kept_previous = keep_previous[l];
+    for (Index l = 0; l < L; ++l) stats.layers[l].kept_previous = keep_previous[l];
+    summarise(stats, steps != nullptr);
+    Plan plan{ExpertLocation(std::move(phy2log), E, G, location_nodes), std::move(stats)};
     plan.stats.algorithm = step_peak ? name + "+step_peak" : name;
     plan.stats.notes = notes.str();
     if (!plan.stats.notes.empty() && plan.stats.notes.back() == ' ') plan.stats.notes.pop_back();
@@ -2381,7 +2417,7 @@ Plan rebalance_impl(ConstMatrixMap<double> load, const RebalanceOptions& o, cons
 PlanStats evaluate_placement(ConstMatrixMap<double> load, const ExpertLocation& location,
                              const ExpertLocation* previous) {
     check_evaluate_args(load, location, previous);
-    return evaluate(load, location, previous, nullptr, nullptr);
+    return evaluate(load, location, previous, nullptr);
 }
 
 Plan rebalance(ConstMatrixMap<double> load, const RebalanceOptions& options) {
@@ -2400,7 +2436,7 @@ PlanStats evaluate_placement(const StepLoads& steps, const ExpertLocation& locat
     const RowMatrix<double> total = sum_steps(steps);
     const ConstMatrixMap<double> load(total.data(), total.rows(), total.cols());
     check_evaluate_args(load, location, previous);
-    return evaluate(load, location, previous, nullptr, &steps);
+    return evaluate(load, location, previous, &steps);
 }
 
 }  // namespace moelb

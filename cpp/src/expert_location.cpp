@@ -90,12 +90,14 @@ ExpertLocation::ExpertLocation(RowMatrix<std::int32_t> physical_to_logical, int 
     });
     max_replicas_ = logical_count_.maxCoeff();
     const Index X = max_replicas_;
-    logical_to_physical_.assign(static_cast<std::size_t>(L * E * X), -1);
+    logical_to_physical_.clear();
+    logical_to_physical_.resize(static_cast<std::size_t>(L * E * X));  // unwritten (PooledVector)
     parallel_for(L, kLayerGrain, [&](Index begin, Index end) {
         std::vector<int> fill(static_cast<std::size_t>(E));
         for (Index l = begin; l < end; ++l) {
-            // The layer's rows are contiguous and padded: place each slot.
+            // The layer's rows are contiguous: pad them, then place each slot.
             std::int32_t* rows = logical_to_physical_.data() + l * E * X;
+            std::fill(rows, rows + E * X, -1);
             std::fill(fill.begin(), fill.end(), 0);
             for (Index p = 0; p < P; ++p) {
                 const int e = physical_to_logical_(l, p);

@@ -11,6 +11,9 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <new>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace moelb {
@@ -40,6 +43,16 @@ struct PooledAllocator {
     PooledAllocator(const PooledAllocator<U>&) noexcept {}
     T* allocate(std::size_t n) { return static_cast<T*>(detail::pool_acquire(n * sizeof(T))); }
     void deallocate(T* p, std::size_t n) noexcept { detail::pool_release(p, n * sizeof(T)); }
+    // Default-initialises, so resize(n) leaves trivial elements unwritten: the owner writes every
+    // element itself (in parallel, say), sparing a serial pass over a large block.
+    template <class U>
+    void construct(U* p) noexcept(std::is_nothrow_default_constructible_v<U>) {
+        ::new (static_cast<void*>(p)) U;
+    }
+    template <class U, class... Args>
+    void construct(U* p, Args&&... args) {
+        ::new (static_cast<void*>(p)) U(std::forward<Args>(args)...);
+    }
     template <class U>
     bool operator==(const PooledAllocator<U>&) const noexcept {
         return true;
