@@ -675,7 +675,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=list(d.algorithms),
         metavar="ALG",
         help=f"EPLB algorithms: {', '.join(ALGORITHMS)}; moelb:node / moelb:none set moelb's "
-        "locality",
+        "locality, moelb:step_peak (e.g. moelb:none:step_peak) plans each window against its "
+        "per-step peaks",
     )
     p.add_argument("--waterfill", choices=("dynamic", "static", "off"), default="dynamic")
     p.add_argument("--trace", default=None, help="replay this recorder dump (.pt/.npz/.json)")

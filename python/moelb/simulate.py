@@ -42,7 +42,7 @@ import numpy.typing as npt
 
 from . import _core
 from ._core import ExpertLocation, InvalidArgumentError, TopKConfig
-from .eplb import ALGORITHMS, gpu_loads, rebalance
+from .eplb import ALGORITHMS, OBJECTIVES, gpu_loads, rebalance
 from .io import load_expert_distribution
 from .recorder import ExpertDistributionRecorder
 from .routing import HashRouter, select_experts
@@ -111,19 +111,30 @@ MODEL_PRESETS: dict[str, ModelPreset] = {
 }
 
 
-def parse_algorithm(spec: str) -> tuple[str, str]:
-    """``"moelb"``, ``"moelb:none"``, ``"deepseek_global"``, ... -> (algorithm, locality)."""
-    name, _, locality = spec.partition(":")
+LOCALITIES = ("auto", "node", "none")
+
+
+def parse_algorithm(spec: str) -> tuple[str, str, str]:
+    """``"moelb"``, ``"moelb:none"``, ``"moelb:none:step_peak"``, ``"deepseek_global"``, ... ->
+    (algorithm, locality, objective). moelb may take a locality and an objective, in any order."""
+    name, *options = spec.split(":")
     if name not in ALGORITHMS:
         raise InvalidArgumentError(
             f"algorithms: {spec!r} is not an EPLB algorithm; expected one of {ALGORITHMS} "
-            "(moelb may take a locality: moelb:node, moelb:none)"
+            "(moelb may take a locality and an objective: moelb:none, moelb:node:step_peak)"
         )
-    if locality and (name != "moelb" or locality not in ("auto", "node", "none")):
-        raise InvalidArgumentError(
-            f"algorithms: {spec!r}: only moelb takes a locality (auto, node or none)"
-        )
-    return name, locality or "auto"
+    locality, objective = "auto", "total"
+    for option in options:
+        if name == "moelb" and option in LOCALITIES and locality == "auto":
+            locality = option
+        elif name == "moelb" and option in OBJECTIVES and objective == "total":
+            objective = option
+        else:
+            raise InvalidArgumentError(
+                f"algorithms: {spec!r}: only moelb takes options, at most a locality "
+                f"{LOCALITIES} and an objective {OBJECTIVES}"
+            )
+    return name, locality, objective
 
 
 @dataclass(frozen=True)
@@ -137,8 +148,9 @@ class SimulationConfig:
     skew: Zipf exponent of expert popularity (0 = uniform). drift: how fast the hot experts move:
         the popularity ranking is replaced by a new random one every 1 / drift steps, blended
         smoothly (0 = static).
-    algorithms: EPLB algorithms to compare (``"moelb"``, ``"moelb:none"``, ``"deepseek"``, ...);
-        the trivial placement is always scored.
+    algorithms: EPLB algorithms to compare (``"moelb"``, ``"moelb:none"``, ``"deepseek"``, ...;
+        ``"moelb:none:step_peak"`` plans each window against its per-step peaks, see
+        ``rebalance(objective=)``); the trivial placement is always scored.
     waterfill: ``"dynamic"``, ``"static"`` or None (no token-level figures).
     num_layers: simulate only the first num_layers MoE layers (None: all of the model's).
     expert_bytes: one expert's weight bytes for moved bytes (None: the model's, FP8).
@@ -389,6 +401,7 @@ class _Policy:
     name: str
     algorithm: str | None  # None: trivial
     locality: str
+    objective: str
     current: ExpertLocation  # in service
     ran: str = "trivial"
     in_window: list[npt.NDArray[np.float64]] = field(default_factory=list)  # [T_w, L]
@@ -457,10 +470,9 @@ def simulate(config: SimulationConfig, progress: Progress | None = None) -> Simu
     num_windows = -(-num_steps // period)
 
     trivial = ExpertLocation.trivial(L, E, P, W, config.num_nodes)
-    policies = [_Policy("trivial", None, "auto", trivial)]
+    policies = [_Policy("trivial", None, "auto", "total", trivial)]
     for spec in config.algorithms:
-        algorithm, locality = parse_algorithm(spec)
-        policies.append(_Policy(spec, algorithm, locality, trivial))
+        policies.append(_Policy(spec, *parse_algorithm(spec), trivial))
     bounds_all: list[npt.NDArray[np.float64]] = []  # per window [T_w, L] mean / bound
 
     token_level = trace is None and config.waterfill is not None
@@ -546,7 +558,7 @@ def simulate(config: SimulationConfig, progress: Progress | None = None) -> Simu
                 continue
             t0 = time.perf_counter()
             plan = rebalance(
-                window_load,
+                counts if policy.objective == "step_peak" else window_load,
                 P,
                 preset.num_groups,
                 config.num_nodes,
@@ -555,6 +567,7 @@ def simulate(config: SimulationConfig, progress: Progress | None = None) -> Simu
                 previous=policy.current,
                 locality=policy.locality,
                 expert_bytes=expert_bytes,
+                objective=policy.objective,
             )
             timings["planning"] += time.perf_counter() - t0
             t0 = time.perf_counter()
