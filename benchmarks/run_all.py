@@ -35,6 +35,7 @@ BENCHMARKS = (
     "bench_waterfill",
     "bench_moe",
     "bench_simulate",
+    "bench_objective",
 )
 
 

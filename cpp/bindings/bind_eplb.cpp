@@ -115,9 +115,9 @@ void bind_eplb(py::module_& m) {
             std::optional<PlanStats> stats;
             {
                 py::gil_scoped_release release;
-                stats.emplace(w.steps ? evaluate_placement(w.step_loads(), location, previous)
-                                      : evaluate_placement(const_matrix(w.array), location,
-                                                           previous));
+                stats.emplace(w.steps
+                                  ? evaluate_placement(w.step_loads(), location, previous)
+                                  : evaluate_placement(const_matrix(w.array), location, previous));
             }
             return stats_dict(*stats);
         },

@@ -1739,14 +1739,19 @@ double layer_step_peak(const LayerSteps& steps, const std::int32_t* phy2log,
 }
 
 // Scratch of refine_step_peak, reused across layers (one per thread). Step arrays are padded with
-// zero steps to a multiple of kLanes (a zero step's largest load stays 0 whatever moves).
+// zero steps to whole chunks (a zero step's largest load stays 0 whatever moves).
 struct StepScratch {
-    std::vector<double> share;  // [E, steps]: an expert's load per replica in each step
-    std::vector<double> load;   // [bins, steps]: each bin's load in each step
-    std::vector<double> top1, top2, top3, rest;  // [steps]: the three largest bin loads of a step
-    std::vector<double> reach;  // [chunks + 1]: the most a swap can gain from a chunk on
-    std::vector<int> arg1, arg2;                 // [steps]: the bins of the two largest
-    std::vector<int> peaks, by_peaks;            // [bins]: steps each bin is the largest in
+    std::vector<double> share;             // [E, steps]: an expert's load per replica in each step
+    std::vector<double> load;              // [bins, steps]: each bin's load in each step
+    std::vector<double> top1, top2, top3;  // [steps]: the three largest bin loads of a step
+    std::vector<int> arg1, arg2;           // [steps]: the bins of the two largest
+    std::vector<int> peaks, by_peaks;      // [bins]: steps each bin is the largest in
+    // The same in the order one bin's search visits the steps (order: step of each position).
+    std::vector<int> order;
+    std::vector<double> share_o, load_o, top1_o, top2_o, top3_o, rest;
+    std::vector<int> arg1_o, arg2_o;
+    std::vector<double> reach;     // [chunks + 1]: the most a swap can gain from a chunk on
+    std::vector<double> peak_sum;  // [E]: an expert's load per replica summed over a's peaks
 };
 
 // Lowers the sum over steps of each step's largest bin load by swaps of replicas between bins of
@@ -1754,14 +1759,17 @@ struct StepScratch {
 // Repeatedly: for the bins that are the largest in some step (most such steps first, ties to the
 // lower bin), the best swap with another bin of the domain (ties to the lower partner, then
 // slots); the first bin that has one that lowers the objective by more than kStepTol of it
-// makes it. Stops when none has, or after 4 * slots swaps. Sequential and exact in float64 with a
-// fixed summation order: the same result for any thread count.
+// makes it. Stops when none has, or after 4 * slots swaps. Sequential, in float64 with a fixed
+// summation order: the same result for any thread count.
 //
 // A swap's change is a sum over steps of max(rest, new load of a, new load of b) - largest, where
 // rest is the largest load of the other bins: never negative in a step whose largest bin is
-// neither a nor b, and at least rest - largest in the others. So a candidate is dropped as soon as
-// its sum over the steps so far, less the most the remaining steps can give back, cannot beat the
-// best swap found (checked every kStepChunk steps).
+// neither a nor b, and at least rest - largest in the others. Bin a's search visits the steps
+// where a is the largest first, and drops a candidate as soon as its sum so far, less the most
+// the remaining steps can give back, cannot beat the best swap found (checked every kStepChunk
+// steps): most candidates are dropped after the first chunks. Before that, a candidate is dropped
+// at once when the change of a's load over a's peaks (in a step where a is the largest, the
+// change is at least that of a's load), less what b's peaks can give back, cannot beat the best.
 void refine_step_peak(Packing& p, const LayerSteps& steps, StepScratch& s) {
     // A swap must lower the objective by this much (relative): smaller gains are mostly the
     // window's sampling noise (they do not carry over to the next window) and cost time.
@@ -1771,24 +1779,26 @@ void refine_step_peak(Packing& p, const LayerSteps& steps, StepScratch& s) {
     if (steps.num_steps <= 0 || B < 2) return;
     const Index T = (steps.num_steps + kStepChunk - 1) / kStepChunk * kStepChunk;
     const Index chunks = T / kStepChunk;
-    s.share.assign(static_cast<std::size_t>(E * T), 0.0);
+    const auto sz = [](Index n) { return static_cast<std::size_t>(n); };
+    s.share.assign(sz(E * T), 0.0);
     for (Index t = 0; t < steps.num_steps; ++t) {
         const double* w = steps.data + t * steps.stride;
         for (int e = 0; e < E; ++e) s.share[e * T + t] = p.count[e] > 0 ? w[e] / p.count[e] : 0.0;
     }
-    s.load.resize(static_cast<std::size_t>(B * T));
-    for (auto* v : {&s.top1, &s.top2, &s.top3, &s.rest}) v->resize(static_cast<std::size_t>(T));
-    s.arg1.resize(static_cast<std::size_t>(T));
-    s.arg2.resize(static_cast<std::size_t>(T));
-    s.reach.resize(static_cast<std::size_t>(chunks + 1));
-    s.peaks.resize(static_cast<std::size_t>(B));
-    auto bin_steps = [&](int b) { return s.load.data() + b * T; };
-    auto expert_steps = [&](int e) { return s.share.data() + e * T; };
+    s.load.resize(sz(B * T));
+    for (auto* v : {&s.top1, &s.top2, &s.top3, &s.top1_o, &s.top2_o, &s.top3_o, &s.rest}) {
+        v->resize(sz(T));
+    }
+    for (auto* v : {&s.arg1, &s.arg2, &s.arg1_o, &s.arg2_o, &s.order}) v->resize(sz(T));
+    s.share_o.resize(sz(E * T));
+    s.load_o.resize(sz(B * T));
+    s.reach.resize(sz(chunks + 1));
+    s.peaks.resize(sz(B));
     for (int b = 0; b < B; ++b) {
-        double* l = bin_steps(b);
+        double* l = s.load.data() + b * T;
         std::fill(l, l + T, 0.0);
         for (int k = 0; k < S; ++k) {
-            const double* u = expert_steps(p.bin(b)[k]);
+            const double* u = s.share.data() + p.bin(b)[k] * T;
             for (Index t = 0; t < T; ++t) l[t] += u[t];
         }
     }
@@ -1801,7 +1811,7 @@ void refine_step_peak(Packing& p, const LayerSteps& steps, StepScratch& s) {
         std::fill(s.arg1.begin(), s.arg1.end(), -1);
         std::fill(s.arg2.begin(), s.arg2.end(), -1);
         for (int b = 0; b < B; ++b) {
-            const double* l = bin_steps(b);
+            const double* l = s.load.data() + b * T;
             for (Index t = 0; t < T; ++t) {
                 const double v = l[t];
                 if (v > s.top1[t]) {
@@ -1835,49 +1845,84 @@ void refine_step_peak(Packing& p, const LayerSteps& steps, StepScratch& s) {
         const double margin = objective * kStepTol;
         bool improved = false;
         for (const int a : s.by_peaks) {
+            // The steps in the order of this search: a's peaks first, each part in step order.
+            Index n = 0;
+            for (Index t = 0; t < T; ++t) {
+                if (s.arg1[t] == a) s.order[n++] = static_cast<int>(t);
+            }
+            for (Index t = 0; t < T; ++t) {
+                if (s.arg1[t] != a) s.order[n++] = static_cast<int>(t);
+            }
+            auto reorder = [&](const double* from, double* to) {
+                for (Index i = 0; i < T; ++i) to[i] = from[s.order[i]];
+            };
+            for (int e = 0; e < E; ++e) reorder(&s.share[e * T], &s.share_o[e * T]);
+            for (int b = 0; b < B; ++b) reorder(&s.load[b * T], &s.load_o[b * T]);
+            reorder(s.top1.data(), s.top1_o.data());
+            reorder(s.top2.data(), s.top2_o.data());
+            reorder(s.top3.data(), s.top3_o.data());
+            for (Index i = 0; i < T; ++i) {
+                s.arg1_o[i] = s.arg1[s.order[i]];
+                s.arg2_o[i] = s.arg2[s.order[i]];
+            }
+            s.peak_sum.resize(sz(E));
+            for (int e = 0; e < E; ++e) {
+                const double* u = &s.share_o[e * T];
+                double sum = 0.0;
+                for (Index i = 0; i < s.peaks[a]; ++i) sum += u[i];
+                s.peak_sum[e] = sum;
+            }
+            const double slack = objective * 1e-12;  // far above the rounding of these sums
             const int d = p.domain(a);
             double best = -margin;  // the best change of the objective so far (negative: lower)
             int best_b = -1, best_xi = -1, best_yi = -1;
-            const double* la = bin_steps(a);
+            const double* la = &s.load_o[a * T];
+            const double* top = s.top1_o.data();
             for (int b = d * p.bins_per_domain; b < (d + 1) * p.bins_per_domain; ++b) {
                 if (b == a) continue;
                 // The largest load of the other bins, and how much a swap could gain at most: only
                 // steps whose largest bin is a or b can get lower (to `rest` at best).
                 s.reach[chunks] = 0.0;
+                double reach_b = 0.0;  // the part of the steps where b is the largest
                 for (Index c = chunks - 1; c >= 0; --c) {
                     double gain = 0.0;
                     for (Index t = c * kStepChunk; t < (c + 1) * kStepChunk; ++t) {
-                        const bool first = s.arg1[t] != a && s.arg1[t] != b;
-                        const bool second = s.arg2[t] != a && s.arg2[t] != b;
-                        s.rest[t] = first ? s.top1[t] : second ? s.top2[t] : s.top3[t];
-                        gain += s.top1[t] - s.rest[t];
+                        const bool first = s.arg1_o[t] != a && s.arg1_o[t] != b;
+                        const bool second = s.arg2_o[t] != a && s.arg2_o[t] != b;
+                        s.rest[t] = first ? s.top1_o[t] : second ? s.top2_o[t] : s.top3_o[t];
+                        gain += s.top1_o[t] - s.rest[t];
+                        if (s.arg1_o[t] == b) reach_b += s.top1_o[t] - s.rest[t];
                     }
                     s.reach[c] = s.reach[c + 1] + gain;
                 }
                 if (-s.reach[0] >= best) continue;
-                const double* lb = bin_steps(b);
+                const double* lb = &s.load_o[b * T];
                 for (int xi = 0; xi < S; ++xi) {
-                    const double* ux = expert_steps(p.bin(a)[xi]);
+                    const double* ux = &s.share_o[p.bin(a)[xi] * T];
                     for (int yi = 0; yi < S; ++yi) {
-                        if (!p.swap_allowed(a, xi, b, yi)) continue;
-                        const double* uy = expert_steps(p.bin(b)[yi]);
+                        if (s.peak_sum[p.bin(b)[yi]] - s.peak_sum[p.bin(a)[xi]] - reach_b >=
+                                best + slack ||
+                            !p.swap_allowed(a, xi, b, yi)) {
+                            continue;
+                        }
+                        const double* uy = &s.share_o[p.bin(b)[yi] * T];
                         Lanes acc = {0, 0, 0, 0};
                         double change = 0.0;
                         Index c = 0;
                         for (; c < chunks; ++c) {
                             for (Index t = c * kStepChunk; t < (c + 1) * kStepChunk; t += kLanes) {
-                                Lanes x, y, ga, gb, r, top;
+                                Lanes x, y, ga, gb, r, peak;
                                 std::memcpy(&x, ux + t, sizeof x);
                                 std::memcpy(&y, uy + t, sizeof y);
                                 std::memcpy(&ga, la + t, sizeof ga);
                                 std::memcpy(&gb, lb + t, sizeof gb);
                                 std::memcpy(&r, s.rest.data() + t, sizeof r);
-                                std::memcpy(&top, s.top1.data() + t, sizeof top);
+                                std::memcpy(&peak, top + t, sizeof peak);
                                 const Lanes delta = y - x;
                                 const Lanes na = ga + delta, nb = gb - delta;
                                 Lanes m = na > nb ? na : nb;
                                 m = m > r ? m : r;
-                                acc += m - top;
+                                acc += m - peak;
                             }
                             change = (acc[0] + acc[1]) + (acc[2] + acc[3]);
                             if (change - s.reach[c + 1] >= best) break;
@@ -1892,10 +1937,10 @@ void refine_step_peak(Packing& p, const LayerSteps& steps, StepScratch& s) {
                 }
             }
             if (best_b < 0) continue;
-            const double* ux = expert_steps(p.bin(a)[best_xi]);
-            const double* uy = expert_steps(p.bin(best_b)[best_yi]);
-            double* ga = bin_steps(a);
-            double* gb = bin_steps(best_b);
+            const double* ux = &s.share[p.bin(a)[best_xi] * T];
+            const double* uy = &s.share[p.bin(best_b)[best_yi] * T];
+            double* ga = &s.load[a * T];
+            double* gb = &s.load[best_b * T];
             for (Index t = 0; t < T; ++t) {
                 const double delta = uy[t] - ux[t];
                 ga[t] += delta;
@@ -2068,8 +2113,8 @@ PlanStats evaluate(ConstMatrixMap<double> load, const ExpertLocation& location,
         for (Index l = begin; l < end; ++l) {
             const LayerSteps st = layer_steps(steps, l);
             stats.layers[static_cast<std::size_t>(l)] = layer_stats(
-                load.row(l).data(), location.physical_to_logical().row(l).data(), E, R, G,
-                kUnknown, previous ? previous->physical_to_logical().row(l).data() : nullptr,
+                load.row(l).data(), location.physical_to_logical().row(l).data(), E, R, G, kUnknown,
+                previous ? previous->physical_to_logical().row(l).data() : nullptr,
                 steps ? &st : nullptr, count);
         }
     });
@@ -2161,9 +2206,9 @@ RowMatrix<double> sum_steps(const StepLoads& steps) {
                     "load must have shape [num_steps, num_layers, num_experts] with all positive, "
                     "got ["
                         << T << ", " << L << ", " << E << "]");
-    MOELB_CHECK_ARG(static_cast<Index>(steps.data.size()) == T * L * E,
-                    "load holds " << steps.data.size() << " values, not " << T << " x " << L
-                                  << " x " << E);
+    MOELB_CHECK_ARG(
+        static_cast<Index>(steps.data.size()) == T * L * E,
+        "load holds " << steps.data.size() << " values, not " << T << " x " << L << " x " << E);
     RowMatrix<double> total = RowMatrix<double>::Zero(L, E);
     for (Index t = 0; t < T; ++t) {
         const double* step = steps.data.data() + t * L * E;
@@ -2176,6 +2221,13 @@ RowMatrix<double> sum_steps(const StepLoads& steps) {
                                                                        "non-negative load");
                 total(l, e) += v;
             }
+        }
+    }
+    for (Index l = 0; l < L; ++l) {
+        for (Index e = 0; e < E; ++e) {
+            MOELB_CHECK_ARG(std::isfinite(total(l, e)), "load summed over the "
+                                                            << T << " steps overflows at layer "
+                                                            << l << ", expert " << e);
         }
     }
     return total;
@@ -2222,8 +2274,9 @@ Plan rebalance_impl(ConstMatrixMap<double> load, const RebalanceOptions& o, cons
                     "move_cost must be finite and non-negative, got " << o.move_cost);
     MOELB_CHECK_ARG(o.max_moves >= -1, "max_moves must be >= 0 (or None), got " << o.max_moves);
     if (o.objective == Objective::kStepPeak) {
-        MOELB_CHECK_ARG(steps, "objective='step_peak' needs per-step loads: load must be a time "
-                               "series [num_steps, num_layers, num_experts]");
+        MOELB_CHECK_ARG(steps,
+                        "objective='step_peak' needs per-step loads: load must be a time "
+                        "series [num_steps, num_layers, num_experts]");
         MOELB_CHECK_ARG(o.algorithm == EplbAlgorithm::kMoelb,
                         "objective='step_peak' is moelb's; algorithm='"
                             << to_string(o.algorithm) << "' plans against the total load");
@@ -2237,10 +2290,10 @@ Plan rebalance_impl(ConstMatrixMap<double> load, const RebalanceOptions& o, cons
     stats.layers.resize(static_cast<std::size_t>(L));
     auto take_stats = [&](Index l, double bound, std::vector<std::int32_t>& count) {
         const LayerSteps st = layer_steps(steps, l);
-        stats.layers[static_cast<std::size_t>(l)] = layer_stats(
-            load.row(l).data(), phy2log.row(l).data(), E, R, G, bound,
-            o.previous ? o.previous->physical_to_logical().row(l).data() : nullptr,
-            steps ? &st : nullptr, count);
+        stats.layers[static_cast<std::size_t>(l)] =
+            layer_stats(load.row(l).data(), phy2log.row(l).data(), E, R, G, bound,
+                        o.previous ? o.previous->physical_to_logical().row(l).data() : nullptr,
+                        steps ? &st : nullptr, count);
     };
     constexpr double kUnknown = std::numeric_limits<double>::quiet_NaN();
     std::vector<double> lower_bounds;  // per layer when the planner computed them
@@ -2333,10 +2386,9 @@ Plan rebalance_impl(ConstMatrixMap<double> load, const RebalanceOptions& o, cons
                 // The flat lower bound: no placement (under any locality) goes below it.
                 lower_bounds[l] = flat_lower_bound(w, E, R, G, scratch.flat_count, true);
                 const LayerSteps st = layer_steps(steps, l);
-                kept_deepseek[l] = moelb_layer(w, E, R, K, N, G, node_locality ? N : 1,
-                                               lower_bounds[l], deepseek_variants,
-                                               step_peak ? &st : nullptr, scratch,
-                                               phy2log.row(l).data());
+                kept_deepseek[l] = moelb_layer(
+                    w, E, R, K, N, G, node_locality ? N : 1, lower_bounds[l], deepseek_variants,
+                    step_peak ? &st : nullptr, scratch, phy2log.row(l).data());
                 if (o.previous) {
                     match_previous(phy2log.row(l).data(),
                                    o.previous->physical_to_logical().row(l).data(), R, G,
@@ -2360,11 +2412,22 @@ Plan rebalance_impl(ConstMatrixMap<double> load, const RebalanceOptions& o, cons
             Index moves;
         };
         std::vector<Candidate> candidates;
+        std::vector<std::int32_t> old_count;
         for (Index l = 0; l < L; ++l) {
             const double* w = load.row(l).data();
             const std::int32_t* old = o.previous->physical_to_logical().row(l).data();
-            const double old_max = layer_max_gpu_load(w, old, E, R, G);
-            const double new_max = stats.layers[static_cast<std::size_t>(l)].max_gpu_load;
+            // The gain in the plan's objective: the largest GPU load of the total, or the sum
+            // of the steps' largest.
+            double old_max = 0, new_max = 0;
+            if (step_peak) {
+                old_count.assign(static_cast<std::size_t>(E), 0);
+                for (int p = 0; p < R; ++p) ++old_count[old[p]];
+                old_max = layer_step_peak(layer_steps(steps, l), old, old_count.data(), E, R, G);
+                new_max = stats.layers[static_cast<std::size_t>(l)].step_max_gpu_load;
+            } else {
+                old_max = layer_max_gpu_load(w, old, E, R, G);
+                new_max = stats.layers[static_cast<std::size_t>(l)].max_gpu_load;
+            }
             Index moves = 0;
             for (int p = 0; p < R; ++p) moves += phy2log(l, p) != old[p];
             const double gain = old_max > 0 ? (old_max - new_max) / old_max : 0.0;

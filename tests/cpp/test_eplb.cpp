@@ -1,8 +1,8 @@
 // The EPLB planner (eplb.hpp): the DeepSeek port against the published golden cases
 // (reference/eplb.md 1.8), invariants of every algorithm over a table of topologies (replica
 // counts, statistics recomputed here, moelb never worse than DeepSeek, no same-GPU duplicates,
-// groups kept on one node, thread-count independence), input errors, and replanning against a
-// previous placement (move_cost, max_moves).
+// groups kept on one node, thread-count independence), input errors, replanning against a
+// previous placement (move_cost, max_moves), and per-step loads with the step-peak objective.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -13,6 +13,7 @@
 #include <map>
 #include <optional>
 #include <set>
+#include <span>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -32,10 +33,12 @@ using moelb::ExpertLocation;
 using moelb::Index;
 using moelb::InvalidArgument;
 using moelb::Locality;
+using moelb::Objective;
 using moelb::Plan;
 using moelb::PlanStats;
 using moelb::RebalanceOptions;
 using moelb::RowMatrix;
+using moelb::StepLoads;
 
 // ------------------------------------------------------------------------------------------------
 // Helpers.
@@ -1227,6 +1230,611 @@ TEST(RebalancePrevious, MaxMovesZeroMovesNothingAndDeepSeekCountsMoves) {
     }
     EXPECT_GT(moved, 0);
     EXPECT_EQ(ds.stats.moved_experts, moved);
+}
+
+// ------------------------------------------------------------------------------------------------
+// Per-step loads (StepLoads) and the per-step peak objective.
+
+// An owned time series [T, L, E] of expert loads, row-major, and its view.
+struct Series {
+    int T = 0, L = 0, E = 0;
+    std::vector<double> data;
+
+    Series(int t, int l, int e)
+        : T(t), L(l), E(e), data(static_cast<std::size_t>(t) * l * e, 0.0) {}
+    double& at(int t, int l, int e) { return data[(static_cast<std::size_t>(t) * L + l) * E + e]; }
+    double at(int t, int l, int e) const {
+        return data[(static_cast<std::size_t>(t) * L + l) * E + e];
+    }
+    StepLoads view() const { return {std::span<const double>(data), T, L, E}; }
+};
+
+// The series summed over its steps, in step order (as the planner sums it, so bit for bit equal).
+RowMatrix<double> summed(const Series& s) {
+    RowMatrix<double> total = RowMatrix<double>::Zero(s.L, s.E);
+    for (int t = 0; t < s.T; ++t) {
+        for (int l = 0; l < s.L; ++l) {
+            for (int e = 0; e < s.E; ++e) total(l, e) += s.at(t, l, e);
+        }
+    }
+    return total;
+}
+
+// The sum over steps of each step's largest GPU load of one layer with slots `row` on G GPUs and
+// replica counts `count`, recomputed here (each expert's step load split equally over its
+// replicas).
+double row_step_peak(const Series& s, int layer, const std::vector<std::int32_t>& row,
+                     const std::vector<int>& count, int G) {
+    const int S = static_cast<int>(row.size()) / G;
+    double sum = 0;
+    std::vector<double> gpu(static_cast<std::size_t>(G));
+    for (int t = 0; t < s.T; ++t) {
+        std::fill(gpu.begin(), gpu.end(), 0.0);
+        for (std::size_t p = 0; p < row.size(); ++p) {
+            gpu[p / S] += s.at(t, layer, row[p]) / count[row[p]];
+        }
+        sum += *std::max_element(gpu.begin(), gpu.end());
+    }
+    return sum;
+}
+
+double brute_step_peak(const Series& s, const ExpertLocation& loc, int layer) {
+    return row_step_peak(s, layer, row_of(loc.physical_to_logical(), layer), counts_of(loc, layer),
+                         loc.ep_size());
+}
+
+// Slots of one layer whose expert already sits in an earlier slot of the same GPU.
+int same_gpu_duplicates(const ExpertLocation& loc, int layer) {
+    const int G = loc.ep_size(), S = loc.num_local_physical_experts();
+    int dups = 0;
+    for (int g = 0; g < G; ++g) {
+        std::set<int> seen;
+        for (int p = g * S; p < (g + 1) * S; ++p) {
+            dups += !seen.insert(loc.physical_to_logical()(layer, p)).second;
+        }
+    }
+    return dups;
+}
+
+// The nodes holding each expert's replicas in one layer.
+std::vector<std::set<int>> expert_nodes(const ExpertLocation& loc, int layer) {
+    const int S = loc.num_local_physical_experts(), gpn = loc.ep_size() / loc.num_nodes();
+    std::vector<std::set<int>> nodes(static_cast<std::size_t>(loc.num_logical_experts()));
+    for (int p = 0; p < loc.num_physical_experts(); ++p) {
+        nodes[loc.physical_to_logical()(layer, p)].insert(p / S / gpn);
+    }
+    return nodes;
+}
+
+// A bursty series: each expert has a skewed base load; each layer has 3 fixed subsets of up to
+// E / 6 experts (drawn with replacement), and in each step one of them bursts (its loads times
+// `boost`) with probability 1/2, so the experts of a subset peak in the same steps; plus a little
+// noise.
+Series bursty_series(int T, int L, int E, std::uint32_t seed, double boost = 6.0) {
+    constexpr int kPatterns = 3;
+    Rng rng(seed);
+    Series s(T, L, E);
+    for (int l = 0; l < L; ++l) {
+        std::vector<double> base(static_cast<std::size_t>(E));
+        for (int e = 0; e < E; ++e) {
+            const double u = rng.uniform(0, 1);
+            base[e] = 100 * u * u * u + 1;
+        }
+        std::vector<std::vector<int>> patterns(kPatterns);
+        const int size = std::max(1, E / 6);
+        for (auto& pattern : patterns) {
+            for (int i = 0; i < size; ++i) {
+                pattern.push_back(static_cast<int>(rng.below(static_cast<std::uint32_t>(E))));
+            }
+        }
+        for (int t = 0; t < T; ++t) {
+            std::vector<double> factor(static_cast<std::size_t>(E), 1.0);
+            if (rng.below(2) == 0) {
+                for (const int e : patterns[rng.below(kPatterns)]) factor[e] = boost;
+            }
+            for (int e = 0; e < E; ++e) s.at(t, l, e) = base[e] * factor[e] + rng.uniform(0, 1);
+        }
+    }
+    return s;
+}
+
+Plan plan_of(const Series& s, const RebalanceOptions& options) {
+    return moelb::rebalance(s.view(), options);
+}
+
+RebalanceOptions with_objective(RebalanceOptions o, Objective objective) {
+    o.objective = objective;
+    return o;
+}
+
+TEST(EplbObjective, ParseAndPrintRoundTrip) {
+    for (const Objective o : {Objective::kTotal, Objective::kStepPeak}) {
+        EXPECT_EQ(moelb::parse_objective(moelb::to_string(o)), o);
+    }
+    EXPECT_EQ(moelb::to_string(Objective::kTotal), "total");
+    EXPECT_EQ(moelb::to_string(Objective::kStepPeak), "step_peak");
+    EXPECT_EQ(moelb::parse_objective("step_peak"), Objective::kStepPeak);
+    EXPECT_EQ(RebalanceOptions{}.objective, Objective::kTotal);
+    expect_invalid_argument([] { moelb::parse_objective("peak"); }, "objective='peak'");
+    expect_invalid_argument([] { moelb::parse_objective("", "eplb_objective"); },
+                            "eplb_objective=''");
+}
+
+// kTotal on a series plans exactly like the summed load; the statistics add the per-step peaks,
+// checked against a recomputation here.
+TEST(EplbStepPeak, TotalObjectiveOnASeriesPlansLikeTheSummedLoad) {
+    const Topology topologies[] = {
+        {"e16_r24_k4_n2_g8", 3, 16, 24, 4, 2, 8, LoadKind::kSkewed, 21},
+        {"no_groups_e24_r32_k0_n1_g4", 2, 24, 32, 0, 1, 4, LoadKind::kSkewed, 22},
+        {"three_nodes_e12_r24_k3_n3_g6", 2, 12, 24, 3, 3, 6, LoadKind::kSkewed, 23},
+    };
+    for (const Topology& t : topologies) {
+        const Series series = bursty_series(37, t.L, t.E, t.seed);
+        const RowMatrix<double> total = summed(series);
+        for (const AlgoCase& a : algorithms_for(t)) {
+            SCOPED_TRACE(std::string(t.name) + " " + a.label);
+            const RebalanceOptions o = options_for(t, a);
+            ASSERT_EQ(o.objective, Objective::kTotal);
+            const Plan ours = plan_of(series, o);
+            const Plan want = plan_of(total, o);
+            EXPECT_EQ(phy2log_of(ours), phy2log_of(want));
+            EXPECT_EQ(ours.location, want.location);
+            EXPECT_EQ(ours.stats.algorithm, want.stats.algorithm);
+            EXPECT_EQ(ours.stats.notes, want.stats.notes);
+            EXPECT_EQ(ours.stats.balancedness, want.stats.balancedness);
+            EXPECT_EQ(ours.stats.load_weighted_balancedness, want.stats.load_weighted_balancedness);
+            EXPECT_EQ(ours.stats.mean_gap, want.stats.mean_gap);
+            EXPECT_EQ(ours.stats.max_gap, want.stats.max_gap);
+            EXPECT_EQ(ours.stats.moved_experts, want.stats.moved_experts);
+            // The summed overload knows no steps.
+            EXPECT_FALSE(want.stats.has_steps);
+            EXPECT_TRUE(std::isnan(want.stats.step_balancedness));
+            EXPECT_TRUE(ours.stats.has_steps);
+            ASSERT_EQ(ours.stats.layers.size(), want.stats.layers.size());
+            double step_balancedness = 0;
+            for (int l = 0; l < t.L; ++l) {
+                SCOPED_TRACE("layer " + std::to_string(l));
+                const moelb::LayerPlanStats& s = ours.stats.layers[l];
+                const moelb::LayerPlanStats& w = want.stats.layers[l];
+                EXPECT_EQ(s.max_gpu_load, w.max_gpu_load);
+                EXPECT_EQ(s.mean_gpu_load, w.mean_gpu_load);
+                EXPECT_EQ(s.balancedness, w.balancedness);
+                EXPECT_EQ(s.lower_bound, w.lower_bound);
+                EXPECT_EQ(s.gap, w.gap);
+                EXPECT_EQ(s.moved_experts, w.moved_experts);
+                EXPECT_EQ(s.kept_previous, w.kept_previous);
+                EXPECT_TRUE(std::isnan(w.step_max_gpu_load));
+                const double brute = brute_step_peak(series, ours.location, l);
+                EXPECT_TRUE(near(s.step_max_gpu_load, brute))
+                    << s.step_max_gpu_load << " vs " << brute;
+                // The largest GPU's sum over steps is at most the sum of the steps' largest.
+                EXPECT_GE(s.step_max_gpu_load, s.max_gpu_load * (1 - 1e-12));
+                EXPECT_GT(s.step_max_gpu_load, 0.0);
+                step_balancedness += s.mean_gpu_load / s.step_max_gpu_load / t.L;
+            }
+            EXPECT_TRUE(near(ours.stats.step_balancedness, step_balancedness));
+            EXPECT_LE(ours.stats.step_balancedness, ours.stats.balancedness * (1 + 1e-12));
+            // evaluate_placement on the series reproduces the plan's statistics.
+            const PlanStats again = moelb::evaluate_placement(series.view(), ours.location);
+            EXPECT_TRUE(again.has_steps);
+            EXPECT_EQ(again.step_balancedness, ours.stats.step_balancedness);
+            for (int l = 0; l < t.L; ++l) {
+                EXPECT_EQ(again.layers[l].step_max_gpu_load,
+                          ours.stats.layers[l].step_max_gpu_load);
+                EXPECT_EQ(again.layers[l].max_gpu_load, ours.stats.layers[l].max_gpu_load);
+                EXPECT_EQ(again.layers[l].lower_bound, ours.stats.layers[l].lower_bound);
+            }
+            // ... and the summed evaluation has no steps.
+            const PlanStats flat = moelb::evaluate_placement(cmap(total), ours.location);
+            EXPECT_FALSE(flat.has_steps);
+            EXPECT_TRUE(std::isnan(flat.layers[0].step_max_gpu_load));
+        }
+    }
+}
+
+// One step: the sum of the steps' largest GPU loads is the largest GPU load.
+TEST(EplbStepPeak, OneStepPeakIsTheMaxGpuLoad) {
+    const Series series = bursty_series(1, 2, 16, 31);
+    for (const Objective objective : {Objective::kTotal, Objective::kStepPeak}) {
+        SCOPED_TRACE(std::string(moelb::to_string(objective)));
+        const Plan plan = plan_of(series, with_objective(small_options(), objective));
+        for (int l = 0; l < 2; ++l) {
+            EXPECT_TRUE(
+                near(plan.stats.layers[l].step_max_gpu_load, plan.stats.layers[l].max_gpu_load));
+        }
+        EXPECT_TRUE(near(plan.stats.step_balancedness, plan.stats.balancedness));
+    }
+}
+
+// A series without load: every step's peak is 0, and the step balancedness is 1 by definition.
+TEST(EplbStepPeak, ZeroSeriesIsBalanced) {
+    const Series series(3, 2, 12);
+    for (const Objective objective : {Objective::kTotal, Objective::kStepPeak}) {
+        const Plan plan = plan_of(series, with_objective(small_options(), objective));
+        for (int l = 0; l < 2; ++l) EXPECT_EQ(plan.stats.layers[l].step_max_gpu_load, 0.0);
+        EXPECT_TRUE(plan.stats.has_steps);
+        EXPECT_EQ(plan.stats.step_balancedness, 1.0);
+    }
+}
+
+// 4 experts on 2 GPUs of 2 slots, 2 steps: experts 0 and 2 carry 3 in step 0 and 1 in step 1,
+// experts 1 and 3 the reverse, so every expert's total is 4. LPT places equal loads in expert order
+// on the lightest GPU (ties to the lower): {0, 2} and {1, 3}, perfectly balanced in total but with
+// both heavy experts of a step on one GPU: peaks 6 + 6 = 12. Pairing a heavy expert of step 0 with
+// one of step 1 gives 4 + 4 = 8, the optimum (the mean GPU load of each step is 4).
+TEST(EplbStepPeak, OneSwapSeparatesExpertsThatPeakTogether) {
+    Series series(2, 1, 4);
+    const double step0[] = {3, 1, 3, 1}, step1[] = {1, 3, 1, 3};
+    for (int e = 0; e < 4; ++e) {
+        series.at(0, 0, e) = step0[e];
+        series.at(1, 0, e) = step1[e];
+    }
+    const RebalanceOptions o{.num_physical_experts = 4, .num_gpus = 2};
+    const Plan total = plan_of(series, o);
+    EXPECT_EQ(phy2log_of(total), matrix<std::int32_t>({{0, 2, 1, 3}}));
+    EXPECT_EQ(total.stats.layers[0].max_gpu_load, 8.0);
+    EXPECT_EQ(total.stats.layers[0].step_max_gpu_load, 12.0);
+    EXPECT_DOUBLE_EQ(total.stats.step_balancedness, 8.0 / 12.0);
+
+    const Plan peak = plan_of(series, with_objective(o, Objective::kStepPeak));
+    EXPECT_EQ(peak.stats.algorithm, "moelb(locality=none)+step_peak");
+    EXPECT_EQ(peak.stats.layers[0].step_max_gpu_load, 8.0);
+    EXPECT_EQ(peak.stats.layers[0].max_gpu_load, 8.0);
+    EXPECT_EQ(peak.stats.step_balancedness, 1.0);
+    EXPECT_EQ(peak.location.logical_count(), total.location.logical_count());
+    // Each GPU holds one of {0, 2} and one of {1, 3}.
+    const std::vector<std::int32_t> row = row_of(phy2log_of(peak), 0);
+    for (int g = 0; g < 2; ++g) {
+        std::set<int> parity = {row[2 * g] % 2, row[2 * g + 1] % 2};
+        EXPECT_EQ(parity, (std::set<int>{0, 1}))
+            << "GPU " << g << " holds experts " << row[2 * g] << " and " << row[2 * g + 1];
+    }
+    EXPECT_EQ(std::set<int>(row.begin(), row.end()), (std::set<int>{0, 1, 2, 3}));
+}
+
+// Invariants of kStepPeak against kTotal on bursty series over a table of topologies.
+enum class Refines {
+    kSomeLayer,  // lowers the per-step peak of at least one layer (the test is not vacuous)
+    kMaybe,      // may find nothing to swap
+    kNever,      // no domain has two GPUs: no swap exists, the plans are equal
+};
+
+struct StepCase {
+    const char* name;
+    int L, E, R, K, N, G, T;
+    Locality locality;
+    std::uint32_t seed;
+    Refines refines;
+};
+
+class EplbStepPeakProperties : public ::testing::TestWithParam<StepCase> {
+  protected:
+    void TearDown() override { moelb::set_num_threads(0); }
+};
+
+RebalanceOptions step_options(const StepCase& c, Objective objective) {
+    return {.num_physical_experts = c.R,
+            .num_groups = c.K,
+            .num_nodes = c.N,
+            .num_gpus = c.G,
+            .locality = c.locality,
+            .objective = objective};
+}
+
+TEST_P(EplbStepPeakProperties, NeverAboveTheTotalPlanAndKeepsItsConstraints) {
+    const StepCase c = GetParam();
+    const Series series = bursty_series(c.T, c.L, c.E, c.seed);
+    const Plan total = plan_of(series, step_options(c, Objective::kTotal));
+    const Plan peak = plan_of(series, step_options(c, Objective::kStepPeak));
+    const ExpertLocation& loc = peak.location;
+    const int S = c.R / c.G;
+    ASSERT_EQ(loc.num_layers(), c.L);
+    ASSERT_EQ(loc.num_physical_experts(), c.R);
+    ASSERT_EQ(loc.ep_size(), c.G);
+    ASSERT_EQ(loc.num_local_physical_experts(), S);
+    ASSERT_EQ(loc.num_nodes(), total.location.num_nodes());
+    EXPECT_EQ(peak.stats.algorithm, total.stats.algorithm + "+step_peak");
+    EXPECT_EQ(peak.stats.notes, total.stats.notes);
+    EXPECT_TRUE(peak.stats.has_steps);
+    const bool node = total.stats.algorithm == "moelb(locality=node)";
+    EXPECT_EQ(node, c.locality != Locality::kNone && c.K > 0 && c.N > 1);
+    int dropped = 0;
+    for (int l = 0; l < c.L; ++l) {
+        SCOPED_TRACE("layer " + std::to_string(l));
+        const moelb::LayerPlanStats& p = peak.stats.layers[l];
+        const moelb::LayerPlanStats& q = total.stats.layers[l];
+        EXPECT_LE(p.step_max_gpu_load, q.step_max_gpu_load);
+        dropped += p.step_max_gpu_load < q.step_max_gpu_load;
+        EXPECT_TRUE(near(p.step_max_gpu_load, brute_step_peak(series, loc, l)));
+        EXPECT_GE(p.step_max_gpu_load, p.max_gpu_load * (1 - 1e-12));
+        EXPECT_EQ(p.mean_gpu_load, q.mean_gpu_load);
+        EXPECT_EQ(p.lower_bound, q.lower_bound);
+        // Same replica counts, every slot a valid expert, no new same-GPU duplicate.
+        EXPECT_EQ(counts_of(loc, l), counts_of(total.location, l));
+        for (int p_ = 0; p_ < c.R; ++p_) {
+            const int e = loc.physical_to_logical()(l, p_);
+            ASSERT_TRUE(e >= 0 && e < c.E) << "slot " << p_ << " holds " << e;
+        }
+        EXPECT_LE(same_gpu_duplicates(loc, l), same_gpu_duplicates(total.location, l));
+        // Node locality: every expert on one node, the node of the total plan (swaps stay inside
+        // a node).
+        if (node) {
+            const std::vector<std::set<int>> nodes = expert_nodes(loc, l);
+            for (int e = 0; e < c.E; ++e) {
+                EXPECT_EQ(nodes[e].size(), 1u) << "expert " << e << " spans nodes";
+            }
+            EXPECT_EQ(nodes, expert_nodes(total.location, l));
+            if (c.K > 0) {
+                const int gs = c.E / c.K;
+                for (int e = 0; e < c.E; ++e) {
+                    EXPECT_EQ(nodes[e], nodes[e / gs * gs]) << "group of expert " << e << " split";
+                }
+            }
+        }
+    }
+    EXPECT_GE(peak.stats.step_balancedness, total.stats.step_balancedness * (1 - 1e-12));
+    if (c.refines == Refines::kSomeLayer) {
+        EXPECT_GE(dropped, 1) << "the refinement lowered no layer's per-step peak";
+    } else if (c.refines == Refines::kNever) {
+        EXPECT_EQ(phy2log_of(peak), phy2log_of(total));
+    }
+    // evaluate_placement on the series agrees with the plan.
+    const PlanStats again = moelb::evaluate_placement(series.view(), loc);
+    for (int l = 0; l < c.L; ++l) {
+        EXPECT_EQ(again.layers[l].step_max_gpu_load, peak.stats.layers[l].step_max_gpu_load);
+        EXPECT_EQ(again.layers[l].max_gpu_load, peak.stats.layers[l].max_gpu_load);
+    }
+    EXPECT_EQ(again.step_balancedness, peak.stats.step_balancedness);
+}
+
+TEST_P(EplbStepPeakProperties, IdenticalForAnyThreadCount) {
+    const StepCase c = GetParam();
+    const Series series = bursty_series(c.T, c.L, c.E, c.seed);
+    std::vector<Plan> plans;
+    for (const int threads : {1, 2}) {
+        moelb::set_num_threads(threads);
+        plans.push_back(plan_of(series, step_options(c, Objective::kStepPeak)));
+    }
+    moelb::set_num_threads(0);
+    EXPECT_EQ(phy2log_of(plans[1]), phy2log_of(plans[0]));
+    EXPECT_EQ(plans[1].stats.algorithm, plans[0].stats.algorithm);
+    EXPECT_EQ(plans[1].stats.step_balancedness, plans[0].stats.step_balancedness);
+    for (int l = 0; l < c.L; ++l) {
+        EXPECT_EQ(plans[1].stats.layers[l].step_max_gpu_load,
+                  plans[0].stats.layers[l].step_max_gpu_load);
+        EXPECT_EQ(plans[1].stats.layers[l].max_gpu_load, plans[0].stats.layers[l].max_gpu_load);
+    }
+}
+
+// The refinement stops when no swap between two GPUs of a domain that adds no same-GPU duplicate
+// lowers the objective by more than 1e-4 of it (eplb.cpp, kStepTol): checked here against every
+// such swap.
+TEST_P(EplbStepPeakProperties, NoAllowedSwapLowersThePeakFurther) {
+    constexpr double kStepTol = 1e-4;
+    const StepCase c = GetParam();
+    const Series series = bursty_series(c.T, c.L, c.E, c.seed);
+    const Plan peak = plan_of(series, step_options(c, Objective::kStepPeak));
+    const int S = c.R / c.G;
+    const bool node = peak.stats.algorithm == "moelb(locality=node)+step_peak";
+    const int gpus_per_domain = node ? c.G / c.N : c.G;
+    auto holds_elsewhere = [&](const std::vector<std::int32_t>& row, int slot, int expert) {
+        const int g = slot / S;
+        for (int k = g * S; k < (g + 1) * S; ++k) {
+            if (k != slot && row[k] == expert) return true;
+        }
+        return false;
+    };
+    int swaps = 0;
+    for (int l = 0; l < c.L; ++l) {
+        std::vector<std::int32_t> row = row_of(phy2log_of(peak), l);
+        const std::vector<int> count = counts_of(peak.location, l);
+        const double base = row_step_peak(series, l, row, count, c.G);
+        for (int p = 0; p < c.R; ++p) {
+            for (int q = p + 1; q < c.R; ++q) {
+                const int x = row[p], y = row[q];
+                if (p / S == q / S || p / S / gpus_per_domain != q / S / gpus_per_domain ||
+                    x == y || holds_elsewhere(row, q, x) || holds_elsewhere(row, p, y)) {
+                    continue;
+                }
+                std::swap(row[p], row[q]);
+                const double swapped = row_step_peak(series, l, row, count, c.G);
+                std::swap(row[p], row[q]);
+                ++swaps;
+                EXPECT_GE(swapped, base * (1 - kStepTol * (1 + 1e-6)))
+                    << "layer " << l << ": swapping slots " << p << " and " << q << " (experts "
+                    << x << " and " << y << ") lowers " << base << " to " << swapped;
+            }
+        }
+    }
+    if (c.refines != Refines::kNever) EXPECT_GT(swaps, 0);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Topologies, EplbStepPeakProperties,
+    ::testing::Values(
+        StepCase{"two_nodes_e32_r48_k8_n2_g8", 3, 32, 48, 8, 2, 8, 24, Locality::kAuto, 41,
+                 Refines::kSomeLayer},
+        StepCase{"four_nodes_e32_r48_k8_n4_g16", 2, 32, 48, 8, 4, 16, 40, Locality::kAuto, 42,
+                 Refines::kSomeLayer},
+        StepCase{"three_nodes_e24_r36_k6_n3_g6", 3, 24, 36, 6, 3, 6, 9, Locality::kNode, 43,
+                 Refines::kSomeLayer},
+        StepCase{"uneven_groups_e24_r36_k6_n4_g12", 3, 24, 36, 6, 4, 12, 16, Locality::kNode, 44,
+                 Refines::kSomeLayer},
+        StepCase{"no_locality_e24_r32_k0_n1_g8", 3, 24, 32, 0, 1, 8, 16, Locality::kNone, 45,
+                 Refines::kSomeLayer},
+        StepCase{"none_on_two_nodes_e24_r32_k4_n2_g8", 2, 24, 32, 4, 2, 8, 12, Locality::kNone, 46,
+                 Refines::kSomeLayer},
+        StepCase{"no_redundancy_e16_r16_k4_n2_g4", 3, 16, 16, 4, 2, 4, 12, Locality::kAuto, 47,
+                 Refines::kSomeLayer},
+        // More replicas than GPUs per node: duplicates are forced and block most swaps.
+        StepCase{"many_replicas_e8_r40_k2_n2_g8", 2, 8, 40, 2, 2, 8, 10, Locality::kAuto, 48,
+                 Refines::kMaybe},
+        StepCase{"long_window_e64_r80_k8_n2_g16", 2, 64, 80, 8, 2, 16, 100, Locality::kAuto, 49,
+                 Refines::kSomeLayer},
+        StepCase{"gpu_per_node_e16_r24_k8_n8_g8", 2, 16, 24, 8, 8, 8, 12, Locality::kAuto, 50,
+                 Refines::kNever},
+        StepCase{"single_gpu_e6_r8_k0_n1_g1", 2, 6, 8, 0, 1, 1, 5, Locality::kAuto, 51,
+                 Refines::kNever}),
+    [](const ::testing::TestParamInfo<StepCase>& info) { return info.param.name; });
+
+// With a previous placement (and no move cost) GPUs and slots are only relabelled to match it:
+// the per-step peaks are those planned without it, and the plan as its own previous moves nothing.
+TEST(EplbStepPeak, PreviousOnlyRelabels) {
+    const Series series = bursty_series(20, 3, 16, 71);
+    RebalanceOptions o =
+        with_objective({.num_physical_experts = 24, .num_groups = 4, .num_nodes = 2, .num_gpus = 8},
+                       Objective::kStepPeak);
+    const Plan fresh = plan_of(series, o);
+    const ExpertLocation trivial = ExpertLocation::trivial(3, 16, 24, 8, 2);
+    o.previous = &trivial;
+    const Plan matched = plan_of(series, o);
+    o.previous = &fresh.location;
+    const Plan again = plan_of(series, o);
+    EXPECT_EQ(again.stats.moved_experts, 0);
+    EXPECT_EQ(phy2log_of(again), phy2log_of(fresh));
+    for (int l = 0; l < 3; ++l) {
+        EXPECT_EQ(counts_of(matched.location, l), counts_of(fresh.location, l));
+        EXPECT_TRUE(near(matched.stats.layers[l].step_max_gpu_load,
+                         fresh.stats.layers[l].step_max_gpu_load))
+            << "layer " << l;
+        EXPECT_EQ(again.stats.layers[l].step_max_gpu_load, fresh.stats.layers[l].step_max_gpu_load);
+    }
+}
+
+// eplb.hpp: kStepPeak's per-step peak "is never above the kTotal plan's". With a previous
+// placement and a move cost, each layer's keep-or-move decision weighs the relative reduction of
+// max_gpu_load (of the summed load) per move; the refinement may raise max_gpu_load, so a layer
+// whose kTotal plan pays for its moves can keep its previous placement under kStepPeak, with a
+// higher per-step peak than kTotal's.
+TEST(EplbStepPeak, MoveCostWeighsTheGainInThePerStepPeak) {
+    constexpr int L = 6;
+    const Series series = bursty_series(24, L, 32, 99);
+    const ExpertLocation trivial = ExpertLocation::trivial(L, 32, 48, 8, 2);
+    RebalanceOptions o{.num_physical_experts = 48, .num_groups = 8, .num_nodes = 2, .num_gpus = 8};
+    o.previous = &trivial;
+    const moelb::PlanStats before = moelb::evaluate_placement(series.view(), trivial);
+    // Without a trade-off the previous placement only relabels GPUs and slots: never above the
+    // total plan.
+    const Plan total = plan_of(series, o);
+    const Plan free = plan_of(series, with_objective(o, Objective::kStepPeak));
+    for (int l = 0; l < L; ++l) {
+        EXPECT_FALSE(free.stats.layers[l].kept_previous);
+        EXPECT_LE(free.stats.layers[l].step_max_gpu_load,
+                  total.stats.layers[l].step_max_gpu_load * (1 + 1e-12))
+            << "layer " << l;
+    }
+    // With move_cost, a layer keeps its previous placement exactly when the relative gain in its
+    // per-step peak is below move_cost per moved expert.
+    int kept = 0, changed = 0;
+    for (const double cost : {0.003, 0.01, 0.03}) {
+        SCOPED_TRACE("move_cost=" + std::to_string(cost));
+        o.move_cost = cost;
+        const Plan peak = plan_of(series, with_objective(o, Objective::kStepPeak));
+        for (int l = 0; l < L; ++l) {
+            const double old_peak = before.layers[l].step_max_gpu_load;
+            const double new_peak = free.stats.layers[l].step_max_gpu_load;
+            const auto moves = static_cast<double>(free.stats.layers[l].moved_experts);
+            const double gain = (old_peak - new_peak) / old_peak;
+            const bool keep = moves > 0 && (gain <= 0 || gain < cost * moves);
+            const moelb::LayerPlanStats& p = peak.stats.layers[l];
+            EXPECT_EQ(p.kept_previous, keep)
+                << "layer " << l << " gain " << gain << " moves " << moves;
+            EXPECT_DOUBLE_EQ(p.step_max_gpu_load, keep ? old_peak : new_peak) << "layer " << l;
+            if (keep) EXPECT_EQ(p.moved_experts, 0) << "layer " << l;
+            (keep ? kept : changed) += 1;
+        }
+    }
+    EXPECT_GT(kept, 0);  // not vacuous: both outcomes happen
+    EXPECT_GT(changed, 0);
+}
+
+// Values each finite whose sum over the steps overflows: a clear error from both overloads.
+TEST(EplbStepPeak, SumOverflowIsAnError) {
+    Series series(2, 1, 4);
+    std::fill(series.data.begin(), series.data.end(), 1e308);
+    const ExpertLocation trivial = ExpertLocation::trivial(1, 4, 4, 2, 1);
+    RebalanceOptions o{.num_physical_experts = 4, .num_gpus = 2};
+    for (const Objective objective : {Objective::kTotal, Objective::kStepPeak}) {
+        expect_invalid_argument(
+            [&] { moelb::rebalance(series.view(), with_objective(o, objective)); },
+            "load summed over the 2 steps overflows at layer 0, expert 0");
+    }
+    expect_invalid_argument([&] { moelb::evaluate_placement(series.view(), trivial); },
+                            "load summed over the 2 steps overflows at layer 0, expert 0");
+}
+
+// Errors of the per-step overloads.
+TEST(EplbStepPeak, ErrorsNameTheProblem) {
+    const Series series = bursty_series(3, 2, 12, 61);
+    const RebalanceOptions peak = with_objective(small_options(), Objective::kStepPeak);
+    // kStepPeak needs the series, and moelb.
+    expect_invalid_argument([&] { moelb::rebalance(cmap(kReadmeWeight), peak); },
+                            "objective='step_peak' needs per-step loads");
+    EXPECT_THROW(moelb::rebalance(cmap(kReadmeWeight), peak), InvalidArgument);
+    for (const EplbAlgorithm a : {EplbAlgorithm::kDeepSeek, EplbAlgorithm::kDeepSeekHierarchical,
+                                  EplbAlgorithm::kDeepSeekGlobal}) {
+        SCOPED_TRACE(std::string(moelb::to_string(a)));
+        const RebalanceOptions o = with_objective(small_options(a), Objective::kStepPeak);
+        expect_invalid_argument([&] { moelb::rebalance(series.view(), o); },
+                                "objective='step_peak' is moelb's; algorithm='" +
+                                    std::string(moelb::to_string(a)) + "'");
+        // The same algorithm plans the total of the series.
+        EXPECT_NO_THROW(moelb::rebalance(series.view(), small_options(a)));
+    }
+    // Bad values, named by their [step, layer, expert], for both objectives and for evaluation.
+    const double nan = std::numeric_limits<double>::quiet_NaN();
+    const double inf = std::numeric_limits<double>::infinity();
+    const ExpertLocation trivial = ExpertLocation::trivial(2, 12, 16, 8, 2);
+    struct Bad {
+        int t, l, e;
+        double value;
+        const char* needle;
+    };
+    for (const Bad& b :
+         {Bad{1, 0, 2, -1.0, "load[1, 0, 2] = -1"}, Bad{2, 1, 11, nan, "load[2, 1, 11] = nan"},
+          Bad{0, 1, 0, inf, "load[0, 1, 0] = inf"}, Bad{2, 0, 5, -inf, "load[2, 0, 5] = -inf"}}) {
+        SCOPED_TRACE(b.needle);
+        Series bad = series;
+        bad.at(b.t, b.l, b.e) = b.value;
+        for (const Objective objective : {Objective::kTotal, Objective::kStepPeak}) {
+            expect_invalid_argument(
+                [&] { moelb::rebalance(bad.view(), with_objective(small_options(), objective)); },
+                b.needle);
+        }
+        expect_invalid_argument([&] { moelb::evaluate_placement(bad.view(), trivial); }, b.needle);
+    }
+    // Shapes: the data must hold T * L * E values, every dimension positive.
+    const std::span<const double> all(series.data);
+    struct Shape {
+        const char* what;
+        StepLoads steps;
+        const char* needle;
+    };
+    for (const Shape& s : {
+             Shape{"one value short",
+                   {all.first(all.size() - 1), 3, 2, 12},
+                   "load holds 71 values, not 3 x 2 x 12"},
+             Shape{"one step too many", {all, 4, 2, 12}, "load holds 72 values, not 4 x 2 x 12"},
+             Shape{"no steps", {all.first(0), 0, 2, 12}, "load must have shape [num_steps"},
+             Shape{"no layers", {all.first(0), 3, 0, 12}, "got [3, 0, 12]"},
+             Shape{"no experts", {all.first(0), 3, 2, 0}, "got [3, 2, 0]"},
+             Shape{"negative steps", {all, -3, 2, 12}, "got [-3, 2, 12]"},
+         }) {
+        SCOPED_TRACE(s.what);
+        for (const Objective objective : {Objective::kTotal, Objective::kStepPeak}) {
+            expect_invalid_argument(
+                [&] { moelb::rebalance(s.steps, with_objective(small_options(), objective)); },
+                s.needle);
+        }
+        expect_invalid_argument([&] { moelb::evaluate_placement(s.steps, trivial); }, s.needle);
+    }
+    // A series whose layers or experts do not match the placement.
+    expect_invalid_argument(
+        [&] { moelb::evaluate_placement(series.view(), ExpertLocation::trivial(3, 12, 16, 8)); },
+        "load has shape [2, 12]");
+    expect_invalid_argument(
+        [&] { moelb::evaluate_placement(series.view(), ExpertLocation::trivial(2, 10, 16, 8)); },
+        "load has shape [2, 12]");
 }
 
 }  // namespace

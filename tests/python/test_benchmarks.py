@@ -164,3 +164,68 @@ def test_bench_moe_quick(tmp_path: Path) -> None:
     peak = data["peak_bytes"]
     assert peak["variant_outputs_identical"] and peak["savings_equal_4TH"]
     assert all(m["ok"] for m in peak["measured"])
+
+
+def test_bench_objective_quick(tmp_path: Path) -> None:
+    stdout, data = run_quick(tmp_path, "bench_objective.py", "--threads", "1")
+    assert "conclusion:" in stdout
+    assert data["inconsistencies"] == []
+    topologies = [t["name"] for t in data["topologies"]]
+    assert [(c["strength"], c["window_steps"], c["topology"]) for c in data["cases"]] == list(
+        itertools.product(data["strengths"], data["windows"], topologies)
+    )
+    assert data["strengths"] == [0.0, 0.5, 1.0, 3.0]
+    for c in data["cases"]:
+        assert [p["window"] for p in c["pairs"]] == list(range(data["pairs"]))
+        for p in c["pairs"]:
+            for objective in ("total", "step_peak"):
+                # a step's peak GPU is at least its share of the sum's peak GPU
+                for when in ("in", "next"):
+                    step, summed = p[f"step_{when}"][objective], p[f"summed_{when}"][objective]
+                    assert 0.0 < step <= summed + 1e-12 <= 1.0 + 2e-12, (c, p)
+                assert p["seconds"][objective] > 0 and p["planner_seconds"][objective] > 0
+            # step_peak's per-step peaks are never above total's on the window it planned from
+            assert p["step_in"]["step_peak"] >= p["step_in"]["total"] - 1e-12, (c, p)
+        assert c["next_better_pairs"] == sum(
+            p["step_next"]["step_peak"] > p["step_next"]["total"] for p in c["pairs"]
+        )
+    lines = data["conclusions"]
+    assert [line.split(":")[0] for line in lines[: len(data["strengths"])]] == [
+        f"s={s:g}" for s in data["strengths"]
+    ]
+    assert "the next window better in every window pair" in lines[len(data["strengths"])]
+
+    # The same traffic and plans at 2 threads (the planner is deterministic).
+    _, again = run_quick(tmp_path, "bench_objective.py", "--threads", "2")
+    quality = ("step_in", "step_next", "summed_in", "summed_next")
+    assert [[{k: p[k] for k in quality} for p in c["pairs"]] for c in again["cases"]] == [
+        [{k: p[k] for k in quality} for p in c["pairs"]] for c in data["cases"]
+    ]
+
+
+def test_bench_objective_flags_inconsistency() -> None:
+    """bench_objective's consistency check (behind its exit status): silent on the library's two
+    plans of a window, and reports step_peak's per-step peak above total's when they are
+    swapped."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import bench_objective as bench
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    import moelb
+
+    rng = np.random.default_rng(5)
+    series = bench.sample_counts(bench.make_model(rng, 2), rng, 10, strength=3.0)
+    for topology in bench.TOPOLOGIES:
+        plans = {
+            objective: moelb.rebalance(
+                series, *topology.args(), locality=topology.locality, objective=objective
+            )
+            for objective in ("total", "step_peak")
+        }
+        scores = {o: moelb.evaluate_placement(series, p.location) for o, p in plans.items()}
+        assert bench._check("ok", series, topology, plans, scores) == []
+        swapped = {"total": plans["step_peak"], "step_peak": plans["total"]}
+        swapped_scores = {"total": scores["step_peak"], "step_peak": scores["total"]}
+        problems = bench._check("swapped", series, topology, swapped, swapped_scores)
+        assert any("above total's" in p for p in problems), problems

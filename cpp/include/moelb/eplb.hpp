@@ -21,7 +21,9 @@
 // takes the window's per-step loads and, starting from the kTotal plan, swaps replicas between
 // GPUs of a domain (same counts, no new same-GPU duplicate) while that lowers the sum over steps
 // of each step's largest GPU load -- what a serving step waits for -- so experts that peak in the
-// same steps end up on different GPUs. Its per-step peak is never above the kTotal plan's.
+// same steps end up on different GPUs. Its per-step peak is never above the kTotal plan's (unless
+// move_cost / max_moves keep a layer's previous placement; under kStepPeak they weigh the gain in
+// the per-step peak).
 #pragma once
 
 #include <cstdint>
@@ -67,10 +69,11 @@ struct RebalanceOptions {
     int num_nodes = 1;             // N
     int num_gpus = 1;              // G (EP ranks)
     EplbAlgorithm algorithm = EplbAlgorithm::kMoelb;
-    Locality locality = Locality::kAuto;  // kMoelb only
+    Locality locality = Locality::kAuto;      // kMoelb only
     Objective objective = Objective::kTotal;  // kStepPeak: kMoelb with per-step loads only
     // kMoelb with previous: a layer keeps its previous placement unless its relative max-load
-    // reduction is at least move_cost per moved expert; max_moves (>= 0) caps the slots rewritten
+    // reduction (kStepPeak: of the sum of the steps' max loads) is at least move_cost per moved
+    // expert; max_moves (>= 0) caps the slots rewritten
     // over all layers (layers with the best gain per move first). -1 = no cap.
     const ExpertLocation* previous = nullptr;
     double move_cost = 0.0;
