@@ -1746,12 +1746,17 @@ struct StepScratch {
     std::vector<double> top1, top2, top3;  // [steps]: the three largest bin loads of a step
     std::vector<int> arg1, arg2;           // [steps]: the bins of the two largest
     std::vector<int> peaks, by_peaks;      // [bins]: steps each bin is the largest in
-    // The same in the order one bin's search visits the steps (order: step of each position).
-    std::vector<int> order;
-    std::vector<double> share_o, load_o, top1_o, top2_o, top3_o, rest;
-    std::vector<int> arg1_o, arg2_o;
-    std::vector<double> reach;     // [chunks + 1]: the most a swap can gain from a chunk on
-    std::vector<double> peak_sum;  // [E]: an expert's load per replica summed over a's peaks
+    // Steps where a bin is one of the two largest: bin b's at [near_offset[b], near_offset[b+1]).
+    std::vector<int> near, near_offset;
+    // Bin a's search: its peak steps (peak_steps) and, gathered over them, each expert's load per
+    // replica ([E, peak stride]), a's and the partner's loads, the second and third largest
+    // loads and the second largest's bin.
+    std::vector<int> peak_steps, peak_arg2;
+    std::vector<double> peak_share, peak_a, peak_b, peak_top2, peak_top3, peak_rest, peak_sum;
+    // Bin a's search with partner b: the largest load of the other bins in every step (rest_a:
+    // of the bins other than a); other_a: 0 in a's peak steps, else 1; the most b's peak steps
+    // can give back from each chunk on.
+    std::vector<double> rest_a, rest, other_a, reach;
 };
 
 // Lowers the sum over steps of each step's largest bin load by swaps of replicas between bins of
@@ -1762,14 +1767,13 @@ struct StepScratch {
 // makes it. Stops when none has, or after 4 * slots swaps. Sequential, in float64 with a fixed
 // summation order: the same result for any thread count.
 //
-// A swap's change is a sum over steps of max(rest, new load of a, new load of b) - largest, where
-// rest is the largest load of the other bins: never negative in a step whose largest bin is
-// neither a nor b, and at least rest - largest in the others. Bin a's search visits the steps
-// where a is the largest first, and drops a candidate as soon as its sum so far, less the most
-// the remaining steps can give back, cannot beat the best swap found (checked every kStepChunk
-// steps): most candidates are dropped after the first chunks. Before that, a candidate is dropped
-// at once when the change of a's load over a's peaks (in a step where a is the largest, the
-// change is at least that of a's load), less what b's peaks can give back, cannot beat the best.
+// A swap of x on bin a with y on bin b changes the objective by the sum over steps of
+// max(rest, new load of a, new load of b) - largest, where rest is the largest load of the other
+// bins. The term is never negative in a step whose largest bin is neither a nor b, at least
+// rest - largest where it is b, and at least y - x where it is a. So a candidate's change is
+// summed over a's peak steps first (after a screen by the sum of y - x over them), then over
+// the other steps in step order, stopping as soon as the sum so far, less the most b's remaining
+// peak steps can give back, cannot beat the best swap found (checked every kStepChunk steps).
 void refine_step_peak(Packing& p, const LayerSteps& steps, StepScratch& s) {
     // A swap must lower the objective by this much (relative): smaller gains are mostly the
     // window's sampling noise (they do not carry over to the next window) and cost time.
@@ -1786,14 +1790,16 @@ void refine_step_peak(Packing& p, const LayerSteps& steps, StepScratch& s) {
         for (int e = 0; e < E; ++e) s.share[e * T + t] = p.count[e] > 0 ? w[e] / p.count[e] : 0.0;
     }
     s.load.resize(sz(B * T));
-    for (auto* v : {&s.top1, &s.top2, &s.top3, &s.top1_o, &s.top2_o, &s.top3_o, &s.rest}) {
+    for (auto* v : {&s.top1, &s.top2, &s.top3, &s.rest_a, &s.rest, &s.other_a}) {
         v->resize(sz(T));
     }
-    for (auto* v : {&s.arg1, &s.arg2, &s.arg1_o, &s.arg2_o, &s.order}) v->resize(sz(T));
-    s.share_o.resize(sz(E * T));
-    s.load_o.resize(sz(B * T));
+    s.arg1.resize(sz(T));
+    s.arg2.resize(sz(T));
     s.reach.resize(sz(chunks + 1));
     s.peaks.resize(sz(B));
+    s.near_offset.resize(sz(B + 1));
+    s.near.resize(sz(2 * T));
+    s.peak_sum.resize(sz(E));
     for (int b = 0; b < B; ++b) {
         double* l = s.load.data() + b * T;
         std::fill(l, l + T, 0.0);
@@ -1832,9 +1838,24 @@ void refine_step_peak(Packing& p, const LayerSteps& steps, StepScratch& s) {
         double objective = 0.0;
         for (Index t = 0; t < T; ++t) objective += s.top1[t];
         if (!(objective > 0)) return;
+        // Peak counts, and each bin's steps among the two largest (a counting sort by bin).
         std::fill(s.peaks.begin(), s.peaks.end(), 0);
+        std::fill(s.near_offset.begin(), s.near_offset.end(), 0);
         for (Index t = 0; t < T; ++t) {
-            if (s.arg1[t] >= 0) ++s.peaks[s.arg1[t]];
+            if (s.arg1[t] >= 0) {
+                ++s.peaks[s.arg1[t]];
+                ++s.near_offset[s.arg1[t] + 1];
+            }
+            if (s.arg2[t] >= 0) ++s.near_offset[s.arg2[t] + 1];
+        }
+        for (int b = 0; b < B; ++b) s.near_offset[b + 1] += s.near_offset[b];
+        {
+            std::vector<int>& fill = s.by_peaks;  // scratch here
+            fill.assign(s.near_offset.begin(), s.near_offset.end() - 1);
+            for (Index t = 0; t < T; ++t) {
+                if (s.arg1[t] >= 0) s.near[fill[s.arg1[t]]++] = static_cast<int>(t);
+                if (s.arg2[t] >= 0) s.near[fill[s.arg2[t]]++] = static_cast<int>(t);
+            }
         }
         s.by_peaks.clear();
         for (int b = 0; b < B; ++b) {
@@ -1843,88 +1864,122 @@ void refine_step_peak(Packing& p, const LayerSteps& steps, StepScratch& s) {
         std::stable_sort(s.by_peaks.begin(), s.by_peaks.end(),
                          [&](int x, int y) { return s.peaks[x] > s.peaks[y]; });
         const double margin = objective * kStepTol;
+        const double slack = objective * 1e-12;  // far above the rounding of the screens' sums
         bool improved = false;
         for (const int a : s.by_peaks) {
-            // The steps in the order of this search: a's peaks first, each part in step order.
-            Index n = 0;
+            // a's peak steps, padded with zero steps to whole vectors, and what is gathered on
+            // them; rest_a and the gain each step allows when only a is excluded.
+            s.peak_steps.clear();
             for (Index t = 0; t < T; ++t) {
-                if (s.arg1[t] == a) s.order[n++] = static_cast<int>(t);
+                if (s.arg1[t] == a) s.peak_steps.push_back(static_cast<int>(t));
             }
-            for (Index t = 0; t < T; ++t) {
-                if (s.arg1[t] != a) s.order[n++] = static_cast<int>(t);
-            }
-            auto reorder = [&](const double* from, double* to) {
-                for (Index i = 0; i < T; ++i) to[i] = from[s.order[i]];
-            };
-            for (int e = 0; e < E; ++e) reorder(&s.share[e * T], &s.share_o[e * T]);
-            for (int b = 0; b < B; ++b) reorder(&s.load[b * T], &s.load_o[b * T]);
-            reorder(s.top1.data(), s.top1_o.data());
-            reorder(s.top2.data(), s.top2_o.data());
-            reorder(s.top3.data(), s.top3_o.data());
-            for (Index i = 0; i < T; ++i) {
-                s.arg1_o[i] = s.arg1[s.order[i]];
-                s.arg2_o[i] = s.arg2[s.order[i]];
-            }
-            s.peak_sum.resize(sz(E));
+            const Index k = static_cast<Index>(s.peak_steps.size());
+            const Index K = (k + kLanes - 1) / kLanes * kLanes;
+            s.peak_share.assign(sz(E * K), 0.0);
             for (int e = 0; e < E; ++e) {
-                const double* u = &s.share_o[e * T];
+                const double* u = &s.share[e * T];
+                double* c = &s.peak_share[e * K];
                 double sum = 0.0;
-                for (Index i = 0; i < s.peaks[a]; ++i) sum += u[i];
+                for (Index i = 0; i < k; ++i) sum += c[i] = u[s.peak_steps[i]];
                 s.peak_sum[e] = sum;
             }
-            const double slack = objective * 1e-12;  // far above the rounding of these sums
+            for (auto* v : {&s.peak_a, &s.peak_b, &s.peak_top2, &s.peak_top3, &s.peak_rest}) {
+                v->assign(sz(K), 0.0);
+            }
+            s.peak_arg2.assign(sz(K), -1);
+            for (Index i = 0; i < k; ++i) {
+                const int t = s.peak_steps[i];
+                s.peak_a[i] = s.load[a * T + t];
+                s.peak_top2[i] = s.top2[t];
+                s.peak_top3[i] = s.top3[t];
+                s.peak_arg2[i] = s.arg2[t];
+            }
+            for (Index t = 0; t < T; ++t) {
+                s.rest_a[t] = s.arg1[t] != a ? s.top1[t] : s.top2[t];
+                s.other_a[t] = s.arg1[t] != a ? 1.0 : 0.0;
+            }
+            // The most a swap can gain in a's peak steps: each step down to the next largest.
+            double reach_a = 0.0;
+            for (Index i = 0; i < k; ++i) reach_a += s.peak_a[i] - s.peak_top3[i];
             const int d = p.domain(a);
             double best = -margin;  // the best change of the objective so far (negative: lower)
             int best_b = -1, best_xi = -1, best_yi = -1;
-            const double* la = &s.load_o[a * T];
-            const double* top = s.top1_o.data();
+            const double* la = &s.load[a * T];
             for (int b = d * p.bins_per_domain; b < (d + 1) * p.bins_per_domain; ++b) {
                 if (b == a) continue;
-                // The largest load of the other bins, and how much a swap could gain at most: only
-                // steps whose largest bin is a or b can get lower (to `rest` at best).
-                s.reach[chunks] = 0.0;
-                double reach_b = 0.0;  // the part of the steps where b is the largest
-                for (Index c = chunks - 1; c >= 0; --c) {
-                    double gain = 0.0;
-                    for (Index t = c * kStepChunk; t < (c + 1) * kStepChunk; ++t) {
-                        const bool first = s.arg1_o[t] != a && s.arg1_o[t] != b;
-                        const bool second = s.arg2_o[t] != a && s.arg2_o[t] != b;
-                        s.rest[t] = first ? s.top1_o[t] : second ? s.top2_o[t] : s.top3_o[t];
-                        gain += s.top1_o[t] - s.rest[t];
-                        if (s.arg1_o[t] == b) reach_b += s.top1_o[t] - s.rest[t];
-                    }
-                    s.reach[c] = s.reach[c + 1] + gain;
+                // rest with b excluded too: it differs from rest_a only where b is one of the two
+                // largest. reach: what b's peak steps can give back from each chunk on.
+                std::copy(s.rest_a.begin(), s.rest_a.end(), s.rest.begin());
+                std::fill(s.reach.begin(), s.reach.end(), 0.0);
+                for (int j = s.near_offset[b]; j < s.near_offset[b + 1]; ++j) {
+                    const int t = s.near[j];
+                    const bool first = s.arg1[t] != a && s.arg1[t] != b;
+                    const bool second = s.arg2[t] != a && s.arg2[t] != b;
+                    s.rest[t] = first ? s.top1[t] : second ? s.top2[t] : s.top3[t];
+                    if (s.arg1[t] == b) s.reach[t / kStepChunk] += s.top1[t] - s.rest[t];
                 }
-                if (-s.reach[0] >= best) continue;
-                const double* lb = &s.load_o[b * T];
+                for (Index c = chunks - 1; c >= 0; --c) s.reach[c] += s.reach[c + 1];
+                const double reach_b = s.reach[0];
+                if (-(reach_a + reach_b) >= best) continue;
+                for (Index i = 0; i < k; ++i) {
+                    const int t = s.peak_steps[i];
+                    s.peak_b[i] = s.load[b * T + t];
+                    s.peak_rest[i] = s.peak_arg2[i] != b ? s.peak_top2[i] : s.peak_top3[i];
+                }
+                const double* lb = &s.load[b * T];
                 for (int xi = 0; xi < S; ++xi) {
-                    const double* ux = &s.share_o[p.bin(a)[xi] * T];
+                    const int x = p.bin(a)[xi];
                     for (int yi = 0; yi < S; ++yi) {
-                        if (s.peak_sum[p.bin(b)[yi]] - s.peak_sum[p.bin(a)[xi]] - reach_b >=
-                                best + slack ||
+                        const int y = p.bin(b)[yi];
+                        if (s.peak_sum[y] - s.peak_sum[x] - reach_b >= best + slack ||
                             !p.swap_allowed(a, xi, b, yi)) {
                             continue;
                         }
-                        const double* uy = &s.share_o[p.bin(b)[yi] * T];
-                        Lanes acc = {0, 0, 0, 0};
+                        // The terms of a's peak steps.
                         double change = 0.0;
-                        Index c = 0;
-                        for (; c < chunks; ++c) {
-                            for (Index t = c * kStepChunk; t < (c + 1) * kStepChunk; t += kLanes) {
-                                Lanes x, y, ga, gb, r, peak;
-                                std::memcpy(&x, ux + t, sizeof x);
-                                std::memcpy(&y, uy + t, sizeof y);
-                                std::memcpy(&ga, la + t, sizeof ga);
-                                std::memcpy(&gb, lb + t, sizeof gb);
-                                std::memcpy(&r, s.rest.data() + t, sizeof r);
-                                std::memcpy(&peak, top + t, sizeof peak);
-                                const Lanes delta = y - x;
+                        {
+                            const double* cx = &s.peak_share[x * K];
+                            const double* cy = &s.peak_share[y * K];
+                            Lanes acc = {0, 0, 0, 0};
+                            for (Index i = 0; i < K; i += kLanes) {
+                                Lanes ux, uy, ga, gb, r;
+                                std::memcpy(&ux, cx + i, sizeof ux);
+                                std::memcpy(&uy, cy + i, sizeof uy);
+                                std::memcpy(&ga, s.peak_a.data() + i, sizeof ga);
+                                std::memcpy(&gb, s.peak_b.data() + i, sizeof gb);
+                                std::memcpy(&r, s.peak_rest.data() + i, sizeof r);
+                                const Lanes delta = uy - ux;
                                 const Lanes na = ga + delta, nb = gb - delta;
                                 Lanes m = na > nb ? na : nb;
                                 m = m > r ? m : r;
-                                acc += m - peak;
+                                acc += m - ga;  // ga is the step's largest load
                             }
                             change = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+                            if (change - reach_b >= best) continue;
+                        }
+                        // The terms of the other steps, in step order.
+                        const double* ux = &s.share[x * T];
+                        const double* uy = &s.share[y * T];
+                        const double peak_change = change;
+                        Lanes acc = {0, 0, 0, 0};
+                        Index c = 0;
+                        for (; c < chunks; ++c) {
+                            for (Index t = c * kStepChunk; t < (c + 1) * kStepChunk; t += kLanes) {
+                                Lanes vx, vy, ga, gb, r, peak, other;
+                                std::memcpy(&vx, ux + t, sizeof vx);
+                                std::memcpy(&vy, uy + t, sizeof vy);
+                                std::memcpy(&ga, la + t, sizeof ga);
+                                std::memcpy(&gb, lb + t, sizeof gb);
+                                std::memcpy(&r, s.rest.data() + t, sizeof r);
+                                std::memcpy(&peak, s.top1.data() + t, sizeof peak);
+                                std::memcpy(&other, s.other_a.data() + t, sizeof other);
+                                const Lanes delta = vy - vx;
+                                const Lanes na = ga + delta, nb = gb - delta;
+                                Lanes m = na > nb ? na : nb;
+                                m = m > r ? m : r;
+                                acc += (m - peak) * other;
+                            }
+                            change = peak_change + ((acc[0] + acc[1]) + (acc[2] + acc[3]));
                             if (change - s.reach[c + 1] >= best) break;
                         }
                         if (c == chunks && change < best) {
