@@ -417,10 +417,14 @@ def time_case(
     torch_repeats: int,
     torch_mod: Any | None,
 ) -> Timing:
-    """Median seconds per whole-model call. The ports run in the first thread count's block
-    (single-threaded Python; PyTorch set to that thread count); moelb's deepseek mode and its
-    planner (each locality) run in every block, after one untimed call at that thread count. The
-    ports have already run once (the agreement check), which serves as their warm-up."""
+    """Median seconds per whole-model call. moelb's deepseek mode and its planner (each
+    locality) run in every block, after one untimed call at that thread count; so does the Python
+    port (single-threaded: its samples from every block make one median), so that moelb's calls
+    at every thread count follow the same tens of milliseconds of other work, as a planner called
+    now and then does (on this kind of machine a call after such a pause takes ~1.5x a call in a
+    tight loop, and a parked worker thread wakes too late to help). The PyTorch port runs in the
+    first block only (set to that thread count; it takes seconds). The ports have already run
+    once (the agreement check), which serves as their warm-up."""
     args = topology.args()
     moelb_impls: dict[str, tuple[str, str]] = {"deepseek": ("deepseek", "auto")}
     if topology.node_locality:
@@ -439,9 +443,9 @@ def time_case(
             run()  # warm-up at this thread count (the pool may start its threads now)
             impls[f"{short}@{n}"] = run
             rounds[f"{short}@{n}"] = repeats
+        impls["python"] = lambda: ref.rebalance_experts(load, *args)
+        rounds["python"] = repeats
         if block == 0:
-            impls["python"] = lambda: ref.rebalance_experts(load, *args)
-            rounds["python"] = repeats
             if torch_mod is not None and torch_repeats > 0:
                 torch_mod.set_num_threads(n)
                 impls["torch"] = lambda: ref.rebalance_experts_torch(load, *args)
