@@ -1759,6 +1759,22 @@ struct StepScratch {
     std::vector<double> rest_a, rest, other_a, reach;
 };
 
+// kLanes doubles from p (unaligned).
+Lanes lanes_at(const double* p) {
+    Lanes v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+}
+
+// kLanes steps' largest load after a swap moves the load y - x of replicas (x[i], y[i]: their
+// loads in step i) onto bin a (load ga) from bin b (gb); rest: the largest load of the other bins.
+Lanes peak_after_swap(const double* x, const double* y, Lanes ga, Lanes gb, Lanes rest) {
+    const Lanes delta = lanes_at(y) - lanes_at(x);
+    const Lanes na = ga + delta, nb = gb - delta;
+    const Lanes m = na > nb ? na : nb;
+    return m > rest ? m : rest;
+}
+
 // Lowers the sum over steps of each step's largest bin load by swaps of replicas between bins of
 // a domain that keep the no-duplicate rule (counts and domains unchanged; p.bin_load follows).
 // Repeatedly: for the bins that are the largest in some step (most such steps first, ties to the
@@ -1942,17 +1958,11 @@ void refine_step_peak(Packing& p, const LayerSteps& steps, StepScratch& s) {
                             const double* cy = &s.peak_share[y * K];
                             Lanes acc = {0, 0, 0, 0};
                             for (Index i = 0; i < K; i += kLanes) {
-                                Lanes ux, uy, ga, gb, r;
-                                std::memcpy(&ux, cx + i, sizeof ux);
-                                std::memcpy(&uy, cy + i, sizeof uy);
-                                std::memcpy(&ga, s.peak_a.data() + i, sizeof ga);
-                                std::memcpy(&gb, s.peak_b.data() + i, sizeof gb);
-                                std::memcpy(&r, s.peak_rest.data() + i, sizeof r);
-                                const Lanes delta = uy - ux;
-                                const Lanes na = ga + delta, nb = gb - delta;
-                                Lanes m = na > nb ? na : nb;
-                                m = m > r ? m : r;
-                                acc += m - ga;  // ga is the step's largest load
+                                const Lanes ga = lanes_at(s.peak_a.data() + i);
+                                acc += peak_after_swap(cx + i, cy + i, ga,
+                                                       lanes_at(s.peak_b.data() + i),
+                                                       lanes_at(s.peak_rest.data() + i)) -
+                                       ga;  // ga is the step's largest load
                             }
                             change = (acc[0] + acc[1]) + (acc[2] + acc[3]);
                             if (change - reach_b >= best) continue;
@@ -1965,19 +1975,11 @@ void refine_step_peak(Packing& p, const LayerSteps& steps, StepScratch& s) {
                         Index c = 0;
                         for (; c < chunks; ++c) {
                             for (Index t = c * kStepChunk; t < (c + 1) * kStepChunk; t += kLanes) {
-                                Lanes vx, vy, ga, gb, r, peak, other;
-                                std::memcpy(&vx, ux + t, sizeof vx);
-                                std::memcpy(&vy, uy + t, sizeof vy);
-                                std::memcpy(&ga, la + t, sizeof ga);
-                                std::memcpy(&gb, lb + t, sizeof gb);
-                                std::memcpy(&r, s.rest.data() + t, sizeof r);
-                                std::memcpy(&peak, s.top1.data() + t, sizeof peak);
-                                std::memcpy(&other, s.other_a.data() + t, sizeof other);
-                                const Lanes delta = vy - vx;
-                                const Lanes na = ga + delta, nb = gb - delta;
-                                Lanes m = na > nb ? na : nb;
-                                m = m > r ? m : r;
-                                acc += (m - peak) * other;
+                                const Lanes m =
+                                    peak_after_swap(ux + t, uy + t, lanes_at(la + t),
+                                                    lanes_at(lb + t), lanes_at(s.rest.data() + t));
+                                acc += (m - lanes_at(s.top1.data() + t)) *
+                                       lanes_at(s.other_a.data() + t);
                             }
                             change = peak_change + ((acc[0] + acc[1]) + (acc[2] + acc[3]));
                             if (change - s.reach[c + 1] >= best) break;
