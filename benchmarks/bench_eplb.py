@@ -145,6 +145,9 @@ class Quality:
     # mean gap to it.
     slot_bound_excess: float | None = None
     gap_to_slot_bound: float | None = None
+    # Every plan: the mean over layers of max GPU load / packing_lower_bound(its replicas) - 1:
+    # how far the packing is from the best any packing of the same replica counts can do.
+    packing_gap: float = 0.0
     # moelb plans only: layers whose max GPU load exceeds DeepSeek's (same locality), and which
     compared_with: str | None = None
     worse_layers: int | None = None
@@ -330,6 +333,22 @@ def slot_lower_bound(w: npt.NDArray[np.float64], num_slots: int, num_gpus: int) 
     return max(mean, best)
 
 
+def packing_lower_bound(replica_loads: npt.NDArray[np.float64], num_gpus: int) -> float:
+    """A lower bound on the max GPU load of every packing of these replicas (their loads fixed:
+    the plan's replica counts) onto num_gpus GPUs of exactly S = len / num_gpus replicas each.
+
+    For every h, the h GPUs holding the h largest replicas (or, if some share a GPU, h GPUs
+    holding at least those) carry h * S replicas, so together at least the h largest plus the
+    (S - 1) * h smallest: one of them carries at least that sum / h. The bound is the largest
+    over h (h = G gives the mean)."""
+    r = np.sort(np.asarray(replica_loads, dtype=np.float64))[::-1]
+    per_gpu = len(r) // num_gpus
+    h = np.arange(1, num_gpus + 1)
+    top = np.cumsum(r)[h - 1]
+    smallest = np.concatenate(([0.0], np.cumsum(r[::-1])))[(per_gpu - 1) * h]
+    return float(np.max((top + smallest) / h))
+
+
 def measure_quality(
     topology: Topology,
     loads_name: str,
@@ -358,6 +377,16 @@ def measure_quality(
             balancedness=float(stats.balancedness),
             mean_gap=float(stats.mean_gap),
             max_gap=float(stats.max_gap),
+        )
+        location = plans[label].location
+        replicas = np.take_along_axis(load, location.physical_to_logical, 1) / np.take_along_axis(
+            location.logical_count, location.physical_to_logical, 1
+        )
+        packing = np.array(
+            [packing_lower_bound(row, topology.num_gpus) for row in replicas], dtype=np.float64
+        )
+        quality.packing_gap = float(
+            np.mean(np.asarray(stats.max_gpu_load) / np.maximum(packing, 1e-300) - 1.0)
         )
         if label == "moelb none" and topology.slots_per_gpu >= GOAL_GAP_MIN_SLOTS_PER_GPU:
             slots, gpus = topology.num_physical_experts, topology.num_gpus
@@ -532,6 +561,7 @@ def format_quality(qualities: Sequence[Quality], num_layers: int) -> str:
         "max gap",
         "slot bound",
         "gap to it",
+        "packing gap",
         "worse layers",
         "same 1t/2t",
     ]
@@ -547,6 +577,7 @@ def format_quality(qualities: Sequence[Quality], num_layers: int) -> str:
             f"{q.max_gap:.4%}",
             "-" if q.slot_bound_excess is None else f"+{q.slot_bound_excess:.4%}",
             "-" if q.gap_to_slot_bound is None else f"{q.gap_to_slot_bound:.4%}",
+            f"{q.packing_gap:.4%}",
             "-" if q.worse_layers is None else f"{q.worse_layers}/{num_layers}",
             "-" if q.same_at_2_threads is None else ("yes" if q.same_at_2_threads else "NO"),
         ]

@@ -138,6 +138,35 @@ def test_slot_lower_bound_is_a_lower_bound() -> None:
     assert slot_lower_bound(np.array([10.0, 1.0, 1.0, 1.0]), 4, 2) == 11.0
 
 
+def test_packing_lower_bound_is_a_lower_bound() -> None:
+    """bench_eplb.packing_lower_bound (the 'packing gap' column): never above the best packing of
+    the given replicas (by enumeration), at least the mean and the largest replica plus the
+    S - 1 smallest others."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from bench_eplb import packing_lower_bound
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+    rng = np.random.default_rng(5)
+    tight = 0
+    for _ in range(80):
+        gpus, per_gpu = int(rng.integers(1, 4)), int(rng.integers(1, 4))
+        r = rng.uniform(0, 100, gpus * per_gpu) ** rng.uniform(1, 3)
+        bound = packing_lower_bound(r, gpus)
+        best = min(
+            float(r[list(order)].reshape(gpus, per_gpu).sum(axis=1).max())
+            for order in itertools.permutations(range(len(r)))
+        )
+        others = np.sort(np.delete(r, r.argmax()))[: per_gpu - 1].sum()
+        assert r.sum() / gpus * (1 - 1e-12) <= bound <= best * (1 + 1e-12), (r, gpus)
+        assert bound >= (r.max() + others) * (1 - 1e-12), (r, gpus)
+        tight += bound >= best * (1 - 1e-12)
+    assert tight > 0
+    # Two GPUs of two: 10, 1, 1, 1 cannot do better than 11, and the bound says so.
+    assert packing_lower_bound(np.array([10.0, 1.0, 1.0, 1.0]), 2) == 11.0
+
+
 def test_bench_waterfill_quick(tmp_path: Path) -> None:
     stdout, data = run_quick(tmp_path, "bench_waterfill.py", "--threads", "1", "2")
     assert "goal:" in stdout
