@@ -40,6 +40,21 @@ ends of every transfer issue them in the same order.
             },
             py::arg("rank"))
         .def(
+            "moved_bytes",
+            [](const WeightMovePlan& p, std::int64_t expert_bytes) {
+                const MovedBytes b = moved_bytes(p, expert_bytes);
+                py::dict d;
+                d["intra_node"] = b.intra_node;
+                d["inter_node"] = b.inter_node;
+                d["transferred"] = b.intra_node + b.inter_node;
+                d["local"] = b.local;
+                return d;
+            },
+            py::arg("expert_bytes"),
+            "Bytes moved when one expert's weights take expert_bytes: {'intra_node', "
+            "'inter_node', 'transferred' (their sum: over the network), 'local' (copies within "
+            "ranks)}.")
+        .def(
             "simulate",
             [](const WeightMovePlan& p, const py::handle& contents) {
                 auto a = config_array<std::int64_t>(contents, "contents", 1);

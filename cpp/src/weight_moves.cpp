@@ -1,6 +1,7 @@
 #include "moelb/weight_moves.hpp"
 
 #include <algorithm>
+#include <limits>
 #include <map>
 #include <tuple>
 
@@ -154,6 +155,17 @@ WeightMovePlan plan_weight_moves(const ExpertLocation& old_location,
         ops.insert(ops.end(), fanouts[r].begin(), fanouts[r].end());
     }
     return plan;
+}
+
+MovedBytes moved_bytes(const WeightMovePlan& plan, Index expert_bytes) {
+    MOELB_CHECK_ARG(expert_bytes >= 0, "expert_bytes must be non-negative, got " << expert_bytes);
+    const Index most = std::max(
+        {plan.intra_node_transfers, plan.inter_node_transfers, plan.local_copies, Index{1}});
+    MOELB_CHECK_ARG(expert_bytes <= std::numeric_limits<Index>::max() / most,
+                    "expert_bytes=" << expert_bytes << " times " << most
+                                    << " moved experts overflows a 64-bit byte count");
+    return {plan.intra_node_transfers * expert_bytes, plan.inter_node_transfers * expert_bytes,
+            plan.local_copies * expert_bytes};
 }
 
 std::vector<std::int64_t> simulate_weight_moves(const WeightMovePlan& plan,

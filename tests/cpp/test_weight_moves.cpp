@@ -84,6 +84,16 @@ TEST(WeightMovePlan, HandCheckedExample) {
     EXPECT_EQ(plan.inter_node_transfers, 1);
     EXPECT_EQ(plan.unchanged_slots, 4);
     EXPECT_EQ(moelb::simulate_weight_moves(plan, contents_of(old_loc, 0)), contents_of(new_loc, 0));
+    // Bytes for experts of 1,000 bytes; a negative size or an overflowing product is an error.
+    const moelb::MovedBytes bytes = moelb::moved_bytes(plan, 1000);
+    EXPECT_EQ(bytes.intra_node, 3000);
+    EXPECT_EQ(bytes.inter_node, 1000);
+    EXPECT_EQ(bytes.local, 4000);
+    EXPECT_EQ(moelb::moved_bytes(plan, 0).local, 0);
+    expect_invalid_argument([&] { moelb::moved_bytes(plan, -1); },
+                            "expert_bytes must be non-negative, got -1");
+    expect_invalid_argument([&] { moelb::moved_bytes(plan, std::int64_t{1} << 62); },
+                            "overflows a 64-bit byte count");
 }
 
 TEST(WeightMovePlan, NeedersAreSharedOutEvenlyInContiguousRuns) {

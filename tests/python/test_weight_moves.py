@@ -243,6 +243,19 @@ def test_cross_node_only_when_the_node_lacks_the_expert() -> None:
     assert plan.intra_node_transfers == 2  # expert 0 to rank 1, expert 2 to rank 3
     assert ("recv", 0, -1, 0, 0) in plan.ops(1)
     assert ("recv", 2, -1, 1, 2) in plan.ops(3)
+    # Bytes, for an expert of 44 MiB (DeepSeek-V3's FP8 w1, w3, w2).
+    expert = 3 * 7168 * 2048
+    assert plan.moved_bytes(expert) == {
+        "intra_node": 2 * expert,
+        "inter_node": 2 * expert,
+        "transferred": 4 * expert,
+        "local": plan.local_copies * expert,
+    }
+    assert plan.moved_bytes(0)["transferred"] == 0
+    with pytest.raises(moelb.InvalidArgumentError, match="expert_bytes must be non-negative"):
+        plan.moved_bytes(-1)
+    with pytest.raises(moelb.InvalidArgumentError, match="overflows a 64-bit byte count"):
+        plan.moved_bytes(2**62)
     # The two cross-node receivers are spread over the two holders of expert 3.
     assert {op[4] for r in (0, 1) for op in plan.ops(r) if op[0] == "recv" and op[1] == 3} == {2, 3}
 

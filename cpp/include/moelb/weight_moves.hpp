@@ -46,6 +46,15 @@ struct WeightMovePlan {
 WeightMovePlan plan_weight_moves(const ExpertLocation& old_location,
                                  const ExpertLocation& new_location, int layer);
 
+// The bytes a plan moves when one expert's weights take expert_bytes (>= 0): received from a rank
+// of the same node, received from another node, and copied within ranks (kCopy and kFanout).
+struct MovedBytes {
+    Index intra_node = 0;
+    Index inter_node = 0;
+    Index local = 0;
+};
+MovedBytes moved_bytes(const WeightMovePlan& plan, Index expert_bytes);
+
 // Runs a plan over all ranks in one process on slot contents (e.g. the expert id each slot holds),
 // [ep_size * S]; returns the new contents. Every receive must match a send of the same expert
 // between the same ranks (else Error).
