@@ -232,8 +232,8 @@ void ExpertDistributionRecorder::on_select_experts(ConstMatrixMap<std::int32_t> 
         }
         for (int p = 0; p < P; ++p) {
             MOELB_CHECK_ARG(row[p] + added[static_cast<std::size_t>(p)] <= kMax,
-                            "topk_ids adds " << added[static_cast<std::size_t>(p)]
-                                             << " to slot " << p << ", which would overflow its "
+                            "topk_ids adds " << added[static_cast<std::size_t>(p)] << " to slot "
+                                             << p << ", which would overflow its "
                                              << "int32 count in this pass (" << row[p] << ")");
         }
     }
