@@ -8,8 +8,9 @@ W steps with both objectives, and ``moelb.evaluate_placement`` scores both plans
 * in-window: on the window they were planned from, and
 * predictive: on the next window (what a deployment rebalancing every W steps gets),
 
-by the step balancedness (the layer mean of mean GPU load / per-step max GPU load summed over
-steps: SGLang's per-pass balancedness averaged) and by the balancedness of the summed load.
+by the step balancedness (``PlanStats.step_balancedness``: per layer the steps' mean GPU loads
+summed over their max GPU loads summed -- SGLang's per-pass balancedness, each pass weighted by
+its max load -- averaged over layers) and by the balancedness of the summed load.
 
 Traffic: each layer has a fixed Zipf-like base popularity (1 / rank^0.6 over a seeded expert
 order) and 16 fixed "topics" (random sets of 16 experts). Every step draws topic weights from a

@@ -1757,6 +1757,15 @@ struct StepScratch {
     // of the bins other than a); other_a: 0 in a's peak steps, else 1; the most b's peak steps
     // can give back from each chunk on.
     std::vector<double> rest_a, rest, other_a, reach;
+
+    // Frees the buffers when they hold more than kKeepBytes (a long series), so that a planner
+    // thread does not keep them after the call; smaller ones are reused by the next layer.
+    void release_if_large() {
+        constexpr std::size_t kKeepBytes = std::size_t{64} << 20;
+        std::size_t bytes = 0;
+        for (const auto* v : {&share, &load, &peak_share}) bytes += v->capacity() * sizeof(double);
+        if (bytes > kKeepBytes) *this = StepScratch();
+    }
 };
 
 // kLanes doubles from p (unaligned).
@@ -1880,7 +1889,9 @@ void refine_step_peak(Packing& p, const LayerSteps& steps, StepScratch& s) {
         std::stable_sort(s.by_peaks.begin(), s.by_peaks.end(),
                          [&](int x, int y) { return s.peaks[x] > s.peaks[y]; });
         const double margin = objective * kStepTol;
-        const double slack = objective * 1e-12;  // far above the rounding of the screens' sums
+        // The screens compare sums taken in another order than the exact one: they skip only
+        // candidates that miss the best by more than this, far above that rounding.
+        const double slack = objective * 1e-11;
         bool improved = false;
         for (const int a : s.by_peaks) {
             // a's peak steps, padded with zero steps to whole vectors, and what is gathered on
@@ -1936,7 +1947,7 @@ void refine_step_peak(Packing& p, const LayerSteps& steps, StepScratch& s) {
                 }
                 for (Index c = chunks - 1; c >= 0; --c) s.reach[c] += s.reach[c + 1];
                 const double reach_b = s.reach[0];
-                if (-(reach_a + reach_b) >= best) continue;
+                if (-(reach_a + reach_b) >= best + slack) continue;
                 for (Index i = 0; i < k; ++i) {
                     const int t = s.peak_steps[i];
                     s.peak_b[i] = s.load[b * T + t];
@@ -1965,7 +1976,7 @@ void refine_step_peak(Packing& p, const LayerSteps& steps, StepScratch& s) {
                                        ga;  // ga is the step's largest load
                             }
                             change = (acc[0] + acc[1]) + (acc[2] + acc[3]);
-                            if (change - reach_b >= best) continue;
+                            if (change - reach_b >= best + slack) continue;
                         }
                         // The terms of the other steps, in step order.
                         const double* ux = &s.share[x * T];
@@ -1982,7 +1993,7 @@ void refine_step_peak(Packing& p, const LayerSteps& steps, StepScratch& s) {
                                        lanes_at(s.other_a.data() + t);
                             }
                             change = peak_change + ((acc[0] + acc[1]) + (acc[2] + acc[3]));
-                            if (change - s.reach[c + 1] >= best) break;
+                            if (change - s.reach[c + 1] >= best + slack) break;
                         }
                         if (c == chunks && change < best) {
                             best = change;
@@ -2093,7 +2104,10 @@ bool moelb_layer(const double* w, int E, int R, int K, int N, int G, int domains
     if (avoidable_duplicates(ours, s.pack) > 0) {
         remove_avoidable_duplicates(ours, s.trial, w, bound, s.pack);
     }
-    if (steps) refine_step_peak(ours, *steps, s.steps);
+    if (steps) {
+        refine_step_peak(ours, *steps, s.steps);
+        s.steps.release_if_large();
+    }
     write_slots(ours, phy2log);
     return from_deepseek;
 }

@@ -159,8 +159,9 @@ WeightMovePlan plan_weight_moves(const ExpertLocation& old_location,
 
 MovedBytes moved_bytes(const WeightMovePlan& plan, Index expert_bytes) {
     MOELB_CHECK_ARG(expert_bytes >= 0, "expert_bytes must be non-negative, got " << expert_bytes);
+    // The largest product taken: the transfers' sum (intra + inter) or the local copies.
     const Index most = std::max(
-        {plan.intra_node_transfers, plan.inter_node_transfers, plan.local_copies, Index{1}});
+        {plan.intra_node_transfers + plan.inter_node_transfers, plan.local_copies, Index{1}});
     MOELB_CHECK_ARG(expert_bytes <= std::numeric_limits<Index>::max() / most,
                     "expert_bytes=" << expert_bytes << " times " << most
                                     << " moved experts overflows a 64-bit byte count");

@@ -375,8 +375,9 @@ def rebalance_command(args: argparse.Namespace) -> int:
         "moved_bytes": after.moved_bytes if previous is not None else None,
         "plan_seconds": after.wall_time_seconds,
         "objective": args.objective,
-        # With objective step_peak: SGLang's per-pass balancedness (mean / max GPU load of each
-        # pass), averaged over the passes and the layers with counts.
+        # With objective step_peak: per layer the passes' mean GPU loads summed over their max
+        # GPU loads summed (per-pass balancedness, each pass weighted by its max load), averaged
+        # over the layers with counts.
         "step_balancedness_before": _step_balancedness(before, active),
         "step_balancedness_after": _step_balancedness(after, active),
     }
@@ -395,7 +396,7 @@ def rebalance_command(args: argparse.Namespace) -> int:
     print(table(["placement", "balancedness", "gap %"], rows))
     if step_peak:
         print(
-            f"per-pass balancedness: {summary['baseline']} "
+            f"per-pass balancedness (load-weighted): {summary['baseline']} "
             f"{_f(summary['step_balancedness_before'])}, {after.algorithm} "
             f"{_f(summary['step_balancedness_after'])}"
         )

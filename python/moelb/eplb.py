@@ -41,8 +41,9 @@ class PlanStats:
     With per-step loads (``objective="step_peak"``, or ``evaluate_placement`` of a time series):
     ``step_max_gpu_load`` ([L]: the sum over steps of each step's largest GPU load, >=
     ``max_gpu_load``, which is the largest GPU's sum over steps) and ``step_balancedness`` (the
-    layer mean of ``mean_gpu_load / step_max_gpu_load``: SGLang's per-pass balancedness averaged
-    over the steps); None otherwise.
+    layer mean of ``mean_gpu_load / step_max_gpu_load``, i.e. per layer the steps' mean GPU loads
+    summed over the steps' largest summed: SGLang's per-pass balancedness with each pass weighted
+    by its largest load, the exact counterpart of the step_peak objective); None otherwise.
     """
 
     max_gpu_load: npt.NDArray[np.float64]
@@ -74,14 +75,17 @@ class Plan:
     stats: PlanStats
 
 
-def _as_load(load: Any, steps: bool = False) -> npt.NDArray[np.float64]:
-    """load as float64 [L, E]; a time series [T, L, E] is summed over T unless ``steps``."""
+def _as_load(load: Any, steps: bool | str = False) -> npt.NDArray[np.float64]:
+    """load as float64 [L, E]; a time series [T, L, E] is summed over T unless ``steps``
+    (``"optional"``: a series of no steps is summed)."""
     if hasattr(load, "detach"):  # a torch tensor
         load = load.detach().cpu().numpy()
     array = np.asarray(load)
     if array.dtype.kind not in "iuf":
         raise InvalidArgumentError(f"load must hold numbers, got dtype {array.dtype}")
     if array.ndim == 3 and steps:
+        if array.shape[0] == 0 and steps == "optional":
+            return np.zeros(array.shape[1:], dtype=np.float64)  # no steps: an empty sum
         if 0 in array.shape:
             raise InvalidArgumentError(
                 f"load must have shape [num_steps, num_layers, num_experts] with all positive, "
@@ -182,9 +186,12 @@ def evaluate_placement(
     expert_bytes: int | None = None,
 ) -> PlanStats:
     """The statistics of ``location`` under ``load`` ([L, E], or a time series [T, L, E]: then
-    with the per-step peaks, ``step_max_gpu_load`` and ``step_balancedness``)."""
+    with the per-step peaks, ``step_max_gpu_load`` and ``step_balancedness``; the series is read
+    as float64, a copy for integer counts: pass ``load.sum(axis=0)`` when the peaks are not
+    needed)."""
     return _stats(
-        _core.evaluate_placement(_as_load(load, steps=True), location, previous), expert_bytes
+        _core.evaluate_placement(_as_load(load, steps="optional"), location, previous),
+        expert_bytes,
     )
 
 

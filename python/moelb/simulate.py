@@ -123,18 +123,17 @@ def parse_algorithm(spec: str) -> tuple[str, str, str]:
             f"algorithms: {spec!r} is not an EPLB algorithm; expected one of {ALGORITHMS} "
             "(moelb may take a locality and an objective: moelb:none, moelb:node:step_peak)"
         )
-    locality, objective = "auto", "total"
+    chosen: dict[str, str] = {}
     for option in options:
-        if name == "moelb" and option in LOCALITIES and locality == "auto":
-            locality = option
-        elif name == "moelb" and option in OBJECTIVES and objective == "total":
-            objective = option
+        kind = "locality" if option in LOCALITIES else "objective" if option in OBJECTIVES else ""
+        if name == "moelb" and kind and kind not in chosen:
+            chosen[kind] = option
         else:
             raise InvalidArgumentError(
                 f"algorithms: {spec!r}: only moelb takes options, at most a locality "
                 f"{LOCALITIES} and an objective {OBJECTIVES}"
             )
-    return name, locality, objective
+    return name, chosen.get("locality", "auto"), chosen.get("objective", "total")
 
 
 @dataclass(frozen=True)

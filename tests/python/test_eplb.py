@@ -1583,6 +1583,10 @@ def test_evaluate_placement_of_a_time_series_has_step_peaks() -> None:
     zeros = evaluate_placement(np.zeros((2, 3, 16)), location)
     assert zeros.step_balancedness == 1.0
     np.testing.assert_array_equal(zeros.step_max_gpu_load, 0.0)
+    # A series of no steps is an empty sum, as for rebalance's total objective.
+    empty = evaluate_placement(np.zeros((0, 3, 16), dtype=np.int32), location)
+    assert empty.step_max_gpu_load is None and empty.step_balancedness is None
+    np.testing.assert_array_equal(empty.max_gpu_load, 0.0)
 
 
 @pytest.mark.parametrize(

@@ -279,7 +279,8 @@ def test_parse_algorithm() -> None:
     assert parse_algorithm("moelb:none:step_peak") == ("moelb", "none", "step_peak")
     assert parse_algorithm("moelb:step_peak:node") == ("moelb", "node", "step_peak")
     assert parse_algorithm("deepseek_global") == ("deepseek_global", "auto", "total")
-    for bad in ("moelb:none:none", "moelb:peak", "deepseek:none", "deepseek:step_peak", "ds"):
+    bad_specs = ("moelb:none:none", "moelb:auto:node", "moelb:total:step_peak", "moelb:auto:auto")
+    for bad in (*bad_specs, "moelb:", "moelb:peak", "deepseek:none", "deepseek:step_peak", "ds"):
         with pytest.raises(moelb.InvalidArgumentError, match="algorithms"):
             parse_algorithm(bad)
 

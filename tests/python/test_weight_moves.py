@@ -256,6 +256,10 @@ def test_cross_node_only_when_the_node_lacks_the_expert() -> None:
         plan.moved_bytes(-1)
     with pytest.raises(moelb.InvalidArgumentError, match="overflows a 64-bit byte count"):
         plan.moved_bytes(2**62)
+    # 4 transfers: each product fits, their sum must too.
+    with pytest.raises(moelb.InvalidArgumentError, match="overflows a 64-bit byte count"):
+        plan.moved_bytes((2**63 - 1) // 3)
+    assert plan.moved_bytes((2**63 - 1) // 4)["transferred"] > 0
     # The two cross-node receivers are spread over the two holders of expert 3.
     assert {op[4] for r in (0, 1) for op in plan.ops(r) if op[0] == "recv" and op[1] == 3} == {2, 3}
 

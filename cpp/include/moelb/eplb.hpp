@@ -101,8 +101,9 @@ struct PlanStats {
     double max_gap = 0;
     Index moved_experts = 0;
     double wall_time_seconds = 0;
-    // With per-step loads: the mean over layers and steps of each step's mean / max GPU load
-    // (SGLang's per-pass balancedness, averaged; per layer mean_gpu_load / step_max_gpu_load).
+    // With per-step loads: the layer mean of mean_gpu_load / step_max_gpu_load, i.e. per layer the
+    // steps' mean GPU loads summed over their largest summed (SGLang's per-pass balancedness with
+    // each pass weighted by its largest load).
     bool has_steps = false;
     double step_balancedness = std::numeric_limits<double>::quiet_NaN();
     std::string algorithm;  // what ran, e.g. "moelb(locality=node)" or "deepseek_global"

@@ -47,7 +47,8 @@ WeightMovePlan plan_weight_moves(const ExpertLocation& old_location,
                                  const ExpertLocation& new_location, int layer);
 
 // The bytes a plan moves when one expert's weights take expert_bytes (>= 0): received from a rank
-// of the same node, received from another node, and copied within ranks (kCopy and kFanout).
+// of the same node, received from another node, and copied within ranks (kCopy and kFanout). An
+// expert_bytes whose product with the counts (or with the transfers' sum) overflows is an error.
 struct MovedBytes {
     Index intra_node = 0;
     Index inter_node = 0;
