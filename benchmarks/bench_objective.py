@@ -501,8 +501,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     print()
     print(
-        "step balancedness (layer mean of mean / per-step max GPU load) of the plans of window i,"
-        "\nscored on window i (in) and on window i + 1 (next), mean over the window pairs;"
+        "step balancedness (per layer the steps' mean GPU loads summed over their max GPU loads"
+        "\nsummed, averaged over layers) of the plans of window i, scored on window i (in) and on"
+        "\nwindow i + 1 (next), mean over the window pairs;"
         "\nchange: step_peak - total; better: window pairs where step_peak is ahead on the next"
         "\nwindow; sum: balancedness of the in-window summed load; ms: whole-model plan, median"
     )
