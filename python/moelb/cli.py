@@ -49,7 +49,7 @@ DEMO_CONFIG = SimulationConfig(
     rebalance_period=6,
     skew=0.6,
     drift=0.02,
-    algorithms=("deepseek", "moelb", "deepseek_global", "moelb:none"),
+    algorithms=("deepseek", "moelb", "deepseek_global", "moelb:none", "moelb:none:step_peak"),
     waterfill="dynamic",
 )
 
@@ -189,7 +189,9 @@ def _describe(result: SimulationResult) -> str:
     if c.trace is None:
         traffic = (
             f"synthetic traffic: {c.num_tokens:,} tokens/step, Zipf skew {c.skew}, "
-            f"drift {c.drift}/step, seed {c.seed}"
+            f"drift {c.drift}/step"
+            + (f", bursts {c.bursts}" if c.bursts > 0 else "")
+            + f", seed {c.seed}"
         )
     else:
         traffic = f"replayed counts from {c.trace}"
@@ -294,6 +296,7 @@ def simulate_command(args: argparse.Namespace) -> int:
         rebalance_period=args.rebalance_period,
         skew=args.skew,
         drift=args.drift,
+        bursts=args.bursts,
         algorithms=tuple(args.algorithms),
         waterfill=None if args.waterfill == "off" else args.waterfill,
         trace=args.trace,
@@ -669,6 +672,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skew", type=_non_negative_float, default=d.skew, help="Zipf exponent")
     p.add_argument(
         "--drift", type=_non_negative_float, default=d.drift, help="hot-set turnover per step"
+    )
+    p.add_argument(
+        "--bursts",
+        type=_non_negative_float,
+        default=d.bursts,
+        help="co-activation: logit boost of one of 16 expert sets per step (0 = none)",
     )
     p.add_argument(
         "--algorithms",

@@ -146,7 +146,9 @@ class SimulationConfig:
         replays all its steps). rebalance_period: steps per window.
     skew: Zipf exponent of expert popularity (0 = uniform). drift: how fast the hot experts move:
         the popularity ranking is replaced by a new random one every 1 / drift steps, blended
-        smoothly (0 = static).
+        smoothly (0 = static). bursts: co-activation: every step, one of 16 fixed topics per layer
+        (random sets of 1/16 of the experts) has its experts' logits raised by ``bursts`` for all
+        the step's tokens, so those experts peak together (0 = none; 1-2 is strong).
     algorithms: EPLB algorithms to compare (``"moelb"``, ``"moelb:none"``, ``"deepseek"``, ...;
         ``"moelb:none:step_peak"`` plans each window against its per-step peaks, see
         ``rebalance(objective=)``); the trivial placement is always scored.
@@ -170,6 +172,7 @@ class SimulationConfig:
     num_layers: int | None = None
     expert_bytes: int | None = None
     seed: int = 0
+    bursts: float = 0.0
 
     def preset(self) -> ModelPreset:
         if self.model not in MODEL_PRESETS:
@@ -204,6 +207,8 @@ class SimulationConfig:
             raise InvalidArgumentError(f"skew must be finite and >= 0, got {self.skew}")
         if not (np.isfinite(self.drift) and self.drift >= 0):
             raise InvalidArgumentError(f"drift must be finite and >= 0, got {self.drift}")
+        if not (np.isfinite(self.bursts) and self.bursts >= 0):
+            raise InvalidArgumentError(f"bursts must be finite and >= 0, got {self.bursts}")
         if not self.algorithms:
             raise InvalidArgumentError("algorithms must name at least one EPLB algorithm")
         for spec in self.algorithms:
@@ -338,20 +343,26 @@ def _balancedness(max_load: npt.NDArray[np.float64], mean_load: npt.NDArray[np.f
     return out
 
 
+BURST_TOPICS = 16  # co-activated expert sets per layer (SimulationConfig.bursts)
+
+
 class _SyntheticTraffic:
     """Router inputs with Zipf-like expert popularity whose hot experts drift.
 
     Layer l's expert e has log-popularity shift z[rank] with z = log(1 / rank^skew) centred, and
     its rank in a random permutation per (layer, phase); at step t the phase is drift * t and the
     shift is blended linearly between consecutive phases' permutations. Logits = noise + shift,
-    noise standard normal (rows of a seeded bank at random offsets: cheap and still random). Token
-    ids (hash layers) are drawn from a Zipf law of exponent 1 over the vocabulary (natural text).
+    noise standard normal (rows of a seeded bank at random offsets: cheap and still random). With
+    bursts > 0, step t's topic (seeded by layer and step) among the layer's BURST_TOPICS fixed
+    expert sets gets + bursts on its experts' logits. Token ids (hash layers) are drawn from a Zipf
+    law of exponent 1 over the vocabulary (natural text).
     """
 
     def __init__(self, preset: ModelPreset, num_layers: int, config: SimulationConfig) -> None:
         self.num_experts = preset.num_experts
         self.num_tokens = config.num_tokens
         self.skew, self.drift, self.seed = config.skew, config.drift, config.seed
+        self.bursts = config.bursts
         self.num_layers = num_layers
         self.rng = np.random.default_rng([config.seed, 1])
         z = -config.skew * np.log(np.arange(1, self.num_experts + 1, dtype=np.float64))
@@ -382,6 +393,12 @@ class _SyntheticTraffic:
         shift = self._phase_shift(layer, phase)
         if frac > 0:
             shift = (1 - frac) * shift + frac * self._phase_shift(layer, phase + 1)
+        if self.bursts > 0:
+            topics = np.random.default_rng([self.seed, 5, layer]).permutation(self.num_experts)
+            size = max(1, self.num_experts // BURST_TOPICS)
+            topic = int(np.random.default_rng([self.seed, 6, layer, step]).integers(BURST_TOPICS))
+            shift = shift.copy()
+            shift[topics[topic * size : (topic + 1) * size]] += self.bursts
         return shift.astype(np.float32)
 
     def logits(self, layer: int, step: int) -> npt.NDArray[np.float32]:

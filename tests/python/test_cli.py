@@ -68,7 +68,8 @@ def test_demo_prints_the_table_and_writes_the_files(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "deepseek-v3, 6 MoE layers x 256 experts, 288 slots on 32 GPUs in 4 nodes" in out
-    for row in ("trivial", "deepseek", "moelb", "deepseek_global", "moelb:none", "lower bound"):
+    rows = ("trivial", "deepseek", "moelb", "deepseek_global", "moelb:none", "moelb:none:step_peak")
+    for row in (*rows, "lower bound"):
         assert f"\n{row} " in out
     assert "simulating [" in result.stderr  # the progress bar
     files = {p.name for p in (tmp_path / "out").iterdir()}
@@ -96,6 +97,17 @@ def test_simulate_json_is_consistent(capsys: pytest.CaptureFixture[str]) -> None
         assert r["min_gap"] >= -1e-9  # the lower bound holds on every step and layer
         assert r["predictive"] <= data["bound_predictive"] + 1e-12
     assert len(a["moelb"]["moved_experts"]) == 2 and min(a["moelb"]["moved_experts"]) > 0
+
+
+def test_simulate_bursts_and_step_peak_policy(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = cli(
+        capsys, *SIMULATE_SMALL, "--bursts", "1.5", "--waterfill", "off",
+        "--algorithms", "moelb:none", "moelb:none:step_peak",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "bursts 1.5" in out and "moelb(locality=none)+step_peak" in out
+    code, _, err = cli(capsys, *SIMULATE_SMALL, "--bursts", "-1")
+    assert code == 2 and "Traceback" not in err
 
 
 def test_simulate_table_per_layer_and_waterfill_off(

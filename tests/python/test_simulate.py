@@ -257,6 +257,8 @@ def test_replay_errors(tmp_path: Path) -> None:
         ({"num_redundant_experts": 4}, "num_physical_experts=260 .* not divisible by ep_size=8"),
         ({"skew": -1.0}, "skew must be finite and >= 0"),
         ({"drift": float("nan")}, "drift must be finite and >= 0"),
+        ({"bursts": -0.5}, "bursts must be finite and >= 0"),
+        ({"bursts": float("inf")}, "bursts must be finite and >= 0"),
         ({"algorithms": ()}, "algorithms must name at least one"),
         ({"algorithms": ("magic",)}, "'magic' is not an EPLB algorithm"),
         ({"algorithms": ("deepseek:none",)}, "only moelb takes options"),
@@ -283,6 +285,28 @@ def test_parse_algorithm() -> None:
     for bad in (*bad_specs, "moelb:", "moelb:peak", "deepseek:none", "deepseek:step_peak", "ds"):
         with pytest.raises(moelb.InvalidArgumentError, match="algorithms"):
             parse_algorithm(bad)
+
+
+def test_bursts_make_experts_peak_together_and_step_peak_follows() -> None:
+    """bursts > 0 raises one fixed topic per step (the same experts every time it comes back), so
+    the per-step counts of a topic's experts move together; the step_peak policy then serves the
+    next windows better than the total one. bursts = 0 is the traffic without the option."""
+    base = dataclasses.replace(
+        SMALL, algorithms=("moelb:none", "moelb:none:step_peak"), waterfill=None, num_steps=16
+    )
+    plain = moelb.simulate(base)
+    assert moelb.simulate(dataclasses.replace(base, bursts=0.0)).algorithms[
+        "moelb:none"
+    ].predictive == pytest.approx(plain.algorithms["moelb:none"].predictive, abs=0)
+    bursty = moelb.simulate(dataclasses.replace(base, bursts=2.0))
+    total = bursty.algorithms["moelb:none"]
+    peak = bursty.algorithms["moelb:none:step_peak"]
+    assert peak.ran.endswith("+step_peak")
+    assert peak.in_window > total.in_window
+    assert peak.predictive > total.predictive
+    # Bursts make the steps less even for every placement.
+    trivial_plain = plain.algorithms["trivial"].in_window
+    assert bursty.algorithms["trivial"].in_window < trivial_plain
 
 
 def test_step_peak_policy_in_a_replay(tmp_path: Path) -> None:
