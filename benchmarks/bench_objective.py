@@ -113,13 +113,37 @@ TOPOLOGIES = (
 
 @dataclass(frozen=True)
 class TrafficModel:
-    """The fixed part of the traffic: per layer a base popularity and topic memberships."""
+    """The fixed part of the traffic: per layer a base popularity and topic memberships; with
+    drift, the seed of the later popularity orders."""
 
     popularity: npt.NDArray[np.float64]  # [L, E], each layer sums to 1
     topics: npt.NDArray[np.float64]  # [L, NUM_TOPICS, E], 1 where the expert is in the topic
+    seed: int = 0
+
+    def log_popularity(self, step: int, drift: float) -> npt.NDArray[np.float64]:
+        """[L, E] at a step: with drift d, the popularity order of phase k = floor(d * step)
+        blended linearly into that of phase k + 1 (phase 0: the base popularity; later phases
+        put the same 1 / rank^ZIPF_EXPONENT values on a new seeded order), as
+        ``moelb.simulate``'s drift does."""
+        base = np.log(self.popularity)
+        position = drift * step
+        phase = int(position)
+        frac = position - phase
+        out = self._phase(base, phase)
+        return out if frac == 0 else (1 - frac) * out + frac * self._phase(base, phase + 1)
+
+    def _phase(self, base: npt.NDArray[np.float64], phase: int) -> npt.NDArray[np.float64]:
+        if phase == 0:
+            return base
+        values = np.sort(base, axis=1)[:, ::-1]  # the same popularity values, hottest first
+        out = np.empty_like(base)
+        for layer in range(base.shape[0]):
+            order = np.random.default_rng([self.seed, 9, layer, phase]).permutation(base.shape[1])
+            out[layer, order] = values[layer]
+        return out
 
 
-def make_model(rng: np.random.Generator, num_layers: int) -> TrafficModel:
+def make_model(rng: np.random.Generator, num_layers: int, seed: int = 0) -> TrafficModel:
     """Per layer: 1 / rank^ZIPF_EXPONENT over a seeded expert order, and NUM_TOPICS random sets
     of TOPIC_SIZE experts (topics may share experts)."""
     ranks = np.arange(1, NUM_EXPERTS + 1, dtype=np.float64)
@@ -130,22 +154,30 @@ def make_model(rng: np.random.Generator, num_layers: int) -> TrafficModel:
         for topic in range(NUM_TOPICS):
             topics[layer, topic, rng.choice(NUM_EXPERTS, TOPIC_SIZE, replace=False)] = 1.0
     popularity /= popularity.sum(axis=1, keepdims=True)
-    return TrafficModel(popularity=popularity, topics=topics)
+    return TrafficModel(popularity=popularity, topics=topics, seed=seed)
 
 
 def sample_counts(
-    model: TrafficModel, rng: np.random.Generator, num_steps: int, strength: float
+    model: TrafficModel,
+    rng: np.random.Generator,
+    num_steps: int,
+    strength: float,
+    drift: float = 0.0,
 ) -> npt.NDArray[np.int64]:
     """[num_steps, L, E] per-step expert token counts: each step and layer draws topic weights
-    from Dirichlet(TOPIC_CONCENTRATION), boosts each expert's popularity by
-    1 + strength * TOPIC_GAIN * (its topics' weights), and samples TOKENS * TOP_K routed slots
-    from the result."""
+    from Dirichlet(TOPIC_CONCENTRATION), boosts each expert's popularity (drifting at rate
+    ``drift``, see TrafficModel.log_popularity) by 1 + strength * TOPIC_GAIN * (its topics'
+    weights), and samples TOKENS * TOP_K routed slots from the result."""
     num_layers = model.popularity.shape[0]
     weights = rng.dirichlet(
         np.full(NUM_TOPICS, TOPIC_CONCENTRATION), size=(num_steps, num_layers)
     )  # [T, L, K]
     boost = 1.0 + strength * TOPIC_GAIN * np.einsum("tlk,lke->tle", weights, model.topics)
-    p = model.popularity * boost
+    if drift > 0:
+        popularity = np.exp(np.stack([model.log_popularity(t, drift) for t in range(num_steps)]))
+    else:
+        popularity = model.popularity[None]
+    p = popularity * boost
     p /= p.sum(axis=2, keepdims=True)
     return rng.multinomial(TOKENS * TOP_K, p)
 
@@ -426,6 +458,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help=f"burst strengths (default {' '.join(f'{s:g}' for s in STRENGTHS)})",
     )
     parser.add_argument(
+        "--drift",
+        type=float,
+        default=0.0,
+        help="hot-set turnover per step, as moelb simulate's --drift (default 0: a fixed base "
+        "popularity)",
+    )
+    parser.add_argument(
         "--threads", type=int, help="moelb threads (default: the library's default)"
     )
     parser.add_argument(
@@ -449,6 +488,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--threads must be positive")
     if min(args.strengths) < 0:
         parser.error("--strengths must be >= 0")
+    if not (np.isfinite(args.drift) and args.drift >= 0):
+        parser.error("--drift must be finite and >= 0")
     args.strengths = sorted(set(args.strengths))
     return args
 
@@ -477,19 +518,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"traffic: 1/rank^{ZIPF_EXPONENT:g} base popularity, {NUM_TOPICS} topics of "
         f"{TOPIC_SIZE} experts per layer, Dirichlet({TOPIC_CONCENTRATION:g}) topic weights per "
-        f"step, boost 1 + s * {TOPIC_GAIN:g} * weight, multinomial counts; seed {args.seed}; "
+        f"step, boost 1 + s * {TOPIC_GAIN:g} * weight, multinomial counts; "
+        + (f"drift {args.drift:g}/step; " if args.drift > 0 else "")
+        + f"seed {args.seed}; "
         f"{num_steps} steps per burst strength; windows of "
         f"{' and '.join(map(str, args.windows))} steps, {args.pairs} pairs each"
     )
 
     seeds = np.random.SeedSequence(args.seed).spawn(1 + len(args.strengths))
-    model = make_model(np.random.default_rng(seeds[0]), args.layers)
+    model = make_model(np.random.default_rng(seeds[0]), args.layers, args.seed)
     cases: list[Case] = []
     problems: list[str] = []
     start = time.perf_counter()
     try:
         for s, seed in zip(args.strengths, seeds[1:], strict=True):
-            series = sample_counts(model, np.random.default_rng(seed), num_steps, s)
+            series = sample_counts(model, np.random.default_rng(seed), num_steps, s, args.drift)
             for window_steps in args.windows:
                 for topology in TOPOLOGIES:
                     case, found = measure_case(series, s, window_steps, args.pairs, topology)
@@ -530,6 +573,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "topic_gain": TOPIC_GAIN,
             },
             "strengths": args.strengths,
+            "drift": args.drift,
             "windows": args.windows,
             "pairs": args.pairs,
             "threads": threads,

@@ -232,6 +232,34 @@ def test_bench_objective_quick(tmp_path: Path) -> None:
     ]
 
 
+def test_bench_objective_drift() -> None:
+    """bench_objective --drift: phase 0 is the base popularity, later phases put the same values
+    on new expert orders, in between a linear blend of the logs; the quick run goes through."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import bench_objective as bench
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    model = bench.make_model(np.random.default_rng(1), 2, seed=4)
+    base = np.log(model.popularity)
+    np.testing.assert_array_equal(model.log_popularity(0, 0.1), base)
+    later = model.log_popularity(10, 0.1)  # phase 1 exactly
+    np.testing.assert_allclose(np.sort(later, axis=1), np.sort(base, axis=1))
+    assert not np.array_equal(later, base)
+    np.testing.assert_allclose(model.log_popularity(5, 0.1), 0.5 * base + 0.5 * later)
+    counts = bench.sample_counts(model, np.random.default_rng(2), 12, 0.0, drift=0.1)
+    assert counts.shape == (12, 2, bench.NUM_EXPERTS)
+    assert (counts.sum(axis=2) == bench.TOKENS * bench.TOP_K).all()
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "bench_objective.py"), "--quick", "--drift", "0.05"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "drift 0.05/step" in result.stdout
+
+
 def test_bench_objective_flags_inconsistency() -> None:
     """bench_objective's consistency check (behind its exit status): silent on the library's two
     plans of a window, and reports step_peak's per-step peak above total's when they are
