@@ -147,8 +147,9 @@ def rebalance(
     objective: moelb only: ``"total"`` plans against the loads summed over a time series;
         ``"step_peak"`` needs a time series [T, L, E] and then lowers the sum over steps of each
         step's largest GPU load (swapping replicas between GPUs, counts unchanged), which spreads
-        experts that peak together: it helps when experts are co-activated in bursts (topics,
-        batch content). Its per-step peak is never above the "total" plan's on the given series
+        experts that peak together: it predicts the next window better when experts are
+        co-activated in bursts (topics, batch content) or the hot experts drift, and changes
+        nothing that lasts on stationary traffic (benchmarks/bench_objective.py). Its per-step peak is never above the "total" plan's on the given series
         (unless ``move_cost`` / ``max_moves`` keep a layer's previous placement; they then weigh
         the gain in the per-step peak). Time and memory grow with T (the series is converted to
         float64; a 58-layer DeepSeek-V3 plan over 1,000 steps takes about 1-5 s on 2 cores): for
