@@ -149,11 +149,12 @@ def rebalance(
         step's largest GPU load (swapping replicas between GPUs, counts unchanged), which spreads
         experts that peak together: it predicts the next window better when experts are
         co-activated in bursts (topics, batch content) or the hot experts drift, and changes
-        nothing that lasts on stationary traffic (benchmarks/bench_objective.py). Its per-step peak is never above the "total" plan's on the given series
-        (unless ``move_cost`` / ``max_moves`` keep a layer's previous placement; they then weigh
-        the gain in the per-step peak). Time and memory grow with T (the series is converted to
-        float64; a 58-layer DeepSeek-V3 plan over 1,000 steps takes about 1-5 s on 2 cores): for
-        a long dump, plan on its last window, e.g. ``load[-1000:]``.
+        nothing that lasts on stationary traffic (benchmarks/bench_objective.py). Its per-step
+        peak is never above the "total" plan's on the given series (unless ``move_cost`` /
+        ``max_moves`` keep a layer's previous placement; they then weigh the gain in the per-step
+        peak). Time and memory grow with T (the series is converted to float64; a 58-layer
+        DeepSeek-V3 plan over 1,000 steps takes about 0.3-3 s on 2 cores): for a long dump, plan
+        on its last window, e.g. ``load[-1000:]``.
     """
     if algorithm not in ALGORITHMS:
         raise InvalidArgumentError(
