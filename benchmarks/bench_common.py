@@ -1,10 +1,11 @@
 """Helpers shared by the benchmark scripts: plain-text tables, atomic JSON results, the machine's
-load average."""
+load average and the line that describes the machine."""
 
 from __future__ import annotations
 
 import json
 import os
+import platform
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -57,3 +58,14 @@ def load_average() -> float | None:
         return os.getloadavg()[0]
     except (AttributeError, OSError):
         return None
+
+
+def machine_summary(load: float | None, versions: dict[str, str | None]) -> str:
+    """ "2 CPUs (x86_64), load average 0.61; moelb 0.1.0, numpy 2.4.6, ...": the CPUs, the load
+    average when known and the versions that are not None, for a benchmark's first line."""
+    return (
+        f"{os.cpu_count()} CPUs ({platform.machine()})"
+        + ("" if load is None else f", load average {load:.2f}")
+        + "; "
+        + ", ".join(f"{k} {v}" for k, v in versions.items() if v is not None)
+    )

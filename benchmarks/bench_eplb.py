@@ -58,7 +58,7 @@ if str(_HERE) not in sys.path:
     sys.path.insert(0, str(_HERE))
 
 import deepseek_eplb_reference as ref  # noqa: E402
-from bench_common import load_average, table, write_json  # noqa: E402
+from bench_common import load_average, machine_summary, table, write_json  # noqa: E402
 
 NUM_EXPERTS = 256  # DeepSeek-V3's routed experts
 NUM_GROUPS = 8  # DeepSeek-V3's n_group
@@ -752,10 +752,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"rebalance: {args.layers} layers x {NUM_EXPERTS} experts in {NUM_GROUPS} groups, "
         f"median of {args.repeats} runs ({args.torch_repeats} for torch); "
-        f"{os.cpu_count()} CPUs ({platform.machine()})"
-        + ("" if load_avg is None else f", load average {load_avg:.2f}")
-        + "; "
-        + ", ".join(f"{k} {v}" for k, v in versions.items() if v is not None)
+        + machine_summary(load_avg, versions)
     )
     print(
         f"loads: zipf (1/rank^s over a seeded permutation, s = {ZIPF_S:g} +- {ZIPF_S_SPREAD:g} "

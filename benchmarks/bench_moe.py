@@ -74,7 +74,7 @@ _HERE = Path(__file__).resolve().parent
 if str(_HERE) not in sys.path:
     sys.path.insert(0, str(_HERE))
 
-from bench_common import load_average, table, write_json  # noqa: E402
+from bench_common import load_average, machine_summary, table, write_json  # noqa: E402
 
 DEFAULT_TOKENS = (256, 4096)
 DEFAULT_REPEATS = 7
@@ -473,10 +473,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cases = make_cases(args.quick)
     print(
         f"DeepSeek MoE layer forward: T = {', '.join(map(str, args.tokens))}, median of "
-        f"{args.repeats} runs; {os.cpu_count()} CPUs ({platform.machine()})"
-        + ("" if load_before is None else f", load average {load_before:.2f}")
-        + "; "
-        + ", ".join(f"{k} {v}" for k, v in versions.items() if v is not None)
+        f"{args.repeats} runs; " + machine_summary(load_before, versions)
     )
     for case in cases:
         c = case.config

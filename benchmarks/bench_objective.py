@@ -56,7 +56,7 @@ _HERE = Path(__file__).resolve().parent
 if str(_HERE) not in sys.path:
     sys.path.insert(0, str(_HERE))
 
-from bench_common import load_average, table, write_json  # noqa: E402
+from bench_common import load_average, machine_summary, table, write_json  # noqa: E402
 
 NUM_EXPERTS = 256  # DeepSeek-V3's routed experts
 NUM_GROUPS = 8  # DeepSeek-V3's n_group
@@ -510,10 +510,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"objective: {args.layers} layers x {NUM_EXPERTS} experts in {NUM_GROUPS} groups, "
         f"{TOKENS:,} tokens x top-{TOP_K} per step; moelb at {threads} thread(s); "
-        f"{os.cpu_count()} CPUs ({platform.machine()})"
-        + ("" if load_avg is None else f", load average {load_avg:.2f}")
-        + "; "
-        + ", ".join(f"{k} {v}" for k, v in versions.items())
+        + machine_summary(load_avg, versions)
     )
     print(
         f"traffic: 1/rank^{ZIPF_EXPONENT:g} base popularity, {NUM_TOPICS} topics of "

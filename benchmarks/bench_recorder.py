@@ -47,7 +47,7 @@ import numpy as np
 import numpy.typing as npt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import load_average, table, write_json
+from bench_common import load_average, machine_summary, table, write_json
 
 DEFAULT_TOKENS = 4_096
 DEFAULT_REPEATS = 10  # timed forward passes per measurement, each timing every MoE layer
@@ -519,10 +519,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"expert distribution recorder vs select_experts: {batches}, "
         f"{len(moe_layers())} MoE layers of {NUM_LAYERS} per pass; "
-        f"{os.cpu_count()} CPUs ({platform.machine()})"
-        + ("" if load is None else f", load average {load:.2f}")
-        + "; "
-        + ", ".join(f"{k} {v}" for k, v in versions.items())
+        + machine_summary(load, versions)
     )
     print(
         f"placement: {NUM_EXPERTS} experts on {NUM_PHYSICAL_EXPERTS} physical slots, "

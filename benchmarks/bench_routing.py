@@ -43,7 +43,7 @@ for _folder in (_HERE, _HERE.parent / "tests" / "python"):
     if str(_folder) not in sys.path:
         sys.path.insert(0, str(_folder))
 
-from bench_common import load_average, table, write_json  # noqa: E402
+from bench_common import load_average, machine_summary, table, write_json  # noqa: E402
 from routing_reference import reference_hash_select, reference_select_experts  # noqa: E402
 
 DEFAULT_TOKENS = 16_384
@@ -446,10 +446,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     load = load_average()
     print(
         f"select_experts: {args.tokens} tokens, median of {args.repeats} runs; "
-        f"{os.cpu_count()} CPUs ({platform.machine()})"
-        + ("" if load is None else f", load average {load:.2f}")
-        + "; "
-        + ", ".join(f"{k} {v}" for k, v in versions.items() if v is not None)
+        + machine_summary(load, versions)
     )
     if torch_ref is None:
         reason = "--no-torch" if args.no_torch else "PyTorch is not installed"

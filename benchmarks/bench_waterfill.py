@@ -35,7 +35,6 @@ reference disagree.
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import statistics
 import sys
@@ -51,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "python"))
 
 import waterfill_reference as ref
-from bench_common import load_average, table, write_json
+from bench_common import load_average, machine_summary, table, write_json
 
 NUM_EXPERTS = 256
 EP_SIZE = 16
@@ -246,10 +245,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"Waterfill vs select_experts: {args.tokens} tokens, DeepSeek-V3 router (top-{TOP_K} of "
         f"{NUM_EXPERTS}, fused shared expert), rank {RANK} of {EP_SIZE}, median of {args.repeats}; "
-        f"{os.cpu_count()} CPUs ({platform.machine()})"
-        + ("" if load is None else f", load average {load:.2f}")
-        + "; "
-        + ", ".join(f"{k} {v}" for k, v in versions.items())
+        + machine_summary(load, versions)
     )
     rng = np.random.default_rng(args.seed)
     skew = rng.standard_normal(NUM_EXPERTS) * args.skew

@@ -3,11 +3,13 @@ implementations. Speed is measured by running them directly, never asserted here
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -89,6 +91,15 @@ def test_bench_eplb_quick(tmp_path: Path) -> None:
     assert len(data["goals"]) == 6 and all(isinstance(g["met"], bool) for g in data["goals"])
 
 
+def bench_module(name: str) -> Any:
+    """A benchmark script imported as a module (benchmarks/ is not a package)."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
 def _optimum(w: np.ndarray, slots: int, gpus: int) -> float:
     """The smallest max GPU load over every placement (slot -> expert, each expert at least once,
     equal split over replicas), by enumeration."""
@@ -107,11 +118,7 @@ def test_slot_lower_bound_is_a_lower_bound() -> None:
     """bench_eplb.slot_lower_bound (behind the 'unreachable' note of the gap goal): never above
     the optimum of a placement, never below the flat bound, and above the flat bound where each
     GPU must carry more than its one big replica."""
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        from bench_eplb import slot_lower_bound
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    slot_lower_bound = bench_module("bench_eplb").slot_lower_bound
     import moelb
 
     rng = np.random.default_rng(3)
@@ -142,11 +149,7 @@ def test_packing_lower_bound_is_a_lower_bound() -> None:
     """bench_eplb.packing_lower_bound (the 'packing gap' column): never above the best packing of
     the given replicas (by enumeration), at least the mean and the largest replica plus the
     S - 1 smallest others."""
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        from bench_eplb import packing_lower_bound
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    packing_lower_bound = bench_module("bench_eplb").packing_lower_bound
 
     rng = np.random.default_rng(5)
     tight = 0
@@ -235,11 +238,7 @@ def test_bench_objective_quick(tmp_path: Path) -> None:
 def test_bench_objective_drift() -> None:
     """bench_objective --drift: phase 0 is the base popularity, later phases put the same values
     on new expert orders, in between a linear blend of the logs; the quick run goes through."""
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        import bench_objective as bench
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    bench = bench_module("bench_objective")
     model = bench.make_model(np.random.default_rng(1), 2, seed=4)
     base = np.log(model.popularity)
     np.testing.assert_array_equal(model.log_popularity(0, 0.1), base)
@@ -264,11 +263,7 @@ def test_bench_objective_flags_inconsistency() -> None:
     """bench_objective's consistency check (behind its exit status): silent on the library's two
     plans of a window, and reports step_peak's per-step peak above total's when they are
     swapped."""
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        import bench_objective as bench
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    bench = bench_module("bench_objective")
     import moelb
 
     rng = np.random.default_rng(5)
