@@ -352,7 +352,8 @@ class _SyntheticTraffic:
     Layer l's expert e has log-popularity shift z[rank] with z = log(1 / rank^skew) centred, and
     its rank in a random permutation per (layer, phase); at step t the phase is drift * t and the
     shift is blended linearly between consecutive phases' permutations. Logits = noise + shift,
-    noise standard normal (rows of a seeded bank at random offsets: cheap and still random). With
+    noise standard normal (rows of a seeded bank at random offsets, its columns rotated by a random
+    offset per step: cheap, and no two steps share an expert's noise). With
     bursts > 0, step t's topic (seeded by layer and step) among the layer's BURST_TOPICS fixed
     expert sets gets + bursts on its experts' logits. Token ids (hash layers) are drawn from a Zipf
     law of exponent 1 over the vocabulary (natural text).
@@ -403,7 +404,12 @@ class _SyntheticTraffic:
 
     def logits(self, layer: int, step: int) -> npt.NDArray[np.float32]:
         start = int(self.rng.integers(0, self.bank.shape[0] - self.num_tokens + 1))
-        return self.bank[start : start + self.num_tokens] + self.shift(layer, step)
+        # The bank's columns rotated by a random offset: two steps drawing overlapping rows would
+        # otherwise give every expert the same noise in both, a step-to-step correlation that
+        # real traffic does not have (and that a planner could learn from one window to the next).
+        rotation = int(self.rng.integers(0, self.num_experts))
+        noise = np.roll(self.bank[start : start + self.num_tokens], rotation, axis=1)
+        return noise + self.shift(layer, step)
 
     def input_ids(self) -> npt.NDArray[np.int64]:
         ranks = np.searchsorted(self.token_cdf, self.rng.random(self.num_tokens))
