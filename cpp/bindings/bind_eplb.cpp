@@ -53,18 +53,33 @@ py::dict stats_dict(const PlanStats& s) {
     return d;
 }
 
-// A load [L, E] or a time series [T, L, E] (float64, C-contiguous). Holds the array while the
-// core reads it.
+// A load [L, E] (float64) or a time series [T, L, E] (float64, or int32 counts), C-contiguous.
+// Holds the array while the core reads it.
 struct LoadArg {
     py::array_t<double> array;
+    py::array_t<std::int32_t> counts;
     bool steps = false;
+    bool int_counts = false;  // a series of int32 counts (in `counts`)
 
     LoadArg(const py::handle& load) {
         py::array a = py::array::ensure(load);
         steps = a && a.ndim() == 3;
-        array = strict_array<double>(load, "load", steps ? 3 : 2);
+        if (steps && a.dtype().is(py::dtype::of<std::int32_t>())) {
+            int_counts = true;
+            counts = strict_array<std::int32_t>(load, "load", 3);
+        } else {
+            array = strict_array<double>(load, "load", steps ? 3 : 2);
+        }
     }
     StepLoads step_loads() const {
+        if (int_counts) {
+            return {{},
+                    counts.shape(0),
+                    counts.shape(1),
+                    counts.shape(2),
+                    std::span<const std::int32_t>(counts.data(),
+                                                  static_cast<std::size_t>(counts.size()))};
+        }
         return {std::span<const double>(array.data(), static_cast<std::size_t>(array.size())),
                 array.shape(0), array.shape(1), array.shape(2)};
     }

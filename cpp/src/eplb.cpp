@@ -1711,9 +1711,13 @@ double layer_max_gpu_load(const double* w, const std::int32_t* phy2log, int E, i
 
 // One layer's per-step loads: expert e's load in step t is data[t * stride + e], t < num_steps.
 struct LayerSteps {
-    const double* data = nullptr;
+    const StepLoads* steps = nullptr;
+    Index offset = 0;  // the layer's first value in step 0
     Index num_steps = 0;
     Index stride = 0;
+
+    // Expert e's load in step t.
+    double operator()(Index t, int e) const { return (*steps)[offset + t * stride + e]; }
 };
 
 // The sum over steps of each step's largest GPU load of a layer placement whose experts have
@@ -1725,8 +1729,7 @@ double layer_step_peak(const LayerSteps& steps, const std::int32_t* phy2log,
     const int S = R / G;
     double sum = 0.0;
     for (Index t = 0; t < steps.num_steps; ++t) {
-        const double* w = steps.data + t * steps.stride;
-        for (int e = 0; e < E; ++e) share[e] = w[e] / count[e];
+        for (int e = 0; e < E; ++e) share[e] = steps(t, e) / count[e];
         double m = 0.0;
         for (int g = 0; g < G; ++g) {
             double load = 0.0;
@@ -1811,8 +1814,9 @@ void refine_step_peak(Packing& p, const LayerSteps& steps, StepScratch& s) {
     const auto sz = [](Index n) { return static_cast<std::size_t>(n); };
     s.share.assign(sz(E * T), 0.0);
     for (Index t = 0; t < steps.num_steps; ++t) {
-        const double* w = steps.data + t * steps.stride;
-        for (int e = 0; e < E; ++e) s.share[e * T + t] = p.count[e] > 0 ? w[e] / p.count[e] : 0.0;
+        for (int e = 0; e < E; ++e) {
+            s.share[e * T + t] = p.count[e] > 0 ? steps(t, e) / p.count[e] : 0.0;
+        }
     }
     s.load.resize(sz(B * T));
     for (auto* v : {&s.top1, &s.top2, &s.top3, &s.rest_a, &s.rest, &s.other_a}) {
@@ -2145,7 +2149,7 @@ LayerPlanStats layer_stats(const double* w, const std::int32_t* phy2log, int E, 
 LayerSteps layer_steps(const StepLoads* steps, Index l) {
     if (!steps) return {};
     const Index E = steps->num_experts;
-    return {steps->data.data() + l * E, steps->num_steps, steps->num_layers * E};
+    return {steps, l * E, steps->num_steps, steps->num_layers * E};
 }
 
 // The whole plan's statistics from its layers'.
@@ -2278,14 +2282,13 @@ RowMatrix<double> sum_steps(const StepLoads& steps) {
                     "got ["
                         << T << ", " << L << ", " << E << "]");
     MOELB_CHECK_ARG(
-        static_cast<Index>(steps.data.size()) == T * L * E,
-        "load holds " << steps.data.size() << " values, not " << T << " x " << L << " x " << E);
+        static_cast<Index>(steps.size()) == T * L * E,
+        "load holds " << steps.size() << " values, not " << T << " x " << L << " x " << E);
     RowMatrix<double> total = RowMatrix<double>::Zero(L, E);
     for (Index t = 0; t < T; ++t) {
-        const double* step = steps.data.data() + t * L * E;
         for (Index l = 0; l < L; ++l) {
             for (Index e = 0; e < E; ++e) {
-                const double v = step[l * E + e];
+                const double v = steps[(t * L + l) * E + e];
                 MOELB_CHECK_ARG(std::isfinite(v) && v >= 0, "load[" << t << ", " << l << ", " << e
                                                                     << "] = " << v
                                                                     << " is not a finite "

@@ -75,7 +75,7 @@ class Plan:
     stats: PlanStats
 
 
-def _as_load(load: Any, steps: bool | str = False) -> npt.NDArray[np.float64]:
+def _as_load(load: Any, steps: bool | str = False) -> npt.NDArray[Any]:
     """load as float64 [L, E]; a time series [T, L, E] is summed over T unless ``steps``
     (``"optional"``: a series of no steps is summed)."""
     if hasattr(load, "detach"):  # a torch tensor
@@ -91,7 +91,9 @@ def _as_load(load: Any, steps: bool | str = False) -> npt.NDArray[np.float64]:
                 f"load must have shape [num_steps, num_layers, num_experts] with all positive, "
                 f"got {array.shape}"
             )
-        return np.ascontiguousarray(array, dtype=np.float64)
+        # int32 counts (a recorder's dump) are read as they are; anything else as float64.
+        kind = np.int32 if array.dtype == np.int32 else np.float64
+        return np.ascontiguousarray(array, dtype=kind)
     if array.ndim == 3:  # a time series [T, L, E]: the plan uses the sum over T
         array = array.sum(axis=0, dtype=np.float64)
     if array.ndim != 2:
@@ -152,9 +154,10 @@ def rebalance(
         nothing that lasts on stationary traffic (benchmarks/bench_objective.py). Its per-step
         peak is never above the "total" plan's on the given series (unless ``move_cost`` /
         ``max_moves`` keep a layer's previous placement; they then weigh the gain in the per-step
-        peak). Time and memory grow with T (the series is converted to float64; a 58-layer
-        DeepSeek-V3 plan over 1,000 steps takes about 0.3-3 s on 2 cores): for a long dump, plan
-        on its last window, e.g. ``load[-1000:]``.
+        peak). Time grows with T (a 58-layer DeepSeek-V3 plan over 1,000 steps takes about
+        0.3-3 s on 2 cores), and the search keeps about (E + 2 G) x T doubles per thread: for a
+        long dump, plan on its last window, e.g. ``load[-1000:]``. int32 counts (a recorder's
+        dump) are read as they are; other dtypes are converted to float64.
     """
     if algorithm not in ALGORITHMS:
         raise InvalidArgumentError(
@@ -188,9 +191,8 @@ def evaluate_placement(
     expert_bytes: int | None = None,
 ) -> PlanStats:
     """The statistics of ``location`` under ``load`` ([L, E], or a time series [T, L, E]: then
-    with the per-step peaks, ``step_max_gpu_load`` and ``step_balancedness``; the series is read
-    as float64, a copy for integer counts: pass ``load.sum(axis=0)`` when the peaks are not
-    needed)."""
+    with the per-step peaks, ``step_max_gpu_load`` and ``step_balancedness``; int32 counts are
+    read as they are, other dtypes converted to float64)."""
     return _stats(
         _core.evaluate_placement(_as_load(load, steps="optional"), location, previous),
         expert_bytes,

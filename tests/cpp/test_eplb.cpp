@@ -1446,6 +1446,37 @@ TEST(EplbStepPeak, OneStepPeakIsTheMaxGpuLoad) {
     }
 }
 
+// int32 counts (a recorder's dump, read without a copy) plan and score exactly as the same
+// values in float64; a negative count is named like a negative load.
+TEST(EplbStepPeak, Int32CountsEqualTheirFloat64Values) {
+    Series series = bursty_series(12, 3, 16, 77);
+    std::vector<std::int32_t> counts(series.data.size());
+    for (std::size_t i = 0; i < counts.size(); ++i) {
+        series.data[i] = std::round(series.data[i]);
+        counts[i] = static_cast<std::int32_t>(series.data[i]);
+    }
+    const StepLoads as_int{{}, series.T, series.L, series.E, counts};
+    const ExpertLocation trivial = ExpertLocation::trivial(series.L, series.E, 24, 8, 2);
+    for (const Objective objective : {Objective::kTotal, Objective::kStepPeak}) {
+        SCOPED_TRACE(std::string(moelb::to_string(objective)));
+        const RebalanceOptions o = with_objective(small_options(), objective);
+        const Plan a = moelb::rebalance(as_int, o);
+        const Plan b = plan_of(series, o);
+        EXPECT_EQ(a.location.physical_to_logical(), b.location.physical_to_logical());
+        for (int l = 0; l < series.L; ++l) {
+            EXPECT_EQ(a.stats.layers[l].step_max_gpu_load, b.stats.layers[l].step_max_gpu_load);
+        }
+    }
+    EXPECT_EQ(moelb::evaluate_placement(as_int, trivial).step_balancedness,
+              moelb::evaluate_placement(series.view(), trivial).step_balancedness);
+    counts[(1 * series.L + 2) * series.E + 3] = -5;
+    expect_invalid_argument([&] { moelb::rebalance(as_int, small_options()); },
+                            "load[1, 2, 3] = -5 is not a finite non-negative load");
+    const StepLoads short_counts{{}, series.T + 1, series.L, series.E, counts};
+    expect_invalid_argument([&] { moelb::rebalance(short_counts, small_options()); },
+                            "values, not");
+}
+
 // A series without load: every step's peak is 0, and the step balancedness is 1 by definition.
 TEST(EplbStepPeak, ZeroSeriesIsBalanced) {
     const Series series(3, 2, 12);

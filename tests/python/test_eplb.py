@@ -1611,6 +1611,30 @@ def test_step_peak_bad_input(load: np.ndarray, kwargs: dict[str, Any], match: st
         rebalance(load, 24, 4, 2, 8, objective="step_peak", **kwargs)
 
 
+def test_step_series_int32_counts_equal_float64() -> None:
+    """A recorder's int32 counts go to the core as they are (no float64 copy) and plan and score
+    exactly like the same values in float64; other dtypes and non-contiguous views work too."""
+    rng = np.random.default_rng(12)
+    counts = bursty_series(rng, steps=15, layers=3, experts=16, strength=2.0).astype(np.int32)
+    as_float = counts.astype(np.float64)
+    for objective in ("total", "step_peak"):
+        a = rebalance(counts, 24, 4, 2, 8, objective=objective)
+        b = rebalance(as_float, 24, 4, 2, 8, objective=objective)
+        np.testing.assert_array_equal(
+            a.location.physical_to_logical, b.location.physical_to_logical
+        )
+        assert stats_equal(a.stats, b.stats)
+    plan = rebalance(counts, 24, 4, 2, 8, objective="step_peak")
+    expected = evaluate_placement(counts, plan.location)
+    np.testing.assert_array_equal(expected.step_max_gpu_load, plan.stats.step_max_gpu_load)
+    others = (as_float, counts.astype(np.int64), counts.astype(np.uint16), counts[:, :, ::-1])
+    for other in others[:3]:
+        assert stats_equal(evaluate_placement(other, plan.location), expected)
+    # A non-contiguous view is copied: the same numbers for the reversed expert order.
+    reversed_location = ExpertLocation(15 - plan.location.physical_to_logical, 16, 8, 2)
+    assert stats_equal(evaluate_placement(others[3], reversed_location), expected)
+
+
 def test_unknown_objective() -> None:
     with pytest.raises(InvalidArgumentError, match="objective='peak' is not an EPLB objective"):
         rebalance(np.ones((2, 3, 16)), 24, 4, 2, 8, objective="peak")

@@ -54,13 +54,21 @@ std::string_view to_string(Locality locality);
 Objective parse_objective(std::string_view name, std::string_view param = "objective");
 std::string_view to_string(Objective objective);
 
-// A read-only view of per-step loads [num_steps, num_layers, num_experts] float64, row-major: a
-// time series of expert loads (e.g. a recorder's per-pass counts), each value finite and >= 0.
+// A read-only view of per-step loads [num_steps, num_layers, num_experts], row-major: a time
+// series of expert loads, each value finite and >= 0; float64 `data`, or int32 `counts` (a
+// recorder's per-pass token counts, read as they are) when `data` is empty.
 struct StepLoads {
     std::span<const double> data;
     Index num_steps = 0;
     Index num_layers = 0;
     Index num_experts = 0;
+    std::span<const std::int32_t> counts;
+
+    std::size_t size() const { return data.empty() ? counts.size() : data.size(); }
+    double operator[](Index i) const {
+        return data.empty() ? static_cast<double>(counts[static_cast<std::size_t>(i)])
+                            : data[static_cast<std::size_t>(i)];
+    }
 };
 
 struct RebalanceOptions {
