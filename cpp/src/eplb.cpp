@@ -1699,17 +1699,12 @@ double layer_max_gpu_load(const double* w, const std::int32_t* phy2log, const st
     return m;
 }
 
-double layer_max_gpu_load(const double* w, const std::int32_t* phy2log, int E, int R, int G) {
-    std::vector<std::int32_t> count(static_cast<std::size_t>(E), 0);
-    for (int s = 0; s < R; ++s) ++count[phy2log[s]];
-    return layer_max_gpu_load(w, phy2log, count.data(), E, R, G);
-}
-
 // ---------------------------------------------------------------------------------------------
 // The per-step peak objective (Objective::kStepPeak).
 // ---------------------------------------------------------------------------------------------
 
-// One layer's per-step loads: expert e's load in step t is data[t * stride + e], t < num_steps.
+// One layer's per-step loads: expert e's load in step t (< num_steps) is the series' value
+// offset + t * stride + e.
 struct LayerSteps {
     const StepLoads* steps = nullptr;
     Index offset = 0;  // the layer's first value in step 0
@@ -1749,8 +1744,9 @@ struct StepScratch {
     std::vector<double> top1, top2, top3;  // [steps]: the three largest bin loads of a step
     std::vector<int> arg1, arg2;           // [steps]: the bins of the two largest
     std::vector<int> peaks, by_peaks;      // [bins]: steps each bin is the largest in
-    // Steps where a bin is one of the two largest: bin b's at [near_offset[b], near_offset[b+1]).
-    std::vector<int> near, near_offset;
+    // Steps where a bin is one of the two largest: bin b's at [near_offset[b], near_offset[b+1])
+    // (near_fill: where the next one goes while filling).
+    std::vector<int> near, near_offset, near_fill;
     // Bin a's search: its peak steps (peak_steps) and, gathered over them, each expert's load per
     // replica ([E, peak stride]), a's and the partner's loads, the second and third largest
     // loads and the second largest's bin.
@@ -1878,13 +1874,10 @@ void refine_step_peak(Packing& p, const LayerSteps& steps, StepScratch& s) {
             if (s.arg2[t] >= 0) ++s.near_offset[s.arg2[t] + 1];
         }
         for (int b = 0; b < B; ++b) s.near_offset[b + 1] += s.near_offset[b];
-        {
-            std::vector<int>& fill = s.by_peaks;  // scratch here
-            fill.assign(s.near_offset.begin(), s.near_offset.end() - 1);
-            for (Index t = 0; t < T; ++t) {
-                if (s.arg1[t] >= 0) s.near[fill[s.arg1[t]]++] = static_cast<int>(t);
-                if (s.arg2[t] >= 0) s.near[fill[s.arg2[t]]++] = static_cast<int>(t);
-            }
+        s.near_fill.assign(s.near_offset.begin(), s.near_offset.end() - 1);
+        for (Index t = 0; t < T; ++t) {
+            if (s.arg1[t] >= 0) s.near[s.near_fill[s.arg1[t]]++] = static_cast<int>(t);
+            if (s.arg2[t] >= 0) s.near[s.near_fill[s.arg2[t]]++] = static_cast<int>(t);
         }
         s.by_peaks.clear();
         for (int b = 0; b < B; ++b) {
@@ -2486,22 +2479,18 @@ Plan rebalance_impl(ConstMatrixMap<double> load, const RebalanceOptions& o, cons
             Index moves;
         };
         std::vector<Candidate> candidates;
-        std::vector<std::int32_t> old_count;
+        std::vector<std::int32_t> count;
         for (Index l = 0; l < L; ++l) {
-            const double* w = load.row(l).data();
             const std::int32_t* old = o.previous->physical_to_logical().row(l).data();
             // The gain in the plan's objective: the largest GPU load of the total, or the sum
             // of the steps' largest.
-            double old_max = 0, new_max = 0;
-            if (step_peak) {
-                old_count.assign(static_cast<std::size_t>(E), 0);
-                for (int p = 0; p < R; ++p) ++old_count[old[p]];
-                old_max = layer_step_peak(layer_steps(steps, l), old, old_count.data(), E, R, G);
-                new_max = stats.layers[static_cast<std::size_t>(l)].step_max_gpu_load;
-            } else {
-                old_max = layer_max_gpu_load(w, old, E, R, G);
-                new_max = stats.layers[static_cast<std::size_t>(l)].max_gpu_load;
-            }
+            const LayerSteps st = layer_steps(steps, l);
+            const LayerPlanStats before =
+                layer_stats(load.row(l).data(), old, E, R, G, lower_bounds[l], nullptr,
+                            step_peak ? &st : nullptr, count);
+            const LayerPlanStats& after = stats.layers[static_cast<std::size_t>(l)];
+            const double old_max = step_peak ? before.step_max_gpu_load : before.max_gpu_load;
+            const double new_max = step_peak ? after.step_max_gpu_load : after.max_gpu_load;
             Index moves = 0;
             for (int p = 0; p < R; ++p) moves += phy2log(l, p) != old[p];
             const double gain = old_max > 0 ? (old_max - new_max) / old_max : 0.0;
@@ -2528,7 +2517,6 @@ Plan rebalance_impl(ConstMatrixMap<double> load, const RebalanceOptions& o, cons
             }
         }
         Index kept = 0;
-        std::vector<std::int32_t> count;
         for (Index l = 0; l < L; ++l) {
             if (!keep_previous[l]) continue;
             phy2log.row(l) = o.previous->physical_to_logical().row(l);

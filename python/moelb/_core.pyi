@@ -211,7 +211,7 @@ class ExpertDistributionRecorder:
     def merge(self, other: ExpertDistributionRecorder) -> None: ...
 
 def rebalance(
-    load: npt.NDArray[np.float64],
+    load: npt.NDArray[np.float64] | npt.NDArray[np.int32],
     num_physical_experts: int,
     num_groups: int,
     num_nodes: int,
@@ -224,7 +224,9 @@ def rebalance(
     objective: str = "total",
 ) -> tuple[ExpertLocation, dict[str, Any]]: ...
 def evaluate_placement(
-    load: npt.NDArray[np.float64], location: ExpertLocation, previous: ExpertLocation | None = None
+    load: npt.NDArray[np.float64] | npt.NDArray[np.int32],
+    location: ExpertLocation,
+    previous: ExpertLocation | None = None,
 ) -> dict[str, Any]: ...
 def gpu_loads(
     load: npt.NDArray[np.float64], location: ExpertLocation
