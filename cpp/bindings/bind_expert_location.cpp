@@ -7,20 +7,6 @@
 
 namespace moelb::bindings {
 
-std::optional<LayerDispatcher> make_dispatcher(const ExpertLocation* location,
-                                               std::optional<std::int64_t> layer,
-                                               std::int64_t ep_rank, const std::string& dispatch,
-                                               std::int64_t seed) {
-    const DispatchAlgorithm algorithm = parse_dispatch_algorithm(dispatch, "dispatch");
-    MOELB_CHECK_ARG(seed >= 0, "seed must be non-negative, got " << seed);
-    if (location == nullptr) return std::nullopt;
-    MOELB_CHECK_ARG(layer.has_value(),
-                    "layer is required when a location is given (the MoE layer "
-                    "whose placement maps the ids)");
-    return LayerDispatcher(*location, narrow(*layer, "layer"), narrow(ep_rank, "ep_rank"),
-                           algorithm, static_cast<std::uint64_t>(seed));
-}
-
 void bind_expert_location(py::module_& m) {
     py::class_<ExpertLocation>(m, "ExpertLocation", R"doc(
 Expert placement: the logical expert held by every physical slot of every MoE layer.
@@ -88,38 +74,6 @@ num_physical_experts % ep_size == 0, ep_size % num_nodes == 0.
                                      {loc.num_layers(), loc.num_logical_experts()}, self);
             },
             "[L, E] int32 (read-only view): replicas per logical expert (DeepSeek's logcnt).")
-        .def(
-            "static_dispatch_table",
-            [](const ExpertLocation& loc, std::int64_t ep_rank, std::int64_t seed) {
-                MOELB_CHECK_ARG(seed >= 0, "seed must be non-negative, got " << seed);
-                RowMatrix<std::int32_t> table = loc.static_dispatch_table(
-                    narrow(ep_rank, "ep_rank"), static_cast<std::uint64_t>(seed));
-                auto out = new_matrix<std::int32_t>(table.rows(), table.cols());
-                mutable_matrix(out) = table;
-                return out;
-            },
-            py::arg("ep_rank"), py::arg("seed") = 0,
-            "[L, E] int32: the slot rank ep_rank uses for each expert under static dispatch.")
-        .def(
-            "dispatch",
-            [](const ExpertLocation& loc, const py::handle& topk_ids, std::int64_t layer,
-               std::int64_t ep_rank, const std::string& algorithm, std::int64_t seed) {
-                auto ids = strict_array<std::int32_t>(topk_ids, "topk_ids", 2);
-                MOELB_CHECK_ARG(seed >= 0, "seed must be non-negative, got " << seed);
-                const DispatchAlgorithm a = parse_dispatch_algorithm(algorithm, "algorithm");
-                auto out = new_matrix<std::int32_t>(ids.shape(0), ids.shape(1));
-                auto out_map = mutable_matrix(out);
-                {
-                    py::gil_scoped_release release;
-                    loc.dispatch(const_matrix(ids), narrow(layer, "layer"),
-                                 narrow(ep_rank, "ep_rank"), a, static_cast<std::uint64_t>(seed),
-                                 out_map);
-                }
-                return out;
-            },
-            py::arg("topk_ids"), py::arg("layer"), py::arg("ep_rank") = 0,
-            py::arg("algorithm") = "static", py::arg("seed") = 0,
-            "Maps logical ids [T, C] int32 of one layer to physical slots; -1 stays -1.")
         .def(py::self == py::self)
         .def("__repr__",
              [](const ExpertLocation& loc) {

@@ -8,6 +8,7 @@ namespace moelb::bindings {
 void bind_errors(pybind11::module_& m);
 void bind_parallel(pybind11::module_& m);
 void bind_expert_location(pybind11::module_& m);
+void bind_dispatch(pybind11::module_& m);
 void bind_routing(pybind11::module_& m);
 void bind_hash_router(pybind11::module_& m);
 void bind_recorder(pybind11::module_& m);
@@ -22,6 +23,7 @@ void bind_simulate(pybind11::module_& m);
 #include <optional>
 #include <string>
 
+#include "moelb/dispatch.hpp"
 #include "moelb/expert_location.hpp"
 
 namespace moelb::bindings {

@@ -6,6 +6,7 @@ PYBIND11_MODULE(_core, m) {
     moelb::bindings::bind_errors(m);
     moelb::bindings::bind_parallel(m);
     moelb::bindings::bind_expert_location(m);
+    moelb::bindings::bind_dispatch(m);
     moelb::bindings::bind_routing(m);
     moelb::bindings::bind_hash_router(m);
     moelb::bindings::bind_recorder(m);

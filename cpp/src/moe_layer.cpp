@@ -535,7 +535,7 @@ void DeepSeekMoE::run_forward(MatrixMap<float> hidden, std::span<const std::int6
     auto recorder_ids = ws.allocate<std::int32_t>(T * K, "recorder_topk_ids");
     {
         const LayerDispatcher dispatcher(location_, location_layer_, ep_rank_,
-                                         DispatchAlgorithm::kStatic, 0);
+                                         DispatchAlgorithm::kSglangStatic, 0);
         TopKOutputView view{MatrixMap<std::int32_t>(topk_ids.data(), T, Kp),
                             MatrixMap<float>(topk_weights.data(), T, Kp),
                             MatrixMap<std::int32_t>(recorder_ids.data(), T, K)};

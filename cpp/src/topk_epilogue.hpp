@@ -5,6 +5,7 @@
 
 #include <cstdint>
 
+#include "moelb/dispatch.hpp"
 #include "moelb/expert_location.hpp"
 #include "moelb/routing.hpp"
 

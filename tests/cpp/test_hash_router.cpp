@@ -353,9 +353,9 @@ TEST(HashRouter, DispatchMapsLogicalIdsToSlots) {
     for (int k = 0; k < 3; ++k) EXPECT_EQ(out.topk_ids(19, k), -1);
     EXPECT_EQ(out.recorder_topk_ids(18, 0), -1);
 
-    const LayerDispatcher st(loc, 0, 1, DispatchAlgorithm::kStatic, 5);
+    const LayerDispatcher st(loc, 0, 1, DispatchAlgorithm::kSglangStatic, 5);
     const TopKOutput out_static = select(router, logits, ids, std::nullopt, &st);
-    const RowMatrix<std::int32_t> table = loc.static_dispatch_table(1, 5);
+    const RowMatrix<std::int32_t> table = moelb::dispatch_table(loc, DispatchAlgorithm::kSglangStatic, 1);
     for (Index t = 0; t < 20; ++t) {
         for (int k = 0; k < 2; ++k) {
             EXPECT_EQ(out_static.topk_ids(t, k), table(0, tid2eid(ids[t], k)));
@@ -379,7 +379,7 @@ TEST(HashRouter, ViewOverloadAndThreads) {
     }
     const HashRouter router(tid2eid, Scoring::kSqrtSoftplus, 1.5f, 1);
     const ExpertLocation loc = ExpertLocation::trivial(1, E, 80, 8, 2);
-    const LayerDispatcher d(loc, 0, 6, DispatchAlgorithm::kRandom, 9);
+    const LayerDispatcher d(loc, 0, 6, DispatchAlgorithm::kSglangDynamic, 9);
     std::vector<TopKOutput> outs;
     for (const int threads : {1, 2, 4}) {
         moelb::set_num_threads(threads);
@@ -498,7 +498,7 @@ std::vector<ErrorCase> hash_errors() {
         {"location_with_other_num_experts",
          [=] {
              const ExpertLocation loc = ExpertLocation::trivial(1, 6, 6, 1);
-             const LayerDispatcher d(loc, 0, 0, DispatchAlgorithm::kStatic, 0);
+             const LayerDispatcher d(loc, 0, 0, DispatchAlgorithm::kSglangStatic, 0);
              select<std::int32_t>(HashRouter(small_table()), logits4, {0, 1, 2}, std::nullopt, &d);
          },
          "num_logical_experts=6"},

@@ -837,7 +837,7 @@ TEST_P(RoutingPadding, PaddedRowsAreMasked) {
         for (int e = 0; e < E; ++e) logits(t, e) = static_cast<float>(rng.uniform(-3, 3));
     }
     const ExpertLocation loc = ExpertLocation::trivial(1, E, 80, 4);
-    const LayerDispatcher dispatcher(loc, 0, 1, DispatchAlgorithm::kStatic, 3);
+    const LayerDispatcher dispatcher(loc, 0, 1, DispatchAlgorithm::kSglangStatic, 3);
     const LayerDispatcher* d = with_location ? &dispatcher : nullptr;
     const TopKOutput full = route(logits, c, {}, std::nullopt, d);
     for (const Index non_padded : {Index{0}, Index{1}, Index{25}, Index{T}}) {
@@ -886,7 +886,7 @@ TEST_P(RoutingDispatch, LogicalIdsAreMappedToReplicas) {
     }
     const TopKOutput logical = route(logits, c);
     const TopKOutput physical = route(logits, c, {}, std::nullopt, &dispatcher);
-    const RowMatrix<std::int32_t> table = loc.static_dispatch_table(rank, 11);
+    const RowMatrix<std::int32_t> table = moelb::dispatch_table(loc, DispatchAlgorithm::kSglangStatic, rank);
     for (Index t = 0; t < logits.rows(); ++t) {
         for (int k = 0; k < c.top_k; ++k) {
             const int e = logical.topk_ids(t, k);
@@ -897,7 +897,7 @@ TEST_P(RoutingDispatch, LogicalIdsAreMappedToReplicas) {
             EXPECT_EQ(physical.recorder_topk_ids(t, k), p);
             EXPECT_EQ(physical.topk_weights(t, k), logical.topk_weights(t, k));
             const auto reps = loc.replicas(layer, e);
-            if (GetParam() == DispatchAlgorithm::kStatic) {
+            if (GetParam() == DispatchAlgorithm::kSglangStatic) {
                 EXPECT_EQ(p, table(layer, e));
             } else if (GetParam() == DispatchAlgorithm::kRoundRobin) {
                 EXPECT_EQ(p, reps[static_cast<std::size_t>((t + rank) % Index(reps.size()))]);
@@ -910,7 +910,7 @@ TEST_P(RoutingDispatch, LogicalIdsAreMappedToReplicas) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Algorithms, RoutingDispatch,
-                         ::testing::Values(DispatchAlgorithm::kStatic, DispatchAlgorithm::kRandom,
+                         ::testing::Values(DispatchAlgorithm::kSglangStatic, DispatchAlgorithm::kSglangDynamic,
                                            DispatchAlgorithm::kRoundRobin),
                          [](const ::testing::TestParamInfo<DispatchAlgorithm>& info) {
                              return std::string(moelb::to_string(info.param));
@@ -940,7 +940,7 @@ TEST(Routing, IdenticalForAnyThreadCount) {
     std::vector<TopKOutput> outs;
     for (const int threads : {1, 2, 4}) {
         moelb::set_num_threads(threads);
-        for (const auto algorithm : {DispatchAlgorithm::kRandom, DispatchAlgorithm::kStatic}) {
+        for (const auto algorithm : {DispatchAlgorithm::kSglangDynamic, DispatchAlgorithm::kSglangStatic}) {
             const LayerDispatcher d(loc, 0, 5, algorithm, 42);
             outs.push_back(route(logits, c, bias, T - 7, &d));
         }
@@ -1150,7 +1150,7 @@ std::vector<ErrorCase> routing_errors() {
         {"location_with_other_num_experts",
          [] {
              const ExpertLocation loc = ExpertLocation::trivial(1, 8, 8, 2);
-             const LayerDispatcher d(loc, 0, 0, DispatchAlgorithm::kStatic, 0);
+             const LayerDispatcher d(loc, 0, 0, DispatchAlgorithm::kSglangStatic, 0);
              route(ones(2, 6), simple(2), {}, std::nullopt, &d);
          },
          "num_logical_experts=8"},
@@ -1243,7 +1243,7 @@ TEST(RemapPerRankSharedSlots, AfterRoutingWithLocation) {
     // End to end: routed with a location the shared column is P; the remap puts it on the rank.
     const int E = 16, P = 20, W = 4;
     const ExpertLocation loc = ExpertLocation::trivial(1, E, P, W);
-    const LayerDispatcher d(loc, 0, 1, DispatchAlgorithm::kStatic, 0);
+    const LayerDispatcher d(loc, 0, 1, DispatchAlgorithm::kSglangStatic, 0);
     TopKConfig c = simple(3);
     c.num_fused_shared_experts = 1;
     RowMatrix<float> logits(4, E);

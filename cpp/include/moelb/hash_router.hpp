@@ -7,6 +7,7 @@
 #include <optional>
 #include <span>
 
+#include "moelb/dispatch.hpp"
 #include "moelb/expert_location.hpp"
 #include "moelb/routing.hpp"
 #include "moelb/views.hpp"

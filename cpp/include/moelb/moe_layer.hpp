@@ -25,6 +25,7 @@
 #include <string_view>
 #include <vector>
 
+#include "moelb/dispatch.hpp"
 #include "moelb/expert_location.hpp"
 #include "moelb/hash_router.hpp"
 #include "moelb/routing.hpp"

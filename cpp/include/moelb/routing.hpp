@@ -9,6 +9,7 @@
 #include <span>
 #include <string_view>
 
+#include "moelb/dispatch.hpp"
 #include "moelb/expert_location.hpp"
 #include "moelb/views.hpp"
 

@@ -1,0 +1,129 @@
+// Replica dispatch (DESIGN sections 2 and 9; reference/dispatch.md): how a logical expert id
+// becomes one of the expert's physical slots, per (layer, source rank, token, column). A placement
+// is judged by the load this realises, not by the equal split every planner assumes.
+//
+// Two kinds, never confused:
+// - Engine models, exact, named after the engine (reference/dispatch.md sections 1-6):
+//   kSglangStatic               SGLang `static` on the `--init-expert-location` file path: each
+//                               rank collapses every replica list to its nearest replica (own GPU,
+//                               else own node when that is a strict subset), then fills what is
+//                               left with `_fair_choices` drawn from its own random.Random(42)
+//                               stream over its own lists -- bit-exact, ranks draw independently.
+//   kSglangStaticRuntime        SGLang `static` after a runtime EPLB rebalance: uncollapsed lists
+//                               in the algorithm's log2phy order, one coordinated table.
+//   kSglangDynamic              SGLang `dynamic` with an a2a backend: the rank's collapsed list,
+//                               then `randint(0, 65536) % num_valid` per (token, column) (the
+//                               engine's draws come from torch's global RNG; ours from a seeded
+//                               counter hash with the same distribution).
+//   kSglangDynamicRankInvariant SGLang `dynamic` without an a2a backend: uncollapsed lists,
+//                               replica `token_row % num_valid`, the same on every rank.
+//   kVllmHash                   vLLM 0.33: replica `((token_row * 2654435769) & 0xFFFFFFFF) %
+//                               replica_count` over the slots in ascending order.
+//   kRoundRobin                 replica `(token_row + ep_rank) % replica_count` over ascending
+//                               slots (TensorRT-LLM's per-block offset is not modelled).
+//   kEqualSplit                 what the planners assume: every token split equally over the
+//                               replicas. Fractional, so no per-token slot: scored from counts.
+// - moelb's own dispatch, named as ours:
+//   kMoelbStatic                a coordinated table: own rank's replica, else the node's replicas
+//                               shared evenly among the node's ranks that have none, else all
+//                               replicas shared evenly among the ranks of nodes that hold none.
+//
+// Tables are [L, E] per rank (kSglangStatic, kSglangStaticRuntime, kMoelbStatic); the other models
+// pick per token. Token rows are the row within the source rank's batch, except for
+// kSglangDynamicRankInvariant, where every rank sees the whole batch and the row is global.
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <string_view>
+#include <vector>
+
+#include "moelb/expert_location.hpp"
+#include "moelb/views.hpp"
+
+namespace moelb {
+
+enum class DispatchAlgorithm {
+    kSglangStatic,
+    kSglangStaticRuntime,
+    kSglangDynamic,
+    kSglangDynamicRankInvariant,
+    kVllmHash,
+    kRoundRobin,
+    kEqualSplit,
+    kMoelbStatic,
+};
+
+// Parses the names above ("sglang_static", ..., "moelb_static"); a bad name is an InvalidArgument
+// naming `param` and listing the valid names.
+DispatchAlgorithm parse_dispatch_algorithm(std::string_view name,
+                                           std::string_view param = "dispatch");
+std::string_view to_string(DispatchAlgorithm algorithm);
+
+// True for the models that are one table per rank.
+bool is_table_dispatch(DispatchAlgorithm algorithm);
+
+// Replica lists as an engine builds them, [L * E, X] padded with -1 (X = location.max_replicas()):
+// row l * E + e lists the slots of expert e in layer l.
+//   replica_order: optional [L * E, X] (a log2phy in the algorithm's creation order, -1 padded);
+//     each row must hold exactly the expert's slots. Empty = ascending slots (a placement file).
+//   collapse_for_rank: >= 0: SGLang's per-rank collapse (reference/dispatch.md section 2): every
+//     list becomes its nearest replica for that rank where one exists; -1 = no collapse.
+RowMatrix<std::int32_t> sglang_replica_lists(const ExpertLocation& location,
+                                             ConstMatrixMap<std::int32_t> replica_order,
+                                             int collapse_for_rank);
+
+// SGLang's `_find_nearest_expert` (routing_waterfill.md section 7.2, same-node preference on):
+// the slot of `candidates` nearest to `rank`, or -1.
+std::int32_t sglang_nearest_replica(std::span<const std::int32_t> candidates, int rank,
+                                    int num_local_physical_experts, int ranks_per_node);
+
+// The dispatch table [L, E] of `ep_rank` for a table model (kSglangStatic, kSglangStaticRuntime,
+// kMoelbStatic). replica_order applies to kSglangStaticRuntime only (empty = ascending); seed to
+// kMoelbStatic only (SGLang's tables always use random.Random(42)).
+RowMatrix<std::int32_t> dispatch_table(const ExpertLocation& location, DispatchAlgorithm algorithm,
+                                       int ep_rank, std::uint64_t seed = 0,
+                                       ConstMatrixMap<std::int32_t> replica_order = {nullptr, 0,
+                                                                                     0});
+
+// All ranks' tables, [W, L * E] (row r = dispatch_table(..., r, ...) flattened), in parallel.
+RowMatrix<std::int32_t> dispatch_tables(const ExpertLocation& location,
+                                        DispatchAlgorithm algorithm, std::uint64_t seed = 0,
+                                        ConstMatrixMap<std::int32_t> replica_order = {nullptr, 0,
+                                                                                      0});
+
+// The logical -> physical mapping of one layer as seen by one rank: built once per call (validates
+// layer and ep_rank; fetches the rank's table or lists), then applied per (token, column).
+// kEqualSplit has no per-token slot and is an InvalidArgument here.
+class LayerDispatcher {
+  public:
+    LayerDispatcher(const ExpertLocation& location, int layer, int ep_rank,
+                    DispatchAlgorithm algorithm, std::uint64_t seed);
+
+    const ExpertLocation& location() const { return *location_; }
+    int layer() const { return layer_; }
+
+    // The physical slot for logical expert `expert` (in [0, E)) chosen by the token in row
+    // `token` (see the row convention above), column `column`.
+    std::int32_t map(std::int32_t expert, Index token, int column) const;
+
+  private:
+    const ExpertLocation* location_;
+    int layer_;
+    int ep_rank_;
+    DispatchAlgorithm algorithm_;
+    std::uint64_t seed_;
+    std::vector<std::int32_t> table_row_;  // [E], table models
+    std::vector<std::int32_t> lists_;      // [E * X], the rank's lists (kSglangDynamic)
+    std::vector<std::int32_t> counts_;     // [E], their lengths
+    int width_ = 0;                        // X
+};
+
+// Maps logical ids [T, C] of one layer to physical slots (out [T, C], may alias topk_ids): rows
+// [rank_offsets[r], rank_offsets[r + 1]) come from source rank r (rank_offsets: W + 1 ascending
+// values from 0 to T). -1 stays -1; any other id outside [0, E) is an InvalidArgument.
+void dispatch_tokens(const ExpertLocation& location, DispatchAlgorithm algorithm, int layer,
+                     ConstMatrixMap<std::int32_t> topk_ids, std::span<const Index> rank_offsets,
+                     std::uint64_t seed, MatrixMap<std::int32_t> out);
+
+}  // namespace moelb

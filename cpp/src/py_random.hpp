@@ -1,0 +1,152 @@
+// Private: CPython's `random.Random` (Mersenne Twister MT19937 seeded as `random.Random(int)`
+// seeds it), with the methods SGLang's static dispatch table draws from: `_randbelow`, `sample`
+// and `shuffle`, exactly as CPython 3.10-3.13 implement them, so that the same seed gives the
+// same numbers and the same permutations bit for bit (tests/python/test_dispatch.py checks this
+// against Python's own `random`).
+#pragma once
+
+#include <array>
+#include <cmath>
+#include <cstdint>
+#include <span>
+#include <utility>
+#include <vector>
+
+namespace moelb::detail {
+
+class PyRandom {
+  public:
+    // random.Random(seed) for a non-negative integer seed (CPython's init_by_array over the
+    // seed's 32-bit words, least significant first).
+    explicit PyRandom(std::uint64_t seed) {
+        std::array<std::uint32_t, 2> key{static_cast<std::uint32_t>(seed),
+                                         static_cast<std::uint32_t>(seed >> 32)};
+        init_by_array(std::span<const std::uint32_t>(key.data(), key[1] != 0 ? 2 : 1));
+    }
+
+    std::uint32_t genrand_uint32() {
+        if (index_ >= kN) twist();
+        std::uint32_t y = state_[static_cast<std::size_t>(index_++)];
+        y ^= y >> 11;
+        y ^= (y << 7) & 0x9d2c5680U;
+        y ^= (y << 15) & 0xefc60000U;
+        return y ^ (y >> 18);
+    }
+
+    // getrandbits(k) for 0 <= k <= 32.
+    std::uint32_t getrandbits(int k) { return k == 0 ? 0 : genrand_uint32() >> (32 - k); }
+
+    // _randbelow_with_getrandbits(n), n >= 1.
+    std::uint32_t randbelow(std::uint32_t n) {
+        const int k = bit_length(n);
+        std::uint32_t r = getrandbits(k);
+        while (r >= n) r = getrandbits(k);
+        return r;
+    }
+
+    // random.sample(population, k), 0 <= k <= len(population).
+    template <class T>
+    std::vector<T> sample(std::span<const T> population, std::size_t k) {
+        const std::size_t n = population.size();
+        std::vector<T> result(k);
+        std::size_t setsize = 21;  // a small set's size minus an empty list's
+        if (k > 5) {
+            setsize += static_cast<std::size_t>(
+                std::pow(4.0, std::ceil(std::log(static_cast<double>(k * 3)) / std::log(4.0))));
+        }
+        if (n <= setsize) {
+            std::vector<T> pool(population.begin(), population.end());
+            for (std::size_t i = 0; i < k; ++i) {
+                const std::size_t j = randbelow(static_cast<std::uint32_t>(n - i));
+                result[i] = pool[j];
+                pool[j] = pool[n - i - 1];
+            }
+        } else {
+            std::vector<bool> selected(n, false);
+            for (std::size_t i = 0; i < k; ++i) {
+                std::size_t j = randbelow(static_cast<std::uint32_t>(n));
+                while (selected[j]) j = randbelow(static_cast<std::uint32_t>(n));
+                selected[j] = true;
+                result[i] = population[j];
+            }
+        }
+        return result;
+    }
+
+    // random.shuffle(x).
+    template <class T>
+    void shuffle(std::vector<T>& x) {
+        for (std::size_t i = x.size(); i-- > 1;) {
+            const std::size_t j = randbelow(static_cast<std::uint32_t>(i + 1));
+            std::swap(x[i], x[j]);
+        }
+    }
+
+  private:
+    static constexpr int kN = 624;
+    static constexpr int kM = 397;
+
+    static int bit_length(std::uint32_t n) {
+        int k = 0;
+        while (n != 0) {
+            ++k;
+            n >>= 1;
+        }
+        return k;
+    }
+
+    void init_genrand(std::uint32_t s) {
+        state_[0] = s;
+        for (int i = 1; i < kN; ++i) {
+            const std::uint32_t prev = state_[static_cast<std::size_t>(i - 1)];
+            state_[static_cast<std::size_t>(i)] =
+                1812433253U * (prev ^ (prev >> 30)) + static_cast<std::uint32_t>(i);
+        }
+        index_ = kN;
+    }
+
+    void init_by_array(std::span<const std::uint32_t> key) {
+        init_genrand(19650218U);
+        std::size_t i = 1, j = 0;
+        const std::size_t n = static_cast<std::size_t>(kN);
+        for (std::size_t k = std::max(n, key.size()); k > 0; --k) {
+            const std::uint32_t prev = state_[i - 1];
+            state_[i] = (state_[i] ^ ((prev ^ (prev >> 30)) * 1664525U)) + key[j] +
+                        static_cast<std::uint32_t>(j);
+            ++i;
+            ++j;
+            if (i >= n) {
+                state_[0] = state_[n - 1];
+                i = 1;
+            }
+            if (j >= key.size()) j = 0;
+        }
+        for (std::size_t k = n - 1; k > 0; --k) {
+            const std::uint32_t prev = state_[i - 1];
+            state_[i] = (state_[i] ^ ((prev ^ (prev >> 30)) * 1566083941U)) -
+                        static_cast<std::uint32_t>(i);
+            ++i;
+            if (i >= n) {
+                state_[0] = state_[n - 1];
+                i = 1;
+            }
+        }
+        state_[0] = 0x80000000U;
+    }
+
+    void twist() {
+        constexpr std::uint32_t kUpper = 0x80000000U, kLower = 0x7fffffffU, kMatrix = 0x9908b0dfU;
+        for (int i = 0; i < kN; ++i) {
+            const std::uint32_t y = (state_[static_cast<std::size_t>(i)] & kUpper) |
+                                    (state_[static_cast<std::size_t>((i + 1) % kN)] & kLower);
+            state_[static_cast<std::size_t>(i)] =
+                state_[static_cast<std::size_t>((i + kM) % kN)] ^ (y >> 1) ^ ((y & 1U) ? kMatrix : 0U);
+        }
+        index_ = 0;
+    }
+
+    std::array<std::uint32_t, kN> state_{};
+    int index_ = kN;
+};
+
+}  // namespace moelb::detail
