@@ -23,6 +23,15 @@ from ._core import (
     get_num_threads,
     set_num_threads,
 )
+from .dispatch import (
+    DISPATCH_ALGORITHMS,
+    ENGINE_DISPATCH,
+    MOELB_DISPATCH,
+    dispatch_table,
+    dispatch_tables,
+    dispatch_tokens,
+    sglang_replica_lists,
+)
 from .distributed import execute_weight_moves
 from .eplb import Plan, PlanStats, evaluate_placement, gpu_loads, rebalance
 from .io import (
@@ -59,7 +68,10 @@ from .waterfill import (
 from .weight_moves import WeightMovePlan, apply_weight_moves, plan_weight_moves
 
 __all__ = [
+    "DISPATCH_ALGORITHMS",
+    "ENGINE_DISPATCH",
     "MODEL_PRESETS",
+    "MOELB_DISPATCH",
     "AlgorithmResult",
     "DeepSeekMoE",
     "DeepSeekMoEConfig",
@@ -82,6 +94,9 @@ __all__ = [
     "WeightMovePlan",
     "__version__",
     "apply_weight_moves",
+    "dispatch_table",
+    "dispatch_tables",
+    "dispatch_tokens",
     "evaluate_placement",
     "execute_weight_moves",
     "get_num_threads",
@@ -98,6 +113,7 @@ __all__ = [
     "score_steps",
     "select_experts",
     "set_num_threads",
+    "sglang_replica_lists",
     "simulate",
     "step_lower_bounds",
     "torch_all_reduce",

@@ -50,15 +50,6 @@ class ExpertLocation:
     def logical_to_physical(self) -> npt.NDArray[np.int32]: ...
     @property
     def logical_count(self) -> npt.NDArray[np.int32]: ...
-    def static_dispatch_table(self, ep_rank: int, seed: int = 0) -> npt.NDArray[np.int32]: ...
-    def dispatch(
-        self,
-        topk_ids: npt.NDArray[np.int32],
-        layer: int,
-        ep_rank: int = 0,
-        algorithm: str = "static",
-        seed: int = 0,
-    ) -> npt.NDArray[np.int32]: ...
     def __eq__(self, other: object) -> bool: ...
 
 class TopKConfig:
@@ -113,7 +104,7 @@ def select_experts(
     location: ExpertLocation | None = None,
     layer: int | None = None,
     ep_rank: int = 0,
-    dispatch: str = "static",
+    dispatch: str = "sglang_static",
     seed: int = 0,
 ) -> _TopKTuple: ...
 def remap_topk_for_per_rank_shared_slots(
@@ -161,7 +152,7 @@ class HashRouter:
         location: ExpertLocation | None = None,
         layer: int | None = None,
         ep_rank: int = 0,
-        dispatch: str = "static",
+        dispatch: str = "sglang_static",
         seed: int = 0,
     ) -> Any: ...
 
@@ -371,3 +362,30 @@ def score_steps(
 def step_lower_bounds(
     counts: npt.NDArray[np.int32], num_physical_experts: int, num_gpus: int
 ) -> npt.NDArray[np.float64]: ...
+def dispatch_table(
+    location: ExpertLocation,
+    dispatch: str,
+    ep_rank: int,
+    seed: int = 0,
+    replica_order: npt.ArrayLike | None = None,
+) -> npt.NDArray[np.int32]: ...
+def dispatch_tables(
+    location: ExpertLocation,
+    dispatch: str,
+    seed: int = 0,
+    replica_order: npt.ArrayLike | None = None,
+) -> npt.NDArray[np.int32]: ...
+def sglang_replica_lists(
+    location: ExpertLocation,
+    ep_rank: int | None = None,
+    replica_order: npt.ArrayLike | None = None,
+) -> npt.NDArray[np.int32]: ...
+def dispatch_tokens(
+    topk_ids: npt.NDArray[np.int32],
+    location: ExpertLocation,
+    layer: int,
+    dispatch: str = "sglang_static",
+    ep_rank: int | None = None,
+    rank_offsets: npt.ArrayLike | None = None,
+    seed: int = 0,
+) -> npt.NDArray[np.int32]: ...

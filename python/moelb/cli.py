@@ -26,6 +26,7 @@ import numpy as np
 
 from . import __version__
 from ._core import Error, ExpertLocation, InvalidArgumentError, set_num_threads
+from .dispatch import DISPATCH_ALGORITHMS
 from .eplb import ALGORITHMS, OBJECTIVES, PlanStats, evaluate_placement, rebalance
 from .io import (
     PLACEMENT_KEY,
@@ -51,6 +52,7 @@ DEMO_CONFIG = SimulationConfig(
     drift=0.02,
     algorithms=("deepseek", "moelb", "deepseek_global", "moelb:none", "moelb:none:step_peak"),
     waterfill="dynamic",
+    dispatch=("sglang_static", "sglang_dynamic", "moelb_static"),
 )
 
 
@@ -128,15 +130,13 @@ def _write_text(path: Path, text: str) -> None:
 
 
 def simulation_table(result: SimulationResult) -> str:
-    """The comparison table of a simulation: one row per placement, then the bound."""
+    """The planning table: one row per placement (balancedness under the equal split every
+    planner assumes), then the bound."""
     headers = [
         "placement",
         "ran",
         "in-window",
-        "predictive",
-        "dispatched",
-        "+shared",
-        "+Waterfill",
+        "planned",
         "moved/rebal",
         "GB/rebal",
         "plan ms",
@@ -149,9 +149,6 @@ def simulation_table(result: SimulationResult) -> str:
                 a.ran,
                 _f(a.in_window),
                 _f(a.predictive),
-                _f(a.dispatched),
-                _f(a.shared_local),
-                _f(a.waterfill),
                 f"{np.mean(a.moved_experts):,.0f}" if a.moved_experts else "-",
                 _gb(a.moved_bytes),
                 f"{np.mean(a.plan_seconds) * 1e3:.1f}" if a.plan_seconds else "-",
@@ -163,10 +160,57 @@ def simulation_table(result: SimulationResult) -> str:
             "any placement",
             _f(result.bound_in_window),
             _f(result.bound_predictive),
-            *["-"] * 6,
+            *["-"] * 3,
         ]
     )
     return table(headers, rows)
+
+
+def realised_table(result: SimulationResult) -> str | None:
+    """The realised table: per placement, the planned balancedness beside what each dispatch
+    model realises at token level (routed, +shared on the token's rank, +Waterfill). None for
+    replayed counts (no tokens)."""
+    dispatch = result.config.dispatch
+    first = next(iter(result.algorithms.values()))
+    if not first.realised:
+        return None
+    headers = ["placement", "planned"]
+    for name in dispatch:
+        headers += [name, "+shared", "+Waterfill"]
+    rows = []
+    for name, a in result.algorithms.items():
+        row = [name, _f(a.predictive)]
+        for d in dispatch:
+            r = a.realised[d]
+            row += [_f(r.routed), _f(r.shared_local), _f(r.waterfill)]
+        rows.append(row)
+    return table(headers, rows)
+
+
+def best_placement_line(result: SimulationResult) -> str | None:
+    """One line: which placement serves best under the first (default) dispatch model."""
+    dispatch = result.config.dispatch[0]
+    scored = {n: a.realised[dispatch] for n, a in result.algorithms.items() if a.realised}
+    if not scored:
+        return None
+    best = max(scored, key=lambda n: scored[n].routed)
+    planned_best = max(result.algorithms, key=lambda n: result.algorithms[n].predictive)
+    line = (
+        f"Under {dispatch}, {best} serves best: realised {scored[best].routed:.3f} routed"
+        + (
+            f", {scored[best].waterfill:.3f} with Waterfill"
+            if scored[best].waterfill is not None
+            else ""
+        )
+        + f" (planned {result.algorithms[best].predictive:.3f})"
+    )
+    if planned_best != best:
+        line += (
+            f"; the best planned, {planned_best} "
+            f"({result.algorithms[planned_best].predictive:.3f}), realises "
+            f"{scored[planned_best].routed:.3f}"
+        )
+    return line + "."
 
 
 def layer_table(result: SimulationResult) -> str:
@@ -207,11 +251,14 @@ def _describe(result: SimulationResult) -> str:
 
 LEGEND = """\
 balancedness = mean / max GPU load per step and layer, averaged (1.0 = perfectly even).
-in-window: the plan scored on the traffic it was planned from; predictive: scored on the next
-window (what serving sees). dispatched / +shared / +Waterfill: token level, the placement in
-service with static dispatch: routed experts only, plus the shared expert on each token's own
-rank, plus the shared expert placed by Waterfill. moved/rebal: expert slots rewritten per
-rebalance (GB: their FP8 weights)."""
+in-window: the plan scored on the traffic it was planned from; planned: scored on the next
+window (the traffic it serves), both under the equal split of every expert over its replicas
+that planners assume. Realised: the next window's tokens of every source rank dispatched as the
+engine does (sglang_static: SGLang's table on the --init-expert-location path, its default with
+DeepEP; sglang_dynamic: a random replica after SGLang's per-rank collapse; moelb_static: our
+coordinated table): routed experts only, +shared: plus the shared expert on each token's own
+rank, +Waterfill: plus the shared expert placed by Waterfill. moved/rebal: expert slots rewritten
+per rebalance (GB: their FP8 weights)."""
 
 
 def _run_simulation(config: SimulationConfig, args: argparse.Namespace) -> int:
@@ -248,6 +295,12 @@ def _run_simulation(config: SimulationConfig, args: argparse.Namespace) -> int:
         return 0
     print(_describe(result) + "\n")
     print(simulation_table(result))
+    realised = realised_table(result)
+    if realised is not None:
+        print("\nrealised at token level (next window), per dispatch\n" + realised)
+        best = best_placement_line(result)
+        if best is not None:
+            print("\n" + best)
     if args.per_layer:
         print("\npredictive balancedness per layer\n" + layer_table(result))
     print("\n" + LEGEND)
@@ -299,6 +352,7 @@ def simulate_command(args: argparse.Namespace) -> int:
         bursts=args.bursts,
         algorithms=tuple(args.algorithms),
         waterfill=None if args.waterfill == "off" else args.waterfill,
+        dispatch=tuple(args.dispatch),
         trace=args.trace,
         num_layers=args.num_layers,
         expert_bytes=args.expert_bytes,
@@ -689,6 +743,15 @@ def build_parser() -> argparse.ArgumentParser:
         "per-step peaks",
     )
     p.add_argument("--waterfill", choices=("dynamic", "static", "off"), default="dynamic")
+    p.add_argument(
+        "--dispatch",
+        nargs="+",
+        choices=DISPATCH_ALGORITHMS,
+        default=list(d.dispatch),
+        metavar="NAME",
+        help=f"dispatch models the realised figures use: {', '.join(DISPATCH_ALGORITHMS)} "
+        "(default sglang_static: SGLang's default with DeepEP; moelb_static is ours)",
+    )
     p.add_argument("--trace", default=None, help="replay this recorder dump (.pt/.npz/.json)")
     p.add_argument(
         "--num-layers", type=_positive_int, default=None, help="simulate the first N MoE layers"

@@ -45,7 +45,7 @@ def select_experts(
     ep_rank: int = 0,
     recorder: ExpertDistributionRecorder | None = None,
     *,
-    dispatch: str = "static",
+    dispatch: str = "sglang_static",
     seed: int = 0,
     waterfill: WaterfillBalancer | None = None,
     is_decode: bool = False,
@@ -60,9 +60,11 @@ def select_experts(
         selection only; the weights are the unbiased scores.
     num_token_non_padded: rows at or after it are padding: ids -1, weights 0.
     location, layer, ep_rank: map logical ids to physical slots of ``location`` for MoE layer
-        ``layer`` as seen from rank ``ep_rank``, with ``dispatch`` 'static' (a fixed replica per
-        rank: own rank, then same node, else an even seeded spread), 'random' (seeded, per token
-        slot) or 'round_robin'. The fused shared column then gets id P.
+        ``layer`` as seen from rank ``ep_rank``, with ``dispatch`` one of
+        ``moelb.DISPATCH_ALGORITHMS`` but 'equal_split' (default 'sglang_static': SGLang's
+        table on the --init-expert-location path; see ``moelb.dispatch``; ``seed`` seeds the
+        per-token draws of 'sglang_dynamic' and moelb_static's offsets). The fused shared column
+        then gets id P.
     recorder: an ``ExpertDistributionRecorder`` that counts the routed columns
         (``recorder_topk_ids``, never the shared column) into its current layer scope; with
         ``layer`` given, that scope must be ``layer``.
@@ -148,7 +150,7 @@ class HashRouter(_core.HashRouter):
         ep_rank: int = 0,
         recorder: ExpertDistributionRecorder | None = None,
         *,
-        dispatch: str = "static",
+        dispatch: str = "sglang_static",
         seed: int = 0,
         waterfill: WaterfillBalancer | None = None,
         is_decode: bool = False,

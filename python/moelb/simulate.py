@@ -42,6 +42,7 @@ import numpy.typing as npt
 
 from . import _core
 from ._core import ExpertLocation, InvalidArgumentError, TopKConfig
+from .dispatch import DISPATCH_ALGORITHMS, TABLE_DISPATCH, dispatch_tables, dispatch_tokens
 from .eplb import ALGORITHMS, OBJECTIVES, gpu_loads, rebalance
 from .io import load_expert_distribution
 from .recorder import ExpertDistributionRecorder
@@ -51,6 +52,7 @@ from .waterfill import waterfill_rank_loads
 __all__ = [
     "MODEL_PRESETS",
     "AlgorithmResult",
+    "DispatchResult",
     "ModelPreset",
     "SimulationConfig",
     "SimulationResult",
@@ -152,7 +154,9 @@ class SimulationConfig:
     algorithms: EPLB algorithms to compare (``"moelb"``, ``"moelb:none"``, ``"deepseek"``, ...;
         ``"moelb:none:step_peak"`` plans each window against its per-step peaks, see
         ``rebalance(objective=)``); the trivial placement is always scored.
-    waterfill: ``"dynamic"``, ``"static"`` or None (no token-level figures).
+    waterfill: ``"dynamic"``, ``"static"`` or None (no Waterfill column).
+    dispatch: the dispatch models the token-level figures realise (``moelb.DISPATCH_ALGORITHMS``;
+        default SGLang's default for an EPLB deployment with DeepEP, ``"sglang_static"``).
     num_layers: simulate only the first num_layers MoE layers (None: all of the model's).
     expert_bytes: one expert's weight bytes for moved bytes (None: the model's, FP8).
     """
@@ -173,6 +177,7 @@ class SimulationConfig:
     expert_bytes: int | None = None
     seed: int = 0
     bursts: float = 0.0
+    dispatch: tuple[str, ...] = ("sglang_static",)
 
     def preset(self) -> ModelPreset:
         if self.model not in MODEL_PRESETS:
@@ -215,6 +220,16 @@ class SimulationConfig:
             parse_algorithm(spec)
         if len(set(self.algorithms)) != len(self.algorithms):
             raise InvalidArgumentError(f"algorithms lists one twice: {list(self.algorithms)}")
+        if not self.dispatch:
+            raise InvalidArgumentError("dispatch must name at least one dispatch model")
+        for name in self.dispatch:
+            if name not in DISPATCH_ALGORITHMS:
+                raise InvalidArgumentError(
+                    f"dispatch: {name!r} is not a dispatch model; expected one of "
+                    f"{DISPATCH_ALGORITHMS}"
+                )
+        if len(set(self.dispatch)) != len(self.dispatch):
+            raise InvalidArgumentError(f"dispatch lists one twice: {list(self.dispatch)}")
         if self.waterfill not in (None, "static", "dynamic"):
             raise InvalidArgumentError(
                 f"waterfill must be 'dynamic', 'static' or None, got {self.waterfill!r}"
@@ -234,15 +249,27 @@ class SimulationConfig:
 
 
 @dataclass(frozen=True)
+class DispatchResult:
+    """What one placement realises under one dispatch model, at token level: the tokens of every
+    source rank dispatched by the model, per step and simulated layer, averaged (SGLang's
+    balancedness, mean / max GPU load). routed: routed experts only; shared_local: plus the shared
+    expert on each token's own rank; waterfill: plus the shared expert placed by Waterfill (None
+    without Waterfill, and for ``equal_split``, whose fractional tokens Waterfill cannot place)."""
+
+    routed: float
+    shared_local: float
+    waterfill: float | None
+
+
+@dataclass(frozen=True)
 class AlgorithmResult:
     """One placement policy over the run. Balancedness figures are means over steps and
     simulated layers; ``layer_*`` are per simulated layer ([L]).
 
     in_window / predictive: see the module doc (trivial: the same placement throughout).
     step_balancedness: [num_steps] the placement in service at each step (window 0: trivial).
-    dispatched / shared_local / waterfill: token level (synthetic traffic, windows >= 1): routed
-        load by static dispatch alone, plus the shared expert on the token's rank, plus the shared
-        expert placed by Waterfill; None when not simulated.
+    realised: token level (synthetic traffic, windows >= 1): for each dispatch model of the
+        config, a ``DispatchResult``; empty for replayed counts (they carry no tokens).
     moved_experts / moved_bytes / plan_seconds: per rebalance (empty for trivial).
     gpu_load: [L, G] mean per-step load of each GPU under the placements in service (windows
         >= 1). min_gap: the smallest max-load / lower-bound - 1 over steps and layers (>= 0).
@@ -257,9 +284,7 @@ class AlgorithmResult:
     layer_in_window: npt.NDArray[np.float64]
     layer_predictive: npt.NDArray[np.float64]
     step_balancedness: npt.NDArray[np.float64]
-    dispatched: float | None
-    shared_local: float | None
-    waterfill: float | None
+    realised: dict[str, DispatchResult]
     moved_experts: list[int]
     moved_bytes: list[int]
     plan_seconds: list[float]
@@ -269,7 +294,7 @@ class AlgorithmResult:
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        d["placement"] = None  # written separately (save_placement)
+        d["realised"] = {k: dataclasses.asdict(v) for k, v in self.realised.items()}
         return {k: _jsonable(v) for k, v in d.items() if k != "placement"}
 
 
@@ -429,14 +454,14 @@ class _Policy:
     in_window: list[npt.NDArray[np.float64]] = field(default_factory=list)  # [T_w, L]
     predictive: list[npt.NDArray[np.float64]] = field(default_factory=list)
     step_balancedness: list[npt.NDArray[np.float64]] = field(default_factory=list)
-    token: list[tuple[float, float, float]] = field(default_factory=list)
+    token: dict[str, list[tuple[float, float, float]]] = field(default_factory=dict)
     moved_experts: list[int] = field(default_factory=list)
     moved_bytes: list[int] = field(default_factory=list)
     plan_seconds: list[float] = field(default_factory=list)
     gpu_load_sum: npt.NDArray[np.float64] | None = None
     gpu_load_steps: int = 0
     min_gap: float = float("inf")
-    dispatch_tables: npt.NDArray[np.int32] | None = None  # [W, L, E] for the token level
+    tables: dict[str, npt.NDArray[np.int32]] = field(default_factory=dict)  # [W, L, E] each
 
 
 def _load_trace(path: str, preset: ModelPreset) -> npt.NDArray[np.int32]:
@@ -497,7 +522,7 @@ def simulate(config: SimulationConfig, progress: Progress | None = None) -> Simu
         policies.append(_Policy(spec, *parse_algorithm(spec), trivial))
     bounds_all: list[npt.NDArray[np.float64]] = []  # per window [T_w, L] mean / bound
 
-    token_level = trace is None and config.waterfill is not None
+    token_level = trace is None
     traffic = _SyntheticTraffic(preset, L, config) if trace is None else None
     recorder: ExpertDistributionRecorder | None = None
     routers: list[Any] = []
@@ -546,9 +571,19 @@ def simulate(config: SimulationConfig, progress: Progress | None = None) -> Simu
                 if token_level and window > 0:
                     t1 = time.perf_counter()
                     for policy in policies:
-                        policy.token.append(
-                            _token_level(policy, routed, source_rank, bounds_tokens, P, config)
-                        )
+                        for name in config.dispatch:
+                            policy.token.setdefault(name, []).append(
+                                _token_level(
+                                    policy,
+                                    name,
+                                    routed,
+                                    step,
+                                    bounds_tokens,
+                                    source_rank,
+                                    P,
+                                    config,
+                                )
+                            )
                     timings["token_level"] += time.perf_counter() - t1
                 done += 1
                 if progress is not None:
@@ -602,7 +637,7 @@ def simulate(config: SimulationConfig, progress: Progress | None = None) -> Simu
             policy.moved_experts.append(plan.stats.moved_experts)
             policy.moved_bytes.append(int(plan.stats.moved_bytes or 0))
             policy.plan_seconds.append(plan.stats.wall_time_seconds)
-            policy.dispatch_tables = None
+            policy.tables = {}
         if trace is not None:
             done = last
             if progress is not None:
@@ -639,34 +674,71 @@ def _min_gap(max_load: npt.NDArray[np.float64], bound: npt.NDArray[np.float64]) 
 
 def _token_level(
     policy: _Policy,
+    dispatch: str,
     routed: Sequence[npt.NDArray[np.int32]],
-    source_rank: npt.NDArray[np.int64],
+    step: int,
     bounds_tokens: npt.NDArray[np.int64],
+    source_rank: npt.NDArray[np.int64],
     num_physical_experts: int,
     config: SimulationConfig,
 ) -> tuple[float, float, float]:
-    """Mean over layers of (dispatched, +shared local, +Waterfill) balancedness for one step."""
+    """Mean over layers of (routed, +shared local, +Waterfill) balancedness for one step, the
+    tokens of every source rank dispatched by ``dispatch`` (NaN for what it cannot place)."""
     W = config.ep_size
-    if policy.dispatch_tables is None:
-        policy.dispatch_tables = np.stack(
-            [policy.current.static_dispatch_table(r) for r in range(W)]
-        )
-    tables = policy.dispatch_tables
     S = num_physical_experts // W
+    location = policy.current
+    if dispatch in TABLE_DISPATCH and dispatch not in policy.tables:
+        policy.tables[dispatch] = dispatch_tables(location, dispatch, seed=config.seed)
     mode = config.waterfill or "static"
+    tokens_per_rank = np.diff(bounds_tokens).astype(np.float64)
     totals = np.zeros(3)
     for layer, ids in enumerate(routed):
-        physical = tables[source_rank[:, None], layer, ids].astype(np.int32)
+        if dispatch == "equal_split":
+            # Every (token, expert) split equally over the expert's replicas: fractional loads.
+            counts = np.bincount(ids.ravel(), minlength=location.num_logical_experts)
+            p2l = location.physical_to_logical[layer]
+            share = counts[p2l] / location.logical_count[layer][p2l]
+            routed_load = share.reshape(W, S).sum(axis=1)
+            totals += (
+                _mean_over_max(routed_load),
+                _mean_over_max(routed_load + tokens_per_rank),
+                np.nan,
+            )
+            continue
+        if dispatch in TABLE_DISPATCH:
+            physical = policy.tables[dispatch][source_rank[:, None], layer, ids]
+        else:
+            physical = dispatch_tokens(
+                ids,
+                location,
+                layer,
+                dispatch,
+                rank_offsets=bounds_tokens,
+                seed=_step_seed(config.seed, step),
+            )
+        routed_load = np.bincount(physical.ravel() // S, minlength=W)
+        if config.waterfill is None:
+            local = _mean_over_max(routed_load + tokens_per_rank)
+            totals += (_mean_over_max(routed_load), local, np.nan)
+            continue
         batches = [physical[bounds_tokens[r] : bounds_tokens[r + 1]] for r in range(W)]
         loads = waterfill_rank_loads(batches, num_physical_experts, mode=mode)
-        routed_load = np.bincount(physical.ravel() // S, minlength=W)
-        mx = routed_load.max()
         totals += (
-            routed_load.mean() / mx if mx > 0 else 1.0,
+            _mean_over_max(routed_load),
             loads.balancedness_local,
             loads.balancedness_waterfill,
         )
     return tuple(totals / len(routed))  # type: ignore[return-value]
+
+
+def _mean_over_max(loads: npt.NDArray[Any]) -> float:
+    mx = float(loads.max())
+    return float(loads.mean()) / mx if mx > 0 else 1.0
+
+
+def _step_seed(seed: int, step: int) -> int:
+    """The per-step seed of the per-token dispatch draws (a fresh stream every step)."""
+    return int(np.random.default_rng([seed, 7, step]).integers(0, 2**62))
 
 
 def _result(
@@ -681,7 +753,15 @@ def _result(
 ) -> AlgorithmResult:
     in_window = np.concatenate(policy.in_window)
     predictive = np.concatenate(policy.predictive)
-    token = np.asarray(policy.token) if policy.token else None
+    realised = {}
+    for name, rows in policy.token.items():
+        token = np.asarray(rows)
+        waterfill = float(token[:, 2].mean())
+        realised[name] = DispatchResult(
+            routed=float(token[:, 0].mean()),
+            shared_local=float(token[:, 1].mean()),
+            waterfill=None if np.isnan(waterfill) else waterfill,
+        )
     assert policy.gpu_load_sum is not None
     # The last plan, widened to every layer of the model (the others trivial).
     full = ExpertLocation.trivial(total_layers, E, P, W, num_nodes).physical_to_logical.copy()
@@ -694,9 +774,7 @@ def _result(
         layer_in_window=in_window.mean(axis=0),
         layer_predictive=predictive.mean(axis=0),
         step_balancedness=np.concatenate(policy.step_balancedness),
-        dispatched=None if token is None else float(token[:, 0].mean()),
-        shared_local=None if token is None else float(token[:, 1].mean()),
-        waterfill=None if token is None else float(token[:, 2].mean()),
+        realised=realised,
         moved_experts=policy.moved_experts,
         moved_bytes=policy.moved_bytes,
         plan_seconds=policy.plan_seconds,

@@ -653,7 +653,10 @@ def test_select_experts_random_input(data: st.DataObject) -> None:
         "ep_rank": data.draw(mostly(st.integers(0, 3), any_ints)),
         "recorder": recorder,
         "dispatch": data.draw(
-            mostly(st.sampled_from(["static", "random", "round_robin"]), st.just("none"))
+            mostly(
+                st.sampled_from([d for d in moelb.DISPATCH_ALGORITHMS if d != "equal_split"]),
+                st.just("none"),
+            )
         ),
         "seed": data.draw(mostly(st.integers(0, 9), any_ints)),
     }
@@ -703,7 +706,9 @@ def test_hash_router_random_input(data: st.DataObject) -> None:
         location,
         data.draw(mostly(st.one_of(st.none(), st.integers(0, 2)), any_ints)),
         data.draw(mostly(st.integers(0, 3), any_ints)),
-        dispatch=data.draw(st.sampled_from(["static", "random", "round_robin"])),
+        dispatch=data.draw(
+            st.sampled_from([d for d in moelb.DISPATCH_ALGORITHMS if d != "equal_split"])
+        ),
     )
     if out is not None:
         max_id = width if location is None else location.num_physical_experts

@@ -199,7 +199,7 @@ def test_location_maps_hash_routed_ids() -> None:
     plain = router.select(logits, input_ids)
     for rank in range(4):
         out = router.select(logits, input_ids, 30, location, 1, rank)
-        static = location.static_dispatch_table(rank)[1]
+        static = moelb.dispatch_table(location, "sglang_static", rank)[1]
         np.testing.assert_array_equal(out.topk_ids[:30, :3], static[table[input_ids[:30]]])
         np.testing.assert_array_equal(out.topk_ids[:30, 3], 24)  # the shared column becomes P
         np.testing.assert_array_equal(out.topk_ids[30:], -1)

@@ -557,7 +557,7 @@ def redundant_location(num_layers: int = 3) -> moelb.ExpertLocation:
     return moelb.ExpertLocation(np.array(rows), num_logical_experts=16, ep_size=4, num_nodes=2)
 
 
-@pytest.mark.parametrize("dispatch", ["static", "random", "round_robin"])
+@pytest.mark.parametrize("dispatch", [d for d in moelb.DISPATCH_ALGORITHMS if d != "equal_split"])
 @pytest.mark.parametrize("shared", [0, 1])
 def test_location_maps_logical_to_physical(dispatch: str, shared: int) -> None:
     location = redundant_location()
@@ -585,12 +585,17 @@ def test_location_maps_logical_to_physical(dispatch: str, shared: int) -> None:
             np.testing.assert_array_equal(
                 location.physical_to_logical[layer][routed], logical.topk_ids[:, :4]
             )
-            expected = location.dispatch(
-                np.ascontiguousarray(logical.topk_ids[:, :4]), layer, rank, dispatch, 5
+            expected = moelb.dispatch_tokens(
+                np.ascontiguousarray(logical.topk_ids[:, :4]),
+                location,
+                layer,
+                dispatch,
+                ep_rank=rank,
+                seed=5,
             )
             np.testing.assert_array_equal(routed, expected)
-            if dispatch == "static":
-                table = location.static_dispatch_table(rank, seed=5)[layer]
+            if dispatch in moelb.dispatch.TABLE_DISPATCH:
+                table = moelb.dispatch_table(location, dispatch, rank, 5)[layer]
                 np.testing.assert_array_equal(routed, table[logical.topk_ids[:, :4]])
             if shared:
                 np.testing.assert_array_equal(out.topk_ids[:, 4], location.num_physical_experts)
@@ -818,7 +823,7 @@ def test_thread_count_does_not_change_results(restore_num_threads) -> None:
         moelb.set_num_threads(threads)
         assert moelb.get_num_threads() == threads
         results[threads] = moelb.select_experts(
-            logits, config, bias, 19_000, location, 1, 5, dispatch="random", seed=3
+            logits, config, bias, 19_000, location, 1, 5, dispatch="sglang_dynamic", seed=3
         )
     for threads in (2, 3):
         for got, want in zip(results[threads], results[1], strict=True):

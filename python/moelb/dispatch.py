@@ -1,0 +1,128 @@
+"""Replica dispatch: how each engine turns a logical expert id into one of its physical replicas.
+
+A placement is judged by the load the GPUs realise under the dispatch the engine really runs, not
+by the equal split of every expert over its replicas that planners assume
+(``../shared/reference/dispatch.md``; DESIGN section 2). Two kinds, never confused:
+
+Engine models, exact, named after the engine:
+
+- ``sglang_static``: SGLang's default with DeepEP, on the ``--init-expert-location`` file path.
+  Every rank collapses each replica list to its nearest replica (its own GPU, else its node when
+  that is a strict subset of the list), then fills the rest with ``_fair_choices`` drawn from its
+  own ``random.Random(42)`` over its own lists: bit-exact, and ranks draw independently.
+- ``sglang_static_runtime``: the same table after a runtime EPLB rebalance: uncollapsed lists in
+  the algorithm's ``log2phy`` order (``replica_order``; default ascending slots), one coordinated
+  table for all ranks.
+- ``sglang_dynamic``: ``--ep-dispatch-algorithm dynamic`` with an a2a backend: the rank's collapsed
+  list, then ``randint(0, 65536) % num_valid`` per (token, column). SGLang draws from torch's
+  global RNG; moelb from a seeded hash with the same distribution.
+- ``sglang_dynamic_rank_invariant``: ``dynamic`` without an a2a backend: uncollapsed lists, replica
+  ``token_row % num_valid``, the same on every rank (rows are global).
+- ``vllm_hash``: vLLM 0.33: replica ``((token_row * 2654435769) & 0xFFFFFFFF) % replica_count``.
+- ``round_robin``: replica ``(token_row + ep_rank) % replica_count`` (a TensorRT-LLM-like spread;
+  its per-block offset is not modelled).
+- ``equal_split``: what planners assume: each token split equally over the replicas (fractional,
+  so it has no per-token slot; the simulator scores it from counts).
+
+moelb's own, named as ours:
+
+- ``moelb_static``: a coordinated table: the rank's own replica, else the node's replicas shared
+  evenly among the node's ranks without one, else all replicas shared evenly among the ranks of
+  nodes without one. Unlike SGLang's file path it never piles a node's ranks onto one replica.
+
+Token rows are rows within the source rank's batch, except for ``sglang_dynamic_rank_invariant``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from . import _core
+from ._core import ExpertLocation
+
+__all__ = [
+    "DISPATCH_ALGORITHMS",
+    "ENGINE_DISPATCH",
+    "MOELB_DISPATCH",
+    "TABLE_DISPATCH",
+    "dispatch_table",
+    "dispatch_tables",
+    "dispatch_tokens",
+    "sglang_replica_lists",
+]
+
+#: Models of what the engines run (exact, reference/dispatch.md).
+ENGINE_DISPATCH = (
+    "sglang_static",
+    "sglang_static_runtime",
+    "sglang_dynamic",
+    "sglang_dynamic_rank_invariant",
+    "vllm_hash",
+    "round_robin",
+    "equal_split",
+)
+#: moelb's own dispatch.
+MOELB_DISPATCH = ("moelb_static",)
+DISPATCH_ALGORITHMS = ENGINE_DISPATCH + MOELB_DISPATCH
+#: The models that are one table per rank.
+TABLE_DISPATCH = ("sglang_static", "sglang_static_runtime", "moelb_static")
+
+
+def dispatch_table(
+    location: ExpertLocation,
+    dispatch: str = "sglang_static",
+    ep_rank: int = 0,
+    seed: int = 0,
+    *,
+    replica_order: Any = None,
+) -> npt.NDArray[np.int32]:
+    """[L, E] int32: the slot rank ``ep_rank`` sends each (layer, logical expert) to under a table
+    model (``sglang_static``, ``sglang_static_runtime``, ``moelb_static``).
+
+    seed: ``moelb_static``'s seeded offsets only (SGLang's tables always use Random(42)).
+    replica_order: ``sglang_static_runtime`` only: [L, E, X] int, the replica lists in the
+    algorithm's order (DeepSeek's ``log2phy``), -1 padded; each row exactly the expert's slots.
+    """
+    return _core.dispatch_table(location, dispatch, ep_rank, seed, replica_order)
+
+
+def dispatch_tables(
+    location: ExpertLocation,
+    dispatch: str = "sglang_static",
+    *,
+    seed: int = 0,
+    replica_order: Any = None,
+) -> npt.NDArray[np.int32]:
+    """[W, L, E] int32: ``dispatch_table`` of every rank (computed in parallel)."""
+    return _core.dispatch_tables(location, dispatch, seed, replica_order)
+
+
+def sglang_replica_lists(
+    location: ExpertLocation, ep_rank: int | None = None, *, replica_order: Any = None
+) -> npt.NDArray[np.int32]:
+    """[L, E, X] int32, -1 padded: the replica lists SGLang builds. With ``ep_rank`` the file
+    path's per-rank collapse (a2a backend); without, the uncollapsed lists (ascending slots, or
+    ``replica_order``)."""
+    return _core.sglang_replica_lists(location, ep_rank, replica_order)
+
+
+def dispatch_tokens(
+    topk_ids: Any,
+    location: ExpertLocation,
+    layer: int,
+    dispatch: str = "sglang_static",
+    *,
+    ep_rank: int | None = None,
+    rank_offsets: Any = None,
+    seed: int = 0,
+) -> npt.NDArray[np.int32]:
+    """Maps logical ids [T, C] int32 (C-contiguous) of MoE layer ``layer`` to physical slots.
+
+    The rows come from one source rank (``ep_rank``, default 0) or, with ``rank_offsets`` (W + 1
+    non-decreasing ints from 0 to T), rows ``[rank_offsets[r], rank_offsets[r + 1])`` from rank r.
+    -1 stays -1; ``equal_split`` has no per-token slot and is an error here.
+    """
+    return _core.dispatch_tokens(topk_ids, location, layer, dispatch, ep_rank, rank_offsets, seed)
