@@ -116,11 +116,13 @@ def test_eplb_beats_trivial_and_moelb_matches_or_beats_deepseek(
     # step its scores are mostly sampling noise (benchmarks compare them at scale).
     for deepseek, ours in (("deepseek", "moelb"), ("deepseek_global", "moelb:none")):
         assert a[ours].in_window >= a[deepseek].in_window - 0.01, ours
-    # Waterfill is simulated at token level on the placements in service.
+    # The default dispatch (SGLang's static table) and Waterfill are simulated at token level on
+    # the placements in service.
     for r in a.values():
-        assert r.dispatched is not None and r.shared_local is not None
-        assert r.waterfill is not None
-        assert 0 < r.dispatched <= 1 and 0 < r.waterfill <= 1
+        assert list(r.realised) == ["sglang_static"]
+        d = r.realised["sglang_static"]
+        assert d.waterfill is not None
+        assert 0 < d.routed <= 1 and 0 < d.shared_local <= 1 and 0 < d.waterfill <= 1
 
 
 def test_lower_bound_is_respected(small: moelb.SimulationResult) -> None:
@@ -169,7 +171,41 @@ def test_no_drift_predicts_better_than_fast_drift() -> None:
     still = moelb.simulate(dataclasses.replace(base, drift=0.0)).algorithms["moelb"]
     moving = moelb.simulate(dataclasses.replace(base, drift=0.5)).algorithms["moelb"]
     assert still.predictive > moving.predictive + 0.05
-    assert still.waterfill is None  # waterfill=None: no token-level figures
+    realised = still.realised["sglang_static"]
+    assert realised.waterfill is None and realised.routed > 0  # waterfill=None: no Waterfill
+
+
+def test_equal_split_realises_the_planned_figure() -> None:
+    """Token-level equal split is the planner's assumption: the same figure as 'planned'."""
+    config = dataclasses.replace(
+        SMALL, algorithms=("moelb", "moelb:none"), dispatch=("equal_split", "sglang_static")
+    )
+    for r in moelb.simulate(config).algorithms.values():
+        assert r.realised["equal_split"].routed == pytest.approx(r.predictive, rel=1e-9)
+        assert r.realised["equal_split"].waterfill is None
+
+
+def test_without_replicas_every_dispatch_realises_the_same() -> None:
+    """With one replica per expert there is nothing to choose: all models give the planned
+    figure; with replicas the engines' picks differ from the equal split."""
+    dispatch = tuple(d for d in moelb.DISPATCH_ALGORITHMS)
+    config = dataclasses.replace(
+        SMALL, algorithms=("moelb:none",), num_redundant_experts=0, dispatch=dispatch,
+        waterfill=None,
+    )  # fmt: skip
+    for r in moelb.simulate(config).algorithms.values():
+        for d in dispatch:
+            assert r.realised[d].routed == pytest.approx(r.predictive, rel=1e-9), d
+    config = dataclasses.replace(config, num_redundant_experts=32)
+    r = moelb.simulate(config).algorithms["moelb:none"]
+    assert r.realised["sglang_static"].routed != pytest.approx(r.predictive, abs=1e-3)
+
+
+def test_dispatch_config_errors() -> None:
+    for bad, match in (((), "at least one"), (("lp",), "'lp' is not a dispatch model"),
+                       (("sglang_static", "sglang_static"), "twice")):  # fmt: skip
+        with pytest.raises(moelb.InvalidArgumentError, match=match):
+            moelb.simulate(dataclasses.replace(SMALL, dispatch=bad))
 
 
 def test_v4_hash_layers() -> None:
@@ -209,7 +245,7 @@ def test_replay_scores_the_recorded_counts(tmp_path: Path) -> None:
     assert result.num_steps == 9 and result.num_windows == 3
     assert list(result.layer_ids) == [1, 2, 3, 4]
     r = result.algorithms["moelb"]
-    assert r.dispatched is None and r.waterfill is None  # counts carry no tokens
+    assert r.realised == {}  # counts carry no tokens
     assert r.placement.physical_to_logical.shape == (5, 288)
     # Trivial, recomputed with NumPy: mean / max GPU load per step and layer.
     trivial = moelb.ExpertLocation.trivial(4, 256, 288, ep_size=8)
