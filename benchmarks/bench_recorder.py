@@ -580,7 +580,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "num_physical_experts": NUM_PHYSICAL_EXPERTS,
                 "ep_size": EP_SIZE,
                 "num_nodes": NUM_NODES,
-                "dispatch": "static",
+                "dispatch": "sglang_static",
             },
             "goal": GOAL,
             "cpu_count": os.cpu_count(),

@@ -290,7 +290,7 @@ def _run_simulation(config: SimulationConfig, args: argparse.Namespace) -> int:
     if args.json:
         payload = result.to_dict()
         payload["files"] = written
-        payload["notes"] = notes
+        payload["notes"] = result.notes + notes
         _print_json(payload)
         return 0
     print(_describe(result) + "\n")
@@ -304,6 +304,8 @@ def _run_simulation(config: SimulationConfig, args: argparse.Namespace) -> int:
     if args.per_layer:
         print("\npredictive balancedness per layer\n" + layer_table(result))
     print("\n" + LEGEND)
+    for note in result.notes:
+        print(f"note: {note}")
     print(f"\nsimulated in {result.timings['total']:.1f} s")
     if written:
         focus = _focus(result)
@@ -354,6 +356,7 @@ def simulate_command(args: argparse.Namespace) -> int:
         waterfill=None if args.waterfill == "off" else args.waterfill,
         dispatch=tuple(args.dispatch),
         trace=args.trace,
+        trace_rotate=args.trace_rotate,
         num_layers=args.num_layers,
         expert_bytes=args.expert_bytes,
         seed=args.seed if args.seed is not None else 0,
@@ -753,6 +756,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(default sglang_static: SGLang's default with DeepEP; moelb_static is ours)",
     )
     p.add_argument("--trace", default=None, help="replay this recorder dump (.pt/.npz/.json)")
+    p.add_argument(
+        "--trace-rotate",
+        type=_non_negative_int,
+        default=0,
+        help="replay the trace from this row on (a wrapped bounded SGLang buffer: passes "
+        "recorded mod buffer size)",
+    )
     p.add_argument(
         "--num-layers", type=_positive_int, default=None, help="simulate the first N MoE layers"
     )

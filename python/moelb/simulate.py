@@ -159,6 +159,10 @@ class SimulationConfig:
         default SGLang's default for an EPLB deployment with DeepEP, ``"sglang_static"``).
     num_layers: simulate only the first num_layers MoE layers (None: all of the model's).
     expert_bytes: one expert's weight bytes for moved bytes (None: the model's, FP8).
+    trace_rotate: replay the trace's rows from this index on, wrapping (``np.roll``): a bounded
+        SGLang stat buffer is dumped in storage order, so after it wrapped its oldest pass sits at
+        the buffer index at dump time (passes recorded mod buffer size); give that index.
+        Steps without any load (unused buffer rows, idle passes) are skipped either way.
     """
 
     model: str = "deepseek-v3"
@@ -173,6 +177,7 @@ class SimulationConfig:
     algorithms: tuple[str, ...] = ("deepseek", "moelb")
     waterfill: str | None = "dynamic"
     trace: str | None = None
+    trace_rotate: int = 0
     num_layers: int | None = None
     expert_bytes: int | None = None
     seed: int = 0
@@ -241,6 +246,12 @@ class SimulationConfig:
             )
         if self.expert_bytes is not None and self.expert_bytes < 0:
             raise InvalidArgumentError(f"expert_bytes must be >= 0, got {self.expert_bytes}")
+        if isinstance(self.trace_rotate, bool) or not isinstance(self.trace_rotate, int):
+            raise InvalidArgumentError(
+                f"trace_rotate must be an integer, got {self.trace_rotate!r}"
+            )
+        if self.trace_rotate != 0 and self.trace is None:
+            raise InvalidArgumentError("trace_rotate applies to a replayed trace only")
         if self.trace is None and self.num_steps < 2 * self.rebalance_period:
             raise InvalidArgumentError(
                 f"num_steps={self.num_steps} gives fewer than two windows of "
@@ -304,7 +315,8 @@ class SimulationResult:
     ``AlgorithmResult``; ``layer_ids`` are the model layers simulated; ``bound_in_window`` /
     ``bound_predictive`` (and ``layer_bound_predictive``) are the balancedness no placement
     exceeds over the same steps as ``in_window`` / ``predictive``. ``timings``: seconds spent
-    per phase."""
+    per phase. ``notes``: what the run changed or could not know (skipped trace steps, a trace
+    that may be out of time order)."""
 
     config: SimulationConfig
     source: str
@@ -318,6 +330,7 @@ class SimulationResult:
     layer_bound_predictive: npt.NDArray[np.float64]
     algorithms: dict[str, AlgorithmResult]
     timings: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """Everything as JSON-ready Python values (placements excluded)."""
@@ -334,6 +347,7 @@ class SimulationResult:
             "layer_bound_predictive": self.layer_bound_predictive.tolist(),
             "algorithms": {k: v.to_dict() for k, v in self.algorithms.items()},
             "timings": dict(self.timings),
+            "notes": list(self.notes),
         }
 
 
@@ -481,6 +495,7 @@ def simulate(config: SimulationConfig, progress: Progress | None = None) -> Simu
     config.validate()
     preset = config.preset()
     timings = {"traffic": 0.0, "planning": 0.0, "scoring": 0.0, "token_level": 0.0}
+    notes: list[str] = []
     start_all = time.perf_counter()
     E, W = preset.num_experts, config.ep_size
     P = E + config.num_redundant_experts
@@ -499,6 +514,31 @@ def simulate(config: SimulationConfig, progress: Progress | None = None) -> Simu
         layer_ids = active.astype(np.int64)
         if active.size != total_layers:
             trace = np.ascontiguousarray(trace[:, active])
+        if not 0 <= config.trace_rotate < trace.shape[0]:
+            raise InvalidArgumentError(
+                f"trace_rotate={config.trace_rotate} is outside [0, {trace.shape[0]}) "
+                f"(the trace's rows)"
+            )
+        if config.trace_rotate:
+            trace = np.ascontiguousarray(np.roll(trace, -config.trace_rotate, axis=0))
+        loaded = trace.any(axis=(1, 2))
+        unused_tail = int(np.argmax(loaded[::-1])) if loaded.any() else trace.shape[0]
+        skipped = int((~loaded).sum())
+        if skipped:
+            trace = np.ascontiguousarray(trace[loaded])
+            notes.append(
+                f"skipped {skipped} of {loaded.size} trace steps without load "
+                f"({unused_tail} unused buffer rows at the end, {skipped - unused_tail} idle "
+                "passes): they are not balanced steps"
+            )
+        if unused_tail == 0 and config.trace_rotate == 0:
+            notes.append(
+                "the trace has no unused rows at the end: if it is a bounded SGLang stat buffer "
+                "that wrapped, its rows are in storage order, not time order (windows then mix "
+                "old and new passes); replay from the oldest pass with trace_rotate / "
+                "--trace-rotate = passes recorded mod buffer size, or record with "
+                "--expert-distribution-recorder-buffer-size -1"
+            )
         num_steps = trace.shape[0]
         if num_steps < 2 * config.rebalance_period:
             raise InvalidArgumentError(
@@ -662,6 +702,7 @@ def simulate(config: SimulationConfig, progress: Progress | None = None) -> Simu
         layer_bound_predictive=bound_predictive.mean(axis=0),
         algorithms=results,
         timings=timings,
+        notes=notes,
     )
 
 

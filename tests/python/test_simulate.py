@@ -229,6 +229,61 @@ def test_progress_is_reported() -> None:
 # Replay of recorded counts.
 
 
+def _save_trace(counts: np.ndarray, path: Path) -> str:
+    moelb.save_expert_distribution(
+        {"rank": 0, "logical_count": counts, "average_utilization_rate_over_window": None}, path
+    )
+    return str(path)
+
+
+def test_replay_skips_steps_without_load(tmp_path: Path) -> None:
+    """A bounded SGLang buffer that never filled ends in all-zero rows: they are not perfectly
+    balanced steps (scoring them as 1.0 inflated a trivial placement from 0.28 to 0.84)."""
+    counts = random_counts((12, 3, 256), seed=5)
+    padded = np.concatenate([counts, np.zeros((28, 3, 256), dtype=np.int32)])
+    config = moelb.SimulationConfig(
+        ep_size=8, num_nodes=2, num_redundant_experts=32, rebalance_period=4,
+        algorithms=("moelb",),
+    )  # fmt: skip
+    plain = moelb.simulate(
+        dataclasses.replace(config, trace=_save_trace(counts, tmp_path / "a.npz"))
+    )
+    full = moelb.simulate(
+        dataclasses.replace(config, trace=_save_trace(padded, tmp_path / "b.npz"))
+    )
+    assert full.num_steps == 12
+    for name in ("trivial", "moelb"):
+        assert full.algorithms[name].predictive == plain.algorithms[name].predictive
+        assert full.algorithms[name].in_window == plain.algorithms[name].in_window
+    assert any("skipped 28 of 40 trace steps" in n for n in full.notes)
+    # No unused rows: the run says the order may be the buffer's storage order.
+    assert any("storage order" in n for n in plain.notes)
+    assert not any("storage order" in n for n in full.notes)
+
+
+def test_replay_rotates_a_wrapped_buffer(tmp_path: Path) -> None:
+    counts = random_counts((12, 3, 256), seed=6)
+    config = moelb.SimulationConfig(
+        ep_size=8, num_nodes=2, num_redundant_experts=32, rebalance_period=4,
+        algorithms=("moelb",),
+    )  # fmt: skip
+    in_order = moelb.simulate(
+        dataclasses.replace(config, trace=_save_trace(counts, tmp_path / "a.npz"))
+    )
+    wrapped = np.roll(counts, 5, axis=0)  # the oldest pass at row 5, as a wrapped ring buffer
+    rotated = moelb.simulate(
+        dataclasses.replace(config, trace=_save_trace(wrapped, tmp_path / "b.npz"), trace_rotate=5)
+    )
+    for name in ("trivial", "moelb"):
+        np.testing.assert_array_equal(
+            rotated.algorithms[name].step_balancedness, in_order.algorithms[name].step_balancedness
+        )
+    with pytest.raises(moelb.InvalidArgumentError, match="trace_rotate=12"):
+        moelb.simulate(dataclasses.replace(config, trace=str(tmp_path / "b.npz"), trace_rotate=12))
+    with pytest.raises(moelb.InvalidArgumentError, match="replayed trace only"):
+        moelb.simulate(dataclasses.replace(SMALL, trace_rotate=1))
+
+
 def test_replay_scores_the_recorded_counts(tmp_path: Path) -> None:
     counts = random_counts((9, 5, 256), seed=3)
     counts[:, 0] = 0  # a dense layer, as SGLang dumps hold them: skipped
