@@ -482,25 +482,43 @@ WaterfillRankLoads waterfill_rank_loads(std::span<const ConstMatrixMap<std::int3
     out.routed.assign(static_cast<std::size_t>(W), 0);
     out.shared_local.assign(out.routed.size(), 0);
     out.shared_waterfill.assign(out.routed.size(), 0);
-    for (int w = 0; w < W; ++w) {
-        const ConstMatrixMap<std::int32_t>& ids = batches[w];
-        const Index N = ids.rows();
-        RowMatrix<std::int32_t> wide_ids(N, K + 1);
-        RowMatrix<float> wide_weights(N, K + 1);
-        const RowMatrix<float> weights = RowMatrix<float>::Ones(N, K);
-        balancers[w].expand(ids, ConstMatrixMap<float>(weights.data(), N, K), tokens_of(w),
-                            is_decode, reduced, MatrixMap<std::int32_t>(wide_ids.data(), N, K + 1),
-                            MatrixMap<float>(wide_weights.data(), N, K + 1));
-        for (Index t = 0; t < N; ++t) {
-            bool has_valid = false;
-            for (Index c = 0; c < K; ++c) {
-                if (ids(t, c) >= 0) {
-                    ++out.routed[ids(t, c) / S];
-                    has_valid = true;
+    // Every rank expands its own batch (in parallel); its counts per target rank are integers,
+    // summed afterwards, so the result does not depend on the thread count.
+    std::vector<std::int64_t> routed_by(static_cast<std::size_t>(W) * W, 0);
+    std::vector<std::int64_t> waterfill_by(static_cast<std::size_t>(W) * W, 0);
+    parallel_for(W, 1, [&](Index begin, Index end) {
+        for (Index w = begin; w < end; ++w) {
+            const ConstMatrixMap<std::int32_t>& ids = batches[w];
+            const Index N = ids.rows();
+            RowMatrix<std::int32_t> wide_ids(N, K + 1);
+            RowMatrix<float> wide_weights(N, K + 1);
+            const RowMatrix<float> weights = RowMatrix<float>::Ones(N, K);
+            balancers[w].expand(ids, ConstMatrixMap<float>(weights.data(), N, K),
+                                tokens_of(static_cast<int>(w)), is_decode, reduced,
+                                MatrixMap<std::int32_t>(wide_ids.data(), N, K + 1),
+                                MatrixMap<float>(wide_weights.data(), N, K + 1));
+            std::int64_t* routed = routed_by.data() + w * W;
+            std::int64_t* waterfill = waterfill_by.data() + w * W;
+            std::int64_t local = 0;
+            for (Index t = 0; t < N; ++t) {
+                bool has_valid = false;
+                for (Index c = 0; c < K; ++c) {
+                    if (ids(t, c) >= 0) {
+                        ++routed[ids(t, c) / S];
+                        has_valid = true;
+                    }
                 }
+                local += has_valid;
+                if (wide_ids(t, K) >= 0) ++waterfill[wide_ids(t, K) / (S + 1)];
             }
-            out.shared_local[w] += has_valid;
-            if (wide_ids(t, K) >= 0) ++out.shared_waterfill[wide_ids(t, K) / (S + 1)];
+            out.shared_local[static_cast<std::size_t>(w)] = local;
+        }
+    });
+    for (int w = 0; w < W; ++w) {
+        for (int g = 0; g < W; ++g) {
+            out.routed[static_cast<std::size_t>(g)] += routed_by[static_cast<std::size_t>(w) * W + g];
+            out.shared_waterfill[static_cast<std::size_t>(g)] +=
+                waterfill_by[static_cast<std::size_t>(w) * W + g];
         }
     }
     const auto balancedness = [&](const std::vector<std::int64_t>& shared) {

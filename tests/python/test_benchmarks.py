@@ -281,3 +281,15 @@ def test_bench_objective_flags_inconsistency() -> None:
         swapped_scores = {"total": scores["step_peak"], "step_peak": scores["total"]}
         problems = bench._check("swapped", series, topology, swapped, swapped_scores)
         assert any("above total's" in p for p in problems), problems
+
+
+def test_bench_dispatch_quick(tmp_path: Path) -> None:
+    """bench_dispatch: moelb's SGLang table equals the benchmark's Python loop (else it exits 1),
+    equal split is what the plan's own statistic says, and every model is scored."""
+    stdout, data = run_quick(tmp_path, "bench_dispatch.py")
+    assert data["problems"] == []
+    assert "SGLang static table of one rank" in stdout
+    for r in data["results"]:
+        assert set(r["realised"]) >= {"equal_split", "sglang_static", "moelb_static", "vllm_hash"}
+        assert all(0 < v <= 1 for v in r["realised"].values())
+    assert data["table_timing"]["moelb_ms"] > 0

@@ -1,0 +1,305 @@
+"""Benchmark: the balance a placement realises under each engine's dispatch, against the equal split
+it was planned for; and the speed of moelb's SGLang static table against SGLang's Python loop.
+
+At DeepSeek-V3 scale (--layers MoE layers, default 16, of 256 experts in 8 groups; 288 slots on
+32 GPUs in 4 nodes; 4,096 tokens x top-8 per step split evenly over the 32 source ranks), each
+layer has a fixed Zipf-like popularity (1 / rank^--skew over a seeded expert order). Tokens pick
+their top-8 experts by Gumbel-perturbed log popularity, so the expected load is known exactly and
+each placement is planned on it: what remains is the dispatch, not prediction error. Every
+placement (DeepSeek's hierarchical and global policies, moelb node-local and free) is then
+served for --steps steps; per step and layer the tokens of every source rank are dispatched by
+each model (``moelb.dispatch_tokens`` / ``moelb.dispatch_tables``) and the per-GPU routed load is
+scored as SGLang does (mean / max, averaged); "max/mean" is its mean inverse.
+
+Speed: ``moelb.dispatch_table(location, "sglang_static", rank)`` (one rank's table, what each
+SGLang rank builds at start-up) against a Python re-implementation of SGLang's
+``compute_logical_to_rank_dispatch_physical_map`` loop written from reference/dispatch.md §2-3
+(checked equal to moelb's), medians of --repeats runs.
+
+This is not a timed test: it exits with status 1 only if moelb's table differs from the Python
+loop's, or a dispatch sends a token to a slot that does not hold its expert.
+
+    python benchmarks/bench_dispatch.py             # 16 layers, about a minute on 2 CPUs
+    python benchmarks/bench_dispatch.py --quick     # smoke test: 2 layers, 2 steps
+    python benchmarks/bench_dispatch.py --json results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import random
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import moelb
+import numpy as np
+import numpy.typing as npt
+
+_HERE = Path(__file__).resolve().parent
+if str(_HERE) not in sys.path:
+    sys.path.insert(0, str(_HERE))
+
+from bench_common import load_average, machine_summary, table, write_json  # noqa: E402
+
+NUM_EXPERTS = 256
+NUM_GROUPS = 8
+NUM_SLOTS = 288
+NUM_GPUS = 32
+NUM_NODES = 4
+TOP_K = 8
+TOKENS = 4096
+DEFAULT_LAYERS = 16
+QUICK_LAYERS = 2
+DEFAULT_STEPS = 8
+QUICK_STEPS = 2
+PLACEMENTS = (
+    ("deepseek", "deepseek", "auto"),
+    ("deepseek_global", "deepseek_global", "auto"),
+    ("moelb", "moelb", "node"),
+    ("moelb:none", "moelb", "none"),
+)
+DISPATCH = (
+    "equal_split",
+    "sglang_static",
+    "sglang_static_runtime",
+    "sglang_dynamic",
+    "vllm_hash",
+    "round_robin",
+    "moelb_static",
+)
+
+
+# ------------------------------------------------------------------------------------------------
+# SGLang's static table, as its Python code computes it (reference/dispatch.md §2-3).
+
+
+def _nearest(candidates: list[int], rank: int, S: int, rpn: int) -> int:
+    if len(candidates) == 1:
+        return candidates[0]
+    for p in candidates:
+        if p // S == rank:
+            return p
+    node = rank // rpn
+    same = [p for p in candidates if p // (S * rpn) == node]
+    return same[0] if same and len(same) < len(candidates) else -1
+
+
+def python_sglang_table(location: moelb.ExpertLocation, rank: int) -> npt.NDArray[np.int32]:
+    """One rank's table on the --init-expert-location path: collapse, then Random(42)."""
+    W = location.ep_size
+    S, rpn = location.num_local_physical_experts, W // location.num_nodes
+    l2p = location.logical_to_physical.tolist()
+    rng = random.Random(42)
+    out = np.empty((location.num_layers, location.num_logical_experts), dtype=np.int32)
+    for layer, experts in enumerate(l2p):
+        for e, padded in enumerate(experts):
+            cands = [p for p in padded if p >= 0]
+            near = _nearest(cands, rank, S, rpn)
+            if near >= 0:
+                cands = [near]
+            res = [_nearest(cands, g, S, rpn) for g in range(W)]
+            remaining = [g for g in range(W) if res[g] == -1]
+            if remaining:
+                q, r = divmod(len(remaining), len(cands))
+                choices = cands * q + rng.sample(cands, k=r)
+                rng.shuffle(choices)
+                for g, c in zip(remaining, choices, strict=True):
+                    res[g] = c
+            out[layer, e] = res[rank]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Traffic and scoring.
+
+
+def popularity(rng: np.random.Generator, layers: int, skew: float) -> npt.NDArray[np.float64]:
+    """[L, E]: 1 / rank^skew over a seeded expert order per layer, normalised."""
+    base = 1.0 / np.arange(1, NUM_EXPERTS + 1) ** skew
+    p = np.stack([base[rng.permutation(NUM_EXPERTS)] for _ in range(layers)])
+    return p / p.sum(axis=1, keepdims=True)
+
+
+def expected_load(p: npt.NDArray[np.float64], rng: np.random.Generator) -> npt.NDArray[np.float64]:
+    """[L, E]: the expected top-8 counts of a step, estimated from a large sample."""
+    load = np.zeros_like(p)
+    for layer in range(p.shape[0]):
+        ids = route(p[layer], 16 * TOKENS, rng)
+        load[layer] = np.bincount(ids.ravel(), minlength=NUM_EXPERTS) / 16
+    return load
+
+
+def route(p: npt.NDArray[np.float64], tokens: int, rng: np.random.Generator) -> npt.NDArray[Any]:
+    """[tokens, 8] int32: top-8 of log p + Gumbel noise (8 distinct experts per token)."""
+    scores = np.log(p)[None, :] + rng.gumbel(size=(tokens, NUM_EXPERTS))
+    return np.argpartition(-scores, TOP_K, axis=1)[:, :TOP_K].astype(np.int32)
+
+
+def balancedness(loads: npt.NDArray[np.float64]) -> float:
+    mx = loads.max()
+    return float(loads.mean() / mx) if mx > 0 else 1.0
+
+
+def score(
+    location: moelb.ExpertLocation,
+    steps: list[list[npt.NDArray[np.int32]]],
+    offsets: npt.NDArray[np.int64],
+    problems: list[str],
+    name: str,
+) -> dict[str, float]:
+    """Per dispatch model: mean balancedness of the routed per-GPU load over steps and layers."""
+    W = location.ep_size
+    S = location.num_local_physical_experts
+    source = np.repeat(np.arange(W), np.diff(offsets))
+    tables = {
+        d: moelb.dispatch_tables(location, d)
+        for d in ("sglang_static", "sglang_static_runtime", "moelb_static")
+    }
+    out: dict[str, list[float]] = {d: [] for d in DISPATCH}
+    for step, layers in enumerate(steps):
+        for layer, ids in enumerate(layers):
+            p2l = location.physical_to_logical[layer]
+            counts = np.bincount(ids.ravel(), minlength=NUM_EXPERTS)
+            share = counts[p2l] / location.logical_count[layer][p2l]
+            out["equal_split"].append(balancedness(share.reshape(W, S).sum(axis=1)))
+            for d in DISPATCH[1:]:
+                if d in tables:
+                    physical = tables[d][source[:, None], layer, ids]
+                else:
+                    physical = moelb.dispatch_tokens(
+                        ids, location, layer, d, rank_offsets=offsets, seed=step
+                    )
+                if not np.array_equal(p2l[physical], ids):
+                    problems.append(f"{name} {d}: a token reached a slot without its expert")
+                out[d].append(balancedness(np.bincount(physical.ravel() // S, minlength=W)))
+    return {d: float(np.mean(v)) for d, v in out.items()}
+
+
+def time_tables(location: moelb.ExpertLocation, repeats: int, problems: list[str]) -> dict:
+    ours, theirs = [], []
+    for i in range(repeats):
+        rank = (7 * i) % location.ep_size
+        t0 = time.perf_counter()
+        mine = moelb.dispatch_table(location, "sglang_static", rank)
+        ours.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        ref = python_sglang_table(location, rank)
+        theirs.append(time.perf_counter() - t0)
+        if not np.array_equal(mine, ref):
+            problems.append(f"sglang_static table of rank {rank} differs from the Python loop")
+    return {
+        "moelb_ms": statistics.median(ours) * 1e3,
+        "python_ms": statistics.median(theirs) * 1e3,
+        "ratio": statistics.median(theirs) / statistics.median(ours),
+    }
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--layers", type=int, help=f"MoE layers (default {DEFAULT_LAYERS})")
+    parser.add_argument("--steps", type=int, help=f"served steps (default {DEFAULT_STEPS})")
+    parser.add_argument("--skew", type=float, default=0.6, help="Zipf exponent (default 0.6)")
+    parser.add_argument("--repeats", type=int, default=5, help="timing repeats (default 5)")
+    parser.add_argument("--quick", action="store_true", help="smoke test: 2 layers, 2 steps")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, metavar="PATH", help="also write results as JSON")
+    args = parser.parse_args(argv)
+    if args.layers is None:
+        args.layers = QUICK_LAYERS if args.quick else DEFAULT_LAYERS
+    if args.steps is None:
+        args.steps = QUICK_STEPS if args.quick else DEFAULT_STEPS
+    if args.quick:
+        args.repeats = min(args.repeats, 1)
+    if args.layers < 1 or args.steps < 1 or args.repeats < 1:
+        parser.error("--layers, --steps and --repeats must be positive")
+    if not (np.isfinite(args.skew) and args.skew >= 0):
+        parser.error("--skew must be finite and >= 0")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    versions = {
+        "moelb": moelb.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+    }
+    load_avg = load_average()
+    print(
+        f"dispatch: {args.layers} layers x {NUM_EXPERTS} experts, {NUM_SLOTS} slots on "
+        f"{NUM_GPUS} GPUs in {NUM_NODES} nodes; {TOKENS:,} tokens x top-{TOP_K} per step from "
+        f"{NUM_GPUS} source ranks, Zipf {args.skew:g}, {args.steps} steps, seed {args.seed}; "
+        + machine_summary(load_avg, versions)
+    )
+    rng = np.random.default_rng(args.seed)
+    p = popularity(rng, args.layers, args.skew)
+    load = expected_load(p, rng)
+    steps = [
+        [route(p[layer], TOKENS, rng) for layer in range(args.layers)] for _ in range(args.steps)
+    ]
+    offsets = np.linspace(0, TOKENS, NUM_GPUS + 1).astype(np.int64)
+    problems: list[str] = []
+    rows, results = [], []
+    start = time.perf_counter()
+    for name, algorithm, locality in PLACEMENTS:
+        plan = moelb.rebalance(
+            load, NUM_SLOTS, NUM_GROUPS, NUM_NODES, NUM_GPUS, algorithm=algorithm,
+            locality=locality,
+        )  # fmt: skip
+        realised = score(plan.location, steps, offsets, problems, name)
+        results.append(
+            {"placement": name, "ran": plan.stats.algorithm, "planned": plan.stats.balancedness,
+             "realised": realised}
+        )  # fmt: skip
+        rows.append(
+            [name, f"{plan.stats.balancedness:.3f}"]
+            + [f"{realised[d]:.3f} ({1 / realised[d]:.2f})" for d in DISPATCH]
+        )
+    timing = time_tables(plan.location, args.repeats, problems)
+    seconds = time.perf_counter() - start
+
+    print(
+        "\nrouted balancedness (max/mean in brackets), per step and layer, averaged; planned: the "
+        "plan's\nown statistic on the expected load (equal split)"
+    )
+    print(table(["placement", "planned", *DISPATCH], rows))
+    best = {d: max(results, key=lambda r: r["realised"][d])["placement"] for d in DISPATCH}
+    print()
+    for d in ("sglang_static", "sglang_dynamic", "moelb_static"):
+        print(f"best under {d}: {best[d]}")
+    print(
+        f"\nSGLang static table of one rank ({args.layers} layers): moelb "
+        f"{timing['moelb_ms']:.2f} ms, SGLang's Python loop {timing['python_ms']:.1f} ms "
+        f"({timing['ratio']:.0f}x), median of {args.repeats}"
+    )
+    for problem in problems:
+        print(f"PROBLEM: {problem}")
+    print(f"\n{seconds:.1f} s")
+    if args.json is not None:
+        write_json(
+            args.json,
+            {
+                "benchmark": "dispatch",
+                "num_layers": args.layers,
+                "num_steps": args.steps,
+                "skew": args.skew,
+                "seed": args.seed,
+                "results": results,
+                "best": best,
+                "table_timing": timing,
+                "problems": problems,
+                "load_average_before": load_avg,
+                "versions": versions,
+                "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
+            },
+        )
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
