@@ -30,6 +30,7 @@ from .dispatch import (
     dispatch_table,
     dispatch_tables,
     dispatch_tokens,
+    expected_gpu_loads,
     sglang_replica_lists,
 )
 from .distributed import execute_weight_moves
@@ -99,6 +100,7 @@ __all__ = [
     "dispatch_tokens",
     "evaluate_placement",
     "execute_weight_moves",
+    "expected_gpu_loads",
     "get_num_threads",
     "gpu_loads",
     "load_expert_distribution",

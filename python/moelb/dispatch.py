@@ -46,11 +46,13 @@ from ._core import ExpertLocation
 __all__ = [
     "DISPATCH_ALGORITHMS",
     "ENGINE_DISPATCH",
+    "EXPECTED_DISPATCH",
     "MOELB_DISPATCH",
     "TABLE_DISPATCH",
     "dispatch_table",
     "dispatch_tables",
     "dispatch_tokens",
+    "expected_gpu_loads",
     "sglang_replica_lists",
 ]
 
@@ -126,3 +128,74 @@ def dispatch_tokens(
     -1 stays -1; ``equal_split`` has no per-token slot and is an error here.
     """
     return _core.dispatch_tokens(topk_ids, location, layer, dispatch, ep_rank, rank_offsets, seed)
+
+
+#: The models whose expected per-GPU load follows from the expert loads alone.
+EXPECTED_DISPATCH = (
+    "equal_split",
+    "sglang_static",
+    "sglang_static_runtime",
+    "sglang_dynamic",
+    "moelb_static",
+)
+
+
+def expected_gpu_loads(
+    load: Any, location: ExpertLocation, dispatch: str = "sglang_static", *, seed: int = 0
+) -> npt.NDArray[np.float64]:
+    """[L, W] float64: the per-GPU load a dispatch model realises in expectation when every
+    expert's load ``load`` ([L, E], >= 0) comes from all source ranks evenly.
+
+    Exact for the table models (each rank's share goes to its table's slot), for
+    ``sglang_dynamic`` (each rank's share split over its collapsed list with the weights of
+    ``randint(0, 65536) % n``) and for ``equal_split`` (= ``moelb.gpu_loads``). The other models
+    pick by token row, so their load depends on the batch, not on the expert loads alone: use
+    ``moelb.simulate`` or ``dispatch_tokens`` on real batches.
+    """
+    if dispatch not in EXPECTED_DISPATCH:
+        raise _core.InvalidArgumentError(
+            f"dispatch={dispatch!r}: the expected load of a model that picks by token row "
+            f"depends on the batch; expected loads exist for {EXPECTED_DISPATCH}"
+        )
+    values = np.asarray(load, dtype=np.float64)
+    L, E, W = location.num_layers, location.num_logical_experts, location.ep_size
+    if values.shape != (L, E):
+        raise _core.InvalidArgumentError(
+            f"load has shape {values.shape} but the location has {L} layers and {E} experts"
+        )
+    if not np.isfinite(values).all() or (values < 0).any():
+        raise _core.InvalidArgumentError("load must be finite and >= 0")
+    S = location.num_local_physical_experts
+    out = np.zeros((L, W))
+    if dispatch == "equal_split":
+        _spread(out, location.logical_to_physical, values, S, uniform_pick=True)
+        return out
+    if dispatch == "sglang_dynamic":
+        for rank in range(W):
+            _spread(out, sglang_replica_lists(location, rank), values / W, S, uniform_pick=False)
+        return out
+    tables = dispatch_tables(location, dispatch, seed=seed)  # [W, L, E]
+    layers = np.broadcast_to(np.arange(L)[:, None], (L, E))
+    for rank in range(W):
+        np.add.at(out, (layers, tables[rank] // S), values / W)
+    return out
+
+
+def _spread(
+    out: npt.NDArray[np.float64],
+    lists: npt.NDArray[np.int32],
+    share: npt.NDArray[np.float64],
+    S: int,
+    uniform_pick: bool,
+) -> None:
+    """Adds each expert's ``share`` to the GPUs of its replica ``lists`` [L, E, X]: equally, or
+    with SGLang's ``randint(0, 65536) % n`` weights (index x: (65536 // n + (x < 65536 % n)) /
+    65536)."""
+    count = (lists >= 0).sum(axis=2)  # [L, E]
+    layers = np.broadcast_to(np.arange(lists.shape[0])[:, None], count.shape)
+    for x in range(lists.shape[2]):
+        slot = lists[:, :, x]
+        valid = slot >= 0
+        n = np.maximum(count, 1)
+        weight = 1.0 / n if uniform_pick else (65536 // n + (x < 65536 % n)) / 65536.0
+        np.add.at(out, (layers[valid], slot[valid] // S), (share * weight)[valid])

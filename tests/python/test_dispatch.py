@@ -283,3 +283,53 @@ def test_errors_name_the_parameter() -> None:
     with pytest.raises(InvalidArgumentError, match="layer=1"):
         moelb.dispatch_tokens(ids, location, 1)
     assert set(moelb.DISPATCH_ALGORITHMS) == set(moelb.ENGINE_DISPATCH) | {"moelb_static"}
+
+
+# ------------------------------------------------------------------------------------------------
+# Expected loads.
+
+
+@pytest.mark.parametrize("dispatch", ["sglang_static", "sglang_static_runtime", "moelb_static"])
+def test_expected_loads_of_table_models_are_the_dispatched_tokens(dispatch: str) -> None:
+    """W tokens per (layer, expert) unit of load, one from each source rank: the dispatched tokens'
+    GPU counts are exactly W x the expected load."""
+    location = scattered(3, 16, 48, 8, 2, 12)
+    W, S = 8, location.num_local_physical_experts
+    load = np.random.default_rng(1).integers(0, 5, (3, 16)).astype(np.float64)
+    want = np.zeros((3, W))
+    for layer in range(3):
+        ids = np.repeat(np.arange(16, dtype=np.int32), load[layer].astype(int))[:, None]
+        ids = np.ascontiguousarray(np.tile(ids, (W, 1)))  # every rank sends the same tokens
+        offsets = np.arange(W + 1) * (len(ids) // W)
+        physical = moelb.dispatch_tokens(ids, location, layer, dispatch, rank_offsets=offsets)
+        want[layer] = np.bincount(physical.ravel() // S, minlength=W) / W
+    np.testing.assert_allclose(moelb.expected_gpu_loads(load, location, dispatch), want)
+
+
+def test_expected_loads_of_equal_split_and_dynamic() -> None:
+    location = scattered(2, 16, 48, 8, 1, 13)  # one node: ranks without a replica draw
+    load = np.random.default_rng(2).random((2, 16)) * 100
+    np.testing.assert_allclose(
+        moelb.expected_gpu_loads(load, location, "equal_split"), moelb.gpu_loads(load, location)
+    )
+    got = moelb.expected_gpu_loads(load, location, "sglang_dynamic")
+    np.testing.assert_allclose(got.sum(axis=1), load.sum(axis=1))
+    # The exact weights, from the spec: rank r's share of expert e goes to its collapsed list,
+    # index x with probability #{u in [0, 65536) : u % n == x} / 65536.
+    W, S = 8, location.num_local_physical_experts
+    want = np.zeros((2, W))
+    for rank in range(W):
+        lists = collapse(lists_of(location), rank, S, W)
+        for layer in range(2):
+            for e in range(16):
+                n = len(lists[layer][e])
+                hits = np.bincount(np.arange(65536) % n, minlength=n) / 65536
+                for x, p in enumerate(lists[layer][e]):
+                    want[layer, p // S] += load[layer, e] / W * hits[x]
+    np.testing.assert_allclose(got, want)
+    with pytest.raises(InvalidArgumentError, match="token row"):
+        moelb.expected_gpu_loads(load, location, "vllm_hash")
+    with pytest.raises(InvalidArgumentError, match="load has shape"):
+        moelb.expected_gpu_loads(load[:1], location)
+    with pytest.raises(InvalidArgumentError, match="finite"):
+        moelb.expected_gpu_loads(-load, location)
