@@ -12,9 +12,10 @@ each model (``moelb.dispatch_tokens`` / ``moelb.dispatch_tables``) and the per-G
 scored as SGLang does (mean / max, averaged); "max/mean" is its mean inverse.
 
 Speed: ``moelb.dispatch_table(location, "sglang_static", rank)`` (one rank's table, what each
-SGLang rank builds at start-up) against a Python re-implementation of SGLang's
-``compute_logical_to_rank_dispatch_physical_map`` loop written from reference/dispatch.md §2-3
-(checked equal to moelb's), medians of --repeats runs.
+SGLang rank builds at start-up) against the same algorithm as a plain Python loop over lists,
+written here from reference/dispatch.md §2-3 (SGLang's ``compute_logical_to_rank_dispatch_
+physical_map`` is such a loop; this is not SGLang's own code), checked equal to moelb's; medians
+of --repeats runs.
 
 This is not a timed test: it exits with status 1 only if moelb's table differs from the Python
 loop's, or a dispatch sends a token to a slot that does not hold its expert.
@@ -274,7 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"best under {d}: {best[d]}")
     print(
         f"\nSGLang static table of one rank ({args.layers} layers): moelb "
-        f"{timing['moelb_ms']:.2f} ms, SGLang's Python loop {timing['python_ms']:.1f} ms "
+        f"{timing['moelb_ms']:.2f} ms, the same loop in Python {timing['python_ms']:.1f} ms "
         f"({timing['ratio']:.0f}x), median of {args.repeats}"
     )
     for problem in problems:

@@ -81,7 +81,17 @@ py::array_t<T, py::array::c_style> config_array(const py::handle& obj, const cha
     MOELB_CHECK_ARG(a.ndim() == ndim,
                     name << " must be " << ndim << "-D, got shape " << shape_string(a));
     if constexpr (std::is_integral_v<T>) {
-        // Range check before narrowing so 2**40 is an error, not a wrapped id.
+        // Range check before narrowing so 2**40 is an error, not a wrapped id (and a uint64
+        // above 2**63 - 1 is checked before it could wrap to a negative int64).
+        if (a.dtype().kind() == 'u' && a.dtype().itemsize() == 8) {
+            py::array_t<std::uint64_t, py::array::c_style | py::array::forcecast> u(a);
+            for (py::ssize_t i = 0; i < u.size(); ++i) {
+                MOELB_CHECK_ARG(u.data()[i] <= static_cast<std::uint64_t>(
+                                                   std::numeric_limits<T>::max()),
+                                name << " holds " << u.data()[i] << ", which does not fit in "
+                                     << dtype_name<T>());
+            }
+        }
         py::array_t<std::int64_t, py::array::c_style | py::array::forcecast> wide(a);
         const std::int64_t* p = wide.data();
         for (py::ssize_t i = 0; i < wide.size(); ++i) {

@@ -171,7 +171,9 @@ RowMatrix<std::int32_t> empty_table(const ExpertLocation& loc) {
 // SGLang's file-path table of a rank depends on every earlier (layer, expert) through the random
 // stream, so one layer's row costs the whole table. select_experts maps one layer of one rank per
 // call; the memo keeps the tables of the last few placements (compared by content, so a placement
-// rebuilt with the same map hits, and a different one never does).
+// rebuilt with the same map hits, and a different one never does), within a byte budget: at
+// 1,024 ranks all of a placement's runtime tables would be 64 MB, so past the budget only the
+// asked rank's table is kept and the oldest placements are dropped.
 
 struct TableMemo {
     struct Entry {
@@ -181,6 +183,7 @@ struct TableMemo {
         std::vector<std::shared_ptr<const RowMatrix<std::int32_t>>> tables;  // [W], lazily
     };
     static constexpr std::size_t kEntries = 8;
+    static constexpr std::size_t kBudgetBytes = std::size_t{64} << 20;
     std::mutex mutex;
     std::vector<std::shared_ptr<Entry>> entries;  // most recent last
 };
@@ -235,11 +238,35 @@ std::shared_ptr<const RowMatrix<std::int32_t>> memo_table(const ExpertLocation& 
         made[static_cast<std::size_t>(ep_rank)] =
             std::make_shared<const RowMatrix<std::int32_t>>(dispatch_table(loc, algorithm, ep_rank));
     }
+    const auto table_bytes = [](const std::shared_ptr<const RowMatrix<std::int32_t>>& t) {
+        return t == nullptr ? std::size_t{0}
+                            : static_cast<std::size_t>(t->size()) * sizeof(std::int32_t);
+    };
     std::lock_guard lock(memo.mutex);
+    std::size_t adding = 0;
+    for (const auto& t : made) adding += table_bytes(t);
+    if (adding > TableMemo::kBudgetBytes) {  // keep the asked rank's table only
+        for (std::size_t r = 0; r < made.size(); ++r) {
+            if (r != static_cast<std::size_t>(ep_rank)) made[r] = nullptr;
+        }
+    }
     for (std::size_t r = 0; r < made.size(); ++r) {
         if (made[r] != nullptr && entry->tables[r] == nullptr) entry->tables[r] = made[r];
     }
-    return entry->tables[static_cast<std::size_t>(ep_rank)];
+    const auto result = entry->tables[static_cast<std::size_t>(ep_rank)];
+    // Drop the oldest placements (never this one) until the memo fits its budget.
+    const auto held = [&] {
+        std::size_t bytes = 0;
+        for (const auto& e : memo.entries) {
+            for (const auto& t : e->tables) bytes += table_bytes(t);
+        }
+        return bytes;
+    };
+    while (memo.entries.size() > 1 && memo.entries.front() != entry &&
+           held() > TableMemo::kBudgetBytes) {
+        memo.entries.erase(memo.entries.begin());
+    }
+    return result;
 }
 
 }  // namespace
@@ -312,6 +339,9 @@ RowMatrix<std::int32_t> sglang_replica_lists(const ExpertLocation& location,
             given.clear();
             for (Index x = 0; x < replica_order.cols(); ++x) {
                 const std::int32_t p = replica_order(row, x);
+                MOELB_CHECK_ARG(p >= -1, "replica_order[" << row / E << ", " << row % E << ", "
+                                                          << x << "] = " << p
+                                                          << ": -1 marks padding, slots are >= 0");
                 if (p >= 0) given.push_back(p);
             }
             std::vector<std::int32_t> sorted = given;
@@ -338,10 +368,24 @@ RowMatrix<std::int32_t> sglang_replica_lists(const ExpertLocation& location,
     return lists;
 }
 
+namespace {
+
+void check_replica_order_use(DispatchAlgorithm algorithm,
+                             ConstMatrixMap<std::int32_t> replica_order) {
+    MOELB_CHECK_ARG(replica_order.data() == nullptr || replica_order.size() == 0 ||
+                        algorithm == DispatchAlgorithm::kSglangStaticRuntime,
+                    "replica_order applies to dispatch='sglang_static_runtime' only (SGLang's "
+                    "file path lists replicas in ascending slots), got dispatch='"
+                        << to_string(algorithm) << "'");
+}
+
+}  // namespace
+
 RowMatrix<std::int32_t> dispatch_table(const ExpertLocation& location, DispatchAlgorithm algorithm,
                                        int ep_rank, std::uint64_t seed,
                                        ConstMatrixMap<std::int32_t> replica_order) {
     check_rank(location, ep_rank);
+    check_replica_order_use(algorithm, replica_order);
     switch (algorithm) {
         case DispatchAlgorithm::kMoelbStatic:
             return moelb_static_table(location, ep_rank, seed);
@@ -372,6 +416,7 @@ RowMatrix<std::int32_t> dispatch_table(const ExpertLocation& location, DispatchA
 RowMatrix<std::int32_t> dispatch_tables(const ExpertLocation& location,
                                         DispatchAlgorithm algorithm, std::uint64_t seed,
                                         ConstMatrixMap<std::int32_t> replica_order) {
+    check_replica_order_use(algorithm, replica_order);
     const int W = location.ep_size();
     const Index LE = static_cast<Index>(location.num_layers()) * location.num_logical_experts();
     RowMatrix<std::int32_t> out(W, LE);
@@ -479,7 +524,9 @@ std::int32_t LayerDispatcher::map(std::int32_t expert, Index token, int column) 
         }
         case DispatchAlgorithm::kRoundRobin: {
             const auto reps = location_->replicas(layer_, expert);
-            return reps[static_cast<std::size_t>(token + ep_rank_) % reps.size()];
+            return reps[(static_cast<std::uint64_t>(token) % reps.size() +
+                         static_cast<std::uint64_t>(ep_rank_)) %
+                        reps.size()];
         }
         case DispatchAlgorithm::kEqualSplit:
             break;
@@ -515,6 +562,27 @@ void dispatch_tokens(const ExpertLocation& location, DispatchAlgorithm algorithm
     for (int r = 0; r < W; ++r) dispatchers.emplace_back(location, layer, r, algorithm, seed);
     const bool global_rows = algorithm == DispatchAlgorithm::kSglangDynamicRankInvariant;
     const int E = location.num_logical_experts();
+    // Every id is checked before any is written: `out` may alias `topk_ids`, and a bad id must
+    // leave it as it was. The error names the first bad id in row-major order.
+    std::vector<Index> first_bad(static_cast<std::size_t>((T + 1023) / 1024), -1);
+    parallel_for(T, 1024, [&](Index begin, Index end) {
+        for (Index t = begin; t < end; ++t) {
+            for (Index c = 0; c < C; ++c) {
+                const std::int32_t e = topk_ids(t, c);
+                if (e < -1 || e >= E) {
+                    first_bad[static_cast<std::size_t>(begin / 1024)] = t * C + c;
+                    return;
+                }
+            }
+        }
+    });
+    for (const Index bad : first_bad) {
+        if (bad < 0) continue;
+        const Index t = bad / C, c = bad % C;
+        MOELB_CHECK_ARG(false, "topk_ids[" << t << ", " << c << "] = " << topk_ids(t, c)
+                                           << " is outside [-1, num_logical_experts=" << E
+                                           << ")");
+    }
     parallel_for(T, 1024, [&](Index begin, Index end) {
         int r = static_cast<int>(
             std::upper_bound(rank_offsets.begin(), rank_offsets.end(), begin) -
@@ -525,10 +593,6 @@ void dispatch_tokens(const ExpertLocation& location, DispatchAlgorithm algorithm
             const LayerDispatcher& d = dispatchers[static_cast<std::size_t>(r)];
             for (Index c = 0; c < C; ++c) {
                 const std::int32_t e = topk_ids(t, c);
-                MOELB_CHECK_ARG(e >= -1 && e < E, "topk_ids[" << t << ", " << c << "] = " << e
-                                                              << " is outside [-1, "
-                                                                 "num_logical_experts="
-                                                              << E << ")");
                 out(t, c) = e < 0 ? -1 : d.map(e, row, static_cast<int>(c));
             }
         }

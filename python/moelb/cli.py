@@ -52,7 +52,7 @@ DEMO_CONFIG = SimulationConfig(
     drift=0.02,
     algorithms=("deepseek", "moelb", "deepseek_global", "moelb:none", "moelb:none:step_peak"),
     waterfill="dynamic",
-    dispatch=("sglang_static", "sglang_dynamic", "moelb_static"),
+    dispatch=("sglang_static", "sglang_static_runtime", "sglang_dynamic", "moelb_static"),
 )
 
 
@@ -168,21 +168,22 @@ def simulation_table(result: SimulationResult) -> str:
 
 def realised_table(result: SimulationResult) -> str | None:
     """The realised table: per placement, the planned balancedness beside what each dispatch
-    model realises at token level (routed, +shared on the token's rank, +Waterfill). None for
-    replayed counts (no tokens)."""
+    model realises at token level: routed experts only, and with the shared expert placed by
+    Waterfill (the shared expert on each token's own rank is in the JSON, ``shared_local``).
+    None for replayed counts (no tokens)."""
     dispatch = result.config.dispatch
     first = next(iter(result.algorithms.values()))
     if not first.realised:
         return None
     headers = ["placement", "planned"]
     for name in dispatch:
-        headers += [name, "+shared", "+Waterfill"]
+        headers += [name, "+WF"]
     rows = []
     for name, a in result.algorithms.items():
         row = [name, _f(a.predictive)]
         for d in dispatch:
             r = a.realised[d]
-            row += [_f(r.routed), _f(r.shared_local), _f(r.waterfill)]
+            row += [_f(r.routed), _f(r.waterfill)]
         rows.append(row)
     return table(headers, rows)
 
@@ -254,11 +255,11 @@ balancedness = mean / max GPU load per step and layer, averaged (1.0 = perfectly
 in-window: the plan scored on the traffic it was planned from; planned: scored on the next
 window (the traffic it serves), both under the equal split of every expert over its replicas
 that planners assume. Realised: the next window's tokens of every source rank dispatched as the
-engine does (sglang_static: SGLang's table on the --init-expert-location path, its default with
-DeepEP; sglang_dynamic: a random replica after SGLang's per-rank collapse; moelb_static: our
-coordinated table): routed experts only, +shared: plus the shared expert on each token's own
-rank, +Waterfill: plus the shared expert placed by Waterfill. moved/rebal: expert slots rewritten
-per rebalance (GB: their FP8 weights)."""
+engine does (sglang_static: SGLang's default with DeepEP for a placement loaded with
+--init-expert-location; sglang_static_runtime: its table after its own runtime rebalance;
+sglang_dynamic: a random replica after SGLang's per-rank collapse; moelb_static: our coordinated
+table; the others: moelb.dispatch), routed experts only; +WF: plus the shared expert placed by
+Waterfill. moved/rebal: expert slots rewritten per rebalance (GB: their FP8 weights)."""
 
 
 def _run_simulation(config: SimulationConfig, args: argparse.Namespace) -> int:

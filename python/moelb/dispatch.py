@@ -88,7 +88,7 @@ def dispatch_table(
     replica_order: ``sglang_static_runtime`` only: [L, E, X] int, the replica lists in the
     algorithm's order (DeepSeek's ``log2phy``), -1 padded; each row exactly the expert's slots.
     """
-    return _core.dispatch_table(location, dispatch, ep_rank, seed, replica_order)
+    return _core.dispatch_table(location, dispatch, ep_rank, _seed(seed), replica_order)
 
 
 def dispatch_tables(
@@ -99,7 +99,7 @@ def dispatch_tables(
     replica_order: Any = None,
 ) -> npt.NDArray[np.int32]:
     """[W, L, E] int32: ``dispatch_table`` of every rank (computed in parallel)."""
-    return _core.dispatch_tables(location, dispatch, seed, replica_order)
+    return _core.dispatch_tables(location, dispatch, _seed(seed), replica_order)
 
 
 def sglang_replica_lists(
@@ -127,7 +127,18 @@ def dispatch_tokens(
     non-decreasing ints from 0 to T), rows ``[rank_offsets[r], rank_offsets[r + 1])`` from rank r.
     -1 stays -1; ``equal_split`` has no per-token slot and is an error here.
     """
-    return _core.dispatch_tokens(topk_ids, location, layer, dispatch, ep_rank, rank_offsets, seed)
+    return _core.dispatch_tokens(
+        topk_ids, location, layer, dispatch, ep_rank, rank_offsets, _seed(seed)
+    )
+
+
+def _seed(seed: int) -> int:
+    """A seed the core takes (a non-negative 63-bit integer), else InvalidArgumentError."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise _core.InvalidArgumentError(f"seed must be an integer, got {seed!r}")
+    if not 0 <= int(seed) < 2**63:
+        raise _core.InvalidArgumentError(f"seed must be in [0, 2**63), got {seed}")
+    return int(seed)
 
 
 #: The models whose expected per-GPU load follows from the expert loads alone.

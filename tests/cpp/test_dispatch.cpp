@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <functional>
+#include <limits>
 #include <map>
 #include <random>
 #include <set>
@@ -553,6 +554,29 @@ TEST(DispatchTokens, RowsFollowTheirSourceRank) {
                                    0, mmap(out));
         },
         "rank_offsets");
+}
+
+TEST(DispatchTokens, ABadIdLeavesAnAliasedInputUntouched) {
+    const ExpertLocation loc = ExpertLocation::trivial(1, 8, 16, 4, 2);
+    RowMatrix<std::int32_t> ids = RowMatrix<std::int32_t>::Constant(4096, 2, 3);
+    ids(4095, 1) = 99;
+    const RowMatrix<std::int32_t> before = ids;
+    const std::vector<Index> offsets{0, 1024, 2048, 3072, 4096};
+    expect_invalid_argument(
+        [&] {
+            moelb::dispatch_tokens(loc, DispatchAlgorithm::kRoundRobin, 0, cmap(ids), offsets, 0,
+                                   mmap(ids));
+        },
+        "topk_ids[4095, 1] = 99");
+    EXPECT_EQ(ids, before);
+}
+
+TEST(DispatchTokens, RoundRobinOnHugeRowsIsTheFormula) {
+    // Expert 1 has replicas at slots 1 and 9 (P = 16, E = 8).
+    const ExpertLocation loc = ExpertLocation::trivial(1, 8, 16, 4, 2);
+    const LayerDispatcher d(loc, 0, 3, DispatchAlgorithm::kRoundRobin, 0);
+    const Index big = std::numeric_limits<Index>::max();
+    EXPECT_EQ(d.map(1, big, 0), (big % 2 + 3) % 2 == 0 ? 1 : 9);
 }
 
 }  // namespace

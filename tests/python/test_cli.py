@@ -122,8 +122,8 @@ def test_simulate_table_per_layer_and_waterfill_off(
     assert "plots skipped: --no-plots" in out
     assert "realised at token level" in out and "Under sglang_static, " in out
     moelb_row = next(line for line in out.splitlines() if line.startswith("moelb ") and
-                     len(line.split()) == 5)  # fmt: skip
-    assert moelb_row.split()[4] == "-"  # Waterfill off: no +Waterfill figure
+                     len(line.split()) == 4)  # fmt: skip
+    assert moelb_row.split()[3] == "-"  # Waterfill off: no +WF figure
     assert sorted(p.name for p in tmp_path.iterdir()) == ["placement.json", "simulation.json"]
 
 

@@ -282,6 +282,18 @@ def test_errors_name_the_parameter() -> None:
         moelb.dispatch_tokens(ids, location, 0, ep_rank=1, rank_offsets=[0, 5, 5, 5, 10])
     with pytest.raises(InvalidArgumentError, match="layer=1"):
         moelb.dispatch_tokens(ids, location, 1)
+    with pytest.raises(InvalidArgumentError, match=r"seed must be in \[0, 2\*\*63\)"):
+        moelb.dispatch_tokens(ids, location, 0, seed=2**63)
+    with pytest.raises(InvalidArgumentError, match="does not fit"):
+        moelb.dispatch_tokens(
+            ids, location, 0, rank_offsets=np.array([0, 1, 2**63, 3, 10], dtype=np.uint64)
+        )
+    order = moelb.sglang_replica_lists(location).copy()
+    with pytest.raises(InvalidArgumentError, match="sglang_static_runtime' only"):
+        moelb.dispatch_tables(location, "sglang_static", replica_order=order)
+    order[0, 0, -1] = -5
+    with pytest.raises(InvalidArgumentError, match="-1 marks padding"):
+        moelb.dispatch_tables(location, "sglang_static_runtime", replica_order=order)
     assert set(moelb.DISPATCH_ALGORITHMS) == set(moelb.ENGINE_DISPATCH) | {"moelb_static"}
 
 
