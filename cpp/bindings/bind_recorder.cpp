@@ -82,6 +82,14 @@ void bind_recorder(py::module_& m) {
                                      rank32, trailing);
             },
             py::arg("local_counts"), py::arg("rank"), py::arg("num_trailing_shared_slots") = 0)
+        .def(
+            "check_id_space",
+            [](const Recorder& r, const ExpertLocation* location, std::int64_t num_experts) {
+                r.check_id_space(location, narrow(num_experts, "num_experts"));
+            },
+            py::arg("location"), py::arg("num_experts"),
+            "Raises InvalidArgumentError (naming location) unless ids routed with `location` "
+            "(None: logical ids of num_experts experts) are slots of the recorder's placement.")
         .def_property_readonly("num_passes", &Recorder::num_passes)
         .def("logical_count",
              [](const Recorder& r) {

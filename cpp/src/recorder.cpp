@@ -4,6 +4,8 @@
 #include <cmath>
 #include <limits>
 #include <numeric>
+#include <sstream>
+#include <string>
 
 #include "enum_names.hpp"
 #include "moelb/errors.hpp"
@@ -13,6 +15,26 @@ namespace {
 
 constexpr std::size_t kHistory = 1000;  // balancedness passes kept (the largest window)
 constexpr double kBalancednessEpsilon = 1e-5;
+
+// Slot p holds expert p in every layer and P == E: logical ids are slots.
+bool is_identity(const ExpertLocation& location) {
+    if (location.num_physical_experts() != location.num_logical_experts()) return false;
+    const auto& map = location.physical_to_logical();
+    for (Index l = 0; l < map.rows(); ++l) {
+        for (Index p = 0; p < map.cols(); ++p) {
+            if (map(l, p) != p) return false;
+        }
+    }
+    return true;
+}
+
+std::string describe(const ExpertLocation& location) {
+    std::ostringstream out;
+    out << "[" << location.num_layers() << " layers, " << location.num_physical_experts()
+        << " slots] of " << location.num_logical_experts()
+        << " experts, ep_size=" << location.ep_size() << ", num_nodes=" << location.num_nodes();
+    return out.str();
+}
 
 }  // namespace
 
@@ -66,7 +88,8 @@ ExpertDistributionRecorder::ExpertDistributionRecorder(ExpertLocation location, 
     : mode_(mode),
       buffer_size_(buffer_size),
       rank_(rank),
-      location_(std::make_shared<const ExpertLocation>(std::move(location))) {
+      location_(std::make_shared<const ExpertLocation>(std::move(location))),
+      identity_(is_identity(*location_)) {
     MOELB_CHECK_ARG(buffer_size != 0,
                     "buffer_size must be positive (passes kept) or negative (unbounded), got 0");
     MOELB_CHECK_ARG(rank >= 0 && rank < location_->ep_size(),
@@ -98,6 +121,30 @@ void ExpertDistributionRecorder::set_location(ExpertLocation location) {
             << location_->num_layers() << ", " << location_->num_logical_experts() << ", "
             << location_->num_physical_experts() << ", " << location_->ep_size());
     location_ = std::make_shared<const ExpertLocation>(std::move(location));
+    identity_ = is_identity(*location_);
+}
+
+void ExpertDistributionRecorder::check_id_space(const ExpertLocation* location,
+                                                int num_experts) const {
+    std::lock_guard lock(mutex_);
+    if (location == nullptr) {
+        MOELB_CHECK_ARG(
+            identity_ && num_experts == location_->num_logical_experts(),
+            "location=None: the routed ids are logical ids of "
+                << num_experts << " experts, but the recorder counts the slots of a placement "
+                << describe(*location_)
+                << (identity_ ? " (a different number of experts)"
+                              : " where slot p does not hold expert p")
+                << "; pass location= (the recorder's placement, recorder.location) and layer=");
+        return;
+    }
+    MOELB_CHECK_ARG(*location == *location_,
+                    "location is the placement "
+                        << describe(*location) << " but the recorder counts the slots of another "
+                        << "placement " << describe(*location_)
+                        << ": its ids would be counted as other experts; route with the "
+                           "recorder's placement (recorder.location), or call "
+                           "recorder.set_location(location) when the placement changes");
 }
 
 void ExpertDistributionRecorder::start() {

@@ -199,6 +199,10 @@ class ExpertDistributionRecorder:
     def on_dispatch_counts(
         self, local_counts: npt.ArrayLike, rank: int, num_trailing_shared_slots: int = 0
     ) -> None: ...
+    def check_id_space(self, location: ExpertLocation | None, num_experts: int) -> None:
+        """Raises InvalidArgumentError naming ``location`` unless ids routed with ``location``
+        (equal to the recorder's placement) or without one (logical ids of ``num_experts``
+        experts: the recorder's placement must be the identity, P == E) are its slots."""
     @property
     def num_passes(self) -> int: ...
     def logical_count(self) -> npt.NDArray[np.int32]: ...

@@ -349,6 +349,38 @@ TEST(RecorderLocation, SetLocationRejectsADifferentNumberOfLogicalExperts) {
     EXPECT_EQ(r.location()->num_logical_experts(), 4);
 }
 
+TEST(RecorderLocation, CheckIdSpaceAcceptsOnlyTheRecordersSlots) {
+    // Redundant slots: logical ids (no location) are not slots; an equal placement is accepted,
+    // another one (or another ep_size) is not.
+    Ids map(2, 6);
+    map << 3, 0, 1, 2, 0, 1,  //
+        0, 1, 2, 3, 3, 2;
+    const ExpertLocation mine(map, 4, 2);
+    Recorder r(mine);
+    EXPECT_NO_THROW(r.check_id_space(&mine, 4));
+    const ExpertLocation copy(map, 4, 2);
+    EXPECT_NO_THROW(r.check_id_space(&copy, 4));
+    expect_invalid_argument([&] { r.check_id_space(nullptr, 4); }, "location=None");
+    const ExpertLocation trivial = ExpertLocation::trivial(2, 4, 6, 2);
+    expect_invalid_argument([&] { r.check_id_space(&trivial, 4); }, "another placement");
+    const ExpertLocation other_ranks(map, 4, 3);
+    expect_invalid_argument([&] { r.check_id_space(&other_ranks, 4); }, "ep_size=3");
+    r.set_location(trivial);
+    EXPECT_NO_THROW(r.check_id_space(&trivial, 4));
+    expect_invalid_argument([&] { r.check_id_space(&mine, 4); }, "location is the placement");
+
+    // The identity layout (a recorder of a shape (L, P)): logical ids of P experts are slots.
+    Recorder identity(ExpertLocation::trivial(2, 4, 4, 2));
+    EXPECT_NO_THROW(identity.check_id_space(nullptr, 4));
+    expect_invalid_argument([&] { identity.check_id_space(nullptr, 3); }, "3 experts");
+    Ids swapped(2, 4);
+    swapped << 1, 0, 2, 3,  //
+        0, 1, 2, 3;
+    identity.set_location(ExpertLocation(swapped, 4, 2));
+    expect_invalid_argument([&] { identity.check_id_space(nullptr, 4); },
+                            "slot p does not hold expert p");
+}
+
 // ------------------------------------------------------------------------------------------------
 // Regression cases for SGLang's failures (reference sections 9 and 15): every misuse is an
 // InvalidArgument naming the problem and counts nothing anywhere.

@@ -466,6 +466,132 @@ def test_a_bad_id_anywhere_counts_nothing_of_the_call() -> None:
 
 
 # ------------------------------------------------------------------------------------------------
+# The ids the routers hand the recorder must be slots of the recorder's placement (issue 16).
+
+
+def _routers(num_experts: int, top_k: int):
+    """select_experts and HashRouter.select as one signature: (logits, location, layer, rec)."""
+    config = moelb.TopKConfig(top_k=top_k)
+    tid2eid = np.stack([np.roll(np.arange(num_experts), -i)[:top_k] for i in range(num_experts)])
+    router = moelb.HashRouter(tid2eid.astype(np.int32), num_experts=num_experts)
+
+    def by_score(logits, location, layer, rec):
+        return moelb.select_experts(logits, config, location=location, layer=layer, recorder=rec)
+
+    def by_hash(logits, location, layer, rec):
+        input_ids = np.zeros(len(logits), np.int32)  # token 0: experts 0..top_k-1, the hot one
+        return router.select(logits, input_ids, location=location, layer=layer, recorder=rec)
+
+    return {"select_experts": by_score, "HashRouter": by_hash}
+
+
+ID_SPACE_ROUTERS = ("select_experts", "HashRouter")
+
+
+def _hot_logits(num_tokens: int, num_experts: int) -> np.ndarray:
+    """Every token's best expert is expert 0 (the hot expert)."""
+    logits = -np.tile(np.arange(num_experts, dtype=np.float32), (num_tokens, 1))
+    return np.ascontiguousarray(logits)
+
+
+@pytest.mark.parametrize("router", ID_SPACE_ROUTERS)
+def test_logical_ids_are_refused_by_a_recorder_of_a_placement(router: str) -> None:
+    """A recorder built from a placement with redundant slots, fed the routers' logical ids (no
+    location): expert e would be counted on slot e, i.e. on whatever expert slot e holds."""
+    num_experts = 8
+    # Slot p holds expert (p + 3) % 8 for p < 8, then replicas of experts 0..3.
+    phy2log = np.array([[(p + 3) % num_experts for p in range(8)] + [0, 1, 2, 3]] * 2, np.int32)
+    location = moelb.ExpertLocation(phy2log, num_experts, ep_size=4)
+    select = _routers(num_experts, 2)[router]
+    rec = Recorder(location)
+    rec.start()
+    with rec.forward_pass(), rec.layer(1):
+        with pytest.raises(moelb.InvalidArgumentError, match="location") as info:
+            select(_hot_logits(num_experts, num_experts), None, 1, rec)
+        assert "logical" in str(info.value)
+        # The same call with the recorder's placement is counted, on the hot expert's slots.
+        out = select(_hot_logits(num_experts, num_experts), location, 1, rec)
+    logical = rec.logical_count()
+    assert logical.shape == (1, 2, num_experts)
+    chosen = phy2log[1][out.recorder_topk_ids]  # the experts the slots hold
+    np.testing.assert_array_equal(logical[0, 1], np.bincount(chosen.ravel(), minlength=8))
+    assert logical[0, 1, 0] == num_experts  # every token's first choice: the hot expert
+    assert logical[0, 0].sum() == 0
+
+
+@pytest.mark.parametrize("router", ID_SPACE_ROUTERS)
+def test_another_placement_is_refused(router: str) -> None:
+    num_experts = 8
+    rng = np.random.default_rng(4)
+    mine = random_location(rng, 2, num_experts, ep_size=4, slots_per_rank=3)
+    other = random_location(rng, 2, num_experts, ep_size=4, slots_per_rank=3)
+    assert not np.array_equal(mine.physical_to_logical, other.physical_to_logical)
+    select = _routers(num_experts, 2)[router]
+    logits = _hot_logits(5, num_experts)
+    rec = Recorder(mine)
+    rec.start()
+    with rec.forward_pass(), rec.layer(0):
+        with pytest.raises(moelb.InvalidArgumentError, match="location"):
+            select(logits, other, 0, rec)
+        # An equal placement built separately is the same id space.
+        copy = moelb.ExpertLocation(mine.physical_to_logical, num_experts, mine.ep_size)
+        out = select(logits, copy, 0, rec)
+    np.testing.assert_array_equal(rec.physical_count()[0, 0], count_ids(out.recorder_topk_ids, 12))
+    # After set_location the old placement is another id space; the new one is accepted.
+    rec.set_location(other)
+    with rec.forward_pass(), rec.layer(0):
+        with pytest.raises(moelb.InvalidArgumentError, match="location"):
+            select(logits, mine, 0, rec)
+        select(logits, other, 0, rec)
+    assert rec.physical_count()[1, 0].sum() == 5 * 2
+
+
+@pytest.mark.parametrize("router", ID_SPACE_ROUTERS)
+def test_shape_recorder_takes_unmapped_ids_only_when_slots_are_experts(router: str) -> None:
+    num_experts = 8
+    select = _routers(num_experts, 2)[router]
+    logits = _hot_logits(6, num_experts)
+    # (L, P) with P == E: logical = physical, the ids are slots; counted as they are.
+    rec = Recorder((2, num_experts), ep_size=2)
+    rec.start()
+    with rec.forward_pass(), rec.layer(1):
+        out = select(logits, None, 1, rec)
+    np.testing.assert_array_equal(
+        rec.logical_count()[0, 1], np.bincount(out.recorder_topk_ids.ravel(), minlength=8)
+    )
+    # (L, P) with P != E: slot e is not expert e's slot (experts 8..11 do not exist).
+    wide = Recorder((2, 12))
+    wide.start()
+    with wide.forward_pass(), wide.layer(1):
+        with pytest.raises(moelb.InvalidArgumentError, match="location"):
+            select(logits, None, 1, wide)
+    assert not wide.physical_count().any()
+
+
+@pytest.mark.parametrize("router", ID_SPACE_ROUTERS)
+def test_a_placement_is_refused_by_a_shape_recorder_of_other_slots(router: str) -> None:
+    """location given (P = 12 slots) but the recorder was built for (L, 16) slots: the ids fit
+    its range, and would be read as experts 0..15 of a layout where slot p holds expert p."""
+    num_experts = 8
+    location = moelb.ExpertLocation.trivial(2, num_experts, 12, ep_size=4)
+    select = _routers(num_experts, 2)[router]
+    for shape in ((2, 16), (2, 12), (2, 8)):
+        rec = Recorder(shape)
+        rec.start()
+        with rec.forward_pass(), rec.layer(0):
+            with pytest.raises(moelb.InvalidArgumentError, match="location"):
+                select(_hot_logits(4, num_experts), location, 0, rec)
+        assert not rec.physical_count().any(), shape
+    # A shape recorder and a location with the identity layout (P == E) agree.
+    identity = moelb.ExpertLocation.trivial(2, num_experts, num_experts, ep_size=2)
+    rec = Recorder((2, num_experts), ep_size=2)
+    rec.start()
+    with rec.forward_pass(), rec.layer(0):
+        select(_hot_logits(4, num_experts), identity, 0, rec)
+    assert rec.physical_count()[0, 0].sum() == 4 * 2
+
+
+# ------------------------------------------------------------------------------------------------
 # Bad topk_ids.
 
 

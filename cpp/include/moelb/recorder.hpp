@@ -122,6 +122,14 @@ class ExpertDistributionRecorder {
     // must equal the current layer (a guard against counting on the wrong layer).
     void on_select_experts(ConstMatrixMap<std::int32_t> topk_ids,
                            std::optional<int> expected_layer = std::nullopt);
+    // Refuses (InvalidArgument naming `location`) routed ids that are not slots of this
+    // recorder's current placement, before a router hands them to on_select_experts: with a
+    // `location` (ids mapped to its slots), it must equal the recorder's placement (same map,
+    // E, ep_size and num_nodes: ExpertLocation::operator==); without one (nullptr: the ids are
+    // logical ids of `num_experts` experts), the recorder's placement must be the identity
+    // (P == E == num_experts, slot p holds expert p in every layer, as for a recorder built from
+    // a shape (L, P)). O(L * P) with a location, O(1) without.
+    void check_id_space(const ExpertLocation* location, int num_experts) const;
     // local_counts [S + num_trailing_shared_slots]: tokens rank `ep_rank` received per local slot
     // (the DeepEP low-latency path); the trailing shared slots are dropped.
     void on_dispatch_counts(std::span<const std::int64_t> local_counts, int ep_rank,
@@ -157,6 +165,7 @@ class ExpertDistributionRecorder {
     Index buffer_size_;
     int rank_;
     std::shared_ptr<const ExpertLocation> location_;
+    bool identity_ = false;  // location_ maps slot p to expert p in every layer, P == E
     bool recording_ = false;
     bool in_pass_ = false;
     std::int64_t next_pass_id_ = 0;
