@@ -1,5 +1,7 @@
 #include <pybind11/stl.h>
 
+#include <cmath>
+
 #include "arrays.hpp"
 #include "bindings.hpp"
 #include "moelb/eplb.hpp"
@@ -32,6 +34,9 @@ py::dict stats_dict(const PlanStats& s) {
     d["layer_moved_experts"] = moved;
     d["layer_kept_previous"] = kept;
     d["balancedness"] = s.balancedness;
+    d["active_balancedness"] = std::isnan(s.active_balancedness)
+                                   ? py::object(py::none())
+                                   : py::float_(s.active_balancedness);
     d["load_weighted_balancedness"] = s.load_weighted_balancedness;
     d["mean_gap"] = s.mean_gap;
     d["max_gap"] = s.max_gap;

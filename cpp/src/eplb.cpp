@@ -2122,7 +2122,7 @@ LayerPlanStats layer_stats(const double* w, const std::int32_t* phy2log, int E, 
     for (int e = 0; e < E; ++e) total += w[e];
     s.max_gpu_load = layer_max_gpu_load(w, phy2log, count.data(), E, R, G);
     s.mean_gpu_load = total / G;
-    s.balancedness = s.max_gpu_load > 0 ? s.mean_gpu_load / s.max_gpu_load : 1.0;
+    s.balancedness = utilization_rate(s.mean_gpu_load, s.max_gpu_load);
     if (std::isnan(bound)) {
         thread_local std::vector<int> scratch;
         bound = flat_lower_bound(w, E, R, G, scratch);
@@ -2149,22 +2149,23 @@ LayerSteps layer_steps(const StepLoads* steps, Index l) {
 void summarise(PlanStats& stats, bool has_steps) {
     const auto L = static_cast<double>(stats.layers.size());
     double sum_mean = 0, sum_max = 0;
+    std::vector<double> mean, max, step_max;
     for (const LayerPlanStats& s : stats.layers) {
-        stats.balancedness += s.balancedness / L;
         stats.mean_gap += s.gap / L;
         stats.max_gap = std::max(stats.max_gap, s.gap);
         stats.moved_experts += s.moved_experts;
         sum_mean += s.mean_gpu_load;
         sum_max += s.max_gpu_load;
+        mean.push_back(s.mean_gpu_load);
+        max.push_back(s.max_gpu_load);
+        step_max.push_back(s.step_max_gpu_load);
     }
+    stats.balancedness = balancedness(mean, max, LayerSet::kAll);
+    stats.active_balancedness = balancedness(mean, max, LayerSet::kActive);
     stats.load_weighted_balancedness = sum_max > 0 ? sum_mean / sum_max : 1.0;
     if (has_steps) {
         stats.has_steps = true;
-        stats.step_balancedness = 0;
-        for (const LayerPlanStats& s : stats.layers) {
-            stats.step_balancedness +=
-                (s.step_max_gpu_load > 0 ? s.mean_gpu_load / s.step_max_gpu_load : 1.0) / L;
-        }
+        stats.step_balancedness = balancedness(mean, step_max, LayerSet::kAll);
     }
 }
 

@@ -14,7 +14,6 @@ namespace moelb {
 namespace {
 
 constexpr std::size_t kHistory = 1000;  // balancedness passes kept (the largest window)
-constexpr double kBalancednessEpsilon = 1e-5;
 
 // Slot p holds expert p in every layer and P == E: logical ids are slots.
 bool is_identity(const ExpertLocation& location) {
@@ -50,37 +49,6 @@ RecorderMode parse_recorder_mode(std::string_view name, std::string_view param) 
 
 std::string_view to_string(RecorderMode value) {
     return detail::enum_name(kRecorderModeNames, value);
-}
-
-double pass_balancedness(std::span<const std::int32_t> counts, int num_layers,
-                         int num_physical_experts, int ep_size) {
-    MOELB_CHECK_ARG(num_layers >= 0, "num_layers=" << num_layers << " must be non-negative");
-    MOELB_CHECK_ARG(
-        num_physical_experts >= 1 && ep_size >= 1 && num_physical_experts % ep_size == 0,
-        "num_physical_experts=" << num_physical_experts
-                                << " is not a positive multiple of ep_size=" << ep_size);
-    MOELB_CHECK_ARG(
-        static_cast<Index>(counts.size()) == static_cast<Index>(num_layers) * num_physical_experts,
-        "counts has " << counts.size() << " entries but num_layers * "
-                      << "num_physical_experts = "
-                      << static_cast<Index>(num_layers) * num_physical_experts);
-    const int S = num_physical_experts / ep_size;
-    double sum = 0.0;
-    int layers = 0;
-    for (int l = 0; l < num_layers; ++l) {
-        const std::int32_t* row = counts.data() + static_cast<Index>(l) * num_physical_experts;
-        double total = 0.0, max_gpu = 0.0;
-        for (int g = 0; g < ep_size; ++g) {
-            double gpu = 0.0;
-            for (int s = 0; s < S; ++s) gpu += row[g * S + s];
-            total += gpu;
-            max_gpu = std::max(max_gpu, gpu);
-        }
-        if (total == 0.0) continue;  // a dense layer or an idle pass: not part of the mean
-        sum += (total / ep_size + kBalancednessEpsilon) / (max_gpu + kBalancednessEpsilon);
-        ++layers;
-    }
-    return layers == 0 ? std::numeric_limits<double>::quiet_NaN() : sum / layers;
 }
 
 ExpertDistributionRecorder::ExpertDistributionRecorder(ExpertLocation location, RecorderMode mode,
@@ -383,7 +351,6 @@ double ExpertDistributionRecorder::average_balancedness(int window) const {
     const std::size_t first =
         history_.size() > static_cast<std::size_t>(window) ? history_.size() - window : 0;
     for (std::size_t i = first; i < history_.size(); ++i) {
-        if (std::isnan(history_[i])) continue;
         sum += history_[i];
         ++n;
     }

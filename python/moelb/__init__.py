@@ -23,6 +23,7 @@ from ._core import (
     get_num_threads,
     set_num_threads,
 )
+from .balancedness import BALANCEDNESS_EPSILON, balancedness, pass_balancedness, utilization_rate
 from .distributed import execute_weight_moves
 from .eplb import Plan, PlanStats, evaluate_placement, gpu_loads, rebalance
 from .io import (
@@ -32,7 +33,7 @@ from .io import (
     save_placement,
 )
 from .moe_layer import DeepSeekMoE, DeepSeekMoEConfig, random_moe_weights
-from .recorder import ExpertDistributionRecorder, pass_balancedness
+from .recorder import ExpertDistributionRecorder
 from .routing import (
     HashRouter,
     TopKOutput,
@@ -59,6 +60,7 @@ from .waterfill import (
 from .weight_moves import WeightMovePlan, apply_weight_moves, plan_weight_moves
 
 __all__ = [
+    "BALANCEDNESS_EPSILON",
     "MODEL_PRESETS",
     "AlgorithmResult",
     "DeepSeekMoE",
@@ -82,6 +84,7 @@ __all__ = [
     "WeightMovePlan",
     "__version__",
     "apply_weight_moves",
+    "balancedness",
     "evaluate_placement",
     "execute_weight_moves",
     "get_num_threads",
@@ -101,5 +104,6 @@ __all__ = [
     "simulate",
     "step_lower_bounds",
     "torch_all_reduce",
+    "utilization_rate",
     "waterfill_rank_loads",
 ]

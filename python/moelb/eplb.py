@@ -30,20 +30,27 @@ OBJECTIVES = ("total", "step_peak")
 class PlanStats:
     """Statistics of a placement under a load (per-replica load = expert load / replicas).
 
-    Per layer ([L] arrays): ``max_gpu_load``, ``mean_gpu_load``, ``layer_balancedness``
-    (mean / max), ``lower_bound`` (max(total / GPUs, best achievable max per-replica load)),
-    ``gap`` (max / lower_bound - 1), ``layer_moved_experts`` (slots whose expert changed vs
-    ``previous``), ``layer_kept_previous``. Overall: ``balancedness`` (SGLang's layer mean of
-    mean/max), ``load_weighted_balancedness`` (vLLM's sum of means / sum of maxes), ``mean_gap``,
-    ``max_gap``, ``moved_experts``, ``moved_bytes`` (moved experts x ``expert_bytes``, or None),
-    ``wall_time_seconds`` of the planner, ``algorithm`` that ran and ``notes`` (fallbacks, why).
+    Balancedness is SGLang's throughout (``moelb.balancedness``): per layer the utilization rate
+    ``(mean + 1e-5) / (max + 1e-5)`` of the GPU loads, 1.0 for a layer without load.
+
+    Per layer ([L] arrays): ``max_gpu_load``, ``mean_gpu_load``, ``layer_balancedness`` (that
+    rate), ``lower_bound`` (max(total / GPUs, best achievable max per-replica load)), ``gap``
+    (max / lower_bound - 1), ``layer_moved_experts`` (slots whose expert changed vs ``previous``),
+    ``layer_kept_previous``. Overall: ``balancedness`` (SGLang's: the mean of
+    ``layer_balancedness`` over ALL layers, dense / idle ones counting 1.0; what SGLang reports
+    for the same counts), ``active_balancedness`` (the same mean over the layers with load only;
+    None when no layer has load), ``load_weighted_balancedness`` (vLLM's sum of means / sum of
+    maxes, another metric), ``mean_gap``, ``max_gap``, ``moved_experts``, ``moved_bytes`` (moved
+    experts x ``expert_bytes``, or None), ``wall_time_seconds`` of the planner, ``algorithm``
+    that ran and ``notes`` (fallbacks, why).
 
     With per-step loads (``objective="step_peak"``, or ``evaluate_placement`` of a time series):
     ``step_max_gpu_load`` ([L]: the sum over steps of each step's largest GPU load, >=
-    ``max_gpu_load``, which is the largest GPU's sum over steps) and ``step_balancedness`` (the
-    layer mean of ``mean_gpu_load / step_max_gpu_load``, i.e. per layer the steps' mean GPU loads
-    summed over the steps' largest summed: SGLang's per-pass balancedness with each pass weighted
-    by its largest load, the exact counterpart of the step_peak objective); None otherwise.
+    ``max_gpu_load``, which is the largest GPU's sum over steps) and ``step_balancedness``
+    (``balancedness(mean_gpu_load, step_max_gpu_load)``, i.e. per layer the rate of the steps'
+    mean GPU loads summed over the steps' largest summed: SGLang's per-pass balancedness with
+    each pass weighted by its largest load, the counterpart of the step_peak objective); None
+    otherwise.
     """
 
     max_gpu_load: npt.NDArray[np.float64]
@@ -54,6 +61,7 @@ class PlanStats:
     layer_moved_experts: npt.NDArray[np.int64]
     layer_kept_previous: npt.NDArray[np.bool_]
     balancedness: float
+    active_balancedness: float | None
     load_weighted_balancedness: float
     mean_gap: float
     max_gap: float

@@ -149,9 +149,15 @@ def check_plan(plan: moelb.Plan, load: Any, num_physical_experts: int, num_gpus:
     mean_load = load.sum(axis=1) / num_gpus
     np.testing.assert_allclose(stats.max_gpu_load, max_load, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(stats.mean_gpu_load, mean_load, rtol=1e-12, atol=1e-12)
-    balancedness = np.where(max_load > 0, mean_load / np.where(max_load > 0, max_load, 1), 1.0)
+    # SGLang's rate per layer (1.0 without load), averaged over all layers / the active ones.
+    balancedness = (mean_load + 1e-5) / (max_load + 1e-5)
     np.testing.assert_allclose(stats.layer_balancedness, balancedness, rtol=1e-12)
     assert stats.balancedness == pytest.approx(balancedness.mean(), rel=1e-12)
+    active = max_load > 0
+    if active.any():
+        assert stats.active_balancedness == pytest.approx(balancedness[active].mean(), rel=1e-12)
+    else:
+        assert stats.active_balancedness is None
     weighted = mean_load.sum() / max_load.sum() if max_load.sum() > 0 else 1.0
     assert stats.load_weighted_balancedness == pytest.approx(weighted, rel=1e-12)
     bound = np.array(
@@ -1506,7 +1512,9 @@ def test_step_peak_never_above_the_total_plan(shape: tuple[Any, ...]) -> None:
     assert (mine <= theirs * (1 + 1e-12)).all()
     assert (peak.stats.step_max_gpu_load >= peak.stats.max_gpu_load * (1 - 1e-12)).all()
     mean = series.sum(axis=0).sum(axis=1) / gpus
-    assert peak.stats.step_balancedness == pytest.approx((mean / mine).mean(), rel=1e-12)
+    assert peak.stats.step_balancedness == pytest.approx(
+        ((mean + 1e-5) / (mine + 1e-5)).mean(), rel=1e-12
+    )
     # No new avoidable same-GPU duplicate.
     counts = peak.location.logical_count
     cap = gpus // (nodes if effective_locality(total) == "node" else 1)
@@ -1578,7 +1586,9 @@ def test_evaluate_placement_of_a_time_series_has_step_peaks() -> None:
     expected = numpy_step_peaks(series, location.physical_to_logical, 8)
     np.testing.assert_allclose(stats.step_max_gpu_load, expected, rtol=1e-12)
     mean = series.sum(axis=(0, 2)) / 8
-    assert stats.step_balancedness == pytest.approx((mean / expected).mean(), rel=1e-12)
+    assert stats.step_balancedness == pytest.approx(
+        ((mean + 1e-5) / (expected + 1e-5)).mean(), rel=1e-12
+    )
     # A series of zeros: balancedness 1, no NaN.
     zeros = evaluate_placement(np.zeros((2, 3, 16)), location)
     assert zeros.step_balancedness == 1.0

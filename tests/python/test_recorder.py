@@ -49,13 +49,10 @@ def to_logical(physical: np.ndarray, physical_to_logical: np.ndarray, num_expert
 
 
 def reference_balancedness(counts: np.ndarray, ep_size: int) -> float:
-    """One pass: per layer with tokens (mean_g + eps) / (max_g + eps) of the per-GPU counts,
-    averaged over those layers; NaN when no layer has tokens."""
+    """One pass, as SGLang's compute_utilization_rate: per layer (mean_g + eps) / (max_g + eps)
+    of the per-GPU counts, averaged over ALL layers (a layer without tokens counts 1.0)."""
     gpu = counts.reshape(counts.shape[0], ep_size, -1).sum(axis=2).astype(np.float64)
-    used = gpu.sum(axis=1) > 0
-    if not used.any():
-        return math.nan
-    rates = (gpu[used].mean(axis=1) + EPS) / (gpu[used].max(axis=1) + EPS)
+    rates = (gpu.mean(axis=1) + EPS) / (gpu.max(axis=1) + EPS)
     return float(rates.mean())
 
 
@@ -738,7 +735,8 @@ def test_idle_passes_are_kept_as_zero_rows() -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# Balancedness (reference section 7; moelb averages over the layers that received tokens).
+# Balancedness (reference section 7.2: SGLang's, dense and idle layers count 1.0; more in
+# test_balancedness.py).
 
 
 @given(
@@ -753,21 +751,20 @@ def test_pass_balancedness_matches_numpy(num_layers, ep_size, slots, seed) -> No
     counts[rng.random(num_layers) < 0.3] = 0  # dense layers
     counts[rng.random(counts.shape) < 0.3] = 0
     got = moelb.pass_balancedness(counts, ep_size)
-    expected = reference_balancedness(counts, ep_size)
-    if math.isnan(expected):
-        assert math.isnan(got)
-    else:
-        assert got == pytest.approx(expected, rel=1e-12)
-        assert 0 < got <= 1
+    assert got == pytest.approx(reference_balancedness(counts, ep_size), rel=1e-12)
+    assert 0 < got <= 1
 
 
 def test_pass_balancedness_examples() -> None:
-    # Layer 0: GPUs [4, 0] -> (2 + eps) / (4 + eps); layer 1 is dense and does not count
-    # (SGLang would average in a 1.0).
+    # Layer 0: GPUs [4, 0] -> (2 + eps) / (4 + eps); layer 1 is dense and counts 1.0, as in
+    # SGLang (the variant over the layers with tokens has its own name: layers="active").
     counts = np.array([[1, 3, 0, 0], [0, 0, 0, 0]], np.int32)
-    assert moelb.pass_balancedness(counts, 2) == pytest.approx((2 + EPS) / (4 + EPS), rel=1e-12)
+    rate = (2 + EPS) / (4 + EPS)
+    assert moelb.pass_balancedness(counts, 2) == pytest.approx((rate + 1) / 2, rel=1e-12)
+    assert moelb.pass_balancedness(counts, 2, layers="active") == pytest.approx(rate, rel=1e-12)
     assert moelb.pass_balancedness(np.array([[5, 5, 5, 5]]), 4) == pytest.approx(1.0)
-    assert math.isnan(moelb.pass_balancedness(np.zeros((3, 4), np.int32), 2))
+    assert moelb.pass_balancedness(np.zeros((3, 4), np.int32), 2) == 1.0
+    assert math.isnan(moelb.pass_balancedness(np.zeros((3, 4), np.int32), 2, layers="active"))
     with pytest.raises(moelb.InvalidArgumentError, match="ep_size=3"):
         moelb.pass_balancedness(counts, 3)
     with pytest.raises(moelb.InvalidArgumentError, match="counts must be 2-D"):
@@ -813,7 +810,7 @@ def test_recorder_balancedness_windows() -> None:
     assert bounded.balancedness() == {10: None, 100: None, 1000: None}
 
 
-def test_idle_passes_are_left_out_of_balancedness() -> None:
+def test_idle_passes_count_one_as_in_sglang() -> None:
     rec = Recorder((2, 4), ep_size=2)
     rec.start()
     with rec.forward_pass(), rec.layer(0):
@@ -824,21 +821,25 @@ def test_idle_passes_are_left_out_of_balancedness() -> None:
     with rec.forward_pass(), rec.layer(1):
         rec.on_select_experts(np.array([[0, 3]], np.int32))  # GPUs [1, 1]
     rates = rec.pass_balancedness()
-    assert rates[0] == pytest.approx((1.5 + EPS) / (2 + EPS))
-    assert np.isnan(rates[1:4]).all()
+    # Pass 0: layer 0 GPUs [2, 1], layer 1 dense (1.0); passes 1-3 idle: 1.0 (SGLang appends
+    # every pass); pass 4: layer 0 dense, layer 1 GPUs [1, 1].
+    assert rates[0] == pytest.approx(((1.5 + EPS) / (2 + EPS) + 1) / 2)
+    np.testing.assert_array_equal(rates[1:4], 1.0)
     assert rates[4] == pytest.approx(1.0)
-    mean = (rates[0] + rates[4]) / 2
+    mean = rates.mean()
+    assert mean == pytest.approx((4 + rates[0]) / 5)
     assert rec.balancedness() == pytest.approx({10: mean, 100: mean, 1000: mean})
     assert rec.dump()["average_utilization_rate_over_window"] == pytest.approx(mean)
 
 
-def test_no_routed_pass_gives_no_balancedness() -> None:
+def test_no_pass_gives_no_balancedness_and_an_idle_one_gives_one() -> None:
     rec = Recorder((2, 4), ep_size=2)
     rec.start()
+    assert rec.balancedness() == {10: None, 100: None, 1000: None}
     with rec.forward_pass():
         pass
-    assert rec.balancedness() == {10: None, 100: None, 1000: None}
-    assert rec.dump()["average_utilization_rate_over_window"] is None
+    assert rec.balancedness() == {10: 1.0, 100: 1.0, 1000: 1.0}
+    assert rec.dump()["average_utilization_rate_over_window"] == 1.0
     with pytest.raises(moelb.InvalidArgumentError, match="window must be positive"):
         rec.average_balancedness(0)
 

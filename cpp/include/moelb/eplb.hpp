@@ -34,6 +34,7 @@
 #include <string_view>
 #include <vector>
 
+#include "moelb/balancedness.hpp"
 #include "moelb/expert_location.hpp"
 #include "moelb/views.hpp"
 
@@ -91,7 +92,8 @@ struct RebalanceOptions {
 struct LayerPlanStats {
     double max_gpu_load = 0;  // max over GPUs of the sum of their replicas' loads (equal split)
     double mean_gpu_load = 0;
-    double balancedness = 0;  // mean / max (1 when the layer has no load)
+    // SGLang's utilization rate (mean + 1e-5) / (max + 1e-5) (balancedness.hpp; 1 without load)
+    double balancedness = 0;
     double lower_bound = 0;   // max(total / G, best achievable max per-replica load)
     double gap = 0;           // max(0, max_gpu_load / lower_bound - 1) (0 without load)
     Index moved_experts = 0;  // slots whose expert changes vs previous (0 without previous)
@@ -103,15 +105,19 @@ struct LayerPlanStats {
 
 struct PlanStats {
     std::vector<LayerPlanStats> layers;
-    double balancedness = 0;                // SGLang: the layer mean of mean/max
-    double load_weighted_balancedness = 0;  // vLLM: sum of means / sum of maxes
+    // SGLang's balancedness (balancedness.hpp): the mean of the layers' balancedness over all
+    // layers (a layer without load counts 1.0).
+    double balancedness = 0;
+    // The same mean over the layers with load only (NaN when none has load).
+    double active_balancedness = std::numeric_limits<double>::quiet_NaN();
+    double load_weighted_balancedness = 0;  // vLLM: sum of means / sum of maxes (not SGLang's)
     double mean_gap = 0;
     double max_gap = 0;
     Index moved_experts = 0;
     double wall_time_seconds = 0;
-    // With per-step loads: the layer mean of mean_gpu_load / step_max_gpu_load, i.e. per layer the
-    // steps' mean GPU loads summed over their largest summed (SGLang's per-pass balancedness with
-    // each pass weighted by its largest load).
+    // With per-step loads: balancedness() of mean_gpu_load over step_max_gpu_load, i.e. per layer
+    // SGLang's rate of the steps' mean GPU loads summed over their largest summed (SGLang's
+    // per-pass balancedness with each pass weighted by its largest load), over all layers.
     bool has_steps = false;
     double step_balancedness = std::numeric_limits<double>::quiet_NaN();
     std::string algorithm;  // what ran, e.g. "moelb(locality=node)" or "deepseek_global"

@@ -20,6 +20,7 @@
 #include <string_view>
 #include <vector>
 
+#include "moelb/balancedness.hpp"
 #include "moelb/expert_location.hpp"
 #include "moelb/views.hpp"
 
@@ -32,12 +33,6 @@ enum class RecorderMode { kStat, kPerPass, kPerToken };
 RecorderMode parse_recorder_mode(std::string_view name, std::string_view param = "mode");
 std::string_view to_string(RecorderMode mode);
 
-// Balancedness of one pass: per layer that received tokens, (mean_g + 1e-5) / (max_g + 1e-5)
-// over the per-GPU counts, averaged over those layers; NaN when no layer received a token.
-// counts: [L, P] row-major; P = ep_size * S.
-double pass_balancedness(std::span<const std::int32_t> counts, int num_layers,
-                         int num_physical_experts, int ep_size);
-
 class ExpertDistributionRecorder {
   public:
     // One recorded forward pass.
@@ -45,7 +40,7 @@ class ExpertDistributionRecorder {
         std::int64_t forward_pass_id = 0;
         std::shared_ptr<const ExpertLocation> location;  // the placement when it was recorded
         std::vector<std::int32_t> counts;                // [L, P]
-        double balancedness = 0.0;                       // NaN when the pass routed nothing
+        double balancedness = 0.0;  // pass_balancedness (SGLang's: idle layers count 1.0)
         // kPerToken: per layer, the routed ids offered to on_select_experts, flattened
         // [tokens, top_k] (appended call after call), and top_k (0 = no call).
         std::vector<std::vector<std::int32_t>> token_ids;
@@ -142,8 +137,10 @@ class ExpertDistributionRecorder {
     Index num_passes() const;
     // [T, L, E] logical counts, each pass converted with its own placement.
     std::vector<std::int32_t> logical_count() const;
-    // Mean balancedness over the last `window` passes, leaving out passes that routed nothing
-    // (NaN if all did). The history keeps the last 1000 passes regardless of buffer_size.
+    // Mean balancedness (SGLang's, pass_balancedness) over the last `window` passes, idle passes
+    // included (they count 1.0, as in SGLang); NaN when no pass was recorded since start(). The
+    // history keeps the last 1000 passes regardless of buffer_size. window = 1000 is SGLang's
+    // average_utilization_rate_over_window.
     double average_balancedness(int window) const;
     // Clears the recorded passes (recording state unchanged). The balancedness history is a
     // rolling monitor of the last 1000 passes and survives clear() (and so dump()); start()
@@ -172,7 +169,7 @@ class ExpertDistributionRecorder {
     std::optional<int> layer_;
     Pass current_;
     std::deque<Pass> passes_;
-    std::deque<double> history_;  // balancedness of the last kHistory passes (NaN included)
+    std::deque<double> history_;  // balancedness of the last kHistory passes
 };
 
 }  // namespace moelb
