@@ -26,7 +26,9 @@ import numpy as np
 
 from . import __version__
 from ._core import Error, ExpertLocation, InvalidArgumentError, set_num_threads
-from .eplb import ALGORITHMS, OBJECTIVES, PlanStats, evaluate_placement, rebalance
+from .balancedness import balancedness as layer_mean_balancedness
+from .balancedness import utilization_rate
+from .eplb import ALGORITHMS, OBJECTIVES, evaluate_placement, rebalance
 from .io import (
     PLACEMENT_KEY,
     atomic_write_bytes,
@@ -321,9 +323,37 @@ def _load_dump(path: str, num_logical_experts: int | None = None) -> np.ndarray:
     return counts
 
 
+def _num_groups(args: argparse.Namespace, num_layers: int, num_experts: int) -> int | None:
+    """The expert groups to plan with: --num-groups, or the --model preset's; a missing value is
+    an error (without groups the planner would silently switch to the global policy)."""
+    if args.model is not None:
+        preset = MODEL_PRESETS[args.model]
+        layers = {preset.num_hidden_layers, preset.num_moe_layers}
+        if num_experts != preset.num_experts or num_layers not in layers:
+            raise CliError(
+                f"--model {args.model} has {preset.num_experts} experts in "
+                f"{preset.num_hidden_layers} layers ({preset.num_moe_layers} MoE) but the dump "
+                f"holds {num_layers} layers x {num_experts} experts"
+            )
+        if args.num_groups is not None and args.num_groups != (preset.num_groups or 0):
+            raise CliError(
+                f"--num-groups {args.num_groups} contradicts --model {args.model} "
+                f"({preset.num_groups} groups); give one of them"
+            )
+        return preset.num_groups
+    if args.num_groups is None:
+        raise CliError(
+            "--num-groups is required (or --model): without expert groups the planner uses the "
+            "global policy instead of the node-local / hierarchical one (DeepSeek-V3: "
+            "--num-groups 8 or --model deepseek-v3; --num-groups 0 for a model without groups)"
+        )
+    return args.num_groups or None
+
+
 def rebalance_command(args: argparse.Namespace) -> int:
     counts = _load_dump(args.dump, args.num_logical_experts)
     num_passes, num_layers, num_experts = counts.shape
+    num_groups = _num_groups(args, num_layers, num_experts)
     load = counts.sum(axis=0, dtype=np.float64)
     previous = None
     if args.previous is not None:
@@ -332,7 +362,7 @@ def rebalance_command(args: argparse.Namespace) -> int:
     plan = rebalance(
         counts if step_peak else load,
         args.num_physical_experts,
-        args.num_groups,
+        num_groups,
         args.num_nodes,
         args.num_gpus,
         algorithm=args.algorithm,
@@ -362,41 +392,68 @@ def rebalance_command(args: argparse.Namespace) -> int:
         "num_physical_experts": args.num_physical_experts,
         "num_gpus": args.num_gpus,
         "num_nodes": args.num_nodes,
-        "num_groups": args.num_groups,
-        "tokens_counted": int(load.sum()),
+        "model": args.model,
+        "num_groups": num_groups,
+        # The dump's counts summed: one per (token, routed expert) pick, over passes and layers.
+        "routed_picks": int(load.sum()),
         "algorithm": after.algorithm,
         "notes": after.notes,
         "baseline": "previous" if previous is not None else "trivial",
-        "balancedness_before": _active_mean(before.layer_balancedness, active),
-        "balancedness_after": _active_mean(after.layer_balancedness, active),
-        "lower_bound_balancedness": _active_mean(
-            _ratio(after.mean_gpu_load, after.lower_bound), active
+        # SGLang's balancedness (moelb.balancedness): over all layers, dense ones counting 1.0;
+        # active_*: over the layers with counts only.
+        "balancedness_before": before.balancedness,
+        "balancedness_after": after.balancedness,
+        "active_balancedness_before": before.active_balancedness,
+        "active_balancedness_after": after.active_balancedness,
+        "lower_bound_balancedness": layer_mean_balancedness(after.mean_gpu_load, after.lower_bound),
+        "active_lower_bound_balancedness": _or_none(
+            layer_mean_balancedness(after.mean_gpu_load, after.lower_bound, layers="active")
         ),
         "mean_gap": _active_mean(after.gap, active),
         "max_gap": float(after.max_gap),
+        "move_cost": args.move_cost,
         "moved_experts": after.moved_experts if previous is not None else None,
         "moved_bytes": after.moved_bytes if previous is not None else None,
         "plan_seconds": after.wall_time_seconds,
         "objective": args.objective,
-        # With objective step_peak: per layer the passes' mean GPU loads summed over their max
-        # GPU loads summed (per-pass balancedness, each pass weighted by its max load), averaged
-        # over the layers with counts.
-        "step_balancedness_before": _step_balancedness(before, active),
-        "step_balancedness_after": _step_balancedness(after, active),
+        # With objective step_peak: SGLang's balancedness of the passes' mean GPU loads summed
+        # over their max GPU loads summed (per-pass balancedness, each pass weighted by its max
+        # load), over all layers.
+        "step_balancedness_before": before.step_balancedness,
+        "step_balancedness_after": after.step_balancedness,
     }
     if args.json:
         _print_json(summary)
         return 0
     print(
         f"{args.dump}: {num_passes:,} passes x {num_layers} layers ({int(active.sum())} with "
-        f"counts) x {num_experts} experts, {int(load.sum()):,} routed tokens"
+        f"counts) x {num_experts} experts, {int(load.sum()):,} routed (token, expert) picks "
+        "(tokens x top-k, summed over layers)"
     )
+    if args.model is not None:
+        print(f"model {args.model}: {num_groups} expert groups")
     rows = [
-        [summary["baseline"], _f(summary["balancedness_before"]), "-"],
-        [after.algorithm, _f(summary["balancedness_after"]), _f(summary["mean_gap"] * 100, 2)],
-        ["lower bound", _f(summary["lower_bound_balancedness"]), "0.00"],
+        [summary["baseline"], _f(before.balancedness), _f(before.active_balancedness), "-"],
+        [
+            after.algorithm,
+            _f(after.balancedness),
+            _f(after.active_balancedness),
+            _f(summary["mean_gap"] * 100, 2),
+        ],
+        [
+            "lower bound",
+            _f(summary["lower_bound_balancedness"]),
+            _f(summary["active_lower_bound_balancedness"]),
+            "0.00",
+        ],
     ]
-    print(table(["placement", "balancedness", "gap %"], rows))
+    headers = [
+        "placement",
+        f"balancedness (SGLang, all {num_layers} layers)",
+        f"{int(active.sum())} layers with counts",
+        "gap %",
+    ]
+    print(table(headers, rows))
     if step_peak:
         print(
             f"per-pass balancedness (load-weighted): {summary['baseline']} "
@@ -418,18 +475,12 @@ def rebalance_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _ratio(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return np.divide(a, b, out=np.ones_like(a), where=b > 0)
+def _or_none(value: float) -> float | None:
+    return None if np.isnan(value) else float(value)
 
 
 def _active_mean(values: np.ndarray, active: np.ndarray) -> float:
-    return float(values[active].mean()) if active.any() else 1.0
-
-
-def _step_balancedness(stats: PlanStats, active: np.ndarray) -> float | None:
-    if stats.step_max_gpu_load is None:
-        return None
-    return _active_mean(_ratio(stats.mean_gpu_load, stats.step_max_gpu_load), active)
+    return float(values[active].mean()) if active.any() else 0.0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -448,6 +499,17 @@ def inspect_command(args: argparse.Namespace) -> int:
     path = Path(args.file)
     if not path.exists():
         raise CliError(f"file {args.file!r} does not exist")
+    if args.num_gpus is None:
+        # Without GPUs there is no topology to give nodes or slots to: say so rather than
+        # building one the user never asked for.
+        for flag, value, default in (
+            ("--num-nodes", args.num_nodes, 1),
+            ("--num-physical-experts", args.num_physical_experts, None),
+        ):
+            if value != default:
+                raise CliError(
+                    f"{flag} {value} needs --num-gpus (the EP ranks that hold the slots)"
+                )
     if path.is_file() and _looks_like_placement(path):
         return _inspect_placement(path, args)
     return _inspect_dump(path, args)
@@ -510,19 +572,23 @@ def _inspect_dump(path: Path, args: argparse.Namespace) -> int:
     mean = totals / E
     hottest = load.max(axis=1)
     gpus = args.num_gpus
+    slots = None
     trivial_bal = bound_bal = None
+    trivial_stats = None
     if gpus:
         slots = args.num_physical_experts or E
         trivial = ExpertLocation.trivial(L, E, slots, gpus, args.num_nodes)
-        stats = evaluate_placement(load, trivial)
-        trivial_bal = stats.layer_balancedness
-        bound_bal = _ratio(stats.mean_gpu_load, stats.lower_bound)
+        trivial_stats = evaluate_placement(load, trivial)
+        # SGLang's per-layer rate (moelb.utilization_rate) of the trivial placement and of the
+        # lower bound.
+        trivial_bal = trivial_stats.layer_balancedness
+        bound_bal = utilization_rate(trivial_stats.mean_gpu_load, trivial_stats.lower_bound)
     layers = []
     for layer in range(L):
         layers.append(
             {
                 "layer": layer,
-                "tokens": int(totals[layer]),
+                "routed_picks": int(totals[layer]),
                 "hottest_expert": int(load[layer].argmax()),
                 "hottest_over_mean": float(hottest[layer] / mean[layer]) if mean[layer] else None,
                 "idle_experts": int((load[layer] == 0).sum()),
@@ -536,8 +602,13 @@ def _inspect_dump(path: Path, args: argparse.Namespace) -> int:
         "num_passes": T,
         "num_layers": L,
         "num_logical_experts": E,
-        "tokens": int(totals.sum()),
+        "num_gpus": gpus,
+        "num_physical_experts": slots,
+        # The dump's counts summed: one per (token, routed expert) pick, over passes and layers.
+        "routed_picks": int(totals.sum()),
         "layers_with_counts": int((totals > 0).sum()),
+        # SGLang's balancedness of the trivial placement (all layers, dense ones 1.0).
+        "trivial_balancedness": None if trivial_stats is None else trivial_stats.balancedness,
         "layers": layers,
     }
     if args.json:
@@ -546,16 +617,17 @@ def _inspect_dump(path: Path, args: argparse.Namespace) -> int:
     print(
         f"{path}: expert distribution dump, {T:,} passes x {L} layers "
         f"({summary['layers_with_counts']} with counts) x {E} experts, "
-        f"{summary['tokens']:,} routed tokens"
+        f"{summary['routed_picks']:,} routed (token, expert) picks (tokens x top-k, summed over "
+        "layers)"
     )
-    headers = ["layer", "tokens", "hottest expert", "hottest / mean", "idle experts"]
+    headers = ["layer", "routed picks", "hottest expert", "hottest / mean", "idle experts"]
     if gpus:
-        headers += [f"trivial bal. (G={gpus})", "bound bal."]
+        headers += [f"trivial bal. (G={gpus}, P={slots})", "bound bal."]
     rows = []
     for x in layers:
         row = [
             str(x["layer"]),
-            f"{x['tokens']:,}",
+            f"{x['routed_picks']:,}",
             str(x["hottest_expert"]),
             _f(x["hottest_over_mean"], 2),
             str(x["idle_experts"]),
@@ -564,6 +636,12 @@ def _inspect_dump(path: Path, args: argparse.Namespace) -> int:
             row += [_f(x["trivial_balancedness"]), _f(x["bound_balancedness"])]
         rows.append(row)
     print(table(headers, rows))
+    if trivial_stats is not None:
+        print(
+            f"trivial placement: balancedness {_f(trivial_stats.balancedness)} (SGLang's, all {L} "
+            f"layers), {_f(trivial_stats.active_balancedness)} over the "
+            f"{summary['layers_with_counts']} layers with counts"
+        )
     return 0
 
 
@@ -710,7 +788,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-gpus", type=_positive_int, required=True)
     p.add_argument("--num-nodes", type=_positive_int, default=1)
     p.add_argument(
-        "--num-groups", type=_positive_int, default=None, help="expert groups (DeepSeek-V3: 8)"
+        "--model",
+        choices=sorted(MODEL_PRESETS),
+        default=None,
+        help="the model the dump comes from: supplies --num-groups (and checks the dump's "
+        "layers and experts against it)",
+    )
+    p.add_argument(
+        "--num-groups",
+        type=_non_negative_int,
+        default=None,
+        help="expert groups (DeepSeek-V3: 8; 0 = the model has none). Required unless --model "
+        "gives it: a missing value is an error, since without groups the planner uses the "
+        "global policy instead of the node-local / hierarchical one",
     )
     p.add_argument("--algorithm", choices=ALGORITHMS, default="moelb")
     p.add_argument("--locality", choices=("auto", "node", "none"), default="auto")
@@ -738,8 +828,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("file")
     p.add_argument("--num-gpus", type=_positive_int, default=None)
-    p.add_argument("--num-nodes", type=_positive_int, default=1)
-    p.add_argument("--num-physical-experts", type=_positive_int, default=None)
+    p.add_argument("--num-nodes", type=_positive_int, default=1, help="needs --num-gpus")
+    p.add_argument(
+        "--num-physical-experts",
+        type=_positive_int,
+        default=None,
+        help="slots of the trivial placement a dump is scored on (default: the dump's experts, "
+        "no redundancy; needs --num-gpus)",
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=inspect_command)
     return parser
@@ -765,9 +861,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as e:  # unwritable output folder, disk full, ...
         print(f"moelb {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 1
+    except MemoryError:
+        print(
+            f"moelb {args.command}: error: out of memory (try fewer layers, tokens, steps or "
+            "passes)",
+            file=sys.stderr,
+        )
+        return 1
     except Error as e:
         print(f"moelb {args.command}: internal error: {_one_line(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"moelb {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # a bug: still one line, with the exception's type
+        message = f"{type(e).__name__}: {_one_line(e)}" if str(e) else type(e).__name__
+        print(f"moelb {args.command}: internal error: {message}", file=sys.stderr)
+        return 1
