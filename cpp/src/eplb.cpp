@@ -2231,12 +2231,39 @@ Objective parse_objective(std::string_view name, std::string_view param) {
 
 std::string_view to_string(Objective value) { return detail::enum_name(kObjectiveNames, value); }
 
+namespace {
+
+// Every load finite and >= 0, and their sum over all layers at most kMaxTotalLoad: finite loads
+// whose sum overflows (1e308 on two experts) would make every statistic inf or NaN.
+void check_load_values(ConstMatrixMap<double> load, Index num_steps = 1) {
+    double total = 0;
+    for (Index l = 0; l < load.rows(); ++l) {
+        for (Index e = 0; e < load.cols(); ++e) {
+            const double v = load(l, e);
+            MOELB_CHECK_ARG(
+                std::isfinite(v) && v >= 0,
+                "load[" << l << ", " << e << "] = " << v << " is not a finite non-negative load");
+            total += v;
+        }
+    }
+    MOELB_CHECK_ARG(total <= kMaxTotalLoad,
+                    "load sums to " << total << " over its " << load.rows() << " layers"
+                                    << (num_steps > 1 ? " and steps" : "")
+                                    << ": its values are finite but their sums overflow the "
+                                       "statistics; scale the loads down (moelb takes loads "
+                                       "summing to at most "
+                                    << kMaxTotalLoad << ")");
+}
+
+}  // namespace
+
 RowMatrix<double> gpu_loads(ConstMatrixMap<double> load, const ExpertLocation& location) {
     MOELB_CHECK_ARG(
         load.rows() == location.num_layers() && load.cols() == location.num_logical_experts(),
         "load has shape [" << load.rows() << ", " << load.cols() << "] but the location has "
                            << location.num_layers() << " layers and "
                            << location.num_logical_experts() << " logical experts");
+    check_load_values(load);
     const int L = location.num_layers(), G = location.ep_size();
     const int R = location.num_physical_experts(), S = R / G;
     RowMatrix<double> out = RowMatrix<double>::Zero(L, G);
@@ -2259,6 +2286,7 @@ void check_evaluate_args(ConstMatrixMap<double> load, const ExpertLocation& loca
         "load has shape [" << load.rows() << ", " << load.cols() << "] but the location has "
                            << location.num_layers() << " layers and "
                            << location.num_logical_experts() << " logical experts");
+    check_load_values(load);
     const int L = location.num_layers();
     const int E = location.num_logical_experts(), R = location.num_physical_experts();
     if (previous) {
@@ -2310,14 +2338,7 @@ Plan rebalance_impl(ConstMatrixMap<double> load, const RebalanceOptions& o, cons
                     "load must have shape [num_layers, num_experts] with both "
                     "positive, got ["
                         << L << ", " << E << "]");
-    for (Index l = 0; l < L; ++l) {
-        for (int e = 0; e < E; ++e) {
-            const double v = load(l, e);
-            MOELB_CHECK_ARG(
-                std::isfinite(v) && v >= 0,
-                "load[" << l << ", " << e << "] = " << v << " is not a finite non-negative load");
-        }
-    }
+    check_load_values(load, steps ? steps->num_steps : 1);
     MOELB_CHECK_ARG(G >= 1, "num_gpus must be positive, got " << G);
     MOELB_CHECK_ARG(N >= 1, "num_nodes must be positive, got " << N);
     MOELB_CHECK_ARG(K >= 0, "num_groups must be non-negative, got " << K);

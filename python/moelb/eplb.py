@@ -141,7 +141,9 @@ def rebalance(
     """Plans which GPU slots hold which experts, from loads.
 
     load: [L, E] or a time series [T, L, E] (summed over T) of per-expert loads (token counts,
-        integer or float, finite and >= 0), e.g. a recorder dump's ``logical_count``.
+        integer or float, finite and >= 0, summing to at most 1e300 so that no statistic
+        overflows; else ``InvalidArgumentError`` naming ``load``), e.g. a recorder dump's
+        ``logical_count``.
     num_physical_experts: slots per layer (E + redundant); a multiple of num_gpus, at most 2**20.
     num_groups: expert groups (DeepSeek-V3: 8), or None.
     algorithm: ``"moelb"`` (ours, the default), ``"deepseek"`` (DeepSeek's eplb.py: hierarchical
@@ -200,7 +202,8 @@ def evaluate_placement(
 ) -> PlanStats:
     """The statistics of ``location`` under ``load`` ([L, E], or a time series [T, L, E]: then
     with the per-step peaks, ``step_max_gpu_load`` and ``step_balancedness``; int32 counts are
-    read as they are, other dtypes converted to float64)."""
+    read as they are, other dtypes converted to float64). The load is checked as for
+    ``rebalance`` (finite, >= 0, summing to at most 1e300)."""
     return _stats(
         _core.evaluate_placement(_as_load(load, steps="optional"), location, previous),
         expert_bytes,
@@ -209,5 +212,5 @@ def evaluate_placement(
 
 def gpu_loads(load: Any, location: ExpertLocation) -> npt.NDArray[np.float64]:
     """[L, G]: each GPU's load under ``location`` (each expert's load split equally over its
-    replicas)."""
+    replicas). The load is checked as for ``rebalance``."""
     return _core.gpu_loads(_as_load(load), location)

@@ -1803,6 +1803,29 @@ TEST(EplbStepPeak, SumOverflowIsAnError) {
                             "load summed over the 2 steps overflows at layer 0, expert 0");
 }
 
+// Finite loads whose sum over a layer (or over the layers) overflows: every statistic would be
+// inf or NaN, so rebalance, evaluate_placement and gpu_loads refuse them, naming load.
+TEST(EplbErrors, LoadSumOverflowIsAnError) {
+    RowMatrix<double> in_layer = RowMatrix<double>::Zero(2, 4);
+    in_layer(1, 0) = in_layer(1, 1) = 1e308;
+    RowMatrix<double> across_layers = RowMatrix<double>::Zero(2, 4);
+    across_layers(0, 0) = across_layers(1, 0) = 1e308;
+    const ExpertLocation trivial = ExpertLocation::trivial(2, 4, 4, 1, 1);
+    for (const RowMatrix<double>* load : {&in_layer, &across_layers}) {
+        expect_invalid_argument([&] { plan_of(*load, {.num_physical_experts = 4}); },
+                                "load sums to inf over its 2 layers");
+        expect_invalid_argument([&] { moelb::evaluate_placement(cmap(*load), trivial); },
+                                "load sums to inf");
+        expect_invalid_argument([&] { moelb::gpu_loads(cmap(*load), trivial); }, "at most 1e+300");
+    }
+    // Below the limit the statistics are finite.
+    RowMatrix<double> large = RowMatrix<double>::Zero(2, 4);
+    large(1, 0) = large(1, 1) = 1e299;
+    const Plan plan = plan_of(large, {.num_physical_experts = 4, .num_gpus = 2});
+    EXPECT_TRUE(std::isfinite(plan.stats.balancedness));
+    EXPECT_TRUE(std::isfinite(plan.stats.load_weighted_balancedness));
+}
+
 // Errors of the per-step overloads.
 TEST(EplbStepPeak, ErrorsNameTheProblem) {
     const Series series = bursty_series(3, 2, 12, 61);

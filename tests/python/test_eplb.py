@@ -1312,6 +1312,73 @@ def test_bad_input_names_the_parameter(algorithm: str, change: dict[str, Any], m
         rebalance(**{**GOOD, **change}, algorithm=algorithm)
 
 
+def overflowing_loads() -> dict[str, np.ndarray]:
+    """Finite loads whose sums are not (issue 16): within a layer, across layers, across steps."""
+    in_layer = np.zeros((2, 4))
+    in_layer[1, :2] = 1e308  # layer 1 sums to inf
+    across_layers = np.zeros((2, 4))
+    across_layers[:, 0] = 1e308  # each layer finite; summed over layers (vLLM's ratio): inf
+    in_step = np.zeros((2, 2, 4))
+    in_step[0, 1, :2] = 1e308  # one step's layer sums to inf; each expert's total is finite
+    return {"in_layer": in_layer, "across_layers": across_layers, "in_step": in_step}
+
+
+@pytest.mark.parametrize("case", ["in_layer", "across_layers", "in_step"])
+def test_loads_whose_sum_overflows_are_an_error(case: str) -> None:
+    """Finite float64 loads of 1e308 on two experts: the statistics were nan (silently)."""
+    load = overflowing_loads()[case]
+    assert np.isfinite(load).all()
+    location = ExpertLocation.trivial(2, 4, 4, ep_size=1)
+    calls = {
+        "rebalance": lambda: rebalance(load, 4, None, 1, 1),
+        "rebalance step_peak": lambda: rebalance(load, 4, None, 1, 1, objective="step_peak"),
+        "evaluate_placement": lambda: evaluate_placement(load, location),
+        "gpu_loads": lambda: gpu_loads(load, location),
+    }
+    if load.ndim == 2:
+        del calls["rebalance step_peak"]
+    for name, call in calls.items():
+        with pytest.raises(InvalidArgumentError, match=r"load sums to inf") as info:
+            call()
+        assert "1e+300" in str(info.value), name
+
+
+@pytest.mark.parametrize(
+    ("load", "match"),
+    [
+        (nan_load(), r"load\[1, 3\] = nan"),
+        (-np.ones((2, 12)), r"load\[0, 0\] = -1"),
+        (np.full((2, 12), np.inf), r"load\[0, 0\] = inf"),
+    ],
+)
+def test_evaluate_placement_and_gpu_loads_check_the_load(load: np.ndarray, match: str) -> None:
+    location = ExpertLocation.trivial(2, 12, 16, ep_size=4)
+    with pytest.raises(InvalidArgumentError, match=match):
+        evaluate_placement(load, location)
+    with pytest.raises(InvalidArgumentError, match=match):
+        gpu_loads(load, location)
+
+
+def test_integer_and_float32_loads_never_overflow() -> None:
+    """The int and float32 paths: the largest values their dtypes hold plan with finite
+    statistics (they are summed in float64)."""
+    location = ExpertLocation.trivial(2, 4, 4, ep_size=2)
+    for load in (
+        np.full((2, 4), np.iinfo(np.int64).max, np.int64),
+        np.full((3, 2, 4), np.iinfo(np.int64).max, np.int64),
+        np.full((3, 2, 4), np.iinfo(np.int32).max, np.int32),
+        np.full((2, 4), np.iinfo(np.uint64).max, np.uint64),
+        np.full((2, 4), np.finfo(np.float32).max, np.float32),
+    ):
+        plan = rebalance(load, 4, None, 1, 2)
+        stats = evaluate_placement(load, location)
+        for s in (plan.stats, stats):
+            assert np.isfinite(s.max_gpu_load).all() and np.isfinite(s.balancedness)
+            assert np.isfinite(s.load_weighted_balancedness)
+            assert s.balancedness == pytest.approx(1.0)
+        assert np.isfinite(gpu_loads(load if load.ndim == 2 else load.sum(0), location)).all()
+
+
 def test_unknown_algorithm_and_locality() -> None:
     with pytest.raises(InvalidArgumentError, match=r"algorithm='greedy'.*'moelb'"):
         rebalance(**GOOD, algorithm="greedy")

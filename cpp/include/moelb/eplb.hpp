@@ -43,6 +43,10 @@ namespace moelb {
 // The most physical expert slots per layer rebalance() plans (2**20): far above any deployment
 // (DeepSeek-V3 serves 256 experts in 288 slots), low enough that a typo cannot ask for gigabytes.
 inline constexpr int kMaxPhysicalExperts = 1 << 20;
+// The largest sum of all loads (over layers, and steps) the planner and evaluate_placement /
+// gpu_loads take: finite loads whose sum overflows float64 would make every statistic inf or
+// NaN, so their sum must stay far below the largest double (token counts are far below it).
+inline constexpr double kMaxTotalLoad = 1e300;
 
 enum class EplbAlgorithm { kDeepSeek, kDeepSeekHierarchical, kDeepSeekGlobal, kMoelb };
 enum class Locality { kAuto, kNode, kNone };
@@ -129,7 +133,8 @@ struct Plan {
     PlanStats stats;
 };
 
-// load: [L, E] expert loads (finite, >= 0).
+// load: [L, E] expert loads (finite, >= 0, summing to at most kMaxTotalLoad; else an
+// InvalidArgument naming `load`).
 Plan rebalance(ConstMatrixMap<double> load, const RebalanceOptions& options);
 // The same for a time series [T, L, E] (T >= 1): plans against the loads summed over the steps
 // (options.objective == kTotal) or against the per-step peaks (kStepPeak); the statistics include
