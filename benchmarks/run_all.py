@@ -36,6 +36,7 @@ BENCHMARKS = (
     "bench_moe",
     "bench_simulate",
     "bench_objective",
+    "bench_move_cost",
 )
 
 

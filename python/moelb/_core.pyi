@@ -233,6 +233,8 @@ class ExpertDistributionRecorder:
     def clear(self) -> None: ...
     def merge(self, other: ExpertDistributionRecorder) -> None: ...
 
+DEFAULT_MOVE_COST: float
+
 def rebalance(
     load: npt.NDArray[np.float64] | npt.NDArray[np.int32],
     num_physical_experts: int,
@@ -242,7 +244,7 @@ def rebalance(
     algorithm: str = "moelb",
     locality: str = "auto",
     previous: ExpertLocation | None = None,
-    move_cost: float = 0.0,
+    move_cost: float = 1e-4,
     max_moves: int | None = None,
     objective: str = "total",
 ) -> tuple[ExpertLocation, dict[str, Any]]: ...

@@ -28,7 +28,7 @@ from . import __version__
 from ._core import Error, ExpertLocation, InvalidArgumentError, set_num_threads
 from .balancedness import balancedness as layer_mean_balancedness
 from .balancedness import utilization_rate
-from .eplb import ALGORITHMS, OBJECTIVES, evaluate_placement, rebalance
+from .eplb import ALGORITHMS, DEFAULT_MOVE_COST, OBJECTIVES, evaluate_placement, rebalance
 from .io import (
     PLACEMENT_KEY,
     atomic_write_bytes,
@@ -412,8 +412,13 @@ def rebalance_command(args: argparse.Namespace) -> int:
         "mean_gap": _active_mean(after.gap, active),
         "max_gap": float(after.max_gap),
         "move_cost": args.move_cost,
+        # What was traded against the previous placement: slots (bytes) moved for balancedness.
         "moved_experts": after.moved_experts if previous is not None else None,
         "moved_bytes": after.moved_bytes if previous is not None else None,
+        "balancedness_gained": after.balancedness - before.balancedness,
+        "layers_kept_previous": int(after.layer_kept_previous.sum())
+        if previous is not None
+        else None,
         "plan_seconds": after.wall_time_seconds,
         "objective": args.objective,
         # With objective step_peak: SGLang's balancedness of the passes' mean GPU loads summed
@@ -463,9 +468,20 @@ def rebalance_command(args: argparse.Namespace) -> int:
     if after.notes:
         print(f"notes: {after.notes}")
     if previous is not None:
-        moved = f"{after.moved_experts:,} expert slots rewritten"
+        slots = num_layers * args.num_physical_experts
+        moved = f"traded: {after.moved_experts:,} of {slots:,} expert slots rewritten"
         if after.moved_bytes is not None:
             moved += f" ({after.moved_bytes / 1e9:.2f} GB)"
+        moved += (
+            f" for balancedness {summary['balancedness_gained']:+.4f} "
+            f"({before.balancedness:.4f} -> {after.balancedness:.4f})"
+        )
+        kept = summary["layers_kept_previous"]
+        if kept:
+            moved += (
+                f"; {kept} layer(s) kept their placement (gain below --move-cost "
+                f"{args.move_cost:g} per slot rewritten)"
+            )
         print(moved)
     print(f"planned in {after.wall_time_seconds * 1e3:.1f} ms")
     print(
@@ -812,7 +828,15 @@ def build_parser() -> argparse.ArgumentParser:
         "load (moelb only; spreads experts that peak in the same passes)",
     )
     p.add_argument("--previous", default=None, help="the placement in service (JSON)")
-    p.add_argument("--move-cost", type=_non_negative_float, default=0.0)
+    p.add_argument(
+        "--move-cost",
+        type=_non_negative_float,
+        default=DEFAULT_MOVE_COST,
+        help="with --previous: re-place a layer only when its largest GPU load drops by at least "
+        f"this fraction per slot rewritten (default {DEFAULT_MOVE_COST:g}: 1%% per 100 slots, "
+        "which moves nothing for sampling noise and follows real popularity changes; 0: any "
+        "gain)",
+    )
     p.add_argument("--max-moves", type=_non_negative_int, default=None)
     p.add_argument("--expert-bytes", type=_non_negative_int, default=None)
     p.add_argument("--num-logical-experts", type=_positive_int, default=None)

@@ -14,6 +14,7 @@ from ._core import ExpertLocation, InvalidArgumentError
 
 __all__ = [
     "ALGORITHMS",
+    "DEFAULT_MOVE_COST",
     "OBJECTIVES",
     "Plan",
     "PlanStats",
@@ -24,6 +25,11 @@ __all__ = [
 
 ALGORITHMS = ("moelb", "deepseek", "deepseek_hierarchical", "deepseek_global")
 OBJECTIVES = ("total", "step_peak")
+#: ``rebalance(move_cost=...)``'s default: with ``previous``, a layer is re-placed only when its
+#: largest GPU load drops by at least 0.01% per slot rewritten (1% per 100 slots). Sampling noise
+#: between windows of the same traffic gains at most ~6e-5 per move at DeepSeek-V3 scale, a real
+#: popularity change 2e-4 to 2e-3 (benchmarks/bench_move_cost.py, benchmarks/README.md).
+DEFAULT_MOVE_COST: float = _core.DEFAULT_MOVE_COST
 
 
 @dataclass(frozen=True)
@@ -133,7 +139,7 @@ def rebalance(
     previous: ExpertLocation | None = None,
     *,
     locality: str = "auto",
-    move_cost: float = 0.0,
+    move_cost: float = DEFAULT_MOVE_COST,
     max_moves: int | None = None,
     expert_bytes: int | None = None,
     objective: str = "total",
@@ -150,9 +156,12 @@ def rebalance(
         when num_groups % num_nodes == 0, else global), ``"deepseek_hierarchical"``,
         ``"deepseek_global"``.
     previous: the current placement. moelb keeps unchanged experts in their slots, and with
-        ``move_cost`` (minimum relative max-load reduction per moved expert for a layer to change)
-        or ``max_moves`` (a cap on slots rewritten over all layers) keeps layers whose gain does
-        not pay for their moves. Also makes ``stats`` count moved experts.
+        ``move_cost`` (minimum relative max-load reduction per moved expert for a layer to change;
+        default ``DEFAULT_MOVE_COST`` = 1e-4, i.e. 1% per 100 slots rewritten, which moves nothing
+        for the sampling noise between windows of the same traffic and still follows real
+        popularity changes; 0 re-places a layer for any gain) or ``max_moves`` (a cap on slots
+        rewritten over all layers) keeps layers whose gain does not pay for their moves. Also
+        makes ``stats`` count moved experts. DeepSeek's algorithms ignore both.
     locality: moelb only: ``"node"`` keeps each expert group and its replicas on one node,
         ``"none"`` places freely, ``"auto"`` is node when num_groups % num_nodes == 0.
     expert_bytes: the size of one expert's weights, for ``stats.moved_bytes``.

@@ -865,6 +865,7 @@ TEST_P(EplbInvariants, MoveCostAndMaxMovesAgainstAnOlderPlan) {
     const Plan older = plan_of(older_load, o);
     const RowMatrix<std::int32_t>& old_map = older.location.physical_to_logical();
     o.previous = &older.location;
+    o.move_cost = 0;                     // (the default is kDefaultMoveCost)
     const Plan free = plan_of(load, o);  // move_cost 0, no cap: the trade-off is off
     const RowMatrix<double> old_gpu = moelb::gpu_loads(cmap(load), older.location);
     std::vector<Index> moves(static_cast<std::size_t>(t.L), 0);

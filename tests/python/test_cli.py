@@ -581,3 +581,52 @@ def test_any_exception_is_a_one_line_error(
     code, _, err = cli(capsys, *SIMULATE_SMALL)
     assert_one_line_error(code, err, needle)
     assert code == status and err.startswith("moelb simulate: ")
+
+
+def test_rebalance_default_move_cost_and_the_trade(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """Re-planning a resampled window of the same traffic rewrites (almost) nothing by default,
+    and the summary says what was traded: slots and bytes moved against balancedness gained."""
+    from moelb.simulate import MODEL_PRESETS
+
+    v3 = MODEL_PRESETS["deepseek-v3"]
+    rng = np.random.default_rng(21)
+    popularity = np.empty((v3.num_moe_layers, 256))
+    for layer in range(v3.num_moe_layers):
+        popularity[layer, rng.permutation(256)] = np.arange(1, 257) ** -0.6
+    popularity /= popularity.sum(axis=1, keepdims=True)
+    dumps = []
+    for i in range(2):  # two windows of 100 passes x 4,096 tokens x top-8, summed per pass
+        counts = np.zeros((1, v3.num_hidden_layers, 256), np.int32)
+        counts[0, v3.first_moe_layer :] = rng.multinomial(100 * 4096 * 8, popularity)
+        dumps.append(tmp_path / f"window{i}.npz")
+        moelb.save_expert_distribution(
+            {"rank": 0, "logical_count": counts, "average_utilization_rate_over_window": None},
+            dumps[-1],
+        )
+    first, second = tmp_path / "first.json", tmp_path / "second.json"
+    topology = ["--num-physical-experts", "288", "--num-gpus", "32", "--num-nodes", "4",
+                "--model", "deepseek-v3", "--expert-bytes", str(v3.expert_bytes)]  # fmt: skip
+    code, _, err = cli(capsys, "rebalance", str(dumps[0]), "-o", str(first), *topology)
+    assert code == 0, err
+    args = ["rebalance", str(dumps[1]), "-o", str(second), *topology, "--previous", str(first)]
+    code, out, err = cli(capsys, *args, "--json")
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["move_cost"] == moelb.eplb.DEFAULT_MOVE_COST
+    slots = 61 * 288
+    assert summary["moved_experts"] <= 0.02 * slots
+    assert summary["balancedness_gained"] == pytest.approx(
+        summary["balancedness_after"] - summary["balancedness_before"], abs=1e-12
+    )
+    assert summary["layers_kept_previous"] >= 50
+    # With move_cost 0 the same re-plan rewrites a large share of the slots, and says so.
+    code, out, err = cli(capsys, *args, "--move-cost", "0")
+    assert code == 0, err
+    line = next(x for x in out.splitlines() if x.startswith("traded:"))
+    moved = int(line.split()[1].replace(",", ""))
+    assert moved > 0.3 * slots
+    assert f"of {slots:,} expert slots rewritten" in line and "GB) for balancedness +" in line
+    code, out, err = cli(capsys, *args)
+    assert "traded:" in out and "kept their placement (gain below --move-cost 0.0001" in out

@@ -1082,7 +1082,7 @@ def test_previous_moves_fewer_experts_after_a_perturbation(shape: tuple[int, ...
     load = rng.lognormal(3, 1, (6, experts))
     first = rebalance(load, slots, groups, nodes, gpus)
     perturbed = load * rng.uniform(0.8, 1.2, load.shape)
-    kept = rebalance(perturbed, slots, groups, nodes, gpus, previous=first.location)
+    kept = rebalance(perturbed, slots, groups, nodes, gpus, previous=first.location, move_cost=0)
     fresh = rebalance(perturbed, slots, groups, nodes, gpus)
     check_plan(kept, perturbed, slots, gpus)
     without = evaluate_placement(perturbed, fresh.location, first.location).moved_experts
@@ -1092,7 +1092,7 @@ def test_previous_moves_fewer_experts_after_a_perturbation(shape: tuple[int, ...
         (first.location.physical_to_logical != kept.location.physical_to_logical).sum(axis=1),
     )
     assert kept.stats.moved_experts < without
-    # Without move_cost / max_moves, matching the previous placement costs no balance.
+    # With move_cost=0 and no max_moves, matching the previous placement costs no balance.
     assert (kept.stats.max_gpu_load <= fresh.stats.max_gpu_load * (1 + 1e-9)).all()
     assert not kept.stats.layer_kept_previous.any()
 
@@ -1130,6 +1130,74 @@ def test_move_cost_is_a_minimum_gain_per_moved_expert() -> None:
             gain = (old_max[layer] - plan.stats.max_gpu_load[layer]) / old_max[layer]
             assert gain >= cost * moves * (1 - 1e-9), (cost, layer, gain, moves)
             assert not plan.stats.layer_kept_previous[layer]
+
+
+def zipf_popularity(rng: np.random.Generator, layers: int, experts: int) -> np.ndarray:
+    """[layers, experts] 1 / rank^0.6 over a seeded expert order per layer, rows summing to 1."""
+    popularity = np.empty((layers, experts))
+    for layer in range(layers):
+        popularity[layer, rng.permutation(experts)] = np.arange(1, experts + 1) ** -0.6
+    return popularity / popularity.sum(axis=1, keepdims=True)
+
+
+def test_default_move_cost_ignores_noise_and_follows_real_shifts() -> None:
+    """DeepSeek-V3's topology (8 of its 58 layers): re-planning a resampled window of the same
+    traffic (100 passes x 4,096 tokens x top-8) must not rewrite the placement for sampling
+    noise (move_cost=0 rewrote about 60% of the slots for +0.004 balancedness); a real change of
+    popularity must still be followed (benchmarks/bench_move_cost.py measures both)."""
+    layers, experts, slots, groups, nodes, gpus = 8, 256, 288, 8, 4, 32
+    rng = np.random.default_rng(12)
+    popularity = zipf_popularity(rng, layers, experts)
+
+    def window(p: np.ndarray) -> np.ndarray:
+        return rng.multinomial(100 * 4096 * 8, p)
+
+    trivial = ExpertLocation.trivial(layers, experts, slots, gpus, nodes)
+    first = rebalance(window(popularity), slots, groups, nodes, gpus, previous=trivial)
+    assert first.stats.moved_experts > layers * slots // 2  # the trivial placement: followed
+    noise = rebalance(window(popularity), slots, groups, nodes, gpus, previous=first.location)
+    assert noise.stats.moved_experts <= 0.02 * layers * slots, noise.stats.moved_experts
+    eager = rebalance(
+        window(popularity), slots, groups, nodes, gpus, previous=first.location, move_cost=0
+    )
+    assert eager.stats.moved_experts > 0.3 * layers * slots  # what the old default did
+
+    # A quarter of each layer's experts trade popularity: a real shift.
+    shifted = popularity.copy()
+    for layer in range(layers):
+        chosen = rng.choice(experts, experts // 4, replace=False)
+        shifted[layer, chosen] = popularity[layer, rng.permutation(chosen)]
+    plan = rebalance(window(shifted), slots, groups, nodes, gpus, previous=first.location)
+    assert plan.stats.moved_experts > 0.5 * layers * slots
+    fresh = window(shifted)
+    kept = evaluate_placement(fresh, first.location).balancedness
+    followed = evaluate_placement(fresh, plan.location).balancedness
+    best = evaluate_placement(
+        fresh,
+        rebalance(
+            window(shifted), slots, groups, nodes, gpus, previous=first.location, move_cost=0
+        ).location,
+    ).balancedness
+    assert followed > kept + 0.1 and followed >= best - 0.002, (kept, followed, best)
+
+
+def test_default_move_cost_is_documented_everywhere() -> None:
+    import inspect
+
+    import moelb.cli
+
+    default = moelb.eplb.DEFAULT_MOVE_COST
+    assert default == 1e-4
+    assert inspect.signature(rebalance).parameters["move_cost"].default == default
+    assert f"= {default}, max_moves" in moelb._core.rebalance.__doc__  # the binding's
+    assert (
+        moelb.cli.build_parser()
+        .parse_args(
+            ["rebalance", "d.pt", "-o", "p.json", "--num-physical-experts", "8", "--num-gpus", "1"]
+        )
+        .move_cost
+        == default
+    )
 
 
 @pytest.mark.parametrize("max_moves", [0, 1, 5, 20, 60, 10_000])

@@ -43,6 +43,14 @@ namespace moelb {
 // The most physical expert slots per layer rebalance() plans (2**20): far above any deployment
 // (DeepSeek-V3 serves 256 experts in 288 slots), low enough that a typo cannot ask for gigabytes.
 inline constexpr int kMaxPhysicalExperts = 1 << 20;
+// The default RebalanceOptions::move_cost (Python: rebalance(move_cost=...), the CLI's
+// --move-cost): with `previous`, a layer is re-placed only when its largest GPU load drops by at
+// least 0.01% per slot rewritten (1% per 100 slots). Measured at DeepSeek-V3 scale on resampled
+// windows (benchmarks/bench_move_cost.py): re-planning for sampling noise gains at most ~5e-5
+// per move (100-1,000 passes of 4,096 tokens), so nothing moves for noise (move_cost 0 rewrote
+// 50-60% of the slots for +0.001-0.005 balancedness, none of it left on the next window), while
+// a real change of popularity gains 2e-4 to 2e-3 per move and is followed all the same.
+inline constexpr double kDefaultMoveCost = 1e-4;
 // The largest sum of all loads (over layers, and steps) the planner and evaluate_placement /
 // gpu_loads take: finite loads whose sum overflows float64 would make every statistic inf or
 // NaN, so their sum must stay far below the largest double (token counts are far below it).
@@ -86,10 +94,10 @@ struct RebalanceOptions {
     Objective objective = Objective::kTotal;  // kStepPeak: kMoelb with per-step loads only
     // kMoelb with previous: a layer keeps its previous placement unless its relative max-load
     // reduction (kStepPeak: of the sum of the steps' max loads) is at least move_cost per moved
-    // expert; max_moves (>= 0) caps the slots rewritten
+    // expert (0: any gain re-places the layer); max_moves (>= 0) caps the slots rewritten
     // over all layers (layers with the best gain per move first). -1 = no cap.
     const ExpertLocation* previous = nullptr;
-    double move_cost = 0.0;
+    double move_cost = kDefaultMoveCost;
     Index max_moves = -1;
 };
 
