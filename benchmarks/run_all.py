@@ -37,6 +37,7 @@ BENCHMARKS = (
     "bench_simulate",
     "bench_objective",
     "bench_dispatch",
+    "bench_move_cost",
 )
 
 

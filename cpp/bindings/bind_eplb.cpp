@@ -1,5 +1,7 @@
 #include <pybind11/stl.h>
 
+#include <cmath>
+
 #include "arrays.hpp"
 #include "bindings.hpp"
 #include "moelb/eplb.hpp"
@@ -32,6 +34,9 @@ py::dict stats_dict(const PlanStats& s) {
     d["layer_moved_experts"] = moved;
     d["layer_kept_previous"] = kept;
     d["balancedness"] = s.balancedness;
+    d["active_balancedness"] = std::isnan(s.active_balancedness)
+                                   ? py::object(py::none())
+                                   : py::float_(s.active_balancedness);
     d["load_weighted_balancedness"] = s.load_weighted_balancedness;
     d["mean_gap"] = s.mean_gap;
     d["max_gap"] = s.max_gap;
@@ -88,6 +93,7 @@ struct LoadArg {
 }  // namespace
 
 void bind_eplb(py::module_& m) {
+    m.attr("DEFAULT_MOVE_COST") = kDefaultMoveCost;
     m.def(
         "rebalance",
         [](const py::handle& load, std::int64_t num_physical_experts, std::int64_t num_groups,
@@ -118,8 +124,9 @@ void bind_eplb(py::module_& m) {
         },
         py::arg("load"), py::arg("num_physical_experts"), py::arg("num_groups"),
         py::arg("num_nodes"), py::arg("num_gpus"), py::arg("algorithm") = "moelb",
-        py::arg("locality") = "auto", py::arg("previous") = py::none(), py::arg("move_cost") = 0.0,
-        py::arg("max_moves") = py::none(), py::arg("objective") = "total",
+        py::arg("locality") = "auto", py::arg("previous") = py::none(),
+        py::arg("move_cost") = kDefaultMoveCost, py::arg("max_moves") = py::none(),
+        py::arg("objective") = "total",
         "Plans a placement from load [L, E] or per-step loads [T, L, E] float64; returns "
         "(location, stats dict).");
 

@@ -20,18 +20,6 @@ py::array_t<std::int32_t> new_3d(Index a, Index b, Index c) {
 }  // namespace
 
 void bind_recorder(py::module_& m) {
-    m.def(
-        "pass_balancedness",
-        [](const py::handle& counts, std::int64_t ep_size) {
-            auto a = config_array<std::int32_t>(counts, "counts", 2);
-            return pass_balancedness(
-                {a.data(), static_cast<std::size_t>(a.size())}, narrow(a.shape(0), "counts rows"),
-                narrow(a.shape(1), "counts columns"), narrow(ep_size, "ep_size"));
-        },
-        py::arg("counts"), py::arg("ep_size"),
-        "Balancedness of one pass from its [L, P] counts: per layer with tokens, (mean + 1e-5) / "
-        "(max + 1e-5) over per-GPU counts, averaged over those layers; NaN if none.");
-
     py::class_<Recorder>(m, "ExpertDistributionRecorder")
         .def(py::init([](const ExpertLocation& location, const std::string& mode,
                          std::int64_t buffer_size, std::int64_t rank) {
@@ -82,6 +70,14 @@ void bind_recorder(py::module_& m) {
                                      rank32, trailing);
             },
             py::arg("local_counts"), py::arg("rank"), py::arg("num_trailing_shared_slots") = 0)
+        .def(
+            "check_id_space",
+            [](const Recorder& r, const ExpertLocation* location, std::int64_t num_experts) {
+                r.check_id_space(location, narrow(num_experts, "num_experts"));
+            },
+            py::arg("location"), py::arg("num_experts"),
+            "Raises InvalidArgumentError (naming location) unless ids routed with `location` "
+            "(None: logical ids of num_experts experts) are slots of the recorder's placement.")
         .def_property_readonly("num_passes", &Recorder::num_passes)
         .def("logical_count",
              [](const Recorder& r) {

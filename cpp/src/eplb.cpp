@@ -2122,7 +2122,7 @@ LayerPlanStats layer_stats(const double* w, const std::int32_t* phy2log, int E, 
     for (int e = 0; e < E; ++e) total += w[e];
     s.max_gpu_load = layer_max_gpu_load(w, phy2log, count.data(), E, R, G);
     s.mean_gpu_load = total / G;
-    s.balancedness = s.max_gpu_load > 0 ? s.mean_gpu_load / s.max_gpu_load : 1.0;
+    s.balancedness = utilization_rate(s.mean_gpu_load, s.max_gpu_load);
     if (std::isnan(bound)) {
         thread_local std::vector<int> scratch;
         bound = flat_lower_bound(w, E, R, G, scratch);
@@ -2149,22 +2149,23 @@ LayerSteps layer_steps(const StepLoads* steps, Index l) {
 void summarise(PlanStats& stats, bool has_steps) {
     const auto L = static_cast<double>(stats.layers.size());
     double sum_mean = 0, sum_max = 0;
+    std::vector<double> mean, max, step_max;
     for (const LayerPlanStats& s : stats.layers) {
-        stats.balancedness += s.balancedness / L;
         stats.mean_gap += s.gap / L;
         stats.max_gap = std::max(stats.max_gap, s.gap);
         stats.moved_experts += s.moved_experts;
         sum_mean += s.mean_gpu_load;
         sum_max += s.max_gpu_load;
+        mean.push_back(s.mean_gpu_load);
+        max.push_back(s.max_gpu_load);
+        step_max.push_back(s.step_max_gpu_load);
     }
+    stats.balancedness = balancedness(mean, max, LayerSet::kAll);
+    stats.active_balancedness = balancedness(mean, max, LayerSet::kActive);
     stats.load_weighted_balancedness = sum_max > 0 ? sum_mean / sum_max : 1.0;
     if (has_steps) {
         stats.has_steps = true;
-        stats.step_balancedness = 0;
-        for (const LayerPlanStats& s : stats.layers) {
-            stats.step_balancedness +=
-                (s.step_max_gpu_load > 0 ? s.mean_gpu_load / s.step_max_gpu_load : 1.0) / L;
-        }
+        stats.step_balancedness = balancedness(mean, step_max, LayerSet::kAll);
     }
 }
 
@@ -2230,12 +2231,39 @@ Objective parse_objective(std::string_view name, std::string_view param) {
 
 std::string_view to_string(Objective value) { return detail::enum_name(kObjectiveNames, value); }
 
+namespace {
+
+// Every load finite and >= 0, and their sum over all layers at most kMaxTotalLoad: finite loads
+// whose sum overflows (1e308 on two experts) would make every statistic inf or NaN.
+void check_load_values(ConstMatrixMap<double> load, Index num_steps = 1) {
+    double total = 0;
+    for (Index l = 0; l < load.rows(); ++l) {
+        for (Index e = 0; e < load.cols(); ++e) {
+            const double v = load(l, e);
+            MOELB_CHECK_ARG(
+                std::isfinite(v) && v >= 0,
+                "load[" << l << ", " << e << "] = " << v << " is not a finite non-negative load");
+            total += v;
+        }
+    }
+    MOELB_CHECK_ARG(total <= kMaxTotalLoad,
+                    "load sums to " << total << " over its " << load.rows() << " layers"
+                                    << (num_steps > 1 ? " and steps" : "")
+                                    << ": its values are finite but their sums overflow the "
+                                       "statistics; scale the loads down (moelb takes loads "
+                                       "summing to at most "
+                                    << kMaxTotalLoad << ")");
+}
+
+}  // namespace
+
 RowMatrix<double> gpu_loads(ConstMatrixMap<double> load, const ExpertLocation& location) {
     MOELB_CHECK_ARG(
         load.rows() == location.num_layers() && load.cols() == location.num_logical_experts(),
         "load has shape [" << load.rows() << ", " << load.cols() << "] but the location has "
                            << location.num_layers() << " layers and "
                            << location.num_logical_experts() << " logical experts");
+    check_load_values(load);
     const int L = location.num_layers(), G = location.ep_size();
     const int R = location.num_physical_experts(), S = R / G;
     RowMatrix<double> out = RowMatrix<double>::Zero(L, G);
@@ -2258,6 +2286,7 @@ void check_evaluate_args(ConstMatrixMap<double> load, const ExpertLocation& loca
         "load has shape [" << load.rows() << ", " << load.cols() << "] but the location has "
                            << location.num_layers() << " layers and "
                            << location.num_logical_experts() << " logical experts");
+    check_load_values(load);
     const int L = location.num_layers();
     const int E = location.num_logical_experts(), R = location.num_physical_experts();
     if (previous) {
@@ -2309,14 +2338,7 @@ Plan rebalance_impl(ConstMatrixMap<double> load, const RebalanceOptions& o, cons
                     "load must have shape [num_layers, num_experts] with both "
                     "positive, got ["
                         << L << ", " << E << "]");
-    for (Index l = 0; l < L; ++l) {
-        for (int e = 0; e < E; ++e) {
-            const double v = load(l, e);
-            MOELB_CHECK_ARG(
-                std::isfinite(v) && v >= 0,
-                "load[" << l << ", " << e << "] = " << v << " is not a finite non-negative load");
-        }
-    }
+    check_load_values(load, steps ? steps->num_steps : 1);
     MOELB_CHECK_ARG(G >= 1, "num_gpus must be positive, got " << G);
     MOELB_CHECK_ARG(N >= 1, "num_nodes must be positive, got " << N);
     MOELB_CHECK_ARG(K >= 0, "num_groups must be non-negative, got " << K);

@@ -4,6 +4,8 @@
 #include <cmath>
 #include <limits>
 #include <numeric>
+#include <sstream>
+#include <string>
 
 #include "enum_names.hpp"
 #include "moelb/errors.hpp"
@@ -12,7 +14,26 @@ namespace moelb {
 namespace {
 
 constexpr std::size_t kHistory = 1000;  // balancedness passes kept (the largest window)
-constexpr double kBalancednessEpsilon = 1e-5;
+
+// Slot p holds expert p in every layer and P == E: logical ids are slots.
+bool is_identity(const ExpertLocation& location) {
+    if (location.num_physical_experts() != location.num_logical_experts()) return false;
+    const auto& map = location.physical_to_logical();
+    for (Index l = 0; l < map.rows(); ++l) {
+        for (Index p = 0; p < map.cols(); ++p) {
+            if (map(l, p) != p) return false;
+        }
+    }
+    return true;
+}
+
+std::string describe(const ExpertLocation& location) {
+    std::ostringstream out;
+    out << "[" << location.num_layers() << " layers, " << location.num_physical_experts()
+        << " slots] of " << location.num_logical_experts()
+        << " experts, ep_size=" << location.ep_size() << ", num_nodes=" << location.num_nodes();
+    return out.str();
+}
 
 }  // namespace
 
@@ -30,43 +51,13 @@ std::string_view to_string(RecorderMode value) {
     return detail::enum_name(kRecorderModeNames, value);
 }
 
-double pass_balancedness(std::span<const std::int32_t> counts, int num_layers,
-                         int num_physical_experts, int ep_size) {
-    MOELB_CHECK_ARG(num_layers >= 0, "num_layers=" << num_layers << " must be non-negative");
-    MOELB_CHECK_ARG(
-        num_physical_experts >= 1 && ep_size >= 1 && num_physical_experts % ep_size == 0,
-        "num_physical_experts=" << num_physical_experts
-                                << " is not a positive multiple of ep_size=" << ep_size);
-    MOELB_CHECK_ARG(
-        static_cast<Index>(counts.size()) == static_cast<Index>(num_layers) * num_physical_experts,
-        "counts has " << counts.size() << " entries but num_layers * "
-                      << "num_physical_experts = "
-                      << static_cast<Index>(num_layers) * num_physical_experts);
-    const int S = num_physical_experts / ep_size;
-    double sum = 0.0;
-    int layers = 0;
-    for (int l = 0; l < num_layers; ++l) {
-        const std::int32_t* row = counts.data() + static_cast<Index>(l) * num_physical_experts;
-        double total = 0.0, max_gpu = 0.0;
-        for (int g = 0; g < ep_size; ++g) {
-            double gpu = 0.0;
-            for (int s = 0; s < S; ++s) gpu += row[g * S + s];
-            total += gpu;
-            max_gpu = std::max(max_gpu, gpu);
-        }
-        if (total == 0.0) continue;  // a dense layer or an idle pass: not part of the mean
-        sum += (total / ep_size + kBalancednessEpsilon) / (max_gpu + kBalancednessEpsilon);
-        ++layers;
-    }
-    return layers == 0 ? std::numeric_limits<double>::quiet_NaN() : sum / layers;
-}
-
 ExpertDistributionRecorder::ExpertDistributionRecorder(ExpertLocation location, RecorderMode mode,
                                                        Index buffer_size, int rank)
     : mode_(mode),
       buffer_size_(buffer_size),
       rank_(rank),
-      location_(std::make_shared<const ExpertLocation>(std::move(location))) {
+      location_(std::make_shared<const ExpertLocation>(std::move(location))),
+      identity_(is_identity(*location_)) {
     MOELB_CHECK_ARG(buffer_size != 0,
                     "buffer_size must be positive (passes kept) or negative (unbounded), got 0");
     MOELB_CHECK_ARG(rank >= 0 && rank < location_->ep_size(),
@@ -98,6 +89,30 @@ void ExpertDistributionRecorder::set_location(ExpertLocation location) {
             << location_->num_layers() << ", " << location_->num_logical_experts() << ", "
             << location_->num_physical_experts() << ", " << location_->ep_size());
     location_ = std::make_shared<const ExpertLocation>(std::move(location));
+    identity_ = is_identity(*location_);
+}
+
+void ExpertDistributionRecorder::check_id_space(const ExpertLocation* location,
+                                                int num_experts) const {
+    std::lock_guard lock(mutex_);
+    if (location == nullptr) {
+        MOELB_CHECK_ARG(
+            identity_ && num_experts == location_->num_logical_experts(),
+            "location=None: the routed ids are logical ids of "
+                << num_experts << " experts, but the recorder counts the slots of a placement "
+                << describe(*location_)
+                << (identity_ ? " (a different number of experts)"
+                              : " where slot p does not hold expert p")
+                << "; pass location= (the recorder's placement, recorder.location) and layer=");
+        return;
+    }
+    MOELB_CHECK_ARG(*location == *location_,
+                    "location is the placement "
+                        << describe(*location) << " but the recorder counts the slots of another "
+                        << "placement " << describe(*location_)
+                        << ": its ids would be counted as other experts; route with the "
+                           "recorder's placement (recorder.location), or call "
+                           "recorder.set_location(location) when the placement changes");
 }
 
 void ExpertDistributionRecorder::start() {
@@ -336,7 +351,6 @@ double ExpertDistributionRecorder::average_balancedness(int window) const {
     const std::size_t first =
         history_.size() > static_cast<std::size_t>(window) ? history_.size() - window : 0;
     for (std::size_t i = first; i < history_.size(); ++i) {
-        if (std::isnan(history_[i])) continue;
         sum += history_[i];
         ++n;
     }

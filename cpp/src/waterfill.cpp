@@ -7,6 +7,7 @@
 #include <string>
 
 #include "enum_names.hpp"
+#include "moelb/balancedness.hpp"
 #include "moelb/errors.hpp"
 #include "moelb/parallel.hpp"
 
@@ -527,7 +528,7 @@ WaterfillRankLoads waterfill_rank_loads(std::span<const ConstMatrixMap<std::int3
             total += out.routed[w] + shared[w];
             peak = std::max(peak, out.routed[w] + shared[w]);
         }
-        return peak > 0 ? static_cast<double>(total) / W / static_cast<double>(peak) : 1.0;
+        return utilization_rate(static_cast<double>(total) / W, static_cast<double>(peak));
     };
     out.balancedness_local = balancedness(out.shared_local);
     out.balancedness_waterfill = balancedness(out.shared_waterfill);

@@ -23,6 +23,7 @@ from ._core import (
     get_num_threads,
     set_num_threads,
 )
+from .balancedness import BALANCEDNESS_EPSILON, balancedness, pass_balancedness, utilization_rate
 from .dispatch import (
     DISPATCH_ALGORITHMS,
     ENGINE_DISPATCH,
@@ -42,7 +43,7 @@ from .io import (
     save_placement,
 )
 from .moe_layer import DeepSeekMoE, DeepSeekMoEConfig, random_moe_weights
-from .recorder import ExpertDistributionRecorder, pass_balancedness
+from .recorder import ExpertDistributionRecorder
 from .routing import (
     HashRouter,
     TopKOutput,
@@ -69,6 +70,7 @@ from .waterfill import (
 from .weight_moves import WeightMovePlan, apply_weight_moves, plan_weight_moves
 
 __all__ = [
+    "BALANCEDNESS_EPSILON",
     "DISPATCH_ALGORITHMS",
     "ENGINE_DISPATCH",
     "MODEL_PRESETS",
@@ -95,6 +97,7 @@ __all__ = [
     "WeightMovePlan",
     "__version__",
     "apply_weight_moves",
+    "balancedness",
     "dispatch_table",
     "dispatch_tables",
     "dispatch_tokens",
@@ -119,5 +122,6 @@ __all__ = [
     "simulate",
     "step_lower_bounds",
     "torch_all_reduce",
+    "utilization_rate",
     "waterfill_rank_loads",
 ]

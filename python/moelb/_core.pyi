@@ -156,7 +156,23 @@ class HashRouter:
         seed: int = 0,
     ) -> Any: ...
 
-def pass_balancedness(counts: npt.ArrayLike, ep_size: int) -> float: ...
+BALANCEDNESS_EPSILON: float
+
+def utilization_rate(
+    mean_gpu_load: npt.NDArray[np.float64], max_gpu_load: npt.NDArray[np.float64]
+) -> npt.NDArray[np.float64]:
+    """SGLang's per-layer rate (mean + 1e-5) / (max + 1e-5), elementwise (same shapes)."""
+
+def balancedness(
+    mean_gpu_load: npt.NDArray[np.float64],
+    max_gpu_load: npt.NDArray[np.float64],
+    layers: str = "all",
+) -> npt.NDArray[np.float64]:
+    """[..., L] -> [...]: the mean over the layers of utilization_rate; layers 'all' (SGLang:
+    a layer without load counts 1.0) or 'active' (layers with load only; NaN when none)."""
+
+def pass_balancedness(counts: npt.ArrayLike, ep_size: int, layers: str = "all") -> float:
+    """SGLang's balancedness of one pass from its [L, P] slot counts (see balancedness)."""
 
 class ExpertDistributionRecorder:
     def __init__(
@@ -190,16 +206,25 @@ class ExpertDistributionRecorder:
     def on_dispatch_counts(
         self, local_counts: npt.ArrayLike, rank: int, num_trailing_shared_slots: int = 0
     ) -> None: ...
+    def check_id_space(self, location: ExpertLocation | None, num_experts: int) -> None:
+        """Raises InvalidArgumentError naming ``location`` unless ids routed with ``location``
+        (equal to the recorder's placement) or without one (logical ids of ``num_experts``
+        experts: the recorder's placement must be the identity, P == E) are its slots."""
     @property
     def num_passes(self) -> int: ...
     def logical_count(self) -> npt.NDArray[np.int32]: ...
     def physical_count(self) -> npt.NDArray[np.int32]: ...
     def forward_pass_ids(self) -> npt.NDArray[np.int64]: ...
-    def pass_balancedness(self) -> npt.NDArray[np.float64]: ...
+    def pass_balancedness(self) -> npt.NDArray[np.float64]:
+        """[num_passes]: each recorded pass's SGLang balancedness (idle layers count 1.0)."""
     def token_ids(self, pass_index: int, layer: int) -> npt.NDArray[np.int32]: ...
-    def average_balancedness(self, window: int) -> float | None: ...
+    def average_balancedness(self, window: int) -> float | None:
+        """The mean pass balancedness of the last ``window`` passes (idle ones count 1.0);
+        None before the first pass. window=1000: average_utilization_rate_over_window."""
     def clear(self) -> None: ...
     def merge(self, other: ExpertDistributionRecorder) -> None: ...
+
+DEFAULT_MOVE_COST: float
 
 def rebalance(
     load: npt.NDArray[np.float64] | npt.NDArray[np.int32],
@@ -210,7 +235,7 @@ def rebalance(
     algorithm: str = "moelb",
     locality: str = "auto",
     previous: ExpertLocation | None = None,
-    move_cost: float = 0.0,
+    move_cost: float = 1e-4,
     max_moves: int | None = None,
     objective: str = "total",
 ) -> tuple[ExpertLocation, dict[str, Any]]: ...

@@ -26,8 +26,16 @@ import numpy as np
 
 from . import __version__
 from ._core import Error, ExpertLocation, InvalidArgumentError, set_num_threads
-from .dispatch import DISPATCH_ALGORITHMS
-from .eplb import ALGORITHMS, OBJECTIVES, PlanStats, evaluate_placement, rebalance
+from .balancedness import balancedness as layer_mean_balancedness
+from .balancedness import utilization_rate
+from .dispatch import DISPATCH_ALGORITHMS, expected_gpu_loads
+from .eplb import (
+    ALGORITHMS,
+    DEFAULT_MOVE_COST,
+    OBJECTIVES,
+    evaluate_placement,
+    rebalance,
+)
 from .io import (
     PLACEMENT_KEY,
     atomic_write_bytes,
@@ -251,7 +259,8 @@ def _describe(result: SimulationResult) -> str:
 
 
 LEGEND = """\
-balancedness = mean / max GPU load per step and layer, averaged (1.0 = perfectly even).
+balancedness = SGLang's (mean + 1e-5) / (max + 1e-5) of the per-GPU loads per step and layer,
+averaged (1.0 = perfectly even).
 in-window: the plan scored on the traffic it was planned from; planned: scored on the next
 window (the traffic it serves), both under the equal split of every expert over its replicas
 that planners assume. Realised: the next window's tokens of every source rank dispatched as the
@@ -379,9 +388,37 @@ def _load_dump(path: str, num_logical_experts: int | None = None) -> np.ndarray:
     return counts
 
 
+def _num_groups(args: argparse.Namespace, num_layers: int, num_experts: int) -> int | None:
+    """The expert groups to plan with: --num-groups, or the --model preset's; a missing value is
+    an error (without groups the planner would silently switch to the global policy)."""
+    if args.model is not None:
+        preset = MODEL_PRESETS[args.model]
+        layers = {preset.num_hidden_layers, preset.num_moe_layers}
+        if num_experts != preset.num_experts or num_layers not in layers:
+            raise CliError(
+                f"--model {args.model} has {preset.num_experts} experts in "
+                f"{preset.num_hidden_layers} layers ({preset.num_moe_layers} MoE) but the dump "
+                f"holds {num_layers} layers x {num_experts} experts"
+            )
+        if args.num_groups is not None and args.num_groups != (preset.num_groups or 0):
+            raise CliError(
+                f"--num-groups {args.num_groups} contradicts --model {args.model} "
+                f"({preset.num_groups} groups); give one of them"
+            )
+        return preset.num_groups
+    if args.num_groups is None:
+        raise CliError(
+            "--num-groups is required (or --model): without expert groups the planner uses the "
+            "global policy instead of the node-local / hierarchical one (DeepSeek-V3: "
+            "--num-groups 8 or --model deepseek-v3; --num-groups 0 for a model without groups)"
+        )
+    return args.num_groups or None
+
+
 def rebalance_command(args: argparse.Namespace) -> int:
     counts = _load_dump(args.dump, args.num_logical_experts)
     num_passes, num_layers, num_experts = counts.shape
+    num_groups = _num_groups(args, num_layers, num_experts)
     load = counts.sum(axis=0, dtype=np.float64)
     previous = None
     if args.previous is not None:
@@ -390,7 +427,7 @@ def rebalance_command(args: argparse.Namespace) -> int:
     plan = rebalance(
         counts if step_peak else load,
         args.num_physical_experts,
-        args.num_groups,
+        num_groups,
         args.num_nodes,
         args.num_gpus,
         algorithm=args.algorithm,
@@ -420,41 +457,92 @@ def rebalance_command(args: argparse.Namespace) -> int:
         "num_physical_experts": args.num_physical_experts,
         "num_gpus": args.num_gpus,
         "num_nodes": args.num_nodes,
-        "num_groups": args.num_groups,
-        "tokens_counted": int(load.sum()),
+        "model": args.model,
+        "num_groups": num_groups,
+        # The dump's counts summed: one per (token, routed expert) pick, over passes and layers.
+        "routed_picks": int(load.sum()),
         "algorithm": after.algorithm,
         "notes": after.notes,
         "baseline": "previous" if previous is not None else "trivial",
-        "balancedness_before": _active_mean(before.layer_balancedness, active),
-        "balancedness_after": _active_mean(after.layer_balancedness, active),
-        "lower_bound_balancedness": _active_mean(
-            _ratio(after.mean_gpu_load, after.lower_bound), active
+        # SGLang's balancedness (moelb.balancedness): over all layers, dense ones counting 1.0;
+        # active_*: over the layers with counts only.
+        "balancedness_before": before.balancedness,
+        "balancedness_after": after.balancedness,
+        "active_balancedness_before": before.active_balancedness,
+        "active_balancedness_after": after.active_balancedness,
+        "lower_bound_balancedness": layer_mean_balancedness(after.mean_gpu_load, after.lower_bound),
+        "active_lower_bound_balancedness": _or_none(
+            layer_mean_balancedness(after.mean_gpu_load, after.lower_bound, layers="active")
         ),
         "mean_gap": _active_mean(after.gap, active),
         "max_gap": float(after.max_gap),
+        "move_cost": args.move_cost,
+        # What was traded against the previous placement: slots (bytes) moved for balancedness.
         "moved_experts": after.moved_experts if previous is not None else None,
         "moved_bytes": after.moved_bytes if previous is not None else None,
+        "balancedness_gained": after.balancedness - before.balancedness,
+        "layers_kept_previous": int(after.layer_kept_previous.sum())
+        if previous is not None
+        else None,
         "plan_seconds": after.wall_time_seconds,
         "objective": args.objective,
-        # With objective step_peak: per layer the passes' mean GPU loads summed over their max
-        # GPU loads summed (per-pass balancedness, each pass weighted by its max load), averaged
-        # over the layers with counts.
-        "step_balancedness_before": _step_balancedness(before, active),
-        "step_balancedness_after": _step_balancedness(after, active),
+        # With objective step_peak: SGLang's balancedness of the passes' mean GPU loads summed
+        # over their max GPU loads summed (per-pass balancedness, each pass weighted by its max
+        # load), over all layers.
+        "step_balancedness_before": before.step_balancedness,
+        "step_balancedness_after": after.step_balancedness,
+        # What SGLang's default dispatch (its static table on the --init-expert-location path)
+        # realises in expectation, each expert's tokens coming evenly from all ranks: the
+        # balancedness above assumes an equal split over replicas, which SGLang does not do.
+        "sglang_static_balancedness_before": _expected_balancedness(load, baseline),
+        "sglang_static_balancedness_after": _expected_balancedness(load, plan.location),
     }
     if args.json:
         _print_json(summary)
         return 0
     print(
         f"{args.dump}: {num_passes:,} passes x {num_layers} layers ({int(active.sum())} with "
-        f"counts) x {num_experts} experts, {int(load.sum()):,} routed tokens"
+        f"counts) x {num_experts} experts, {int(load.sum()):,} routed (token, expert) picks "
+        "(tokens x top-k, summed over layers)"
     )
+    if args.model is not None:
+        print(f"model {args.model}: {num_groups} expert groups")
     rows = [
-        [summary["baseline"], _f(summary["balancedness_before"]), "-"],
-        [after.algorithm, _f(summary["balancedness_after"]), _f(summary["mean_gap"] * 100, 2)],
-        ["lower bound", _f(summary["lower_bound_balancedness"]), "0.00"],
+        [
+            summary["baseline"],
+            _f(before.balancedness),
+            _f(before.active_balancedness),
+            _f(summary["sglang_static_balancedness_before"]),
+            "-",
+        ],
+        [
+            after.algorithm,
+            _f(after.balancedness),
+            _f(after.active_balancedness),
+            _f(summary["sglang_static_balancedness_after"]),
+            _f(summary["mean_gap"] * 100, 2),
+        ],
+        [
+            "lower bound",
+            _f(summary["lower_bound_balancedness"]),
+            _f(summary["active_lower_bound_balancedness"]),
+            "-",
+            "0.00",
+        ],
     ]
-    print(table(["placement", "balancedness", "gap %"], rows))
+    headers = [
+        "placement",
+        f"planned (SGLang balancedness, all {num_layers} layers)",
+        f"{int(active.sum())} layers with counts",
+        "under sglang_static",
+        "gap %",
+    ]
+    print(table(headers, rows))
+    print(
+        "planned: each expert's load split equally over its replicas (what the planner "
+        "optimises); under sglang_static: what SGLang's default dispatch (its static table for "
+        "--init-expert-location) realises in expectation, tokens coming evenly from all ranks"
+    )
     if step_peak:
         print(
             f"per-pass balancedness (load-weighted): {summary['baseline']} "
@@ -464,9 +552,20 @@ def rebalance_command(args: argparse.Namespace) -> int:
     if after.notes:
         print(f"notes: {after.notes}")
     if previous is not None:
-        moved = f"{after.moved_experts:,} expert slots rewritten"
+        slots = num_layers * args.num_physical_experts
+        moved = f"traded: {after.moved_experts:,} of {slots:,} expert slots rewritten"
         if after.moved_bytes is not None:
             moved += f" ({after.moved_bytes / 1e9:.2f} GB)"
+        moved += (
+            f" for balancedness {summary['balancedness_gained']:+.4f} "
+            f"({before.balancedness:.4f} -> {after.balancedness:.4f})"
+        )
+        kept = summary["layers_kept_previous"]
+        if kept:
+            moved += (
+                f"; {kept} layer(s) kept their placement (gain below --move-cost "
+                f"{args.move_cost:g} per slot rewritten)"
+            )
         print(moved)
     print(f"planned in {after.wall_time_seconds * 1e3:.1f} ms")
     print(
@@ -476,18 +575,19 @@ def rebalance_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _ratio(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return np.divide(a, b, out=np.ones_like(a), where=b > 0)
+def _expected_balancedness(load: np.ndarray, location: ExpertLocation) -> float:
+    """SGLang's balancedness, over all layers, of the per-GPU load SGLang's static table
+    realises in expectation (``moelb.expected_gpu_loads``)."""
+    g = expected_gpu_loads(load, location, "sglang_static")
+    return float(layer_mean_balancedness(g.mean(axis=1), g.max(axis=1)))
+
+
+def _or_none(value: float) -> float | None:
+    return None if np.isnan(value) else float(value)
 
 
 def _active_mean(values: np.ndarray, active: np.ndarray) -> float:
-    return float(values[active].mean()) if active.any() else 1.0
-
-
-def _step_balancedness(stats: PlanStats, active: np.ndarray) -> float | None:
-    if stats.step_max_gpu_load is None:
-        return None
-    return _active_mean(_ratio(stats.mean_gpu_load, stats.step_max_gpu_load), active)
+    return float(values[active].mean()) if active.any() else 0.0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -506,6 +606,17 @@ def inspect_command(args: argparse.Namespace) -> int:
     path = Path(args.file)
     if not path.exists():
         raise CliError(f"file {args.file!r} does not exist")
+    if args.num_gpus is None:
+        # Without GPUs there is no topology to give nodes or slots to: say so rather than
+        # building one the user never asked for.
+        for flag, value, default in (
+            ("--num-nodes", args.num_nodes, 1),
+            ("--num-physical-experts", args.num_physical_experts, None),
+        ):
+            if value != default:
+                raise CliError(
+                    f"{flag} {value} needs --num-gpus (the EP ranks that hold the slots)"
+                )
     if path.is_file() and _looks_like_placement(path):
         return _inspect_placement(path, args)
     return _inspect_dump(path, args)
@@ -568,19 +679,23 @@ def _inspect_dump(path: Path, args: argparse.Namespace) -> int:
     mean = totals / E
     hottest = load.max(axis=1)
     gpus = args.num_gpus
+    slots = None
     trivial_bal = bound_bal = None
+    trivial_stats = None
     if gpus:
         slots = args.num_physical_experts or E
         trivial = ExpertLocation.trivial(L, E, slots, gpus, args.num_nodes)
-        stats = evaluate_placement(load, trivial)
-        trivial_bal = stats.layer_balancedness
-        bound_bal = _ratio(stats.mean_gpu_load, stats.lower_bound)
+        trivial_stats = evaluate_placement(load, trivial)
+        # SGLang's per-layer rate (moelb.utilization_rate) of the trivial placement and of the
+        # lower bound.
+        trivial_bal = trivial_stats.layer_balancedness
+        bound_bal = utilization_rate(trivial_stats.mean_gpu_load, trivial_stats.lower_bound)
     layers = []
     for layer in range(L):
         layers.append(
             {
                 "layer": layer,
-                "tokens": int(totals[layer]),
+                "routed_picks": int(totals[layer]),
                 "hottest_expert": int(load[layer].argmax()),
                 "hottest_over_mean": float(hottest[layer] / mean[layer]) if mean[layer] else None,
                 "idle_experts": int((load[layer] == 0).sum()),
@@ -594,8 +709,13 @@ def _inspect_dump(path: Path, args: argparse.Namespace) -> int:
         "num_passes": T,
         "num_layers": L,
         "num_logical_experts": E,
-        "tokens": int(totals.sum()),
+        "num_gpus": gpus,
+        "num_physical_experts": slots,
+        # The dump's counts summed: one per (token, routed expert) pick, over passes and layers.
+        "routed_picks": int(totals.sum()),
         "layers_with_counts": int((totals > 0).sum()),
+        # SGLang's balancedness of the trivial placement (all layers, dense ones 1.0).
+        "trivial_balancedness": None if trivial_stats is None else trivial_stats.balancedness,
         "layers": layers,
     }
     if args.json:
@@ -604,16 +724,17 @@ def _inspect_dump(path: Path, args: argparse.Namespace) -> int:
     print(
         f"{path}: expert distribution dump, {T:,} passes x {L} layers "
         f"({summary['layers_with_counts']} with counts) x {E} experts, "
-        f"{summary['tokens']:,} routed tokens"
+        f"{summary['routed_picks']:,} routed (token, expert) picks (tokens x top-k, summed over "
+        "layers)"
     )
-    headers = ["layer", "tokens", "hottest expert", "hottest / mean", "idle experts"]
+    headers = ["layer", "routed picks", "hottest expert", "hottest / mean", "idle experts"]
     if gpus:
-        headers += [f"trivial bal. (G={gpus})", "bound bal."]
+        headers += [f"trivial bal. (G={gpus}, P={slots})", "bound bal."]
     rows = []
     for x in layers:
         row = [
             str(x["layer"]),
-            f"{x['tokens']:,}",
+            f"{x['routed_picks']:,}",
             str(x["hottest_expert"]),
             _f(x["hottest_over_mean"], 2),
             str(x["idle_experts"]),
@@ -622,6 +743,12 @@ def _inspect_dump(path: Path, args: argparse.Namespace) -> int:
             row += [_f(x["trivial_balancedness"]), _f(x["bound_balancedness"])]
         rows.append(row)
     print(table(headers, rows))
+    if trivial_stats is not None:
+        print(
+            f"trivial placement: balancedness {_f(trivial_stats.balancedness)} (SGLang's, all {L} "
+            f"layers), {_f(trivial_stats.active_balancedness)} over the "
+            f"{summary['layers_with_counts']} layers with counts"
+        )
     return 0
 
 
@@ -784,7 +911,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-gpus", type=_positive_int, required=True)
     p.add_argument("--num-nodes", type=_positive_int, default=1)
     p.add_argument(
-        "--num-groups", type=_positive_int, default=None, help="expert groups (DeepSeek-V3: 8)"
+        "--model",
+        choices=sorted(MODEL_PRESETS),
+        default=None,
+        help="the model the dump comes from: supplies --num-groups (and checks the dump's "
+        "layers and experts against it)",
+    )
+    p.add_argument(
+        "--num-groups",
+        type=_non_negative_int,
+        default=None,
+        help="expert groups (DeepSeek-V3: 8; 0 = the model has none). Required unless --model "
+        "gives it: a missing value is an error, since without groups the planner uses the "
+        "global policy instead of the node-local / hierarchical one",
     )
     p.add_argument("--algorithm", choices=ALGORITHMS, default="moelb")
     p.add_argument("--locality", choices=("auto", "node", "none"), default="auto")
@@ -796,7 +935,15 @@ def build_parser() -> argparse.ArgumentParser:
         "load (moelb only; spreads experts that peak in the same passes)",
     )
     p.add_argument("--previous", default=None, help="the placement in service (JSON)")
-    p.add_argument("--move-cost", type=_non_negative_float, default=0.0)
+    p.add_argument(
+        "--move-cost",
+        type=_non_negative_float,
+        default=DEFAULT_MOVE_COST,
+        help="with --previous: re-place a layer only when its largest GPU load drops by at least "
+        f"this fraction per slot rewritten (default {DEFAULT_MOVE_COST:g}: 1%% per 100 slots, "
+        "which moves nothing for sampling noise and follows real popularity changes; 0: any "
+        "gain)",
+    )
     p.add_argument("--max-moves", type=_non_negative_int, default=None)
     p.add_argument("--expert-bytes", type=_non_negative_int, default=None)
     p.add_argument("--num-logical-experts", type=_positive_int, default=None)
@@ -812,8 +959,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("file")
     p.add_argument("--num-gpus", type=_positive_int, default=None)
-    p.add_argument("--num-nodes", type=_positive_int, default=1)
-    p.add_argument("--num-physical-experts", type=_positive_int, default=None)
+    p.add_argument("--num-nodes", type=_positive_int, default=1, help="needs --num-gpus")
+    p.add_argument(
+        "--num-physical-experts",
+        type=_positive_int,
+        default=None,
+        help="slots of the trivial placement a dump is scored on (default: the dump's experts, "
+        "no redundancy; needs --num-gpus)",
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=inspect_command)
     return parser
@@ -839,9 +992,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as e:  # unwritable output folder, disk full, ...
         print(f"moelb {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 1
+    except MemoryError:
+        print(
+            f"moelb {args.command}: error: out of memory (try fewer layers, tokens, steps or "
+            "passes)",
+            file=sys.stderr,
+        )
+        return 1
     except Error as e:
         print(f"moelb {args.command}: internal error: {_one_line(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"moelb {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # a bug: still one line, with the exception's type
+        message = f"{type(e).__name__}: {_one_line(e)}" if str(e) else type(e).__name__
+        print(f"moelb {args.command}: internal error: {message}", file=sys.stderr)
+        return 1

@@ -14,6 +14,7 @@ from ._core import ExpertLocation, InvalidArgumentError
 
 __all__ = [
     "ALGORITHMS",
+    "DEFAULT_MOVE_COST",
     "OBJECTIVES",
     "Plan",
     "PlanStats",
@@ -24,26 +25,38 @@ __all__ = [
 
 ALGORITHMS = ("moelb", "deepseek", "deepseek_hierarchical", "deepseek_global")
 OBJECTIVES = ("total", "step_peak")
+#: ``rebalance(move_cost=...)``'s default: with ``previous``, a layer is re-placed only when its
+#: largest GPU load drops by at least 0.01% per slot rewritten (1% per 100 slots). Sampling noise
+#: between windows of the same traffic gains at most ~6e-5 per move at DeepSeek-V3 scale, a real
+#: popularity change 2e-4 to 2e-3 (benchmarks/bench_move_cost.py, benchmarks/README.md).
+DEFAULT_MOVE_COST: float = _core.DEFAULT_MOVE_COST
 
 
 @dataclass(frozen=True)
 class PlanStats:
     """Statistics of a placement under a load (per-replica load = expert load / replicas).
 
-    Per layer ([L] arrays): ``max_gpu_load``, ``mean_gpu_load``, ``layer_balancedness``
-    (mean / max), ``lower_bound`` (max(total / GPUs, best achievable max per-replica load)),
-    ``gap`` (max / lower_bound - 1), ``layer_moved_experts`` (slots whose expert changed vs
-    ``previous``), ``layer_kept_previous``. Overall: ``balancedness`` (SGLang's layer mean of
-    mean/max), ``load_weighted_balancedness`` (vLLM's sum of means / sum of maxes), ``mean_gap``,
-    ``max_gap``, ``moved_experts``, ``moved_bytes`` (moved experts x ``expert_bytes``, or None),
-    ``wall_time_seconds`` of the planner, ``algorithm`` that ran and ``notes`` (fallbacks, why).
+    Balancedness is SGLang's throughout (``moelb.balancedness``): per layer the utilization rate
+    ``(mean + 1e-5) / (max + 1e-5)`` of the GPU loads, 1.0 for a layer without load.
+
+    Per layer ([L] arrays): ``max_gpu_load``, ``mean_gpu_load``, ``layer_balancedness`` (that
+    rate), ``lower_bound`` (max(total / GPUs, best achievable max per-replica load)), ``gap``
+    (max / lower_bound - 1), ``layer_moved_experts`` (slots whose expert changed vs ``previous``),
+    ``layer_kept_previous``. Overall: ``balancedness`` (SGLang's: the mean of
+    ``layer_balancedness`` over ALL layers, dense / idle ones counting 1.0; what SGLang reports
+    for the same counts), ``active_balancedness`` (the same mean over the layers with load only;
+    None when no layer has load), ``load_weighted_balancedness`` (vLLM's sum of means / sum of
+    maxes, another metric), ``mean_gap``, ``max_gap``, ``moved_experts``, ``moved_bytes`` (moved
+    experts x ``expert_bytes``, or None), ``wall_time_seconds`` of the planner, ``algorithm``
+    that ran and ``notes`` (fallbacks, why).
 
     With per-step loads (``objective="step_peak"``, or ``evaluate_placement`` of a time series):
     ``step_max_gpu_load`` ([L]: the sum over steps of each step's largest GPU load, >=
-    ``max_gpu_load``, which is the largest GPU's sum over steps) and ``step_balancedness`` (the
-    layer mean of ``mean_gpu_load / step_max_gpu_load``, i.e. per layer the steps' mean GPU loads
-    summed over the steps' largest summed: SGLang's per-pass balancedness with each pass weighted
-    by its largest load, the exact counterpart of the step_peak objective); None otherwise.
+    ``max_gpu_load``, which is the largest GPU's sum over steps) and ``step_balancedness``
+    (``balancedness(mean_gpu_load, step_max_gpu_load)``, i.e. per layer the rate of the steps'
+    mean GPU loads summed over the steps' largest summed: SGLang's per-pass balancedness with
+    each pass weighted by its largest load, the counterpart of the step_peak objective); None
+    otherwise.
     """
 
     max_gpu_load: npt.NDArray[np.float64]
@@ -54,6 +67,7 @@ class PlanStats:
     layer_moved_experts: npt.NDArray[np.int64]
     layer_kept_previous: npt.NDArray[np.bool_]
     balancedness: float
+    active_balancedness: float | None
     load_weighted_balancedness: float
     mean_gap: float
     max_gap: float
@@ -125,7 +139,7 @@ def rebalance(
     previous: ExpertLocation | None = None,
     *,
     locality: str = "auto",
-    move_cost: float = 0.0,
+    move_cost: float = DEFAULT_MOVE_COST,
     max_moves: int | None = None,
     expert_bytes: int | None = None,
     objective: str = "total",
@@ -133,16 +147,21 @@ def rebalance(
     """Plans which GPU slots hold which experts, from loads.
 
     load: [L, E] or a time series [T, L, E] (summed over T) of per-expert loads (token counts,
-        integer or float, finite and >= 0), e.g. a recorder dump's ``logical_count``.
+        integer or float, finite and >= 0, summing to at most 1e300 so that no statistic
+        overflows; else ``InvalidArgumentError`` naming ``load``), e.g. a recorder dump's
+        ``logical_count``.
     num_physical_experts: slots per layer (E + redundant); a multiple of num_gpus, at most 2**20.
     num_groups: expert groups (DeepSeek-V3: 8), or None.
     algorithm: ``"moelb"`` (ours, the default), ``"deepseek"`` (DeepSeek's eplb.py: hierarchical
         when num_groups % num_nodes == 0, else global), ``"deepseek_hierarchical"``,
         ``"deepseek_global"``.
     previous: the current placement. moelb keeps unchanged experts in their slots, and with
-        ``move_cost`` (minimum relative max-load reduction per moved expert for a layer to change)
-        or ``max_moves`` (a cap on slots rewritten over all layers) keeps layers whose gain does
-        not pay for their moves. Also makes ``stats`` count moved experts.
+        ``move_cost`` (minimum relative max-load reduction per moved expert for a layer to change;
+        default ``DEFAULT_MOVE_COST`` = 1e-4, i.e. 1% per 100 slots rewritten, which moves nothing
+        for the sampling noise between windows of the same traffic and still follows real
+        popularity changes; 0 re-places a layer for any gain) or ``max_moves`` (a cap on slots
+        rewritten over all layers) keeps layers whose gain does not pay for their moves. Also
+        makes ``stats`` count moved experts. DeepSeek's algorithms ignore both.
     locality: moelb only: ``"node"`` keeps each expert group and its replicas on one node,
         ``"none"`` places freely, ``"auto"`` is node when num_groups % num_nodes == 0.
     expert_bytes: the size of one expert's weights, for ``stats.moved_bytes``.
@@ -192,7 +211,8 @@ def evaluate_placement(
 ) -> PlanStats:
     """The statistics of ``location`` under ``load`` ([L, E], or a time series [T, L, E]: then
     with the per-step peaks, ``step_max_gpu_load`` and ``step_balancedness``; int32 counts are
-    read as they are, other dtypes converted to float64)."""
+    read as they are, other dtypes converted to float64). The load is checked as for
+    ``rebalance`` (finite, >= 0, summing to at most 1e300)."""
     return _stats(
         _core.evaluate_placement(_as_load(load, steps="optional"), location, previous),
         expert_bytes,
@@ -201,5 +221,5 @@ def evaluate_placement(
 
 def gpu_loads(load: Any, location: ExpertLocation) -> npt.NDArray[np.float64]:
     """[L, G]: each GPU's load under ``location`` (each expert's load split equally over its
-    replicas)."""
+    replicas). The load is checked as for ``rebalance``."""
     return _core.gpu_loads(_as_load(load), location)

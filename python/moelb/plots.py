@@ -62,7 +62,7 @@ def plot_simulation(
         ax.plot(layers, result.algorithms[name].layer_predictive, marker=".", label=name)
     ax.plot(layers, result.layer_bound_predictive, "k--", linewidth=1, label="lower bound")
     ax.set_xlabel("model layer")
-    ax.set_ylabel("balancedness (mean / max GPU load)")
+    ax.set_ylabel("balancedness ((mean + 1e-5) / (max + 1e-5) GPU load)")
     ax.set_ylim(0, 1.02)
     ax.set_title(f"Predictive balancedness per layer ({_subtitle(result)})")
     ax.legend(loc="lower right", fontsize="small")

@@ -27,13 +27,12 @@ import numpy as np
 
 from . import _core
 from ._core import ExpertLocation, InvalidArgumentError
+from .balancedness import pass_balancedness
 
 __all__ = ["BALANCEDNESS_WINDOWS", "ExpertDistributionRecorder", "pass_balancedness"]
 
 #: The windows (in passes) over which balancedness is averaged, as in SGLang.
 BALANCEDNESS_WINDOWS = (10, 100, 1000)
-
-pass_balancedness = _core.pass_balancedness
 
 
 class ExpertDistributionRecorder(_core.ExpertDistributionRecorder):
@@ -124,8 +123,11 @@ class ExpertDistributionRecorder(_core.ExpertDistributionRecorder):
         all_reduce_recorder(self, group)
 
     def balancedness(self) -> dict[int, float | None]:
-        """Mean balancedness over the last 10, 100 and 1000 passes (passes that routed nothing
-        are left out of the mean; None when all were)."""
+        """Mean balancedness over the last 10, 100 and 1000 passes, as SGLang logs it: each
+        pass's ``pass_balancedness`` (per layer (mean + 1e-5) / (max + 1e-5) of the per-GPU
+        counts, averaged over all layers, dense and idle layers counting 1.0; an idle pass is
+        1.0); None before the first pass. Over the layers with counts only:
+        ``moelb.pass_balancedness(counts, ep_size, layers="active")`` on ``physical_count()``."""
         return {w: self.average_balancedness(w) for w in BALANCEDNESS_WINDOWS}
 
     def dump(self, path: str | os.PathLike[str] | None = None) -> dict[str, Any]:
@@ -133,10 +135,11 @@ class ExpertDistributionRecorder(_core.ExpertDistributionRecorder):
 
         The dict has SGLang's stat keys: ``rank``, ``logical_count`` (int32 [T, L, E], each
         pass converted with the placement current when it was recorded, oldest first) and
-        ``average_utilization_rate_over_window`` (mean balancedness of the last 1000 passes, or
-        None). In ``per_pass`` / ``per_token`` mode it also has SGLang's ``records`` and
-        ``last_physical_to_logical_map``. With ``path`` (``.pt``, ``.npz`` or ``.json``) the dump is
-        also written there, atomically, in SGLang's layout for the mode.
+        ``average_utilization_rate_over_window`` (SGLang's: the mean balancedness of the last
+        1000 passes, see ``balancedness()``, or None). In ``per_pass`` / ``per_token`` mode it
+        also has SGLang's ``records`` and ``last_physical_to_logical_map``. With ``path``
+        (``.pt``, ``.npz`` or ``.json``) the dump is also written there, atomically, in SGLang's
+        layout for the mode.
         """
         from .io import save_expert_distribution
 

@@ -67,7 +67,10 @@ def select_experts(
         then gets id P.
     recorder: an ``ExpertDistributionRecorder`` that counts the routed columns
         (``recorder_topk_ids``, never the shared column) into its current layer scope; with
-        ``layer`` given, that scope must be ``layer``.
+        ``layer`` given, that scope must be ``layer``. The ids must be slots of the recorder's
+        placement: ``location`` must equal ``recorder.location``, or, without a location, the
+        recorder must count logical ids as slots (built from a shape ``(L, E)``); anything else
+        raises ``InvalidArgumentError`` naming ``location`` and counts nothing.
 
     Columns are ordered by descending selection score; ties go to the lowest expert id; a NaN
     logit never wins a slot. Deterministic for any thread count.
@@ -86,10 +89,23 @@ def select_experts(
         seed,
     )
     if recorder is not None:
-        recorder.on_select_experts(recorder_ids, layer)
+        _record(recorder, recorder_ids, router_logits, location, layer)
     if waterfill is not None:
         ids, weights = _expand(waterfill, recorder_ids, weights, num_tokens, is_decode)
     return TopKOutput(ids, weights, recorder_ids)
+
+
+def _record(
+    recorder: ExpertDistributionRecorder,
+    recorder_ids: npt.NDArray[np.int32],
+    router_logits: Any,
+    location: ExpertLocation | None,
+    layer: int | None,
+) -> None:
+    """Counts the routed ids once they are known to be slots of the recorder's placement (the
+    logits passed the core's checks, so they have a [T, E] shape)."""
+    recorder.check_id_space(location, int(router_logits.shape[1]))
+    recorder.on_select_experts(recorder_ids, layer)
 
 
 def _check_waterfill(
@@ -173,7 +189,7 @@ class HashRouter(_core.HashRouter):
             seed,
         )
         if recorder is not None:
-            recorder.on_select_experts(recorder_ids, layer)
+            _record(recorder, recorder_ids, router_logits, location, layer)
         if waterfill is not None:
             ids, weights = _expand(waterfill, recorder_ids, weights, num_tokens, is_decode)
         return TopKOutput(ids, weights, recorder_ids)

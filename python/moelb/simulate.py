@@ -13,7 +13,8 @@ V3/V4 config; ``HashRouter`` on V4 hash layers, fed token ids drawn from a Zipf 
 Every ``rebalance_period`` steps (a window) the recorder's counts are planned with each algorithm
 (``rebalance`` with ``previous`` = the placement in service, so moved experts are counted) and the
 new placement serves the next window; window 0 runs the trivial placement. Scores, per step and
-layer (SGLang's balancedness: mean / max GPU load, averaged over layers and steps):
+layer (SGLang's balancedness: (mean + 1e-5) / (max + 1e-5) of the per-GPU loads, averaged over
+layers and steps):
 
 - ``in_window``: the placement planned on window i, scored on window i (hindsight);
 - ``predictive``: the placement planned on window i, scored on window i + 1 (what serving sees);
@@ -46,6 +47,7 @@ import numpy.typing as npt
 
 from . import _core
 from ._core import ExpertLocation, InvalidArgumentError, TopKConfig
+from .balancedness import utilization_rate
 from .dispatch import DISPATCH_ALGORITHMS, TABLE_DISPATCH, dispatch_tables, dispatch_tokens
 from .eplb import ALGORITHMS, OBJECTIVES, gpu_loads, rebalance
 from .io import load_expert_distribution
@@ -271,7 +273,7 @@ class SimulationConfig:
 class DispatchResult:
     """What one placement realises under one dispatch model, at token level: the tokens of every
     source rank dispatched by the model, per step and simulated layer, averaged (SGLang's
-    balancedness, mean / max GPU load). routed: routed experts only; shared_local: plus the shared
+    balancedness, (mean + 1e-5) / (max + 1e-5) of the per-GPU loads). routed: routed experts only; shared_local: plus the shared
     expert on each token's own rank; waterfill: plus the shared expert placed by Waterfill (None
     without Waterfill, and for ``equal_split``, whose fractional tokens Waterfill cannot place)."""
 
@@ -384,10 +386,8 @@ def step_lower_bounds(counts: Any, num_physical_experts: int, num_gpus: int) -> 
 
 
 def _balancedness(max_load: npt.NDArray[np.float64], mean_load: npt.NDArray[np.float64]) -> Any:
-    """mean / max per entry, 1 where there is no load."""
-    out = np.ones_like(max_load)
-    np.divide(mean_load, max_load, out=out, where=max_load > 0)
-    return out
+    """SGLang's utilization rate per entry ((mean + 1e-5) / (max + 1e-5), 1 without load)."""
+    return utilization_rate(mean_load, max_load)
 
 
 BURST_TOPICS = 16  # co-activated expert sets per layer (SimulationConfig.bursts)
@@ -781,8 +781,8 @@ def _token_level(
 
 
 def _mean_over_max(loads: npt.NDArray[Any]) -> float:
-    mx = float(loads.max())
-    return float(loads.mean()) / mx if mx > 0 else 1.0
+    """SGLang's utilization rate of one layer's per-GPU loads."""
+    return float(utilization_rate(float(loads.mean()), float(loads.max())))
 
 
 def _step_seed(seed: int, step: int) -> int:

@@ -157,8 +157,8 @@ class RankLoads:
 
     routed: [W] valid routed ids landing in each rank's slots. shared_local: [W] shared experts
     each rank computes without Waterfill (its own tokens with a valid id). shared_waterfill: [W]
-    with Waterfill. load_local / load_waterfill: routed + shared. balancedness_*: mean / max of
-    those loads (1.0 when there is no work).
+    with Waterfill. load_local / load_waterfill: routed + shared. balancedness_*: SGLang's rate
+    (mean + 1e-5) / (max + 1e-5) of those loads (1.0 when there is no work).
     """
 
     routed: npt.NDArray[np.int64]

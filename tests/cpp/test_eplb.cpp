@@ -350,7 +350,8 @@ TEST_P(EplbInvariants, PlacementAndStatistics) {
         const RowMatrix<double> per_gpu = moelb::gpu_loads(cmap(load), loc);
         ASSERT_EQ(per_gpu.rows(), t.L);
         ASSERT_EQ(per_gpu.cols(), t.G);
-        double sum_balancedness = 0, sum_mean = 0, sum_max = 0, max_gap = 0;
+        double sum_balancedness = 0, sum_mean = 0, sum_max = 0, max_gap = 0, active_sum = 0;
+        int active_layers = 0;
         for (int l = 0; l < t.L; ++l) {
             SCOPED_TRACE("layer " + std::to_string(l));
             // Replica counts: sum to P, every expert at least one, agree with logical_count.
@@ -377,7 +378,9 @@ TEST_P(EplbInvariants, PlacementAndStatistics) {
             EXPECT_GE(s.max_gpu_load, s.lower_bound * (1 - 1e-12)) << "below the lower bound";
             if (total > 0) {
                 EXPECT_TRUE(near(s.gap, s.max_gpu_load / s.lower_bound - 1));
-                EXPECT_TRUE(near(s.balancedness, s.mean_gpu_load / s.max_gpu_load));
+                // SGLang's rate (balancedness.hpp), not the bare ratio.
+                EXPECT_TRUE(
+                    near(s.balancedness, (s.mean_gpu_load + 1e-5) / (s.max_gpu_load + 1e-5)));
             } else {
                 EXPECT_EQ(s.gap, 0.0);
                 EXPECT_EQ(s.balancedness, 1.0);
@@ -385,11 +388,17 @@ TEST_P(EplbInvariants, PlacementAndStatistics) {
             EXPECT_EQ(s.moved_experts, 0);
             EXPECT_FALSE(s.kept_previous);
             sum_balancedness += s.balancedness;
+            if (s.max_gpu_load > 0) {
+                active_sum += s.balancedness;
+                ++active_layers;
+            }
             sum_mean += s.mean_gpu_load;
             sum_max += s.max_gpu_load;
             max_gap = std::max(max_gap, s.gap);
         }
         EXPECT_TRUE(near(plan.stats.balancedness, sum_balancedness / t.L));
+        EXPECT_TRUE(near(plan.stats.active_balancedness, active_sum / active_layers) ||
+                    (active_layers == 0 && std::isnan(plan.stats.active_balancedness)));
         EXPECT_TRUE(
             near(plan.stats.load_weighted_balancedness, sum_max > 0 ? sum_mean / sum_max : 1.0));
         EXPECT_EQ(plan.stats.max_gap, max_gap);
@@ -856,6 +865,7 @@ TEST_P(EplbInvariants, MoveCostAndMaxMovesAgainstAnOlderPlan) {
     const Plan older = plan_of(older_load, o);
     const RowMatrix<std::int32_t>& old_map = older.location.physical_to_logical();
     o.previous = &older.location;
+    o.move_cost = 0;                     // (the default is kDefaultMoveCost)
     const Plan free = plan_of(load, o);  // move_cost 0, no cap: the trade-off is off
     const RowMatrix<double> old_gpu = moelb::gpu_loads(cmap(load), older.location);
     std::vector<Index> moves(static_cast<std::size_t>(t.L), 0);
@@ -1410,7 +1420,7 @@ TEST(EplbStepPeak, TotalObjectiveOnASeriesPlansLikeTheSummedLoad) {
                 // The largest GPU's sum over steps is at most the sum of the steps' largest.
                 EXPECT_GE(s.step_max_gpu_load, s.max_gpu_load * (1 - 1e-12));
                 EXPECT_GT(s.step_max_gpu_load, 0.0);
-                step_balancedness += s.mean_gpu_load / s.step_max_gpu_load / t.L;
+                step_balancedness += (s.mean_gpu_load + 1e-5) / (s.step_max_gpu_load + 1e-5) / t.L;
             }
             EXPECT_TRUE(near(ours.stats.step_balancedness, step_balancedness));
             EXPECT_LE(ours.stats.step_balancedness, ours.stats.balancedness * (1 + 1e-12));
@@ -1505,7 +1515,7 @@ TEST(EplbStepPeak, OneSwapSeparatesExpertsThatPeakTogether) {
     EXPECT_EQ(phy2log_of(total), matrix<std::int32_t>({{0, 2, 1, 3}}));
     EXPECT_EQ(total.stats.layers[0].max_gpu_load, 8.0);
     EXPECT_EQ(total.stats.layers[0].step_max_gpu_load, 12.0);
-    EXPECT_DOUBLE_EQ(total.stats.step_balancedness, 8.0 / 12.0);
+    EXPECT_DOUBLE_EQ(total.stats.step_balancedness, (8.0 + 1e-5) / (12.0 + 1e-5));  // SGLang's
 
     const Plan peak = plan_of(series, with_objective(o, Objective::kStepPeak));
     EXPECT_EQ(peak.stats.algorithm, "moelb(locality=none)+step_peak");
@@ -1792,6 +1802,29 @@ TEST(EplbStepPeak, SumOverflowIsAnError) {
     }
     expect_invalid_argument([&] { moelb::evaluate_placement(series.view(), trivial); },
                             "load summed over the 2 steps overflows at layer 0, expert 0");
+}
+
+// Finite loads whose sum over a layer (or over the layers) overflows: every statistic would be
+// inf or NaN, so rebalance, evaluate_placement and gpu_loads refuse them, naming load.
+TEST(EplbErrors, LoadSumOverflowIsAnError) {
+    RowMatrix<double> in_layer = RowMatrix<double>::Zero(2, 4);
+    in_layer(1, 0) = in_layer(1, 1) = 1e308;
+    RowMatrix<double> across_layers = RowMatrix<double>::Zero(2, 4);
+    across_layers(0, 0) = across_layers(1, 0) = 1e308;
+    const ExpertLocation trivial = ExpertLocation::trivial(2, 4, 4, 1, 1);
+    for (const RowMatrix<double>* load : {&in_layer, &across_layers}) {
+        expect_invalid_argument([&] { plan_of(*load, {.num_physical_experts = 4}); },
+                                "load sums to inf over its 2 layers");
+        expect_invalid_argument([&] { moelb::evaluate_placement(cmap(*load), trivial); },
+                                "load sums to inf");
+        expect_invalid_argument([&] { moelb::gpu_loads(cmap(*load), trivial); }, "at most 1e+300");
+    }
+    // Below the limit the statistics are finite.
+    RowMatrix<double> large = RowMatrix<double>::Zero(2, 4);
+    large(1, 0) = large(1, 1) = 1e299;
+    const Plan plan = plan_of(large, {.num_physical_experts = 4, .num_gpus = 2});
+    EXPECT_TRUE(std::isfinite(plan.stats.balancedness));
+    EXPECT_TRUE(std::isfinite(plan.stats.load_weighted_balancedness));
 }
 
 // Errors of the per-step overloads.

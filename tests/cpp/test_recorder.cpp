@@ -349,6 +349,38 @@ TEST(RecorderLocation, SetLocationRejectsADifferentNumberOfLogicalExperts) {
     EXPECT_EQ(r.location()->num_logical_experts(), 4);
 }
 
+TEST(RecorderLocation, CheckIdSpaceAcceptsOnlyTheRecordersSlots) {
+    // Redundant slots: logical ids (no location) are not slots; an equal placement is accepted,
+    // another one (or another ep_size) is not.
+    Ids map(2, 6);
+    map << 3, 0, 1, 2, 0, 1,  //
+        0, 1, 2, 3, 3, 2;
+    const ExpertLocation mine(map, 4, 2);
+    Recorder r(mine);
+    EXPECT_NO_THROW(r.check_id_space(&mine, 4));
+    const ExpertLocation copy(map, 4, 2);
+    EXPECT_NO_THROW(r.check_id_space(&copy, 4));
+    expect_invalid_argument([&] { r.check_id_space(nullptr, 4); }, "location=None");
+    const ExpertLocation trivial = ExpertLocation::trivial(2, 4, 6, 2);
+    expect_invalid_argument([&] { r.check_id_space(&trivial, 4); }, "another placement");
+    const ExpertLocation other_ranks(map, 4, 3);
+    expect_invalid_argument([&] { r.check_id_space(&other_ranks, 4); }, "ep_size=3");
+    r.set_location(trivial);
+    EXPECT_NO_THROW(r.check_id_space(&trivial, 4));
+    expect_invalid_argument([&] { r.check_id_space(&mine, 4); }, "location is the placement");
+
+    // The identity layout (a recorder of a shape (L, P)): logical ids of P experts are slots.
+    Recorder identity(ExpertLocation::trivial(2, 4, 4, 2));
+    EXPECT_NO_THROW(identity.check_id_space(nullptr, 4));
+    expect_invalid_argument([&] { identity.check_id_space(nullptr, 3); }, "3 experts");
+    Ids swapped(2, 4);
+    swapped << 1, 0, 2, 3,  //
+        0, 1, 2, 3;
+    identity.set_location(ExpertLocation(swapped, 4, 2));
+    expect_invalid_argument([&] { identity.check_id_space(nullptr, 4); },
+                            "slot p does not hold expert p");
+}
+
 // ------------------------------------------------------------------------------------------------
 // Regression cases for SGLang's failures (reference sections 9 and 15): every misuse is an
 // InvalidArgument naming the problem and counts nothing anywhere.
@@ -589,9 +621,7 @@ TEST(RecorderDispatchCounts, SelectExpertsExamplesFromReference) {
         LayerScope layer(r, 0);
         r.on_select_experts(cmap(matrix<std::int32_t>({{0, 3}, {3, -1}})));
         expect_invalid_argument(
-            [&] {
-                r.on_select_experts(cmap(matrix<std::int32_t>({{-1, 0, 3, 4, 9}})));
-            },
+            [&] { r.on_select_experts(cmap(matrix<std::int32_t>({{-1, 0, 3, 4, 9}}))); },
             "topk_ids[0, 3] = 4");
     }
     ASSERT_EQ(r.num_passes(), 1);
@@ -685,11 +715,8 @@ TEST(RecorderModes, PerTokenRejectsAnotherTopKForTheSameLayerWithinAPass) {
     r.begin_forward_pass();
     r.begin_layer(0);
     r.on_select_experts(cmap(matrix<std::int32_t>({{0, 1}})));
-    expect_invalid_argument(
-        [&] {
-            r.on_select_experts(cmap(matrix<std::int32_t>({{2, 3, 1}})));
-        },
-        "topk_ids has 3 columns but layer 0 was given 2");
+    expect_invalid_argument([&] { r.on_select_experts(cmap(matrix<std::int32_t>({{2, 3, 1}}))); },
+                            "topk_ids has 3 columns but layer 0 was given 2");
     r.end_layer();
     r.end_forward_pass();
     EXPECT_EQ(r.passes()[0].token_ids, (std::vector<std::vector<std::int32_t>>{{0, 1}}));
@@ -922,9 +949,10 @@ TEST(RecorderBalancedness, PassBalancednessByHand) {
     const Counts counts = {1, 1, 2, 0, 0, 0, 4, 0, /**/ 1, 1, 0, 2, 2, 0, 1, 1};
     const double layer0 = (2.0 + kEps) / (4.0 + kEps);
     EXPECT_DOUBLE_EQ(moelb::pass_balancedness(counts, 2, 8, 4), (layer0 + 1.0) / 2.0);
-    // Layer 1 idle (a dense layer): excluded from the mean, not counted as 1.0.
+    // Layer 1 idle (a dense layer): 1.0 in SGLang's mean; left out of the active variant.
     const Counts dense = {1, 1, 2, 0, 0, 0, 4, 0, /**/ 0, 0, 0, 0, 0, 0, 0, 0};
-    EXPECT_DOUBLE_EQ(moelb::pass_balancedness(dense, 2, 8, 4), layer0);
+    EXPECT_DOUBLE_EQ(moelb::pass_balancedness(dense, 2, 8, 4), (layer0 + 1.0) / 2.0);
+    EXPECT_DOUBLE_EQ(moelb::pass_balancedness(dense, 2, 8, 4, moelb::LayerSet::kActive), layer0);
     // The same counts seen as 2 GPUs of 4 slots: [4, 4] and [4, 4] -> 1.0.
     EXPECT_DOUBLE_EQ(moelb::pass_balancedness(counts, 2, 8, 2), 1.0);
     // One GPU: always 1.
@@ -932,8 +960,10 @@ TEST(RecorderBalancedness, PassBalancednessByHand) {
     // One hot GPU of 8: (1/8 + eps) / (1 + eps).
     const Counts hot = {0, 0, 0, 0, 0, 0, 0, 5};
     EXPECT_DOUBLE_EQ(moelb::pass_balancedness(hot, 1, 8, 8), (5.0 / 8 + kEps) / (5.0 + kEps));
-    // No tokens anywhere: NaN; no layers: NaN.
-    EXPECT_TRUE(std::isnan(moelb::pass_balancedness(zeros(2, 8), 2, 8, 4)));
+    // No tokens anywhere: 1.0 (SGLang), NaN for the active variant; no layers: NaN.
+    EXPECT_DOUBLE_EQ(moelb::pass_balancedness(zeros(2, 8), 2, 8, 4), 1.0);
+    EXPECT_TRUE(
+        std::isnan(moelb::pass_balancedness(zeros(2, 8), 2, 8, 4, moelb::LayerSet::kActive)));
     EXPECT_TRUE(std::isnan(moelb::pass_balancedness({}, 0, 8, 4)));
 }
 
@@ -974,19 +1004,19 @@ TEST(RecorderBalancedness, RecordedPassesCarryTheirBalancedness) {
     const std::vector<Recorder::Pass> passes = r.passes();
     ASSERT_EQ(passes.size(), 3u);
     const double b0 = (rate({2, 2, 0, 4}) + rate({2, 2, 2, 2})) / 2.0;
-    const double b2 = rate({0, 0, 0, 3});
+    const double b2 = (1.0 + rate({0, 0, 0, 3})) / 2.0;  // the dense layer 0 counts 1.0
     EXPECT_DOUBLE_EQ(passes[0].balancedness, b0);
-    EXPECT_TRUE(std::isnan(passes[1].balancedness));
+    EXPECT_DOUBLE_EQ(passes[1].balancedness, 1.0);  // an idle pass, as in SGLang
     EXPECT_DOUBLE_EQ(passes[2].balancedness, b2);
     EXPECT_DOUBLE_EQ(r.average_balancedness(1), b2);
-    EXPECT_DOUBLE_EQ(r.average_balancedness(2), b2);  // the NaN pass is ignored
-    EXPECT_DOUBLE_EQ(r.average_balancedness(3), (b0 + b2) / 2.0);
-    EXPECT_DOUBLE_EQ(r.average_balancedness(1000), (b0 + b2) / 2.0);
+    EXPECT_DOUBLE_EQ(r.average_balancedness(2), (1.0 + b2) / 2.0);
+    EXPECT_DOUBLE_EQ(r.average_balancedness(3), (b0 + 1.0 + b2) / 3.0);
+    EXPECT_DOUBLE_EQ(r.average_balancedness(1000), (b0 + 1.0 + b2) / 3.0);
 }
 
-TEST(RecorderBalancedness, AverageOverTheLastWindowIgnoringNaN) {
+TEST(RecorderBalancedness, AverageOverTheLastWindowIdlePassesCountOne) {
     // L=1, W=2, S=1: a pass offering a tokens to slot 0 and b to slot 1 has balancedness
-    // rate({a, b}); (0, 0) routes nothing (NaN).
+    // rate({a, b}); (0, 0) routes nothing: 1.0, as SGLang appends it.
     const std::vector<std::pair<int, int>> loads = {{1, 1}, {3, 1}, {0, 0}, {1, 0}, {2, 2}, {0, 0}};
     Recorder r(ExpertLocation::trivial(1, 2, 2, 2), RecorderMode::kStat, 2);
     r.start();
@@ -997,14 +1027,13 @@ TEST(RecorderBalancedness, AverageOverTheLastWindowIgnoringNaN) {
         Ids ids = Ids::Constant(1, a + b + 1, -1);
         for (int i = 0; i < a + b; ++i) ids(0, i) = i < a ? 0 : 1;
         r.on_select_experts(cmap(ids));
-        expected.push_back(a + b == 0 ? kNaN : rate({double(a), double(b)}));
+        expected.push_back(a + b == 0 ? 1.0 : rate({double(a), double(b)}));
     }
     auto mean_of_last = [&](int window) {
         double sum = 0.0;
         int n = 0;
         for (int i = std::max(0, static_cast<int>(expected.size()) - window);
              i < static_cast<int>(expected.size()); ++i) {
-            if (std::isnan(expected[i])) continue;
             sum += expected[i];
             ++n;
         }
@@ -1012,12 +1041,14 @@ TEST(RecorderBalancedness, AverageOverTheLastWindowIgnoringNaN) {
     };
     // The history outlives the buffer (buffer_size=2 here).
     EXPECT_EQ(r.num_passes(), 2);
-    EXPECT_TRUE(std::isnan(r.average_balancedness(1)));  // only the last (idle) pass
+    EXPECT_DOUBLE_EQ(r.average_balancedness(1), 1.0);  // only the last (idle) pass
     for (int window : {2, 3, 4, 5, 6, 10, 1000, std::numeric_limits<int>::max()}) {
         EXPECT_DOUBLE_EQ(r.average_balancedness(window), mean_of_last(window))
             << "window " << window;
     }
-    EXPECT_DOUBLE_EQ(r.average_balancedness(2), 1.0);
+    EXPECT_DOUBLE_EQ(r.average_balancedness(2), (rate({2, 2}) + 1.0) / 2.0);
+    r.start();  // no pass since start(): NaN (None in Python)
+    EXPECT_TRUE(std::isnan(r.average_balancedness(10)));
     expect_invalid_argument([&] { r.average_balancedness(0); }, "window must be positive, got 0");
     expect_invalid_argument([&] { r.average_balancedness(-3); }, "got -3");
 }
@@ -1071,7 +1102,7 @@ TEST(RecorderMerge, IdleOnOneRankBecomesMeasuredAfterMerge) {
     r1.start();
     { PassScope pass(r0); }
     record(r1, 0, matrix<std::int32_t>({{0, 1, 1}}));
-    EXPECT_TRUE(std::isnan(r0.average_balancedness(10)));
+    EXPECT_DOUBLE_EQ(r0.average_balancedness(10), 1.0);  // idle: SGLang's 1.0
     r0.merge(r1);
     EXPECT_DOUBLE_EQ(r0.passes()[0].balancedness, rate({1, 2}));
     EXPECT_DOUBLE_EQ(r0.average_balancedness(10), rate({1, 2}));

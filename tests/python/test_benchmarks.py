@@ -293,3 +293,48 @@ def test_bench_dispatch_quick(tmp_path: Path) -> None:
         assert set(r["realised"]) >= {"equal_split", "sglang_static", "moelb_static", "vllm_hash"}
         assert all(0 < v <= 1 for v in r["realised"].values())
     assert data["table_timing"]["moelb_ms"] > 0
+
+
+def test_bench_move_cost_quick(tmp_path: Path) -> None:
+    stdout, data = run_quick(tmp_path, "bench_move_cost.py")
+    assert "conclusion:" in stdout and "default move_cost 0.0001" in stdout
+    assert data["inconsistencies"] == []
+    assert data["default_move_cost"] == 1e-4 and 1e-4 in data["move_costs"]
+    assert [(c["shift"], c["passes"]) for c in data["cases"]] == list(
+        itertools.product(data["shifts"], data["windows"])
+    )
+    slots = data["num_layers"] * data["num_physical_experts"]
+    for c in data["cases"]:
+        moved = [c[f"{m:g}"]["moved_slots"] for m in data["move_costs"]]
+        # Each layer's plan does not depend on move_cost, only whether it is taken: a larger
+        # move_cost never moves more.
+        assert moved == sorted(moved, reverse=True), c
+        assert 0 < moved[0] <= slots
+        for m in data["move_costs"]:
+            s = c[f"{m:g}"]
+            assert s["moved_gb"] == pytest.approx(s["moved_slots"] * data["expert_bytes"] / 1e9)
+            assert 0 <= s["layers_kept"] <= data["num_layers"]
+    # A real shift is followed at the default: most of the move_cost-0 gain on the next window.
+    for c in data["cases"]:
+        if c["shift"] >= 0.1:
+            assert c["0.0001"]["gain_next_window"] >= 0.9 * c["0"]["gain_next_window"] > 0.1
+
+
+def test_bench_move_cost_flags_inconsistency() -> None:
+    """bench_move_cost's check (behind its exit status): silent on the library's re-plan, and
+    reports a re-placed layer whose gain is below move_cost x its moves."""
+    bench = bench_module("bench_move_cost")
+    import moelb
+
+    rng = np.random.default_rng(3)
+    popularity = bench.make_popularity(rng, 2)
+    args = (bench.NUM_PHYSICAL, bench.NUM_GROUPS, bench.NUM_NODES, bench.NUM_GPUS)
+    first = moelb.rebalance(bench.sample_window(popularity, rng, 10), *args)
+    window = bench.sample_window(popularity, rng, 10)
+    before = moelb.evaluate_placement(window, first.location)
+    plan = moelb.rebalance(window, *args, previous=first.location, move_cost=0.0)
+    assert plan.stats.moved_experts > 0
+    assert bench._check("ok", plan, first.location, before, 0.0) == []
+    problems = bench._check("strict", plan, first.location, before, 1.0)
+    assert any("below move_cost 1 per move" in p for p in problems), problems
+    assert bench.shift_popularity(popularity, rng, 0.5).sum() == pytest.approx(2.0)

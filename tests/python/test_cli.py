@@ -235,7 +235,7 @@ def test_rebalance_reads_per_pass_dumps(capsys: pytest.CaptureFixture[str], tmp_
     out_file = tmp_path / "p.json"
     code, _, err = cli(
         capsys, "rebalance", str(dump), "-o", str(out_file), "--num-physical-experts", "288",
-        "--num-gpus", "8",
+        "--num-gpus", "8", "--num-groups", "8",
     )  # fmt: skip
     assert code == 0, err
     check_sglang_placement(out_file, 4, 288, 256)
@@ -287,7 +287,7 @@ def test_inspect_placement_and_dump(capsys: pytest.CaptureFixture[str], tmp_path
     data = json.loads(out)
     assert data["kind"] == "dump" and data["num_passes"] == 3 and len(data["layers"]) == 4
     layer1 = data["layers"][1]
-    assert layer1["hottest_expert"] == 7 and layer1["tokens"] == int(counts[:, 1].sum())
+    assert layer1["hottest_expert"] == 7 and layer1["routed_picks"] == int(counts[:, 1].sum())
     assert layer1["trivial_balancedness"] < data["layers"][0]["trivial_balancedness"]
 
     placement = tmp_path / "placement.json"
@@ -331,7 +331,7 @@ def test_bad_flags(capsys: pytest.CaptureFixture[str], args: list[str], needle: 
 def rebalance_args(dump: Path, out: Path, *extra: str) -> list[str]:
     return [
         "rebalance", str(dump), "-o", str(out), "--num-physical-experts", "288",
-        "--num-gpus", "8", *extra,
+        "--num-gpus", "8", "--num-groups", "8", *extra,
     ]  # fmt: skip
 
 
@@ -363,7 +363,7 @@ def test_bad_files(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     # Inconsistent topology: 288 slots on 7 GPUs.
     code, _, err = cli(
         capsys, "rebalance", str(good), "-o", str(out), "--num-physical-experts", "288",
-        "--num-gpus", "7",
+        "--num-gpus", "7", "--num-groups", "8",
     )  # fmt: skip
     assert_one_line_error(code, err, "288")
     # An output folder that does not exist.
@@ -399,3 +399,266 @@ def test_closed_pipe_is_not_an_error(tmp_path: Path) -> None:
     _, err = demo.communicate(timeout=300)
     assert demo.returncode == 0, err.decode()
     assert b"Traceback" not in err
+
+
+# ------------------------------------------------------------------------------------------------
+# No silent wrong answer (issue 16).
+
+
+def small_dump(path: Path, seed: int = 3) -> np.ndarray:
+    """[5 passes, 3 layers, 64 experts] with a dense layer 0 (zero rows), as an .npz dump."""
+    counts = np.random.default_rng(seed).poisson(3, (5, 3, 64)).astype(np.int32)
+    counts[:, 1, :4] *= 10
+    counts[:, 0] = 0
+    moelb.save_expert_distribution(
+        {"rank": 0, "logical_count": counts, "average_utilization_rate_over_window": None}, path
+    )
+    return counts
+
+
+SMALL_TOPOLOGY = ["--num-physical-experts", "80", "--num-gpus", "8", "--num-nodes", "2"]
+
+
+def test_rebalance_reports_sglangs_balancedness(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """SGLang's balancedness (all layers, the dense one counting 1.0), and the variant over the
+    layers with counts under its own name; the same values as the library's."""
+    dump = tmp_path / "dump.npz"
+    counts = small_dump(dump)
+    args = ["rebalance", str(dump), "-o", str(tmp_path / "p.json"), *SMALL_TOPOLOGY]
+    code, out, err = cli(capsys, *args, "--num-groups", "8", "--json")
+    assert code == 0, err
+    summary = json.loads(out)
+    plan = moelb.rebalance(counts, 80, 8, 2, 8, move_cost=summary["move_cost"])
+    trivial = moelb.evaluate_placement(counts, moelb.ExpertLocation.trivial(3, 64, 80, 8, 2))
+    assert summary["balancedness_after"] == pytest.approx(plan.stats.balancedness, rel=1e-12)
+    assert summary["active_balancedness_after"] == pytest.approx(
+        plan.stats.active_balancedness, rel=1e-12
+    )
+    assert summary["balancedness_before"] == pytest.approx(trivial.balancedness, rel=1e-12)
+    assert summary["active_balancedness_before"] == pytest.approx(
+        trivial.active_balancedness, rel=1e-12
+    )
+    bound = moelb.balancedness(plan.stats.mean_gpu_load, plan.stats.lower_bound)
+    assert summary["lower_bound_balancedness"] == pytest.approx(bound, rel=1e-12)
+    # The dense layer pulls SGLang's value towards 1.
+    assert summary["balancedness_after"] > summary["active_balancedness_after"]
+    code, out, err = cli(capsys, *args, "--num-groups", "8")
+    assert code == 0, err
+    assert "SGLang" in out and "2 layers with counts" in out
+
+
+def test_rebalance_reports_what_sglangs_static_table_realises(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """Beside the planned (equal split) figure, the expected balancedness under SGLang's static
+    table: recomputed here from the tables, each rank sending 1/W of every expert's load."""
+    dump = tmp_path / "dump.npz"
+    counts = small_dump(dump)
+    out_path = tmp_path / "p.json"
+    args = ["rebalance", str(dump), "-o", str(out_path), *SMALL_TOPOLOGY, "--num-groups", "8"]
+    code, out, err = cli(capsys, *args, "--json")
+    assert code == 0, err
+    summary = json.loads(out)
+    location = moelb.load_placement(out_path, ep_size=8, num_nodes=2)
+    load = counts.sum(axis=0).astype(np.float64)
+    tables = moelb.dispatch_tables(location, "sglang_static")  # [W, L, E]
+    S = location.num_local_physical_experts
+    rates = []
+    for layer in range(load.shape[0]):
+        gpu = np.zeros(8)
+        for rank in range(8):
+            for e in range(load.shape[1]):
+                gpu[tables[rank, layer, e] // S] += load[layer, e] / 8
+        rates.append((gpu.mean() + 1e-5) / (gpu.max() + 1e-5))
+    assert summary["sglang_static_balancedness_after"] == pytest.approx(np.mean(rates), rel=1e-9)
+    assert summary["sglang_static_balancedness_after"] < summary["balancedness_after"]
+    code, out, err = cli(capsys, *args)
+    assert code == 0, err
+    assert "under sglang_static" in out and "planned" in out
+
+
+def test_inspect_reports_sglangs_layer_balancedness(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    dump = tmp_path / "dump.npz"
+    counts = small_dump(dump)
+    code, out, err = cli(capsys, "inspect", str(dump), "--num-gpus", "8", "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    load = counts.sum(axis=0).astype(np.float64)
+    gpu = load.reshape(3, 8, 8).sum(axis=2)  # trivial placement, P = E = 64 on 8 GPUs
+    rates = (gpu.mean(axis=1) + 1e-5) / (gpu.max(axis=1) + 1e-5)
+    got = [x["trivial_balancedness"] for x in data["layers"]]
+    np.testing.assert_allclose(got, rates, rtol=1e-12)
+    assert data["num_physical_experts"] == 64  # said, not silently assumed
+    code, out, err = cli(capsys, "inspect", str(dump), "--num-gpus", "8")
+    assert "P=64" in out
+
+
+def test_rebalance_needs_num_groups_or_a_model(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """Without expert groups the planner switches to the global policy: never silently."""
+    dump = tmp_path / "dump.npz"
+    small_dump(dump)
+    out_file = tmp_path / "p.json"
+    args = ["rebalance", str(dump), "-o", str(out_file), *SMALL_TOPOLOGY]
+    code, _, err = cli(capsys, *args)
+    assert_one_line_error(code, err, "--num-groups")
+    assert "--model" in err and code == 2 and not out_file.exists()
+    # --num-groups 0 says "no expert groups" explicitly.
+    code, out, err = cli(capsys, *args, "--num-groups", "0", "--json")
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["num_groups"] is None and summary["algorithm"] == "moelb(locality=none)"
+
+
+def test_rebalance_model_presets_supply_num_groups(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from moelb.simulate import MODEL_PRESETS
+
+    v3 = MODEL_PRESETS["deepseek-v3"]
+    dump = tmp_path / "v3.npz"
+    rng = np.random.default_rng(6)
+    counts = rng.poisson(5, (2, v3.num_hidden_layers, v3.num_experts)).astype(np.int32)
+    counts[:, : v3.first_moe_layer] = 0
+    moelb.save_expert_distribution(
+        {"rank": 0, "logical_count": counts, "average_utilization_rate_over_window": None}, dump
+    )
+    out_file = tmp_path / "p.json"
+    args = ["rebalance", str(dump), "-o", str(out_file), "--num-physical-experts", "288",
+            "--num-gpus", "32", "--num-nodes", "4"]  # fmt: skip
+    code, out, err = cli(capsys, *args, "--model", "deepseek-v3", "--json")
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["num_groups"] == v3.num_groups == 8 and summary["model"] == "deepseek-v3"
+    assert summary["algorithm"] == "moelb(locality=node)"
+    plan = moelb.rebalance(counts, 288, 8, 4, 32, move_cost=summary["move_cost"])
+    np.testing.assert_array_equal(
+        moelb.load_placement(out_file, 32, 4).physical_to_logical,
+        plan.location.physical_to_logical,
+    )
+    # A preset that contradicts the dump or the flags is an error, not a guess.
+    code, _, err = cli(capsys, *args, "--model", "deepseek-v4-pro")
+    assert_one_line_error(code, err, "--model deepseek-v4-pro")
+    assert "384" in err
+    code, _, err = cli(capsys, *args, "--model", "deepseek-v3", "--num-groups", "4")
+    assert_one_line_error(code, err, "--num-groups 4")
+    small = tmp_path / "small.npz"
+    small_dump(small)
+    code, _, err = cli(capsys, "rebalance", str(small), "-o", str(out_file), *SMALL_TOPOLOGY,
+                       "--model", "deepseek-v3")  # fmt: skip
+    assert_one_line_error(code, err, "--model deepseek-v3")
+
+
+def test_cli_says_what_routed_counts_count(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    dump = tmp_path / "dump.npz"
+    counts = small_dump(dump)
+    total = f"{int(counts.sum()):,}"
+    code, out, err = cli(capsys, "rebalance", str(dump), "-o", str(tmp_path / "p.json"),
+                         *SMALL_TOPOLOGY, "--num-groups", "8")  # fmt: skip
+    assert code == 0, err
+    assert "routed tokens" not in out
+    assert f"{total} routed (token, expert) picks (tokens x top-k, summed over layers)" in out
+    code, out, err = cli(capsys, "inspect", str(dump))
+    assert code == 0, err
+    assert "routed tokens" not in out
+    assert f"{total} routed (token, expert) picks" in out
+    data = json.loads(cli(capsys, "inspect", str(dump), "--json")[1])
+    assert data["routed_picks"] == int(counts.sum()) and "tokens" not in data
+
+
+def test_inspect_num_nodes_without_num_gpus(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    placement = tmp_path / "placement.json"
+    moelb.save_placement(moelb.ExpertLocation.trivial(2, 64, 80, 8, 4), placement)
+    for path in (placement, tmp_path / "dump.npz"):
+        if path.suffix == ".npz":
+            small_dump(path)
+        code, _, err = cli(capsys, "inspect", str(path), "--num-nodes", "4")
+        assert_one_line_error(code, err, "--num-nodes 4 needs --num-gpus")
+        assert "ep_size" not in err and code == 2
+    code, _, err = cli(capsys, "inspect", str(placement), "--num-nodes", "4", "--num-gpus", "8")
+    assert code == 0, err
+
+
+@pytest.mark.parametrize(
+    ("error", "needle", "status"),
+    [
+        (MemoryError(), "out of memory", 1),
+        (RuntimeError("boom\nsecond line"), "internal error: RuntimeError: boom second line", 1),
+        (ZeroDivisionError("division by zero"), "ZeroDivisionError: division by zero", 1),
+    ],
+)
+def test_any_exception_is_a_one_line_error(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    error: BaseException,
+    needle: str,
+    status: int,
+) -> None:
+    """An out-of-memory simulate (or any bug) ends in one line on stderr, never a traceback."""
+    import moelb.cli
+
+    def failing(*args: object, **kwargs: object) -> None:
+        raise error
+
+    monkeypatch.setattr(moelb.cli, "simulate", failing)
+    code, _, err = cli(capsys, *SIMULATE_SMALL)
+    assert_one_line_error(code, err, needle)
+    assert code == status and err.startswith("moelb simulate: ")
+
+
+def test_rebalance_default_move_cost_and_the_trade(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """Re-planning a resampled window of the same traffic rewrites (almost) nothing by default,
+    and the summary says what was traded: slots and bytes moved against balancedness gained."""
+    from moelb.simulate import MODEL_PRESETS
+
+    v3 = MODEL_PRESETS["deepseek-v3"]
+    rng = np.random.default_rng(21)
+    popularity = np.empty((v3.num_moe_layers, 256))
+    for layer in range(v3.num_moe_layers):
+        popularity[layer, rng.permutation(256)] = np.arange(1, 257) ** -0.6
+    popularity /= popularity.sum(axis=1, keepdims=True)
+    dumps = []
+    for i in range(2):  # two windows of 100 passes x 4,096 tokens x top-8, summed per pass
+        counts = np.zeros((1, v3.num_hidden_layers, 256), np.int32)
+        counts[0, v3.first_moe_layer :] = rng.multinomial(100 * 4096 * 8, popularity)
+        dumps.append(tmp_path / f"window{i}.npz")
+        moelb.save_expert_distribution(
+            {"rank": 0, "logical_count": counts, "average_utilization_rate_over_window": None},
+            dumps[-1],
+        )
+    first, second = tmp_path / "first.json", tmp_path / "second.json"
+    topology = ["--num-physical-experts", "288", "--num-gpus", "32", "--num-nodes", "4",
+                "--model", "deepseek-v3", "--expert-bytes", str(v3.expert_bytes)]  # fmt: skip
+    code, _, err = cli(capsys, "rebalance", str(dumps[0]), "-o", str(first), *topology)
+    assert code == 0, err
+    args = ["rebalance", str(dumps[1]), "-o", str(second), *topology, "--previous", str(first)]
+    code, out, err = cli(capsys, *args, "--json")
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["move_cost"] == moelb.eplb.DEFAULT_MOVE_COST
+    slots = 61 * 288
+    assert summary["moved_experts"] <= 0.02 * slots
+    assert summary["balancedness_gained"] == pytest.approx(
+        summary["balancedness_after"] - summary["balancedness_before"], abs=1e-12
+    )
+    assert summary["layers_kept_previous"] >= 50
+    # With move_cost 0 the same re-plan rewrites a large share of the slots, and says so.
+    code, out, err = cli(capsys, *args, "--move-cost", "0")
+    assert code == 0, err
+    line = next(x for x in out.splitlines() if x.startswith("traded:"))
+    moved = int(line.split()[1].replace(",", ""))
+    assert moved > 0.3 * slots
+    assert f"of {slots:,} expert slots rewritten" in line and "GB) for balancedness +" in line
+    code, out, err = cli(capsys, *args)
+    assert "traded:" in out and "kept their placement (gain below --move-cost 0.0001" in out

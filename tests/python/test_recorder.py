@@ -49,13 +49,10 @@ def to_logical(physical: np.ndarray, physical_to_logical: np.ndarray, num_expert
 
 
 def reference_balancedness(counts: np.ndarray, ep_size: int) -> float:
-    """One pass: per layer with tokens (mean_g + eps) / (max_g + eps) of the per-GPU counts,
-    averaged over those layers; NaN when no layer has tokens."""
+    """One pass, as SGLang's compute_utilization_rate: per layer (mean_g + eps) / (max_g + eps)
+    of the per-GPU counts, averaged over ALL layers (a layer without tokens counts 1.0)."""
     gpu = counts.reshape(counts.shape[0], ep_size, -1).sum(axis=2).astype(np.float64)
-    used = gpu.sum(axis=1) > 0
-    if not used.any():
-        return math.nan
-    rates = (gpu[used].mean(axis=1) + EPS) / (gpu[used].max(axis=1) + EPS)
+    rates = (gpu.mean(axis=1) + EPS) / (gpu.max(axis=1) + EPS)
     return float(rates.mean())
 
 
@@ -466,6 +463,132 @@ def test_a_bad_id_anywhere_counts_nothing_of_the_call() -> None:
 
 
 # ------------------------------------------------------------------------------------------------
+# The ids the routers hand the recorder must be slots of the recorder's placement (issue 16).
+
+
+def _routers(num_experts: int, top_k: int):
+    """select_experts and HashRouter.select as one signature: (logits, location, layer, rec)."""
+    config = moelb.TopKConfig(top_k=top_k)
+    tid2eid = np.stack([np.roll(np.arange(num_experts), -i)[:top_k] for i in range(num_experts)])
+    router = moelb.HashRouter(tid2eid.astype(np.int32), num_experts=num_experts)
+
+    def by_score(logits, location, layer, rec):
+        return moelb.select_experts(logits, config, location=location, layer=layer, recorder=rec)
+
+    def by_hash(logits, location, layer, rec):
+        input_ids = np.zeros(len(logits), np.int32)  # token 0: experts 0..top_k-1, the hot one
+        return router.select(logits, input_ids, location=location, layer=layer, recorder=rec)
+
+    return {"select_experts": by_score, "HashRouter": by_hash}
+
+
+ID_SPACE_ROUTERS = ("select_experts", "HashRouter")
+
+
+def _hot_logits(num_tokens: int, num_experts: int) -> np.ndarray:
+    """Every token's best expert is expert 0 (the hot expert)."""
+    logits = -np.tile(np.arange(num_experts, dtype=np.float32), (num_tokens, 1))
+    return np.ascontiguousarray(logits)
+
+
+@pytest.mark.parametrize("router", ID_SPACE_ROUTERS)
+def test_logical_ids_are_refused_by_a_recorder_of_a_placement(router: str) -> None:
+    """A recorder built from a placement with redundant slots, fed the routers' logical ids (no
+    location): expert e would be counted on slot e, i.e. on whatever expert slot e holds."""
+    num_experts = 8
+    # Slot p holds expert (p + 3) % 8 for p < 8, then replicas of experts 0..3.
+    phy2log = np.array([[(p + 3) % num_experts for p in range(8)] + [0, 1, 2, 3]] * 2, np.int32)
+    location = moelb.ExpertLocation(phy2log, num_experts, ep_size=4)
+    select = _routers(num_experts, 2)[router]
+    rec = Recorder(location)
+    rec.start()
+    with rec.forward_pass(), rec.layer(1):
+        with pytest.raises(moelb.InvalidArgumentError, match="location") as info:
+            select(_hot_logits(num_experts, num_experts), None, 1, rec)
+        assert "logical" in str(info.value)
+        # The same call with the recorder's placement is counted, on the hot expert's slots.
+        out = select(_hot_logits(num_experts, num_experts), location, 1, rec)
+    logical = rec.logical_count()
+    assert logical.shape == (1, 2, num_experts)
+    chosen = phy2log[1][out.recorder_topk_ids]  # the experts the slots hold
+    np.testing.assert_array_equal(logical[0, 1], np.bincount(chosen.ravel(), minlength=8))
+    assert logical[0, 1, 0] == num_experts  # every token's first choice: the hot expert
+    assert logical[0, 0].sum() == 0
+
+
+@pytest.mark.parametrize("router", ID_SPACE_ROUTERS)
+def test_another_placement_is_refused(router: str) -> None:
+    num_experts = 8
+    rng = np.random.default_rng(4)
+    mine = random_location(rng, 2, num_experts, ep_size=4, slots_per_rank=3)
+    other = random_location(rng, 2, num_experts, ep_size=4, slots_per_rank=3)
+    assert not np.array_equal(mine.physical_to_logical, other.physical_to_logical)
+    select = _routers(num_experts, 2)[router]
+    logits = _hot_logits(5, num_experts)
+    rec = Recorder(mine)
+    rec.start()
+    with rec.forward_pass(), rec.layer(0):
+        with pytest.raises(moelb.InvalidArgumentError, match="location"):
+            select(logits, other, 0, rec)
+        # An equal placement built separately is the same id space.
+        copy = moelb.ExpertLocation(mine.physical_to_logical, num_experts, mine.ep_size)
+        out = select(logits, copy, 0, rec)
+    np.testing.assert_array_equal(rec.physical_count()[0, 0], count_ids(out.recorder_topk_ids, 12))
+    # After set_location the old placement is another id space; the new one is accepted.
+    rec.set_location(other)
+    with rec.forward_pass(), rec.layer(0):
+        with pytest.raises(moelb.InvalidArgumentError, match="location"):
+            select(logits, mine, 0, rec)
+        select(logits, other, 0, rec)
+    assert rec.physical_count()[1, 0].sum() == 5 * 2
+
+
+@pytest.mark.parametrize("router", ID_SPACE_ROUTERS)
+def test_shape_recorder_takes_unmapped_ids_only_when_slots_are_experts(router: str) -> None:
+    num_experts = 8
+    select = _routers(num_experts, 2)[router]
+    logits = _hot_logits(6, num_experts)
+    # (L, P) with P == E: logical = physical, the ids are slots; counted as they are.
+    rec = Recorder((2, num_experts), ep_size=2)
+    rec.start()
+    with rec.forward_pass(), rec.layer(1):
+        out = select(logits, None, 1, rec)
+    np.testing.assert_array_equal(
+        rec.logical_count()[0, 1], np.bincount(out.recorder_topk_ids.ravel(), minlength=8)
+    )
+    # (L, P) with P != E: slot e is not expert e's slot (experts 8..11 do not exist).
+    wide = Recorder((2, 12))
+    wide.start()
+    with wide.forward_pass(), wide.layer(1):
+        with pytest.raises(moelb.InvalidArgumentError, match="location"):
+            select(logits, None, 1, wide)
+    assert not wide.physical_count().any()
+
+
+@pytest.mark.parametrize("router", ID_SPACE_ROUTERS)
+def test_a_placement_is_refused_by_a_shape_recorder_of_other_slots(router: str) -> None:
+    """location given (P = 12 slots) but the recorder was built for (L, 16) slots: the ids fit
+    its range, and would be read as experts 0..15 of a layout where slot p holds expert p."""
+    num_experts = 8
+    location = moelb.ExpertLocation.trivial(2, num_experts, 12, ep_size=4)
+    select = _routers(num_experts, 2)[router]
+    for shape in ((2, 16), (2, 12), (2, 8)):
+        rec = Recorder(shape)
+        rec.start()
+        with rec.forward_pass(), rec.layer(0):
+            with pytest.raises(moelb.InvalidArgumentError, match="location"):
+                select(_hot_logits(4, num_experts), location, 0, rec)
+        assert not rec.physical_count().any(), shape
+    # A shape recorder and a location with the identity layout (P == E) agree.
+    identity = moelb.ExpertLocation.trivial(2, num_experts, num_experts, ep_size=2)
+    rec = Recorder((2, num_experts), ep_size=2)
+    rec.start()
+    with rec.forward_pass(), rec.layer(0):
+        select(_hot_logits(4, num_experts), identity, 0, rec)
+    assert rec.physical_count()[0, 0].sum() == 4 * 2
+
+
+# ------------------------------------------------------------------------------------------------
 # Bad topk_ids.
 
 
@@ -612,7 +735,8 @@ def test_idle_passes_are_kept_as_zero_rows() -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# Balancedness (reference section 7; moelb averages over the layers that received tokens).
+# Balancedness (reference section 7.2: SGLang's, dense and idle layers count 1.0; more in
+# test_balancedness.py).
 
 
 @given(
@@ -627,21 +751,20 @@ def test_pass_balancedness_matches_numpy(num_layers, ep_size, slots, seed) -> No
     counts[rng.random(num_layers) < 0.3] = 0  # dense layers
     counts[rng.random(counts.shape) < 0.3] = 0
     got = moelb.pass_balancedness(counts, ep_size)
-    expected = reference_balancedness(counts, ep_size)
-    if math.isnan(expected):
-        assert math.isnan(got)
-    else:
-        assert got == pytest.approx(expected, rel=1e-12)
-        assert 0 < got <= 1
+    assert got == pytest.approx(reference_balancedness(counts, ep_size), rel=1e-12)
+    assert 0 < got <= 1
 
 
 def test_pass_balancedness_examples() -> None:
-    # Layer 0: GPUs [4, 0] -> (2 + eps) / (4 + eps); layer 1 is dense and does not count
-    # (SGLang would average in a 1.0).
+    # Layer 0: GPUs [4, 0] -> (2 + eps) / (4 + eps); layer 1 is dense and counts 1.0, as in
+    # SGLang (the variant over the layers with tokens has its own name: layers="active").
     counts = np.array([[1, 3, 0, 0], [0, 0, 0, 0]], np.int32)
-    assert moelb.pass_balancedness(counts, 2) == pytest.approx((2 + EPS) / (4 + EPS), rel=1e-12)
+    rate = (2 + EPS) / (4 + EPS)
+    assert moelb.pass_balancedness(counts, 2) == pytest.approx((rate + 1) / 2, rel=1e-12)
+    assert moelb.pass_balancedness(counts, 2, layers="active") == pytest.approx(rate, rel=1e-12)
     assert moelb.pass_balancedness(np.array([[5, 5, 5, 5]]), 4) == pytest.approx(1.0)
-    assert math.isnan(moelb.pass_balancedness(np.zeros((3, 4), np.int32), 2))
+    assert moelb.pass_balancedness(np.zeros((3, 4), np.int32), 2) == 1.0
+    assert math.isnan(moelb.pass_balancedness(np.zeros((3, 4), np.int32), 2, layers="active"))
     with pytest.raises(moelb.InvalidArgumentError, match="ep_size=3"):
         moelb.pass_balancedness(counts, 3)
     with pytest.raises(moelb.InvalidArgumentError, match="counts must be 2-D"):
@@ -687,7 +810,7 @@ def test_recorder_balancedness_windows() -> None:
     assert bounded.balancedness() == {10: None, 100: None, 1000: None}
 
 
-def test_idle_passes_are_left_out_of_balancedness() -> None:
+def test_idle_passes_count_one_as_in_sglang() -> None:
     rec = Recorder((2, 4), ep_size=2)
     rec.start()
     with rec.forward_pass(), rec.layer(0):
@@ -698,21 +821,25 @@ def test_idle_passes_are_left_out_of_balancedness() -> None:
     with rec.forward_pass(), rec.layer(1):
         rec.on_select_experts(np.array([[0, 3]], np.int32))  # GPUs [1, 1]
     rates = rec.pass_balancedness()
-    assert rates[0] == pytest.approx((1.5 + EPS) / (2 + EPS))
-    assert np.isnan(rates[1:4]).all()
+    # Pass 0: layer 0 GPUs [2, 1], layer 1 dense (1.0); passes 1-3 idle: 1.0 (SGLang appends
+    # every pass); pass 4: layer 0 dense, layer 1 GPUs [1, 1].
+    assert rates[0] == pytest.approx(((1.5 + EPS) / (2 + EPS) + 1) / 2)
+    np.testing.assert_array_equal(rates[1:4], 1.0)
     assert rates[4] == pytest.approx(1.0)
-    mean = (rates[0] + rates[4]) / 2
+    mean = rates.mean()
+    assert mean == pytest.approx((4 + rates[0]) / 5)
     assert rec.balancedness() == pytest.approx({10: mean, 100: mean, 1000: mean})
     assert rec.dump()["average_utilization_rate_over_window"] == pytest.approx(mean)
 
 
-def test_no_routed_pass_gives_no_balancedness() -> None:
+def test_no_pass_gives_no_balancedness_and_an_idle_one_gives_one() -> None:
     rec = Recorder((2, 4), ep_size=2)
     rec.start()
+    assert rec.balancedness() == {10: None, 100: None, 1000: None}
     with rec.forward_pass():
         pass
-    assert rec.balancedness() == {10: None, 100: None, 1000: None}
-    assert rec.dump()["average_utilization_rate_over_window"] is None
+    assert rec.balancedness() == {10: 1.0, 100: 1.0, 1000: 1.0}
+    assert rec.dump()["average_utilization_rate_over_window"] == 1.0
     with pytest.raises(moelb.InvalidArgumentError, match="window must be positive"):
         rec.average_balancedness(0)
 

@@ -34,6 +34,7 @@
 #include <string_view>
 #include <vector>
 
+#include "moelb/balancedness.hpp"
 #include "moelb/expert_location.hpp"
 #include "moelb/views.hpp"
 
@@ -42,6 +43,18 @@ namespace moelb {
 // The most physical expert slots per layer rebalance() plans (2**20): far above any deployment
 // (DeepSeek-V3 serves 256 experts in 288 slots), low enough that a typo cannot ask for gigabytes.
 inline constexpr int kMaxPhysicalExperts = 1 << 20;
+// The default RebalanceOptions::move_cost (Python: rebalance(move_cost=...), the CLI's
+// --move-cost): with `previous`, a layer is re-placed only when its largest GPU load drops by at
+// least 0.01% per slot rewritten (1% per 100 slots). Measured at DeepSeek-V3 scale on resampled
+// windows (benchmarks/bench_move_cost.py): re-planning for sampling noise gains at most ~5e-5
+// per move (100-1,000 passes of 4,096 tokens), so nothing moves for noise (move_cost 0 rewrote
+// 50-60% of the slots for +0.001-0.005 balancedness, none of it left on the next window), while
+// a real change of popularity gains 2e-4 to 2e-3 per move and is followed all the same.
+inline constexpr double kDefaultMoveCost = 1e-4;
+// The largest sum of all loads (over layers, and steps) the planner and evaluate_placement /
+// gpu_loads take: finite loads whose sum overflows float64 would make every statistic inf or
+// NaN, so their sum must stay far below the largest double (token counts are far below it).
+inline constexpr double kMaxTotalLoad = 1e300;
 
 enum class EplbAlgorithm { kDeepSeek, kDeepSeekHierarchical, kDeepSeekGlobal, kMoelb };
 enum class Locality { kAuto, kNode, kNone };
@@ -81,17 +94,18 @@ struct RebalanceOptions {
     Objective objective = Objective::kTotal;  // kStepPeak: kMoelb with per-step loads only
     // kMoelb with previous: a layer keeps its previous placement unless its relative max-load
     // reduction (kStepPeak: of the sum of the steps' max loads) is at least move_cost per moved
-    // expert; max_moves (>= 0) caps the slots rewritten
+    // expert (0: any gain re-places the layer); max_moves (>= 0) caps the slots rewritten
     // over all layers (layers with the best gain per move first). -1 = no cap.
     const ExpertLocation* previous = nullptr;
-    double move_cost = 0.0;
+    double move_cost = kDefaultMoveCost;
     Index max_moves = -1;
 };
 
 struct LayerPlanStats {
     double max_gpu_load = 0;  // max over GPUs of the sum of their replicas' loads (equal split)
     double mean_gpu_load = 0;
-    double balancedness = 0;  // mean / max (1 when the layer has no load)
+    // SGLang's utilization rate (mean + 1e-5) / (max + 1e-5) (balancedness.hpp; 1 without load)
+    double balancedness = 0;
     double lower_bound = 0;   // max(total / G, best achievable max per-replica load)
     double gap = 0;           // max(0, max_gpu_load / lower_bound - 1) (0 without load)
     Index moved_experts = 0;  // slots whose expert changes vs previous (0 without previous)
@@ -103,15 +117,19 @@ struct LayerPlanStats {
 
 struct PlanStats {
     std::vector<LayerPlanStats> layers;
-    double balancedness = 0;                // SGLang: the layer mean of mean/max
-    double load_weighted_balancedness = 0;  // vLLM: sum of means / sum of maxes
+    // SGLang's balancedness (balancedness.hpp): the mean of the layers' balancedness over all
+    // layers (a layer without load counts 1.0).
+    double balancedness = 0;
+    // The same mean over the layers with load only (NaN when none has load).
+    double active_balancedness = std::numeric_limits<double>::quiet_NaN();
+    double load_weighted_balancedness = 0;  // vLLM: sum of means / sum of maxes (not SGLang's)
     double mean_gap = 0;
     double max_gap = 0;
     Index moved_experts = 0;
     double wall_time_seconds = 0;
-    // With per-step loads: the layer mean of mean_gpu_load / step_max_gpu_load, i.e. per layer the
-    // steps' mean GPU loads summed over their largest summed (SGLang's per-pass balancedness with
-    // each pass weighted by its largest load).
+    // With per-step loads: balancedness() of mean_gpu_load over step_max_gpu_load, i.e. per layer
+    // SGLang's rate of the steps' mean GPU loads summed over their largest summed (SGLang's
+    // per-pass balancedness with each pass weighted by its largest load), over all layers.
     bool has_steps = false;
     double step_balancedness = std::numeric_limits<double>::quiet_NaN();
     std::string algorithm;  // what ran, e.g. "moelb(locality=node)" or "deepseek_global"
@@ -123,7 +141,8 @@ struct Plan {
     PlanStats stats;
 };
 
-// load: [L, E] expert loads (finite, >= 0).
+// load: [L, E] expert loads (finite, >= 0, summing to at most kMaxTotalLoad; else an
+// InvalidArgument naming `load`).
 Plan rebalance(ConstMatrixMap<double> load, const RebalanceOptions& options);
 // The same for a time series [T, L, E] (T >= 1): plans against the loads summed over the steps
 // (options.objective == kTotal) or against the per-step peaks (kStepPeak); the statistics include

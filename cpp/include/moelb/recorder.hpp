@@ -20,6 +20,7 @@
 #include <string_view>
 #include <vector>
 
+#include "moelb/balancedness.hpp"
 #include "moelb/expert_location.hpp"
 #include "moelb/views.hpp"
 
@@ -32,12 +33,6 @@ enum class RecorderMode { kStat, kPerPass, kPerToken };
 RecorderMode parse_recorder_mode(std::string_view name, std::string_view param = "mode");
 std::string_view to_string(RecorderMode mode);
 
-// Balancedness of one pass: per layer that received tokens, (mean_g + 1e-5) / (max_g + 1e-5)
-// over the per-GPU counts, averaged over those layers; NaN when no layer received a token.
-// counts: [L, P] row-major; P = ep_size * S.
-double pass_balancedness(std::span<const std::int32_t> counts, int num_layers,
-                         int num_physical_experts, int ep_size);
-
 class ExpertDistributionRecorder {
   public:
     // One recorded forward pass.
@@ -45,7 +40,7 @@ class ExpertDistributionRecorder {
         std::int64_t forward_pass_id = 0;
         std::shared_ptr<const ExpertLocation> location;  // the placement when it was recorded
         std::vector<std::int32_t> counts;                // [L, P]
-        double balancedness = 0.0;                       // NaN when the pass routed nothing
+        double balancedness = 0.0;  // pass_balancedness (SGLang's: idle layers count 1.0)
         // kPerToken: per layer, the routed ids offered to on_select_experts, flattened
         // [tokens, top_k] (appended call after call), and top_k (0 = no call).
         std::vector<std::vector<std::int32_t>> token_ids;
@@ -122,6 +117,14 @@ class ExpertDistributionRecorder {
     // must equal the current layer (a guard against counting on the wrong layer).
     void on_select_experts(ConstMatrixMap<std::int32_t> topk_ids,
                            std::optional<int> expected_layer = std::nullopt);
+    // Refuses (InvalidArgument naming `location`) routed ids that are not slots of this
+    // recorder's current placement, before a router hands them to on_select_experts: with a
+    // `location` (ids mapped to its slots), it must equal the recorder's placement (same map,
+    // E, ep_size and num_nodes: ExpertLocation::operator==); without one (nullptr: the ids are
+    // logical ids of `num_experts` experts), the recorder's placement must be the identity
+    // (P == E == num_experts, slot p holds expert p in every layer, as for a recorder built from
+    // a shape (L, P)). O(L * P) with a location, O(1) without.
+    void check_id_space(const ExpertLocation* location, int num_experts) const;
     // local_counts [S + num_trailing_shared_slots]: tokens rank `ep_rank` received per local slot
     // (the DeepEP low-latency path); the trailing shared slots are dropped.
     void on_dispatch_counts(std::span<const std::int64_t> local_counts, int ep_rank,
@@ -134,8 +137,10 @@ class ExpertDistributionRecorder {
     Index num_passes() const;
     // [T, L, E] logical counts, each pass converted with its own placement.
     std::vector<std::int32_t> logical_count() const;
-    // Mean balancedness over the last `window` passes, leaving out passes that routed nothing
-    // (NaN if all did). The history keeps the last 1000 passes regardless of buffer_size.
+    // Mean balancedness (SGLang's, pass_balancedness) over the last `window` passes, idle passes
+    // included (they count 1.0, as in SGLang); NaN when no pass was recorded since start(). The
+    // history keeps the last 1000 passes regardless of buffer_size. window = 1000 is SGLang's
+    // average_utilization_rate_over_window.
     double average_balancedness(int window) const;
     // Clears the recorded passes (recording state unchanged). The balancedness history is a
     // rolling monitor of the last 1000 passes and survives clear() (and so dump()); start()
@@ -157,13 +162,14 @@ class ExpertDistributionRecorder {
     Index buffer_size_;
     int rank_;
     std::shared_ptr<const ExpertLocation> location_;
+    bool identity_ = false;  // location_ maps slot p to expert p in every layer, P == E
     bool recording_ = false;
     bool in_pass_ = false;
     std::int64_t next_pass_id_ = 0;
     std::optional<int> layer_;
     Pass current_;
     std::deque<Pass> passes_;
-    std::deque<double> history_;  // balancedness of the last kHistory passes (NaN included)
+    std::deque<double> history_;  // balancedness of the last kHistory passes
 };
 
 }  // namespace moelb

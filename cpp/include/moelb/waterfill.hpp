@@ -147,7 +147,8 @@ struct WaterfillRankLoads {
     std::vector<std::int64_t> routed;            // [W]
     std::vector<std::int64_t> shared_local;      // [W]
     std::vector<std::int64_t> shared_waterfill;  // [W]
-    // mean / max of routed + shared over the ranks (1 when no rank has work).
+    // SGLang's utilization rate (balancedness.hpp) of routed + shared over the ranks: (mean +
+    // 1e-5) / (max + 1e-5), 1 when no rank has work.
     double balancedness_local = 1.0;
     double balancedness_waterfill = 1.0;
 };
