@@ -274,8 +274,9 @@ class DispatchResult:
     """What one placement realises under one dispatch model, at token level: the tokens of every
     source rank dispatched by the model, per step and simulated layer, averaged (SGLang's
     balancedness, (mean + 1e-5) / (max + 1e-5) of the per-GPU loads). routed: routed experts
-    only; shared_local: plus the shared expert on each token's own rank; waterfill: plus the shared expert placed by Waterfill (None
-    without Waterfill, and for ``equal_split``, whose fractional tokens Waterfill cannot place)."""
+    only; shared_local: plus the shared expert on each token's own rank; waterfill: plus the
+    shared expert placed by Waterfill (None without Waterfill, and for ``equal_split``, whose
+    fractional tokens Waterfill cannot place)."""
 
     routed: float
     shared_local: float
