@@ -86,10 +86,10 @@ py::array_t<T, py::array::c_style> config_array(const py::handle& obj, const cha
         if (a.dtype().kind() == 'u' && a.dtype().itemsize() == 8) {
             py::array_t<std::uint64_t, py::array::c_style | py::array::forcecast> u(a);
             for (py::ssize_t i = 0; i < u.size(); ++i) {
-                MOELB_CHECK_ARG(u.data()[i] <= static_cast<std::uint64_t>(
-                                                   std::numeric_limits<T>::max()),
-                                name << " holds " << u.data()[i] << ", which does not fit in "
-                                     << dtype_name<T>());
+                MOELB_CHECK_ARG(
+                    u.data()[i] <= static_cast<std::uint64_t>(std::numeric_limits<T>::max()),
+                    name << " holds " << u.data()[i] << ", which does not fit in "
+                         << dtype_name<T>());
             }
         }
         py::array_t<std::int64_t, py::array::c_style | py::array::forcecast> wide(a);

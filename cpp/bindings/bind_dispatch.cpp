@@ -46,8 +46,8 @@ ConstMatrixMap<std::int32_t> order_map(const py::array_t<std::int32_t, py::array
 
 py::array_t<std::int32_t> to_array3(const RowMatrix<std::int32_t>& m, Index d0, Index d1,
                                     Index d2) {
-    py::array_t<std::int32_t> out({static_cast<py::ssize_t>(d0), static_cast<py::ssize_t>(d1),
-                                   static_cast<py::ssize_t>(d2)});
+    py::array_t<std::int32_t> out(
+        {static_cast<py::ssize_t>(d0), static_cast<py::ssize_t>(d1), static_cast<py::ssize_t>(d2)});
     std::copy(m.data(), m.data() + m.size(), out.mutable_data());
     return out;
 }
@@ -96,9 +96,9 @@ void bind_dispatch(py::module_& m) {
            const py::object& replica_order) {
             const auto order = replica_order_array(loc, replica_order);
             const int rank = ep_rank ? narrow(*ep_rank, "ep_rank") : -1;
-            MOELB_CHECK_ARG(!ep_rank || *ep_rank >= 0,
-                            "ep_rank=" << *ep_rank << " is outside [0, ep_size="
-                                       << loc.ep_size() << ")");
+            MOELB_CHECK_ARG(
+                !ep_rank || *ep_rank >= 0,
+                "ep_rank=" << *ep_rank << " is outside [0, ep_size=" << loc.ep_size() << ")");
             RowMatrix<std::int32_t> lists;
             {
                 py::gil_scoped_release release;

@@ -100,8 +100,8 @@ TopKConfig. num_experts: E when known (tid2eid is checked now), else checked per
             },
             py::arg("router_logits"), py::arg("input_ids"),
             py::arg("num_token_non_padded") = py::none(), py::arg("location") = py::none(),
-            py::arg("layer") = py::none(), py::arg("ep_rank") = 0, py::arg("dispatch") = "sglang_static",
-            py::arg("seed") = 0,
+            py::arg("layer") = py::none(), py::arg("ep_rank") = 0,
+            py::arg("dispatch") = "sglang_static", py::arg("seed") = 0,
             "Routes tokens by token id; returns (topk_ids, topk_weights, recorder_topk_ids).");
 }
 

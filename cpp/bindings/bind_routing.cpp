@@ -151,8 +151,8 @@ num_fused_shared_experts: 0 or 1; 1 appends the shared expert column (id E; weig
         },
         py::arg("router_logits"), py::arg("config"), py::arg("correction_bias") = py::none(),
         py::arg("num_token_non_padded") = py::none(), py::arg("location") = py::none(),
-        py::arg("layer") = py::none(), py::arg("ep_rank") = 0, py::arg("dispatch") = "sglang_static",
-        py::arg("seed") = 0,
+        py::arg("layer") = py::none(), py::arg("ep_rank") = 0,
+        py::arg("dispatch") = "sglang_static", py::arg("seed") = 0,
         "Routes tokens; returns (topk_ids, topk_weights, recorder_topk_ids). See "
         "moelb.select_experts.");
 

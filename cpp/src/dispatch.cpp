@@ -40,9 +40,9 @@ constexpr std::uint64_t kSglangTableSeed = 42;
 constexpr std::uint64_t kVllmHashMultiplier = 2654435769ull;
 
 void check_rank(const ExpertLocation& location, int ep_rank) {
-    MOELB_CHECK_ARG(ep_rank >= 0 && ep_rank < location.ep_size(),
-                    "ep_rank=" << ep_rank << " is outside [0, ep_size=" << location.ep_size()
-                               << ")");
+    MOELB_CHECK_ARG(
+        ep_rank >= 0 && ep_rank < location.ep_size(),
+        "ep_rank=" << ep_rank << " is outside [0, ep_size=" << location.ep_size() << ")");
 }
 
 void check_layer(const ExpertLocation& location, int layer) {
@@ -135,7 +135,8 @@ void sglang_static_loop(const ExpertLocation& loc, const RowMatrix<std::int32_t>
             const auto candidates = list_of(lists, static_cast<Index>(l) * E + e);
             remaining.clear();
             for (int g = 0; g < W; ++g) {
-                nearest[static_cast<std::size_t>(g)] = sglang_nearest_replica(candidates, g, S, rpn);
+                nearest[static_cast<std::size_t>(g)] =
+                    sglang_nearest_replica(candidates, g, S, rpn);
                 if (nearest[static_cast<std::size_t>(g)] < 0) remaining.push_back(g);
             }
             if (!remaining.empty()) {
@@ -166,7 +167,8 @@ RowMatrix<std::int32_t> empty_table(const ExpertLocation& loc) {
     return RowMatrix<std::int32_t>::Constant(loc.num_layers(), loc.num_logical_experts(), -1);
 }
 
-// --- A memo of SGLang's per-rank tables for LayerDispatcher ---------------------------------------
+// --- A memo of SGLang's per-rank tables for LayerDispatcher
+// ---------------------------------------
 //
 // SGLang's file-path table of a rank depends on every earlier (layer, expert) through the random
 // stream, so one layer's row costs the whole table. select_experts maps one layer of one rank per
@@ -214,12 +216,13 @@ std::shared_ptr<const RowMatrix<std::int32_t>> memo_table(const ExpertLocation& 
             }
         }
         if (entry == nullptr) {
-            entry = std::make_shared<TableMemo::Entry>(TableMemo::Entry{
-                loc.physical_to_logical(), loc.num_logical_experts(), loc.ep_size(),
-                loc.num_nodes(), algorithm,
-                std::vector<std::shared_ptr<const RowMatrix<std::int32_t>>>(
-                    static_cast<std::size_t>(loc.ep_size()))});
-            if (memo.entries.size() >= TableMemo::kEntries) memo.entries.erase(memo.entries.begin());
+            entry = std::make_shared<TableMemo::Entry>(
+                TableMemo::Entry{loc.physical_to_logical(), loc.num_logical_experts(),
+                                 loc.ep_size(), loc.num_nodes(), algorithm,
+                                 std::vector<std::shared_ptr<const RowMatrix<std::int32_t>>>(
+                                     static_cast<std::size_t>(loc.ep_size()))});
+            if (memo.entries.size() >= TableMemo::kEntries)
+                memo.entries.erase(memo.entries.begin());
             memo.entries.push_back(entry);
         }
         if (auto t = entry->tables[static_cast<std::size_t>(ep_rank)]) return t;
@@ -235,8 +238,8 @@ std::shared_ptr<const RowMatrix<std::int32_t>> memo_table(const ExpertLocation& 
                                                           loc.num_logical_experts()));
         }
     } else {
-        made[static_cast<std::size_t>(ep_rank)] =
-            std::make_shared<const RowMatrix<std::int32_t>>(dispatch_table(loc, algorithm, ep_rank));
+        made[static_cast<std::size_t>(ep_rank)] = std::make_shared<const RowMatrix<std::int32_t>>(
+            dispatch_table(loc, algorithm, ep_rank));
     }
     const auto table_bytes = [](const std::shared_ptr<const RowMatrix<std::int32_t>>& t) {
         return t == nullptr ? std::size_t{0}
@@ -328,19 +331,20 @@ RowMatrix<std::int32_t> sglang_replica_lists(const ExpertLocation& location,
         lists = location.logical_to_physical();
     } else {
         MOELB_CHECK_ARG(replica_order.rows() == L * E && replica_order.cols() >= X,
-                        "replica_order has shape [" << replica_order.rows() << ", "
-                                                    << replica_order.cols()
-                                                    << "] (flattened) but the location needs ["
-                                                    << L * E << ", >= " << X << "]");
+                        "replica_order has shape ["
+                            << replica_order.rows() << ", " << replica_order.cols()
+                            << "] (flattened) but the location needs [" << L * E << ", >= " << X
+                            << "]");
         std::vector<std::int32_t> mine, given;
         for (Index row = 0; row < L * E; ++row) {
-            const auto reps = location.replicas(static_cast<int>(row / E), static_cast<int>(row % E));
+            const auto reps =
+                location.replicas(static_cast<int>(row / E), static_cast<int>(row % E));
             mine.assign(reps.begin(), reps.end());
             given.clear();
             for (Index x = 0; x < replica_order.cols(); ++x) {
                 const std::int32_t p = replica_order(row, x);
-                MOELB_CHECK_ARG(p >= -1, "replica_order[" << row / E << ", " << row % E << ", "
-                                                          << x << "] = " << p
+                MOELB_CHECK_ARG(p >= -1, "replica_order[" << row / E << ", " << row % E << ", " << x
+                                                          << "] = " << p
                                                           << ": -1 marks padding, slots are >= 0");
                 if (p >= 0) given.push_back(p);
             }
@@ -351,7 +355,8 @@ RowMatrix<std::int32_t> sglang_replica_lists(const ExpertLocation& location,
                                                                 "slots of that expert in the "
                                                                 "location");
             for (Index x = 0; x < X; ++x) {
-                lists(row, x) = x < static_cast<Index>(given.size()) ? given[static_cast<std::size_t>(x)] : -1;
+                lists(row, x) =
+                    x < static_cast<Index>(given.size()) ? given[static_cast<std::size_t>(x)] : -1;
             }
         }
     }
@@ -391,15 +396,16 @@ RowMatrix<std::int32_t> dispatch_table(const ExpertLocation& location, DispatchA
             return moelb_static_table(location, ep_rank, seed);
         case DispatchAlgorithm::kSglangStatic: {
             const auto lists = sglang_replica_lists(location, {nullptr, 0, 0}, ep_rank);
-            std::vector<RowMatrix<std::int32_t>> tables(static_cast<std::size_t>(location.ep_size()));
+            std::vector<RowMatrix<std::int32_t>> tables(
+                static_cast<std::size_t>(location.ep_size()));
             tables[static_cast<std::size_t>(ep_rank)] = empty_table(location);
             sglang_static_loop(location, lists, ep_rank, tables);
             return std::move(tables[static_cast<std::size_t>(ep_rank)]);
         }
         case DispatchAlgorithm::kSglangStaticRuntime: {
             const auto lists = sglang_replica_lists(location, replica_order, -1);
-            std::vector<RowMatrix<std::int32_t>> tables(static_cast<std::size_t>(location.ep_size()),
-                                                        empty_table(location));
+            std::vector<RowMatrix<std::int32_t>> tables(
+                static_cast<std::size_t>(location.ep_size()), empty_table(location));
             sglang_static_loop(location, lists, -1, tables);
             return std::move(tables[static_cast<std::size_t>(ep_rank)]);
         }
@@ -413,8 +419,8 @@ RowMatrix<std::int32_t> dispatch_table(const ExpertLocation& location, DispatchA
     return {};
 }
 
-RowMatrix<std::int32_t> dispatch_tables(const ExpertLocation& location,
-                                        DispatchAlgorithm algorithm, std::uint64_t seed,
+RowMatrix<std::int32_t> dispatch_tables(const ExpertLocation& location, DispatchAlgorithm algorithm,
+                                        std::uint64_t seed,
                                         ConstMatrixMap<std::int32_t> replica_order) {
     check_replica_order_use(algorithm, replica_order);
     const int W = location.ep_size();
@@ -435,8 +441,8 @@ RowMatrix<std::int32_t> dispatch_tables(const ExpertLocation& location,
     parallel_for(W, 1, [&](Index begin, Index end) {
         for (Index r = begin; r < end; ++r) {
             const auto table = dispatch_table(location, algorithm, static_cast<int>(r), seed);
-            out.row(r) = Eigen::Map<const Eigen::Matrix<std::int32_t, 1, Eigen::Dynamic>>(
-                table.data(), LE);
+            out.row(r) =
+                Eigen::Map<const Eigen::Matrix<std::int32_t, 1, Eigen::Dynamic>>(table.data(), LE);
         }
     });
     return out;
@@ -504,11 +510,10 @@ std::int32_t LayerDispatcher::map(std::int32_t expert, Index token, int column) 
             if (n == 1) return row[0];
             // randint(0, 65536) % num_valid: a 16-bit draw, then the modulo (its bias kept).
             const std::uint64_t draw =
-                hash_combine(seed_, kSaltDynamic,
-                             static_cast<std::uint64_t>(layer_) << 32 |
-                                 static_cast<std::uint32_t>(ep_rank_),
-                             static_cast<std::uint64_t>(token) << 16 |
-                                 static_cast<std::uint64_t>(column)) &
+                hash_combine(
+                    seed_, kSaltDynamic,
+                    static_cast<std::uint64_t>(layer_) << 32 | static_cast<std::uint32_t>(ep_rank_),
+                    static_cast<std::uint64_t>(token) << 16 | static_cast<std::uint64_t>(column)) &
                 0xFFFFu;
             return row[draw % static_cast<std::uint64_t>(n)];
         }
@@ -542,14 +547,12 @@ void dispatch_tokens(const ExpertLocation& location, DispatchAlgorithm algorithm
     MOELB_CHECK_ARG(out.rows() == T && out.cols() == C,
                     "out has shape [" << out.rows() << ", " << out.cols()
                                       << "] but topk_ids has shape [" << T << ", " << C << "]");
-    MOELB_CHECK_ARG(static_cast<int>(rank_offsets.size()) == W + 1,
-                    "rank_offsets has " << rank_offsets.size() << " entries but ep_size + 1 = "
-                                        << W + 1);
+    MOELB_CHECK_ARG(
+        static_cast<int>(rank_offsets.size()) == W + 1,
+        "rank_offsets has " << rank_offsets.size() << " entries but ep_size + 1 = " << W + 1);
     MOELB_CHECK_ARG(rank_offsets.front() == 0 && rank_offsets.back() == T,
-                    "rank_offsets must run from 0 to the number of tokens " << T << ", got "
-                                                                             << rank_offsets.front()
-                                                                             << " .. "
-                                                                             << rank_offsets.back());
+                    "rank_offsets must run from 0 to the number of tokens "
+                        << T << ", got " << rank_offsets.front() << " .. " << rank_offsets.back());
     for (int r = 0; r < W; ++r) {
         MOELB_CHECK_ARG(rank_offsets[static_cast<std::size_t>(r)] <=
                             rank_offsets[static_cast<std::size_t>(r + 1)],
@@ -580,13 +583,11 @@ void dispatch_tokens(const ExpertLocation& location, DispatchAlgorithm algorithm
         if (bad < 0) continue;
         const Index t = bad / C, c = bad % C;
         MOELB_CHECK_ARG(false, "topk_ids[" << t << ", " << c << "] = " << topk_ids(t, c)
-                                           << " is outside [-1, num_logical_experts=" << E
-                                           << ")");
+                                           << " is outside [-1, num_logical_experts=" << E << ")");
     }
     parallel_for(T, 1024, [&](Index begin, Index end) {
-        int r = static_cast<int>(
-            std::upper_bound(rank_offsets.begin(), rank_offsets.end(), begin) -
-            rank_offsets.begin() - 1);
+        int r = static_cast<int>(std::upper_bound(rank_offsets.begin(), rank_offsets.end(), begin) -
+                                 rank_offsets.begin() - 1);
         for (Index t = begin; t < end; ++t) {
             while (t >= rank_offsets[static_cast<std::size_t>(r + 1)]) ++r;
             const Index row = global_rows ? t : t - rank_offsets[static_cast<std::size_t>(r)];

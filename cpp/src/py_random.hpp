@@ -123,8 +123,8 @@ class PyRandom {
         }
         for (std::size_t k = n - 1; k > 0; --k) {
             const std::uint32_t prev = state_[i - 1];
-            state_[i] = (state_[i] ^ ((prev ^ (prev >> 30)) * 1566083941U)) -
-                        static_cast<std::uint32_t>(i);
+            state_[i] =
+                (state_[i] ^ ((prev ^ (prev >> 30)) * 1566083941U)) - static_cast<std::uint32_t>(i);
             ++i;
             if (i >= n) {
                 state_[0] = state_[n - 1];
@@ -139,8 +139,8 @@ class PyRandom {
         for (int i = 0; i < kN; ++i) {
             const std::uint32_t y = (state_[static_cast<std::size_t>(i)] & kUpper) |
                                     (state_[static_cast<std::size_t>((i + 1) % kN)] & kLower);
-            state_[static_cast<std::size_t>(i)] =
-                state_[static_cast<std::size_t>((i + kM) % kN)] ^ (y >> 1) ^ ((y & 1U) ? kMatrix : 0U);
+            state_[static_cast<std::size_t>(i)] = state_[static_cast<std::size_t>((i + kM) % kN)] ^
+                                                  (y >> 1) ^ ((y & 1U) ? kMatrix : 0U);
         }
         index_ = 0;
     }

@@ -517,7 +517,8 @@ WaterfillRankLoads waterfill_rank_loads(std::span<const ConstMatrixMap<std::int3
     });
     for (int w = 0; w < W; ++w) {
         for (int g = 0; g < W; ++g) {
-            out.routed[static_cast<std::size_t>(g)] += routed_by[static_cast<std::size_t>(w) * W + g];
+            out.routed[static_cast<std::size_t>(g)] +=
+                routed_by[static_cast<std::size_t>(w) * W + g];
             out.shared_waterfill[static_cast<std::size_t>(g)] +=
                 waterfill_by[static_cast<std::size_t>(w) * W + g];
         }

@@ -13,11 +13,11 @@
 #include <string>
 #include <vector>
 
-#include "moelb/errors.hpp"
+#include "../../cpp/src/py_random.hpp"
 #include "moelb/dispatch.hpp"
+#include "moelb/errors.hpp"
 #include "moelb/expert_location.hpp"
 #include "moelb/parallel.hpp"
-#include "../../cpp/src/py_random.hpp"
 #include "test_util.hpp"
 
 namespace {
@@ -38,7 +38,8 @@ RowMatrix<std::int32_t> dispatch(const ExpertLocation& loc, const RowMatrix<std:
                                  std::uint64_t seed) {
     RowMatrix<std::int32_t> out = RowMatrix<std::int32_t>::Constant(ids.rows(), ids.cols(), -99);
     std::vector<Index> offsets(static_cast<std::size_t>(loc.ep_size()) + 1, 0);
-    for (int r = ep_rank + 1; r <= loc.ep_size(); ++r) offsets[static_cast<std::size_t>(r)] = ids.rows();
+    for (int r = ep_rank + 1; r <= loc.ep_size(); ++r)
+        offsets[static_cast<std::size_t>(r)] = ids.rows();
     if (ep_rank < 0 || ep_rank >= loc.ep_size()) {
         // An out-of-range rank goes through LayerDispatcher for its error.
         const LayerDispatcher d(loc, layer, ep_rank, algorithm, seed);
@@ -276,9 +277,12 @@ TEST_F(Dispatch, StaticUsesTheTable) {
 }
 
 TEST_F(Dispatch, RandomPicksReplicasDeterministically) {
-    const RowMatrix<std::int32_t> a = dispatch(flat_, ids_, 1, 3, DispatchAlgorithm::kSglangDynamic, 5);
-    const RowMatrix<std::int32_t> b = dispatch(flat_, ids_, 1, 3, DispatchAlgorithm::kSglangDynamic, 5);
-    const RowMatrix<std::int32_t> other = dispatch(flat_, ids_, 1, 3, DispatchAlgorithm::kSglangDynamic, 6);
+    const RowMatrix<std::int32_t> a =
+        dispatch(flat_, ids_, 1, 3, DispatchAlgorithm::kSglangDynamic, 5);
+    const RowMatrix<std::int32_t> b =
+        dispatch(flat_, ids_, 1, 3, DispatchAlgorithm::kSglangDynamic, 5);
+    const RowMatrix<std::int32_t> other =
+        dispatch(flat_, ids_, 1, 3, DispatchAlgorithm::kSglangDynamic, 6);
     EXPECT_EQ(a, b);
     EXPECT_NE(a, other);
     for (Index t = 0; t < ids_.rows(); ++t) {
@@ -298,7 +302,8 @@ TEST_F(Dispatch, RandomIsRoughlyUniformOverReplicas) {
     // Expert 0 of layer 1 has replicas at slots 0, 3 and 8.
     const Index T = 6000;
     RowMatrix<std::int32_t> ids = RowMatrix<std::int32_t>::Zero(T, 5);
-    const RowMatrix<std::int32_t> out = dispatch(flat_, ids, 1, 3, DispatchAlgorithm::kSglangDynamic, 3);
+    const RowMatrix<std::int32_t> out =
+        dispatch(flat_, ids, 1, 3, DispatchAlgorithm::kSglangDynamic, 3);
     std::map<int, int> counts;
     for (Index t = 0; t < T; ++t) {
         for (int c = 0; c < 5; ++c) ++counts[out(t, c)];
@@ -339,8 +344,8 @@ TEST_F(Dispatch, RoundRobinByTokenAndRank) {
 
 TEST_F(Dispatch, MinusOneStaysMinusOneAndSingleReplicaIsFixed) {
     const RowMatrix<std::int32_t> ids = matrix<std::int32_t>({{-1, 5}, {5, -1}, {-1, -1}});
-    for (const auto a :
-         {DispatchAlgorithm::kMoelbStatic, DispatchAlgorithm::kSglangDynamic, DispatchAlgorithm::kRoundRobin}) {
+    for (const auto a : {DispatchAlgorithm::kMoelbStatic, DispatchAlgorithm::kSglangDynamic,
+                         DispatchAlgorithm::kRoundRobin}) {
         // Expert 5 has the single slot 11 in layer 1.
         EXPECT_EQ(dispatch(loc_, ids, 1, 0, a, 9),
                   matrix<std::int32_t>({{-1, 11}, {11, -1}, {-1, -1}}))
@@ -350,7 +355,8 @@ TEST_F(Dispatch, MinusOneStaysMinusOneAndSingleReplicaIsFixed) {
 
 TEST_F(Dispatch, InPlace) {
     RowMatrix<std::int32_t> ids = ids_;
-    const RowMatrix<std::int32_t> want = dispatch(loc_, ids_, 0, 3, DispatchAlgorithm::kSglangDynamic, 2);
+    const RowMatrix<std::int32_t> want =
+        dispatch(loc_, ids_, 0, 3, DispatchAlgorithm::kSglangDynamic, 2);
     const std::vector<Index> offsets{0, 0, 0, 0, ids.rows()};
     moelb::dispatch_tokens(loc_, DispatchAlgorithm::kSglangDynamic, 0, cmap(ids), offsets, 2,
                            mmap(ids));
@@ -376,8 +382,8 @@ TEST_F(Dispatch, IdenticalForAnyThreadCount) {
 TEST_F(Dispatch, Errors) {
     const RowMatrix<std::int32_t> bad_high = matrix<std::int32_t>({{0, 1}, {6, 0}});
     const RowMatrix<std::int32_t> bad_low = matrix<std::int32_t>({{0, -2}});
-    for (const auto a :
-         {DispatchAlgorithm::kMoelbStatic, DispatchAlgorithm::kSglangDynamic, DispatchAlgorithm::kRoundRobin}) {
+    for (const auto a : {DispatchAlgorithm::kMoelbStatic, DispatchAlgorithm::kSglangDynamic,
+                         DispatchAlgorithm::kRoundRobin}) {
         expect_invalid_argument([&] { dispatch(loc_, bad_high, 0, 0, a, 0); },
                                 "topk_ids[1, 0] = 6");
         expect_invalid_argument([&] { dispatch(loc_, bad_low, 0, 0, a, 0); },
@@ -402,7 +408,8 @@ TEST_F(Dispatch, LayerDispatcherMapsLikeDispatch) {
     const LayerDispatcher d(loc_, 1, 3, DispatchAlgorithm::kSglangDynamic, 8);
     EXPECT_EQ(d.layer(), 1);
     EXPECT_EQ(&d.location(), &loc_);
-    const RowMatrix<std::int32_t> out = dispatch(loc_, ids_, 1, 3, DispatchAlgorithm::kSglangDynamic, 8);
+    const RowMatrix<std::int32_t> out =
+        dispatch(loc_, ids_, 1, 3, DispatchAlgorithm::kSglangDynamic, 8);
     for (Index t = 0; t < ids_.rows(); ++t) {
         for (int c = 0; c < 4; ++c) {
             if (ids_(t, c) >= 0) {
@@ -425,11 +432,11 @@ TEST(PyRandom, MatchesCPythonRandom42) {
 TEST(SglangNearest, Rules) {
     // S = 2 slots per rank, 2 ranks per node: node 0 = slots 0..3, node 1 = slots 4..7.
     const std::vector<std::int32_t> one{5}, two{1, 6}, node1{6, 7}, mixed{2, 5, 7};
-    EXPECT_EQ(moelb::sglang_nearest_replica(one, 0, 2, 2), 5);    // the only candidate
-    EXPECT_EQ(moelb::sglang_nearest_replica(two, 0, 2, 2), 1);    // own GPU
-    EXPECT_EQ(moelb::sglang_nearest_replica(two, 1, 2, 2), 1);    // own node, strict subset
-    EXPECT_EQ(moelb::sglang_nearest_replica(two, 3, 2, 2), 6);    // own node (rank 3 = slots 6, 7)
-    EXPECT_EQ(moelb::sglang_nearest_replica(node1, 3, 2, 2), 6);  // own GPU
+    EXPECT_EQ(moelb::sglang_nearest_replica(one, 0, 2, 2), 5);     // the only candidate
+    EXPECT_EQ(moelb::sglang_nearest_replica(two, 0, 2, 2), 1);     // own GPU
+    EXPECT_EQ(moelb::sglang_nearest_replica(two, 1, 2, 2), 1);     // own node, strict subset
+    EXPECT_EQ(moelb::sglang_nearest_replica(two, 3, 2, 2), 6);     // own node (rank 3 = slots 6, 7)
+    EXPECT_EQ(moelb::sglang_nearest_replica(node1, 3, 2, 2), 6);   // own GPU
     EXPECT_EQ(moelb::sglang_nearest_replica(node1, 2, 2, 2), -1);  // all on the node: not a subset
     EXPECT_EQ(moelb::sglang_nearest_replica(node1, 0, 2, 2), -1);  // none on the node
     EXPECT_EQ(moelb::sglang_nearest_replica(mixed, 2, 2, 2), 5);   // first of the node's {5, 7}
@@ -441,7 +448,8 @@ TEST_P(SglangTables, EveryEntryIsAReplicaAndNearestWins) {
     const int L = 3, E = 12, P = 24, W = 8, N = 2;
     const ExpertLocation loc(random_layout(L, E, P, GetParam()), E, W, N);
     const int S = P / W;
-    for (const auto a : {DispatchAlgorithm::kSglangStatic, DispatchAlgorithm::kSglangStaticRuntime}) {
+    for (const auto a :
+         {DispatchAlgorithm::kSglangStatic, DispatchAlgorithm::kSglangStaticRuntime}) {
         const RowMatrix<std::int32_t> all = moelb::dispatch_tables(loc, a);
         for (int r = 0; r < W; ++r) {
             const RowMatrix<std::int32_t> t = moelb::dispatch_table(loc, a, r);
@@ -464,8 +472,7 @@ TEST_P(SglangTables, FilePathCollapsesPerRank) {
     const int L = 2, E = 10, P = 20, W = 4, N = 2;
     const ExpertLocation loc(random_layout(L, E, P, GetParam()), E, W, N);
     for (int r = 0; r < W; ++r) {
-        const RowMatrix<std::int32_t> lists =
-            moelb::sglang_replica_lists(loc, {nullptr, 0, 0}, r);
+        const RowMatrix<std::int32_t> lists = moelb::sglang_replica_lists(loc, {nullptr, 0, 0}, r);
         for (int l = 0; l < L; ++l) {
             for (int e = 0; e < E; ++e) {
                 const auto reps = loc.replicas(l, e);
@@ -475,7 +482,8 @@ TEST_P(SglangTables, FilePathCollapsesPerRank) {
                     EXPECT_EQ(lists(row, 0), near);
                     for (Index x = 1; x < lists.cols(); ++x) EXPECT_EQ(lists(row, x), -1);
                 } else {
-                    for (std::size_t x = 0; x < reps.size(); ++x) EXPECT_EQ(lists(row, Index(x)), reps[x]);
+                    for (std::size_t x = 0; x < reps.size(); ++x)
+                        EXPECT_EQ(lists(row, Index(x)), reps[x]);
                 }
             }
         }
@@ -538,7 +546,8 @@ TEST(DispatchTokens, RowsFollowTheirSourceRank) {
     moelb::dispatch_tokens(loc, DispatchAlgorithm::kVllmHash, 0, cmap(ids), offsets, 0, mmap(out));
     for (Index t = 25; t < 40; ++t) {
         const auto reps = loc.replicas(0, ids(t, 0));
-        const std::uint64_t h = (static_cast<std::uint64_t>(t - 25) * 2654435769ull) & 0xFFFFFFFFull;
+        const std::uint64_t h =
+            (static_cast<std::uint64_t>(t - 25) * 2654435769ull) & 0xFFFFFFFFull;
         EXPECT_EQ(out(t, 0), reps[h % reps.size()]);
     }
     expect_invalid_argument(

@@ -355,7 +355,8 @@ TEST(HashRouter, DispatchMapsLogicalIdsToSlots) {
 
     const LayerDispatcher st(loc, 0, 1, DispatchAlgorithm::kSglangStatic, 5);
     const TopKOutput out_static = select(router, logits, ids, std::nullopt, &st);
-    const RowMatrix<std::int32_t> table = moelb::dispatch_table(loc, DispatchAlgorithm::kSglangStatic, 1);
+    const RowMatrix<std::int32_t> table =
+        moelb::dispatch_table(loc, DispatchAlgorithm::kSglangStatic, 1);
     for (Index t = 0; t < 20; ++t) {
         for (int k = 0; k < 2; ++k) {
             EXPECT_EQ(out_static.topk_ids(t, k), table(0, tid2eid(ids[t], k)));

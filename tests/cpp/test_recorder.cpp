@@ -621,7 +621,9 @@ TEST(RecorderDispatchCounts, SelectExpertsExamplesFromReference) {
         LayerScope layer(r, 0);
         r.on_select_experts(cmap(matrix<std::int32_t>({{0, 3}, {3, -1}})));
         expect_invalid_argument(
-            [&] { r.on_select_experts(cmap(matrix<std::int32_t>({{-1, 0, 3, 4, 9}}))); },
+            [&] {
+                r.on_select_experts(cmap(matrix<std::int32_t>({{-1, 0, 3, 4, 9}})));
+            },
             "topk_ids[0, 3] = 4");
     }
     ASSERT_EQ(r.num_passes(), 1);
@@ -715,8 +717,11 @@ TEST(RecorderModes, PerTokenRejectsAnotherTopKForTheSameLayerWithinAPass) {
     r.begin_forward_pass();
     r.begin_layer(0);
     r.on_select_experts(cmap(matrix<std::int32_t>({{0, 1}})));
-    expect_invalid_argument([&] { r.on_select_experts(cmap(matrix<std::int32_t>({{2, 3, 1}}))); },
-                            "topk_ids has 3 columns but layer 0 was given 2");
+    expect_invalid_argument(
+        [&] {
+            r.on_select_experts(cmap(matrix<std::int32_t>({{2, 3, 1}})));
+        },
+        "topk_ids has 3 columns but layer 0 was given 2");
     r.end_layer();
     r.end_forward_pass();
     EXPECT_EQ(r.passes()[0].token_ids, (std::vector<std::vector<std::int32_t>>{{0, 1}}));

@@ -886,7 +886,8 @@ TEST_P(RoutingDispatch, LogicalIdsAreMappedToReplicas) {
     }
     const TopKOutput logical = route(logits, c);
     const TopKOutput physical = route(logits, c, {}, std::nullopt, &dispatcher);
-    const RowMatrix<std::int32_t> table = moelb::dispatch_table(loc, DispatchAlgorithm::kSglangStatic, rank);
+    const RowMatrix<std::int32_t> table =
+        moelb::dispatch_table(loc, DispatchAlgorithm::kSglangStatic, rank);
     for (Index t = 0; t < logits.rows(); ++t) {
         for (int k = 0; k < c.top_k; ++k) {
             const int e = logical.topk_ids(t, k);
@@ -910,7 +911,8 @@ TEST_P(RoutingDispatch, LogicalIdsAreMappedToReplicas) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Algorithms, RoutingDispatch,
-                         ::testing::Values(DispatchAlgorithm::kSglangStatic, DispatchAlgorithm::kSglangDynamic,
+                         ::testing::Values(DispatchAlgorithm::kSglangStatic,
+                                           DispatchAlgorithm::kSglangDynamic,
                                            DispatchAlgorithm::kRoundRobin),
                          [](const ::testing::TestParamInfo<DispatchAlgorithm>& info) {
                              return std::string(moelb::to_string(info.param));
@@ -940,7 +942,8 @@ TEST(Routing, IdenticalForAnyThreadCount) {
     std::vector<TopKOutput> outs;
     for (const int threads : {1, 2, 4}) {
         moelb::set_num_threads(threads);
-        for (const auto algorithm : {DispatchAlgorithm::kSglangDynamic, DispatchAlgorithm::kSglangStatic}) {
+        for (const auto algorithm :
+             {DispatchAlgorithm::kSglangDynamic, DispatchAlgorithm::kSglangStatic}) {
             const LayerDispatcher d(loc, 0, 5, algorithm, 42);
             outs.push_back(route(logits, c, bias, T - 7, &d));
         }

@@ -302,17 +302,18 @@ def test_replay_scores_the_recorded_counts(tmp_path: Path) -> None:
     r = result.algorithms["moelb"]
     assert r.realised == {}  # counts carry no tokens
     assert r.placement.physical_to_logical.shape == (5, 288)
-    # Trivial, recomputed with NumPy: mean / max GPU load per step and layer.
+    # Trivial, recomputed with NumPy: SGLang's rate (mean + 1e-5) / (max + 1e-5) per step and
+    # layer.
     trivial = moelb.ExpertLocation.trivial(4, 256, 288, ep_size=8)
     per_step = [moelb.gpu_loads(counts[t, 1:], trivial) for t in range(9)]
-    bal = np.array([(g.mean(axis=1) / g.max(axis=1)) for g in per_step])  # [T, L]
+    bal = np.array([(g.mean(axis=1) + 1e-5) / (g.max(axis=1) + 1e-5) for g in per_step])
     assert result.algorithms["trivial"].in_window == pytest.approx(bal.mean(), rel=1e-12)
     assert result.algorithms["trivial"].predictive == pytest.approx(bal[4:].mean(), rel=1e-12)
     np.testing.assert_allclose(result.algorithms["trivial"].step_balancedness, bal.mean(axis=1))
     # The first plan (on window 0) serves window 1: its predictive score is recomputed here.
     plan = moelb.rebalance(counts[:4, 1:], 288, 8, 2, 8, previous=trivial)
     loads = [moelb.gpu_loads(counts[t, 1:], plan.location) for t in range(4, 8)]
-    expected = np.mean([g.mean(axis=1) / g.max(axis=1) for g in loads])
+    expected = np.mean([(g.mean(axis=1) + 1e-5) / (g.max(axis=1) + 1e-5) for g in loads])
     np.testing.assert_allclose(r.step_balancedness[4:8].mean(), expected, rtol=1e-12)
     assert r.moved_experts[0] == plan.stats.moved_experts
 

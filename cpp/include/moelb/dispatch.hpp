@@ -87,8 +87,8 @@ RowMatrix<std::int32_t> dispatch_table(const ExpertLocation& location, DispatchA
                                                                                      0});
 
 // All ranks' tables, [W, L * E] (row r = dispatch_table(..., r, ...) flattened), in parallel.
-RowMatrix<std::int32_t> dispatch_tables(const ExpertLocation& location,
-                                        DispatchAlgorithm algorithm, std::uint64_t seed = 0,
+RowMatrix<std::int32_t> dispatch_tables(const ExpertLocation& location, DispatchAlgorithm algorithm,
+                                        std::uint64_t seed = 0,
                                         ConstMatrixMap<std::int32_t> replica_order = {nullptr, 0,
                                                                                       0});
 
