@@ -52,20 +52,6 @@ RowMatrix<std::int32_t> moelb_table(const ExpertLocation& loc, int ep_rank, std:
     return moelb::dispatch_table(loc, DispatchAlgorithm::kMoelbStatic, ep_rank, seed);
 }
 
-// A random layout: every expert gets one slot, the other slots random experts, then the slots of
-// each layer are shuffled.
-RowMatrix<std::int32_t> random_layout(int L, int E, int P, std::uint32_t seed) {
-    std::mt19937 gen(seed);
-    RowMatrix<std::int32_t> map(L, P);
-    for (int l = 0; l < L; ++l) {
-        std::vector<std::int32_t> row(static_cast<std::size_t>(P));
-        for (int p = 0; p < P; ++p) row[p] = p < E ? p : static_cast<std::int32_t>(gen() % E);
-        for (int p = P - 1; p > 0; --p) std::swap(row[p], row[gen() % (p + 1)]);
-        for (int p = 0; p < P; ++p) map(l, p) = row[p];
-    }
-    return map;
-}
-
 TEST(DispatchNames, ParseAndPrint) {
     for (const auto a :
          {DispatchAlgorithm::kSglangStatic, DispatchAlgorithm::kSglangStaticRuntime,

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "moelb/errors.hpp"
@@ -32,6 +33,20 @@ RowMatrix<T> matrix(const std::vector<std::vector<T>>& rows) {
         for (Index c = 0; c < m.cols(); ++c) m(r, c) = rows[r][c];
     }
     return m;
+}
+
+// A random layout [L, P]: every expert gets one slot, the other slots random experts, then the
+// slots of each layer are shuffled.
+inline RowMatrix<std::int32_t> random_layout(int L, int E, int P, std::uint32_t seed) {
+    std::mt19937 gen(seed);
+    RowMatrix<std::int32_t> map(L, P);
+    for (int l = 0; l < L; ++l) {
+        std::vector<std::int32_t> row(static_cast<std::size_t>(P));
+        for (int p = 0; p < P; ++p) row[p] = p < E ? p : static_cast<std::int32_t>(gen() % E);
+        for (int p = P - 1; p > 0; --p) std::swap(row[p], row[gen() % (p + 1)]);
+        for (int p = 0; p < P; ++p) map(l, p) = row[p];
+    }
+    return map;
 }
 
 // Runs f and expects an InvalidArgument whose message contains `needle`.

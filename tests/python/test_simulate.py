@@ -236,21 +236,22 @@ def _save_trace(counts: np.ndarray, path: Path) -> str:
     return str(path)
 
 
+def _replay(counts: np.ndarray, path: Path, **changes) -> moelb.SimulationResult:
+    """moelb planned every 4 replayed steps on 8 GPUs in 2 nodes, 288 slots."""
+    config = moelb.SimulationConfig(
+        ep_size=8, num_nodes=2, num_redundant_experts=32, rebalance_period=4,
+        algorithms=("moelb",), trace=_save_trace(counts, path),
+    )  # fmt: skip
+    return moelb.simulate(dataclasses.replace(config, **changes))
+
+
 def test_replay_skips_steps_without_load(tmp_path: Path) -> None:
     """A bounded SGLang buffer that never filled ends in all-zero rows: they are not perfectly
     balanced steps (scoring them as 1.0 inflated a trivial placement from 0.28 to 0.84)."""
     counts = random_counts((12, 3, 256), seed=5)
     padded = np.concatenate([counts, np.zeros((28, 3, 256), dtype=np.int32)])
-    config = moelb.SimulationConfig(
-        ep_size=8, num_nodes=2, num_redundant_experts=32, rebalance_period=4,
-        algorithms=("moelb",),
-    )  # fmt: skip
-    plain = moelb.simulate(
-        dataclasses.replace(config, trace=_save_trace(counts, tmp_path / "a.npz"))
-    )
-    full = moelb.simulate(
-        dataclasses.replace(config, trace=_save_trace(padded, tmp_path / "b.npz"))
-    )
+    plain = _replay(counts, tmp_path / "a.npz")
+    full = _replay(padded, tmp_path / "b.npz")
     assert full.num_steps == 12
     for name in ("trivial", "moelb"):
         assert full.algorithms[name].predictive == plain.algorithms[name].predictive
@@ -263,23 +264,15 @@ def test_replay_skips_steps_without_load(tmp_path: Path) -> None:
 
 def test_replay_rotates_a_wrapped_buffer(tmp_path: Path) -> None:
     counts = random_counts((12, 3, 256), seed=6)
-    config = moelb.SimulationConfig(
-        ep_size=8, num_nodes=2, num_redundant_experts=32, rebalance_period=4,
-        algorithms=("moelb",),
-    )  # fmt: skip
-    in_order = moelb.simulate(
-        dataclasses.replace(config, trace=_save_trace(counts, tmp_path / "a.npz"))
-    )
+    in_order = _replay(counts, tmp_path / "a.npz")
     wrapped = np.roll(counts, 5, axis=0)  # the oldest pass at row 5, as a wrapped ring buffer
-    rotated = moelb.simulate(
-        dataclasses.replace(config, trace=_save_trace(wrapped, tmp_path / "b.npz"), trace_rotate=5)
-    )
+    rotated = _replay(wrapped, tmp_path / "b.npz", trace_rotate=5)
     for name in ("trivial", "moelb"):
         np.testing.assert_array_equal(
             rotated.algorithms[name].step_balancedness, in_order.algorithms[name].step_balancedness
         )
     with pytest.raises(moelb.InvalidArgumentError, match="trace_rotate=12"):
-        moelb.simulate(dataclasses.replace(config, trace=str(tmp_path / "b.npz"), trace_rotate=12))
+        _replay(wrapped, tmp_path / "c.npz", trace_rotate=12)
     with pytest.raises(moelb.InvalidArgumentError, match="replayed trace only"):
         moelb.simulate(dataclasses.replace(SMALL, trace_rotate=1))
 
