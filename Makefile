@@ -8,7 +8,7 @@ APT_PACKAGES := g++ make libeigen3-dev libgtest-dev
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: demo test deps install test-cpp test-asan test-python bench lint format clean
+.PHONY: demo test deps install test-cpp test-asan test-python fuzz bench lint format clean
 
 demo: install
 	$(PYTHON) -m moelb demo
@@ -51,8 +51,22 @@ test-asan: deps
 	ASAN_OPTIONS="$(ASAN_OPTIONS)" UBSAN_OPTIONS="$(UBSAN_OPTIONS)" \
 	  $(ASAN_BUILD_DIR)/moelb_tests --gtest_brief=1
 
+# MOELB_REQUIRE_OPTIONAL=1: the install step brought every optional dependency, so a test that
+# skips for a missing import (notebooks, plots, torch) fails instead (tests/python/conftest.py).
 test-python:
-	$(PYTHON) -m pytest tests/python -q
+	MOELB_REQUIRE_OPTIONAL=1 $(PYTHON) -m pytest tests/python -q
+
+# Random inputs instead of CI's fixed ones: every property test and fuzz target with a fresh seed
+# (printed; `make fuzz SEED=N` replays it) and a larger budget (FUZZ_EXAMPLES per property, ten
+# times the fixed budgets of test_fuzz.py). Run before an issue is called done; keep every failure
+# it finds as a regression test.
+SEED ?= $(shell $(PYTHON) -c "import random; print(random.randrange(2**32))")
+FUZZ_EXAMPLES ?= 500
+fuzz:
+	@echo "make fuzz: seed $(SEED) (replay: make fuzz SEED=$(SEED))"
+	MOELB_FUZZ_SEED=$(SEED) MOELB_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PYTHON) -m pytest tests/python \
+	  -q -p no:cacheprovider --hypothesis-profile=fuzz --hypothesis-seed=$(SEED) \
+	  --ignore=tests/python/test_notebooks.py --ignore=tests/python/test_benchmarks.py
 
 bench: install
 	$(PYTHON) benchmarks/run_all.py

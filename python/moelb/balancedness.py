@@ -30,9 +30,14 @@ __all__ = ["BALANCEDNESS_EPSILON", "balancedness", "pass_balancedness", "utiliza
 BALANCEDNESS_EPSILON: float = _core.BALANCEDNESS_EPSILON
 
 
-def _loads(value: Any) -> npt.NDArray[np.float64]:
+def _loads(value: Any, name: str) -> npt.NDArray[np.float64]:
     # np.ascontiguousarray would turn a scalar into shape (1,); a 0-d array stays 0-d here.
-    a = np.asarray(value, dtype=np.float64)
+    if value is None:
+        raise _core.InvalidArgumentError(f"{name} must be a load (a number or an array), got None")
+    try:
+        a = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise _core.InvalidArgumentError(f"{name} must hold numbers, got {value!r}: {e}") from None
     return a if a.flags.c_contiguous else a.copy(order="C")
 
 
@@ -43,7 +48,9 @@ def utilization_rate(mean_gpu_load: Any, max_gpu_load: Any) -> Any:
         per-GPU load (finite, >= 0, mean <= max; else ``InvalidArgumentError``).
     Returns a float64 array of that shape (a float for scalars).
     """
-    out = _core.utilization_rate(_loads(mean_gpu_load), _loads(max_gpu_load))
+    out = _core.utilization_rate(
+        _loads(mean_gpu_load, "mean_gpu_load"), _loads(max_gpu_load, "max_gpu_load")
+    )
     return float(out) if out.ndim == 0 else out
 
 
@@ -56,7 +63,9 @@ def balancedness(mean_gpu_load: Any, max_gpu_load: Any, layers: str = "all") -> 
         (the layers with load only; NaN where there is none).
     Returns [...] float64 (a float for [L] input).
     """
-    out = _core.balancedness(_loads(mean_gpu_load), _loads(max_gpu_load), layers)
+    out = _core.balancedness(
+        _loads(mean_gpu_load, "mean_gpu_load"), _loads(max_gpu_load, "max_gpu_load"), layers
+    )
     return float(out) if out.ndim == 0 else out
 
 

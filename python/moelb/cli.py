@@ -259,8 +259,9 @@ def _describe(result: SimulationResult) -> str:
 
 
 LEGEND = """\
-balancedness = SGLang's (mean + 1e-5) / (max + 1e-5) of the per-GPU loads per step and layer,
-averaged (1.0 = perfectly even).
+balancedness = SGLang's rate (mean + 1e-5) / (max + 1e-5) of the per-GPU loads per step and
+layer, averaged over the steps and the simulated MoE layers (1.0 = perfectly even; SGLang's
+logged value would also count the model's dense layers as 1.0).
 in-window: the plan scored on the traffic it was planned from; planned: scored on the next
 window (the traffic it serves), both under the equal split of every expert over its replicas
 that planners assume. Realised: the next window's tokens of every source rank dispatched as the
@@ -348,9 +349,22 @@ def _replace(config: SimulationConfig, **changes: Any) -> SimulationConfig:
     return dataclasses.replace(config, **changes)
 
 
+#: simulate flags that shape synthetic traffic only: with --trace they would do nothing.
+_SYNTHETIC_ONLY = ("num_tokens", "num_steps", "skew", "drift", "bursts", "num_layers")
+
+
 def simulate_command(args: argparse.Namespace) -> int:
     if args.trace is not None and not Path(args.trace).exists():
         raise CliError(f"trace file {args.trace!r} does not exist")
+    if args.trace is not None:
+        defaults = SimulationConfig()
+        for name in _SYNTHETIC_ONLY:
+            if getattr(args, name) != getattr(defaults, name):
+                flag = "--" + name.replace("_", "-")
+                raise CliError(
+                    f"{flag} shapes synthetic traffic; a --trace replay uses the dump's steps, "
+                    "layers and counts as they are: drop it"
+                )
     config = SimulationConfig(
         model=args.model,
         ep_size=args.ep_size,
@@ -416,9 +430,28 @@ def _num_groups(args: argparse.Namespace, num_layers: int, num_experts: int) -> 
 
 
 def rebalance_command(args: argparse.Namespace) -> int:
+    if Path(args.output).suffix.lower() != ".json":
+        raise CliError(
+            f"-o {args.output}: SGLang reads --init-expert-location as a file only when the name "
+            "ends in .json or .pt (anything else is parsed as inline JSON); moelb writes JSON, so "
+            "give a .json name"
+        )
     counts = _load_dump(args.dump, args.num_logical_experts)
     num_passes, num_layers, num_experts = counts.shape
     num_groups = _num_groups(args, num_layers, num_experts)
+    if args.model is not None:
+        preset = MODEL_PRESETS[args.model]
+        if num_layers == preset.num_moe_layers != preset.num_hidden_layers:
+            # SGLang's placement has a row per decoder layer, dense ones included.
+            dense = np.zeros((num_passes, preset.first_moe_layer, num_experts), counts.dtype)
+            counts = np.concatenate([dense, counts], axis=1)
+            num_layers = preset.num_hidden_layers
+            print(
+                f"note: the dump holds the {preset.num_moe_layers} MoE layers of {args.model}; "
+                f"the placement gets {preset.first_moe_layer} leading dense layers (no load), "
+                f"{num_layers} rows as SGLang reads it",
+                file=sys.stderr,
+            )
     load = counts.sum(axis=0, dtype=np.float64)
     previous = None
     if args.previous is not None:
@@ -941,8 +974,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_MOVE_COST,
         help="with --previous: re-place a layer only when its largest GPU load drops by at least "
         f"this fraction per slot rewritten (default {DEFAULT_MOVE_COST:g}: 1%% per 100 slots, "
-        "which moves nothing for sampling noise and follows real popularity changes; 0: any "
-        "gain)",
+        "which at windows of 100+ passes moves nothing for sampling noise and follows real "
+        "popularity changes; for ~10-pass windows use ~3e-4; 0: any gain)",
     )
     p.add_argument("--max-moves", type=_non_negative_int, default=None)
     p.add_argument("--expert-bytes", type=_non_negative_int, default=None)

@@ -174,8 +174,16 @@ def expected_gpu_loads(
         raise _core.InvalidArgumentError(
             f"load has shape {values.shape} but the location has {L} layers and {E} experts"
         )
-    if not np.isfinite(values).all() or (values < 0).any():
-        raise _core.InvalidArgumentError("load must be finite and >= 0")
+    bad = ~np.isfinite(values) | (values < 0)
+    if bad.any():
+        layer, expert = (int(i) for i in np.argwhere(bad)[0])
+        raise _core.InvalidArgumentError(
+            f"load[{layer}, {expert}] = {values[layer, expert]} is not a finite load >= 0"
+        )
+    if values.sum(axis=1).max(initial=0.0) > 1e300:
+        raise _core.InvalidArgumentError(
+            "load sums to more than 1e300 in a layer: per-GPU loads would overflow"
+        )
     S = location.num_local_physical_experts
     out = np.zeros((L, W))
     if dispatch == "equal_split":

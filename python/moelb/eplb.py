@@ -27,7 +27,8 @@ ALGORITHMS = ("moelb", "deepseek", "deepseek_hierarchical", "deepseek_global")
 OBJECTIVES = ("total", "step_peak")
 #: ``rebalance(move_cost=...)``'s default: with ``previous``, a layer is re-placed only when its
 #: largest GPU load drops by at least 0.01% per slot rewritten (1% per 100 slots). Sampling noise
-#: between windows of the same traffic gains at most ~6e-5 per move at DeepSeek-V3 scale, a real
+#: between 100- to 1,000-pass windows of the same traffic gains at most 5.6e-5 per move at
+#: DeepSeek-V3 scale (10-pass windows: more; use ~3e-4 there), a real
 #: popularity change 2e-4 to 2e-3 (benchmarks/bench_move_cost.py, benchmarks/README.md).
 DEFAULT_MOVE_COST: float = _core.DEFAULT_MOVE_COST
 
@@ -109,7 +110,16 @@ def _as_load(load: Any, steps: bool | str = False) -> npt.NDArray[Any]:
         kind = np.int32 if array.dtype == np.int32 else np.float64
         return np.ascontiguousarray(array, dtype=kind)
     if array.ndim == 3:  # a time series [T, L, E]: the plan uses the sum over T
-        array = array.sum(axis=0, dtype=np.float64)
+        series = array
+        with np.errstate(over="ignore", invalid="ignore"):
+            array = series.sum(axis=0, dtype=np.float64)
+        overflowed = np.isinf(array) & np.isfinite(series).all(axis=0)
+        if overflowed.any():
+            layer, expert = (int(i) for i in np.argwhere(overflowed)[0])
+            raise InvalidArgumentError(
+                f"load[:, {layer}, {expert}] summed over the {series.shape[0]} steps overflows: "
+                "finite loads must sum to at most 1e300"
+            )
     if array.ndim != 2:
         raise InvalidArgumentError(
             f"load must be [num_layers, num_experts] or [T, num_layers, num_experts], "
@@ -157,10 +167,11 @@ def rebalance(
         ``"deepseek_global"``.
     previous: the current placement. moelb keeps unchanged experts in their slots, and with
         ``move_cost`` (minimum relative max-load reduction per moved expert for a layer to change;
-        default ``DEFAULT_MOVE_COST`` = 1e-4, i.e. 1% per 100 slots rewritten, which moves nothing
-        for the sampling noise between windows of the same traffic and still follows real
-        popularity changes; 0 re-places a layer for any gain) or ``max_moves`` (a cap on slots
-        rewritten over all layers) keeps layers whose gain does not pay for their moves. Also
+        default ``DEFAULT_MOVE_COST`` = 1e-4, i.e. 1% per 100 slots rewritten, which at windows of
+        100+ passes moves nothing for the sampling noise between windows of the same traffic and
+        still follows real popularity changes (10-pass windows: use ~3e-4); 0 re-places a layer
+        for any gain) or ``max_moves`` (a cap on slots rewritten over all layers) keeps layers
+        whose gain does not pay for their moves. Also
         makes ``stats`` count moved experts. DeepSeek's algorithms ignore both.
     locality: moelb only: ``"node"`` keeps each expert group and its replicas on one node,
         ``"none"`` places freely, ``"auto"`` is node when num_groups % num_nodes == 0.

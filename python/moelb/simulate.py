@@ -13,8 +13,9 @@ V3/V4 config; ``HashRouter`` on V4 hash layers, fed token ids drawn from a Zipf 
 Every ``rebalance_period`` steps (a window) the recorder's counts are planned with each algorithm
 (``rebalance`` with ``previous`` = the placement in service, so moved experts are counted) and the
 new placement serves the next window; window 0 runs the trivial placement. Scores, per step and
-layer (SGLang's balancedness: (mean + 1e-5) / (max + 1e-5) of the per-GPU loads, averaged over
-layers and steps):
+layer (SGLang's rate (mean + 1e-5) / (max + 1e-5) of the per-GPU loads, averaged over the
+simulated MoE layers and the steps -- the mean over active layers: SGLang's logged balancedness
+would also count the model's dense layers as 1.0):
 
 - ``in_window``: the placement planned on window i, scored on window i (hindsight);
 - ``predictive``: the placement planned on window i, scored on window i + 1 (what serving sees);

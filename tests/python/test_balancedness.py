@@ -175,3 +175,17 @@ def test_scalars_give_floats() -> None:
     assert isinstance(rate, float) and rate == pytest.approx((1 + 1e-5) / (2 + 1e-5), rel=1e-15)
     value = moelb.balancedness([1.0, 0.0], [2.0, 0.0])
     assert isinstance(value, float) and value == pytest.approx((rate + 1.0) / 2, rel=1e-15)
+
+
+def test_rounding_never_gives_more_than_one() -> None:
+    """Uniform loads whose mean rounds above their max: SGLang's rate is clamped to 1."""
+    plan = moelb.rebalance(np.full((1, 16), 0.1), 16, None, 1, 4)
+    assert plan.stats.balancedness <= 1.0
+    assert moelb.utilization_rate(1.0 + 1e-12, 1.0) == 1.0
+
+
+def test_non_numbers_name_the_parameter() -> None:
+    with pytest.raises(moelb.InvalidArgumentError, match="mean_gpu_load must hold numbers"):
+        moelb.utilization_rate("a", 2.0)
+    with pytest.raises(moelb.InvalidArgumentError, match="max_gpu_load must be a load"):
+        moelb.utilization_rate(1.0, None)

@@ -662,3 +662,40 @@ def test_rebalance_default_move_cost_and_the_trade(
     assert f"of {slots:,} expert slots rewritten" in line and "GB) for balancedness +" in line
     code, out, err = cli(capsys, *args)
     assert "traded:" in out and "kept their placement (gain below --move-cost 0.0001" in out
+
+
+def test_rebalance_writes_what_sglang_reads(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """SGLang reads --init-expert-location as a file only for .json/.pt names, and needs a row
+    per decoder layer: a dump of the 58 MoE layers of deepseek-v3 gets its 3 dense rows."""
+    dump = tmp_path / "dump.npz"
+    small_dump(dump)
+    topology = ["--num-physical-experts", "80", "--num-gpus", "8", "--num-groups", "8"]
+    code, _, err = cli(capsys, "rebalance", str(dump), "-o", str(tmp_path / "p.txt"), *topology)
+    assert code == 2 and "ends in .json or .pt" in err
+    assert not (tmp_path / "p.txt").exists()
+    counts = np.random.default_rng(0).poisson(3, (4, 58, 256)).astype(np.int32)
+    moe_dump = tmp_path / "moe.npz"
+    moelb.save_expert_distribution(
+        {"rank": 0, "logical_count": counts, "average_utilization_rate_over_window": None},
+        moe_dump,
+    )
+    out_path = tmp_path / "p.json"
+    code, _, err = cli(
+        capsys, "rebalance", str(moe_dump), "-o", str(out_path), "--model", "deepseek-v3",
+        "--num-physical-experts", "288", "--num-gpus", "32", "--num-nodes", "4",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "3 leading dense layers" in err
+    placement = json.loads(out_path.read_text())["physical_to_logical_map"]
+    assert np.array(placement).shape == (61, 288)
+
+
+def test_simulate_trace_refuses_synthetic_only_flags(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    dump = tmp_path / "dump.npz"
+    small_dump(dump)
+    code, _, err = cli(capsys, "simulate", "--trace", str(dump), "--num-layers", "4")
+    assert code == 2 and "--num-layers shapes synthetic traffic" in err

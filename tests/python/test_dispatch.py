@@ -345,3 +345,11 @@ def test_expected_loads_of_equal_split_and_dynamic() -> None:
         moelb.expected_gpu_loads(load[:1], location)
     with pytest.raises(InvalidArgumentError, match="finite"):
         moelb.expected_gpu_loads(-load, location)
+
+
+def test_expected_loads_refuse_overflow() -> None:
+    location = ExpertLocation.trivial(1, 4, 4, 2)
+    with pytest.raises(InvalidArgumentError, match="more than 1e300"):
+        moelb.expected_gpu_loads([[1e308, 1e308, 0, 0]], location, "equal_split")
+    with pytest.raises(InvalidArgumentError, match=r"load\[0, 2\] = nan"):
+        moelb.expected_gpu_loads([[1, 1, np.nan, 0]], location)

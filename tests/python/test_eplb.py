@@ -1783,3 +1783,12 @@ def test_step_series_int32_counts_equal_float64() -> None:
 def test_unknown_objective() -> None:
     with pytest.raises(InvalidArgumentError, match="objective='peak' is not an EPLB objective"):
         rebalance(np.ones((2, 3, 16)), 24, 4, 2, 8, objective="peak")
+
+
+def test_a_series_whose_step_sum_overflows_names_the_expert() -> None:
+    """Three finite steps of 1e308 on one expert: the sum over steps overflows. The error says so
+    (it said 'load[0, 0] = inf', a value the caller never passed)."""
+    series = np.zeros((3, 2, 8))
+    series[:, 1, 5] = 1e308
+    with pytest.raises(InvalidArgumentError, match=r"load\[:, 1, 5\] summed over the 3 steps"):
+        rebalance(series, 8, None, 1, 4)

@@ -149,14 +149,25 @@ def work_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("fuzz")
 
 
+#: ``make fuzz`` (conftest.py): random inputs and ten times the budget; else the fixed CI budget.
+FUZZ_SEED = (
+    None if os.environ.get("MOELB_FUZZ_SEED") is None else int(os.environ["MOELB_FUZZ_SEED"])
+)
+
+
 def budget(max_examples: int) -> settings:
     return settings(
-        max_examples=max_examples,
+        max_examples=max_examples if FUZZ_SEED is None else 10 * max_examples,
         deadline=None,
-        derandomize=True,
+        derandomize=FUZZ_SEED is None,
         database=None,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
     )
+
+
+def mutation_seed(base: int) -> int | list[int]:
+    """The seed of a byte-level mutation generator: fixed in CI, mixed with the fuzz seed."""
+    return base if FUZZ_SEED is None else [base, FUZZ_SEED]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -174,7 +185,7 @@ maybe_ints = st.one_of(st.none(), any_ints)
 def float_arrays(draw: st.DrawFn, shape: tuple[int, ...], dtype: Any = np.float32) -> np.ndarray:
     """Random values with NaN, infinities, huge, tiny and negative ones sprinkled in."""
     seed = draw(st.integers(0, 2**32 - 1))
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(mutation_seed(seed))
     a = rng.normal(0.0, draw(st.sampled_from([1.0, 10.0, 1e6])), shape)
     if a.size and draw(st.booleans()):
         mask = rng.random(shape) < draw(st.sampled_from([0.05, 0.3, 1.0]))
@@ -206,7 +217,7 @@ def odd_layout(draw: st.DrawFn, a: np.ndarray) -> Any:
 @st.composite
 def int_arrays(draw: st.DrawFn, shape: tuple[int, ...], low: int, high: int) -> np.ndarray:
     seed = draw(st.integers(0, 2**32 - 1))
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(mutation_seed(seed))
     a = rng.integers(low, max(high, low + 1), shape, dtype=np.int64)
     if a.size and draw(st.booleans()):
         mask = rng.random(shape) < 0.2
@@ -247,7 +258,7 @@ def locations(draw: st.DrawFn, num_experts: int | None = None) -> Any:
     if draw(st.booleans()):
         return trivial_location(num_layers, num_experts, num_physical, ep_size, num_nodes)
     seed = draw(st.integers(0, 2**32 - 1))
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(mutation_seed(seed))
     rows = max(num_layers, 0)
     p2l = np.array(
         [rng.permutation(np.arange(num_physical) % max(num_experts, 1)) for _ in range(rows)],
@@ -333,7 +344,7 @@ def mutations(data: bytes, rng: np.random.Generator) -> Iterator[bytes]:
 
 
 def test_load_placement_corrupt_bytes(work_dir: Path) -> None:
-    rng = np.random.default_rng(11)
+    rng = np.random.default_rng(mutation_seed(11))
     location = moelb.ExpertLocation(
         np.array([rng.permutation([0, 1, 2, 3, 4, 5, 0, 3]) for _ in range(3)]), 6, 2
     )
@@ -525,7 +536,7 @@ def load_dump(path: Path, num_logical: int | None) -> Any:
 def test_load_expert_distribution_malformed_keys_and_values(work_dir: Path, suffix: str) -> None:
     if suffix == ".pt":
         pytest.importorskip("torch")
-    rng = np.random.default_rng(21)
+    rng = np.random.default_rng(mutation_seed(21))
     path = work_dir / f"dump{suffix}"
     for i in range(120):
         dump = corrupt_dump(valid_dump(rng, per_pass=bool(i % 2)), rng)
@@ -537,7 +548,7 @@ def test_load_expert_distribution_malformed_keys_and_values(work_dir: Path, suff
 def test_load_expert_distribution_corrupt_bytes(work_dir: Path, suffix: str) -> None:
     if suffix == ".pt":
         pytest.importorskip("torch")
-    rng = np.random.default_rng(22)
+    rng = np.random.default_rng(mutation_seed(22))
     valid = work_dir / f"valid{suffix}"
     path = work_dir / f"corrupt{suffix}"
     for per_pass in (False, True):
@@ -1134,7 +1145,7 @@ def steady_rss_growth(fn: Callable[[], Any], calls: int) -> int:
     reason="AddressSanitizer's quarantine holds freed memory, so RSS grows by design",
 )
 def test_repeated_calls_do_not_grow_memory(work_dir: Path) -> None:
-    rng = np.random.default_rng(5)
+    rng = np.random.default_rng(mutation_seed(5))
     logits = rng.normal(size=(512, 64)).astype(np.float32)
     config = moelb.TopKConfig(top_k=8, scoring="sigmoid", num_groups=8, topk_group=4)
     location = moelb.ExpertLocation.trivial(2, 64, 72, 8)

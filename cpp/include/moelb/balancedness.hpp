@@ -33,8 +33,12 @@ std::string_view to_string(LayerSet layers);
 
 // SGLang's utilization rate of one layer from its mean and largest per-GPU load (finite, >= 0,
 // mean <= max): (mean + 1e-5) / (max + 1e-5). No checks (hot loops); callers validate input.
+// Clamped to 1: a mean is never above the max, but rounding in the caller's sums can put it there
+// by an ulp, and a balancedness above 1 would be a wrong number.
 inline double utilization_rate(double mean_gpu_load, double max_gpu_load) {
-    return (mean_gpu_load + kBalancednessEpsilon) / (max_gpu_load + kBalancednessEpsilon);
+    const double rate =
+        (mean_gpu_load + kBalancednessEpsilon) / (max_gpu_load + kBalancednessEpsilon);
+    return rate < 1.0 ? rate : 1.0;
 }
 
 // The mean over layers of utilization_rate(mean_gpu_load[l], max_gpu_load[l]) (spans of equal

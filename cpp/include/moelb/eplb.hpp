@@ -46,7 +46,7 @@ inline constexpr int kMaxPhysicalExperts = 1 << 20;
 // The default RebalanceOptions::move_cost (Python: rebalance(move_cost=...), the CLI's
 // --move-cost): with `previous`, a layer is re-placed only when its largest GPU load drops by at
 // least 0.01% per slot rewritten (1% per 100 slots). Measured at DeepSeek-V3 scale on resampled
-// windows (benchmarks/bench_move_cost.py): re-planning for sampling noise gains at most ~5e-5
+// windows (benchmarks/bench_move_cost.py): re-planning for sampling noise gains at most 5.6e-5
 // per move (100-1,000 passes of 4,096 tokens), so nothing moves for noise (move_cost 0 rewrote
 // 50-60% of the slots for +0.001-0.005 balancedness, none of it left on the next window), while
 // a real change of popularity gains 2e-4 to 2e-3 per move and is followed all the same.
