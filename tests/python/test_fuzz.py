@@ -451,7 +451,7 @@ def corrupt_dump(dump: dict[str, Any], rng: np.random.Generator) -> dict[str, An
             del dump[key]
         elif action == 1:
             dump[key + "_"] = dump.pop(key)
-        elif action == 2 and dump.get("records"):
+        elif action == 2 and isinstance(dump.get("records"), list) and dump["records"]:
             records = [dict(r) for r in dump["records"]]
             record = records[int(rng.integers(0, len(records)))]
             rkey = list(record)[int(rng.integers(0, len(record)))]
@@ -1200,3 +1200,13 @@ def test_repeated_calls_do_not_grow_memory(work_dir: Path) -> None:
         stats.inputs += 600
         stats.seconds += time.perf_counter() - start
         assert growth < limit, f"{name}: RSS grew {growth / 2**20:.1f} MiB over 300 calls"
+
+
+def test_corrupt_dump_after_records_were_replaced_regression() -> None:
+    """make fuzz (seed 12345) found the mutator itself failing when an earlier mutation had
+    replaced ``records`` by an array (its truth value is ambiguous); every mutation of such a
+    dump must now go through."""
+    for seed in range(300):
+        rng = np.random.default_rng(seed)
+        dump = {"records": np.zeros((2, 3), dtype=np.int32), "last_physical_to_logical_map": [[0]]}
+        corrupt_dump(dump, rng)
