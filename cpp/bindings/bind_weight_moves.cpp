@@ -6,6 +6,16 @@
 
 namespace moelb::bindings {
 
+namespace {
+
+py::array_t<std::int32_t> row_array(const std::vector<std::int32_t>& row) {
+    py::array_t<std::int32_t> out(static_cast<py::ssize_t>(row.size()), row.data());
+    out.attr("setflags")(py::arg("write") = false);
+    return out;
+}
+
+}  // namespace
+
 void bind_weight_moves(py::module_& m) {
     py::class_<WeightMovePlan>(m, "WeightMovePlan", R"doc(
 The weight moves of one layer from an old placement to a new one, per EP rank.
@@ -15,6 +25,9 @@ ops(rank) lists (kind, expert, src_slot, dst_slot, peer) in execution order. Eve
 from peer into dst_slot; (3) 'copy' writes what it read into dst_slot; (4) 'fanout' copies the
 NEW contents of src_slot into dst_slot. Sends and receives are sorted by (expert, peer), so both
 ends of every transfer issue them in the same order.
+
+The plan records what it moves from and to (old_physical_to_logical, new_physical_to_logical: the
+layer's rows of both placements); the executors refuse weights that hold anything else.
 )doc")
         .def_readonly("layer", &WeightMovePlan::layer)
         .def_readonly("ep_size", &WeightMovePlan::ep_size)
@@ -23,6 +36,36 @@ ends of every transfer issue them in the same order.
         .def_readonly("intra_node_transfers", &WeightMovePlan::intra_node_transfers)
         .def_readonly("inter_node_transfers", &WeightMovePlan::inter_node_transfers)
         .def_readonly("unchanged_slots", &WeightMovePlan::unchanged_slots)
+        .def_property_readonly(
+            "old_physical_to_logical",
+            [](const WeightMovePlan& p) { return row_array(p.old_physical_to_logical); },
+            "[ep_size * S] int32: the layer's slots in the placement the plan moves from.")
+        .def_property_readonly(
+            "new_physical_to_logical",
+            [](const WeightMovePlan& p) { return row_array(p.new_physical_to_logical); },
+            "[ep_size * S] int32: the layer's slots in the placement the plan moves to.")
+        .def_property_readonly(
+            "fingerprint", [](const WeightMovePlan& p) { return plan_fingerprint(p); },
+            "A 64-bit digest of (layer, ep_size, S, both rows): equal on every process that "
+            "planned the same transition.")
+        .def(
+            "check_source",
+            [](const WeightMovePlan& p, const ExpertLocation& location,
+               const std::string& parameter) {
+                check_plan_placement(p, location, PlanEnd::kOld, parameter);
+            },
+            py::arg("location"), py::arg("parameter") = "location",
+            "Raises InvalidArgumentError (naming `parameter`) unless location's layer `layer` is "
+            "the placement the plan moves from.")
+        .def(
+            "check_target",
+            [](const WeightMovePlan& p, const ExpertLocation& location,
+               const std::string& parameter) {
+                check_plan_placement(p, location, PlanEnd::kNew, parameter);
+            },
+            py::arg("location"), py::arg("parameter") = "location",
+            "Raises InvalidArgumentError (naming `parameter`) unless location's layer `layer` is "
+            "the placement the plan moves to.")
         .def_property_readonly(
             "transfers",
             [](const WeightMovePlan& p) { return p.intra_node_transfers + p.inter_node_transfers; })

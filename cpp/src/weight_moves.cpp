@@ -103,6 +103,8 @@ WeightMovePlan plan_weight_moves(const ExpertLocation& old_location,
     plan.ep_size = W;
     plan.num_local_slots = S;
     plan.ops.assign(static_cast<std::size_t>(W), {});
+    plan.old_physical_to_logical.assign(old_row.begin(), old_row.end());
+    plan.new_physical_to_logical.assign(new_row.begin(), new_row.end());
     std::vector<std::vector<MoveOp>> reads(static_cast<std::size_t>(W)),
         receives(static_cast<std::size_t>(W)), fanouts(static_cast<std::size_t>(W));
     for (int r = 0; r < W; ++r) {
@@ -155,6 +157,55 @@ WeightMovePlan plan_weight_moves(const ExpertLocation& old_location,
         ops.insert(ops.end(), fanouts[r].begin(), fanouts[r].end());
     }
     return plan;
+}
+
+std::uint64_t plan_fingerprint(const WeightMovePlan& plan) {
+    // FNV-1a over the fields' 32-bit values: stable across processes and platforms.
+    std::uint64_t hash = 14695981039346656037ULL;
+    auto mix = [&](std::int64_t value) {
+        auto bits = static_cast<std::uint32_t>(value);
+        for (int byte = 0; byte < 4; ++byte, bits >>= 8) {
+            hash = (hash ^ (bits & 0xffU)) * 1099511628211ULL;
+        }
+    };
+    mix(plan.layer);
+    mix(plan.ep_size);
+    mix(plan.num_local_slots);
+    for (const auto* row : {&plan.old_physical_to_logical, &plan.new_physical_to_logical}) {
+        mix(static_cast<std::int64_t>(row->size()));
+        for (const std::int32_t e : *row) mix(e);
+    }
+    return hash;
+}
+
+void check_plan_placement(const WeightMovePlan& plan, const ExpertLocation& location, PlanEnd end,
+                          std::string_view parameter) {
+    const Index slots = static_cast<Index>(plan.ep_size) * plan.num_local_slots;
+    MOELB_CHECK_ARG(
+        location.ep_size() == plan.ep_size && location.num_physical_experts() == slots &&
+            plan.layer < location.num_layers(),
+        parameter << " has " << location.num_layers() << " layers of "
+                  << location.num_physical_experts() << " slots on " << location.ep_size()
+                  << " ranks but the plan moves layer " << plan.layer << " of " << slots
+                  << " slots on " << plan.ep_size << " ranks");
+    const std::vector<std::int32_t>& expected =
+        end == PlanEnd::kOld ? plan.old_physical_to_logical : plan.new_physical_to_logical;
+    MOELB_CHECK(static_cast<Index>(expected.size()) == slots,
+                "the plan records " << expected.size() << " slots but moves " << slots);
+    const auto row = location.physical_to_logical().row(plan.layer);
+    for (Index p = 0; p < slots; ++p) {
+        const std::int32_t want = expected[static_cast<std::size_t>(p)];
+        MOELB_CHECK_ARG(
+            row[p] == want,
+            parameter << " is not the placement the plan moves "
+                      << (end == PlanEnd::kOld ? "from" : "to") << ": in layer " << plan.layer
+                      << " slot " << p << " (rank " << p / plan.num_local_slots << ") holds expert "
+                      << row[p] << " where the plan has expert " << want
+                      << (end == PlanEnd::kOld
+                              ? " (a stale plan, or weights that were already moved); nothing "
+                                "was changed"
+                              : "; nothing was changed"));
+    }
 }
 
 MovedBytes moved_bytes(const WeightMovePlan& plan, Index expert_bytes) {

@@ -20,7 +20,8 @@ round on EP rank ``rank`` of ``W``:
                            previous=location)              # identical on every rank
     for layer in range(L):
         moves = moelb.plan_weight_moves(location, plan.location, layer)
-        moelb.execute_weight_moves(moves, [w13[layer], w2[layer]])   # [S, ...] tensors, in place
+        moelb.execute_weight_moves(moves, [w13[layer], w2[layer]],    # [S, ...] tensors, in place
+                                   location=location)              # what the weights hold now
     location = plan.location
     recorder.set_location(location)
 
@@ -33,10 +34,15 @@ the process group has. PyTorch stays optional: it is imported when a function he
 it), and the expert weights as CUDA tensors: ``execute_weight_moves`` stages its receives and
 copies with ``torch.empty_like`` / ``clone`` on the weights' own device, and
 ``ExpertDistributionRecorder.all_reduce`` puts its count buffers on the current CUDA device when
-the group's backend is NCCL. NCCL ignores message tags and pairs the sends and receives between
-two ranks by their order; ``WeightMovePlan`` sorts both ends by (expert, peer), so the order
-matches. Waterfill's ``moelb.torch_all_reduce(group)`` sums a CPU int64 tensor: give it a CPU
-group (``dist.new_group(backend="gloo")``), as SGLang does for its small metadata collectives.
+the group's backend is NCCL. Before any message, every rank of the group joins one small
+``all_gather`` (on the current CUDA device) in which the ranks check that they hold the same plan
+and that it starts from the placement their weights hold; so the batched sends and receives that
+follow are never the group's first collective, and ranks with nothing to move may skip them, as
+PyTorch requires for ``batch_isend_irecv`` on NCCL. NCCL ignores message tags and pairs the sends
+and receives between two ranks by their order; ``WeightMovePlan`` sorts both ends by (expert,
+peer), so the order matches. Waterfill's ``moelb.torch_all_reduce(group)`` sums a CPU int64
+tensor: give it a CPU group (``dist.new_group(backend="gloo")``), as SGLang does for its small
+metadata collectives.
 """
 
 from __future__ import annotations
@@ -48,7 +54,7 @@ import numpy as np
 import numpy.typing as npt
 
 from . import _core
-from ._core import InvalidArgumentError, WeightMovePlan
+from ._core import ExpertLocation, InvalidArgumentError, WeightMovePlan
 
 if TYPE_CHECKING:
     from .recorder import ExpertDistributionRecorder
@@ -234,10 +240,49 @@ def _slot_tensors(torch: Any, local_weights: Any, num_local_slots: int) -> list[
     return tensors
 
 
+def _agree_on_weight_moves(
+    torch: Any, dist: Any, group: Any, plan: Any, refusal: Exception | None
+) -> None:
+    """Every rank of ``group`` says whether it accepts its plan and which plan it holds, in one
+    all_gather that every rank issues (also the group's first collective when the moves are, as
+    PyTorch requires before a ``batch_isend_irecv`` that leaves some ranks out). Raises on every
+    rank, the same decision everywhere, unless all accept the same plan: no rank is left waiting
+    for a message and no weight has moved."""
+    fingerprint = 0
+    if isinstance(plan, WeightMovePlan):
+        fingerprint = int(np.array(plan.fingerprint, np.uint64).view(np.int64))
+    mine = torch.tensor(
+        [int(refusal is None), fingerprint],
+        dtype=torch.int64,
+        device=_collective_device(torch, dist, group),
+    )
+    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, mine, group=group)
+    votes = np.stack([t.cpu().numpy() for t in gathered])
+    refused = np.flatnonzero(votes[:, 0] == 0).tolist()
+    if refusal is not None:
+        raise refusal
+    if refused:
+        ranks = ", ".join(str(r) for r in refused)
+        raise InvalidArgumentError(
+            f"rank{'s' if len(refused) > 1 else ''} {ranks} refused the weight moves (the error "
+            "raised there says why); no rank moved anything"
+        )
+    differ = np.flatnonzero(votes[:, 1] != votes[0, 1]).tolist()
+    if differ:
+        raise InvalidArgumentError(
+            "the ranks hold different weight-move plans (the plan's fingerprint differs from "
+            f"rank 0's on rank {', '.join(str(r) for r in differ)}): every rank must plan the "
+            "layer from the same old and new placements; no rank moved anything"
+        )
+
+
 def execute_weight_moves(
     plan: WeightMovePlan,
     local_weights: Any,
     group: Any = None,
+    *,
+    location: ExpertLocation,
 ) -> Any:
     """Runs this rank's part of ``plan`` with ``torch.distributed`` point-to-point messages,
     updating ``local_weights`` in place; returns ``local_weights``.
@@ -250,22 +295,49 @@ def execute_weight_moves(
         writable C-contiguous NumPy array (gloo), or a list of such (e.g. ``[w13, w2]``), each
         [S, ...]; every tensor of a slot moves with it.
     group: the EP process group (default: the world).
+    location: the placement the weights hold now (required, keyword only): its layer
+        ``plan.layer`` must be the placement the plan moves from. Afterwards they hold the plan's
+        new placement; track it (``location = new``) so that the same plan is never run twice.
+
+    Every rank of the group must call this with the same plan. Each rank first checks its own
+    input (plan, weights, ``location``); then all ranks exchange, in one ``all_gather`` on the
+    group, whether they accept and a fingerprint of their plan. Unless every rank accepts the
+    same plan, every rank raises (a rank that refused: its own error; the others:
+    InvalidArgumentError naming it) and no weight moves anywhere (no rank is left waiting).
+    That collective is issued by every rank, so it is also the group's first when the moves are:
+    PyTorch allows a ``batch_isend_irecv`` that involves only some ranks of a group only after
+    such a collective, and ranks with nothing to send or receive return after it.
 
     Order (``WeightMovePlan``'s): sends and local copies read the OLD contents; receives land in
     staging buffers and copies are staged too; after every message completed the received and
     copied experts are written to their slots, then 'fanout' ops copy NEW contents to further
-    slots. Extra memory: one slot per receive and per copy. Every rank of the group must call this
-    with the same plan (ranks without messages return at once).
+    slots. Extra memory: one slot per receive and per copy.
+
+    On NCCL: call ``torch.cuda.set_device(local_rank)`` first and give CUDA tensors; the check's
+    all_gather runs on the current CUDA device (a 16-byte tensor per rank), then the sends and
+    receives run as one NCCL group (``batch_isend_irecv``) between the ranks that have messages.
     """
     torch, dist = _torch_distributed("execute_weight_moves")
-    if not isinstance(plan, WeightMovePlan):
-        raise TypeError(f"plan must be a WeightMovePlan, got {type(plan).__name__}")
-    tensors = _slot_tensors(torch, local_weights, plan.num_local_slots)
-    world = dist.get_world_size(group)
-    if world != plan.ep_size:
-        raise InvalidArgumentError(
-            f"the plan is for ep_size={plan.ep_size} ranks but the process group has {world}"
-        )
+    refusal: Exception | None = None
+    tensors: list[Any] = []
+    try:
+        if not isinstance(plan, WeightMovePlan):
+            raise TypeError(f"plan must be a WeightMovePlan, got {type(plan).__name__}")
+        if not isinstance(location, ExpertLocation):
+            raise TypeError(
+                "location must be an ExpertLocation (the placement local_weights hold), got "
+                f"{type(location).__name__}"
+            )
+        tensors = _slot_tensors(torch, local_weights, plan.num_local_slots)
+        world = dist.get_world_size(group)
+        if world != plan.ep_size:
+            raise InvalidArgumentError(
+                f"the plan is for ep_size={plan.ep_size} ranks but the process group has {world}"
+            )
+        plan.check_source(location, "location")
+    except Exception as error:  # raised on this rank after the vote, so no rank is left waiting
+        refusal = error
+    _agree_on_weight_moves(torch, dist, group, plan, refusal)
     rank = dist.get_rank(group)
     ops = plan.ops(rank)
     messages: list[Any] = []
@@ -290,6 +362,8 @@ def execute_weight_moves(
     staged += [
         (dst, [t[src].clone() for t in tensors]) for kind, _, src, dst, _ in ops if kind == "copy"
     ]
+    # A rank without messages skips the batch: PyTorch allows that because every rank of the group
+    # issued the check's all_gather first.
     if messages:
         for request in dist.batch_isend_irecv(messages):
             request.wait()

@@ -186,7 +186,18 @@ class DeepSeekMoE(_core.DeepSeekMoE):
 
     def apply_weight_moves(self, plan: WeightMovePlan, new_location: ExpertLocation) -> None:
         """Runs ``plan`` (``moelb.plan_weight_moves(self.location, new_location, layer)``) over
-        the routed slots' weights and switches the layer to ``new_location``."""
+        the routed slots' weights and switches the layer to ``new_location``.
+
+        The plan must start from the placement the layer holds (``self.location``'s layer
+        ``self.location_layer``) and lead to ``new_location``'s; anything else (a stale plan, the
+        same plan a second time, another layer's plan) is an InvalidArgumentError and leaves the
+        weights and the placement as they were."""
+        if not isinstance(plan, WeightMovePlan):
+            raise TypeError(f"plan must be a WeightMovePlan, got {type(plan).__name__}")
+        if not isinstance(new_location, ExpertLocation):
+            raise TypeError(
+                f"new_location must be an ExpertLocation, got {type(new_location).__name__}"
+            )
         if plan.layer != self.location_layer:
             raise InvalidArgumentError(
                 f"plan is for layer {plan.layer} but the layer holds layer {self.location_layer}"
@@ -208,7 +219,16 @@ class DeepSeekMoE(_core.DeepSeekMoE):
                 f"{new_location.num_layers} layers; the layer needs {self.config.num_experts} / "
                 f"{self.num_physical_experts} and layer {self.location_layer}"
             )
-        for view in self.get_moe_weights():
-            per_rank = view.reshape(ep_size, slots, *view.shape[1:])
-            per_rank[...] = apply_weight_moves(plan, per_rank)
+        held = self.location
+        plan.check_source(held, "the layer's location")
+        plan.check_target(new_location, "new_location")
+        views = self.get_moe_weights()
+        moved = [
+            apply_weight_moves(plan, view.reshape(ep_size, slots, *view.shape[1:]), location=held)
+            for view in views
+        ]
+        # Nothing is written until every check passed and every result exists; set_location
+        # validates new_location against the layer (e.g. ep_rank) before the weights change.
         self.set_location(new_location, self.location_layer)
+        for view, result in zip(views, moved, strict=True):
+            view[...] = result.reshape(view.shape)

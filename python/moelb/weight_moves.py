@@ -1,6 +1,10 @@
 """Weight-move plans: what every EP rank copies, sends and receives so that a layer's expert
 slots change from one placement to another (``plan_weight_moves``), and a one-process executor
-over NumPy arrays (``apply_weight_moves``) that runs every rank's operations."""
+over NumPy arrays (``apply_weight_moves``) that runs every rank's operations.
+
+A plan records the layer's rows of both placements (``old_physical_to_logical``,
+``new_physical_to_logical``); every executor is told which placement the weights hold and refuses
+a plan made from another one (a stale plan would scramble the experts)."""
 
 from __future__ import annotations
 
@@ -23,14 +27,33 @@ def plan_weight_moves(old: ExpertLocation, new: ExpertLocation, layer: int) -> W
     holders. Every expert a rank needs arrives once (further slots of that rank are filled by a
     local 'fanout'); unchanged slots are not touched. ``plan.ops(rank)`` lists
     ``(kind, expert, src_slot, dst_slot, peer)``; see ``WeightMovePlan`` for the execution order.
+    The plan applies only to weights that hold ``old``'s layer ``layer``.
     """
     return _core.plan_weight_moves(old, new, layer)
 
 
-def apply_weight_moves(plan: WeightMovePlan, weights: Any) -> npt.NDArray[Any]:
-    """Runs every rank's operations of ``plan`` on ``weights`` [ep_size, S, ...] (one array per
-    slot, e.g. an expert's w13 rows) in one process; returns the new array. Sends and copies read
-    the old contents, as they do on real ranks (receive into staging buffers before writing)."""
+def apply_weight_moves(
+    plan: WeightMovePlan, weights: Any, *, location: ExpertLocation
+) -> npt.NDArray[Any]:
+    """Runs every rank's operations of ``plan`` on ``weights`` in one process; returns the new
+    array (``weights`` is not modified).
+
+    weights: [ep_size, S, ...], one array per slot (e.g. an expert's w13 rows).
+    location: the placement ``weights`` hold now (required, keyword only); its layer
+        ``plan.layer`` must be the placement the plan moves from, else InvalidArgumentError and
+        nothing is computed. The result holds ``plan``'s new placement: track it (``location =
+        new``) so that the same plan cannot be applied twice.
+
+    Sends and copies read the old contents, as they do on real ranks (receive into staging
+    buffers before writing)."""
+    if not isinstance(plan, WeightMovePlan):
+        raise TypeError(f"plan must be a WeightMovePlan, got {type(plan).__name__}")
+    if not isinstance(location, ExpertLocation):
+        raise TypeError(
+            "location must be an ExpertLocation (the placement weights hold), got "
+            f"{type(location).__name__}"
+        )
+    plan.check_source(location, "location")
     old = np.asarray(weights)
     expected = (plan.ep_size, plan.num_local_slots)
     if old.ndim < 2 or old.shape[:2] != expected:

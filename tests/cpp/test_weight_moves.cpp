@@ -457,6 +457,46 @@ TEST(WeightMoveErrors, MismatchedLocationsAndBadLayer) {
         "contents has 11 slots");
 }
 
+// A plan records what it moves from and to and applies only there.
+TEST(WeightMovePlanEnds, RecordsBothRowsAndRefusesAnyOtherPlacement) {
+    const MoveCase c{"w4_n2_s3_e8", 4, 2, 3, 8, 2, 5};
+    const auto [old_loc, new_loc] = random_transition(c);
+    for (int l = 0; l < 2; ++l) {
+        const WeightMovePlan plan = moelb::plan_weight_moves(old_loc, new_loc, l);
+        const auto row = [](const ExpertLocation& loc, int layer) {
+            const auto r = loc.physical_to_logical().row(layer);
+            return std::vector<std::int32_t>(r.data(), r.data() + r.size());
+        };
+        EXPECT_EQ(plan.old_physical_to_logical, row(old_loc, l));
+        EXPECT_EQ(plan.new_physical_to_logical, row(new_loc, l));
+        EXPECT_NO_THROW(moelb::check_plan_placement(plan, old_loc, moelb::PlanEnd::kOld, "old"));
+        EXPECT_NO_THROW(moelb::check_plan_placement(plan, new_loc, moelb::PlanEnd::kNew, "new"));
+        // The new placement is not where the plan starts (the plan run twice), and vice versa.
+        ASSERT_NE(row(old_loc, l), row(new_loc, l));
+        expect_invalid_argument(
+            [&] { moelb::check_plan_placement(plan, new_loc, moelb::PlanEnd::kOld, "location"); },
+            "location is not the placement the plan moves from: in layer " + std::to_string(l));
+        expect_invalid_argument(
+            [&] { moelb::check_plan_placement(plan, old_loc, moelb::PlanEnd::kNew, "target"); },
+            "target is not the placement the plan moves to");
+        // The same transition planned twice has the same fingerprint; others differ.
+        EXPECT_EQ(moelb::plan_fingerprint(plan),
+                  moelb::plan_fingerprint(moelb::plan_weight_moves(old_loc, new_loc, l)));
+        EXPECT_NE(moelb::plan_fingerprint(plan),
+                  moelb::plan_fingerprint(moelb::plan_weight_moves(new_loc, old_loc, l)));
+        EXPECT_NE(moelb::plan_fingerprint(plan),
+                  moelb::plan_fingerprint(moelb::plan_weight_moves(old_loc, new_loc, 1 - l)));
+    }
+    const WeightMovePlan plan = moelb::plan_weight_moves(old_loc, new_loc, 1);
+    for (const ExpertLocation& other :
+         {ExpertLocation::trivial(1, 8, 12, 4, 2), ExpertLocation::trivial(2, 8, 24, 4, 2),
+          ExpertLocation::trivial(2, 8, 12, 2, 2)}) {
+        expect_invalid_argument(
+            [&] { moelb::check_plan_placement(plan, other, moelb::PlanEnd::kOld, "location"); },
+            "but the plan moves layer 1 of 12 slots on 4 ranks");
+    }
+}
+
 // A plan whose two ends disagree is a broken invariant (moelb::Error), not bad input.
 TEST(WeightMoveErrors, CorruptedPlansFailTheSimulation) {
     const MoveCase c{"w8_n2_s4_e20", 8, 2, 4, 20, 1, 11};

@@ -129,7 +129,7 @@ def _worker(rank: int, world: int, workdir: str) -> None:
             w13, w2 = signature(layer, old_p2l[layer, mine])
             tensors: Any = [torch.from_numpy(w13).clone(), w2] if layer == 0 else torch.tensor(w13)
             moves = moelb.plan_weight_moves(old, new, layer)
-            returned = moelb.execute_weight_moves(moves, tensors)
+            returned = moelb.execute_weight_moves(moves, tensors, location=old)
             assert returned is tensors
             first = tensors[0] if layer == 0 else tensors
             result[f"w13_{layer}"] = first.numpy()
@@ -143,7 +143,9 @@ def _worker(rank: int, world: int, workdir: str) -> None:
         for layer in range(NUM_LAYERS):
             w13, _ = signature(layer, old_p2l[layer, mine])
             tensor = torch.from_numpy(w13)
-            moelb.execute_weight_moves(moelb.plan_weight_moves(old, shuffled, layer), tensor)
+            moelb.execute_weight_moves(
+                moelb.plan_weight_moves(old, shuffled, layer), tensor, location=old
+            )
             result[f"shuffled_w13_{layer}"] = tensor.numpy()
 
         # Waterfill's dynamic mode with the real collective, prefill then decode.
@@ -175,7 +177,7 @@ def _worker(rank: int, world: int, workdir: str) -> None:
             (moelb.plan_weight_moves(two_ranks, two_ranks, 0), np.zeros((12, 3))),
         ):
             try:
-                moelb.execute_weight_moves(bad_plan, weights)
+                moelb.execute_weight_moves(bad_plan, weights, location=old)
                 errors.append("")
             except moelb.InvalidArgumentError as error:
                 errors.append(str(error))
@@ -199,28 +201,36 @@ def _worker(rank: int, world: int, workdir: str) -> None:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     """Runs ``_worker`` in EP_SIZE processes; returns what each saved, by rank."""
+    return run_ranks("test_distributed", EP_SIZE, tmp_path_factory.mktemp("distributed"))
+
+
+def run_ranks(
+    module: str, world: int, workdir: Path, timeout: float = TIMEOUT_SECONDS
+) -> list[dict[str, Any]]:
+    """Runs ``module._worker(rank, world, workdir)`` in ``world`` processes (gloo, a file store in
+    ``workdir``), each saving ``rank{r}.npz``; returns what each saved, by rank. A process that
+    fails or outlives ``timeout`` fails the test with every rank's log."""
     pytest.importorskip("torch")
     import torch.distributed as dist
 
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with the gloo backend is not available")
-    workdir = tmp_path_factory.mktemp("distributed")
     here = str(Path(__file__).resolve().parent)
     code = (
-        f"import sys; sys.path.insert(0, {here!r}); from test_distributed import _worker; "
-        f"_worker(int(sys.argv[1]), {EP_SIZE}, {str(workdir)!r})"
+        f"import sys; sys.path.insert(0, {here!r}); from {module} import _worker; "
+        f"_worker(int(sys.argv[1]), {world}, {str(workdir)!r})"
     )
     env = dict(os.environ, OMP_NUM_THREADS="1")
     if "GLOO_SOCKET_IFNAME" not in env and Path("/sys/class/net/lo").exists():
         env["GLOO_SOCKET_IFNAME"] = "lo"  # all ranks are local; skip resolving the host name
-    logs = [open(workdir / f"rank{r}.log", "w+") for r in range(EP_SIZE)]
+    logs = [open(workdir / f"rank{r}.log", "w+") for r in range(world)]
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", code, str(r)], stdout=logs[r], stderr=subprocess.STDOUT, env=env
         )
-        for r in range(EP_SIZE)
+        for r in range(world)
     ]
-    deadline = time.monotonic() + TIMEOUT_SECONDS
+    deadline = time.monotonic() + timeout
     try:
         for proc in procs:
             proc.wait(timeout=max(1.0, deadline - time.monotonic()))
@@ -237,7 +247,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
         output += f"--- rank {r} (exit {procs[r].returncode}) ---\n{log.read()[-3000:]}\n"
         log.close()
     assert all(p.returncode == 0 for p in procs), output
-    return [dict(np.load(workdir / f"rank{r}.npz")) for r in range(EP_SIZE)]
+    return [dict(np.load(workdir / f"rank{r}.npz")) for r in range(world)]
 
 
 def single_process_counts(passes: int = NUM_PASSES) -> npt.NDArray[np.int32]:
@@ -313,7 +323,9 @@ def test_expert_weights_follow_the_new_placement(cluster: list[dict[str, Any]]) 
         moves = moelb.plan_weight_moves(old, new, layer)
         transfers += moves.transfers
         before, _ = signature(layer, old_p2l[layer])
-        in_process = moelb.apply_weight_moves(moves, before.reshape(EP_SIZE, slots, 3, 5))
+        in_process = moelb.apply_weight_moves(
+            moves, before.reshape(EP_SIZE, slots, 3, 5), location=old
+        )
         for rank, result in enumerate(cluster):
             mine = new_p2l[layer, rank * slots : (rank + 1) * slots]
             w13, w2 = signature(layer, mine)
@@ -418,4 +430,6 @@ def test_needs_an_initialised_process_group() -> None:
         recorder.all_reduce()
     moves = moelb.plan_weight_moves(old_location(), old_location(), 0)
     with pytest.raises(moelb.InvalidArgumentError, match=r"initialised torch\.distributed"):
-        moelb.execute_weight_moves(moves, np.zeros((NUM_PHYSICAL // EP_SIZE, 3), np.float32))
+        moelb.execute_weight_moves(
+            moves, np.zeros((NUM_PHYSICAL // EP_SIZE, 3), np.float32), location=old_location()
+        )

@@ -819,7 +819,7 @@ def test_plan_weight_moves_random_input(data: st.DataObject, layer: int) -> None
     plan = fuzz_call("plan_weight_moves", moelb.plan_weight_moves, old, new, layer)
     if plan is not None:
         slots = old.physical_to_logical[layer].reshape(plan.ep_size, plan.num_local_slots)
-        moved = moelb.apply_weight_moves(plan, slots)
+        moved = moelb.apply_weight_moves(plan, slots, location=old)
         np.testing.assert_array_equal(moved.reshape(-1), new.physical_to_logical[layer])
 
 

@@ -247,6 +247,51 @@ def test_rebalance_and_weight_moves_keep_the_output() -> None:
     assert_close(layer(x), before, 1e-6)
 
 
+def test_a_stale_weight_move_plan_is_refused_and_changes_nothing() -> None:
+    """A plan made from another placement than the layer holds (or applied a second time) would
+    scramble the expert weights; it is refused and the layer is left as it was."""
+    config = small_v3()
+    w = moelb.random_moe_weights(config, 9)
+    rng = np.random.default_rng(4)
+    start = moelb.rebalance(rng.random((1, 16)) * 100, 24, 4, 2, 4).location
+    trivial = moelb.ExpertLocation.trivial(1, 16, 24, ep_size=4, num_nodes=2)
+    load = np.ones((1, 16))
+    load[0, [2, 7, 11]] = [400, 250, 120]
+    new = moelb.rebalance(load, 24, 4, 2, 4, previous=start).location
+    assert not np.array_equal(start.physical_to_logical, trivial.physical_to_logical)
+    layer = moelb.DeepSeekMoE(config, w, location=start, layer=0, ep_rank=1)
+    x = rng.standard_normal((300, 64)).astype(np.float32)
+    before = layer(x).copy()
+
+    def assert_unchanged(weights: list[np.ndarray], location: moelb.ExpertLocation) -> None:
+        for now, then in zip(layer.get_moe_weights(), weights, strict=True):
+            np.testing.assert_array_equal(now, then)
+        np.testing.assert_array_equal(
+            layer.location.physical_to_logical, location.physical_to_logical
+        )
+
+    held = [view.copy() for view in layer.get_moe_weights()]
+    stale = moelb.plan_weight_moves(trivial, new, 0)  # made from another placement
+    with pytest.raises(moelb.InvalidArgumentError, match="not the placement the plan moves from"):
+        layer.apply_weight_moves(stale, new)
+    assert_unchanged(held, start)
+    plan = moelb.plan_weight_moves(start, new, 0)
+    # The plan leads to `new`, so new_location must be `new`.
+    with pytest.raises(moelb.InvalidArgumentError, match=r"new_location is not .* moves to"):
+        layer.apply_weight_moves(plan, trivial)
+    assert_unchanged(held, start)
+    np.testing.assert_array_equal(layer(x), before)
+
+    layer.apply_weight_moves(plan, new)
+    assert_close(layer(x), before, 1e-6)
+    moved = [view.copy() for view in layer.get_moe_weights()]
+    # The weights now hold `new`: the same plan a second time is stale.
+    with pytest.raises(moelb.InvalidArgumentError, match="already moved"):
+        layer.apply_weight_moves(plan, new)
+    assert_unchanged(moved, new)
+    assert_close(layer(x), before, 1e-6)
+
+
 def test_same_output_for_any_thread_count(restore_num_threads) -> None:
     config = small_v4(5)
     layer = moelb.DeepSeekMoE(config, seed=2)

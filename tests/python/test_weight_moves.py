@@ -157,7 +157,14 @@ def check_execution(plan: moelb.WeightMovePlan, old_row: np.ndarray, new_row: np
     shape = (plan.ep_size, plan.num_local_slots)
     weights = old_row.reshape(shape)[:, :, None, None] * 10.0 + np.arange(6.0).reshape(2, 3)
     expected = new_row.reshape(shape)[:, :, None, None] * 10.0 + np.arange(6.0).reshape(2, 3)
-    result = apply_weight_moves(plan, weights)
+    # The plan records both rows; its executor needs the placement the weights hold (any valid
+    # row holds every expert 0..max, and only row plan.layer is compared).
+    np.testing.assert_array_equal(plan.old_physical_to_logical, old_row)
+    np.testing.assert_array_equal(plan.new_physical_to_logical, new_row)
+    holding = ExpertLocation(
+        np.tile(old_row, (plan.layer + 1, 1)), int(old_row.max()) + 1, plan.ep_size
+    )
+    result = apply_weight_moves(plan, weights, location=holding)
     np.testing.assert_array_equal(result, expected)
     assert result.dtype == weights.dtype
     np.testing.assert_array_equal(weights[:, :, 0, 0], old_row.reshape(shape) * 10.0)  # untouched
@@ -364,7 +371,7 @@ def test_layer_out_of_range(layer: int, match: str) -> None:
 def test_weights_of_the_wrong_shape(shape: tuple[int, ...]) -> None:
     plan = plan_weight_moves(BASE, ExpertLocation.trivial(2, 8, 16, 4, 2), 0)
     with pytest.raises(InvalidArgumentError, match=r"weights has shape .* \[4, 4, \.\.\.\]"):
-        apply_weight_moves(plan, np.zeros(shape))
+        apply_weight_moves(plan, np.zeros(shape), location=BASE)
 
 
 @pytest.mark.parametrize(
@@ -386,3 +393,79 @@ def test_ops_rank_out_of_range() -> None:
     for rank in (-1, 4):
         with pytest.raises(InvalidArgumentError, match=rf"rank={rank} is outside \[0, ep_size=4\)"):
             plan.ops(rank)
+
+
+# ---------------------------------------------------------------------------------------------
+# A plan applies only to the placement it was made from
+# ---------------------------------------------------------------------------------------------
+
+
+SHUFFLED = ExpertLocation(
+    np.stack([np.roll(np.arange(16) % 8, 5), np.arange(16)[::-1] % 8]).astype(np.int32), 8, 4, 2
+)
+
+
+def test_plan_records_what_it_moves_from_and_to() -> None:
+    plan = plan_weight_moves(BASE, SHUFFLED, 0)
+    np.testing.assert_array_equal(plan.old_physical_to_logical, BASE.physical_to_logical[0])
+    np.testing.assert_array_equal(plan.new_physical_to_logical, SHUFFLED.physical_to_logical[0])
+    assert plan.old_physical_to_logical.dtype == np.int32
+    with pytest.raises(ValueError, match="read-only"):
+        plan.old_physical_to_logical[0] = 1
+    # The fingerprint tells transitions apart and is the same for the same transition.
+    assert plan.fingerprint == plan_weight_moves(BASE, SHUFFLED, 0).fingerprint
+    others = [
+        plan_weight_moves(SHUFFLED, BASE, 0),
+        plan_weight_moves(BASE, SHUFFLED, 1),
+        plan_weight_moves(BASE, BASE, 0),
+    ]
+    assert len({plan.fingerprint, *(other.fingerprint for other in others)}) == 4
+    plan.check_source(BASE)
+    plan.check_target(SHUFFLED)
+    with pytest.raises(
+        InvalidArgumentError, match=r"^old is not the placement the plan moves from"
+    ):
+        plan.check_source(SHUFFLED, "old")
+    with pytest.raises(
+        InvalidArgumentError, match=r"^location is not the placement the plan moves to"
+    ):
+        plan.check_target(BASE)
+
+
+def test_apply_needs_the_placement_the_weights_hold() -> None:
+    plan = plan_weight_moves(BASE, SHUFFLED, 0)
+    weights = BASE.physical_to_logical[0].reshape(4, 4).astype(np.float64)
+    held = weights.copy()
+    with pytest.raises(TypeError, match="location"):
+        apply_weight_moves(plan, weights)  # type: ignore[call-arg]
+    moved = apply_weight_moves(plan, weights, location=BASE)
+    np.testing.assert_array_equal(moved.reshape(-1), SHUFFLED.physical_to_logical[0])
+    np.testing.assert_array_equal(weights, held)
+    # A plan applied to weights that hold another placement (here: the moved weights, i.e. the
+    # same plan twice) is refused before anything is computed.
+    with pytest.raises(
+        InvalidArgumentError,
+        match=r"location is not the placement the plan moves from: in layer 0 slot 0 \(rank 0\) "
+        r"holds expert 3 where the plan has expert 0 \(a stale plan, or weights that were "
+        r"already moved\)",
+    ):
+        apply_weight_moves(plan, moved, location=SHUFFLED)
+    stale = plan_weight_moves(SHUFFLED, BASE, 1)  # made from SHUFFLED, applied to BASE
+    with pytest.raises(InvalidArgumentError, match=r"in layer 1 slot 0 .* expert 0 where .* 7"):
+        apply_weight_moves(stale, weights, location=BASE)
+    with pytest.raises(TypeError, match="location must be an ExpertLocation"):
+        apply_weight_moves(plan, weights, location=BASE.physical_to_logical[0])
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        ExpertLocation.trivial(1, 8, 16, 4, 2),  # no layer 1
+        ExpertLocation.trivial(2, 8, 24, 4, 2),  # physical experts
+        ExpertLocation.trivial(2, 8, 16, 8, 2),  # ep_size
+    ],
+)
+def test_apply_to_a_placement_of_another_shape(other: ExpertLocation) -> None:
+    plan = plan_weight_moves(BASE, SHUFFLED, 1)
+    with pytest.raises(InvalidArgumentError, match=r"location has .* but the plan moves layer 1"):
+        apply_weight_moves(plan, np.zeros((4, 4)), location=other)

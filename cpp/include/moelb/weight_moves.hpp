@@ -39,12 +39,29 @@ struct WeightMovePlan {
     Index intra_node_transfers = 0;        // receives from the same node
     Index inter_node_transfers = 0;        // receives from another node
     Index unchanged_slots = 0;
+    // What the plan was made from and to: layer `layer` of the old and the new placement's
+    // physical_to_logical, [ep_size * S] each. A plan applies only to weights that hold
+    // old_physical_to_logical (check_plan_source) and leaves them holding new_physical_to_logical.
+    std::vector<std::int32_t> old_physical_to_logical;
+    std::vector<std::int32_t> new_physical_to_logical;
 };
 
 // The moves for layer `layer` from `old_location` to `new_location` (same layers, logical and
 // physical experts, ep_size and nodes).
 WeightMovePlan plan_weight_moves(const ExpertLocation& old_location,
                                  const ExpertLocation& new_location, int layer);
+
+// A 64-bit digest of what the plan moves from and to (layer, ep_size, S and both rows): equal on
+// every process that planned the same transition, so ranks can check they hold the same plan.
+std::uint64_t plan_fingerprint(const WeightMovePlan& plan);
+
+// Throws InvalidArgument (naming `parameter`) unless `location` has the plan's shape (ep_size,
+// ep_size * S slots, a layer `plan.layer`) and its row `plan.layer` equals the placement the plan
+// moves from (end = kOld: the weights to move must hold it) or to (end = kNew). The message names
+// the first slot that differs: a stale plan, or weights already moved.
+enum class PlanEnd { kOld, kNew };
+void check_plan_placement(const WeightMovePlan& plan, const ExpertLocation& location, PlanEnd end,
+                          std::string_view parameter);
 
 // The bytes a plan moves when one expert's weights take expert_bytes (>= 0): received from a rank
 // of the same node, received from another node, and copied within ranks (kCopy and kFanout). An
