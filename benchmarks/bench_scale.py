@@ -3,14 +3,14 @@
 Planner: ``moelb.rebalance`` (algorithms ``deepseek`` and ``moelb``) over a 58-layer model at
 growing cluster sizes, up to 4,096 physical experts on 1,024 GPUs in 128 nodes and on 4,096 GPUs
 in 512 nodes, for 256 logical experts (DeepSeek-V3) and 384 (Kimi-K2-like), 8 expert groups,
-seeded Zipf-skewed loads. Each row times three calls per repeat, interleaved: without
-``previous``, with the trivial placement as ``previous`` (the placement a deployment starts
-from), and with an earlier plan (of other Zipf loads) as ``previous`` (a later rebalance round,
-where moelb's matching to the previous placement has the most to do). Each row runs in a fresh
-process so its peak RSS (``resource.getrusage``) is its own: the table gives the median planning
-times and the ratio of the slower ``previous`` time to the time without, the time of
-``plan_weight_moves`` (from the trivial placement) over all layers, the resulting balancedness, the
-process's peak RSS and how much planning added to it.
+seeded Zipf-skewed loads. Each row times three calls per repeat, interleaved (each repeat starts
+with another of the three): without ``previous``, with the trivial placement as ``previous`` (the
+placement a deployment starts from), and with an earlier plan (of other Zipf loads) as
+``previous`` (a later rebalance round, where moelb's matching to the previous placement has the
+most to do). Each row runs in a fresh process so its peak RSS (``resource.getrusage``) is its own:
+the table gives the median planning times and the ratio of the slower ``previous`` time to the
+time without, the time of ``plan_weight_moves`` (from the trivial placement) over all layers, the
+resulting balancedness, the process's peak RSS and how much planning added to it.
 
 Recorder: ``ExpertDistributionRecorder`` at the same 4,096 slots (58 layers, 1,024 ranks) fed
 100,000-token top-8 batches: time per ``on_select_experts`` call and per pass, ``dump`` time, and
@@ -129,8 +129,12 @@ def run_plan(spec: dict[str, Any]) -> dict[str, Any]:
     moelb.rebalance(load[:1], *args, algorithm=algorithm)  # warm-up: threads, first allocations
     seconds: dict[str, list[float]] = {"none": [], "trivial": [], "earlier": []}
     plan = None
-    for _ in range(repeats):
-        for name, current in (("none", None), ("trivial", previous), ("earlier", earlier)):
+    variants = [("none", None), ("trivial", previous), ("earlier", earlier)]
+    for repeat in range(repeats):
+        # Each repeat starts with another variant: a process's first big allocations after a
+        # plan is freed are slower (page faults), which would bias the variant always run first.
+        shift = repeat % len(variants)
+        for name, current in variants[shift:] + variants[:shift]:
             start = time.perf_counter()
             result = moelb.rebalance(load, *args, algorithm=algorithm, previous=current)
             seconds[name].append(time.perf_counter() - start)
