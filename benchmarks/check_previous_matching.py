@@ -11,6 +11,7 @@ matching was replaced by a sparse one with bit-identical plans).
     python benchmarks/check_previous_matching.py                # seed 17, against RECORDED
     python benchmarks/check_previous_matching.py --seed 19 --small
     python benchmarks/check_previous_matching.py --expect HASH  # exit 1 when it differs
+    python benchmarks/check_previous_matching.py --time         # 58-layer plans, timed
 
 Exits 1 when the hash differs from the one recorded on the old pairwise matching (``RECORDED``)
 for that seed, or from ``--expect``.
@@ -22,6 +23,7 @@ import argparse
 import hashlib
 import itertools
 import sys
+import time
 from typing import Any
 
 import moelb
@@ -191,13 +193,48 @@ def large_plans(seed: int):
                 yield f"{shape} zipf {prev_name} {locality}", plan
 
 
+# (num_experts, num_physical_experts, num_gpus, num_nodes) timed by --time, 58 layers each.
+TIMED_SHAPES = (
+    (256, 1024, 256, 32),
+    (256, 2048, 1024, 128),
+    (256, 4096, 1024, 128),
+    (256, 4096, 4096, 512),
+)
+
+
+def time_previous() -> None:
+    """One moelb plan each without previous, with the trivial placement and with an earlier plan
+    (bench_scale.py's Zipf loads, 58 layers): the before/after figures of issue 17."""
+    from bench_scale import NUM_GROUPS, zipf_loads
+
+    layers = 58
+    for experts, slots, gpus, nodes in TIMED_SHAPES:
+        load = zipf_loads(layers, experts, seed=gpus * 1000 + experts)
+        args = (slots, NUM_GROUPS, nodes, gpus)
+        currents = {
+            "none": None,
+            "trivial": moelb.ExpertLocation.trivial(layers, experts, slots, gpus, nodes),
+            "earlier plan": moelb.rebalance(zipf_loads(layers, experts, seed=1), *args).location,
+        }
+        times = []
+        for name, current in currents.items():
+            start = time.perf_counter()
+            moelb.rebalance(load, *args, previous=current)
+            times.append(f"{name} {(time.perf_counter() - start) * 1e3:.0f} ms")
+        print(f"E={experts} P={slots} GPUs={gpus} nodes={nodes}: " + ", ".join(times), flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--expect", help="the expected SHA-256; exit 1 when it differs")
     parser.add_argument("--seed", type=int, default=17)
     parser.add_argument("--small", action="store_true", help="skip the large shapes")
     parser.add_argument("--verbose", action="store_true", help="print a hash per plan")
+    parser.add_argument("--time", action="store_true", help="time 58-layer plans instead")
     args = parser.parse_args(argv)
+    if args.time:
+        time_previous()
+        return 0
     total = hashlib.sha256()
     count = 0
     cases = plans(args.seed)
