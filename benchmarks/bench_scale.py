@@ -1,12 +1,16 @@
 """Benchmark: how the EPLB planner and the recorder scale to 1,000+ GPUs and 100k-token batches.
 
 Planner: ``moelb.rebalance`` (algorithms ``deepseek`` and ``moelb``) over a 58-layer model at
-growing cluster sizes, up to 4,096 physical experts on 1,024 GPUs in 128 nodes, for 256 logical
-experts (DeepSeek-V3) and 384 (Kimi-K2-like), 8 expert groups, seeded Zipf-skewed loads, the
-trivial placement as the current one (``previous``, as in a real rebalance round). Each row runs
-in a fresh process so its peak RSS (``resource.getrusage``) is its own: the table gives the median
-planning time, the time of ``plan_weight_moves`` over all layers, the resulting balancedness, the
-process's peak RSS and how much planning added to it.
+growing cluster sizes, up to 4,096 physical experts on 1,024 GPUs in 128 nodes and on 4,096 GPUs
+in 512 nodes, for 256 logical experts (DeepSeek-V3) and 384 (Kimi-K2-like), 8 expert groups,
+seeded Zipf-skewed loads. Each row times three calls per repeat, interleaved (each repeat starts
+with another of the three): without ``previous``, with the trivial placement as ``previous`` (the
+placement a deployment starts from), and with an earlier plan (of other Zipf loads) as
+``previous`` (a later rebalance round, where moelb's matching to the previous placement has the
+most to do). Each row runs in a fresh process so its peak RSS (``resource.getrusage``) is its own:
+the table gives the median planning times and the ratio of the slower ``previous`` time to the
+time without, the time of ``plan_weight_moves`` (from the trivial placement) over all layers, the
+resulting balancedness, the process's peak RSS and how much planning added to it.
 
 Recorder: ``ExpertDistributionRecorder`` at the same 4,096 slots (58 layers, 1,024 ranks) fed
 100,000-token top-8 batches: time per ``on_select_experts`` call and per pass, ``dump`` time, and
@@ -66,15 +70,17 @@ class Size:
     num_nodes: int
 
 
-FULL_SIZES = (
+FULL_SIZES = (  # two halves, E = 256 and E = 384 (the table separates them)
     Size(256, 288, 32, 4),
     Size(256, 320, 64, 8),
     Size(256, 1024, 256, 32),
     Size(256, 4096, 1024, 128),
+    Size(256, 4096, 4096, 512),
     Size(384, 416, 32, 4),
     Size(384, 512, 128, 16),
     Size(384, 2048, 512, 64),
     Size(384, 4096, 1024, 128),
+    Size(384, 4096, 4096, 512),
 )
 QUICK_SIZES = (Size(256, 288, 32, 4), Size(256, 320, 64, 8), Size(384, 512, 128, 16))
 
@@ -117,12 +123,23 @@ def run_plan(spec: dict[str, Any]) -> dict[str, Any]:
     )
     args = (size.num_physical_experts, NUM_GROUPS, size.num_nodes, size.num_gpus)
     before = peak_rss_mib()
-    seconds = []
+    # A later round's current placement: the plan of other loads (not timed).
+    other = zipf_loads(layers, size.num_experts, seed=size.num_gpus * 1000 + size.num_experts + 1)
+    earlier = moelb.rebalance(other, *args, algorithm=algorithm).location
+    moelb.rebalance(load[:1], *args, algorithm=algorithm)  # warm-up: threads, first allocations
+    seconds: dict[str, list[float]] = {"none": [], "trivial": [], "earlier": []}
     plan = None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        plan = moelb.rebalance(load, *args, algorithm=algorithm, previous=previous)
-        seconds.append(time.perf_counter() - start)
+    variants = [("none", None), ("trivial", previous), ("earlier", earlier)]
+    for repeat in range(repeats):
+        # Each repeat starts with another variant: a process's first big allocations after a
+        # plan is freed are slower (page faults), which would bias the variant always run first.
+        shift = repeat % len(variants)
+        for name, current in variants[shift:] + variants[:shift]:
+            start = time.perf_counter()
+            result = moelb.rebalance(load, *args, algorithm=algorithm, previous=current)
+            seconds[name].append(time.perf_counter() - start)
+            if name == "trivial":
+                plan = result
     assert plan is not None
     start = time.perf_counter()
     transfers = sum(
@@ -130,7 +147,9 @@ def run_plan(spec: dict[str, Any]) -> dict[str, Any]:
     )
     moves_seconds = time.perf_counter() - start
     return {
-        "plan_seconds": statistics.median(seconds),
+        "plan_seconds": statistics.median(seconds["trivial"]),
+        "plan_seconds_no_previous": statistics.median(seconds["none"]),
+        "plan_seconds_previous_plan": statistics.median(seconds["earlier"]),
         "moves_seconds": moves_seconds,
         "transfers": transfers,
         "ran": plan.stats.algorithm,
@@ -233,13 +252,21 @@ class PlanRow:
     num_nodes: int
     algorithm: str
     ran: str
-    plan_seconds: float
+    plan_seconds: float  # previous = the trivial placement
+    plan_seconds_no_previous: float
+    plan_seconds_previous_plan: float  # previous = an earlier plan
     moves_seconds: float
     transfers: int
     balancedness: float
     mean_gap: float
     rss_before_mib: float
     peak_rss_mib: float
+
+
+def previous_ratio(row: PlanRow) -> float:
+    """The slower of the two ``previous`` times over the time without ``previous``."""
+    slower = max(row.plan_seconds, row.plan_seconds_previous_plan)
+    return slower / row.plan_seconds_no_previous
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -272,7 +299,10 @@ def main(argv: list[str] | None = None) -> int:
             spec = {"size": asdict(size), "layers": layers, "repeats": repeats}
             raw = in_child("plan", {**spec, "algorithm": algorithm})
             plan_rows.append(PlanRow(**asdict(size), algorithm=algorithm, **raw))
-    print("\nPlanner: rebalance(previous=trivial) and plan_weight_moves over all layers")
+    print(
+        "\nPlanner: rebalance without previous, with previous=trivial and with previous=an "
+        "earlier plan; plan_weight_moves from the trivial placement over all layers"
+    )
     print(
         table(
             [
@@ -282,7 +312,10 @@ def main(argv: list[str] | None = None) -> int:
                 "nodes",
                 "algorithm",
                 "ran",
-                "plan ms",
+                "no previous ms",
+                "trivial ms",
+                "earlier plan ms",
+                "x",
                 "moves ms",
                 "transfers",
                 "balancedness",
@@ -297,7 +330,10 @@ def main(argv: list[str] | None = None) -> int:
                     str(r.num_nodes),
                     r.algorithm,
                     r.ran,
+                    f"{r.plan_seconds_no_previous * 1e3:.2f}",
                     f"{r.plan_seconds * 1e3:.2f}",
+                    f"{r.plan_seconds_previous_plan * 1e3:.2f}",
+                    f"{previous_ratio(r):.2f}",
                     f"{r.moves_seconds * 1e3:.1f}",
                     str(r.transfers),
                     f"{r.balancedness:.4f}",
@@ -309,6 +345,12 @@ def main(argv: list[str] | None = None) -> int:
             left=(4, 5),
             separate_every=2 * (len(sizes) // 2) if not quick else None,
         )
+    )
+
+    worst = max(plan_rows, key=previous_ratio)
+    print(
+        f"previous costs at most {previous_ratio(worst):.2f}x the plan without it "
+        f"({worst.algorithm}, {worst.num_physical_experts} slots on {worst.num_gpus} GPUs)"
     )
 
     shape = QUICK_RECORDER_SHAPE if quick else RECORDER_SHAPE

@@ -1581,64 +1581,134 @@ void write_slots(const Packing& p, std::int32_t* phy2log) {
     std::copy(p.slot_expert.begin(), p.slot_expert.end(), phy2log);
 }
 
+// Greedy maximum-overlap matching of `count` new blocks to `count` old blocks of `width` slots
+// each (new block a: cur[a * width, (a + 1) * width), old block b likewise in old; expert ids in
+// [0, E)). The overlap of two blocks is the size of their multiset intersection. The result is
+// the greedy over every pair with a positive overlap sorted by (-overlap, a, b): a pair is taken
+// when both blocks are still free; new blocks left over take the free old blocks in order.
+// Returns the old block of each new block.
+//
+// Computed sparsely instead of over all count^2 pairs (each copied and sorted):
+// - each block's slots are sorted once into (expert, multiplicity) runs, and the old blocks are
+//   indexed by expert (the blocks holding e, with e's multiplicity there, in block order);
+// - overlaps are accumulated only through shared experts, and only pairs of overlap >= 2 are
+//   listed and sorted;
+// - overlap-1 pairs are never listed: once every pair of overlap >= 2 is decided, no such pair
+//   has both blocks free, so the first free old block sharing any expert with new block a is the
+//   first free overlap-1 partner the sorted greedy would give it. Blocks only become used, so one
+//   cursor per expert walks its block list once.
+// Time: O(P log width) for the P = count * width slots, plus the accumulation, sum over experts
+// of (new blocks holding e) x (old blocks holding e): O(P) when replicas are few, up to the
+// square of a hot expert's replica count (a few 100,000 additions at 4,096 slots).
+std::vector<int> match_blocks(const std::int32_t* cur, const std::int32_t* old, int count,
+                              int width, int E) {
+    const auto n = static_cast<std::size_t>(count);
+    // Run-length (expert, multiplicity) lists of each block's sorted slots, in CSR form.
+    struct Runs {
+        std::vector<int> first;  // [count + 1]
+        std::vector<std::int32_t> expert;
+        std::vector<int> times;
+    };
+    std::vector<std::int32_t> sorted(static_cast<std::size_t>(width));
+    auto runs_of = [&](const std::int32_t* blocks) {
+        Runs r;
+        r.first.assign(n + 1, 0);
+        for (int a = 0; a < count; ++a) {
+            const std::int32_t* block = blocks + static_cast<Index>(a) * width;
+            std::copy(block, block + width, sorted.begin());
+            std::sort(sorted.begin(), sorted.end());
+            for (int i = 0; i < width;) {
+                int j = i + 1;
+                while (j < width && sorted[j] == sorted[i]) ++j;
+                r.expert.push_back(sorted[i]);
+                r.times.push_back(j - i);
+                i = j;
+            }
+            r.first[a + 1] = static_cast<int>(r.expert.size());
+        }
+        return r;
+    };
+    const Runs fresh = runs_of(cur);
+    const Runs prior = runs_of(old);
+    // The old blocks holding each expert, in block order, with the expert's multiplicity there.
+    std::vector<int> holders_first(static_cast<std::size_t>(E) + 1, 0);
+    for (const std::int32_t e : prior.expert) ++holders_first[e + 1];
+    std::partial_sum(holders_first.begin(), holders_first.end(), holders_first.begin());
+    std::vector<int> holder(prior.expert.size()), holder_times(prior.expert.size());
+    {
+        std::vector<int> fill(holders_first.begin(), holders_first.end() - 1);
+        for (int b = 0; b < count; ++b) {
+            for (int i = prior.first[b]; i < prior.first[b + 1]; ++i) {
+                const int k = fill[prior.expert[i]]++;
+                holder[k] = b;
+                holder_times[k] = prior.times[i];
+            }
+        }
+    }
+    // Pairs of overlap >= 2, counted through the experts they share.
+    std::vector<std::tuple<int, int, int>> pairs;  // (-overlap, new, old)
+    std::vector<int> overlap(n, 0);
+    std::vector<int> touched;
+    for (int a = 0; a < count && width >= 2; ++a) {  // one-slot blocks overlap by at most 1
+        for (int i = fresh.first[a]; i < fresh.first[a + 1]; ++i) {
+            const std::int32_t e = fresh.expert[i];
+            for (int k = holders_first[e]; k < holders_first[e + 1]; ++k) {
+                const int b = holder[k];
+                if (overlap[b] == 0) touched.push_back(b);
+                overlap[b] += std::min(fresh.times[i], holder_times[k]);
+            }
+        }
+        for (const int b : touched) {
+            if (overlap[b] >= 2) pairs.emplace_back(-overlap[b], a, b);
+            overlap[b] = 0;
+        }
+        touched.clear();
+    }
+    std::sort(pairs.begin(), pairs.end());
+    std::vector<int> target(n, -1);
+    std::vector<bool> used(n, false);
+    for (const auto& [o, a, b] : pairs) {
+        if (target[a] < 0 && !used[b]) {
+            target[a] = b;
+            used[b] = true;
+        }
+    }
+    // Overlap 1: the first free old block sharing an expert, new blocks in order.
+    std::vector<int> cursor(holders_first.begin(), holders_first.end() - 1);
+    for (int a = 0; a < count; ++a) {
+        if (target[a] >= 0) continue;
+        int best = count;
+        for (int i = fresh.first[a]; i < fresh.first[a + 1]; ++i) {
+            const std::int32_t e = fresh.expert[i];
+            int& k = cursor[e];
+            while (k < holders_first[e + 1] && used[holder[k]]) ++k;
+            if (k < holders_first[e + 1]) best = std::min(best, holder[k]);
+        }
+        if (best < count) {
+            target[a] = best;
+            used[best] = true;
+        }
+    }
+    int next = 0;
+    for (int a = 0; a < count; ++a) {
+        if (target[a] >= 0) continue;
+        while (used[next]) ++next;
+        target[a] = next;
+        used[next] = true;
+    }
+    return target;
+}
+
 // Reorders a layer's GPUs (and nodes) and the slots inside each GPU to match the previous
 // placement as well as possible: same expert sets per GPU, only relabelled.
-void match_previous(std::int32_t* phy2log, const std::int32_t* old, int R, int G, int N,
+void match_previous(std::int32_t* phy2log, const std::int32_t* old, int E, int R, int G, int N,
                     bool node_locality) {
     const int S = R / G;
     const int gpn = G / N;
-    auto overlap = [&](const std::int32_t* a, const std::int32_t* b, int n) {
-        // Multiset intersection size of a[0, n) and b[0, n) (n is small).
-        std::vector<int> x(a, a + n), y(b, b + n);
-        std::sort(x.begin(), x.end());
-        std::sort(y.begin(), y.end());
-        int i = 0, j = 0, common = 0;
-        while (i < n && j < n) {
-            if (x[i] == y[j]) {
-                ++common;
-                ++i;
-                ++j;
-            } else if (x[i] < y[j]) {
-                ++i;
-            } else {
-                ++j;
-            }
-        }
-        return common;
-    };
-    // Greedy maximum-overlap matching of `count` new blocks to old blocks of `width` slots
-    // (blocks are contiguous runs of slots starting at new_first / old_first).
-    auto match = [&](const std::int32_t* cur, int new_first, int old_first, int count, int width) {
-        std::vector<std::tuple<int, int, int>> pairs;  // (-overlap, new, old)
-        for (int a = 0; a < count; ++a) {
-            for (int b = 0; b < count; ++b) {
-                const int o = overlap(cur + static_cast<Index>(new_first + a) * width,
-                                      old + static_cast<Index>(old_first + b) * width, width);
-                if (o > 0) pairs.emplace_back(-o, a, b);
-            }
-        }
-        std::sort(pairs.begin(), pairs.end());
-        std::vector<int> target(static_cast<std::size_t>(count), -1);
-        std::vector<bool> used(static_cast<std::size_t>(count), false);
-        for (const auto& [o, a, b] : pairs) {
-            if (target[a] < 0 && !used[b]) {
-                target[a] = b;
-                used[b] = true;
-            }
-        }
-        int next = 0;
-        for (int a = 0; a < count; ++a) {
-            if (target[a] >= 0) continue;
-            while (used[next]) ++next;
-            target[a] = next;
-            used[next] = true;
-        }
-        return target;
-    };
     std::vector<std::int32_t> cur(phy2log, phy2log + R);
     std::vector<std::int32_t> out(static_cast<std::size_t>(R));
     if (node_locality && N > 1) {
-        const std::vector<int> node_target = match(cur.data(), 0, 0, N, gpn * S);
+        const std::vector<int> node_target = match_blocks(cur.data(), old, N, gpn * S, E);
         for (int n = 0; n < N; ++n) {
             std::copy(cur.begin() + static_cast<Index>(n) * gpn * S,
                       cur.begin() + static_cast<Index>(n + 1) * gpn * S,
@@ -1646,39 +1716,51 @@ void match_previous(std::int32_t* phy2log, const std::int32_t* old, int R, int G
         }
         cur = out;
         for (int n = 0; n < N; ++n) {
-            const std::vector<int> gpu_target = match(cur.data(), n * gpn, n * gpn, gpn, S);
+            const Index first = static_cast<Index>(n) * gpn * S;
+            const std::vector<int> gpu_target =
+                match_blocks(cur.data() + first, old + first, gpn, S, E);
             for (int g = 0; g < gpn; ++g) {
-                std::copy(cur.begin() + static_cast<Index>(n * gpn + g) * S,
-                          cur.begin() + static_cast<Index>(n * gpn + g + 1) * S,
-                          out.begin() + static_cast<Index>(n * gpn + gpu_target[g]) * S);
+                std::copy(cur.begin() + first + static_cast<Index>(g) * S,
+                          cur.begin() + first + static_cast<Index>(g + 1) * S,
+                          out.begin() + first + static_cast<Index>(gpu_target[g]) * S);
             }
         }
     } else {
-        const std::vector<int> gpu_target = match(cur.data(), 0, 0, G, S);
+        const std::vector<int> gpu_target = match_blocks(cur.data(), old, G, S, E);
         for (int g = 0; g < G; ++g) {
             std::copy(cur.begin() + static_cast<Index>(g) * S,
                       cur.begin() + static_cast<Index>(g + 1) * S,
                       out.begin() + static_cast<Index>(gpu_target[g]) * S);
         }
     }
-    // Inside each GPU: experts already in a slot stay there; the rest fill the free slots.
+    // Inside each GPU: experts already in a slot stay there (each previous slot, in order, takes
+    // the first of the GPU's pending replicas of its expert); the rest fill the free slots in
+    // order. `pending[e]` counts e's untaken replicas, `taken[e]` those kept in place.
+    std::vector<int> pending(static_cast<std::size_t>(E), 0), taken(static_cast<std::size_t>(E), 0);
+    std::vector<bool> filled(static_cast<std::size_t>(S));
     for (int g = 0; g < G; ++g) {
         std::int32_t* dst = phy2log + static_cast<Index>(g) * S;
         const std::int32_t* src = out.data() + static_cast<Index>(g) * S;
         const std::int32_t* prev = old + static_cast<Index>(g) * S;
-        std::vector<std::int32_t> pending(src, src + S);
-        std::vector<bool> filled(static_cast<std::size_t>(S), false);
+        for (int s = 0; s < S; ++s) ++pending[src[s]];
         for (int s = 0; s < S; ++s) {
-            const auto it = std::find(pending.begin(), pending.end(), prev[s]);
-            if (it != pending.end()) {
+            filled[s] = pending[prev[s]] > 0;
+            if (filled[s]) {
                 dst[s] = prev[s];
-                filled[s] = true;
-                pending.erase(it);
+                --pending[prev[s]];
+                ++taken[prev[s]];
             }
         }
-        std::size_t k = 0;
+        int free_slot = 0;
         for (int s = 0; s < S; ++s) {
-            if (!filled[s]) dst[s] = pending[k++];
+            const std::int32_t e = src[s];
+            pending[e] = 0;
+            if (taken[e] > 0) {  // the first taken[e] replicas of e stayed in place
+                --taken[e];
+                continue;
+            }
+            while (filled[free_slot]) ++free_slot;
+            dst[free_slot++] = e;
         }
     }
 }
@@ -2480,7 +2562,7 @@ Plan rebalance_impl(ConstMatrixMap<double> load, const RebalanceOptions& o, cons
                     step_peak ? &st : nullptr, scratch, phy2log.row(l).data());
                 if (o.previous) {
                     match_previous(phy2log.row(l).data(),
-                                   o.previous->physical_to_logical().row(l).data(), R, G,
+                                   o.previous->physical_to_logical().row(l).data(), E, R, G,
                                    node_locality ? N : 1, node_locality);
                 }
                 take_stats(l, lower_bounds[l], scratch.count32);

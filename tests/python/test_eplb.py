@@ -17,6 +17,7 @@ import json
 import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -1095,6 +1096,106 @@ def test_previous_moves_fewer_experts_after_a_perturbation(shape: tuple[int, ...
     # With move_cost=0 and no max_moves, matching the previous placement costs no balance.
     assert (kept.stats.max_gpu_load <= fresh.stats.max_gpu_load * (1 + 1e-9)).all()
     assert not kept.stats.layer_kept_previous.any()
+
+
+def greedy_block_matching(new: np.ndarray, old: np.ndarray, count: int) -> list[int]:
+    """The pairwise reference of the planner's matching: new[a] and old[b] are blocks of slots;
+    every pair with a positive multiset overlap, sorted by (-overlap, a, b), is taken when both
+    blocks are free; new blocks left over take the free old blocks in order."""
+    new_counts = [Counter(block.tolist()) for block in new.reshape(count, -1)]
+    old_counts = [Counter(block.tolist()) for block in old.reshape(count, -1)]
+    pairs = []
+    for a, x in enumerate(new_counts):
+        for b, y in enumerate(old_counts):
+            common = sum((x & y).values())
+            if common > 0:
+                pairs.append((-common, a, b))
+    target, used = [-1] * count, [False] * count
+    for _, a, b in sorted(pairs):
+        if target[a] < 0 and not used[b]:
+            target[a], used[b] = b, True
+    free = iter(b for b in range(count) if not used[b])
+    return [t if t >= 0 else next(free) for t in target]
+
+
+def reference_match_previous(row: np.ndarray, old: np.ndarray, gpus: int, nodes: int) -> np.ndarray:
+    """Relabels a planned layer's nodes, then GPUs within nodes, then slots within GPUs, to match
+    ``old`` (the pre-issue-17 O(G^2) pairwise algorithm, written out)."""
+    slots_per_gpu = len(row) // gpus
+    out = row.copy()
+    if nodes > 1:
+        node_target = greedy_block_matching(row, old, nodes)
+        width = len(row) // nodes
+        for n, t in enumerate(node_target):
+            out[t * width : (t + 1) * width] = row[n * width : (n + 1) * width]
+        cur, per_node = out.copy(), gpus // nodes
+        for n in range(nodes):
+            base = n * width
+            gpu_target = greedy_block_matching(
+                cur[base : base + width], old[base : base + width], per_node
+            )
+            for g, t in enumerate(gpu_target):
+                out[base + t * slots_per_gpu : base + (t + 1) * slots_per_gpu] = cur[
+                    base + g * slots_per_gpu : base + (g + 1) * slots_per_gpu
+                ]
+    else:
+        for g, t in enumerate(greedy_block_matching(row, old, gpus)):
+            out[t * slots_per_gpu : (t + 1) * slots_per_gpu] = row[
+                g * slots_per_gpu : (g + 1) * slots_per_gpu
+            ]
+    result = np.empty_like(out)
+    for g in range(gpus):
+        span = slice(g * slots_per_gpu, (g + 1) * slots_per_gpu)
+        pending, prev = list(out[span]), old[span]
+        filled = [False] * slots_per_gpu
+        for s, e in enumerate(prev):
+            if e in pending:
+                result[span.start + s], filled[s] = e, True
+                pending.remove(e)
+        rest = iter(pending)
+        for s in range(slots_per_gpu):
+            if not filled[s]:
+                result[span.start + s] = next(rest)
+    return result
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [(64, 256, 8, 8, 64), (64, 192, 8, 4, 32), (48, 96, 6, 1, 24), (32, 128, 0, 4, 64)],
+    ids=["64gpus-8nodes", "32gpus-4nodes", "24gpus-1node", "no-groups"],
+)
+def test_previous_matching_equals_the_pairwise_reference(shape: tuple[int, ...]) -> None:
+    """At a moderate size, with ties and hot experts replicated across many GPUs, the plan with
+    ``previous`` is the plan without it relabelled by the pairwise greedy matching (issue 17: the
+    sparse matching must keep these plans bit-identical)."""
+    experts, slots, groups, nodes, gpus = shape
+    rng = np.random.default_rng(17)
+    layers = 3
+    zipf = 1.0 / np.arange(1, experts + 1)
+    load = np.stack([rng.permutation(zipf) * 1e4 for _ in range(layers)])
+    load[1] = np.round(load[1] / 2e3)  # small integers: many ties
+    earlier = rebalance(
+        load * rng.uniform(0.5, 1.5, load.shape), slots, groups or None, nodes, gpus
+    )
+    rows = [rng.permutation(np.r_[np.arange(experts), rng.integers(0, experts, slots - experts)])]
+    random = ExpertLocation(np.array(rows * layers, dtype=np.int32), experts, gpus, nodes)
+    for previous in (earlier.location, random):
+        for locality in ("node", "none"):
+            args = (load, slots, groups or None, nodes, gpus)
+            fresh = rebalance(*args, locality=locality)
+            plan = rebalance(*args, locality=locality, previous=previous, move_cost=0)
+            matched_nodes = nodes if "locality=node" in plan.stats.algorithm else 1
+            for layer in range(layers):
+                old = previous.physical_to_logical[layer]
+                expected = (
+                    old
+                    if plan.stats.layer_kept_previous[layer]
+                    else reference_match_previous(
+                        fresh.location.physical_to_logical[layer], old, gpus, matched_nodes
+                    )
+                )
+                np.testing.assert_array_equal(plan.location.physical_to_logical[layer], expected)
+            assert not plan.stats.layer_kept_previous.all()
 
 
 def test_large_move_cost_keeps_previous_layers() -> None:

@@ -27,6 +27,7 @@ def test_bench_scale_quick(tmp_path: Path) -> None:
     assert len({r["num_gpus"] for r in planner}) >= 2  # a table over sizes
     for row in planner:
         assert row["plan_seconds"] > 0 and row["moves_seconds"] > 0, row
+        assert row["plan_seconds_no_previous"] > 0 and row["plan_seconds_previous_plan"] > 0, row
         assert 0 < row["balancedness"] <= 1, row
         assert row["peak_rss_mib"] >= row["rss_before_mib"] > 0, row
     recorder = {r["mode"]: r for r in data["recorder"]}
