@@ -109,6 +109,47 @@ void bind_recorder(py::module_& m) {
                  for (const auto& p : r.passes()) ids.push_back(p.forward_pass_id);
                  return py::array_t<std::int64_t>(static_cast<py::ssize_t>(ids.size()), ids.data());
              })
+        .def(
+            "pass_placements",
+            [](const Recorder& r) {
+                const auto passes = r.passes();
+                const auto current = r.location();
+                std::vector<std::shared_ptr<const ExpertLocation>> distinct;
+                py::array_t<std::int64_t> index(static_cast<py::ssize_t>(passes.size()));
+                auto* out = index.mutable_data();
+                for (std::size_t t = 0; t < passes.size(); ++t) {
+                    const auto& loc = passes[t].location;
+                    std::int64_t found = -1;
+                    if (loc == current || *loc == *current) {
+                        out[t] = -1;
+                        continue;
+                    }
+                    for (std::size_t j = 0; j < distinct.size(); ++j) {
+                        if (distinct[j] == loc || *distinct[j] == *loc) {
+                            found = static_cast<std::int64_t>(j);
+                            break;
+                        }
+                    }
+                    if (found < 0) {
+                        found = static_cast<std::int64_t>(distinct.size());
+                        distinct.push_back(loc);
+                    }
+                    out[t] = found;
+                }
+                py::list maps;
+                for (const auto& loc : distinct) {
+                    const auto& m = loc->physical_to_logical();
+                    auto a = new_matrix<std::int32_t>(m.rows(), m.cols());
+                    std::int32_t* dst = a.mutable_data();
+                    for (Index l = 0; l < m.rows(); ++l)
+                        for (Index p = 0; p < m.cols(); ++p) *dst++ = m(l, p);
+                    maps.append(a);
+                }
+                return py::make_tuple(index, maps);
+            },
+            "(index int64 [T], maps): the placement each pass of the window was recorded with: "
+            "-1 for the current one, else an index into maps (distinct earlier placements, "
+            "[L, P] int32 physical_to_logical each, in order of first use).")
         .def("pass_balancedness",
              [](const Recorder& r) {
                  std::vector<double> b;
