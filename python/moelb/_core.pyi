@@ -226,6 +226,13 @@ class ExpertDistributionRecorder:
         None before the first pass. window=1000: average_utilization_rate_over_window."""
     def clear(self) -> None: ...
     def merge(self, other: ExpertDistributionRecorder) -> None: ...
+    def packed_token_ids(self) -> npt.NDArray[np.int32]:
+        """int32 [2 * T * L + ids]: top_k [T * L], ids per (pass, layer) [T * L], then the
+        routed ids (per_token mode; zero headers otherwise), for a collective."""
+    def merge_summed_counts(self, summed: Any, others: list[Any] = ...) -> None:
+        """Sets each pass's counts to summed [T, L, P] (int32 or int64: every rank's counts
+        summed pass by pass, this recorder's included) and appends the other ranks'
+        packed_token_ids() (per_token), as merge() would; validates before changing anything."""
 
 DEFAULT_MOVE_COST: float
 

@@ -116,7 +116,10 @@ class ExpertDistributionRecorder(_core.ExpertDistributionRecorder):
         current placement, which every pass of the window was recorded with (call it before
         ``set_location``); otherwise every rank raises the same ``InvalidArgumentError`` and
         nothing changes. In ``per_token`` mode the other ranks' routed ids are appended after this
-        rank's, in rank order. Memory: one window's counts plus an int64 buffer of at most 32 MiB.
+        rank's, in rank order. Cost: one ``all_reduce`` of the window's counts (int32, or int64
+        when a sum could pass 2**31 - 1), one ``all_gather`` of the routed ids in ``per_token``
+        mode, two small ``all_gather``s of shapes and pass ids, and a native merge; memory: about
+        two copies of the window's counts.
         """
         from .distributed import all_reduce_recorder
 
