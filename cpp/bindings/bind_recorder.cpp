@@ -160,6 +160,8 @@ void bind_recorder(py::module_& m) {
             "(index int64 [T], maps): the placement each pass of the window was recorded with: "
             "-1 for the current one, else an index into maps (distinct earlier placements, "
             "[L, P] int32 physical_to_logical each, in order of first use).")
+        .def("num_passes_with_other_placement", &Recorder::num_passes_with_other_placement,
+             "Passes of the window recorded with another placement than the current one.")
         .def("pass_balancedness",
              [](const Recorder& r) {
                  std::vector<double> b;

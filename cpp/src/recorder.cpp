@@ -334,6 +334,15 @@ std::vector<std::int64_t> ExpertDistributionRecorder::forward_pass_ids() const {
     return out;
 }
 
+Index ExpertDistributionRecorder::num_passes_with_other_placement() const {
+    std::lock_guard lock(mutex_);
+    Index n = 0;
+    for (const Pass& pass : passes_) {
+        if (pass.location != location_ && !(*pass.location == *location_)) ++n;
+    }
+    return n;
+}
+
 std::vector<std::int32_t> ExpertDistributionRecorder::logical_count() const {
     std::lock_guard lock(mutex_);
     const int L = location_->num_layers();

@@ -120,9 +120,11 @@ def all_reduce_recorder(recorder: ExpertDistributionRecorder, group: Any = None)
             _MODES.index(recorder.mode),
             location.ep_size,
             zlib.crc32(p2l.tobytes()),
-            # Not compared: the largest count (picks the sum's width) and the packed ids' length.
+            # Not compared: the largest count (picks the sum's width), the packed ids' length
+            # and the passes recorded before a set_location (refused on every rank below).
             int(counts.max()) if counts.size else 0,
             0 if packed is None else packed.shape[0],
+            recorder.num_passes_with_other_placement(),
         ],
         dtype=np.int64,
     )
@@ -141,6 +143,13 @@ def all_reduce_recorder(recorder: ExpertDistributionRecorder, group: Any = None)
                 f"recorders cannot be merged: the ranks hold different {name} "
                 f"(per rank: {[str(v) for v in shown]}); ranks must record in lockstep"
             )
+    stale = np.flatnonzero(metas[:, 8])
+    if stale.size:
+        raise InvalidArgumentError(
+            "all_reduce merges passes recorded with the recorder's current placement, but "
+            + ", ".join(f"rank {r} holds {metas[r, 8]}" for r in stale)
+            + " recorded with an earlier one: call all_reduce (or dump) before set_location"
+        )
     if num_passes == 0:
         return
     all_ids = _all_gather_int64(torch, dist, group, device, ids)

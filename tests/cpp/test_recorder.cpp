@@ -1321,7 +1321,9 @@ TEST(RecorderMergeSummed, BadInputIsAnErrorAndChangesNothing) {
         [&] { stat.merge_summed_counts(Span64(one), {std::span<const std::int32_t>(pack)}); },
         "need mode='per_token'");
     // A pass recorded before set_location cannot take counts summed in the current placement.
+    EXPECT_EQ(stat.num_passes_with_other_placement(), 0);
     stat.set_location(ExpertLocation(matrix<std::int32_t>({{1, 0, 2, 3}}), 4, 2));
+    EXPECT_EQ(stat.num_passes_with_other_placement(), 1);
     expect_invalid_argument([&] { stat.merge_summed_counts(Span64(one)); },
                             "pass 0 (forward_pass_id=0) was recorded with different placements");
     EXPECT_EQ(stat.passes()[0].counts, (Counts{1, 1, 0, 0}));

@@ -139,6 +139,9 @@ class ExpertDistributionRecorder {
     // under the lock without copying the passes (passes() also copies per-token ids).
     std::vector<std::int32_t> physical_count() const;
     std::vector<std::int64_t> forward_pass_ids() const;
+    // Passes of the window recorded with a placement other than the current one (set_location
+    // since they were recorded).
+    Index num_passes_with_other_placement() const;
     // [T, L, E] logical counts, each pass converted with its own placement.
     std::vector<std::int32_t> logical_count() const;
     // Mean balancedness (SGLang's, pass_balancedness) over the last `window` passes, idle passes
