@@ -31,6 +31,7 @@ HERE = Path(__file__).resolve().parent
 BENCHMARKS = (
     "bench_routing",
     "bench_recorder",
+    "bench_all_reduce",
     "bench_eplb",
     "bench_waterfill",
     "bench_moe",

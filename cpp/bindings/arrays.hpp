@@ -37,13 +37,55 @@ inline std::string shape_string(const py::array& a) {
     return s + ")";
 }
 
-// Converts any array-like (NumPy array, CPU torch tensor, ...) without copying when possible.
-inline py::array as_array(const py::handle& obj) { return py::array::ensure(obj); }
+// A torch.Tensor (or subclass, e.g. nn.Parameter), recognised without importing torch.
+inline bool is_torch_tensor(const py::handle& obj) {
+    const py::handle type = py::type::handle_of(obj);
+    if (!py::hasattr(type, "__module__")) return false;
+    const std::string module = py::str(type.attr("__module__"));
+    return (module == "torch" || module.rfind("torch.", 0) == 0) && py::hasattr(obj, "detach") &&
+           py::hasattr(obj, "numpy") && py::hasattr(obj, "device") && py::hasattr(obj, "dtype");
+}
 
-// Checks that `obj` is a C-contiguous `ndim`-D array of exactly T; never copies.
+// The NumPy view of a CPU torch tensor's memory (never a copy: detach() shares the storage, so a
+// requires_grad tensor is read as it is). A tensor off the CPU, or of a dtype NumPy cannot hold
+// (bfloat16, ...), is an InvalidDType naming `name`, its dtype and `expected`. With
+// `convert_float` (small config-sized inputs only) such a floating tensor is converted to float32.
+inline py::array torch_tensor_array(const py::handle& obj, const char* name, const char* expected,
+                                    bool convert_float = false) {
+    const std::string dtype = py::str(obj.attr("dtype"));
+    const std::string device = py::str(obj.attr("device").attr("type"));
+    if (device != "cpu") {
+        throw InvalidDType(std::string(name) + " is a " + dtype + " tensor on device '" + device +
+                           "'; moelb reads CPU memory: pass a CPU tensor or NumPy array of " +
+                           "dtype " + expected + " (e.g. " + name + ".cpu())");
+    }
+    py::object tensor = obj.attr("detach")();
+    try {
+        return py::array::ensure(tensor.attr("numpy")());
+    } catch (const py::error_already_set&) {
+        // NumPy has no such dtype (bfloat16, float8, ...).
+    }
+    if (convert_float && py::bool_(tensor.attr("is_floating_point")())) {
+        return py::array::ensure(tensor.attr("float")().attr("numpy")());
+    }
+    throw InvalidDType(std::string(name) + " must have dtype " + expected + ", got " + dtype +
+                       ", which NumPy cannot read; convert it first (e.g. " + name +
+                       ".float()), at the cost of a copy");
+}
+
+// Converts any array-like (NumPy array, CPU torch tensor, ...) without copying when possible; a
+// null array when `obj` is not array-like. `expected` names the dtype wanted (for errors).
+inline py::array as_array(const py::handle& obj, const char* name, const char* expected = "?",
+                          bool convert_float = false) {
+    if (is_torch_tensor(obj)) return torch_tensor_array(obj, name, expected, convert_float);
+    return py::array::ensure(obj);
+}
+
+// Checks that `obj` is a C-contiguous `ndim`-D array of exactly T; never copies. CPU torch
+// tensors are read in place (requires_grad ones too).
 template <class T>
 py::array_t<T> strict_array(const py::handle& obj, const char* name, int ndim) {
-    py::array a = py::array::ensure(obj);
+    py::array a = as_array(obj, name, dtype_name<T>());
     MOELB_CHECK_ARG(a,
                     name << " must be an array, got " << std::string(py::str(py::type::of(obj))));
     if (!a.dtype().is(py::dtype::of<T>())) {
@@ -62,7 +104,7 @@ py::array_t<T> strict_array(const py::handle& obj, const char* name, int ndim) {
 // only integer inputs (a float array of ids is an error, not a silent truncation).
 template <class T>
 py::array_t<T, py::array::c_style> config_array(const py::handle& obj, const char* name, int ndim) {
-    py::array a = py::array::ensure(obj);
+    py::array a = as_array(obj, name, dtype_name<T>(), !std::is_integral_v<T>);
     MOELB_CHECK_ARG(a,
                     name << " must be an array, got " << std::string(py::str(py::type::of(obj))));
     if constexpr (std::is_integral_v<T>) {

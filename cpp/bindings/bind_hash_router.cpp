@@ -70,7 +70,7 @@ TopKConfig. num_experts: E when known (tid2eid is checked now), else checked per
                const ExpertLocation* location, std::optional<std::int64_t> layer,
                std::int64_t ep_rank, const std::string& dispatch, std::int64_t seed) {
                 auto logits = strict_array<float>(router_logits, "router_logits", 2);
-                py::array ids = py::array::ensure(input_ids);
+                py::array ids = as_array(input_ids, "input_ids", "int32 or int64");
                 MOELB_CHECK_ARG(ids, "input_ids must be an array");
                 if (ids.dtype().is(py::dtype::of<std::int64_t>())) {
                     ids = strict_array<std::int64_t>(input_ids, "input_ids", 1);

@@ -17,6 +17,15 @@ py::array_t<std::int32_t> new_3d(Index a, Index b, Index c) {
         {static_cast<py::ssize_t>(a), static_cast<py::ssize_t>(b), static_cast<py::ssize_t>(c)});
 }
 
+// A NumPy array that takes over `data` (no copy); it frees the vector when collected.
+template <class T>
+py::array_t<T> owning_array(std::vector<T>&& data, std::vector<Index> shape) {
+    auto* owned = new std::vector<T>(std::move(data));
+    py::capsule free(owned, [](void* p) { delete static_cast<std::vector<T>*>(p); });
+    std::vector<py::ssize_t> dims(shape.begin(), shape.end());
+    return py::array_t<T>(std::move(dims), owned->data(), free);
+}
+
 }  // namespace
 
 void bind_recorder(py::module_& m) {
@@ -95,20 +104,64 @@ void bind_recorder(py::module_& m) {
              })
         .def("physical_count",
              [](const Recorder& r) {
-                 const auto passes = r.passes();
                  const Index L = r.num_layers(), P = r.num_physical_experts();
-                 auto out = new_3d(static_cast<Index>(passes.size()), L, P);
-                 std::int32_t* dst = out.mutable_data();
-                 for (const auto& p : passes)
-                     dst = std::copy(p.counts.begin(), p.counts.end(), dst);
-                 return out;
+                 std::vector<std::int32_t> data;
+                 {
+                     py::gil_scoped_release release;
+                     data = r.physical_count();
+                 }
+                 const Index T = static_cast<Index>(data.size()) / std::max<Index>(L * P, 1);
+                 return owning_array(std::move(data), {T, L, P});
              })
         .def("forward_pass_ids",
              [](const Recorder& r) {
-                 std::vector<std::int64_t> ids;
-                 for (const auto& p : r.passes()) ids.push_back(p.forward_pass_id);
-                 return py::array_t<std::int64_t>(static_cast<py::ssize_t>(ids.size()), ids.data());
+                 auto ids = r.forward_pass_ids();
+                 const auto n = static_cast<Index>(ids.size());
+                 return owning_array(std::move(ids), {n});
              })
+        .def(
+            "pass_placements",
+            [](const Recorder& r) {
+                const auto passes = r.passes();
+                const auto current = r.location();
+                std::vector<std::shared_ptr<const ExpertLocation>> distinct;
+                py::array_t<std::int64_t> index(static_cast<py::ssize_t>(passes.size()));
+                auto* out = index.mutable_data();
+                for (std::size_t t = 0; t < passes.size(); ++t) {
+                    const auto& loc = passes[t].location;
+                    std::int64_t found = -1;
+                    if (loc == current || *loc == *current) {
+                        out[t] = -1;
+                        continue;
+                    }
+                    for (std::size_t j = 0; j < distinct.size(); ++j) {
+                        if (distinct[j] == loc || *distinct[j] == *loc) {
+                            found = static_cast<std::int64_t>(j);
+                            break;
+                        }
+                    }
+                    if (found < 0) {
+                        found = static_cast<std::int64_t>(distinct.size());
+                        distinct.push_back(loc);
+                    }
+                    out[t] = found;
+                }
+                py::list maps;
+                for (const auto& loc : distinct) {
+                    const auto& m = loc->physical_to_logical();
+                    auto a = new_matrix<std::int32_t>(m.rows(), m.cols());
+                    std::int32_t* dst = a.mutable_data();
+                    for (Index l = 0; l < m.rows(); ++l)
+                        for (Index p = 0; p < m.cols(); ++p) *dst++ = m(l, p);
+                    maps.append(a);
+                }
+                return py::make_tuple(index, maps);
+            },
+            "(index int64 [T], maps): the placement each pass of the window was recorded with: "
+            "-1 for the current one, else an index into maps (distinct earlier placements, "
+            "[L, P] int32 physical_to_logical each, in order of first use).")
+        .def("num_passes_with_other_placement", &Recorder::num_passes_with_other_placement,
+             "Passes of the window recorded with another placement than the current one.")
         .def("pass_balancedness",
              [](const Recorder& r) {
                  std::vector<double> b;
@@ -140,6 +193,52 @@ void bind_recorder(py::module_& m) {
                 return std::isnan(v) ? py::none() : py::object(py::float_(v));
             },
             py::arg("window"))
+        .def(
+            "packed_token_ids",
+            [](const Recorder& r) {
+                std::vector<std::int32_t> data;
+                {
+                    py::gil_scoped_release release;
+                    data = r.packed_token_ids();
+                }
+                return py::array_t<std::int32_t>(static_cast<py::ssize_t>(data.size()),
+                                                 data.data());
+            },
+            "int32 [2 * T * L + ids]: the window's per-token ids packed for a collective: top_k "
+            "[T * L], number of ids [T * L] (pass-major), then the ids (per_token mode; zero "
+            "headers otherwise).")
+        .def(
+            "merge_summed_counts",
+            [](Recorder& r, const py::handle& summed, const py::list& others) {
+                py::array a = as_array(summed, "summed");
+                const bool wide = a && a.dtype().is(py::dtype::of<std::int64_t>());
+                std::vector<py::array_t<std::int32_t>> packs;
+                std::vector<std::span<const std::int32_t>> spans;
+                for (std::size_t i = 0; i < others.size(); ++i) {
+                    const std::string name = "others[" + std::to_string(i) + "]";
+                    packs.push_back(strict_array<std::int32_t>(others[i], name.c_str(), 1));
+                    spans.emplace_back(packs.back().data(),
+                                       static_cast<std::size_t>(packs.back().size()));
+                }
+                if (wide) {
+                    auto s = strict_array<std::int64_t>(summed, "summed", 3);
+                    py::gil_scoped_release release;
+                    r.merge_summed_counts(
+                        std::span<const std::int64_t>(s.data(), static_cast<std::size_t>(s.size())),
+                        spans);
+                } else {
+                    auto s = strict_array<std::int32_t>(summed, "summed", 3);
+                    py::gil_scoped_release release;
+                    r.merge_summed_counts(
+                        std::span<const std::int32_t>(s.data(), static_cast<std::size_t>(s.size())),
+                        spans);
+                }
+            },
+            py::arg("summed"), py::arg("others") = py::list(),
+            "Sets each pass's counts to summed [T, L, P] (int32 or int64: every rank's counts "
+            "summed pass by pass, this recorder's included) and appends the other ranks' "
+            "packed_token_ids() (per_token), as merge() would; validates before changing "
+            "anything.")
         .def("clear", &Recorder::clear)
         .def("merge", &Recorder::merge, py::arg("other"), py::call_guard<py::gil_scoped_release>());
 }

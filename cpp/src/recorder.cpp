@@ -316,6 +316,33 @@ Index ExpertDistributionRecorder::num_passes() const {
     return static_cast<Index>(passes_.size());
 }
 
+std::vector<std::int32_t> ExpertDistributionRecorder::physical_count() const {
+    std::lock_guard lock(mutex_);
+    const std::size_t cells = static_cast<std::size_t>(location_->num_layers()) *
+                              static_cast<std::size_t>(location_->num_physical_experts());
+    std::vector<std::int32_t> out;
+    out.reserve(passes_.size() * cells);  // appended, not zeroed first
+    for (const Pass& pass : passes_) out.insert(out.end(), pass.counts.begin(), pass.counts.end());
+    return out;
+}
+
+std::vector<std::int64_t> ExpertDistributionRecorder::forward_pass_ids() const {
+    std::lock_guard lock(mutex_);
+    std::vector<std::int64_t> out;
+    out.reserve(passes_.size());
+    for (const Pass& pass : passes_) out.push_back(pass.forward_pass_id);
+    return out;
+}
+
+Index ExpertDistributionRecorder::num_passes_with_other_placement() const {
+    std::lock_guard lock(mutex_);
+    Index n = 0;
+    for (const Pass& pass : passes_) {
+        if (pass.location != location_ && !(*pass.location == *location_)) ++n;
+    }
+    return n;
+}
+
 std::vector<std::int32_t> ExpertDistributionRecorder::logical_count() const {
     std::lock_guard lock(mutex_);
     const int L = location_->num_layers();
@@ -401,8 +428,14 @@ void ExpertDistributionRecorder::merge(const ExpertDistributionRecorder& other) 
             mine.token_ids[l].insert(mine.token_ids[l].end(), theirs.token_ids[l].begin(),
                                      theirs.token_ids[l].end());
         }
-        mine.balancedness =
-            pass_balancedness(mine.counts, location_->num_layers(),
+    }
+    refresh_merged_balancedness_locked();
+}
+
+void ExpertDistributionRecorder::refresh_merged_balancedness_locked() {
+    for (Pass& pass : passes_) {
+        pass.balancedness =
+            pass_balancedness(pass.counts, location_->num_layers(),
                               location_->num_physical_experts(), location_->ep_size());
     }
     // The merged passes' balancedness replaces this recorder's most recent history.
@@ -410,6 +443,142 @@ void ExpertDistributionRecorder::merge(const ExpertDistributionRecorder& other) 
     for (std::size_t i = 0; i < n; ++i) {
         history_[history_.size() - n + i] = passes_[passes_.size() - n + i].balancedness;
     }
+}
+
+std::vector<std::int32_t> ExpertDistributionRecorder::packed_token_ids() const {
+    std::lock_guard lock(mutex_);
+    const std::size_t L = static_cast<std::size_t>(location_->num_layers());
+    const std::size_t cells = passes_.size() * L;
+    std::size_t total = 0;
+    for (const Pass& pass : passes_) {
+        for (const auto& ids : pass.token_ids) total += ids.size();
+    }
+    std::vector<std::int32_t> out(2 * cells + total, 0);
+    std::size_t cell = 0, next = 2 * cells;
+    for (const Pass& pass : passes_) {
+        for (std::size_t l = 0; l < L; ++l, ++cell) {
+            if (l >= pass.token_ids.size()) continue;
+            const auto& ids = pass.token_ids[l];
+            MOELB_CHECK_ARG(
+                ids.size() <= static_cast<std::size_t>(std::numeric_limits<std::int32_t>::max()),
+                "layer " << l << " of pass " << pass.forward_pass_id << " holds " << ids.size()
+                         << " routed ids, too many to pack");
+            out[cell] = pass.token_top_k[l];
+            out[cells + cell] = static_cast<std::int32_t>(ids.size());
+            std::copy(ids.begin(), ids.end(), out.begin() + static_cast<std::ptrdiff_t>(next));
+            next += ids.size();
+        }
+    }
+    return out;
+}
+
+void ExpertDistributionRecorder::merge_summed_counts(
+    std::span<const std::int32_t> summed,
+    const std::vector<std::span<const std::int32_t>>& others) {
+    merge_summed_counts_impl(summed, others);
+}
+
+void ExpertDistributionRecorder::merge_summed_counts(
+    std::span<const std::int64_t> summed,
+    const std::vector<std::span<const std::int32_t>>& others) {
+    merge_summed_counts_impl(summed, others);
+}
+
+template <class Count>
+void ExpertDistributionRecorder::merge_summed_counts_impl(
+    std::span<const Count> summed, const std::vector<std::span<const std::int32_t>>& others) {
+    std::lock_guard lock(mutex_);
+    const std::size_t L = static_cast<std::size_t>(location_->num_layers());
+    const std::size_t P = static_cast<std::size_t>(location_->num_physical_experts());
+    const std::size_t T = passes_.size();
+    const std::size_t cells = T * L;
+    MOELB_CHECK_ARG(summed.size() == cells * P,
+                    "summed has " << summed.size() << " counts but the recorder holds " << T
+                                  << " passes of [" << L << ", " << P << "] (" << cells * P << ")");
+    MOELB_CHECK_ARG(others.empty() || mode_ == RecorderMode::kPerToken,
+                    "token ids of other ranks need mode='per_token', the recorder has mode='"
+                        << to_string(mode_) << "'");
+    // Validate everything before changing anything.
+    constexpr std::int64_t kMax = std::numeric_limits<std::int32_t>::max();
+    for (std::size_t t = 0; t < T; ++t) {
+        const Pass& pass = passes_[t];
+        MOELB_CHECK_ARG(pass.location == location_ || *pass.location == *location_,
+                        "pass " << t << " (forward_pass_id=" << pass.forward_pass_id
+                                << ") was recorded with different placements than the "
+                                   "recorder's current one");
+        const Count* sum = summed.data() + t * L * P;
+        // A branch-free scan first (vectorised); the error path below names the first bad entry.
+        bool bad = false;
+        for (std::size_t i = 0; i < L * P; ++i) {
+            const auto v = static_cast<std::int64_t>(sum[i]);
+            bad |= (v < pass.counts[i]) | (v > kMax);
+        }
+        if (!bad) continue;
+        for (std::size_t i = 0; i < L * P; ++i) {
+            MOELB_CHECK_ARG(static_cast<std::int64_t>(sum[i]) >= pass.counts[i] &&
+                                static_cast<std::int64_t>(sum[i]) <= kMax,
+                            "summed[" << t << ", " << i / P << ", " << i % P << "] = " << sum[i]
+                                      << " is not a sum that includes this recorder's count "
+                                      << pass.counts[i] << " and fits in int32");
+        }
+    }
+    for (std::size_t r = 0; r < others.size(); ++r) {
+        const auto& pack = others[r];
+        MOELB_CHECK_ARG(pack.size() >= 2 * cells, "others[" << r << "] holds " << pack.size()
+                                                            << " values, fewer than its "
+                                                            << 2 * cells << " header entries");
+        std::size_t total = 2 * cells;
+        for (std::size_t c = 0; c < cells; ++c) {
+            const std::int32_t k = pack[c], n = pack[cells + c];
+            const int mine = passes_[c / L].token_top_k[c % L];
+            MOELB_CHECK_ARG(k >= 0 && n >= 0 && (k == 0 ? n == 0 : n % k == 0),
+                            "others[" << r << "]: layer " << c % L << " of pass " << c / L
+                                      << " has " << n << " ids for top_k=" << k);
+            MOELB_CHECK_ARG(k == 0 || mine == 0 || k == mine,
+                            "layer " << c % L << " of pass " << c / L << " has top_k " << mine
+                                     << " here and " << k << " in others[" << r << "]");
+            total += static_cast<std::size_t>(n);
+        }
+        MOELB_CHECK_ARG(pack.size() == total, "others[" << r << "] holds " << pack.size()
+                                                        << " values but its header describes "
+                                                        << total);
+        for (std::size_t i = 2 * cells; i < total; ++i) {
+            MOELB_CHECK_ARG(pack[i] >= -1 && static_cast<std::size_t>(pack[i] + 1) <= P,
+                            "others[" << r << "] holds the id " << pack[i]
+                                      << ", outside [-1, num_physical_experts=" << P << ")");
+        }
+        // Layers that two other ranks fill must agree on top_k too.
+        for (std::size_t q = 0; q < r; ++q) {
+            for (std::size_t c = 0; c < cells; ++c) {
+                const std::int32_t a = others[q][c], b = pack[c];
+                MOELB_CHECK_ARG(a == 0 || b == 0 || a == b,
+                                "layer " << c % L << " of pass " << c / L << " has top_k " << a
+                                         << " in others[" << q << "] and " << b << " in others["
+                                         << r << "]");
+            }
+        }
+    }
+    for (std::size_t t = 0; t < T; ++t) {
+        Pass& pass = passes_[t];
+        const Count* sum = summed.data() + t * L * P;
+        for (std::size_t i = 0; i < L * P; ++i) pass.counts[i] = static_cast<std::int32_t>(sum[i]);
+    }
+    for (const auto& pack : others) {
+        std::size_t next = 2 * cells;
+        for (std::size_t c = 0; c < cells; ++c) {
+            const std::int32_t k = pack[c];
+            const auto n = static_cast<std::size_t>(pack[cells + c]);
+            Pass& pass = passes_[c / L];
+            if (k != 0) {
+                auto& ids = pass.token_ids[c % L];
+                ids.insert(ids.end(), pack.begin() + static_cast<std::ptrdiff_t>(next),
+                           pack.begin() + static_cast<std::ptrdiff_t>(next + n));
+                pass.token_top_k[c % L] = k;
+            }
+            next += n;
+        }
+    }
+    refresh_merged_balancedness_locked();
 }
 
 }  // namespace moelb

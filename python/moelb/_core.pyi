@@ -215,6 +215,11 @@ class ExpertDistributionRecorder:
     def logical_count(self) -> npt.NDArray[np.int32]: ...
     def physical_count(self) -> npt.NDArray[np.int32]: ...
     def forward_pass_ids(self) -> npt.NDArray[np.int64]: ...
+    def num_passes_with_other_placement(self) -> int:
+        """Passes of the window recorded with another placement than the current one."""
+    def pass_placements(self) -> tuple[npt.NDArray[np.int64], list[npt.NDArray[np.int32]]]:
+        """(index [T], maps): each pass's placement, -1 for the current one, else an index into
+        maps (distinct earlier [L, P] physical_to_logical maps)."""
     def pass_balancedness(self) -> npt.NDArray[np.float64]:
         """[num_passes]: each recorded pass's SGLang balancedness (idle layers count 1.0)."""
     def token_ids(self, pass_index: int, layer: int) -> npt.NDArray[np.int32]: ...
@@ -223,6 +228,13 @@ class ExpertDistributionRecorder:
         None before the first pass. window=1000: average_utilization_rate_over_window."""
     def clear(self) -> None: ...
     def merge(self, other: ExpertDistributionRecorder) -> None: ...
+    def packed_token_ids(self) -> npt.NDArray[np.int32]:
+        """int32 [2 * T * L + ids]: top_k [T * L], ids per (pass, layer) [T * L], then the
+        routed ids (per_token mode; zero headers otherwise), for a collective."""
+    def merge_summed_counts(self, summed: Any, others: list[Any] = ...) -> None:
+        """Sets each pass's counts to summed [T, L, P] (int32 or int64: every rank's counts
+        summed pass by pass, this recorder's included) and appends the other ranks'
+        packed_token_ids() (per_token), as merge() would; validates before changing anything."""
 
 DEFAULT_MOVE_COST: float
 

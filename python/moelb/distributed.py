@@ -53,7 +53,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from . import _core
 from ._core import ExpertLocation, InvalidArgumentError, WeightMovePlan
 
 if TYPE_CHECKING:
@@ -62,8 +61,6 @@ if TYPE_CHECKING:
 __all__ = ["all_reduce_recorder", "execute_weight_moves"]
 
 _MODES = ("stat", "per_pass", "per_token")
-# Passes summed per all_reduce call: bounds the int64 staging buffer to about 32 MiB.
-_CHUNK_ELEMENTS = 1 << 22
 
 
 def _torch_distributed(what: str) -> tuple[Any, Any]:
@@ -100,7 +97,13 @@ def _all_gather_int64(
 
 def all_reduce_recorder(recorder: ExpertDistributionRecorder, group: Any = None) -> None:
     """Sums the recorded counts of every rank of ``group`` into ``recorder`` on every rank; see
-    ``ExpertDistributionRecorder.all_reduce``."""
+    ``ExpertDistributionRecorder.all_reduce``.
+
+    Collectives: two small ``all_gather``s (the ranks' shapes, modes, placements and pass ids,
+    checked before any count moves, so every rank raises the same error), one ``all_reduce`` of
+    the window's [T, L, P] counts (int32; int64 when the sum could overflow int32) and, in
+    ``per_token`` mode, one ``all_gather`` of the packed routed ids. The merge runs natively
+    (``merge_summed_counts``)."""
     torch, dist = _torch_distributed("ExpertDistributionRecorder.all_reduce")
     device = _collective_device(torch, dist, group)
     world = dist.get_world_size(group)
@@ -109,6 +112,9 @@ def all_reduce_recorder(recorder: ExpertDistributionRecorder, group: Any = None)
     ids = np.asarray(recorder.forward_pass_ids(), dtype=np.int64)
     num_passes = int(ids.shape[0])
     num_layers, num_physical = recorder.num_layers, recorder.num_physical_experts
+    counts = recorder.physical_count()  # [T, L, P] int32, a copy this function owns
+    per_token = recorder.mode == "per_token"
+    packed = recorder.packed_token_ids() if per_token and world > 1 else None
     # Check that the ranks can be merged before summing anything; every rank sees the same
     # gathered values, so every rank raises the same error (none is left waiting).
     meta_names = ("passes", "layers", "physical experts", "mode", "ep_size", "placement")
@@ -120,6 +126,11 @@ def all_reduce_recorder(recorder: ExpertDistributionRecorder, group: Any = None)
             _MODES.index(recorder.mode),
             location.ep_size,
             zlib.crc32(p2l.tobytes()),
+            # Not compared: the largest count (picks the sum's width), the packed ids' length
+            # and the passes recorded before a set_location (refused on every rank below).
+            int(counts.max()) if counts.size else 0,
+            0 if packed is None else packed.shape[0],
+            recorder.num_passes_with_other_placement(),
         ],
         dtype=np.int64,
     )
@@ -138,6 +149,13 @@ def all_reduce_recorder(recorder: ExpertDistributionRecorder, group: Any = None)
                 f"recorders cannot be merged: the ranks hold different {name} "
                 f"(per rank: {[str(v) for v in shown]}); ranks must record in lockstep"
             )
+    stale = np.flatnonzero(metas[:, 8])
+    if stale.size:
+        raise InvalidArgumentError(
+            "all_reduce merges passes recorded with the recorder's current placement, but "
+            + ", ".join(f"rank {r} holds {metas[r, 8]}" for r in stale)
+            + " recorded with an earlier one: call all_reduce (or dump) before set_location"
+        )
     if num_passes == 0:
         return
     all_ids = _all_gather_int64(torch, dist, group, device, ids)
@@ -150,38 +168,16 @@ def all_reduce_recorder(recorder: ExpertDistributionRecorder, group: Any = None)
     if world == 1:
         return
 
-    mode = recorder.mode
-    ep_size = location.ep_size
-    slots = num_physical // ep_size
-    counts = recorder.physical_count()  # [T, L, P] int32
-    others = _core.ExpertDistributionRecorder(location, mode, -1, recorder.rank)
-    others.start()
-    chunk = max(1, _CHUNK_ELEMENTS // max(1, num_layers * num_physical))
-    for first in range(0, num_passes, chunk):
-        mine = counts[first : first + chunk].astype(np.int64)
-        total = torch.from_numpy(mine.copy()).to(device)
-        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
-        residual = total.cpu().numpy() - mine  # what the other ranks counted
-        for offset in range(mine.shape[0]):
-            t = first + offset
-            tokens = _other_ranks_token_ids(recorder, t, group, dist) if mode == "per_token" else []
-            others.begin_forward_pass(int(ids[t]))
-            for layer in range(num_layers):
-                others.begin_layer(layer)
-                rest = residual[offset, layer]
-                for layer_ids in (per_rank[layer] for per_rank in tokens):
-                    if layer_ids.size:
-                        others.on_select_experts(layer_ids)
-                        valid = layer_ids[layer_ids >= 0]
-                        rest = rest - np.bincount(valid, minlength=num_physical)
-                for w in range(ep_size):
-                    local = rest[w * slots : (w + 1) * slots]
-                    if local.any():
-                        others.on_dispatch_counts(np.ascontiguousarray(local, np.int64), w)
-                others.end_layer()
-            others.end_forward_pass()
+    # int32 whenever no sum can pass INT32_MAX (world * the largest count); the merge refuses
+    # an int64 sum that does not fit the recorder's int32 counts, on every rank alike.
+    wide = int(metas[:, 6].max()) * world > np.iinfo(np.int32).max
+    total = torch.from_numpy(counts.astype(np.int64) if wide else counts).to(device)
+    dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+    others: list[npt.NDArray[np.int32]] = []
+    if packed is not None:
+        others = _other_ranks_packed_ids(torch, dist, group, device, packed, metas[:, 7])
     try:
-        recorder.merge(others)
+        recorder.merge_summed_counts(total.cpu().numpy(), others)
     except InvalidArgumentError as error:
         if "different placements" not in str(error):
             raise
@@ -192,18 +188,26 @@ def all_reduce_recorder(recorder: ExpertDistributionRecorder, group: Any = None)
         ) from None
 
 
-def _other_ranks_token_ids(
-    recorder: ExpertDistributionRecorder, pass_index: int, group: Any, dist: Any
-) -> list[list[npt.NDArray[np.int32]]]:
-    """per_token mode: the routed ids of pass ``pass_index`` of every other rank, in rank order,
-    per layer."""
-    mine = [recorder.token_ids(pass_index, layer) for layer in range(recorder.num_layers)]
-    gathered: list[Any] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(gathered, mine, group=group)
+def _other_ranks_packed_ids(
+    torch: Any,
+    dist: Any,
+    group: Any,
+    device: Any,
+    packed: npt.NDArray[np.int32],
+    lengths: npt.NDArray[np.int64],
+) -> list[npt.NDArray[np.int32]]:
+    """per_token mode: every other rank's ``packed_token_ids()``, in rank order (one
+    ``all_gather`` of buffers padded to the longest)."""
+    longest = int(lengths.max())
+    local = torch.zeros(longest, dtype=torch.int32)
+    local[: packed.shape[0]] = torch.from_numpy(packed)
+    local = local.to(device)
+    gathered = [torch.empty_like(local) for _ in range(lengths.shape[0])]
+    dist.all_gather(gathered, local, group=group)
     me = dist.get_rank(group)
     return [
-        [np.ascontiguousarray(ids, dtype=np.int32) for ids in per_rank]
-        for r, per_rank in enumerate(gathered)
+        np.ascontiguousarray(g.cpu().numpy()[: int(lengths[r])])
+        for r, g in enumerate(gathered)
         if r != me
     ]
 

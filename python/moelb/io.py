@@ -144,10 +144,20 @@ def load_placement(
 #                      "average_utilization_rate_over_window": float | None}
 # per_pass/per_token: {"records": [{"forward_pass_id", "rank", "gatherer_key",
 #                      "global_physical_count": int32 [L, P],
-#                      per_token: "topk_ids_of_layer": int32 [L, tokens, K]}, ...],
+#                      per_token: "topk_ids_of_layer": int32 [L, tokens, K],
+#                      moelb, only for a pass recorded before a set_location:
+#                      "physical_to_logical_map": int32 [L, P]}, ...],
 #                      "last_physical_to_logical_map": int [L, P]}
 # .pt uses torch.save / torch.load(weights_only=True); .npz and .json hold the same keys (records
 # flattened into arrays in .npz). Loading never executes code from a file.
+#
+# A record's own physical_to_logical_map (the placement its pass was recorded with, when that is
+# not the last one) is moelb's addition: SGLang writes none because its buffer converts every pass
+# with the map current at dump time. moelb's loader converts each such record with its own map, so
+# a window that spans a rebalance reloads to exactly what dump() returned. SGLang's
+# read_mode_per_pass ignores the extra key and converts every record with
+# last_physical_to_logical_map, as SGLang itself does; dump before set_location to give it files
+# whose passes all share one placement.
 
 STAT_KEYS = ("rank", "logical_count", "average_utilization_rate_over_window")
 DETAIL_KEYS = ("records", "last_physical_to_logical_map")
@@ -174,35 +184,123 @@ def _import_torch(path: str | os.PathLike[str]) -> Any:
     return torch
 
 
+_INT32_MAX = int(np.iinfo(np.int32).max)
+# Arrays a dump may hold, with the smallest value each may take (-1 marks an unused id).
+_RECORD_ARRAYS = {"global_physical_count": 0, "topk_ids_of_layer": -1, PLACEMENT_KEY: 0}
+
+
+def _int32_field(value: Any, key: str, low: int = 0) -> np.ndarray:
+    """``value`` as an int32 array holding exactly the same numbers, or an InvalidArgumentError
+    naming ``key`` and the first value that is not an integer in [low, 2**31 - 1] (checked
+    before any narrowing: 3e9 never wraps, 1.7 is never truncated)."""
+    if hasattr(value, "detach"):  # a torch tensor
+        value = value.detach().cpu().numpy()
+    try:
+        array = np.asarray(value)
+    except (TypeError, ValueError) as e:
+        raise InvalidArgumentError(f"{key} is not an array: {e}") from None
+    kind = array.dtype.kind
+    if kind not in "iuf" or (kind == "f" and array.size and not np.isfinite(array).all()):
+        if kind == "f":
+            bad = array[~np.isfinite(array)].flat[0].item()
+            raise InvalidArgumentError(f"{key} holds {bad!r}, which is not an integer count")
+        raise InvalidArgumentError(f"{key} must hold integers, got dtype {array.dtype}")
+    if kind == "f" and array.size:
+        fractional = array != np.floor(array)
+        if fractional.any():
+            where = tuple(int(i) for i in np.argwhere(fractional)[0])
+            raise InvalidArgumentError(
+                f"{key}{list(where)} = {array[where].item()!r} is not an integer; counts and "
+                "ids are stored as int32 and are never rounded"
+            )
+    if array.size:
+        outside = (array < low) | (array > _INT32_MAX)
+        if outside.any():
+            where = tuple(int(i) for i in np.argwhere(outside)[0])
+            value = array[where].item()
+            raise InvalidArgumentError(
+                f"{key}{list(where)} = {value!r} is outside [{low}, 2**31 - 1]: the dump stores "
+                "int32 (SGLang's layout) and never writes a value different from the one given"
+            )
+    return np.ascontiguousarray(array, dtype=np.int32)
+
+
+def _checked_records(
+    dump: dict[str, Any],
+) -> tuple[list[dict[str, Any]], np.ndarray, list[np.ndarray], np.ndarray]:
+    """The records with their arrays checked (int32), the last map, the distinct earlier
+    placements and, per record, the index of its placement there (-1: the last map)."""
+    if "records" not in dump or "last_physical_to_logical_map" not in dump:
+        raise InvalidArgumentError(
+            "dump must hold 'records' and 'last_physical_to_logical_map' for a per_pass or "
+            f"per_token file (keys: {sorted(dump)!r})"
+        )
+    last = _int32_field(dump["last_physical_to_logical_map"], "last_physical_to_logical_map")
+    records: list[dict[str, Any]] = []
+    placements: list[np.ndarray] = []
+    placement_of: dict[int, int] = {}  # id() of a given map -> index in placements
+    index = np.full(len(dump["records"]), -1, np.int64)
+    for i, r in enumerate(dump["records"]):
+        record = dict(r)
+        for key, low in _RECORD_ARRAYS.items():
+            if key in record:
+                record[key] = _int32_field(record[key], f"records[{i}].{key}", low)
+        if PLACEMENT_KEY in record:
+            given = id(r[PLACEMENT_KEY])
+            if given not in placement_of:
+                match = [
+                    j for j, p in enumerate(placements) if np.array_equal(p, record[PLACEMENT_KEY])
+                ]
+                placement_of[given] = match[0] if match else len(placements)
+                if not match:
+                    placements.append(record[PLACEMENT_KEY])
+            index[i] = placement_of[given]
+            record[PLACEMENT_KEY] = placements[index[i]]
+        records.append(record)
+    return records, last, placements, index
+
+
 def save_expert_distribution(
     dump: dict[str, Any], path: str | os.PathLike[str], mode: str = "stat"
 ) -> None:
     """Writes a recorder dump in SGLang's layout for ``mode`` (``stat`` keys, or ``records`` and
-    ``last_physical_to_logical_map`` for ``per_pass`` / ``per_token``), atomically."""
+    ``last_physical_to_logical_map`` for ``per_pass`` / ``per_token``), atomically.
+
+    Counts and ids are stored as int32 (SGLang's layout) in every format and are checked first:
+    a value that is not an integer in int32 range (a count of 3e9, a float count 1.7) raises
+    ``InvalidArgumentError`` naming the key and the value, and nothing is written. A record of a
+    pass recorded with an earlier placement keeps that placement (its ``physical_to_logical_map``),
+    so the file reloads to exactly the counts ``dump()`` returned."""
     suffix = _suffix(path)
     detail = mode != "stat"
     rate = dump["average_utilization_rate_over_window"]
+    if detail:
+        records, last, placements, placement_index = _checked_records(dump)
+    else:
+        logical_count = _int32_field(dump["logical_count"], "logical_count")
     if suffix == ".pt":
         torch = _import_torch(path)
         if detail:
+            # Records of one placement share one tensor, which torch.save stores once.
+            maps = [torch.from_numpy(p) for p in placements]
             obj: Any = {
                 "records": [
                     {
-                        k: torch.from_numpy(np.ascontiguousarray(v))
+                        k: maps[placement_index[i]]
+                        if k == PLACEMENT_KEY
+                        else torch.from_numpy(v)
                         if isinstance(v, np.ndarray)
                         else v
                         for k, v in r.items()
                     }
-                    for r in dump["records"]
+                    for i, r in enumerate(records)
                 ],
-                "last_physical_to_logical_map": torch.from_numpy(
-                    np.ascontiguousarray(dump["last_physical_to_logical_map"])
-                ),
+                "last_physical_to_logical_map": torch.from_numpy(last),
             }
         else:
             obj = {
                 "rank": int(dump["rank"]),
-                "logical_count": torch.from_numpy(np.ascontiguousarray(dump["logical_count"])),
+                "logical_count": torch.from_numpy(logical_count),
                 "average_utilization_rate_over_window": rate,
             }
         buffer = io.BytesIO()
@@ -211,19 +309,23 @@ def save_expert_distribution(
     elif suffix == ".npz":
         arrays: dict[str, np.ndarray]
         if detail:
-            records = dump["records"]
             arrays = {
                 "forward_pass_id": np.array([r["forward_pass_id"] for r in records], np.int64),
                 "record_rank": np.array([r["rank"] for r in records], np.int64),
-                "global_physical_count": np.stack([r["global_physical_count"] for r in records]),
-                "last_physical_to_logical_map": np.asarray(dump["last_physical_to_logical_map"]),
+                "global_physical_count": np.stack([r["global_physical_count"] for r in records])
+                if records
+                else np.zeros((0, *last.shape), np.int32),
+                "last_physical_to_logical_map": last,
             }
             if records and "topk_ids_of_layer" in records[0]:
                 arrays.update(_pack_token_ids([r["topk_ids_of_layer"] for r in records]))
+            if placements:
+                arrays["record_placement"] = placement_index
+                arrays["placements"] = np.stack(placements)
         else:
             arrays = {
                 "rank": np.array(int(dump["rank"]), np.int64),
-                "logical_count": np.asarray(dump["logical_count"], np.int32),
+                "logical_count": logical_count,
                 # NaN stands for None (a balancedness is never NaN).
                 "average_utilization_rate_over_window": np.array(
                     np.nan if rate is None else rate, np.float64
@@ -237,16 +339,14 @@ def save_expert_distribution(
             obj = {
                 "records": [
                     {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in r.items()}
-                    for r in dump["records"]
+                    for r in records
                 ],
-                "last_physical_to_logical_map": np.asarray(
-                    dump["last_physical_to_logical_map"]
-                ).tolist(),
+                "last_physical_to_logical_map": last.tolist(),
             }
         else:
             obj = {
                 "rank": int(dump["rank"]),
-                "logical_count": np.asarray(dump["logical_count"]).tolist(),
+                "logical_count": logical_count.tolist(),
                 "average_utilization_rate_over_window": rate,
             }
         atomic_write_bytes(path, json.dumps(obj, separators=(",", ":")).encode())
@@ -363,6 +463,21 @@ def _unpack_npz_records(obj: dict[str, Any], source: str) -> dict[str, Any]:
         {"forward_pass_id": ids[i], "rank": ranks[i], "global_physical_count": counts[i]}
         for i in range(len(ids))
     ]
+    if "record_placement" in obj or "placements" in obj:
+        if not ("record_placement" in obj and "placements" in obj):
+            raise InvalidArgumentError(f"{source}: record_placement and placements go together")
+        index, placements = obj["record_placement"], obj["placements"]
+        if index.shape != ids.shape or index.dtype.kind not in "iu" or placements.ndim != 3:
+            raise InvalidArgumentError(
+                f"{source}: record_placement must be {ids.shape} integers and placements 3-D"
+            )
+        if index.size and (index.min() < -1 or index.max() >= len(placements)):
+            raise InvalidArgumentError(
+                f"{source}: record_placement holds an index outside [-1, {len(placements)})"
+            )
+        for record, j in zip(records, index.tolist(), strict=True):
+            if j >= 0:
+                record[PLACEMENT_KEY] = placements[j]
     return {"records": records, "last_physical_to_logical_map": obj["last_physical_to_logical_map"]}
 
 
@@ -380,7 +495,10 @@ def _stat_from(obj: Any, source: str) -> dict[str, Any]:
     return {"rank": rank, "logical_count": logical, "average_utilization_rate_over_window": rate}
 
 
-def _records_from(obj: Any, source: str) -> tuple[list[tuple[int, int, np.ndarray]], np.ndarray]:
+Record = tuple[int, int, np.ndarray, np.ndarray]  # pass id, rank, counts [L, P], map [L, P]
+
+
+def _records_from(obj: Any, source: str) -> tuple[list[Record], np.ndarray]:
     records = obj["records"]
     if "last_physical_to_logical_map" not in obj:
         raise InvalidArgumentError(f"{source}: missing key 'last_physical_to_logical_map'")
@@ -390,6 +508,7 @@ def _records_from(obj: Any, source: str) -> tuple[list[tuple[int, int, np.ndarra
     if not isinstance(records, list):
         raise InvalidArgumentError(f"{source}: records must be a list")
     out = []
+    distinct = {mapping.tobytes(): mapping}
     for i, r in enumerate(records):
         if not isinstance(r, dict) or not {
             "forward_pass_id",
@@ -407,51 +526,75 @@ def _records_from(obj: Any, source: str) -> tuple[list[tuple[int, int, np.ndarra
                 f"{source}: records[{i}].global_physical_count has shape {counts.shape} but "
                 f"last_physical_to_logical_map has {mapping.shape}"
             )
+        own = mapping
+        if PLACEMENT_KEY in r:  # moelb: the pass was recorded with an earlier placement
+            own = _as_int_array(r[PLACEMENT_KEY], source, f"records[{i}].{PLACEMENT_KEY}", 2)
+            if own.shape != mapping.shape:
+                raise InvalidArgumentError(
+                    f"{source}: records[{i}].{PLACEMENT_KEY} has shape {own.shape} but "
+                    f"last_physical_to_logical_map has {mapping.shape}"
+                )
+            own = distinct.setdefault(own.tobytes(), own)  # one array per placement
         out.append(
             (
                 _int_field(r["forward_pass_id"], source, f"records[{i}].forward_pass_id"),
                 _int_field(r["rank"], source, f"records[{i}].rank"),
                 counts,
+                own,
             )
         )
     return out, mapping
 
 
 def _logical_from_records(
-    records: list[tuple[int, int, np.ndarray]],
+    records: list[Record],
     mapping: np.ndarray,
     num_logical_experts: int | None,
     source: str,
 ) -> np.ndarray:
     """SGLang's read_mode_per_pass: sum the ranks' counts of each pass (ids in ascending order),
-    then convert to logical counts with the map."""
-    seen: dict[tuple[int, int], np.ndarray] = {}
-    for pass_id, rank, counts in records:
+    converted to logical counts with the map (a record's own map where it carries one, else
+    last_physical_to_logical_map)."""
+    seen: set[tuple[int, int]] = set()
+    for pass_id, rank, _, _ in records:
         if (pass_id, rank) in seen:
             raise InvalidArgumentError(
                 f"{source}: forward_pass_id={pass_id} of rank {rank} appears twice"
             )
-        seen[(pass_id, rank)] = counts
+        seen.add((pass_id, rank))
     pass_ids = sorted({p for p, _ in seen})
     num_layers, num_physical = mapping.shape
-    physical = np.zeros((len(pass_ids), num_layers, num_physical), np.int64)
-    index = {p: i for i, p in enumerate(pass_ids)}
-    for (pass_id, _), counts in seen.items():
-        physical[index[pass_id]] += counts
     if mapping.size == 0:
         raise InvalidArgumentError(
             f"{source}: last_physical_to_logical_map has shape {mapping.shape}; a placement "
             "needs at least one layer and one slot"
         )
-    num_experts = int(mapping.max()) + 1 if num_logical_experts is None else num_logical_experts
-    if mapping.max() >= num_experts:
+    # One entry per distinct placement (files of a folder hold equal but separate arrays).
+    content: dict[int, bytes] = {}
+    maps: dict[bytes, np.ndarray] = {}
+    for own in [mapping] + [r[3] for r in records]:
+        if id(own) not in content:
+            content[id(own)] = own.tobytes()
+            maps.setdefault(content[id(own)], own)
+    largest = max(int(m.max()) for m in maps.values())
+    num_experts = largest + 1 if num_logical_experts is None else num_logical_experts
+    if largest >= num_experts:
         raise InvalidArgumentError(
-            f"{source}: last_physical_to_logical_map holds expert {int(mapping.max())} but "
+            f"{source}: a physical_to_logical map holds expert {largest} but "
             f"num_logical_experts={num_experts}"
         )
+    # Records that share a map are summed in physical space, then converted once.
+    index = {p: i for i, p in enumerate(pass_ids)}
+    physical: dict[bytes, np.ndarray] = {}
+    for pass_id, _, counts, own in records:
+        key = content[id(own)]
+        if key not in physical:
+            physical[key] = np.zeros((len(pass_ids), num_layers, num_physical), np.int64)
+        physical[key][index[pass_id]] += counts
     logical = np.zeros((len(pass_ids), num_layers, num_experts), np.int64)
-    for layer in range(num_layers):
-        np.add.at(logical[:, layer], (slice(None), mapping[layer]), physical[:, layer])
+    for key, counts in physical.items():
+        for layer in range(num_layers):
+            np.add.at(logical[:, layer], (slice(None), maps[key][layer]), counts[:, layer])
     if logical.size and logical.max() > np.iinfo(np.int32).max:
         raise InvalidArgumentError(
             f"{source}: a logical count of {int(logical.max())} (summed over ranks and replicas) "
@@ -480,7 +623,7 @@ def load_expert_distribution(
     else:
         files = [root]
     stats: list[dict[str, Any]] = []
-    records: list[tuple[int, int, np.ndarray]] = []
+    records: list[Record] = []
     mapping: np.ndarray | None = None
     for file in files:
         source = f"dump file {str(file)!r}"

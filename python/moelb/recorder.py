@@ -116,7 +116,10 @@ class ExpertDistributionRecorder(_core.ExpertDistributionRecorder):
         current placement, which every pass of the window was recorded with (call it before
         ``set_location``); otherwise every rank raises the same ``InvalidArgumentError`` and
         nothing changes. In ``per_token`` mode the other ranks' routed ids are appended after this
-        rank's, in rank order. Memory: one window's counts plus an int64 buffer of at most 32 MiB.
+        rank's, in rank order. Cost: one ``all_reduce`` of the window's counts (int32, or int64
+        when a sum could pass 2**31 - 1), one ``all_gather`` of the routed ids in ``per_token``
+        mode, two small ``all_gather``s of shapes and pass ids, and a native merge; memory: about
+        two copies of the window's counts.
         """
         from .distributed import all_reduce_recorder
 
@@ -137,9 +140,12 @@ class ExpertDistributionRecorder(_core.ExpertDistributionRecorder):
         pass converted with the placement current when it was recorded, oldest first) and
         ``average_utilization_rate_over_window`` (SGLang's: the mean balancedness of the last
         1000 passes, see ``balancedness()``, or None). In ``per_pass`` / ``per_token`` mode it
-        also has SGLang's ``records`` and ``last_physical_to_logical_map``. With ``path``
-        (``.pt``, ``.npz`` or ``.json``) the dump is also written there, atomically, in SGLang's
-        layout for the mode.
+        also has SGLang's ``records`` and ``last_physical_to_logical_map``; a record of a pass
+        recorded before a ``set_location`` also carries the ``physical_to_logical_map`` it was
+        recorded with (moelb's addition; SGLang's reader converts every record with the last
+        map), so its file reloads to exactly this ``logical_count``. With ``path`` (``.pt``,
+        ``.npz`` or ``.json``) the dump is also written there, atomically, in SGLang's layout for
+        the mode; on any error nothing is written and the window is kept.
         """
         from .io import save_expert_distribution
 
@@ -163,6 +169,7 @@ class ExpertDistributionRecorder(_core.ExpertDistributionRecorder):
 
     def _records(self) -> list[dict[str, Any]]:
         counts = self.physical_count()
+        placement_index, placements = self.pass_placements()
         records: list[dict[str, Any]] = []
         for i, pass_id in enumerate(self.forward_pass_ids()):
             record: dict[str, Any] = {
@@ -171,6 +178,8 @@ class ExpertDistributionRecorder(_core.ExpertDistributionRecorder):
                 "gatherer_key": "primary",
                 "global_physical_count": counts[i],
             }
+            if placement_index[i] >= 0:  # recorded before a set_location
+                record["physical_to_logical_map"] = placements[placement_index[i]]
             if self.mode == "per_token":
                 layers = [self.token_ids(i, layer) for layer in range(self.num_layers)]
                 tokens = max(ids.shape[0] for ids in layers)

@@ -83,9 +83,10 @@ class WaterfillBalancer(_core.WaterfillBalancer):
         buffer = self.exchange_buffer(topk_ids, num_tokens, is_decode)
         assert self.all_reduce is not None  # checked in __init__
         result = self.all_reduce(buffer)
-        reduced = np.asarray(buffer if result is None else result)
         if hasattr(result, "detach"):  # a torch tensor
             reduced = result.detach().cpu().numpy()
+        else:
+            reduced = np.asarray(buffer if result is None else result)
         if reduced.shape != buffer.shape or reduced.dtype.kind not in "iu":
             raise InvalidArgumentError(
                 f"all_reduce must return the summed integer buffer of shape {buffer.shape}, "

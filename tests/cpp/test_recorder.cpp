@@ -14,7 +14,9 @@
 #include <cstdint>
 #include <functional>
 #include <limits>
+#include <memory>
 #include <optional>
+#include <span>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -1191,6 +1193,158 @@ TEST(RecorderMerge, PerTokenTopKConflictIsAnErrorAndChangesNothing) {
     EXPECT_EQ(idle.passes()[0].token_ids, (std::vector<std::vector<std::int32_t>>{{2, 3, 3}}));
     EXPECT_EQ(idle.passes()[0].token_top_k, (std::vector<int>{3}));
     EXPECT_EQ(idle.passes()[0].counts, (Counts{0, 0, 1, 2}));
+}
+
+// merge_summed_counts: the native half of all_reduce (the ranks' summed counts and the other
+// ranks' packed ids) must leave exactly what merge() of the other ranks' recorders leaves.
+
+// kRanks recorders of one placement, each with the same seeded passes (some layers idle).
+std::vector<std::unique_ptr<Recorder>> recorded_ranks(const ExpertLocation& location,
+                                                      RecorderMode mode, int num_ranks,
+                                                      int num_passes) {
+    Rng rng(17);
+    std::vector<std::unique_ptr<Recorder>> ranks;
+    for (int r = 0; r < num_ranks; ++r) {
+        ranks.push_back(std::make_unique<Recorder>(location, mode, -1, r % location.ep_size()));
+        ranks.back()->start();
+    }
+    for (int t = 0; t < num_passes; ++t) {
+        for (int r = 0; r < num_ranks; ++r) {
+            PassScope pass(*ranks[r]);
+            for (int l = 0; l < location.num_layers(); ++l) {
+                if ((t + l + r) % 4 == 0) continue;
+                LayerScope layer(*ranks[r], l);
+                ranks[r]->on_select_experts(
+                    cmap(random_ids(1 + t + r, 2, location.num_physical_experts(), rng)));
+            }
+        }
+    }
+    return ranks;
+}
+
+TEST(RecorderMergeSummed, EqualsMergeOfTheOtherRanks) {
+    const int L = 3, P = 8, kRanks = 3, kPasses = 4;
+    Rng rng(5);
+    const ExpertLocation location(random_layout(L, 6, P, rng), 6, 2);
+    for (RecorderMode mode : {RecorderMode::kStat, RecorderMode::kPerToken}) {
+        auto reference = recorded_ranks(location, mode, kRanks, kPasses);
+        for (int r = 1; r < kRanks; ++r) reference[0]->merge(*reference[r]);
+
+        auto ranks = recorded_ranks(location, mode, kRanks, kPasses);
+        std::vector<std::int32_t> summed(static_cast<std::size_t>(kPasses) * L * P, 0);
+        for (const auto& rank : ranks) {
+            std::size_t i = 0;
+            for (const auto& pass : rank->passes()) {
+                for (std::int32_t c : pass.counts) summed[i++] += c;
+            }
+        }
+        std::vector<std::vector<std::int32_t>> packs;
+        for (int r = 1; r < kRanks; ++r) packs.push_back(ranks[r]->packed_token_ids());
+        std::vector<std::span<const std::int32_t>> others;
+        if (mode == RecorderMode::kPerToken) {
+            for (const auto& pack : packs) others.emplace_back(pack);
+        }
+        ranks[0]->merge_summed_counts(std::span<const std::int32_t>(summed), others);
+
+        const auto got = ranks[0]->passes();
+        const auto want = reference[0]->passes();
+        ASSERT_EQ(got.size(), want.size());
+        for (std::size_t t = 0; t < got.size(); ++t) {
+            EXPECT_EQ(got[t].counts, want[t].counts) << "pass " << t;
+            EXPECT_EQ(got[t].token_ids, want[t].token_ids) << "pass " << t;
+            EXPECT_EQ(got[t].token_top_k, want[t].token_top_k) << "pass " << t;
+            EXPECT_DOUBLE_EQ(got[t].balancedness, want[t].balancedness) << "pass " << t;
+        }
+        EXPECT_DOUBLE_EQ(ranks[0]->average_balancedness(1000),
+                         reference[0]->average_balancedness(1000));
+        EXPECT_EQ(ranks[0]->logical_count(), reference[0]->logical_count());
+        // The int64 overload gives the same result.
+        auto wide_ranks = recorded_ranks(location, mode, kRanks, kPasses);
+        const std::vector<std::int64_t> wide(summed.begin(), summed.end());
+        wide_ranks[0]->merge_summed_counts(std::span<const std::int64_t>(wide), others);
+        EXPECT_EQ(wide_ranks[0]->logical_count(), reference[0]->logical_count());
+    }
+}
+
+TEST(RecorderMergeSummed, BadInputIsAnErrorAndChangesNothing) {
+    const ExpertLocation location = ExpertLocation::trivial(1, 4, 4, 2);
+    auto ranks = recorded_ranks(location, RecorderMode::kPerToken, 2, 2);
+    Recorder& r = *ranks[0];
+    const auto before = r.passes();
+    auto expect_unchanged = [&] {
+        const auto now = r.passes();
+        for (std::size_t t = 0; t < now.size(); ++t) {
+            EXPECT_EQ(now[t].counts, before[t].counts);
+            EXPECT_EQ(now[t].token_ids, before[t].token_ids);
+        }
+    };
+    std::vector<std::int64_t> summed;
+    for (const auto& pass : before)
+        summed.insert(summed.end(), pass.counts.begin(), pass.counts.end());
+    using Span64 = std::span<const std::int64_t>;
+
+    std::vector<std::int64_t> short_sum(summed.begin(), summed.end() - 1);
+    expect_invalid_argument([&] { r.merge_summed_counts(Span64(short_sum)); },
+                            "summed has 7 counts but the recorder holds 2 passes of [1, 4] (8)");
+    auto smaller = summed;
+    smaller[1] -= 1;
+    if (before[0].counts[1] == 0) smaller[1] = -1;
+    expect_invalid_argument([&] { r.merge_summed_counts(Span64(smaller)); }, "summed[0, 0, 1]");
+    auto huge = summed;
+    huge[2] = std::int64_t{1} << 31;
+    expect_invalid_argument([&] { r.merge_summed_counts(Span64(huge)); }, "fits in int32");
+    expect_unchanged();
+
+    std::vector<std::int32_t> pack = ranks[1]->packed_token_ids();
+    auto truncated = pack;
+    truncated.pop_back();
+    expect_invalid_argument(
+        [&] { r.merge_summed_counts(Span64(summed), {std::span<const std::int32_t>(truncated)}); },
+        "header describes");
+    auto bad_id = pack;
+    bad_id.back() = 4;
+    expect_invalid_argument(
+        [&] { r.merge_summed_counts(Span64(summed), {std::span<const std::int32_t>(bad_id)}); },
+        "holds the id 4");
+    auto other_k = pack;
+    other_k[0] = 3;  // pass 0, layer 0: top_k 3 but the ids were recorded with 2
+    expect_invalid_argument(
+        [&] { r.merge_summed_counts(Span64(summed), {std::span<const std::int32_t>(other_k)}); },
+        "top_k");
+    expect_unchanged();
+
+    Recorder stat(location);
+    stat.start();
+    record(stat, 0, matrix<std::int32_t>({{0, 1}}));
+    const std::vector<std::int64_t> one = {1, 1, 0, 0};
+    expect_invalid_argument(
+        [&] { stat.merge_summed_counts(Span64(one), {std::span<const std::int32_t>(pack)}); },
+        "need mode='per_token'");
+    // A pass recorded before set_location cannot take counts summed in the current placement.
+    EXPECT_EQ(stat.num_passes_with_other_placement(), 0);
+    stat.set_location(ExpertLocation(matrix<std::int32_t>({{1, 0, 2, 3}}), 4, 2));
+    EXPECT_EQ(stat.num_passes_with_other_placement(), 1);
+    expect_invalid_argument([&] { stat.merge_summed_counts(Span64(one)); },
+                            "pass 0 (forward_pass_id=0) was recorded with different placements");
+    EXPECT_EQ(stat.passes()[0].counts, (Counts{1, 1, 0, 0}));
+}
+
+TEST(RecorderMergeSummed, PackedTokenIdsLayout) {
+    Recorder r(ExpertLocation::trivial(2, 4, 4, 2), RecorderMode::kPerToken);
+    r.start();
+    {
+        PassScope pass(r);
+        LayerScope layer(r, 1);
+        r.on_select_experts(cmap(matrix<std::int32_t>({{0, 1}, {3, -1}})));
+    }
+    { PassScope pass(r); }
+    // top_k [2 passes x 2 layers], num_ids [4], then the ids.
+    EXPECT_EQ(r.packed_token_ids(),
+              (std::vector<std::int32_t>{0, 2, 0, 0, 0, 4, 0, 0, 0, 1, 3, -1}));
+    Recorder stat(ExpertLocation::trivial(2, 4, 4, 2));
+    stat.start();
+    record(stat, 0, matrix<std::int32_t>({{0, 1}}));
+    EXPECT_EQ(stat.packed_token_ids(), (std::vector<std::int32_t>{0, 0, 0, 0}));
 }
 
 // ------------------------------------------------------------------------------------------------

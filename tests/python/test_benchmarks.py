@@ -338,3 +338,13 @@ def test_bench_move_cost_flags_inconsistency() -> None:
     problems = bench._check("strict", plan, first.location, before, 1.0)
     assert any("below move_cost 1 per move" in p for p in problems), problems
     assert bench.shift_popularity(popularity, rng, 0.5).sum() == pytest.approx(2.0)
+
+
+def test_bench_all_reduce_quick(tmp_path: Path) -> None:
+    pytest.importorskip("torch.distributed")
+    stdout, data = run_quick(tmp_path, "bench_all_reduce.py")
+    assert "recorder.all_reduce ms" in stdout
+    (result,) = data["results"]
+    assert (result["ranks"], result["passes"], result["layers"]) == (2, 20, 4)
+    assert result["agrees"]  # the merged counts equal a plain all_reduce's sum, on every rank
+    assert result["all_reduce_seconds"] > 0 and result["recorder_seconds"] > 0

@@ -686,3 +686,130 @@ def test_stat_file_with_wrong_number_of_experts(tmp_path: Path) -> None:
     write_stat(path, np.zeros((1, 2, 4), np.int32), None)
     with pytest.raises(moelb.InvalidArgumentError, match="4 experts but num_logical_experts=6"):
         moelb.load_expert_distribution(path, num_logical_experts=6)
+
+
+# ------------------------------------------------------------------------------------------------
+# Values are written exactly or not at all (issue 17).
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (3_000_000_000, r"logical_count\[0, 1, 2\] = 3000000000 is outside \[0, 2\*\*31 - 1\]"),
+        (-5, r"logical_count\[0, 1, 2\] = -5 is outside"),
+        (1.7, r"logical_count\[0, 1, 2\] = 1\.7 is not an integer"),
+        (np.nan, r"logical_count holds nan"),
+    ],
+)
+@pytest.mark.parametrize("suffix", SUFFIXES)
+def test_save_refuses_counts_it_cannot_store_exactly(
+    tmp_path: Path, suffix: str, value: float, message: str
+) -> None:
+    need_torch(suffix)
+    count = np.zeros((2, 3, 4), np.int64 if isinstance(value, int) else np.float64)
+    count[0, 1, 2] = value
+    dump = {"rank": 0, "logical_count": count, "average_utilization_rate_over_window": None}
+    path = tmp_path / f"x{suffix}"
+    with pytest.raises(moelb.InvalidArgumentError, match=message):
+        moelb.save_expert_distribution(dump, path)
+    assert list(tmp_path.iterdir()) == []  # no file, no temporary
+
+
+@pytest.mark.parametrize("suffix", SUFFIXES)
+def test_save_keeps_integral_float_and_wide_counts(tmp_path: Path, suffix: str) -> None:
+    """Counts given as int64 or as integral floats are stored with their exact values."""
+    need_torch(suffix)
+    count = np.arange(24, dtype=np.float64).reshape(2, 3, 4)
+    count[1, 2, 3] = 2**31 - 1
+    for given in (count, count.astype(np.int64), count.astype(np.uint32)):
+        dump = {"rank": 0, "logical_count": given, "average_utilization_rate_over_window": 0.5}
+        moelb.save_expert_distribution(dump, tmp_path / f"x{suffix}")
+        loaded = moelb.load_expert_distribution(tmp_path / f"x{suffix}")["logical_count"]
+        assert loaded.dtype == np.int32
+        np.testing.assert_array_equal(loaded, count)
+
+
+@pytest.mark.parametrize("suffix", SUFFIXES)
+def test_save_refuses_record_counts_it_cannot_store_exactly(tmp_path: Path, suffix: str) -> None:
+    need_torch(suffix)
+    rec = Recorder(sample_location(), mode="per_pass")
+    record(rec, num_passes=2)
+    dump = rec.dump()
+    dump["records"][1]["global_physical_count"] = (
+        dump["records"][1]["global_physical_count"].astype(np.int64) + 3_000_000_000
+    )
+    with pytest.raises(
+        moelb.InvalidArgumentError,
+        match=r"records\[1\]\.global_physical_count\[0, 0\] = 300000000\d is outside",
+    ):
+        moelb.save_expert_distribution(dump, tmp_path / f"x{suffix}", mode="per_pass")
+    assert list(tmp_path.iterdir()) == []
+
+
+def record_across_a_rebalance(mode: str) -> tuple[Recorder, list[np.ndarray], np.ndarray]:
+    """Two passes with one placement, set_location, two with another, one with a third, as
+    the EPLB loop does mid-window. Returns the recorder, each pass's map and physical counts."""
+    first = sample_location()
+    rng = np.random.default_rng(3)
+    second = moelb.ExpertLocation(
+        np.array([rng.permutation(r) for r in first.physical_to_logical]), 6, 2
+    )
+    third = moelb.ExpertLocation.trivial(3, 6, 8, ep_size=2)
+    rec = Recorder(first, mode=mode, rank=1)
+    rec.start()
+    maps = []
+    for i, location in enumerate([first, first, second, second, third]):
+        if location is not rec.location and i:
+            rec.set_location(location)
+        with rec.forward_pass(10 + i):
+            for layer in (0, 1):
+                with rec.layer(layer):
+                    rec.on_select_experts(rng.integers(-1, 8, (5, 2)).astype(np.int32))
+        maps.append(location.physical_to_logical)
+    return rec, maps, rec.physical_count()
+
+
+@pytest.mark.parametrize("mode", ["per_pass", "per_token"])
+@pytest.mark.parametrize("suffix", SUFFIXES)
+def test_window_spanning_a_rebalance_round_trips(tmp_path: Path, suffix: str, mode: str) -> None:
+    need_torch(suffix)
+    rec, maps, physical = record_across_a_rebalance(mode)
+    expected = np.stack([to_logical(physical[t], maps[t], 6) for t in range(len(maps))])
+    path = tmp_path / f"expert_distribution_recorder_1754900000.5_1{suffix}"
+    dump = rec.dump(path)
+    np.testing.assert_array_equal(dump["logical_count"], expected)
+    assert not np.array_equal(expected[0], to_logical(physical[0], maps[-1], 6))  # maps matter
+    for loaded in (
+        moelb.load_expert_distribution(path),
+        moelb.load_expert_distribution(path, num_logical_experts=6),
+        moelb.load_expert_distribution(tmp_path),  # SGLang's folder reader
+    ):
+        np.testing.assert_array_equal(loaded["logical_count"], dump["logical_count"])
+    # The dump dict itself round-trips through save_expert_distribution too.
+    moelb.save_expert_distribution(dump, tmp_path / f"again{suffix}", mode=mode)
+    np.testing.assert_array_equal(
+        moelb.load_expert_distribution(tmp_path / f"again{suffix}")["logical_count"], expected
+    )
+
+
+def test_window_spanning_a_rebalance_keeps_sglang_pt_layout(tmp_path: Path) -> None:
+    """SGLang's keys stay; only records of earlier placements carry their own map."""
+    torch = pytest.importorskip("torch")
+    rec, maps, physical = record_across_a_rebalance("per_pass")
+    rec.dump(tmp_path / "dump.pt")
+    data = torch.load(tmp_path / "dump.pt", weights_only=True)
+    assert set(data) == {"records", "last_physical_to_logical_map"}
+    np.testing.assert_array_equal(data["last_physical_to_logical_map"].numpy(), maps[-1])
+    for t, r in enumerate(data["records"]):
+        np.testing.assert_array_equal(r["global_physical_count"].numpy(), physical[t])
+        if t == len(maps) - 1:
+            assert set(r) == RECORD_KEYS
+        else:
+            assert set(r) == RECORD_KEYS | {"physical_to_logical_map"}
+            assert r["physical_to_logical_map"].dtype == torch.int32
+            np.testing.assert_array_equal(r["physical_to_logical_map"].numpy(), maps[t])
+    # Passes of one placement share one stored map.
+    assert (
+        data["records"][0]["physical_to_logical_map"].data_ptr()
+        == data["records"][1]["physical_to_logical_map"].data_ptr()
+    )

@@ -135,6 +135,13 @@ class ExpertDistributionRecorder {
     // One recorded pass (a copy): index in [-num_passes, num_passes), negative from the newest.
     Pass pass_at(Index index) const;
     Index num_passes() const;
+    // [T, L, P] physical counts and [T] forward-pass ids of the window, oldest first, copied
+    // under the lock without copying the passes (passes() also copies per-token ids).
+    std::vector<std::int32_t> physical_count() const;
+    std::vector<std::int64_t> forward_pass_ids() const;
+    // Passes of the window recorded with a placement other than the current one (set_location
+    // since they were recorded).
+    Index num_passes_with_other_placement() const;
     // [T, L, E] logical counts, each pass converted with its own placement.
     std::vector<std::int32_t> logical_count() const;
     // Mean balancedness (SGLang's, pass_balancedness) over the last `window` passes, idle passes
@@ -150,12 +157,34 @@ class ExpertDistributionRecorder {
     // number of passes of the same L, P, mode and placements. Per-token ids are appended.
     void merge(const ExpertDistributionRecorder& other);
 
+    // The window's per-token ids packed into one int32 buffer, for a collective (the other ranks
+    // pass it to merge_summed_counts). Layout, passes oldest first and layers in order (index
+    // t * L + l): top_k[T * L], num_ids[T * L] (ids of that pass and layer, tokens * top_k), then
+    // the ids themselves. Empty headers (all zero) outside kPerToken mode.
+    std::vector<std::int32_t> packed_token_ids() const;
+    // The native half of a distributed merge: `summed` [T, L, P] holds, pass by pass, the counts
+    // of every rank of the group summed (an all_reduce of physical counts; this recorder's own
+    // included), and `others` the packed_token_ids() of the other ranks in the order their ids
+    // are appended (kPerToken; empty otherwise). Afterwards each pass holds the summed counts and
+    // balancedness, exactly as merge() of recorders holding the other ranks' passes would leave
+    // it. Every pass of the window must have been recorded with the current placement. Validates
+    // everything (shape, summed >= this recorder's counts, int32 range, packs, top_k) before
+    // changing anything.
+    void merge_summed_counts(std::span<const std::int32_t> summed,
+                             const std::vector<std::span<const std::int32_t>>& others = {});
+    void merge_summed_counts(std::span<const std::int64_t> summed,
+                             const std::vector<std::span<const std::int32_t>>& others = {});
+
     // For ForwardPassScope when the body threw: closes the pass without appending it.
     void abandon_forward_pass();
 
   private:
     void check_in_layer(const char* hook) const;
     void append_pass_locked();
+    template <class Count>
+    void merge_summed_counts_impl(std::span<const Count> summed,
+                                  const std::vector<std::span<const std::int32_t>>& others);
+    void refresh_merged_balancedness_locked();
 
     mutable std::mutex mutex_;
     RecorderMode mode_;
