@@ -407,6 +407,37 @@ def main(argv: list[str] | None = None) -> int:
         f"select_experts on {tokens:,} tokens (E={shape.num_experts}, grouped sigmoid top-{TOP_K},"
         f" static dispatch to {shape.num_physical_experts} slots): {select_seconds * 1e3:.1f} ms"
     )
+    # recorder.all_reduce of a DeepSeek-V3 window across gloo processes (bench_all_reduce.py),
+    # against a plain torch.distributed.all_reduce of the same bytes.
+    reduce_rows: list[dict] = []
+    try:
+        import torch.distributed  # noqa: F401
+        from bench_all_reduce import measure
+    except ImportError:
+        print("\nrecorder.all_reduce: skipped (needs PyTorch)")
+    else:
+        cases = ((2, 20),) if quick else ((2, 1000), (4, 1000))
+        for ranks, passes in cases:
+            r = measure(ranks, passes, layers=4 if quick else 61, repeats=1 if quick else 3)
+            reduce_rows.append(asdict(r))
+        print("\nrecorder.all_reduce (gloo, DeepSeek-V3 counts: 288 slots; median)")
+        print(
+            table(
+                ["ranks", "passes", "layers", "MB per rank", "all_reduce ms", "recorder ms", "x"],
+                [
+                    [
+                        str(r["ranks"]),
+                        str(r["passes"]),
+                        str(r["layers"]),
+                        f"{r['megabytes']:.1f}",
+                        f"{r['all_reduce_seconds'] * 1e3:.1f}",
+                        f"{r['recorder_seconds'] * 1e3:.1f}",
+                        f"{r['ratio']:.1f}",
+                    ]
+                    for r in reduce_rows
+                ],
+            )
+        )
     load = load_average()
     print(f"\nload average at the end: {load:.2f}" if load is not None else "")
 
@@ -420,10 +451,11 @@ def main(argv: list[str] | None = None) -> int:
                 "threads": moelb.get_num_threads(),
                 "planner": [asdict(r) for r in plan_rows],
                 "recorder": recorder_rows,
+                "all_reduce": reduce_rows,
                 "load_average": load,
             },
         )
-    ok = all(r["counts_conserved"] for r in recorder_rows)
+    ok = all(r["counts_conserved"] for r in recorder_rows) and all(r["agrees"] for r in reduce_rows)
     return 0 if ok else 1
 
 

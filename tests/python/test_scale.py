@@ -39,3 +39,7 @@ def test_bench_scale_quick(tmp_path: Path) -> None:
         # the pass being recorded (no more than the window) and some slack.
         assert row["rss_after_twice_mib"] <= row["rss_window_full_mib"] + row["window_mib"] + 16
     assert recorder["stat"]["select_experts_seconds"] > 0
+    # recorder.all_reduce across gloo processes, against a plain all_reduce of the same bytes.
+    reduce_rows = data["all_reduce"]
+    assert reduce_rows and all(r["agrees"] for r in reduce_rows), reduce_rows
+    assert all(r["recorder_seconds"] > 0 and r["all_reduce_seconds"] > 0 for r in reduce_rows)
