@@ -74,7 +74,9 @@ def test_demo_prints_the_table_and_writes_the_files(tmp_path: Path) -> None:
     assert "simulating [" in result.stderr  # the progress bar
     files = {p.name for p in (tmp_path / "out").iterdir()}
     assert {"placement.json", "simulation.json"} <= files
-    if "plots skipped" not in out:
+    # make test installs matplotlib (MOELB_REQUIRE_OPTIONAL=1): the plots must be there; elsewhere
+    # the command must say it skipped them.
+    if os.environ.get("MOELB_REQUIRE_OPTIONAL") == "1" or "plots skipped" not in out:
         assert {"balancedness_per_layer.png", "gpu_load_heatmap.png"} <= files
     placement = json.loads((tmp_path / "out" / "placement.json").read_text())
     assert np.array(placement["physical_to_logical_map"]).shape == (61, 288)
