@@ -241,6 +241,12 @@ The DeepSeek MoE layer forward on CPU. Use moelb.DeepSeekMoE.
                 MOELB_CHECK_ARG(
                     !inplace || x.writeable(),
                     "the in-place routed kernel writes into hidden, which is read-only");
+                // A write behind autograd's back would leave its gradients silently wrong.
+                MOELB_CHECK_ARG(!inplace || !is_torch_tensor(hidden) ||
+                                    !py::bool_(hidden.attr("requires_grad")),
+                                "the in-place routed kernel writes into hidden, a tensor that "
+                                "requires grad (autograd would not see the write); pass "
+                                "hidden.detach() or use kernel='out_of_place'");
                 py::array_t<float> out = inplace ? x : new_matrix<float>(T, x.shape(1));
                 MatrixMap<float> in(inplace ? x.mutable_data() : const_cast<float*>(x.data()), T,
                                     x.shape(1));

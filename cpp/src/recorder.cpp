@@ -77,6 +77,12 @@ std::shared_ptr<const ExpertLocation> ExpertDistributionRecorder::location() con
 
 void ExpertDistributionRecorder::set_location(ExpertLocation location) {
     std::lock_guard lock(mutex_);
+    // A pass is converted to logical ids with one placement: slots counted after a switch inside
+    // the pass would be read with the old one.
+    MOELB_CHECK_ARG(!in_pass_,
+                    "set_location inside a forward pass: the pass's counts would be converted "
+                    "with one placement although its layers used two; switch placements between "
+                    "passes");
     MOELB_CHECK_ARG(
         location.num_layers() == location_->num_layers() &&
             location.num_logical_experts() == location_->num_logical_experts() &&

@@ -244,19 +244,27 @@ def _slot_tensors(torch: Any, local_weights: Any, num_local_slots: int) -> list[
     return tensors
 
 
+def _layout_fingerprint(tensors: list[Any]) -> int:
+    """A 32-bit digest of the per-slot layout (dtype and shape of one slot of each tensor): a
+    message between ranks whose slots differ would write bytes of the wrong size or kind."""
+    layout = [(str(t.dtype), tuple(t.shape[1:])) for t in tensors]
+    return zlib.crc32(repr(layout).encode())
+
+
 def _agree_on_weight_moves(
-    torch: Any, dist: Any, group: Any, plan: Any, refusal: Exception | None
+    torch: Any, dist: Any, group: Any, plan: Any, refusal: Exception | None, layout: int
 ) -> None:
-    """Every rank of ``group`` says whether it accepts its plan and which plan it holds, in one
-    all_gather that every rank issues (also the group's first collective when the moves are, as
-    PyTorch requires before a ``batch_isend_irecv`` that leaves some ranks out). Raises on every
-    rank, the same decision everywhere, unless all accept the same plan: no rank is left waiting
-    for a message and no weight has moved."""
+    """Every rank of ``group`` says whether it accepts its plan, which plan it holds and the
+    layout of its slots, in one all_gather that every rank issues (also the group's first
+    collective when the moves are, as PyTorch requires before a ``batch_isend_irecv`` that leaves
+    some ranks out). Raises on every rank, the same decision everywhere, unless all accept the
+    same plan with the same slot layout: no rank is left waiting for a message and no weight has
+    moved."""
     fingerprint = 0
     if isinstance(plan, WeightMovePlan):
         fingerprint = int(np.array(plan.fingerprint, np.uint64).view(np.int64))
     mine = torch.tensor(
-        [int(refusal is None), fingerprint],
+        [int(refusal is None), fingerprint, layout],
         dtype=torch.int64,
         device=_collective_device(torch, dist, group),
     )
@@ -278,6 +286,13 @@ def _agree_on_weight_moves(
             "the ranks hold different weight-move plans (the plan's fingerprint differs from "
             f"rank 0's on rank {', '.join(str(r) for r in differ)}): every rank must plan the "
             "layer from the same old and new placements; no rank moved anything"
+        )
+    differ = np.flatnonzero(votes[:, 2] != votes[0, 2]).tolist()
+    if differ:
+        raise InvalidArgumentError(
+            "local_weights: the ranks' expert slots differ in dtype or shape (rank "
+            f"{', '.join(str(r) for r in differ)} against rank 0): every rank must hold the same "
+            "tensors per slot; no rank moved anything"
         )
 
 
@@ -339,9 +354,11 @@ def execute_weight_moves(
                 f"the plan is for ep_size={plan.ep_size} ranks but the process group has {world}"
             )
         plan.check_source(location, "location")
+        layout = _layout_fingerprint(tensors)
     except Exception as error:  # raised on this rank after the vote, so no rank is left waiting
         refusal = error
-    _agree_on_weight_moves(torch, dist, group, plan, refusal)
+        layout = 0
+    _agree_on_weight_moves(torch, dist, group, plan, refusal, layout)
     rank = dist.get_rank(group)
     ops = plan.ops(rank)
     messages: list[Any] = []

@@ -194,7 +194,13 @@ def _int32_field(value: Any, key: str, low: int = 0) -> np.ndarray:
     naming ``key`` and the first value that is not an integer in [low, 2**31 - 1] (checked
     before any narrowing: 3e9 never wraps, 1.7 is never truncated)."""
     if hasattr(value, "detach"):  # a torch tensor
-        value = value.detach().cpu().numpy()
+        tensor = value.detach().cpu()
+        try:
+            value = tensor.numpy()
+        except TypeError:  # bfloat16 & co.: NumPy has no such dtype; float32 holds them exactly
+            if not tensor.is_floating_point():
+                raise InvalidArgumentError(f"{key} has dtype {tensor.dtype}, not counts") from None
+            value = tensor.float().numpy()
     try:
         array = np.asarray(value)
     except (TypeError, ValueError) as e:
@@ -214,7 +220,10 @@ def _int32_field(value: Any, key: str, low: int = 0) -> np.ndarray:
                 "ids are stored as int32 and are never rounded"
             )
     if array.size:
-        outside = (array < low) | (array > _INT32_MAX)
+        # Compared in float64 / the integers themselves: in float32, 2**31 - 1 rounds to 2**31,
+        # and a count of 2**31 would pass and wrap.
+        wide = array.astype(np.float64) if kind == "f" else array
+        outside = (wide < low) | (wide > _INT32_MAX)
         if outside.any():
             where = tuple(int(i) for i in np.argwhere(outside)[0])
             value = array[where].item()
@@ -242,6 +251,14 @@ def _checked_records(
     index = np.full(len(dump["records"]), -1, np.int64)
     for i, r in enumerate(dump["records"]):
         record = dict(r)
+        for key in ("forward_pass_id", "rank"):
+            if key in record:  # stored as int64: an integer in range, never truncated
+                value = _int_field(record[key], "dump", f"records[{i}].{key}")
+                if not -(2**63) <= value < 2**63:
+                    raise InvalidArgumentError(
+                        f"dump: records[{i}].{key} = {value} does not fit in int64"
+                    )
+                record[key] = value
         for key, low in _RECORD_ARRAYS.items():
             if key in record:
                 record[key] = _int32_field(record[key], f"records[{i}].{key}", low)
@@ -273,7 +290,8 @@ def save_expert_distribution(
     so the file reloads to exactly the counts ``dump()`` returned."""
     suffix = _suffix(path)
     detail = mode != "stat"
-    rate = dump["average_utilization_rate_over_window"]
+    # A number or None (SGLang's per_pass dicts have no such key); NaN is stored as None.
+    rate = _rate_field(dump.get("average_utilization_rate_over_window"), "dump")
     if detail:
         records, last, placements, placement_index = _checked_records(dump)
     else:

@@ -98,6 +98,14 @@ def _worker(rank: int, world: int, workdir: str) -> None:
                 weights,
                 SWAP,
             ),
+            # Rank 1's slots are wider than the others' (the same number of slots): a message
+            # would land bytes of the wrong size (a reviewer saw garbage on one rank and a gloo
+            # abort on the other).
+            "slot_layout_differs": (
+                back,
+                torch.zeros(SLOTS, 5) if rank == 1 else weights,
+                SWAP,
+            ),
             # Rank 0 passes weights of the wrong shape.
             "bad_weights_on_one_rank": (
                 back,
@@ -145,6 +153,7 @@ def test_every_rank_takes_part_on_a_fresh_group(ranks: list[dict[str, Any]]) -> 
             + ["location is not the placement the plan moves from: in layer 0 slot 0 .*a stale"],
         ),
         ("different_plans", ["the ranks hold different weight-move plans .* rank 2"] * 3),
+        ("slot_layout_differs", ["expert slots differ in dtype or shape \\(rank 1"] * 3),
         (
             "bad_weights_on_one_rank",
             [r"local_weights has shape \(3, 4\)"] + ["rank 0 refused the weight moves"] * 2,

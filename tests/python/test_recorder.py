@@ -998,6 +998,26 @@ def test_set_location_applies_to_later_passes() -> None:
         rec.set_location(moelb.ExpertLocation.trivial(2, 6, 8, ep_size=2))
     with pytest.raises(moelb.InvalidArgumentError, match="num_physical_experts=12"):
         rec.set_location(moelb.ExpertLocation.trivial(3, 6, 12, ep_size=2))
+
+
+def test_set_location_inside_a_pass_is_refused() -> None:
+    """Slots counted after a switch between layers were converted with the old placement."""
+    rng = np.random.default_rng(6)
+    first = moelb.ExpertLocation.trivial(3, 6, 8, ep_size=2)
+    second = random_location(rng, 3, 6, ep_size=2, slots_per_rank=4)
+    rec = Recorder(first)
+    rec.start()
+    ids = rng.integers(0, 8, (20, 3)).astype(np.int32)
+    with rec.forward_pass():
+        with rec.layer(0):
+            rec.on_select_experts(ids)
+        with pytest.raises(moelb.InvalidArgumentError, match="set_location inside a forward pass"):
+            rec.set_location(second)
+        with rec.layer(1):
+            rec.on_select_experts(ids)
+    assert rec.location == first
+    rec.set_location(second)  # between passes: fine
+    assert rec.location == second
     with pytest.raises(moelb.InvalidArgumentError, match="ep_size=4"):
         rec.set_location(moelb.ExpertLocation.trivial(3, 6, 8, ep_size=4))
     assert rec.location == second

@@ -813,3 +813,62 @@ def test_window_spanning_a_rebalance_keeps_sglang_pt_layout(tmp_path: Path) -> N
         data["records"][0]["physical_to_logical_map"].data_ptr()
         == data["records"][1]["physical_to_logical_map"].data_ptr()
     )
+
+
+# Review findings: values that slipped through the save-side checks.
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".json", ".pt"])
+def test_float32_count_of_two_to_the_31_is_refused(tmp_path: Path, suffix: str) -> None:
+    """float32(2**31 - 1) is 2**31: compared in float32 it passed and was written as -2**31."""
+    if suffix == ".pt":
+        pytest.importorskip("torch")
+    counts = np.array([[[2**31 - 1, 1]]], np.float32)
+    dump = {"rank": 0, "logical_count": counts, "average_utilization_rate_over_window": None}
+    path = tmp_path / f"d{suffix}"
+    with pytest.raises(moelb.InvalidArgumentError, match=r"logical_count\[0, 0, 0\] = 2147483648"):
+        moelb.save_expert_distribution(dump, path)
+    assert not path.exists()
+
+
+@pytest.mark.parametrize("bad", [7.9, 1.5, "x", 2**63 + 5])
+def test_per_pass_ids_are_integers_or_nothing_is_written(tmp_path: Path, bad: object) -> None:
+    """.npz truncated a forward_pass_id of 7.9 to 7 (and 2**63 + 5 was a bare OverflowError)."""
+    dump = {
+        "records": [
+            {"forward_pass_id": bad, "rank": 0, "global_physical_count": np.ones((1, 2), np.int32)}
+        ],
+        "last_physical_to_logical_map": np.array([[0, 1]], np.int32),
+    }
+    path = tmp_path / "d.npz"
+    with pytest.raises(moelb.InvalidArgumentError, match=r"records\[0\]\.forward_pass_id"):
+        moelb.save_expert_distribution(dump, path, mode="per_pass")
+    assert not path.exists()
+
+
+def test_rate_is_a_number_or_none_and_sglangs_per_pass_dict_saves(tmp_path: Path) -> None:
+    counts = np.ones((1, 1, 2), np.int32)
+    with pytest.raises(moelb.InvalidArgumentError, match="average_utilization_rate_over_window"):
+        moelb.save_expert_distribution(
+            {"rank": 0, "logical_count": counts, "average_utilization_rate_over_window": "abc"},
+            tmp_path / "d.json",
+        )
+    assert not (tmp_path / "d.json").exists()
+    # SGLang's own per_pass dict has no rate key.
+    dump = {
+        "records": [
+            {"forward_pass_id": 3, "rank": 0, "global_physical_count": np.ones((1, 2), np.int32)}
+        ],
+        "last_physical_to_logical_map": np.array([[0, 1]], np.int32),
+    }
+    moelb.save_expert_distribution(dump, tmp_path / "p.npz", mode="per_pass")
+    assert moelb.load_expert_distribution(tmp_path / "p.npz")["logical_count"].shape == (1, 1, 2)
+
+
+def test_bf16_torch_counts_are_read_exactly(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    counts = torch.tensor([[[3.0, 256.0]]], dtype=torch.bfloat16)
+    dump = {"rank": 0, "logical_count": counts, "average_utilization_rate_over_window": None}
+    moelb.save_expert_distribution(dump, tmp_path / "d.npz")
+    loaded = moelb.load_expert_distribution(tmp_path / "d.npz")["logical_count"]
+    np.testing.assert_array_equal(loaded, [[[3, 256]]])

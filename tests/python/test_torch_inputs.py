@@ -102,3 +102,19 @@ def test_waterfill_expand_takes_requires_grad_weights() -> None:
     np.testing.assert_array_equal(out, out_np)
     with pytest.raises(moelb.InvalidDTypeError, match=r"topk_weights.*bfloat16"):
         balancer.expand(routed.topk_ids, weights.to(torch.bfloat16))
+
+
+def test_inplace_kernel_refuses_a_tensor_that_requires_grad() -> None:
+    """moelb would overwrite the leaf behind autograd's back (its gradients silently wrong)."""
+    config = moelb.DeepSeekMoEConfig.deepseek_v3().replace(
+        hidden_size=64, intermediate_size=32, num_experts=16, top_k=4, num_groups=4,
+        topk_group=2, kernel="inplace",
+    )  # fmt: skip
+    layer = moelb.DeepSeekMoE(config, seed=1)
+    x = torch.randn(8, 64, requires_grad=True)
+    before = x.detach().clone()
+    with pytest.raises(moelb.InvalidArgumentError, match="requires grad"):
+        layer(x)
+    assert torch.equal(x.detach(), before)
+    out = layer(x.detach().clone())  # a detached copy is fine
+    assert out.shape == (8, 64)
