@@ -280,20 +280,17 @@ def _agree_on_weight_moves(
             f"rank{'s' if len(refused) > 1 else ''} {ranks} refused the weight moves (the error "
             "raised there says why); no rank moved anything"
         )
-    differ = np.flatnonzero(votes[:, 1] != votes[0, 1]).tolist()
-    if differ:
-        raise InvalidArgumentError(
-            "the ranks hold different weight-move plans (the plan's fingerprint differs from "
-            f"rank 0's on rank {', '.join(str(r) for r in differ)}): every rank must plan the "
-            "layer from the same old and new placements; no rank moved anything"
-        )
-    differ = np.flatnonzero(votes[:, 2] != votes[0, 2]).tolist()
-    if differ:
-        raise InvalidArgumentError(
-            "local_weights: the ranks' expert slots differ in dtype or shape (rank "
-            f"{', '.join(str(r) for r in differ)} against rank 0): every rank must hold the same "
-            "tensors per slot; no rank moved anything"
-        )
+    for column, what in (
+        (1, "hold different weight-move plans (the plan's fingerprint differs from rank 0's"),
+        (2, "hold expert slots of another dtype or shape (local_weights differ from rank 0's"),
+    ):
+        differ = np.flatnonzero(votes[:, column] != votes[0, column]).tolist()
+        if differ:
+            raise InvalidArgumentError(
+                f"the ranks {what} on rank {', '.join(str(r) for r in differ)}): every rank must "
+                "plan the layer from the same old and new placements, with the same tensors per "
+                "slot; no rank moved anything"
+            )
 
 
 def execute_weight_moves(
