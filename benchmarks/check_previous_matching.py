@@ -251,7 +251,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{count} plans, sha256 {digest}")
     expect = args.expect or RECORDED.get((args.seed, args.small))
     if expect is None:
-        print("no recorded hash for this seed")
+        recorded = ", ".join(f"--seed {k[0]}{' --small' if k[1] else ''}" for k in RECORDED)
+        print(
+            f"no recorded hash for seed {args.seed}{' --small' if args.small else ''}: nothing was "
+            f"checked (recorded: {recorded}; or give --expect)",
+            file=sys.stderr,
+        )
+        return 2
     elif expect != digest:
         print(f"MISMATCH: expected {expect}", file=sys.stderr)
         return 1
