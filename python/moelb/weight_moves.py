@@ -32,6 +32,26 @@ def plan_weight_moves(old: ExpertLocation, new: ExpertLocation, layer: int) -> W
     return _core.plan_weight_moves(old, new, layer)
 
 
+def _as_array(weights: Any) -> npt.NDArray[Any]:
+    """``weights`` as a NumPy array: a CPU torch tensor through ``detach()`` (the result is a new
+    array, so reading it needs no gradient), else an InvalidDTypeError naming ``weights``."""
+    if hasattr(weights, "detach") and hasattr(weights, "numpy"):
+        tensor = weights.detach()
+        if str(tensor.device.type) != "cpu":
+            raise _core.InvalidDTypeError(
+                f"weights is a tensor on device '{tensor.device.type}'; apply_weight_moves runs "
+                "in NumPy: pass CPU weights (execute_weight_moves moves GPU weights)"
+            )
+        try:
+            return tensor.numpy()
+        except TypeError:
+            raise _core.InvalidDTypeError(
+                f"weights has dtype {tensor.dtype}, which NumPy cannot hold; apply_weight_moves "
+                "runs in NumPy (execute_weight_moves moves tensors of any dtype)"
+            ) from None
+    return np.asarray(weights)
+
+
 def apply_weight_moves(
     plan: WeightMovePlan, weights: Any, *, location: ExpertLocation
 ) -> npt.NDArray[Any]:
@@ -54,7 +74,7 @@ def apply_weight_moves(
             f"{type(location).__name__}"
         )
     plan.check_source(location, "location")
-    old = np.asarray(weights)
+    old = _as_array(weights)
     expected = (plan.ep_size, plan.num_local_slots)
     if old.ndim < 2 or old.shape[:2] != expected:
         raise InvalidArgumentError(

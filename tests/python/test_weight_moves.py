@@ -469,3 +469,18 @@ def test_apply_to_a_placement_of_another_shape(other: ExpertLocation) -> None:
     plan = plan_weight_moves(BASE, SHUFFLED, 1)
     with pytest.raises(InvalidArgumentError, match=r"location has .* but the plan moves layer 1"):
         apply_weight_moves(plan, np.zeros((4, 4)), location=other)
+
+
+def test_apply_weight_moves_reads_torch_weights_or_says_why() -> None:
+    """A requires_grad CPU tensor is read (the result is a new array); a bf16 tensor is a typed
+    error naming weights (before: torch's RuntimeError / TypeError)."""
+    torch = pytest.importorskip("torch")
+    old = moelb.ExpertLocation(np.array([[0, 1, 2, 3]], np.int32), 4, 2)
+    new = moelb.ExpertLocation(np.array([[2, 1, 0, 3]], np.int32), 4, 2)
+    plan = moelb.plan_weight_moves(old, new, 0)
+    weights = torch.arange(12, dtype=torch.float32).reshape(2, 2, 3).requires_grad_()
+    moved = moelb.apply_weight_moves(plan, weights, location=old)
+    want = moelb.apply_weight_moves(plan, weights.detach().numpy().copy(), location=old)
+    np.testing.assert_array_equal(moved, want)
+    with pytest.raises(moelb.InvalidDTypeError, match=r"weights has dtype torch\.bfloat16"):
+        moelb.apply_weight_moves(plan, weights.detach().bfloat16(), location=old)
