@@ -54,6 +54,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ._core import ExpertLocation, InvalidArgumentError, WeightMovePlan
+from .weight_moves import check_plan_types
 
 if TYPE_CHECKING:
     from .recorder import ExpertDistributionRecorder
@@ -337,13 +338,7 @@ def execute_weight_moves(
     refusal: Exception | None = None
     tensors: list[Any] = []
     try:
-        if not isinstance(plan, WeightMovePlan):
-            raise TypeError(f"plan must be a WeightMovePlan, got {type(plan).__name__}")
-        if not isinstance(location, ExpertLocation):
-            raise TypeError(
-                "location must be an ExpertLocation (the placement local_weights hold), got "
-                f"{type(location).__name__}"
-            )
+        check_plan_types(plan, location, "local_weights")
         tensors = _slot_tensors(torch, local_weights, plan.num_local_slots)
         world = dist.get_world_size(group)
         if world != plan.ep_size:

@@ -742,6 +742,7 @@ def _token_level(
         policy.tables[dispatch] = dispatch_tables(location, dispatch, seed=config.seed)
     mode = config.waterfill or "static"
     tokens_per_rank = np.diff(bounds_tokens).astype(np.float64)
+    step_seed = _step_seed(config.seed, step)  # one stream per step, the same for every layer
     totals = np.zeros(3)
     for layer, ids in enumerate(routed):
         if dispatch == "equal_split":
@@ -765,7 +766,7 @@ def _token_level(
                 layer,
                 dispatch,
                 rank_offsets=bounds_tokens,
-                seed=_step_seed(config.seed, step),
+                seed=step_seed,
             )
         routed_load = np.bincount(physical.ravel() // S, minlength=W)
         if config.waterfill is None:

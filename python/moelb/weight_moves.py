@@ -32,6 +32,18 @@ def plan_weight_moves(old: ExpertLocation, new: ExpertLocation, layer: int) -> W
     return _core.plan_weight_moves(old, new, layer)
 
 
+def check_plan_types(plan: Any, location: Any, holder: str) -> None:
+    """TypeError unless ``plan`` is a WeightMovePlan and ``location`` an ExpertLocation (the
+    placement ``holder`` holds): the executors' first check."""
+    if not isinstance(plan, WeightMovePlan):
+        raise TypeError(f"plan must be a WeightMovePlan, got {type(plan).__name__}")
+    if not isinstance(location, ExpertLocation):
+        raise TypeError(
+            f"location must be an ExpertLocation (the placement {holder} hold), got "
+            f"{type(location).__name__}"
+        )
+
+
 def _as_array(weights: Any) -> npt.NDArray[Any]:
     """``weights`` as a NumPy array: a CPU torch tensor through ``detach()`` (the result is a new
     array, so reading it needs no gradient), else an InvalidDTypeError naming ``weights``."""
@@ -66,13 +78,7 @@ def apply_weight_moves(
 
     Sends and copies read the old contents, as they do on real ranks (receive into staging
     buffers before writing)."""
-    if not isinstance(plan, WeightMovePlan):
-        raise TypeError(f"plan must be a WeightMovePlan, got {type(plan).__name__}")
-    if not isinstance(location, ExpertLocation):
-        raise TypeError(
-            "location must be an ExpertLocation (the placement weights hold), got "
-            f"{type(location).__name__}"
-        )
+    check_plan_types(plan, location, "weights")
     plan.check_source(location, "location")
     old = _as_array(weights)
     expected = (plan.ep_size, plan.num_local_slots)
