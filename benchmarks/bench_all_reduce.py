@@ -70,7 +70,7 @@ def _rank_main(
     try:
         layers, passes, repeats = spec["layers"], spec["passes"], spec["repeats"]
         location = moelb.ExpertLocation.trivial(layers, NUM_EXPERTS, NUM_PHYSICAL, ep_size=world)
-        recorder = moelb.ExpertDistributionRecorder(location, mode=spec["mode"], rank=rank)
+        recorder = moelb.ExpertDistributionRecorder(location, mode=spec["mode"], ep_rank=rank)
         rng = np.random.default_rng(rank)
         batches = [
             rng.integers(-1, NUM_PHYSICAL, (TOKENS, TOP_K), dtype=np.int32) for _ in range(8)

@@ -91,16 +91,16 @@ class Topology:
     """A cluster shape: slots per layer, GPUs, nodes (8 GPUs per node)."""
 
     num_physical_experts: int
-    num_gpus: int
+    ep_size: int
     num_nodes: int
 
     @property
     def name(self) -> str:
-        return f"{self.num_physical_experts}/{self.num_gpus}g/{self.num_nodes}n"
+        return f"{self.num_physical_experts}/{self.ep_size}g/{self.num_nodes}n"
 
     @property
     def slots_per_gpu(self) -> int:
-        return self.num_physical_experts // self.num_gpus
+        return self.num_physical_experts // self.ep_size
 
     @property
     def node_locality(self) -> bool:
@@ -108,7 +108,7 @@ class Topology:
         return NUM_GROUPS % self.num_nodes == 0
 
     def args(self) -> tuple[int, int, int, int]:
-        return self.num_physical_experts, NUM_GROUPS, self.num_nodes, self.num_gpus
+        return self.num_physical_experts, NUM_GROUPS, self.num_nodes, self.ep_size
 
 
 TOPOLOGIES = (
@@ -165,12 +165,12 @@ class Agreement:
     reference: str
     num_layers: int
     same_logcnt: int  # layers with identical replica counts
-    same_gpu_loads: int  # layers with identical per-GPU loads (GPU by GPU)
+    same_rank_loads: int  # layers with identical per-GPU loads (GPU by GPU)
     same_phy2log: int  # layers with identical slot maps (for information)
 
     @property
     def ok(self) -> bool:
-        return self.same_logcnt == self.num_layers and self.same_gpu_loads == self.num_layers
+        return self.same_logcnt == self.num_layers and self.same_rank_loads == self.num_layers
 
 
 @dataclass
@@ -234,15 +234,15 @@ def make_loads(num_layers: int, seed: int) -> dict[str, npt.NDArray[np.float64]]
 # --------------------------------------------------------------------------------------------
 
 
-def _gpu_loads(
-    load: npt.NDArray[np.float64], phy2log: Any, logcnt: Any, num_gpus: int
+def _rank_loads(
+    load: npt.NDArray[np.float64], phy2log: Any, logcnt: Any, ep_size: int
 ) -> npt.NDArray[np.float64]:
     """[L, G] per-GPU loads of a slot map under equal split, replicas summed in ascending order
     within each GPU (so that the same multiset gives the same float sum)."""
     phy2log = np.asarray(phy2log, dtype=np.int64)
     logcnt = np.asarray(logcnt, dtype=np.int64)
     per_slot = np.take_along_axis(load, phy2log, axis=1) / np.take_along_axis(logcnt, phy2log, 1)
-    per_slot = np.sort(per_slot.reshape(load.shape[0], num_gpus, -1), axis=2)
+    per_slot = np.sort(per_slot.reshape(load.shape[0], ep_size, -1), axis=2)
     return per_slot.sum(axis=2)
 
 
@@ -253,14 +253,14 @@ def check_agreement(
     load: npt.NDArray[np.float64],
     plan: moelb.Plan,
     ref_output: tuple[Any, Any, Any],
-    num_gpus: int,
+    ep_size: int,
 ) -> Agreement:
     phy2log = np.asarray(plan.location.physical_to_logical, dtype=np.int64)
     logcnt = np.asarray(plan.location.logical_count, dtype=np.int64)
     ref_phy2log = np.asarray(ref_output[0], dtype=np.int64)
     ref_logcnt = np.asarray(ref_output[2], dtype=np.int64)
-    ours = _gpu_loads(load, phy2log, logcnt, num_gpus)
-    theirs = _gpu_loads(load, ref_phy2log, ref_logcnt, num_gpus)
+    ours = _rank_loads(load, phy2log, logcnt, ep_size)
+    theirs = _rank_loads(load, ref_phy2log, ref_logcnt, ep_size)
     close = np.abs(ours - theirs) <= LOAD_TOLERANCE * np.maximum(np.abs(theirs), 1.0)
     return Agreement(
         case=case,
@@ -268,7 +268,7 @@ def check_agreement(
         reference=reference,
         num_layers=load.shape[0],
         same_logcnt=int((logcnt == ref_logcnt).all(axis=1).sum()),
-        same_gpu_loads=int(close.all(axis=1).sum()),
+        same_rank_loads=int(close.all(axis=1).sum()),
         same_phy2log=int((phy2log == ref_phy2log).all(axis=1).sum()),
     )
 
@@ -283,9 +283,9 @@ def _fewest_replicas(w: npt.NDArray[np.float64], t: float) -> npt.NDArray[np.int
     return c
 
 
-def slot_lower_bound(w: npt.NDArray[np.float64], num_slots: int, num_gpus: int) -> float:
+def slot_lower_bound(w: npt.NDArray[np.float64], num_slots: int, ep_size: int) -> float:
     """A lower bound on the max GPU load of every placement of loads w [E] on num_slots slots of
-    num_gpus GPUs (exactly S = num_slots / num_gpus replicas per GPU), at least the flat bound.
+    ep_size GPUs (exactly S = num_slots / ep_size replicas per GPU), at least the flat bound.
 
     For replica counts c with largest replica load t = max w / c, the GPU holding that replica
     also holds S - 1 others, so its load is at least t plus the S - 1 smallest other replicas.
@@ -296,7 +296,7 @@ def slot_lower_bound(w: npt.NDArray[np.float64], num_slots: int, num_gpus: int) 
     (from the divisor method's optimum up; the scan stops once t alone exceeds the best)."""
     w = np.asarray(w, dtype=np.float64)
     total = float(w.sum())
-    mean = total / num_gpus
+    mean = total / ep_size
     if total <= 0:
         return 0.0
     experts = len(w)
@@ -312,7 +312,7 @@ def slot_lower_bound(w: npt.NDArray[np.float64], num_slots: int, num_gpus: int) 
             hi = mid
         else:
             lo = mid + 1
-    per_gpu = num_slots // num_gpus
+    per_gpu = num_slots // ep_size
     best = np.inf
     for t in candidates[lo:]:
         if t >= best:
@@ -333,17 +333,17 @@ def slot_lower_bound(w: npt.NDArray[np.float64], num_slots: int, num_gpus: int) 
     return max(mean, best)
 
 
-def packing_lower_bound(replica_loads: npt.NDArray[np.float64], num_gpus: int) -> float:
+def packing_lower_bound(replica_loads: npt.NDArray[np.float64], ep_size: int) -> float:
     """A lower bound on the max GPU load of every packing of these replicas (their loads fixed:
-    the plan's replica counts) onto num_gpus GPUs of exactly S = len / num_gpus replicas each.
+    the plan's replica counts) onto ep_size GPUs of exactly S = len / ep_size replicas each.
 
     For every h, the h GPUs holding the h largest replicas (or, if some share a GPU, h GPUs
     holding at least those) carry h * S replicas, so together at least the h largest plus the
     (S - 1) * h smallest: one of them carries at least that sum / h. The bound is the largest
     over h (h = G gives the mean)."""
     r = np.sort(np.asarray(replica_loads, dtype=np.float64))[::-1]
-    per_gpu = len(r) // num_gpus
-    h = np.arange(1, num_gpus + 1)
+    per_gpu = len(r) // ep_size
+    h = np.arange(1, ep_size + 1)
     top = np.cumsum(r)[h - 1]
     smallest = np.concatenate(([0.0], np.cumsum(r[::-1])))[(per_gpu - 1) * h]
     return float(np.max((top + smallest) / h))
@@ -383,22 +383,22 @@ def measure_quality(
             location.logical_count, location.physical_to_logical, 1
         )
         packing = np.array(
-            [packing_lower_bound(row, topology.num_gpus) for row in replicas], dtype=np.float64
+            [packing_lower_bound(row, topology.ep_size) for row in replicas], dtype=np.float64
         )
         quality.packing_gap = float(
-            np.mean(np.asarray(stats.max_gpu_load) / np.maximum(packing, 1e-300) - 1.0)
+            np.mean(np.asarray(stats.max_rank_load) / np.maximum(packing, 1e-300) - 1.0)
         )
         if label == "moelb none" and topology.slots_per_gpu >= GOAL_GAP_MIN_SLOTS_PER_GPU:
-            slots, gpus = topology.num_physical_experts, topology.num_gpus
+            slots, gpus = topology.num_physical_experts, topology.ep_size
             slot_bound = np.array([slot_lower_bound(row, slots, gpus) for row in load])
             flat = np.asarray(stats.lower_bound)
             quality.slot_bound_excess = float(np.mean(slot_bound / flat - 1.0))
             quality.gap_to_slot_bound = float(
-                np.mean(np.asarray(stats.max_gpu_load) / slot_bound - 1.0)
+                np.mean(np.asarray(stats.max_rank_load) / slot_bound - 1.0)
             )
         if label in baseline:
             other = plans[baseline[label]].stats
-            ours, theirs = np.asarray(stats.max_gpu_load), np.asarray(other.max_gpu_load)
+            ours, theirs = np.asarray(stats.max_rank_load), np.asarray(other.max_rank_load)
             excess = ours / np.maximum(theirs, np.finfo(np.float64).tiny) - 1.0
             worse = np.flatnonzero(excess > WORSE_TOLERANCE)
             quality.compared_with = other.algorithm
@@ -594,7 +594,7 @@ def format_agreement(agreements: Sequence[Agreement]) -> str:
             a.loads,
             a.reference,
             f"{a.same_logcnt}/{a.num_layers}",
-            f"{a.same_gpu_loads}/{a.num_layers}",
+            f"{a.same_rank_loads}/{a.num_layers}",
             f"{a.same_phy2log}/{a.num_layers}",
             "ok" if a.ok else "DISAGREE",
         ]
@@ -792,7 +792,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                             load,
                             deepseek_plan,
                             output,
-                            topology.num_gpus,
+                            topology.ep_size,
                         )
                     )
                 timings.append(

@@ -178,7 +178,7 @@ def _check(
         problems.append(f"{where}: layer_moved_experts disagrees with the placements")
     if int(per_layer.sum()) != plan.stats.moved_experts:
         problems.append(f"{where}: moved_experts disagrees with the placements")
-    gain = (before.max_gpu_load - plan.stats.max_gpu_load) / before.max_gpu_load
+    gain = (before.max_rank_load - plan.stats.max_rank_load) / before.max_rank_load
     short = np.flatnonzero(
         (per_layer > 0) & (gain < move_cost * per_layer * (1 - TOLERANCE) - TOLERANCE)
     )
@@ -224,7 +224,7 @@ def measure_repeat(
         problems += _check(f"{where} move_cost={key}", plan, first.location, before, cost)
         if cost == 0:
             moves = plan.stats.layer_moved_experts
-            gain = (before.max_gpu_load - plan.stats.max_gpu_load) / before.max_gpu_load
+            gain = (before.max_rank_load - plan.stats.max_rank_load) / before.max_rank_load
             per_move = gain[moves > 0] / moves[moves > 0]
             repeat.max_gain_per_move = float(per_move.max()) if per_move.size else 0.0
             repeat.median_gain_per_move = float(np.median(per_move)) if per_move.size else 0.0
@@ -428,7 +428,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "num_experts": NUM_EXPERTS,
             "num_groups": NUM_GROUPS,
             "num_physical_experts": NUM_PHYSICAL,
-            "num_gpus": NUM_GPUS,
+            "ep_size": NUM_GPUS,
             "num_nodes": NUM_NODES,
             "expert_bytes": EXPERT_BYTES,
             "tokens": TOKENS,

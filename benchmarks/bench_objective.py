@@ -87,16 +87,16 @@ class Topology:
     """A cluster shape and the locality the plans keep."""
 
     num_physical_experts: int
-    num_gpus: int
+    ep_size: int
     num_nodes: int
     locality: str
 
     @property
     def name(self) -> str:
-        return f"{self.num_physical_experts}/{self.num_gpus}g/{self.num_nodes}n {self.locality}"
+        return f"{self.num_physical_experts}/{self.ep_size}g/{self.num_nodes}n {self.locality}"
 
     def args(self) -> tuple[int, int, int, int]:
-        return self.num_physical_experts, NUM_GROUPS, self.num_nodes, self.num_gpus
+        return self.num_physical_experts, NUM_GROUPS, self.num_nodes, self.ep_size
 
 
 TOPOLOGIES = (
@@ -241,21 +241,21 @@ def _check(
 ) -> list[str]:
     """What the library guarantees about the two plans of one window; a list of violations."""
     problems = []
-    total, peak = scores["total"].step_max_gpu_load, scores["step_peak"].step_max_gpu_load
+    total, peak = scores["total"].step_max_rank_load, scores["step_peak"].step_max_rank_load
     above = np.flatnonzero(peak > total * (1 + TOLERANCE))
     if above.size:
         layer = int(above[0])
         problems.append(
-            f"{where}: step_peak's in-window step_max_gpu_load above total's on "
+            f"{where}: step_peak's in-window step_max_rank_load above total's on "
             f"{above.size} layer(s), e.g. layer {layer}: {peak[layer]:.1f} > {total[layer]:.1f}"
         )
     counts = {o: np.asarray(p.location.logical_count) for o, p in plans.items()}
     if not np.array_equal(counts["total"], counts["step_peak"]):
         problems.append(f"{where}: step_peak changed the replica counts of the total plan")
-    own = plans["step_peak"].stats.step_max_gpu_load
+    own = plans["step_peak"].stats.step_max_rank_load
     if own is None or not np.allclose(own, peak, rtol=TOLERANCE, atol=0.0):
         problems.append(
-            f"{where}: step_peak's Plan.stats.step_max_gpu_load disagrees with evaluate_placement"
+            f"{where}: step_peak's Plan.stats.step_max_rank_load disagrees with evaluate_placement"
         )
     if topology.locality == "node":
         slots_per_node = topology.num_physical_experts // topology.num_nodes

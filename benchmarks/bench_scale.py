@@ -66,7 +66,7 @@ class Size:
 
     num_experts: int
     num_physical_experts: int
-    num_gpus: int
+    ep_size: int
     num_nodes: int
 
 
@@ -113,18 +113,18 @@ def run_plan(spec: dict[str, Any]) -> dict[str, Any]:
     """One planner row, in this (fresh) process."""
     size = Size(**spec["size"])
     layers, repeats, algorithm = spec["layers"], spec["repeats"], spec["algorithm"]
-    load = zipf_loads(layers, size.num_experts, seed=size.num_gpus * 1000 + size.num_experts)
+    load = zipf_loads(layers, size.num_experts, seed=size.ep_size * 1000 + size.num_experts)
     previous = moelb.ExpertLocation.trivial(
         layers,
         size.num_experts,
         size.num_physical_experts,
-        ep_size=size.num_gpus,
+        ep_size=size.ep_size,
         num_nodes=size.num_nodes,
     )
-    args = (size.num_physical_experts, NUM_GROUPS, size.num_nodes, size.num_gpus)
+    args = (size.num_physical_experts, NUM_GROUPS, size.num_nodes, size.ep_size)
     before = peak_rss_mib()
     # A later round's current placement: the plan of other loads (not timed).
-    other = zipf_loads(layers, size.num_experts, seed=size.num_gpus * 1000 + size.num_experts + 1)
+    other = zipf_loads(layers, size.num_experts, seed=size.ep_size * 1000 + size.num_experts + 1)
     earlier = moelb.rebalance(other, *args, algorithm=algorithm).location
     moelb.rebalance(load[:1], *args, algorithm=algorithm)  # warm-up: threads, first allocations
     seconds: dict[str, list[float]] = {"none": [], "trivial": [], "earlier": []}
@@ -169,7 +169,7 @@ def run_recorder(spec: dict[str, Any]) -> dict[str, Any]:
         layers,
         size.num_experts,
         size.num_physical_experts,
-        ep_size=size.num_gpus,
+        ep_size=size.ep_size,
         num_nodes=size.num_nodes,
     )
     rng = np.random.default_rng(0)
@@ -248,7 +248,7 @@ def in_child(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
 class PlanRow:
     num_experts: int
     num_physical_experts: int
-    num_gpus: int
+    ep_size: int
     num_nodes: int
     algorithm: str
     ran: str
@@ -326,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
                 [
                     str(r.num_experts),
                     str(r.num_physical_experts),
-                    str(r.num_gpus),
+                    str(r.ep_size),
                     str(r.num_nodes),
                     r.algorithm,
                     r.ran,
@@ -350,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     worst = max(plan_rows, key=previous_ratio)
     print(
         f"previous costs at most {previous_ratio(worst):.2f}x the plan without it "
-        f"({worst.algorithm}, {worst.num_physical_experts} slots on {worst.num_gpus} GPUs)"
+        f"({worst.algorithm}, {worst.num_physical_experts} slots on {worst.ep_size} GPUs)"
     )
 
     shape = QUICK_RECORDER_SHAPE if quick else RECORDER_SHAPE
@@ -368,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         recorder_rows.append({**spec, **in_child("recorder", spec)})
     print(
         f"\nRecorder: {tokens:,}-token top-{TOP_K} batches, {layers} layers, "
-        f"{shape.num_physical_experts} slots on {shape.num_gpus} ranks; "
+        f"{shape.num_physical_experts} slots on {shape.ep_size} ranks; "
         f"2 x buffer_size passes recorded"
     )
     print(

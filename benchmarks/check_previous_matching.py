@@ -36,7 +36,7 @@ RECORDED = {
     (19, True): "fb341ea7b31000d4382685204d3bd8b1946d6825fa1acf5ea88814edc897851e",  # 2,111 plans
 }
 
-# (num_experts, num_physical_experts, num_groups, num_nodes, num_gpus)
+# (num_experts, num_physical_experts, num_groups, num_nodes, ep_size)
 SHAPES = (
     (16, 16, 4, 1, 4),
     (16, 24, 4, 1, 8),
@@ -193,7 +193,7 @@ def large_plans(seed: int):
                 yield f"{shape} zipf {prev_name} {locality}", plan
 
 
-# (num_experts, num_physical_experts, num_gpus, num_nodes) timed by --time, 58 layers each.
+# (num_experts, num_physical_experts, ep_size, num_nodes) timed by --time, 58 layers each.
 TIMED_SHAPES = (
     (256, 1024, 256, 32),
     (256, 2048, 1024, 128),

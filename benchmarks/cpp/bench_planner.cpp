@@ -119,7 +119,7 @@ int main(int argc, char** argv) {
                     options.num_physical_experts = t.slots;
                     options.num_groups = kGroups;
                     options.num_nodes = t.nodes;
-                    options.num_gpus = t.gpus;
+                    options.ep_size = t.gpus;
                     options.algorithm = kind.algorithm;
                     options.locality = kind.locality;
                     double gap = 0.0;

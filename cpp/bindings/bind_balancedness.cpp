@@ -25,25 +25,25 @@ std::string multi_index(const py::array& a, py::ssize_t flat) {
     return out.str();
 }
 
-// mean_gpu_load and max_gpu_load: float64 C-contiguous arrays of one shape, finite, >= 0, and
+// mean_rank_load and max_rank_load: float64 C-contiguous arrays of one shape, finite, >= 0, and
 // mean <= max (up to rounding): a swapped pair or a load that is not one is an error.
 void check_loads(const py::array_t<double>& mean, const py::array_t<double>& max) {
     MOELB_CHECK_ARG(mean.ndim() == max.ndim() &&
                         std::equal(mean.shape(), mean.shape() + mean.ndim(), max.shape()),
-                    "mean_gpu_load has shape " << shape_string(mean) << " but max_gpu_load has "
+                    "mean_rank_load has shape " << shape_string(mean) << " but max_rank_load has "
                                                << shape_string(max));
     const double* m = mean.data();
     const double* x = max.data();
     for (py::ssize_t i = 0; i < mean.size(); ++i) {
         MOELB_CHECK_ARG(std::isfinite(m[i]) && m[i] >= 0,
-                        "mean_gpu_load" << multi_index(mean, i) << " = " << m[i]
+                        "mean_rank_load" << multi_index(mean, i) << " = " << m[i]
                                         << " is not a finite non-negative load");
         MOELB_CHECK_ARG(std::isfinite(x[i]) && x[i] >= 0,
-                        "max_gpu_load" << multi_index(max, i) << " = " << x[i]
+                        "max_rank_load" << multi_index(max, i) << " = " << x[i]
                                        << " is not a finite non-negative load");
         MOELB_CHECK_ARG(m[i] <= x[i] * (1 + 1e-9),
-                        "mean_gpu_load" << multi_index(mean, i) << " = " << m[i]
-                                        << " is above max_gpu_load" << multi_index(max, i) << " = "
+                        "mean_rank_load" << multi_index(mean, i) << " = " << m[i]
+                                        << " is above max_rank_load" << multi_index(max, i) << " = "
                                         << x[i] << " (a mean cannot exceed the largest load)");
     }
 }
@@ -62,9 +62,9 @@ void bind_balancedness(py::module_& m) {
 
     m.def(
         "utilization_rate",
-        [](const py::handle& mean_gpu_load, const py::handle& max_gpu_load) {
-            const auto mean = contiguous(mean_gpu_load, "mean_gpu_load");
-            const auto max = contiguous(max_gpu_load, "max_gpu_load");
+        [](const py::handle& mean_rank_load, const py::handle& max_rank_load) {
+            const auto mean = contiguous(mean_rank_load, "mean_rank_load");
+            const auto max = contiguous(max_rank_load, "max_rank_load");
             check_loads(mean, max);
             py::array_t<double> out(
                 std::vector<py::ssize_t>(mean.shape(), mean.shape() + mean.ndim()));
@@ -74,19 +74,19 @@ void bind_balancedness(py::module_& m) {
             }
             return out;
         },
-        py::arg("mean_gpu_load"), py::arg("max_gpu_load"),
+        py::arg("mean_rank_load"), py::arg("max_rank_load"),
         "SGLang's per-layer utilization rate (mean + 1e-5) / (max + 1e-5), elementwise over "
         "float64 "
         "arrays of one shape.");
 
     m.def(
         "balancedness",
-        [](const py::handle& mean_gpu_load, const py::handle& max_gpu_load,
+        [](const py::handle& mean_rank_load, const py::handle& max_rank_load,
            const std::string& layers) {
             const LayerSet which = parse_layer_set(layers);
-            const auto mean = contiguous(mean_gpu_load, "mean_gpu_load");
-            const auto max = contiguous(max_gpu_load, "max_gpu_load");
-            MOELB_CHECK_ARG(mean.ndim() >= 1, "mean_gpu_load must have a layer axis, got a scalar");
+            const auto mean = contiguous(mean_rank_load, "mean_rank_load");
+            const auto max = contiguous(max_rank_load, "max_rank_load");
+            MOELB_CHECK_ARG(mean.ndim() >= 1, "mean_rank_load must have a layer axis, got a scalar");
             check_loads(mean, max);
             const py::ssize_t L = mean.shape(mean.ndim() - 1);
             std::vector<py::ssize_t> shape(mean.shape(), mean.shape() + mean.ndim() - 1);
@@ -99,7 +99,7 @@ void bind_balancedness(py::module_& m) {
             }
             return out;
         },
-        py::arg("mean_gpu_load"), py::arg("max_gpu_load"), py::arg("layers") = "all",
+        py::arg("mean_rank_load"), py::arg("max_rank_load"), py::arg("layers") = "all",
         "The mean over the last axis (layers) of utilization_rate: layers='all' (SGLang: every "
         "layer, one without load counts 1.0) or 'active' (layers with load; NaN when none).");
 

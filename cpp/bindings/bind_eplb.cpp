@@ -17,8 +17,8 @@ py::dict stats_dict(const PlanStats& s) {
     py::array_t<bool> kept(n);
     for (py::ssize_t l = 0; l < n; ++l) {
         const auto& x = s.layers[static_cast<std::size_t>(l)];
-        max_load.mutable_at(l) = x.max_gpu_load;
-        mean_load.mutable_at(l) = x.mean_gpu_load;
+        max_load.mutable_at(l) = x.max_rank_load;
+        mean_load.mutable_at(l) = x.mean_rank_load;
         balancedness.mutable_at(l) = x.balancedness;
         lower_bound.mutable_at(l) = x.lower_bound;
         gap.mutable_at(l) = x.gap;
@@ -26,8 +26,8 @@ py::dict stats_dict(const PlanStats& s) {
         kept.mutable_at(l) = x.kept_previous;
     }
     py::dict d;
-    d["max_gpu_load"] = max_load;
-    d["mean_gpu_load"] = mean_load;
+    d["max_rank_load"] = max_load;
+    d["mean_rank_load"] = mean_load;
     d["layer_balancedness"] = balancedness;
     d["lower_bound"] = lower_bound;
     d["gap"] = gap;
@@ -47,12 +47,12 @@ py::dict stats_dict(const PlanStats& s) {
     if (s.has_steps) {
         py::array_t<double> step_max(n);
         for (py::ssize_t l = 0; l < n; ++l) {
-            step_max.mutable_at(l) = s.layers[static_cast<std::size_t>(l)].step_max_gpu_load;
+            step_max.mutable_at(l) = s.layers[static_cast<std::size_t>(l)].step_max_rank_load;
         }
-        d["step_max_gpu_load"] = step_max;
+        d["step_max_rank_load"] = step_max;
         d["step_balancedness"] = s.step_balancedness;
     } else {
-        d["step_max_gpu_load"] = py::none();
+        d["step_max_rank_load"] = py::none();
         d["step_balancedness"] = py::none();
     }
     return d;
@@ -97,7 +97,7 @@ void bind_eplb(py::module_& m) {
     m.def(
         "rebalance",
         [](const py::handle& load, std::int64_t num_physical_experts, std::int64_t num_groups,
-           std::int64_t num_nodes, std::int64_t num_gpus, const std::string& algorithm,
+           std::int64_t num_nodes, std::int64_t ep_size, const std::string& algorithm,
            const std::string& locality, const ExpertLocation* previous, double move_cost,
            std::optional<std::int64_t> max_moves, const std::string& objective) {
             const LoadArg w(load);
@@ -105,7 +105,7 @@ void bind_eplb(py::module_& m) {
             o.num_physical_experts = narrow(num_physical_experts, "num_physical_experts");
             o.num_groups = narrow(num_groups, "num_groups");
             o.num_nodes = narrow(num_nodes, "num_nodes");
-            o.num_gpus = narrow(num_gpus, "num_gpus");
+            o.ep_size = narrow(ep_size, "ep_size");
             o.algorithm = parse_eplb_algorithm(algorithm);
             o.locality = parse_locality(locality);
             o.objective = parse_objective(objective);
@@ -123,7 +123,7 @@ void bind_eplb(py::module_& m) {
             return py::make_tuple(py::cast(std::move(plan->location)), stats_dict(plan->stats));
         },
         py::arg("load"), py::arg("num_physical_experts"), py::arg("num_groups"),
-        py::arg("num_nodes"), py::arg("num_gpus"), py::arg("algorithm") = "moelb",
+        py::arg("num_nodes"), py::arg("ep_size"), py::arg("algorithm") = "moelb",
         py::arg("locality") = "auto", py::arg("previous") = py::none(),
         py::arg("move_cost") = kDefaultMoveCost, py::arg("max_moves") = py::none(),
         py::arg("objective") = "total",
@@ -147,10 +147,10 @@ void bind_eplb(py::module_& m) {
         "The statistics of a placement for load [L, E] or per-step loads [T, L, E] float64.");
 
     m.def(
-        "gpu_loads",
+        "rank_loads",
         [](const py::handle& load, const ExpertLocation& location) {
             auto w = strict_array<double>(load, "load", 2);
-            const RowMatrix<double> g = gpu_loads(const_matrix(w), location);
+            const RowMatrix<double> g = rank_loads(const_matrix(w), location);
             auto out = new_matrix<double>(g.rows(), g.cols());
             mutable_matrix(out) = g;
             return out;

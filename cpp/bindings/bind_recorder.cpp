@@ -31,16 +31,16 @@ py::array_t<T> owning_array(std::vector<T>&& data, std::vector<Index> shape) {
 void bind_recorder(py::module_& m) {
     py::class_<Recorder>(m, "ExpertDistributionRecorder")
         .def(py::init([](const ExpertLocation& location, const std::string& mode,
-                         std::int64_t buffer_size, std::int64_t rank) {
+                         std::int64_t buffer_size, std::int64_t ep_rank) {
                  return std::make_unique<Recorder>(location, parse_recorder_mode(mode), buffer_size,
-                                                   narrow(rank, "rank"));
+                                                   narrow(ep_rank, "ep_rank"));
              }),
              py::arg("location"), py::arg("mode") = "stat", py::arg("buffer_size") = 1000,
-             py::arg("rank") = 0)
+             py::arg("ep_rank") = 0)
         .def_property_readonly("mode",
                                [](const Recorder& r) { return std::string(to_string(r.mode())); })
         .def_property_readonly("buffer_size", &Recorder::buffer_size)
-        .def_property_readonly("rank", &Recorder::rank)
+        .def_property_readonly("ep_rank", &Recorder::ep_rank)
         .def_property_readonly("num_layers", &Recorder::num_layers)
         .def_property_readonly("num_physical_experts", &Recorder::num_physical_experts)
         .def_property_readonly("location", [](const Recorder& r) { return *r.location(); })
@@ -69,16 +69,16 @@ void bind_recorder(py::module_& m) {
             py::arg("topk_ids"), py::arg("layer") = py::none())
         .def(
             "on_dispatch_counts",
-            [](Recorder& r, const py::handle& local_counts, std::int64_t rank,
+            [](Recorder& r, const py::handle& local_counts, std::int64_t ep_rank,
                std::int64_t num_trailing_shared_slots) {
                 auto counts = config_array<std::int64_t>(local_counts, "local_counts", 1);
-                const int rank32 = narrow(rank, "rank");
+                const int rank = narrow(ep_rank, "ep_rank");
                 const int trailing = narrow(num_trailing_shared_slots, "num_trailing_shared_slots");
                 py::gil_scoped_release release;
                 r.on_dispatch_counts({counts.data(), static_cast<std::size_t>(counts.size())},
-                                     rank32, trailing);
+                                     rank, trailing);
             },
-            py::arg("local_counts"), py::arg("rank"), py::arg("num_trailing_shared_slots") = 0)
+            py::arg("local_counts"), py::arg("ep_rank"), py::arg("num_trailing_shared_slots") = 0)
         .def(
             "check_id_space",
             [](const Recorder& r, const ExpertLocation* location, std::int64_t num_experts) {

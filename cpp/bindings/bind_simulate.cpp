@@ -35,16 +35,16 @@ void bind_simulate(py::module_& m) {
             return py::make_tuple(max_load, mean_load);
         },
         py::arg("counts"), py::arg("location"),
-        "(max_gpu_load [T, L], mean_gpu_load [T, L]) of a placement for per-step counts "
+        "(max_rank_load [T, L], mean_rank_load [T, L]) of a placement for per-step counts "
         "[T, L, E] int32 (each expert's count split equally over its replicas).");
 
     m.def(
         "step_lower_bounds",
-        [](const py::handle& counts, std::int64_t num_physical_experts, std::int64_t num_gpus) {
+        [](const py::handle& counts, std::int64_t num_physical_experts, std::int64_t ep_size) {
             auto a = strict_array<std::int32_t>(counts, "counts", 3);
             const StepCounts c = step_counts(a);
             const int P = narrow(num_physical_experts, "num_physical_experts");
-            const int G = narrow(num_gpus, "num_gpus");
+            const int G = narrow(ep_size, "ep_size");
             auto out = new_matrix<double>(c.num_steps, c.num_layers);
             {
                 py::gil_scoped_release release;
@@ -52,7 +52,7 @@ void bind_simulate(py::module_& m) {
             }
             return out;
         },
-        py::arg("counts"), py::arg("num_physical_experts"), py::arg("num_gpus"),
+        py::arg("counts"), py::arg("num_physical_experts"), py::arg("ep_size"),
         "[T, L] lower bound of the largest GPU load of any placement, per step and layer.");
 }
 

@@ -63,20 +63,20 @@ from rank_load). allow_all_ranks: every rank is a candidate. destination: the fe
     py::class_<WaterfillBalancer>(m, "WaterfillBalancer", R"doc(
 The Waterfill shared-expert balancer of one MoE layer on one EP rank (SGLang's, exactly).
 )doc")
-        .def(py::init([](std::int64_t num_physical_experts, std::int64_t ep_size, std::int64_t rank,
+        .def(py::init([](std::int64_t num_physical_experts, std::int64_t ep_size, std::int64_t ep_rank,
                          double routed_scaling_factor, const std::string& mode,
                          bool apply_routed_scaling_factor_on_output) {
                  return WaterfillBalancer(narrow(num_physical_experts, "num_physical_experts"),
-                                          narrow(ep_size, "ep_size"), narrow(rank, "rank"),
+                                          narrow(ep_size, "ep_size"), narrow(ep_rank, "ep_rank"),
                                           routed_scaling_factor, parse_waterfill_mode(mode),
                                           apply_routed_scaling_factor_on_output);
              }),
-             py::arg("num_physical_experts"), py::arg("ep_size"), py::arg("rank"),
+             py::arg("num_physical_experts"), py::arg("ep_size"), py::arg("ep_rank"),
              py::arg("routed_scaling_factor") = 1.0, py::arg("mode") = "static", py::kw_only(),
              py::arg("apply_routed_scaling_factor_on_output") = false)
         .def_property_readonly("num_physical_experts", &WaterfillBalancer::num_physical_experts)
         .def_property_readonly("ep_size", &WaterfillBalancer::ep_size)
-        .def_property_readonly("rank", &WaterfillBalancer::rank)
+        .def_property_readonly("ep_rank", &WaterfillBalancer::ep_rank)
         .def_property_readonly("slots_per_rank", &WaterfillBalancer::slots_per_rank)
         .def_property_readonly("routed_scaling_factor", &WaterfillBalancer::routed_scaling_factor)
         .def_property_readonly("apply_routed_scaling_factor_on_output",
@@ -86,10 +86,10 @@ The Waterfill shared-expert balancer of one MoE layer on one EP rank (SGLang's, 
         .def_property_readonly("shared_weight", &WaterfillBalancer::shared_weight)
         .def(
             "shared_slot",
-            [](const WaterfillBalancer& b, std::int64_t rank) {
-                return b.shared_slot(narrow(rank, "rank"));
+            [](const WaterfillBalancer& b, std::int64_t ep_rank) {
+                return b.shared_slot(narrow(ep_rank, "ep_rank"));
             },
-            py::arg("rank"), "The id of a rank's shared slot: rank * (S + 1) + S.")
+            py::arg("ep_rank"), "The id of a rank's shared slot: ep_rank * (S + 1) + S.")
         .def("exchange_size", &WaterfillBalancer::exchange_size, py::arg("is_decode") = false)
         .def(
             "exchange_buffer",

@@ -20,7 +20,7 @@ void bind_weight_moves(py::module_& m) {
     py::class_<WeightMovePlan>(m, "WeightMovePlan", R"doc(
 The weight moves of one layer from an old placement to a new one, per EP rank.
 
-ops(rank) lists (kind, expert, src_slot, dst_slot, peer) in execution order. Every rank runs:
+ops(ep_rank) lists (kind, expert, src_slot, dst_slot, peer) in execution order. Every rank runs:
 (1) 'copy' and 'send' read the OLD contents of src_slot; (2) 'recv' writes the expert received
 from peer into dst_slot; (3) 'copy' writes what it read into dst_slot; (4) 'fanout' copies the
 NEW contents of src_slot into dst_slot. Sends and receives are sorted by (expert, peer), so both
@@ -71,17 +71,17 @@ layer's rows of both placements); the executors refuse weights that hold anythin
             [](const WeightMovePlan& p) { return p.intra_node_transfers + p.inter_node_transfers; })
         .def(
             "ops",
-            [](const WeightMovePlan& p, std::int64_t rank) {
-                MOELB_CHECK_ARG(rank >= 0 && rank < p.ep_size,
-                                "rank=" << rank << " is outside [0, ep_size=" << p.ep_size << ")");
+            [](const WeightMovePlan& p, std::int64_t ep_rank) {
+                MOELB_CHECK_ARG(ep_rank >= 0 && ep_rank < p.ep_size,
+                                "ep_rank=" << ep_rank << " is outside [0, ep_size=" << p.ep_size << ")");
                 py::list out;
-                for (const MoveOp& op : p.ops[static_cast<std::size_t>(rank)]) {
+                for (const MoveOp& op : p.ops[static_cast<std::size_t>(ep_rank)]) {
                     out.append(py::make_tuple(std::string(to_string(op.kind)), op.expert,
                                               op.src_slot, op.dst_slot, op.peer));
                 }
                 return out;
             },
-            py::arg("rank"))
+            py::arg("ep_rank"))
         .def(
             "moved_bytes",
             [](const WeightMovePlan& p, std::int64_t expert_bytes) {

@@ -20,16 +20,16 @@ LayerSet parse_layer_set(std::string_view name, std::string_view param) {
 
 std::string_view to_string(LayerSet value) { return detail::enum_name(kLayerSetNames, value); }
 
-double balancedness(std::span<const double> mean_gpu_load, std::span<const double> max_gpu_load,
+double balancedness(std::span<const double> mean_rank_load, std::span<const double> max_rank_load,
                     LayerSet layers) {
-    MOELB_CHECK_ARG(mean_gpu_load.size() == max_gpu_load.size(),
-                    "mean_gpu_load has " << mean_gpu_load.size() << " layers but max_gpu_load has "
-                                         << max_gpu_load.size());
+    MOELB_CHECK_ARG(mean_rank_load.size() == max_rank_load.size(),
+                    "mean_rank_load has " << mean_rank_load.size() << " layers but max_rank_load has "
+                                         << max_rank_load.size());
     double sum = 0.0;
     std::size_t n = 0;
-    for (std::size_t l = 0; l < mean_gpu_load.size(); ++l) {
-        if (layers == LayerSet::kActive && !(max_gpu_load[l] > 0)) continue;
-        sum += utilization_rate(mean_gpu_load[l], max_gpu_load[l]);
+    for (std::size_t l = 0; l < mean_rank_load.size(); ++l) {
+        if (layers == LayerSet::kActive && !(max_rank_load[l] > 0)) continue;
+        sum += utilization_rate(mean_rank_load[l], max_rank_load[l]);
         ++n;
     }
     return n == 0 ? std::numeric_limits<double>::quiet_NaN() : sum / static_cast<double>(n);

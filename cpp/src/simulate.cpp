@@ -69,7 +69,7 @@ double divisor_bound(const std::int32_t* c, Index E, Index extras, std::vector<H
 }  // namespace
 
 void score_steps(const StepCounts& counts, const ExpertLocation& location,
-                 MatrixMap<double> max_gpu_load, MatrixMap<double> mean_gpu_load) {
+                 MatrixMap<double> max_rank_load, MatrixMap<double> mean_rank_load) {
     check_counts(counts);
     MOELB_CHECK_ARG(counts.num_layers == location.num_layers(),
                     "counts has " << counts.num_layers << " layers but the location has "
@@ -77,8 +77,8 @@ void score_steps(const StepCounts& counts, const ExpertLocation& location,
     MOELB_CHECK_ARG(counts.num_experts == location.num_logical_experts(),
                     "counts has " << counts.num_experts << " experts but the location has "
                                   << location.num_logical_experts() << " logical experts");
-    check_output(max_gpu_load, counts, "max_gpu_load");
-    check_output(mean_gpu_load, counts, "mean_gpu_load");
+    check_output(max_rank_load, counts, "max_rank_load");
+    check_output(mean_rank_load, counts, "mean_rank_load");
 
     const Index L = counts.num_layers, E = counts.num_experts;
     const int G = location.ep_size();
@@ -115,16 +115,16 @@ void score_steps(const StepCounts& counts, const ExpertLocation& location,
                 }
                 max_load = std::max(max_load, load);
             }
-            max_gpu_load(row / L, l) = max_load;
-            mean_gpu_load(row / L, l) = total / G;
+            max_rank_load(row / L, l) = max_load;
+            mean_rank_load(row / L, l) = total / G;
         }
     });
 }
 
-void step_lower_bounds(const StepCounts& counts, int num_physical_experts, int num_gpus,
+void step_lower_bounds(const StepCounts& counts, int num_physical_experts, int ep_size,
                        MatrixMap<double> out) {
     check_counts(counts);
-    MOELB_CHECK_ARG(num_gpus >= 1, "num_gpus must be >= 1, got " << num_gpus);
+    MOELB_CHECK_ARG(ep_size >= 1, "ep_size must be >= 1, got " << ep_size);
     MOELB_CHECK_ARG(num_physical_experts >= counts.num_experts,
                     "num_physical_experts=" << num_physical_experts << " is less than the "
                                             << counts.num_experts << " experts of counts");
@@ -142,9 +142,9 @@ void step_lower_bounds(const StepCounts& counts, int num_physical_experts, int n
                     negative_count(counts, row, e, c[e]);
                 total += c[e];
             }
-            // Fast path: when every expert fits under total / num_gpus with the slots available,
+            // Fast path: when every expert fits under total / ep_size with the slots available,
             // the bound is that mean (the divisor method's value cannot exceed it).
-            const double mean = total / num_gpus;
+            const double mean = total / ep_size;
             double bound = 0.0;
             if (mean > 0) {
                 const double inv_mean = 1.0 / mean;

@@ -31,11 +31,11 @@ from .dispatch import (
     dispatch_table,
     dispatch_tables,
     dispatch_tokens,
-    expected_gpu_loads,
+    expected_rank_loads,
     sglang_replica_lists,
 )
 from .distributed import execute_weight_moves
-from .eplb import Plan, PlanStats, evaluate_placement, gpu_loads, rebalance
+from .eplb import Plan, PlanStats, evaluate_placement, rank_loads, rebalance
 from .io import (
     load_expert_distribution,
     load_placement,
@@ -103,9 +103,9 @@ __all__ = [
     "dispatch_tokens",
     "evaluate_placement",
     "execute_weight_moves",
-    "expected_gpu_loads",
+    "expected_rank_loads",
     "get_num_threads",
-    "gpu_loads",
+    "rank_loads",
     "load_expert_distribution",
     "load_placement",
     "pass_balancedness",

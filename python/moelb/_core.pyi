@@ -159,13 +159,13 @@ class HashRouter:
 BALANCEDNESS_EPSILON: float
 
 def utilization_rate(
-    mean_gpu_load: npt.NDArray[np.float64], max_gpu_load: npt.NDArray[np.float64]
+    mean_rank_load: npt.NDArray[np.float64], max_rank_load: npt.NDArray[np.float64]
 ) -> npt.NDArray[np.float64]:
     """SGLang's per-layer rate (mean + 1e-5) / (max + 1e-5), elementwise (same shapes)."""
 
 def balancedness(
-    mean_gpu_load: npt.NDArray[np.float64],
-    max_gpu_load: npt.NDArray[np.float64],
+    mean_rank_load: npt.NDArray[np.float64],
+    max_rank_load: npt.NDArray[np.float64],
     layers: str = "all",
 ) -> npt.NDArray[np.float64]:
     """[..., L] -> [...]: the mean over the layers of utilization_rate; layers 'all' (SGLang:
@@ -176,14 +176,14 @@ def pass_balancedness(counts: npt.ArrayLike, ep_size: int, layers: str = "all") 
 
 class ExpertDistributionRecorder:
     def __init__(
-        self, location: ExpertLocation, mode: str = "stat", buffer_size: int = 1000, rank: int = 0
+        self, location: ExpertLocation, mode: str = "stat", buffer_size: int = 1000, ep_rank: int = 0
     ) -> None: ...
     @property
     def mode(self) -> str: ...
     @property
     def buffer_size(self) -> int: ...
     @property
-    def rank(self) -> int: ...
+    def ep_rank(self) -> int: ...
     @property
     def num_layers(self) -> int: ...
     @property
@@ -204,7 +204,7 @@ class ExpertDistributionRecorder:
     def current_layer(self) -> int | None: ...
     def on_select_experts(self, topk_ids: Any, layer: int | None = None) -> None: ...
     def on_dispatch_counts(
-        self, local_counts: npt.ArrayLike, rank: int, num_trailing_shared_slots: int = 0
+        self, local_counts: npt.ArrayLike, ep_rank: int, num_trailing_shared_slots: int = 0
     ) -> None: ...
     def check_id_space(self, location: ExpertLocation | None, num_experts: int) -> None:
         """Raises InvalidArgumentError naming ``location`` unless ids routed with ``location``
@@ -243,7 +243,7 @@ def rebalance(
     num_physical_experts: int,
     num_groups: int,
     num_nodes: int,
-    num_gpus: int,
+    ep_size: int,
     algorithm: str = "moelb",
     locality: str = "auto",
     previous: ExpertLocation | None = None,
@@ -256,7 +256,7 @@ def evaluate_placement(
     location: ExpertLocation,
     previous: ExpertLocation | None = None,
 ) -> dict[str, Any]: ...
-def gpu_loads(
+def rank_loads(
     load: npt.NDArray[np.float64], location: ExpertLocation
 ) -> npt.NDArray[np.float64]: ...
 
@@ -285,7 +285,7 @@ class WeightMovePlan:
     def fingerprint(self) -> int: ...
     def check_source(self, location: ExpertLocation, parameter: str = "location") -> None: ...
     def check_target(self, location: ExpertLocation, parameter: str = "location") -> None: ...
-    def ops(self, rank: int) -> list[tuple[str, int, int, int, int]]: ...
+    def ops(self, ep_rank: int) -> list[tuple[str, int, int, int, int]]: ...
     def moved_bytes(self, expert_bytes: int) -> dict[str, int]: ...
     def simulate(self, contents: npt.ArrayLike) -> npt.NDArray[np.int64]: ...
 
@@ -308,7 +308,7 @@ class WaterfillBalancer:
         self,
         num_physical_experts: int,
         ep_size: int,
-        rank: int,
+        ep_rank: int,
         routed_scaling_factor: float = 1.0,
         mode: str = "static",
         *,
@@ -319,7 +319,7 @@ class WaterfillBalancer:
     @property
     def ep_size(self) -> int: ...
     @property
-    def rank(self) -> int: ...
+    def ep_rank(self) -> int: ...
     @property
     def slots_per_rank(self) -> int: ...
     @property
@@ -330,7 +330,7 @@ class WaterfillBalancer:
     def mode(self) -> str: ...
     @property
     def shared_weight(self) -> float: ...
-    def shared_slot(self, rank: int) -> int: ...
+    def shared_slot(self, ep_rank: int) -> int: ...
     def exchange_size(self, is_decode: bool = False) -> int: ...
     def exchange_buffer(
         self, topk_ids: npt.ArrayLike, num_tokens: int | None = None, is_decode: bool = False
@@ -405,7 +405,7 @@ def score_steps(
     counts: npt.NDArray[np.int32], location: ExpertLocation
 ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]: ...
 def step_lower_bounds(
-    counts: npt.NDArray[np.int32], num_physical_experts: int, num_gpus: int
+    counts: npt.NDArray[np.int32], num_physical_experts: int, ep_size: int
 ) -> npt.NDArray[np.float64]: ...
 def dispatch_table(
     location: ExpertLocation,

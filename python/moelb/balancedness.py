@@ -41,30 +41,30 @@ def _loads(value: Any, name: str) -> npt.NDArray[np.float64]:
     return a if a.flags.c_contiguous else a.copy(order="C")
 
 
-def utilization_rate(mean_gpu_load: Any, max_gpu_load: Any) -> Any:
+def utilization_rate(mean_rank_load: Any, max_rank_load: Any) -> Any:
     """SGLang's per-layer rate ``(mean + 1e-5) / (max + 1e-5)``, elementwise.
 
-    mean_gpu_load, max_gpu_load: arrays (or scalars) of one shape: a layer's mean and largest
+    mean_rank_load, max_rank_load: arrays (or scalars) of one shape: a layer's mean and largest
         per-GPU load (finite, >= 0, mean <= max; else ``InvalidArgumentError``).
     Returns a float64 array of that shape (a float for scalars).
     """
     out = _core.utilization_rate(
-        _loads(mean_gpu_load, "mean_gpu_load"), _loads(max_gpu_load, "max_gpu_load")
+        _loads(mean_rank_load, "mean_rank_load"), _loads(max_rank_load, "max_rank_load")
     )
     return float(out) if out.ndim == 0 else out
 
 
-def balancedness(mean_gpu_load: Any, max_gpu_load: Any, layers: str = "all") -> Any:
+def balancedness(mean_rank_load: Any, max_rank_load: Any, layers: str = "all") -> Any:
     """The mean over the last axis (the layers) of ``utilization_rate``.
 
-    mean_gpu_load, max_gpu_load: [..., L] of one shape (e.g. [steps, layers]), as for
+    mean_rank_load, max_rank_load: [..., L] of one shape (e.g. [steps, layers]), as for
         ``utilization_rate``.
     layers: ``"all"`` (SGLang's: every layer, a layer without load counts 1.0) or ``"active"``
         (the layers with load only; NaN where there is none).
     Returns [...] float64 (a float for [L] input).
     """
     out = _core.balancedness(
-        _loads(mean_gpu_load, "mean_gpu_load"), _loads(max_gpu_load, "max_gpu_load"), layers
+        _loads(mean_rank_load, "mean_rank_load"), _loads(max_rank_load, "max_rank_load"), layers
     )
     return float(out) if out.ndim == 0 else out
 

@@ -52,7 +52,7 @@ __all__ = [
     "dispatch_table",
     "dispatch_tables",
     "dispatch_tokens",
-    "expected_gpu_loads",
+    "expected_rank_loads",
     "sglang_replica_lists",
 ]
 
@@ -151,7 +151,7 @@ EXPECTED_DISPATCH = (
 )
 
 
-def expected_gpu_loads(
+def expected_rank_loads(
     load: Any, location: ExpertLocation, dispatch: str = "sglang_static", *, seed: int = 0
 ) -> npt.NDArray[np.float64]:
     """[L, W] float64: the per-GPU load a dispatch model realises in expectation when every
@@ -159,7 +159,7 @@ def expected_gpu_loads(
 
     Exact for the table models (each rank's share goes to its table's slot), for
     ``sglang_dynamic`` (each rank's share split over its collapsed list with the weights of
-    ``randint(0, 65536) % n``) and for ``equal_split`` (= ``moelb.gpu_loads``). The other models
+    ``randint(0, 65536) % n``) and for ``equal_split`` (= ``moelb.rank_loads``). The other models
     pick by token row, so their load depends on the batch, not on the expert loads alone: use
     ``moelb.simulate`` or ``dispatch_tokens`` on real batches.
     """

@@ -1,5 +1,5 @@
 """The EPLB planner: turn recorded expert loads into a placement (``rebalance``), evaluate a
-placement (``evaluate_placement``, ``gpu_loads``)."""
+placement (``evaluate_placement``, ``rank_loads``)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ __all__ = [
     "Plan",
     "PlanStats",
     "evaluate_placement",
-    "gpu_loads",
+    "rank_loads",
     "rebalance",
 ]
 
@@ -40,7 +40,7 @@ class PlanStats:
     Balancedness is SGLang's throughout (``moelb.balancedness``): per layer the utilization rate
     ``(mean + 1e-5) / (max + 1e-5)`` of the GPU loads, 1.0 for a layer without load.
 
-    Per layer ([L] arrays): ``max_gpu_load``, ``mean_gpu_load``, ``layer_balancedness`` (that
+    Per layer ([L] arrays): ``max_rank_load``, ``mean_rank_load``, ``layer_balancedness`` (that
     rate), ``lower_bound`` (max(total / GPUs, best achievable max per-replica load)), ``gap``
     (max / lower_bound - 1), ``layer_moved_experts`` (slots whose expert changed vs ``previous``),
     ``layer_kept_previous``. Overall: ``balancedness`` (SGLang's: the mean of
@@ -52,16 +52,16 @@ class PlanStats:
     that ran and ``notes`` (fallbacks, why).
 
     With per-step loads (``objective="step_peak"``, or ``evaluate_placement`` of a time series):
-    ``step_max_gpu_load`` ([L]: the sum over steps of each step's largest GPU load, >=
-    ``max_gpu_load``, which is the largest GPU's sum over steps) and ``step_balancedness``
-    (``balancedness(mean_gpu_load, step_max_gpu_load)``, i.e. per layer the rate of the steps'
+    ``step_max_rank_load`` ([L]: the sum over steps of each step's largest GPU load, >=
+    ``max_rank_load``, which is the largest GPU's sum over steps) and ``step_balancedness``
+    (``balancedness(mean_rank_load, step_max_rank_load)``, i.e. per layer the rate of the steps'
     mean GPU loads summed over the steps' largest summed: SGLang's per-pass balancedness with
     each pass weighted by its largest load, the counterpart of the step_peak objective); None
     otherwise.
     """
 
-    max_gpu_load: npt.NDArray[np.float64]
-    mean_gpu_load: npt.NDArray[np.float64]
+    max_rank_load: npt.NDArray[np.float64]
+    mean_rank_load: npt.NDArray[np.float64]
     layer_balancedness: npt.NDArray[np.float64]
     lower_bound: npt.NDArray[np.float64]
     gap: npt.NDArray[np.float64]
@@ -77,7 +77,7 @@ class PlanStats:
     wall_time_seconds: float
     algorithm: str
     notes: str
-    step_max_gpu_load: npt.NDArray[np.float64] | None
+    step_max_rank_load: npt.NDArray[np.float64] | None
     step_balancedness: float | None
 
 
@@ -144,7 +144,7 @@ def rebalance(
     num_physical_experts: int,
     num_groups: int | None,
     num_nodes: int,
-    num_gpus: int,
+    ep_size: int,
     algorithm: str = "moelb",
     previous: ExpertLocation | None = None,
     *,
@@ -160,7 +160,7 @@ def rebalance(
         integer or float, finite and >= 0, summing to at most 1e300 so that no statistic
         overflows; else ``InvalidArgumentError`` naming ``load``), e.g. a recorder dump's
         ``logical_count``.
-    num_physical_experts: slots per layer (E + redundant); a multiple of num_gpus, at most 2**20.
+    num_physical_experts: slots per layer (E + redundant); a multiple of ep_size, at most 2**20.
     num_groups: expert groups (DeepSeek-V3: 8), or None.
     algorithm: ``"moelb"`` (ours, the default), ``"deepseek"`` (DeepSeek's eplb.py: hierarchical
         when num_groups % num_nodes == 0, else global), ``"deepseek_hierarchical"``,
@@ -202,7 +202,7 @@ def rebalance(
         num_physical_experts,
         0 if num_groups is None else num_groups,
         num_nodes,
-        num_gpus,
+        ep_size,
         algorithm,
         locality,
         previous,
@@ -221,7 +221,7 @@ def evaluate_placement(
     expert_bytes: int | None = None,
 ) -> PlanStats:
     """The statistics of ``location`` under ``load`` ([L, E], or a time series [T, L, E]: then
-    with the per-step peaks, ``step_max_gpu_load`` and ``step_balancedness``; int32 counts are
+    with the per-step peaks, ``step_max_rank_load`` and ``step_balancedness``; int32 counts are
     read as they are, other dtypes converted to float64). The load is checked as for
     ``rebalance`` (finite, >= 0, summing to at most 1e300)."""
     return _stats(
@@ -230,7 +230,7 @@ def evaluate_placement(
     )
 
 
-def gpu_loads(load: Any, location: ExpertLocation) -> npt.NDArray[np.float64]:
+def rank_loads(load: Any, location: ExpertLocation) -> npt.NDArray[np.float64]:
     """[L, G]: each GPU's load under ``location`` (each expert's load split equally over its
     replicas). The load is checked as for ``rebalance``."""
-    return _core.gpu_loads(_as_load(load), location)
+    return _core.rank_loads(_as_load(load), location)

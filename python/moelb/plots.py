@@ -46,7 +46,7 @@ def plot_simulation(
 
     - ``balancedness_per_layer.png``: predictive balancedness of each placement per MoE layer,
       and the lower bound's;
-    - ``gpu_load_heatmap.png``: mean load of every GPU in every layer relative to the layer mean,
+    - ``rank_load_heatmap.png``: mean load of every GPU in every layer relative to the layer mean,
       trivial placement beside ``focus`` (default: "moelb" if simulated, else the last algorithm);
     - ``balancedness_over_time.png``: per step, the placement in service (rebalances marked).
 
@@ -76,7 +76,7 @@ def plot_simulation(
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 5), squeeze=False)
     relative = {}
     for name in panels:
-        g = result.algorithms[name].gpu_load
+        g = result.algorithms[name].rank_load
         mean = g.mean(axis=1, keepdims=True)
         relative[name] = np.divide(g, mean, out=np.ones_like(g), where=mean > 0)
     vmax = max(2.0, max(float(r.max()) for r in relative.values()))
@@ -87,7 +87,7 @@ def plot_simulation(
         ax.set_xlabel("GPU")
         ax.set_ylabel("simulated MoE layer")
     fig.colorbar(image, ax=axes[0].tolist(), shrink=0.9)
-    written.append(_save(fig, out / "gpu_load_heatmap.png"))
+    written.append(_save(fig, out / "rank_load_heatmap.png"))
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(10, 3.8))

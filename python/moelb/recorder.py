@@ -43,7 +43,7 @@ class ExpertDistributionRecorder(_core.ExpertDistributionRecorder):
     mode: ``"stat"`` (counts per pass), ``"per_pass"`` (the same, dumped as SGLang's per-pass
         records) or ``"per_token"`` (also the routed ids of every token).
     buffer_size: passes kept, oldest dropped first; negative = unbounded.
-    rank: this process's EP rank (written into dumps).
+    ep_rank: this process's EP rank (written into dumps).
     """
 
     def __init__(
@@ -51,7 +51,7 @@ class ExpertDistributionRecorder(_core.ExpertDistributionRecorder):
         location: ExpertLocation | tuple[int, int],
         mode: str = "stat",
         buffer_size: int = 1000,
-        rank: int = 0,
+        ep_rank: int = 0,
         *,
         ep_size: int = 1,
     ) -> None:
@@ -66,7 +66,7 @@ class ExpertDistributionRecorder(_core.ExpertDistributionRecorder):
             location = ExpertLocation.trivial(
                 num_layers, num_physical, num_physical, ep_size=ep_size
             )
-        super().__init__(location, mode, buffer_size, rank)
+        super().__init__(location, mode, buffer_size, ep_rank)
 
     @contextmanager
     def forward_pass(self, forward_pass_id: int | None = None) -> Iterator[None]:
@@ -90,9 +90,9 @@ class ExpertDistributionRecorder(_core.ExpertDistributionRecorder):
             self.end_layer()
 
     def on_dispatch_counts(  # type: ignore[override]
-        self, local_counts: Any, rank: int, num_trailing_shared_slots: int = 0
+        self, local_counts: Any, ep_rank: int, num_trailing_shared_slots: int = 0
     ) -> None:
-        """Counts a rank received per local slot (DeepEP low-latency ``masked_m``):
+        """Counts EP rank ``ep_rank`` received per local slot (DeepEP low-latency ``masked_m``):
         local_counts [S + num_trailing_shared_slots]; the trailing shared slots are dropped."""
         if isinstance(num_trailing_shared_slots, bool) or not isinstance(
             num_trailing_shared_slots, (int, np.integer)
@@ -101,7 +101,7 @@ class ExpertDistributionRecorder(_core.ExpertDistributionRecorder):
                 "num_trailing_shared_slots must be an int, got "
                 f"{type(num_trailing_shared_slots).__name__}"
             )
-        super().on_dispatch_counts(local_counts, rank, int(num_trailing_shared_slots))
+        super().on_dispatch_counts(local_counts, ep_rank, int(num_trailing_shared_slots))
 
     def all_reduce(self, group: Any = None) -> None:
         """Sums the counts recorded by every rank of a ``torch.distributed`` process group (the
@@ -155,7 +155,7 @@ class ExpertDistributionRecorder(_core.ExpertDistributionRecorder):
                 "inside forward_pass() scopes)"
             )
         dump: dict[str, Any] = {
-            "rank": self.rank,
+            "rank": self.ep_rank,
             "logical_count": self.logical_count(),
             "average_utilization_rate_over_window": self.average_balancedness(1000),
         }
@@ -174,7 +174,7 @@ class ExpertDistributionRecorder(_core.ExpertDistributionRecorder):
         for i, pass_id in enumerate(self.forward_pass_ids()):
             record: dict[str, Any] = {
                 "forward_pass_id": int(pass_id),
-                "rank": self.rank,
+                "rank": self.ep_rank,
                 "gatherer_key": "primary",
                 "global_physical_count": counts[i],
             }

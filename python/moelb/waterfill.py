@@ -37,7 +37,7 @@ class WaterfillBalancer(_core.WaterfillBalancer):
     takes the batch. Any number of ranks works (SGLang's kernel is limited to 32).
 
     num_physical_experts: P routed slots (logical + redundant), a multiple of ep_size.
-    ep_size: W ranks; rank: this rank in [0, W).
+    ep_size: W ranks; ep_rank: this rank in [0, W).
     routed_scaling_factor: the shared column's weight is 1 / rsf (1.0 when rsf is 0 or when
         ``apply_routed_scaling_factor_on_output``: rsf is then already in the routed weights).
     mode: ``"static"`` (plan from this rank's batch) or ``"dynamic"`` (plan from the whole EP
@@ -51,7 +51,7 @@ class WaterfillBalancer(_core.WaterfillBalancer):
         self,
         num_physical_experts: int,
         ep_size: int,
-        rank: int,
+        ep_rank: int,
         routed_scaling_factor: float = 1.0,
         mode: str = "static",
         all_reduce: AllReduce | None = None,
@@ -61,7 +61,7 @@ class WaterfillBalancer(_core.WaterfillBalancer):
         super().__init__(
             num_physical_experts,
             ep_size,
-            rank,
+            ep_rank,
             routed_scaling_factor,
             mode,
             apply_routed_scaling_factor_on_output=apply_routed_scaling_factor_on_output,

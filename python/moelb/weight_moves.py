@@ -25,7 +25,7 @@ def plan_weight_moves(old: ExpertLocation, new: ExpertLocation, layer: int) -> W
     Node-aware: a rank that needs an expert it does not hold receives it from a rank of its own
     node when one holds it, else from any holder; needing ranks are shared out evenly over the
     holders. Every expert a rank needs arrives once (further slots of that rank are filled by a
-    local 'fanout'); unchanged slots are not touched. ``plan.ops(rank)`` lists
+    local 'fanout'); unchanged slots are not touched. ``plan.ops(ep_rank)`` lists
     ``(kind, expert, src_slot, dst_slot, peer)``; see ``WeightMovePlan`` for the execution order.
     The plan applies only to weights that hold ``old``'s layer ``layer``.
     """

@@ -36,7 +36,7 @@ TEST(Balancedness, LayerMeanOverAllOrActiveLayers) {
     EXPECT_TRUE(std::isnan(moelb::balancedness(idle, idle, LayerSet::kActive)));
     EXPECT_TRUE(std::isnan(moelb::balancedness({}, {})));
     expect_invalid_argument([&] { moelb::balancedness(mean, idle); },
-                            "mean_gpu_load has 3 layers but max_gpu_load has 2");
+                            "mean_rank_load has 3 layers but max_rank_load has 2");
 }
 
 TEST(Balancedness, PassBalancednessSumsSlotsPerGpu) {

@@ -62,8 +62,8 @@ std::vector<int> counts_of(const ExpertLocation& loc, int layer) {
     return count;
 }
 
-// Per-GPU loads of one layer under equal split, computed here (independent of gpu_loads).
-std::vector<double> layer_gpu_loads(const RowMatrix<double>& load, const ExpertLocation& loc,
+// Per-GPU loads of one layer under equal split, computed here (independent of rank_loads).
+std::vector<double> layer_rank_loads(const RowMatrix<double>& load, const ExpertLocation& loc,
                                     int layer) {
     const int G = loc.ep_size(), S = loc.num_local_physical_experts();
     const std::vector<int> count = counts_of(loc, layer);
@@ -135,7 +135,7 @@ TEST(DeepSeekGolden, ReadmeExampleHierarchical) {
         const Plan plan = plan_of(kReadmeWeight, {.num_physical_experts = 16,
                                                   .num_groups = 4,
                                                   .num_nodes = 2,
-                                                  .num_gpus = 8,
+                                                  .ep_size = 8,
                                                   .algorithm = a});
         SCOPED_TRACE(std::string(moelb::to_string(a)));
         EXPECT_EQ(phy2log_of(plan), want);
@@ -144,7 +144,7 @@ TEST(DeepSeekGolden, ReadmeExampleHierarchical) {
         EXPECT_EQ(plan.location.num_nodes(), 2);
         EXPECT_EQ(plan.stats.algorithm, "deepseek_hierarchical");
         // Per-GPU loads from the reference (GPU g = slots 2g, 2g + 1).
-        const RowMatrix<double> per_gpu = moelb::gpu_loads(cmap(kReadmeWeight), plan.location);
+        const RowMatrix<double> per_gpu = moelb::rank_loads(cmap(kReadmeWeight), plan.location);
         const std::vector<std::vector<double>> want_gpu = {
             {121.5, 86.5, 125, 113, 147.5, 131.5, 156, 152},
             {173, 179.5, 120.5, 172, 123, 152, 118.5, 117.5}};
@@ -175,7 +175,7 @@ TEST(DeepSeekGolden, ReadmeWeightGlobalAndFallback) {
         const Plan plan = plan_of(kReadmeWeight, {.num_physical_experts = 16,
                                                   .num_groups = c.num_groups,
                                                   .num_nodes = c.num_nodes,
-                                                  .num_gpus = 8,
+                                                  .ep_size = 8,
                                                   .algorithm = c.algorithm});
         EXPECT_EQ(phy2log_of(plan), want);
         EXPECT_EQ(plan.location.logical_count(), want_count);
@@ -189,13 +189,13 @@ TEST(DeepSeekGolden, ZeroLoadsPileExtraReplicasOnExpertZero) {
     const RowMatrix<double> zero = RowMatrix<double>::Zero(1, 12);
     const Plan plan = plan_of(
         zero,
-        {.num_physical_experts = 16, .num_gpus = 8, .algorithm = EplbAlgorithm::kDeepSeekGlobal});
+        {.num_physical_experts = 16, .ep_size = 8, .algorithm = EplbAlgorithm::kDeepSeekGlobal});
     EXPECT_EQ(phy2log_of(plan),
               matrix<std::int32_t>({{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 0, 0, 0, 0}}));
     EXPECT_EQ(plan.location.logical_count()(0, 0), 5);
     for (int e = 1; e < 12; ++e) EXPECT_EQ(plan.location.logical_count()(0, e), 1);
     // No load: balanced by definition, no gap.
-    EXPECT_EQ(plan.stats.layers[0].max_gpu_load, 0.0);
+    EXPECT_EQ(plan.stats.layers[0].max_rank_load, 0.0);
     EXPECT_EQ(plan.stats.layers[0].balancedness, 1.0);
     EXPECT_EQ(plan.stats.layers[0].gap, 0.0);
     EXPECT_EQ(plan.stats.load_weighted_balancedness, 1.0);
@@ -208,7 +208,7 @@ TEST(DeepSeekGolden, EqualLoadsKeepTheSameGpuDuplicate) {
         const Plan plan = plan_of(equal, {.num_physical_experts = 12,
                                           .num_groups = 2,
                                           .num_nodes = 2,
-                                          .num_gpus = 4,
+                                          .ep_size = 4,
                                           .algorithm = a});
         EXPECT_EQ(phy2log_of(plan), matrix<std::int32_t>({{2, 0, 0, 3, 1, 1, 6, 4, 4, 7, 5, 5}}));
         EXPECT_EQ(plan.location.logical_count(), matrix<std::int32_t>({{2, 2, 1, 1, 2, 2, 1, 1}}));
@@ -217,9 +217,9 @@ TEST(DeepSeekGolden, EqualLoadsKeepTheSameGpuDuplicate) {
     const Plan ours = plan_of(equal, {.num_physical_experts = 12,
                                       .num_groups = 2,
                                       .num_nodes = 2,
-                                      .num_gpus = 4,
+                                      .ep_size = 4,
                                       .locality = Locality::kNode});
-    EXPECT_DOUBLE_EQ(ours.stats.layers[0].max_gpu_load, 10.0);
+    EXPECT_DOUBLE_EQ(ours.stats.layers[0].max_rank_load, 10.0);
     EXPECT_DOUBLE_EQ(ours.stats.layers[0].lower_bound, 10.0);
     for (int g = 0; g < 4; ++g) {
         std::set<int> experts;
@@ -320,7 +320,7 @@ RebalanceOptions options_for(const Topology& t, const AlgoCase& a) {
     return {.num_physical_experts = t.R,
             .num_groups = t.K,
             .num_nodes = t.N,
-            .num_gpus = t.G,
+            .ep_size = t.G,
             .algorithm = a.algorithm,
             .locality = a.locality};
 }
@@ -347,7 +347,7 @@ TEST_P(EplbInvariants, PlacementAndStatistics) {
         ASSERT_EQ(loc.ep_size(), t.G);
         ASSERT_EQ(loc.num_local_physical_experts(), S);
         ASSERT_EQ(static_cast<int>(plan.stats.layers.size()), t.L);
-        const RowMatrix<double> per_gpu = moelb::gpu_loads(cmap(load), loc);
+        const RowMatrix<double> per_gpu = moelb::rank_loads(cmap(load), loc);
         ASSERT_EQ(per_gpu.rows(), t.L);
         ASSERT_EQ(per_gpu.cols(), t.G);
         double sum_balancedness = 0, sum_mean = 0, sum_max = 0, max_gap = 0, active_sum = 0;
@@ -364,23 +364,23 @@ TEST_P(EplbInvariants, PlacementAndStatistics) {
             }
             EXPECT_EQ(sum, t.R);
             // Statistics recomputed here.
-            const std::vector<double> gpu = layer_gpu_loads(load, loc, l);
+            const std::vector<double> gpu = layer_rank_loads(load, loc, l);
             double total = 0;
             for (int e = 0; e < t.E; ++e) total += load(l, e);
             const double max_gpu = *std::max_element(gpu.begin(), gpu.end());
             for (int g = 0; g < t.G; ++g) EXPECT_TRUE(near(per_gpu(l, g), gpu[g])) << "GPU " << g;
             const moelb::LayerPlanStats& s = plan.stats.layers[l];
-            EXPECT_EQ(s.max_gpu_load, per_gpu.row(l).maxCoeff());
-            EXPECT_TRUE(near(s.max_gpu_load, max_gpu));
-            EXPECT_TRUE(near(s.mean_gpu_load, total / t.G));
+            EXPECT_EQ(s.max_rank_load, per_gpu.row(l).maxCoeff());
+            EXPECT_TRUE(near(s.max_rank_load, max_gpu));
+            EXPECT_TRUE(near(s.mean_rank_load, total / t.G));
             const double lb = std::max(total / t.G, min_max_replica_load(load, l, t.R));
             EXPECT_TRUE(near(s.lower_bound, lb)) << s.lower_bound << " vs " << lb;
-            EXPECT_GE(s.max_gpu_load, s.lower_bound * (1 - 1e-12)) << "below the lower bound";
+            EXPECT_GE(s.max_rank_load, s.lower_bound * (1 - 1e-12)) << "below the lower bound";
             if (total > 0) {
-                EXPECT_TRUE(near(s.gap, s.max_gpu_load / s.lower_bound - 1));
+                EXPECT_TRUE(near(s.gap, s.max_rank_load / s.lower_bound - 1));
                 // SGLang's rate (balancedness.hpp), not the bare ratio.
                 EXPECT_TRUE(
-                    near(s.balancedness, (s.mean_gpu_load + 1e-5) / (s.max_gpu_load + 1e-5)));
+                    near(s.balancedness, (s.mean_rank_load + 1e-5) / (s.max_rank_load + 1e-5)));
             } else {
                 EXPECT_EQ(s.gap, 0.0);
                 EXPECT_EQ(s.balancedness, 1.0);
@@ -388,12 +388,12 @@ TEST_P(EplbInvariants, PlacementAndStatistics) {
             EXPECT_EQ(s.moved_experts, 0);
             EXPECT_FALSE(s.kept_previous);
             sum_balancedness += s.balancedness;
-            if (s.max_gpu_load > 0) {
+            if (s.max_rank_load > 0) {
                 active_sum += s.balancedness;
                 ++active_layers;
             }
-            sum_mean += s.mean_gpu_load;
-            sum_max += s.max_gpu_load;
+            sum_mean += s.mean_rank_load;
+            sum_max += s.max_rank_load;
             max_gap = std::max(max_gap, s.gap);
         }
         EXPECT_TRUE(near(plan.stats.balancedness, sum_balancedness / t.L));
@@ -407,7 +407,7 @@ TEST_P(EplbInvariants, PlacementAndStatistics) {
         // evaluate_placement reproduces the plan's statistics.
         const PlanStats again = moelb::evaluate_placement(cmap(load), loc);
         for (int l = 0; l < t.L; ++l) {
-            EXPECT_EQ(again.layers[l].max_gpu_load, plan.stats.layers[l].max_gpu_load);
+            EXPECT_EQ(again.layers[l].max_rank_load, plan.stats.layers[l].max_rank_load);
             EXPECT_EQ(again.layers[l].lower_bound, plan.stats.layers[l].lower_bound);
         }
     }
@@ -448,8 +448,8 @@ TEST_P(EplbInvariants, MoelbNeverWorseThanDeepSeekUnderTheSameLocality) {
     auto compare = [&](const Plan& ours, const Plan& theirs, bool single_node_hierarchical) {
         for (int l = 0; l < t.L; ++l) {
             ++compared;
-            const double a = ours.stats.layers[l].max_gpu_load;
-            const double b = theirs.stats.layers[l].max_gpu_load;
+            const double a = ours.stats.layers[l].max_rank_load;
+            const double b = theirs.stats.layers[l].max_rank_load;
             if (a <= b * (1 + 1e-9)) continue;
             std::ostringstream what;
             what << "layer " << l << ": " << ours.stats.algorithm << " max GPU load " << a
@@ -489,18 +489,18 @@ TEST_P(EplbInvariants, MoelbNeverWorseThanDeepSeekUnderTheSameLocality) {
 TEST(MoelbVsDeepSeek, OneNodeNotAboveHierarchical) {
     const RowMatrix<double> load = matrix<double>({{4, 2, 0, 4}});
     const RebalanceOptions o{
-        .num_physical_experts = 8, .num_groups = 4, .num_nodes = 1, .num_gpus = 4};
+        .num_physical_experts = 8, .num_groups = 4, .num_nodes = 1, .ep_size = 4};
     const Plan ours = plan_of(load, o);
     RebalanceOptions d = o;
     d.algorithm = EplbAlgorithm::kDeepSeek;
     const Plan theirs = plan_of(load, d);
     ASSERT_EQ(theirs.stats.algorithm, "deepseek_hierarchical");
-    if (ours.stats.layers[0].max_gpu_load > theirs.stats.layers[0].max_gpu_load * (1 + 1e-9)) {
+    if (ours.stats.layers[0].max_rank_load > theirs.stats.layers[0].max_rank_load * (1 + 1e-9)) {
         GTEST_SKIP() << "BUG: load [[4, 2, 0, 4]], R=8, K=4, N=1, G=4: " << ours.stats.algorithm
-                     << " max GPU load " << ours.stats.layers[0].max_gpu_load << " > deepseek's "
-                     << theirs.stats.layers[0].max_gpu_load;
+                     << " max GPU load " << ours.stats.layers[0].max_rank_load << " > deepseek's "
+                     << theirs.stats.layers[0].max_rank_load;
     }
-    EXPECT_LE(ours.stats.layers[0].max_gpu_load, theirs.stats.layers[0].max_gpu_load * (1 + 1e-9));
+    EXPECT_LE(ours.stats.layers[0].max_rank_load, theirs.stats.layers[0].max_rank_load * (1 + 1e-9));
 }
 
 // The largest GPU load of one layer's slot map (equal split), computed here.
@@ -611,18 +611,18 @@ TEST(EplbDuplicateChecker, FindsAFreeFix) {
 TEST(MoelbDuplicates, TinyCaseWhereTheDuplicateFreeOptimumIsBetter) {
     const RowMatrix<double> load = matrix<double>({{9, 8, 5}});
     const Plan plan =
-        plan_of(load, {.num_physical_experts = 6, .num_gpus = 3, .locality = Locality::kNone});
+        plan_of(load, {.num_physical_experts = 6, .ep_size = 3, .locality = Locality::kNone});
     const auto& map = plan.location.physical_to_logical();
-    EXPECT_GE(plan.stats.layers[0].max_gpu_load, 23.0 / 3 * (1 - 1e-12));
+    EXPECT_GE(plan.stats.layers[0].max_rank_load, 23.0 / 3 * (1 - 1e-12));
     for (int g = 0; g < 3; ++g) {
         if (map(0, 2 * g) == map(0, 2 * g + 1)) {
             GTEST_SKIP() << "BUG: load [[9, 8, 5]], R=6, G=3, locality none gives phy2log " << map
-                         << " (max GPU load " << plan.stats.layers[0].max_gpu_load << ", notes: '"
+                         << " (max GPU load " << plan.stats.layers[0].max_rank_load << ", notes: '"
                          << plan.stats.notes << "'): GPU " << g << " holds expert " << map(0, 2 * g)
                          << " twice although the duplicate-free optimum is 23/3";
         }
     }
-    EXPECT_LE(plan.stats.layers[0].max_gpu_load, 8.0);
+    EXPECT_LE(plan.stats.layers[0].max_rank_load, 8.0);
 }
 
 // Every placement of tiny instances, enumerated: the optimum max GPU load, with and without a
@@ -679,17 +679,17 @@ TEST(MoelbTiny, AgainstEveryPlacement) {
         ++instances;
         const BruteForce bf = brute_force(w, P, G);
         const Plan ours =
-            plan_of(load, {.num_physical_experts = P, .num_gpus = G, .locality = Locality::kNone});
+            plan_of(load, {.num_physical_experts = P, .ep_size = G, .locality = Locality::kNone});
         const Plan ds = plan_of(load, {.num_physical_experts = P,
-                                       .num_gpus = G,
+                                       .ep_size = G,
                                        .algorithm = EplbAlgorithm::kDeepSeekGlobal});
-        const double m = ours.stats.layers[0].max_gpu_load;
+        const double m = ours.stats.layers[0].max_rank_load;
         std::ostringstream what;
         what << "load " << load << ", P=" << P << ", G=" << G;
         SCOPED_TRACE(what.str());
         EXPECT_GE(m, bf.best * (1 - 1e-9)) << "below the optimum";
         EXPECT_LE(ours.stats.layers[0].lower_bound, bf.best * (1 + 1e-9)) << "not a lower bound";
-        EXPECT_LE(m, ds.stats.layers[0].max_gpu_load * (1 + 1e-9)) << "above deepseek_global";
+        EXPECT_LE(m, ds.stats.layers[0].max_rank_load * (1 + 1e-9)) << "above deepseek_global";
         optimal += m <= bf.best * (1 + 1e-9);
         // A duplicate is avoidable when a duplicate-free placement is no worse.
         const auto& map = ours.location.physical_to_logical();
@@ -768,8 +768,8 @@ TEST_P(EplbInvariants, IdenticalForAnyThreadCount) {
             EXPECT_EQ(plans[i].stats.algorithm, plans[0].stats.algorithm);
             EXPECT_EQ(plans[i].stats.notes, plans[0].stats.notes);
             for (int l = 0; l < t.L; ++l) {
-                EXPECT_EQ(plans[i].stats.layers[l].max_gpu_load,
-                          plans[0].stats.layers[l].max_gpu_load);
+                EXPECT_EQ(plans[i].stats.layers[l].max_rank_load,
+                          plans[0].stats.layers[l].max_rank_load);
             }
         }
     }
@@ -848,8 +848,8 @@ TEST_P(EplbInvariants, OwnPlanAsPreviousMovesNothing) {
         EXPECT_EQ(matched.stats.moved_experts, 0);
         EXPECT_EQ(phy2log_of(matched), shuffled.physical_to_logical());
         for (int l = 0; l < t.L; ++l) {
-            EXPECT_TRUE(near(matched.stats.layers[l].max_gpu_load,  // summed in another order
-                             first.stats.layers[l].max_gpu_load));
+            EXPECT_TRUE(near(matched.stats.layers[l].max_rank_load,  // summed in another order
+                             first.stats.layers[l].max_rank_load));
         }
     }
 }
@@ -867,7 +867,7 @@ TEST_P(EplbInvariants, MoveCostAndMaxMovesAgainstAnOlderPlan) {
     o.previous = &older.location;
     o.move_cost = 0;                     // (the default is kDefaultMoveCost)
     const Plan free = plan_of(load, o);  // move_cost 0, no cap: the trade-off is off
-    const RowMatrix<double> old_gpu = moelb::gpu_loads(cmap(load), older.location);
+    const RowMatrix<double> old_gpu = moelb::rank_loads(cmap(load), older.location);
     std::vector<Index> moves(static_cast<std::size_t>(t.L), 0);
     std::vector<double> gain(static_cast<std::size_t>(t.L), 0.0);
     Index total_moves = 0;
@@ -876,7 +876,7 @@ TEST_P(EplbInvariants, MoveCostAndMaxMovesAgainstAnOlderPlan) {
         EXPECT_EQ(free.stats.layers[l].moved_experts, moves[l]);
         EXPECT_FALSE(free.stats.layers[l].kept_previous);
         const double old_max = old_gpu.row(l).maxCoeff();
-        gain[l] = old_max > 0 ? (old_max - free.stats.layers[l].max_gpu_load) / old_max : 0.0;
+        gain[l] = old_max > 0 ? (old_max - free.stats.layers[l].max_rank_load) / old_max : 0.0;
         total_moves += moves[l];
     }
     EXPECT_EQ(free.stats.moved_experts, total_moves);
@@ -991,7 +991,7 @@ struct ErrorCase {
 
 RebalanceOptions small_options(EplbAlgorithm a = EplbAlgorithm::kMoelb) {
     return {
-        .num_physical_experts = 16, .num_groups = 4, .num_nodes = 2, .num_gpus = 8, .algorithm = a};
+        .num_physical_experts = 16, .num_groups = 4, .num_nodes = 2, .ep_size = 8, .algorithm = a};
 }
 
 std::vector<ErrorCase> rebalance_errors() {
@@ -1013,16 +1013,16 @@ std::vector<ErrorCase> rebalance_errors() {
         {"fewer_slots_than_experts", with([](auto&, auto& o) { o.num_physical_experts = 8; }),
          "num_physical_experts=8"},
         {"slots_not_divisible_by_gpus", with([](auto&, auto& o) { o.num_physical_experts = 18; }),
-         "num_physical_experts=18 is not divisible by num_gpus=8"},
+         "num_physical_experts=18 is not divisible by ep_size=8"},
         {"more_slots_than_planned",
          with([](auto&, auto& o) { o.num_physical_experts = moelb::kMaxPhysicalExperts + 8; }),
          "num_physical_experts=1048584 is above the 1048576 slots"},
         {"int32_max_slots_one_gpu", with([](auto&, auto& o) {
              o.num_physical_experts = std::numeric_limits<std::int32_t>::max();
-             o.num_gpus = 1;
+             o.ep_size = 1;
          }),
          "num_physical_experts=2147483647 is above"},
-        {"no_gpus", with([](auto&, auto& o) { o.num_gpus = 0; }), "num_gpus"},
+        {"no_gpus", with([](auto&, auto& o) { o.ep_size = 0; }), "ep_size"},
         {"no_nodes", with([](auto&, auto& o) { o.num_nodes = 0; }), "num_nodes"},
         {"negative_groups", with([](auto&, auto& o) { o.num_groups = -1; }), "num_groups"},
         {"no_experts", [] { moelb::rebalance(cmap(RowMatrix<double>(2, 0)), small_options()); },
@@ -1053,7 +1053,7 @@ std::vector<ErrorCase> rebalance_errors() {
                                  o.num_groups = 3;
                              },
                              a),
-                         "num_gpus=8 is not divisible by num_nodes=3"});
+                         "ep_size=8 is not divisible by num_nodes=3"});
     }
     cases.push_back(
         {"hierarchical_groups_not_divisible_by_nodes",
@@ -1099,7 +1099,7 @@ TEST(RebalanceErrors, PreviousOfAnotherShape) {
         },
         "previous has a different shape");
     expect_invalid_argument(
-        [&] { moelb::gpu_loads(cmap(load), ExpertLocation::trivial(2, 10, 16, 8)); },
+        [&] { moelb::rank_loads(cmap(load), ExpertLocation::trivial(2, 10, 16, 8)); },
         "load has shape [2, 12]");
     expect_invalid_argument(
         [&] { moelb::evaluate_placement(cmap(load), ExpertLocation::trivial(3, 12, 16, 8)); },
@@ -1107,31 +1107,31 @@ TEST(RebalanceErrors, PreviousOfAnotherShape) {
 }
 
 // The global policy is DeepSeek's routine with one node (reference 1.6: it needs only R % G == 0),
-// so num_gpus % num_nodes != 0 cannot stop it; the location then has one node.
+// so ep_size % num_nodes != 0 cannot stop it; the location then has one node.
 TEST(DeepSeekGlobal, IgnoresNodesThatDoNotDivideTheGpus) {
     const RowMatrix<std::int32_t> want = phy2log_of(plan_of(
         kReadmeWeight,
-        {.num_physical_experts = 16, .num_gpus = 8, .algorithm = EplbAlgorithm::kDeepSeekGlobal}));
+        {.num_physical_experts = 16, .ep_size = 8, .algorithm = EplbAlgorithm::kDeepSeekGlobal}));
     for (const EplbAlgorithm a : {EplbAlgorithm::kDeepSeekGlobal, EplbAlgorithm::kDeepSeek}) {
         SCOPED_TRACE(std::string(moelb::to_string(a)));
         // deepseek picks the global policy here as num_groups % num_nodes = 4 % 3 != 0.
         const RebalanceOptions o{.num_physical_experts = 16,
                                  .num_groups = 4,
                                  .num_nodes = 3,
-                                 .num_gpus = 8,
+                                 .ep_size = 8,
                                  .algorithm = a};
         std::optional<Plan> result;
         try {
             result = plan_of(kReadmeWeight, o);
         } catch (const InvalidArgument& e) {
-            GTEST_SKIP() << "BUG: " << moelb::to_string(a) << " with num_nodes=3, num_gpus=8 "
+            GTEST_SKIP() << "BUG: " << moelb::to_string(a) << " with num_nodes=3, ep_size=8 "
                          << "(global policy) throws '" << e.what() << "'";
         }
         const Plan& plan = *result;
         EXPECT_EQ(plan.stats.algorithm, "deepseek_global");
         EXPECT_EQ(phy2log_of(plan), want);
         EXPECT_EQ(plan.location.num_nodes(), 1);
-        EXPECT_NE(plan.stats.notes.find("num_gpus=8 is not divisible by num_nodes=3"),
+        EXPECT_NE(plan.stats.notes.find("ep_size=8 is not divisible by num_nodes=3"),
                   std::string::npos)
             << plan.stats.notes;
     }
@@ -1142,7 +1142,7 @@ TEST(MoelbFallbacks, AcceptsTopologiesDeepSeekRejects) {
     const RowMatrix<double> load = kReadmeWeight;
     struct Case {
         const char* what;
-        int num_groups, num_nodes, num_gpus;
+        int num_groups, num_nodes, ep_size;
         Locality locality;
         const char* algorithm;
         const char* note;  // "" = no note
@@ -1150,7 +1150,7 @@ TEST(MoelbFallbacks, AcceptsTopologiesDeepSeekRejects) {
     };
     const Case cases[] = {
         {"gpus not divisible by nodes", 4, 3, 8, Locality::kAuto, "moelb(locality=none)",
-         "num_gpus=8 is not divisible by num_nodes=3", 1},
+         "ep_size=8 is not divisible by num_nodes=3", 1},
         {"experts not divisible by groups", 5, 1, 8, Locality::kNode, "moelb(locality=none)",
          "num_experts is not divisible by num_groups", 1},
         {"groups not divisible by nodes (uneven groups per node)", 3, 2, 8, Locality::kNode,
@@ -1167,7 +1167,7 @@ TEST(MoelbFallbacks, AcceptsTopologiesDeepSeekRejects) {
         const Plan plan = plan_of(load, {.num_physical_experts = 16,
                                          .num_groups = c.num_groups,
                                          .num_nodes = c.num_nodes,
-                                         .num_gpus = c.num_gpus,
+                                         .ep_size = c.ep_size,
                                          .locality = c.locality});
         EXPECT_EQ(plan.stats.algorithm, c.algorithm);
         EXPECT_EQ(plan.location.num_nodes(), c.location_nodes);
@@ -1191,7 +1191,7 @@ TEST(MoelbFallbacks, GroupsThatDoNotFitTheNodes) {
     const Plan plan = plan_of(load, {.num_physical_experts = 12,
                                      .num_groups = 6,
                                      .num_nodes = 4,
-                                     .num_gpus = 4,
+                                     .ep_size = 4,
                                      .locality = Locality::kNode});
     EXPECT_EQ(plan.stats.algorithm, "moelb(locality=none)");
     EXPECT_NE(plan.stats.notes.find("node locality impossible"), std::string::npos)
@@ -1406,21 +1406,21 @@ TEST(EplbStepPeak, TotalObjectiveOnASeriesPlansLikeTheSummedLoad) {
                 SCOPED_TRACE("layer " + std::to_string(l));
                 const moelb::LayerPlanStats& s = ours.stats.layers[l];
                 const moelb::LayerPlanStats& w = want.stats.layers[l];
-                EXPECT_EQ(s.max_gpu_load, w.max_gpu_load);
-                EXPECT_EQ(s.mean_gpu_load, w.mean_gpu_load);
+                EXPECT_EQ(s.max_rank_load, w.max_rank_load);
+                EXPECT_EQ(s.mean_rank_load, w.mean_rank_load);
                 EXPECT_EQ(s.balancedness, w.balancedness);
                 EXPECT_EQ(s.lower_bound, w.lower_bound);
                 EXPECT_EQ(s.gap, w.gap);
                 EXPECT_EQ(s.moved_experts, w.moved_experts);
                 EXPECT_EQ(s.kept_previous, w.kept_previous);
-                EXPECT_TRUE(std::isnan(w.step_max_gpu_load));
+                EXPECT_TRUE(std::isnan(w.step_max_rank_load));
                 const double brute = brute_step_peak(series, ours.location, l);
-                EXPECT_TRUE(near(s.step_max_gpu_load, brute))
-                    << s.step_max_gpu_load << " vs " << brute;
+                EXPECT_TRUE(near(s.step_max_rank_load, brute))
+                    << s.step_max_rank_load << " vs " << brute;
                 // The largest GPU's sum over steps is at most the sum of the steps' largest.
-                EXPECT_GE(s.step_max_gpu_load, s.max_gpu_load * (1 - 1e-12));
-                EXPECT_GT(s.step_max_gpu_load, 0.0);
-                step_balancedness += (s.mean_gpu_load + 1e-5) / (s.step_max_gpu_load + 1e-5) / t.L;
+                EXPECT_GE(s.step_max_rank_load, s.max_rank_load * (1 - 1e-12));
+                EXPECT_GT(s.step_max_rank_load, 0.0);
+                step_balancedness += (s.mean_rank_load + 1e-5) / (s.step_max_rank_load + 1e-5) / t.L;
             }
             EXPECT_TRUE(near(ours.stats.step_balancedness, step_balancedness));
             EXPECT_LE(ours.stats.step_balancedness, ours.stats.balancedness * (1 + 1e-12));
@@ -1429,28 +1429,28 @@ TEST(EplbStepPeak, TotalObjectiveOnASeriesPlansLikeTheSummedLoad) {
             EXPECT_TRUE(again.has_steps);
             EXPECT_EQ(again.step_balancedness, ours.stats.step_balancedness);
             for (int l = 0; l < t.L; ++l) {
-                EXPECT_EQ(again.layers[l].step_max_gpu_load,
-                          ours.stats.layers[l].step_max_gpu_load);
-                EXPECT_EQ(again.layers[l].max_gpu_load, ours.stats.layers[l].max_gpu_load);
+                EXPECT_EQ(again.layers[l].step_max_rank_load,
+                          ours.stats.layers[l].step_max_rank_load);
+                EXPECT_EQ(again.layers[l].max_rank_load, ours.stats.layers[l].max_rank_load);
                 EXPECT_EQ(again.layers[l].lower_bound, ours.stats.layers[l].lower_bound);
             }
             // ... and the summed evaluation has no steps.
             const PlanStats flat = moelb::evaluate_placement(cmap(total), ours.location);
             EXPECT_FALSE(flat.has_steps);
-            EXPECT_TRUE(std::isnan(flat.layers[0].step_max_gpu_load));
+            EXPECT_TRUE(std::isnan(flat.layers[0].step_max_rank_load));
         }
     }
 }
 
 // One step: the sum of the steps' largest GPU loads is the largest GPU load.
-TEST(EplbStepPeak, OneStepPeakIsTheMaxGpuLoad) {
+TEST(EplbStepPeak, OneStepPeakIsTheMaxRankLoad) {
     const Series series = bursty_series(1, 2, 16, 31);
     for (const Objective objective : {Objective::kTotal, Objective::kStepPeak}) {
         SCOPED_TRACE(std::string(moelb::to_string(objective)));
         const Plan plan = plan_of(series, with_objective(small_options(), objective));
         for (int l = 0; l < 2; ++l) {
             EXPECT_TRUE(
-                near(plan.stats.layers[l].step_max_gpu_load, plan.stats.layers[l].max_gpu_load));
+                near(plan.stats.layers[l].step_max_rank_load, plan.stats.layers[l].max_rank_load));
         }
         EXPECT_TRUE(near(plan.stats.step_balancedness, plan.stats.balancedness));
     }
@@ -1474,7 +1474,7 @@ TEST(EplbStepPeak, Int32CountsEqualTheirFloat64Values) {
         const Plan b = plan_of(series, o);
         EXPECT_EQ(a.location.physical_to_logical(), b.location.physical_to_logical());
         for (int l = 0; l < series.L; ++l) {
-            EXPECT_EQ(a.stats.layers[l].step_max_gpu_load, b.stats.layers[l].step_max_gpu_load);
+            EXPECT_EQ(a.stats.layers[l].step_max_rank_load, b.stats.layers[l].step_max_rank_load);
         }
     }
     EXPECT_EQ(moelb::evaluate_placement(as_int, trivial).step_balancedness,
@@ -1492,7 +1492,7 @@ TEST(EplbStepPeak, ZeroSeriesIsBalanced) {
     const Series series(3, 2, 12);
     for (const Objective objective : {Objective::kTotal, Objective::kStepPeak}) {
         const Plan plan = plan_of(series, with_objective(small_options(), objective));
-        for (int l = 0; l < 2; ++l) EXPECT_EQ(plan.stats.layers[l].step_max_gpu_load, 0.0);
+        for (int l = 0; l < 2; ++l) EXPECT_EQ(plan.stats.layers[l].step_max_rank_load, 0.0);
         EXPECT_TRUE(plan.stats.has_steps);
         EXPECT_EQ(plan.stats.step_balancedness, 1.0);
     }
@@ -1510,17 +1510,17 @@ TEST(EplbStepPeak, OneSwapSeparatesExpertsThatPeakTogether) {
         series.at(0, 0, e) = step0[e];
         series.at(1, 0, e) = step1[e];
     }
-    const RebalanceOptions o{.num_physical_experts = 4, .num_gpus = 2};
+    const RebalanceOptions o{.num_physical_experts = 4, .ep_size = 2};
     const Plan total = plan_of(series, o);
     EXPECT_EQ(phy2log_of(total), matrix<std::int32_t>({{0, 2, 1, 3}}));
-    EXPECT_EQ(total.stats.layers[0].max_gpu_load, 8.0);
-    EXPECT_EQ(total.stats.layers[0].step_max_gpu_load, 12.0);
+    EXPECT_EQ(total.stats.layers[0].max_rank_load, 8.0);
+    EXPECT_EQ(total.stats.layers[0].step_max_rank_load, 12.0);
     EXPECT_DOUBLE_EQ(total.stats.step_balancedness, (8.0 + 1e-5) / (12.0 + 1e-5));  // SGLang's
 
     const Plan peak = plan_of(series, with_objective(o, Objective::kStepPeak));
     EXPECT_EQ(peak.stats.algorithm, "moelb(locality=none)+step_peak");
-    EXPECT_EQ(peak.stats.layers[0].step_max_gpu_load, 8.0);
-    EXPECT_EQ(peak.stats.layers[0].max_gpu_load, 8.0);
+    EXPECT_EQ(peak.stats.layers[0].step_max_rank_load, 8.0);
+    EXPECT_EQ(peak.stats.layers[0].max_rank_load, 8.0);
     EXPECT_EQ(peak.stats.step_balancedness, 1.0);
     EXPECT_EQ(peak.location.logical_count(), total.location.logical_count());
     // Each GPU holds one of {0, 2} and one of {1, 3}.
@@ -1557,7 +1557,7 @@ RebalanceOptions step_options(const StepCase& c, Objective objective) {
     return {.num_physical_experts = c.R,
             .num_groups = c.K,
             .num_nodes = c.N,
-            .num_gpus = c.G,
+            .ep_size = c.G,
             .locality = c.locality,
             .objective = objective};
 }
@@ -1584,11 +1584,11 @@ TEST_P(EplbStepPeakProperties, NeverAboveTheTotalPlanAndKeepsItsConstraints) {
         SCOPED_TRACE("layer " + std::to_string(l));
         const moelb::LayerPlanStats& p = peak.stats.layers[l];
         const moelb::LayerPlanStats& q = total.stats.layers[l];
-        EXPECT_LE(p.step_max_gpu_load, q.step_max_gpu_load);
-        dropped += p.step_max_gpu_load < q.step_max_gpu_load;
-        EXPECT_TRUE(near(p.step_max_gpu_load, brute_step_peak(series, loc, l)));
-        EXPECT_GE(p.step_max_gpu_load, p.max_gpu_load * (1 - 1e-12));
-        EXPECT_EQ(p.mean_gpu_load, q.mean_gpu_load);
+        EXPECT_LE(p.step_max_rank_load, q.step_max_rank_load);
+        dropped += p.step_max_rank_load < q.step_max_rank_load;
+        EXPECT_TRUE(near(p.step_max_rank_load, brute_step_peak(series, loc, l)));
+        EXPECT_GE(p.step_max_rank_load, p.max_rank_load * (1 - 1e-12));
+        EXPECT_EQ(p.mean_rank_load, q.mean_rank_load);
         EXPECT_EQ(p.lower_bound, q.lower_bound);
         // Same replica counts, every slot a valid expert, no new same-GPU duplicate.
         EXPECT_EQ(counts_of(loc, l), counts_of(total.location, l));
@@ -1622,8 +1622,8 @@ TEST_P(EplbStepPeakProperties, NeverAboveTheTotalPlanAndKeepsItsConstraints) {
     // evaluate_placement on the series agrees with the plan.
     const PlanStats again = moelb::evaluate_placement(series.view(), loc);
     for (int l = 0; l < c.L; ++l) {
-        EXPECT_EQ(again.layers[l].step_max_gpu_load, peak.stats.layers[l].step_max_gpu_load);
-        EXPECT_EQ(again.layers[l].max_gpu_load, peak.stats.layers[l].max_gpu_load);
+        EXPECT_EQ(again.layers[l].step_max_rank_load, peak.stats.layers[l].step_max_rank_load);
+        EXPECT_EQ(again.layers[l].max_rank_load, peak.stats.layers[l].max_rank_load);
     }
     EXPECT_EQ(again.step_balancedness, peak.stats.step_balancedness);
 }
@@ -1641,9 +1641,9 @@ TEST_P(EplbStepPeakProperties, IdenticalForAnyThreadCount) {
     EXPECT_EQ(plans[1].stats.algorithm, plans[0].stats.algorithm);
     EXPECT_EQ(plans[1].stats.step_balancedness, plans[0].stats.step_balancedness);
     for (int l = 0; l < c.L; ++l) {
-        EXPECT_EQ(plans[1].stats.layers[l].step_max_gpu_load,
-                  plans[0].stats.layers[l].step_max_gpu_load);
-        EXPECT_EQ(plans[1].stats.layers[l].max_gpu_load, plans[0].stats.layers[l].max_gpu_load);
+        EXPECT_EQ(plans[1].stats.layers[l].step_max_rank_load,
+                  plans[0].stats.layers[l].step_max_rank_load);
+        EXPECT_EQ(plans[1].stats.layers[l].max_rank_load, plans[0].stats.layers[l].max_rank_load);
     }
 }
 
@@ -1723,7 +1723,7 @@ INSTANTIATE_TEST_SUITE_P(
 TEST(EplbStepPeak, PreviousOnlyRelabels) {
     const Series series = bursty_series(20, 3, 16, 71);
     RebalanceOptions o =
-        with_objective({.num_physical_experts = 24, .num_groups = 4, .num_nodes = 2, .num_gpus = 8},
+        with_objective({.num_physical_experts = 24, .num_groups = 4, .num_nodes = 2, .ep_size = 8},
                        Objective::kStepPeak);
     const Plan fresh = plan_of(series, o);
     const ExpertLocation trivial = ExpertLocation::trivial(3, 16, 24, 8, 2);
@@ -1735,23 +1735,23 @@ TEST(EplbStepPeak, PreviousOnlyRelabels) {
     EXPECT_EQ(phy2log_of(again), phy2log_of(fresh));
     for (int l = 0; l < 3; ++l) {
         EXPECT_EQ(counts_of(matched.location, l), counts_of(fresh.location, l));
-        EXPECT_TRUE(near(matched.stats.layers[l].step_max_gpu_load,
-                         fresh.stats.layers[l].step_max_gpu_load))
+        EXPECT_TRUE(near(matched.stats.layers[l].step_max_rank_load,
+                         fresh.stats.layers[l].step_max_rank_load))
             << "layer " << l;
-        EXPECT_EQ(again.stats.layers[l].step_max_gpu_load, fresh.stats.layers[l].step_max_gpu_load);
+        EXPECT_EQ(again.stats.layers[l].step_max_rank_load, fresh.stats.layers[l].step_max_rank_load);
     }
 }
 
 // eplb.hpp: kStepPeak's per-step peak "is never above the kTotal plan's". With a previous
 // placement and a move cost, each layer's keep-or-move decision weighs the relative reduction of
-// max_gpu_load (of the summed load) per move; the refinement may raise max_gpu_load, so a layer
+// max_rank_load (of the summed load) per move; the refinement may raise max_rank_load, so a layer
 // whose kTotal plan pays for its moves can keep its previous placement under kStepPeak, with a
 // higher per-step peak than kTotal's.
 TEST(EplbStepPeak, MoveCostWeighsTheGainInThePerStepPeak) {
     constexpr int L = 6;
     const Series series = bursty_series(24, L, 32, 99);
     const ExpertLocation trivial = ExpertLocation::trivial(L, 32, 48, 8, 2);
-    RebalanceOptions o{.num_physical_experts = 48, .num_groups = 8, .num_nodes = 2, .num_gpus = 8};
+    RebalanceOptions o{.num_physical_experts = 48, .num_groups = 8, .num_nodes = 2, .ep_size = 8};
     o.previous = &trivial;
     const moelb::PlanStats before = moelb::evaluate_placement(series.view(), trivial);
     // Without a trade-off the previous placement only relabels GPUs and slots: never above the
@@ -1760,8 +1760,8 @@ TEST(EplbStepPeak, MoveCostWeighsTheGainInThePerStepPeak) {
     const Plan free = plan_of(series, with_objective(o, Objective::kStepPeak));
     for (int l = 0; l < L; ++l) {
         EXPECT_FALSE(free.stats.layers[l].kept_previous);
-        EXPECT_LE(free.stats.layers[l].step_max_gpu_load,
-                  total.stats.layers[l].step_max_gpu_load * (1 + 1e-12))
+        EXPECT_LE(free.stats.layers[l].step_max_rank_load,
+                  total.stats.layers[l].step_max_rank_load * (1 + 1e-12))
             << "layer " << l;
     }
     // With move_cost, a layer keeps its previous placement exactly when the relative gain in its
@@ -1772,15 +1772,15 @@ TEST(EplbStepPeak, MoveCostWeighsTheGainInThePerStepPeak) {
         o.move_cost = cost;
         const Plan peak = plan_of(series, with_objective(o, Objective::kStepPeak));
         for (int l = 0; l < L; ++l) {
-            const double old_peak = before.layers[l].step_max_gpu_load;
-            const double new_peak = free.stats.layers[l].step_max_gpu_load;
+            const double old_peak = before.layers[l].step_max_rank_load;
+            const double new_peak = free.stats.layers[l].step_max_rank_load;
             const auto moves = static_cast<double>(free.stats.layers[l].moved_experts);
             const double gain = (old_peak - new_peak) / old_peak;
             const bool keep = moves > 0 && (gain <= 0 || gain < cost * moves);
             const moelb::LayerPlanStats& p = peak.stats.layers[l];
             EXPECT_EQ(p.kept_previous, keep)
                 << "layer " << l << " gain " << gain << " moves " << moves;
-            EXPECT_DOUBLE_EQ(p.step_max_gpu_load, keep ? old_peak : new_peak) << "layer " << l;
+            EXPECT_DOUBLE_EQ(p.step_max_rank_load, keep ? old_peak : new_peak) << "layer " << l;
             if (keep) EXPECT_EQ(p.moved_experts, 0) << "layer " << l;
             (keep ? kept : changed) += 1;
         }
@@ -1794,7 +1794,7 @@ TEST(EplbStepPeak, SumOverflowIsAnError) {
     Series series(2, 1, 4);
     std::fill(series.data.begin(), series.data.end(), 1e308);
     const ExpertLocation trivial = ExpertLocation::trivial(1, 4, 4, 2, 1);
-    RebalanceOptions o{.num_physical_experts = 4, .num_gpus = 2};
+    RebalanceOptions o{.num_physical_experts = 4, .ep_size = 2};
     for (const Objective objective : {Objective::kTotal, Objective::kStepPeak}) {
         expect_invalid_argument(
             [&] { moelb::rebalance(series.view(), with_objective(o, objective)); },
@@ -1805,7 +1805,7 @@ TEST(EplbStepPeak, SumOverflowIsAnError) {
 }
 
 // Finite loads whose sum over a layer (or over the layers) overflows: every statistic would be
-// inf or NaN, so rebalance, evaluate_placement and gpu_loads refuse them, naming load.
+// inf or NaN, so rebalance, evaluate_placement and rank_loads refuse them, naming load.
 TEST(EplbErrors, LoadSumOverflowIsAnError) {
     RowMatrix<double> in_layer = RowMatrix<double>::Zero(2, 4);
     in_layer(1, 0) = in_layer(1, 1) = 1e308;
@@ -1817,12 +1817,12 @@ TEST(EplbErrors, LoadSumOverflowIsAnError) {
                                 "load sums to inf over its 2 layers");
         expect_invalid_argument([&] { moelb::evaluate_placement(cmap(*load), trivial); },
                                 "load sums to inf");
-        expect_invalid_argument([&] { moelb::gpu_loads(cmap(*load), trivial); }, "at most 1e+300");
+        expect_invalid_argument([&] { moelb::rank_loads(cmap(*load), trivial); }, "at most 1e+300");
     }
     // Below the limit the statistics are finite.
     RowMatrix<double> large = RowMatrix<double>::Zero(2, 4);
     large(1, 0) = large(1, 1) = 1e299;
-    const Plan plan = plan_of(large, {.num_physical_experts = 4, .num_gpus = 2});
+    const Plan plan = plan_of(large, {.num_physical_experts = 4, .ep_size = 2});
     EXPECT_TRUE(std::isfinite(plan.stats.balancedness));
     EXPECT_TRUE(std::isfinite(plan.stats.load_weighted_balancedness));
 }

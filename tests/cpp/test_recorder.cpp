@@ -487,8 +487,8 @@ std::vector<MisuseCase> misuse_cases() {
         {"dispatch_count_beyond_int32", S::kInLayer, dispatch({kTooMany, 0, 0, 0}, 0),
          "local_counts[0]"},
         {"dispatch_rank_out_of_range", S::kInLayer, dispatch({1, 1, 1, 1}, 2),
-         "rank=2 is outside [0, ep_size=2)"},
-        {"dispatch_rank_negative", S::kInLayer, dispatch({1, 1, 1, 1}, -1), "rank=-1"},
+         "ep_rank=2 is outside [0, ep_size=2)"},
+        {"dispatch_rank_negative", S::kInLayer, dispatch({1, 1, 1, 1}, -1), "ep_rank=-1"},
     };
 }
 
@@ -767,7 +767,7 @@ TEST(RecorderState, HooksValidateButCountNothingWhenNotRecording) {
         expect_invalid_argument([&] { r.on_select_experts(cmap(ids), 0); }, "layer=0");
         const std::vector<std::int64_t> bad = {2, 2, 2};
         expect_invalid_argument([&] { r.on_dispatch_counts(bad, 1); }, "local_counts has 3");
-        expect_invalid_argument([&] { r.on_dispatch_counts(counts, 5); }, "rank=5");
+        expect_invalid_argument([&] { r.on_dispatch_counts(counts, 5); }, "ep_rank=5");
     };
     // Before start(): validated, nothing counted, no pass kept.
     offer_and_misuse();
@@ -916,10 +916,10 @@ TEST(RecorderState, ConstructorErrors) {
         "buffer_size must be positive");
     expect_invalid_argument(
         [] { Recorder(ExpertLocation::trivial(1, 4, 4, 2), RecorderMode::kStat, 10, 2); },
-        "rank=2 is outside [0, ep_size=2)");
+        "ep_rank=2 is outside [0, ep_size=2)");
     expect_invalid_argument(
         [] { Recorder(ExpertLocation::trivial(1, 4, 4, 2), RecorderMode::kStat, 10, -1); },
-        "rank=-1");
+        "ep_rank=-1");
     const Recorder r(ExpertLocation::trivial(3, 4, 8, 2), RecorderMode::kPerPass, 7, 1);
     EXPECT_EQ(r.mode(), RecorderMode::kPerPass);
     EXPECT_EQ(r.buffer_size(), 7);

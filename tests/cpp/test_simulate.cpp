@@ -109,7 +109,7 @@ TEST_P(ScoreSteps, BoundHoldsForPlannedPlacements) {
     for (auto algorithm : {moelb::EplbAlgorithm::kMoelb, moelb::EplbAlgorithm::kDeepSeekGlobal}) {
         moelb::RebalanceOptions o;
         o.num_physical_experts = t.P;
-        o.num_gpus = t.G;
+        o.ep_size = t.G;
         o.algorithm = algorithm;
         const moelb::Plan plan = moelb::rebalance(cmap(load), o);
         moelb::score_steps(c.view(), plan.location, mmap(max_load), mmap(mean_load));
@@ -212,13 +212,13 @@ TEST(ScoreStepsErrors, NameTheProblem) {
         },
         "counts has 4 experts but the location has 5 logical experts");
     expect_invalid_argument([&] { moelb::score_steps(c.view(), loc, mmap(wrong), mmap(b)); },
-                            "max_gpu_load has shape [3, 2]");
+                            "max_rank_load has shape [3, 2]");
     expect_invalid_argument([&] { moelb::step_lower_bounds(c.view(), 8, 4, mmap(wrong)); },
                             "out has shape [3, 2]");
     expect_invalid_argument([&] { moelb::step_lower_bounds(c.view(), 3, 4, mmap(a)); },
                             "num_physical_experts=3 is less than the 4 experts");
     expect_invalid_argument([&] { moelb::step_lower_bounds(c.view(), 8, 0, mmap(a)); },
-                            "num_gpus must be >= 1, got 0");
+                            "ep_size must be >= 1, got 0");
     StepCounts short_view{std::span<const std::int32_t>(c.data.data(), 5), 2, 2, 4};
     expect_invalid_argument([&] { moelb::step_lower_bounds(short_view, 8, 4, mmap(a)); },
                             "counts holds 5 values but its shape [2, 2, 4] needs 16");

@@ -360,8 +360,8 @@ TEST(Waterfill, RankLoadsConserveWorkAndBalanceSkew) {
 
 TEST(Waterfill, BadInput) {
     expect_invalid_argument([] { WaterfillBalancer(10, 4, 0); }, "not divisible by ep_size=4");
-    expect_invalid_argument([] { WaterfillBalancer(16, 4, 4); }, "rank=4 is outside");
-    expect_invalid_argument([] { WaterfillBalancer(16, 4, -1); }, "rank=-1");
+    expect_invalid_argument([] { WaterfillBalancer(16, 4, 4); }, "ep_rank=4 is outside");
+    expect_invalid_argument([] { WaterfillBalancer(16, 4, -1); }, "ep_rank=-1");
     expect_invalid_argument([] { WaterfillBalancer(16, 0, 0); }, "ep_size must be positive");
     expect_invalid_argument([] { WaterfillBalancer(16, 4, 0, -1.0); }, "routed_scaling_factor");
     expect_invalid_argument([] { (void)moelb::parse_waterfill_mode("fast"); }, "mode='fast'");
@@ -405,7 +405,7 @@ TEST(Waterfill, BadInput) {
             expand(b, matrix<std::int32_t>({{0, 1}, {1, 2}}), w, 64, false, some);
         },
         "static mode takes no all-reduced buffer");
-    expect_invalid_argument([&] { (void)b.shared_slot(4); }, "rank=4");
+    expect_invalid_argument([&] { (void)b.shared_slot(4); }, "ep_rank=4");
     std::vector<moelb::ConstMatrixMap<std::int32_t>> none;
     expect_invalid_argument(
         [&] { moelb::waterfill_rank_loads(none, 16, WaterfillMode::kStatic, false); },

@@ -422,7 +422,7 @@ TEST(WeightMovePlan, ReachesAPlannedPlacementFromTheTrivialLayout) {
     }
     const ExpertLocation trivial = ExpertLocation::trivial(3, 32, 48, 8, 2);
     const moelb::Plan plan = moelb::rebalance(
-        cmap(load), {.num_physical_experts = 48, .num_groups = 8, .num_nodes = 2, .num_gpus = 8});
+        cmap(load), {.num_physical_experts = 48, .num_groups = 8, .num_nodes = 2, .ep_size = 8});
     ASSERT_EQ(plan.location.num_nodes(), 2);
     for (int l = 0; l < 3; ++l) {
         const WeightMovePlan moves = moelb::plan_weight_moves(trivial, plan.location, l);

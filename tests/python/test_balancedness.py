@@ -95,11 +95,11 @@ def test_utilization_rate_and_layer_mean() -> None:
 @pytest.mark.parametrize(
     ("mean", "peak", "kwargs", "match"),
     [
-        ([1.0, -1.0], [2.0, 2.0], {}, r"mean_gpu_load\[1\] = -1"),
-        ([1.0, 1.0], [2.0, math.nan], {}, r"max_gpu_load\[1\] = nan"),
-        ([1.0, 1.0], [2.0, math.inf], {}, r"max_gpu_load\[1\] = inf"),
-        ([3.0], [2.0], {}, r"mean_gpu_load\[0\] = 3 is above max_gpu_load\[0\] = 2"),
-        ([1.0, 1.0], [2.0], {}, r"mean_gpu_load has shape \(2,\) but max_gpu_load has \(1,\)"),
+        ([1.0, -1.0], [2.0, 2.0], {}, r"mean_rank_load\[1\] = -1"),
+        ([1.0, 1.0], [2.0, math.nan], {}, r"max_rank_load\[1\] = nan"),
+        ([1.0, 1.0], [2.0, math.inf], {}, r"max_rank_load\[1\] = inf"),
+        ([3.0], [2.0], {}, r"mean_rank_load\[0\] = 3 is above max_rank_load\[0\] = 2"),
+        ([1.0, 1.0], [2.0], {}, r"mean_rank_load has shape \(2,\) but max_rank_load has \(1,\)"),
         ([1.0], [2.0], {"layers": "moe"}, "layers='moe'"),
     ],
 )
@@ -185,7 +185,7 @@ def test_rounding_never_gives_more_than_one() -> None:
 
 
 def test_non_numbers_name_the_parameter() -> None:
-    with pytest.raises(moelb.InvalidArgumentError, match="mean_gpu_load must hold numbers"):
+    with pytest.raises(moelb.InvalidArgumentError, match="mean_rank_load must hold numbers"):
         moelb.utilization_rate("a", 2.0)
-    with pytest.raises(moelb.InvalidArgumentError, match="max_gpu_load must be a load"):
+    with pytest.raises(moelb.InvalidArgumentError, match="max_rank_load must be a load"):
         moelb.utilization_rate(1.0, None)

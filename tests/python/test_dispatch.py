@@ -315,16 +315,16 @@ def test_expected_loads_of_table_models_are_the_dispatched_tokens(dispatch: str)
         offsets = np.arange(W + 1) * (len(ids) // W)
         physical = moelb.dispatch_tokens(ids, location, layer, dispatch, rank_offsets=offsets)
         want[layer] = np.bincount(physical.ravel() // S, minlength=W) / W
-    np.testing.assert_allclose(moelb.expected_gpu_loads(load, location, dispatch), want)
+    np.testing.assert_allclose(moelb.expected_rank_loads(load, location, dispatch), want)
 
 
 def test_expected_loads_of_equal_split_and_dynamic() -> None:
     location = scattered(2, 16, 48, 8, 1, 13)  # one node: ranks without a replica draw
     load = np.random.default_rng(2).random((2, 16)) * 100
     np.testing.assert_allclose(
-        moelb.expected_gpu_loads(load, location, "equal_split"), moelb.gpu_loads(load, location)
+        moelb.expected_rank_loads(load, location, "equal_split"), moelb.rank_loads(load, location)
     )
-    got = moelb.expected_gpu_loads(load, location, "sglang_dynamic")
+    got = moelb.expected_rank_loads(load, location, "sglang_dynamic")
     np.testing.assert_allclose(got.sum(axis=1), load.sum(axis=1))
     # The exact weights, from the spec: rank r's share of expert e goes to its collapsed list,
     # index x with probability #{u in [0, 65536) : u % n == x} / 65536.
@@ -340,16 +340,16 @@ def test_expected_loads_of_equal_split_and_dynamic() -> None:
                     want[layer, p // S] += load[layer, e] / W * hits[x]
     np.testing.assert_allclose(got, want)
     with pytest.raises(InvalidArgumentError, match="token row"):
-        moelb.expected_gpu_loads(load, location, "vllm_hash")
+        moelb.expected_rank_loads(load, location, "vllm_hash")
     with pytest.raises(InvalidArgumentError, match="load has shape"):
-        moelb.expected_gpu_loads(load[:1], location)
+        moelb.expected_rank_loads(load[:1], location)
     with pytest.raises(InvalidArgumentError, match="finite"):
-        moelb.expected_gpu_loads(-load, location)
+        moelb.expected_rank_loads(-load, location)
 
 
 def test_expected_loads_refuse_overflow() -> None:
     location = ExpertLocation.trivial(1, 4, 4, 2)
     with pytest.raises(InvalidArgumentError, match="more than 1e300"):
-        moelb.expected_gpu_loads([[1e308, 1e308, 0, 0]], location, "equal_split")
+        moelb.expected_rank_loads([[1e308, 1e308, 0, 0]], location, "equal_split")
     with pytest.raises(InvalidArgumentError, match=r"load\[0, 2\] = nan"):
-        moelb.expected_gpu_loads([[1, 1, np.nan, 0]], location)
+        moelb.expected_rank_loads([[1, 1, np.nan, 0]], location)

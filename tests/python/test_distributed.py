@@ -107,7 +107,7 @@ def _worker(rank: int, world: int, workdir: str) -> None:
     try:
         result: dict[str, Any] = {}
         old = old_location()
-        recorder = ExpertDistributionRecorder(old, rank=rank)
+        recorder = ExpertDistributionRecorder(old, ep_rank=rank)
         recorder.start()
         record(recorder, rank)
         result["local_count"] = recorder.physical_count()
@@ -158,7 +158,7 @@ def _worker(rank: int, world: int, workdir: str) -> None:
         result["waterfill_decode_ids"] = decode_ids
 
         # per_token mode: counts and the other ranks' routed ids merge too.
-        per_token = ExpertDistributionRecorder(old, mode="per_token", rank=rank)
+        per_token = ExpertDistributionRecorder(old, mode="per_token", ep_rank=rank)
         per_token.start()
         record(per_token, rank, passes=1)
         per_token.all_reduce()
@@ -184,7 +184,7 @@ def _worker(rank: int, world: int, workdir: str) -> None:
         result["bad_input_errors"] = np.array(errors)
 
         # Ranks out of lockstep: every rank raises the same error, none hangs.
-        uneven = ExpertDistributionRecorder(old, rank=rank)
+        uneven = ExpertDistributionRecorder(old, ep_rank=rank)
         uneven.start()
         record(uneven, rank, passes=2 if rank == 0 else 1)
         try:

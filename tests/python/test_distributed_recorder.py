@@ -21,7 +21,7 @@ def _worker(rank: int, init: str, queue: Any) -> None:  # runs in a spawned proc
     try:
         first = moelb.ExpertLocation.trivial(2, 4, 6, ep_size=WORLD)
         second = moelb.ExpertLocation(np.array([[3, 2, 1, 0, 0, 1]] * 2), 4, WORLD)
-        recorder = moelb.ExpertDistributionRecorder(first, rank=rank)
+        recorder = moelb.ExpertDistributionRecorder(first, ep_rank=rank)
         if rank == 1:
             recorder.set_location(second)  # rank 1's window is all in the new placement
         recorder.start()

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
-from moelb import ExpertLocation, InvalidArgumentError, evaluate_placement, gpu_loads, rebalance
+from moelb import ExpertLocation, InvalidArgumentError, evaluate_placement, rank_loads, rebalance
 
 sys.path.append(str(Path(__file__).resolve().parents[2] / "benchmarks"))
 try:
@@ -87,12 +87,12 @@ def counts_of(phy2log: np.ndarray, num_experts: int) -> np.ndarray:
     return np.stack([np.bincount(row, minlength=num_experts) for row in phy2log])
 
 
-def numpy_gpu_loads(load: Any, phy2log: np.ndarray, num_gpus: int) -> np.ndarray:
+def numpy_rank_loads(load: Any, phy2log: np.ndarray, ep_size: int) -> np.ndarray:
     """[L, G]: each slot carries its expert's load divided by the expert's replica count."""
     load = np.asarray(load, dtype=np.float64)
     counts = counts_of(phy2log, load.shape[1])
     per_slot = np.take_along_axis(load, phy2log, 1) / np.take_along_axis(counts, phy2log, 1)
-    return per_slot.reshape(phy2log.shape[0], num_gpus, -1).sum(axis=2)
+    return per_slot.reshape(phy2log.shape[0], ep_size, -1).sum(axis=2)
 
 
 def divisor_optimum(w: np.ndarray, num_slots: int) -> float:
@@ -119,12 +119,12 @@ def divisor_optimum(w: np.ndarray, num_slots: int) -> float:
     return float(candidates[lo])
 
 
-def gpu_blocks(phy2log_row: np.ndarray, num_gpus: int) -> list[list[int]]:
+def gpu_blocks(phy2log_row: np.ndarray, ep_size: int) -> list[list[int]]:
     """The sorted expert ids on each GPU."""
-    return [sorted(block.tolist()) for block in phy2log_row.reshape(num_gpus, -1)]
+    return [sorted(block.tolist()) for block in phy2log_row.reshape(ep_size, -1)]
 
 
-def check_plan(plan: moelb.Plan, load: Any, num_physical_experts: int, num_gpus: int) -> None:
+def check_plan(plan: moelb.Plan, load: Any, num_physical_experts: int, ep_size: int) -> None:
     """The invariants every plan satisfies, and its stats against a NumPy computation."""
     load = np.asarray(load, dtype=np.float64)
     if load.ndim == 3:
@@ -135,21 +135,21 @@ def check_plan(plan: moelb.Plan, load: Any, num_physical_experts: int, num_gpus:
     assert phy2log.shape == (num_layers, num_physical_experts)
     assert phy2log.dtype == np.int32
     assert loc.num_logical_experts == num_experts
-    assert loc.ep_size == num_gpus
-    assert loc.num_local_physical_experts * num_gpus == num_physical_experts  # S slots per GPU
+    assert loc.ep_size == ep_size
+    assert loc.num_local_physical_experts * ep_size == num_physical_experts  # S slots per GPU
     assert phy2log.min() >= 0 and phy2log.max() < num_experts
     counts = counts_of(phy2log, num_experts)
     assert (counts >= 1).all(), "every expert has a replica"
     assert (counts.sum(axis=1) == num_physical_experts).all()
     np.testing.assert_array_equal(loc.logical_count, counts)
 
-    expected = numpy_gpu_loads(load, phy2log, num_gpus)
-    np.testing.assert_allclose(gpu_loads(load, loc), expected, rtol=1e-12, atol=1e-12)
+    expected = numpy_rank_loads(load, phy2log, ep_size)
+    np.testing.assert_allclose(rank_loads(load, loc), expected, rtol=1e-12, atol=1e-12)
     stats = plan.stats
     max_load = expected.max(axis=1)
-    mean_load = load.sum(axis=1) / num_gpus
-    np.testing.assert_allclose(stats.max_gpu_load, max_load, rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(stats.mean_gpu_load, mean_load, rtol=1e-12, atol=1e-12)
+    mean_load = load.sum(axis=1) / ep_size
+    np.testing.assert_allclose(stats.max_rank_load, max_load, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(stats.mean_rank_load, mean_load, rtol=1e-12, atol=1e-12)
     # SGLang's rate per layer (1.0 without load), averaged over all layers / the active ones.
     balancedness = (mean_load + 1e-5) / (max_load + 1e-5)
     np.testing.assert_allclose(stats.layer_balancedness, balancedness, rtol=1e-12)
@@ -163,13 +163,13 @@ def check_plan(plan: moelb.Plan, load: Any, num_physical_experts: int, num_gpus:
     assert stats.load_weighted_balancedness == pytest.approx(weighted, rel=1e-12)
     bound = np.array(
         [
-            max(load[i].sum() / num_gpus, divisor_optimum(load[i], num_physical_experts))
+            max(load[i].sum() / ep_size, divisor_optimum(load[i], num_physical_experts))
             for i in range(num_layers)
         ]
     )
     np.testing.assert_allclose(stats.lower_bound, bound, rtol=1e-9, atol=1e-12)
     # (Minus a subnormal: a load of 5e-324 split over 2 replicas rounds to 0 per replica.)
-    assert (stats.max_gpu_load >= stats.lower_bound * (1 - 1e-9) - 1e-300).all()
+    assert (stats.max_rank_load >= stats.lower_bound * (1 - 1e-9) - 1e-300).all()
     gap = np.maximum(np.where(bound > 0, max_load / np.where(bound > 0, bound, 1) - 1, 0.0), 0)
     np.testing.assert_allclose(stats.gap, gap, rtol=1e-9, atol=1e-9)
     assert stats.mean_gap == pytest.approx(gap.mean(), rel=1e-9, abs=1e-9)
@@ -178,7 +178,7 @@ def check_plan(plan: moelb.Plan, load: Any, num_physical_experts: int, num_gpus:
     assert stats.layer_moved_experts.sum() == stats.moved_experts
 
 
-STEP_FIELDS = ("step_max_gpu_load", "step_balancedness")
+STEP_FIELDS = ("step_max_rank_load", "step_balancedness")
 
 
 def stats_equal(a: moelb.PlanStats, b: moelb.PlanStats, ignore: tuple[str, ...] = ()) -> bool:
@@ -197,24 +197,24 @@ def effective_locality(plan: moelb.Plan) -> str:
 
 
 def assert_groups_within_nodes(
-    phy2log: np.ndarray, num_experts: int, num_groups: int, num_gpus: int, num_nodes: int
+    phy2log: np.ndarray, num_experts: int, num_groups: int, ep_size: int, num_nodes: int
 ) -> None:
     """Every group's experts and all their replicas sit on one node."""
     group_size = num_experts // num_groups
     slots = phy2log.shape[1]
-    node_of_slot = np.arange(slots) // (slots // num_gpus) // (num_gpus // num_nodes)
+    node_of_slot = np.arange(slots) // (slots // ep_size) // (ep_size // num_nodes)
     for layer, row in enumerate(phy2log):
         for g in range(num_groups):
             nodes = np.unique(node_of_slot[(row // group_size) == g])
             assert len(nodes) == 1, f"layer {layer}: group {g} spans nodes {nodes.tolist()}"
 
 
-def duplicates_on_a_gpu(phy2log: np.ndarray, num_gpus: int, counts: np.ndarray, cap: int) -> int:
+def duplicates_on_a_gpu(phy2log: np.ndarray, ep_size: int, counts: np.ndarray, cap: int) -> int:
     """How many (layer, GPU, expert) hold two or more replicas of an expert with <= cap
     replicas."""
     found = 0
     for layer, row in enumerate(phy2log):
-        for block in row.reshape(num_gpus, -1):
+        for block in row.reshape(ep_size, -1):
             experts, times = np.unique(block, return_counts=True)
             found += int(((times > 1) & (counts[layer, experts] <= cap)).sum())
     return found
@@ -249,8 +249,8 @@ def test_readme_example_exactly(algorithm: str) -> None:
             row = loc.logical_to_physical[layer, expert]
             np.testing.assert_array_equal(row[: len(slots)], sorted(slots))
             assert (row[len(slots) :] == -1).all()
-    np.testing.assert_allclose(gpu_loads(README_WEIGHT, loc), README_GPU_LOADS)
-    np.testing.assert_allclose(plan.stats.max_gpu_load, [156, 179.5])
+    np.testing.assert_allclose(rank_loads(README_WEIGHT, loc), README_GPU_LOADS)
+    np.testing.assert_allclose(plan.stats.max_rank_load, [156, 179.5])
     assert np.round(plan.stats.layer_balancedness, 4).tolist() == [0.8277, 0.8050]
     assert plan.stats.algorithm == "deepseek_hierarchical"
     assert_groups_within_nodes(loc.physical_to_logical, 12, 4, 8, 2)
@@ -284,15 +284,15 @@ def test_trivial_layout_balancedness_of_the_readme_weight() -> None:
     stats = evaluate_placement(README_WEIGHT, trivial)
     assert np.round(stats.layer_balancedness, 3).tolist() == [0.480, 0.420]
     np.testing.assert_allclose(
-        gpu_loads(README_WEIGHT, trivial),
-        numpy_gpu_loads(README_WEIGHT, trivial.physical_to_logical, 8),
+        rank_loads(README_WEIGHT, trivial),
+        numpy_rank_loads(README_WEIGHT, trivial.physical_to_logical, 8),
     )
 
 
-@pytest.mark.parametrize("num_gpus", [1, 2, 4, 8, 16])
-def test_zero_loads_pile_extra_replicas_on_expert_0(num_gpus: int) -> None:
-    plan = rebalance(np.zeros((1, 12)), 16, None, 1, num_gpus, algorithm="deepseek_global")
-    check_plan(plan, np.zeros((1, 12)), 16, num_gpus)
+@pytest.mark.parametrize("ep_size", [1, 2, 4, 8, 16])
+def test_zero_loads_pile_extra_replicas_on_expert_0(ep_size: int) -> None:
+    plan = rebalance(np.zeros((1, 12)), 16, None, 1, ep_size, algorithm="deepseek_global")
+    check_plan(plan, np.zeros((1, 12)), 16, ep_size)
     np.testing.assert_array_equal(plan.location.physical_to_logical, [[*range(12), 0, 0, 0, 0]])
     assert plan.location.logical_count[0, 0] == 5
     assert plan.stats.balancedness == 1.0 and plan.stats.max_gap == 0.0
@@ -313,14 +313,14 @@ def test_equal_loads_golden_has_a_same_gpu_duplicate() -> None:
         duplicates_on_a_gpu(ours.location.physical_to_logical, 4, ours.location.logical_count, 2)
         == 0
     )
-    assert ours.stats.max_gpu_load[0] <= plan.stats.max_gpu_load[0] * (1 + 1e-9)
+    assert ours.stats.max_rank_load[0] <= plan.stats.max_rank_load[0] * (1 + 1e-9)
 
 
 def test_balanced_packing_9_1_1_1_into_two_packs() -> None:
     # SGLang's test_balanced_packing case: [9, 1, 1, 1] into 2 packs -> max 10.
     plan = rebalance([[9, 1, 1, 1]], 4, None, 1, 2, algorithm="deepseek_global")
     np.testing.assert_array_equal(plan.location.physical_to_logical, [[0, 3, 1, 2]])
-    np.testing.assert_allclose(gpu_loads([[9, 1, 1, 1]], plan.location), [[10, 2]])
+    np.testing.assert_allclose(rank_loads([[9, 1, 1, 1]], plan.location), [[10, 2]])
 
 
 def test_hand_checked_replication_and_packing() -> None:
@@ -330,7 +330,7 @@ def test_hand_checked_replication_and_packing() -> None:
     plan = rebalance([[6, 3, 2, 1]], 6, None, 1, 3, algorithm="deepseek_global")
     np.testing.assert_array_equal(plan.location.physical_to_logical, [[1, 3, 0, 0, 2, 0]])
     np.testing.assert_array_equal(plan.location.logical_count, [[3, 1, 1, 1]])
-    np.testing.assert_allclose(gpu_loads([[6, 3, 2, 1]], plan.location), [[4, 4, 4]])
+    np.testing.assert_allclose(rank_loads([[6, 3, 2, 1]], plan.location), [[4, 4, 4]])
 
 
 def test_hand_checked_one_item_per_pack_and_hierarchy() -> None:
@@ -379,7 +379,7 @@ def test_deepseek_auto_picks_the_policy_by_divisibility() -> None:
 # DeepSeek: parity with the Python port of eplb.py on tie-free inputs
 # ---------------------------------------------------------------------------------------------
 
-# (E, P, num_groups, num_nodes, num_gpus): hierarchical and global shapes, one slot per GPU,
+# (E, P, num_groups, num_nodes, ep_size): hierarchical and global shapes, one slot per GPU,
 # no redundancy, a single node with groups, groups not divisible by nodes (DeepSeek's fallback).
 PARITY_SHAPES = [
     (12, 16, 4, 2, 8),
@@ -417,8 +417,8 @@ def parity_mismatches(
     plan = rebalance(load, slots, groups, nodes, gpus, algorithm=algorithm)
     ours = plan.location.physical_to_logical
     np.testing.assert_array_equal(plan.location.logical_count, logcnt)
-    ours_loads = gpu_loads(load, plan.location)
-    theirs_loads = numpy_gpu_loads(load, phy, gpus)
+    ours_loads = rank_loads(load, plan.location)
+    theirs_loads = numpy_rank_loads(load, phy, gpus)
     ties = 0
     for layer in range(load.shape[0]):
         same_sets = gpu_blocks(ours[layer], gpus) == gpu_blocks(phy[layer], gpus)
@@ -551,7 +551,7 @@ def moelb_problems(draw: st.DrawFn) -> dict[str, Any]:
         "num_physical_experts": slots,
         "num_groups": groups,
         "num_nodes": nodes,
-        "num_gpus": gpus,
+        "ep_size": gpus,
         "locality": locality,
     }
 
@@ -562,7 +562,7 @@ def test_moelb_invariants_and_never_worse_than_deepseek(problem: dict[str, Any])
     load = problem["load"]
     experts = load.shape[1]
     slots, groups = problem["num_physical_experts"], problem["num_groups"]
-    nodes, gpus = problem["num_nodes"], problem["num_gpus"]
+    nodes, gpus = problem["num_nodes"], problem["ep_size"]
     plan = rebalance(**problem)
     check_plan(plan, load, slots, gpus)
     locality = effective_locality(plan)
@@ -575,10 +575,10 @@ def test_moelb_invariants_and_never_worse_than_deepseek(problem: dict[str, Any])
         assert_groups_within_nodes(plan.location.physical_to_logical, experts, groups, gpus, nodes)
         if groups % nodes == 0 and gpus % nodes == 0:
             ds = rebalance(load, slots, groups, nodes, gpus, algorithm="deepseek_hierarchical")
-            assert (plan.stats.max_gpu_load <= ds.stats.max_gpu_load * (1 + 1e-9) + 1e-12).all()
+            assert (plan.stats.max_rank_load <= ds.stats.max_rank_load * (1 + 1e-9) + 1e-12).all()
     else:
         ds = rebalance(load, slots, groups, 1, gpus, algorithm="deepseek_global")
-        assert (plan.stats.max_gpu_load <= ds.stats.max_gpu_load * (1 + 1e-9) + 1e-12).all()
+        assert (plan.stats.max_rank_load <= ds.stats.max_rank_load * (1 + 1e-9) + 1e-12).all()
 
 
 @st.composite
@@ -600,7 +600,7 @@ def deepseek_problems(draw: st.DrawFn) -> dict[str, Any]:
         "num_physical_experts": slots,
         "num_groups": groups,
         "num_nodes": nodes,
-        "num_gpus": gpus,
+        "ep_size": gpus,
         "algorithm": algorithm,
     }
 
@@ -611,7 +611,7 @@ def test_deepseek_invariants(problem: dict[str, Any]) -> None:
     load = problem["load"]
     experts = load.shape[1]
     slots, groups = problem["num_physical_experts"], problem["num_groups"]
-    nodes, gpus = problem["num_nodes"], problem["num_gpus"]
+    nodes, gpus = problem["num_nodes"], problem["ep_size"]
     plan = rebalance(**problem)
     check_plan(plan, load, slots, gpus)
     if plan.stats.algorithm == "deepseek_hierarchical":
@@ -694,22 +694,22 @@ def test_moelb_never_worse_than_deepseek_on_every_layer(
         assert effective_locality(ours) == "node"
         check_plan(ours, load, slots, gpus)
         ds = rebalance(load, slots, groups, nodes, gpus, algorithm="deepseek_hierarchical")
-        assert (ours.stats.max_gpu_load <= ds.stats.max_gpu_load * (1 + 1e-9)).all(), name
+        assert (ours.stats.max_rank_load <= ds.stats.max_rank_load * (1 + 1e-9)).all(), name
     ours = rebalance(load, slots, groups, nodes, gpus, locality="none")
     assert effective_locality(ours) == "none"
     check_plan(ours, load, slots, gpus)
     ds = rebalance(load, slots, groups, nodes, gpus, algorithm="deepseek_global")
-    assert (ours.stats.max_gpu_load <= ds.stats.max_gpu_load * (1 + 1e-9)).all(), name
+    assert (ours.stats.max_rank_load <= ds.stats.max_rank_load * (1 + 1e-9)).all(), name
 
 
 def test_single_node_node_locality_never_worse_than_deepseek_hierarchical() -> None:
     load = np.zeros((1, 20))
     load[0, [0, 8, 12, 19]] = [1, 1, 2, 2]
     ds = rebalance(load, 30, 5, 1, 5, algorithm="deepseek_hierarchical")
-    assert ds.stats.max_gpu_load[0] == pytest.approx(1.3)
+    assert ds.stats.max_rank_load[0] == pytest.approx(1.3)
     ours = rebalance(load, 30, 5, 1, 5)
     assert effective_locality(ours) == "node"
-    assert ours.stats.max_gpu_load[0] <= ds.stats.max_gpu_load[0] * (1 + 1e-9)
+    assert ours.stats.max_rank_load[0] <= ds.stats.max_rank_load[0] * (1 + 1e-9)
 
 
 def test_moelb_beats_deepseek_somewhere() -> None:
@@ -719,7 +719,7 @@ def test_moelb_beats_deepseek_somewhere() -> None:
     for _, load, (_, slots, groups, nodes, gpus) in NAMED_INPUTS[4:]:
         ours = rebalance(load, slots, groups, nodes, gpus, locality="none")
         ds = rebalance(load, slots, groups, nodes, gpus, algorithm="deepseek_global")
-        better += bool((ours.stats.max_gpu_load < ds.stats.max_gpu_load * 0.99).any())
+        better += bool((ours.stats.max_rank_load < ds.stats.max_rank_load * 0.99).any())
     assert better >= len(NAMED_INPUTS[4:]) // 2
 
 
@@ -790,11 +790,11 @@ def test_moelb_against_brute_force_on_tiny_instances(record_property: Any) -> No
     for w, slots, gpus in TINY:
         best, _ = brute_force(w, slots, gpus)
         plan = rebalance(w[None], slots, None, 1, gpus, locality="none")
-        ours = plan.stats.max_gpu_load[0]
+        ours = plan.stats.max_rank_load[0]
         ds = rebalance(w[None], slots, None, 1, gpus, algorithm="deepseek_global")
         assert ours >= best * (1 - 1e-9), (w, slots, gpus)  # nothing beats the optimum
         assert plan.stats.lower_bound[0] <= best * (1 + 1e-9)  # the lower bound is one
-        assert ours <= ds.stats.max_gpu_load[0] * (1 + 1e-9), (w, slots, gpus)
+        assert ours <= ds.stats.max_rank_load[0] * (1 + 1e-9), (w, slots, gpus)
         assert ours <= 1.5 * best + 1e-12, (w, slots, gpus)
         optimal += bool(ours <= best * (1 + 1e-9))
         worst_ratio = max(worst_ratio, ours / best if best > 0 else 1.0)
@@ -815,8 +815,8 @@ def test_moelb_node_locality_against_brute_force() -> None:
         assert effective_locality(plan) == "node"
         assert_groups_within_nodes(plan.location.physical_to_logical, 4, 2, gpus, 2)
         ds = rebalance(w[None], slots, 2, 2, gpus, algorithm="deepseek_hierarchical")
-        ours = plan.stats.max_gpu_load[0]
-        assert best * (1 - 1e-9) <= ours <= ds.stats.max_gpu_load[0] * (1 + 1e-9)
+        ours = plan.stats.max_rank_load[0]
+        assert best * (1 - 1e-9) <= ours <= ds.stats.max_rank_load[0] * (1 + 1e-9)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -828,8 +828,8 @@ def test_no_duplicate_when_a_duplicate_free_placement_is_as_good() -> None:
     w = np.array([[6.0, 3, 2, 1]])
     plan = rebalance(w, 6, None, 1, 3, locality="none")
     better = ExpertLocation([[0, 2, 0, 2, 1, 3]], 4, 3)
-    assert gpu_loads(w, better).max() == 4.0
-    assert plan.stats.max_gpu_load[0] <= 4.0
+    assert rank_loads(w, better).max() == 4.0
+    assert plan.stats.max_rank_load[0] <= 4.0
     assert (
         duplicates_on_a_gpu(plan.location.physical_to_logical, 3, plan.location.logical_count, 3)
         == 0
@@ -868,7 +868,7 @@ def test_no_avoidable_duplicate_on_tiny_instances() -> None:
         if duplicates_on_a_gpu(loc.physical_to_logical, gpus, loc.logical_count, gpus) == 0:
             continue
         _, best_no_dup = brute_force(w, slots, gpus)
-        avoidable += bool(best_no_dup <= plan.stats.max_gpu_load[0] * (1 + 1e-9))
+        avoidable += bool(best_no_dup <= plan.stats.max_rank_load[0] * (1 + 1e-9))
     assert avoidable == 0, f"{avoidable} of {len(TINY)} plans have an avoidable duplicate"
 
 
@@ -956,8 +956,8 @@ def test_removable_duplicates_finds_a_free_fix() -> None:
         (12, 16, 3, 2, 8, "node", "node", None),  # ... but node locality still works
         (12, 16, 2, 4, 8, "node", "none", "fewer groups than nodes"),
         (12, 16, 2, 4, 8, "auto", "none", None),
-        (12, 18, 4, 4, 6, "auto", "none", "num_gpus=6 is not divisible by num_nodes=4"),
-        (12, 18, 4, 4, 6, "node", "none", "num_gpus=6 is not divisible by num_nodes=4"),
+        (12, 18, 4, 4, 6, "auto", "none", "ep_size=6 is not divisible by num_nodes=4"),
+        (12, 18, 4, 4, 6, "node", "none", "ep_size=6 is not divisible by num_nodes=4"),
         (12, 16, None, 2, 8, "node", "none", "no expert groups"),
         (12, 16, None, 2, 8, "auto", "none", None),
         (16, 16, 2, 4, 8, "node", "none", "fewer groups than nodes"),
@@ -1094,7 +1094,7 @@ def test_previous_moves_fewer_experts_after_a_perturbation(shape: tuple[int, ...
     )
     assert kept.stats.moved_experts < without
     # With move_cost=0 and no max_moves, matching the previous placement costs no balance.
-    assert (kept.stats.max_gpu_load <= fresh.stats.max_gpu_load * (1 + 1e-9)).all()
+    assert (kept.stats.max_rank_load <= fresh.stats.max_rank_load * (1 + 1e-9)).all()
     assert not kept.stats.layer_kept_previous.any()
 
 
@@ -1221,14 +1221,14 @@ def test_move_cost_is_a_minimum_gain_per_moved_expert() -> None:
     load = rng.lognormal(3, 1, (12, experts))
     previous = rebalance(load, slots, groups, nodes, gpus).location
     perturbed = load * rng.uniform(0.5, 1.5, load.shape)
-    old_max = evaluate_placement(perturbed, previous).max_gpu_load
+    old_max = evaluate_placement(perturbed, previous).max_rank_load
     for cost in (0.0005, 0.002, 0.01):
         plan = rebalance(perturbed, slots, groups, nodes, gpus, previous=previous, move_cost=cost)
         for layer in range(12):
             moves = plan.stats.layer_moved_experts[layer]
             if moves == 0:
                 continue
-            gain = (old_max[layer] - plan.stats.max_gpu_load[layer]) / old_max[layer]
+            gain = (old_max[layer] - plan.stats.max_rank_load[layer]) / old_max[layer]
             assert gain >= cost * moves * (1 - 1e-9), (cost, layer, gain, moves)
             assert not plan.stats.layer_kept_previous[layer]
 
@@ -1294,7 +1294,7 @@ def test_default_move_cost_is_documented_everywhere() -> None:
     assert (
         moelb.cli.build_parser()
         .parse_args(
-            ["rebalance", "d.pt", "-o", "p.json", "--num-physical-experts", "8", "--num-gpus", "1"]
+            ["rebalance", "d.pt", "-o", "p.json", "--num-physical-experts", "8", "--ep-size", "1"]
         )
         .move_cost
         == default
@@ -1358,12 +1358,12 @@ def test_time_series_input_equals_its_sum(algorithm: str) -> None:
     np.testing.assert_array_equal(a.location.physical_to_logical, b.location.physical_to_logical)
     assert stats_equal(a.stats, b.stats)
     check_plan(a, series, 24, 8)
-    np.testing.assert_array_equal(gpu_loads(series, a.location), gpu_loads(summed, a.location))
+    np.testing.assert_array_equal(rank_loads(series, a.location), rank_loads(summed, a.location))
     # A time series also gets the per-step peaks; the rest is the sum's.
     of_series = evaluate_placement(series, a.location)
     assert stats_equal(of_series, evaluate_placement(summed, a.location), ignore=STEP_FIELDS)
-    assert of_series.step_max_gpu_load is not None and of_series.step_balancedness is not None
-    assert evaluate_placement(summed, a.location).step_max_gpu_load is None
+    assert of_series.step_max_rank_load is not None and of_series.step_balancedness is not None
+    assert evaluate_placement(summed, a.location).step_max_rank_load is None
 
 
 @pytest.mark.parametrize("algorithm", ["moelb", "deepseek", "deepseek_global"])
@@ -1431,7 +1431,7 @@ def test_plan_stats_equal_evaluate_placement() -> None:
     previous = ExpertLocation.trivial(5, 32, 40, 8, 4)
     plan = rebalance(load, 40, 8, 4, 8, previous=previous)
     again = evaluate_placement(load, plan.location, previous)
-    for field in ("max_gpu_load", "mean_gpu_load", "layer_balancedness", "lower_bound", "gap"):
+    for field in ("max_rank_load", "mean_rank_load", "layer_balancedness", "lower_bound", "gap"):
         np.testing.assert_array_equal(getattr(again, field), getattr(plan.stats, field))
     assert again.moved_experts == plan.stats.moved_experts
     assert again.balancedness == plan.stats.balancedness
@@ -1444,7 +1444,7 @@ def test_plan_stats_equal_evaluate_placement() -> None:
 # ---------------------------------------------------------------------------------------------
 
 GOOD = {"load": np.ones((2, 12)), "num_physical_experts": 16, "num_groups": 4, "num_nodes": 2,
-        "num_gpus": 8}  # fmt: skip
+        "ep_size": 8}  # fmt: skip
 
 
 def nan_load() -> np.ndarray:
@@ -1469,11 +1469,11 @@ def nan_load() -> np.ndarray:
         ({"load": np.ones((0, 12))}, r"load must have shape .*\[0, 12\]"),
         ({"load": np.array([["a"] * 12] * 2)}, r"load must hold numbers"),
         ({"num_physical_experts": 8}, r"num_physical_experts=8 is smaller than the 12"),
-        ({"num_physical_experts": 20}, r"num_physical_experts=20 is not divisible by num_gpus=8"),
-        ({"num_gpus": 0}, r"num_gpus must be positive, got 0"),
+        ({"num_physical_experts": 20}, r"num_physical_experts=20 is not divisible by ep_size=8"),
+        ({"ep_size": 0}, r"ep_size must be positive, got 0"),
         ({"num_nodes": 0}, r"num_nodes must be positive, got 0"),
         ({"num_groups": -1}, r"num_groups must be non-negative, got -1"),
-        ({"num_gpus": 2**40}, r"num_gpus=1099511627776 does not fit"),
+        ({"ep_size": 2**40}, r"ep_size=1099511627776 does not fit"),
     ],
 )
 def test_bad_input_names_the_parameter(algorithm: str, change: dict[str, Any], match: str) -> None:
@@ -1502,7 +1502,7 @@ def test_loads_whose_sum_overflows_are_an_error(case: str) -> None:
         "rebalance": lambda: rebalance(load, 4, None, 1, 1),
         "rebalance step_peak": lambda: rebalance(load, 4, None, 1, 1, objective="step_peak"),
         "evaluate_placement": lambda: evaluate_placement(load, location),
-        "gpu_loads": lambda: gpu_loads(load, location),
+        "rank_loads": lambda: rank_loads(load, location),
     }
     if load.ndim == 2:
         del calls["rebalance step_peak"]
@@ -1520,12 +1520,12 @@ def test_loads_whose_sum_overflows_are_an_error(case: str) -> None:
         (np.full((2, 12), np.inf), r"load\[0, 0\] = inf"),
     ],
 )
-def test_evaluate_placement_and_gpu_loads_check_the_load(load: np.ndarray, match: str) -> None:
+def test_evaluate_placement_and_rank_loads_check_the_load(load: np.ndarray, match: str) -> None:
     location = ExpertLocation.trivial(2, 12, 16, ep_size=4)
     with pytest.raises(InvalidArgumentError, match=match):
         evaluate_placement(load, location)
     with pytest.raises(InvalidArgumentError, match=match):
-        gpu_loads(load, location)
+        rank_loads(load, location)
 
 
 def test_integer_and_float32_loads_never_overflow() -> None:
@@ -1542,10 +1542,10 @@ def test_integer_and_float32_loads_never_overflow() -> None:
         plan = rebalance(load, 4, None, 1, 2)
         stats = evaluate_placement(load, location)
         for s in (plan.stats, stats):
-            assert np.isfinite(s.max_gpu_load).all() and np.isfinite(s.balancedness)
+            assert np.isfinite(s.max_rank_load).all() and np.isfinite(s.balancedness)
             assert np.isfinite(s.load_weighted_balancedness)
             assert s.balancedness == pytest.approx(1.0)
-        assert np.isfinite(gpu_loads(load if load.ndim == 2 else load.sum(0), location)).all()
+        assert np.isfinite(rank_loads(load if load.ndim == 2 else load.sum(0), location)).all()
 
 
 def test_unknown_algorithm_and_locality() -> None:
@@ -1572,8 +1572,8 @@ def test_unknown_algorithm_and_locality() -> None:
             r"num_groups=3 is not divisible by num_nodes=2",
         ),
         ("deepseek_hierarchical", (12, 16, None, 2, 8), r"needs num_groups"),
-        ("deepseek_hierarchical", (12, 18, 4, 4, 6), r"num_gpus=6 is not divisible by num_nodes=4"),
-        ("deepseek", (12, 18, 4, 4, 6), r"num_gpus=6 is not divisible by num_nodes=4"),
+        ("deepseek_hierarchical", (12, 18, 4, 4, 6), r"ep_size=6 is not divisible by num_nodes=4"),
+        ("deepseek", (12, 18, 4, 4, 6), r"ep_size=6 is not divisible by num_nodes=4"),
     ],
 )
 def test_deepseek_modes_reject_what_deepseek_rejects(
@@ -1670,11 +1670,11 @@ def test_bad_move_options() -> None:
 def test_metrics_reject_a_load_of_another_shape() -> None:
     loc = ExpertLocation.trivial(2, 12, 16, 8, 2)
     with pytest.raises(InvalidArgumentError, match=r"load has shape \[2, 10\]"):
-        gpu_loads(np.ones((2, 10)), loc)
+        rank_loads(np.ones((2, 10)), loc)
     with pytest.raises(InvalidArgumentError, match=r"load has shape \[3, 12\]"):
         evaluate_placement(np.ones((3, 12)), loc)
     with pytest.raises(InvalidArgumentError, match=r"load must be"):
-        gpu_loads(np.ones(12), loc)
+        rank_loads(np.ones(12), loc)
 
 
 def test_evaluate_placement_rejects_negative_expert_bytes() -> None:
@@ -1694,9 +1694,9 @@ def test_max_moves_minus_one_is_rejected() -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def numpy_step_peaks(series: np.ndarray, phy2log: np.ndarray, num_gpus: int) -> np.ndarray:
+def numpy_step_peaks(series: np.ndarray, phy2log: np.ndarray, ep_size: int) -> np.ndarray:
     """[L]: the sum over steps of each step's largest GPU load (equal split over replicas)."""
-    return np.stack([numpy_gpu_loads(step, phy2log, num_gpus).max(axis=1) for step in series]).sum(
+    return np.stack([numpy_rank_loads(step, phy2log, ep_size).max(axis=1) for step in series]).sum(
         axis=0
     )
 
@@ -1744,9 +1744,9 @@ def test_step_peak_never_above_the_total_plan(shape: tuple[Any, ...]) -> None:
     # The step statistics are the NumPy ones, and never above the total plan's.
     mine = numpy_step_peaks(series, peak.location.physical_to_logical, gpus)
     theirs = numpy_step_peaks(series, total.location.physical_to_logical, gpus)
-    np.testing.assert_allclose(peak.stats.step_max_gpu_load, mine, rtol=1e-12)
+    np.testing.assert_allclose(peak.stats.step_max_rank_load, mine, rtol=1e-12)
     assert (mine <= theirs * (1 + 1e-12)).all()
-    assert (peak.stats.step_max_gpu_load >= peak.stats.max_gpu_load * (1 - 1e-12)).all()
+    assert (peak.stats.step_max_rank_load >= peak.stats.max_rank_load * (1 - 1e-12)).all()
     mean = series.sum(axis=0).sum(axis=1) / gpus
     assert peak.stats.step_balancedness == pytest.approx(
         ((mean + 1e-5) / (mine + 1e-5)).mean(), rel=1e-12
@@ -1767,7 +1767,7 @@ def test_step_peak_lowers_the_per_step_peak_of_bursty_traffic() -> None:
     total = rebalance(series, 48, None, 1, 8, locality="none")
     peak = rebalance(series, 48, None, 1, 8, locality="none", objective="step_peak")
     before = evaluate_placement(series, total.location)
-    assert (peak.stats.step_max_gpu_load < before.step_max_gpu_load * (1 - 1e-4)).sum() >= 4
+    assert (peak.stats.step_max_rank_load < before.step_max_rank_load * (1 - 1e-4)).sum() >= 4
     assert peak.stats.step_balancedness > before.step_balancedness
 
 
@@ -1778,9 +1778,9 @@ def test_step_peak_hand_checked() -> None:
     peak = rebalance(series, 4, None, 1, 2, locality="none", objective="step_peak")
     for block in peak.location.physical_to_logical[0].reshape(2, 2):
         assert sorted(block.tolist()) in ([0, 2], [0, 3], [1, 2], [1, 3])
-    assert peak.stats.step_max_gpu_load[0] == pytest.approx(22.0)
+    assert peak.stats.step_max_rank_load[0] == pytest.approx(22.0)
     total = rebalance(series, 4, None, 1, 2, locality="none")
-    assert evaluate_placement(series, total.location).step_max_gpu_load[0] >= 22.0
+    assert evaluate_placement(series, total.location).step_max_rank_load[0] >= 22.0
 
 
 @pytest.mark.usefixtures("restore_num_threads")
@@ -1806,7 +1806,7 @@ def test_step_peak_with_previous_keeps_its_per_step_peak() -> None:
     fresh = rebalance(series, 24, 4, 2, 8, objective="step_peak")
     matched = rebalance(series, 24, 4, 2, 8, objective="step_peak", previous=previous)
     np.testing.assert_allclose(
-        matched.stats.step_max_gpu_load, fresh.stats.step_max_gpu_load, rtol=1e-12
+        matched.stats.step_max_rank_load, fresh.stats.step_max_rank_load, rtol=1e-12
     )
     # ... so that fewer slots change than in the fresh plan.
     assert evaluate_placement(series, fresh.location, previous).moved_experts >= (
@@ -1820,7 +1820,7 @@ def test_evaluate_placement_of_a_time_series_has_step_peaks() -> None:
     location = ExpertLocation.trivial(3, 16, 24, 8, 2)
     stats = evaluate_placement(series, location)
     expected = numpy_step_peaks(series, location.physical_to_logical, 8)
-    np.testing.assert_allclose(stats.step_max_gpu_load, expected, rtol=1e-12)
+    np.testing.assert_allclose(stats.step_max_rank_load, expected, rtol=1e-12)
     mean = series.sum(axis=(0, 2)) / 8
     assert stats.step_balancedness == pytest.approx(
         ((mean + 1e-5) / (expected + 1e-5)).mean(), rel=1e-12
@@ -1828,11 +1828,11 @@ def test_evaluate_placement_of_a_time_series_has_step_peaks() -> None:
     # A series of zeros: balancedness 1, no NaN.
     zeros = evaluate_placement(np.zeros((2, 3, 16)), location)
     assert zeros.step_balancedness == 1.0
-    np.testing.assert_array_equal(zeros.step_max_gpu_load, 0.0)
+    np.testing.assert_array_equal(zeros.step_max_rank_load, 0.0)
     # A series of no steps is an empty sum, as for rebalance's total objective.
     empty = evaluate_placement(np.zeros((0, 3, 16), dtype=np.int32), location)
-    assert empty.step_max_gpu_load is None and empty.step_balancedness is None
-    np.testing.assert_array_equal(empty.max_gpu_load, 0.0)
+    assert empty.step_max_rank_load is None and empty.step_balancedness is None
+    np.testing.assert_array_equal(empty.max_rank_load, 0.0)
 
 
 @pytest.mark.parametrize(
@@ -1872,7 +1872,7 @@ def test_step_series_int32_counts_equal_float64() -> None:
         assert stats_equal(a.stats, b.stats)
     plan = rebalance(counts, 24, 4, 2, 8, objective="step_peak")
     expected = evaluate_placement(counts, plan.location)
-    np.testing.assert_array_equal(expected.step_max_gpu_load, plan.stats.step_max_gpu_load)
+    np.testing.assert_array_equal(expected.step_max_rank_load, plan.stats.step_max_rank_load)
     others = (as_float, counts.astype(np.int64), counts.astype(np.uint16), counts[:, :, ::-1])
     for other in others[:3]:
         assert stats_equal(evaluate_placement(other, plan.location), expected)

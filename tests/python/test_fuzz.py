@@ -764,15 +764,15 @@ def test_rebalance_random_input(data: st.DataObject) -> None:
         load = np.nan_to_num(np.abs(load), nan=1.0, posinf=1e6)
         load = load.round() if data.draw(st.booleans()) else load
     load = data.draw(mostly(st.just(load), odd_layout(load)))
-    num_gpus = data.draw(mostly(st.sampled_from([1, 2, 4]), st.sampled_from([-1, 0, 3, 2**31])))
+    ep_size = data.draw(mostly(st.sampled_from([1, 2, 4]), st.sampled_from([-1, 0, 3, 2**31])))
     num_nodes = data.draw(mostly(st.sampled_from([1, 2]), st.sampled_from([-1, 0, 3])))
     num_groups = data.draw(mostly(st.sampled_from([None, 1, 2, 4]), st.sampled_from([-1, 0, 3])))
-    slots = -(-max(num_experts, 1) // max(num_gpus, 1)) + data.draw(st.integers(0, 2))
+    slots = -(-max(num_experts, 1) // max(ep_size, 1)) + data.draw(st.integers(0, 2))
     # 2**31 - 1 fits int32 but is above the 2**20 slots a layer may have: once accepted, it ran
     # for hours (and allocated gigabytes) with one GPU.
     num_physical = data.draw(
         mostly(
-            st.just(slots * max(num_gpus, 1)),
+            st.just(slots * max(ep_size, 1)),
             st.sampled_from([-1, 0, 7, 2**20 + 1, 2**31 - 1, 2**31, -(2**63)]),
         )
     )
@@ -784,7 +784,7 @@ def test_rebalance_random_input(data: st.DataObject) -> None:
         num_physical,
         num_groups,
         num_nodes,
-        num_gpus,
+        ep_size,
         data.draw(mostly(st.sampled_from(ALGORITHMS[:4]), st.just("greedy"))),
         previous,
         locality=data.draw(mostly(st.sampled_from(["auto", "node", "none"]), st.just("rack"))),
@@ -798,7 +798,7 @@ def test_rebalance_random_input(data: st.DataObject) -> None:
         assert (location.logical_count >= 1).all()
         stats = fuzz_call("evaluate_placement", moelb.evaluate_placement, load, location, previous)
         assert stats is not None
-        assert np.isfinite(stats.max_gpu_load).all()
+        assert np.isfinite(stats.max_rank_load).all()
 
 
 @budget(200)

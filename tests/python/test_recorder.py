@@ -209,7 +209,7 @@ def test_conservation_select_experts(
 def test_merge_of_ranks_sums_exactly(location, num_ranks, num_passes, buffer_size, seed) -> None:
     rng = np.random.default_rng(seed)
     ranks = [
-        Recorder(location, buffer_size=buffer_size, rank=r % location.ep_size)
+        Recorder(location, buffer_size=buffer_size, ep_rank=r % location.ep_size)
         for r in range(num_ranks)
     ]
     offered: list[list[np.ndarray]] = [[] for _ in ranks]
@@ -311,7 +311,7 @@ def hook_outside_layer(rec: Recorder) -> None:
 
 
 def dispatch_outside_layer(rec: Recorder) -> None:
-    rec.on_dispatch_counts(np.array([1, 2, 3, 4]), rank=1)
+    rec.on_dispatch_counts(np.array([1, 2, 3, 4]), ep_rank=1)
 
 
 def nested_layers(rec: Recorder) -> None:
@@ -368,7 +368,7 @@ def hook_layer_argument_out_of_range(rec: Recorder) -> None:
 
 def dispatch_rank_out_of_range(rec: Recorder) -> None:
     with rec.layer(1):
-        rec.on_dispatch_counts(np.array([1, 2, 3, 4]), rank=2)
+        rec.on_dispatch_counts(np.array([1, 2, 3, 4]), ep_rank=2)
 
 
 FAILURES = {
@@ -392,7 +392,7 @@ FAILURES = {
         hook_layer_argument_out_of_range,
         r"layer=3 but the recorder's current scope is layer\(1\)",
     ),
-    "dispatch_rank_out_of_range": (dispatch_rank_out_of_range, r"rank=2 is outside \[0, ep_size=2"),
+    "dispatch_rank_out_of_range": (dispatch_rank_out_of_range, r"ep_rank=2 is outside \[0, ep_size=2"),
 }
 
 
@@ -653,8 +653,8 @@ def test_low_latency_counts_drop_trailing_shared_slots() -> None:
     rec.start()
     with rec.forward_pass():
         with rec.layer(0):
-            rec.on_dispatch_counts(np.array([3, 5, 101, 103]), rank=1, num_trailing_shared_slots=2)
-            rec.on_dispatch_counts([1, 2], rank=0)
+            rec.on_dispatch_counts(np.array([3, 5, 101, 103]), ep_rank=1, num_trailing_shared_slots=2)
+            rec.on_dispatch_counts([1, 2], ep_rank=0)
         with rec.layer(1):
             rec.on_dispatch_counts(np.array([1, 2, 99], np.int32), 0, num_trailing_shared_slots=1)
             rec.on_dispatch_counts([3, 4, 5, 99], 0, num_trailing_shared_slots=np.int64(2))
@@ -705,7 +705,7 @@ def test_infinite_buffer_keeps_every_pass_in_order() -> None:
     num_passes = 135
     for i in range(num_passes):
         with rec.forward_pass(), rec.layer(0):
-            rec.on_dispatch_counts([i, 1, 0, 2], rank=0)
+            rec.on_dispatch_counts([i, 1, 0, 2], ep_rank=0)
     count = rec.physical_count()
     assert count.shape == (num_passes, 1, 4)
     np.testing.assert_array_equal(count[:, 0, 0], np.arange(num_passes))
@@ -718,7 +718,7 @@ def test_ring_buffer_keeps_the_latest_passes_in_time_order() -> None:
     rec.start()
     for i in range(13):
         with rec.forward_pass(100 + i), rec.layer(0):
-            rec.on_dispatch_counts([i, 0, 0, 0], rank=0)
+            rec.on_dispatch_counts([i, 0, 0, 0], ep_rank=0)
     np.testing.assert_array_equal(rec.physical_count()[:, 0, 0], np.arange(8, 13))
     np.testing.assert_array_equal(rec.forward_pass_ids(), np.arange(108, 113))
     assert rec.logical_count().shape == (5, 1, 4)
@@ -1024,7 +1024,7 @@ def test_set_location_inside_a_pass_is_refused() -> None:
 
 
 def test_merge_errors_change_nothing() -> None:
-    a, b = Recorder(LOCATION), Recorder(LOCATION, rank=1)
+    a, b = Recorder(LOCATION), Recorder(LOCATION, ep_rank=1)
     for rec in (a, b):
         rec.start()
         with rec.forward_pass(), rec.layer(0):
@@ -1059,8 +1059,8 @@ def test_merge_errors_change_nothing() -> None:
     [
         ({"mode": "stat_approx"}, "mode='stat_approx' is not a recorder mode"),
         ({"buffer_size": 0}, "buffer_size must be positive"),
-        ({"rank": 2}, r"rank=2 is outside \[0, ep_size=2\)"),
-        ({"rank": -1}, r"rank=-1 is outside"),
+        ({"ep_rank": 2}, r"ep_rank=2 is outside \[0, ep_size=2\)"),
+        ({"ep_rank": -1}, r"ep_rank=-1 is outside"),
     ],
 )
 def test_constructor_errors(kwargs, message) -> None:
@@ -1075,8 +1075,8 @@ def test_bad_location(location) -> None:
 
 
 def test_shape_location_is_trivial() -> None:
-    rec = Recorder((2, 8), ep_size=4, rank=3)
-    assert (rec.num_layers, rec.num_physical_experts, rec.rank) == (2, 8, 3)
+    rec = Recorder((2, 8), ep_size=4, ep_rank=3)
+    assert (rec.num_layers, rec.num_physical_experts, rec.ep_rank) == (2, 8, 3)
     np.testing.assert_array_equal(rec.location.physical_to_logical, np.tile(np.arange(8), (2, 1)))
     assert rec.location.ep_size == 4 and rec.mode == "stat" and rec.buffer_size == 1000
 
@@ -1097,7 +1097,7 @@ def test_per_token_mode_keeps_the_ids() -> None:
         rec.physical_count()[0, 1], count_ids(IDS, 8) + count_ids(more, 8)
     )
     # Merging another rank's per-token recorder appends its tokens.
-    other = Recorder(LOCATION, mode="per_token", rank=1)
+    other = Recorder(LOCATION, mode="per_token", ep_rank=1)
     other.start()
     with other.forward_pass(), other.layer(1):
         other.on_select_experts(more[::-1].copy())

@@ -83,7 +83,7 @@ def write_stat(path: Path, logical_count: np.ndarray, rate: float | None, rank: 
 def test_round_trip(tmp_path: Path, suffix: str, mode: str) -> None:
     need_torch(suffix)
     location = sample_location()
-    rec = Recorder(location, mode=mode, rank=1)
+    rec = Recorder(location, mode=mode, ep_rank=1)
     physical = record(rec, first_id=20)
     path = tmp_path / f"expert_distribution_recorder_1754900000.123{suffix}"
     dump = rec.dump(path)
@@ -132,7 +132,7 @@ def test_stat_pt_is_sglang_layout(tmp_path: Path) -> None:
 def test_per_pass_pt_is_sglang_layout(tmp_path: Path, mode: str) -> None:
     torch = pytest.importorskip("torch")
     location = sample_location()
-    rec = Recorder(location, mode=mode, rank=1)
+    rec = Recorder(location, mode=mode, ep_rank=1)
     physical = record(rec, num_passes=3, first_id=5)
     path = tmp_path / "dump_1.pt"
     rec.dump(path)
@@ -227,7 +227,7 @@ def test_read_stat_folder_rejects_other_ranks(tmp_path: Path, suffix: str) -> No
     write_stat(tmp_path / f"a{suffix}", np.zeros((1, 3, 4), np.int32), 0.1)
     bad = tmp_path / f"b{suffix}"
     write_stat(bad, np.zeros((1, 3, 4), np.int32), 0.1, rank=1)
-    with pytest.raises(moelb.InvalidArgumentError, match=rf"{re.escape(bad.name)}.*rank=1"):
+    with pytest.raises(moelb.InvalidArgumentError, match=rf"{re.escape(bad.name)}.*ep_rank=1"):
         moelb.load_expert_distribution(tmp_path)
 
 
@@ -251,7 +251,7 @@ def test_read_folder_errors(tmp_path: Path) -> None:
 def test_read_per_pass_folder_sums_ranks_pass_by_pass(tmp_path: Path, suffix: str) -> None:
     need_torch(suffix)
     location = sample_location(ep_size=2)
-    ranks = [Recorder(location, mode="per_pass", rank=r) for r in (0, 1)]
+    ranks = [Recorder(location, mode="per_pass", ep_rank=r) for r in (0, 1)]
     # Rank 1 joined one pass late: passes 10..13 and 11..14.
     physical = [record(rec, num_passes=4, seed=r, first_id=10 + r) for r, rec in enumerate(ranks)]
     for r, rec in enumerate(ranks):
@@ -296,7 +296,7 @@ def test_read_per_pass_files_written_by_sglang(tmp_path: Path) -> None:
 @pytest.mark.parametrize("suffix", SUFFIXES)
 def test_read_per_pass_duplicate_pass_is_an_error(tmp_path: Path, suffix: str) -> None:
     need_torch(suffix)
-    rec = Recorder(sample_location(), mode="per_pass", rank=1)
+    rec = Recorder(sample_location(), mode="per_pass", ep_rank=1)
     record(rec, num_passes=2)
     dump = rec.dump()
     moelb.save_expert_distribution(dump, tmp_path / f"a{suffix}", mode="per_pass")
@@ -309,7 +309,7 @@ def test_read_per_pass_duplicate_pass_is_an_error(tmp_path: Path, suffix: str) -
 
 def test_read_per_pass_folder_with_different_maps_is_an_error(tmp_path: Path) -> None:
     a = Recorder(sample_location(), mode="per_pass")
-    b = Recorder(moelb.ExpertLocation.trivial(3, 6, 8, ep_size=2), mode="per_pass", rank=1)
+    b = Recorder(moelb.ExpertLocation.trivial(3, 6, 8, ep_size=2), mode="per_pass", ep_rank=1)
     for rec, name in ((a, "a.json"), (b, "b.json")):
         record(rec, num_passes=1)
         rec.dump(tmp_path / name)
@@ -755,7 +755,7 @@ def record_across_a_rebalance(mode: str) -> tuple[Recorder, list[np.ndarray], np
         np.array([rng.permutation(r) for r in first.physical_to_logical]), 6, 2
     )
     third = moelb.ExpertLocation.trivial(3, 6, 8, ep_size=2)
-    rec = Recorder(first, mode=mode, rank=1)
+    rec = Recorder(first, mode=mode, ep_rank=1)
     rec.start()
     maps = []
     for i, location in enumerate([first, first, second, second, third]):

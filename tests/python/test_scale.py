@@ -24,7 +24,7 @@ def test_bench_scale_quick(tmp_path: Path) -> None:
     data = json.loads(out.read_text())
     planner = data["planner"]
     assert {r["algorithm"] for r in planner} == {"deepseek", "moelb"}
-    assert len({r["num_gpus"] for r in planner}) >= 2  # a table over sizes
+    assert len({r["ep_size"] for r in planner}) >= 2  # a table over sizes
     for row in planner:
         assert row["plan_seconds"] > 0 and row["moves_seconds"] > 0, row
         assert row["plan_seconds_no_previous"] > 0 and row["plan_seconds_previous_plan"] > 0, row

@@ -46,7 +46,7 @@ def random_counts(shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:
 # The C++ scoring loop.
 
 
-def test_score_steps_matches_gpu_loads() -> None:
+def test_score_steps_matches_rank_loads() -> None:
     counts = random_counts((5, 3, 16))
     rng = np.random.default_rng(1)
     phy2log = np.concatenate([np.tile(np.arange(16), (3, 1)), rng.integers(0, 16, (3, 8))], 1)
@@ -54,7 +54,7 @@ def test_score_steps_matches_gpu_loads() -> None:
     max_load, mean_load = moelb.score_steps(counts, location)
     assert max_load.shape == mean_load.shape == (5, 3)
     for t in range(5):
-        loads = moelb.gpu_loads(counts[t], location)  # [L, G], independent implementation
+        loads = moelb.rank_loads(counts[t], location)  # [L, G], independent implementation
         np.testing.assert_allclose(max_load[t], loads.max(axis=1), rtol=1e-12)
         np.testing.assert_allclose(mean_load[t], counts[t].sum(axis=1) / 4, rtol=1e-12)
 
@@ -90,7 +90,7 @@ def test_scoring_errors() -> None:
         moelb.score_steps(bad, location)
     with pytest.raises(moelb.InvalidArgumentError, match="num_physical_experts=8 is less than"):
         moelb.step_lower_bounds(counts, 8, 4)
-    with pytest.raises(moelb.InvalidArgumentError, match="num_gpus must be >= 1"):
+    with pytest.raises(moelb.InvalidArgumentError, match="ep_size must be >= 1"):
         moelb.step_lower_bounds(counts, 16, 0)
 
 
@@ -298,14 +298,14 @@ def test_replay_scores_the_recorded_counts(tmp_path: Path) -> None:
     # Trivial, recomputed with NumPy: SGLang's rate (mean + 1e-5) / (max + 1e-5) per step and
     # layer.
     trivial = moelb.ExpertLocation.trivial(4, 256, 288, ep_size=8)
-    per_step = [moelb.gpu_loads(counts[t, 1:], trivial) for t in range(9)]
+    per_step = [moelb.rank_loads(counts[t, 1:], trivial) for t in range(9)]
     bal = np.array([(g.mean(axis=1) + 1e-5) / (g.max(axis=1) + 1e-5) for g in per_step])
     assert result.algorithms["trivial"].in_window == pytest.approx(bal.mean(), rel=1e-12)
     assert result.algorithms["trivial"].predictive == pytest.approx(bal[4:].mean(), rel=1e-12)
     np.testing.assert_allclose(result.algorithms["trivial"].step_balancedness, bal.mean(axis=1))
     # The first plan (on window 0) serves window 1: its predictive score is recomputed here.
     plan = moelb.rebalance(counts[:4, 1:], 288, 8, 2, 8, previous=trivial)
-    loads = [moelb.gpu_loads(counts[t, 1:], plan.location) for t in range(4, 8)]
+    loads = [moelb.rank_loads(counts[t, 1:], plan.location) for t in range(4, 8)]
     expected = np.mean([(g.mean(axis=1) + 1e-5) / (g.max(axis=1) + 1e-5) for g in loads])
     np.testing.assert_allclose(r.step_balancedness[4:8].mean(), expected, rtol=1e-12)
     assert r.moved_experts[0] == plan.stats.moved_experts
@@ -434,7 +434,7 @@ def test_plots(small: moelb.SimulationResult, tmp_path: Path) -> None:
     written = plot_simulation(small, tmp_path)
     assert [p.name for p in written] == [
         "balancedness_per_layer.png",
-        "gpu_load_heatmap.png",
+        "rank_load_heatmap.png",
         "balancedness_over_time.png",
     ]
     for path in written:

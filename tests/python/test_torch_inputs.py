@@ -93,7 +93,7 @@ def test_bfloat16_correction_bias_is_converted() -> None:
 
 
 def test_waterfill_expand_takes_requires_grad_weights() -> None:
-    balancer = moelb.WaterfillBalancer(32, ep_size=4, rank=1, routed_scaling_factor=1.0)
+    balancer = moelb.WaterfillBalancer(32, ep_size=4, ep_rank=1, routed_scaling_factor=1.0)
     routed = moelb.select_experts(logits_tensor(), CONFIG)
     weights = torch.from_numpy(routed.topk_weights.copy()).requires_grad_(True)
     ids, out = balancer.expand(torch.from_numpy(routed.topk_ids), weights)

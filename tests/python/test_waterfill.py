@@ -532,7 +532,7 @@ def test_bad_input() -> None:
         moelb.InvalidArgumentError, match="num_physical_experts=10 is not divisible"
     ):
         moelb.WaterfillBalancer(10, 4, 0)
-    with pytest.raises(moelb.InvalidArgumentError, match="rank=4 is outside \\[0, ep_size=4\\)"):
+    with pytest.raises(moelb.InvalidArgumentError, match="ep_rank=4 is outside \\[0, ep_size=4\\)"):
         moelb.WaterfillBalancer(16, 4, 4)
     with pytest.raises(moelb.InvalidArgumentError, match="mode='fast' is not a Waterfill mode"):
         moelb.WaterfillBalancer(16, 4, 0, mode="fast")

@@ -35,17 +35,17 @@ std::string_view to_string(LayerSet layers);
 // mean <= max): (mean + 1e-5) / (max + 1e-5). No checks (hot loops); callers validate input.
 // Clamped to 1: a mean is never above the max, but rounding in the caller's sums can put it there
 // by an ulp, and a balancedness above 1 would be a wrong number.
-inline double utilization_rate(double mean_gpu_load, double max_gpu_load) {
+inline double utilization_rate(double mean_rank_load, double max_rank_load) {
     const double rate =
-        (mean_gpu_load + kBalancednessEpsilon) / (max_gpu_load + kBalancednessEpsilon);
+        (mean_rank_load + kBalancednessEpsilon) / (max_rank_load + kBalancednessEpsilon);
     return rate < 1.0 ? rate : 1.0;
 }
 
-// The mean over layers of utilization_rate(mean_gpu_load[l], max_gpu_load[l]) (spans of equal
+// The mean over layers of utilization_rate(mean_rank_load[l], max_rank_load[l]) (spans of equal
 // length L): kAll averages all L layers (NaN when L == 0); kActive the layers with
-// max_gpu_load > 0 (NaN when there is none). Input as for utilization_rate, unchecked but for the
+// max_rank_load > 0 (NaN when there is none). Input as for utilization_rate, unchecked but for the
 // lengths (an InvalidArgument).
-double balancedness(std::span<const double> mean_gpu_load, std::span<const double> max_gpu_load,
+double balancedness(std::span<const double> mean_rank_load, std::span<const double> max_rank_load,
                     LayerSet layers = LayerSet::kAll);
 
 // The balancedness of one forward pass from its per-slot counts: counts [num_layers,

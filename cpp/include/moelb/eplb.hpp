@@ -52,7 +52,7 @@ inline constexpr int kMaxPhysicalExperts = 1 << 20;
 // a real change of popularity gains 2e-4 to 2e-3 per move and is followed all the same.
 inline constexpr double kDefaultMoveCost = 1e-4;
 // The largest sum of all loads (over layers, and steps) the planner and evaluate_placement /
-// gpu_loads take: finite loads whose sum overflows float64 would make every statistic inf or
+// rank_loads take: finite loads whose sum overflows float64 would make every statistic inf or
 // NaN, so their sum must stay far below the largest double (token counts are far below it).
 inline constexpr double kMaxTotalLoad = 1e300;
 
@@ -88,7 +88,7 @@ struct RebalanceOptions {
     int num_physical_experts = 0;  // P (slots per layer)
     int num_groups = 0;            // K expert groups (0 = none)
     int num_nodes = 1;             // N
-    int num_gpus = 1;              // G (EP ranks)
+    int ep_size = 1;              // G (EP ranks)
     EplbAlgorithm algorithm = EplbAlgorithm::kMoelb;
     Locality locality = Locality::kAuto;      // kMoelb only
     Objective objective = Objective::kTotal;  // kStepPeak: kMoelb with per-step loads only
@@ -102,17 +102,17 @@ struct RebalanceOptions {
 };
 
 struct LayerPlanStats {
-    double max_gpu_load = 0;  // max over GPUs of the sum of their replicas' loads (equal split)
-    double mean_gpu_load = 0;
+    double max_rank_load = 0;  // max over GPUs of the sum of their replicas' loads (equal split)
+    double mean_rank_load = 0;
     // SGLang's utilization rate (mean + 1e-5) / (max + 1e-5) (balancedness.hpp; 1 without load)
     double balancedness = 0;
     double lower_bound = 0;   // max(total / G, best achievable max per-replica load)
-    double gap = 0;           // max(0, max_gpu_load / lower_bound - 1) (0 without load)
+    double gap = 0;           // max(0, max_rank_load / lower_bound - 1) (0 without load)
     Index moved_experts = 0;  // slots whose expert changes vs previous (0 without previous)
     bool kept_previous = false;
-    // With per-step loads: the sum over steps of each step's largest GPU load (>= max_gpu_load,
+    // With per-step loads: the sum over steps of each step's largest GPU load (>= max_rank_load,
     // which is the largest GPU's sum over steps); NaN without them.
-    double step_max_gpu_load = std::numeric_limits<double>::quiet_NaN();
+    double step_max_rank_load = std::numeric_limits<double>::quiet_NaN();
 };
 
 struct PlanStats {
@@ -127,7 +127,7 @@ struct PlanStats {
     double max_gap = 0;
     Index moved_experts = 0;
     double wall_time_seconds = 0;
-    // With per-step loads: balancedness() of mean_gpu_load over step_max_gpu_load, i.e. per layer
+    // With per-step loads: balancedness() of mean_rank_load over step_max_rank_load, i.e. per layer
     // SGLang's rate of the steps' mean GPU loads summed over their largest summed (SGLang's
     // per-pass balancedness with each pass weighted by its largest load), over all layers.
     bool has_steps = false;
@@ -150,7 +150,7 @@ Plan rebalance(ConstMatrixMap<double> load, const RebalanceOptions& options);
 Plan rebalance(const StepLoads& steps, const RebalanceOptions& options);
 
 // Per-GPU loads [L, G] of a placement under equal split of each expert's load over its replicas.
-RowMatrix<double> gpu_loads(ConstMatrixMap<double> load, const ExpertLocation& location);
+RowMatrix<double> rank_loads(ConstMatrixMap<double> load, const ExpertLocation& location);
 
 // The statistics of a placement for a load (moved experts counted against `previous` if given).
 PlanStats evaluate_placement(ConstMatrixMap<double> load, const ExpertLocation& location,

@@ -49,13 +49,13 @@ class ExpertDistributionRecorder {
 
     // location: the placement whose physical ids the hooks receive (L, P, ep_size, and the map
     // used to convert to logical counts). buffer_size: passes kept (oldest dropped first);
-    // negative = unbounded. rank: this process's EP rank (recorded in dumps).
+    // negative = unbounded. ep_rank: this process's EP rank (recorded in dumps).
     ExpertDistributionRecorder(ExpertLocation location, RecorderMode mode = RecorderMode::kStat,
-                               Index buffer_size = 1000, int rank = 0);
+                               Index buffer_size = 1000, int ep_rank = 0);
 
     RecorderMode mode() const { return mode_; }
     Index buffer_size() const { return buffer_size_; }
-    int rank() const { return rank_; }
+    int ep_rank() const { return ep_rank_; }
     int num_layers() const;
     int num_physical_experts() const;
     std::shared_ptr<const ExpertLocation> location() const;
@@ -189,7 +189,7 @@ class ExpertDistributionRecorder {
     mutable std::mutex mutex_;
     RecorderMode mode_;
     Index buffer_size_;
-    int rank_;
+    int ep_rank_;
     std::shared_ptr<const ExpertLocation> location_;
     bool identity_ = false;  // location_ maps slot p to expert p in every layer, P == E
     bool recording_ = false;

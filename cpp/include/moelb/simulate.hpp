@@ -26,18 +26,18 @@ struct StepCounts {
 
 // Per-step, per-layer GPU loads of a placement.
 //   counts: [T, L, E] with L = location.num_layers(), E = location.num_logical_experts().
-//   max_gpu_load, mean_gpu_load: [T, L] outputs: the largest GPU load and total / ep_size.
+//   max_rank_load, mean_rank_load: [T, L] outputs: the largest GPU load and total / ep_size.
 // A negative count is an InvalidArgument naming the step, layer and expert.
 void score_steps(const StepCounts& counts, const ExpertLocation& location,
-                 MatrixMap<double> max_gpu_load, MatrixMap<double> mean_gpu_load);
+                 MatrixMap<double> max_rank_load, MatrixMap<double> mean_rank_load);
 
 // Per-step, per-layer flat lower bound of the largest GPU load of ANY placement of the step's
-// counts on num_physical_experts slots over num_gpus GPUs: max(total / num_gpus, the smallest
+// counts on num_physical_experts slots over ep_size GPUs: max(total / ep_size, the smallest
 // achievable largest per-replica load), the latter from the divisor method (each expert at least
 // one replica, the extra slots given one by one to the expert with the largest per-replica load).
 // It is the same bound as PlanStats::lower_bound, per step instead of per window.
 //   out: [T, L].
-void step_lower_bounds(const StepCounts& counts, int num_physical_experts, int num_gpus,
+void step_lower_bounds(const StepCounts& counts, int num_physical_experts, int ep_size,
                        MatrixMap<double> out);
 
 }  // namespace moelb

@@ -72,17 +72,17 @@ class WaterfillBalancer {
     using AllReduce = std::function<void(std::span<std::int64_t> buffer)>;
 
     // num_physical_experts: P routed slots (logical + redundant), a multiple of ep_size; S = P / W
-    // per rank. rank: this rank in [0, ep_size). routed_scaling_factor: the shared column's weight
+    // per rank. ep_rank: this rank in [0, ep_size). routed_scaling_factor: the shared column's weight
     // is 1 / rsf (1.0 when rsf is 0, or when apply_routed_scaling_factor_on_output: rsf is then
     // already folded into the routed weights).
-    WaterfillBalancer(int num_physical_experts, int ep_size, int rank,
+    WaterfillBalancer(int num_physical_experts, int ep_size, int ep_rank,
                       double routed_scaling_factor = 1.0,
                       WaterfillMode mode = WaterfillMode::kStatic,
                       bool apply_routed_scaling_factor_on_output = false);
 
     int num_physical_experts() const { return num_physical_; }
     int ep_size() const { return ep_size_; }
-    int rank() const { return rank_; }
+    int ep_rank() const { return ep_rank_; }
     int slots_per_rank() const { return slots_; }  // S
     double routed_scaling_factor() const { return rsf_; }
     bool apply_routed_scaling_factor_on_output() const { return fold_rsf_; }
@@ -130,7 +130,7 @@ class WaterfillBalancer {
 
     int num_physical_;
     int ep_size_;
-    int rank_;
+    int ep_rank_;
     int slots_;
     double rsf_;
     WaterfillMode mode_;
