@@ -48,7 +48,12 @@ import check_previous_matching
 
 #: Names that a later commit renamed, mapped to the names hashed (the names before issue 18), so
 #: that a renamed field or keyword hashes as it did. Values are never renamed.
-HASHED_NAMES: dict[str, str] = {}
+HASHED_NAMES = {
+    "max_rank_load": "max_gpu_load",
+    "mean_rank_load": "mean_gpu_load",
+    "step_max_rank_load": "step_max_gpu_load",
+    "rank_load": "gpu_load",  # the simulator's AlgorithmResult (WaterfillPlan's keeps its hash)
+}
 #: Keywords as issue 18 named them -> their names before (``call`` falls back to these).
 OLD_KEYWORDS = {"ep_rank": "rank", "ep_size": "num_gpus"}
 
@@ -117,6 +122,11 @@ def call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         if old == kwargs or "argument" not in str(error):
             raise
         return fn(*args, **old)
+
+
+def api(name: str, old_name: str) -> Callable[..., Any]:
+    """``moelb.<name>``, or its name before issue 18's renames."""
+    return getattr(moelb, name, None) or getattr(moelb, old_name)
 
 
 def feed_call(h: Any, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
@@ -198,7 +208,7 @@ def area_evaluate(h: Any, quick: bool) -> int:
         feed(h, moelb.evaluate_placement(load, location))
         feed(h, moelb.evaluate_placement(series, location, previous, expert_bytes=4096))
         feed(h, moelb.evaluate_placement(series.astype(np.int32), location))
-        feed(h, moelb.gpu_loads(load, location))
+        feed(h, api("rank_loads", "gpu_loads")(load, location))
         count += 4
     return count
 
@@ -234,7 +244,14 @@ def area_dispatch(h: Any, quick: bool) -> int:
         ids[rng.random(ids.shape) < 0.05] = -1
         for dispatch in moelb.DISPATCH_ALGORITHMS:
             feed_call(h, moelb.dispatch_tables, location, dispatch, seed=3)
-            feed_call(h, moelb.expected_gpu_loads, load, location, dispatch, seed=3)
+            feed_call(
+                h,
+                api("expected_rank_loads", "expected_gpu_loads"),
+                load,
+                location,
+                dispatch,
+                seed=3,
+            )
             for rank in (0, gpus - 1):
                 feed_call(h, moelb.dispatch_tokens, ids, location, 1, dispatch, ep_rank=rank)
             count += 3
@@ -263,6 +280,7 @@ def area_waterfill(h: Any, quick: bool) -> int:
                     )
                     weights = np.full(ids.shape, 0.25, dtype=np.float32)
                     feed(h, balancer.expand(ids, weights, is_decode=is_decode))
+                    feed(h, balancer.last_plan)
                     count += 1
             for mode in ("static", "dynamic"):
                 for is_decode in (False, True):
