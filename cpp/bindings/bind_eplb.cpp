@@ -156,7 +156,7 @@ void bind_eplb(py::module_& m) {
             return out;
         },
         py::arg("load"), py::arg("location"),
-        "[L, G] per-GPU loads of a placement (equal split over replicas).");
+        "[L, W] per-rank loads of a placement (equal split over replicas).");
 }
 
 }  // namespace moelb::bindings

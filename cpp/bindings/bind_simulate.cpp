@@ -44,11 +44,11 @@ void bind_simulate(py::module_& m) {
             auto a = strict_array<std::int32_t>(counts, "counts", 3);
             const StepCounts c = step_counts(a);
             const int P = narrow(num_physical_experts, "num_physical_experts");
-            const int G = narrow(ep_size, "ep_size");
+            const int W = narrow(ep_size, "ep_size");
             auto out = new_matrix<double>(c.num_steps, c.num_layers);
             {
                 py::gil_scoped_release release;
-                step_lower_bounds(c, P, G, mutable_matrix(out));
+                step_lower_bounds(c, P, W, mutable_matrix(out));
             }
             return out;
         },

@@ -81,7 +81,7 @@ void score_steps(const StepCounts& counts, const ExpertLocation& location,
     check_output(mean_rank_load, counts, "mean_rank_load");
 
     const Index L = counts.num_layers, E = counts.num_experts;
-    const int G = location.ep_size();
+    const int W = location.ep_size();
     const int S = location.num_local_physical_experts();
     // Per layer: 1 / replicas of each expert.
     RowMatrix<double> inv_replicas(L, E);
@@ -108,7 +108,7 @@ void score_steps(const StepCounts& counts, const ExpertLocation& location,
             }
             const std::int32_t* slots = phy2log.row(l).data();
             double max_load = 0.0;
-            for (int g = 0; g < G; ++g) {
+            for (int g = 0; g < W; ++g) {
                 double load = 0.0;
                 for (int p = g * S; p < (g + 1) * S; ++p) {
                     load += share[static_cast<std::size_t>(slots[p])];
@@ -116,7 +116,7 @@ void score_steps(const StepCounts& counts, const ExpertLocation& location,
                 max_load = std::max(max_load, load);
             }
             max_rank_load(row / L, l) = max_load;
-            mean_rank_load(row / L, l) = total / G;
+            mean_rank_load(row / L, l) = total / W;
         }
     });
 }

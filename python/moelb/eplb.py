@@ -231,6 +231,6 @@ def evaluate_placement(
 
 
 def rank_loads(load: Any, location: ExpertLocation) -> npt.NDArray[np.float64]:
-    """[L, G]: each GPU's load under ``location`` (each expert's load split equally over its
+    """[L, W]: each EP rank's load under ``location`` (each expert's load split equally over its
     replicas). The load is checked as for ``rebalance``."""
     return _core.rank_loads(_as_load(load), location)

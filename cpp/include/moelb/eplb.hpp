@@ -86,9 +86,9 @@ struct StepLoads {
 
 struct RebalanceOptions {
     int num_physical_experts = 0;  // P (slots per layer)
-    int num_groups = 0;            // K expert groups (0 = none)
+    int num_groups = 0;            // expert groups (0 = none)
     int num_nodes = 1;             // N
-    int ep_size = 1;              // G (EP ranks)
+    int ep_size = 1;               // W (EP ranks)
     EplbAlgorithm algorithm = EplbAlgorithm::kMoelb;
     Locality locality = Locality::kAuto;      // kMoelb only
     Objective objective = Objective::kTotal;  // kStepPeak: kMoelb with per-step loads only
@@ -106,7 +106,7 @@ struct LayerPlanStats {
     double mean_rank_load = 0;
     // SGLang's utilization rate (mean + 1e-5) / (max + 1e-5) (balancedness.hpp; 1 without load)
     double balancedness = 0;
-    double lower_bound = 0;   // max(total / G, best achievable max per-replica load)
+    double lower_bound = 0;   // max(total / W, best achievable max per-replica load)
     double gap = 0;           // max(0, max_rank_load / lower_bound - 1) (0 without load)
     Index moved_experts = 0;  // slots whose expert changes vs previous (0 without previous)
     bool kept_previous = false;
@@ -149,7 +149,7 @@ Plan rebalance(ConstMatrixMap<double> load, const RebalanceOptions& options);
 // the per-step peaks either way.
 Plan rebalance(const StepLoads& steps, const RebalanceOptions& options);
 
-// Per-GPU loads [L, G] of a placement under equal split of each expert's load over its replicas.
+// Per-rank loads [L, W] of a placement under equal split of each expert's load over its replicas.
 RowMatrix<double> rank_loads(ConstMatrixMap<double> load, const ExpertLocation& location);
 
 // The statistics of a placement for a load (moved experts counted against `previous` if given).
