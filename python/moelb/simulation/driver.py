@@ -71,9 +71,11 @@ class _Replayed:
     def window_counts(
         self, window: int, first: int, last: int, policies: Sequence[Policy]
     ) -> npt.NDArray[np.int32]:
+        """The counts [T_w, L, E] of steps ``first:last`` (window ``window``)."""
         return self.trace.counts[first:last]
 
     def window_done(self, last: int) -> None:
+        """Called once the window ending at step ``last`` is scored and re-planned."""
         if self.run.progress is not None:
             self.run.progress(last, self.num_steps)
 
@@ -97,6 +99,8 @@ class _Synthetic:
     def window_counts(
         self, window: int, first: int, last: int, policies: Sequence[Policy]
     ) -> npt.NDArray[np.int32]:
+        """Routes steps ``first:last`` (window ``window``), realising each at token level on
+        the ``policies``' placements from window 1 on; returns their recorded counts."""
         timings = self.run.timings
         for step in range(first, last):
             t1 = time.perf_counter()
@@ -111,7 +115,7 @@ class _Synthetic:
         return self.routing.window_counts()
 
     def window_done(self, last: int) -> None:
-        pass
+        """Nothing to do: progress went step by step."""
 
 
 def _run_window(
