@@ -606,12 +606,12 @@ def test_any_exception_is_a_one_line_error(
     status: int,
 ) -> None:
     """An out-of-memory simulate (or any bug) ends in one line on stderr, never a traceback."""
-    import moelb.cli
+    import moelb.cli.simulate_cmd
 
     def failing(*args: object, **kwargs: object) -> None:
         raise error
 
-    monkeypatch.setattr(moelb.cli, "simulate", failing)
+    monkeypatch.setattr(moelb.cli.simulate_cmd, "simulate", failing)
     code, _, err = cli(capsys, *SIMULATE_SMALL)
     assert_one_line_error(code, err, needle)
     assert code == status and err.startswith("moelb simulate: ")

@@ -1,0 +1,255 @@
+"""The argparse parser of the ``moelb`` command: its four commands (demo, simulate, rebalance,
+inspect) with their flags, named as the Python keywords they set, and one-line errors for bad flags
+(exit status 2). DESIGN section 7 (CLI ``moelb``; "flag names match the Python keyword names")."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any, NoReturn
+
+import numpy as np
+
+from .. import __version__
+from ..dispatch import DISPATCH_ALGORITHMS
+from ..eplb import ALGORITHMS, DEFAULT_MOVE_COST, OBJECTIVES
+from ..simulate import MODEL_PRESETS, SimulationConfig
+from .inspect_cmd import inspect_command
+from .rebalance_cmd import rebalance_command
+from .simulate_cmd import DEMO_CONFIG, demo, simulate_command
+
+__all__ = ["build_parser"]
+
+#: The first line of ``moelb --help``.
+DESCRIPTION = (
+    "The ``moelb`` command line (also ``python -m moelb``): what EPLB and Waterfill buy on a "
+    "cluster."
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage block): ``moelb simulate: error: ...``."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}") from None
+    if not (np.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def _add_run_flags(p: argparse.ArgumentParser, default_dir: str | None) -> None:
+    p.add_argument(
+        "--output-dir",
+        type=Path,
+        default=None if default_dir is None else Path(default_dir),
+        help="write placement.json, simulation.json and PNG plots here"
+        + (f" (default: {default_dir})" if default_dir else " (default: write nothing)"),
+    )
+    p.add_argument("--no-plots", dest="plots", action="store_false", help="do not write PNG plots")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--per-layer", action="store_true", help="also print a per-layer table")
+    p.add_argument("--threads", type=_positive_int, default=None, help="threads (default: all)")
+    p.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
+    p.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bar on stderr (default: when stderr is a terminal)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="moelb",
+        description=DESCRIPTION,
+        epilog="Run `moelb COMMAND --help` for a command's flags.",
+    )
+    parser.add_argument("--version", action="version", version=f"moelb {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add_demo(sub)
+    _add_simulate(sub)
+    _add_rebalance(sub)
+    _add_inspect(sub)
+    return parser
+
+
+def _add_demo(sub: Any) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="simulate DeepSeek-V3 on 32 GPUs / 4 nodes with skewed, drifting traffic",
+        description="The main job with defaults: "
+        f"{DEMO_CONFIG.model}, {DEMO_CONFIG.ep_size} GPUs in {DEMO_CONFIG.num_nodes} nodes, "
+        f"{DEMO_CONFIG.num_redundant_experts} redundant experts, {DEMO_CONFIG.num_steps} steps "
+        f"of {DEMO_CONFIG.num_tokens} tokens, rebalance every {DEMO_CONFIG.rebalance_period}. "
+        "Same as `moelb simulate` with those values.",
+    )
+    _add_run_flags(p, "moelb-demo")
+    p.add_argument(
+        "--quick", action="store_true", help="a smoke run: 6 layers, 8 steps of 1,024 tokens"
+    )
+    p.set_defaults(func=demo)
+
+
+def _add_simulate(sub: Any) -> None:
+    p = sub.add_parser(
+        "simulate",
+        help="simulate a cluster with every knob as a flag (or replay a recorded dump)",
+        description="Synthetic or replayed traffic -> routers -> recorder -> periodic EPLB -> "
+        "dispatch -> Waterfill -> per-GPU loads; prints the comparison table.",
+    )
+    d = SimulationConfig()
+    p.add_argument("--model", choices=sorted(MODEL_PRESETS), default=d.model)
+    p.add_argument("--ep-size", type=_positive_int, default=d.ep_size, help="GPUs (EP ranks)")
+    p.add_argument("--num-nodes", type=_positive_int, default=d.num_nodes)
+    p.add_argument(
+        "--num-redundant-experts", type=_non_negative_int, default=d.num_redundant_experts
+    )
+    p.add_argument("--num-tokens", type=_positive_int, default=d.num_tokens, help="per step")
+    p.add_argument("--num-steps", type=_positive_int, default=d.num_steps)
+    p.add_argument("--rebalance-period", type=_positive_int, default=d.rebalance_period)
+    p.add_argument("--skew", type=_non_negative_float, default=d.skew, help="Zipf exponent")
+    p.add_argument(
+        "--drift", type=_non_negative_float, default=d.drift, help="hot-set turnover per step"
+    )
+    p.add_argument(
+        "--bursts",
+        type=_non_negative_float,
+        default=d.bursts,
+        help="co-activation: logit boost of one of 16 expert sets per step (0 = none)",
+    )
+    p.add_argument(
+        "--algorithms",
+        nargs="+",
+        default=list(d.algorithms),
+        metavar="ALG",
+        help=f"EPLB algorithms: {', '.join(ALGORITHMS)}; moelb:node / moelb:none set moelb's "
+        "locality, moelb:step_peak (e.g. moelb:none:step_peak) plans each window against its "
+        "per-step peaks",
+    )
+    p.add_argument("--waterfill", choices=("dynamic", "static", "off"), default="dynamic")
+    p.add_argument(
+        "--dispatch",
+        nargs="+",
+        choices=DISPATCH_ALGORITHMS,
+        default=list(d.dispatch),
+        metavar="NAME",
+        help=f"dispatch models the realised figures use: {', '.join(DISPATCH_ALGORITHMS)} "
+        "(default sglang_static: SGLang's default with DeepEP; moelb_static is ours)",
+    )
+    p.add_argument("--trace", default=None, help="replay this recorder dump (.pt/.npz/.json)")
+    p.add_argument(
+        "--trace-rotate",
+        type=_non_negative_int,
+        default=0,
+        help="replay the trace from this row on (a wrapped bounded SGLang buffer: passes "
+        "recorded mod buffer size)",
+    )
+    p.add_argument(
+        "--num-layers", type=_positive_int, default=None, help="simulate the first N MoE layers"
+    )
+    p.add_argument("--expert-bytes", type=_non_negative_int, default=None)
+    _add_run_flags(p, None)
+    p.set_defaults(func=simulate_command)
+
+
+def _add_rebalance(sub: Any) -> None:
+    p = sub.add_parser(
+        "rebalance",
+        help="an SGLang expert distribution dump -> a placement JSON for --init-expert-location",
+        description="Plans a placement from the summed counts of a dump (.pt with PyTorch, "
+        ".npz or .json; a folder of them), or from its per-pass counts with --objective "
+        "step_peak, and writes SGLang's placement JSON.",
+    )
+    p.add_argument("dump", help="expert_distribution_recorder dump (.pt / .npz / .json) or folder")
+    p.add_argument("-o", "--output", required=True, help="placement JSON to write")
+    p.add_argument("--num-physical-experts", type=_positive_int, required=True)
+    p.add_argument("--num-gpus", type=_positive_int, required=True)
+    p.add_argument("--num-nodes", type=_positive_int, default=1)
+    p.add_argument(
+        "--model",
+        choices=sorted(MODEL_PRESETS),
+        default=None,
+        help="the model the dump comes from: supplies --num-groups (and checks the dump's "
+        "layers and experts against it)",
+    )
+    p.add_argument(
+        "--num-groups",
+        type=_non_negative_int,
+        default=None,
+        help="expert groups (DeepSeek-V3: 8; 0 = the model has none). Required unless --model "
+        "gives it: a missing value is an error, since without groups the planner uses the "
+        "global policy instead of the node-local / hierarchical one",
+    )
+    p.add_argument("--algorithm", choices=ALGORITHMS, default="moelb")
+    p.add_argument("--locality", choices=("auto", "node", "none"), default="auto")
+    p.add_argument(
+        "--objective",
+        choices=OBJECTIVES,
+        default="total",
+        help="total: plan against the summed counts; step_peak: against each pass's peak GPU "
+        "load (moelb only; spreads experts that peak in the same passes)",
+    )
+    p.add_argument("--previous", default=None, help="the placement in service (JSON)")
+    p.add_argument(
+        "--move-cost",
+        type=_non_negative_float,
+        default=DEFAULT_MOVE_COST,
+        help="with --previous: re-place a layer only when its largest GPU load drops by at least "
+        f"this fraction per slot rewritten (default {DEFAULT_MOVE_COST:g}: 1%% per 100 slots, "
+        "which at windows of 100+ passes moves nothing for sampling noise and follows real "
+        "popularity changes; for ~10-pass windows use ~3e-4; 0: any gain)",
+    )
+    p.add_argument("--max-moves", type=_non_negative_int, default=None)
+    p.add_argument("--expert-bytes", type=_non_negative_int, default=None)
+    p.add_argument("--num-logical-experts", type=_positive_int, default=None)
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=rebalance_command)
+
+
+def _add_inspect(sub: Any) -> None:
+    p = sub.add_parser(
+        "inspect",
+        help="per-layer statistics of a placement JSON or a dump",
+        description="A placement JSON: replicas per layer (and same-GPU duplicates with "
+        "--num-gpus). A dump: tokens and hot experts per layer (and the trivial placement's "
+        "balancedness and the bound with --num-gpus).",
+    )
+    p.add_argument("file")
+    p.add_argument("--num-gpus", type=_positive_int, default=None)
+    p.add_argument("--num-nodes", type=_positive_int, default=1, help="needs --num-gpus")
+    p.add_argument(
+        "--num-physical-experts",
+        type=_positive_int,
+        default=None,
+        help="slots of the trivial placement a dump is scored on (default: the dump's experts, "
+        "no redundancy; needs --num-gpus)",
+    )
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=inspect_command)

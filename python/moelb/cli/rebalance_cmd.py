@@ -1,0 +1,302 @@
+"""``moelb rebalance DUMP -o placement.json``: an expert distribution dump planned into SGLang's
+placement JSON for ``--init-expert-location`` (the model's dense layers added when the dump holds
+its MoE layers only), with a summary of the balancedness before and after, the bound, and what was
+traded against a previous placement. DESIGN sections 4 (EPLB) and 7 (files, CLI, the main job)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .._core import ExpertLocation
+from ..balancedness import balancedness as layer_mean_balancedness
+from ..dispatch import expected_gpu_loads
+from ..eplb import Plan, PlanStats, evaluate_placement, rebalance
+from ..io import PLACEMENT_KEY, load_placement, save_placement
+from ..simulate import MODEL_PRESETS
+from .common import CliError, load_dump
+from .output import fixed, print_json, table
+
+__all__ = ["rebalance_command"]
+
+
+def rebalance_command(args: argparse.Namespace) -> int:
+    _check_output_name(args.output)
+    counts = load_dump(args.dump, args.num_logical_experts)
+    num_groups = _num_groups(args, counts.shape[1], counts.shape[2])
+    if args.model is not None:
+        counts = _with_dense_layers(counts, args.model)
+    _, num_layers, num_experts = counts.shape
+    load = counts.sum(axis=0, dtype=np.float64)
+    previous = None
+    if args.previous is not None:
+        previous = load_placement(args.previous, args.num_gpus, args.num_nodes, num_experts)
+    planned = counts if args.objective == "step_peak" else load
+    plan = _plan(args, planned, num_groups, previous)
+    output = Path(args.output)
+    save_placement(plan.location, output)
+    trivial = ExpertLocation.trivial(
+        num_layers, num_experts, args.num_physical_experts, args.num_gpus, args.num_nodes
+    )
+    baseline = previous if previous is not None else trivial
+    before = evaluate_placement(planned, baseline)
+    summary = _summary(args, counts, load, num_groups, output, baseline, before, plan)
+    if args.json:
+        print_json(summary)
+        return 0
+    _print_summary(summary)
+    return 0
+
+
+def _check_output_name(output: str) -> None:
+    if Path(output).suffix.lower() != ".json":
+        raise CliError(
+            f"-o {output}: SGLang reads --init-expert-location as a file only when the name "
+            "ends in .json or .pt (anything else is parsed as inline JSON); moelb writes JSON, so "
+            "give a .json name"
+        )
+
+
+def _num_groups(args: argparse.Namespace, num_layers: int, num_experts: int) -> int | None:
+    """The expert groups to plan with: --num-groups, or the --model preset's; a missing value is
+    an error (without groups the planner would silently switch to the global policy)."""
+    if args.model is not None:
+        preset = MODEL_PRESETS[args.model]
+        layers = {preset.num_hidden_layers, preset.num_moe_layers}
+        if num_experts != preset.num_experts or num_layers not in layers:
+            raise CliError(
+                f"--model {args.model} has {preset.num_experts} experts in "
+                f"{preset.num_hidden_layers} layers ({preset.num_moe_layers} MoE) but the dump "
+                f"holds {num_layers} layers x {num_experts} experts"
+            )
+        if args.num_groups is not None and args.num_groups != (preset.num_groups or 0):
+            raise CliError(
+                f"--num-groups {args.num_groups} contradicts --model {args.model} "
+                f"({preset.num_groups} groups); give one of them"
+            )
+        return preset.num_groups
+    if args.num_groups is None:
+        raise CliError(
+            "--num-groups is required (or --model): without expert groups the planner uses the "
+            "global policy instead of the node-local / hierarchical one (DeepSeek-V3: "
+            "--num-groups 8 or --model deepseek-v3; --num-groups 0 for a model without groups)"
+        )
+    return args.num_groups or None
+
+
+def _with_dense_layers(counts: np.ndarray, model: str) -> np.ndarray:
+    """``counts`` [T, L, E] with the model's leading dense layers (no load) when the dump holds
+    its MoE layers only: SGLang's placement has a row per decoder layer, dense ones included."""
+    preset = MODEL_PRESETS[model]
+    num_passes, num_layers, num_experts = counts.shape
+    if num_layers == preset.num_moe_layers != preset.num_hidden_layers:
+        dense = np.zeros((num_passes, preset.first_moe_layer, num_experts), counts.dtype)
+        counts = np.concatenate([dense, counts], axis=1)
+        print(
+            f"note: the dump holds the {preset.num_moe_layers} MoE layers of {model}; "
+            f"the placement gets {preset.first_moe_layer} leading dense layers (no load), "
+            f"{preset.num_hidden_layers} rows as SGLang reads it",
+            file=sys.stderr,
+        )
+    return counts
+
+
+def _plan(
+    args: argparse.Namespace,
+    planned: np.ndarray,
+    num_groups: int | None,
+    previous: ExpertLocation | None,
+) -> Plan:
+    """Plans ``planned`` (the summed [L, E] counts, or the per-pass ones for step_peak) with the
+    flags' topology and algorithm."""
+    return rebalance(
+        planned,
+        args.num_physical_experts,
+        num_groups,
+        args.num_nodes,
+        args.num_gpus,
+        algorithm=args.algorithm,
+        previous=previous,
+        locality=args.locality,
+        move_cost=args.move_cost,
+        max_moves=args.max_moves,
+        expert_bytes=args.expert_bytes,
+        objective=args.objective,
+    )
+
+
+def _summary(
+    args: argparse.Namespace,
+    counts: np.ndarray,
+    load: np.ndarray,
+    num_groups: int | None,
+    output: Path,
+    baseline: ExpertLocation,
+    before: PlanStats,
+    plan: Plan,
+) -> dict[str, Any]:
+    """What ``--json`` prints (and the text report shows): the dump, the topology, and the
+    baseline's and the plan's balancedness, planned and under SGLang's static dispatch.
+    ``counts`` [T, L, E]: the dump's (dense layers added), ``load`` [L, E]: their sum."""
+    num_passes, num_layers, num_experts = counts.shape
+    has_previous = args.previous is not None
+    after = plan.stats
+    active = load.sum(axis=1) > 0
+    return {
+        "dump": args.dump,
+        "output": str(output),
+        "num_passes": int(num_passes),
+        "num_layers": int(num_layers),
+        "num_layers_with_counts": int(active.sum()),
+        "num_logical_experts": int(num_experts),
+        "num_physical_experts": args.num_physical_experts,
+        "num_gpus": args.num_gpus,
+        "num_nodes": args.num_nodes,
+        "model": args.model,
+        "num_groups": num_groups,
+        # The dump's counts summed: one per (token, routed expert) pick, over passes and layers.
+        "routed_picks": int(load.sum()),
+        "algorithm": after.algorithm,
+        "notes": after.notes,
+        "baseline": "previous" if has_previous else "trivial",
+        # SGLang's balancedness (moelb.balancedness): over all layers, dense ones counting 1.0;
+        # active_*: over the layers with counts only.
+        "balancedness_before": before.balancedness,
+        "balancedness_after": after.balancedness,
+        "active_balancedness_before": before.active_balancedness,
+        "active_balancedness_after": after.active_balancedness,
+        "lower_bound_balancedness": layer_mean_balancedness(after.mean_gpu_load, after.lower_bound),
+        "active_lower_bound_balancedness": _or_none(
+            layer_mean_balancedness(after.mean_gpu_load, after.lower_bound, layers="active")
+        ),
+        "mean_gap": _active_mean(after.gap, active),
+        "max_gap": float(after.max_gap),
+        "move_cost": args.move_cost,
+        # What was traded against the previous placement: slots (bytes) moved for balancedness.
+        "moved_experts": after.moved_experts if has_previous else None,
+        "moved_bytes": after.moved_bytes if has_previous else None,
+        "balancedness_gained": after.balancedness - before.balancedness,
+        "layers_kept_previous": int(after.layer_kept_previous.sum()) if has_previous else None,
+        "plan_seconds": after.wall_time_seconds,
+        "objective": args.objective,
+        # With objective step_peak: SGLang's balancedness of the passes' mean GPU loads summed
+        # over their max GPU loads summed (per-pass balancedness, each pass weighted by its max
+        # load), over all layers.
+        "step_balancedness_before": before.step_balancedness,
+        "step_balancedness_after": after.step_balancedness,
+        # What SGLang's default dispatch (its static table on the --init-expert-location path)
+        # realises in expectation, each expert's tokens coming evenly from all ranks: the
+        # balancedness above assumes an equal split over replicas, which SGLang does not do.
+        "sglang_static_balancedness_before": _expected_balancedness(load, baseline),
+        "sglang_static_balancedness_after": _expected_balancedness(load, plan.location),
+    }
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    """The text report of a rebalance: the dump, the balancedness table, notes, the trade
+    against a previous placement, and the file written."""
+    print(
+        f"{summary['dump']}: {summary['num_passes']:,} passes x {summary['num_layers']} layers "
+        f"({summary['num_layers_with_counts']} with counts) x {summary['num_logical_experts']} "
+        f"experts, {summary['routed_picks']:,} routed (token, expert) picks (tokens x top-k, "
+        "summed over layers)"
+    )
+    if summary["model"] is not None:
+        print(f"model {summary['model']}: {summary['num_groups']} expert groups")
+    print(_balancedness_table(summary))
+    print(
+        "planned: each expert's load split equally over its replicas (what the planner "
+        "optimises); under sglang_static: what SGLang's default dispatch (its static table for "
+        "--init-expert-location) realises in expectation, tokens coming evenly from all ranks"
+    )
+    if summary["objective"] == "step_peak":
+        print(
+            f"per-pass balancedness (load-weighted): {summary['baseline']} "
+            f"{fixed(summary['step_balancedness_before'])}, {summary['algorithm']} "
+            f"{fixed(summary['step_balancedness_after'])}"
+        )
+    if summary["notes"]:
+        print(f"notes: {summary['notes']}")
+    if summary["baseline"] == "previous":
+        print(_trade_line(summary))
+    print(f"planned in {summary['plan_seconds'] * 1e3:.1f} ms")
+    output, num_layers = summary["output"], summary["num_layers"]
+    print(
+        f"wrote {output} ([{num_layers}, {summary['num_physical_experts']}] {PLACEMENT_KEY}); "
+        f"SGLang: --init-expert-location {output}"
+    )
+
+
+def _balancedness_table(summary: dict[str, Any]) -> str:
+    """Baseline, plan and bound: SGLang's balancedness over all layers and over the layers with
+    counts, under sglang_static, and the gap to the bound."""
+    rows = [
+        [
+            summary["baseline"],
+            fixed(summary["balancedness_before"]),
+            fixed(summary["active_balancedness_before"]),
+            fixed(summary["sglang_static_balancedness_before"]),
+            "-",
+        ],
+        [
+            summary["algorithm"],
+            fixed(summary["balancedness_after"]),
+            fixed(summary["active_balancedness_after"]),
+            fixed(summary["sglang_static_balancedness_after"]),
+            fixed(summary["mean_gap"] * 100, 2),
+        ],
+        [
+            "lower bound",
+            fixed(summary["lower_bound_balancedness"]),
+            fixed(summary["active_lower_bound_balancedness"]),
+            "-",
+            "0.00",
+        ],
+    ]
+    headers = [
+        "placement",
+        f"planned (SGLang balancedness, all {summary['num_layers']} layers)",
+        f"{summary['num_layers_with_counts']} layers with counts",
+        "under sglang_static",
+        "gap %",
+    ]
+    return table(headers, rows)
+
+
+def _trade_line(summary: dict[str, Any]) -> str:
+    """What re-planning from the previous placement traded: slots (bytes) rewritten for
+    balancedness, and the layers that kept their placement."""
+    slots = summary["num_layers"] * summary["num_physical_experts"]
+    line = f"traded: {summary['moved_experts']:,} of {slots:,} expert slots rewritten"
+    if summary["moved_bytes"] is not None:
+        line += f" ({summary['moved_bytes'] / 1e9:.2f} GB)"
+    line += (
+        f" for balancedness {summary['balancedness_gained']:+.4f} "
+        f"({summary['balancedness_before']:.4f} -> {summary['balancedness_after']:.4f})"
+    )
+    kept = summary["layers_kept_previous"]
+    if kept:
+        line += (
+            f"; {kept} layer(s) kept their placement (gain below --move-cost "
+            f"{summary['move_cost']:g} per slot rewritten)"
+        )
+    return line
+
+
+def _expected_balancedness(load: np.ndarray, location: ExpertLocation) -> float:
+    """SGLang's balancedness, over all layers, of the per-GPU load SGLang's static table
+    realises in expectation (``moelb.expected_gpu_loads``)."""
+    g = expected_gpu_loads(load, location, "sglang_static")
+    return float(layer_mean_balancedness(g.mean(axis=1), g.max(axis=1)))
+
+
+def _or_none(value: float) -> float | None:
+    return None if np.isnan(value) else float(value)
+
+
+def _active_mean(values: np.ndarray, active: np.ndarray) -> float:
+    return float(values[active].mean()) if active.any() else 0.0

@@ -1,0 +1,180 @@
+"""``moelb demo`` and ``moelb simulate``: a ``SimulationConfig`` from the defaults or the flags, the
+simulation with a progress bar, the placement JSON, ``simulation.json`` and PNG plots written to
+``--output-dir``, and the report (or the results as JSON). DESIGN section 7 (the CLI and the main
+job)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+from .._core import set_num_threads
+from ..io import save_placement
+from ..simulate import SimulationConfig, SimulationResult, simulate
+from .common import CliError
+from .output import ProgressBar, print_json, write_text
+from .simulate_report import (
+    LEGEND,
+    best_placement_line,
+    describe,
+    layer_table,
+    realised_table,
+    simulation_table,
+)
+
+__all__ = ["DEMO_CONFIG", "demo", "run_simulation", "simulate_command"]
+
+#: The demo: DeepSeek-V3 (58 MoE layers x 256 experts), 288 slots on 32 GPUs in 4 nodes.
+DEMO_CONFIG = SimulationConfig(
+    model="deepseek-v3",
+    ep_size=32,
+    num_nodes=4,
+    num_redundant_experts=32,
+    num_tokens=4096,
+    num_steps=24,
+    rebalance_period=6,
+    skew=0.6,
+    drift=0.02,
+    algorithms=("deepseek", "moelb", "deepseek_global", "moelb:none", "moelb:none:step_peak"),
+    waterfill="dynamic",
+    dispatch=("sglang_static", "sglang_static_runtime", "sglang_dynamic", "moelb_static"),
+)
+
+#: simulate flags that shape synthetic traffic only: with --trace they would do nothing.
+_SYNTHETIC_ONLY = ("num_tokens", "num_steps", "skew", "drift", "bursts", "num_layers")
+
+
+def demo(args: argparse.Namespace) -> int:
+    config = DEMO_CONFIG
+    if args.quick:
+        config = dataclasses.replace(
+            config, num_layers=6, num_tokens=1024, num_steps=8, rebalance_period=4
+        )
+    if args.seed is not None:
+        config = dataclasses.replace(config, seed=args.seed)
+    return run_simulation(config, args)
+
+
+def simulate_command(args: argparse.Namespace) -> int:
+    if args.trace is not None:
+        _check_replay_flags(args)
+    return run_simulation(_config_from_flags(args), args)
+
+
+def _check_replay_flags(args: argparse.Namespace) -> None:
+    """A --trace replay needs an existing file and none of the flags that shape synthetic
+    traffic."""
+    if not Path(args.trace).exists():
+        raise CliError(f"trace file {args.trace!r} does not exist")
+    defaults = SimulationConfig()
+    for name in _SYNTHETIC_ONLY:
+        if getattr(args, name) != getattr(defaults, name):
+            flag = "--" + name.replace("_", "-")
+            raise CliError(
+                f"{flag} shapes synthetic traffic; a --trace replay uses the dump's steps, "
+                "layers and counts as they are: drop it"
+            )
+
+
+def _config_from_flags(args: argparse.Namespace) -> SimulationConfig:
+    return SimulationConfig(
+        model=args.model,
+        ep_size=args.ep_size,
+        num_nodes=args.num_nodes,
+        num_redundant_experts=args.num_redundant_experts,
+        num_tokens=args.num_tokens,
+        num_steps=args.num_steps,
+        rebalance_period=args.rebalance_period,
+        skew=args.skew,
+        drift=args.drift,
+        bursts=args.bursts,
+        algorithms=tuple(args.algorithms),
+        waterfill=None if args.waterfill == "off" else args.waterfill,
+        dispatch=tuple(args.dispatch),
+        trace=args.trace,
+        trace_rotate=args.trace_rotate,
+        num_layers=args.num_layers,
+        expert_bytes=args.expert_bytes,
+        seed=args.seed if args.seed is not None else 0,
+    )
+
+
+def run_simulation(config: SimulationConfig, args: argparse.Namespace) -> int:
+    """Simulates ``config``, writes the files to --output-dir, prints the report or the JSON."""
+    if args.threads is not None:
+        set_num_threads(args.threads)
+    progress = ProgressBar("simulating", enabled=args.progress)
+    result = simulate(config, progress=progress)
+    written: list[str] = []
+    notes: list[str] = []
+    if args.output_dir is not None:
+        written, notes = _write_files(result, args.output_dir, args.plots)
+    if args.json:
+        payload = result.to_dict()
+        payload["files"] = written
+        payload["notes"] = result.notes + notes
+        print_json(payload)
+        return 0
+    _print_report(result, args.per_layer, written, notes)
+    return 0
+
+
+def _write_files(
+    result: SimulationResult, out_dir: Path, plots: bool
+) -> tuple[list[str], list[str]]:
+    """Writes the focus placement, simulation.json and (with ``plots``) the PNG plots to
+    ``out_dir``; returns the paths written and notes on what was skipped."""
+    written: list[str] = []
+    notes: list[str] = []
+    out_dir.mkdir(parents=True, exist_ok=True)
+    focus = _focus(result)
+    placement = out_dir / "placement.json"
+    save_placement(result.algorithms[focus].placement, placement)
+    written.append(str(placement))
+    summary = out_dir / "simulation.json"
+    write_text(summary, json.dumps(result.to_dict(), indent=2) + "\n")
+    written.append(str(summary))
+    if plots:
+        from ..plots import PlotsUnavailable, plot_simulation
+
+        try:
+            written += [str(p) for p in plot_simulation(result, out_dir, focus)]
+        except PlotsUnavailable as e:
+            notes.append(f"plots skipped: {e}")
+    else:
+        notes.append("plots skipped: --no-plots")
+    return written, notes
+
+
+def _print_report(
+    result: SimulationResult, per_layer: bool, written: list[str], notes: list[str]
+) -> None:
+    print(describe(result) + "\n")
+    print(simulation_table(result))
+    realised = realised_table(result)
+    if realised is not None:
+        print("\nrealised at token level (next window), per dispatch\n" + realised)
+        best = best_placement_line(result)
+        if best is not None:
+            print("\n" + best)
+    if per_layer:
+        print("\npredictive balancedness per layer\n" + layer_table(result))
+    print("\n" + LEGEND)
+    for note in result.notes:
+        print(f"note: {note}")
+    print(f"\nsimulated in {result.timings['total']:.1f} s")
+    if written:
+        focus = _focus(result)
+        print(f"wrote ({focus} placement for SGLang --init-expert-location):")
+        for path in written:
+            print(f"  {path}")
+    for note in notes:
+        print(note)
+
+
+def _focus(result: SimulationResult) -> str:
+    """The placement to write: moelb's if simulated, else the first algorithm's."""
+    names = [n for n in result.algorithms if n != "trivial"]
+    return "moelb" if "moelb" in names else names[0]

@@ -1,0 +1,157 @@
+"""The report of ``moelb demo`` / ``moelb simulate``: the header that says what was simulated, the
+planning table (one row per placement, then the bound), the table of what each dispatch model
+realises at token level, the best placement in one line, the per-layer table and the legend.
+DESIGN section 7 (what the simulator reports; results print as a table)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import __version__
+from ..simulate import MODEL_PRESETS, SimulationResult
+from .output import fixed, gigabytes, table
+
+__all__ = [
+    "LEGEND",
+    "best_placement_line",
+    "describe",
+    "layer_table",
+    "realised_table",
+    "simulation_table",
+]
+
+
+def simulation_table(result: SimulationResult) -> str:
+    """The planning table: one row per placement (balancedness under the equal split every
+    planner assumes), then the bound."""
+    headers = [
+        "placement",
+        "ran",
+        "in-window",
+        "planned",
+        "moved/rebal",
+        "GB/rebal",
+        "plan ms",
+    ]
+    rows = []
+    for name, a in result.algorithms.items():
+        rows.append(
+            [
+                name,
+                a.ran,
+                fixed(a.in_window),
+                fixed(a.predictive),
+                f"{np.mean(a.moved_experts):,.0f}" if a.moved_experts else "-",
+                gigabytes(a.moved_bytes),
+                f"{np.mean(a.plan_seconds) * 1e3:.1f}" if a.plan_seconds else "-",
+            ]
+        )
+    rows.append(
+        [
+            "lower bound",
+            "any placement",
+            fixed(result.bound_in_window),
+            fixed(result.bound_predictive),
+            *["-"] * 3,
+        ]
+    )
+    return table(headers, rows)
+
+
+def realised_table(result: SimulationResult) -> str | None:
+    """The realised table: per placement, the planned balancedness beside what each dispatch
+    model realises at token level: routed experts only, and with the shared expert placed by
+    Waterfill (the shared expert on each token's own rank is in the JSON, ``shared_local``).
+    None for replayed counts (no tokens)."""
+    dispatch = result.config.dispatch
+    first = next(iter(result.algorithms.values()))
+    if not first.realised:
+        return None
+    headers = ["placement", "planned"]
+    for name in dispatch:
+        headers += [name, "+WF"]
+    rows = []
+    for name, a in result.algorithms.items():
+        row = [name, fixed(a.predictive)]
+        for d in dispatch:
+            r = a.realised[d]
+            row += [fixed(r.routed), fixed(r.waterfill)]
+        rows.append(row)
+    return table(headers, rows)
+
+
+def best_placement_line(result: SimulationResult) -> str | None:
+    """One line: which placement serves best under the first (default) dispatch model."""
+    dispatch = result.config.dispatch[0]
+    scored = {n: a.realised[dispatch] for n, a in result.algorithms.items() if a.realised}
+    if not scored:
+        return None
+    best = max(scored, key=lambda n: scored[n].routed)
+    planned_best = max(result.algorithms, key=lambda n: result.algorithms[n].predictive)
+    line = (
+        f"Under {dispatch}, {best} serves best: realised {scored[best].routed:.3f} routed"
+        + (
+            f", {scored[best].waterfill:.3f} with Waterfill"
+            if scored[best].waterfill is not None
+            else ""
+        )
+        + f" (planned {result.algorithms[best].predictive:.3f})"
+    )
+    if planned_best != best:
+        line += (
+            f"; the best planned, {planned_best} "
+            f"({result.algorithms[planned_best].predictive:.3f}), realises "
+            f"{scored[planned_best].routed:.3f}"
+        )
+    return line + "."
+
+
+def layer_table(result: SimulationResult) -> str:
+    """Predictive balancedness per simulated layer."""
+    names = list(result.algorithms)
+    rows = [
+        [
+            str(layer),
+            *(fixed(result.algorithms[n].layer_predictive[i]) for n in names),
+            fixed(result.layer_bound_predictive[i]),
+        ]
+        for i, layer in enumerate(result.layer_ids)
+    ]
+    return table(["layer", *names, "bound"], rows)
+
+
+def describe(result: SimulationResult) -> str:
+    """The report's header: the model and cluster, the traffic, the steps and windows."""
+    c = result.config
+    layers = len(result.layer_ids)
+    if c.trace is None:
+        traffic = (
+            f"synthetic traffic: {c.num_tokens:,} tokens/step, Zipf skew {c.skew}, "
+            f"drift {c.drift}/step"
+            + (f", bursts {c.bursts}" if c.bursts > 0 else "")
+            + f", seed {c.seed}"
+        )
+    else:
+        traffic = f"replayed counts from {c.trace}"
+    waterfill = "off" if c.waterfill is None else c.waterfill
+    return (
+        f"moelb {__version__} simulation: {c.model}, {layers} MoE layers x "
+        f"{MODEL_PRESETS[c.model].num_experts} experts, {result.num_physical_experts} slots on "
+        f"{c.ep_size} GPUs in {c.num_nodes} nodes\n"
+        f"{traffic}; {result.num_steps} steps, rebalance every {c.rebalance_period} "
+        f"({result.num_windows} windows); Waterfill {waterfill}"
+    )
+
+
+LEGEND = """\
+balancedness = SGLang's rate (mean + 1e-5) / (max + 1e-5) of the per-GPU loads per step and
+layer, averaged over the steps and the simulated MoE layers (1.0 = perfectly even; SGLang's
+logged value would also count the model's dense layers as 1.0).
+in-window: the plan scored on the traffic it was planned from; planned: scored on the next
+window (the traffic it serves), both under the equal split of every expert over its replicas
+that planners assume. Realised: the next window's tokens of every source rank dispatched as the
+engine does (sglang_static: SGLang's default with DeepEP for a placement loaded with
+--init-expert-location; sglang_static_runtime: its table after its own runtime rebalance;
+sglang_dynamic: a random replica after SGLang's per-rank collapse; moelb_static: our coordinated
+table; the others: moelb.dispatch), routed experts only; +WF: plus the shared expert placed by
+Waterfill. moved/rebal: expert slots rewritten per rebalance (GB: their FP8 weights)."""
