@@ -7,7 +7,7 @@ round on EP rank ``rank`` of ``W``:
 
     import torch.distributed as dist
     dist.init_process_group("gloo", init_method=..., rank=rank, world_size=W)
-    recorder = moelb.ExpertDistributionRecorder(location, rank=rank)
+    recorder = moelb.ExpertDistributionRecorder(location, ep_rank=rank)
     recorder.start()
     for batch in batches:                                  # this rank's tokens only
         with recorder.forward_pass():

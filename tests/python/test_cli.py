@@ -77,7 +77,7 @@ def test_demo_prints_the_table_and_writes_the_files(tmp_path: Path) -> None:
     # make test installs matplotlib (MOELB_REQUIRE_OPTIONAL=1): the plots must be there; elsewhere
     # the command must say it skipped them.
     if os.environ.get("MOELB_REQUIRE_OPTIONAL") == "1" or "plots skipped" not in out:
-        assert {"balancedness_per_layer.png", "gpu_load_heatmap.png"} <= files
+        assert {"balancedness_per_layer.png", "rank_load_heatmap.png"} <= files
     placement = json.loads((tmp_path / "out" / "placement.json").read_text())
     assert np.array(placement["physical_to_logical_map"]).shape == (61, 288)
     summary = json.loads((tmp_path / "out" / "simulation.json").read_text())
@@ -143,6 +143,32 @@ def test_simulate_replays_a_trace(capsys: pytest.CaptureFixture[str], tmp_path: 
     assert f"replayed counts from {path}" in out and "8 steps" in out
 
 
+def test_a_renamed_flag_names_its_new_spelling(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """--ep-size became --ep-size (one vocabulary, issue 18): the old flag is a one-line error
+    that says so, and nothing is written."""
+    counts = np.random.default_rng(0).poisson(30, (4, 2, 16)).astype(np.int32)
+    dump = tmp_path / "dump.json"
+    moelb.save_expert_distribution(
+        {"rank": 0, "logical_count": counts, "average_utilization_rate_over_window": None}, dump
+    )
+    out_file = tmp_path / "placement.json"
+    code, _, err = cli(
+        capsys, "rebalance", str(dump), "--num-physical-experts", "24", "--num-gpus", "8",
+        "--num-groups", "4", "-o", str(out_file),
+    )  # fmt: skip
+    assert code == 2
+    assert_one_line_error(code, err, "--num-gpus is now --ep-size")
+    assert not out_file.exists()
+    code, _, err = cli(
+        capsys, "rebalance", str(dump), "--num-physical-experts", "24", "--ep-size", "8",
+        "--num-groups", "4", "-o", str(out_file),
+    )  # fmt: skip
+    assert code == 0, err
+    assert out_file.exists()
+
+
 # ------------------------------------------------------------------------------------------------
 # The SGLang round trip.
 
@@ -187,7 +213,7 @@ def test_rebalance_round_trip_from_a_pt_dump(capsys: pytest.CaptureFixture[str],
     out_file = tmp_path / "placement.json"
     code, out, err = cli(
         capsys, "rebalance", str(dump), "-o", str(out_file), "--num-physical-experts", "288",
-        "--num-gpus", "32", "--num-nodes", "4", "--num-groups", "8",
+        "--ep-size", "32", "--num-nodes", "4", "--num-groups", "8",
     )  # fmt: skip
     assert code == 0, err
     assert "6 passes x 61 layers (58 with counts) x 256 experts" in out
@@ -200,7 +226,7 @@ def test_rebalance_round_trip_from_a_pt_dump(capsys: pytest.CaptureFixture[str],
     # Re-plan against the placement in service, as JSON for machines.
     code, out, err = cli(
         capsys, "rebalance", str(dump), "-o", str(tmp_path / "next.json"),
-        "--num-physical-experts", "288", "--num-gpus", "32", "--num-nodes", "4",
+        "--num-physical-experts", "288", "--ep-size", "32", "--num-nodes", "4",
         "--num-groups", "8", "--algorithm", "deepseek", "--previous", str(out_file),
         "--expert-bytes", "1000", "--json",
     )  # fmt: skip
@@ -237,7 +263,7 @@ def test_rebalance_reads_per_pass_dumps(capsys: pytest.CaptureFixture[str], tmp_
     out_file = tmp_path / "p.json"
     code, _, err = cli(
         capsys, "rebalance", str(dump), "-o", str(out_file), "--num-physical-experts", "288",
-        "--num-gpus", "8", "--num-groups", "8",
+        "--ep-size", "8", "--num-groups", "8",
     )  # fmt: skip
     assert code == 0, err
     check_sglang_placement(out_file, 4, 288, 256)
@@ -254,7 +280,7 @@ def test_rebalance_step_peak_objective(capsys: pytest.CaptureFixture[str], tmp_p
     )
     out_file = tmp_path / "p.json"
     args = ["rebalance", str(dump), "-o", str(out_file), "--num-physical-experts", "80",
-            "--num-gpus", "8", "--num-groups", "8", "--num-nodes", "2"]  # fmt: skip
+            "--ep-size", "8", "--num-groups", "8", "--num-nodes", "2"]  # fmt: skip
     code, out, err = cli(capsys, *args, "--objective", "step_peak")
     assert code == 0, err
     assert "per-pass balancedness" in out and "+step_peak" in out
@@ -284,7 +310,7 @@ def test_inspect_placement_and_dump(capsys: pytest.CaptureFixture[str], tmp_path
     moelb.save_expert_distribution(
         {"rank": 0, "logical_count": counts, "average_utilization_rate_over_window": None}, dump
     )
-    code, out, err = cli(capsys, "inspect", str(dump), "--num-gpus", "8", "--json")
+    code, out, err = cli(capsys, "inspect", str(dump), "--ep-size", "8", "--json")
     assert code == 0, err
     data = json.loads(out)
     assert data["kind"] == "dump" and data["num_passes"] == 3 and len(data["layers"]) == 4
@@ -295,10 +321,10 @@ def test_inspect_placement_and_dump(capsys: pytest.CaptureFixture[str], tmp_path
     placement = tmp_path / "placement.json"
     plan = moelb.rebalance(counts, 288, 8, 1, 8)
     moelb.save_placement(plan.location, placement)
-    code, out, err = cli(capsys, "inspect", str(placement), "--num-gpus", "8")
+    code, out, err = cli(capsys, "inspect", str(placement), "--ep-size", "8")
     assert code == 0, err
     assert "placement [4 layers, 288 slots] of 256 experts" in out
-    assert "same-GPU duplicates (G=8)" in out
+    assert "same-rank duplicates (W=8)" in out
     code, out, err = cli(capsys, "inspect", str(placement), "--json")
     layers = json.loads(out)["layers"]
     assert layers[1]["max_replicas"] > 1 and layers[1]["replicated_experts"] >= 1
@@ -319,7 +345,7 @@ def test_inspect_placement_and_dump(capsys: pytest.CaptureFixture[str], tmp_path
         (["simulate", "--ep-size", "7", "--num-nodes", "1"], "not divisible by ep_size=7"),
         (["simulate", "--num-steps", "3"], "fewer than two windows"),
         (["simulate", "--trace", "missing.pt"], "trace file 'missing.pt' does not exist"),
-        (["rebalance", "x.pt", "--num-gpus", "8"], "the following arguments are required"),
+        (["rebalance", "x.pt", "--ep-size", "8"], "the following arguments are required"),
         (["inspect", "missing.json"], "file 'missing.json' does not exist"),
         (["demo", "--threads", "0"], "argument --threads: must be a positive integer"),
     ],
@@ -333,7 +359,7 @@ def test_bad_flags(capsys: pytest.CaptureFixture[str], args: list[str], needle: 
 def rebalance_args(dump: Path, out: Path, *extra: str) -> list[str]:
     return [
         "rebalance", str(dump), "-o", str(out), "--num-physical-experts", "288",
-        "--num-gpus", "8", "--num-groups", "8", *extra,
+        "--ep-size", "8", "--num-groups", "8", *extra,
     ]  # fmt: skip
 
 
@@ -365,7 +391,7 @@ def test_bad_files(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     # Inconsistent topology: 288 slots on 7 GPUs.
     code, _, err = cli(
         capsys, "rebalance", str(good), "-o", str(out), "--num-physical-experts", "288",
-        "--num-gpus", "7", "--num-groups", "8",
+        "--ep-size", "7", "--num-groups", "8",
     )  # fmt: skip
     assert_one_line_error(code, err, "288")
     # An output folder that does not exist.
@@ -418,7 +444,7 @@ def small_dump(path: Path, seed: int = 3) -> np.ndarray:
     return counts
 
 
-SMALL_TOPOLOGY = ["--num-physical-experts", "80", "--num-gpus", "8", "--num-nodes", "2"]
+SMALL_TOPOLOGY = ["--num-physical-experts", "80", "--ep-size", "8", "--num-nodes", "2"]
 
 
 def test_rebalance_reports_sglangs_balancedness(
@@ -442,7 +468,7 @@ def test_rebalance_reports_sglangs_balancedness(
     assert summary["active_balancedness_before"] == pytest.approx(
         trivial.active_balancedness, rel=1e-12
     )
-    bound = moelb.balancedness(plan.stats.mean_gpu_load, plan.stats.lower_bound)
+    bound = moelb.balancedness(plan.stats.mean_rank_load, plan.stats.lower_bound)
     assert summary["lower_bound_balancedness"] == pytest.approx(bound, rel=1e-12)
     # The dense layer pulls SGLang's value towards 1.
     assert summary["balancedness_after"] > summary["active_balancedness_after"]
@@ -486,7 +512,7 @@ def test_inspect_reports_sglangs_layer_balancedness(
 ) -> None:
     dump = tmp_path / "dump.npz"
     counts = small_dump(dump)
-    code, out, err = cli(capsys, "inspect", str(dump), "--num-gpus", "8", "--json")
+    code, out, err = cli(capsys, "inspect", str(dump), "--ep-size", "8", "--json")
     assert code == 0, err
     data = json.loads(out)
     load = counts.sum(axis=0).astype(np.float64)
@@ -495,7 +521,7 @@ def test_inspect_reports_sglangs_layer_balancedness(
     got = [x["trivial_balancedness"] for x in data["layers"]]
     np.testing.assert_allclose(got, rates, rtol=1e-12)
     assert data["num_physical_experts"] == 64  # said, not silently assumed
-    code, out, err = cli(capsys, "inspect", str(dump), "--num-gpus", "8")
+    code, out, err = cli(capsys, "inspect", str(dump), "--ep-size", "8")
     assert "P=64" in out
 
 
@@ -532,7 +558,7 @@ def test_rebalance_model_presets_supply_num_groups(
     )
     out_file = tmp_path / "p.json"
     args = ["rebalance", str(dump), "-o", str(out_file), "--num-physical-experts", "288",
-            "--num-gpus", "32", "--num-nodes", "4"]  # fmt: skip
+            "--ep-size", "32", "--num-nodes", "4"]  # fmt: skip
     code, out, err = cli(capsys, *args, "--model", "deepseek-v3", "--json")
     assert code == 0, err
     summary = json.loads(out)
@@ -584,9 +610,9 @@ def test_inspect_num_nodes_without_num_gpus(
         if path.suffix == ".npz":
             small_dump(path)
         code, _, err = cli(capsys, "inspect", str(path), "--num-nodes", "4")
-        assert_one_line_error(code, err, "--num-nodes 4 needs --num-gpus")
+        assert_one_line_error(code, err, "--num-nodes 4 needs --ep-size")
         assert "ep_size" not in err and code == 2
-    code, _, err = cli(capsys, "inspect", str(placement), "--num-nodes", "4", "--num-gpus", "8")
+    code, _, err = cli(capsys, "inspect", str(placement), "--num-nodes", "4", "--ep-size", "8")
     assert code == 0, err
 
 
@@ -640,7 +666,7 @@ def test_rebalance_default_move_cost_and_the_trade(
             dumps[-1],
         )
     first, second = tmp_path / "first.json", tmp_path / "second.json"
-    topology = ["--num-physical-experts", "288", "--num-gpus", "32", "--num-nodes", "4",
+    topology = ["--num-physical-experts", "288", "--ep-size", "32", "--num-nodes", "4",
                 "--model", "deepseek-v3", "--expert-bytes", str(v3.expert_bytes)]  # fmt: skip
     code, _, err = cli(capsys, "rebalance", str(dumps[0]), "-o", str(first), *topology)
     assert code == 0, err
@@ -673,7 +699,7 @@ def test_rebalance_writes_what_sglang_reads(
     per decoder layer: a dump of the 58 MoE layers of deepseek-v3 gets its 3 dense rows."""
     dump = tmp_path / "dump.npz"
     small_dump(dump)
-    topology = ["--num-physical-experts", "80", "--num-gpus", "8", "--num-groups", "8"]
+    topology = ["--num-physical-experts", "80", "--ep-size", "8", "--num-groups", "8"]
     code, _, err = cli(capsys, "rebalance", str(dump), "-o", str(tmp_path / "p.txt"), *topology)
     assert code == 2 and "ends in .json or .pt" in err
     assert not (tmp_path / "p.txt").exists()
@@ -686,7 +712,7 @@ def test_rebalance_writes_what_sglang_reads(
     out_path = tmp_path / "p.json"
     code, _, err = cli(
         capsys, "rebalance", str(moe_dump), "-o", str(out_path), "--model", "deepseek-v3",
-        "--num-physical-experts", "288", "--num-gpus", "32", "--num-nodes", "4",
+        "--num-physical-experts", "288", "--ep-size", "32", "--num-nodes", "4",
     )  # fmt: skip
     assert code == 0, err
     assert "3 leading dense layers" in err

@@ -1,6 +1,6 @@
 """``moelb inspect FILE``: per-layer statistics of a placement JSON (replicas, same-GPU duplicates,
 trivial layers) or of an expert distribution dump (routed picks, the hottest expert, idle experts,
-and with --num-gpus the trivial placement's balancedness and the bound). DESIGN sections 3
+and with --ep-size the trivial placement's balancedness and the bound). DESIGN sections 3
 (balancedness) and 7 (files and CLI)."""
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def inspect_command(args: argparse.Namespace) -> int:
     path = Path(args.file)
     if not path.exists():
         raise CliError(f"file {args.file!r} does not exist")
-    if args.num_gpus is None:
+    if args.ep_size is None:
         # Without GPUs there is no topology to give nodes or slots to: say so rather than
         # building one the user never asked for.
         for flag, value, default in (
@@ -34,7 +34,7 @@ def inspect_command(args: argparse.Namespace) -> int:
         ):
             if value != default:
                 raise CliError(
-                    f"{flag} {value} needs --num-gpus (the EP ranks that hold the slots)"
+                    f"{flag} {value} needs --ep-size (the EP ranks that hold the slots)"
                 )
     if path.is_file() and _looks_like_placement(path):
         return _inspect_placement(path, args)
@@ -50,7 +50,7 @@ def _looks_like_placement(path: Path) -> bool:
 
 
 def _inspect_placement(path: Path, args: argparse.Namespace) -> int:
-    location = load_placement(path, args.num_gpus or 1, args.num_nodes)
+    location = load_placement(path, args.ep_size or 1, args.num_nodes)
     phy2log = location.physical_to_logical
     count = location.logical_count
     L, P = phy2log.shape
@@ -64,7 +64,7 @@ def _inspect_placement(path: Path, args: argparse.Namespace) -> int:
                 "layer": layer,
                 "replicated_experts": int((count[layer] > 1).sum()),
                 "max_replicas": int(count[layer].max()),
-                "same_gpu_duplicates": int(duplicates) if args.num_gpus else None,
+                "same_rank_duplicates": int(duplicates) if args.ep_size else None,
                 "trivial": bool(np.array_equal(phy2log[layer], np.arange(P) % count.shape[1])),
             }
         )
@@ -74,7 +74,7 @@ def _inspect_placement(path: Path, args: argparse.Namespace) -> int:
         "num_layers": L,
         "num_physical_experts": P,
         "num_logical_experts": location.num_logical_experts,
-        "num_gpus": args.num_gpus,
+        "ep_size": args.ep_size,
         "trivial_layers": sum(x["trivial"] for x in layers),
         "layers": layers,
     }
@@ -86,13 +86,13 @@ def _inspect_placement(path: Path, args: argparse.Namespace) -> int:
         f"{summary['trivial_layers']} layer(s) trivial"
     )
     headers = ["layer", "replicated experts", "max replicas", "trivial"]
-    if args.num_gpus:
-        headers.insert(3, f"same-GPU duplicates (G={args.num_gpus})")
+    if args.ep_size:
+        headers.insert(3, f"same-rank duplicates (W={args.ep_size})")
     rows = []
     for x in layers:
         row = [str(x["layer"]), str(x["replicated_experts"]), str(x["max_replicas"])]
-        if args.num_gpus:
-            row.append(str(x["same_gpu_duplicates"]))
+        if args.ep_size:
+            row.append(str(x["same_rank_duplicates"]))
         rows.append([*row, "yes" if x["trivial"] else "no"])
     print(table(headers, rows))
     return 0
@@ -112,11 +112,11 @@ def _dump_summary(
     path: Path, counts: np.ndarray, args: argparse.Namespace
 ) -> tuple[dict[str, Any], PlanStats | None]:
     """What ``--json`` prints for a dump of counts [T, L, E], and the statistics of the trivial
-    placement on --num-gpus GPUs (None without)."""
+    placement on --ep-size GPUs (None without)."""
     T, L, E = counts.shape
     load = counts.sum(axis=0, dtype=np.float64)
     totals = load.sum(axis=1)
-    gpus = args.num_gpus
+    gpus = args.ep_size
     slots = None
     trivial_stats = None
     if gpus:
@@ -129,7 +129,7 @@ def _dump_summary(
         "num_passes": T,
         "num_layers": L,
         "num_logical_experts": E,
-        "num_gpus": gpus,
+        "ep_size": gpus,
         "num_physical_experts": slots,
         # The dump's counts summed: one per (token, routed expert) pick, over passes and layers.
         "routed_picks": int(totals.sum()),
@@ -154,7 +154,7 @@ def _dump_layers(
         # SGLang's per-layer rate (moelb.utilization_rate) of the trivial placement and of the
         # lower bound.
         trivial_bal = trivial_stats.layer_balancedness
-        bound_bal = utilization_rate(trivial_stats.mean_gpu_load, trivial_stats.lower_bound)
+        bound_bal = utilization_rate(trivial_stats.mean_rank_load, trivial_stats.lower_bound)
     layers = []
     for layer in range(load.shape[0]):
         layers.append(
@@ -173,8 +173,8 @@ def _dump_layers(
 
 def _print_dump(summary: dict[str, Any], trivial_stats: PlanStats | None) -> None:
     """The text report of a dump: one line on the dump, the per-layer table, and the trivial
-    placement's balancedness with --num-gpus."""
-    L, gpus = summary["num_layers"], summary["num_gpus"]
+    placement's balancedness with --ep-size."""
+    L, gpus = summary["num_layers"], summary["ep_size"]
     print(
         f"{summary['file']}: expert distribution dump, {summary['num_passes']:,} passes x {L} "
         f"layers ({summary['layers_with_counts']} with counts) x "
@@ -183,7 +183,7 @@ def _print_dump(summary: dict[str, Any], trivial_stats: PlanStats | None) -> Non
     )
     headers = ["layer", "routed picks", "hottest expert", "hottest / mean", "idle experts"]
     if gpus:
-        headers += [f"trivial bal. (G={gpus}, P={summary['num_physical_experts']})", "bound bal."]
+        headers += [f"trivial bal. (W={gpus}, P={summary['num_physical_experts']})", "bound bal."]
     rows = []
     for x in summary["layers"]:
         row = [

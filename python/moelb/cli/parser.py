@@ -27,11 +27,18 @@ DESCRIPTION = (
 )
 
 
+#: Flags renamed by the one-vocabulary change (issue 18): old -> new. An old flag is an error that
+#: names its new spelling.
+RENAMED_FLAGS = {"--num-gpus": "--ep-size"}
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors (no usage block): ``moelb simulate: error: ...``."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        renamed = [f"{old} is now {new}" for old, new in RENAMED_FLAGS.items() if old in message]
+        hint = f"; {', '.join(renamed)}" if renamed else ""
+        self.exit(2, f"{self.prog}: error: {message}{hint} (see {self.prog} --help)\n")
 
 
 def _positive_int(text: str) -> int:
@@ -190,7 +197,7 @@ def _add_rebalance(sub: Any) -> None:
     p.add_argument("dump", help="expert_distribution_recorder dump (.pt / .npz / .json) or folder")
     p.add_argument("-o", "--output", required=True, help="placement JSON to write")
     p.add_argument("--num-physical-experts", type=_positive_int, required=True)
-    p.add_argument("--num-gpus", type=_positive_int, required=True)
+    p.add_argument("--ep-size", type=_positive_int, required=True)
     p.add_argument("--num-nodes", type=_positive_int, default=1)
     p.add_argument(
         "--model",
@@ -238,18 +245,18 @@ def _add_inspect(sub: Any) -> None:
         "inspect",
         help="per-layer statistics of a placement JSON or a dump",
         description="A placement JSON: replicas per layer (and same-GPU duplicates with "
-        "--num-gpus). A dump: tokens and hot experts per layer (and the trivial placement's "
-        "balancedness and the bound with --num-gpus).",
+        "--ep-size). A dump: tokens and hot experts per layer (and the trivial placement's "
+        "balancedness and the bound with --ep-size).",
     )
     p.add_argument("file")
-    p.add_argument("--num-gpus", type=_positive_int, default=None)
-    p.add_argument("--num-nodes", type=_positive_int, default=1, help="needs --num-gpus")
+    p.add_argument("--ep-size", type=_positive_int, default=None)
+    p.add_argument("--num-nodes", type=_positive_int, default=1, help="needs --ep-size")
     p.add_argument(
         "--num-physical-experts",
         type=_positive_int,
         default=None,
         help="slots of the trivial placement a dump is scored on (default: the dump's experts, "
-        "no redundancy; needs --num-gpus)",
+        "no redundancy; needs --ep-size)",
     )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=inspect_command)

@@ -14,7 +14,7 @@ import numpy as np
 
 from .._core import ExpertLocation
 from ..balancedness import balancedness as layer_mean_balancedness
-from ..dispatch import expected_gpu_loads
+from ..dispatch import expected_rank_loads
 from ..eplb import Plan, PlanStats, evaluate_placement, rebalance
 from ..io import PLACEMENT_KEY, load_placement, save_placement
 from ..simulate import MODEL_PRESETS
@@ -34,13 +34,13 @@ def rebalance_command(args: argparse.Namespace) -> int:
     load = counts.sum(axis=0, dtype=np.float64)
     previous = None
     if args.previous is not None:
-        previous = load_placement(args.previous, args.num_gpus, args.num_nodes, num_experts)
+        previous = load_placement(args.previous, args.ep_size, args.num_nodes, num_experts)
     planned = counts if args.objective == "step_peak" else load
     plan = _plan(args, planned, num_groups, previous)
     output = Path(args.output)
     save_placement(plan.location, output)
     trivial = ExpertLocation.trivial(
-        num_layers, num_experts, args.num_physical_experts, args.num_gpus, args.num_nodes
+        num_layers, num_experts, args.num_physical_experts, args.ep_size, args.num_nodes
     )
     baseline = previous if previous is not None else trivial
     before = evaluate_placement(planned, baseline)
@@ -118,7 +118,7 @@ def _plan(
         args.num_physical_experts,
         num_groups,
         args.num_nodes,
-        args.num_gpus,
+        args.ep_size,
         algorithm=args.algorithm,
         previous=previous,
         locality=args.locality,
@@ -154,7 +154,7 @@ def _summary(
         "num_layers_with_counts": int(active.sum()),
         "num_logical_experts": int(num_experts),
         "num_physical_experts": args.num_physical_experts,
-        "num_gpus": args.num_gpus,
+        "ep_size": args.ep_size,
         "num_nodes": args.num_nodes,
         "model": args.model,
         "num_groups": num_groups,
@@ -169,9 +169,9 @@ def _summary(
         "balancedness_after": after.balancedness,
         "active_balancedness_before": before.active_balancedness,
         "active_balancedness_after": after.active_balancedness,
-        "lower_bound_balancedness": layer_mean_balancedness(after.mean_gpu_load, after.lower_bound),
+        "lower_bound_balancedness": layer_mean_balancedness(after.mean_rank_load, after.lower_bound),
         "active_lower_bound_balancedness": _or_none(
-            layer_mean_balancedness(after.mean_gpu_load, after.lower_bound, layers="active")
+            layer_mean_balancedness(after.mean_rank_load, after.lower_bound, layers="active")
         ),
         "mean_gap": _active_mean(after.gap, active),
         "max_gap": float(after.max_gap),
@@ -289,8 +289,8 @@ def _trade_line(summary: dict[str, Any]) -> str:
 
 def _expected_balancedness(load: np.ndarray, location: ExpertLocation) -> float:
     """SGLang's balancedness, over all layers, of the per-GPU load SGLang's static table
-    realises in expectation (``moelb.expected_gpu_loads``)."""
-    g = expected_gpu_loads(load, location, "sglang_static")
+    realises in expectation (``moelb.expected_rank_loads``)."""
+    g = expected_rank_loads(load, location, "sglang_static")
     return float(layer_mean_balancedness(g.mean(axis=1), g.max(axis=1)))
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .._core import ExpertLocation
-from ..eplb import gpu_loads, rebalance
+from ..eplb import rank_loads, rebalance
 from .config import SimulationConfig, parse_algorithm
 from .presets import ModelPreset
 from .scoring import balancedness, score_steps, smallest_gap
@@ -73,8 +73,8 @@ class Policy:
     moved_experts: list[int] = field(default_factory=list)
     moved_bytes: list[int] = field(default_factory=list)
     plan_seconds: list[float] = field(default_factory=list)
-    gpu_load_sum: npt.NDArray[np.float64] | None = None
-    gpu_load_steps: int = 0
+    rank_load_sum: npt.NDArray[np.float64] | None = None
+    rank_load_steps: int = 0
     min_gap: float = float("inf")
     tables: dict[str, npt.NDArray[np.int32]] = field(default_factory=dict)  # [W, L, E] each
 
@@ -91,9 +91,9 @@ class Policy:
         self.min_gap = min(self.min_gap, smallest_gap(max_load, bound))
         if window > 0:
             self.predictive.append(serving)
-            g = gpu_loads(counts, self.current)
-            self.gpu_load_sum = g if self.gpu_load_sum is None else self.gpu_load_sum + g
-            self.gpu_load_steps += counts.shape[0]
+            g = rank_loads(counts, self.current)
+            self.rank_load_sum = g if self.rank_load_sum is None else self.rank_load_sum + g
+            self.rank_load_steps += counts.shape[0]
         if self.algorithm is None:
             self.in_window.append(serving)
         return mean_load

@@ -43,7 +43,7 @@ class AlgorithmResult:
     realised: token level (synthetic traffic, windows >= 1): for each dispatch model of the
         config, a ``DispatchResult``; empty for replayed counts (they carry no tokens).
     moved_experts / moved_bytes / plan_seconds: per rebalance (empty for trivial).
-    gpu_load: [L, G] mean per-step load of each GPU under the placements in service (windows
+    rank_load: [L, W] mean per-step load of each EP rank under the placements in service (windows
         >= 1). min_gap: the smallest max-load / lower-bound - 1 over steps and layers (>= 0).
     placement: the last plan, over all of the model's layers (the ones not simulated trivial):
         what ``save_placement`` writes for SGLang's ``--init-expert-location``.
@@ -60,7 +60,7 @@ class AlgorithmResult:
     moved_experts: list[int]
     moved_bytes: list[int]
     plan_seconds: list[float]
-    gpu_load: npt.NDArray[np.float64]
+    rank_load: npt.NDArray[np.float64]
     min_gap: float
     placement: ExpertLocation
 
@@ -139,7 +139,7 @@ def algorithm_result(
             shared_local=float(token[:, 1].mean()),
             waterfill=None if np.isnan(waterfill) else waterfill,
         )
-    assert policy.gpu_load_sum is not None
+    assert policy.rank_load_sum is not None
     full = cluster.trivial(total_layers).physical_to_logical.copy()
     full[layer_ids] = policy.current.physical_to_logical
     return AlgorithmResult(
@@ -154,7 +154,7 @@ def algorithm_result(
         moved_experts=policy.moved_experts,
         moved_bytes=policy.moved_bytes,
         plan_seconds=policy.plan_seconds,
-        gpu_load=policy.gpu_load_sum / max(policy.gpu_load_steps, 1),
+        rank_load=policy.rank_load_sum / max(policy.rank_load_steps, 1),
         min_gap=policy.min_gap,
         placement=ExpertLocation(
             full, cluster.num_logical_experts, cluster.ep_size, cluster.num_nodes

@@ -20,15 +20,15 @@ __all__ = ["balancedness", "score_steps", "smallest_gap", "step_lower_bounds"]
 def score_steps(
     counts: Any, location: ExpertLocation
 ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
-    """(max_gpu_load [T, L], mean_gpu_load [T, L]) of ``location`` for per-step logical counts
+    """(max_rank_load [T, L], mean_rank_load [T, L]) of ``location`` for per-step logical counts
     [T, L, E] int32 (C-contiguous), each expert's count split equally over its replicas."""
     return _core.score_steps(counts, location)
 
 
-def step_lower_bounds(counts: Any, num_physical_experts: int, num_gpus: int) -> Any:
+def step_lower_bounds(counts: Any, num_physical_experts: int, ep_size: int) -> Any:
     """[T, L]: per step and layer, a lower bound of the max GPU load of any placement of
-    ``counts`` [T, L, E] int32 on num_physical_experts slots over num_gpus GPUs."""
-    return _core.step_lower_bounds(counts, num_physical_experts, num_gpus)
+    ``counts`` [T, L, E] int32 on num_physical_experts slots over ep_size GPUs."""
+    return _core.step_lower_bounds(counts, num_physical_experts, ep_size)
 
 
 def balancedness(max_load: npt.NDArray[np.float64], mean_load: npt.NDArray[np.float64]) -> Any:
