@@ -176,7 +176,11 @@ def pass_balancedness(counts: npt.ArrayLike, ep_size: int, layers: str = "all") 
 
 class ExpertDistributionRecorder:
     def __init__(
-        self, location: ExpertLocation, mode: str = "stat", buffer_size: int = 1000, ep_rank: int = 0
+        self,
+        location: ExpertLocation,
+        mode: str = "stat",
+        buffer_size: int = 1000,
+        ep_rank: int = 0,
     ) -> None: ...
     @property
     def mode(self) -> str: ...

@@ -727,3 +727,8 @@ def test_simulate_trace_refuses_synthetic_only_flags(
     small_dump(dump)
     code, _, err = cli(capsys, "simulate", "--trace", str(dump), "--num-layers", "4")
     assert code == 2 and "--num-layers shapes synthetic traffic" in err
+    # A replay has counts, not tokens: the token-level flags would do nothing either.
+    for extra in (["--dispatch", "vllm_hash"], ["--waterfill", "off"], ["--seed", "3"]):
+        code, _, err = cli(capsys, "simulate", "--trace", str(dump), *extra)
+        assert code == 2, extra
+        assert_one_line_error(code, err, f"{extra[0]} shapes the token-level figures")

@@ -392,7 +392,10 @@ FAILURES = {
         hook_layer_argument_out_of_range,
         r"layer=3 but the recorder's current scope is layer\(1\)",
     ),
-    "dispatch_rank_out_of_range": (dispatch_rank_out_of_range, r"ep_rank=2 is outside \[0, ep_size=2"),
+    "dispatch_rank_out_of_range": (
+        dispatch_rank_out_of_range,
+        r"ep_rank=2 is outside \[0, ep_size=2",
+    ),
 }
 
 
@@ -653,7 +656,9 @@ def test_low_latency_counts_drop_trailing_shared_slots() -> None:
     rec.start()
     with rec.forward_pass():
         with rec.layer(0):
-            rec.on_dispatch_counts(np.array([3, 5, 101, 103]), ep_rank=1, num_trailing_shared_slots=2)
+            rec.on_dispatch_counts(
+                np.array([3, 5, 101, 103]), ep_rank=1, num_trailing_shared_slots=2
+            )
             rec.on_dispatch_counts([1, 2], ep_rank=0)
         with rec.layer(1):
             rec.on_dispatch_counts(np.array([1, 2, 99], np.int32), 0, num_trailing_shared_slots=1)

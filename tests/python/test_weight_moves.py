@@ -391,7 +391,9 @@ def test_simulate_rejects_bad_contents(contents: Any, error: type, match: str) -
 def test_ops_rank_out_of_range() -> None:
     plan = plan_weight_moves(BASE, BASE, 0)
     for rank in (-1, 4):
-        with pytest.raises(InvalidArgumentError, match=rf"ep_rank={rank} is outside \[0, ep_size=4\)"):
+        with pytest.raises(
+            InvalidArgumentError, match=rf"ep_rank={rank} is outside \[0, ep_size=4\)"
+        ):
             plan.ops(rank)
 
 

@@ -33,9 +33,7 @@ def inspect_command(args: argparse.Namespace) -> int:
             ("--num-physical-experts", args.num_physical_experts, None),
         ):
             if value != default:
-                raise CliError(
-                    f"{flag} {value} needs --ep-size (the EP ranks that hold the slots)"
-                )
+                raise CliError(f"{flag} {value} needs --ep-size (the EP ranks that hold the slots)")
     if path.is_file() and _looks_like_placement(path):
         return _inspect_placement(path, args)
     return _inspect_dump(path, args)

@@ -35,9 +35,12 @@ class ProgressBar:
     """A one-line progress bar on a terminal (stderr); silent when the stream is not a terminal
     unless forced."""
 
-    def __init__(self, label: str, stream: TextIO = sys.stderr, enabled: bool | None = None):
-        self.label, self.stream = label, stream
-        self.enabled = stream.isatty() if enabled is None else enabled
+    def __init__(
+        self, label: str, stream: TextIO | None = None, enabled: bool | None = None
+    ) -> None:
+        # sys.stderr as it is now (a redirect after import is followed), not at import time.
+        self.label, self.stream = label, sys.stderr if stream is None else stream
+        self.enabled = self.stream.isatty() if enabled is None else enabled
         self.start = time.perf_counter()
         self.last_draw = -1.0
         self.width = 30

@@ -169,7 +169,9 @@ def _summary(
         "balancedness_after": after.balancedness,
         "active_balancedness_before": before.active_balancedness,
         "active_balancedness_after": after.active_balancedness,
-        "lower_bound_balancedness": layer_mean_balancedness(after.mean_rank_load, after.lower_bound),
+        "lower_bound_balancedness": layer_mean_balancedness(
+            after.mean_rank_load, after.lower_bound
+        ),
         "active_lower_bound_balancedness": _or_none(
             layer_mean_balancedness(after.mean_rank_load, after.lower_bound, layers="active")
         ),

@@ -65,7 +65,7 @@ def simulate_command(args: argparse.Namespace) -> int:
 
 def _check_replay_flags(args: argparse.Namespace) -> None:
     """A --trace replay needs an existing file and none of the flags that shape synthetic
-    traffic."""
+    traffic or its token-level figures (a replay has counts, not tokens)."""
     if not Path(args.trace).exists():
         raise CliError(f"trace file {args.trace!r} does not exist")
     defaults = SimulationConfig()
@@ -75,6 +75,17 @@ def _check_replay_flags(args: argparse.Namespace) -> None:
             raise CliError(
                 f"{flag} shapes synthetic traffic; a --trace replay uses the dump's steps, "
                 "layers and counts as they are: drop it"
+            )
+    token_level = {
+        "--dispatch": tuple(args.dispatch) != defaults.dispatch,
+        "--waterfill": (None if args.waterfill == "off" else args.waterfill) != defaults.waterfill,
+        "--seed": args.seed is not None,
+    }
+    for flag, given in token_level.items():
+        if given:
+            raise CliError(
+                f"{flag} shapes the token-level figures of synthetic traffic; a --trace replay "
+                "has per-expert counts, not tokens: drop it"
             )
 
 
