@@ -16,9 +16,9 @@
 // Vocabulary (DESIGN "Conventions"): parameters carry full names -- num_layers, num_experts
 // (E, logical experts), num_physical_experts (P, slots per layer), num_groups (expert groups; 0 =
 // none), num_nodes, ep_size (W, EP ranks = GPUs; RebalanceOptions::num_gpus), slots_per_rank
-// (S = P / W). A function body may alias them with DESIGN's letters E, P, W, S, saying so where it
-// does (never K: DESIGN's K is the top-k). Two arrays that almost every function takes keep short
-// names: `w`, one layer's expert loads [num_experts] (eplb.py's `weight`), and `phy2log`, one
+// (S = P / W). A function body may alias them with DESIGN's letters E, P, W, N, S, saying so where
+// it does (never K: DESIGN's K is the top-k). Two arrays that almost every function takes keep
+// short names: `w`, one layer's expert loads [num_experts] (eplb.py's `weight`), and `phy2log`, one
 // layer's physical_to_logical [num_physical_experts] (eplb.py's name).
 //
 // The packing's words: a bin is an EP rank (GPU) with slots_per_rank slots; a domain is the bins

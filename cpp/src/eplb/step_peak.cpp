@@ -183,21 +183,21 @@ struct StepPeakSearch {
         for (Index t = 0; t < T; ++t) {
             if (s.arg1[t] == a) s.peak_steps.push_back(static_cast<int>(t));
         }
-        const Index k = num_peak_steps = static_cast<Index>(s.peak_steps.size());
-        const Index K = peak_stride = (k + kLanes - 1) / kLanes * kLanes;
-        s.peak_share.assign(sz(E * K), 0.0);
+        const Index n = num_peak_steps = static_cast<Index>(s.peak_steps.size());
+        const Index stride = peak_stride = (n + kLanes - 1) / kLanes * kLanes;
+        s.peak_share.assign(sz(E * stride), 0.0);
         for (int e = 0; e < E; ++e) {
             const double* u = &s.share[e * T];
-            double* c = &s.peak_share[e * K];
+            double* c = &s.peak_share[e * stride];
             double sum = 0.0;
-            for (Index i = 0; i < k; ++i) sum += c[i] = u[s.peak_steps[i]];
+            for (Index i = 0; i < n; ++i) sum += c[i] = u[s.peak_steps[i]];
             s.peak_sum[e] = sum;
         }
         for (auto* v : {&s.peak_a, &s.peak_b, &s.peak_top2, &s.peak_top3, &s.peak_rest}) {
-            v->assign(sz(K), 0.0);
+            v->assign(sz(stride), 0.0);
         }
-        s.peak_arg2.assign(sz(K), -1);
-        for (Index i = 0; i < k; ++i) {
+        s.peak_arg2.assign(sz(stride), -1);
+        for (Index i = 0; i < n; ++i) {
             const int t = s.peak_steps[i];
             s.peak_a[i] = s.load[a * T + t];
             s.peak_top2[i] = s.top2[t];
@@ -209,7 +209,7 @@ struct StepPeakSearch {
             s.other_a[t] = s.arg1[t] != a ? 1.0 : 0.0;
         }
         double reach_a = 0.0;
-        for (Index i = 0; i < k; ++i) reach_a += s.peak_a[i] - s.peak_top3[i];
+        for (Index i = 0; i < n; ++i) reach_a += s.peak_a[i] - s.peak_top3[i];
         return reach_a;
     }
 
@@ -232,8 +232,8 @@ struct StepPeakSearch {
     // The swaps of a replica of a with one of b (b's reach: reach_b): keeps in `best` the one that
     // changes the objective the least (ties to the earlier slots), among those that beat it.
     void search_pairs(int a, int b, double reach_b, double slack, StepSwap& best) {
-        const Index k = num_peak_steps, K = peak_stride;
-        for (Index i = 0; i < k; ++i) {
+        const Index n = num_peak_steps, stride = peak_stride;
+        for (Index i = 0; i < n; ++i) {
             const int t = s.peak_steps[i];
             s.peak_b[i] = s.load[b * T + t];
             s.peak_rest[i] = s.peak_arg2[i] != b ? s.peak_top2[i] : s.peak_top3[i];
@@ -251,10 +251,10 @@ struct StepPeakSearch {
                 // The terms of a's peak steps.
                 double change = 0.0;
                 {
-                    const double* cx = &s.peak_share[x * K];
-                    const double* cy = &s.peak_share[y * K];
+                    const double* cx = &s.peak_share[x * stride];
+                    const double* cy = &s.peak_share[y * stride];
                     Lanes acc = {0, 0, 0, 0};
-                    for (Index i = 0; i < K; i += kLanes) {
+                    for (Index i = 0; i < stride; i += kLanes) {
                         const Lanes ga = lanes_at(s.peak_a.data() + i);
                         acc += peak_after_swap(cx + i, cy + i, ga, lanes_at(s.peak_b.data() + i),
                                                lanes_at(s.peak_rest.data() + i)) -

@@ -91,7 +91,8 @@ namespace {
 void check_shape_args(ConstMatrixMap<double> load, const RebalanceOptions& o, Index num_steps) {
     const Index L = load.rows();
     const int E = static_cast<int>(load.cols());
-    const int P = o.num_physical_experts, K = o.num_groups, N = o.num_nodes, W = o.num_gpus;
+    const int P = o.num_physical_experts, N = o.num_nodes, W = o.num_gpus;  // DESIGN's
+    const int num_groups = o.num_groups;
     MOELB_CHECK_ARG(L >= 1 && E >= 1,
                     "load must have shape [num_layers, num_experts] with both "
                     "positive, got ["
@@ -99,7 +100,7 @@ void check_shape_args(ConstMatrixMap<double> load, const RebalanceOptions& o, In
     check_load_values(load, num_steps);
     MOELB_CHECK_ARG(W >= 1, "num_gpus must be positive, got " << W);
     MOELB_CHECK_ARG(N >= 1, "num_nodes must be positive, got " << N);
-    MOELB_CHECK_ARG(K >= 0, "num_groups must be non-negative, got " << K);
+    MOELB_CHECK_ARG(num_groups >= 0, "num_groups must be non-negative, got " << num_groups);
     MOELB_CHECK_ARG(
         P >= E, "num_physical_experts=" << P << " is smaller than the " << E << " logical experts");
     MOELB_CHECK_ARG(P <= kMaxPhysicalExperts,
@@ -141,18 +142,22 @@ void check_option_args(ConstMatrixMap<double> load, const RebalanceOptions& o,
 // when num_groups % num_nodes == 0; its shape constraints checked) or global policy.
 EplbAlgorithm resolve_algorithm(int num_experts, const RebalanceOptions& o) {
     if (o.algorithm == EplbAlgorithm::kMoelb) return EplbAlgorithm::kMoelb;
-    const int E = num_experts, K = o.num_groups, N = o.num_nodes, W = o.num_gpus;
-    const bool hierarchical = o.algorithm == EplbAlgorithm::kDeepSeekHierarchical ||
-                              (o.algorithm == EplbAlgorithm::kDeepSeek && K > 0 && K % N == 0);
+    const int E = num_experts, N = o.num_nodes, W = o.num_gpus;  // DESIGN's letters
+    const int num_groups = o.num_groups;
+    const bool hierarchical =
+        o.algorithm == EplbAlgorithm::kDeepSeekHierarchical ||
+        (o.algorithm == EplbAlgorithm::kDeepSeek && num_groups > 0 && num_groups % N == 0);
     if (!hierarchical) return EplbAlgorithm::kDeepSeekGlobal;
     MOELB_CHECK_ARG(W % N == 0, "num_gpus=" << W << " is not divisible by num_nodes=" << N
                                             << " (the hierarchical policy requires it)");
-    MOELB_CHECK_ARG(K > 0, "the hierarchical policy needs num_groups");
-    MOELB_CHECK_ARG(E % K == 0, "num_experts=" << E << " is not divisible by num_groups=" << K
-                                               << " (DeepSeek's EPLB requires it)");
-    MOELB_CHECK_ARG(K % N == 0, "num_groups=" << K << " is not divisible by num_nodes=" << N
-                                              << " (the hierarchical policy "
-                                                 "requires it)");
+    MOELB_CHECK_ARG(num_groups > 0, "the hierarchical policy needs num_groups");
+    MOELB_CHECK_ARG(E % num_groups == 0,
+                    "num_experts=" << E << " is not divisible by num_groups=" << num_groups
+                                   << " (DeepSeek's EPLB requires it)");
+    MOELB_CHECK_ARG(num_groups % N == 0, "num_groups=" << num_groups
+                                                       << " is not divisible by num_nodes=" << N
+                                                       << " (the hierarchical policy "
+                                                          "requires it)");
     return EplbAlgorithm::kDeepSeekHierarchical;
 }
 
