@@ -348,3 +348,30 @@ def test_bench_all_reduce_quick(tmp_path: Path) -> None:
     assert (result["ranks"], result["passes"], result["layers"]) == (2, 20, 4)
     assert result["agrees"]  # the merged counts equal a plain all_reduce's sum, on every rank
     assert result["all_reduce_seconds"] > 0 and result["recorder_seconds"] > 0
+
+
+def test_check_fingerprint_is_thread_invariant_and_sees_a_change(tmp_path: Path) -> None:
+    """The behaviour fingerprint (benchmarks/check_fingerprint.py) hashes every area, the same at
+    1 and 2 threads (its --compare passes), and --compare fails on a file whose hash differs."""
+    _, one = run_quick(tmp_path, "check_fingerprint.py", "--threads", "1")
+    assert set(one["areas"]) >= {"planner", "previous", "dispatch", "waterfill", "moe_layer"}
+    assert all(area["cases"] > 0 for area in one["areas"].values())
+    saved = tmp_path / "one.json"
+    saved.write_text(json.dumps(one))
+    script = str(BENCHMARKS / "check_fingerprint.py")
+    same = subprocess.run(
+        [sys.executable, script, "--quick", "--threads", "2", "--compare", str(saved)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert same.returncode == 0 and "identical" in same.stdout, same.stdout + same.stderr
+    one["areas"]["planner"]["sha256"] = "0" * 64
+    saved.write_text(json.dumps(one))
+    changed = subprocess.run(
+        [sys.executable, script, "--quick", "--areas", "planner", "--compare", str(saved)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert changed.returncode == 1 and "DIFFERS: planner" in changed.stdout, changed.stdout
