@@ -1648,8 +1648,8 @@ TEST_P(EplbStepPeakProperties, IdenticalForAnyThreadCount) {
 }
 
 // The refinement stops when no swap between two GPUs of a domain that adds no same-GPU duplicate
-// lowers the objective by more than 1e-4 of it (eplb.cpp, kStepTol): checked here against every
-// such swap.
+// lowers the objective by more than 1e-4 of it (cpp/src/eplb/step_peak.cpp, kStepTol): checked
+// here against every such swap.
 TEST_P(EplbStepPeakProperties, NoAllowedSwapLowersThePeakFurther) {
     constexpr double kStepTol = 1e-4;
     const StepCase c = GetParam();

@@ -1,0 +1,125 @@
+// The EPLB planner's public API (DESIGN section 4; moelb/eplb.hpp): the enum names, and
+// rebalance() as the algorithm's steps -- validate the request, plan every layer (DeepSeek's
+// policy or moelb's pipeline, plan_layers.cpp), trade moves against the previous placement,
+// summarise -- plus evaluate_placement() and gpu_loads() on any placement.
+#include <chrono>
+#include <cstdint>
+#include <string>
+#include <utility>
+
+#include "../enum_names.hpp"
+#include "moelb/eplb.hpp"
+#include "planner.hpp"
+
+namespace moelb {
+
+constexpr detail::EnumNames<EplbAlgorithm, 4> kEplbAlgorithmNames{{
+    {"moelb", EplbAlgorithm::kMoelb},
+    {"deepseek", EplbAlgorithm::kDeepSeek},
+    {"deepseek_hierarchical", EplbAlgorithm::kDeepSeekHierarchical},
+    {"deepseek_global", EplbAlgorithm::kDeepSeekGlobal},
+}};
+
+EplbAlgorithm parse_eplb_algorithm(std::string_view name, std::string_view param) {
+    return detail::parse_enum(kEplbAlgorithmNames, name, param, "an EPLB algorithm");
+}
+
+std::string_view to_string(EplbAlgorithm value) {
+    return detail::enum_name(kEplbAlgorithmNames, value);
+}
+
+constexpr detail::EnumNames<Locality, 3> kLocalityNames{{
+    {"auto", Locality::kAuto},
+    {"node", Locality::kNode},
+    {"none", Locality::kNone},
+}};
+
+Locality parse_locality(std::string_view name, std::string_view param) {
+    return detail::parse_enum(kLocalityNames, name, param, "a locality");
+}
+
+std::string_view to_string(Locality value) { return detail::enum_name(kLocalityNames, value); }
+
+constexpr detail::EnumNames<Objective, 2> kObjectiveNames{{
+    {"total", Objective::kTotal},
+    {"step_peak", Objective::kStepPeak},
+}};
+
+Objective parse_objective(std::string_view name, std::string_view param) {
+    return detail::parse_enum(kObjectiveNames, name, param, "an EPLB objective");
+}
+
+std::string_view to_string(Objective value) { return detail::enum_name(kObjectiveNames, value); }
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+// The finished plan: the location of the layers' slots, their statistics summarised, what ran
+// and why (the notes), and the wall time since `started`.
+Plan finish_plan(const planner::PlanRequest& request, planner::LayerPlans plans,
+                 Clock::time_point started) {
+    planner::summarise(plans.stats, request.steps != nullptr);
+    Plan plan{ExpertLocation(std::move(plans.phy2log), request.num_experts, request.ep_size,
+                             plans.location_nodes),
+              std::move(plans.stats)};
+    plan.stats.algorithm = request.step_peak ? plans.algorithm + "+step_peak" : plans.algorithm;
+    plan.stats.notes = std::move(plans.notes);
+    if (!plan.stats.notes.empty() && plan.stats.notes.back() == ' ') plan.stats.notes.pop_back();
+    plan.stats.wall_time_seconds = std::chrono::duration<double>(Clock::now() - started).count();
+    return plan;
+}
+
+// rebalance(): load [L, E] (a series' sum over its steps when `steps`).
+Plan rebalance_impl(ConstMatrixMap<double> load, const RebalanceOptions& options,
+                    const StepLoads* steps, Clock::time_point started) {
+    const planner::PlanRequest request = planner::check_rebalance_args(load, options, steps);
+    planner::LayerPlans plans = request.algorithm == EplbAlgorithm::kMoelb
+                                    ? planner::plan_moelb_layers(request)
+                                    : planner::plan_deepseek_layers(request);
+    planner::trade_moves_for_balance(request, plans);
+    return finish_plan(request, std::move(plans), started);
+}
+
+}  // namespace
+
+Plan rebalance(ConstMatrixMap<double> load, const RebalanceOptions& options) {
+    return rebalance_impl(load, options, nullptr, Clock::now());
+}
+
+Plan rebalance(const StepLoads& steps, const RebalanceOptions& options) {
+    const auto started = Clock::now();
+    const RowMatrix<double> total = planner::sum_steps(steps);
+    return rebalance_impl(ConstMatrixMap<double>(total.data(), total.rows(), total.cols()), options,
+                          &steps, started);
+}
+
+RowMatrix<double> gpu_loads(ConstMatrixMap<double> load, const ExpertLocation& location) {
+    planner::check_load_shape(load, location);
+    const int L = location.num_layers(), W = location.ep_size();  // DESIGN's letters
+    const int P = location.num_physical_experts(), S = P / W;
+    RowMatrix<double> out = RowMatrix<double>::Zero(L, W);
+    for (int l = 0; l < L; ++l) {
+        for (int p = 0; p < P; ++p) {
+            const int e = location.physical_to_logical()(l, p);
+            out(l, p / S) += load(l, e) / location.logical_count()(l, e);
+        }
+    }
+    return out;
+}
+
+PlanStats evaluate_placement(ConstMatrixMap<double> load, const ExpertLocation& location,
+                             const ExpertLocation* previous) {
+    planner::check_evaluate_args(load, location, previous);
+    return planner::evaluate(load, location, previous, nullptr);
+}
+
+PlanStats evaluate_placement(const StepLoads& steps, const ExpertLocation& location,
+                             const ExpertLocation* previous) {
+    const RowMatrix<double> total = planner::sum_steps(steps);
+    const ConstMatrixMap<double> load(total.data(), total.rows(), total.cols());
+    planner::check_evaluate_args(load, location, previous);
+    return planner::evaluate(load, location, previous, &steps);
+}
+
+}  // namespace moelb
