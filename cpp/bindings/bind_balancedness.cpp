@@ -31,20 +31,21 @@ void check_loads(const py::array_t<double>& mean, const py::array_t<double>& max
     MOELB_CHECK_ARG(mean.ndim() == max.ndim() &&
                         std::equal(mean.shape(), mean.shape() + mean.ndim(), max.shape()),
                     "mean_rank_load has shape " << shape_string(mean) << " but max_rank_load has "
-                                               << shape_string(max));
+                                                << shape_string(max));
     const double* m = mean.data();
     const double* x = max.data();
     for (py::ssize_t i = 0; i < mean.size(); ++i) {
         MOELB_CHECK_ARG(std::isfinite(m[i]) && m[i] >= 0,
                         "mean_rank_load" << multi_index(mean, i) << " = " << m[i]
-                                        << " is not a finite non-negative load");
+                                         << " is not a finite non-negative load");
         MOELB_CHECK_ARG(std::isfinite(x[i]) && x[i] >= 0,
                         "max_rank_load" << multi_index(max, i) << " = " << x[i]
-                                       << " is not a finite non-negative load");
+                                        << " is not a finite non-negative load");
         MOELB_CHECK_ARG(m[i] <= x[i] * (1 + 1e-9),
                         "mean_rank_load" << multi_index(mean, i) << " = " << m[i]
-                                        << " is above max_rank_load" << multi_index(max, i) << " = "
-                                        << x[i] << " (a mean cannot exceed the largest load)");
+                                         << " is above max_rank_load" << multi_index(max, i)
+                                         << " = " << x[i]
+                                         << " (a mean cannot exceed the largest load)");
     }
 }
 
@@ -86,7 +87,8 @@ void bind_balancedness(py::module_& m) {
             const LayerSet which = parse_layer_set(layers);
             const auto mean = contiguous(mean_rank_load, "mean_rank_load");
             const auto max = contiguous(max_rank_load, "max_rank_load");
-            MOELB_CHECK_ARG(mean.ndim() >= 1, "mean_rank_load must have a layer axis, got a scalar");
+            MOELB_CHECK_ARG(mean.ndim() >= 1,
+                            "mean_rank_load must have a layer axis, got a scalar");
             check_loads(mean, max);
             const py::ssize_t L = mean.shape(mean.ndim() - 1);
             std::vector<py::ssize_t> shape(mean.shape(), mean.shape() + mean.ndim() - 1);

@@ -75,8 +75,8 @@ void bind_recorder(py::module_& m) {
                 const int rank = narrow(ep_rank, "ep_rank");
                 const int trailing = narrow(num_trailing_shared_slots, "num_trailing_shared_slots");
                 py::gil_scoped_release release;
-                r.on_dispatch_counts({counts.data(), static_cast<std::size_t>(counts.size())},
-                                     rank, trailing);
+                r.on_dispatch_counts({counts.data(), static_cast<std::size_t>(counts.size())}, rank,
+                                     trailing);
             },
             py::arg("local_counts"), py::arg("ep_rank"), py::arg("num_trailing_shared_slots") = 0)
         .def(

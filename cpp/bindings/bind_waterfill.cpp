@@ -63,9 +63,9 @@ from rank_load). allow_all_ranks: every rank is a candidate. destination: the fe
     py::class_<WaterfillBalancer>(m, "WaterfillBalancer", R"doc(
 The Waterfill shared-expert balancer of one MoE layer on one EP rank (SGLang's, exactly).
 )doc")
-        .def(py::init([](std::int64_t num_physical_experts, std::int64_t ep_size, std::int64_t ep_rank,
-                         double routed_scaling_factor, const std::string& mode,
-                         bool apply_routed_scaling_factor_on_output) {
+        .def(py::init([](std::int64_t num_physical_experts, std::int64_t ep_size,
+                         std::int64_t ep_rank, double routed_scaling_factor,
+                         const std::string& mode, bool apply_routed_scaling_factor_on_output) {
                  return WaterfillBalancer(narrow(num_physical_experts, "num_physical_experts"),
                                           narrow(ep_size, "ep_size"), narrow(ep_rank, "ep_rank"),
                                           routed_scaling_factor, parse_waterfill_mode(mode),

@@ -72,8 +72,9 @@ layer's rows of both placements); the executors refuse weights that hold anythin
         .def(
             "ops",
             [](const WeightMovePlan& p, std::int64_t ep_rank) {
-                MOELB_CHECK_ARG(ep_rank >= 0 && ep_rank < p.ep_size,
-                                "ep_rank=" << ep_rank << " is outside [0, ep_size=" << p.ep_size << ")");
+                MOELB_CHECK_ARG(
+                    ep_rank >= 0 && ep_rank < p.ep_size,
+                    "ep_rank=" << ep_rank << " is outside [0, ep_size=" << p.ep_size << ")");
                 py::list out;
                 for (const MoveOp& op : p.ops[static_cast<std::size_t>(ep_rank)]) {
                     out.append(py::make_tuple(std::string(to_string(op.kind)), op.expert,

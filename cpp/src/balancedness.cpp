@@ -23,8 +23,9 @@ std::string_view to_string(LayerSet value) { return detail::enum_name(kLayerSetN
 double balancedness(std::span<const double> mean_rank_load, std::span<const double> max_rank_load,
                     LayerSet layers) {
     MOELB_CHECK_ARG(mean_rank_load.size() == max_rank_load.size(),
-                    "mean_rank_load has " << mean_rank_load.size() << " layers but max_rank_load has "
-                                         << max_rank_load.size());
+                    "mean_rank_load has " << mean_rank_load.size()
+                                          << " layers but max_rank_load has "
+                                          << max_rank_load.size());
     double sum = 0.0;
     std::size_t n = 0;
     for (std::size_t l = 0; l < mean_rank_load.size(); ++l) {

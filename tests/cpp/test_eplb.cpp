@@ -64,7 +64,7 @@ std::vector<int> counts_of(const ExpertLocation& loc, int layer) {
 
 // Per-GPU loads of one layer under equal split, computed here (independent of rank_loads).
 std::vector<double> layer_rank_loads(const RowMatrix<double>& load, const ExpertLocation& loc,
-                                    int layer) {
+                                     int layer) {
     const int G = loc.ep_size(), S = loc.num_local_physical_experts();
     const std::vector<int> count = counts_of(loc, layer);
     std::vector<double> out(static_cast<std::size_t>(G), 0.0);
@@ -500,7 +500,8 @@ TEST(MoelbVsDeepSeek, OneNodeNotAboveHierarchical) {
                      << " max GPU load " << ours.stats.layers[0].max_rank_load << " > deepseek's "
                      << theirs.stats.layers[0].max_rank_load;
     }
-    EXPECT_LE(ours.stats.layers[0].max_rank_load, theirs.stats.layers[0].max_rank_load * (1 + 1e-9));
+    EXPECT_LE(ours.stats.layers[0].max_rank_load,
+              theirs.stats.layers[0].max_rank_load * (1 + 1e-9));
 }
 
 // The largest GPU load of one layer's slot map (equal split), computed here.
@@ -680,9 +681,9 @@ TEST(MoelbTiny, AgainstEveryPlacement) {
         const BruteForce bf = brute_force(w, P, G);
         const Plan ours =
             plan_of(load, {.num_physical_experts = P, .ep_size = G, .locality = Locality::kNone});
-        const Plan ds = plan_of(load, {.num_physical_experts = P,
-                                       .ep_size = G,
-                                       .algorithm = EplbAlgorithm::kDeepSeekGlobal});
+        const Plan ds = plan_of(
+            load,
+            {.num_physical_experts = P, .ep_size = G, .algorithm = EplbAlgorithm::kDeepSeekGlobal});
         const double m = ours.stats.layers[0].max_rank_load;
         std::ostringstream what;
         what << "load " << load << ", P=" << P << ", G=" << G;
@@ -1420,7 +1421,8 @@ TEST(EplbStepPeak, TotalObjectiveOnASeriesPlansLikeTheSummedLoad) {
                 // The largest GPU's sum over steps is at most the sum of the steps' largest.
                 EXPECT_GE(s.step_max_rank_load, s.max_rank_load * (1 - 1e-12));
                 EXPECT_GT(s.step_max_rank_load, 0.0);
-                step_balancedness += (s.mean_rank_load + 1e-5) / (s.step_max_rank_load + 1e-5) / t.L;
+                step_balancedness +=
+                    (s.mean_rank_load + 1e-5) / (s.step_max_rank_load + 1e-5) / t.L;
             }
             EXPECT_TRUE(near(ours.stats.step_balancedness, step_balancedness));
             EXPECT_LE(ours.stats.step_balancedness, ours.stats.balancedness * (1 + 1e-12));
@@ -1738,7 +1740,8 @@ TEST(EplbStepPeak, PreviousOnlyRelabels) {
         EXPECT_TRUE(near(matched.stats.layers[l].step_max_rank_load,
                          fresh.stats.layers[l].step_max_rank_load))
             << "layer " << l;
-        EXPECT_EQ(again.stats.layers[l].step_max_rank_load, fresh.stats.layers[l].step_max_rank_load);
+        EXPECT_EQ(again.stats.layers[l].step_max_rank_load,
+                  fresh.stats.layers[l].step_max_rank_load);
     }
 }
 

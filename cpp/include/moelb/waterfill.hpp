@@ -72,9 +72,9 @@ class WaterfillBalancer {
     using AllReduce = std::function<void(std::span<std::int64_t> buffer)>;
 
     // num_physical_experts: P routed slots (logical + redundant), a multiple of ep_size; S = P / W
-    // per rank. ep_rank: this rank in [0, ep_size). routed_scaling_factor: the shared column's weight
-    // is 1 / rsf (1.0 when rsf is 0, or when apply_routed_scaling_factor_on_output: rsf is then
-    // already folded into the routed weights).
+    // per rank. ep_rank: this rank in [0, ep_size). routed_scaling_factor: the shared column's
+    // weight is 1 / rsf (1.0 when rsf is 0, or when apply_routed_scaling_factor_on_output: rsf is
+    // then already folded into the routed weights).
     WaterfillBalancer(int num_physical_experts, int ep_size, int ep_rank,
                       double routed_scaling_factor = 1.0,
                       WaterfillMode mode = WaterfillMode::kStatic,

@@ -291,7 +291,7 @@ LocalityChoice choose_locality(const PlanRequest& r) {
     }
     out.location_nodes = r.num_nodes;
     if (r.ep_size % r.num_nodes != 0) {
-        notes << "num_gpus=" << r.ep_size << " is not divisible by num_nodes=" << r.num_nodes
+        notes << "ep_size=" << r.ep_size << " is not divisible by num_nodes=" << r.num_nodes
               << ": planned without node locality, location has num_nodes=1. ";
         locality = Locality::kNone;
         out.location_nodes = 1;

@@ -95,7 +95,7 @@ LayerPlans plan_deepseek_layers(const PlanRequest& r) {
     plans.algorithm = hierarchical ? "deepseek_hierarchical" : "deepseek_global";
     if (W % r.num_nodes != 0) {
         std::ostringstream note;
-        note << "num_gpus=" << W << " is not divisible by num_nodes=" << r.num_nodes
+        note << "ep_size=" << W << " is not divisible by num_nodes=" << r.num_nodes
              << ": the location has num_nodes=1. ";
         plans.notes += note.str();
         plans.location_nodes = 1;

@@ -15,7 +15,7 @@
 //
 // Vocabulary (DESIGN "Conventions"): parameters carry full names -- num_layers, num_experts
 // (E, logical experts), num_physical_experts (P, slots per layer), num_groups (expert groups; 0 =
-// none), num_nodes, ep_size (W, EP ranks = GPUs; RebalanceOptions::num_gpus), slots_per_rank
+// none), num_nodes, ep_size (W, EP ranks = GPUs), slots_per_rank
 // (S = P / W). A function body may alias them with DESIGN's letters E, P, W, N, S, saying so where
 // it does (never K: DESIGN's K is the top-k). Two arrays that almost every function takes keep
 // short names: `w`, one layer's expert loads [num_experts] (eplb.py's `weight`), and `phy2log`, one
@@ -349,7 +349,7 @@ struct PlanRequest {
     int num_physical_experts;  // P
     int num_groups;            // 0 = none
     int num_nodes;
-    int ep_size;  // W (RebalanceOptions::num_gpus)
+    int ep_size;  // W
     // kMoelb, or DeepSeek's policy that runs: kDeepSeekHierarchical or kDeepSeekGlobal (never
     // kDeepSeek, which is resolved to one of them).
     EplbAlgorithm algorithm;

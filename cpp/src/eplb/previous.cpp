@@ -225,8 +225,8 @@ std::vector<MoveCandidate> move_candidates(const PlanRequest& r, const LayerPlan
             layer_stats(r.load.row(l).data(), old, r.num_experts, r.num_physical_experts, r.ep_size,
                         plans.lower_bounds[l], nullptr, r.step_peak ? &st : nullptr, count);
         const LayerPlanStats& after = plans.stats.layers[static_cast<std::size_t>(l)];
-        const double old_max = r.step_peak ? before.step_max_gpu_load : before.max_gpu_load;
-        const double new_max = r.step_peak ? after.step_max_gpu_load : after.max_gpu_load;
+        const double old_max = r.step_peak ? before.step_max_rank_load : before.max_rank_load;
+        const double new_max = r.step_peak ? after.step_max_rank_load : after.max_rank_load;
         Index moves = 0;
         for (int p = 0; p < r.num_physical_experts; ++p) moves += plans.phy2log(l, p) != old[p];
         const double gain = old_max > 0 ? (old_max - new_max) / old_max : 0.0;

@@ -1,7 +1,7 @@
 // The EPLB planner's public API (DESIGN section 4; moelb/eplb.hpp): the enum names, and
 // rebalance() as the algorithm's steps -- validate the request, plan every layer (DeepSeek's
 // policy or moelb's pipeline, plan_layers.cpp), trade moves against the previous placement,
-// summarise -- plus evaluate_placement() and gpu_loads() on any placement.
+// summarise -- plus evaluate_placement() and rank_loads() on any placement.
 #include <chrono>
 #include <cstdint>
 #include <string>
@@ -94,7 +94,7 @@ Plan rebalance(const StepLoads& steps, const RebalanceOptions& options) {
                           &steps, started);
 }
 
-RowMatrix<double> gpu_loads(ConstMatrixMap<double> load, const ExpertLocation& location) {
+RowMatrix<double> rank_loads(ConstMatrixMap<double> load, const ExpertLocation& location) {
     planner::check_load_shape(load, location);
     const int L = location.num_layers(), W = location.ep_size();  // DESIGN's letters
     const int P = location.num_physical_experts(), S = P / W;

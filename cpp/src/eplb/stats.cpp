@@ -17,8 +17,8 @@ namespace moelb::planner {
 namespace {
 
 // The largest GPU load of a layer placement whose experts have count[e] replicas.
-double layer_max_gpu_load(const double* w, const std::int32_t* phy2log, const std::int32_t* count,
-                          int num_experts, int num_physical_experts, int ep_size) {
+double layer_max_rank_load(const double* w, const std::int32_t* phy2log, const std::int32_t* count,
+                           int num_experts, int num_physical_experts, int ep_size) {
     const int E = num_experts, W = ep_size, S = num_physical_experts / ep_size;  // DESIGN's
     thread_local std::vector<double> share;  // an expert's load per replica
     share.resize(static_cast<std::size_t>(E));
@@ -66,9 +66,9 @@ LayerPlanStats layer_stats(const double* w, const std::int32_t* phy2log, int num
     for (int p = 0; p < P; ++p) ++count[phy2log[p]];
     double total = 0;
     for (int e = 0; e < E; ++e) total += w[e];
-    s.max_gpu_load = layer_max_gpu_load(w, phy2log, count.data(), E, P, W);
-    s.mean_gpu_load = total / W;
-    s.balancedness = utilization_rate(s.mean_gpu_load, s.max_gpu_load);
+    s.max_rank_load = layer_max_rank_load(w, phy2log, count.data(), E, P, W);
+    s.mean_rank_load = total / W;
+    s.balancedness = utilization_rate(s.mean_rank_load, s.max_rank_load);
     if (std::isnan(bound)) {
         thread_local std::vector<int> scratch;
         bound = flat_lower_bound(w, E, P, W, scratch);
@@ -76,8 +76,8 @@ LayerPlanStats layer_stats(const double* w, const std::int32_t* phy2log, int num
     s.lower_bound = bound;
     // Never below 0: a maximum under the bound is rounding (a subnormal load split over replicas
     // rounds to 0 per replica).
-    s.gap = s.lower_bound > 0 ? std::max(0.0, s.max_gpu_load / s.lower_bound - 1) : 0.0;
-    if (steps) s.step_max_gpu_load = layer_step_peak(*steps, phy2log, count.data(), E, P, W);
+    s.gap = s.lower_bound > 0 ? std::max(0.0, s.max_rank_load / s.lower_bound - 1) : 0.0;
+    if (steps) s.step_max_rank_load = layer_step_peak(*steps, phy2log, count.data(), E, P, W);
     if (previous) {
         for (int p = 0; p < P; ++p) s.moved_experts += previous[p] != phy2log[p];
     }
@@ -101,11 +101,11 @@ void summarise(PlanStats& stats, bool has_steps) {
         stats.mean_gap += s.gap / L;
         stats.max_gap = std::max(stats.max_gap, s.gap);
         stats.moved_experts += s.moved_experts;
-        sum_mean += s.mean_gpu_load;
-        sum_max += s.max_gpu_load;
-        mean.push_back(s.mean_gpu_load);
-        max.push_back(s.max_gpu_load);
-        step_max.push_back(s.step_max_gpu_load);
+        sum_mean += s.mean_rank_load;
+        sum_max += s.max_rank_load;
+        mean.push_back(s.mean_rank_load);
+        max.push_back(s.max_rank_load);
+        step_max.push_back(s.step_max_rank_load);
     }
     stats.balancedness = balancedness(mean, max, LayerSet::kAll);
     stats.active_balancedness = balancedness(mean, max, LayerSet::kActive);

@@ -91,14 +91,14 @@ namespace {
 void check_shape_args(ConstMatrixMap<double> load, const RebalanceOptions& o, Index num_steps) {
     const Index L = load.rows();
     const int E = static_cast<int>(load.cols());
-    const int P = o.num_physical_experts, N = o.num_nodes, W = o.num_gpus;  // DESIGN's
+    const int P = o.num_physical_experts, N = o.num_nodes, W = o.ep_size;  // DESIGN's
     const int num_groups = o.num_groups;
     MOELB_CHECK_ARG(L >= 1 && E >= 1,
                     "load must have shape [num_layers, num_experts] with both "
                     "positive, got ["
                         << L << ", " << E << "]");
     check_load_values(load, num_steps);
-    MOELB_CHECK_ARG(W >= 1, "num_gpus must be positive, got " << W);
+    MOELB_CHECK_ARG(W >= 1, "ep_size must be positive, got " << W);
     MOELB_CHECK_ARG(N >= 1, "num_nodes must be positive, got " << N);
     MOELB_CHECK_ARG(num_groups >= 0, "num_groups must be non-negative, got " << num_groups);
     MOELB_CHECK_ARG(
@@ -107,14 +107,14 @@ void check_shape_args(ConstMatrixMap<double> load, const RebalanceOptions& o, In
                     "num_physical_experts=" << P << " is above the " << kMaxPhysicalExperts
                                             << " slots per layer moelb plans");
     MOELB_CHECK_ARG(P % W == 0,
-                    "num_physical_experts=" << P << " is not divisible by num_gpus=" << W);
+                    "num_physical_experts=" << P << " is not divisible by ep_size=" << W);
 }
 
 // previous's shape, move_cost, max_moves and the objective.
 void check_option_args(ConstMatrixMap<double> load, const RebalanceOptions& o,
                        const StepLoads* steps) {
     const Index L = load.rows();
-    const int E = static_cast<int>(load.cols()), P = o.num_physical_experts, W = o.num_gpus;
+    const int E = static_cast<int>(load.cols()), P = o.num_physical_experts, W = o.ep_size;
     if (o.previous) {
         MOELB_CHECK_ARG(o.previous->num_layers() == L && o.previous->num_logical_experts() == E &&
                             o.previous->num_physical_experts() == P && o.previous->ep_size() == W,
@@ -142,14 +142,14 @@ void check_option_args(ConstMatrixMap<double> load, const RebalanceOptions& o,
 // when num_groups % num_nodes == 0; its shape constraints checked) or global policy.
 EplbAlgorithm resolve_algorithm(int num_experts, const RebalanceOptions& o) {
     if (o.algorithm == EplbAlgorithm::kMoelb) return EplbAlgorithm::kMoelb;
-    const int E = num_experts, N = o.num_nodes, W = o.num_gpus;  // DESIGN's letters
+    const int E = num_experts, N = o.num_nodes, W = o.ep_size;  // DESIGN's letters
     const int num_groups = o.num_groups;
     const bool hierarchical =
         o.algorithm == EplbAlgorithm::kDeepSeekHierarchical ||
         (o.algorithm == EplbAlgorithm::kDeepSeek && num_groups > 0 && num_groups % N == 0);
     if (!hierarchical) return EplbAlgorithm::kDeepSeekGlobal;
-    MOELB_CHECK_ARG(W % N == 0, "num_gpus=" << W << " is not divisible by num_nodes=" << N
-                                            << " (the hierarchical policy requires it)");
+    MOELB_CHECK_ARG(W % N == 0, "ep_size=" << W << " is not divisible by num_nodes=" << N
+                                           << " (the hierarchical policy requires it)");
     MOELB_CHECK_ARG(num_groups > 0, "the hierarchical policy needs num_groups");
     MOELB_CHECK_ARG(E % num_groups == 0,
                     "num_experts=" << E << " is not divisible by num_groups=" << num_groups
@@ -175,7 +175,7 @@ PlanRequest check_rebalance_args(ConstMatrixMap<double> load, const RebalanceOpt
                        .num_physical_experts = options.num_physical_experts,
                        .num_groups = options.num_groups,
                        .num_nodes = options.num_nodes,
-                       .ep_size = options.num_gpus,
+                       .ep_size = options.ep_size,
                        .algorithm = resolve_algorithm(num_experts, options),
                        .locality = options.locality,
                        .step_peak = options.objective == Objective::kStepPeak,
