@@ -385,7 +385,7 @@ class DeepSeekMoE:
         shared_down: npt.ArrayLike | None,
         tid2eid: npt.ArrayLike | None,
         location: ExpertLocation | None,
-        location_layer: int,
+        layer: int,
         ep_rank: int,
     ) -> None: ...
     @property
@@ -393,7 +393,7 @@ class DeepSeekMoE:
     @property
     def location(self) -> ExpertLocation: ...
     @property
-    def location_layer(self) -> int: ...
+    def layer(self) -> int: ...
     def config_dict(self) -> dict[str, Any]: ...
     def forward(
         self, hidden: npt.ArrayLike, input_ids: npt.ArrayLike | None = None
@@ -403,7 +403,7 @@ class DeepSeekMoE:
     def fused_shared_weights(
         self,
     ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]] | None: ...
-    def set_location(self, location: ExpertLocation, location_layer: int) -> None: ...
+    def set_location(self, location: ExpertLocation, layer: int) -> None: ...
 
 def score_steps(
     counts: npt.NDArray[np.int32], location: ExpertLocation

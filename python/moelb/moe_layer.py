@@ -189,7 +189,7 @@ class DeepSeekMoE(_core.DeepSeekMoE):
         the routed slots' weights and switches the layer to ``new_location``.
 
         The plan must start from the placement the layer holds (``self.location``'s layer
-        ``self.location_layer``) and lead to ``new_location``'s; anything else (a stale plan, the
+        ``self.layer``) and lead to ``new_location``'s; anything else (a stale plan, the
         same plan a second time, another layer's plan) is an InvalidArgumentError and leaves the
         weights and the placement as they were."""
         if not isinstance(plan, WeightMovePlan):
@@ -198,9 +198,9 @@ class DeepSeekMoE(_core.DeepSeekMoE):
             raise TypeError(
                 f"new_location must be an ExpertLocation, got {type(new_location).__name__}"
             )
-        if plan.layer != self.location_layer:
+        if plan.layer != self.layer:
             raise InvalidArgumentError(
-                f"plan is for layer {plan.layer} but the layer holds layer {self.location_layer}"
+                f"plan is for layer {plan.layer} but the layer holds layer {self.layer}"
             )
         ep_size, slots = plan.ep_size, plan.num_local_slots
         if ep_size * slots != self.num_physical_experts:
@@ -211,13 +211,13 @@ class DeepSeekMoE(_core.DeepSeekMoE):
         if (
             new_location.num_physical_experts != self.num_physical_experts
             or new_location.num_logical_experts != self.config.num_experts
-            or not 0 <= self.location_layer < new_location.num_layers
+            or not 0 <= self.layer < new_location.num_layers
         ):
             raise InvalidArgumentError(
                 f"new_location has {new_location.num_logical_experts} logical / "
                 f"{new_location.num_physical_experts} physical experts in "
                 f"{new_location.num_layers} layers; the layer needs {self.config.num_experts} / "
-                f"{self.num_physical_experts} and layer {self.location_layer}"
+                f"{self.num_physical_experts} and layer {self.layer}"
             )
         held = self.location
         plan.check_source(held, "the layer's location")
@@ -229,6 +229,6 @@ class DeepSeekMoE(_core.DeepSeekMoE):
         ]
         # Nothing is written until every check passed and every result exists; set_location
         # validates new_location against the layer (e.g. ep_rank) before the weights change.
-        self.set_location(new_location, self.location_layer)
+        self.set_location(new_location, self.layer)
         for view, result in zip(views, moved, strict=True):
             view[...] = result.reshape(view.shape)
