@@ -1,16 +1,14 @@
+// The DeepSeek MoE layer and its forward on CPU (DESIGN section 6; reference/moe_layer.md): the
+// routed weights held per physical slot, the placement they follow, the memory model of the
+// forward's workspace, and the forward itself, step by step (shared expert, gate, top-k, routed
+// experts, combine).
 #include "moelb/moe_layer.hpp"
 
 #include <algorithm>
-#include <cmath>
+#include <cstdint>
 #include <cstring>
-#include <random>
 #include <utility>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
-
-#include "enum_names.hpp"
 #include "moelb/errors.hpp"
 #include "moelb/parallel.hpp"
 
@@ -55,46 +53,44 @@ namespace {
 constexpr Index kBlockRows = 128;
 constexpr Index kCombineRows = 256;
 
-constexpr detail::EnumNames<RoutedKernel, 2> kKernelNames{{
-    {"inplace", RoutedKernel::kInplace},
-    {"out_of_place", RoutedKernel::kOutOfPlace},
-}};
-
 using RowMap = Eigen::Map<RowMatrix<float>>;
 using ConstRowMap = Eigen::Map<const RowMatrix<float>>;
 using ColMap = Eigen::Map<Eigen::MatrixXf>;
 using ConstColMap = Eigen::Map<const Eigen::MatrixXf>;
 
 // One SwiGLU MLP over `rows` input rows: x [rows, H] (row-major) -> y_cm [rows, H], stored
-// column-major, through gate_up [rows, 2 width] (scratch, column-major: the gate columns, then the
-// up columns). w_gate_up [2 width, H], w_down [H, width], row-major; L = limit (0: no clamp).
+// column-major, through gate_up [rows, 2 I] (scratch, column-major: the gate columns, then the up
+// columns), I = intermediate_size (the MLP's own: the shared expert's is Is). w_gate_up [2 I, H],
+// w_down [H, I], row-major; L = limit (0: no clamp).
 //
 // Column-major results put the weights on the right-hand side of both products, where Eigen packs
 // a row-major weight matrix by copying contiguous rows; on the left-hand side it would transpose
 // every expert's weights on every block (the forward's largest cost after the products).
-void mlp_rows(const float* x, Index rows, Index H, Index width, const float* w_gate_up,
-              const float* w_down, float limit, float* gate_up, float* y_cm) {
-    ColMap gu(gate_up, rows, 2 * width);
-    gu.noalias() = ConstRowMap(x, rows, H) * ConstRowMap(w_gate_up, 2 * width, H).transpose();
+void mlp_rows(const float* x, Index rows, Index hidden_size, Index intermediate_size,
+              const float* w_gate_up, const float* w_down, float limit, float* gate_up,
+              float* y_cm) {
+    const Index H = hidden_size, I = intermediate_size;
+    ColMap gu(gate_up, rows, 2 * I);
+    gu.noalias() = ConstRowMap(x, rows, H) * ConstRowMap(w_gate_up, 2 * I, H).transpose();
     // a = silu(min(g, L)) * clamp(u, -L, L), into the gate columns.
-    Eigen::Map<Eigen::ArrayXf> gate(gate_up, rows * width);
-    Eigen::Map<Eigen::ArrayXf> up(gate_up + rows * width, rows * width);
+    Eigen::Map<Eigen::ArrayXf> gate(gate_up, rows * I);
+    Eigen::Map<Eigen::ArrayXf> up(gate_up + rows * I, rows * I);
     if (limit > 0) {
         gate = gate.min(limit);
         up = up.max(-limit).min(limit);
     }
     gate = gate / (1.0f + (-gate).exp()) * up;
     ColMap(y_cm, rows, H).noalias() =
-        ConstColMap(gate_up, rows, width) * ConstRowMap(w_down, H, width).transpose();
+        ConstColMap(gate_up, rows, I) * ConstRowMap(w_down, H, I).transpose();
 }
 
 // Copies y_cm [rows, H] (column-major) row by row to dst_row(r) (H contiguous floats each), in
 // tiles of 16 columns so that each tile's reads stay in cache.
 template <class DstRow>
-void store_rows(const float* y_cm, Index rows, Index H, DstRow dst_row) {
+void store_rows(const float* y_cm, Index rows, Index hidden_size, DstRow dst_row) {
     constexpr Index kTile = 16;
-    for (Index h0 = 0; h0 < H; h0 += kTile) {
-        const Index width = std::min(kTile, H - h0);
+    for (Index h0 = 0; h0 < hidden_size; h0 += kTile) {
+        const Index width = std::min(kTile, hidden_size - h0);
         for (Index r = 0; r < rows; ++r) {
             float* dst = dst_row(r) + h0;
             const float* src = y_cm + h0 * rows + r;
@@ -110,215 +106,60 @@ void check_config_shape(const char* name, Index rows, Index cols, Index want_row
                          << ", " << want_cols << "]");
 }
 
-}  // namespace
-
-RoutedKernel parse_routed_kernel(std::string_view name, std::string_view param) {
-    return detail::parse_enum(kKernelNames, name, param, "a routed kernel");
-}
-
-std::string_view to_string(RoutedKernel kernel) { return detail::enum_name(kKernelNames, kernel); }
-
-// ---------------------------------------------------------------------------------------------
-// Config
-
-bool DeepSeekMoEConfig::defers_shared() const {
-    if (num_shared_experts == 0 || fuse_shared_experts) return false;
-    switch (defer_shared) {
-        case DeferShared::kYes:
-            return true;
-        case DeferShared::kNo:
-            return false;
-        case DeferShared::kAuto:
-            break;
-    }
-    return kernel == RoutedKernel::kOutOfPlace;
-}
-
-TopKConfig DeepSeekMoEConfig::topk_config() const {
-    TopKConfig c;
-    c.top_k = top_k;
-    c.scoring = scoring;
-    c.num_groups = num_groups;
-    c.topk_group = topk_group;
-    c.renormalize = renormalize;
-    c.routed_scaling_factor = routed_scaling_factor;
-    c.apply_routed_scaling_factor_on_output = false;  // the layer multiplies the routed sum
-    c.num_fused_shared_experts = num_fused_shared();
-    return c;
-}
-
-void DeepSeekMoEConfig::validate() const {
-    MOELB_CHECK_ARG(hidden_size >= 1, "hidden_size must be positive, got " << hidden_size);
-    MOELB_CHECK_ARG(intermediate_size >= 1,
-                    "intermediate_size must be positive, got " << intermediate_size);
-    MOELB_CHECK_ARG(num_experts >= 1, "num_experts must be positive, got " << num_experts);
-    MOELB_CHECK_ARG(top_k >= 1 && top_k <= num_experts,
-                    "top_k=" << top_k << " must be in [1, num_experts=" << num_experts << "]");
-    MOELB_CHECK_ARG(num_shared_experts >= 0,
-                    "num_shared_experts must be non-negative, got " << num_shared_experts);
-    MOELB_CHECK_ARG(!fuse_shared_experts || num_shared_experts == 1,
-                    "fuse_shared_experts needs num_shared_experts=1, got " << num_shared_experts);
-    MOELB_CHECK_ARG(!fuse_shared_experts || renormalize,
-                    "fuse_shared_experts needs renormalize=True (the fused shared weight is 1/rsf "
-                    "only after renormalisation)");
-    MOELB_CHECK_ARG(
-        std::isfinite(routed_scaling_factor) && routed_scaling_factor > 0,
-        "routed_scaling_factor must be positive and finite, got " << routed_scaling_factor);
-    MOELB_CHECK_ARG(std::isfinite(swiglu_limit) && swiglu_limit >= 0,
-                    "swiglu_limit must be finite and >= 0 (0: no clamp), got " << swiglu_limit);
-    MOELB_CHECK_ARG(std::isfinite(shared_swiglu_limit),
-                    "shared_swiglu_limit must be finite, got " << shared_swiglu_limit);
-    MOELB_CHECK_ARG(num_hash_layers >= 0,
-                    "num_hash_layers must be non-negative, got " << num_hash_layers);
-    MOELB_CHECK_ARG(layer_id >= 0, "layer_id must be non-negative, got " << layer_id);
-    MOELB_CHECK_ARG(!is_hash_layer() || vocab_size >= 1,
-                    "layer " << layer_id << " is a hash layer (num_hash_layers=" << num_hash_layers
-                             << ") and needs vocab_size >= 1, got " << vocab_size);
-    MOELB_CHECK_ARG(!(defer_shared == DeferShared::kYes && kernel == RoutedKernel::kInplace),
-                    "defer_shared=True needs an out-of-place routed kernel: the in-place kernel "
-                    "overwrites the shared expert's input");
-    if (!is_hash_layer()) topk_config().validate_for(num_experts);
-}
-
-DeepSeekMoEConfig DeepSeekMoEConfig::deepseek_v3(int layer_id) {
-    DeepSeekMoEConfig c;
-    c.hidden_size = 7168;
-    c.intermediate_size = 2048;
-    c.num_experts = 256;
-    c.top_k = 8;
-    c.num_shared_experts = 1;
-    c.scoring = Scoring::kSigmoid;
-    c.num_groups = 8;
-    c.topk_group = 4;
-    c.renormalize = true;
-    c.routed_scaling_factor = 2.5f;
-    c.layer_id = layer_id;
-    return c;
-}
-
-DeepSeekMoEConfig DeepSeekMoEConfig::deepseek_v4_flash(int layer_id) {
-    DeepSeekMoEConfig c;
-    c.hidden_size = 4096;
-    c.intermediate_size = 2048;
-    c.num_experts = 256;
-    c.top_k = 6;
-    c.num_shared_experts = 1;
-    c.scoring = Scoring::kSqrtSoftplus;
-    c.renormalize = true;
-    c.routed_scaling_factor = 1.5f;
-    c.num_hash_layers = 3;
-    c.layer_id = layer_id;
-    c.vocab_size = 129280;
-    c.swiglu_limit = 10.0f;
-    return c;
-}
-
-DeepSeekMoEConfig DeepSeekMoEConfig::deepseek_v4_pro(int layer_id) {
-    DeepSeekMoEConfig c = deepseek_v4_flash(layer_id);
-    c.hidden_size = 7168;
-    c.intermediate_size = 3072;
-    c.num_experts = 384;
-    c.routed_scaling_factor = 2.5f;
-    return c;
-}
-
-// ---------------------------------------------------------------------------------------------
-// Weights
-
-DeepSeekMoEWeights DeepSeekMoEWeights::random(const DeepSeekMoEConfig& config, std::uint64_t seed) {
-    config.validate();
+// The shapes of the expert weights: w13 [E, 2I, H], w2 [E, H, I], the separate shared expert's
+// gate/up [2 Is, H] and down [H, Is].
+void check_expert_weights(const DeepSeekMoEConfig& config, const DeepSeekMoEWeights& weights) {
     const Index H = config.hidden_size, I = config.intermediate_size, E = config.num_experts;
     const Index Is = config.shared_intermediate_size();
-    std::mt19937_64 rng(seed);
-    std::normal_distribution<float> normal(0.0f, 1.0f);
-    const auto fill = [&](float* data, Index n, float scale) {
-        for (Index i = 0; i < n; ++i) data[i] = normal(rng) * scale;
-    };
-    const float in_scale = 1.0f / std::sqrt(static_cast<float>(H));
-    DeepSeekMoEWeights w;
-    w.gate.resize(E, H);
-    fill(w.gate.data(), w.gate.size(), in_scale);
-    if (!config.is_hash_layer()) {
-        w.correction_bias.resize(static_cast<std::size_t>(E));
-        fill(w.correction_bias.data(), E, 0.05f);
-    }
-    w.w13.resize(static_cast<std::size_t>(E * 2 * I * H));
-    fill(w.w13.data(), E * 2 * I * H, in_scale);
-    w.w2.resize(static_cast<std::size_t>(E * H * I));
-    fill(w.w2.data(), E * H * I, 1.0f / std::sqrt(static_cast<float>(I)));
+    MOELB_CHECK_ARG(static_cast<Index>(weights.w13.size()) == E * 2 * I * H,
+                    "w13 has " << weights.w13.size() << " values, expected [num_experts=" << E
+                               << ", 2 * intermediate_size=" << 2 * I << ", hidden_size=" << H
+                               << "]");
+    MOELB_CHECK_ARG(static_cast<Index>(weights.w2.size()) == E * H * I,
+                    "w2 has " << weights.w2.size() << " values, expected [num_experts=" << E
+                              << ", hidden_size=" << H << ", intermediate_size=" << I << "]");
     if (Is > 0) {
-        w.shared_gate_up.resize(2 * Is, H);
-        fill(w.shared_gate_up.data(), w.shared_gate_up.size(), in_scale);
-        w.shared_down.resize(H, Is);
-        fill(w.shared_down.data(), w.shared_down.size(), 1.0f / std::sqrt(static_cast<float>(Is)));
+        check_config_shape("shared_gate_up", weights.shared_gate_up.rows(),
+                           weights.shared_gate_up.cols(), 2 * Is, H);
+        check_config_shape("shared_down", weights.shared_down.rows(), weights.shared_down.cols(), H,
+                           Is);
     }
-    if (config.is_hash_layer()) {
-        // K distinct experts per token id.
-        const int K = config.top_k;
-        w.tid2eid.resize(config.vocab_size, K);
-        std::vector<std::int32_t> experts(static_cast<std::size_t>(E));
-        for (Index v = 0; v < config.vocab_size; ++v) {
-            for (int k = 0; k < K; ++k) {
-                std::uniform_int_distribution<Index> pick(k, E - 1);
-                if (v == 0 && k == 0) {
-                    for (Index e = 0; e < E; ++e) experts[e] = static_cast<std::int32_t>(e);
-                }
-                std::swap(experts[k], experts[pick(rng)]);
-                w.tid2eid(v, k) = experts[k];
-            }
-        }
-    }
-    return w;
 }
 
-// ---------------------------------------------------------------------------------------------
-// Workspace
+}  // namespace
 
-template <class T>
-Workspace::Buffer<T>::Buffer(Workspace* owner, Index count, std::string name)
-    : owner_(owner), size_(count), name_(std::move(name)) {
-    const std::size_t bytes = static_cast<std::size_t>(std::max<Index>(count, 1)) * sizeof(T);
-    const std::size_t alignment = bytes >= kHugeBufferBytes ? kHugePageBytes : kAlignment;
-    void* p = ::operator new[](bytes, std::align_val_t{alignment});
-#ifdef MADV_HUGEPAGE
-    if (alignment == kHugePageBytes) madvise(p, bytes, MADV_HUGEPAGE);  // a hint; may fail
-#endif
-    data_ = std::unique_ptr<T[], Free>(static_cast<T*>(p), Free{alignment});
-    owner_->add(count * static_cast<Index>(sizeof(T)));
-}
+// One forward's state: its input and output, the workspace every temporary comes from, the
+// buffers that live from one step to a later one, and the statistics it reports.
+struct DeepSeekMoE::Forward {
+    Forward(MatrixMap<float> hidden, MatrixMap<float> output, MoEForwardStats& forward_stats)
+        : x(hidden.data(), hidden.rows(), hidden.cols()),
+          out(output),
+          num_tokens(hidden.rows()),
+          threads(get_num_threads()),
+          stats(forward_stats) {}
 
-template <class T>
-Workspace::Buffer<T>::Buffer(Buffer&& other) noexcept
-    : owner_(std::exchange(other.owner_, nullptr)),
-      data_(std::move(other.data_)),
-      size_(std::exchange(other.size_, 0)),
-      name_(std::move(other.name_)) {}
+    ConstRowMap x;         // hidden [T, H]
+    MatrixMap<float> out;  // [T, H]
+    Index num_tokens;      // T
+    int threads;
+    MoEForwardStats& stats;
+    Workspace ws;
+    Workspace::Buffer<float> shared_out;           // [T, H]: the separate shared expert's output
+    Workspace::Buffer<float> logits;               // [T, E]: router logits, until top-k
+    Workspace::Buffer<std::int32_t> topk_ids;      // [T, K']: physical slots (-1: none)
+    Workspace::Buffer<float> topk_weights;         // [T, K']
+    Workspace::Buffer<std::int32_t> recorder_ids;  // [T, K]
+};
 
-template <class T>
-Workspace::Buffer<T>& Workspace::Buffer<T>::operator=(Buffer&& other) noexcept {
-    if (this != &other) {
-        release();
-        owner_ = std::exchange(other.owner_, nullptr);
-        data_ = std::move(other.data_);
-        size_ = std::exchange(other.size_, 0);
-        name_ = std::move(other.name_);
-    }
-    return *this;
-}
-
-template <class T>
-void Workspace::Buffer<T>::release() {
-    if (owner_) owner_->remove(size_ * static_cast<Index>(sizeof(T)));
-    owner_ = nullptr;
-    data_.reset();
-    size_ = 0;
-}
-
-template class Workspace::Buffer<float>;
-template class Workspace::Buffer<std::int32_t>;
-
-// ---------------------------------------------------------------------------------------------
-// Layer
+// The (token, k) pairs of a batch sorted by physical slot (stably), each slot's pairs cut into
+// blocks of kBlockRows rows: block b belongs to the slot s with block_offsets[s] <= b <
+// block_offsets[s + 1].
+struct DeepSeekMoE::SlotPairs {
+    Workspace::Buffer<std::int32_t> order;          // [T K']: pair indices t * K' + k, by slot
+    Workspace::Buffer<std::int32_t> offsets;        // [P' + 1]: slot s's pairs in order
+    Workspace::Buffer<std::int32_t> block_offsets;  // [P' + 1]: slot s's first row block
+    Index num_blocks = 0;
+};
 
 DeepSeekMoE::DeepSeekMoE(DeepSeekMoEConfig config, const DeepSeekMoEWeights& weights,
                          std::optional<ExpertLocation> location, int location_layer, int ep_rank)
@@ -329,7 +170,7 @@ DeepSeekMoE::DeepSeekMoE(DeepSeekMoEConfig config, const DeepSeekMoEWeights& wei
       ep_rank_(ep_rank),
       num_physical_(0) {
     config_.validate();
-    const Index H = config_.hidden_size, I = config_.intermediate_size, E = config_.num_experts;
+    const Index H = config_.hidden_size, E = config_.num_experts;
     const Index Is = config_.shared_intermediate_size();
     MOELB_CHECK_ARG(location_.num_logical_experts() == E,
                     "location has " << location_.num_logical_experts()
@@ -356,19 +197,7 @@ DeepSeekMoE::DeepSeekMoE(DeepSeekMoEConfig config, const DeepSeekMoEWeights& wei
                         "correction_bias has " << weights.correction_bias.size()
                                                << " values but num_experts=" << E);
     }
-    MOELB_CHECK_ARG(static_cast<Index>(weights.w13.size()) == E * 2 * I * H,
-                    "w13 has " << weights.w13.size() << " values, expected [num_experts=" << E
-                               << ", 2 * intermediate_size=" << 2 * I << ", hidden_size=" << H
-                               << "]");
-    MOELB_CHECK_ARG(static_cast<Index>(weights.w2.size()) == E * H * I,
-                    "w2 has " << weights.w2.size() << " values, expected [num_experts=" << E
-                              << ", hidden_size=" << H << ", intermediate_size=" << I << "]");
-    if (Is > 0) {
-        check_config_shape("shared_gate_up", weights.shared_gate_up.rows(),
-                           weights.shared_gate_up.cols(), 2 * Is, H);
-        check_config_shape("shared_down", weights.shared_down.rows(), weights.shared_down.cols(), H,
-                           Is);
-    }
+    check_expert_weights(config_, weights);
 
     gate_ = weights.gate;
     bias_ = weights.correction_bias;
@@ -430,11 +259,11 @@ void DeepSeekMoE::set_location(ExpertLocation location, int location_layer) {
     location_layer_ = location_layer;
 }
 
-std::int64_t DeepSeekMoE::expected_peak_bytes(const DeepSeekMoEConfig& config, Index T,
+std::int64_t DeepSeekMoE::expected_peak_bytes(const DeepSeekMoEConfig& config, Index num_tokens,
                                               int num_physical_experts, int routed_lanes,
                                               int shared_lanes) {
-    if (T == 0) return 0;
-    const std::int64_t b = 4, H = config.hidden_size, I = config.intermediate_size;
+    if (num_tokens == 0) return 0;
+    const std::int64_t b = 4, T = num_tokens, H = config.hidden_size, I = config.intermediate_size;
     const std::int64_t E = config.num_experts, K = config.top_k, F = config.num_fused_shared();
     const std::int64_t Kp = K + F, Pp = num_physical_experts + F;
     const std::int64_t Is = config.shared_intermediate_size();
@@ -451,20 +280,61 @@ std::int64_t DeepSeekMoE::expected_peak_bytes(const DeepSeekMoEConfig& config, I
     return std::max({P_sh, S + L + TK, S + TK + W_r + O});
 }
 
+void DeepSeekMoE::forward(MatrixMap<float> hidden, std::span<const std::int64_t> input_ids,
+                          MatrixMap<float> out) {
+    // The forward only reads the layer; its statistics are gathered locally and published under
+    // a lock, so several threads may run forwards of one layer at once.
+    MoEForwardStats stats;
+    run_forward(hidden, input_ids, out, stats);
+    const std::lock_guard lock(*stats_mutex_);
+    stats_ = std::move(stats);
+}
+
+MoEForwardStats DeepSeekMoE::last_stats() const {
+    const std::lock_guard lock(*stats_mutex_);
+    return stats_;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The forward, step by step (the step order and the buffers' lifetimes are the memory model
+// above).
+
 void DeepSeekMoE::run_forward(MatrixMap<float> hidden, std::span<const std::int64_t> input_ids,
                               MatrixMap<float> out, MoEForwardStats& stats) const {
-    const Index T = hidden.rows(), H = config_.hidden_size, I = config_.intermediate_size;
-    const Index E = config_.num_experts, K = config_.top_k, F = config_.num_fused_shared();
-    const Index Kp = K + F, Pp = num_physical_ + F, Is = config_.shared_intermediate_size();
+    check_forward_args(hidden, input_ids, out);
+    stats = MoEForwardStats{};
+    stats.deferred_shared = config_.defers_shared();
+    if (hidden.rows() == 0) return;
+
+    Forward f(hidden, out, stats);
+    const bool has_shared = config_.shared_intermediate_size() > 0 && !config_.fuse_shared_experts;
+    const bool inplace = config_.kernel == RoutedKernel::kInplace;
+    // The caller's output counts as live from the routed step on (in place, it is the input).
+    const Index out_bytes = f.num_tokens * config_.hidden_size * static_cast<Index>(sizeof(float));
+
+    if (has_shared && !stats.deferred_shared) run_shared_expert(f);
+    compute_router_logits(f);
+    select_topk(f, input_ids);
+    if (!inplace) f.ws.track(out_bytes);
+    run_routed_experts(f);
+    if (has_shared && stats.deferred_shared) run_shared_expert(f);
+    if (has_shared) add_shared_output(f);
+    if (!inplace) f.ws.untrack(out_bytes);
+    stats.peak_bytes = f.ws.peak_bytes();
+}
+
+void DeepSeekMoE::check_forward_args(MatrixMap<float> hidden,
+                                     std::span<const std::int64_t> input_ids,
+                                     MatrixMap<float> out) const {
+    const Index T = hidden.rows(), H = config_.hidden_size;
     MOELB_CHECK_ARG(hidden.cols() == H, "hidden has shape [" << T << ", " << hidden.cols()
                                                              << "] but hidden_size=" << H);
     MOELB_CHECK_ARG(out.rows() == T && out.cols() == H,
                     "out has shape [" << out.rows() << ", " << out.cols() << "], expected [" << T
                                       << ", " << H << "]");
-    const bool inplace = config_.kernel == RoutedKernel::kInplace;
     const float* x_begin = hidden.data();
     const float* x_end = x_begin + T * H;
-    if (inplace) {
+    if (config_.kernel == RoutedKernel::kInplace) {
         MOELB_CHECK_ARG(out.data() == hidden.data(),
                         "the in-place routed kernel writes its output into hidden: out must be "
                         "hidden");
@@ -480,181 +350,189 @@ void DeepSeekMoE::run_forward(MatrixMap<float> hidden, std::span<const std::int6
             static_cast<Index>(input_ids.size()) == T,
             "input_ids has " << input_ids.size() << " entries but hidden has " << T << " rows");
     }
-    stats = MoEForwardStats{};
-    stats.deferred_shared = config_.defers_shared();
-    if (T == 0) return;
+}
 
-    const int threads = get_num_threads();
-    const bool has_shared = Is > 0 && !config_.fuse_shared_experts;
-    Workspace ws;
-    Workspace::Buffer<float> shared_out;
-    const ConstRowMap x(hidden.data(), T, H);
-
-    const auto run_shared = [&] {
-        shared_out = ws.allocate<float>(T * H, "shared_out");
-        const Index blocks = (T + kBlockRows - 1) / kBlockRows;
-        const int lanes = static_cast<int>(std::min<Index>(threads, blocks));
-        auto scratch = ws.allocate<float>(lanes * kBlockRows * (2 * Is + H), "shared_scratch");
-        const float limit = config_.effective_shared_swiglu_limit();
-        parallel_for(lanes, 1, [&](Index begin, Index end) {
-            for (Index lane = begin; lane < end; ++lane) {
-                float* gu = scratch.data() + lane * kBlockRows * (2 * Is + H);
-                float* y_cm = gu + kBlockRows * 2 * Is;
-                for (Index blk = lane; blk < blocks; blk += lanes) {
-                    const Index r0 = blk * kBlockRows, rows = std::min(kBlockRows, T - r0);
-                    mlp_rows(x.data() + r0 * H, rows, H, Is, shared_gate_up_.data(),
-                             shared_down_.data(), limit, gu, y_cm);
-                    float* dst = shared_out.data() + r0 * H;
-                    store_rows(y_cm, rows, H, [&](Index r) { return dst + r * H; });
-                }
-            }
-        });
-        stats.shared_lanes = lanes;
-        stats.steps.emplace_back("shared");
-    };
-
-    if (has_shared && !stats.deferred_shared) run_shared();
-
-    // Gate: router logits [T, E], in fixed row blocks.
-    auto logits = ws.allocate<float>(T * E, "router_logits");
-    {
-        const Index blocks = (T + kBlockRows - 1) / kBlockRows;
-        parallel_for(blocks, 1, [&](Index begin, Index end) {
-            for (Index blk = begin; blk < end; ++blk) {
+// Shared expert: shared_out [T, H] = the separate shared MLP of every token, in row blocks.
+void DeepSeekMoE::run_shared_expert(Forward& f) const {
+    const Index T = f.num_tokens, H = config_.hidden_size;
+    const Index Is = config_.shared_intermediate_size();
+    f.shared_out = f.ws.allocate<float>(T * H, "shared_out");
+    const Index blocks = (T + kBlockRows - 1) / kBlockRows;
+    const int lanes = static_cast<int>(std::min<Index>(f.threads, blocks));
+    auto scratch = f.ws.allocate<float>(lanes * kBlockRows * (2 * Is + H), "shared_scratch");
+    const float limit = config_.effective_shared_swiglu_limit();
+    parallel_for(lanes, 1, [&](Index begin, Index end) {
+        for (Index lane = begin; lane < end; ++lane) {
+            float* gu = scratch.data() + lane * kBlockRows * (2 * Is + H);
+            float* y_cm = gu + kBlockRows * 2 * Is;
+            for (Index blk = lane; blk < blocks; blk += lanes) {
                 const Index r0 = blk * kBlockRows, rows = std::min(kBlockRows, T - r0);
-                RowMap(logits.data() + r0 * E, rows, E).noalias() =
-                    x.middleRows(r0, rows) * gate_.transpose();
+                mlp_rows(f.x.data() + r0 * H, rows, H, Is, shared_gate_up_.data(),
+                         shared_down_.data(), limit, gu, y_cm);
+                float* dst = f.shared_out.data() + r0 * H;
+                store_rows(y_cm, rows, H, [&](Index r) { return dst + r * H; });
             }
-        });
-    }
-    stats.steps.emplace_back("gate");
+        }
+    });
+    f.stats.shared_lanes = lanes;
+    f.stats.steps.emplace_back("shared");
+}
 
-    // Top-k (physical slot ids of this layer's placement; the fused shared expert is slot P).
-    auto topk_ids = ws.allocate<std::int32_t>(T * Kp, "topk_ids");
-    auto topk_weights = ws.allocate<float>(T * Kp, "topk_weights");
-    auto recorder_ids = ws.allocate<std::int32_t>(T * K, "recorder_topk_ids");
+// Gate: router logits [T, E], in fixed row blocks.
+void DeepSeekMoE::compute_router_logits(Forward& f) const {
+    const Index T = f.num_tokens, E = config_.num_experts;
+    f.logits = f.ws.allocate<float>(T * E, "router_logits");
+    const Index blocks = (T + kBlockRows - 1) / kBlockRows;
+    parallel_for(blocks, 1, [&](Index begin, Index end) {
+        for (Index blk = begin; blk < end; ++blk) {
+            const Index r0 = blk * kBlockRows, rows = std::min(kBlockRows, T - r0);
+            RowMap(f.logits.data() + r0 * E, rows, E).noalias() =
+                f.x.middleRows(r0, rows) * gate_.transpose();
+        }
+    });
+    f.stats.steps.emplace_back("gate");
+}
+
+// Top-k: each token's routed experts (hash or learned routing) as physical slot ids of this
+// layer's placement, seen from ep_rank (static dispatch); the fused shared expert is slot P. The
+// logits are freed here.
+void DeepSeekMoE::select_topk(Forward& f, std::span<const std::int64_t> input_ids) const {
+    const Index T = f.num_tokens, E = config_.num_experts, K = config_.top_k;
+    const Index Kp = K + config_.num_fused_shared();
+    f.topk_ids = f.ws.allocate<std::int32_t>(T * Kp, "topk_ids");
+    f.topk_weights = f.ws.allocate<float>(T * Kp, "topk_weights");
+    f.recorder_ids = f.ws.allocate<std::int32_t>(T * K, "recorder_topk_ids");
     {
         const LayerDispatcher dispatcher(location_, location_layer_, ep_rank_,
                                          DispatchAlgorithm::kSglangStatic, 0);
-        TopKOutputView view{MatrixMap<std::int32_t>(topk_ids.data(), T, Kp),
-                            MatrixMap<float>(topk_weights.data(), T, Kp),
-                            MatrixMap<std::int32_t>(recorder_ids.data(), T, K)};
-        const ConstMatrixMap<float> l(logits.data(), T, E);
+        TopKOutputView view{MatrixMap<std::int32_t>(f.topk_ids.data(), T, Kp),
+                            MatrixMap<float>(f.topk_weights.data(), T, Kp),
+                            MatrixMap<std::int32_t>(f.recorder_ids.data(), T, K)};
+        const ConstMatrixMap<float> logits(f.logits.data(), T, E);
         if (hash_router_) {
-            hash_router_->select<std::int64_t>(l, input_ids, std::nullopt, &dispatcher, view);
+            hash_router_->select<std::int64_t>(logits, input_ids, std::nullopt, &dispatcher, view);
         } else {
-            select_experts(l, config_.topk_config(), bias_, std::nullopt, &dispatcher, view);
+            select_experts(logits, config_.topk_config(), bias_, std::nullopt, &dispatcher, view);
         }
     }
-    logits.release();
-    stats.steps.emplace_back("topk");
+    f.logits.release();
+    f.stats.steps.emplace_back("topk");
+}
 
-    // Routed experts: (token, k) pairs sorted by slot, each slot's rows in blocks of kBlockRows;
-    // every pair's expert output lands in its own row of Y, then each token sums its K' rows in
-    // column order (the same order for any thread count).
-    if (!inplace) ws.track(T * H * static_cast<Index>(sizeof(float)));
+// Routed experts: the (token, k) pairs sorted by slot, each slot's MLP over its pairs in row
+// blocks (every pair's output in its own row of Y), then each token sums its K' rows in column
+// order (the same order for any thread count). The routed buffers and the top-k are freed here.
+void DeepSeekMoE::run_routed_experts(Forward& f) const {
     {
-        auto order = ws.allocate<std::int32_t>(T * Kp, "pair_order");
-        auto offsets = ws.allocate<std::int32_t>(Pp + 1, "slot_offsets");
-        auto block_offsets = ws.allocate<std::int32_t>(Pp + 1, "block_offsets");
-        std::fill(offsets.data(), offsets.data() + Pp + 1, 0);
-        const std::int32_t* ids = topk_ids.data();
-        for (Index i = 0; i < T * Kp; ++i) {
-            if (ids[i] >= 0) ++offsets.data()[ids[i] + 1];
-        }
-        for (Index s = 0; s < Pp; ++s) offsets.data()[s + 1] += offsets.data()[s];
-        // Counting sort, stable: block_offsets serves as the per-slot cursor first.
-        std::copy(offsets.data(), offsets.data() + Pp, block_offsets.data());
-        for (Index i = 0; i < T * Kp; ++i) {
-            if (ids[i] >= 0)
-                order.data()[block_offsets.data()[ids[i]]++] = static_cast<std::int32_t>(i);
-        }
-        block_offsets.data()[0] = 0;
-        for (Index s = 0; s < Pp; ++s) {
-            const Index n = offsets.data()[s + 1] - offsets.data()[s];
-            block_offsets.data()[s + 1] =
-                block_offsets.data()[s] +
-                static_cast<std::int32_t>((n + kBlockRows - 1) / kBlockRows);
-        }
-        const Index blocks = block_offsets.data()[Pp];
-        const int lanes = static_cast<int>(std::max<Index>(1, std::min<Index>(threads, blocks)));
-        auto y = ws.allocate<float>(T * Kp * H, "expert_out");
-        {
-            auto scratch = ws.allocate<float>(lanes * kBlockRows * (H + 2 * I), "routed_scratch");
-            const float limit = config_.swiglu_limit;
-            const std::int32_t* block_begin = block_offsets.data();
-            const std::int32_t* block_end = block_begin + Pp + 1;
-            parallel_for(lanes, 1, [&](Index begin, Index end) {
-                for (Index lane = begin; lane < end; ++lane) {
-                    float* rows_in = scratch.data() + lane * kBlockRows * (H + 2 * I);
-                    float* gate_up = rows_in + kBlockRows * H;
-                    for (Index blk = lane; blk < blocks; blk += lanes) {
-                        const Index s = std::upper_bound(block_begin, block_end,
-                                                         static_cast<std::int32_t>(blk)) -
-                                        block_begin - 1;
-                        const Index first =
-                            offsets.data()[s] + (blk - block_offsets.data()[s]) * kBlockRows;
-                        const Index rows =
-                            std::min<Index>(kBlockRows, offsets.data()[s + 1] - first);
-                        const std::int32_t* pairs = order.data() + first;
-                        for (Index r = 0; r < rows; ++r) {
-                            std::memcpy(rows_in + r * H, x.data() + (pairs[r] / Kp) * H,
-                                        H * sizeof(float));
-                        }
-                        // The expert's output overwrites its gathered inputs, then scatters.
-                        mlp_rows(rows_in, rows, H, I, w13_.data() + s * w13_row_elements(),
-                                 w2_.data() + s * w2_row_elements(), limit, gate_up, rows_in);
-                        store_rows(rows_in, rows, H,
-                                   [&](Index r) { return y.data() + pairs[r] * H; });
-                    }
+        const SlotPairs pairs = sort_pairs_by_slot(f);
+        const Workspace::Buffer<float> y = run_expert_blocks(f, pairs);
+        combine_routed(f, y.data());
+    }
+    f.topk_ids.release();
+    f.topk_weights.release();
+    f.recorder_ids.release();
+    f.stats.steps.emplace_back("routed");
+}
+
+// A stable counting sort of the pairs by slot (padding, -1, dropped), then each slot's row blocks.
+DeepSeekMoE::SlotPairs DeepSeekMoE::sort_pairs_by_slot(Forward& f) const {
+    const Index num_pairs = f.num_tokens * (config_.top_k + config_.num_fused_shared());
+    const Index Pp = num_physical_ + config_.num_fused_shared();
+    SlotPairs pairs{f.ws.allocate<std::int32_t>(num_pairs, "pair_order"),
+                    f.ws.allocate<std::int32_t>(Pp + 1, "slot_offsets"),
+                    f.ws.allocate<std::int32_t>(Pp + 1, "block_offsets")};
+    std::int32_t* order = pairs.order.data();
+    std::int32_t* offsets = pairs.offsets.data();
+    std::int32_t* block_offsets = pairs.block_offsets.data();
+    const std::int32_t* ids = f.topk_ids.data();
+    std::fill(offsets, offsets + Pp + 1, 0);
+    for (Index i = 0; i < num_pairs; ++i) {
+        if (ids[i] >= 0) ++offsets[ids[i] + 1];
+    }
+    for (Index s = 0; s < Pp; ++s) offsets[s + 1] += offsets[s];
+    // block_offsets serves as the per-slot cursor first.
+    std::copy(offsets, offsets + Pp, block_offsets);
+    for (Index i = 0; i < num_pairs; ++i) {
+        if (ids[i] >= 0) order[block_offsets[ids[i]]++] = static_cast<std::int32_t>(i);
+    }
+    block_offsets[0] = 0;
+    for (Index s = 0; s < Pp; ++s) {
+        const Index n = offsets[s + 1] - offsets[s];
+        block_offsets[s + 1] =
+            block_offsets[s] + static_cast<std::int32_t>((n + kBlockRows - 1) / kBlockRows);
+    }
+    pairs.num_blocks = block_offsets[Pp];
+    return pairs;
+}
+
+// Y [T K', H]: row t * K' + k is the output of pair (t, k)'s expert (rows of padded pairs are
+// not written). Each lane gathers a block's input rows, runs the slot's MLP over them in place
+// and scatters the outputs.
+Workspace::Buffer<float> DeepSeekMoE::run_expert_blocks(Forward& f, const SlotPairs& pairs) const {
+    const Index T = f.num_tokens, H = config_.hidden_size, I = config_.intermediate_size;
+    const Index Kp = config_.top_k + config_.num_fused_shared();
+    const Index Pp = num_physical_ + config_.num_fused_shared();
+    const Index blocks = pairs.num_blocks;
+    const int lanes = static_cast<int>(std::max<Index>(1, std::min<Index>(f.threads, blocks)));
+    auto y = f.ws.allocate<float>(T * Kp * H, "expert_out");
+    auto scratch = f.ws.allocate<float>(lanes * kBlockRows * (H + 2 * I), "routed_scratch");
+    const float limit = config_.swiglu_limit;
+    const std::int32_t* offsets = pairs.offsets.data();
+    const std::int32_t* block_begin = pairs.block_offsets.data();
+    const std::int32_t* block_end = block_begin + Pp + 1;
+    parallel_for(lanes, 1, [&](Index begin, Index end) {
+        for (Index lane = begin; lane < end; ++lane) {
+            float* rows_in = scratch.data() + lane * kBlockRows * (H + 2 * I);
+            float* gate_up = rows_in + kBlockRows * H;
+            for (Index blk = lane; blk < blocks; blk += lanes) {
+                const Index s =
+                    std::upper_bound(block_begin, block_end, static_cast<std::int32_t>(blk)) -
+                    block_begin - 1;
+                const Index first = offsets[s] + (blk - block_begin[s]) * kBlockRows;
+                const Index rows = std::min<Index>(kBlockRows, offsets[s + 1] - first);
+                const std::int32_t* block_pairs = pairs.order.data() + first;
+                for (Index r = 0; r < rows; ++r) {
+                    std::memcpy(rows_in + r * H, f.x.data() + (block_pairs[r] / Kp) * H,
+                                H * sizeof(float));
                 }
-            });
-            stats.routed_lanes = lanes;
-        }
-        // out = rsf * sum_k w_k y_k, columns in order. In-place: out is hidden, read above only.
-        const float rsf = config_.routed_scaling_factor;
-        const Index combine_blocks = (T + kCombineRows - 1) / kCombineRows;
-        parallel_for(combine_blocks, 1, [&](Index begin, Index end) {
-            for (Index t = begin * kCombineRows; t < std::min(T, end * kCombineRows); ++t) {
-                auto row = out.row(t);
-                row.setZero();
-                for (Index k = 0; k < Kp; ++k) {
-                    if (ids[t * Kp + k] < 0) continue;
-                    row += topk_weights.data()[t * Kp + k] *
-                           ConstRowMap(y.data() + (t * Kp + k) * H, 1, H);
-                }
-                row *= rsf;
+                // The expert's output overwrites its gathered inputs, then scatters.
+                mlp_rows(rows_in, rows, H, I, w13_.data() + s * w13_row_elements(),
+                         w2_.data() + s * w2_row_elements(), limit, gate_up, rows_in);
+                store_rows(rows_in, rows, H,
+                           [&](Index r) { return y.data() + block_pairs[r] * H; });
             }
-        });
-    }
-    topk_ids.release();
-    topk_weights.release();
-    recorder_ids.release();
-    stats.steps.emplace_back("routed");
-
-    if (has_shared && stats.deferred_shared) run_shared();
-    if (has_shared) {
-        out.noalias() += ConstRowMap(shared_out.data(), T, H);
-        shared_out.release();
-        stats.steps.emplace_back("combine");
-    }
-    if (!inplace) ws.untrack(T * H * static_cast<Index>(sizeof(float)));
-    stats.peak_bytes = ws.peak_bytes();
+        }
+    });
+    f.stats.routed_lanes = lanes;
+    return y;
 }
 
-void DeepSeekMoE::forward(MatrixMap<float> hidden, std::span<const std::int64_t> input_ids,
-                          MatrixMap<float> out) {
-    // The forward only reads the layer; its statistics are gathered locally and published under
-    // a lock, so several threads may run forwards of one layer at once.
-    MoEForwardStats stats;
-    run_forward(hidden, input_ids, out, stats);
-    const std::lock_guard lock(*stats_mutex_);
-    stats_ = std::move(stats);
+// out = rsf * sum_k w_k y_k, columns in order. In place, out is hidden, read above only.
+void DeepSeekMoE::combine_routed(Forward& f, const float* y) const {
+    const Index T = f.num_tokens, H = config_.hidden_size;
+    const Index Kp = config_.top_k + config_.num_fused_shared();
+    const std::int32_t* ids = f.topk_ids.data();
+    const float* weights = f.topk_weights.data();
+    const float rsf = config_.routed_scaling_factor;
+    const Index combine_blocks = (T + kCombineRows - 1) / kCombineRows;
+    parallel_for(combine_blocks, 1, [&](Index begin, Index end) {
+        for (Index t = begin * kCombineRows; t < std::min(T, end * kCombineRows); ++t) {
+            auto row = f.out.row(t);
+            row.setZero();
+            for (Index k = 0; k < Kp; ++k) {
+                if (ids[t * Kp + k] < 0) continue;
+                row += weights[t * Kp + k] * ConstRowMap(y + (t * Kp + k) * H, 1, H);
+            }
+            row *= rsf;
+        }
+    });
 }
 
-MoEForwardStats DeepSeekMoE::last_stats() const {
-    const std::lock_guard lock(*stats_mutex_);
-    return stats_;
+// Combine: out += shared_out (freed here).
+void DeepSeekMoE::add_shared_output(Forward& f) const {
+    f.out.noalias() += ConstRowMap(f.shared_out.data(), f.num_tokens, config_.hidden_size);
+    f.shared_out.release();
+    f.stats.steps.emplace_back("combine");
 }
 
 }  // namespace moelb

@@ -35,6 +35,103 @@ std::string describe(const ExpertLocation& location) {
     return out.str();
 }
 
+using Pass = ExpertDistributionRecorder::Pass;
+
+// summed [T, L, P]: every pass recorded with the current placement, and each sum at least this
+// recorder's count and within int32.
+template <class Count>
+void check_summed_counts(std::span<const Count> summed, const std::deque<Pass>& passes,
+                         const std::shared_ptr<const ExpertLocation>& location, std::size_t L,
+                         std::size_t P) {
+    constexpr std::int64_t kMax = std::numeric_limits<std::int32_t>::max();
+    for (std::size_t t = 0; t < passes.size(); ++t) {
+        const Pass& pass = passes[t];
+        MOELB_CHECK_ARG(pass.location == location || *pass.location == *location,
+                        "pass " << t << " (forward_pass_id=" << pass.forward_pass_id
+                                << ") was recorded with different placements than the "
+                                   "recorder's current one");
+        const Count* sum = summed.data() + t * L * P;
+        // A branch-free scan first (vectorised); the error path below names the first bad entry.
+        bool bad = false;
+        for (std::size_t i = 0; i < L * P; ++i) {
+            const auto v = static_cast<std::int64_t>(sum[i]);
+            bad |= (v < pass.counts[i]) | (v > kMax);
+        }
+        if (!bad) continue;
+        for (std::size_t i = 0; i < L * P; ++i) {
+            MOELB_CHECK_ARG(static_cast<std::int64_t>(sum[i]) >= pass.counts[i] &&
+                                static_cast<std::int64_t>(sum[i]) <= kMax,
+                            "summed[" << t << ", " << i / P << ", " << i % P << "] = " << sum[i]
+                                      << " is not a sum that includes this recorder's count "
+                                      << pass.counts[i] << " and fits in int32");
+        }
+    }
+}
+
+// Other ranks' packed_token_ids(): a header of top_k and id counts per (pass, layer) cell that
+// agrees with this recorder's top_k and the other packs', then ids in [-1, P).
+void check_packed_token_ids(const std::vector<std::span<const std::int32_t>>& others,
+                            const std::deque<Pass>& passes, std::size_t L, std::size_t P) {
+    const std::size_t cells = passes.size() * L;
+    for (std::size_t r = 0; r < others.size(); ++r) {
+        const auto& pack = others[r];
+        MOELB_CHECK_ARG(pack.size() >= 2 * cells, "others[" << r << "] holds " << pack.size()
+                                                            << " values, fewer than its "
+                                                            << 2 * cells << " header entries");
+        std::size_t total = 2 * cells;
+        for (std::size_t c = 0; c < cells; ++c) {
+            const std::int32_t k = pack[c], n = pack[cells + c];
+            const int mine = passes[c / L].token_top_k[c % L];
+            MOELB_CHECK_ARG(k >= 0 && n >= 0 && (k == 0 ? n == 0 : n % k == 0),
+                            "others[" << r << "]: layer " << c % L << " of pass " << c / L
+                                      << " has " << n << " ids for top_k=" << k);
+            MOELB_CHECK_ARG(k == 0 || mine == 0 || k == mine,
+                            "layer " << c % L << " of pass " << c / L << " has top_k " << mine
+                                     << " here and " << k << " in others[" << r << "]");
+            total += static_cast<std::size_t>(n);
+        }
+        MOELB_CHECK_ARG(pack.size() == total, "others[" << r << "] holds " << pack.size()
+                                                        << " values but its header describes "
+                                                        << total);
+        for (std::size_t i = 2 * cells; i < total; ++i) {
+            MOELB_CHECK_ARG(pack[i] >= -1 && static_cast<std::size_t>(pack[i] + 1) <= P,
+                            "others[" << r << "] holds the id " << pack[i]
+                                      << ", outside [-1, num_physical_experts=" << P << ")");
+        }
+        // Layers that two other ranks fill must agree on top_k too.
+        for (std::size_t q = 0; q < r; ++q) {
+            for (std::size_t c = 0; c < cells; ++c) {
+                const std::int32_t a = others[q][c], b = pack[c];
+                MOELB_CHECK_ARG(a == 0 || b == 0 || a == b,
+                                "layer " << c % L << " of pass " << c / L << " has top_k " << a
+                                         << " in others[" << q << "] and " << b << " in others["
+                                         << r << "]");
+            }
+        }
+    }
+}
+
+// Appends each pack's ids of a (pass, layer) cell to that cell's ids, in rank order.
+void append_packed_token_ids(const std::vector<std::span<const std::int32_t>>& others,
+                             std::deque<Pass>& passes, std::size_t L) {
+    const std::size_t cells = passes.size() * L;
+    for (const auto& pack : others) {
+        std::size_t next = 2 * cells;
+        for (std::size_t c = 0; c < cells; ++c) {
+            const std::int32_t k = pack[c];
+            const auto n = static_cast<std::size_t>(pack[cells + c]);
+            Pass& pass = passes[c / L];
+            if (k != 0) {
+                auto& ids = pass.token_ids[c % L];
+                ids.insert(ids.end(), pack.begin() + static_cast<std::ptrdiff_t>(next),
+                           pack.begin() + static_cast<std::ptrdiff_t>(next + n));
+                pass.token_top_k[c % L] = k;
+            }
+            next += n;
+        }
+    }
+}
+
 }  // namespace
 
 constexpr detail::EnumNames<RecorderMode, 3> kRecorderModeNames{{
@@ -505,85 +602,14 @@ void ExpertDistributionRecorder::merge_summed_counts_impl(
                     "token ids of other ranks need mode='per_token', the recorder has mode='"
                         << to_string(mode_) << "'");
     // Validate everything before changing anything.
-    constexpr std::int64_t kMax = std::numeric_limits<std::int32_t>::max();
-    for (std::size_t t = 0; t < T; ++t) {
-        const Pass& pass = passes_[t];
-        MOELB_CHECK_ARG(pass.location == location_ || *pass.location == *location_,
-                        "pass " << t << " (forward_pass_id=" << pass.forward_pass_id
-                                << ") was recorded with different placements than the "
-                                   "recorder's current one");
-        const Count* sum = summed.data() + t * L * P;
-        // A branch-free scan first (vectorised); the error path below names the first bad entry.
-        bool bad = false;
-        for (std::size_t i = 0; i < L * P; ++i) {
-            const auto v = static_cast<std::int64_t>(sum[i]);
-            bad |= (v < pass.counts[i]) | (v > kMax);
-        }
-        if (!bad) continue;
-        for (std::size_t i = 0; i < L * P; ++i) {
-            MOELB_CHECK_ARG(static_cast<std::int64_t>(sum[i]) >= pass.counts[i] &&
-                                static_cast<std::int64_t>(sum[i]) <= kMax,
-                            "summed[" << t << ", " << i / P << ", " << i % P << "] = " << sum[i]
-                                      << " is not a sum that includes this recorder's count "
-                                      << pass.counts[i] << " and fits in int32");
-        }
-    }
-    for (std::size_t r = 0; r < others.size(); ++r) {
-        const auto& pack = others[r];
-        MOELB_CHECK_ARG(pack.size() >= 2 * cells, "others[" << r << "] holds " << pack.size()
-                                                            << " values, fewer than its "
-                                                            << 2 * cells << " header entries");
-        std::size_t total = 2 * cells;
-        for (std::size_t c = 0; c < cells; ++c) {
-            const std::int32_t k = pack[c], n = pack[cells + c];
-            const int mine = passes_[c / L].token_top_k[c % L];
-            MOELB_CHECK_ARG(k >= 0 && n >= 0 && (k == 0 ? n == 0 : n % k == 0),
-                            "others[" << r << "]: layer " << c % L << " of pass " << c / L
-                                      << " has " << n << " ids for top_k=" << k);
-            MOELB_CHECK_ARG(k == 0 || mine == 0 || k == mine,
-                            "layer " << c % L << " of pass " << c / L << " has top_k " << mine
-                                     << " here and " << k << " in others[" << r << "]");
-            total += static_cast<std::size_t>(n);
-        }
-        MOELB_CHECK_ARG(pack.size() == total, "others[" << r << "] holds " << pack.size()
-                                                        << " values but its header describes "
-                                                        << total);
-        for (std::size_t i = 2 * cells; i < total; ++i) {
-            MOELB_CHECK_ARG(pack[i] >= -1 && static_cast<std::size_t>(pack[i] + 1) <= P,
-                            "others[" << r << "] holds the id " << pack[i]
-                                      << ", outside [-1, num_physical_experts=" << P << ")");
-        }
-        // Layers that two other ranks fill must agree on top_k too.
-        for (std::size_t q = 0; q < r; ++q) {
-            for (std::size_t c = 0; c < cells; ++c) {
-                const std::int32_t a = others[q][c], b = pack[c];
-                MOELB_CHECK_ARG(a == 0 || b == 0 || a == b,
-                                "layer " << c % L << " of pass " << c / L << " has top_k " << a
-                                         << " in others[" << q << "] and " << b << " in others["
-                                         << r << "]");
-            }
-        }
-    }
+    check_summed_counts(summed, passes_, location_, L, P);
+    check_packed_token_ids(others, passes_, L, P);
     for (std::size_t t = 0; t < T; ++t) {
         Pass& pass = passes_[t];
         const Count* sum = summed.data() + t * L * P;
         for (std::size_t i = 0; i < L * P; ++i) pass.counts[i] = static_cast<std::int32_t>(sum[i]);
     }
-    for (const auto& pack : others) {
-        std::size_t next = 2 * cells;
-        for (std::size_t c = 0; c < cells; ++c) {
-            const std::int32_t k = pack[c];
-            const auto n = static_cast<std::size_t>(pack[cells + c]);
-            Pass& pass = passes_[c / L];
-            if (k != 0) {
-                auto& ids = pass.token_ids[c % L];
-                ids.insert(ids.end(), pack.begin() + static_cast<std::ptrdiff_t>(next),
-                           pack.begin() + static_cast<std::ptrdiff_t>(next + n));
-                pass.token_top_k[c % L] = k;
-            }
-            next += n;
-        }
-    }
+    append_packed_token_ids(others, passes_, L);
     refresh_merged_balancedness_locked();
 }
 

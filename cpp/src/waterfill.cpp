@@ -1,13 +1,18 @@
+// The Waterfill balancer of one MoE layer on one EP rank (DESIGN section 5;
+// reference/routing_waterfill.md section 8): the exchange buffer of dynamic mode, the plan of a
+// batch, and the rows it writes (routed ids widened to the S + 1 layout, the shared column at the
+// chosen rank).
 #include "moelb/waterfill.hpp"
 
 #include <algorithm>
 #include <bit>
 #include <cmath>
+#include <cstdint>
 #include <numeric>
-#include <string>
+#include <utility>
+#include <vector>
 
 #include "enum_names.hpp"
-#include "moelb/balancedness.hpp"
 #include "moelb/errors.hpp"
 #include "moelb/parallel.hpp"
 
@@ -48,6 +53,255 @@ std::int64_t draw(std::uint32_t hash, std::int64_t total) {
 std::int64_t discounted(std::int64_t cap, bool local) {
     return local ? cap : cap * kLocalPreferenceDenom / kLocalPreferenceNumer;
 }
+
+// The all-reduced buffer: dynamic mode needs one of exchange_size() non-negative entries, static
+// mode none.
+void check_reduced(std::span<const std::int64_t> reduced, bool dynamic, Index exchange_size) {
+    if (!dynamic) {
+        MOELB_CHECK_ARG(reduced.empty(), "static mode takes no all-reduced buffer");
+        return;
+    }
+    MOELB_CHECK_ARG(static_cast<Index>(reduced.size()) == exchange_size,
+                    "dynamic mode needs the all-reduced exchange buffer of length "
+                        << exchange_size << ", got length " << reduced.size());
+    for (std::size_t i = 0; i < reduced.size(); ++i) {
+        MOELB_CHECK_ARG(reduced[i] >= 0, "the all-reduced buffer has a negative value "
+                                             << reduced[i] << " at index " << i);
+    }
+}
+
+// Dynamic prefill: each rank's load is the EP group's routed ids on it plus the tokens it holds;
+// the target is the total work, shared experts included, over the ranks; every rank is a
+// candidate unless one is already above the target.
+WaterfillPlan dynamic_token_count_plan(std::span<const std::int64_t> reduced, int ep_size,
+                                       Index top_k) {
+    const int W = ep_size;
+    WaterfillPlan plan;
+    plan.kind = WaterfillPlan::Kind::kTokenCount;
+    plan.rank_load.resize(static_cast<std::size_t>(W));
+    std::int64_t routed_total = 0, load_total = 0;
+    for (int w = 0; w < W; ++w) {
+        routed_total += reduced[w];
+        plan.rank_load[w] = reduced[w] + reduced[W + w];  // routed ids + tokens from w
+        load_total += plan.rank_load[w];
+    }
+    const std::int64_t tokens_global = routed_total / top_k;
+    plan.target_total = (load_total + tokens_global + W - 1) / W;
+    plan.allow_all_ranks =
+        *std::max_element(plan.rank_load.begin(), plan.rank_load.end()) <= plan.target_total;
+    return plan;
+}
+
+// Decode, SGLang's fused kernel: the rank with the fewest active experts, ties to this rank, else
+// to the lowest rank.
+WaterfillPlan fused_fewest_active_plan(std::vector<std::int64_t> rank_load, int this_rank) {
+    WaterfillPlan plan;
+    plan.kind = WaterfillPlan::Kind::kFusedFewestActive;
+    plan.rank_load = std::move(rank_load);
+    const std::vector<std::int64_t>& load = plan.rank_load;
+    int best = 0;
+    for (int w = 1; w < static_cast<int>(load.size()); ++w) {
+        if (load[w] < load[best] || (load[w] == load[best] && w == this_rank)) best = w;
+    }
+    plan.destination = best;
+    return plan;
+}
+
+// Decode: starting from this rank, a rank whose count is below 10/11 of the best so far takes
+// over; then the strict minimum.
+WaterfillPlan fewest_active_plan(std::vector<std::int64_t> rank_load, int this_rank) {
+    WaterfillPlan plan;
+    plan.kind = WaterfillPlan::Kind::kFewestActive;
+    plan.rank_load = std::move(rank_load);
+    const std::vector<std::int64_t>& load = plan.rank_load;
+    const int W = static_cast<int>(load.size());
+    int best = this_rank;
+    std::int64_t best_count = load[this_rank];
+    for (int w = 0; w < W; ++w) {
+        if (load[w] * kLocalPreferenceNumer < best_count * kLocalPreferenceDenom) {
+            best = w;
+            best_count = load[w];
+        }
+    }
+    for (int w = 0; w < W; ++w) {
+        if (load[w] < best_count) {
+            best = w;
+            best_count = load[w];
+        }
+    }
+    plan.destination = best;
+    return plan;
+}
+
+void check_write_args(ConstMatrixMap<std::int32_t> topk_ids, ConstMatrixMap<float> topk_weights,
+                      const WaterfillPlan& plan, const MatrixMap<std::int32_t>& out_ids,
+                      const MatrixMap<float>& out_weights, int ep_size) {
+    const Index N = topk_ids.rows(), K = topk_ids.cols();
+    const int W = ep_size;
+    MOELB_CHECK_ARG(topk_weights.rows() == N && topk_weights.cols() == K,
+                    "topk_weights has shape [" << topk_weights.rows() << ", " << topk_weights.cols()
+                                               << "] but topk_ids has [" << N << ", " << K << "]");
+    MOELB_CHECK_ARG(out_ids.rows() == N && out_ids.cols() == K + 1 && out_weights.rows() == N &&
+                        out_weights.cols() == K + 1,
+                    "the outputs must have shape [" << N << ", " << K + 1 << "]");
+    const bool sampled = plan.kind == WaterfillPlan::Kind::kTokenCount;
+    if (plan.kind != WaterfillPlan::Kind::kLocal) {
+        MOELB_CHECK_ARG(
+            static_cast<int>(plan.rank_load.size()) == W,
+            "the plan has " << plan.rank_load.size() << " rank loads but ep_size=" << W);
+    }
+    if (!sampled && plan.kind != WaterfillPlan::Kind::kLocal) {
+        MOELB_CHECK_ARG(plan.destination >= 0 && plan.destination < W,
+                        "the plan's destination " << plan.destination << " is not a rank");
+    }
+}
+
+// Writes a row's routed columns in the S + 1 layout (slot p -> p + rank_of[p], i.e. p + p / S)
+// with their weights, padding as -1 / 0; returns whether the row has a valid id.
+bool widen_routed_row(const std::int32_t* ids, const float* weights, Index top_k,
+                      const int* rank_of, std::int32_t* out_ids, float* out_weights) {
+    bool has_valid = false;
+    for (Index c = 0; c < top_k; ++c) {
+        const std::int32_t id = ids[c];
+        if (id >= 0) {
+            out_ids[c] = id + rank_of[id];
+            out_weights[c] = weights[c];
+            has_valid = true;
+        } else {
+            out_ids[c] = -1;
+            out_weights[c] = 0.0f;
+        }
+    }
+    return has_valid;
+}
+
+// The rank whose shared slot computes a token's shared expert, under one plan.
+class SharedRankChooser {
+  public:
+    SharedRankChooser(const WaterfillPlan& plan, const std::vector<int>& rank_of, int ep_size,
+                      int this_rank, Index top_k)
+        : plan_(plan), rank_of_(rank_of), ep_size_(ep_size), this_rank_(this_rank), top_k_(top_k) {
+        if (plan.kind == WaterfillPlan::Kind::kTokenCount) init_capacities();
+    }
+
+    // The rank for the token of batch row `row` with routed ids `ids` (at least one valid).
+    // candidates: room for max(K + 1, 64) ranks.
+    int choose(Index row, const std::int32_t* ids, int* candidates) const {
+        switch (plan_.kind) {
+            case WaterfillPlan::Kind::kFewestActive:
+            case WaterfillPlan::Kind::kFusedFewestActive:
+                return plan_.destination;
+            case WaterfillPlan::Kind::kTokenCount: {
+                const std::uint32_t hash = token_hash(row, this_rank_);
+                return plan_.allow_all_ranks ? draw_over_all_ranks(hash, ids)
+                                             : draw_over_token_ranks(hash, ids, candidates);
+            }
+            case WaterfillPlan::Kind::kLocal:
+                break;
+        }
+        return this_rank_;
+    }
+
+  private:
+    // Token-count mode: the target (static mode derives it from the loads) and the capacities
+    // (the same for every token), with their cumulative sums for the all-ranks draw.
+    void init_capacities() {
+        const std::vector<std::int64_t>& load = plan_.rank_load;
+        const int W = ep_size_;
+        std::int64_t target = plan_.target_total;
+        if (target <= 0) {
+            const std::int64_t total = std::accumulate(load.begin(), load.end(), std::int64_t{0});
+            target = (total + total / top_k_ + W - 1) / W;
+        }
+        cap_.resize(static_cast<std::size_t>(W));
+        all_cum_.assign(static_cast<std::size_t>(W) + 1, 0);
+        for (int w = 0; w < W; ++w) {
+            cap_[w] = discounted(std::max<std::int64_t>(target - load[w], 0), w == this_rank_);
+            all_cum_[w + 1] = all_cum_[w] + cap_[w];
+        }
+    }
+
+    // u = hash mod (all capacity); the rank whose interval [cum_w, cum_w + cap_w) holds u.
+    int draw_over_all_ranks(std::uint32_t hash, const std::int32_t* ids) const {
+        const std::int64_t total = all_cum_[ep_size_];
+        if (total == 0) return preferred(ids);
+        const std::int64_t u = draw(hash, total);
+        return static_cast<int>(std::upper_bound(all_cum_.begin() + 1, all_cum_.end(), u) -
+                                all_cum_.begin()) -
+               1;
+    }
+
+    // The same draw over this rank and the token's ranks only.
+    int draw_over_token_ranks(std::uint32_t hash, const std::int32_t* ids, int* candidates) const {
+        const int count = token_ranks(ids, candidates);
+        std::int64_t total = 0;
+        for (int j = 0; j < count; ++j) total += cap_[candidates[j]];
+        if (total == 0) return preferred(ids);
+        const std::int64_t u = draw(hash, total);
+        std::int64_t cum = 0;
+        for (int j = 0; j < count; ++j) {
+            cum += cap_[candidates[j]];
+            if (u < cum) return candidates[j];
+        }
+        return this_rank_;
+    }
+
+    // This rank and the token's ranks, ascending, each once, into candidates; returns how many.
+    // A bit mask when the ranks fit 64 bits, else an insertion sort of at most K + 1 ranks.
+    int token_ranks(const std::int32_t* ids, int* candidates) const {
+        int count = 0;
+        if (ep_size_ <= 64) {
+            std::uint64_t mask = std::uint64_t{1} << this_rank_;
+            for (Index c = 0; c < top_k_; ++c) {
+                if (ids[c] >= 0) mask |= std::uint64_t{1} << rank_of_[ids[c]];
+            }
+            for (; mask != 0; mask &= mask - 1) candidates[count++] = std::countr_zero(mask);
+            return count;
+        }
+        candidates[count++] = this_rank_;
+        for (Index c = 0; c < top_k_; ++c) {
+            if (ids[c] < 0) continue;
+            const int w = rank_of_[ids[c]];
+            int at = count;
+            while (at > 0 && candidates[at - 1] > w) --at;
+            if (at > 0 && candidates[at - 1] == w) continue;
+            for (int j = count; j > at; --j) candidates[j] = candidates[j - 1];
+            candidates[at] = w;
+            ++count;
+        }
+        return count;
+    }
+
+    // The fallback when no candidate has spare capacity: this rank unless a candidate's load is
+    // below 10/11 of the best so far (candidates: all ranks, or the token's ranks in column order).
+    int preferred(const std::int32_t* ids) const {
+        const std::vector<std::int64_t>& load = plan_.rank_load;
+        int best = this_rank_;
+        std::int64_t best_count = load[this_rank_];
+        const auto consider = [&](int w) {
+            if (load[w] * kLocalPreferenceNumer < best_count * kLocalPreferenceDenom) {
+                best = w;
+                best_count = load[w];
+            }
+        };
+        if (plan_.allow_all_ranks) {
+            for (int w = 0; w < ep_size_; ++w) consider(w);
+        } else {
+            for (Index c = 0; c < top_k_; ++c) {
+                if (ids[c] >= 0) consider(rank_of_[ids[c]]);
+            }
+        }
+        return best;
+    }
+
+    const WaterfillPlan& plan_;
+    const std::vector<int>& rank_of_;
+    int ep_size_;
+    int this_rank_;
+    Index top_k_;
+    std::vector<std::int64_t> cap_;      // [W]: each rank's (discounted) spare capacity
+    std::vector<std::int64_t> all_cum_;  // [W + 1]: all_cum_[w + 1] = cap_[0] + ... + cap_[w]
+};
 
 }  // namespace
 
@@ -193,76 +447,26 @@ WaterfillPlan WaterfillBalancer::plan(ConstMatrixMap<std::int32_t> topk_ids, Ind
                                       bool is_decode, std::span<const std::int64_t> reduced) const {
     check_ids(topk_ids);
     MOELB_CHECK_ARG(num_tokens >= 0, "num_tokens must be non-negative, got " << num_tokens);
-    const int W = ep_size_, S = slots_;
-    const Index N = topk_ids.rows(), K = topk_ids.cols();
     const bool dynamic = mode_ == WaterfillMode::kDynamic;
-    if (dynamic) {
-        MOELB_CHECK_ARG(static_cast<Index>(reduced.size()) == exchange_size(is_decode),
-                        "dynamic mode needs the all-reduced exchange buffer of length "
-                            << exchange_size(is_decode) << ", got length " << reduced.size());
-        for (std::size_t i = 0; i < reduced.size(); ++i) {
-            MOELB_CHECK_ARG(reduced[i] >= 0, "the all-reduced buffer has a negative value "
-                                                 << reduced[i] << " at index " << i);
-        }
-    } else {
-        MOELB_CHECK_ARG(reduced.empty(), "static mode takes no all-reduced buffer");
-    }
-
-    WaterfillPlan plan;
+    check_reduced(reduced, dynamic, exchange_size(is_decode));
     if (!is_decode) {
-        if (num_tokens < kWaterfillMinBatch) return plan;  // small batches stay local
+        if (num_tokens < kWaterfillMinBatch) return WaterfillPlan{};  // small batches stay local
+        if (dynamic) return dynamic_token_count_plan(reduced, ep_size_, topk_ids.cols());
+        WaterfillPlan plan;
         plan.kind = WaterfillPlan::Kind::kTokenCount;
-        if (!dynamic) {
-            plan.rank_load = routed_counts(topk_ids);
-            return plan;
-        }
-        plan.rank_load.resize(static_cast<std::size_t>(W));
-        std::int64_t routed_total = 0, load_total = 0;
-        for (int w = 0; w < W; ++w) {
-            routed_total += reduced[w];
-            plan.rank_load[w] = reduced[w] + reduced[W + w];  // routed ids + tokens from w
-            load_total += plan.rank_load[w];
-        }
-        const std::int64_t tokens_global = routed_total / K;
-        plan.target_total = (load_total + tokens_global + W - 1) / W;
-        plan.allow_all_ranks =
-            *std::max_element(plan.rank_load.begin(), plan.rank_load.end()) <= plan.target_total;
+        plan.rank_load = routed_counts(topk_ids);
         return plan;
     }
-
     // Decode: the rank that activates the fewest distinct routed experts takes the whole batch.
-    plan.rank_load.assign(static_cast<std::size_t>(W), 0);
+    std::vector<std::int64_t> active_per_rank(static_cast<std::size_t>(ep_size_), 0);
     const std::vector<std::int64_t> used =
         dynamic ? std::vector<std::int64_t>(reduced.begin(), reduced.end())
                 : active_experts(topk_ids);
-    for (int p = 0; p < num_physical_; ++p) plan.rank_load[p / S] += used[p] != 0;
-    const std::vector<std::int64_t>& load = plan.rank_load;
-    if (!dynamic && N <= kFusedActiveMaxTokens && S <= kFusedActiveMaxSlots) {
-        plan.kind = WaterfillPlan::Kind::kFusedFewestActive;
-        int best = 0;
-        for (int w = 1; w < W; ++w) {
-            if (load[w] < load[best] || (load[w] == load[best] && w == rank_)) best = w;
-        }
-        plan.destination = best;
-        return plan;
+    for (int p = 0; p < num_physical_; ++p) active_per_rank[p / slots_] += used[p] != 0;
+    if (!dynamic && topk_ids.rows() <= kFusedActiveMaxTokens && slots_ <= kFusedActiveMaxSlots) {
+        return fused_fewest_active_plan(std::move(active_per_rank), rank_);
     }
-    plan.kind = WaterfillPlan::Kind::kFewestActive;
-    int best = rank_;
-    std::int64_t best_count = load[rank_];
-    for (int w = 0; w < W; ++w) {
-        if (load[w] * kLocalPreferenceNumer < best_count * kLocalPreferenceDenom) {
-            best = w;
-            best_count = load[w];
-        }
-    }
-    for (int w = 0; w < W; ++w) {
-        if (load[w] < best_count) {
-            best = w;
-            best_count = load[w];
-        }
-    }
-    plan.destination = best;
-    return plan;
+    return fewest_active_plan(std::move(active_per_rank), rank_);
 }
 
 void WaterfillBalancer::materialise(ConstMatrixMap<std::int32_t> topk_ids,
@@ -276,148 +480,26 @@ void WaterfillBalancer::write_rows(ConstMatrixMap<std::int32_t> topk_ids,
                                    ConstMatrixMap<float> topk_weights, const WaterfillPlan& plan,
                                    MatrixMap<std::int32_t> out_ids, MatrixMap<float> out_weights,
                                    bool ids_checked) const {
-    const Index N = topk_ids.rows(), K = topk_ids.cols();
-    const int W = ep_size_, S = slots_, s = rank_;
-    MOELB_CHECK_ARG(topk_weights.rows() == N && topk_weights.cols() == K,
-                    "topk_weights has shape [" << topk_weights.rows() << ", " << topk_weights.cols()
-                                               << "] but topk_ids has [" << N << ", " << K << "]");
-    MOELB_CHECK_ARG(out_ids.rows() == N && out_ids.cols() == K + 1 && out_weights.rows() == N &&
-                        out_weights.cols() == K + 1,
-                    "the outputs must have shape [" << N << ", " << K + 1 << "]");
-    const bool sampled = plan.kind == WaterfillPlan::Kind::kTokenCount;
-    if (plan.kind != WaterfillPlan::Kind::kLocal) {
-        MOELB_CHECK_ARG(
-            static_cast<int>(plan.rank_load.size()) == W,
-            "the plan has " << plan.rank_load.size() << " rank loads but ep_size=" << W);
-    }
-    if (!sampled && plan.kind != WaterfillPlan::Kind::kLocal) {
-        MOELB_CHECK_ARG(plan.destination >= 0 && plan.destination < W,
-                        "the plan's destination " << plan.destination << " is not a rank");
-    }
+    check_write_args(topk_ids, topk_weights, plan, out_ids, out_weights, ep_size_);
     if (!ids_checked) check_ids(topk_ids);
-
-    // Token-count mode: the target and, when every rank is a candidate, the capacities (the same
-    // for every token) as cumulative sums.
-    const std::vector<std::int64_t>& load = plan.rank_load;
-    std::int64_t target = 0;
-    std::vector<std::int64_t> cap;      // cap[w]: rank w's (discounted) spare capacity
-    std::vector<std::int64_t> all_cum;  // all_cum[w + 1] = caps of ranks 0..w
-    if (sampled) {
-        target = plan.target_total;
-        if (target <= 0) {
-            const std::int64_t total = std::accumulate(load.begin(), load.end(), std::int64_t{0});
-            target = (total + total / K + W - 1) / W;
-        }
-        cap.resize(static_cast<std::size_t>(W));
-        all_cum.assign(static_cast<std::size_t>(W) + 1, 0);
-        for (int w = 0; w < W; ++w) {
-            cap[w] = discounted(std::max<std::int64_t>(target - load[w], 0), w == s);
-            all_cum[w + 1] = all_cum[w] + cap[w];
-        }
-    }
-    // The fallback when no candidate has spare capacity: this rank unless a candidate's load is
-    // below 10/11 of the best so far (candidates: all ranks, or the token's ranks in column order).
-    const auto preferred = [&](const std::int32_t* ids) {
-        int best = s;
-        std::int64_t best_count = load[s];
-        const auto consider = [&](int w) {
-            if (load[w] * kLocalPreferenceNumer < best_count * kLocalPreferenceDenom) {
-                best = w;
-                best_count = load[w];
-            }
-        };
-        if (plan.allow_all_ranks) {
-            for (int w = 0; w < W; ++w) consider(w);
-        } else {
-            for (Index c = 0; c < K; ++c) {
-                if (ids[c] >= 0) consider(rank_of_[ids[c]]);
-            }
-        }
-        return best;
-    };
-
+    const Index N = topk_ids.rows(), K = topk_ids.cols();
+    const int S = slots_;
+    const SharedRankChooser chooser(plan, rank_of_, ep_size_, rank_, K);
     parallel_for(N, kRowsPerChunk, [&](Index begin, Index end) {
         std::vector<int> candidates(static_cast<std::size_t>(std::max<Index>(K + 1, 64)));
         for (Index t = begin; t < end; ++t) {
             const std::int32_t* ids = topk_ids.data() + t * K;
-            bool has_valid = false;
-            for (Index c = 0; c < K; ++c) {
-                const std::int32_t id = ids[c];
-                if (id >= 0) {
-                    out_ids(t, c) = id + rank_of_[id];
-                    out_weights(t, c) = topk_weights(t, c);
-                    has_valid = true;
-                } else {
-                    out_ids(t, c) = -1;
-                    out_weights(t, c) = 0.0f;
-                }
-            }
-            if (!has_valid) {
-                out_ids(t, K) = -1;
-                out_weights(t, K) = 0.0f;
+            std::int32_t* row_ids = out_ids.data() + t * (K + 1);
+            float* row_weights = out_weights.data() + t * (K + 1);
+            if (!widen_routed_row(ids, topk_weights.data() + t * K, K, rank_of_.data(), row_ids,
+                                  row_weights)) {
+                row_ids[K] = -1;
+                row_weights[K] = 0.0f;
                 continue;
             }
-            int dest = s;
-            if (plan.kind == WaterfillPlan::Kind::kFewestActive ||
-                plan.kind == WaterfillPlan::Kind::kFusedFewestActive) {
-                dest = plan.destination;
-            } else if (sampled) {
-                const std::uint32_t hash = token_hash(t, s);
-                if (plan.allow_all_ranks) {
-                    const std::int64_t total = all_cum[W];
-                    if (total == 0) {
-                        dest = preferred(ids);
-                    } else {
-                        const std::int64_t u = draw(hash, total);
-                        // The rank whose interval [cum_w, cum_w + cap_w) holds u.
-                        dest = static_cast<int>(
-                                   std::upper_bound(all_cum.begin() + 1, all_cum.end(), u) -
-                                   all_cum.begin()) -
-                               1;
-                    }
-                } else {
-                    // This rank and the token's ranks, ascending, each once: a bit mask when
-                    // the ranks fit 64 bits, else an insertion sort of at most K + 1 ranks.
-                    int* cand = candidates.data();
-                    int count = 0;
-                    if (W <= 64) {
-                        std::uint64_t mask = std::uint64_t{1} << s;
-                        for (Index c = 0; c < K; ++c) {
-                            if (ids[c] >= 0) mask |= std::uint64_t{1} << rank_of_[ids[c]];
-                        }
-                        for (; mask != 0; mask &= mask - 1) cand[count++] = std::countr_zero(mask);
-                    } else {
-                        cand[count++] = s;
-                        for (Index c = 0; c < K; ++c) {
-                            if (ids[c] < 0) continue;
-                            const int w = rank_of_[ids[c]];
-                            int at = count;
-                            while (at > 0 && cand[at - 1] > w) --at;
-                            if (at > 0 && cand[at - 1] == w) continue;
-                            for (int j = count; j > at; --j) cand[j] = cand[j - 1];
-                            cand[at] = w;
-                            ++count;
-                        }
-                    }
-                    std::int64_t total = 0;
-                    for (int j = 0; j < count; ++j) total += cap[cand[j]];
-                    if (total == 0) {
-                        dest = preferred(ids);
-                    } else {
-                        const std::int64_t u = draw(hash, total);
-                        std::int64_t cum = 0;
-                        for (int j = 0; j < count; ++j) {
-                            cum += cap[cand[j]];
-                            if (u < cum) {
-                                dest = cand[j];
-                                break;
-                            }
-                        }
-                    }
-                }
-            }
-            out_ids(t, K) = static_cast<std::int32_t>(dest * (S + 1) + S);
-            out_weights(t, K) = shared_weight_;
+            const int dest = chooser.choose(t, ids, candidates.data());
+            row_ids[K] = static_cast<std::int32_t>(dest * (S + 1) + S);
+            row_weights[K] = shared_weight_;
         }
     });
 }
@@ -446,94 +528,6 @@ WaterfillPlan WaterfillBalancer::expand(ConstMatrixMap<std::int32_t> topk_ids,
     exchange_buffer(topk_ids, num_tokens, is_decode, buffer);
     all_reduce(buffer);
     return expand(topk_ids, topk_weights, num_tokens, is_decode, buffer, out_ids, out_weights);
-}
-
-WaterfillRankLoads waterfill_rank_loads(std::span<const ConstMatrixMap<std::int32_t>> batches,
-                                        int num_physical_experts, WaterfillMode mode,
-                                        bool is_decode, std::span<const Index> num_tokens) {
-    const int W = static_cast<int>(batches.size());
-    MOELB_CHECK_ARG(W >= 1, "batches must hold one batch per EP rank, got none");
-    MOELB_CHECK_ARG(
-        num_tokens.empty() || static_cast<int>(num_tokens.size()) == W,
-        "num_tokens has " << num_tokens.size() << " entries but there are " << W << " ranks");
-    const Index K = batches[0].cols();
-    for (int w = 0; w < W; ++w) {
-        MOELB_CHECK_ARG(batches[w].cols() == K, "batches[" << w << "] has " << batches[w].cols()
-                                                           << " columns but batches[0] has " << K);
-    }
-    std::vector<WaterfillBalancer> balancers;
-    balancers.reserve(static_cast<std::size_t>(W));
-    for (int w = 0; w < W; ++w) balancers.emplace_back(num_physical_experts, W, w, 1.0, mode);
-    const int S = balancers[0].slots_per_rank();
-    const auto tokens_of = [&](int w) {
-        return num_tokens.empty() ? batches[w].rows() : num_tokens[w];
-    };
-
-    std::vector<std::int64_t> reduced;
-    if (mode == WaterfillMode::kDynamic) {  // the all-reduce, in process
-        reduced.assign(static_cast<std::size_t>(balancers[0].exchange_size(is_decode)), 0);
-        std::vector<std::int64_t> part(reduced.size());
-        for (int w = 0; w < W; ++w) {
-            balancers[w].exchange_buffer(batches[w], tokens_of(w), is_decode, part);
-            for (std::size_t i = 0; i < part.size(); ++i) reduced[i] += part[i];
-        }
-    }
-
-    WaterfillRankLoads out;
-    out.routed.assign(static_cast<std::size_t>(W), 0);
-    out.shared_local.assign(out.routed.size(), 0);
-    out.shared_waterfill.assign(out.routed.size(), 0);
-    // Every rank expands its own batch (in parallel); its counts per target rank are integers,
-    // summed afterwards, so the result does not depend on the thread count.
-    std::vector<std::int64_t> routed_by(static_cast<std::size_t>(W) * W, 0);
-    std::vector<std::int64_t> waterfill_by(static_cast<std::size_t>(W) * W, 0);
-    parallel_for(W, 1, [&](Index begin, Index end) {
-        for (Index w = begin; w < end; ++w) {
-            const ConstMatrixMap<std::int32_t>& ids = batches[w];
-            const Index N = ids.rows();
-            RowMatrix<std::int32_t> wide_ids(N, K + 1);
-            RowMatrix<float> wide_weights(N, K + 1);
-            const RowMatrix<float> weights = RowMatrix<float>::Ones(N, K);
-            balancers[w].expand(ids, ConstMatrixMap<float>(weights.data(), N, K),
-                                tokens_of(static_cast<int>(w)), is_decode, reduced,
-                                MatrixMap<std::int32_t>(wide_ids.data(), N, K + 1),
-                                MatrixMap<float>(wide_weights.data(), N, K + 1));
-            std::int64_t* routed = routed_by.data() + w * W;
-            std::int64_t* waterfill = waterfill_by.data() + w * W;
-            std::int64_t local = 0;
-            for (Index t = 0; t < N; ++t) {
-                bool has_valid = false;
-                for (Index c = 0; c < K; ++c) {
-                    if (ids(t, c) >= 0) {
-                        ++routed[ids(t, c) / S];
-                        has_valid = true;
-                    }
-                }
-                local += has_valid;
-                if (wide_ids(t, K) >= 0) ++waterfill[wide_ids(t, K) / (S + 1)];
-            }
-            out.shared_local[static_cast<std::size_t>(w)] = local;
-        }
-    });
-    for (int w = 0; w < W; ++w) {
-        for (int g = 0; g < W; ++g) {
-            out.routed[static_cast<std::size_t>(g)] +=
-                routed_by[static_cast<std::size_t>(w) * W + g];
-            out.shared_waterfill[static_cast<std::size_t>(g)] +=
-                waterfill_by[static_cast<std::size_t>(w) * W + g];
-        }
-    }
-    const auto balancedness = [&](const std::vector<std::int64_t>& shared) {
-        std::int64_t total = 0, peak = 0;
-        for (int w = 0; w < W; ++w) {
-            total += out.routed[w] + shared[w];
-            peak = std::max(peak, out.routed[w] + shared[w]);
-        }
-        return utilization_rate(static_cast<double>(total) / W, static_cast<double>(peak));
-    };
-    out.balancedness_local = balancedness(out.shared_local);
-    out.balancedness_waterfill = balancedness(out.shared_waterfill);
-    return out;
 }
 
 }  // namespace moelb

@@ -219,8 +219,24 @@ class DeepSeekMoE {
                                             int shared_lanes);
 
   private:
+    // One forward's buffers and statistics, and the routed pairs sorted by slot (moe_layer.cpp).
+    struct Forward;
+    struct SlotPairs;
+
+    // The forward's steps, in the order run_forward calls them.
     void run_forward(MatrixMap<float> hidden, std::span<const std::int64_t> input_ids,
                      MatrixMap<float> out, MoEForwardStats& stats) const;
+    void check_forward_args(MatrixMap<float> hidden, std::span<const std::int64_t> input_ids,
+                            MatrixMap<float> out) const;
+    void run_shared_expert(Forward& f) const;
+    void compute_router_logits(Forward& f) const;
+    void select_topk(Forward& f, std::span<const std::int64_t> input_ids) const;
+    void run_routed_experts(Forward& f) const;
+    SlotPairs sort_pairs_by_slot(Forward& f) const;
+    Workspace::Buffer<float> run_expert_blocks(Forward& f, const SlotPairs& pairs) const;
+    void combine_routed(Forward& f, const float* y) const;
+    void add_shared_output(Forward& f) const;
+
     std::size_t w13_row_elements() const;
     std::size_t w2_row_elements() const;
 
