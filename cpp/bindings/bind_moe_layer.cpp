@@ -209,23 +209,22 @@ The DeepSeek MoE layer forward on CPU. Use moelb.DeepSeekMoE.
                          const py::handle& correction_bias, const py::handle& w13,
                          const py::handle& w2, const py::handle& shared_gate_up,
                          const py::handle& shared_down, const py::handle& tid2eid,
-                         std::optional<ExpertLocation> location, std::int64_t location_layer,
+                         std::optional<ExpertLocation> location, std::int64_t layer,
                          std::int64_t ep_rank) {
                  const DeepSeekMoEConfig c = config_from(config);
                  c.validate();
                  DeepSeekMoEWeights w = weights_from(c, gate, correction_bias, w13, w2,
                                                      shared_gate_up, shared_down, tid2eid);
                  py::gil_scoped_release release;
-                 return DeepSeekMoE(c, w, std::move(location),
-                                    narrow(location_layer, "location_layer"),
+                 return DeepSeekMoE(c, w, std::move(location), narrow(layer, "layer"),
                                     narrow(ep_rank, "ep_rank"));
              }),
              py::arg("config"), py::arg("gate"), py::arg("correction_bias"), py::arg("w13"),
              py::arg("w2"), py::arg("shared_gate_up"), py::arg("shared_down"), py::arg("tid2eid"),
-             py::arg("location"), py::arg("location_layer"), py::arg("ep_rank"))
+             py::arg("location"), py::arg("layer"), py::arg("ep_rank"))
         .def_property_readonly("num_physical_experts", &DeepSeekMoE::num_physical_experts)
         .def_property_readonly("location", &DeepSeekMoE::location)
-        .def_property_readonly("location_layer", &DeepSeekMoE::location_layer)
+        .def_property_readonly("layer", &DeepSeekMoE::layer)
         .def("config_dict", [](const DeepSeekMoE& l) { return config_to_dict(l.config()); })
         .def(
             "forward",
@@ -294,10 +293,10 @@ The DeepSeek MoE layer forward on CPU. Use moelb.DeepSeekMoE.
             "(gate_up [2I, H], down [H, I]) of the fused shared expert (read-only), or None.")
         .def(
             "set_location",
-            [](DeepSeekMoE& layer, ExpertLocation location, std::int64_t location_layer) {
-                layer.set_location(std::move(location), narrow(location_layer, "location_layer"));
+            [](DeepSeekMoE& moe, ExpertLocation location, std::int64_t layer) {
+                moe.set_location(std::move(location), narrow(layer, "layer"));
             },
-            py::arg("location"), py::arg("location_layer"));
+            py::arg("location"), py::arg("layer"));
 }
 
 }  // namespace moelb::bindings

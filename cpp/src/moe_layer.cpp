@@ -162,11 +162,11 @@ struct DeepSeekMoE::SlotPairs {
 };
 
 DeepSeekMoE::DeepSeekMoE(DeepSeekMoEConfig config, const DeepSeekMoEWeights& weights,
-                         std::optional<ExpertLocation> location, int location_layer, int ep_rank)
+                         std::optional<ExpertLocation> location, int layer, int ep_rank)
     : config_(std::move(config)),
       location_(location ? std::move(*location)
                          : ExpertLocation::trivial(1, config_.num_experts, config_.num_experts, 1)),
-      location_layer_(location_layer),
+      layer_(layer),
       ep_rank_(ep_rank),
       num_physical_(0) {
     config_.validate();
@@ -175,9 +175,8 @@ DeepSeekMoE::DeepSeekMoE(DeepSeekMoEConfig config, const DeepSeekMoEWeights& wei
     MOELB_CHECK_ARG(location_.num_logical_experts() == E,
                     "location has " << location_.num_logical_experts()
                                     << " logical experts but num_experts=" << E);
-    MOELB_CHECK_ARG(
-        location_layer >= 0 && location_layer < location_.num_layers(),
-        "location_layer=" << location_layer << " is outside [0, " << location_.num_layers() << ")");
+    MOELB_CHECK_ARG(layer >= 0 && layer < location_.num_layers(),
+                    "layer=" << layer << " is outside [0, " << location_.num_layers() << ")");
     MOELB_CHECK_ARG(
         ep_rank >= 0 && ep_rank < location_.ep_size(),
         "ep_rank=" << ep_rank << " is outside [0, ep_size=" << location_.ep_size() << ")");
@@ -207,7 +206,7 @@ DeepSeekMoE::DeepSeekMoE(DeepSeekMoEConfig config, const DeepSeekMoEWeights& wei
     w13_.resize(w13_row * (num_physical_ + F));
     w2_.resize(w2_row * (num_physical_ + F));
     for (int p = 0; p < num_physical_; ++p) {
-        const std::size_t e = location_.physical_to_logical()(location_layer_, p);
+        const std::size_t e = location_.physical_to_logical()(layer_, p);
         std::memcpy(w13_.data() + p * w13_row, weights.w13.data() + e * w13_row,
                     w13_row * sizeof(float));
         std::memcpy(w2_.data() + p * w2_row, weights.w2.data() + e * w2_row,
@@ -242,21 +241,20 @@ std::span<const float> DeepSeekMoE::fused_shared_w2() const {
     return {w2_.data() + w2_row_elements() * num_physical_, w2_row_elements()};
 }
 
-void DeepSeekMoE::set_location(ExpertLocation location, int location_layer) {
+void DeepSeekMoE::set_location(ExpertLocation location, int layer) {
     MOELB_CHECK_ARG(location.num_logical_experts() == config_.num_experts &&
                         location.num_physical_experts() == num_physical_,
                     "location has " << location.num_logical_experts() << " logical and "
                                     << location.num_physical_experts()
                                     << " physical experts but the layer has " << config_.num_experts
                                     << " and " << num_physical_);
-    MOELB_CHECK_ARG(
-        location_layer >= 0 && location_layer < location.num_layers(),
-        "location_layer=" << location_layer << " is outside [0, " << location.num_layers() << ")");
+    MOELB_CHECK_ARG(layer >= 0 && layer < location.num_layers(),
+                    "layer=" << layer << " is outside [0, " << location.num_layers() << ")");
     MOELB_CHECK_ARG(
         ep_rank_ < location.ep_size(),
         "ep_rank=" << ep_rank_ << " is outside [0, ep_size=" << location.ep_size() << ")");
     location_ = std::move(location);
-    location_layer_ = location_layer;
+    layer_ = layer;
 }
 
 std::int64_t DeepSeekMoE::expected_peak_bytes(const DeepSeekMoEConfig& config, Index num_tokens,
@@ -403,7 +401,7 @@ void DeepSeekMoE::select_topk(Forward& f, std::span<const std::int64_t> input_id
     f.topk_weights = f.ws.allocate<float>(T * Kp, "topk_weights");
     f.recorder_ids = f.ws.allocate<std::int32_t>(T * K, "recorder_topk_ids");
     {
-        const LayerDispatcher dispatcher(location_, location_layer_, ep_rank_,
+        const LayerDispatcher dispatcher(location_, layer_, ep_rank_,
                                          DispatchAlgorithm::kSglangStatic, 0);
         TopKOutputView view{MatrixMap<std::int32_t>(f.topk_ids.data(), T, Kp),
                             MatrixMap<float>(f.topk_weights.data(), T, Kp),

@@ -149,16 +149,17 @@ std::string_view to_string(RecorderMode value) {
 }
 
 ExpertDistributionRecorder::ExpertDistributionRecorder(ExpertLocation location, RecorderMode mode,
-                                                       Index buffer_size, int rank)
+                                                       Index buffer_size, int ep_rank)
     : mode_(mode),
       buffer_size_(buffer_size),
-      rank_(rank),
+      ep_rank_(ep_rank),
       location_(std::make_shared<const ExpertLocation>(std::move(location))),
       identity_(is_identity(*location_)) {
     MOELB_CHECK_ARG(buffer_size != 0,
                     "buffer_size must be positive (passes kept) or negative (unbounded), got 0");
-    MOELB_CHECK_ARG(rank >= 0 && rank < location_->ep_size(),
-                    "rank=" << rank << " is outside [0, ep_size=" << location_->ep_size() << ")");
+    MOELB_CHECK_ARG(
+        ep_rank >= 0 && ep_rank < location_->ep_size(),
+        "ep_rank=" << ep_rank << " is outside [0, ep_size=" << location_->ep_size() << ")");
 }
 
 int ExpertDistributionRecorder::num_layers() const { return location()->num_layers(); }
@@ -373,7 +374,7 @@ void ExpertDistributionRecorder::on_dispatch_counts(std::span<const std::int64_t
     const int S = location_->num_local_physical_experts();
     const auto n = static_cast<Index>(local_counts.size());
     MOELB_CHECK_ARG(ep_rank >= 0 && ep_rank < W,
-                    "rank=" << ep_rank << " is outside [0, ep_size=" << W << ")");
+                    "ep_rank=" << ep_rank << " is outside [0, ep_size=" << W << ")");
     MOELB_CHECK_ARG(num_trailing_shared_slots >= 0 && num_trailing_shared_slots <= n,
                     "num_trailing_shared_slots=" << num_trailing_shared_slots
                                                  << " is outside [0, len(local_counts)=" << n

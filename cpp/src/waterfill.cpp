@@ -313,12 +313,12 @@ std::string_view to_string(WaterfillMode mode) { return detail::enum_name(kModeN
 
 std::string_view to_string(WaterfillPlan::Kind kind) { return detail::enum_name(kKindNames, kind); }
 
-WaterfillBalancer::WaterfillBalancer(int num_physical_experts, int ep_size, int rank,
+WaterfillBalancer::WaterfillBalancer(int num_physical_experts, int ep_size, int ep_rank,
                                      double routed_scaling_factor, WaterfillMode mode,
                                      bool apply_routed_scaling_factor_on_output)
     : num_physical_(num_physical_experts),
       ep_size_(ep_size),
-      rank_(rank),
+      ep_rank_(ep_rank),
       slots_(0),
       rsf_(routed_scaling_factor),
       mode_(mode),
@@ -330,8 +330,8 @@ WaterfillBalancer::WaterfillBalancer(int num_physical_experts, int ep_size, int 
     MOELB_CHECK_ARG(num_physical_experts % ep_size == 0,
                     "num_physical_experts=" << num_physical_experts
                                             << " is not divisible by ep_size=" << ep_size);
-    MOELB_CHECK_ARG(rank >= 0 && rank < ep_size,
-                    "rank=" << rank << " is outside [0, ep_size=" << ep_size << ")");
+    MOELB_CHECK_ARG(ep_rank >= 0 && ep_rank < ep_size,
+                    "ep_rank=" << ep_rank << " is outside [0, ep_size=" << ep_size << ")");
     MOELB_CHECK_ARG(
         std::isfinite(routed_scaling_factor) && routed_scaling_factor >= 0,
         "routed_scaling_factor must be finite and non-negative, got " << routed_scaling_factor);
@@ -351,7 +351,8 @@ WaterfillBalancer::WaterfillBalancer(int num_physical_experts, int ep_size, int 
 }
 
 std::int32_t WaterfillBalancer::shared_slot(int r) const {
-    MOELB_CHECK_ARG(r >= 0 && r < ep_size_, "rank=" << r << " is outside [0, " << ep_size_ << ")");
+    MOELB_CHECK_ARG(r >= 0 && r < ep_size_,
+                    "ep_rank=" << r << " is outside [0, ep_size=" << ep_size_ << ")");
     return static_cast<std::int32_t>(r * (slots_ + 1) + slots_);
 }
 
@@ -440,7 +441,7 @@ void WaterfillBalancer::exchange_buffer(ConstMatrixMap<std::int32_t> topk_ids, I
     const std::vector<std::int64_t> counts = routed_counts(topk_ids);
     std::fill(out.begin(), out.end(), 0);
     std::copy(counts.begin(), counts.end(), out.begin());
-    out[ep_size_ + rank_] = num_tokens;
+    out[ep_size_ + ep_rank_] = num_tokens;
 }
 
 WaterfillPlan WaterfillBalancer::plan(ConstMatrixMap<std::int32_t> topk_ids, Index num_tokens,
@@ -464,9 +465,9 @@ WaterfillPlan WaterfillBalancer::plan(ConstMatrixMap<std::int32_t> topk_ids, Ind
                 : active_experts(topk_ids);
     for (int p = 0; p < num_physical_; ++p) active_per_rank[p / slots_] += used[p] != 0;
     if (!dynamic && topk_ids.rows() <= kFusedActiveMaxTokens && slots_ <= kFusedActiveMaxSlots) {
-        return fused_fewest_active_plan(std::move(active_per_rank), rank_);
+        return fused_fewest_active_plan(std::move(active_per_rank), ep_rank_);
     }
-    return fewest_active_plan(std::move(active_per_rank), rank_);
+    return fewest_active_plan(std::move(active_per_rank), ep_rank_);
 }
 
 void WaterfillBalancer::materialise(ConstMatrixMap<std::int32_t> topk_ids,
@@ -484,7 +485,7 @@ void WaterfillBalancer::write_rows(ConstMatrixMap<std::int32_t> topk_ids,
     if (!ids_checked) check_ids(topk_ids);
     const Index N = topk_ids.rows(), K = topk_ids.cols();
     const int S = slots_;
-    const SharedRankChooser chooser(plan, rank_of_, ep_size_, rank_, K);
+    const SharedRankChooser chooser(plan, rank_of_, ep_size_, ep_rank_, K);
     parallel_for(N, kRowsPerChunk, [&](Index begin, Index end) {
         std::vector<int> candidates(static_cast<std::size_t>(std::max<Index>(K + 1, 64)));
         for (Index t = begin; t < end; ++t) {

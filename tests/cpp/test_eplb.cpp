@@ -65,9 +65,9 @@ std::vector<int> counts_of(const ExpertLocation& loc, int layer) {
 // Per-GPU loads of one layer under equal split, computed here (independent of rank_loads).
 std::vector<double> layer_rank_loads(const RowMatrix<double>& load, const ExpertLocation& loc,
                                      int layer) {
-    const int G = loc.ep_size(), S = loc.num_local_physical_experts();
+    const int W = loc.ep_size(), S = loc.num_local_physical_experts();
     const std::vector<int> count = counts_of(loc, layer);
-    std::vector<double> out(static_cast<std::size_t>(G), 0.0);
+    std::vector<double> out(static_cast<std::size_t>(W), 0.0);
     for (int p = 0; p < loc.num_physical_experts(); ++p) {
         const int e = loc.physical_to_logical()(layer, p);
         out[p / S] += load(layer, e) / count[e];
@@ -84,22 +84,22 @@ int replicas_needed(double w, double t) {
     return c;
 }
 
-// The optimum of min over replica counts (sum R, each >= 1) of max_e w_e / c_e, found by a search
+// The optimum of min over replica counts (sum P, each >= 1) of max_e w_e / c_e, found by a search
 // over the candidate values w_e / c instead of the divisor method.
-double min_max_replica_load(const RowMatrix<double>& load, int layer, int R) {
+double min_max_replica_load(const RowMatrix<double>& load, int layer, int P) {
     const int E = static_cast<int>(load.cols());
     std::vector<double> candidates;
     for (int e = 0; e < E; ++e) {
         const double w = load(layer, e);
         if (w <= 0) continue;
-        for (int c = 1; c <= R - E + 1; ++c) candidates.push_back(w / c);
+        for (int c = 1; c <= P - E + 1; ++c) candidates.push_back(w / c);
     }
     if (candidates.empty()) return 0.0;
     std::sort(candidates.begin(), candidates.end());
     auto feasible = [&](double t) {
         Index slots = 0;
         for (int e = 0; e < E; ++e) slots += replicas_needed(load(layer, e), t);
-        return slots <= R;
+        return slots <= P;
     };
     // feasible() is monotone in t and holds for the largest candidate (every count 1).
     std::size_t lo = 0, hi = candidates.size() - 1;
@@ -167,10 +167,11 @@ TEST(DeepSeekGolden, ReadmeWeightGlobalAndFallback) {
         EplbAlgorithm algorithm;
         int num_groups, num_nodes;
     };
-    for (const Case& c : {Case{"global, K=1 N=1", EplbAlgorithm::kDeepSeekGlobal, 1, 1},
-                          Case{"global ignores K=4 N=2", EplbAlgorithm::kDeepSeekGlobal, 4, 2},
-                          Case{"deepseek K=3 N=2 falls back", EplbAlgorithm::kDeepSeek, 3, 2},
-                          Case{"deepseek without groups", EplbAlgorithm::kDeepSeek, 0, 1}}) {
+    for (const Case& c :
+         {Case{"global, num_groups=1 N=1", EplbAlgorithm::kDeepSeekGlobal, 1, 1},
+          Case{"global ignores num_groups=4 N=2", EplbAlgorithm::kDeepSeekGlobal, 4, 2},
+          Case{"deepseek num_groups=3 N=2 falls back", EplbAlgorithm::kDeepSeek, 3, 2},
+          Case{"deepseek without groups", EplbAlgorithm::kDeepSeek, 0, 1}}) {
         SCOPED_TRACE(c.what);
         const Plan plan = plan_of(kReadmeWeight, {.num_physical_experts = 16,
                                                   .num_groups = c.num_groups,
@@ -259,7 +260,7 @@ enum class LoadKind {
 
 struct Topology {
     const char* name;
-    int L, E, R, K, N, G;
+    int L, E, P, num_groups, N, W;
     LoadKind kind;
     std::uint32_t seed;
 };
@@ -292,9 +293,10 @@ struct AlgoCase {
     Locality locality;
 };
 
-bool deepseek_valid(const Topology& t) { return t.G % t.N == 0; }
+bool deepseek_valid(const Topology& t) { return t.W % t.N == 0; }
 bool hierarchical_valid(const Topology& t) {
-    return deepseek_valid(t) && t.K > 0 && t.E % t.K == 0 && t.K % t.N == 0;
+    return deepseek_valid(t) && t.num_groups > 0 && t.E % t.num_groups == 0 &&
+           t.num_groups % t.N == 0;
 }
 
 // Every algorithm that accepts the topology.
@@ -304,8 +306,9 @@ std::vector<AlgoCase> algorithms_for(const Topology& t) {
                                  {"moelb_none", EplbAlgorithm::kMoelb, Locality::kNone}};
     if (deepseek_valid(t)) {
         out.push_back({"deepseek_global", EplbAlgorithm::kDeepSeekGlobal, Locality::kAuto});
-        // kDeepSeek is hierarchical exactly when K > 0 and K % N == 0, which then needs E % K.
-        if (!(t.K > 0 && t.K % t.N == 0) || t.E % t.K == 0) {
+        // kDeepSeek is hierarchical exactly when num_groups > 0 and num_groups % N == 0, which then
+        // needs E % num_groups.
+        if (!(t.num_groups > 0 && t.num_groups % t.N == 0) || t.E % t.num_groups == 0) {
             out.push_back({"deepseek", EplbAlgorithm::kDeepSeek, Locality::kAuto});
         }
     }
@@ -317,10 +320,10 @@ std::vector<AlgoCase> algorithms_for(const Topology& t) {
 }
 
 RebalanceOptions options_for(const Topology& t, const AlgoCase& a) {
-    return {.num_physical_experts = t.R,
-            .num_groups = t.K,
+    return {.num_physical_experts = t.P,
+            .num_groups = t.num_groups,
             .num_nodes = t.N,
-            .ep_size = t.G,
+            .ep_size = t.W,
             .algorithm = a.algorithm,
             .locality = a.locality};
 }
@@ -336,20 +339,20 @@ class EplbInvariants : public ::testing::TestWithParam<Topology> {
 TEST_P(EplbInvariants, PlacementAndStatistics) {
     const Topology t = GetParam();
     const RowMatrix<double> load = random_load(t);
-    const int S = t.R / t.G;
+    const int S = t.P / t.W;
     for (const AlgoCase& a : algorithms_for(t)) {
         SCOPED_TRACE(a.label);
         const Plan plan = plan_of(load, options_for(t, a));
         const ExpertLocation& loc = plan.location;
         ASSERT_EQ(loc.num_layers(), t.L);
         ASSERT_EQ(loc.num_logical_experts(), t.E);
-        ASSERT_EQ(loc.num_physical_experts(), t.R);
-        ASSERT_EQ(loc.ep_size(), t.G);
+        ASSERT_EQ(loc.num_physical_experts(), t.P);
+        ASSERT_EQ(loc.ep_size(), t.W);
         ASSERT_EQ(loc.num_local_physical_experts(), S);
         ASSERT_EQ(static_cast<int>(plan.stats.layers.size()), t.L);
         const RowMatrix<double> per_gpu = moelb::rank_loads(cmap(load), loc);
         ASSERT_EQ(per_gpu.rows(), t.L);
-        ASSERT_EQ(per_gpu.cols(), t.G);
+        ASSERT_EQ(per_gpu.cols(), t.W);
         double sum_balancedness = 0, sum_mean = 0, sum_max = 0, max_gap = 0, active_sum = 0;
         int active_layers = 0;
         for (int l = 0; l < t.L; ++l) {
@@ -362,18 +365,18 @@ TEST_P(EplbInvariants, PlacementAndStatistics) {
                 EXPECT_GE(count[e], 1) << "expert " << e << " has no replica";
                 EXPECT_EQ(loc.logical_count()(l, e), count[e]);
             }
-            EXPECT_EQ(sum, t.R);
+            EXPECT_EQ(sum, t.P);
             // Statistics recomputed here.
             const std::vector<double> gpu = layer_rank_loads(load, loc, l);
             double total = 0;
             for (int e = 0; e < t.E; ++e) total += load(l, e);
             const double max_gpu = *std::max_element(gpu.begin(), gpu.end());
-            for (int g = 0; g < t.G; ++g) EXPECT_TRUE(near(per_gpu(l, g), gpu[g])) << "GPU " << g;
+            for (int g = 0; g < t.W; ++g) EXPECT_TRUE(near(per_gpu(l, g), gpu[g])) << "GPU " << g;
             const moelb::LayerPlanStats& s = plan.stats.layers[l];
             EXPECT_EQ(s.max_rank_load, per_gpu.row(l).maxCoeff());
             EXPECT_TRUE(near(s.max_rank_load, max_gpu));
-            EXPECT_TRUE(near(s.mean_rank_load, total / t.G));
-            const double lb = std::max(total / t.G, min_max_replica_load(load, l, t.R));
+            EXPECT_TRUE(near(s.mean_rank_load, total / t.W));
+            const double lb = std::max(total / t.W, min_max_replica_load(load, l, t.P));
             EXPECT_TRUE(near(s.lower_bound, lb)) << s.lower_bound << " vs " << lb;
             EXPECT_GE(s.max_rank_load, s.lower_bound * (1 - 1e-12)) << "below the lower bound";
             if (total > 0) {
@@ -416,8 +419,9 @@ TEST_P(EplbInvariants, PlacementAndStatistics) {
 TEST_P(EplbInvariants, ReportsTheLocalityThatRan) {
     const Topology t = GetParam();
     const RowMatrix<double> load = random_load(t);
-    const bool groups_fit = t.K > 0 && t.E % t.K == 0 && t.K >= t.N && t.G % t.N == 0;
-    const bool auto_node = t.K > 0 && t.K % t.N == 0 && groups_fit;
+    const bool groups_fit =
+        t.num_groups > 0 && t.E % t.num_groups == 0 && t.num_groups >= t.N && t.W % t.N == 0;
+    const bool auto_node = t.num_groups > 0 && t.num_groups % t.N == 0 && groups_fit;
     for (const AlgoCase& a : algorithms_for(t)) {
         if (a.algorithm != EplbAlgorithm::kMoelb) continue;
         SCOPED_TRACE(a.label);
@@ -426,7 +430,7 @@ TEST_P(EplbInvariants, ReportsTheLocalityThatRan) {
                           : a.locality == Locality::kAuto ? auto_node
                                                           : false;
         EXPECT_EQ(plan.stats.algorithm, node ? "moelb(locality=node)" : "moelb(locality=none)");
-        EXPECT_EQ(plan.location.num_nodes(), t.G % t.N == 0 ? t.N : 1);
+        EXPECT_EQ(plan.location.num_nodes(), t.W % t.N == 0 ? t.N : 1);
     }
 }
 
@@ -441,7 +445,7 @@ TEST_P(EplbInvariants, MoelbNeverWorseThanDeepSeekUnderTheSameLocality) {
     };
     // The global policy ignores groups and nodes: run it on one node, valid for every topology.
     Topology flat = t;
-    flat.K = 0;
+    flat.num_groups = 0;
     flat.N = 1;
     std::string known_bug;  // single node: moelb above deepseek_hierarchical
     int compared = 0;
@@ -496,8 +500,9 @@ TEST(MoelbVsDeepSeek, OneNodeNotAboveHierarchical) {
     const Plan theirs = plan_of(load, d);
     ASSERT_EQ(theirs.stats.algorithm, "deepseek_hierarchical");
     if (ours.stats.layers[0].max_rank_load > theirs.stats.layers[0].max_rank_load * (1 + 1e-9)) {
-        GTEST_SKIP() << "BUG: load [[4, 2, 0, 4]], R=8, K=4, N=1, G=4: " << ours.stats.algorithm
-                     << " max GPU load " << ours.stats.layers[0].max_rank_load << " > deepseek's "
+        GTEST_SKIP() << "BUG: load [[4, 2, 0, 4]], P=8, num_groups=4, N=1, W=4: "
+                     << ours.stats.algorithm << " max GPU load "
+                     << ours.stats.layers[0].max_rank_load << " > deepseek's "
                      << theirs.stats.layers[0].max_rank_load;
     }
     EXPECT_LE(ours.stats.layers[0].max_rank_load,
@@ -505,12 +510,12 @@ TEST(MoelbVsDeepSeek, OneNodeNotAboveHierarchical) {
 }
 
 // The largest GPU load of one layer's slot map (equal split), computed here.
-double row_max_load(const double* w, const std::vector<int>& row, int E, int G) {
+double row_max_load(const double* w, const std::vector<int>& row, int E, int W) {
     std::vector<int> count(static_cast<std::size_t>(E), 0);
     for (const int e : row) ++count[e];
-    const int S = static_cast<int>(row.size()) / G;
+    const int S = static_cast<int>(row.size()) / W;
     double m = 0;
-    for (int g = 0; g < G; ++g) {
+    for (int g = 0; g < W; ++g) {
         double sum = 0;
         for (int s = g * S; s < (g + 1) * S; ++s) sum += w[row[s]] / count[row[s]];
         m = std::max(m, sum);
@@ -521,10 +526,10 @@ double row_max_load(const double* w, const std::vector<int>& row, int E, int G) 
 // Whether one move removes the second copy of expert e on GPU g (slot `slot`) without raising the
 // layer's max GPU load: a swap with a replica of another GPU of g's domain (neither GPU then holds
 // an expert twice more than before), or rewriting the slot as another expert of the domain.
-bool removable_at_no_cost(const double* w, const std::vector<int>& row, int E, int G, int g,
+bool removable_at_no_cost(const double* w, const std::vector<int>& row, int E, int W, int g,
                           int slot, int domain_gpus) {
-    const int S = static_cast<int>(row.size()) / G;
-    const double limit = row_max_load(w, row, E, G) * (1 + 1e-12);
+    const int S = static_cast<int>(row.size()) / W;
+    const double limit = row_max_load(w, row, E, W) * (1 + 1e-12);
     const auto on = [&](int gpu, int expert) {
         for (int s = gpu * S; s < (gpu + 1) * S; ++s) {
             if (row[s] == expert) return true;
@@ -539,7 +544,7 @@ bool removable_at_no_cost(const double* w, const std::vector<int>& row, int E, i
             if (on(g, row[k])) continue;
             moved = row;
             std::swap(moved[slot], moved[k]);
-            if (row_max_load(w, moved, E, G) <= limit) return true;
+            if (row_max_load(w, moved, E, W) <= limit) return true;
         }
     }
     std::vector<bool> in_domain(static_cast<std::size_t>(E), false);
@@ -548,7 +553,7 @@ bool removable_at_no_cost(const double* w, const std::vector<int>& row, int E, i
         if (!in_domain[f] || on(g, f)) continue;
         moved = row;
         moved[slot] = f;
-        if (row_max_load(w, moved, E, G) <= limit) return true;
+        if (row_max_load(w, moved, E, W) <= limit) return true;
     }
     return false;
 }
@@ -561,26 +566,26 @@ bool removable_at_no_cost(const double* w, const std::vector<int>& row, int E, i
 TEST_P(EplbInvariants, MoelbPutsNoExpertTwiceOnAGpuWhenAvoidable) {
     const Topology t = GetParam();
     const RowMatrix<double> load = random_load(t);
-    const int S = t.R / t.G;
+    const int S = t.P / t.W;
     for (const Locality locality : {Locality::kAuto, Locality::kNode, Locality::kNone}) {
         SCOPED_TRACE(std::string(moelb::to_string(locality)));
         const Plan plan = plan_of(load, options_for(t, {"", EplbAlgorithm::kMoelb, locality}));
         const bool from_deepseek =
             plan.stats.notes.find("started from DeepSeek's packing") != std::string::npos;
-        // Under node locality an expert's replicas share the G / N GPUs of its node.
-        const int gpus_available = ran_node_locality(plan) ? t.G / t.N : t.G;
+        // Under node locality an expert's replicas share the W / N GPUs of its node.
+        const int gpus_available = ran_node_locality(plan) ? t.W / t.N : t.W;
         for (int l = 0; l < t.L; ++l) {
             const std::vector<int> count = counts_of(plan.location, l);
-            std::vector<int> row(static_cast<std::size_t>(t.R));
-            for (int p = 0; p < t.R; ++p) row[p] = plan.location.physical_to_logical()(l, p);
-            for (int g = 0; g < t.G; ++g) {
+            std::vector<int> row(static_cast<std::size_t>(t.P));
+            for (int p = 0; p < t.P; ++p) row[p] = plan.location.physical_to_logical()(l, p);
+            for (int g = 0; g < t.W; ++g) {
                 std::map<int, int> first_slot;
                 for (int s = g * S; s < (g + 1) * S; ++s) {
                     const int e = row[s];
                     if (count[e] > gpus_available) continue;
                     if (!first_slot.emplace(e, s).second) {
                         const bool removable = removable_at_no_cost(load.row(l).data(), row, t.E,
-                                                                    t.G, g, s, gpus_available);
+                                                                    t.W, g, s, gpus_available);
                         EXPECT_TRUE(from_deepseek && !removable)
                             << plan.stats.algorithm << " layer " << l << " GPU " << g
                             << " holds expert " << e << " twice (" << count[e] << " replicas, "
@@ -617,7 +622,7 @@ TEST(MoelbDuplicates, TinyCaseWhereTheDuplicateFreeOptimumIsBetter) {
     EXPECT_GE(plan.stats.layers[0].max_rank_load, 23.0 / 3 * (1 - 1e-12));
     for (int g = 0; g < 3; ++g) {
         if (map(0, 2 * g) == map(0, 2 * g + 1)) {
-            GTEST_SKIP() << "BUG: load [[9, 8, 5]], R=6, G=3, locality none gives phy2log " << map
+            GTEST_SKIP() << "BUG: load [[9, 8, 5]], P=6, W=3, locality none gives phy2log " << map
                          << " (max GPU load " << plan.stats.layers[0].max_rank_load << ", notes: '"
                          << plan.stats.notes << "'): GPU " << g << " holds expert " << map(0, 2 * g)
                          << " twice although the duplicate-free optimum is 23/3";
@@ -633,8 +638,8 @@ struct BruteForce {
     double best_without_duplicate = std::numeric_limits<double>::infinity();
 };
 
-BruteForce brute_force(const std::vector<double>& w, int P, int G) {
-    const int E = static_cast<int>(w.size()), S = P / G;
+BruteForce brute_force(const std::vector<double>& w, int P, int W) {
+    const int E = static_cast<int>(w.size()), S = P / W;
     int total = 1;
     for (int i = 0; i < P; ++i) total *= E;
     BruteForce out;
@@ -645,7 +650,7 @@ BruteForce brute_force(const std::vector<double>& w, int P, int G) {
         if (std::find(count.begin(), count.end(), 0) != count.end()) continue;
         double worst = 0;
         bool duplicate = false;
-        for (int g = 0; g < G; ++g) {
+        for (int g = 0; g < W; ++g) {
             double sum = 0;
             for (int k = 0; k < S; ++k) {
                 sum += w[slot[g * S + k]] / count[slot[g * S + k]];
@@ -664,10 +669,10 @@ TEST(MoelbTiny, AgainstEveryPlacement) {
     int instances = 0, optimal = 0;
     std::string known_bug;
     while (instances < 300) {
-        const int E = 1 + static_cast<int>(rng.below(4)), G = 1 + static_cast<int>(rng.below(3));
+        const int E = 1 + static_cast<int>(rng.below(4)), W = 1 + static_cast<int>(rng.below(3));
         std::vector<int> sizes;
         for (int p = E; p <= 6; ++p) {
-            if (p % G == 0) sizes.push_back(p);
+            if (p % W == 0) sizes.push_back(p);
         }
         if (sizes.empty()) continue;
         const int P = sizes[rng.below(static_cast<std::uint32_t>(sizes.size()))];
@@ -678,15 +683,15 @@ TEST(MoelbTiny, AgainstEveryPlacement) {
             load(0, e) = w[e] = ties ? static_cast<double>(rng.below(6)) : rng.uniform(0, 100);
         }
         ++instances;
-        const BruteForce bf = brute_force(w, P, G);
+        const BruteForce bf = brute_force(w, P, W);
         const Plan ours =
-            plan_of(load, {.num_physical_experts = P, .ep_size = G, .locality = Locality::kNone});
+            plan_of(load, {.num_physical_experts = P, .ep_size = W, .locality = Locality::kNone});
         const Plan ds = plan_of(
             load,
-            {.num_physical_experts = P, .ep_size = G, .algorithm = EplbAlgorithm::kDeepSeekGlobal});
+            {.num_physical_experts = P, .ep_size = W, .algorithm = EplbAlgorithm::kDeepSeekGlobal});
         const double m = ours.stats.layers[0].max_rank_load;
         std::ostringstream what;
-        what << "load " << load << ", P=" << P << ", G=" << G;
+        what << "load " << load << ", P=" << P << ", W=" << W;
         SCOPED_TRACE(what.str());
         EXPECT_GE(m, bf.best * (1 - 1e-9)) << "below the optimum";
         EXPECT_LE(ours.stats.layers[0].lower_bound, bf.best * (1 + 1e-9)) << "not a lower bound";
@@ -694,7 +699,7 @@ TEST(MoelbTiny, AgainstEveryPlacement) {
         optimal += m <= bf.best * (1 + 1e-9);
         // A duplicate is avoidable when a duplicate-free placement is no worse.
         const auto& map = ours.location.physical_to_logical();
-        const int S = P / G;
+        const int S = P / W;
         for (int p = 0; p < P; ++p) {
             for (int q = p / S * S; q < p; ++q) {
                 if (map(0, p) == map(0, q) && bf.best_without_duplicate <= m * (1 + 1e-9) &&
@@ -718,7 +723,7 @@ TEST(MoelbTiny, AgainstEveryPlacement) {
 
 TEST_P(EplbInvariants, NodeLocalityKeepsEveryGroupOnOneNode) {
     const Topology t = GetParam();
-    if (t.N == 1 || t.K == 0) GTEST_SKIP() << "needs several nodes and expert groups";
+    if (t.N == 1 || t.num_groups == 0) GTEST_SKIP() << "needs several nodes and expert groups";
     const RowMatrix<double> load = random_load(t);
     std::vector<Plan> plans;
     plans.push_back(plan_of(load, options_for(t, {"", EplbAlgorithm::kMoelb, Locality::kNode})));
@@ -731,12 +736,12 @@ TEST_P(EplbInvariants, NodeLocalityKeepsEveryGroupOnOneNode) {
         SCOPED_TRACE(plan.stats.algorithm);
         if (plan.stats.algorithm == "moelb(locality=none)") continue;  // locality impossible
         const ExpertLocation& loc = plan.location;
-        const int gs = t.E / t.K, S = t.R / t.G, gpn = t.G / t.N;
+        const int gs = t.E / t.num_groups, S = t.P / t.W, gpn = t.W / t.N;
         for (int l = 0; l < t.L; ++l) {
             std::vector<int> groups_on_node(static_cast<std::size_t>(t.N), 0);
-            for (int g = 0; g < t.K; ++g) {
+            for (int g = 0; g < t.num_groups; ++g) {
                 std::set<int> nodes;
-                for (int p = 0; p < t.R; ++p) {
+                for (int p = 0; p < t.P; ++p) {
                     if (loc.physical_to_logical()(l, p) / gs == g) nodes.insert(p / S / gpn);
                 }
                 EXPECT_EQ(nodes.size(), 1u)
@@ -805,9 +810,9 @@ ExpertLocation relabelled(const ExpertLocation& loc, std::uint32_t seed) {
             std::swap(v[i], v[rng.below(static_cast<std::uint32_t>(i + 1))]);
         }
     };
-    const int L = loc.num_layers(), R = loc.num_physical_experts(), G = loc.ep_size();
-    const int N = loc.num_nodes(), S = R / G, gpn = G / N;
-    RowMatrix<std::int32_t> out(L, R);
+    const int L = loc.num_layers(), P = loc.num_physical_experts(), W = loc.ep_size();
+    const int N = loc.num_nodes(), S = P / W, gpn = W / N;
+    RowMatrix<std::int32_t> out(L, P);
     for (int l = 0; l < L; ++l) {
         std::vector<int> nodes(static_cast<std::size_t>(N));
         for (int n = 0; n < N; ++n) nodes[n] = n;
@@ -827,7 +832,7 @@ ExpertLocation relabelled(const ExpertLocation& loc, std::uint32_t seed) {
             }
         }
     }
-    return ExpertLocation(std::move(out), loc.num_logical_experts(), G, N);
+    return ExpertLocation(std::move(out), loc.num_logical_experts(), W, N);
 }
 
 TEST_P(EplbInvariants, OwnPlanAsPreviousMovesNothing) {
@@ -873,7 +878,7 @@ TEST_P(EplbInvariants, MoveCostAndMaxMovesAgainstAnOlderPlan) {
     std::vector<double> gain(static_cast<std::size_t>(t.L), 0.0);
     Index total_moves = 0;
     for (int l = 0; l < t.L; ++l) {
-        for (int p = 0; p < t.R; ++p) moves[l] += phy2log_of(free)(l, p) != old_map(l, p);
+        for (int p = 0; p < t.P; ++p) moves[l] += phy2log_of(free)(l, p) != old_map(l, p);
         EXPECT_EQ(free.stats.layers[l].moved_experts, moves[l]);
         EXPECT_FALSE(free.stats.layers[l].kept_previous);
         const double old_max = old_gpu.row(l).maxCoeff();
@@ -961,24 +966,26 @@ TEST_P(EplbInvariants, MoveCostAndMaxMovesAgainstAnOlderPlan) {
 INSTANTIATE_TEST_SUITE_P(
     Topologies, EplbInvariants,
     ::testing::Values(
-        Topology{"readme_shape_e12_r16_k4_n2_g8", 3, 12, 16, 4, 2, 8, LoadKind::kSkewed, 1},
-        Topology{"e16_r24_k4_n2_g8", 4, 16, 24, 4, 2, 8, LoadKind::kSkewed, 2},
-        Topology{"e32_r48_k8_n4_g16", 3, 32, 48, 8, 4, 16, LoadKind::kSkewed, 3},
-        Topology{"e64_r80_k8_n2_g16", 2, 64, 80, 8, 2, 16, LoadKind::kSkewed, 4},
-        Topology{"one_node_e20_r24_k5_n1_g4", 3, 20, 24, 5, 1, 4, LoadKind::kSkewed, 5},
-        Topology{"no_groups_e24_r32_k0_n2_g8", 3, 24, 32, 0, 2, 8, LoadKind::kSkewed, 6},
-        Topology{"gpus_not_per_node_e30_r36_k6_n4_g6", 2, 30, 36, 6, 4, 6, LoadKind::kSkewed, 7},
-        Topology{"uneven_groups_e24_r36_k6_n4_g12", 3, 24, 36, 6, 4, 12, LoadKind::kSkewed, 8},
-        Topology{"no_redundancy_e16_r16_k4_n2_g4", 3, 16, 16, 4, 2, 4, LoadKind::kSkewed, 9},
-        Topology{"many_replicas_e8_r64_k2_n2_g8", 3, 8, 64, 2, 2, 8, LoadKind::kSkewed, 10},
-        Topology{"three_nodes_e12_r24_k3_n3_g6", 3, 12, 24, 3, 3, 6, LoadKind::kSkewed, 11},
-        Topology{"gpu_per_node_e48_r64_k8_n8_g8", 2, 48, 64, 8, 8, 8, LoadKind::kSkewed, 12},
-        Topology{"single_gpu_e6_r8_k0_n1_g1", 2, 6, 8, 0, 1, 1, LoadKind::kSkewed, 13},
-        Topology{"ties_e16_r24_k4_n2_g8", 4, 16, 24, 4, 2, 8, LoadKind::kTies, 14},
-        Topology{"ties_e12_r20_k0_n1_g4", 4, 12, 20, 0, 1, 4, LoadKind::kTies, 15},
-        Topology{"ties_one_node_e8_r16_k4_n1_g4", 6, 8, 16, 4, 1, 4, LoadKind::kTies, 18},
-        Topology{"zero_layer_e16_r32_k4_n2_g8", 3, 16, 32, 4, 2, 8, LoadKind::kZeroLayer, 16},
-        Topology{"ds_v3_like_e256_r288_k8_n4_g32", 2, 256, 288, 8, 4, 32, LoadKind::kSkewed, 17}),
+        Topology{"readme_shape_e12_p16_groups4_n2_w8", 3, 12, 16, 4, 2, 8, LoadKind::kSkewed, 1},
+        Topology{"e16_p24_groups4_n2_w8", 4, 16, 24, 4, 2, 8, LoadKind::kSkewed, 2},
+        Topology{"e32_p48_groups8_n4_w16", 3, 32, 48, 8, 4, 16, LoadKind::kSkewed, 3},
+        Topology{"e64_p80_groups8_n2_w16", 2, 64, 80, 8, 2, 16, LoadKind::kSkewed, 4},
+        Topology{"one_node_e20_p24_groups5_n1_w4", 3, 20, 24, 5, 1, 4, LoadKind::kSkewed, 5},
+        Topology{"no_groups_e24_p32_groups0_n2_w8", 3, 24, 32, 0, 2, 8, LoadKind::kSkewed, 6},
+        Topology{"gpus_not_per_node_e30_p36_groups6_n4_w6", 2, 30, 36, 6, 4, 6, LoadKind::kSkewed,
+                 7},
+        Topology{"uneven_groups_e24_p36_groups6_n4_w12", 3, 24, 36, 6, 4, 12, LoadKind::kSkewed, 8},
+        Topology{"no_redundancy_e16_p16_groups4_n2_w4", 3, 16, 16, 4, 2, 4, LoadKind::kSkewed, 9},
+        Topology{"many_replicas_e8_p64_groups2_n2_w8", 3, 8, 64, 2, 2, 8, LoadKind::kSkewed, 10},
+        Topology{"three_nodes_e12_p24_groups3_n3_w6", 3, 12, 24, 3, 3, 6, LoadKind::kSkewed, 11},
+        Topology{"gpu_per_node_e48_p64_groups8_n8_w8", 2, 48, 64, 8, 8, 8, LoadKind::kSkewed, 12},
+        Topology{"single_gpu_e6_p8_groups0_n1_w1", 2, 6, 8, 0, 1, 1, LoadKind::kSkewed, 13},
+        Topology{"ties_e16_p24_groups4_n2_w8", 4, 16, 24, 4, 2, 8, LoadKind::kTies, 14},
+        Topology{"ties_e12_p20_groups0_n1_w4", 4, 12, 20, 0, 1, 4, LoadKind::kTies, 15},
+        Topology{"ties_one_node_e8_p16_groups4_n1_w4", 6, 8, 16, 4, 1, 4, LoadKind::kTies, 18},
+        Topology{"zero_layer_e16_p32_groups4_n2_w8", 3, 16, 32, 4, 2, 8, LoadKind::kZeroLayer, 16},
+        Topology{"ds_v3_like_e256_p288_groups8_n4_w32", 2, 256, 288, 8, 4, 32, LoadKind::kSkewed,
+                 17}),
     [](const ::testing::TestParamInfo<Topology>& info) { return info.param.name; });
 
 // ------------------------------------------------------------------------------------------------
@@ -1045,7 +1052,8 @@ std::vector<ErrorCase> rebalance_errors() {
                              a),
                          "num_experts=12 is not divisible by num_groups=5"});
     }
-    // The hierarchical policy (explicit, or picked by deepseek as K % N == 0) splits GPUs by node.
+    // The hierarchical policy (explicit, or picked by deepseek as num_groups % N == 0) splits GPUs
+    // by node.
     for (const EplbAlgorithm a : {EplbAlgorithm::kDeepSeek, EplbAlgorithm::kDeepSeekHierarchical}) {
         cases.push_back({std::string(moelb::to_string(a)) + "_gpus_not_divisible_by_nodes",
                          with(
@@ -1107,7 +1115,7 @@ TEST(RebalanceErrors, PreviousOfAnotherShape) {
         "load has shape [2, 12]");
 }
 
-// The global policy is DeepSeek's routine with one node (reference 1.6: it needs only R % G == 0),
+// The global policy is DeepSeek's routine with one node (reference 1.6: it needs only P % W == 0),
 // so ep_size % num_nodes != 0 cannot stop it; the location then has one node.
 TEST(DeepSeekGlobal, IgnoresNodesThatDoNotDivideTheGpus) {
     const RowMatrix<std::int32_t> want = phy2log_of(plan_of(
@@ -1271,14 +1279,14 @@ RowMatrix<double> summed(const Series& s) {
     return total;
 }
 
-// The sum over steps of each step's largest GPU load of one layer with slots `row` on G GPUs and
+// The sum over steps of each step's largest GPU load of one layer with slots `row` on W GPUs and
 // replica counts `count`, recomputed here (each expert's step load split equally over its
 // replicas).
 double row_step_peak(const Series& s, int layer, const std::vector<std::int32_t>& row,
-                     const std::vector<int>& count, int G) {
-    const int S = static_cast<int>(row.size()) / G;
+                     const std::vector<int>& count, int W) {
+    const int S = static_cast<int>(row.size()) / W;
     double sum = 0;
-    std::vector<double> gpu(static_cast<std::size_t>(G));
+    std::vector<double> gpu(static_cast<std::size_t>(W));
     for (int t = 0; t < s.T; ++t) {
         std::fill(gpu.begin(), gpu.end(), 0.0);
         for (std::size_t p = 0; p < row.size(); ++p) {
@@ -1296,9 +1304,9 @@ double brute_step_peak(const Series& s, const ExpertLocation& loc, int layer) {
 
 // Slots of one layer whose expert already sits in an earlier slot of the same GPU.
 int same_gpu_duplicates(const ExpertLocation& loc, int layer) {
-    const int G = loc.ep_size(), S = loc.num_local_physical_experts();
+    const int W = loc.ep_size(), S = loc.num_local_physical_experts();
     int dups = 0;
-    for (int g = 0; g < G; ++g) {
+    for (int g = 0; g < W; ++g) {
         std::set<int> seen;
         for (int p = g * S; p < (g + 1) * S; ++p) {
             dups += !seen.insert(loc.physical_to_logical()(layer, p)).second;
@@ -1375,9 +1383,9 @@ TEST(EplbObjective, ParseAndPrintRoundTrip) {
 // checked against a recomputation here.
 TEST(EplbStepPeak, TotalObjectiveOnASeriesPlansLikeTheSummedLoad) {
     const Topology topologies[] = {
-        {"e16_r24_k4_n2_g8", 3, 16, 24, 4, 2, 8, LoadKind::kSkewed, 21},
-        {"no_groups_e24_r32_k0_n1_g4", 2, 24, 32, 0, 1, 4, LoadKind::kSkewed, 22},
-        {"three_nodes_e12_r24_k3_n3_g6", 2, 12, 24, 3, 3, 6, LoadKind::kSkewed, 23},
+        {"e16_p24_groups4_n2_w8", 3, 16, 24, 4, 2, 8, LoadKind::kSkewed, 21},
+        {"no_groups_e24_p32_groups0_n1_w4", 2, 24, 32, 0, 1, 4, LoadKind::kSkewed, 22},
+        {"three_nodes_e12_p24_groups3_n3_w6", 2, 12, 24, 3, 3, 6, LoadKind::kSkewed, 23},
     };
     for (const Topology& t : topologies) {
         const Series series = bursty_series(37, t.L, t.E, t.seed);
@@ -1544,7 +1552,7 @@ enum class Refines {
 
 struct StepCase {
     const char* name;
-    int L, E, R, K, N, G, T;
+    int L, E, P, num_groups, N, W, T;
     Locality locality;
     std::uint32_t seed;
     Refines refines;
@@ -1556,10 +1564,10 @@ class EplbStepPeakProperties : public ::testing::TestWithParam<StepCase> {
 };
 
 RebalanceOptions step_options(const StepCase& c, Objective objective) {
-    return {.num_physical_experts = c.R,
-            .num_groups = c.K,
+    return {.num_physical_experts = c.P,
+            .num_groups = c.num_groups,
             .num_nodes = c.N,
-            .ep_size = c.G,
+            .ep_size = c.W,
             .locality = c.locality,
             .objective = objective};
 }
@@ -1570,17 +1578,17 @@ TEST_P(EplbStepPeakProperties, NeverAboveTheTotalPlanAndKeepsItsConstraints) {
     const Plan total = plan_of(series, step_options(c, Objective::kTotal));
     const Plan peak = plan_of(series, step_options(c, Objective::kStepPeak));
     const ExpertLocation& loc = peak.location;
-    const int S = c.R / c.G;
+    const int S = c.P / c.W;
     ASSERT_EQ(loc.num_layers(), c.L);
-    ASSERT_EQ(loc.num_physical_experts(), c.R);
-    ASSERT_EQ(loc.ep_size(), c.G);
+    ASSERT_EQ(loc.num_physical_experts(), c.P);
+    ASSERT_EQ(loc.ep_size(), c.W);
     ASSERT_EQ(loc.num_local_physical_experts(), S);
     ASSERT_EQ(loc.num_nodes(), total.location.num_nodes());
     EXPECT_EQ(peak.stats.algorithm, total.stats.algorithm + "+step_peak");
     EXPECT_EQ(peak.stats.notes, total.stats.notes);
     EXPECT_TRUE(peak.stats.has_steps);
     const bool node = total.stats.algorithm == "moelb(locality=node)";
-    EXPECT_EQ(node, c.locality != Locality::kNone && c.K > 0 && c.N > 1);
+    EXPECT_EQ(node, c.locality != Locality::kNone && c.num_groups > 0 && c.N > 1);
     int dropped = 0;
     for (int l = 0; l < c.L; ++l) {
         SCOPED_TRACE("layer " + std::to_string(l));
@@ -1594,7 +1602,7 @@ TEST_P(EplbStepPeakProperties, NeverAboveTheTotalPlanAndKeepsItsConstraints) {
         EXPECT_EQ(p.lower_bound, q.lower_bound);
         // Same replica counts, every slot a valid expert, no new same-GPU duplicate.
         EXPECT_EQ(counts_of(loc, l), counts_of(total.location, l));
-        for (int p_ = 0; p_ < c.R; ++p_) {
+        for (int p_ = 0; p_ < c.P; ++p_) {
             const int e = loc.physical_to_logical()(l, p_);
             ASSERT_TRUE(e >= 0 && e < c.E) << "slot " << p_ << " holds " << e;
         }
@@ -1607,8 +1615,8 @@ TEST_P(EplbStepPeakProperties, NeverAboveTheTotalPlanAndKeepsItsConstraints) {
                 EXPECT_EQ(nodes[e].size(), 1u) << "expert " << e << " spans nodes";
             }
             EXPECT_EQ(nodes, expert_nodes(total.location, l));
-            if (c.K > 0) {
-                const int gs = c.E / c.K;
+            if (c.num_groups > 0) {
+                const int gs = c.E / c.num_groups;
                 for (int e = 0; e < c.E; ++e) {
                     EXPECT_EQ(nodes[e], nodes[e / gs * gs]) << "group of expert " << e << " split";
                 }
@@ -1657,9 +1665,9 @@ TEST_P(EplbStepPeakProperties, NoAllowedSwapLowersThePeakFurther) {
     const StepCase c = GetParam();
     const Series series = bursty_series(c.T, c.L, c.E, c.seed);
     const Plan peak = plan_of(series, step_options(c, Objective::kStepPeak));
-    const int S = c.R / c.G;
+    const int S = c.P / c.W;
     const bool node = peak.stats.algorithm == "moelb(locality=node)+step_peak";
-    const int gpus_per_domain = node ? c.G / c.N : c.G;
+    const int gpus_per_domain = node ? c.W / c.N : c.W;
     auto holds_elsewhere = [&](const std::vector<std::int32_t>& row, int slot, int expert) {
         const int g = slot / S;
         for (int k = g * S; k < (g + 1) * S; ++k) {
@@ -1671,16 +1679,16 @@ TEST_P(EplbStepPeakProperties, NoAllowedSwapLowersThePeakFurther) {
     for (int l = 0; l < c.L; ++l) {
         std::vector<std::int32_t> row = row_of(phy2log_of(peak), l);
         const std::vector<int> count = counts_of(peak.location, l);
-        const double base = row_step_peak(series, l, row, count, c.G);
-        for (int p = 0; p < c.R; ++p) {
-            for (int q = p + 1; q < c.R; ++q) {
+        const double base = row_step_peak(series, l, row, count, c.W);
+        for (int p = 0; p < c.P; ++p) {
+            for (int q = p + 1; q < c.P; ++q) {
                 const int x = row[p], y = row[q];
                 if (p / S == q / S || p / S / gpus_per_domain != q / S / gpus_per_domain ||
                     x == y || holds_elsewhere(row, q, x) || holds_elsewhere(row, p, y)) {
                     continue;
                 }
                 std::swap(row[p], row[q]);
-                const double swapped = row_step_peak(series, l, row, count, c.G);
+                const double swapped = row_step_peak(series, l, row, count, c.W);
                 std::swap(row[p], row[q]);
                 ++swaps;
                 EXPECT_GE(swapped, base * (1 - kStepTol * (1 + 1e-6)))
@@ -1695,28 +1703,28 @@ TEST_P(EplbStepPeakProperties, NoAllowedSwapLowersThePeakFurther) {
 INSTANTIATE_TEST_SUITE_P(
     Topologies, EplbStepPeakProperties,
     ::testing::Values(
-        StepCase{"two_nodes_e32_r48_k8_n2_g8", 3, 32, 48, 8, 2, 8, 24, Locality::kAuto, 41,
+        StepCase{"two_nodes_e32_p48_groups8_n2_w8", 3, 32, 48, 8, 2, 8, 24, Locality::kAuto, 41,
                  Refines::kSomeLayer},
-        StepCase{"four_nodes_e32_r48_k8_n4_g16", 2, 32, 48, 8, 4, 16, 40, Locality::kAuto, 42,
+        StepCase{"four_nodes_e32_p48_groups8_n4_w16", 2, 32, 48, 8, 4, 16, 40, Locality::kAuto, 42,
                  Refines::kSomeLayer},
-        StepCase{"three_nodes_e24_r36_k6_n3_g6", 3, 24, 36, 6, 3, 6, 9, Locality::kNode, 43,
+        StepCase{"three_nodes_e24_p36_groups6_n3_w6", 3, 24, 36, 6, 3, 6, 9, Locality::kNode, 43,
                  Refines::kSomeLayer},
-        StepCase{"uneven_groups_e24_r36_k6_n4_g12", 3, 24, 36, 6, 4, 12, 16, Locality::kNode, 44,
+        StepCase{"uneven_groups_e24_p36_groups6_n4_w12", 3, 24, 36, 6, 4, 12, 16, Locality::kNode,
+                 44, Refines::kSomeLayer},
+        StepCase{"no_locality_e24_p32_groups0_n1_w8", 3, 24, 32, 0, 1, 8, 16, Locality::kNone, 45,
                  Refines::kSomeLayer},
-        StepCase{"no_locality_e24_r32_k0_n1_g8", 3, 24, 32, 0, 1, 8, 16, Locality::kNone, 45,
-                 Refines::kSomeLayer},
-        StepCase{"none_on_two_nodes_e24_r32_k4_n2_g8", 2, 24, 32, 4, 2, 8, 12, Locality::kNone, 46,
-                 Refines::kSomeLayer},
-        StepCase{"no_redundancy_e16_r16_k4_n2_g4", 3, 16, 16, 4, 2, 4, 12, Locality::kAuto, 47,
+        StepCase{"none_on_two_nodes_e24_p32_groups4_n2_w8", 2, 24, 32, 4, 2, 8, 12, Locality::kNone,
+                 46, Refines::kSomeLayer},
+        StepCase{"no_redundancy_e16_p16_groups4_n2_w4", 3, 16, 16, 4, 2, 4, 12, Locality::kAuto, 47,
                  Refines::kSomeLayer},
         // More replicas than GPUs per node: duplicates are forced and block most swaps.
-        StepCase{"many_replicas_e8_r40_k2_n2_g8", 2, 8, 40, 2, 2, 8, 10, Locality::kAuto, 48,
+        StepCase{"many_replicas_e8_p40_groups2_n2_w8", 2, 8, 40, 2, 2, 8, 10, Locality::kAuto, 48,
                  Refines::kMaybe},
-        StepCase{"long_window_e64_r80_k8_n2_g16", 2, 64, 80, 8, 2, 16, 100, Locality::kAuto, 49,
-                 Refines::kSomeLayer},
-        StepCase{"gpu_per_node_e16_r24_k8_n8_g8", 2, 16, 24, 8, 8, 8, 12, Locality::kAuto, 50,
+        StepCase{"long_window_e64_p80_groups8_n2_w16", 2, 64, 80, 8, 2, 16, 100, Locality::kAuto,
+                 49, Refines::kSomeLayer},
+        StepCase{"gpu_per_node_e16_p24_groups8_n8_w8", 2, 16, 24, 8, 8, 8, 12, Locality::kAuto, 50,
                  Refines::kNever},
-        StepCase{"single_gpu_e6_r8_k0_n1_g1", 2, 6, 8, 0, 1, 1, 5, Locality::kAuto, 51,
+        StepCase{"single_gpu_e6_p8_groups0_n1_w1", 2, 6, 8, 0, 1, 1, 5, Locality::kAuto, 51,
                  Refines::kNever}),
     [](const ::testing::TestParamInfo<StepCase>& info) { return info.param.name; });
 

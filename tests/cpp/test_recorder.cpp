@@ -923,7 +923,7 @@ TEST(RecorderState, ConstructorErrors) {
     const Recorder r(ExpertLocation::trivial(3, 4, 8, 2), RecorderMode::kPerPass, 7, 1);
     EXPECT_EQ(r.mode(), RecorderMode::kPerPass);
     EXPECT_EQ(r.buffer_size(), 7);
-    EXPECT_EQ(r.rank(), 1);
+    EXPECT_EQ(r.ep_rank(), 1);
     EXPECT_EQ(r.num_layers(), 3);
     EXPECT_EQ(r.num_physical_experts(), 8);
     EXPECT_FALSE(r.recording());
@@ -1087,7 +1087,7 @@ TEST(RecorderMerge, RanksAddAndBalancednessIsRecomputed) {
         PassScope pass(*r);
         LayerScope layer(*r, 0);
         const std::vector<std::int64_t> counts = {3, 1};
-        r->on_dispatch_counts(counts, r->rank());
+        r->on_dispatch_counts(counts, r->ep_rank());
     }
     const double alone = rate({4, 0});
     EXPECT_DOUBLE_EQ(r0.average_balancedness(10), alone);

@@ -175,17 +175,17 @@ struct MoEForwardStats {
 
 class DeepSeekMoE {
   public:
-    // The layer with its routed weights per physical slot of `location`'s layer `location_layer`
+    // The layer with its routed weights per physical slot of `location`'s layer `layer`
     // (default: the trivial placement, slot = expert), routing from the view of `ep_rank` (static
     // dispatch).
     DeepSeekMoE(DeepSeekMoEConfig config, const DeepSeekMoEWeights& weights,
-                std::optional<ExpertLocation> location = std::nullopt, int location_layer = 0,
+                std::optional<ExpertLocation> location = std::nullopt, int layer = 0,
                 int ep_rank = 0);
 
     const DeepSeekMoEConfig& config() const { return config_; }
     int num_physical_experts() const { return num_physical_; }  // P
     const ExpertLocation& location() const { return location_; }
-    int location_layer() const { return location_layer_; }
+    int layer() const { return layer_; }
 
     // hidden [T, H] float32; input_ids [T] (hash layers only, each in [0, vocab_size)); out
     // [T, H]. Out-of-place kernel: hidden is read only and out must not overlap it. In-place
@@ -208,7 +208,7 @@ class DeepSeekMoE {
 
     // Switches to another placement of the same shape (after its weight moves were applied to
     // routed_w13 / routed_w2).
-    void set_location(ExpertLocation location, int location_layer);
+    void set_location(ExpertLocation location, int layer);
 
     // The peak workspace bytes of a forward of T tokens over P physical slots whose routed and
     // shared steps ran on `routed_lanes` / `shared_lanes` lanes (MoEForwardStats), in the step
@@ -242,7 +242,7 @@ class DeepSeekMoE {
 
     DeepSeekMoEConfig config_;
     ExpertLocation location_;
-    int location_layer_;
+    int layer_;
     int ep_rank_;
     int num_physical_;
     RowMatrix<float> gate_;
@@ -252,7 +252,6 @@ class DeepSeekMoE {
     RowMatrix<float> shared_gate_up_;
     RowMatrix<float> shared_down_;
     std::optional<HashRouter> hash_router_;
-    std::optional<LayerDispatcher> dispatcher_;
     MoEForwardStats stats_;
     std::unique_ptr<std::mutex> stats_mutex_ = std::make_unique<std::mutex>();
 };
