@@ -47,11 +47,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import check_previous_matching
 
 #: Names that a later commit renamed, mapped to the names hashed (the names before issue 18), so
-#: that a renamed field or keyword hashes as it did. Values are never renamed.
+#: that a renamed field or keyword hashes as it did; text (notes) naming a renamed parameter is
+#: read as before (check_previous_matching.hashed_text).
 HASHED_NAMES = {
-    "max_rank_load": "max_gpu_load",
-    "mean_rank_load": "mean_gpu_load",
-    "step_max_rank_load": "step_max_gpu_load",
+    **check_previous_matching.RENAMED_STATS,
     "rank_load": "gpu_load",  # the simulator's AlgorithmResult (WaterfillPlan's keeps its hash)
 }
 #: Keywords as issue 18 named them -> their names before (``call`` falls back to these).
@@ -101,7 +100,9 @@ def feed(h: Any, value: Any) -> None:
         for item in value:
             feed(h, item)
         h.update(b"]")
-    elif isinstance(value, (bool, int, float, str, type(None), np.generic)):
+    elif isinstance(value, str):  # notes and names: parameters named as before the renames
+        h.update(repr(check_previous_matching.hashed_text(value)).encode())
+    elif isinstance(value, (bool, int, float, type(None), np.generic)):
         h.update(repr(value.item() if isinstance(value, np.generic) else value).encode())
     elif is_dataclass(value):
         feed(h, {f.name: getattr(value, f.name) for f in fields(value)})

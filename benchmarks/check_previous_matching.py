@@ -92,16 +92,36 @@ def random_placement(
     return moelb.ExpertLocation(np.array(rows, dtype=np.int32), experts, gpus, nodes)
 
 
+#: Statistics renamed by issue 18 (one vocabulary: a rank's load) -> the names the RECORDED
+#: hashes were made with; and the parameter its notes name (num_gpus became ep_size).
+RENAMED_STATS = {
+    "max_rank_load": "max_gpu_load",
+    "mean_rank_load": "mean_gpu_load",
+    "step_max_rank_load": "step_max_gpu_load",
+}
+RENAMED_TEXT = (("ep_size=", "num_gpus="),)
+
+
+def hashed_text(text: str) -> str:
+    """``text`` as the hashes before issue 18's renames saw it (no plan note said ep_size=)."""
+    for new, old in RENAMED_TEXT:
+        text = text.replace(new, old)
+    return text
+
+
 def digest_plan(h: Any, plan: moelb.Plan) -> None:
     h.update(np.ascontiguousarray(plan.location.physical_to_logical, dtype=np.int32).tobytes())
     h.update(str(plan.location.num_nodes).encode())
-    for name, value in sorted(vars(plan.stats).items()):
+    stats = {RENAMED_STATS.get(name, name): value for name, value in vars(plan.stats).items()}
+    for name, value in sorted(stats.items()):
         if name == "wall_time_seconds":
             continue
         h.update(name.encode())
         if isinstance(value, np.ndarray):
             h.update(str(value.dtype).encode())
             h.update(np.ascontiguousarray(value).tobytes())
+        elif isinstance(value, str):
+            h.update(repr(hashed_text(value)).encode())
         else:
             h.update(repr(value).encode())
 
