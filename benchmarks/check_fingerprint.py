@@ -16,6 +16,8 @@ seeded inputs like the test suite's and hashes everything it returns:
 - ``dispatch``: every dispatch model's tables, ``dispatch_tokens`` and ``expected_gpu_loads``.
 - ``waterfill``: ``WaterfillBalancer.expand`` (static, both phases) and ``waterfill_rank_loads``.
 - ``recorder``: a recorder's per-pass records, summed counts and balancedness.
+- ``files``: recorder dumps in every mode and format (.json, .npz, and .pt with torch), byte for
+  byte and read back; a placement file.
 - ``routing``, ``moe_layer``, ``simulate``: float32 kernels (their bits may depend on the CPU's
   vector width, so compare these on one machine only).
 
@@ -309,6 +311,43 @@ def area_recorder(h: Any, quick: bool) -> int:
     return count
 
 
+def area_files(h: Any, quick: bool) -> int:
+    """Recorder dumps written in every mode and format (the bytes), and read back."""
+    import importlib.util
+    import tempfile
+
+    rng = np.random.default_rng(109)
+    first = moelb.rebalance(rng.random((3, 16)) * 100, 24, 4, 2, 4).location
+    second = moelb.rebalance(rng.random((3, 16)) * 100, 24, 4, 2, 4).location
+    suffixes = [".json", ".npz"] + ([".pt"] if importlib.util.find_spec("torch") else [])
+    count = 0
+    with tempfile.TemporaryDirectory() as folder:
+        for mode in ("stat", "per_pass", "per_token"):
+            recorder = moelb.ExpertDistributionRecorder(first, mode, 5)
+            recorder.start()
+            for step in range(3 if quick else 6):
+                if step == 2:
+                    recorder.set_location(second)  # records keep their own placement
+                with recorder.forward_pass():
+                    for layer in range(3):
+                        with recorder.layer(layer):
+                            ids = rng.integers(-1, 24, (10, 4)).astype(np.int32)
+                            recorder.on_select_experts(ids)
+            dump = recorder.dump()
+            for suffix in suffixes:
+                path = Path(folder) / f"{mode}{suffix}"
+                moelb.save_expert_distribution(dump, path, mode)
+                h.update(suffix.encode())
+                h.update(path.read_bytes())
+                feed(h, moelb.load_expert_distribution(path))
+                count += 1
+        placement = Path(folder) / "placement.json"
+        moelb.save_placement(second, placement)
+        h.update(placement.read_bytes())
+        feed(h, moelb.load_placement(placement, 4, 2))
+    return count + 1
+
+
 def area_routing(h: Any, quick: bool) -> int:
     rng = np.random.default_rng(107)
     count = 0
@@ -382,6 +421,7 @@ AREAS: dict[str, Callable[[Any, bool], int]] = {
     "dispatch": area_dispatch,
     "waterfill": area_waterfill,
     "recorder": area_recorder,
+    "files": area_files,
     "routing": area_routing,
     "moe_layer": area_moe_layer,
     "simulate": area_simulate,

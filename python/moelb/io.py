@@ -9,6 +9,7 @@ import io
 import json
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -289,85 +290,123 @@ def save_expert_distribution(
     pass recorded with an earlier placement keeps that placement (its ``physical_to_logical_map``),
     so the file reloads to exactly the counts ``dump()`` returned."""
     suffix = _suffix(path)
-    detail = mode != "stat"
+    checked = _checked_dump(dump, detail=mode != "stat")
+    if suffix == ".pt":
+        data = _encode_pt(checked, path)
+    elif suffix == ".npz":
+        data = _encode_npz(checked)
+    else:
+        data = _encode_json(checked)
+    atomic_write_bytes(path, data)
+
+
+@dataclass
+class _StatDump:
+    """A ``stat`` dump to write, checked."""
+
+    rank: int
+    logical_count: np.ndarray
+    rate: float | None
+
+
+@dataclass
+class _RecordsDump:
+    """A ``per_pass`` / ``per_token`` dump to write, checked: records and their placements."""
+
+    records: list[dict[str, Any]]
+    last: np.ndarray
+    placements: list[np.ndarray]
+    placement_index: np.ndarray
+
+
+def _checked_dump(dump: dict[str, Any], detail: bool) -> _StatDump | _RecordsDump:
     # A number or None (SGLang's per_pass dicts have no such key); NaN is stored as None.
     rate = _rate_field(dump.get("average_utilization_rate_over_window"), "dump")
     if detail:
-        records, last, placements, placement_index = _checked_records(dump)
+        return _RecordsDump(*_checked_records(dump))
+    logical_count = _int32_field(dump["logical_count"], "logical_count")
+    return _StatDump(int(dump["rank"]), logical_count, rate)
+
+
+def _encode_pt(d: _StatDump | _RecordsDump, path: str | os.PathLike[str]) -> bytes:
+    torch = _import_torch(path)
+    obj: Any
+    if isinstance(d, _RecordsDump):
+        # Records of one placement share one tensor, which torch.save stores once.
+        maps = [torch.from_numpy(p) for p in d.placements]
+        obj = {
+            "records": [
+                {
+                    k: maps[d.placement_index[i]]
+                    if k == PLACEMENT_KEY
+                    else torch.from_numpy(v)
+                    if isinstance(v, np.ndarray)
+                    else v
+                    for k, v in r.items()
+                }
+                for i, r in enumerate(d.records)
+            ],
+            "last_physical_to_logical_map": torch.from_numpy(d.last),
+        }
     else:
-        logical_count = _int32_field(dump["logical_count"], "logical_count")
-    if suffix == ".pt":
-        torch = _import_torch(path)
-        if detail:
-            # Records of one placement share one tensor, which torch.save stores once.
-            maps = [torch.from_numpy(p) for p in placements]
-            obj: Any = {
-                "records": [
-                    {
-                        k: maps[placement_index[i]]
-                        if k == PLACEMENT_KEY
-                        else torch.from_numpy(v)
-                        if isinstance(v, np.ndarray)
-                        else v
-                        for k, v in r.items()
-                    }
-                    for i, r in enumerate(records)
-                ],
-                "last_physical_to_logical_map": torch.from_numpy(last),
-            }
-        else:
-            obj = {
-                "rank": int(dump["rank"]),
-                "logical_count": torch.from_numpy(logical_count),
-                "average_utilization_rate_over_window": rate,
-            }
-        buffer = io.BytesIO()
-        torch.save(obj, buffer)
-        atomic_write_bytes(path, buffer.getvalue())
-    elif suffix == ".npz":
-        arrays: dict[str, np.ndarray]
-        if detail:
-            arrays = {
-                "forward_pass_id": np.array([r["forward_pass_id"] for r in records], np.int64),
-                "record_rank": np.array([r["rank"] for r in records], np.int64),
-                "global_physical_count": np.stack([r["global_physical_count"] for r in records])
-                if records
-                else np.zeros((0, *last.shape), np.int32),
-                "last_physical_to_logical_map": last,
-            }
-            if records and "topk_ids_of_layer" in records[0]:
-                arrays.update(_pack_token_ids([r["topk_ids_of_layer"] for r in records]))
-            if placements:
-                arrays["record_placement"] = placement_index
-                arrays["placements"] = np.stack(placements)
-        else:
-            arrays = {
-                "rank": np.array(int(dump["rank"]), np.int64),
-                "logical_count": logical_count,
-                # NaN stands for None (a balancedness is never NaN).
-                "average_utilization_rate_over_window": np.array(
-                    np.nan if rate is None else rate, np.float64
-                ),
-            }
-        buffer = io.BytesIO()
-        np.savez(buffer, **arrays)
-        atomic_write_bytes(path, buffer.getvalue())
+        obj = {
+            "rank": d.rank,
+            "logical_count": torch.from_numpy(d.logical_count),
+            "average_utilization_rate_over_window": d.rate,
+        }
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def _encode_npz(d: _StatDump | _RecordsDump) -> bytes:
+    arrays: dict[str, np.ndarray]
+    if isinstance(d, _RecordsDump):
+        records = d.records
+        arrays = {
+            "forward_pass_id": np.array([r["forward_pass_id"] for r in records], np.int64),
+            "record_rank": np.array([r["rank"] for r in records], np.int64),
+            "global_physical_count": np.stack([r["global_physical_count"] for r in records])
+            if records
+            else np.zeros((0, *d.last.shape), np.int32),
+            "last_physical_to_logical_map": d.last,
+        }
+        if records and "topk_ids_of_layer" in records[0]:
+            arrays.update(_pack_token_ids([r["topk_ids_of_layer"] for r in records]))
+        if d.placements:
+            arrays["record_placement"] = d.placement_index
+            arrays["placements"] = np.stack(d.placements)
     else:
-        if detail:
-            obj = {
-                "records": [
-                    {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in r.items()}
-                    for r in records
-                ],
-                "last_physical_to_logical_map": last.tolist(),
-            }
-        else:
-            obj = {
-                "rank": int(dump["rank"]),
-                "logical_count": logical_count.tolist(),
-                "average_utilization_rate_over_window": rate,
-            }
-        atomic_write_bytes(path, json.dumps(obj, separators=(",", ":")).encode())
+        arrays = {
+            "rank": np.array(d.rank, np.int64),
+            "logical_count": d.logical_count,
+            # NaN stands for None (a balancedness is never NaN).
+            "average_utilization_rate_over_window": np.array(
+                np.nan if d.rate is None else d.rate, np.float64
+            ),
+        }
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def _encode_json(d: _StatDump | _RecordsDump) -> bytes:
+    obj: Any
+    if isinstance(d, _RecordsDump):
+        obj = {
+            "records": [
+                {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in r.items()}
+                for r in d.records
+            ],
+            "last_physical_to_logical_map": d.last.tolist(),
+        }
+    else:
+        obj = {
+            "rank": d.rank,
+            "logical_count": d.logical_count.tolist(),
+            "average_utilization_rate_over_window": d.rate,
+        }
+    return json.dumps(obj, separators=(",", ":")).encode()
 
 
 def _pack_token_ids(per_pass: list[np.ndarray]) -> dict[str, np.ndarray]:
