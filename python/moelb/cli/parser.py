@@ -5,6 +5,8 @@ inspect) with their flags, named as the Python keywords they set, and one-line e
 from __future__ import annotations
 
 import argparse
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -36,9 +38,17 @@ class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors (no usage block): ``moelb simulate: error: ...``."""
 
     def error(self, message: str) -> NoReturn:
-        renamed = [f"{old} is now {new}" for old, new in RENAMED_FLAGS.items() if old in message]
-        hint = f"; {', '.join(renamed)}" if renamed else ""
-        self.exit(2, f"{self.prog}: error: {message}{hint} (see {self.prog} --help)\n")
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        # A renamed flag is named before anything else (a required flag it replaced included).
+        for arg in sys.argv[1:] if args is None else args:
+            old = arg.split("=", 1)[0]
+            if old in RENAMED_FLAGS:
+                self.error(f"{old} is now {RENAMED_FLAGS[old]}")
+        return super().parse_known_args(args, namespace)
 
 
 def _positive_int(text: str) -> int:
