@@ -1,3 +1,5 @@
+// Balancedness (DESIGN section 3; moelb/balancedness.hpp): SGLang's utilization rate per layer
+// and its means over layers, the one definition every figure of moelb uses.
 #include "moelb/balancedness.hpp"
 
 #include <algorithm>

@@ -1,3 +1,5 @@
+// Recycled memory for large, repeatedly built arrays (DESIGN section 8, scale;
+// moelb/buffer_pool.hpp): a small process-wide pool of freed blocks.
 #include "moelb/buffer_pool.hpp"
 
 #include <algorithm>

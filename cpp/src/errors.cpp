@@ -1,3 +1,4 @@
+// Error types shared by every area (DESIGN "Conventions"; moelb/errors.hpp).
 #include "moelb/errors.hpp"
 
 namespace moelb::detail {

@@ -1,3 +1,5 @@
+// Expert placement (DESIGN section 2; moelb/expert_location.hpp): the physical->logical map per
+// layer, checked, its logical->physical replica lists and the trivial placement.
 #include "moelb/expert_location.hpp"
 
 #include <algorithm>

@@ -1,3 +1,5 @@
+// The DeepSeek-V4 hash router (DESIGN section 1; moelb/hash_router.hpp): expert ids from the
+// token id, weights from the router logits.
 #include "moelb/hash_router.hpp"
 
 #include <algorithm>

@@ -1,3 +1,5 @@
+// Deterministic parallel loops (DESIGN section 8; moelb/parallel.hpp): chunks independent of the
+// thread count, the lowest failing chunk's exception rethrown.
 #include "moelb/parallel.hpp"
 
 #include <unistd.h>

@@ -1,3 +1,5 @@
+// The expert distribution recorder (DESIGN section 3; moelb/recorder.hpp): per-pass counts per
+// layer and slot in a bounded window, merges across ranks, logical counts for the planner.
 #include "moelb/recorder.hpp"
 
 #include <algorithm>

@@ -1,3 +1,5 @@
+// Top-k routing (DESIGN section 1; moelb/routing.hpp): select_experts with its scoring, grouped
+// selection, fused shared column and padded rows, and the per-rank shared-slot remap.
 #include "moelb/routing.hpp"
 
 #if defined(__AVX512F__)

@@ -1,3 +1,5 @@
+// The cluster simulator's hot loop (DESIGN section 7; moelb/simulate.hpp): per-step rank loads of
+// a placement under equal split, and the per-step lower bounds.
 #include "moelb/simulate.hpp"
 
 #include <algorithm>

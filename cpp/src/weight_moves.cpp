@@ -1,9 +1,15 @@
+// Weight-move plans (DESIGN section 4, "plan_weight_moves"; moelb/weight_moves.hpp): for one layer,
+// what every EP rank copies, sends and receives so that its slots change from the old placement to
+// the new one (node-aware sources), their fingerprint, and the byte counts and one-process
+// simulation that check them.
 #include "moelb/weight_moves.hpp"
 
 #include <algorithm>
 #include <limits>
 #include <map>
+#include <span>
 #include <tuple>
+#include <vector>
 
 #include "moelb/errors.hpp"
 
@@ -23,8 +29,13 @@ std::string_view to_string(MoveKind kind) {
     return "?";
 }
 
-WeightMovePlan plan_weight_moves(const ExpertLocation& old_location,
-                                 const ExpertLocation& new_location, int layer) {
+namespace {
+
+// The steps of plan_weight_moves for one layer: who holds each expert before, who needs it after,
+// which holder sends it to each needing rank, then each rank's operations in execution order.
+
+void check_same_shape(const ExpertLocation& old_location, const ExpertLocation& new_location,
+                      int layer) {
     MOELB_CHECK_ARG(
         old_location.num_layers() == new_location.num_layers() &&
             old_location.num_logical_experts() == new_location.num_logical_experts() &&
@@ -40,122 +51,177 @@ WeightMovePlan plan_weight_moves(const ExpertLocation& old_location,
     MOELB_CHECK_ARG(
         layer >= 0 && layer < old_location.num_layers(),
         "layer=" << layer << " is outside [0, num_layers=" << old_location.num_layers() << ")");
-    const int W = old_location.ep_size(), S = old_location.num_local_physical_experts();
-    const int E = old_location.num_logical_experts();
-    const auto old_row = old_location.physical_to_logical().row(layer);
-    const auto new_row = new_location.physical_to_logical().row(layer);
-    auto node_of = [&](int rank) { return old_location.node_of_rank(rank); };
+}
 
-    // holds_old[e]: ranks holding e in the old placement (ascending, unique), first slot each.
-    std::vector<std::vector<std::pair<int, int>>> holders(static_cast<std::size_t>(E));
-    for (int p = 0; p < W * S; ++p) {
-        const int e = old_row[p], r = p / S;
-        auto& h = holders[e];
-        if (h.empty() || h.back().first != r) h.emplace_back(r, p % S);
+// One layer's rows and shape, and who holds each expert in the old placement.
+struct LayerMoves {
+    const ExpertLocation& location;  // the old one (shape and nodes are those of both)
+    std::span<const std::int32_t> old_row, new_row;
+    int W, S, E;
+    // holders[e]: ranks holding e in the old placement (ascending, unique), first slot each.
+    std::vector<std::vector<std::pair<int, int>>> holders;
+
+    LayerMoves(const ExpertLocation& old_location, const ExpertLocation& new_location, int layer)
+        : location(old_location),
+          old_row(old_location.physical_to_logical().row(layer).data(),
+                  static_cast<std::size_t>(old_location.num_physical_experts())),
+          new_row(new_location.physical_to_logical().row(layer).data(),
+                  static_cast<std::size_t>(new_location.num_physical_experts())),
+          W(old_location.ep_size()),
+          S(old_location.num_local_physical_experts()),
+          E(old_location.num_logical_experts()),
+          holders(static_cast<std::size_t>(E)) {
+        for (int p = 0; p < W * S; ++p) {
+            const int e = old_row[p], r = p / S;
+            auto& h = holders[e];
+            if (h.empty() || h.back().first != r) h.emplace_back(r, p % S);
+        }
     }
-    auto old_slot_on = [&](int e, int r) {
+
+    int node_of(int rank) const { return location.node_of_rank(rank); }
+
+    // The old slot of expert e on rank r, or -1.
+    int old_slot_on(int e, int r) const {
         for (const auto& [rank, slot] : holders[e]) {
             if (rank == r) return slot;
         }
         return -1;
-    };
-    // needing[e]: ranks that hold e in the new placement but not in the old one (ascending).
-    std::vector<std::vector<int>> needing(static_cast<std::size_t>(E));
-    for (int p = 0; p < W * S; ++p) {
-        const int e = new_row[p], r = p / S;
-        if (old_slot_on(e, r) >= 0) continue;
-        auto& n = needing[e];
-        if (n.empty() || n.back() != r) n.push_back(r);
-    }
-    // Pair every needing rank with a source rank: same node when possible, spread evenly.
-    std::map<std::pair<int, int>, int> source_of;  // (expert, needing rank) -> source rank
-    for (int e = 0; e < E; ++e) {
-        if (needing[e].empty()) continue;
-        MOELB_CHECK(!holders[e].empty(), "expert " << e << " is needed but held by no rank");
-        std::map<int, std::vector<int>> sources_by_node, needing_by_node;
-        for (const auto& [r, slot] : holders[e]) sources_by_node[node_of(r)].push_back(r);
-        std::vector<int> remote;  // needing ranks whose node holds no copy
-        for (const int r : needing[e]) {
-            if (sources_by_node.count(node_of(r))) {
-                needing_by_node[node_of(r)].push_back(r);
-            } else {
-                remote.push_back(r);
-            }
-        }
-        auto share = [&](const std::vector<int>& needers, const std::vector<int>& sources) {
-            const auto k = static_cast<Index>(needers.size());
-            const auto m = static_cast<Index>(sources.size());
-            for (Index j = 0; j < k; ++j) {
-                source_of[{e, needers[static_cast<std::size_t>(j)]}] =
-                    sources[static_cast<std::size_t>(j * m / k)];
-            }
-        };
-        for (const auto& [node, needers] : needing_by_node) share(needers, sources_by_node[node]);
-        if (!remote.empty()) {
-            std::vector<int> all;
-            for (const auto& [r, slot] : holders[e]) all.push_back(r);
-            share(remote, all);
-        }
     }
 
-    WeightMovePlan plan;
-    plan.layer = layer;
-    plan.ep_size = W;
-    plan.num_local_slots = S;
-    plan.ops.assign(static_cast<std::size_t>(W), {});
-    plan.old_physical_to_logical.assign(old_row.begin(), old_row.end());
-    plan.new_physical_to_logical.assign(new_row.begin(), new_row.end());
-    std::vector<std::vector<MoveOp>> reads(static_cast<std::size_t>(W)),
-        receives(static_cast<std::size_t>(W)), fanouts(static_cast<std::size_t>(W));
-    for (int r = 0; r < W; ++r) {
+    // needing[e]: ranks that hold e in the new placement but not in the old one (ascending).
+    std::vector<std::vector<int>> needing() const {
+        std::vector<std::vector<int>> out(static_cast<std::size_t>(E));
+        for (int p = 0; p < W * S; ++p) {
+            const int e = new_row[p], r = p / S;
+            if (old_slot_on(e, r) >= 0) continue;
+            auto& n = out[e];
+            if (n.empty() || n.back() != r) n.push_back(r);
+        }
+        return out;
+    }
+};
+
+using SourceOf = std::map<std::pair<int, int>, int>;  // (expert, needing rank) -> source rank
+
+// Pairs every rank that needs expert e with a holder: one of its own node when the node has one,
+// spread evenly over them; the ranks of nodes without a holder spread evenly over all holders.
+void pair_sources(const LayerMoves& m, int e, const std::vector<int>& needers,
+                  SourceOf& source_of) {
+    MOELB_CHECK(!m.holders[e].empty(), "expert " << e << " is needed but held by no rank");
+    std::map<int, std::vector<int>> sources_by_node, needing_by_node;
+    for (const auto& [r, slot] : m.holders[e]) sources_by_node[m.node_of(r)].push_back(r);
+    std::vector<int> remote;  // needing ranks whose node holds no copy
+    for (const int r : needers) {
+        if (sources_by_node.count(m.node_of(r))) {
+            needing_by_node[m.node_of(r)].push_back(r);
+        } else {
+            remote.push_back(r);
+        }
+    }
+    auto share = [&](const std::vector<int>& ranks, const std::vector<int>& sources) {
+        const auto k = static_cast<Index>(ranks.size());
+        const auto n = static_cast<Index>(sources.size());
+        for (Index j = 0; j < k; ++j) {
+            source_of[{e, ranks[static_cast<std::size_t>(j)]}] =
+                sources[static_cast<std::size_t>(j * n / k)];
+        }
+    };
+    for (const auto& [node, ranks] : needing_by_node) share(ranks, sources_by_node[node]);
+    if (!remote.empty()) {
+        std::vector<int> all;
+        for (const auto& [r, slot] : m.holders[e]) all.push_back(r);
+        share(remote, all);
+    }
+}
+
+// Each rank's operations by kind, before ordering.
+struct RankOps {
+    std::vector<std::vector<MoveOp>> reads, receives, fanouts;  // [W] each
+};
+
+// Classifies every changed slot: a local copy, a fan-out of an expert the rank receives for an
+// earlier slot, or a receive (with the matching send on its source); counts them in `plan`.
+RankOps classify_slots(const LayerMoves& m, const SourceOf& source_of, WeightMovePlan& plan) {
+    const auto W = static_cast<std::size_t>(m.W);
+    RankOps ops{std::vector<std::vector<MoveOp>>(W), std::vector<std::vector<MoveOp>>(W),
+                std::vector<std::vector<MoveOp>>(W)};
+    for (int r = 0; r < m.W; ++r) {
         std::map<int, int> first_new_slot;  // expert -> first slot of rank r receiving it
-        for (int d = 0; d < S; ++d) {
-            const int p = r * S + d;
-            const int e = new_row[p];
-            if (old_row[p] == e) {
+        for (int d = 0; d < m.S; ++d) {
+            const int p = r * m.S + d;
+            const int e = m.new_row[p];
+            if (m.old_row[p] == e) {
                 ++plan.unchanged_slots;
                 continue;
             }
-            const int local = old_slot_on(e, r);
+            const int local = m.old_slot_on(e, r);
             if (local >= 0) {
-                reads[r].push_back({MoveKind::kCopy, e, local, d, -1});
+                ops.reads[r].push_back({MoveKind::kCopy, e, local, d, -1});
                 ++plan.local_copies;
                 continue;
             }
             const auto it = first_new_slot.find(e);
             if (it != first_new_slot.end()) {
-                fanouts[r].push_back({MoveKind::kFanout, e, it->second, d, -1});
+                ops.fanouts[r].push_back({MoveKind::kFanout, e, it->second, d, -1});
                 ++plan.local_copies;
                 continue;
             }
             first_new_slot[e] = d;
             const int src = source_of.at({e, r});
-            receives[r].push_back({MoveKind::kRecv, e, -1, d, src});
-            reads[src].push_back({MoveKind::kSend, e, old_slot_on(e, src), -1, r});
-            if (node_of(src) == node_of(r)) {
+            ops.receives[r].push_back({MoveKind::kRecv, e, -1, d, src});
+            ops.reads[src].push_back({MoveKind::kSend, e, m.old_slot_on(e, src), -1, r});
+            if (m.node_of(src) == m.node_of(r)) {
                 ++plan.intra_node_transfers;
             } else {
                 ++plan.inter_node_transfers;
             }
         }
     }
+    return ops;
+}
+
+// Each rank's execution order: copies first (in slot order), then sends; then receives; then
+// fan-outs. Sends and receives by (expert, peer, slot), so that both ends of a pair agree.
+void order_ops(RankOps& ops, WeightMovePlan& plan) {
     auto by_expert_peer = [](const MoveOp& a, const MoveOp& b) {
         return std::tie(a.expert, a.peer, a.dst_slot) < std::tie(b.expert, b.peer, b.dst_slot);
     };
-    for (int r = 0; r < W; ++r) {
-        // Copies first (in slot order), then sends; then receives; then fan-outs.
-        std::stable_partition(reads[r].begin(), reads[r].end(),
+    for (std::size_t r = 0; r < plan.ops.size(); ++r) {
+        auto& reads = ops.reads[r];
+        std::stable_partition(reads.begin(), reads.end(),
                               [](const MoveOp& op) { return op.kind == MoveKind::kCopy; });
-        const auto sends = std::find_if(reads[r].begin(), reads[r].end(), [](const MoveOp& op) {
+        const auto sends = std::find_if(reads.begin(), reads.end(), [](const MoveOp& op) {
             return op.kind == MoveKind::kSend;
         });
-        std::stable_sort(sends, reads[r].end(), by_expert_peer);
-        std::stable_sort(receives[r].begin(), receives[r].end(), by_expert_peer);
-        auto& ops = plan.ops[r];
-        ops.insert(ops.end(), reads[r].begin(), reads[r].end());
-        ops.insert(ops.end(), receives[r].begin(), receives[r].end());
-        ops.insert(ops.end(), fanouts[r].begin(), fanouts[r].end());
+        std::stable_sort(sends, reads.end(), by_expert_peer);
+        std::stable_sort(ops.receives[r].begin(), ops.receives[r].end(), by_expert_peer);
+        auto& out = plan.ops[r];
+        out.insert(out.end(), reads.begin(), reads.end());
+        out.insert(out.end(), ops.receives[r].begin(), ops.receives[r].end());
+        out.insert(out.end(), ops.fanouts[r].begin(), ops.fanouts[r].end());
     }
+}
+
+}  // namespace
+
+WeightMovePlan plan_weight_moves(const ExpertLocation& old_location,
+                                 const ExpertLocation& new_location, int layer) {
+    check_same_shape(old_location, new_location, layer);
+    const LayerMoves moves(old_location, new_location, layer);
+    const std::vector<std::vector<int>> needing = moves.needing();
+    SourceOf source_of;
+    for (int e = 0; e < moves.E; ++e) {
+        if (!needing[e].empty()) pair_sources(moves, e, needing[e], source_of);
+    }
+    WeightMovePlan plan;
+    plan.layer = layer;
+    plan.ep_size = moves.W;
+    plan.num_local_slots = moves.S;
+    plan.ops.assign(static_cast<std::size_t>(moves.W), {});
+    plan.old_physical_to_logical.assign(moves.old_row.begin(), moves.old_row.end());
+    plan.new_physical_to_logical.assign(moves.new_row.begin(), moves.new_row.end());
+    RankOps ops = classify_slots(moves, source_of, plan);
+    order_ops(ops, plan);
     return plan;
 }
 
