@@ -31,7 +31,7 @@ layer's rows of both placements); the executors refuse weights that hold anythin
 )doc")
         .def_readonly("layer", &WeightMovePlan::layer)
         .def_readonly("ep_size", &WeightMovePlan::ep_size)
-        .def_readonly("num_local_slots", &WeightMovePlan::num_local_slots)
+        .def_readonly("slots_per_rank", &WeightMovePlan::slots_per_rank)
         .def_readonly("local_copies", &WeightMovePlan::local_copies)
         .def_readonly("intra_node_transfers", &WeightMovePlan::intra_node_transfers)
         .def_readonly("inter_node_transfers", &WeightMovePlan::inter_node_transfers)

@@ -216,7 +216,7 @@ WeightMovePlan plan_weight_moves(const ExpertLocation& old_location,
     WeightMovePlan plan;
     plan.layer = layer;
     plan.ep_size = moves.W;
-    plan.num_local_slots = moves.S;
+    plan.slots_per_rank = moves.S;
     plan.ops.assign(static_cast<std::size_t>(moves.W), {});
     plan.old_physical_to_logical.assign(moves.old_row.begin(), moves.old_row.end());
     plan.new_physical_to_logical.assign(moves.new_row.begin(), moves.new_row.end());
@@ -236,7 +236,7 @@ std::uint64_t plan_fingerprint(const WeightMovePlan& plan) {
     };
     mix(plan.layer);
     mix(plan.ep_size);
-    mix(plan.num_local_slots);
+    mix(plan.slots_per_rank);
     for (const auto* row : {&plan.old_physical_to_logical, &plan.new_physical_to_logical}) {
         mix(static_cast<std::int64_t>(row->size()));
         for (const std::int32_t e : *row) mix(e);
@@ -246,7 +246,7 @@ std::uint64_t plan_fingerprint(const WeightMovePlan& plan) {
 
 void check_plan_placement(const WeightMovePlan& plan, const ExpertLocation& location, PlanEnd end,
                           std::string_view parameter) {
-    const Index slots = static_cast<Index>(plan.ep_size) * plan.num_local_slots;
+    const Index slots = static_cast<Index>(plan.ep_size) * plan.slots_per_rank;
     MOELB_CHECK_ARG(
         location.ep_size() == plan.ep_size && location.num_physical_experts() == slots &&
             plan.layer < location.num_layers(),
@@ -265,7 +265,7 @@ void check_plan_placement(const WeightMovePlan& plan, const ExpertLocation& loca
             row[p] == want,
             parameter << " is not the placement the plan moves "
                       << (end == PlanEnd::kOld ? "from" : "to") << ": in layer " << plan.layer
-                      << " slot " << p << " (rank " << p / plan.num_local_slots << ") holds expert "
+                      << " slot " << p << " (rank " << p / plan.slots_per_rank << ") holds expert "
                       << row[p] << " where the plan has expert " << want
                       << (end == PlanEnd::kOld
                               ? " (a stale plan, or weights that were already moved); nothing "
@@ -288,7 +288,7 @@ MovedBytes moved_bytes(const WeightMovePlan& plan, Index expert_bytes) {
 
 std::vector<std::int64_t> simulate_weight_moves(const WeightMovePlan& plan,
                                                 const std::vector<std::int64_t>& contents) {
-    const int W = plan.ep_size, S = plan.num_local_slots;
+    const int W = plan.ep_size, S = plan.slots_per_rank;
     MOELB_CHECK_ARG(static_cast<Index>(contents.size()) == static_cast<Index>(W) * S,
                     "contents has " << contents.size() << " slots but the plan has "
                                     << static_cast<Index>(W) * S);

@@ -213,7 +213,7 @@ def _other_ranks_packed_ids(
     ]
 
 
-def _slot_tensors(torch: Any, local_weights: Any, num_local_slots: int) -> list[Any]:
+def _slot_tensors(torch: Any, local_weights: Any, slots_per_rank: int) -> list[Any]:
     items = (
         list(local_weights)
         if isinstance(local_weights, (list, tuple)) and not hasattr(local_weights, "shape")
@@ -234,10 +234,10 @@ def _slot_tensors(torch: Any, local_weights: Any, num_local_slots: int) -> list[
             raise TypeError(
                 f"{name} must be a torch tensor or a NumPy array, got {type(item).__name__}"
             )
-        if item.dim() < 1 or item.shape[0] != num_local_slots:
+        if item.dim() < 1 or item.shape[0] != slots_per_rank:
             raise InvalidArgumentError(
                 f"{name} has shape {tuple(item.shape)} but the plan needs [S, ...] with "
-                f"S={num_local_slots} local slots"
+                f"S={slots_per_rank} local slots"
             )
         if not item.is_contiguous():
             raise InvalidArgumentError(f"{name} must be contiguous (slots are sent as views)")
@@ -339,7 +339,7 @@ def execute_weight_moves(
     tensors: list[Any] = []
     try:
         check_plan_types(plan, location, "local_weights")
-        tensors = _slot_tensors(torch, local_weights, plan.num_local_slots)
+        tensors = _slot_tensors(torch, local_weights, plan.slots_per_rank)
         world = dist.get_world_size(group)
         if world != plan.ep_size:
             raise InvalidArgumentError(

@@ -185,7 +185,7 @@ def rebalance(
         peak is never above the "total" plan's on the given series (unless ``move_cost`` /
         ``max_moves`` keep a layer's previous placement; they then weigh the gain in the per-step
         peak). Time grows with T (a 58-layer DeepSeek-V3 plan over 1,000 steps takes about
-        0.3-3 s on 2 cores), and the search keeps about (E + 2 G) x T doubles per thread: for a
+        0.3-3 s on 2 cores), and the search keeps about (E + 2 W) x T doubles per thread: for a
         long dump, plan on its last window, e.g. ``load[-1000:]``. int32 counts (a recorder's
         dump) are read as they are; other dtypes are converted to float64.
     """

@@ -235,6 +235,10 @@ def _int32_field(value: Any, key: str, low: int = 0) -> np.ndarray:
     return np.ascontiguousarray(array, dtype=np.int32)
 
 
+#: The keys every record of a per_pass / per_token dump has (SGLang's layout).
+_RECORD_KEYS = ("forward_pass_id", "rank", "global_physical_count")
+
+
 def _checked_records(
     dump: dict[str, Any],
 ) -> tuple[list[dict[str, Any]], np.ndarray, list[np.ndarray], np.ndarray]:
@@ -252,6 +256,11 @@ def _checked_records(
     index = np.full(len(dump["records"]), -1, np.int64)
     for i, r in enumerate(dump["records"]):
         record = dict(r)
+        missing = [key for key in _RECORD_KEYS if key not in record]
+        if missing:
+            raise InvalidArgumentError(
+                f"dump: records[{i}] has no {missing} (keys: {sorted(record)!r})"
+            )
         for key in ("forward_pass_id", "rank"):
             if key in record:  # stored as int64: an integer in range, never truncated
                 value = _int_field(record[key], "dump", f"records[{i}].{key}")
@@ -324,8 +333,13 @@ def _checked_dump(dump: dict[str, Any], detail: bool) -> _StatDump | _RecordsDum
     rate = _rate_field(dump.get("average_utilization_rate_over_window"), "dump")
     if detail:
         return _RecordsDump(*_checked_records(dump))
+    missing = [key for key in ("rank", "logical_count") if key not in dump]
+    if missing:
+        raise InvalidArgumentError(
+            f"dump has no {missing} for a stat file (keys: {sorted(dump)!r})"
+        )
     logical_count = _int32_field(dump["logical_count"], "logical_count")
-    return _StatDump(int(dump["rank"]), logical_count, rate)
+    return _StatDump(_int_field(dump["rank"], "dump", "rank"), logical_count, rate)
 
 
 def _encode_pt(d: _StatDump | _RecordsDump, path: str | os.PathLike[str]) -> bytes:

@@ -202,7 +202,7 @@ class DeepSeekMoE(_core.DeepSeekMoE):
             raise InvalidArgumentError(
                 f"plan is for layer {plan.layer} but the layer holds layer {self.layer}"
             )
-        ep_size, slots = plan.ep_size, plan.num_local_slots
+        ep_size, slots = plan.ep_size, plan.slots_per_rank
         if ep_size * slots != self.num_physical_experts:
             raise InvalidArgumentError(
                 f"plan moves {ep_size} x {slots} slots but the layer has "

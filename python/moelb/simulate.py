@@ -34,7 +34,7 @@ equally. Source ranks hold consecutive blocks of the step's tokens; the row-base
 (``vllm_hash``, ``round_robin``, ``sglang_dynamic_rank_invariant``) pick by token row, so with
 very few tokens per rank they put most tokens on an expert's first replicas (as the engines do).
 
-This module is the simulator's public face (DESIGN sections 6 and 7); its parts live in
+This module is the simulator's public face (DESIGN section 7); its parts live in
 ``moelb.simulation``, one concern per module: model presets, the config, synthetic and replayed
 traffic, scoring, the placement policies, token-level dispatch, the results and the driver.
 """

@@ -81,7 +81,7 @@ def apply_weight_moves(
     check_plan_types(plan, location, "weights")
     plan.check_source(location, "location")
     old = _as_array(weights)
-    expected = (plan.ep_size, plan.num_local_slots)
+    expected = (plan.ep_size, plan.slots_per_rank)
     if old.ndim < 2 or old.shape[:2] != expected:
         raise InvalidArgumentError(
             f"weights has shape {old.shape} but the plan needs [ep_size, S, ...] = "

@@ -67,7 +67,7 @@ TEST(WeightMovePlan, HandCheckedExample) {
     const WeightMovePlan plan = moelb::plan_weight_moves(old_loc, new_loc, 0);
     EXPECT_EQ(plan.layer, 0);
     EXPECT_EQ(plan.ep_size, 4);
-    EXPECT_EQ(plan.num_local_slots, 3);
+    EXPECT_EQ(plan.slots_per_rank, 3);
     ASSERT_EQ(plan.ops.size(), 4u);
     // Rank 0 needs 5 (holders 1 and 3: its node's rank 1), once; slot 2 is filled from slot 1.
     // It sends 2 to rank 1 (holders 0 and 3: rank 1's node has rank 0).
@@ -205,7 +205,7 @@ void check_plan(const ExpertLocation& old_loc, const ExpertLocation& new_loc, in
     };
     ASSERT_EQ(plan.layer, layer);
     ASSERT_EQ(plan.ep_size, W);
-    ASSERT_EQ(plan.num_local_slots, S);
+    ASSERT_EQ(plan.slots_per_rank, S);
     ASSERT_EQ(static_cast<int>(plan.ops.size()), W);
 
     Index copies = 0, fanouts = 0, intra = 0, inter = 0, unchanged = 0;

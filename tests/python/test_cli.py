@@ -141,6 +141,9 @@ def test_simulate_replays_a_trace(capsys: pytest.CaptureFixture[str], tmp_path: 
     )  # fmt: skip
     assert code == 0, err
     assert f"replayed counts from {path}" in out and "8 steps" in out
+    # Counts, not tokens: no Waterfill or dispatch claimed in the header, a note says why.
+    assert "no token-level figures" in out and "Waterfill dynamic" not in out
+    assert "the config's dispatch, waterfill and seed do not apply" in out
 
 
 def test_a_renamed_flag_names_its_new_spelling(

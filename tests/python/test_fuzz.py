@@ -818,7 +818,7 @@ def test_plan_weight_moves_random_input(data: st.DataObject, layer: int) -> None
             return
     plan = fuzz_call("plan_weight_moves", moelb.plan_weight_moves, old, new, layer)
     if plan is not None:
-        slots = old.physical_to_logical[layer].reshape(plan.ep_size, plan.num_local_slots)
+        slots = old.physical_to_logical[layer].reshape(plan.ep_size, plan.slots_per_rank)
         moved = moelb.apply_weight_moves(plan, slots, location=old)
         np.testing.assert_array_equal(moved.reshape(-1), new.physical_to_logical[layer])
 

@@ -872,3 +872,27 @@ def test_bf16_torch_counts_are_read_exactly(tmp_path: Path) -> None:
     moelb.save_expert_distribution(dump, tmp_path / "d.npz")
     loaded = moelb.load_expert_distribution(tmp_path / "d.npz")["logical_count"]
     np.testing.assert_array_equal(loaded, [[[3, 256]]])
+
+
+@pytest.mark.parametrize(
+    ("dump", "mode", "needle"),
+    [
+        ({"logical_count": np.zeros((1, 1, 2), np.int32)}, "stat", r"no \['rank'\]"),
+        ({"rank": 0}, "stat", r"no \['logical_count'\]"),
+        ({"rank": 1.5, "logical_count": np.zeros((1, 1, 2), np.int32)}, "stat", "rank must be"),
+        (
+            {"records": [{"rank": 0}], "last_physical_to_logical_map": np.zeros((1, 2), np.int32)},
+            "per_pass",
+            r"records\[0\] has no \['forward_pass_id', 'global_physical_count'\]",
+        ),
+    ],
+    ids=["no-rank", "no-counts", "float-rank", "record-keys"],
+)
+@pytest.mark.parametrize("suffix", [".json", ".npz"])
+def test_save_names_a_missing_key_and_writes_nothing(
+    tmp_path: Path, dump: dict, mode: str, needle: str, suffix: str
+) -> None:
+    path = tmp_path / f"dump{suffix}"
+    with pytest.raises(moelb.InvalidArgumentError, match=needle):
+        moelb.save_expert_distribution(dump, path, mode)
+    assert not path.exists() and list(tmp_path.iterdir()) == []

@@ -62,7 +62,7 @@ def check_plan(
     plan: moelb.WeightMovePlan, old_row: np.ndarray, new_row: np.ndarray, nodes: int
 ) -> None:
     """Every structural guarantee of a plan, from its per-rank operations."""
-    ep_size, slots_per_rank = plan.ep_size, plan.num_local_slots
+    ep_size, slots_per_rank = plan.ep_size, plan.slots_per_rank
     old = old_row.reshape(ep_size, slots_per_rank)
     new = new_row.reshape(ep_size, slots_per_rank)
     ranks_per_node = ep_size // nodes
@@ -154,7 +154,7 @@ def check_execution(plan: moelb.WeightMovePlan, old_row: np.ndarray, new_row: np
     np.testing.assert_array_equal(out // 100_000, new_row)
     np.testing.assert_array_equal(old_row[out % 100_000], new_row)
     # Weights [ep_size, S, 2, 3] encoding the logical id, as SGLang's test does.
-    shape = (plan.ep_size, plan.num_local_slots)
+    shape = (plan.ep_size, plan.slots_per_rank)
     weights = old_row.reshape(shape)[:, :, None, None] * 10.0 + np.arange(6.0).reshape(2, 3)
     expected = new_row.reshape(shape)[:, :, None, None] * 10.0 + np.arange(6.0).reshape(2, 3)
     # The plan records both rows; its executor needs the placement the weights hold (any valid
@@ -185,7 +185,7 @@ def test_random_placements(seed: int) -> None:
         for layer in range(old.shape[0]):
             plan = plan_weight_moves(old_loc, new_loc, layer)
             assert (plan.layer, plan.ep_size) == (layer, ep_size)
-            assert plan.num_local_slots == old.shape[1] // ep_size
+            assert plan.slots_per_rank == old.shape[1] // ep_size
             check_plan(plan, old[layer], new[layer], nodes)
             check_execution(plan, old[layer], new[layer])
 

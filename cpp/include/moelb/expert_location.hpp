@@ -38,7 +38,7 @@ class ExpertLocation {
     int max_replicas() const { return max_replicas_; }
 
     int rank_of_slot(int slot) const { return slot / num_local_physical_experts(); }
-    int node_of_rank(int rank) const { return rank / ranks_per_node(); }
+    int node_of_rank(int ep_rank) const { return ep_rank / ranks_per_node(); }
 
     // [L, P]
     const RowMatrix<std::int32_t>& physical_to_logical() const { return physical_to_logical_; }

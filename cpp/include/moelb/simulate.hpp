@@ -1,4 +1,4 @@
-// The cluster simulator's hot loop (DESIGN section 6): scores a sequence of per-step expert counts
+// The cluster simulator's hot loop (DESIGN section 7): scores a sequence of per-step expert counts
 // against a placement. A step is one forward pass; its counts say how many (token, routed slot)
 // pairs chose each logical expert in each MoE layer. Each expert's count is split equally over its
 // replicas (what an ideal dispatch achieves and what EPLB plans for), so GPU g's load in a layer is

@@ -292,7 +292,7 @@ void deepseek_layer(const float* w, int num_experts, int num_physical_experts, i
     const int E = num_experts, P = num_physical_experts, W = ep_size, S = P / W;
     const int group_size = E / num_groups, groups_per_node = num_groups / num_nodes;
     const int experts_per_node = E / num_nodes, slots_per_node = P / num_nodes;
-    const int gpus_per_node = W / num_nodes;
+    const int ranks_per_node = W / num_nodes;
     // Scratch reused across layers (deepseek_layer runs once per layer).
     thread_local std::vector<float> group_load, node_w, replica_w;
     thread_local std::vector<int> group_pack, group_rank, mlog2log, phy2mlog, phy_rank, mlog_count,
@@ -335,14 +335,14 @@ void deepseek_layer(const float* w, int num_experts, int num_physical_experts, i
         }
         float* node_replica_w = replica_w.data() + n * slots_per_node;
         for (int j = 0; j < slots_per_node; ++j) node_replica_w[j] = node_w[node_phy2mlog[j]];
-        if (slots_per_node > gpus_per_node &&
+        if (slots_per_node > ranks_per_node &&
             !replica_order(node_w.data(), mlog_count.data(), node_phy2mlog, experts_per_node,
                            slots_per_node, order.data() + n * slots_per_node)) {
             order_descending(node_replica_w, slots_per_node, node_order);
             std::copy(node_order.begin(), node_order.end(), order.begin() + n * slots_per_node);
         }
     }
-    balanced_packing(replica_w.data(), order.data(), slots_per_node, gpus_per_node, pack.data(),
+    balanced_packing(replica_w.data(), order.data(), slots_per_node, ranks_per_node, pack.data(),
                      rank.data(), num_nodes);
     for (int n = 0; n < num_nodes; ++n) {
         for (int j = n * slots_per_node; j < (n + 1) * slots_per_node; ++j) {

@@ -267,12 +267,12 @@ void match_previous(std::int32_t* phy2log, const std::int32_t* old, int num_expe
     std::vector<std::int32_t> out(static_cast<std::size_t>(P));
     if (num_domains > 1) {
         // The nodes first, then the GPUs inside each node.
-        const int gpus_per_node = W / num_domains;
-        move_blocks(cur.data(), old, num_domains, gpus_per_node * S, E, out.data());
+        const int ranks_per_node = W / num_domains;
+        move_blocks(cur.data(), old, num_domains, ranks_per_node * S, E, out.data());
         cur = out;
         for (int n = 0; n < num_domains; ++n) {
-            const Index first = static_cast<Index>(n) * gpus_per_node * S;
-            move_blocks(cur.data() + first, old + first, gpus_per_node, S, E, out.data() + first);
+            const Index first = static_cast<Index>(n) * ranks_per_node * S;
+            move_blocks(cur.data() + first, old + first, ranks_per_node, S, E, out.data() + first);
         }
     } else {
         move_blocks(cur.data(), old, W, S, E, out.data());

@@ -222,7 +222,7 @@ void search_counts(Packing& p, Packing& q, const double* w, double target, int b
     }
 }
 
-// The replica-count search of small layers (E^4 * R <= kSmallLayerWork): any expert of a domain
+// The replica-count search of small layers (E^4 * P <= kSmallLayerWork): any expert of a domain
 // may take a replica from any other expert of that domain with two or more, not only the experts
 // of the heaviest GPU (the optimum sometimes gives one to an expert of a lighter GPU), one move
 // at a time and, when no single move helps, two at once (a move that only pays off with another,

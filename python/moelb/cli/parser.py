@@ -170,12 +170,17 @@ def _add_simulate(sub: Any) -> None:
         "locality, moelb:step_peak (e.g. moelb:none:step_peak) plans each window against its "
         "per-step peaks",
     )
-    p.add_argument("--waterfill", choices=("dynamic", "static", "off"), default="dynamic")
+    p.add_argument(
+        "--waterfill",
+        choices=("dynamic", "static", "off"),
+        default=None,
+        help=f"the shared-expert balancer of the realised figures (default {d.waterfill})",
+    )
     p.add_argument(
         "--dispatch",
         nargs="+",
         choices=DISPATCH_ALGORITHMS,
-        default=list(d.dispatch),
+        default=None,
         metavar="NAME",
         help=f"dispatch models the realised figures use: {', '.join(DISPATCH_ALGORITHMS)} "
         "(default sglang_static: SGLang's default with DeepEP; moelb_static is ours)",

@@ -76,17 +76,19 @@ def _check_replay_flags(args: argparse.Namespace) -> None:
                 f"{flag} shapes synthetic traffic; a --trace replay uses the dump's steps, "
                 "layers and counts as they are: drop it"
             )
-    token_level = {
-        "--dispatch": tuple(args.dispatch) != defaults.dispatch,
-        "--waterfill": (None if args.waterfill == "off" else args.waterfill) != defaults.waterfill,
-        "--seed": args.seed is not None,
-    }
-    for flag, given in token_level.items():
-        if given:
+    for flag in ("--dispatch", "--waterfill", "--seed"):
+        if getattr(args, flag[2:]) is not None:
             raise CliError(
                 f"{flag} shapes the token-level figures of synthetic traffic; a --trace replay "
                 "has per-expert counts, not tokens: drop it"
             )
+
+
+def _waterfill(flag: str | None) -> str | None:
+    """--waterfill: the default when not given, None for "off"."""
+    if flag is None:
+        return SimulationConfig.waterfill
+    return None if flag == "off" else flag
 
 
 def _config_from_flags(args: argparse.Namespace) -> SimulationConfig:
@@ -102,8 +104,8 @@ def _config_from_flags(args: argparse.Namespace) -> SimulationConfig:
         drift=args.drift,
         bursts=args.bursts,
         algorithms=tuple(args.algorithms),
-        waterfill=None if args.waterfill == "off" else args.waterfill,
-        dispatch=tuple(args.dispatch),
+        waterfill=_waterfill(args.waterfill),
+        dispatch=SimulationConfig.dispatch if args.dispatch is None else tuple(args.dispatch),
         trace=args.trace,
         trace_rotate=args.trace_rotate,
         num_layers=args.num_layers,

@@ -133,13 +133,16 @@ def describe(result: SimulationResult) -> str:
         )
     else:
         traffic = f"replayed counts from {c.trace}"
-    waterfill = "off" if c.waterfill is None else c.waterfill
+    if c.trace is not None:  # counts, not tokens: nothing realised at token level
+        token_level = "no token-level figures (a replay has counts, not tokens)"
+    else:
+        token_level = f"Waterfill {'off' if c.waterfill is None else c.waterfill}"
     return (
         f"moelb {__version__} simulation: {c.model}, {layers} MoE layers x "
         f"{MODEL_PRESETS[c.model].num_experts} experts, {result.num_physical_experts} slots on "
         f"{c.ep_size} GPUs in {c.num_nodes} nodes\n"
         f"{traffic}; {result.num_steps} steps, rebalance every {c.rebalance_period} "
-        f"({result.num_windows} windows); Waterfill {waterfill}"
+        f"({result.num_windows} windows); {token_level}"
     )
 
 

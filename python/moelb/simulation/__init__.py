@@ -1,4 +1,4 @@
-"""The cluster simulator's parts, one concern per module (DESIGN sections 6 and 7: "Simulate a
+"""The cluster simulator's parts, one concern per module (DESIGN section 7 and its overview's item 6: "Simulate a
 serving cluster"). Import the simulator from ``moelb.simulate`` (or ``moelb``): that module is its
 public face and documents what it measures.
 

@@ -1,6 +1,6 @@
 """What to simulate: ``SimulationConfig`` (synthetic traffic or a replayed dump, the cluster, the
 algorithms and dispatch models compared) and its validation, and ``parse_algorithm`` for the
-algorithm specs it lists (``"moelb:none:step_peak"``). DESIGN sections 6 and 7 (the simulator)."""
+algorithm specs it lists (``"moelb:none:step_peak"``). DESIGN section 7 (the simulator)."""
 
 from __future__ import annotations
 

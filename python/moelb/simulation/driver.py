@@ -12,11 +12,12 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from ..balancedness import utilization_rate
 from .config import SimulationConfig
 from .policies import Cluster, Policy, make_policies
 from .presets import ModelPreset
 from .results import SimulationResult, algorithm_result
-from .scoring import balancedness, step_lower_bounds
+from .scoring import step_lower_bounds
 from .token_level import TokenLevel
 from .trace import replay_trace
 from .traffic import SyntheticRouting
@@ -132,7 +133,7 @@ def _run_window(
     for policy in policies:
         mean_load = policy.score_in_service(counts, bound, window)
     assert mean_load is not None
-    bound_balancedness = balancedness(bound, mean_load)
+    bound_balancedness = utilization_rate(mean_load, bound)
     run.timings["scoring"] += time.perf_counter() - t0
     # Plan on this window; the plan serves the next one.
     window_load = counts.sum(axis=0, dtype=np.float64)

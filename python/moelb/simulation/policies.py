@@ -12,10 +12,11 @@ import numpy as np
 import numpy.typing as npt
 
 from .._core import ExpertLocation
+from ..balancedness import utilization_rate
 from ..eplb import rank_loads, rebalance
 from .config import SimulationConfig, parse_algorithm
 from .presets import ModelPreset
-from .scoring import balancedness, score_steps, smallest_gap
+from .scoring import score_steps, smallest_gap
 
 __all__ = ["Cluster", "Policy", "make_policies"]
 
@@ -86,7 +87,7 @@ class Policy:
         from window 1 on the predictive balancedness and GPU loads (the trivial policy's is also
         its in-window score). Returns the mean GPU load [T_w, L]."""
         max_load, mean_load = score_steps(counts, self.current)
-        serving = balancedness(max_load, mean_load)
+        serving = utilization_rate(mean_load, max_load)
         self.step_balancedness.append(serving.mean(axis=1))
         self.min_gap = min(self.min_gap, smallest_gap(max_load, bound))
         if window > 0:
@@ -126,7 +127,7 @@ class Policy:
         timings["planning"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         max_load, mean_load = score_steps(counts, plan.location)
-        self.in_window.append(balancedness(max_load, mean_load))
+        self.in_window.append(utilization_rate(mean_load, max_load))
         self.min_gap = min(self.min_gap, smallest_gap(max_load, bound))
         timings["scoring"] += time.perf_counter() - t0
         self.current = plan.location

@@ -1,5 +1,5 @@
 """Model presets of the simulator: the shape of each DeepSeek model as far as expert placement goes
-(layers, experts, groups, hash layers, weight bytes). DESIGN sections 6 and 7 (the simulator)."""
+(layers, experts, groups, hash layers, weight bytes). DESIGN section 7 (the simulator)."""
 
 from __future__ import annotations
 

@@ -12,9 +12,8 @@ import numpy.typing as npt
 
 from .. import _core
 from .._core import ExpertLocation
-from ..balancedness import utilization_rate
 
-__all__ = ["balancedness", "score_steps", "smallest_gap", "step_lower_bounds"]
+__all__ = ["score_steps", "smallest_gap", "step_lower_bounds"]
 
 
 def score_steps(
@@ -29,11 +28,6 @@ def step_lower_bounds(counts: Any, num_physical_experts: int, ep_size: int) -> A
     """[T, L]: per step and layer, a lower bound of the max GPU load of any placement of
     ``counts`` [T, L, E] int32 on num_physical_experts slots over ep_size GPUs."""
     return _core.step_lower_bounds(counts, num_physical_experts, ep_size)
-
-
-def balancedness(max_load: npt.NDArray[np.float64], mean_load: npt.NDArray[np.float64]) -> Any:
-    """SGLang's utilization rate per entry ((mean + 1e-5) / (max + 1e-5), 1 without load)."""
-    return utilization_rate(mean_load, max_load)
 
 
 def smallest_gap(max_load: npt.NDArray[np.float64], bound: npt.NDArray[np.float64]) -> float:

@@ -54,8 +54,8 @@ def replay_trace(
         trace = np.ascontiguousarray(np.roll(trace, -config.trace_rotate, axis=0))
     trace = _loaded_steps(trace, config.trace_rotate, notes)
     notes.append(
-        "a replay has per-expert counts, not tokens: no realised (token-level) figures, so "
-        f"dispatch={list(config.dispatch)} and waterfill={config.waterfill!r} were not used"
+        "a replay has per-expert counts, not tokens: no realised (token-level) figures, so the "
+        "config's dispatch, waterfill and seed do not apply"
     )
     num_steps = trace.shape[0]
     if num_steps < 2 * config.rebalance_period:

@@ -1,7 +1,7 @@
 """Synthetic traffic of the simulator: router logits with a Zipf-like expert popularity whose hot
 experts drift (and co-activated bursts), token ids for hash layers, and the model's real routers
 that turn them, step by step, into routed expert ids counted by an ``ExpertDistributionRecorder``.
-DESIGN sections 1 and 3 (routers, recorder) as used by the simulator (sections 6 and 7)."""
+DESIGN sections 1 and 3 (routers, recorder) as used by the simulator (section 7)."""
 
 from __future__ import annotations
 
