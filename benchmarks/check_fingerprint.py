@@ -110,6 +110,8 @@ def feed(h: Any, value: Any) -> None:
         feed(h, {f.name: getattr(value, f.name) for f in fields(value)})
     elif isinstance(value, moelb.ExpertLocation):
         feed(h, [value.physical_to_logical, value.ep_size, value.num_nodes])
+    elif callable(value):  # a method passed by mistake would hash nothing
+        raise TypeError(f"feed: {value!r} is callable; pass what it returns")
     else:
         names = [n for n in dir(value) if not n.startswith("_")]
         feed(h, {n: getattr(value, n) for n in names if not callable(getattr(value, n))})
@@ -227,9 +229,11 @@ def area_weight_moves(h: Any, quick: bool) -> int:
         ).location
         for layer in range(2):
             plan = moelb.plan_weight_moves(old, new, layer)
-            feed(h, [plan.ops, plan.old_physical_to_logical, plan.new_physical_to_logical])
-            feed(h, [plan.transfers, plan.local_copies, plan.unchanged_slots, plan.moved_bytes])
+            feed(h, [plan.ops(rank) for rank in range(plan.ep_size)])
+            feed(h, [plan.old_physical_to_logical, plan.new_physical_to_logical])
+            feed(h, [plan.transfers, plan.local_copies, plan.unchanged_slots])
             feed(h, [plan.inter_node_transfers, plan.intra_node_transfers, plan.fingerprint])
+            feed(h, plan.moved_bytes(1 << 20))
             weights = np.arange(slots * 3, dtype=np.float32).reshape(gpus, slots // gpus, 3)
             feed(h, moelb.apply_weight_moves(plan, weights, location=old))
             count += 1
