@@ -29,6 +29,10 @@ moelb's own, named as ours:
 - ``moelb_static``: a coordinated table: the rank's own replica, else the node's replicas shared
   evenly among the node's ranks without one, else all replicas shared evenly among the ranks of
   nodes without one. Unlike SGLang's file path it never piles a node's ranks onto one replica.
+- ``balanced_split`` / ``balanced_assignment``: the exact per-step split (DESIGN section 9,
+  ``reference/dispatch.md`` section 7): from a step's token counts, the integer tokens per replica
+  (per source rank and replica) whose largest rank load is the optimum ``ceil(T*)``, by a
+  max-flow -- no LP solver, deterministic, the same on every rank that computes it.
 
 Token rows are rows within the source rank's batch, except for ``sglang_dynamic_rank_invariant``.
 """
@@ -45,10 +49,15 @@ from ._core import ExpertLocation
 
 __all__ = [
     "DISPATCH_ALGORITHMS",
+    "DISPATCH_COST_OTHER_NODE",
+    "DISPATCH_COST_OWN_RANK",
+    "DISPATCH_COST_SAME_NODE",
     "ENGINE_DISPATCH",
     "EXPECTED_DISPATCH",
     "MOELB_DISPATCH",
     "TABLE_DISPATCH",
+    "balanced_assignment",
+    "balanced_split",
     "dispatch_table",
     "dispatch_tables",
     "dispatch_tokens",
@@ -130,6 +139,58 @@ def dispatch_tokens(
     return _core.dispatch_tokens(
         topk_ids, location, layer, dispatch, ep_rank, rank_offsets, _seed(seed)
     )
+
+
+#: The per-token costs ``balanced_assignment`` minimises among the optimal assignments: a token
+#: served on its source rank, on another rank of the source's node, on another node.
+DISPATCH_COST_OWN_RANK = 0
+DISPATCH_COST_SAME_NODE = 1
+DISPATCH_COST_OTHER_NODE = 2
+
+
+def balanced_split(
+    counts: Any, location: ExpertLocation, fixed_loads: Any = None, *, layer: int | None = None
+) -> npt.NDArray[np.int64]:
+    """The tokens each physical slot receives when a step's tokens are split over the replicas
+    so that the largest rank load is as small as possible (ours; DESIGN section 9).
+
+    counts: the global tokens routed to each logical expert in the step, integers >= 0: [L, E]
+    for all of ``location``'s layers, or [E] with ``layer=``.
+    fixed_loads: optional integers >= 0 that every rank carries besides the routed tokens (a
+    shared expert, ...): [L, W] (``ep_size`` columns), or [W] with ``layer=``.
+    Returns int64 [L, P] ([P] with ``layer=``). Each expert's slots sum to its count; only its
+    replicas get tokens; the largest ``rank_load`` (fixed load plus the tokens of the rank's
+    slots) is exactly ``ceil(T*)``, ``T*`` the optimum of the LP of ``reference/dispatch.md``
+    section 7. An expert whose replicas all sit on one rank is a fixed load there; several
+    replicas of one expert on one rank share its tokens evenly, lower slots first. Solved by a
+    max-flow, deterministically: the same output for any thread count and on every rank that
+    computes it from the same counts.
+    """
+    return _core.balanced_split(counts, location, fixed_loads, layer)
+
+
+def balanced_assignment(
+    source_counts: Any,
+    location: ExpertLocation,
+    fixed_loads: Any = None,
+    *,
+    layer: int | None = None,
+) -> npt.NDArray[np.int64]:
+    """The tokens each source rank sends to each physical slot: the exact dispatch an engine
+    runs when every rank has every rank's counts (one all-gather; ours).
+
+    source_counts: the tokens each source rank (``ep_rank``) routed to each logical expert,
+    integers >= 0: [L, W, E], or [W, E] with ``layer=``.
+    fixed_loads: as in ``balanced_split``.
+    Returns int64 [L, W, P] ([W, P] with ``layer=``): row ``[l, s]`` is what source rank ``s``
+    sends to each slot. Every source's tokens of an expert go to that expert's replicas and sum to
+    its count; the largest rank load is ``ceil(T*)`` of the summed counts (that of
+    ``balanced_split``); among such assignments, the total per-token cost is the least
+    (``DISPATCH_COST_OWN_RANK`` = 0 on the source rank, ``DISPATCH_COST_SAME_NODE`` = 1 on another
+    rank of its node, ``DISPATCH_COST_OTHER_NODE`` = 2 on another node): a min-cost flow at that
+    makespan. Deterministic like ``balanced_split``.
+    """
+    return _core.balanced_assignment(source_counts, location, fixed_loads, layer)
 
 
 def _seed(seed: int) -> int:
