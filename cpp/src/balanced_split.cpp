@@ -33,6 +33,9 @@ constexpr std::int64_t kInt64Max = std::numeric_limits<std::int64_t>::max();
 
 std::int64_t ceil_div(std::int64_t a, std::int64_t b) { return a / b + (a % b != 0 ? 1 : 0); }
 
+// The offset of row `row` of a [rows, cols] row-major array.
+Index row_slot(int row, int cols) { return static_cast<Index>(row) * cols; }
+
 // Splits `total` over `n` slots as evenly as possible, the lower slots taking the remainder.
 std::int64_t even_share(std::int64_t total, std::int64_t n, std::int64_t i) {
     return total / n + (i < total % n ? 1 : 0);
@@ -82,6 +85,13 @@ class MakespanFlow {
     std::int64_t edge_flow(int edge) const { return flow_[edge]; }
     // F_r: the caller's fixed load plus the single-rank experts' tokens, [W].
     const std::vector<std::int64_t>& fixed_load() const { return fixed_; }
+    // The rank of expert e when all its replicas sit on one rank, else kSpread.
+    int expert_rank(int e) const { return expert_rank_[e]; }
+    // The rank of every slot, [P].
+    const std::vector<int>& rank_of() const { return rank_of_; }
+
+    static constexpr int kUnseen = -1;
+    static constexpr int kSpread = -2;
 
   private:
     int compact_rank(int rank);
@@ -90,9 +100,13 @@ class MakespanFlow {
     std::int64_t push_expert(int e, std::int64_t limit);
     std::int64_t push_rank(int r, std::int64_t limit);
     std::int64_t hall_bound() const;
+    std::int64_t component_bound();
 
     std::vector<std::int64_t> fixed_;  // [W]
     std::vector<int> compact_of_;      // [W], -1 when the rank holds no flow expert
+    std::vector<int> rank_of_;         // [P]
+    int slots_per_rank_ = 0;
+    std::vector<int> expert_rank_;  // [E]
 
     // Flow experts.
     std::vector<int> expert_id_;
@@ -105,6 +119,10 @@ class MakespanFlow {
     std::vector<int> rank_global_;
     std::vector<std::int64_t> spare_;  // T - F_r - flow into r
     std::vector<int> rank_edge_begin_, rank_edges_;
+
+    // Connected components (lower bound).
+    std::vector<int> parent_;
+    std::vector<std::int64_t> component_load_, component_ranks_;
 
     // Dinic's level graph.
     std::vector<int> level_e_, level_r_, cur_e_, cur_r_, frontier_, next_;
@@ -124,11 +142,30 @@ int MakespanFlow::compact_rank(int rank) {
 void MakespanFlow::build(const ExpertLocation& loc, int layer, const std::int64_t* counts,
                          const std::int64_t* fixed) {
     const int W = loc.ep_size(), E = loc.num_logical_experts();
-    const int S = loc.num_local_physical_experts();
+    const int S = loc.num_local_physical_experts(), P = loc.num_physical_experts();
+    if (static_cast<int>(rank_of_.size()) != P || S != slots_per_rank_) {
+        // Slot -> rank, once per shape: no division per slot and layer.
+        rank_of_.resize(static_cast<std::size_t>(P));
+        for (int p = 0; p < P; ++p) rank_of_[p] = p / S;
+        slots_per_rank_ = S;
+    }
     if (fixed != nullptr) {
         fixed_.assign(fixed, fixed + W);
     } else {
         fixed_.assign(static_cast<std::size_t>(W), 0);
+    }
+    // Each expert's rank when all its replicas sit on one, else kSpread (slots in rank order).
+    const std::int32_t* p2l = loc.physical_to_logical().data() + static_cast<Index>(layer) * P;
+    expert_rank_.assign(static_cast<std::size_t>(E), kUnseen);
+    for (int r = 0, p = 0; r < W; ++r) {
+        for (int j = 0; j < S; ++j, ++p) {
+            int& seen = expert_rank_[p2l[p]];
+            if (seen == kUnseen) {
+                seen = r;
+            } else if (seen != r) {
+                seen = kSpread;
+            }
+        }
     }
     compact_of_.assign(static_cast<std::size_t>(W), -1);
     expert_id_.clear();
@@ -141,11 +178,11 @@ void MakespanFlow::build(const ExpertLocation& loc, int layer, const std::int64_
     for (int e = 0; e < E; ++e) {
         const std::int64_t n = counts[e];
         if (n == 0) continue;
-        const auto reps = loc.replicas(layer, e);
-        MOELB_CHECK(!reps.empty(), "logical expert " << e << " has no replica in layer " << layer);
-        const int first = reps.front() / S, last = reps.back() / S;
-        if (first == last) {  // one rank: a fixed load (replicas ascend, so ranks do)
-            fixed_[static_cast<std::size_t>(first)] += n;
+        const int rank = expert_rank_[e];
+        MOELB_CHECK(rank != kUnseen,
+                    "logical expert " << e << " has no replica in layer " << layer);
+        if (rank >= 0) {  // one rank: a fixed load
+            fixed_[static_cast<std::size_t>(rank)] += n;
             continue;
         }
         const int i = static_cast<int>(expert_id_.size());
@@ -153,8 +190,8 @@ void MakespanFlow::build(const ExpertLocation& loc, int layer, const std::int64_
         supply_.push_back(n);
         deficit_ += n;
         int prev = -1;
-        for (const std::int32_t p : reps) {
-            const int r = p / S;
+        for (const std::int32_t p : loc.replicas(layer, e)) {  // ascending slots, so ranks
+            const int r = rank_of_[p];
             if (r == prev) continue;
             prev = r;
             edge_rank_.push_back(compact_rank(r));
@@ -274,6 +311,43 @@ std::int64_t MakespanFlow::push_rank(int r, std::int64_t limit) {
     return pushed;
 }
 
+// The Hall bound of every connected component of the network (its experts' tokens and its
+// ranks' fixed loads over its ranks): with node-local placements, about one per node.
+std::int64_t MakespanFlow::component_bound() {
+    const int m = static_cast<int>(rank_global_.size());
+    // Union-find over the ranks; every expert joins its ranks.
+    parent_.resize(static_cast<std::size_t>(m));
+    for (int r = 0; r < m; ++r) parent_[r] = r;
+    auto root = [&](int r) {
+        while (parent_[r] != r) r = parent_[r] = parent_[parent_[r]];
+        return r;
+    };
+    for (int i = 0; i < num_flow_experts(); ++i) {
+        const int a = root(edge_rank_[edge_begin_[i]]);
+        for (int id = edge_begin_[i] + 1; id < edge_begin_[i + 1]; ++id) {
+            const int b = root(edge_rank_[id]);
+            if (a != b) parent_[b] = a;
+        }
+    }
+    component_load_.assign(static_cast<std::size_t>(m), 0);
+    component_ranks_.assign(static_cast<std::size_t>(m), 0);
+    for (int r = 0; r < m; ++r) {
+        const int c = root(r);
+        component_load_[c] += fixed_[static_cast<std::size_t>(rank_global_[r])];
+        ++component_ranks_[c];
+    }
+    for (int i = 0; i < num_flow_experts(); ++i) {
+        component_load_[root(edge_rank_[edge_begin_[i]])] += supply_[i];
+    }
+    std::int64_t bound = 0;
+    for (int r = 0; r < m; ++r) {
+        if (component_ranks_[r] > 0) {
+            bound = std::max(bound, ceil_div(component_load_[r], component_ranks_[r]));
+        }
+    }
+    return bound;
+}
+
 // The Hall bound of the residual source side after a failed `levels()`.
 std::int64_t MakespanFlow::hall_bound() const {
     std::int64_t load = 0, ranks = 0;
@@ -307,6 +381,7 @@ std::int64_t MakespanFlow::solve() {
         }
         T = std::max(T, ceil_div(load, edge_begin_[i + 1] - edge_begin_[i]));
     }
+    T = std::max(T, component_bound());
     for (int r = 0; r < static_cast<int>(rank_global_.size()); ++r) {
         spare_[r] = T - fixed_[static_cast<std::size_t>(rank_global_[r])];
     }
@@ -557,8 +632,14 @@ void balanced_split(const ExpertLocation& location, ConstMatrixMap<std::int64_t>
                 fixed_loads.size() ? fixed_loads.data() + row * fixed_loads.cols() : nullptr);
             flow.solve();
             std::int64_t* o = out.data() + row * P;
-            std::fill(o, o + P, std::int64_t{0});
-            const int S = location.num_local_physical_experts();
+            // Experts with one slot take their count there; the others below.
+            const std::int32_t* p2l = location.physical_to_logical().data() + row_slot(l, P);
+            const std::int32_t* copies = location.logical_count().data() + row_slot(l, E);
+            for (int p = 0; p < P; ++p) {
+                const std::int32_t e = p2l[p];
+                o[p] = copies[e] == 1 ? c[e] : 0;
+            }
+            const std::vector<int>& rank_of = flow.rank_of();
             // Tokens of a rank's copies of one expert: split evenly, lower slots first.
             auto spread = [&](std::span<const std::int32_t> slots, std::int64_t tokens) {
                 const auto k = static_cast<std::int64_t>(slots.size());
@@ -566,20 +647,22 @@ void balanced_split(const ExpertLocation& location, ConstMatrixMap<std::int64_t>
             };
             int next_flow = 0;
             for (int e = 0; e < E; ++e) {
-                if (c[e] == 0) continue;
+                if (c[e] == 0 || copies[e] == 1) continue;
                 const auto reps = location.replicas(l, e);
-                if (next_flow < flow.num_flow_experts() && flow.expert_id(next_flow) == e) {
-                    // One edge per distinct rank, in the replicas' (ascending) order.
-                    int id = flow.edge_begin(next_flow++);
-                    std::size_t j = 0;
-                    while (j < reps.size()) {
-                        std::size_t j_end = j + 1;
-                        while (j_end < reps.size() && reps[j_end] / S == reps[j] / S) ++j_end;
-                        spread(reps.subspan(j, j_end - j), flow.edge_flow(id++));
-                        j = j_end;
-                    }
-                } else {
+                if (flow.expert_rank(e) >= 0) {
                     spread(reps, c[e]);
+                    continue;
+                }
+                MOELB_CHECK(next_flow < flow.num_flow_experts() && flow.expert_id(next_flow) == e,
+                            "balanced_split: flow experts out of order");
+                // One edge per distinct rank, in the replicas' (ascending) order.
+                int id = flow.edge_begin(next_flow++);
+                std::size_t j = 0;
+                while (j < reps.size()) {
+                    std::size_t j_end = j + 1;
+                    while (j_end < reps.size() && rank_of[reps[j_end]] == rank_of[reps[j]]) ++j_end;
+                    spread(reps.subspan(j, j_end - j), flow.edge_flow(id++));
+                    j = j_end;
                 }
             }
         }
@@ -650,7 +733,6 @@ void AssignmentSolver::solve(const ExpertLocation& loc, int layer,
                              ConstMatrixMap<std::int64_t> source_counts, Index first_row,
                              const std::int64_t* fixed, std::int64_t* out) {
     const int W = loc.ep_size(), E = loc.num_logical_experts(), P = loc.num_physical_experts();
-    const int S = loc.num_local_physical_experts();
     auto count = [&](int s, int e) { return source_counts(first_row + s, e); };
     counts_.assign(static_cast<std::size_t>(E), 0);
     for (int s = 0; s < W; ++s) {
@@ -724,11 +806,12 @@ void AssignmentSolver::solve(const ExpertLocation& loc, int layer,
             slot_left_[j] -= g;
         }
     };
+    const std::vector<int>& rank_of = makespan_.rank_of();
     // Groups of the replicas by rank (ascending) and their tokens; slot cursors at the start.
     auto start_groups = [&](std::span<const std::int32_t> reps) {
         group_begin_.clear();
         for (std::size_t j = 0; j < reps.size(); ++j) {
-            if (j == 0 || reps[j] / S != reps[j - 1] / S) group_begin_.push_back(j);
+            if (j == 0 || rank_of[reps[j]] != rank_of[reps[j - 1]]) group_begin_.push_back(j);
         }
         const std::size_t groups = group_begin_.size();
         group_begin_.push_back(reps.size());
