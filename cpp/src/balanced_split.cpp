@@ -678,194 +678,235 @@ namespace {
 // min-cost flow at that T routes each source's tokens. Sources whose costs to an expert's ranks
 // are the same form one class (a node of the network): the rank itself when it holds a replica,
 // the other ranks of a node holding one, and the ranks of every other node. Each class's flow is
-// handed back to its sources in ascending order (any split of a class is equally cheap).
+// handed back to its sources in ascending order (any split of a class is equally cheap), and a
+// rank's tokens of an expert to its slots of that expert (evenly, lower slots first).
 class AssignmentSolver {
   public:
     void solve(const ExpertLocation& loc, int layer, ConstMatrixMap<std::int64_t> source_counts,
                Index first_row, const std::int64_t* fixed, std::int64_t* out);
 
   private:
+    int num_ranks(int i) const { return makespan_.edge_begin(i + 1) - makespan_.edge_begin(i); }
+    int rank(int i, int j) const { return makespan_.edge_rank(makespan_.edge_begin(i) + j); }
+    std::int64_t class_cost(int i, int key, int j) const;
+    // A group: one expert's slots on one rank, reps[begin, end), with `tokens` to hand out.
+    int add_group(const std::int32_t* reps, int begin, int end, std::int64_t tokens);
+    void to_slots(int g, std::int64_t tokens, std::int64_t* out_row);
+
     MakespanFlow makespan_;
     MinCostFlow mcf_;
     std::vector<std::int64_t> counts_;  // [E], summed over sources
+    std::vector<int> node_of_;          // [W]
     std::vector<int> rank_node_;        // [W], the network node of a rank, or -1
-    std::vector<int> ranks_;            // distinct ranks of the expert in hand
-    std::vector<int> class_arc_;        // per flow expert, 2 * |R| + 1 keys: first class arc
-    std::vector<int> class_arc_begin_;  // [k + 1]
-    std::vector<std::int64_t> class_supply_;
-    // Cursors of the hand-back.
-    std::vector<int> class_pos_;
-    std::vector<std::int64_t> class_left_;
-    std::vector<std::size_t> group_begin_;
-    std::vector<std::int64_t> rank_tokens_;
-    std::vector<std::size_t> slot_pos_;
-    std::vector<std::int64_t> slot_left_;
+    // Classes: j = the source is rank j of the expert's ranks (ascending), |R| + j = another
+    // rank of the node of rank j (the node's first), 2 |R| = another node.
+    std::vector<int> keys_;                   // [W, k]
+    std::vector<int> position_, node_first_;  // [W], [N]: scratch, -1 outside the expert's ranks
+    // Per flow expert i, 2 |R_i| + 1 class keys from key_begin_[i]: supply, first arc (or -1),
+    // and the hand-back cursor (rank position, flow left there).
+    std::vector<int> key_begin_;
+    std::vector<std::int64_t> class_supply_, class_left_;
+    std::vector<int> class_arc_, class_pos_;
+    // Groups: one per flow edge (same ids), then one per expert with several slots on its one
+    // rank.
+    std::vector<const std::int32_t*> group_reps_;
+    std::vector<int> group_begin_, group_end_, group_pos_;
+    std::vector<std::int64_t> group_tokens_, group_left_;
+    std::vector<int> stacked_expert_;  // the experts of the groups after the flow edges
 };
 
-// A class key of source `s` for an expert on `ranks` (ascending): j (own rank ranks[j]),
-// |R| + j (another rank of ranks[j]'s node, j the node's first), or 2 |R| (another node).
-int class_key(const ExpertLocation& loc, const std::vector<int>& ranks, int s) {
-    const int num = static_cast<int>(ranks.size());
-    const int node = loc.node_of_rank(s);
-    int same_node = -1;
-    for (int j = 0; j < num; ++j) {
-        if (ranks[j] == s) return j;
-        if (same_node < 0 && loc.node_of_rank(ranks[j]) == node) same_node = j;
-    }
-    return same_node >= 0 ? num + same_node : 2 * num;
-}
-
-// The cost of a token of class `key` placed on ranks[j] (kCostOwnRank / kCostSameNode /
-// kCostOtherNode).
-std::int64_t class_cost(const ExpertLocation& loc, const std::vector<int>& ranks, int key, int j) {
-    const int num = static_cast<int>(ranks.size());
+// The per-token cost (kDispatchCost*) of class `key` of flow expert i served on its rank j.
+std::int64_t AssignmentSolver::class_cost(int i, int key, int j) const {
+    const int num = num_ranks(i);
     if (key == j) return kDispatchCostOwnRank;
     if (key < 2 * num) {
         const int home = key < num ? key : key - num;
-        if (loc.node_of_rank(ranks[home]) == loc.node_of_rank(ranks[j])) {
-            return kDispatchCostSameNode;
-        }
+        if (node_of_[rank(i, home)] == node_of_[rank(i, j)]) return kDispatchCostSameNode;
     }
     return kDispatchCostOtherNode;
+}
+
+int AssignmentSolver::add_group(const std::int32_t* reps, int begin, int end, std::int64_t tokens) {
+    group_reps_.push_back(reps);
+    group_begin_.push_back(begin);
+    group_end_.push_back(end);
+    group_pos_.push_back(begin);
+    group_tokens_.push_back(tokens);
+    group_left_.push_back(even_share(tokens, end - begin, 0));
+    return static_cast<int>(group_reps_.size()) - 1;
+}
+
+void AssignmentSolver::to_slots(int g, std::int64_t tokens, std::int64_t* out_row) {
+    const std::int32_t* reps = group_reps_[g];
+    const int n = group_end_[g] - group_begin_[g];
+    if (n == 1) {
+        out_row[reps[group_begin_[g]]] += tokens;
+        return;
+    }
+    while (tokens > 0) {
+        while (group_left_[g] == 0) {
+            MOELB_CHECK(++group_pos_[g] < group_end_[g],
+                        "balanced_assignment: a rank's slots overflow");
+            group_left_[g] = even_share(group_tokens_[g], n, group_pos_[g] - group_begin_[g]);
+        }
+        const std::int64_t take = std::min(tokens, group_left_[g]);
+        out_row[reps[group_pos_[g]]] += take;
+        tokens -= take;
+        group_left_[g] -= take;
+    }
 }
 
 void AssignmentSolver::solve(const ExpertLocation& loc, int layer,
                              ConstMatrixMap<std::int64_t> source_counts, Index first_row,
                              const std::int64_t* fixed, std::int64_t* out) {
     const int W = loc.ep_size(), E = loc.num_logical_experts(), P = loc.num_physical_experts();
-    auto count = [&](int s, int e) { return source_counts(first_row + s, e); };
+    auto source_row = [&](int s) { return source_counts.data() + (first_row + s) * E; };
     counts_.assign(static_cast<std::size_t>(E), 0);
     for (int s = 0; s < W; ++s) {
-        for (int e = 0; e < E; ++e) counts_[e] += count(s, e);
+        const std::int64_t* row = source_row(s);
+        for (int e = 0; e < E; ++e) counts_[e] += row[e];
     }
     makespan_.build(loc, layer, counts_.data(), fixed);
     const std::int64_t T = makespan_.solve();
     const auto& F = makespan_.fixed_load();
     const int k = makespan_.num_flow_experts();
+    node_of_.resize(static_cast<std::size_t>(W));
+    for (int r = 0; r < W; ++r) node_of_[r] = loc.node_of_rank(r);
+
+    // The class of every (source, flow expert), [W, k], expert by expert through per-rank and
+    // per-node tables; then the class supplies, source by source (rows are contiguous).
+    key_begin_.assign(1, 0);
+    for (int i = 0; i < k; ++i) key_begin_.push_back(key_begin_.back() + 2 * num_ranks(i) + 1);
+    keys_.resize(static_cast<std::size_t>(W) * k);
+    position_.assign(static_cast<std::size_t>(W), -1);
+    node_first_.assign(static_cast<std::size_t>(loc.num_nodes()), -1);
+    for (int i = 0; i < k; ++i) {
+        const int num = num_ranks(i);
+        for (int j = 0; j < num; ++j) {
+            position_[rank(i, j)] = j;
+            int& first = node_first_[node_of_[rank(i, j)]];
+            if (first < 0) first = j;
+        }
+        for (int s = 0; s < W; ++s) {
+            const int own = position_[s], node = node_first_[node_of_[s]];
+            keys_[static_cast<std::size_t>(s) * k + i] =
+                own >= 0 ? own : (node >= 0 ? num + node : 2 * num);
+        }
+        for (int j = 0; j < num; ++j) {
+            position_[rank(i, j)] = -1;
+            node_first_[node_of_[rank(i, j)]] = -1;
+        }
+    }
+    class_supply_.assign(static_cast<std::size_t>(key_begin_.back()), 0);
+    for (int s = 0; s < W; ++s) {
+        const std::int64_t* row = source_row(s);
+        const int* keys = keys_.data() + static_cast<std::size_t>(s) * k;
+        for (int i = 0; i < k; ++i) {
+            const std::int64_t tokens = row[makespan_.expert_id(i)];
+            if (tokens > 0) class_supply_[key_begin_[i] + keys[i]] += tokens;
+        }
+    }
 
     // The network: source 0, sink 1, the ranks, then the classes.
     mcf_.reset(2);
     rank_node_.assign(static_cast<std::size_t>(W), -1);
-    std::int64_t want = 0;
     for (int i = 0; i < k; ++i) {
-        for (int id = makespan_.edge_begin(i); id < makespan_.edge_begin(i + 1); ++id) {
-            const int r = makespan_.edge_rank(id);
+        for (int j = 0; j < num_ranks(i); ++j) {
+            const int r = rank(i, j);
             if (rank_node_[r] >= 0) continue;
             rank_node_[r] = mcf_.add_node();
             mcf_.add_arc(rank_node_[r], 1, T - F[static_cast<std::size_t>(r)], 0);
         }
     }
-    class_arc_.clear();
-    class_arc_begin_.assign(1, 0);
+    class_arc_.assign(class_supply_.size(), -1);
+    std::int64_t want = 0;
     for (int i = 0; i < k; ++i) {
-        const int e = makespan_.expert_id(i);
-        ranks_.clear();
-        for (int id = makespan_.edge_begin(i); id < makespan_.edge_begin(i + 1); ++id) {
-            ranks_.push_back(makespan_.edge_rank(id));
-        }
-        const int num_keys = 2 * static_cast<int>(ranks_.size()) + 1;
-        class_supply_.assign(static_cast<std::size_t>(num_keys), 0);
-        for (int s = 0; s < W; ++s) {
-            if (count(s, e) > 0) class_supply_[class_key(loc, ranks_, s)] += count(s, e);
-        }
-        for (int key = 0; key < num_keys; ++key) {
-            const std::int64_t supply = class_supply_[key];
-            if (supply == 0) {
-                class_arc_.push_back(-1);
-                continue;
-            }
+        for (int key = 0; key <= 2 * num_ranks(i); ++key) {
+            const std::int64_t supply = class_supply_[key_begin_[i] + key];
+            if (supply == 0) continue;
             const int node = mcf_.add_node();
             mcf_.add_arc(0, node, supply, 0);
             want += supply;
-            class_arc_.push_back(static_cast<int>(mcf_.add_arc(node, rank_node_[ranks_[0]], supply,
-                                                               class_cost(loc, ranks_, key, 0))));
-            for (int j = 1; j < static_cast<int>(ranks_.size()); ++j) {
-                mcf_.add_arc(node, rank_node_[ranks_[j]], supply, class_cost(loc, ranks_, key, j));
+            for (int j = 0; j < num_ranks(i); ++j) {
+                const int arc =
+                    mcf_.add_arc(node, rank_node_[rank(i, j)], supply, class_cost(i, key, j));
+                if (j == 0) class_arc_[key_begin_[i] + key] = arc;
             }
         }
-        class_arc_begin_.push_back(static_cast<int>(class_arc_.size()));
     }
     const std::int64_t routed = mcf_.run(0, 1);
     MOELB_CHECK(routed == want, "balanced_assignment: the min-cost flow routed "
                                     << routed << " of " << want << " tokens at T=" << T);
 
-    std::fill(out, out + static_cast<std::size_t>(W) * P, std::int64_t{0});
-    // Hands `tokens` of source s to the slots of one rank group, in slot order (cursor j).
-    auto to_slots = [&](int s, int j, std::int64_t tokens, std::span<const std::int32_t> reps) {
-        const auto n = static_cast<std::int64_t>(group_begin_[j + 1] - group_begin_[j]);
-        while (tokens > 0) {
-            while (slot_left_[j] == 0) {
-                MOELB_CHECK(++slot_pos_[j] < group_begin_[j + 1],
-                            "balanced_assignment: a rank's slots overflow");
-                slot_left_[j] = even_share(
-                    rank_tokens_[j], n, static_cast<std::int64_t>(slot_pos_[j] - group_begin_[j]));
-            }
-            const std::int64_t g = std::min(tokens, slot_left_[j]);
-            out[static_cast<std::size_t>(s) * P + reps[slot_pos_[j]]] += g;
-            tokens -= g;
-            slot_left_[j] -= g;
-        }
-    };
+    // Hand-back cursors: classes at their first rank, groups at their first slot.
+    class_pos_.assign(class_arc_.size(), 0);
+    class_left_.assign(class_arc_.size(), 0);
+    for (std::size_t c = 0; c < class_arc_.size(); ++c) {
+        if (class_arc_[c] >= 0) class_left_[c] = mcf_.flow(class_arc_[c]);
+    }
+    group_reps_.clear();
+    group_begin_.clear();
+    group_end_.clear();
+    group_pos_.clear();
+    group_tokens_.clear();
+    group_left_.clear();
+    stacked_expert_.clear();
     const std::vector<int>& rank_of = makespan_.rank_of();
-    // Groups of the replicas by rank (ascending) and their tokens; slot cursors at the start.
-    auto start_groups = [&](std::span<const std::int32_t> reps) {
-        group_begin_.clear();
-        for (std::size_t j = 0; j < reps.size(); ++j) {
-            if (j == 0 || rank_of[reps[j]] != rank_of[reps[j - 1]]) group_begin_.push_back(j);
+    for (int i = 0; i < k; ++i) {
+        const auto reps = loc.replicas(layer, makespan_.expert_id(i));
+        int begin = 0;
+        for (int j = 0; j < num_ranks(i); ++j) {
+            int end = begin + 1;
+            while (end < static_cast<int>(reps.size()) &&
+                   rank_of[reps[end]] == rank_of[reps[begin]]) {
+                ++end;
+            }
+            std::int64_t tokens = 0;
+            for (int key = 0; key <= 2 * num_ranks(i); ++key) {
+                const int arc = class_arc_[key_begin_[i] + key];
+                if (arc >= 0) tokens += mcf_.flow(arc + 2 * j);
+            }
+            add_group(reps.data(), begin, end, tokens);  // id = makespan_.edge_begin(i) + j
+            begin = end;
         }
-        const std::size_t groups = group_begin_.size();
-        group_begin_.push_back(reps.size());
-        slot_pos_.assign(group_begin_.begin(), group_begin_.end() - 1);
-        slot_left_.resize(groups);
-        for (std::size_t j = 0; j < groups; ++j) {
-            const auto n = static_cast<std::int64_t>(group_begin_[j + 1] - group_begin_[j]);
-            slot_left_[j] = even_share(rank_tokens_[j], n, 0);
-        }
-    };
-    int next_flow = 0;
+    }
+    const std::int32_t* copies = loc.logical_count().data() + row_slot(layer, E);
     for (int e = 0; e < E; ++e) {
-        if (counts_[e] == 0) continue;
+        if (counts_[e] == 0 || copies[e] == 1 || makespan_.expert_rank(e) < 0) continue;
         const auto reps = loc.replicas(layer, e);
-        if (next_flow < k && makespan_.expert_id(next_flow) == e) {
-            const int i = next_flow++;
-            ranks_.clear();
-            for (int id = makespan_.edge_begin(i); id < makespan_.edge_begin(i + 1); ++id) {
-                ranks_.push_back(makespan_.edge_rank(id));
-            }
-            const int num = static_cast<int>(ranks_.size());
-            const int* arcs = class_arc_.data() + class_arc_begin_[i];
-            rank_tokens_.assign(static_cast<std::size_t>(num), 0);
-            class_pos_.assign(static_cast<std::size_t>(2 * num + 1), 0);
-            class_left_.assign(static_cast<std::size_t>(2 * num + 1), 0);
-            for (int key = 0; key <= 2 * num; ++key) {
-                if (arcs[key] < 0) continue;
-                for (int j = 0; j < num; ++j) rank_tokens_[j] += mcf_.flow(arcs[key] + 2 * j);
-                class_left_[key] = mcf_.flow(arcs[key]);
-            }
-            start_groups(reps);
-            for (int s = 0; s < W; ++s) {
-                std::int64_t tokens = count(s, e);
-                if (tokens == 0) continue;
-                const int key = class_key(loc, ranks_, s);
-                while (tokens > 0) {
-                    while (class_left_[key] == 0) {
-                        MOELB_CHECK(++class_pos_[key] < num, "balanced_assignment: class overrun");
-                        class_left_[key] = mcf_.flow(arcs[key] + 2 * class_pos_[key]);
-                    }
-                    const std::int64_t g = std::min(tokens, class_left_[key]);
-                    to_slots(s, class_pos_[key], g, reps);
-                    tokens -= g;
-                    class_left_[key] -= g;
+        add_group(reps.data(), 0, static_cast<int>(reps.size()), counts_[e]);
+        stacked_expert_.push_back(e);
+    }
+    const int num_edges = makespan_.edge_begin(k);
+
+    const std::int32_t* p2l = loc.physical_to_logical().data() + row_slot(layer, P);
+    for (int s = 0; s < W; ++s) {
+        const std::int64_t* row = source_row(s);
+        std::int64_t* out_row = out + static_cast<Index>(s) * P;
+        // Experts with one slot: all of the source's tokens there.
+        for (int p = 0; p < P; ++p) {
+            const std::int32_t e = p2l[p];
+            out_row[p] = copies[e] == 1 ? row[e] : 0;
+        }
+        for (int i = 0; i < k; ++i) {
+            std::int64_t tokens = row[makespan_.expert_id(i)];
+            if (tokens == 0) continue;
+            const int c = key_begin_[i] + keys_[static_cast<std::size_t>(s) * k + i];
+            while (tokens > 0) {
+                while (class_left_[c] == 0) {
+                    MOELB_CHECK(++class_pos_[c] < num_ranks(i),
+                                "balanced_assignment: a class's flow overflows");
+                    class_left_[c] = mcf_.flow(class_arc_[c] + 2 * class_pos_[c]);
                 }
+                const std::int64_t take = std::min(tokens, class_left_[c]);
+                to_slots(makespan_.edge_begin(i) + class_pos_[c], take, out_row);
+                tokens -= take;
+                class_left_[c] -= take;
             }
-        } else {  // all replicas on one rank
-            rank_tokens_.assign(1, counts_[e]);
-            start_groups(reps);
-            MOELB_CHECK(group_begin_.size() == 2,
-                        "balanced_assignment: a fixed expert spans ranks");
-            for (int s = 0; s < W; ++s) {
-                if (count(s, e) > 0) to_slots(s, 0, count(s, e), reps);
-            }
+        }
+        for (std::size_t j = 0; j < stacked_expert_.size(); ++j) {
+            const std::int64_t tokens = row[stacked_expert_[j]];
+            if (tokens > 0) to_slots(num_edges + static_cast<int>(j), tokens, out_row);
         }
     }
 }
