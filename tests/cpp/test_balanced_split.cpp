@@ -184,6 +184,18 @@ INSTANTIATE_TEST_SUITE_P(
                  {},
                  30,
                  {}},
+        // A min-cut step: one connected component over 4 ranks (122 tokens, bound 31), no expert
+        // denser alone (30), but experts 0 and 1 together hold 120 tokens on ranks {0, 1}: the
+        // search starts at 31 and its residual source side raises it to 60.
+        HandCase{"hall_step",
+                 {0, 1, 4, 0, 1, 2, 2, 3, 5, 3, 6, 7},
+                 8,
+                 4,
+                 2,
+                 {60, 60, 1, 1, 0, 0, 0, 0},
+                 {},
+                 60,
+                 {}},
         // Fractional LP optimum: 3 experts of 1 token on ranks {0, 1}: T* = 1.5, ceil 2.
         HandCase{"fractional", {0, 1, 2, 0, 1, 2}, 3, 2, 1, {1, 1, 1}, {}, 2, {}}),
     [](const ::testing::TestParamInfo<HandCase>& info) { return info.param.name; });
