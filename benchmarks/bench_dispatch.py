@@ -17,11 +17,22 @@ written here from reference/dispatch.md §2-3 (SGLang's ``compute_logical_to_ran
 physical_map`` is such a loop; this is not SGLang's own code), checked equal to moelb's; medians
 of --repeats runs.
 
+Exact per-step split: ``moelb.balanced_split`` (ours; a max-flow, reference/dispatch.md §7) per
+layer on one thread at EP32/288, EP64/320, EP144/288 and EP256/512 slots (256 experts, 8 GPUs per
+node), on placements planned by ``moelb.rebalance`` from skewed expected loads (Zipf --skew) and on
+per-step counts drawn around them (128 tokens x top-8 per rank and step, multinomial over the
+layer's popularity); median over steps of one call's time for all --split-layers layers, divided
+by the layers. Against it, ``scipy.optimize.linprog(method="highs")`` on the same LP (built before
+the clock starts; only the solve is timed) for a few layers, when SciPy is importable; its
+``ceil(optimum)`` must equal moelb's largest rank load. Also the realised max/mean rank load of the
+steps under the equal split and under balanced_split.
+
 This is not a timed test: it exits with status 1 only if moelb's table differs from the Python
-loop's, or a dispatch sends a token to a slot that does not hold its expert.
+loop's, a dispatch sends a token to a slot that does not hold its expert, balanced_split does not
+conserve a count, or its largest rank load differs from linprog's ceil(optimum).
 
     python benchmarks/bench_dispatch.py             # 16 layers, about a minute on 2 CPUs
-    python benchmarks/bench_dispatch.py --quick     # smoke test: 2 layers, 2 steps
+    python benchmarks/bench_dispatch.py --quick     # smoke test: 2 layers, 2 steps, 4 split layers
     python benchmarks/bench_dispatch.py --json results.json
 """
 
@@ -115,6 +126,16 @@ def python_sglang_table(location: moelb.ExpertLocation, rank: int) -> npt.NDArra
     return out
 
 
+# Exact per-step split: (ep_size, num_physical_experts, num_nodes), 8 GPUs per node.
+SPLIT_SIZES = ((32, 288, 4), (64, 320, 8), (144, 288, 18), (256, 512, 32))
+SPLIT_TOKENS_PER_RANK = 128
+DEFAULT_SPLIT_LAYERS = 58  # DeepSeek-V3's MoE layers
+QUICK_SPLIT_LAYERS = 4
+DEFAULT_SPLIT_STEPS = 21
+QUICK_SPLIT_STEPS = 3
+DEFAULT_LP_LAYERS = 6
+QUICK_LP_LAYERS = 1
+
 # ------------------------------------------------------------------------------------------------
 # Traffic and scoring.
 
@@ -200,6 +221,122 @@ def time_tables(location: moelb.ExpertLocation, repeats: int, problems: list[str
     }
 
 
+# ------------------------------------------------------------------------------------------------
+# Exact per-step split: balanced_split against linprog on the LP of reference/dispatch.md §7.
+
+
+def split_lp(
+    location: moelb.ExpertLocation, layer: int, counts: npt.NDArray[np.int64]
+) -> tuple[Any, ...]:
+    """(c, A_ub, b_ub, A_eq, b_eq) of min T s.t. sum_g x[e, g] = n_e, sum_e x[e, g] <= T over
+    the distinct ranks g of each expert's replicas (no fixed loads here)."""
+    from scipy import sparse
+
+    S = location.num_local_physical_experts
+    p2l = location.physical_to_logical[layer]
+    pairs = sorted({(int(e), p // S) for p, e in enumerate(p2l) if counts[e] > 0})
+    experts = sorted({e for e, _ in pairs})
+    row = {e: i for i, e in enumerate(experts)}
+    n = len(pairs)
+    cols = np.arange(n)
+    a_eq = sparse.csr_matrix(
+        (np.ones(n), ([row[e] for e, _ in pairs], cols)), shape=(len(experts), n + 1)
+    )
+    ranks = np.array([g for _, g in pairs])
+    a_ub = sparse.csr_matrix(
+        (
+            np.concatenate([np.ones(n), -np.ones(location.ep_size)]),
+            (
+                np.concatenate([ranks, np.arange(location.ep_size)]),
+                np.concatenate([cols, np.full(location.ep_size, n)]),
+            ),
+        ),
+        shape=(location.ep_size, n + 1),
+    )
+    c = np.zeros(n + 1)
+    c[n] = 1.0
+    return c, a_ub, np.zeros(location.ep_size), a_eq, counts[experts].astype(float)
+
+
+def max_over_mean(rank_loads: npt.NDArray[Any]) -> float:
+    """Mean over rows of max / mean of each row's rank loads."""
+    return float(np.mean(rank_loads.max(axis=-1) / rank_loads.mean(axis=-1)))
+
+
+def time_balanced_split(args: argparse.Namespace, problems: list[str]) -> list[dict[str, Any]]:
+    try:
+        from scipy import optimize
+    except ImportError:
+        optimize = None
+    rng = np.random.default_rng(args.seed + 1)
+    L = args.split_layers
+    p = popularity(rng, L, args.skew)
+    results = []
+    threads = moelb.get_num_threads()
+    for W, P, N in SPLIT_SIZES:
+        tokens = SPLIT_TOKENS_PER_RANK * W * TOP_K
+        location = moelb.rebalance(p * tokens, P, NUM_GROUPS, N, W).location
+        steps = [
+            np.stack([rng.multinomial(tokens, p[layer]) for layer in range(L)])
+            for _ in range(args.split_steps)
+        ]
+        S = location.num_local_physical_experts
+        seconds, split_loads, equal_loads = [], [], []
+        moelb.set_num_threads(1)
+        try:
+            for counts in steps:
+                t0 = time.perf_counter()
+                out = moelb.balanced_split(counts, location)
+                seconds.append(time.perf_counter() - t0)
+                got = np.stack(
+                    [np.bincount(location.physical_to_logical[i], out[i], NUM_EXPERTS)
+                     for i in range(L)]
+                )  # fmt: skip
+                if not np.array_equal(got, counts):
+                    problems.append(f"balanced_split EP{W}/{P}: a count is not conserved")
+                split_loads.append(out.reshape(L, W, S).sum(axis=2))
+                share = counts[np.arange(L)[:, None], location.physical_to_logical]
+                share = share / location.logical_count[np.arange(L)[:, None],
+                                                       location.physical_to_logical]  # fmt: skip
+                equal_loads.append(share.reshape(L, W, S).sum(axis=2))
+        finally:
+            moelb.set_num_threads(threads)
+        us = statistics.median(seconds) / L * 1e6
+        row: dict[str, Any] = {
+            "ep_size": W,
+            "num_physical_experts": P,
+            "num_nodes": N,
+            "num_experts": NUM_EXPERTS,
+            "num_layers": L,
+            "num_steps": len(steps),
+            "tokens_per_step": tokens // TOP_K,
+            "us_per_layer": us,
+            "max_over_mean_balanced": max_over_mean(np.stack(split_loads)),
+            "max_over_mean_equal_split": max_over_mean(np.stack(equal_loads)),
+            "linprog_us_per_layer": None,
+            "linprog_ratio": None,
+        }
+        if optimize is not None:
+            lp_seconds = []
+            counts = steps[0]
+            peak = split_loads[0].max(axis=1)
+            for layer in range(min(args.lp_layers, L)):
+                c, a_ub, b_ub, a_eq, b_eq = split_lp(location, layer, counts[layer])
+                t0 = time.perf_counter()
+                res = optimize.linprog(c, a_ub, b_ub, a_eq, b_eq, bounds=(0, None), method="highs")
+                lp_seconds.append(time.perf_counter() - t0)
+                # T* is a multiple of 1 / k for some k <= W: a tolerance below 1 / W is exact.
+                if res.status != 0 or int(np.ceil(res.fun - 0.25 / W)) != peak[layer]:
+                    problems.append(
+                        f"balanced_split EP{W}/{P} layer {layer}: largest rank load "
+                        f"{peak[layer]} but linprog gives {res.fun} ({res.message})"
+                    )
+            row["linprog_us_per_layer"] = statistics.median(lp_seconds) * 1e6
+            row["linprog_ratio"] = row["linprog_us_per_layer"] / us
+        results.append(row)
+    return results
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", type=int, help=f"MoE layers (default {DEFAULT_LAYERS})")
@@ -207,6 +344,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--skew", type=float, default=0.6, help="Zipf exponent (default 0.6)")
     parser.add_argument("--repeats", type=int, default=5, help="timing repeats (default 5)")
     parser.add_argument("--quick", action="store_true", help="smoke test: 2 layers, 2 steps")
+    parser.add_argument(
+        "--split-layers", type=int, help=f"balanced_split layers (default {DEFAULT_SPLIT_LAYERS})"
+    )
+    parser.add_argument(
+        "--split-steps",
+        type=int,
+        help=f"balanced_split steps timed (default {DEFAULT_SPLIT_STEPS})",
+    )
+    parser.add_argument(
+        "--lp-layers", type=int, help=f"layers solved by linprog (default {DEFAULT_LP_LAYERS})"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write results as JSON")
     args = parser.parse_args(argv)
@@ -214,10 +362,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.layers = QUICK_LAYERS if args.quick else DEFAULT_LAYERS
     if args.steps is None:
         args.steps = QUICK_STEPS if args.quick else DEFAULT_STEPS
+    if args.split_layers is None:
+        args.split_layers = QUICK_SPLIT_LAYERS if args.quick else DEFAULT_SPLIT_LAYERS
+    if args.split_steps is None:
+        args.split_steps = QUICK_SPLIT_STEPS if args.quick else DEFAULT_SPLIT_STEPS
+    if args.lp_layers is None:
+        args.lp_layers = QUICK_LP_LAYERS if args.quick else DEFAULT_LP_LAYERS
     if args.quick:
         args.repeats = min(args.repeats, 1)
-    if args.layers < 1 or args.steps < 1 or args.repeats < 1:
-        parser.error("--layers, --steps and --repeats must be positive")
+    if min(args.layers, args.steps, args.repeats, args.split_layers, args.split_steps) < 1:
+        parser.error(
+            "--layers, --steps, --repeats, --split-layers and --split-steps must be positive"
+        )
+    if args.lp_layers < 0:
+        parser.error("--lp-layers must be >= 0")
     if not (np.isfinite(args.skew) and args.skew >= 0):
         parser.error("--skew must be finite and >= 0")
     return args
@@ -262,6 +420,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             + [f"{realised[d]:.3f} ({1 / realised[d]:.2f})" for d in DISPATCH]
         )
     timing = time_tables(plan.location, args.repeats, problems)
+    split_timing = time_balanced_split(args, problems)
     seconds = time.perf_counter() - start
 
     print(
@@ -278,9 +437,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{timing['moelb_ms']:.2f} ms, the same loop in Python {timing['python_ms']:.1f} ms "
         f"({timing['ratio']:.0f}x), median of {args.repeats}"
     )
+    print(
+        f"\nexact per-step split (balanced_split, ours), one thread: median of "
+        f"{args.split_steps} steps x {args.split_layers} layers; linprog (HiGHS, solve only) on "
+        f"{args.lp_layers} layers of one step; max/mean: realised rank loads, mean over steps "
+        f"and layers"
+    )
+    split_rows = [
+        [
+            f"EP{r['ep_size']}/{r['num_physical_experts']}",
+            str(r["num_nodes"]),
+            f"{r['tokens_per_step']:,}",
+            f"{r['us_per_layer']:.1f}",
+            "-" if r["linprog_us_per_layer"] is None else f"{r['linprog_us_per_layer']:.0f}",
+            "-" if r["linprog_ratio"] is None else f"{r['linprog_ratio']:.0f}x",
+            f"{r['max_over_mean_equal_split']:.3f}",
+            f"{r['max_over_mean_balanced']:.3f}",
+        ]
+        for r in split_timing
+    ]
+    header = ["EP/slots", "nodes", "tokens", "us/layer", "linprog us", "ratio"]
+    print(table([*header, "max/mean equal", "max/mean balanced"], split_rows))
     for problem in problems:
         print(f"PROBLEM: {problem}")
-    print(f"\n{seconds:.1f} s (traffic, plans, dispatch and timing)")
+    print(f"\n{seconds:.1f} s (traffic, plans, dispatch, timing and the exact split)")
     if args.json is not None:
         write_json(
             args.json,
@@ -293,6 +473,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "results": results,
                 "best": best,
                 "table_timing": timing,
+                "balanced_split_timing": split_timing,
                 "problems": problems,
                 "load_average_before": load_avg,
                 "versions": versions,

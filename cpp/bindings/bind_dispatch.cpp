@@ -52,9 +52,109 @@ py::array_t<std::int32_t> to_array3(const RowMatrix<std::int32_t>& m, Index d0, 
     return out;
 }
 
+// The rows of a balanced_split / balanced_assignment call: -1 (all layers) or the checked layer.
+int balanced_layer(const ExpertLocation& loc, std::optional<std::int64_t> layer) {
+    if (!layer) return -1;
+    MOELB_CHECK_ARG(*layer >= 0 && *layer < loc.num_layers(),
+                    "layer=" << *layer << " is outside [0, num_layers=" << loc.num_layers() << ")");
+    return static_cast<int>(*layer);
+}
+
+// An integer array of `dims` (the expected shape, named by `what` in the error), as int64.
+py::array_t<std::int64_t, py::array::c_style> balanced_input(const py::handle& obj,
+                                                             const char* name,
+                                                             const std::vector<Index>& dims,
+                                                             const std::string& what) {
+    auto a = config_array<std::int64_t>(obj, name, static_cast<int>(dims.size()));
+    bool same = true;
+    for (std::size_t i = 0; i < dims.size(); ++i) same = same && a.shape(i) == dims[i];
+    MOELB_CHECK_ARG(same, name << " has shape " << shape_string(a) << " but " << what);
+    return a;
+}
+
+py::array_t<std::int64_t, py::array::c_style> balanced_fixed_loads(const ExpertLocation& loc,
+                                                                   const py::object& fixed_loads,
+                                                                   int layer) {
+    if (fixed_loads.is_none()) return py::array_t<std::int64_t, py::array::c_style>();
+    const Index W = loc.ep_size();
+    if (layer >= 0) {
+        return balanced_input(fixed_loads, "fixed_loads", {W},
+                              "one layer needs (ep_size=" + std::to_string(W) + ",)");
+    }
+    return balanced_input(fixed_loads, "fixed_loads", {loc.num_layers(), W},
+                          "the location needs (num_layers=" + std::to_string(loc.num_layers()) +
+                              ", ep_size=" + std::to_string(W) + ")");
+}
+
+ConstMatrixMap<std::int64_t> rows_of(const py::array_t<std::int64_t, py::array::c_style>& a,
+                                     Index cols) {
+    if (a.size() == 0) return {nullptr, 0, 0};  // none (a location has ranks and layers)
+    return {a.data(), static_cast<Index>(a.size()) / cols, cols};
+}
+
 }  // namespace
 
 void bind_dispatch(py::module_& m) {
+    m.def(
+        "balanced_split",
+        [](const py::handle& counts, const ExpertLocation& loc, const py::object& fixed_loads,
+           std::optional<std::int64_t> layer) {
+            const int l = balanced_layer(loc, layer);
+            const Index L = loc.num_layers(), E = loc.num_logical_experts();
+            const Index P = loc.num_physical_experts(), W = loc.ep_size();
+            const auto c =
+                l >= 0 ? balanced_input(counts, "counts", {E},
+                                        "the location has num_experts=" + std::to_string(E))
+                       : balanced_input(counts, "counts", {L, E},
+                                        "the location needs (num_layers=" + std::to_string(L) +
+                                            ", num_experts=" + std::to_string(E) + ")");
+            const auto fixed = balanced_fixed_loads(loc, fixed_loads, l);
+            const Index rows = l >= 0 ? 1 : L;
+            py::array_t<std::int64_t> out =
+                l >= 0 ? py::array_t<std::int64_t>(static_cast<py::ssize_t>(P))
+                       : new_matrix<std::int64_t>(L, P);
+            MatrixMap<std::int64_t> out_map(out.mutable_data(), rows, P);
+            {
+                py::gil_scoped_release release;
+                balanced_split(loc, ConstMatrixMap<std::int64_t>(c.data(), rows, E),
+                               rows_of(fixed, W), out_map, l);
+            }
+            return out;
+        },
+        py::arg("counts"), py::arg("location"), py::arg("fixed_loads") = py::none(),
+        py::arg("layer") = py::none());
+    m.def(
+        "balanced_assignment",
+        [](const py::handle& source_counts, const ExpertLocation& loc,
+           const py::object& fixed_loads, std::optional<std::int64_t> layer) {
+            const int l = balanced_layer(loc, layer);
+            const Index L = loc.num_layers(), E = loc.num_logical_experts();
+            const Index P = loc.num_physical_experts(), W = loc.ep_size();
+            const auto c =
+                l >= 0 ? balanced_input(source_counts, "source_counts", {W, E},
+                                        "one layer needs (ep_size=" + std::to_string(W) +
+                                            ", num_experts=" + std::to_string(E) + ")")
+                       : balanced_input(source_counts, "source_counts", {L, W, E},
+                                        "the location needs (num_layers=" + std::to_string(L) +
+                                            ", ep_size=" + std::to_string(W) +
+                                            ", num_experts=" + std::to_string(E) + ")");
+            const auto fixed = balanced_fixed_loads(loc, fixed_loads, l);
+            const Index rows = (l >= 0 ? 1 : L) * W;
+            py::array_t<std::int64_t> out =
+                l >= 0 ? new_matrix<std::int64_t>(W, P)
+                       : py::array_t<std::int64_t>({static_cast<py::ssize_t>(L),
+                                                    static_cast<py::ssize_t>(W),
+                                                    static_cast<py::ssize_t>(P)});
+            MatrixMap<std::int64_t> out_map(out.mutable_data(), rows, P);
+            {
+                py::gil_scoped_release release;
+                balanced_assignment(loc, ConstMatrixMap<std::int64_t>(c.data(), rows, E),
+                                    rows_of(fixed, W), out_map, l);
+            }
+            return out;
+        },
+        py::arg("source_counts"), py::arg("location"), py::arg("fixed_loads") = py::none(),
+        py::arg("layer") = py::none());
     m.def(
         "dispatch_table",
         [](const ExpertLocation& loc, const std::string& dispatch, std::int64_t ep_rank,

@@ -167,8 +167,7 @@ RowMatrix<std::int32_t> empty_table(const ExpertLocation& loc) {
     return RowMatrix<std::int32_t>::Constant(loc.num_layers(), loc.num_logical_experts(), -1);
 }
 
-// --- A memo of SGLang's per-rank tables for LayerDispatcher
-// ---------------------------------------
+// --- A memo of SGLang's per-rank tables for LayerDispatcher -------------------------------------
 //
 // SGLang's file-path table of a rank depends on every earlier (layer, expert) through the random
 // stream, so one layer's row costs the whole table. select_experts maps one layer of one rank per

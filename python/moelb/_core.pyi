@@ -438,3 +438,15 @@ def dispatch_tokens(
     rank_offsets: npt.ArrayLike | None = None,
     seed: int = 0,
 ) -> npt.NDArray[np.int32]: ...
+def balanced_split(
+    counts: npt.ArrayLike,
+    location: ExpertLocation,
+    fixed_loads: npt.ArrayLike | None = None,
+    layer: int | None = None,
+) -> npt.NDArray[np.int64]: ...
+def balanced_assignment(
+    source_counts: npt.ArrayLike,
+    location: ExpertLocation,
+    fixed_loads: npt.ArrayLike | None = None,
+    layer: int | None = None,
+) -> npt.NDArray[np.int64]: ...

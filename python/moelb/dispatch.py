@@ -29,6 +29,10 @@ moelb's own, named as ours:
 - ``moelb_static``: a coordinated table: the rank's own replica, else the node's replicas shared
   evenly among the node's ranks without one, else all replicas shared evenly among the ranks of
   nodes without one. Unlike SGLang's file path it never piles a node's ranks onto one replica.
+- ``balanced_split`` / ``balanced_assignment``: the exact per-step split (DESIGN section 9,
+  ``reference/dispatch.md`` section 7): from a step's token counts, the integer tokens per replica
+  (per source rank and replica) whose largest rank load is the optimum ``ceil(T*)``, by a
+  max-flow -- no LP solver, deterministic, the same on every rank that computes it.
 
 Token rows are rows within the source rank's batch, except for ``sglang_dynamic_rank_invariant``.
 """
@@ -41,14 +45,22 @@ import numpy as np
 import numpy.typing as npt
 
 from . import _core
-from ._core import ExpertLocation
+from ._core import ExpertLocation, InvalidArgumentError, InvalidDTypeError
 
 __all__ = [
     "DISPATCH_ALGORITHMS",
+    "DISPATCH_COST_OTHER_NODE",
+    "DISPATCH_COST_OWN_RANK",
+    "DISPATCH_COST_SAME_NODE",
     "ENGINE_DISPATCH",
     "EXPECTED_DISPATCH",
     "MOELB_DISPATCH",
     "TABLE_DISPATCH",
+    "balanced_assignment",
+    "balanced_fractions",
+    "balanced_split",
+    "dispatch_by_assignment",
+    "dispatch_by_fractions",
     "dispatch_table",
     "dispatch_tables",
     "dispatch_tokens",
@@ -130,6 +142,189 @@ def dispatch_tokens(
     return _core.dispatch_tokens(
         topk_ids, location, layer, dispatch, ep_rank, rank_offsets, _seed(seed)
     )
+
+
+#: The per-token costs ``balanced_assignment`` minimises among the optimal assignments: a token
+#: served on its source rank, on another rank of the source's node, on another node.
+DISPATCH_COST_OWN_RANK = 0
+DISPATCH_COST_SAME_NODE = 1
+DISPATCH_COST_OTHER_NODE = 2
+
+
+def balanced_split(
+    counts: Any, location: ExpertLocation, fixed_loads: Any = None, *, layer: int | None = None
+) -> npt.NDArray[np.int64]:
+    """The tokens each physical slot receives when a step's tokens are split over the replicas
+    so that the largest rank load is as small as possible (ours; DESIGN section 9).
+
+    counts: the global tokens routed to each logical expert in the step, integers >= 0: [L, E]
+    for all of ``location``'s layers, or [E] with ``layer=``.
+    fixed_loads: optional integers >= 0 that every rank carries besides the routed tokens (a
+    shared expert, ...): [L, W] (``ep_size`` columns), or [W] with ``layer=``.
+    Returns int64 [L, P] ([P] with ``layer=``). Each expert's slots sum to its count; only its
+    replicas get tokens; the largest ``rank_load`` (fixed load plus the tokens of the rank's
+    slots) is exactly ``ceil(T*)``, ``T*`` the optimum of the LP of ``reference/dispatch.md``
+    section 7. An expert whose replicas all sit on one rank is a fixed load there; several
+    replicas of one expert on one rank share its tokens evenly, lower slots first. Solved by a
+    max-flow, deterministically: the same output for any thread count and on every rank that
+    computes it from the same counts.
+    """
+    return _core.balanced_split(counts, location, fixed_loads, layer)
+
+
+def balanced_assignment(
+    source_counts: Any,
+    location: ExpertLocation,
+    fixed_loads: Any = None,
+    *,
+    layer: int | None = None,
+) -> npt.NDArray[np.int64]:
+    """The tokens each source rank sends to each physical slot: the exact dispatch an engine
+    runs when every rank has every rank's counts (one all-gather; ours).
+
+    source_counts: the tokens each source rank (``ep_rank``) routed to each logical expert,
+    integers >= 0: [L, W, E], or [W, E] with ``layer=``.
+    fixed_loads: as in ``balanced_split``.
+    Returns int64 [L, W, P] ([W, P] with ``layer=``): row ``[l, s]`` is what source rank ``s``
+    sends to each slot. Every source's tokens of an expert go to that expert's replicas and sum to
+    its count; the largest rank load is ``ceil(T*)`` of the summed counts (that of
+    ``balanced_split``); among such assignments, the total per-token cost is the least
+    (``DISPATCH_COST_OWN_RANK`` = 0 on the source rank, ``DISPATCH_COST_SAME_NODE`` = 1 on another
+    rank of its node, ``DISPATCH_COST_OTHER_NODE`` = 2 on another node): a min-cost flow at that
+    makespan. Deterministic like ``balanced_split``.
+    """
+    return _core.balanced_assignment(source_counts, location, fixed_loads, layer)
+
+
+def balanced_fractions(
+    counts: Any, location: ExpertLocation, fixed_loads: Any = None, *, layer: int | None = None
+) -> npt.NDArray[np.float64]:
+    """Each expert's share of its tokens per replica under ``balanced_split`` (ours): float64
+    [L, E, X] ([E, X] with ``layer=``), X = ``location.max_replicas``, columns in the order of
+    ``location.logical_to_physical`` (padding columns 0). An expert without tokens gets equal
+    shares. From a step's global counts (one all-reduce, the contract of SGLang's ``lp``) or from
+    a window's expected counts (offline: no per-step collective). ``counts`` and ``fixed_loads``
+    as for ``balanced_split``."""
+    split = balanced_split(counts, location, fixed_loads, layer=layer)
+    one = split.ndim == 1
+    split = split[None] if one else split
+    l2p = location.logical_to_physical
+    if one:
+        l2p = l2p[[_layer_index(layer, location)]]
+    valid = l2p >= 0
+    tokens = np.where(valid, np.take_along_axis(split[:, None, :], np.maximum(l2p, 0), axis=2), 0)
+    tokens = tokens.astype(np.float64)
+    total = tokens.sum(axis=2, keepdims=True)
+    replicas = valid.sum(axis=2, keepdims=True)
+    equal = np.where(valid, 1.0 / np.maximum(replicas, 1), 0.0)
+    shares = np.where(total > 0, tokens / np.where(total > 0, total, 1.0), equal)
+    return shares[0] if one else shares
+
+
+def _layer_index(layer: int | None, location: ExpertLocation) -> int:
+    if layer is None or isinstance(layer, bool) or not 0 <= int(layer) < location.num_layers:
+        raise InvalidArgumentError(
+            f"layer={layer!r} is outside [0, num_layers={location.num_layers})"
+        )
+    return int(layer)
+
+
+def _valid_ids(topk_ids: Any, location: ExpertLocation) -> npt.NDArray[np.int32]:
+    ids = np.asarray(topk_ids)
+    if ids.dtype != np.int32 or ids.ndim != 2:
+        raise InvalidDTypeError(
+            f"topk_ids must be an int32 [T, K] array, got {ids.dtype} with shape {ids.shape}"
+        )
+    E = location.num_logical_experts
+    bad = (ids < -1) | (ids >= E)
+    if bad.any():
+        row, col = (int(v[0]) for v in np.nonzero(bad))
+        raise InvalidArgumentError(
+            f"topk_ids[{row}, {col}] = {ids[row, col]} is not a logical expert id in [0, {E}) or -1"
+        )
+    return ids
+
+
+def dispatch_by_fractions(
+    topk_ids: Any, location: ExpertLocation, layer: int, fractions: Any, *, seed: int = 0
+) -> npt.NDArray[np.int32]:
+    """Physical ids [T, K] int32 for logical ``topk_ids`` (-1 stays -1): every (token, column)
+    draws a replica of its expert with probability proportional to ``fractions`` [E, X]
+    (``balanced_fractions(..., layer=layer)``), from a generator seeded by (``seed``, ``layer``):
+    the same picks for the same inputs on every run. What an engine does after one all-reduce of
+    the counts (ours, SGLang ``lp``'s contract with the exact split)."""
+    layer = _layer_index(layer, location)
+    ids = _valid_ids(topk_ids, location)
+    l2p = location.logical_to_physical[layer]
+    shares = np.asarray(fractions, dtype=np.float64)
+    if shares.shape != l2p.shape:
+        raise InvalidArgumentError(
+            f"fractions has shape {shares.shape} but the placement's layer {layer} needs "
+            f"[num_experts, max_replicas] = {l2p.shape}"
+        )
+    if not np.isfinite(shares).all() or (shares < 0).any() or (shares[l2p < 0] > 0).any():
+        raise InvalidArgumentError(
+            "fractions must be finite, >= 0, and 0 where an expert has no replica"
+        )
+    sums = shares.sum(axis=1)
+    used = np.unique(ids[ids >= 0])
+    if (sums[used] <= 0).any():
+        expert = int(used[np.argmax(sums[used] <= 0)])
+        raise InvalidArgumentError(f"fractions of expert {expert} sum to 0 but it has tokens")
+    cdf = np.cumsum(shares, axis=1) / np.where(sums > 0, sums, 1.0)[:, None]
+    rng = np.random.default_rng([_seed(seed), layer])
+    u = rng.random(ids.shape)
+    out = np.full(ids.shape, -1, np.int32)
+    valid = ids >= 0
+    e = ids[valid]
+    pick = (u[valid][:, None] >= cdf[e]).sum(axis=1)
+    pick = np.minimum(pick, (l2p[e] >= 0).sum(axis=1) - 1)  # rounding at the top of the cdf
+    out[valid] = l2p[e, pick]
+    return out
+
+
+def dispatch_by_assignment(
+    topk_ids: Any, location: ExpertLocation, layer: int, assignment: Any
+) -> npt.NDArray[np.int32]:
+    """Physical ids [T, K] int32 for this rank's logical ``topk_ids`` (-1 stays -1), given its
+    row of ``balanced_assignment`` ([P]: the tokens this rank sends to each slot): the (token,
+    column) pairs of expert e, in row-major order, fill e's slots in ascending slot order, each
+    with its assigned count. Realises the exact split at token level (ours; one all-gather of
+    the per-rank counts). The assignment must have been made from these tokens: each expert's
+    assigned total equals its pairs here, else ``InvalidArgumentError``."""
+    layer = _layer_index(layer, location)
+    ids = _valid_ids(topk_ids, location)
+    row = np.asarray(assignment)
+    P = location.num_physical_experts
+    if row.shape != (P,) or not np.issubdtype(row.dtype, np.integer) or (row < 0).any():
+        raise InvalidArgumentError(
+            f"assignment must be integers >= 0 of shape ({P},) (this rank's row of "
+            f"balanced_assignment), got {row.dtype} {row.shape}"
+        )
+    p2l = location.physical_to_logical[layer]
+    E = location.num_logical_experts
+    valid = ids >= 0
+    flat = ids[valid]
+    need = np.bincount(flat, minlength=E)
+    have = np.bincount(p2l, weights=row, minlength=E).astype(np.int64)
+    if not np.array_equal(need, have):
+        expert = int(np.argmax(need != have))
+        raise InvalidArgumentError(
+            f"assignment gives expert {expert} {have[expert]} tokens but topk_ids has "
+            f"{need[expert]} of it: it was not made from these tokens (layer {layer})"
+        )
+    # Slots grouped by expert in ascending slot order, with their cumulative counts.
+    slots = np.argsort(p2l, kind="stable")
+    cumulative = np.cumsum(row[slots])
+    first = np.searchsorted(p2l[slots], np.arange(E))  # each expert's first entry in `slots`
+    before = np.where(first > 0, cumulative[np.maximum(first - 1, 0)], 0)
+    order = np.argsort(flat, kind="stable")
+    rank_in_expert = np.empty(len(flat), np.int64)
+    rank_in_expert[order] = np.arange(len(flat)) - np.searchsorted(flat[order], flat[order])
+    position = before[flat] + rank_in_expert
+    out = np.full(ids.shape, -1, np.int32)
+    out[valid] = slots[np.searchsorted(cumulative, position, side="right")].astype(np.int32)
+    return out
 
 
 def _seed(seed: int) -> int:

@@ -285,7 +285,8 @@ def test_bench_objective_flags_inconsistency() -> None:
 
 def test_bench_dispatch_quick(tmp_path: Path) -> None:
     """bench_dispatch: moelb's SGLang table equals the benchmark's Python loop (else it exits 1),
-    equal split is what the plan's own statistic says, and every model is scored."""
+    equal split is what the plan's own statistic says, every model is scored, and the exact split
+    is timed at every size (no worse than the equal split it improves on)."""
     stdout, data = run_quick(tmp_path, "bench_dispatch.py")
     assert data["problems"] == []
     assert "SGLang static table of one rank" in stdout
@@ -293,6 +294,22 @@ def test_bench_dispatch_quick(tmp_path: Path) -> None:
         assert set(r["realised"]) >= {"equal_split", "sglang_static", "moelb_static", "vllm_hash"}
         assert all(0 < v <= 1 for v in r["realised"].values())
     assert data["table_timing"]["moelb_ms"] > 0
+    # The exact split: every size timed, and (the benchmark exits 1 otherwise) its largest rank
+    # load equal to linprog's ceil(optimum) where SciPy is installed.
+    split = data["balanced_split_timing"]
+    assert [(r["ep_size"], r["num_physical_experts"]) for r in split] == [
+        (32, 288),
+        (64, 320),
+        (144, 288),
+        (256, 512),
+    ]
+    for r in split:
+        assert r["us_per_layer"] > 0
+        # (the integer optimum may exceed a fractional equal split by under one token per layer)
+        assert 1 <= r["max_over_mean_balanced"] <= r["max_over_mean_equal_split"] + 0.01
+        if r["linprog_ratio"] is not None:
+            assert r["linprog_us_per_layer"] > 0 and r["linprog_ratio"] > 0
+    assert "exact per-step split (balanced_split, ours)" in stdout
 
 
 def test_bench_move_cost_quick(tmp_path: Path) -> None:

@@ -27,6 +27,8 @@
 //   kMoelbStatic                a coordinated table: own rank's replica, else the node's replicas
 //                               shared evenly among the node's ranks that have none, else all
 //                               replicas shared evenly among the ranks of nodes that hold none.
+//   balanced_split /            the exact per-step split of the tokens over the replicas at the
+//   balanced_assignment         optimal largest rank load (below; cpp/src/balanced_split.cpp).
 //
 // Tables are [L, E] per rank (kSglangStatic, kSglangStaticRuntime, kMoelbStatic); the other models
 // pick per token. Token rows are the row within the source rank's batch, except for
@@ -125,5 +127,56 @@ class LayerDispatcher {
 void dispatch_tokens(const ExpertLocation& location, DispatchAlgorithm algorithm, int layer,
                      ConstMatrixMap<std::int32_t> topk_ids, std::span<const Index> rank_offsets,
                      std::uint64_t seed, MatrixMap<std::int32_t> out);
+
+// --- moelb's exact per-step split (ours; DESIGN section 9, reference/dispatch.md section 7) ---
+//
+// For one step, the tokens of every logical expert split over its replicas so that the largest
+// rank load, max_r (fixed_r + the tokens of r's slots), is as small as possible: exactly ceil(T*),
+// T* the optimum of the LP of reference/dispatch.md section 7, in integers. An expert whose
+// replicas all sit on one rank is a fixed load of that rank; only experts replicated over two or
+// more ranks are split. Several replicas of one expert on one rank share that rank's tokens as
+// evenly as possible, the lower slots taking the remainder. Solved as a max-flow (source ->
+// expert -> the ranks of its replicas -> sink, the sink capacities raised from a lower bound by
+// Hall/min-cut steps, the flow augmented, never rebuilt), with no LP solver. Deterministic:
+// a pure function of its inputs, the same for any thread count (parallel over layers), so every
+// rank that computes it from the same counts gets the same split.
+//
+// Arguments shared by both functions:
+//   layer: -1 = all of the location's layers (L' = L, row i of every array is layer i); >= 0 =
+//     that layer only (L' = 1).
+//   fixed_loads: [L', W] int64 >= 0, load every rank carries besides the routed tokens (a shared
+//     expert, attention, ...); an empty map (0 rows) = none.
+// Bad input is an InvalidArgument naming the Python parameter (counts, source_counts,
+// fixed_loads, layer): a wrong shape, a negative entry, or a layer whose counts and fixed loads
+// sum past the int64 range. On error `out` is left untouched. (A validated ExpertLocation gives
+// every logical expert a replica in every layer, so every count has somewhere to go.)
+
+// balanced_split: the tokens per physical slot.
+//   counts: [L', E] int64 >= 0, the global tokens routed to each logical expert in the step.
+//   out: [L', P] int64, the tokens each physical slot receives; each expert's slots sum to its
+//     count, and the largest rank load is ceil(T*).
+void balanced_split(const ExpertLocation& location, ConstMatrixMap<std::int64_t> counts,
+                    ConstMatrixMap<std::int64_t> fixed_loads, MatrixMap<std::int64_t> out,
+                    int layer = -1);
+
+// The costs balanced_assignment minimises among the optimal splits, per token: a token served on
+// its source rank costs 0, on another rank of the source's node 1, on another node 2.
+inline constexpr std::int64_t kDispatchCostOwnRank = 0;
+inline constexpr std::int64_t kDispatchCostSameNode = 1;
+inline constexpr std::int64_t kDispatchCostOtherNode = 2;
+
+// balanced_assignment (the "exact" engine mode: every rank holds every rank's counts after one
+// all-gather and computes the same assignment): the tokens each source rank sends to each slot.
+//   source_counts: [L' * W, E] int64 >= 0; row l' * W + s = the tokens source rank s routed to
+//     each logical expert in layer l'.
+//   out: [L' * W, P] int64; row l' * W + s = the tokens source rank s sends to each slot. Each row
+//     sums to its source's counts, expert by expert; tokens go only to the expert's replicas;
+//     the largest rank load is ceil(T*) of the summed counts (the same as balanced_split's); and
+//     among such assignments the total cost (kDispatchCost*) is the least (a min-cost flow at that
+//     makespan). Of the rank's tokens, a rank holding several replicas of one expert gives them to
+//     its slots as evenly as possible, lower slots first, each source's in source order.
+void balanced_assignment(const ExpertLocation& location, ConstMatrixMap<std::int64_t> source_counts,
+                         ConstMatrixMap<std::int64_t> fixed_loads, MatrixMap<std::int64_t> out,
+                         int layer = -1);
 
 }  // namespace moelb

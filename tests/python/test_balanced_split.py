@@ -1,0 +1,393 @@
+"""moelb's exact per-step split (``balanced_split``, ``balanced_assignment``) against the LP of
+reference/dispatch.md section 7 solved independently here with ``scipy.optimize.linprog`` (HiGHS).
+
+The LP is written from the spec, not from moelb's graph: one variable per (expert with tokens,
+distinct rank holding one of its replicas), single-rank experts included, and the makespan ``T``.
+Its optimum ``T*`` is a fraction whose denominator is a number of ranks (Hall: ``T* = (tokens of
+a set of experts + fixed loads of their ranks) / number of those ranks``), so any tolerance below
+``1 / ep_size`` turns HiGHS's floating optimum into the exact ``ceil(T*)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import moelb
+import numpy as np
+import numpy.typing as npt
+import pytest
+from moelb import ExpertLocation, InvalidArgumentError, InvalidDTypeError
+from moelb.dispatch import (
+    DISPATCH_COST_OTHER_NODE,
+    DISPATCH_COST_OWN_RANK,
+    DISPATCH_COST_SAME_NODE,
+)
+
+optimize = pytest.importorskip("scipy.optimize")
+sparse = pytest.importorskip("scipy.sparse")
+
+# ------------------------------------------------------------------------------------------------
+# Random instances: 1-3 replicas per expert on random slots (so over random ranks and nodes, some
+# on one rank twice), random fixed loads, zero counts.
+
+
+def random_map(rng: np.random.Generator, E: int, P: int) -> npt.NDArray[np.int32]:
+    """[P]: every expert 1-3 replicas on random slots."""
+    reps = np.ones(E, dtype=np.int64)
+    for _ in range(P - E):
+        e = rng.choice(np.flatnonzero(reps < 3))
+        reps[e] += 1
+    slots = np.repeat(np.arange(E, dtype=np.int32), reps)
+    rng.shuffle(slots)
+    return slots
+
+
+def random_counts(rng: np.random.Generator, L: int, E: int) -> npt.NDArray[np.int64]:
+    """[L, E]: per layer small or large counts, about a quarter zero, a few layers all zero."""
+    scale = rng.choice([3, 30, 1000], size=(L, 1))
+    counts = rng.integers(0, scale + 1, size=(L, E))
+    counts[rng.random((L, E)) < 0.25] = 0
+    counts[rng.random(L) < 0.05] = 0
+    return counts.astype(np.int64)
+
+
+def random_instance(
+    rng: np.random.Generator, L: int, max_ranks: int = 16
+) -> tuple[ExpertLocation, npt.NDArray[np.int64], npt.NDArray[np.int64] | None]:
+    W = int(rng.choice([w for w in (2, 3, 4, 6, 8, 12, 16) if w <= max_ranks]))
+    N = int(rng.choice([n for n in (1, 2, 3, 4) if W % n == 0]))
+    S = int(rng.integers(1, 5))
+    P = W * S
+    E = int(rng.integers(max(1, -(-P // 3)), P + 1))
+    p2l = np.stack([random_map(rng, E, P) for _ in range(L)])
+    location = ExpertLocation(p2l, E, W, N)
+    fixed = None
+    if rng.random() < 0.5:
+        fixed = rng.integers(0, rng.choice([5, 200, 3000]) + 1, size=(L, W)).astype(np.int64)
+    return location, random_counts(rng, L, E), fixed
+
+
+# ------------------------------------------------------------------------------------------------
+# The references: the LP of dispatch.md section 7, and the least-cost assignment's LP.
+
+
+def distinct_ranks(location: ExpertLocation, layer: int, expert: int) -> list[int]:
+    S = location.num_local_physical_experts
+    slots = np.flatnonzero(location.physical_to_logical[layer] == expert)
+    return sorted({int(p) // S for p in slots})
+
+
+def lp_optimum(
+    location: ExpertLocation, layer: int, counts: npt.NDArray[np.int64], fixed: npt.NDArray[Any]
+) -> float:
+    """T*: min T s.t. sum_g x[e, g] = n_e, fixed_g + sum_e x[e, g] <= T, x >= 0."""
+    W = location.ep_size
+    pairs = [
+        (e, g)
+        for e in range(location.num_logical_experts)
+        if counts[e] > 0
+        for g in distinct_ranks(location, layer, e)
+    ]
+    if not pairs:
+        return float(fixed.max())
+    n = len(pairs)
+    experts = sorted({e for e, _ in pairs})
+    row_of = {e: i for i, e in enumerate(experts)}
+    a_eq = sparse.lil_matrix((len(experts), n + 1))
+    a_ub = sparse.lil_matrix((W, n + 1))
+    for j, (e, g) in enumerate(pairs):
+        a_eq[row_of[e], j] = 1
+        a_ub[g, j] = 1
+    a_ub[:, n] = -1
+    c = np.zeros(n + 1)
+    c[n] = 1
+    res = optimize.linprog(
+        c,
+        A_ub=a_ub.tocsr(),
+        b_ub=-fixed.astype(float),
+        A_eq=a_eq.tocsr(),
+        b_eq=counts[experts].astype(float),
+        bounds=(0, None),
+        method="highs",
+    )
+    assert res.status == 0, res.message
+    return float(res.fun)
+
+
+def exact_ceil(value: float, W: int) -> int:
+    """ceil(T*) from a floating T* whose exact value is a multiple of 1 / k for some k <= W."""
+    return math.ceil(value - 0.25 / W)
+
+
+def cost(s: int, g: int, ranks_per_node: int) -> int:
+    if s == g:
+        return DISPATCH_COST_OWN_RANK
+    if s // ranks_per_node == g // ranks_per_node:
+        return DISPATCH_COST_SAME_NODE
+    return DISPATCH_COST_OTHER_NODE
+
+
+def least_cost(
+    location: ExpertLocation,
+    layer: int,
+    source: npt.NDArray[np.int64],
+    fixed: npt.NDArray[np.int64],
+    makespan: int,
+) -> float:
+    """The least total cost of sending every source's tokens to replicas with every rank load
+    <= makespan (a transportation LP; its optimum is integral)."""
+    W, E = source.shape
+    rpn = W // location.num_nodes
+    variables = [
+        (s, e, g)
+        for s in range(W)
+        for e in range(E)
+        if source[s, e] > 0
+        for g in distinct_ranks(location, layer, e)
+    ]
+    if not variables:
+        return 0.0
+    rows = sorted({(s, e) for s, e, _ in variables})
+    row_of = {k: i for i, k in enumerate(rows)}
+    a_eq = sparse.lil_matrix((len(rows), len(variables)))
+    a_ub = sparse.lil_matrix((W, len(variables)))
+    c = np.zeros(len(variables))
+    for j, (s, e, g) in enumerate(variables):
+        a_eq[row_of[(s, e)], j] = 1
+        a_ub[g, j] = 1
+        c[j] = cost(s, g, rpn)
+    res = optimize.linprog(
+        c,
+        A_ub=a_ub.tocsr(),
+        b_ub=(makespan - fixed).astype(float),
+        A_eq=a_eq.tocsr(),
+        b_eq=np.array([source[k] for k in rows], dtype=float),
+        bounds=(0, None),
+        method="highs",
+    )
+    assert res.status == 0, res.message
+    return float(res.fun)
+
+
+def rank_loads(
+    location: ExpertLocation, slots: npt.NDArray[np.int64], fixed: npt.NDArray[np.int64]
+) -> npt.NDArray[np.int64]:
+    """[..., W] from [..., P] tokens per slot plus the fixed loads."""
+    W, S = location.ep_size, location.num_local_physical_experts
+    return slots.reshape(*slots.shape[:-1], W, S).sum(axis=-1) + fixed
+
+
+def check_conserved(
+    location: ExpertLocation, counts: npt.NDArray[np.int64], slots: npt.NDArray[np.int64]
+) -> None:
+    """Every expert's slots sum to its count (so tokens sit only on its replicas)."""
+    L, E = counts.shape
+    assert slots.dtype == np.int64 and slots.shape == (L, location.num_physical_experts)
+    assert (slots >= 0).all()
+    p2l = location.physical_to_logical
+    for layer in range(L):
+        got = np.bincount(p2l[layer], weights=slots[layer], minlength=E)
+        np.testing.assert_array_equal(got, counts[layer])
+
+
+# ------------------------------------------------------------------------------------------------
+# balanced_split: the optimum, on thousands of random instances.
+
+NUM_LOCATIONS = 60
+LAYERS_PER_LOCATION = 40
+
+
+def test_split_reaches_the_lp_optimum_on_random_instances(restore_num_threads: None) -> None:
+    rng = np.random.default_rng(2026)
+    instances = above_lower_bound = 0
+    for _ in range(NUM_LOCATIONS):
+        location, counts, fixed = random_instance(rng, LAYERS_PER_LOCATION)
+        L, W = location.num_layers, location.ep_size
+        fixed_or_zero = np.zeros((L, W), dtype=np.int64) if fixed is None else fixed
+        moelb.set_num_threads(1)
+        slots = moelb.balanced_split(counts, location, fixed)
+        moelb.set_num_threads(2)
+        np.testing.assert_array_equal(moelb.balanced_split(counts, location, fixed), slots)
+        check_conserved(location, counts, slots)
+        peak = rank_loads(location, slots, fixed_or_zero).max(axis=1)
+        for layer in range(L):
+            optimum = lp_optimum(location, layer, counts[layer], fixed_or_zero[layer])
+            assert peak[layer] == exact_ceil(optimum, W), (layer, optimum, peak[layer])
+            total = counts[layer].sum() + fixed_or_zero[layer].sum()
+            simple = max(fixed_or_zero[layer].max(), -(-total // W))
+            above_lower_bound += int(peak[layer] > simple)
+            instances += 1
+    assert instances == NUM_LOCATIONS * LAYERS_PER_LOCATION
+    # The instances are not all decided by the trivial bounds (mean load, largest fixed load).
+    assert above_lower_bound > instances // 5
+
+
+def test_split_one_layer_equals_its_row() -> None:
+    rng = np.random.default_rng(7)
+    location, counts, fixed = random_instance(rng, 5)
+    fixed = rng.integers(0, 50, size=(5, location.ep_size))
+    every = moelb.balanced_split(counts, location, fixed)
+    for layer in range(5):
+        one = moelb.balanced_split(counts[layer], location, fixed[layer], layer=layer)
+        np.testing.assert_array_equal(one, every[layer])
+    # Any integer dtype converts; torch-free array-likes too.
+    np.testing.assert_array_equal(
+        moelb.balanced_split(counts.astype(np.int32), location, fixed.astype(np.uint16)), every
+    )
+    np.testing.assert_array_equal(
+        moelb.balanced_split(counts[2].tolist(), location, layer=2),
+        moelb.balanced_split(counts, location)[2],
+    )
+
+
+def test_split_known_instance() -> None:
+    # Two ranks, 2 slots each: expert 0 on slots 0, 1 (rank 0) and 2 (rank 1), expert 1 on slot
+    # 3; rank 1 carries 5 fixed. 9 tokens of expert 0: T* = 14 / 2 = 7, rank 0 takes 7 (4 + 3,
+    # lower slot first), rank 1 takes 2.
+    location = ExpertLocation(np.array([[0, 0, 0, 1]]), 2, 2)
+    out = moelb.balanced_split(np.array([[9, 0]]), location, np.array([[0, 5]]))
+    np.testing.assert_array_equal(out, [[4, 3, 2, 0]])
+    assert out.dtype == np.int64
+
+
+# ------------------------------------------------------------------------------------------------
+# balanced_assignment: per-source sums, the same optimum, the least cost.
+
+
+def split_sources(rng: np.random.Generator, counts: npt.NDArray[np.int64], W: int) -> Any:
+    """[L, W, E]: each count split over the W sources at random (some get none)."""
+    L, E = counts.shape
+    weights = rng.random((L, W, E)) * (rng.random((L, W, E)) < 0.6)
+    weights[:, 0, :] += 1e-9
+    source = np.zeros((L, W, E), dtype=np.int64)
+    for layer in range(L):
+        for e in range(E):
+            share = weights[layer, :, e] / weights[layer, :, e].sum()
+            source[layer, :, e] = rng.multinomial(counts[layer, e], share)
+    return source
+
+
+def test_assignment_optimal_and_least_cost(restore_num_threads: None) -> None:
+    rng = np.random.default_rng(19)
+    instances = with_cost = 0
+    for _ in range(30):
+        location, counts, fixed = random_instance(rng, 10, max_ranks=8)
+        L, W = location.num_layers, location.ep_size
+        fixed_or_zero = np.zeros((L, W), dtype=np.int64) if fixed is None else fixed
+        source = split_sources(rng, counts, W)
+        moelb.set_num_threads(1)
+        out = moelb.balanced_assignment(source, location, fixed)
+        moelb.set_num_threads(2)
+        np.testing.assert_array_equal(moelb.balanced_assignment(source, location, fixed), out)
+        assert out.shape == (L, W, location.num_physical_experts) and out.dtype == np.int64
+        p2l = location.physical_to_logical
+        for s in range(W):  # each source's row sums to its counts, expert by expert
+            check_conserved(location, source[:, s, :], out[:, s, :])
+        split = moelb.balanced_split(counts, location, fixed)
+        peak = rank_loads(location, out.sum(axis=1), fixed_or_zero).max(axis=1)
+        np.testing.assert_array_equal(peak, rank_loads(location, split, fixed_or_zero).max(axis=1))
+        rpn = W // location.num_nodes
+        S = location.num_local_physical_experts
+        costs = np.array([[cost(s, p // S, rpn) for p in range(p2l.shape[1])] for s in range(W)])
+        for layer in range(L):
+            ours = float((out[layer] * costs).sum())
+            best = least_cost(location, layer, source[layer], fixed_or_zero[layer], peak[layer])
+            assert ours == pytest.approx(best, abs=1e-6), (layer, ours, best)
+            with_cost += int(best > 0)
+            instances += 1
+        one = moelb.balanced_assignment(source[3], location, fixed_or_zero[3], layer=3)
+        np.testing.assert_array_equal(one, out[3])
+    assert instances == 300 and with_cost > 100
+
+
+def test_assignment_keeps_tokens_home() -> None:
+    # Expert 0 on ranks 0 and 1, 3 tokens from each: each stays on its source rank.
+    location = ExpertLocation(np.array([[0, 0]]), 1, 2)
+    out = moelb.balanced_assignment(np.array([[[3], [3]]]), location)
+    np.testing.assert_array_equal(out, [[[3, 0], [0, 3]]])
+
+
+# ------------------------------------------------------------------------------------------------
+# Errors name the parameter.
+
+
+@pytest.fixture
+def two_layers() -> ExpertLocation:
+    return ExpertLocation(np.array([[0, 1, 2, 0], [1, 2, 0, 1]]), 3, 2)
+
+
+def test_split_errors(two_layers: ExpertLocation) -> None:
+    loc = two_layers
+    with pytest.raises(InvalidArgumentError, match=r"counts\[1, 2\] = -1 is negative"):
+        moelb.balanced_split(np.array([[1, 2, 3], [4, 5, -1]]), loc)
+    with pytest.raises(
+        InvalidArgumentError,
+        match=r"counts has shape \(2, 4\) but the location needs \(num_layers=2, num_experts=3\)",
+    ):
+        moelb.balanced_split(np.zeros((2, 4), dtype=np.int64), loc)
+    with pytest.raises(InvalidArgumentError, match=r"counts must be 1-D, got shape \(2, 3\)"):
+        moelb.balanced_split(np.zeros((2, 3), dtype=np.int64), loc, layer=0)
+    with pytest.raises(InvalidArgumentError, match=r"counts has shape \(4,\) but the location"):
+        moelb.balanced_split(np.zeros(4, dtype=np.int64), loc, layer=0)
+    with pytest.raises(InvalidArgumentError, match=r"counts\[2\] = -3 is negative"):
+        moelb.balanced_split(np.array([0, 0, -3]), loc, layer=1)
+    with pytest.raises(InvalidArgumentError, match=r"layer=2 is outside \[0, num_layers=2\)"):
+        moelb.balanced_split(np.zeros(3, dtype=np.int64), loc, layer=2)
+    with pytest.raises(InvalidDTypeError, match="counts must hold integers"):
+        moelb.balanced_split(np.zeros((2, 3)), loc)
+    with pytest.raises(
+        InvalidArgumentError, match=r"counts holds \d+, which does not fit in int64"
+    ):
+        moelb.balanced_split(np.full((2, 3), 2**63, dtype=np.uint64), loc)
+    big = 2**62
+    with pytest.raises(InvalidArgumentError, match="counts of layer 0 sum past the int64 range"):
+        moelb.balanced_split(np.array([[big, big, 0], [0, 0, 0]]), loc)
+    with pytest.raises(
+        InvalidArgumentError, match="counts and fixed_loads sum past the int64 range"
+    ):
+        moelb.balanced_split(np.array([big, 0, 0]), loc, np.array([big, 0]), layer=0)
+    with pytest.raises(InvalidArgumentError, match=r"fixed_loads\[0, 1\] = -2 is negative"):
+        moelb.balanced_split(np.ones((2, 3), dtype=np.int64), loc, np.array([[0, -2], [0, 0]]))
+    with pytest.raises(
+        InvalidArgumentError,
+        match=r"fixed_loads has shape \(2, 3\) but the location needs \(num_layers=2, ep_size=2\)",
+    ):
+        moelb.balanced_split(np.ones((2, 3), dtype=np.int64), loc, np.zeros((2, 3), np.int64))
+    with pytest.raises(InvalidArgumentError, match=r"fixed_loads has shape \(3,\) but one layer"):
+        moelb.balanced_split(np.ones(3, dtype=np.int64), loc, np.zeros(3, np.int64), layer=0)
+    # Every count has somewhere to go: a placement that leaves an expert without a replica in a
+    # layer is rejected when the location is built, naming the expert and layer.
+    with pytest.raises(InvalidArgumentError, match="logical expert 2 has no replica in layer 1"):
+        ExpertLocation(np.array([[0, 1, 2, 0], [1, 0, 0, 1]]), 3, 2)
+
+
+def test_assignment_errors(two_layers: ExpertLocation) -> None:
+    loc = two_layers
+    source = np.ones((2, 2, 3), dtype=np.int64)
+    source[1, 0, 2] = -4
+    with pytest.raises(InvalidArgumentError, match=r"source_counts\[1, 0, 2\] = -4 is negative"):
+        moelb.balanced_assignment(source, loc)
+    with pytest.raises(InvalidArgumentError, match=r"source_counts\[0, 2\] = -4 is negative"):
+        moelb.balanced_assignment(source[1], loc, layer=1)
+    with pytest.raises(
+        InvalidArgumentError,
+        match=r"source_counts has shape \(2, 2, 4\) but the location needs \(num_layers=2, "
+        r"ep_size=2, num_experts=3\)",
+    ):
+        moelb.balanced_assignment(np.ones((2, 2, 4), dtype=np.int64), loc)
+    with pytest.raises(
+        InvalidArgumentError, match=r"source_counts must be 3-D, got shape \(2, 3\)"
+    ):
+        moelb.balanced_assignment(np.ones((2, 3), dtype=np.int64), loc)
+    with pytest.raises(
+        InvalidArgumentError,
+        match=r"source_counts has shape \(3, 3\) but one layer needs \(ep_size=2, num_experts=3\)",
+    ):
+        moelb.balanced_assignment(np.ones((3, 3), dtype=np.int64), loc, layer=0)
+    with pytest.raises(InvalidArgumentError, match="source_counts sum past the int64 range"):
+        moelb.balanced_assignment(np.array([[2**62, 0, 0], [2**62, 0, 0]]), loc, layer=0)
+    with pytest.raises(InvalidArgumentError, match=r"fixed_loads\[1\] = -1 is negative"):
+        moelb.balanced_assignment(np.ones((2, 3), np.int64), loc, np.array([0, -1]), layer=0)
+    with pytest.raises(InvalidDTypeError, match="source_counts must hold integers"):
+        moelb.balanced_assignment(np.ones((2, 2, 3)), loc)
