@@ -95,6 +95,9 @@ ConstMatrixMap<std::int64_t> rows_of(const py::array_t<std::int64_t, py::array::
 }  // namespace
 
 void bind_dispatch(py::module_& m) {
+    m.attr("DISPATCH_COST_OWN_RANK") = kDispatchCostOwnRank;
+    m.attr("DISPATCH_COST_SAME_NODE") = kDispatchCostSameNode;
+    m.attr("DISPATCH_COST_OTHER_NODE") = kDispatchCostOtherNode;
     m.def(
         "balanced_split",
         [](const py::handle& counts, const ExpertLocation& loc, const py::object& fixed_loads,

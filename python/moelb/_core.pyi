@@ -438,6 +438,11 @@ def dispatch_tokens(
     rank_offsets: npt.ArrayLike | None = None,
     seed: int = 0,
 ) -> npt.NDArray[np.int32]: ...
+
+DISPATCH_COST_OWN_RANK: int
+DISPATCH_COST_SAME_NODE: int
+DISPATCH_COST_OTHER_NODE: int
+
 def balanced_split(
     counts: npt.ArrayLike,
     location: ExpertLocation,

@@ -145,10 +145,10 @@ def dispatch_tokens(
 
 
 #: The per-token costs ``balanced_assignment`` minimises among the optimal assignments: a token
-#: served on its source rank, on another rank of the source's node, on another node.
-DISPATCH_COST_OWN_RANK = 0
-DISPATCH_COST_SAME_NODE = 1
-DISPATCH_COST_OTHER_NODE = 2
+#: served on its source rank (0), on another rank of the source's node (1), on another node (2).
+DISPATCH_COST_OWN_RANK: int = _core.DISPATCH_COST_OWN_RANK
+DISPATCH_COST_SAME_NODE: int = _core.DISPATCH_COST_SAME_NODE
+DISPATCH_COST_OTHER_NODE: int = _core.DISPATCH_COST_OTHER_NODE
 
 
 def balanced_split(

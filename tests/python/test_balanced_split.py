@@ -302,6 +302,8 @@ def test_assignment_optimal_and_least_cost(restore_num_threads: None) -> None:
 
 
 def test_assignment_keeps_tokens_home() -> None:
+    # The documented costs per token: own rank, another rank of the node, another node.
+    assert (DISPATCH_COST_OWN_RANK, DISPATCH_COST_SAME_NODE, DISPATCH_COST_OTHER_NODE) == (0, 1, 2)
     # Expert 0 on ranks 0 and 1, 3 tokens from each: each stays on its source rank.
     location = ExpertLocation(np.array([[0, 0]]), 1, 2)
     out = moelb.balanced_assignment(np.array([[[3], [3]]]), location)
