@@ -268,18 +268,11 @@ def time_balanced_split(args: argparse.Namespace, problems: list[str]) -> list[d
         from scipy import optimize
     except ImportError:
         optimize = None
-    rng = np.random.default_rng(args.seed + 1)
     L = args.split_layers
-    p = popularity(rng, L, args.skew)
     results = []
     threads = moelb.get_num_threads()
-    for W, P, N in SPLIT_SIZES:
+    for W, P, N, location, steps in split_instances(args):
         tokens = SPLIT_TOKENS_PER_RANK * W * TOP_K
-        location = moelb.rebalance(p * tokens, P, NUM_GROUPS, N, W).location
-        steps = [
-            np.stack([rng.multinomial(tokens, p[layer]) for layer in range(L)])
-            for _ in range(args.split_steps)
-        ]
         S = location.num_local_physical_experts
         seconds, split_loads, equal_loads = [], [], []
         moelb.set_num_threads(1)
@@ -337,6 +330,100 @@ def time_balanced_split(args: argparse.Namespace, problems: list[str]) -> list[d
     return results
 
 
+def split_instances(
+    args: argparse.Namespace,
+) -> list[tuple[int, int, int, moelb.ExpertLocation, list[npt.NDArray[np.int64]]]]:
+    """The exact split's inputs at SPLIT_SIZES: (W, P, N, moelb's plan, per-step counts [L, E])."""
+    rng = np.random.default_rng(args.seed + 1)
+    L = args.split_layers
+    p = popularity(rng, L, args.skew)
+    out = []
+    for W, P, N in SPLIT_SIZES:
+        tokens = SPLIT_TOKENS_PER_RANK * W * TOP_K
+        location = moelb.rebalance(p * tokens, P, NUM_GROUPS, N, W).location
+        steps = [
+            np.stack([rng.multinomial(tokens, p[layer]) for layer in range(L)])
+            for _ in range(args.split_steps)
+        ]
+        out.append((W, P, N, location, steps))
+    return out
+
+
+def compare_sglang_lp(args: argparse.Namespace, problems: list[str]) -> list[dict[str, Any]]:
+    """SGLang's ``lp`` (reference model, moelb.reference_dispatch: float32, 5 affine-scaling
+    iterations, 0.5 fallback) on the exact split's inputs: its expected rank loads' max/mean, how
+    often it fell back, its solve time on the CPU, next to the exact split's max/mean."""
+    from moelb import reference_dispatch as ref
+
+    rows = []
+    for W, P, _, location, steps in split_instances(args):
+        S = location.num_local_physical_experts
+        lp_ratio, exact_ratio, seconds, fell_back = [], [], [], 0
+        for counts in steps[: args.lp_steps]:
+            for layer in range(min(args.lp_layers, counts.shape[0])):
+                t0 = time.perf_counter()
+                solved = ref.sglang_lp_fractions(counts[layer], location, layer)
+                seconds.append(time.perf_counter() - t0)
+                fell_back += not solved.converged
+                loads = ref.sglang_lp_rank_loads(
+                    counts[layer], location, layer, log2phy_prob=solved.log2phy_prob
+                )
+                lp_ratio.append(loads.max() / loads.mean())
+                exact = moelb.balanced_split(counts[layer], location, layer=layer)
+                exact_loads = exact.reshape(W, S).sum(axis=1)
+                exact_ratio.append(exact_loads.max() / exact_loads.mean())
+                if exact_loads.max() > np.ceil(loads.max() - 1e-6):
+                    problems.append(
+                        f"EP{W}/{P} layer {layer}: the exact split's largest rank load "
+                        f"{exact_loads.max()} is above SGLang lp's {loads.max():.1f}"
+                    )
+        rows.append(
+            {
+                "ep_size": W,
+                "num_physical_experts": P,
+                "solves": len(seconds),
+                "sglang_lp_max_over_mean": float(np.mean(lp_ratio)),
+                "sglang_lp_fallbacks": fell_back,
+                "sglang_lp_ms": statistics.median(seconds) * 1e3,
+                "balanced_max_over_mean": float(np.mean(exact_ratio)),
+            }
+        )
+    return rows
+
+
+def lplb_cases(args: argparse.Namespace, problems: list[str]) -> list[dict[str, Any]]:
+    """DeepSeek LPLB's test inputs (its topologies, loads N(1, 0.3) * 4096 per expert;
+    moelb.reference_dispatch): the exact split's per-step max/mean next to the bound LPLB's tests
+    accept, and the 5-iteration affine scaling (SGLang's lp model, one LP over all ranks) on the
+    same draws. Each draw is one placement (seeded) and one step."""
+    from moelb import reference_dispatch as ref
+
+    rows = []
+    for case in ref.LPLB_TEST_CASES:
+        exact, affine, under = [], [], 0
+        for draw in range(args.lplb_draws):
+            location = case.location(seed=args.seed + draw)
+            counts = ref.lplb_test_load(case.num_experts, seed=args.seed + 1000 + draw)
+            split = moelb.balanced_split(counts.astype(np.int64), location, layer=0)
+            loads = split.reshape(case.ep_size, -1).sum(axis=1)
+            exact.append(loads.max() / loads.mean())
+            under += exact[-1] < case.max_balance
+            lp = ref.sglang_lp_rank_loads(counts, location, 0)
+            affine.append(lp.max() / lp.mean())
+        rows.append(
+            {
+                "case": case.name,
+                "bound": case.max_balance,
+                "draws": args.lplb_draws,
+                "balanced_max_over_mean": float(np.mean(exact)),
+                "balanced_worst": float(np.max(exact)),
+                "balanced_under_bound": int(under),
+                "affine_scaling_max_over_mean": float(np.mean(affine)),
+            }
+        )
+    return rows
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", type=int, help=f"MoE layers (default {DEFAULT_LAYERS})")
@@ -355,6 +442,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--lp-layers", type=int, help=f"layers solved by linprog (default {DEFAULT_LP_LAYERS})"
     )
+    parser.add_argument(
+        "--lp-steps", type=int, default=2, help="steps of SGLang lp's comparison (default 2)"
+    )
+    parser.add_argument(
+        "--lplb-draws", type=int, default=10, help="placements x loads per LPLB case (default 10)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write results as JSON")
     args = parser.parse_args(argv)
@@ -370,6 +463,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.lp_layers = QUICK_LP_LAYERS if args.quick else DEFAULT_LP_LAYERS
     if args.quick:
         args.repeats = min(args.repeats, 1)
+        args.lp_steps = min(args.lp_steps, 1)
+        args.lplb_draws = min(args.lplb_draws, 1)
     if min(args.layers, args.steps, args.repeats, args.split_layers, args.split_steps) < 1:
         parser.error(
             "--layers, --steps, --repeats, --split-layers and --split-steps must be positive"
@@ -421,6 +516,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     timing = time_tables(plan.location, args.repeats, problems)
     split_timing = time_balanced_split(args, problems)
+    lp_rows = compare_sglang_lp(args, problems)
+    lplb_rows = lplb_cases(args, problems)
     seconds = time.perf_counter() - start
 
     print(
@@ -458,9 +555,50 @@ def main(argv: Sequence[str] | None = None) -> int:
     ]
     header = ["EP/slots", "nodes", "tokens", "us/layer", "linprog us", "ratio"]
     print(table([*header, "max/mean equal", "max/mean balanced"], split_rows))
+    print(
+        "\nSGLang lp (reference model: float32, 5 affine-scaling iterations, 0.5 fallback; "
+        "expected rank loads)\nvs the exact split, same plans and counts, "
+        f"{args.lp_steps} steps x {args.lp_layers} layers"
+    )
+    print(
+        table(
+            ["EP/slots", "solves", "lp max/mean", "lp fallbacks", "lp ms (CPU)", "exact max/mean"],
+            [
+                [
+                    f"EP{r['ep_size']}/{r['num_physical_experts']}",
+                    str(r["solves"]),
+                    f"{r['sglang_lp_max_over_mean']:.3f}",
+                    str(r["sglang_lp_fallbacks"]),
+                    f"{r['sglang_lp_ms']:.1f}",
+                    f"{r['balanced_max_over_mean']:.3f}",
+                ]
+                for r in lp_rows
+            ],
+        )
+    )
+    print(
+        "\nDeepSeek LPLB's test inputs (its topologies; loads N(1, 0.3) x 4096 per expert), "
+        f"{args.lplb_draws} draws each: per-step max/mean"
+    )
+    print(
+        table(
+            ["case", "LPLB bound", "exact mean", "exact worst", "under bound", "affine 5-iter"],
+            [
+                [
+                    r["case"],
+                    f"{r['bound']:.2f}",
+                    f"{r['balanced_max_over_mean']:.3f}",
+                    f"{r['balanced_worst']:.3f}",
+                    f"{r['balanced_under_bound']}/{r['draws']}",
+                    f"{r['affine_scaling_max_over_mean']:.3f}",
+                ]
+                for r in lplb_rows
+            ],
+        )
+    )
     for problem in problems:
         print(f"PROBLEM: {problem}")
-    print(f"\n{seconds:.1f} s (traffic, plans, dispatch, timing and the exact split)")
+    print(f"\n{seconds:.1f} s (traffic, plans, dispatch, timing, the exact split, SGLang lp, LPLB)")
     if args.json is not None:
         write_json(
             args.json,
@@ -474,6 +612,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "best": best,
                 "table_timing": timing,
                 "balanced_split_timing": split_timing,
+                "sglang_lp": lp_rows,
+                "lplb": lplb_rows,
                 "problems": problems,
                 "load_average_before": load_avg,
                 "versions": versions,

@@ -310,6 +310,20 @@ def test_bench_dispatch_quick(tmp_path: Path) -> None:
         if r["linprog_ratio"] is not None:
             assert r["linprog_us_per_layer"] > 0 and r["linprog_ratio"] > 0
     assert "exact per-step split (balanced_split, ours)" in stdout
+    # SGLang's lp (reference model) on the same inputs: never below the exact optimum (the
+    # benchmark reports a problem otherwise), its fallbacks counted.
+    lp = data["sglang_lp"]
+    assert [r["ep_size"] for r in lp] == [32, 64, 144, 256]
+    for r in lp:
+        assert r["solves"] >= 1 and 0 <= r["sglang_lp_fallbacks"] <= r["solves"]
+        assert r["sglang_lp_max_over_mean"] >= r["balanced_max_over_mean"] - 3e-3
+    # DeepSeek LPLB's test cases, each with its bound and the exact split's max/mean.
+    lplb = {r["case"]: r for r in data["lplb"]}
+    assert {"cube_ep32", "cube_ep64", "hypercube_ep16", "torus_8x4_ep32"} <= set(lplb)
+    for r in lplb.values():
+        assert 1 <= r["balanced_max_over_mean"] <= r["balanced_worst"]
+        assert r["bound"] > 1 and 0 <= r["balanced_under_bound"] <= r["draws"]
+    assert "DeepSeek LPLB's test inputs" in stdout
 
 
 def test_bench_move_cost_quick(tmp_path: Path) -> None:
