@@ -25,12 +25,14 @@ from ._core import (
 )
 from .balancedness import BALANCEDNESS_EPSILON, balancedness, pass_balancedness, utilization_rate
 from .dispatch import (
+    COLLECTIVE_DISPATCH,
     DISPATCH_ALGORITHMS,
     ENGINE_DISPATCH,
     MOELB_DISPATCH,
     balanced_assignment,
     balanced_fractions,
     balanced_split,
+    dispatch_balanced,
     dispatch_by_assignment,
     dispatch_by_fractions,
     dispatch_table,
@@ -39,7 +41,7 @@ from .dispatch import (
     expected_rank_loads,
     sglang_replica_lists,
 )
-from .distributed import execute_weight_moves
+from .distributed import execute_weight_moves, torch_all_gather
 from .eplb import Plan, PlanStats, evaluate_placement, rank_loads, rebalance
 from .io import (
     load_expert_distribution,
@@ -76,6 +78,7 @@ from .weight_moves import WeightMovePlan, apply_weight_moves, plan_weight_moves
 
 __all__ = [
     "BALANCEDNESS_EPSILON",
+    "COLLECTIVE_DISPATCH",
     "DISPATCH_ALGORITHMS",
     "ENGINE_DISPATCH",
     "MODEL_PRESETS",
@@ -106,6 +109,7 @@ __all__ = [
     "balanced_fractions",
     "balanced_split",
     "balancedness",
+    "dispatch_balanced",
     "dispatch_by_assignment",
     "dispatch_by_fractions",
     "dispatch_table",
@@ -131,6 +135,7 @@ __all__ = [
     "sglang_replica_lists",
     "simulate",
     "step_lower_bounds",
+    "torch_all_gather",
     "torch_all_reduce",
     "utilization_rate",
     "waterfill_rank_loads",
