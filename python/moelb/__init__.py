@@ -46,6 +46,7 @@ from .eplb import Plan, PlanStats, evaluate_placement, rank_loads, rebalance
 from .io import (
     load_expert_distribution,
     load_placement,
+    load_placement_fractions,
     save_expert_distribution,
     save_placement,
 )
@@ -121,6 +122,7 @@ __all__ = [
     "get_num_threads",
     "load_expert_distribution",
     "load_placement",
+    "load_placement_fractions",
     "pass_balancedness",
     "plan_weight_moves",
     "random_moe_weights",
