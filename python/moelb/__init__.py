@@ -4,8 +4,11 @@ Routers (``select_experts``, ``HashRouter``), placement maps with logical->physi
 (``ExpertLocation``), SGLang placement files (``load_placement`` / ``save_placement``) and the
 expert distribution recorder (``ExpertDistributionRecorder``, ``load_expert_distribution``), the
 EPLB planner (``rebalance``, ``plan_weight_moves``) and the Waterfill shared-expert balancer
-(``WaterfillBalancer``, ``waterfill_rank_loads``), their ``torch.distributed`` side
-(``ExpertDistributionRecorder.all_reduce``, ``execute_weight_moves``; ``moelb.distributed``), the
+(``WaterfillBalancer``, ``waterfill_rank_loads``), moelb's exact per-step dispatch
+(``balanced_split``, ``balanced_assignment``; in an engine ``select_experts(...,
+dispatch="balanced" | "balanced_prob")`` with one collective per layer, or offline fractions), their
+``torch.distributed`` side (``ExpertDistributionRecorder.all_reduce``, ``execute_weight_moves``,
+``torch_all_gather``, ``torch_all_reduce``; ``moelb.distributed``), the
 DeepSeek MoE layer on CPU (``DeepSeekMoE``, ``DeepSeekMoEConfig``), and the cluster simulator
 (``simulate``, ``SimulationConfig``) behind the ``moelb`` command.
 Arrays are NumPy (CPU torch tensors convert without copies): float32 logits and weights, int32 ids,
