@@ -435,8 +435,8 @@ def dispatch_balanced(
     logical expert ([E] int64) must return every rank's, [W, E] integers in rank order (a NumPy
     array or a tensor; ``moelb.torch_all_gather()``). Every rank computes the same
     ``balanced_assignment`` and sends its tokens by its row (``dispatch_by_assignment``): the
-    ranks' loads together are ``balanced_split`` of the summed counts, the optimum at token
-    level, with the fewest tokens leaving their rank, then node.
+    ranks' loads together have the largest rank load of ``balanced_split`` of the summed counts,
+    the optimum at token level, with the fewest tokens leaving their rank, then node.
     dispatch='balanced_prob': ``all_reduce(local_counts)`` must return the sum over the ranks,
     [E] integers (or None after summing the buffer in place; ``moelb.torch_all_reduce()``).
     Each (token, column) then draws a replica with the probabilities of

@@ -592,3 +592,26 @@ def test_dispatch_balanced_directly() -> None:
     with pytest.raises(moelb.InvalidDTypeError, match="topk_ids must be an int32"):
         moelb.dispatch_balanced(ids.astype(np.int64), location, 0, all_gather=never_called)
     assert "balanced" in moelb.COLLECTIVE_DISPATCH and "balanced" not in moelb.DISPATCH_ALGORITHMS
+
+
+@pytest.mark.parametrize("dispatch", ["balanced", "balanced_prob"])
+def test_an_empty_batch_still_joins_the_collective(dispatch: str) -> None:
+    location, config, logits = one_rank_setup()
+    calls: list[np.ndarray] = []
+    other = np.arange(8, dtype=np.int64)
+
+    def gather(buffer: np.ndarray) -> np.ndarray:
+        calls.append(buffer.copy())
+        return np.stack([buffer, other])
+
+    def reduce(buffer: np.ndarray) -> np.ndarray:
+        calls.append(buffer.copy())
+        return buffer + other
+
+    collective = {"all_gather": gather} if dispatch == "balanced" else {"all_reduce": reduce}
+    for rows, non_padded in ((0, None), (5, 0)):  # no rows; rows that are all padding
+        out = moelb.select_experts(
+            logits[:rows], config, None, non_padded, location, 0, 0, dispatch=dispatch, **collective
+        )
+        assert out.topk_ids.shape == (rows, 2) and (out.topk_ids == -1).all()
+    assert len(calls) == 2 and all((c == 0).all() and c.shape == (8,) for c in calls)
