@@ -4,8 +4,11 @@ Routers (``select_experts``, ``HashRouter``), placement maps with logical->physi
 (``ExpertLocation``), SGLang placement files (``load_placement`` / ``save_placement``) and the
 expert distribution recorder (``ExpertDistributionRecorder``, ``load_expert_distribution``), the
 EPLB planner (``rebalance``, ``plan_weight_moves``) and the Waterfill shared-expert balancer
-(``WaterfillBalancer``, ``waterfill_rank_loads``), their ``torch.distributed`` side
-(``ExpertDistributionRecorder.all_reduce``, ``execute_weight_moves``; ``moelb.distributed``), the
+(``WaterfillBalancer``, ``waterfill_rank_loads``), moelb's exact per-step dispatch
+(``balanced_split``, ``balanced_assignment``; in an engine ``select_experts(...,
+dispatch="balanced" | "balanced_prob")`` with one collective per layer, or offline fractions), their
+``torch.distributed`` side (``ExpertDistributionRecorder.all_reduce``, ``execute_weight_moves``,
+``torch_all_gather``, ``torch_all_reduce``; ``moelb.distributed``), the
 DeepSeek MoE layer on CPU (``DeepSeekMoE``, ``DeepSeekMoEConfig``), and the cluster simulator
 (``simulate``, ``SimulationConfig``) behind the ``moelb`` command.
 Arrays are NumPy (CPU torch tensors convert without copies): float32 logits and weights, int32 ids,
@@ -25,12 +28,14 @@ from ._core import (
 )
 from .balancedness import BALANCEDNESS_EPSILON, balancedness, pass_balancedness, utilization_rate
 from .dispatch import (
+    COLLECTIVE_DISPATCH,
     DISPATCH_ALGORITHMS,
     ENGINE_DISPATCH,
     MOELB_DISPATCH,
     balanced_assignment,
     balanced_fractions,
     balanced_split,
+    dispatch_balanced,
     dispatch_by_assignment,
     dispatch_by_fractions,
     dispatch_table,
@@ -39,11 +44,12 @@ from .dispatch import (
     expected_rank_loads,
     sglang_replica_lists,
 )
-from .distributed import execute_weight_moves
+from .distributed import execute_weight_moves, torch_all_gather
 from .eplb import Plan, PlanStats, evaluate_placement, rank_loads, rebalance
 from .io import (
     load_expert_distribution,
     load_placement,
+    load_placement_fractions,
     save_expert_distribution,
     save_placement,
 )
@@ -76,6 +82,7 @@ from .weight_moves import WeightMovePlan, apply_weight_moves, plan_weight_moves
 
 __all__ = [
     "BALANCEDNESS_EPSILON",
+    "COLLECTIVE_DISPATCH",
     "DISPATCH_ALGORITHMS",
     "ENGINE_DISPATCH",
     "MODEL_PRESETS",
@@ -106,6 +113,7 @@ __all__ = [
     "balanced_fractions",
     "balanced_split",
     "balancedness",
+    "dispatch_balanced",
     "dispatch_by_assignment",
     "dispatch_by_fractions",
     "dispatch_table",
@@ -117,6 +125,7 @@ __all__ = [
     "get_num_threads",
     "load_expert_distribution",
     "load_placement",
+    "load_placement_fractions",
     "pass_balancedness",
     "plan_weight_moves",
     "random_moe_weights",
@@ -131,6 +140,7 @@ __all__ = [
     "sglang_replica_lists",
     "simulate",
     "step_lower_bounds",
+    "torch_all_gather",
     "torch_all_reduce",
     "utilization_rate",
     "waterfill_rank_loads",

@@ -33,12 +33,20 @@ moelb's own, named as ours:
   ``reference/dispatch.md`` section 7): from a step's token counts, the integer tokens per replica
   (per source rank and replica) whose largest rank load is the optimum ``ceil(T*)``, by a
   max-flow -- no LP solver, deterministic, the same on every rank that computes it.
+- ``balanced`` / ``balanced_prob`` (``COLLECTIVE_DISPATCH``): that split run by an engine, one
+  collective per layer and step (``dispatch_balanced``; ``select_experts(..., dispatch=)``):
+  ``balanced`` all-gathers every rank's counts and sends this rank's tokens where
+  ``balanced_assignment`` says (the optimum at token level); ``balanced_prob`` all-reduces the
+  counts and draws each token's replica from ``balanced_fractions`` (SGLang ``lp``'s contract,
+  with the exact split). The same fractions from a window's expected counts need no collective
+  (``save_placement(..., fractions=)``).
 
 Token rows are rows within the source rank's batch, except for ``sglang_dynamic_rank_invariant``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -48,6 +56,7 @@ from . import _core
 from ._core import ExpertLocation, InvalidArgumentError, InvalidDTypeError
 
 __all__ = [
+    "COLLECTIVE_DISPATCH",
     "DISPATCH_ALGORITHMS",
     "DISPATCH_COST_OTHER_NODE",
     "DISPATCH_COST_OWN_RANK",
@@ -59,6 +68,7 @@ __all__ = [
     "balanced_assignment",
     "balanced_fractions",
     "balanced_split",
+    "dispatch_balanced",
     "dispatch_by_assignment",
     "dispatch_by_fractions",
     "dispatch_table",
@@ -83,6 +93,17 @@ MOELB_DISPATCH = ("moelb_static",)
 DISPATCH_ALGORITHMS = ENGINE_DISPATCH + MOELB_DISPATCH
 #: The models that are one table per rank.
 TABLE_DISPATCH = ("sglang_static", "sglang_static_runtime", "moelb_static")
+#: moelb's dispatch modes that run one collective per layer and step, and the collective each
+#: takes (``dispatch_balanced``, ``select_experts``). Not models of an engine, and not in
+#: ``DISPATCH_ALGORITHMS``: they need the ranks' counts, which a table or a per-token rule has not.
+COLLECTIVE_DISPATCH = ("balanced", "balanced_prob")
+_COLLECTIVE_OF = {"balanced": "all_gather", "balanced_prob": "all_reduce"}
+
+#: ``all_gather(local_counts)``: every rank's [E] int64 counts, stacked in rank order -> [W, E].
+AllGather = Callable[[npt.NDArray[np.int64]], Any]
+#: ``all_reduce(local_counts)``: the [E] int64 counts summed over the ranks (returned, or summed
+#: in place and None returned).
+AllReduce = Callable[[npt.NDArray[np.int64]], Any]
 
 
 def dispatch_table(
@@ -246,14 +267,24 @@ def _valid_ids(topk_ids: Any, location: ExpertLocation) -> npt.NDArray[np.int32]
 
 
 def dispatch_by_fractions(
-    topk_ids: Any, location: ExpertLocation, layer: int, fractions: Any, *, seed: int = 0
+    topk_ids: Any,
+    location: ExpertLocation,
+    layer: int,
+    fractions: Any,
+    *,
+    seed: int = 0,
+    ep_rank: int | None = None,
 ) -> npt.NDArray[np.int32]:
     """Physical ids [T, K] int32 for logical ``topk_ids`` (-1 stays -1): every (token, column)
     draws a replica of its expert with probability proportional to ``fractions`` [E, X]
-    (``balanced_fractions(..., layer=layer)``), from a generator seeded by (``seed``, ``layer``):
-    the same picks for the same inputs on every run. What an engine does after one all-reduce of
-    the counts (ours, SGLang ``lp``'s contract with the exact split)."""
+    (``balanced_fractions(..., layer=layer)``), from a generator seeded by (``seed``, ``layer``),
+    and ``ep_rank`` when given (so that ranks with the same seed draw independently): the same
+    picks for the same inputs on every run. What an engine does after one all-reduce of the
+    counts (ours, SGLang ``lp``'s contract with the exact split)."""
     layer = _layer_index(layer, location)
+    key = [_seed(seed), layer]
+    if ep_rank is not None:
+        key.append(_ep_rank(ep_rank, location))
     ids = _valid_ids(topk_ids, location)
     l2p = location.logical_to_physical[layer]
     shares = np.asarray(fractions, dtype=np.float64)
@@ -272,7 +303,7 @@ def dispatch_by_fractions(
         expert = int(used[np.argmax(sums[used] <= 0)])
         raise InvalidArgumentError(f"fractions of expert {expert} sum to 0 but it has tokens")
     cdf = np.cumsum(shares, axis=1) / np.where(sums > 0, sums, 1.0)[:, None]
-    rng = np.random.default_rng([_seed(seed), layer])
+    rng = np.random.default_rng(key)
     u = rng.random(ids.shape)
     out = np.full(ids.shape, -1, np.int32)
     valid = ids >= 0
@@ -325,6 +356,137 @@ def dispatch_by_assignment(
     out = np.full(ids.shape, -1, np.int32)
     out[valid] = slots[np.searchsorted(cumulative, position, side="right")].astype(np.int32)
     return out
+
+
+def check_collective_dispatch(dispatch: Any, all_gather: Any, all_reduce: Any) -> bool:
+    """Whether ``dispatch`` is one of ``COLLECTIVE_DISPATCH``; raises ``InvalidArgumentError``
+    unless exactly its collective is given (a callable), and none for any other dispatch."""
+    needs = _COLLECTIVE_OF.get(dispatch) if isinstance(dispatch, str) else None
+    for name, function in (("all_gather", all_gather), ("all_reduce", all_reduce)):
+        if function is None:
+            continue
+        if needs is None:
+            raise InvalidArgumentError(
+                f"{name} is given but dispatch={dispatch!r} runs no collective: it is for "
+                f"dispatch='balanced' (all_gather) or 'balanced_prob' (all_reduce)"
+            )
+        if name != needs:
+            raise InvalidArgumentError(
+                f"dispatch={dispatch!r} takes {needs}=, not {name}= ('balanced' all-gathers the "
+                "ranks' counts, 'balanced_prob' all-reduces them)"
+            )
+        if not callable(function):
+            raise InvalidArgumentError(f"{name} must be callable, got {type(function).__name__}")
+    if needs is not None and (all_gather if needs == "all_gather" else all_reduce) is None:
+        raise InvalidArgumentError(
+            f"dispatch={dispatch!r} needs {needs}=: a callable over the EP group, e.g. "
+            f"moelb.torch_{needs}()"
+        )
+    return needs is not None
+
+
+def _ep_rank(ep_rank: Any, location: ExpertLocation) -> int:
+    W = location.ep_size
+    if isinstance(ep_rank, bool) or not isinstance(ep_rank, (int, np.integer)):
+        raise InvalidArgumentError(f"ep_rank must be an integer, got {ep_rank!r}")
+    if not 0 <= int(ep_rank) < W:
+        raise InvalidArgumentError(f"ep_rank={ep_rank} is outside [0, ep_size={W})")
+    return int(ep_rank)
+
+
+def _collective_output(
+    result: Any, name: str, shape: tuple[int, ...], meaning: str
+) -> npt.NDArray[np.int64]:
+    """The counts a collective returned (NumPy or a torch tensor on any device) as int64, or an
+    InvalidArgumentError naming the callable and what it returned."""
+    if hasattr(result, "detach"):  # a torch tensor
+        result = result.detach().cpu().numpy()
+    array = np.asarray(result) if result is not None else None
+    if array is None or array.shape != shape or array.dtype.kind not in "iu":
+        got = "None" if array is None else f"{array.dtype} of shape {array.shape}"
+        raise InvalidArgumentError(
+            f"{name} must return {meaning}: integers of shape {shape}, got {got}"
+        )
+    if array.dtype == np.uint64 and (array > np.iinfo(np.int64).max).any():
+        raise InvalidArgumentError(f"{name} returned counts beyond int64")
+    counts = np.ascontiguousarray(array, dtype=np.int64)
+    if (counts < 0).any():
+        raise InvalidArgumentError(f"{name} returned a negative count ({int(counts.min())})")
+    return counts
+
+
+def dispatch_balanced(
+    topk_ids: Any,
+    location: ExpertLocation,
+    layer: int,
+    dispatch: str = "balanced",
+    *,
+    ep_rank: int = 0,
+    all_gather: AllGather | None = None,
+    all_reduce: AllReduce | None = None,
+    seed: int = 0,
+) -> npt.NDArray[np.int32]:
+    """Physical ids [T, K] int32 for this rank's logical ``topk_ids`` [T, K] int32 (-1 stays -1)
+    of MoE layer ``layer``, by moelb's per-step balanced dispatch (ours; DESIGN section 9). Runs
+    one collective, which every rank of the EP group must reach for every layer and step, an
+    empty batch included.
+
+    dispatch='balanced' (exact): ``all_gather(local_counts)`` with this rank's pairs per
+    logical expert ([E] int64) must return every rank's, [W, E] integers in rank order (a NumPy
+    array or a tensor; ``moelb.torch_all_gather()``). Every rank computes the same
+    ``balanced_assignment`` and sends its tokens by its row (``dispatch_by_assignment``): the
+    ranks' loads together have the largest rank load of ``balanced_split`` of the summed counts,
+    the optimum at token level, with the fewest tokens leaving their rank, then node.
+    dispatch='balanced_prob': ``all_reduce(local_counts)`` must return the sum over the ranks,
+    [E] integers (or None after summing the buffer in place; ``moelb.torch_all_reduce()``).
+    Each (token, column) then draws a replica with the probabilities of
+    ``balanced_fractions`` of the sum (``dispatch_by_fractions``, seeded by ``seed``, ``layer``
+    and ``ep_rank``): the optimum in expectation, SGLang ``lp``'s contract with the exact split.
+
+    ep_rank: this rank in [0, ``location.ep_size``): its row of the gathered counts (checked to
+    be its own counts, so a gather out of rank order is refused).
+    """
+    if not isinstance(location, ExpertLocation):
+        raise InvalidArgumentError(
+            f"location must be an ExpertLocation, got {type(location).__name__}"
+        )
+    if dispatch not in COLLECTIVE_DISPATCH:
+        raise InvalidArgumentError(
+            f"dispatch={dispatch!r} is not one of moelb's collective modes {COLLECTIVE_DISPATCH}"
+        )
+    check_collective_dispatch(dispatch, all_gather, all_reduce)
+    layer = _layer_index(layer, location)
+    rank = _ep_rank(ep_rank, location)
+    seed = _seed(seed)
+    ids = _valid_ids(topk_ids, location)
+    W, E = location.ep_size, location.num_logical_experts
+    local = np.bincount(ids[ids >= 0], minlength=E).astype(np.int64)
+    if dispatch == "balanced":
+        assert all_gather is not None  # checked above
+        gathered = _collective_output(
+            all_gather(local.copy()), "all_gather", (W, E), "every rank's counts in rank order"
+        )
+        if not np.array_equal(gathered[rank], local):
+            raise InvalidArgumentError(
+                f"all_gather returned a row {rank} (ep_rank) that is not this rank's counts: "
+                "its rows must be the ranks' counts in rank order (row r from rank r)"
+            )
+        assignment = balanced_assignment(gathered, location, layer=layer)
+        return dispatch_by_assignment(ids, location, layer, assignment[rank])
+    assert all_reduce is not None  # checked above
+    buffer = local.copy()
+    result = all_reduce(buffer)
+    summed = _collective_output(
+        buffer if result is None else result, "all_reduce", (E,), "the counts summed over ranks"
+    )
+    if (summed < local).any():
+        expert = int(np.argmax(summed < local))
+        raise InvalidArgumentError(
+            f"all_reduce returned {summed[expert]} tokens of expert {expert} but this rank alone "
+            f"has {local[expert]}: it must return the sum over the ranks"
+        )
+    fractions = balanced_fractions(summed, location, layer=layer)
+    return dispatch_by_fractions(ids, location, layer, fractions, seed=seed, ep_rank=rank)
 
 
 def _seed(seed: int) -> int:

@@ -40,14 +40,20 @@ and that it starts from the placement their weights hold; so the batched sends a
 follow are never the group's first collective, and ranks with nothing to move may skip them, as
 PyTorch requires for ``batch_isend_irecv`` on NCCL. NCCL ignores message tags and pairs the sends
 and receives between two ranks by their order; ``WeightMovePlan`` sorts both ends by (expert,
-peer), so the order matches. Waterfill's ``moelb.torch_all_reduce(group)`` sums a CPU int64
-tensor: give it a CPU group (``dist.new_group(backend="gloo")``), as SGLang does for its small
-metadata collectives.
+peer), so the order matches.
+
+The per-step collectives of moelb's callables -- ``torch_all_reduce(group)`` (Waterfill's dynamic
+mode, ``dispatch="balanced_prob"``) and ``torch_all_gather(group)`` (``dispatch="balanced"``) --
+move small int64 buffers: on a CPU tensor for gloo, on the current CUDA device for NCCL (then
+copied back to the host, as the dispatch is computed there). A CPU group beside the NCCL one
+(``dist.new_group(backend="gloo")``), as SGLang uses for its small metadata collectives, avoids
+that round trip.
 """
 
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -59,7 +65,7 @@ from .weight_moves import check_plan_types
 if TYPE_CHECKING:
     from .recorder import ExpertDistributionRecorder
 
-__all__ = ["all_reduce_recorder", "execute_weight_moves"]
+__all__ = ["all_reduce_recorder", "execute_weight_moves", "torch_all_gather", "torch_all_reduce"]
 
 _MODES = ("stat", "per_pass", "per_token")
 
@@ -94,6 +100,42 @@ def _all_gather_int64(
     out = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
     dist.all_gather(out, local, group=group)
     return np.stack([t.cpu().numpy() for t in out])
+
+
+def torch_all_reduce(group: Any = None) -> Callable[[npt.NDArray[np.int64]], Any]:
+    """An ``all_reduce`` callable over a ``torch.distributed`` process group (default: the
+    world), for Waterfill's dynamic mode and ``select_experts(..., dispatch="balanced_prob")``:
+    sums an int64 NumPy buffer over the ranks with ``dist.all_reduce`` and returns the sum as a
+    new int64 NumPy array (the buffer is left as it was). The tensor lives on the CPU for gloo
+    and on the current CUDA device for NCCL. Every rank of the group must call it, in the same
+    order. Raises ``InvalidArgumentError`` when no process group is initialised."""
+    torch, dist = _torch_distributed("torch_all_reduce")
+
+    def all_reduce(buffer: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+        device = _collective_device(torch, dist, group)
+        values = np.array(buffer, dtype=np.int64, copy=True)
+        tensor = torch.from_numpy(values).to(device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+        return np.asarray(tensor.cpu().numpy(), dtype=np.int64)
+
+    return all_reduce
+
+
+def torch_all_gather(group: Any = None) -> Callable[[npt.NDArray[np.int64]], Any]:
+    """An ``all_gather`` callable over a ``torch.distributed`` process group (default: the
+    world), for ``select_experts(..., dispatch="balanced")``: every rank's int64 NumPy buffer
+    (the same length n on every rank) stacked in the group's rank order, [world, n] int64, with
+    ``dist.all_gather`` (CPU tensors for gloo, the current CUDA device for NCCL). The EP rank
+    passed to ``select_experts`` must be this process's rank in ``group``. Every rank of the
+    group must call it, in the same order. Raises ``InvalidArgumentError`` when no process group
+    is initialised."""
+    torch, dist = _torch_distributed("torch_all_gather")
+
+    def all_gather(buffer: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+        device = _collective_device(torch, dist, group)
+        return _all_gather_int64(torch, dist, group, device, np.asarray(buffer))
+
+    return all_gather
 
 
 def all_reduce_recorder(recorder: ExpertDistributionRecorder, group: Any = None) -> None:

@@ -1,7 +1,8 @@
 """File formats. Placement files are SGLang's ``--init-expert-location`` JSON:
 ``{"physical_to_logical_map": [[...], ...]}`` ([num_layers, num_physical_experts] logical ids).
-Every file is written to a temporary name in the target folder and renamed, so a failure never
-leaves a partial file behind."""
+Per-replica dispatch fractions (ours) go to a file of their own beside it (``save_placement(...,
+fractions=)``). Every file is written to a temporary name in the target folder and renamed, so a
+failure never leaves a partial file behind."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from ._core import ExpertLocation, InvalidArgumentError
 
@@ -21,11 +23,17 @@ __all__ = [
     "atomic_write_bytes",
     "load_expert_distribution",
     "load_placement",
+    "load_placement_fractions",
+    "placement_fractions_path",
     "save_expert_distribution",
     "save_placement",
 ]
 
 PLACEMENT_KEY = "physical_to_logical_map"
+#: moelb's key for per-replica dispatch fractions [L, E, X], in the file beside a placement.
+FRACTIONS_KEY = "moelb_replica_fractions"
+#: How far a fractions row of an expert may sum from 1.
+FRACTIONS_SUM_TOLERANCE = 1e-6
 _MAX_EXPERT_ID = 2**31 - 1  # ids are int32
 
 
@@ -65,17 +73,128 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
         raise
 
 
-def save_placement(location: ExpertLocation, path: str | os.PathLike[str]) -> None:
-    """Writes ``location`` as SGLang's placement JSON (``--init-expert-location path``)."""
+def save_placement(
+    location: ExpertLocation, path: str | os.PathLike[str], *, fractions: Any = None
+) -> None:
+    """Writes ``location`` as SGLang's placement JSON (``--init-expert-location path``).
+
+    fractions: optional per-replica dispatch fractions [L, E, X] (X = ``location.max_replicas``,
+    columns in the order of ``location.logical_to_physical``, padding 0), typically
+    ``moelb.balanced_fractions(expected_counts, location)`` of a window's counts: the offline
+    form of moelb's balanced dispatch, no per-step collective (safe inside CUDA graphs). Each
+    row must be finite, >= 0, 0 on padding and sum to 1 (within 1e-6). They are written to
+    ``placement_fractions_path(path)`` (``placement.json`` -> ``placement.fractions.json``) as
+    ``{"moelb_replica_fractions": [...], "physical_to_logical_map": [...]}``, the map repeated so
+    that a reader can tell which placement they belong to; read them back with
+    ``load_placement_fractions``. Not in the placement file itself: SGLang passes every key of
+    that file to ``ExpertLocationMetadata.init_by_mapping`` as a keyword argument, so an extra
+    key would stop it from starting. The fractions file is written first, then the placement,
+    each atomically; an error leaves both as they were (a failure between the two leaves a
+    fractions file whose map no longer matches, which ``load_placement_fractions`` refuses).
+    """
     if not isinstance(location, ExpertLocation):
         raise InvalidArgumentError(
             f"location must be an ExpertLocation, got {type(location).__name__}"
         )
+    map_text = _map_json(location)
+    if fractions is not None:
+        shares = _checked_fractions(np.asarray(fractions), location, "fractions")
+        layers = ",\n".join(
+            "  " + json.dumps(layer.tolist(), separators=(",", ":")) for layer in shares
+        )
+        text = "{" + f'"{FRACTIONS_KEY}": [\n{layers}\n],\n"{PLACEMENT_KEY}": {map_text}' + "}\n"
+        atomic_write_bytes(placement_fractions_path(path), text.encode())
+    atomic_write_bytes(path, ("{" + f'"{PLACEMENT_KEY}": {map_text}' + "}\n").encode())
+
+
+def _map_json(location: ExpertLocation) -> str:
+    """The map as a JSON list, one layer per line."""
     rows = location.physical_to_logical.tolist()
-    text = "{" + f'"{PLACEMENT_KEY}": [\n'
-    text += ",\n".join("  " + json.dumps(row, separators=(",", ":")) for row in rows)
-    text += "\n]}\n"
-    atomic_write_bytes(path, text.encode())
+    return "[\n" + ",\n".join("  " + json.dumps(r, separators=(",", ":")) for r in rows) + "\n]"
+
+
+def placement_fractions_path(path: str | os.PathLike[str]) -> Path:
+    """The file that holds the dispatch fractions of placement file ``path``:
+    ``dir/name.json`` -> ``dir/name.fractions.json`` (any other name gets ``.fractions.json``
+    appended)."""
+    path = Path(path)
+    stem = path.stem if path.suffix.lower() == ".json" else path.name
+    return path.with_name(stem + ".fractions.json")
+
+
+def _checked_fractions(
+    shares: np.ndarray, location: ExpertLocation, source: str
+) -> npt.NDArray[np.float64]:
+    """``shares`` as float64 [L, E, X] once they are fractions of ``location``'s replicas, else
+    an InvalidArgumentError naming ``source`` and the first offending (layer, expert)."""
+    l2p = location.logical_to_physical
+    if shares.dtype.kind not in "iuf" or shares.shape != l2p.shape:
+        raise InvalidArgumentError(
+            f"{source} must be numbers of shape [num_layers, num_experts, max_replicas] = "
+            f"{l2p.shape} (the order of location.logical_to_physical), got {shares.dtype} "
+            f"of shape {shares.shape}"
+        )
+    values = shares.astype(np.float64)
+    problems = (
+        (~np.isfinite(values).all(axis=2), "is not finite"),
+        ((values < 0).any(axis=2), "has a negative fraction"),
+        (((values > 0) & (l2p < 0)).any(axis=2), "has a fraction on a padding column"),
+        (
+            np.abs(values.sum(axis=2) - 1.0) > FRACTIONS_SUM_TOLERANCE,
+            f"does not sum to 1 (within {FRACTIONS_SUM_TOLERANCE})",
+        ),
+    )
+    for bad, what in problems:
+        if bad.any():
+            layer, expert = (int(i) for i in np.argwhere(bad)[0])
+            raise InvalidArgumentError(
+                f"{source}[{layer}, {expert}] = {values[layer, expert].tolist()} {what}: each "
+                "expert's row is its shares over its replicas"
+            )
+    return values
+
+
+def load_placement_fractions(
+    path: str | os.PathLike[str], location: ExpertLocation
+) -> npt.NDArray[np.float64] | None:
+    """The per-replica dispatch fractions [L, E, X] float64 that ``save_placement(location,
+    path, fractions=)`` wrote beside placement file ``path`` (in
+    ``placement_fractions_path(path)``), or None when there is no such file.
+
+    location: the placement they are for (``load_placement(path, ...)``); the map stored with
+    the fractions must equal its ``physical_to_logical`` (a fractions file left from another
+    placement is refused), and the fractions are checked like ``save_placement``'s. Row
+    ``[layer]`` is what ``moelb.dispatch_by_fractions(topk_ids, location, layer, ...)`` takes.
+    """
+    if not isinstance(location, ExpertLocation):
+        raise InvalidArgumentError(
+            f"location must be an ExpertLocation, got {type(location).__name__}"
+        )
+    side = placement_fractions_path(path)
+    source = f"fractions file {str(side)!r}"
+    try:
+        with open(side, encoding="utf-8") as f:
+            obj = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InvalidArgumentError(f"{source} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise InvalidArgumentError(f"{source} is nested too deeply") from None
+    array = _placement_array(obj, source)
+    if FRACTIONS_KEY not in obj:
+        raise InvalidArgumentError(f"{source}: no key {FRACTIONS_KEY!r} (keys: {sorted(obj)!r})")
+    p2l = location.physical_to_logical
+    if array.shape != p2l.shape or not np.array_equal(array, p2l):
+        raise InvalidArgumentError(
+            f"{source} was written for another placement: its {PLACEMENT_KEY} differs from "
+            "location's (save the fractions again with the placement they were computed for)"
+        )
+    try:
+        shares = np.array(obj[FRACTIONS_KEY])
+    except ValueError as e:  # ragged lists
+        raise InvalidArgumentError(f"{source}: {FRACTIONS_KEY} is not an array: {e}") from None
+    return _checked_fractions(shares, location, f"{source}: {FRACTIONS_KEY}")
 
 
 def _placement_array(obj: Any, source: str) -> np.ndarray:

@@ -15,6 +15,14 @@ from ._core import (
     InvalidArgumentError,
     TopKConfig,
 )
+from .dispatch import (
+    AllGather,
+    AllReduce,
+    _ep_rank,
+    _layer_index,
+    check_collective_dispatch,
+    dispatch_balanced,
+)
 from .waterfill import WaterfillBalancer
 
 __all__ = ["HashRouter", "TopKOutput", "remap_topk_for_per_rank_shared_slots", "select_experts"]
@@ -50,6 +58,8 @@ def select_experts(
     waterfill: WaterfillBalancer | None = None,
     is_decode: bool = False,
     num_tokens: int | None = None,
+    all_gather: AllGather | None = None,
+    all_reduce: AllReduce | None = None,
 ) -> TopKOutput:
     """Routes tokens to their top-k experts.
 
@@ -65,16 +75,28 @@ def select_experts(
         table on the --init-expert-location path; see ``moelb.dispatch``; ``seed`` seeds the
         per-token draws of 'sglang_dynamic' and moelb_static's offsets). The fused shared column
         then gets id P.
+    dispatch='balanced' / 'balanced_prob' (``moelb.COLLECTIVE_DISPATCH``, ours): the step's
+        tokens split over the replicas at the optimal largest rank load, with one collective
+        over the EP group that every rank must run for every layer and step (see
+        ``moelb.dispatch_balanced``). 'balanced' takes ``all_gather`` (this rank's [E] int64
+        counts -> every rank's [W, E], e.g. ``moelb.torch_all_gather()``) and realises the
+        optimum at token level; 'balanced_prob' takes ``all_reduce`` ([E] int64 -> the sum, e.g.
+        ``moelb.torch_all_reduce()``) and draws each token's replica with the optimal
+        fractions, seeded by ``seed``, ``layer`` and ``ep_rank``. Both need ``location`` and
+        ``layer``; ``ep_rank`` is this rank's row of the gather.
     recorder: an ``ExpertDistributionRecorder`` that counts the routed columns
         (``recorder_topk_ids``, never the shared column) into its current layer scope; with
         ``layer`` given, that scope must be ``layer``. The ids must be slots of the recorder's
         placement: ``location`` must equal ``recorder.location``, or, without a location, the
         recorder must count logical ids as slots (built from a shape ``(L, E)``); anything else
         raises ``InvalidArgumentError`` naming ``location`` and counts nothing.
+    waterfill: a ``WaterfillBalancer`` that appends the shared column after the dispatch (any
+        dispatch, the balanced ones included); needs ``num_fused_shared_experts=1``.
 
     Columns are ordered by descending selection score; ties go to the lowest expert id; a NaN
     logit never wins a slot. Deterministic for any thread count.
     """
+    collective = _check_collective(dispatch, location, layer, ep_rank, all_gather, all_reduce)
     if waterfill is not None:
         _check_waterfill(waterfill, config.num_fused_shared_experts, router_logits, location)
     ids, weights, recorder_ids = _core.select_experts(
@@ -82,17 +104,97 @@ def select_experts(
         config,
         correction_bias,
         num_token_non_padded,
-        location,
-        layer,
-        ep_rank,
-        dispatch,
+        None if collective else location,
+        None if collective else layer,
+        0 if collective else ep_rank,
+        "sglang_static" if collective else dispatch,
         seed,
     )
+    if collective:
+        assert location is not None and layer is not None  # checked by _check_collective
+        ids, recorder_ids = _dispatch_collective(
+            ids,
+            recorder_ids,
+            router_logits,
+            location,
+            layer,
+            ep_rank,
+            dispatch,
+            seed,
+            all_gather,
+            all_reduce,
+        )
     if recorder is not None:
         _record(recorder, recorder_ids, router_logits, location, layer)
     if waterfill is not None:
         ids, weights = _expand(waterfill, recorder_ids, weights, num_tokens, is_decode)
     return TopKOutput(ids, weights, recorder_ids)
+
+
+def _check_collective(
+    dispatch: Any,
+    location: ExpertLocation | None,
+    layer: int | None,
+    ep_rank: int,
+    all_gather: Any,
+    all_reduce: Any,
+) -> bool:
+    """Whether ``dispatch`` is a collective mode; checks it has its collective (and that no
+    other dispatch got one), a location, a layer and an ep_rank of it, before any routing."""
+    if not check_collective_dispatch(dispatch, all_gather, all_reduce):
+        return False
+    if not isinstance(location, ExpertLocation):
+        raise InvalidArgumentError(
+            f"dispatch={dispatch!r} needs location= (an ExpertLocation) and layer=: it "
+            f"splits each expert's tokens over its replicas, got location={location!r}"
+        )
+    if layer is None:
+        raise InvalidArgumentError(
+            f"layer is required when a location is given (the MoE layer whose placement maps "
+            f"the ids; dispatch={dispatch!r})"
+        )
+    _layer_index(layer, location)
+    _ep_rank(ep_rank, location)
+    return True
+
+
+def _dispatch_collective(
+    ids: npt.NDArray[np.int32],
+    logical: npt.NDArray[np.int32],
+    router_logits: Any,
+    location: ExpertLocation,
+    layer: int,
+    ep_rank: int,
+    dispatch: str,
+    seed: int,
+    all_gather: AllGather | None,
+    all_reduce: AllReduce | None,
+) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.int32]]:
+    """The routed columns of ``ids`` (logical, from routing without a location) replaced by the
+    balanced dispatch's physical slots, the fused shared column by id P as with the engines'
+    models; returns (ids, routed physical ids for the recorder)."""
+    E = location.num_logical_experts
+    num_experts = int(router_logits.shape[1])
+    if num_experts != E:
+        raise InvalidArgumentError(
+            f"router_logits has {num_experts} experts but the location has num_logical_experts={E}"
+        )
+    routed = dispatch_balanced(
+        logical,
+        location,
+        layer,
+        dispatch,
+        ep_rank=ep_rank,
+        all_gather=all_gather,
+        all_reduce=all_reduce,
+        seed=seed,
+    )
+    K = routed.shape[1]
+    ids[:, :K] = routed
+    if ids.shape[1] > K:  # the fused shared expert: id E without a location, P with one
+        shared = ids[:, K:]
+        shared[shared >= 0] = location.num_physical_experts
+    return ids, routed
 
 
 def _record(
@@ -171,23 +273,42 @@ class HashRouter(_core.HashRouter):
         waterfill: WaterfillBalancer | None = None,
         is_decode: bool = False,
         num_tokens: int | None = None,
+        all_gather: AllGather | None = None,
+        all_reduce: AllReduce | None = None,
     ) -> TopKOutput:
         """Routes tokens by token id. router_logits: [T, E] float32; input_ids: [T] int32 or
         int64, each in [0, vocab_size) (out-of-range ids raise ``InvalidArgumentError``); the rest
         as ``select_experts`` (including Waterfill mode, which needs
-        ``num_fused_shared_experts=1``). Columns follow tid2eid's order."""
+        ``num_fused_shared_experts=1``, and the balanced dispatch with ``all_gather`` /
+        ``all_reduce``, which SGLang's ``lp`` does not offer for V4). Columns follow tid2eid's
+        order."""
+        collective = _check_collective(dispatch, location, layer, ep_rank, all_gather, all_reduce)
         if waterfill is not None:
             _check_waterfill(waterfill, self.num_fused_shared_experts, router_logits, location)
         ids, weights, recorder_ids = super().select(
             router_logits,
             input_ids,
             num_token_non_padded,
-            location,
-            layer,
-            ep_rank,
-            dispatch,
+            None if collective else location,
+            None if collective else layer,
+            0 if collective else ep_rank,
+            "sglang_static" if collective else dispatch,
             seed,
         )
+        if collective:
+            assert location is not None and layer is not None  # checked by _check_collective
+            ids, recorder_ids = _dispatch_collective(
+                ids,
+                recorder_ids,
+                router_logits,
+                location,
+                layer,
+                ep_rank,
+                dispatch,
+                seed,
+                all_gather,
+                all_reduce,
+            )
         if recorder is not None:
             _record(recorder, recorder_ids, router_logits, location, layer)
         if waterfill is not None:

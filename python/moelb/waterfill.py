@@ -13,6 +13,7 @@ import numpy.typing as npt
 
 from . import _core
 from ._core import InvalidArgumentError, WaterfillPlan
+from .distributed import torch_all_reduce
 
 __all__ = [
     "RankLoads",
@@ -129,26 +130,6 @@ class WaterfillBalancer(_core.WaterfillBalancer):
         )
         self.last_plan = plan
         return ids, weights
-
-
-def torch_all_reduce(group: Any = None) -> AllReduce:
-    """An ``all_reduce`` for ``WaterfillBalancer`` over a ``torch.distributed`` process group
-    (default: the world): sums the buffer with ``dist.all_reduce`` (as an int64 CPU tensor, which
-    the gloo backend supports) and returns it."""
-    import torch
-    import torch.distributed as dist
-
-    if not dist.is_available() or not dist.is_initialized():
-        raise InvalidArgumentError(
-            "torch_all_reduce needs an initialised torch.distributed process group"
-        )
-
-    def all_reduce(buffer: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
-        tensor = torch.from_numpy(np.array(buffer, dtype=np.int64, copy=True))
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
-        return tensor.numpy()
-
-    return all_reduce
 
 
 @dataclass(frozen=True)
