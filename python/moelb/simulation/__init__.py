@@ -1,6 +1,6 @@
-"""The cluster simulator's parts, one concern per module (DESIGN section 7 and its overview's item 6: "Simulate a
-serving cluster"). Import the simulator from ``moelb.simulate`` (or ``moelb``): that module is its
-public face and documents what it measures.
+"""The cluster simulator's parts, one concern per module (DESIGN section 7 and its overview's
+item 6: "Simulate a serving cluster"). Import the simulator from ``moelb.simulate`` (or
+``moelb``): that module is its public face and documents what it measures.
 
 - ``presets``: model shapes (``ModelPreset``, ``MODEL_PRESETS``);
 - ``config``: what to simulate (``SimulationConfig``, ``parse_algorithm``);
