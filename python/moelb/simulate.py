@@ -22,11 +22,23 @@ would also count the model's dense layers as 1.0):
 - ``bound_*``: mean / the flat lower bound of the max GPU load of any placement, per step: no
   placement scores higher;
 - ``realised``, synthetic traffic only, token level, on the placements in service (windows >= 1):
-  for each dispatch model of ``config.dispatch`` (``moelb.dispatch``), each source rank's tokens
-  are dispatched as that model does, and ``waterfill_rank_loads`` adds the shared expert,
-  computed on the token's own rank (``shared_local``) or where Waterfill sends it
-  (``waterfill``). Replayed counts carry no tokens or source ranks, so ``realised`` is empty
-  there.
+  for each dispatch model of ``config.dispatch``, each source rank's tokens are dispatched as that
+  model does, and ``waterfill_rank_loads`` adds the shared expert, computed on the token's own
+  rank (``shared_local``) or where Waterfill sends it (``waterfill``). Replayed counts carry no
+  tokens or source ranks, so ``realised`` is empty there.
+
+The dispatch models (``SIMULATOR_DISPATCH``): the engines' models and moelb's table of
+``moelb.DISPATCH_ALGORITHMS`` (``moelb.dispatch``); moelb's per-step dispatch, ours
+(``BALANCED_DISPATCH``, DESIGN section 9): ``balanced`` (exact: the step's per-source counts
+all-gathered, ``balanced_assignment``, each rank's tokens by ``dispatch_by_assignment``; the
+optimal largest rank load of every step and layer), ``balanced_prob`` (the step's global counts,
+``balanced_fractions``, seeded per-token picks), ``balanced_offline`` (the fractions of the counts
+the placement in service was planned from, no per-step collective), ``balanced_joint`` (routed
+replicas and the shared expert balanced in one flow; its ``waterfill`` figure is that joint
+placement's, in place of Waterfill); and ``sglang_lp`` (``REFERENCE_DISPATCH``), a reference model
+of SGLang's ``--ep-dispatch-algorithm lp`` reproduced on the CPU for measurement only
+(``moelb.reference_dispatch``; SGLang serves it on Hopper for whitelisted models, not
+DeepSeek-V4). ``moelb.simulation.token_level`` documents each.
 
 Balancedness from counts splits each expert's load equally over its replicas (what EPLB plans
 for); the realised figures come from the dispatched tokens, which the engines do not split
@@ -41,8 +53,14 @@ traffic, scoring, the placement policies, token-level dispatch, the results and 
 
 from __future__ import annotations
 
-from .simulation.config import LOCALITIES as LOCALITIES
-from .simulation.config import SimulationConfig, parse_algorithm
+from .simulation.config import (
+    BALANCED_DISPATCH,
+    LOCALITIES,
+    REFERENCE_DISPATCH,
+    SIMULATOR_DISPATCH,
+    SimulationConfig,
+    parse_algorithm,
+)
 from .simulation.driver import Progress as Progress
 from .simulation.driver import simulate
 from .simulation.presets import MODEL_PRESETS, ModelPreset
@@ -51,7 +69,11 @@ from .simulation.scoring import score_steps, step_lower_bounds
 from .simulation.traffic import BURST_TOPICS as BURST_TOPICS
 
 __all__ = [
+    "BALANCED_DISPATCH",
+    "LOCALITIES",
     "MODEL_PRESETS",
+    "REFERENCE_DISPATCH",
+    "SIMULATOR_DISPATCH",
     "AlgorithmResult",
     "DispatchResult",
     "ModelPreset",

@@ -208,6 +208,191 @@ def test_dispatch_config_errors() -> None:
             moelb.simulate(dataclasses.replace(SMALL, dispatch=bad))
 
 
+# ------------------------------------------------------------------------------------------------
+# moelb's per-step dispatch (ours) and SGLang lp's reference model in the simulator (issue 19).
+
+ENGINE_MODELS = tuple(d for d in moelb.DISPATCH_ALGORITHMS if d != "equal_split")  # per token
+PER_STEP = ("balanced", "balanced_prob", "balanced_offline", "balanced_joint", "sglang_lp")
+
+
+def hall_optimum(counts: np.ndarray, location: moelb.ExpertLocation, layer: int) -> int:
+    """The least integer largest rank load of any split of ``counts`` [E] over the replicas,
+    by Hall's condition over sets of ranks (independent of the max-flow): every set G of ranks
+    must take the experts whose replicas all lie in G, so the optimum is
+    max over G of ceil(sum of those counts / |G|) (an integral split attains it)."""
+    W, S = location.ep_size, location.num_local_physical_experts
+    masks = np.zeros(location.num_logical_experts, dtype=np.int64)
+    ranks = np.arange(location.num_physical_experts) // S
+    np.bitwise_or.at(masks, location.physical_to_logical[layer], 1 << ranks)
+    best = 0
+    for group in range(1, 1 << W):
+        inside = counts[(masks & ~group) == 0].sum()
+        best = max(best, -(-int(inside) // bin(group).count("1")))
+    return best
+
+
+@pytest.fixture(scope="module")
+def served_step() -> tuple:
+    """One step of DeepSeek-V3 traffic on 8 ranks, the token level and a moelb placement (with
+    replicas) planned on two earlier steps, the step's routed ids and its per-source counts."""
+    from moelb.simulation.policies import Policy
+    from moelb.simulation.token_level import TokenLevel
+    from moelb.simulation.traffic import SyntheticRouting
+
+    config = dataclasses.replace(SMALL, num_tokens=1024, bursts=1.0)
+    preset = config.preset()
+    layer_ids = np.arange(preset.first_moe_layer, preset.first_moe_layer + config.num_layers)
+    routing = SyntheticRouting(preset, layer_ids, config)
+    for step in range(2):
+        routing.route(step)
+    plan = moelb.rebalance(
+        routing.window_counts().sum(axis=0, dtype=np.float64), 272, preset.num_groups, 2, 8
+    )
+    policy = Policy("moelb", "moelb", "auto", "total", plan.location)
+    routed = routing.route(2)
+    token_level = TokenLevel(config, 272)
+    return token_level, policy, routed, token_level.source_counts(routed)
+
+
+def test_per_step_models_run_end_to_end() -> None:
+    config = dataclasses.replace(
+        SMALL, algorithms=("moelb", "moelb:none"), dispatch=(*ENGINE_MODELS, *PER_STEP)
+    )
+    result = moelb.simulate(config)
+    for a in result.algorithms.values():
+        r = a.realised
+        assert set(r) == set(config.dispatch)
+        for d in r.values():
+            assert 0 < d.routed <= 1 and 0 < d.shared_local <= 1 and 0 < d.waterfill <= 1
+        # balanced is the optimum of every step and layer: no model realises a lower peak.
+        for other in (*ENGINE_MODELS, "balanced_prob", "balanced_offline", "sglang_lp"):
+            assert r["balanced"].routed >= r[other].routed - 1e-12, (a.name, other)
+        # The joint flow's routed + shared peak is the least of any placement of both; its
+        # routed part alone leaves room for the shared expert.
+        for other in (*ENGINE_MODELS, "balanced", "balanced_prob", "balanced_offline"):
+            assert r["balanced_joint"].waterfill >= r[other].waterfill - 1e-12, (a.name, other)
+        assert r["balanced_joint"].routed <= r["balanced"].routed + 1e-12
+    # Without Waterfill the joint flow still places the shared expert (its own figure).
+    off = moelb.simulate(dataclasses.replace(config, waterfill=None, dispatch=PER_STEP))
+    for a in off.algorithms.values():
+        assert a.realised["balanced"].waterfill is None
+        assert a.realised["balanced_joint"].waterfill == pytest.approx(
+            result.algorithms[a.name].realised["balanced_joint"].waterfill, rel=1e-12
+        )
+
+
+def test_balanced_realises_the_optimum_of_every_step(served_step: tuple) -> None:
+    token_level, policy, routed, source = served_step
+    location = policy.current
+    S = location.num_local_physical_experts
+    bounds = token_level.bounds_tokens
+    dispatched = token_level.dispatch(policy, "balanced", routed, 2)
+    engines = {d: token_level.dispatch(policy, d, routed, 2) for d in ENGINE_MODELS}
+    for layer, (ids, physical) in enumerate(zip(routed, dispatched, strict=True)):
+        p2l = location.physical_to_logical[layer]
+        assert np.array_equal(p2l[physical], ids)  # every pair on a replica of its expert
+        rebuilt = np.stack(  # each source rank's counts, rebuilt from the dispatched ids
+            [np.bincount(p2l[physical[bounds[r] : bounds[r + 1]]].ravel(), minlength=256)
+             for r in range(8)]
+        )  # fmt: skip
+        np.testing.assert_array_equal(rebuilt, source[layer])
+        loads = np.bincount(physical.ravel() // S, minlength=8)
+        optimum = hall_optimum(rebuilt.sum(axis=0), location, layer)
+        assert loads.max() == optimum
+        for name, other in engines.items():
+            assert np.bincount(other[layer].ravel() // S, minlength=8).max() >= optimum, name
+    assert any(  # the test has teeth: some engine model misses the optimum
+        np.bincount(other[layer].ravel() // S, minlength=8).max()
+        > hall_optimum(source[layer].sum(axis=0), location, layer)
+        for other in engines.values()
+        for layer in range(len(routed))
+    )
+
+
+def test_balanced_joint_places_routed_and_shared_at_the_joint_optimum(served_step: tuple) -> None:
+    from moelb.simulation.token_level import per_rank_shared_location
+
+    token_level, policy, routed, source = served_step
+    location = policy.current
+    joint = per_rank_shared_location(location)
+    assert (joint.num_logical_experts, joint.num_physical_experts) == (257, 8 * 35)
+    np.testing.assert_array_equal(joint.physical_to_logical[:, 34::35], 256)
+    dispatched = token_level.dispatch(policy, "balanced_joint", routed, 2)
+    balanced = token_level.dispatch(policy, "balanced", routed, 2)
+    bounds = token_level.bounds_tokens
+    for layer, (ids, physical) in enumerate(zip(routed, dispatched, strict=True)):
+        assert physical.shape == (1024, ids.shape[1] + 1)
+        routed_slots, shared_slots = physical[:, :-1], physical[:, -1]
+        # Routed pairs on a replica of their expert (slot p of rank r is r * 35 + p % 34).
+        plain = routed_slots - routed_slots // 35
+        np.testing.assert_array_equal(location.physical_to_logical[layer][plain], ids)
+        assert np.all(shared_slots % 35 == 34)  # every token's shared expert in a shared slot
+        load = np.bincount(physical.ravel() // 35, minlength=8)
+        # Independently: the shared expert may go to any rank, so the joint optimum is Hall's
+        # bound of the routed counts and of all the work over all ranks.
+        counts = source[layer].sum(axis=0)
+        optimum = max(hall_optimum(counts, location, layer), -(-(counts.sum() + 1024) // 8))
+        assert load.max() == optimum
+        # No worse than SGLang's Waterfill after the balanced routed split.
+        batches = [balanced[layer][bounds[r] : bounds[r + 1]] for r in range(8)]
+        waterfill = moelb.waterfill_rank_loads(batches, 272, mode="dynamic")
+        assert load.max() <= waterfill.load_waterfill.max()
+        assert load.sum() == waterfill.load_waterfill.sum()
+        # The joint score: routed, routed + own-rank shared, routed + joint shared.
+        scores = token_level._joint(physical)
+        routed_load = np.bincount(routed_slots.ravel() // 35, minlength=8)
+        assert scores[2] == pytest.approx(moelb.utilization_rate(load.mean(), load.max()))
+        assert scores[0] == pytest.approx(
+            moelb.utilization_rate(routed_load.mean(), routed_load.max())
+        )
+
+
+def test_balanced_offline_uses_the_planning_windows_counts(served_step: tuple) -> None:
+    """With the planning window's counts equal to the step's, balanced_offline's fractions are
+    balanced_prob's: the same picks from the same seed."""
+    token_level, policy, routed, source = served_step
+    policy.expect(source.sum(axis=1))
+    offline = token_level.dispatch(policy, "balanced_offline", routed, 2)
+    prob = token_level.dispatch(policy, "balanced_prob", routed, 2)
+    for a, b in zip(offline, prob, strict=True):
+        np.testing.assert_array_equal(a, b)
+    policy.expect(np.ones_like(source.sum(axis=1)))  # a flat expectation: other fractions
+    flat = token_level.dispatch(policy, "balanced_offline", routed, 2)
+    assert any(not np.array_equal(a, b) for a, b in zip(flat, prob, strict=True))
+
+
+def test_simulator_dispatch_names() -> None:
+    from moelb.simulate import BALANCED_DISPATCH, REFERENCE_DISPATCH, SIMULATOR_DISPATCH
+
+    assert SIMULATOR_DISPATCH == moelb.DISPATCH_ALGORITHMS + BALANCED_DISPATCH + REFERENCE_DISPATCH
+    assert set(PER_STEP) == set(BALANCED_DISPATCH) | set(REFERENCE_DISPATCH)
+    assert not set(PER_STEP) & set(moelb.DISPATCH_ALGORITHMS)  # engine-side names unchanged
+    with pytest.raises(moelb.InvalidArgumentError, match="'balance' is not a dispatch model") as e:
+        moelb.simulate(dataclasses.replace(SMALL, dispatch=("balanced", "balance")))
+    for name in SIMULATOR_DISPATCH:  # the message lists every valid name
+        assert repr(name) in str(e.value)
+
+
+def test_per_step_models_from_the_command_line(capsys: pytest.CaptureFixture[str]) -> None:
+    from moelb.cli import main
+
+    args = ["simulate", "--ep-size", "8", "--num-nodes", "2", "--num-redundant-experts", "16",
+            "--num-tokens", "256", "--num-steps", "4", "--rebalance-period", "2",
+            "--num-layers", "2", "--algorithms", "moelb"]  # fmt: skip
+    assert main([*args, "--dispatch", "balanced", "balanced_joint", "sglang_lp"]) == 0
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if line.startswith("placement") and
+                  "balanced" in line)  # fmt: skip
+    assert header.split() == ["placement", "planned", "balanced", "+WF", "balanced_joint",
+                              "+joint", "sglang_lp", "+WF"]  # fmt: skip
+    assert "reference model of SGLang's --ep-dispatch-algorithm lp" in out
+    with pytest.raises(SystemExit) as e:
+        main([*args, "--dispatch", "lp"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "invalid choice: 'lp'" in err and "balanced_joint" in err
+
+
 def test_v4_hash_layers() -> None:
     config = dataclasses.replace(
         SMALL, model="deepseek-v4-flash", num_layers=4, algorithms=("moelb",)

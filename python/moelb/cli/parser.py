@@ -15,7 +15,13 @@ import numpy as np
 from .. import __version__
 from ..dispatch import DISPATCH_ALGORITHMS
 from ..eplb import ALGORITHMS, DEFAULT_MOVE_COST, OBJECTIVES
-from ..simulate import MODEL_PRESETS, SimulationConfig
+from ..simulate import (
+    BALANCED_DISPATCH,
+    MODEL_PRESETS,
+    REFERENCE_DISPATCH,
+    SIMULATOR_DISPATCH,
+    SimulationConfig,
+)
 from .inspect_cmd import inspect_command
 from .rebalance_cmd import rebalance_command
 from .simulate_cmd import DEMO_CONFIG, demo, simulate_command
@@ -174,11 +180,18 @@ def _add_simulate(sub: Any) -> None:
     p.add_argument(
         "--dispatch",
         nargs="+",
-        choices=DISPATCH_ALGORITHMS,
+        choices=SIMULATOR_DISPATCH,
         default=None,
         metavar="NAME",
-        help=f"dispatch models the realised figures use: {', '.join(DISPATCH_ALGORITHMS)} "
-        "(default sglang_static: SGLang's default with DeepEP; moelb_static is ours)",
+        help="dispatch models the realised figures use. The engines': "
+        f"{', '.join(d for d in DISPATCH_ALGORITHMS if d != 'moelb_static')} (default "
+        "sglang_static: SGLang's default with DeepEP). Ours: moelb_static (a coordinated table) "
+        f"and the per-step split {', '.join(BALANCED_DISPATCH)} (balanced: exact, one "
+        "all-gather of the counts; balanced_prob: per-replica fractions, one all-reduce; "
+        "balanced_offline: fractions of the planning window, no collective; balanced_joint: "
+        "routed and shared expert in one flow, its +joint figure in place of Waterfill). "
+        f"Reference model, for measurement only: {', '.join(REFERENCE_DISPATCH)} (SGLang's "
+        "--ep-dispatch-algorithm lp reproduced on the CPU)",
     )
     p.add_argument("--trace", default=None, help="replay this recorder dump (.pt/.npz/.json)")
     p.add_argument(

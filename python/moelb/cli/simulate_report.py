@@ -61,15 +61,15 @@ def simulation_table(result: SimulationResult) -> str:
 def realised_table(result: SimulationResult) -> str | None:
     """The realised table: per placement, the planned balancedness beside what each dispatch
     model realises at token level: routed experts only, and with the shared expert placed by
-    Waterfill (the shared expert on each token's own rank is in the JSON, ``shared_local``).
-    None for replayed counts (no tokens)."""
+    Waterfill (by the joint flow under ``balanced_joint``: "+joint"; the shared expert on each
+    token's own rank is in the JSON, ``shared_local``). None for replayed counts (no tokens)."""
     dispatch = result.config.dispatch
     first = next(iter(result.algorithms.values()))
     if not first.realised:
         return None
     headers = ["placement", "planned"]
     for name in dispatch:
-        headers += [name, "+WF"]
+        headers += [name, "+joint" if name == "balanced_joint" else "+WF"]
     rows = []
     for name, a in result.algorithms.items():
         row = [name, fixed(a.predictive)]
@@ -157,4 +157,10 @@ engine does (sglang_static: SGLang's default with DeepEP for a placement loaded 
 --init-expert-location; sglang_static_runtime: its table after its own runtime rebalance;
 sglang_dynamic: a random replica after SGLang's per-rank collapse; moelb_static: our coordinated
 table; the others: moelb.dispatch), routed experts only; +WF: plus the shared expert placed by
-Waterfill. moved/rebal: expert slots rewritten per rebalance (GB: their FP8 weights)."""
+Waterfill. Ours, per step: balanced (every rank's counts all-gathered, the exact split at the
+optimal largest GPU load), balanced_prob (per-replica fractions of the all-reduced counts, seeded
+picks), balanced_offline (fractions of the window the plan was made from, no collective),
+balanced_joint (routed and shared expert in one flow; +joint: its routed + shared load, in place
+of Waterfill). sglang_lp: a reference model of SGLang's --ep-dispatch-algorithm lp (its LP, 5
+float32 iterations, 0.5 fallback), reproduced for measurement only.
+moved/rebal: expert slots rewritten per rebalance (GB: their FP8 weights)."""

@@ -13,10 +13,32 @@ from ..dispatch import DISPATCH_ALGORITHMS
 from ..eplb import ALGORITHMS, OBJECTIVES
 from .presets import MODEL_PRESETS, ModelPreset
 
-__all__ = ["LOCALITIES", "SimulationConfig", "parse_algorithm"]
+__all__ = [
+    "BALANCED_DISPATCH",
+    "LOCALITIES",
+    "REFERENCE_DISPATCH",
+    "SIMULATOR_DISPATCH",
+    "SimulationConfig",
+    "parse_algorithm",
+]
 
 
 LOCALITIES = ("auto", "node", "none")
+
+#: moelb's per-step dispatch as the simulator realises it (ours; DESIGN section 9), beside the
+#: engines' models: ``balanced`` (exact: every rank's counts all-gathered, ``balanced_assignment``,
+#: each rank's tokens by ``dispatch_by_assignment``), ``balanced_prob`` (the step's global counts
+#: all-reduced, ``balanced_fractions``, seeded per-token picks), ``balanced_offline`` (fractions
+#: from the counts of the window the placement in service was planned from: no per-step
+#: collective), ``balanced_joint`` (the routed replicas and the shared expert balanced in one
+#: flow, in place of Waterfill).
+BALANCED_DISPATCH = ("balanced", "balanced_prob", "balanced_offline", "balanced_joint")
+#: Reference models of other engines' per-step solvers, for measurement only
+#: (``moelb.reference_dispatch``): ``sglang_lp``, SGLang's ``--ep-dispatch-algorithm lp``.
+REFERENCE_DISPATCH = ("sglang_lp",)
+#: Every dispatch model the simulator realises: the engines' and moelb's table models
+#: (``moelb.DISPATCH_ALGORITHMS``), then moelb's per-step models, then the reference models.
+SIMULATOR_DISPATCH = DISPATCH_ALGORITHMS + BALANCED_DISPATCH + REFERENCE_DISPATCH
 
 
 def parse_algorithm(spec: str) -> tuple[str, str, str]:
@@ -58,7 +80,9 @@ class SimulationConfig:
         ``"moelb:none:step_peak"`` plans each window against its per-step peaks, see
         ``rebalance(objective=)``); the trivial placement is always scored.
     waterfill: ``"dynamic"``, ``"static"`` or None (no Waterfill column).
-    dispatch: the dispatch models the token-level figures realise (``moelb.DISPATCH_ALGORITHMS``).
+    dispatch: the dispatch models the token-level figures realise (``SIMULATOR_DISPATCH``: the
+        engines' models of ``moelb.DISPATCH_ALGORITHMS``, moelb's per-step ``BALANCED_DISPATCH``
+        and the measurement-only ``REFERENCE_DISPATCH``; ``moelb.simulate``'s module doc).
         Default ``"sglang_static"``: SGLang's default with DeepEP for a placement loaded with
         ``--init-expert-location`` (how a moelb plan reaches SGLang). SGLang's own runtime
         rebalance (``--enable-eplb``) builds its table with ``"sglang_static_runtime"``; the
@@ -135,10 +159,10 @@ class SimulationConfig:
         if not self.dispatch:
             raise InvalidArgumentError("dispatch must name at least one dispatch model")
         for name in self.dispatch:
-            if name not in DISPATCH_ALGORITHMS:
+            if name not in SIMULATOR_DISPATCH:
                 raise InvalidArgumentError(
                     f"dispatch: {name!r} is not a dispatch model; expected one of "
-                    f"{DISPATCH_ALGORITHMS}"
+                    f"{SIMULATOR_DISPATCH}"
                 )
         if len(set(self.dispatch)) != len(self.dispatch):
             raise InvalidArgumentError(f"dispatch lists one twice: {list(self.dispatch)}")

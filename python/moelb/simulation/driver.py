@@ -55,6 +55,8 @@ def simulate(config: SimulationConfig, progress: Progress | None = None) -> Simu
     policies = make_policies(config, run.cluster.trivial(len(traffic.layer_ids)))
     num_windows = -(-traffic.num_steps // config.rebalance_period)
     bounds = [_run_window(run, traffic, policies, window) for window in range(num_windows)]
+    if isinstance(traffic, _Synthetic):
+        run.notes.extend(traffic.token_level.notes())
     return _simulation_result(run, traffic, policies, bounds, start_all)
 
 
@@ -137,9 +139,11 @@ def _run_window(
     run.timings["scoring"] += time.perf_counter() - t0
     # Plan on this window; the plan serves the next one.
     window_load = counts.sum(axis=0, dtype=np.float64)
+    window_counts = counts.sum(axis=0, dtype=np.int64)
     for policy in policies:
         if policy.algorithm is not None:
             policy.replan(counts, window_load, bound, run.cluster, run.timings)
+        policy.expect(window_counts)
     traffic.window_done(last)
     return bound_balancedness
 

@@ -78,6 +78,13 @@ class Policy:
     rank_load_steps: int = 0
     min_gap: float = float("inf")
     tables: dict[str, npt.NDArray[np.int32]] = field(default_factory=dict)  # [W, L, E] each
+    # The counts [L, E] of the window the placement in service was planned from (the trivial
+    # placement: the last window's), and what the token level derives from them and from the
+    # placement: balanced_offline's fractions [L, E, X], balanced_joint's per-rank shared-slot
+    # placement.
+    planned_from: npt.NDArray[np.int64] | None = None
+    offline_fractions: npt.NDArray[np.float64] | None = None
+    joint_location: ExpertLocation | None = None
 
     def score_in_service(
         self, counts: npt.NDArray[np.int32], bound: npt.NDArray[np.float64], window: int
@@ -136,6 +143,13 @@ class Policy:
         self.moved_bytes.append(int(plan.stats.moved_bytes or 0))
         self.plan_seconds.append(plan.stats.wall_time_seconds)
         self.tables = {}
+        self.joint_location = None
+
+    def expect(self, window_counts: npt.NDArray[np.int64]) -> None:
+        """Records the summed counts [L, E] of the window just scored: what the placement that
+        serves the next window was planned from (the expected counts of balanced_offline)."""
+        self.planned_from = window_counts
+        self.offline_fractions = None
 
 
 def make_policies(config: SimulationConfig, trivial: ExpertLocation) -> list[Policy]:
