@@ -190,6 +190,7 @@ def balanced_split(
     max-flow, deterministically: the same output for any thread count and on every rank that
     computes it from the same counts.
     """
+    layer = None if layer is None else _layer_index(layer, location)
     return _core.balanced_split(counts, location, fixed_loads, layer)
 
 
@@ -214,6 +215,7 @@ def balanced_assignment(
     rank of its node, ``DISPATCH_COST_OTHER_NODE`` = 2 on another node): a min-cost flow at that
     makespan. Deterministic like ``balanced_split``.
     """
+    layer = None if layer is None else _layer_index(layer, location)
     return _core.balanced_assignment(source_counts, location, fixed_loads, layer)
 
 
@@ -243,7 +245,9 @@ def balanced_fractions(
 
 
 def _layer_index(layer: int | None, location: ExpertLocation) -> int:
-    if layer is None or isinstance(layer, bool) or not 0 <= int(layer) < location.num_layers:
+    if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):
+        raise InvalidArgumentError(f"layer must be an int, got {layer!r}")
+    if not 0 <= int(layer) < location.num_layers:
         raise InvalidArgumentError(
             f"layer={layer!r} is outside [0, num_layers={location.num_layers})"
         )
@@ -442,9 +446,14 @@ def dispatch_balanced(
     Each (token, column) then draws a replica with the probabilities of
     ``balanced_fractions`` of the sum (``dispatch_by_fractions``, seeded by ``seed``, ``layer``
     and ``ep_rank``): the optimum in expectation, SGLang ``lp``'s contract with the exact split.
+    Pass a new ``seed`` every step (e.g. the step number): with a fixed seed a steady batch draws
+    the same picks every step.
 
     ep_rank: this rank in [0, ``location.ep_size``): its row of the gathered counts (checked to
     be its own counts, so a gather out of rank order is refused).
+
+    Every rank must reach the collective: an error raised on one rank before it (bad ids, layer,
+    ep_rank) leaves the others waiting in it until the process group's timeout.
     """
     if not isinstance(location, ExpertLocation):
         raise InvalidArgumentError(

@@ -91,6 +91,8 @@ def save_placement(
     key would stop it from starting. The fractions file is written first, then the placement,
     each atomically; an error leaves both as they were (a failure between the two leaves a
     fractions file whose map no longer matches, which ``load_placement_fractions`` refuses).
+    Without ``fractions``, a fractions file left beside ``path`` by an earlier save is removed
+    (it would describe another window's counts).
     """
     if not isinstance(location, ExpertLocation):
         raise InvalidArgumentError(
@@ -105,6 +107,10 @@ def save_placement(
         text = "{" + f'"{FRACTIONS_KEY}": [\n{layers}\n],\n"{PLACEMENT_KEY}": {map_text}' + "}\n"
         atomic_write_bytes(placement_fractions_path(path), text.encode())
     atomic_write_bytes(path, ("{" + f'"{PLACEMENT_KEY}": {map_text}' + "}\n").encode())
+    if fractions is None:
+        # Fractions of an earlier save would describe another window: never leave them beside
+        # a placement written without any.
+        placement_fractions_path(path).unlink(missing_ok=True)
 
 
 def _map_json(location: ExpertLocation) -> str:

@@ -82,8 +82,11 @@ def select_experts(
         counts -> every rank's [W, E], e.g. ``moelb.torch_all_gather()``) and realises the
         optimum at token level; 'balanced_prob' takes ``all_reduce`` ([E] int64 -> the sum, e.g.
         ``moelb.torch_all_reduce()``) and draws each token's replica with the optimal
-        fractions, seeded by ``seed``, ``layer`` and ``ep_rank``. Both need ``location`` and
-        ``layer``; ``ep_rank`` is this rank's row of the gather.
+        fractions, seeded by ``seed``, ``layer`` and ``ep_rank`` (pass a new ``seed`` every
+        step, e.g. the step number: with a fixed seed a steady batch draws the same picks each
+        step). Both need ``location`` and ``layer``; ``ep_rank`` is this rank's row of the
+        gather. Every rank must reach the collective: an error raised on one rank before it
+        (bad ids, layer, ep_rank) leaves the others waiting in it.
     recorder: an ``ExpertDistributionRecorder`` that counts the routed columns
         (``recorder_topk_ids``, never the shared column) into its current layer scope; with
         ``layer`` given, that scope must be ``layer``. The ids must be slots of the recorder's

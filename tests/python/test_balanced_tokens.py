@@ -615,3 +615,19 @@ def test_an_empty_batch_still_joins_the_collective(dispatch: str) -> None:
         )
         assert out.topk_ids.shape == (rows, 2) and (out.topk_ids == -1).all()
     assert len(calls) == 2 and all((c == 0).all() and c.shape == (8,) for c in calls)
+
+
+def test_layer_must_be_an_int_everywhere() -> None:
+    """A bool or a float is not a layer (True was read as layer 1 by balanced_split)."""
+    rng = np.random.default_rng(9)
+    location = random_location(rng, 6, 4, 3, 2)
+    counts = np.full(6, 4)
+    for bad in (True, 1.0, "1"):
+        with pytest.raises(moelb.InvalidArgumentError, match="layer must be an int"):
+            moelb.balanced_split(counts, location, layer=bad)
+        with pytest.raises(moelb.InvalidArgumentError, match="layer must be an int"):
+            moelb.balanced_assignment(np.tile(counts, (4, 1)), location, layer=bad)
+    np.testing.assert_array_equal(
+        moelb.balanced_split(counts, location, layer=np.int64(1)),
+        moelb.balanced_split(counts, location, layer=1),
+    )

@@ -207,6 +207,18 @@ def test_fractions_round_trip_beside_the_placement(tmp_path: Path) -> None:
     np.testing.assert_array_equal(loaded.physical_to_logical[2][out], ids)
 
 
+def test_saving_without_fractions_removes_stale_ones(tmp_path: Path) -> None:
+    """Fractions of an earlier save describe another window: a save without fractions removes
+    them, so they are never read back beside the new placement (even when its map is equal)."""
+    loc = sample_location()
+    path = tmp_path / "placement.json"
+    moelb.save_placement(loc, path, fractions=window_fractions(loc))
+    assert moelb.load_placement_fractions(path, loc) is not None
+    moelb.save_placement(loc, path)
+    assert moelb.load_placement_fractions(path, loc) is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["placement.json"]
+
+
 def test_no_fractions_file_gives_none(tmp_path: Path) -> None:
     path = tmp_path / "placement.json"
     moelb.save_placement(sample_location(), path)
@@ -228,7 +240,9 @@ def test_fractions_of_another_placement_are_refused(tmp_path: Path) -> None:
     path = tmp_path / "placement.json"
     moelb.save_placement(loc, path, fractions=window_fractions(loc))
     other = moelb.ExpertLocation.trivial(3, 16, 24, ep_size=4, num_nodes=2)
-    moelb.save_placement(other, path)  # the map changes, the old fractions file stays
+    # The map changes under the fractions file (a crash between the two writes, or another
+    # tool rewriting placement.json): the fractions no longer belong to it.
+    path.write_text(json.dumps({"physical_to_logical_map": other.physical_to_logical.tolist()}))
     with pytest.raises(moelb.InvalidArgumentError, match="written for another placement"):
         moelb.load_placement_fractions(path, moelb.load_placement(path, 4, 2))
     with pytest.raises(moelb.InvalidArgumentError, match="location must be an ExpertLocation"):
