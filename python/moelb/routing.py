@@ -113,8 +113,45 @@ def select_experts(
         "sglang_static" if collective else dispatch,
         seed,
     )
-    if collective:
-        assert location is not None and layer is not None  # checked by _check_collective
+    return _after_routing(
+        TopKOutput(ids, weights, recorder_ids),
+        router_logits,
+        location=location,
+        layer=layer,
+        ep_rank=ep_rank,
+        dispatch=dispatch if collective else None,
+        seed=seed,
+        all_gather=all_gather,
+        all_reduce=all_reduce,
+        recorder=recorder,
+        waterfill=waterfill,
+        num_tokens=num_tokens,
+        is_decode=is_decode,
+    )
+
+
+def _after_routing(
+    out: TopKOutput,
+    router_logits: Any,
+    *,
+    location: ExpertLocation | None,
+    layer: int | None,
+    ep_rank: int,
+    dispatch: str | None,
+    seed: int,
+    all_gather: Any,
+    all_reduce: Any,
+    recorder: Any,
+    waterfill: Any,
+    num_tokens: int | None,
+    is_decode: bool,
+) -> TopKOutput:
+    """What select_experts and HashRouter.select do after the core routed: a collective
+    dispatch (``dispatch`` given: the core returned logical ids), the recorder, Waterfill."""
+    ids, weights, recorder_ids = out
+    if dispatch is not None:
+        if location is None or layer is None:  # _check_collective refused this already
+            raise InvalidArgumentError(f"dispatch={dispatch!r} needs location and layer")
         ids, recorder_ids = _dispatch_collective(
             ids,
             recorder_ids,
@@ -298,25 +335,21 @@ class HashRouter(_core.HashRouter):
             "sglang_static" if collective else dispatch,
             seed,
         )
-        if collective:
-            assert location is not None and layer is not None  # checked by _check_collective
-            ids, recorder_ids = _dispatch_collective(
-                ids,
-                recorder_ids,
-                router_logits,
-                location,
-                layer,
-                ep_rank,
-                dispatch,
-                seed,
-                all_gather,
-                all_reduce,
-            )
-        if recorder is not None:
-            _record(recorder, recorder_ids, router_logits, location, layer)
-        if waterfill is not None:
-            ids, weights = _expand(waterfill, recorder_ids, weights, num_tokens, is_decode)
-        return TopKOutput(ids, weights, recorder_ids)
+        return _after_routing(
+            TopKOutput(ids, weights, recorder_ids),
+            router_logits,
+            location=location,
+            layer=layer,
+            ep_rank=ep_rank,
+            dispatch=dispatch if collective else None,
+            seed=seed,
+            all_gather=all_gather,
+            all_reduce=all_reduce,
+            recorder=recorder,
+            waterfill=waterfill,
+            num_tokens=num_tokens,
+            is_decode=is_decode,
+        )
 
 
 def remap_topk_for_per_rank_shared_slots(
