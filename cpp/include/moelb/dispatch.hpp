@@ -28,7 +28,7 @@
 //                               shared evenly among the node's ranks that have none, else all
 //                               replicas shared evenly among the ranks of nodes that hold none.
 //   balanced_split /            the exact per-step split of the tokens over the replicas at the
-//   balanced_assignment         optimal largest rank load (below; cpp/src/balanced_split.cpp).
+//   balanced_assignment         optimal largest rank load (below; cpp/src/balanced_flow.hpp).
 //
 // Tables are [L, E] per rank (kSglangStatic, kSglangStaticRuntime, kMoelbStatic); the other models
 // pick per token. Token rows are the row within the source rank's batch, except for

@@ -1,0 +1,95 @@
+// The input checks balanced_split and balanced_assignment share (ours; DESIGN section 9 and its
+// "Conventions": bad input raises InvalidArgument naming the Python parameter and the offending
+// value; reference/dispatch.md section 7 asks for integer counts n_e >= 0 and fixed loads f_g >=
+// 0): the layer argument, the shape of fixed_loads, and every layer's counts and fixed loads
+// (>= 0, summing within int64 so that no flow capacity overflows), the first bad entry named.
+#include <sstream>
+#include <string>
+
+#include "balanced_flow.hpp"
+#include "moelb/errors.hpp"
+
+namespace moelb::detail {
+namespace {
+
+// Checks one layer's fixed loads (>= 0) and returns their sum.
+std::int64_t fixed_sum(ConstMatrixMap<std::int64_t> fixed_loads, Index row, const Naming& name,
+                       int layer) {
+    if (fixed_loads.size() == 0) return 0;
+    std::int64_t sum = 0;
+    for (Index r = 0; r < fixed_loads.cols(); ++r) {
+        const std::int64_t f = fixed_loads(row, r);
+        MOELB_CHECK_ARG(f >= 0, name.at(row, r) << " = " << f << " is negative");
+        MOELB_CHECK_ARG(!__builtin_add_overflow(sum, f, &sum), name.of_layer(layer)
+                                                                   << " sums past the int64 range");
+    }
+    return sum;
+}
+
+}  // namespace
+
+std::string Naming::at(Index row, Index col) const {
+    std::ostringstream os;
+    os << param << "[";
+    if (!one_layer) os << row << ", ";
+    os << col << "]";
+    return os.str();
+}
+
+std::string Naming::at(Index row, Index source, Index col) const {
+    std::ostringstream os;
+    os << param << "[";
+    if (!one_layer) os << row << ", ";
+    os << source << ", " << col << "]";
+    return os.str();
+}
+
+std::string Naming::of_layer(int layer) const {
+    std::ostringstream os;
+    os << param;
+    if (!one_layer) os << " of layer " << layer;
+    return os.str();
+}
+
+Shape check_layers(const ExpertLocation& loc, int layer) {
+    if (layer < 0) return {loc.num_layers(), 0, false};
+    MOELB_CHECK_ARG(layer < loc.num_layers(),
+                    "layer=" << layer << " is outside [0, num_layers=" << loc.num_layers() << ")");
+    return {1, layer, true};
+}
+
+void check_fixed_loads(const ExpertLocation& loc, const Shape& shape,
+                       ConstMatrixMap<std::int64_t> fixed_loads) {
+    if (fixed_loads.size() == 0) return;
+    const int W = loc.ep_size();
+    if (shape.one_layer) {
+        MOELB_CHECK_ARG(fixed_loads.rows() == 1 && fixed_loads.cols() == W,
+                        "fixed_loads has " << fixed_loads.size() << " entries but ep_size=" << W);
+    } else {
+        MOELB_CHECK_ARG(fixed_loads.rows() == shape.layers && fixed_loads.cols() == W,
+                        "fixed_loads has shape (" << fixed_loads.rows() << ", "
+                                                  << fixed_loads.cols() << ") but the location has "
+                                                  << shape.layers << " layers and ep_size=" << W);
+    }
+}
+
+void check_counts(const Shape& shape, ConstMatrixMap<std::int64_t> counts, int sources,
+                  const Naming& name, ConstMatrixMap<std::int64_t> fixed_loads) {
+    const Naming fixed_name{"fixed_loads", shape.one_layer};
+    for (Index row = 0; row < shape.layers; ++row) {
+        const int l = shape.first + static_cast<int>(row);
+        std::int64_t sum = fixed_sum(fixed_loads, row, fixed_name, l);
+        for (int s = 0; s < sources; ++s) {
+            for (Index e = 0; e < counts.cols(); ++e) {
+                const std::int64_t n = counts(row * sources + s, e);
+                MOELB_CHECK_ARG(n >= 0, (name.per_source ? name.at(row, s, e) : name.at(row, e))
+                                            << " = " << n << " is negative");
+                MOELB_CHECK_ARG(!__builtin_add_overflow(sum, n, &sum),
+                                name.of_layer(l) << (fixed_loads.size() ? " and fixed_loads" : "")
+                                                 << " sum past the int64 range");
+            }
+        }
+    }
+}
+
+}  // namespace moelb::detail

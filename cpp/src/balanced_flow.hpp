@@ -1,0 +1,234 @@
+// Private to moelb's exact per-step split (ours; DESIGN section 9, reference/dispatch.md section
+// 7; the public side is balanced_split / balanced_assignment in moelb/dispatch.hpp): what its
+// files share. One file per concern:
+//
+//   makespan_flow.cpp        MakespanFlow: one layer's split at the optimal largest rank load
+//                            ceil(T*), a max-flow started at the Hall bounds of its components
+//                            and raised by Hall (min-cut) steps
+//   min_cost_flow.cpp        MinCostFlow: a generic min-cost max-flow (primal-dual)
+//   balanced_checks.cpp      the input checks both public functions share (layer, fixed loads,
+//                            counts >= 0 and their sums within int64), naming the bad entry
+//   balanced_split.cpp       balanced_split(): checks -> per layer the makespan flow -> slots
+//   balanced_assignment.cpp  balanced_assignment(): checks -> per layer the makespan flow on the
+//                            summed counts, a min-cost flow at that makespan -> per-source slots
+//
+// DESIGN: one layer is a flow network: source -> replicated expert e (capacity n_e) -> each rank
+// holding a replica of e (unbounded) -> sink (capacity T - F_r, F_r the rank's fixed load: the
+// caller's fixed_loads plus every expert whose replicas all sit on that rank). T is feasible iff
+// the max flow saturates every expert; the first feasible integer T is ceil(T*), and the flow is
+// integral, so the token-level problem is solved exactly with no LP solver and no rounding.
+// Everything is integer and deterministic: every rank computing the split gets the same one.
+#pragma once
+
+#include <cstdint>
+#include <limits>
+#include <span>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "moelb/expert_location.hpp"
+#include "moelb/views.hpp"
+
+namespace moelb::detail {
+
+inline constexpr std::int64_t kInt64Max = std::numeric_limits<std::int64_t>::max();
+
+inline std::int64_t ceil_div(std::int64_t a, std::int64_t b) {
+    return a / b + (a % b != 0 ? 1 : 0);
+}
+
+// The offset of row `row` of a [rows, cols] row-major array.
+inline Index row_slot(int row, int cols) { return static_cast<Index>(row) * cols; }
+
+// Splits `total` over `n` slots as evenly as possible, the lower slots taking the remainder.
+inline std::int64_t even_share(std::int64_t total, std::int64_t n, std::int64_t i) {
+    return total / n + (i < total % n ? 1 : 0);
+}
+
+// The end of the run of `reps` (ascending slots) from `begin` whose slots sit on one rank: a
+// rank's replicas of one expert.
+inline std::size_t same_rank_end(std::span<const std::int32_t> reps, std::size_t begin,
+                                 const std::vector<int>& rank_of) {
+    std::size_t end = begin + 1;
+    while (end < reps.size() && rank_of[reps[end]] == rank_of[reps[begin]]) ++end;
+    return end;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Input checks (balanced_checks.cpp). Messages use the Python parameter names.
+
+// How an input entry is named in messages: "counts[3, 17]" for all layers, "counts[17]" for one;
+// "source_counts[3, 5, 17]" with a source rank.
+struct Naming {
+    const char* param;
+    bool one_layer;
+    bool per_source = false;  // rows of W source ranks per layer
+
+    std::string at(Index row, Index col) const;
+    std::string at(Index row, Index source, Index col) const;
+    std::string of_layer(int layer) const;
+};
+
+// The layers a call solves: all of the location's (layer < 0) or one.
+struct Shape {
+    int layers;  // rows of counts per source (1 with `layer`)
+    int first;   // the location layer of row 0
+    bool one_layer;
+};
+
+// Checks `layer` (< 0: all layers) against the location.
+Shape check_layers(const ExpertLocation& loc, int layer);
+
+// Checks the shape of fixed_loads ([layers, W], or [W] for one layer; empty = none).
+void check_fixed_loads(const ExpertLocation& loc, const Shape& shape,
+                       ConstMatrixMap<std::int64_t> fixed_loads);
+
+// Checks every layer's fixed loads and counts (>= 0, their sum within int64), the first bad entry
+// named, before any layer is solved (so that a bad row anywhere leaves no work done). Layer row
+// `row` of the counts is rows [row * sources, (row + 1) * sources) of `counts` (sources = 1, or W
+// with name.per_source).
+void check_counts(const Shape& shape, ConstMatrixMap<std::int64_t> counts, int sources,
+                  const Naming& name, ConstMatrixMap<std::int64_t> fixed_loads);
+
+// Layer row `row` of fixed_loads, or nullptr when there are none.
+inline const std::int64_t* fixed_row(ConstMatrixMap<std::int64_t> fixed_loads, Index row) {
+    return fixed_loads.size() ? fixed_loads.data() + row * fixed_loads.cols() : nullptr;
+}
+
+// The tokens of the experts with one slot in the layer: out_row[p] = counts[e] when slot p holds
+// the only replica of e, else 0 (the other experts' slots are filled by their caller).
+inline void fill_single_slots(const ExpertLocation& loc, int layer, const std::int64_t* counts,
+                              std::int64_t* out_row) {
+    const int E = loc.num_logical_experts(), P = loc.num_physical_experts();
+    const std::int32_t* p2l = loc.physical_to_logical().data() + row_slot(layer, P);
+    const std::int32_t* copies = loc.logical_count().data() + row_slot(layer, E);
+    for (int p = 0; p < P; ++p) {
+        const std::int32_t e = p2l[p];
+        out_row[p] = copies[e] == 1 ? counts[e] : 0;
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// The makespan flow of one layer (makespan_flow.cpp). The solver starts at a lower bound of T* (the
+// largest fixed load, the mean rank load, each flow expert alone with its ranks, each connected
+// component of the network) and runs Dinic's algorithm; when T is infeasible, the experts X and
+// ranks R(X) still reachable from the source in the residual graph form a violated Hall set, and
+// ceil((sum_X n + sum_R(X) F) / |R(X)|) is a valid lower bound of T* above T (Newton's step of the
+// parametric min cut). Sink capacities only grow, so the flow found so far stays feasible and is
+// augmented, never rebuilt. Reused across layers (thread_local) so that its buffers are too.
+
+class MakespanFlow {
+  public:
+    // Builds the network of `layer` from the global counts [E] (checked >= 0 by the caller) and
+    // the fixed loads [W] (nullptr = none). The caller checked that the totals fit in int64.
+    void build(const ExpertLocation& loc, int layer, const std::int64_t* counts,
+               const std::int64_t* fixed);
+
+    // Finds T = ceil(T*) and an integral flow achieving it; returns T.
+    std::int64_t solve();
+
+    // The replicated experts (those with n > 0 and replicas on two or more ranks), in ascending
+    // expert order.
+    int num_flow_experts() const { return static_cast<int>(expert_id_.size()); }
+    int expert_id(int i) const { return expert_id_[i]; }
+    // Edges of flow expert i: [edge_begin(i), edge_begin(i + 1)), one per distinct rank,
+    // ascending.
+    int edge_begin(int i) const { return edge_begin_[i]; }
+    int edge_rank(int edge) const { return rank_global_[edge_rank_[edge]]; }
+    std::int64_t edge_flow(int edge) const { return flow_[edge]; }
+    // F_r: the caller's fixed load plus the single-rank experts' tokens, [W].
+    const std::vector<std::int64_t>& fixed_load() const { return fixed_; }
+    // The rank of expert e when all its replicas sit on one rank, else kSpread.
+    int expert_rank(int e) const { return expert_rank_[e]; }
+    // The rank of every slot, [P].
+    const std::vector<int>& rank_of() const { return rank_of_; }
+
+    static constexpr int kUnseen = -1;
+    static constexpr int kSpread = -2;
+
+  private:
+    void index_slots(const ExpertLocation& loc, int layer);
+    void add_flow_experts(const ExpertLocation& loc, int layer, const std::int64_t* counts);
+    void index_edges();
+    int compact_rank(int rank);
+    std::int64_t lower_bound();
+    std::int64_t component_bound();
+    void greedy();
+    bool levels();
+    std::int64_t push_expert(int e, std::int64_t limit);
+    std::int64_t push_rank(int r, std::int64_t limit);
+    std::int64_t hall_bound() const;
+
+    std::vector<std::int64_t> fixed_;  // [W]
+    std::vector<int> compact_of_;      // [W], -1 when the rank holds no flow expert
+    std::vector<int> rank_of_;         // [P]
+    int slots_per_rank_ = 0;
+    std::vector<int> expert_rank_;  // [E]
+
+    // Flow experts.
+    std::vector<int> expert_id_;
+    std::vector<std::int64_t> supply_, rem_;
+    std::vector<int> edge_begin_;  // [k + 1]
+    // Edges, expert-major.
+    std::vector<int> edge_rank_, edge_expert_;
+    std::vector<std::int64_t> flow_;
+    // Ranks of the network (compact ids, in order of first appearance).
+    std::vector<int> rank_global_;
+    std::vector<std::int64_t> spare_;  // T - F_r - flow into r
+    std::vector<int> rank_edge_begin_, rank_edges_;
+
+    // Connected components (lower bound).
+    std::vector<int> parent_;
+    std::vector<std::int64_t> component_load_, component_ranks_;
+
+    // Dinic's level graph.
+    std::vector<int> level_e_, level_r_, cur_e_, cur_r_, frontier_, next_;
+    int sink_level_ = 0;
+    std::int64_t deficit_ = 0;
+};
+
+// ------------------------------------------------------------------------------------------------
+// A min-cost max-flow (min_cost_flow.cpp; primal-dual: Dijkstra on reduced costs, then a blocking
+// flow over the arcs of reduced cost 0, repeated). Arc costs are small non-negative integers here.
+
+class MinCostFlow {
+  public:
+    void reset(int num_nodes) {
+        num_nodes_ = num_nodes;
+        from_.clear();
+        to_.clear();
+        cap_.clear();
+        cost_.clear();
+    }
+    int add_node() { return num_nodes_++; }
+    // Returns the arc's id; its reverse arc is id ^ 1.
+    int add_arc(int u, int v, std::int64_t cap, std::int64_t cost) {
+        const int id = static_cast<int>(to_.size());
+        from_.insert(from_.end(), {u, v});
+        to_.insert(to_.end(), {v, u});
+        cap_.insert(cap_.end(), {cap, 0});
+        cost_.insert(cost_.end(), {cost, -cost});
+        return id;
+    }
+    std::int64_t flow(int id) const { return cap_[static_cast<std::size_t>(id ^ 1)]; }
+    // The largest flow from s to t of least cost; returns its value.
+    std::int64_t run(int s, int t);
+
+  private:
+    std::int64_t reduced(int id) const { return cost_[id] + pi_[from_[id]] - pi_[to_[id]]; }
+    void index_arcs();
+    bool shortest_paths(int s, int t);
+    bool levels(int s, int t);
+    std::int64_t push(int u, int t, std::int64_t limit);
+
+    int num_nodes_ = 0;
+    std::vector<int> from_, to_;
+    std::vector<std::int64_t> cap_, cost_;
+    std::vector<int> adj_begin_, adj_;
+    std::vector<std::int64_t> pi_, dist_;
+    std::vector<int> level_, cur_, queue_;
+    std::vector<std::pair<std::int64_t, int>> heap_;
+};
+
+}  // namespace moelb::detail

@@ -1,0 +1,113 @@
+// A min-cost max-flow (ours; DESIGN section 9, reference/dispatch.md section 7: "several optima
+// usually exist; a second criterion picks among them: a min-cost flow at makespan ceil(T*)"):
+// balanced_flow.hpp's MinCostFlow, which balanced_assignment runs at the makespan flow's T to
+// route each source's tokens with the fewest leaving their rank and node.
+//
+// DESIGN: primal-dual. Dijkstra on reduced costs (arc costs are small non-negative integers, the
+// potentials keep reduced costs >= 0) gives the distances; the potentials move so that every
+// shortest s-t path has reduced cost 0; then Dinic's blocking flows over the admissible arcs
+// (residual, reduced cost 0) until none is left; repeated until t is unreachable. Deterministic:
+// arcs are scanned in the order they were added.
+#include <algorithm>
+#include <cstdint>
+#include <functional>
+#include <utility>
+#include <vector>
+
+#include "balanced_flow.hpp"
+
+namespace moelb::detail {
+
+std::int64_t MinCostFlow::run(int s, int t) {
+    const int n = num_nodes_;
+    index_arcs();
+    pi_.assign(static_cast<std::size_t>(n), 0);
+    level_.resize(static_cast<std::size_t>(n));
+    std::int64_t total = 0;
+    while (shortest_paths(s, t)) {
+        // Potentials: reduced costs stay >= 0 and every shortest s-t path has reduced cost 0.
+        const std::int64_t d_t = dist_[t];
+        for (int v = 0; v < n; ++v) pi_[v] += std::min(dist_[v], d_t);
+        while (levels(s, t)) {
+            std::copy(adj_begin_.begin(), adj_begin_.end() - 1, cur_.begin());
+            total += push(s, t, kInt64Max);
+        }
+    }
+    return total;
+}
+
+// The arcs leaving each node, in the order they were added.
+void MinCostFlow::index_arcs() {
+    const int n = num_nodes_;
+    const int num_arcs = static_cast<int>(to_.size());
+    adj_begin_.assign(static_cast<std::size_t>(n) + 1, 0);
+    for (const int u : from_) ++adj_begin_[static_cast<std::size_t>(u) + 1];
+    for (int u = 0; u < n; ++u) adj_begin_[u + 1] += adj_begin_[u];
+    adj_.resize(static_cast<std::size_t>(num_arcs));
+    cur_.assign(adj_begin_.begin(), adj_begin_.end() - 1);
+    for (int id = 0; id < num_arcs; ++id) adj_[cur_[from_[id]]++] = id;
+}
+
+bool MinCostFlow::shortest_paths(int s, int t) {
+    dist_.assign(static_cast<std::size_t>(num_nodes_), kInt64Max);
+    heap_.clear();
+    dist_[s] = 0;
+    heap_.emplace_back(0, s);
+    const auto later = std::greater<std::pair<std::int64_t, int>>();
+    while (!heap_.empty()) {
+        std::pop_heap(heap_.begin(), heap_.end(), later);
+        const auto [d, u] = heap_.back();
+        heap_.pop_back();
+        if (d != dist_[u]) continue;
+        for (int j = adj_begin_[u]; j < adj_begin_[u + 1]; ++j) {
+            const int id = adj_[j];
+            if (cap_[id] == 0) continue;
+            const int v = to_[id];
+            const std::int64_t dv = d + reduced(id);
+            if (dv < dist_[v]) {
+                dist_[v] = dv;
+                heap_.emplace_back(dv, v);
+                std::push_heap(heap_.begin(), heap_.end(), later);
+            }
+        }
+    }
+    return dist_[t] < kInt64Max;
+}
+
+// BFS levels over the admissible arcs (residual, reduced cost 0); true when t is reached.
+bool MinCostFlow::levels(int s, int t) {
+    std::fill(level_.begin(), level_.end(), -1);
+    queue_.assign(1, s);
+    level_[s] = 0;
+    for (std::size_t q = 0; q < queue_.size(); ++q) {
+        const int u = queue_[q];
+        for (int j = adj_begin_[u]; j < adj_begin_[u + 1]; ++j) {
+            const int id = adj_[j];
+            const int v = to_[id];
+            if (cap_[id] == 0 || level_[v] >= 0 || reduced(id) != 0) continue;
+            level_[v] = level_[u] + 1;
+            queue_.push_back(v);
+        }
+    }
+    return level_[t] >= 0;
+}
+
+std::int64_t MinCostFlow::push(int u, int t, std::int64_t limit) {
+    if (u == t) return limit;
+    std::int64_t pushed = 0;
+    for (int& j = cur_[u]; j < adj_begin_[u + 1]; ++j) {
+        const int id = adj_[j];
+        const int v = to_[id];
+        if (cap_[id] == 0 || level_[v] != level_[u] + 1 || reduced(id) != 0) continue;
+        if (v != t && level_[v] >= level_[t]) continue;
+        const std::int64_t g = push(v, t, std::min(limit - pushed, cap_[id]));
+        if (g == 0) continue;
+        cap_[id] -= g;
+        cap_[id ^ 1] += g;
+        pushed += g;
+        if (pushed == limit) break;
+    }
+    return pushed;
+}
+
+}  // namespace moelb::detail
