@@ -32,7 +32,7 @@ struct MoveOp {
 struct WeightMovePlan {
     int layer = 0;
     int ep_size = 0;
-    int slots_per_rank = 0;               // S
+    int slots_per_rank = 0;                // S
     std::vector<std::vector<MoveOp>> ops;  // per rank, in execution order; sends and receives
                                            // sorted by (expert, peer) so both ends match
     Index local_copies = 0;                // kCopy + kFanout
@@ -41,7 +41,8 @@ struct WeightMovePlan {
     Index unchanged_slots = 0;
     // What the plan was made from and to: layer `layer` of the old and the new placement's
     // physical_to_logical, [ep_size * S] each. A plan applies only to weights that hold
-    // old_physical_to_logical (check_plan_placement, PlanEnd::kOld) and leaves them holding new_physical_to_logical.
+    // old_physical_to_logical (check_plan_placement, PlanEnd::kOld) and leaves them holding
+    // new_physical_to_logical.
     std::vector<std::int32_t> old_physical_to_logical;
     std::vector<std::int32_t> new_physical_to_logical;
 };
