@@ -107,10 +107,7 @@ def select_experts(
         config,
         correction_bias,
         num_token_non_padded,
-        None if collective else location,
-        None if collective else layer,
-        0 if collective else ep_rank,
-        "sglang_static" if collective else dispatch,
+        *_core_dispatch(collective, location, layer, ep_rank, dispatch),
         seed,
     )
     return _after_routing(
@@ -128,6 +125,20 @@ def select_experts(
         num_tokens=num_tokens,
         is_decode=is_decode,
     )
+
+
+def _core_dispatch(
+    collective: bool,
+    location: ExpertLocation | None,
+    layer: int | None,
+    ep_rank: int,
+    dispatch: str,
+) -> tuple[ExpertLocation | None, int | None, int, str]:
+    """The core router's (location, layer, ep_rank, dispatch): for a collective dispatch it
+    routes to logical ids (no location), which _after_routing then dispatches."""
+    if collective:
+        return None, None, 0, "sglang_static"
+    return location, layer, ep_rank, dispatch
 
 
 def _after_routing(
@@ -329,10 +340,7 @@ class HashRouter(_core.HashRouter):
             router_logits,
             input_ids,
             num_token_non_padded,
-            None if collective else location,
-            None if collective else layer,
-            0 if collective else ep_rank,
-            "sglang_static" if collective else dispatch,
+            *_core_dispatch(collective, location, layer, ep_rank, dispatch),
             seed,
         )
         return _after_routing(
