@@ -1,17 +1,57 @@
 // balanced_assignment (ours; DESIGN section 9: the exact token assignment after one all-gather of
 // per-rank counts; reference/dispatch.md section 7; moelb/dispatch.hpp): the tokens each source
 // rank sends to each physical slot, at the optimal largest rank load of the summed counts and,
-// among such assignments, with the fewest tokens leaving their rank and node. Its steps: check the
-// inputs (balanced_checks.cpp) -> per layer, in parallel, an AssignmentSolver: the makespan flow
-// on the summed counts (makespan_flow.cpp) gives T = ceil(T*) -> a min-cost flow at that T
-// (min_cost_flow.cpp) routes each source's tokens -> the flows handed back to sources and slots.
+// among such assignments, at the least total cost (kDispatchCost*: 0 on the source's rank, 1 on
+// its node, 2 elsewhere). Its steps: check the inputs (balanced_checks.cpp) -> per layer, in
+// parallel, an AssignmentSolver: the makespan flow on the summed counts (makespan_flow.cpp) gives
+// T = ceil(T*) -> an ExcessFlow (excess_flow.cpp) at that T over one node per replicated expert
+// and one per (expert, node holding two or more of its ranks) gives each expert's tokens per rank
+// -> each source's tokens matched to those totals greedily, own rank first, then its node, then
+// the rest.
 //
-// DESIGN: sources whose costs to an expert's ranks are the same form one class (a node of the
-// min-cost network): the rank itself when it holds a replica, the other ranks of a node holding
-// one, and the ranks of every other node (kDispatchCost* 0 / 1 / 2). A class's flow is handed
-// back to its sources in ascending order (any split of a class is equally cheap), and a rank's
-// tokens of an expert to its slots of that expert (evenly, lower slots first, each source's in
-// source order). Integer and deterministic: every rank computes the same assignment.
+// DESIGN (why the small network is exact). Fix every expert's tokens per rank y_g (g in its ranks
+// R(e), sum n_e). What is left is one transportation problem per expert, sources s with c_s
+// tokens to ranks g with y_g, at cost d(s, g). d is the distance of a tree: each rank hangs from
+// its node by an edge of length 1/2, each node from a root by 1/2 (d = 0, 1, 2 exactly). On a tree
+// the least transport cost is the sum over edges of length x |supply - demand below the edge|
+// (every unit whose source and rank the edge separates crosses it, and the greedy matching below
+// crosses each edge only that often), so with c_g, C_nu the tokens of the expert routed on rank g
+// and on the ranks of node nu, and Y_nu the node's share of the y:
+//   cost_e(y) = sum_g |c_g - y_g| / 2 + sum_nu |C_nu - Y_nu| / 2
+//             = 2 n_e - sum_{g in R(e)} min(c_g, y_g) - sum_{nu holding a rank of R(e)} min(C_nu,
+//             Y_nu)
+// (|a - b| = a + b - 2 min(a, b); ranks and nodes without a replica have y = 0). The least total
+// cost at makespan T is the least sum_e cost_e(y_e) over the y that fit the ranks (y_g summed over
+// the experts <= T - F_g): cost_e is separable and convex in the y_g and Y_nu, so this is the
+// min-cost flow of the network: expert e (supply n_e) -> (e, nu) by two arcs, C_nu at cost 0 and
+// the rest at cost 1 -> each of e's ranks g in nu by two arcs, c_g at cost 0 and the rest at 1 ->
+// rank g -> sink (T - F_g). A flow filling the cheaper of two parallel arcs first costs sum_g (y_g
+// - min(c_g, y_g)) + sum_nu (Y_nu - min(C_nu, Y_nu)) = cost_e(y) (both y sums are n_e), and a
+// min-cost flow does (else moving a unit to the cheaper arc lowers its cost). A node holding one
+// rank g of e merges (e, nu) into three arcs e -> g: c_g at 0, C_nu - c_g at 1, the rest at 2. The
+// network has 2-3 arcs per (expert, rank) instead of one node per source class, and no source
+// rank: its size depends on the replicated experts only. Experts without tokens or with all their
+// replicas on one rank take no part (their tokens are fixed load, as in the makespan flow).
+//
+// The greedy matching realises cost_e(y): each source's tokens first stay on its own rank (up to
+// min(c_g, y_g)), then go to its node's ranks (min(C_nu - own, Y_nu - own) of them at cost 1 per
+// node), then elsewhere (cost 2): 2 n_e - sum own - sum min(C_nu, Y_nu) = cost_e(y).
+//
+// The ExcessFlow starts from the potentials of the optimum when no rank is overloaded by its cheap
+// tokens -- expert 0, (e, nu) 1, ranks and sink 2 -- with the arcs of negative reduced cost (the
+// c_g and C_nu arcs) saturated and the rest left on the expert and (e, nu) nodes: one blocking flow
+// over the arcs of reduced cost 0 (a max-flow like the makespan flow's) usually routes it all, and
+// a Dijkstra raises the potentials only when cheap tokens must give way.
+//
+// Tie rule (which of the least-cost assignments; ours): the per-rank totals y are the
+// ExcessFlow's (deterministic: fixed start, arcs scanned in a fixed order). A rank's y tokens of
+// an expert are split over its slots of that expert evenly, lower slots first, and filled in that
+// order by its own source's share first, then its node share, then the rest. Sources in ascending
+// order take their own rank's share, then the node share of their node's ranks (ascending), then
+// the rest (the expert's ranks in ascending order, each rank's part beyond its node's sources).
+// An expert with all its replicas on one rank fills its slots (evenly, lower slots first) with
+// the sources' tokens in source order. Integer and deterministic: every rank computes the same
+// assignment.
 #include <algorithm>
 #include <cstdint>
 #include <vector>
@@ -24,55 +64,103 @@
 namespace moelb {
 namespace {
 
+using detail::ExcessFlow;
 using detail::MakespanFlow;
-using detail::MinCostFlow;
 
-// One layer's assignment, its steps in solve(). Reused across layers (thread_local).
+// Potentials of the ExcessFlow's start (see DESIGN).
+constexpr int kExpertPotential = 0;
+constexpr int kNodePotential = 1;
+constexpr int kRankPotential = 2;
+
+// One layer's assignment, its steps in solve(). Reused across layers and calls (thread_solver).
 class AssignmentSolver {
   public:
     void solve(const ExpertLocation& loc, int layer, ConstMatrixMap<std::int64_t> source_counts,
                Index first_row, const std::int64_t* fixed, std::int64_t* out);
 
   private:
-    int num_ranks(int i) const { return makespan_.edge_begin(i + 1) - makespan_.edge_begin(i); }
-    int rank(int i, int j) const { return makespan_.edge_rank(makespan_.edge_begin(i) + j); }
     // Source s's counts [E] of the layer being solved.
     const std::int64_t* source_row(int s) const { return rows_ + static_cast<Index>(s) * E_; }
+    int edge_rank(int j) const { return makespan_.edge_rank(j); }
+    int num_edges() const { return makespan_.edge_begin(k_); }
 
     std::int64_t solve_makespan(const ExpertLocation& loc, int layer, const std::int64_t* fixed);
-    void classify_sources(const ExpertLocation& loc);
-    void add_class_supplies();
-    void route_classes(std::int64_t T);
-    std::int64_t class_cost(int i, int key, int j) const;
-    void make_groups(const ExpertLocation& loc, int layer);
-    // A group: one expert's slots on one rank, reps[begin, end), with `tokens` to hand out.
-    int add_group(const std::int32_t* reps, int begin, int end, std::int64_t tokens);
-    void hand_out(const ExpertLocation& loc, int layer, std::int64_t* out);
-    void from_class(int i, int c, std::int64_t tokens, std::int64_t* out_row);
-    void to_slots(int g, std::int64_t tokens, std::int64_t* out_row);
+    void index_runs();
+    void route(std::int64_t T);
+    bool move_overloads(std::int64_t T);
+    bool augment(int source);
+    std::int64_t free_tokens(int j) const;
+    void route_overloads(std::int64_t T);
+    void plan_shares();
+    void make_chunks(const ExpertLocation& loc, int layer);
+    void add_chunk(std::vector<int>& slot, std::vector<std::int64_t>& amount, int p,
+                   std::int64_t tokens);
+    void index_other_slots(const ExpertLocation& loc, int layer);
+    void hand_out(std::int64_t* out);
+    void from_rest_fast(int begin, int end, const std::int64_t* row, std::int64_t* out_row);
+    void from_run(int r, const std::int64_t* row, int s, std::int64_t* out_row);
+    std::int64_t from_node(int r, std::int64_t tokens, std::int64_t* out_row);
+    void from_rest(int i, std::int64_t tokens, std::int64_t* out_row);
+    void to_stacked(int g, std::int64_t tokens, std::int64_t* out_row);
 
     MakespanFlow makespan_;
-    MinCostFlow mcf_;
+    ExcessFlow flow_;
     const std::int64_t* rows_ = nullptr;  // [W, E], the layer's source counts
-    int W_ = 0, E_ = 0, k_ = 0;           // ranks, experts, flow experts
-    std::vector<std::int64_t> counts_;    // [E], summed over sources
-    std::vector<int> node_of_;            // [W]
-    std::vector<int> rank_node_;          // [W], the network node of a rank, or -1
-    // Classes: j = the source is rank j of the expert's ranks (ascending), |R| + j = another
-    // rank of the node of rank j (the node's first), 2 |R| = another node.
-    std::vector<int> keys_;                   // [W, k]
-    std::vector<int> position_, node_first_;  // [W], [N]: scratch, -1 outside the expert's ranks
-    // Per flow expert i, 2 |R_i| + 1 class keys from key_begin_[i]: supply, first arc (or -1),
-    // and the hand-back cursor (rank position, flow left there).
-    std::vector<int> key_begin_;
-    std::vector<std::int64_t> class_supply_, class_left_;
-    std::vector<int> class_arc_, class_pos_;
-    // Groups: one per flow edge (same ids), then one per expert with several slots on its one
-    // rank.
-    std::vector<const std::int32_t*> group_reps_;
-    std::vector<int> group_begin_, group_end_, group_pos_;
-    std::vector<std::int64_t> group_tokens_, group_left_;
-    std::vector<int> stacked_expert_;  // the experts of the groups after the flow edges
+    int W_ = 0, E_ = 0, P_ = 0, k_ = 0;   // ranks, experts, slots, flow experts
+    int ranks_per_node_ = 1;
+    std::vector<std::int64_t> counts_;  // [E], summed over sources
+    std::vector<int> expert_ids_;       // [k], the flow experts
+
+    // Runs: the edges of a flow expert on one node (edges ascend by rank, so by node), expert
+    // by expert; run_begin_[r] is its first edge, expert_run_[i] its first run.
+    std::vector<int> run_begin_, expert_run_, run_node_, run_expert_;
+    std::vector<std::int64_t> run_tokens_;  // C_nu: the expert's tokens routed on the node's ranks
+    std::vector<int> node_runs_begin_, node_runs_;  // [N + 1], runs by node (ascending runs)
+    std::vector<int> own_begin_, own_edges_;        // [W + 1], edges by rank (ascending edges)
+    std::vector<int> scratch_;
+
+    // Per edge: the tokens routed on its rank (c_g), its arcs [arc_begin_, arc_end_) into the
+    // rank, its flow y and its own, node and rest shares.
+    std::vector<std::int64_t> own_tokens_, y_, own_, node_, rest_share_;
+    std::vector<int> arc_begin_, arc_end_, edge_expert_;
+    std::vector<int> rank_node_;           // [W], the network node of a rank, or -1
+    std::vector<std::int64_t> rank_load_;  // [W], the flow experts' tokens on each rank (y)
+    // move_overloads: per run its y summed; per rank T - F_g - load; per search node (ranks, then
+    // flow experts, then runs) its visit stamp, the node it was reached from and by which edge.
+    std::vector<int> edge_run_;
+    std::vector<std::int64_t> run_sum_, spare_;
+    std::vector<int> seen_, from_, via_, search_, overloaded_;
+    int stamp_ = 0;
+
+    // Chunks (slot, tokens) of the shares: own ones by edge, node ones by run, the rest by flow
+    // expert, each in ascending edges and slots.
+    std::vector<int> own_chunk_begin_, own_slot_, node_chunk_begin_, node_slot_;
+    std::vector<int> rest_chunk_begin_, rest_slot_;
+    std::vector<std::int64_t> own_amount_, node_amount_, rest_amount_;
+    // Hand-out cursors: per run its node chunk and what is left of it; per flow expert its rest
+    // chunk (rest_pos_) and, packed for the hot loop, its expert, the chunk's slot and what is
+    // left.
+    struct RestCursor {
+        std::int32_t expert;
+        std::int32_t slot;
+        std::int64_t room;
+    };
+    std::vector<int> node_pos_, rest_pos_;
+    std::vector<std::int64_t> node_room_;
+    std::vector<RestCursor> rest_;
+
+    // The experts with one slot and their slots (ascending slots). The experts with all their
+    // replicas on one rank ("stacked"): their slots reps[begin, end) and the cursor of their even
+    // split.
+    struct Single {
+        std::int32_t expert;
+        std::int32_t slot;
+    };
+    std::vector<Single> single_;
+    std::vector<int> stacked_expert_;
+    std::vector<const std::int32_t*> stacked_reps_;
+    std::vector<int> stacked_size_, stacked_pos_;
+    std::vector<std::int64_t> stacked_left_;
 };
 
 void AssignmentSolver::solve(const ExpertLocation& loc, int layer,
@@ -80,251 +168,557 @@ void AssignmentSolver::solve(const ExpertLocation& loc, int layer,
                              const std::int64_t* fixed, std::int64_t* out) {
     W_ = loc.ep_size();
     E_ = loc.num_logical_experts();
+    P_ = loc.num_physical_experts();
+    ranks_per_node_ = loc.ranks_per_node();
     rows_ = source_counts.data() + first_row * E_;
     const std::int64_t T = solve_makespan(loc, layer, fixed);
-    classify_sources(loc);
-    add_class_supplies();
-    route_classes(T);
-    make_groups(loc, layer);
-    hand_out(loc, layer, out);
+    index_runs();
+    route(T);
+    plan_shares();
+    make_chunks(loc, layer);
+    index_other_slots(loc, layer);
+    hand_out(out);
 }
 
 // The makespan flow on the counts summed over the sources: T = ceil(T*).
 std::int64_t AssignmentSolver::solve_makespan(const ExpertLocation& loc, int layer,
                                               const std::int64_t* fixed) {
     counts_.assign(static_cast<std::size_t>(E_), 0);
+    std::int64_t* sum = counts_.data();
     for (int s = 0; s < W_; ++s) {
         const std::int64_t* row = source_row(s);
-        for (int e = 0; e < E_; ++e) counts_[e] += row[e];
+        for (int e = 0; e < E_; ++e) sum[e] += row[e];
     }
     makespan_.build(loc, layer, counts_.data(), fixed);
     const std::int64_t T = makespan_.solve();
     k_ = makespan_.num_flow_experts();
-    node_of_.resize(static_cast<std::size_t>(W_));
-    for (int r = 0; r < W_; ++r) node_of_[r] = loc.node_of_rank(r);
+    expert_ids_.resize(static_cast<std::size_t>(k_));
+    for (int i = 0; i < k_; ++i) expert_ids_[i] = makespan_.expert_id(i);
     return T;
 }
 
-// The class of every (source, flow expert), [W, k], expert by expert through per-rank and
-// per-node tables.
-void AssignmentSolver::classify_sources(const ExpertLocation& loc) {
-    const int k = k_;
-    key_begin_.assign(1, 0);
-    for (int i = 0; i < k; ++i) key_begin_.push_back(key_begin_.back() + 2 * num_ranks(i) + 1);
-    keys_.resize(static_cast<std::size_t>(W_) * k);
-    position_.assign(static_cast<std::size_t>(W_), -1);
-    node_first_.assign(static_cast<std::size_t>(loc.num_nodes()), -1);
-    for (int i = 0; i < k; ++i) {
-        const int num = num_ranks(i);
-        for (int j = 0; j < num; ++j) {
-            position_[rank(i, j)] = j;
-            int& first = node_first_[node_of_[rank(i, j)]];
-            if (first < 0) first = j;
-        }
-        for (int s = 0; s < W_; ++s) {
-            const int own = position_[s], node = node_first_[node_of_[s]];
-            keys_[static_cast<std::size_t>(s) * k + i] =
-                own >= 0 ? own : (node >= 0 ? num + node : 2 * num);
-        }
-        for (int j = 0; j < num; ++j) {
-            position_[rank(i, j)] = -1;
-            node_first_[node_of_[rank(i, j)]] = -1;
-        }
-    }
-}
-
-// The classes' supplies, source by source (rows are contiguous).
-void AssignmentSolver::add_class_supplies() {
-    const int k = k_;
-    class_supply_.assign(static_cast<std::size_t>(key_begin_.back()), 0);
-    for (int s = 0; s < W_; ++s) {
-        const std::int64_t* row = source_row(s);
-        const int* keys = keys_.data() + static_cast<std::size_t>(s) * k;
-        for (int i = 0; i < k; ++i) {
-            const std::int64_t tokens = row[makespan_.expert_id(i)];
-            if (tokens > 0) class_supply_[key_begin_[i] + keys[i]] += tokens;
-        }
-    }
-}
-
-// The min-cost network at makespan T -- source 0, sink 1, the ranks (capacity T - F_r to the
-// sink), then the classes (their supply from the source, an arc to each of the expert's ranks at
-// the class's cost) -- and its flow, which must route every class's supply.
-void AssignmentSolver::route_classes(std::int64_t T) {
-    const auto& F = makespan_.fixed_load();
-    mcf_.reset(2);
-    rank_node_.assign(static_cast<std::size_t>(W_), -1);
+// The runs of every flow expert with their tokens C_nu, the edges' own tokens c_g, and the runs
+// by node and the edges by rank for the hand-out.
+void AssignmentSolver::index_runs() {
+    const int m = num_edges();
+    const int N = W_ / ranks_per_node_;
+    run_begin_.clear();
+    run_node_.clear();
+    run_expert_.clear();
+    run_tokens_.clear();
+    expert_run_.assign(1, 0);
+    own_tokens_.resize(static_cast<std::size_t>(m));
+    edge_expert_.resize(static_cast<std::size_t>(m));
+    edge_run_.resize(static_cast<std::size_t>(m));
     for (int i = 0; i < k_; ++i) {
-        for (int j = 0; j < num_ranks(i); ++j) {
-            const int r = rank(i, j);
-            if (rank_node_[r] >= 0) continue;
-            rank_node_[r] = mcf_.add_node();
-            mcf_.add_arc(rank_node_[r], 1, T - F[static_cast<std::size_t>(r)], 0);
+        const int e = expert_ids_[i];
+        for (int j = makespan_.edge_begin(i); j < makespan_.edge_begin(i + 1); ++j) {
+            const int g = edge_rank(j);
+            const int node = g / ranks_per_node_;
+            own_tokens_[j] = source_row(g)[e];
+            edge_expert_[j] = i;
+            if (j > makespan_.edge_begin(i) && node == run_node_.back()) {
+                edge_run_[j] = static_cast<int>(run_node_.size()) - 1;
+                continue;
+            }
+            edge_run_[j] = static_cast<int>(run_node_.size());
+            run_begin_.push_back(j);
+            run_node_.push_back(node);
+            run_expert_.push_back(i);
+            std::int64_t tokens = 0;
+            for (int s = node * ranks_per_node_; s < (node + 1) * ranks_per_node_; ++s) {
+                tokens += source_row(s)[e];
+            }
+            run_tokens_.push_back(tokens);
+        }
+        expert_run_.push_back(static_cast<int>(run_begin_.size()));
+    }
+    run_begin_.push_back(m);
+    // Runs by node and edges by rank (counting sorts, stable).
+    const int num_runs = static_cast<int>(run_node_.size());
+    node_runs_begin_.assign(static_cast<std::size_t>(N) + 1, 0);
+    for (const int node : run_node_) ++node_runs_begin_[static_cast<std::size_t>(node) + 1];
+    for (int v = 0; v < N; ++v) node_runs_begin_[v + 1] += node_runs_begin_[v];
+    node_runs_.resize(static_cast<std::size_t>(num_runs));
+    scratch_.assign(node_runs_begin_.begin(), node_runs_begin_.end() - 1);
+    for (int r = 0; r < num_runs; ++r) node_runs_[scratch_[run_node_[r]]++] = r;
+    own_begin_.assign(static_cast<std::size_t>(W_) + 1, 0);
+    for (int j = 0; j < m; ++j) ++own_begin_[static_cast<std::size_t>(edge_rank(j)) + 1];
+    for (int g = 0; g < W_; ++g) own_begin_[g + 1] += own_begin_[g];
+    own_edges_.resize(static_cast<std::size_t>(m));
+    scratch_.assign(own_begin_.begin(), own_begin_.end() - 1);
+    for (int j = 0; j < m; ++j) own_edges_[scratch_[edge_rank(j)]++] = j;
+}
+
+// Each flow expert's tokens per rank y at makespan T and the least cost. The start: the makespan
+// flow's y raised to the cheap shares (y_g >= c_g, and per node Y_nu >= C_nu) and cut back
+// elsewhere by as much, so that every expert is at its own least cost. Where no rank is then
+// above T - F_g, that y is optimal as it is; else the ExcessFlow moves the overloads at the least
+// cost, from the potentials of DESIGN.
+void AssignmentSolver::route(std::int64_t T) {
+    const auto& F = makespan_.fixed_load();
+    const int m = num_edges();
+    y_.resize(static_cast<std::size_t>(m));
+    for (int j = 0; j < m; ++j) y_[j] = std::max(makespan_.edge_flow(j), own_tokens_[j]);
+    for (int i = 0; i < k_; ++i) {
+        std::int64_t surplus = -counts_[expert_ids_[i]];
+        for (int r = expert_run_[i]; r < expert_run_[i + 1]; ++r) {
+            std::int64_t sum = 0;
+            for (int j = run_begin_[r]; j < run_begin_[r + 1]; ++j) sum += y_[j];
+            if (sum < run_tokens_[r]) {
+                y_[run_begin_[r]] += run_tokens_[r] - sum;
+                sum = run_tokens_[r];
+            }
+            surplus += sum;
+        }
+        // The surplus back from the ranks above their shares, in ascending order.
+        for (int r = expert_run_[i]; r < expert_run_[i + 1] && surplus > 0; ++r) {
+            std::int64_t slack = -run_tokens_[r];
+            for (int j = run_begin_[r]; j < run_begin_[r + 1]; ++j) slack += y_[j];
+            for (int j = run_begin_[r]; j < run_begin_[r + 1] && surplus > 0 && slack > 0; ++j) {
+                const std::int64_t take = std::min({surplus, slack, y_[j] - own_tokens_[j]});
+                y_[j] -= take;
+                surplus -= take;
+                slack -= take;
+            }
+        }
+        MOELB_CHECK(surplus == 0, "balanced_assignment: an expert's shares exceed its tokens");
+    }
+    rank_load_.assign(static_cast<std::size_t>(W_), 0);
+    for (int j = 0; j < m; ++j) rank_load_[edge_rank(j)] += y_[j];
+    bool over = false;
+    for (int j = 0; j < m && !over; ++j) {
+        const int g = edge_rank(j);
+        over = F[static_cast<std::size_t>(g)] + rank_load_[g] > T;
+    }
+    if (over && !move_overloads(T)) route_overloads(T);
+}
+
+// The tokens of edge j's expert on its rank beyond the cheap shares that free moves may take:
+// beyond C_nu where its node holds only this rank of the expert, else beyond c_g (then through
+// the (e, nu) node).
+std::int64_t AssignmentSolver::free_tokens(int j) const {
+    const int r = edge_run_[j];
+    const bool alone = run_begin_[r + 1] - run_begin_[r] == 1;
+    return y_[j] - (alone ? run_tokens_[r] : own_tokens_[j]);
+}
+
+// The overloads moved along the ExcessFlow's arcs of reduced cost 0 under the start's potentials
+// (free tokens: rank -> its expert or (e, nu) node -> another of the expert's ranks, and (e, nu)
+// -> expert beyond C_nu), one shortest augmenting path at a time from the overloaded ranks to
+// one with room: such moves keep the flow optimal for what is left, so when they clear every
+// overload, y is optimal. False when an overload is left that only a dearer move can clear (then
+// the ExcessFlow takes over from this y).
+bool AssignmentSolver::move_overloads(std::int64_t T) {
+    const auto& F = makespan_.fixed_load();
+    const int m = num_edges();
+    const int num_runs = static_cast<int>(run_node_.size());
+    const int num_search = W_ + k_ + num_runs;
+    spare_.assign(static_cast<std::size_t>(W_), 0);
+    overloaded_.clear();
+    for (int j = 0; j < m; ++j) {
+        const int g = edge_rank(j);
+        spare_[g] = T - F[static_cast<std::size_t>(g)] - rank_load_[g];
+        if (spare_[g] < 0) overloaded_.push_back(g);
+    }
+    std::sort(overloaded_.begin(), overloaded_.end());
+    overloaded_.erase(std::unique(overloaded_.begin(), overloaded_.end()), overloaded_.end());
+    run_sum_.assign(static_cast<std::size_t>(num_runs), 0);
+    for (int j = 0; j < m; ++j) run_sum_[edge_run_[j]] += y_[j];
+    if (static_cast<int>(seen_.size()) < num_search) {
+        seen_.assign(static_cast<std::size_t>(num_search), 0);
+        stamp_ = 0;
+    }
+    from_.resize(static_cast<std::size_t>(num_search));
+    via_.resize(static_cast<std::size_t>(num_search));
+    // The overloaded ranks in ascending order, each until its overload is gone (a path moves
+    // tokens only off its first rank and onto its last).
+    for (const int source : overloaded_) {
+        while (spare_[source] < 0) {
+            if (!augment(source)) return false;
         }
     }
-    class_arc_.assign(class_supply_.size(), -1);
+    return true;
+}
+
+// One shortest path of free moves (search nodes: ranks, then flow experts, then runs) from the
+// overloaded rank `source` to a rank with room, and the most tokens it can move; false when there
+// is none.
+bool AssignmentSolver::augment(int source) {
+    const int X0 = W_, Y0 = W_ + k_;
+    auto alone = [&](int r) { return run_begin_[r + 1] - run_begin_[r] == 1; };
+    if (++stamp_ == 0) {
+        std::fill(seen_.begin(), seen_.end(), 0);
+        stamp_ = 1;
+    }
+    search_.assign(1, source);
+    seen_[source] = stamp_;
+    from_[source] = -1;
+    int found = -1;
+    auto reach = [&](int v, int u, int j) {
+        if (seen_[v] == stamp_) return;
+        seen_[v] = stamp_;
+        from_[v] = u;
+        via_[v] = j;
+        if (v < X0 && spare_[v] > 0) found = v;
+        search_.push_back(v);
+    };
+    for (std::size_t q = 0; q < search_.size() && found < 0; ++q) {
+        const int u = search_[q];
+        if (u < X0) {  // a rank: its experts' free tokens back to the expert or (e, nu) node
+            for (int o = own_begin_[u]; o < own_begin_[u + 1]; ++o) {
+                const int j = own_edges_[o];
+                if (free_tokens(j) <= 0) continue;
+                const int r = edge_run_[j];
+                reach(alone(r) ? X0 + edge_expert_[j] : Y0 + r, u, j);
+            }
+        } else if (u < Y0) {  // an expert: to any of its ranks (through (e, nu) where shared)
+            const int i = u - X0;
+            for (int r = expert_run_[i]; r < expert_run_[i + 1] && found < 0; ++r) {
+                if (alone(r)) {
+                    reach(edge_rank(run_begin_[r]), u, run_begin_[r]);
+                } else {
+                    reach(Y0 + r, u, -1);
+                }
+            }
+        } else {  // (e, nu): to its ranks, or back to the expert beyond C_nu
+            const int r = u - Y0;
+            for (int j = run_begin_[r]; j < run_begin_[r + 1] && found < 0; ++j) {
+                reach(edge_rank(j), u, j);
+            }
+            if (found < 0 && run_sum_[r] > run_tokens_[r]) reach(X0 + run_expert_[r], u, -1);
+        }
+    }
+    if (found < 0) return false;
+    // The bottleneck: the overload, the room, the free tokens taken off ranks and the (e, nu)
+    // nodes' tokens beyond C_nu sent back to their expert.
+    std::int64_t delta = std::min(spare_[found], -spare_[source]);
+    for (int v = found; v != source; v = from_[v]) {
+        const int u = from_[v];
+        if (u < X0) delta = std::min(delta, free_tokens(via_[v]));
+        if (u >= Y0 && v < Y0) delta = std::min(delta, run_sum_[u - Y0] - run_tokens_[u - Y0]);
+    }
+    for (int v = found; v != source; v = from_[v]) {
+        const int j = via_[v];
+        if (j < 0) continue;  // between an expert and its (e, nu) node: no rank's load moves
+        const std::int64_t change = from_[v] < X0 ? -delta : delta;
+        y_[j] += change;
+        run_sum_[edge_run_[j]] += change;
+        rank_load_[edge_rank(j)] += change;
+        spare_[edge_rank(j)] -= change;
+    }
+    return true;
+}
+
+// The network at makespan T (sink 0, the ranks, per flow expert its node and its (e, nu) nodes)
+// carrying y, the cheap arcs saturated, a rank's load beyond T - F_g left on the rank; the
+// ExcessFlow moves those at the least cost, and y is read back.
+void AssignmentSolver::route_overloads(std::int64_t T) {
+    const auto& F = makespan_.fixed_load();
+    const int m = num_edges();
+    constexpr int kSink = 0;
+    flow_.reset(0);
+    flow_.add_node(kRankPotential);
+    rank_node_.assign(static_cast<std::size_t>(W_), -1);
+    // Arcs of capacity 0 are left out.
+    auto arc = [&](int u, int v, std::int64_t cap, int cost, std::int64_t flow) {
+        if (cap > 0) flow_.add_arc(u, v, cap, cost, flow);
+    };
+    // The ranks' arcs to the sink first, so that each rank's is the first it scans.
+    for (int j = 0; j < m; ++j) {
+        const int g = edge_rank(j);
+        if (rank_node_[g] >= 0) continue;
+        const int node = rank_node_[g] = flow_.add_node(kRankPotential);
+        const std::int64_t cap = T - F[static_cast<std::size_t>(g)];
+        arc(node, kSink, cap, 0, std::min(cap, rank_load_[g]));
+    }
+    arc_begin_.resize(static_cast<std::size_t>(m));
+    arc_end_.resize(static_cast<std::size_t>(m));
     std::int64_t want = 0;
     for (int i = 0; i < k_; ++i) {
-        for (int key = 0; key <= 2 * num_ranks(i); ++key) {
-            const std::int64_t supply = class_supply_[key_begin_[i] + key];
-            if (supply == 0) continue;
-            const int node = mcf_.add_node();
-            mcf_.add_arc(0, node, supply, 0);
-            want += supply;
-            for (int j = 0; j < num_ranks(i); ++j) {
-                const int arc =
-                    mcf_.add_arc(node, rank_node_[rank(i, j)], supply, class_cost(i, key, j));
-                if (j == 0) class_arc_[key_begin_[i] + key] = arc;
+        const std::int64_t n = counts_[expert_ids_[i]];
+        want += n;
+        const int x = flow_.add_node(kExpertPotential);
+        flow_.add_excess(x, n);
+        for (int r = expert_run_[i]; r < expert_run_[i + 1]; ++r) {
+            const std::int64_t C = run_tokens_[r];
+            if (run_begin_[r + 1] - run_begin_[r] == 1) {  // one rank on the node: arcs e -> g
+                const int j = run_begin_[r];
+                const int g = rank_node_[edge_rank(j)];
+                const std::int64_t c = own_tokens_[j];
+                arc_begin_[j] = flow_.next_arc();
+                arc(x, g, c, 0, c);
+                arc(x, g, C - c, 1, C - c);
+                arc(x, g, n, 2, y_[j] - C);
+                arc_end_[j] = flow_.next_arc();
+                continue;
+            }
+            std::int64_t sum = 0;
+            for (int j = run_begin_[r]; j < run_begin_[r + 1]; ++j) sum += y_[j];
+            const int y = flow_.add_node(kNodePotential);
+            arc(x, y, C, 0, C);
+            arc(x, y, n, 1, sum - C);
+            for (int j = run_begin_[r]; j < run_begin_[r + 1]; ++j) {
+                const int g = rank_node_[edge_rank(j)];
+                const std::int64_t c = own_tokens_[j];
+                arc_begin_[j] = flow_.next_arc();
+                arc(y, g, c, 0, c);
+                arc(y, g, n, 1, y_[j] - c);
+                arc_end_[j] = flow_.next_arc();
             }
         }
     }
-    const std::int64_t routed = mcf_.run(0, 1);
-    MOELB_CHECK(routed == want, "balanced_assignment: the min-cost flow routed "
-                                    << routed << " of " << want << " tokens at T=" << T);
+    const std::int64_t left = flow_.run(kSink);
+    MOELB_CHECK(left == 0 && flow_.excess(kSink) == want,
+                "balanced_assignment: the min-cost flow left " << left << " of " << want
+                                                               << " tokens at T=" << T);
+    for (int j = 0; j < m; ++j) {
+        std::int64_t y = 0;
+        for (int id = arc_begin_[j]; id < arc_end_[j]; id += 2) y += flow_.flow(id);
+        y_[j] = y;
+    }
 }
 
-// The per-token cost (kDispatchCost*) of class `key` of flow expert i served on its rank j.
-std::int64_t AssignmentSolver::class_cost(int i, int key, int j) const {
-    const int num = num_ranks(i);
-    if (key == j) return kDispatchCostOwnRank;
-    if (key < 2 * num) {
-        const int home = key < num ? key : key - num;
-        if (node_of_[rank(i, home)] == node_of_[rank(i, j)]) return kDispatchCostSameNode;
+// Per edge its flow y and its shares: own min(c_g, y); node: per run min(C_nu - own, Y_nu -
+// own), taken from the run's edges in ascending order; the rest for the sources of other nodes.
+void AssignmentSolver::plan_shares() {
+    const int m = num_edges();
+    own_.resize(static_cast<std::size_t>(m));
+    node_.resize(static_cast<std::size_t>(m));
+    rest_share_.resize(static_cast<std::size_t>(m));
+    for (int j = 0; j < m; ++j) own_[j] = std::min(own_tokens_[j], y_[j]);
+    const int num_runs = static_cast<int>(run_node_.size());
+    for (int r = 0; r < num_runs; ++r) {
+        std::int64_t sources = run_tokens_[r], ranks = 0;
+        for (int j = run_begin_[r]; j < run_begin_[r + 1]; ++j) {
+            sources -= own_[j];
+            ranks += y_[j] - own_[j];
+        }
+        std::int64_t share = std::min(sources, ranks);
+        for (int j = run_begin_[r]; j < run_begin_[r + 1]; ++j) {
+            node_[j] = std::min(share, y_[j] - own_[j]);
+            share -= node_[j];
+            rest_share_[j] = y_[j] - own_[j] - node_[j];
+        }
     }
-    return kDispatchCostOtherNode;
 }
 
-// The hand-back cursors: classes at their first rank, groups at their first slot. A group per
-// flow edge (the rank's tokens of the expert, summed over the classes), then one per expert with
-// several slots on its one rank.
-void AssignmentSolver::make_groups(const ExpertLocation& loc, int layer) {
-    class_pos_.assign(class_arc_.size(), 0);
-    class_left_.assign(class_arc_.size(), 0);
-    for (std::size_t c = 0; c < class_arc_.size(); ++c) {
-        if (class_arc_[c] >= 0) class_left_[c] = mcf_.flow(class_arc_[c]);
-    }
-    group_reps_.clear();
-    group_begin_.clear();
-    group_end_.clear();
-    group_pos_.clear();
-    group_tokens_.clear();
-    group_left_.clear();
-    stacked_expert_.clear();
+void AssignmentSolver::add_chunk(std::vector<int>& slot, std::vector<std::int64_t>& amount, int p,
+                                 std::int64_t tokens) {
+    if (tokens == 0) return;
+    slot.push_back(p);
+    amount.push_back(tokens);
+}
+
+// The shares as chunks of slots: an edge's y split evenly over its rank's slots of the expert
+// (lower slots first), filled by its own share, then its node share, then its rest; and the
+// hand-out cursors at the first chunks.
+void AssignmentSolver::make_chunks(const ExpertLocation& loc, int layer) {
+    own_chunk_begin_.clear();
+    node_chunk_begin_.clear();
+    rest_chunk_begin_.clear();
+    own_slot_.clear();
+    node_slot_.clear();
+    rest_slot_.clear();
+    own_amount_.clear();
+    node_amount_.clear();
+    rest_amount_.clear();
     const std::vector<int>& rank_of = makespan_.rank_of();
     for (int i = 0; i < k_; ++i) {
-        const auto reps = loc.replicas(layer, makespan_.expert_id(i));
-        int begin = 0;
-        for (int j = 0; j < num_ranks(i); ++j) {
-            const int end = static_cast<int>(
-                detail::same_rank_end(reps, static_cast<std::size_t>(begin), rank_of));
-            std::int64_t tokens = 0;
-            for (int key = 0; key <= 2 * num_ranks(i); ++key) {
-                const int arc = class_arc_[key_begin_[i] + key];
-                if (arc >= 0) tokens += mcf_.flow(arc + 2 * j);
+        rest_chunk_begin_.push_back(static_cast<int>(rest_slot_.size()));
+        const auto reps = loc.replicas(layer, expert_ids_[i]);
+        std::size_t begin = 0;
+        for (int r = expert_run_[i]; r < expert_run_[i + 1]; ++r) {
+            node_chunk_begin_.push_back(static_cast<int>(node_slot_.size()));
+            for (int j = run_begin_[r]; j < run_begin_[r + 1]; ++j) {
+                own_chunk_begin_.push_back(static_cast<int>(own_slot_.size()));
+                const std::size_t end = detail::same_rank_end(reps, begin, rank_of);
+                const auto n = static_cast<std::int64_t>(end - begin);
+                // The shares, in this order, over the slots' even split.
+                std::int64_t own = own_[j], node = node_[j], rest = rest_share_[j];
+                for (std::size_t q = begin; q < end; ++q) {
+                    const int p = reps[q];
+                    std::int64_t room = detail::even_share(y_[j], n, q - begin);
+                    std::int64_t take = std::min(own, room);
+                    add_chunk(own_slot_, own_amount_, p, take);
+                    own -= take;
+                    room -= take;
+                    take = std::min(node, room);
+                    add_chunk(node_slot_, node_amount_, p, take);
+                    node -= take;
+                    room -= take;
+                    add_chunk(rest_slot_, rest_amount_, p, room);
+                    rest -= room;
+                }
+                MOELB_CHECK(own == 0 && node == 0 && rest == 0,
+                            "balanced_assignment: an edge's shares exceed its flow");
+                begin = end;
             }
-            add_group(reps.data(), begin, end, tokens);  // id = makespan_.edge_begin(i) + j
-            begin = end;
         }
     }
+    own_chunk_begin_.push_back(static_cast<int>(own_slot_.size()));
+    node_chunk_begin_.push_back(static_cast<int>(node_slot_.size()));
+    rest_chunk_begin_.push_back(static_cast<int>(rest_slot_.size()));
+    const int num_runs = static_cast<int>(run_node_.size());
+    node_pos_.resize(static_cast<std::size_t>(num_runs));
+    node_room_.resize(static_cast<std::size_t>(num_runs));
+    for (int r = 0; r < num_runs; ++r) {
+        const int c = node_chunk_begin_[r];
+        node_pos_[r] = c;
+        node_room_[r] = c < node_chunk_begin_[r + 1] ? node_amount_[c] : 0;
+    }
+    rest_pos_.resize(static_cast<std::size_t>(k_));
+    rest_.resize(static_cast<std::size_t>(k_));
+    for (int i = 0; i < k_; ++i) {
+        const int c = rest_chunk_begin_[i];
+        const bool any = c < rest_chunk_begin_[i + 1];
+        rest_pos_[i] = c;
+        rest_[i] = {expert_ids_[i], any ? rest_slot_[c] : 0, any ? rest_amount_[c] : 0};
+    }
+}
+
+// The slots of the experts with one slot, and the experts with tokens whose replicas all sit on
+// one rank with their even split's cursors.
+void AssignmentSolver::index_other_slots(const ExpertLocation& loc, int layer) {
     const std::int32_t* copies = loc.logical_count().data() + detail::row_slot(layer, E_);
+    const std::int32_t* p2l = loc.physical_to_logical().data() + detail::row_slot(layer, P_);
+    single_.clear();
+    for (int p = 0; p < P_; ++p) {
+        if (copies[p2l[p]] == 1) single_.push_back({p2l[p], p});
+    }
+    stacked_expert_.clear();
+    stacked_reps_.clear();
+    stacked_size_.clear();
+    stacked_pos_.clear();
+    stacked_left_.clear();
     for (int e = 0; e < E_; ++e) {
         if (counts_[e] == 0 || copies[e] == 1 || makespan_.expert_rank(e) < 0) continue;
         const auto reps = loc.replicas(layer, e);
-        add_group(reps.data(), 0, static_cast<int>(reps.size()), counts_[e]);
+        const auto n = static_cast<int>(reps.size());
         stacked_expert_.push_back(e);
+        stacked_reps_.push_back(reps.data());
+        stacked_size_.push_back(n);
+        stacked_pos_.push_back(0);
+        stacked_left_.push_back(detail::even_share(counts_[e], n, 0));
     }
-}
-
-int AssignmentSolver::add_group(const std::int32_t* reps, int begin, int end, std::int64_t tokens) {
-    group_reps_.push_back(reps);
-    group_begin_.push_back(begin);
-    group_end_.push_back(end);
-    group_pos_.push_back(begin);
-    group_tokens_.push_back(tokens);
-    group_left_.push_back(detail::even_share(tokens, end - begin, 0));
-    return static_cast<int>(group_reps_.size()) - 1;
 }
 
 // Every source's row of `out` [W, P], in source order: its one-slot experts' tokens, its flow
-// experts' tokens through its classes, its single-rank experts' through their groups.
-void AssignmentSolver::hand_out(const ExpertLocation& loc, int layer, std::int64_t* out) {
-    const int P = loc.num_physical_experts();
-    const int num_edges = makespan_.edge_begin(k_);
+// experts' (the rest on the cursor's chunk, and for the experts with ranks on the source's node
+// first its own rank's share, then the node share), its stacked experts'.
+void AssignmentSolver::hand_out(std::int64_t* out) {
+    const int num_stacked = static_cast<int>(stacked_expert_.size());
     for (int s = 0; s < W_; ++s) {
         const std::int64_t* row = source_row(s);
-        std::int64_t* out_row = out + static_cast<Index>(s) * P;
-        detail::fill_single_slots(loc, layer, row, out_row);
-        for (int i = 0; i < k_; ++i) {
-            const std::int64_t tokens = row[makespan_.expert_id(i)];
-            if (tokens == 0) continue;
-            from_class(i, key_begin_[i] + keys_[static_cast<std::size_t>(s) * k_ + i], tokens,
-                       out_row);
+        std::int64_t* out_row = out + static_cast<Index>(s) * P_;
+        std::fill(out_row, out_row + P_, 0);
+        for (const Single& one : single_) out_row[one.slot] = row[one.expert];
+        // The flow experts in ascending order; those with a run on the source's node (ascending
+        // runs, so experts) in full, the others through the fast loop.
+        int i = 0;
+        const int node = s / ranks_per_node_;
+        for (int o = node_runs_begin_[node]; o < node_runs_begin_[node + 1]; ++o) {
+            const int r = node_runs_[o];
+            from_rest_fast(i, run_expert_[r], row, out_row);
+            from_run(r, row, s, out_row);
+            i = run_expert_[r] + 1;
         }
-        for (std::size_t j = 0; j < stacked_expert_.size(); ++j) {
-            const std::int64_t tokens = row[stacked_expert_[j]];
-            if (tokens > 0) to_slots(num_edges + static_cast<int>(j), tokens, out_row);
+        from_rest_fast(i, k_, row, out_row);
+        for (int q = 0; q < num_stacked; ++q) {
+            const std::int64_t tokens = row[stacked_expert_[q]];
+            if (tokens > 0) to_stacked(q, tokens, out_row);
         }
     }
 }
 
-// `tokens` of flow expert i from class c's flow, rank by rank from the class's cursor.
-void AssignmentSolver::from_class(int i, int c, std::int64_t tokens, std::int64_t* out_row) {
-    while (tokens > 0) {
-        while (class_left_[c] == 0) {
-            MOELB_CHECK(++class_pos_[c] < num_ranks(i),
-                        "balanced_assignment: a class's flow overflows");
-            class_left_[c] = mcf_.flow(class_arc_[c] + 2 * class_pos_[c]);
+// Flow experts [begin, end) without a run on the source's node: all their tokens from the rest,
+// mostly onto the slot of the cursor's chunk (the row's only write there: a plain store).
+void AssignmentSolver::from_rest_fast(int begin, int end, const std::int64_t* row,
+                                      std::int64_t* out_row) {
+    RestCursor* cursor = rest_.data();
+    for (int i = begin; i < end; ++i) {
+        RestCursor& c = cursor[i];
+        const std::int64_t tokens = row[c.expert];
+        if (tokens <= c.room) {
+            c.room -= tokens;
+            out_row[c.slot] = tokens;
+        } else {
+            from_rest(i, tokens, out_row);
         }
-        const std::int64_t take = std::min(tokens, class_left_[c]);
-        to_slots(makespan_.edge_begin(i) + class_pos_[c], take, out_row);
+    }
+}
+
+// Source s's tokens of run r's expert, s on the run's node: its own rank's share when it holds
+// one of the run's edges, then the node share, then the rest.
+void AssignmentSolver::from_run(int r, const std::int64_t* row, int s, std::int64_t* out_row) {
+    const int i = run_expert_[r];
+    std::int64_t tokens = row[expert_ids_[i]];
+    for (int j = run_begin_[r]; j < run_begin_[r + 1]; ++j) {
+        if (edge_rank(j) != s) continue;
+        for (int c = own_chunk_begin_[j]; c < own_chunk_begin_[j + 1]; ++c) {
+            out_row[own_slot_[c]] += own_amount_[c];
+        }
+        tokens -= own_[j];
+    }
+    if (tokens > 0) tokens -= from_node(r, tokens, out_row);
+    if (tokens > 0) from_rest(i, tokens, out_row);
+}
+
+// Up to `tokens` from run r's node chunks; returns how many.
+std::int64_t AssignmentSolver::from_node(int r, std::int64_t tokens, std::int64_t* out_row) {
+    std::int64_t given = 0;
+    int& c = node_pos_[r];
+    while (tokens > 0 && c < node_chunk_begin_[r + 1]) {
+        const std::int64_t take = std::min(tokens, node_room_[r]);
+        out_row[node_slot_[c]] += take;
+        node_room_[r] -= take;
         tokens -= take;
-        class_left_[c] -= take;
+        given += take;
+        if (node_room_[r] == 0 && ++c < node_chunk_begin_[r + 1]) node_room_[r] = node_amount_[c];
     }
+    return given;
 }
 
-// `tokens` of group g onto its slots from the group's cursor.
-void AssignmentSolver::to_slots(int g, std::int64_t tokens, std::int64_t* out_row) {
-    const std::int32_t* reps = group_reps_[g];
-    const int n = group_end_[g] - group_begin_[g];
-    if (n == 1) {
-        out_row[reps[group_begin_[g]]] += tokens;
-        return;
-    }
-    while (tokens > 0) {
-        while (group_left_[g] == 0) {
-            MOELB_CHECK(++group_pos_[g] < group_end_[g],
-                        "balanced_assignment: a rank's slots overflow");
-            group_left_[g] =
-                detail::even_share(group_tokens_[g], n, group_pos_[g] - group_begin_[g]);
-        }
-        const std::int64_t take = std::min(tokens, group_left_[g]);
-        out_row[reps[group_pos_[g]]] += take;
+// `tokens` of flow expert i from its rest chunks.
+void AssignmentSolver::from_rest(int i, std::int64_t tokens, std::int64_t* out_row) {
+    RestCursor& cursor = rest_[i];
+    for (;;) {
+        const std::int64_t take = std::min(tokens, cursor.room);
+        out_row[cursor.slot] += take;
+        cursor.room -= take;
         tokens -= take;
-        group_left_[g] -= take;
+        if (tokens == 0) return;
+        const int c = ++rest_pos_[i];
+        MOELB_CHECK(c < rest_chunk_begin_[i + 1],
+                    "balanced_assignment: an expert's tokens overflow its ranks");
+        cursor.room = rest_amount_[c];
+        cursor.slot = rest_slot_[c];
     }
 }
 
-void check_assignment_shapes(const ExpertLocation& location, const detail::Shape& shape,
-                             ConstMatrixMap<std::int64_t> source_counts,
-                             MatrixMap<std::int64_t> out) {
-    const int W = location.ep_size(), E = location.num_logical_experts();
-    const int P = location.num_physical_experts();
-    const Index rows = static_cast<Index>(shape.layers) * W;
-    if (shape.one_layer) {
-        MOELB_CHECK_ARG(source_counts.rows() == W && source_counts.cols() == E,
-                        "source_counts has shape ("
-                            << source_counts.rows() << ", " << source_counts.cols()
-                            << ") but (ep_size=" << W << ", num_experts=" << E << ") is needed");
-    } else {
-        MOELB_CHECK_ARG(source_counts.rows() == rows && source_counts.cols() == E,
-                        "source_counts has "
-                            << source_counts.rows() << " rows of " << source_counts.cols()
-                            << " but (num_layers=" << shape.layers << ") x (ep_size=" << W
-                            << ") rows of num_experts=" << E << " are needed");
+// `tokens` of stacked expert q onto its slots from its cursor (the even split, lower slots
+// first).
+void AssignmentSolver::to_stacked(int q, std::int64_t tokens, std::int64_t* out_row) {
+    const std::int32_t* reps = stacked_reps_[q];
+    const int n = stacked_size_[q];
+    while (tokens > 0) {
+        while (stacked_left_[q] == 0) {
+            MOELB_CHECK(++stacked_pos_[q] < n, "balanced_assignment: a rank's slots overflow");
+            stacked_left_[q] = detail::even_share(counts_[stacked_expert_[q]], n, stacked_pos_[q]);
+        }
+        const std::int64_t take = std::min(tokens, stacked_left_[q]);
+        out_row[reps[stacked_pos_[q]]] += take;
+        tokens -= take;
+        stacked_left_[q] -= take;
     }
-    MOELB_CHECK_ARG(out.rows() == rows && out.cols() == P,
-                    "out has shape (" << out.rows() << ", " << out.cols() << ") but (" << rows
-                                      << ", " << P << ") is needed");
+}
+
+// This thread's solver, reused across calls so that its buffers are. Reached through a call,
+// not named as a thread_local inside the loops: in a shared library every access to a
+// thread_local object may cost a __tls_get_addr call.
+[[gnu::noinline]] AssignmentSolver& thread_solver() {
+    thread_local AssignmentSolver solver;
+    return solver;
 }
 
 }  // namespace
@@ -333,14 +727,14 @@ void balanced_assignment(const ExpertLocation& location, ConstMatrixMap<std::int
                          ConstMatrixMap<std::int64_t> fixed_loads, MatrixMap<std::int64_t> out,
                          int layer) {
     const detail::Shape shape = detail::check_layers(location, layer);
-    check_assignment_shapes(location, shape, source_counts, out);
+    detail::check_assignment_shapes(location, shape, source_counts, out);
     detail::check_fixed_loads(location, shape, fixed_loads);
     const int W = location.ep_size(), P = location.num_physical_experts();
     detail::check_counts(shape, source_counts, W, {"source_counts", shape.one_layer, true},
                          fixed_loads);
     const int grain = std::max(1, 256 / std::max(W, 1));
     parallel_for(shape.layers, grain, [&](Index begin, Index end) {
-        thread_local AssignmentSolver solver;
+        AssignmentSolver& solver = thread_solver();
         for (Index row = begin; row < end; ++row) {
             solver.solve(location, shape.first + static_cast<int>(row), source_counts, row * W,
                          detail::fixed_row(fixed_loads, row), out.data() + row * W * P);

@@ -92,4 +92,27 @@ void check_counts(const Shape& shape, ConstMatrixMap<std::int64_t> counts, int s
     }
 }
 
+void check_assignment_shapes(const ExpertLocation& location, const Shape& shape,
+                             ConstMatrixMap<std::int64_t> source_counts,
+                             MatrixMap<std::int64_t> out) {
+    const int W = location.ep_size(), E = location.num_logical_experts();
+    const int P = location.num_physical_experts();
+    const Index rows = static_cast<Index>(shape.layers) * W;
+    if (shape.one_layer) {
+        MOELB_CHECK_ARG(source_counts.rows() == W && source_counts.cols() == E,
+                        "source_counts has shape ("
+                            << source_counts.rows() << ", " << source_counts.cols()
+                            << ") but (ep_size=" << W << ", num_experts=" << E << ") is needed");
+    } else {
+        MOELB_CHECK_ARG(source_counts.rows() == rows && source_counts.cols() == E,
+                        "source_counts has "
+                            << source_counts.rows() << " rows of " << source_counts.cols()
+                            << " but (num_layers=" << shape.layers << ") x (ep_size=" << W
+                            << ") rows of num_experts=" << E << " are needed");
+    }
+    MOELB_CHECK_ARG(out.rows() == rows && out.cols() == P,
+                    "out has shape (" << out.rows() << ", " << out.cols() << ") but (" << rows
+                                      << ", " << P << ") is needed");
+}
+
 }  // namespace moelb::detail

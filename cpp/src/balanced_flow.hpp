@@ -6,11 +6,16 @@
 //                            ceil(T*), a max-flow started at the Hall bounds of its components
 //                            and raised by Hall (min-cut) steps
 //   min_cost_flow.cpp        MinCostFlow: a generic min-cost max-flow (primal-dual)
+//   excess_flow.cpp          ExcessFlow: a min-cost flow that routes the excesses of a caller's
+//                            pseudo-flow to one sink (primal-dual, bucketed Dijkstra)
 //   balanced_checks.cpp      the input checks both public functions share (layer, fixed loads,
 //                            counts >= 0 and their sums within int64), naming the bad entry
 //   balanced_split.cpp       balanced_split(): checks -> per layer the makespan flow -> slots
 //   balanced_assignment.cpp  balanced_assignment(): checks -> per layer the makespan flow on the
-//                            summed counts, a min-cost flow at that makespan -> per-source slots
+//                            summed counts, an ExcessFlow at that makespan over one node per
+//                            (expert, node) -> per-source slots by greedy matching
+//   balanced_assignment_reference.cpp  the previous balanced_assignment (a MinCostFlow over
+//                            classes of sources), kept for tests and benchmarks only
 //
 // DESIGN: one layer is a flow network: source -> replicated expert e (capacity n_e) -> each rank
 // holding a replica of e (unbounded) -> sink (capacity T - F_r, F_r the rank's fixed load: the
@@ -90,6 +95,19 @@ void check_fixed_loads(const ExpertLocation& loc, const Shape& shape,
 // with name.per_source).
 void check_counts(const Shape& shape, ConstMatrixMap<std::int64_t> counts, int sources,
                   const Naming& name, ConstMatrixMap<std::int64_t> fixed_loads);
+
+// Checks the shapes of balanced_assignment's source_counts ([layers * W, E]) and out ([layers * W,
+// P]).
+void check_assignment_shapes(const ExpertLocation& location, const Shape& shape,
+                             ConstMatrixMap<std::int64_t> source_counts,
+                             MatrixMap<std::int64_t> out);
+
+// The previous balanced_assignment (balanced_assignment_reference.cpp): the same contract, a
+// generic min-cost flow over classes of sources; for tests and benchmarks only.
+void balanced_assignment_reference(const ExpertLocation& location,
+                                   ConstMatrixMap<std::int64_t> source_counts,
+                                   ConstMatrixMap<std::int64_t> fixed_loads,
+                                   MatrixMap<std::int64_t> out, int layer);
 
 // Layer row `row` of fixed_loads, or nullptr when there are none.
 inline const std::int64_t* fixed_row(ConstMatrixMap<std::int64_t> fixed_loads, Index row) {
@@ -229,6 +247,83 @@ class MinCostFlow {
     std::vector<std::int64_t> pi_, dist_;
     std::vector<int> level_, cur_, queue_;
     std::vector<std::pair<std::int64_t, int>> heap_;
+};
+
+// ------------------------------------------------------------------------------------------------
+// A min-cost flow from a pseudo-flow (excess_flow.cpp): nodes hold excesses (their supply plus the
+// flow the caller put into them minus the flow out), and run() routes all of it to the sink t at
+// the least cost. The caller's pseudo-flow must be optimal for its excesses under the caller's
+// potentials pi (default 0): every arc with residual capacity has reduced cost cost + pi(u) -
+// pi(v) >= 0, i.e. arcs of negative reduced cost saturated, flow only on arcs of reduced cost <=
+// 0. Costs and potentials are small integers (they stay below costs x nodes). Primal-dual: Dinic's
+// blocking flows from the nodes with excess over the admissible arcs (residual, reduced cost 0)
+// until t is out of their reach; then a Dijkstra over buckets of reduced costs from those nodes
+// moves the potentials so that the shortest paths to t have reduced cost 0; repeated.
+// Deterministic: arcs are scanned in the order they were added.
+
+class ExcessFlow {
+  public:
+    void reset(int num_nodes) {
+        num_nodes_ = num_nodes;
+        excess_.assign(static_cast<std::size_t>(num_nodes), 0);
+        pi_.assign(static_cast<std::size_t>(num_nodes), 0);
+        from_.clear();
+        to_.clear();
+        cap_.clear();
+        cost_.clear();
+    }
+    // A node of potential `potential`; returns its id.
+    int add_node(int potential = 0) {
+        excess_.push_back(0);
+        pi_.push_back(potential);
+        return num_nodes_++;
+    }
+    void add_excess(int v, std::int64_t amount) { excess_[v] += amount; }
+    // An arc u -> v of capacity `cap` at `cost` per unit carrying `flow` (0 <= flow <= cap)
+    // already; returns its id (ids step by 2).
+    int add_arc(int u, int v, std::int64_t cap, int cost, std::int64_t flow = 0) {
+        const int id = static_cast<int>(to_.size());
+        from_.insert(from_.end(), {u, v});
+        to_.insert(to_.end(), {v, u});
+        cap_.insert(cap_.end(), {cap - flow, flow});
+        cost_.insert(cost_.end(), {cost, -cost});
+        excess_[u] -= flow;
+        excess_[v] += flow;
+        return id;
+    }
+    // The id the next add_arc returns.
+    int next_arc() const { return static_cast<int>(to_.size()); }
+    std::int64_t excess(int v) const { return excess_[v]; }
+    // Routes the excess of every node but t to t at the least total cost; returns the excess
+    // left on the other nodes (0 when everything was routable). After it, flow(id) is the arc's.
+    std::int64_t run(int t);
+    std::int64_t flow(int id) const { return res_[static_cast<std::size_t>(slot_[id ^ 1])]; }
+
+  private:
+    // Reduced cost of residual arc a (an index into the arrays in adjacency order) leaving u.
+    int reduced(int u, int a) const { return rcost_[a] + pi_[u] - pi_[head_[a]]; }
+    void index_arcs();
+    void index_admissible();
+    std::int64_t greedy(int u, int t, std::int64_t limit, int depth);
+    std::int64_t pending(int t);
+    bool levels(int t);
+    std::int64_t push(int u, int t, std::int64_t limit);
+    bool shortest_paths(int t);
+
+    int num_nodes_ = 0;
+    std::vector<std::int64_t> excess_;
+    std::vector<int> pi_;
+    // Arcs as added (id, id ^ 1 its reverse).
+    std::vector<int> from_, to_, cost_;
+    std::vector<std::int64_t> cap_;
+    // The residual arcs in adjacency order: node u's are [begin_[u], begin_[u + 1]); slot_[id] is
+    // where arc id went, mate_[a] where a's reverse went.
+    std::vector<int> begin_, head_, rcost_, mate_, slot_;
+    std::vector<std::int64_t> res_;
+    std::vector<int> adm_begin_, adm_;  // the admissible arcs of each node, this phase
+    std::vector<int> active_;           // the nodes with excess, ascending
+    std::vector<int> level_, cur_, queue_, dist_;
+    std::vector<std::vector<int>> buckets_;
 };
 
 }  // namespace moelb::detail
