@@ -92,6 +92,42 @@ ConstMatrixMap<std::int64_t> rows_of(const py::array_t<std::int64_t, py::array::
     return {a.data(), static_cast<Index>(a.size()) / cols, cols};
 }
 
+// A balanced_assignment-like core function as a Python function of (source_counts, location,
+// fixed_loads, layer).
+using AssignmentFn = void (*)(const ExpertLocation&, ConstMatrixMap<std::int64_t>,
+                              ConstMatrixMap<std::int64_t>, MatrixMap<std::int64_t>, int);
+
+auto assignment_binding(AssignmentFn solve) {
+    return [solve](const py::handle& source_counts, const ExpertLocation& loc,
+                   const py::object& fixed_loads, std::optional<std::int64_t> layer) {
+        const int l = balanced_layer(loc, layer);
+        const Index L = loc.num_layers(), E = loc.num_logical_experts();
+        const Index P = loc.num_physical_experts(), W = loc.ep_size();
+        const auto c = l >= 0
+                           ? balanced_input(source_counts, "source_counts", {W, E},
+                                            "one layer needs (ep_size=" + std::to_string(W) +
+                                                ", num_experts=" + std::to_string(E) + ")")
+                           : balanced_input(source_counts, "source_counts", {L, W, E},
+                                            "the location needs (num_layers=" + std::to_string(L) +
+                                                ", ep_size=" + std::to_string(W) +
+                                                ", num_experts=" + std::to_string(E) + ")");
+        const auto fixed = balanced_fixed_loads(loc, fixed_loads, l);
+        const Index rows = (l >= 0 ? 1 : L) * W;
+        py::array_t<std::int64_t> out =
+            l >= 0 ? new_matrix<std::int64_t>(W, P)
+                   : py::array_t<std::int64_t>({static_cast<py::ssize_t>(L),
+                                                static_cast<py::ssize_t>(W),
+                                                static_cast<py::ssize_t>(P)});
+        MatrixMap<std::int64_t> out_map(out.mutable_data(), rows, P);
+        {
+            py::gil_scoped_release release;
+            solve(loc, ConstMatrixMap<std::int64_t>(c.data(), rows, E), rows_of(fixed, W), out_map,
+                  l);
+        }
+        return out;
+    };
+}
+
 }  // namespace
 
 void bind_dispatch(py::module_& m) {
@@ -126,38 +162,12 @@ void bind_dispatch(py::module_& m) {
         },
         py::arg("counts"), py::arg("location"), py::arg("fixed_loads") = py::none(),
         py::arg("layer") = py::none());
-    m.def(
-        "balanced_assignment",
-        [](const py::handle& source_counts, const ExpertLocation& loc,
-           const py::object& fixed_loads, std::optional<std::int64_t> layer) {
-            const int l = balanced_layer(loc, layer);
-            const Index L = loc.num_layers(), E = loc.num_logical_experts();
-            const Index P = loc.num_physical_experts(), W = loc.ep_size();
-            const auto c =
-                l >= 0 ? balanced_input(source_counts, "source_counts", {W, E},
-                                        "one layer needs (ep_size=" + std::to_string(W) +
-                                            ", num_experts=" + std::to_string(E) + ")")
-                       : balanced_input(source_counts, "source_counts", {L, W, E},
-                                        "the location needs (num_layers=" + std::to_string(L) +
-                                            ", ep_size=" + std::to_string(W) +
-                                            ", num_experts=" + std::to_string(E) + ")");
-            const auto fixed = balanced_fixed_loads(loc, fixed_loads, l);
-            const Index rows = (l >= 0 ? 1 : L) * W;
-            py::array_t<std::int64_t> out =
-                l >= 0 ? new_matrix<std::int64_t>(W, P)
-                       : py::array_t<std::int64_t>({static_cast<py::ssize_t>(L),
-                                                    static_cast<py::ssize_t>(W),
-                                                    static_cast<py::ssize_t>(P)});
-            MatrixMap<std::int64_t> out_map(out.mutable_data(), rows, P);
-            {
-                py::gil_scoped_release release;
-                balanced_assignment(loc, ConstMatrixMap<std::int64_t>(c.data(), rows, E),
-                                    rows_of(fixed, W), out_map, l);
-            }
-            return out;
-        },
-        py::arg("source_counts"), py::arg("location"), py::arg("fixed_loads") = py::none(),
-        py::arg("layer") = py::none());
+    m.def("balanced_assignment", assignment_binding(&balanced_assignment), py::arg("source_counts"),
+          py::arg("location"), py::arg("fixed_loads") = py::none(), py::arg("layer") = py::none());
+    // The previous solver, for tests and benchmarks only (not part of the public API).
+    m.def("_balanced_assignment_reference",
+          assignment_binding(&detail::balanced_assignment_reference), py::arg("source_counts"),
+          py::arg("location"), py::arg("fixed_loads") = py::none(), py::arg("layer") = py::none());
     m.def(
         "dispatch_table",
         [](const ExpertLocation& loc, const std::string& dispatch, std::int64_t ep_rank,

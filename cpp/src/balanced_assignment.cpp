@@ -75,8 +75,10 @@ constexpr int kRankPotential = 2;
 // One layer's assignment, its steps in solve(). Reused across layers and calls (thread_solver).
 class AssignmentSolver {
   public:
+    // counts: the layer's source counts summed over the sources [E] (sum_counts).
     void solve(const ExpertLocation& loc, int layer, ConstMatrixMap<std::int64_t> source_counts,
-               Index first_row, const std::int64_t* fixed, std::int64_t* out);
+               Index first_row, const std::int64_t* counts, const std::int64_t* fixed,
+               std::int64_t* out);
 
   private:
     // Source s's counts [E] of the layer being solved.
@@ -108,8 +110,9 @@ class AssignmentSolver {
     const std::int64_t* rows_ = nullptr;  // [W, E], the layer's source counts
     int W_ = 0, E_ = 0, P_ = 0, k_ = 0;   // ranks, experts, slots, flow experts
     int ranks_per_node_ = 1;
-    std::vector<std::int64_t> counts_;  // [E], summed over sources
-    std::vector<int> expert_ids_;       // [k], the flow experts
+    const std::int64_t* counts_ = nullptr;  // [E], summed over the sources
+    std::vector<std::int64_t> row_;         // [E], the source row being handed out
+    std::vector<int> expert_ids_;           // [k], the flow experts
 
     // Runs: the edges of a flow expert on one node (edges ascend by rank, so by node), expert
     // by expert; run_begin_[r] is its first edge, expert_run_[i] its first run.
@@ -157,6 +160,7 @@ class AssignmentSolver {
         std::int32_t slot;
     };
     std::vector<Single> single_;
+    std::vector<int> slot_source_;  // [P]: the expert of a one-slot expert's slot, else E
     std::vector<int> stacked_expert_;
     std::vector<const std::int32_t*> stacked_reps_;
     std::vector<int> stacked_size_, stacked_pos_;
@@ -165,7 +169,9 @@ class AssignmentSolver {
 
 void AssignmentSolver::solve(const ExpertLocation& loc, int layer,
                              ConstMatrixMap<std::int64_t> source_counts, Index first_row,
-                             const std::int64_t* fixed, std::int64_t* out) {
+                             const std::int64_t* counts, const std::int64_t* fixed,
+                             std::int64_t* out) {
+    counts_ = counts;
     W_ = loc.ep_size();
     E_ = loc.num_logical_experts();
     P_ = loc.num_physical_experts();
@@ -183,13 +189,7 @@ void AssignmentSolver::solve(const ExpertLocation& loc, int layer,
 // The makespan flow on the counts summed over the sources: T = ceil(T*).
 std::int64_t AssignmentSolver::solve_makespan(const ExpertLocation& loc, int layer,
                                               const std::int64_t* fixed) {
-    counts_.assign(static_cast<std::size_t>(E_), 0);
-    std::int64_t* sum = counts_.data();
-    for (int s = 0; s < W_; ++s) {
-        const std::int64_t* row = source_row(s);
-        for (int e = 0; e < E_; ++e) sum[e] += row[e];
-    }
-    makespan_.build(loc, layer, counts_.data(), fixed);
+    makespan_.build(loc, layer, counts_, fixed);
     const std::int64_t T = makespan_.solve();
     k_ = makespan_.num_flow_experts();
     expert_ids_.resize(static_cast<std::size_t>(k_));
@@ -396,8 +396,9 @@ bool AssignmentSolver::augment(int source) {
     for (int v = found; v != source; v = from_[v]) {
         const int u = from_[v];
         if (u < X0) delta = std::min(delta, free_tokens(via_[v]));
-        if (u >= Y0 && v < Y0) delta = std::min(delta, run_sum_[u - Y0] - run_tokens_[u - Y0]);
+        if (u >= Y0 && v >= X0) delta = std::min(delta, run_sum_[u - Y0] - run_tokens_[u - Y0]);
     }
+    MOELB_CHECK(delta > 0, "balanced_assignment: an augmenting path moves nothing");
     for (int v = found; v != source; v = from_[v]) {
         const int j = via_[v];
         if (j < 0) continue;  // between an expert and its (e, nu) node: no rank's load moves
@@ -571,9 +572,12 @@ void AssignmentSolver::make_chunks(const ExpertLocation& loc, int layer) {
     rest_.resize(static_cast<std::size_t>(k_));
     for (int i = 0; i < k_; ++i) {
         const int c = rest_chunk_begin_[i];
+        // Without a rest, the cursor still points at a slot of the expert: the fast loop stores
+        // a source's 0 there, and a 0 is what that source has on any of the expert's slots.
         const bool any = c < rest_chunk_begin_[i + 1];
+        const int first = loc.replicas(layer, expert_ids_[i])[0];
         rest_pos_[i] = c;
-        rest_[i] = {expert_ids_[i], any ? rest_slot_[c] : 0, any ? rest_amount_[c] : 0};
+        rest_[i] = {expert_ids_[i], any ? rest_slot_[c] : first, any ? rest_amount_[c] : 0};
     }
 }
 
@@ -583,8 +587,11 @@ void AssignmentSolver::index_other_slots(const ExpertLocation& loc, int layer) {
     const std::int32_t* copies = loc.logical_count().data() + detail::row_slot(layer, E_);
     const std::int32_t* p2l = loc.physical_to_logical().data() + detail::row_slot(layer, P_);
     single_.clear();
+    slot_source_.resize(static_cast<std::size_t>(P_));
     for (int p = 0; p < P_; ++p) {
-        if (copies[p2l[p]] == 1) single_.push_back({p2l[p], p});
+        const bool one = copies[p2l[p]] == 1;
+        if (one) single_.push_back({p2l[p], p});
+        slot_source_[p] = one ? p2l[p] : E_;
     }
     stacked_expert_.clear();
     stacked_reps_.clear();
@@ -608,11 +615,24 @@ void AssignmentSolver::index_other_slots(const ExpertLocation& loc, int layer) {
 // first its own rank's share, then the node share), its stacked experts'.
 void AssignmentSolver::hand_out(std::int64_t* out) {
     const int num_stacked = static_cast<int>(stacked_expert_.size());
+    // The source's row is read in order into a buffer that stays in the L1 cache (the reads below
+    // jump across it; straight from a row out of the cache each would wait), with a 0 after it.
+    row_.resize(static_cast<std::size_t>(E_) + 1);
+    row_[E_] = 0;
+    const int* slot_source = slot_source_.data();
+    const bool dense = static_cast<int>(single_.size()) * 2 > P_;
     for (int s = 0; s < W_; ++s) {
-        const std::int64_t* row = source_row(s);
+        std::copy(source_row(s), source_row(s) + E_, row_.data());
+        const std::int64_t* row = row_.data();
         std::int64_t* out_row = out + static_cast<Index>(s) * P_;
-        std::fill(out_row, out_row + P_, 0);
-        for (const Single& one : single_) out_row[one.slot] = row[one.expert];
+        // The one-slot experts' tokens, 0 elsewhere: mostly one-slot experts, one pass over the
+        // slots; else zeros, then those slots.
+        if (dense) {
+            for (int p = 0; p < P_; ++p) out_row[p] = row[slot_source[p]];
+        } else {
+            std::fill(out_row, out_row + P_, 0);
+            for (const Single& one : single_) out_row[one.slot] = row[one.expert];
+        }
         // The flow experts in ascending order; those with a run on the source's node (ascending
         // runs, so experts) in full, the others through the fast loop.
         int i = 0;
@@ -729,15 +749,30 @@ void balanced_assignment(const ExpertLocation& location, ConstMatrixMap<std::int
     const detail::Shape shape = detail::check_layers(location, layer);
     detail::check_assignment_shapes(location, shape, source_counts, out);
     detail::check_fixed_loads(location, shape, fixed_loads);
-    const int W = location.ep_size(), P = location.num_physical_experts();
-    detail::check_counts(shape, source_counts, W, {"source_counts", shape.one_layer, true},
-                         fixed_loads);
+    const int W = location.ep_size(), E = location.num_logical_experts();
+    const int P = location.num_physical_experts();
+    // Every layer's counts summed over the sources and checked before any layer is solved (so
+    // that a bad row anywhere leaves no work done); check_counts names the first bad entry where
+    // the fast check is not certain.
+    std::vector<std::int64_t> sums(static_cast<std::size_t>(shape.layers) * E);
+    std::vector<char> sure(static_cast<std::size_t>(shape.layers));
     const int grain = std::max(1, 256 / std::max(W, 1));
+    parallel_for(shape.layers, grain, [&](Index begin, Index end) {
+        for (Index row = begin; row < end; ++row) {
+            sure[row] =
+                detail::sum_counts(source_counts, row, W, fixed_loads, sums.data() + row * E);
+        }
+    });
+    if (std::find(sure.begin(), sure.end(), 0) != sure.end()) {
+        detail::check_counts(shape, source_counts, W, {"source_counts", shape.one_layer, true},
+                             fixed_loads);
+    }
     parallel_for(shape.layers, grain, [&](Index begin, Index end) {
         AssignmentSolver& solver = thread_solver();
         for (Index row = begin; row < end; ++row) {
             solver.solve(location, shape.first + static_cast<int>(row), source_counts, row * W,
-                         detail::fixed_row(fixed_loads, row), out.data() + row * W * P);
+                         sums.data() + row * E, detail::fixed_row(fixed_loads, row),
+                         out.data() + row * W * P);
         }
     });
 }

@@ -3,6 +3,8 @@
 // value; reference/dispatch.md section 7 asks for integer counts n_e >= 0 and fixed loads f_g >=
 // 0): the layer argument, the shape of fixed_loads, and every layer's counts and fixed loads
 // (>= 0, summing within int64 so that no flow capacity overflows), the first bad entry named.
+#include <algorithm>
+#include <cstdint>
 #include <sstream>
 #include <string>
 
@@ -90,6 +92,34 @@ void check_counts(const Shape& shape, ConstMatrixMap<std::int64_t> counts, int s
             }
         }
     }
+}
+
+bool sum_counts(ConstMatrixMap<std::int64_t> counts, Index row, int sources,
+                ConstMatrixMap<std::int64_t> fixed_loads, std::int64_t* sums) {
+    const Index cols = counts.cols();
+    // Unsigned adds: bad input may wrap, which is defined there (and then reported below).
+    auto* total = reinterpret_cast<std::uint64_t*>(sums);
+    std::fill(total, total + cols, 0);
+    std::uint64_t bits = 0;
+    for (int s = 0; s < sources; ++s) {
+        const auto* c =
+            reinterpret_cast<const std::uint64_t*>(counts.data()) + (row * sources + s) * cols;
+        for (Index e = 0; e < cols; ++e) {
+            total[e] += c[e];
+            bits |= c[e];
+        }
+    }
+    if (fixed_loads.size()) {
+        for (Index r = 0; r < fixed_loads.cols(); ++r) {
+            bits |= static_cast<std::uint64_t>(fixed_loads(row, r));
+        }
+    }
+    // Every entry is >= 0 and at most `bits`, so their number times `bits` bounds their sum.
+    const auto max = static_cast<std::uint64_t>(kInt64Max);
+    const auto entries = static_cast<std::uint64_t>(sources) * static_cast<std::uint64_t>(cols) +
+                         static_cast<std::uint64_t>(fixed_loads.size() ? fixed_loads.cols() : 0);
+    std::uint64_t bound = 0;
+    return bits <= max && !__builtin_mul_overflow(bits, entries, &bound) && bound <= max;
 }
 
 void check_assignment_shapes(const ExpertLocation& location, const Shape& shape,

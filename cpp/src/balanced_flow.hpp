@@ -96,18 +96,20 @@ void check_fixed_loads(const ExpertLocation& loc, const Shape& shape,
 void check_counts(const Shape& shape, ConstMatrixMap<std::int64_t> counts, int sources,
                   const Naming& name, ConstMatrixMap<std::int64_t> fixed_loads);
 
+// One layer row's counts summed over its sources into sums [cols] (rows [row * sources, (row +
+// 1) * sources) of `counts`), with check_counts's checks decided without a branch per entry:
+// true when every count is >= 0 and the counts and the layer's fixed loads (>= 0) certainly sum
+// within int64 (bounded by the counts' bitwise or times their number). False when that is not
+// certain: then check_counts decides (it names the first bad entry), and when it passes, the sums
+// are exact (counts >= 0 summing within int64 never wrap).
+bool sum_counts(ConstMatrixMap<std::int64_t> counts, Index row, int sources,
+                ConstMatrixMap<std::int64_t> fixed_loads, std::int64_t* sums);
+
 // Checks the shapes of balanced_assignment's source_counts ([layers * W, E]) and out ([layers * W,
 // P]).
 void check_assignment_shapes(const ExpertLocation& location, const Shape& shape,
                              ConstMatrixMap<std::int64_t> source_counts,
                              MatrixMap<std::int64_t> out);
-
-// The previous balanced_assignment (balanced_assignment_reference.cpp): the same contract, a
-// generic min-cost flow over classes of sources; for tests and benchmarks only.
-void balanced_assignment_reference(const ExpertLocation& location,
-                                   ConstMatrixMap<std::int64_t> source_counts,
-                                   ConstMatrixMap<std::int64_t> fixed_loads,
-                                   MatrixMap<std::int64_t> out, int layer);
 
 // Layer row `row` of fixed_loads, or nullptr when there are none.
 inline const std::int64_t* fixed_row(ConstMatrixMap<std::int64_t> fixed_loads, Index row) {

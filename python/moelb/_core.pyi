@@ -455,3 +455,9 @@ def balanced_assignment(
     fixed_loads: npt.ArrayLike | None = None,
     layer: int | None = None,
 ) -> npt.NDArray[np.int64]: ...
+def _balanced_assignment_reference(
+    source_counts: npt.ArrayLike,
+    location: ExpertLocation,
+    fixed_loads: npt.ArrayLike | None = None,
+    layer: int | None = None,
+) -> npt.NDArray[np.int64]: ...

@@ -326,14 +326,112 @@ TEST(BalancedAssignment, PrefersTheSourcesNodeWhenTheOptimumMovesTokens) {
     EXPECT_EQ(out, matrix<std::int64_t>({{0, 4, 2, 0}, {0, 0, 0, 0}, {0, 0, 0, 0}, {0, 0, 2, 0}}));
 }
 
-TEST(BalancedAssignment, SplitsARanksCopiesEvenlyInSourceOrder) {
+TEST(BalancedAssignment, SplitsARanksCopiesEvenlyOwnShareFirst) {
     // Expert 0 has two slots on rank 0 (0, 1) and one on rank 1 (2); rank 1 has 6 fixed. Sources
     // 0 and 1 route 5 tokens each: T* = 16 / 2 = 8, so rank 0 takes 8 (4 + 4 over its slots) and
-    // rank 1 takes 2 (source 1's own tokens stay home first).
+    // rank 1 takes 2 (source 1's own tokens stay home first). Rank 0's slots fill with its own
+    // source's 5 first (4 + 1), then source 1's 3 (node share).
     const ExpertLocation loc(matrix<std::int32_t>({{0, 0, 0, 1}}), 2, 2, 1);
     const Counts out =
         assign(loc, matrix<std::int64_t>({{5, 0}, {5, 0}}), matrix<std::int64_t>({{0, 6}}));
     EXPECT_EQ(out, matrix<std::int64_t>({{4, 1, 0, 0}, {0, 3, 2, 0}}));
+}
+
+TEST(BalancedAssignment, FillsARanksSlotsWithItsOwnSourceBeforeEarlierSources) {
+    // One node of 3 ranks, 2 slots each: expert 0 on rank 1 (slots 2, 3) and rank 2 (slot 4);
+    // rank 2 carries 6 fixed. Source 0 (no replica) routes 4 tokens of expert 0, source 1 routes
+    // 2: T* = (6 + 6) / 2 = 6, all 6 on rank 1 (3 + 3 over its slots). The tie rule fills rank
+    // 1's slots with its own source's 2 first, then source 0's 4 (node share): slot 2 takes 2 + 1,
+    // slot 3 takes 3 -- although source 0 comes first in source order.
+    const ExpertLocation loc(matrix<std::int32_t>({{1, 2, 0, 0, 0, 3}}), 4, 3, 1);
+    const Counts out = assign(loc, matrix<std::int64_t>({{4, 0, 0, 0}, {2, 0, 0, 0}, {0, 0, 0, 0}}),
+                              matrix<std::int64_t>({{0, 0, 6}}));
+    EXPECT_EQ(out,
+              matrix<std::int64_t>({{0, 0, 1, 3, 0, 0}, {0, 0, 2, 0, 0, 0}, {0, 0, 0, 0, 0, 0}}));
+}
+
+TEST(BalancedAssignment, CheapTokensGiveWayToTheMakespan) {
+    // Two ranks on two nodes: expert 0 on both (slots 0, 2), expert 1 only on rank 0 (slot 1).
+    // Source 0 routes 4 tokens of each: expert 1's 4 fix rank 0 at 4, so T* = 8 / 2 = 4 and
+    // expert 0's tokens must all leave their own rank for the other node (cost 2 each), although
+    // each expert alone would keep them home.
+    const ExpertLocation loc(matrix<std::int32_t>({{0, 1, 0, 2}}), 3, 2, 2);
+    const Counts source = matrix<std::int64_t>({{4, 4, 0}, {0, 0, 0}});
+    EXPECT_EQ(assign(loc, source), matrix<std::int64_t>({{0, 4, 4, 0}, {0, 0, 0, 0}}));
+}
+
+// The total cost (kDispatchCost*) of one layer's assignment rows [W, P].
+std::int64_t total_cost(const ExpertLocation& loc, const std::int64_t* rows) {
+    const int W = loc.ep_size(), P = loc.num_physical_experts();
+    std::int64_t cost = 0;
+    for (int s = 0; s < W; ++s) {
+        for (int p = 0; p < P; ++p) {
+            const int g = loc.rank_of_slot(p);
+            const std::int64_t c = g == s ? 0 : loc.node_of_rank(g) == loc.node_of_rank(s) ? 1 : 2;
+            cost += c * rows[static_cast<Index>(s) * P + p];
+        }
+    }
+    return cost;
+}
+
+TEST(BalancedAssignment, SameMakespanAndCostAsThePreviousSolver) {
+    // Random layouts over several nodes (replicas on one rank, one node or several), sources
+    // leaning towards the experts of their own rank and node (so that the cheap shares matter),
+    // zero counts and tight fixed loads: the makespan and the least total cost equal those of the
+    // previous solver (a generic min-cost flow over classes of sources).
+    int layers = 0, costly = 0;
+    for (std::uint32_t seed = 1; seed <= 30; ++seed) {
+        Rng rng(seed);
+        const int W = std::vector<int>{4, 6, 8, 12}[seed % 4];
+        std::vector<int> nodes;
+        for (const int n : {2, 3, 4}) {
+            if (W % n == 0) nodes.push_back(n);
+        }
+        const int N = nodes[seed % nodes.size()];
+        const int S = 1 + static_cast<int>(seed % 3), P = W * S, E = std::max(2, P * 2 / 3);
+        const int L = 6;
+        const ExpertLocation loc(random_layout(L, E, P, seed), E, W, N);
+        Counts source(static_cast<Index>(L) * W, E), fixed(L, W);
+        for (int l = 0; l < L; ++l) {
+            const std::uint32_t scale = std::vector<std::uint32_t>{3, 40, 500}[rng.below(3)];
+            for (int s = 0; s < W; ++s) {
+                for (int e = 0; e < E; ++e) {
+                    std::uint32_t n = rng.below(4) == 0 ? 0 : rng.below(scale + 1);
+                    // Tokens of an expert with a replica on the source's rank: often many more.
+                    for (const std::int32_t p : loc.replicas(l, e)) {
+                        if (loc.rank_of_slot(p) == s && rng.below(2) == 0) n += scale;
+                    }
+                    source(l * W + s, e) = n;
+                }
+            }
+            for (int r = 0; r < W; ++r) fixed(l, r) = rng.below(2) ? rng.below(scale * 4) : 0;
+        }
+        const Counts ours = assign(loc, source, fixed);
+        Counts theirs = Counts::Constant(source.rows(), P, -7);
+        moelb::detail::balanced_assignment_reference(loc, cmap(source), cmap(fixed), mmap(theirs));
+        for (int l = 0; l < L; ++l) {
+            const std::int64_t* a = ours.data() + static_cast<Index>(l) * W * P;
+            const std::int64_t* b = theirs.data() + static_cast<Index>(l) * W * P;
+            std::vector<std::int64_t> slots_a(static_cast<std::size_t>(P), 0), slots_b = slots_a;
+            for (Index i = 0; i < static_cast<Index>(W) * P; ++i) {
+                slots_a[i % P] += a[i];
+                slots_b[i % P] += b[i];
+            }
+            const auto load_a = rank_loads(loc, slots_a.data(), fixed.data() + l * W);
+            const auto load_b = rank_loads(loc, slots_b.data(), fixed.data() + l * W);
+            ASSERT_EQ(*std::max_element(load_a.begin(), load_a.end()),
+                      *std::max_element(load_b.begin(), load_b.end()))
+                << "seed " << seed << " layer " << l;
+            ASSERT_EQ(total_cost(loc, a), total_cost(loc, b)) << "seed " << seed << " layer " << l;
+            for (int s = 0; s < W; ++s) {
+                expect_conserved(loc, l, source.data() + (l * W + s) * E, a + s * P);
+            }
+            ++layers;
+            costly += total_cost(loc, a) > 0;
+        }
+    }
+    EXPECT_EQ(layers, 180);
+    EXPECT_GT(costly, 120);
 }
 
 // ------------------------------------------------------------------------------------------------

@@ -179,4 +179,14 @@ void balanced_assignment(const ExpertLocation& location, ConstMatrixMap<std::int
                          ConstMatrixMap<std::int64_t> fixed_loads, MatrixMap<std::int64_t> out,
                          int layer = -1);
 
+namespace detail {
+// The previous balanced_assignment (a generic min-cost flow over one node per class of sources;
+// the same contract, ties broken otherwise): kept only as the reference that tests and
+// benchmarks compare balanced_assignment with (Python: moelb._core._balanced_assignment_reference).
+void balanced_assignment_reference(const ExpertLocation& location,
+                                   ConstMatrixMap<std::int64_t> source_counts,
+                                   ConstMatrixMap<std::int64_t> fixed_loads,
+                                   MatrixMap<std::int64_t> out, int layer = -1);
+}  // namespace detail
+
 }  // namespace moelb
