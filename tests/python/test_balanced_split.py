@@ -301,6 +301,91 @@ def test_assignment_optimal_and_least_cost(restore_num_threads: None) -> None:
     assert instances == 300 and with_cost > 100
 
 
+def leaning_sources(
+    rng: np.random.Generator, location: ExpertLocation, layer: int, scale: int
+) -> npt.NDArray[np.int64]:
+    """[W, E]: random counts per source, most sources sending many more tokens to the experts
+    with a replica on their own rank or node (so that the cheap shares matter), about a quarter
+    zero."""
+    W, E = location.ep_size, location.num_logical_experts
+    rpn, S = W // location.num_nodes, location.num_local_physical_experts
+    ranks = location.physical_to_logical[layer]
+    counts = rng.integers(0, scale + 1, size=(W, E))
+    for s in range(W):
+        own = np.unique(ranks[s * S : (s + 1) * S])
+        node = np.unique(ranks[(s // rpn) * rpn * S : (s // rpn + 1) * rpn * S])
+        counts[s, node] += rng.integers(0, 2 * scale + 1, size=node.size)
+        counts[s, own] += rng.integers(0, 4 * scale + 1, size=own.size)
+    counts[rng.random((W, E)) < 0.25] = 0
+    return counts.astype(np.int64)
+
+
+def cheapest_cost(location: ExpertLocation, layer: int, source: npt.NDArray[np.int64]) -> int:
+    """The cost with every token on its cheapest replica, rank loads ignored: a lower bound that
+    the least cost at the optimal makespan exceeds only when cheap tokens had to give way."""
+    W, E = source.shape
+    rpn = W // location.num_nodes
+    total = 0
+    for e in range(E):
+        ranks = distinct_ranks(location, layer, e)
+        for s in range(W):
+            total += int(source[s, e]) * min(cost(s, g, rpn) for g in ranks)
+    return total
+
+
+def test_assignment_least_cost_matches_the_lp_and_the_previous_solver() -> None:
+    # Several hundred layers over 2-4 nodes with 1-3 replicas per expert (on one rank, one node or
+    # several), sources leaning towards their own rank's and node's experts, zero counts and
+    # fixed loads from none to tight: the makespan equals ceil(T*) of the split's LP, the total
+    # cost equals the transportation LP's least cost at that makespan, and both equal the previous
+    # solver's (moelb._core._balanced_assignment_reference).
+    rng = np.random.default_rng(41)
+    layers = gave_way = 0
+    for _ in range(80):
+        W = int(rng.choice([4, 6, 8, 12]))
+        N = int(rng.choice([n for n in (2, 3, 4) if W % n == 0]))
+        S = int(rng.integers(1, 4))
+        P = W * S
+        E = int(rng.integers(max(1, -(-P // 3)), P + 1))
+        L = 5
+        location = ExpertLocation(np.stack([random_map(rng, E, P) for _ in range(L)]), E, W, N)
+        scales = rng.choice([3, 30, 300], size=L)
+        source = np.stack(
+            [leaning_sources(rng, location, layer, scales[layer]) for layer in range(L)]
+        )
+        source[rng.random(L) < 0.05] = 0
+        fixed = None
+        if rng.random() < 0.7:
+            tight = rng.choice([1, 4, 16])
+            fixed = rng.integers(0, scales[:, None] * tight + 1, size=(L, W)).astype(np.int64)
+        fixed_or_zero = np.zeros((L, W), dtype=np.int64) if fixed is None else fixed
+        out = moelb.balanced_assignment(source, location, fixed)
+        previous = moelb._core._balanced_assignment_reference(source, location, fixed, None)
+        rpn = W // N
+        costs = np.array([[cost(s, p // S, rpn) for p in range(P)] for s in range(W)])
+        for layer in range(L):
+            p2l = location.physical_to_logical[layer]
+            for s in range(W):  # each source's row sums to its counts, expert by expert
+                assert (out[layer, s] >= 0).all()
+                got = np.bincount(p2l, weights=out[layer, s], minlength=E)
+                np.testing.assert_array_equal(got, source[layer, s])
+            loads = rank_loads(location, out[layer].sum(axis=0), fixed_or_zero[layer])
+            counts = source[layer].sum(axis=0)
+            optimum = lp_optimum(location, layer, counts, fixed_or_zero[layer])
+            assert loads.max() == exact_ceil(optimum, W), (layer, optimum, loads.max())
+            theirs = rank_loads(location, previous[layer].sum(axis=0), fixed_or_zero[layer])
+            assert theirs.max() == loads.max()
+            ours = int((out[layer] * costs).sum())
+            best = least_cost(location, layer, source[layer], fixed_or_zero[layer], loads.max())
+            assert ours == pytest.approx(best, abs=1e-6), (layer, ours, best)
+            assert ours == int((previous[layer] * costs).sum())
+            gave_way += int(ours > cheapest_cost(location, layer, source[layer]))
+            layers += 1
+    assert layers == 400
+    # Many layers need cheap tokens to give way to the makespan (the ExcessFlow's harder path).
+    assert gave_way > 100, gave_way
+
+
 def test_assignment_keeps_tokens_home() -> None:
     # The documented costs per token: own rank, another rank of the node, another node.
     assert (DISPATCH_COST_OWN_RANK, DISPATCH_COST_SAME_NODE, DISPATCH_COST_OTHER_NODE) == (0, 1, 2)
