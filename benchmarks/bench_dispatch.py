@@ -330,6 +330,112 @@ def time_balanced_split(args: argparse.Namespace, problems: list[str]) -> list[d
     return results
 
 
+def deal_to_sources(
+    rng: np.random.Generator, counts: npt.NDArray[np.int64], W: int
+) -> npt.NDArray[np.int64]:
+    """[L, W, E]: each layer's routed tokens ([L, E]) dealt at random to the W source ranks, the
+    same number to each (128 tokens x top-8 per rank): every source's counts sum to the step's."""
+    L, E = counts.shape
+    out = np.empty((L, W, E), dtype=np.int64)
+    for layer in range(L):
+        ids = np.repeat(np.arange(E), counts[layer])
+        rng.shuffle(ids)
+        rows = np.arange(ids.size) * W // ids.size
+        out[layer] = np.bincount(rows * E + ids, minlength=W * E).reshape(W, E)
+    return out
+
+
+def time_balanced_assignment(args: argparse.Namespace, problems: list[str]) -> list[dict[str, Any]]:
+    """balanced_assignment (ours) per layer on one thread, as an engine calls it (one layer per
+    call, after the all-gather of the per-rank counts), on the exact split's plans and steps dealt
+    to the source ranks; the previous solver (a generic min-cost flow over classes of sources,
+    moelb._core._balanced_assignment_reference) on the same calls for the ratio. Checks each
+    source's counts, the makespan against balanced_split's and the total cost against the previous
+    solver's."""
+    reference = moelb._core._balanced_assignment_reference
+    rng = np.random.default_rng(args.seed + 2)
+    L = args.split_layers
+    threads = moelb.get_num_threads()
+    results = []
+    for W, P, N, location, steps in split_instances(args):
+        S, rpn = location.num_local_physical_experts, W // N
+        p2l = location.physical_to_logical
+        rank = np.arange(P) // S
+        cost = np.where(
+            rank[None, :] == np.arange(W)[:, None],
+            moelb.dispatch.DISPATCH_COST_OWN_RANK,
+            np.where(
+                rank[None, :] // rpn == np.arange(W)[:, None] // rpn,
+                moelb.dispatch.DISPATCH_COST_SAME_NODE,
+                moelb.dispatch.DISPATCH_COST_OTHER_NODE,
+            ),
+        )
+        ours_us, all_us, theirs_us = [], [], []
+        served = np.zeros(3)
+        moelb.set_num_threads(1)
+        try:
+            for step, counts in enumerate(steps):
+                source = deal_to_sources(rng, counts, W)
+                t0 = time.perf_counter()
+                rows = [
+                    moelb.balanced_assignment(source[layer], location, layer=layer)
+                    for layer in range(L)
+                ]
+                ours_us.append((time.perf_counter() - t0) / L * 1e6)
+                out = np.stack(rows)
+                t0 = time.perf_counter()
+                every = moelb.balanced_assignment(source, location)
+                all_us.append((time.perf_counter() - t0) / L * 1e6)
+                if not np.array_equal(every, out):
+                    problems.append(
+                        f"balanced_assignment EP{W}/{P}: one call differs from per layer"
+                    )
+                t0 = time.perf_counter()
+                theirs = [reference(source[layer], location, None, layer) for layer in range(L)]
+                theirs_us.append((time.perf_counter() - t0) / L * 1e6)
+                split = moelb.balanced_split(counts, location)
+                for layer in range(L):
+                    got = np.stack([np.bincount(p2l[layer], out[layer, s], NUM_EXPERTS)
+                                    for s in range(W)])  # fmt: skip
+                    if not np.array_equal(got, source[layer]):
+                        problems.append(f"balanced_assignment EP{W}/{P}: a count is not conserved")
+                    peak = out[layer].sum(axis=0).reshape(W, S).sum(axis=1).max()
+                    if peak != split[layer].reshape(W, S).sum(axis=1).max():
+                        problems.append(
+                            f"balanced_assignment EP{W}/{P} step {step} layer {layer}: largest "
+                            f"rank load {peak} but balanced_split's is different"
+                        )
+                    ours, previous = (out[layer] * cost).sum(), (theirs[layer] * cost).sum()
+                    if ours != previous:
+                        problems.append(
+                            f"balanced_assignment EP{W}/{P} step {step} layer {layer}: total cost "
+                            f"{ours} but the previous solver's is {previous}"
+                        )
+                    for c in range(3):
+                        served[c] += out[layer][cost == c].sum()
+        finally:
+            moelb.set_num_threads(threads)
+        ours, theirs = statistics.median(ours_us), statistics.median(theirs_us)
+        results.append(
+            {
+                "ep_size": W,
+                "num_physical_experts": P,
+                "num_nodes": N,
+                "num_layers": L,
+                "num_steps": len(steps),
+                "tokens_per_step": SPLIT_TOKENS_PER_RANK * W,
+                "us_per_layer": ours,
+                "us_per_layer_one_call": statistics.median(all_us),
+                "previous_us_per_layer": theirs,
+                "ratio": theirs / ours,
+                "share_own_rank": served[0] / served.sum(),
+                "share_same_node": served[1] / served.sum(),
+                "share_other_node": served[2] / served.sum(),
+            }
+        )
+    return results
+
+
 def split_instances(
     args: argparse.Namespace,
 ) -> list[tuple[int, int, int, moelb.ExpertLocation, list[npt.NDArray[np.int64]]]]:
@@ -516,6 +622,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     timing = time_tables(plan.location, args.repeats, problems)
     split_timing = time_balanced_split(args, problems)
+    assignment_timing = time_balanced_assignment(args, problems)
     lp_rows = compare_sglang_lp(args, problems)
     lplb_rows = lplb_cases(args, problems)
     seconds = time.perf_counter() - start
@@ -555,6 +662,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     ]
     header = ["EP/slots", "nodes", "tokens", "us/layer", "linprog us", "ratio"]
     print(table([*header, "max/mean equal", "max/mean balanced"], split_rows))
+    print(
+        f"\nexact per-step assignment (balanced_assignment, ours), one thread: median of "
+        f"{args.split_steps} steps, per layer; one call per layer (as an engine calls it after the "
+        "all-gather) and one call for all layers; previous: the generic min-cost flow it replaced, "
+        "one call per layer; tokens served on their own rank / their node / another node"
+    )
+    print(
+        table(
+            ["EP/slots", "nodes", "us/layer", "one call", "previous us", "ratio", "own/node/other"],
+            [
+                [
+                    f"EP{r['ep_size']}/{r['num_physical_experts']}",
+                    str(r["num_nodes"]),
+                    f"{r['us_per_layer']:.1f}",
+                    f"{r['us_per_layer_one_call']:.1f}",
+                    f"{r['previous_us_per_layer']:.0f}",
+                    f"{r['ratio']:.1f}x",
+                    f"{r['share_own_rank']:.3f}/{r['share_same_node']:.3f}/"
+                    f"{r['share_other_node']:.3f}",
+                ]
+                for r in assignment_timing
+            ],
+        )
+    )
     print(
         "\nSGLang lp (reference model: float32, 5 affine-scaling iterations, 0.5 fallback; "
         "expected rank loads)\nvs the exact split, same plans and counts, "
@@ -598,7 +729,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     for problem in problems:
         print(f"PROBLEM: {problem}")
-    print(f"\n{seconds:.1f} s (traffic, plans, dispatch, timing, the exact split, SGLang lp, LPLB)")
+    print(
+        f"\n{seconds:.1f} s (traffic, plans, dispatch, timing, the exact split and assignment, "
+        "SGLang lp, LPLB)"
+    )
     if args.json is not None:
         write_json(
             args.json,
@@ -612,6 +746,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "best": best,
                 "table_timing": timing,
                 "balanced_split_timing": split_timing,
+                "balanced_assignment_timing": assignment_timing,
                 "sglang_lp": lp_rows,
                 "lplb": lplb_rows,
                 "problems": problems,
