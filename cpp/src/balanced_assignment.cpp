@@ -100,7 +100,7 @@ class AssignmentSolver {
     void index_other_slots(const ExpertLocation& loc, int layer);
     void hand_out(std::int64_t* out);
     void from_rest_fast(int begin, int end, const std::int64_t* row, std::int64_t* out_row);
-    void from_run(int r, const std::int64_t* row, int s, std::int64_t* out_row);
+    void from_run(int r, const std::int64_t* row, std::int64_t* out_row);
     std::int64_t from_node(int r, std::int64_t tokens, std::int64_t* out_row);
     void from_rest(int i, std::int64_t tokens, std::int64_t* out_row);
     void to_stacked(int g, std::int64_t tokens, std::int64_t* out_row);
@@ -149,6 +149,7 @@ class AssignmentSolver {
         std::int64_t room;
     };
     std::vector<int> node_pos_, rest_pos_;
+    std::vector<std::int64_t> run_own_;  // per run: the current source's own share (handed out)
     std::vector<std::int64_t> node_room_;
     std::vector<RestCursor> rest_;
 
@@ -561,6 +562,7 @@ void AssignmentSolver::make_chunks(const ExpertLocation& loc, int layer) {
     node_chunk_begin_.push_back(static_cast<int>(node_slot_.size()));
     rest_chunk_begin_.push_back(static_cast<int>(rest_slot_.size()));
     const int num_runs = static_cast<int>(run_node_.size());
+    run_own_.assign(static_cast<std::size_t>(num_runs), 0);
     node_pos_.resize(static_cast<std::size_t>(num_runs));
     node_room_.resize(static_cast<std::size_t>(num_runs));
     for (int r = 0; r < num_runs; ++r) {
@@ -633,14 +635,22 @@ void AssignmentSolver::hand_out(std::int64_t* out) {
             std::fill(out_row, out_row + P_, 0);
             for (const Single& one : single_) out_row[one.slot] = row[one.expert];
         }
-        // The flow experts in ascending order; those with a run on the source's node (ascending
-        // runs, so experts) in full, the others through the fast loop.
+        // The own shares of the source's rank (edges by rank), noted on their runs; then the flow
+        // experts in ascending order: those with a run on the source's node (ascending runs, so
+        // experts) in full, the others through the fast loop.
+        for (int o = own_begin_[s]; o < own_begin_[s + 1]; ++o) {
+            const int j = own_edges_[o];
+            for (int c = own_chunk_begin_[j]; c < own_chunk_begin_[j + 1]; ++c) {
+                out_row[own_slot_[c]] += own_amount_[c];
+            }
+            run_own_[edge_run_[j]] = own_[j];
+        }
         int i = 0;
         const int node = s / ranks_per_node_;
         for (int o = node_runs_begin_[node]; o < node_runs_begin_[node + 1]; ++o) {
             const int r = node_runs_[o];
             from_rest_fast(i, run_expert_[r], row, out_row);
-            from_run(r, row, s, out_row);
+            from_run(r, row, out_row);
             i = run_expert_[r] + 1;
         }
         from_rest_fast(i, k_, row, out_row);
@@ -668,18 +678,12 @@ void AssignmentSolver::from_rest_fast(int begin, int end, const std::int64_t* ro
     }
 }
 
-// Source s's tokens of run r's expert, s on the run's node: its own rank's share when it holds
-// one of the run's edges, then the node share, then the rest.
-void AssignmentSolver::from_run(int r, const std::int64_t* row, int s, std::int64_t* out_row) {
+// The source's tokens of run r's expert, the source on the run's node: beyond its own rank's share
+// (handed out before), the node share, then the rest.
+void AssignmentSolver::from_run(int r, const std::int64_t* row, std::int64_t* out_row) {
     const int i = run_expert_[r];
-    std::int64_t tokens = row[expert_ids_[i]];
-    for (int j = run_begin_[r]; j < run_begin_[r + 1]; ++j) {
-        if (edge_rank(j) != s) continue;
-        for (int c = own_chunk_begin_[j]; c < own_chunk_begin_[j + 1]; ++c) {
-            out_row[own_slot_[c]] += own_amount_[c];
-        }
-        tokens -= own_[j];
-    }
+    std::int64_t tokens = row[expert_ids_[i]] - run_own_[r];
+    run_own_[r] = 0;
     if (tokens > 0) tokens -= from_node(r, tokens, out_row);
     if (tokens > 0) from_rest(i, tokens, out_row);
 }
