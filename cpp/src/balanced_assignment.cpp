@@ -540,7 +540,7 @@ void AssignmentSolver::make_chunks(const ExpertLocation& loc, int layer) {
                 std::int64_t own = own_[j], node = node_[j], rest = rest_share_[j];
                 for (std::size_t q = begin; q < end; ++q) {
                     const int p = reps[q];
-                    std::int64_t room = detail::even_share(y_[j], n, q - begin);
+                    std::int64_t room = n == 1 ? y_[j] : detail::even_share(y_[j], n, q - begin);
                     std::int64_t take = std::min(own, room);
                     add_chunk(own_slot_, own_amount_, p, take);
                     own -= take;
