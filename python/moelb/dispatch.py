@@ -213,7 +213,10 @@ def balanced_assignment(
     ``balanced_split``); among such assignments, the total per-token cost is the least
     (``DISPATCH_COST_OWN_RANK`` = 0 on the source rank, ``DISPATCH_COST_SAME_NODE`` = 1 on another
     rank of its node, ``DISPATCH_COST_OTHER_NODE`` = 2 on another node): a min-cost flow at that
-    makespan. Deterministic like ``balanced_split``.
+    makespan. Deterministic like ``balanced_split``. Among equally cheap assignments (ours): each
+    source's tokens of an expert go first to its own rank, then to its node's ranks, then to the
+    others; a rank's tokens of an expert are split evenly over its slots of that expert (lower
+    slots first), filled by its own source's share, then its node's, then the rest.
     """
     layer = None if layer is None else _layer_index(layer, location)
     return _core.balanced_assignment(source_counts, location, fixed_loads, layer)

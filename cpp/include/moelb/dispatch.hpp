@@ -173,8 +173,12 @@ inline constexpr std::int64_t kDispatchCostOtherNode = 2;
 //     sums to its source's counts, expert by expert; tokens go only to the expert's replicas;
 //     the largest rank load is ceil(T*) of the summed counts (the same as balanced_split's); and
 //     among such assignments the total cost (kDispatchCost*) is the least (a min-cost flow at that
-//     makespan). Of the rank's tokens, a rank holding several replicas of one expert gives them to
-//     its slots as evenly as possible, lower slots first, each source's in source order.
+//     makespan over one node per (expert, node), exact because the cost is a tree distance; see
+//     balanced_assignment.cpp). Ties (ours): each source's tokens of an expert go first to its own
+//     rank, then to its node's ranks, then to the others (sources ascending, ranks ascending); a
+//     rank's tokens of an expert are split over its slots of that expert as evenly as possible,
+//     lower slots first, filled by its own source's share, then its node's sources', then the
+//     rest; an expert with all its replicas on one rank fills them in source order.
 void balanced_assignment(const ExpertLocation& location, ConstMatrixMap<std::int64_t> source_counts,
                          ConstMatrixMap<std::int64_t> fixed_loads, MatrixMap<std::int64_t> out,
                          int layer = -1);
