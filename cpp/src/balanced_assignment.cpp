@@ -684,6 +684,11 @@ void AssignmentSolver::from_run(int r, const std::int64_t* row, std::int64_t* ou
     const int i = run_expert_[r];
     std::int64_t tokens = row[expert_ids_[i]] - run_own_[r];
     run_own_[r] = 0;
+    if (tokens < node_room_[r]) {  // mostly: all of them within the node cursor's chunk
+        out_row[node_slot_[node_pos_[r]]] += tokens;
+        node_room_[r] -= tokens;
+        return;
+    }
     if (tokens > 0) tokens -= from_node(r, tokens, out_row);
     if (tokens > 0) from_rest(i, tokens, out_row);
 }
