@@ -104,6 +104,15 @@ py::array_t<T> strict_array(const py::handle& obj, const char* name, int ndim) {
 // only integer inputs (a float array of ids is an error, not a silent truncation).
 template <class T>
 py::array_t<T, py::array::c_style> config_array(const py::handle& obj, const char* name, int ndim) {
+    // A C-contiguous NumPy array of exactly T and rank: itself, as the checks below would return
+    // it (per-layer calls pay for every microsecond here).
+    if (py::isinstance<py::array>(obj)) {
+        const auto a = py::reinterpret_borrow<py::array>(obj);
+        if (a.dtype().is(py::dtype::of<T>()) && a.ndim() == ndim &&
+            (a.flags() & py::array::c_style)) {
+            return py::reinterpret_borrow<py::array_t<T, py::array::c_style>>(a);
+        }
+    }
     py::array a = as_array(obj, name, dtype_name<T>(), !std::is_integral_v<T>);
     MOELB_CHECK_ARG(a,
                     name << " must be an array, got " << std::string(py::str(py::type::of(obj))));
