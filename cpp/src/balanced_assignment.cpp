@@ -2,12 +2,11 @@
 // per-rank counts; reference/dispatch.md section 7; moelb/dispatch.hpp): the tokens each source
 // rank sends to each physical slot, at the optimal largest rank load of the summed counts and,
 // among such assignments, at the least total cost (kDispatchCost*: 0 on the source's rank, 1 on
-// its node, 2 elsewhere). Its steps: check the inputs (balanced_checks.cpp) -> per layer, in
-// parallel, an AssignmentSolver: the makespan flow on the summed counts (makespan_flow.cpp) gives
-// T = ceil(T*) -> an ExcessFlow (excess_flow.cpp) at that T over one node per replicated expert
-// and one per (expert, node holding two or more of its ranks) gives each expert's tokens per rank
-// -> each source's tokens matched to those totals greedily, own rank first, then its node, then
-// the rest.
+// its node, 2 elsewhere). Its steps: the counts summed over the sources and checked
+// (balanced_checks.cpp) -> per layer, in parallel, an AssignmentSolver: the makespan flow on the
+// summed counts (makespan_flow.cpp) gives T = ceil(T*) and a split -> the least-cost tokens per
+// rank of each expert at T, from that split (below) -> each source's tokens matched to those
+// totals greedily, own rank first, then its node, then the rest -> the rows of `out`.
 //
 // DESIGN (why the small network is exact). Fix every expert's tokens per rank y_g (g in its ranks
 // R(e), sum n_e). What is left is one transportation problem per expert, sources s with c_s
@@ -18,8 +17,7 @@
 // crosses each edge only that often), so with c_g, C_nu the tokens of the expert routed on rank g
 // and on the ranks of node nu, and Y_nu the node's share of the y:
 //   cost_e(y) = sum_g |c_g - y_g| / 2 + sum_nu |C_nu - Y_nu| / 2
-//             = 2 n_e - sum_{g in R(e)} min(c_g, y_g) - sum_{nu holding a rank of R(e)} min(C_nu,
-//             Y_nu)
+//             = 2 n_e - sum_{g in R(e)} min(c_g, y_g) - sum_{nu of R(e)} min(C_nu, Y_nu)
 // (|a - b| = a + b - 2 min(a, b); ranks and nodes without a replica have y = 0). The least total
 // cost at makespan T is the least sum_e cost_e(y_e) over the y that fit the ranks (y_g summed over
 // the experts <= T - F_g): cost_e is separable and convex in the y_g and Y_nu, so this is the
@@ -37,21 +35,26 @@
 // min(c_g, y_g)), then go to its node's ranks (min(C_nu - own, Y_nu - own) of them at cost 1 per
 // node), then elsewhere (cost 2): 2 n_e - sum own - sum min(C_nu, Y_nu) = cost_e(y).
 //
-// The ExcessFlow starts from the potentials of the optimum when no rank is overloaded by its cheap
-// tokens -- expert 0, (e, nu) 1, ranks and sink 2 -- with the arcs of negative reduced cost (the
-// c_g and C_nu arcs) saturated and the rest left on the expert and (e, nu) nodes: one blocking flow
-// over the arcs of reduced cost 0 (a max-flow like the makespan flow's) usually routes it all, and
-// a Dijkstra raises the potentials only when cheap tokens must give way.
+// Solving it (route): with potentials expert 0, (e, nu) 1, ranks and sink 2, the c_g and C_nu
+// arcs have reduced cost < 0 and the others 0, so a flow with those arcs saturated is optimal for
+// what it routes. The start is such a flow: the makespan flow's split, each expert raised to its
+// own least cost (y_g >= c_g, Y_nu >= C_nu) and cut back elsewhere by as much. If no rank is then
+// above T - F_g, it is the answer (every expert at its own least cost). Else the overloads move
+// along arcs of reduced cost 0 -- an expert's tokens beyond its cheap shares, from one of its
+// ranks to another -- one shortest augmenting path at a time (move_overloads); such moves keep the
+// flow optimal, so when they clear every overload the flow is a min-cost one. Only when an
+// overload is left that just a dearer move can clear (cheap tokens must give way), the network is
+// built and the ExcessFlow's primal-dual (excess_flow.cpp) routes the rest from there.
 //
-// Tie rule (which of the least-cost assignments; ours): the per-rank totals y are the
-// ExcessFlow's (deterministic: fixed start, arcs scanned in a fixed order). A rank's y tokens of
-// an expert are split over its slots of that expert evenly, lower slots first, and filled in that
-// order by its own source's share first, then its node share, then the rest. Sources in ascending
-// order take their own rank's share, then the node share of their node's ranks (ascending), then
-// the rest (the expert's ranks in ascending order, each rank's part beyond its node's sources).
-// An expert with all its replicas on one rank fills its slots (evenly, lower slots first) with
-// the sources' tokens in source order. Integer and deterministic: every rank computes the same
-// assignment.
+// Tie rule (which of the least-cost assignments; ours): the per-rank totals y are those of the
+// steps above (deterministic: a fixed start, ranks and arcs scanned in a fixed order). A rank's y
+// tokens of an expert are split over its slots of that expert evenly, lower slots first, and filled
+// in that order by its own source's share first, then its node share, then the rest. Sources in
+// ascending order take their own rank's share, then the node share of their node's ranks
+// (ascending), then the rest (the expert's ranks in ascending order, each rank's part beyond its
+// node's sources). An expert with all its replicas on one rank fills its slots (evenly, lower slots
+// first) with the sources' tokens in source order. Integer and deterministic: every rank computes
+// the same assignment.
 #include <algorithm>
 #include <cstdint>
 #include <vector>

@@ -11,9 +11,10 @@
 //   balanced_checks.cpp      the input checks both public functions share (layer, fixed loads,
 //                            counts >= 0 and their sums within int64), naming the bad entry
 //   balanced_split.cpp       balanced_split(): checks -> per layer the makespan flow -> slots
-//   balanced_assignment.cpp  balanced_assignment(): checks -> per layer the makespan flow on the
-//                            summed counts, an ExcessFlow at that makespan over one node per
-//                            (expert, node) -> per-source slots by greedy matching
+//   balanced_assignment.cpp  balanced_assignment(): sums and checks -> per layer the makespan
+//                            flow on the summed counts, its split raised to each expert's cheap
+//                            shares, overloads moved at no cost or by an ExcessFlow over one node
+//                            per (expert, node) -> per-source slots by greedy matching
 //   balanced_assignment_reference.cpp  the previous balanced_assignment (a MinCostFlow over
 //                            classes of sources), kept for tests and benchmarks only
 //
