@@ -8,7 +8,10 @@
 //   min_cost_flow.cpp        MinCostFlow: a generic min-cost max-flow (primal-dual)
 //   balanced_checks.cpp      the input checks both public functions share (layer, fixed loads,
 //                            counts >= 0 and their sums within int64), naming the bad entry
-//   balanced_split.cpp       balanced_split(): checks -> per layer the makespan flow -> slots
+//   even_shares.cpp          EvenShares: among the splits at ceil(T*), the one with the most
+//                            even replica shares (a min-cost flow with convex arc costs)
+//   balanced_split.cpp       balanced_split(): checks -> per layer the makespan flow (and the
+//                            even shares when asked) -> slots
 //   balanced_assignment.cpp  balanced_assignment(): checks -> per layer the makespan flow on the
 //                            summed counts, a min-cost flow at that makespan -> per-source slots
 //
@@ -229,6 +232,29 @@ class MinCostFlow {
     std::vector<std::int64_t> pi_, dist_;
     std::vector<int> level_, cur_, queue_;
     std::vector<std::pair<std::int64_t, int>> heap_;
+};
+
+// ------------------------------------------------------------------------------------------------
+// The even split at the makespan (even_shares.cpp): among the integral splits whose rank loads
+// stay within `makespan`, the one minimising sum over (expert e, rank g) of x_eg^2 / (n_e m_eg)
+// (m_eg: e's slots on g), up to a piecewise-linear approximation within half an equal share per
+// arc. Reused across layers (thread_local) like MakespanFlow.
+
+class EvenShares {
+  public:
+    // Solves the layer whose MakespanFlow `flow` was built (and solved: `makespan` its result)
+    // from `counts` [E].
+    void solve(const ExpertLocation& loc, int layer, const MakespanFlow& flow,
+               std::int64_t makespan, const std::int64_t* counts);
+    // The tokens of each of the flow's edges (MakespanFlow's edge ids).
+    const std::int64_t* edge_flows() const { return edge_flow_.data(); }
+
+  private:
+    MinCostFlow graph_;
+    std::vector<int> rank_node_;         // [W], -1 when the rank has no edge
+    std::vector<int> segments_;          // [edges + 1]: edge id -> its first arc in arcs_
+    std::vector<int> arcs_;              // the segments' arc ids, edge-major
+    std::vector<std::int64_t> edge_flow_;  // [edges]
 };
 
 }  // namespace moelb::detail

@@ -173,7 +173,12 @@ DISPATCH_COST_OTHER_NODE: int = _core.DISPATCH_COST_OTHER_NODE
 
 
 def balanced_split(
-    counts: Any, location: ExpertLocation, fixed_loads: Any = None, *, layer: int | None = None
+    counts: Any,
+    location: ExpertLocation,
+    fixed_loads: Any = None,
+    *,
+    layer: int | None = None,
+    shares: str = "any",
 ) -> npt.NDArray[np.int64]:
     """The tokens each physical slot receives when a step's tokens are split over the replicas
     so that the largest rank load is as small as possible (ours; DESIGN section 9).
@@ -189,9 +194,19 @@ def balanced_split(
     replicas of one expert on one rank share its tokens evenly, lower slots first. Solved by a
     max-flow, deterministically: the same output for any thread count and on every rank that
     computes it from the same counts.
+
+    shares: which of the optimal splits (usually many). ``"any"``: the max-flow's, the fastest;
+    a vertex of the optimal set, where many experts sit wholly on one replica. ``"even"``: the
+    optimal split whose replica shares are the most even (the least sum over expert ``e`` and
+    rank ``g`` of ``x**2 / (n_e * m_eg)``, ``m_eg`` the expert's slots on ``g``; a min-cost flow
+    with convex piecewise-linear costs, within half an equal share of the exact minimiser per
+    (expert, rank)): for fractions that serve other steps' tokens, where spreading an expert
+    over its replicas hedges its own variation (``balanced_fractions``).
     """
+    if not isinstance(shares, str):
+        raise InvalidArgumentError(f"shares must be 'any' or 'even', got {shares!r}")
     layer = None if layer is None else _layer_index(layer, location)
-    return _core.balanced_split(counts, location, fixed_loads, layer)
+    return _core.balanced_split(counts, location, fixed_loads, layer, shares)
 
 
 def balanced_assignment(
@@ -220,7 +235,12 @@ def balanced_assignment(
 
 
 def balanced_fractions(
-    counts: Any, location: ExpertLocation, fixed_loads: Any = None, *, layer: int | None = None
+    counts: Any,
+    location: ExpertLocation,
+    fixed_loads: Any = None,
+    *,
+    layer: int | None = None,
+    shares: str = "even",
 ) -> npt.NDArray[np.float64]:
     """Each expert's share of its tokens per replica under ``balanced_split`` (ours): float64
     [L, E, X] ([E, X] with ``layer=``), X = ``location.max_replicas``, columns in the order of
@@ -228,7 +248,7 @@ def balanced_fractions(
     shares. From a step's global counts (one all-reduce, the contract of SGLang's ``lp``) or from
     a window's expected counts (offline: no per-step collective). ``counts`` and ``fixed_loads``
     as for ``balanced_split``."""
-    split = balanced_split(counts, location, fixed_loads, layer=layer)
+    split = balanced_split(counts, location, fixed_loads, layer=layer, shares=shares)
     one = split.ndim == 1
     split = split[None] if one else split
     l2p = location.logical_to_physical
@@ -278,13 +298,25 @@ def dispatch_by_fractions(
     *,
     seed: int = 0,
     ep_rank: int | None = None,
+    sampling: str = "systematic",
 ) -> npt.NDArray[np.int32]:
     """Physical ids [T, K] int32 for logical ``topk_ids`` (-1 stays -1): every (token, column)
-    draws a replica of its expert with probability proportional to ``fractions`` [E, X]
-    (``balanced_fractions(..., layer=layer)``), from a generator seeded by (``seed``, ``layer``),
-    and ``ep_rank`` when given (so that ranks with the same seed draw independently): the same
-    picks for the same inputs on every run. What an engine does after one all-reduce of the
-    counts (ours, SGLang ``lp``'s contract with the exact split)."""
+    goes to a replica of its expert with probability proportional to ``fractions`` [E, X]
+    (``balanced_fractions(..., layer=layer)``), drawn from a generator seeded by (``seed``,
+    ``layer``), and ``ep_rank`` when given (so that ranks with the same seed draw independently):
+    the same picks for the same inputs on every run. What an engine does after one all-reduce of
+    the counts (ours, SGLang ``lp``'s contract with the exact split).
+
+    sampling: ``"independent"``: every pair draws on its own (SGLang ``lp``'s kernel), so a
+    replica's count varies binomially around its share. ``"systematic"`` (ours, the default):
+    the pairs of each expert, in a random order, take the points ``(i + u) / k`` of one random
+    offset ``u`` per expert (``k`` its pairs here) against the cumulative fractions: each pair
+    still goes to each replica with exactly its probability, but a replica's count is its share
+    of ``k`` rounded down or up -- the binomial noise of this rank's batch is gone."""
+    if sampling not in ("systematic", "independent"):
+        raise InvalidArgumentError(
+            f"sampling must be 'systematic' or 'independent', got {sampling!r}"
+        )
     layer = _layer_index(layer, location)
     key = [_seed(seed), layer]
     if ep_rank is not None:
@@ -308,14 +340,32 @@ def dispatch_by_fractions(
         raise InvalidArgumentError(f"fractions of expert {expert} sum to 0 but it has tokens")
     cdf = np.cumsum(shares, axis=1) / np.where(sums > 0, sums, 1.0)[:, None]
     rng = np.random.default_rng(key)
-    u = rng.random(ids.shape)
     out = np.full(ids.shape, -1, np.int32)
     valid = ids >= 0
     e = ids[valid]
-    pick = (u[valid][:, None] >= cdf[e]).sum(axis=1)
+    if sampling == "independent":
+        u = rng.random(ids.shape)[valid]
+    else:
+        u = _systematic_points(e, rng, len(cdf))
+    pick = (u[:, None] >= cdf[e]).sum(axis=1)
     pick = np.minimum(pick, (l2p[e] >= 0).sum(axis=1) - 1)  # rounding at the top of the cdf
     out[valid] = l2p[e, pick]
     return out
+
+
+def _systematic_points(
+    experts: npt.NDArray[np.int32], rng: np.random.Generator, num_experts: int
+) -> npt.NDArray[np.float64]:
+    """For each pair of ``experts`` (its expert per pair), a point in [0, 1): the pairs of one
+    expert, in a random order, take ``(i + u_e) / k_e``, i = 0 .. k_e - 1, ``u_e`` uniform."""
+    order = np.lexsort((rng.random(len(experts)), experts))  # by expert, random within
+    k = np.bincount(experts, minlength=num_experts)
+    first = np.cumsum(k) - k
+    offset = rng.random(num_experts)
+    ranked = experts[order]
+    points = np.empty(len(experts))
+    points[order] = (np.arange(len(experts)) - first[ranked] + offset[ranked]) / k[ranked]
+    return points
 
 
 def dispatch_by_assignment(
