@@ -237,8 +237,9 @@ class MinCostFlow {
 // ------------------------------------------------------------------------------------------------
 // The even split at the makespan (even_shares.cpp): among the integral splits whose rank loads
 // stay within `makespan`, the one minimising sum over (expert e, rank g) of x_eg^2 / (n_e m_eg)
-// (m_eg: e's slots on g), up to a piecewise-linear approximation within half an equal share per
-// arc. Reused across layers (thread_local) like MakespanFlow.
+// (m_eg: e's slots on g), up to a piecewise-linear approximation (integral breakpoints every half
+// equal share; the objective's chord over each segment). Reused across layers (thread_local) like
+// MakespanFlow.
 
 class EvenShares {
   public:
@@ -251,9 +252,9 @@ class EvenShares {
 
   private:
     MinCostFlow graph_;
-    std::vector<int> rank_node_;         // [W], -1 when the rank has no edge
-    std::vector<int> segments_;          // [edges + 1]: edge id -> its first arc in arcs_
-    std::vector<int> arcs_;              // the segments' arc ids, edge-major
+    std::vector<int> rank_node_;           // [W], -1 when the rank has no edge
+    std::vector<int> segments_;            // [edges + 1]: edge id -> its first arc in arcs_
+    std::vector<int> arcs_;                // the segments' arc ids, edge-major
     std::vector<std::int64_t> edge_flow_;  // [edges]
 };
 

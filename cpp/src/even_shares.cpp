@@ -10,12 +10,13 @@
 // rank. The even split minimises sum over (expert e, rank g) of x_eg^2 / (n_e m_eg) (m_eg: e's
 // slots on g; its unconstrained minimum is the equal split per slot, and it weighs an expert by
 // its count, as the variance of a Poisson count would), subject to every rank load <= T. Convex
-// separable, so a min-cost flow with piecewise-linear arc costs: the arc e -> g is cut into
-// segments of half an equal share, h = n_e m_eg / (2 r_e) tokens (r_e: e's slots), and segment j's
-// unit cost is the slope of the objective at its middle, (2j + 1) / (2 r_e), independent of n_e
-// and m_eg -- scaled to integers. Exact up to that linearisation (a split within half a share of
-// the true minimiser's on every arc); integral; deterministic (the min-cost flow scans its arcs in
-// the order they were added: experts ascending, their ranks in slot order).
+// separable, so a min-cost flow with piecewise-linear arc costs: the arc e -> g is cut at the
+// integers floor(j h), h = n_e m_eg / (2 r_e) tokens (half an equal share; r_e: e's slots), and
+// each segment's unit cost is the objective's chord slope over it. The result is the least
+// piecewise-linear cost over the integral optimal splits, whose objective exceeds the least one
+// by at most ceil(h)^2 / (4 n_e m_eg) per (expert, rank) (the chord's gap over one segment), and
+// is exact where h <= 1. Integral; deterministic (the min-cost flow scans its arcs in the order
+// they were added: experts ascending, their ranks in slot order).
 #include <algorithm>
 #include <cstdint>
 #include <vector>
@@ -27,18 +28,22 @@ namespace moelb::detail {
 
 namespace {
 
-// Unit cost of segment j of an expert with r slots: the objective's slope at the segment's middle,
-// (2j + 1) / (2r), times kScale / 2 and rounded: small integers, so path costs never overflow.
-constexpr std::int64_t kScale = std::int64_t{1} << 16;
-
-std::int64_t segment_cost(std::int64_t j, std::int64_t r) {
-    return ((2 * j + 1) * kScale + r) / (2 * r);
-}
-
-// floor(j * n * m / (2 r)) without overflow (n up to the int64 range).
+// floor(j * n * m / (2 r)): the breakpoints of an arc, every half equal share (n up to the int64
+// range, so the product in 128 bits).
 std::int64_t breakpoint(std::int64_t j, std::int64_t n, std::int64_t m, std::int64_t r) {
     const __int128 num = static_cast<__int128>(n) * (j * m);
     return static_cast<std::int64_t>(num / (2 * r));
+}
+
+// Unit cost of the segment [lo, hi) of an arc with n tokens and m slots: the chord slope of
+// x^2 / (n m) over it, (lo + hi) / (n m) <= 2, times kScale and rounded -- small integers, so
+// path costs never overflow. The breakpoints are integers, so the piecewise-linear cost equals
+// the objective at every breakpoint.
+constexpr std::int64_t kScale = std::int64_t{1} << 20;
+
+std::int64_t segment_cost(std::int64_t lo, std::int64_t hi, std::int64_t n, std::int64_t m) {
+    const __int128 den = static_cast<__int128>(n) * m;
+    return static_cast<std::int64_t>((static_cast<__int128>(lo + hi) * kScale + den / 2) / den);
 }
 
 }  // namespace
@@ -79,7 +84,8 @@ void EvenShares::solve(const ExpertLocation& loc, int layer, const MakespanFlow&
             for (std::int64_t seg = 0;; ++seg) {
                 const std::int64_t lo = breakpoint(seg, n, m, r);
                 const std::int64_t hi = std::min(n, breakpoint(seg + 1, n, m, r));
-                if (hi > lo) arcs_.push_back(graph_.add_arc(u, v, hi - lo, segment_cost(seg, r)));
+                if (hi > lo)
+                    arcs_.push_back(graph_.add_arc(u, v, hi - lo, segment_cost(lo, hi, n, m)));
                 if (hi >= n) break;
             }
             j = j_end;
@@ -95,7 +101,8 @@ void EvenShares::solve(const ExpertLocation& loc, int layer, const MakespanFlow&
 
     edge_flow_.assign(static_cast<std::size_t>(num_edges), 0);
     for (int id = 0; id < num_edges; ++id) {
-        for (int a = segments_[id]; a < segments_[id + 1]; ++a) edge_flow_[id] += graph_.flow(arcs_[a]);
+        for (int a = segments_[id]; a < segments_[id + 1]; ++a)
+            edge_flow_[id] += graph_.flow(arcs_[a]);
     }
 }
 

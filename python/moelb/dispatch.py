@@ -199,8 +199,8 @@ def balanced_split(
     a vertex of the optimal set, where many experts sit wholly on one replica. ``"even"``: the
     optimal split whose replica shares are the most even (the least sum over expert ``e`` and
     rank ``g`` of ``x**2 / (n_e * m_eg)``, ``m_eg`` the expert's slots on ``g``; a min-cost flow
-    with convex piecewise-linear costs, within half an equal share of the exact minimiser per
-    (expert, rank)): for fractions that serve other steps' tokens, where spreading an expert
+    with convex piecewise-linear costs: the objective's chords between integral breakpoints
+    every half equal share): for fractions that serve other steps' tokens, where spreading an expert
     over its replicas hedges its own variation (``balanced_fractions``).
     """
     if not isinstance(shares, str):

@@ -155,11 +155,11 @@ void dispatch_tokens(const ExpertLocation& location, DispatchAlgorithm algorithm
 //   kAny:  the max-flow's (the fastest): a vertex of the optimal set, where many experts sit
 //          wholly on one of their replicas.
 //   kEven: the one whose replica shares are the most even: the least sum over (expert e, rank g)
-//          of x_eg^2 / (n_e m_eg), m_eg = e's slots on g (0 at the equal split per slot), up to a
-//          piecewise-linear approximation within half an equal share per (expert, rank). For
-//          fractions used on other steps' tokens (the probabilities mode, offline fractions),
-//          where an expert spread over its replicas hedges its own variation. Slower (a min-cost
-//          flow after the max-flow).
+//          of x_eg^2 / (n_e m_eg), m_eg = e's slots on g (least, per expert, at the equal split
+//          per slot), up to a piecewise-linear approximation (integral breakpoints every half
+//          equal share, exact at them). For fractions used on other steps' tokens (the
+//          probabilities mode, offline fractions), where an expert spread over its replicas
+//          hedges its own variation. Slower (a min-cost flow after the max-flow).
 enum class SplitShares { kAny, kEven };
 
 // Parses "any" / "even"; a bad name is an InvalidArgument naming `param`.
