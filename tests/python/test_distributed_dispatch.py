@@ -208,7 +208,7 @@ def test_probabilities_mode_within_rounding(cluster: list[dict[str, Any]]) -> No
             for r in range(EP_SIZE)
         ]
         counts = logical_counts(logical).sum(axis=0)
-        split = moelb.balanced_split(counts, loc, layer=layer, shares="even")
+        split = moelb.balanced_split(counts, loc, layer=layer)
         p2l = loc.physical_to_logical[layer]
         union = np.zeros(NUM_PHYSICAL, np.int64)
         for rank, result in enumerate(cluster):
@@ -217,7 +217,7 @@ def test_probabilities_mode_within_rounding(cluster: list[dict[str, Any]]) -> No
             union += per_slot(routed)
         # Systematic sampling: each rank gives each slot its share of the rank's tokens of the
         # expert rounded down or up, so the union is within one token per rank of the optimal
-        # (even) split, per slot.
+        # split (the max-flow's, which the per-step mode uses), per slot.
         assert (np.abs(union - split) < EP_SIZE).all(), (union, split)
         S = NUM_PHYSICAL // EP_SIZE
         assert (np.abs(rank_loads(union) - rank_loads(split)) < EP_SIZE * S).all()

@@ -348,17 +348,32 @@ def test_balanced_joint_places_routed_and_shared_at_the_joint_optimum(served_ste
 
 
 def test_balanced_offline_uses_the_planning_windows_counts(served_step: tuple) -> None:
-    """With the planning window's counts equal to the step's, balanced_offline's fractions are
-    balanced_prob's: the same picks from the same seed."""
+    """balanced_offline draws from the even fractions of the planning window's counts with the
+    step's seed; balanced_prob from the max-flow's fractions of the step's own counts."""
+    from moelb.simulation.token_level import _step_seed
+
     token_level, policy, routed, source = served_step
-    policy.expect(source.sum(axis=1))
+    location, seed = policy.current, _step_seed(token_level.config.seed, 2)
+
+    def by(fractions: np.ndarray) -> list[np.ndarray]:
+        return [
+            moelb.dispatch_by_fractions(ids, location, layer, fractions[layer], seed=seed)
+            for layer, ids in enumerate(routed)
+        ]
+
+    counts = source.sum(axis=1)
+    policy.expect(counts)
     offline = token_level.dispatch(policy, "balanced_offline", routed, 2)
     prob = token_level.dispatch(policy, "balanced_prob", routed, 2)
-    for a, b in zip(offline, prob, strict=True):
+    expected_offline = by(moelb.balanced_fractions(counts, location))
+    expected_prob = by(moelb.balanced_fractions(counts, location, shares="any"))
+    for a, b in zip(offline, expected_offline, strict=True):
         np.testing.assert_array_equal(a, b)
-    policy.expect(np.ones_like(source.sum(axis=1)))  # a flat expectation: other fractions
+    for a, b in zip(prob, expected_prob, strict=True):
+        np.testing.assert_array_equal(a, b)
+    policy.expect(np.ones_like(counts))  # a flat expectation: other fractions
     flat = token_level.dispatch(policy, "balanced_offline", routed, 2)
-    assert any(not np.array_equal(a, b) for a, b in zip(flat, prob, strict=True))
+    assert any(not np.array_equal(a, b) for a, b in zip(flat, offline, strict=True))
 
 
 def test_simulator_dispatch_names() -> None:

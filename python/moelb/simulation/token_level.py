@@ -170,7 +170,7 @@ class TokenLevel:
         elif dispatch in ("balanced_prob", "balanced_offline"):
             if dispatch == "balanced_prob":
                 assert source is not None
-                fractions = balanced_fractions(source.sum(axis=1), location)  # [L, E, X]
+                fractions = balanced_fractions(source.sum(axis=1), location, shares="any")
             else:
                 fractions = self._offline_fractions(policy)
             for layer, ids in enumerate(routed):
