@@ -40,6 +40,13 @@ moelb's own, named as ours:
   counts and draws each token's replica from ``balanced_fractions`` (SGLang ``lp``'s contract,
   with the exact split). The same fractions from a window's expected counts need no collective
   (``save_placement(..., fractions=)``).
+- ``balanced_joint`` (``COLLECTIVE_DISPATCH``; ``dispatch_balanced_joint``): the routed replicas
+  and the fused shared expert in one flow (``reference/dispatch.md`` section 7 with an
+  unrestricted expert), in place of Waterfill: the shared expert is a virtual logical expert E
+  with one replica in every rank's shared slot (``per_rank_shared_location``), each rank's tokens
+  with a valid id count once for it, and ``balanced_assignment`` of the all-gathered [W, E + 1]
+  counts places routed and shared pairs together at the optimal largest rank load of routed +
+  shared work. The output is in Waterfill's per-rank shared-slot layout.
 
 Token rows are rows within the source rank's batch, except for ``sglang_dynamic_rank_invariant``.
 """
@@ -69,12 +76,14 @@ __all__ = [
     "balanced_fractions",
     "balanced_split",
     "dispatch_balanced",
+    "dispatch_balanced_joint",
     "dispatch_by_assignment",
     "dispatch_by_fractions",
     "dispatch_table",
     "dispatch_tables",
     "dispatch_tokens",
     "expected_rank_loads",
+    "per_rank_shared_location",
     "sglang_replica_lists",
 ]
 
@@ -96,10 +105,15 @@ TABLE_DISPATCH = ("sglang_static", "sglang_static_runtime", "moelb_static")
 #: moelb's dispatch modes that run one collective per layer and step, and the collective each
 #: takes (``dispatch_balanced``, ``select_experts``). Not models of an engine, and not in
 #: ``DISPATCH_ALGORITHMS``: they need the ranks' counts, which a table or a per-token rule has not.
-COLLECTIVE_DISPATCH = ("balanced", "balanced_prob")
-_COLLECTIVE_OF = {"balanced": "all_gather", "balanced_prob": "all_reduce"}
+COLLECTIVE_DISPATCH = ("balanced", "balanced_prob", "balanced_joint")
+_COLLECTIVE_OF = {
+    "balanced": "all_gather",
+    "balanced_prob": "all_reduce",
+    "balanced_joint": "all_gather",
+}
 
-#: ``all_gather(local_counts)``: every rank's [E] int64 counts, stacked in rank order -> [W, E].
+#: ``all_gather(local_counts)``: every rank's [n] int64 counts, stacked in rank order -> [W, n]
+#: (n = E; E + 1 under ``balanced_joint``).
 AllGather = Callable[[npt.NDArray[np.int64]], Any]
 #: ``all_reduce(local_counts)``: the [E] int64 counts summed over the ranks (returned, or summed
 #: in place and None returned).
@@ -428,12 +442,13 @@ def check_collective_dispatch(dispatch: Any, all_gather: Any, all_reduce: Any) -
         if needs is None:
             raise InvalidArgumentError(
                 f"{name} is given but dispatch={dispatch!r} runs no collective: it is for "
-                f"dispatch='balanced' (all_gather) or 'balanced_prob' (all_reduce)"
+                f"dispatch='balanced' or 'balanced_joint' (all_gather) or 'balanced_prob' "
+                "(all_reduce)"
             )
         if name != needs:
             raise InvalidArgumentError(
-                f"dispatch={dispatch!r} takes {needs}=, not {name}= ('balanced' all-gathers the "
-                "ranks' counts, 'balanced_prob' all-reduces them)"
+                f"dispatch={dispatch!r} takes {needs}=, not {name}= ('balanced' and "
+                "'balanced_joint' all-gather the ranks' counts, 'balanced_prob' all-reduces them)"
             )
         if not callable(function):
             raise InvalidArgumentError(f"{name} must be callable, got {type(function).__name__}")
@@ -519,23 +534,21 @@ def dispatch_balanced(
         raise InvalidArgumentError(
             f"dispatch={dispatch!r} is not one of moelb's collective modes {COLLECTIVE_DISPATCH}"
         )
+    if dispatch == "balanced_joint":
+        raise InvalidArgumentError(
+            "dispatch='balanced_joint' also places the shared expert: call "
+            "dispatch_balanced_joint, which returns the shared column too"
+        )
     check_collective_dispatch(dispatch, all_gather, all_reduce)
     layer = _layer_index(layer, location)
     rank = _ep_rank(ep_rank, location)
     seed = _seed(seed)
     ids = _valid_ids(topk_ids, location)
-    W, E = location.ep_size, location.num_logical_experts
+    E = location.num_logical_experts
     local = np.bincount(ids[ids >= 0], minlength=E).astype(np.int64)
     if dispatch == "balanced":
         assert all_gather is not None  # checked above
-        gathered = _collective_output(
-            all_gather(local.copy()), "all_gather", (W, E), "every rank's counts in rank order"
-        )
-        if not np.array_equal(gathered[rank], local):
-            raise InvalidArgumentError(
-                f"all_gather returned a row {rank} (ep_rank) that is not this rank's counts: "
-                "its rows must be the ranks' counts in rank order (row r from rank r)"
-            )
+        gathered = _gathered_counts(all_gather, local, rank, location.ep_size)
         assignment = balanced_assignment(gathered, location, layer=layer)
         return dispatch_by_assignment(ids, location, layer, assignment[rank])
     assert all_reduce is not None  # checked above
@@ -553,6 +566,112 @@ def dispatch_balanced(
     # Per step the max-flow's split (fast); systematic sampling realises it within rounding.
     fractions = balanced_fractions(summed, location, layer=layer, shares="any")
     return dispatch_by_fractions(ids, location, layer, fractions, seed=seed, ep_rank=rank)
+
+
+def _gathered_counts(
+    all_gather: AllGather, local: npt.NDArray[np.int64], rank: int, num_ranks: int
+) -> npt.NDArray[np.int64]:
+    """Every rank's counts [W, n] from ``all_gather`` of this rank's ``local`` [n], checked: the
+    shape, integers >= 0, and row ``rank`` equal to ``local`` (a gather out of rank order is
+    refused)."""
+    gathered = _collective_output(
+        all_gather(local.copy()),
+        "all_gather",
+        (num_ranks, len(local)),
+        "every rank's counts in rank order",
+    )
+    if not np.array_equal(gathered[rank], local):
+        raise InvalidArgumentError(
+            f"all_gather returned a row {rank} (ep_rank) that is not this rank's counts: "
+            "its rows must be the ranks' counts in rank order (row r from rank r)"
+        )
+    return gathered
+
+
+def per_rank_shared_location(
+    location: ExpertLocation, *, layer: int | None = None
+) -> ExpertLocation:
+    """``location`` in the per-rank shared-slot layout (DESIGN section 1; Waterfill's, DESIGN
+    section 5): rank r's S routed slots, then one slot holding a virtual logical expert E (the
+    fused shared expert), so routed slot p becomes ``p + p // S`` and rank r's shared slot is
+    ``r * (S + 1) + S``. A placement of E + 1 logical experts on W * (S + 1) slots, the same
+    ``ep_size`` and ``num_nodes``: the joint flow of ``balanced_joint`` (ours) solves on it.
+
+    layer: the placement of that layer only (one layer, index 0), what one engine call needs;
+    default all of ``location``'s layers.
+    """
+    if not isinstance(location, ExpertLocation):
+        raise InvalidArgumentError(
+            f"location must be an ExpertLocation, got {type(location).__name__}"
+        )
+    p2l = location.physical_to_logical
+    if layer is not None:
+        p2l = p2l[[_layer_index(layer, location)]]
+    L, W = p2l.shape[0], location.ep_size
+    S, E = location.num_local_physical_experts, location.num_logical_experts
+    shared = np.full((L, W, 1), E, dtype=np.int32)
+    joint = np.concatenate([p2l.reshape(L, W, S), shared], axis=2).reshape(L, W * (S + 1))
+    return ExpertLocation(np.ascontiguousarray(joint), E + 1, W, location.num_nodes)
+
+
+def _with_shared_expert_column(
+    topk_ids: npt.NDArray[np.int32], num_logical_experts: int
+) -> npt.NDArray[np.int32]:
+    """[T, K + 1] int32: logical ``topk_ids`` [T, K] with a last column holding the shared
+    expert as logical expert ``num_logical_experts`` (E) on every row with a valid id, -1 on a
+    row whose ids are all -1 (padding carries no shared token): the ids ``balanced_joint``
+    dispatches on ``per_rank_shared_location``."""
+    shared = np.where((topk_ids >= 0).any(axis=1), num_logical_experts, -1).astype(np.int32)
+    return np.ascontiguousarray(np.concatenate([topk_ids, shared[:, None]], axis=1), np.int32)
+
+
+def dispatch_balanced_joint(
+    topk_ids: Any,
+    location: ExpertLocation,
+    layer: int,
+    *,
+    ep_rank: int = 0,
+    all_gather: AllGather | None = None,
+) -> npt.NDArray[np.int32]:
+    """Physical ids [T, K + 1] int32 for this rank's logical routed ``topk_ids`` [T, K] int32
+    (-1 for padding) of MoE layer ``layer``, the routed replicas and the fused shared expert
+    balanced in one flow (ours; DESIGN section 9, ``reference/dispatch.md`` section 7 with an
+    unrestricted expert). Runs one collective, which every rank of the EP group must reach for
+    every layer and step, an empty batch included; every rank must use this mode in the step.
+
+    The shared expert is a virtual logical expert E with one replica in every rank's shared slot
+    (``per_rank_shared_location``); every row with a valid routed id carries one shared token
+    (padding carries none). ``all_gather(local_counts)`` with this rank's pairs per expert,
+    [E + 1] int64 (routed per logical expert, then its shared tokens), must return every rank's,
+    [W, E + 1] integers in rank order (``moelb.torch_all_gather()``). Every rank computes the
+    same ``balanced_assignment`` of them on the joint placement and sends its (token, column)
+    pairs, routed and shared, by its row (``dispatch_by_assignment``): the ranks' routed + shared
+    loads together have the optimal largest rank load (``ceil(T*)`` of the summed joint
+    counts), and among such placements the fewest pairs, routed and shared alike, leave their
+    rank, then their node.
+
+    Output: Waterfill's per-rank shared-slot layout (``WaterfillBalancer.expand``,
+    ``remap_topk_for_per_rank_shared_slots``): a routed pair on slot p of ``location`` is
+    ``p + p // S``; the last column is rank r's shared slot ``r * (S + 1) + S``; -1 where the id
+    was -1 and in the shared column of a row without a valid id. ep_rank: this rank, its row of
+    the gathered counts (checked to be its own counts).
+    """
+    if not isinstance(location, ExpertLocation):
+        raise InvalidArgumentError(
+            f"location must be an ExpertLocation, got {type(location).__name__}"
+        )
+    check_collective_dispatch("balanced_joint", all_gather, None)
+    assert all_gather is not None  # checked above
+    layer = _layer_index(layer, location)
+    rank = _ep_rank(ep_rank, location)
+    ids = _valid_ids(topk_ids, location)
+    E = location.num_logical_experts
+    joint_ids = _with_shared_expert_column(ids, E)
+    local = np.bincount(joint_ids[joint_ids >= 0], minlength=E + 1).astype(np.int64)
+    gathered = _gathered_counts(all_gather, local, rank, location.ep_size)
+    joint = per_rank_shared_location(location, layer=layer)
+    assignment = balanced_assignment(gathered, joint, layer=0)
+    return dispatch_by_assignment(joint_ids, joint, 0, assignment[rank])
 
 
 def _seed(seed: int) -> int:

@@ -364,8 +364,9 @@ def test_select_experts_balanced_prob_follows_the_optimal_fractions() -> None:
             not np.array_equal(a.topk_ids, c.topk_ids) for a, c in zip(outs, other, strict=True)
         )
         # Each slot's share of its expert's tokens, and each rank's load, within rounding of the
-        # optimal split (the max-flow's, which the per-step mode uses) of the summed counts: systematic sampling gives each slot its
-        # share of each rank's tokens of the expert rounded down or up.
+        # optimal split of the summed counts (the max-flow's, which the per-step mode uses):
+        # systematic sampling gives each slot its share of each rank's tokens of the expert
+        # rounded down or up.
         counts = sum(np.bincount(x.ravel(), minlength=E) for x in plain)
         split = moelb.balanced_split(counts, location, layer=layer)
         per_slot = np.bincount(
