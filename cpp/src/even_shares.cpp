@@ -30,11 +30,13 @@ namespace moelb::detail {
 
 namespace {
 
-// floor(j * n * m / (2 r)): the breakpoints of an arc, every half equal share (n up to the int64
-// range, so the product in 128 bits).
+// min(n, floor(j * n * m / (2 r))): the breakpoints of an arc, every half equal share, capped at
+// the expert's count (n up to the int64 range, so the product in 128 bits; the last breakpoint
+// past n may not fit in int64 when 2 r / m is not an integer).
 std::int64_t breakpoint(std::int64_t j, std::int64_t n, std::int64_t m, std::int64_t r) {
     const __int128 num = static_cast<__int128>(n) * (j * m);
-    return static_cast<std::int64_t>(num / (2 * r));
+    const __int128 point = num / (2 * r);
+    return point < n ? static_cast<std::int64_t>(point) : n;
 }
 
 // Unit cost of the segment [lo, hi) of an arc with n tokens and m slots: the chord slope of
@@ -45,7 +47,8 @@ constexpr std::int64_t kScale = std::int64_t{1} << 20;
 
 std::int64_t segment_cost(std::int64_t lo, std::int64_t hi, std::int64_t n, std::int64_t m) {
     const __int128 den = static_cast<__int128>(n) * m;
-    return static_cast<std::int64_t>((static_cast<__int128>(lo + hi) * kScale + den / 2) / den);
+    // lo + hi reaches 2 n: summed in 128 bits (n may exceed 2^62).
+    return static_cast<std::int64_t>(((static_cast<__int128>(lo) + hi) * kScale + den / 2) / den);
 }
 
 }  // namespace

@@ -353,6 +353,9 @@ def dispatch_by_fractions(
         raise InvalidArgumentError(
             "fractions must be finite, >= 0, and 0 where an expert has no replica"
         )
+    # Each row over its largest entry first: finite shares may still sum past the float range.
+    largest = shares.max(axis=1, keepdims=True, initial=0.0)
+    shares = shares / np.where(largest > 0, largest, 1.0)
     sums = shares.sum(axis=1)
     used = np.unique(ids[ids >= 0])
     if (sums[used] <= 0).any():

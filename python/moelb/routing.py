@@ -16,6 +16,7 @@ from ._core import (
     TopKConfig,
 )
 from .dispatch import (
+    COLLECTIVE_DISPATCH,
     AllGather,
     AllReduce,
     _ep_rank,
@@ -109,8 +110,10 @@ def select_experts(
         recorder must count logical ids as slots (built from a shape ``(L, E)``); anything else
         raises ``InvalidArgumentError`` naming ``location`` and counts nothing.
     waterfill: a ``WaterfillBalancer`` that appends the shared column after the dispatch (any
-        dispatch, the balanced ones included); needs ``num_fused_shared_experts=1``. Under
-        'balanced_joint' it is required and gives the layout only (above).
+        dispatch, the balanced ones included); needs ``num_fused_shared_experts=1``; with a
+        ``location``, its ``ep_size`` must be the location's, and under a collective dispatch its
+        ``ep_rank`` must be ``ep_rank``. Under 'balanced_joint' it is required and gives the
+        layout only (above).
 
     Columns are ordered by descending selection score; ties go to the lowest expert id; a NaN
     logit never wins a slot. Deterministic for any thread count.
@@ -338,13 +341,17 @@ def _check_shared(
     if waterfill is None:
         return
     _check_waterfill(waterfill, num_fused_shared_experts, router_logits, location)
-    if dispatch == "balanced_joint" and location is not None:
-        if waterfill.ep_size != location.ep_size or waterfill.ep_rank != ep_rank:
-            raise InvalidArgumentError(
-                f"waterfill has ep_size={waterfill.ep_size}, ep_rank={waterfill.ep_rank} but "
-                f"dispatch='balanced_joint' runs on the location's ep_size={location.ep_size} "
-                f"as ep_rank={ep_rank}: they must agree"
-            )
+    if location is None:
+        return
+    # The layout p + p // S needs the location's ranks under any dispatch; a collective mode
+    # also needs this rank's (its row of the gather is the rank Waterfill lays out for).
+    collective = dispatch in COLLECTIVE_DISPATCH
+    if waterfill.ep_size != location.ep_size or (collective and waterfill.ep_rank != ep_rank):
+        raise InvalidArgumentError(
+            f"waterfill has ep_size={waterfill.ep_size}, ep_rank={waterfill.ep_rank} but "
+            f"dispatch={dispatch!r} runs on the location's ep_size={location.ep_size} "
+            f"as ep_rank={ep_rank}: they must agree"
+        )
 
 
 def _check_waterfill(
