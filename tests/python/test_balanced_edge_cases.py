@@ -1,4 +1,4 @@
-"""Review of issue 19's additions at their edges: the even split with counts near the int64
+"""The balanced split and its engine modes at their edges: the even split with counts near the int64
 limit, ``dispatch_by_fractions`` with finite fractions whose sum overflows float64, and a
 Waterfill balancer whose ranks are not the location's under any dispatch. Each expected value is
 derived here from the contract (counts conserved, the makespan of ``shares="any"``, the
