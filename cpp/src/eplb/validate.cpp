@@ -136,6 +136,18 @@ void check_option_args(ConstMatrixMap<double> load, const RebalanceOptions& o,
                         "objective='step_peak' is moelb's; algorithm='"
                             << to_string(o.algorithm) << "' plans against the total load");
     }
+    if (o.dispatch != PlanDispatch::kEqualSplit) {
+        MOELB_CHECK_ARG(o.algorithm == EplbAlgorithm::kMoelb,
+                        "dispatch='" << to_string(o.dispatch) << "' is moelb's target; algorithm='"
+                                     << to_string(o.algorithm)
+                                     << "' plans for an equal split (dispatch='equal_split')");
+    }
+    if (o.dispatch == PlanDispatch::kSglangStatic) {
+        MOELB_CHECK_ARG(o.objective == Objective::kTotal,
+                        "dispatch='sglang_static' plans SGLang's static table against the total "
+                        "load; objective='"
+                            << to_string(o.objective) << "' plans an equal split of every step");
+    }
 }
 
 // The algorithm that runs: kMoelb, or DeepSeek's hierarchical policy (asked for, or kDeepSeek
@@ -181,7 +193,8 @@ PlanRequest check_rebalance_args(ConstMatrixMap<double> load, const RebalanceOpt
                        .step_peak = options.objective == Objective::kStepPeak,
                        .previous = options.previous,
                        .move_cost = options.move_cost,
-                       .max_moves = options.max_moves};
+                       .max_moves = options.max_moves,
+                       .dispatch = options.dispatch};
 }
 
 }  // namespace moelb::planner

@@ -66,6 +66,7 @@ class Policy:
     locality: str
     objective: str
     current: ExpertLocation  # in service
+    dispatch: str = "equal_split"  # the dispatch its plans target (rebalance(dispatch=))
     ran: str = "trivial"
     in_window: list[npt.NDArray[np.float64]] = field(default_factory=list)  # [T_w, L]
     predictive: list[npt.NDArray[np.float64]] = field(default_factory=list)
@@ -130,6 +131,7 @@ class Policy:
             locality=self.locality,
             expert_bytes=cluster.expert_bytes,
             objective=self.objective,
+            dispatch=self.dispatch,
         )
         timings["planning"] += time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -157,5 +159,6 @@ def make_policies(config: SimulationConfig, trivial: ExpertLocation) -> list[Pol
     all starting from ``trivial``."""
     policies = [Policy("trivial", None, "auto", "total", trivial)]
     for spec in config.algorithms:
-        policies.append(Policy(spec, *parse_algorithm(spec), trivial))
+        algorithm, locality, objective, dispatch = parse_algorithm(spec)
+        policies.append(Policy(spec, algorithm, locality, objective, trivial, dispatch))
     return policies
