@@ -213,10 +213,11 @@ def rebalance(
         the streams running on from layer to layer). Planning model: each rank originates 1/W of
         every expert's load. The planner evaluates each candidate's tables exactly and keeps,
         per layer, the lowest realised largest GPU load among the equal-split plan, that plan
-        improved by slot swaps, and with ``locality="none"`` on several nodes a placement giving
-        each replicated expert a replica on every node (every rank then has a nearest replica
-        and none draws) improved likewise: never above the equal-split plan's layer after the
-        same earlier layers. ``stats.realised_max_rank_load`` / ``realised_balancedness`` report
+        improved by slot swaps, and with ``locality="none"`` on several nodes placements that
+        put an expert's replicas on distinct nodes (on every node, every rank has a nearest
+        replica and none draws), improved likewise: never above the equal-split plan's layer
+        after the same earlier layers. Use ``locality="none"``: under node locality every rank
+        without its own replica of a replicated expert draws at random. ``stats.realised_max_rank_load`` / ``realised_balancedness`` report
         it; with ``previous``, ``move_cost`` / ``max_moves`` weigh the realised gain. Takes
         ``objective="total"`` (a time series is summed).
     """

@@ -269,6 +269,18 @@ TEST(PlanDispatch, ErrorsNameTheParameter) {
     std::vector<double> series(static_cast<std::size_t>(2 * s.L * s.E), 1.0);
     const moelb::StepLoads steps{series, 2, s.L, s.E};
     expect_invalid_argument([&] { moelb::rebalance(steps, o); }, "objective='step_peak'");
+    // Too many table entries to model: num_experts x ep_size above 2**22.
+    const RowMatrix<double> wide = RowMatrix<double>::Ones(1, 8192);
+    RebalanceOptions big{.num_physical_experts = 8192,
+                         .num_nodes = 8,
+                         .ep_size = 1024,
+                         .dispatch = PlanDispatch::kSglangStatic};
+    expect_invalid_argument([&] { moelb::rebalance(cmap(wide), big); },
+                            "num_experts x ep_size = 8192 x 1024");
+    const ExpertLocation huge = ExpertLocation::trivial(1, 8192, 8192, 1024, 8);
+    expect_invalid_argument(
+        [&] { moelb::evaluate_placement(cmap(wide), huge, nullptr, PlanDispatch::kSglangStatic); },
+        "dispatch='sglang_static' models every rank's table");
 }
 
 // A tiny case checked by hand: 2 nodes of 2 GPUs with 2 slots each, expert 0 as hot as the other

@@ -189,6 +189,15 @@ def test_bad_dispatch_names_the_parameter(kwargs: dict, needle: str) -> None:
             moelb.evaluate_placement(load, moelb.ExpertLocation.trivial(2, 64, 80, 8), **kwargs)
 
 
+def test_too_many_table_entries_is_an_error() -> None:
+    load = np.ones((1, 8192))
+    with pytest.raises(moelb.InvalidArgumentError, match="8192 x 1024"):
+        moelb.rebalance(load, 8192, None, 8, 1024, dispatch="sglang_static")
+    location = moelb.ExpertLocation.trivial(1, 8192, 8192, 1024, 8)
+    with pytest.raises(moelb.InvalidArgumentError, match="dispatch='sglang_static'"):
+        moelb.evaluate_placement(load, location, dispatch="sglang_static")
+
+
 def test_simulator_policy_spec_targets_the_dispatch() -> None:
     assert parse_algorithm("moelb:none:sglang_static") == (
         "moelb",

@@ -36,8 +36,9 @@
 // every expert e (only window loads are known); the realised load of a GPU is the sum over its
 // slots of the load the W ranks' tables send there. Under node locality every rank that holds no
 // replica of a replicated expert falls back to SGLang's random choice (its same-node rule needs a
-// strict subset of the list); without locality the planner also builds placements in which
-// every rank has a nearest replica (a replicated expert on every node), which draw nothing.
+// strict subset of the list), and the planner can only choose placements whose draws come out
+// even (swaps within nodes); without locality it also builds node-spread placements (an
+// expert's replicas on distinct nodes; on every node, no rank draws).
 // Per layer the result realises no more than the equal-split plan's layer placed after the
 // same earlier layers (each rank's random stream runs on from layer to layer, so a layer's
 // table depends on the earlier layers' placements); with `previous`, move_cost / max_moves weigh

@@ -377,6 +377,11 @@ void check_load_shape(ConstMatrixMap<double> load, const ExpertLocation& locatio
 // evaluate_placement's checks of the shapes of load, location and previous, and of the loads.
 void check_evaluate_args(ConstMatrixMap<double> load, const ExpertLocation& location,
                          const ExpertLocation* previous);
+// The largest num_experts x ep_size that dispatch kSglangStatic models (every rank's table entry
+// of every expert, a few arrays of that size per layer): 2**22.
+constexpr Index kMaxSglangStaticEntries = Index{1} << 22;
+// A target dispatch's size limit (an InvalidArgument naming `dispatch`).
+void check_dispatch_size(PlanDispatch dispatch, int num_experts, int ep_size);
 // Validates a time series and sums it over the steps (in step order) into [L, E].
 RowMatrix<double> sum_steps(const StepLoads& steps);
 // Checks rebalance()'s arguments (load: a series' sum when `steps`), in the order its errors are

@@ -15,15 +15,19 @@
 // two experts' columns, the draws of the ranks whose fallback changed (their cursors move, so all
 // their later draws in the layer), and the other ranks' draws of the two experts only (same
 // cursor, another place among the ranks that fall back). The pass over a plan's layers keeps, per
-// layer, the candidate with the lowest realised largest GPU load: the equal-split plan, that plan
-// improved by swaps, and (without locality, on several nodes) the node-spread placement -- a
-// replica of each replicated expert on every node, so every rank has a nearest replica and none
-// draws -- improved by swaps; then it moves every rank's cursor past the chosen layer.
+// layer, the candidate with the lowest realised largest GPU load (ties: the earlier): the
+// equal-split plan; without locality on several nodes, two node-spread placements (replicas on
+// distinct nodes: whole, an expert on every node so that no rank draws; partial, one node more
+// at a time) improved by swaps; and the equal-split plan improved by swaps within its domains,
+// unless a node-spread placement already realises what the equal-split plan promises. Then it
+// moves every rank's cursor past the chosen layer.
 #include <algorithm>
 #include <cstdint>
 #include <limits>
 #include <numeric>
+#include <queue>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "../py_random.hpp"
@@ -37,6 +41,9 @@ namespace {
 // estimate no longer predicts a gain well.
 constexpr int kSearchEvaluations = 1500;
 constexpr int kTriesPerStep = 24;
+// A node-spread placement that realises within this fraction of the largest GPU load the
+// equal-split plan promises is kept without searching the equal-split plan's swaps.
+constexpr double kPromiseTolerance = 1e-3;
 
 // The outputs of random.Random(42)'s generator, as far as a stream has read them.
 class Stream42 {
@@ -359,83 +366,129 @@ void static_swap_search(StaticLayer& m, int bins_per_domain, double bound, int e
 struct SpreadScratch {
     Packing packing;
     PackScratch pack;
+    std::vector<int> nodes;     // [E] the nodes holding each expert (one replica on each)
+    std::vector<int> per_node;  // [E * N] replicas on each node once an expert is on all N
+    std::vector<int> item_expert, item_node, item_first, node_free, bin_of;
     std::vector<std::uint64_t> keys;
-    std::vector<int> by_load, item_expert, item_node, node_free, filler_at, main_at, bin_of;
+    std::vector<int> flexible;
     std::vector<double> item_load, node_load;
 };
 
-// The node-spread placement of one layer (loads w) into phy2log: the q = (P - E) / (N - 1)
-// heaviest experts (ties to the lower id) get one replica on every node, so that every rank's
-// nearest replica is its node's and each such replica realises exactly 1/N of its expert's load;
-// each of the l = (P - E) - q (N - 1) slots left gives one of them a second replica on a node (the
-// lower-ranked of the two takes all of that node's ranks but the other's: (W / N - 1) / W of the
-// load; the other 1/W; with one GPU per node the second replica shares the GPU and takes none);
-// the other experts have one replica. The items go to nodes by LPT (each expert onto the node
-// with the least load that has a free slot), then onto each node's GPUs by the planner's packing.
-// False (nothing written) with one node or fewer than N - 1 extra slots.
-bool node_spread(const double* w, const Geometry& g, SpreadScratch& s, std::int32_t* phy2log) {
+// The expected load of the largest piece of expert e, and (*node) the node it is on (-1: on a
+// node still to choose). On j < N nodes, one replica each: the j nodes' ranks use their node's
+// replica, the others draw one at random, w / j each in expectation. On all N nodes with m
+// replicas on a node: each holder serves its own rank, 1/W of w, and the node's lowest holder
+// also the node's other ranks, (W / N - m + 1) / W of w: the piece is that of the node with the
+// fewest (the lowest such node).
+double largest_piece(const double* w, int e, const Geometry& g, const SpreadScratch& s, int* node) {
+    *node = -1;
+    const int j = s.nodes[e];
+    if (j < g.N) return w[e] / j;
+    const int* m = s.per_node.data() + static_cast<std::size_t>(e) * g.N;
+    *node = static_cast<int>(std::min_element(m, m + g.N) - m);
+    return w[e] * (g.ranks_per_node - m[*node] + 1) / g.W;
+}
+
+// How node_spread gives an expert more replicas.
+enum class Spread {
+    kWhole,    // a single expert goes onto every node at once (N - 1 slots): no rank draws
+    kPartial,  // one node more at a time: the ranks of nodes without a replica draw
+};
+
+// A placement of one layer (loads w) into phy2log in which each expert's replicas sit on distinct
+// nodes, one each, until it is on every node; then more on a node make its holders serve their
+// own ranks (SGLang's nearest replica is the rank's own, else the first on its node when the
+// node holds part of the list). Slots go one step at a time to the expert with the largest
+// expected piece (largest_piece): a step is one node more (kPartial; under kWhole a single
+// expert goes onto all N nodes at once), or, on all nodes, one holder more on the node of its
+// largest piece (at most W / N). A piece that cannot take its step leaves the next largest to
+// take it. Experts on all nodes are placed on every node; the others, by decreasing piece, on
+// the least loaded nodes with a free slot (LPT); then the planner's packing puts each node's
+// items on its GPUs, and the first replica of each expert on a node is moved to the lowest GPU
+// holding it there. Under kWhole no rank draws: every rank has a nearest replica. False (nothing
+// written) when the slots cannot be spent so (one node; kWhole with fewer than N - 1 extra slots).
+bool node_spread(const double* w, const Geometry& g, Spread mode, SpreadScratch& s,
+                 std::int32_t* phy2log) {
     const int E = g.E, P = g.P, N = g.N, rpn = g.ranks_per_node;
-    const int extra = P - E;
-    if (N < 2 || extra < N - 1) return false;
-    const int q = std::min(E, extra / (N - 1));
-    const int leftover = extra - q * (N - 1);
-    const int node_slots = P / N;
-    s.keys.resize(static_cast<std::size_t>(E));
-    s.by_load.resize(static_cast<std::size_t>(E));
-    for (int e = 0; e < E; ++e) {
-        s.keys[e] = descending_key(w[e]);
-        s.by_load[e] = e;
+    int budget = P - E;
+    if (N < 2 || (mode == Spread::kWhole && budget < N - 1)) return false;
+    s.nodes.assign(static_cast<std::size_t>(E), 1);
+    s.per_node.assign(static_cast<std::size_t>(E) * N, 1);
+    // (largest piece, -expert): one entry per expert; the largest piece first, ties to the lower
+    // expert. An expert that cannot take its step leaves the queue (the budget only shrinks).
+    std::priority_queue<std::pair<double, int>> queue;
+    for (int e = 0; e < E; ++e) queue.emplace(w[e], -e);
+    while (budget > 0 && !queue.empty()) {
+        const int e = -queue.top().second;
+        queue.pop();
+        int node;
+        largest_piece(w, e, g, s, &node);
+        int* m = s.per_node.data() + static_cast<std::size_t>(e) * N;
+        if (node >= 0) {
+            if (m[node] == rpn) continue;
+            ++m[node];
+            --budget;
+        } else if (mode == Spread::kPartial) {
+            ++s.nodes[e];
+            --budget;
+        } else {
+            if (budget < N - 1) continue;
+            s.nodes[e] = N;
+            budget -= N - 1;
+        }
+        queue.emplace(largest_piece(w, e, g, s, &node), -e);
     }
-    stable_sort_by_key(s.keys, s.by_load);
+    if (budget > 0) return false;
+    // The items: the experts on every node first, then the others by LPT over the nodes.
     s.item_expert.clear();
     s.item_node.clear();
     s.item_load.clear();
-    s.node_free.assign(static_cast<std::size_t>(N), node_slots);
+    s.item_first.clear();
+    s.node_free.assign(static_cast<std::size_t>(N), P / N);
     s.node_load.assign(static_cast<std::size_t>(N), 0.0);
-    // filler_at[i * N + k]: the item of the second replica of replicated expert i on node k.
-    s.filler_at.assign(static_cast<std::size_t>(q) * N, -1);
-    const auto add = [&](int e, int node, double load) {
+    const auto add = [&](int e, int node, double load, bool first) {
         s.item_expert.push_back(e);
         s.item_node.push_back(node);
         s.item_load.push_back(load);
-        if (node >= 0) {
-            --s.node_free[node];
-            s.node_load[node] += load;
-        }
+        s.item_first.push_back(first);
+        --s.node_free[node];
+        s.node_load[node] += load;
     };
-    for (int f = 0; f < leftover; ++f) {
-        const int i = f % q;
-        int best = -1;
-        for (int k = 0; k < N; ++k) {
-            if (s.filler_at[static_cast<std::size_t>(i) * N + k] >= 0) continue;
-            if (best < 0 || s.node_free[k] > s.node_free[best]) best = k;
+    s.flexible.clear();
+    for (int e = 0; e < E; ++e) {
+        if (s.nodes[e] < N) {
+            s.flexible.push_back(e);
+            continue;
         }
-        if (best < 0 || s.node_free[best] - 1 < q) return false;  // room for q replicas
-        s.filler_at[static_cast<std::size_t>(i) * N + best] =
-            static_cast<int>(s.item_expert.size());
-        add(s.by_load[i], best, rpn > 1 ? w[s.by_load[i]] / g.W : 0.0);
-    }
-    s.main_at.resize(static_cast<std::size_t>(q) * N);
-    for (int i = 0; i < q; ++i) {
-        const int e = s.by_load[i];
+        const int* m = s.per_node.data() + static_cast<std::size_t>(e) * N;
         for (int k = 0; k < N; ++k) {
-            const bool filler = s.filler_at[static_cast<std::size_t>(i) * N + k] >= 0;
-            s.main_at[static_cast<std::size_t>(i) * N + k] = static_cast<int>(s.item_expert.size());
-            add(e, k, w[e] * (filler && rpn > 1 ? rpn - 1 : rpn) / g.W);
+            add(e, k, w[e] * (rpn - m[k] + 1) / g.W, true);
+            for (int i = 1; i < m[k]; ++i) add(e, k, w[e] / g.W, false);
         }
-    }
-    for (int i = q; i < E; ++i) {
-        const int e = s.by_load[i];
-        int best = -1;
-        for (int k = 0; k < N; ++k) {
-            if (s.node_free[k] == 0) continue;
-            if (best < 0 || s.node_load[k] < s.node_load[best]) best = k;
-        }
-        if (best < 0) return false;
-        add(e, best, w[e]);
     }
     for (int k = 0; k < N; ++k) {
-        if (s.node_free[k] != 0) return false;
+        if (s.node_free[k] < 0) return false;
+    }
+    s.keys.resize(s.flexible.size());
+    for (std::size_t i = 0; i < s.flexible.size(); ++i) {
+        const int e = s.flexible[i];
+        s.keys[i] = descending_key(w[e] / s.nodes[e]);
+    }
+    stable_sort_by_key(s.keys, s.flexible);
+    for (const int e : s.flexible) {
+        const double piece = w[e] / s.nodes[e];
+        for (int r = 0; r < s.nodes[e]; ++r) {
+            // The least loaded node with a free slot not holding e yet (items of e go in a row).
+            int best = -1;
+            for (int k = 0; k < N; ++k) {
+                const bool holds = r > 0 && std::find(s.item_node.end() - r, s.item_node.end(),
+                                                      k) != s.item_node.end();
+                if (s.node_free[k] == 0 || holds) continue;
+                if (best < 0 || s.node_load[k] < s.node_load[best]) best = k;
+            }
+            if (best < 0) return false;
+            add(e, best, piece, true);
+        }
     }
     // The items as experts of one replica each, in their node's domain, packed.
     Packing& p = s.packing;
@@ -448,23 +501,25 @@ bool node_spread(const double* w, const Geometry& g, SpreadScratch& s, std::int3
         largest = std::max(largest, s.item_load[i]);
     }
     pack_counts(p, s.item_load.data(), std::max(total / g.W, largest), s.pack);
-    // A node's two replicas of an expert: its lower-ranked GPU takes the node's ranks but one,
-    // so the item packed with that share (the first) must sit on the lower GPU: else exchange
-    // the two GPUs' contents (a relabelling of the node's GPUs).
+    // Each node's first replica of an expert on the lowest GPU holding the expert there: else
+    // exchange the two GPUs' contents (a relabelling of the node's GPUs).
     s.bin_of.resize(static_cast<std::size_t>(P));
     for (int slot = 0; slot < P; ++slot) s.bin_of[p.slot_expert[slot]] = slot / g.S;
-    for (int i = 0; i < q; ++i) {
-        for (int k = 0; k < N; ++k) {
-            const int filler = s.filler_at[static_cast<std::size_t>(i) * N + k];
-            if (filler < 0) continue;
-            const int main = s.main_at[static_cast<std::size_t>(i) * N + k];
-            const int a = s.bin_of[main], b = s.bin_of[filler];
-            if (b >= a) continue;
-            std::swap_ranges(p.bin(a), p.bin(a) + g.S, p.bin(b));
-            for (int slot = 0; slot < g.S; ++slot) {
-                s.bin_of[p.bin(a)[slot]] = a;
-                s.bin_of[p.bin(b)[slot]] = b;
+    for (int i = 0; i < P; ++i) {
+        if (!s.item_first[i]) continue;
+        const int e = s.item_expert[i], node = s.item_node[i];
+        int b = s.bin_of[i];  // the lowest GPU of the node holding e
+        for (int x = node * rpn; x < b; ++x) {
+            for (int slot = x * g.S; slot < (x + 1) * g.S; ++slot) {
+                if (s.item_expert[p.slot_expert[slot]] == e) b = std::min(b, x);
             }
+        }
+        const int a = s.bin_of[i];
+        if (a == b) continue;
+        std::swap_ranges(p.bin(a), p.bin(a) + g.S, p.bin(b));
+        for (int slot = 0; slot < g.S; ++slot) {
+            s.bin_of[p.bin(a)[slot]] = a;
+            s.bin_of[p.bin(b)[slot]] = b;
         }
     }
     for (int slot = 0; slot < P; ++slot) phy2log[slot] = s.item_expert[p.slot_expert[slot]];
@@ -510,18 +565,28 @@ void plan_sglang_static(const PlanRequest& r, const LocalityChoice& choice, Laye
         const double* w = r.load.row(l).data();
         const double bound = plans.lower_bounds[static_cast<std::size_t>(l)];
         pass.best.clear();
-        // The equal-split plan, then improved by swaps within its domains.
-        pass.layer.reset(g, w, plans.phy2log.row(l).data(), pass.cursor.data());
+        const std::int32_t* equal_split = plans.phy2log.row(l).data();
+        pass.layer.reset(g, w, equal_split, pass.cursor.data());
         pass.consider();
-        static_swap_search(pass.layer, domain_bins, bound, kSearchEvaluations, pass.candidates);
-        pass.consider();
-        if (spread && node_spread(w, g, pass.spread_scratch, pass.spread.data())) {
+        for (const Spread mode : {Spread::kWhole, Spread::kPartial}) {
+            if (!spread || !node_spread(w, g, mode, pass.spread_scratch, pass.spread.data())) {
+                continue;
+            }
             if (r.previous) {
                 match_previous(pass.spread.data(), r.previous_row(l), g.E, g.P, g.W, N);
             }
             pass.layer.reset(g, w, pass.spread.data(), pass.cursor.data());
             pass.consider();
             static_swap_search(pass.layer, g.W, bound, kSearchEvaluations, pass.candidates);
+            pass.consider();
+        }
+        // The equal-split plan improved by swaps within its domains (the costliest search: most
+        // of its replicated experts have ranks that draw), unless a node-spread placement already
+        // realises what the equal-split plan promises (within kPromiseTolerance).
+        const double promise = plans.stats.layers[static_cast<std::size_t>(l)].max_rank_load;
+        if (!(pass.best_max <= promise * (1 + kPromiseTolerance))) {
+            pass.layer.reset(g, w, equal_split, pass.cursor.data());
+            static_swap_search(pass.layer, domain_bins, bound, kSearchEvaluations, pass.candidates);
             pass.consider();
         }
         if (r.previous) {

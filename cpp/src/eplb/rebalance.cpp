@@ -149,6 +149,7 @@ RowMatrix<double> rank_loads(ConstMatrixMap<double> load, const ExpertLocation& 
 PlanStats evaluate_placement(ConstMatrixMap<double> load, const ExpertLocation& location,
                              const ExpertLocation* previous, PlanDispatch dispatch) {
     planner::check_evaluate_args(load, location, previous);
+    planner::check_dispatch_size(dispatch, location.num_logical_experts(), location.ep_size());
     return planner::evaluate(load, location, previous, nullptr, dispatch);
 }
 
@@ -157,6 +158,7 @@ PlanStats evaluate_placement(const StepLoads& steps, const ExpertLocation& locat
     const RowMatrix<double> total = planner::sum_steps(steps);
     const ConstMatrixMap<double> load(total.data(), total.rows(), total.cols());
     planner::check_evaluate_args(load, location, previous);
+    planner::check_dispatch_size(dispatch, location.num_logical_experts(), location.ep_size());
     return planner::evaluate(load, location, previous, &steps, dispatch);
 }
 

@@ -53,6 +53,16 @@ void check_evaluate_args(ConstMatrixMap<double> load, const ExpertLocation& loca
     }
 }
 
+void check_dispatch_size(PlanDispatch dispatch, int num_experts, int ep_size) {
+    if (dispatch != PlanDispatch::kSglangStatic) return;
+    const Index entries = static_cast<Index>(num_experts) * ep_size;
+    MOELB_CHECK_ARG(entries <= kMaxSglangStaticEntries,
+                    "dispatch='sglang_static' models every rank's table entry of every expert: "
+                    "num_experts x ep_size = "
+                        << num_experts << " x " << ep_size << " is above the "
+                        << kMaxSglangStaticEntries << " it models");
+}
+
 RowMatrix<double> sum_steps(const StepLoads& steps) {
     const Index T = steps.num_steps, L = steps.num_layers, E = steps.num_experts;
     MOELB_CHECK_ARG(T >= 1 && L >= 1 && E >= 1,
@@ -142,6 +152,7 @@ void check_option_args(ConstMatrixMap<double> load, const RebalanceOptions& o,
                                      << to_string(o.algorithm)
                                      << "' plans for an equal split (dispatch='equal_split')");
     }
+    check_dispatch_size(o.dispatch, E, W);
     if (o.dispatch == PlanDispatch::kSglangStatic) {
         MOELB_CHECK_ARG(o.objective == Objective::kTotal,
                         "dispatch='sglang_static' plans SGLang's static table against the total "
