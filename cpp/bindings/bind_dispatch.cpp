@@ -101,7 +101,8 @@ void bind_dispatch(py::module_& m) {
     m.def(
         "balanced_split",
         [](const py::handle& counts, const ExpertLocation& loc, const py::object& fixed_loads,
-           std::optional<std::int64_t> layer) {
+           std::optional<std::int64_t> layer, const std::string& shares) {
+            const SplitShares which = parse_split_shares(shares);
             const int l = balanced_layer(loc, layer);
             const Index L = loc.num_layers(), E = loc.num_logical_experts();
             const Index P = loc.num_physical_experts(), W = loc.ep_size();
@@ -120,12 +121,12 @@ void bind_dispatch(py::module_& m) {
             {
                 py::gil_scoped_release release;
                 balanced_split(loc, ConstMatrixMap<std::int64_t>(c.data(), rows, E),
-                               rows_of(fixed, W), out_map, l);
+                               rows_of(fixed, W), out_map, l, which);
             }
             return out;
         },
         py::arg("counts"), py::arg("location"), py::arg("fixed_loads") = py::none(),
-        py::arg("layer") = py::none());
+        py::arg("layer") = py::none(), py::arg("shares") = "any");
     m.def(
         "balanced_assignment",
         [](const py::handle& source_counts, const ExpertLocation& loc,

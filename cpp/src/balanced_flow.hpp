@@ -8,7 +8,10 @@
 //   min_cost_flow.cpp        MinCostFlow: a generic min-cost max-flow (primal-dual)
 //   balanced_checks.cpp      the input checks both public functions share (layer, fixed loads,
 //                            counts >= 0 and their sums within int64), naming the bad entry
-//   balanced_split.cpp       balanced_split(): checks -> per layer the makespan flow -> slots
+//   even_shares.cpp          EvenShares: among the splits at ceil(T*), the one with the most
+//                            even replica shares (a min-cost flow with convex arc costs)
+//   balanced_split.cpp       balanced_split(): checks -> per layer the makespan flow (and the
+//                            even shares when asked) -> slots
 //   balanced_assignment.cpp  balanced_assignment(): checks -> per layer the makespan flow on the
 //                            summed counts, a min-cost flow at that makespan -> per-source slots
 //
@@ -229,6 +232,75 @@ class MinCostFlow {
     std::vector<std::int64_t> pi_, dist_;
     std::vector<int> level_, cur_, queue_;
     std::vector<std::pair<std::int64_t, int>> heap_;
+};
+
+// ------------------------------------------------------------------------------------------------
+// The even split at the makespan (even_shares.cpp): among the integral splits whose rank loads
+// stay within `makespan`, the one minimising sum over (expert e, rank g) of x_eg^2 / (n_e m_eg)
+// (m_eg: e's slots on g), up to a piecewise-linear approximation (integral breakpoints every half
+// equal share; the objective's chord over each segment). Reused across layers (thread_local) like
+// MakespanFlow.
+
+// A min-cost flow started from a given pseudo-flow (even_shares.cpp): arcs carry an initial flow,
+// nodes an excess; route_to(t) sends every excess to t at least cost by successive shortest paths
+// (potentials from Bellman-Ford, then Dijkstra and blocking flows over the zero-reduced-cost arcs,
+// as MinCostFlow). The initial flow must be a least-cost flow of its own supplies (no negative
+// residual cycle). When the excesses are small against the flow, few paths are needed.
+class WarmFlow {
+  public:
+    void reset() {
+        num_nodes_ = 0;
+        from_.clear();
+        to_.clear();
+        cap_.clear();
+        cost_.clear();
+        excess_.clear();
+    }
+    int add_node() {
+        excess_.push_back(0);
+        return num_nodes_++;
+    }
+    // An arc u -> v of capacity cap carrying `flow` in [0, cap]; returns its id (reverse: id ^ 1).
+    int add_arc(int u, int v, std::int64_t cap, std::int64_t cost, std::int64_t flow);
+    void add_excess(int v, std::int64_t amount) { excess_[v] += amount; }
+    std::int64_t flow(int id) const { return cap_[static_cast<std::size_t>(id ^ 1)]; }
+    // Routes every node's excess to t; false when the network cannot carry it.
+    bool route_to(int t);
+
+  private:
+    std::int64_t reduced(int id) const { return cost_[id] + pi_[from_[id]] - pi_[to_[id]]; }
+    void index_arcs();
+    bool potentials();
+    bool shortest_paths(int s, int t);
+    bool levels(int s, int t);
+    std::int64_t push(int u, int t, std::int64_t limit);
+
+    int num_nodes_ = 0;
+    std::vector<int> from_, to_;
+    std::vector<std::int64_t> cap_, cost_, excess_;
+    std::vector<int> adj_begin_, adj_;
+    std::vector<std::int64_t> pi_, dist_;
+    std::vector<int> level_, cur_, queue_;
+    std::vector<char> queued_;
+    std::vector<std::pair<std::int64_t, int>> heap_;
+};
+
+class EvenShares {
+  public:
+    // Solves the layer whose MakespanFlow `flow` was built (and solved: `makespan` its result)
+    // from `counts` [E].
+    void solve(const ExpertLocation& loc, int layer, const MakespanFlow& flow,
+               std::int64_t makespan, const std::int64_t* counts);
+    // The tokens of each of the flow's edges (MakespanFlow's edge ids).
+    const std::int64_t* edge_flows() const { return edge_flow_.data(); }
+
+  private:
+    WarmFlow graph_;
+    std::vector<int> rank_node_;           // [W], -1 when the rank has no edge
+    std::vector<std::int64_t> rank_load_;  // [W], the equal split's
+    std::vector<int> segments_;            // [edges + 1]: edge id -> its first arc in arcs_
+    std::vector<int> arcs_;                // the segments' arc ids, edge-major
+    std::vector<std::int64_t> edge_flow_;  // [edges]
 };
 
 }  // namespace moelb::detail

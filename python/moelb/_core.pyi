@@ -450,6 +450,7 @@ def balanced_split(
     location: ExpertLocation,
     fixed_loads: npt.ArrayLike | None = None,
     layer: int | None = None,
+    shares: str = "any",
 ) -> npt.NDArray[np.int64]: ...
 def balanced_assignment(
     source_counts: npt.ArrayLike,
