@@ -43,6 +43,18 @@
 // same earlier layers (each rank's random stream runs on from layer to layer, so a layer's
 // table depends on the earlier layers' placements); with `previous`, move_cost / max_moves weigh
 // the realised gain.
+// kBalanced plans for moelb's per-step exact split (balanced_split in dispatch.hpp: each step's
+// tokens split over the replicas at the optimal largest GPU load ceil(T*)), whose optimum is
+// limited by sets of GPUs that no replica links to the others: the replicated experts' replicas
+// are laid out as one spanning hypertree over the GPUs (without node locality; one per node with
+// it), connected whenever the domain's redundant slots are at least its GPUs - 1; the replica
+// counts by the divisor method on the window's load (no forecast: the plan is a function of the
+// window). Per layer the layout is kept only when the sum of ceil(T*) over the evaluation steps
+// (K = min(T, 32) evenly spaced steps of a time series, or the summed load as one step) is
+// lower than the equal-split plan's, so it is never worse on the window it was planned on
+// (cpp/src/eplb/connected.cpp: the steps, the integer scaling of non-integer loads). With
+// `previous`, GPUs are relabelled to keep experts where they were, and move_cost / max_moves
+// weigh the realised gain.
 #pragma once
 
 #include <cstdint>
@@ -79,7 +91,7 @@ enum class EplbAlgorithm { kDeepSeek, kDeepSeekHierarchical, kDeepSeekGlobal, kM
 enum class Locality { kAuto, kNode, kNone };
 enum class Objective { kTotal, kStepPeak };
 // The dispatch a plan is made for (the load the planner minimises is the one it realises).
-enum class PlanDispatch { kEqualSplit, kSglangStatic };
+enum class PlanDispatch { kEqualSplit, kSglangStatic, kBalanced };
 
 EplbAlgorithm parse_eplb_algorithm(std::string_view name, std::string_view param = "algorithm");
 std::string_view to_string(EplbAlgorithm algorithm);
@@ -122,7 +134,8 @@ struct RebalanceOptions {
     const ExpertLocation* previous = nullptr;
     double move_cost = kDefaultMoveCost;
     Index max_moves = -1;
-    // kMoelb only; kSglangStatic takes objective kTotal (a time series is summed).
+    // kMoelb only; kSglangStatic and kBalanced take objective kTotal (kBalanced reads a time
+    // series' steps for its never-worse check and statistics).
     PlanDispatch dispatch = PlanDispatch::kEqualSplit;
 };
 
@@ -140,8 +153,13 @@ struct LayerPlanStats {
     double step_max_rank_load = std::numeric_limits<double>::quiet_NaN();
     // Under a target dispatch other than kEqualSplit (PlanStats::dispatch): the largest GPU load
     // that dispatch realises (kSglangStatic: SGLang's file-path tables, each rank originating
-    // 1/W of every expert's load); NaN under kEqualSplit. Every dispatch sends all the load
-    // somewhere, so the realised mean is mean_rank_load.
+    // 1/W of every expert's load; kBalanced: the sum over the evaluation steps of each step's
+    // optimal largest GPU load ceil(T*) -- in the integer units the loads were scaled to, scaled
+    // back -- times the layer's total load over the evaluated steps' load, so that
+    // mean_rank_load / realised_max_rank_load is the evaluated steps' per-step balancedness
+    // under the balanced dispatch, each step weighted by its largest load); NaN under
+    // kEqualSplit. Every dispatch sends all the load somewhere, so the realised mean is
+    // mean_rank_load.
     double realised_max_rank_load = std::numeric_limits<double>::quiet_NaN();
 };
 
@@ -164,7 +182,9 @@ struct PlanStats {
     double step_balancedness = std::numeric_limits<double>::quiet_NaN();
     // The dispatch the statistics target; except under kEqualSplit, realised_balancedness is
     // balancedness() of mean_rank_load over realised_max_rank_load, over all layers (NaN under
-    // kEqualSplit).
+    // kEqualSplit; under kBalanced the mean over the layers of each layer's per-step
+    // balancedness under the balanced dispatch, its evaluation steps weighted by their largest
+    // load).
     PlanDispatch dispatch = PlanDispatch::kEqualSplit;
     double realised_balancedness = std::numeric_limits<double>::quiet_NaN();
     std::string algorithm;  // what ran, e.g. "moelb(locality=node)" or "deepseek_global"

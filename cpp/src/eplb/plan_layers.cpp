@@ -3,7 +3,8 @@
 // layer -- locality domains -> replica counts -> packing (or DeepSeek's, when lower) -> count
 // searches -> per-step refinement -> matching to the previous placement -> statistics -- then,
 // for a target dispatch other than an equal split, the pass over the layers in order that plans
-// for what that dispatch realises (dispatch sglang_static: realised_static.cpp). Pure planning: a
+// for what that dispatch realises (dispatch sglang_static: realised_static.cpp; balanced:
+// connected.cpp). Pure planning: a
 // checked request in, the layers' slots and statistics out.
 #include <algorithm>
 #include <cstdint>
@@ -149,6 +150,9 @@ LayerPlans plan_moelb_layers(const PlanRequest& r) {
             break;
         case PlanDispatch::kSglangStatic:
             plan_sglang_static(r, choice, plans);
+            break;
+        case PlanDispatch::kBalanced:
+            plan_balanced(r, choice, plans);
             break;
     }
     const auto from_deepseek = std::count(origins.begin(), origins.end(), PackingOrigin::kDeepSeek);

@@ -9,6 +9,8 @@
 //   step_peak.cpp       the per-step peak objective's swap search (Objective::kStepPeak)
 //   realised_static.cpp the target dispatch sglang_static: SGLang's file-path tables evaluated
 //                       exactly, the swap search on them, the node-spread placement
+//   connected.cpp       the target dispatch balanced: the connected replica layout, the
+//                       never-worse check on the window's steps by the exact per-step split
 //   previous.cpp        matching to the previous placement, and the move / balance trade-off
 //   stats.cpp           a placement's statistics (LayerPlanStats, PlanStats)
 //   plan_layers.cpp     the layer loops: DeepSeek's, and moelb's pipeline per layer
@@ -496,6 +498,19 @@ void plan_sglang_static(const PlanRequest& request, const LocalityChoice& choice
 void realise_sglang_static(ConstMatrixMap<double> load, const std::int32_t* phy2log,
                            int num_experts, int num_physical_experts, int ep_size, int num_nodes,
                            std::vector<LayerPlanStats>& layers);
+
+// connected.cpp: dispatch kBalanced on a moelb plan (plans.phy2log: the equal-split plan, matched
+// to the previous placement): per layer (in parallel) the connected replica layout (one spanning
+// hypertree per `choice` domain), matched to the previous placement, kept when its sum of the
+// evaluation steps' ceil(T*) is below the equal-split plan's; realised_max_rank_load of every
+// layer, and plans.previous_realised with previous.
+void plan_balanced(const PlanRequest& request, const LocalityChoice& choice, LayerPlans& plans);
+// connected.cpp: layers[l].realised_max_rank_load of every layer l of a placement (phy2log:
+// [load.rows(), num_physical_experts] row-major) under the per-step exact split, on the
+// evaluation steps of `steps` (or the summed load `load` when nullptr).
+void realise_balanced(ConstMatrixMap<double> load, const StepLoads* steps,
+                      const std::int32_t* phy2log, int num_experts, int num_physical_experts,
+                      int ep_size, std::vector<LayerPlanStats>& layers);
 
 // stats.cpp: the statistics of one layer of a placement: loads w, slots phy2log, `bound` the
 // layer's flat lower bound (NaN: computed here), `previous` the previous slots (or nullptr),

@@ -228,7 +228,7 @@ std::vector<MoveCandidate> move_candidates(const PlanRequest& r, const LayerPlan
         const LayerPlanStats& after = plans.stats.layers[static_cast<std::size_t>(l)];
         double old_max = r.step_peak ? before.step_max_rank_load : before.max_rank_load;
         double new_max = r.step_peak ? after.step_max_rank_load : after.max_rank_load;
-        if (r.dispatch == PlanDispatch::kSglangStatic) {
+        if (r.dispatch != PlanDispatch::kEqualSplit) {
             old_max = plans.previous_realised[static_cast<std::size_t>(l)];
             new_max = after.realised_max_rank_load;
         }

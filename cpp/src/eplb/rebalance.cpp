@@ -53,9 +53,10 @@ Objective parse_objective(std::string_view name, std::string_view param) {
 
 std::string_view to_string(Objective value) { return detail::enum_name(kObjectiveNames, value); }
 
-constexpr detail::EnumNames<PlanDispatch, 2> kPlanDispatchNames{{
+constexpr detail::EnumNames<PlanDispatch, 3> kPlanDispatchNames{{
     {"equal_split", PlanDispatch::kEqualSplit},
     {"sglang_static", PlanDispatch::kSglangStatic},
+    {"balanced", PlanDispatch::kBalanced},
 }};
 
 PlanDispatch parse_plan_dispatch(std::string_view name, std::string_view param) {

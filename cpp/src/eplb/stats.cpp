@@ -94,7 +94,7 @@ void LayerPlans::take_stats(const PlanRequest& request, Index l, double bound,
                     request.steps ? &st : nullptr, count);
 }
 
-void realise(PlanDispatch dispatch, ConstMatrixMap<double> load, const StepLoads* /*steps*/,
+void realise(PlanDispatch dispatch, ConstMatrixMap<double> load, const StepLoads* steps,
              const std::int32_t* phy2log, int num_experts, int num_physical_experts, int ep_size,
              int num_nodes, std::vector<LayerPlanStats>& layers) {
     switch (dispatch) {
@@ -103,6 +103,10 @@ void realise(PlanDispatch dispatch, ConstMatrixMap<double> load, const StepLoads
         case PlanDispatch::kSglangStatic:
             realise_sglang_static(load, phy2log, num_experts, num_physical_experts, ep_size,
                                   num_nodes, layers);
+            return;
+        case PlanDispatch::kBalanced:
+            realise_balanced(load, steps, phy2log, num_experts, num_physical_experts, ep_size,
+                             layers);
             return;
     }
 }

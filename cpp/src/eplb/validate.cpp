@@ -159,6 +159,12 @@ void check_option_args(ConstMatrixMap<double> load, const RebalanceOptions& o,
                         "load; objective='"
                             << to_string(o.objective) << "' plans an equal split of every step");
     }
+    if (o.dispatch == PlanDispatch::kBalanced) {
+        MOELB_CHECK_ARG(o.objective == Objective::kTotal,
+                        "dispatch='balanced' plans for the per-step exact split (it reads the "
+                        "steps itself); objective='"
+                            << to_string(o.objective) << "' plans an equal split of every step");
+    }
 }
 
 // The algorithm that runs: kMoelb, or DeepSeek's hierarchical policy (asked for, or kDeepSeek

@@ -256,7 +256,11 @@ def _add_rebalance(sub: Any) -> None:
         "SGLang's default static dispatch realises for a placement loaded with "
         "--init-expert-location (its per-rank tables modelled exactly, each rank sending 1/W of "
         "every expert's tokens); best with --locality none: under node locality every rank "
-        "without its own replica of a replicated expert falls back to a random one",
+        "without its own replica of a replicated expert falls back to a random one; balanced: "
+        "moelb's per-step exact split (select_experts(dispatch='balanced'); ours): the replicas "
+        "laid out to link all GPUs (one tree per node under node locality), kept per layer only "
+        "where the exact split of up to 32 evenly spaced passes is lower than for the "
+        "equal-split plan",
     )
     p.add_argument("--previous", default=None, help="the placement in service (JSON)")
     p.add_argument(

@@ -35,7 +35,8 @@ def rebalance_command(args: argparse.Namespace) -> int:
     previous = None
     if args.previous is not None:
         previous = load_placement(args.previous, args.ep_size, args.num_nodes, num_experts)
-    planned = counts if args.objective == "step_peak" else load
+    # step_peak and the balanced target read the passes (balanced: up to 32 of them, evenly spaced).
+    planned = counts if args.objective == "step_peak" or args.dispatch == "balanced" else load
     plan = _plan(args, planned, num_groups, previous)
     output = Path(args.output)
     save_placement(plan.location, output)
@@ -111,7 +112,8 @@ def _plan(
     num_groups: int | None,
     previous: ExpertLocation | None,
 ) -> Plan:
-    """Plans ``planned`` (the summed [L, E] counts, or the per-pass ones for step_peak) with the
+    """Plans ``planned`` (the summed [L, E] counts, or the per-pass ones for step_peak and the
+    balanced target) with the
     flags' topology and algorithm."""
     return rebalance(
         planned,

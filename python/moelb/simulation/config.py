@@ -55,7 +55,7 @@ def parse_algorithm(spec: str) -> tuple[str, str, str, str]:
         raise InvalidArgumentError(
             f"algorithms: {spec!r} is not an EPLB algorithm; expected one of {ALGORITHMS} "
             "(moelb may take a locality, an objective and a target dispatch: moelb:none, "
-            "moelb:node:step_peak, moelb:none:sglang_static)"
+            "moelb:node:step_peak, moelb:none:sglang_static, moelb:none:balanced)"
         )
     chosen: dict[str, str] = {}
     for option in options:
@@ -91,7 +91,10 @@ class SimulationConfig:
     algorithms: EPLB algorithms to compare (``"moelb"``, ``"moelb:none"``, ``"deepseek"``, ...;
         ``"moelb:none:step_peak"`` plans each window against its per-step peaks, see
         ``rebalance(objective=)``; ``"moelb:none:sglang_static"`` plans for what SGLang's static
-        table realises, see ``rebalance(dispatch=)``); the trivial placement is always scored.
+        table realises, see ``rebalance(dispatch=)``; ``"moelb:none:balanced"`` plans each window
+        for moelb's per-step exact split -- the connected replica layout, checked on the
+        window's steps -- to be scored with ``dispatch=("balanced",)``); the trivial placement
+        is always scored.
     waterfill: ``"dynamic"``, ``"static"`` or None (no Waterfill column).
     dispatch: the dispatch models the token-level figures realise (``SIMULATOR_DISPATCH``: the
         engines' models of ``moelb.DISPATCH_ALGORITHMS``, moelb's per-step ``BALANCED_DISPATCH``

@@ -116,12 +116,14 @@ class Policy:
         timings: dict[str, float],
     ) -> None:
         """Plans on a window's counts [T_w, L, E] (on their sum ``window_load`` [L, E] unless the
-        objective is step_peak; from the placement in service, so moved experts are counted),
+        objective is step_peak or the target dispatch balanced; from the placement in service,
+        so moved experts are counted),
         scores the plan on that window (in-window) and puts it in service for the next one;
         planning and scoring seconds are added to ``timings``."""
         t0 = time.perf_counter()
         plan = rebalance(
-            counts if self.objective == "step_peak" else window_load,
+            # step_peak and the balanced target read the window's steps.
+            counts if self.objective == "step_peak" or self.dispatch == "balanced" else window_load,
             cluster.num_physical_experts,
             cluster.num_groups,
             cluster.num_nodes,
