@@ -170,7 +170,8 @@ def _add_simulate(sub: Any) -> None:
         help=f"EPLB algorithms: {', '.join(ALGORITHMS)}; moelb:node / moelb:none set moelb's "
         "locality, moelb:step_peak (e.g. moelb:none:step_peak) plans each window against its "
         "per-step peaks, moelb:sglang_static (e.g. moelb:none:sglang_static) plans for what "
-        "SGLang's static table realises",
+        "SGLang's static table realises, moelb:balanced (e.g. moelb:none:balanced) for moelb's "
+        "per-step exact split (score it with --dispatch balanced)",
     )
     p.add_argument(
         "--waterfill",
