@@ -607,11 +607,11 @@ def test_config_errors(changes: dict, message: str) -> None:
 
 
 def test_parse_algorithm() -> None:
-    assert parse_algorithm("moelb") == ("moelb", "auto", "total")
-    assert parse_algorithm("moelb:none") == ("moelb", "none", "total")
-    assert parse_algorithm("moelb:none:step_peak") == ("moelb", "none", "step_peak")
-    assert parse_algorithm("moelb:step_peak:node") == ("moelb", "node", "step_peak")
-    assert parse_algorithm("deepseek_global") == ("deepseek_global", "auto", "total")
+    assert parse_algorithm("moelb") == ("moelb", "auto", "total", "equal_split")
+    assert parse_algorithm("moelb:none") == ("moelb", "none", "total", "equal_split")
+    assert parse_algorithm("moelb:none:step_peak") == ("moelb", "none", "step_peak", "equal_split")
+    assert parse_algorithm("moelb:step_peak:node") == ("moelb", "node", "step_peak", "equal_split")
+    assert parse_algorithm("deepseek_global") == ("deepseek_global", "auto", "total", "equal_split")
     bad_specs = ("moelb:none:none", "moelb:auto:node", "moelb:total:step_peak", "moelb:auto:auto")
     for bad in (*bad_specs, "moelb:", "moelb:peak", "deepseek:none", "deepseek:step_peak", "ds"):
         with pytest.raises(moelb.InvalidArgumentError, match="algorithms"):
