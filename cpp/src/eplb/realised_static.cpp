@@ -36,12 +36,11 @@
 namespace moelb::planner {
 namespace {
 
-// Exact evaluations (swaps tried) per swap search of a layer, and per step of it: the time knob.
-// A step tries its candidates in the order of their estimated gain; past kTriesPerStep the
-// estimate no longer predicts a gain well.
+// The time knobs of a layer's swap search: at most kSearchEvaluations exact evaluations (swaps
+// tried) and kSearchWork draws (random numbers read plus fair-choice places traced; an
+// evaluation's draws grow as W^2 where ranks draw). A step tries at most kTriesPerStep swaps, in
+// the order of their estimated gain: past that the estimate no longer predicts a gain well.
 constexpr int kSearchEvaluations = 1500;
-// ... and at most this many draws (kSearchWork: random numbers read and fair-choice entries built)
-// per search: the draws of an evaluation grow as W^2 where ranks draw.
 constexpr std::size_t kSearchWork = std::size_t{1} << 21;
 constexpr int kTriesPerStep = 24;
 // A node-spread placement that realises within this fraction of the largest GPU load the
