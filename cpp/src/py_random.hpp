@@ -6,6 +6,7 @@
 #pragma once
 
 #include <array>
+#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <span>
@@ -17,14 +18,7 @@ namespace moelb::detail {
 // CPython's draws over any source of MT19937 outputs `gen` (gen.genrand_uint32()): PyRandom's own
 // generator, or a replay of its outputs from a cursor (the planner's SGLang table model).
 
-inline int bit_length(std::uint32_t n) {
-    int k = 0;
-    while (n != 0) {
-        ++k;
-        n >>= 1;
-    }
-    return k;
-}
+inline int bit_length(std::uint32_t n) { return std::bit_width(n); }
 
 // getrandbits(k) for 0 <= k <= 32.
 template <class Gen>

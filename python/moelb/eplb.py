@@ -224,9 +224,11 @@ def rebalance(
         put an expert's replicas on distinct nodes (on every node, every rank has a nearest
         replica and none draws), improved likewise: never above the equal-split plan's layer
         after the same earlier layers. Use ``locality="none"``: under node locality every rank
-        without its own replica of a replicated expert draws at random. ``stats.realised_max_rank_load`` / ``realised_balancedness`` report
-        it; with ``previous``, ``move_cost`` / ``max_moves`` weigh the realised gain. Takes
-        ``objective="total"`` (a time series is summed).
+        without its own replica of a replicated expert draws at random.
+        ``stats.realised_max_rank_load`` / ``realised_balancedness`` report it; with
+        ``previous``, ``move_cost`` / ``max_moves`` weigh the realised gain. Takes
+        ``objective="total"`` (a time series is summed). About 0.1-0.3 s for 58 layers at EP32
+        (the exact tables cost more as W grows: about 1.5 s at EP64).
         ``"balanced"``: moelb's per-step exact split (``balanced_split``, ``select_experts(
         dispatch="balanced")``: each step's tokens split over the replicas at the optimal largest
         GPU load ``ceil(T*)``). Its optimum is limited by sets of GPUs that no replica links to

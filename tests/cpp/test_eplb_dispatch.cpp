@@ -169,7 +169,10 @@ TEST_P(SglangStaticTarget, NeverWorseThanTheEqualSplitPlanOnAnyLayer) {
             ours_sum += mine;
             equal_sum += equal_realised.layers[static_cast<std::size_t>(l)].realised_max_rank_load;
         }
-        EXPECT_LT(ours_sum, equal_sum);
+        EXPECT_LE(ours_sum, equal_sum);
+        // With replicas to place on more than one GPU per node, the equal-split plan leaves
+        // something to gain on these loads.
+        if (s.P > s.E && s.W > s.N) EXPECT_LT(ours_sum, equal_sum);
     }
 }
 
@@ -204,7 +207,10 @@ TEST_P(SglangStaticTarget, MoveCostWeighsTheRealisedGain) {
     for (int l = 0; l < s.L; ++l) {
         const auto& x = moved.stats.layers[static_cast<std::size_t>(l)];
         expect_close(x.realised_max_rank_load, want[static_cast<std::size_t>(l)]);
-        if (!x.kept_previous) EXPECT_GT(x.moved_experts, 0);
+        if (x.kept_previous) {
+            EXPECT_EQ(moved.location.physical_to_logical().row(l),
+                      trivial.physical_to_logical().row(l));
+        }
     }
     EXPECT_GT(moved.stats.realised_balancedness, before.realised_balancedness);
     o.move_cost = 1e9;

@@ -36,10 +36,12 @@
 namespace moelb::planner {
 namespace {
 
-// Exact evaluations (swaps tried) per swap search of a layer, and per step of it: the time knob.
-// A step tries its candidates in the order of their estimated gain; past kTriesPerStep the
-// estimate no longer predicts a gain well.
+// The time knobs of a layer's swap search: at most kSearchEvaluations exact evaluations (swaps
+// tried) and kSearchWork draws (random numbers read plus fair-choice places traced; an
+// evaluation's draws grow as W^2 where ranks draw). A step tries at most kTriesPerStep swaps, in
+// the order of their estimated gain: past that the estimate no longer predicts a gain well.
 constexpr int kSearchEvaluations = 1500;
+constexpr std::size_t kSearchWork = std::size_t{1} << 21;
 constexpr int kTriesPerStep = 24;
 // A node-spread placement that realises within this fraction of the largest GPU load the
 // equal-split plan promises is kept without searching the equal-split plan's swaps.
@@ -176,6 +178,8 @@ class StaticLayer {
     // Rank r's cursor after the layer.
     std::size_t end_cursor(int r) const { return cursor_[at(g_.E, r)]; }
     const Geometry& shape() const { return g_; }
+    // The draws made so far (random numbers read plus fair choices built), the search's budget.
+    std::size_t work() const { return work_; }
 
   private:
     Index at(int e, int r) const { return static_cast<Index>(e) * g_.W + r; }
@@ -232,23 +236,39 @@ class StaticLayer {
     }
 
     // Rank r's fallback for expert e from cursor c (moved on): SGLang's `_fair_choices` on the
-    // list's indices (the draws depend on n and k only), element pos of the shuffle.
+    // list's indices (the draws depend on n and k only) -- the list repeated k / n times, then
+    // `rng.sample(list, k % n)`, then `rng.shuffle` -- and element pos of the result. The shuffle
+    // is not carried out: its swaps' partners j_i are drawn (they move the cursor), and the
+    // element that ends at pos is traced back through them to its place before the shuffle.
     std::int32_t draw(int e, int r, std::size_t& c) {
         const auto& reps = reps_[e];
-        const int n = static_cast<int>(reps.size()), k = k_[e];
+        const int n = static_cast<int>(reps.size()), k = k_[e], whole = k / n * n;
         Cursor rng{stream_, c};
-        choices_.clear();
-        for (int q = 0; q < k / n; ++q) {
-            for (int i = 0; i < n; ++i) choices_.push_back(i);
-        }
         population_.resize(static_cast<std::size_t>(n));
         std::iota(population_.begin(), population_.end(), 0);
-        detail::py_sample(rng, std::span<const int>(population_), static_cast<std::size_t>(k % n),
-                          sampled_, pool_);
-        choices_.insert(choices_.end(), sampled_.begin(), sampled_.end());
-        detail::py_shuffle(rng, choices_);
+        detail::py_sample(rng, std::span<const int>(population_),
+                          static_cast<std::size_t>(k - whole), sampled_, pool_);
+        // random.shuffle: for i = k - 1 down to 1, swap x[i] with x[j_i], j_i = randbelow(i + 1).
+        partner_.resize(static_cast<std::size_t>(k));
+        for (int i = k - 1; i >= 1; --i) {
+            partner_[i] =
+                static_cast<int>(detail::py_randbelow(rng, static_cast<std::uint32_t>(i + 1)));
+        }
+        // x[pos] is final once step pos has put x[j_pos] there (later steps swap lower places
+        // only); the place q held that value before the steps k - 1 .. pos + 1 undone in reverse.
+        const int pos = pos_[at(e, r)];
+        int q = pos >= 1 ? partner_[pos] : 0;
+        for (int i = std::max(pos + 1, 1); i < k; ++i) {
+            if (q == i) {
+                q = partner_[i];
+            } else if (q == partner_[i]) {
+                q = i;
+            }
+        }
+        work_ += rng.position - c + static_cast<std::size_t>(k);
         c = rng.position;
-        return reps[static_cast<std::size_t>(choices_[static_cast<std::size_t>(pos_[at(e, r)])])];
+        const int index = q < whole ? q % n : sampled_[static_cast<std::size_t>(q - whole)];
+        return reps[static_cast<std::size_t>(index)];
     }
 
     // Rank r's entry for expert e again, its cursor unchanged.
@@ -299,9 +319,10 @@ class StaticLayer {
     std::vector<double> load_;         // [W] realised GPU loads
     double max_ = 0.0;
     int heaviest_ = 0;
+    std::size_t work_ = 0;
     // Scratch.
     std::vector<std::int32_t> own_, node_first_, old_near_;
-    std::vector<int> node_count_, first_dirty_, choices_, population_, sampled_, pool_;
+    std::vector<int> node_count_, first_dirty_, partner_, population_, sampled_, pool_;
     std::vector<bool> touched_;
 };
 
@@ -315,11 +336,13 @@ struct SwapCandidate {
 // domain (bins_per_domain consecutive GPUs), never putting an expert twice on a GPU: each step
 // tries the candidates whose estimate (each slot's realised load moving with it) lowers the
 // largest load, best first, exactly, and keeps the first that does. Stops at `bound` (no
-// placement goes below it), when a step finds none, or after `evaluations` exact evaluations.
+// placement goes below it), when a step finds none, or after `evaluations` exact evaluations or
+// kSearchWork draws.
 void static_swap_search(StaticLayer& m, int bins_per_domain, double bound, int evaluations,
                         std::vector<SwapCandidate>& candidates) {
     const int S = m.shape().S;
-    while (evaluations > 0 && m.max_load() > bound * (1 + kTargetTol)) {
+    const std::size_t work_end = m.work() + kSearchWork;
+    while (evaluations > 0 && m.work() < work_end && m.max_load() > bound * (1 + kTargetTol)) {
         const int h = m.heaviest();
         const double top = m.max_load();
         const int first = h / bins_per_domain * bins_per_domain;
@@ -350,7 +373,7 @@ void static_swap_search(StaticLayer& m, int bins_per_domain, double bound, int e
                   });
         bool improved = false;
         const int tries = std::min<int>(kTriesPerStep, static_cast<int>(candidates.size()));
-        for (int i = 0; i < tries && evaluations > 0; ++i, --evaluations) {
+        for (int i = 0; i < tries && evaluations > 0 && m.work() < work_end; ++i, --evaluations) {
             m.swap_slots(candidates[i].x, candidates[i].y);
             if (m.max_load() < top * (1 - kRelTol)) {
                 improved = true;
