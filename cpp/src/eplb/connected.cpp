@@ -69,7 +69,16 @@ constexpr int kScaledExponent = 31;
 struct EvaluationSteps {
     std::vector<std::int64_t> counts;  // [K, E]
     Index num_steps = 0;               // K
-    double scale_back = 1.0;           // 1 / scale x (layer total / evaluated total)
+    int exponent = 0;                  // the counts are the loads x 2^exponent
+    double evaluated = 0.0;            // the evaluated steps' total load
+    double layer_total = 0.0;          // the layer's total load
+
+    // realised_max_rank_load of a sum of the steps' ceil(T*): scaled back, then by the layer's
+    // total over the evaluated total (in this order, so that neither factor overflows alone).
+    double realised(std::int64_t sum) const {
+        if (!(evaluated > 0)) return 0.0;
+        return std::ldexp(static_cast<double>(sum), -exponent) / evaluated * layer_total;
+    }
 };
 
 // What evaluation_steps reads: the summed loads [L, E] and the series (or nullptr).
@@ -117,14 +126,18 @@ void evaluation_steps(const LoadView& v, Index l, EvaluationSteps& out) {
         largest = std::max(largest, step);
         evaluated += step;
     }
-    double scale = 1.0;
+    // The scale as a power-of-two exponent applied by ldexp (2^exponent itself overflows a double
+    // for step totals below about 2^-992).
+    int exponent = 0;
     if (largest > 0 && !(integral && largest < kExactLimit)) {
-        scale = std::ldexp(1.0, kScaledExponent - std::ilogb(largest));
+        exponent = kScaledExponent - std::ilogb(largest);
     }
     out.num_steps = K;
     out.counts.resize(static_cast<std::size_t>(K * E));
-    for (Index i = 0; i < K * E; ++i) out.counts[i] = std::llround(values[i] * scale);
-    out.scale_back = evaluated > 0 ? layer_total / evaluated / scale : 0.0;
+    for (Index i = 0; i < K * E; ++i) out.counts[i] = std::llround(std::ldexp(values[i], exponent));
+    out.exponent = exponent;
+    out.evaluated = evaluated;
+    out.layer_total = layer_total;
 }
 
 // One planner thread's scratch.
@@ -317,11 +330,10 @@ void plan_balanced(const PlanRequest& r, const LocalityChoice& choice, LayerPlan
                 connected[static_cast<std::size_t>(l)] = 1;
             }
             plans.stats.layers[static_cast<std::size_t>(l)].realised_max_rank_load =
-                static_cast<double>(std::min(ours, equal)) * s.steps.scale_back;
+                s.steps.realised(std::min(ours, equal));
             if (r.previous) {
                 plans.previous_realised[static_cast<std::size_t>(l)] =
-                    static_cast<double>(step_optimum_sum(r.previous_row(l), E, P, W, s)) *
-                    s.steps.scale_back;
+                    s.steps.realised(step_optimum_sum(r.previous_row(l), E, P, W, s));
             }
         }
     });
@@ -342,8 +354,7 @@ void realise_balanced(ConstMatrixMap<double> load, const StepLoads* steps,
         for (Index l = begin; l < end; ++l) {
             evaluation_steps({load, steps, num_experts}, l, s.steps);
             layers[static_cast<std::size_t>(l)].realised_max_rank_load =
-                static_cast<double>(step_optimum_sum(phy2log + l * P, num_experts, P, ep_size, s)) *
-                s.steps.scale_back;
+                s.steps.realised(step_optimum_sum(phy2log + l * P, num_experts, P, ep_size, s));
         }
     });
 }
