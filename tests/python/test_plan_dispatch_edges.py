@@ -2,10 +2,9 @@
 load magnitudes the balanced target's integer scaling must survive, and the realised statistics
 against an independent recomputation."""
 
+import moelb
 import numpy as np
 import pytest
-
-import moelb
 
 
 def _series(seed: int, T: int = 6, L: int = 2, E: int = 8) -> np.ndarray:
@@ -65,3 +64,47 @@ def test_balanced_tiny_evaluated_steps_among_huge_ones() -> None:
         odd.realised_max_rank_load / odd.mean_rank_load,
         rtol=1e-9,
     )
+
+
+@pytest.mark.parametrize(
+    ("E", "P", "W", "N"), [(2, 6, 2, 1), (2, 24, 8, 2), (1, 8, 4, 2), (3, 12, 2, 1)]
+)
+def test_balanced_more_slots_than_experts_times_gpus(E: int, P: int, W: int, N: int) -> None:
+    # P > E x W: some expert must have two replicas on one GPU. The connected layout capped the
+    # replica counts at W and left slots unwritten (a location with garbage expert ids).
+    rng = np.random.default_rng(E * P)
+    s = rng.poisson(30.0, size=(5, 2, E)).astype(np.int64)
+    for locality in ("none", "node"):
+        plan = moelb.rebalance(s, P, None, N, W, locality=locality, dispatch="balanced")
+        phy2log = plan.location.physical_to_logical
+        assert ((phy2log >= 0) & (phy2log < E)).all()
+        equal = moelb.rebalance(s, P, None, N, W, locality=locality)
+        ours = moelb.evaluate_placement(s, plan.location, dispatch="balanced")
+        theirs = moelb.evaluate_placement(s, equal.location, dispatch="balanced")
+        assert (ours.realised_max_rank_load <= theirs.realised_max_rank_load).all()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="not fixed: sglang_static is never worse only 'after the same earlier layers' "
+    "(SGLang's random streams run on across layers); against the equal-split plan judged on its "
+    "own streams a layer can realise more (issue 20 asks for never worse per layer)",
+)
+def test_sglang_static_never_worse_per_layer_than_the_equal_split_plan() -> None:
+    rng = np.random.default_rng(7)
+    worse = False
+    for _ in range(150):
+        W = int(rng.choice([2, 4, 8]))
+        N = int(rng.choice([n for n in (1, 2, 4) if W % n == 0]))
+        E = int(rng.integers(2, 20))
+        P = W * (int(np.ceil(E / W)) + int(rng.integers(0, 3)))
+        L, T = int(rng.integers(1, 5)), int(rng.integers(1, 40))
+        s = rng.poisson(rng.gamma(0.4, 30, size=(L, E)), size=(T, L, E)).astype(np.int64)
+        if rng.random() < 0.3:
+            s = s.astype(np.float64) * rng.random() * 1e-3
+        plan = moelb.rebalance(s, P, None, N, W, locality="none", dispatch="sglang_static")
+        equal = moelb.rebalance(s, P, None, N, W, locality="none")
+        ours = plan.stats.realised_max_rank_load
+        theirs = moelb.evaluate_placement(s, equal.location, dispatch="sglang_static")
+        worse |= bool((ours > theirs.realised_max_rank_load * (1 + 1e-12)).any())
+    assert not worse

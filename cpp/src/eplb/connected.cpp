@@ -168,7 +168,8 @@ std::int64_t step_optimum_sum(const std::int32_t* phy2log, int num_experts,
 }
 
 // Step 2: count[e] for the experts of one domain (the divisor method on `slots` slots, at most
-// `cap` replicas each).
+// `cap` replicas each while the experts' caps hold the slots; past experts x cap, every slot
+// still goes to an expert, the method continuing without the cap, so that no slot is left empty).
 void divisor_counts(const double* w, const std::vector<int>& experts, int slots, int cap,
                     std::vector<int>& count) {
     // (load per replica, -expert): the largest first, ties to the lower expert.
@@ -177,11 +178,18 @@ void divisor_counts(const double* w, const std::vector<int>& experts, int slots,
         count[e] = 1;
         if (cap > 1) heap.emplace(w[e], -e);
     }
-    for (int extra = slots - static_cast<int>(experts.size()); extra > 0 && !heap.empty();
-         --extra) {
+    int extra = slots - static_cast<int>(experts.size());
+    for (; extra > 0 && !heap.empty(); --extra) {
         const int e = -heap.top().second;
         heap.pop();
         if (++count[e] < cap) heap.emplace(w[e] / count[e], -e);
+    }
+    if (extra <= 0) return;
+    for (const int e : experts) heap.emplace(w[e] / count[e], -e);  // every expert at its cap
+    for (; extra > 0; --extra) {
+        const int e = -heap.top().second;
+        heap.pop();
+        heap.emplace(w[e] / ++count[e], -e);
     }
 }
 
