@@ -84,6 +84,19 @@ def test_balanced_more_slots_than_experts_times_gpus(E: int, P: int, W: int, N: 
         assert (ours.realised_max_rank_load <= theirs.realised_max_rank_load).all()
 
 
+def test_balanced_tree_attachment_outside_the_pool_one_slot_per_gpu() -> None:
+    # S = 1: the second replica of the second expert, finding every covered GPU full, went to the
+    # next GPU of the order, which the third expert then took as "fresh" again: two experts on a
+    # one-slot GPU and a GPU left unwritten.
+    s = np.array([[[4, 9, 12, 19]]], dtype=np.int64)
+    plan = moelb.rebalance(s, 8, None, 1, 8, locality="none", dispatch="balanced")
+    phy2log = plan.location.physical_to_logical
+    assert ((phy2log >= 0) & (phy2log < 4)).all()
+    equal = moelb.rebalance(s, 8, None, 1, 8, locality="none")
+    theirs = moelb.evaluate_placement(s, equal.location, dispatch="balanced")
+    assert (plan.stats.realised_max_rank_load <= theirs.realised_max_rank_load).all()
+
+
 @pytest.mark.xfail(
     strict=True,
     reason="not fixed: sglang_static is never worse only 'after the same earlier layers' "

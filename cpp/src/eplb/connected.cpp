@@ -208,18 +208,26 @@ void connected_domain(const double* w, const std::vector<int>& experts,
     std::sort(singles.begin(), singles.end(), by_load);
     auto taken = [&](int g) { return static_cast<int>(s.rank_slots[g].size()); };
     std::vector<int> pool;
+    // The GPUs the tree covers (any GPU that holds a replica: a replica attached outside the
+    // pool, when the pool's slots are taken, covers its GPU too).
+    std::vector<char> in_tree(s.in_chosen.size(), 0);
     int covered = 0;
     for (const int e : replicated) {
         const int r = s.count[e];
         const int fresh = std::min(covered == 0 ? r : r - 1, R - covered);
-        s.chosen.assign(ranks.begin() + covered, ranks.begin() + covered + fresh);
-        covered += fresh;
+        s.chosen.clear();
+        for (const int g : ranks) {
+            if (static_cast<int>(s.chosen.size()) == fresh) break;
+            if (!in_tree[g]) s.chosen.push_back(g);
+        }
         if (static_cast<int>(s.chosen.size()) < r) {
             // Attach to covered GPUs: fewest slots taken, then not on a new GPU's node, then the
             // lower GPU. When the new GPUs fall short (every GPU covered), any GPU.
             for (const int g : s.chosen) s.is_new_node[g / ranks_per_node] = 1;
-            const int pool_size = fresh == r - 1 ? covered - fresh : R;
-            pool.assign(ranks.begin(), ranks.begin() + pool_size);
+            pool.clear();
+            for (const int g : ranks) {
+                if (fresh != r - 1 || in_tree[g]) pool.push_back(g);
+            }
             std::sort(pool.begin(), pool.end(), [&](int a, int b) {
                 const auto key = [&](int g) {
                     return std::make_tuple(taken(g), s.is_new_node[g / ranks_per_node], g);
@@ -257,7 +265,11 @@ void connected_domain(const double* w, const std::vector<int>& experts,
             }
             for (const int g : s.chosen) s.in_chosen[g] = 0;
         }
-        for (const int g : s.chosen) s.rank_slots[g].push_back(e);
+        for (const int g : s.chosen) {
+            s.rank_slots[g].push_back(e);
+            covered += in_tree[g] == 0;
+            in_tree[g] = 1;
+        }
     }
     for (const int g : ranks) {
         s.rank_load[g] = 0;
