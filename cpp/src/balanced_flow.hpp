@@ -192,8 +192,13 @@ class MakespanFlow {
 };
 
 // ------------------------------------------------------------------------------------------------
-// A min-cost max-flow (min_cost_flow.cpp; primal-dual: Dijkstra on reduced costs, then a blocking
-// flow over the arcs of reduced cost 0, repeated). Arc costs are small non-negative integers here.
+// A min-cost flow (min_cost_flow.cpp; primal-dual: Dijkstra on reduced costs, then a blocking
+// flow over the arcs of reduced cost 0, repeated). Arc costs are non-negative integers. Two uses:
+// run(s, t), the largest s-t flow of least cost from zero flow (balanced_assignment); and
+// route_excess_to(t) from a given pseudo-flow -- arcs carrying an initial flow, nodes an excess --
+// which must be a least-cost flow of its own supplies (no negative residual cycle): every excess
+// goes to t at least cost, with potentials from Bellman-Ford first (the even shares, which start
+// at the equal split and route only what that leaves).
 
 class MinCostFlow {
   public:
@@ -203,74 +208,33 @@ class MinCostFlow {
         to_.clear();
         cap_.clear();
         cost_.clear();
-    }
-    int add_node() { return num_nodes_++; }
-    // Returns the arc's id; its reverse arc is id ^ 1.
-    int add_arc(int u, int v, std::int64_t cap, std::int64_t cost) {
-        const int id = static_cast<int>(to_.size());
-        from_.insert(from_.end(), {u, v});
-        to_.insert(to_.end(), {v, u});
-        cap_.insert(cap_.end(), {cap, 0});
-        cost_.insert(cost_.end(), {cost, -cost});
-        return id;
-    }
-    std::int64_t flow(int id) const { return cap_[static_cast<std::size_t>(id ^ 1)]; }
-    // The largest flow from s to t of least cost; returns its value.
-    std::int64_t run(int s, int t);
-
-  private:
-    std::int64_t reduced(int id) const { return cost_[id] + pi_[from_[id]] - pi_[to_[id]]; }
-    void index_arcs();
-    bool shortest_paths(int s, int t);
-    bool levels(int s, int t);
-    std::int64_t push(int u, int t, std::int64_t limit);
-
-    int num_nodes_ = 0;
-    std::vector<int> from_, to_;
-    std::vector<std::int64_t> cap_, cost_;
-    std::vector<int> adj_begin_, adj_;
-    std::vector<std::int64_t> pi_, dist_;
-    std::vector<int> level_, cur_, queue_;
-    std::vector<std::pair<std::int64_t, int>> heap_;
-};
-
-// ------------------------------------------------------------------------------------------------
-// The even split at the makespan (even_shares.cpp): among the integral splits whose rank loads
-// stay within `makespan`, the one minimising sum over (expert e, rank g) of x_eg^2 / (n_e m_eg)
-// (m_eg: e's slots on g), up to a piecewise-linear approximation (integral breakpoints every half
-// equal share; the objective's chord over each segment). Reused across layers (thread_local) like
-// MakespanFlow.
-
-// A min-cost flow started from a given pseudo-flow (even_shares.cpp): arcs carry an initial flow,
-// nodes an excess; route_to(t) sends every excess to t at least cost by successive shortest paths
-// (potentials from Bellman-Ford, then Dijkstra and blocking flows over the zero-reduced-cost arcs,
-// as MinCostFlow). The initial flow must be a least-cost flow of its own supplies (no negative
-// residual cycle). When the excesses are small against the flow, few paths are needed.
-class WarmFlow {
-  public:
-    void reset() {
-        num_nodes_ = 0;
-        from_.clear();
-        to_.clear();
-        cap_.clear();
-        cost_.clear();
-        excess_.clear();
+        excess_.assign(static_cast<std::size_t>(num_nodes), 0);
     }
     int add_node() {
         excess_.push_back(0);
         return num_nodes_++;
     }
     // An arc u -> v of capacity cap carrying `flow` in [0, cap]; returns its id (reverse: id ^ 1).
-    int add_arc(int u, int v, std::int64_t cap, std::int64_t cost, std::int64_t flow);
+    int add_arc(int u, int v, std::int64_t cap, std::int64_t cost, std::int64_t flow = 0) {
+        const int id = static_cast<int>(to_.size());
+        from_.insert(from_.end(), {u, v});
+        to_.insert(to_.end(), {v, u});
+        cap_.insert(cap_.end(), {cap - flow, flow});
+        cost_.insert(cost_.end(), {cost, -cost});
+        return id;
+    }
     void add_excess(int v, std::int64_t amount) { excess_[v] += amount; }
     std::int64_t flow(int id) const { return cap_[static_cast<std::size_t>(id ^ 1)]; }
+    // The largest flow from s to t of least cost (from zero flow); returns its value.
+    std::int64_t run(int s, int t);
     // Routes every node's excess to t; false when the network cannot carry it.
-    bool route_to(int t);
+    bool route_excess_to(int t);
 
   private:
     std::int64_t reduced(int id) const { return cost_[id] + pi_[from_[id]] - pi_[to_[id]]; }
     void index_arcs();
     bool potentials();
+    std::int64_t augment(int s, int t, std::int64_t target);
     bool shortest_paths(int s, int t);
     bool levels(int s, int t);
     std::int64_t push(int u, int t, std::int64_t limit);
@@ -285,6 +249,13 @@ class WarmFlow {
     std::vector<std::pair<std::int64_t, int>> heap_;
 };
 
+// ------------------------------------------------------------------------------------------------
+// The even split at the makespan (even_shares.cpp): among the integral splits whose rank loads
+// stay within `makespan`, the one minimising sum over (expert e, rank g) of x_eg^2 / (n_e m_eg)
+// (m_eg: e's slots on g), up to a piecewise-linear approximation (integral breakpoints every half
+// equal share; the objective's chord over each segment). Reused across layers (thread_local) like
+// MakespanFlow.
+
 class EvenShares {
   public:
     // Solves the layer whose MakespanFlow `flow` was built (and solved: `makespan` its result)
@@ -295,7 +266,7 @@ class EvenShares {
     const std::int64_t* edge_flows() const { return edge_flow_.data(); }
 
   private:
-    WarmFlow graph_;
+    MinCostFlow graph_;
     std::vector<int> rank_node_;           // [W], -1 when the rank has no edge
     std::vector<std::int64_t> rank_load_;  // [W], the equal split's
     std::vector<int> segments_;            // [edges + 1]: edge id -> its first arc in arcs_

@@ -19,8 +19,6 @@
 // they were added: experts ascending, their ranks in slot order).
 #include <algorithm>
 #include <cstdint>
-#include <functional>
-#include <utility>
 #include <vector>
 
 #include "balanced_flow.hpp"
@@ -66,7 +64,7 @@ void EvenShares::solve(const ExpertLocation& loc, int layer, const MakespanFlow&
     // at the equal split (its segments up to the equal share full), which is the least-cost flow
     // without the ranks' capacities; what that leaves on an expert (rounding) or above a rank's
     // capacity is then routed to the sink at least cost.
-    graph_.reset();
+    graph_.reset(0);
     const int t = graph_.add_node();
     rank_node_.assign(static_cast<std::size_t>(W), -1);
     rank_load_.assign(static_cast<std::size_t>(W), 0);
@@ -115,156 +113,14 @@ void EvenShares::solve(const ExpertLocation& loc, int layer, const MakespanFlow&
         graph_.add_arc(v, t, capacity, 0, through);
         graph_.add_excess(v, rank_load_[g] - through);
     }
-    MOELB_CHECK(graph_.route_to(t), "even shares: the makespan " << makespan << " is infeasible");
+    MOELB_CHECK(graph_.route_excess_to(t),
+                "even shares: the makespan " << makespan << " is infeasible");
 
     edge_flow_.assign(static_cast<std::size_t>(num_edges), 0);
     for (int id = 0; id < num_edges; ++id) {
         for (int a = segments_[id]; a < segments_[id + 1]; ++a)
             edge_flow_[id] += graph_.flow(arcs_[a]);
     }
-}
-
-// ------------------------------------------------------------------------------------------------
-// WarmFlow: successive shortest paths from a pseudo-flow.
-
-int WarmFlow::add_arc(int u, int v, std::int64_t cap, std::int64_t cost, std::int64_t flow) {
-    const int id = static_cast<int>(to_.size());
-    from_.insert(from_.end(), {u, v});
-    to_.insert(to_.end(), {v, u});
-    cap_.insert(cap_.end(), {cap - flow, flow});
-    cost_.insert(cost_.end(), {cost, -cost});
-    return id;
-}
-
-void WarmFlow::index_arcs() {
-    const int n = num_nodes_;
-    adj_begin_.assign(static_cast<std::size_t>(n) + 1, 0);
-    for (const int u : from_) ++adj_begin_[static_cast<std::size_t>(u) + 1];
-    for (int u = 0; u < n; ++u) adj_begin_[u + 1] += adj_begin_[u];
-    adj_.resize(from_.size());
-    cur_.assign(adj_begin_.begin(), adj_begin_.end() - 1);
-    for (int id = 0; id < static_cast<int>(from_.size()); ++id) adj_[cur_[from_[id]]++] = id;
-}
-
-// Potentials with every residual arc's reduced cost >= 0: shortest distances from a virtual node
-// joined to every node at cost 0 (Bellman-Ford with a queue). The start is a least-cost flow of
-// its own supplies, so the residual graph has no negative cycle; a pass count past the node count
-// would mean one, and is an internal error.
-bool WarmFlow::potentials() {
-    const int n = num_nodes_;
-    pi_.assign(static_cast<std::size_t>(n), 0);
-    queue_.resize(static_cast<std::size_t>(n));
-    for (int v = 0; v < n; ++v) queue_[v] = v;
-    std::vector<char>& queued = queued_;
-    queued.assign(static_cast<std::size_t>(n), 1);
-    std::size_t relaxations = 0;
-    const std::size_t limit = static_cast<std::size_t>(n) * (from_.size() + 1);
-    for (std::size_t q = 0; q < queue_.size(); ++q) {
-        const int u = queue_[q];
-        queued[u] = 0;
-        for (int j = adj_begin_[u]; j < adj_begin_[u + 1]; ++j) {
-            const int id = adj_[j];
-            if (cap_[id] == 0) continue;
-            const int v = to_[id];
-            if (pi_[u] + cost_[id] < pi_[v]) {
-                pi_[v] = pi_[u] + cost_[id];
-                if (++relaxations > limit) return false;
-                if (!queued[v]) {
-                    queued[v] = 1;
-                    queue_.push_back(v);
-                }
-            }
-        }
-    }
-    return true;
-}
-
-bool WarmFlow::route_to(int t) {
-    // A super source feeding every node's excess.
-    const int s = add_node();
-    std::int64_t total = 0;
-    for (int v = 0; v < s; ++v) {
-        if (excess_[v] > 0) {
-            add_arc(s, v, excess_[v], 0, 0);
-            total += excess_[v];
-        }
-    }
-    if (total == 0) return true;
-    index_arcs();
-    if (!potentials()) return false;
-    const int n = num_nodes_;
-    level_.resize(static_cast<std::size_t>(n));
-    std::int64_t routed = 0;
-    while (routed < total && shortest_paths(s, t)) {
-        const std::int64_t d_t = dist_[t];
-        for (int v = 0; v < n; ++v) pi_[v] += std::min(dist_[v], d_t);
-        while (levels(s, t)) {
-            std::copy(adj_begin_.begin(), adj_begin_.end() - 1, cur_.begin());
-            routed += push(s, t, kInt64Max);
-        }
-    }
-    return routed == total;
-}
-
-bool WarmFlow::shortest_paths(int s, int t) {
-    dist_.assign(static_cast<std::size_t>(num_nodes_), kInt64Max);
-    heap_.clear();
-    dist_[s] = 0;
-    heap_.emplace_back(0, s);
-    const auto later = std::greater<std::pair<std::int64_t, int>>();
-    while (!heap_.empty()) {
-        std::pop_heap(heap_.begin(), heap_.end(), later);
-        const auto [d, u] = heap_.back();
-        heap_.pop_back();
-        if (d != dist_[u]) continue;
-        for (int j = adj_begin_[u]; j < adj_begin_[u + 1]; ++j) {
-            const int id = adj_[j];
-            if (cap_[id] == 0) continue;
-            const int v = to_[id];
-            const std::int64_t dv = d + reduced(id);
-            if (dv < dist_[v]) {
-                dist_[v] = dv;
-                heap_.emplace_back(dv, v);
-                std::push_heap(heap_.begin(), heap_.end(), later);
-            }
-        }
-    }
-    return dist_[t] < kInt64Max;
-}
-
-bool WarmFlow::levels(int s, int t) {
-    std::fill(level_.begin(), level_.end(), -1);
-    queue_.assign(1, s);
-    level_[s] = 0;
-    for (std::size_t q = 0; q < queue_.size(); ++q) {
-        const int u = queue_[q];
-        for (int j = adj_begin_[u]; j < adj_begin_[u + 1]; ++j) {
-            const int id = adj_[j];
-            const int v = to_[id];
-            if (cap_[id] == 0 || level_[v] >= 0 || reduced(id) != 0) continue;
-            level_[v] = level_[u] + 1;
-            queue_.push_back(v);
-        }
-    }
-    return level_[t] >= 0;
-}
-
-std::int64_t WarmFlow::push(int u, int t, std::int64_t limit) {
-    if (u == t) return limit;
-    std::int64_t pushed = 0;
-    for (int& j = cur_[u]; j < adj_begin_[u + 1]; ++j) {
-        const int id = adj_[j];
-        const int v = to_[id];
-        if (cap_[id] == 0 || level_[v] != level_[u] + 1 || reduced(id) != 0) continue;
-        if (v != t && level_[v] >= level_[t]) continue;
-        const std::int64_t g = push(v, t, std::min(limit - pushed, cap_[id]));
-        if (g == 0) continue;
-        cap_[id] -= g;
-        cap_[id ^ 1] += g;
-        pushed += g;
-        if (pushed == limit) break;
-    }
-    return pushed;
 }
 
 }  // namespace moelb::detail
