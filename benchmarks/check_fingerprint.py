@@ -107,7 +107,12 @@ def feed(h: Any, value: Any) -> None:
     elif isinstance(value, (bool, int, float, type(None), np.generic)):
         h.update(repr(value.item() if isinstance(value, np.generic) else value).encode())
     elif is_dataclass(value):
-        feed(h, {f.name: getattr(value, f.name) for f in fields(value)})
+        items = {f.name: getattr(value, f.name) for f in fields(value)}
+        if isinstance(value, moelb.PlanStats):  # statistics added later, skipped at their default
+            items = {
+                k: v for k, v in items.items() if not check_previous_matching.added_at_default(k, v)
+            }
+        feed(h, items)
     elif isinstance(value, moelb.ExpertLocation):
         feed(h, [value.physical_to_logical, value.ep_size, value.num_nodes])
     elif callable(value):  # a method passed by mistake would hash nothing

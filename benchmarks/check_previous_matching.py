@@ -100,6 +100,22 @@ RENAMED_STATS = {
     "step_max_rank_load": "step_max_gpu_load",
 }
 RENAMED_TEXT = (("ep_size=", "num_gpus="),)
+#: Statistics added after the RECORDED hashes (issue 20: the target dispatch), with the value
+#: they take for what the hashes cover (an equal-split plan); skipped at that value.
+ADDED_STATS = {
+    "dispatch": "equal_split",
+    "realised_max_rank_load": None,
+    "realised_balancedness": None,
+}
+
+
+def added_at_default(name: str, value: Any) -> bool:
+    """True for a statistic added after the RECORDED hashes, at the value they imply."""
+    return (
+        name in ADDED_STATS
+        and isinstance(value, (str, type(None)))
+        and (value == ADDED_STATS[name])
+    )
 
 
 def hashed_text(text: str) -> str:
@@ -114,7 +130,7 @@ def digest_plan(h: Any, plan: moelb.Plan) -> None:
     h.update(str(plan.location.num_nodes).encode())
     stats = {RENAMED_STATS.get(name, name): value for name, value in vars(plan.stats).items()}
     for name, value in sorted(stats.items()):
-        if name == "wall_time_seconds":
+        if name == "wall_time_seconds" or added_at_default(name, value):
             continue
         h.update(name.encode())
         if isinstance(value, np.ndarray):

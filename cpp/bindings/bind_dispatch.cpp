@@ -137,7 +137,8 @@ void bind_dispatch(py::module_& m) {
     m.def(
         "balanced_split",
         [](const py::handle& counts, const ExpertLocation& loc, const py::object& fixed_loads,
-           std::optional<std::int64_t> layer) {
+           std::optional<std::int64_t> layer, const std::string& shares) {
+            const SplitShares which = parse_split_shares(shares);
             const int l = balanced_layer(loc, layer);
             const Index L = loc.num_layers(), E = loc.num_logical_experts();
             const Index P = loc.num_physical_experts(), W = loc.ep_size();
@@ -156,12 +157,12 @@ void bind_dispatch(py::module_& m) {
             {
                 py::gil_scoped_release release;
                 balanced_split(loc, ConstMatrixMap<std::int64_t>(c.data(), rows, E),
-                               rows_of(fixed, W), out_map, l);
+                               rows_of(fixed, W), out_map, l, which);
             }
             return out;
         },
         py::arg("counts"), py::arg("location"), py::arg("fixed_loads") = py::none(),
-        py::arg("layer") = py::none());
+        py::arg("layer") = py::none(), py::arg("shares") = "any");
     m.def("balanced_assignment", assignment_binding(&balanced_assignment), py::arg("source_counts"),
           py::arg("location"), py::arg("fixed_loads") = py::none(), py::arg("layer") = py::none());
     // The previous solver, for tests and benchmarks only (not part of the public API).

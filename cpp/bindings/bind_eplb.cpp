@@ -55,6 +55,19 @@ py::dict stats_dict(const PlanStats& s) {
         d["step_max_rank_load"] = py::none();
         d["step_balancedness"] = py::none();
     }
+    d["dispatch"] = std::string(to_string(s.dispatch));
+    if (s.dispatch != PlanDispatch::kEqualSplit) {
+        py::array_t<double> realised_max(n);
+        for (py::ssize_t l = 0; l < n; ++l) {
+            realised_max.mutable_at(l) =
+                s.layers[static_cast<std::size_t>(l)].realised_max_rank_load;
+        }
+        d["realised_max_rank_load"] = realised_max;
+        d["realised_balancedness"] = s.realised_balancedness;
+    } else {
+        d["realised_max_rank_load"] = py::none();
+        d["realised_balancedness"] = py::none();
+    }
     return d;
 }
 
@@ -99,7 +112,8 @@ void bind_eplb(py::module_& m) {
         [](const py::handle& load, std::int64_t num_physical_experts, std::int64_t num_groups,
            std::int64_t num_nodes, std::int64_t ep_size, const std::string& algorithm,
            const std::string& locality, const ExpertLocation* previous, double move_cost,
-           std::optional<std::int64_t> max_moves, const std::string& objective) {
+           std::optional<std::int64_t> max_moves, const std::string& objective,
+           const std::string& dispatch) {
             const LoadArg w(load);
             RebalanceOptions o;
             o.num_physical_experts = narrow(num_physical_experts, "num_physical_experts");
@@ -109,6 +123,7 @@ void bind_eplb(py::module_& m) {
             o.algorithm = parse_eplb_algorithm(algorithm);
             o.locality = parse_locality(locality);
             o.objective = parse_objective(objective);
+            o.dispatch = parse_plan_dispatch(dispatch);
             o.previous = previous;
             o.move_cost = move_cost;
             MOELB_CHECK_ARG(!max_moves || *max_moves >= 0,
@@ -126,24 +141,28 @@ void bind_eplb(py::module_& m) {
         py::arg("num_nodes"), py::arg("ep_size"), py::arg("algorithm") = "moelb",
         py::arg("locality") = "auto", py::arg("previous") = py::none(),
         py::arg("move_cost") = kDefaultMoveCost, py::arg("max_moves") = py::none(),
-        py::arg("objective") = "total",
+        py::arg("objective") = "total", py::arg("dispatch") = "equal_split",
         "Plans a placement from load [L, E] or per-step loads [T, L, E] float64; returns "
         "(location, stats dict).");
 
     m.def(
         "evaluate_placement",
-        [](const py::handle& load, const ExpertLocation& location, const ExpertLocation* previous) {
+        [](const py::handle& load, const ExpertLocation& location, const ExpertLocation* previous,
+           const std::string& dispatch) {
             const LoadArg w(load);
+            const PlanDispatch target = parse_plan_dispatch(dispatch);
             std::optional<PlanStats> stats;
             {
                 py::gil_scoped_release release;
-                stats.emplace(w.steps
-                                  ? evaluate_placement(w.step_loads(), location, previous)
-                                  : evaluate_placement(const_matrix(w.array), location, previous));
+                stats.emplace(
+                    w.steps
+                        ? evaluate_placement(w.step_loads(), location, previous, target)
+                        : evaluate_placement(const_matrix(w.array), location, previous, target));
             }
             return stats_dict(*stats);
         },
         py::arg("load"), py::arg("location"), py::arg("previous") = py::none(),
+        py::arg("dispatch") = "equal_split",
         "The statistics of a placement for load [L, E] or per-step loads [T, L, E] float64.");
 
     m.def(

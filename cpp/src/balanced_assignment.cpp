@@ -44,7 +44,8 @@
 // ranks to another -- one shortest augmenting path at a time (move_overloads); such moves keep the
 // flow optimal, so when they clear every overload the flow is a min-cost one. Only when an
 // overload is left that just a dearer move can clear (cheap tokens must give way), the network is
-// built and the ExcessFlow's primal-dual (excess_flow.cpp) routes the rest from there.
+// built carrying that flow and the library's min-cost flow (MinCostFlow::route_excess_to,
+// min_cost_flow.cpp, started at the potentials above) routes the overloads from there.
 //
 // Tie rule (which of the least-cost assignments; ours): the per-rank totals y are those of the
 // steps above (deterministic: a fixed start, ranks and arcs scanned in a fixed order). A rank's y
@@ -67,10 +68,10 @@
 namespace moelb {
 namespace {
 
-using detail::ExcessFlow;
 using detail::MakespanFlow;
+using detail::MinCostFlow;
 
-// Potentials of the ExcessFlow's start (see DESIGN).
+// Potentials under which the min-cost flow's start is optimal (see DESIGN).
 constexpr int kExpertPotential = 0;
 constexpr int kNodePotential = 1;
 constexpr int kRankPotential = 2;
@@ -109,7 +110,7 @@ class AssignmentSolver {
     void to_stacked(int g, std::int64_t tokens, std::int64_t* out_row);
 
     MakespanFlow makespan_;
-    ExcessFlow flow_;
+    MinCostFlow flow_;
     const std::int64_t* rows_ = nullptr;  // [W, E], the layer's source counts
     int W_ = 0, E_ = 0, P_ = 0, k_ = 0;   // ranks, experts, slots, flow experts
     int ranks_per_node_ = 1;
@@ -257,8 +258,8 @@ void AssignmentSolver::index_runs() {
 // Each flow expert's tokens per rank y at makespan T and the least cost. The start: the makespan
 // flow's y raised to the cheap shares (y_g >= c_g, and per node Y_nu >= C_nu) and cut back
 // elsewhere by as much, so that every expert is at its own least cost. Where no rank is then
-// above T - F_g, that y is optimal as it is; else the ExcessFlow moves the overloads at the least
-// cost, from the potentials of DESIGN.
+// above T - F_g, that y is optimal as it is; else the overloads move at the least cost: by free
+// moves, or by the min-cost flow from the potentials of DESIGN.
 void AssignmentSolver::route(std::int64_t T) {
     const auto& F = makespan_.fixed_load();
     const int m = num_edges();
@@ -307,12 +308,12 @@ std::int64_t AssignmentSolver::free_tokens(int j) const {
     return y_[j] - (alone ? run_tokens_[r] : own_tokens_[j]);
 }
 
-// The overloads moved along the ExcessFlow's arcs of reduced cost 0 under the start's potentials
+// The overloads moved along the network's arcs of reduced cost 0 under the start's potentials
 // (free tokens: rank -> its expert or (e, nu) node -> another of the expert's ranks, and (e, nu)
 // -> expert beyond C_nu), one shortest augmenting path at a time from the overloaded ranks to
 // one with room: such moves keep the flow optimal for what is left, so when they clear every
 // overload, y is optimal. False when an overload is left that only a dearer move can clear (then
-// the ExcessFlow takes over from this y).
+// the min-cost flow takes over from this y).
 bool AssignmentSolver::move_overloads(std::int64_t T) {
     const auto& F = makespan_.fixed_load();
     const int m = num_edges();
@@ -416,8 +417,9 @@ bool AssignmentSolver::augment(int source) {
 }
 
 // The network at makespan T (sink 0, the ranks, per flow expert its node and its (e, nu) nodes)
-// carrying y, the cheap arcs saturated, a rank's load beyond T - F_g left on the rank; the
-// ExcessFlow moves those at the least cost, and y is read back.
+// carrying y, the cheap arcs saturated, a rank's load beyond T - F_g left on the rank as its
+// excess (every other node's inflow equals its outflow); the min-cost flow routes those excesses
+// to the sink at the least cost, and y is read back.
 void AssignmentSolver::route_overloads(std::int64_t T) {
     const auto& F = makespan_.fixed_load();
     const int m = num_edges();
@@ -430,21 +432,22 @@ void AssignmentSolver::route_overloads(std::int64_t T) {
         if (cap > 0) flow_.add_arc(u, v, cap, cost, flow);
     };
     // The ranks' arcs to the sink first, so that each rank's is the first it scans.
+    std::int64_t overload = 0;
     for (int j = 0; j < m; ++j) {
         const int g = edge_rank(j);
         if (rank_node_[g] >= 0) continue;
         const int node = rank_node_[g] = flow_.add_node(kRankPotential);
         const std::int64_t cap = T - F[static_cast<std::size_t>(g)];
-        arc(node, kSink, cap, 0, std::min(cap, rank_load_[g]));
+        const std::int64_t through = std::max<std::int64_t>(0, std::min(cap, rank_load_[g]));
+        arc(node, kSink, cap, 0, through);
+        flow_.add_excess(node, rank_load_[g] - through);
+        overload += rank_load_[g] - through;
     }
     arc_begin_.resize(static_cast<std::size_t>(m));
     arc_end_.resize(static_cast<std::size_t>(m));
-    std::int64_t want = 0;
     for (int i = 0; i < k_; ++i) {
         const std::int64_t n = counts_[expert_ids_[i]];
-        want += n;
         const int x = flow_.add_node(kExpertPotential);
-        flow_.add_excess(x, n);
         for (int r = expert_run_[i]; r < expert_run_[i + 1]; ++r) {
             const std::int64_t C = run_tokens_[r];
             if (run_begin_[r + 1] - run_begin_[r] == 1) {  // one rank on the node: arcs e -> g
@@ -473,10 +476,10 @@ void AssignmentSolver::route_overloads(std::int64_t T) {
             }
         }
     }
-    const std::int64_t left = flow_.run(kSink);
-    MOELB_CHECK(left == 0 && flow_.excess(kSink) == want,
-                "balanced_assignment: the min-cost flow left " << left << " of " << want
-                                                               << " tokens at T=" << T);
+    MOELB_CHECK(flow_.route_excess_to(kSink),
+                "balanced_assignment: the min-cost flow could not "
+                "route the overload of "
+                    << overload << " tokens at T=" << T);
     for (int j = 0; j < m; ++j) {
         std::int64_t y = 0;
         for (int id = arc_begin_[j]; id < arc_end_[j]; id += 2) y += flow_.flow(id);

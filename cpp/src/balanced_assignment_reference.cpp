@@ -1,9 +1,11 @@
-// The previous balanced_assignment (ours; kept as the reference that tests and
-// benchmarks/bench_dispatch.py compare the production solver in balanced_assignment.cpp with, and
-// reachable only from them through the private binding _core._balanced_assignment_reference): the
-// makespan flow on the summed counts, then a generic min-cost flow (min_cost_flow.cpp) over one
-// node per class of sources per replicated expert. Same contract as balanced_assignment (the
-// same makespan and the same least total cost; the assignment may differ where ties exist).
+// The previous balanced_assignment (ours): the old algorithm, kept unchanged but for names as the
+// test oracle that tests and benchmarks/bench_dispatch.py compare the production solver in
+// balanced_assignment.cpp with, reachable only from them through the private binding
+// _core._balanced_assignment_reference. The makespan flow on the summed counts, then the
+// library's one min-cost flow (MinCostFlow::run from zero flow, min_cost_flow.cpp; no solver of
+// its own) over one node per class of sources per replicated expert. Same contract as
+// balanced_assignment (the same makespan and the same least total cost; the assignment may differ
+// where ties exist).
 //
 // DESIGN: sources whose costs to an expert's ranks are the same form one class (a node of the
 // min-cost network): the rank itself when it holds a replica, the other ranks of a node holding

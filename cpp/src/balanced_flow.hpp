@@ -5,18 +5,21 @@
 //   makespan_flow.cpp        MakespanFlow: one layer's split at the optimal largest rank load
 //                            ceil(T*), a max-flow started at the Hall bounds of its components
 //                            and raised by Hall (min-cut) steps
-//   min_cost_flow.cpp        MinCostFlow: a generic min-cost max-flow (primal-dual)
-//   excess_flow.cpp          ExcessFlow: a min-cost flow that routes the excesses of a caller's
-//                            pseudo-flow to one sink (primal-dual, bucketed Dijkstra)
+//   min_cost_flow.cpp        MinCostFlow: the one min-cost flow (primal-dual), from zero flow or
+//                            from a caller's pseudo-flow (the even shares, the assignment)
 //   balanced_checks.cpp      the input checks both public functions share (layer, fixed loads,
 //                            counts >= 0 and their sums within int64), naming the bad entry
-//   balanced_split.cpp       balanced_split(): checks -> per layer the makespan flow -> slots
+//   even_shares.cpp          EvenShares: among the splits at ceil(T*), the one with the most
+//                            even replica shares (a min-cost flow with convex arc costs)
+//   balanced_split.cpp       balanced_split(): checks -> per layer the makespan flow (and the
+//                            even shares when asked) -> slots
 //   balanced_assignment.cpp  balanced_assignment(): sums and checks -> per layer the makespan
 //                            flow on the summed counts, its split raised to each expert's cheap
-//                            shares, overloads moved at no cost or by an ExcessFlow over one node
-//                            per (expert, node) -> per-source slots by greedy matching
-//   balanced_assignment_reference.cpp  the previous balanced_assignment (a MinCostFlow over
-//                            classes of sources), kept for tests and benchmarks only
+//                            shares, overloads moved at no cost or by the MinCostFlow from that
+//                            pseudo-flow over one node per (expert, node) -> per-source slots by
+//                            greedy matching
+//   balanced_assignment_reference.cpp  the previous balanced_assignment algorithm (a MinCostFlow
+//                            over classes of sources), kept as the tests' and benchmarks' oracle
 //
 // DESIGN: one layer is a flow network: source -> replicated expert e (capacity n_e) -> each rank
 // holding a replica of e (unbounded) -> sink (capacity T - F_r, F_r the rank's fixed load: the
@@ -210,8 +213,16 @@ class MakespanFlow {
 };
 
 // ------------------------------------------------------------------------------------------------
-// A min-cost max-flow (min_cost_flow.cpp; primal-dual: Dijkstra on reduced costs, then a blocking
-// flow over the arcs of reduced cost 0, repeated). Arc costs are small non-negative integers here.
+// A min-cost flow (min_cost_flow.cpp; primal-dual: Dijkstra on reduced costs, then a blocking
+// flow over the arcs of reduced cost 0, repeated). Arc costs are non-negative integers. Two uses:
+// run(s, t), the largest s-t flow of least cost from zero flow (the reference assignment); and
+// route_excess_to(t) from a given pseudo-flow -- arcs carrying an initial flow, nodes an excess --
+// which must be a least-cost flow of its own supplies (no negative residual cycle): every excess
+// goes to t at least cost, with potentials from Bellman-Ford first (the even shares, which start
+// at the equal split and route only what that leaves; balanced_assignment, which starts from
+// every expert at its own least cost and routes the ranks' overloads). Bellman-Ford starts from
+// the nodes' given potentials (add_node; default 0): where the caller knows potentials under which
+// its pseudo-flow is optimal, one pass over the arcs confirms them.
 
 class MinCostFlow {
   public:
@@ -221,112 +232,75 @@ class MinCostFlow {
         to_.clear();
         cap_.clear();
         cost_.clear();
+        excess_.assign(static_cast<std::size_t>(num_nodes), 0);
+        start_pi_.assign(static_cast<std::size_t>(num_nodes), 0);
     }
-    int add_node() { return num_nodes_++; }
-    // Returns the arc's id; its reverse arc is id ^ 1.
-    int add_arc(int u, int v, std::int64_t cap, std::int64_t cost) {
+    // A node; `potential` is where route_excess_to's Bellman-Ford starts (any value is correct).
+    int add_node(std::int64_t potential = 0) {
+        excess_.push_back(0);
+        start_pi_.push_back(potential);
+        return num_nodes_++;
+    }
+    // An arc u -> v of capacity cap carrying `flow` in [0, cap]; returns its id (reverse: id ^ 1).
+    int add_arc(int u, int v, std::int64_t cap, std::int64_t cost, std::int64_t flow = 0) {
         const int id = static_cast<int>(to_.size());
         from_.insert(from_.end(), {u, v});
         to_.insert(to_.end(), {v, u});
-        cap_.insert(cap_.end(), {cap, 0});
+        cap_.insert(cap_.end(), {cap - flow, flow});
         cost_.insert(cost_.end(), {cost, -cost});
         return id;
     }
+    // The id the next add_arc returns.
+    int next_arc() const { return static_cast<int>(to_.size()); }
+    void add_excess(int v, std::int64_t amount) { excess_[v] += amount; }
     std::int64_t flow(int id) const { return cap_[static_cast<std::size_t>(id ^ 1)]; }
-    // The largest flow from s to t of least cost; returns its value.
+    // The largest flow from s to t of least cost (from zero flow); returns its value.
     std::int64_t run(int s, int t);
+    // Routes every node's excess to t; false when the network cannot carry it.
+    bool route_excess_to(int t);
 
   private:
     std::int64_t reduced(int id) const { return cost_[id] + pi_[from_[id]] - pi_[to_[id]]; }
     void index_arcs();
+    bool potentials();
+    std::int64_t augment(int s, int t, std::int64_t target);
     bool shortest_paths(int s, int t);
     bool levels(int s, int t);
     std::int64_t push(int u, int t, std::int64_t limit);
 
     int num_nodes_ = 0;
     std::vector<int> from_, to_;
-    std::vector<std::int64_t> cap_, cost_;
+    std::vector<std::int64_t> cap_, cost_, excess_, start_pi_;
     std::vector<int> adj_begin_, adj_;
     std::vector<std::int64_t> pi_, dist_;
     std::vector<int> level_, cur_, queue_;
+    std::vector<char> queued_;
     std::vector<std::pair<std::int64_t, int>> heap_;
 };
 
 // ------------------------------------------------------------------------------------------------
-// A min-cost flow from a pseudo-flow (excess_flow.cpp): nodes hold excesses (their supply plus the
-// flow the caller put into them minus the flow out), and run() routes all of it to the sink t at
-// the least cost. The caller's pseudo-flow must be optimal for its excesses under the caller's
-// potentials pi (default 0): every arc with residual capacity has reduced cost cost + pi(u) -
-// pi(v) >= 0, i.e. arcs of negative reduced cost saturated, flow only on arcs of reduced cost <=
-// 0. Costs and potentials are small integers (they stay below costs x nodes). Primal-dual: Dinic's
-// blocking flows from the nodes with excess over the admissible arcs (residual, reduced cost 0)
-// until t is out of their reach; then a Dijkstra over buckets of reduced costs from those nodes
-// moves the potentials so that the shortest paths to t have reduced cost 0; repeated.
-// Deterministic: arcs are scanned in the order they were added.
+// The even split at the makespan (even_shares.cpp): among the integral splits whose rank loads
+// stay within `makespan`, the one minimising sum over (expert e, rank g) of x_eg^2 / (n_e m_eg)
+// (m_eg: e's slots on g), up to a piecewise-linear approximation (integral breakpoints every half
+// equal share; the objective's chord over each segment). Reused across layers (thread_local) like
+// MakespanFlow.
 
-class ExcessFlow {
+class EvenShares {
   public:
-    void reset(int num_nodes) {
-        num_nodes_ = num_nodes;
-        excess_.assign(static_cast<std::size_t>(num_nodes), 0);
-        pi_.assign(static_cast<std::size_t>(num_nodes), 0);
-        from_.clear();
-        to_.clear();
-        cap_.clear();
-        cost_.clear();
-    }
-    // A node of potential `potential`; returns its id.
-    int add_node(int potential = 0) {
-        excess_.push_back(0);
-        pi_.push_back(potential);
-        return num_nodes_++;
-    }
-    void add_excess(int v, std::int64_t amount) { excess_[v] += amount; }
-    // An arc u -> v of capacity `cap` at `cost` per unit carrying `flow` (0 <= flow <= cap)
-    // already; returns its id (ids step by 2).
-    int add_arc(int u, int v, std::int64_t cap, int cost, std::int64_t flow = 0) {
-        const int id = static_cast<int>(to_.size());
-        from_.insert(from_.end(), {u, v});
-        to_.insert(to_.end(), {v, u});
-        cap_.insert(cap_.end(), {cap - flow, flow});
-        cost_.insert(cost_.end(), {cost, -cost});
-        excess_[u] -= flow;
-        excess_[v] += flow;
-        return id;
-    }
-    // The id the next add_arc returns.
-    int next_arc() const { return static_cast<int>(to_.size()); }
-    std::int64_t excess(int v) const { return excess_[v]; }
-    // Routes the excess of every node but t to t at the least total cost; returns the excess
-    // left on the other nodes (0 when everything was routable). After it, flow(id) is the arc's.
-    std::int64_t run(int t);
-    std::int64_t flow(int id) const { return res_[static_cast<std::size_t>(slot_[id ^ 1])]; }
+    // Solves the layer whose MakespanFlow `flow` was built (and solved: `makespan` its result)
+    // from `counts` [E].
+    void solve(const ExpertLocation& loc, int layer, const MakespanFlow& flow,
+               std::int64_t makespan, const std::int64_t* counts);
+    // The tokens of each of the flow's edges (MakespanFlow's edge ids).
+    const std::int64_t* edge_flows() const { return edge_flow_.data(); }
 
   private:
-    // Reduced cost of residual arc a (an index into the arrays in adjacency order) leaving u.
-    int reduced(int u, int a) const { return rcost_[a] + pi_[u] - pi_[head_[a]]; }
-    void index_arcs();
-    void index_admissible();
-    std::int64_t greedy(int u, int t, std::int64_t limit, int depth);
-    std::int64_t pending(int t);
-    bool levels(int t);
-    std::int64_t push(int u, int t, std::int64_t limit);
-    bool shortest_paths(int t);
-
-    int num_nodes_ = 0;
-    std::vector<std::int64_t> excess_;
-    std::vector<int> pi_;
-    // Arcs as added (id, id ^ 1 its reverse).
-    std::vector<int> from_, to_, cost_;
-    std::vector<std::int64_t> cap_;
-    // The residual arcs in adjacency order: node u's are [begin_[u], begin_[u + 1]); slot_[id] is
-    // where arc id went, mate_[a] where a's reverse went.
-    std::vector<int> begin_, head_, rcost_, mate_, slot_;
-    std::vector<std::int64_t> res_;
-    std::vector<int> adm_begin_, adm_;  // the admissible arcs of each node, this phase
-    std::vector<int> active_;           // the nodes with excess, ascending
-    std::vector<int> level_, cur_, queue_, dist_;
-    std::vector<std::vector<int>> buckets_;
+    MinCostFlow graph_;
+    std::vector<int> rank_node_;           // [W], -1 when the rank has no edge
+    std::vector<std::int64_t> rank_load_;  // [W], the equal split's
+    std::vector<int> segments_;            // [edges + 1]: edge id -> its first arc in arcs_
+    std::vector<int> arcs_;                // the segments' arc ids, edge-major
+    std::vector<std::int64_t> edge_flow_;  // [edges]
 };
 
 }  // namespace moelb::detail

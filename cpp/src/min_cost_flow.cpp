@@ -1,7 +1,10 @@
-// A min-cost max-flow (ours; DESIGN section 9, reference/dispatch.md section 7: "several optima
+// A min-cost flow (ours; DESIGN section 9, reference/dispatch.md section 7: "several optima
 // usually exist; a second criterion picks among them: a min-cost flow at makespan ceil(T*)"):
-// balanced_flow.hpp's MinCostFlow, which balanced_assignment runs at the makespan flow's T to
-// route each source's tokens with the fewest leaving their rank and node.
+// balanced_flow.hpp's MinCostFlow, the library's one min-cost flow. balanced_assignment runs it at
+// the makespan flow's T from its own pseudo-flow (every expert at its least cost, the ranks'
+// overloads routed) with the potentials that make that pseudo-flow optimal, the even shares
+// (even_shares.cpp) from the equal split's pseudo-flow, and the reference assignment
+// (balanced_assignment_reference.cpp) from zero flow.
 //
 // DESIGN: primal-dual. Dijkstra on reduced costs (arc costs are small non-negative integers, the
 // potentials keep reduced costs >= 0) gives the distances; the potentials move so that every
@@ -19,12 +22,41 @@
 namespace moelb::detail {
 
 std::int64_t MinCostFlow::run(int s, int t) {
-    const int n = num_nodes_;
     index_arcs();
-    pi_.assign(static_cast<std::size_t>(n), 0);
+    pi_.assign(static_cast<std::size_t>(num_nodes_), 0);
+    return augment(s, t, kInt64Max);
+}
+
+bool MinCostFlow::route_excess_to(int t) {
+    // A super source feeding every node's excess, its potential the highest of theirs (its arcs
+    // then start at reduced cost >= 0 under the given potentials).
+    std::int64_t top = 0;
+    bool any = false;
+    for (int v = 0; v < num_nodes_; ++v) {
+        if (excess_[v] <= 0) continue;
+        top = any ? std::max(top, start_pi_[v]) : start_pi_[v];
+        any = true;
+    }
+    const int s = add_node(top);
+    std::int64_t total = 0;
+    for (int v = 0; v < s; ++v) {
+        if (excess_[v] > 0) {
+            add_arc(s, v, excess_[v], 0);
+            total += excess_[v];
+        }
+    }
+    if (total == 0) return true;
+    index_arcs();
+    return potentials() && augment(s, t, total) == total;
+}
+
+// Shortest paths then blocking flows over the zero-reduced-cost arcs, until `target` is sent or t
+// is unreachable; pi_ must keep every residual arc's reduced cost >= 0. Returns the flow sent.
+std::int64_t MinCostFlow::augment(int s, int t, std::int64_t target) {
+    const int n = num_nodes_;
     level_.resize(static_cast<std::size_t>(n));
     std::int64_t total = 0;
-    while (shortest_paths(s, t)) {
+    while (total < target && shortest_paths(s, t)) {
         // Potentials: reduced costs stay >= 0 and every shortest s-t path has reduced cost 0.
         const std::int64_t d_t = dist_[t];
         for (int v = 0; v < n; ++v) pi_[v] += std::min(dist_[v], d_t);
@@ -34,6 +66,39 @@ std::int64_t MinCostFlow::run(int s, int t) {
         }
     }
     return total;
+}
+
+// Potentials with every residual arc's reduced cost >= 0: shortest distances from a virtual node
+// joined to every node v at cost start_pi_[v] (Bellman-Ford with a queue, from the given
+// potentials: where they already are such potentials, nothing is relaxed). A pseudo-flow that is a
+// least-cost flow of its own supplies has no negative residual cycle; more relaxations than nodes
+// x arcs would mean one, and route_excess_to then fails.
+bool MinCostFlow::potentials() {
+    const int n = num_nodes_;
+    pi_.assign(start_pi_.begin(), start_pi_.end());
+    queue_.resize(static_cast<std::size_t>(n));
+    for (int v = 0; v < n; ++v) queue_[v] = v;
+    queued_.assign(static_cast<std::size_t>(n), 1);
+    std::size_t relaxations = 0;
+    const std::size_t limit = static_cast<std::size_t>(n) * (from_.size() + 1);
+    for (std::size_t q = 0; q < queue_.size(); ++q) {
+        const int u = queue_[q];
+        queued_[u] = 0;
+        for (int j = adj_begin_[u]; j < adj_begin_[u + 1]; ++j) {
+            const int id = adj_[j];
+            if (cap_[id] == 0) continue;
+            const int v = to_[id];
+            if (pi_[u] + cost_[id] < pi_[v]) {
+                pi_[v] = pi_[u] + cost_[id];
+                if (++relaxations > limit) return false;
+                if (!queued_[v]) {
+                    queued_[v] = 1;
+                    queue_.push_back(v);
+                }
+            }
+        }
+    }
+    return true;
 }
 
 // The arcs leaving each node, in the order they were added.

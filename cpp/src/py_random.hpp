@@ -6,6 +6,7 @@
 #pragma once
 
 #include <array>
+#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <span>
@@ -13,6 +14,64 @@
 #include <vector>
 
 namespace moelb::detail {
+
+// CPython's draws over any source of MT19937 outputs `gen` (gen.genrand_uint32()): PyRandom's own
+// generator, or a replay of its outputs from a cursor (the planner's SGLang table model).
+
+inline int bit_length(std::uint32_t n) { return std::bit_width(n); }
+
+// getrandbits(k) for 0 <= k <= 32.
+template <class Gen>
+std::uint32_t py_getrandbits(Gen& gen, int k) {
+    return k == 0 ? 0 : gen.genrand_uint32() >> (32 - k);
+}
+
+// _randbelow_with_getrandbits(n), n >= 1.
+template <class Gen>
+std::uint32_t py_randbelow(Gen& gen, std::uint32_t n) {
+    const int k = bit_length(n);
+    std::uint32_t r = py_getrandbits(gen, k);
+    while (r >= n) r = py_getrandbits(gen, k);
+    return r;
+}
+
+// random.sample(population, k), 0 <= k <= len(population), into `result` (`pool`: scratch).
+template <class Gen, class T>
+void py_sample(Gen& gen, std::span<const T> population, std::size_t k, std::vector<T>& result,
+               std::vector<T>& pool) {
+    const std::size_t n = population.size();
+    result.resize(k);
+    std::size_t setsize = 21;  // a small set's size minus an empty list's
+    if (k > 5) {
+        setsize += static_cast<std::size_t>(
+            std::pow(4.0, std::ceil(std::log(static_cast<double>(k * 3)) / std::log(4.0))));
+    }
+    if (n <= setsize) {
+        pool.assign(population.begin(), population.end());
+        for (std::size_t i = 0; i < k; ++i) {
+            const std::size_t j = py_randbelow(gen, static_cast<std::uint32_t>(n - i));
+            result[i] = pool[j];
+            pool[j] = pool[n - i - 1];
+        }
+    } else {
+        std::vector<bool> selected(n, false);
+        for (std::size_t i = 0; i < k; ++i) {
+            std::size_t j = py_randbelow(gen, static_cast<std::uint32_t>(n));
+            while (selected[j]) j = py_randbelow(gen, static_cast<std::uint32_t>(n));
+            selected[j] = true;
+            result[i] = population[j];
+        }
+    }
+}
+
+// random.shuffle(x).
+template <class Gen, class T>
+void py_shuffle(Gen& gen, std::vector<T>& x) {
+    for (std::size_t i = x.size(); i-- > 1;) {
+        const std::size_t j = py_randbelow(gen, static_cast<std::uint32_t>(i + 1));
+        std::swap(x[i], x[j]);
+    }
+}
 
 class PyRandom {
   public:
@@ -34,66 +93,28 @@ class PyRandom {
     }
 
     // getrandbits(k) for 0 <= k <= 32.
-    std::uint32_t getrandbits(int k) { return k == 0 ? 0 : genrand_uint32() >> (32 - k); }
+    std::uint32_t getrandbits(int k) { return py_getrandbits(*this, k); }
 
     // _randbelow_with_getrandbits(n), n >= 1.
-    std::uint32_t randbelow(std::uint32_t n) {
-        const int k = bit_length(n);
-        std::uint32_t r = getrandbits(k);
-        while (r >= n) r = getrandbits(k);
-        return r;
-    }
+    std::uint32_t randbelow(std::uint32_t n) { return py_randbelow(*this, n); }
 
     // random.sample(population, k), 0 <= k <= len(population).
     template <class T>
     std::vector<T> sample(std::span<const T> population, std::size_t k) {
-        const std::size_t n = population.size();
-        std::vector<T> result(k);
-        std::size_t setsize = 21;  // a small set's size minus an empty list's
-        if (k > 5) {
-            setsize += static_cast<std::size_t>(
-                std::pow(4.0, std::ceil(std::log(static_cast<double>(k * 3)) / std::log(4.0))));
-        }
-        if (n <= setsize) {
-            std::vector<T> pool(population.begin(), population.end());
-            for (std::size_t i = 0; i < k; ++i) {
-                const std::size_t j = randbelow(static_cast<std::uint32_t>(n - i));
-                result[i] = pool[j];
-                pool[j] = pool[n - i - 1];
-            }
-        } else {
-            std::vector<bool> selected(n, false);
-            for (std::size_t i = 0; i < k; ++i) {
-                std::size_t j = randbelow(static_cast<std::uint32_t>(n));
-                while (selected[j]) j = randbelow(static_cast<std::uint32_t>(n));
-                selected[j] = true;
-                result[i] = population[j];
-            }
-        }
+        std::vector<T> result, pool;
+        py_sample(*this, population, k, result, pool);
         return result;
     }
 
     // random.shuffle(x).
     template <class T>
     void shuffle(std::vector<T>& x) {
-        for (std::size_t i = x.size(); i-- > 1;) {
-            const std::size_t j = randbelow(static_cast<std::uint32_t>(i + 1));
-            std::swap(x[i], x[j]);
-        }
+        py_shuffle(*this, x);
     }
 
   private:
     static constexpr int kN = 624;
     static constexpr int kM = 397;
-
-    static int bit_length(std::uint32_t n) {
-        int k = 0;
-        while (n != 0) {
-            ++k;
-            n >>= 1;
-        }
-        return k;
-    }
 
     void init_genrand(std::uint32_t s) {
         state_[0] = s;

@@ -254,11 +254,13 @@ def rebalance(
     move_cost: float = 1e-4,
     max_moves: int | None = None,
     objective: str = "total",
+    dispatch: str = "equal_split",
 ) -> tuple[ExpertLocation, dict[str, Any]]: ...
 def evaluate_placement(
     load: npt.NDArray[np.float64] | npt.NDArray[np.int32],
     location: ExpertLocation,
     previous: ExpertLocation | None = None,
+    dispatch: str = "equal_split",
 ) -> dict[str, Any]: ...
 def rank_loads(
     load: npt.NDArray[np.float64], location: ExpertLocation
@@ -448,6 +450,7 @@ def balanced_split(
     location: ExpertLocation,
     fixed_loads: npt.ArrayLike | None = None,
     layer: int | None = None,
+    shares: str = "any",
 ) -> npt.NDArray[np.int64]: ...
 def balanced_assignment(
     source_counts: npt.ArrayLike,

@@ -40,6 +40,13 @@ moelb's own, named as ours:
   counts and draws each token's replica from ``balanced_fractions`` (SGLang ``lp``'s contract,
   with the exact split). The same fractions from a window's expected counts need no collective
   (``save_placement(..., fractions=)``).
+- ``balanced_joint`` (``COLLECTIVE_DISPATCH``; ``dispatch_balanced_joint``): the routed replicas
+  and the fused shared expert in one flow (``reference/dispatch.md`` section 7 with an
+  unrestricted expert), in place of Waterfill: the shared expert is a virtual logical expert E
+  with one replica in every rank's shared slot (``per_rank_shared_location``), each rank's tokens
+  with a valid id count once for it, and ``balanced_assignment`` of the all-gathered [W, E + 1]
+  counts places routed and shared pairs together at the optimal largest rank load of routed +
+  shared work. The output is in Waterfill's per-rank shared-slot layout.
 
 Token rows are rows within the source rank's batch, except for ``sglang_dynamic_rank_invariant``.
 """
@@ -69,12 +76,14 @@ __all__ = [
     "balanced_fractions",
     "balanced_split",
     "dispatch_balanced",
+    "dispatch_balanced_joint",
     "dispatch_by_assignment",
     "dispatch_by_fractions",
     "dispatch_table",
     "dispatch_tables",
     "dispatch_tokens",
     "expected_rank_loads",
+    "per_rank_shared_location",
     "sglang_replica_lists",
 ]
 
@@ -96,10 +105,15 @@ TABLE_DISPATCH = ("sglang_static", "sglang_static_runtime", "moelb_static")
 #: moelb's dispatch modes that run one collective per layer and step, and the collective each
 #: takes (``dispatch_balanced``, ``select_experts``). Not models of an engine, and not in
 #: ``DISPATCH_ALGORITHMS``: they need the ranks' counts, which a table or a per-token rule has not.
-COLLECTIVE_DISPATCH = ("balanced", "balanced_prob")
-_COLLECTIVE_OF = {"balanced": "all_gather", "balanced_prob": "all_reduce"}
+COLLECTIVE_DISPATCH = ("balanced", "balanced_prob", "balanced_joint")
+_COLLECTIVE_OF = {
+    "balanced": "all_gather",
+    "balanced_prob": "all_reduce",
+    "balanced_joint": "all_gather",
+}
 
-#: ``all_gather(local_counts)``: every rank's [E] int64 counts, stacked in rank order -> [W, E].
+#: ``all_gather(local_counts)``: every rank's [n] int64 counts, stacked in rank order -> [W, n]
+#: (n = E; E + 1 under ``balanced_joint``).
 AllGather = Callable[[npt.NDArray[np.int64]], Any]
 #: ``all_reduce(local_counts)``: the [E] int64 counts summed over the ranks (returned, or summed
 #: in place and None returned).
@@ -173,7 +187,12 @@ DISPATCH_COST_OTHER_NODE: int = _core.DISPATCH_COST_OTHER_NODE
 
 
 def balanced_split(
-    counts: Any, location: ExpertLocation, fixed_loads: Any = None, *, layer: int | None = None
+    counts: Any,
+    location: ExpertLocation,
+    fixed_loads: Any = None,
+    *,
+    layer: int | None = None,
+    shares: str = "any",
 ) -> npt.NDArray[np.int64]:
     """The tokens each physical slot receives when a step's tokens are split over the replicas
     so that the largest rank load is as small as possible (ours; DESIGN section 9).
@@ -189,9 +208,19 @@ def balanced_split(
     replicas of one expert on one rank share its tokens evenly, lower slots first. Solved by a
     max-flow, deterministically: the same output for any thread count and on every rank that
     computes it from the same counts.
+
+    shares: which of the optimal splits (usually many). ``"any"``: the max-flow's, the fastest;
+    a vertex of the optimal set, where many experts sit wholly on one replica. ``"even"``: the
+    optimal split whose replica shares are the most even (the least sum over expert ``e`` and
+    rank ``g`` of ``x**2 / (n_e * m_eg)``, ``m_eg`` the expert's slots on ``g``; a min-cost flow
+    with convex piecewise-linear costs: the objective's chords between integral breakpoints
+    every half equal share): for fractions that serve other steps' tokens, where spreading an expert
+    over its replicas hedges its own variation (``balanced_fractions``).
     """
+    if not isinstance(shares, str):
+        raise InvalidArgumentError(f"shares must be 'any' or 'even', got {shares!r}")
     layer = None if layer is None else _layer_index(layer, location)
-    return _core.balanced_split(counts, location, fixed_loads, layer)
+    return _core.balanced_split(counts, location, fixed_loads, layer, shares)
 
 
 def balanced_assignment(
@@ -223,15 +252,26 @@ def balanced_assignment(
 
 
 def balanced_fractions(
-    counts: Any, location: ExpertLocation, fixed_loads: Any = None, *, layer: int | None = None
+    counts: Any,
+    location: ExpertLocation,
+    fixed_loads: Any = None,
+    *,
+    layer: int | None = None,
+    shares: str = "even",
 ) -> npt.NDArray[np.float64]:
     """Each expert's share of its tokens per replica under ``balanced_split`` (ours): float64
     [L, E, X] ([E, X] with ``layer=``), X = ``location.max_replicas``, columns in the order of
     ``location.logical_to_physical`` (padding columns 0). An expert without tokens gets equal
     shares. From a step's global counts (one all-reduce, the contract of SGLang's ``lp``) or from
     a window's expected counts (offline: no per-step collective). ``counts`` and ``fixed_loads``
-    as for ``balanced_split``."""
-    split = balanced_split(counts, location, fixed_loads, layer=layer)
+    as for ``balanced_split``.
+
+    shares: ``balanced_split``'s choice among the optimal splits. ``"even"`` (the default, for
+    fractions fixed over a window: each expert spread over its replicas as evenly as the optimum
+    allows, which hedges its variation; about 0.15 ms per layer at EP32 and 6 ms at EP256 on one
+    core) or ``"any"`` (the max-flow's vertex, microseconds: what the per-step probabilities mode
+    uses, where the fractions serve the very counts they were made from)."""
+    split = balanced_split(counts, location, fixed_loads, layer=layer, shares=shares)
     one = split.ndim == 1
     split = split[None] if one else split
     l2p = location.logical_to_physical
@@ -281,13 +321,25 @@ def dispatch_by_fractions(
     *,
     seed: int = 0,
     ep_rank: int | None = None,
+    sampling: str = "systematic",
 ) -> npt.NDArray[np.int32]:
     """Physical ids [T, K] int32 for logical ``topk_ids`` (-1 stays -1): every (token, column)
-    draws a replica of its expert with probability proportional to ``fractions`` [E, X]
-    (``balanced_fractions(..., layer=layer)``), from a generator seeded by (``seed``, ``layer``),
-    and ``ep_rank`` when given (so that ranks with the same seed draw independently): the same
-    picks for the same inputs on every run. What an engine does after one all-reduce of the
-    counts (ours, SGLang ``lp``'s contract with the exact split)."""
+    goes to a replica of its expert with probability proportional to ``fractions`` [E, X]
+    (``balanced_fractions(..., layer=layer)``), drawn from a generator seeded by (``seed``,
+    ``layer``), and ``ep_rank`` when given (so that ranks with the same seed draw independently):
+    the same picks for the same inputs on every run. What an engine does after one all-reduce of
+    the counts (ours, SGLang ``lp``'s contract with the exact split).
+
+    sampling: ``"independent"``: every pair draws on its own (SGLang ``lp``'s kernel), so a
+    replica's count varies binomially around its share. ``"systematic"`` (ours, the default):
+    the pairs of each expert, in a random order, take the points ``(i + u) / k`` of one random
+    offset ``u`` per expert (``k`` its pairs here) against the cumulative fractions: each pair
+    still goes to each replica with exactly its probability, but a replica's count is its share
+    of ``k`` rounded down or up -- the binomial noise of this rank's batch is gone."""
+    if sampling not in ("systematic", "independent"):
+        raise InvalidArgumentError(
+            f"sampling must be 'systematic' or 'independent', got {sampling!r}"
+        )
     layer = _layer_index(layer, location)
     key = [_seed(seed), layer]
     if ep_rank is not None:
@@ -304,6 +356,9 @@ def dispatch_by_fractions(
         raise InvalidArgumentError(
             "fractions must be finite, >= 0, and 0 where an expert has no replica"
         )
+    # Each row over its largest entry first: finite shares may still sum past the float range.
+    largest = shares.max(axis=1, keepdims=True, initial=0.0)
+    shares = shares / np.where(largest > 0, largest, 1.0)
     sums = shares.sum(axis=1)
     used = np.unique(ids[ids >= 0])
     if (sums[used] <= 0).any():
@@ -311,14 +366,32 @@ def dispatch_by_fractions(
         raise InvalidArgumentError(f"fractions of expert {expert} sum to 0 but it has tokens")
     cdf = np.cumsum(shares, axis=1) / np.where(sums > 0, sums, 1.0)[:, None]
     rng = np.random.default_rng(key)
-    u = rng.random(ids.shape)
     out = np.full(ids.shape, -1, np.int32)
     valid = ids >= 0
     e = ids[valid]
-    pick = (u[valid][:, None] >= cdf[e]).sum(axis=1)
+    if sampling == "independent":
+        u = rng.random(ids.shape)[valid]
+    else:
+        u = _systematic_points(e, rng, len(cdf))
+    pick = (u[:, None] >= cdf[e]).sum(axis=1)
     pick = np.minimum(pick, (l2p[e] >= 0).sum(axis=1) - 1)  # rounding at the top of the cdf
     out[valid] = l2p[e, pick]
     return out
+
+
+def _systematic_points(
+    experts: npt.NDArray[np.int32], rng: np.random.Generator, num_experts: int
+) -> npt.NDArray[np.float64]:
+    """For each pair of ``experts`` (its expert per pair), a point in [0, 1): the pairs of one
+    expert, in a random order, take ``(i + u_e) / k_e``, i = 0 .. k_e - 1, ``u_e`` uniform."""
+    order = np.lexsort((rng.random(len(experts)), experts))  # by expert, random within
+    k = np.bincount(experts, minlength=num_experts)
+    first = np.cumsum(k) - k
+    offset = rng.random(num_experts)
+    ranked = experts[order]
+    points = np.empty(len(experts))
+    points[order] = (np.arange(len(experts)) - first[ranked] + offset[ranked]) / k[ranked]
+    return points
 
 
 def dispatch_by_assignment(
@@ -375,12 +448,13 @@ def check_collective_dispatch(dispatch: Any, all_gather: Any, all_reduce: Any) -
         if needs is None:
             raise InvalidArgumentError(
                 f"{name} is given but dispatch={dispatch!r} runs no collective: it is for "
-                f"dispatch='balanced' (all_gather) or 'balanced_prob' (all_reduce)"
+                f"dispatch='balanced' or 'balanced_joint' (all_gather) or 'balanced_prob' "
+                "(all_reduce)"
             )
         if name != needs:
             raise InvalidArgumentError(
-                f"dispatch={dispatch!r} takes {needs}=, not {name}= ('balanced' all-gathers the "
-                "ranks' counts, 'balanced_prob' all-reduces them)"
+                f"dispatch={dispatch!r} takes {needs}=, not {name}= ('balanced' and "
+                "'balanced_joint' all-gather the ranks' counts, 'balanced_prob' all-reduces them)"
             )
         if not callable(function):
             raise InvalidArgumentError(f"{name} must be callable, got {type(function).__name__}")
@@ -466,23 +540,21 @@ def dispatch_balanced(
         raise InvalidArgumentError(
             f"dispatch={dispatch!r} is not one of moelb's collective modes {COLLECTIVE_DISPATCH}"
         )
+    if dispatch == "balanced_joint":
+        raise InvalidArgumentError(
+            "dispatch='balanced_joint' also places the shared expert: call "
+            "dispatch_balanced_joint, which returns the shared column too"
+        )
     check_collective_dispatch(dispatch, all_gather, all_reduce)
     layer = _layer_index(layer, location)
     rank = _ep_rank(ep_rank, location)
     seed = _seed(seed)
     ids = _valid_ids(topk_ids, location)
-    W, E = location.ep_size, location.num_logical_experts
+    E = location.num_logical_experts
     local = np.bincount(ids[ids >= 0], minlength=E).astype(np.int64)
     if dispatch == "balanced":
         assert all_gather is not None  # checked above
-        gathered = _collective_output(
-            all_gather(local.copy()), "all_gather", (W, E), "every rank's counts in rank order"
-        )
-        if not np.array_equal(gathered[rank], local):
-            raise InvalidArgumentError(
-                f"all_gather returned a row {rank} (ep_rank) that is not this rank's counts: "
-                "its rows must be the ranks' counts in rank order (row r from rank r)"
-            )
+        gathered = _gathered_counts(all_gather, local, rank, location.ep_size)
         assignment = balanced_assignment(gathered, location, layer=layer)
         return dispatch_by_assignment(ids, location, layer, assignment[rank])
     assert all_reduce is not None  # checked above
@@ -497,8 +569,115 @@ def dispatch_balanced(
             f"all_reduce returned {summed[expert]} tokens of expert {expert} but this rank alone "
             f"has {local[expert]}: it must return the sum over the ranks"
         )
-    fractions = balanced_fractions(summed, location, layer=layer)
+    # Per step the max-flow's split (fast); systematic sampling realises it within rounding.
+    fractions = balanced_fractions(summed, location, layer=layer, shares="any")
     return dispatch_by_fractions(ids, location, layer, fractions, seed=seed, ep_rank=rank)
+
+
+def _gathered_counts(
+    all_gather: AllGather, local: npt.NDArray[np.int64], rank: int, num_ranks: int
+) -> npt.NDArray[np.int64]:
+    """Every rank's counts [W, n] from ``all_gather`` of this rank's ``local`` [n], checked: the
+    shape, integers >= 0, and row ``rank`` equal to ``local`` (a gather out of rank order is
+    refused)."""
+    gathered = _collective_output(
+        all_gather(local.copy()),
+        "all_gather",
+        (num_ranks, len(local)),
+        "every rank's counts in rank order",
+    )
+    if not np.array_equal(gathered[rank], local):
+        raise InvalidArgumentError(
+            f"all_gather returned a row {rank} (ep_rank) that is not this rank's counts: "
+            "its rows must be the ranks' counts in rank order (row r from rank r)"
+        )
+    return gathered
+
+
+def per_rank_shared_location(
+    location: ExpertLocation, *, layer: int | None = None
+) -> ExpertLocation:
+    """``location`` in the per-rank shared-slot layout (DESIGN section 1; Waterfill's, DESIGN
+    section 5): rank r's S routed slots, then one slot holding a virtual logical expert E (the
+    fused shared expert), so routed slot p becomes ``p + p // S`` and rank r's shared slot is
+    ``r * (S + 1) + S``. A placement of E + 1 logical experts on W * (S + 1) slots, the same
+    ``ep_size`` and ``num_nodes``: the joint flow of ``balanced_joint`` (ours) solves on it.
+
+    layer: the placement of that layer only (one layer, index 0), what one engine call needs;
+    default all of ``location``'s layers.
+    """
+    if not isinstance(location, ExpertLocation):
+        raise InvalidArgumentError(
+            f"location must be an ExpertLocation, got {type(location).__name__}"
+        )
+    p2l = location.physical_to_logical
+    if layer is not None:
+        p2l = p2l[[_layer_index(layer, location)]]
+    L, W = p2l.shape[0], location.ep_size
+    S, E = location.num_local_physical_experts, location.num_logical_experts
+    shared = np.full((L, W, 1), E, dtype=np.int32)
+    joint = np.concatenate([p2l.reshape(L, W, S), shared], axis=2).reshape(L, W * (S + 1))
+    return ExpertLocation(np.ascontiguousarray(joint), E + 1, W, location.num_nodes)
+
+
+def _with_shared_expert_column(
+    topk_ids: npt.NDArray[np.int32], num_logical_experts: int
+) -> npt.NDArray[np.int32]:
+    """[T, K + 1] int32: logical ``topk_ids`` [T, K] with a last column holding the shared
+    expert as logical expert ``num_logical_experts`` (E) on every row with a valid id, -1 on a
+    row whose ids are all -1 (padding carries no shared token): the ids ``balanced_joint``
+    dispatches on ``per_rank_shared_location``."""
+    shared = np.where((topk_ids >= 0).any(axis=1), num_logical_experts, -1).astype(np.int32)
+    return np.ascontiguousarray(np.concatenate([topk_ids, shared[:, None]], axis=1), np.int32)
+
+
+def dispatch_balanced_joint(
+    topk_ids: Any,
+    location: ExpertLocation,
+    layer: int,
+    *,
+    ep_rank: int = 0,
+    all_gather: AllGather | None = None,
+) -> npt.NDArray[np.int32]:
+    """Physical ids [T, K + 1] int32 for this rank's logical routed ``topk_ids`` [T, K] int32
+    (-1 for padding) of MoE layer ``layer``, the routed replicas and the fused shared expert
+    balanced in one flow (ours; DESIGN section 9, ``reference/dispatch.md`` section 7 with an
+    unrestricted expert). Runs one collective, which every rank of the EP group must reach for
+    every layer and step, an empty batch included; every rank must use this mode in the step.
+
+    The shared expert is a virtual logical expert E with one replica in every rank's shared slot
+    (``per_rank_shared_location``); every row with a valid routed id carries one shared token
+    (padding carries none). ``all_gather(local_counts)`` with this rank's pairs per expert,
+    [E + 1] int64 (routed per logical expert, then its shared tokens), must return every rank's,
+    [W, E + 1] integers in rank order (``moelb.torch_all_gather()``). Every rank computes the
+    same ``balanced_assignment`` of them on the joint placement and sends its (token, column)
+    pairs, routed and shared, by its row (``dispatch_by_assignment``): the ranks' routed + shared
+    loads together have the optimal largest rank load (``ceil(T*)`` of the summed joint
+    counts), and among such placements the fewest pairs, routed and shared alike, leave their
+    rank, then their node.
+
+    Output: Waterfill's per-rank shared-slot layout (``WaterfillBalancer.expand``,
+    ``remap_topk_for_per_rank_shared_slots``): a routed pair on slot p of ``location`` is
+    ``p + p // S``; the last column is rank r's shared slot ``r * (S + 1) + S``; -1 where the id
+    was -1 and in the shared column of a row without a valid id. ep_rank: this rank, its row of
+    the gathered counts (checked to be its own counts).
+    """
+    if not isinstance(location, ExpertLocation):
+        raise InvalidArgumentError(
+            f"location must be an ExpertLocation, got {type(location).__name__}"
+        )
+    check_collective_dispatch("balanced_joint", all_gather, None)
+    assert all_gather is not None  # checked above
+    layer = _layer_index(layer, location)
+    rank = _ep_rank(ep_rank, location)
+    ids = _valid_ids(topk_ids, location)
+    E = location.num_logical_experts
+    joint_ids = _with_shared_expert_column(ids, E)
+    local = np.bincount(joint_ids[joint_ids >= 0], minlength=E + 1).astype(np.int64)
+    gathered = _gathered_counts(all_gather, local, rank, location.ep_size)
+    joint = per_rank_shared_location(location, layer=layer)
+    assignment = balanced_assignment(gathered, joint, layer=0)
+    return dispatch_by_assignment(joint_ids, joint, 0, assignment[rank])
 
 
 def _seed(seed: int) -> int:

@@ -43,11 +43,11 @@ and receives between two ranks by their order; ``WeightMovePlan`` sorts both end
 peer), so the order matches.
 
 The per-step collectives of moelb's callables -- ``torch_all_reduce(group)`` (Waterfill's dynamic
-mode, ``dispatch="balanced_prob"``) and ``torch_all_gather(group)`` (``dispatch="balanced"``) --
-move small int64 buffers: on a CPU tensor for gloo, on the current CUDA device for NCCL (then
-copied back to the host, as the dispatch is computed there). A CPU group beside the NCCL one
-(``dist.new_group(backend="gloo")``), as SGLang uses for its small metadata collectives, avoids
-that round trip.
+mode, ``dispatch="balanced_prob"``) and ``torch_all_gather(group)`` (``dispatch="balanced"`` and
+``"balanced_joint"``) -- move small int64 buffers: on a CPU tensor for gloo, on the current CUDA
+device for NCCL (then copied back to the host, as the dispatch is computed there). A CPU group
+beside the NCCL one (``dist.new_group(backend="gloo")``), as SGLang uses for its small metadata
+collectives, avoids that round trip.
 """
 
 from __future__ import annotations
@@ -123,12 +123,12 @@ def torch_all_reduce(group: Any = None) -> Callable[[npt.NDArray[np.int64]], Any
 
 def torch_all_gather(group: Any = None) -> Callable[[npt.NDArray[np.int64]], Any]:
     """An ``all_gather`` callable over a ``torch.distributed`` process group (default: the
-    world), for ``select_experts(..., dispatch="balanced")``: every rank's int64 NumPy buffer
-    (the same length n on every rank) stacked in the group's rank order, [world, n] int64, with
-    ``dist.all_gather`` (CPU tensors for gloo, the current CUDA device for NCCL). The EP rank
-    passed to ``select_experts`` must be this process's rank in ``group``. Every rank of the
-    group must call it, in the same order. Raises ``InvalidArgumentError`` when no process group
-    is initialised."""
+    world), for ``select_experts(..., dispatch="balanced" | "balanced_joint")``: every rank's
+    int64 NumPy buffer (the same length n on every rank) stacked in the group's rank order,
+    [world, n] int64, with ``dist.all_gather`` (CPU tensors for gloo, the current CUDA device
+    for NCCL). The EP rank passed to ``select_experts`` must be this process's rank in
+    ``group``. Every rank of the group must call it, in the same order. Raises
+    ``InvalidArgumentError`` when no process group is initialised."""
     torch, dist = _torch_distributed("torch_all_gather")
 
     def all_gather(buffer: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:

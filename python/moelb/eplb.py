@@ -16,6 +16,7 @@ __all__ = [
     "ALGORITHMS",
     "DEFAULT_MOVE_COST",
     "OBJECTIVES",
+    "PLAN_DISPATCH",
     "Plan",
     "PlanStats",
     "evaluate_placement",
@@ -25,6 +26,11 @@ __all__ = [
 
 ALGORITHMS = ("moelb", "deepseek", "deepseek_hierarchical", "deepseek_global")
 OBJECTIVES = ("total", "step_peak")
+#: The dispatch a plan can target (``rebalance(dispatch=...)``): ``equal_split`` (what every
+#: planner assumes, the default), ``sglang_static`` (SGLang's static table on the
+#: ``--init-expert-location`` path, modelled exactly) and ``balanced`` (moelb's per-step exact
+#: split, ``balanced_split``; ours).
+PLAN_DISPATCH = ("equal_split", "sglang_static", "balanced")
 #: ``rebalance(move_cost=...)``'s default: with ``previous``, a layer is re-placed only when its
 #: largest GPU load drops by at least 0.01% per slot rewritten (1% per 100 slots). Sampling noise
 #: between 100- to 1,000-pass windows of the same traffic gains at most 5.6e-5 per move at
@@ -58,6 +64,20 @@ class PlanStats:
     mean GPU loads summed over the steps' largest summed: SGLang's per-pass balancedness with
     each pass weighted by its largest load, the counterpart of the step_peak objective); None
     otherwise.
+
+    ``dispatch``: the dispatch the statistics target (``rebalance(dispatch=)``,
+    ``evaluate_placement(dispatch=)``). Under a dispatch other than ``"equal_split"``:
+    ``realised_max_rank_load`` ([L]: the largest GPU load that dispatch realises; for
+    ``"sglang_static"`` through SGLang's file-path tables, each rank originating 1/W of every
+    expert's load; for ``"balanced"`` the sum over the evaluation steps -- ``min(T, 32)`` evenly
+    spaced steps of a time series, or the summed load as one step -- of each step's optimal
+    largest GPU load ``ceil(T*)`` (non-integer loads scaled to integers by a power of two, then
+    scaled back), times the layer's total over the evaluated steps' load; the realised mean is
+    ``mean_rank_load``, as every dispatch sends all the load somewhere) and
+    ``realised_balancedness`` (SGLang's balancedness of ``mean_rank_load`` over
+    ``realised_max_rank_load``, over all layers: under ``"balanced"`` each layer's per-step
+    balancedness under the balanced dispatch, the steps weighted by their largest load); None
+    under ``"equal_split"``.
     """
 
     max_rank_load: npt.NDArray[np.float64]
@@ -79,6 +99,9 @@ class PlanStats:
     notes: str
     step_max_rank_load: npt.NDArray[np.float64] | None
     step_balancedness: float | None
+    dispatch: str
+    realised_max_rank_load: npt.NDArray[np.float64] | None
+    realised_balancedness: float | None
 
 
 @dataclass(frozen=True)
@@ -153,6 +176,7 @@ def rebalance(
     max_moves: int | None = None,
     expert_bytes: int | None = None,
     objective: str = "total",
+    dispatch: str = "equal_split",
 ) -> Plan:
     """Plans which GPU slots hold which experts, from loads.
 
@@ -188,6 +212,35 @@ def rebalance(
         0.3-3 s on 2 cores), and the search keeps about (E + 2 W) x T doubles per thread: for a
         long dump, plan on its last window, e.g. ``load[-1000:]``. int32 counts (a recorder's
         dump) are read as they are; other dtypes are converted to float64.
+    dispatch: moelb only: the dispatch the plan is made for (``PLAN_DISPATCH``; ours -- every
+        planner, DeepSeek's and SGLang's included, plans for ``"equal_split"``, the default).
+        ``"sglang_static"``: the load SGLang's default static table realises for a placement
+        loaded with ``--init-expert-location`` (``reference/dispatch.md`` sections 2-3, modelled
+        exactly: each rank's nearest replica, else its own ``random.Random(42)`` fair choice,
+        the streams running on from layer to layer). Planning model: each rank originates 1/W of
+        every expert's load. The planner evaluates each candidate's tables exactly and keeps,
+        per layer, the lowest realised largest GPU load among the equal-split plan, that plan
+        improved by slot swaps, and with ``locality="none"`` on several nodes placements that
+        put an expert's replicas on distinct nodes (on every node, every rank has a nearest
+        replica and none draws), improved likewise: never above the equal-split plan's layer
+        after the same earlier layers. Use ``locality="none"``: under node locality every rank
+        without its own replica of a replicated expert draws at random.
+        ``stats.realised_max_rank_load`` / ``realised_balancedness`` report it; with
+        ``previous``, ``move_cost`` / ``max_moves`` weigh the realised gain. Takes
+        ``objective="total"`` (a time series is summed). About 0.1-0.3 s for 58 layers at EP32
+        (the exact tables cost more as W grows: about 1.5 s at EP64).
+        ``"balanced"``: moelb's per-step exact split (``balanced_split``, ``select_experts(
+        dispatch="balanced")``: each step's tokens split over the replicas at the optimal largest
+        GPU load ``ceil(T*)``). Its optimum is limited by sets of GPUs that no replica links to
+        the rest, so the replicated experts' replicas are laid out as one spanning hypertree over
+        the GPUs (one per node with ``locality="node"``), connected whenever the domain has at
+        least its GPUs - 1 redundant slots; replica counts by the divisor method on the window's
+        load (no forecast). Per layer the layout is kept only when its sum of ``ceil(T*)`` over
+        the evaluation steps (``min(T, 32)`` evenly spaced steps of a time series ``[T, L, E]``,
+        else the load as one step) is below the equal-split plan's: never worse on the window it
+        was planned on. Pass the window's time series (its steps are read, not only its sum);
+        with ``previous``, GPUs are relabelled to keep experts in place and ``move_cost`` /
+        ``max_moves`` weigh the realised gain. Takes ``objective="total"``.
     """
     if algorithm not in ALGORITHMS:
         raise InvalidArgumentError(
@@ -197,8 +250,9 @@ def rebalance(
         raise InvalidArgumentError(
             f"objective={objective!r} is not an EPLB objective; expected one of {OBJECTIVES}"
         )
+    _check_dispatch(dispatch)
     location, raw = _core.rebalance(
-        _as_load(load, steps=objective == "step_peak"),
+        _as_load(load, steps=objective == "step_peak" or dispatch == "balanced"),
         num_physical_experts,
         0 if num_groups is None else num_groups,
         num_nodes,
@@ -209,8 +263,17 @@ def rebalance(
         move_cost,
         max_moves,
         objective,
+        dispatch,
     )
     return Plan(location, _stats(raw, expert_bytes))
+
+
+def _check_dispatch(dispatch: str) -> None:
+    if dispatch not in PLAN_DISPATCH:
+        raise InvalidArgumentError(
+            f"dispatch={dispatch!r} is not a dispatch the planner targets; expected one of "
+            f"{PLAN_DISPATCH}"
+        )
 
 
 def evaluate_placement(
@@ -219,13 +282,18 @@ def evaluate_placement(
     previous: ExpertLocation | None = None,
     *,
     expert_bytes: int | None = None,
+    dispatch: str = "equal_split",
 ) -> PlanStats:
     """The statistics of ``location`` under ``load`` ([L, E], or a time series [T, L, E]: then
     with the per-step peaks, ``step_max_rank_load`` and ``step_balancedness``; int32 counts are
     read as they are, other dtypes converted to float64). The load is checked as for
-    ``rebalance`` (finite, >= 0, summing to at most 1e300)."""
+    ``rebalance`` (finite, >= 0, summing to at most 1e300). ``dispatch`` (``PLAN_DISPATCH``):
+    also what that dispatch realises of the (summed) load -- ``"balanced"``: of the series'
+    evaluation steps -- as ``rebalance(dispatch=)`` reports it (``realised_max_rank_load``,
+    ``realised_balancedness``)."""
+    _check_dispatch(dispatch)
     return _stats(
-        _core.evaluate_placement(_as_load(load, steps="optional"), location, previous),
+        _core.evaluate_placement(_as_load(load, steps="optional"), location, previous, dispatch),
         expert_bytes,
     )
 

@@ -16,12 +16,14 @@ from ._core import (
     TopKConfig,
 )
 from .dispatch import (
+    COLLECTIVE_DISPATCH,
     AllGather,
     AllReduce,
     _ep_rank,
     _layer_index,
     check_collective_dispatch,
     dispatch_balanced,
+    dispatch_balanced_joint,
 )
 from .waterfill import WaterfillBalancer
 
@@ -87,6 +89,20 @@ def select_experts(
         step). Both need ``location`` and ``layer``; ``ep_rank`` is this rank's row of the
         gather. Every rank must reach the collective: an error raised on one rank before it
         (bad ids, layer, ep_rank) leaves the others waiting in it.
+    dispatch='balanced_joint' (ours): the routed replicas and the fused shared expert balanced
+        in one flow, in place of Waterfill's placement of the shared expert (see
+        ``moelb.dispatch_balanced_joint``): one ``all_gather`` of this rank's [E + 1] int64
+        counts (routed per expert, then its tokens with a valid id) -> [W, E + 1]. Needs
+        ``num_fused_shared_experts=1`` and ``waterfill``, which gives the output's layout only:
+        ids and weights exactly as ``waterfill.expand`` lays them out after
+        ``dispatch='balanced'`` (routed slot p as ``p + p // S``, the shared column at a rank's
+        shared slot ``r * (S + 1) + S`` with ``waterfill.shared_weight``; -1 / 0 on rows
+        without a valid id), so an engine switches between the two modes by ``dispatch`` alone.
+        Our rule: the joint flow replaces Waterfill's plan, so the balancer's ``mode``, its
+        ``all_reduce`` and the ``is_decode`` / ``num_tokens`` rules are not used (no
+        all-reduce runs, ``waterfill.last_plan`` is left as it was); its ``ep_size`` and
+        ``ep_rank`` must be the location's and ``ep_rank``'s. ``recorder_topk_ids`` are the
+        routed slots of ``location`` in [0, P), as under 'balanced'.
     recorder: an ``ExpertDistributionRecorder`` that counts the routed columns
         (``recorder_topk_ids``, never the shared column) into its current layer scope; with
         ``layer`` given, that scope must be ``layer``. The ids must be slots of the recorder's
@@ -94,14 +110,18 @@ def select_experts(
         recorder must count logical ids as slots (built from a shape ``(L, E)``); anything else
         raises ``InvalidArgumentError`` naming ``location`` and counts nothing.
     waterfill: a ``WaterfillBalancer`` that appends the shared column after the dispatch (any
-        dispatch, the balanced ones included); needs ``num_fused_shared_experts=1``.
+        dispatch, the balanced ones included); needs ``num_fused_shared_experts=1``; with a
+        ``location``, its ``ep_size`` must be the location's, and under a collective dispatch its
+        ``ep_rank`` must be ``ep_rank``. Under 'balanced_joint' it is required and gives the
+        layout only (above).
 
     Columns are ordered by descending selection score; ties go to the lowest expert id; a NaN
     logit never wins a slot. Deterministic for any thread count.
     """
     collective = _check_collective(dispatch, location, layer, ep_rank, all_gather, all_reduce)
-    if waterfill is not None:
-        _check_waterfill(waterfill, config.num_fused_shared_experts, router_logits, location)
+    _check_shared(
+        waterfill, dispatch, config.num_fused_shared_experts, router_logits, location, ep_rank
+    )
     ids, weights, recorder_ids = _core.select_experts(
         router_logits,
         config,
@@ -158,26 +178,40 @@ def _after_routing(
     is_decode: bool,
 ) -> TopKOutput:
     """What select_experts and HashRouter.select do after the core routed: a collective
-    dispatch (``dispatch`` given: the core returned logical ids), the recorder, Waterfill."""
+    dispatch (``dispatch`` given: the core returned logical ids), the recorder, Waterfill (whose
+    layout 'balanced_joint' fills itself)."""
     ids, weights, recorder_ids = out
+    joint = dispatch == "balanced_joint"
     if dispatch is not None:
         if location is None or layer is None:  # _check_collective refused this already
             raise InvalidArgumentError(f"dispatch={dispatch!r} needs location and layer")
-        ids, recorder_ids = _dispatch_collective(
-            ids,
-            recorder_ids,
-            router_logits,
-            location,
-            layer,
-            ep_rank,
-            dispatch,
-            seed,
-            all_gather,
-            all_reduce,
-        )
+        if joint:
+            ids, weights, recorder_ids = _dispatch_joint(
+                weights,
+                recorder_ids,
+                router_logits,
+                location,
+                layer,
+                ep_rank,
+                all_gather,
+                waterfill.shared_weight,
+            )
+        else:
+            ids, recorder_ids = _dispatch_collective(
+                ids,
+                recorder_ids,
+                router_logits,
+                location,
+                layer,
+                ep_rank,
+                dispatch,
+                seed,
+                all_gather,
+                all_reduce,
+            )
     if recorder is not None:
         _record(recorder, recorder_ids, router_logits, location, layer)
-    if waterfill is not None:
+    if waterfill is not None and not joint:
         ids, weights = _expand(waterfill, recorder_ids, weights, num_tokens, is_decode)
     return TopKOutput(ids, weights, recorder_ids)
 
@@ -224,12 +258,7 @@ def _dispatch_collective(
     """The routed columns of ``ids`` (logical, from routing without a location) replaced by the
     balanced dispatch's physical slots, the fused shared column by id P as with the engines'
     models; returns (ids, routed physical ids for the recorder)."""
-    E = location.num_logical_experts
-    num_experts = int(router_logits.shape[1])
-    if num_experts != E:
-        raise InvalidArgumentError(
-            f"router_logits has {num_experts} experts but the location has num_logical_experts={E}"
-        )
+    _check_logits_experts(router_logits, location)
     routed = dispatch_balanced(
         logical,
         location,
@@ -248,6 +277,39 @@ def _dispatch_collective(
     return ids, routed
 
 
+def _check_logits_experts(router_logits: Any, location: ExpertLocation) -> None:
+    E = location.num_logical_experts
+    num_experts = int(router_logits.shape[1])
+    if num_experts != E:
+        raise InvalidArgumentError(
+            f"router_logits has {num_experts} experts but the location has num_logical_experts={E}"
+        )
+
+
+def _dispatch_joint(
+    weights: npt.NDArray[np.float32],
+    logical: npt.NDArray[np.int32],
+    router_logits: Any,
+    location: ExpertLocation,
+    layer: int,
+    ep_rank: int,
+    all_gather: AllGather | None,
+    shared_weight: float,
+) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.float32], npt.NDArray[np.int32]]:
+    """'balanced_joint' on the core's logical routed ids: (ids [T, K + 1] and weights in
+    Waterfill's layout, the routed slots of ``location`` for the recorder)."""
+    _check_logits_experts(router_logits, location)
+    ids = dispatch_balanced_joint(logical, location, layer, ep_rank=ep_rank, all_gather=all_gather)
+    K = logical.shape[1]
+    routed = ids[:, :K]
+    slots_per_rank = location.num_local_physical_experts
+    recorder_ids = np.where(routed >= 0, routed - routed // (slots_per_rank + 1), -1)
+    out_weights = np.zeros((ids.shape[0], K + 1), np.float32)
+    out_weights[:, :K] = np.where(routed >= 0, weights[:, :K], 0.0)
+    out_weights[ids[:, K] >= 0, K] = shared_weight
+    return ids, out_weights, np.ascontiguousarray(recorder_ids, np.int32)
+
+
 def _record(
     recorder: ExpertDistributionRecorder,
     recorder_ids: npt.NDArray[np.int32],
@@ -259,6 +321,37 @@ def _record(
     logits passed the core's checks, so they have a [T, E] shape)."""
     recorder.check_id_space(location, int(router_logits.shape[1]))
     recorder.on_select_experts(recorder_ids, layer)
+
+
+def _check_shared(
+    waterfill: Any,
+    dispatch: Any,
+    num_fused_shared_experts: int,
+    router_logits: Any,
+    location: ExpertLocation | None,
+    ep_rank: int,
+) -> None:
+    """Checks ``waterfill`` (when given, or required by 'balanced_joint') before any routing or
+    collective; ``_check_collective`` has checked location and ep_rank for a collective mode."""
+    if dispatch == "balanced_joint" and waterfill is None:
+        raise InvalidArgumentError(
+            "dispatch='balanced_joint' needs waterfill= (a WaterfillBalancer for this layer and "
+            "rank): the routed and shared expert are returned in its per-rank shared-slot layout"
+        )
+    if waterfill is None:
+        return
+    _check_waterfill(waterfill, num_fused_shared_experts, router_logits, location)
+    if location is None:
+        return
+    # The layout p + p // S needs the location's ranks under any dispatch; a collective mode
+    # also needs this rank's (its row of the gather is the rank Waterfill lays out for).
+    collective = dispatch in COLLECTIVE_DISPATCH
+    if waterfill.ep_size != location.ep_size or (collective and waterfill.ep_rank != ep_rank):
+        raise InvalidArgumentError(
+            f"waterfill has ep_size={waterfill.ep_size}, ep_rank={waterfill.ep_rank} but "
+            f"dispatch={dispatch!r} runs on the location's ep_size={location.ep_size} "
+            f"as ep_rank={ep_rank}: they must agree"
+        )
 
 
 def _check_waterfill(
@@ -330,12 +423,13 @@ class HashRouter(_core.HashRouter):
         """Routes tokens by token id. router_logits: [T, E] float32; input_ids: [T] int32 or
         int64, each in [0, vocab_size) (out-of-range ids raise ``InvalidArgumentError``); the rest
         as ``select_experts`` (including Waterfill mode, which needs
-        ``num_fused_shared_experts=1``, and the balanced dispatch with ``all_gather`` /
-        ``all_reduce``, which SGLang's ``lp`` does not offer for V4). Columns follow tid2eid's
-        order."""
+        ``num_fused_shared_experts=1``, the balanced dispatch with ``all_gather`` /
+        ``all_reduce``, which SGLang's ``lp`` does not offer for V4, and 'balanced_joint' with
+        ``all_gather`` and ``waterfill``). Columns follow tid2eid's order."""
         collective = _check_collective(dispatch, location, layer, ep_rank, all_gather, all_reduce)
-        if waterfill is not None:
-            _check_waterfill(waterfill, self.num_fused_shared_experts, router_logits, location)
+        _check_shared(
+            waterfill, dispatch, self.num_fused_shared_experts, router_logits, location, ep_rank
+        )
         ids, weights, recorder_ids = super().select(
             router_logits,
             input_ids,

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
 #include <string>
 #include <vector>
@@ -32,9 +33,9 @@ using Counts = RowMatrix<std::int64_t>;
 const Counts kNoFixed;
 
 Counts split(const ExpertLocation& loc, const Counts& counts, const Counts& fixed = kNoFixed,
-             int layer = -1) {
+             int layer = -1, moelb::SplitShares shares = moelb::SplitShares::kAny) {
     Counts out = Counts::Constant(counts.rows(), loc.num_physical_experts(), -7);
-    moelb::balanced_split(loc, cmap(counts), cmap(fixed), mmap(out), layer);
+    moelb::balanced_split(loc, cmap(counts), cmap(fixed), mmap(out), layer, shares);
     return out;
 }
 
@@ -302,6 +303,60 @@ TEST(BalancedSplit, SameResultForAnyThreadCount) {
     for (const int l : {0, 13, L - 1}) {
         EXPECT_EQ(split(loc, Counts(counts.row(l)), Counts(fixed.row(l)), l), Counts(one.row(l)));
     }
+}
+
+// ------------------------------------------------------------------------------------------------
+// SplitShares::kEven: optimal like any split, the same at any thread count, and the equal split
+// where that is optimal.
+
+TEST(BalancedSplitEven, OptimalConservedAndThreadInvariant) {
+    const int L = 24, E = 256, W = 32, P = 288;
+    const ExpertLocation loc(random_layout(L, E, P, 78), E, W, 4);
+    Rng rng(6);
+    Counts counts(L, E), fixed(L, W);
+    for (Index i = 0; i < counts.size(); ++i) counts.data()[i] = rng.below(400);
+    for (Index i = 0; i < fixed.size(); ++i) fixed.data()[i] = rng.below(300);
+    const int before = moelb::get_num_threads();
+    moelb::set_num_threads(1);
+    const Counts any = split(loc, counts, fixed);
+    const Counts one = split(loc, counts, fixed, -1, moelb::SplitShares::kEven);
+    moelb::set_num_threads(4);
+    const Counts four = split(loc, counts, fixed, -1, moelb::SplitShares::kEven);
+    moelb::set_num_threads(before);
+    EXPECT_EQ(one, four);
+    for (Index l = 0; l < L; ++l) {
+        EXPECT_EQ(max_load(loc, one, l, fixed, l), max_load(loc, any, l, fixed, l)) << l;
+        std::vector<std::int64_t> per_expert(static_cast<std::size_t>(E), 0);
+        for (int p = 0; p < P; ++p) {
+            EXPECT_GE(one(l, p), 0);
+            per_expert[loc.physical_to_logical()(l, p)] += one(l, p);
+        }
+        for (int e = 0; e < E; ++e) EXPECT_EQ(per_expert[e], counts(l, e)) << l << " " << e;
+    }
+}
+
+TEST(BalancedSplitEven, IsTheEqualSplitWhereThatIsOptimal) {
+    // Every expert once on each of 4 ranks: the equal split is optimal, the even split is it.
+    const int E = 6, W = 4;
+    RowMatrix<std::int32_t> p2l(1, E * W);
+    for (int r = 0; r < W; ++r) {
+        for (int e = 0; e < E; ++e) p2l(0, r * E + e) = e;
+    }
+    const ExpertLocation loc(p2l, E, W, 2);
+    Counts counts(1, E);
+    counts << 400, 7, 0, 1, 1000003, 12;
+    const Counts even = split(loc, counts, kNoFixed, -1, moelb::SplitShares::kEven);
+    for (int e = 0; e < E; ++e) {
+        for (int r = 0; r < W; ++r) {
+            EXPECT_LE(std::abs(even(0, r * E + e) * W - counts(0, e)), W) << e << " " << r;
+        }
+    }
+}
+
+TEST(BalancedSplitEven, ParsesItsNames) {
+    EXPECT_EQ(moelb::parse_split_shares("even"), moelb::SplitShares::kEven);
+    EXPECT_EQ(moelb::to_string(moelb::SplitShares::kAny), "any");
+    EXPECT_THROW(moelb::parse_split_shares("flat"), moelb::InvalidArgument);
 }
 
 // ------------------------------------------------------------------------------------------------

@@ -205,12 +205,17 @@ def test_split_reaches_the_lp_optimum_on_random_instances(restore_num_threads: N
         location, counts, fixed = random_instance(rng, LAYERS_PER_LOCATION)
         L, W = location.num_layers, location.ep_size
         fixed_or_zero = np.zeros((L, W), dtype=np.int64) if fixed is None else fixed
-        moelb.set_num_threads(1)
-        slots = moelb.balanced_split(counts, location, fixed)
-        moelb.set_num_threads(2)
-        np.testing.assert_array_equal(moelb.balanced_split(counts, location, fixed), slots)
-        check_conserved(location, counts, slots)
-        peak = rank_loads(location, slots, fixed_or_zero).max(axis=1)
+        peaks = []
+        for shares in ("any", "even"):
+            moelb.set_num_threads(1)
+            slots = moelb.balanced_split(counts, location, fixed, shares=shares)
+            moelb.set_num_threads(2)
+            again = moelb.balanced_split(counts, location, fixed, shares=shares)
+            np.testing.assert_array_equal(again, slots)
+            check_conserved(location, counts, slots)
+            peaks.append(rank_loads(location, slots, fixed_or_zero).max(axis=1))
+        peak = peaks[0]
+        np.testing.assert_array_equal(peaks[1], peak)  # the even split is optimal too
         for layer in range(L):
             optimum = lp_optimum(location, layer, counts[layer], fixed_or_zero[layer])
             assert peak[layer] == exact_ceil(optimum, W), (layer, optimum, peak[layer])
@@ -221,6 +226,127 @@ def test_split_reaches_the_lp_optimum_on_random_instances(restore_num_threads: N
     assert instances == NUM_LOCATIONS * LAYERS_PER_LOCATION
     # The instances are not all decided by the trivial bounds (mean load, largest fixed load).
     assert above_lower_bound > instances // 5
+
+
+# ------------------------------------------------------------------------------------------------
+# balanced_split(shares="even"): among the optimal splits, the most even replica shares.
+
+
+def squares(
+    location: ExpertLocation, layer: int, counts: npt.NDArray[np.int64], slots: Any
+) -> float:
+    """sum over (expert e, rank g) of x_eg^2 / (n_e m_eg) for the experts with tokens on two or
+    more ranks: the even split's objective (least, per expert, at the equal split per slot)."""
+    S = location.num_local_physical_experts
+    total = 0.0
+    for e in range(location.num_logical_experts):
+        ranks = distinct_ranks(location, layer, e)
+        if counts[e] == 0 or len(ranks) < 2:
+            continue
+        mine = np.flatnonzero(location.physical_to_logical[layer] == e)
+        for g in ranks:
+            on_g = mine[mine // S == g]
+            total += float(np.sum(slots[on_g])) ** 2 / (counts[e] * len(on_g))
+    return total
+
+
+def test_even_split_is_the_equal_split_when_that_is_optimal() -> None:
+    # Every expert on every rank (2 ranks, one slot each per expert): the equal split is optimal,
+    # so the even split is it (within a token), while any optimal split may be a vertex.
+    E, W = 5, 2
+    p2l = np.tile(np.arange(E, dtype=np.int32), W)[None]
+    location = ExpertLocation(p2l, E, W, 1)
+    counts = np.array([[40, 8, 0, 17, 1000]], dtype=np.int64)
+    even = moelb.balanced_split(counts, location, shares="even")[0]
+    for e in range(E):
+        pair = even[[e, E + e]]
+        assert pair.sum() == counts[0, e]
+        assert abs(int(pair[0]) - int(pair[1])) <= 1, (e, pair)
+
+
+def all_splits(
+    location: ExpertLocation, layer: int, counts: npt.NDArray[np.int64], fixed: Any, makespan: int
+) -> list[dict[tuple[int, int], int]]:
+    """Every integral split (expert, rank) -> tokens with every rank load <= makespan, by brute
+    force (tiny instances only)."""
+    W = location.ep_size
+    experts = [e for e in range(location.num_logical_experts) if counts[e] > 0]
+    out: list[dict[tuple[int, int], int]] = []
+
+    def compositions(n: int, k: int) -> Any:
+        if k == 1:
+            yield (n,)
+            return
+        for first in range(n + 1):
+            for rest in compositions(n - first, k - 1):
+                yield (first, *rest)
+
+    def extend(i: int, loads: list[int], chosen: dict[tuple[int, int], int]) -> None:
+        if i == len(experts):
+            out.append(dict(chosen))
+            return
+        e = experts[i]
+        ranks = distinct_ranks(location, layer, e)
+        for parts in compositions(int(counts[e]), len(ranks)):
+            new = list(loads)
+            for g, x in zip(ranks, parts, strict=True):
+                new[g] += x
+            if max(new) > makespan:
+                continue
+            extend(i + 1, new, {**chosen, **{(e, g): x for g, x in zip(ranks, parts, strict=True)}})
+
+    extend(0, [int(f) for f in fixed[:W]], {})
+    return out
+
+
+def test_even_split_is_near_the_least_squares_optimal_split(restore_num_threads: None) -> None:
+    # Brute force over every optimal integral split of tiny instances: the even split's objective
+    # is within the piecewise-linear bound of the least one (the chord of x^2 / (n m) over a
+    # segment of at most ceil(n m / (2 r)) = h tokens lies at most h^2 / (4 n m) above it, per
+    # (expert, rank)).
+    rng = np.random.default_rng(11)
+    checked = strictly_better = 0
+    for _ in range(150):
+        W = int(rng.choice([2, 3, 4]))
+        S = int(rng.integers(1, 3))
+        P = W * S
+        E = int(rng.integers(max(1, -(-P // 3)), P))
+        location = ExpertLocation(random_map(rng, E, P)[None], E, W, 1)
+        counts = rng.integers(0, 7, size=E).astype(np.int64)
+        fixed = rng.integers(0, 4, size=W).astype(np.int64)
+        even = moelb.balanced_split(counts, location, fixed, layer=0, shares="even")
+        first = moelb.balanced_split(counts, location, fixed, layer=0)
+        makespan = int(rank_loads(location, first, fixed).max())
+        assert int(rank_loads(location, even, fixed).max()) == makespan
+        S_ = location.num_local_physical_experts
+        values = []
+        for split in all_splits(location, 0, counts, fixed, makespan):
+            total = 0.0
+            for (e, g), x in split.items():
+                if len(distinct_ranks(location, 0, e)) > 1:
+                    mine = np.flatnonzero(location.physical_to_logical[0] == e)
+                    total += x * x / (counts[e] * np.sum(mine // S_ == g))
+            values.append(total)
+        if not values:
+            continue
+        bound = 0.0
+        for e in range(E):
+            ranks = distinct_ranks(location, 0, e)
+            if counts[e] == 0 or len(ranks) < 2:
+                continue
+            mine = np.flatnonzero(location.physical_to_logical[0] == e)
+            r = len(mine)
+            for g in ranks:
+                m = int(np.sum(mine // S_ == g))
+                h = math.ceil(counts[e] * m / (2 * r))
+                bound += h * h / (4 * counts[e] * m) + 1e-5
+        got = squares(location, 0, counts, even)
+        assert got <= min(values) + bound, (got, min(values), bound)
+        strictly_better += int(squares(location, 0, counts, first) > got + 1e-9)
+        checked += 1
+    assert checked > 100
+    # The instances exercise the criterion: the max-flow's split is often less even.
+    assert strictly_better > checked // 10
 
 
 def test_split_one_layer_equals_its_row() -> None:
@@ -382,7 +508,7 @@ def test_assignment_least_cost_matches_the_lp_and_the_previous_solver() -> None:
             gave_way += int(ours > cheapest_cost(location, layer, source[layer]))
             layers += 1
     assert layers == 400
-    # Many layers need cheap tokens to give way to the makespan (the ExcessFlow's harder path).
+    # Many layers need cheap tokens to give way to the makespan (the min-cost flow's harder path).
     assert gave_way > 100, gave_way
 
 

@@ -8,6 +8,7 @@ single-process optimum of the summed counts."""
 
 from __future__ import annotations
 
+import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -100,7 +101,12 @@ def test_fractions_are_the_split_per_replica(seed: int) -> None:
     counts = rng.integers(0, 50, (location.num_layers, 10))
     counts[:, 0] = 0  # an expert without tokens: equal shares
     fractions = moelb.balanced_fractions(counts, location)
-    split = moelb.balanced_split(counts, location)
+    split = moelb.balanced_split(counts, location, shares="even")
+    np.testing.assert_array_equal(
+        moelb.balanced_fractions(counts, location, shares="any") * 0,  # the same shape and zeros
+        fractions * 0,
+    )
+    any_split = moelb.balanced_split(counts, location)
     l2p = location.logical_to_physical
     assert fractions.shape == l2p.shape
     for layer in range(location.num_layers):
@@ -112,6 +118,10 @@ def test_fractions_are_the_split_per_replica(seed: int) -> None:
                 np.testing.assert_allclose(row, 1 / len(slots))
             else:
                 np.testing.assert_allclose(row * counts[layer, e], split[layer, slots])
+                vertex = moelb.balanced_fractions(counts, location, shares="any")[layer, e]
+                np.testing.assert_allclose(
+                    vertex[: len(slots)] * counts[layer, e], any_split[layer, slots]
+                )
         one = moelb.balanced_fractions(counts[layer], location, layer=layer)
         np.testing.assert_array_equal(one, fractions[layer])
 
@@ -123,9 +133,9 @@ def test_probabilities_mode_follows_the_fractions_and_its_seed() -> None:
     ids[:5] = -1
     counts = np.bincount(ids[ids >= 0], minlength=6)
     fractions = moelb.balanced_fractions(counts, location, layer=1)
-    out = moelb.dispatch_by_fractions(ids, location, 1, fractions, seed=5)
-    again = moelb.dispatch_by_fractions(ids, location, 1, fractions, seed=5)
-    other = moelb.dispatch_by_fractions(ids, location, 1, fractions, seed=6)
+    out = moelb.dispatch_by_fractions(ids, location, 1, fractions, seed=5, sampling="independent")
+    again = moelb.dispatch_by_fractions(ids, location, 1, fractions, seed=5, sampling="independent")
+    other = moelb.dispatch_by_fractions(ids, location, 1, fractions, seed=6, sampling="independent")
     np.testing.assert_array_equal(out, again)
     assert not np.array_equal(out, other)
     assert (out[:5] == -1).all()
@@ -139,6 +149,42 @@ def test_probabilities_mode_follows_the_fractions_and_its_seed() -> None:
             p = fractions[e, x]
             sigma = np.sqrt(counts[e] * p * (1 - p)) + 1
             assert abs(per_slot[slot] - counts[e] * p) <= 5 * sigma
+
+
+def test_systematic_sampling_rounds_each_share_and_keeps_each_pairs_probability() -> None:
+    rng = np.random.default_rng(17)
+    location = random_location(rng, 6, 4, 3, 2)
+    l2p = location.logical_to_physical[1]
+    p2l = location.physical_to_logical[1]
+    ids = rng.integers(0, 6, (3000, 2)).astype(np.int32)
+    ids[:7, 1] = -1
+    counts = np.bincount(ids[ids >= 0], minlength=6)
+    # Shares that are not multiples of 1 / count, some replica without tokens.
+    fractions = np.where(l2p >= 0, rng.random(l2p.shape) + 0.05, 0.0)
+    fractions[0, 0] = 0.0
+    fractions /= fractions.sum(axis=1, keepdims=True)
+    hits = np.zeros((*ids.shape, location.num_physical_experts))
+    for seed in range(200):
+        out = moelb.dispatch_by_fractions(ids, location, 1, fractions, seed=seed)
+        assert (out[ids < 0] == -1).all()
+        assert np.array_equal(p2l[out[ids >= 0]], ids[ids >= 0])
+        # Every replica's count is its share of the expert's pairs, rounded down or up.
+        per_slot = np.bincount(out[out >= 0], minlength=p2l.size)
+        for e in range(6):
+            for x, slot in enumerate(l2p[e][l2p[e] >= 0]):
+                share = counts[e] * fractions[e, x]
+                assert math.floor(share) <= per_slot[slot] <= math.ceil(share), (e, x, seed)
+        rows, cols = np.nonzero(ids >= 0)
+        hits[rows, cols, out[rows, cols]] += 1
+    # Each pair still goes to each replica with its probability (over seeds; 5 sigma).
+    for row, col in [(0, 0), (10, 1), (2999, 0)]:
+        e = ids[row, col]
+        for x, slot in enumerate(l2p[e][l2p[e] >= 0]):
+            p = fractions[e, x]
+            sigma = math.sqrt(200 * p * (1 - p)) + 1
+            assert abs(hits[row, col, slot] - 200 * p) <= 5 * sigma
+    with pytest.raises(moelb.InvalidArgumentError, match="sampling must be"):
+        moelb.dispatch_by_fractions(ids, location, 1, fractions, sampling="stratified")
 
 
 def test_probabilities_mode_errors() -> None:
@@ -317,19 +363,19 @@ def test_select_experts_balanced_prob_follows_the_optimal_fractions() -> None:
         assert any(
             not np.array_equal(a.topk_ids, c.topk_ids) for a, c in zip(outs, other, strict=True)
         )
-        # Each slot's share of its expert's tokens, and each rank's load, within sampling error
-        # (5 sigma) of the optimal split of the summed counts.
+        # Each slot's share of its expert's tokens, and each rank's load, within rounding of the
+        # optimal split of the summed counts (the max-flow's, which the per-step mode uses):
+        # systematic sampling gives each slot its share of each rank's tokens of the expert
+        # rounded down or up.
         counts = sum(np.bincount(x.ravel(), minlength=E) for x in plain)
         split = moelb.balanced_split(counts, location, layer=layer)
         per_slot = np.bincount(
             np.concatenate([o.recorder_topk_ids.ravel() for o in outs]), minlength=P
         )
-        p = split / counts[p2l]
-        variance = counts[p2l] * p * (1 - p)
-        assert (np.abs(per_slot - split) <= 5 * np.sqrt(variance) + 1).all()
+        assert (np.abs(per_slot - split) < W).all(), (per_slot, split)
         S = location.num_local_physical_experts
         rank_error = np.abs(per_slot.reshape(W, S).sum(1) - split.reshape(W, S).sum(1))
-        assert (rank_error <= 5 * np.sqrt(variance.reshape(W, S).sum(1)) + 1).all()
+        assert (rank_error < W * S).all()
 
 
 def hash_setup(seed: int):

@@ -91,6 +91,20 @@ def test_bench_eplb_quick(tmp_path: Path) -> None:
     assert len(data["goals"]) == 6 and all(isinstance(g["met"], bool) for g in data["goals"])
 
 
+def test_bench_plan_dispatch_quick(tmp_path: Path) -> None:
+    stdout, data = run_quick(tmp_path, "bench_plan_dispatch.py")
+    assert "goal (" in stdout
+    plans = {r["plan"] for r in data["results"]}
+    assert {"deepseek", "moelb:none", "moelb:none:sglang_static"} <= plans
+    assert len(data["results"]) == 2 * 2 * len(plans)  # two load models, two clusters
+    for r in data["results"]:
+        # the largest GPU load is at least the mean, under either dispatch
+        assert r["equal_split"] >= 1 - 1e-9 and r["sglang_static"] >= 1 - 1e-9, r
+        assert r["ran"].endswith("+sglang_static") == r["plan"].endswith(":sglang_static")
+        assert all(t > 0 for t in r["median_seconds"].values()), r
+    assert len(data["goals"]) == 8
+
+
 def bench_module(name: str) -> Any:
     """A benchmark script imported as a module (benchmarks/ is not a package)."""
     sys.path.insert(0, str(BENCHMARKS))

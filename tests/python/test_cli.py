@@ -510,6 +510,45 @@ def test_rebalance_reports_what_sglangs_static_table_realises(
     assert "under sglang_static" in out and "planned" in out
 
 
+def test_rebalance_plans_for_sglangs_static_table(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """--dispatch sglang_static: the plan the library makes, its realised figures in the summary
+    (the same model as the expected balancedness under sglang_static), above the equal-split
+    plan's under SGLang's table; a target moelb does not plan for DeepSeek's algorithm is a
+    one-line error naming the flag's value."""
+    dump = tmp_path / "dump.npz"
+    counts = small_dump(dump)
+    out_path = tmp_path / "p.json"
+    args = ["rebalance", str(dump), "-o", str(out_path), *SMALL_TOPOLOGY, "--num-groups", "8"]
+    target = ["--locality", "none", "--dispatch", "sglang_static"]
+    code, out, err = cli(capsys, *args, *target, "--json")
+    assert code == 0, err
+    summary = json.loads(out)
+    load = counts.sum(axis=0).astype(np.float64)
+    plan = moelb.rebalance(load, 80, 8, 2, 8, locality="none", dispatch="sglang_static")
+    saved = moelb.load_placement(out_path, ep_size=8, num_nodes=2)
+    np.testing.assert_array_equal(saved.physical_to_logical, plan.location.physical_to_logical)
+    assert summary["dispatch"] == "sglang_static"
+    assert summary["algorithm"] == "moelb(locality=none)+sglang_static"
+    active = load.sum(axis=1) > 0
+    ratio = plan.stats.realised_max_rank_load[active] / plan.stats.mean_rank_load[active]
+    assert summary["realised_max_over_mean_after"] == pytest.approx(ratio.mean(), rel=1e-12)
+    assert summary["sglang_static_balancedness_after"] == pytest.approx(
+        plan.stats.realised_balancedness, rel=1e-9
+    )
+    code, out, err = cli(capsys, *args, "--locality", "none", "--json")
+    assert code == 0, err
+    equal = json.loads(out)
+    assert equal["dispatch"] == "equal_split" and equal["realised_max_over_mean_after"] is None
+    assert summary["sglang_static_balancedness_after"] > equal["sglang_static_balancedness_after"]
+    code, out, err = cli(capsys, *args, *target)
+    assert code == 0, err
+    assert "planned for dispatch sglang_static" in out
+    code, _, err = cli(capsys, *args, *target, "--algorithm", "deepseek")
+    assert_one_line_error(code, err, "dispatch='sglang_static'")
+
+
 def test_inspect_reports_sglangs_layer_balancedness(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:

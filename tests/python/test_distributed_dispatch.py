@@ -4,9 +4,12 @@ Each process is an EP rank that routes its own tokens with ``select_experts(...,
 dispatch="balanced", all_gather=moelb.torch_all_gather())`` (one all_gather of the per-rank counts
 per layer; every rank computes the same assignment and sends its tokens by its row) and with
 ``dispatch="balanced_prob", all_reduce=moelb.torch_all_reduce()`` (one all_reduce; seeded picks
-from the optimal fractions), and the V4 ``HashRouter`` in the exact mode. The processes save the
-tokens they sent to each slot; the tests compare the ranks' union with the single-process optimum
-(``balanced_split`` / ``balanced_assignment`` of the summed counts) computed here.
+from the optimal fractions), and the V4 ``HashRouter`` in the exact mode; both routers also with
+``dispatch="balanced_joint"`` (the routed replicas and the fused shared expert in one flow, one
+all_gather of the [E + 1] counts, output in Waterfill's layout). The processes save the tokens
+they sent to each slot; the tests compare the ranks' union with the single-process optimum
+(``balanced_split`` / ``balanced_assignment`` of the summed counts, on the joint placement for
+the joint mode) computed here.
 """
 
 from __future__ import annotations
@@ -124,6 +127,34 @@ def _worker(rank: int, world: int, workdir: str) -> None:
                 all_gather=all_gather,
             )
             result[f"hash_ids_{layer}"] = hashed.topk_ids
+            waterfill = moelb.WaterfillBalancer(NUM_PHYSICAL, world, rank)
+            joint = moelb.select_experts(
+                logits(rank, layer, num_tokens(rank)),
+                CONFIG,
+                None,
+                num_non_padded(rank),
+                loc,
+                layer,
+                rank,
+                dispatch="balanced_joint",
+                all_gather=all_gather,
+                waterfill=waterfill,
+            )
+            result[f"joint_ids_{layer}"] = joint.topk_ids
+            result[f"joint_weights_{layer}"] = joint.topk_weights
+            hashed_joint = router.select(
+                logits(rank, layer, num_tokens(rank)),
+                input_ids(rank),
+                num_non_padded(rank),
+                loc,
+                layer,
+                rank,
+                dispatch="balanced_joint",
+                all_gather=all_gather,
+                waterfill=waterfill,
+            )
+            result[f"hash_joint_ids_{layer}"] = hashed_joint.topk_ids
+            result[f"hash_joint_weights_{layer}"] = hashed_joint.topk_weights
         # A rank that passes another rank's ep_rank: the gathered row is not its counts; the
         # collective has completed on every rank, so each raises and none waits.
         try:
@@ -200,7 +231,63 @@ def test_hash_router_exact_mode(cluster: list[dict[str, Any]]) -> None:
         check_exact(cluster, "hash_ids", logical, layer)
 
 
-def test_probabilities_mode_within_sampling_error(cluster: list[dict[str, Any]]) -> None:
+def check_joint(cluster: list[dict[str, Any]], key: str, logical: list[Any], layer: int) -> None:
+    """The joint mode: each rank sent its routed and shared pairs by its row of the joint
+    assignment computed here, the union has the joint optimum's largest rank load, the shared
+    column sits in a shared slot on every non-padded row, and ids and weights are in Waterfill's
+    layout (the weights those of ``WaterfillBalancer.expand`` on the same routed ids)."""
+    loc = location()
+    joint = moelb.per_rank_shared_location(loc)
+    S1 = SLOTS_PER_RANK + 1
+    p2l = loc.physical_to_logical[layer]
+    routed_logical = [x.recorder_topk_ids for x in logical]
+    source = np.stack(
+        [
+            np.append(np.bincount(x[x >= 0], minlength=NUM_EXPERTS), (x >= 0).any(axis=1).sum())
+            for x in routed_logical
+        ]
+    )
+    assignment = moelb.balanced_assignment(source, joint, layer=layer)
+    optimum = moelb.balanced_split(source.sum(axis=0), joint, layer=layer)
+    union = np.zeros(EP_SIZE * S1, np.int64)
+    for rank, result in enumerate(cluster):
+        ids, weights = result[f"{key}_ids_{layer}"], result[f"{key}_weights_{layer}"]
+        per_slot_joint = np.bincount(ids[ids >= 0], minlength=EP_SIZE * S1)
+        np.testing.assert_array_equal(per_slot_joint, assignment[rank])
+        union += per_slot_joint
+        routed, plain = ids[:, :-1], routed_logical[rank]
+        np.testing.assert_array_equal(routed < 0, plain < 0)
+        physical = np.where(routed >= 0, routed - routed // S1, -1).astype(np.int32)
+        np.testing.assert_array_equal(p2l[physical[physical >= 0]], plain[plain >= 0])
+        n = num_non_padded(rank)
+        assert (ids[:n, -1] % S1 == SLOTS_PER_RANK).all() and (ids[n:] == -1).all()
+        balancer = moelb.WaterfillBalancer(NUM_PHYSICAL, EP_SIZE, rank)
+        routed_weights = np.ascontiguousarray(logical[rank].topk_weights[:, :-1])
+        _, want = balancer.expand(physical, routed_weights)
+        np.testing.assert_array_equal(weights, want)
+    assert union.sum() == source.sum()
+    loads = union.reshape(EP_SIZE, S1).sum(axis=1)
+    assert loads.max() == optimum.reshape(EP_SIZE, S1).sum(axis=1).max()
+
+
+def test_joint_mode_realises_the_single_process_joint_optimum(
+    cluster: list[dict[str, Any]],
+) -> None:
+    router = hash_router()
+    for layer in range(NUM_LAYERS):
+        logical = [
+            moelb.select_experts(logits(r, layer, num_tokens(r)), CONFIG, None, num_non_padded(r))
+            for r in range(EP_SIZE)
+        ]
+        check_joint(cluster, "joint", logical, layer)
+        hashed = [
+            router.select(logits(r, layer, num_tokens(r)), input_ids(r), num_non_padded(r))
+            for r in range(EP_SIZE)
+        ]
+        check_joint(cluster, "hash_joint", hashed, layer)
+
+
+def test_probabilities_mode_within_rounding(cluster: list[dict[str, Any]]) -> None:
     loc = location()
     for layer in range(NUM_LAYERS):
         logical = [
@@ -215,12 +302,12 @@ def test_probabilities_mode_within_sampling_error(cluster: list[dict[str, Any]])
             routed = result[f"prob_ids_{layer}"][:, :-1]
             np.testing.assert_array_equal(p2l[routed], logical[rank])
             union += per_slot(routed)
-        # Each slot gets its optimal share of its expert's tokens within 5 sigma (binomial).
-        share = split / counts[p2l]
-        sigma = np.sqrt(counts[p2l] * share * (1 - share))
-        assert (np.abs(union - split) <= 5 * sigma + 1).all(), (union, split)
-        rank_sigma = np.sqrt(rank_loads(sigma**2))
-        assert (np.abs(rank_loads(union) - rank_loads(split)) <= 5 * rank_sigma + 1).all()
+        # Systematic sampling: each rank gives each slot its share of the rank's tokens of the
+        # expert rounded down or up, so the union is within one token per rank of the optimal
+        # split (the max-flow's, which the per-step mode uses), per slot.
+        assert (np.abs(union - split) < EP_SIZE).all(), (union, split)
+        S = NUM_PHYSICAL // EP_SIZE
+        assert (np.abs(rank_loads(union) - rank_loads(split)) < EP_SIZE * S).all()
 
 
 def test_a_rank_out_of_order_is_refused_on_every_rank(cluster: list[dict[str, Any]]) -> None:

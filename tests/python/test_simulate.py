@@ -309,12 +309,55 @@ def test_balanced_realises_the_optimum_of_every_step(served_step: tuple) -> None
     )
 
 
-def test_balanced_joint_places_routed_and_shared_at_the_joint_optimum(served_step: tuple) -> None:
-    from moelb.simulation.token_level import per_rank_shared_location
+@pytest.mark.parametrize("waterfill", [None, "dynamic"])
+def test_shared_local_counts_only_rows_with_a_valid_id(served_step: tuple, waterfill) -> None:
+    """The "+shared local" score puts one shared token on its source rank per row with a valid
+    id, under every model: padding rows (all -1) carry none, as in the joint flow's counts."""
+    from moelb.simulation.policies import Policy
+    from moelb.simulation.token_level import TokenLevel
 
+    served, policy, routed, _ = served_step
+    models = ("equal_split", "sglang_static", "balanced", "balanced_joint")
+    config = dataclasses.replace(served.config, dispatch=models, waterfill=waterfill)
+    token_level = TokenLevel(config, 272)
+    padded = [ids.copy() for ids in routed]
+    bounds = token_level.bounds_tokens
+    for ids in padded:
+        ids[bounds[2] : bounds[2] + 100] = -1  # most of rank 2's batch is padding
+        ids[bounds[5] : bounds[6]] = -1  # all of rank 5's
+    shared = np.bincount(np.repeat(np.arange(8), np.diff(bounds)), minlength=8)
+    shared[2] -= 100
+    shared[5] = 0
+    fresh = Policy(policy.name, "moelb", "auto", "total", policy.current)
+    token_level.realise([fresh], padded, 3)
+
+    def rate(loads: np.ndarray) -> float:
+        return float(moelb.utilization_rate(float(loads.mean()), float(loads.max())))
+
+    S = 34
+    for name in models:
+        local = []
+        for layer, ids in enumerate(padded):
+            if name == "equal_split":
+                p2l = policy.current.physical_to_logical[layer]
+                counts = np.bincount(ids[ids >= 0], minlength=256)
+                share = counts[p2l] / policy.current.logical_count[layer][p2l]
+                routed_load = share.reshape(8, S).sum(axis=1)
+            else:
+                physical = token_level.dispatch(fresh, name, padded, 3)[layer]
+                if name == "balanced_joint":
+                    np.testing.assert_array_equal(physical[:, -1] >= 0, (ids >= 0).any(axis=1))
+                    joint = physical[:, :-1]
+                    physical = np.where(joint >= 0, joint - joint // (S + 1), -1)
+                routed_load = np.bincount(physical[physical >= 0] // S, minlength=8)
+            local.append(rate(routed_load + shared))
+        assert fresh.token[name][0][1] == pytest.approx(np.mean(local), rel=1e-12), name
+
+
+def test_balanced_joint_places_routed_and_shared_at_the_joint_optimum(served_step: tuple) -> None:
     token_level, policy, routed, source = served_step
     location = policy.current
-    joint = per_rank_shared_location(location)
+    joint = moelb.per_rank_shared_location(location)
     assert (joint.num_logical_experts, joint.num_physical_experts) == (257, 8 * 35)
     np.testing.assert_array_equal(joint.physical_to_logical[:, 34::35], 256)
     dispatched = token_level.dispatch(policy, "balanced_joint", routed, 2)
@@ -348,17 +391,32 @@ def test_balanced_joint_places_routed_and_shared_at_the_joint_optimum(served_ste
 
 
 def test_balanced_offline_uses_the_planning_windows_counts(served_step: tuple) -> None:
-    """With the planning window's counts equal to the step's, balanced_offline's fractions are
-    balanced_prob's: the same picks from the same seed."""
+    """balanced_offline draws from the even fractions of the planning window's counts with the
+    step's seed; balanced_prob from the max-flow's fractions of the step's own counts."""
+    from moelb.simulation.token_level import _step_seed
+
     token_level, policy, routed, source = served_step
-    policy.expect(source.sum(axis=1))
+    location, seed = policy.current, _step_seed(token_level.config.seed, 2)
+
+    def by(fractions: np.ndarray) -> list[np.ndarray]:
+        return [
+            moelb.dispatch_by_fractions(ids, location, layer, fractions[layer], seed=seed)
+            for layer, ids in enumerate(routed)
+        ]
+
+    counts = source.sum(axis=1)
+    policy.expect(counts)
     offline = token_level.dispatch(policy, "balanced_offline", routed, 2)
     prob = token_level.dispatch(policy, "balanced_prob", routed, 2)
-    for a, b in zip(offline, prob, strict=True):
+    expected_offline = by(moelb.balanced_fractions(counts, location))
+    expected_prob = by(moelb.balanced_fractions(counts, location, shares="any"))
+    for a, b in zip(offline, expected_offline, strict=True):
         np.testing.assert_array_equal(a, b)
-    policy.expect(np.ones_like(source.sum(axis=1)))  # a flat expectation: other fractions
+    for a, b in zip(prob, expected_prob, strict=True):
+        np.testing.assert_array_equal(a, b)
+    policy.expect(np.ones_like(counts))  # a flat expectation: other fractions
     flat = token_level.dispatch(policy, "balanced_offline", routed, 2)
-    assert any(not np.array_equal(a, b) for a, b in zip(flat, prob, strict=True))
+    assert any(not np.array_equal(a, b) for a, b in zip(flat, offline, strict=True))
 
 
 def test_simulator_dispatch_names() -> None:
@@ -549,11 +607,11 @@ def test_config_errors(changes: dict, message: str) -> None:
 
 
 def test_parse_algorithm() -> None:
-    assert parse_algorithm("moelb") == ("moelb", "auto", "total")
-    assert parse_algorithm("moelb:none") == ("moelb", "none", "total")
-    assert parse_algorithm("moelb:none:step_peak") == ("moelb", "none", "step_peak")
-    assert parse_algorithm("moelb:step_peak:node") == ("moelb", "node", "step_peak")
-    assert parse_algorithm("deepseek_global") == ("deepseek_global", "auto", "total")
+    assert parse_algorithm("moelb") == ("moelb", "auto", "total", "equal_split")
+    assert parse_algorithm("moelb:none") == ("moelb", "none", "total", "equal_split")
+    assert parse_algorithm("moelb:none:step_peak") == ("moelb", "none", "step_peak", "equal_split")
+    assert parse_algorithm("moelb:step_peak:node") == ("moelb", "node", "step_peak", "equal_split")
+    assert parse_algorithm("deepseek_global") == ("deepseek_global", "auto", "total", "equal_split")
     bad_specs = ("moelb:none:none", "moelb:auto:node", "moelb:total:step_peak", "moelb:auto:auto")
     for bad in (*bad_specs, "moelb:", "moelb:peak", "deepseek:none", "deepseek:step_peak", "ds"):
         with pytest.raises(moelb.InvalidArgumentError, match="algorithms"):

@@ -151,13 +151,29 @@ void dispatch_tokens(const ExpertLocation& location, DispatchAlgorithm algorithm
 // sum past the int64 range. On error `out` is left untouched. (A validated ExpertLocation gives
 // every logical expert a replica in every layer, so every count has somewhere to go.)
 
+// Which of the optimal splits balanced_split returns.
+//   kAny:  the max-flow's (the fastest): a vertex of the optimal set, where many experts sit
+//          wholly on one of their replicas.
+//   kEven: the one whose replica shares are the most even: the least sum over (expert e, rank g)
+//          of x_eg^2 / (n_e m_eg), m_eg = e's slots on g (least, per expert, at the equal split
+//          per slot), up to a piecewise-linear approximation (integral breakpoints every half
+//          equal share, exact at them). For fractions used on other steps' tokens (the
+//          probabilities mode, offline fractions), where an expert spread over its replicas
+//          hedges its own variation. Slower (a min-cost flow after the max-flow).
+enum class SplitShares { kAny, kEven };
+
+// Parses "any" / "even"; a bad name is an InvalidArgument naming `param`.
+SplitShares parse_split_shares(std::string_view name, std::string_view param = "shares");
+std::string_view to_string(SplitShares shares);
+
 // balanced_split: the tokens per physical slot.
 //   counts: [L', E] int64 >= 0, the global tokens routed to each logical expert in the step.
 //   out: [L', P] int64, the tokens each physical slot receives; each expert's slots sum to its
 //     count, and the largest rank load is ceil(T*).
+//   shares: which optimal split (above).
 void balanced_split(const ExpertLocation& location, ConstMatrixMap<std::int64_t> counts,
                     ConstMatrixMap<std::int64_t> fixed_loads, MatrixMap<std::int64_t> out,
-                    int layer = -1);
+                    int layer = -1, SplitShares shares = SplitShares::kAny);
 
 // The costs balanced_assignment minimises among the optimal splits, per token: a token served on
 // its source rank costs 0, on another rank of the source's node 1, on another node 2.

@@ -24,6 +24,37 @@
 // same steps end up on different GPUs. Its per-step peak is never above the kTotal plan's (unless
 // move_cost / max_moves keep a layer's previous placement; under kStepPeak they weigh the gain in
 // the per-step peak).
+//
+// Target dispatch (kMoelb, RebalanceOptions::dispatch; ours): every planner minimises the largest
+// GPU load under an equal split of each expert over its replicas (kEqualSplit, the default).
+// kSglangStatic plans for the load SGLang's `static` dispatch realises on the
+// `--init-expert-location` file path (reference/dispatch.md sections 2-3; the kSglangStatic model
+// of dispatch.hpp): each rank's table is a deterministic function of the placement file, so the
+// planner evaluates it exactly and chooses which GPUs hold which replicas -- and so each rank's
+// nearest replica and the replica order of the ranks that fall back to random.Random(42) -- to
+// make the largest realised GPU load small. Planning model: each rank originates load[e] / W of
+// every expert e (only window loads are known); the realised load of a GPU is the sum over its
+// slots of the load the W ranks' tables send there. Under node locality every rank that holds no
+// replica of a replicated expert falls back to SGLang's random choice (its same-node rule needs a
+// strict subset of the list), and the planner can only choose placements whose draws come out
+// even (swaps within nodes); without locality it also builds node-spread placements (an
+// expert's replicas on distinct nodes; on every node, no rank draws).
+// Per layer the result realises no more than the equal-split plan's layer placed after the
+// same earlier layers (each rank's random stream runs on from layer to layer, so a layer's
+// table depends on the earlier layers' placements); with `previous`, move_cost / max_moves weigh
+// the realised gain.
+// kBalanced plans for moelb's per-step exact split (balanced_split in dispatch.hpp: each step's
+// tokens split over the replicas at the optimal largest GPU load ceil(T*)), whose optimum is
+// limited by sets of GPUs that no replica links to the others: the replicated experts' replicas
+// are laid out as one spanning hypertree over the GPUs (without node locality; one per node with
+// it), connected whenever the domain's redundant slots are at least its GPUs - 1; the replica
+// counts by the divisor method on the window's load (no forecast: the plan is a function of the
+// window). Per layer the layout is kept only when the sum of ceil(T*) over the evaluation steps
+// (K = min(T, 32) evenly spaced steps of a time series, or the summed load as one step) is
+// lower than the equal-split plan's, so it is never worse on the window it was planned on
+// (cpp/src/eplb/connected.cpp: the steps, the integer scaling of non-integer loads). With
+// `previous`, GPUs are relabelled to keep experts where they were, and move_cost / max_moves
+// weigh the realised gain.
 #pragma once
 
 #include <cstdint>
@@ -59,6 +90,8 @@ inline constexpr double kMaxTotalLoad = 1e300;
 enum class EplbAlgorithm { kDeepSeek, kDeepSeekHierarchical, kDeepSeekGlobal, kMoelb };
 enum class Locality { kAuto, kNode, kNone };
 enum class Objective { kTotal, kStepPeak };
+// The dispatch a plan is made for (the load the planner minimises is the one it realises).
+enum class PlanDispatch { kEqualSplit, kSglangStatic, kBalanced };
 
 EplbAlgorithm parse_eplb_algorithm(std::string_view name, std::string_view param = "algorithm");
 std::string_view to_string(EplbAlgorithm algorithm);
@@ -66,6 +99,8 @@ Locality parse_locality(std::string_view name, std::string_view param = "localit
 std::string_view to_string(Locality locality);
 Objective parse_objective(std::string_view name, std::string_view param = "objective");
 std::string_view to_string(Objective objective);
+PlanDispatch parse_plan_dispatch(std::string_view name, std::string_view param = "dispatch");
+std::string_view to_string(PlanDispatch dispatch);
 
 // A read-only view of per-step loads [num_steps, num_layers, num_experts], row-major: a time
 // series of expert loads, each value finite and >= 0; float64 `data`, or int32 `counts` (a
@@ -99,6 +134,9 @@ struct RebalanceOptions {
     const ExpertLocation* previous = nullptr;
     double move_cost = kDefaultMoveCost;
     Index max_moves = -1;
+    // kMoelb only; kSglangStatic and kBalanced take objective kTotal (kBalanced reads a time
+    // series' steps for its never-worse check and statistics).
+    PlanDispatch dispatch = PlanDispatch::kEqualSplit;
 };
 
 struct LayerPlanStats {
@@ -113,6 +151,16 @@ struct LayerPlanStats {
     // With per-step loads: the sum over steps of each step's largest GPU load (>= max_rank_load,
     // which is the largest GPU's sum over steps); NaN without them.
     double step_max_rank_load = std::numeric_limits<double>::quiet_NaN();
+    // Under a target dispatch other than kEqualSplit (PlanStats::dispatch): the largest GPU load
+    // that dispatch realises (kSglangStatic: SGLang's file-path tables, each rank originating
+    // 1/W of every expert's load; kBalanced: the sum over the evaluation steps of each step's
+    // optimal largest GPU load ceil(T*) -- in the integer units the loads were scaled to, scaled
+    // back -- times the layer's total load over the evaluated steps' load, so that
+    // mean_rank_load / realised_max_rank_load is the evaluated steps' per-step balancedness
+    // under the balanced dispatch, each step weighted by its largest load); NaN under
+    // kEqualSplit. Every dispatch sends all the load somewhere, so the realised mean is
+    // mean_rank_load.
+    double realised_max_rank_load = std::numeric_limits<double>::quiet_NaN();
 };
 
 struct PlanStats {
@@ -132,6 +180,13 @@ struct PlanStats {
     // per-pass balancedness with each pass weighted by its largest load), over all layers.
     bool has_steps = false;
     double step_balancedness = std::numeric_limits<double>::quiet_NaN();
+    // The dispatch the statistics target; except under kEqualSplit, realised_balancedness is
+    // balancedness() of mean_rank_load over realised_max_rank_load, over all layers (NaN under
+    // kEqualSplit; under kBalanced the mean over the layers of each layer's per-step
+    // balancedness under the balanced dispatch, its evaluation steps weighted by their largest
+    // load).
+    PlanDispatch dispatch = PlanDispatch::kEqualSplit;
+    double realised_balancedness = std::numeric_limits<double>::quiet_NaN();
     std::string algorithm;  // what ran, e.g. "moelb(locality=node)" or "deepseek_global"
     std::string notes;      // fallbacks and why
 };
@@ -152,11 +207,14 @@ Plan rebalance(const StepLoads& steps, const RebalanceOptions& options);
 // Per-rank loads [L, W] of a placement under equal split of each expert's load over its replicas.
 RowMatrix<double> rank_loads(ConstMatrixMap<double> load, const ExpertLocation& location);
 
-// The statistics of a placement for a load (moved experts counted against `previous` if given).
+// The statistics of a placement for a load (moved experts counted against `previous` if given;
+// with a `dispatch` other than kEqualSplit, also what that dispatch realises).
 PlanStats evaluate_placement(ConstMatrixMap<double> load, const ExpertLocation& location,
-                             const ExpertLocation* previous = nullptr);
-// The same for a time series [T, L, E], with the per-step peaks.
+                             const ExpertLocation* previous = nullptr,
+                             PlanDispatch dispatch = PlanDispatch::kEqualSplit);
+// The same for a time series [T, L, E], with the per-step peaks (the realised load of the sum).
 PlanStats evaluate_placement(const StepLoads& steps, const ExpertLocation& location,
-                             const ExpertLocation* previous = nullptr);
+                             const ExpertLocation* previous = nullptr,
+                             PlanDispatch dispatch = PlanDispatch::kEqualSplit);
 
 }  // namespace moelb

@@ -1,8 +1,11 @@
 // The planner's loops over layers (DESIGN section 4, section 8: parallel across layers, the same
 // result for any thread count): DeepSeek's policy on every layer, and moelb's pipeline on every
 // layer -- locality domains -> replica counts -> packing (or DeepSeek's, when lower) -> count
-// searches -> per-step refinement -> matching to the previous placement -> statistics. Pure
-// planning: a checked request in, the layers' slots and statistics out.
+// searches -> per-step refinement -> matching to the previous placement -> statistics -- then,
+// for a target dispatch other than an equal split, the pass over the layers in order that plans
+// for what that dispatch realises (dispatch sglang_static: realised_static.cpp; balanced:
+// connected.cpp). Pure planning: a
+// checked request in, the layers' slots and statistics out.
 #include <algorithm>
 #include <cstdint>
 #include <limits>
@@ -142,6 +145,16 @@ LayerPlans plan_moelb_layers(const PlanRequest& r) {
             plans.take_stats(r, l, bound, scratch.count32);
         }
     });
+    switch (r.dispatch) {  // the target dispatch's pass over the equal-split plans
+        case PlanDispatch::kEqualSplit:
+            break;
+        case PlanDispatch::kSglangStatic:
+            plan_sglang_static(r, choice, plans);
+            break;
+        case PlanDispatch::kBalanced:
+            plan_balanced(r, choice, plans);
+            break;
+    }
     const auto from_deepseek = std::count(origins.begin(), origins.end(), PackingOrigin::kDeepSeek);
     if (from_deepseek > 0) {
         std::ostringstream note;

@@ -7,6 +7,10 @@
 //   replica_counts.cpp  how many replicas each expert gets; the layer's flat lower bound
 //   packing.cpp         replicas -> GPUs: LPT, duplicate repair, swap search (the Packing)
 //   step_peak.cpp       the per-step peak objective's swap search (Objective::kStepPeak)
+//   realised_static.cpp the target dispatch sglang_static: SGLang's file-path tables evaluated
+//                       exactly, the swap search on them, the node-spread placement
+//   connected.cpp       the target dispatch balanced: the connected replica layout, the
+//                       never-worse check on the window's steps by the exact per-step split
 //   previous.cpp        matching to the previous placement, and the move / balance trade-off
 //   stats.cpp           a placement's statistics (LayerPlanStats, PlanStats)
 //   plan_layers.cpp     the layer loops: DeepSeek's, and moelb's pipeline per layer
@@ -358,6 +362,7 @@ struct PlanRequest {
     const ExpertLocation* previous;
     double move_cost;
     Index max_moves;
+    PlanDispatch dispatch;  // the target dispatch (kMoelb only)
 
     int slots_per_rank() const { return num_physical_experts / ep_size; }  // S
     // Layer l's previous slots, or nullptr without previous.
@@ -374,6 +379,11 @@ void check_load_shape(ConstMatrixMap<double> load, const ExpertLocation& locatio
 // evaluate_placement's checks of the shapes of load, location and previous, and of the loads.
 void check_evaluate_args(ConstMatrixMap<double> load, const ExpertLocation& location,
                          const ExpertLocation* previous);
+// The largest num_experts x ep_size that dispatch kSglangStatic models (every rank's table entry
+// of every expert, a few arrays of that size per layer): 2**22.
+constexpr Index kMaxSglangStaticEntries = Index{1} << 22;
+// A target dispatch's size limit (an InvalidArgument naming `dispatch`).
+void check_dispatch_size(PlanDispatch dispatch, int num_experts, int ep_size);
 // Validates a time series and sums it over the steps (in step order) into [L, E].
 RowMatrix<double> sum_steps(const StepLoads& steps);
 // Checks rebalance()'s arguments (load: a series' sum when `steps`), in the order its errors are
@@ -390,9 +400,12 @@ struct LayerPlans {
     // stats.layers: each layer's, taken right after it is planned (its data still in cache).
     PlanStats stats;
     std::vector<double> lower_bounds;  // moelb: each layer's flat lower bound (else empty)
-    std::string algorithm;             // what ran, e.g. "moelb(locality=node)"
-    int location_nodes = 1;            // the location's num_nodes
-    std::string notes;                 // fallbacks and why, each sentence ending in ". "
+    // dispatch kSglangStatic with previous: each layer's previous placement's realised largest
+    // GPU load, after the plan's earlier layers (else empty).
+    std::vector<double> previous_realised;
+    std::string algorithm;   // what ran, e.g. "moelb(locality=node)"
+    int location_nodes = 1;  // the location's num_nodes
+    std::string notes;       // fallbacks and why, each sentence ending in ". "
 
     // Sets layer l's statistics from its slots, against `bound` (its flat lower bound; NaN:
     // computed here). `count` is scratch.
@@ -471,6 +484,34 @@ void match_previous(std::int32_t* phy2log, const std::int32_t* old, int num_expe
 // statistics and a note.
 void trade_moves_for_balance(const PlanRequest& request, LayerPlans& plans);
 
+// realised_static.cpp: dispatch kSglangStatic on a moelb plan (plans.phy2log: the equal-split
+// plan, matched to the previous placement): layer after layer, each rank's random stream
+// carried on, the candidate placement with the lowest realised largest GPU load (the equal-split
+// plan first, so never above it; then that plan improved by swaps within `choice`'s domains; and
+// without locality on several nodes, the node-spread placement improved by swaps), its
+// statistics with realised_max_rank_load, and plans.previous_realised with previous.
+void plan_sglang_static(const PlanRequest& request, const LocalityChoice& choice,
+                        LayerPlans& plans);
+// realised_static.cpp: layers[l].realised_max_rank_load of every layer l of a placement
+// (phy2log: [load.rows(), num_physical_experts] row-major) under SGLang's file-path tables, each
+// rank originating load(l, e) / ep_size of every expert.
+void realise_sglang_static(ConstMatrixMap<double> load, const std::int32_t* phy2log,
+                           int num_experts, int num_physical_experts, int ep_size, int num_nodes,
+                           std::vector<LayerPlanStats>& layers);
+
+// connected.cpp: dispatch kBalanced on a moelb plan (plans.phy2log: the equal-split plan, matched
+// to the previous placement): per layer (in parallel) the connected replica layout (one spanning
+// hypertree per `choice` domain), matched to the previous placement, kept when its sum of the
+// evaluation steps' ceil(T*) is below the equal-split plan's; realised_max_rank_load of every
+// layer, and plans.previous_realised with previous.
+void plan_balanced(const PlanRequest& request, const LocalityChoice& choice, LayerPlans& plans);
+// connected.cpp: layers[l].realised_max_rank_load of every layer l of a placement (phy2log:
+// [load.rows(), num_physical_experts] row-major) under the per-step exact split, on the
+// evaluation steps of `steps` (or the summed load `load` when nullptr).
+void realise_balanced(ConstMatrixMap<double> load, const StepLoads* steps,
+                      const std::int32_t* phy2log, int num_experts, int num_physical_experts,
+                      int ep_size, std::vector<LayerPlanStats>& layers);
+
 // stats.cpp: the statistics of one layer of a placement: loads w, slots phy2log, `bound` the
 // layer's flat lower bound (NaN: computed here), `previous` the previous slots (or nullptr),
 // `steps` the layer's per-step loads (or nullptr). `count` is scratch.
@@ -478,11 +519,18 @@ LayerPlanStats layer_stats(const double* w, const std::int32_t* phy2log, int num
                            int num_physical_experts, int ep_size, double bound,
                            const std::int32_t* previous, const LayerSteps* steps,
                            std::vector<std::int32_t>& count);
-// stats.cpp: the whole plan's statistics from its layers'.
+// stats.cpp: layers[l].realised_max_rank_load of every layer of a placement (phy2log
+// [load.rows(), num_physical_experts] row-major) as the target `dispatch` realises it (nothing
+// under kEqualSplit): load [L, E] (a series' sum), `steps` the series or nullptr.
+void realise(PlanDispatch dispatch, ConstMatrixMap<double> load, const StepLoads* steps,
+             const std::int32_t* phy2log, int num_experts, int num_physical_experts, int ep_size,
+             int num_nodes, std::vector<LayerPlanStats>& layers);
+// stats.cpp: the whole plan's statistics from its layers' (and, under a target dispatch other
+// than kEqualSplit, stats.dispatch, the realised balancedness).
 void summarise(PlanStats& stats, bool has_steps);
 // stats.cpp: evaluate_placement (arguments checked).
 PlanStats evaluate(ConstMatrixMap<double> load, const ExpertLocation& location,
-                   const ExpertLocation* previous, const StepLoads* steps);
+                   const ExpertLocation* previous, const StepLoads* steps, PlanDispatch dispatch);
 
 // plan_layers.cpp: every layer by DeepSeek's policy (request.algorithm), with statistics.
 LayerPlans plan_deepseek_layers(const PlanRequest& request);

@@ -213,7 +213,8 @@ struct MoveCandidate {
 
 // The layers whose new placement changes slots and pays for its moves at move_cost; marks those
 // that do not in keep_previous. The gain is in the plan's objective: the largest GPU load of the
-// total, or the sum of the steps' largest.
+// total, or the sum of the steps' largest, or the largest realised by the target dispatch (each
+// layer's previous placement measured after the plan's earlier layers, plans.previous_realised).
 std::vector<MoveCandidate> move_candidates(const PlanRequest& r, const LayerPlans& plans,
                                            std::vector<bool>& keep_previous) {
     std::vector<MoveCandidate> candidates;
@@ -225,8 +226,12 @@ std::vector<MoveCandidate> move_candidates(const PlanRequest& r, const LayerPlan
             layer_stats(r.load.row(l).data(), old, r.num_experts, r.num_physical_experts, r.ep_size,
                         plans.lower_bounds[l], nullptr, r.step_peak ? &st : nullptr, count);
         const LayerPlanStats& after = plans.stats.layers[static_cast<std::size_t>(l)];
-        const double old_max = r.step_peak ? before.step_max_rank_load : before.max_rank_load;
-        const double new_max = r.step_peak ? after.step_max_rank_load : after.max_rank_load;
+        double old_max = r.step_peak ? before.step_max_rank_load : before.max_rank_load;
+        double new_max = r.step_peak ? after.step_max_rank_load : after.max_rank_load;
+        if (r.dispatch != PlanDispatch::kEqualSplit) {
+            old_max = plans.previous_realised[static_cast<std::size_t>(l)];
+            new_max = after.realised_max_rank_load;
+        }
         Index moves = 0;
         for (int p = 0; p < r.num_physical_experts; ++p) moves += plans.phy2log(l, p) != old[p];
         const double gain = old_max > 0 ? (old_max - new_max) / old_max : 0.0;

@@ -6,9 +6,11 @@
 #include <cstdint>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include "../enum_names.hpp"
 #include "moelb/eplb.hpp"
+#include "moelb/errors.hpp"
 #include "planner.hpp"
 
 namespace moelb {
@@ -51,6 +53,20 @@ Objective parse_objective(std::string_view name, std::string_view param) {
 
 std::string_view to_string(Objective value) { return detail::enum_name(kObjectiveNames, value); }
 
+constexpr detail::EnumNames<PlanDispatch, 3> kPlanDispatchNames{{
+    {"equal_split", PlanDispatch::kEqualSplit},
+    {"sglang_static", PlanDispatch::kSglangStatic},
+    {"balanced", PlanDispatch::kBalanced},
+}};
+
+PlanDispatch parse_plan_dispatch(std::string_view name, std::string_view param) {
+    return detail::parse_enum(kPlanDispatchNames, name, param, "a dispatch the planner targets");
+}
+
+std::string_view to_string(PlanDispatch value) {
+    return detail::enum_name(kPlanDispatchNames, value);
+}
+
 namespace {
 
 using Clock = std::chrono::steady_clock;
@@ -59,11 +75,16 @@ using Clock = std::chrono::steady_clock;
 // and why (the notes), and the wall time since `started`.
 Plan finish_plan(const planner::PlanRequest& request, planner::LayerPlans plans,
                  Clock::time_point started) {
+    plans.stats.dispatch = request.dispatch;
     planner::summarise(plans.stats, request.steps != nullptr);
     Plan plan{ExpertLocation(std::move(plans.phy2log), request.num_experts, request.ep_size,
                              plans.location_nodes),
               std::move(plans.stats)};
     plan.stats.algorithm = request.step_peak ? plans.algorithm + "+step_peak" : plans.algorithm;
+    if (request.dispatch != PlanDispatch::kEqualSplit) {
+        plan.stats.algorithm += "+";
+        plan.stats.algorithm += to_string(request.dispatch);
+    }
     plan.stats.notes = std::move(plans.notes);
     if (!plan.stats.notes.empty() && plan.stats.notes.back() == ' ') plan.stats.notes.pop_back();
     plan.stats.wall_time_seconds = std::chrono::duration<double>(Clock::now() - started).count();
@@ -77,7 +98,25 @@ Plan rebalance_impl(ConstMatrixMap<double> load, const RebalanceOptions& options
     planner::LayerPlans plans = request.algorithm == EplbAlgorithm::kMoelb
                                     ? planner::plan_moelb_layers(request)
                                     : planner::plan_deepseek_layers(request);
+    if (request.dispatch == PlanDispatch::kEqualSplit) {
+        planner::trade_moves_for_balance(request, plans);
+        return finish_plan(request, std::move(plans), started);
+    }
+    std::vector<double> planned;  // what the planning pass found each layer to realise
+    for (const LayerPlanStats& s : plans.stats.layers) planned.push_back(s.realised_max_rank_load);
     planner::trade_moves_for_balance(request, plans);
+    // What the final plan realises, from scratch (a layer that kept its previous placement may
+    // change what the later layers realise: SGLang's random streams run on across layers).
+    planner::realise(request.dispatch, request.load, request.steps, plans.phy2log.data(),
+                     request.num_experts, request.num_physical_experts, request.ep_size,
+                     plans.location_nodes, plans.stats.layers);
+    for (std::size_t l = 0; l < planned.size(); ++l) {
+        if (plans.stats.layers[l].kept_previous) break;
+        MOELB_CHECK(plans.stats.layers[l].realised_max_rank_load == planned[l],
+                    "the " << to_string(request.dispatch) << " model of layer " << l << " realised "
+                           << planned[l] << " while planning but "
+                           << plans.stats.layers[l].realised_max_rank_load << " from scratch");
+    }
     return finish_plan(request, std::move(plans), started);
 }
 
@@ -109,17 +148,19 @@ RowMatrix<double> rank_loads(ConstMatrixMap<double> load, const ExpertLocation& 
 }
 
 PlanStats evaluate_placement(ConstMatrixMap<double> load, const ExpertLocation& location,
-                             const ExpertLocation* previous) {
+                             const ExpertLocation* previous, PlanDispatch dispatch) {
     planner::check_evaluate_args(load, location, previous);
-    return planner::evaluate(load, location, previous, nullptr);
+    planner::check_dispatch_size(dispatch, location.num_logical_experts(), location.ep_size());
+    return planner::evaluate(load, location, previous, nullptr, dispatch);
 }
 
 PlanStats evaluate_placement(const StepLoads& steps, const ExpertLocation& location,
-                             const ExpertLocation* previous) {
+                             const ExpertLocation* previous, PlanDispatch dispatch) {
     const RowMatrix<double> total = planner::sum_steps(steps);
     const ConstMatrixMap<double> load(total.data(), total.rows(), total.cols());
     planner::check_evaluate_args(load, location, previous);
-    return planner::evaluate(load, location, previous, &steps);
+    planner::check_dispatch_size(dispatch, location.num_logical_experts(), location.ep_size());
+    return planner::evaluate(load, location, previous, &steps, dispatch);
 }
 
 }  // namespace moelb

@@ -1,7 +1,8 @@
 // A placement's statistics (DESIGN section 4, "stats"): per layer the largest and mean GPU load
 // under equal split, SGLang's balancedness, the flat lower bound and the gap to it, the slots
-// moved against the previous placement and, with per-step loads, the sum of the steps' largest GPU
-// loads; and the plan's summary over its layers. Used by rebalance() on its own plans and by
+// moved against the previous placement, with per-step loads the sum of the steps' largest GPU
+// loads, and under a target dispatch the largest GPU load it realises; and the plan's summary
+// over its layers. Used by rebalance() on its own plans and by
 // evaluate_placement() on any placement.
 #include <algorithm>
 #include <cmath>
@@ -93,6 +94,23 @@ void LayerPlans::take_stats(const PlanRequest& request, Index l, double bound,
                     request.steps ? &st : nullptr, count);
 }
 
+void realise(PlanDispatch dispatch, ConstMatrixMap<double> load, const StepLoads* steps,
+             const std::int32_t* phy2log, int num_experts, int num_physical_experts, int ep_size,
+             int num_nodes, std::vector<LayerPlanStats>& layers) {
+    switch (dispatch) {
+        case PlanDispatch::kEqualSplit:
+            return;
+        case PlanDispatch::kSglangStatic:
+            realise_sglang_static(load, phy2log, num_experts, num_physical_experts, ep_size,
+                                  num_nodes, layers);
+            return;
+        case PlanDispatch::kBalanced:
+            realise_balanced(load, steps, phy2log, num_experts, num_physical_experts, ep_size,
+                             layers);
+            return;
+    }
+}
+
 void summarise(PlanStats& stats, bool has_steps) {
     const auto L = static_cast<double>(stats.layers.size());
     double sum_mean = 0, sum_max = 0;
@@ -114,10 +132,16 @@ void summarise(PlanStats& stats, bool has_steps) {
         stats.has_steps = true;
         stats.step_balancedness = balancedness(mean, step_max, LayerSet::kAll);
     }
+    if (stats.dispatch != PlanDispatch::kEqualSplit) {
+        std::vector<double> realised_max;
+        for (const LayerPlanStats& s : stats.layers)
+            realised_max.push_back(s.realised_max_rank_load);
+        stats.realised_balancedness = balancedness(mean, realised_max, LayerSet::kAll);
+    }
 }
 
 PlanStats evaluate(ConstMatrixMap<double> load, const ExpertLocation& location,
-                   const ExpertLocation* previous, const StepLoads* steps) {
+                   const ExpertLocation* previous, const StepLoads* steps, PlanDispatch dispatch) {
     const int L = location.num_layers(), W = location.ep_size();  // DESIGN's letters
     const int E = location.num_logical_experts(), P = location.num_physical_experts();
     constexpr double kUnknown = std::numeric_limits<double>::quiet_NaN();
@@ -133,6 +157,9 @@ PlanStats evaluate(ConstMatrixMap<double> load, const ExpertLocation& location,
                 steps ? &st : nullptr, count);
         }
     });
+    realise(dispatch, load, steps, location.physical_to_logical().data(), E, P, W,
+            location.num_nodes(), stats.layers);
+    stats.dispatch = dispatch;
     summarise(stats, steps != nullptr);
     return stats;
 }

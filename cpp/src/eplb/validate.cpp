@@ -53,6 +53,16 @@ void check_evaluate_args(ConstMatrixMap<double> load, const ExpertLocation& loca
     }
 }
 
+void check_dispatch_size(PlanDispatch dispatch, int num_experts, int ep_size) {
+    if (dispatch != PlanDispatch::kSglangStatic) return;
+    const Index entries = static_cast<Index>(num_experts) * ep_size;
+    MOELB_CHECK_ARG(entries <= kMaxSglangStaticEntries,
+                    "dispatch='sglang_static' models every rank's table entry of every expert: "
+                    "num_experts x ep_size = "
+                        << num_experts << " x " << ep_size << " is above the "
+                        << kMaxSglangStaticEntries << " it models");
+}
+
 RowMatrix<double> sum_steps(const StepLoads& steps) {
     const Index T = steps.num_steps, L = steps.num_layers, E = steps.num_experts;
     MOELB_CHECK_ARG(T >= 1 && L >= 1 && E >= 1,
@@ -136,6 +146,25 @@ void check_option_args(ConstMatrixMap<double> load, const RebalanceOptions& o,
                         "objective='step_peak' is moelb's; algorithm='"
                             << to_string(o.algorithm) << "' plans against the total load");
     }
+    if (o.dispatch != PlanDispatch::kEqualSplit) {
+        MOELB_CHECK_ARG(o.algorithm == EplbAlgorithm::kMoelb,
+                        "dispatch='" << to_string(o.dispatch) << "' is moelb's target; algorithm='"
+                                     << to_string(o.algorithm)
+                                     << "' plans for an equal split (dispatch='equal_split')");
+    }
+    check_dispatch_size(o.dispatch, E, W);
+    if (o.dispatch == PlanDispatch::kSglangStatic) {
+        MOELB_CHECK_ARG(o.objective == Objective::kTotal,
+                        "dispatch='sglang_static' plans SGLang's static table against the total "
+                        "load; objective='"
+                            << to_string(o.objective) << "' plans an equal split of every step");
+    }
+    if (o.dispatch == PlanDispatch::kBalanced) {
+        MOELB_CHECK_ARG(o.objective == Objective::kTotal,
+                        "dispatch='balanced' plans for the per-step exact split (it reads the "
+                        "steps itself); objective='"
+                            << to_string(o.objective) << "' plans an equal split of every step");
+    }
 }
 
 // The algorithm that runs: kMoelb, or DeepSeek's hierarchical policy (asked for, or kDeepSeek
@@ -181,7 +210,8 @@ PlanRequest check_rebalance_args(ConstMatrixMap<double> load, const RebalanceOpt
                        .step_peak = options.objective == Objective::kStepPeak,
                        .previous = options.previous,
                        .move_cost = options.move_cost,
-                       .max_moves = options.max_moves};
+                       .max_moves = options.max_moves,
+                       .dispatch = options.dispatch};
 }
 
 }  // namespace moelb::planner

@@ -14,7 +14,7 @@ import numpy as np
 
 from .. import __version__
 from ..dispatch import DISPATCH_ALGORITHMS
-from ..eplb import ALGORITHMS, DEFAULT_MOVE_COST, OBJECTIVES
+from ..eplb import ALGORITHMS, DEFAULT_MOVE_COST, OBJECTIVES, PLAN_DISPATCH
 from ..simulate import (
     BALANCED_DISPATCH,
     MODEL_PRESETS,
@@ -169,7 +169,9 @@ def _add_simulate(sub: Any) -> None:
         metavar="ALG",
         help=f"EPLB algorithms: {', '.join(ALGORITHMS)}; moelb:node / moelb:none set moelb's "
         "locality, moelb:step_peak (e.g. moelb:none:step_peak) plans each window against its "
-        "per-step peaks",
+        "per-step peaks, moelb:sglang_static (e.g. moelb:none:sglang_static) plans for what "
+        "SGLang's static table realises, moelb:balanced (e.g. moelb:none:balanced) for moelb's "
+        "per-step exact split (score it with --dispatch balanced)",
     )
     p.add_argument(
         "--waterfill",
@@ -245,6 +247,21 @@ def _add_rebalance(sub: Any) -> None:
         default="total",
         help="total: plan against the summed counts; step_peak: against each pass's peak GPU "
         "load (moelb only; spreads experts that peak in the same passes)",
+    )
+    p.add_argument(
+        "--dispatch",
+        choices=PLAN_DISPATCH,
+        default="equal_split",
+        help="the dispatch the plan is made for (moelb only). equal_split: each expert's load "
+        "split equally over its replicas, what every planner assumes; sglang_static: what "
+        "SGLang's default static dispatch realises for a placement loaded with "
+        "--init-expert-location (its per-rank tables modelled exactly, each rank sending 1/W of "
+        "every expert's tokens); best with --locality none: under node locality every rank "
+        "without its own replica of a replicated expert falls back to a random one; balanced: "
+        "moelb's per-step exact split (select_experts(dispatch='balanced'); ours): the replicas "
+        "laid out to link all GPUs (one tree per node under node locality), kept per layer only "
+        "where the exact split of up to 32 evenly spaced passes is lower than for the "
+        "equal-split plan",
     )
     p.add_argument("--previous", default=None, help="the placement in service (JSON)")
     p.add_argument(

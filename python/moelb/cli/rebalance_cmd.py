@@ -35,7 +35,8 @@ def rebalance_command(args: argparse.Namespace) -> int:
     previous = None
     if args.previous is not None:
         previous = load_placement(args.previous, args.ep_size, args.num_nodes, num_experts)
-    planned = counts if args.objective == "step_peak" else load
+    # step_peak and the balanced target read the passes (balanced: up to 32 of them, evenly spaced).
+    planned = counts if args.objective == "step_peak" or args.dispatch == "balanced" else load
     plan = _plan(args, planned, num_groups, previous)
     output = Path(args.output)
     save_placement(plan.location, output)
@@ -111,7 +112,8 @@ def _plan(
     num_groups: int | None,
     previous: ExpertLocation | None,
 ) -> Plan:
-    """Plans ``planned`` (the summed [L, E] counts, or the per-pass ones for step_peak) with the
+    """Plans ``planned`` (the summed [L, E] counts, or the per-pass ones for step_peak and the
+    balanced target) with the
     flags' topology and algorithm."""
     return rebalance(
         planned,
@@ -126,6 +128,7 @@ def _plan(
         max_moves=args.max_moves,
         expert_bytes=args.expert_bytes,
         objective=args.objective,
+        dispatch=args.dispatch,
     )
 
 
@@ -195,6 +198,14 @@ def _summary(
         # balancedness above assumes an equal split over replicas, which SGLang does not do.
         "sglang_static_balancedness_before": _expected_balancedness(load, baseline),
         "sglang_static_balancedness_after": _expected_balancedness(load, plan.location),
+        # The dispatch the plan targets, and per layer with counts the largest over the mean GPU
+        # load (averaged over those layers): under an equal split, and as that dispatch realises
+        # it (None under equal_split).
+        "dispatch": after.dispatch,
+        "max_over_mean_after": _max_over_mean(after.max_rank_load, after.mean_rank_load, active),
+        "realised_max_over_mean_after": None
+        if after.realised_max_rank_load is None
+        else _max_over_mean(after.realised_max_rank_load, after.mean_rank_load, active),
     }
 
 
@@ -215,6 +226,13 @@ def _print_summary(summary: dict[str, Any]) -> None:
         "optimises); under sglang_static: what SGLang's default dispatch (its static table for "
         "--init-expert-location) realises in expectation, tokens coming evenly from all ranks"
     )
+    if summary["realised_max_over_mean_after"] is not None:
+        print(
+            f"planned for dispatch {summary['dispatch']}: per layer max/mean GPU load "
+            f"{summary['realised_max_over_mean_after']:.4f} as it realises it, "
+            f"{summary['max_over_mean_after']:.4f} under an equal split (mean over the layers "
+            "with counts)"
+        )
     if summary["objective"] == "step_peak":
         print(
             f"per-pass balancedness (load-weighted): {summary['baseline']} "
@@ -294,6 +312,13 @@ def _expected_balancedness(load: np.ndarray, location: ExpertLocation) -> float:
     realises in expectation (``moelb.expected_rank_loads``)."""
     g = expected_rank_loads(load, location, "sglang_static")
     return float(layer_mean_balancedness(g.mean(axis=1), g.max(axis=1)))
+
+
+def _max_over_mean(max_load: np.ndarray, mean_load: np.ndarray, active: np.ndarray) -> float:
+    """The mean over the ``active`` layers of their largest over their mean GPU load."""
+    if not active.any():
+        return 1.0
+    return float((max_load[active] / mean_load[active]).mean())
 
 
 def _or_none(value: float) -> float | None:

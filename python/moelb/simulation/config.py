@@ -10,7 +10,7 @@ import numpy as np
 
 from .._core import InvalidArgumentError
 from ..dispatch import DISPATCH_ALGORITHMS
-from ..eplb import ALGORITHMS, OBJECTIVES
+from ..eplb import ALGORITHMS, OBJECTIVES, PLAN_DISPATCH
 from .presets import MODEL_PRESETS, ModelPreset
 
 __all__ = [
@@ -41,26 +41,38 @@ REFERENCE_DISPATCH = ("sglang_lp",)
 SIMULATOR_DISPATCH = DISPATCH_ALGORITHMS + BALANCED_DISPATCH + REFERENCE_DISPATCH
 
 
-def parse_algorithm(spec: str) -> tuple[str, str, str]:
-    """``"moelb"``, ``"moelb:none"``, ``"moelb:none:step_peak"``, ``"deepseek_global"``, ... ->
-    (algorithm, locality, objective). moelb may take a locality and an objective, in any order."""
+#: What a moelb algorithm spec's options may set, and the names each takes.
+_SPEC_OPTIONS = (("locality", LOCALITIES), ("objective", OBJECTIVES), ("dispatch", PLAN_DISPATCH))
+
+
+def parse_algorithm(spec: str) -> tuple[str, str, str, str]:
+    """``"moelb"``, ``"moelb:none"``, ``"moelb:none:step_peak"``,
+    ``"moelb:none:sglang_static"``, ``"deepseek_global"``, ... -> (algorithm, locality,
+    objective, dispatch). moelb may take a locality, an objective and a target dispatch
+    (``rebalance(dispatch=)``), each at most once, in any order."""
     name, *options = spec.split(":")
     if name not in ALGORITHMS:
         raise InvalidArgumentError(
             f"algorithms: {spec!r} is not an EPLB algorithm; expected one of {ALGORITHMS} "
-            "(moelb may take a locality and an objective: moelb:none, moelb:node:step_peak)"
+            "(moelb may take a locality, an objective and a target dispatch: moelb:none, "
+            "moelb:node:step_peak, moelb:none:sglang_static, moelb:none:balanced)"
         )
     chosen: dict[str, str] = {}
     for option in options:
-        kind = "locality" if option in LOCALITIES else "objective" if option in OBJECTIVES else ""
+        kind = next((k for k, names in _SPEC_OPTIONS if option in names), "")
         if name == "moelb" and kind and kind not in chosen:
             chosen[kind] = option
         else:
             raise InvalidArgumentError(
                 f"algorithms: {spec!r}: only moelb takes options, at most a locality "
-                f"{LOCALITIES} and an objective {OBJECTIVES}"
+                f"{LOCALITIES}, an objective {OBJECTIVES} and a dispatch {PLAN_DISPATCH}"
             )
-    return name, chosen.get("locality", "auto"), chosen.get("objective", "total")
+    return (
+        name,
+        chosen.get("locality", "auto"),
+        chosen.get("objective", "total"),
+        chosen.get("dispatch", "equal_split"),
+    )
 
 
 @dataclass(frozen=True)
@@ -78,7 +90,11 @@ class SimulationConfig:
         the step's tokens, so those experts peak together (0 = none; 1-2 is strong).
     algorithms: EPLB algorithms to compare (``"moelb"``, ``"moelb:none"``, ``"deepseek"``, ...;
         ``"moelb:none:step_peak"`` plans each window against its per-step peaks, see
-        ``rebalance(objective=)``); the trivial placement is always scored.
+        ``rebalance(objective=)``; ``"moelb:none:sglang_static"`` plans for what SGLang's static
+        table realises, see ``rebalance(dispatch=)``; ``"moelb:none:balanced"`` plans each window
+        for moelb's per-step exact split -- the connected replica layout, checked on the
+        window's steps -- to be scored with ``dispatch=("balanced",)``); the trivial placement
+        is always scored.
     waterfill: ``"dynamic"``, ``"static"`` or None (no Waterfill column).
     dispatch: the dispatch models the token-level figures realise (``SIMULATOR_DISPATCH``: the
         engines' models of ``moelb.DISPATCH_ALGORITHMS``, moelb's per-step ``BALANCED_DISPATCH``

@@ -66,6 +66,7 @@ class Policy:
     locality: str
     objective: str
     current: ExpertLocation  # in service
+    dispatch: str = "equal_split"  # the dispatch its plans target (rebalance(dispatch=))
     ran: str = "trivial"
     in_window: list[npt.NDArray[np.float64]] = field(default_factory=list)  # [T_w, L]
     predictive: list[npt.NDArray[np.float64]] = field(default_factory=list)
@@ -115,12 +116,14 @@ class Policy:
         timings: dict[str, float],
     ) -> None:
         """Plans on a window's counts [T_w, L, E] (on their sum ``window_load`` [L, E] unless the
-        objective is step_peak; from the placement in service, so moved experts are counted),
+        objective is step_peak or the target dispatch balanced; from the placement in service,
+        so moved experts are counted),
         scores the plan on that window (in-window) and puts it in service for the next one;
         planning and scoring seconds are added to ``timings``."""
         t0 = time.perf_counter()
         plan = rebalance(
-            counts if self.objective == "step_peak" else window_load,
+            # step_peak and the balanced target read the window's steps.
+            counts if self.objective == "step_peak" or self.dispatch == "balanced" else window_load,
             cluster.num_physical_experts,
             cluster.num_groups,
             cluster.num_nodes,
@@ -130,6 +133,7 @@ class Policy:
             locality=self.locality,
             expert_bytes=cluster.expert_bytes,
             objective=self.objective,
+            dispatch=self.dispatch,
         )
         timings["planning"] += time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -157,5 +161,6 @@ def make_policies(config: SimulationConfig, trivial: ExpertLocation) -> list[Pol
     all starting from ``trivial``."""
     policies = [Policy("trivial", None, "auto", "total", trivial)]
     for spec in config.algorithms:
-        policies.append(Policy(spec, *parse_algorithm(spec), trivial))
+        algorithm, locality, objective, dispatch = parse_algorithm(spec)
+        policies.append(Policy(spec, algorithm, locality, objective, trivial, dispatch))
     return policies

@@ -21,12 +21,16 @@ The models (``SIMULATOR_DISPATCH``):
 Waterfill then places the shared expert from each rank's routed physical ids, as for every model,
 except under ``balanced_joint``: there the shared expert is a virtual logical expert E with one
 replica in a shared slot on every rank (the per-rank shared-slot layout, S + 1 slots per rank,
-``per_rank_shared_location``), each source rank adds one (token, E) pair per token with a valid
-id to its counts, and ``balanced_assignment`` places routed and shared pairs together at the
-optimal largest rank load of routed + shared work (the shared expert's tokens stay on their own
-rank wherever that keeps the optimum). Its third score is that joint placement's, not Waterfill's;
-its routed-only score is the routed part of the joint solution, which leaves room for the shared
-expert on purpose.
+``moelb.per_rank_shared_location``), each source rank adds one (token, E) pair per token with a
+valid id to its counts, and ``balanced_assignment`` places routed and shared pairs together at
+the optimal largest rank load of routed + shared work, with the fewest pairs leaving their rank,
+then node -- what an engine runs with ``moelb.dispatch_balanced_joint``. Its third score is that
+joint placement's, not Waterfill's; its routed-only score is the routed part of the joint
+solution, which leaves room for the shared expert on purpose.
+
+The "+shared local" score of every model puts one shared-expert token on its source rank per
+token with a valid id (a row whose ids are all -1 carries none), as ``waterfill_rank_loads``'s
+``shared_local`` and the joint flow's counts do.
 """
 
 from __future__ import annotations
@@ -41,19 +45,21 @@ from .._core import ExpertLocation
 from ..balancedness import utilization_rate
 from ..dispatch import (
     TABLE_DISPATCH,
+    _with_shared_expert_column,
     balanced_assignment,
     balanced_fractions,
     dispatch_by_assignment,
     dispatch_by_fractions,
     dispatch_tables,
     dispatch_tokens,
+    per_rank_shared_location,
 )
 from ..reference_dispatch import sglang_lp_fractions, sglang_lp_sample
 from ..waterfill import waterfill_rank_loads
 from .config import SimulationConfig
 from .policies import Policy
 
-__all__ = ["TokenLevel", "per_rank_shared_location"]
+__all__ = ["TokenLevel"]
 
 #: Per step: (routed, +shared local, +Waterfill) balancedness (NaN: what cannot be placed);
 #: balanced_joint: (routed, +shared local, +shared placed by the joint flow).
@@ -61,19 +67,6 @@ Scores = tuple[float, float, float]
 
 #: The models that need the step's per-source counts.
 _COUNTED = ("balanced", "balanced_prob", "balanced_joint", "sglang_lp")
-
-
-def per_rank_shared_location(location: ExpertLocation) -> ExpertLocation:
-    """``location`` in the per-rank shared-slot layout (DESIGN section 1): rank r's S routed
-    slots, then one slot holding a virtual logical expert E (the shared expert), so routed slot p
-    becomes ``p + p // S`` and rank r's shared slot is ``r * (S + 1) + S``. A placement of E + 1
-    logical experts on W * (S + 1) slots, for the joint flow of ``balanced_joint``."""
-    L, W = location.num_layers, location.ep_size
-    S, E = location.num_local_physical_experts, location.num_logical_experts
-    routed = location.physical_to_logical.reshape(L, W, S)
-    shared = np.full((L, W, 1), E, dtype=np.int32)
-    joint = np.concatenate([routed, shared], axis=2).reshape(L, W * (S + 1))
-    return ExpertLocation(np.ascontiguousarray(joint), E + 1, W, location.num_nodes)
 
 
 class TokenLevel:
@@ -87,7 +80,6 @@ class TokenLevel:
         self.num_logical_experts = config.preset().num_experts
         self.bounds_tokens = np.linspace(0, config.num_tokens, W + 1).astype(np.int64)
         self.source_rank = np.repeat(np.arange(W), np.diff(self.bounds_tokens))
-        self.tokens_per_rank = np.diff(self.bounds_tokens).astype(np.float64)
         #: sglang_lp per placement policy: [LP solves, solves that fell back to 0.5].
         self.lp_solves: dict[str, list[int]] = {}
 
@@ -110,8 +102,9 @@ class TokenLevel:
     ) -> list[npt.NDArray[np.int32]]:
         """Per layer, where ``dispatch`` sends step ``step``'s tokens on ``policy``'s placement
         in service: the physical ids [T, K] of every (token, column), rows in source-rank order;
-        ``balanced_joint``: [T, K + 1] in ``per_rank_shared_location``'s layout, the last column
-        the shared expert's slot (-1 for a token without a valid id). Not ``equal_split``."""
+        ``balanced_joint``: [T, K + 1] in ``moelb.per_rank_shared_location``'s layout, the last
+        column the shared expert's slot (-1 for a token without a valid id). Not
+        ``equal_split``."""
         step_seed = _step_seed(self.config.seed, step)
         return list(self._dispatch(policy, dispatch, routed, step_seed, self.source_counts(routed)))
 
@@ -161,7 +154,8 @@ class TokenLevel:
             if dispatch not in policy.tables:
                 policy.tables[dispatch] = dispatch_tables(location, dispatch, seed=self.config.seed)
             for layer, ids in enumerate(routed):
-                yield policy.tables[dispatch][self.source_rank[:, None], layer, ids]
+                slots = policy.tables[dispatch][self.source_rank[:, None], layer, ids]
+                yield np.where(ids >= 0, slots, -1)  # -1 (padding) stays -1
         elif dispatch == "balanced":
             assert source is not None
             assignment = balanced_assignment(source, location)  # [L, W, P], all layers at once
@@ -170,7 +164,7 @@ class TokenLevel:
         elif dispatch in ("balanced_prob", "balanced_offline"):
             if dispatch == "balanced_prob":
                 assert source is not None
-                fractions = balanced_fractions(source.sum(axis=1), location)  # [L, E, X]
+                fractions = balanced_fractions(source.sum(axis=1), location, shares="any")
             else:
                 fractions = self._offline_fractions(policy)
             for layer, ids in enumerate(routed):
@@ -180,17 +174,12 @@ class TokenLevel:
             if policy.joint_location is None:
                 policy.joint_location = per_rank_shared_location(location)
             joint = policy.joint_location
-            E = self.num_logical_experts
-            shared_column = [np.where((ids >= 0).any(axis=1), E, -1)[:, None] for ids in routed]
-            W = self.config.ep_size
-            shared = np.stack(
-                [np.bincount(self.source_rank[c[:, 0] >= 0], minlength=W) for c in shared_column]
-            )
+            shared = np.stack([self._shared_local(ids) for ids in routed])  # [L, W]
             counts = np.concatenate([source, shared[:, :, None]], axis=2)  # [L, W, E + 1]
             assignment = balanced_assignment(counts, joint)  # [L, W, W * (S + 1)]
             for layer, ids in enumerate(routed):
-                ids = np.ascontiguousarray(np.concatenate([ids, shared_column[layer]], axis=1))
-                yield self._by_assignment(ids.astype(np.int32), joint, layer, assignment[layer])
+                joint_ids = _with_shared_expert_column(ids, self.num_logical_experts)
+                yield self._by_assignment(joint_ids, joint, layer, assignment[layer])
         elif dispatch == "sglang_lp":
             assert source is not None
             counts = source.sum(axis=1)
@@ -255,23 +244,29 @@ class TokenLevel:
         which Waterfill cannot place."""
         W = self.config.ep_size
         S = self.num_physical_experts // W
-        counts = np.bincount(ids.ravel(), minlength=location.num_logical_experts)
+        counts = np.bincount(ids[ids >= 0], minlength=location.num_logical_experts)
         p2l = location.physical_to_logical[layer]
         share = counts[p2l] / location.logical_count[layer][p2l]
         routed_load = share.reshape(W, S).sum(axis=1)
         return (
             _mean_over_max(routed_load),
-            _mean_over_max(routed_load + self.tokens_per_rank),
+            _mean_over_max(routed_load + self._shared_local(ids)),
             np.nan,
         )
+
+    def _shared_local(self, ids: npt.NDArray[np.int32]) -> npt.NDArray[np.int64]:
+        """[W]: the shared-expert tokens each source rank computes itself: its rows of ``ids``
+        [T, C] (logical or physical) with a valid id; a row of -1 only carries none."""
+        valid_rows = (ids >= 0).any(axis=1)
+        return np.bincount(self.source_rank[valid_rows], minlength=self.config.ep_size)
 
     def _dispatched(self, physical: npt.NDArray[Any]) -> Scores:
         """Scores of one layer's tokens dispatched to the physical slots ``physical`` [T, K]."""
         W = self.config.ep_size
         S = self.num_physical_experts // W
-        routed_load = np.bincount(physical.ravel() // S, minlength=W)
+        routed_load = np.bincount(physical[physical >= 0] // S, minlength=W)
         if self.config.waterfill is None:
-            local = _mean_over_max(routed_load + self.tokens_per_rank)
+            local = _mean_over_max(routed_load + self._shared_local(physical))
             return (_mean_over_max(routed_load), local, np.nan)
         bounds = self.bounds_tokens
         batches = [physical[bounds[r] : bounds[r + 1]] for r in range(W)]
@@ -292,7 +287,7 @@ class TokenLevel:
         shared_load = np.bincount(rank[:, -1][valid[:, -1]], minlength=W)
         return (
             _mean_over_max(routed_load),
-            _mean_over_max(routed_load + self.tokens_per_rank),
+            _mean_over_max(routed_load + self._shared_local(physical[:, :-1])),
             _mean_over_max(routed_load + shared_load),
         )
 
