@@ -113,6 +113,9 @@ void MinCostFlow::index_arcs() {
     for (int id = 0; id < num_arcs; ++id) adj_[cur_[from_[id]]++] = id;
 }
 
+// Dijkstra from s on the reduced costs, stopped when t is settled: every node closer than d_t is
+// settled by then and every other one is at d_t or farther, so augment's min(dist, d_t) gives the
+// same potentials as a full search would (and so the same flow).
 bool MinCostFlow::shortest_paths(int s, int t) {
     dist_.assign(static_cast<std::size_t>(num_nodes_), kInt64Max);
     heap_.clear();
@@ -124,6 +127,7 @@ bool MinCostFlow::shortest_paths(int s, int t) {
         const auto [d, u] = heap_.back();
         heap_.pop_back();
         if (d != dist_[u]) continue;
+        if (u == t) break;
         for (int j = adj_begin_[u]; j < adj_begin_[u + 1]; ++j) {
             const int id = adj_[j];
             if (cap_[id] == 0) continue;
@@ -139,13 +143,15 @@ bool MinCostFlow::shortest_paths(int s, int t) {
     return dist_[t] < kInt64Max;
 }
 
-// BFS levels over the admissible arcs (residual, reduced cost 0); true when t is reached.
+// BFS levels over the admissible arcs (residual, reduced cost 0) up to t's level (push uses no
+// node at or past it but t); true when t is reached.
 bool MinCostFlow::levels(int s, int t) {
     std::fill(level_.begin(), level_.end(), -1);
     queue_.assign(1, s);
     level_[s] = 0;
     for (std::size_t q = 0; q < queue_.size(); ++q) {
         const int u = queue_[q];
+        if (level_[t] >= 0 && level_[u] >= level_[t]) break;
         for (int j = adj_begin_[u]; j < adj_begin_[u + 1]; ++j) {
             const int id = adj_[j];
             const int v = to_[id];
