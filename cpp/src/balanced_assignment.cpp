@@ -240,19 +240,11 @@ void AssignmentSolver::index_runs() {
     }
     run_begin_.push_back(m);
     // Runs by node and edges by rank (counting sorts, stable).
-    const int num_runs = static_cast<int>(run_node_.size());
-    node_runs_begin_.assign(static_cast<std::size_t>(N) + 1, 0);
-    for (const int node : run_node_) ++node_runs_begin_[static_cast<std::size_t>(node) + 1];
-    for (int v = 0; v < N; ++v) node_runs_begin_[v + 1] += node_runs_begin_[v];
-    node_runs_.resize(static_cast<std::size_t>(num_runs));
-    scratch_.assign(node_runs_begin_.begin(), node_runs_begin_.end() - 1);
-    for (int r = 0; r < num_runs; ++r) node_runs_[scratch_[run_node_[r]]++] = r;
-    own_begin_.assign(static_cast<std::size_t>(W_) + 1, 0);
-    for (int j = 0; j < m; ++j) ++own_begin_[static_cast<std::size_t>(edge_rank(j)) + 1];
-    for (int g = 0; g < W_; ++g) own_begin_[g + 1] += own_begin_[g];
-    own_edges_.resize(static_cast<std::size_t>(m));
-    scratch_.assign(own_begin_.begin(), own_begin_.end() - 1);
-    for (int j = 0; j < m; ++j) own_edges_[scratch_[edge_rank(j)]++] = j;
+    detail::group_by(
+        static_cast<int>(run_node_.size()), N, [&](int r) { return run_node_[r]; },
+        node_runs_begin_, node_runs_, scratch_);
+    detail::group_by(
+        m, W_, [&](int j) { return edge_rank(j); }, own_begin_, own_edges_, scratch_);
 }
 
 // Each flow expert's tokens per rank y at makespan T and the least cost. The start: the makespan

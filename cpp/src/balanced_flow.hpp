@@ -64,6 +64,19 @@ inline std::size_t same_rank_end(std::span<const std::int32_t> reps, std::size_t
     return end;
 }
 
+// Items [0, n) grouped by key(i) in [0, num_keys) (a counting sort, stable: items ascend within a
+// group): group g's items are items[begin[g], begin[g + 1]). `cursor` is scratch.
+template <class Key>
+void group_by(int n, int num_keys, Key key, std::vector<int>& begin, std::vector<int>& items,
+              std::vector<int>& cursor) {
+    begin.assign(static_cast<std::size_t>(num_keys) + 1, 0);
+    for (int i = 0; i < n; ++i) ++begin[static_cast<std::size_t>(key(i)) + 1];
+    for (int g = 0; g < num_keys; ++g) begin[g + 1] += begin[g];
+    items.resize(static_cast<std::size_t>(n));
+    cursor.assign(begin.begin(), begin.end() - 1);
+    for (int i = 0; i < n; ++i) items[cursor[key(i)]++] = i;
+}
+
 // ------------------------------------------------------------------------------------------------
 // Input checks (balanced_checks.cpp). Messages use the Python parameter names.
 

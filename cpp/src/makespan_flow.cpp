@@ -116,12 +116,9 @@ void MakespanFlow::index_edges() {
     const int num_edges = static_cast<int>(edge_rank_.size());
     rem_ = supply_;
     flow_.assign(static_cast<std::size_t>(num_edges), 0);
-    rank_edge_begin_.assign(static_cast<std::size_t>(m) + 1, 0);
-    for (const int r : edge_rank_) ++rank_edge_begin_[static_cast<std::size_t>(r) + 1];
-    for (int r = 0; r < m; ++r) rank_edge_begin_[r + 1] += rank_edge_begin_[r];
-    rank_edges_.resize(static_cast<std::size_t>(num_edges));
-    cur_r_.assign(rank_edge_begin_.begin(), rank_edge_begin_.end() - 1);
-    for (int id = 0; id < num_edges; ++id) rank_edges_[cur_r_[edge_rank_[id]]++] = id;
+    group_by(
+        num_edges, m, [&](int id) { return edge_rank_[id]; }, rank_edge_begin_, rank_edges_,
+        cur_r_);
     level_e_.resize(static_cast<std::size_t>(k));
     cur_e_.resize(static_cast<std::size_t>(k));
     level_r_.resize(static_cast<std::size_t>(m));

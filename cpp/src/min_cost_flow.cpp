@@ -103,14 +103,9 @@ bool MinCostFlow::potentials() {
 
 // The arcs leaving each node, in the order they were added.
 void MinCostFlow::index_arcs() {
-    const int n = num_nodes_;
-    const int num_arcs = static_cast<int>(to_.size());
-    adj_begin_.assign(static_cast<std::size_t>(n) + 1, 0);
-    for (const int u : from_) ++adj_begin_[static_cast<std::size_t>(u) + 1];
-    for (int u = 0; u < n; ++u) adj_begin_[u + 1] += adj_begin_[u];
-    adj_.resize(static_cast<std::size_t>(num_arcs));
-    cur_.assign(adj_begin_.begin(), adj_begin_.end() - 1);
-    for (int id = 0; id < num_arcs; ++id) adj_[cur_[from_[id]]++] = id;
+    group_by(
+        static_cast<int>(to_.size()), num_nodes_, [&](int id) { return from_[id]; }, adj_begin_,
+        adj_, cur_);
 }
 
 // Dijkstra from s on the reduced costs, stopped when t is settled: every node closer than d_t is
