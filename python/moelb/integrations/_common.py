@@ -121,7 +121,7 @@ def loads_array(
     if bad.any():
         where = [int(i) for i in np.argwhere(bad)[0]]
         raise InvalidArgumentError(
-            f"{name}{where} = {array[tuple(where)]!r} is not a finite load >= 0"
+            f"{name}{where} = {array[tuple(where)].item()!r} is not a finite load >= 0"
             + (" (summed over the steps)" if sum_steps else "")
         )
     return np.ascontiguousarray(array)
