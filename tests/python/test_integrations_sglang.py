@@ -302,8 +302,12 @@ def test_install_refuses_a_direct_import(sglang: SimpleNamespace) -> None:
 def test_install_option_errors(sglang: SimpleNamespace) -> None:
     with pytest.raises(moelb.InvalidArgumentError, match="unknown option"):
         adapter.install(previous=None)
-    with pytest.raises(moelb.InvalidArgumentError, match="locality='far' is not one of"):
+    with pytest.raises(moelb.InvalidArgumentError, match="locality='far' is not a locality"):
         adapter.install(locality="far")
+    with pytest.raises(moelb.InvalidArgumentError, match="move_cost must be finite"):
+        adapter.install(move_cost=-1.0)
+    with pytest.raises(moelb.InvalidArgumentError, match="a value has the wrong type"):
+        adapter.install(max_moves="many")
     assert not hasattr(sglang.algorithms.rebalance_experts, "__moelb_original__")
 
 

@@ -216,6 +216,8 @@ def test_install_refuses_a_missing_registry(vllm: SimpleNamespace) -> None:
 def test_install_unknown_option(vllm: SimpleNamespace) -> None:
     with pytest.raises(moelb.InvalidArgumentError, match="unknown option"):
         install(objective="step_peak")
+    with pytest.raises(moelb.InvalidArgumentError, match="dispatch='fast' is not a dispatch"):
+        install(dispatch="fast")
     assert vllm.policy.EPLB_POLICIES["default"].__name__ == "DefaultEplbPolicy"
 
 

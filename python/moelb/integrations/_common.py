@@ -20,6 +20,7 @@ __all__ = [
     "EngineNotFoundError",
     "EnginePreconditionError",
     "as_previous",
+    "check_rebalance_options",
     "import_torch",
     "loads_array",
     "log2phy_table",
@@ -210,6 +211,30 @@ def as_previous(
     if strict:
         raise InvalidArgumentError(f"{name} {problem}")
     return None
+
+
+def check_rebalance_options(options: dict[str, Any], allowed: Sequence[str], caller: str) -> None:
+    """Checks ``moelb.rebalance`` keywords once, where they are given (``install()``), rather than
+    at the engine's first rebalance: unknown names, and the values by a plan of a tiny load with
+    them; an InvalidArgumentError naming the option otherwise."""
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise InvalidArgumentError(
+            f"unknown option(s) {names(unknown)}: {caller} takes {names(allowed)}"
+        )
+    from ..eplb import rebalance  # (moelb.eplb imports nothing from here)
+
+    steps = options.get("objective", "total") != "total" or options.get("dispatch") == "balanced"
+    probe = np.ones((1, 1, 2) if steps else (1, 2))
+    try:
+        rebalance(probe, 2, None, 1, 1, "moelb", **options)
+    except InvalidArgumentError as e:
+        raise InvalidArgumentError(f"{caller} options {options!r}: {e}") from None
+    except TypeError:
+        raise InvalidArgumentError(
+            f"{caller} options {options!r}: a value has the wrong type (locality, objective, "
+            "dispatch: str; move_cost: a number; max_moves: an int or None)"
+        ) from None
 
 
 def options_from_environment(variable: str) -> dict[str, Any]:

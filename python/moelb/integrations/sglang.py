@@ -41,11 +41,11 @@ from typing import Any
 import numpy as np
 
 from .._core import InvalidArgumentError
-from ..eplb import OBJECTIVES, PLAN_DISPATCH
 from ._common import (
     EngineLayoutError,
     EngineNotFoundError,
     as_previous,
+    check_rebalance_options,
     import_torch,
     loads_array,
     names,
@@ -217,7 +217,7 @@ def install(*, previous_from_engine: bool = True, **options: Any) -> None:
     then), ``InvalidArgumentError`` for an unknown option.
     """
     global _installed_options
-    _check_install_options(options)
+    check_rebalance_options(options, INSTALL_OPTIONS, "install()")
     module = _algorithms_module()
     with _lock:
         enum_class = module.EplbAlgorithm
@@ -227,22 +227,6 @@ def install(*, previous_from_engine: bool = True, **options: Any) -> None:
         if getattr(current, _WRAPPER_MARK, None) is None:
             module.rebalance_experts = _make_wrapper(module, current)
         _installed_options = dict(options, previous_from_engine=bool(previous_from_engine))
-
-
-def _check_install_options(options: dict[str, Any]) -> None:
-    unknown = sorted(set(options) - set(INSTALL_OPTIONS))
-    if unknown:
-        raise InvalidArgumentError(
-            f"unknown option(s) {names(unknown)}: install() takes {names(INSTALL_OPTIONS)}"
-        )
-    choices = {
-        "locality": ("auto", "node", "none"),
-        "objective": OBJECTIVES,
-        "dispatch": PLAN_DISPATCH,
-    }
-    for key, allowed in choices.items():
-        if key in options and options[key] not in allowed:
-            raise InvalidArgumentError(f"{key}={options[key]!r} is not one of {names(allowed)}")
 
 
 def _algorithms_module() -> Any:

@@ -27,15 +27,14 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from .._core import InvalidArgumentError
 from ..eplb import rebalance
 from ._common import (
     EngineLayoutError,
     EngineNotFoundError,
     as_previous,
+    check_rebalance_options,
     import_torch,
     loads_array,
-    names,
     positive_int,
     require,
 )
@@ -149,11 +148,7 @@ def install(**options: Any) -> None:
     (an ``ImportError``) when vLLM's policy module differs from 0.33's (nothing is changed then),
     ``InvalidArgumentError`` for an unknown option.
     """
-    unknown = sorted(set(options) - set(MOELB_OPTIONS))
-    if unknown:
-        raise InvalidArgumentError(
-            f"unknown option(s) {names(unknown)}: install() takes {names(MOELB_OPTIONS)}"
-        )
+    check_rebalance_options(options, MOELB_OPTIONS, "install()")
     module = _policy_module()
     with _lock:
         registry = module.EPLB_POLICIES
