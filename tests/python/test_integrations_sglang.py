@@ -337,3 +337,18 @@ def test_launcher_patches_spawned_processes(tmp_path: Path) -> None:
     assert result["patched"] is True
     plan = moelb.rebalance(logical_count, 20, 2, 2, 4, "moelb", locality="none")
     assert result["physical_to_logical_map"] == plan.location.physical_to_logical.tolist()
+
+
+def test_launcher_without_sglang_is_a_one_line_error() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "moelb.integrations.sglang_launch", "--model-path", "x"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        "moelb.integrations.sglang_launch: SGLang is not installed in this Python environment "
+        "(import sglang failed): moelb.integrations.sglang.install() patches SGLang 0.5.23's "
+        "sglang.srt.eplb.eplb_algorithms"
+    ]

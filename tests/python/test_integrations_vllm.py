@@ -247,3 +247,18 @@ def test_launcher_installs_in_spawned_workers(tmp_path: Path) -> None:
     assert result["policy"] == "moelb.integrations.vllm"
     plan = moelb.rebalance(load, 16, 2, 2, 4, "moelb")
     assert result["physical_to_logical_map"] == plan.location.physical_to_logical.tolist()
+
+
+def test_launcher_with_a_bad_option_is_a_one_line_error(tmp_path: Path) -> None:
+    fake_engines.write(tmp_path / "site", fake_engines.VLLM)
+    env = dict(os.environ, PYTHONPATH=str(tmp_path / "site"), MOELB_VLLM_OPTIONS='{"x": 1}')
+    done = subprocess.run(
+        [sys.executable, "-m", "moelb.integrations.vllm_launch", "serve"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "unknown option(s) 'x'" in lines[0], done.stderr

@@ -23,7 +23,13 @@ __all__: list[str] = []
 OPTIONS_VARIABLE = "MOELB_VLLM_OPTIONS"
 
 
-install(**options_from_environment(OPTIONS_VARIABLE))
+try:
+    install(**options_from_environment(OPTIONS_VARIABLE))
+except (ImportError, ValueError) as e:
+    if __name__ not in ("__main__", "__mp_main__"):
+        raise
+    # Run as the launcher: one line, no traceback (no engine, another layout, a bad option).
+    raise SystemExit(f"{__spec__.name if __spec__ else __name__}: {e}") from None
 
 if __name__ == "__main__":
     # vLLM's own entry point (its `vllm` command), with this process's arguments (sys.argv[1:]);
