@@ -1101,12 +1101,14 @@ TEST(RebalanceErrors, PreviousOfAnotherShape) {
             expect_invalid_argument([&] { moelb::rebalance(cmap(load), o); }, "previous has");
         }
     }
-    expect_invalid_argument(
-        [&] {
-            moelb::evaluate_placement(cmap(load), ExpertLocation::trivial(2, 12, 16, 8),
-                                      &more_slots);
-        },
-        "previous has a different shape");
+    for (const ExpertLocation* prev :
+         {&fewer_layers, &more_slots, &other_experts, &other_ep_size}) {
+        expect_invalid_argument(
+            [&] {
+                moelb::evaluate_placement(cmap(load), ExpertLocation::trivial(2, 12, 16, 8), prev);
+            },
+            "previous has num_layers=");
+    }
     expect_invalid_argument(
         [&] { moelb::rank_loads(cmap(load), ExpertLocation::trivial(2, 10, 16, 8)); },
         "load has shape [2, 12]");

@@ -210,6 +210,13 @@ def test_simulator_policy_spec_targets_the_dispatch() -> None:
     for bad in ("moelb:sglang_static:equal_split", "deepseek:sglang_static"):
         with pytest.raises(ValueError, match="a dispatch"):
             parse_algorithm(bad)
+    # An objective other than the total with a target dispatch: refused when the spec is read,
+    # not when the first window is planned.
+    for bad in ("moelb:none:sglang_static:step_peak", "moelb:step_peak:balanced"):
+        with pytest.raises(ValueError, match="plans an equal split of every step"):
+            parse_algorithm(bad)
+        with pytest.raises(ValueError, match="plans an equal split of every step"):
+            SimulationConfig(algorithms=(bad,)).validate()
     config = SimulationConfig(
         ep_size=8,
         num_nodes=2,

@@ -48,8 +48,14 @@ void check_evaluate_args(ConstMatrixMap<double> load, const ExpertLocation& loca
     const int E = location.num_logical_experts(), P = location.num_physical_experts();
     if (previous) {
         MOELB_CHECK_ARG(previous->num_layers() == L && previous->num_physical_experts() == P &&
-                            previous->num_logical_experts() == E,
-                        "previous has a different shape (layers, logical or physical experts)");
+                            previous->num_logical_experts() == E &&
+                            previous->ep_size() == location.ep_size(),
+                        "previous has num_layers="
+                            << previous->num_layers()
+                            << ", num_logical_experts=" << previous->num_logical_experts()
+                            << ", num_physical_experts=" << previous->num_physical_experts()
+                            << ", ep_size=" << previous->ep_size() << " but location has " << L
+                            << ", " << E << ", " << P << ", " << location.ep_size());
     }
 }
 

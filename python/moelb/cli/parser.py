@@ -23,7 +23,7 @@ from ..simulate import (
     SimulationConfig,
 )
 from .inspect_cmd import inspect_command
-from .rebalance_cmd import rebalance_command
+from .rebalance_cmd import REBALANCE_FORMATS, rebalance_command
 from .simulate_cmd import DEMO_CONFIG, demo, simulate_command
 
 __all__ = ["build_parser"]
@@ -214,13 +214,33 @@ def _add_simulate(sub: Any) -> None:
 def _add_rebalance(sub: Any) -> None:
     p = sub.add_parser(
         "rebalance",
-        help="an SGLang expert distribution dump -> a placement JSON for --init-expert-location",
+        help="an SGLang expert distribution dump -> a placement file for SGLang "
+        "(--init-expert-location), TensorRT-LLM or moelb",
         description="Plans a placement from the summed counts of a dump (.pt with PyTorch, "
         ".npz or .json; a folder of them), or from its per-pass counts with --objective "
-        "step_peak, and writes SGLang's placement JSON.",
+        "step_peak, and writes SGLang's placement JSON (or, with --format, SGLang's "
+        "logical_count file, TensorRT-LLM's load balancer YAML or moelb's own JSON).",
     )
     p.add_argument("dump", help="expert_distribution_recorder dump (.pt / .npz / .json) or folder")
-    p.add_argument("-o", "--output", required=True, help="placement JSON to write")
+    p.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        help="the file to write (.json; .yaml / .yml for --format trtllm)",
+    )
+    p.add_argument(
+        "--format",
+        choices=REBALANCE_FORMATS,
+        default="sglang",
+        help="sglang: SGLang's physical_to_logical_map for --init-expert-location (the plan); "
+        "sglang-logical-count: SGLang's logical_count file (the dump's counts, [L, E], or "
+        "[T, L, E] with --objective step_peak / --dispatch balanced): SGLang plans at start-up "
+        "with its --eplb-algorithm (moelb's plan with --eplb-algorithm moelb and "
+        "moelb.integrations.sglang installed) and builds one coordinated dispatch table; "
+        "trtllm: TensorRT-LLM's MoE load balancer YAML (num_slots, initial_global_assignments; "
+        "moe_config: load_balancer: FILE); json: moelb's own (the map, topology and statistics; "
+        "--previous and moelb inspect read it, SGLang does not)",
+    )
     p.add_argument("--num-physical-experts", type=_positive_int, required=True)
     p.add_argument("--ep-size", type=_positive_int, required=True)
     p.add_argument("--num-nodes", type=_positive_int, default=1)

@@ -1,7 +1,9 @@
 """``moelb rebalance DUMP -o placement.json``: an expert distribution dump planned into SGLang's
 placement JSON for ``--init-expert-location`` (the model's dense layers added when the dump holds
 its MoE layers only), with a summary of the balancedness before and after, the bound, and what was
-traded against a previous placement. DESIGN sections 4 (EPLB) and 7 (files, CLI, the main job)."""
+traded against a previous placement. ``--format`` writes SGLang's ``logical_count`` file,
+TensorRT-LLM's load balancer YAML or moelb's own JSON instead (``moelb.engine_files``). DESIGN
+sections 4 (EPLB) and 7 (files, CLI, the main job); ``reference/integrations.md``."""
 
 from __future__ import annotations
 
@@ -15,17 +17,26 @@ import numpy as np
 from .._core import ExpertLocation
 from ..balancedness import balancedness as layer_mean_balancedness
 from ..dispatch import expected_rank_loads
+from ..engine_files import save_logical_count, save_moelb_placement, save_trtllm_load_balancer
 from ..eplb import Plan, PlanStats, evaluate_placement, rebalance
 from ..io import PLACEMENT_KEY, load_placement, save_placement
 from ..simulate import MODEL_PRESETS
 from .common import CliError, load_dump
 from .output import fixed, print_json, table
 
-__all__ = ["rebalance_command"]
+__all__ = ["REBALANCE_FORMATS", "rebalance_command"]
+
+#: ``--format``: the file ``-o`` receives.
+REBALANCE_FORMATS = ("sglang", "sglang-logical-count", "trtllm", "json")
 
 
 def rebalance_command(args: argparse.Namespace) -> int:
-    _check_output_name(args.output)
+    _check_output_name(args.output, args.format)
+    if args.format == "sglang-logical-count" and args.previous is not None:
+        raise CliError(
+            "--previous does not apply to --format sglang-logical-count: SGLang plans a "
+            "logical_count file at start-up, with no placement in service"
+        )
     counts = load_dump(args.dump, args.num_logical_experts)
     num_groups = _num_groups(args, counts.shape[1], counts.shape[2])
     if args.model is not None:
@@ -39,13 +50,13 @@ def rebalance_command(args: argparse.Namespace) -> int:
     planned = counts if args.objective == "step_peak" or args.dispatch == "balanced" else load
     plan = _plan(args, planned, num_groups, previous)
     output = Path(args.output)
-    save_placement(plan.location, output)
     trivial = ExpertLocation.trivial(
         num_layers, num_experts, args.num_physical_experts, args.ep_size, args.num_nodes
     )
     baseline = previous if previous is not None else trivial
     before = evaluate_placement(planned, baseline)
     summary = _summary(args, counts, load, num_groups, output, baseline, before, plan)
+    summary["written"] = _write(args, output, plan, planned, num_groups, summary)
     if args.json:
         print_json(summary)
         return 0
@@ -53,13 +64,63 @@ def rebalance_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_output_name(output: str) -> None:
-    if Path(output).suffix.lower() != ".json":
+def _check_output_name(output: str, file_format: str) -> None:
+    suffix = Path(output).suffix.lower()
+    if file_format == "trtllm":
+        if suffix not in (".yaml", ".yml"):
+            raise CliError(f"-o {output}: --format trtllm writes YAML; give a .yaml or .yml name")
+    elif suffix != ".json":
+        if file_format == "json":
+            raise CliError(f"-o {output}: --format json writes JSON; give a .json name")
         raise CliError(
             f"-o {output}: SGLang reads --init-expert-location as a file only when the name "
             "ends in .json or .pt (anything else is parsed as inline JSON); moelb writes JSON, so "
             "give a .json name"
         )
+
+
+def _write(
+    args: argparse.Namespace,
+    output: Path,
+    plan: Plan,
+    planned: np.ndarray,
+    num_groups: int | None,
+    summary: dict[str, Any],
+) -> str:
+    """Writes ``output`` in ``--format`` (atomically); returns what it holds, for the report.
+    ``planned``: the counts the plan was made from ([L, E] summed, or [T, L, E])."""
+    location = plan.location
+    num_layers, slots = location.num_layers, location.num_physical_experts
+    if args.format == "sglang":
+        save_placement(location, output)
+        return f"[{num_layers}, {slots}] {PLACEMENT_KEY}; SGLang: --init-expert-location {output}"
+    if args.format == "sglang-logical-count":
+        counts = np.rint(planned).astype(np.int64) if planned.ndim == 2 else planned
+        save_logical_count(counts, output)
+        shape = ", ".join(str(n) for n in counts.shape)
+        return (
+            f"logical_count [{shape}]; SGLang: --init-expert-location {output} plans it at "
+            "start-up with --eplb-algorithm (auto: DeepSeek's; the plan above: --eplb-algorithm "
+            "moelb under python -m moelb.integrations.sglang_launch)"
+        )
+    if args.format == "trtllm":
+        layers = _moe_layers(args.model, num_layers)
+        save_trtllm_load_balancer(location, output, layers)
+        return (
+            f"TensorRT-LLM load balancer, num_slots {slots}, initial_global_assignments for "
+            f"{len(layers)} layers ({layers[0]}..{layers[-1]}); TensorRT-LLM: moe_config: "
+            f"load_balancer: {output}"
+        )
+    save_moelb_placement(plan, output, num_groups, extra={"summary": summary})
+    return f"moelb placement JSON ([{num_layers}, {slots}] map, topology, statistics)"
+
+
+def _moe_layers(model: str | None, num_layers: int) -> list[int]:
+    """The rows TensorRT-LLM looks up (its MoE layers, by decoder-layer index): with --model its
+    MoE layers; without, every row (a dense layer's key is never looked up)."""
+    if model is None:
+        return list(range(num_layers))
+    return list(range(MODEL_PRESETS[model].first_moe_layer, num_layers))
 
 
 def _num_groups(args: argparse.Namespace, num_layers: int, num_experts: int) -> int | None:
@@ -152,6 +213,7 @@ def _summary(
     return {
         "dump": args.dump,
         "output": str(output),
+        "format": args.format,
         "num_passes": int(num_passes),
         "num_layers": int(num_layers),
         "num_layers_with_counts": int(active.sum()),
@@ -244,11 +306,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
     if summary["baseline"] == "previous":
         print(_trade_line(summary))
     print(f"planned in {summary['plan_seconds'] * 1e3:.1f} ms")
-    output, num_layers = summary["output"], summary["num_layers"]
-    print(
-        f"wrote {output} ([{num_layers}, {summary['num_physical_experts']}] {PLACEMENT_KEY}); "
-        f"SGLang: --init-expert-location {output}"
-    )
+    print(f"wrote {summary['output']} ({summary['written']})")
 
 
 def _balancedness_table(summary: dict[str, Any]) -> str:

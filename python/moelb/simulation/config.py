@@ -67,12 +67,15 @@ def parse_algorithm(spec: str) -> tuple[str, str, str, str]:
                 f"algorithms: {spec!r}: only moelb takes options, at most a locality "
                 f"{LOCALITIES}, an objective {OBJECTIVES} and a dispatch {PLAN_DISPATCH}"
             )
-    return (
-        name,
-        chosen.get("locality", "auto"),
-        chosen.get("objective", "total"),
-        chosen.get("dispatch", "equal_split"),
-    )
+    objective = chosen.get("objective", "total")
+    dispatch = chosen.get("dispatch", "equal_split")
+    if objective != "total" and dispatch != "equal_split":
+        # rebalance() refuses the pair too; said here, before a simulation starts.
+        raise InvalidArgumentError(
+            f"algorithms: {spec!r}: objective {objective!r} plans an equal split of every step; "
+            f"dispatch {dispatch!r} plans against its own model of the window (use one of them)"
+        )
+    return name, chosen.get("locality", "auto"), objective, dispatch
 
 
 @dataclass(frozen=True)
