@@ -214,9 +214,14 @@ def install(*, previous_from_engine: bool = True, **options: Any) -> None:
 
     Raises ``EngineNotFoundError`` (an ``ImportError``) without SGLang, ``EngineLayoutError``
     (an ``ImportError``) when SGLang's modules differ from 0.5.23's layout (nothing is patched
-    then), ``InvalidArgumentError`` for an unknown option.
+    then), ``InvalidArgumentError`` for an unknown option, a bad value or a
+    ``previous_from_engine`` that is not a bool.
     """
     global _installed_options
+    if not isinstance(previous_from_engine, bool):  # "false" from a JSON string would be true
+        raise InvalidArgumentError(
+            f"previous_from_engine must be true or false, got {previous_from_engine!r}"
+        )
     check_rebalance_options(options, INSTALL_OPTIONS, "install()")
     module = _algorithms_module()
     with _lock:
@@ -226,7 +231,7 @@ def install(*, previous_from_engine: bool = True, **options: Any) -> None:
         current = module.rebalance_experts
         if getattr(current, _WRAPPER_MARK, None) is None:
             module.rebalance_experts = _make_wrapper(module, current)
-        _installed_options = dict(options, previous_from_engine=bool(previous_from_engine))
+        _installed_options = dict(options, previous_from_engine=previous_from_engine)
 
 
 def _algorithms_module() -> Any:
