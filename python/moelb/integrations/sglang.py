@@ -131,8 +131,9 @@ def rebalance_experts(
     Returns int64 CPU tensors ``(physical_to_logical_map [L, P], logical_to_all_physical_map
     [L, E, X], expert_count [L, E])``, X = the largest replica count of the call (SGLang pads it
     to P itself); replica order as ``moelb.integrations.deepseek.rebalance_experts`` gives it
-    (DeepSeek's creation order under the DeepSeek algorithms, ascending slots under moelb), the
-    order SGLang's runtime dispatch table follows.
+    (DeepSeek's creation order under the DeepSeek algorithms, with an expert's own replicas in
+    a stable order where SGLang's ``deepseek.py`` uses torch's unstable sort; ascending slots
+    under moelb), the order SGLang's runtime dispatch table follows.
 
     Raises ``EnginePreconditionError`` (an ``AssertionError``, as SGLang's DeepSeek code asserts,
     and an ``InvalidArgumentError``) when P is not a multiple of S or P < E, and under
