@@ -234,7 +234,11 @@ def test_json_format_reads_back(capsys: pytest.CaptureFixture[str], tmp_path: Pa
     [
         ("trtllm", "lb.json", "give a .yaml or .yml name"),
         ("json", "plan.yaml", "give a .json name"),
-        ("sglang-logical-count", "lc.pt", "give a .json name"),
+        ("sglang-logical-count", "lc.pt", "give a name ending in .json"),
+        # SGLang's compute_initial_expert_location_metadata tests data.endswith(".json"):
+        # "p.JSON" would be parsed as inline JSON and SGLang would not start.
+        ("sglang", "p.JSON", "give a name ending in .json"),
+        ("sglang-logical-count", "lc.Json", "give a name ending in .json"),
     ],
 )
 def test_output_names(

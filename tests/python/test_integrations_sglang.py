@@ -308,6 +308,11 @@ def test_install_option_errors(sglang: SimpleNamespace) -> None:
         adapter.install(move_cost=-1.0)
     with pytest.raises(moelb.InvalidArgumentError, match="a value has the wrong type"):
         adapter.install(max_moves="many")
+    # MOELB_SGLANG_OPTIONS='{"previous_from_engine": "false"}': a string, not JSON's false;
+    # read as a truth value it would silently keep planning against the placement in service.
+    for value in ("false", 0, None):
+        with pytest.raises(moelb.InvalidArgumentError, match="previous_from_engine must be"):
+            adapter.install(previous_from_engine=value)
     assert not hasattr(sglang.algorithms.rebalance_experts, "__moelb_original__")
 
 

@@ -2,8 +2,9 @@
 and ``install()``, against fake vLLM modules (tests/python/fake_engines.py; vLLM is not installed
 in CI).
 
-- ``MoelbEplbPolicy.rebalance_experts``: ``physical_to_logical_map`` [L, P] int64 on the weight's
-  device, every expert placed, moelb's plan; ``old_global_expert_indices`` honoured through
+- ``MoelbEplbPolicy.rebalance_experts``: ``physical_to_logical_map`` [L, P] int64 on the CPU
+  whatever the weight's device (as vLLM's default policy; its async worker asserts it), every
+  expert placed, moelb's plan; ``old_global_expert_indices`` honoured through
   ``previous`` (a placement of the plan's balance is kept as it is; one of another shape is not
   used); the divisibility vLLM's default policy asserts as ``AssertionError``.
 - ``install()``: replaces the registry's ``"default"`` entry with a subclass of the policy and of
@@ -56,8 +57,39 @@ def test_contract(num_slots: int, num_groups: int, num_nodes: int, num_ranks: in
         torch.from_numpy(load), num_slots, num_groups, num_nodes, num_ranks
     )
     check_map(phy2log, 3, 16, num_slots)
-    assert phy2log.device == torch.from_numpy(load).device
+    assert phy2log.device == torch.device("cpu")
     plan = moelb.rebalance(load, num_slots, num_groups, num_nodes, num_ranks, "moelb")
+    assert (phy2log.numpy() == plan.location.physical_to_logical).all()
+
+
+class WindowOnAccelerator:
+    """A load window held on an accelerator, as far as the policy can tell: ``device`` names a
+    CUDA device and ``detach()`` gives the values (copied to the host, as ``.cpu()`` would)."""
+
+    device = torch.device("cuda", 0)
+
+    def __init__(self, values: torch.Tensor) -> None:
+        self.values = values
+
+    def detach(self) -> torch.Tensor:
+        return self.values
+
+
+@pytest.mark.parametrize("on_accelerator", ["duck-typed", "cuda"])
+def test_map_is_on_the_cpu_whatever_the_weight_device(on_accelerator: str) -> None:
+    """vLLM's DefaultEplbPolicy returns ``torch.from_numpy(...)``, a CPU tensor, and vLLM's async
+    worker asserts ``new_physical_to_logical_map.device == torch.device("cpu")``: a map moved to
+    the weight's device would break that path."""
+    load = torch.from_numpy(weight(4, 3, 16))
+    if on_accelerator == "cuda":
+        if not torch.cuda.is_available():
+            pytest.skip("no CUDA device")
+        window = load.cuda()
+    else:
+        window = WindowOnAccelerator(load)
+    phy2log = MoelbEplbPolicy.rebalance_experts(window, 24, 4, 2, 8)
+    assert phy2log.device == torch.device("cpu")
+    plan = moelb.rebalance(load.numpy(), 24, 4, 2, 8, "moelb")
     assert (phy2log.numpy() == plan.location.physical_to_logical).all()
 
 
@@ -158,6 +190,47 @@ def test_install_is_idempotent(vllm: SimpleNamespace) -> None:
     assert vllm.policy.EPLB_POLICIES["default"] is registered
     assert registered.options == {"locality": "none"}
     assert MoelbEplbPolicy.options == {}  # the standalone class is untouched
+
+
+RELOAD_SCRIPT = """
+import importlib, json, sys
+import moelb.integrations.vllm as adapter
+from vllm.distributed.eplb import policy
+from vllm.distributed.eplb.policy.default import DefaultEplbPolicy
+
+adapter.install()
+adapter = importlib.reload(adapter)
+adapter.install(locality="none")
+registered = policy.EPLB_POLICIES["default"]
+json.dump(
+    {
+        "replaced_is_vllms": registered.replaced is DefaultEplbPolicy,
+        "current_class": issubclass(registered, adapter.MoelbEplbPolicy),
+        "options": registered.options,
+    },
+    sys.stdout,
+)
+"""
+
+
+def test_install_after_a_reload_keeps_vllms_policy_as_replaced(tmp_path: Path) -> None:
+    """install() again after importlib.reload(moelb.integrations.vllm) registers the reloaded
+    class and keeps vLLM's DefaultEplbPolicy as ``replaced`` (not the earlier moelb class).
+    In a subprocess: a reload here would leave this test module with stale classes."""
+    fake_engines.write(tmp_path / "site", fake_engines.VLLM)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(tmp_path / "site"), *filter(None, [env.get("PYTHONPATH")])]
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", RELOAD_SCRIPT], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {
+        "replaced_is_vllms": True,
+        "current_class": True,
+        "options": {"locality": "none"},
+    }
 
 
 def test_call_path_reaches_moelb(vllm: SimpleNamespace) -> None:

@@ -65,17 +65,18 @@ def rebalance_command(args: argparse.Namespace) -> int:
 
 
 def _check_output_name(output: str, file_format: str) -> None:
-    suffix = Path(output).suffix.lower()
+    suffix = Path(output).suffix
     if file_format == "trtllm":
-        if suffix not in (".yaml", ".yml"):
+        if suffix.lower() not in (".yaml", ".yml"):
             raise CliError(f"-o {output}: --format trtllm writes YAML; give a .yaml or .yml name")
-    elif suffix != ".json":
-        if file_format == "json":
+    elif file_format == "json":
+        if suffix.lower() != ".json":
             raise CliError(f"-o {output}: --format json writes JSON; give a .json name")
+    elif suffix != ".json":  # SGLang tests str.endswith(".json"): case-sensitive
         raise CliError(
             f"-o {output}: SGLang reads --init-expert-location as a file only when the name "
-            "ends in .json or .pt (anything else is parsed as inline JSON); moelb writes JSON, so "
-            "give a .json name"
+            "ends in .json or .pt, in lower case (anything else is parsed as inline JSON); moelb "
+            "writes JSON, so give a name ending in .json"
         )
 
 

@@ -73,8 +73,13 @@ def rebalance_experts(
     creation order (the first replica is the expert's original slot, then the copies in the order
     replication added them), recovered from the plan by replaying DeepSeek's packing; where two
     experts' per-replica loads tie and the replay cannot tell the order apart, that node's
-    replicas are listed in ascending slot order instead. Under ``"moelb"`` (no creation order)
-    ascending slot order.
+    replicas are listed in ascending slot order instead. The replay packs an expert's own
+    replicas, whose per-replica loads always tie, in creation order (a stable sort); ``eplb.py``
+    sorts them with torch's unstable sort, which for more than 16 items does not keep that order:
+    so which of an expert's slots ``eplb.py`` lists as replica 0, 1, ... can differ from this
+    (measured with torch 2.13 on the CPU, DeepSeek-V3 at EP32 on 4 nodes: half the replicated
+    experts), the slots, ``phy2log`` and ``logcnt`` being the same. Under ``"moelb"`` (no
+    creation order) ascending slot order.
 
     Raises ``EnginePreconditionError`` (an ``AssertionError``, as ``eplb.py`` raises, and an
     ``InvalidArgumentError``) where ``eplb.py`` asserts: ``num_replicas % num_gpus != 0``,

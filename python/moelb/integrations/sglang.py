@@ -131,8 +131,9 @@ def rebalance_experts(
     Returns int64 CPU tensors ``(physical_to_logical_map [L, P], logical_to_all_physical_map
     [L, E, X], expert_count [L, E])``, X = the largest replica count of the call (SGLang pads it
     to P itself); replica order as ``moelb.integrations.deepseek.rebalance_experts`` gives it
-    (DeepSeek's creation order under the DeepSeek algorithms, ascending slots under moelb), the
-    order SGLang's runtime dispatch table follows.
+    (DeepSeek's creation order under the DeepSeek algorithms, with an expert's own replicas in
+    a stable order where SGLang's ``deepseek.py`` uses torch's unstable sort; ascending slots
+    under moelb), the order SGLang's runtime dispatch table follows.
 
     Raises ``EnginePreconditionError`` (an ``AssertionError``, as SGLang's DeepSeek code asserts,
     and an ``InvalidArgumentError``) when P is not a multiple of S or P < E, and under
@@ -214,9 +215,14 @@ def install(*, previous_from_engine: bool = True, **options: Any) -> None:
 
     Raises ``EngineNotFoundError`` (an ``ImportError``) without SGLang, ``EngineLayoutError``
     (an ``ImportError``) when SGLang's modules differ from 0.5.23's layout (nothing is patched
-    then), ``InvalidArgumentError`` for an unknown option.
+    then), ``InvalidArgumentError`` for an unknown option, a bad value or a
+    ``previous_from_engine`` that is not a bool.
     """
     global _installed_options
+    if not isinstance(previous_from_engine, bool):  # "false" from a JSON string would be true
+        raise InvalidArgumentError(
+            f"previous_from_engine must be true or false, got {previous_from_engine!r}"
+        )
     check_rebalance_options(options, INSTALL_OPTIONS, "install()")
     module = _algorithms_module()
     with _lock:
@@ -226,7 +232,7 @@ def install(*, previous_from_engine: bool = True, **options: Any) -> None:
         current = module.rebalance_experts
         if getattr(current, _WRAPPER_MARK, None) is None:
             module.rebalance_experts = _make_wrapper(module, current)
-        _installed_options = dict(options, previous_from_engine=bool(previous_from_engine))
+        _installed_options = dict(options, previous_from_engine=previous_from_engine)
 
 
 def _algorithms_module() -> Any:

@@ -58,6 +58,8 @@ POLICY_PARAMETERS = (
 MOELB_OPTIONS = ("locality", "move_cost", "max_moves", "dispatch")
 
 _lock = threading.Lock()
+#: Set on the class install() registers (found again after a reload of this module).
+_REGISTERED_MARK = "__moelb_registered__"
 
 
 class MoelbEplbPolicy:
@@ -89,8 +91,9 @@ class MoelbEplbPolicy:
             moves keeps its placement (``move_cost``). A map of another shape (the GPU count or
             slots changed) or that is not a placement of the E experts is not used (logged).
 
-        Returns ``physical_to_logical_map`` [L, P], int64, on ``weight``'s device (as vLLM's
-        default policy). Node locality when ``num_groups % num_nodes == 0``; a topology moelb
+        Returns ``physical_to_logical_map`` [L, P], an int64 CPU tensor whatever ``weight``'s
+        device, as vLLM's default policy returns it (``torch.from_numpy``; vLLM's async worker
+        asserts a CPU map). Node locality when ``num_groups % num_nodes == 0``; a topology moelb
         cannot honour is planned without it (logged). Raises ``EnginePreconditionError`` (an
         ``AssertionError``, as vLLM's default policy asserts, and an ``InvalidArgumentError``)
         when ``num_replicas % num_ranks != 0`` or ``num_replicas < E``;
@@ -133,9 +136,7 @@ class MoelbEplbPolicy:
         )
         if plan.stats.notes:
             logger.info("moelb EPLB: %s", plan.stats.notes)
-        phy2log = torch.from_numpy(plan.location.physical_to_logical.astype(np.int64))
-        device = getattr(weight, "device", None)
-        return phy2log if device is None else phy2log.to(device)
+        return torch.from_numpy(plan.location.physical_to_logical.astype(np.int64))
 
 
 def install(**options: Any) -> None:
@@ -154,13 +155,17 @@ def install(**options: Any) -> None:
         registry = module.EPLB_POLICIES
         current = registry["default"]
         if not (isinstance(current, type) and issubclass(current, MoelbEplbPolicy)):
+            # A class registered by an earlier copy of this module (after importlib.reload)
+            # is replaced too, keeping the engine's policy it had replaced.
+            replaced = current.replaced if getattr(current, _REGISTERED_MARK, False) else current
             current = type(
                 "MoelbEplbPolicy",
                 (MoelbEplbPolicy, module.AbstractEplbPolicy),
                 {
                     "__module__": __name__,
                     "__doc__": MoelbEplbPolicy.__doc__,
-                    "replaced": current,
+                    "replaced": replaced,
+                    _REGISTERED_MARK: True,
                 },
             )
             registry["default"] = current
