@@ -255,6 +255,14 @@ def load_placement(
     except RecursionError:
         raise InvalidArgumentError(f"{source} is nested too deeply to be a placement") from None
     array = _placement_array(obj, source)
+    # moelb's own file (``moelb rebalance --format json``) also names its cluster: a placement
+    # planned for other ranks or nodes is refused, not read onto these.
+    for key, given in (("ep_size", ep_size), ("num_nodes", num_nodes)):
+        stored = obj.get(key) if isinstance(obj, dict) else None
+        if stored is not None and stored != given:
+            raise InvalidArgumentError(
+                f"{source} was planned for {key}={stored!r}, not the {key}={given} given"
+            )
     if num_logical_experts is None:
         num_logical_experts = int(array.max()) + 1 if array.size else 0
     try:

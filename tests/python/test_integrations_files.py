@@ -227,6 +227,14 @@ def test_json_format_reads_back(capsys: pytest.CaptureFixture[str], tmp_path: Pa
                          str(out_file), "--json")  # fmt: skip
     assert code == 0, err
     assert json.loads(out)["moved_experts"] == 0
+    # A moelb file names its cluster: read for other ranks or nodes it is refused (the same
+    # map on 4 ranks would put its slots on other GPUs).
+    with pytest.raises(
+        moelb.InvalidArgumentError, match="planned for ep_size=8, not the ep_size=4"
+    ):
+        moelb.load_placement(out_file, 4, 2, 64)
+    with pytest.raises(moelb.InvalidArgumentError, match="planned for num_nodes=2"):
+        moelb.load_placement(out_file, 8, 1, 64)
 
 
 @pytest.mark.parametrize(
