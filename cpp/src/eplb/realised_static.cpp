@@ -21,6 +21,18 @@
 // at a time) improved by swaps; and the equal-split plan improved by swaps within its domains,
 // unless a node-spread placement already realises what the equal-split plan promises. Then it
 // moves every rank's cursor past the chosen layer.
+//
+// Never worse per layer than the standalone equal-split plan (issue 20): that plan, loaded on
+// its own, reads the streams its own earlier layers leave, so its layer l may realise less than
+// the same layer after this plan's earlier layers. The pass follows the standalone plan's
+// streams beside its own; when no candidate of layer l realises at most what the standalone's
+// layer l does, it re-rolls layer l's streams: a walk of random swaps in layer l - 1 (within its
+// domains; each kept when that layer realises no more than it did, so layer l - 1 keeps its
+// guarantees) until layer l's failed best or the equal-split layer realises at most that from
+// the streams layer l - 1 now leaves (kRerollTries swaps at most; measured, 1-131 swaps on
+// DeepSeek-V3-scale loads). Failing that, layers 0 .. l - 1 become the standalone plan's (the
+// streams are then its streams, and layer l's first candidate realises exactly its value) and
+// layer l is planned again. Each layer is planned at most twice.
 #include <algorithm>
 #include <cstdint>
 #include <limits>
@@ -46,6 +58,8 @@ constexpr int kTriesPerStep = 24;
 // A node-spread placement that realises within this fraction of the largest GPU load the
 // equal-split plan promises is kept without searching the equal-split plan's swaps.
 constexpr double kPromiseTolerance = 1e-3;
+// The most swaps a re-roll of a layer's streams tries (the pass's guarantee; see above).
+constexpr int kRerollTries = 512;
 
 // The outputs of random.Random(42)'s generator, as far as a stream has read them.
 class Stream42 {
@@ -178,6 +192,8 @@ class StaticLayer {
     // Rank r's cursor after the layer.
     std::size_t end_cursor(int r) const { return cursor_[at(g_.E, r)]; }
     const Geometry& shape() const { return g_; }
+    // Expert e's number of replicas.
+    int replicas(int e) const { return static_cast<int>(reps_[e].size()); }
     // The draws made so far (random numbers read plus fair choices built), the search's budget.
     std::size_t work() const { return work_; }
 
@@ -579,17 +595,29 @@ void plan_sglang_static(const PlanRequest& r, const LocalityChoice& choice, Laye
     const Geometry g = geometry(r.num_experts, r.num_physical_experts, r.ep_size, N);
     const int domain_bins = r.ep_size / choice.num_domains;
     const bool spread = choice.locality == Locality::kNone && N >= 2;
+    const auto W = static_cast<std::size_t>(g.W);
+    // The standalone equal-split plan (what rebalance(dispatch="equal_split") returns): its rows
+    // and statistics, and every rank's stream as SGLang reads it under that plan.
+    const RowMatrix<std::int32_t> equal_rows = plans.phy2log;
+    const std::vector<LayerPlanStats> equal_stats = plans.stats.layers;
+    std::vector<std::size_t> equal_cursor(W, 0), equal_end(W);
+    std::vector<std::size_t> equal_starts;  // [L * W] with previous: its streams before each layer
+    std::vector<double> equal_realised(static_cast<std::size_t>(r.num_layers));
     StaticPass pass;
-    pass.cursor.assign(static_cast<std::size_t>(g.W), 0);
+    pass.cursor.assign(W, 0);
     pass.spread.resize(static_cast<std::size_t>(g.P));
     if (r.previous) plans.previous_realised.assign(static_cast<std::size_t>(r.num_layers), 0.0);
     std::vector<std::int32_t> count;
-    for (Index l = 0; l < r.num_layers; ++l) {
+    // Layers 0 .. synced are the standalone plan's (the streams after them are its streams).
+    Index synced = -1;
+    // The least realised candidate of layer l from pass.cursor (pass.best, best_max, best_end).
+    // When the streams are the standalone plan's, pass.layer holds its layer l on entry.
+    const auto plan_layer = [&](Index l, bool on_standalone_streams) {
         const double* w = r.load.row(l).data();
         const double bound = plans.lower_bounds[static_cast<std::size_t>(l)];
+        const std::int32_t* equal_split = equal_rows.row(l).data();
         pass.best.clear();
-        const std::int32_t* equal_split = plans.phy2log.row(l).data();
-        pass.layer.reset(g, w, equal_split, pass.cursor.data());
+        if (!on_standalone_streams) pass.layer.reset(g, w, equal_split, pass.cursor.data());
         pass.consider();
         for (const Spread mode : {Spread::kWhole, Spread::kPartial}) {
             if (!spread || !node_spread(w, g, mode, pass.spread_scratch, pass.spread.data())) {
@@ -606,20 +634,125 @@ void plan_sglang_static(const PlanRequest& r, const LocalityChoice& choice, Laye
         // The equal-split plan improved by swaps within its domains (the costliest search: most
         // of its replicated experts have ranks that draw), unless a node-spread placement already
         // realises what the equal-split plan promises (within kPromiseTolerance).
-        const double promise = plans.stats.layers[static_cast<std::size_t>(l)].max_rank_load;
+        const double promise = equal_stats[static_cast<std::size_t>(l)].max_rank_load;
         if (!(pass.best_max <= promise * (1 + kPromiseTolerance))) {
             pass.layer.reset(g, w, equal_split, pass.cursor.data());
             static_swap_search(pass.layer, domain_bins, bound, kSearchEvaluations, pass.candidates);
             pass.consider();
         }
+    };
+    // Re-rolls the streams layer l reads: a walk of swaps in layer l - 1 (within its domains,
+    // each kept when layer l - 1 realises no more than it did) until layer l's failed placement or
+    // the equal-split layer realises at most `limit` from the streams layer l - 1 leaves.
+    std::vector<std::size_t> before_start(W);  // the streams before layer l - 1 under this plan
+    StaticLayer before{pass.stream};
+    std::vector<std::int32_t> failed;
+    std::vector<std::size_t> probe(W);
+    const auto reroll = [&](Index l, double limit) -> bool {
+        const Index k = l - 1;
+        const auto ku = static_cast<std::size_t>(k);
+        if (domain_bins < 2) return false;
+        const double before_max = plans.stats.layers[ku].realised_max_rank_load;
+        before.reset(g, r.load.row(k).data(), plans.phy2log.row(k).data(), before_start.data());
+        failed = pass.best;
+        std::uint64_t state = static_cast<std::uint64_t>(l) * 0x9E3779B97F4A7C15ULL;
+        const auto next = [&state](int n) {
+            state += 0x9E3779B97F4A7C15ULL;
+            std::uint64_t z = state;
+            z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+            z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+            return static_cast<int>((z ^ (z >> 31)) % static_cast<std::uint64_t>(n));
+        };
+        const auto holds = [&](int gpu, int e) {
+            for (int p = gpu * g.S; p < (gpu + 1) * g.S; ++p) {
+                if (before.expert(p) == e) return true;
+            }
+            return false;
+        };
+        for (int t = 0; t < kRerollTries; ++t) {
+            const int x = next(g.P), gx = x / g.S, first = gx / domain_bins * domain_bins;
+            int gy = first + next(domain_bins - 1);
+            if (gy >= gx) ++gy;
+            const int y = gy * g.S + next(g.S);
+            const int ex = before.expert(x), ey = before.expert(y);
+            if (ex == ey || (before.replicas(ex) < 2 && before.replicas(ey) < 2) || holds(gy, ex) ||
+                holds(gx, ey)) {
+                continue;
+            }
+            before.swap_slots(x, y);
+            if (before.max_load() > before_max) {
+                before.swap_slots(x, y);
+                continue;
+            }
+            for (std::size_t q = 0; q < W; ++q) probe[q] = before.end_cursor(static_cast<int>(q));
+            const double* w = r.load.row(l).data();
+            pass.layer.reset(g, w, failed.data(), probe.data());
+            double v = pass.layer.max_load();
+            if (v > limit) {
+                pass.layer.reset(g, w, equal_rows.row(l).data(), probe.data());
+                v = pass.layer.max_load();
+            }
+            if (v <= limit) {
+                std::copy(before.phy2log().begin(), before.phy2log().end(),
+                          plans.phy2log.row(k).data());
+                plans.take_stats(r, k, plans.lower_bounds[ku], count);
+                plans.stats.layers[ku].realised_max_rank_load = before.max_load();
+                pass.cursor = probe;
+                return true;
+            }
+        }
+        return false;
+    };
+    for (Index l = 0; l < r.num_layers; ++l) {
+        const auto layer = static_cast<std::size_t>(l);
+        const double* w = r.load.row(l).data();
+        // The standalone plan's layer l on its streams: the value not to exceed.
+        if (r.previous)
+            equal_starts.insert(equal_starts.end(), equal_cursor.begin(), equal_cursor.end());
+        pass.layer.reset(g, w, equal_rows.row(l).data(), equal_cursor.data());
+        equal_realised[layer] = pass.layer.max_load();
+        for (std::size_t k = 0; k < W; ++k)
+            equal_end[k] = pass.layer.end_cursor(static_cast<int>(k));
+        plan_layer(l, pass.cursor == equal_cursor);
+        if (pass.best_max > equal_realised[layer] && reroll(l, equal_realised[layer])) {
+            plan_layer(l, false);
+            pass.layer.reset(g, w, failed.data(), pass.cursor.data());
+            pass.consider();
+        }
+        if (pass.best_max > equal_realised[layer]) {
+            // The streams this plan's earlier layers left realise more than the standalone plan
+            // on this layer: the earlier layers become the standalone plan's (its streams then),
+            // and layer l is planned again (its first candidate is the standalone's layer l).
+            for (Index j = synced + 1; j < l; ++j) {
+                const auto k = static_cast<std::size_t>(j);
+                plans.phy2log.row(j) = equal_rows.row(j);
+                plans.stats.layers[k] = equal_stats[k];
+                plans.stats.layers[k].realised_max_rank_load = equal_realised[k];
+                if (r.previous) {
+                    pass.layer.reset(g, r.load.row(j).data(), r.previous_row(j),
+                                     equal_starts.data() + k * W);
+                    plans.previous_realised[k] = pass.layer.max_load();
+                }
+            }
+            synced = l - 1;
+            pass.cursor = equal_cursor;
+            pass.layer.reset(g, w, equal_rows.row(l).data(), pass.cursor.data());
+            plan_layer(l, true);
+        }
         if (r.previous) {
             pass.layer.reset(g, w, r.previous_row(l), pass.cursor.data());
-            plans.previous_realised[static_cast<std::size_t>(l)] = pass.layer.max_load();
+            plans.previous_realised[layer] = pass.layer.max_load();
         }
         std::copy(pass.best.begin(), pass.best.end(), plans.phy2log.row(l).data());
-        plans.take_stats(r, l, bound, count);
-        plans.stats.layers[static_cast<std::size_t>(l)].realised_max_rank_load = pass.best_max;
+        plans.take_stats(r, l, plans.lower_bounds[layer], count);
+        plans.stats.layers[layer].realised_max_rank_load = pass.best_max;
+        if (synced == l - 1 && pass.cursor == equal_cursor &&
+            std::equal(pass.best.begin(), pass.best.end(), equal_rows.row(l).data())) {
+            synced = l;
+        }
+        before_start = pass.cursor;
         pass.cursor = pass.best_end;
+        equal_cursor = equal_end;
     }
 }
 
