@@ -182,6 +182,24 @@ class StaticLayer {
         find_max();
     }
 
+    // Rank r's stream from cursor c at the layer's start instead (its draws again).
+    void restart_rank(int r, std::size_t c) {
+        const int E = g_.E, W = g_.W;
+        touched_.assign(static_cast<std::size_t>(W), false);
+        for (int e = 0; e < E; ++e) {
+            const Index i = at(e, r);
+            cursor_[i] = c;
+            std::int32_t p = near_[i];
+            if (p < 0) p = draw(e, r, c);
+            set_pick(i, p);
+        }
+        cursor_[at(E, r)] = c;
+        for (int g = 0; g < W; ++g) {
+            if (touched_[g]) load_[g] = gpu_load(g);
+        }
+        find_max();
+    }
+
     double max_load() const { return max_; }
     int heaviest() const { return heaviest_; }
     double rank_load(int g) const { return load_[g]; }
@@ -570,6 +588,7 @@ struct StaticPass {
     Stream42 stream;
     StaticLayer layer{stream};
     std::vector<std::size_t> cursor;  // [W] every rank's stream before the current layer
+    StaticLayer equal_split{stream};  // the equal-split layer from `cursor`, kept for its search
     std::vector<std::int32_t> best, spread;
     std::vector<std::size_t> best_end;
     double best_max = 0;
@@ -619,6 +638,7 @@ void plan_sglang_static(const PlanRequest& r, const LocalityChoice& choice, Laye
         pass.best.clear();
         if (!on_standalone_streams) pass.layer.reset(g, w, equal_split, pass.cursor.data());
         pass.consider();
+        pass.equal_split = pass.layer;
         for (const Spread mode : {Spread::kWhole, Spread::kPartial}) {
             if (!spread || !node_spread(w, g, mode, pass.spread_scratch, pass.spread.data())) {
                 continue;
@@ -636,17 +656,18 @@ void plan_sglang_static(const PlanRequest& r, const LocalityChoice& choice, Laye
         // realises what the equal-split plan promises (within kPromiseTolerance).
         const double promise = equal_stats[static_cast<std::size_t>(l)].max_rank_load;
         if (!(pass.best_max <= promise * (1 + kPromiseTolerance))) {
-            pass.layer.reset(g, w, equal_split, pass.cursor.data());
+            pass.layer = pass.equal_split;
             static_swap_search(pass.layer, domain_bins, bound, kSearchEvaluations, pass.candidates);
             pass.consider();
         }
     };
     // Re-rolls the streams layer l reads: a walk of swaps in layer l - 1 (within its domains,
     // each kept when layer l - 1 realises no more than it did) until layer l's failed placement or
-    // the equal-split layer realises at most `limit` from the streams layer l - 1 leaves.
+    // the equal-split layer realises at most `limit` from the streams layer l - 1 leaves. Both
+    // are followed rank by rank: a swap moves the end cursors of the few ranks whose fallbacks
+    // it changed.
     std::vector<std::size_t> before_start(W);  // the streams before layer l - 1 under this plan
-    StaticLayer before{pass.stream};
-    std::vector<std::int32_t> failed;
+    StaticLayer before{pass.stream}, probe_failed{pass.stream}, probe_equal{pass.stream};
     std::vector<std::size_t> probe(W);
     const auto reroll = [&](Index l, double limit) -> bool {
         const Index k = l - 1;
@@ -654,9 +675,12 @@ void plan_sglang_static(const PlanRequest& r, const LocalityChoice& choice, Laye
         if (domain_bins < 2) return false;
         const double before_max = plans.stats.layers[ku].realised_max_rank_load;
         before.reset(g, r.load.row(k).data(), plans.phy2log.row(k).data(), before_start.data());
-        failed = pass.best;
+        const double* w = r.load.row(l).data();
+        probe = pass.cursor;
+        probe_failed.reset(g, w, pass.best.data(), probe.data());
+        probe_equal.reset(g, w, equal_rows.row(l).data(), probe.data());
         std::uint64_t state = static_cast<std::uint64_t>(l) * 0x9E3779B97F4A7C15ULL;
-        const auto next = [&state](int n) {
+        const auto next = [&state](int n) {  // SplitMix64, reduced to [0, n)
             state += 0x9E3779B97F4A7C15ULL;
             std::uint64_t z = state;
             z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
@@ -684,15 +708,14 @@ void plan_sglang_static(const PlanRequest& r, const LocalityChoice& choice, Laye
                 before.swap_slots(x, y);
                 continue;
             }
-            for (std::size_t q = 0; q < W; ++q) probe[q] = before.end_cursor(static_cast<int>(q));
-            const double* w = r.load.row(l).data();
-            pass.layer.reset(g, w, failed.data(), probe.data());
-            double v = pass.layer.max_load();
-            if (v > limit) {
-                pass.layer.reset(g, w, equal_rows.row(l).data(), probe.data());
-                v = pass.layer.max_load();
+            for (int q = 0; q < g.W; ++q) {
+                const std::size_t c = before.end_cursor(q);
+                if (c == probe[static_cast<std::size_t>(q)]) continue;
+                probe[static_cast<std::size_t>(q)] = c;
+                probe_failed.restart_rank(q, c);
+                probe_equal.restart_rank(q, c);
             }
-            if (v <= limit) {
+            if (probe_failed.max_load() <= limit || probe_equal.max_load() <= limit) {
                 std::copy(before.phy2log().begin(), before.phy2log().end(),
                           plans.phy2log.row(k).data());
                 plans.take_stats(r, k, plans.lower_bounds[ku], count);
@@ -715,6 +738,8 @@ void plan_sglang_static(const PlanRequest& r, const LocalityChoice& choice, Laye
             equal_end[k] = pass.layer.end_cursor(static_cast<int>(k));
         plan_layer(l, pass.cursor == equal_cursor);
         if (pass.best_max > equal_realised[layer] && reroll(l, equal_realised[layer])) {
+            // Layer l again from the new streams, its failed best among the candidates.
+            const std::vector<std::int32_t> failed = probe_failed.phy2log();
             plan_layer(l, false);
             pass.layer.reset(g, w, failed.data(), pass.cursor.data());
             pass.consider();
