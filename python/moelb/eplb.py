@@ -222,8 +222,14 @@ def rebalance(
         per layer, the lowest realised largest GPU load among the equal-split plan, that plan
         improved by slot swaps, and with ``locality="none"`` on several nodes placements that
         put an expert's replicas on distinct nodes (on every node, every rank has a nearest
-        replica and none draws), improved likewise: never above the equal-split plan's layer
-        after the same earlier layers. Use ``locality="none"``: under node locality every rank
+        replica and none draws), improved likewise. Never worse per layer: every layer realises
+        no more than the equal-split plan (``dispatch="equal_split"``, same options, loaded
+        through the same file path) realises on it, nor than the equal-split plan's layer would
+        after this plan's earlier layers (ours: the planner follows the equal-split plan's own
+        streams too; where the streams this plan leaves cannot match its layer, the previous
+        layer is changed within what it realised, else the equal-split plan's earlier layers are
+        taken). ``move_cost`` / ``max_moves`` may keep previous layers afterwards, which changes
+        what later layers realise. Use ``locality="none"``: under node locality every rank
         without its own replica of a replicated expert draws at random.
         ``stats.realised_max_rank_load`` / ``realised_balancedness`` report it; with
         ``previous``, ``move_cost`` / ``max_moves`` weigh the realised gain. Takes

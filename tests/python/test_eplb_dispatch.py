@@ -117,8 +117,8 @@ def test_placement_file_gives_the_predicted_table_and_loads(
 @pytest.mark.parametrize("locality", ["node", "none"])
 def test_never_worse_than_the_equal_split_plan_on_any_layer(locality: str) -> None:
     """Layer l of the plan realises no more than the equal-split plan's layer l would after the
-    plan's layers 0..l-1 (SGLang's random streams run on from layer to layer); summed over the
-    layers it realises less than the equal-split plan does."""
+    plan's layers 0..l-1 (SGLang's random streams run on from layer to layer), nor than the
+    equal-split plan itself realises on layer l; summed over the layers it realises less."""
     L, E, P, groups, N, W = 6, 64, 80, 8, 4, 16
     load = skewed_load(L, E, seed=7)
     ours = moelb.rebalance(load, P, groups, N, W, locality=locality, dispatch="sglang_static")
@@ -131,6 +131,7 @@ def test_never_worse_than_the_equal_split_plan_on_any_layer(locality: str) -> No
         theirs = moelb.evaluate_placement(load, mixed, dispatch="sglang_static")
         assert mine[layer] <= theirs.realised_max_rank_load[layer], layer
     plain = moelb.evaluate_placement(load, equal.location, dispatch="sglang_static")
+    assert (mine <= plain.realised_max_rank_load).all()
     assert mine.sum() < plain.realised_max_rank_load.sum()
 
 

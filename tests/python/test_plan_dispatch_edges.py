@@ -97,27 +97,43 @@ def test_balanced_tree_attachment_outside_the_pool_one_slot_per_gpu() -> None:
     assert (plan.stats.realised_max_rank_load <= theirs.realised_max_rank_load).all()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="not fixed: sglang_static is never worse only 'after the same earlier layers' "
-    "(SGLang's random streams run on across layers); against the equal-split plan judged on its "
-    "own streams a layer can realise more (issue 20 asks for never worse per layer)",
-)
+def _random_config(rng: np.random.Generator) -> tuple[np.ndarray, int, int, int]:
+    """A small random window [T, L, E] (integer counts, sometimes scaled to tiny floats) and a
+    cluster (slots, nodes, GPUs) with 0-2 extra slots per GPU."""
+    W = int(rng.choice([2, 4, 8, 16]))
+    N = int(rng.choice([n for n in (1, 2, 4) if W % n == 0]))
+    E = int(rng.integers(2, 40))
+    P = W * (int(np.ceil(E / W)) + int(rng.integers(0, 3)))
+    L, T = int(rng.integers(1, 7)), int(rng.integers(1, 40))
+    s = rng.poisson(rng.gamma(0.4, 30, size=(L, E)), size=(T, L, E)).astype(np.int64)
+    if rng.random() < 0.3:
+        s = s.astype(np.float64) * rng.random() * 1e-3
+    return s, P, N, W
+
+
 def test_sglang_static_never_worse_per_layer_than_the_equal_split_plan() -> None:
+    # Issue 20's guarantee, exactly: on every layer the sglang_static plan realises no more than
+    # the standalone equal-split plan (same options) loaded through the same file path, each on
+    # its own random streams (SGLang's draws run on across layers, so a layer's table depends on
+    # the earlier layers). Before the planner tracked the standalone plan's streams, a later layer
+    # realised more in 2 of the first 150 of these configurations.
     rng = np.random.default_rng(7)
-    worse = False
-    for _ in range(150):
-        W = int(rng.choice([2, 4, 8]))
-        N = int(rng.choice([n for n in (1, 2, 4) if W % n == 0]))
-        E = int(rng.integers(2, 20))
-        P = W * (int(np.ceil(E / W)) + int(rng.integers(0, 3)))
-        L, T = int(rng.integers(1, 5)), int(rng.integers(1, 40))
-        s = rng.poisson(rng.gamma(0.4, 30, size=(L, E)), size=(T, L, E)).astype(np.int64)
-        if rng.random() < 0.3:
-            s = s.astype(np.float64) * rng.random() * 1e-3
-        plan = moelb.rebalance(s, P, None, N, W, locality="none", dispatch="sglang_static")
-        equal = moelb.rebalance(s, P, None, N, W, locality="none")
+    strictly_better = 0
+    for i in range(600):
+        s, P, N, W = _random_config(rng)
+        locality = ("none", "node", "auto")[i % 3]
+        previous = None
+        if i % 4 == 3:  # with a previous placement (no move trade-off: move_cost=0)
+            previous = moelb.ExpertLocation.trivial(s.shape[1], s.shape[2], P, W, N)
+        kw = dict(locality=locality, previous=previous, move_cost=0.0)
+        plan = moelb.rebalance(s, P, None, N, W, dispatch="sglang_static", **kw)
+        equal = moelb.rebalance(s, P, None, N, W, **kw)
         ours = plan.stats.realised_max_rank_load
         theirs = moelb.evaluate_placement(s, equal.location, dispatch="sglang_static")
-        worse |= bool((ours > theirs.realised_max_rank_load * (1 + 1e-12)).any())
-    assert not worse
+        worse = np.flatnonzero(ours > theirs.realised_max_rank_load)
+        assert worse.size == 0, (i, locality, worse, ours[worse], theirs.realised_max_rank_load)
+        # The statistics are what the returned placement realises.
+        again = moelb.evaluate_placement(s, plan.location, dispatch="sglang_static")
+        np.testing.assert_array_equal(again.realised_max_rank_load, ours)
+        strictly_better += bool((ours < theirs.realised_max_rank_load).any())
+    assert strictly_better > 300  # the guarantee is not met by returning the equal-split plan

@@ -39,10 +39,13 @@
 // strict subset of the list), and the planner can only choose placements whose draws come out
 // even (swaps within nodes); without locality it also builds node-spread placements (an
 // expert's replicas on distinct nodes; on every node, no rank draws).
-// Per layer the result realises no more than the equal-split plan's layer placed after the
-// same earlier layers (each rank's random stream runs on from layer to layer, so a layer's
-// table depends on the earlier layers' placements); with `previous`, move_cost / max_moves weigh
-// the realised gain.
+// Per layer the result realises no more than the standalone equal-split plan (kEqualSplit, the
+// same options, loaded through the same file path) realises on that layer, and no more than
+// the equal-split plan's layer placed after this plan's earlier layers (each rank's random
+// stream runs on from layer to layer, so a layer's table depends on the earlier layers'
+// placements: the planner follows the standalone plan's streams too; realised_static.cpp);
+// with `previous`, move_cost / max_moves weigh the realised gain (a layer that keeps its
+// previous placement afterwards changes what the later layers realise).
 // kBalanced plans for moelb's per-step exact split (balanced_split in dispatch.hpp: each step's
 // tokens split over the replicas at the optimal largest GPU load ceil(T*)), whose optimum is
 // limited by sets of GPUs that no replica links to the others: the replicated experts' replicas

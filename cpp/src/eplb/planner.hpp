@@ -488,8 +488,10 @@ void trade_moves_for_balance(const PlanRequest& request, LayerPlans& plans);
 // plan, matched to the previous placement): layer after layer, each rank's random stream
 // carried on, the candidate placement with the lowest realised largest GPU load (the equal-split
 // plan first, so never above it; then that plan improved by swaps within `choice`'s domains; and
-// without locality on several nodes, the node-spread placement improved by swaps), its
-// statistics with realised_max_rank_load, and plans.previous_realised with previous.
+// without locality on several nodes, the node-spread placement improved by swaps), never above
+// what the standalone equal-split plan realises on its own streams (the previous layer re-rolled,
+// else the standalone plan's earlier layers taken), its statistics with realised_max_rank_load,
+// and plans.previous_realised with previous.
 void plan_sglang_static(const PlanRequest& request, const LocalityChoice& choice,
                         LayerPlans& plans);
 // realised_static.cpp: layers[l].realised_max_rank_load of every layer l of a placement

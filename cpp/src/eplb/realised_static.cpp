@@ -21,6 +21,18 @@
 // at a time) improved by swaps; and the equal-split plan improved by swaps within its domains,
 // unless a node-spread placement already realises what the equal-split plan promises. Then it
 // moves every rank's cursor past the chosen layer.
+//
+// Never worse per layer than the standalone equal-split plan (issue 20): that plan, loaded on
+// its own, reads the streams its own earlier layers leave, so its layer l may realise less than
+// the same layer after this plan's earlier layers. The pass follows the standalone plan's
+// streams beside its own; when no candidate of layer l realises at most what the standalone's
+// layer l does, it re-rolls layer l's streams: a walk of random swaps in layer l - 1 (within its
+// domains; each kept when that layer realises no more than it did, so layer l - 1 keeps its
+// guarantees) until layer l's failed best or the equal-split layer realises at most that from
+// the streams layer l - 1 now leaves (kRerollTries swaps at most; measured, 1-131 swaps on
+// DeepSeek-V3-scale loads). Failing that, layers 0 .. l - 1 become the standalone plan's (the
+// streams are then its streams, and layer l's first candidate realises exactly its value) and
+// layer l is planned again. Each layer is planned at most twice.
 #include <algorithm>
 #include <cstdint>
 #include <limits>
@@ -46,6 +58,8 @@ constexpr int kTriesPerStep = 24;
 // A node-spread placement that realises within this fraction of the largest GPU load the
 // equal-split plan promises is kept without searching the equal-split plan's swaps.
 constexpr double kPromiseTolerance = 1e-3;
+// The most swaps a re-roll of a layer's streams tries (the pass's guarantee; see above).
+constexpr int kRerollTries = 512;
 
 // The outputs of random.Random(42)'s generator, as far as a stream has read them.
 class Stream42 {
@@ -168,6 +182,24 @@ class StaticLayer {
         find_max();
     }
 
+    // Rank r's stream from cursor c at the layer's start instead (its draws again).
+    void restart_rank(int r, std::size_t c) {
+        const int E = g_.E, W = g_.W;
+        touched_.assign(static_cast<std::size_t>(W), false);
+        for (int e = 0; e < E; ++e) {
+            const Index i = at(e, r);
+            cursor_[i] = c;
+            std::int32_t p = near_[i];
+            if (p < 0) p = draw(e, r, c);
+            set_pick(i, p);
+        }
+        cursor_[at(E, r)] = c;
+        for (int g = 0; g < W; ++g) {
+            if (touched_[g]) load_[g] = gpu_load(g);
+        }
+        find_max();
+    }
+
     double max_load() const { return max_; }
     int heaviest() const { return heaviest_; }
     double rank_load(int g) const { return load_[g]; }
@@ -178,6 +210,8 @@ class StaticLayer {
     // Rank r's cursor after the layer.
     std::size_t end_cursor(int r) const { return cursor_[at(g_.E, r)]; }
     const Geometry& shape() const { return g_; }
+    // Expert e's number of replicas.
+    int replicas(int e) const { return static_cast<int>(reps_[e].size()); }
     // The draws made so far (random numbers read plus fair choices built), the search's budget.
     std::size_t work() const { return work_; }
 
@@ -554,6 +588,7 @@ struct StaticPass {
     Stream42 stream;
     StaticLayer layer{stream};
     std::vector<std::size_t> cursor;  // [W] every rank's stream before the current layer
+    StaticLayer equal_split{stream};  // the equal-split layer from `cursor`, kept for its search
     std::vector<std::int32_t> best, spread;
     std::vector<std::size_t> best_end;
     double best_max = 0;
@@ -579,18 +614,31 @@ void plan_sglang_static(const PlanRequest& r, const LocalityChoice& choice, Laye
     const Geometry g = geometry(r.num_experts, r.num_physical_experts, r.ep_size, N);
     const int domain_bins = r.ep_size / choice.num_domains;
     const bool spread = choice.locality == Locality::kNone && N >= 2;
+    const auto W = static_cast<std::size_t>(g.W);
+    // The standalone equal-split plan (what rebalance(dispatch="equal_split") returns): its rows
+    // and statistics, and every rank's stream as SGLang reads it under that plan.
+    const RowMatrix<std::int32_t> equal_rows = plans.phy2log;
+    const std::vector<LayerPlanStats> equal_stats = plans.stats.layers;
+    std::vector<std::size_t> equal_cursor(W, 0), equal_end(W);
+    std::vector<std::size_t> equal_starts;  // [L * W] with previous: its streams before each layer
+    std::vector<double> equal_realised(static_cast<std::size_t>(r.num_layers));
     StaticPass pass;
-    pass.cursor.assign(static_cast<std::size_t>(g.W), 0);
+    pass.cursor.assign(W, 0);
     pass.spread.resize(static_cast<std::size_t>(g.P));
     if (r.previous) plans.previous_realised.assign(static_cast<std::size_t>(r.num_layers), 0.0);
     std::vector<std::int32_t> count;
-    for (Index l = 0; l < r.num_layers; ++l) {
+    // Layers 0 .. synced are the standalone plan's (the streams after them are its streams).
+    Index synced = -1;
+    // The least realised candidate of layer l from pass.cursor (pass.best, best_max, best_end).
+    // When the streams are the standalone plan's, pass.layer holds its layer l on entry.
+    const auto plan_layer = [&](Index l, bool on_standalone_streams) {
         const double* w = r.load.row(l).data();
         const double bound = plans.lower_bounds[static_cast<std::size_t>(l)];
+        const std::int32_t* equal_split = equal_rows.row(l).data();
         pass.best.clear();
-        const std::int32_t* equal_split = plans.phy2log.row(l).data();
-        pass.layer.reset(g, w, equal_split, pass.cursor.data());
+        if (!on_standalone_streams) pass.layer.reset(g, w, equal_split, pass.cursor.data());
         pass.consider();
+        pass.equal_split = pass.layer;
         for (const Spread mode : {Spread::kWhole, Spread::kPartial}) {
             if (!spread || !node_spread(w, g, mode, pass.spread_scratch, pass.spread.data())) {
                 continue;
@@ -606,20 +654,130 @@ void plan_sglang_static(const PlanRequest& r, const LocalityChoice& choice, Laye
         // The equal-split plan improved by swaps within its domains (the costliest search: most
         // of its replicated experts have ranks that draw), unless a node-spread placement already
         // realises what the equal-split plan promises (within kPromiseTolerance).
-        const double promise = plans.stats.layers[static_cast<std::size_t>(l)].max_rank_load;
+        const double promise = equal_stats[static_cast<std::size_t>(l)].max_rank_load;
         if (!(pass.best_max <= promise * (1 + kPromiseTolerance))) {
-            pass.layer.reset(g, w, equal_split, pass.cursor.data());
+            pass.layer = pass.equal_split;
             static_swap_search(pass.layer, domain_bins, bound, kSearchEvaluations, pass.candidates);
             pass.consider();
         }
+    };
+    // Re-rolls the streams layer l reads: a walk of swaps in layer l - 1 (within its domains,
+    // each kept when layer l - 1 realises no more than it did) until layer l's failed placement or
+    // the equal-split layer realises at most `limit` from the streams layer l - 1 leaves. Both
+    // are followed rank by rank: a swap moves the end cursors of the few ranks whose fallbacks
+    // it changed.
+    std::vector<std::size_t> before_start(W);  // the streams before layer l - 1 under this plan
+    StaticLayer before{pass.stream}, probe_failed{pass.stream}, probe_equal{pass.stream};
+    std::vector<std::size_t> probe(W);
+    const auto reroll = [&](Index l, double limit) -> bool {
+        const Index k = l - 1;
+        const auto ku = static_cast<std::size_t>(k);
+        if (domain_bins < 2) return false;
+        const double before_max = plans.stats.layers[ku].realised_max_rank_load;
+        before.reset(g, r.load.row(k).data(), plans.phy2log.row(k).data(), before_start.data());
+        const double* w = r.load.row(l).data();
+        probe = pass.cursor;
+        probe_failed.reset(g, w, pass.best.data(), probe.data());
+        probe_equal.reset(g, w, equal_rows.row(l).data(), probe.data());
+        std::uint64_t state = static_cast<std::uint64_t>(l) * 0x9E3779B97F4A7C15ULL;
+        const auto next = [&state](int n) {  // SplitMix64, reduced to [0, n)
+            state += 0x9E3779B97F4A7C15ULL;
+            std::uint64_t z = state;
+            z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+            z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+            return static_cast<int>((z ^ (z >> 31)) % static_cast<std::uint64_t>(n));
+        };
+        const auto holds = [&](int gpu, int e) {
+            for (int p = gpu * g.S; p < (gpu + 1) * g.S; ++p) {
+                if (before.expert(p) == e) return true;
+            }
+            return false;
+        };
+        for (int t = 0; t < kRerollTries; ++t) {
+            const int x = next(g.P), gx = x / g.S, first = gx / domain_bins * domain_bins;
+            int gy = first + next(domain_bins - 1);
+            if (gy >= gx) ++gy;
+            const int y = gy * g.S + next(g.S);
+            const int ex = before.expert(x), ey = before.expert(y);
+            if (ex == ey || (before.replicas(ex) < 2 && before.replicas(ey) < 2) || holds(gy, ex) ||
+                holds(gx, ey)) {
+                continue;
+            }
+            before.swap_slots(x, y);
+            if (before.max_load() > before_max) {
+                before.swap_slots(x, y);
+                continue;
+            }
+            for (int q = 0; q < g.W; ++q) {
+                const std::size_t c = before.end_cursor(q);
+                if (c == probe[static_cast<std::size_t>(q)]) continue;
+                probe[static_cast<std::size_t>(q)] = c;
+                probe_failed.restart_rank(q, c);
+                probe_equal.restart_rank(q, c);
+            }
+            if (probe_failed.max_load() <= limit || probe_equal.max_load() <= limit) {
+                std::copy(before.phy2log().begin(), before.phy2log().end(),
+                          plans.phy2log.row(k).data());
+                plans.take_stats(r, k, plans.lower_bounds[ku], count);
+                plans.stats.layers[ku].realised_max_rank_load = before.max_load();
+                pass.cursor = probe;
+                return true;
+            }
+        }
+        return false;
+    };
+    for (Index l = 0; l < r.num_layers; ++l) {
+        const auto layer = static_cast<std::size_t>(l);
+        const double* w = r.load.row(l).data();
+        // The standalone plan's layer l on its streams: the value not to exceed.
+        if (r.previous)
+            equal_starts.insert(equal_starts.end(), equal_cursor.begin(), equal_cursor.end());
+        pass.layer.reset(g, w, equal_rows.row(l).data(), equal_cursor.data());
+        equal_realised[layer] = pass.layer.max_load();
+        for (std::size_t k = 0; k < W; ++k)
+            equal_end[k] = pass.layer.end_cursor(static_cast<int>(k));
+        plan_layer(l, pass.cursor == equal_cursor);
+        if (pass.best_max > equal_realised[layer] && reroll(l, equal_realised[layer])) {
+            // Layer l again from the new streams, its failed best among the candidates.
+            const std::vector<std::int32_t> failed = probe_failed.phy2log();
+            plan_layer(l, false);
+            pass.layer.reset(g, w, failed.data(), pass.cursor.data());
+            pass.consider();
+        }
+        if (pass.best_max > equal_realised[layer]) {
+            // The streams this plan's earlier layers left realise more than the standalone plan
+            // on this layer: the earlier layers become the standalone plan's (its streams then),
+            // and layer l is planned again (its first candidate is the standalone's layer l).
+            for (Index j = synced + 1; j < l; ++j) {
+                const auto k = static_cast<std::size_t>(j);
+                plans.phy2log.row(j) = equal_rows.row(j);
+                plans.stats.layers[k] = equal_stats[k];
+                plans.stats.layers[k].realised_max_rank_load = equal_realised[k];
+                if (r.previous) {
+                    pass.layer.reset(g, r.load.row(j).data(), r.previous_row(j),
+                                     equal_starts.data() + k * W);
+                    plans.previous_realised[k] = pass.layer.max_load();
+                }
+            }
+            synced = l - 1;
+            pass.cursor = equal_cursor;
+            pass.layer.reset(g, w, equal_rows.row(l).data(), pass.cursor.data());
+            plan_layer(l, true);
+        }
         if (r.previous) {
             pass.layer.reset(g, w, r.previous_row(l), pass.cursor.data());
-            plans.previous_realised[static_cast<std::size_t>(l)] = pass.layer.max_load();
+            plans.previous_realised[layer] = pass.layer.max_load();
         }
         std::copy(pass.best.begin(), pass.best.end(), plans.phy2log.row(l).data());
-        plans.take_stats(r, l, bound, count);
-        plans.stats.layers[static_cast<std::size_t>(l)].realised_max_rank_load = pass.best_max;
+        plans.take_stats(r, l, plans.lower_bounds[layer], count);
+        plans.stats.layers[layer].realised_max_rank_load = pass.best_max;
+        if (synced == l - 1 && pass.cursor == equal_cursor &&
+            std::equal(pass.best.begin(), pass.best.end(), equal_rows.row(l).data())) {
+            synced = l;
+        }
+        before_start = pass.cursor;
         pass.cursor = pass.best_end;
+        equal_cursor = equal_end;
     }
 }
 
