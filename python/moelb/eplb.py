@@ -228,8 +228,12 @@ def rebalance(
         after this plan's earlier layers (ours: the planner follows the equal-split plan's own
         streams too; where the streams this plan leaves cannot match its layer, the previous
         layer is changed within what it realised, else the equal-split plan's earlier layers are
-        taken). ``move_cost`` / ``max_moves`` may keep previous layers afterwards, which changes
-        what later layers realise. Use ``locality="none"``: under node locality every rank
+        taken). The guarantee is without a move trade-off: with ``previous``, ``move_cost``
+        (``DEFAULT_MOVE_COST`` unless given) or ``max_moves`` may keep a layer's previous
+        placement afterwards (``stats.layer_kept_previous``), and that layer and the later ones
+        (SGLang's draws then run differently) may realise more than the equal-split plan's, whose
+        own trade-off keeps other layers; pass ``move_cost=0`` (no ``max_moves``) to keep the
+        guarantee with ``previous``. Use ``locality="none"``: under node locality every rank
         without its own replica of a replicated expert draws at random.
         ``stats.realised_max_rank_load`` / ``realised_balancedness`` report it; with
         ``previous``, ``move_cost`` / ``max_moves`` weigh the realised gain. Takes

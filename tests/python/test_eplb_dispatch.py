@@ -173,6 +173,29 @@ def test_previous_and_move_cost_weigh_the_realised_gain() -> None:
     assert moved.stats.realised_balancedness > before.realised_balancedness
 
 
+def test_move_trade_off_keeps_layers_and_reports_what_the_written_plan_realises() -> None:
+    """With ``previous`` the default move_cost keeps some layers (the guarantee against the
+    equal-split plan is documented as holding without a move trade-off); the statistics are
+    still those of the written placement loaded on its own, and with ``move_cost=0`` every layer
+    realises no more than the equal-split plan's."""
+    rng = np.random.default_rng(5027)
+    L, E, P, N, W = 6, 16, 32, 4, 16
+    window = rng.pareto(1.0, (L, E)) * 1000
+    load = window * rng.uniform(0.5, 1.5, (L, E))
+    previous = moelb.rebalance(window, P, None, N, W, locality="none").location
+    kw = dict(locality="none", previous=previous)
+    traded = moelb.rebalance(load, P, None, N, W, dispatch="sglang_static", **kw)
+    assert traded.stats.layer_kept_previous.any() and not traded.stats.layer_kept_previous.all()
+    written = moelb.evaluate_placement(load, traded.location, dispatch="sglang_static")
+    np.testing.assert_array_equal(
+        traded.stats.realised_max_rank_load, written.realised_max_rank_load
+    )
+    free = moelb.rebalance(load, P, None, N, W, dispatch="sglang_static", move_cost=0.0, **kw)
+    equal = moelb.rebalance(load, P, None, N, W, move_cost=0.0, **kw)
+    theirs = moelb.evaluate_placement(load, equal.location, dispatch="sglang_static")
+    assert (free.stats.realised_max_rank_load <= theirs.realised_max_rank_load).all()
+
+
 @pytest.mark.parametrize(
     ("kwargs", "needle"),
     [

@@ -32,7 +32,9 @@
 // the streams layer l - 1 now leaves (kRerollTries swaps at most; measured, 1-131 swaps on
 // DeepSeek-V3-scale loads). Failing that, layers 0 .. l - 1 become the standalone plan's (the
 // streams are then its streams, and layer l's first candidate realises exactly its value) and
-// layer l is planned again. Each layer is planned at most twice.
+// layer l is planned again. Each layer is planned at most twice. The guarantee is before the move
+// trade-off: previous.cpp may then keep a layer's previous placement, and that layer and the
+// later ones may realise more (rebalance.cpp realises the final plan again).
 #include <algorithm>
 #include <cstdint>
 #include <limits>
