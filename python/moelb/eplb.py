@@ -1,5 +1,5 @@
 """The EPLB planner: turn recorded expert loads into a placement (``rebalance``), evaluate a
-placement (``evaluate_placement``, ``rank_loads``)."""
+placement (``evaluate_placement``, ``rank_loads``), relabel one onto another (``relabel_ranks``)."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ __all__ = [
     "evaluate_placement",
     "rank_loads",
     "rebalance",
+    "relabel_ranks",
 ]
 
 ALGORITHMS = ("moelb", "deepseek", "deepseek_hierarchical", "deepseek_global")
@@ -296,6 +297,23 @@ def evaluate_placement(
         _core.evaluate_placement(_as_load(load, steps="optional"), location, previous, dispatch),
         expert_bytes,
     )
+
+
+def relabel_ranks(
+    location: ExpertLocation, previous: ExpertLocation, locality: str = "none"
+) -> ExpertLocation:
+    """``location`` with each layer's EP ranks permuted and each rank's slots reordered so that
+    the most slots hold the expert they hold in ``previous`` (ours): the fewest weights to move
+    for the same per-rank multisets of experts. ``locality="node"``: the ranks of each node go
+    onto the ranks of one node (``location.num_nodes``), nodes permuted too; ``"none"``: any
+    permutation. Exact (an assignment solved as a min-cost flow, the largest sum over ranks of
+    the multiset overlap of a rank's experts with its previous rank's). Equal-split and
+    balanced-dispatch loads are those of ``location`` with its ranks permuted; SGLang's static
+    tables read the replica order and may change. ``rebalance(dispatch="balanced",
+    previous=...)`` relabels its rebuilt layouts this way. Raises ``InvalidArgumentError`` for a
+    ``previous`` of another shape (layers, logical and physical experts, ep_size) or a locality
+    other than ``"none"`` / ``"node"``."""
+    return _core.relabel_ranks(location, previous, locality)
 
 
 def rank_loads(load: Any, location: ExpertLocation) -> npt.NDArray[np.float64]:
