@@ -22,12 +22,19 @@
 //      replicas of an expert share a GPU unless no other GPU has a free slot;
 //   4. the single-copy experts by load, descending, each onto the GPU of the domain with the
 //      smallest equal-split load that has a free slot (ties to the lower GPU);
-//   5. with `previous`, GPUs relabelled (and nodes, under node locality) and slots reordered to
-//      keep experts where they were (match_previous: the optimum does not depend on which GPU is
-//      which);
-//   6. the never-worse check: the layout and the equal-split plan are both solved exactly on the
-//      same evaluation steps (below) and the layout is kept only when its sum of the steps'
-//      ceil(T*) is lower (an integer comparison; ties keep the equal-split plan).
+//   5. without `previous`, the never-worse check: the layout and the equal-split plan are both
+//      solved exactly on the same evaluation steps (below) and the layout is kept only when its
+//      sum of the steps' ceil(T*) is lower (an integer comparison; ties keep the equal-split
+//      plan);
+//   6. with `previous` (choose_with_previous), candidates instead: the previous placement, the
+//      layout repaired from it (connected_repair.cpp) after 0, 1, 2, 4, ... and all of its swap
+//      search's swaps, the rebuilt layout and the equal-split plan -- the last two relabelled
+//      exactly onto the previous placement (relabel_exactly: GPUs, and nodes under node
+//      locality, permuted to keep the most slots; the optimum does not depend on which GPU is
+//      which) -- each solved on the evaluation steps; those whose sum is at most the equal-split
+//      plan's compete on their relative gain over the previous placement minus move_cost per
+//      slot rewritten, ties to fewer slots rewritten. Rebuilding every window rewrote ~13,300 of
+//      16,704 slots per window on the demo configuration at move_cost 0 (benchmarks/README.md).
 //
 // Evaluation steps: K = min(T, 32) steps of a time series of T steps, evenly spaced (step
 // floor((2k + 1) T / 2K) for k < K); the summed load as one step without a time series (or when
@@ -371,30 +378,50 @@ Choice choose_with_previous(const double* w, const PlanRequest& r, int num_domai
     bool found = false;
     double best_score = 0;
     Index best_moves = 0;
-    const auto consider = [&](Layout layout, const std::vector<std::int32_t>& slots,
-                              std::int64_t value) {
-        if (value > equal) return;
-        const Index moves = moved_slots(slots, old);
+    // No layout sums below the steps' mean GPU loads rounded up (ceil(T*) >= ceil(total / W)),
+    // so a candidate whose score at that floor cannot beat the best so far is not solved (the
+    // choice is the same as solving it).
+    std::int64_t floor = 0;
+    for (Index k = 0; k < s.steps.num_steps; ++k) {
+        const std::int64_t* step = s.steps.counts.data() + k * E;
+        floor += detail::ceil_div(std::accumulate(step, step + E, std::int64_t{0}), W);
+    }
+    const auto score_of = [&](std::int64_t value, Index moves) {
         const double gain =
             before > 0 ? static_cast<double>(before - value) / static_cast<double>(before) : 0;
-        const double score = gain - r.move_cost * static_cast<double>(moves);
-        if (found && !(score > best_score || (score == best_score && moves < best_moves))) {
-            return;
-        }
+        return gain - r.move_cost * static_cast<double>(moves);
+    };
+    const auto beats = [&](double score, Index moves) {
+        return !found || score > best_score || (score == best_score && moves < best_moves);
+    };
+    // `value` solves the candidate when it is needed.
+    const auto consider = [&](Layout layout, const std::vector<std::int32_t>& slots,
+                              const auto& value) {
+        const Index moves = moved_slots(slots, old);
+        if (!beats(score_of(floor, moves), moves)) return;
+        const std::int64_t v = value();
+        if (v > equal || !beats(score_of(v, moves), moves)) return;
         found = true;
-        best = {layout, value};
-        best_score = score;
+        best = {layout, v};
+        best_score = score_of(v, moves);
         best_moves = moves;
         s.best = slots;
     };
     const auto solve = [&](const std::vector<std::int32_t>& slots) {
-        return step_optimum_sum(slots.data(), E, P, W, s);
+        return [&] { return step_optimum_sum(slots.data(), E, P, W, s); };
     };
+    const auto known = [](std::int64_t v) { return [v] { return v; }; };
     s.work.assign(old, old + P);
-    if (in_domains(old, P, num_domains, s.domain_of)) consider(Layout::kPrevious, s.work, before);
+    if (in_domains(old, P, num_domains, s.domain_of)) {
+        consider(Layout::kPrevious, s.work, known(before));
+    }
     if (repair_connected(w, old, s.count, s.domain_of, num_domains, P, W, s.repair, s.repaired,
                          s.swaps)) {
-        consider(Layout::kRepaired, s.repaired, s.repaired == s.work ? before : solve(s.repaired));
+        if (s.repaired == s.work) {
+            consider(Layout::kRepaired, s.repaired, known(before));
+        } else {
+            consider(Layout::kRepaired, s.repaired, solve(s.repaired));
+        }
         s.work = s.repaired;
         for (std::size_t done = 0, next = 1; done < s.swaps.size(); next *= 2) {
             for (const std::size_t until = std::min(next, s.swaps.size()); done < until; ++done) {
@@ -408,7 +435,7 @@ Choice choose_with_previous(const double* w, const PlanRequest& r, int num_domai
     consider(Layout::kRebuilt, s.work, solve(s.work));
     s.work.assign(phy2log, phy2log + P);
     relabel_exactly(s.work.data(), old, E, P, W, num_domains);
-    consider(Layout::kEqualSplit, s.work, equal);
+    consider(Layout::kEqualSplit, s.work, known(equal));
     return best;
 }
 
@@ -450,19 +477,19 @@ void plan_balanced(const PlanRequest& r, const LocalityChoice& choice, LayerPlan
             layer.realised_max_rank_load = s.steps.realised(std::min(ours, equal));
         }
     });
-    const auto kept = std::count(chosen.begin(), chosen.end(), Layout::kEqualSplit);
-    if (kept > 0) {
+    const auto count = [&](Layout layout) {
+        return std::to_string(std::count(chosen.begin(), chosen.end(), layout));
+    };
+    if (r.previous) {
+        plans.notes += "Against the previous placement: " + count(Layout::kRepaired) +
+                       " layer(s) repaired, " + count(Layout::kRebuilt) + " rebuilt, " +
+                       count(Layout::kEqualSplit) + " took the equal-split plan, " +
+                       count(Layout::kPrevious) + " kept. ";
+    } else if (const auto kept = std::count(chosen.begin(), chosen.end(), Layout::kEqualSplit);
+               kept > 0) {
         plans.notes += std::to_string(kept) +
                        " layer(s) kept the equal-split plan (the connected layout was not lower "
                        "on the window's steps). ";
-    }
-    if (r.previous) {
-        const auto repaired = std::count(chosen.begin(), chosen.end(), Layout::kRepaired);
-        const auto rebuilt = std::count(chosen.begin(), chosen.end(), Layout::kRebuilt);
-        const auto previous = std::count(chosen.begin(), chosen.end(), Layout::kPrevious);
-        plans.notes += "Against the previous placement: " + std::to_string(repaired) +
-                       " layer(s) repaired, " + std::to_string(rebuilt) + " rebuilt, " +
-                       std::to_string(previous) + " kept. ";
     }
 }
 
