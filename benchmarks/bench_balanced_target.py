@@ -13,13 +13,21 @@ gives, averaged over steps and layers (what ``moelb simulate --dispatch balanced
 * ``moelb:none`` / ``moelb:node``: the equal-split plans (free placement; node locality);
 * ``moelb:none:balanced`` / ``moelb:node:balanced``: planned for the balanced dispatch;
 * ``hindsight``: the balanced plan made from the next window itself (what a perfect estimate of
-  the next window would give it; not reachable by a planner).
+  the next window would give it; not reachable by a planner);
+* ``... move_cost=0``: the balanced plan with ``move_cost=0`` (the rows without it run at the
+  default ``DEFAULT_MOVE_COST``): every window gain re-places a layer, ties to fewer slots;
+* ``... rebuilt``: the balanced plan made without ``previous`` each window (the layout rebuilt
+  from scratch), its ranks relabelled onto the placement in service by ``relabel_ranks`` (the
+  fewest moves for that layout): what planning from ``previous`` saves in moves. The plans with
+  ``previous`` repair the layout in service (issue 20; cpp/src/eplb/connected_repair.cpp).
 
 Columns: next-window realised balancedness, in-window (the planning window's own steps), the
 equal split of the same placements on the next window, plan seconds per window (all layers, one
-thread), slots moved per window, and the mean number of connected pieces of the replica graph.
+thread), slots moved per window (from window 1 on; 58 x 288 = 16,704 slots on the demo), and the
+mean number of connected pieces of the replica graph.
 
     python benchmarks/bench_balanced_target.py                           # demo, 24 steps
+    python benchmarks/bench_balanced_target.py --steps 96                # a longer chain
     python benchmarks/bench_balanced_target.py --bursts 1.0
     python benchmarks/bench_balanced_target.py --model deepseek-v4-flash
 
@@ -36,7 +44,8 @@ from pathlib import Path
 
 import moelb
 import numpy as np
-from moelb import ExpertLocation, rebalance
+from moelb import ExpertLocation, rebalance, relabel_ranks
+from moelb.eplb import DEFAULT_MOVE_COST
 from moelb.simulation.config import SimulationConfig
 from moelb.simulation.driver import simulate
 
@@ -56,14 +65,28 @@ from study_balanced_planning import (  # noqa: E402
 GOAL = 0.92
 
 
-def library_plan(c: Cluster, locality: str, dispatch: str) -> Planner:
+def library_plan(
+    c: Cluster, locality: str, dispatch: str, move_cost: float = DEFAULT_MOVE_COST
+) -> Planner:
     """The library's plan of a window's per-step counts, from the placement in service."""
 
     def plan(window: Counts, previous: ExpertLocation) -> ExpertLocation:
         load = window if dispatch == "balanced" else window.sum(axis=0, dtype=np.float64)
         return rebalance(
-            load, c.P, c.G, c.N, c.W, previous=previous, locality=locality, dispatch=dispatch
-        ).location
+            load, c.P, c.G, c.N, c.W, previous=previous, locality=locality, dispatch=dispatch,
+            move_cost=move_cost,
+        ).location  # fmt: skip
+
+    return plan
+
+
+def rebuilt_plan(c: Cluster, locality: str) -> Planner:
+    """The balanced plan made without the placement in service, relabelled onto it."""
+
+    def plan(window: Counts, previous: ExpertLocation) -> ExpertLocation:
+        fresh = rebalance(window, c.P, c.G, c.N, c.W, locality=locality, dispatch="balanced")
+        node = "locality=node" in fresh.stats.algorithm
+        return relabel_ranks(fresh.location, previous, locality="node" if node else "none")
 
     return plan
 
@@ -103,8 +126,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     plans = [
         ("moelb:none", library_plan(c, "none", "equal_split"), False),
         ("moelb:none:balanced", library_plan(c, "none", "balanced"), False),
+        ("moelb:none:balanced move_cost=0", library_plan(c, "none", "balanced", 0.0), False),
+        ("moelb:none:balanced rebuilt", rebuilt_plan(c, "none"), False),
         ("moelb:node", library_plan(c, "node", "equal_split"), False),
         ("moelb:node:balanced", library_plan(c, "node", "balanced"), False),
+        ("moelb:node:balanced move_cost=0", library_plan(c, "node", "balanced", 0.0), False),
+        ("moelb:node:balanced rebuilt", rebuilt_plan(c, "node"), False),
         ("hindsight moelb:none:balanced", library_plan(c, "none", "balanced"), True),
         ("hindsight moelb:node:balanced", library_plan(c, "node", "balanced"), True),
     ]

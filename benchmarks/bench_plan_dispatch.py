@@ -25,7 +25,10 @@ popularities, each layer's hottest experts drifting over the window), planned at
 GPUs in 4 nodes, without and with node locality, for an equal split and for the balanced
 dispatch: the plan's wall time on one thread (median of ``--repeats``) and the in-window
 realised per-step balancedness under the balanced dispatch (``realised_balancedness``, on the
-plan's evaluation steps) of both plans. Next-window figures come from ``moelb simulate``.
+plan's evaluation steps) of both plans; ``+previous`` rows plan the balanced target from the
+balanced plan of the window's first half (the repair of connected_repair.cpp and the choice
+among its candidates, default ``move_cost``), with the slots they rewrite. Next-window figures
+come from ``moelb simulate`` and ``bench_balanced_target.py``.
 
     python benchmarks/bench_plan_dispatch.py                 # 58 layers, 3 repeats
     python benchmarks/bench_plan_dispatch.py --quick         # smoke test: 4 layers, 1 repeat
@@ -128,22 +131,32 @@ def balanced_section(layers: int, steps: int, repeats: int, seed: int) -> list[d
     moelb.set_num_threads(1)
     try:
         for locality in ("none", "node"):
-            for dispatch in ("equal_split", "balanced"):
+            for dispatch, from_previous in (
+                ("equal_split", False), ("balanced", False), ("balanced", True)
+            ):  # fmt: skip
+                previous = None
+                if from_previous:
+                    previous = moelb.rebalance(
+                        counts[: steps // 2], slots, NUM_GROUPS, nodes, gpus, locality=locality,
+                        dispatch="balanced",
+                    ).location  # fmt: skip
                 times, plan = [], None
                 for _ in range(repeats):
                     t0 = time.perf_counter()
                     plan = moelb.rebalance(
                         counts, slots, NUM_GROUPS, nodes, gpus, locality=locality,
-                        dispatch=dispatch,
+                        dispatch=dispatch, previous=previous,
                     )  # fmt: skip
                     times.append(time.perf_counter() - t0)
                 assert plan is not None
                 realised = moelb.evaluate_placement(counts, plan.location, dispatch="balanced")
+                name = f"moelb:{locality}" + (":balanced" if dispatch == "balanced" else "")
                 results.append({
-                    "plan": f"moelb:{locality}" + (":balanced" if dispatch == "balanced" else ""),
+                    "plan": name + (" +previous" if from_previous else ""),
                     "seconds_1_thread": statistics.median(times),
                     "balanced_realised": realised.realised_balancedness,
                     "equal_split": plan.stats.balancedness,
+                    "moved": plan.stats.moved_experts if from_previous else None,
                     "notes": plan.stats.notes,
                 })  # fmt: skip
     finally:
@@ -152,15 +165,15 @@ def balanced_section(layers: int, steps: int, repeats: int, seed: int) -> list[d
         f"\ndispatch balanced: {layers} layers x {steps} steps, 288 slots / 32 GPUs / 4 nodes, "
         f"one thread (median of {repeats}); balancedness in-window"
     )
-    header = ["plan", "s 1t", "balanced (realised)", "equal split"]
+    header = ["plan", "s 1t", "balanced (realised)", "equal split", "moved"]
     rows = [
         [r["plan"], f"{r['seconds_1_thread']:.3f}", f"{r['balanced_realised']:.4f}",
-         f"{r['equal_split']:.4f}"]
+         f"{r['equal_split']:.4f}", "-" if r["moved"] is None else f"{r['moved']:,}"]
         for r in results
     ]  # fmt: skip
     print(table(header, rows, left=(0,)))
     for r in results:
-        if r["plan"].endswith(":balanced"):
+        if ":balanced" in r["plan"]:
             ok = "yes" if r["seconds_1_thread"] <= BALANCED_SECONDS_GOAL else "no"
             print(
                 f"goal ({r['plan']}): {r['seconds_1_thread']:.3f} s on one thread "

@@ -166,6 +166,18 @@ void bind_eplb(py::module_& m) {
         "The statistics of a placement for load [L, E] or per-step loads [T, L, E] float64.");
 
     m.def(
+        "relabel_ranks",
+        [](const ExpertLocation& location, const ExpertLocation& previous,
+           const std::string& locality) {
+            const Locality parsed = parse_locality(locality);
+            py::gil_scoped_release release;
+            return relabel_ranks(location, previous, parsed);
+        },
+        py::arg("location"), py::arg("previous"), py::arg("locality") = "none",
+        "location with each layer's ranks permuted (and slots reordered) to keep the most slots "
+        "of previous.");
+
+    m.def(
         "rank_loads",
         [](const py::handle& load, const ExpertLocation& location) {
             auto w = strict_array<double>(load, "load", 2);

@@ -47,7 +47,7 @@ from .dispatch import (
     sglang_replica_lists,
 )
 from .distributed import execute_weight_moves, torch_all_gather
-from .eplb import Plan, PlanStats, evaluate_placement, rank_loads, rebalance
+from .eplb import Plan, PlanStats, evaluate_placement, rank_loads, rebalance, relabel_ranks
 from .io import (
     load_expert_distribution,
     load_placement,
@@ -135,6 +135,7 @@ __all__ = [
     "random_moe_weights",
     "rank_loads",
     "rebalance",
+    "relabel_ranks",
     "remap_topk_for_per_rank_shared_slots",
     "save_expert_distribution",
     "save_placement",

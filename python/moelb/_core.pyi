@@ -262,6 +262,9 @@ def evaluate_placement(
     previous: ExpertLocation | None = None,
     dispatch: str = "equal_split",
 ) -> dict[str, Any]: ...
+def relabel_ranks(
+    location: ExpertLocation, previous: ExpertLocation, locality: str = "none"
+) -> ExpertLocation: ...
 def rank_loads(
     load: npt.NDArray[np.float64], location: ExpertLocation
 ) -> npt.NDArray[np.float64]: ...

@@ -56,8 +56,14 @@
 // (K = min(T, 32) evenly spaced steps of a time series, or the summed load as one step) is
 // lower than the equal-split plan's, so it is never worse on the window it was planned on
 // (cpp/src/eplb/connected.cpp: the steps, the integer scaling of non-integer loads). With
-// `previous`, GPUs are relabelled to keep experts where they were, and move_cost / max_moves
-// weigh the realised gain.
+// `previous`, the layout is also repaired from the previous one (connected_repair.cpp: counts
+// updated, the previous replicas and links kept, only what changed re-placed, every GPU still
+// linked, then swaps of single-copy experts), and per layer the previous placement, the
+// repaired layout after 0, 1, 2, 4, ... of its swaps, the rebuilt layout and the equal-split
+// plan (the last two relabelled exactly, relabel_ranks) compete: those at or below the
+// equal-split plan's sum on the window, on their relative gain over the previous placement minus
+// move_cost per slot rewritten (ties: fewer slots rewritten); then move_cost / max_moves weigh
+// the realised gain as for every plan.
 #pragma once
 
 #include <cstdint>
@@ -206,6 +212,21 @@ Plan rebalance(ConstMatrixMap<double> load, const RebalanceOptions& options);
 // (options.objective == kTotal) or against the per-step peaks (kStepPeak); the statistics include
 // the per-step peaks either way.
 Plan rebalance(const StepLoads& steps, const RebalanceOptions& options);
+
+// `location` with each layer's EP ranks (GPUs) permuted -- with Locality::kNode the ranks of each
+// node onto the ranks of one node (location's num_nodes), nodes permuted too; with kNone freely --
+// and each rank's slots reordered so that the most slots hold the expert they hold in `previous`
+// (ours). Exact: no such permutation keeps more slots (the largest sum over ranks of the
+// multiset overlap of a rank's experts with its previous rank's, an assignment solved as a
+// min-cost flow; under kNode over node pairs, then nodes), so the fewest weights move. Each
+// rank's multiset of experts is unchanged, so any dispatch that ignores which rank is which and
+// the order of slots within a rank (equal split, balanced) realises the same loads; SGLang's
+// static tables may change (they read the replica order). Throws InvalidArgument for a
+// `previous` of another shape (layers, logical and physical experts, ep_size) or a locality
+// other than kNone / kNode. Dispatch kBalanced's plans with `previous` relabel their rebuilt
+// layout and their equal-split plan this way.
+ExpertLocation relabel_ranks(const ExpertLocation& location, const ExpertLocation& previous,
+                             Locality locality = Locality::kNone);
 
 // Per-rank loads [L, W] of a placement under equal split of each expert's load over its replicas.
 RowMatrix<double> rank_loads(ConstMatrixMap<double> load, const ExpertLocation& location);

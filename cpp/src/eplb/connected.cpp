@@ -22,12 +22,19 @@
 //      replicas of an expert share a GPU unless no other GPU has a free slot;
 //   4. the single-copy experts by load, descending, each onto the GPU of the domain with the
 //      smallest equal-split load that has a free slot (ties to the lower GPU);
-//   5. with `previous`, GPUs relabelled (and nodes, under node locality) and slots reordered to
-//      keep experts where they were (match_previous: the optimum does not depend on which GPU is
-//      which);
-//   6. the never-worse check: the layout and the equal-split plan are both solved exactly on the
-//      same evaluation steps (below) and the layout is kept only when its sum of the steps'
-//      ceil(T*) is lower (an integer comparison; ties keep the equal-split plan).
+//   5. without `previous`, the never-worse check: the layout and the equal-split plan are both
+//      solved exactly on the same evaluation steps (below) and the layout is kept only when its
+//      sum of the steps' ceil(T*) is lower (an integer comparison; ties keep the equal-split
+//      plan);
+//   6. with `previous` (choose_with_previous), candidates instead: the previous placement, the
+//      layout repaired from it (connected_repair.cpp) after 0, 1, 2, 4, ... and all of its swap
+//      search's swaps, the rebuilt layout and the equal-split plan -- the last two relabelled
+//      exactly onto the previous placement (relabel_exactly: GPUs, and nodes under node
+//      locality, permuted to keep the most slots; the optimum does not depend on which GPU is
+//      which) -- each solved on the evaluation steps; those whose sum is at most the equal-split
+//      plan's compete on their relative gain over the previous placement minus move_cost per
+//      slot rewritten, ties to fewer slots rewritten. Rebuilding every window rewrote ~13,300 of
+//      16,704 slots per window on the demo configuration at move_cost 0 (benchmarks/README.md).
 //
 // Evaluation steps: K = min(T, 32) steps of a time series of T steps, evenly spaced (step
 // floor((2k + 1) T / 2K) for k < K); the summed load as one step without a time series (or when
@@ -151,6 +158,10 @@ struct BalancedScratch {
     std::vector<std::vector<int>> rank_slots;
     std::vector<double> rank_load;
     std::vector<char> is_new_node, in_chosen;
+    // With previous: choose_with_previous's layouts and the repair's scratch.
+    std::vector<std::int32_t> work, repaired, best;
+    std::vector<std::pair<int, int>> swaps;
+    RepairScratch repair;
 };
 
 // The sum over the evaluation steps of ceil(T*) of a layer placement phy2log [P].
@@ -325,13 +336,116 @@ void connected_layout(const double* w, const PlanRequest& r, int num_domains, in
     }
 }
 
+// The layouts a layer can take with `previous`, in the order ties between them are decided.
+enum class Layout { kPrevious, kRepaired, kRebuilt, kEqualSplit };
+
+struct Choice {
+    Layout layout;
+    std::int64_t value;  // the sum of the evaluation steps' ceil(T*)
+};
+
+// The slots of `a` whose expert differs from `b`'s ([P] each).
+Index moved_slots(const std::vector<std::int32_t>& a, const std::int32_t* b) {
+    Index moves = 0;
+    for (std::size_t p = 0; p < a.size(); ++p) moves += a[p] != b[p];
+    return moves;
+}
+
+// Whether layer placement `old` keeps every expert on the domain connected_layout gave it.
+bool in_domains(const std::int32_t* old, int num_physical_experts, int num_domains,
+                const std::vector<int>& domain_of) {
+    const int slots_per_domain = num_physical_experts / num_domains;
+    for (int p = 0; p < num_physical_experts && num_domains > 1; ++p) {
+        if (domain_of[old[p]] != p / slots_per_domain) return false;
+    }
+    return true;
+}
+
+// With `previous` (layer slots `old`, its sum of ceil(T*) `before`), the candidates, each solved
+// on the evaluation steps: the previous placement itself (when it keeps the domains), the
+// repaired layout (connected_repair.cpp) and the repaired layout after the first 1, 2, 4, ...
+// and all of the swap search's swaps (when the repair is one piece wherever the domain has the
+// redundant slots to be), the rebuilt layout (s.layout) and the equal-split plan
+// (phy2log), the last two relabelled exactly onto `old`. Those at or below the equal-split plan's
+// sum (`equal`) compete on their relative gain over `old` minus move_cost per rewritten slot
+// (ties: fewer slots rewritten, then the order above). The winner's slots land in s.best; it
+// never sums above the equal-split plan on the window.
+Choice choose_with_previous(const double* w, const PlanRequest& r, int num_domains,
+                            const std::int32_t* phy2log, const std::int32_t* old,
+                            std::int64_t equal, std::int64_t before, BalancedScratch& s) {
+    const int E = r.num_experts, P = r.num_physical_experts, W = r.ep_size;  // DESIGN's letters
+    Choice best{Layout::kEqualSplit, equal};
+    bool found = false;
+    double best_score = 0;
+    Index best_moves = 0;
+    // No layout sums below the steps' mean GPU loads rounded up (ceil(T*) >= ceil(total / W)),
+    // so a candidate whose score at that floor cannot beat the best so far is not solved (the
+    // choice is the same as solving it).
+    std::int64_t floor = 0;
+    for (Index k = 0; k < s.steps.num_steps; ++k) {
+        const std::int64_t* step = s.steps.counts.data() + k * E;
+        floor += detail::ceil_div(std::accumulate(step, step + E, std::int64_t{0}), W);
+    }
+    const auto score_of = [&](std::int64_t value, Index moves) {
+        const double gain =
+            before > 0 ? static_cast<double>(before - value) / static_cast<double>(before) : 0;
+        return gain - r.move_cost * static_cast<double>(moves);
+    };
+    const auto beats = [&](double score, Index moves) {
+        return !found || score > best_score || (score == best_score && moves < best_moves);
+    };
+    // `value` solves the candidate when it is needed.
+    const auto consider = [&](Layout layout, const std::vector<std::int32_t>& slots,
+                              const auto& value) {
+        const Index moves = moved_slots(slots, old);
+        if (!beats(score_of(floor, moves), moves)) return;
+        const std::int64_t v = value();
+        if (v > equal || !beats(score_of(v, moves), moves)) return;
+        found = true;
+        best = {layout, v};
+        best_score = score_of(v, moves);
+        best_moves = moves;
+        s.best = slots;
+    };
+    const auto solve = [&](const std::vector<std::int32_t>& slots) {
+        return [&] { return step_optimum_sum(slots.data(), E, P, W, s); };
+    };
+    const auto known = [](std::int64_t v) { return [v] { return v; }; };
+    s.work.assign(old, old + P);
+    if (in_domains(old, P, num_domains, s.domain_of)) {
+        consider(Layout::kPrevious, s.work, known(before));
+    }
+    if (repair_connected(w, old, s.count, s.domain_of, num_domains, P, W, s.repair, s.repaired,
+                         s.swaps)) {
+        if (s.repaired == s.work) {
+            consider(Layout::kRepaired, s.repaired, known(before));
+        } else {
+            consider(Layout::kRepaired, s.repaired, solve(s.repaired));
+        }
+        s.work = s.repaired;
+        for (std::size_t done = 0, next = 1; done < s.swaps.size(); next *= 2) {
+            for (const std::size_t until = std::min(next, s.swaps.size()); done < until; ++done) {
+                std::swap(s.work[s.swaps[done].first], s.work[s.swaps[done].second]);
+            }
+            consider(Layout::kRepaired, s.work, solve(s.work));
+        }
+    }
+    s.work = s.layout;
+    relabel_exactly(s.work.data(), old, E, P, W, num_domains);
+    consider(Layout::kRebuilt, s.work, solve(s.work));
+    s.work.assign(phy2log, phy2log + P);
+    relabel_exactly(s.work.data(), old, E, P, W, num_domains);
+    consider(Layout::kEqualSplit, s.work, known(equal));
+    return best;
+}
+
 }  // namespace
 
 void plan_balanced(const PlanRequest& r, const LocalityChoice& choice, LayerPlans& plans) {
     const int E = r.num_experts, P = r.num_physical_experts, W = r.ep_size;  // DESIGN's letters
     const int N = plans.location_nodes;
     if (r.previous) plans.previous_realised.assign(static_cast<std::size_t>(r.num_layers), 0.0);
-    std::vector<char> connected(static_cast<std::size_t>(r.num_layers), 0);
+    std::vector<Layout> chosen(static_cast<std::size_t>(r.num_layers), Layout::kEqualSplit);
     parallel_for(r.num_layers, 1, [&](Index begin, Index end) {
         thread_local BalancedScratch s;
         for (Index l = begin; l < end; ++l) {
@@ -339,26 +453,40 @@ void plan_balanced(const PlanRequest& r, const LocalityChoice& choice, LayerPlan
             std::int32_t* phy2log = plans.phy2log.row(l).data();
             evaluation_steps({r.load, r.steps, E}, l, s.steps);
             connected_layout(w, r, choice.num_domains, N, phy2log, s);
-            if (r.previous) {
-                match_previous(s.layout.data(), r.previous_row(l), E, P, W, choice.num_domains);
-            }
             const std::int64_t equal = step_optimum_sum(phy2log, E, P, W, s);
+            auto& layer = plans.stats.layers[static_cast<std::size_t>(l)];
+            if (r.previous) {
+                const std::int32_t* old = r.previous_row(l);
+                const std::int64_t before = step_optimum_sum(old, E, P, W, s);
+                plans.previous_realised[static_cast<std::size_t>(l)] = s.steps.realised(before);
+                const Choice c =
+                    choose_with_previous(w, r, choice.num_domains, phy2log, old, equal, before, s);
+                chosen[static_cast<std::size_t>(l)] = c.layout;
+                std::copy(s.best.begin(), s.best.end(), phy2log);
+                plans.take_stats(r, l, plans.lower_bounds[static_cast<std::size_t>(l)], s.count32);
+                layer.kept_previous = c.layout == Layout::kPrevious;
+                layer.realised_max_rank_load = s.steps.realised(c.value);
+                continue;
+            }
             const std::int64_t ours = step_optimum_sum(s.layout.data(), E, P, W, s);
             if (ours < equal) {
                 std::copy(s.layout.begin(), s.layout.end(), phy2log);
                 plans.take_stats(r, l, plans.lower_bounds[static_cast<std::size_t>(l)], s.count32);
-                connected[static_cast<std::size_t>(l)] = 1;
+                chosen[static_cast<std::size_t>(l)] = Layout::kRebuilt;
             }
-            plans.stats.layers[static_cast<std::size_t>(l)].realised_max_rank_load =
-                s.steps.realised(std::min(ours, equal));
-            if (r.previous) {
-                plans.previous_realised[static_cast<std::size_t>(l)] =
-                    s.steps.realised(step_optimum_sum(r.previous_row(l), E, P, W, s));
-            }
+            layer.realised_max_rank_load = s.steps.realised(std::min(ours, equal));
         }
     });
-    const auto kept = std::count(connected.begin(), connected.end(), 0);
-    if (kept > 0) {
+    const auto count = [&](Layout layout) {
+        return std::to_string(std::count(chosen.begin(), chosen.end(), layout));
+    };
+    if (r.previous) {
+        plans.notes += "Against the previous placement: " + count(Layout::kRepaired) +
+                       " layer(s) repaired, " + count(Layout::kRebuilt) + " rebuilt, " +
+                       count(Layout::kEqualSplit) + " took the equal-split plan, " +
+                       count(Layout::kPrevious) + " kept. ";
+    } else if (const auto kept = std::count(chosen.begin(), chosen.end(), Layout::kEqualSplit);
+               kept > 0) {
         plans.notes += std::to_string(kept) +
                        " layer(s) kept the equal-split plan (the connected layout was not lower "
                        "on the window's steps). ";

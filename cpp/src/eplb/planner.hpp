@@ -10,8 +10,11 @@
 //   realised_static.cpp the target dispatch sglang_static: SGLang's file-path tables evaluated
 //                       exactly, the swap search on them, the node-spread placement
 //   connected.cpp       the target dispatch balanced: the connected replica layout, the
-//                       never-worse check on the window's steps by the exact per-step split
-//   previous.cpp        matching to the previous placement, and the move / balance trade-off
+//                       never-worse check on the window's steps by the exact per-step split,
+//                       and with previous the choice among rebuilt and repaired layouts
+//   connected_repair.cpp  the balanced target's layout repaired from the previous one
+//   previous.cpp        matching to the previous placement (greedy, and exact), and the move /
+//                       balance trade-off
 //   stats.cpp           a placement's statistics (LayerPlanStats, PlanStats)
 //   plan_layers.cpp     the layer loops: DeepSeek's, and moelb's pipeline per layer
 //   rebalance.cpp       the public API (eplb.hpp): validate -> plan the layers -> trade moves ->
@@ -479,6 +482,12 @@ void refine_step_peak(Packing& p, const LayerSteps& steps);
 // slots inside each GPU to match the previous placement `old` as well as possible.
 void match_previous(std::int32_t* phy2log, const std::int32_t* old, int num_experts,
                     int num_physical_experts, int ep_size, int num_domains);
+// previous.cpp: the exact relabelling (ours): permutes a layer's GPUs -- each node onto a node
+// and GPUs within nodes when num_domains > 1 -- so that the most slots keep the expert they hold
+// in `old` (the largest sum over GPUs of the multiset overlap of their experts; an assignment
+// solved exactly as a min-cost flow), then keeps each GPU's shared experts in their old slots.
+void relabel_exactly(std::int32_t* phy2log, const std::int32_t* old, int num_experts,
+                     int num_physical_experts, int ep_size, int num_domains);
 // previous.cpp: moelb with previous and a move_cost or max_moves: puts back the previous placement
 // of every layer whose gain does not pay for its moves (or beyond the max_moves budget), with its
 // statistics and a note.
@@ -507,6 +516,25 @@ void realise_sglang_static(ConstMatrixMap<double> load, const std::int32_t* phy2
 // evaluation steps' ceil(T*) is below the equal-split plan's; realised_max_rank_load of every
 // layer, and plans.previous_realised with previous.
 void plan_balanced(const PlanRequest& request, const LocalityChoice& choice, LayerPlans& plans);
+// connected_repair.cpp: scratch reused across layers.
+struct RepairScratch {
+    std::vector<std::vector<int>> holders;       // [E]: the GPUs holding a replica of each expert
+    std::vector<double> rank_load;               // [W]: the equal-split load of each GPU
+    std::vector<int> parent;                     // [W]: the pieces of the hypergraph (union-find)
+    std::vector<int> order;                      // a domain's experts, heaviest first
+    std::vector<std::pair<int, int>> redundant;  // (expert, index in holders) closing a cycle
+    std::vector<std::int32_t> balanced;          // [P]: the swap search's layout
+};
+// connected_repair.cpp: the connected layout of a layer (loads w) repaired from its previous
+// slots `old` [P]: the new replica counts `count` [E] and each expert's domain `domain_of` [E]
+// (num_domains domains of consecutive GPUs) as the rebuilt layout's. Writes the repaired layout
+// into `repaired` [P] and the swap search's swaps of single-copy experts that follow it, in
+// order, into `swaps` (pairs of slots). Returns whether every domain with enough redundant
+// slots to be one piece of the replica hypergraph (slots - experts >= GPUs - 1) is one.
+bool repair_connected(const double* w, const std::int32_t* old, const std::vector<int>& count,
+                      const std::vector<int>& domain_of, int num_domains, int num_physical_experts,
+                      int ep_size, RepairScratch& s, std::vector<std::int32_t>& repaired,
+                      std::vector<std::pair<int, int>>& swaps);
 // connected.cpp: layers[l].realised_max_rank_load of every layer l of a placement (phy2log:
 // [load.rows(), num_physical_experts] row-major) under the per-step exact split, on the
 // evaluation steps of `steps` (or the summed load `load` when nullptr).

@@ -2,7 +2,10 @@
 // experts in their slots and can trade a bounded balance loss for fewer moves"): a layer's new
 // GPUs (and nodes) relabelled and its slots reordered to match the previous placement, and the
 // movement trade-off that keeps a layer's previous placement when its gain does not pay for its
-// moves (move_cost) or the moves are over budget (max_moves).
+// moves (move_cost) or the moves are over budget (max_moves). Two relabellings: the greedy one
+// (match_previous, every moelb plan) and the exact one (relabel_exactly, ours: the balanced
+// target's candidates and relabel_ranks), an assignment of the GPUs (and nodes) that keeps the
+// most slots, solved as a min-cost flow.
 #include <algorithm>
 #include <cstdint>
 #include <numeric>
@@ -10,6 +13,8 @@
 #include <tuple>
 #include <vector>
 
+#include "../balanced_flow.hpp"
+#include "moelb/errors.hpp"
 #include "planner.hpp"
 
 namespace moelb::planner {
@@ -68,15 +73,16 @@ Holders holders_of(const BlockRuns& prior, int num_blocks, int num_experts) {
     return h;
 }
 
-// The pairs (new block, old block) of overlap >= 2 as (-overlap, new, old), sorted, counted
-// through the experts they share.
+// The pairs (new block, old block) of overlap >= min_overlap as (-overlap, new, old), sorted,
+// counted through the experts they share.
 std::vector<std::tuple<int, int, int>> overlapping_pairs(const BlockRuns& fresh,
                                                          const Holders& holders, int num_blocks,
-                                                         int block_size) {
+                                                         int block_size, int min_overlap = 2) {
     std::vector<std::tuple<int, int, int>> pairs;
     std::vector<int> overlap(static_cast<std::size_t>(num_blocks), 0);
     std::vector<int> touched;
-    for (int a = 0; a < num_blocks && block_size >= 2; ++a) {  // one slot overlaps by at most 1
+    // (Block size 1 overlaps by at most 1.)
+    for (int a = 0; a < num_blocks && block_size >= min_overlap; ++a) {
         for (int i = fresh.first[a]; i < fresh.first[a + 1]; ++i) {
             const std::int32_t e = fresh.expert[i];
             for (int k = holders.first[e]; k < holders.first[e + 1]; ++k) {
@@ -86,7 +92,7 @@ std::vector<std::tuple<int, int, int>> overlapping_pairs(const BlockRuns& fresh,
             }
         }
         for (const int b : touched) {
-            if (overlap[b] >= 2) pairs.emplace_back(-overlap[b], a, b);
+            if (overlap[b] >= min_overlap) pairs.emplace_back(-overlap[b], a, b);
             overlap[b] = 0;
         }
         touched.clear();
@@ -164,6 +170,109 @@ void move_blocks(const std::int32_t* cur, const std::int32_t* old, int num_block
                   cur + static_cast<Index>(a + 1) * block_size,
                   out + static_cast<Index>(target[a]) * block_size);
     }
+}
+
+// An assignment of n new blocks to n old blocks with the most overlap in all: `pairs` lists the
+// pairs of positive overlap as (-overlap, new block, old block), every other pair overlaps by 0.
+// Returns the old block of each new block; *kept (if given) receives the total overlap.
+//
+// Exact, as a min-cost flow (detail::MinCostFlow) of value n: source -> new block a (capacity
+// 1) -> old block b (capacity 1, cost M - overlap) for each listed pair, or a -> hub (capacity 1,
+// cost M) -> b (capacity 1, cost 0) for any other, then b -> sink (capacity 1); M is the largest
+// overlap. A perfect assignment costs n M minus its overlap (a pair taken through the hub overlaps
+// by at least 0), so the least-cost flow, integral, is an assignment of the most overlap; the hub
+// keeps the network at O(n + pairs) arcs instead of n^2. Deterministic (arcs in a fixed order).
+std::vector<int> best_assignment(int n, const std::vector<std::tuple<int, int, int>>& pairs,
+                                 Index* kept = nullptr) {
+    int largest = 0;
+    for (const auto& [o, a, b] : pairs) largest = std::max(largest, -o);
+    detail::MinCostFlow flow;
+    const int source = 2 * n, hub = 2 * n + 1, sink = 2 * n + 2;
+    flow.reset(2 * n + 3);
+    for (int a = 0; a < n; ++a) flow.add_arc(source, a, 1, 0);
+    std::vector<int> direct;  // arc ids of the listed pairs, in `pairs` order
+    direct.reserve(pairs.size());
+    for (const auto& [o, a, b] : pairs) direct.push_back(flow.add_arc(a, n + b, 1, largest + o));
+    std::vector<int> to_hub(static_cast<std::size_t>(n)), from_hub(static_cast<std::size_t>(n));
+    for (int a = 0; a < n; ++a) to_hub[a] = flow.add_arc(a, hub, 1, largest);
+    for (int b = 0; b < n; ++b) from_hub[b] = flow.add_arc(hub, n + b, 1, 0);
+    for (int b = 0; b < n; ++b) flow.add_arc(n + b, sink, 1, 0);
+    const std::int64_t sent = flow.run(source, sink);
+    MOELB_CHECK(sent == n, "the relabelling's assignment sent " << sent << " of " << n);
+    std::vector<int> target(static_cast<std::size_t>(n), -1);
+    Index total = 0;
+    for (std::size_t i = 0; i < pairs.size(); ++i) {
+        if (flow.flow(direct[i]) == 0) continue;
+        const auto& [o, a, b] = pairs[i];
+        target[a] = b;
+        total -= o;
+    }
+    // The pairs through the hub: new and old blocks in ascending order (any pairing costs the
+    // same).
+    int b = 0;
+    for (int a = 0; a < n; ++a) {
+        if (flow.flow(to_hub[a]) == 0) continue;
+        while (flow.flow(from_hub[b]) == 0) ++b;
+        target[a] = b++;
+    }
+    if (kept) *kept = total;
+    return target;
+}
+
+// The old GPU of each new GPU that keeps the most slots: GPUs of `num_domains` nodes, each node
+// onto one node when num_domains > 1. With nodes: the best assignment of the GPUs of each pair
+// (new node, old node) that shares an expert, then the best assignment of the nodes by those
+// values -- which is the best assignment of all GPUs that maps nodes onto nodes (its total is a
+// sum over the node pairs it uses, each at most that pair's best).
+std::vector<int> exact_targets(const std::int32_t* cur, const std::int32_t* old, int num_experts,
+                               int num_physical_experts, int ep_size, int num_domains) {
+    const int W = ep_size, S = num_physical_experts / ep_size;  // DESIGN's letters
+    const BlockRuns fresh = block_runs(cur, W, S);
+    const Holders holders = holders_of(block_runs(old, W, S), W, num_experts);
+    std::vector<std::tuple<int, int, int>> pairs = overlapping_pairs(fresh, holders, W, S, 1);
+    if (num_domains <= 1) return best_assignment(W, pairs);
+    const int R = W / num_domains;  // GPUs per node
+    // The GPU pairs grouped by node pair: (new node, old node, -overlap, new GPU, old GPU).
+    std::vector<std::tuple<int, int, int, int, int>> grouped;
+    grouped.reserve(pairs.size());
+    for (const auto& [o, a, b] : pairs) grouped.emplace_back(a / R, b / R, o, a % R, b % R);
+    std::sort(grouped.begin(), grouped.end());
+    // Each node pair's best GPU assignment (first: its range in `grouped`).
+    struct NodePair {
+        int new_node, old_node;
+        std::size_t first;
+        std::vector<int> target;
+    };
+    std::vector<NodePair> node_pairs;
+    std::vector<std::tuple<int, int, int>> node_values, inner;
+    for (std::size_t i = 0; i < grouped.size();) {
+        const int na = std::get<0>(grouped[i]), nb = std::get<1>(grouped[i]);
+        inner.clear();
+        std::size_t j = i;
+        for (; j < grouped.size() && std::get<0>(grouped[j]) == na && std::get<1>(grouped[j]) == nb;
+             ++j) {
+            const auto& [x, y, o, a, b] = grouped[j];
+            inner.emplace_back(o, a, b);
+        }
+        std::sort(inner.begin(), inner.end());
+        Index value = 0;
+        node_pairs.push_back({na, nb, i, best_assignment(R, inner, &value)});
+        node_values.emplace_back(-static_cast<int>(value), na, nb);
+        i = j;
+    }
+    std::sort(node_values.begin(), node_values.end());
+    const std::vector<int> node_target = best_assignment(num_domains, node_values);
+    std::vector<int> target(static_cast<std::size_t>(W));
+    for (int na = 0; na < num_domains; ++na) {
+        const int nb = node_target[na];
+        const auto it = std::find_if(node_pairs.begin(), node_pairs.end(), [&](const NodePair& p) {
+            return p.new_node == na && p.old_node == nb;
+        });
+        for (int a = 0; a < R; ++a) {
+            target[na * R + a] = nb * R + (it == node_pairs.end() ? a : it->target[a]);
+        }
+    }
+    return target;
 }
 
 // Inside each GPU of `relabelled` (a layer's slots with its GPUs matched to old's): experts
@@ -283,6 +392,19 @@ void match_previous(std::int32_t* phy2log, const std::int32_t* old, int num_expe
         move_blocks(cur.data(), old, W, S, E, out.data());
     }
     keep_slots_in_place(out.data(), old, E, W, S, phy2log);
+}
+
+void relabel_exactly(std::int32_t* phy2log, const std::int32_t* old, int num_experts,
+                     int num_physical_experts, int ep_size, int num_domains) {
+    const int P = num_physical_experts, S = P / ep_size;  // DESIGN's letters
+    const std::vector<int> target =
+        exact_targets(phy2log, old, num_experts, P, ep_size, num_domains);
+    std::vector<std::int32_t> out(static_cast<std::size_t>(P));
+    for (int g = 0; g < ep_size; ++g) {
+        std::copy(phy2log + static_cast<Index>(g) * S, phy2log + static_cast<Index>(g + 1) * S,
+                  out.begin() + static_cast<Index>(target[g]) * S);
+    }
+    keep_slots_in_place(out.data(), old, num_experts, ep_size, S, phy2log);
 }
 
 void trade_moves_for_balance(const PlanRequest& r, LayerPlans& plans) {

@@ -1,7 +1,7 @@
 // The EPLB planner's public API (DESIGN section 4; moelb/eplb.hpp): the enum names, and
 // rebalance() as the algorithm's steps -- validate the request, plan every layer (DeepSeek's
 // policy or moelb's pipeline, plan_layers.cpp), trade moves against the previous placement,
-// summarise -- plus evaluate_placement() and rank_loads() on any placement.
+// summarise -- plus evaluate_placement(), relabel_ranks() and rank_loads() on any placement.
 #include <chrono>
 #include <cstdint>
 #include <string>
@@ -11,6 +11,7 @@
 #include "../enum_names.hpp"
 #include "moelb/eplb.hpp"
 #include "moelb/errors.hpp"
+#include "moelb/parallel.hpp"
 #include "planner.hpp"
 
 namespace moelb {
@@ -131,6 +132,32 @@ Plan rebalance(const StepLoads& steps, const RebalanceOptions& options) {
     const RowMatrix<double> total = planner::sum_steps(steps);
     return rebalance_impl(ConstMatrixMap<double>(total.data(), total.rows(), total.cols()), options,
                           &steps, started);
+}
+
+ExpertLocation relabel_ranks(const ExpertLocation& location, const ExpertLocation& previous,
+                             Locality locality) {
+    const int L = location.num_layers(), E = location.num_logical_experts();  // DESIGN's letters
+    const int P = location.num_physical_experts(), W = location.ep_size();
+    MOELB_CHECK_ARG(
+        previous.num_layers() == L && previous.num_logical_experts() == E &&
+            previous.num_physical_experts() == P && previous.ep_size() == W,
+        "previous has num_layers=" << previous.num_layers()
+                                   << ", num_logical_experts=" << previous.num_logical_experts()
+                                   << ", num_physical_experts=" << previous.num_physical_experts()
+                                   << ", ep_size=" << previous.ep_size() << " but location has "
+                                   << L << ", " << E << ", " << P << ", " << W);
+    MOELB_CHECK_ARG(locality == Locality::kNone || locality == Locality::kNode,
+                    "locality='" << to_string(locality)
+                                 << "' is not one relabel_ranks takes; expected 'none' or 'node'");
+    const int nodes = locality == Locality::kNode ? location.num_nodes() : 1;
+    RowMatrix<std::int32_t> out = location.physical_to_logical();
+    parallel_for(L, 1, [&](Index begin, Index end) {
+        for (Index l = begin; l < end; ++l) {
+            planner::relabel_exactly(out.row(l).data(),
+                                     previous.physical_to_logical().row(l).data(), E, P, W, nodes);
+        }
+    });
+    return ExpertLocation(std::move(out), E, W, location.num_nodes());
 }
 
 RowMatrix<double> rank_loads(ConstMatrixMap<double> load, const ExpertLocation& location) {
