@@ -208,7 +208,11 @@ def test_deepseek_hierarchical_asserts(args: tuple[int, ...], match: str) -> Non
         ([1.0, 2.0], {}, r"weight must have shape \[num_layers, num_logical_experts\]"),
         ([["a", "b"]], {}, "weight must hold numbers"),
         ([[1.0, 2.0]], {"algorithm": "greedy"}, "algorithm='greedy' is not one of"),
-        ([[1.0, 2.0]], {"locality": "node", "algorithm": "deepseek"}, "apply to algorithm='moelb'"),
+        (
+            [[1.0, 2.0]],
+            {"locality": "node", "algorithm": "deepseek"},
+            "apply to algorithm 'moelb' only",
+        ),
         ([[1.0, 2.0]], {"windows": 3}, "unknown option"),
         ([[1.0, 2.0]], {"num_gpus": True}, "num_gpus must be a positive integer, got True"),
         ([[1.0, 2.0]], {"num_replicas": 0}, "num_replicas must be a positive integer, got 0"),

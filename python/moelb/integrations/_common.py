@@ -237,6 +237,36 @@ def check_rebalance_options(options: dict[str, Any], allowed: Sequence[str], cal
         ) from None
 
 
+def check_call_options(
+    options: dict[str, Any], allowed: Sequence[str], algorithm: str, moelb_name: str = "moelb"
+) -> None:
+    """A rebalance_experts call's extra keywords: names in ``allowed`` (moelb's options), and
+    only with moelb's algorithm (``algorithm`` as the engine names it)."""
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise InvalidArgumentError(
+            f"unknown option(s) {names(unknown)}: moelb's options here are {names(allowed)}"
+        )
+    if options and algorithm != moelb_name:
+        raise InvalidArgumentError(
+            f"options {names(sorted(options))} apply to algorithm {moelb_name!r} only, "
+            f"not {algorithm!r}"
+        )
+
+
+def install_at_launch(install: Any, variable: str, module_name: str, spec_name: str) -> None:
+    """A launcher module's ``install(**options from environment variable)``. Imported (SGLang's or
+    vLLM's spawned processes re-import the launcher as ``__mp_main__``, or as a module), errors
+    propagate; run as the launcher they end the process with one line, no traceback (no engine,
+    another layout, a bad option)."""
+    try:
+        install(**options_from_environment(variable))
+    except (ImportError, ValueError) as e:
+        if module_name not in ("__main__", "__mp_main__"):
+            raise
+        raise SystemExit(f"{spec_name}: {e}") from None
+
+
 def options_from_environment(variable: str) -> dict[str, Any]:
     """The JSON object in environment variable ``variable`` (the launchers' ``install()``
     keywords), {} when it is unset or empty; exits with a one-line message when it is not a JSON

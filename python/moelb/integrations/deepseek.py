@@ -24,6 +24,7 @@ from ._common import (
     IntArray,
     as_previous,
     ascending_ranks,
+    check_call_options,
     import_torch,
     loads_array,
     log2phy_table,
@@ -91,15 +92,7 @@ def rebalance_experts(
     torch = import_torch("moelb.integrations.deepseek.rebalance_experts")
     if algorithm not in ALGORITHMS:
         raise InvalidArgumentError(f"algorithm={algorithm!r} is not one of {names(ALGORITHMS)}")
-    unknown = sorted(set(options) - set(MOELB_OPTIONS))
-    if unknown:
-        raise InvalidArgumentError(
-            f"unknown option(s) {names(unknown)}: moelb's options here are {names(MOELB_OPTIONS)}"
-        )
-    if options and algorithm != "moelb":
-        raise InvalidArgumentError(
-            f"options {names(sorted(options))} apply to algorithm='moelb' only, not {algorithm!r}"
-        )
+    check_call_options(options, MOELB_OPTIONS, algorithm)
     num_replicas = positive_int(num_replicas, "num_replicas")
     num_groups = positive_int(num_groups, "num_groups")
     num_nodes = positive_int(num_nodes, "num_nodes")

@@ -45,6 +45,7 @@ from ._common import (
     EngineLayoutError,
     EngineNotFoundError,
     as_previous,
+    check_call_options,
     check_rebalance_options,
     import_torch,
     loads_array,
@@ -142,15 +143,7 @@ def rebalance_experts(
     """
     torch = import_torch("moelb.integrations.sglang.rebalance_experts")
     name = _algorithm_name(algorithm)
-    unknown = sorted(set(options) - set(MOELB_OPTIONS))
-    if unknown:
-        raise InvalidArgumentError(
-            f"unknown option(s) {names(unknown)}: moelb's options here are {names(MOELB_OPTIONS)}"
-        )
-    if options and name != "moelb":
-        raise InvalidArgumentError(
-            f"options {names(sorted(options))} apply to algorithm 'moelb' only, not {name!r}"
-        )
+    check_call_options(options, MOELB_OPTIONS, name)
     num_physical_experts = positive_int(num_physical_experts, "num_physical_experts")
     num_local = positive_int(num_local_physical_experts, "num_local_physical_experts")
     if num_groups is not None:

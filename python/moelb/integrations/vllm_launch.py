@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import runpy
 
-from moelb.integrations._common import options_from_environment
+from moelb.integrations._common import install_at_launch
 from moelb.integrations.vllm import install
 
 __all__: list[str] = []
@@ -23,13 +23,7 @@ __all__: list[str] = []
 OPTIONS_VARIABLE = "MOELB_VLLM_OPTIONS"
 
 
-try:
-    install(**options_from_environment(OPTIONS_VARIABLE))
-except (ImportError, ValueError) as e:
-    if __name__ not in ("__main__", "__mp_main__"):
-        raise
-    # Run as the launcher: one line, no traceback (no engine, another layout, a bad option).
-    raise SystemExit(f"{__spec__.name if __spec__ else __name__}: {e}") from None
+install_at_launch(install, OPTIONS_VARIABLE, __name__, __spec__.name if __spec__ else __name__)
 
 if __name__ == "__main__":
     # vLLM's own entry point (its `vllm` command), with this process's arguments (sys.argv[1:]);
