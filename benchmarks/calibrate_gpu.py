@@ -245,24 +245,19 @@ def _torch() -> Any:
     return torch
 
 
-_TRITON_KERNEL: Any = None
+try:  # Triton comes with CUDA builds of PyTorch; the CPU parts and the tests need neither.
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
 
-
-def _silu_mul_kernel() -> Any:
-    """The fused SiLU(gate) * up kernel (FP8: and the rowwise requantisation of its output), one
-    program per token row; None where Triton is missing."""
-    global _TRITON_KERNEL
-    if _TRITON_KERNEL is not None:
-        return _TRITON_KERNEL
-    try:
-        import triton
-        import triton.language as tl
-    except ImportError:
-        return None
+if triton is not None:
 
     @triton.jit
-    def silu_mul(h_ptr, out_ptr, scale_ptr, stride_h, stride_out, inter, BLOCK: tl.constexpr,
-                 FP8: tl.constexpr):  # fmt: skip
+    def _silu_mul_triton(h_ptr, out_ptr, scale_ptr, stride_h, stride_out, inter,
+                         BLOCK: tl.constexpr, FP8: tl.constexpr):  # fmt: skip
+        """One token row: SiLU(gate) * up of h [rows, 2 I] (bf16); FP8: the row's amax / 448 as
+        its scale and the row quantised to float8_e4m3fn; else the row in bf16."""
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < inter
@@ -277,8 +272,11 @@ def _silu_mul_kernel() -> Any:
         else:
             tl.store(out_ptr + row * stride_out + cols, a.to(tl.bfloat16), mask=mask)
 
-    _TRITON_KERNEL = silu_mul
-    return silu_mul
+
+def _silu_mul_kernel() -> Any:
+    """The fused SiLU(gate) * up Triton kernel (FP8: with the rowwise requantisation of its
+    output), one program per token row; None where Triton is missing."""
+    return None if triton is None else _silu_mul_triton
 
 
 class ExpertGroup:
@@ -423,9 +421,48 @@ def offsets(counts: Sequence[int], device: str = "cuda") -> Any:
     return torch.tensor(ends, device=device, dtype=torch.int32)
 
 
-def time_graph(fn: Callable[[], Any], warmup: int, repeats: int, graph: bool = True) -> float:
+#: Seconds of back-to-back replays every timed configuration runs for (at least ``repeats``):
+#: long enough that the GPU's clocks settle to what sustained work of that kind runs at (under
+#: dense GEMMs an H100 draws up to its power limit and lowers its clock); the median is taken
+#: over the second half of the replays.
+MIN_SECONDS = 0.25
+
+
+def timed_replays(run: Callable[[], Any], repeats: int, min_seconds: float) -> list[float]:
+    """Seconds of each of ``max(repeats, min_seconds / t)`` back-to-back calls of ``run``, each
+    between two CUDA events (t: a first estimate from 3 calls; at most 20,000 calls)."""
+    torch = _torch()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(3):
+        run()
+    end.record()
+    torch.cuda.synchronize()
+    estimate = max(start.elapsed_time(end) / 3e3, 1e-7)
+    n = min(20_000, max(repeats, math.ceil(min_seconds / estimate)))
+    events = [
+        (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+        for _ in range(n)
+    ]
+    for a, b in events:
+        a.record()
+        run()
+        b.record()
+    torch.cuda.synchronize()
+    return [a.elapsed_time(b) / 1e3 for a, b in events]
+
+
+def time_graph(
+    fn: Callable[[], Any],
+    warmup: int,
+    repeats: int,
+    graph: bool = True,
+    min_seconds: float | None = None,
+) -> float:
     """Median seconds of ``fn`` on the GPU: captured in a CUDA graph (``graph``) after a warm-up
-    call, ``warmup`` untimed replays, then ``repeats`` replays each between two CUDA events."""
+    call, ``warmup`` untimed replays, then replays back to back for at least ``min_seconds``
+    (default ``MIN_SECONDS``) and ``2 * repeats`` replays, each between two CUDA events; the
+    median of the second half."""
     torch = _torch()
     fn()
     torch.cuda.synchronize()
@@ -441,17 +478,9 @@ def time_graph(fn: Callable[[], Any], warmup: int, repeats: int, graph: bool = T
         run = g.replay
     for _ in range(warmup):
         run()
-    events = [
-        (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-        for _ in range(repeats)
-    ]
-    for start, end in events:
-        start.record()
-        run()
-        end.record()
-    torch.cuda.synchronize()
+    seconds = timed_replays(run, 2 * repeats, MIN_SECONDS if min_seconds is None else min_seconds)
     del keep
-    return statistics.median(s.elapsed_time(e) for s, e in events) / 1e3
+    return statistics.median(seconds[len(seconds) // 2 :])
 
 
 def time_layer(
@@ -651,6 +680,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--group-size", type=int, default=8, help="experts timed at once")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--repeats", type=int, default=30)
+    p.add_argument(
+        "--min-seconds",
+        type=float,
+        default=MIN_SECONDS,
+        help="replay every configuration back to back for at least this long (clocks settle)",
+    )
     p.add_argument("--stream-gib", type=float, nargs="+", default=[1.0, 4.0])
     p.add_argument("--elementwise", choices=("triton", "torch"), default="triton")
     p.add_argument("--seed", type=int, default=0)
@@ -666,6 +701,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    global MIN_SECONDS
     args = parse_args(argv)
     command = " ".join(
         ["python", "benchmarks/calibrate_gpu.py", *(argv if argv is not None else sys.argv[1:])]
@@ -678,11 +714,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("calibrate_gpu.py: Triton missing: SiLU*mul in PyTorch ops", file=sys.stderr)
         args.elementwise = "torch"
     if args.quick:
-        args.models, args.repeats, args.warmup = ["deepseek-v3"], 5, 2
+        args.models, args.repeats, args.warmup, args.min_seconds = ["deepseek-v3"], 5, 2, 0.01
         grid = [0, 1, 16, 128, 1024, min(args.max_tokens, 4096)]
         args.stream_gib = [1.0]
     else:
         grid = token_grid(args.max_tokens)
+    MIN_SECONDS = args.min_seconds
     env = environment(args.key, command)
     print(f"{env['gpu']} ({env['sm_count']} SMs), torch {env['torch']}, CUDA {env['cuda']}, "
           f"driver {env['driver']}", flush=True)  # fmt: skip

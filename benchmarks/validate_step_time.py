@@ -232,6 +232,7 @@ def measure_command(args: argparse.Namespace) -> int:
     if args.sample:
         step = max(1, len(rows) // args.sample)
         rows = rows[::step][: args.sample]
+    calibrate_gpu.MIN_SECONDS = args.min_seconds
     elementwise = args.elementwise
     if elementwise == "triton" and calibrate_gpu._silu_mul_kernel() is None:
         elementwise = "torch"
@@ -366,6 +367,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     m.add_argument("--key", default="h100")
     m.add_argument("--warmup", type=int, default=5)
     m.add_argument("--repeats", type=int, default=30)
+    m.add_argument("--min-seconds", type=float, default=calibrate_gpu.MIN_SECONDS)
     m.add_argument("--elementwise", choices=("triton", "torch"), default="triton")
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--sample", type=int, default=0, help="only N evenly spaced distributions")
