@@ -241,6 +241,8 @@ def measure_command(args: argparse.Namespace) -> int:
     for model in sorted({r["model"] for r in rows}):
         hidden, inter = calibrate_gpu.MODELS[model]
         mine = [r for r in rows if r["model"] == model]
+        if args.order == "rows":  # light to heavy, as the calibration goes up its token grid
+            mine.sort(key=lambda r: sum(r["tokens_per_expert"]))
         max_experts = max(len(r["tokens_per_expert"]) for r in mine)
         max_rows = max(sum(r["tokens_per_expert"]) for r in mine)
         for dtype in args.dtypes:
@@ -249,12 +251,15 @@ def measure_command(args: argparse.Namespace) -> int:
             )
             methods[f"{model}/{dtype}"] = group.method()
             x, x_scale = group.inputs(max_rows, seed=args.seed + 1)
-            for r in mine:
-                seconds = calibrate_gpu.time_layer(
-                    group, x, x_scale, r["tokens_per_expert"], args.warmup, args.repeats
-                )
-                results.append({"id": r["id"], "dtype": dtype, "seconds": seconds})
-                print(f"{dtype:8s} {r['id']:70s} {seconds * 1e6:10.1f} us", flush=True)
+            for pass_ in range(args.passes):
+                for r in mine:
+                    seconds = calibrate_gpu.time_layer(
+                        group, x, x_scale, r["tokens_per_expert"], args.warmup, args.repeats
+                    )
+                    results.append(
+                        {"id": r["id"], "dtype": dtype, "pass": pass_, "seconds": seconds}
+                    )
+                    print(f"{dtype:8s} {pass_} {r['id']:70s} {seconds * 1e6:10.1f} us", flush=True)
             del group, x, x_scale
             torch.cuda.empty_cache()
     payload = {k: env[k] for k in ("gpu", "torch", "cuda", "driver", "date", "command")}
@@ -274,17 +279,21 @@ def compare(
     """Per measured (distribution, dtype): predicted and measured seconds and the relative
     error (predicted / measured - 1); summaries per (regime, dtype)."""
     by_id = {d["id"]: d for d in distributions}
-    rows = []
+    passes: dict[tuple[str, str], list[float]] = {}
     for m in measured:
         if m["id"] not in by_id:
             raise ValueError(f"measured: distribution {m['id']!r} is not in the distributions")
-        d = by_id[m["id"]]
-        pred = predict_layer_seconds(calibration, d["model"], m["dtype"], d["tokens_per_expert"])
+        passes.setdefault((m["id"], m["dtype"]), []).append(m["seconds"])
+    rows = []
+    for (key, dtype), seconds in passes.items():
+        d = by_id[key]
+        measured_s = statistics.median(seconds)
+        pred = predict_layer_seconds(calibration, d["model"], dtype, d["tokens_per_expert"])
         rows.append(
             {
                 "id": d["id"],
                 "regime": d["regime"],
-                "dtype": m["dtype"],
+                "dtype": dtype,
                 "placement": d["placement"],
                 "dispatch": d["dispatch"],
                 "tokens_per_gpu": d["tokens_per_gpu"],
@@ -292,17 +301,20 @@ def compare(
                 "rank_tokens": d["rank_tokens"],
                 "active_experts": sum(t > 0 for t in d["tokens_per_expert"]),
                 "tokens_per_expert": d["tokens_per_expert"],
-                "measured_s": m["seconds"],
+                "measured_s": measured_s,
+                "measured_passes_s": seconds,
+                "pass_spread": max(seconds) / min(seconds) - 1.0,
                 "predicted_s": pred,
-                "error": pred / m["seconds"] - 1.0,
+                "error": pred / measured_s - 1.0,
             }
         )
     summary = []
     for regime in REGIMES:
         for dtype in sorted({r["dtype"] for r in rows}):
-            errs = [r["error"] for r in rows if r["regime"] == regime and r["dtype"] == dtype]
-            if not errs:
+            mine = [r for r in rows if r["regime"] == regime and r["dtype"] == dtype]
+            if not mine:
                 continue
+            errs = [r["error"] for r in mine]
             summary.append(
                 {
                     "regime": regime,
@@ -312,6 +324,7 @@ def compare(
                     "mean_abs_error": statistics.fmean(abs(e) for e in errs),
                     "max_abs_error": max(abs(e) for e in errs),
                     "within_10_percent": sum(abs(e) <= 0.10 for e in errs),
+                    "mean_pass_spread": statistics.fmean(r["pass_spread"] for r in mine),
                 }
             )
     return {"rows": rows, "summary": summary}
@@ -336,7 +349,8 @@ def compare_command(args: argparse.Namespace) -> int:
             f"{s['regime']:8s} {s['dtype']:8s} n={s['count']:3d}  "
             f"mean {s['mean_error'] * 100:+5.1f}%  mean |err| {s['mean_abs_error'] * 100:4.1f}%  "
             "max |err| "
-            f"{s['max_abs_error'] * 100:4.1f}%  within 10%: {s['within_10_percent']}/{s['count']}"
+            f"{s['max_abs_error'] * 100:4.1f}%  within 10%: {s['within_10_percent']}/{s['count']}  "
+            f"pass-to-pass spread {s['mean_pass_spread'] * 100:.1f}%"
         )
     payload = {
         "format": "moelb-step-time-validation",
@@ -370,6 +384,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     m.add_argument("--min-seconds", type=float, default=calibrate_gpu.MIN_SECONDS)
     m.add_argument("--elementwise", choices=("triton", "torch"), default="triton")
     m.add_argument("--seed", type=int, default=0)
+    m.add_argument(
+        "--order",
+        choices=("rows", "file"),
+        default="rows",
+        help="rows: by ascending token count (light to heavy, as the calibration runs)",
+    )
+    m.add_argument("--passes", type=int, default=2, help="passes over all distributions")
     m.add_argument("--sample", type=int, default=0, help="only N evenly spaced distributions")
     c = sub.add_parser("compare", help="predicted vs measured (here)")
     c.add_argument("--calibration", type=Path, required=True)
