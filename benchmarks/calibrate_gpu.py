@@ -2,7 +2,8 @@
 DeepSeek models as real grouped GEMMs with PyTorch, per tokens per expert from 0 to 8,192, plus a
 weight-streaming microbenchmark and the fixed per-MoE-layer term, and writes the calibration file
 that ``moelb`` ships as ``python/moelb/data/gpus/<key>.json`` (format: the contract
-``moelb-gpu-calibration`` version 1, described in benchmarks/README.md, "GPU calibration").
+``moelb-gpu-calibration`` version 1, described in benchmarks/README.md, "GPU calibration (issue
+22)", with the H100 run's figures).
 
     python benchmarks/calibrate_gpu.py --key h100 --out h100.json          # on the GPU machine
     python benchmarks/calibrate_gpu.py --quick --key h100 --out quick.json  # a smoke run, seconds
@@ -17,15 +18,17 @@ fuse it (plain PyTorch operations where Triton is missing, said in ``method``). 
 arrive quantised (DeepEP dispatches them in FP8), so their quantisation is not timed.
 
 Timing: each configuration is captured in a CUDA graph (as engines serve decode) and replayed
-after warm-up; CUDA events around every replay, the median of the repeats. A group of
-``--group-size`` experts with distinct weights runs at once (one expert's weights alone exceed the
-H100's 50 MB L2 in every model and dtype but FP8 V4-Flash (25 MB); the group's are 200 MB and up,
-so they stream from HBM on every replay). With ``layer_fixed_s`` the intercept of the layer time
-against the number of experts (1 token each, 1 to 16 experts), ``seconds_per_expert[T]`` is
-(median layer time of the group at T tokens per expert - layer_fixed_s) / group size, so that a
-layer of experts with token counts T_e takes layer_fixed_s + sum_e seconds_per_expert[T_e]. The
-published table is the running maximum over tokens of those figures (more tokens never run
-faster; the raw medians are kept in ``measured_seconds_per_expert``).
+after warm-up, back to back for at least ``--min-seconds`` (0.25 s: under dense GEMMs the GPU
+lowers its clock within that time) and ``2 * --repeats`` replays, CUDA events around every
+replay, the median of the second half. A group of ``--group-size`` experts with distinct weights
+runs at once (one expert's weights alone exceed the H100's 50 MB L2 in bf16 and FP8 V4-Pro, not
+in FP8 V3 (44 MB) or FP8 V4-Flash (25 MB); a group of 8 holds 200 MB and more, so its weights
+stream from HBM on every replay). With ``layer_fixed_s`` the intercept of the layer time against
+the number of experts (1 token each, 1 to 16 experts), ``seconds_per_expert[T]`` is (median
+layer time of the group at T tokens per expert - layer_fixed_s) / group size, so that a layer of
+experts with token counts T_e takes layer_fixed_s + sum_e seconds_per_expert[T_e]. The published
+table is the running maximum over tokens of those figures (more tokens never run faster; the raw
+medians are kept in ``measured_seconds_per_expert``).
 
 Only PyTorch (and Triton, which comes with it) is needed on the GPU machine: this script does not
 import moelb. Its pure parts (the token grid, the file's validation, the weight bytes) run without

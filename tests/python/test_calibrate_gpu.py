@@ -317,3 +317,26 @@ def test_gpu_parts_need_cuda(scripts: tuple[ModuleType, ModuleType], tmp_path: P
     args = ["measure", "--distributions", str(tmp_path / "d.json"), "--out", str(out)]
     assert val.main(args) == 2
     assert not out.exists()
+
+
+def test_realised_distributions_conserve_tokens(scripts: tuple[ModuleType, ModuleType]) -> None:
+    """validate_step_time's distributions: one row per placement and dispatch model, the rank's
+    S = P / ep_size slots, its counts summing to its load, the busiest rank, and every routed
+    (token, expert) pair of the step on some rank (mean load x ranks = tokens x top-k)."""
+    _, val = scripts
+    rows = val.realised_distributions(
+        "deepseek-v3", 8, 1, 64, 0.6, ("sglang_static", "balanced"), "decode", seed=3
+    )
+    assert [(r["placement"], r["dispatch"]) for r in rows] == [
+        (p, d) for p in ("trivial", "deepseek", "moelb") for d in ("sglang_static", "balanced")
+    ]
+    top_k = MODEL_PRESETS["deepseek-v3"].topk_config().top_k
+    for r in rows:
+        assert len(r["tokens_per_expert"]) == (256 + 32) // 8
+        assert sum(r["tokens_per_expert"]) == r["rank_tokens"] >= r["mean_rank_tokens"]
+        assert r["mean_rank_tokens"] * 8 == pytest.approx(64 * 8 * top_k)
+        assert r["balancedness"] == pytest.approx(r["mean_rank_tokens"] / r["rank_tokens"])
+    # The balanced dispatch splits each step exactly: its busiest rank is never busier.
+    by = {(r["placement"], r["dispatch"]): r["rank_tokens"] for r in rows}
+    for p in ("deepseek", "moelb"):
+        assert by[(p, "balanced")] <= by[(p, "sglang_static")]
