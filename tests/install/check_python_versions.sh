@@ -64,6 +64,7 @@ for python in "${pythons[@]}"; do
   if ! { "$python" -m venv "$env_dir" &&
     "$env_dir/bin/python" -m pip install -q "$root[test]"; } >"$log" 2>&1; then
     results+=("Python $version ($python): install FAILED after $(($(date +%s) - start)) s, see $log")
+    echo "${results[-1]}"
     failed=1
     continue
   fi
@@ -78,8 +79,10 @@ for python in "${pythons[@]}"; do
   verdict=ok
   [ $status -eq 0 ] || { verdict="FAILED (pytest exit $status, see $test_log)"; failed=1; }
   results+=("Python $version: numpy $numpy, install ${installed} s, tests $(($(date +%s) - start)) s: $summary: $verdict")
+  echo "${results[-1]}"
 done
 
+echo "summary:"
 printf '%s\n' "${results[@]}"
 [ "${KEEP:-0}" = 1 ] || [ $failed -ne 0 ] || rm -rf "$work"
 exit $failed
