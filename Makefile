@@ -1,33 +1,87 @@
-# The README's commands. `make demo` and `make test` work on a fresh Debian machine: they install
-# the system packages (apt) and the Python package with its extras first.
-PYTHON ?= python3
-PIP ?= $(PYTHON) -m pip
+# The README's commands. `make demo` and `make test` work on a fresh Debian/Ubuntu machine: they
+# install the system packages (apt), make a virtual environment ($(VENV)) and install the Python
+# package with the extras the target needs into it. Every Python command below (pip, pytest, ruff,
+# moelb) runs in that environment, so the system's Python, externally managed on Debian 12 and
+# Ubuntu 23.04+ (PEP 668: it refuses `pip install`), is never written to.
+
+# The interpreter that makes the virtual environment (any Python 3.10-3.13), e.g.
+# `make test PYTHON3=python3.12`. VENV may name an existing environment, which is then used as is.
+PYTHON3 ?= python3
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
+PIP := $(PYTHON) -m pip
+# cmake, ninja and ctest are pip-installed into the environment: recipes find them there first.
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+
+# The PyTorch that `make test` and `make bench` install before moelb's extras (pip arguments;
+# skipped when the environment already has torch). The `torch` extra asks only for torch>=2.13.0,
+# the oldest release tested: given a range and no torch, pip takes the newest release, on Linux
+# x86-64 a CUDA build of several GB. This pins the tested release; point it elsewhere with e.g.
+# `make test TORCH_SPEC="torch==2.13.0 --index-url URL"` (URL: PyTorch's CPU-only wheel index).
+TORCH_SPEC ?= torch==2.13.0
+
 BUILD_DIR ?= build/cpp
 ASAN_BUILD_DIR ?= build/asan
 APT_PACKAGES := g++ make libeigen3-dev libgtest-dev
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+APT_GET := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get
 JOBS ?= $(shell nproc 2>/dev/null || echo 2)
+CLANG_FORMAT ?= $(firstword $(foreach c,clang-format clang-format-14,\
+  $(shell command -v $(c) 2>/dev/null)) clang-format)
 
-.PHONY: demo test deps install test-cpp test-asan test-python fuzz bench lint format clean
+.PHONY: demo test venv deps torch install install-demo installed ruff test-cpp test-asan \
+  test-python fuzz bench lint format clean distclean
 
-demo: install
+demo: install-demo
 	$(PYTHON) -m moelb demo
 
 test: install test-cpp test-asan test-python
 
-# System packages, installed only when missing.
-deps:
+# The virtual environment, made once. A Debian/Ubuntu Python without ensurepip cannot make one
+# ("ensurepip is not available"): then apt's python3-venv, and python3.X-venv for the base
+# interpreter's version X where apt has it, are installed and the environment made again.
+venv:
+	@if ! $(PYTHON) -m pip --version >/dev/null 2>&1; then \
+	  echo "$(PYTHON3) -m venv $(VENV)"; \
+	  if ! $(PYTHON3) -m venv $(VENV); then \
+	    command -v apt-get >/dev/null || { echo "make: $(PYTHON3) -m venv failed and there is" \
+	      "no apt-get: install your system's venv package or pass PYTHON3=another python"; \
+	      exit 1; }; \
+	    version=$$($(PYTHON3) -c 'import sys; print("%d.%d" % sys.version_info[:2])') || exit 1; \
+	    $(APT_GET) update -qq || exit 1; \
+	    packages=python3-venv; \
+	    if apt-cache show python$$version-venv >/dev/null 2>&1; then \
+	      packages="$$packages python$$version-venv"; fi; \
+	    echo "apt-get install: $$packages"; \
+	    $(APT_GET) install -y -qq $$packages && $(PYTHON3) -m venv $(VENV) || exit 1; \
+	  fi; \
+	fi
+
+# System packages, installed only when missing, and the build tools in the environment.
+deps: venv
 	@missing=""; for p in $(APT_PACKAGES); do \
 	  dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "apt-get install:$$missing"; \
-	  $(SUDO) apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
+	  $(APT_GET) update -qq && $(APT_GET) install -y -qq $$missing; \
 	fi
 	$(PIP) install -q "cmake>=3.20" ninja
 
-install: deps
+torch: venv
+	@if ! $(PYTHON) -c "import importlib.util as u, sys; sys.exit(u.find_spec('torch') is None)"; \
+	then echo "pip install $(TORCH_SPEC)"; $(PIP) install -q $(TORCH_SPEC); fi
+
+# What `make demo` needs: moelb and matplotlib for its plots (no PyTorch).
+install-demo: deps
+	$(PIP) install -q ".[plots]"
+
+# What the tests need: every optional dependency (PyTorch first, see TORCH_SPEC).
+install: deps torch
 	$(PIP) install -q ".[test,torch,notebooks]"
+
+# For the targets that run what is installed: `make install` only when moelb or pytest is missing.
+installed: venv
+	@$(PYTHON) -c "import moelb, pytest, hypothesis" 2>/dev/null || $(MAKE) --no-print-directory install
 
 test-cpp: deps
 	cmake -S . -B $(BUILD_DIR) -G Ninja -DCMAKE_BUILD_TYPE=Release \
@@ -53,34 +107,46 @@ test-asan: deps
 
 # MOELB_REQUIRE_OPTIONAL=1: the install step brought every optional dependency, so a test that
 # skips for a missing import (notebooks, plots, torch) fails instead (tests/python/conftest.py).
-test-python:
+test-python: installed
 	MOELB_REQUIRE_OPTIONAL=1 $(PYTHON) -m pytest tests/python -q
 
 # Random inputs instead of CI's fixed ones: every property test and fuzz target with a fresh seed
 # (printed; `make fuzz SEED=N` replays it) and a larger budget (FUZZ_EXAMPLES per property, ten
 # times the fixed budgets of test_fuzz.py). Run before an issue is called done; keep every failure
-# it finds as a regression test.
-SEED ?= $(shell $(PYTHON) -c "import random; print(random.randrange(2**32))")
+# it finds as a regression test. The seed is drawn once, in the recipe's shell, so the one printed
+# is the one used.
+SEED ?=
 FUZZ_EXAMPLES ?= 500
-fuzz:
-	@echo "make fuzz: seed $(SEED) (replay: make fuzz SEED=$(SEED))"
-	MOELB_FUZZ_SEED=$(SEED) MOELB_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PYTHON) -m pytest tests/python \
-	  -q -p no:cacheprovider --hypothesis-profile=fuzz --hypothesis-seed=$(SEED) \
+fuzz: installed
+	@seed="$(SEED)"; \
+	[ -n "$$seed" ] || seed=$$($(PYTHON) -c "import random; print(random.randrange(2**32))"); \
+	echo "make fuzz: seed $$seed (replay: make fuzz SEED=$$seed)"; \
+	set -x; MOELB_FUZZ_SEED=$$seed MOELB_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PYTHON) -m pytest \
+	  tests/python -q -p no:cacheprovider --hypothesis-profile=fuzz --hypothesis-seed=$$seed \
 	  --ignore=tests/python/test_notebooks.py --ignore=tests/python/test_benchmarks.py
 
-bench: install
+# The benchmarks need moelb and PyTorch (the `bench` extra; PyTorch first, see TORCH_SPEC).
+bench: deps torch
+	$(PIP) install -q ".[bench]"
 	$(PYTHON) benchmarks/run_all.py
 
-lint:
+ruff: venv
+	@$(PYTHON) -m ruff --version >/dev/null 2>&1 || $(PIP) install -q "ruff>=0.4"
+
+lint: ruff
 	$(PYTHON) -m ruff check python tests benchmarks
 	$(PYTHON) -m ruff format --check python tests benchmarks
-	clang-format --dry-run -Werror cpp/include/moelb/*.hpp cpp/src/*.cpp cpp/src/*.hpp \
+	$(CLANG_FORMAT) --dry-run -Werror cpp/include/moelb/*.hpp cpp/src/*.cpp cpp/src/*.hpp \
 	  cpp/bindings/*.cpp cpp/bindings/*.hpp tests/cpp/*.cpp tests/cpp/*.hpp
 
-format:
+format: ruff
 	$(PYTHON) -m ruff format python tests benchmarks
-	clang-format -i cpp/include/moelb/*.hpp cpp/src/*.cpp cpp/src/*.hpp cpp/bindings/*.cpp \
+	$(CLANG_FORMAT) -i cpp/include/moelb/*.hpp cpp/src/*.cpp cpp/src/*.hpp cpp/bindings/*.cpp \
 	  cpp/bindings/*.hpp tests/cpp/*.cpp tests/cpp/*.hpp
 
+# Build outputs; distclean also removes the virtual environment.
 clean:
 	rm -rf build _skbuild dist *.egg-info
+
+distclean: clean
+	rm -rf $(VENV)
