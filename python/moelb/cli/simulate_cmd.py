@@ -17,11 +17,15 @@ from .common import CliError
 from .output import ProgressBar, print_json, write_text
 from .simulate_report import (
     LEGEND,
+    TIME_LEGEND,
     best_placement_line,
     describe,
     layer_table,
     realised_table,
     simulation_table,
+    time_header,
+    time_table,
+    timed_row_line,
 )
 
 __all__ = ["DEMO_CONFIG", "demo", "run_simulation", "simulate_command"]
@@ -54,6 +58,7 @@ def demo(args: argparse.Namespace) -> int:
         )
     if args.seed is not None:
         config = dataclasses.replace(config, seed=args.seed)
+    config = dataclasses.replace(config, gpu=_gpu(args.gpu))
     return run_simulation(config, args)
 
 
@@ -76,12 +81,21 @@ def _check_replay_flags(args: argparse.Namespace) -> None:
                 f"{flag} shapes synthetic traffic; a --trace replay uses the dump's steps, "
                 "layers and counts as they are: drop it"
             )
-    for flag in ("--dispatch", "--waterfill", "--seed"):
-        if getattr(args, flag[2:]) is not None:
-            raise CliError(
-                f"{flag} shapes the token-level figures of synthetic traffic; a --trace replay "
-                "has per-expert counts, not tokens: drop it"
-            )
+    given = [
+        "--" + name.replace("_", "-")
+        for name in ("deepep_mode", "nvlink_bytes_per_s", "network_bytes_per_s")
+        if getattr(args, name) != getattr(defaults, name)
+    ]
+    given += [
+        flag
+        for flag in ("--dispatch", "--waterfill", "--seed", "--gpu", "--gpu-dtype")
+        if getattr(args, flag[2:].replace("-", "_")) is not None
+    ]
+    if given:
+        raise CliError(
+            f"{given[0]} shapes the token-level figures of synthetic traffic; a --trace replay "
+            "has per-expert counts, not tokens: drop it"
+        )
 
 
 def _waterfill(flag: str | None) -> str | None:
@@ -111,7 +125,19 @@ def _config_from_flags(args: argparse.Namespace) -> SimulationConfig:
         num_layers=args.num_layers,
         expert_bytes=args.expert_bytes,
         seed=args.seed if args.seed is not None else 0,
+        gpu=_gpu(args.gpu),
+        gpu_dtype=args.gpu_dtype,
+        deepep_mode=args.deepep_mode,
+        nvlink_bytes_per_s=args.nvlink_bytes_per_s,
+        network_bytes_per_s=args.network_bytes_per_s,
     )
+
+
+def _gpu(flag: str | None) -> str | None:
+    """--gpu: the default calibration when not given, None for "none"."""
+    if flag is None:
+        return SimulationConfig.gpu
+    return None if flag == "none" else flag
 
 
 def run_simulation(config: SimulationConfig, args: argparse.Namespace) -> int:
@@ -172,9 +198,14 @@ def _print_report(
         best = best_placement_line(result)
         if best is not None:
             print("\n" + best)
+    timed = time_table(result)
+    if timed is not None:
+        print(f"\n{time_header(result)}\n{timed}\n\n{timed_row_line(result)}")
     if per_layer:
         print("\npredictive balancedness per layer\n" + layer_table(result))
     print("\n" + LEGEND)
+    if timed is not None:
+        print(TIME_LEGEND)
     for note in result.notes:
         print(f"note: {note}")
     print(f"\nsimulated in {result.timings['total']:.1f} s")
