@@ -56,6 +56,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from . import _core
 from ._core import InvalidArgumentError
 from .gpu_calibration import DEFAULT_GPU, GemmTable, GpuCalibration, load_gpu_calibration
 
@@ -65,6 +66,7 @@ __all__ = [
     "LinkCopies",
     "StepTime",
     "StepTimeModel",
+    "dispatch_traffic",
     "token_copies",
     "uniform_copies",
 ]
@@ -143,60 +145,52 @@ def token_copies(
 ) -> LinkCopies:
     """The copies of one layer's dispatch ([W] each): ``physical`` [T, C] int physical slot ids
     (-1: none; slot p lives on GPU p // (P / W)), ``source_rank`` [T] int the GPU each token
-    starts on; GPU r lives on node r // (W / N). ``mode``: ``DEEPEP_MODES`` (the module doc)."""
+    starts on; GPU r lives on node r // (W / N). ``mode``: ``DEEPEP_MODES`` (the module doc).
+    Both arrays are converted to C-contiguous int32 (no copy when they already are); the count
+    runs in the core (``moelb::token_copies``), one pass over the ids."""
+    _, copies = dispatch_traffic(
+        physical, source_rank, num_physical_experts, ep_size, num_nodes, mode
+    )
+    return copies
+
+
+def dispatch_traffic(
+    physical: Any,
+    source_rank: Any,
+    num_physical_experts: int,
+    ep_size: int,
+    num_nodes: int = 1,
+    mode: str = "normal",
+) -> tuple[npt.NDArray[np.int64], LinkCopies]:
+    """One layer's inputs to the step-time model in one pass: (slot_tokens [P] int64, the
+    (token, expert) pairs each physical slot computes; the ``token_copies``)."""
     if mode not in DEEPEP_MODES:
         raise InvalidArgumentError(f"mode={mode!r}, expected one of {DEEPEP_MODES}")
-    _check_cluster(num_physical_experts, ep_size, num_nodes)
     ids = np.asarray(physical)
-    source = np.asarray(source_rank, dtype=np.int64)
+    source = np.asarray(source_rank)
     if ids.ndim != 2 or source.shape != (ids.shape[0],):
         raise InvalidArgumentError(
             f"physical must be [T, C] and source_rank [T], got {ids.shape} and {source.shape}"
         )
-    if ids.size and (ids.max() >= num_physical_experts or ids.min() < -1):
-        raise InvalidArgumentError(
-            f"physical holds ids outside [-1, {num_physical_experts}): [{ids.min()}, {ids.max()}]"
-        )
-    if source.size and (source.min() < 0 or source.max() >= ep_size):
-        raise InvalidArgumentError(
-            f"source_rank holds ranks outside [0, {ep_size}): [{source.min()}, {source.max()}]"
-        )
-    W, G = ep_size, ep_size // num_nodes
-    dest = np.where(ids >= 0, ids // (num_physical_experts // W), -1).astype(np.int64)
-    if mode == "normal":
-        # One copy per (token, destination GPU): the sorted row, first occurrences.
-        dest = np.sort(dest, axis=1)
-        first = np.ones(dest.shape, dtype=bool)
-        first[:, 1:] = dest[:, 1:] != dest[:, :-1]
-        keep = first & (dest >= 0)
-    else:
-        keep = dest >= 0
-    rows = np.nonzero(keep)[0]
-    d = dest[keep]
-    s = source[rows]
-    same_node = d // G == s // G
+    for name, a in (("physical", ids), ("source_rank", source)):
+        if a.size and not np.issubdtype(a.dtype, np.integer):
+            raise InvalidArgumentError(f"{name} must hold integers, got dtype {a.dtype}")
+    counts, slots = _core.token_copies(
+        _int32(ids, "physical"),
+        _int32(source, "source_rank"),
+        num_physical_experts,
+        ep_size,
+        num_nodes,
+        mode,
+    )
+    return slots, LinkCopies(*counts.astype(np.float64))
 
-    def count(index: npt.NDArray[np.int64]) -> npt.NDArray[np.float64]:
-        return np.bincount(index, minlength=W).astype(np.float64)
 
-    intra = same_node & (d != s)
-    nvlink_sent, nvlink_received = count(s[intra]), count(d[intra])
-    cross = ~same_node
-    if mode == "normal":
-        relay = (d // G) * G + s % G  # the GPU of the token's local index on the destination node
-        # One network copy per (token, destination node): pairs are sorted within each row, so a
-        # row's pairs on one node are adjacent.
-        node_key = rows * num_nodes + d // G
-        new_node = np.ones(len(d), dtype=bool)
-        new_node[1:] = node_key[1:] != node_key[:-1]
-        net = cross & new_node
-        network_sent, network_received = count(s[net]), count(relay[net])
-        forward = cross & (d != relay)
-        nvlink_sent += count(relay[forward])
-        nvlink_received += count(d[forward])
-    else:
-        network_sent, network_received = count(s[cross]), count(d[cross])
-    return LinkCopies(nvlink_sent, nvlink_received, network_sent, network_received)
+def _int32(a: npt.NDArray[Any], name: str) -> npt.NDArray[np.int32]:
+    """``a`` as C-contiguous int32, refusing values that do not fit."""
+    if a.dtype != np.int32 and a.size and (a.min() < -(2**31) or a.max() >= 2**31):
+        raise InvalidArgumentError(f"{name} holds values that do not fit in int32")
+    return np.ascontiguousarray(a, dtype=np.int32)
 
 
 def uniform_copies(slot_tokens: Any, ep_size: int, num_nodes: int = 1) -> LinkCopies:

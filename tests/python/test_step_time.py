@@ -356,10 +356,14 @@ def test_model_input_errors() -> None:
         moelb.token_copies(PHYSICAL, SOURCE, 8, 4, 2, mode="fast")
     with pytest.raises(moelb.InvalidArgumentError, match="ep_size=4 must be a positive multiple"):
         moelb.token_copies(PHYSICAL, SOURCE, 8, 4, 3)
-    with pytest.raises(moelb.InvalidArgumentError, match="ids outside"):
+    with pytest.raises(moelb.InvalidArgumentError, match=r"physical\[0, 0\]=10 is not a slot"):
         moelb.token_copies(PHYSICAL + 8, SOURCE, 8, 4, 2)
-    with pytest.raises(moelb.InvalidArgumentError, match="source_rank holds ranks outside"):
+    with pytest.raises(moelb.InvalidArgumentError, match=r"source_rank\[0\]=4 is not a rank"):
         moelb.token_copies(PHYSICAL, SOURCE + 4, 8, 4, 2)
+    with pytest.raises(moelb.InvalidArgumentError, match="physical must hold integers"):
+        moelb.token_copies(PHYSICAL * 1.0, SOURCE, 8, 4, 2)
+    with pytest.raises(moelb.InvalidArgumentError, match="source_rank holds values that do not"):
+        moelb.token_copies(PHYSICAL, SOURCE + 2**40, 8, 4, 2)
     with pytest.raises(moelb.InvalidArgumentError, match=r"physical must be \[T, C\]"):
         moelb.token_copies(PHYSICAL, SOURCE[:2], 8, 4, 2)
     with pytest.raises(moelb.InvalidArgumentError, match="network_bytes_per_s must be a bandwidth"):

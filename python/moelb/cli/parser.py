@@ -26,7 +26,7 @@ from ..simulate import (
 from ..step_time import DEEPEP_MODES
 from .inspect_cmd import inspect_command
 from .rebalance_cmd import REBALANCE_FORMATS, rebalance_command
-from .simulate_cmd import DEMO_CONFIG, demo, simulate_command
+from .simulate_cmd import DEMO_CONFIG, DEMO_PREFILL_CONFIG, demo, simulate_command
 
 __all__ = ["build_parser"]
 
@@ -143,7 +143,19 @@ def _add_demo(sub: Any) -> None:
     )
     _add_run_flags(p, "moelb-demo")
     p.add_argument(
-        "--quick", action="store_true", help="a smoke run: 6 layers, 8 steps of 1,024 tokens"
+        "--quick",
+        action="store_true",
+        help="a smoke run: 6 layers, 8 steps of 1,024 tokens (prefill-like: 2 layers, 4 steps)",
+    )
+    p.add_argument(
+        "--traffic",
+        choices=("both", "decode", "prefill"),
+        default="both",
+        help=f"decode-like ({DEMO_CONFIG.num_tokens // DEMO_CONFIG.ep_size} tokens per GPU, the "
+        f"full report), prefill-like ({DEMO_PREFILL_CONFIG.num_tokens // DEMO_CONFIG.ep_size:,} "
+        "tokens per GPU, "
+        f"{DEMO_PREFILL_CONFIG.num_layers} layers, {DEMO_PREFILL_CONFIG.num_steps} steps), or "
+        "both (default; the prefill-like run only with a GPU calibration: its modelled times)",
     )
     p.set_defaults(func=demo)
 

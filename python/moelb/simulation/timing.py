@@ -28,7 +28,7 @@ from ..step_time import (
     LinkCopies,
     StepTime,
     StepTimeModel,
-    token_copies,
+    dispatch_traffic,
 )
 
 if TYPE_CHECKING:  # config imports this module
@@ -162,7 +162,7 @@ class StepTimer:
         self.mode = deepep_mode(config)
         self.num_physical_experts = num_physical_experts
         self.ep_size, self.num_nodes = config.ep_size, config.num_nodes
-        self.source_rank = source_rank
+        self.source_rank = np.ascontiguousarray(source_rank, dtype=np.int32)
         self._sums: dict[tuple[str, str], _Accumulator] = {}
 
     def slot_tokens_and_copies(
@@ -170,12 +170,14 @@ class StepTimer:
     ) -> tuple[npt.NDArray[np.int64], LinkCopies]:
         """One layer's [P] slot loads and dispatch copies from its routed physical ids [T, K]
         (rows in source-rank order)."""
-        P = self.num_physical_experts
-        slots = np.bincount(physical[physical >= 0], minlength=P)
-        copies = token_copies(
-            physical, self.source_rank, P, self.ep_size, self.num_nodes, self.mode
+        return dispatch_traffic(
+            physical,
+            self.source_rank,
+            self.num_physical_experts,
+            self.ep_size,
+            self.num_nodes,
+            self.mode,
         )
-        return slots, copies
 
     def add(
         self,

@@ -42,7 +42,10 @@ class SyntheticTraffic:
         self.rng = np.random.default_rng([config.seed, 1])
         z = -config.skew * np.log(np.arange(1, self.num_experts + 1, dtype=np.float64))
         self.z = z - z.mean()
-        bank_rows = max(4 * config.num_tokens, 8192)
+        # Up to 4,096 tokens a step draws its rows from a bank 4x its size (at least 8,192);
+        # above, from a bank 12,288 rows larger than a step (a prefill-like step of 131,072
+        # tokens would otherwise need a 512 MiB bank; the column rotation keeps steps apart).
+        bank_rows = max(min(4 * config.num_tokens, config.num_tokens + 3 * 4096), 8192)
         self.bank = self.rng.standard_normal((bank_rows, self.num_experts), dtype=np.float32)
         self._phases: dict[tuple[int, int], npt.NDArray[np.float64]] = {}
         ranks = np.arange(1, preset.vocab_size + 1, dtype=np.float64)
@@ -82,8 +85,14 @@ class SyntheticTraffic:
         # otherwise give every expert the same noise in both, a step-to-step correlation that
         # real traffic does not have (and that a planner could learn from one window to the next).
         rotation = int(self.rng.integers(0, self.num_experts))
-        noise = np.roll(self.bank[start : start + self.num_tokens], rotation, axis=1)
-        return noise + self.shift(layer, step)
+        rows = self.bank[start : start + self.num_tokens]
+        # np.roll(rows, rotation, axis=1) + shift, with one copy instead of two.
+        out = np.empty_like(rows)
+        E = self.num_experts
+        out[:, rotation:] = rows[:, : E - rotation]
+        out[:, :rotation] = rows[:, E - rotation :]
+        out += self.shift(layer, step)
+        return out
 
     def input_ids(self) -> npt.NDArray[np.int64]:
         ranks = np.searchsorted(self.token_cdf, self.rng.random(self.num_tokens))
