@@ -42,10 +42,7 @@ class SyntheticTraffic:
         self.rng = np.random.default_rng([config.seed, 1])
         z = -config.skew * np.log(np.arange(1, self.num_experts + 1, dtype=np.float64))
         self.z = z - z.mean()
-        # Up to 4,096 tokens a step draws its rows from a bank 4x its size (at least 8,192);
-        # above, from a bank 12,288 rows larger than a step (a prefill-like step of 131,072
-        # tokens would otherwise need a 512 MiB bank; the column rotation keeps steps apart).
-        bank_rows = max(min(4 * config.num_tokens, config.num_tokens + 3 * 4096), 8192)
+        bank_rows = max(4 * config.num_tokens, 8192)
         self.bank = self.rng.standard_normal((bank_rows, self.num_experts), dtype=np.float32)
         self._phases: dict[tuple[int, int], npt.NDArray[np.float64]] = {}
         ranks = np.arange(1, preset.vocab_size + 1, dtype=np.float64)
