@@ -200,6 +200,74 @@ def test_trtllm_format_with_a_model_lists_its_moe_layers(
         assert row == plan.location.physical_to_logical[layer - 3].tolist()
 
 
+def moe_only_dump(path: Path, num_layers: int = 58, seed: int = 2) -> np.ndarray:
+    """A dump of [2, num_layers, 256] counts: DeepSeek-V3's 58 MoE layers by default."""
+    counts = np.random.default_rng(seed).poisson(50, (2, num_layers, 256)).astype(np.int32)
+    moelb.save_expert_distribution(
+        {"rank": 0, "logical_count": counts, "average_utilization_rate_over_window": None}, path
+    )
+    return counts
+
+
+V3_TOPOLOGY = ["--num-physical-experts", "288", "--ep-size", "32", "--num-nodes", "4"]
+
+
+@pytest.mark.parametrize(
+    ("file_format", "name"),
+    [("sglang", "p.json"), ("sglang-logical-count", "lc.json"), ("trtllm", "lb.yaml")],
+)
+def test_engine_files_refuse_a_dump_of_moe_layers_only_without_the_dense_layers(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, file_format: str, name: str
+) -> None:
+    """58 layers x 256 experts is DeepSeek-V3's MoE layers: written as is, every row of the
+    engine's file (a row per decoder layer) would be 3 layers off. Without --model or
+    --dense-layers the command refuses and names both; --dense-layers 0 says the rows already
+    are decoder layers."""
+    moe_only_dump(tmp_path / "dump.json")
+    out_file = tmp_path / name
+    args = ["rebalance", str(tmp_path / "dump.json"), "-o", str(out_file), *V3_TOPOLOGY,
+            "--num-groups", "8", "--format", file_format]  # fmt: skip
+    code, _, err = cli(capsys, *args)
+    assert code == 2
+    assert "MoE layers of deepseek-v3" in err and "--model deepseek-v3" in err
+    assert "--dense-layers 3" in err and "--dense-layers 0" in err
+    assert not out_file.exists()
+    code, _, err = cli(capsys, *args, "--dense-layers", "0")
+    assert code == 0, err
+    assert "leading dense layers" not in err
+
+
+def test_dense_layers_shift_the_rows_like_model(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """--dense-layers 3 gives the same files as --model deepseek-v3 for a dump of the 58 MoE
+    layers: SGLang's map with 61 rows (3 dense rows first, planned with no load), TensorRT-LLM's
+    keys 3..60; a --dense-layers that contradicts --model is refused."""
+    counts = moe_only_dump(tmp_path / "dump.json")
+    files = {}
+    for fmt, name in (("sglang", "p.json"), ("trtllm", "lb.yaml")):
+        for how in (["--model", "deepseek-v3"], ["--num-groups", "8", "--dense-layers", "3"]):
+            out_file = tmp_path / f"{how[1]}-{name}"
+            code, _, err = cli(capsys, "rebalance", str(tmp_path / "dump.json"), "-o",
+                               str(out_file), *V3_TOPOLOGY, "--format", fmt, *how)  # fmt: skip
+            assert code == 0, err
+            assert "3 leading dense layers" in err
+            files[fmt, how[0]] = out_file.read_text()
+        assert files[fmt, "--model"] == files[fmt, "--num-groups"]
+    placement = np.array(json.loads(files["sglang", "--model"])["physical_to_logical_map"])
+    plan = moelb.rebalance(counts, 288, 8, 4, 32)
+    assert placement.shape == (61, 288)
+    np.testing.assert_array_equal(placement[3:], plan.location.physical_to_logical)
+    assert sorted(read_trtllm_yaml(files["trtllm", "--model"])["initial_global_assignments"]) == (
+        list(range(3, 61))
+    )
+    code, _, err = cli(capsys, "rebalance", str(tmp_path / "dump.json"), "-o",
+                       str(tmp_path / "x.json"), *V3_TOPOLOGY, "--model", "deepseek-v3",
+                       "--dense-layers", "0")  # fmt: skip
+    assert code == 2 and "--dense-layers 0 contradicts --model deepseek-v3" in err
+    assert not (tmp_path / "x.json").exists()
+
+
 def test_json_format_reads_back(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     counts = small_dump(tmp_path / "dump.json")
     out_file = tmp_path / "plan.json"

@@ -299,7 +299,15 @@ def _add_rebalance(sub: Any) -> None:
         choices=sorted(MODEL_PRESETS),
         default=None,
         help="the model the dump comes from: supplies --num-groups (and checks the dump's "
-        "layers and experts against it)",
+        "layers and experts against it); a dump of its MoE layers only gets its dense layers",
+    )
+    p.add_argument(
+        "--dense-layers",
+        type=_non_negative_int,
+        default=None,
+        help="leading dense decoder layers the dump lacks (it holds the MoE layers only): added "
+        "as rows with no load, since the engines' files have a row per decoder layer (0: the "
+        "rows already are decoder layers). --model implies it",
     )
     p.add_argument(
         "--num-groups",

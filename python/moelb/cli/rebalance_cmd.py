@@ -39,8 +39,7 @@ def rebalance_command(args: argparse.Namespace) -> int:
         )
     counts = load_dump(args.dump, args.num_logical_experts)
     num_groups = _num_groups(args, counts.shape[1], counts.shape[2])
-    if args.model is not None:
-        counts = _with_dense_layers(counts, args.model)
+    counts, first_moe_layer = _decoder_layers(args, counts)
     _, num_layers, num_experts = counts.shape
     load = counts.sum(axis=0, dtype=np.float64)
     previous = None
@@ -56,7 +55,7 @@ def rebalance_command(args: argparse.Namespace) -> int:
     baseline = previous if previous is not None else trivial
     before = evaluate_placement(planned, baseline)
     summary = _summary(args, counts, load, num_groups, output, baseline, before, plan)
-    summary["written"] = _write(args, output, plan, planned, num_groups, summary)
+    summary["written"] = _write(args, output, plan, planned, num_groups, summary, first_moe_layer)
     if args.json:
         print_json(summary)
         return 0
@@ -87,9 +86,11 @@ def _write(
     planned: np.ndarray,
     num_groups: int | None,
     summary: dict[str, Any],
+    first_moe_layer: int,
 ) -> str:
     """Writes ``output`` in ``--format`` (atomically); returns what it holds, for the report.
-    ``planned``: the counts the plan was made from ([L, E] summed, or [T, L, E])."""
+    ``planned``: the counts the plan was made from ([L, E] summed, or [T, L, E]), a row per
+    decoder layer from ``first_moe_layer`` on holding MoE layers."""
     location = plan.location
     num_layers, slots = location.num_layers, location.num_physical_experts
     if args.format == "sglang":
@@ -105,7 +106,7 @@ def _write(
             "moelb under python -m moelb.integrations.sglang_launch)"
         )
     if args.format == "trtllm":
-        layers = _moe_layers(args.model, num_layers)
+        layers = list(range(first_moe_layer, num_layers))
         save_trtllm_load_balancer(location, output, layers)
         return (
             f"TensorRT-LLM load balancer, num_slots {slots}, initial_global_assignments for "
@@ -114,14 +115,6 @@ def _write(
         )
     save_moelb_placement(plan, output, num_groups, extra={"summary": summary})
     return f"moelb placement JSON ([{num_layers}, {slots}] map, topology, statistics)"
-
-
-def _moe_layers(model: str | None, num_layers: int) -> list[int]:
-    """The rows TensorRT-LLM looks up (its MoE layers, by decoder-layer index): with --model its
-    MoE layers; without, every row (a dense layer's key is never looked up)."""
-    if model is None:
-        return list(range(num_layers))
-    return list(range(MODEL_PRESETS[model].first_moe_layer, num_layers))
 
 
 def _num_groups(args: argparse.Namespace, num_layers: int, num_experts: int) -> int | None:
@@ -151,21 +144,60 @@ def _num_groups(args: argparse.Namespace, num_layers: int, num_experts: int) -> 
     return args.num_groups or None
 
 
-def _with_dense_layers(counts: np.ndarray, model: str) -> np.ndarray:
-    """``counts`` [T, L, E] with the model's leading dense layers (no load) when the dump holds
-    its MoE layers only: SGLang's placement has a row per decoder layer, dense ones included."""
-    preset = MODEL_PRESETS[model]
+def _decoder_layers(args: argparse.Namespace, counts: np.ndarray) -> tuple[np.ndarray, int]:
+    """``counts`` [T, L, E] with a row per decoder layer, as the engines' files index layers
+    (SGLang's map has a row per decoder layer, dense ones included; TensorRT-LLM keys its MoE
+    layers by decoder-layer index), and the first row that may hold an MoE layer (TensorRT-LLM's
+    file lists the rows from there on). A dump holding the MoE layers only gets the leading dense
+    layers (no load) that --model or --dense-layers names. Without either, an engine file from a
+    dump whose layer count is a known model's MoE layers but not its decoder layers is refused:
+    written as is, every row would be off by the dense layers."""
+    num_layers, num_experts = counts.shape[1], counts.shape[2]
+    dense = args.dense_layers
+    if args.model is not None:
+        preset = MODEL_PRESETS[args.model]
+        missing = preset.num_hidden_layers - num_layers  # 0, or the dense layers (_num_groups)
+        if dense is not None and dense != missing:
+            raise CliError(
+                f"--dense-layers {dense} contradicts --model {args.model}: the dump holds "
+                f"{num_layers} of its {preset.num_hidden_layers} decoder layers, so "
+                f"{missing} leading dense layers are missing; give one of them"
+            )
+        return _with_dense_layers(counts, missing, args.model), preset.first_moe_layer
+    if dense is not None:
+        return _with_dense_layers(counts, dense, None), dense
+    if args.format != "json":
+        for name, preset in MODEL_PRESETS.items():
+            if (
+                preset.first_moe_layer > 0
+                and num_layers == preset.num_moe_layers
+                and num_experts == preset.num_experts
+            ):
+                raise CliError(
+                    f"--format {args.format}: the dump holds {num_layers} layers x "
+                    f"{num_experts} experts, as many as the MoE layers of {name} "
+                    f"({preset.num_hidden_layers} decoder layers, the first "
+                    f"{preset.first_moe_layer} dense), but the engine's file needs a row per "
+                    f"decoder layer: pass --model {name} (or --dense-layers "
+                    f"{preset.first_moe_layer}) if these are its MoE layers, or --dense-layers 0 "
+                    "if the rows already are decoder layers"
+                )
+    return counts, 0
+
+
+def _with_dense_layers(counts: np.ndarray, dense: int, model: str | None) -> np.ndarray:
+    """``counts`` [T, L, E] with ``dense`` leading layers of no load prepended."""
+    if dense == 0:
+        return counts
     num_passes, num_layers, num_experts = counts.shape
-    if num_layers == preset.num_moe_layers != preset.num_hidden_layers:
-        dense = np.zeros((num_passes, preset.first_moe_layer, num_experts), counts.dtype)
-        counts = np.concatenate([dense, counts], axis=1)
-        print(
-            f"note: the dump holds the {preset.num_moe_layers} MoE layers of {model}; "
-            f"the placement gets {preset.first_moe_layer} leading dense layers (no load), "
-            f"{preset.num_hidden_layers} rows as SGLang reads it",
-            file=sys.stderr,
-        )
-    return counts
+    zeros = np.zeros((num_passes, dense, num_experts), counts.dtype)
+    of = f" of {model}" if model is not None else ""
+    print(
+        f"note: the dump holds {num_layers} MoE layers{of}; the placement gets {dense} leading "
+        f"dense layers (no load), {num_layers + dense} rows as the engines read it",
+        file=sys.stderr,
+    )
+    return np.concatenate([zeros, counts], axis=1)
 
 
 def _plan(
