@@ -32,8 +32,10 @@ in bf16 (``2 * hidden``: 14,336). Which copies cross which link (``DEEPEP_MODES`
 A copy to the token's own GPU costs nothing. Interconnect defaults (``Interconnect``): NVLink
 450 GB/s per direction per GPU (H100 and H200 SXM: NVLink 4, 18 links, 900 GB/s bidirectional per
 GPU -- NVIDIA's H100 / H200 datasheets); network 50 GB/s per direction per GPU (one 400 Gb/s
-ConnectX-7 InfiniBand NIC per GPU, as in DeepEP's README, which measures about 50 GB/s at most on
-it). These are parameters: only one GPU is lent to calibrate, so they are not measured.
+ConnectX-7 InfiniBand NIC per GPU, as in DeepEP's README, which gives it about 50 GB/s at most and
+measures 43-47 GB/s of RDMA bottleneck bandwidth for its internode normal kernels at EP16-32).
+These are peaks, so the communication term is optimistic by about 10% (and leaves out latency);
+they are parameters, not measured: only one GPU is lent to calibrate.
 
 What the model leaves out: the shared expert, attention and everything outside the routed MoE;
 overlap of communication with computation (two-batch overlap would hide part of comm_g); the
