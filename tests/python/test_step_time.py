@@ -368,3 +368,39 @@ def test_model_input_errors() -> None:
         moelb.token_copies(PHYSICAL, SOURCE[:2], 8, 4, 2)
     with pytest.raises(moelb.InvalidArgumentError, match="network_bytes_per_s must be a bandwidth"):
         moelb.Interconnect(450e9, 50)
+
+
+# ------------------------------------------------------------------------------------------------
+# Against the calibration contract's other implementation (benchmarks/validate_step_time.py,
+# written on its own from /work/notes' contract) on the realised distributions it validated on
+# the H100.
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+@pytest.mark.skipif(
+    "h100" not in moelb.available_gpus(), reason="the package ships no H100 calibration"
+)
+def test_matches_validate_step_time_on_the_validated_distributions() -> None:
+    import importlib
+    import sys
+
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        validate = importlib.import_module("validate_step_time")
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    calibration = json.loads(Path(moelb.load_gpu_calibration("h100").source).read_text())
+    rows = json.loads((BENCHMARKS / "results" / "step_time_distributions.json").read_text())[
+        "distributions"
+    ]
+    assert len(rows) >= 20
+    for dtype in ("bf16", "fp8_e4m3"):
+        model = moelb.StepTimeModel("h100", dtype=dtype)
+        for row in rows:
+            slots = np.asarray(row["tokens_per_expert"])[None, :]  # one GPU's slots, one layer
+            ours = model.step_time(slots, ep_size=1, copies=None).seconds
+            theirs = validate.predict_layer_seconds(
+                calibration, "deepseek-v3", dtype, row["tokens_per_expert"]
+            )
+            assert ours == pytest.approx(theirs, rel=1e-12), (row["id"], dtype)
