@@ -220,8 +220,9 @@ class StepTime:
 
     weights_s: W / BW per active expert, summed per GPU. gemm_s: sum over active experts of
     gemm(T_e). comm_s: dispatch + combine. active_experts / tokens: the slots with tokens and
-    the (token, expert) copies computed on each GPU. layer_fixed_s: the calibration's per-layer
-    term."""
+    the (token, expert) copies computed on each GPU. nvlink_copies / network_copies: the token
+    copies on each GPU's busier direction of each link (zeros without copies). layer_fixed_s:
+    the calibration's per-layer term."""
 
     weights_s: npt.NDArray[np.float64]
     gemm_s: npt.NDArray[np.float64]
@@ -229,6 +230,8 @@ class StepTime:
     active_experts: npt.NDArray[np.int64]
     tokens: npt.NDArray[np.float64]
     layer_fixed_s: float
+    nvlink_copies: npt.NDArray[np.float64]
+    network_copies: npt.NDArray[np.float64]
 
     @property
     def gpu_s(self) -> npt.NDArray[np.float64]:
@@ -265,8 +268,11 @@ class StepTime:
             f"layer {layer}: GPU {g} slowest at {self.gpu_s[layer, g] * us:.1f} us = weights "
             f"{self.weights_s[layer, g] * us:.1f} ({self.active_experts[layer, g]} experts) + "
             f"GEMM {self.gemm_s[layer, g] * us:.1f} ({self.tokens[layer, g]:,.0f} token copies)"
-            f" + comm {self.comm_s[layer, g] * us:.1f}; mean GPU "
-            f"{self.gpu_s[layer].mean() * us:.1f} us ({self.tokens[layer].mean():,.0f} copies)"
+            f" + comm {self.comm_s[layer, g] * us:.1f} ({self.network_copies[layer, g]:,.0f} "
+            f"network, {self.nvlink_copies[layer, g]:,.0f} NVLink copies); mean GPU "
+            f"{self.gpu_s[layer].mean() * us:.1f} us ({self.tokens[layer].mean():,.0f} token "
+            f"copies, {self.network_copies[layer].mean():,.0f} network, "
+            f"{self.nvlink_copies[layer].mean():,.0f} NVLink)"
         )
 
 
@@ -340,13 +346,14 @@ class StepTimeModel:
         active = (per_gpu > 0).sum(axis=2)
         weights = active * self.weight_seconds
         if copies is None:
-            comm = np.zeros((L, ep_size))
+            comm = nvlink = network = np.zeros((L, ep_size))
         else:
             comm = np.asarray(self.comm_seconds(copies), dtype=np.float64)
             if comm.shape != (L, ep_size):
                 raise InvalidArgumentError(
                     f"copies are {comm.shape}, expected [L, W] = {(L, ep_size)}"
                 )
+            nvlink, network = copies.nvlink, copies.network
         return StepTime(
             weights_s=weights,
             gemm_s=self.gemm_seconds(per_gpu).sum(axis=2),
@@ -354,4 +361,6 @@ class StepTimeModel:
             active_experts=active,
             tokens=per_gpu.sum(axis=2),
             layer_fixed_s=self.calibration.layer_fixed_s,
+            nvlink_copies=nvlink,
+            network_copies=network,
         )

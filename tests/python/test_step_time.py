@@ -132,6 +132,11 @@ def test_comm_seconds_by_hand() -> None:
     slots = np.zeros((1, 8))
     t = model.step_time(slots, 4, moelb.LinkCopies.stack([c]))
     assert t.gpu_s[0] == pytest.approx(model.comm_seconds(c))
+    # Busier directions: NVLink max(sent, received) = 2, 2, 1, 1; network 2, 2, 2, 2. Every GPU
+    # is network-bound at 2 copies, so all tie and GPU 0 (the lowest) is named.
+    assert t.nvlink_copies.tolist() == [[2, 2, 1, 1]] and t.network_copies.tolist() == [[2] * 4]
+    line = t.explain()
+    assert "GPU 0 slowest at 0.9 us" in line and "(2 network, 2 NVLink copies)" in line
 
 
 def test_copies_within_one_gpu_are_free_and_one_node_uses_no_network() -> None:
