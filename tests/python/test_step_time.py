@@ -377,8 +377,8 @@ def test_model_input_errors() -> None:
 
 # ------------------------------------------------------------------------------------------------
 # Against the calibration contract's other implementation (benchmarks/validate_step_time.py,
-# written on its own from /work/notes' contract) on the realised distributions it validated on
-# the H100.
+# written on its own from the same contract: benchmarks/README.md, "GPU calibration") on the
+# realised distributions it validated on the H100.
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
