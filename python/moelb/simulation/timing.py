@@ -8,7 +8,9 @@ routed expert) pair and the source rank of every token (source ranks hold consec
 the step's tokens), so the slot loads and the dispatch copies are exact (``token_copies``).
 ``equal_split`` splits every expert's tokens equally over its replicas (fractional loads, no
 tokens): its slot loads are those fractions and its copies ``uniform_copies`` (source ranks
-uniform). The shared expert is not timed (see ``moelb.step_time``).
+uniform). The shared expert is not timed (see ``moelb.step_time``): ``balanced_joint`` is timed
+on its routed columns, which leave room for the shared expert on purpose, so its time is not
+comparable with the routed-only models' as a whole-layer figure.
 """
 
 from __future__ import annotations
