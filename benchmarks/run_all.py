@@ -39,6 +39,7 @@ BENCHMARKS = (
     "bench_objective",
     "bench_dispatch",
     "bench_move_cost",
+    "bench_step_time",
 )
 
 

@@ -16,4 +16,5 @@ PYBIND11_MODULE(_core, m) {
     moelb::bindings::bind_waterfill(m);
     moelb::bindings::bind_moe_layer(m);
     moelb::bindings::bind_simulate(m);
+    moelb::bindings::bind_step_time(m);
 }

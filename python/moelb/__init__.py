@@ -9,8 +9,9 @@ EPLB planner (``rebalance``, ``plan_weight_moves``) and the Waterfill shared-exp
 dispatch="balanced" | "balanced_prob")`` with one collective per layer, or offline fractions), their
 ``torch.distributed`` side (``ExpertDistributionRecorder.all_reduce``, ``execute_weight_moves``,
 ``torch_all_gather``, ``torch_all_reduce``; ``moelb.distributed``), the
-DeepSeek MoE layer on CPU (``DeepSeekMoE``, ``DeepSeekMoEConfig``), and the cluster simulator
-(``simulate``, ``SimulationConfig``) behind the ``moelb`` command.
+DeepSeek MoE layer on CPU (``DeepSeekMoE``, ``DeepSeekMoEConfig``), the cluster simulator
+(``simulate``, ``SimulationConfig``) behind the ``moelb`` command, and its step-time model from
+measured GPU calibrations (``StepTimeModel``, ``load_gpu_calibration``).
 Arrays are NumPy (CPU torch tensors convert without copies): float32 logits and weights, int32 ids,
 row-major. Bad input raises ``InvalidArgumentError`` (a ``ValueError``; a wrong dtype is an
 ``InvalidDTypeError``, also a ``TypeError``); a broken internal invariant raises ``Error``.
@@ -48,6 +49,13 @@ from .dispatch import (
 )
 from .distributed import execute_weight_moves, torch_all_gather
 from .eplb import Plan, PlanStats, evaluate_placement, rank_loads, rebalance, relabel_ranks
+from .gpu_calibration import (
+    DEFAULT_GPU,
+    GemmTable,
+    GpuCalibration,
+    available_gpus,
+    load_gpu_calibration,
+)
 from .io import (
     load_expert_distribution,
     load_placement,
@@ -73,6 +81,15 @@ from .simulate import (
     simulate,
     step_lower_bounds,
 )
+from .step_time import (
+    DEEPEP_MODES,
+    Interconnect,
+    LinkCopies,
+    StepTime,
+    StepTimeModel,
+    token_copies,
+    uniform_copies,
+)
 from .waterfill import (
     RankLoads,
     WaterfillBalancer,
@@ -85,6 +102,8 @@ from .weight_moves import WeightMovePlan, apply_weight_moves, plan_weight_moves
 __all__ = [
     "BALANCEDNESS_EPSILON",
     "COLLECTIVE_DISPATCH",
+    "DEEPEP_MODES",
+    "DEFAULT_GPU",
     "DISPATCH_ALGORITHMS",
     "ENGINE_DISPATCH",
     "MODEL_PRESETS",
@@ -95,15 +114,21 @@ __all__ = [
     "Error",
     "ExpertDistributionRecorder",
     "ExpertLocation",
+    "GemmTable",
+    "GpuCalibration",
     "HashRouter",
+    "Interconnect",
     "InvalidArgumentError",
     "InvalidDTypeError",
+    "LinkCopies",
     "ModelPreset",
     "Plan",
     "PlanStats",
     "RankLoads",
     "SimulationConfig",
     "SimulationResult",
+    "StepTime",
+    "StepTimeModel",
     "TopKConfig",
     "TopKOutput",
     "WaterfillBalancer",
@@ -111,6 +136,7 @@ __all__ = [
     "WeightMovePlan",
     "__version__",
     "apply_weight_moves",
+    "available_gpus",
     "balanced_assignment",
     "balanced_fractions",
     "balanced_split",
@@ -127,6 +153,7 @@ __all__ = [
     "expected_rank_loads",
     "get_num_threads",
     "load_expert_distribution",
+    "load_gpu_calibration",
     "load_placement",
     "load_placement_fractions",
     "pass_balancedness",
@@ -145,8 +172,10 @@ __all__ = [
     "sglang_replica_lists",
     "simulate",
     "step_lower_bounds",
+    "token_copies",
     "torch_all_gather",
     "torch_all_reduce",
+    "uniform_copies",
     "utilization_rate",
     "waterfill_rank_loads",
 ]

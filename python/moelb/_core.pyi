@@ -416,6 +416,14 @@ def score_steps(
 def step_lower_bounds(
     counts: npt.NDArray[np.int32], num_physical_experts: int, ep_size: int
 ) -> npt.NDArray[np.float64]: ...
+def token_copies(
+    physical: npt.NDArray[np.int32],
+    source_rank: npt.NDArray[np.int32],
+    num_physical_experts: int,
+    ep_size: int,
+    num_nodes: int,
+    mode: str,
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]: ...
 def dispatch_table(
     location: ExpertLocation,
     dispatch: str,

@@ -420,3 +420,15 @@ def test_check_fingerprint_is_thread_invariant_and_sees_a_change(tmp_path: Path)
         timeout=300,
     )
     assert changed.returncode == 1 and "DIFFERS: planner" in changed.stdout, changed.stdout
+
+
+def test_bench_step_time_quick(tmp_path: Path) -> None:
+    """bench_step_time: the core's slot loads and dispatch copies equal the NumPy reference
+    (else it exits 1) in both DeepEP modes at both sizes, and the model's step is timed."""
+    stdout, data = run_quick(tmp_path, "bench_step_time.py")
+    assert data["problems"] == []
+    assert [(r["tokens_per_gpu"], r["mode"]) for r in data["results"]] == [
+        (t, m) for t in (16, 128) for m in ("normal", "low_latency")
+    ]
+    assert all(r["core_ms"] > 0 and r["numpy_ms"] > 0 for r in data["results"])
+    assert data["model_step_ms"] > 0 and "NumPy / core" in stdout

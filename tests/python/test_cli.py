@@ -13,6 +13,7 @@ from pathlib import Path
 import moelb
 import numpy as np
 import pytest
+from gpu_fixtures import shipped_or_fixture
 from moelb.cli import main
 
 
@@ -770,7 +771,108 @@ def test_simulate_trace_refuses_synthetic_only_flags(
     code, _, err = cli(capsys, "simulate", "--trace", str(dump), "--num-layers", "4")
     assert code == 2 and "--num-layers shapes synthetic traffic" in err
     # A replay has counts, not tokens: the token-level flags would do nothing either.
-    for extra in (["--dispatch", "vllm_hash"], ["--waterfill", "off"], ["--seed", "3"]):
+    for extra in (
+        ["--dispatch", "vllm_hash"], ["--waterfill", "off"], ["--seed", "3"], ["--gpu", "h100"],
+        ["--gpu-dtype", "bf16"], ["--deepep-mode", "normal"], ["--network-bytes-per-s", "1e11"],
+    ):  # fmt: skip
         code, _, err = cli(capsys, "simulate", "--trace", str(dump), *extra)
         assert code == 2, extra
         assert_one_line_error(code, err, f"{extra[0]} shapes the token-level figures")
+
+
+# ------------------------------------------------------------------------------------------------
+# The modelled step time (issue 22): the shipped default calibration when the package has one,
+# else the hand-written fixture of gpu_fixtures.py.
+
+TIME_COLUMNS = ["placement", "dispatch", "realised", "+WF", "ms/step", "x trivial", "weights",
+                "GEMM", "comm", "fixed", "mean GPU"]  # fmt: skip
+
+
+def time_rows(out: str) -> dict[tuple[str, str], list[str]]:
+    """The modelled-time table's rows by (placement, dispatch)."""
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.split() == [
+        c for column in TIME_COLUMNS for c in column.split()])  # fmt: skip
+    rows = {}
+    for line in lines[start + 2 :]:
+        if not line.strip():
+            break
+        cells = line.split()
+        rows[(cells[0], cells[1])] = cells[2:]
+    return rows
+
+
+def test_simulate_prints_the_modelled_time(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    gpu = shipped_or_fixture(tmp_path)
+    dispatch = ["--dispatch", "sglang_static", "balanced"]
+    code, out, err = cli(capsys, *SIMULATE_SMALL, "--gpu", gpu, *dispatch)
+    assert code == 0, err
+    assert "modelled routed-MoE time per step (3 MoE layers)" in out
+    assert "64 tokens/GPU, decode-like (DeepEP low_latency)" in out  # 512 tokens on 8 GPUs
+    rows = time_rows(out)
+    assert set(rows) == {(p, d) for p in ("trivial", "deepseek", "moelb")
+                         for d in ("sglang_static", "balanced")}  # fmt: skip
+    code, js, err = cli(capsys, *SIMULATE_SMALL, "--gpu", gpu, *dispatch, "--json")
+    data = json.loads(js)
+    for (placement, d), cells in rows.items():
+        realised = data["algorithms"][placement]["realised"][d]
+        t = realised["time"]
+        assert cells[0] == f"{realised['routed']:.3f}"  # the balancedness beside the time
+        assert cells[2] == f"{t['seconds'] * 1e3:.2f}" and cells[3] == f"{t['speedup']:.3f}"
+        parts = [t[k] for k in ("slowest_weights_s", "slowest_gemm_s", "slowest_comm_s",
+                                "fixed_s", "mean_gpu_s")]  # fmt: skip
+        assert cells[4:] == [f"{v * 1e3:.2f}" for v in parts]
+        if placement == "trivial":
+            assert cells[3] == "1.000"
+    assert "Under sglang_static, " in out and "ms per step" in out and "slowest layer" in out
+    assert data["time_model"]["deepep_mode"] == "low_latency"
+    # The balancedness table is unchanged beside it.
+    assert "realised at token level (next window), per dispatch" in out
+
+
+def test_gpu_flags(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code, out, err = cli(capsys, *SIMULATE_SMALL, "--gpu", "none")
+    assert code == 0 and "modelled" not in out
+    shipped = moelb.available_gpus()
+    code, _, err = cli(capsys, *SIMULATE_SMALL, "--gpu", "h900")
+    assert_one_line_error(code, err, "gpu='h900' is neither a shipped GPU calibration nor a file")
+    assert ("ships none" in err) if not shipped else all(repr(k) in err for k in shipped)
+    code, _, err = cli(capsys, *SIMULATE_SMALL, "--nvlink-bytes-per-s", "0")
+    assert_one_line_error(code, err, "argument --nvlink-bytes-per-s: must be a finite number > 0")
+    code, _, err = cli(capsys, *SIMULATE_SMALL, "--deepep-mode", "fast")
+    assert_one_line_error(code, err, "argument --deepep-mode: invalid choice")
+    gpu = shipped_or_fixture(tmp_path)
+    code, out, err = cli(
+        capsys, *SIMULATE_SMALL, "--gpu", gpu, "--deepep-mode", "normal", "--gpu-dtype", "bf16",
+        "--network-bytes-per-s", "25e9", "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    m = json.loads(out)["time_model"]
+    assert m["deepep_mode"] == "normal" and m["table"] == "deepseek-v3/bf16"
+    assert m["network_bytes_per_s"] == 25e9 and m["nvlink_bytes_per_s"] == 450e9
+
+
+def test_demo_times_decode_and_prefill_like_traffic(tmp_path: Path) -> None:
+    gpu = shipped_or_fixture(tmp_path)
+    out_dir = tmp_path / "out"
+    result = run("demo", "--quick", "--gpu", gpu, "--output-dir", str(out_dir), "--no-plots")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "32 tokens/GPU, decode-like (DeepEP low_latency)" in out  # quick: 1,024 on 32 GPUs
+    assert "prefill-like: moelb" in out and "131,072 tokens/step" in out
+    assert "4,096 tokens/GPU, prefill-like (DeepEP normal)" in out
+    assert out.count("ms per step") == 2
+    files = {p.name for p in out_dir.iterdir()}
+    assert {"placement.json", "simulation.json", "simulation_prefill.json"} <= files
+    prefill = json.loads((out_dir / "simulation_prefill.json").read_text())
+    decode = json.loads((out_dir / "simulation.json").read_text())
+    assert prefill["time_model"]["tokens_per_gpu"] == 4096
+    assert decode["time_model"]["tokens_per_gpu"] == 32
+    assert prefill["layer_ids"] == [3, 4] and len(decode["layer_ids"]) == 6
+    for data in (prefill, decode):
+        for name, a in data["algorithms"].items():
+            for d in data["config"]["dispatch"]:
+                t = a["realised"][d]["time"]
+                assert t["seconds"] > 0 and (name != "trivial" or t["speedup"] == 1.0)

@@ -15,6 +15,7 @@ import numpy as np
 from .. import __version__
 from ..dispatch import DISPATCH_ALGORITHMS
 from ..eplb import ALGORITHMS, DEFAULT_MOVE_COST, OBJECTIVES, PLAN_DISPATCH
+from ..gpu_calibration import DEFAULT_GPU, GPU_DTYPES, available_gpus
 from ..simulate import (
     BALANCED_DISPATCH,
     MODEL_PRESETS,
@@ -22,9 +23,10 @@ from ..simulate import (
     SIMULATOR_DISPATCH,
     SimulationConfig,
 )
+from ..step_time import DEEPEP_MODES
 from .inspect_cmd import inspect_command
 from .rebalance_cmd import REBALANCE_FORMATS, rebalance_command
-from .simulate_cmd import DEMO_CONFIG, demo, simulate_command
+from .simulate_cmd import DEMO_CONFIG, DEMO_PREFILL_CONFIG, demo, simulate_command
 
 __all__ = ["build_parser"]
 
@@ -77,6 +79,9 @@ def _checked(
 
 _positive_int = _checked(int, lambda v: v > 0, "a positive integer")
 _non_negative_int = _checked(int, lambda v: v >= 0, "an integer >= 0")
+_positive_float = _checked(
+    float, lambda v: bool(np.isfinite(v) and v > 0), "a number > 0", "a finite number > 0"
+)
 _non_negative_float = _checked(
     float, lambda v: bool(np.isfinite(v) and v >= 0), "a number >= 0", "a finite number >= 0"
 )
@@ -100,6 +105,14 @@ def _add_run_flags(p: argparse.ArgumentParser, default_dir: str | None) -> None:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="progress bar on stderr (default: when stderr is a terminal)",
+    )
+    p.add_argument(
+        "--gpu",
+        default=None,
+        metavar="GPU",
+        help="GPU calibration of the modelled step time: a shipped key ("
+        + (", ".join(available_gpus()) or "none shipped")
+        + f"), a calibration JSON file, or none (default: {DEFAULT_GPU} when shipped)",
     )
 
 
@@ -130,7 +143,19 @@ def _add_demo(sub: Any) -> None:
     )
     _add_run_flags(p, "moelb-demo")
     p.add_argument(
-        "--quick", action="store_true", help="a smoke run: 6 layers, 8 steps of 1,024 tokens"
+        "--quick",
+        action="store_true",
+        help="a smoke run: 6 layers, 8 steps of 1,024 tokens (prefill-like: 2 layers, 4 steps)",
+    )
+    p.add_argument(
+        "--traffic",
+        choices=("both", "decode", "prefill"),
+        default="both",
+        help=f"decode-like ({DEMO_CONFIG.num_tokens // DEMO_CONFIG.ep_size} tokens per GPU, the "
+        f"full report), prefill-like ({DEMO_PREFILL_CONFIG.num_tokens // DEMO_CONFIG.ep_size:,} "
+        "tokens per GPU, "
+        f"{DEMO_PREFILL_CONFIG.num_layers} layers, {DEMO_PREFILL_CONFIG.num_steps} steps), or "
+        "both (default; the prefill-like run only with a GPU calibration: its modelled times)",
     )
     p.set_defaults(func=demo)
 
@@ -207,6 +232,31 @@ def _add_simulate(sub: Any) -> None:
         "--num-layers", type=_positive_int, default=None, help="simulate the first N MoE layers"
     )
     p.add_argument("--expert-bytes", type=_non_negative_int, default=None)
+    p.add_argument(
+        "--gpu-dtype",
+        choices=tuple(GPU_DTYPES),
+        default=None,
+        help="the GEMM table's dtype (default: fp8_e4m3 when calibrated, else bf16)",
+    )
+    p.add_argument(
+        "--deepep-mode",
+        choices=("auto", *DEEPEP_MODES),
+        default=d.deepep_mode,
+        help="how dispatch and combine move tokens in the modelled time (auto: low_latency up "
+        "to 256 tokens per GPU, decode-like, else normal)",
+    )
+    p.add_argument(
+        "--nvlink-bytes-per-s",
+        type=_positive_float,
+        default=d.nvlink_bytes_per_s,
+        help="NVLink bandwidth per GPU and direction (default 450e9: H100 NVLink 4)",
+    )
+    p.add_argument(
+        "--network-bytes-per-s",
+        type=_positive_float,
+        default=d.network_bytes_per_s,
+        help="network bandwidth per GPU and direction (default 50e9: one 400 Gb/s NIC)",
+    )
     _add_run_flags(p, None)
     p.set_defaults(func=simulate_command)
 

@@ -1,7 +1,7 @@
 """``moelb demo`` and ``moelb simulate``: a ``SimulationConfig`` from the defaults or the flags, the
 simulation with a progress bar, the placement JSON, ``simulation.json`` and PNG plots written to
-``--output-dir``, and the report (or the results as JSON). DESIGN section 7 (the CLI and the main
-job)."""
+``--output-dir``, and the report (or the results as JSON); the demo adds a prefill-like run's
+modelled times (``simulation_prefill.json``). DESIGN section 7 (the CLI and the main job)."""
 
 from __future__ import annotations
 
@@ -13,18 +13,23 @@ from pathlib import Path
 from .._core import set_num_threads
 from ..io import save_placement
 from ..simulate import SimulationConfig, SimulationResult, simulate
+from ..simulation.timing import step_time_model
 from .common import CliError
 from .output import ProgressBar, print_json, write_text
 from .simulate_report import (
     LEGEND,
+    TIME_LEGEND,
     best_placement_line,
     describe,
     layer_table,
     realised_table,
     simulation_table,
+    time_header,
+    time_table,
+    timed_row_line,
 )
 
-__all__ = ["DEMO_CONFIG", "demo", "run_simulation", "simulate_command"]
+__all__ = ["DEMO_CONFIG", "DEMO_PREFILL_CONFIG", "demo", "run_simulation", "simulate_command"]
 
 #: The demo: DeepSeek-V3 (58 MoE layers x 256 experts), 288 slots on 32 GPUs in 4 nodes.
 DEMO_CONFIG = SimulationConfig(
@@ -42,19 +47,37 @@ DEMO_CONFIG = SimulationConfig(
     dispatch=("sglang_static", "sglang_static_runtime", "sglang_dynamic", "moelb_static"),
 )
 
+#: The demo's prefill-like run: the same cluster, placements and dispatch models at 4,096 tokens
+#: per GPU (131,072 per step; the decode-like run above has 128), over fewer layers and steps:
+#: its token level does 32x the decode run's work per step and layer. It reports the modelled
+#: time only (it runs when there is a GPU calibration).
+DEMO_PREFILL_CONFIG = dataclasses.replace(
+    DEMO_CONFIG, num_tokens=4096 * DEMO_CONFIG.ep_size, num_layers=8, num_steps=8,
+    rebalance_period=4,
+)  # fmt: skip
+#: ``moelb demo --quick``: a smoke run of both.
+_QUICK = {"num_layers": 6, "num_tokens": 1024, "num_steps": 8, "rebalance_period": 4}
+_QUICK_PREFILL = {"num_layers": 2, "num_steps": 4, "rebalance_period": 2}
+
 #: simulate flags that shape synthetic traffic only: with --trace they would do nothing.
 _SYNTHETIC_ONLY = ("num_tokens", "num_steps", "skew", "drift", "bursts", "num_layers")
 
 
 def demo(args: argparse.Namespace) -> int:
-    config = DEMO_CONFIG
-    if args.quick:
-        config = dataclasses.replace(
-            config, num_layers=6, num_tokens=1024, num_steps=8, rebalance_period=4
-        )
+    """The decode-like run (the full report), then, with a GPU calibration, the prefill-like
+    run's modelled times (``--traffic`` picks one of them)."""
+    common = {"gpu": _gpu(args.gpu)}
     if args.seed is not None:
-        config = dataclasses.replace(config, seed=args.seed)
-    return run_simulation(config, args)
+        common["seed"] = args.seed
+    decode = dataclasses.replace(DEMO_CONFIG, **common, **(_QUICK if args.quick else {}))
+    prefill = dataclasses.replace(
+        DEMO_PREFILL_CONFIG, **common, **(_QUICK_PREFILL if args.quick else {})
+    )
+    if args.traffic == "prefill":
+        return run_simulation(prefill, args)
+    if args.traffic == "decode" or step_time_model(prefill)[0] is None:
+        return run_simulation(decode, args)
+    return run_simulation(decode, args, then=prefill)
 
 
 def simulate_command(args: argparse.Namespace) -> int:
@@ -76,12 +99,21 @@ def _check_replay_flags(args: argparse.Namespace) -> None:
                 f"{flag} shapes synthetic traffic; a --trace replay uses the dump's steps, "
                 "layers and counts as they are: drop it"
             )
-    for flag in ("--dispatch", "--waterfill", "--seed"):
-        if getattr(args, flag[2:]) is not None:
-            raise CliError(
-                f"{flag} shapes the token-level figures of synthetic traffic; a --trace replay "
-                "has per-expert counts, not tokens: drop it"
-            )
+    given = [
+        "--" + name.replace("_", "-")
+        for name in ("deepep_mode", "nvlink_bytes_per_s", "network_bytes_per_s")
+        if getattr(args, name) != getattr(defaults, name)
+    ]
+    given += [
+        flag
+        for flag in ("--dispatch", "--waterfill", "--seed", "--gpu", "--gpu-dtype")
+        if getattr(args, flag[2:].replace("-", "_")) is not None
+    ]
+    if given:
+        raise CliError(
+            f"{given[0]} shapes the token-level figures of synthetic traffic; a --trace replay "
+            "has per-expert counts, not tokens: drop it"
+        )
 
 
 def _waterfill(flag: str | None) -> str | None:
@@ -111,26 +143,51 @@ def _config_from_flags(args: argparse.Namespace) -> SimulationConfig:
         num_layers=args.num_layers,
         expert_bytes=args.expert_bytes,
         seed=args.seed if args.seed is not None else 0,
+        gpu=_gpu(args.gpu),
+        gpu_dtype=args.gpu_dtype,
+        deepep_mode=args.deepep_mode,
+        nvlink_bytes_per_s=args.nvlink_bytes_per_s,
+        network_bytes_per_s=args.network_bytes_per_s,
     )
 
 
-def run_simulation(config: SimulationConfig, args: argparse.Namespace) -> int:
-    """Simulates ``config``, writes the files to --output-dir, prints the report or the JSON."""
+def _gpu(flag: str | None) -> str | None:
+    """--gpu: the default calibration when not given, None for "none"."""
+    if flag is None:
+        return SimulationConfig.gpu
+    return None if flag == "none" else flag
+
+
+def run_simulation(
+    config: SimulationConfig, args: argparse.Namespace, then: SimulationConfig | None = None
+) -> int:
+    """Simulates ``config``, writes the files to --output-dir, prints the report or the JSON.
+    ``then``: the demo's prefill-like run, simulated after it; its modelled times are printed
+    after the report (``"prefill"`` in the JSON) and written to ``simulation_prefill.json``."""
     if args.threads is not None:
         set_num_threads(args.threads)
     progress = ProgressBar("simulating", enabled=args.progress)
     result = simulate(config, progress=progress)
+    second = None
+    if then is not None:
+        second = simulate(then, progress=ProgressBar("prefill-like", enabled=args.progress))
     written: list[str] = []
     notes: list[str] = []
     if args.output_dir is not None:
         written, notes = _write_files(result, args.output_dir, args.plots)
+        if second is not None:
+            path = args.output_dir / "simulation_prefill.json"
+            write_text(path, json.dumps(second.to_dict(), indent=2) + "\n")
+            written.append(str(path))
     if args.json:
         payload = result.to_dict()
         payload["files"] = written
         payload["notes"] = result.notes + notes
+        if second is not None:
+            payload["prefill"] = second.to_dict()
         print_json(payload)
         return 0
-    _print_report(result, args.per_layer, written, notes)
+    _print_report(result, args.per_layer, written, notes, second)
     return 0
 
 
@@ -162,7 +219,11 @@ def _write_files(
 
 
 def _print_report(
-    result: SimulationResult, per_layer: bool, written: list[str], notes: list[str]
+    result: SimulationResult,
+    per_layer: bool,
+    written: list[str],
+    notes: list[str],
+    prefill: SimulationResult | None = None,
 ) -> None:
     print(describe(result) + "\n")
     print(simulation_table(result))
@@ -172,9 +233,17 @@ def _print_report(
         best = best_placement_line(result)
         if best is not None:
             print("\n" + best)
+    timed = time_table(result)
+    if timed is not None:
+        print(f"\n{time_header(result)}\n{timed}\n\n{timed_row_line(result)}")
+    if prefill is not None:
+        print(f"\nprefill-like: {describe(prefill)}\n\n{time_header(prefill)}")
+        print(f"{time_table(prefill)}\n\n{timed_row_line(prefill)}")
     if per_layer:
         print("\npredictive balancedness per layer\n" + layer_table(result))
     print("\n" + LEGEND)
+    if timed is not None:
+        print(TIME_LEGEND)
     for note in result.notes:
         print(f"note: {note}")
     print(f"\nsimulated in {result.timings['total']:.1f} s")

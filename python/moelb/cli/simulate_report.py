@@ -13,11 +13,15 @@ from .output import fixed, gigabytes, table
 
 __all__ = [
     "LEGEND",
+    "TIME_LEGEND",
     "best_placement_line",
     "describe",
     "layer_table",
     "realised_table",
     "simulation_table",
+    "time_header",
+    "time_table",
+    "timed_row_line",
 ]
 
 
@@ -106,6 +110,100 @@ def best_placement_line(result: SimulationResult) -> str | None:
     return line + "."
 
 
+def time_header(result: SimulationResult) -> str | None:
+    """What the modelled times assume, in one line (None without time figures)."""
+    t = result.time_model
+    if t is None:
+        return None
+    per_gpu = t["tokens_per_gpu"]
+    regime = "decode-like" if t["deepep_mode"] == "low_latency" else "prefill-like"
+    return (
+        f"modelled routed-MoE time per step ({len(result.layer_ids)} MoE layers) on "
+        f"{t['gpu_name']} ({t['gpu']}, {t['table']} table, measured {t['date']}): "
+        f"{per_gpu:,.0f} tokens/GPU, {regime} (DeepEP {t['deepep_mode']}); memory "
+        f"{t['memory_bandwidth_bytes_per_s'] / 1e12:.2f} TB/s, NVLink "
+        f"{t['nvlink_bytes_per_s'] / 1e9:.0f} GB/s, network {t['network_bytes_per_s'] / 1e9:.0f} "
+        "GB/s per GPU and direction"
+    )
+
+
+def time_table(result: SimulationResult) -> str | None:
+    """One row per placement x dispatch: the realised balancedness beside the modelled time of
+    a step, the speed-up over the trivial placement under the same dispatch, and what the
+    slowest GPUs of the layers spent it on (summed over the layers). None without time
+    figures."""
+    if result.time_model is None:
+        return None
+    headers = [
+        "placement",
+        "dispatch",
+        "realised",
+        "+WF",
+        "ms/step",
+        "x trivial",
+        "weights",
+        "GEMM",
+        "comm",
+        "fixed",
+        "mean GPU",
+    ]
+    rows = []
+    for name, a in result.algorithms.items():
+        for d in result.config.dispatch:
+            r = a.realised[d]
+            t = r.time
+            if t is None:
+                continue
+            rows.append(
+                [
+                    name,
+                    d,
+                    fixed(r.routed),
+                    fixed(r.waterfill),
+                    f"{t.seconds * 1e3:.2f}",
+                    f"{t.speedup:.3f}",
+                    *(
+                        f"{v * 1e3:.2f}"
+                        for v in (
+                            t.slowest_weights_s,
+                            t.slowest_gemm_s,
+                            t.slowest_comm_s,
+                            t.fixed_s,
+                            t.mean_gpu_s,
+                        )
+                    ),
+                ]
+            )
+    return table(headers, rows)
+
+
+def timed_row_line(result: SimulationResult) -> str | None:
+    """One row explained end to end: the fastest placement under the first dispatch model,
+    beside the trivial one; None without time figures."""
+    dispatch = result.config.dispatch[0]
+    timed = {
+        n: a.realised[dispatch].time
+        for n, a in result.algorithms.items()
+        if a.realised and a.realised[dispatch].time is not None
+    }
+    if not timed:
+        return None
+    best = min(timed, key=lambda n: timed[n].seconds)  # type: ignore[union-attr]
+    t = timed[best]
+    assert t is not None
+    share = np.asarray(t.slowest_share)
+    top = int(share.argmax())
+    line = (
+        f"Under {dispatch}, {best} takes {t.seconds * 1e3:.2f} ms per step, {t.speedup:.3f}x "
+        f"the trivial placement: per layer its slowest GPU (GPU {top} in {share[top]:.0%} of "
+        f"the layers and steps) spends weights {t.slowest_weights_s * 1e3:.2f} + GEMM "
+        f"{t.slowest_gemm_s * 1e3:.2f} + comm {t.slowest_comm_s * 1e3:.2f} ms over the step, "
+        f"plus {t.fixed_s * 1e3:.2f} ms fixed; the mean GPU would take "
+        f"{t.mean_gpu_s * 1e3:.2f} ms. Its slowest layer: {t.worst}."
+    )
+    return line
+
+
 def layer_table(result: SimulationResult) -> str:
     """Predictive balancedness per simulated layer."""
     names = list(result.algorithms)
@@ -164,3 +262,13 @@ balanced_joint (routed and shared expert in one flow; +joint: its routed + share
 of Waterfill). sglang_lp: a reference model of SGLang's --ep-dispatch-algorithm lp (its LP, 5
 float32 iterations, 0.5 fallback), reproduced for measurement only.
 moved/rebal: expert slots rewritten per rebalance (GB: their FP8 weights)."""
+
+TIME_LEGEND = """\
+modelled time (moelb.step_time): per MoE layer and GPU, the weights of the experts with tokens
+streamed from memory + the measured GEMM time beyond that per expert + dispatch and combine
+bytes over NVLink (inside a node) and the network (across nodes); a layer takes its slowest GPU
+plus a measured fixed term, a step the sum over the layers. Routed experts only (no shared
+expert, no attention, no overlap of communication with compute). realised / +WF: the
+balancedness columns above; x trivial: the trivial placement's time under the same dispatch over
+this row's; weights / GEMM / comm: the slowest GPU's terms summed over the layers; mean GPU: the
+average GPU's time summed over the layers (an even load's time, without the fixed terms)."""

@@ -9,6 +9,7 @@ item 6: "Simulate a serving cluster"). Import the simulator from ``moelb.simulat
 - ``scoring``: balancedness of counts under a placement, and its bound;
 - ``policies``: each placement policy's running state, scored and re-planned per window;
 - ``token_level``: a step's tokens dispatched as an engine does, then Waterfill;
+- ``timing``: the realised steps timed by the step-time model (``moelb.step_time``);
 - ``results``: what ``simulate`` returns, and its JSON form;
 - ``driver``: ``simulate`` itself, window by window.
 """

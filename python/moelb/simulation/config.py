@@ -12,6 +12,7 @@ from .._core import InvalidArgumentError
 from ..dispatch import DISPATCH_ALGORITHMS
 from ..eplb import ALGORITHMS, OBJECTIVES, PLAN_DISPATCH
 from .presets import MODEL_PRESETS, ModelPreset
+from .timing import check_time_config
 
 __all__ = [
     "BALANCED_DISPATCH",
@@ -109,6 +110,15 @@ class SimulationConfig:
         kept by the planner; on a DeepSeek-V3 placement the difference measured <= 6e-5).
     num_layers: simulate only the first num_layers MoE layers (None: all of the model's).
     expert_bytes: one expert's weight bytes for moved bytes (None: the model's, FP8).
+    gpu: the GPU calibration of the modelled step time (``moelb.step_time``): a shipped key
+        (``"h100"``, ``moelb.available_gpus()``), a calibration file's path, ``"default"`` (the
+        shipped H100 calibration when the package has it, else no time figures) or None (no
+        time figures). gpu_dtype: the GEMM table's dtype (None: FP8 when calibrated, else bf16).
+    deepep_mode: how dispatch and combine move tokens in the time model (``"normal"``,
+        ``"low_latency"``; ``"auto"``: low_latency up to ``DECODE_TOKENS_PER_GPU`` tokens per
+        GPU, decode-like, else normal). nvlink_bytes_per_s / network_bytes_per_s: per-GPU,
+        per-direction bandwidths of the communication term (defaults: H100 NVLink 4, one
+        400 Gb/s NIC per GPU).
     trace_rotate: replay the trace's rows from this index on, wrapping (``np.roll``): a bounded
         SGLang stat buffer is dumped in storage order, so after it wrapped its oldest pass sits at
         the buffer index at dump time (passes recorded mod buffer size); give that index.
@@ -133,6 +143,11 @@ class SimulationConfig:
     seed: int = 0
     bursts: float = 0.0
     dispatch: tuple[str, ...] = ("sglang_static",)
+    gpu: str | None = "default"
+    gpu_dtype: str | None = None
+    deepep_mode: str = "auto"
+    nvlink_bytes_per_s: float = 450e9
+    network_bytes_per_s: float = 50e9
 
     def preset(self) -> ModelPreset:
         if self.model not in MODEL_PRESETS:
@@ -202,6 +217,7 @@ class SimulationConfig:
             )
         if self.trace_rotate != 0 and self.trace is None:
             raise InvalidArgumentError("trace_rotate applies to a replayed trace only")
+        check_time_config(self)
         if self.trace is None and self.num_steps < 2 * self.rebalance_period:
             raise InvalidArgumentError(
                 f"num_steps={self.num_steps} gives fewer than two windows of "

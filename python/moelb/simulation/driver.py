@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -18,6 +19,7 @@ from .policies import Cluster, Policy, make_policies
 from .presets import ModelPreset
 from .results import SimulationResult, algorithm_result
 from .scoring import step_lower_bounds
+from .timing import StepTimer, deepep_mode, step_time_model
 from .token_level import TokenLevel
 from .trace import replay_trace
 from .traffic import SyntheticRouting
@@ -97,7 +99,10 @@ class _Synthetic:
         self.num_steps = config.num_steps
         self.source = "synthetic"
         self.routing = SyntheticRouting(preset, self.layer_ids, config)
-        self.token_level = TokenLevel(config, run.cluster.num_physical_experts)
+        model, why_not = step_time_model(config)
+        if why_not is not None:
+            run.notes.append(why_not)
+        self.token_level = TokenLevel(config, run.cluster.num_physical_experts, model)
 
     def window_counts(
         self, window: int, first: int, last: int, policies: Sequence[Policy]
@@ -155,8 +160,10 @@ def _simulation_result(
     bounds: list[npt.NDArray[np.float64]],
     start_all: float,
 ) -> SimulationResult:
+    timer = traffic.token_level.timer if isinstance(traffic, _Synthetic) else None
+    times = None if timer is None else timer.results()
     results = {
-        p.name: algorithm_result(p, traffic.layer_ids, traffic.total_layers, run.cluster)
+        p.name: algorithm_result(p, traffic.layer_ids, traffic.total_layers, run.cluster, times)
         for p in policies
     }
     bound_in_window = np.concatenate(bounds)
@@ -176,4 +183,28 @@ def _simulation_result(
         algorithms=results,
         timings=run.timings,
         notes=run.notes,
+        time_model=None if timer is None else _time_model_summary(run.config, timer),
     )
+
+
+def _time_model_summary(config: SimulationConfig, timer: StepTimer) -> dict[str, Any]:
+    """What the modelled times of a run assume, JSON-ready."""
+    model = timer.model
+    cal, table = model.calibration, model.table
+    return {
+        "gpu": cal.key,
+        "gpu_name": cal.gpu,
+        "calibration": cal.source,
+        "date": cal.metadata.get("date"),
+        "table": f"{table.model}/{table.dtype}",
+        "method": table.method,
+        "memory_bandwidth_bytes_per_s": cal.memory_bandwidth_bytes_per_s,
+        "layer_fixed_s": cal.layer_fixed_s,
+        "weight_bytes_per_expert": table.weight_bytes_per_expert,
+        "deepep_mode": deepep_mode(config),
+        "nvlink_bytes_per_s": model.interconnect.nvlink_bytes_per_s,
+        "network_bytes_per_s": model.interconnect.network_bytes_per_s,
+        "dispatch_bytes_per_copy": model.dispatch_bytes,
+        "combine_bytes_per_copy": model.combine_bytes,
+        "tokens_per_gpu": config.num_tokens / config.ep_size,
+    }

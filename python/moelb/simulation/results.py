@@ -15,6 +15,7 @@ import numpy.typing as npt
 from .._core import ExpertLocation
 from .config import SimulationConfig
 from .policies import Cluster, Policy
+from .timing import StepTimeResult
 
 __all__ = ["AlgorithmResult", "DispatchResult", "SimulationResult", "algorithm_result"]
 
@@ -26,11 +27,13 @@ class DispatchResult:
     balancedness, (mean + 1e-5) / (max + 1e-5) of the per-GPU loads). routed: routed experts
     only; shared_local: plus the shared expert on each token's own rank; waterfill: plus the
     shared expert placed by Waterfill (None without Waterfill, and for ``equal_split``, whose
-    fractional tokens Waterfill cannot place)."""
+    fractional tokens Waterfill cannot place). time: the modelled routed-MoE time of its steps
+    (``moelb.simulation.timing``; None without a GPU calibration)."""
 
     routed: float
     shared_local: float
     waterfill: float | None
+    time: StepTimeResult | None = None
 
 
 @dataclass(frozen=True)
@@ -77,7 +80,9 @@ class SimulationResult:
     ``bound_predictive`` (and ``layer_bound_predictive``) are the balancedness no placement
     exceeds over the same steps as ``in_window`` / ``predictive``. ``timings``: seconds spent
     per phase. ``notes``: what the run changed or could not know (skipped trace steps, a trace
-    that may be out of time order)."""
+    that may be out of time order). ``time_model``: what the modelled times assume (the GPU
+    calibration, its table, the DeepEP mode, the bandwidths, tokens per GPU); None without
+    time figures."""
 
     config: SimulationConfig
     source: str
@@ -92,6 +97,7 @@ class SimulationResult:
     algorithms: dict[str, AlgorithmResult]
     timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    time_model: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Everything as JSON-ready Python values (placements excluded)."""
@@ -109,6 +115,7 @@ class SimulationResult:
             "algorithms": {k: v.to_dict() for k, v in self.algorithms.items()},
             "timings": dict(self.timings),
             "notes": list(self.notes),
+            "time_model": self.time_model,
         }
 
 
@@ -123,11 +130,16 @@ def _jsonable(value: Any) -> Any:
 
 
 def algorithm_result(
-    policy: Policy, layer_ids: npt.NDArray[np.int64], total_layers: int, cluster: Cluster
+    policy: Policy,
+    layer_ids: npt.NDArray[np.int64],
+    total_layers: int,
+    cluster: Cluster,
+    times: dict[tuple[str, str], StepTimeResult] | None = None,
 ) -> AlgorithmResult:
     """A policy's result at the end of the run: its scores averaged over steps (and per layer),
-    and its last plan widened to the model's ``total_layers`` layers (the ones not simulated
-    trivial)."""
+    its modelled times per dispatch (``times``, keyed by (placement, dispatch)), and its last
+    plan widened to the model's ``total_layers`` layers (the ones not simulated trivial)."""
+    times = {} if times is None else times
     in_window = np.concatenate(policy.in_window)
     predictive = np.concatenate(policy.predictive)
     realised = {}
@@ -138,6 +150,7 @@ def algorithm_result(
             routed=float(token[:, 0].mean()),
             shared_local=float(token[:, 1].mean()),
             waterfill=None if np.isnan(waterfill) else waterfill,
+            time=times.get((policy.name, name)),
         )
     assert policy.rank_load_sum is not None
     full = cluster.trivial(total_layers).physical_to_logical.copy()

@@ -55,9 +55,11 @@ from ..dispatch import (
     per_rank_shared_location,
 )
 from ..reference_dispatch import sglang_lp_fractions, sglang_lp_sample
+from ..step_time import LinkCopies, StepTimeModel, uniform_copies
 from ..waterfill import waterfill_rank_loads
 from .config import SimulationConfig
 from .policies import Policy
+from .timing import StepTimer
 
 __all__ = ["TokenLevel"]
 
@@ -73,13 +75,24 @@ class TokenLevel:
     """Realises steps at token level for ``config``: source rank r holds tokens
     ``bounds_tokens[r]:bounds_tokens[r + 1]`` of every step."""
 
-    def __init__(self, config: SimulationConfig, num_physical_experts: int) -> None:
+    def __init__(
+        self,
+        config: SimulationConfig,
+        num_physical_experts: int,
+        time_model: StepTimeModel | None = None,
+    ) -> None:
         W = config.ep_size
         self.config = config
         self.num_physical_experts = num_physical_experts
         self.num_logical_experts = config.preset().num_experts
         self.bounds_tokens = np.linspace(0, config.num_tokens, W + 1).astype(np.int64)
         self.source_rank = np.repeat(np.arange(W), np.diff(self.bounds_tokens))
+        #: Times every realised step (``moelb.simulation.timing``); None: no time figures.
+        self.timer = (
+            None
+            if time_model is None
+            else StepTimer(time_model, config, num_physical_experts, self.source_rank)
+        )
         #: sglang_lp per placement policy: [LP solves, solves that fell back to 0.5].
         self.lp_solves: dict[str, list[int]] = {}
 
@@ -94,7 +107,7 @@ class TokenLevel:
         for policy in policies:
             for name in self.config.dispatch:
                 policy.token.setdefault(name, []).append(
-                    self._step(policy, name, routed, step_seed, source)
+                    self._step(policy, name, routed, step_seed, source, step)
                 )
 
     def dispatch(
@@ -125,20 +138,50 @@ class TokenLevel:
         routed: Sequence[npt.NDArray[np.int32]],
         step_seed: int,
         source: npt.NDArray[np.int64] | None,
+        step: int,
     ) -> Scores:
         """Mean over layers of the scores for one step, the tokens of every source rank
-        dispatched by ``dispatch``."""
+        dispatched by ``dispatch``; the step timed when the run has a time model."""
         totals = np.zeros(3)
+        slots: list[npt.NDArray[Any]] = []  # per layer, for the timer
+        copies: list[LinkCopies] = []
+        timer = self.timer
         if dispatch == "equal_split":
             for layer, ids in enumerate(routed):
                 totals += self._equal_split(policy.current, layer, ids)
+                if timer is not None:
+                    share = self._equal_split_slots(policy.current, layer, ids)
+                    slots.append(share)
+                    copies.append(uniform_copies(share, self.config.ep_size, self.config.num_nodes))
         elif dispatch == "balanced_joint":
+            S = self.num_physical_experts // self.config.ep_size
             for physical in self._dispatch(policy, dispatch, routed, step_seed, source):
                 totals += self._joint(physical)
+                if timer is not None:
+                    # The routed columns in the plain slot numbering (the shared one not timed).
+                    routed_ids = physical[:, :-1]
+                    plain = routed_ids // (S + 1) * S + routed_ids % (S + 1)
+                    self._add_timed(np.where(routed_ids >= 0, plain, -1), slots, copies)
         else:
             for physical in self._dispatch(policy, dispatch, routed, step_seed, source):
                 totals += self._dispatched(physical)
+                if timer is not None:
+                    self._add_timed(physical, slots, copies)
+        if timer is not None:
+            timer.add(policy.name, dispatch, step, np.stack(slots), LinkCopies.stack(copies))
         return tuple(totals / len(routed))  # type: ignore[return-value]
+
+    def _add_timed(
+        self,
+        physical: npt.NDArray[Any],
+        slots: list[npt.NDArray[Any]],
+        copies: list[LinkCopies],
+    ) -> None:
+        """Appends one layer's slot loads and dispatch copies (its routed physical ids)."""
+        assert self.timer is not None
+        layer_slots, layer_copies = self.timer.slot_tokens_and_copies(physical)
+        slots.append(layer_slots)
+        copies.append(layer_copies)
 
     def _dispatch(
         self,
@@ -244,15 +287,23 @@ class TokenLevel:
         which Waterfill cannot place."""
         W = self.config.ep_size
         S = self.num_physical_experts // W
-        counts = np.bincount(ids[ids >= 0], minlength=location.num_logical_experts)
-        p2l = location.physical_to_logical[layer]
-        share = counts[p2l] / location.logical_count[layer][p2l]
+        share = self._equal_split_slots(location, layer, ids)
         routed_load = share.reshape(W, S).sum(axis=1)
         return (
             _mean_over_max(routed_load),
             _mean_over_max(routed_load + self._shared_local(ids)),
             np.nan,
         )
+
+    @staticmethod
+    def _equal_split_slots(
+        location: ExpertLocation, layer: int, ids: npt.NDArray[np.int32]
+    ) -> npt.NDArray[np.float64]:
+        """[P]: each slot's share of the layer's (token, expert) pairs when every expert's are
+        split equally over its replicas."""
+        counts = np.bincount(ids[ids >= 0], minlength=location.num_logical_experts)
+        p2l = location.physical_to_logical[layer]
+        return counts[p2l] / location.logical_count[layer][p2l]
 
     def _shared_local(self, ids: npt.NDArray[np.int32]) -> npt.NDArray[np.int64]:
         """[W]: the shared-expert tokens each source rank computes itself: its rows of ``ids``
