@@ -40,6 +40,7 @@ SGLANG: dict[str, str] = {
             deepseek_vec = auto()
             deepseek_vec_hierarchical = auto()
             elasticity_aware = auto()
+            elasticity_aware_hierarchical = auto()
 
 
         def rebalance_experts(
@@ -64,48 +65,85 @@ SGLANG: dict[str, str] = {
                 return EplbAlgorithm.deepseek_hierarchical
             return EplbAlgorithm.deepseek
     """,
-    # srt/eplb/expert_location.py: init_by_eplb's call into the module, the metadata in service.
-    "sglang.srt.eplb.expert_location": """
+    # srt/runtime_context.py: the resolved config init_by_eplb reads and the process's resources
+    # (the location metadata in service). SGLang publishes them from its ServerArgs; the fake's
+    # configure() (not SGLang's) sets the four fields init_by_eplb reads, under SGLang's names.
+    "sglang.srt.runtime_context": """
         from types import SimpleNamespace
 
-        from sglang.srt.eplb import eplb_algorithms
+        _exec = SimpleNamespace(
+            moe=SimpleNamespace(eplb_algorithm="auto", ep_num_redundant_experts=0)
+        )
+        _parallel = SimpleNamespace(ep_size=1, nnodes=1)
+        _resources = SimpleNamespace(expert_location_metadata=None)
 
-        _global_expert_location_metadata = None
+
+        def configure(eplb_algorithm, ep_num_redundant_experts, ep_size, nnodes):
+            _exec.moe.eplb_algorithm = eplb_algorithm
+            _exec.moe.ep_num_redundant_experts = ep_num_redundant_experts
+            _parallel.ep_size = ep_size
+            _parallel.nnodes = nnodes
+
+
+        def get_exec():
+            return _exec
+
+
+        def get_parallel():
+            return _parallel
+
+
+        def get_resources():
+            return _resources
+    """,
+    # srt/eplb/expert_location.py: init_by_eplb's call into the module (imported in its body, as
+    # 0.5.23 does), the metadata in service. The fake's init_by_eplb returns the algorithm's
+    # triple where SGLang's builds an ExpertLocationMetadata from it, and reads num_groups from
+    # model_config where SGLang derives it from the model's architecture.
+    "sglang.srt.eplb.expert_location": """
+        from sglang.srt.runtime_context import get_exec, get_parallel, get_resources
+
+
+        class ExpertLocationMetadata:
+            @staticmethod
+            def init_by_eplb(model_config, logical_count, *, use_flat_topology=False):
+                import torch
+
+                if not isinstance(logical_count, torch.Tensor):
+                    logical_count = torch.tensor(logical_count)
+                if len(logical_count.shape) == 2:
+                    logical_count = logical_count.unsqueeze(0)
+                num_physical_experts = (
+                    logical_count.shape[-1] + get_exec().moe.ep_num_redundant_experts
+                )
+                num_groups = model_config.num_groups
+                num_nodes = 1 if use_flat_topology else get_parallel().nnodes
+
+                from sglang.srt.eplb import eplb_algorithms
+
+                return eplb_algorithms.rebalance_experts(
+                    tokens_per_expert=logical_count,
+                    num_physical_experts=num_physical_experts,
+                    num_local_physical_experts=num_physical_experts // get_parallel().ep_size,
+                    num_groups=num_groups,
+                    num_nodes=num_nodes,
+                    algorithm=eplb_algorithms.compute_algorithm(
+                        raw_algorithm=get_exec().moe.eplb_algorithm,
+                        num_groups=num_groups,
+                        num_nodes=num_nodes,
+                    ),
+                )
 
 
         def get_global_expert_location_metadata():
-            return _global_expert_location_metadata
+            return get_resources().expert_location_metadata
 
 
-        def set_global_expert_location_metadata(physical_to_logical_map_cpu):
-            global _global_expert_location_metadata
-            _global_expert_location_metadata = SimpleNamespace(
-                physical_to_logical_map_cpu=physical_to_logical_map_cpu
-            )
-
-
-        def init_by_eplb(server_args, num_groups, logical_count):
-            # ExpertLocationMetadata.init_by_eplb: [L, E] -> [1, L, E], P = E + redundant.
-            import torch
-
-            if not isinstance(logical_count, torch.Tensor):
-                logical_count = torch.tensor(logical_count)
-            if len(logical_count.shape) == 2:
-                logical_count = logical_count.unsqueeze(0)
-            num_physical_experts = logical_count.shape[-1] + server_args.ep_num_redundant_experts
-            num_nodes = server_args.nnodes
-            return eplb_algorithms.rebalance_experts(
-                tokens_per_expert=logical_count,
-                num_physical_experts=num_physical_experts,
-                num_local_physical_experts=num_physical_experts // server_args.ep_size,
-                num_groups=num_groups,
-                num_nodes=num_nodes,
-                algorithm=eplb_algorithms.compute_algorithm(
-                    raw_algorithm=server_args.eplb_algorithm,
-                    num_groups=num_groups,
-                    num_nodes=num_nodes,
-                ),
-            )
+        def set_global_expert_location_metadata(value, allow_overwrite=False):
+            resources = get_resources()
+            if not allow_overwrite:
+                assert resources.expert_location_metadata is None
+            resources.expert_location_metadata = value
     """,
     # A scheduler process: runs the start-up plan of a logical_count file in a spawned process.
     "sglang.srt.scheduler": """
@@ -114,12 +152,15 @@ SGLANG: dict[str, str] = {
 
 
         def run_scheduler_process(out_path, logical_count):
+            from sglang.srt import runtime_context
             from sglang.srt.eplb import eplb_algorithms, expert_location
 
-            server_args = SimpleNamespace(
+            runtime_context.configure(
                 eplb_algorithm="moelb", ep_num_redundant_experts=4, ep_size=4, nnodes=2
             )
-            result = expert_location.init_by_eplb(server_args, 2, logical_count)
+            result = expert_location.ExpertLocationMetadata.init_by_eplb(
+                SimpleNamespace(num_groups=2), logical_count
+            )
             with open(out_path, "w") as f:
                 json.dump(
                     {

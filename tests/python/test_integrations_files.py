@@ -134,10 +134,11 @@ def test_logical_count_file_through_sglang_with_moelb_installed(
     monkeypatch.setattr(adapter, "_installed_options", None)
     adapter.install()
     data = json.loads((tmp_path / "lc.json").read_text())
-    server_args = SimpleNamespace(
+    modules["sglang.srt.runtime_context"].configure(
         eplb_algorithm="moelb", ep_num_redundant_experts=16, ep_size=8, nnodes=2
     )
-    result = modules["sglang.srt.eplb.expert_location"].init_by_eplb(server_args, 8, **data)
+    metadata = modules["sglang.srt.eplb.expert_location"].ExpertLocationMetadata
+    result = metadata.init_by_eplb(SimpleNamespace(num_groups=8), **data)
     placement = json.loads((tmp_path / "placement.json").read_text())
     assert result[0].tolist() == placement["physical_to_logical_map"]
 

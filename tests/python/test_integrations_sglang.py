@@ -168,13 +168,26 @@ def sglang(monkeypatch: pytest.MonkeyPatch) -> SimpleNamespace:
     return SimpleNamespace(
         algorithms=modules[ALGORITHMS_MODULE],
         location=modules["sglang.srt.eplb.expert_location"],
+        runtime=modules["sglang.srt.runtime_context"],
     )
 
 
-def server_args(algorithm: str) -> SimpleNamespace:
-    return SimpleNamespace(
+def init_by_eplb(
+    sglang: SimpleNamespace, algorithm: str, num_groups: int, logical_count: object
+) -> object:
+    """SGLang's start-up / runtime planning call, started with --eplb-algorithm ``algorithm``,
+    --ep-num-redundant-experts 8, EP 8, --nnodes 2."""
+    sglang.runtime.configure(
         eplb_algorithm=algorithm, ep_num_redundant_experts=8, ep_size=8, nnodes=2
     )
+    model_config = SimpleNamespace(num_groups=num_groups)
+    return sglang.location.ExpertLocationMetadata.init_by_eplb(model_config, logical_count)
+
+
+def serve(sglang: SimpleNamespace, physical_to_logical_map: torch.Tensor) -> None:
+    """Makes ``physical_to_logical_map`` the placement in service."""
+    metadata = SimpleNamespace(physical_to_logical_map_cpu=physical_to_logical_map)
+    sglang.location.set_global_expert_location_metadata(metadata, allow_overwrite=True)
 
 
 def test_install_patches_the_module(sglang: SimpleNamespace) -> None:
@@ -183,15 +196,15 @@ def test_install_patches_the_module(sglang: SimpleNamespace) -> None:
     adapter.install()
     assert module.EplbAlgorithm["moelb"] is module.EplbAlgorithm.moelb
     assert module.compute_algorithm("moelb", 4, 2) is module.EplbAlgorithm.moelb
-    assert len(module.EplbAlgorithm) == 6
+    assert len(module.EplbAlgorithm) == 7
     assert module.rebalance_experts is not original
     assert module.rebalance_experts.__moelb_original__ is original
     # auto and every SGLang algorithm are SGLang's, unchanged.
     assert module.compute_algorithm("auto", 4, 2) is module.EplbAlgorithm.deepseek_hierarchical
     counts = torch.from_numpy(steps(3, 2, 2, 16))
-    for member in list(module.EplbAlgorithm)[:5]:
+    for member in list(module.EplbAlgorithm)[:6]:
         assert module.rebalance_experts(counts, 24, 3, 4, 2, member) == ("sglang", member.name)
-    assert [call[-1] for call in module.CALLS] == list(module.EplbAlgorithm)[:5]
+    assert [call[-1] for call in module.CALLS] == list(module.EplbAlgorithm)[:6]
 
 
 def test_install_is_idempotent(sglang: SimpleNamespace) -> None:
@@ -200,7 +213,7 @@ def test_install_is_idempotent(sglang: SimpleNamespace) -> None:
     wrapper, member = module.rebalance_experts, module.EplbAlgorithm.moelb
     adapter.install(locality="none")
     assert module.rebalance_experts is wrapper and module.EplbAlgorithm.moelb is member
-    assert len(module.EplbAlgorithm) == 6
+    assert len(module.EplbAlgorithm) == 7
     assert adapter.installed_options() == {"locality": "none", "previous_from_engine": True}
 
 
@@ -209,13 +222,13 @@ def test_call_path_reaches_moelb(sglang: SimpleNamespace) -> None:
     --eplb-algorithm moelb plans with moelb; SGLang's function is not called."""
     adapter.install()
     logical_count = steps(4, 1, 3, 16)[0].tolist()  # [L, E], as a logical_count file holds
-    result = sglang.location.init_by_eplb(server_args("moelb"), 4, logical_count)
+    result = init_by_eplb(sglang, "moelb", 4, logical_count)
     check_triple(result, 3, 16, 24)
     plan = moelb.rebalance(np.array(logical_count, dtype=np.float64), 24, 4, 2, 8, "moelb")
     assert (result[0].numpy() == plan.location.physical_to_logical).all()
     assert sglang.algorithms.CALLS == []
     # The default stays SGLang's.
-    assert sglang.location.init_by_eplb(server_args("auto"), 4, logical_count) == (
+    assert init_by_eplb(sglang, "auto", 4, logical_count) == (
         "sglang",
         "deepseek_hierarchical",
     )
@@ -224,7 +237,7 @@ def test_call_path_reaches_moelb(sglang: SimpleNamespace) -> None:
 def test_options_reach_the_plan(sglang: SimpleNamespace) -> None:
     adapter.install(locality="none")
     logical_count = steps(5, 1, 2, 16)[0]
-    result = sglang.location.init_by_eplb(server_args("moelb"), 4, logical_count.tolist())
+    result = init_by_eplb(sglang, "moelb", 4, logical_count.tolist())
     plan = moelb.rebalance(logical_count, 24, 4, 2, 8, "moelb", locality="none")
     assert (result[0].numpy() == plan.location.physical_to_logical).all()
 
@@ -236,12 +249,12 @@ def test_runtime_rebalance_keeps_the_placement_in_service(sglang: SimpleNamespac
     fresh = moelb.rebalance(logical_count, 24, 4, 2, 8, "moelb").location.physical_to_logical
     in_service = fresh.reshape(3, 8, 3)[:, :, ::-1].reshape(3, 24).copy()
     assert not (in_service == fresh).all()
-    sglang.location.set_global_expert_location_metadata(torch.from_numpy(in_service).long())
+    serve(sglang, torch.from_numpy(in_service).long())
     adapter.install()
-    kept = sglang.location.init_by_eplb(server_args("moelb"), 4, logical_count.tolist())
+    kept = init_by_eplb(sglang, "moelb", 4, logical_count.tolist())
     assert (kept[0].numpy() == in_service).all()
     adapter.install(previous_from_engine=False)
-    replanned = sglang.location.init_by_eplb(server_args("moelb"), 4, logical_count.tolist())
+    replanned = init_by_eplb(sglang, "moelb", 4, logical_count.tolist())
     assert (replanned[0].numpy() == fresh).all()
 
 
@@ -249,15 +262,35 @@ def test_placement_in_service_of_another_shape_is_not_used(sglang: SimpleNamespa
     logical_count = steps(6, 1, 3, 16)[0]
     fresh = moelb.rebalance(logical_count, 24, 4, 2, 8, "moelb").location.physical_to_logical
     trivial = torch.arange(32).repeat(3, 1) % 16  # 32 slots: another redundant count
-    sglang.location.set_global_expert_location_metadata(trivial)
+    serve(sglang, trivial)
     adapter.install()
-    result = sglang.location.init_by_eplb(server_args("moelb"), 4, logical_count.tolist())
+    result = init_by_eplb(sglang, "moelb", 4, logical_count.tolist())
     assert (result[0].numpy() == fresh).all()
 
 
-def test_install_without_sglang() -> None:
-    assert "sglang" not in sys.modules
+def test_install_without_sglang(monkeypatch: pytest.MonkeyPatch) -> None:
+    # None in sys.modules: `import sglang` fails, as without SGLang (whether or not this
+    # environment has it: tests/integrations/install_real_engines.sh installs it).
+    monkeypatch.setitem(sys.modules, "sglang", None)
     with pytest.raises(EngineNotFoundError, match="SGLang is not installed"):
+        adapter.install()
+
+
+def test_install_with_an_sglang_that_fails_to_import(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SGLang installed without a module its package imports (on a machine without a GPU stack:
+    triton): an EngineNotFoundError naming SGLang and the missing module."""
+    (tmp_path / "sglang").mkdir()
+    (tmp_path / "sglang" / "__init__.py").write_text("import moelb_test_no_such_module\n")
+    for name in [n for n in sys.modules if n == "sglang" or n.startswith("sglang.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(
+        EngineNotFoundError,
+        match="SGLang is installed but `import sglang` failed: No module named "
+        "'moelb_test_no_such_module'",
+    ):
         adapter.install()
 
 
@@ -297,6 +330,42 @@ def test_install_refuses_a_direct_import(sglang: SimpleNamespace) -> None:
     with pytest.raises(EngineLayoutError, match=r"does not call .* through the module"):
         adapter.install()
     assert not hasattr(sglang.algorithms.rebalance_experts, "__moelb_original__")
+
+
+def _init_by_eplb_importing_the_function(model_config, logical_count, *, use_flat_topology=False):  # type: ignore[no-untyped-def]
+    from sglang.srt.eplb.eplb_algorithms import rebalance_experts  # a copy: misses the patch
+
+    return rebalance_experts(logical_count, 24, 3, 4, 2, None)
+
+
+def _init_by_eplb_not_planning(model_config, logical_count, *, use_flat_topology=False):  # type: ignore[no-untyped-def]
+    return logical_count
+
+
+@pytest.mark.parametrize(
+    ("caller", "match"),
+    [
+        (_init_by_eplb_importing_the_function, "init_by_eplb imports rebalance_experts itself"),
+        (_init_by_eplb_not_planning, "init_by_eplb does not call rebalance_experts"),
+        (None, "it has no ExpertLocationMetadata.init_by_eplb"),
+    ],
+    ids=["from-import-in-body", "no-call", "no-caller"],
+)
+def test_install_refuses_a_caller_the_patch_misses(
+    sglang: SimpleNamespace, monkeypatch: pytest.MonkeyPatch, caller: object, match: str
+) -> None:
+    """SGLang 0.5.23's ExpertLocationMetadata.init_by_eplb imports eplb_algorithms in its body and
+    reads rebalance_experts from it at call time (accepted: every other test here); a body that
+    binds the function itself, or no planning call, is refused before anything is patched."""
+    metadata = sglang.location.ExpertLocationMetadata
+    if caller is None:
+        monkeypatch.delattr(metadata, "init_by_eplb")
+    else:
+        monkeypatch.setattr(metadata, "init_by_eplb", staticmethod(caller))
+    with pytest.raises(EngineLayoutError, match=match):
+        adapter.install()
+    assert not hasattr(sglang.algorithms.rebalance_experts, "__moelb_original__")
+    assert "moelb" not in sglang.algorithms.EplbAlgorithm.__members__
 
 
 def test_install_option_errors(sglang: SimpleNamespace) -> None:
@@ -345,8 +414,14 @@ def test_launcher_patches_spawned_processes(tmp_path: Path) -> None:
 
 
 def test_launcher_without_sglang_is_a_one_line_error() -> None:
+    # `python -m moelb.integrations.sglang_launch --model-path x` where `import sglang` fails
+    # (None in sys.modules), whether or not this environment has SGLang.
+    run_launcher = (
+        "import runpy, sys; sys.modules['sglang'] = None; "
+        "runpy.run_module('moelb.integrations.sglang_launch', run_name='__main__')"
+    )
     done = subprocess.run(
-        [sys.executable, "-m", "moelb.integrations.sglang_launch", "--model-path", "x"],
+        [sys.executable, "-c", run_launcher, "--model-path", "x"],
         capture_output=True,
         text=True,
         timeout=120,

@@ -247,9 +247,29 @@ def test_call_path_reaches_moelb(vllm: SimpleNamespace) -> None:
     assert (result.numpy() == plan.location.physical_to_logical).all()
 
 
-def test_install_without_vllm() -> None:
-    assert "vllm" not in sys.modules
+def test_install_without_vllm(monkeypatch: pytest.MonkeyPatch) -> None:
+    # None in sys.modules: `import vllm` fails, as without vLLM (whether or not this environment
+    # has it: tests/integrations/install_real_engines.sh installs it).
+    monkeypatch.setitem(sys.modules, "vllm", None)
     with pytest.raises(EngineNotFoundError, match="vLLM is not installed"):
+        install()
+
+
+def test_install_with_a_vllm_that_fails_to_import(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """vLLM installed without a module its package imports: an EngineNotFoundError naming vLLM
+    and the missing module."""
+    (tmp_path / "vllm").mkdir()
+    (tmp_path / "vllm" / "__init__.py").write_text("import moelb_test_no_such_module\n")
+    for name in [n for n in sys.modules if n == "vllm" or n.startswith("vllm.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(
+        EngineNotFoundError,
+        match="vLLM is installed but `import vllm` failed: No module named "
+        "'moelb_test_no_such_module'",
+    ):
         install()
 
 

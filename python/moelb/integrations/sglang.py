@@ -237,9 +237,14 @@ def _algorithms_module() -> Any:
             f"moelb.integrations.sglang.install() patches SGLang {SGLANG_VERSION}'s "
             f"{ALGORITHMS_MODULE}"
         )
-    version = getattr(
-        sys.modules.get("sglang") or importlib.import_module("sglang"), "__version__", "unknown"
-    )
+    try:
+        version = getattr(importlib.import_module("sglang"), "__version__", "unknown")
+    except ImportError as e:  # installed, but a module `import sglang` needs is missing
+        raise EngineNotFoundError(
+            f"SGLang is installed but `import sglang` failed: {e}: "
+            f"moelb.integrations.sglang.install() patches SGLang {SGLANG_VERSION}'s "
+            f"{ALGORITHMS_MODULE} in the environment SGLang runs in"
+        ) from None
     where = f"SGLang {version} (moelb patches the layout of SGLang {SGLANG_VERSION})"
     try:
         module = importlib.import_module(ALGORITHMS_MODULE)
@@ -254,20 +259,41 @@ def _algorithms_module() -> Any:
     _check_parameters(module, "rebalance_experts", REBALANCE_PARAMETERS, where)
     _check_parameters(module, "compute_algorithm", COMPUTE_ALGORITHM_PARAMETERS, where)
     # expert_location must reach the dispatch function through the module (so that the patch is
-    # the function it calls), as 0.5.23's `from sglang.srt.eplb import eplb_algorithms` does.
+    # the function it calls). 0.5.23's ExpertLocationMetadata.init_by_eplb imports the module in
+    # its body (`from sglang.srt.eplb import eplb_algorithms`) and calls
+    # `eplb_algorithms.rebalance_experts(...)`: the attribute is read at call time.
     try:
         location = importlib.import_module(EXPERT_LOCATION_MODULE)
     except ImportError as e:
         raise EngineLayoutError(f"{where}: cannot import {EXPERT_LOCATION_MODULE}: {e}") from None
-    if getattr(location, "eplb_algorithms", None) is not module or hasattr(
-        location, "rebalance_experts"
-    ):
+    problem = _caller_problem(location, module)
+    if problem is not None:
         raise EngineLayoutError(
             f"{where}: {EXPERT_LOCATION_MODULE} does not call "
-            f"{ALGORITHMS_MODULE}.rebalance_experts through the module, so a patch would not reach "
-            "it"
+            f"{ALGORITHMS_MODULE}.rebalance_experts through the module ({problem}), so a patch "
+            "would not reach it"
         )
     return module
+
+
+def _caller_problem(location: Any, module: Any) -> str | None:
+    """Why ``expert_location``'s planning call (``ExpertLocationMetadata.init_by_eplb``) would
+    not see a patched ``eplb_algorithms.rebalance_experts``, or None when it reads the function
+    from the module at call time: a copy of the function bound in ``expert_location`` or in
+    ``init_by_eplb`` itself (a from-import), another ``eplb_algorithms``, or no such call."""
+    if hasattr(location, "rebalance_experts"):
+        return "it binds rebalance_experts itself"
+    if getattr(location, "eplb_algorithms", module) is not module:
+        return "its eplb_algorithms is another module"
+    caller = getattr(getattr(location, "ExpertLocationMetadata", None), "init_by_eplb", None)
+    code = getattr(inspect.unwrap(caller), "__code__", None) if callable(caller) else None
+    if code is None:
+        return "it has no ExpertLocationMetadata.init_by_eplb"
+    if "rebalance_experts" in code.co_varnames:
+        return "init_by_eplb imports rebalance_experts itself"
+    if "rebalance_experts" not in code.co_names:
+        return "init_by_eplb does not call rebalance_experts"
+    return None
 
 
 def _check_parameters(module: Any, name: str, expected: tuple[str, ...], where: str) -> None:

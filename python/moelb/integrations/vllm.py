@@ -21,7 +21,6 @@ import importlib
 import importlib.util
 import inspect
 import logging
-import sys
 import threading
 from typing import Any, ClassVar
 
@@ -181,7 +180,14 @@ def _policy_module() -> Any:
             f"moelb.integrations.vllm.install() registers a policy in vLLM {VLLM_VERSION}'s "
             f"{POLICY_MODULE}"
         )
-    vllm = sys.modules.get("vllm") or importlib.import_module("vllm")
+    try:
+        vllm = importlib.import_module("vllm")
+    except ImportError as e:  # installed, but a module `import vllm` needs is missing
+        raise EngineNotFoundError(
+            f"vLLM is installed but `import vllm` failed: {e}: "
+            f"moelb.integrations.vllm.install() registers a policy in vLLM {VLLM_VERSION}'s "
+            f"{POLICY_MODULE} in the environment vLLM runs in"
+        ) from None
     where = (
         f"vLLM {getattr(vllm, '__version__', 'unknown')} (moelb follows vLLM {VLLM_VERSION}'s "
         "policy contract)"
