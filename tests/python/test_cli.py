@@ -65,16 +65,35 @@ SIMULATE_SMALL = [
 
 
 def test_demo_prints_the_table_and_writes_the_files(tmp_path: Path) -> None:
-    result = run("demo", "--quick", "--output-dir", str(tmp_path / "out"), "--progress")
+    # The shipped default calibration when the package has one (else the test fixture): the demo
+    # then also times its steps and runs the prefill-like traffic (4,096 tokens per GPU).
+    gpu = shipped_or_fixture(tmp_path)
+    out_dir = tmp_path / "out"
+    result = run("demo", "--quick", "--output-dir", str(out_dir), "--progress", "--gpu", gpu)
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "deepseek-v3, 6 MoE layers x 256 experts, 288 slots on 32 GPUs in 4 nodes" in out
     rows = ("trivial", "deepseek", "moelb", "deepseek_global", "moelb:none", "moelb:none:step_peak")
     for row in (*rows, "lower bound"):
         assert f"\n{row} " in out
-    assert "simulating [" in result.stderr  # the progress bar
+    assert "simulating [" in result.stderr and "prefill-like [" in result.stderr  # progress bars
     files = {p.name for p in (tmp_path / "out").iterdir()}
-    assert {"placement.json", "simulation.json"} <= files
+    assert {"placement.json", "simulation.json", "simulation_prefill.json"} <= files
+    # The modelled time of both regimes.
+    assert "32 tokens/GPU, decode-like (DeepEP low_latency)" in out  # quick: 1,024 on 32 GPUs
+    assert "prefill-like: moelb" in out and "131,072 tokens/step" in out
+    assert "4,096 tokens/GPU, prefill-like (DeepEP normal)" in out
+    assert out.count("ms per step") == 2
+    prefill = json.loads((tmp_path / "out" / "simulation_prefill.json").read_text())
+    decode = json.loads((tmp_path / "out" / "simulation.json").read_text())
+    assert prefill["time_model"]["tokens_per_gpu"] == 4096
+    assert decode["time_model"]["tokens_per_gpu"] == 32
+    assert prefill["layer_ids"] == [3, 4] and len(decode["layer_ids"]) == 6
+    for data in (prefill, decode):
+        for name, a in data["algorithms"].items():
+            for d in data["config"]["dispatch"]:
+                t = a["realised"][d]["time"]
+                assert t["seconds"] > 0 and (name != "trivial" or t["speedup"] == 1.0)
     # make test installs matplotlib (MOELB_REQUIRE_OPTIONAL=1): the plots must be there; elsewhere
     # the command must say it skipped them.
     if os.environ.get("MOELB_REQUIRE_OPTIONAL") == "1" or "plots skipped" not in out:
@@ -852,27 +871,3 @@ def test_gpu_flags(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     m = json.loads(out)["time_model"]
     assert m["deepep_mode"] == "normal" and m["table"] == "deepseek-v3/bf16"
     assert m["network_bytes_per_s"] == 25e9 and m["nvlink_bytes_per_s"] == 450e9
-
-
-def test_demo_times_decode_and_prefill_like_traffic(tmp_path: Path) -> None:
-    gpu = shipped_or_fixture(tmp_path)
-    out_dir = tmp_path / "out"
-    result = run("demo", "--quick", "--gpu", gpu, "--output-dir", str(out_dir), "--no-plots")
-    assert result.returncode == 0, result.stderr
-    out = result.stdout
-    assert "32 tokens/GPU, decode-like (DeepEP low_latency)" in out  # quick: 1,024 on 32 GPUs
-    assert "prefill-like: moelb" in out and "131,072 tokens/step" in out
-    assert "4,096 tokens/GPU, prefill-like (DeepEP normal)" in out
-    assert out.count("ms per step") == 2
-    files = {p.name for p in out_dir.iterdir()}
-    assert {"placement.json", "simulation.json", "simulation_prefill.json"} <= files
-    prefill = json.loads((out_dir / "simulation_prefill.json").read_text())
-    decode = json.loads((out_dir / "simulation.json").read_text())
-    assert prefill["time_model"]["tokens_per_gpu"] == 4096
-    assert decode["time_model"]["tokens_per_gpu"] == 32
-    assert prefill["layer_ids"] == [3, 4] and len(decode["layer_ids"]) == 6
-    for data in (prefill, decode):
-        for name, a in data["algorithms"].items():
-            for d in data["config"]["dispatch"]:
-                t = a["realised"][d]["time"]
-                assert t["seconds"] > 0 and (name != "trivial" or t["speedup"] == 1.0)
