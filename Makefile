@@ -5,7 +5,7 @@
 # Ubuntu 23.04+ (PEP 668: it refuses `pip install`), is never written to.
 
 # The interpreter that makes the virtual environment (any Python 3.10-3.13), e.g.
-# `make test PYTHON3=python3.12`. VENV may name an existing environment, which is then used as is.
+# `make test PYTHON3=python3.12`. VENV may name an existing environment with pip, used as it is.
 PYTHON3 ?= python3
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
@@ -17,7 +17,8 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 # skipped when the environment already has torch). The `torch` extra asks only for torch>=2.13.0,
 # the oldest release tested: given a range and no torch, pip takes the newest release, on Linux
 # x86-64 a CUDA build of several GB. This pins the tested release; point it elsewhere with e.g.
-# `make test TORCH_SPEC="torch==2.13.0 --index-url URL"` (URL: PyTorch's CPU-only wheel index).
+# `make test TORCH_SPEC="torch==2.13.0 --index-url URL"` (URL: PyTorch's CPU-only wheel index),
+# or leave the choice to pip with `TORCH_SPEC=`.
 TORCH_SPEC ?= torch==2.13.0
 
 BUILD_DIR ?= build/cpp
@@ -68,8 +69,10 @@ deps: venv
 	$(PIP) install -q "cmake>=3.20" ninja
 
 torch: venv
+ifneq ($(strip $(TORCH_SPEC)),)
 	@if ! $(PYTHON) -c "import importlib.util as u, sys; sys.exit(u.find_spec('torch') is None)"; \
 	then echo "pip install $(TORCH_SPEC)"; $(PIP) install -q $(TORCH_SPEC); fi
+endif
 
 # What `make demo` needs: moelb and matplotlib for its plots (no PyTorch).
 install-demo: deps
