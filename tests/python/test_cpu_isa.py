@@ -147,7 +147,11 @@ def test_every_path_matches_the_reference(
     out = moelb.select_experts(
         logits,
         moelb.TopKConfig(
-            top_k=top_k, scoring=scoring, renormalize=True, routed_scaling_factor=2.5, **group_kwargs
+            top_k=top_k,
+            scoring=scoring,
+            renormalize=True,
+            routed_scaling_factor=2.5,
+            **group_kwargs,
         ),
         bias,
     )
