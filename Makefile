@@ -36,7 +36,7 @@ CLANG_FORMAT ?= $(firstword $(foreach c,clang-format clang-format-14,\
 demo: install-demo
 	$(PYTHON) -m moelb demo
 
-test: install test-cpp test-asan test-python
+test: install test-cpp test-asan test-isa test-python
 
 # The virtual environment, made once. A Debian/Ubuntu Python without ensurepip cannot make one
 # ("ensurepip is not available"): then apt's python3-venv, and python3.X-venv for the base
@@ -153,3 +153,24 @@ clean:
 
 distclean: clean
 	rm -rf $(VENV)
+
+# The portable build's kernels on CPUs without AVX-512 (and without AVX): the C++ tests of routing,
+# EPLB and Waterfill and the ISA-path tests, run from the test-cpp build under QEMU's user-mode
+# emulation of older CPUs. Nehalem (SSE4.2, no AVX) must get the baseline path, Haswell (AVX2, FMA)
+# the avx2 path; an instruction the emulated CPU lacks stops the run with SIGILL. (QEMU's emulator
+# has no AVX-512, so that path runs only on real hardware: benchmarks/README.md.) About a minute of
+# CPU time (QEMU translates every instruction).
+QEMU_X86 ?= qemu-x86_64
+ISA_TEST_CPUS ?= Nehalem:baseline Haswell:avx2
+ISA_TEST_FILTER ?= CpuIsa.*:*Routing*:ScoreLanes.*:*HashRouter*:*Eplb*:DeepSeekGolden.*:DeepSeekGlobal.*:$\
+  Moelb*:*Rebalance*:Waterfill.*
+.PHONY: test-isa
+test-isa: test-cpp
+	@if [ "$$(uname -m)" != x86_64 ]; then echo "test-isa: not an x86-64 host, skipped"; exit 0; fi; \
+	if ! command -v $(QEMU_X86) >/dev/null; then \
+	  echo "apt-get install: qemu-user"; $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq qemu-user; fi; \
+	for spec in $(ISA_TEST_CPUS); do cpu=$${spec%%:*}; isa=$${spec##*:}; \
+	  echo "test-isa: emulated $$cpu CPU, expecting the $$isa path"; \
+	  env -u MOELB_ISA MOELB_EXPECT_ISA=$$isa $(QEMU_X86) -cpu $$cpu $(BUILD_DIR)/moelb_tests \
+	    --gtest_filter='$(ISA_TEST_FILTER)' --gtest_brief=1 || exit 1; done

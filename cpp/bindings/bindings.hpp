@@ -7,6 +7,7 @@ namespace moelb::bindings {
 
 void bind_errors(pybind11::module_& m);
 void bind_parallel(pybind11::module_& m);
+void bind_cpu_isa(pybind11::module_& m);
 void bind_balancedness(pybind11::module_& m);
 void bind_expert_location(pybind11::module_& m);
 void bind_dispatch(pybind11::module_& m);

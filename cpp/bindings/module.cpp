@@ -5,6 +5,7 @@ PYBIND11_MODULE(_core, m) {
     m.attr("__version__") = MOELB_VERSION;
     moelb::bindings::bind_errors(m);
     moelb::bindings::bind_parallel(m);
+    moelb::bindings::bind_cpu_isa(m);
     moelb::bindings::bind_balancedness(m);
     moelb::bindings::bind_expert_location(m);
     moelb::bindings::bind_dispatch(m);

@@ -7,9 +7,9 @@
 #include <limits>
 #include <vector>
 
+#include "isa/kernels.hpp"
 #include "moelb/errors.hpp"
 #include "moelb/parallel.hpp"
-#include "scoring.hpp"
 #include "topk_epilogue.hpp"
 
 namespace moelb {
@@ -83,38 +83,27 @@ void HashRouter::select(ConstMatrixMap<float> router_logits, std::span<const Tok
     }
     const detail::TopKEpilogue epilogue(K, num_shared_, renormalize(), rsf_, fold_rsf_, E,
                                         num_token_non_padded, dispatcher, out);
+    // The weights run on the ISA path chosen now (moelb/cpu_isa.hpp).
+    const isa::Kernels& kernels = isa::kernels();
+    const isa::ScoreFn scoring = detail::to_score_fn(scoring_);
     parallel_for(T, kRowsPerChunk, [&](Index begin, Index end) {
-        detail::ArrayXf values(kRowsPerBlock * K);  // the looked-up logits, then their scores
-        detail::ArrayXf row;                        // softmax: a whole row
-        detail::ScoreScratch scratch;
+        std::vector<std::int32_t> ids(static_cast<std::size_t>(kRowsPerBlock * K));
+        std::vector<float> values(ids.size());  // the looked-up experts' scores
         for (Index block = begin; block < end; block += kRowsPerBlock) {
             const Index rows = std::min(kRowsPerBlock, end - block);
             const Index valid = std::clamp<Index>(non_padded - block, 0, rows);
-            if (scoring_ == Scoring::kSoftmax) {
-                // Probabilities over all E experts of the row.
-                for (Index r = 0; r < valid; ++r) {
-                    const Index t = block + r;
-                    detail::sanitize_logits(router_logits.row(t).data(), E, row);
-                    detail::softmax(row, scratch);
-                    const std::int32_t* ids = tid2eid_.row(input_ids[t]).data();
-                    for (int k = 0; k < K; ++k) values[r * K + k] = row[ids[k]];
-                }
-            } else {
-                for (Index r = 0; r < valid; ++r) {
-                    const float* logits = router_logits.row(block + r).data();
-                    const std::int32_t* ids = tid2eid_.row(input_ids[block + r]).data();
-                    for (int k = 0; k < K; ++k) values[r * K + k] = logits[ids[k]];
-                }
-                values.segment(valid * K, (kRowsPerBlock - valid) * K).setZero();
-                detail::sanitize_logits(values.data(), values.size(), values);
-                detail::elementwise_scores(scoring_, values, scratch);
+            for (Index r = 0; r < valid; ++r) {
+                const std::int32_t* row_ids = tid2eid_.row(input_ids[block + r]).data();
+                std::copy(row_ids, row_ids + K, ids.begin() + r * K);
             }
+            kernels.hash_scores(scoring, router_logits.row(block).data(), E, valid, ids.data(), K,
+                                values.data());
             for (Index r = 0; r < rows; ++r) {
                 const Index t = block + r;
                 if (r >= valid) {
                     epilogue.write(t, nullptr, nullptr);
                 } else {
-                    epilogue.write(t, tid2eid_.row(input_ids[t]).data(), values.data() + r * K);
+                    epilogue.write(t, ids.data() + r * K, values.data() + r * K);
                 }
             }
         }

@@ -9,6 +9,7 @@
 #include <cstring>
 #include <utility>
 
+#include "isa/kernels.hpp"
 #include "moelb/errors.hpp"
 #include "moelb/parallel.hpp"
 
@@ -53,51 +54,7 @@ namespace {
 constexpr Index kBlockRows = 128;
 constexpr Index kCombineRows = 256;
 
-using RowMap = Eigen::Map<RowMatrix<float>>;
 using ConstRowMap = Eigen::Map<const RowMatrix<float>>;
-using ColMap = Eigen::Map<Eigen::MatrixXf>;
-using ConstColMap = Eigen::Map<const Eigen::MatrixXf>;
-
-// One SwiGLU MLP over `rows` input rows: x [rows, H] (row-major) -> y_cm [rows, H], stored
-// column-major, through gate_up [rows, 2 I] (scratch, column-major: the gate columns, then the up
-// columns), I = intermediate_size (the MLP's own: the shared expert's is Is). w_gate_up [2 I, H],
-// w_down [H, I], row-major; L = limit (0: no clamp).
-//
-// Column-major results put the weights on the right-hand side of both products, where Eigen packs
-// a row-major weight matrix by copying contiguous rows; on the left-hand side it would transpose
-// every expert's weights on every block (the forward's largest cost after the products).
-void mlp_rows(const float* x, Index rows, Index hidden_size, Index intermediate_size,
-              const float* w_gate_up, const float* w_down, float limit, float* gate_up,
-              float* y_cm) {
-    const Index H = hidden_size, I = intermediate_size;
-    ColMap gu(gate_up, rows, 2 * I);
-    gu.noalias() = ConstRowMap(x, rows, H) * ConstRowMap(w_gate_up, 2 * I, H).transpose();
-    // a = silu(min(g, L)) * clamp(u, -L, L), into the gate columns.
-    Eigen::Map<Eigen::ArrayXf> gate(gate_up, rows * I);
-    Eigen::Map<Eigen::ArrayXf> up(gate_up + rows * I, rows * I);
-    if (limit > 0) {
-        gate = gate.min(limit);
-        up = up.max(-limit).min(limit);
-    }
-    gate = gate / (1.0f + (-gate).exp()) * up;
-    ColMap(y_cm, rows, H).noalias() =
-        ConstColMap(gate_up, rows, I) * ConstRowMap(w_down, H, I).transpose();
-}
-
-// Copies y_cm [rows, H] (column-major) row by row to dst_row(r) (H contiguous floats each), in
-// tiles of 16 columns so that each tile's reads stay in cache.
-template <class DstRow>
-void store_rows(const float* y_cm, Index rows, Index hidden_size, DstRow dst_row) {
-    constexpr Index kTile = 16;
-    for (Index h0 = 0; h0 < hidden_size; h0 += kTile) {
-        const Index width = std::min(kTile, hidden_size - h0);
-        for (Index r = 0; r < rows; ++r) {
-            float* dst = dst_row(r) + h0;
-            const float* src = y_cm + h0 * rows + r;
-            for (Index h = 0; h < width; ++h) dst[h] = src[h * rows];
-        }
-    }
-}
 
 void check_config_shape(const char* name, Index rows, Index cols, Index want_rows,
                         Index want_cols) {
@@ -136,12 +93,14 @@ struct DeepSeekMoE::Forward {
           out(output),
           num_tokens(hidden.rows()),
           threads(get_num_threads()),
+          kernels(isa::kernels()),
           stats(forward_stats) {}
 
     ConstRowMap x;         // hidden [T, H]
     MatrixMap<float> out;  // [T, H]
     Index num_tokens;      // T
     int threads;
+    const isa::Kernels& kernels;  // the GEMM and SwiGLU kernels' ISA path (moelb/cpu_isa.hpp)
     MoEForwardStats& stats;
     Workspace ws;
     Workspace::Buffer<float> shared_out;           // [T, H]: the separate shared expert's output
@@ -365,10 +324,9 @@ void DeepSeekMoE::run_shared_expert(Forward& f) const {
             float* y_cm = gu + kBlockRows * 2 * Is;
             for (Index blk = lane; blk < blocks; blk += lanes) {
                 const Index r0 = blk * kBlockRows, rows = std::min(kBlockRows, T - r0);
-                mlp_rows(f.x.data() + r0 * H, rows, H, Is, shared_gate_up_.data(),
-                         shared_down_.data(), limit, gu, y_cm);
-                float* dst = f.shared_out.data() + r0 * H;
-                store_rows(y_cm, rows, H, [&](Index r) { return dst + r * H; });
+                f.kernels.mlp_rows(f.x.data() + r0 * H, rows, H, Is, shared_gate_up_.data(),
+                                   shared_down_.data(), limit, gu, y_cm);
+                f.kernels.store_rows(y_cm, rows, H, f.shared_out.data() + r0 * H, nullptr);
             }
         }
     });
@@ -384,8 +342,8 @@ void DeepSeekMoE::compute_router_logits(Forward& f) const {
     parallel_for(blocks, 1, [&](Index begin, Index end) {
         for (Index blk = begin; blk < end; ++blk) {
             const Index r0 = blk * kBlockRows, rows = std::min(kBlockRows, T - r0);
-            RowMap(f.logits.data() + r0 * E, rows, E).noalias() =
-                f.x.middleRows(r0, rows) * gate_.transpose();
+            f.kernels.gate_rows(f.x.data() + r0 * f.x.cols(), rows, f.x.cols(), gate_.data(), E,
+                                f.logits.data() + r0 * E);
         }
     });
     f.stats.steps.emplace_back("gate");
@@ -494,10 +452,9 @@ Workspace::Buffer<float> DeepSeekMoE::run_expert_blocks(Forward& f, const SlotPa
                                 H * sizeof(float));
                 }
                 // The expert's output overwrites its gathered inputs, then scatters.
-                mlp_rows(rows_in, rows, H, I, w13_.data() + s * w13_row_elements(),
-                         w2_.data() + s * w2_row_elements(), limit, gate_up, rows_in);
-                store_rows(rows_in, rows, H,
-                           [&](Index r) { return y.data() + block_pairs[r] * H; });
+                f.kernels.mlp_rows(rows_in, rows, H, I, w13_.data() + s * w13_row_elements(),
+                                   w2_.data() + s * w2_row_elements(), limit, gate_up, rows_in);
+                f.kernels.store_rows(rows_in, rows, H, y.data(), block_pairs);
             }
         }
     });
@@ -514,21 +471,14 @@ void DeepSeekMoE::combine_routed(Forward& f, const float* y) const {
     const float rsf = config_.routed_scaling_factor;
     const Index combine_blocks = (T + kCombineRows - 1) / kCombineRows;
     parallel_for(combine_blocks, 1, [&](Index begin, Index end) {
-        for (Index t = begin * kCombineRows; t < std::min(T, end * kCombineRows); ++t) {
-            auto row = f.out.row(t);
-            row.setZero();
-            for (Index k = 0; k < Kp; ++k) {
-                if (ids[t * Kp + k] < 0) continue;
-                row += weights[t * Kp + k] * ConstRowMap(y + (t * Kp + k) * H, 1, H);
-            }
-            row *= rsf;
-        }
+        f.kernels.combine_rows(y, ids, weights, Kp, H, rsf, begin * kCombineRows,
+                               std::min(T, end * kCombineRows), f.out.data());
     });
 }
 
 // Combine: out += shared_out (freed here).
 void DeepSeekMoE::add_shared_output(Forward& f) const {
-    f.out.noalias() += ConstRowMap(f.shared_out.data(), f.num_tokens, config_.hidden_size);
+    f.kernels.add_values(f.out.data(), f.shared_out.data(), f.num_tokens * config_.hidden_size);
     f.shared_out.release();
     f.stats.steps.emplace_back("combine");
 }

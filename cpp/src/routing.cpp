@@ -2,214 +2,20 @@
 // selection, fused shared column and padded rows, and the per-rank shared-slot remap.
 #include "moelb/routing.hpp"
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
-
 #include <algorithm>
 #include <cmath>
-#include <functional>
-#include <limits>
-#include <utility>
 #include <vector>
 
 #include "enum_names.hpp"
+#include "isa/kernels.hpp"
 #include "moelb/errors.hpp"
 #include "moelb/parallel.hpp"
-#include "scoring.hpp"
 #include "topk_epilogue.hpp"
 
 namespace moelb {
 namespace {
 
-using detail::ArrayXf;
-using detail::kNegInf;
 constexpr Index kRowsPerChunk = 256;
-
-// The k best (value, id) pairs seen so far, in descending value; among equal values the earlier
-// pushed stays ahead. Pushing ids in ascending order therefore breaks ties to the lowest id.
-class TopKList {
-  public:
-    explicit TopKList(int k) : k_(k), values_(static_cast<std::size_t>(k)), ids_(values_.size()) {}
-
-    void clear() { size_ = 0; }
-
-    void push(float value, std::int32_t id) {
-        int pos;
-        if (size_ < k_) {
-            pos = size_++;
-        } else {
-            if (!(value > values_[static_cast<std::size_t>(k_ - 1)])) return;
-            pos = k_ - 1;
-        }
-        while (pos > 0 && value > values_[static_cast<std::size_t>(pos - 1)]) {
-            values_[static_cast<std::size_t>(pos)] = values_[static_cast<std::size_t>(pos - 1)];
-            ids_[static_cast<std::size_t>(pos)] = ids_[static_cast<std::size_t>(pos - 1)];
-            --pos;
-        }
-        values_[static_cast<std::size_t>(pos)] = value;
-        ids_[static_cast<std::size_t>(pos)] = id;
-    }
-
-    // Pushes values[e] (id e) for e in the ascending, disjoint ranges [begin, end) of `ranges`,
-    // skipping values that cannot be among the k largest. The values are split into kLanes sets
-    // (offset within its range mod kLanes); the k-th largest of the sets' maxima is a lower bound
-    // of the k-th largest value (k sets each hold a value at least that large), so only values at
-    // or above it are pushed -- in ascending id order, which keeps ties on the lowest id.
-    void push_ranges(const float* values, std::span<const std::pair<int, int>> ranges) {
-        float lane_max[kLanes];
-        std::fill(lane_max, lane_max + kLanes, kNegInf);
-        int count = 0;
-        for (const auto& [begin, end] : ranges) {
-            int e = begin;
-            for (; e + kLanes <= end; e += kLanes) {
-                for (int j = 0; j < kLanes; ++j) {
-                    lane_max[j] = values[e + j] > lane_max[j] ? values[e + j] : lane_max[j];
-                }
-            }
-            for (int j = 0; e < end; ++e, ++j) {
-                lane_max[j] = values[e] > lane_max[j] ? values[e] : lane_max[j];
-            }
-            count += end - begin;
-        }
-        // Empty lanes keep -inf, which makes the bound -inf (everything is a candidate).
-        const float bound = k_ <= kLanes ? kth_largest(lane_max, kLanes) : kNegInf;
-        candidates_.resize(static_cast<std::size_t>(count + kLanes));  // slack for SIMD stores
-        int n = 0;
-        for (const auto& [begin, end] : ranges) {
-            n += collect_at_least(values, begin, end, bound, candidates_.data() + n);
-        }
-        for (int j = 0; j < n; ++j) push(values[candidates_[j]], candidates_[j]);
-    }
-
-    int size() const { return size_; }
-    const std::int32_t* ids() const { return ids_.data(); }
-
-  private:
-    static constexpr int kLanes = 16;
-
-    // The k-th largest of xs[0, n) (k <= n).
-    float kth_largest(const float* xs, int n) {
-        float* top = scratch_top_.data();
-        int size = 0;
-        for (int i = 0; i < n; ++i) {
-            const float x = xs[i];
-            if (size == k_ && !(x > top[k_ - 1])) continue;
-            int pos = size < k_ ? size++ : k_ - 1;
-            while (pos > 0 && x > top[pos - 1]) {
-                top[pos] = top[pos - 1];
-                --pos;
-            }
-            top[pos] = x;
-        }
-        return top[k_ - 1];
-    }
-
-    // Writes the ids e in [begin, end) with values[e] >= bound to out, ascending; returns how many.
-    static int collect_at_least(const float* values, int begin, int end, float bound,
-                                std::int32_t* out) {
-        int n = 0;
-        int e = begin;
-#if defined(__AVX512F__)
-        const __m512 b = _mm512_set1_ps(bound);
-        const __m512i lane_ids =
-            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-        for (; e + 16 <= end; e += 16) {
-            const __mmask16 m = _mm512_cmp_ps_mask(_mm512_loadu_ps(values + e), b, _CMP_GE_OQ);
-            if (m == 0) continue;
-            // Compress in a register, then a plain store (a compressing store to memory is
-            // microcoded and slow on some CPUs); out has room for 16 more ids.
-            _mm512_storeu_si512(out + n, _mm512_maskz_compress_epi32(
-                                             m, _mm512_add_epi32(lane_ids, _mm512_set1_epi32(e))));
-            n += __builtin_popcount(m);
-        }
-#endif
-        for (; e < end; ++e) {  // branch-free compaction
-            out[n] = e;
-            n += values[e] >= bound ? 1 : 0;
-        }
-        return n;
-    }
-
-    int k_;
-    int size_ = 0;
-    std::vector<float> values_;
-    std::vector<std::int32_t> ids_;
-    std::vector<float> scratch_top_ = std::vector<float>(static_cast<std::size_t>(k_));
-    std::vector<std::int32_t> candidates_;
-};
-
-// Per-thread scratch of select_experts.
-struct Scratch {
-    ArrayXf scores;  // [E] unbiased scores
-    ArrayXf choice;  // [E] selection scores (score + bias; -inf for NaN logits)
-    ArrayXf groups;  // [G] group scores
-    detail::ScoreScratch score_scratch;
-    std::vector<std::pair<int, int>> kept_groups;  // expert ranges of the kept groups
-    TopKList experts;
-    TopKList group_list;
-    std::vector<float> chosen_scores;
-
-    Scratch(int E, const TopKConfig& c)
-        : scores(E),
-          choice(E),
-          groups(std::max(c.num_groups, 1)),
-          experts(c.top_k),
-          group_list(std::max(c.topk_group, 1)),
-          chosen_scores(static_cast<std::size_t>(c.top_k)) {}
-};
-
-// scores <- f(logits), choice <- scores + bias with NaN logits at -inf.
-void compute_scores(const float* logits, int E, Scoring scoring, const float* bias, Scratch& s) {
-    detail::sanitize_logits(logits, E, s.scores);
-    if (scoring == Scoring::kSoftmax) {
-        detail::softmax(s.scores, s.score_scratch);
-    } else {
-        detail::elementwise_scores(scoring, s.scores, s.score_scratch);
-    }
-    // A plain loop the compiler vectorises (compare + blend); x != x only for NaN.
-    float* choice = s.choice.data();
-    const float* scores = s.scores.data();
-    for (int e = 0; e < E; ++e) {
-        const float x = logits[e];
-        const float biased = bias != nullptr ? scores[e] + bias[e] : scores[e];
-        choice[e] = x != x ? kNegInf : biased;
-    }
-}
-
-void select_row(const TopKConfig& c, int E, Scratch& s) {
-    s.experts.clear();
-    const float* choice = s.choice.data();
-    if (!c.grouped()) {
-        const std::pair<int, int> all{0, E};
-        s.experts.push_ranges(choice, {&all, 1});
-        return;
-    }
-    const int per_group = E / c.num_groups;
-    for (int g = 0; g < c.num_groups; ++g) {
-        const float* v = choice + static_cast<Index>(g) * per_group;
-        float best = kNegInf, second = kNegInf;
-        for (int i = 0; i < per_group; ++i) {
-            if (v[i] > best) {
-                second = best;
-                best = v[i];
-            } else if (v[i] > second) {
-                second = v[i];
-            }
-        }
-        s.groups[g] = (c.group_score == GroupScore::kMax || per_group == 1) ? best : best + second;
-    }
-    s.group_list.clear();
-    for (int g = 0; g < c.num_groups; ++g) s.group_list.push(s.groups[g], g);
-    // Scan the kept groups in ascending id order so expert ties go to the lowest id.
-    s.kept_groups.clear();
-    for (int i = 0; i < s.group_list.size(); ++i) {
-        const int g = s.group_list.ids()[i];
-        s.kept_groups.emplace_back(g * per_group, (g + 1) * per_group);
-    }
-    std::sort(s.kept_groups.begin(), s.kept_groups.end());
-    s.experts.push_ranges(choice, s.kept_groups);
-}
 
 }  // namespace
 
@@ -370,20 +176,30 @@ void select_experts(ConstMatrixMap<float> router_logits, const TopKConfig& confi
                                         config.apply_routed_scaling_factor_on_output, E,
                                         num_token_non_padded, dispatcher, out);
     const Index non_padded = num_token_non_padded.value_or(T);
+    // The scores and top-k of each row run on the ISA path chosen now (moelb/cpu_isa.hpp).
+    const isa::Kernels& kernels = isa::kernels();
+    isa::RouteRowsArgs args;
+    args.logits = router_logits.data();
+    args.num_experts = E;
+    args.top_k = config.top_k;
+    args.scoring = detail::to_score_fn(config.scoring);
+    args.num_groups = config.grouped() ? config.num_groups : 0;
+    args.topk_group = config.grouped() ? config.topk_group : 0;
+    args.group_max = config.group_score == GroupScore::kMax;
+    args.bias = bias;
+    const Index K = config.top_k;
     parallel_for(T, kRowsPerChunk, [&](Index begin, Index end) {
-        Scratch s(E, config);
+        const Index routed_end = std::clamp(non_padded, begin, end);
+        std::vector<std::int32_t> ids(static_cast<std::size_t>((routed_end - begin) * K));
+        std::vector<float> scores(ids.size());
+        if (routed_end > begin)
+            kernels.route_rows(args, begin, routed_end, ids.data(), scores.data());
         for (Index t = begin; t < end; ++t) {
-            if (t >= non_padded) {
+            if (t >= routed_end) {
                 epilogue.write(t, nullptr, nullptr);
-                continue;
+            } else {
+                epilogue.write(t, ids.data() + (t - begin) * K, scores.data() + (t - begin) * K);
             }
-            compute_scores(router_logits.row(t).data(), E, config.scoring, bias, s);
-            select_row(config, E, s);
-            const std::int32_t* ids = s.experts.ids();
-            for (int c = 0; c < config.top_k; ++c) {
-                s.chosen_scores[static_cast<std::size_t>(c)] = s.scores[ids[c]];
-            }
-            epilogue.write(t, ids, s.chosen_scores.data());
         }
     });
 }

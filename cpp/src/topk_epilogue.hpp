@@ -1,15 +1,29 @@
 // Private: the per-row epilogue shared by select_experts and HashRouter::select. Given the chosen
 // logical experts of a token and their scores, writes the weights (renormalised, rsf folded or
-// not), the fused shared column, the dispatched physical ids and the recorder ids.
+// not), the fused shared column, the dispatched physical ids and the recorder ids. Also the score
+// function's name for the routing kernels (isa/kernels.hpp).
 #pragma once
 
 #include <cstdint>
 
+#include "isa/kernels.hpp"
 #include "moelb/dispatch.hpp"
 #include "moelb/expert_location.hpp"
 #include "moelb/routing.hpp"
 
 namespace moelb::detail {
+
+inline isa::ScoreFn to_score_fn(Scoring scoring) {
+    switch (scoring) {
+        case Scoring::kSigmoid:
+            return isa::ScoreFn::kSigmoid;
+        case Scoring::kSqrtSoftplus:
+            return isa::ScoreFn::kSqrtSoftplus;
+        case Scoring::kSoftmax:
+            break;
+    }
+    return isa::ScoreFn::kSoftmax;
+}
 
 // SGLang's renormalisation epsilon: an all-zero row stays zero instead of 0/0.
 inline constexpr float kRenormalizeEpsilon = 1e-20f;

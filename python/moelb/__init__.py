@@ -14,7 +14,9 @@ DeepSeek MoE layer on CPU (``DeepSeekMoE``, ``DeepSeekMoEConfig``), the cluster 
 measured GPU calibrations (``StepTimeModel``, ``load_gpu_calibration``).
 Arrays are NumPy (CPU torch tensors convert without copies): float32 logits and weights, int32 ids,
 row-major. Bad input raises ``InvalidArgumentError`` (a ``ValueError``; a wrong dtype is an
-``InvalidDTypeError``, also a ``TypeError``); a broken internal invariant raises ``Error``.
+``InvalidDTypeError``, also a ``TypeError``); a broken internal invariant raises ``Error``. The hot
+kernels run on the widest vector ISA path this CPU offers (``cpu_isa()``, ``available_cpu_isas()``,
+``set_cpu_isa()``, the environment variable ``MOELB_ISA``).
 """
 
 from ._core import (
@@ -24,7 +26,11 @@ from ._core import (
     InvalidDTypeError,
     TopKConfig,
     __version__,
+    available_cpu_isas,
+    compiled_cpu_isas,
+    cpu_isa,
     get_num_threads,
+    set_cpu_isa,
     set_num_threads,
 )
 from .balancedness import BALANCEDNESS_EPSILON, balancedness, pass_balancedness, utilization_rate
@@ -136,11 +142,14 @@ __all__ = [
     "WeightMovePlan",
     "__version__",
     "apply_weight_moves",
+    "available_cpu_isas",
     "available_gpus",
     "balanced_assignment",
     "balanced_fractions",
     "balanced_split",
     "balancedness",
+    "compiled_cpu_isas",
+    "cpu_isa",
     "dispatch_balanced",
     "dispatch_balanced_joint",
     "dispatch_by_assignment",
@@ -168,6 +177,7 @@ __all__ = [
     "save_placement",
     "score_steps",
     "select_experts",
+    "set_cpu_isa",
     "set_num_threads",
     "sglang_replica_lists",
     "simulate",

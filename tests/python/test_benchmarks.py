@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import itertools
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -432,3 +433,37 @@ def test_bench_step_time_quick(tmp_path: Path) -> None:
     ]
     assert all(r["core_ms"] > 0 and r["numpy_ms"] > 0 for r in data["results"])
     assert data["model_step_ms"] > 0 and "NumPy / core" in stdout
+
+def test_bench_isa_quick(tmp_path: Path) -> None:
+    """Every ISA path of the installed moelb, each script's smoke test once."""
+    import moelb
+
+    _, data = run_quick(tmp_path, "bench_isa.py")
+    variants = [v["name"] for v in data["variants"]]
+    assert variants == moelb.available_cpu_isas()
+    assert [v["moelb"].split()[-1] for v in data["variants"]] == variants  # MOELB_ISA took effect
+    assert not data["failures"]
+    for script in ("routing", "eplb", "moe"):
+        seconds = data["results"][script]["seconds"]
+        assert set(seconds) == set(variants), script
+        keys = set(seconds[variants[0]])
+        assert keys and all(set(seconds[v]) == keys for v in variants), script
+        assert all(s > 0 for per in seconds.values() for s in per.values()), script
+        ratios = data["results"][script]["ratio_to_first"]
+        assert set(ratios) == set(variants[1:]), script
+        assert all(set(per) == keys for per in ratios.values()), script
+
+
+def test_bench_isa_variant_specs(tmp_path: Path) -> None:
+    bench_isa = bench_module("bench_isa")
+    (tmp_path / "moelb").mkdir()
+    v = bench_isa.parse_variant(f"portable={tmp_path}:baseline")
+    assert (v.name, v.folder, v.isa) == ("portable", tmp_path, "baseline")
+    assert bench_isa.parse_variant("avx2=:avx2").folder is None
+    assert bench_isa.parse_variant(f"here={tmp_path}").isa is None
+    env = bench_isa.parse_variant(f"p={tmp_path}:avx2").env()
+    assert env["MOELB_ISA"] == "avx2" and env["PYTHONPATH"].split(os.pathsep)[0] == str(tmp_path)
+    with pytest.raises(ValueError, match="is not NAME="):
+        bench_isa.parse_variant("portable")
+    with pytest.raises(ValueError, match="holds no moelb package"):
+        bench_isa.parse_variant(f"x={tmp_path / 'missing'}")

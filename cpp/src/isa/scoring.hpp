@@ -1,13 +1,15 @@
-// Private: the vectorised score functions shared by select_experts and HashRouter. Inputs must be
-// sanitised first (sanitize_logits): NaN counts as -inf and +inf as the largest float.
+// Private: the vectorised score functions of the routing kernels (select_experts and HashRouter),
+// included by the per-path translation units only (isa/kernels.hpp: Eigen is renamed there).
+// Inputs must be sanitised first (sanitize_logits): NaN counts as -inf and +inf as the largest
+// float.
 #pragma once
 
 #include <Eigen/Core>
 #include <limits>
 
-#include "moelb/routing.hpp"
+#include "kernels.hpp"
 
-namespace moelb::detail {
+namespace moelb::MOELB_ISA_NS {
 
 using ArrayXf = Eigen::Array<float, Eigen::Dynamic, 1>;
 
@@ -84,8 +86,8 @@ inline void sqrt_softplus(ArrayXf& x, ScoreScratch& s) {
 }
 
 // x <- score(x) element by element for kSigmoid / kSqrtSoftplus.
-inline void elementwise_scores(Scoring scoring, ArrayXf& x, ScoreScratch& s) {
-    if (scoring == Scoring::kSigmoid) {
+inline void elementwise_scores(isa::ScoreFn scoring, ArrayXf& x, ScoreScratch& s) {
+    if (scoring == isa::ScoreFn::kSigmoid) {
         ArrayXf& v = s.padded;
         pad_scores(x, v, 0.0f);
         v = 1.0f / (1.0f + (-v).exp());
@@ -117,4 +119,4 @@ inline void softmax(ArrayXf& x, ScoreScratch& s) {
     x *= 1.0f / x.sum();
 }
 
-}  // namespace moelb::detail
+}  // namespace moelb::MOELB_ISA_NS

@@ -1,0 +1,69 @@
+# The hot kernels' ISA paths (cpp/include/moelb/cpu_isa.hpp, cpp/src/isa/kernels.hpp).
+#
+# Portable x86-64 build (MOELB_NATIVE=OFF): the kernel sources are compiled three times, as object
+# libraries moelb_isa_baseline (the compiler's default target, SSE2), moelb_isa_avx2
+# (-march=x86-64-v3) and moelb_isa_avx512 (-march=x86-64-v4), each with its own namespace
+# (MOELB_ISA_NS) and Eigen's namespace renamed (-DEigen=...), and cpu_isa.cpp picks one at run
+# time. Other CPUs (aarch64, ...): the baseline path only. MOELB_NATIVE=ON: one path, "native",
+# compiled with -march=native like the rest of the core.
+#
+# After each path's objects are compiled, cmake/check_isa_symbols.cmake checks that every external
+# symbol they define carries the path's tag (isa_<path>): an untagged inline or template function
+# compiled for AVX-512 could be the copy the linker keeps for every caller, the baseline path's
+# included. moelb_core depends on the check, so a leak fails the build.
+include(CheckCXXCompilerFlag)
+
+set(MOELB_ISA_SOURCES
+  cpp/src/isa/routing_kernels.cpp
+  cpp/src/isa/moe_kernels.cpp
+  cpp/src/isa/kernel_table.cpp
+)
+
+if(MOELB_NATIVE)
+  set(MOELB_ISA_PATHS native)
+  set(MOELB_ISA_FLAGS_native -march=native)
+elseif(CMAKE_SYSTEM_PROCESSOR MATCHES "^(x86_64|AMD64|amd64)$")
+  set(MOELB_ISA_PATHS baseline avx2 avx512)
+  set(MOELB_ISA_FLAGS_baseline "")
+  check_cxx_compiler_flag(-march=x86-64-v4 MOELB_HAVE_MARCH_X86_64_V4)
+  if(MOELB_HAVE_MARCH_X86_64_V4)
+    set(MOELB_ISA_FLAGS_avx2 -march=x86-64-v3)
+    set(MOELB_ISA_FLAGS_avx512 -march=x86-64-v4)
+  else()  # compilers before the x86-64-vN names (GCC < 11, Clang < 12): the same features
+    set(MOELB_ISA_FLAGS_avx2 -mavx2 -mfma -mf16c -mbmi -mbmi2 -mlzcnt -mmovbe -mpopcnt)
+    set(MOELB_ISA_FLAGS_avx512 ${MOELB_ISA_FLAGS_avx2} -mavx512f -mavx512bw -mavx512cd
+                               -mavx512dq -mavx512vl)
+  endif()
+else()
+  set(MOELB_ISA_PATHS baseline)
+  set(MOELB_ISA_FLAGS_baseline "")
+endif()
+
+foreach(path IN LISTS MOELB_ISA_PATHS)
+  set(target moelb_isa_${path})
+  add_library(${target} OBJECT ${MOELB_ISA_SOURCES})
+  # Eigen's include directory only: the definitions are this path's own.
+  target_include_directories(${target} SYSTEM PRIVATE
+                             $<TARGET_PROPERTY:Eigen3::Eigen,INTERFACE_INCLUDE_DIRECTORIES>)
+  target_compile_definitions(${target} PRIVATE MOELB_ISA_NS=isa_${path}
+                             Eigen=moelb_isa_${path}_Eigen EIGEN_MPL2_ONLY EIGEN_DONT_PARALLELIZE)
+  target_compile_options(${target} PRIVATE -Wall -Wextra -Wpedantic
+                         $<$<CXX_COMPILER_ID:GNU>:-Wno-maybe-uninitialized>
+                         ${MOELB_ISA_FLAGS_${path}} ${MOELB_SANITIZE_FLAGS})
+  target_sources(moelb_core PRIVATE $<TARGET_OBJECTS:${target}>)
+  string(TOUPPER ${path} upper)
+  target_compile_definitions(moelb_core PRIVATE MOELB_ISA_HAVE_${upper})
+
+  set(stamp ${CMAKE_CURRENT_BINARY_DIR}/${target}.symbols-ok)
+  add_custom_command(
+    OUTPUT ${stamp}
+    COMMAND ${CMAKE_COMMAND} -DNM=${CMAKE_NM} -DTAG=isa_${path}
+            "-DOBJECTS=$<JOIN:$<TARGET_OBJECTS:${target}>,|>" -DSTAMP=${stamp}
+            -P ${CMAKE_CURRENT_SOURCE_DIR}/cmake/check_isa_symbols.cmake
+    DEPENDS $<TARGET_OBJECTS:${target}> ${CMAKE_CURRENT_SOURCE_DIR}/cmake/check_isa_symbols.cmake
+    COMMENT "Checking that the ${path} kernels define only isa_${path} symbols"
+    VERBATIM)
+  add_custom_target(${target}_symbols DEPENDS ${stamp})
+  add_dependencies(${target}_symbols ${target})
+  add_dependencies(moelb_core ${target}_symbols)
+endforeach()

@@ -1,0 +1,13 @@
+// The kernel table of one ISA path (isa/kernels.hpp; compiled once per path).
+#include "kernels.hpp"
+
+namespace moelb::MOELB_ISA_NS {
+
+const isa::Kernels& kernels() {
+    static constexpr isa::Kernels kTable{
+        &route_rows, &hash_scores, &gate_rows, &mlp_rows, &store_rows, &combine_rows, &add_values,
+    };
+    return kTable;
+}
+
+}  // namespace moelb::MOELB_ISA_NS

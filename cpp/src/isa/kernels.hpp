@@ -1,0 +1,112 @@
+// Private: the hot kernels compiled once per ISA path (moelb/cpu_isa.hpp) and the table the core
+// calls them through.
+//
+// Each path's translation units (cpp/src/isa/*_kernels.cpp, kernel_table.cpp) are compiled with
+// that path's flags and
+//   -DMOELB_ISA_NS=isa_<path>  their functions' namespace, moelb::isa_<path>,
+//   -DEigen=moelb_isa_<path>_Eigen  Eigen's namespace renamed,
+// so that no function they define -- theirs or an inline/template one from a header -- has the
+// name of one compiled for another path. (Otherwise the linker keeps one copy of each inline
+// function, possibly an AVX-512 one for the baseline path.) They therefore include nothing that
+// declares moelb's public types: this header uses plain pointers and integers only, and
+// cmake/check_isa_symbols.cmake fails the build if a path's object files define any external
+// symbol without its tag.
+#pragma once
+
+#include <cstdint>
+
+namespace moelb::isa {
+
+using Index = std::int64_t;
+
+// The score function of a routing row (moelb::Scoring, whose values these mirror).
+enum class ScoreFn : int { kSoftmax = 0, kSigmoid = 1, kSqrtSoftplus = 2 };
+
+// One routing problem: rows of router logits and the top-k rule (moelb::TopKConfig).
+struct RouteRowsArgs {
+    const float* logits = nullptr;  // [T, E] float32, row-major, row stride = num_experts
+    int num_experts = 0;            // E
+    int top_k = 0;                  // K
+    ScoreFn scoring = ScoreFn::kSoftmax;
+    int num_groups = 0;           // 0: ungrouped; else E % num_groups == 0
+    int topk_group = 0;           // groups kept (grouped only)
+    bool group_max = false;       // group score: the max (true) or the sum of the top two (false)
+    const float* bias = nullptr;  // [E] correction bias (selection only), or null
+};
+
+struct Kernels {
+    // Routing of rows [begin, end) of args.logits: per row r = t - begin, ids[r K, r K + K) gets
+    // the K expert ids in descending selection score (score + bias; NaN logits last; ties to the
+    // lowest id), scores[r K, r K + K) their unbiased scores.
+    void (*route_rows)(const RouteRowsArgs& args, Index begin, Index end, std::int32_t* ids,
+                       float* scores);
+    // The hash router's weights of `rows` rows: values[r K + k] = the score of expert
+    // expert_ids[r K + k] in row r of logits [rows, E] (row-major) -- the softmax over the whole
+    // (sanitised) row, or sigmoid / sqrt-softplus of that logit alone.
+    void (*hash_scores)(ScoreFn scoring, const float* logits, Index num_experts, Index rows,
+                        const std::int32_t* expert_ids, int top_k, float* values);
+
+    // logits [rows, E] (row-major) = x [rows, H] (row-major) * gate [E, H]^T (row-major).
+    void (*gate_rows)(const float* x, Index rows, Index hidden_size, const float* gate,
+                      Index num_experts, float* logits);
+    // One SwiGLU MLP: y_cm [rows, H] (column-major) from x [rows, H] (row-major) through gate_up
+    // [rows, 2 I] (scratch), with w_gate_up [2 I, H] and w_down [H, I] row-major and the clamp
+    // `limit` (0: none). x and y_cm may be the same memory.
+    void (*mlp_rows)(const float* x, Index rows, Index hidden_size, Index intermediate_size,
+                     const float* w_gate_up, const float* w_down, float limit, float* gate_up,
+                     float* y_cm);
+    // Row r of y_cm [rows, H] (column-major) to dst + (dst_rows ? dst_rows[r] : r) * H.
+    void (*store_rows)(const float* y_cm, Index rows, Index hidden_size, float* dst,
+                       const std::int32_t* dst_rows);
+    // For t in [begin, end): out row t = rsf * sum over k with ids[t K' + k] >= 0, in k order, of
+    // weights[t K' + k] * y row (t K' + k); K' = num_columns, out [T, H] and y [T K', H]
+    // row-major.
+    void (*combine_rows)(const float* y, const std::int32_t* ids, const float* weights,
+                         Index num_columns, Index hidden_size, float rsf, Index begin, Index end,
+                         float* out);
+    // out[0, n) += in[0, n).
+    void (*add_values)(float* out, const float* in, Index n);
+};
+
+}  // namespace moelb::isa
+
+// Each path's kernel table, defined by its kernel_table.cpp.
+namespace moelb::isa_baseline {
+const isa::Kernels& kernels();
+}
+namespace moelb::isa_avx2 {
+const isa::Kernels& kernels();
+}
+namespace moelb::isa_avx512 {
+const isa::Kernels& kernels();
+}
+namespace moelb::isa_native {
+const isa::Kernels& kernels();
+}
+
+#if defined(MOELB_ISA_NS)
+// The kernels of the path being compiled (kernel_table.cpp collects them).
+namespace moelb::MOELB_ISA_NS {
+void route_rows(const isa::RouteRowsArgs& args, isa::Index begin, isa::Index end, std::int32_t* ids,
+                float* scores);
+void hash_scores(isa::ScoreFn scoring, const float* logits, isa::Index num_experts, isa::Index rows,
+                 const std::int32_t* expert_ids, int top_k, float* values);
+void gate_rows(const float* x, isa::Index rows, isa::Index hidden_size, const float* gate,
+               isa::Index num_experts, float* logits);
+void mlp_rows(const float* x, isa::Index rows, isa::Index hidden_size, isa::Index intermediate_size,
+              const float* w_gate_up, const float* w_down, float limit, float* gate_up,
+              float* y_cm);
+void store_rows(const float* y_cm, isa::Index rows, isa::Index hidden_size, float* dst,
+                const std::int32_t* dst_rows);
+void combine_rows(const float* y, const std::int32_t* ids, const float* weights,
+                  isa::Index num_columns, isa::Index hidden_size, float rsf, isa::Index begin,
+                  isa::Index end, float* out);
+void add_values(float* out, const float* in, isa::Index n);
+}  // namespace moelb::MOELB_ISA_NS
+#else
+namespace moelb::isa {
+// The current path's table (moelb::cpu_isa()); read it once per operation, so that an operation
+// runs on one path even if set_cpu_isa is called meanwhile.
+const Kernels& kernels();
+}  // namespace moelb::isa
+#endif
