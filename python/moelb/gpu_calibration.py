@@ -90,12 +90,17 @@ class GemmTable:
     def seconds(self, num_tokens: Any) -> npt.NDArray[np.float64]:
         """One expert's FFN seconds at ``num_tokens`` (any shape, >= 0, fractions allowed):
         linear interpolation of the envelope between table points, linear extrapolation beyond
-        the last from its last two points; 0 at 0 tokens. Never decreases with the tokens."""
+        the last from the last point and the last one below it (its last two points when the
+        time still rises there; further back when the envelope lifted a dip at the end, which
+        would otherwise price any number of tokens beyond the table at the last point's time);
+        0 at 0 tokens. Never decreases with the tokens."""
         t = np.asarray(num_tokens, dtype=np.float64)
         out = np.interp(t, self.tokens, self.envelope)
         beyond = t > self.tokens[-1]
         if beyond.any():
-            slope = (self.envelope[-1] - self.envelope[-2]) / (self.tokens[-1] - self.tokens[-2])
+            lower = np.flatnonzero(self.envelope < self.envelope[-1])
+            j = int(lower[-1]) if lower.size else len(self.tokens) - 2
+            slope = (self.envelope[-1] - self.envelope[j]) / (self.tokens[-1] - self.tokens[j])
             out = np.where(beyond, self.envelope[-1] + slope * (t - self.tokens[-1]), out)
         return out
 
