@@ -64,6 +64,11 @@ _DTYPE_PREFERENCE = ("fp8_e4m3", "bf16")
 _BANDWIDTH_RANGE = (1e9, 1e15)  # bytes per second
 _LAYER_FIXED_MAX = 0.1  # seconds
 _EXPERT_SECONDS_MAX = 1.0  # one expert's FFN at 8,192 tokens is about a millisecond
+# One expert's FFN at T tokens takes at most this many times streaming its weights plus its
+# 6 * hidden * intermediate * T FLOPs at this rate (any GPU is faster): a table in milliseconds
+# whose values all stay under _EXPERT_SECONDS_MAX (an FP8 one) still fails this by ~1,000x.
+_STREAMING_SLOWDOWN_MAX = 100.0
+_FLOPS_MIN = 1e12  # FLOP per second
 
 
 @dataclass(frozen=True)
@@ -90,12 +95,17 @@ class GemmTable:
     def seconds(self, num_tokens: Any) -> npt.NDArray[np.float64]:
         """One expert's FFN seconds at ``num_tokens`` (any shape, >= 0, fractions allowed):
         linear interpolation of the envelope between table points, linear extrapolation beyond
-        the last from its last two points; 0 at 0 tokens. Never decreases with the tokens."""
+        the last from the last point and the last one below it (its last two points when the
+        time still rises there; further back when the envelope lifted a dip at the end, which
+        would otherwise price any number of tokens beyond the table at the last point's time);
+        0 at 0 tokens. Never decreases with the tokens."""
         t = np.asarray(num_tokens, dtype=np.float64)
         out = np.interp(t, self.tokens, self.envelope)
         beyond = t > self.tokens[-1]
         if beyond.any():
-            slope = (self.envelope[-1] - self.envelope[-2]) / (self.tokens[-1] - self.tokens[-2])
+            lower = np.flatnonzero(self.envelope < self.envelope[-1])
+            j = int(lower[-1]) if lower.size else len(self.tokens) - 2
+            slope = (self.envelope[-1] - self.envelope[j]) / (self.tokens[-1] - self.tokens[j])
             out = np.where(beyond, self.envelope[-1] + slope * (t - self.tokens[-1]), out)
         return out
 
@@ -207,7 +217,7 @@ def gpu_calibration_from_dict(data: Any, source: str = "<dict>") -> GpuCalibrati
     entries = data.get("gemm")
     if not isinstance(entries, list) or not entries:
         raise InvalidArgumentError(f"{where}: gemm must be a non-empty list, got {entries!r:.80}")
-    tables = tuple(_gemm_table(e, f"{where}: gemm[{i}]") for i, e in enumerate(entries))
+    tables = tuple(_gemm_table(e, f"{where}: gemm[{i}]", bandwidth) for i, e in enumerate(entries))
     seen = set()
     for t in tables:
         if (t.model, t.dtype) in seen:
@@ -219,7 +229,7 @@ def gpu_calibration_from_dict(data: Any, source: str = "<dict>") -> GpuCalibrati
     return GpuCalibration(key, gpu, bandwidth, fixed, tables, source, metadata)
 
 
-def _gemm_table(entry: Any, where: str) -> GemmTable:
+def _gemm_table(entry: Any, where: str, bandwidth: float) -> GemmTable:
     if not isinstance(entry, dict):
         raise InvalidArgumentError(f"{where}: expected an object, got {type(entry).__name__}")
     model = _string(entry, "model", where)
@@ -261,6 +271,18 @@ def _gemm_table(entry: Any, where: str) -> GemmTable:
         raise InvalidArgumentError(
             f"{where}: seconds_per_expert[{i}]={float(seconds[i])!r} is not one expert's time in "
             f"seconds (expected 0..{_EXPERT_SECONDS_MAX})"
+        )
+    bound = (
+        _STREAMING_SLOWDOWN_MAX * weight_bytes / bandwidth
+        + 6 * hidden * intermediate * tokens / _FLOPS_MIN
+    )
+    if (seconds > bound).any():
+        i = int(np.argmax(seconds > bound))
+        raise InvalidArgumentError(
+            f"{where}: seconds_per_expert[{i}]={float(seconds[i])!r} at {tokens[i]:g} tokens is "
+            f"not one expert's time in seconds: over {_STREAMING_SLOWDOWN_MAX:g}x streaming its "
+            f"weights ({weight_bytes / bandwidth:.3g} s at memory_bandwidth_bytes_per_s) plus "
+            f"its FLOPs at {_FLOPS_MIN:.0e} FLOP/s ({float(bound[i]):.3g} s; milliseconds?)"
         )
     if seconds[0] != 0:
         raise InvalidArgumentError(

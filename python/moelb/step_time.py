@@ -201,16 +201,19 @@ def uniform_copies(slot_tokens: Any, ep_size: int, num_nodes: int = 1) -> LinkCo
     receives): every copy comes from a source rank drawn uniformly over the W ranks, one copy
     per (token, expert) (no deduplication). A GPU receives its copies from the other GPUs of
     its node ((G - 1) / W of them) over NVLink and from the other nodes ((W - G) / W) over the
-    network, and every GPU sends 1 / W of all copies, split the same way."""
+    network; it sends 1 / W of every other GPU's copies, over NVLink to those of its node and
+    over the network to the others."""
     tokens = np.asarray(slot_tokens, dtype=np.float64)
     P = tokens.shape[-1]
     _check_cluster(P, ep_size, num_nodes)
     W, G = ep_size, ep_size // num_nodes
     received = tokens.reshape(*tokens.shape[:-1], W, P // W).sum(axis=-1)
-    sent = np.broadcast_to(received.sum(axis=-1, keepdims=True) / W, received.shape)
+    total = received.sum(axis=-1, keepdims=True)
+    # [..., W]: the copies the GPUs of each GPU's node receive.
+    node = np.repeat(received.reshape(*received.shape[:-1], W // G, G).sum(axis=-1), G, axis=-1)
     in_node, other_nodes = (G - 1) / W, (W - G) / W
     return LinkCopies(
-        sent * in_node, received * in_node, sent * other_nodes, received * other_nodes
+        (node - received) / W, received * in_node, (total - node) / W, received * other_nodes
     )
 
 

@@ -871,3 +871,17 @@ def test_gpu_flags(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     m = json.loads(out)["time_model"]
     assert m["deepep_mode"] == "normal" and m["table"] == "deepseek-v3/bf16"
     assert m["network_bytes_per_s"] == 25e9 and m["nvlink_bytes_per_s"] == 450e9
+
+
+def test_the_regime_follows_the_tokens_per_gpu_not_the_deepep_mode(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    # 64 tokens per GPU timed with DeepEP's normal kernels is still decode-like traffic: the
+    # header must not call it prefill-like because of the kernels the user picked.
+    gpu = shipped_or_fixture(tmp_path)
+    code, out, err = cli(
+        capsys, *SIMULATE_SMALL, "--gpu", gpu, "--deepep-mode", "normal",
+        "--dispatch", "sglang_static",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "64 tokens/GPU, decode-like (DeepEP normal)" in out

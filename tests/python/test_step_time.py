@@ -180,8 +180,32 @@ def test_uniform_copies() -> None:
     c = moelb.uniform_copies(slots, 4, 2)
     assert c.nvlink_received.tolist() == [2, 2, 0, 0]
     assert c.network_received.tolist() == [4, 4, 0, 0]
-    assert c.nvlink_sent.tolist() == [1, 1, 1, 1]  # every GPU sends 16 / 4 = 4 copies
-    assert c.network_sent.tolist() == [2, 2, 2, 2]
+    # Every GPU sends 1/4 of each GPU's copies, over the link that leads there: GPU 0 sends 8 / 4
+    # to GPU 1 over NVLink and none over the network (GPUs 2 and 3 receive nothing); GPU 2 sends
+    # (8 + 8) / 4 to node 0 over the network and none over NVLink.
+    assert c.nvlink_sent.tolist() == [2, 2, 0, 0]
+    assert c.network_sent.tolist() == [0, 0, 4, 4]
+
+
+@given(st.integers(0, 2**31), st.sampled_from([(4, 1), (4, 2), (8, 2), (8, 8)]))
+def test_uniform_copies_are_the_expectation_over_source_ranks(seed: int, cluster) -> None:
+    # The expectation of token_copies' low-latency counts when every copy's source rank is
+    # drawn uniformly: enumerate the sources by hand (each with probability 1 / W).
+    W, N = cluster
+    G, S = W // N, 3
+    loads = np.random.default_rng(seed).integers(0, 50, W * S).astype(np.float64)
+    received = loads.reshape(W, S).sum(axis=1)
+    expected = {f: np.zeros(W) for f in moelb.LinkCopies.__dataclass_fields__}
+    for s in range(W):
+        for d in range(W):
+            if d == s:
+                continue
+            link = "nvlink" if s // G == d // G else "network"
+            expected[f"{link}_sent"][s] += received[d] / W
+            expected[f"{link}_received"][d] += received[d] / W
+    c = moelb.uniform_copies(loads, W, N)
+    for f, want in expected.items():
+        assert getattr(c, f) == pytest.approx(want, rel=1e-12, abs=1e-12), f
 
 
 # ------------------------------------------------------------------------------------------------
@@ -203,6 +227,20 @@ def test_the_envelope_lifts_a_measured_dip() -> None:
     assert table.seconds([64, 96, 128]) == pytest.approx([2.0e-5, 2.0e-5, 2.0e-5])
     assert table.max_dip == pytest.approx(0.05)
     assert toy_model().table.max_dip == 0.0
+
+
+def test_extrapolation_keeps_rising_past_a_dip_at_the_last_point() -> None:
+    # The last measured point dips below the one before (noise where the time is flat, or a
+    # clock change): the envelope lifts it, so its last two points are equal. Extrapolating
+    # from those two alone would price every expert beyond the table at the last point's time
+    # (1e5 tokens as cheap as 1,024). The slope comes from the last point back to the last
+    # point below it (256 tokens, 40 us): 30 us / 768 tokens.
+    data = toy_calibration()
+    data["gemm"][0]["seconds_per_expert"] = [0.0, 2.0e-5, 2.5e-5, 4.0e-5, 7.0e-5, 6.9e-5]
+    table = moelb.gpu_calibration.gpu_calibration_from_dict(data, "dip").gemm_table("deepseek-v3")
+    assert table.seconds([512, 1024]) == pytest.approx([7.0e-5, 7.0e-5])
+    assert table.seconds(4096) > table.seconds(1024)
+    assert table.seconds(4096) == pytest.approx(7.0e-5 + 3072 * 3.0e-5 / 768, rel=1e-12)
 
 
 @given(st.integers(0, 2**31), st.floats(0, 1))
@@ -323,6 +361,12 @@ def _set(path: str, value):
         (_set("gemm.0.seconds_per_expert.2", 25.0), r"seconds_per_expert\[2\]=25.0 is not"),
         (_set("gemm.0.seconds_per_expert.2", -1e-6), r"seconds_per_expert\[2\]=-1e-06"),
         (_set("gemm.0.seconds_per_expert.0", 1e-6), "at 0 tokens must be 0"),
+        # The FP8 table written in milliseconds (all its values under 1): 20 "seconds" at 64 tokens
+        # is 900x what streaming the expert's weights takes (22 us).
+        (
+            _set("gemm.0.seconds_per_expert", [0.0, 0.020, 0.025, 0.040, 0.070, 0.130]),
+            r"seconds_per_expert\[1\]=0.02 at 64 tokens is not",
+        ),
         (_set("gemm.1.method", 3), "method must be a string, got 3"),
     ],
 )

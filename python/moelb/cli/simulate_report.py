@@ -9,6 +9,7 @@ import numpy as np
 
 from .. import __version__
 from ..simulate import MODEL_PRESETS, SimulationResult
+from ..simulation.timing import DECODE_TOKENS_PER_GPU
 from .output import fixed, gigabytes, table
 
 __all__ = [
@@ -116,7 +117,7 @@ def time_header(result: SimulationResult) -> str | None:
     if t is None:
         return None
     per_gpu = t["tokens_per_gpu"]
-    regime = "decode-like" if t["deepep_mode"] == "low_latency" else "prefill-like"
+    regime = "decode-like" if per_gpu <= DECODE_TOKENS_PER_GPU else "prefill-like"
     return (
         f"modelled routed-MoE time per step ({len(result.layer_ids)} MoE layers) on "
         f"{t['gpu_name']} ({t['gpu']}, {t['table']} table, measured {t['date']}): "
