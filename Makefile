@@ -168,8 +168,8 @@ ISA_TEST_FILTER ?= CpuIsa.*:*Routing*:ScoreLanes.*:*HashRouter*:*Eplb*:DeepSeekG
 test-isa: test-cpp
 	@if [ "$$(uname -m)" != x86_64 ]; then echo "test-isa: not an x86-64 host, skipped"; exit 0; fi; \
 	if ! command -v $(QEMU_X86) >/dev/null; then \
-	  echo "apt-get install: qemu-user"; $(SUDO) apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq qemu-user; fi; \
+	  echo "apt-get install: qemu-user"; $(APT_GET) update -qq && \
+	  $(APT_GET) install -y -qq qemu-user; fi; \
 	for spec in $(ISA_TEST_CPUS); do cpu=$${spec%%:*}; isa=$${spec##*:}; \
 	  echo "test-isa: emulated $$cpu CPU, expecting the $$isa path"; \
 	  env -u MOELB_ISA MOELB_EXPECT_ISA=$$isa $(QEMU_X86) -cpu $$cpu $(BUILD_DIR)/moelb_tests \

@@ -434,6 +434,7 @@ def test_bench_step_time_quick(tmp_path: Path) -> None:
     assert all(r["core_ms"] > 0 and r["numpy_ms"] > 0 for r in data["results"])
     assert data["model_step_ms"] > 0 and "NumPy / core" in stdout
 
+
 def test_bench_isa_quick(tmp_path: Path) -> None:
     """Every ISA path of the installed moelb, each script's smoke test once."""
     import moelb

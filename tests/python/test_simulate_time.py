@@ -161,12 +161,6 @@ def test_time_config_errors(tmp_path: Path, changes: dict, message: str) -> None
         config.validate()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review s28h6: equal_split's copies (uniform_copies) are not deduplicated per (token, "
-    "GPU) / (token, node), so under DeepEP normal its comm term is an upper bound several times "
-    "the token-level dispatches' (measured: 87.9 vs 29.5 ms/step, same placement and slot loads)",
-)
 def test_without_replicas_equal_split_takes_about_the_time_of_a_token_dispatch_in_prefill(
     gpu: str,
 ) -> None:

@@ -4,13 +4,15 @@ modelled routed-MoE seconds per step, the speed-up over the trivial placement, w
 GPUs spent their time on. DESIGN section 7 (a modelled MoE step time from a measured GPU table).
 
 What the simulator knows per step: at token level, each layer's physical slot of every (token,
-routed expert) pair and the source rank of every token (source ranks hold consecutive blocks of
-the step's tokens), so the slot loads and the dispatch copies are exact (``token_copies``).
+routed expert) pair and the source rank of every token (source ranks hold consecutive blocks of the
+step's tokens), so the slot loads and the dispatch copies are exact (``token_copies``).
 ``equal_split`` splits every expert's tokens equally over its replicas (fractional loads, no
-tokens): its slot loads are those fractions and its copies ``uniform_copies`` (source ranks
-uniform). The shared expert is not timed (see ``moelb.step_time``): ``balanced_joint`` is timed
-on its routed columns, which leave room for the shared expert on purpose, so its time is not
-comparable with the routed-only models' as a whole-layer figure.
+tokens): its slot loads are those fractions and its copies those of the same tokens dealt over each
+expert's replicas in turn (``round_robin``: the equal split within one token per replica), from
+their real source ranks, so DeepEP's per-(token, GPU) deduplication stays exact. The shared expert
+is not timed (see ``moelb.step_time``): ``balanced_joint`` is timed on its routed columns, which
+leave room for the shared expert on purpose, so its time is not comparable with the routed-only
+models' as a whole-layer figure.
 """
 
 from __future__ import annotations

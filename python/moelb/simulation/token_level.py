@@ -55,7 +55,7 @@ from ..dispatch import (
     per_rank_shared_location,
 )
 from ..reference_dispatch import sglang_lp_fractions, sglang_lp_sample
-from ..step_time import LinkCopies, StepTimeModel, uniform_copies
+from ..step_time import LinkCopies, StepTimeModel
 from ..waterfill import waterfill_rank_loads
 from .config import SimulationConfig
 from .policies import Policy
@@ -150,9 +150,14 @@ class TokenLevel:
             for layer, ids in enumerate(routed):
                 totals += self._equal_split(policy.current, layer, ids)
                 if timer is not None:
-                    share = self._equal_split_slots(policy.current, layer, ids)
-                    slots.append(share)
-                    copies.append(uniform_copies(share, self.config.ep_size, self.config.num_nodes))
+                    slots.append(self._equal_split_slots(policy.current, layer, ids))
+            if timer is not None:
+                # The copies of the same tokens dealt over each expert's replicas in turn
+                # (round_robin: the equal split within one token per replica), from their real
+                # source ranks, so DeepEP's per-(token, GPU) and per-(token, node) deduplication
+                # is exact; fractional loads have no tokens to deduplicate.
+                for physical in self._dispatch(policy, "round_robin", routed, step_seed, source):
+                    copies.append(timer.slot_tokens_and_copies(physical)[1])
         elif dispatch == "balanced_joint":
             S = self.num_physical_experts // self.config.ep_size
             for physical in self._dispatch(policy, dispatch, routed, step_seed, source):
