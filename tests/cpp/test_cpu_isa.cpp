@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "moelb/cpu_isa.hpp"
+#include "moelb/eplb.hpp"
 #include "moelb/hash_router.hpp"
 #include "moelb/moe_layer.hpp"
 #include "moelb/parallel.hpp"
@@ -28,10 +29,15 @@ using moelb::CpuIsa;
 using moelb::DeepSeekMoE;
 using moelb::DeepSeekMoEConfig;
 using moelb::DeepSeekMoEWeights;
+using moelb::EplbAlgorithm;
 using moelb::HashRouter;
 using moelb::Index;
+using moelb::Locality;
+using moelb::Objective;
+using moelb::RebalanceOptions;
 using moelb::RowMatrix;
 using moelb::Scoring;
+using moelb::StepLoads;
 using moelb::TopKConfig;
 using moelb::TopKOutput;
 using moelb::test_util::cmap;
@@ -287,6 +293,72 @@ TEST(CpuIsa, MoeLayerPathsAgree) {
         }
     });
     EXPECT_FALSE(outputs.empty());
+}
+
+// The planner's kernels (isa/eplb_kernels.cpp, compiled with -ffp-contract=off) compute the same
+// bits on every path: plans must not depend on the CPU that makes them. Shapes that take each
+// kernel: DeepSeek's small sorts and narrow packing (8 GPUs per node), the float32 and float64
+// swap screens (Zipf loads; loads beyond float32's range), and the step-peak search.
+TEST(CpuIsa, PlansAreTheSameOnEveryPath) {
+    constexpr int L = 6, E = 64, T = 40;
+    std::mt19937_64 rng(17);
+    std::exponential_distribution<double> exponential(1.0);
+    std::vector<double> steps(static_cast<std::size_t>(T) * L * E);
+    for (double& v : steps) v = std::floor(100.0 * exponential(rng) * exponential(rng));
+    RowMatrix<double> total = RowMatrix<double>::Zero(L, E);
+    for (int t = 0; t < T; ++t) {
+        for (Index i = 0; i < L * E; ++i)
+            total.data()[i] += steps[static_cast<std::size_t>(t * L * E + i)];
+    }
+    RowMatrix<double> huge = total * 1e35;  // beyond float32: the float64 screen
+    struct PlanCase {
+        std::string name;
+        EplbAlgorithm algorithm;
+        Locality locality;
+        Objective objective;
+        int slots, gpus, nodes;
+        const RowMatrix<double>* load;  // null: the per-step loads
+    };
+    const PlanCase cases[] = {
+        {"deepseek", EplbAlgorithm::kDeepSeek, Locality::kAuto, Objective::kTotal, 80, 16, 2,
+         &total},
+        {"deepseek_global", EplbAlgorithm::kDeepSeekGlobal, Locality::kAuto, Objective::kTotal, 96,
+         8, 1, &total},
+        {"moelb-node", EplbAlgorithm::kMoelb, Locality::kNode, Objective::kTotal, 96, 16, 2,
+         &total},
+        {"moelb-none", EplbAlgorithm::kMoelb, Locality::kNone, Objective::kTotal, 128, 16, 2,
+         &total},
+        {"moelb-none-1e35", EplbAlgorithm::kMoelb, Locality::kNone, Objective::kTotal, 128, 16, 2,
+         &huge},
+        {"moelb-step_peak", EplbAlgorithm::kMoelb, Locality::kNone, Objective::kStepPeak, 96, 8, 1,
+         nullptr},
+    };
+    for (const PlanCase& c : cases) {
+        RebalanceOptions options;
+        options.num_physical_experts = c.slots;
+        options.num_groups = 8;
+        options.num_nodes = c.nodes;
+        options.ep_size = c.gpus;
+        options.algorithm = c.algorithm;
+        options.locality = c.locality;
+        options.objective = c.objective;
+        std::vector<RowMatrix<std::int32_t>> maps;
+        std::vector<double> balancedness;
+        for_each_path([&](CpuIsa isa) {
+            const moelb::Plan plan =
+                c.load != nullptr
+                    ? moelb::rebalance(cmap(*c.load), options)
+                    : moelb::rebalance(StepLoads{std::span<const double>(steps), T, L, E}, options);
+            maps.push_back(plan.location.physical_to_logical());
+            balancedness.push_back(plan.stats.balancedness);
+            if (maps.size() > 1) {
+                EXPECT_TRUE(maps.back() == maps.front())
+                    << c.name << " on " << to_string(isa) << ": another plan";
+                EXPECT_EQ(balancedness.back(), balancedness.front()) << c.name;
+            }
+        });
+        EXPECT_FALSE(maps.empty());
+    }
 }
 
 }  // namespace
