@@ -17,12 +17,14 @@ set(MOELB_ISA_SOURCES
   cpp/src/isa/routing_kernels.cpp
   cpp/src/isa/moe_kernels.cpp
   cpp/src/isa/eplb_kernels.cpp
+  cpp/src/isa/simulate_kernels.cpp
   cpp/src/isa/kernel_table.cpp
 )
-# The planner's kernels compute the same bits on every path (plans must not depend on the CPU):
-# no contraction of a * b + c into an FMA, which GCC does by default where FMA exists.
-set_source_files_properties(cpp/src/isa/eplb_kernels.cpp PROPERTIES COMPILE_OPTIONS
-                            -ffp-contract=off)
+# The planner's and the simulator's kernels compute the same bits on every path (plans and scores
+# must not depend on the CPU): no contraction of a * b + c into an FMA, which GCC does by default
+# where FMA exists.
+set_source_files_properties(cpp/src/isa/eplb_kernels.cpp cpp/src/isa/simulate_kernels.cpp
+                            PROPERTIES COMPILE_OPTIONS -ffp-contract=off)
 
 if(MOELB_NATIVE)
   set(MOELB_ISA_PATHS native)

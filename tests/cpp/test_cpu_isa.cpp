@@ -21,6 +21,7 @@
 #include "moelb/moe_layer.hpp"
 #include "moelb/parallel.hpp"
 #include "moelb/routing.hpp"
+#include "moelb/simulate.hpp"
 #include "test_util.hpp"
 
 namespace {
@@ -359,6 +360,45 @@ TEST(CpuIsa, PlansAreTheSameOnEveryPath) {
         });
         EXPECT_FALSE(maps.empty());
     }
+}
+
+// The simulator's scoring kernel (isa/simulate_kernels.cpp) also gives the same bits on every path,
+// and reports the first negative count as before.
+TEST(CpuIsa, ScoresAreTheSameOnEveryPath) {
+    constexpr Index T = 300, L = 3, E = 40;
+    std::mt19937 gen(23);
+    std::poisson_distribution<int> poisson(50);
+    std::vector<std::int32_t> counts(static_cast<std::size_t>(T * L * E));
+    for (auto& c : counts) c = poisson(gen);
+    RowMatrix<double> total = RowMatrix<double>::Zero(L, E);
+    for (Index i = 0; i < T * L * E; ++i)
+        total.data()[i % (L * E)] += counts[static_cast<std::size_t>(i)];
+    RebalanceOptions options;
+    options.num_physical_experts = 48;
+    options.ep_size = 8;
+    const moelb::ExpertLocation location = moelb::rebalance(cmap(total), options).location;
+    const moelb::StepCounts view{std::span<const std::int32_t>(counts), T, L, E};
+    std::vector<RowMatrix<double>> maxima, means;
+    for_each_path([&](CpuIsa isa) {
+        RowMatrix<double> max_load(T, L), mean_load(T, L);
+        moelb::score_steps(view, location, mmap(max_load), mmap(mean_load));
+        maxima.push_back(max_load);
+        means.push_back(mean_load);
+        EXPECT_TRUE(maxima.back() == maxima.front()) << to_string(isa);
+        EXPECT_TRUE(means.back() == means.front()) << to_string(isa);
+        EXPECT_GT(max_load.minCoeff(), 0.0);
+        EXPECT_TRUE((max_load.array() >= mean_load.array()).all());
+    });
+    std::vector<std::int32_t> bad = counts;
+    bad[static_cast<std::size_t>((7 * L + 2) * E + 5)] = -3;
+    bad[static_cast<std::size_t>((9 * L + 0) * E + 1)] = -4;
+    const moelb::StepCounts bad_view{std::span<const std::int32_t>(bad), T, L, E};
+    for_each_path([&](CpuIsa) {
+        RowMatrix<double> max_load(T, L), mean_load(T, L);
+        expect_invalid_argument(
+            [&] { moelb::score_steps(bad_view, location, mmap(max_load), mmap(mean_load)); },
+            "counts[7, 2, 5] = -3 is negative");
+    });
 }
 
 }  // namespace

@@ -18,6 +18,7 @@ const isa::Kernels& kernels() {
         &narrow_balanced_packing,
         &peak_change,
         &other_change,
+        &score_rows,
     };
     return kTable;
 }

@@ -55,6 +55,19 @@ struct SwapChoice {
     bool tied = false;
 };
 
+// The simulator's scoring of steps (moelb::score_steps): rows of per-step counts (row = step * L
+// + layer) on one placement.
+struct ScoreRows {
+    const std::int32_t* counts = nullptr;   // [rows, E] int32 token counts
+    Index num_layers = 0;                   // L
+    Index num_experts = 0;                  // E
+    const double* inv_replicas = nullptr;   // [L, E]: 1 / replicas of each expert
+    const std::int32_t* phy2log = nullptr;  // [L, P]: physical_to_logical
+    Index num_physical_experts = 0;         // P
+    int ep_size = 0;                        // W
+    int slots_per_rank = 0;                 // S = P / W
+};
+
 // order_descending and replica_order rank at most this many items by vector comparisons.
 inline constexpr int kSmallSortItems = 96;
 
@@ -108,6 +121,13 @@ struct Kernels {
                           const double* rest, const double* top1, const double* other_a,
                           const double* reach, Index chunks, Index chunk_steps, double peak_change,
                           double bound, double* change);
+
+    // The simulator (simulate.cpp; -ffp-contract=off too): for rows [begin, end), max_load[r] =
+    // the largest rank's sum of its slots' shares (count / replicas) and total[r] = the row's
+    // count, r = row - begin; share: [E] scratch. Returns -1, or row * E + e of the first
+    // negative count (the outputs are then unspecified).
+    Index (*score_rows)(const ScoreRows& args, Index begin, Index end, double* share,
+                        double* max_load, double* total);
 };
 
 }  // namespace moelb::isa
@@ -157,6 +177,8 @@ isa::Index other_change(const double* ux, const double* uy, const double* la, co
                         const double* rest, const double* top1, const double* other_a,
                         const double* reach, isa::Index chunks, isa::Index chunk_steps,
                         double peak_change, double bound, double* change);
+isa::Index score_rows(const isa::ScoreRows& args, isa::Index begin, isa::Index end, double* share,
+                      double* max_load, double* total);
 }  // namespace moelb::MOELB_ISA_NS
 #else
 namespace moelb::isa {
