@@ -132,33 +132,24 @@ void step_lower_bounds(const StepCounts& counts, int num_physical_experts, int e
     const Index L = counts.num_layers, E = counts.num_experts;
     const Index extras = num_physical_experts - E;
     const std::int32_t* data = counts.data.data();
+    // The fast path runs on the ISA path chosen now (moelb/cpu_isa.hpp; the same bits on every
+    // path): when every expert fits under total / ep_size with the slots available, the bound is
+    // that mean (the divisor method's value cannot exceed it).
+    const isa::Kernels& kernels = isa::kernels();
     parallel_for(counts.num_steps * L, kRowGrain, [&](Index begin, Index end) {
         std::vector<HeapItem> heap;
+        std::vector<double> mean(static_cast<std::size_t>(end - begin));
+        std::vector<Index> needed(mean.size());
+        const Index bad =
+            kernels.bound_rows(data, E, ep_size, begin, end, mean.data(), needed.data());
+        if (bad >= 0) [[unlikely]]
+            negative_count(counts, bad / E, bad % E, data[bad]);
         for (Index row = begin; row < end; ++row) {
-            const std::int32_t* c = data + row * E;
-            double total = 0.0;
-            for (Index e = 0; e < E; ++e) {
-                if (c[e] < 0) [[unlikely]]
-                    negative_count(counts, row, e, c[e]);
-                total += c[e];
-            }
-            // Fast path: when every expert fits under total / ep_size with the slots available,
-            // the bound is that mean (the divisor method's value cannot exceed it).
-            const double mean = total / ep_size;
-            double bound = 0.0;
-            if (mean > 0) {
-                const double inv_mean = 1.0 / mean;
-                Index needed = 0;
-                for (Index e = 0; e < E; ++e) {
-                    // ceil(q) for 0 <= q <= ep_size by truncation: a baseline x86-64 build has
-                    // no rounding instruction, and std::ceil would be a library call per expert.
-                    const double q = c[e] * inv_mean;
-                    const Index whole = static_cast<Index>(q);
-                    needed += std::max<Index>(1, whole + (static_cast<double>(whole) < q ? 1 : 0));
-                }
-                if (needed > num_physical_experts) bound = divisor_bound(c, E, extras, heap);
-            }
-            out(row / L, row % L) = std::max(mean, bound);
+            const std::size_t r = static_cast<std::size_t>(row - begin);
+            const double bound = needed[r] > num_physical_experts
+                                     ? divisor_bound(data + row * E, E, extras, heap)
+                                     : 0.0;
+            out(row / L, row % L) = std::max(mean[r], bound);
         }
     });
 }

@@ -362,8 +362,8 @@ TEST(CpuIsa, PlansAreTheSameOnEveryPath) {
     }
 }
 
-// The simulator's scoring kernel (isa/simulate_kernels.cpp) also gives the same bits on every path,
-// and reports the first negative count as before.
+// The simulator's kernels (isa/simulate_kernels.cpp) also give the same bits on every path, and
+// report the first negative count as before.
 TEST(CpuIsa, ScoresAreTheSameOnEveryPath) {
     constexpr Index T = 300, L = 3, E = 40;
     std::mt19937 gen(23);
@@ -378,14 +378,18 @@ TEST(CpuIsa, ScoresAreTheSameOnEveryPath) {
     options.ep_size = 8;
     const moelb::ExpertLocation location = moelb::rebalance(cmap(total), options).location;
     const moelb::StepCounts view{std::span<const std::int32_t>(counts), T, L, E};
-    std::vector<RowMatrix<double>> maxima, means;
+    std::vector<RowMatrix<double>> maxima, means, bounds;
     for_each_path([&](CpuIsa isa) {
-        RowMatrix<double> max_load(T, L), mean_load(T, L);
+        RowMatrix<double> max_load(T, L), mean_load(T, L), bound(T, L);
         moelb::score_steps(view, location, mmap(max_load), mmap(mean_load));
+        moelb::step_lower_bounds(view, 41, 8, mmap(bound));  // 41 slots: the divisor path too
         maxima.push_back(max_load);
         means.push_back(mean_load);
+        bounds.push_back(bound);
         EXPECT_TRUE(maxima.back() == maxima.front()) << to_string(isa);
         EXPECT_TRUE(means.back() == means.front()) << to_string(isa);
+        EXPECT_TRUE(bounds.back() == bounds.front()) << to_string(isa);
+        EXPECT_TRUE((bound.array() >= mean_load.array()).all());
         EXPECT_GT(max_load.minCoeff(), 0.0);
         EXPECT_TRUE((max_load.array() >= mean_load.array()).all());
     });
@@ -398,6 +402,8 @@ TEST(CpuIsa, ScoresAreTheSameOnEveryPath) {
         expect_invalid_argument(
             [&] { moelb::score_steps(bad_view, location, mmap(max_load), mmap(mean_load)); },
             "counts[7, 2, 5] = -3 is negative");
+        expect_invalid_argument([&] { moelb::step_lower_bounds(bad_view, 48, 8, mmap(max_load)); },
+                                "counts[7, 2, 5] = -3 is negative");
     });
 }
 

@@ -19,6 +19,7 @@ const isa::Kernels& kernels() {
         &peak_change,
         &other_change,
         &score_rows,
+        &bound_rows,
     };
     return kTable;
 }

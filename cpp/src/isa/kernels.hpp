@@ -128,6 +128,12 @@ struct Kernels {
     // negative count (the outputs are then unspecified).
     Index (*score_rows)(const ScoreRows& args, Index begin, Index end, double* share,
                         double* max_load, double* total);
+    // moelb::step_lower_bounds' fast path for rows [begin, end) of counts [rows, E]: mean[r] =
+    // the row's count / ep_size, and needed[r] = the replicas that keep every expert at or below
+    // the mean (sum of max(1, ceil(count / mean))), 0 when the mean is 0. Returns -1, or row * E
+    // + e of the first negative count.
+    Index (*bound_rows)(const std::int32_t* counts, Index num_experts, int ep_size, Index begin,
+                        Index end, double* mean, Index* needed);
 };
 
 }  // namespace moelb::isa
@@ -179,6 +185,8 @@ isa::Index other_change(const double* ux, const double* uy, const double* la, co
                         double peak_change, double bound, double* change);
 isa::Index score_rows(const isa::ScoreRows& args, isa::Index begin, isa::Index end, double* share,
                       double* max_load, double* total);
+isa::Index bound_rows(const std::int32_t* counts, isa::Index num_experts, int ep_size,
+                      isa::Index begin, isa::Index end, double* mean, isa::Index* needed);
 }  // namespace moelb::MOELB_ISA_NS
 #else
 namespace moelb::isa {

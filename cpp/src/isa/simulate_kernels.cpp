@@ -1,6 +1,7 @@
 // The simulator's kernel of one ISA path (isa/kernels.hpp; compiled once per path, with
 // -ffp-contract=off so that every path computes the same bits): the largest rank load of each
-// step and layer on a placement (moelb::score_steps).
+// step and layer on a placement (moelb::score_steps) and the fast path of the per-step lower
+// bounds (moelb::step_lower_bounds).
 #include <algorithm>
 
 #include "kernels.hpp"
@@ -37,6 +38,40 @@ isa::Index score_rows(const isa::ScoreRows& args, isa::Index begin, isa::Index e
         }
         max_load[row - begin] = largest;
         total[row - begin] = sum;
+    }
+    return -1;
+}
+
+isa::Index bound_rows(const std::int32_t* counts, isa::Index num_experts, int ep_size,
+                      isa::Index begin, isa::Index end, double* mean, isa::Index* needed) {
+    const isa::Index E = num_experts;
+    for (isa::Index row = begin; row < end; ++row) {
+        const std::int32_t* c = counts + row * E;
+        double total = 0.0;
+        bool negative = false;
+        for (isa::Index e = 0; e < E; ++e) {
+            negative |= c[e] < 0;
+            total += c[e];
+        }
+        if (negative) [[unlikely]] {
+            for (isa::Index e = 0; e < E; ++e) {
+                if (c[e] < 0) return row * E + e;
+            }
+        }
+        const double m = total / ep_size;
+        isa::Index n = 0;
+        if (m > 0) {
+            const double inv_mean = 1.0 / m;
+            for (isa::Index e = 0; e < E; ++e) {
+                // ceil(q) for 0 <= q <= ep_size by truncation (no rounding instruction before
+                // SSE4.1, and std::ceil would be a library call per expert there).
+                const double q = c[e] * inv_mean;
+                const isa::Index whole = static_cast<isa::Index>(q);
+                n += std::max<isa::Index>(1, whole + (static_cast<double>(whole) < q ? 1 : 0));
+            }
+        }
+        mean[row - begin] = m;
+        needed[row - begin] = n;
     }
     return -1;
 }
