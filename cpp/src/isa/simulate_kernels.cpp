@@ -3,6 +3,7 @@
 // step and layer on a placement (moelb::score_steps) and the fast path of the per-step lower
 // bounds (moelb::step_lower_bounds).
 #include <algorithm>
+#include <cmath>
 
 #include "kernels.hpp"
 
@@ -63,11 +64,16 @@ isa::Index bound_rows(const std::int32_t* counts, isa::Index num_experts, int ep
         if (m > 0) {
             const double inv_mean = 1.0 / m;
             for (isa::Index e = 0; e < E; ++e) {
-                // ceil(q) for 0 <= q <= ep_size by truncation (no rounding instruction before
-                // SSE4.1, and std::ceil would be a library call per expert there).
-                const double q = c[e] * inv_mean;
-                const isa::Index whole = static_cast<isa::Index>(q);
-                n += std::max<isa::Index>(1, whole + (static_cast<double>(whole) < q ? 1 : 0));
+                const double q = c[e] * inv_mean;  // 0 <= q <= ep_size
+#if defined(__SSE4_1__) || !defined(__x86_64__)
+                const auto up = static_cast<isa::Index>(std::ceil(q));
+#else
+                // Before SSE4.1 there is no rounding instruction, and std::ceil is a library call
+                // per expert: the same integer by truncation.
+                const auto whole = static_cast<isa::Index>(q);
+                const isa::Index up = whole + (static_cast<double>(whole) < q ? 1 : 0);
+#endif
+                n += std::max<isa::Index>(1, up);
             }
         }
         mean[row - begin] = m;
