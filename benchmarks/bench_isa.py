@@ -14,7 +14,8 @@ rotates from round to round so that machine noise hits them alike. For every tim
 model x threads; EPLB: algorithm x threads, summed over the script's 8 topology/load cases; MoE
 layer: model x tokens x threads) the table gives each variant's median over the rounds of the
 script's own median wall time, and each variant's time relative to the first variant (1.00: equal;
-above 1: slower). The last line per script is the geometric mean of those ratios.
+above 1: slower) as the median over rounds of the ratio within a round (a paired ratio: load that
+drifts between rounds cancels). The last line per script is the geometric mean of those ratios.
 
 This is not a timed test: it never fails on speed; it exits with status 1 when a script fails (its
 implementations disagree) in any variant.
@@ -81,15 +82,35 @@ class Variant:
 
 @dataclass
 class Result:
-    """One script's timings per variant: key -> the seconds of each round."""
+    """One script's timings: per round, variant -> key -> seconds."""
 
     script: str
-    seconds: dict[str, dict[Key, list[float]]] = field(default_factory=dict)
+    rounds: list[dict[str, dict[Key, float]]] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
+
+    @property
+    def seconds(self) -> dict[str, dict[Key, list[float]]]:
+        """variant -> key -> the seconds of each round it ran."""
+        out: dict[str, dict[Key, list[float]]] = {}
+        for per_round in self.rounds:
+            for variant, per_key in per_round.items():
+                for key, seconds in per_key.items():
+                    out.setdefault(variant, {}).setdefault(key, []).append(seconds)
+        return out
 
     def median(self, variant: str, key: Key) -> float | None:
         values = self.seconds.get(variant, {}).get(key)
         return statistics.median(values) if values else None
+
+    def ratio(self, variant: str, first: str, key: Key) -> float | None:
+        """The median over rounds of variant's time / first's time in the same round (a paired
+        ratio: load that drifts between rounds cancels)."""
+        ratios = [
+            r[variant][key] / r[first][key]
+            for r in self.rounds
+            if key in r.get(variant, {}) and r.get(first, {}).get(key)
+        ]
+        return statistics.median(ratios) if ratios else None
 
     def keys(self) -> list[Key]:
         seen: dict[Key, None] = {}
@@ -190,6 +211,7 @@ def run(
     for r in range(rounds):
         order = [variants[(i + r) % len(variants)] for i in range(len(variants))]
         for script in scripts:
+            results[script].rounds.append({})
             for variant in order:
                 start = time.perf_counter()
                 try:
@@ -198,9 +220,7 @@ def run(
                     results[script].failures.append(str(e))
                     print(f"round {r + 1}: {e}", file=sys.stderr, flush=True)
                     continue
-                per_key = results[script].seconds.setdefault(variant.name, {})
-                for key, seconds in EXTRACT[script](data).items():
-                    per_key.setdefault(key, []).append(seconds)
+                results[script].rounds[-1][variant.name] = EXTRACT[script](data)
                 print(
                     f"round {r + 1}/{rounds}: bench_{script} {variant.name} "
                     f"({time.perf_counter() - start:.0f} s)",
@@ -221,13 +241,12 @@ def format_result(result: Result, variants: Sequence[Variant]) -> str:
     rows = []
     logs: dict[str, list[float]] = {o: [] for o in others}
     for key in result.keys():
-        base = result.median(first, key)
         row = [" ".join(key), *(_ms(result.median(v.name, key)) for v in variants)]
         for o in others:
-            t = result.median(o, key)
-            if base and t:
-                logs[o].append(math.log(t / base))
-                row.append(f"{t / base:.2f}")
+            ratio = result.ratio(o, first, key)
+            if ratio:
+                logs[o].append(math.log(ratio))
+                row.append(f"{ratio:.2f}")
             else:
                 row.append("-")
         rows.append(row)
@@ -253,9 +272,9 @@ def ratios(result: Result, variants: Sequence[Variant]) -> dict[str, dict[str, f
     for v in variants[1:]:
         per: dict[str, float] = {}
         for key in result.keys():
-            base, t = result.median(first, key), result.median(v.name, key)
-            if base and t:
-                per[" ".join(key)] = t / base
+            ratio = result.ratio(v.name, first, key)
+            if ratio:
+                per[" ".join(key)] = ratio
         out[v.name] = per
     return out
 

@@ -16,8 +16,15 @@ include(CheckCXXCompilerFlag)
 set(MOELB_ISA_SOURCES
   cpp/src/isa/routing_kernels.cpp
   cpp/src/isa/moe_kernels.cpp
+  cpp/src/isa/eplb_kernels.cpp
+  cpp/src/isa/simulate_kernels.cpp
   cpp/src/isa/kernel_table.cpp
 )
+# The planner's and the simulator's kernels compute the same bits on every path (plans and scores
+# must not depend on the CPU): no contraction of a * b + c into an FMA, which GCC does by default
+# where FMA exists.
+set_source_files_properties(cpp/src/isa/eplb_kernels.cpp cpp/src/isa/simulate_kernels.cpp
+                            PROPERTIES COMPILE_OPTIONS -ffp-contract=off)
 
 if(MOELB_NATIVE)
   set(MOELB_ISA_PATHS native)
@@ -47,8 +54,13 @@ foreach(path IN LISTS MOELB_ISA_PATHS)
                              $<TARGET_PROPERTY:Eigen3::Eigen,INTERFACE_INCLUDE_DIRECTORIES>)
   target_compile_definitions(${target} PRIVATE MOELB_ISA_NS=isa_${path}
                              Eigen=moelb_isa_${path}_Eigen EIGEN_MPL2_ONLY EIGEN_DONT_PARALLELIZE)
-  target_compile_options(${target} PRIVATE -Wall -Wextra -Wpedantic
+  # GCC 12 warns about its own AVX-512 intrinsics' deliberate self-initialisation (`__m512 __Y =
+  # __Y;`, "undefined" vectors) as (maybe-)uninitialized, at -O1 (the ASan build) even as certain.
+  # -Wpsabi: 256-bit vectors passed by value without AVX (the baseline path) have another ABI;
+  # the kernels' helpers that do so have internal linkage, so no caller sees that ABI.
+  target_compile_options(${target} PRIVATE -Wall -Wextra -Wpedantic -Wno-psabi
                          $<$<CXX_COMPILER_ID:GNU>:-Wno-maybe-uninitialized>
+                         $<$<AND:$<CXX_COMPILER_ID:GNU>,$<STREQUAL:${path},avx512>>:-Wno-uninitialized>
                          ${MOELB_ISA_FLAGS_${path}} ${MOELB_SANITIZE_FLAGS})
   target_sources(moelb_core PRIVATE $<TARGET_OBJECTS:${target}>)
   string(TOUPPER ${path} upper)

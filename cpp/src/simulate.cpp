@@ -7,6 +7,7 @@
 #include <sstream>
 #include <vector>
 
+#include "isa/kernels.hpp"
 #include "moelb/errors.hpp"
 #include "moelb/parallel.hpp"
 
@@ -93,32 +94,29 @@ void score_steps(const StepCounts& counts, const ExpertLocation& location,
         }
     }
     const RowMatrix<std::int32_t>& phy2log = location.physical_to_logical();
-    const std::int32_t* data = counts.data.data();
     const Index rows = counts.num_steps * L;
+    // The rows' loads run on the ISA path chosen now (moelb/cpu_isa.hpp; the same bits on every
+    // path).
+    const isa::Kernels& kernels = isa::kernels();
+    isa::ScoreRows args;
+    args.counts = counts.data.data();
+    args.num_layers = L;
+    args.num_experts = E;
+    args.inv_replicas = inv_replicas.data();
+    args.phy2log = phy2log.data();
+    args.num_physical_experts = location.num_physical_experts();
+    args.ep_size = W;
+    args.slots_per_rank = S;
     parallel_for(rows, kRowGrain, [&](Index begin, Index end) {
         std::vector<double> share(static_cast<std::size_t>(E));
+        std::vector<double> max_load(static_cast<std::size_t>(end - begin)), total(max_load.size());
+        const isa::Index bad =
+            kernels.score_rows(args, begin, end, share.data(), max_load.data(), total.data());
+        if (bad >= 0) [[unlikely]]
+            negative_count(counts, bad / E, bad % E, counts.data[static_cast<std::size_t>(bad)]);
         for (Index row = begin; row < end; ++row) {
-            const Index l = row % L;
-            const std::int32_t* c = data + row * E;
-            const double* inv = inv_replicas.row(l).data();
-            double total = 0.0;
-            for (Index e = 0; e < E; ++e) {
-                if (c[e] < 0) [[unlikely]]
-                    negative_count(counts, row, e, c[e]);
-                total += c[e];
-                share[static_cast<std::size_t>(e)] = c[e] * inv[e];
-            }
-            const std::int32_t* slots = phy2log.row(l).data();
-            double max_load = 0.0;
-            for (int g = 0; g < W; ++g) {
-                double load = 0.0;
-                for (int p = g * S; p < (g + 1) * S; ++p) {
-                    load += share[static_cast<std::size_t>(slots[p])];
-                }
-                max_load = std::max(max_load, load);
-            }
-            max_rank_load(row / L, l) = max_load;
-            mean_rank_load(row / L, l) = total / W;
+            max_rank_load(row / L, row % L) = max_load[static_cast<std::size_t>(row - begin)];
+            mean_rank_load(row / L, row % L) = total[static_cast<std::size_t>(row - begin)] / W;
         }
     });
 }
@@ -134,29 +132,24 @@ void step_lower_bounds(const StepCounts& counts, int num_physical_experts, int e
     const Index L = counts.num_layers, E = counts.num_experts;
     const Index extras = num_physical_experts - E;
     const std::int32_t* data = counts.data.data();
+    // The fast path runs on the ISA path chosen now (moelb/cpu_isa.hpp; the same bits on every
+    // path): when every expert fits under total / ep_size with the slots available, the bound is
+    // that mean (the divisor method's value cannot exceed it).
+    const isa::Kernels& kernels = isa::kernels();
     parallel_for(counts.num_steps * L, kRowGrain, [&](Index begin, Index end) {
         std::vector<HeapItem> heap;
+        std::vector<double> mean(static_cast<std::size_t>(end - begin));
+        std::vector<Index> needed(mean.size());
+        const Index bad =
+            kernels.bound_rows(data, E, ep_size, begin, end, mean.data(), needed.data());
+        if (bad >= 0) [[unlikely]]
+            negative_count(counts, bad / E, bad % E, data[bad]);
         for (Index row = begin; row < end; ++row) {
-            const std::int32_t* c = data + row * E;
-            double total = 0.0;
-            for (Index e = 0; e < E; ++e) {
-                if (c[e] < 0) [[unlikely]]
-                    negative_count(counts, row, e, c[e]);
-                total += c[e];
-            }
-            // Fast path: when every expert fits under total / ep_size with the slots available,
-            // the bound is that mean (the divisor method's value cannot exceed it).
-            const double mean = total / ep_size;
-            double bound = 0.0;
-            if (mean > 0) {
-                const double inv_mean = 1.0 / mean;
-                Index needed = 0;
-                for (Index e = 0; e < E; ++e) {
-                    needed += std::max<Index>(1, static_cast<Index>(std::ceil(c[e] * inv_mean)));
-                }
-                if (needed > num_physical_experts) bound = divisor_bound(c, E, extras, heap);
-            }
-            out(row / L, row % L) = std::max(mean, bound);
+            const std::size_t r = static_cast<std::size_t>(row - begin);
+            const double bound = needed[r] > num_physical_experts
+                                     ? divisor_bound(data + row * E, E, extras, heap)
+                                     : 0.0;
+            out(row / L, row % L) = std::max(mean[r], bound);
         }
     });
 }

@@ -16,10 +16,12 @@
 #include <vector>
 
 #include "moelb/cpu_isa.hpp"
+#include "moelb/eplb.hpp"
 #include "moelb/hash_router.hpp"
 #include "moelb/moe_layer.hpp"
 #include "moelb/parallel.hpp"
 #include "moelb/routing.hpp"
+#include "moelb/simulate.hpp"
 #include "test_util.hpp"
 
 namespace {
@@ -28,10 +30,15 @@ using moelb::CpuIsa;
 using moelb::DeepSeekMoE;
 using moelb::DeepSeekMoEConfig;
 using moelb::DeepSeekMoEWeights;
+using moelb::EplbAlgorithm;
 using moelb::HashRouter;
 using moelb::Index;
+using moelb::Locality;
+using moelb::Objective;
+using moelb::RebalanceOptions;
 using moelb::RowMatrix;
 using moelb::Scoring;
+using moelb::StepLoads;
 using moelb::TopKConfig;
 using moelb::TopKOutput;
 using moelb::test_util::cmap;
@@ -287,6 +294,117 @@ TEST(CpuIsa, MoeLayerPathsAgree) {
         }
     });
     EXPECT_FALSE(outputs.empty());
+}
+
+// The planner's kernels (isa/eplb_kernels.cpp, compiled with -ffp-contract=off) compute the same
+// bits on every path: plans must not depend on the CPU that makes them. Shapes that take each
+// kernel: DeepSeek's small sorts and narrow packing (8 GPUs per node), the float32 and float64
+// swap screens (Zipf loads; loads beyond float32's range), and the step-peak search.
+TEST(CpuIsa, PlansAreTheSameOnEveryPath) {
+    constexpr int L = 6, E = 64, T = 40;
+    std::mt19937_64 rng(17);
+    std::exponential_distribution<double> exponential(1.0);
+    std::vector<double> steps(static_cast<std::size_t>(T) * L * E);
+    for (double& v : steps) v = std::floor(100.0 * exponential(rng) * exponential(rng));
+    RowMatrix<double> total = RowMatrix<double>::Zero(L, E);
+    for (int t = 0; t < T; ++t) {
+        for (Index i = 0; i < L * E; ++i)
+            total.data()[i] += steps[static_cast<std::size_t>(t * L * E + i)];
+    }
+    RowMatrix<double> huge = total * 1e35;  // beyond float32: the float64 screen
+    struct PlanCase {
+        std::string name;
+        EplbAlgorithm algorithm;
+        Locality locality;
+        Objective objective;
+        int slots, gpus, nodes;
+        const RowMatrix<double>* load;  // null: the per-step loads
+    };
+    const PlanCase cases[] = {
+        {"deepseek", EplbAlgorithm::kDeepSeek, Locality::kAuto, Objective::kTotal, 80, 16, 2,
+         &total},
+        {"deepseek_global", EplbAlgorithm::kDeepSeekGlobal, Locality::kAuto, Objective::kTotal, 96,
+         8, 1, &total},
+        {"moelb-node", EplbAlgorithm::kMoelb, Locality::kNode, Objective::kTotal, 96, 16, 2,
+         &total},
+        {"moelb-none", EplbAlgorithm::kMoelb, Locality::kNone, Objective::kTotal, 128, 16, 2,
+         &total},
+        {"moelb-none-1e35", EplbAlgorithm::kMoelb, Locality::kNone, Objective::kTotal, 128, 16, 2,
+         &huge},
+        {"moelb-step_peak", EplbAlgorithm::kMoelb, Locality::kNone, Objective::kStepPeak, 96, 8, 1,
+         nullptr},
+    };
+    for (const PlanCase& c : cases) {
+        RebalanceOptions options;
+        options.num_physical_experts = c.slots;
+        options.num_groups = 8;
+        options.num_nodes = c.nodes;
+        options.ep_size = c.gpus;
+        options.algorithm = c.algorithm;
+        options.locality = c.locality;
+        options.objective = c.objective;
+        std::vector<RowMatrix<std::int32_t>> maps;
+        std::vector<double> balancedness;
+        for_each_path([&](CpuIsa isa) {
+            const moelb::Plan plan =
+                c.load != nullptr
+                    ? moelb::rebalance(cmap(*c.load), options)
+                    : moelb::rebalance(StepLoads{std::span<const double>(steps), T, L, E}, options);
+            maps.push_back(plan.location.physical_to_logical());
+            balancedness.push_back(plan.stats.balancedness);
+            if (maps.size() > 1) {
+                EXPECT_TRUE(maps.back() == maps.front())
+                    << c.name << " on " << to_string(isa) << ": another plan";
+                EXPECT_EQ(balancedness.back(), balancedness.front()) << c.name;
+            }
+        });
+        EXPECT_FALSE(maps.empty());
+    }
+}
+
+// The simulator's kernels (isa/simulate_kernels.cpp) also give the same bits on every path, and
+// report the first negative count as before.
+TEST(CpuIsa, ScoresAreTheSameOnEveryPath) {
+    constexpr Index T = 300, L = 3, E = 40;
+    std::mt19937 gen(23);
+    std::poisson_distribution<int> poisson(50);
+    std::vector<std::int32_t> counts(static_cast<std::size_t>(T * L * E));
+    for (auto& c : counts) c = poisson(gen);
+    RowMatrix<double> total = RowMatrix<double>::Zero(L, E);
+    for (Index i = 0; i < T * L * E; ++i)
+        total.data()[i % (L * E)] += counts[static_cast<std::size_t>(i)];
+    RebalanceOptions options;
+    options.num_physical_experts = 48;
+    options.ep_size = 8;
+    const moelb::ExpertLocation location = moelb::rebalance(cmap(total), options).location;
+    const moelb::StepCounts view{std::span<const std::int32_t>(counts), T, L, E};
+    std::vector<RowMatrix<double>> maxima, means, bounds;
+    for_each_path([&](CpuIsa isa) {
+        RowMatrix<double> max_load(T, L), mean_load(T, L), bound(T, L);
+        moelb::score_steps(view, location, mmap(max_load), mmap(mean_load));
+        moelb::step_lower_bounds(view, 41, 8, mmap(bound));  // 41 slots: the divisor path too
+        maxima.push_back(max_load);
+        means.push_back(mean_load);
+        bounds.push_back(bound);
+        EXPECT_TRUE(maxima.back() == maxima.front()) << to_string(isa);
+        EXPECT_TRUE(means.back() == means.front()) << to_string(isa);
+        EXPECT_TRUE(bounds.back() == bounds.front()) << to_string(isa);
+        EXPECT_TRUE((bound.array() >= mean_load.array()).all());
+        EXPECT_GT(max_load.minCoeff(), 0.0);
+        EXPECT_TRUE((max_load.array() >= mean_load.array()).all());
+    });
+    std::vector<std::int32_t> bad = counts;
+    bad[static_cast<std::size_t>((7 * L + 2) * E + 5)] = -3;
+    bad[static_cast<std::size_t>((9 * L + 0) * E + 1)] = -4;
+    const moelb::StepCounts bad_view{std::span<const std::int32_t>(bad), T, L, E};
+    for_each_path([&](CpuIsa) {
+        RowMatrix<double> max_load(T, L), mean_load(T, L);
+        expect_invalid_argument(
+            [&] { moelb::score_steps(bad_view, location, mmap(max_load), mmap(mean_load)); },
+            "counts[7, 2, 5] = -3 is negative");
+        expect_invalid_argument([&] { moelb::step_lower_bounds(bad_view, 48, 8, mmap(max_load)); },
+                                "counts[7, 2, 5] = -3 is negative");
+    });
 }
 
 }  // namespace

@@ -11,13 +11,16 @@
 #include <utility>
 #include <vector>
 
+#include "../isa/kernels.hpp"
 #include "planner.hpp"
 
 namespace moelb::planner {
 namespace {
 
 // order_descending sorts this many items or more by radix, fewer by counting each one's rank.
-constexpr int kRadixMinItems = 96;
+// replica_order (isa/eplb_kernels.cpp: the stable order of a layer's replicas from its experts'
+// loads, when no two are equal) takes at most this many experts.
+constexpr int kRadixMinItems = isa::kSmallSortItems;
 
 // Indices of w[0, num_items) by descending value, ties to the lower index (what a stable sort
 // gives). Sorts one integer key per item: the float's bits (order-preserving for values >= 0; -0 is
@@ -26,46 +29,13 @@ constexpr int kRadixMinItems = 96;
 // keys share) keeps equal values in index order.
 void order_descending(const float* w, int num_items, std::vector<int>& order) {
     constexpr int kRadixBits = 8, kBuckets = 1 << kRadixBits, kPasses = 32 / kRadixBits;
-    thread_local std::vector<std::uint64_t> keys, next;
     order.resize(static_cast<std::size_t>(num_items));
     if (num_items < kRadixMinItems) {
-        // Few items: each one's rank is the number of smaller keys (the keys are unique), counted
-        // for a block of items at once (a vector of 64-bit lanes) against each key in turn, by
-        // branch-free comparisons. The keys are compared as signed integers with the top bit
-        // flipped, which orders them like unsigned ones; spare lanes are padded. Blocks go in
-        // pairs (one broadcast key serves both), so their count is even.
-        constexpr int kBlock = 4;
-        using Block = std::int64_t __attribute__((vector_size(kBlock * sizeof(std::int64_t))));
-        const int blocks = ((num_items + kBlock - 1) / kBlock + 1) / 2 * 2;
-        thread_local std::vector<Block> block_keys, block_ranks;
-        block_keys.resize(static_cast<std::size_t>(blocks));
-        block_ranks.resize(block_keys.size());
-        std::int64_t* k = reinterpret_cast<std::int64_t*>(block_keys.data());
-        for (int i = 0; i < num_items; ++i) {
-            std::uint32_t bits;
-            const float v = w[i] + 0.0f;
-            std::memcpy(&bits, &v, sizeof bits);
-            const std::uint64_t key =
-                (static_cast<std::uint64_t>(~bits) << 32) | static_cast<std::uint32_t>(i);
-            k[i] = static_cast<std::int64_t>(key ^ (std::uint64_t{1} << 63));
-        }
-        for (int i = num_items; i < blocks * kBlock; ++i)
-            k[i] = std::numeric_limits<std::int64_t>::max();
-        for (int b = 0; b < blocks; b += 2) {
-            const Block mine0 = block_keys[b], mine1 = block_keys[b + 1];
-            Block rank0{}, rank1{};
-            for (int j = 0; j < num_items; ++j) {
-                const Block kj = Block{} + k[j];  // k[j] in every lane
-                rank0 -= mine0 > kj;              // a true lane is -1
-                rank1 -= mine1 > kj;
-            }
-            block_ranks[b] = rank0;
-            block_ranks[b + 1] = rank1;
-        }
-        const std::int64_t* rank = reinterpret_cast<const std::int64_t*>(block_ranks.data());
-        for (int i = 0; i < num_items; ++i) order[rank[i]] = i;
+        // Few items: each one's rank counted by vector comparisons (isa/eplb_kernels.cpp).
+        isa::kernels().rank_descending(w, num_items, order.data());
         return;
     }
+    thread_local std::vector<std::uint64_t> keys, next;
     keys.resize(static_cast<std::size_t>(num_items));
     next.resize(keys.size());
     std::uint32_t histogram[kPasses][kBuckets] = {};
@@ -92,107 +62,9 @@ void order_descending(const float* w, int num_items, std::vector<int>& order) {
     for (int i = 0; i < num_items; ++i) order[i] = static_cast<int>(keys[i] & 0xffffffffu);
 }
 
-// The order_descending of a layer's replica loads, from its experts instead of its replicas:
-// expert i (of num_items) has count[i] replicas of load u[i] each (u >= 0, never -0), in slot i and
-// then, in slot order, the slots s in [num_items, slots) with phy2exp[s] == i. When no two experts'
-// u are equal, sorting the num_items experts and listing each one's replicas in slot order is the
-// stable sort of the replicas (a tie is then only between replicas of one expert). Ranks are
-// counted for blocks of 8 experts at once against each expert's u, as 32-bit integers (the bits of
-// a float >= +0 order like it). Returns false, leaving `order` unspecified, when two experts' u are
-// equal (the caller then sorts the replicas) or num_items is above kRadixMinItems.
-bool replica_order(const float* u, const int* count, const int* phy2exp, int num_items, int slots,
-                   int* order) {
-    if (num_items > kRadixMinItems) return false;
-    // Blocks go in fours (one broadcast key serves four), so their count is a multiple of 4.
-    constexpr int kBlock = 8, kGroup = 4;
-    using Block = std::int32_t __attribute__((vector_size(kBlock * sizeof(std::int32_t))));
-    constexpr int kMaxBlocks = (kRadixMinItems + kBlock * kGroup - 1) / (kBlock * kGroup) * kGroup;
-    Block keys[kMaxBlocks], ranks[kMaxBlocks];
-    const int blocks = (num_items + kBlock * kGroup - 1) / (kBlock * kGroup) * kGroup;
-    std::int32_t* k = reinterpret_cast<std::int32_t*>(keys);
-    for (int i = 0; i < num_items; ++i) std::memcpy(&k[i], &u[i], sizeof k[i]);
-    for (int i = num_items; i < blocks * kBlock; ++i) k[i] = 0;
-    for (int b = 0; b < blocks; b += kGroup) {
-        const Block mine0 = keys[b], mine1 = keys[b + 1], mine2 = keys[b + 2], mine3 = keys[b + 3];
-        Block rank0{}, rank1{}, rank2{}, rank3{};
-        for (int j = 0; j < num_items; ++j) {
-            const Block kj = Block{} + k[j];  // k[j] in every lane
-            rank0 -= kj > mine0;              // a true lane is -1
-            rank1 -= kj > mine1;
-            rank2 -= kj > mine2;
-            rank3 -= kj > mine3;
-        }
-        ranks[b] = rank0;
-        ranks[b + 1] = rank1;
-        ranks[b + 2] = rank2;
-        ranks[b + 3] = rank3;
-    }
-    // Distinct keys give distinct ranks, a permutation of [0, num_items): then every expert finds
-    // itself at its rank. (Equal keys share a rank, and only one of them is written there.)
-    const std::int32_t* rank = reinterpret_cast<const std::int32_t*>(ranks);
-    int by_rank[kRadixMinItems];
-    for (int i = 0; i < num_items; ++i) by_rank[rank[i]] = i;
-    bool distinct = true;
-    for (int i = 0; i < num_items; ++i) distinct &= by_rank[rank[i]] == i;
-    if (!distinct) return false;
-    // Each expert's first position in `order`, then its replicas' slots in slot order.
-    int next[kRadixMinItems];
-    for (int r = 0, at = 0; r < num_items; ++r) {
-        const int i = by_rank[r];
-        order[at] = i;
-        next[i] = at + 1;
-        at += count[i];
-    }
-    for (int s = num_items; s < slots; ++s) order[next[phy2exp[s]]++] = s;
-    return true;
-}
-
-// balanced_packing (below) for num_packs <= kNarrowPacks packs: each instance's pack keys (the
-// float32 load's bits, which order like the load since loads are >= +0; a full pack's key is the
-// largest integer) are the lanes of one vector, and a step is branch-free vector work: the minimum
-// key reaches every lane in three pairwise minima, and the lowest lane equal to it is the pack.
+// balanced_packing (below) for num_packs <= kNarrowPacks packs runs as vector work
+// (isa/eplb_kernels.cpp's narrow_balanced_packing: the packs' keys are the lanes of one vector).
 constexpr int kNarrowPacks = 8;
-using PackKeys = std::uint32_t __attribute__((vector_size(kNarrowPacks * sizeof(std::uint32_t))));
-
-void narrow_balanced_packing(const float* w, const int* order, int num_items, int num_packs,
-                             int* pack, int* rank, int instances) {
-    constexpr std::uint32_t kNoRoom = std::numeric_limits<std::uint32_t>::max();
-    const int per_pack = num_items / num_packs;
-    PackKeys lane{};
-    for (int p = 0; p < kNarrowPacks; ++p) lane[p] = static_cast<std::uint32_t>(p);
-    thread_local std::vector<PackKeys> keys;
-    thread_local std::vector<float> loads;
-    thread_local std::vector<int> counts;
-    keys.assign(static_cast<std::size_t>(instances), PackKeys{} + kNoRoom);
-    const PackKeys used = PackKeys{} + static_cast<std::uint32_t>(num_packs);
-    for (PackKeys& k : keys) k = lane < used ? PackKeys{} : k;  // the packs start at +0
-    loads.assign(static_cast<std::size_t>(num_packs) * instances, 0.0f);
-    counts.assign(loads.size(), 0);
-    for (int o = 0; o < num_items; ++o) {
-        for (int t = 0; t < instances; ++t) {
-            PackKeys k = keys[t];
-            // (Lane-wise minima written out: a function returning a vector would warn -Wpsabi
-            // in builds without AVX.)
-            PackKeys other = __builtin_shufflevector(k, k, 4, 5, 6, 7, 0, 1, 2, 3);
-            PackKeys least = k < other ? k : other;
-            other = __builtin_shufflevector(least, least, 2, 3, 0, 1, 6, 7, 4, 5);
-            least = least < other ? least : other;
-            other = __builtin_shufflevector(least, least, 1, 0, 3, 2, 5, 4, 7, 6);
-            least = least < other ? least : other;
-            const int best = std::countr_zero(lane_bits(k == least));
-            float* load = loads.data() + num_packs * t;
-            int* count = counts.data() + num_packs * t;
-            const int i = order[t * num_items + o];
-            pack[t * num_items + i] = best;
-            rank[t * num_items + i] = count[best]++;
-            load[best] += w[t * num_items + i];
-            std::uint32_t bits;
-            std::memcpy(&bits, &load[best], sizeof bits);
-            if (count[best] == per_pack) bits = kNoRoom;
-            keys[t] = lane == PackKeys{} + static_cast<std::uint32_t>(best) ? PackKeys{} + bits : k;
-        }
-    }
-}
 
 // balanced_packing: num_items items into num_packs packs of num_items / num_packs items each
 // (greedy by descending weight onto the lightest pack with room, ties to the lower pack). Pack sums
@@ -212,7 +84,8 @@ void balanced_packing(const float* w, const int* order, int num_items, int num_p
         return;
     }
     if (num_packs <= kNarrowPacks) {
-        narrow_balanced_packing(w, order, num_items, num_packs, pack, rank, instances);
+        isa::kernels().narrow_balanced_packing(w, order, num_items, num_packs, pack, rank,
+                                               instances);
         return;
     }
     // Each instance's packs in a tournament tree of keys (float32 load bits, pack): its root is
@@ -336,8 +209,9 @@ void deepseek_layer(const float* w, int num_experts, int num_physical_experts, i
         float* node_replica_w = replica_w.data() + n * slots_per_node;
         for (int j = 0; j < slots_per_node; ++j) node_replica_w[j] = node_w[node_phy2mlog[j]];
         if (slots_per_node > ranks_per_node &&
-            !replica_order(node_w.data(), mlog_count.data(), node_phy2mlog, experts_per_node,
-                           slots_per_node, order.data() + n * slots_per_node)) {
+            !isa::kernels().replica_order(node_w.data(), mlog_count.data(), node_phy2mlog,
+                                          experts_per_node, slots_per_node,
+                                          order.data() + n * slots_per_node)) {
             order_descending(node_replica_w, slots_per_node, node_order);
             std::copy(node_order.begin(), node_order.end(), order.begin() + n * slots_per_node);
         }

@@ -11,118 +11,39 @@
 #include <utility>
 #include <vector>
 
+#include "../isa/kernels.hpp"
 #include "planner.hpp"
 
 namespace moelb::planner {
 namespace {
 
-// Vectors of kFloatLanes floats (one AVX2 register), for the swap search's first test in float32,
-// with loads between kFloatMin and kFloatMax and a margin of kFloatSlack of the largest load.
+// The swap search's first test runs in float32 (vectors of kFloatLanes floats) when the loads are
+// between kFloatMin and kFloatMax (its margin, isa/eplb_kernels.cpp, is far above the rounding).
 constexpr int kFloatLanes = 8;
-using FloatLanes = float __attribute__((vector_size(kFloatLanes * sizeof(float))));
-constexpr double kFloatMin = 1e-30, kFloatMax = 1e30, kFloatSlack = 1e-6;
+constexpr double kFloatMin = 1e-30, kFloatMax = 1e30;
 
-// A swap of bin(a)[xi] with bin(b)[yi] (a: the heaviest bin).
-struct Swap {
-    int b = -1, xi = -1, yi = -1;  // b < 0: none
-    bool tied = false;             // another partner offers an equally good swap
-};
-
-// Whether some x of a[0, size) and y of b[0, stride) (b padded with +inf to whole vectors V of
-// T) have lower < x - y < upper: branch-free, a vector of b's slots at a time.
-template <typename V, typename T>
-bool any_difference_in(const T* a, const T* b, int size, int stride, T lower, T upper) {
-    constexpr int kWidth = sizeof(V) / sizeof(T);
-    decltype(V{} < V{}) hit{};
-    for (int y0 = 0; y0 < stride; y0 += kWidth) {
-        V y;
-        std::memcpy(&y, b + y0, sizeof y);
-        for (int xi = 0; xi < size; ++xi) {
-            const V d = a[xi] - y;
-            hit |= (d > lower) & (d < upper);
-        }
-    }
-    std::uint64_t words[sizeof hit / sizeof(std::uint64_t)];
-    std::memcpy(words, &hit, sizeof hit);
-    std::uint64_t any = 0;
-    for (const std::uint64_t w : words) any |= w;
-    return any != 0;
-}
+// A swap of bin(a)[xi] with bin(b)[yi] (a: the heaviest bin); b < 0: none; tied: another partner
+// offers an equally good swap.
+using Swap = isa::SwapChoice;
 
 // The best swap between bin a (load limit) and the partners by_load[first, last) (ascending load):
 // the one that lowers max(load a, load b) the most below limit, ties to the smallest (tie_key of
-// the partner, a's slot, b's slot). Reports whether the best was tied with another partner's.
-//
-// A swap with b cannot end below (limit + load b) / 2, so once that exceeds the best found (with a
-// margin far above rounding), no heavier partner can win, not even a tie. Most partners offer no
-// swap at or below the best so far: a branch-free pass over all their pairs, kLanes of b's slots
-// at a time, tests that first, with a condition the exact pass's implies (load differences in an
-// interval widened by a margin), so it only skips partners the exact pass would skip.
+// the partner, a's slot, b's slot); reports whether the best was tied with another partner's. A
+// vector kernel (isa/eplb_kernels.cpp: a branch-free screen over all pairs, then the exact pass).
 Swap best_swap(const Packing& p, int a, double limit, const int* by_load, int first, int last,
                const PackScratch& s) {
-    constexpr double kBoundSlack = 1e-12;  // relative; rounding moves m by ~1e-16
-    const double* a_loads = s.slot_load.data() + static_cast<Index>(a) * s.load_stride;
-    double best = limit * (1 - kRelTol);
-    Swap out;
-    for (int k = first; k < last; ++k) {
-        const int b = by_load[k];
-        const double load_b = p.bin_load[b];
-        if ((limit + load_b) * 0.5 * (1 - kBoundSlack) > best) break;
-        const double* b_loads = s.slot_load.data() + static_cast<Index>(b) * s.load_stride;
-        const double gap = limit - load_b;
-        // The pass keeps a pair when its d = x - y lies in (lower, upper): 0 < d < gap, and
-        // max(limit - d, load_b + d) <= best up to a margin far above rounding, so it keeps
-        // every pair the exact pass accepts.
-        const double margin = kBoundSlack * limit;
-        const double lower = std::max(0.0, limit - best - margin);
-        const double upper = std::min(gap, best - load_b + margin);
-        if (lower >= upper) continue;
-        if (s.use_float) {
-            // In float32 with a margin (kFloatSlack of the limit) far above its rounding of the
-            // loads and the differences (~2e-7 of the limit): still keeps every such pair.
-            const float slack = static_cast<float>(kFloatSlack * limit);
-            if (!any_difference_in<FloatLanes>(
-                    s.slot_load32.data() + static_cast<Index>(a) * s.load_stride32,
-                    s.slot_load32.data() + static_cast<Index>(b) * s.load_stride32, p.size,
-                    s.load_stride32, static_cast<float>(lower) - slack,
-                    static_cast<float>(upper) + slack)) {
-                continue;
-            }
-        } else if (!any_difference_in<Lanes>(a_loads, b_loads, p.size, s.load_stride, lower,
-                                             upper)) {
-            continue;
-        }
-        // The exact pass, in the same order (a's slot, then b's) over the pairs the test passes
-        // (with the best as it is by then).
-        for (int xi = 0; xi < p.size; ++xi) {
-            for (int y0 = 0; y0 < s.load_stride; y0 += kLanes) {
-                Lanes y;
-                std::memcpy(&y, b_loads + y0, sizeof y);
-                const Lanes dy = a_loads[xi] - y;
-                const Lanes lo = limit - dy, hi = load_b + dy;
-                unsigned pairs = lane_bits((dy > 0) & (dy < gap) & ((lo < hi ? hi : lo) <= best));
-                for (; pairs != 0; pairs &= pairs - 1) {
-                    const int yi = y0 + std::countr_zero(pairs);
-                    const double d = a_loads[xi] - b_loads[yi];
-                    if (d <= 0 || d >= gap) continue;
-                    const double m = std::max(limit - d, load_b + d);
-                    if (m > best || (m == best && (out.b < 0 || out.b == b))) continue;
-                    if (!p.swap_allowed(a, xi, b, yi)) continue;
-                    if (m == best) {  // as good as another partner's best swap
-                        out.tied = true;
-                        if (s.tie_key[b] > s.tie_key[out.b]) continue;
-                    } else {
-                        out.tied = false;
-                    }
-                    best = m;
-                    out.b = b;
-                    out.xi = xi;
-                    out.yi = yi;
-                }
-            }
-        }
-    }
-    return out;
+    isa::SwapScan scan;
+    scan.bin_load = p.bin_load.data();
+    scan.slot_expert = p.slot_expert.data();
+    scan.size = p.size;
+    scan.slot_load = s.slot_load.data();
+    scan.load_stride = s.load_stride;
+    scan.slot_load32 = s.slot_load32.data();
+    scan.load_stride32 = s.load_stride32;
+    scan.use_float = s.use_float;
+    scan.tie_key = s.tie_key.data();
+    scan.rel_tol = kRelTol;
+    return isa::kernels().best_swap(scan, a, limit, by_load, first, last);
 }
 
 // The swap search's order of bins: by load, then index.

@@ -42,10 +42,6 @@
 #include <utility>
 #include <vector>
 
-#if defined(__AVX__)
-#include <immintrin.h>
-#endif
-
 #include "moelb/eplb.hpp"
 
 namespace moelb::planner {
@@ -54,32 +50,14 @@ namespace moelb::planner {
 // Vectors and keys (GCC/Clang extensions).
 // =============================================================================================
 
-// Vectors of kLanes doubles (one AVX2 register), for the swap searches' scans over pairs of
-// replicas and over steps.
+// The swap searches scan pairs of replicas and steps kLanes doubles at a time (one AVX2 register;
+// the vector kernels are in isa/eplb_kernels.cpp, compiled per ISA path): their arrays are padded
+// to multiples of kLanes.
 constexpr int kLanes = 4;
-using Lanes = double __attribute__((vector_size(kLanes * sizeof(double))));
 
-// 128-bit integers for (double bits, index) keys (a GCC/Clang extension like the vector types;
-// __extension__ tells -Wpedantic so).
+// 128-bit integers for (double bits, index) keys (a GCC/Clang extension; __extension__ tells
+// -Wpedantic so).
 __extension__ typedef unsigned __int128 Uint128;
-
-// Bit i set where lane i of the comparison mask m (a 256-bit vector of 4 or 8 lanes) is.
-template <class Mask>
-unsigned lane_bits(const Mask& m) {
-    constexpr int lanes = static_cast<int>(sizeof(Mask) / sizeof(m[0]));
-#if defined(__AVX__)
-    static_assert(sizeof(Mask) == 32);
-    if constexpr (lanes == 4) {
-        return static_cast<unsigned>(_mm256_movemask_pd(std::bit_cast<__m256d>(m)));
-    } else {
-        return static_cast<unsigned>(_mm256_movemask_ps(std::bit_cast<__m256>(m)));
-    }
-#else
-    unsigned bits = 0;
-    for (int i = 0; i < lanes; ++i) bits |= static_cast<unsigned>(m[i] != 0) << i;
-    return bits;
-#endif
-}
 
 // The complement of a load's bits: ascending keys order loads descending (non-negative doubles
 // order like their bits; -0 is normalised to +0).

@@ -9,6 +9,7 @@
 #include <initializer_list>
 #include <vector>
 
+#include "../isa/kernels.hpp"
 #include "planner.hpp"
 
 namespace moelb::planner {
@@ -50,22 +51,6 @@ struct StepScratch {
         if (bytes > kKeepBytes) *this = StepScratch();
     }
 };
-
-// kLanes doubles from p (unaligned).
-Lanes lanes_at(const double* p) {
-    Lanes v;
-    std::memcpy(&v, p, sizeof v);
-    return v;
-}
-
-// kLanes steps' largest load after a swap moves the load y - x of replicas (x[i], y[i]: their
-// loads in step i) onto bin a (load ga) from bin b (gb); rest: the largest load of the other bins.
-Lanes peak_after_swap(const double* x, const double* y, Lanes ga, Lanes gb, Lanes rest) {
-    const Lanes delta = lanes_at(y) - lanes_at(x);
-    const Lanes na = ga + delta, nb = gb - delta;
-    const Lanes m = na > nb ? na : nb;
-    return m > rest ? m : rest;
-}
 
 // The best swap of the search so far: bin(a)[xi] <-> bin(b)[yi] changes the objective by
 // `change` (negative: lower); b < 0: none yet.
@@ -240,6 +225,7 @@ struct StepPeakSearch {
         }
         const double* la = &s.load[a * T];
         const double* lb = &s.load[b * T];
+        const isa::Kernels& kernels = isa::kernels();
         for (int xi = 0; xi < S; ++xi) {
             const int x = p.bin(a)[xi];
             for (int yi = 0; yi < S; ++yi) {
@@ -248,37 +234,17 @@ struct StepPeakSearch {
                     !p.swap_allowed(a, xi, b, yi)) {
                     continue;
                 }
-                // The terms of a's peak steps.
-                double change = 0.0;
-                {
-                    const double* cx = &s.peak_share[x * stride];
-                    const double* cy = &s.peak_share[y * stride];
-                    Lanes acc = {0, 0, 0, 0};
-                    for (Index i = 0; i < stride; i += kLanes) {
-                        const Lanes ga = lanes_at(s.peak_a.data() + i);
-                        acc += peak_after_swap(cx + i, cy + i, ga, lanes_at(s.peak_b.data() + i),
-                                               lanes_at(s.peak_rest.data() + i)) -
-                               ga;  // ga is the step's largest load
-                    }
-                    change = (acc[0] + acc[1]) + (acc[2] + acc[3]);
-                    if (change - reach_b >= best.change + slack) continue;
-                }
-                // The terms of the other steps, in step order.
-                const double* ux = &s.share[x * T];
-                const double* uy = &s.share[y * T];
-                const double peak_change = change;
-                Lanes acc = {0, 0, 0, 0};
-                Index c = 0;
-                for (; c < chunks; ++c) {
-                    for (Index t = c * kStepChunk; t < (c + 1) * kStepChunk; t += kLanes) {
-                        const Lanes m =
-                            peak_after_swap(ux + t, uy + t, lanes_at(la + t), lanes_at(lb + t),
-                                            lanes_at(s.rest.data() + t));
-                        acc += (m - lanes_at(s.top1.data() + t)) * lanes_at(s.other_a.data() + t);
-                    }
-                    change = peak_change + ((acc[0] + acc[1]) + (acc[2] + acc[3]));
-                    if (change - s.reach[c + 1] >= best.change + slack) break;
-                }
+                // The terms of a's peak steps, then of the other steps in step order, chunk by
+                // chunk until the sum cannot beat the best (isa/eplb_kernels.cpp).
+                const double peak_change = kernels.peak_change(
+                    &s.peak_share[x * stride], &s.peak_share[y * stride], s.peak_a.data(),
+                    s.peak_b.data(), s.peak_rest.data(), stride);
+                if (peak_change - reach_b >= best.change + slack) continue;
+                double change = peak_change;
+                const Index c =
+                    kernels.other_change(&s.share[x * T], &s.share[y * T], la, lb, s.rest.data(),
+                                         s.top1.data(), s.other_a.data(), s.reach.data(), chunks,
+                                         kStepChunk, peak_change, best.change + slack, &change);
                 if (c == chunks && change < best.change) best = {change, b, xi, yi};
             }
         }

@@ -5,7 +5,21 @@ namespace moelb::MOELB_ISA_NS {
 
 const isa::Kernels& kernels() {
     static constexpr isa::Kernels kTable{
-        &route_rows, &hash_scores, &gate_rows, &mlp_rows, &store_rows, &combine_rows, &add_values,
+        &route_rows,
+        &hash_scores,
+        &gate_rows,
+        &mlp_rows,
+        &store_rows,
+        &combine_rows,
+        &add_values,
+        &best_swap,
+        &rank_descending,
+        &replica_order,
+        &narrow_balanced_packing,
+        &peak_change,
+        &other_change,
+        &score_rows,
+        &bound_rows,
     };
     return kTable;
 }

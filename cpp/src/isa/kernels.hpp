@@ -34,6 +34,43 @@ struct RouteRowsArgs {
     const float* bias = nullptr;  // [E] correction bias (selection only), or null
 };
 
+// The EPLB packing's swap search state (planner::Packing, planner::PackScratch), for best_swap.
+struct SwapScan {
+    const double* bin_load = nullptr;    // [bins]
+    const int* slot_expert = nullptr;    // [bins * size]: bin b's experts at [b * size, ...)
+    int size = 0;                        // slots per bin
+    const double* slot_load = nullptr;   // [bins * load_stride]: each slot's replica load (+inf
+    int load_stride = 0;                 //   padding to a multiple of 4)
+    const float* slot_load32 = nullptr;  // the same in float32 ([bins * load_stride32], padding to
+    int load_stride32 = 0;               //   a multiple of 8), when use_float
+    bool use_float = false;
+    const int* tie_key = nullptr;  // [bins]: ties between partners go to the smaller key
+    double rel_tol = 0.0;          // a load must drop by this much (relative) to count as lower
+};
+
+// A swap of bin(a)[xi] with bin(b)[yi]; b < 0: none. tied: another partner offers an equally
+// good swap.
+struct SwapChoice {
+    int b = -1, xi = -1, yi = -1;
+    bool tied = false;
+};
+
+// The simulator's scoring of steps (moelb::score_steps): rows of per-step counts (row = step * L
+// + layer) on one placement.
+struct ScoreRows {
+    const std::int32_t* counts = nullptr;   // [rows, E] int32 token counts
+    Index num_layers = 0;                   // L
+    Index num_experts = 0;                  // E
+    const double* inv_replicas = nullptr;   // [L, E]: 1 / replicas of each expert
+    const std::int32_t* phy2log = nullptr;  // [L, P]: physical_to_logical
+    Index num_physical_experts = 0;         // P
+    int ep_size = 0;                        // W
+    int slots_per_rank = 0;                 // S = P / W
+};
+
+// order_descending and replica_order rank at most this many items by vector comparisons.
+inline constexpr int kSmallSortItems = 96;
+
 struct Kernels {
     // Routing of rows [begin, end) of args.logits: per row r = t - begin, ids[r K, r K + K) gets
     // the K expert ids in descending selection score (score + bias; NaN logits last; ties to the
@@ -66,6 +103,37 @@ struct Kernels {
                          float* out);
     // out[0, n) += in[0, n).
     void (*add_values)(float* out, const float* in, Index n);
+
+    // EPLB (cpp/src/eplb/; compiled with -ffp-contract=off, so plans are the same bits on every
+    // path). The descriptions are at the callers: packing.cpp's best_swap, deepseek.cpp's
+    // rank_descending (order_descending for n < kSmallSortItems), replica_order and
+    // narrow_balanced_packing, step_peak.cpp's search_pairs (peak_change, other_change).
+    SwapChoice (*best_swap)(const SwapScan& scan, int a, double limit, const int* by_load,
+                            int first, int last);
+    void (*rank_descending)(const float* w, int num_items, int* order);
+    bool (*replica_order)(const float* u, const int* count, const int* phy2exp, int num_items,
+                          int slots, int* order);
+    void (*narrow_balanced_packing)(const float* w, const int* order, int num_items, int num_packs,
+                                    int* pack, int* rank, int instances);
+    double (*peak_change)(const double* cx, const double* cy, const double* ga, const double* gb,
+                          const double* rest, Index stride);
+    Index (*other_change)(const double* ux, const double* uy, const double* la, const double* lb,
+                          const double* rest, const double* top1, const double* other_a,
+                          const double* reach, Index chunks, Index chunk_steps, double peak_change,
+                          double bound, double* change);
+
+    // The simulator (simulate.cpp; -ffp-contract=off too): for rows [begin, end), max_load[r] =
+    // the largest rank's sum of its slots' shares (count / replicas) and total[r] = the row's
+    // count, r = row - begin; share: [E] scratch. Returns -1, or row * E + e of the first
+    // negative count (the outputs are then unspecified).
+    Index (*score_rows)(const ScoreRows& args, Index begin, Index end, double* share,
+                        double* max_load, double* total);
+    // moelb::step_lower_bounds' fast path for rows [begin, end) of counts [rows, E]: mean[r] =
+    // the row's count / ep_size, and needed[r] = the replicas that keep every expert at or below
+    // the mean (sum of max(1, ceil(count / mean))), 0 when the mean is 0. Returns -1, or row * E
+    // + e of the first negative count.
+    Index (*bound_rows)(const std::int32_t* counts, Index num_experts, int ep_size, Index begin,
+                        Index end, double* mean, Index* needed);
 };
 
 }  // namespace moelb::isa
@@ -102,6 +170,23 @@ void combine_rows(const float* y, const std::int32_t* ids, const float* weights,
                   isa::Index num_columns, isa::Index hidden_size, float rsf, isa::Index begin,
                   isa::Index end, float* out);
 void add_values(float* out, const float* in, isa::Index n);
+isa::SwapChoice best_swap(const isa::SwapScan& scan, int a, double limit, const int* by_load,
+                          int first, int last);
+void rank_descending(const float* w, int num_items, int* order);
+bool replica_order(const float* u, const int* count, const int* phy2exp, int num_items, int slots,
+                   int* order);
+void narrow_balanced_packing(const float* w, const int* order, int num_items, int num_packs,
+                             int* pack, int* rank, int instances);
+double peak_change(const double* cx, const double* cy, const double* ga, const double* gb,
+                   const double* rest, isa::Index stride);
+isa::Index other_change(const double* ux, const double* uy, const double* la, const double* lb,
+                        const double* rest, const double* top1, const double* other_a,
+                        const double* reach, isa::Index chunks, isa::Index chunk_steps,
+                        double peak_change, double bound, double* change);
+isa::Index score_rows(const isa::ScoreRows& args, isa::Index begin, isa::Index end, double* share,
+                      double* max_load, double* total);
+isa::Index bound_rows(const std::int32_t* counts, isa::Index num_experts, int ep_size,
+                      isa::Index begin, isa::Index end, double* mean, isa::Index* needed);
 }  // namespace moelb::MOELB_ISA_NS
 #else
 namespace moelb::isa {
