@@ -6,6 +6,7 @@
 #include "arrays.hpp"
 #include "bindings.hpp"
 #include "moelb/moe_layer.hpp"
+#include "weight_arrays.hpp"
 
 namespace moelb::bindings {
 
@@ -58,6 +59,13 @@ DeepSeekMoEConfig config_from(const py::dict& d) {
             "defer_shared must be 'auto', True or False, got " << std::string(py::repr(defer)));
         c.defer_shared = DeferShared::kAuto;
     }
+    c.weight_format = parse_weight_format(field<std::string>(d, "weight_format"));
+    const auto block = field<std::vector<std::int64_t>>(d, "weight_block_size");
+    MOELB_CHECK_ARG(block.size() == 2,
+                    "weight_block_size must be (rows, cols), got " << block.size() << " values");
+    c.weight_block_size = {narrow(block[0], "weight_block_size[0]"),
+                           narrow(block[1], "weight_block_size[1]")};
+    c.activation_dtype = parse_activation_dtype(field<std::string>(d, "activation_dtype"));
     return c;
 }
 
@@ -84,6 +92,9 @@ py::dict config_to_dict(const DeepSeekMoEConfig& c) {
     d["defer_shared"] = c.defer_shared == DeferShared::kAuto
                             ? py::object(py::str("auto"))
                             : py::object(py::bool_(c.defer_shared == DeferShared::kYes));
+    d["weight_format"] = std::string(to_string(c.weight_format));
+    d["weight_block_size"] = py::make_tuple(c.weight_block_size.rows, c.weight_block_size.cols);
+    d["activation_dtype"] = std::string(to_string(c.activation_dtype));
     return d;
 }
 
@@ -93,33 +104,40 @@ RowMatrix<T> matrix_arg(const py::handle& obj, const char* name) {
     return const_matrix(a);
 }
 
-std::vector<float> tensor_arg(const py::handle& obj, const char* name, std::vector<Index> shape) {
-    auto a = config_array<float>(obj, name, static_cast<int>(shape.size()));
-    for (std::size_t i = 0; i < shape.size(); ++i) {
-        MOELB_CHECK_ARG(a.shape(static_cast<py::ssize_t>(i)) == shape[i],
-                        name << " has shape " << shape_string(a) << ", expected dimension " << i
-                             << " = " << shape[i]);
-    }
-    return {a.data(), a.data() + a.size()};
+// A stored tensor's matrices as an array of `shape` (a copy), and its scales (fp8: `shape`'s
+// leading dimensions + the scale grid; int8: + rows) or None.
+std::pair<py::object, py::object> tensor_arrays(const WeightTensor& t,
+                                                std::vector<py::ssize_t> shape) {
+    py::array q = stored_copy(t.format(), t.bytes().data(), shape);
+    if (!has_scales(t.format())) return {q, py::none()};
+    std::vector<py::ssize_t> scale_shape(shape.begin(), shape.end() - 2);
+    scale_shape.push_back(t.scale_rows());
+    if (t.format() == WeightFormat::kFp8E4M3) scale_shape.push_back(t.scale_cols());
+    py::array_t<float> s(scale_shape);
+    std::memcpy(s.mutable_data(), t.scale_inv().data(), t.scale_inv().size() * sizeof(float));
+    return {q, s};
 }
 
 py::dict weights_to_dict(const DeepSeekMoEWeights& w, const DeepSeekMoEConfig& c) {
     const py::ssize_t E = c.num_experts, H = c.hidden_size, I = c.intermediate_size;
+    const py::ssize_t Is = c.shared_intermediate_size();
     py::dict d;
     d["gate"] = py::array_t<float>({E, H}, w.gate.data());
     d["correction_bias"] = w.correction_bias.empty()
                                ? py::object(py::none())
                                : py::object(py::array_t<float>(E, w.correction_bias.data()));
-    d["w13"] = py::array_t<float>({E, 2 * I, H}, w.w13.data());
-    d["w2"] = py::array_t<float>({E, H, I}, w.w2.data());
-    if (w.shared_gate_up.size() > 0) {
-        d["shared_gate_up"] = py::array_t<float>(
-            {static_cast<py::ssize_t>(w.shared_gate_up.rows()), H}, w.shared_gate_up.data());
-        d["shared_down"] = py::array_t<float>({H, static_cast<py::ssize_t>(w.shared_down.cols())},
-                                              w.shared_down.data());
+    std::tie(d["w13"], d["w13_scale_inv"]) = tensor_arrays(w.w13, {E, 2 * I, H});
+    std::tie(d["w2"], d["w2_scale_inv"]) = tensor_arrays(w.w2, {E, H, I});
+    if (!w.shared_gate_up.empty()) {
+        std::tie(d["shared_gate_up"], d["shared_gate_up_scale_inv"]) =
+            tensor_arrays(w.shared_gate_up, {2 * Is, H});
+        std::tie(d["shared_down"], d["shared_down_scale_inv"]) =
+            tensor_arrays(w.shared_down, {H, Is});
     } else {
-        d["shared_gate_up"] = py::none();
-        d["shared_down"] = py::none();
+        for (const char* name : {"shared_gate_up", "shared_down", "shared_gate_up_scale_inv",
+                                 "shared_down_scale_inv"}) {
+            d[name] = py::none();
+        }
     }
     d["tid2eid"] =
         w.tid2eid.size() > 0
@@ -130,31 +148,59 @@ py::dict weights_to_dict(const DeepSeekMoEWeights& w, const DeepSeekMoEConfig& c
     return d;
 }
 
-DeepSeekMoEWeights weights_from(const DeepSeekMoEConfig& c, const py::handle& gate,
-                                const py::handle& bias, const py::handle& w13, const py::handle& w2,
-                                const py::handle& shared_gate_up, const py::handle& shared_down,
-                                const py::handle& tid2eid) {
+// The arrays of moelb.moe_layer.WEIGHT_NAMES, in that order.
+struct WeightArgs {
+    py::handle gate, bias, w13, w2, shared_gate_up, shared_down, tid2eid;
+    py::handle w13_scale, w2_scale, shared_gate_up_scale, shared_down_scale;
+};
+
+DeepSeekMoEWeights weights_from(const DeepSeekMoEConfig& c, const WeightArgs& a) {
     const Index E = c.num_experts, H = c.hidden_size, I = c.intermediate_size;
+    const Index Is = c.shared_intermediate_size();
+    const WeightFormat format = c.weight_format;
+    const BlockSize block = c.weight_block_size;
     DeepSeekMoEWeights w;
-    w.gate = matrix_arg<float>(gate, "gate");
-    if (!bias.is_none()) w.correction_bias = tensor_arg(bias, "correction_bias", {E});
-    w.w13 = tensor_arg(w13, "w13", {E, 2 * I, H});
-    w.w2 = tensor_arg(w2, "w2", {E, H, I});
-    if (!shared_gate_up.is_none())
-        w.shared_gate_up = matrix_arg<float>(shared_gate_up, "shared_gate_up");
-    if (!shared_down.is_none()) w.shared_down = matrix_arg<float>(shared_down, "shared_down");
+    w.gate = matrix_arg<float>(a.gate, "gate");
+    if (!a.bias.is_none()) {
+        auto bias = config_array<float>(a.bias, "correction_bias", 1);
+        MOELB_CHECK_ARG(bias.shape(0) == E, "correction_bias has shape " << shape_string(bias)
+                                                                         << ", expected (" << E
+                                                                         << ",)");
+        w.correction_bias.assign(bias.data(), bias.data() + E);
+    }
+    w.w13 = weight_tensor_arg(a.w13, a.w13_scale, "w13", format, block, {E, 2 * I, H});
+    w.w2 = weight_tensor_arg(a.w2, a.w2_scale, "w2", format, block, {E, H, I});
     MOELB_CHECK_ARG(
-        c.shared_intermediate_size() == 0 || !shared_gate_up.is_none(),
+        Is == 0 || (!a.shared_gate_up.is_none() && !a.shared_down.is_none()),
         "num_shared_experts=" << c.num_shared_experts << " needs shared_gate_up and shared_down");
-    if (!tid2eid.is_none()) w.tid2eid = matrix_arg<std::int32_t>(tid2eid, "tid2eid");
-    MOELB_CHECK_ARG(!c.is_hash_layer() || !tid2eid.is_none(),
+    if (Is > 0) {
+        w.shared_gate_up = weight_tensor_arg(a.shared_gate_up, a.shared_gate_up_scale,
+                                             "shared_gate_up", format, block, {2 * Is, H});
+        w.shared_down = weight_tensor_arg(a.shared_down, a.shared_down_scale, "shared_down", format,
+                                          block, {H, Is});
+    }
+    if (!a.tid2eid.is_none()) w.tid2eid = matrix_arg<std::int32_t>(a.tid2eid, "tid2eid");
+    MOELB_CHECK_ARG(!c.is_hash_layer() || !a.tid2eid.is_none(),
                     "layer " << c.layer_id << " is a hash layer and needs tid2eid");
     return w;
 }
 
-// A writable NumPy view of layer memory, keeping the layer alive.
-py::array layer_view(float* data, std::vector<py::ssize_t> shape, const py::handle& owner) {
-    return py::array_t<float>(std::move(shape), data, owner);
+// hidden as the config's activation dtype: float32, or ml_dtypes.bfloat16 (bits read as uint16);
+// C-contiguous and 2-D, never copied.
+py::array hidden_arg(const py::handle& obj, ActivationDType dtype) {
+    if (dtype == ActivationDType::kFloat32) return strict_array<float>(obj, "hidden", 2);
+    py::array a = as_array(obj, "hidden", "bfloat16");
+    MOELB_CHECK_ARG(a, "hidden must be an array, got " << std::string(py::str(py::type::of(obj))));
+    if (dtype_name(a.dtype()) != "bfloat16" || a.dtype().itemsize() != 2) {
+        throw InvalidDType(
+            "hidden must have dtype bfloat16 (ml_dtypes.bfloat16) for "
+            "activation_dtype='bfloat16', got " +
+            dtype_name(a.dtype()));
+    }
+    MOELB_CHECK_ARG(a.ndim() == 2, "hidden must be 2-D, got shape " << shape_string(a));
+    MOELB_CHECK_ARG(a.flags() & py::array::c_style,
+                    "hidden must be C-contiguous (row-major); pass np.ascontiguousarray(hidden)");
+    return a;
 }
 
 }  // namespace
@@ -205,23 +251,29 @@ void bind_moe_layer(py::module_& m) {
     py::class_<DeepSeekMoE>(m, "DeepSeekMoE", R"doc(
 The DeepSeek MoE layer forward on CPU. Use moelb.DeepSeekMoE.
 )doc")
-        .def(py::init([](const py::dict& config, const py::handle& gate,
-                         const py::handle& correction_bias, const py::handle& w13,
-                         const py::handle& w2, const py::handle& shared_gate_up,
-                         const py::handle& shared_down, const py::handle& tid2eid,
-                         std::optional<ExpertLocation> location, std::int64_t layer,
-                         std::int64_t ep_rank) {
-                 const DeepSeekMoEConfig c = config_from(config);
-                 c.validate();
-                 DeepSeekMoEWeights w = weights_from(c, gate, correction_bias, w13, w2,
-                                                     shared_gate_up, shared_down, tid2eid);
-                 py::gil_scoped_release release;
-                 return DeepSeekMoE(c, w, std::move(location), narrow(layer, "layer"),
-                                    narrow(ep_rank, "ep_rank"));
-             }),
+        .def(py::init(
+                 [](const py::dict& config, const py::handle& gate,
+                    const py::handle& correction_bias, const py::handle& w13, const py::handle& w2,
+                    const py::handle& shared_gate_up, const py::handle& shared_down,
+                    const py::handle& tid2eid, const py::handle& w13_scale_inv,
+                    const py::handle& w2_scale_inv, const py::handle& shared_gate_up_scale_inv,
+                    const py::handle& shared_down_scale_inv, std::optional<ExpertLocation> location,
+                    std::int64_t layer, std::int64_t ep_rank) {
+                     const DeepSeekMoEConfig c = config_from(config);
+                     c.validate();
+                     DeepSeekMoEWeights w =
+                         weights_from(c, {gate, correction_bias, w13, w2, shared_gate_up,
+                                          shared_down, tid2eid, w13_scale_inv, w2_scale_inv,
+                                          shared_gate_up_scale_inv, shared_down_scale_inv});
+                     py::gil_scoped_release release;
+                     return DeepSeekMoE(c, w, std::move(location), narrow(layer, "layer"),
+                                        narrow(ep_rank, "ep_rank"));
+                 }),
              py::arg("config"), py::arg("gate"), py::arg("correction_bias"), py::arg("w13"),
              py::arg("w2"), py::arg("shared_gate_up"), py::arg("shared_down"), py::arg("tid2eid"),
-             py::arg("location"), py::arg("layer"), py::arg("ep_rank"))
+             py::arg("w13_scale_inv"), py::arg("w2_scale_inv"), py::arg("shared_gate_up_scale_inv"),
+             py::arg("shared_down_scale_inv"), py::arg("location"), py::arg("layer"),
+             py::arg("ep_rank"))
         .def_property_readonly("num_physical_experts", &DeepSeekMoE::num_physical_experts)
         .def_property_readonly("location", &DeepSeekMoE::location)
         .def_property_readonly("layer", &DeepSeekMoE::layer)
@@ -229,13 +281,14 @@ The DeepSeek MoE layer forward on CPU. Use moelb.DeepSeekMoE.
         .def(
             "forward",
             [](DeepSeekMoE& layer, const py::handle& hidden, const py::handle& input_ids) {
-                auto x = strict_array<float>(hidden, "hidden", 2);
+                const ActivationDType dtype = layer.config().activation_dtype;
+                py::array x = hidden_arg(hidden, dtype);
                 std::vector<std::int64_t> ids;
                 if (!input_ids.is_none()) {
                     auto a = config_array<std::int64_t>(input_ids, "input_ids", 1);
                     ids.assign(a.data(), a.data() + a.size());
                 }
-                const Index T = x.shape(0);
+                const Index T = x.shape(0), H = x.shape(1);
                 const bool inplace = layer.config().kernel == RoutedKernel::kInplace;
                 MOELB_CHECK_ARG(
                     !inplace || x.writeable(),
@@ -246,13 +299,22 @@ The DeepSeek MoE layer forward on CPU. Use moelb.DeepSeekMoE.
                                 "the in-place routed kernel writes into hidden, a tensor that "
                                 "requires grad (autograd would not see the write); pass "
                                 "hidden.detach() or use kernel='out_of_place'");
-                py::array_t<float> out = inplace ? x : new_matrix<float>(T, x.shape(1));
-                MatrixMap<float> in(inplace ? x.mutable_data() : const_cast<float*>(x.data()), T,
-                                    x.shape(1));
-                MatrixMap<float> dst = mutable_matrix(out);
+                py::array out = inplace ? x
+                                        : py::array(x.dtype(), std::vector<py::ssize_t>{
+                                                                   static_cast<py::ssize_t>(T),
+                                                                   static_cast<py::ssize_t>(H)});
+                void* in_data = inplace ? x.mutable_data() : const_cast<void*>(x.data());
+                void* out_data = out.mutable_data();
                 {
                     py::gil_scoped_release release;
-                    layer.forward(in, ids, dst);
+                    if (dtype == ActivationDType::kFloat32) {
+                        layer.forward(MatrixMap<float>(static_cast<float*>(in_data), T, H), ids,
+                                      MatrixMap<float>(static_cast<float*>(out_data), T, H));
+                    } else {
+                        using Bits = std::uint16_t;
+                        layer.forward(MatrixMap<Bits>(static_cast<Bits*>(in_data), T, H), ids,
+                                      MatrixMap<Bits>(static_cast<Bits*>(out_data), T, H));
+                    }
                 }
                 return out;
             },
@@ -275,10 +337,25 @@ The DeepSeek MoE layer forward on CPU. Use moelb.DeepSeekMoE.
                 const DeepSeekMoEConfig& c = layer.config();
                 const py::ssize_t P = layer.num_physical_experts(), H = c.hidden_size,
                                   I = c.intermediate_size;
-                return py::make_tuple(layer_view(layer.routed_w13().data(), {P, 2 * I, H}, self),
-                                      layer_view(layer.routed_w2().data(), {P, H, I}, self));
+                const WeightFormat format = c.weight_format;
+                py::object s13 = py::none(), s2 = py::none();
+                if (has_scales(format)) {
+                    const WeightTensor& w13 = layer.w13();
+                    const WeightTensor& w2 = layer.w2();
+                    std::vector<py::ssize_t> g13{P, w13.scale_rows()}, g2{P, w2.scale_rows()};
+                    if (format == WeightFormat::kFp8E4M3) {
+                        g13.push_back(w13.scale_cols());
+                        g2.push_back(w2.scale_cols());
+                    }
+                    s13 = float_view(layer.routed_w13_scale_inv().data(), g13, self);
+                    s2 = float_view(layer.routed_w2_scale_inv().data(), g2, self);
+                }
+                return py::make_tuple(
+                    stored_view(format, layer.routed_w13().data(), {P, 2 * I, H}, self, true),
+                    stored_view(format, layer.routed_w2().data(), {P, H, I}, self, true), s13, s2);
             },
-            "(w13 [P, 2I, H], w2 [P, H, I]): writable views of the routed slots' weights.")
+            "(w13 [P, 2I, H], w2 [P, H, I], w13_scale_inv, w2_scale_inv): writable views of the "
+            "routed slots' weights in the stored dtype and their scales (None without).")
         .def(
             "fused_shared_weights",
             [](py::object self) -> py::object {
@@ -286,11 +363,13 @@ The DeepSeek MoE layer forward on CPU. Use moelb.DeepSeekMoE.
                 const DeepSeekMoEConfig& c = layer.config();
                 if (!c.fuse_shared_experts) return py::none();
                 const py::ssize_t H = c.hidden_size, I = c.intermediate_size;
+                const Index P = layer.num_physical_experts();
                 return py::make_tuple(
-                    readonly_view(layer.fused_shared_w13().data(), {2 * I, H}, self),
-                    readonly_view(layer.fused_shared_w2().data(), {H, I}, self));
+                    stored_view(c.weight_format, layer.w13().matrix(P), {2 * I, H}, self, false),
+                    stored_view(c.weight_format, layer.w2().matrix(P), {H, I}, self, false));
             },
-            "(gate_up [2I, H], down [H, I]) of the fused shared expert (read-only), or None.")
+            "(gate_up [2I, H], down [H, I]) of the fused shared expert in the stored dtype "
+            "(read-only), or None.")
         .def(
             "set_location",
             [](DeepSeekMoE& moe, ExpertLocation location, std::int64_t layer) {

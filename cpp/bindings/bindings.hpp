@@ -17,6 +17,7 @@ void bind_recorder(pybind11::module_& m);
 void bind_eplb(pybind11::module_& m);
 void bind_weight_moves(pybind11::module_& m);
 void bind_waterfill(pybind11::module_& m);
+void bind_weight_format(pybind11::module_& m);
 void bind_moe_layer(pybind11::module_& m);
 void bind_simulate(pybind11::module_& m);
 void bind_step_time(pybind11::module_& m);

@@ -15,6 +15,7 @@ PYBIND11_MODULE(_core, m) {
     moelb::bindings::bind_eplb(m);
     moelb::bindings::bind_weight_moves(m);
     moelb::bindings::bind_waterfill(m);
+    moelb::bindings::bind_weight_format(m);
     moelb::bindings::bind_moe_layer(m);
     moelb::bindings::bind_simulate(m);
     moelb::bindings::bind_step_time(m);

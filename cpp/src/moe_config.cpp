@@ -86,6 +86,25 @@ void DeepSeekMoEConfig::validate() const {
     MOELB_CHECK_ARG(!(defer_shared == DeferShared::kYes && kernel == RoutedKernel::kInplace),
                     "defer_shared=True needs an out-of-place routed kernel: the in-place kernel "
                     "overwrites the shared expert's input");
+    MOELB_CHECK_ARG(weight_block_size.rows >= 1 && weight_block_size.cols >= 1,
+                    "weight_block_size must be positive, got (" << weight_block_size.rows << ", "
+                                                                << weight_block_size.cols << ")");
+    if (weight_format == WeightFormat::kFp8E4M3) {
+        // w13 concatenates the gate and up projections along rows, and with them their scale
+        // grids: a scale block may not straddle the two.
+        MOELB_CHECK_ARG(intermediate_size % weight_block_size.rows == 0,
+                        "weight_format='fp8_e4m3' stores w13 as the gate and up projections "
+                        "concatenated, which needs intermediate_size to be a multiple of "
+                        "weight_block_size[0]; got intermediate_size="
+                            << intermediate_size
+                            << " and weight_block_size[0]=" << weight_block_size.rows);
+        // Implied by the check above (Is = I * n_shared), checked for the shared expert's sake.
+        MOELB_CHECK_ARG(
+            shared_intermediate_size() % weight_block_size.rows == 0,
+            "weight_format='fp8_e4m3' needs the shared expert's intermediate size "
+                << shared_intermediate_size()
+                << " to be a multiple of weight_block_size[0]=" << weight_block_size.rows);
+    }
     if (!is_hash_layer()) topk_config().validate_for(num_experts);
 }
 
@@ -151,15 +170,18 @@ DeepSeekMoEWeights DeepSeekMoEWeights::random(const DeepSeekMoEConfig& config, s
         w.correction_bias.resize(static_cast<std::size_t>(E));
         fill(w.correction_bias.data(), E, 0.05f);
     }
-    w.w13.resize(static_cast<std::size_t>(E * 2 * I * H));
-    fill(w.w13.data(), E * 2 * I * H, in_scale);
-    w.w2.resize(static_cast<std::size_t>(E * H * I));
-    fill(w.w2.data(), E * H * I, 1.0f / std::sqrt(static_cast<float>(I)));
+    // Drawn in float32 (in the same order for every format), then quantised.
+    const auto draw = [&](const char* name, Index rows, Index cols, Index count, float scale) {
+        std::vector<float> values(static_cast<std::size_t>(count * rows * cols));
+        fill(values.data(), count * rows * cols, scale);
+        return WeightTensor::quantize(values, config.weight_format, count, rows, cols,
+                                      config.weight_block_size, name);
+    };
+    w.w13 = draw("w13", 2 * I, H, E, in_scale);
+    w.w2 = draw("w2", H, I, E, 1.0f / std::sqrt(static_cast<float>(I)));
     if (Is > 0) {
-        w.shared_gate_up.resize(2 * Is, H);
-        fill(w.shared_gate_up.data(), w.shared_gate_up.size(), in_scale);
-        w.shared_down.resize(H, Is);
-        fill(w.shared_down.data(), w.shared_down.size(), 1.0f / std::sqrt(static_cast<float>(Is)));
+        w.shared_gate_up = draw("shared_gate_up", 2 * Is, H, 1, in_scale);
+        w.shared_down = draw("shared_down", H, Is, 1, 1.0f / std::sqrt(static_cast<float>(Is)));
     }
     if (config.is_hash_layer()) {
         // K distinct experts per token id.

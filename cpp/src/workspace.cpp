@@ -56,5 +56,6 @@ void Workspace::Buffer<T>::release() {
 
 template class Workspace::Buffer<float>;
 template class Workspace::Buffer<std::int32_t>;
+template class Workspace::Buffer<std::uint16_t>;
 
 }  // namespace moelb

@@ -69,7 +69,13 @@ from .io import (
     save_expert_distribution,
     save_placement,
 )
-from .moe_layer import DeepSeekMoE, DeepSeekMoEConfig, random_moe_weights
+from .moe_layer import (
+    DeepSeekMoE,
+    DeepSeekMoEConfig,
+    quantize_weights,
+    random_moe_weights,
+    stored_dtype,
+)
 from .recorder import ExpertDistributionRecorder
 from .routing import (
     HashRouter,
@@ -168,7 +174,9 @@ __all__ = [
     "pass_balancedness",
     "per_rank_shared_location",
     "plan_weight_moves",
+    "quantize_weights",
     "random_moe_weights",
+    "stored_dtype",
     "rank_loads",
     "rebalance",
     "relabel_ranks",

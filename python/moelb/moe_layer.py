@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 import numpy.typing as npt
 
@@ -16,18 +17,77 @@ from . import _core
 from ._core import ExpertLocation, InvalidArgumentError
 from .weight_moves import WeightMovePlan, apply_weight_moves
 
-__all__ = ["WEIGHT_NAMES", "DeepSeekMoE", "DeepSeekMoEConfig", "random_moe_weights"]
+__all__ = [
+    "ACTIVATION_DTYPES",
+    "WEIGHT_FORMATS",
+    "WEIGHT_NAMES",
+    "DeepSeekMoE",
+    "DeepSeekMoEConfig",
+    "quantize_weights",
+    "random_moe_weights",
+    "stored_dtype",
+]
 
-#: The arrays of a layer's weights (``DeepSeekMoE(config, weights)``).
+#: The stored formats of the experts' matrices (``DeepSeekMoEConfig.weight_format``).
+WEIGHT_FORMATS = ("float32", "bfloat16", "fp8_e4m3", "int8")
+#: The dtypes of ``hidden`` and of the output (``DeepSeekMoEConfig.activation_dtype``).
+ACTIVATION_DTYPES = ("float32", "bfloat16")
+
+#: The arrays of a layer's weights (``DeepSeekMoE(config, weights)``). The expert matrices are in
+#: the config's stored dtype (``stored_dtype(weight_format)``); the ``*_scale_inv`` arrays are
+#: float32 scales for fp8_e4m3 (per block: [..., ceil(rows / br), ceil(cols / bc)]) and int8 (per
+#: row: [..., rows]), absent or None otherwise.
 WEIGHT_NAMES = (
-    "gate",  # [E, H]
+    "gate",  # [E, H] float32
     "correction_bias",  # [E] or None (hash layers have none)
     "w13",  # [E, 2I, H]: rows [0, I) gate projection, [I, 2I) up projection
     "w2",  # [E, H, I]
     "shared_gate_up",  # [2 Is, H] or None (no shared expert)
     "shared_down",  # [H, Is] or None
     "tid2eid",  # [vocab_size, K] int, hash layers only
+    "w13_scale_inv",  # fp8 [E, ceil(2I / br), ceil(H / bc)], int8 [E, 2I]
+    "w2_scale_inv",  # fp8 [E, ceil(H / br), ceil(I / bc)], int8 [E, H]
+    "shared_gate_up_scale_inv",  # fp8 [ceil(2 Is / br), ceil(H / bc)], int8 [2 Is]
+    "shared_down_scale_inv",  # fp8 [ceil(H / br), ceil(Is / bc)], int8 [H]
 )
+
+
+def stored_dtype(weight_format: str) -> np.dtype:
+    """The NumPy dtype a weight format's elements are stored in: float32, ml_dtypes.bfloat16,
+    ml_dtypes.float8_e4m3fn or int8."""
+    dtypes = {
+        "float32": np.dtype(np.float32),
+        "bfloat16": np.dtype(ml_dtypes.bfloat16),
+        "fp8_e4m3": np.dtype(ml_dtypes.float8_e4m3fn),
+        "int8": np.dtype(np.int8),
+    }
+    if weight_format not in dtypes:
+        raise InvalidArgumentError(
+            f"weight_format={weight_format!r} is not a weight format; expected one of "
+            f"{WEIGHT_FORMATS}"
+        )
+    return dtypes[weight_format]
+
+
+def quantize_weights(
+    array: Any, weight_format: str, block_size: tuple[int, int] = (128, 128)
+) -> tuple[npt.NDArray[Any], npt.NDArray[np.float32] | None]:
+    """Quantises float32 weights ``array`` [..., rows, cols] (each trailing matrix on its own)
+    into ``weight_format``; returns ``(q, scale_inv)`` with ``q`` in ``stored_dtype(weight_format)``
+    and the float32 scales (None for float32 / bfloat16):
+
+    - ``"bfloat16"``: round to nearest even;
+    - ``"fp8_e4m3"``: per ``block_size`` (rows, cols) block, ``scale_inv = amax / 448``
+      (DeepSeek's convention; an all-zero block gets 1), ``q = fp8(w / scale_inv)`` rounded to
+      nearest even; ``scale_inv`` [..., ceil(rows / br), ceil(cols / bc)];
+    - ``"int8"``: per row, ``scale_inv = amax / 127`` (all-zero row: 1), ``q = round_half_even(w /
+      scale_inv)`` clamped to [-127, 127]; ``scale_inv`` [..., rows];
+    - ``"float32"``: a float32 copy.
+
+    Dequantised: ``q * scale_inv`` broadcast over each block / row (moelb's contract for every
+    format). fp8 and int8 refuse non-finite weights."""
+    q, scale = _core.quantize_weights(array, weight_format, tuple(block_size))
+    return q, scale
 
 
 @dataclass(frozen=True)
@@ -45,7 +105,12 @@ class DeepSeekMoEConfig:
         routed experts, shared_swiglu_limit that of the shared expert (None: the same);
     kernel: 'out_of_place' (the input survives the routed kernel) or 'inplace' (the routed kernel
         writes its output into the input, SGLang's Triton path); defer_shared: 'auto' (defer the
-        shared expert exactly when the kernel is out-of-place), True or False.
+        shared expert exactly when the kernel is out-of-place), True or False;
+    weight_format: the stored format of the routed and shared experts' matrices ('float32',
+        'bfloat16', 'fp8_e4m3' with DeepSeek's block scales, 'int8' per output channel; the router
+        gate stays float32); weight_block_size: (rows, cols) of one fp8 scale block (fp8 needs
+        intermediate_size % rows == 0: w13 concatenates the gate and up projections);
+    activation_dtype: 'float32' or 'bfloat16', the dtype of ``hidden`` and of the output.
 
     Presets: ``deepseek_v3()``, ``deepseek_v4_flash()``, ``deepseek_v4_pro()``; ``replace(...)``
     for custom (e.g. scaled-down) shapes.
@@ -69,8 +134,19 @@ class DeepSeekMoEConfig:
     shared_swiglu_limit: float | None = None
     kernel: str = "out_of_place"
     defer_shared: bool | str = "auto"
+    weight_format: str = "float32"
+    weight_block_size: tuple[int, int] = (128, 128)
+    activation_dtype: str = "float32"
 
     def __post_init__(self) -> None:
+        block = self.weight_block_size
+        if not isinstance(block, tuple):
+            try:
+                object.__setattr__(self, "weight_block_size", tuple(block))
+            except TypeError:
+                raise InvalidArgumentError(
+                    f"weight_block_size must be (rows, cols), got {block!r}"
+                ) from None
         _core.moe_config_validate(self.as_dict())
 
     @classmethod
@@ -123,7 +199,8 @@ class DeepSeekMoEConfig:
 
 
 def random_moe_weights(config: DeepSeekMoEConfig, seed: int = 0) -> dict[str, Any]:
-    """Seeded random weights of ``config``'s shapes (the arrays of ``WEIGHT_NAMES``)."""
+    """Seeded random weights of ``config``'s shapes (the arrays of ``WEIGHT_NAMES``): drawn in
+    float32 (the same draws for every format) and quantised into ``config.weight_format``."""
     return _core.moe_random_weights(config.as_dict(), seed)
 
 
@@ -131,8 +208,10 @@ class DeepSeekMoE(_core.DeepSeekMoE):
     """The DeepSeek MoE layer on CPU: ``out = rsf * sum_k w_k * expert_k(x) + shared(x)``.
 
     config: a ``DeepSeekMoEConfig``.
-    weights: a mapping with the arrays of ``WEIGHT_NAMES`` (logical experts; float32, converted
-        if needed), or None for ``random_moe_weights(config, seed)``.
+    weights: a mapping with the arrays of ``WEIGHT_NAMES`` (logical experts; the expert matrices
+        in ``stored_dtype(config.weight_format)`` with their ``*_scale_inv`` arrays for fp8 / int8
+        -- a float32 layer converts other real dtypes --, the gate and bias float32), or None for
+        ``random_moe_weights(config, seed)``. ``quantize_weights`` makes the stored arrays.
     location, layer, ep_rank: the routed weights are held per physical slot of ``location``'s MoE
         layer ``layer`` (default: the trivial placement); tokens are dispatched to replicas as seen
         from ``ep_rank`` (static dispatch).
@@ -170,23 +249,26 @@ class DeepSeekMoE(_core.DeepSeekMoE):
         )
         self.config = config
 
-    def forward(self, hidden: Any, input_ids: Any = None) -> npt.NDArray[np.float32]:  # type: ignore[override]
-        """hidden: [T, H] float32, C-contiguous (with the in-place kernel it is overwritten and
-        returned). input_ids: [T] token ids, required on hash layers. Returns [T, H] float32.
-        Deterministic for any thread count."""
+    def forward(self, hidden: Any, input_ids: Any = None) -> npt.NDArray[Any]:  # type: ignore[override]
+        """hidden: [T, H] in ``config.activation_dtype`` (float32, or ``ml_dtypes.bfloat16``),
+        C-contiguous (with the in-place kernel it is overwritten and returned). input_ids: [T]
+        token ids, required on hash layers. Returns [T, H] of hidden's dtype. Deterministic for
+        any thread count."""
         return super().forward(hidden, input_ids)
 
     __call__ = forward
 
-    def get_moe_weights(self) -> list[npt.NDArray[np.float32]]:
-        """SGLang's ``get_moe_weights``: writable views ``[w13 [P, 2I, H], w2 [P, H, I]]`` of the
-        routed physical slots only -- never the fused shared expert's rows (SGLang PR #27150),
-        so EPLB weight moves cannot touch it."""
-        return list(self.routed_weights())
+    def get_moe_weights(self) -> list[npt.NDArray[Any]]:
+        """SGLang's ``get_moe_weights``: writable views ``[w13 [P, 2I, H], w2 [P, H, I]]`` in the
+        stored dtype, plus ``[w13_scale_inv, w2_scale_inv]`` (float32, leading dimension P) for
+        fp8_e4m3 / int8, of the routed physical slots only -- never the fused shared expert's
+        rows (SGLang PR #27150), so EPLB weight moves cannot touch it."""
+        return [view for view in self.routed_weights() if view is not None]
 
     def apply_weight_moves(self, plan: WeightMovePlan, new_location: ExpertLocation) -> None:
         """Runs ``plan`` (``moelb.plan_weight_moves(self.location, new_location, layer)``) over
-        the routed slots' weights and switches the layer to ``new_location``.
+        the routed slots' weights (their stored bytes and their scales together) and switches
+        the layer to ``new_location``.
 
         The plan must start from the placement the layer holds (``self.location``'s layer
         ``self.layer``) and lead to ``new_location``'s; anything else (a stale plan, the

@@ -4,8 +4,10 @@
 // formula, fused vs separate shared expert, placements, threads and the error paths.
 #include <gtest/gtest.h>
 
+#include <bit>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <random>
 #include <span>
 #include <vector>
@@ -63,9 +65,52 @@ std::vector<std::int64_t> random_ids(Index T, int vocab, std::uint64_t seed) {
     return ids;
 }
 
+// E4M3FN from its definition: (-1)^s 2^(e - 7) (1 + m / 8), subnormal 2^-6 (m / 8).
+double fp8_value(std::uint8_t bits) {
+    const int s = bits >> 7, e = (bits >> 3) & 15, m = bits & 7;
+    const double v = e == 0 ? std::ldexp(m / 8.0, -6) : std::ldexp(1 + m / 8.0, e - 7);
+    return s ? -v : v;
+}
+
+// A stored tensor's matrices [count, rows, cols] dequantised here from its bytes and scales
+// (issue 23's definition: fp8 q * scale_inv[r / br, c / bc], int8 q * scale_inv[r], bf16 exact).
+std::vector<double> dequantize(const moelb::WeightTensor& t) {
+    const Index rows = t.rows(), cols = t.cols();
+    std::vector<double> w(static_cast<std::size_t>(t.count() * rows * cols));
+    const auto* bytes = reinterpret_cast<const unsigned char*>(t.bytes().data());
+    const auto scales = t.scale_inv();
+    const Index br = t.block().rows, bc = t.block().cols;
+    const Index grid_rows = (rows + br - 1) / br, grid_cols = (cols + bc - 1) / bc;
+    for (Index i = 0; i < static_cast<Index>(w.size()); ++i) {
+        const Index m = i / (rows * cols), r = (i / cols) % rows, c = i % cols;
+        switch (t.format()) {
+            case moelb::WeightFormat::kFloat32: {
+                float v;
+                std::memcpy(&v, bytes + 4 * i, 4);
+                w[i] = v;
+                break;
+            }
+            case moelb::WeightFormat::kBFloat16: {
+                std::uint32_t v = 0;
+                std::memcpy(reinterpret_cast<unsigned char*>(&v) + 2, bytes + 2 * i, 2);
+                w[i] = std::bit_cast<float>(v);
+                break;
+            }
+            case moelb::WeightFormat::kFp8E4M3:
+                w[i] = fp8_value(bytes[i]) * scales[(m * grid_rows + r / br) * grid_cols + c / bc];
+                break;
+            case moelb::WeightFormat::kInt8:
+                w[i] =
+                    static_cast<signed char>(bytes[i]) * static_cast<double>(scales[m * rows + r]);
+                break;
+        }
+    }
+    return w;
+}
+
 // y = W2 (silu(min(g, L)) * clamp(u, -L, L)) in double.
-std::vector<double> mlp(const float* x, Index H, Index width, const float* w_gate_up,
-                        const float* w_down, double limit) {
+std::vector<double> mlp(const float* x, Index H, Index width, const double* w_gate_up,
+                        const double* w_down, double limit) {
     std::vector<double> act(static_cast<std::size_t>(width));
     for (Index j = 0; j < width; ++j) {
         double g = 0, u = 0;
@@ -108,18 +153,24 @@ RowMatrix<double> reference(const DeepSeekMoEConfig& c, const DeepSeekMoEWeights
     }
     const Index Is = c.shared_intermediate_size();
     const double shared_limit = c.effective_shared_swiglu_limit();
+    const auto w13 = dequantize(w.w13), w2 = dequantize(w.w2);
+    std::vector<double> shared_gate_up, shared_down;
+    if (Is > 0) {
+        shared_gate_up = dequantize(w.shared_gate_up);
+        shared_down = dequantize(w.shared_down);
+    }
     RowMatrix<double> out = RowMatrix<double>::Zero(T, H);
     for (Index t = 0; t < T; ++t) {
         for (Index k = 0; k < c.top_k; ++k) {
             const Index e = ids(t, k);
-            const auto y = mlp(&x(t, 0), H, I, w.w13.data() + e * 2 * I * H,
-                               w.w2.data() + e * H * I, c.swiglu_limit);
+            const auto y = mlp(&x(t, 0), H, I, w13.data() + e * 2 * I * H, w2.data() + e * H * I,
+                               c.swiglu_limit);
             for (Index h = 0; h < H; ++h)
                 out(t, h) += c.routed_scaling_factor * weights(t, k) * y[h];
         }
         if (Is > 0) {
             const auto s =
-                mlp(&x(t, 0), H, Is, w.shared_gate_up.data(), w.shared_down.data(), shared_limit);
+                mlp(&x(t, 0), H, Is, shared_gate_up.data(), shared_down.data(), shared_limit);
             for (Index h = 0; h < H; ++h) out(t, h) += s[h];
         }
     }
@@ -195,8 +246,8 @@ TEST(MoELayer, FusedSharedExpertEqualsSeparate) {
     const RowMatrix<float> a = run(separate, x), b = run(fused, x);
     expect_close(b, a.cast<double>(), 1e-5);
     EXPECT_EQ(fused.last_stats().steps, (std::vector<std::string>{"gate", "topk", "routed"}));
-    EXPECT_EQ(fused.fused_shared_w13().size(), w.shared_gate_up.size());
-    EXPECT_EQ(fused.routed_w13().size(), w.w13.size());
+    EXPECT_EQ(fused.w13().count(), c.num_experts + 1);  // the fused shared expert is slot P
+    EXPECT_EQ(fused.routed_w13().size(), w.w13.bytes().size());
 }
 
 TEST(MoELayer, DeferredInPlaceAndEagerOrdersAreBitwiseIdentical) {
@@ -304,11 +355,12 @@ TEST(MoELayer, RedundantSlotsHoldTheirExpertsWeights) {
     DeepSeekMoE layer(c, w, location, 0, 3);
     EXPECT_EQ(layer.num_physical_experts(), 20);
     const auto w13 = layer.routed_w13();
-    const Index row = 2 * c.intermediate_size * c.hidden_size;
+    const auto src = w.w13.bytes();
+    const Index row = 2 * c.intermediate_size * c.hidden_size * 4;
     for (int p = 0; p < 20; ++p) {
         const int e = phy2log(0, p);
-        EXPECT_TRUE(std::equal(w13.begin() + p * row, w13.begin() + (p + 1) * row,
-                               w.w13.begin() + e * row));
+        EXPECT_TRUE(
+            std::equal(w13.begin() + p * row, w13.begin() + (p + 1) * row, src.begin() + e * row));
     }
     const RowMatrix<float> x = random_hidden(200, c.hidden_size, 16);
     expect_close(run(layer, x), reference(c, w, x, {}), 1e-5);
@@ -358,6 +410,183 @@ TEST(MoELayer, BadInput) {
     const std::vector<std::int64_t> short_ids{1, 2};
     expect_invalid_argument([&] { hashed.forward(mmap(hx), short_ids, mmap(hout)); },
                             "input_ids has 2 entries but hidden has 4 rows");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Weight formats x activation dtypes (issue 23).
+
+struct FormatCase {
+    moelb::WeightFormat format;
+    moelb::ActivationDType dtype;
+    // Tolerance relative to the reference's largest |value|: float32 activations differ from the
+    // double reference by float32 accumulation only (the reference uses the same quantised
+    // weights); bf16 activations by the bf16 roundings of silu * up, Y, the K' sum and the output.
+    double rel;
+};
+
+std::string case_name(const testing::TestParamInfo<FormatCase>& info) {
+    return std::string(moelb::to_string(info.param.format)) + "_" +
+           std::string(moelb::to_string(info.param.dtype));
+}
+
+class MoELayerFormats : public testing::TestWithParam<FormatCase> {};
+
+// The forward in the case's activation dtype: bf16 hidden is x rounded to bf16 (x is replaced by
+// the values the layer sees); the output widened to float.
+RowMatrix<float> run_as(DeepSeekMoE& layer, RowMatrix<float>& x,
+                        std::span<const std::int64_t> ids = {}) {
+    if (layer.config().activation_dtype == moelb::ActivationDType::kFloat32)
+        return run(layer, x, ids);
+    const Index T = x.rows(), H = x.cols();
+    RowMatrix<std::uint16_t> bits(T, H), out(T, H);
+    for (Index i = 0; i < x.size(); ++i) {
+        bits.data()[i] = moelb::float_to_bf16_bits(x.data()[i]);
+        x.data()[i] = moelb::bf16_bits_to_float(bits.data()[i]);
+    }
+    if (layer.config().kernel == moelb::RoutedKernel::kInplace) {
+        layer.forward(mmap(bits), ids, mmap(bits));
+        out = bits;
+    } else {
+        layer.forward(mmap(bits), ids, mmap(out));
+    }
+    RowMatrix<float> y(T, H);
+    for (Index i = 0; i < y.size(); ++i) y.data()[i] = moelb::bf16_bits_to_float(out.data()[i]);
+    return y;
+}
+
+DeepSeekMoEConfig format_config(const FormatCase& fc) {
+    DeepSeekMoEConfig c = small_v3();  // H 48, I 24
+    c.weight_format = fc.format;
+    c.activation_dtype = fc.dtype;
+    c.weight_block_size = {8, 32};  // partial column blocks of w13 (48 = 32 + 16)
+    return c;
+}
+
+TEST_P(MoELayerFormats, MatchesReferenceOfTheSameQuantisedWeights) {
+    for (const bool fused : {false, true}) {
+        DeepSeekMoEConfig c = format_config(GetParam());
+        c.fuse_shared_experts = fused;
+        const auto w = DeepSeekMoEWeights::random(c, 21);
+        EXPECT_EQ(w.w13.format(), c.weight_format);
+        DeepSeekMoE layer(c, w);
+        RowMatrix<float> x = random_hidden(150, c.hidden_size, 22);
+        const RowMatrix<float> got = run_as(layer, x);
+        c.fuse_shared_experts = false;  // the reference adds the shared expert separately
+        expect_close(got, reference(c, w, x, {}), GetParam().rel);
+    }
+}
+
+TEST_P(MoELayerFormats, V4HashLayerWithClamp) {
+    DeepSeekMoEConfig c = small_v4(1);  // H 40, I 16
+    c.weight_format = GetParam().format;
+    c.activation_dtype = GetParam().dtype;
+    c.weight_block_size = {16, 16};
+    const auto w = DeepSeekMoEWeights::random(c, 23);
+    DeepSeekMoE layer(c, w);
+    RowMatrix<float> x = random_hidden(90, c.hidden_size, 24, 6.0f);
+    const auto ids = random_ids(90, c.vocab_size, 25);
+    expect_close(run_as(layer, x, ids), reference(c, w, x, ids), GetParam().rel);
+}
+
+TEST_P(MoELayerFormats, SameBitsForAnyThreadCountAndOrder) {
+    DeepSeekMoEConfig c = format_config(GetParam());
+    const auto w = DeepSeekMoEWeights::random(c, 26);
+    const RowMatrix<float> x0 = random_hidden(700, c.hidden_size, 27);
+    std::vector<RowMatrix<float>> outs;
+    for (const int threads : {1, 2}) {
+        for (const auto defer : {moelb::DeferShared::kAuto, moelb::DeferShared::kNo}) {
+            moelb::set_num_threads(threads);
+            c.defer_shared = defer;
+            DeepSeekMoE layer(c, w);
+            RowMatrix<float> x = x0;
+            outs.push_back(run_as(layer, x));
+        }
+    }
+    moelb::set_num_threads(0);
+    for (const auto& out : outs) EXPECT_EQ(out, outs[0]);
+}
+
+TEST_P(MoELayerFormats, PeakEqualsTheFormula) {
+    for (const int T : {1, 150, 700}) {
+        for (const int threads : {1, 2}) {
+            moelb::set_num_threads(threads);
+            DeepSeekMoEConfig c = format_config(GetParam());
+            const auto w = DeepSeekMoEWeights::random(c, 28);
+            std::int64_t peaks[2];
+            for (const bool defer : {true, false}) {
+                c.defer_shared = defer ? moelb::DeferShared::kYes : moelb::DeferShared::kNo;
+                DeepSeekMoE layer(c, w);
+                RowMatrix<float> x = random_hidden(T, c.hidden_size, 29);
+                run_as(layer, x);
+                const auto& st = layer.last_stats();
+                EXPECT_EQ(st.peak_bytes, DeepSeekMoE::expected_peak_bytes(
+                                             c, T, c.num_experts, st.routed_lanes, st.shared_lanes))
+                    << "T=" << T << " threads=" << threads << " defer=" << defer;
+                peaks[defer] = st.peak_bytes;
+            }
+            // The shared output stays float32 in every format: deferral saves 4 T H.
+            EXPECT_EQ(peaks[0] - peaks[1], 4 * static_cast<std::int64_t>(T) * c.hidden_size);
+        }
+    }
+    moelb::set_num_threads(0);
+}
+
+constexpr double kFloat32Tolerance = 2e-5;
+constexpr double kBf16Tolerance = 2e-2;
+
+INSTANTIATE_TEST_SUITE_P(
+    Formats, MoELayerFormats,
+    testing::Values(
+        FormatCase{moelb::WeightFormat::kFloat32, moelb::ActivationDType::kBFloat16,
+                   kBf16Tolerance},
+        FormatCase{moelb::WeightFormat::kBFloat16, moelb::ActivationDType::kFloat32,
+                   kFloat32Tolerance},
+        FormatCase{moelb::WeightFormat::kBFloat16, moelb::ActivationDType::kBFloat16,
+                   kBf16Tolerance},
+        FormatCase{moelb::WeightFormat::kFp8E4M3, moelb::ActivationDType::kFloat32,
+                   kFloat32Tolerance},
+        FormatCase{moelb::WeightFormat::kFp8E4M3, moelb::ActivationDType::kBFloat16,
+                   kBf16Tolerance},
+        FormatCase{moelb::WeightFormat::kInt8, moelb::ActivationDType::kFloat32, kFloat32Tolerance},
+        FormatCase{moelb::WeightFormat::kInt8, moelb::ActivationDType::kBFloat16, kBf16Tolerance}),
+    case_name);
+
+TEST(MoELayer, QuantisedWeightsChangeTheOutputByTheirError) {
+    // The same float32 draws quantised: the fp8 layer is close to, but not, the float32 one.
+    DeepSeekMoEConfig c = small_v3();
+    const RowMatrix<float> x = random_hidden(100, c.hidden_size, 30);
+    DeepSeekMoE f32(c, DeepSeekMoEWeights::random(c, 31));
+    c.weight_format = moelb::WeightFormat::kFp8E4M3;
+    c.weight_block_size = {8, 16};
+    DeepSeekMoE fp8(c, DeepSeekMoEWeights::random(c, 31));
+    const RowMatrix<float> a = run(f32, x), b = run(fp8, x);
+    const double diff = (a - b).cwiseAbs().maxCoeff(), scale = a.cwiseAbs().maxCoeff();
+    EXPECT_GT(diff, 1e-4 * scale);
+    EXPECT_LT(diff, 0.2 * scale);
+}
+
+TEST(MoELayer, FormatErrors) {
+    DeepSeekMoEConfig c = small_v3();
+    c.weight_format = moelb::WeightFormat::kFp8E4M3;  // I = 24, blocks of 128 rows
+    expect_invalid_argument([&] { c.validate(); },
+                            "needs intermediate_size to be a multiple of weight_block_size[0]; "
+                            "got intermediate_size=24 and weight_block_size[0]=128");
+    c.weight_block_size = {0, 128};
+    expect_invalid_argument([&] { c.validate(); }, "weight_block_size must be positive");
+    c.weight_block_size = {8, 8};
+    const auto fp8 = DeepSeekMoEWeights::random(c, 1);
+    DeepSeekMoEConfig other = c;
+    other.weight_format = moelb::WeightFormat::kInt8;
+    expect_invalid_argument([&] { DeepSeekMoE(other, fp8); },
+                            "w13 is stored as fp8_e4m3 but weight_format='int8'");
+    other = c;
+    other.weight_block_size = {8, 16};
+    expect_invalid_argument([&] { DeepSeekMoE(other, fp8); },
+                            "w13 has fp8 scale blocks of (8, 8) but weight_block_size=(8, 16)");
+    DeepSeekMoE layer(c, fp8);
+    RowMatrix<std::uint16_t> bits(4, c.hidden_size), out(4, c.hidden_size);
+    expect_invalid_argument([&] { layer.forward(mmap(bits), {}, mmap(out)); },
+                            "hidden is bfloat16 but activation_dtype='float32'");
 }
 
 }  // namespace

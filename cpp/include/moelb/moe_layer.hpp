@@ -30,6 +30,7 @@
 #include "moelb/hash_router.hpp"
 #include "moelb/routing.hpp"
 #include "moelb/views.hpp"
+#include "moelb/weight_format.hpp"
 
 namespace moelb {
 
@@ -66,6 +67,12 @@ struct DeepSeekMoEConfig {
     float shared_swiglu_limit = -1.0f;
     RoutedKernel kernel = RoutedKernel::kOutOfPlace;
     DeferShared defer_shared = DeferShared::kAuto;
+    // The stored format of the routed and shared experts' matrices (moelb/weight_format.hpp; the
+    // router gate stays float32), the fp8 scale block (rows, cols) and the dtype of hidden and of
+    // the output.
+    WeightFormat weight_format = WeightFormat::kFloat32;
+    BlockSize weight_block_size{};
+    ActivationDType activation_dtype = ActivationDType::kFloat32;
 
     bool is_hash_layer() const { return layer_id < num_hash_layers; }
     int shared_intermediate_size() const { return intermediate_size * num_shared_experts; }
@@ -75,6 +82,12 @@ struct DeepSeekMoEConfig {
     }
     // Whether the shared expert (separate, not fused) runs after the routed experts.
     bool defers_shared() const;
+    // Float32 weights and activations: the forward's original Eigen kernels (moe_kernels.cpp);
+    // otherwise every expert projection is the quantised GEMM (expert_gemm.hpp).
+    bool uses_float32_kernels() const {
+        return weight_format == WeightFormat::kFloat32 &&
+               activation_dtype == ActivationDType::kFloat32;
+    }
     // The routing of non-hash layers (F included; rsf applied by the layer, not in the weights).
     TopKConfig topk_config() const;
     // InvalidArgument naming the field.
@@ -86,19 +99,22 @@ struct DeepSeekMoEConfig {
     static DeepSeekMoEConfig deepseek_v4_pro(int layer_id = 3);
 };
 
-// Logical weights, float32, row-major. w13 rows [0, I) are the gate projection, [I, 2I) the up
-// projection (SGLang's w13_weight layout).
+// Logical weights, row-major. The expert matrices are in the config's weight_format (with its
+// scales; fp8 blocks of weight_block_size), the gate and bias float32. w13 rows [0, I) are the
+// gate projection, [I, 2I) the up projection (SGLang's w13_weight layout); for fp8 their scale
+// grids concatenate too (hence intermediate_size % weight_block_size.rows == 0).
 struct DeepSeekMoEWeights {
     RowMatrix<float> gate;               // [E, H]
     std::vector<float> correction_bias;  // [E], or empty (none; hash layers have none)
-    std::vector<float> w13;              // [E, 2I, H]
-    std::vector<float> w2;               // [E, H, I]
-    RowMatrix<float> shared_gate_up;     // [2 Is, H] (gate rows first), or empty without shared
-    RowMatrix<float> shared_down;        // [H, Is]
+    WeightTensor w13;                    // [E, 2I, H]
+    WeightTensor w2;                     // [E, H, I]
+    WeightTensor shared_gate_up;         // [1, 2 Is, H] (gate rows first), or empty without shared
+    WeightTensor shared_down;            // [1, H, Is]
     RowMatrix<std::int32_t> tid2eid;     // [vocab_size, K], hash layers only
 
     // Seeded random weights of the config's shapes (scaled like a trained layer: unit-variance
-    // activations through each projection).
+    // activations through each projection), drawn in float32 and quantised into the config's
+    // weight_format (WeightTensor::quantize). The float32 draws do not depend on the format.
     static DeepSeekMoEWeights random(const DeepSeekMoEConfig& config, std::uint64_t seed);
 };
 
@@ -112,7 +128,8 @@ class Workspace {
     static constexpr std::size_t kHugePageBytes = std::size_t{2} << 20;
     static constexpr std::size_t kHugeBufferBytes = 4 * kHugePageBytes;
 
-    // An owned float or int32 buffer; returns its bytes to the count when destroyed.
+    // An owned float, int32 or uint16 (bf16) buffer; returns its bytes to the count when
+    // destroyed.
     template <class T>
     class Buffer {
       public:
@@ -187,33 +204,53 @@ class DeepSeekMoE {
     const ExpertLocation& location() const { return location_; }
     int layer() const { return layer_; }
 
-    // hidden [T, H] float32; input_ids [T] (hash layers only, each in [0, vocab_size)); out
-    // [T, H]. Out-of-place kernel: hidden is read only and out must not overlap it. In-place
-    // kernel: out must be hidden itself (the result overwrites the input).
+    // hidden [T, H] in the config's activation_dtype (float32, or bf16 bits as uint16); input_ids
+    // [T] (hash layers only, each in [0, vocab_size)); out [T, H] of the same dtype. Out-of-place
+    // kernel: hidden is read only and out must not overlap it. In-place kernel: out must be hidden
+    // itself (the result overwrites the input). The overload of the other dtype is an
+    // InvalidArgument.
     // Threads: forwards of one layer may run concurrently (they only read the weights and the
     // placement; each publishes its statistics under a lock). set_location and writes through
     // routed_w13 / routed_w2 must not overlap a forward.
     void forward(MatrixMap<float> hidden, std::span<const std::int64_t> input_ids,
                  MatrixMap<float> out);
+    void forward(MatrixMap<std::uint16_t> hidden, std::span<const std::int64_t> input_ids,
+                 MatrixMap<std::uint16_t> out);
     // The statistics of the last forward that completed.
     MoEForwardStats last_stats() const;
 
-    // Routed weights per physical slot: w13 [P, 2I, H], w2 [P, H, I] (the fused shared expert, if
-    // any, is row P, after them, and is not part of these spans).
-    std::span<float> routed_w13() { return {w13_.data(), w13_row_elements() * num_physical_}; }
-    std::span<float> routed_w2() { return {w2_.data(), w2_row_elements() * num_physical_}; }
-    // Fused shared rows (empty without fusion).
-    std::span<const float> fused_shared_w13() const;
-    std::span<const float> fused_shared_w2() const;
+    // Routed weights per physical slot, in the stored format: the bytes of w13 [P, 2I, H] and w2
+    // [P, H, I], and their scales (fp8: [P, ceil(2I / br), ceil(H / bc)] and [P, ceil(H / br),
+    // ceil(I / bc)]; int8: [P, 2I] and [P, H]; empty otherwise). The fused shared expert, if any,
+    // is slot P, after them, and is not part of these spans.
+    std::span<std::byte> routed_w13() {
+        return w13_.bytes().first(w13_.matrix_bytes() * num_physical_);
+    }
+    std::span<std::byte> routed_w2() {
+        return w2_.bytes().first(w2_.matrix_bytes() * num_physical_);
+    }
+    std::span<float> routed_w13_scale_inv() {
+        return w13_.scale_inv().first(w13_.matrix_scales() * num_physical_);
+    }
+    std::span<float> routed_w2_scale_inv() {
+        return w2_.scale_inv().first(w2_.matrix_scales() * num_physical_);
+    }
+    // All P + F slots ([P + F, 2I, H] and [P + F, H, I]); the fused shared expert is matrix P.
+    const WeightTensor& w13() const { return w13_; }
+    const WeightTensor& w2() const { return w2_; }
+    // The separate shared expert's matrices ([1, 2 Is, H], [1, H, Is]; empty without one).
+    const WeightTensor& shared_gate_up() const { return shared_gate_up_; }
+    const WeightTensor& shared_down() const { return shared_down_; }
 
     // Switches to another placement of the same shape (after its weight moves were applied to
-    // routed_w13 / routed_w2).
+    // the routed slots' bytes and scales).
     void set_location(ExpertLocation location, int layer);
 
     // The peak workspace bytes of a forward of T tokens over P physical slots whose routed and
     // shared steps ran on `routed_lanes` / `shared_lanes` lanes (MoEForwardStats), in the step
-    // order of `config` (deferred or not; in-place or not), from the formulas documented in
-    // moe_layer.cpp. Needs no weights: it sizes DeepSeek-scale layers that do not fit in memory.
+    // order of `config` (deferred or not; in-place or not) and its weight format and activation
+    // dtype, from the formulas documented in moe_layer.cpp (in element sizes). Needs no weights:
+    // it sizes DeepSeek-scale layers that do not fit in memory.
     static std::int64_t expected_peak_bytes(const DeepSeekMoEConfig& config, Index num_tokens,
                                             int num_physical_experts, int routed_lanes,
                                             int shared_lanes);
@@ -222,23 +259,23 @@ class DeepSeekMoE {
     // One forward's buffers and statistics, and the routed pairs sorted by slot (moe_layer.cpp).
     struct Forward;
     struct SlotPairs;
+    struct ExpertOutputs;
 
     // The forward's steps, in the order run_forward calls them.
-    void run_forward(MatrixMap<float> hidden, std::span<const std::int64_t> input_ids,
-                     MatrixMap<float> out, MoEForwardStats& stats) const;
-    void check_forward_args(MatrixMap<float> hidden, std::span<const std::int64_t> input_ids,
-                            MatrixMap<float> out) const;
+    void run_forward(Forward& f, std::span<const std::int64_t> input_ids) const;
+    void check_forward_args(ActivationDType dtype, const void* hidden, Index rows, Index cols,
+                            std::span<const std::int64_t> input_ids, const void* out,
+                            Index out_rows, Index out_cols) const;
     void run_shared_expert(Forward& f) const;
+    void run_shared_expert_quantized(Forward& f) const;
     void compute_router_logits(Forward& f) const;
     void select_topk(Forward& f, std::span<const std::int64_t> input_ids) const;
     void run_routed_experts(Forward& f) const;
     SlotPairs sort_pairs_by_slot(Forward& f) const;
-    Workspace::Buffer<float> run_expert_blocks(Forward& f, const SlotPairs& pairs) const;
-    void combine_routed(Forward& f, const float* y) const;
+    ExpertOutputs run_expert_blocks(Forward& f, const SlotPairs& pairs) const;
+    ExpertOutputs run_expert_blocks_quantized(Forward& f, const SlotPairs& pairs) const;
+    void combine_routed(Forward& f, const ExpertOutputs& y) const;
     void add_shared_output(Forward& f) const;
-
-    std::size_t w13_row_elements() const;
-    std::size_t w2_row_elements() const;
 
     DeepSeekMoEConfig config_;
     ExpertLocation location_;
@@ -247,10 +284,10 @@ class DeepSeekMoE {
     int num_physical_;
     RowMatrix<float> gate_;
     std::vector<float> bias_;
-    std::vector<float> w13_;  // [P + F, 2I, H]
-    std::vector<float> w2_;   // [P + F, H, I]
-    RowMatrix<float> shared_gate_up_;
-    RowMatrix<float> shared_down_;
+    WeightTensor w13_;  // [P + F, 2I, H]
+    WeightTensor w2_;   // [P + F, H, I]
+    WeightTensor shared_gate_up_;
+    WeightTensor shared_down_;
     std::optional<HashRouter> hash_router_;
     MoEForwardStats stats_;
     std::unique_ptr<std::mutex> stats_mutex_ = std::make_unique<std::mutex>();
