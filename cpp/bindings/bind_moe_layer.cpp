@@ -104,18 +104,22 @@ RowMatrix<T> matrix_arg(const py::handle& obj, const char* name) {
     return const_matrix(a);
 }
 
-// A stored tensor's matrices as an array of `shape` (a copy), and its scales (fp8: `shape`'s
-// leading dimensions + the scale grid; int8: + rows) or None.
-std::pair<py::object, py::object> tensor_arrays(const WeightTensor& t,
-                                                std::vector<py::ssize_t> shape) {
-    py::array q = stored_copy(t.format(), t.bytes().data(), shape);
-    if (!has_scales(t.format())) return {q, py::none()};
+// d[name]: a stored tensor's matrices as an array of `shape` (a copy); d[name + "_scale_inv"]:
+// its scales (fp8: `shape`'s leading dimensions + the scale grid; int8: + rows) or None.
+void put_tensor(py::dict& d, const std::string& name, const WeightTensor& t,
+                const std::vector<py::ssize_t>& shape) {
+    d[py::str(name)] = stored_copy(t.format(), t.bytes().data(), shape);
+    const py::str scale_name(name + "_scale_inv");
+    if (!has_scales(t.format())) {
+        d[scale_name] = py::none();
+        return;
+    }
     std::vector<py::ssize_t> scale_shape(shape.begin(), shape.end() - 2);
     scale_shape.push_back(t.scale_rows());
     if (t.format() == WeightFormat::kFp8E4M3) scale_shape.push_back(t.scale_cols());
     py::array_t<float> s(scale_shape);
     std::memcpy(s.mutable_data(), t.scale_inv().data(), t.scale_inv().size() * sizeof(float));
-    return {q, s};
+    d[scale_name] = s;
 }
 
 py::dict weights_to_dict(const DeepSeekMoEWeights& w, const DeepSeekMoEConfig& c) {
@@ -126,13 +130,11 @@ py::dict weights_to_dict(const DeepSeekMoEWeights& w, const DeepSeekMoEConfig& c
     d["correction_bias"] = w.correction_bias.empty()
                                ? py::object(py::none())
                                : py::object(py::array_t<float>(E, w.correction_bias.data()));
-    std::tie(d["w13"], d["w13_scale_inv"]) = tensor_arrays(w.w13, {E, 2 * I, H});
-    std::tie(d["w2"], d["w2_scale_inv"]) = tensor_arrays(w.w2, {E, H, I});
+    put_tensor(d, "w13", w.w13, {E, 2 * I, H});
+    put_tensor(d, "w2", w.w2, {E, H, I});
     if (!w.shared_gate_up.empty()) {
-        std::tie(d["shared_gate_up"], d["shared_gate_up_scale_inv"]) =
-            tensor_arrays(w.shared_gate_up, {2 * Is, H});
-        std::tie(d["shared_down"], d["shared_down_scale_inv"]) =
-            tensor_arrays(w.shared_down, {H, Is});
+        put_tensor(d, "shared_gate_up", w.shared_gate_up, {2 * Is, H});
+        put_tensor(d, "shared_down", w.shared_down, {H, Is});
     } else {
         for (const char* name : {"shared_gate_up", "shared_down", "shared_gate_up_scale_inv",
                                  "shared_down_scale_inv"}) {

@@ -14,7 +14,7 @@ void bind_weight_format(py::module_& m) {
     m.def(
         "quantize_weights",
         [](const py::handle& array, const std::string& weight_format,
-           std::vector<std::int64_t> block_size) {
+           std::vector<std::int64_t> block_size) -> py::tuple {
             const WeightFormat format = parse_weight_format(weight_format);
             MOELB_CHECK_ARG(block_size.size() == 2, "block_size must be (rows, cols), got "
                                                         << block_size.size() << " values");

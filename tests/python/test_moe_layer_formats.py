@@ -276,22 +276,61 @@ def test_matches_float64_reference_of_the_same_weights(case: str, fmt: str, act:
     assert_close(got, want, TOLERANCE[act])
 
 
-def test_bf16_output_is_rounded_once_from_the_float32_result() -> None:
-    """With bf16 activations and float32 weights the output is bf16 of a float32 result: its
-    distance to the float64 reference is about half a bf16 ulp per element, far above the
-    float32 layer's, and the float32-activation layer's output rounded to bf16 agrees with it to
-    a few bf16 ulps."""
-    config = small_v3()
+def to_bf16(a: np.ndarray) -> np.ndarray:
+    """float32 rounded to bf16 (nearest even, ml_dtypes), as float32."""
+    return np.asarray(a, np.float32).astype(BF16).astype(np.float32)
+
+
+def emulate_bf16_forward(config, w, hidden: np.ndarray) -> np.ndarray:
+    """The bf16-activation forward in float32 NumPy with sgl-kernel CPU's rounding points
+    (reference/moe_layer.md 7.5): silu * up written bf16, the down projection times the routing
+    weight written bf16, the K' sum (k order) written bf16, then bf16(shared + rsf * routed)."""
+    d = dequantized_weights(config, w)
+    f32 = {k: np.asarray(d[k], np.float32) for k in ("w13", "w2", "shared_gate_up", "shared_down")}
+    x = hidden.astype(np.float32)
+    logits = x.astype(np.float64) @ w["gate"].astype(np.float64).T
+    ids, weights, _ = reference_select_experts(
+        logits,
+        top_k=config.top_k,
+        scoring=config.scoring,
+        num_groups=config.num_groups,
+        topk_group=config.topk_group,
+        renormalize=config.renormalize,
+        routed_scaling_factor=config.routed_scaling_factor,
+        correction_bias=w["correction_bias"],
+    )
+    weights = weights.astype(np.float32)
+
+    def act(gu: np.ndarray, width: int) -> np.ndarray:
+        g, u = gu[:, :width], gu[:, width:]
+        return to_bf16(g / (np.float32(1) + np.exp(-g)) * u)
+
+    y = np.zeros((*ids.shape, config.hidden_size), np.float32)
+    for e in range(config.num_experts):
+        rows, cols = np.nonzero(ids == e)
+        if len(rows):
+            out = act(x[rows] @ f32["w13"][e].T, config.intermediate_size) @ f32["w2"][e].T
+            y[rows, cols] = to_bf16(out * weights[rows, cols, None])
+    routed = y[:, 0]
+    for k in range(1, config.top_k):
+        routed = routed + y[:, k]
+    shared = act(x @ f32["shared_gate_up"].T, config.shared_intermediate_size)
+    shared = shared @ f32["shared_down"].T
+    return to_bf16(shared + np.float32(config.routed_scaling_factor) * to_bf16(routed))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_bf16_rounding_points_match_an_emulation(fmt: str) -> None:
+    """Measured: >= 99.96% of the outputs are bit-identical to the emulation and the rest one
+    bf16 ulp away (float32 sums in another order); dropping any one rounding point from the
+    emulation leaves only 52-74% identical, so this pins the rounding points down."""
+    config = small_v3(weight_format=fmt, activation_dtype="bfloat16")
     w = moelb.random_moe_weights(config, 4)
-    x = np.random.default_rng(5).standard_normal((100, 48)).astype(np.float32)
-    xb = x.astype(BF16)
-    f32 = moelb.DeepSeekMoE(config, w)(xb.astype(np.float32))
-    bf16 = moelb.DeepSeekMoE(config.replace(activation_dtype="bfloat16"), w)(xb)
-    assert bf16.dtype == BF16
-    diff = np.abs(bf16.astype(np.float32) - f32)
-    ulp = np.abs(f32) * 2.0**-7
-    assert (diff <= 4 * ulp + 1e-3 * np.abs(f32).max()).all()
-    assert diff.max() > 0  # the bf16 rounding points are there
+    hidden = np.random.default_rng(5).standard_normal((200, 48)).astype(BF16)
+    got = moelb.DeepSeekMoE(config, w)(hidden).astype(np.float32)
+    want = emulate_bf16_forward(config, w, hidden)
+    assert (got == want).mean() >= 0.99
+    assert (np.abs(got - want) <= np.abs(want) * 2.0**-7).all()
 
 
 @pytest.mark.parametrize(("fmt", "act"), COMBOS)
@@ -349,7 +388,7 @@ def v3_peak(T: int, b: int, quantised: bool, lanes: int, deferred: bool) -> int:
     """moe_layer.cpp's memory model restated for DeepSeek-V3 (E 256, K 8, H 7168, I 2048,
     one shared expert; P = 256) with activation bytes b; the quantised GEMM's scratch is
     16 dequantised rows of the widest k (H)."""
-    E, K, H, I, M, P = 256, 8, 7168, 2048, 128, 256
+    E, K, H, I, M, P = 256, 8, 7168, 2048, 128, 256  # noqa: E741
     L, TK = 4 * T * E, 4 * T * (3 * K)
     if quantised:
         D = 16 * H
@@ -358,7 +397,7 @@ def v3_peak(T: int, b: int, quantised: bool, lanes: int, deferred: bool) -> int:
     else:
         R, R_s = 4 * M * (H + 2 * I), 4 * M * (2 * I + H)
     W_r = 4 * (T * K + 2 * (P + 1)) + (b if quantised else 4) * T * K * H + lanes * R
-    O, S = b * T * H, 4 * T * H
+    O, S = b * T * H, 4 * T * H  # noqa: E741
     P_sh = S + lanes * R_s
     if deferred:
         return max(L + TK, TK + W_r + O, O + P_sh)
