@@ -191,7 +191,18 @@ DeepSeekMoEWeights weights_from(const DeepSeekMoEConfig& c, const WeightArgs& a)
 // C-contiguous and 2-D, never copied.
 py::array hidden_arg(const py::handle& obj, ActivationDType dtype) {
     if (dtype == ActivationDType::kFloat32) return strict_array<float>(obj, "hidden", 2);
-    py::array a = as_array(obj, "hidden", "bfloat16");
+    py::array a;
+    if (is_torch_tensor(obj) && std::string(py::str(obj.attr("dtype"))) == "torch.bfloat16" &&
+        std::string(py::str(obj.attr("device").attr("type"))) == "cpu") {
+        // NumPy cannot hold a torch bf16 tensor: its bits as int16, viewed as ml_dtypes'
+        // bfloat16 (the tensor's memory, not a copy).
+        py::object bits =
+            obj.attr("detach")().attr("view")(py::module_::import("torch").attr("int16"));
+        a = py::array::ensure(
+            bits.attr("numpy")().attr("view")(stored_dtype(WeightFormat::kBFloat16)));
+    } else {
+        a = as_array(obj, "hidden", "bfloat16");
+    }
     MOELB_CHECK_ARG(a, "hidden must be an array, got " << std::string(py::str(py::type::of(obj))));
     if (dtype_name(a.dtype()) != "bfloat16" || a.dtype().itemsize() != 2) {
         throw InvalidDType(

@@ -526,3 +526,17 @@ def test_refusals() -> None:
         moelb.DeepSeekMoE(small_v3(), seed=1)(np.zeros((4, 48), BF16))
     with pytest.raises(moelb.InvalidArgumentError, match="C-contiguous"):
         bf16_layer(np.zeros((48, 4), BF16).T)
+
+
+def test_torch_bf16_hidden() -> None:
+    torch = pytest.importorskip("torch")
+    config = small_v3(weight_format="fp8_e4m3", activation_dtype="bfloat16")
+    layer = moelb.DeepSeekMoE(config, seed=3)
+    x = np.random.default_rng(6).standard_normal((20, 48)).astype(BF16)
+    want = layer(x)
+    tensor = torch.from_numpy(x.view(np.int16)).view(torch.bfloat16)
+    got = layer(tensor)
+    assert got.dtype == BF16
+    np.testing.assert_array_equal(got.view(np.uint16), want.view(np.uint16))
+    with pytest.raises(moelb.InvalidDTypeError, match="hidden must have dtype bfloat16"):
+        layer(tensor.float())
