@@ -178,7 +178,8 @@ float WeightTensor::dequantized(Index i, Index r, Index c) const {
 
 void WeightTensor::copy_matrix_from(const WeightTensor& other, Index src, Index dst) {
     MOELB_CHECK(other.format_ == format_ && other.rows_ == rows_ && other.cols_ == cols_ &&
-                    other.block_ == block_,
+                    other.matrix_scales() == matrix_scales() &&
+                    (format_ != WeightFormat::kFp8E4M3 || other.block_ == block_),
                 "copy_matrix_from: tensors of different formats or shapes");
     std::memcpy(matrix(dst), other.matrix(src), matrix_bytes());
     if (!scales_.empty()) {

@@ -583,6 +583,12 @@ TEST(MoELayer, FormatErrors) {
     other.weight_block_size = {8, 16};
     expect_invalid_argument([&] { DeepSeekMoE(other, fp8); },
                             "w13 has fp8 scale blocks of (8, 8) but weight_block_size=(8, 16)");
+    // The block size matters to fp8 only: int8 weights of another block size are accepted.
+    other = c;
+    other.weight_format = moelb::WeightFormat::kInt8;
+    auto int8 = DeepSeekMoEWeights::random(other, 1);
+    other.weight_block_size = {128, 128};
+    EXPECT_NO_THROW(DeepSeekMoE(other, int8));
     DeepSeekMoE layer(c, fp8);
     RowMatrix<std::uint16_t> bits(4, c.hidden_size), out(4, c.hidden_size);
     expect_invalid_argument([&] { layer.forward(mmap(bits), {}, mmap(out)); },

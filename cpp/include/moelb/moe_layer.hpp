@@ -6,7 +6,9 @@
 // with the router of DeepSeek-V3 (sigmoid, grouped top-k with correction bias) or V4 (sqrt-softplus
 // top-k; hash routing from the token id in the first num_hash_layers layers), the shared expert
 // separate or fused as routed expert E, and the routed weights held per physical slot of an
-// ExpertLocation (so EPLB weight moves apply to them).
+// ExpertLocation (so EPLB weight moves apply to them). The experts' matrices are stored in the
+// config's weight_format (float32, bfloat16, fp8_e4m3 with block scales, int8 per channel;
+// moelb/weight_format.hpp) and hidden / the output are in its activation_dtype (float32 or bf16).
 //
 // Memory: every temporary of the forward comes from a byte-counting Workspace, and the order of
 // the steps follows SGLang's forward_normal, including PR #25279: with an out-of-place routed
