@@ -154,7 +154,10 @@ MOELB_INLINE void prefetch(const void* p) {
 // Decode: x rows per pass over W (at most 4) and W rows converted together (kRows * rows <= 12
 // accumulators). m >= kPrefillRows: prefill.
 constexpr int kMaxDecodeX = 4;
-constexpr Index kPrefillRows = 8;
+#ifndef MOELB_QUANT_PREFILL_ROWS
+#define MOELB_QUANT_PREFILL_ROWS 8
+#endif
+constexpr Index kPrefillRows = MOELB_QUANT_PREFILL_ROWS;
 // Decode with several passes over a group of W rows (m > kMaxDecodeX): k-blocks of this many
 // chunks, so the group's rows and the x panel's slices stay in L1 between passes.
 constexpr Index kDecodeBlockChunks = 32;
