@@ -6,12 +6,15 @@
 // against the read bandwidth; prefill (m = 128, 512): GFLOP/s (2 m n k) against the FMA and
 // bf16-dot peaks. Columns split evenly between the threads (each with its own scratch), as the
 // layer does. Each weight matrix has enough copies (>= 256 MiB together) that every call reads
-// its weights from memory, not from the last-level cache. Median of `repeats` calls.
+// its weights from memory, not from the last-level cache. Median of `repeats` calls; "cpu ms" is
+// the busiest thread's CPU time (below "ms" when other processes took the cores meanwhile).
 //
 //   cmake -S . -B build/bench -G Ninja -DMOELB_BUILD_BENCHMARKS=ON && ninja -C build/bench
 //   ./build/bench/moelb_bench_quant_gemm [threads [repeats [filter]]]
 //
 // filter: a substring of the case name ("decode", "prefill", "bf16", "m=16", ...).
+#include <time.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
@@ -83,6 +86,14 @@ WeightSet make_weights(WeightType type, const char* name, std::size_t bytes, std
     return w;
 }
 
+// The calling thread's CPU time in seconds: with the wall time, how much of a call other
+// processes took (this machine is shared).
+double thread_cpu_seconds() {
+    timespec t{};
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t);
+    return static_cast<double>(t.tv_sec) + 1e-9 * static_cast<double>(t.tv_nsec);
+}
+
 double median(std::vector<double> v) {
     std::sort(v.begin(), v.end());
     return v[v.size() / 2];
@@ -113,8 +124,8 @@ int main(int argc, char** argv) {
     sets.push_back(make_weights(WeightType::kFp8E4m3, "fp8_e4m3", 1, gen));
     sets.push_back(make_weights(WeightType::kInt8, "int8", 1, gen));
 
-    std::printf("%-34s %10s %10s %9s %9s %9s\n", "case", "ms", "GB/s", "GFLOP/s", "%read bw",
-                "%peak");
+    std::printf("%-34s %9s %9s %8s %8s %8s %8s %8s\n", "case", "ms", "cpu ms", "GB/s", "GFLOP/s",
+                "%read", "%fma", "%bf16");
     for (const Index m : {1, 4, 16, 128, 512}) {
         const bool decode = m <= 16;
         std::vector<float> xf(static_cast<std::size_t>(m * kK));
@@ -131,11 +142,16 @@ int main(int argc, char** argv) {
                                                         std::vector<unsigned char>(scratch_bytes));
         const Index cols_per_thread = (kN + threads - 1) / threads;
 
-        const auto report = [&](const std::string& name, double seconds, double bytes) {
+        // GB/s of weights and GFLOP/s on the wall time (percentages of the limits measured at the
+        // start), and the busiest thread's CPU time (cpu ms: less than ms when other processes
+        // took the cores meanwhile).
+        const auto report = [&](const std::string& name, double seconds, double cpu_seconds,
+                                double bytes) {
             const double gbs = bytes / seconds / 1e9;
             const double gflops = 2.0 * static_cast<double>(m * kN * kK) / seconds / 1e9;
-            std::printf("%-34s %10.3f %10.2f %9.1f %8.0f%% %8.0f%%\n", name.c_str(), seconds * 1e3,
-                        gbs, gflops, 100 * gbs / lim.read_bandwidth_gbs,
+            std::printf("%-34s %9.3f %9.3f %8.2f %8.1f %7.0f%% %7.0f%% %7.0f%%\n", name.c_str(),
+                        seconds * 1e3, cpu_seconds * 1e3, gbs, gflops,
+                        100 * gbs / lim.read_bandwidth_gbs, 100 * gflops / lim.fma_peak_gflops,
                         100 * gflops / lim.bf16_dot_peak_gflops);
             std::fflush(stdout);
         };
@@ -146,11 +162,13 @@ int main(int argc, char** argv) {
                                          " x " +
                                          (xt == ActivationType::kFloat32 ? "float32" : "bfloat16");
                 if (name.find(filter) == std::string::npos) continue;
-                std::vector<double> times;
+                std::vector<double> times, busy;
+                std::vector<double> cpu(static_cast<std::size_t>(threads));
                 for (int r = 0; r < repeats + 1; ++r) {
                     const auto& data = w.copies[static_cast<std::size_t>(r) % w.copies.size()];
                     const auto t0 = Clock::now();
                     moelb::parallel_for(threads, 1, [&](std::int64_t t, std::int64_t) {
+                        const double c0 = thread_cpu_seconds();
                         QuantGemmArgs a;
                         a.x = xt == ActivationType::kFloat32 ? static_cast<const void*>(xf.data())
                                                              : static_cast<const void*>(xb.data());
@@ -171,11 +189,15 @@ int main(int argc, char** argv) {
                         a.scratch = scratch[static_cast<std::size_t>(t)].data();
                         a.scratch_bytes = scratch_bytes;
                         K.quant_gemm(a);
+                        cpu[static_cast<std::size_t>(t)] = thread_cpu_seconds() - c0;
                     });
                     const double s = std::chrono::duration<double>(Clock::now() - t0).count();
-                    if (r > 0) times.push_back(s);  // the first call warms up
+                    if (r > 0) {  // the first call warms up
+                        times.push_back(s);
+                        busy.push_back(*std::max_element(cpu.begin(), cpu.end()));
+                    }
                 }
-                report(name, median(times), static_cast<double>(w.weight_bytes()));
+                report(name, median(times), median(busy), static_cast<double>(w.weight_bytes()));
             }
         }
         // Eigen's float32 GEMM as the MoE layer runs it (the kernel table's gate_rows: Eigen
@@ -186,20 +208,26 @@ int main(int argc, char** argv) {
         std::vector<std::vector<float>> y_blocks(
             static_cast<std::size_t>(threads),
             std::vector<float>(static_cast<std::size_t>(m * cols_per_thread)));
-        std::vector<double> times;
+        std::vector<double> times, busy;
+        std::vector<double> cpu(static_cast<std::size_t>(threads));
         for (int r = 0; r < repeats + 1; ++r) {
             const auto& data = w.copies[static_cast<std::size_t>(r) % w.copies.size()];
             const auto t0 = Clock::now();
             moelb::parallel_for(threads, 1, [&](std::int64_t t, std::int64_t) {
+                const double c0 = thread_cpu_seconds();
                 const Index n0 = std::min(kN, t * cols_per_thread);
                 const Index n1 = std::min(kN, (t + 1) * cols_per_thread);
                 K.gate_rows(xf.data(), m, kK, reinterpret_cast<const float*>(data.data()) + n0 * kK,
                             n1 - n0, y_blocks[static_cast<std::size_t>(t)].data());
+                cpu[static_cast<std::size_t>(t)] = thread_cpu_seconds() - c0;
             });
             const double s = std::chrono::duration<double>(Clock::now() - t0).count();
-            if (r > 0) times.push_back(s);
+            if (r > 0) {
+                times.push_back(s);
+                busy.push_back(*std::max_element(cpu.begin(), cpu.end()));
+            }
         }
-        report(name, median(times), static_cast<double>(w.weight_bytes()));
+        report(name, median(times), median(busy), static_cast<double>(w.weight_bytes()));
     }
     return 0;
 }

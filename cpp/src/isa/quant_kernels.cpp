@@ -225,6 +225,7 @@ MOELB_INLINE void scalar_chunk(const Value& value, Index c, Index cols, Vec& e, 
 }
 
 struct F32Rows {
+    static constexpr bool kPairs = false;
     const float* data;
     Index cols;
     const float* row[kBlockRows];
@@ -245,6 +246,7 @@ struct F32Rows {
 };
 
 struct Bf16Rows {
+    static constexpr bool kPairs = false;
     const std::uint16_t* data;
     Index cols;
     const std::uint16_t* row[kBlockRows];
@@ -273,6 +275,7 @@ MOELB_INLINE __m128i even_odd_bytes(__m128i raw) {
 #endif
 
 struct Int8Rows {
+    static constexpr bool kPairs = false;
     const std::int8_t* data;
     Index cols;
     const float* scale_inv;  // [rows]
@@ -309,6 +312,11 @@ struct Int8Rows {
 };
 
 struct Fp8Rows {
+#if defined(MOELB_QUANT_AVX2)
+    static constexpr bool kPairs = true;  // chunk2(): two chunks from one 32-byte load
+#else
+    static constexpr bool kPairs = false;
+#endif
     const std::uint8_t* data;
     Index cols;
     const float* scale_inv;  // [ceil(rows / block_rows), grid_cols]
@@ -394,6 +402,32 @@ struct Fp8Rows {
 #endif
         tail(jj, c, e, o);
     }
+#if defined(MOELB_QUANT_AVX2)
+    // Chunks c and c + 1 (both whole, in this segment) as chunk() gives them, from one 32-byte
+    // load: the byte shuffle and the unpacks work within each 128-bit half, one chunk each.
+    MOELB_INLINE void chunk2(int jj, Index c, Vec& e0, Vec& o0, Vec& e1, Vec& o1) const {
+        prefetch(row[jj] + c * kChunk + kPrefetchBytes);
+        if (fast[jj]) [[likely]] {
+            const __m256i raw =
+                _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row[jj] + c * kChunk));
+            const __m256i d = _mm256_shuffle_epi8(
+                raw, _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15, 0, 2, 4,
+                                      6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15));
+            const __m256i mask = _mm256_set1_epi16(static_cast<short>(0xBF80));
+            const __m256i lo =
+                _mm256_and_si256(_mm256_srai_epi16(_mm256_unpacklo_epi8(d, d), 1), mask);
+            const __m256i hi =
+                _mm256_and_si256(_mm256_srai_epi16(_mm256_unpackhi_epi8(d, d), 1), mask);
+            e0 = _mm256_mul_ps(_mm256_cvtph_ps(_mm256_castsi256_si128(lo)), scale256[jj]);
+            o0 = _mm256_mul_ps(_mm256_cvtph_ps(_mm256_castsi256_si128(hi)), scale256[jj]);
+            e1 = _mm256_mul_ps(_mm256_cvtph_ps(_mm256_extracti128_si256(lo, 1)), scale256[jj]);
+            o1 = _mm256_mul_ps(_mm256_cvtph_ps(_mm256_extracti128_si256(hi, 1)), scale256[jj]);
+            return;
+        }
+        tail(jj, c, e0, o0);
+        tail(jj, c + 1, e1, o1);
+    }
+#endif
     void tail(int jj, Index c, Vec& e, Vec& o) const {
         const std::uint8_t* r = row[jj];
         const float* s = scale_row[jj];
@@ -425,6 +459,26 @@ MOELB_INLINE void decode_step(const Loader& ld, const float* xc, Index kp, Index
     }
 }
 
+// Two decode steps, chunks c and c + 1, from the loader's chunk2 (the same values and order).
+template <int R, int MG, class Loader>
+MOELB_INLINE void decode_pair(const Loader& ld, const float* xc, Index kp, Index c,
+                              Vec (&a)[MG][R]) {
+    if constexpr (Loader::kPairs) {
+#pragma GCC unroll 4
+        for (int j = 0; j < R; ++j) {
+            Vec e0, o0, e1, o1;
+            ld.chunk2(j, c, e0, o0, e1, o1);
+#pragma GCC unroll 4
+            for (int i = 0; i < MG; ++i) {
+                a[i][j] = vmadd(vload(xc + i * kp), e0, a[i][j]);
+                a[i][j] = vmadd(vload(xc + i * kp + kLanes), o0, a[i][j]);
+                a[i][j] = vmadd(vload(xc + i * kp + kChunk), e1, a[i][j]);
+                a[i][j] = vmadd(vload(xc + i * kp + kChunk + kLanes), o1, a[i][j]);
+            }
+        }
+    }
+}
+
 // Decode: W rows j0 + [0, R) (bound in ld) against x rows [0, MG) of the x panel xp (row stride
 // kp), chunks [c0, c1); `full` = the number of whole chunks (chunk `full`, if below c1, is the
 // partial last one). acc: the accumulators, acc[i * acc_stride + j * kLanes].
@@ -441,6 +495,9 @@ void decode_tile(Loader& ld, const float* xp, Index kp, Index c0, Index c1, Inde
     for (Index c = c0; c < whole_end;) {
         const Index seg_end = ld.segment_end(c, whole_end);
         ld.begin_segment(c, seg_end);
+        if constexpr (Loader::kPairs) {
+            for (; c + 1 < seg_end; c += 2) decode_pair(ld, xp + c * kChunk, kp, c, a);
+        }
         for (; c < seg_end; ++c) decode_step<false>(ld, xp + c * kChunk, kp, c, a);
     }
     if (c1 > full) {
