@@ -6,7 +6,8 @@ each the best of ``passes`` passes:
 
 - ``read_bandwidth_gbs``: a STREAM-like read bandwidth (1e9 bytes/s): a buffer much larger than the
   last-level cache (``buffer_bytes``, 1 GiB by default) summed with vector loads, each thread its
-  contiguous share;
+  contiguous share (as 8 streams in lockstep on the AVX paths, as the GEMV kernels read weight
+  rows);
 - ``fma_peak_gflops``: float32 FMAs on independent chains, 2 flops per lane;
 - ``bf16_dot_peak_gflops``: bf16 x bf16 -> float32 products, 2 flops each, as this path does them
   on this CPU (``bf16_dot_method``): ``vdpbf16ps`` on the avx512 path of a CPU with AVX512_BF16,

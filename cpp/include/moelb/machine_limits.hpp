@@ -27,7 +27,8 @@ struct MachineLimits {
     int threads = 0;
     std::string cpu_isa;  // the kernels' path that ran the loops
     // Bytes read per second (1e9 bytes), summing the buffer with vector loads: each thread reads
-    // its contiguous share once per pass; time from a common start to the last thread's end.
+    // its contiguous share once per pass (on the AVX paths as 8 streams in lockstep, as the GEMV
+    // kernels read several weight rows); time from a common start to the last thread's end.
     double read_bandwidth_gbs = 0.0;
     // float32 FMAs on independent chains (enough to cover the latency), 2 flops per lane, in
     // 1e9 flops per second; on a path without FMA (baseline), a multiply and an add.

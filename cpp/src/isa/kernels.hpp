@@ -192,7 +192,7 @@ struct Kernels {
 
     // The machine-limit microbenchmarks' loops (limits_kernels.cpp; moelb/machine_limits.hpp).
     // The sum of data[0, n) (n a multiple of 64 floats, data 64-byte aligned), read once with
-    // vector loads.
+    // vector loads (AVX paths: 8 streams, the eighths of the range, in lockstep).
     double (*read_sum)(const float* data, Index n);
     // `iterations` rounds of independent float32 FMA chains seeded from `seed`: returns the flops
     // done (2 per lane of each FMA); *sink = a value that depends on every chain.

@@ -78,21 +78,27 @@ __attribute__((target("avx512bf16,avx512f,avx512bw,avx512vl"))) std::int64_t dot
 
 }  // namespace
 
+// Eight streams at once (the share cut into eighths, read in lockstep), as the GEMV-like kernels
+// read several rows: on this machine (4 KiB pages, hardware prefetch that stops at page ends) one
+// stream alone reads about 10% slower.
 double read_sum(const float* data, Index n) {
 #if MOELB_LIMITS_VEC >= 256
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
-    for (Index i = 0; i < n; i += 64) {
-        a0 = _mm256_add_ps(a0, _mm256_load_ps(data + i));
-        a1 = _mm256_add_ps(a1, _mm256_load_ps(data + i + 8));
-        a2 = _mm256_add_ps(a2, _mm256_load_ps(data + i + 16));
-        a3 = _mm256_add_ps(a3, _mm256_load_ps(data + i + 24));
-        a4 = _mm256_add_ps(a4, _mm256_load_ps(data + i + 32));
-        a5 = _mm256_add_ps(a5, _mm256_load_ps(data + i + 40));
-        a6 = _mm256_add_ps(a6, _mm256_load_ps(data + i + 48));
-        a7 = _mm256_add_ps(a7, _mm256_load_ps(data + i + 56));
+    constexpr int kStreams = 8;
+    const Index part = n / 64 / kStreams * 64;  // whole 64-float blocks per stream
+    __m256 acc[kStreams];
+    for (int j = 0; j < kStreams; ++j) acc[j] = _mm256_setzero_ps();
+    for (Index i = 0; i < part; i += 16) {
+#pragma GCC unroll 8
+        for (int j = 0; j < kStreams; ++j) {
+            const float* p = data + j * part + i;
+            acc[j] = _mm256_add_ps(acc[j], _mm256_add_ps(_mm256_load_ps(p), _mm256_load_ps(p + 8)));
+        }
     }
-    const __m256 s = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)),
-                                   _mm256_add_ps(_mm256_add_ps(a4, a5), _mm256_add_ps(a6, a7)));
+    for (Index i = kStreams * part; i < n; i += 8) {
+        acc[0] = _mm256_add_ps(acc[0], _mm256_load_ps(data + i));
+    }
+    __m256 s = acc[0];
+    for (int j = 1; j < kStreams; ++j) s = _mm256_add_ps(s, acc[j]);
     alignas(32) float lanes[8];
     _mm256_store_ps(lanes, s);
 #elif MOELB_LIMITS_VEC == 128
