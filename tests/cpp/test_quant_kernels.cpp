@@ -286,13 +286,14 @@ std::string case_name(WeightType wt, ActivationType xt, Index m, Index n, Index 
 }
 
 TEST(QuantGemm, EveryTypeMatchesTheFloat64ReferenceOnEveryPath) {
-    // m < 8: decode (1 to 4 rows per pass over W, several passes from 5); m >= 8: prefill. k not
-    // a multiple of any chunk; 200 x 300 with 128 x 128 blocks: partial last blocks both ways.
+    // m < 8: decode (1 to 4 rows per pass over W, several passes from 5); m >= 8: prefill (m = 100:
+    // two groups of rows; n = 200: W blocks of 32 rows and a partial one). k not a multiple of
+    // any chunk; 200 x 300 with 128 x 128 blocks: partial last blocks both ways.
     struct Shape {
         Index m, n, k;
     };
     const Shape shapes[] = {{1, 200, 300}, {3, 37, 129},   {4, 21, 64}, {6, 19, 300},
-                            {8, 33, 17},   {37, 200, 300}, {2, 5, 1}};
+                            {8, 33, 17},   {37, 200, 300}, {2, 5, 1},   {100, 40, 70}};
     for_each_path([&](CpuIsa) {
         std::uint32_t seed = 1;
         for (const Shape& s : shapes) {
