@@ -18,6 +18,8 @@ set(MOELB_ISA_SOURCES
   cpp/src/isa/moe_kernels.cpp
   cpp/src/isa/eplb_kernels.cpp
   cpp/src/isa/simulate_kernels.cpp
+  cpp/src/isa/quant_kernels.cpp
+  cpp/src/isa/limits_kernels.cpp
   cpp/src/isa/kernel_table.cpp
 )
 # The planner's and the simulator's kernels compute the same bits on every path (plans and scores

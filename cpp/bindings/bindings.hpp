@@ -21,6 +21,7 @@ void bind_weight_format(pybind11::module_& m);
 void bind_moe_layer(pybind11::module_& m);
 void bind_simulate(pybind11::module_& m);
 void bind_step_time(pybind11::module_& m);
+void bind_machine_limits(pybind11::module_& m);
 
 }  // namespace moelb::bindings
 

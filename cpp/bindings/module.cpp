@@ -19,4 +19,5 @@ PYBIND11_MODULE(_core, m) {
     moelb::bindings::bind_moe_layer(m);
     moelb::bindings::bind_simulate(m);
     moelb::bindings::bind_step_time(m);
+    moelb::bindings::bind_machine_limits(m);
 }

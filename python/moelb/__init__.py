@@ -69,6 +69,7 @@ from .io import (
     save_expert_distribution,
     save_placement,
 )
+from .machine_limits import MachineLimits, measure_machine_limits
 from .moe_layer import (
     DeepSeekMoE,
     DeepSeekMoEConfig,
@@ -133,6 +134,7 @@ __all__ = [
     "InvalidArgumentError",
     "InvalidDTypeError",
     "LinkCopies",
+    "MachineLimits",
     "ModelPreset",
     "Plan",
     "PlanStats",
@@ -171,6 +173,7 @@ __all__ = [
     "load_gpu_calibration",
     "load_placement",
     "load_placement_fractions",
+    "measure_machine_limits",
     "pass_balancedness",
     "per_rank_shared_location",
     "plan_weight_moves",

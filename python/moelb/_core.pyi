@@ -493,3 +493,6 @@ def _balanced_assignment_reference(
     fixed_loads: npt.ArrayLike | None = None,
     layer: int | None = None,
 ) -> npt.NDArray[np.int64]: ...
+def measure_machine_limits(
+    threads: int, buffer_bytes: int, passes: int, seconds: float
+) -> dict[str, Any]: ...

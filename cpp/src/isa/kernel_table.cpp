@@ -20,6 +20,12 @@ const isa::Kernels& kernels() {
         &other_change,
         &score_rows,
         &bound_rows,
+        &quant_gemm,
+        &quant_gemm_scratch_bytes,
+        &read_sum,
+        &fma_loop,
+        &bf16_dot_loop,
+        &bf16_dot_method,
     };
     return kTable;
 }

@@ -13,6 +13,7 @@
 // symbol without its tag.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 namespace moelb::isa {
@@ -66,6 +67,47 @@ struct ScoreRows {
     Index num_physical_experts = 0;         // P
     int ep_size = 0;                        // W
     int slots_per_rank = 0;                 // S = P / W
+};
+
+// The stored type of a weight matrix (quant_gemm's right-hand side); moelb::WeightFormat's values.
+enum class WeightType : int { kFloat32 = 0, kBfloat16 = 1, kFp8E4m3 = 2, kInt8 = 3 };
+// The type of quant_gemm's left-hand side (moelb's activation dtype).
+enum class ActivationType : int { kFloat32 = 0, kBfloat16 = 1 };
+
+// A weight matrix W [rows, cols] (row-major, row stride = cols) in its stored type, with the scales
+// that dequantise it (docs/architecture.md, "Weight formats"):
+//   kFloat32   float;
+//   kBfloat16  std::uint16_t, the bf16 bits (w = the bf16 value);
+//   kFp8E4m3   std::uint8_t, E4M3FN (bias 7, no inf, 0x7F / 0xFF NaN), w[r, c] = fp8(q[r, c]) *
+//              scale_inv[(r / block_rows) * ceil(cols / block_cols) + c / block_cols] (the block
+//              grid [ceil(rows / block_rows), ceil(cols / block_cols)] row-major; partial last
+//              blocks);
+//   kInt8      std::int8_t, w[r, c] = q[r, c] * scale_inv[r] (one scale per row).
+// Every w is rounded to float32 once (float(q) * scale), so a quantised W and its float32
+// dequantisation give quant_gemm the same bits.
+struct QuantWeights {
+    WeightType type = WeightType::kFloat32;
+    const void* data = nullptr;
+    Index rows = 0;                    // n
+    Index cols = 0;                    // k
+    const float* scale_inv = nullptr;  // kFp8E4m3 and kInt8 (see above); unused otherwise
+    Index block_rows = 128;            // kFp8E4m3 only, >= 1
+    Index block_cols = 128;            // kFp8E4m3 only, >= 1
+};
+
+// One call of quant_gemm: y[i, j] = sum over c of x[i, c] * w[j, c] for i in [0, m) and j in
+// [n_begin, n_end).
+struct QuantGemmArgs {
+    const void* x = nullptr;  // [m, w.cols]: float, or std::uint16_t bf16 bits
+    ActivationType x_type = ActivationType::kFloat32;
+    Index m = 0;
+    Index x_stride = 0;  // elements between rows of x (>= w.cols)
+    QuantWeights w;
+    Index n_begin = 0, n_end = 0;  // 0 <= n_begin <= n_end <= w.rows
+    float* y = nullptr;            // y[i, j] at y[i * y_stride + j] (j absolute, not - n_begin)
+    Index y_stride = 0;
+    void* scratch = nullptr;  // >= quant_gemm_scratch_bytes(m, w.cols) bytes, any alignment
+    std::size_t scratch_bytes = 0;
 };
 
 // order_descending and replica_order rank at most this many items by vector comparisons.
@@ -134,6 +176,33 @@ struct Kernels {
     // + e of the first negative count.
     Index (*bound_rows)(const std::int32_t* counts, Index num_experts, int ep_size, Index begin,
                         Index end, double* mean, Index* needed);
+
+    // The GEMM with a quantised right-hand side (quant_kernels.cpp), every expert projection's:
+    // y[i, j] = sum_c x[i, c] * w[j, c] in float32 (see QuantGemmArgs). y[i, j]'s bits depend
+    // only on x row i, W row j (with its scales) and the path: not on m, the column range, the
+    // scratch or the caller's threads, so callers may split rows and columns any way. A bf16 x
+    // and its float32 values, a quantised W and its float32 dequantisation give the same bits.
+    // Small m streams W once (each weight converted in registers and used for every row of x);
+    // large m dequantises blocks of W rows into float32 panels in the scratch and reuses them
+    // across all rows. Throws std::invalid_argument (naming the field) on inconsistent arguments.
+    void (*quant_gemm)(const QuantGemmArgs& args);
+    // The scratch quant_gemm needs for m rows of x and cols = k (this path's; grows as m * k: the
+    // caller bounds it by splitting rows).
+    std::size_t (*quant_gemm_scratch_bytes)(Index m, Index k);
+
+    // The machine-limit microbenchmarks' loops (limits_kernels.cpp; moelb/machine_limits.hpp).
+    // The sum of data[0, n) (n a multiple of 64 floats, data 64-byte aligned), read once with
+    // vector loads (AVX paths: 8 streams, the eighths of the range, in lockstep).
+    double (*read_sum)(const float* data, Index n);
+    // `iterations` rounds of independent float32 FMA chains seeded from `seed`: returns the flops
+    // done (2 per lane of each FMA); *sink = a value that depends on every chain.
+    std::int64_t (*fma_loop)(std::int64_t iterations, float seed, float* sink);
+    // The same with bf16 x bf16 -> float32 dot products (2 flops per product) as this path does
+    // them on this CPU: vdpbf16ps where the CPU has AVX512_BF16 (the avx512 path), else both
+    // operands converted to float32 in registers and FMA.
+    std::int64_t (*bf16_dot_loop)(std::int64_t iterations, float seed, float* sink);
+    // How bf16_dot_loop computes on this CPU ("avx512_bf16 vdpbf16ps", "avx2 convert + fma", ...).
+    const char* (*bf16_dot_method)();
 };
 
 }  // namespace moelb::isa
@@ -187,6 +256,12 @@ isa::Index score_rows(const isa::ScoreRows& args, isa::Index begin, isa::Index e
                       double* max_load, double* total);
 isa::Index bound_rows(const std::int32_t* counts, isa::Index num_experts, int ep_size,
                       isa::Index begin, isa::Index end, double* mean, isa::Index* needed);
+void quant_gemm(const isa::QuantGemmArgs& args);
+std::size_t quant_gemm_scratch_bytes(isa::Index m, isa::Index k);
+double read_sum(const float* data, isa::Index n);
+std::int64_t fma_loop(std::int64_t iterations, float seed, float* sink);
+std::int64_t bf16_dot_loop(std::int64_t iterations, float seed, float* sink);
+const char* bf16_dot_method();
 }  // namespace moelb::MOELB_ISA_NS
 #else
 namespace moelb::isa {

@@ -1,0 +1,52 @@
+"""What this machine can do, measured: the yardsticks of the MoE layer's kernels.
+
+``measure_machine_limits(threads)`` runs three microbenchmarks on ``threads`` threads together
+(C++: ``moelb/machine_limits.hpp``; the loops are kernels of the ISA path in use, ``cpu_isa()``),
+each the best of ``passes`` passes:
+
+- ``read_bandwidth_gbs``: a STREAM-like read bandwidth (1e9 bytes/s): a buffer much larger than the
+  last-level cache (``buffer_bytes``, 1 GiB by default) summed with vector loads, each thread its
+  contiguous share (as 8 streams in lockstep on the AVX paths, as the GEMV kernels read weight
+  rows);
+- ``fma_peak_gflops``: float32 FMAs on independent chains, 2 flops per lane;
+- ``bf16_dot_peak_gflops``: bf16 x bf16 -> float32 products, 2 flops each, as this path does them
+  on this CPU (``bf16_dot_method``): ``vdpbf16ps`` on the avx512 path of a CPU with AVX512_BF16,
+  else one bf16 operand read from L1 and widened to float32 in registers, times a float32 one with
+  FMA (a bf16-weight GEMM's inner loop).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from . import _core
+
+
+@dataclass(frozen=True)
+class MachineLimits:
+    threads: int
+    cpu_isa: str
+    read_bandwidth_gbs: float
+    fma_peak_gflops: float
+    bf16_dot_peak_gflops: float
+    bf16_dot_method: str
+    buffer_bytes: int
+    passes: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def measure_machine_limits(
+    threads: int = 1, *, buffer_bytes: int = 1 << 30, passes: int = 5, seconds: float = 0.1
+) -> MachineLimits:
+    """Measures the read bandwidth, FMA peak and bf16-dot peak on ``threads`` threads together.
+
+    ``threads``: >= 1 and at most ``get_num_threads()``; ``buffer_bytes``: the bandwidth buffer
+    (>= 1 MiB; keep it far above the last-level cache); ``passes``: each figure is the best of
+    this many; ``seconds``: one FMA or bf16 pass. Takes about ``passes * (2 * seconds +
+    buffer_bytes / bandwidth)`` plus writing the buffer once. Bad options raise
+    ``InvalidArgumentError`` naming them.
+    """
+    return MachineLimits(**_core.measure_machine_limits(threads, buffer_bytes, passes, seconds))
