@@ -308,11 +308,11 @@ def test_dequantised_weights_are_the_originals_within_the_format(tmp_path, fmt) 
         for got, want in ((got13[:i], want13[:i]), (got13[i:], want13[i:]), (got2, None)):
             want = proj["down_proj"].original if want is None else want
             # fp8 e4m3: 3 mantissa bits (relative 2^-4) and subnormals below 2^-6 of the block
-            # scale x 448; int8: half a step of amax / 127 per row
+            # scale x 448; int8: half a step of amax / 127 per row (slack: float32 rounding)
             if fmt == "fp8_e4m3":
                 bound = (np.abs(want) * 2.0**-4 + np.abs(want).max() / 448 * 2.0**-9) * (1 + 1e-6)
             else:
-                bound = np.abs(want).max(axis=1, keepdims=True) / 127 * 0.5 * (1 + 1e-6)
+                bound = np.abs(want).max(axis=1, keepdims=True) / 127 * 0.5 * (1 + 1e-5)
             assert np.all(np.abs(got - want) <= bound)
 
 
