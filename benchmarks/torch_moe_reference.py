@@ -13,8 +13,12 @@ The routed loop sorts the (token, k) pairs by expert; per expert it gathers the 
 (``index_select``), runs ``F.linear`` (gate/up) -> SwiGLU -> ``F.linear`` (down), multiplies by
 the routing weights and ``index_add_``s the rows into the output. SGLang's loop instead scatters
 every pair's output into a [T * K, H] buffer and sums over K; the arithmetic is the same and the
-``index_add_`` form needs less memory. Everything runs in float32 (SGLang runs bf16 activations),
-in whatever threads ``torch.set_num_threads`` allows; call it under ``torch.inference_mode()``.
+``index_add_`` form needs less memory. ``TorchDeepSeekMoE`` runs everything in float32 (SGLang
+runs bf16 activations), in whatever threads ``torch.set_num_threads`` allows; call it under
+``torch.inference_mode()``. ``TorchFormatDeepSeekMoE`` is the same layer over weights in moelb's
+weight formats (bf16, FP8 E4M3 with block scales, int8 per channel) and bf16 or float32
+activations, computed as a weight-only PyTorch CPU fallback does: each expert's matrices
+dequantised right before its GEMM, the GEMMs in bf16 when the activations are.
 """
 
 from __future__ import annotations
