@@ -466,9 +466,9 @@ ALL_ACTIVATIONS = ("float32", "bfloat16")
 DECODE_TOKENS = (1, 4, 16, 64)
 PREFILL_TOKENS = 4096
 DECODE_INPUTS = 16  # distinct decode batches cycled through, so the experts read change per call
-QUICK_DECODE_TOKENS = (1, 16)
-QUICK_PREFILL_TOKENS = 256
-QUICK_DECODE_INPUTS = 4
+QUICK_DECODE_TOKENS = (1,)
+QUICK_PREFILL_TOKENS = 128
+QUICK_DECODE_INPUTS = 2
 DEFAULT_FORMAT_REPEATS = 5
 BLOCK_SIZE = (128, 128)
 # The issue's goals (ratios, printed, never asserted).
@@ -587,10 +587,12 @@ _LIMIT_UNITS = (("bytes_per_s", 1e-9), ("flops_per_s", 1e-9), ("flop_per_s", 1e-
 
 
 def _limit(values: dict[str, Any], *words: str) -> float | None:
-    """The first number whose key contains every one of ``words``, in GB/s or GFLOP/s (keys
-    ending in bytes_per_s / flop(s)_per_s are scaled by 1e-9; others taken as GB/s, GFLOP/s)."""
+    """The first number whose key has every one of ``words`` among its ``_``-separated words, in
+    GB/s or GFLOP/s (keys ending in bytes_per_s / flop(s)_per_s are scaled by 1e-9; others taken
+    as GB/s, GFLOP/s)."""
     for key, value in values.items():
-        if all(w in key for w in words) and isinstance(value, int | float):
+        parts = key.lower().split("_")
+        if all(w in parts for w in words) and type(value) in (int, float):
             scale = next((s for suffix, s in _LIMIT_UNITS if key.endswith(suffix)), 1.0)
             return float(value) * scale
     return None
