@@ -682,21 +682,24 @@ def reference_forward(config, w: dict, x: np.ndarray) -> np.ndarray:
     return out + mlp(x64, deq("shared_gate_up"), deq("shared_down"))
 
 
-#: Tolerance of the float32 forward (float32 activations) against float64, relative to the
-#: output's largest magnitude: float32 rounding of sums over H = 320 and I = 256 terms.
-FORWARD_TOLERANCE = 1e-5
+#: Tolerance of the forward against float64, relative to the output's largest magnitude: float32
+#: activations, float32 rounding of sums over H = 320 and I = 256 terms; bfloat16 activations
+#: (the input is the reference's too), the output's bf16 rounding (2^-9) and intermediates the
+#: layer may keep in bf16.
+FORWARD_TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2}
 
 
+@pytest.mark.parametrize("activation_dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_loaded_layer_forward_matches_a_float64_reference(tmp_path, fmt) -> None:
+def test_loaded_layer_forward_matches_a_float64_reference(tmp_path, fmt, activation_dtype) -> None:
     syn = make_layer(fmt)
     path = write(tmp_path, syn, "sharded", hf_config(fmt))
     if HAS_FORMATS:
-        weights, config = load_moe_layer(path, LAYER, activation_dtype="float32")
-        assert config.weight_format == fmt
-    elif fmt == "float32":
+        weights, config = load_moe_layer(path, LAYER, activation_dtype=activation_dtype)
+        assert config.weight_format == fmt and config.activation_dtype == activation_dtype
+    elif fmt == "float32" and activation_dtype == "float32":
         # Before the formats exist the layer computes float32, which is exactly weight_format
-        # float32: the same fields without it.
+        # float32 with float32 activations: the same fields without them.
         weights = read_moe_layer_weights(path, LAYER)
         fields = deepseek_config_fields(path / "config.json", LAYER)
         assert fields.pop("weight_format") == "float32"
@@ -705,8 +708,13 @@ def test_loaded_layer_forward_matches_a_float64_reference(tmp_path, fmt) -> None
         pytest.skip(NEEDS_FORMATS)
     layer = moelb.DeepSeekMoE(config, weights)
     x = np.random.default_rng(5).standard_normal((33, SHAPE["hidden"])).astype(np.float32)
+    if activation_dtype == "bfloat16":
+        x = x.astype(ml_dtypes.bfloat16)
     got = layer(x)
-    want = reference_forward(config, weights, x)
+    assert got.dtype == x.dtype
+    want = reference_forward(config, weights, x.astype(np.float32))
     scale = np.abs(want).max()
     assert scale > 0
-    np.testing.assert_allclose(got, want, rtol=0, atol=FORWARD_TOLERANCE * scale)
+    np.testing.assert_allclose(
+        got.astype(np.float64), want, rtol=0, atol=FORWARD_TOLERANCE[activation_dtype] * scale
+    )
