@@ -34,11 +34,36 @@ Agreement: moelb's output must equal torch's within 1e-4 of the largest magnitud
 output (float32 GEMMs summing in different orders differ by ~1e-6 of it), and moelb's output must
 be bitwise the same at every thread count.
 
+**Weight formats** (issue 23). On ``V3-scaled``, for every weight format this moelb's layer
+takes (float32, bfloat16, fp8_e4m3 with 128 x 128 block scales, int8 per channel; quantised from
+the same seeded float32 weights by ``moelb.quantize_weights``) and every activation dtype
+(float32, bfloat16):
+
+* decode, T in {1, 4, 16, 64}: 16 different seeded batches are run in turn (so the experts read
+  change from call to call, as in serving, instead of staying in the cache); tokens/s and GB/s =
+  the weight bytes a forward reads (the router gate, the shared expert and the distinct routed
+  experts the batch picks, w13 + w2 with their scales, in the stored format) / time;
+* prefill, T = 4,096: GFLOP/s = 2 x (T E H + T K 3 H I + T 3 H Is) / time;
+
+at 1 and 2 threads, moelb against ``torch_moe_reference.TorchFormatDeepSeekMoE``: PyTorch doing
+the same math in the same dtype (bf16 activations with non-float32 weights: bf16 ``F.linear``;
+fp8 and int8: each expert's matrices dequantised right before its GEMM, ``q.float() * scale``
+expanded over the blocks / rows, then cast to the compute dtype; float32 activations: float32
+GEMMs), and against the machine's limits measured in the same run by
+``moelb.measure_machine_limits`` (read bandwidth, float32 FMA peak, bf16-dot peak). The goals
+are printed as ratios, never asserted: decode >= 60% of the read bandwidth, prefill with bf16
+weights and activations >= 40% of the bf16-dot peak, moelb >= 1x PyTorch's tokens/s at prefill
+and >= 1.5x at decode per format at equal threads. Formats, activation dtypes and the machine
+limits that this moelb does not have yet are reported as not run. Agreement with torch: within
+1e-4 (float32 activations) or 3e-2 (bf16 activations: torch rounds each GEMM's output to bf16)
+of torch's largest magnitude, and bitwise the same output at every thread count.
+
 **Peak memory.** For the real DeepSeek-V3 shape at T = 4,096 (45 GB of weights: not
 instantiated), ``config.expected_peak_bytes`` with the shared expert deferred after the
 out-of-place routed kernel (``defer_shared='auto'``), not deferred (``defer_shared=False``), and
 with the in-place kernel (which cannot defer); deferral saves exactly one [T, H] float32 buffer,
-4 T H bytes. On ``V3-scaled`` at the largest T the same three variants are run and
+4 T H bytes (restated for the bf16, fp8 and int8 weight formats where the layer has them). On
+``V3-scaled`` at the largest T the same three variants are run (per weight format) and
 ``last_stats()['peak_bytes']`` (the byte-counting workspace) is compared with
 ``expected_peak_bytes`` for the lanes the forward used: they must be equal, the saving must be
 4 T H, and the three outputs bitwise identical.
@@ -46,14 +71,15 @@ with the in-place kernel (which cannot defer); deferral saves exactly one [T, H]
 This is not a timed test: it never fails on speed; it exits with status 1 only when the
 implementations disagree or a measured peak differs from the formula.
 
-    python benchmarks/bench_moe.py               # T = 256 and 4,096; 1 and 2 threads; ~3 min
+    python benchmarks/bench_moe.py               # everything; 1 and 2 threads
     python benchmarks/bench_moe.py --quick       # smoke test: tiny layers, a few seconds
-    python benchmarks/bench_moe.py --json results.json
+    python benchmarks/bench_moe.py --sections formats --json results.json
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import os
 import platform
@@ -84,6 +110,7 @@ MEMORY_TOKENS = 4096  # the DeepSeek-V3 formula rows
 GOAL_VS_TORCH = 1.0  # the issue's target: moelb >= the PyTorch CPU reference at equal threads
 RELATIVE_TOLERANCE = 1e-4  # of the largest magnitude of the reference output
 MIB = 1 << 20
+SECTIONS = ("throughput", "formats", "memory")
 
 
 @dataclass
@@ -278,15 +305,18 @@ def run_case(
     return timings, agreements, weights
 
 
-def formula_rows(num_tokens: int, lanes: int) -> list[PeakRow]:
-    """DeepSeek-V3 at ``num_tokens``: the formula's peak of each variant, ``lanes`` lanes."""
-    v3 = moelb.DeepSeekMoEConfig.deepseek_v3()
+def formula_rows(num_tokens: int, lanes: int, weight_format: str = "float32") -> list[PeakRow]:
+    """DeepSeek-V3 with weights in ``weight_format`` at ``num_tokens``: the formula's peak of
+    each variant, ``lanes`` lanes."""
+    v3 = _format_config(moelb.DeepSeekMoEConfig.deepseek_v3(), weight_format)
     rows = []
     for label, changes in VARIANTS:
         config = v3.replace(**changes)
         rows.append(
             PeakRow(
-                case="DeepSeek-V3",
+                case="DeepSeek-V3"
+                if weight_format == "float32"
+                else f"DeepSeek-V3 {weight_format}",
                 variant=label,
                 num_tokens=num_tokens,
                 threads=None,
@@ -427,6 +457,539 @@ def format_peaks(rows: Sequence[PeakRow], measured: bool) -> str:
     return table(header, out, left=(0, 1, 2) if measured else (0, 1))
 
 
+# --------------------------------------------------------------------------------------------
+# Weight formats: decode and prefill per weight format and activation dtype, against PyTorch in
+# the same dtype and the machine's measured limits.
+
+ALL_FORMATS = ("float32", "bfloat16", "fp8_e4m3", "int8")
+ALL_ACTIVATIONS = ("float32", "bfloat16")
+DECODE_TOKENS = (1, 4, 16, 64)
+PREFILL_TOKENS = 4096
+DECODE_INPUTS = 16  # distinct decode batches cycled through, so the experts read change per call
+QUICK_DECODE_TOKENS = (1,)
+QUICK_PREFILL_TOKENS = 128
+QUICK_DECODE_INPUTS = 2
+DEFAULT_FORMAT_REPEATS = 5
+BLOCK_SIZE = (128, 128)
+# The issue's goals (ratios, printed, never asserted).
+GOAL_DECODE_BANDWIDTH = 0.60  # moelb's decode GB/s over the measured read bandwidth
+GOAL_PREFILL_BF16_PEAK = 0.40  # moelb's bf16 prefill GFLOP/s over the measured bf16-dot peak
+GOAL_PREFILL_VS_TORCH = 1.0
+GOAL_DECODE_VS_TORCH = 1.5
+# Agreement of moelb with PyTorch in the same dtype, relative to torch's largest magnitude:
+# float32 activations (both compute float32 on the same dequantised weights), bfloat16
+# activations (torch rounds every GEMM's output to bf16, moelb only the layer's output).
+FORMAT_TOLERANCE = {"float32": 1e-4, "bfloat16": 3e-2}
+ELEMENT_BYTES = {"float32": 4, "bfloat16": 2, "fp8_e4m3": 1, "int8": 1}
+
+
+def supported_formats() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(weight formats, activation dtypes) this moelb's DeepSeekMoE takes: float32 only until the
+    config has weight_format / activation_dtype and ``moelb.quantize_weights`` exists (issue 23)."""
+    fields = {f.name for f in dataclasses.fields(moelb.DeepSeekMoEConfig)}
+    formats = (
+        ALL_FORMATS
+        if "weight_format" in fields and hasattr(moelb, "quantize_weights")
+        else ("float32",)
+    )
+    activations = ALL_ACTIVATIONS if "activation_dtype" in fields else ("float32",)
+    return formats, activations
+
+
+def format_case(quick: bool) -> Case:
+    """The layer of the formats section: V3-scaled (H 1024, I 256, 256 experts); quick: H 256,
+    I 128, 32 experts. I and H are multiples of the 128 x 128 FP8 blocks."""
+    v3 = moelb.DeepSeekMoEConfig.deepseek_v3()
+    if quick:
+        return Case(
+            "V3-scaled-quick",
+            v3.replace(hidden_size=256, intermediate_size=128, num_experts=32),
+            1.0,
+        )
+    return Case("V3-scaled", v3.replace(hidden_size=1024, intermediate_size=256), 1.0)
+
+
+def quantize(array: npt.NDArray[np.float32], weight_format: str) -> tuple[Any, Any]:
+    """(stored array, scale_inv or None) of a float32 matrix or stack of matrices, quantised by
+    ``moelb.quantize_weights`` one matrix at a time (fp8 blocks never straddle two experts)."""
+    if weight_format == "float32":
+        return array, None
+    if array.ndim == 2:
+        return moelb.quantize_weights(array, weight_format, BLOCK_SIZE)
+    parts = [moelb.quantize_weights(a, weight_format, BLOCK_SIZE) for a in array]
+    q = np.stack([p[0] for p in parts])
+    return q, None if parts[0][1] is None else np.stack([p[1] for p in parts])
+
+
+def format_weights(weights: dict[str, Any], weight_format: str) -> dict[str, Any]:
+    """The float32 weights dict in ``weight_format`` (the contract's dict: scales as
+    ``<name>_scale_inv`` for fp8 and int8)."""
+    out = dict(weights)
+    for name in ("w13", "w2", "shared_gate_up", "shared_down"):
+        if weights.get(name) is None:
+            continue
+        q, scale = quantize(weights[name], weight_format)
+        out[name] = q
+        if scale is not None:
+            out[name + "_scale_inv"] = scale
+    return out
+
+
+def stored_bytes(weights: dict[str, Any], name: str, index: int | None = None) -> int:
+    """Bytes of one weight array (one expert's slice with ``index``) and its scales."""
+    total = 0
+    for key in (name, name + "_scale_inv"):
+        a = weights.get(key)
+        if a is not None:
+            total += (a[index] if index is not None else a).nbytes
+    return total
+
+
+def routed_experts(config: moelb.DeepSeekMoEConfig, weights: dict[str, Any], x: Any) -> Any:
+    """The distinct experts the tokens of ``x`` pick (moelb's router on float32 logits)."""
+    topk = moelb.TopKConfig(
+        top_k=config.top_k,
+        scoring=config.scoring,
+        num_groups=config.num_groups,
+        topk_group=config.topk_group,
+        renormalize=config.renormalize,
+        routed_scaling_factor=config.routed_scaling_factor,
+    )
+    logits = np.ascontiguousarray(np.asarray(x, dtype=np.float32) @ weights["gate"].T)
+    ids = moelb.select_experts(logits, topk, weights["correction_bias"]).topk_ids
+    return np.unique(np.asarray(ids))
+
+
+def bytes_read(config: moelb.DeepSeekMoEConfig, weights: dict[str, Any], x: Any) -> int:
+    """Weight bytes one forward of ``x`` must read: the router gate, the shared expert and the
+    distinct routed experts the batch touches (w13 + w2 with their scales)."""
+    per_expert = stored_bytes(weights, "w13", 0) + stored_bytes(weights, "w2", 0)
+    shared = stored_bytes(weights, "shared_gate_up") + stored_bytes(weights, "shared_down")
+    return weights["gate"].nbytes + shared + per_expert * len(routed_experts(config, weights, x))
+
+
+def forward_flops(config: moelb.DeepSeekMoEConfig, num_tokens: int) -> int:
+    """2 x multiply-adds of one forward: the gate, K routed experts and the shared expert per
+    token (3 GEMMs of H x I each)."""
+    h, i = config.hidden_size, config.intermediate_size
+    return (
+        2
+        * num_tokens
+        * (
+            config.num_experts * h
+            + config.top_k * 3 * h * i
+            + 3 * h * config.shared_intermediate_size
+        )
+    )
+
+
+_LIMIT_UNITS = (("bytes_per_s", 1e-9), ("flops_per_s", 1e-9), ("flop_per_s", 1e-9))
+
+
+def _limit(values: dict[str, Any], *words: str) -> float | None:
+    """The first number whose key has every one of ``words`` among its ``_``-separated words, in
+    GB/s or GFLOP/s (keys ending in bytes_per_s / flop(s)_per_s are scaled by 1e-9; others taken
+    as GB/s, GFLOP/s)."""
+    for key, value in values.items():
+        parts = key.lower().split("_")
+        if all(w in parts for w in words) and type(value) in (int, float):
+            scale = next((s for suffix, s in _LIMIT_UNITS if key.endswith(suffix)), 1.0)
+            return float(value) * scale
+    return None
+
+
+def machine_limits(threads: int) -> dict[str, Any] | None:
+    """``moelb.measure_machine_limits`` at ``threads`` threads (None where this moelb has none):
+    the raw result and the read bandwidth (GB/s), float32 FMA and bf16-dot peaks (GFLOP/s)."""
+    measure = getattr(moelb, "measure_machine_limits", None)
+    if measure is None:
+        return None
+    moelb.set_num_threads(threads)
+    try:
+        result = measure(threads=threads)
+    except TypeError:
+        result = measure()
+    if isinstance(result, dict):
+        raw = dict(result)
+    elif dataclasses.is_dataclass(result):
+        raw = dataclasses.asdict(result)
+    else:
+        raw = {
+            k: getattr(result, k)
+            for k in dir(result)
+            if not k.startswith("_") and not callable(getattr(result, k))
+        }
+    return {
+        "threads": threads,
+        "raw": raw,
+        "read_gbs": _limit(raw, "read"),
+        "fma_gflops": _limit(raw, "fma"),
+        "bf16_gflops": _limit(raw, "bf16"),
+    }
+
+
+@dataclass
+class FormatTiming:
+    """Median seconds per forward of moelb and torch for one format, activation dtype, phase,
+    T and thread count, with the weight bytes a forward reads and its flops."""
+
+    weight_format: str
+    activation_dtype: str
+    phase: str  # "decode" or "prefill"
+    num_tokens: int
+    threads: int
+    bytes_read: float  # mean over the inputs
+    flops: int
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def tokens_per_s(self, impl: str) -> float | None:
+        s = self.seconds.get(impl)
+        return None if s is None else self.num_tokens / s
+
+    def gbs(self, impl: str) -> float | None:
+        s = self.seconds.get(impl)
+        return None if s is None else self.bytes_read / s / 1e9
+
+    def gflops(self, impl: str) -> float | None:
+        s = self.seconds.get(impl)
+        return None if s is None else self.flops / s / 1e9
+
+    def vs_torch(self) -> float | None:
+        if "torch" not in self.seconds:
+            return None
+        return self.seconds["torch"] / self.seconds["moelb"]
+
+
+@dataclass
+class FormatAgreement:
+    """moelb against torch in the same dtype on one input, and moelb across thread counts."""
+
+    weight_format: str
+    activation_dtype: str
+    num_tokens: int
+    max_abs_diff: float | None
+    max_abs_reference: float | None
+    same_for_all_threads: bool
+
+    @property
+    def relative_diff(self) -> float | None:
+        if self.max_abs_diff is None:
+            return None
+        return self.max_abs_diff / max(self.max_abs_reference or 0.0, 1e-30)
+
+    @property
+    def ok(self) -> bool:
+        rel = self.relative_diff
+        return self.same_for_all_threads and (
+            rel is None or rel <= FORMAT_TOLERANCE[self.activation_dtype]
+        )
+
+
+def _as_activation(x: npt.NDArray[np.float32], activation_dtype: str) -> Any:
+    if activation_dtype == "float32":
+        return x
+    import ml_dtypes
+
+    return x.astype(ml_dtypes.bfloat16)
+
+
+def _torch_input(torch_mod: ModuleType, x: Any) -> Any:
+    if x.dtype == np.float32:
+        return torch_mod.from_numpy(x)
+    return torch_mod.from_numpy(x.view(np.int16)).view(torch_mod.bfloat16)
+
+
+def _to_float64(y: Any) -> npt.NDArray[np.float64]:
+    if hasattr(y, "numpy"):  # a torch tensor
+        y = y.float().numpy()
+    return np.asarray(y).astype(np.float64)
+
+
+def time_cycle(
+    impls: dict[str, Callable[[Any], Any]],
+    inputs: dict[str, Sequence[Any]],
+    threads: int,
+    repeats: int,
+    torch_mod: ModuleType | None,
+) -> dict[str, float]:
+    """Median seconds per forward: one warm-up pass each, then ``repeats`` rounds timing one pass
+    over every input of each implementation, in an order rotating from round to round."""
+    moelb.set_num_threads(threads)
+    if torch_mod is not None:
+        torch_mod.set_num_threads(threads)
+    names = list(impls)
+    for name in names:
+        for x in inputs[name]:
+            impls[name](x)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        for i in range(len(names)):
+            name = names[(r + i) % len(names)]
+            run, xs = impls[name], inputs[name]
+            start = time.perf_counter()
+            for x in xs:
+                run(x)
+            samples[name].append((time.perf_counter() - start) / len(xs))
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def run_formats(
+    case: Case,
+    formats: Sequence[str],
+    activations: Sequence[str],
+    decode_tokens: Sequence[int],
+    prefill_tokens: int,
+    decode_inputs: int,
+    threads: Sequence[int],
+    repeats: int,
+    seed: int,
+    torch_ref: tuple[ModuleType, ModuleType] | None,
+) -> tuple[list[FormatTiming], list[FormatAgreement]]:
+    """Times every (format, activation dtype, phase, T, threads) of ``case``'s layer."""
+    config = case.config
+    base = moelb.random_moe_weights(config, seed)
+    torch_mod = torch_ref[0] if torch_ref is not None else None
+    timings: list[FormatTiming] = []
+    agreements: list[FormatAgreement] = []
+    batches: list[tuple[str, int, list[npt.NDArray[np.float32]]]] = [
+        ("decode", t, [_hidden(case, t, seed + 1 + j) for j in range(decode_inputs)])
+        for t in decode_tokens
+    ]
+    batches.append(("prefill", prefill_tokens, [_hidden(case, prefill_tokens, seed)]))
+    for fmt in formats:
+        weights = format_weights(base, fmt)
+        for act in activations:
+            # the experts a batch touches, routed on the input as the layer sees it (bf16-rounded
+            # for bfloat16 activations)
+            reads = {
+                (phase, t): statistics.fmean(
+                    bytes_read(config, weights, _as_activation(x, act)) for x in xs
+                )
+                for phase, t, xs in batches
+            }
+            changes = {}
+            if fmt != "float32" or act != "float32":
+                changes = {"weight_format": fmt, "activation_dtype": act}
+                if fmt == "fp8_e4m3":
+                    changes["weight_block_size"] = BLOCK_SIZE
+            layer_config = config.replace(**changes)
+            layer = moelb.DeepSeekMoE(layer_config, weights)
+            reference = None
+            if torch_ref is not None:
+                reference = torch_ref[1].TorchFormatDeepSeekMoE(
+                    config, weights, weight_format=fmt, activation_dtype=act, block_size=BLOCK_SIZE
+                )
+            for phase, t, xs in batches:
+                moelb_inputs = [_as_activation(x, act) for x in xs]
+                impls: dict[str, Callable[[Any], Any]] = {"moelb": layer}
+                inputs: dict[str, Sequence[Any]] = {"moelb": moelb_inputs}
+                outputs = []
+                for n in threads:
+                    moelb.set_num_threads(n)
+                    outputs.append(layer(moelb_inputs[0]))
+                same = all(
+                    np.array_equal(
+                        np.asarray(outputs[0]).view(np.uint8), np.asarray(o).view(np.uint8)
+                    )
+                    for o in outputs[1:]
+                )
+                diff = ref_max = None
+                if reference is not None:
+
+                    def run_torch(x: Any, reference: Any = reference) -> Any:
+                        with torch_mod.inference_mode():
+                            return reference(x)
+
+                    impls["torch"] = run_torch
+                    inputs["torch"] = [_torch_input(torch_mod, x) for x in moelb_inputs]
+                    torch_mod.set_num_threads(threads[0])
+                    expected = _to_float64(run_torch(inputs["torch"][0]))
+                    diff = float(np.abs(_to_float64(outputs[0]) - expected).max(initial=0.0))
+                    ref_max = float(np.abs(expected).max(initial=0.0))
+                agreements.append(FormatAgreement(fmt, act, t, diff, ref_max, same))
+                del outputs
+                for n in threads:
+                    seconds = time_cycle(impls, inputs, n, repeats, torch_mod)
+                    timings.append(
+                        FormatTiming(
+                            fmt,
+                            act,
+                            phase,
+                            t,
+                            n,
+                            reads[(phase, t)],
+                            forward_flops(config, t),
+                            seconds,
+                        )
+                    )
+            del layer, reference
+            gc.collect()
+        del weights
+        gc.collect()
+    return timings, agreements
+
+
+def _ratio(value: float | None, limit: float | None) -> str:
+    if value is None or not limit:
+        return "-"
+    return f"{value / limit:.2f}"
+
+
+def format_format_timings(
+    timings: Sequence[FormatTiming], limits: dict[int, dict[str, Any] | None]
+) -> str:
+    """The decode rows (tokens/s, GB/s, share of the read bandwidth) then the prefill rows
+    (GFLOP/s, share of the FMA peak for float32 activations / of the bf16-dot peak for bf16)."""
+    out = []
+    header = (
+        "format",
+        "act",
+        "T",
+        "thr",
+        "moelb tok/s",
+        "torch tok/s",
+        "vs torch",
+        "moelb GB/s",
+        "torch GB/s",
+        "/ read BW",
+    )
+    rows = []
+    for t in timings:
+        if t.phase != "decode":
+            continue
+        lim = limits.get(t.threads) or {}
+        rows.append(
+            (
+                t.weight_format,
+                t.activation_dtype,
+                str(t.num_tokens),
+                str(t.threads),
+                _fmt_rate(t.tokens_per_s("moelb")),
+                _fmt_rate(t.tokens_per_s("torch")),
+                "-" if t.vs_torch() is None else f"{t.vs_torch():.2f}x",
+                _fmt_float(t.gbs("moelb")),
+                _fmt_float(t.gbs("torch")),
+                _ratio(t.gbs("moelb"), lim.get("read_gbs")),
+            )
+        )
+    if rows:
+        out.append("decode (GB/s: the weight bytes the batch reads / time)")
+        out.append(table(header, rows, left=(0, 1)))
+    header = (
+        "format",
+        "act",
+        "T",
+        "thr",
+        "moelb tok/s",
+        "torch tok/s",
+        "vs torch",
+        "moelb GFLOP/s",
+        "torch GFLOP/s",
+        "/ peak",
+    )
+    rows = []
+    for t in timings:
+        if t.phase != "prefill":
+            continue
+        lim = limits.get(t.threads) or {}
+        peak = lim.get("bf16_gflops" if t.activation_dtype == "bfloat16" else "fma_gflops")
+        rows.append(
+            (
+                t.weight_format,
+                t.activation_dtype,
+                str(t.num_tokens),
+                str(t.threads),
+                _fmt_rate(t.tokens_per_s("moelb")),
+                _fmt_rate(t.tokens_per_s("torch")),
+                "-" if t.vs_torch() is None else f"{t.vs_torch():.2f}x",
+                _fmt_float(t.gflops("moelb")),
+                _fmt_float(t.gflops("torch")),
+                _ratio(t.gflops("moelb"), peak),
+            )
+        )
+    if rows:
+        out.append(
+            "prefill (/ peak: float32 activations against the FMA peak, bf16 against "
+            "the bf16-dot peak)"
+        )
+        out.append(table(header, rows, left=(0, 1)))
+    return "\n\n".join(out)
+
+
+def _fmt_float(x: float | None) -> str:
+    return "-" if x is None else f"{x:,.1f}"
+
+
+def format_goals(
+    timings: Sequence[FormatTiming], limits: dict[int, dict[str, Any] | None]
+) -> list[str]:
+    """The issue's goals as ratios (worst row of each), never asserted."""
+    lines = []
+
+    def worst(label: str, pairs: list[tuple[str, float]], goal: float, unit: str) -> None:
+        if not pairs:
+            lines.append(f"{label}: not measured")
+            return
+        where, value = min(pairs, key=lambda p: p[1])
+        met = sum(v >= goal for _, v in pairs)
+        lines.append(
+            f"{label}: goal {goal:g}{unit}; worst {value:.2f}{unit} ({where}); "
+            f"met on {met} of {len(pairs)}"
+        )
+
+    def key(t: FormatTiming) -> str:
+        return f"{t.weight_format}/{t.activation_dtype}/T={t.num_tokens}/{t.threads}t"
+
+    bw = []
+    for t in timings:
+        lim = limits.get(t.threads) or {}
+        if t.phase == "decode" and lim.get("read_gbs"):
+            bw.append((key(t), t.gbs("moelb") / lim["read_gbs"]))
+    worst("decode GB/s / measured read bandwidth", bw, GOAL_DECODE_BANDWIDTH, "")
+    peak = []
+    for t in timings:
+        lim = limits.get(t.threads) or {}
+        if (
+            t.phase == "prefill"
+            and t.weight_format == "bfloat16"
+            and t.activation_dtype == "bfloat16"
+            and lim.get("bf16_gflops")
+        ):
+            peak.append((key(t), t.gflops("moelb") / lim["bf16_gflops"]))
+    worst("prefill bf16 GFLOP/s / measured bf16-dot peak", peak, GOAL_PREFILL_BF16_PEAK, "")
+    for phase, goal in (("prefill", GOAL_PREFILL_VS_TORCH), ("decode", GOAL_DECODE_VS_TORCH)):
+        pairs = [(key(t), t.vs_torch()) for t in timings if t.phase == phase and t.vs_torch()]
+        worst(f"{phase} moelb / torch (same dtype, equal threads)", pairs, goal, "x")
+    return lines
+
+
+def format_format_agreement(agreements: Sequence[FormatAgreement]) -> str:
+    header = (
+        "format",
+        "act",
+        "T",
+        "max |moelb - torch|",
+        "/ max |torch|",
+        "tolerance",
+        "same 1t/2t",
+        "ok?",
+    )
+    rows = [
+        (
+            a.weight_format,
+            a.activation_dtype,
+            str(a.num_tokens),
+            "-" if a.max_abs_diff is None else f"{a.max_abs_diff:.2e}",
+            "-" if a.relative_diff is None else f"{a.relative_diff:.1e}",
+            f"{FORMAT_TOLERANCE[a.activation_dtype]:g}",
+            "yes" if a.same_for_all_threads else "NO",
+            "ok" if a.ok else "DISAGREE",
+        )
+        for a in agreements
+    ]
+    return table(header, rows, left=(0, 1))
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -449,18 +1012,86 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
     parser.add_argument("--seed", type=int, default=0, help="seed of weights and inputs")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write results as JSON")
+    parser.add_argument(
+        "--sections",
+        nargs="+",
+        choices=SECTIONS,
+        default=list(SECTIONS),
+        help="what to run (default: all): the float32 layers against torch, the weight "
+        "formats, the peak memory",
+    )
+    parser.add_argument(
+        "--formats",
+        nargs="+",
+        choices=ALL_FORMATS,
+        help="weight formats of the formats section (default: every one this moelb supports)",
+    )
+    parser.add_argument(
+        "--activations",
+        nargs="+",
+        choices=ALL_ACTIVATIONS,
+        help="activation dtypes of the formats section (default: every one supported)",
+    )
+    parser.add_argument(
+        "--decode-tokens",
+        type=int,
+        nargs="+",
+        help=f"decode batch sizes (default {' '.join(map(str, DECODE_TOKENS))})",
+    )
+    parser.add_argument(
+        "--prefill-tokens", type=int, help=f"prefill batch size (default {PREFILL_TOKENS})"
+    )
+    parser.add_argument(
+        "--format-repeats",
+        type=int,
+        help=f"timed rounds per measurement of the formats section (default "
+        f"{DEFAULT_FORMAT_REPEATS})",
+    )
     args = parser.parse_args(argv)
     if args.tokens is None:
         args.tokens = list(QUICK_TOKENS if args.quick else DEFAULT_TOKENS)
     if args.repeats is None:
         args.repeats = QUICK_REPEATS if args.quick else DEFAULT_REPEATS
-    if min(args.tokens) < 1 or args.repeats < 1 or min(args.threads) < 1:
-        parser.error("--tokens, --repeats and --threads must be positive")
+    if args.decode_tokens is None:
+        args.decode_tokens = list(QUICK_DECODE_TOKENS if args.quick else DECODE_TOKENS)
+    if args.prefill_tokens is None:
+        args.prefill_tokens = QUICK_PREFILL_TOKENS if args.quick else PREFILL_TOKENS
+    if args.format_repeats is None:
+        args.format_repeats = QUICK_REPEATS if args.quick else DEFAULT_FORMAT_REPEATS
+    positive = [*args.tokens, *args.decode_tokens, *args.threads]
+    if min(positive) < 1 or min(args.repeats, args.format_repeats, args.prefill_tokens) < 1:
+        parser.error(
+            "--tokens, --decode-tokens, --prefill-tokens, --repeats, --format-repeats and "
+            "--threads must be positive"
+        )
     return args
+
+
+def _describe(case: Case) -> str:
+    c = case.config
+    return (
+        f"{case.name}: H {c.hidden_size}, I {c.intermediate_size}, E {c.num_experts}, "
+        f"top-{c.top_k}, {c.scoring}"
+        + (f", {c.num_groups} groups keep {c.topk_group}" if c.num_groups else "")
+        + f", rsf {c.routed_scaling_factor:g}, shared I {c.shared_intermediate_size}"
+        + (f", clamp {c.swiglu_limit:g}" if c.swiglu_limit else "")
+        + f"; weights {weight_bytes(c) / MIB:,.0f} MiB in float32; input x{case.hidden_scale:g}"
+    )
+
+
+def _format_config(config: moelb.DeepSeekMoEConfig, weight_format: str) -> Any:
+    """``config`` in ``weight_format`` (float32 activations); unchanged for float32."""
+    if weight_format == "float32":
+        return config
+    changes: dict[str, Any] = {"weight_format": weight_format}
+    if weight_format == "fp8_e4m3":
+        changes["weight_block_size"] = BLOCK_SIZE
+    return config.replace(**changes)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    sections = set(args.sections)
     torch_ref = None if args.no_torch else _import_torch_reference()
     torch_mod = torch_ref[0] if torch_ref is not None else None
     versions = {
@@ -469,21 +1100,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         "torch": torch_mod.__version__ if torch_mod is not None else None,
         "python": platform.python_version(),
     }
+    supported, supported_acts = supported_formats()
+    formats = [f for f in (args.formats or ALL_FORMATS) if f in supported]
+    activations = [a for a in (args.activations or ALL_ACTIVATIONS) if a in supported_acts]
+    not_run = [f for f in (args.formats or ALL_FORMATS) if f not in supported]
+    not_run += [
+        a + " activations" for a in (args.activations or ALL_ACTIVATIONS) if a not in supported_acts
+    ]
     load_before = load_average()
     cases = make_cases(args.quick)
+    fcase = format_case(args.quick)
     print(
         f"DeepSeek MoE layer forward: T = {', '.join(map(str, args.tokens))}, median of "
         f"{args.repeats} runs; " + machine_summary(load_before, versions)
     )
-    for case in cases:
-        c = case.config
+    if sections & {"throughput", "memory"}:
+        for case in cases:
+            print(_describe(case))
+    if "formats" in sections:
         print(
-            f"{case.name}: H {c.hidden_size}, I {c.intermediate_size}, E {c.num_experts}, "
-            f"top-{c.top_k}, {c.scoring}"
-            + (f", {c.num_groups} groups keep {c.topk_group}" if c.num_groups else "")
-            + f", rsf {c.routed_scaling_factor:g}, shared I {c.shared_intermediate_size}"
-            + (f", clamp {c.swiglu_limit:g}" if c.swiglu_limit else "")
-            + f"; weights {weight_bytes(c) / MIB:,.0f} MiB; input x{case.hidden_scale:g}"
+            f"formats section: {_describe(fcase)}; weight formats {', '.join(formats)}; "
+            f"activations {', '.join(activations)}"
+            + (f"; not in this moelb: {', '.join(not_run)}" if not_run else "")
         )
     if torch_ref is None:
         reason = "--no-torch" if args.no_torch else "PyTorch is not installed"
@@ -496,87 +1134,150 @@ def main(argv: Sequence[str] | None = None) -> int:
     measured: list[PeakRow] = []
     outputs_identical = True
     memory_tokens = max(args.tokens)
+    memory_formats = [f for f in formats if f != "float32"]
+    limits: dict[int, dict[str, Any] | None] = {}
+    ftimings: list[FormatTiming] = []
+    fagreements: list[FormatAgreement] = []
     try:
         for case in cases:
-            t, a, weights = run_case(
-                case, args.tokens, args.threads, args.repeats, args.seed, torch_ref
-            )
-            timings += t
-            agreements += a
-            if case is cases[0]:
-                measured, outputs_identical = measured_rows(
-                    case, weights, memory_tokens, args.threads, args.seed
+            weights = None
+            if "throughput" in sections:
+                t, a, weights = run_case(
+                    case, args.tokens, args.threads, args.repeats, args.seed, torch_ref
                 )
+                timings += t
+                agreements += a
+            if "memory" in sections and case is cases[0]:
+                if weights is None:
+                    weights = moelb.random_moe_weights(case.config, args.seed)
+                for fmt in ["float32", *memory_formats]:
+                    fmt_case = Case(
+                        case.name if fmt == "float32" else f"{case.name} {fmt}",
+                        _format_config(case.config, fmt),
+                        case.hidden_scale,
+                    )
+                    rows, identical = measured_rows(
+                        fmt_case,
+                        format_weights(weights, fmt),
+                        memory_tokens,
+                        args.threads,
+                        args.seed,
+                    )
+                    measured += rows
+                    outputs_identical &= identical
             del weights
             gc.collect()
+        if "formats" in sections:
+            limits = {n: machine_limits(n) for n in args.threads}
+            ftimings, fagreements = run_formats(
+                fcase,
+                formats,
+                activations,
+                args.decode_tokens,
+                args.prefill_tokens,
+                QUICK_DECODE_INPUTS if args.quick else DECODE_INPUTS,
+                args.threads,
+                args.format_repeats,
+                args.seed,
+                torch_ref,
+            )
     finally:
         moelb.set_num_threads(saved_threads)
         if torch_mod is not None and saved_torch_threads is not None:
             torch_mod.set_num_threads(saved_torch_threads)
     load_after = load_average()
 
-    print()
-    print(format_timings(timings))
-    below = [t for t in timings if t.ratio() is not None and t.ratio() < GOAL_VS_TORCH]
-    if torch_ref is not None:
-        print(
-            "goal: moelb >= the torch reference's tokens/s at equal threads: "
-            + (
-                "met everywhere"
-                if not below
-                else "NOT met for "
-                + ", ".join(f"{t.case}/T={t.num_tokens}/{t.threads}t" for t in below)
-            )
-        )
+    if "throughput" in sections:
         print()
-        print(f"agreement with the torch reference (tolerance {RELATIVE_TOLERANCE:g} relative)")
-        print(format_agreement(agreements))
-
-    lanes = max(args.threads)
-    formula = formula_rows(MEMORY_TOKENS, lanes)
-    v3 = moelb.DeepSeekMoEConfig.deepseek_v3()
-    one_buffer = 4 * MEMORY_TOKENS * v3.hidden_size
-    print()
-    print(
-        f"peak workspace bytes, DeepSeek-V3 shape (H {v3.hidden_size}, I {v3.intermediate_size}, "
-        f"E {v3.num_experts}, top-{v3.top_k}) at T = {MEMORY_TOKENS}, from "
-        "config.expected_peak_bytes (the input and weights excluded)"
-    )
-    print(format_peaks(formula, measured=False))
-    formula_saving = savings(formula)[0][2]
-    print(
-        f"deferral saves {_fmt_mib(formula_saving)} MiB = {formula_saving:,} bytes; "
-        f"4 T H = {one_buffer:,} bytes (one [T, H] float32 buffer): "
-        + ("equal" if formula_saving == one_buffer else "NOT EQUAL")
-    )
-
-    saving_ok = formula_saving == one_buffer
-    if measured:
-        h = cases[0].config.hidden_size
-        print()
-        print(
-            f"peak workspace bytes measured on {cases[0].name} at T = {memory_tokens} "
-            "(last_stats()['peak_bytes'] against expected_peak_bytes for the lanes used)"
-        )
-        print(format_peaks(measured, measured=True))
-        for deferred, _, saving in savings(measured):
-            want = 4 * memory_tokens * h
-            saving_ok &= saving == want
+        print(format_timings(timings))
+        below = [t for t in timings if t.ratio() is not None and t.ratio() < GOAL_VS_TORCH]
+        if torch_ref is not None:
             print(
-                f"{deferred.threads} thread(s): deferral saves {_fmt_mib(saving)} MiB = "
-                f"{saving:,} bytes; 4 T H = {want:,}: "
-                + ("equal" if saving == want else "NOT EQUAL")
+                "goal: moelb >= the torch reference's tokens/s at equal threads: "
+                + (
+                    "met everywhere"
+                    if not below
+                    else "NOT met for "
+                    + ", ".join(f"{t.case}/T={t.num_tokens}/{t.threads}t" for t in below)
+                )
             )
-        print(
-            "outputs of the three variants: "
-            + ("bitwise identical" if outputs_identical else "DIFFERENT")
-        )
+            print()
+            print(f"agreement with the torch reference (tolerance {RELATIVE_TOLERANCE:g} relative)")
+            print(format_agreement(agreements))
+
+    if "formats" in sections:
+        print()
+        print("measured machine limits (moelb.measure_machine_limits):")
+        for n in args.threads:
+            lim = limits.get(n)
+            if lim is None:
+                print(f"  {n} thread(s): not measured (this moelb has no measure_machine_limits)")
+            else:
+                print(
+                    f"  {n} thread(s): read {_fmt_float(lim['read_gbs'])} GB/s, FMA peak "
+                    f"{_fmt_float(lim['fma_gflops'])} GFLOP/s, bf16-dot peak "
+                    f"{_fmt_float(lim['bf16_gflops'])} GFLOP/s; raw {lim['raw']}"
+                )
+        print()
+        print(format_format_timings(ftimings, limits))
+        print()
+        for line in format_goals(ftimings, limits):
+            print("goal: " + line)
+        print()
+        print("agreement with torch in the same dtype (first input of each batch size)")
+        print(format_format_agreement(fagreements))
+
+    formula: list[PeakRow] = []
+    saving_ok = True
+    if "memory" in sections:
+        lanes = max(args.threads)
+        v3 = moelb.DeepSeekMoEConfig.deepseek_v3()
+        one_buffer = 4 * MEMORY_TOKENS * v3.hidden_size
+        for fmt in ["float32", *memory_formats]:
+            rows = formula_rows(MEMORY_TOKENS, lanes, fmt)
+            formula += rows
+            print()
+            print(
+                f"peak workspace bytes, DeepSeek-V3 shape (H {v3.hidden_size}, "
+                f"I {v3.intermediate_size}, E {v3.num_experts}, top-{v3.top_k}), weights "
+                f"{fmt}, float32 activations, at T = {MEMORY_TOKENS}, from "
+                "config.expected_peak_bytes (the input and weights excluded)"
+            )
+            print(format_peaks(rows, measured=False))
+            formula_saving = savings(rows)[0][2]
+            saving_ok &= formula_saving == one_buffer
+            print(
+                f"deferral saves {_fmt_mib(formula_saving)} MiB = {formula_saving:,} bytes; "
+                f"4 T H = {one_buffer:,} bytes (one [T, H] float32 buffer): "
+                + ("equal" if formula_saving == one_buffer else "NOT EQUAL")
+            )
+        if measured:
+            h = cases[0].config.hidden_size
+            print()
+            print(
+                f"peak workspace bytes measured on {cases[0].name} at T = {memory_tokens} "
+                "(last_stats()['peak_bytes'] against expected_peak_bytes for the lanes used)"
+            )
+            print(format_peaks(measured, measured=True))
+            for deferred, _, saving in savings(measured):
+                want = 4 * memory_tokens * h
+                saving_ok &= saving == want
+                print(
+                    f"{deferred.case}, {deferred.threads} thread(s): deferral saves "
+                    f"{_fmt_mib(saving)} MiB = {saving:,} bytes; 4 T H = {want:,}: "
+                    + ("equal" if saving == want else "NOT EQUAL")
+                )
+            print(
+                "outputs of the three variants: "
+                + ("bitwise identical" if outputs_identical else "DIFFERENT")
+            )
     if load_after is not None:
         print(f"\nload average at the end: {load_after:.2f}")
 
     if args.json is not None:
         payload = {
             "benchmark": "moe_layer_forward",
+            "sections": sorted(sections),
             "tokens": args.tokens,
             "threads": args.threads,
             "repeats": args.repeats,
@@ -610,6 +1311,30 @@ def main(argv: Sequence[str] | None = None) -> int:
             "agreement": [
                 asdict(a) | {"relative_diff": a.relative_diff, "ok": a.ok} for a in agreements
             ],
+            "formats": {
+                "case": {"case": fcase.name, "config": fcase.config.as_dict()},
+                "weight_formats": formats,
+                "activation_dtypes": activations,
+                "not_in_this_moelb": not_run,
+                "decode_tokens": args.decode_tokens,
+                "prefill_tokens": args.prefill_tokens,
+                "repeats": args.format_repeats,
+                "machine_limits": {str(n): lim for n, lim in limits.items()},
+                "goals": format_goals(ftimings, limits) if ftimings else [],
+                "results": [
+                    asdict(t)
+                    | {
+                        "tokens_per_s": {k: t.tokens_per_s(k) for k in t.seconds},
+                        "gb_per_s": {k: t.gbs(k) for k in t.seconds},
+                        "gflop_per_s": {k: t.gflops(k) for k in t.seconds},
+                        "moelb_over_torch": t.vs_torch(),
+                    }
+                    for t in ftimings
+                ],
+                "agreement": [
+                    asdict(a) | {"relative_diff": a.relative_diff, "ok": a.ok} for a in fagreements
+                ],
+            },
             "peak_bytes": {
                 "formula": [asdict(r) for r in formula],
                 "measured": [asdict(r) | {"ok": r.ok} for r in measured],
@@ -621,7 +1346,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\nwrote {args.json}")
 
     failures = [f"{a.case}/T={a.num_tokens}" for a in agreements if not a.ok]
-    failures += [f"peak {r.variant} {r.threads}t" for r in measured if not r.ok]
+    failures += [
+        f"{a.weight_format}/{a.activation_dtype}/T={a.num_tokens}" for a in fagreements if not a.ok
+    ]
+    failures += [f"peak {r.case} {r.variant} {r.threads}t" for r in measured if not r.ok]
     if not saving_ok:
         failures.append("deferral saving != 4 T H")
     if not outputs_identical:

@@ -211,6 +211,26 @@ def test_bench_moe_quick(tmp_path: Path) -> None:
     peak = data["peak_bytes"]
     assert peak["variant_outputs_identical"] and peak["savings_equal_4TH"]
     assert all(m["ok"] for m in peak["measured"])
+    # the weight formats section: every format x activation x phase x T x threads this moelb
+    # has, moelb and torch timed, the bytes read and flops positive, agreement within tolerance
+    fm = data["formats"]
+    assert "float32" in fm["weight_formats"] and "float32" in fm["activation_dtypes"]
+    combos = len(fm["weight_formats"]) * len(fm["activation_dtypes"])
+    sizes = len(fm["decode_tokens"]) + 1
+    assert len(fm["results"]) == combos * sizes * len(data["threads"])
+    for r in fm["results"]:
+        assert r["seconds"]["moelb"] > 0 and r["seconds"]["torch"] > 0
+        assert r["bytes_read"] > 0 and r["flops"] > 0
+    assert len(fm["agreement"]) == combos * sizes
+    assert all(a["ok"] for a in fm["agreement"]), fm["agreement"]
+    decode = [
+        r for r in fm["results"] if r["phase"] == "decode" and r["weight_format"] == "float32"
+    ]
+    # one token reads the gate, the shared expert and exactly top_k routed experts
+    cfg = fm["case"]["config"]
+    h, i, e, k = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_experts"], cfg["top_k"]
+    one = [r for r in decode if r["num_tokens"] == 1]
+    assert one and all(r["bytes_read"] == 4 * (e * h + 3 * h * i * (1 + k)) for r in one)
 
 
 def test_bench_objective_quick(tmp_path: Path) -> None:
