@@ -23,7 +23,13 @@ TORCH_SPEC ?= torch==2.13.0
 
 BUILD_DIR ?= build/cpp
 ASAN_BUILD_DIR ?= build/asan
-APT_PACKAGES := g++ make libeigen3-dev libgtest-dev
+APT_PACKAGES := g++ make libeigen3-dev libgtest-dev ccache
+# Every compile goes through ccache where it is installed (CMake reads the launcher from the
+# environment at a build folder's first configure): `make test` compiles the core twice with the
+# same flags (the Python extension's build in `install`, the C++ tests' in `test-cpp`), and the
+# second time takes the objects from the cache. CCACHE= turns it off.
+CCACHE ?= $(shell command -v ccache 2>/dev/null)
+export CMAKE_CXX_COMPILER_LAUNCHER = $(CCACHE)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_GET := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get
 JOBS ?= $(shell nproc 2>/dev/null || echo 2)
@@ -84,7 +90,7 @@ install: deps torch
 
 # For the targets that run what is installed: `make install` only when moelb or pytest is missing.
 installed: venv
-	@$(PYTHON) -c "import moelb, pytest, hypothesis" 2>/dev/null || $(MAKE) --no-print-directory install
+	@$(PYTHON) -c "import moelb, pytest, hypothesis, xdist" 2>/dev/null || $(MAKE) --no-print-directory install
 
 test-cpp: deps
 	cmake -S . -B $(BUILD_DIR) -G Ninja -DCMAKE_BUILD_TYPE=Release \
@@ -110,8 +116,10 @@ test-asan: deps
 
 # MOELB_REQUIRE_OPTIONAL=1: the install step brought every optional dependency, so a test that
 # skips for a missing import (notebooks, plots, torch) fails instead (tests/python/conftest.py).
+# PYTEST_JOBS: pytest-xdist workers (`auto`: one per core; 0: one process, the order of the files).
+PYTEST_JOBS ?= auto
 test-python: installed
-	MOELB_REQUIRE_OPTIONAL=1 $(PYTHON) -m pytest tests/python -q
+	MOELB_REQUIRE_OPTIONAL=1 $(PYTHON) -m pytest tests/python -q -n $(PYTEST_JOBS) --dist worksteal
 
 # Random inputs instead of CI's fixed ones: every property test and fuzz target with a fresh seed
 # (printed; `make fuzz SEED=N` replays it) and a larger budget (FUZZ_EXAMPLES per property, ten
