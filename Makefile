@@ -23,13 +23,7 @@ TORCH_SPEC ?= torch==2.13.0
 
 BUILD_DIR ?= build/cpp
 ASAN_BUILD_DIR ?= build/asan
-APT_PACKAGES := g++ make libeigen3-dev libgtest-dev ccache
-# Every compile goes through ccache where it is installed (CMake reads the launcher from the
-# environment at a build folder's first configure): `make test` compiles the core twice with the
-# same flags (the Python extension's build in `install`, the C++ tests' in `test-cpp`), and the
-# second time takes the objects from the cache. CCACHE= turns it off.
-CCACHE ?= $(shell command -v ccache 2>/dev/null)
-export CMAKE_CXX_COMPILER_LAUNCHER = $(CCACHE)
+APT_PACKAGES := g++ make libeigen3-dev libgtest-dev
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_GET := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get
 JOBS ?= $(shell nproc 2>/dev/null || echo 2)
