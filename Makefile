@@ -84,7 +84,7 @@ install: deps torch
 
 # For the targets that run what is installed: `make install` only when moelb or pytest is missing.
 installed: venv
-	@$(PYTHON) -c "import moelb, pytest, hypothesis" 2>/dev/null || $(MAKE) --no-print-directory install
+	@$(PYTHON) -c "import moelb, pytest, hypothesis, xdist" 2>/dev/null || $(MAKE) --no-print-directory install
 
 test-cpp: deps
 	cmake -S . -B $(BUILD_DIR) -G Ninja -DCMAKE_BUILD_TYPE=Release \
@@ -110,8 +110,10 @@ test-asan: deps
 
 # MOELB_REQUIRE_OPTIONAL=1: the install step brought every optional dependency, so a test that
 # skips for a missing import (notebooks, plots, torch) fails instead (tests/python/conftest.py).
+# PYTEST_JOBS: pytest-xdist workers (`auto`: one per core; 0: one process, the order of the files).
+PYTEST_JOBS ?= auto
 test-python: installed
-	MOELB_REQUIRE_OPTIONAL=1 $(PYTHON) -m pytest tests/python -q
+	MOELB_REQUIRE_OPTIONAL=1 $(PYTHON) -m pytest tests/python -q -n $(PYTEST_JOBS) --dist worksteal
 
 # Random inputs instead of CI's fixed ones: every property test and fuzz target with a fresh seed
 # (printed; `make fuzz SEED=N` replays it) and a larger budget (FUZZ_EXAMPLES per property, ten

@@ -8,7 +8,8 @@ The budget is fixed and deterministic (Hypothesis ``derandomize=True`` with per-
 inputs every time. Each call goes through ``fuzz_call``, which arms a watchdog (``faulthandler``
 kills the process with a traceback if one call hangs) and counts inputs, errors and time per
 target. The counts are written to ``$MOELB_FUZZ_SUMMARY`` (default:
-``<tmp>/moelb_fuzz_summary.json``) and printed in pytest's terminal summary.
+``<tmp>/moelb_fuzz_summary.json``; under pytest-xdist one file per worker,
+``moelb_fuzz_summary.<worker>.json``) and printed in pytest's terminal summary.
 
 Inputs that once crashed, hung or escaped with an untyped error are kept below as explicit
 tests: ``test_per_pass_dump_without_records`` (a bare ValueError from io),
@@ -95,8 +96,15 @@ def succeeded(target: str, fn: Callable[..., Any], *args: Any) -> bool:
 
 
 def summary_path() -> Path:
+    """The summary file; under pytest-xdist one per worker process (each counts its own tests),
+    ``<name>.<worker>.json``."""
     default = Path(tempfile.gettempdir()) / "moelb_fuzz_summary.json"
-    return Path(os.environ.get("MOELB_FUZZ_SUMMARY", default))
+    path = Path(os.environ.get("MOELB_FUZZ_SUMMARY", default))
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    return path.with_name(f"{path.stem}.{worker}{path.suffix}") if worker else path
+
+
+_START = [0.0]  # when this process's first test of the module started
 
 
 class _SummaryPlugin:
@@ -116,18 +124,20 @@ class _SummaryPlugin:
 
 @pytest.fixture(scope="module", autouse=True)
 def fuzz_summary(request: pytest.FixtureRequest) -> Iterator[None]:
-    plugin = _SummaryPlugin()
-    request.config.pluginmanager.register(plugin, "moelb_fuzz_summary")
+    # Once per process: under pytest-xdist's work stealing a worker may run this module's tests in
+    # several stretches, each setting this fixture up again (STATS keeps counting across them).
+    if not request.config.pluginmanager.has_plugin("moelb_fuzz_summary"):
+        request.config.pluginmanager.register(_SummaryPlugin(), "moelb_fuzz_summary")
+        _START[0] = time.perf_counter()
     capture = request.config.pluginmanager.getplugin("capturemanager")
     saved = getattr(
         getattr(getattr(capture, "_global_capturing", None), "err", None), "targetfd_save", None
     )
     if isinstance(saved, int):  # pytest's fd capture keeps the real stderr here
         WATCHDOG_FD[0] = saved
-    start = time.perf_counter()
     yield
     data = {
-        "wall_seconds": round(time.perf_counter() - start, 3),
+        "wall_seconds": round(time.perf_counter() - _START[0], 3),
         "targets": {
             t: {
                 "inputs": s.inputs,

@@ -16,21 +16,12 @@
 #include <vector>
 
 #include "kernels.hpp"
+#include "path_allocator.hpp"
 
 namespace moelb::MOELB_ISA_NS {
 namespace {
 
 using isa::Index;
-
-// std::allocator under a name of this path (see routing_kernels.cpp).
-template <class T>
-struct PathAllocator : std::allocator<T> {
-    PathAllocator() noexcept = default;
-    template <class U>
-    PathAllocator(const PathAllocator<U>&) noexcept {}  // NOLINT(google-explicit-constructor)
-};
-template <class T>
-using Vector = std::vector<T, PathAllocator<T>>;
 
 // Vectors of kLanes doubles and kFloatLanes floats (one AVX2 register each).
 constexpr int kLanes = 4;

@@ -10,21 +10,11 @@
 #include <vector>
 
 #include "kernels.hpp"
+#include "path_allocator.hpp"
 #include "scoring.hpp"
 
 namespace moelb::MOELB_ISA_NS {
 namespace {
-
-// std::allocator under a name of this path, so that the vectors' member functions (inline, emitted
-// in this object file) carry the path's tag and cannot be merged with another path's.
-template <class T>
-struct PathAllocator : std::allocator<T> {
-    PathAllocator() noexcept = default;
-    template <class U>
-    PathAllocator(const PathAllocator<U>&) noexcept {}  // NOLINT(google-explicit-constructor)
-};
-template <class T>
-using Vector = std::vector<T, PathAllocator<T>>;
 
 // The expert ids [begin, end) of a kept group.
 struct Range {
