@@ -81,6 +81,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import math
 import os
 import platform
 import statistics
@@ -322,7 +323,7 @@ def formula_rows(num_tokens: int, lanes: int, weight_format: str = "float32") ->
                 threads=None,
                 steps=_steps(config),
                 expected_bytes=config.expected_peak_bytes(
-                    num_tokens, routed_lanes=lanes, shared_lanes=lanes
+                    num_tokens, routed_lanes=lanes, shared_lanes=lanes, gate_lanes=lanes
                 ),
                 routed_lanes=lanes,
                 shared_lanes=lanes,
@@ -366,6 +367,7 @@ def measured_rows(
                         num_tokens,
                         routed_lanes=s["routed_lanes"],
                         shared_lanes=s["shared_lanes"],
+                        gate_lanes=s["gate_lanes"],
                     ),
                     measured_bytes=s["peak_bytes"],
                     routed_lanes=s["routed_lanes"],
@@ -509,26 +511,32 @@ def format_case(quick: bool) -> Case:
     return Case("V3-scaled", v3.replace(hidden_size=1024, intermediate_size=256), 1.0)
 
 
-def quantize(array: npt.NDArray[np.float32], weight_format: str) -> tuple[Any, Any]:
+def quantize(
+    array: npt.NDArray[np.float32],
+    weight_format: str,
+    block_size: tuple[int, int] = BLOCK_SIZE,
+) -> tuple[Any, Any]:
     """(stored array, scale_inv or None) of a float32 matrix or stack of matrices, quantised by
     ``moelb.quantize_weights`` one matrix at a time (fp8 blocks never straddle two experts)."""
     if weight_format == "float32":
         return array, None
     if array.ndim == 2:
-        return moelb.quantize_weights(array, weight_format, BLOCK_SIZE)
-    parts = [moelb.quantize_weights(a, weight_format, BLOCK_SIZE) for a in array]
+        return moelb.quantize_weights(array, weight_format, block_size)
+    parts = [moelb.quantize_weights(a, weight_format, block_size) for a in array]
     q = np.stack([p[0] for p in parts])
     return q, None if parts[0][1] is None else np.stack([p[1] for p in parts])
 
 
-def format_weights(weights: dict[str, Any], weight_format: str) -> dict[str, Any]:
+def format_weights(
+    weights: dict[str, Any], weight_format: str, block_size: tuple[int, int] = BLOCK_SIZE
+) -> dict[str, Any]:
     """The float32 weights dict in ``weight_format`` (the contract's dict: scales as
     ``<name>_scale_inv`` for fp8 and int8)."""
     out = dict(weights)
     for name in ("w13", "w2", "shared_gate_up", "shared_down"):
         if weights.get(name) is None:
             continue
-        q, scale = quantize(weights[name], weight_format)
+        q, scale = quantize(weights[name], weight_format, block_size)
         out[name] = q
         if scale is not None:
             out[name + "_scale_inv"] = scale
@@ -1079,13 +1087,22 @@ def _describe(case: Case) -> str:
     )
 
 
+def _block_size(config: moelb.DeepSeekMoEConfig) -> tuple[int, int]:
+    """DeepSeek's 128 x 128 FP8 blocks where the layer's H and I are multiples of 128 (the
+    DeepSeek shapes and the formats section); otherwise the largest square block up to 128 that
+    divides both (the scaled layers of ``--quick``: the layer refuses blocks that straddle the
+    gate/up halves of w13)."""
+    b = math.gcd(math.gcd(config.hidden_size, config.intermediate_size), BLOCK_SIZE[0])
+    return (b, b)
+
+
 def _format_config(config: moelb.DeepSeekMoEConfig, weight_format: str) -> Any:
     """``config`` in ``weight_format`` (float32 activations); unchanged for float32."""
     if weight_format == "float32":
         return config
     changes: dict[str, Any] = {"weight_format": weight_format}
     if weight_format == "fp8_e4m3":
-        changes["weight_block_size"] = BLOCK_SIZE
+        changes["weight_block_size"] = _block_size(config)
     return config.replace(**changes)
 
 
@@ -1158,7 +1175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     )
                     rows, identical = measured_rows(
                         fmt_case,
-                        format_weights(weights, fmt),
+                        format_weights(weights, fmt, _block_size(case.config)),
                         memory_tokens,
                         args.threads,
                         args.seed,

@@ -250,16 +250,17 @@ void bind_moe_layer(py::module_& m) {
     m.def(
         "moe_expected_peak_bytes",
         [](const py::dict& d, std::int64_t num_tokens, std::int64_t num_physical_experts,
-           std::int64_t routed_lanes, std::int64_t shared_lanes) {
+           std::int64_t routed_lanes, std::int64_t shared_lanes, std::int64_t gate_lanes) {
             const DeepSeekMoEConfig c = config_from(d);
             c.validate();
             MOELB_CHECK_ARG(num_tokens >= 0, "num_tokens must be non-negative, got " << num_tokens);
             return DeepSeekMoE::expected_peak_bytes(
                 c, num_tokens, narrow(num_physical_experts, "num_physical_experts"),
-                narrow(routed_lanes, "routed_lanes"), narrow(shared_lanes, "shared_lanes"));
+                narrow(routed_lanes, "routed_lanes"), narrow(shared_lanes, "shared_lanes"),
+                narrow(gate_lanes, "gate_lanes"));
         },
         py::arg("config"), py::arg("num_tokens"), py::arg("num_physical_experts"),
-        py::arg("routed_lanes"), py::arg("shared_lanes"));
+        py::arg("routed_lanes"), py::arg("shared_lanes"), py::arg("gate_lanes"));
 
     py::class_<DeepSeekMoE>(m, "DeepSeekMoE", R"doc(
 The DeepSeek MoE layer forward on CPU. Use moelb.DeepSeekMoE.
@@ -341,6 +342,7 @@ The DeepSeek MoE layer forward on CPU. Use moelb.DeepSeekMoE.
                  d["deferred_shared"] = s.deferred_shared;
                  d["routed_lanes"] = s.routed_lanes;
                  d["shared_lanes"] = s.shared_lanes;
+                 d["gate_lanes"] = s.gate_lanes;
                  return d;
              })
         .def(

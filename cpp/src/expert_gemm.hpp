@@ -5,16 +5,13 @@
 //     y[i, j] (float32) = sum_k x[i, k] * dequant(W)[j, k]     for i < m, n_begin <= j < n_end
 //
 // x [m, k] row-major, float32 or bf16 bits; W [n, k] row-major in its stored format with its
-// scales (moelb/weight_format.hpp gives dequant). The bits of y[i, j] depend only on x row i and
-// W row j: not on m, on the column range, on the thread count or on the scratch.
+// scales (moelb/weight_format.hpp gives dequant). The bits of y[i, j] depend only on x row i, W
+// row j and the ISA path: not on m, on the column range, on the thread count or on the scratch.
 //
-// THE CALL SITE THE ISA KERNEL REPLACES. This file is a simple, correct implementation of the
-// issue-23 kernel contract (/work/notes/issue23_contract.md, "Kernel contract"): it dequantises
-// kPanelRows rows of W at a time into float32 scratch and takes each dot product in a fixed order
-// (8 interleaved float32 partial sums over k, then a fixed reduction tree). The fast kernels
-// (cpp/src/isa/quant_kernels.cpp, behind isa::kernels()) replace the body of expert_gemm and
-// expert_gemm_scratch_floats; the layer's workspace accounting asks expert_gemm_scratch_floats
-// for the scratch, so it stays exact when the kernel changes.
+// The layer's vocabulary (WeightFormat, ActivationDType, WeightTensor) on top of the ISA kernel
+// isa::kernels().quant_gemm (cpp/src/isa/quant_kernels.cpp: decode streams W once, prefill
+// dequantises panels of W); the layer's workspace accounting asks expert_gemm_scratch_floats,
+// so the peak formula follows the kernel's scratch on whichever path runs.
 #pragma once
 
 #include <cstddef>
@@ -38,16 +35,13 @@ inline QuantMatrix quant_matrix(const WeightTensor& t, Index i) {
     return {t.format(), t.matrix(i), t.matrix_scale_inv(i), t.rows(), t.cols(), t.block()};
 }
 
-// Rows of W dequantised at a time.
-inline constexpr Index kPanelRows = 16;
-
-// Floats of scratch expert_gemm needs for W of `format` with k columns: none for float32 W (read
-// in place), kPanelRows * k otherwise.
-std::size_t expert_gemm_scratch_floats(WeightFormat format, Index k);
+// Floats of scratch expert_gemm needs for up to m rows of x with k columns, on the ISA path this
+// process runs (isa::kernels().quant_gemm_scratch_bytes, rounded up to whole floats).
+std::size_t expert_gemm_scratch_floats(Index m, Index k);
 
 // y[i * ldy + j] for i < m and n_begin <= j < n_end (other entries untouched); x [m, k]
 // row-major, float32 (x_dtype kFloat32) or bf16 bits (kBFloat16); scratch: at least
-// expert_gemm_scratch_floats(w.format, w.k) floats.
+// expert_gemm_scratch_floats(m, w.k) floats.
 void expert_gemm(const void* x, ActivationDType x_dtype, Index m, const QuantMatrix& w,
                  Index n_begin, Index n_end, float* y, Index ldy, float* scratch);
 

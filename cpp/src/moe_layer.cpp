@@ -23,11 +23,14 @@
 // buffers; 4 bytes: int32 ids, float32 logits / weights / GEMM outputs / the shared output. T
 // tokens, H hidden, I expert intermediate, Is = I * n_shared, E routed experts, K top-k, F fused
 // shared (0 / 1), K' = K + F, P physical slots, P' = P + F, M = kBlockRows, D(k) = the quantised
-// GEMM's dequantisation scratch in floats for weights of k columns
-// (detail::expert_gemm_scratch_floats: 0 for float32 weights, kPanelRows * k otherwise) and
-// D_r = max(D(H), D(I)), D_s = max(D(H), D(Is)). Workspace buffers of one forward:
+// GEMM's scratch in floats for M rows of x with k columns (detail::expert_gemm_scratch_floats:
+// the kernel's x panel, accumulators and, from kPrefillRows rows on, its dequantised W panel; it
+// differs slightly between ISA paths), D_r = max(D(H), D(I)), D_s = max(D(H), D(Is)); lanes_g =
+// min(threads, ceil(T / M)) with bf16 activations, else 0. Workspace buffers of one forward:
 //
 //   L    router logits [T, E]                                   4 T E
+//   G    the gate's GEMM scratch (bf16 activations only; freed    4 lanes_g D_g(H)
+//          before top-k)
 //   TK   top-k ids + weights [T, K'], recorder ids [T, K]       4 T (2K' + K)
 //   W_r  routed workspace                                       4 (T K' + 2 (P' + 1))    sort
 //          pairs sorted by slot, slot offsets, block offsets  + y T K' H                   Y
@@ -42,17 +45,17 @@
 // (2 Is + H) (gate/up [M, 2 Is] and the block's output [M, H], column-major).
 // Otherwise (the quantised GEMM): y = b, R = b M (H + I) + 4 (M (2I + H) + D_r) (gathered rows
 // [M, H] and silu * up [M, I] in the activation dtype; gate/up [M, 2I] and the down projection
-// [M, H] in float32; the dequantisation scratch), R_s = b M Is + 4 (2 M Is + D_s) (the block's
+// [M, H] in float32; the GEMM's scratch), R_s = b M Is + 4 (2 M Is + D_s) (the block's
 // input rows are read in place and its down projection is written straight into S).
 //
 // The input X is the caller's and is not counted. The logits are freed right after top-k (SGLang
 // keeps them until the layer returns), TK and W_r after the routed combine.
 //
 // Deferred (out-of-place kernel: gate, top-k, routed, shared, combine):
-//   Peak_new = max(L + TK,  TK + W_r + O,  O + P_sh)
+//   Peak_new = max(L + G,  L + TK,  TK + W_r + O,  O + P_sh)
 // Not deferred (shared, gate, top-k, routed, combine; the only order for an in-place kernel):
-//   Peak_old = max(P_sh,  S + L + TK,  S + TK + W_r + O)
-// Without a separate shared expert (n_shared = 0, or fused): max(L + TK, TK + W_r + O).
+//   Peak_old = max(P_sh,  S + L + G,  S + L + TK,  S + TK + W_r + O)
+// Without a separate shared expert (n_shared = 0, or fused): max(L + G, L + TK, TK + W_r + O).
 //
 // Saving Peak_old - Peak_new = S = 4 T H (one float32 [T, H] buffer) whenever the routed step is
 // the peak of both orders; for DeepSeek shapes Y alone (y T K' H) dwarfs P_sh, at any T. S stays
@@ -295,7 +298,7 @@ void DeepSeekMoE::set_location(ExpertLocation location, int layer) {
 
 std::int64_t DeepSeekMoE::expected_peak_bytes(const DeepSeekMoEConfig& config, Index num_tokens,
                                               int num_physical_experts, int routed_lanes,
-                                              int shared_lanes) {
+                                              int shared_lanes, int gate_lanes) {
     if (num_tokens == 0) return 0;
     const std::int64_t T = num_tokens, H = config.hidden_size, I = config.intermediate_size;
     const std::int64_t E = config.num_experts, K = config.top_k, F = config.num_fused_shared();
@@ -303,11 +306,11 @@ std::int64_t DeepSeekMoE::expected_peak_bytes(const DeepSeekMoEConfig& config, I
     const std::int64_t Is = config.shared_intermediate_size();
     const std::int64_t b = static_cast<std::int64_t>(element_size(config.activation_dtype));
     const auto D = [&](Index k) {
-        return static_cast<std::int64_t>(
-            detail::expert_gemm_scratch_floats(config.weight_format, k));
+        return static_cast<std::int64_t>(detail::expert_gemm_scratch_floats(kBlockRows, k));
     };
     const bool f32 = config.uses_float32_kernels();
     const std::int64_t L = 4 * T * E;
+    const std::int64_t G = b == 4 ? 0 : gate_lanes * 4 * D(H);
     const std::int64_t TK = 4 * T * (2 * Kp + K);
     const std::int64_t y = f32 ? 4 : b;
     const std::int64_t R =
@@ -315,13 +318,13 @@ std::int64_t DeepSeekMoE::expected_peak_bytes(const DeepSeekMoEConfig& config, I
     const std::int64_t W_r = 4 * (T * Kp + 2 * (Pp + 1)) + y * T * Kp * H + routed_lanes * R;
     const std::int64_t O = config.kernel == RoutedKernel::kInplace ? 0 : b * T * H;
     const bool has_shared = Is > 0 && !config.fuse_shared_experts;
-    if (!has_shared) return std::max(L + TK, TK + W_r + O);
+    if (!has_shared) return std::max({L + G, L + TK, TK + W_r + O});
     const std::int64_t S = 4 * T * H;
     const std::int64_t R_s =
         f32 ? 4 * M * (2 * Is + H) : b * M * Is + 4 * (2 * M * Is + std::max(D(H), D(Is)));
     const std::int64_t P_sh = S + shared_lanes * R_s;
-    if (config.defers_shared()) return std::max({L + TK, TK + W_r + O, O + P_sh});
-    return std::max({P_sh, S + L + TK, S + TK + W_r + O});
+    if (config.defers_shared()) return std::max({L + G, L + TK, TK + W_r + O, O + P_sh});
+    return std::max({P_sh, S + L + G, S + L + TK, S + TK + W_r + O});
 }
 
 void DeepSeekMoE::forward(MatrixMap<float> hidden, std::span<const std::int64_t> input_ids,
@@ -457,9 +460,9 @@ void DeepSeekMoE::run_shared_expert_quantized(Forward& f) const {
     f.shared_out = f.ws.allocate<float>(T * H, "shared_out");
     const Index blocks = (T + kBlockRows - 1) / kBlockRows;
     const int lanes = static_cast<int>(std::min<Index>(f.threads, blocks));
-    const WeightFormat format = config_.weight_format;
-    const Index D = static_cast<Index>(std::max(detail::expert_gemm_scratch_floats(format, H),
-                                                detail::expert_gemm_scratch_floats(format, Is)));
+    const Index D =
+        static_cast<Index>(std::max(detail::expert_gemm_scratch_floats(kBlockRows, H),
+                                    detail::expert_gemm_scratch_floats(kBlockRows, Is)));
     const Index lane_floats = kBlockRows * 2 * Is + D;
     auto scratch = f.ws.allocate<float>(lanes * lane_floats, "shared_scratch");
     ActivationBuffer act(f.ws, f.dtype, lanes * kBlockRows * Is, "shared_act");
@@ -491,19 +494,31 @@ void DeepSeekMoE::compute_router_logits(Forward& f) const {
     const Index T = f.num_tokens, E = config_.num_experts, H = config_.hidden_size;
     f.logits = f.ws.allocate<float>(T * E, "router_logits");
     const Index blocks = (T + kBlockRows - 1) / kBlockRows;
-    const detail::QuantMatrix gate{WeightFormat::kFloat32, gate_.data(), nullptr, E, H, {}};
-    parallel_for(blocks, 1, [&](Index begin, Index end) {
-        for (Index blk = begin; blk < end; ++blk) {
-            const Index r0 = blk * kBlockRows, rows = std::min(kBlockRows, T - r0);
-            if (f.dtype == ActivationDType::kFloat32) {
+    if (f.dtype == ActivationDType::kFloat32) {
+        parallel_for(blocks, 1, [&](Index begin, Index end) {
+            for (Index blk = begin; blk < end; ++blk) {
+                const Index r0 = blk * kBlockRows, rows = std::min(kBlockRows, T - r0);
                 f.kernels.gate_rows(f.x_f32() + r0 * H, rows, H, gate_.data(), E,
                                     f.logits.data() + r0 * E);
-            } else {
-                detail::expert_gemm(f.x + r0 * H * f.act_bytes, f.dtype, rows, gate, 0, E,
-                                    f.logits.data() + r0 * E, E, nullptr);
             }
-        }
-    });
+        });
+    } else {
+        // One GEMM scratch per lane (G in the memory model), freed before top-k.
+        const int lanes = static_cast<int>(std::min<Index>(f.threads, blocks));
+        const Index G = static_cast<Index>(detail::expert_gemm_scratch_floats(kBlockRows, H));
+        auto scratch = f.ws.allocate<float>(lanes * G, "gate_scratch");
+        const detail::QuantMatrix gate{WeightFormat::kFloat32, gate_.data(), nullptr, E, H, {}};
+        parallel_for(lanes, 1, [&](Index begin, Index end) {
+            for (Index lane = begin; lane < end; ++lane) {
+                for (Index blk = lane; blk < blocks; blk += lanes) {
+                    const Index r0 = blk * kBlockRows, rows = std::min(kBlockRows, T - r0);
+                    detail::expert_gemm(f.x + r0 * H * f.act_bytes, f.dtype, rows, gate, 0, E,
+                                        f.logits.data() + r0 * E, E, scratch.data() + lane * G);
+                }
+            }
+        });
+        f.stats.gate_lanes = lanes;
+    }
     f.stats.steps.emplace_back("gate");
 }
 
@@ -650,9 +665,8 @@ DeepSeekMoE::ExpertOutputs DeepSeekMoE::run_expert_blocks_quantized(Forward& f,
     const Index b = f.act_bytes;
     const int lanes = static_cast<int>(std::max<Index>(1, std::min<Index>(f.threads, blocks)));
     ExpertOutputs out{ActivationBuffer(f.ws, f.dtype, T * Kp * H, "expert_out")};
-    const WeightFormat format = config_.weight_format;
-    const Index D = static_cast<Index>(std::max(detail::expert_gemm_scratch_floats(format, H),
-                                                detail::expert_gemm_scratch_floats(format, I)));
+    const Index D = static_cast<Index>(std::max(detail::expert_gemm_scratch_floats(kBlockRows, H),
+                                                detail::expert_gemm_scratch_floats(kBlockRows, I)));
     const Index lane_floats = kBlockRows * (2 * I + H) + D;
     auto scratch = f.ws.allocate<float>(lanes * lane_floats, "routed_scratch");
     ActivationBuffer act(f.ws, f.dtype, lanes * kBlockRows * (H + I), "routed_rows");

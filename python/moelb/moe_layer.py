@@ -185,16 +185,18 @@ class DeepSeekMoEConfig:
         num_physical_experts: int | None = None,
         routed_lanes: int = 1,
         shared_lanes: int = 1,
+        gate_lanes: int = 1,
     ) -> int:
         """The forward's peak workspace bytes from the documented formula (moe_layer.cpp): works
-        for shapes too large to instantiate. Lanes: parallel lanes of the routed and shared steps
-        (``last_stats()`` reports them)."""
+        for shapes too large to instantiate. Lanes: parallel lanes of the routed, shared and gate
+        steps (``last_stats()`` reports them; the gate's count with bf16 activations only)."""
         return _core.moe_expected_peak_bytes(
             self.as_dict(),
             num_tokens,
             self.num_experts if num_physical_experts is None else num_physical_experts,
             routed_lanes,
             shared_lanes,
+            gate_lanes,
         )
 
 

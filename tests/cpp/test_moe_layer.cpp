@@ -307,7 +307,7 @@ TEST(MoELayer, PeakEqualsTheFormulaAndDeferralSavesOneBuffer) {
                 const auto& st = layer.last_stats();
                 EXPECT_EQ(st.peak_bytes,
                           DeepSeekMoE::expected_peak_bytes(c, s.T, c.num_experts, st.routed_lanes,
-                                                           st.shared_lanes))
+                                                           st.shared_lanes, st.gate_lanes))
                     << "H=" << s.H << " T=" << s.T << " defer=" << defer;
                 peaks[defer] = st.peak_bytes;
             }
@@ -519,8 +519,9 @@ TEST_P(MoELayerFormats, PeakEqualsTheFormula) {
                 RowMatrix<float> x = random_hidden(T, c.hidden_size, 29);
                 run_as(layer, x);
                 const auto& st = layer.last_stats();
-                EXPECT_EQ(st.peak_bytes, DeepSeekMoE::expected_peak_bytes(
-                                             c, T, c.num_experts, st.routed_lanes, st.shared_lanes))
+                EXPECT_EQ(st.peak_bytes,
+                          DeepSeekMoE::expected_peak_bytes(c, T, c.num_experts, st.routed_lanes,
+                                                           st.shared_lanes, st.gate_lanes))
                     << "T=" << T << " threads=" << threads << " defer=" << defer;
                 peaks[defer] = st.peak_bytes;
             }

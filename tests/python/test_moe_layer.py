@@ -147,7 +147,10 @@ def test_orders_bitwise_identical_and_peak_formula() -> None:
         else:
             np.testing.assert_array_equal(hidden, x)  # the input survived
         assert stats["peak_bytes"] == cfg.expected_peak_bytes(
-            300, routed_lanes=stats["routed_lanes"], shared_lanes=stats["shared_lanes"]
+            300,
+            routed_lanes=stats["routed_lanes"],
+            shared_lanes=stats["shared_lanes"],
+            gate_lanes=stats["gate_lanes"],
         )
         results[kernel, defer] = (out.copy(), stats)
     deferred_out, deferred = results["out_of_place", "auto"]
@@ -175,7 +178,10 @@ def test_peak_formula_for_several_shapes(tokens: int) -> None:
         layer(x, ids)
         s = layer.last_stats()
         assert s["peak_bytes"] == config.expected_peak_bytes(
-            tokens, routed_lanes=s["routed_lanes"], shared_lanes=s["shared_lanes"]
+            tokens,
+            routed_lanes=s["routed_lanes"],
+            shared_lanes=s["shared_lanes"],
+            gate_lanes=s["gate_lanes"],
         )
 
 

@@ -377,7 +377,10 @@ def test_peak_equals_the_formula(fmt: str, act: str, tokens: int) -> None:
         layer(np.ascontiguousarray(x.astype(BF16 if act == "bfloat16" else np.float32)))
         s = layer.last_stats()
         assert s["peak_bytes"] == config.expected_peak_bytes(
-            tokens, routed_lanes=s["routed_lanes"], shared_lanes=s["shared_lanes"]
+            tokens,
+            routed_lanes=s["routed_lanes"],
+            shared_lanes=s["shared_lanes"],
+            gate_lanes=s["gate_lanes"],
         )
         peaks[defer] = s["peak_bytes"]
     # The shared output is float32 in every format: deferral saves 4 T H bytes.

@@ -187,9 +187,10 @@ struct MoEForwardStats {
     std::vector<std::string> steps;  // e.g. gate, topk, routed, shared, combine
     bool deferred_shared = false;
     // Parallel lanes whose scratch was live: min(threads, row blocks) of the routed and shared
-    // steps.
+    // steps, and of the gate with bf16 activations (0 with float32 activations: no scratch).
     int routed_lanes = 0;
     int shared_lanes = 0;
+    int gate_lanes = 0;
 };
 
 class DeepSeekMoE {
@@ -248,14 +249,15 @@ class DeepSeekMoE {
     // the routed slots' bytes and scales).
     void set_location(ExpertLocation location, int layer);
 
-    // The peak workspace bytes of a forward of T tokens over P physical slots whose routed and
-    // shared steps ran on `routed_lanes` / `shared_lanes` lanes (MoEForwardStats), in the step
+    // The peak workspace bytes of a forward of T tokens over P physical slots whose routed,
+    // shared and gate steps ran on `routed_lanes` / `shared_lanes` / `gate_lanes` lanes
+    // (MoEForwardStats; gate_lanes counts with bf16 activations only), in the step
     // order of `config` (deferred or not; in-place or not) and its weight format and activation
     // dtype, from the formulas documented in moe_layer.cpp (in element sizes). Needs no weights:
     // it sizes DeepSeek-scale layers that do not fit in memory.
     static std::int64_t expected_peak_bytes(const DeepSeekMoEConfig& config, Index num_tokens,
                                             int num_physical_experts, int routed_lanes,
-                                            int shared_lanes);
+                                            int shared_lanes, int gate_lanes = 0);
 
   private:
     // One forward's buffers and statistics, and the routed pairs sorted by slot (moe_layer.cpp).
