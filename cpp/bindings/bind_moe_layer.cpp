@@ -247,6 +247,8 @@ void bind_moe_layer(py::module_& m) {
             return weights_to_dict(w, c);
         },
         py::arg("config"), py::arg("seed"));
+    m.def("moe_gemm_scratch_bytes", &DeepSeekMoE::gemm_scratch_bytes, py::arg("rows"),
+          py::arg("k"));
     m.def(
         "moe_expected_peak_bytes",
         [](const py::dict& d, std::int64_t num_tokens, std::int64_t num_physical_experts,

@@ -296,6 +296,12 @@ void DeepSeekMoE::set_location(ExpertLocation location, int layer) {
     layer_ = layer;
 }
 
+std::int64_t DeepSeekMoE::gemm_scratch_bytes(Index rows, Index k) {
+    MOELB_CHECK_ARG(rows >= 0 && k >= 0,
+                    "gemm_scratch_bytes: rows=" << rows << " and k=" << k << " must be >= 0");
+    return static_cast<std::int64_t>(detail::expert_gemm_scratch_floats(rows, k) * sizeof(float));
+}
+
 std::int64_t DeepSeekMoE::expected_peak_bytes(const DeepSeekMoEConfig& config, Index num_tokens,
                                               int num_physical_experts, int routed_lanes,
                                               int shared_lanes, int gate_lanes) {

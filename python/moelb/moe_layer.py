@@ -23,6 +23,7 @@ __all__ = [
     "WEIGHT_NAMES",
     "DeepSeekMoE",
     "DeepSeekMoEConfig",
+    "gemm_scratch_bytes",
     "quantize_weights",
     "random_moe_weights",
     "stored_dtype",
@@ -50,6 +51,14 @@ WEIGHT_NAMES = (
     "shared_gate_up_scale_inv",  # fp8 [ceil(2 Is / br), ceil(H / bc)], int8 [2 Is]
     "shared_down_scale_inv",  # fp8 [ceil(H / br), ceil(Is / bc)], int8 [H]
 )
+
+
+def gemm_scratch_bytes(rows: int, k: int) -> int:
+    """Bytes of scratch the layer's quantised GEMM takes per lane for ``rows`` rows of input with
+    ``k`` columns, on the ISA path this process runs (``moelb.cpu_isa()``): the ``D`` of the
+    memory model in ``expected_peak_bytes`` (the layer asks for 128 rows). It differs slightly
+    between ISA paths (vector width)."""
+    return _core.moe_gemm_scratch_bytes(rows, k)
 
 
 def stored_dtype(weight_format: str) -> np.dtype:

@@ -255,6 +255,11 @@ class DeepSeekMoE {
     // order of `config` (deferred or not; in-place or not) and its weight format and activation
     // dtype, from the formulas documented in moe_layer.cpp (in element sizes). Needs no weights:
     // it sizes DeepSeek-scale layers that do not fit in memory.
+    // Bytes of scratch the quantised GEMM needs per lane for `rows` rows of x with k columns on
+    // the ISA path this process runs (4 D(k) in moe_layer.cpp's memory model, for rows = M =
+    // 128): its x panel, accumulators and dequantised W panel.
+    static std::int64_t gemm_scratch_bytes(Index rows, Index k);
+
     static std::int64_t expected_peak_bytes(const DeepSeekMoEConfig& config, Index num_tokens,
                                             int num_physical_experts, int routed_lanes,
                                             int shared_lanes, int gate_lanes = 0);
