@@ -79,7 +79,6 @@ implementations disagree or a measured peak differs from the formula.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gc
 import math
 import os
@@ -485,19 +484,6 @@ FORMAT_TOLERANCE = {"float32": 1e-4, "bfloat16": 3e-2}
 ELEMENT_BYTES = {"float32": 4, "bfloat16": 2, "fp8_e4m3": 1, "int8": 1}
 
 
-def supported_formats() -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(weight formats, activation dtypes) this moelb's DeepSeekMoE takes: float32 only until the
-    config has weight_format / activation_dtype and ``moelb.quantize_weights`` exists (issue 23)."""
-    fields = {f.name for f in dataclasses.fields(moelb.DeepSeekMoEConfig)}
-    formats = (
-        ALL_FORMATS
-        if "weight_format" in fields and hasattr(moelb, "quantize_weights")
-        else ("float32",)
-    )
-    activations = ALL_ACTIVATIONS if "activation_dtype" in fields else ("float32",)
-    return formats, activations
-
-
 def format_case(quick: bool) -> Case:
     """The layer of the formats section: V3-scaled (H 1024, I 256, 256 experts); quick: H 256,
     I 128, 32 experts. I and H are multiples of the 128 x 128 FP8 blocks."""
@@ -591,48 +577,19 @@ def forward_flops(config: moelb.DeepSeekMoEConfig, num_tokens: int) -> int:
     )
 
 
-_LIMIT_UNITS = (("bytes_per_s", 1e-9), ("flops_per_s", 1e-9), ("flop_per_s", 1e-9))
-
-
-def _limit(values: dict[str, Any], *words: str) -> float | None:
-    """The first number whose key has every one of ``words`` among its ``_``-separated words, in
-    GB/s or GFLOP/s (keys ending in bytes_per_s / flop(s)_per_s are scaled by 1e-9; others taken
-    as GB/s, GFLOP/s)."""
-    for key, value in values.items():
-        parts = key.lower().split("_")
-        if all(w in parts for w in words) and type(value) in (int, float):
-            scale = next((s for suffix, s in _LIMIT_UNITS if key.endswith(suffix)), 1.0)
-            return float(value) * scale
-    return None
-
-
-def machine_limits(threads: int) -> dict[str, Any] | None:
-    """``moelb.measure_machine_limits`` at ``threads`` threads (None where this moelb has none):
-    the raw result and the read bandwidth (GB/s), float32 FMA and bf16-dot peaks (GFLOP/s)."""
-    measure = getattr(moelb, "measure_machine_limits", None)
-    if measure is None:
-        return None
+def machine_limits(threads: int, quick: bool) -> dict[str, Any]:
+    """``moelb.measure_machine_limits`` at ``threads`` threads: the read bandwidth (GB/s), float32
+    FMA and bf16-dot peaks (GFLOP/s) and the whole result (``raw``). ``quick``: a 256 MiB buffer
+    and short passes (a smoke test's figures, not the machine's)."""
     moelb.set_num_threads(threads)
-    try:
-        result = measure(threads=threads)
-    except TypeError:
-        result = measure()
-    if isinstance(result, dict):
-        raw = dict(result)
-    elif dataclasses.is_dataclass(result):
-        raw = dataclasses.asdict(result)
-    else:
-        raw = {
-            k: getattr(result, k)
-            for k in dir(result)
-            if not k.startswith("_") and not callable(getattr(result, k))
-        }
+    options = {"buffer_bytes": 256 << 20, "passes": 2, "seconds": 0.02} if quick else {}
+    result = moelb.measure_machine_limits(threads, **options)
     return {
         "threads": threads,
-        "raw": raw,
-        "read_gbs": _limit(raw, "read"),
-        "fma_gflops": _limit(raw, "fma"),
-        "bf16_gflops": _limit(raw, "bf16"),
+        "raw": result.as_dict(),
+        "read_gbs": result.read_bandwidth_gbs,
+        "fma_gflops": result.fma_peak_gflops,
+        "bf16_gflops": result.bf16_dot_peak_gflops,
     }
 
 
@@ -844,7 +801,7 @@ def _ratio(value: float | None, limit: float | None) -> str:
 
 
 def format_format_timings(
-    timings: Sequence[FormatTiming], limits: dict[int, dict[str, Any] | None]
+    timings: Sequence[FormatTiming], limits: dict[int, dict[str, Any]]
 ) -> str:
     """The decode rows (tokens/s, GB/s, share of the read bandwidth) then the prefill rows
     (GFLOP/s, share of the FMA peak for float32 activations / of the bf16-dot peak for bf16)."""
@@ -929,7 +886,7 @@ def _fmt_float(x: float | None) -> str:
 
 
 def format_goals(
-    timings: Sequence[FormatTiming], limits: dict[int, dict[str, Any] | None]
+    timings: Sequence[FormatTiming], limits: dict[int, dict[str, Any]]
 ) -> list[str]:
     """The issue's goals as ratios (worst row of each), never asserted."""
     lines = []
@@ -1117,13 +1074,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "torch": torch_mod.__version__ if torch_mod is not None else None,
         "python": platform.python_version(),
     }
-    supported, supported_acts = supported_formats()
-    formats = [f for f in (args.formats or ALL_FORMATS) if f in supported]
-    activations = [a for a in (args.activations or ALL_ACTIVATIONS) if a in supported_acts]
-    not_run = [f for f in (args.formats or ALL_FORMATS) if f not in supported]
-    not_run += [
-        a + " activations" for a in (args.activations or ALL_ACTIVATIONS) if a not in supported_acts
-    ]
+    formats = list(args.formats or ALL_FORMATS)
+    activations = list(args.activations or ALL_ACTIVATIONS)
     load_before = load_average()
     cases = make_cases(args.quick)
     fcase = format_case(args.quick)
@@ -1138,7 +1090,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(
             f"formats section: {_describe(fcase)}; weight formats {', '.join(formats)}; "
             f"activations {', '.join(activations)}"
-            + (f"; not in this moelb: {', '.join(not_run)}" if not_run else "")
         )
     if torch_ref is None:
         reason = "--no-torch" if args.no_torch else "PyTorch is not installed"
@@ -1152,7 +1103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     outputs_identical = True
     memory_tokens = max(args.tokens)
     memory_formats = [f for f in formats if f != "float32"]
-    limits: dict[int, dict[str, Any] | None] = {}
+    limits: dict[int, dict[str, Any]] = {}
     ftimings: list[FormatTiming] = []
     fagreements: list[FormatAgreement] = []
     try:
@@ -1185,7 +1136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             del weights
             gc.collect()
         if "formats" in sections:
-            limits = {n: machine_limits(n) for n in args.threads}
+            limits = {n: machine_limits(n, args.quick) for n in args.threads}
             ftimings, fagreements = run_formats(
                 fcase,
                 formats,
@@ -1226,15 +1177,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print()
         print("measured machine limits (moelb.measure_machine_limits):")
         for n in args.threads:
-            lim = limits.get(n)
-            if lim is None:
-                print(f"  {n} thread(s): not measured (this moelb has no measure_machine_limits)")
-            else:
-                print(
-                    f"  {n} thread(s): read {_fmt_float(lim['read_gbs'])} GB/s, FMA peak "
-                    f"{_fmt_float(lim['fma_gflops'])} GFLOP/s, bf16-dot peak "
-                    f"{_fmt_float(lim['bf16_gflops'])} GFLOP/s; raw {lim['raw']}"
-                )
+            lim = limits[n]
+            print(
+                f"  {n} thread(s): read {_fmt_float(lim['read_gbs'])} GB/s, FMA peak "
+                f"{_fmt_float(lim['fma_gflops'])} GFLOP/s, bf16-dot peak "
+                f"{_fmt_float(lim['bf16_gflops'])} GFLOP/s ({lim['raw']['bf16_dot_method']}, "
+                f"{lim['raw']['cpu_isa']} path)"
+            )
         print()
         print(format_format_timings(ftimings, limits))
         print()
@@ -1332,7 +1281,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "case": {"case": fcase.name, "config": fcase.config.as_dict()},
                 "weight_formats": formats,
                 "activation_dtypes": activations,
-                "not_in_this_moelb": not_run,
                 "decode_tokens": args.decode_tokens,
                 "prefill_tokens": args.prefill_tokens,
                 "repeats": args.format_repeats,
