@@ -885,9 +885,7 @@ def _fmt_float(x: float | None) -> str:
     return "-" if x is None else f"{x:,.1f}"
 
 
-def format_goals(
-    timings: Sequence[FormatTiming], limits: dict[int, dict[str, Any]]
-) -> list[str]:
+def format_goals(timings: Sequence[FormatTiming], limits: dict[int, dict[str, Any]]) -> list[str]:
     """The issue's goals as ratios (worst row of each), never asserted."""
     lines = []
 
