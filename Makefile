@@ -78,9 +78,13 @@ endif
 install-demo: deps
 	$(PIP) install -q ".[plots]"
 
-# What the tests need: every optional dependency (PyTorch first, see TORCH_SPEC).
+# What the tests need: every optional dependency (PyTorch first, see TORCH_SPEC). The extension is
+# built in $(BUILD_DIR) with the C++ tests, so that test-cpp, which configures the same directory
+# with the same flags (Release, portable), finds the library compiled and only checks it: one
+# Release build of the kernels instead of two.
 install: deps torch
-	$(PIP) install -q ".[test,torch,notebooks]"
+	$(PIP) install -q -Cbuild-dir=$(BUILD_DIR) -Ccmake.define.MOELB_BUILD_TESTS=ON \
+	  ".[test,torch,notebooks]"
 
 # For the targets that run what is installed: `make install` only when moelb or pytest is missing.
 installed: venv
