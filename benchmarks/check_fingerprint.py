@@ -17,7 +17,12 @@ seeded inputs like the test suite's and hashes everything it returns:
 - ``waterfill``: ``WaterfillBalancer.expand`` (static, both phases) and ``waterfill_rank_loads``.
 - ``recorder``: a recorder's per-pass records, summed counts and balancedness.
 - ``files``: recorder dumps in every mode and format (.json, .npz, and .pt with torch), byte for
-  byte and read back; a placement file.
+  byte and read back; a placement file. Its hash also depends on the environment: the .pt files
+  are written only where torch is installed (7 cases instead of 10 without it), and the .npz
+  bytes on the interpreter's ``zipfile`` (NumPy forces zip64 headers, which CPython writes
+  differently from 3.11.4 / 3.12 on than in 3.10 and 3.11.0-3.11.3; the arrays read back are the
+  same). Compare ``files`` under the same Python and torch; the baseline
+  ``results/fingerprint_5347732_quick.json`` was made with CPython 3.11.7 and torch 2.13.0.
 - ``routing``, ``moe_layer``, ``simulate``: float32 kernels (their bits may depend on the CPU's
   vector width, so compare these on one machine only).
 
@@ -452,6 +457,18 @@ def fingerprint(areas: list[str], quick: bool) -> dict[str, dict[str, Any]]:
     return out
 
 
+def environment() -> dict[str, str | None]:
+    """What the files area's bytes depend on besides moelb: the Python version and torch's."""
+    import importlib.metadata
+    import importlib.util
+    import platform
+
+    torch = None
+    if importlib.util.find_spec("torch") is not None:
+        torch = importlib.metadata.version("torch")
+    return {"python": platform.python_version(), "torch": torch}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--areas", nargs="+", choices=list(AREAS), default=list(AREAS))
@@ -467,13 +484,18 @@ def main(argv: list[str] | None = None) -> int:
     result = fingerprint(args.areas, args.quick)
     for path in (args.save, args.json):
         if path is not None:
-            payload = {"quick": args.quick, "areas": result}
+            payload = {"quick": args.quick, "environment": environment(), "areas": result}
             tmp = path.with_name(path.name + ".tmp")
             tmp.write_text(json.dumps(payload, indent=1) + "\n")
             tmp.replace(path)
     if args.compare is None:
         return 0
     before = json.loads(args.compare.read_text())
+    if "environment" in before and before["environment"] != environment():
+        print(
+            f"note: {args.compare} was made under {before['environment']}, this run under "
+            f"{environment()}: the files area depends on them (see the module docstring)"
+        )
     if before.get("quick") != args.quick:
         print(f"--compare: {args.compare} was made with quick={before.get('quick')}")
         return 2
