@@ -787,6 +787,9 @@ def run_formats(
                             seconds,
                         )
                     )
+                    # progress on stderr: a run cut short still shows what it measured
+                    times = ", ".join(f"{k} {v * 1e3:.3f} ms" for k, v in seconds.items())
+                    print(f"  {fmt}/{act} {phase} T={t} {n}t: {times}", file=sys.stderr, flush=True)
             del layer, reference
             gc.collect()
         del weights
