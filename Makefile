@@ -161,15 +161,16 @@ distclean: clean
 	rm -rf $(VENV)
 
 # The portable build's kernels on CPUs without AVX-512 (and without AVX): the C++ tests of routing,
-# EPLB and Waterfill and the ISA-path tests, run from the test-cpp build under QEMU's user-mode
-# emulation of older CPUs. Nehalem (SSE4.2, no AVX) must get the baseline path, Haswell (AVX2, FMA)
-# the avx2 path; an instruction the emulated CPU lacks stops the run with SIGILL. (QEMU's emulator
-# has no AVX-512, so that path runs only on real hardware: benchmarks/README.md.) About a minute of
-# CPU time (QEMU translates every instruction).
+# EPLB, Waterfill, the quantised-weight GEMM and the layer in each weight format, and the ISA-path
+# tests, run from the test-cpp build under QEMU's user-mode emulation of older CPUs. Nehalem
+# (SSE4.2, no AVX) must get the baseline path, Haswell (AVX2, FMA) the avx2 path; an instruction
+# the emulated CPU lacks stops the run with SIGILL. (QEMU's emulator has no AVX-512, so that path
+# runs only on real hardware: benchmarks/README.md.) About a minute of CPU time per CPU (QEMU
+# translates every instruction).
 QEMU_X86 ?= qemu-x86_64
 ISA_TEST_CPUS ?= Nehalem:baseline Haswell:avx2
 ISA_TEST_FILTER ?= CpuIsa.*:*Routing*:ScoreLanes.*:*HashRouter*:*Eplb*:DeepSeekGolden.*:DeepSeekGlobal.*:$\
-  Moelb*:*Rebalance*:Waterfill.*
+  Moelb*:*Rebalance*:Waterfill.*:QuantGemm.*:WeightFormat.*:*MoELayerFormats.MatchesReference*
 .PHONY: test-isa
 test-isa: test-cpp
 	@if [ "$$(uname -m)" != x86_64 ]; then echo "test-isa: not an x86-64 host, skipped"; exit 0; fi; \
