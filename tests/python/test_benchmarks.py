@@ -160,6 +160,25 @@ def test_slot_lower_bound_is_a_lower_bound() -> None:
     assert slot_lower_bound(np.array([10.0, 1.0, 1.0, 1.0]), 4, 2) == 11.0
 
 
+def best_packing(r: np.ndarray, per_gpu: int) -> float:
+    """The smallest largest GPU sum over every split of ``r`` into groups of ``per_gpu`` (by
+    enumeration: the first item left, with each choice of per_gpu - 1 companions, recursively;
+    9 items in 3 groups are 280 splits instead of 9! orders)."""
+
+    def rest(items: tuple[int, ...]) -> float:
+        if not items:
+            return 0.0
+        first, others = items[0], items[1:]
+        best = np.inf
+        for mates in itertools.combinations(others, per_gpu - 1):
+            left = tuple(i for i in others if i not in mates)
+            group = float(r[first] + sum(r[m] for m in mates))
+            best = min(best, max(group, rest(left)))
+        return best
+
+    return rest(tuple(range(len(r))))
+
+
 def test_packing_lower_bound_is_a_lower_bound() -> None:
     """bench_eplb.packing_lower_bound (the 'packing gap' column): never above the best packing of
     the given replicas (by enumeration), at least the mean and the largest replica plus the
@@ -172,10 +191,7 @@ def test_packing_lower_bound_is_a_lower_bound() -> None:
         gpus, per_gpu = int(rng.integers(1, 4)), int(rng.integers(1, 4))
         r = rng.uniform(0, 100, gpus * per_gpu) ** rng.uniform(1, 3)
         bound = packing_lower_bound(r, gpus)
-        best = min(
-            float(r[list(order)].reshape(gpus, per_gpu).sum(axis=1).max())
-            for order in itertools.permutations(range(len(r)))
-        )
+        best = best_packing(r, per_gpu)
         others = np.sort(np.delete(r, r.argmax()))[: per_gpu - 1].sum()
         assert r.sum() / gpus * (1 - 1e-12) <= bound <= best * (1 + 1e-12), (r, gpus)
         assert bound >= (r.max() + others) * (1 - 1e-12), (r, gpus)
