@@ -194,12 +194,18 @@ def check_conserved(
 # ------------------------------------------------------------------------------------------------
 # balanced_split: the optimum, on thousands of random instances.
 
-NUM_LOCATIONS = 60
+# 60 random placements of 40 layers each (2,400 LPs), in 6 chunks that pytest-xdist can spread
+# over the cores.
+NUM_CHUNKS = 6
+NUM_LOCATIONS = 10  # per chunk
 LAYERS_PER_LOCATION = 40
 
 
-def test_split_reaches_the_lp_optimum_on_random_instances(restore_num_threads: None) -> None:
-    rng = np.random.default_rng(2026)
+@pytest.mark.parametrize("chunk", range(NUM_CHUNKS))
+def test_split_reaches_the_lp_optimum_on_random_instances(
+    chunk: int, restore_num_threads: None
+) -> None:
+    rng = np.random.default_rng([2026, chunk])
     instances = above_lower_bound = 0
     for _ in range(NUM_LOCATIONS):
         location, counts, fixed = random_instance(rng, LAYERS_PER_LOCATION)
