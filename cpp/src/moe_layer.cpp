@@ -26,7 +26,7 @@
 // GEMM's scratch in floats for M rows of x with k columns (detail::expert_gemm_scratch_floats:
 // the kernel's x panel, accumulators and, from kPrefillRows rows on, its dequantised W panel; it
 // differs slightly between ISA paths), D_r = max(D(H), D(I)), D_s = max(D(H), D(Is)); lanes_g =
-// min(threads, ceil(T / M)) with bf16 activations, else 0. Workspace buffers of one forward:
+// threads with bf16 activations, else 0. Workspace buffers of one forward:
 //
 //   L    router logits [T, E]                                   4 T E
 //   G    the gate's GEMM scratch (bf16 activations only; freed    4 lanes_g D_g(H)
@@ -61,8 +61,10 @@
 // the peak of both orders; for DeepSeek shapes Y alone (y T K' H) dwarfs P_sh, at any T. S stays
 // float32 with bf16 activations too: the final output is bf16(shared + rsf * routed) with the
 // shared expert's float32 value (sgl-kernel's rounding point), and both orders must give the same
-// bits. With lanes_r = min(threads, routed row blocks) and lanes_s = min(threads, ceil(T / M)) the
-// peak depends on the thread count through the scratch only.
+// bits. With lanes_r = min(threads, routed row blocks) and lanes_s = min(threads, ceil(T / M))
+// (float32 kernels) or threads (the quantised GEMM: with fewer row blocks than threads every lane
+// takes a share of each block's columns) the peak depends on the thread count through the
+// scratch only.
 //
 // Rounding points with bf16 activations (reference/moe_layer.md section 7.5, sgl-kernel CPU):
 // every GEMM accumulates in float32 from bf16 inputs (hidden, silu * up); silu(g) * u is computed
@@ -128,6 +130,19 @@ inline float swiglu(float g, float u, float limit) {
 
 // a[r, j] = swiglu(gu[r, j], gu[r, W + j]) for rows r < rows of gu [rows, 2W] (float32), into a
 // [rows, W] in the activation dtype (bf16: rounded to nearest even).
+// Columns [0, n) in `lanes` contiguous shares (boundaries on multiples of 16 columns where n
+// allows), fn(lane, c0, c1) for each non-empty share, the lanes in parallel.
+template <class Fn>
+void split_columns(int lanes, Index n, const Fn& fn) {
+    parallel_for(lanes, 1, [&](Index begin, Index end) {
+        for (Index lane = begin; lane < end; ++lane) {
+            const auto bound = [&](Index l) { return std::min(n, (n * l / lanes + 15) / 16 * 16); };
+            const Index c0 = bound(lane), c1 = lane + 1 == lanes ? n : bound(lane + 1);
+            if (c0 < c1) fn(lane, c0, c1);
+        }
+    });
+}
+
 void swiglu_rows(const float* gu, Index rows, Index width, float limit, ActivationDType dtype,
                  std::byte* a) {
     for (Index r = 0; r < rows; ++r) {
@@ -465,7 +480,7 @@ void DeepSeekMoE::run_shared_expert_quantized(Forward& f) const {
     const Index Is = config_.shared_intermediate_size();
     f.shared_out = f.ws.allocate<float>(T * H, "shared_out");
     const Index blocks = (T + kBlockRows - 1) / kBlockRows;
-    const int lanes = static_cast<int>(std::min<Index>(f.threads, blocks));
+    const int lanes = f.threads;
     const Index D =
         static_cast<Index>(std::max(detail::expert_gemm_scratch_floats(kBlockRows, H),
                                     detail::expert_gemm_scratch_floats(kBlockRows, Is)));
@@ -475,21 +490,41 @@ void DeepSeekMoE::run_shared_expert_quantized(Forward& f) const {
     const float limit = config_.effective_shared_swiglu_limit();
     const detail::QuantMatrix w_gate_up = detail::quant_matrix(shared_gate_up_, 0);
     const detail::QuantMatrix w_down = detail::quant_matrix(shared_down_, 0);
-    parallel_for(lanes, 1, [&](Index begin, Index end) {
-        for (Index lane = begin; lane < end; ++lane) {
-            float* gu = scratch.data() + lane * lane_floats;
-            float* dequant = gu + kBlockRows * 2 * Is;
-            std::byte* a = act.data() + lane * kBlockRows * Is * f.act_bytes;
-            for (Index blk = lane; blk < blocks; blk += lanes) {
-                const Index r0 = blk * kBlockRows, rows = std::min(kBlockRows, T - r0);
-                detail::expert_gemm(f.x + r0 * H * f.act_bytes, f.dtype, rows, w_gate_up, 0, 2 * Is,
-                                    gu, 2 * Is, dequant);
-                swiglu_rows(gu, rows, Is, limit, f.dtype, a);
-                detail::expert_gemm(a, f.dtype, rows, w_down, 0, H, f.shared_out.data() + r0 * H, H,
-                                    dequant);
-            }
+    const auto lane_gu = [&](Index lane) { return scratch.data() + lane * lane_floats; };
+    const auto lane_dequant = [&](Index lane) { return lane_gu(lane) + kBlockRows * 2 * Is; };
+    if (blocks < lanes) {
+        // Fewer row blocks than lanes (decode): each block's projections split by columns over
+        // every lane (the bits do not depend on the split), silu * up between them on one.
+        float* gu = lane_gu(0);
+        std::byte* a = act.data();
+        for (Index blk = 0; blk < blocks; ++blk) {
+            const Index r0 = blk * kBlockRows, rows = std::min(kBlockRows, T - r0);
+            split_columns(lanes, 2 * Is, [&](Index lane, Index c0, Index c1) {
+                detail::expert_gemm(f.x + r0 * H * f.act_bytes, f.dtype, rows, w_gate_up, c0, c1,
+                                    gu, 2 * Is, lane_dequant(lane));
+            });
+            swiglu_rows(gu, rows, Is, limit, f.dtype, a);
+            split_columns(lanes, H, [&](Index lane, Index c0, Index c1) {
+                detail::expert_gemm(a, f.dtype, rows, w_down, c0, c1, f.shared_out.data() + r0 * H,
+                                    H, lane_dequant(lane));
+            });
         }
-    });
+    } else {
+        parallel_for(lanes, 1, [&](Index begin, Index end) {
+            for (Index lane = begin; lane < end; ++lane) {
+                float* gu = lane_gu(lane);
+                std::byte* a = act.data() + lane * kBlockRows * Is * f.act_bytes;
+                for (Index blk = lane; blk < blocks; blk += lanes) {
+                    const Index r0 = blk * kBlockRows, rows = std::min(kBlockRows, T - r0);
+                    detail::expert_gemm(f.x + r0 * H * f.act_bytes, f.dtype, rows, w_gate_up, 0,
+                                        2 * Is, gu, 2 * Is, lane_dequant(lane));
+                    swiglu_rows(gu, rows, Is, limit, f.dtype, a);
+                    detail::expert_gemm(a, f.dtype, rows, w_down, 0, H,
+                                        f.shared_out.data() + r0 * H, H, lane_dequant(lane));
+                }
+            }
+        });
+    }
     f.stats.shared_lanes = lanes;
     f.stats.steps.emplace_back("shared");
 }
@@ -509,20 +544,31 @@ void DeepSeekMoE::compute_router_logits(Forward& f) const {
             }
         });
     } else {
-        // One GEMM scratch per lane (G in the memory model), freed before top-k.
-        const int lanes = static_cast<int>(std::min<Index>(f.threads, blocks));
+        // One GEMM scratch per lane (G in the memory model), freed before top-k. Fewer row
+        // blocks than lanes (decode): each block's experts split over every lane.
+        const int lanes = f.threads;
         const Index G = static_cast<Index>(detail::expert_gemm_scratch_floats(kBlockRows, H));
         auto scratch = f.ws.allocate<float>(lanes * G, "gate_scratch");
         const detail::QuantMatrix gate{WeightFormat::kFloat32, gate_.data(), nullptr, E, H, {}};
-        parallel_for(lanes, 1, [&](Index begin, Index end) {
-            for (Index lane = begin; lane < end; ++lane) {
-                for (Index blk = lane; blk < blocks; blk += lanes) {
-                    const Index r0 = blk * kBlockRows, rows = std::min(kBlockRows, T - r0);
-                    detail::expert_gemm(f.x + r0 * H * f.act_bytes, f.dtype, rows, gate, 0, E,
+        if (blocks < lanes) {
+            for (Index blk = 0; blk < blocks; ++blk) {
+                const Index r0 = blk * kBlockRows, rows = std::min(kBlockRows, T - r0);
+                split_columns(lanes, E, [&](Index lane, Index c0, Index c1) {
+                    detail::expert_gemm(f.x + r0 * H * f.act_bytes, f.dtype, rows, gate, c0, c1,
                                         f.logits.data() + r0 * E, E, scratch.data() + lane * G);
-                }
+                });
             }
-        });
+        } else {
+            parallel_for(lanes, 1, [&](Index begin, Index end) {
+                for (Index lane = begin; lane < end; ++lane) {
+                    for (Index blk = lane; blk < blocks; blk += lanes) {
+                        const Index r0 = blk * kBlockRows, rows = std::min(kBlockRows, T - r0);
+                        detail::expert_gemm(f.x + r0 * H * f.act_bytes, f.dtype, rows, gate, 0, E,
+                                            f.logits.data() + r0 * E, E, scratch.data() + lane * G);
+                    }
+                }
+            });
+        }
         f.stats.gate_lanes = lanes;
     }
     f.stats.steps.emplace_back("gate");

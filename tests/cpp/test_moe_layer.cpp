@@ -489,21 +489,25 @@ TEST_P(MoELayerFormats, V4HashLayerWithClamp) {
 }
 
 TEST_P(MoELayerFormats, SameBitsForAnyThreadCountAndOrder) {
+    // T = 1 and 100: fewer row blocks than threads (the shared expert and the bf16 gate split
+    // their columns over the lanes); T = 700: six blocks.
     DeepSeekMoEConfig c = format_config(GetParam());
     const auto w = DeepSeekMoEWeights::random(c, 26);
-    const RowMatrix<float> x0 = random_hidden(700, c.hidden_size, 27);
-    std::vector<RowMatrix<float>> outs;
-    for (const int threads : {1, 2}) {
-        for (const auto defer : {moelb::DeferShared::kAuto, moelb::DeferShared::kNo}) {
-            moelb::set_num_threads(threads);
-            c.defer_shared = defer;
-            DeepSeekMoE layer(c, w);
-            RowMatrix<float> x = x0;
-            outs.push_back(run_as(layer, x));
+    for (const int T : {1, 100, 700}) {
+        const RowMatrix<float> x0 = random_hidden(T, c.hidden_size, 27);
+        std::vector<RowMatrix<float>> outs;
+        for (const int threads : {1, 2, 3}) {
+            for (const auto defer : {moelb::DeferShared::kAuto, moelb::DeferShared::kNo}) {
+                moelb::set_num_threads(threads);
+                c.defer_shared = defer;
+                DeepSeekMoE layer(c, w);
+                RowMatrix<float> x = x0;
+                outs.push_back(run_as(layer, x));
+            }
         }
+        for (const auto& out : outs) EXPECT_EQ(out, outs[0]) << "T=" << T;
     }
     moelb::set_num_threads(0);
-    for (const auto& out : outs) EXPECT_EQ(out, outs[0]);
 }
 
 TEST_P(MoELayerFormats, PeakEqualsTheFormula) {
