@@ -22,8 +22,9 @@
 // b = element_size(activation_dtype) (4 float32, 2 bf16): hidden, the output and the activation
 // buffers; 4 bytes: int32 ids, float32 logits / weights / GEMM outputs / the shared output. T
 // tokens, H hidden, I expert intermediate, Is = I * n_shared, E routed experts, K top-k, F fused
-// shared (0 / 1), K' = K + F, P physical slots, P' = P + F, M = kBlockRows, D(k) = the quantised
-// GEMM's scratch in floats for M rows of x with k columns (detail::expert_gemm_scratch_floats:
+// shared (0 / 1), K' = K + F, P physical slots, P' = P + F, M = kBlockRows, M_t = min(M, T) (the
+// rows of the largest block: a slot holds each token at most once), D(k) = the quantised
+// GEMM's scratch in floats for M_t rows of x with k columns (detail::expert_gemm_scratch_floats:
 // the kernel's x panel, accumulators and, from kPrefillRows rows on, its dequantised W panel; it
 // differs slightly between ISA paths), D_r = max(D(H), D(I)), D_s = max(D(H), D(Is)); lanes_g =
 // threads with bf16 activations, else 0. Workspace buffers of one forward:
@@ -43,10 +44,11 @@
 // Float32 weights and activations (the original Eigen kernels): y = 4, R = 4 M (H + 2I) (the
 // gathered rows [M, H], then the expert's output, column-major; gate/up [M, 2I]), R_s = 4 M
 // (2 Is + H) (gate/up [M, 2 Is] and the block's output [M, H], column-major).
-// Otherwise (the quantised GEMM): y = b, R = b M (H + I) + 4 (M (2I + H) + D_r) (gathered rows
-// [M, H] and silu * up [M, I] in the activation dtype; gate/up [M, 2I] and the down projection
-// [M, H] in float32; the GEMM's scratch), R_s = b M Is + 4 (2 M Is + D_s) (the block's
-// input rows are read in place and its down projection is written straight into S).
+// Otherwise (the quantised GEMM, its lane buffers sized by M_t): y = b, R = b M_t (H + I) +
+// 4 (M_t (2I + H) + D_r) (gathered rows [M_t, H] and silu * up [M_t, I] in the activation dtype;
+// gate/up [M_t, 2I] and the down projection [M_t, H] in float32; the GEMM's scratch), R_s =
+// b M_t Is + 4 (2 M_t Is + D_s) (the block's input rows are read in place and its down
+// projection is written straight into S).
 //
 // The input X is the caller's and is not counted. The logits are freed right after top-k (SGLang
 // keeps them until the layer returns), TK and W_r after the routed combine.
@@ -324,25 +326,27 @@ std::int64_t DeepSeekMoE::expected_peak_bytes(const DeepSeekMoEConfig& config, I
     const std::int64_t T = num_tokens, H = config.hidden_size, I = config.intermediate_size;
     const std::int64_t E = config.num_experts, K = config.top_k, F = config.num_fused_shared();
     const std::int64_t Kp = K + F, Pp = num_physical_experts + F, M = kBlockRows;
+    const std::int64_t Mt =
+        std::min(M, T);  // the quantised GEMM's lanes: rows of the largest block
     const std::int64_t Is = config.shared_intermediate_size();
     const std::int64_t b = static_cast<std::int64_t>(element_size(config.activation_dtype));
     const auto D = [&](Index k) {
-        return static_cast<std::int64_t>(detail::expert_gemm_scratch_floats(kBlockRows, k));
+        return static_cast<std::int64_t>(detail::expert_gemm_scratch_floats(Mt, k));
     };
     const bool f32 = config.uses_float32_kernels();
     const std::int64_t L = 4 * T * E;
     const std::int64_t G = b == 4 ? 0 : gate_lanes * 4 * D(H);
     const std::int64_t TK = 4 * T * (2 * Kp + K);
     const std::int64_t y = f32 ? 4 : b;
-    const std::int64_t R =
-        f32 ? 4 * M * (H + 2 * I) : b * M * (H + I) + 4 * (M * (2 * I + H) + std::max(D(H), D(I)));
+    const std::int64_t R = f32 ? 4 * M * (H + 2 * I)
+                               : b * Mt * (H + I) + 4 * (Mt * (2 * I + H) + std::max(D(H), D(I)));
     const std::int64_t W_r = 4 * (T * Kp + 2 * (Pp + 1)) + y * T * Kp * H + routed_lanes * R;
     const std::int64_t O = config.kernel == RoutedKernel::kInplace ? 0 : b * T * H;
     const bool has_shared = Is > 0 && !config.fuse_shared_experts;
     if (!has_shared) return std::max({L + G, L + TK, TK + W_r + O});
     const std::int64_t S = 4 * T * H;
     const std::int64_t R_s =
-        f32 ? 4 * M * (2 * Is + H) : b * M * Is + 4 * (2 * M * Is + std::max(D(H), D(Is)));
+        f32 ? 4 * M * (2 * Is + H) : b * Mt * Is + 4 * (2 * Mt * Is + std::max(D(H), D(Is)));
     const std::int64_t P_sh = S + shared_lanes * R_s;
     if (config.defers_shared()) return std::max({L + G, L + TK, TK + W_r + O, O + P_sh});
     return std::max({P_sh, S + L + G, S + L + TK, S + TK + W_r + O});
@@ -480,18 +484,18 @@ void DeepSeekMoE::run_shared_expert_quantized(Forward& f) const {
     const Index Is = config_.shared_intermediate_size();
     f.shared_out = f.ws.allocate<float>(T * H, "shared_out");
     const Index blocks = (T + kBlockRows - 1) / kBlockRows;
+    const Index Mt = std::min(kBlockRows, T);  // rows of the largest block
     const int lanes = f.threads;
-    const Index D =
-        static_cast<Index>(std::max(detail::expert_gemm_scratch_floats(kBlockRows, H),
-                                    detail::expert_gemm_scratch_floats(kBlockRows, Is)));
-    const Index lane_floats = kBlockRows * 2 * Is + D;
+    const Index D = static_cast<Index>(std::max(detail::expert_gemm_scratch_floats(Mt, H),
+                                                detail::expert_gemm_scratch_floats(Mt, Is)));
+    const Index lane_floats = Mt * 2 * Is + D;
     auto scratch = f.ws.allocate<float>(lanes * lane_floats, "shared_scratch");
-    ActivationBuffer act(f.ws, f.dtype, lanes * kBlockRows * Is, "shared_act");
+    ActivationBuffer act(f.ws, f.dtype, lanes * Mt * Is, "shared_act");
     const float limit = config_.effective_shared_swiglu_limit();
     const detail::QuantMatrix w_gate_up = detail::quant_matrix(shared_gate_up_, 0);
     const detail::QuantMatrix w_down = detail::quant_matrix(shared_down_, 0);
     const auto lane_gu = [&](Index lane) { return scratch.data() + lane * lane_floats; };
-    const auto lane_dequant = [&](Index lane) { return lane_gu(lane) + kBlockRows * 2 * Is; };
+    const auto lane_dequant = [&](Index lane) { return lane_gu(lane) + Mt * 2 * Is; };
     if (blocks < lanes) {
         // Fewer row blocks than lanes (decode): each block's projections split by columns over
         // every lane (the bits do not depend on the split), silu * up between them on one.
@@ -513,7 +517,7 @@ void DeepSeekMoE::run_shared_expert_quantized(Forward& f) const {
         parallel_for(lanes, 1, [&](Index begin, Index end) {
             for (Index lane = begin; lane < end; ++lane) {
                 float* gu = lane_gu(lane);
-                std::byte* a = act.data() + lane * kBlockRows * Is * f.act_bytes;
+                std::byte* a = act.data() + lane * Mt * Is * f.act_bytes;
                 for (Index blk = lane; blk < blocks; blk += lanes) {
                     const Index r0 = blk * kBlockRows, rows = std::min(kBlockRows, T - r0);
                     detail::expert_gemm(f.x + r0 * H * f.act_bytes, f.dtype, rows, w_gate_up, 0,
@@ -547,7 +551,8 @@ void DeepSeekMoE::compute_router_logits(Forward& f) const {
         // One GEMM scratch per lane (G in the memory model), freed before top-k. Fewer row
         // blocks than lanes (decode): each block's experts split over every lane.
         const int lanes = f.threads;
-        const Index G = static_cast<Index>(detail::expert_gemm_scratch_floats(kBlockRows, H));
+        const Index Mt = std::min(kBlockRows, T);  // rows of the largest block
+        const Index G = static_cast<Index>(detail::expert_gemm_scratch_floats(Mt, H));
         auto scratch = f.ws.allocate<float>(lanes * G, "gate_scratch");
         const detail::QuantMatrix gate{WeightFormat::kFloat32, gate_.data(), nullptr, E, H, {}};
         if (blocks < lanes) {
@@ -717,11 +722,13 @@ DeepSeekMoE::ExpertOutputs DeepSeekMoE::run_expert_blocks_quantized(Forward& f,
     const Index b = f.act_bytes;
     const int lanes = static_cast<int>(std::max<Index>(1, std::min<Index>(f.threads, blocks)));
     ExpertOutputs out{ActivationBuffer(f.ws, f.dtype, T * Kp * H, "expert_out")};
-    const Index D = static_cast<Index>(std::max(detail::expert_gemm_scratch_floats(kBlockRows, H),
-                                                detail::expert_gemm_scratch_floats(kBlockRows, I)));
-    const Index lane_floats = kBlockRows * (2 * I + H) + D;
+    // Rows of the largest block: a slot holds each token at most once.
+    const Index Mt = std::min(kBlockRows, T);
+    const Index D = static_cast<Index>(std::max(detail::expert_gemm_scratch_floats(Mt, H),
+                                                detail::expert_gemm_scratch_floats(Mt, I)));
+    const Index lane_floats = Mt * (2 * I + H) + D;
     auto scratch = f.ws.allocate<float>(lanes * lane_floats, "routed_scratch");
-    ActivationBuffer act(f.ws, f.dtype, lanes * kBlockRows * (H + I), "routed_rows");
+    ActivationBuffer act(f.ws, f.dtype, lanes * Mt * (H + I), "routed_rows");
     const float limit = config_.swiglu_limit;
     const std::int32_t* offsets = pairs.offsets.data();
     const std::int32_t* block_begin = pairs.block_offsets.data();
@@ -731,10 +738,10 @@ DeepSeekMoE::ExpertOutputs DeepSeekMoE::run_expert_blocks_quantized(Forward& f,
     parallel_for(lanes, 1, [&](Index begin, Index end) {
         for (Index lane = begin; lane < end; ++lane) {
             float* gate_up = scratch.data() + lane * lane_floats;
-            float* down = gate_up + kBlockRows * 2 * I;
-            float* dequant = down + kBlockRows * H;
-            std::byte* rows_in = act.data() + lane * kBlockRows * (H + I) * b;
-            std::byte* a = rows_in + kBlockRows * H * b;
+            float* down = gate_up + Mt * 2 * I;
+            float* dequant = down + Mt * H;
+            std::byte* rows_in = act.data() + lane * Mt * (H + I) * b;
+            std::byte* a = rows_in + Mt * H * b;
             for (Index blk = lane; blk < blocks; blk += lanes) {
                 const auto [s, first, rows] =
                     row_block(offsets, block_begin, block_end, blk, kBlockRows);

@@ -399,15 +399,16 @@ def test_peak_equals_the_formula(fmt: str, act: str, tokens: int) -> None:
 def v3_peak(T: int, b: int, quantised: bool, lanes: int, deferred: bool) -> int:
     """moe_layer.cpp's memory model restated for DeepSeek-V3 (E 256, K 8, H 7168, I 2048,
     one shared expert; P = 256) with activation bytes b; the quantised GEMM's scratch per lane,
-    for 128 rows of the widest k (H), is the kernel's (gemm_scratch_bytes: it depends on the ISA
-    path's vector width); with bf16 activations the gate's lanes hold one each."""
+    for min(128, T) rows of the widest k (H), is the kernel's (gemm_scratch_bytes: it depends on
+    the ISA path's vector width); with bf16 activations the gate's lanes hold one each."""
     E, K, H, I, M, P = 256, 8, 7168, 2048, 128, 256  # noqa: E741
     L, TK = 4 * T * E, 4 * T * (3 * K)
-    D = gemm_scratch_bytes(M, H)
+    Mt = min(M, T)  # the quantised GEMM's lane buffers: rows of the largest block
+    D = gemm_scratch_bytes(Mt, H)
     G = lanes * D if b == 2 else 0
     if quantised:
-        R = b * M * (H + I) + 4 * M * (2 * I + H) + D
-        R_s = b * M * I + 4 * 2 * M * I + D
+        R = b * Mt * (H + I) + 4 * Mt * (2 * I + H) + D
+        R_s = b * Mt * I + 4 * 2 * Mt * I + D
     else:
         R, R_s = 4 * M * (H + 2 * I), 4 * M * (2 * I + H)
     W_r = 4 * (T * K + 2 * (P + 1)) + (b if quantised else 4) * T * K * H + lanes * R
