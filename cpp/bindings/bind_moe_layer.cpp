@@ -20,7 +20,8 @@ T field(const py::dict& d, const char* key) {
         return d[key].cast<T>();
     } catch (const py::cast_error&) {
         throw InvalidArgument(std::string("config field '") + key + "' has the wrong type: " +
-                              std::string(py::str(py::type::of(d[key]))));
+                              std::string(py::str(py::type::of(d[key]))) + " " +
+                              std::string(py::repr(d[key])));
     }
 }
 
@@ -175,6 +176,15 @@ DeepSeekMoEWeights weights_from(const DeepSeekMoEConfig& c, const WeightArgs& a)
     MOELB_CHECK_ARG(
         Is == 0 || (!a.shared_gate_up.is_none() && !a.shared_down.is_none()),
         "num_shared_experts=" << c.num_shared_experts << " needs shared_gate_up and shared_down");
+    for (const auto& [arg, name] : {std::pair{&a.shared_gate_up, "shared_gate_up"},
+                                    {&a.shared_down, "shared_down"},
+                                    {&a.shared_gate_up_scale, "shared_gate_up_scale_inv"},
+                                    {&a.shared_down_scale, "shared_down_scale_inv"}}) {
+        MOELB_CHECK_ARG(Is > 0 || arg->is_none(),
+                        name << " was given but num_shared_experts=" << c.num_shared_experts
+                             << " (the layer has no shared expert): pass None or set "
+                                "num_shared_experts");
+    }
     if (Is > 0) {
         w.shared_gate_up = weight_tensor_arg(a.shared_gate_up, a.shared_gate_up_scale,
                                              "shared_gate_up", format, block, {2 * Is, H});

@@ -6,7 +6,9 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <cmath>
 #include <cstring>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -109,6 +111,23 @@ inline WeightTensor weight_tensor_arg(const py::handle& q, const py::handle& sca
                                            : std::string())
                                    << ")");
     std::memcpy(t.scale_inv().data(), s.data(), t.scale_inv().size() * sizeof(float));
+    // Wider scales (float64) must fit float32: a value that overflows, or that underflows to zero
+    // or to a subnormal, would silently change the dequantised weights (non-finite values are
+    // refused by the layer with their own message).
+    if (!py::isinstance<py::array_t<float>>(scale)) {
+        const auto wide =
+            config_array<double>(scale, scale_name.c_str(), static_cast<int>(scale_shape.size()));
+        for (py::ssize_t i = 0; i < wide.size(); ++i) {
+            const double d = wide.data()[i];
+            const float f = t.scale_inv()[static_cast<std::size_t>(i)];
+            const bool fits =
+                !std::isfinite(d) || d == 0 ||
+                (std::fabs(d) >= std::numeric_limits<float>::min() && std::isfinite(f));
+            MOELB_CHECK_ARG(fits, scale_name << " has the value " << d << " at flat index " << i
+                                             << ", which float32 cannot hold (it would become " << f
+                                             << ")");
+        }
+    }
     return t;
 }
 

@@ -106,6 +106,12 @@ void check_weight_tensor(const char* name, const WeightTensor& t, const DeepSeek
     MOELB_CHECK_ARG(t.count() == count && t.rows() == rows && t.cols() == cols,
                     name << " has shape [" << t.count() << ", " << t.rows() << ", " << t.cols()
                          << "], expected [" << count << ", " << rows << ", " << cols << "]");
+    // A NaN or infinite scale would turn a whole block (or row) into NaN or zeros.
+    const auto scales = t.scale_inv();
+    for (std::size_t i = 0; i < scales.size(); ++i) {
+        MOELB_CHECK_ARG(std::isfinite(scales[i]), name << "_scale_inv has the non-finite value "
+                                                       << scales[i] << " at flat index " << i);
+    }
 }
 
 // The shapes of the expert weights: w13 [E, 2I, H], w2 [E, H, I], the separate shared expert's
@@ -130,8 +136,6 @@ inline float swiglu(float g, float u, float limit) {
     return g / (1.0f + std::exp(-g)) * u;
 }
 
-// a[r, j] = swiglu(gu[r, j], gu[r, W + j]) for rows r < rows of gu [rows, 2W] (float32), into a
-// [rows, W] in the activation dtype (bf16: rounded to nearest even).
 // Columns [0, n) in `lanes` contiguous shares (boundaries on multiples of 16 columns where n
 // allows), fn(lane, c0, c1) for each non-empty share, the lanes in parallel.
 template <class Fn>
@@ -145,6 +149,8 @@ void split_columns(int lanes, Index n, const Fn& fn) {
     });
 }
 
+// a[r, j] = swiglu(gu[r, j], gu[r, W + j]) for rows r < rows of gu [rows, 2W] (float32), into a
+// [rows, W] in the activation dtype (bf16: rounded to nearest even).
 void swiglu_rows(const float* gu, Index rows, Index width, float limit, ActivationDType dtype,
                  std::byte* a) {
     for (Index r = 0; r < rows; ++r) {
@@ -316,40 +322,75 @@ void DeepSeekMoE::set_location(ExpertLocation location, int layer) {
 std::int64_t DeepSeekMoE::gemm_scratch_bytes(Index rows, Index k) {
     MOELB_CHECK_ARG(rows >= 0 && k >= 0,
                     "gemm_scratch_bytes: rows=" << rows << " and k=" << k << " must be >= 0");
+    // About 4 rows k + 4 * 32 k bytes (the x panel and the W panel): far below 2^62 here.
+    constexpr Index kMax = Index{1} << 28;
+    MOELB_CHECK_ARG(
+        rows <= kMax && k <= kMax,
+        "gemm_scratch_bytes: rows=" << rows << " and k=" << k << " must be <= " << kMax);
     return static_cast<std::int64_t>(detail::expert_gemm_scratch_floats(rows, k) * sizeof(float));
 }
+
+namespace {
+
+// The memory model's peak (the comment at the top of this file) in the number type N: double to
+// bound it, then int64 for the exact bytes.
+template <class N>
+N peak_formula(const DeepSeekMoEConfig& config, Index num_tokens, int num_physical_experts,
+               int routed_lanes, int shared_lanes, int gate_lanes, Index M) {
+    const N T = static_cast<N>(num_tokens), H = static_cast<N>(config.hidden_size);
+    const N I = static_cast<N>(config.intermediate_size), E = static_cast<N>(config.num_experts);
+    const N K = static_cast<N>(config.top_k), F = static_cast<N>(config.num_fused_shared());
+    const N Kp = K + F, Pp = static_cast<N>(num_physical_experts) + F;
+    const Index mt = std::min(M, num_tokens);  // the quantised GEMM's lanes: rows of the largest
+    const N Mt = static_cast<N>(mt), Mb = static_cast<N>(M);  // block
+    const N Is = static_cast<N>(config.shared_intermediate_size());
+    const N b = static_cast<N>(element_size(config.activation_dtype));
+    const auto D = [&](Index k) {
+        return static_cast<N>(detail::expert_gemm_scratch_floats(mt, k));
+    };
+    const bool f32 = config.uses_float32_kernels();
+    const N L = 4 * T * E;
+    const N G = b == 4 ? N{0} : static_cast<N>(gate_lanes) * 4 * D(config.hidden_size);
+    const N TK = 4 * T * (2 * Kp + K);
+    const N y = f32 ? N{4} : b;
+    const N R =
+        f32 ? 4 * Mb * (H + 2 * I)
+            : b * Mt * (H + I) + 4 * (Mt * (2 * I + H) +
+                                      std::max(D(config.hidden_size), D(config.intermediate_size)));
+    const N W_r = 4 * (T * Kp + 2 * (Pp + 1)) + y * T * Kp * H + static_cast<N>(routed_lanes) * R;
+    const N O = config.kernel == RoutedKernel::kInplace ? N{0} : b * T * H;
+    const bool has_shared = config.shared_intermediate_size() > 0 && !config.fuse_shared_experts;
+    if (!has_shared) return std::max({L + G, L + TK, TK + W_r + O});
+    const N S = 4 * T * H;
+    const N R_s =
+        f32 ? 4 * Mb * (2 * Is + H)
+            : b * Mt * Is + 4 * (2 * Mt * Is + std::max(D(config.hidden_size),
+                                                        D(config.shared_intermediate_size())));
+    const N P_sh = S + static_cast<N>(shared_lanes) * R_s;
+    if (config.defers_shared()) return std::max({L + G, L + TK, TK + W_r + O, O + P_sh});
+    return std::max({P_sh, S + L + G, S + L + TK, S + TK + W_r + O});
+}
+
+}  // namespace
 
 std::int64_t DeepSeekMoE::expected_peak_bytes(const DeepSeekMoEConfig& config, Index num_tokens,
                                               int num_physical_experts, int routed_lanes,
                                               int shared_lanes, int gate_lanes) {
+    MOELB_CHECK_ARG(num_tokens >= 0, "num_tokens must be >= 0, got " << num_tokens);
+    MOELB_CHECK_ARG(num_physical_experts >= config.num_experts,
+                    "num_physical_experts=" << num_physical_experts << " is below num_experts="
+                                            << config.num_experts << " (every expert has a slot)");
+    MOELB_CHECK_ARG(routed_lanes >= 0 && shared_lanes >= 0 && gate_lanes >= 0,
+                    "lanes must be >= 0, got routed_lanes=" << routed_lanes
+                                                            << ", shared_lanes=" << shared_lanes
+                                                            << ", gate_lanes=" << gate_lanes);
     if (num_tokens == 0) return 0;
-    const std::int64_t T = num_tokens, H = config.hidden_size, I = config.intermediate_size;
-    const std::int64_t E = config.num_experts, K = config.top_k, F = config.num_fused_shared();
-    const std::int64_t Kp = K + F, Pp = num_physical_experts + F, M = kBlockRows;
-    const std::int64_t Mt =
-        std::min(M, T);  // the quantised GEMM's lanes: rows of the largest block
-    const std::int64_t Is = config.shared_intermediate_size();
-    const std::int64_t b = static_cast<std::int64_t>(element_size(config.activation_dtype));
-    const auto D = [&](Index k) {
-        return static_cast<std::int64_t>(detail::expert_gemm_scratch_floats(Mt, k));
-    };
-    const bool f32 = config.uses_float32_kernels();
-    const std::int64_t L = 4 * T * E;
-    const std::int64_t G = b == 4 ? 0 : gate_lanes * 4 * D(H);
-    const std::int64_t TK = 4 * T * (2 * Kp + K);
-    const std::int64_t y = f32 ? 4 : b;
-    const std::int64_t R = f32 ? 4 * M * (H + 2 * I)
-                               : b * Mt * (H + I) + 4 * (Mt * (2 * I + H) + std::max(D(H), D(I)));
-    const std::int64_t W_r = 4 * (T * Kp + 2 * (Pp + 1)) + y * T * Kp * H + routed_lanes * R;
-    const std::int64_t O = config.kernel == RoutedKernel::kInplace ? 0 : b * T * H;
-    const bool has_shared = Is > 0 && !config.fuse_shared_experts;
-    if (!has_shared) return std::max({L + G, L + TK, TK + W_r + O});
-    const std::int64_t S = 4 * T * H;
-    const std::int64_t R_s =
-        f32 ? 4 * M * (2 * Is + H) : b * Mt * Is + 4 * (2 * Mt * Is + std::max(D(H), D(Is)));
-    const std::int64_t P_sh = S + shared_lanes * R_s;
-    if (config.defers_shared()) return std::max({L + G, L + TK, TK + W_r + O, O + P_sh});
-    return std::max({P_sh, S + L + G, S + L + TK, S + TK + W_r + O});
+    const double bound = peak_formula<double>(config, num_tokens, num_physical_experts,
+                                              routed_lanes, shared_lanes, gate_lanes, kBlockRows);
+    MOELB_CHECK_ARG(bound < 0x1p62, "the peak of num_tokens=" << num_tokens << " (" << bound
+                                                              << " bytes) does not fit int64");
+    return peak_formula<std::int64_t>(config, num_tokens, num_physical_experts, routed_lanes,
+                                      shared_lanes, gate_lanes, kBlockRows);
 }
 
 void DeepSeekMoE::forward(MatrixMap<float> hidden, std::span<const std::int64_t> input_ids,

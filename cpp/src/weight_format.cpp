@@ -228,10 +228,12 @@ WeightTensor WeightTensor::quantize(std::span<const float> values, WeightFormat 
                     for (Index c = c0; c < c1; ++c)
                         amax = std::max(amax, std::fabs(w[r * cols + c]));
                 }
-                // An all-zero block (or one so small that amax / range underflows) keeps scale 1:
-                // its values quantise to 0 (or to fp8 / int8 of themselves).
+                // An all-zero block, or one so small that amax / range is not a normal float,
+                // keeps scale 1: its values quantise to 0 (or to fp8 / int8 of themselves). A
+                // subnormal scale has too few bits: amax / scale could land far above the range
+                // (an fp8 NaN code from finite weights).
                 float scale = amax / range;
-                if (!(scale > 0.0f)) scale = 1.0f;
+                if (!(scale >= std::numeric_limits<float>::min())) scale = 1.0f;
                 scales[sr * t.scale_cols() + sc] = scale;
                 for (Index r = r0; r < r1; ++r) {
                     for (Index c = c0; c < c1; ++c) {

@@ -53,6 +53,24 @@ WEIGHT_NAMES = (
 )
 
 
+def _block_size(block: Any, name: str) -> tuple[int, int]:
+    """``block`` as a (rows, cols) tuple of Python ints; anything else (not two values, bools,
+    floats, strings) is an InvalidArgumentError naming ``name`` and the value."""
+    try:
+        values = tuple(block)
+    except TypeError:
+        values = None
+    if (
+        values is None
+        or len(values) != 2
+        or not all(
+            isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) for v in values
+        )
+    ):
+        raise InvalidArgumentError(f"{name} must be (rows, cols) of two integers, got {block!r}")
+    return (int(values[0]), int(values[1]))
+
+
 def gemm_scratch_bytes(rows: int, k: int) -> int:
     """Bytes of scratch the layer's quantised GEMM takes per lane for ``rows`` rows of input with
     ``k`` columns, on the ISA path this process runs (``moelb.cpu_isa()``): the ``D`` of the
@@ -95,7 +113,7 @@ def quantize_weights(
 
     Dequantised: ``q * scale_inv`` broadcast over each block / row (moelb's contract for every
     format). fp8 and int8 refuse non-finite weights."""
-    q, scale = _core.quantize_weights(array, weight_format, tuple(block_size))
+    q, scale = _core.quantize_weights(array, weight_format, _block_size(block_size, "block_size"))
     return q, scale
 
 
@@ -148,14 +166,9 @@ class DeepSeekMoEConfig:
     activation_dtype: str = "float32"
 
     def __post_init__(self) -> None:
-        block = self.weight_block_size
-        if not isinstance(block, tuple):
-            try:
-                object.__setattr__(self, "weight_block_size", tuple(block))
-            except TypeError:
-                raise InvalidArgumentError(
-                    f"weight_block_size must be (rows, cols), got {block!r}"
-                ) from None
+        object.__setattr__(
+            self, "weight_block_size", _block_size(self.weight_block_size, "weight_block_size")
+        )
         _core.moe_config_validate(self.as_dict())
 
     @classmethod

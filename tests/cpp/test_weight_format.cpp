@@ -166,6 +166,29 @@ TEST(WeightFormat, Fp8BlockQuantiserFollowsDeepSeeksConvention) {
     }
 }
 
+TEST(WeightFormat, TinyBlocksNeverQuantiseToNaN) {
+    // Blocks whose amax / 448 (or / 127) is subnormal: such a scale has too few bits, and
+    // amax / scale could round to an fp8 NaN code (found at amax 6.6e-43). They keep scale 1.
+    for (const float amax : {6.59e-43f, 2.4e-41f, 1.2e-38f, 1e-45f}) {
+        const std::vector<float> w = {amax, -amax / 2, amax / 3, 0.0f};
+        for (const auto format : {WeightFormat::kFp8E4M3, WeightFormat::kInt8}) {
+            const auto t = WeightTensor::quantize(w, format, 1, 1, 4, BlockSize{1, 4});
+            EXPECT_EQ(t.scale_inv()[0], 1.0f) << amax;
+            for (Index c = 0; c < 4; ++c) {
+                EXPECT_TRUE(std::isfinite(t.dequantized(0, 0, c))) << amax << " " << c;
+                EXPECT_LE(std::fabs(t.dequantized(0, 0, c) - w[c]), 0x1p-9f) << amax;
+            }
+        }
+    }
+    // The smallest normal scale is kept: amax = 448 * FLT_MIN.
+    const float amax = 448.0f * std::numeric_limits<float>::min();
+    const auto t = WeightTensor::quantize(std::vector<float>{amax, -amax}, WeightFormat::kFp8E4M3,
+                                          1, 1, 2, BlockSize{1, 2});
+    EXPECT_EQ(t.scale_inv()[0], std::numeric_limits<float>::min());
+    EXPECT_EQ(t.dequantized(0, 0, 0), amax);
+    EXPECT_EQ(t.dequantized(0, 0, 1), -amax);
+}
+
 TEST(WeightFormat, Int8RowQuantiserAndBf16) {
     const Index rows = 7, cols = 33;
     auto w = random_values(rows * cols, 4, 0.1f);

@@ -565,3 +565,72 @@ def test_gemm_scratch_bytes_grows_with_rows_and_refuses_negatives() -> None:
     assert gemm_scratch_bytes(128, 2048) < gemm_scratch_bytes(128, 7168)
     with pytest.raises(moelb.InvalidArgumentError, match="rows=-1"):
         gemm_scratch_bytes(-1, 7168)
+
+
+# ---------------------------------------------------------------------------------------------
+# Refusals: inputs that would otherwise give a plausible wrong number
+
+
+def test_tiny_blocks_never_quantise_to_nan() -> None:
+    """amax / 448 subnormal: such a scale has too few bits and amax / scale could round to an
+    fp8 NaN code; those blocks keep scale 1."""
+    w = np.array([[6.59e-43, -3.29e-43], [2.4e-41, 1e-30]], np.float32)
+    q, s = moelb.quantize_weights(w, "fp8_e4m3", (1, 2))
+    assert not np.isnan(q.astype(np.float32)).any()
+    np.testing.assert_array_equal(s[:, 0], [1.0, np.float32(1e-30) / np.float32(448)])
+
+
+def test_shared_arrays_without_a_shared_expert_are_refused() -> None:
+    config = small_v3(weight_format="int8")
+    w = moelb.random_moe_weights(config, 3)
+    with pytest.raises(moelb.InvalidArgumentError, match="shared_gate_up was given"):
+        moelb.DeepSeekMoE(config.replace(num_shared_experts=0), w)
+    w.update(shared_gate_up=None, shared_down=None)
+    with pytest.raises(moelb.InvalidArgumentError, match="shared_gate_up_scale_inv was given"):
+        moelb.DeepSeekMoE(config.replace(num_shared_experts=0), w)
+
+
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "int8"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_scales_are_refused(fmt: str, bad: float) -> None:
+    config = small_v3(weight_format=fmt)
+    w = moelb.random_moe_weights(config, 3)
+    w["w2_scale_inv"] = w["w2_scale_inv"].copy()
+    w["w2_scale_inv"].flat[5] = bad
+    with pytest.raises(moelb.InvalidArgumentError, match="w2_scale_inv has the non-finite value"):
+        moelb.DeepSeekMoE(config, w)
+
+
+@pytest.mark.parametrize("factor", [1e-50, 1e50, 1e-40])
+def test_float64_scales_that_float32_cannot_hold_are_refused(factor: float) -> None:
+    config = small_v3(weight_format="fp8_e4m3")
+    w = moelb.random_moe_weights(config, 3)
+    w["w13_scale_inv"] = w["w13_scale_inv"].astype(np.float64) * factor
+    with pytest.raises(moelb.InvalidArgumentError, match="which float32 cannot hold"):
+        moelb.DeepSeekMoE(config, w)
+    # float64 scales that fit are taken (rounded to float32)
+    w["w13_scale_inv"] = w["w13_scale_inv"] / factor
+    moelb.DeepSeekMoE(config, w)
+
+
+@pytest.mark.parametrize("block", [(True, 16), (16.5, 16), ("16", 16), (16,), 16])
+def test_block_sizes_that_are_not_two_integers_are_refused(block) -> None:
+    with pytest.raises(moelb.InvalidArgumentError, match="two integers"):
+        small_v3(weight_format="fp8_e4m3", weight_block_size=block)
+    with pytest.raises(moelb.InvalidArgumentError, match="block_size must be"):
+        moelb.quantize_weights(np.ones((4, 4), np.float32), "fp8_e4m3", block)
+
+
+def test_peak_formula_arguments_are_checked() -> None:
+    v3 = moelb.DeepSeekMoEConfig.deepseek_v3()
+    for lanes in [(-1, 1, 1), (1, -1, 1), (1, 1, -1)]:
+        with pytest.raises(moelb.InvalidArgumentError, match="lanes must be >= 0"):
+            v3.expected_peak_bytes(5, 256, *lanes)
+    with pytest.raises(moelb.InvalidArgumentError, match="below num_experts=256"):
+        v3.expected_peak_bytes(5, 255, 1, 1, 1)
+    with pytest.raises(moelb.InvalidArgumentError, match="does not fit int64"):
+        v3.expected_peak_bytes(2**50, 256, 2, 2, 2)
+    # the largest peaks that fit grow with T
+    assert v3.expected_peak_bytes(2**40, 256, 2, 2, 2) > v3.expected_peak_bytes(2**39, 256, 2, 2, 2)
+    with pytest.raises(moelb.InvalidArgumentError, match="must be <="):
+        gemm_scratch_bytes(2**40, 2**40)
