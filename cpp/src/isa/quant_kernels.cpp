@@ -606,13 +606,22 @@ static_assert(kTileX == 3 && kTileW == 4);
 
 // ---- The x panel ------------------------------------------------------------------------------
 
-// The exponent fp8 adds to x in its panel: x * 2^64 unless some |x| of the row is >= 2^63 (then
-// x itself), so that x * fp8 * 2^(xexp - 120) stays a normal float32 (see Fp8Rows).
-constexpr float kTwo56 = 0x1p56f, kTwo64 = 0x1p64f, kTwo120 = 0x1p120f;
+// The power of two fp8 puts on x row i in its panel: 2^P with P = 126 - E clamped to [0, 127],
+// E the exponent of the row's largest |x| (max |x| < 2^E; 0 for a zero row, no finite value).
+// Then |x * 2^P| < 2^126 and the products x * 2^P * fp8 * 2^-120 (Fp8Rows) stay below 2^15 and are
+// normal float32 unless |x * fp8| < 2^-131 * max |x| (or < 2^-133): x * fp8 rounded once, scaled by
+// an exact power of two. xg[i] = 2^(120 - P) undoes it at each block's end (block_flush).
+MOELB_INLINE int fp8_x_exponent(float max_abs) {
+    if (!(max_abs <= std::numeric_limits<float>::max())) return 0;  // inf (NaN rows propagate)
+    int e = 0;
+    std::frexp(max_abs, &e);
+    const int p = 126 - e;
+    return p < 0 ? 0 : (p > 127 ? 127 : p);
+}
 
 // x rows [0, m): row i at xp + i * kp, chunk c at + c * kChunk, the last chunk zero-padded. The
 // even/odd layout (f32, bf16 W): even values, then odd; the natural one (int8, fp8 W): the values
-// in order, fp8's times 2^xexp with xg[i] = 2^(120 - xexp).
+// in order, fp8's times 2^P with xg[i] = 2^(120 - P) (fp8_x_exponent).
 void arrange_x(const QuantGemmArgs& a, Index k, Index kp, float* xp, float* xg, bool natural,
                bool fp8) {
     const Index full = k / kChunk, chunks = (k + kChunk - 1) / kChunk;
@@ -624,13 +633,14 @@ void arrange_x(const QuantGemmArgs& a, Index k, Index kp, float* xp, float* xg, 
         if (natural) {
             float f = 1.0f;
             if (fp8) {
-                bool big = false;
+                float max_abs = 0.0f;
                 for (Index c = 0; c < k; ++c) {
-                    const float v = f32 ? rowf[c] : bf16_value(rowb[c]);
-                    big = big || !(std::fabs(v) < 0x1p63f);
+                    const float v = std::fabs(f32 ? rowf[c] : bf16_value(rowb[c]));
+                    max_abs = v > max_abs ? v : max_abs;
                 }
-                f = big ? 1.0f : kTwo64;
-                xg[i] = big ? kTwo120 : kTwo56;
+                const int p = fp8_x_exponent(max_abs);
+                f = std::ldexp(1.0f, p);
+                xg[i] = std::ldexp(1.0f, 120 - p);
             }
             if (f32) {
                 for (Index c = 0; c < k; ++c) dst[c] = rowf[c] * f;
