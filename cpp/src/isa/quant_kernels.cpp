@@ -3,21 +3,38 @@
 // with row scales, and x in float32 or bf16.
 //
 // One dot-product order for every y[i, j], whatever the call. k is cut into chunks of kChunk =
-// 2 * kLanes values from column 0, the last one zero-padded; lane l of one vector accumulator
-// takes, chunk after chunk, the product of the chunk's values 2l (the "even" vector) and then
-// 2l + 1 (the "odd" vector), as FMAs where the path has them (mul then add on SSE2); a fixed tree
-// sums the accumulator's lanes at the end. Tiles, k-blocks (accumulators parked in the scratch
-// between them), which rows of x share a pass over W: these change when each FMA runs, never its
-// operands, so y[i, j]'s bits depend only on x row i, W row j and the path. Every weight is
-// dequantised exactly as float(q) * scale (one float32 rounding), so a quantised W and its float32
-// dequantisation give the same bits; so do a bf16 x and its float32 values.
+// 2 * kLanes values from column 0, the last one zero-padded; each chunk gives two vectors of
+// kLanes values; lane l of one vector accumulator takes, chunk after chunk, the product from the
+// first vector and then the one from the second, as FMAs where the path has them (mul then add on
+// SSE2); a fixed tree sums the accumulator's lanes at the end ((l, l + kLanes / 2), ..., (0, 1)).
+// Tiles, k-blocks (accumulators parked in the scratch between them), which rows of x share a pass
+// over W: these change when each FMA runs, never its operands, so y[i, j]'s bits depend only on x
+// row i, W row j (with its scales) and the path. A bf16 x and its float32 values give the same
+// bits. Per weight type:
+//   float32, bf16  the even/odd layout (first vector: the chunk's values 2l, second: 2l + 1) -- a
+//                  32-bit lane holding two bf16 gives the even value by a shift, the odd one by a
+//                  mask; the products x * w. A bf16 W and its float32 values give the same bits.
+//   int8           the natural layout (first vector: values l, second: kLanes + l, so lane l takes
+//                  the columns l mod kLanes in order; widened by sign-extending loads); the
+//                  products x * float(q) (exact); y = tree * scale[j] (one rounding).
+//   fp8            the natural layout; x row i carries 2^P_i in the x panel (P_i from the row's
+//                  largest |x|, see fp8_x_exponent) and each code is converted to fp8 * 2^-120
+//                  exactly by shift and mask (Fp8Rows); each lane's sum restarts at every scale
+//                  block and at the block's end is added into the lane's total as total +=
+//                  (sum * 2^(120 - P_i)) * scale (exact power of two, then one multiply-add), so
+//                  every product is x * fp8 rounded once (while |x * fp8| >= 2^-131 max |x_i|)
+//                  and each block's scale is applied once. Scale blocks that are not whole chunks
+//                  take a scalar driver with the same rule per lane (columns past k skipped). A
+//                  NaN code (0x7F, 0xFF) makes its row's outputs NaN.
+// Per weight rather than per block, the scale would cost a multiply per weight: decode's inner
+// loop is the conversion and the FMAs alone (a multiply with an fp8-subnormal input is also slow
+// on AMD Zen).
 //
-// The even/odd layout makes bf16 cheap: a 32-bit lane holding two bf16 gives the even value by a
-// shift and the odd one by a mask. x is arranged in this layout once per call (the x panel, float32
-// in the scratch). Decode (small m): W is streamed once, each chunk of kRows rows converted in
-// registers and multiplied into every row of x. Prefill (large m): kBlockRows rows of W at a time
-// are dequantised into a float32 panel in the scratch, then register tiles of kTileX rows of x by
-// kTileW rows of W run over k-blocks that stay in L1.
+// x is arranged once per call (the x panel, float32 in the scratch). Decode (small m): W is
+// streamed once, each chunk of up to 4 rows converted in registers and multiplied into every row
+// of x. Prefill (large m): kBlockRows rows of W at a time are converted into a float32 panel in
+// the scratch, then register tiles of kTileX rows of x by kTileW rows of W run over k-blocks that
+// stay in L1 (fp8: k-blocks of whole scale blocks).
 #include <bit>
 #include <cmath>
 #include <cstddef>
@@ -207,10 +224,10 @@ float bf16_value(std::uint16_t bits) { return std::bit_cast<float>(std::uint32_t
 // ---- Reading W: one loader per stored type --------------------------------------------------
 //
 // A loader reads up to kBlockRows rows of W bound by bind(j0, rows): chunk(jj, c, e, o) gives the
-// even and odd vectors of row j0 + jj's chunk c (a whole chunk: (c + 1) * kChunk <= cols), tail()
-// the same for the partial last chunk (zero-padded). Calls run in segments: begin_segment(c, end)
-// and then chunks c..end - 1, end = segment_end(c, ...) (fp8: within one scale block, whose scales
-// it loads once and whose bytes it checks for NaN codes once).
+// two vectors of row j0 + jj's chunk c in its layout (a whole chunk: (c + 1) * kChunk <= cols),
+// tail() the same for the partial last chunk (zero-padded); finish(j, sum) turns row j's lane-tree
+// sum into y (int8: the row scale), poisoned(jj) says a NaN code was seen (fp8: check_nan over
+// each segment's whole chunks before they are read, tail() for the last one).
 
 // Row j's chunk from its scalar values (exact), zero-padded past cols.
 template <class Value>
@@ -232,8 +249,6 @@ struct F32Rows {
     void bind(Index j0, int rows) {
         for (int jj = 0; jj < rows; ++jj) row[jj] = data + (j0 + jj) * cols;
     }
-    Index segment_end(Index, Index end) const { return end; }
-    void begin_segment(Index, Index) {}
     bool poisoned(int) const { return false; }
     float finish(Index, float sum) const { return sum; }
     MOELB_INLINE void chunk(int jj, Index c, Vec& e, Vec& o) const {
@@ -257,8 +272,6 @@ struct Bf16Rows {
     void bind(Index j0, int rows) {
         for (int jj = 0; jj < rows; ++jj) row[jj] = data + (j0 + jj) * cols;
     }
-    Index segment_end(Index, Index end) const { return end; }
-    void begin_segment(Index, Index) {}
     bool poisoned(int) const { return false; }
     float finish(Index, float sum) const { return sum; }
     MOELB_INLINE void chunk(int jj, Index c, Vec& e, Vec& o) const {
@@ -293,8 +306,6 @@ struct Int8Rows {
     void bind(Index j0, int rows) {
         for (int jj = 0; jj < rows; ++jj) row[jj] = data + (j0 + jj) * cols;
     }
-    Index segment_end(Index, Index end) const { return end; }
-    void begin_segment(Index, Index) {}
     bool poisoned(int) const { return false; }
     float finish(Index j, float sum) const { return sum * scale_inv[j]; }
     MOELB_INLINE void chunk(int jj, Index c, Vec& e, Vec& o) const {
@@ -322,10 +333,9 @@ struct Int8Rows {
 // left by 20 and masked to 0x87F00000 has the sign in bit 31, the exponent field 0000eeee and the
 // mantissa mmm0...: 2^(e - 127) * 1.mmm = fp8 * 2^-120 for e >= 1, and for e = 0 the float32
 // subnormal mmm * 2^-129 = fp8 * 2^-120 as well. NaN codes (0x7F, 0xFF) come out finite and are
-// caught apart (begin_segment, tail): their row's outputs are NaN. The x panel holds x * 2^xexp (
-// see arrange_x), so products are x * fp8 * 2^(xexp - 120), rounded as x * fp8 would be while
-// |x * fp8| >= 2^(-6 - xexp); each scale block's lane sums are scaled back and multiplied by the
-// block's scale at its end (decode_tile, panel_tile).
+// caught apart (check_nan, tail): their row's outputs are NaN. The x panel holds x * 2^P (see
+// fp8_x_exponent), so products are x * fp8 * 2^(P - 120); each scale block's lane sums are scaled
+// back and multiplied by the block's scale at its end (block_flush in decode_tile, panel_tile).
 MOELB_INLINE float fp8_scaled(std::uint8_t b) {
     const std::uint32_t u = static_cast<std::uint32_t>(static_cast<std::int32_t>(
                                 static_cast<std::int8_t>(b)))
@@ -356,22 +366,17 @@ struct Fp8Rows {
             nan[jj] = false;
         }
     }
-    // Segments: one scale block each (chunk indices; the partial last chunk included).
-    Index segment_end(Index c, Index end) const {
-        const Index block_end = (c / block_chunks + 1) * block_chunks;
-        return block_end < end ? block_end : end;
-    }
-    Vec scale(int jj, Index c) const { return vset1(scale_row[jj][c / block_chunks]); }
-    // Checks the segment's whole chunks [c, end) for NaN codes.
-    void begin_segment(Index c, Index end) {
+    Vec scale(int jj, Index block) const { return vset1(scale_row[jj][block]); }
+    // Checks the whole chunks [c, end) of the bound rows for NaN codes: max over (b & 0x7F) is
+    // 0x7F exactly when one is there (one test for all rows; the rows apart only when it fires).
+    void check_nan(Index c, Index end) {
         if (end <= c) return;
+        const Index bytes = (end - c) * kChunk;
+#if defined(MOELB_QUANT_AVX2)
+        const __m256i mag = _mm256_set1_epi8(0x7F);
+        __m256i mx = _mm256_setzero_si256();
         for (int jj = 0; jj < rows; ++jj) {
             const std::uint8_t* p = row[jj] + c * kChunk;
-            const Index bytes = (end - c) * kChunk;
-#if defined(MOELB_QUANT_AVX2)
-            // max over (b & 0x7F) is 0x7F exactly when a NaN code is there.
-            const __m256i mag = _mm256_set1_epi8(0x7F);
-            __m256i mx = _mm256_setzero_si256();
             Index t = 0;
             for (; t + 32 <= bytes; t += 32) {
                 const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + t));
@@ -382,12 +387,16 @@ struct Fp8Rows {
                 mx = _mm256_max_epu8(mx, _mm256_castsi128_si256(
                                              _mm_and_si128(v, _mm256_castsi256_si128(mag))));
             }
-            if (_mm256_movemask_epi8(_mm256_cmpeq_epi8(mx, mag)) != 0) nan[jj] = true;
-#else
+        }
+        if (_mm256_movemask_epi8(_mm256_cmpeq_epi8(mx, mag)) == 0) [[likely]] {
+            return;
+        }
+#endif
+        for (int jj = 0; jj < rows; ++jj) {
+            const std::uint8_t* p = row[jj] + c * kChunk;
             for (Index t = 0; t < bytes; ++t) {
                 if (fp8_is_nan(p[t])) nan[jj] = true;
             }
-#endif
         }
     }
     bool poisoned(int jj) const { return nan[jj]; }
@@ -425,7 +434,7 @@ struct Fp8Rows {
 // ---- Register tiles --------------------------------------------------------------------------
 
 // The end of an fp8 scale block: acc += (S * g_i) * s_j per lane (S the block's lane sums, g_i =
-// 2^(120 - xexp_i) undoing the x panel's and the conversion's powers of two, exactly; s_j the
+// 2^(120 - P_i) undoing the x panel's and the conversion's powers of two, exactly; s_j the
 // block's scale; one rounding in the multiply-add).
 MOELB_INLINE Vec block_flush(Vec sum, float g, Vec scale, const float* acc) {
     return vmadd(vmul(sum, vset1(g)), scale, vload(acc));
@@ -467,27 +476,27 @@ void decode_tile(Loader& ld, const float* xp, Index kp, Index c0, Index c1, Inde
             for (int j = 0; j < R; ++j) a[i][j] = vload(acc + i * acc_stride + j * kLanes);
         }
     }
-    for (Index c = c0; c < c1;) {
-        const Index seg_begin = c;
-        const Index seg_end = ld.segment_end(c, c1);
-        const Index whole_end = seg_end < full ? seg_end : full;
-        if constexpr (Loader::kBlockScale) {
-            ld.begin_segment(c, whole_end);
+    if constexpr (Loader::kBlockScale) {
+        // Segments of one scale block each (c0 and c1 are block ends or k's end).
+        Index b = c0 / ld.block_chunks;
+        for (Index c = c0; c < c1; ++b) {
+            const Index block_end = (b + 1) * ld.block_chunks;
+            const Index seg_end = block_end < c1 ? block_end : c1;
+            const Index whole_end = seg_end < full ? seg_end : full;
+            ld.check_nan(c, whole_end);
 #pragma GCC unroll 4
             for (int i = 0; i < MG; ++i) {
 #pragma GCC unroll 4
                 for (int j = 0; j < R; ++j) a[i][j] = vzero();
             }
-        }
-        for (; c < whole_end; ++c) decode_step<false>(ld, xp + c * kChunk, kp, c, a);
-        if (c < seg_end) {  // c == full: the partial last chunk
-            decode_step<true>(ld, xp + c * kChunk, kp, c, a);
-            c = seg_end;
-        }
-        if constexpr (Loader::kBlockScale) {
+            for (; c < whole_end; ++c) decode_step<false>(ld, xp + c * kChunk, kp, c, a);
+            if (c < seg_end) {  // c == full: the partial last chunk
+                decode_step<true>(ld, xp + c * kChunk, kp, c, a);
+                c = seg_end;
+            }
 #pragma GCC unroll 4
             for (int j = 0; j < R; ++j) {
-                const Vec s = ld.scale(j, seg_begin);
+                const Vec s = ld.scale(j, b);
 #pragma GCC unroll 4
                 for (int i = 0; i < MG; ++i) {
                     float* p = acc + i * acc_stride + j * kLanes;
@@ -495,6 +504,11 @@ void decode_tile(Loader& ld, const float* xp, Index kp, Index c0, Index c1, Inde
                 }
             }
         }
+    } else {
+        const Index whole_end = c1 < full ? c1 : full;
+        Index c = c0;
+        for (; c < whole_end; ++c) decode_step<false>(ld, xp + c * kChunk, kp, c, a);
+        if (c < c1) decode_step<true>(ld, xp + c * kChunk, kp, c, a);
     }
     if constexpr (!Loader::kBlockScale) {
 #pragma GCC unroll 4
@@ -508,11 +522,12 @@ void decode_tile(Loader& ld, const float* xp, Index kp, Index c0, Index c1, Inde
 // Prefill: x panel rows [0, MR) (row stride kp) against W panel rows [0, NR) (row stride kp),
 // chunks [c0, c1). Per chunk the first halves, then the second ones: each accumulator still takes
 // its first product before its second. kBlockScale: segments of `block_chunks` chunks (c0 and c1
-// block ends), their sums added into acc with xg[i] and the scales scales[j][block] at each end.
+// block ends or k's end; c0 in block b0), their sums added into acc with xg[i] and the scales
+// scales[j][block] at each end.
 template <int MR, int NR, bool kBlockScale>
 void panel_tile(const float* xp, const float* wp, Index kp, Index c0, Index c1, float* acc,
-                Index acc_stride, const float* xg, const float* const* scales,
-                Index block_chunks) {
+                Index acc_stride, const float* xg, const float* const* scales, Index block_chunks,
+                Index b0) {
     Vec a[MR][NR];
     if constexpr (!kBlockScale) {
 #pragma GCC unroll 4
@@ -521,10 +536,10 @@ void panel_tile(const float* xp, const float* wp, Index kp, Index c0, Index c1, 
             for (int j = 0; j < NR; ++j) a[i][j] = vload(acc + i * acc_stride + j * kLanes);
         }
     }
-    for (Index cs = c0; cs < c1;) {
+    for (Index cs = c0, b = b0; cs < c1; ++b) {
         Index ce = c1;
         if constexpr (kBlockScale) {
-            ce = (cs / block_chunks + 1) * block_chunks;
+            ce = (b + 1) * block_chunks;
             if (ce > c1) ce = c1;
 #pragma GCC unroll 4
             for (int i = 0; i < MR; ++i) {
@@ -550,7 +565,7 @@ void panel_tile(const float* xp, const float* wp, Index kp, Index c0, Index c1, 
         if constexpr (kBlockScale) {
 #pragma GCC unroll 4
             for (int j = 0; j < NR; ++j) {
-                const Vec s = vset1(scales[j][cs / block_chunks]);
+                const Vec s = vset1(scales[j][b]);
 #pragma GCC unroll 4
                 for (int i = 0; i < MR; ++i) {
                     float* p = acc + i * acc_stride + j * kLanes;
@@ -592,7 +607,7 @@ static_assert(kMaxDecodeX == 4);
 template <bool kBlockScale>
 struct PanelTiles {
     using Fn = void (*)(const float*, const float*, Index, Index, Index, float*, Index,
-                        const float*, const float* const*, Index);
+                        const float*, const float* const*, Index, Index);
     static constexpr Fn kFn[kTileX][kTileW] = {
         {&panel_tile<1, 1, kBlockScale>, &panel_tile<1, 2, kBlockScale>,
          &panel_tile<1, 3, kBlockScale>, &panel_tile<1, 4, kBlockScale>},
@@ -611,10 +626,11 @@ static_assert(kTileX == 3 && kTileW == 4);
 // Then |x * 2^P| < 2^126 and the products x * 2^P * fp8 * 2^-120 (Fp8Rows) stay below 2^15 and are
 // normal float32 unless |x * fp8| < 2^-131 * max |x| (or < 2^-133): x * fp8 rounded once, scaled by
 // an exact power of two. xg[i] = 2^(120 - P) undoes it at each block's end (block_flush).
-MOELB_INLINE int fp8_x_exponent(float max_abs) {
-    if (!(max_abs <= std::numeric_limits<float>::max())) return 0;  // inf (NaN rows propagate)
+// max_bits: the largest |x| of the row as float32 bits (sign cleared; above 0x7F800000: NaN).
+MOELB_INLINE int fp8_x_exponent(std::uint32_t max_bits) {
+    if (max_bits >= 0x7F800000u) return 0;  // inf or NaN (NaN rows propagate anyway)
     int e = 0;
-    std::frexp(max_abs, &e);
+    std::frexp(std::bit_cast<float>(max_bits), &e);
     const int p = 126 - e;
     return p < 0 ? 0 : (p > 127 ? 127 : p);
 }
@@ -633,12 +649,20 @@ void arrange_x(const QuantGemmArgs& a, Index k, Index kp, float* xp, float* xg, 
         if (natural) {
             float f = 1.0f;
             if (fp8) {
-                float max_abs = 0.0f;
-                for (Index c = 0; c < k; ++c) {
-                    const float v = std::fabs(f32 ? rowf[c] : bf16_value(rowb[c]));
-                    max_abs = v > max_abs ? v : max_abs;
+                // The largest |x| by its bits (an integer max, which vectorises).
+                std::uint32_t max_bits = 0;
+                if (f32) {
+                    for (Index c = 0; c < k; ++c) {
+                        const std::uint32_t u = std::bit_cast<std::uint32_t>(rowf[c]) & 0x7FFFFFFFu;
+                        max_bits = u > max_bits ? u : max_bits;
+                    }
+                } else {
+                    for (Index c = 0; c < k; ++c) {
+                        const std::uint32_t u = (std::uint32_t{rowb[c]} << 16) & 0x7FFFFFFFu;
+                        max_bits = u > max_bits ? u : max_bits;
+                    }
                 }
-                const int p = fp8_x_exponent(max_abs);
+                const int p = fp8_x_exponent(max_bits);
                 f = std::ldexp(1.0f, p);
                 xg[i] = std::ldexp(1.0f, 120 - p);
             }
@@ -749,14 +773,11 @@ void run_prefill(Loader& ld, const QuantGemmArgs& a, const Layout& L) {
             ld.bind(jb + jj, 1);
             float* dst = L.wp + jj * L.kp;
             Vec e, o;
-            for (Index c = 0; c < L.full;) {
-                const Index seg_end = ld.segment_end(c, L.full);
-                ld.begin_segment(c, seg_end);
-                for (; c < seg_end; ++c) {
-                    ld.chunk(0, c, e, o);
-                    vstore(dst + c * kChunk, e);
-                    vstore(dst + c * kChunk + kLanes, o);
-                }
+            if constexpr (Loader::kBlockScale) ld.check_nan(0, L.full);
+            for (Index c = 0; c < L.full; ++c) {
+                ld.chunk(0, c, e, o);
+                vstore(dst + c * kChunk, e);
+                vstore(dst + c * kChunk + kLanes, o);
             }
             if (L.full < L.chunks) {
                 ld.tail(0, L.full, e, o);
@@ -779,7 +800,7 @@ void run_prefill(Loader& ld, const QuantGemmArgs& a, const Layout& L) {
                         PanelTiles<Loader::kBlockScale>::kFn[mr - 1][nr - 1](
                             L.xp + i0 * L.kp, L.wp + jq * L.kp, L.kp, c0, c1,
                             L.acc + i0 * acc_stride + jq * kLanes, acc_stride, L.xg + i0,
-                            scales + jq, block_chunks);
+                            scales + jq, block_chunks, c0 / block_chunks);
                     }
                 }
             }
