@@ -367,23 +367,29 @@ struct Fp8Rows {
         }
     }
     Vec scale(int jj, Index block) const { return vset1(scale_row[jj][block]); }
-    // Checks the whole chunks [c, end) of the bound rows for NaN codes: max over (b & 0x7F) is
-    // 0x7F exactly when one is there (one test for all rows; the rows apart only when it fires).
+    // Checks the whole chunks [c, end) of bound rows [0, R) for NaN codes: max over (b & 0x7F) is
+    // 0x7F exactly when one is there (one test for the R rows; the rows apart only when it fires).
+    template <int R>
     void check_nan(Index c, Index end) {
         if (end <= c) return;
         const Index bytes = (end - c) * kChunk;
 #if defined(MOELB_QUANT_AVX2)
         const __m256i mag = _mm256_set1_epi8(0x7F);
         __m256i mx = _mm256_setzero_si256();
-        for (int jj = 0; jj < rows; ++jj) {
-            const std::uint8_t* p = row[jj] + c * kChunk;
-            Index t = 0;
-            for (; t + 32 <= bytes; t += 32) {
-                const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + t));
+        Index t = 0;
+        for (; t + 32 <= bytes; t += 32) {
+#pragma GCC unroll 4
+            for (int jj = 0; jj < R; ++jj) {
+                const __m256i v =
+                    _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row[jj] + c * kChunk + t));
                 mx = _mm256_max_epu8(mx, _mm256_and_si256(v, mag));
             }
-            if (t < bytes) {  // one chunk of 16 bytes left
-                const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + t));
+        }
+        if (t < bytes) {  // one chunk of 16 bytes left
+#pragma GCC unroll 4
+            for (int jj = 0; jj < R; ++jj) {
+                const __m128i v =
+                    _mm_loadu_si128(reinterpret_cast<const __m128i*>(row[jj] + c * kChunk + t));
                 mx = _mm256_max_epu8(mx, _mm256_castsi128_si256(
                                              _mm_and_si128(v, _mm256_castsi256_si128(mag))));
             }
@@ -392,7 +398,7 @@ struct Fp8Rows {
             return;
         }
 #endif
-        for (int jj = 0; jj < rows; ++jj) {
+        for (int jj = 0; jj < R; ++jj) {
             const std::uint8_t* p = row[jj] + c * kChunk;
             for (Index t = 0; t < bytes; ++t) {
                 if (fp8_is_nan(p[t])) nan[jj] = true;
@@ -483,7 +489,7 @@ void decode_tile(Loader& ld, const float* xp, Index kp, Index c0, Index c1, Inde
             const Index block_end = (b + 1) * ld.block_chunks;
             const Index seg_end = block_end < c1 ? block_end : c1;
             const Index whole_end = seg_end < full ? seg_end : full;
-            ld.check_nan(c, whole_end);
+            ld.template check_nan<R>(c, whole_end);
 #pragma GCC unroll 4
             for (int i = 0; i < MG; ++i) {
 #pragma GCC unroll 4
@@ -773,7 +779,7 @@ void run_prefill(Loader& ld, const QuantGemmArgs& a, const Layout& L) {
             ld.bind(jb + jj, 1);
             float* dst = L.wp + jj * L.kp;
             Vec e, o;
-            if constexpr (Loader::kBlockScale) ld.check_nan(0, L.full);
+            if constexpr (Loader::kBlockScale) ld.template check_nan<1>(0, L.full);
             for (Index c = 0; c < L.full; ++c) {
                 ld.chunk(0, c, e, o);
                 vstore(dst + c * kChunk, e);
