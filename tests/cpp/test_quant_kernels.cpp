@@ -388,12 +388,14 @@ float lane_tree(std::vector<float> v) {
     return v[0];
 }
 
-// y[i, j] for int8 and fp8 W as kernels.hpp documents it: lane l takes columns l, l + L, l + 2L, ...
-// (L lanes; columns up to the chunk of 2L past k are zeros, except fp8 with blocks that are not
-// whole chunks, where columns past k are skipped). int8: sum of x * q, then the tree, then * scale.
-// fp8: x row i times 2^P (P = 126 - E clamped to [0, 127], max |x_i| < 2^E), each code as
-// fp8 * 2^-120; a lane's sum restarts at every scale block and is added into the lane's total as
-// total = madd(sum * 2^(120 - P), scale, total); then the tree; any NaN code in row j gives NaN.
+// y[i, j] for int8 and fp8 W as kernels.hpp documents it. L lanes, chunks of 2L columns; int8:
+// lane l takes columns l, l + L, l + 2L, ... (natural layout); fp8: 2l, 2l + 1, 2l + 2L,
+// 2l + 2L + 1, ... (even/odd layout); columns up to the end of the last chunk are zeros, except
+// fp8 with blocks that are not whole chunks, where columns past k are skipped. int8: sum of x * q,
+// then the tree, then * scale. fp8: x row i times 2^P (P = 126 - E clamped to [0, 127], max |x_i| <
+// 2^E), each code as fp8 * 2^-120; a lane's sum restarts at every scale block and is added into the
+// lane's total as total = madd(sum * 2^(120 - P), scale, total); then the tree; any NaN code in
+// row j gives NaN.
 float documented_y(const Arith& ar, const Activations& x, const Weights& w, Index i, Index j) {
     const Index k = w.cols, chunk = 2 * ar.lanes, padded = (k + chunk - 1) / chunk * chunk;
     const float* xr = x.f32.data() + i * x.k;
@@ -420,7 +422,10 @@ float documented_y(const Arith& ar, const Activations& x, const Weights& w, Inde
     for (int l = 0; l < ar.lanes; ++l) {
         float s = 0.0f, t = 0.0f;
         Index block = -1;
-        for (Index c = l; c < (whole_chunks ? padded : k); c += ar.lanes) {
+        for (Index u = 0; u < padded / ar.lanes; ++u) {
+            // The lane's u-th column: 2l + (u odd) in chunk u / 2.
+            const Index c = (u / 2) * chunk + 2 * l + u % 2;
+            if (c >= (whole_chunks ? padded : k)) continue;
             const Index b = c / w.block_cols;
             if (b != block) {
                 if (block >= 0) t = madd(ar, s * back, w.scale(j, block * w.block_cols), t);

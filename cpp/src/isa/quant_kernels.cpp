@@ -159,15 +159,19 @@ MOELB_INLINE void bf16_pairs(const std::uint16_t* p, Vec& e, Vec& o) {
 
 constexpr int kChunk = 2 * kLanes;
 
-#ifndef MOELB_PREFETCH_BYTES
-#define MOELB_PREFETCH_BYTES 1024
+#ifndef MOELB_PREFETCH_MODE
+#define MOELB_PREFETCH_MODE 1
 #endif
-// Decode streams kRows rows of W at once, each a small step per chunk: too few cache lines in
-// flight for the memory's latency, so each row is prefetched this many bytes ahead.
-constexpr Index kPrefetchBytes = MOELB_PREFETCH_BYTES;
+#ifndef MOELB_PREFETCH_LOCALITY
+#define MOELB_PREFETCH_LOCALITY 2
+#endif
+// Decode streams a group of rows of W at once, each a small step per chunk: too few cache lines
+// in flight for the memory's latency. Each chunk read prefetches the same chunk of the row one
+// group further on (bind: `ahead` = the group's elements; rows are contiguous, so the next group
+// is the next rows), a whole group's time ahead and every line of it once.
 MOELB_INLINE void prefetch(const void* p) {
 #if defined(__GNUC__) || defined(__clang__)
-    __builtin_prefetch(p, 0, 3);
+    __builtin_prefetch(p, 0, MOELB_PREFETCH_LOCALITY);
 #else
     (void)p;
 #endif
@@ -244,15 +248,21 @@ struct F32Rows {
     static constexpr bool kBlockScale = false;
     const float* data;
     Index cols;
+    Index ahead = 0;  // prefetch distance in elements (bind)
     const float* row[kBlockRows];
 
     void bind(Index j0, int rows) {
+#if MOELB_PREFETCH_MODE == 1
+        ahead = rows * cols;
+#else
+        ahead = 1024 / static_cast<Index>(sizeof(*data));
+#endif
         for (int jj = 0; jj < rows; ++jj) row[jj] = data + (j0 + jj) * cols;
     }
     bool poisoned(int) const { return false; }
     float finish(Index, float sum) const { return sum; }
     MOELB_INLINE void chunk(int jj, Index c, Vec& e, Vec& o) const {
-        prefetch(reinterpret_cast<const char*>(row[jj] + c * kChunk) + kPrefetchBytes);
+        prefetch(row[jj] + c * kChunk + ahead);
         deinterleave(row[jj] + c * kChunk, e, o);
     }
     void tail(int jj, Index c, Vec& e, Vec& o) const {
@@ -267,15 +277,21 @@ struct Bf16Rows {
     static constexpr bool kBlockScale = false;
     const std::uint16_t* data;
     Index cols;
+    Index ahead = 0;  // prefetch distance in elements (bind)
     const std::uint16_t* row[kBlockRows];
 
     void bind(Index j0, int rows) {
+#if MOELB_PREFETCH_MODE == 1
+        ahead = rows * cols;
+#else
+        ahead = 1024 / static_cast<Index>(sizeof(*data));
+#endif
         for (int jj = 0; jj < rows; ++jj) row[jj] = data + (j0 + jj) * cols;
     }
     bool poisoned(int) const { return false; }
     float finish(Index, float sum) const { return sum; }
     MOELB_INLINE void chunk(int jj, Index c, Vec& e, Vec& o) const {
-        prefetch(reinterpret_cast<const char*>(row[jj] + c * kChunk) + kPrefetchBytes);
+        prefetch(row[jj] + c * kChunk + ahead);
         bf16_pairs(row[jj] + c * kChunk, e, o);
     }
     void tail(int jj, Index c, Vec& e, Vec& o) const {
@@ -300,16 +316,22 @@ struct Int8Rows {
     static constexpr bool kBlockScale = false;
     const std::int8_t* data;
     Index cols;
+    Index ahead = 0;  // prefetch distance in elements (bind)
     const float* scale_inv;  // [rows]
     const std::int8_t* row[kBlockRows];
 
     void bind(Index j0, int rows) {
+#if MOELB_PREFETCH_MODE == 1
+        ahead = rows * cols;
+#else
+        ahead = 1024 / static_cast<Index>(sizeof(*data));
+#endif
         for (int jj = 0; jj < rows; ++jj) row[jj] = data + (j0 + jj) * cols;
     }
     bool poisoned(int) const { return false; }
     float finish(Index j, float sum) const { return sum * scale_inv[j]; }
     MOELB_INLINE void chunk(int jj, Index c, Vec& e, Vec& o) const {
-        prefetch(row[jj] + c * kChunk + kPrefetchBytes);
+        prefetch(row[jj] + c * kChunk + ahead);
 #if defined(MOELB_QUANT_AVX2)
         const std::int8_t* p = row[jj] + c * kChunk;
         e = _mm256_cvtepi32_ps(
@@ -346,10 +368,11 @@ MOELB_INLINE bool fp8_is_nan(std::uint8_t b) { return (b & 0x7Fu) == 0x7Fu; }
 
 struct Fp8Rows {
     static constexpr bool kPairs = false;
-    static constexpr bool kNatural = true;
+    static constexpr bool kNatural = false;  // the even/odd layout
     static constexpr bool kBlockScale = true;
     const std::uint8_t* data;
     Index cols;
+    Index ahead = 0;  // prefetch distance in elements (bind)
     const float* scale_inv;  // [ceil(rows / block_rows), grid_cols]
     Index block_rows, block_cols, grid_cols;
     Index block_chunks;  // block_cols / kChunk (the vector drivers need block_cols % kChunk == 0)
@@ -360,6 +383,11 @@ struct Fp8Rows {
 
     void bind(Index j0, int n) {
         rows = n;
+#if MOELB_PREFETCH_MODE == 1
+        ahead = rows * cols;
+#else
+        ahead = 1024 / static_cast<Index>(sizeof(*data));
+#endif
         for (int jj = 0; jj < n; ++jj) {
             row[jj] = data + (j0 + jj) * cols;
             scale_row[jj] = scale_inv + ((j0 + jj) / block_rows) * grid_cols;
@@ -408,21 +436,22 @@ struct Fp8Rows {
     bool poisoned(int jj) const { return nan[jj]; }
     float finish(Index, float sum) const { return sum; }
     MOELB_INLINE void chunk(int jj, Index c, Vec& e, Vec& o) const {
-        prefetch(row[jj] + c * kChunk + kPrefetchBytes);
+        prefetch(row[jj] + c * kChunk + ahead);
 #if defined(MOELB_QUANT_AVX2)
         const std::uint8_t* p = row[jj] + c * kChunk;
+        // 16 sign-extended 16-bit words, word t = column t: dword l holds columns 2l (low) and
+        // 2l + 1 (high). Each code's sign-extended bits shifted to bit 20 of its dword and masked
+        // as above: << 20 for the low word, << 4 for the high one.
         const __m256i mask = _mm256_set1_epi32(static_cast<int>(0x87F00000u));
-        const __m256i d0 =
-            _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
-        const __m256i d1 =
-            _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8)));
-        e = _mm256_castsi256_ps(_mm256_and_si256(_mm256_slli_epi32(d0, 20), mask));
-        o = _mm256_castsi256_ps(_mm256_and_si256(_mm256_slli_epi32(d1, 20), mask));
+        const __m256i d =
+            _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+        e = _mm256_castsi256_ps(_mm256_and_si256(_mm256_slli_epi32(d, 20), mask));
+        o = _mm256_castsi256_ps(_mm256_and_si256(_mm256_slli_epi32(d, 4), mask));
 #else
         alignas(64) float v[kChunk];
         const std::uint8_t* r = row[jj] + c * kChunk;
         for (int t = 0; t < kChunk; ++t) v[t] = fp8_scaled(r[t]);
-        scalar_natural(v, e, o);
+        deinterleave(v, e, o);
 #endif
     }
     // The partial last chunk, zero-padded (its NaN codes checked here).
@@ -434,7 +463,7 @@ struct Fp8Rows {
             v[t] = c0 + t < cols ? fp8_scaled(r[c0 + t]) : 0.0f;
             if (c0 + t < cols && fp8_is_nan(r[c0 + t])) nan[jj] = true;
         }
-        scalar_natural(v, e, o);
+        deinterleave(v, e, o);
     }
 };
 // ---- Register tiles --------------------------------------------------------------------------
@@ -652,55 +681,53 @@ void arrange_x(const QuantGemmArgs& a, Index k, Index kp, float* xp, float* xg, 
         const float* rowf = static_cast<const float*>(a.x) + i * a.x_stride;
         const std::uint16_t* rowb = static_cast<const std::uint16_t*>(a.x) + i * a.x_stride;
         const bool f32 = a.x_type == ActivationType::kFloat32;
-        if (natural) {
-            float f = 1.0f;
-            if (fp8) {
-                // The largest |x| by its bits (an integer max, which vectorises).
-                std::uint32_t max_bits = 0;
-                if (f32) {
-                    for (Index c = 0; c < k; ++c) {
-                        const std::uint32_t u = std::bit_cast<std::uint32_t>(rowf[c]) & 0x7FFFFFFFu;
-                        max_bits = u > max_bits ? u : max_bits;
-                    }
-                } else {
-                    for (Index c = 0; c < k; ++c) {
-                        const std::uint32_t u = (std::uint32_t{rowb[c]} << 16) & 0x7FFFFFFFu;
-                        max_bits = u > max_bits ? u : max_bits;
-                    }
-                }
-                const int p = fp8_x_exponent(max_bits);
-                f = std::ldexp(1.0f, p);
-                xg[i] = std::ldexp(1.0f, 120 - p);
-            }
+        float f = 1.0f;
+        if (fp8) {
+            // The largest |x| by its bits (an integer max, which vectorises).
+            std::uint32_t max_bits = 0;
             if (f32) {
-                for (Index c = 0; c < k; ++c) dst[c] = rowf[c] * f;
+                for (Index c = 0; c < k; ++c) {
+                    const std::uint32_t u = std::bit_cast<std::uint32_t>(rowf[c]) & 0x7FFFFFFFu;
+                    max_bits = u > max_bits ? u : max_bits;
+                }
             } else {
-                for (Index c = 0; c < k; ++c) dst[c] = bf16_value(rowb[c]) * f;
+                for (Index c = 0; c < k; ++c) {
+                    const std::uint32_t u = (std::uint32_t{rowb[c]} << 16) & 0x7FFFFFFFu;
+                    max_bits = u > max_bits ? u : max_bits;
+                }
+            }
+            const int p = fp8_x_exponent(max_bits);
+            f = std::ldexp(1.0f, p);
+            xg[i] = std::ldexp(1.0f, 120 - p);
+        }
+        if (natural) {
+            if (f32) {
+                for (Index c = 0; c < k; ++c) dst[c] = rowf[c];
+            } else {
+                for (Index c = 0; c < k; ++c) dst[c] = bf16_value(rowb[c]);
             }
             for (Index c = k; c < chunks * kChunk; ++c) dst[c] = 0.0f;
             continue;
         }
+        const Vec fv = vset1(f);  // exact: a power of two with no overflow (fp8_x_exponent)
         Vec e, o;
-        if (f32) {
-            for (Index c = 0; c < full; ++c) {
+        for (Index c = 0; c < full; ++c) {
+            if (f32) {
                 deinterleave(rowf + c * kChunk, e, o);
-                vstore(dst + c * kChunk, e);
-                vstore(dst + c * kChunk + kLanes, o);
-            }
-            if (full < chunks) scalar_chunk([rowf](Index col) { return rowf[col]; }, full, k, e, o);
-        } else {
-            for (Index c = 0; c < full; ++c) {
+            } else {
                 bf16_pairs(rowb + c * kChunk, e, o);
-                vstore(dst + c * kChunk, e);
-                vstore(dst + c * kChunk + kLanes, o);
             }
-            if (full < chunks) {
-                scalar_chunk([rowb](Index col) { return bf16_value(rowb[col]); }, full, k, e, o);
-            }
+            vstore(dst + c * kChunk, vmul(e, fv));
+            vstore(dst + c * kChunk + kLanes, vmul(o, fv));
         }
         if (full < chunks) {
-            vstore(dst + full * kChunk, e);
-            vstore(dst + full * kChunk + kLanes, o);
+            if (f32) {
+                scalar_chunk([rowf](Index col) { return rowf[col]; }, full, k, e, o);
+            } else {
+                scalar_chunk([rowb](Index col) { return bf16_value(rowb[col]); }, full, k, e, o);
+            }
+            vstore(dst + full * kChunk, vmul(e, fv));
+            vstore(dst + full * kChunk + kLanes, vmul(o, fv));
         }
     }
 }
@@ -831,7 +858,7 @@ MOELB_INLINE float madd1(float a, float b, float c) {
 #endif
 }
 
-// fp8 with scale blocks that are not whole chunks (block_cols % kChunk != 0), any m: the natural
+// fp8 with scale blocks that are not whole chunks (block_cols % kChunk != 0), any m: the even/odd
 // layout's lanes one value at a time, lane l's sum closed (added into the lane's total as in
 // block_flush) whenever its next column is in another scale block, and at the end; columns past
 // k are skipped. Slow, and the same for every m.
@@ -850,7 +877,7 @@ void run_fp8_lanes(Fp8Rows& ld, const QuantGemmArgs& a, const Layout& L) {
                 Index block = -1;
                 for (Index col0 = 0; col0 < L.k; col0 += kChunk) {
                     for (int h = 0; h < 2; ++h) {
-                        const Index col = col0 + h * kLanes + l;
+                        const Index col = col0 + 2 * l + h;
                         if (col >= L.k) continue;
                         const Index b = col / ld.block_cols;
                         if (b != block) {
@@ -858,7 +885,8 @@ void run_fp8_lanes(Fp8Rows& ld, const QuantGemmArgs& a, const Layout& L) {
                             sum = 0.0f;
                             block = b;
                         }
-                        sum = madd1(x[col], fp8_scaled(q[col]), sum);
+                        // x in the panel's even/odd layout: value 2l + h of the chunk at l + h L.
+                        sum = madd1(x[col0 + h * kLanes + l], fp8_scaled(q[col]), sum);
                     }
                 }
                 if (block >= 0) total[l] = madd1(sum * L.xg[i], s[block], total[l]);
@@ -928,7 +956,7 @@ void quant_gemm(const QuantGemmArgs& a) {
     const ScratchFloats parts = scratch_floats(a.m, k);
     const auto base = reinterpret_cast<std::uintptr_t>(a.scratch);
     float* aligned = reinterpret_cast<float*>((base + kAlign - 1) / kAlign * kAlign);
-    const bool natural = w.type == WeightType::kFp8E4m3 || w.type == WeightType::kInt8;
+    const bool natural = w.type == WeightType::kInt8;
     Layout L{k,
              panel_stride(k),
              (k + kChunk - 1) / kChunk,
@@ -941,12 +969,12 @@ void quant_gemm(const QuantGemmArgs& a) {
 
     switch (w.type) {
         case WeightType::kFloat32: {
-            F32Rows ld{static_cast<const float*>(w.data), k, {}};
+            F32Rows ld{static_cast<const float*>(w.data), k, 0, {}};
             run(ld, a, L);
             return;
         }
         case WeightType::kBfloat16: {
-            Bf16Rows ld{static_cast<const std::uint16_t*>(w.data), k, {}};
+            Bf16Rows ld{static_cast<const std::uint16_t*>(w.data), k, 0, {}};
             run(ld, a, L);
             return;
         }
