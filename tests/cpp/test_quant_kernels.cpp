@@ -404,8 +404,8 @@ float documented_y(const Arith& ar, const Activations& x, const Weights& w, Inde
         for (int l = 0; l < ar.lanes; ++l) {
             float s = 0.0f;
             for (Index c = l; c < padded; c += ar.lanes) {
-                s = madd(ar, c < k ? xr[c] : 0.0f, c < k ? static_cast<float>(w.i8[j * k + c]) : 0.0f,
-                         s);
+                s = madd(ar, c < k ? xr[c] : 0.0f,
+                         c < k ? static_cast<float>(w.i8[j * k + c]) : 0.0f, s);
             }
             total[static_cast<std::size_t>(l)] = s;
         }
@@ -489,10 +489,10 @@ TEST(QuantGemm, Int8AndFp8FollowTheDocumentedOrderBitForBit) {
                                                   ? std::isnan(got)
                                                   : std::memcmp(&want, &got, sizeof(float)) == 0;
                             if (!same && ++failures <= 5) {
-                                ADD_FAILURE() << case_name(wt, xt, cs.m, cs.n, cs.k) << " blocks "
-                                              << cs.block_rows << " x " << cs.block_cols << ": y["
-                                              << i << ", " << j << "] = " << got << ", documented "
-                                              << want;
+                                ADD_FAILURE()
+                                    << case_name(wt, xt, cs.m, cs.n, cs.k) << " blocks "
+                                    << cs.block_rows << " x " << cs.block_cols << ": y[" << i
+                                    << ", " << j << "] = " << got << ", documented " << want;
                             }
                         }
                     }
@@ -536,9 +536,9 @@ TEST(QuantGemm, Fp8RowsOfAnyMagnitudeStayAccurate) {
                 const Weights w = random_weights(WeightType::kFp8E4m3, 30, 300, ++seed);
                 Activations x = random_x(ActivationType::kFloat32, m, 300, ++seed);
                 for (float& v : x.f32) v *= f;
-                expect_matches_reference(x, w, gemm(x, w),
-                                         "x * 2^" + std::to_string(std::ilogb(f)) + " m=" +
-                                             std::to_string(m));
+                expect_matches_reference(
+                    x, w, gemm(x, w),
+                    "x * 2^" + std::to_string(std::ilogb(f)) + " m=" + std::to_string(m));
             }
         }
     });

@@ -224,7 +224,6 @@ static_assert(kChunk <= 16 || kChunk % 16 == 0);
 
 float bf16_value(std::uint16_t bits) { return std::bit_cast<float>(std::uint32_t{bits} << 16); }
 
-
 // ---- Reading W: one loader per stored type --------------------------------------------------
 //
 // A loader reads up to kBlockRows rows of W bound by bind(j0, rows): chunk(jj, c, e, o) gives the
@@ -300,9 +299,9 @@ struct Bf16Rows {
     }
 };
 
-// The natural layout (int8 and fp8): chunk c's first vector holds its values [0, kLanes), the second
-// [kLanes, 2 kLanes): lane l takes the columns l mod kLanes in order. Natural-order widening (one
-// sign-extending load per vector) needs no byte shuffle.
+// The natural layout (int8 and fp8): chunk c's first vector holds its values [0, kLanes), the
+// second [kLanes, 2 kLanes): lane l takes the columns l mod kLanes in order. Natural-order widening
+// (one sign-extending load per vector) needs no byte shuffle.
 MOELB_INLINE void scalar_natural(const float* v, Vec& e, Vec& o) {
     e = vload(v);
     o = vload(v + kLanes);
@@ -316,7 +315,7 @@ struct Int8Rows {
     static constexpr bool kBlockScale = false;
     const std::int8_t* data;
     Index cols;
-    Index ahead = 0;  // prefetch distance in elements (bind)
+    Index ahead = 0;         // prefetch distance in elements (bind)
     const float* scale_inv;  // [rows]
     const std::int8_t* row[kBlockRows];
 
@@ -346,7 +345,8 @@ struct Int8Rows {
         alignas(64) float v[kChunk];
         const std::int8_t* r = row[jj];
         const Index c0 = c * kChunk;
-        for (int t = 0; t < kChunk; ++t) v[t] = c0 + t < cols ? static_cast<float>(r[c0 + t]) : 0.0f;
+        for (int t = 0; t < kChunk; ++t)
+            v[t] = c0 + t < cols ? static_cast<float>(r[c0 + t]) : 0.0f;
         scalar_natural(v, e, o);
     }
 };
@@ -359,9 +359,8 @@ struct Int8Rows {
 // fp8_x_exponent), so products are x * fp8 * 2^(P - 120); each scale block's lane sums are scaled
 // back and multiplied by the block's scale at its end (block_flush in decode_tile, panel_tile).
 MOELB_INLINE float fp8_scaled(std::uint8_t b) {
-    const std::uint32_t u = static_cast<std::uint32_t>(static_cast<std::int32_t>(
-                                static_cast<std::int8_t>(b)))
-                            << 20;
+    const std::uint32_t u =
+        static_cast<std::uint32_t>(static_cast<std::int32_t>(static_cast<std::int8_t>(b))) << 20;
     return std::bit_cast<float>(u & 0x87F00000u);
 }
 MOELB_INLINE bool fp8_is_nan(std::uint8_t b) { return (b & 0x7Fu) == 0x7Fu; }
@@ -372,7 +371,7 @@ struct Fp8Rows {
     static constexpr bool kBlockScale = true;
     const std::uint8_t* data;
     Index cols;
-    Index ahead = 0;  // prefetch distance in elements (bind)
+    Index ahead = 0;         // prefetch distance in elements (bind)
     const float* scale_inv;  // [ceil(rows / block_rows), grid_cols]
     Index block_rows, block_cols, grid_cols;
     Index block_chunks;  // block_cols / kChunk (the vector drivers need block_cols % kChunk == 0)
@@ -418,8 +417,8 @@ struct Fp8Rows {
             for (int jj = 0; jj < R; ++jj) {
                 const __m128i v =
                     _mm_loadu_si128(reinterpret_cast<const __m128i*>(row[jj] + c * kChunk + t));
-                mx = _mm256_max_epu8(mx, _mm256_castsi128_si256(
-                                             _mm_and_si128(v, _mm256_castsi256_si128(mag))));
+                mx = _mm256_max_epu8(
+                    mx, _mm256_castsi128_si256(_mm_and_si128(v, _mm256_castsi256_si128(mag))));
             }
         }
         if (_mm256_movemask_epi8(_mm256_cmpeq_epi8(mx, mag)) == 0) [[likely]] {
