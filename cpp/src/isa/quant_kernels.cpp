@@ -17,7 +17,7 @@
 //   int8           the natural layout (first vector: values l, second: kLanes + l, so lane l takes
 //                  the columns l mod kLanes in order; widened by sign-extending loads); the
 //                  products x * float(q) (exact); y = tree * scale[j] (one rounding).
-//   fp8            the natural layout; x row i carries 2^P_i in the x panel (P_i from the row's
+//   fp8            the even/odd layout; x row i carries 2^P_i in the x panel (P_i from the row's
 //                  largest |x|, see fp8_x_exponent) and each code is converted to fp8 * 2^-120
 //                  exactly by shift and mask (Fp8Rows); each lane's sum restarts at every scale
 //                  block and at the block's end is added into the lane's total as total +=
@@ -304,7 +304,7 @@ struct Bf16Rows {
     }
 };
 
-// The natural layout (int8 and fp8): chunk c's first vector holds its values [0, kLanes), the
+// The natural layout (int8): chunk c's first vector holds its values [0, kLanes), the
 // second [kLanes, 2 kLanes): lane l takes the columns l mod kLanes in order. Natural-order widening
 // (one sign-extending load per vector) needs no byte shuffle.
 MOELB_INLINE void scalar_natural(const float* v, Vec& e, Vec& o) {
