@@ -347,23 +347,198 @@ TEST(QuantGemm, BitsDependOnlyOnTheRowAndColumn) {
     });
 }
 
-TEST(QuantGemm, QuantisedWeightsGiveTheBitsOfTheirFloat32Dequantisation) {
-    // Every weight is rounded to float32 once (float(q) * scale) before the dot product, and a
-    // bf16 x is its float32 values exactly.
-    for_each_path([&](CpuIsa) {
+// ---- The documented order of int8 and fp8 (kernels.hpp, quant_gemm), one value at a time ----
+
+// This path's lanes and multiply-add: 4 lanes with a multiply then an add on the SSE2 baseline,
+// 8 fused lanes on the AVX2 paths (avx512 included); a native build's only path follows the
+// compiler's target.
+struct Arith {
+    int lanes;
+    bool fused;
+};
+Arith path_arith(CpuIsa isa) {
+    if (isa == CpuIsa::kNative) {
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+        return {8, true};
+#elif defined(__SSE2__)
+        return {4, false};
+#else
+        return {4, true};
+#endif
+    }
+    if (isa == CpuIsa::kBaseline) {
+#if defined(__SSE2__)
+        return {4, false};
+#else
+        return {4, true};
+#endif
+    }
+    return {8, true};
+}
+float madd(const Arith& ar, float a, float b, float c) {
+    if (ar.fused) return std::fma(a, b, c);
+    volatile float p = a * b;  // rounded on its own, never contracted into the add
+    return p + c;
+}
+// The lanes' tree: (l, l + lanes / 2), ..., (0, 1).
+float lane_tree(std::vector<float> v) {
+    for (std::size_t h = v.size() / 2; h >= 1; h /= 2) {
+        for (std::size_t l = 0; l < h; ++l) v[l] = v[l] + v[l + h];
+    }
+    return v[0];
+}
+
+// y[i, j] for int8 and fp8 W as kernels.hpp documents it. L lanes, chunks of 2L columns; int8:
+// lane l takes columns l, l + L, l + 2L, ... (natural layout); fp8: 2l, 2l + 1, 2l + 2L,
+// 2l + 2L + 1, ... (even/odd layout); columns up to the end of the last chunk are zeros, except
+// fp8 with blocks that are not whole chunks, where columns past k are skipped. int8: sum of x * q,
+// then the tree, then * scale. fp8: x row i times 2^P (P = 126 - E clamped to [0, 127], max |x_i| <
+// 2^E), each code as fp8 * 2^-120; a lane's sum restarts at every scale block and is added into the
+// lane's total as total = madd(sum * 2^(120 - P), scale, total); then the tree; any NaN code in
+// row j gives NaN.
+float documented_y(const Arith& ar, const Activations& x, const Weights& w, Index i, Index j) {
+    const Index k = w.cols, chunk = 2 * ar.lanes, padded = (k + chunk - 1) / chunk * chunk;
+    const float* xr = x.f32.data() + i * x.k;
+    std::vector<float> total(static_cast<std::size_t>(ar.lanes), 0.0f);
+    if (w.type == WeightType::kInt8) {
+        for (int l = 0; l < ar.lanes; ++l) {
+            float s = 0.0f;
+            for (Index c = l; c < padded; c += ar.lanes) {
+                s = madd(ar, c < k ? xr[c] : 0.0f,
+                         c < k ? static_cast<float>(w.i8[j * k + c]) : 0.0f, s);
+            }
+            total[static_cast<std::size_t>(l)] = s;
+        }
+        return lane_tree(total) * w.scale_inv[j];
+    }
+    float max_abs = 0.0f;
+    for (Index c = 0; c < k; ++c) max_abs = std::max(max_abs, std::abs(xr[c]));
+    int e = 0;
+    std::frexp(max_abs, &e);
+    const int p = std::clamp(126 - e, 0, 127);
+    const float up = std::ldexp(1.0f, p), back = std::ldexp(1.0f, 120 - p);
+    bool nan = false;
+    const bool whole_chunks = w.block_cols % chunk == 0;
+    for (int l = 0; l < ar.lanes; ++l) {
+        float s = 0.0f, t = 0.0f;
+        Index block = -1;
+        for (Index u = 0; u < padded / ar.lanes; ++u) {
+            // The lane's u-th column: 2l + (u odd) in chunk u / 2.
+            const Index c = (u / 2) * chunk + 2 * l + u % 2;
+            if (c >= (whole_chunks ? padded : k)) continue;
+            const Index b = c / w.block_cols;
+            if (b != block) {
+                if (block >= 0) t = madd(ar, s * back, w.scale(j, block * w.block_cols), t);
+                s = 0.0f;
+                block = b;
+            }
+            float q = 0.0f;
+            if (c < k) {
+                const double v = fp8_to_double(w.fp8[j * k + c]);
+                nan = nan || std::isnan(v);
+                q = std::isnan(v) ? 0.0f : static_cast<float>(std::ldexp(v, -120));
+            }
+            s = madd(ar, c < k ? xr[c] * up : 0.0f, q, s);
+        }
+        if (block >= 0) t = madd(ar, s * back, w.scale(j, block * w.block_cols), t);
+        total[static_cast<std::size_t>(l)] = t;
+    }
+    return nan ? std::numeric_limits<float>::quiet_NaN() : lane_tree(total);
+}
+
+TEST(QuantGemm, Int8AndFp8FollowTheDocumentedOrderBitForBit) {
+    // Decode (m = 1, 3, 6) and prefill (m = 9, 37), k with a partial chunk, fp8 blocks of whole
+    // chunks (128 x 128, 16 x 32) and not (7 x 5, 64 x 40 on AVX2), rows of x scaled far from 1
+    // (the clamped powers of two), a zero row, scales of 2^110.
+    struct Case {
+        Index m, n, k, block_rows, block_cols;
+        float scale_factor;
+    };
+    const Case cases[] = {{1, 40, 300, 128, 128, 1.0f}, {3, 37, 129, 16, 32, 1.0f},
+                          {6, 21, 300, 7, 5, 1.0f},     {9, 40, 300, 128, 128, 0x1p110f},
+                          {37, 45, 260, 64, 40, 1.0f},  {9, 30, 70, 7, 5, 1.0f}};
+    for_each_path([&](CpuIsa isa) {
+        const Arith ar = path_arith(isa);
         std::uint32_t seed = 200;
+        for (const Case& cs : cases) {
+            for (const WeightType wt : {WeightType::kFp8E4m3, WeightType::kInt8}) {
+                Weights w = random_weights(wt, cs.n, cs.k, ++seed, cs.block_rows, cs.block_cols);
+                for (float& s : w.scale_inv) s *= wt == WeightType::kFp8E4m3 ? cs.scale_factor : 1;
+                if (wt == WeightType::kFp8E4m3) w.fp8[3 * cs.k + cs.k / 2] = 0xFF;  // row 3: NaN
+                for (const ActivationType xt : kActivationTypes) {
+                    Activations x = random_x(xt, cs.m, cs.k, ++seed);
+                    const float row_scale[] = {1.0f, 0x1p-90f, 0x1p90f, 0.0f, 0x1p-3f};
+                    for (Index i = 0; i < cs.m; ++i) {
+                        const float f = row_scale[i % 5];
+                        for (Index c = 0; c < cs.k; ++c) {
+                            float& v = x.f32[i * cs.k + c];
+                            v *= f;
+                            if (xt == ActivationType::kBfloat16) {
+                                x.bf16[i * cs.k + c] = bf16_bits_of(v);
+                                v = static_cast<float>(bf16_to_double(x.bf16[i * cs.k + c]));
+                            }
+                        }
+                    }
+                    const std::vector<float> y = gemm(x, w);
+                    int failures = 0;
+                    for (Index i = 0; i < cs.m; ++i) {
+                        for (Index j = 0; j < cs.n; ++j) {
+                            const float want = documented_y(ar, x, w, i, j);
+                            const float got = y[i * cs.n + j];
+                            const bool same = std::isnan(want)
+                                                  ? std::isnan(got)
+                                                  : std::memcmp(&want, &got, sizeof(float)) == 0;
+                            if (!same && ++failures <= 5) {
+                                ADD_FAILURE()
+                                    << case_name(wt, xt, cs.m, cs.n, cs.k) << " blocks "
+                                    << cs.block_rows << " x " << cs.block_cols << ": y[" << i
+                                    << ", " << j << "] = " << got << ", documented " << want;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    });
+}
+
+TEST(QuantGemm, Float32AndBf16GiveTheBitsOfTheirFloat32Values) {
+    // bf16 W and its float32 values, a bf16 x and its float32 values (every weight type): the
+    // same bits (the even/odd layout of float32 and bf16 W; int8 and fp8 take x's values too).
+    for_each_path([&](CpuIsa) {
+        std::uint32_t seed = 250;
         for (const Index m : {2, 9}) {
             for (const WeightType wt : kWeightTypes) {
                 const Weights w = random_weights(wt, 45, 260, ++seed);
-                Weights f = w;
-                f.type = WeightType::kFloat32;
-                f.f32 = w.dequantised();
                 const Activations xb = random_x(ActivationType::kBfloat16, m, 260, ++seed);
                 Activations xf = xb;
                 xf.type = ActivationType::kFloat32;
                 const std::vector<float> y = gemm(xb, w);
                 EXPECT_TRUE(same_bits(y, gemm(xf, w))) << type_name(wt) << " m=" << m;
-                EXPECT_TRUE(same_bits(y, gemm(xf, f))) << type_name(wt) << " m=" << m;
+                if (wt == WeightType::kBfloat16) {
+                    Weights f = w;
+                    f.type = WeightType::kFloat32;
+                    f.f32 = w.dequantised();
+                    EXPECT_TRUE(same_bits(y, gemm(xf, f))) << type_name(wt) << " m=" << m;
+                }
+            }
+        }
+    });
+}
+
+TEST(QuantGemm, Fp8RowsOfAnyMagnitudeStayAccurate) {
+    // Rows of x scaled by 2^-100 to 2^100 (the power of two each row gets in the x panel): every
+    // y within the float64 reference's bound, as at scale 1.
+    for_each_path([&](CpuIsa) {
+        std::uint32_t seed = 280;
+        for (const float f : {0x1p-100f, 0x1p-40f, 0x1p40f, 0x1p100f}) {
+            for (const Index m : {2, 9}) {
+                const Weights w = random_weights(WeightType::kFp8E4m3, 30, 300, ++seed);
+                Activations x = random_x(ActivationType::kFloat32, m, 300, ++seed);
+                for (float& v : x.f32) v *= f;
+                expect_matches_reference(
+                    x, w, gemm(x, w),
+                    "x * 2^" + std::to_string(std::ilogb(f)) + " m=" + std::to_string(m));
             }
         }
     });

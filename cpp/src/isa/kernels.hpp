@@ -83,8 +83,11 @@ enum class ActivationType : int { kFloat32 = 0, kBfloat16 = 1 };
 //              grid [ceil(rows / block_rows), ceil(cols / block_cols)] row-major; partial last
 //              blocks);
 //   kInt8      std::int8_t, w[r, c] = q[r, c] * scale_inv[r] (one scale per row).
-// Every w is rounded to float32 once (float(q) * scale), so a quantised W and its float32
-// dequantisation give quant_gemm the same bits.
+// quant_gemm applies the scales after the products (quant_kernels.cpp's header has the exact
+// order): int8 y = (sum of x * q) * scale_inv[r], fp8 each lane's sum over one scale block times
+// that block's scale, so every product is x * q (exact codes) rounded once. A bf16 W and its
+// float32 values give the same bits; int8 and fp8 W do not match their float32 dequantisation bit
+// for bit (the usual float32 dot-product error bound holds).
 struct QuantWeights {
     WeightType type = WeightType::kFloat32;
     const void* data = nullptr;
@@ -181,10 +184,12 @@ struct Kernels {
     // y[i, j] = sum_c x[i, c] * w[j, c] in float32 (see QuantGemmArgs). y[i, j]'s bits depend
     // only on x row i, W row j (with its scales) and the path: not on m, the column range, the
     // scratch or the caller's threads, so callers may split rows and columns any way. A bf16 x
-    // and its float32 values, a quantised W and its float32 dequantisation give the same bits.
-    // Small m streams W once (each weight converted in registers and used for every row of x);
-    // large m dequantises blocks of W rows into float32 panels in the scratch and reuses them
-    // across all rows. Throws std::invalid_argument (naming the field) on inconsistent arguments.
+    // and its float32 values give the same bits, and so do a bf16 W and its float32 values; int8
+    // scales the row's sum, fp8 each scale block's lane sums (see QuantWeights). A NaN fp8 code
+    // makes its row's outputs NaN. Small m streams W once (each weight converted in registers and
+    // used for every row of x); large m converts blocks of W rows into float32 panels in the
+    // scratch and reuses them across all rows. Throws std::invalid_argument (naming the field) on
+    // inconsistent arguments.
     void (*quant_gemm)(const QuantGemmArgs& args);
     // The scratch quant_gemm needs for m rows of x and cols = k (this path's; grows as m * k: the
     // caller bounds it by splitting rows).

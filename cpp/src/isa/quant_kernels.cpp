@@ -3,21 +3,38 @@
 // with row scales, and x in float32 or bf16.
 //
 // One dot-product order for every y[i, j], whatever the call. k is cut into chunks of kChunk =
-// 2 * kLanes values from column 0, the last one zero-padded; lane l of one vector accumulator
-// takes, chunk after chunk, the product of the chunk's values 2l (the "even" vector) and then
-// 2l + 1 (the "odd" vector), as FMAs where the path has them (mul then add on SSE2); a fixed tree
-// sums the accumulator's lanes at the end. Tiles, k-blocks (accumulators parked in the scratch
-// between them), which rows of x share a pass over W: these change when each FMA runs, never its
-// operands, so y[i, j]'s bits depend only on x row i, W row j and the path. Every weight is
-// dequantised exactly as float(q) * scale (one float32 rounding), so a quantised W and its float32
-// dequantisation give the same bits; so do a bf16 x and its float32 values.
+// 2 * kLanes values from column 0, the last one zero-padded; each chunk gives two vectors of
+// kLanes values; lane l of one vector accumulator takes, chunk after chunk, the product from the
+// first vector and then the one from the second, as FMAs where the path has them (mul then add on
+// SSE2); a fixed tree sums the accumulator's lanes at the end ((l, l + kLanes / 2), ..., (0, 1)).
+// Tiles, k-blocks (accumulators parked in the scratch between them), which rows of x share a pass
+// over W: these change when each FMA runs, never its operands, so y[i, j]'s bits depend only on x
+// row i, W row j (with its scales) and the path. A bf16 x and its float32 values give the same
+// bits. Per weight type:
+//   float32, bf16  the even/odd layout (first vector: the chunk's values 2l, second: 2l + 1) -- a
+//                  32-bit lane holding two bf16 gives the even value by a shift, the odd one by a
+//                  mask; the products x * w. A bf16 W and its float32 values give the same bits.
+//   int8           the natural layout (first vector: values l, second: kLanes + l, so lane l takes
+//                  the columns l mod kLanes in order; widened by sign-extending loads); the
+//                  products x * float(q) (exact); y = tree * scale[j] (one rounding).
+//   fp8            the even/odd layout; x row i carries 2^P_i in the x panel (P_i from the row's
+//                  largest |x|, see fp8_x_exponent) and each code is converted to fp8 * 2^-120
+//                  exactly by shift and mask (Fp8Rows); each lane's sum restarts at every scale
+//                  block and at the block's end is added into the lane's total as total +=
+//                  (sum * 2^(120 - P_i)) * scale (exact power of two, then one multiply-add), so
+//                  every product is x * fp8 rounded once (while |x * fp8| >= 2^-131 max |x_i|)
+//                  and each block's scale is applied once. Scale blocks that are not whole chunks
+//                  take a scalar driver with the same rule per lane (columns past k skipped). A
+//                  NaN code (0x7F, 0xFF) makes its row's outputs NaN.
+// Per weight rather than per block, the scale would cost a multiply per weight: decode's inner
+// loop is the conversion and the FMAs alone (a multiply with an fp8-subnormal input is also slow
+// on AMD Zen).
 //
-// The even/odd layout makes bf16 cheap: a 32-bit lane holding two bf16 gives the even value by a
-// shift and the odd one by a mask. x is arranged in this layout once per call (the x panel, float32
-// in the scratch). Decode (small m): W is streamed once, each chunk of kRows rows converted in
-// registers and multiplied into every row of x. Prefill (large m): kBlockRows rows of W at a time
-// are dequantised into a float32 panel in the scratch, then register tiles of kTileX rows of x by
-// kTileW rows of W run over k-blocks that stay in L1.
+// x is arranged once per call (the x panel, float32 in the scratch). Decode (small m): W is
+// streamed once, each chunk of up to 4 rows converted in registers and multiplied into every row
+// of x. Prefill (large m): kBlockRows rows of W at a time are converted into a float32 panel in
+// the scratch, then register tiles of kTileX rows of x by kTileW rows of W run over k-blocks that
+// stay in L1 (fp8: k-blocks of whole scale blocks).
 #include <bit>
 #include <cmath>
 #include <cstddef>
@@ -56,6 +73,7 @@ MOELB_INLINE Vec vset1(float s) { return _mm256_set1_ps(s); }
 MOELB_INLINE Vec vload(const float* p) { return _mm256_load_ps(p); }
 MOELB_INLINE void vstore(float* p, Vec v) { _mm256_store_ps(p, v); }
 MOELB_INLINE Vec vmadd(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+MOELB_INLINE Vec vmul(Vec a, Vec b) { return _mm256_mul_ps(a, b); }
 // The fixed tree: (l, l + 4), then (l, l + 2), then (0, 1).
 MOELB_INLINE float vsum(Vec v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -86,6 +104,7 @@ MOELB_INLINE Vec vset1(float s) { return _mm_set1_ps(s); }
 MOELB_INLINE Vec vload(const float* p) { return _mm_load_ps(p); }
 MOELB_INLINE void vstore(float* p, Vec v) { _mm_store_ps(p, v); }
 MOELB_INLINE Vec vmadd(Vec a, Vec b, Vec c) { return _mm_add_ps(_mm_mul_ps(a, b), c); }
+MOELB_INLINE Vec vmul(Vec a, Vec b) { return _mm_mul_ps(a, b); }
 // The fixed tree: (l, l + 2), then (0, 1).
 MOELB_INLINE float vsum(Vec v) {
     __m128 s = _mm_add_ps(v, _mm_movehl_ps(v, v));
@@ -118,6 +137,11 @@ MOELB_INLINE Vec vmadd(Vec a, Vec b, Vec c) {
     for (int l = 0; l < 4; ++l) r.v[l] = std::fma(a.v[l], b.v[l], c.v[l]);
     return r;
 }
+MOELB_INLINE Vec vmul(Vec a, Vec b) {
+    Vec r;
+    for (int l = 0; l < 4; ++l) r.v[l] = a.v[l] * b.v[l];
+    return r;
+}
 MOELB_INLINE float vsum(Vec v) { return (v.v[0] + v.v[2]) + (v.v[1] + v.v[3]); }
 MOELB_INLINE void deinterleave(const float* v, Vec& e, Vec& o) {
     for (int l = 0; l < 4; ++l) {
@@ -135,15 +159,19 @@ MOELB_INLINE void bf16_pairs(const std::uint16_t* p, Vec& e, Vec& o) {
 
 constexpr int kChunk = 2 * kLanes;
 
-#ifndef MOELB_PREFETCH_BYTES
-#define MOELB_PREFETCH_BYTES 1024
+#ifndef MOELB_PREFETCH_MODE
+#define MOELB_PREFETCH_MODE 1
 #endif
-// Decode streams kRows rows of W at once, each a small step per chunk: too few cache lines in
-// flight for the memory's latency, so each row is prefetched this many bytes ahead.
-constexpr Index kPrefetchBytes = MOELB_PREFETCH_BYTES;
+#ifndef MOELB_PREFETCH_LOCALITY
+#define MOELB_PREFETCH_LOCALITY 2
+#endif
+// Decode streams a group of rows of W at once, each a small step per chunk: too few cache lines
+// in flight for the memory's latency. Each chunk read prefetches the same chunk of the row one
+// group further on (bind: `ahead` = the group's elements; rows are contiguous, so the next group
+// is the next rows), a whole group's time ahead and every line of it once.
 MOELB_INLINE void prefetch(const void* p) {
 #if defined(__GNUC__) || defined(__clang__)
-    __builtin_prefetch(p, 0, 3);
+    __builtin_prefetch(p, 0, MOELB_PREFETCH_LOCALITY);
 #else
     (void)p;
 #endif
@@ -161,18 +189,23 @@ constexpr Index kPrefillRows = MOELB_QUANT_PREFILL_ROWS;
 // Decode with several passes over a group of W rows (m > kMaxDecodeX): k-blocks of this many
 // chunks, so the group's rows and the x panel's slices stay in L1 between passes.
 constexpr Index kDecodeBlockChunks = 32;
-// Prefill: W rows per panel (each pass over the x panel serves this many rows: 32 measured ~25%
-// faster than 16 at m = 512 here), register tile kTileX x kTileW, k-blocks of
-// kPrefillBlockChunks.
+// Prefill: W rows per panel (each pass over the x panel serves this many rows), register tile
+// kTileX x kTileW, k-blocks of kPrefillBlockChunks (512 values on AVX2). 64 rows and 32-chunk
+// k-blocks, with each tile's W slices kept in L1 while a group's x rows pass them, measured
+// ~20-30% faster at m = 512 than 32 rows, 16 chunks and x kept instead (bf16 W, this machine),
+// and no slower at m = 128.
 #ifndef MOELB_QUANT_BLOCK_ROWS
-#define MOELB_QUANT_BLOCK_ROWS 32
+#define MOELB_QUANT_BLOCK_ROWS 64
 #endif
 constexpr int kBlockRows = MOELB_QUANT_BLOCK_ROWS;
 constexpr int kTileX = 3;
 constexpr int kTileW = 4;
-constexpr Index kPrefillBlockChunks = 16;
+#ifndef MOELB_QUANT_KBLOCK
+#define MOELB_QUANT_KBLOCK 32
+#endif
+constexpr Index kPrefillBlockChunks = MOELB_QUANT_KBLOCK;
 // Prefill: rows of x per pass over a W block's k-blocks (a multiple of kTileX), so that their
-// k-block slices (96 KiB at 256 values) and accumulators stay in L2.
+// k-block slices (192 KiB at 512 values) and the W panel's (128 KiB) stay in L2.
 #ifndef MOELB_QUANT_ROW_GROUP
 #define MOELB_QUANT_ROW_GROUP 96
 #endif
@@ -196,35 +229,13 @@ static_assert(kChunk <= 16 || kChunk % 16 == 0);
 
 float bf16_value(std::uint16_t bits) { return std::bit_cast<float>(std::uint32_t{bits} << 16); }
 
-// The 256 E4M3FN values: bias 7, subnormals m * 2^-9, 0x7F and 0xFF NaN, no infinities.
-struct Fp8Table {
-    float v[256];
-};
-constexpr Fp8Table make_fp8_table() {
-    Fp8Table t{};
-    for (unsigned b = 0; b < 256; ++b) {
-        const unsigned e = (b >> 3) & 15u, mant = b & 7u;
-        float mag = 0.0f;
-        if ((b & 0x7Fu) == 0x7Fu) {
-            mag = std::numeric_limits<float>::quiet_NaN();
-        } else if (e == 0) {
-            mag = static_cast<float>(mant) * 0x1p-9f;
-        } else {
-            mag = std::bit_cast<float>(((e + 120u) << 23) | (mant << 20));
-        }
-        t.v[b] = (b & 0x80u) != 0 ? -mag : mag;
-    }
-    return t;
-}
-constexpr Fp8Table kFp8 = make_fp8_table();
-
 // ---- Reading W: one loader per stored type --------------------------------------------------
 //
 // A loader reads up to kBlockRows rows of W bound by bind(j0, rows): chunk(jj, c, e, o) gives the
-// even and odd vectors of row j0 + jj's chunk c (a whole chunk: (c + 1) * kChunk <= cols), tail()
-// the same for the partial last chunk (zero-padded). Calls run in segments: begin_segment(c, end)
-// and then chunks c..end - 1, end = segment_end(c, ...) (fp8: within one scale block, whose scales
-// it loads once and whose bytes it checks for NaN codes once).
+// two vectors of row j0 + jj's chunk c in its layout (a whole chunk: (c + 1) * kChunk <= cols),
+// tail() the same for the partial last chunk (zero-padded); finish(j, sum) turns row j's lane-tree
+// sum into y (int8: the row scale), poisoned(jj) says a NaN code was seen (fp8: check_nan over
+// each segment's whole chunks before they are read, tail() for the last one).
 
 // Row j's chunk from its scalar values (exact), zero-padded past cols.
 template <class Value>
@@ -237,17 +248,25 @@ MOELB_INLINE void scalar_chunk(const Value& value, Index c, Index cols, Vec& e, 
 
 struct F32Rows {
     static constexpr bool kPairs = false;
+    static constexpr bool kNatural = false;
+    static constexpr bool kBlockScale = false;
     const float* data;
     Index cols;
+    Index ahead = 0;  // prefetch distance in elements (bind)
     const float* row[kBlockRows];
 
     void bind(Index j0, int rows) {
+#if MOELB_PREFETCH_MODE == 1
+        ahead = rows * cols;
+#else
+        ahead = 1024 / static_cast<Index>(sizeof(*data));
+#endif
         for (int jj = 0; jj < rows; ++jj) row[jj] = data + (j0 + jj) * cols;
     }
-    Index segment_end(Index, Index end) const { return end; }
-    void begin_segment(Index, Index) {}
+    bool poisoned(int) const { return false; }
+    float finish(Index, float sum) const { return sum; }
     MOELB_INLINE void chunk(int jj, Index c, Vec& e, Vec& o) const {
-        prefetch(reinterpret_cast<const char*>(row[jj] + c * kChunk) + kPrefetchBytes);
+        prefetch(row[jj] + c * kChunk + ahead);
         deinterleave(row[jj] + c * kChunk, e, o);
     }
     void tail(int jj, Index c, Vec& e, Vec& o) const {
@@ -258,17 +277,25 @@ struct F32Rows {
 
 struct Bf16Rows {
     static constexpr bool kPairs = false;
+    static constexpr bool kNatural = false;
+    static constexpr bool kBlockScale = false;
     const std::uint16_t* data;
     Index cols;
+    Index ahead = 0;  // prefetch distance in elements (bind)
     const std::uint16_t* row[kBlockRows];
 
     void bind(Index j0, int rows) {
+#if MOELB_PREFETCH_MODE == 1
+        ahead = rows * cols;
+#else
+        ahead = 1024 / static_cast<Index>(sizeof(*data));
+#endif
         for (int jj = 0; jj < rows; ++jj) row[jj] = data + (j0 + jj) * cols;
     }
-    Index segment_end(Index, Index end) const { return end; }
-    void begin_segment(Index, Index) {}
+    bool poisoned(int) const { return false; }
+    float finish(Index, float sum) const { return sum; }
     MOELB_INLINE void chunk(int jj, Index c, Vec& e, Vec& o) const {
-        prefetch(reinterpret_cast<const char*>(row[jj] + c * kChunk) + kPrefetchBytes);
+        prefetch(row[jj] + c * kChunk + ahead);
         bf16_pairs(row[jj] + c * kChunk, e, o);
     }
     void tail(int jj, Index c, Vec& e, Vec& o) const {
@@ -277,183 +304,185 @@ struct Bf16Rows {
     }
 };
 
-#if defined(MOELB_QUANT_AVX2)
-// The byte order that puts a chunk's even bytes first, then its odd bytes.
-MOELB_INLINE __m128i even_odd_bytes(__m128i raw) {
-    return _mm_shuffle_epi8(raw,
-                            _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15));
+// The natural layout (int8): chunk c's first vector holds its values [0, kLanes), the
+// second [kLanes, 2 kLanes): lane l takes the columns l mod kLanes in order. Natural-order widening
+// (one sign-extending load per vector) needs no byte shuffle.
+MOELB_INLINE void scalar_natural(const float* v, Vec& e, Vec& o) {
+    e = vload(v);
+    o = vload(v + kLanes);
 }
-#endif
 
+// int8: the products x * float(q) (exact: |q| <= 128), the row's scale applied once to the
+// lane-tree's sum (finish()).
 struct Int8Rows {
     static constexpr bool kPairs = false;
+    static constexpr bool kNatural = true;
+    static constexpr bool kBlockScale = false;
     const std::int8_t* data;
     Index cols;
+    Index ahead = 0;         // prefetch distance in elements (bind)
     const float* scale_inv;  // [rows]
     const std::int8_t* row[kBlockRows];
-    float scale[kBlockRows];
-    Vec scale_vec[kBlockRows];
 
     void bind(Index j0, int rows) {
-        for (int jj = 0; jj < rows; ++jj) {
-            row[jj] = data + (j0 + jj) * cols;
-            scale[jj] = scale_inv[j0 + jj];
-            scale_vec[jj] = vset1(scale[jj]);
-        }
+#if MOELB_PREFETCH_MODE == 1
+        ahead = rows * cols;
+#else
+        ahead = 1024 / static_cast<Index>(sizeof(*data));
+#endif
+        for (int jj = 0; jj < rows; ++jj) row[jj] = data + (j0 + jj) * cols;
     }
-    Index segment_end(Index, Index end) const { return end; }
-    void begin_segment(Index, Index) {}
+    bool poisoned(int) const { return false; }
+    float finish(Index j, float sum) const { return sum * scale_inv[j]; }
     MOELB_INLINE void chunk(int jj, Index c, Vec& e, Vec& o) const {
-        prefetch(row[jj] + c * kChunk + kPrefetchBytes);
+        prefetch(row[jj] + c * kChunk + ahead);
 #if defined(MOELB_QUANT_AVX2)
-        const __m128i d =
-            even_odd_bytes(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row[jj] + c * kChunk)));
-        e = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(d)), scale_vec[jj]);
-        o = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(d, d))),
-                          scale_vec[jj]);
+        const std::int8_t* p = row[jj] + c * kChunk;
+        e = _mm256_cvtepi32_ps(
+            _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+        o = _mm256_cvtepi32_ps(
+            _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8))));
 #else
         tail(jj, c, e, o);
 #endif
     }
     void tail(int jj, Index c, Vec& e, Vec& o) const {
+        alignas(64) float v[kChunk];
         const std::int8_t* r = row[jj];
-        const float s = scale[jj];
-        scalar_chunk([r, s](Index col) { return static_cast<float>(r[col]) * s; }, c, cols, e, o);
+        const Index c0 = c * kChunk;
+        for (int t = 0; t < kChunk; ++t)
+            v[t] = c0 + t < cols ? static_cast<float>(r[c0 + t]) : 0.0f;
+        scalar_natural(v, e, o);
     }
 };
 
+// fp8 E4M3FN: each code as the float32 fp8(q) * 2^-120, exactly: the sign-extended byte shifted
+// left by 20 and masked to 0x87F00000 has the sign in bit 31, the exponent field 0000eeee and the
+// mantissa mmm0...: 2^(e - 127) * 1.mmm = fp8 * 2^-120 for e >= 1, and for e = 0 the float32
+// subnormal mmm * 2^-129 = fp8 * 2^-120 as well. NaN codes (0x7F, 0xFF) come out finite and are
+// caught apart (check_nan, tail): their row's outputs are NaN. The x panel holds x * 2^P (see
+// fp8_x_exponent), so products are x * fp8 * 2^(P - 120); each scale block's lane sums are scaled
+// back and multiplied by the block's scale at its end (block_flush in decode_tile, panel_tile).
+MOELB_INLINE float fp8_scaled(std::uint8_t b) {
+    const std::uint32_t u =
+        static_cast<std::uint32_t>(static_cast<std::int32_t>(static_cast<std::int8_t>(b))) << 20;
+    return std::bit_cast<float>(u & 0x87F00000u);
+}
+MOELB_INLINE bool fp8_is_nan(std::uint8_t b) { return (b & 0x7Fu) == 0x7Fu; }
+
 struct Fp8Rows {
-#if defined(MOELB_QUANT_AVX2)
-    static constexpr bool kPairs = true;  // chunk2(): two chunks from one 32-byte load
-#else
     static constexpr bool kPairs = false;
-#endif
+    static constexpr bool kNatural = false;  // the even/odd layout
+    static constexpr bool kBlockScale = true;
     const std::uint8_t* data;
     Index cols;
+    Index ahead = 0;         // prefetch distance in elements (bind)
     const float* scale_inv;  // [ceil(rows / block_rows), grid_cols]
     Index block_rows, block_cols, grid_cols;
-    // Whether each chunk lies in one scale block (block_cols % kChunk == 0): the vector path.
-    bool aligned_blocks;
-    Index block_chunks;  // block_cols / kChunk when aligned_blocks
+    Index block_chunks;  // block_cols / kChunk (the vector drivers need block_cols % kChunk == 0)
     int rows = 0;
     const std::uint8_t* row[kBlockRows];
     const float* scale_row[kBlockRows];
-    // The current segment's scale block, per row: scale * 2^8 (see chunk()) and whether the
-    // vector conversion applies (a scale of at most 2^100, which * 2^8 stays exact).
-    Vec scale256[kBlockRows];
-    bool fast[kBlockRows];
+    bool nan[kBlockRows];  // a NaN code seen in the bound row
 
     void bind(Index j0, int n) {
         rows = n;
+#if MOELB_PREFETCH_MODE == 1
+        ahead = rows * cols;
+#else
+        ahead = 1024 / static_cast<Index>(sizeof(*data));
+#endif
         for (int jj = 0; jj < n; ++jj) {
             row[jj] = data + (j0 + jj) * cols;
             scale_row[jj] = scale_inv + ((j0 + jj) / block_rows) * grid_cols;
+            nan[jj] = false;
         }
     }
-    Index segment_end(Index c, Index end) const {
-        if (!aligned_blocks) return end;
-        const Index block_end = (c / block_chunks + 1) * block_chunks;
-        return block_end < end ? block_end : end;
-    }
-    void begin_segment(Index c, Index end) {
-        if (!aligned_blocks) {
-            for (int jj = 0; jj < rows; ++jj) fast[jj] = false;
-            return;
-        }
-        const Index b = c / block_chunks;
-        for (int jj = 0; jj < rows; ++jj) {
-            const float s = scale_row[jj][b];
-            bool ok = std::fabs(s) <= 0x1p100f;
+    Vec scale(int jj, Index block) const { return vset1(scale_row[jj][block]); }
+    // Checks the whole chunks [c, end) of bound rows [0, R) for NaN codes: max over (b & 0x7F) is
+    // 0x7F exactly when one is there (one test for the R rows; the rows apart only when it fires).
+    template <int R>
+    void check_nan(Index c, Index end) {
+        if (end <= c) return;
+        const Index bytes = (end - c) * kChunk;
 #if defined(MOELB_QUANT_AVX2)
-            // A NaN code (0x7F, 0xFF) in the segment's whole chunks sends them to the scalar path.
-            if (ok && end > c) {
-                const std::uint8_t* p = row[jj] + c * kChunk;
-                const Index bytes = (end - c) * kChunk;
-                const __m256i mag = _mm256_set1_epi8(0x7F);
-                __m256i nan = _mm256_setzero_si256();
-                Index t = 0;
-                for (; t + 32 <= bytes; t += 32) {
-                    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + t));
-                    nan = _mm256_or_si256(nan, _mm256_cmpeq_epi8(_mm256_and_si256(v, mag), mag));
-                }
-                if (t < bytes) {  // one chunk of 16 bytes left
-                    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + t));
-                    const __m128i m = _mm256_castsi256_si128(mag);
-                    nan = _mm256_or_si256(
-                        nan, _mm256_castsi128_si256(_mm_cmpeq_epi8(_mm_and_si128(v, m), m)));
-                }
-                ok = _mm256_movemask_epi8(nan) == 0;
+        const __m256i mag = _mm256_set1_epi8(0x7F);
+        __m256i mx = _mm256_setzero_si256();
+        Index t = 0;
+        for (; t + 32 <= bytes; t += 32) {
+#pragma GCC unroll 4
+            for (int jj = 0; jj < R; ++jj) {
+                const __m256i v =
+                    _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row[jj] + c * kChunk + t));
+                mx = _mm256_max_epu8(mx, _mm256_and_si256(v, mag));
             }
-#else
-            (void)end;
+        }
+        if (t < bytes) {  // one chunk of 16 bytes left
+#pragma GCC unroll 4
+            for (int jj = 0; jj < R; ++jj) {
+                const __m128i v =
+                    _mm_loadu_si128(reinterpret_cast<const __m128i*>(row[jj] + c * kChunk + t));
+                mx = _mm256_max_epu8(
+                    mx, _mm256_castsi128_si256(_mm_and_si128(v, _mm256_castsi256_si128(mag))));
+            }
+        }
+        if (_mm256_movemask_epi8(_mm256_cmpeq_epi8(mx, mag)) == 0) [[likely]] {
+            return;
+        }
 #endif
-            fast[jj] = ok;
-            scale256[jj] = vset1(ok ? s * 256.0f : 0.0f);
+        for (int jj = 0; jj < R; ++jj) {
+            const std::uint8_t* p = row[jj] + c * kChunk;
+            for (Index t = 0; t < bytes; ++t) {
+                if (fp8_is_nan(p[t])) nan[jj] = true;
+            }
         }
     }
-    // The vector path: the byte b = s eeee mmm, doubled into the 16 bits (b << 8 | b) and shifted
-    // right arithmetically by 1, has s in bits 15 and 14 and eeee mmm in bits 13 to 7; cleared of
-    // bit 14 and bits 6 to 0 it is the float16 with sign s, exponent 0eeee and mantissa mmm0000000:
-    // the E4M3 value times 2^-8 (bias 15 against 7), subnormals included, exact. F16C widens it;
-    // one multiply by scale * 2^8 rounds fp8 * scale once, as the scalar path does. Segments with a
-    // NaN code (which would come out finite) or a huge scale take the scalar path.
+    bool poisoned(int jj) const { return nan[jj]; }
+    float finish(Index, float sum) const { return sum; }
     MOELB_INLINE void chunk(int jj, Index c, Vec& e, Vec& o) const {
-        prefetch(row[jj] + c * kChunk + kPrefetchBytes);
+        prefetch(row[jj] + c * kChunk + ahead);
 #if defined(MOELB_QUANT_AVX2)
-        if (fast[jj]) [[likely]] {
-            const __m128i d = even_odd_bytes(
-                _mm_loadu_si128(reinterpret_cast<const __m128i*>(row[jj] + c * kChunk)));
-            const __m128i mask = _mm_set1_epi16(static_cast<short>(0xBF80));
-            const __m128i lo = _mm_and_si128(_mm_srai_epi16(_mm_unpacklo_epi8(d, d), 1), mask);
-            const __m128i hi = _mm_and_si128(_mm_srai_epi16(_mm_unpackhi_epi8(d, d), 1), mask);
-            e = _mm256_mul_ps(_mm256_cvtph_ps(lo), scale256[jj]);
-            o = _mm256_mul_ps(_mm256_cvtph_ps(hi), scale256[jj]);
-            return;
-        }
+        const std::uint8_t* p = row[jj] + c * kChunk;
+        // 16 sign-extended 16-bit words, word t = column t: dword l holds columns 2l (low) and
+        // 2l + 1 (high). Each code's sign-extended bits shifted to bit 20 of its dword and masked
+        // as above: << 20 for the low word, << 4 for the high one.
+        const __m256i mask = _mm256_set1_epi32(static_cast<int>(0x87F00000u));
+        const __m256i d =
+            _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+        e = _mm256_castsi256_ps(_mm256_and_si256(_mm256_slli_epi32(d, 20), mask));
+        o = _mm256_castsi256_ps(_mm256_and_si256(_mm256_slli_epi32(d, 4), mask));
+#else
+        alignas(64) float v[kChunk];
+        const std::uint8_t* r = row[jj] + c * kChunk;
+        for (int t = 0; t < kChunk; ++t) v[t] = fp8_scaled(r[t]);
+        deinterleave(v, e, o);
 #endif
-        tail(jj, c, e, o);
     }
-#if defined(MOELB_QUANT_AVX2)
-    // Chunks c and c + 1 (both whole, in this segment) as chunk() gives them, from one 32-byte
-    // load: the byte shuffle and the unpacks work within each 128-bit half, one chunk each.
-    MOELB_INLINE void chunk2(int jj, Index c, Vec& e0, Vec& o0, Vec& e1, Vec& o1) const {
-        prefetch(row[jj] + c * kChunk + kPrefetchBytes);
-        if (fast[jj]) [[likely]] {
-            const __m256i raw =
-                _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row[jj] + c * kChunk));
-            const __m256i d = _mm256_shuffle_epi8(
-                raw, _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15, 0, 2, 4,
-                                      6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15));
-            const __m256i mask = _mm256_set1_epi16(static_cast<short>(0xBF80));
-            const __m256i lo =
-                _mm256_and_si256(_mm256_srai_epi16(_mm256_unpacklo_epi8(d, d), 1), mask);
-            const __m256i hi =
-                _mm256_and_si256(_mm256_srai_epi16(_mm256_unpackhi_epi8(d, d), 1), mask);
-            e0 = _mm256_mul_ps(_mm256_cvtph_ps(_mm256_castsi256_si128(lo)), scale256[jj]);
-            o0 = _mm256_mul_ps(_mm256_cvtph_ps(_mm256_castsi256_si128(hi)), scale256[jj]);
-            e1 = _mm256_mul_ps(_mm256_cvtph_ps(_mm256_extracti128_si256(lo, 1)), scale256[jj]);
-            o1 = _mm256_mul_ps(_mm256_cvtph_ps(_mm256_extracti128_si256(hi, 1)), scale256[jj]);
-            return;
-        }
-        tail(jj, c, e0, o0);
-        tail(jj, c + 1, e1, o1);
-    }
-#endif
-    void tail(int jj, Index c, Vec& e, Vec& o) const {
+    // The partial last chunk, zero-padded (its NaN codes checked here).
+    void tail(int jj, Index c, Vec& e, Vec& o) {
+        alignas(64) float v[kChunk];
         const std::uint8_t* r = row[jj];
-        const float* s = scale_row[jj];
-        const Index bc = block_cols;
-        scalar_chunk([r, s, bc](Index col) { return kFp8.v[r[col]] * s[col / bc]; }, c, cols, e, o);
+        const Index c0 = c * kChunk;
+        for (int t = 0; t < kChunk; ++t) {
+            v[t] = c0 + t < cols ? fp8_scaled(r[c0 + t]) : 0.0f;
+            if (c0 + t < cols && fp8_is_nan(r[c0 + t])) nan[jj] = true;
+        }
+        deinterleave(v, e, o);
     }
 };
-
 // ---- Register tiles --------------------------------------------------------------------------
+
+// The end of an fp8 scale block: acc += (S * g_i) * s_j per lane (S the block's lane sums, g_i =
+// 2^(120 - P_i) undoing the x panel's and the conversion's powers of two, exactly; s_j the
+// block's scale; one rounding in the multiply-add).
+MOELB_INLINE Vec block_flush(Vec sum, float g, Vec scale, const float* acc) {
+    return vmadd(vmul(sum, vset1(g)), scale, vload(acc));
+}
 
 // One decode step: chunk c of W rows [0, R) (whole, or the zero-padded tail) into the
 // accumulators of x rows [0, MG); xc = the x panel at chunk c (row stride kp).
 template <bool kTail, int R, int MG, class Loader>
-MOELB_INLINE void decode_step(const Loader& ld, const float* xc, Index kp, Index c,
-                              Vec (&a)[MG][R]) {
+MOELB_INLINE void decode_step(Loader& ld, const float* xc, Index kp, Index c, Vec (&a)[MG][R]) {
 #pragma GCC unroll 4
     for (int j = 0; j < R; ++j) {
         Vec e, o;
@@ -470,89 +499,127 @@ MOELB_INLINE void decode_step(const Loader& ld, const float* xc, Index kp, Index
     }
 }
 
-// Two decode steps, chunks c and c + 1, from the loader's chunk2 (the same values and order).
-template <int R, int MG, class Loader>
-MOELB_INLINE void decode_pair(const Loader& ld, const float* xc, Index kp, Index c,
-                              Vec (&a)[MG][R]) {
-    if constexpr (Loader::kPairs) {
-#pragma GCC unroll 4
-        for (int j = 0; j < R; ++j) {
-            Vec e0, o0, e1, o1;
-            ld.chunk2(j, c, e0, o0, e1, o1);
-#pragma GCC unroll 4
-            for (int i = 0; i < MG; ++i) {
-                a[i][j] = vmadd(vload(xc + i * kp), e0, a[i][j]);
-                a[i][j] = vmadd(vload(xc + i * kp + kLanes), o0, a[i][j]);
-                a[i][j] = vmadd(vload(xc + i * kp + kChunk), e1, a[i][j]);
-                a[i][j] = vmadd(vload(xc + i * kp + kChunk + kLanes), o1, a[i][j]);
-            }
-        }
-    }
-}
-
 // Decode: W rows j0 + [0, R) (bound in ld) against x rows [0, MG) of the x panel xp (row stride
 // kp), chunks [c0, c1); `full` = the number of whole chunks (chunk `full`, if below c1, is the
-// partial last one). acc: the accumulators, acc[i * acc_stride + j * kLanes].
+// partial last one). acc: the accumulators, acc[i * acc_stride + j * kLanes]; xg: the x rows'
+// factors (block-scaled loaders). Block-scaled loaders: segments of one scale block each, their
+// sums in registers from zero, added into acc at the segment's end (c1 must be a block end).
 template <int R, int MG, class Loader>
 void decode_tile(Loader& ld, const float* xp, Index kp, Index c0, Index c1, Index full, float* acc,
-                 Index acc_stride) {
+                 Index acc_stride, const float* xg) {
     Vec a[MG][R];
+    if constexpr (!Loader::kBlockScale) {
 #pragma GCC unroll 4
-    for (int i = 0; i < MG; ++i) {
+        for (int i = 0; i < MG; ++i) {
 #pragma GCC unroll 4
-        for (int j = 0; j < R; ++j) a[i][j] = vload(acc + i * acc_stride + j * kLanes);
-    }
-    const Index whole_end = c1 < full ? c1 : full;
-    for (Index c = c0; c < whole_end;) {
-        const Index seg_end = ld.segment_end(c, whole_end);
-        ld.begin_segment(c, seg_end);
-        if constexpr (Loader::kPairs) {
-            for (; c + 1 < seg_end; c += 2) decode_pair(ld, xp + c * kChunk, kp, c, a);
+            for (int j = 0; j < R; ++j) a[i][j] = vload(acc + i * acc_stride + j * kLanes);
         }
-        for (; c < seg_end; ++c) decode_step<false>(ld, xp + c * kChunk, kp, c, a);
     }
-    if (c1 > full) {
-        ld.begin_segment(full, full);
-        decode_step<true>(ld, xp + full * kChunk, kp, full, a);
+    if constexpr (Loader::kBlockScale) {
+        // Segments of one scale block each (c0 and c1 are block ends or k's end).
+        Index b = c0 / ld.block_chunks;
+        for (Index c = c0; c < c1; ++b) {
+            const Index block_end = (b + 1) * ld.block_chunks;
+            const Index seg_end = block_end < c1 ? block_end : c1;
+            const Index whole_end = seg_end < full ? seg_end : full;
+            ld.template check_nan<R>(c, whole_end);
+#pragma GCC unroll 4
+            for (int i = 0; i < MG; ++i) {
+#pragma GCC unroll 4
+                for (int j = 0; j < R; ++j) a[i][j] = vzero();
+            }
+            for (; c < whole_end; ++c) decode_step<false>(ld, xp + c * kChunk, kp, c, a);
+            if (c < seg_end) {  // c == full: the partial last chunk
+                decode_step<true>(ld, xp + c * kChunk, kp, c, a);
+                c = seg_end;
+            }
+#pragma GCC unroll 4
+            for (int j = 0; j < R; ++j) {
+                const Vec s = ld.scale(j, b);
+#pragma GCC unroll 4
+                for (int i = 0; i < MG; ++i) {
+                    float* p = acc + i * acc_stride + j * kLanes;
+                    vstore(p, block_flush(a[i][j], xg[i], s, p));
+                }
+            }
+        }
+    } else {
+        const Index whole_end = c1 < full ? c1 : full;
+        Index c = c0;
+        for (; c < whole_end; ++c) decode_step<false>(ld, xp + c * kChunk, kp, c, a);
+        if (c < c1) decode_step<true>(ld, xp + c * kChunk, kp, c, a);
     }
+    if constexpr (!Loader::kBlockScale) {
 #pragma GCC unroll 4
-    for (int i = 0; i < MG; ++i) {
+        for (int i = 0; i < MG; ++i) {
 #pragma GCC unroll 4
-        for (int j = 0; j < R; ++j) vstore(acc + i * acc_stride + j * kLanes, a[i][j]);
+            for (int j = 0; j < R; ++j) vstore(acc + i * acc_stride + j * kLanes, a[i][j]);
+        }
     }
 }
 
 // Prefill: x panel rows [0, MR) (row stride kp) against W panel rows [0, NR) (row stride kp),
-// chunks [c0, c1). Per chunk the even halves, then the odd ones: each accumulator still takes
-// its even product before its odd one.
-template <int MR, int NR>
+// chunks [c0, c1). Per chunk the first halves, then the second ones: each accumulator still takes
+// its first product before its second. kBlockScale: segments of `block_chunks` chunks (c0 and c1
+// block ends or k's end; c0 in block b0), their sums added into acc with xg[i] and the scales
+// scales[j][block] at each end.
+template <int MR, int NR, bool kBlockScale>
 void panel_tile(const float* xp, const float* wp, Index kp, Index c0, Index c1, float* acc,
-                Index acc_stride) {
+                Index acc_stride, const float* xg, const float* const* scales, Index block_chunks,
+                Index b0) {
     Vec a[MR][NR];
+    if constexpr (!kBlockScale) {
 #pragma GCC unroll 4
-    for (int i = 0; i < MR; ++i) {
+        for (int i = 0; i < MR; ++i) {
 #pragma GCC unroll 4
-        for (int j = 0; j < NR; ++j) a[i][j] = vload(acc + i * acc_stride + j * kLanes);
-    }
-    for (Index c = c0; c < c1; ++c) {
-#pragma GCC unroll 2
-        for (int h = 0; h < 2; ++h) {
-            const Index off = c * kChunk + h * kLanes;
-            Vec x[MR];
-#pragma GCC unroll 4
-            for (int i = 0; i < MR; ++i) x[i] = vload(xp + i * kp + off);
-#pragma GCC unroll 4
-            for (int j = 0; j < NR; ++j) {
-                const Vec w = vload(wp + j * kp + off);
-#pragma GCC unroll 4
-                for (int i = 0; i < MR; ++i) a[i][j] = vmadd(x[i], w, a[i][j]);
-            }
+            for (int j = 0; j < NR; ++j) a[i][j] = vload(acc + i * acc_stride + j * kLanes);
         }
     }
+    for (Index cs = c0, b = b0; cs < c1; ++b) {
+        Index ce = c1;
+        if constexpr (kBlockScale) {
+            ce = (b + 1) * block_chunks;
+            if (ce > c1) ce = c1;
 #pragma GCC unroll 4
-    for (int i = 0; i < MR; ++i) {
+            for (int i = 0; i < MR; ++i) {
 #pragma GCC unroll 4
-        for (int j = 0; j < NR; ++j) vstore(acc + i * acc_stride + j * kLanes, a[i][j]);
+                for (int j = 0; j < NR; ++j) a[i][j] = vzero();
+            }
+        }
+        for (Index c = cs; c < ce; ++c) {
+#pragma GCC unroll 2
+            for (int h = 0; h < 2; ++h) {
+                const Index off = c * kChunk + h * kLanes;
+                Vec x[MR];
+#pragma GCC unroll 4
+                for (int i = 0; i < MR; ++i) x[i] = vload(xp + i * kp + off);
+#pragma GCC unroll 4
+                for (int j = 0; j < NR; ++j) {
+                    const Vec w = vload(wp + j * kp + off);
+#pragma GCC unroll 4
+                    for (int i = 0; i < MR; ++i) a[i][j] = vmadd(x[i], w, a[i][j]);
+                }
+            }
+        }
+        if constexpr (kBlockScale) {
+#pragma GCC unroll 4
+            for (int j = 0; j < NR; ++j) {
+                const Vec s = vset1(scales[j][b]);
+#pragma GCC unroll 4
+                for (int i = 0; i < MR; ++i) {
+                    float* p = acc + i * acc_stride + j * kLanes;
+                    vstore(p, block_flush(a[i][j], xg[i], s, p));
+                }
+            }
+        }
+        cs = ce;
+    }
+    if constexpr (!kBlockScale) {
+#pragma GCC unroll 4
+        for (int i = 0; i < MR; ++i) {
+#pragma GCC unroll 4
+            for (int j = 0; j < NR; ++j) vstore(acc + i * acc_stride + j * kLanes, a[i][j]);
+        }
     }
 }
 
@@ -560,7 +627,8 @@ void panel_tile(const float* xp, const float* wp, Index kp, Index c0, Index c1, 
 // function pointers would be a template instance without this path's tag).
 template <class Loader>
 struct DecodeTiles {
-    using Fn = void (*)(Loader&, const float*, Index, Index, Index, Index, float*, Index);
+    using Fn = void (*)(Loader&, const float*, Index, Index, Index, Index, float*, Index,
+                        const float*);
     static constexpr Fn kFn[4][kMaxDecodeX] = {
         {&decode_tile<1, 1, Loader>, &decode_tile<1, 2, Loader>, &decode_tile<1, 3, Loader>,
          &decode_tile<1, 4, Loader>},
@@ -574,55 +642,106 @@ struct DecodeTiles {
 };
 static_assert(kMaxDecodeX == 4);
 
-using PanelTileFn = void (*)(const float*, const float*, Index, Index, Index, float*, Index);
 // [rows of x - 1][rows of W - 1].
-constexpr PanelTileFn kPanelTiles[kTileX][kTileW] = {
-    {&panel_tile<1, 1>, &panel_tile<1, 2>, &panel_tile<1, 3>, &panel_tile<1, 4>},
-    {&panel_tile<2, 1>, &panel_tile<2, 2>, &panel_tile<2, 3>, &panel_tile<2, 4>},
-    {&panel_tile<3, 1>, &panel_tile<3, 2>, &panel_tile<3, 3>, &panel_tile<3, 4>},
+template <bool kBlockScale>
+struct PanelTiles {
+    using Fn = void (*)(const float*, const float*, Index, Index, Index, float*, Index,
+                        const float*, const float* const*, Index, Index);
+    static constexpr Fn kFn[kTileX][kTileW] = {
+        {&panel_tile<1, 1, kBlockScale>, &panel_tile<1, 2, kBlockScale>,
+         &panel_tile<1, 3, kBlockScale>, &panel_tile<1, 4, kBlockScale>},
+        {&panel_tile<2, 1, kBlockScale>, &panel_tile<2, 2, kBlockScale>,
+         &panel_tile<2, 3, kBlockScale>, &panel_tile<2, 4, kBlockScale>},
+        {&panel_tile<3, 1, kBlockScale>, &panel_tile<3, 2, kBlockScale>,
+         &panel_tile<3, 3, kBlockScale>, &panel_tile<3, 4, kBlockScale>},
+    };
 };
 static_assert(kTileX == 3 && kTileW == 4);
 
 // ---- The x panel ------------------------------------------------------------------------------
 
-// x rows [0, m) in the even/odd layout: row i at xp + i * kp, chunk c at + c * kChunk (even
-// values, then odd), the last chunk zero-padded.
-void arrange_x(const QuantGemmArgs& a, Index k, Index kp, float* xp) {
+// The power of two fp8 puts on x row i in its panel: 2^P with P = 126 - E clamped to [0, 127],
+// E the exponent of the row's largest |x| (max |x| < 2^E; 0 for a zero row, no finite value).
+// Then |x * 2^P| < 2^126 and the products x * 2^P * fp8 * 2^-120 (Fp8Rows) stay below 2^15 and are
+// normal float32 unless |x * fp8| < 2^-131 * max |x| (or < 2^-133): x * fp8 rounded once, scaled by
+// an exact power of two. xg[i] = 2^(120 - P) undoes it at each block's end (block_flush).
+// max_bits: the largest |x| of the row as float32 bits (sign cleared; above 0x7F800000: NaN).
+MOELB_INLINE int fp8_x_exponent(std::uint32_t max_bits) {
+    if (max_bits >= 0x7F800000u) return 0;  // inf or NaN (NaN rows propagate anyway)
+    int e = 0;
+    std::frexp(std::bit_cast<float>(max_bits), &e);
+    const int p = 126 - e;
+    return p < 0 ? 0 : (p > 127 ? 127 : p);
+}
+
+// x rows [0, m): row i at xp + i * kp, chunk c at + c * kChunk, the last chunk zero-padded. The
+// even/odd layout (f32, bf16 W): even values, then odd; the natural one (int8, fp8 W): the values
+// in order, fp8's times 2^P with xg[i] = 2^(120 - P) (fp8_x_exponent).
+void arrange_x(const QuantGemmArgs& a, Index k, Index kp, float* xp, float* xg, bool natural,
+               bool fp8) {
     const Index full = k / kChunk, chunks = (k + kChunk - 1) / kChunk;
     for (Index i = 0; i < a.m; ++i) {
         float* dst = xp + i * kp;
+        const float* rowf = static_cast<const float*>(a.x) + i * a.x_stride;
+        const std::uint16_t* rowb = static_cast<const std::uint16_t*>(a.x) + i * a.x_stride;
+        const bool f32 = a.x_type == ActivationType::kFloat32;
+        float f = 1.0f;
+        if (fp8) {
+            // The largest |x| by its bits (an integer max, which vectorises).
+            std::uint32_t max_bits = 0;
+            if (f32) {
+                for (Index c = 0; c < k; ++c) {
+                    const std::uint32_t u = std::bit_cast<std::uint32_t>(rowf[c]) & 0x7FFFFFFFu;
+                    max_bits = u > max_bits ? u : max_bits;
+                }
+            } else {
+                for (Index c = 0; c < k; ++c) {
+                    const std::uint32_t u = (std::uint32_t{rowb[c]} << 16) & 0x7FFFFFFFu;
+                    max_bits = u > max_bits ? u : max_bits;
+                }
+            }
+            const int p = fp8_x_exponent(max_bits);
+            f = std::ldexp(1.0f, p);
+            xg[i] = std::ldexp(1.0f, 120 - p);
+        }
+        if (natural) {
+            if (f32) {
+                for (Index c = 0; c < k; ++c) dst[c] = rowf[c];
+            } else {
+                for (Index c = 0; c < k; ++c) dst[c] = bf16_value(rowb[c]);
+            }
+            for (Index c = k; c < chunks * kChunk; ++c) dst[c] = 0.0f;
+            continue;
+        }
+        const Vec fv = vset1(f);  // exact: a power of two with no overflow (fp8_x_exponent)
         Vec e, o;
-        if (a.x_type == ActivationType::kFloat32) {
-            const float* row = static_cast<const float*>(a.x) + i * a.x_stride;
-            for (Index c = 0; c < full; ++c) {
-                deinterleave(row + c * kChunk, e, o);
-                vstore(dst + c * kChunk, e);
-                vstore(dst + c * kChunk + kLanes, o);
+        for (Index c = 0; c < full; ++c) {
+            if (f32) {
+                deinterleave(rowf + c * kChunk, e, o);
+            } else {
+                bf16_pairs(rowb + c * kChunk, e, o);
             }
-            if (full < chunks) scalar_chunk([row](Index col) { return row[col]; }, full, k, e, o);
-        } else {
-            const std::uint16_t* row = static_cast<const std::uint16_t*>(a.x) + i * a.x_stride;
-            for (Index c = 0; c < full; ++c) {
-                bf16_pairs(row + c * kChunk, e, o);
-                vstore(dst + c * kChunk, e);
-                vstore(dst + c * kChunk + kLanes, o);
-            }
-            if (full < chunks) {
-                scalar_chunk([row](Index col) { return bf16_value(row[col]); }, full, k, e, o);
-            }
+            vstore(dst + c * kChunk, vmul(e, fv));
+            vstore(dst + c * kChunk + kLanes, vmul(o, fv));
         }
         if (full < chunks) {
-            vstore(dst + full * kChunk, e);
-            vstore(dst + full * kChunk + kLanes, o);
+            if (f32) {
+                scalar_chunk([rowf](Index col) { return rowf[col]; }, full, k, e, o);
+            } else {
+                scalar_chunk([rowb](Index col) { return bf16_value(rowb[col]); }, full, k, e, o);
+            }
+            vstore(dst + full * kChunk, vmul(e, fv));
+            vstore(dst + full * kChunk + kLanes, vmul(o, fv));
         }
     }
 }
 
-// ---- The two drivers ----------------------------------------------------------------------------
+// ---- The drivers --------------------------------------------------------------------------------
 
 struct Layout {
     Index k, kp, chunks, full;  // kp: the panels' row stride (panel_stride(k))
     float* xp;                  // [m, kp]
+    float* xg;                  // [m] (fp8)
     float* acc;                 // [m, kBlockRows, kLanes]
     float* wp;                  // [kBlockRows, kp] (prefill)
 };
@@ -631,11 +750,28 @@ MOELB_INLINE void zero(float* p, Index n) {
     for (Index t = 0; t < n; t += kLanes) vstore(p + t, vzero());
 }
 
+// y[i, j] from its lane sums.
+template <class Loader>
+MOELB_INLINE float output(const Loader& ld, Index j, bool poisoned, const float* lanes) {
+    return poisoned ? std::numeric_limits<float>::quiet_NaN() : ld.finish(j, vsum(vload(lanes)));
+}
+
+// k-blocks: a multiple of the loader's segments (fp8: whole scale blocks).
+template <class Loader>
+Index kblock_chunks(const Loader& ld, Index want) {
+    if constexpr (Loader::kBlockScale) {
+        return round_up(want, ld.block_chunks);
+    } else {
+        (void)ld;
+        return want;
+    }
+}
+
 template <class Loader>
 void run_decode(Loader& ld, const QuantGemmArgs& a, const Layout& L) {
     const int mg_max = a.m < kMaxDecodeX ? static_cast<int>(a.m) : kMaxDecodeX;
     const int rows = mg_max <= 2 ? 4 : 3;  // rows * mg_max <= 12 accumulators
-    const Index block = a.m <= mg_max ? L.chunks : kDecodeBlockChunks;
+    const Index block = a.m <= mg_max ? L.chunks : kblock_chunks(ld, kDecodeBlockChunks);
     const Index acc_stride = rows * kLanes;
     for (Index j0 = a.n_begin; j0 < a.n_end; j0 += rows) {
         const int r = static_cast<int>(a.n_end - j0 < rows ? a.n_end - j0 : rows);
@@ -646,12 +782,14 @@ void run_decode(Loader& ld, const QuantGemmArgs& a, const Layout& L) {
             for (Index i0 = 0; i0 < a.m; i0 += mg_max) {
                 const int mg = static_cast<int>(a.m - i0 < mg_max ? a.m - i0 : mg_max);
                 DecodeTiles<Loader>::kFn[r - 1][mg - 1](ld, L.xp + i0 * L.kp, L.kp, c0, c1, L.full,
-                                                        L.acc + i0 * acc_stride, acc_stride);
+                                                        L.acc + i0 * acc_stride, acc_stride,
+                                                        L.xg + i0);
             }
         }
         for (Index i = 0; i < a.m; ++i) {
             for (int j = 0; j < r; ++j) {
-                a.y[i * a.y_stride + j0 + j] = vsum(vload(L.acc + i * acc_stride + j * kLanes));
+                a.y[i * a.y_stride + j0 + j] =
+                    output(ld, j0 + j, ld.poisoned(j), L.acc + i * acc_stride + j * kLanes);
             }
         }
     }
@@ -660,51 +798,107 @@ void run_decode(Loader& ld, const QuantGemmArgs& a, const Layout& L) {
 template <class Loader>
 void run_prefill(Loader& ld, const QuantGemmArgs& a, const Layout& L) {
     const Index acc_stride = kBlockRows * kLanes;
+    const Index kblock = kblock_chunks(ld, kPrefillBlockChunks);
+    Index block_chunks = 1;
+    if constexpr (Loader::kBlockScale) block_chunks = ld.block_chunks;
+    bool poisoned[kBlockRows];
+    const float* scales[kBlockRows] = {};
     for (Index jb = a.n_begin; jb < a.n_end; jb += kBlockRows) {
         const int nb = static_cast<int>(a.n_end - jb < kBlockRows ? a.n_end - jb : kBlockRows);
-        // The block's rows, dequantised into the W panel.
+        // The block's rows, converted into the W panel.
         for (int jj = 0; jj < nb; ++jj) {
             ld.bind(jb + jj, 1);
             float* dst = L.wp + jj * L.kp;
             Vec e, o;
-            for (Index c = 0; c < L.full;) {
-                const Index seg_end = ld.segment_end(c, L.full);
-                ld.begin_segment(c, seg_end);
-                for (; c < seg_end; ++c) {
-                    ld.chunk(0, c, e, o);
-                    vstore(dst + c * kChunk, e);
-                    vstore(dst + c * kChunk + kLanes, o);
-                }
+            if constexpr (Loader::kBlockScale) ld.template check_nan<1>(0, L.full);
+            for (Index c = 0; c < L.full; ++c) {
+                ld.chunk(0, c, e, o);
+                vstore(dst + c * kChunk, e);
+                vstore(dst + c * kChunk + kLanes, o);
             }
             if (L.full < L.chunks) {
-                ld.begin_segment(L.full, L.full);
                 ld.tail(0, L.full, e, o);
                 vstore(dst + L.full * kChunk, e);
                 vstore(dst + L.full * kChunk + kLanes, o);
             }
+            poisoned[jj] = ld.poisoned(0);
+            if constexpr (Loader::kBlockScale) scales[jj] = ld.scale_row[0];
         }
         zero(L.acc, a.m * acc_stride);
         // Rows of x in groups whose k-block slices (and accumulators) stay in L2.
         for (Index g0 = 0; g0 < a.m; g0 += kPrefillRowGroup) {
             const Index g1 = g0 + kPrefillRowGroup < a.m ? g0 + kPrefillRowGroup : a.m;
-            for (Index c0 = 0; c0 < L.chunks; c0 += kPrefillBlockChunks) {
-                const Index c1 =
-                    c0 + kPrefillBlockChunks < L.chunks ? c0 + kPrefillBlockChunks : L.chunks;
-                for (Index i0 = g0; i0 < g1; i0 += kTileX) {
-                    const int mr = static_cast<int>(g1 - i0 < kTileX ? g1 - i0 : kTileX);
-                    for (int jq = 0; jq < nb; jq += kTileW) {
-                        const int nr = nb - jq < kTileW ? nb - jq : kTileW;
-                        kPanelTiles[mr - 1][nr - 1](L.xp + i0 * L.kp, L.wp + jq * L.kp, L.kp, c0,
-                                                    c1, L.acc + i0 * acc_stride + jq * kLanes,
-                                                    acc_stride);
+            for (Index c0 = 0; c0 < L.chunks; c0 += kblock) {
+                const Index c1 = c0 + kblock < L.chunks ? c0 + kblock : L.chunks;
+                // Each tile's W rows (kTileW k-block slices) stay in L1 while the group's x rows
+                // pass them; x comes from L2 (32 / kTileW bytes per FMA, against 32 / kTileX the
+                // other way round).
+                for (int jq = 0; jq < nb; jq += kTileW) {
+                    const int nr = nb - jq < kTileW ? nb - jq : kTileW;
+                    for (Index i0 = g0; i0 < g1; i0 += kTileX) {
+                        const int mr = static_cast<int>(g1 - i0 < kTileX ? g1 - i0 : kTileX);
+                        PanelTiles<Loader::kBlockScale>::kFn[mr - 1][nr - 1](
+                            L.xp + i0 * L.kp, L.wp + jq * L.kp, L.kp, c0, c1,
+                            L.acc + i0 * acc_stride + jq * kLanes, acc_stride, L.xg + i0,
+                            scales + jq, block_chunks, c0 / block_chunks);
                     }
                 }
             }
         }
         for (Index i = 0; i < a.m; ++i) {
             for (int j = 0; j < nb; ++j) {
-                a.y[i * a.y_stride + jb + j] = vsum(vload(L.acc + i * acc_stride + j * kLanes));
+                a.y[i * a.y_stride + jb + j] =
+                    output(ld, jb + j, poisoned[j], L.acc + i * acc_stride + j * kLanes);
             }
+        }
+    }
+}
+
+// One float32 multiply-add as this path's vmadd does it (fused where the path has FMA).
+MOELB_INLINE float madd1(float a, float b, float c) {
+#if defined(MOELB_QUANT_AVX2)
+    return _mm_cvtss_f32(_mm_fmadd_ss(_mm_set_ss(a), _mm_set_ss(b), _mm_set_ss(c)));
+#elif defined(MOELB_QUANT_SSE2)
+    return _mm_cvtss_f32(_mm_add_ss(_mm_mul_ss(_mm_set_ss(a), _mm_set_ss(b)), _mm_set_ss(c)));
+#else
+    return std::fma(a, b, c);
+#endif
+}
+
+// fp8 with scale blocks that are not whole chunks (block_cols % kChunk != 0), any m: the even/odd
+// layout's lanes one value at a time, lane l's sum closed (added into the lane's total as in
+// block_flush) whenever its next column is in another scale block, and at the end; columns past
+// k are skipped. Slow, and the same for every m.
+void run_fp8_lanes(Fp8Rows& ld, const QuantGemmArgs& a, const Layout& L) {
+    for (Index j = a.n_begin; j < a.n_end; ++j) {
+        ld.bind(j, 1);
+        const std::uint8_t* q = ld.row[0];
+        const float* s = ld.scale_row[0];
+        bool nan = false;
+        for (Index c = 0; c < L.k; ++c) nan = nan || fp8_is_nan(q[c]);
+        for (Index i = 0; i < a.m; ++i) {
+            const float* x = L.xp + i * L.kp;
+            alignas(64) float total[kLanes] = {};
+            for (int l = 0; l < kLanes; ++l) {
+                float sum = 0.0f;
+                Index block = -1;
+                for (Index col0 = 0; col0 < L.k; col0 += kChunk) {
+                    for (int h = 0; h < 2; ++h) {
+                        const Index col = col0 + 2 * l + h;
+                        if (col >= L.k) continue;
+                        const Index b = col / ld.block_cols;
+                        if (b != block) {
+                            if (block >= 0) total[l] = madd1(sum * L.xg[i], s[block], total[l]);
+                            sum = 0.0f;
+                            block = b;
+                        }
+                        // x in the panel's even/odd layout: value 2l + h of the chunk at l + h L.
+                        sum = madd1(x[col0 + h * kLanes + l], fp8_scaled(q[col]), sum);
+                    }
+                }
+                if (block >= 0) total[l] = madd1(sum * L.xg[i], s[block], total[l]);
+            }
+            a.y[i * a.y_stride + j] = output(ld, j, nan, total);
         }
     }
 }
@@ -720,11 +914,12 @@ void run(Loader& ld, const QuantGemmArgs& a, const Layout& L) {
 
 // The scratch's parts, in floats.
 struct ScratchFloats {
-    Index x, acc, w;
+    Index x, xg, acc, w;
 };
 ScratchFloats scratch_floats(Index m, Index k) {
     const Index kp = panel_stride(k);
-    return {m * kp, m * kBlockRows * kLanes, m >= kPrefillRows ? kBlockRows * kp : 0};
+    return {m * kp, round_up(m, 16), m * kBlockRows * kLanes,
+            m >= kPrefillRows ? kBlockRows * kp : 0};
 }
 
 constexpr std::size_t kAlign = 64;
@@ -738,7 +933,7 @@ void check(bool ok, const char* message) {
 std::size_t quant_gemm_scratch_bytes(Index m, Index k) {
     if (m <= 0) return 0;
     const ScratchFloats s = scratch_floats(m, k < 0 ? 0 : k);
-    return static_cast<std::size_t>(s.x + s.acc + s.w) * sizeof(float) + kAlign;
+    return static_cast<std::size_t>(s.x + s.xg + s.acc + s.w) * sizeof(float) + kAlign;
 }
 
 void quant_gemm(const QuantGemmArgs& a) {
@@ -768,18 +963,25 @@ void quant_gemm(const QuantGemmArgs& a) {
     const ScratchFloats parts = scratch_floats(a.m, k);
     const auto base = reinterpret_cast<std::uintptr_t>(a.scratch);
     float* aligned = reinterpret_cast<float*>((base + kAlign - 1) / kAlign * kAlign);
-    Layout L{k,       panel_stride(k),   (k + kChunk - 1) / kChunk,    k / kChunk,
-             aligned, aligned + parts.x, aligned + parts.x + parts.acc};
-    arrange_x(a, k, L.kp, L.xp);
+    const bool natural = w.type == WeightType::kInt8;
+    Layout L{k,
+             panel_stride(k),
+             (k + kChunk - 1) / kChunk,
+             k / kChunk,
+             aligned,
+             aligned + parts.x,
+             aligned + parts.x + parts.xg,
+             aligned + parts.x + parts.xg + parts.acc};
+    arrange_x(a, k, L.kp, L.xp, L.xg, natural, w.type == WeightType::kFp8E4m3);
 
     switch (w.type) {
         case WeightType::kFloat32: {
-            F32Rows ld{static_cast<const float*>(w.data), k, {}};
+            F32Rows ld{static_cast<const float*>(w.data), k, 0, {}};
             run(ld, a, L);
             return;
         }
         case WeightType::kBfloat16: {
-            Bf16Rows ld{static_cast<const std::uint16_t*>(w.data), k, {}};
+            Bf16Rows ld{static_cast<const std::uint16_t*>(w.data), k, 0, {}};
             run(ld, a, L);
             return;
         }
@@ -791,9 +993,12 @@ void quant_gemm(const QuantGemmArgs& a) {
             ld.block_rows = w.block_rows;
             ld.block_cols = w.block_cols;
             ld.grid_cols = (k + w.block_cols - 1) / w.block_cols;
-            ld.aligned_blocks = w.block_cols % kChunk == 0;
             ld.block_chunks = w.block_cols / kChunk;
-            run(ld, a, L);
+            if (w.block_cols % kChunk == 0) {
+                run(ld, a, L);
+            } else {
+                run_fp8_lanes(ld, a, L);
+            }
             return;
         }
         case WeightType::kInt8: {
