@@ -882,6 +882,8 @@ def _check_before_reading(
     against the config's weight_format (before a format's own checks, such as FP8's block
     rows, could blame the shapes for a wrong format)."""
     src, layer_id = ckpt.config_path, fields["layer_id"]
+    if _prefix(layer_id) + "gate.weight" not in ckpt:
+        return  # read_moe_layer_weights says why (a dense layer, a missing tensor)
     bias = _prefix(layer_id) + "gate.e_score_correction_bias"
     if topk_method == "noaux_tc" and bias not in ckpt:
         raise InvalidArgumentError(
@@ -894,7 +896,7 @@ def _check_before_reading(
             "which has no correction bias (only 'noaux_tc' has one)"
         )
     first = _prefix(layer_id) + "experts.0.gate_proj.weight"
-    if first in ckpt:  # else read_moe_layer_weights says why (a dense layer, a missing tensor)
+    if first in ckpt:  # else read_moe_layer_weights names the missing tensor
         info = ckpt.info(first)
         fmt = _FORMAT_OF_DTYPE.get(info.dtype)
         if fmt is not None and fmt != fields["weight_format"]:

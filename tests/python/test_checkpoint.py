@@ -821,6 +821,10 @@ def test_load_requires_the_correction_bias_exactly_for_noaux_tc(tmp_path, layout
     weights, config = load_moe_layer(write(tmp_path / "d", no_bias, layout, greedy), LAYER)
     assert weights["correction_bias"] is None
     assert config.scoring == "softmax" and config.num_groups is None
+    # a layer the checkpoint stores as a dense MLP is reported as such, not as a missing bias
+    all_moe = hf_config("bfloat16", first_k_dense_replace=0)
+    with pytest.raises(moelb.InvalidArgumentError, match="layer_id=0 is a dense MLP layer"):
+        load_moe_layer(write(tmp_path / "e", no_bias, layout, all_moe), 0)
 
 
 # --- end to end: load -> DeepSeekMoE -> forward against float64 ----------------------------------
