@@ -17,7 +17,9 @@ tensor's shard) and the shards, a directory with one ``model.safetensors``, or o
 
 DeepSeek's names (V2, V3/R1 and their FP8 release; ``{p}`` = ``model.layers.{layer_id}.mlp``):
 
-* ``{p}.gate.weight`` [E, H] and ``{p}.gate.e_score_correction_bias`` [E] (absent: None);
+* ``{p}.gate.weight`` [E, H] and ``{p}.gate.e_score_correction_bias`` [E] (absent: None;
+  ``load_moe_layer`` requires it exactly when config.json's topk_method is 'noaux_tc');
+* ``{p}.experts.{e}.*`` for e in [0, E) only (E: the gate's rows; any other e is refused);
 * ``{p}.experts.{e}.{gate,up,down}_proj.weight`` ([I, H], [I, H], [H, I]);
 * ``{p}.shared_experts.{gate,up,down}_proj.weight`` ([Is, H], [Is, H], [H, Is]; absent: no shared
   expert);
@@ -128,10 +130,12 @@ class TensorInfo:
 
 
 def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object's dict (``object_pairs_hook``); a key given twice, which ``json.load`` would
+    resolve silently as the last one, is refused ("names 'key' twice")."""
     out: dict[str, Any] = {}
     for key, value in pairs:
         if key in out:
-            raise InvalidArgumentError(f"the header names {key!r} twice")
+            raise InvalidArgumentError(f"names {key!r} twice")
         out[key] = value
     return out
 
@@ -180,7 +184,7 @@ class SafetensorsFile:
         except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
             raise InvalidArgumentError(f"{src}: the header is not valid JSON: {e}") from None
         except InvalidArgumentError as e:
-            raise InvalidArgumentError(f"{src}: {e}") from None
+            raise InvalidArgumentError(f"{src}: the header {e}") from None
         if not isinstance(header, dict):
             raise InvalidArgumentError(
                 f"{src}: the header is a JSON {type(header).__name__}, not an object"
@@ -322,9 +326,13 @@ class SafetensorsCheckpoint:
     @staticmethod
     def _read_index(index: Path) -> dict[str, Path]:
         try:
-            obj = json.loads(index.read_text(encoding="utf-8"))
+            obj = json.loads(
+                index.read_text(encoding="utf-8"), object_pairs_hook=_reject_duplicates
+            )
         except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
             raise InvalidArgumentError(f"{index} is not valid JSON: {e}") from None
+        except InvalidArgumentError as e:  # e.g. one tensor in two shards' entries
+            raise InvalidArgumentError(f"{index} {e}") from None
         weight_map = obj.get("weight_map") if isinstance(obj, dict) else None
         if not isinstance(weight_map, dict) or not all(
             isinstance(v, str) for v in weight_map.values()
@@ -515,7 +523,8 @@ def read_moe_layer_weights(
     ``w13_scale_inv`` / ``w2_scale_inv`` / ``shared_gate_up_scale_inv`` /
     ``shared_down_scale_inv`` (FP8: [E, 2I / br, ceil(H / bc)] / [E, ceil(H / br), ceil(I / bc)]
     and per matrix likewise; int8: [E, 2I] / [E, H]): gate_proj's and up_proj's grids
-    concatenated along rows as their matrices are, which for FP8 needs I % br == 0."""
+    concatenated along rows as their matrices are, which for FP8 needs I % br == 0. A tensor
+    ``{p}.experts.{e}.*`` with e not in [0, E) is refused (E: the rows of the gate)."""
     if not _is_int(layer_id) or layer_id < 0:
         raise InvalidArgumentError(f"layer_id must be a non-negative integer, got {layer_id!r}")
     block = _checked_block(weight_block_size, "weight_block_size")
@@ -543,6 +552,15 @@ def read_moe_layer_weights(
             raise InvalidArgumentError(
                 f"tensor {p}gate.e_score_correction_bias has shape {list(bias.shape)}; expected "
                 f"[{num_experts}] (E of {p}gate.weight)"
+            )
+    experts = p + "experts."
+    expert_ids = {str(e) for e in range(num_experts)}  # as DeepSeek spells them: no '07'
+    for name in ckpt.names():
+        if name.startswith(experts) and name[len(experts) :].split(".", 1)[0] not in expert_ids:
+            raise InvalidArgumentError(
+                f"tensor {name!r} in {ckpt.path} is not of a routed expert: the layer has "
+                f"E={num_experts} ({p}gate.weight's rows), {experts}0 to {experts}"
+                f"{num_experts - 1}"
             )
 
     first = ckpt.info(p + "experts.0.gate_proj.weight")
@@ -650,12 +668,87 @@ def _weight_format(hf: Mapping[str, Any], source: str) -> tuple[str, tuple[int, 
         )
     dtype = hf.get("torch_dtype", hf.get("dtype"))
     formats = {"bfloat16": "bfloat16", "float32": "float32", "float16": "float32"}
-    if dtype not in formats:
+    if not isinstance(dtype, str) or dtype not in formats:
         raise InvalidArgumentError(
             f"{source}: torch_dtype={dtype!r} without a quantization_config; supported: "
             f"{', '.join(formats)}"
         )
     return formats[dtype], None
+
+
+_MISSING: Any = object()
+
+#: The JSON types a config.json field may have, by the Python type json.load gives them.
+_JSON_KINDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return "an array" if isinstance(value, list | tuple) else "an object"
+
+
+def _config_value(
+    hf: Mapping[str, Any],
+    key: str,
+    kind: type,
+    source: str,
+    *,
+    default: Any = _MISSING,
+    minimum: int | None = None,
+    null_is_default: bool = False,
+) -> Any:
+    """``hf[key]``, of JSON type ``kind`` (int: an integer, not a boolean; float: any number but a
+    boolean, returned as float; bool: true / false; str: a string) and, for ints, >= ``minimum``.
+    Absent: ``default`` (no default: refused); null: refused unless ``null_is_default`` (or, for
+    a field with no default, refused as absent)."""
+    value = hf.get(key, _MISSING)
+    if value is _MISSING or (value is None and (null_is_default or default is _MISSING)):
+        if default is _MISSING:  # (V2's config class has n_routed_experts=None when dense)
+            raise InvalidArgumentError(f"{source} has no {key!r} (not a DeepSeek MoE config?)")
+        return default
+    if kind is int:
+        ok = _is_int(value) and (minimum is None or value >= minimum)
+    elif kind is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, kind)
+    if not ok:
+        want = _JSON_KINDS[kind] + ("" if minimum is None else f" >= {minimum}")
+        raise InvalidArgumentError(
+            f"{source}: {key}={value!r} must be {want}; it is {_json_type(value)}"
+        )
+    return float(value) if kind is float else value
+
+
+def _read_config(
+    hf_config: Mapping[str, Any] | str | os.PathLike[str],
+) -> tuple[Mapping[str, Any], str]:
+    """(the parsed config.json, its name for messages)."""
+    if isinstance(hf_config, Mapping):
+        return hf_config, "config"
+    source = str(hf_config)
+    try:
+        hf = json.loads(
+            Path(hf_config).read_text(encoding="utf-8"), object_pairs_hook=_reject_duplicates
+        )
+    except FileNotFoundError:
+        raise InvalidArgumentError(f"{source} does not exist") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise InvalidArgumentError(f"{source} is not valid JSON: {e}") from None
+    except InvalidArgumentError as e:
+        raise InvalidArgumentError(f"{source} {e}") from None
+    if not isinstance(hf, Mapping):
+        raise InvalidArgumentError(f"{source} is not a JSON object")
+    return hf, source
 
 
 def deepseek_config_fields(
@@ -675,47 +768,48 @@ def deepseek_config_fields(
     format from quantization_config (quant_method 'fp8', fmt 'e4m3' -> 'fp8_e4m3' with its
     weight_block_size; 'w8a8_int8' -> 'int8') or else torch_dtype ('bfloat16' -> 'bfloat16',
     'float32' / 'float16' -> 'float32'). activation_dtype: included when given (else the
-    config's default). A layer below first_k_dense_replace, or not a multiple of moe_layer_freq,
-    is dense: refused."""
-    if isinstance(hf_config, Mapping):
-        hf, source = hf_config, "config"
-    else:
-        source = str(hf_config)
-        try:
-            hf = json.loads(Path(hf_config).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise InvalidArgumentError(f"{source} does not exist") from None
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-            raise InvalidArgumentError(f"{source} is not valid JSON: {e}") from None
-        if not isinstance(hf, Mapping):
-            raise InvalidArgumentError(f"{source} is not a JSON object")
+    config's default). A decoder layer below first_k_dense_replace, or not a multiple of
+    moe_layer_freq (a positive integer), is dense: refused; the multi-token-prediction layers
+    after num_hidden_layers are MoE layers.
+
+    Every field read must have its JSON type -- integers (not booleans, strings or fractions),
+    numbers, true / false, strings -- else InvalidArgumentError names the field and its value;
+    null counts as absent only for num_hidden_layers, num_nextn_predict_layers,
+    n_shared_experts and n_group, whose absence the models know."""
+    hf, source = _read_config(hf_config)
+    return _config_fields(hf, source, layer_id, activation_dtype)[0]
+
+
+def _config_fields(
+    hf: Mapping[str, Any], source: str, layer_id: int, activation_dtype: str | None
+) -> tuple[dict[str, Any], str]:
+    """(deepseek_config_fields, the config's topk_method)."""
     if not _is_int(layer_id) or layer_id < 0:
         raise InvalidArgumentError(f"layer_id must be a non-negative integer, got {layer_id!r}")
 
-    def need(key: str) -> Any:
-        if hf.get(key) is None:
-            raise InvalidArgumentError(f"{source} has no {key!r} (not a DeepSeek MoE config?)")
-        return hf[key]
+    def get(key: str, kind: type, default: Any = _MISSING, **kw: Any) -> Any:
+        return _config_value(hf, key, kind, source, default=default, **kw)
 
-    num_layers = hf.get("num_hidden_layers")
-    if num_layers is not None:
+    num_layers = get("num_hidden_layers", int, None, minimum=0, null_is_default=True)
+    num_nextn = get("num_nextn_predict_layers", int, 0, minimum=0, null_is_default=True)
+    if num_layers is not None and layer_id >= num_layers + num_nextn:
         # DeepSeek-V3's multi-token-prediction layers follow the decoder layers (layer 61).
-        total = num_layers + (hf.get("num_nextn_predict_layers") or 0)
-        if layer_id >= total:
-            raise InvalidArgumentError(
-                f"layer_id={layer_id} but {source} has {total} layers (num_hidden_layers="
-                f"{num_layers}, num_nextn_predict_layers={hf.get('num_nextn_predict_layers')})"
-            )
-    first_dense = hf.get("first_k_dense_replace") or 0
-    freq = hf.get("moe_layer_freq") or 1
-    if layer_id < first_dense or layer_id % freq != 0:
+        raise InvalidArgumentError(
+            f"layer_id={layer_id} but {source} has {num_layers + num_nextn} layers "
+            f"(num_hidden_layers={num_layers}, num_nextn_predict_layers="
+            f"{hf.get('num_nextn_predict_layers')})"
+        )
+    first_dense = get("first_k_dense_replace", int, 0, minimum=0)
+    freq = get("moe_layer_freq", int, 1, minimum=1)
+    is_nextn = num_layers is not None and layer_id >= num_layers  # always MoE
+    if not is_nextn and (layer_id < first_dense or layer_id % freq != 0):
         raise InvalidArgumentError(
             f"layer_id={layer_id} is a dense layer, not MoE (first_k_dense_replace={first_dense}, "
             f"moe_layer_freq={freq} in {source})"
         )
-    model_type = hf.get("model_type")
-    topk_method = hf.get("topk_method", "noaux_tc" if model_type == "deepseek_v3" else "greedy")
-    n_group = hf.get("n_group")
+    v3 = get("model_type", str, None) == "deepseek_v3"
+    topk_method = get("topk_method", str, "noaux_tc" if v3 else "greedy")
+    n_group = get("n_group", int, None, minimum=1, null_is_default=True)
     if topk_method == "noaux_tc":
         grouped = n_group is not None and n_group > 1
     elif topk_method == "greedy":
@@ -727,16 +821,16 @@ def deepseek_config_fields(
         )
     weight_format, block = _weight_format(hf, source)
     fields: dict[str, Any] = {
-        "hidden_size": need("hidden_size"),
-        "intermediate_size": need("moe_intermediate_size"),
-        "num_experts": need("n_routed_experts"),
-        "top_k": need("num_experts_per_tok"),
-        "num_shared_experts": hf.get("n_shared_experts") or 0,
-        "scoring": hf.get("scoring_func", "sigmoid" if model_type == "deepseek_v3" else "softmax"),
+        "hidden_size": get("hidden_size", int, minimum=1),
+        "intermediate_size": get("moe_intermediate_size", int, minimum=1),
+        "num_experts": get("n_routed_experts", int, minimum=1),
+        "top_k": get("num_experts_per_tok", int, minimum=1),
+        "num_shared_experts": get("n_shared_experts", int, 0, minimum=0, null_is_default=True),
+        "scoring": get("scoring_func", str, "sigmoid" if v3 else "softmax"),
         "num_groups": n_group if grouped else None,
-        "topk_group": need("topk_group") if grouped else None,
-        "renormalize": bool(hf.get("norm_topk_prob", model_type == "deepseek_v3")),
-        "routed_scaling_factor": float(hf.get("routed_scaling_factor", 1.0)),
+        "topk_group": get("topk_group", int, minimum=1) if grouped else None,
+        "renormalize": get("norm_topk_prob", bool, v3),
+        "routed_scaling_factor": get("routed_scaling_factor", float, 1.0),
         "layer_id": layer_id,
         "weight_format": weight_format,
     }
@@ -744,7 +838,7 @@ def deepseek_config_fields(
         fields["weight_block_size"] = block
     if activation_dtype is not None:
         fields["activation_dtype"] = activation_dtype
-    return fields
+    return fields, topk_method
 
 
 def load_moe_layer(
@@ -760,14 +854,20 @@ def load_moe_layer(
     The config comes from ``deepseek_config_fields`` (activation_dtype: 'float32' or 'bfloat16',
     None: the config's default); the weights from ``read_moe_layer_weights`` with the config's
     FP8 block size, and must agree with it: their format with weight_format, their shapes with
-    hidden_size / moe_intermediate_size / n_routed_experts / n_shared_experts."""
+    hidden_size / moe_intermediate_size / n_routed_experts / n_shared_experts (the format is
+    checked before the weights are read). The layer has ``{p}.gate.e_score_correction_bias``
+    exactly when topk_method is 'noaux_tc' (reference/moe_layer.md section 2: the bias exists iff
+    the method is noaux_tc and the layer is not a hash layer; hash layers are not read here):
+    missing for noaux_tc, or present for 'greedy', which would not use it, is refused."""
     ckpt = SafetensorsCheckpoint(path)
     if ckpt.config_path is None:
         raise InvalidArgumentError(
             f"path={str(path)!r}: no {CONFIG_NAME} beside the weights; use "
             "read_moe_layer_weights and build the DeepSeekMoEConfig yourself"
         )
-    fields = deepseek_config_fields(ckpt.config_path, layer_id, activation_dtype=activation_dtype)
+    hf, source = _read_config(ckpt.config_path)
+    fields, topk_method = _config_fields(hf, source, layer_id, activation_dtype)
+    _check_before_reading(fields, topk_method, ckpt)
     weights = read_moe_layer_weights(
         ckpt, layer_id, weight_block_size=fields.get("weight_block_size", DEFAULT_BLOCK_SIZE)
     )
@@ -775,16 +875,41 @@ def load_moe_layer(
     return weights, DeepSeekMoEConfig(**fields)
 
 
+def _check_before_reading(
+    fields: Mapping[str, Any], topk_method: str, ckpt: SafetensorsCheckpoint
+) -> None:
+    """The correction bias's presence against topk_method, and the expert weights' dtype
+    against the config's weight_format (before a format's own checks, such as FP8's block
+    rows, could blame the shapes for a wrong format)."""
+    src, layer_id = ckpt.config_path, fields["layer_id"]
+    if _prefix(layer_id) + "gate.weight" not in ckpt:
+        return  # read_moe_layer_weights says why (a dense layer, a missing tensor)
+    bias = _prefix(layer_id) + "gate.e_score_correction_bias"
+    if topk_method == "noaux_tc" and bias not in ckpt:
+        raise InvalidArgumentError(
+            f"tensor {bias!r} is not in {ckpt.path} but {src} gives topk_method='noaux_tc', "
+            "whose routing adds this bias to the scores when choosing experts"
+        )
+    if topk_method != "noaux_tc" and bias in ckpt:
+        raise InvalidArgumentError(
+            f"tensor {bias!r} is in {ckpt.path} but {src} gives topk_method={topk_method!r}, "
+            "which has no correction bias (only 'noaux_tc' has one)"
+        )
+    first = _prefix(layer_id) + "experts.0.gate_proj.weight"
+    if first in ckpt:  # else read_moe_layer_weights names the missing tensor
+        info = ckpt.info(first)
+        fmt = _FORMAT_OF_DTYPE.get(info.dtype)
+        if fmt is not None and fmt != fields["weight_format"]:
+            raise InvalidArgumentError(
+                f"{src} gives weight_format {fields['weight_format']!r} but layer {layer_id}'s "
+                f"expert weights in {ckpt.path} are {fmt!r} ({first} is {info.dtype})"
+            )
+
+
 def _check_agreement(
     fields: Mapping[str, Any], weights: Mapping[str, Any], ckpt: SafetensorsCheckpoint
 ) -> None:
     src = ckpt.config_path
-    fmt = weight_format_of(weights)
-    if fmt != fields["weight_format"]:
-        raise InvalidArgumentError(
-            f"{src} gives weight_format {fields['weight_format']!r} but layer "
-            f"{fields['layer_id']}'s expert weights in {ckpt.path} are {fmt!r}"
-        )
     num_experts, two_inter, hidden = weights["w13"].shape
     shared = weights["shared_down"]
     got = {

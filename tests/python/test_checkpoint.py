@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import struct
 from pathlib import Path
 from typing import Any
@@ -481,6 +482,52 @@ def test_an_index_pointing_to_the_wrong_or_a_missing_shard(tmp_path) -> None:
         SafetensorsCheckpoint(root)
 
 
+def test_an_index_naming_a_tensor_twice_is_refused(tmp_path) -> None:
+    """json.load keeps the last of duplicate keys silently; the index must not."""
+    root = write(tmp_path, make_layer("bfloat16"), "sharded")
+    index_path = root / "model.safetensors.index.json"
+    weight_map = json.loads(index_path.read_text())["weight_map"]
+    name = P + "experts.1.down_proj.weight"
+    other = next(v for v in weight_map.values() if v != weight_map[name])
+    entries = [f"{json.dumps(k)}: {json.dumps(v)}" for k, v in weight_map.items()]
+    entries.append(f"{json.dumps(name)}: {json.dumps(other)}")  # the wrong shard, last
+    index_path.write_text('{"weight_map": {' + ", ".join(entries) + "}}")
+    with pytest.raises(
+        moelb.InvalidArgumentError,
+        match=r"model\.safetensors\.index\.json names 'model\.layers\.3\.mlp\.experts\.1\."
+        r"down_proj\.weight' twice",
+    ):
+        read_moe_layer_weights(root, LAYER)
+
+
+@pytest.mark.parametrize("layout", ["file", "sharded"])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        "experts.8.gate_proj.weight",
+        "experts.12.down_proj.weight_scale_inv",
+        "experts.x.up_proj.weight",
+        "experts.07.up_proj.weight",  # expert 7 spelled otherwise: never read either
+    ],
+)
+def test_tensors_of_experts_outside_the_gate_are_refused(tmp_path, layout, extra) -> None:
+    """E comes from the gate's rows (8); a tensor of expert 8 or more (or not numbered as
+    DeepSeek numbers them) would otherwise be left out silently."""
+    syn = make_layer("bfloat16")
+    syn.tensors["model.layers.30.mlp.experts.9.up_proj.weight"] = torch.zeros(2, 2)  # not layer 3
+    path = write(tmp_path / "ok", syn, layout)
+    assert read_moe_layer_weights(path, LAYER)["w13"].shape[0] == 8
+    syn.tensors[P + extra] = torch.zeros(2, 2)
+    path = write(tmp_path / "bad", syn, layout)
+    with pytest.raises(
+        moelb.InvalidArgumentError,
+        match=rf"tensor '{re.escape(P + extra)}' in .* is not of a routed expert: the layer has "
+        r"E=8 \(model\.layers\.3\.mlp\.gate\.weight's rows\), model\.layers\.3\.mlp\.experts\.0"
+        r" to model\.layers\.3\.mlp\.experts\.7$",
+    ):
+        read_moe_layer_weights(path, LAYER)
+
+
 def test_missing_scales_mixed_dtypes_and_bad_shapes_are_refused(tmp_path) -> None:
     syn = make_layer("fp8_e4m3")
     del syn.tensors[P + "experts.2.down_proj.weight_scale_inv"]
@@ -626,6 +673,93 @@ def test_config_refusals(changes, layer, match) -> None:
         deepseek_config_fields(hf_config("bfloat16", **changes), layer)
 
 
+@pytest.mark.parametrize(
+    ("key", "value", "match"),
+    [
+        ("routed_scaling_factor", None, "routed_scaling_factor=None must be a number; it is null"),
+        ("routed_scaling_factor", "2.5", "routed_scaling_factor='2.5' must be a number; it is a s"),
+        ("routed_scaling_factor", True, "routed_scaling_factor=True must be a number; it is a b"),
+        ("n_group", "2", "n_group='2' must be an integer >= 1; it is a string"),
+        ("n_group", 0, "n_group=0 must be an integer >= 1; it is an integer"),
+        ("n_group", 4.0, "n_group=4.0 must be an integer >= 1; it is a number"),
+        ("topk_group", "2", "topk_group='2' must be an integer >= 1"),
+        ("num_hidden_layers", "5", "num_hidden_layers='5' must be an integer >= 0"),
+        ("num_nextn_predict_layers", "1", "num_nextn_predict_layers='1' must be an integer"),
+        ("first_k_dense_replace", "3", "first_k_dense_replace='3' must be an integer >= 0"),
+        ("first_k_dense_replace", None, "first_k_dense_replace=None must be an integer >= 0"),
+        ("first_k_dense_replace", 3.0, "first_k_dense_replace=3.0 must be an integer >= 0"),
+        ("moe_layer_freq", 0.5, r"moe_layer_freq=0\.5 must be an integer >= 1; it is a number"),
+        ("moe_layer_freq", 0, "moe_layer_freq=0 must be an integer >= 1; it is an integer"),
+        ("moe_layer_freq", True, "moe_layer_freq=True must be an integer >= 1; it is a boolean"),
+        ("moe_layer_freq", None, "moe_layer_freq=None must be an integer >= 1; it is null"),
+        ("norm_topk_prob", "false", "norm_topk_prob='false' must be true or false; it is a s"),
+        ("norm_topk_prob", 0, "norm_topk_prob=0 must be true or false; it is an integer"),
+        ("norm_topk_prob", None, "norm_topk_prob=None must be true or false; it is null"),
+        ("hidden_size", 320.0, r"hidden_size=320\.0 must be an integer >= 1; it is a number"),
+        ("hidden_size", True, "hidden_size=True must be an integer >= 1; it is a boolean"),
+        ("moe_intermediate_size", -256, "moe_intermediate_size=-256 must be an integer >= 1"),
+        ("num_experts_per_tok", "2", "num_experts_per_tok='2' must be an integer >= 1"),
+        ("n_shared_experts", "1", "n_shared_experts='1' must be an integer >= 0"),
+        ("n_routed_experts", [8], r"n_routed_experts=\[8\] must be an integer >= 1; it is an ar"),
+        ("scoring_func", 1, "scoring_func=1 must be a string; it is an integer"),
+        ("topk_method", None, "topk_method=None must be a string; it is null"),
+        ("model_type", {"v": 3}, "model_type=.* must be a string; it is an object"),
+        ("torch_dtype", ["bfloat16"], r"torch_dtype=\['bfloat16'\] without a quantization"),
+    ],
+)
+def test_config_fields_of_the_wrong_json_type_are_refused(tmp_path, key, value, match) -> None:
+    """Never a raw TypeError (float(None), '2' > 1) nor a silent truth value ('false')."""
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(hf_config("bfloat16", **{key: value})))
+    with pytest.raises(moelb.InvalidArgumentError, match=match) as info:
+        deepseek_config_fields(path, LAYER)
+    assert "config.json" in str(info.value)
+
+
+def test_config_nulls_that_mean_absent_and_integral_numbers(tmp_path) -> None:
+    """null is the models' 'none' for these four fields (V2's config class defaults them to
+    None); a JSON integer is a number where a float is read."""
+    cfg = hf_config(
+        "bfloat16",
+        n_shared_experts=None,
+        n_group=None,
+        num_nextn_predict_layers=None,
+        num_hidden_layers=None,
+        routed_scaling_factor=2,
+    )
+    fields = deepseek_config_fields(cfg, 9)
+    assert fields["num_shared_experts"] == 0
+    assert fields["num_groups"] is None and fields["topk_group"] is None
+    assert fields["routed_scaling_factor"] == 2.0
+    assert type(fields["routed_scaling_factor"]) is float
+    with pytest.raises(moelb.InvalidArgumentError, match=r"layer_id=6 but .* has 6 layers"):
+        deepseek_config_fields(hf_config("bfloat16", num_nextn_predict_layers=None), 6)
+
+
+def test_moe_layer_freq_and_the_multi_token_prediction_layer() -> None:
+    """DeepSeek (and SGLang's _is_layer_sparse): decoder layer i is MoE iff
+    i >= first_k_dense_replace and i % moe_layer_freq == 0; the MTP layers after
+    num_hidden_layers are MoE whatever their number."""
+    cfg = hf_config("bfloat16", moe_layer_freq=2, first_k_dense_replace=1, num_hidden_layers=5)
+    assert [k for k in range(6) if _is_moe(cfg, k)] == [2, 4, 5]
+
+
+def _is_moe(cfg: dict, layer: int) -> bool:
+    try:
+        deepseek_config_fields(cfg, layer)
+    except moelb.InvalidArgumentError as e:
+        assert f"layer_id={layer} is a dense layer" in str(e)
+        return False
+    return True
+
+
+def test_a_config_naming_a_field_twice_is_refused(tmp_path) -> None:
+    text = json.dumps(hf_config("bfloat16"))
+    (tmp_path / "config.json").write_text(text[:-1] + ', "n_group": 2}')
+    with pytest.raises(moelb.InvalidArgumentError, match=r"config\.json names 'n_group' twice"):
+        deepseek_config_fields(tmp_path / "config.json", LAYER)
+
+
 def test_load_refuses_a_config_that_disagrees_with_the_weights(tmp_path) -> None:
     syn = make_layer("bfloat16")
     with pytest.raises(moelb.InvalidArgumentError, match=r"no config\.json"):
@@ -639,6 +773,58 @@ def test_load_refuses_a_config_that_disagrees_with_the_weights(tmp_path) -> None
     for k, (cfg, match) in enumerate(cases):
         with pytest.raises(moelb.InvalidArgumentError, match=match):
             load_moe_layer(write(tmp_path / f"c{k}", syn, "sharded", cfg), LAYER)
+
+
+def test_load_checks_the_format_before_the_fp8_block_rows(tmp_path) -> None:
+    """A bf16 config over FP8 weights whose I is off the 128-row block: the dtype disagreement
+    is the error, not the block rows (which read_moe_layer_weights alone reports)."""
+    syn = make_layer("fp8_e4m3", inter=192, shared=None)
+    cfg = hf_config("bfloat16", moe_intermediate_size=192, n_shared_experts=0)
+    path = write(tmp_path, syn, "sharded", cfg)
+    with pytest.raises(
+        moelb.InvalidArgumentError,
+        match=r"weight_format 'bfloat16' but layer 3's expert weights .* are 'fp8_e4m3' "
+        r"\(model\.layers\.3\.mlp\.experts\.0\.gate_proj\.weight is F8_E4M3\)",
+    ):
+        load_moe_layer(path, LAYER)
+    with pytest.raises(moelb.InvalidArgumentError, match="is not a multiple of"):
+        read_moe_layer_weights(path, LAYER)
+
+
+BIAS = re.escape(P + "gate.e_score_correction_bias")
+V2_GREEDY = dict(
+    model_type="deepseek_v2", topk_method="greedy", scoring_func="softmax", n_group=1, topk_group=1
+)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_load_requires_the_correction_bias_exactly_for_noaux_tc(tmp_path, layout) -> None:
+    """reference/moe_layer.md section 2: the bias exists iff topk_method is 'noaux_tc' (and the
+    layer is not a hash layer). Without it a V3 layer would route on the unbiased scores."""
+    no_bias = make_layer("bfloat16", bias=False)
+    with pytest.raises(
+        moelb.InvalidArgumentError,
+        match=rf"tensor '{BIAS}' is not in .* topk_method='noaux_tc', whose routing adds",
+    ):
+        load_moe_layer(write(tmp_path / "a", no_bias, layout, hf_config("bfloat16")), LAYER)
+    # a deepseek_v3 config without topk_method means noaux_tc too
+    cfg = {k: v for k, v in hf_config("bfloat16").items() if k != "topk_method"}
+    with pytest.raises(moelb.InvalidArgumentError, match=r"is not in .* topk_method='noaux_tc'"):
+        load_moe_layer(write(tmp_path / "b", no_bias, layout, cfg), LAYER)
+
+    greedy = hf_config("bfloat16", **V2_GREEDY)
+    with pytest.raises(
+        moelb.InvalidArgumentError,
+        match=rf"tensor '{BIAS}' is in .* topk_method='greedy', which has no correction",
+    ):
+        load_moe_layer(write(tmp_path / "c", make_layer("bfloat16"), layout, greedy), LAYER)
+    weights, config = load_moe_layer(write(tmp_path / "d", no_bias, layout, greedy), LAYER)
+    assert weights["correction_bias"] is None
+    assert config.scoring == "softmax" and config.num_groups is None
+    # a layer the checkpoint stores as a dense MLP is reported as such, not as a missing bias
+    all_moe = hf_config("bfloat16", first_k_dense_replace=0)
+    with pytest.raises(moelb.InvalidArgumentError, match="layer_id=0 is a dense MLP layer"):
+        load_moe_layer(write(tmp_path / "e", no_bias, layout, all_moe), 0)
 
 
 # --- end to end: load -> DeepSeekMoE -> forward against float64 ----------------------------------
