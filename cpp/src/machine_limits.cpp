@@ -67,8 +67,10 @@ MachineLimits measure_machine_limits(const MachineLimitsOptions& options) {
     MOELB_CHECK_ARG(options.buffer_bytes >= (std::int64_t{1} << 20),
                     "buffer_bytes must be >= 1 MiB (1048576), got " << options.buffer_bytes);
     MOELB_CHECK_ARG(options.passes >= 1, "passes must be >= 1, got " << options.passes);
-    MOELB_CHECK_ARG(std::isfinite(options.seconds) && options.seconds > 0,
-                    "seconds must be > 0, got " << options.seconds);
+    MOELB_CHECK_ARG(std::isfinite(options.seconds) && options.seconds >= 1e-3,
+                    "seconds must be finite and >= 0.001 (shorter passes time the clock, not the "
+                    "loop), got "
+                        << options.seconds);
     const isa::Kernels& K = isa::kernels();
 
     MachineLimits out;

@@ -234,7 +234,9 @@ class DeepSeekMoE(_core.DeepSeekMoE):
     config: a ``DeepSeekMoEConfig``.
     weights: a mapping with the arrays of ``WEIGHT_NAMES`` (logical experts; the expert matrices
         in ``stored_dtype(config.weight_format)`` with their ``*_scale_inv`` arrays for fp8 / int8
-        -- a float32 layer converts other real dtypes --, the gate and bias float32), or None for
+        -- a float32 layer converts float16, float64 and integer arrays other than int8; bf16 and
+        int8 arrays are refused there, as they are surely meant for another format --, the gate
+        and bias float32), or None for
         ``random_moe_weights(config, seed)``. ``quantize_weights`` makes the stored arrays.
     location, layer, ep_rank: the routed weights are held per physical slot of ``location``'s MoE
         layer ``layer`` (default: the trivial placement); tokens are dispatched to replicas as seen

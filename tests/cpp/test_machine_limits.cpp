@@ -66,7 +66,8 @@ TEST(MachineLimits, RefusesBadOptions) {
                             "passes must be >= 1, got 0");
     o = quick(1);
     o.seconds = -1;
-    expect_invalid_argument([&] { moelb::measure_machine_limits(o); }, "seconds must be > 0");
+    expect_invalid_argument([&] { moelb::measure_machine_limits(o); },
+                            "seconds must be finite and >= 0.001");
 }
 
 }  // namespace

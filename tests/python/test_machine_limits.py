@@ -33,7 +33,9 @@ def test_figures_are_positive_and_finite(threads: int) -> None:
         ({"threads": 0}, "threads must be >= 1, got 0"),
         ({"buffer_bytes": 1000}, r"buffer_bytes must be >= 1 MiB \(1048576\), got 1000"),
         ({"passes": 0}, "passes must be >= 1, got 0"),
-        ({"seconds": 0.0}, "seconds must be > 0"),
+        ({"seconds": 0.0}, "seconds must be finite and >= 0.001"),
+        ({"seconds": 1e-9}, "seconds must be finite and >= 0.001"),
+        ({"seconds": float("inf")}, "seconds must be finite and >= 0.001"),
     ],
 )
 def test_refuses_bad_options(options: dict[str, float], message: str) -> None:

@@ -16,10 +16,10 @@ struct MachineLimitsOptions {
     int threads = 1;
     // The read-bandwidth buffer: much larger than the last-level cache (>= 1 MiB), split evenly
     // between the threads; written once before the passes.
-    std::int64_t buffer_bytes = std::int64_t{1} << 30;
+    std::int64_t buffer_bytes = std::int64_t{256} << 20;
     // Each figure is the best of this many passes (>= 1).
     int passes = 5;
-    // The length of one FMA or bf16-dot pass, in seconds (> 0; calibrated once).
+    // The length of one FMA or bf16-dot pass, in seconds (>= 1e-3; calibrated once).
     double seconds = 0.1;
 };
 
