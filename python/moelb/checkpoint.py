@@ -770,12 +770,15 @@ def deepseek_config_fields(
     'float32' / 'float16' -> 'float32'). activation_dtype: included when given (else the
     config's default). A decoder layer below first_k_dense_replace, or not a multiple of
     moe_layer_freq (a positive integer), is dense: refused; the multi-token-prediction layers
-    after num_hidden_layers are MoE layers.
+    after num_hidden_layers are MoE layers. DeepSeek-V4's fields: swiglu_limit -> swiglu_limit
+    (the routed and shared experts' clamp; null: none), and a layer below num_hash_layers (a
+    hash layer, routed by token id through a table this loader does not read) is refused.
 
     Every field read must have its JSON type -- integers (not booleans, strings or fractions),
     numbers, true / false, strings -- else InvalidArgumentError names the field and its value;
     null counts as absent only for num_hidden_layers, num_nextn_predict_layers,
-    n_shared_experts and n_group, whose absence the models know."""
+    n_shared_experts, n_group, num_hash_layers and swiglu_limit, whose absence the models
+    know."""
     hf, source = _read_config(hf_config)
     return _config_fields(hf, source, layer_id, activation_dtype)[0]
 
@@ -807,6 +810,14 @@ def _config_fields(
             f"layer_id={layer_id} is a dense layer, not MoE (first_k_dense_replace={first_dense}, "
             f"moe_layer_freq={freq} in {source})"
         )
+    # DeepSeek-V4's hash layers route by token id through a table (tid2eid) this loader does not
+    # read: refused rather than loaded as learned-routing layers (reference/moe_layer.md 6.3).
+    num_hash = get("num_hash_layers", int, 0, minimum=0, null_is_default=True)
+    if layer_id < num_hash and not is_nextn:
+        raise InvalidArgumentError(
+            f"layer_id={layer_id} is a hash layer (num_hash_layers={num_hash} in {source}): its "
+            "routing table tid2eid is not read by this loader"
+        )
     v3 = get("model_type", str, None) == "deepseek_v3"
     topk_method = get("topk_method", str, "noaux_tc" if v3 else "greedy")
     n_group = get("n_group", int, None, minimum=1, null_is_default=True)
@@ -834,6 +845,10 @@ def _config_fields(
         "layer_id": layer_id,
         "weight_format": weight_format,
     }
+    # V4: the SwiGLU clamp of the routed and shared experts (null or absent: none)
+    limit = get("swiglu_limit", float, None, null_is_default=True)
+    if limit is not None:
+        fields["swiglu_limit"] = limit
     if block is not None:
         fields["weight_block_size"] = block
     if activation_dtype is not None:

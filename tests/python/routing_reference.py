@@ -349,3 +349,30 @@ def make_tie_free_logits(
         **config,
     )
     return logits
+
+
+def reference_route(
+    config: Any, logits: npt.ArrayLike, weights: dict, input_ids: npt.ArrayLike | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The routing of a moelb.DeepSeekMoEConfig's layer in float64: the hash router for a hash
+    layer (``weights["tid2eid"]``, ``input_ids``), else select_experts with the config's groups,
+    scoring and ``weights["correction_bias"]``. Returns (ids [T, K], weights [T, K])."""
+    if config.is_hash_layer:
+        return reference_hash_select(
+            logits,
+            input_ids,
+            weights["tid2eid"],
+            scoring=config.scoring,
+            routed_scaling_factor=config.routed_scaling_factor,
+        )
+    ids, topk_weights, _ = reference_select_experts(
+        logits,
+        top_k=config.top_k,
+        scoring=config.scoring,
+        num_groups=config.num_groups,
+        topk_group=config.topk_group,
+        renormalize=config.renormalize,
+        routed_scaling_factor=config.routed_scaling_factor,
+        correction_bias=weights["correction_bias"],
+    )
+    return ids, topk_weights

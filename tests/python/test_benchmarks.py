@@ -506,3 +506,15 @@ def test_bench_isa_variant_specs(tmp_path: Path) -> None:
         bench_isa.parse_variant("portable")
     with pytest.raises(ValueError, match="holds no moelb package"):
         bench_isa.parse_variant(f"x={tmp_path / 'missing'}")
+
+
+def test_bench_moe_decode_shape_quick(tmp_path: Path) -> None:
+    stdout, data = run_quick(tmp_path, "bench_moe_decode_shape.py")
+    assert "goal: decode GB/s" in stdout
+    rows = data["results"]
+    assert {(r["weight_format"], r["num_tokens"], r["threads"]) for r in rows} == {
+        (f, t, n) for f in ("bfloat16", "fp8_e4m3", "int8") for t in (1, 4) for n in (1, 2)
+    }
+    for r in rows:
+        assert r["median_seconds"] > 0 and r["bytes_read"] > 0
+        assert r["gbs"] == pytest.approx(r["bytes_read"] / r["median_seconds"] / 1e9)

@@ -29,7 +29,7 @@ from moelb.checkpoint import (  # noqa: E402
     read_moe_layer_weights,
     weight_format_of,
 )
-from routing_reference import reference_select_experts  # noqa: E402
+from routing_reference import reference_route  # noqa: E402
 
 FORMATS = ("float32", "bfloat16", "fp8_e4m3", "int8")
 LAYOUTS = ("file", "directory", "sharded")
@@ -847,16 +847,7 @@ def reference_forward(config, w: dict, x: np.ndarray) -> np.ndarray:
         return (g / (1 + np.exp(-g)) * u) @ down.T
 
     logits = x @ w["gate"].T
-    ids, weights, _ = reference_select_experts(
-        logits,
-        top_k=config.top_k,
-        scoring=config.scoring,
-        num_groups=config.num_groups,
-        topk_group=config.topk_group,
-        renormalize=config.renormalize,
-        routed_scaling_factor=config.routed_scaling_factor,
-        correction_bias=w["correction_bias"],
-    )
+    ids, weights = reference_route(config, logits, w)
     x64 = x.astype(np.float64)
     out = np.zeros_like(x64)
     for e in range(config.num_experts):
@@ -904,3 +895,18 @@ def test_loaded_layer_forward_matches_a_float64_reference(tmp_path, fmt, activat
     np.testing.assert_allclose(
         got.astype(np.float64), want, rtol=0, atol=FORWARD_TOLERANCE[activation_dtype] * scale
     )
+
+
+def test_v4_fields_swiglu_limit_and_hash_layers() -> None:
+    """DeepSeek-V4's config.json: swiglu_limit becomes the layer's clamp (null: none); a layer
+    below num_hash_layers routes by token id through tid2eid, which the loader does not read, so
+    it is refused rather than loaded as a learned-routing layer."""
+    cfg = hf_config("bfloat16", swiglu_limit=10.0, num_hash_layers=3)
+    fields = deepseek_config_fields(cfg, LAYER)
+    assert LAYER >= 3 and fields["swiglu_limit"] == 10.0
+    assert "swiglu_limit" not in deepseek_config_fields(hf_config("bfloat16", swiglu_limit=None), 3)
+    assert "swiglu_limit" not in deepseek_config_fields(hf_config("bfloat16"), LAYER)
+    with pytest.raises(moelb.InvalidArgumentError, match=r"layer_id=2 is a hash layer"):
+        deepseek_config_fields(hf_config("bfloat16", num_hash_layers=3, first_k_dense_replace=0), 2)
+    with pytest.raises(moelb.InvalidArgumentError, match="swiglu_limit='10' must be a number"):
+        deepseek_config_fields(hf_config("bfloat16", swiglu_limit="10"), LAYER)

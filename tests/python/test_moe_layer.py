@@ -7,7 +7,7 @@ from __future__ import annotations
 import moelb
 import numpy as np
 import pytest
-from routing_reference import reference_hash_select, reference_select_experts
+from routing_reference import reference_route
 
 
 def small_v3(**changes) -> moelb.DeepSeekMoEConfig:
@@ -41,25 +41,7 @@ def reference_forward(
 ) -> np.ndarray:
     """out = rsf * sum_k w_k expert_k(x) + shared(x), in float32 (routing in float64)."""
     logits = x @ w["gate"].T
-    if config.is_hash_layer:
-        ids, weights = reference_hash_select(
-            logits,
-            input_ids,
-            w["tid2eid"],
-            scoring=config.scoring,
-            routed_scaling_factor=config.routed_scaling_factor,
-        )
-    else:
-        ids, weights, _ = reference_select_experts(
-            logits,
-            top_k=config.top_k,
-            scoring=config.scoring,
-            num_groups=config.num_groups,
-            topk_group=config.topk_group,
-            renormalize=config.renormalize,
-            routed_scaling_factor=config.routed_scaling_factor,
-            correction_bias=w["correction_bias"],
-        )
+    ids, weights = reference_route(config, logits, w, input_ids)
     out = np.zeros_like(x)
     for e in range(config.num_experts):
         rows, cols = np.nonzero(ids == e)

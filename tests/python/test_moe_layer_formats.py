@@ -15,7 +15,7 @@ import moelb
 import numpy as np
 import pytest
 from moelb.moe_layer import gemm_scratch_bytes
-from routing_reference import reference_hash_select, reference_select_experts
+from routing_reference import reference_route
 
 FORMATS = ("float32", "bfloat16", "fp8_e4m3", "int8")
 DTYPES = ("float32", "bfloat16")
@@ -123,25 +123,7 @@ def reference_forward(config, w, x, input_ids=None):
     w = dequantized_weights(config, w)
     x = x.astype(np.float64)
     logits = x @ w["gate"].astype(np.float64).T
-    if config.is_hash_layer:
-        ids, weights = reference_hash_select(
-            logits,
-            input_ids,
-            w["tid2eid"],
-            scoring=config.scoring,
-            routed_scaling_factor=config.routed_scaling_factor,
-        )
-    else:
-        ids, weights, _ = reference_select_experts(
-            logits,
-            top_k=config.top_k,
-            scoring=config.scoring,
-            num_groups=config.num_groups,
-            topk_group=config.topk_group,
-            renormalize=config.renormalize,
-            routed_scaling_factor=config.routed_scaling_factor,
-            correction_bias=w["correction_bias"],
-        )
+    ids, weights = reference_route(config, logits, w, input_ids)
     out = np.zeros_like(x)
     for e in range(config.num_experts):
         rows, cols = np.nonzero(ids == e)
@@ -294,16 +276,7 @@ def emulate_bf16_forward(config, w, hidden: np.ndarray) -> tuple[np.ndarray, np.
     f32 = {k: np.asarray(d[k], np.float32) for k in ("w13", "w2", "shared_gate_up", "shared_down")}
     x = hidden.astype(np.float32)
     logits = x.astype(np.float64) @ w["gate"].astype(np.float64).T
-    ids, weights, _ = reference_select_experts(
-        logits,
-        top_k=config.top_k,
-        scoring=config.scoring,
-        num_groups=config.num_groups,
-        topk_group=config.topk_group,
-        renormalize=config.renormalize,
-        routed_scaling_factor=config.routed_scaling_factor,
-        correction_bias=w["correction_bias"],
-    )
+    ids, weights = reference_route(config, logits, w)
     weights = weights.astype(np.float32)
 
     def act(gu: np.ndarray, width: int) -> np.ndarray:

@@ -169,6 +169,19 @@ constexpr int kChunk = 2 * kLanes;
 // in flight for the memory's latency. Each chunk read prefetches the same chunk of the row one
 // group further on (bind: `ahead` = the group's elements; rows are contiguous, so the next group
 // is the next rows), a whole group's time ahead and every line of it once.
+// The prefetch distance in elements of `element_bytes` for a group of `rows` rows of `cols`:
+// the group's elements (mode 1, the default), or 1 KiB (mode 0, the distance within the row).
+constexpr Index prefetch_ahead(int rows, Index cols, std::size_t element_bytes) {
+#if MOELB_PREFETCH_MODE == 1
+    (void)element_bytes;
+    return rows * cols;
+#else
+    (void)rows;
+    (void)cols;
+    return 1024 / static_cast<Index>(element_bytes);
+#endif
+}
+
 MOELB_INLINE void prefetch(const void* p) {
 #if defined(__GNUC__) || defined(__clang__)
     __builtin_prefetch(p, 0, MOELB_PREFETCH_LOCALITY);
@@ -256,11 +269,7 @@ struct F32Rows {
     const float* row[kBlockRows];
 
     void bind(Index j0, int rows) {
-#if MOELB_PREFETCH_MODE == 1
-        ahead = rows * cols;
-#else
-        ahead = 1024 / static_cast<Index>(sizeof(*data));
-#endif
+        ahead = prefetch_ahead(rows, cols, sizeof(*data));
         for (int jj = 0; jj < rows; ++jj) row[jj] = data + (j0 + jj) * cols;
     }
     bool poisoned(int) const { return false; }
@@ -285,11 +294,7 @@ struct Bf16Rows {
     const std::uint16_t* row[kBlockRows];
 
     void bind(Index j0, int rows) {
-#if MOELB_PREFETCH_MODE == 1
-        ahead = rows * cols;
-#else
-        ahead = 1024 / static_cast<Index>(sizeof(*data));
-#endif
+        ahead = prefetch_ahead(rows, cols, sizeof(*data));
         for (int jj = 0; jj < rows; ++jj) row[jj] = data + (j0 + jj) * cols;
     }
     bool poisoned(int) const { return false; }
@@ -325,11 +330,7 @@ struct Int8Rows {
     const std::int8_t* row[kBlockRows];
 
     void bind(Index j0, int rows) {
-#if MOELB_PREFETCH_MODE == 1
-        ahead = rows * cols;
-#else
-        ahead = 1024 / static_cast<Index>(sizeof(*data));
-#endif
+        ahead = prefetch_ahead(rows, cols, sizeof(*data));
         for (int jj = 0; jj < rows; ++jj) row[jj] = data + (j0 + jj) * cols;
     }
     bool poisoned(int) const { return false; }
@@ -387,11 +388,7 @@ struct Fp8Rows {
 
     void bind(Index j0, int n) {
         rows = n;
-#if MOELB_PREFETCH_MODE == 1
-        ahead = rows * cols;
-#else
-        ahead = 1024 / static_cast<Index>(sizeof(*data));
-#endif
+        ahead = prefetch_ahead(rows, cols, sizeof(*data));
         for (int jj = 0; jj < n; ++jj) {
             row[jj] = data + (j0 + jj) * cols;
             scale_row[jj] = scale_inv + ((j0 + jj) / block_rows) * grid_cols;
