@@ -383,7 +383,9 @@ def moe_expected_peak_bytes(
     num_physical_experts: int,
     routed_lanes: int,
     shared_lanes: int,
+    gate_lanes: int,
 ) -> int: ...
+def moe_gemm_scratch_bytes(rows: int, k: int) -> int: ...
 
 class DeepSeekMoE:
     def __init__(
