@@ -41,7 +41,15 @@
 #include <cstdint>
 #include <limits>
 #include <stdexcept>
+#include <type_traits>
 
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && \
+    defined(__AVX512VL__) && defined(__FMA__) && defined(__F16C__)
+#define MOELB_QUANT_AVX512 1  // 512-bit vectors (the AVX2 code's helpers too: check_nan, madd1)
+#if defined(__AVX512BF16__)
+#define MOELB_QUANT_BF16_DOT 1  // vdpbf16ps for bf16 x (the avx512_bf16 path)
+#endif
+#endif
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #define MOELB_QUANT_AVX2 1
@@ -65,7 +73,38 @@ using isa::WeightType;
 
 // ---- This path's vectors -------------------------------------------------------------------
 
-#if defined(MOELB_QUANT_AVX2)
+#if defined(MOELB_QUANT_AVX512)
+constexpr int kLanes = 16;
+using Vec = __m512;
+MOELB_INLINE Vec vzero() { return _mm512_setzero_ps(); }
+MOELB_INLINE Vec vset1(float s) { return _mm512_set1_ps(s); }
+MOELB_INLINE Vec vload(const float* p) { return _mm512_load_ps(p); }
+MOELB_INLINE void vstore(float* p, Vec v) { _mm512_store_ps(p, v); }
+MOELB_INLINE Vec vmadd(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+MOELB_INLINE Vec vmul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
+// The fixed tree: (l, l + 8), then (l, l + 4), (l, l + 2), (0, 1).
+MOELB_INLINE float vsum(Vec v) {
+    const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    return _mm_cvtss_f32(s);
+}
+// Even and odd values of v[0, 32).
+MOELB_INLINE void deinterleave(const float* v, Vec& e, Vec& o) {
+    const __m512 a = _mm512_loadu_ps(v), b = _mm512_loadu_ps(v + 16);
+    const __m512i even =
+        _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    e = _mm512_permutex2var_ps(a, even, b);
+    o = _mm512_permutex2var_ps(a, _mm512_add_epi32(even, _mm512_set1_epi32(1)), b);
+}
+// Even and odd values of the bf16 bits p[0, 32).
+MOELB_INLINE void bf16_pairs(const std::uint16_t* p, Vec& e, Vec& o) {
+    const __m512i d = _mm512_loadu_si512(p);
+    e = _mm512_castsi512_ps(_mm512_slli_epi32(d, 16));
+    o = _mm512_castsi512_ps(_mm512_and_si512(d, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+}
+#elif defined(MOELB_QUANT_AVX2)
 constexpr int kLanes = 8;
 using Vec = __m256;
 MOELB_INLINE Vec vzero() { return _mm256_setzero_ps(); }
@@ -227,143 +266,72 @@ static_assert(kBlockRows % kTileW == 0);
 
 constexpr Index round_up(Index v, Index to) { return (v + to - 1) / to * to; }
 
-// The panels' row stride in floats: whole chunks and 64-byte lines, and 17 lines (mod 64) more
-// than a multiple of 4 KiB. When k is a multiple of 1024 (k = 7168: rows 28 KiB apart, 7 x 4 KiB)
-// every row's k-block would fall into the same L1 sets and the prefill tiles' 16 + 3 rows would
-// evict each other; 17 lines apart, a k-block of 16 lines of each row spreads over all 64 sets.
-constexpr Index panel_stride(Index k) {
-    constexpr Index line = 64 / sizeof(float);
+// The panels' row stride in elements of `bytes` bytes: whole chunks and 64-byte lines, and 17
+// lines (mod 64) more than a multiple of 4 KiB. When k is a multiple of 1024 (k = 7168: float32
+// rows 28 KiB apart, 7 x 4 KiB) every row's k-block would fall into the same L1 sets and the
+// prefill tiles' 16 + 3 rows would evict each other; 17 lines apart, a k-block of 16 lines of each
+// row spreads over all 64 sets. A bf16 panel's stride is never longer than a float32 one's in
+// bytes (the scratch is sized for float32 panels).
+constexpr Index panel_stride(Index k, Index bytes = sizeof(float)) {
+    const Index line = 64 / bytes;
     const Index lines = round_up(k, kChunk > line ? kChunk : line) / line;
     return (lines + ((17 - lines) % 64 + 64) % 64) * line;
 }
 static_assert(kChunk <= 16 || kChunk % 16 == 0);
 
+// ---- The dot product of a chunk ------------------------------------------------------------
+//
+// A chunk of an x panel row and of a W row meet as kParts operand vectors ("parts") of
+// kPartElems panel elements each, every part multiplied into the lanes' accumulators in turn.
+//   FmaDot   float32 panels; two parts, the chunk's two vectors of kLanes values (even/odd or
+//            natural layout); one FMA per part (mul then add on SSE2).
+//   Bf16Dot  (the avx512_bf16 path, bf16 x; see quant_gemm) bf16 panels; one part, the chunk's
+//            32 values in order, lane l holding values 2l and 2l + 1; one vdpbf16ps, which per
+//            lane adds the odd product and then the even one, each rounded once (the products of
+//            two bf16 are exact in float32), bf16 subnormal inputs read as zero and float32
+//            subnormal results flushed to zero.
+struct FmaDot {
+    using XT = float;  // the x panel's elements
+    using WT = float;  // the W panel's elements (prefill)
+    using Part = Vec;
+    static constexpr int kParts = 2;
+    static constexpr Index kPartElems = kLanes;
+    static MOELB_INLINE Part load(const float* p) { return vload(p); }
+    static MOELB_INLINE void store(float* p, Part v) { vstore(p, v); }
+    static MOELB_INLINE Vec madd(Part x, Part w, Vec acc) { return vmadd(x, w, acc); }
+};
+#if defined(MOELB_QUANT_BF16_DOT)
+struct Bf16Dot {
+    using XT = std::uint16_t;
+    using WT = std::uint16_t;
+    using Part = __m512i;
+    static constexpr int kParts = 1;
+    static constexpr Index kPartElems = kChunk;
+    static MOELB_INLINE Part load(const std::uint16_t* p) { return _mm512_load_si512(p); }
+    static MOELB_INLINE void store(std::uint16_t* p, Part v) { _mm512_store_si512(p, v); }
+    static MOELB_INLINE Vec madd(Part x, Part w, Vec acc) {
+        return _mm512_dpbf16_ps(acc, (__m512bh)x, (__m512bh)w);
+    }
+};
+static_assert(kChunk == 32);
+#endif
+
 // ---- Exact scalar conversions ----------------------------------------------------------------
 
 float bf16_value(std::uint16_t bits) { return std::bit_cast<float>(std::uint32_t{bits} << 16); }
-
-// ---- Reading W: one loader per stored type --------------------------------------------------
-//
-// A loader reads up to kBlockRows rows of W bound by bind(j0, rows): chunk(jj, c, e, o) gives the
-// two vectors of row j0 + jj's chunk c in its layout (a whole chunk: (c + 1) * kChunk <= cols),
-// tail() the same for the partial last chunk (zero-padded); finish(j, sum) turns row j's lane-tree
-// sum into y (int8: the row scale), poisoned(jj) says a NaN code was seen (fp8: check_nan over
-// each segment's whole chunks before they are read, tail() for the last one).
-
-// Row j's chunk from its scalar values (exact), zero-padded past cols.
-template <class Value>
-MOELB_INLINE void scalar_chunk(const Value& value, Index c, Index cols, Vec& e, Vec& o) {
-    alignas(64) float v[kChunk];
-    const Index c0 = c * kChunk;
-    for (int t = 0; t < kChunk; ++t) v[t] = c0 + t < cols ? value(c0 + t) : 0.0f;
-    deinterleave(v, e, o);
+// The bits of a float32 that is a bf16 value (exact for those).
+[[maybe_unused]] std::uint16_t bf16_bits(float v) {
+    return static_cast<std::uint16_t>(std::bit_cast<std::uint32_t>(v) >> 16);
 }
 
-struct F32Rows {
-    static constexpr bool kPairs = false;
-    static constexpr bool kNatural = false;
-    static constexpr bool kBlockScale = false;
-    const float* data;
-    Index cols;
-    Index ahead = 0;  // prefetch distance in elements (bind)
-    const float* row[kBlockRows];
-
-    void bind(Index j0, int rows) {
-        ahead = prefetch_ahead(rows, cols, sizeof(*data));
-        for (int jj = 0; jj < rows; ++jj) row[jj] = data + (j0 + jj) * cols;
-    }
-    bool poisoned(int) const { return false; }
-    float finish(Index, float sum) const { return sum; }
-    MOELB_INLINE void chunk(int jj, Index c, Vec& e, Vec& o) const {
-        prefetch(row[jj] + c * kChunk + ahead);
-        deinterleave(row[jj] + c * kChunk, e, o);
-    }
-    void tail(int jj, Index c, Vec& e, Vec& o) const {
-        const float* r = row[jj];
-        scalar_chunk([r](Index col) { return r[col]; }, c, cols, e, o);
-    }
-};
-
-struct Bf16Rows {
-    static constexpr bool kPairs = false;
-    static constexpr bool kNatural = false;
-    static constexpr bool kBlockScale = false;
-    const std::uint16_t* data;
-    Index cols;
-    Index ahead = 0;  // prefetch distance in elements (bind)
-    const std::uint16_t* row[kBlockRows];
-
-    void bind(Index j0, int rows) {
-        ahead = prefetch_ahead(rows, cols, sizeof(*data));
-        for (int jj = 0; jj < rows; ++jj) row[jj] = data + (j0 + jj) * cols;
-    }
-    bool poisoned(int) const { return false; }
-    float finish(Index, float sum) const { return sum; }
-    MOELB_INLINE void chunk(int jj, Index c, Vec& e, Vec& o) const {
-        prefetch(row[jj] + c * kChunk + ahead);
-        bf16_pairs(row[jj] + c * kChunk, e, o);
-    }
-    void tail(int jj, Index c, Vec& e, Vec& o) const {
-        const std::uint16_t* r = row[jj];
-        scalar_chunk([r](Index col) { return bf16_value(r[col]); }, c, cols, e, o);
-    }
-};
-
-// The natural layout (int8): chunk c's first vector holds its values [0, kLanes), the
-// second [kLanes, 2 kLanes): lane l takes the columns l mod kLanes in order. Natural-order widening
-// (one sign-extending load per vector) needs no byte shuffle.
-MOELB_INLINE void scalar_natural(const float* v, Vec& e, Vec& o) {
-    e = vload(v);
-    o = vload(v + kLanes);
-}
-
-// int8: the products x * float(q) (exact: |q| <= 128), the row's scale applied once to the
-// lane-tree's sum (finish()).
-struct Int8Rows {
-    static constexpr bool kPairs = false;
-    static constexpr bool kNatural = true;
-    static constexpr bool kBlockScale = false;
-    const std::int8_t* data;
-    Index cols;
-    Index ahead = 0;         // prefetch distance in elements (bind)
-    const float* scale_inv;  // [rows]
-    const std::int8_t* row[kBlockRows];
-
-    void bind(Index j0, int rows) {
-        ahead = prefetch_ahead(rows, cols, sizeof(*data));
-        for (int jj = 0; jj < rows; ++jj) row[jj] = data + (j0 + jj) * cols;
-    }
-    bool poisoned(int) const { return false; }
-    float finish(Index j, float sum) const { return sum * scale_inv[j]; }
-    MOELB_INLINE void chunk(int jj, Index c, Vec& e, Vec& o) const {
-        prefetch(row[jj] + c * kChunk + ahead);
-#if defined(MOELB_QUANT_AVX2)
-        const std::int8_t* p = row[jj] + c * kChunk;
-        e = _mm256_cvtepi32_ps(
-            _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-        o = _mm256_cvtepi32_ps(
-            _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8))));
-#else
-        tail(jj, c, e, o);
-#endif
-    }
-    void tail(int jj, Index c, Vec& e, Vec& o) const {
-        alignas(64) float v[kChunk];
-        const std::int8_t* r = row[jj];
-        const Index c0 = c * kChunk;
-        for (int t = 0; t < kChunk; ++t)
-            v[t] = c0 + t < cols ? static_cast<float>(r[c0 + t]) : 0.0f;
-        scalar_natural(v, e, o);
-    }
-};
-
-// fp8 E4M3FN: each code as the float32 fp8(q) * 2^-120, exactly: the sign-extended byte shifted
-// left by 20 and masked to 0x87F00000 has the sign in bit 31, the exponent field 0000eeee and the
-// mantissa mmm0...: 2^(e - 127) * 1.mmm = fp8 * 2^-120 for e >= 1, and for e = 0 the float32
-// subnormal mmm * 2^-129 = fp8 * 2^-120 as well. NaN codes (0x7F, 0xFF) come out finite and are
-// caught apart (check_nan, tail): their row's outputs are NaN. The x panel holds x * 2^P (see
-// fp8_x_exponent), so products are x * fp8 * 2^(P - 120); each scale block's lane sums are scaled
-// back and multiplied by the block's scale at its end (block_flush in decode_tile, panel_tile).
+// fp8 E4M3FN for FmaDot: each code as the float32 fp8(q) * 2^-120, exactly: the sign-extended
+// byte shifted left by 20 and masked to 0x87F00000 has the sign in bit 31, the exponent field
+// 0000eeee and the mantissa mmm0...: 2^(e - 127) * 1.mmm = fp8 * 2^-120 for e >= 1, and for e = 0
+// the float32 subnormal mmm * 2^-129 = fp8 * 2^-120 as well. NaN codes (0x7F, 0xFF) come out
+// finite and are caught apart (check_nan, tail): their row's outputs are NaN. The x panel holds
+// x * 2^P (see fp8_x_exponent), so products are x * fp8 * 2^(P - 120); each scale block's lane
+// sums are scaled back and multiplied by the block's scale at its end (block_flush in
+// decode_tile, panel_tile).
 MOELB_INLINE float fp8_scaled(std::uint8_t b) {
     const std::uint32_t u =
         static_cast<std::uint32_t>(static_cast<std::int32_t>(static_cast<std::int8_t>(b))) << 20;
@@ -371,26 +339,195 @@ MOELB_INLINE float fp8_scaled(std::uint8_t b) {
 }
 MOELB_INLINE bool fp8_is_nan(std::uint8_t b) { return (b & 0x7Fu) == 0x7Fu; }
 
-struct Fp8Rows {
-    static constexpr bool kPairs = false;
-    static constexpr bool kNatural = false;  // the even/odd layout
-    static constexpr bool kBlockScale = true;
-    const std::uint8_t* data;
+#if defined(MOELB_QUANT_BF16_DOT)
+// fp8 E4M3FN for Bf16Dot: the bf16 bits of the code's exact value -- every E4M3FN value, the
+// subnormals (m * 2^-9) included, is a normal bf16 (vdpbf16ps reads bf16 subnormals as zero). By
+// the magnitude m = code & 0x7F (0x7F, NaN, gives 480: caught apart like FmaDot's).
+constexpr std::uint16_t fp8_magnitude_bf16(unsigned m) {
+    unsigned e = m >> 3, mant = m & 7u;
+    if (e == 0) {
+        if (mant == 0) return 0;
+        int exp = -6;  // mant * 2^-9 = (mant / 8) * 2^-6: shift mant up to 1.xxx
+        while ((mant & 8u) == 0) {
+            mant <<= 1;
+            --exp;
+        }
+        return static_cast<std::uint16_t>(static_cast<unsigned>(exp + 127) << 7 | (mant & 7u) << 4);
+    }
+    return static_cast<std::uint16_t>((e + 120u) << 7 | mant << 4);
+}
+struct Fp8Bf16Table {
+    alignas(64) std::uint16_t v[128];
+};
+constexpr Fp8Bf16Table make_fp8_bf16_table() {
+    Fp8Bf16Table t{};
+    for (unsigned m = 0; m < 128; ++m) t.v[m] = fp8_magnitude_bf16(m);
+    return t;
+}
+constexpr Fp8Bf16Table kFp8Bf16 = make_fp8_bf16_table();
+MOELB_INLINE float fp8_value(std::uint8_t b) {
+    return bf16_value(static_cast<std::uint16_t>(kFp8Bf16.v[b & 0x7Fu] | (b & 0x80u) << 8));
+}
+#endif
+
+// ---- Reading W: one loader per stored type --------------------------------------------------
+//
+// A loader (for its Dot) reads up to kBlockRows rows of W bound by bind(j0, rows): chunk(jj, c, w)
+// gives row j0 + jj's chunk c as the Dot's parts (a whole chunk: (c + 1) * kChunk <= cols), tail()
+// the same for the partial last chunk (zero-padded); finish(j, sum) turns row j's lane-tree sum
+// (times the x row's factor, see output) into y (int8: the row scale), poisoned(jj) says a NaN code
+// was seen (fp8: check_nan over each segment's whole chunks before they are read, tail() for the
+// last one).
+
+template <class Dot>
+using Parts = typename Dot::Part[Dot::kParts];
+
+// Row j's chunk c from its scalar values (exact; for Bf16Dot, bf16 values), zero-padded past
+// cols: FmaDot in the even/odd layout or (kNatural) the natural one, Bf16Dot the bf16 bits in
+// order.
+template <class Dot, bool kNatural, class Value>
+MOELB_INLINE void scalar_chunk(const Value& value, Index c, Index cols, Parts<Dot>& w) {
+    const Index c0 = c * kChunk;
+    if constexpr (std::is_same_v<Dot, FmaDot>) {
+        alignas(64) float v[kChunk];
+        for (int t = 0; t < kChunk; ++t) v[t] = c0 + t < cols ? value(c0 + t) : 0.0f;
+        if constexpr (kNatural) {
+            w[0] = vload(v);
+            w[1] = vload(v + kLanes);
+        } else {
+            deinterleave(v, w[0], w[1]);
+        }
+    } else {
+        alignas(64) std::uint16_t v[kChunk];
+        for (int t = 0; t < kChunk; ++t) {
+            v[t] = c0 + t < cols ? bf16_bits(value(c0 + t)) : std::uint16_t{0};
+        }
+        w[0] = Dot::load(v);
+    }
+}
+
+// The rows of one loader and their prefetch distance.
+template <class T>
+struct RowPointers {
+    const T* data;
     Index cols;
-    Index ahead = 0;         // prefetch distance in elements (bind)
+    Index ahead = 0;  // prefetch distance in elements (bind)
+    const T* row[kBlockRows];
+
+    void bind_rows(Index j0, int rows) {
+        ahead = prefetch_ahead(rows, cols, sizeof(T));
+        for (int jj = 0; jj < rows; ++jj) row[jj] = data + (j0 + jj) * cols;
+    }
+    MOELB_INLINE const T* at(int jj, Index c) const {
+        prefetch(row[jj] + c * kChunk + ahead);
+        return row[jj] + c * kChunk;
+    }
+};
+
+struct F32Rows : RowPointers<float> {
+    using Dot = FmaDot;
+    static constexpr bool kBlockScale = false;
+
+    void bind(Index j0, int rows) { bind_rows(j0, rows); }
+    bool poisoned(int) const { return false; }
+    float finish(Index, float sum) const { return sum; }
+    MOELB_INLINE void chunk(int jj, Index c, Parts<Dot>& w) const {
+        deinterleave(at(jj, c), w[0], w[1]);
+    }
+    void tail(int jj, Index c, Parts<Dot>& w) const {
+        const float* r = row[jj];
+        scalar_chunk<Dot, false>([r](Index col) { return r[col]; }, c, cols, w);
+    }
+};
+
+template <class D>
+struct Bf16Rows : RowPointers<std::uint16_t> {
+    using Dot = D;
+    static constexpr bool kBlockScale = false;
+
+    void bind(Index j0, int rows) { bind_rows(j0, rows); }
+    bool poisoned(int) const { return false; }
+    float finish(Index, float sum) const { return sum; }
+    MOELB_INLINE void chunk(int jj, Index c, Parts<Dot>& w) const {
+        const std::uint16_t* p = at(jj, c);
+        if constexpr (std::is_same_v<Dot, FmaDot>) {
+            bf16_pairs(p, w[0], w[1]);
+        } else {
+#if defined(MOELB_QUANT_BF16_DOT)
+            w[0] = _mm512_loadu_si512(p);
+#endif
+        }
+    }
+    void tail(int jj, Index c, Parts<Dot>& w) const {
+        const std::uint16_t* r = row[jj];
+        scalar_chunk<Dot, false>([r](Index col) { return bf16_value(r[col]); }, c, cols, w);
+    }
+};
+
+// int8: the products x * float(q) (exact: |q| <= 128), the row's scale applied once to the
+// lane-tree's sum (finish()). FmaDot: the natural layout -- chunk c's first vector holds its
+// values [0, kLanes), the second [kLanes, 2 kLanes): lane l takes the columns l mod kLanes in
+// order; one sign-extending load per vector, no byte shuffle. Bf16Dot: the codes as bf16 (exact).
+template <class D>
+struct Int8Rows : RowPointers<std::int8_t> {
+    using Dot = D;
+    static constexpr bool kBlockScale = false;
+    const float* scale_inv;  // [rows]
+
+    void bind(Index j0, int rows) { bind_rows(j0, rows); }
+    bool poisoned(int) const { return false; }
+    float finish(Index j, float sum) const { return sum * scale_inv[j]; }
+    MOELB_INLINE void chunk(int jj, Index c, Parts<Dot>& w) const {
+        const std::int8_t* p = at(jj, c);
+        if constexpr (std::is_same_v<Dot, FmaDot>) {
+#if defined(MOELB_QUANT_AVX512)
+            w[0] = _mm512_cvtepi32_ps(
+                _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+            w[1] = _mm512_cvtepi32_ps(
+                _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16))));
+#elif defined(MOELB_QUANT_AVX2)
+            w[0] = _mm256_cvtepi32_ps(
+                _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+            w[1] = _mm256_cvtepi32_ps(
+                _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8))));
+#else
+            (void)p;
+            tail(jj, c, w);
+#endif
+        } else {
+#if defined(MOELB_QUANT_BF16_DOT)
+            // Words 0-15 from the first 16 codes, 16-31 from the next (exact: integers <= 128).
+            const __m512 lo = _mm512_cvtepi32_ps(
+                _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+            const __m512 hi = _mm512_cvtepi32_ps(
+                _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16))));
+            w[0] = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+#endif
+        }
+    }
+    void tail(int jj, Index c, Parts<Dot>& w) const {
+        const std::int8_t* r = row[jj];
+        scalar_chunk<Dot, true>([r](Index col) { return static_cast<float>(r[col]); }, c, cols, w);
+    }
+};
+
+// fp8 E4M3FN with block scales: FmaDot the even/odd layout of fp8_scaled, Bf16Dot the codes'
+// exact bf16 values in order (fp8_magnitude_bf16).
+template <class D>
+struct Fp8Rows : RowPointers<std::uint8_t> {
+    using Dot = D;
+    static constexpr bool kBlockScale = true;
     const float* scale_inv;  // [ceil(rows / block_rows), grid_cols]
     Index block_rows, block_cols, grid_cols;
     Index block_chunks;  // block_cols / kChunk (the vector drivers need block_cols % kChunk == 0)
     int rows = 0;
-    const std::uint8_t* row[kBlockRows];
     const float* scale_row[kBlockRows];
     bool nan[kBlockRows];  // a NaN code seen in the bound row
 
     void bind(Index j0, int n) {
         rows = n;
-        ahead = prefetch_ahead(rows, cols, sizeof(*data));
+        bind_rows(j0, n);
         for (int jj = 0; jj < n; ++jj) {
-            row[jj] = data + (j0 + jj) * cols;
             scale_row[jj] = scale_inv + ((j0 + jj) / block_rows) * grid_cols;
             nan[jj] = false;
         }
@@ -436,42 +573,69 @@ struct Fp8Rows {
     }
     bool poisoned(int jj) const { return nan[jj]; }
     float finish(Index, float sum) const { return sum; }
-    MOELB_INLINE void chunk(int jj, Index c, Vec& e, Vec& o) const {
-        prefetch(row[jj] + c * kChunk + ahead);
-#if defined(MOELB_QUANT_AVX2)
-        const std::uint8_t* p = row[jj] + c * kChunk;
-        // 16 sign-extended 16-bit words, word t = column t: dword l holds columns 2l (low) and
-        // 2l + 1 (high). Each code's sign-extended bits shifted to bit 20 of its dword and masked
-        // as above: << 20 for the low word, << 4 for the high one.
-        const __m256i mask = _mm256_set1_epi32(static_cast<int>(0x87F00000u));
-        const __m256i d =
-            _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-        e = _mm256_castsi256_ps(_mm256_and_si256(_mm256_slli_epi32(d, 20), mask));
-        o = _mm256_castsi256_ps(_mm256_and_si256(_mm256_slli_epi32(d, 4), mask));
+    MOELB_INLINE void chunk(int jj, Index c, Parts<Dot>& w) const {
+        const std::uint8_t* p = at(jj, c);
+        if constexpr (std::is_same_v<Dot, FmaDot>) {
+#if defined(MOELB_QUANT_AVX512)
+            // 32 sign-extended 16-bit words, word t = column t: dword l holds columns 2l (low)
+            // and 2l + 1 (high). Each code's sign-extended bits shifted to bit 20 of its dword
+            // and masked as in fp8_scaled: << 20 for the low word, << 4 for the high one.
+            const __m512i mask = _mm512_set1_epi32(static_cast<int>(0x87F00000u));
+            const __m512i d =
+                _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+            w[0] = _mm512_castsi512_ps(_mm512_and_si512(_mm512_slli_epi32(d, 20), mask));
+            w[1] = _mm512_castsi512_ps(_mm512_and_si512(_mm512_slli_epi32(d, 4), mask));
+#elif defined(MOELB_QUANT_AVX2)
+            // As above with 16 words.
+            const __m256i mask = _mm256_set1_epi32(static_cast<int>(0x87F00000u));
+            const __m256i d =
+                _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+            w[0] = _mm256_castsi256_ps(_mm256_and_si256(_mm256_slli_epi32(d, 20), mask));
+            w[1] = _mm256_castsi256_ps(_mm256_and_si256(_mm256_slli_epi32(d, 4), mask));
 #else
-        alignas(64) float v[kChunk];
-        const std::uint8_t* r = row[jj] + c * kChunk;
-        for (int t = 0; t < kChunk; ++t) v[t] = fp8_scaled(r[t]);
-        deinterleave(v, e, o);
+            alignas(64) float v[kChunk];
+            for (int t = 0; t < kChunk; ++t) v[t] = fp8_scaled(p[t]);
+            deinterleave(v, w[0], w[1]);
 #endif
+        } else {
+#if defined(MOELB_QUANT_BF16_DOT)
+            // The magnitude's bf16 from the 128-entry table (two 64-entry permutes, bit 6
+            // choosing), then the sign from bit 7.
+            const __m512i t0 = _mm512_load_si512(kFp8Bf16.v),
+                          t1 = _mm512_load_si512(kFp8Bf16.v + 32);
+            const __m512i t2 = _mm512_load_si512(kFp8Bf16.v + 64);
+            const __m512i t3 = _mm512_load_si512(kFp8Bf16.v + 96);
+            const __m512i code =
+                _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+            const __m512i low = _mm512_permutex2var_epi16(t0, code, t1);
+            const __m512i high = _mm512_permutex2var_epi16(t2, code, t3);
+            const __m512i mag = _mm512_mask_blend_epi16(
+                _mm512_test_epi16_mask(code, _mm512_set1_epi16(0x40)), low, high);
+            w[0] = _mm512_or_si512(mag, _mm512_slli_epi16(_mm512_srli_epi16(code, 7), 15));
+#endif
+        }
     }
     // The partial last chunk, zero-padded (its NaN codes checked here).
-    void tail(int jj, Index c, Vec& e, Vec& o) {
-        alignas(64) float v[kChunk];
+    void tail(int jj, Index c, Parts<Dot>& w) {
         const std::uint8_t* r = row[jj];
         const Index c0 = c * kChunk;
-        for (int t = 0; t < kChunk; ++t) {
-            v[t] = c0 + t < cols ? fp8_scaled(r[c0 + t]) : 0.0f;
-            if (c0 + t < cols && fp8_is_nan(r[c0 + t])) nan[jj] = true;
+        for (Index col = c0; col < c0 + kChunk && col < cols; ++col) {
+            if (fp8_is_nan(r[col])) nan[jj] = true;
         }
-        deinterleave(v, e, o);
+        if constexpr (std::is_same_v<Dot, FmaDot>) {
+            scalar_chunk<Dot, false>([r](Index col) { return fp8_scaled(r[col]); }, c, cols, w);
+        } else {
+#if defined(MOELB_QUANT_BF16_DOT)
+            scalar_chunk<Dot, false>([r](Index col) { return fp8_value(r[col]); }, c, cols, w);
+#endif
+        }
     }
 };
 // ---- Register tiles --------------------------------------------------------------------------
 
-// The end of an fp8 scale block: acc += (S * g_i) * s_j per lane (S the block's lane sums, g_i =
-// 2^(120 - P_i) undoing the x panel's and the conversion's powers of two, exactly; s_j the
-// block's scale; one rounding in the multiply-add).
+// The end of an fp8 scale block: acc += (S * g_i) * s_j per lane (S the block's lane sums, g_i
+// undoing the x panel's and the conversion's powers of two, exactly; s_j the block's scale; one
+// rounding in the multiply-add).
 MOELB_INLINE Vec block_flush(Vec sum, float g, Vec scale, const float* acc) {
     return vmadd(vmul(sum, vset1(g)), scale, vload(acc));
 }
@@ -479,19 +643,23 @@ MOELB_INLINE Vec block_flush(Vec sum, float g, Vec scale, const float* acc) {
 // One decode step: chunk c of W rows [0, R) (whole, or the zero-padded tail) into the
 // accumulators of x rows [0, MG); xc = the x panel at chunk c (row stride kp).
 template <bool kTail, int R, int MG, class Loader>
-MOELB_INLINE void decode_step(Loader& ld, const float* xc, Index kp, Index c, Vec (&a)[MG][R]) {
+MOELB_INLINE void decode_step(Loader& ld, const typename Loader::Dot::XT* xc, Index kp, Index c,
+                              Vec (&a)[MG][R]) {
+    using Dot = typename Loader::Dot;
 #pragma GCC unroll 4
     for (int j = 0; j < R; ++j) {
-        Vec e, o;
+        Parts<Dot> w;
         if constexpr (kTail) {
-            ld.tail(j, c, e, o);
+            ld.tail(j, c, w);
         } else {
-            ld.chunk(j, c, e, o);
+            ld.chunk(j, c, w);
         }
 #pragma GCC unroll 4
         for (int i = 0; i < MG; ++i) {
-            a[i][j] = vmadd(vload(xc + i * kp), e, a[i][j]);
-            a[i][j] = vmadd(vload(xc + i * kp + kLanes), o, a[i][j]);
+#pragma GCC unroll 2
+            for (int p = 0; p < Dot::kParts; ++p) {
+                a[i][j] = Dot::madd(Dot::load(xc + i * kp + p * Dot::kPartElems), w[p], a[i][j]);
+            }
         }
     }
 }
@@ -502,8 +670,8 @@ MOELB_INLINE void decode_step(Loader& ld, const float* xc, Index kp, Index c, Ve
 // factors (block-scaled loaders). Block-scaled loaders: segments of one scale block each, their
 // sums in registers from zero, added into acc at the segment's end (c1 must be a block end).
 template <int R, int MG, class Loader>
-void decode_tile(Loader& ld, const float* xp, Index kp, Index c0, Index c1, Index full, float* acc,
-                 Index acc_stride, const float* xg) {
+void decode_tile(Loader& ld, const typename Loader::Dot::XT* xp, Index kp, Index c0, Index c1,
+                 Index full, float* acc, Index acc_stride, const float* xg) {
     Vec a[MG][R];
     if constexpr (!Loader::kBlockScale) {
 #pragma GCC unroll 4
@@ -556,14 +724,14 @@ void decode_tile(Loader& ld, const float* xp, Index kp, Index c0, Index c1, Inde
 }
 
 // Prefill: x panel rows [0, MR) (row stride kp) against W panel rows [0, NR) (row stride kp),
-// chunks [c0, c1). Per chunk the first halves, then the second ones: each accumulator still takes
-// its first product before its second. kBlockScale: segments of `block_chunks` chunks (c0 and c1
-// block ends or k's end; c0 in block b0), their sums added into acc with xg[i] and the scales
-// scales[j][block] at each end.
-template <int MR, int NR, bool kBlockScale>
-void panel_tile(const float* xp, const float* wp, Index kp, Index c0, Index c1, float* acc,
-                Index acc_stride, const float* xg, const float* const* scales, Index block_chunks,
-                Index b0) {
+// chunks [c0, c1). Per chunk the Dot's first parts, then the second ones: each accumulator still
+// takes its first product before its second. kBlockScale: segments of `block_chunks` chunks (c0
+// and c1 block ends or k's end; c0 in block b0), their sums added into acc with xg[i] and the
+// scales scales[j][block] at each end.
+template <int MR, int NR, bool kBlockScale, class Dot>
+void panel_tile(const typename Dot::XT* xp, const typename Dot::WT* wp, Index kp, Index c0,
+                Index c1, float* acc, Index acc_stride, const float* xg, const float* const* scales,
+                Index block_chunks, Index b0) {
     Vec a[MR][NR];
     if constexpr (!kBlockScale) {
 #pragma GCC unroll 4
@@ -585,16 +753,16 @@ void panel_tile(const float* xp, const float* wp, Index kp, Index c0, Index c1, 
         }
         for (Index c = cs; c < ce; ++c) {
 #pragma GCC unroll 2
-            for (int h = 0; h < 2; ++h) {
-                const Index off = c * kChunk + h * kLanes;
-                Vec x[MR];
+            for (int h = 0; h < Dot::kParts; ++h) {
+                const Index off = c * kChunk + h * Dot::kPartElems;
+                typename Dot::Part x[MR];
 #pragma GCC unroll 4
-                for (int i = 0; i < MR; ++i) x[i] = vload(xp + i * kp + off);
+                for (int i = 0; i < MR; ++i) x[i] = Dot::load(xp + i * kp + off);
 #pragma GCC unroll 4
                 for (int j = 0; j < NR; ++j) {
-                    const Vec w = vload(wp + j * kp + off);
+                    const typename Dot::Part w = Dot::load(wp + j * kp + off);
 #pragma GCC unroll 4
-                    for (int i = 0; i < MR; ++i) a[i][j] = vmadd(x[i], w, a[i][j]);
+                    for (int i = 0; i < MR; ++i) a[i][j] = Dot::madd(x[i], w, a[i][j]);
                 }
             }
         }
@@ -624,8 +792,8 @@ void panel_tile(const float* xp, const float* wp, Index kp, Index c0, Index c1, 
 // function pointers would be a template instance without this path's tag).
 template <class Loader>
 struct DecodeTiles {
-    using Fn = void (*)(Loader&, const float*, Index, Index, Index, Index, float*, Index,
-                        const float*);
+    using Fn = void (*)(Loader&, const typename Loader::Dot::XT*, Index, Index, Index, Index,
+                        float*, Index, const float*);
     static constexpr Fn kFn[4][kMaxDecodeX] = {
         {&decode_tile<1, 1, Loader>, &decode_tile<1, 2, Loader>, &decode_tile<1, 3, Loader>,
          &decode_tile<1, 4, Loader>},
@@ -640,29 +808,30 @@ struct DecodeTiles {
 static_assert(kMaxDecodeX == 4);
 
 // [rows of x - 1][rows of W - 1].
-template <bool kBlockScale>
+template <bool kBlockScale, class Dot>
 struct PanelTiles {
-    using Fn = void (*)(const float*, const float*, Index, Index, Index, float*, Index,
-                        const float*, const float* const*, Index, Index);
+    using Fn = void (*)(const typename Dot::XT*, const typename Dot::WT*, Index, Index, Index,
+                        float*, Index, const float*, const float* const*, Index, Index);
     static constexpr Fn kFn[kTileX][kTileW] = {
-        {&panel_tile<1, 1, kBlockScale>, &panel_tile<1, 2, kBlockScale>,
-         &panel_tile<1, 3, kBlockScale>, &panel_tile<1, 4, kBlockScale>},
-        {&panel_tile<2, 1, kBlockScale>, &panel_tile<2, 2, kBlockScale>,
-         &panel_tile<2, 3, kBlockScale>, &panel_tile<2, 4, kBlockScale>},
-        {&panel_tile<3, 1, kBlockScale>, &panel_tile<3, 2, kBlockScale>,
-         &panel_tile<3, 3, kBlockScale>, &panel_tile<3, 4, kBlockScale>},
+        {&panel_tile<1, 1, kBlockScale, Dot>, &panel_tile<1, 2, kBlockScale, Dot>,
+         &panel_tile<1, 3, kBlockScale, Dot>, &panel_tile<1, 4, kBlockScale, Dot>},
+        {&panel_tile<2, 1, kBlockScale, Dot>, &panel_tile<2, 2, kBlockScale, Dot>,
+         &panel_tile<2, 3, kBlockScale, Dot>, &panel_tile<2, 4, kBlockScale, Dot>},
+        {&panel_tile<3, 1, kBlockScale, Dot>, &panel_tile<3, 2, kBlockScale, Dot>,
+         &panel_tile<3, 3, kBlockScale, Dot>, &panel_tile<3, 4, kBlockScale, Dot>},
     };
 };
 static_assert(kTileX == 3 && kTileW == 4);
 
 // ---- The x panel ------------------------------------------------------------------------------
 
-// The power of two fp8 puts on x row i in its panel: 2^P with P = 126 - E clamped to [0, 127],
-// E the exponent of the row's largest |x| (max |x| < 2^E; 0 for a zero row, no finite value).
-// Then |x * 2^P| < 2^126 and the products x * 2^P * fp8 * 2^-120 (Fp8Rows) stay below 2^15 and are
-// normal float32 unless |x * fp8| < 2^-131 * max |x| (or < 2^-133): x * fp8 rounded once, scaled by
-// an exact power of two. xg[i] = 2^(120 - P) undoes it at each block's end (block_flush).
-// max_bits: the largest |x| of the row as float32 bits (sign cleared; above 0x7F800000: NaN).
+// The power of two fp8 puts on x row i in its FmaDot panel: 2^P with P = 126 - E clamped to [0,
+// 127], E the exponent of the row's largest |x| (max |x| < 2^E; 0 for a zero row, no finite
+// value). Then |x * 2^P| < 2^126 and the products x * 2^P * fp8 * 2^-120 (Fp8Rows) stay below 2^15
+// and are normal float32 unless |x * fp8| < 2^-131 * max |x| (or < 2^-133): x * fp8 rounded once,
+// scaled by an exact power of two. xg[i] = 2^(120 - P) undoes it at each block's end
+// (block_flush). max_bits: the largest |x| of the row as float32 bits (sign cleared; above
+// 0x7F800000: NaN).
 MOELB_INLINE int fp8_x_exponent(std::uint32_t max_bits) {
     if (max_bits >= 0x7F800000u) return 0;  // inf or NaN (NaN rows propagate anyway)
     int e = 0;
@@ -671,9 +840,29 @@ MOELB_INLINE int fp8_x_exponent(std::uint32_t max_bits) {
     return p < 0 ? 0 : (p > 127 ? 127 : p);
 }
 
-// x rows [0, m): row i at xp + i * kp, chunk c at + c * kChunk, the last chunk zero-padded. The
-// even/odd layout (f32, bf16 W): even values, then odd; the natural one (int8, fp8 W): the values
-// in order, fp8's times 2^P with xg[i] = 2^(120 - P) (fp8_x_exponent).
+// The largest |x| of row i's k values as float32 bits (an integer max, which vectorises).
+std::uint32_t row_max_bits(const QuantGemmArgs& a, Index i, Index k) {
+    std::uint32_t max_bits = 0;
+    if (a.x_type == ActivationType::kFloat32) {
+        const float* row = static_cast<const float*>(a.x) + i * a.x_stride;
+        for (Index c = 0; c < k; ++c) {
+            const std::uint32_t u = std::bit_cast<std::uint32_t>(row[c]) & 0x7FFFFFFFu;
+            max_bits = u > max_bits ? u : max_bits;
+        }
+    } else {
+        const std::uint16_t* row = static_cast<const std::uint16_t*>(a.x) + i * a.x_stride;
+        for (Index c = 0; c < k; ++c) {
+            const std::uint32_t u = (std::uint32_t{row[c]} << 16) & 0x7FFFFFFFu;
+            max_bits = u > max_bits ? u : max_bits;
+        }
+    }
+    return max_bits;
+}
+
+// FmaDot's x rows [0, m): row i at xp + i * kp, chunk c at + c * kChunk, the last chunk
+// zero-padded. The even/odd layout (f32, bf16, fp8 W): even values, then odd; the natural one
+// (int8 W): the values in order. fp8 W: the values times 2^P with xg[i] = 2^(120 - P)
+// (fp8_x_exponent); other W: xg[i] = 1.
 void arrange_x(const QuantGemmArgs& a, Index k, Index kp, float* xp, float* xg, bool natural,
                bool fp8) {
     const Index full = k / kChunk, chunks = (k + kChunk - 1) / kChunk;
@@ -683,21 +872,9 @@ void arrange_x(const QuantGemmArgs& a, Index k, Index kp, float* xp, float* xg, 
         const std::uint16_t* rowb = static_cast<const std::uint16_t*>(a.x) + i * a.x_stride;
         const bool f32 = a.x_type == ActivationType::kFloat32;
         float f = 1.0f;
+        xg[i] = 1.0f;
         if (fp8) {
-            // The largest |x| by its bits (an integer max, which vectorises).
-            std::uint32_t max_bits = 0;
-            if (f32) {
-                for (Index c = 0; c < k; ++c) {
-                    const std::uint32_t u = std::bit_cast<std::uint32_t>(rowf[c]) & 0x7FFFFFFFu;
-                    max_bits = u > max_bits ? u : max_bits;
-                }
-            } else {
-                for (Index c = 0; c < k; ++c) {
-                    const std::uint32_t u = (std::uint32_t{rowb[c]} << 16) & 0x7FFFFFFFu;
-                    max_bits = u > max_bits ? u : max_bits;
-                }
-            }
-            const int p = fp8_x_exponent(max_bits);
+            const int p = fp8_x_exponent(row_max_bits(a, i, k));
             f = std::ldexp(1.0f, p);
             xg[i] = std::ldexp(1.0f, 120 - p);
         }
@@ -711,46 +888,78 @@ void arrange_x(const QuantGemmArgs& a, Index k, Index kp, float* xp, float* xg, 
             continue;
         }
         const Vec fv = vset1(f);  // exact: a power of two with no overflow (fp8_x_exponent)
-        Vec e, o;
+        Parts<FmaDot> w;
         for (Index c = 0; c < full; ++c) {
             if (f32) {
-                deinterleave(rowf + c * kChunk, e, o);
+                deinterleave(rowf + c * kChunk, w[0], w[1]);
             } else {
-                bf16_pairs(rowb + c * kChunk, e, o);
+                bf16_pairs(rowb + c * kChunk, w[0], w[1]);
             }
-            vstore(dst + c * kChunk, vmul(e, fv));
-            vstore(dst + c * kChunk + kLanes, vmul(o, fv));
+            vstore(dst + c * kChunk, vmul(w[0], fv));
+            vstore(dst + c * kChunk + kLanes, vmul(w[1], fv));
         }
         if (full < chunks) {
             if (f32) {
-                scalar_chunk([rowf](Index col) { return rowf[col]; }, full, k, e, o);
+                scalar_chunk<FmaDot, false>([rowf](Index col) { return rowf[col]; }, full, k, w);
             } else {
-                scalar_chunk([rowb](Index col) { return bf16_value(rowb[col]); }, full, k, e, o);
+                scalar_chunk<FmaDot, false>([rowb](Index col) { return bf16_value(rowb[col]); },
+                                            full, k, w);
             }
-            vstore(dst + full * kChunk, vmul(e, fv));
-            vstore(dst + full * kChunk + kLanes, vmul(o, fv));
+            vstore(dst + full * kChunk, vmul(w[0], fv));
+            vstore(dst + full * kChunk + kLanes, vmul(w[1], fv));
         }
     }
 }
 
+#if defined(MOELB_QUANT_BF16_DOT)
+// Bf16Dot's x rows (bf16 x only): row i's values times 2^P_i, in order, zero-padded to whole
+// chunks, P_i = -E_i clamped to [-126, 126] (max |x_i| < 2^E_i; P_i = 0 for a zero row or one
+// with inf or NaN), so the row's largest |value| lies in [1/2, 1) and the products with W's
+// values (int8 codes, fp8 values up to 448, bf16) neither overflow nor reach vdpbf16ps's flush to
+// zero while they matter: each value is x * 2^P_i rounded to float32 (exact unless below 2^-126,
+// where vdpbf16ps reads it as zero anyway) and kept as its top 16 bits. xg[i] = 2^-P_i undoes it
+// (output, block_flush).
+void arrange_x_bf16(const QuantGemmArgs& a, Index k, Index kp, std::uint16_t* xp, float* xg) {
+    const Index padded = round_up(k, kChunk);
+    for (Index i = 0; i < a.m; ++i) {
+        const std::uint16_t* row = static_cast<const std::uint16_t*>(a.x) + i * a.x_stride;
+        const std::uint32_t max_bits = row_max_bits(a, i, k);
+        int p = 0;
+        if (max_bits != 0 && max_bits < 0x7F800000u) {
+            int e = 0;
+            std::frexp(std::bit_cast<float>(max_bits), &e);
+            p = -e < -126 ? -126 : (-e > 126 ? 126 : -e);
+        }
+        const float f = std::ldexp(1.0f, p);
+        xg[i] = std::ldexp(1.0f, -p);
+        std::uint16_t* dst = xp + i * kp;
+        for (Index c = 0; c < k; ++c) dst[c] = bf16_bits(bf16_value(row[c]) * f);
+        for (Index c = k; c < padded; ++c) dst[c] = 0;
+    }
+}
+#endif
+
 // ---- The drivers --------------------------------------------------------------------------------
 
 struct Layout {
-    Index k, kp, chunks, full;  // kp: the panels' row stride (panel_stride(k))
-    float* xp;                  // [m, kp]
-    float* xg;                  // [m] (fp8)
+    Index k, kp, chunks, full;  // kp: the panels' row stride in elements (panel_stride)
+    float* xp;                  // [m, kp] (bf16 elements for Bf16Dot)
+    float* xg;                  // [m]: the x rows' factors
     float* acc;                 // [m, kBlockRows, kLanes]
-    float* wp;                  // [kBlockRows, kp] (prefill)
+    float* wp;                  // [kBlockRows, kp] (prefill; bf16 elements for Bf16Dot)
 };
 
 MOELB_INLINE void zero(float* p, Index n) {
     for (Index t = 0; t < n; t += kLanes) vstore(p + t, vzero());
 }
 
-// y[i, j] from its lane sums.
+// y[i, j] from its lane sums and x row i's factor g (applied at each fp8 block's end, else to the
+// lane-tree's sum: exact, a power of two; 1 for FmaDot).
 template <class Loader>
-MOELB_INLINE float output(const Loader& ld, Index j, bool poisoned, const float* lanes) {
-    return poisoned ? std::numeric_limits<float>::quiet_NaN() : ld.finish(j, vsum(vload(lanes)));
+MOELB_INLINE float output(const Loader& ld, Index j, bool poisoned, const float* lanes, float g) {
+    if (poisoned) return std::numeric_limits<float>::quiet_NaN();
+    const float sum = vsum(vload(lanes));
+    return ld.finish(j, Loader::kBlockScale ? sum : sum * g);
 }
 
 // k-blocks: a multiple of the loader's segments (fp8: whole scale blocks).
@@ -766,6 +975,8 @@ Index kblock_chunks(const Loader& ld, Index want) {
 
 template <class Loader>
 void run_decode(Loader& ld, const QuantGemmArgs& a, const Layout& L) {
+    using XT = typename Loader::Dot::XT;
+    const XT* xp = reinterpret_cast<const XT*>(L.xp);
     const int mg_max = a.m < kMaxDecodeX ? static_cast<int>(a.m) : kMaxDecodeX;
     const int rows = mg_max <= 2 ? 4 : 3;  // rows * mg_max <= 12 accumulators
     const Index block = a.m <= mg_max ? L.chunks : kblock_chunks(ld, kDecodeBlockChunks);
@@ -778,15 +989,15 @@ void run_decode(Loader& ld, const QuantGemmArgs& a, const Layout& L) {
             const Index c1 = c0 + block < L.chunks ? c0 + block : L.chunks;
             for (Index i0 = 0; i0 < a.m; i0 += mg_max) {
                 const int mg = static_cast<int>(a.m - i0 < mg_max ? a.m - i0 : mg_max);
-                DecodeTiles<Loader>::kFn[r - 1][mg - 1](ld, L.xp + i0 * L.kp, L.kp, c0, c1, L.full,
+                DecodeTiles<Loader>::kFn[r - 1][mg - 1](ld, xp + i0 * L.kp, L.kp, c0, c1, L.full,
                                                         L.acc + i0 * acc_stride, acc_stride,
                                                         L.xg + i0);
             }
         }
         for (Index i = 0; i < a.m; ++i) {
             for (int j = 0; j < r; ++j) {
-                a.y[i * a.y_stride + j0 + j] =
-                    output(ld, j0 + j, ld.poisoned(j), L.acc + i * acc_stride + j * kLanes);
+                a.y[i * a.y_stride + j0 + j] = output(ld, j0 + j, ld.poisoned(j),
+                                                      L.acc + i * acc_stride + j * kLanes, L.xg[i]);
             }
         }
     }
@@ -794,6 +1005,9 @@ void run_decode(Loader& ld, const QuantGemmArgs& a, const Layout& L) {
 
 template <class Loader>
 void run_prefill(Loader& ld, const QuantGemmArgs& a, const Layout& L) {
+    using Dot = typename Loader::Dot;
+    const auto* xp = reinterpret_cast<const typename Dot::XT*>(L.xp);
+    auto* wp = reinterpret_cast<typename Dot::WT*>(L.wp);
     const Index acc_stride = kBlockRows * kLanes;
     const Index kblock = kblock_chunks(ld, kPrefillBlockChunks);
     Index block_chunks = 1;
@@ -805,18 +1019,20 @@ void run_prefill(Loader& ld, const QuantGemmArgs& a, const Layout& L) {
         // The block's rows, converted into the W panel.
         for (int jj = 0; jj < nb; ++jj) {
             ld.bind(jb + jj, 1);
-            float* dst = L.wp + jj * L.kp;
-            Vec e, o;
+            typename Dot::WT* dst = wp + jj * L.kp;
+            Parts<Dot> w;
             if constexpr (Loader::kBlockScale) ld.template check_nan<1>(0, L.full);
             for (Index c = 0; c < L.full; ++c) {
-                ld.chunk(0, c, e, o);
-                vstore(dst + c * kChunk, e);
-                vstore(dst + c * kChunk + kLanes, o);
+                ld.chunk(0, c, w);
+                for (int h = 0; h < Dot::kParts; ++h) {
+                    Dot::store(dst + c * kChunk + h * Dot::kPartElems, w[h]);
+                }
             }
             if (L.full < L.chunks) {
-                ld.tail(0, L.full, e, o);
-                vstore(dst + L.full * kChunk, e);
-                vstore(dst + L.full * kChunk + kLanes, o);
+                ld.tail(0, L.full, w);
+                for (int h = 0; h < Dot::kParts; ++h) {
+                    Dot::store(dst + L.full * kChunk + h * Dot::kPartElems, w[h]);
+                }
             }
             poisoned[jj] = ld.poisoned(0);
             if constexpr (Loader::kBlockScale) scales[jj] = ld.scale_row[0];
@@ -834,8 +1050,8 @@ void run_prefill(Loader& ld, const QuantGemmArgs& a, const Layout& L) {
                     const int nr = nb - jq < kTileW ? nb - jq : kTileW;
                     for (Index i0 = g0; i0 < g1; i0 += kTileX) {
                         const int mr = static_cast<int>(g1 - i0 < kTileX ? g1 - i0 : kTileX);
-                        PanelTiles<Loader::kBlockScale>::kFn[mr - 1][nr - 1](
-                            L.xp + i0 * L.kp, L.wp + jq * L.kp, L.kp, c0, c1,
+                        PanelTiles<Loader::kBlockScale, Dot>::kFn[mr - 1][nr - 1](
+                            xp + i0 * L.kp, wp + jq * L.kp, L.kp, c0, c1,
                             L.acc + i0 * acc_stride + jq * kLanes, acc_stride, L.xg + i0,
                             scales + jq, block_chunks, c0 / block_chunks);
                     }
@@ -845,7 +1061,7 @@ void run_prefill(Loader& ld, const QuantGemmArgs& a, const Layout& L) {
         for (Index i = 0; i < a.m; ++i) {
             for (int j = 0; j < nb; ++j) {
                 a.y[i * a.y_stride + jb + j] =
-                    output(ld, jb + j, poisoned[j], L.acc + i * acc_stride + j * kLanes);
+                    output(ld, jb + j, poisoned[j], L.acc + i * acc_stride + j * kLanes, L.xg[i]);
             }
         }
     }
@@ -862,11 +1078,11 @@ MOELB_INLINE float madd1(float a, float b, float c) {
 #endif
 }
 
-// fp8 with scale blocks that are not whole chunks (block_cols % kChunk != 0), any m: the even/odd
-// layout's lanes one value at a time, lane l's sum closed (added into the lane's total as in
-// block_flush) whenever its next column is in another scale block, and at the end; columns past
-// k are skipped. Slow, and the same for every m.
-void run_fp8_lanes(Fp8Rows& ld, const QuantGemmArgs& a, const Layout& L) {
+// fp8 with scale blocks that are not whole chunks (block_cols % kChunk != 0), any m, FmaDot: the
+// even/odd layout's lanes one value at a time, lane l's sum closed (added into the lane's total
+// as in block_flush) whenever its next column is in another scale block, and at the end; columns
+// past k are skipped. Slow, and the same for every m.
+void run_fp8_lanes(Fp8Rows<FmaDot>& ld, const QuantGemmArgs& a, const Layout& L) {
     for (Index j = a.n_begin; j < a.n_end; ++j) {
         ld.bind(j, 1);
         const std::uint8_t* q = ld.row[0];
@@ -895,7 +1111,7 @@ void run_fp8_lanes(Fp8Rows& ld, const QuantGemmArgs& a, const Layout& L) {
                 }
                 if (block >= 0) total[l] = madd1(sum * L.xg[i], s[block], total[l]);
             }
-            a.y[i * a.y_stride + j] = output(ld, j, nan, total);
+            a.y[i * a.y_stride + j] = output(ld, j, nan, total, L.xg[i]);
         }
     }
 }
@@ -909,7 +1125,51 @@ void run(Loader& ld, const QuantGemmArgs& a, const Layout& L) {
     }
 }
 
-// The scratch's parts, in floats.
+// W's loader for this Dot, then the driver.
+template <class Dot>
+void run_weights(const QuantGemmArgs& a, const Layout& L) {
+    const QuantWeights& w = a.w;
+    const Index k = w.cols;
+    switch (w.type) {
+        case WeightType::kFloat32:
+            if constexpr (std::is_same_v<Dot, FmaDot>) {
+                F32Rows ld{{static_cast<const float*>(w.data), k, 0, {}}};
+                run(ld, a, L);
+            }
+            return;
+        case WeightType::kBfloat16: {
+            Bf16Rows<Dot> ld{{static_cast<const std::uint16_t*>(w.data), k, 0, {}}};
+            run(ld, a, L);
+            return;
+        }
+        case WeightType::kFp8E4m3: {
+            Fp8Rows<Dot> ld{};
+            ld.data = static_cast<const std::uint8_t*>(w.data);
+            ld.cols = k;
+            ld.scale_inv = w.scale_inv;
+            ld.block_rows = w.block_rows;
+            ld.block_cols = w.block_cols;
+            ld.grid_cols = (k + w.block_cols - 1) / w.block_cols;
+            ld.block_chunks = w.block_cols / kChunk;
+            if (w.block_cols % kChunk == 0) {
+                run(ld, a, L);
+            } else if constexpr (std::is_same_v<Dot, FmaDot>) {
+                run_fp8_lanes(ld, a, L);
+            }
+            return;
+        }
+        case WeightType::kInt8: {
+            Int8Rows<Dot> ld{};
+            ld.data = static_cast<const std::int8_t*>(w.data);
+            ld.cols = k;
+            ld.scale_inv = w.scale_inv;
+            run(ld, a, L);
+            return;
+        }
+    }
+}
+
+// The scratch's parts, in floats (float32 panels; Bf16Dot's bf16 panels take no more bytes).
 struct ScratchFloats {
     Index x, xg, acc, w;
 };
@@ -918,6 +1178,7 @@ ScratchFloats scratch_floats(Index m, Index k) {
     return {m * kp, round_up(m, 16), m * kBlockRows * kLanes,
             m >= kPrefillRows ? kBlockRows * kp : 0};
 }
+static_assert(panel_stride(7168, 2) * 2 <= panel_stride(7168) * 4);
 
 constexpr std::size_t kAlign = 64;
 
@@ -946,6 +1207,9 @@ void quant_gemm(const QuantGemmArgs& a) {
     check(a.m == 1 || a.x_stride >= w.cols, "quant_gemm: x_stride < w.cols");
     check(a.x_type == ActivationType::kFloat32 || a.x_type == ActivationType::kBfloat16,
           "quant_gemm: unknown x_type");
+    check(w.type == WeightType::kFloat32 || w.type == WeightType::kBfloat16 ||
+              w.type == WeightType::kFp8E4m3 || w.type == WeightType::kInt8,
+          "quant_gemm: unknown w.type");
     check(w.data != nullptr || w.cols == 0, "quant_gemm: w.data is null");
     if (w.type == WeightType::kFp8E4m3) {
         check(w.block_rows >= 1 && w.block_cols >= 1, "quant_gemm: w.block_rows or block_cols < 1");
@@ -957,57 +1221,35 @@ void quant_gemm(const QuantGemmArgs& a) {
           "quant_gemm: scratch smaller than quant_gemm_scratch_bytes(m, w.cols)");
 
     const Index k = w.cols;
+    // vdpbf16ps (Bf16Dot) for bf16 x with bf16, int8, or fp8 W whose scale blocks are whole
+    // chunks; FmaDot otherwise (a float32 W keeps float32 products).
+#if defined(MOELB_QUANT_BF16_DOT)
+    const bool bf16_dot = a.x_type == ActivationType::kBfloat16 &&
+                          (w.type == WeightType::kBfloat16 || w.type == WeightType::kInt8 ||
+                           (w.type == WeightType::kFp8E4m3 && w.block_cols % kChunk == 0));
+#else
+    constexpr bool bf16_dot = false;
+#endif
     const ScratchFloats parts = scratch_floats(a.m, k);
     const auto base = reinterpret_cast<std::uintptr_t>(a.scratch);
     float* aligned = reinterpret_cast<float*>((base + kAlign - 1) / kAlign * kAlign);
-    const bool natural = w.type == WeightType::kInt8;
-    Layout L{k,
-             panel_stride(k),
-             (k + kChunk - 1) / kChunk,
-             k / kChunk,
-             aligned,
-             aligned + parts.x,
-             aligned + parts.x + parts.xg,
-             aligned + parts.x + parts.xg + parts.acc};
-    arrange_x(a, k, L.kp, L.xp, L.xg, natural, w.type == WeightType::kFp8E4m3);
-
-    switch (w.type) {
-        case WeightType::kFloat32: {
-            F32Rows ld{static_cast<const float*>(w.data), k, 0, {}};
-            run(ld, a, L);
-            return;
-        }
-        case WeightType::kBfloat16: {
-            Bf16Rows ld{static_cast<const std::uint16_t*>(w.data), k, 0, {}};
-            run(ld, a, L);
-            return;
-        }
-        case WeightType::kFp8E4m3: {
-            Fp8Rows ld{};
-            ld.data = static_cast<const std::uint8_t*>(w.data);
-            ld.cols = k;
-            ld.scale_inv = w.scale_inv;
-            ld.block_rows = w.block_rows;
-            ld.block_cols = w.block_cols;
-            ld.grid_cols = (k + w.block_cols - 1) / w.block_cols;
-            ld.block_chunks = w.block_cols / kChunk;
-            if (w.block_cols % kChunk == 0) {
-                run(ld, a, L);
-            } else {
-                run_fp8_lanes(ld, a, L);
-            }
-            return;
-        }
-        case WeightType::kInt8: {
-            Int8Rows ld{};
-            ld.data = static_cast<const std::int8_t*>(w.data);
-            ld.cols = k;
-            ld.scale_inv = w.scale_inv;
-            run(ld, a, L);
-            return;
-        }
+    const Layout L{k,
+                   panel_stride(k, bf16_dot ? 2 : sizeof(float)),
+                   (k + kChunk - 1) / kChunk,
+                   k / kChunk,
+                   aligned,
+                   aligned + parts.x,
+                   aligned + parts.x + parts.xg,
+                   aligned + parts.x + parts.xg + parts.acc};
+    if (bf16_dot) {
+#if defined(MOELB_QUANT_BF16_DOT)
+        arrange_x_bf16(a, k, L.kp, reinterpret_cast<std::uint16_t*>(L.xp), L.xg);
+        run_weights<Bf16Dot>(a, L);
+#endif
+        return;
     }
-    check(false, "quant_gemm: unknown w.type");
+    arrange_x(a, k, L.kp, L.xp, L.xg, w.type == WeightType::kInt8, w.type == WeightType::kFp8E4m3);
+    run_weights<FmaDot>(a, L);
 }
 
 }  // namespace moelb::MOELB_ISA_NS
