@@ -4,7 +4,9 @@
 # libraries moelb_isa_baseline (the compiler's default target, SSE2), moelb_isa_avx2
 # (-march=x86-64-v3) and moelb_isa_avx512 (-march=x86-64-v4), each with its own namespace
 # (MOELB_ISA_NS) and Eigen's namespace renamed (-DEigen=...), and cpu_isa.cpp picks one at run
-# time. Other CPUs (aarch64, ...): the baseline path only. MOELB_NATIVE=ON: one path, "native",
+# time. A fourth path, moelb_isa_avx512_bf16 (x86-64-v4 + AVX512_BF16, where the compiler has
+# -mavx512bf16), extends avx512: it compiles only the kernels vdpbf16ps changes (the quantised GEMM
+# and the machine-limit loops) and takes the rest from avx512's table (MOELB_ISA_BASE). Other CPUs (aarch64, ...): the baseline path only. MOELB_NATIVE=ON: one path, "native",
 # compiled with -march=native like the rest of the core.
 #
 # After each path's objects are compiled, cmake/check_isa_symbols.cmake checks that every external
@@ -43,6 +45,15 @@ elseif(CMAKE_SYSTEM_PROCESSOR MATCHES "^(x86_64|AMD64|amd64)$")
     set(MOELB_ISA_FLAGS_avx512 ${MOELB_ISA_FLAGS_avx2} -mavx512f -mavx512bw -mavx512cd
                                -mavx512dq -mavx512vl)
   endif()
+  check_cxx_compiler_flag(-mavx512bf16 MOELB_HAVE_MAVX512BF16)
+  if(MOELB_HAVE_MAVX512BF16)
+    list(APPEND MOELB_ISA_PATHS avx512_bf16)
+    set(MOELB_ISA_FLAGS_avx512_bf16 ${MOELB_ISA_FLAGS_avx512} -mavx512bf16)
+    set(MOELB_ISA_SOURCES_avx512_bf16 cpp/src/isa/quant_kernels.cpp
+                                      cpp/src/isa/limits_kernels.cpp
+                                      cpp/src/isa/kernel_table.cpp)
+    set(MOELB_ISA_BASE_avx512_bf16 moelb::isa_avx512)
+  endif()
 else()
   set(MOELB_ISA_PATHS baseline)
   set(MOELB_ISA_FLAGS_baseline "")
@@ -50,19 +61,29 @@ endif()
 
 foreach(path IN LISTS MOELB_ISA_PATHS)
   set(target moelb_isa_${path})
-  add_library(${target} OBJECT ${MOELB_ISA_SOURCES})
+  if(NOT DEFINED MOELB_ISA_SOURCES_${path})
+    set(MOELB_ISA_SOURCES_${path} ${MOELB_ISA_SOURCES})
+  endif()
+  add_library(${target} OBJECT ${MOELB_ISA_SOURCES_${path}})
+  if(DEFINED MOELB_ISA_BASE_${path})
+    target_compile_definitions(${target} PRIVATE MOELB_ISA_BASE=${MOELB_ISA_BASE_${path}})
+  endif()
   # Eigen's include directory only: the definitions are this path's own.
   target_include_directories(${target} SYSTEM PRIVATE
                              $<TARGET_PROPERTY:Eigen3::Eigen,INTERFACE_INCLUDE_DIRECTORIES>)
   target_compile_definitions(${target} PRIVATE MOELB_ISA_NS=isa_${path}
                              Eigen=moelb_isa_${path}_Eigen EIGEN_MPL2_ONLY EIGEN_DONT_PARALLELIZE)
+  set(avx512_warnings "")
+  if(CMAKE_CXX_COMPILER_ID STREQUAL "GNU" AND path MATCHES "^avx512")
+    set(avx512_warnings -Wno-uninitialized)
+  endif()
   # GCC 12 warns about its own AVX-512 intrinsics' deliberate self-initialisation (`__m512 __Y =
   # __Y;`, "undefined" vectors) as (maybe-)uninitialized, at -O1 (the ASan build) even as certain.
   # -Wpsabi: 256-bit vectors passed by value without AVX (the baseline path) have another ABI;
   # the kernels' helpers that do so have internal linkage, so no caller sees that ABI.
   target_compile_options(${target} PRIVATE -Wall -Wextra -Wpedantic -Wno-psabi
                          $<$<CXX_COMPILER_ID:GNU>:-Wno-maybe-uninitialized>
-                         $<$<AND:$<CXX_COMPILER_ID:GNU>,$<STREQUAL:${path},avx512>>:-Wno-uninitialized>
+                         ${avx512_warnings}
                          ${MOELB_ISA_FLAGS_${path}} ${MOELB_SANITIZE_FLAGS})
   target_sources(moelb_core PRIVATE $<TARGET_OBJECTS:${target}>)
   string(TOUPPER ${path} upper)

@@ -22,10 +22,11 @@
 namespace moelb {
 namespace {
 
-constexpr detail::EnumNames<CpuIsa, 4> kIsaNames{{
+constexpr detail::EnumNames<CpuIsa, 5> kIsaNames{{
     {"baseline", CpuIsa::kBaseline},
     {"avx2", CpuIsa::kAvx2},
     {"avx512", CpuIsa::kAvx512},
+    {"avx512_bf16", CpuIsa::kAvx512Bf16},
     {"native", CpuIsa::kNative},
 }};
 
@@ -43,15 +44,20 @@ std::uint64_t xgetbv0() {
 }
 
 // The features of x86-64-v3 (avx2) and x86-64-v4 (avx512) -- the -march levels the paths are
-// compiled for -- and the OS saving the vector registers' state (XCR0) on context switches.
+// compiled for -- and v4 with AVX512_BF16 (avx512_bf16), and the OS saving the vector registers'
+// state (XCR0) on context switches.
 struct X86Features {
-    std::vector<Feature> v3, v4;
+    std::vector<Feature> v3, v4, v4_bf16;
 
     X86Features() {
         unsigned a = 0, b = 0, c = 0, d = 0;
-        unsigned c1 = 0, b7 = 0, cx = 0;
+        unsigned c1 = 0, b7 = 0, cx = 0, a71 = 0;
         if (__get_cpuid(1, &a, &b, &c, &d)) c1 = c;
-        if (__get_cpuid_count(7, 0, &a, &b, &c, &d)) b7 = b;
+        if (__get_cpuid_count(7, 0, &a, &b, &c, &d)) {
+            b7 = b;
+            const unsigned subleaves = a;  // leaf 7's largest sub-leaf
+            if (subleaves >= 1 && __get_cpuid_count(7, 1, &a, &b, &c, &d)) a71 = a;
+        }
         if (__get_cpuid(0x80000001u, &a, &b, &c, &d)) cx = c;
         const auto bit = [](unsigned reg, int i) { return ((reg >> i) & 1u) != 0; };
         const bool osxsave = bit(c1, 27);
@@ -81,6 +87,8 @@ struct X86Features {
                    {"avx512dq", bit(b7, 17)},
                    {"avx512vl", bit(b7, 31)},
                    {"OS support of the AVX-512 state (XCR0 bits 5-7)", (xcr0 & 0xE0) == 0xE0}});
+        v4_bf16 = v4;
+        v4_bf16.push_back({"avx512_bf16", bit(a71, 5)});
     }
 };
 
@@ -116,11 +124,47 @@ std::vector<std::string> missing_features(CpuIsa isa) {
             missing.emplace_back("an x86-64 CPU");
 #endif
             break;
+        case CpuIsa::kAvx512Bf16:
+#if defined(MOELB_X86_CPUID)
+            collect(x86_features().v4_bf16);
+#else
+            missing.emplace_back("an x86-64 CPU");
+#endif
+            break;
     }
     return missing;
 }
 
-// The kernel table of a compiled path (nullptr if this build lacks it).
+// Whether this build compiled `isa`. It does not touch the path's table: a path's code (the
+// avx512_bf16 table is built on its first use) may run only on a CPU that has the path.
+bool compiled(CpuIsa isa) {
+    switch (isa) {
+#if defined(MOELB_ISA_HAVE_BASELINE)
+        case CpuIsa::kBaseline:
+            return true;
+#endif
+#if defined(MOELB_ISA_HAVE_AVX2)
+        case CpuIsa::kAvx2:
+            return true;
+#endif
+#if defined(MOELB_ISA_HAVE_AVX512)
+        case CpuIsa::kAvx512:
+            return true;
+#endif
+#if defined(MOELB_ISA_HAVE_AVX512_BF16)
+        case CpuIsa::kAvx512Bf16:
+            return true;
+#endif
+#if defined(MOELB_ISA_HAVE_NATIVE)
+        case CpuIsa::kNative:
+            return true;
+#endif
+        default:
+            return false;
+    }
+}
+
+// The kernel table of a compiled path that this CPU runs (nullptr if this build lacks it).
 const isa::Kernels* table(CpuIsa isa) {
     switch (isa) {
 #if defined(MOELB_ISA_HAVE_BASELINE)
@@ -134,6 +178,10 @@ const isa::Kernels* table(CpuIsa isa) {
 #if defined(MOELB_ISA_HAVE_AVX512)
         case CpuIsa::kAvx512:
             return &isa_avx512::kernels();
+#endif
+#if defined(MOELB_ISA_HAVE_AVX512_BF16)
+        case CpuIsa::kAvx512Bf16:
+            return &isa_avx512_bf16::kernels();
 #endif
 #if defined(MOELB_ISA_HAVE_NATIVE)
         case CpuIsa::kNative:
@@ -158,10 +206,10 @@ std::string path_names(const std::vector<CpuIsa>& isas) {
 
 // Throws an InvalidArgument (naming `what`, e.g. "MOELB_ISA=avx512") unless `isa` can run here.
 void check_runnable(CpuIsa isa, const std::string& what) {
-    MOELB_CHECK_ARG(table(isa) != nullptr,
+    MOELB_CHECK_ARG(compiled(isa),
                     what << ": this build has no " << to_string(isa) << " path; it has "
                          << path_names(compiled_cpu_isas())
-                         << " (MOELB_NATIVE=" << (table(CpuIsa::kNative) ? "ON" : "OFF") << ")");
+                         << " (MOELB_NATIVE=" << (compiled(CpuIsa::kNative) ? "ON" : "OFF") << ")");
     const std::vector<std::string> missing = missing_features(isa);
     MOELB_CHECK_ARG(missing.empty(), what << ": this CPU cannot run the " << to_string(isa)
                                           << " path; it lacks " << join(missing)
@@ -200,8 +248,9 @@ CpuIsa parse_cpu_isa(std::string_view name, std::string_view param) {
 
 std::vector<CpuIsa> compiled_cpu_isas() {
     std::vector<CpuIsa> out;
-    for (const CpuIsa isa : {CpuIsa::kBaseline, CpuIsa::kAvx2, CpuIsa::kAvx512, CpuIsa::kNative}) {
-        if (table(isa) != nullptr) out.push_back(isa);
+    for (const CpuIsa isa : {CpuIsa::kBaseline, CpuIsa::kAvx2, CpuIsa::kAvx512, CpuIsa::kAvx512Bf16,
+                             CpuIsa::kNative}) {
+        if (compiled(isa)) out.push_back(isa);
     }
     return out;
 }

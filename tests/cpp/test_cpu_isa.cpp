@@ -101,19 +101,21 @@ TEST(CpuIsa, ReportsThePathInUse) {
 }
 
 TEST(CpuIsa, NamesRoundTrip) {
-    for (const CpuIsa isa : {CpuIsa::kBaseline, CpuIsa::kAvx2, CpuIsa::kAvx512, CpuIsa::kNative}) {
+    for (const CpuIsa isa : {CpuIsa::kBaseline, CpuIsa::kAvx2, CpuIsa::kAvx512, CpuIsa::kAvx512Bf16,
+                             CpuIsa::kNative}) {
         EXPECT_EQ(moelb::parse_cpu_isa(to_string(isa), "name"), isa);
     }
     expect_invalid_argument([] { moelb::parse_cpu_isa("sse9", "name"); },
                             "name='sse9' is not an ISA path; expected 'baseline', 'avx2', "
-                            "'avx512' or 'native'");
+                            "'avx512', 'avx512_bf16' or 'native'");
 }
 
 TEST(CpuIsa, RefusesPathsTheBuildOrCpuLacks) {
     const std::vector<CpuIsa> compiled = moelb::compiled_cpu_isas();
     const std::vector<CpuIsa> available = moelb::available_cpu_isas();
     int refused = 0;
-    for (const CpuIsa isa : {CpuIsa::kBaseline, CpuIsa::kAvx2, CpuIsa::kAvx512, CpuIsa::kNative}) {
+    for (const CpuIsa isa : {CpuIsa::kBaseline, CpuIsa::kAvx2, CpuIsa::kAvx512, CpuIsa::kAvx512Bf16,
+                             CpuIsa::kNative}) {
         const std::string call = "set_cpu_isa('" + std::string(to_string(isa)) + "')";
         if (!contains(compiled, isa)) {
             expect_invalid_argument([&] { moelb::set_cpu_isa(isa); },
@@ -142,6 +144,11 @@ TEST(CpuIsa, DetectionAgreesWithTheCompilersRuntime) {
     }
     if (contains(compiled, CpuIsa::kAvx512)) {
         EXPECT_EQ(contains(available, CpuIsa::kAvx512), __builtin_cpu_supports("x86-64-v4") != 0);
+    }
+    if (contains(compiled, CpuIsa::kAvx512Bf16)) {
+        EXPECT_EQ(
+            contains(available, CpuIsa::kAvx512Bf16),
+            __builtin_cpu_supports("x86-64-v4") != 0 && __builtin_cpu_supports("avx512bf16") != 0);
     }
     EXPECT_FALSE(compiled.empty());
 }

@@ -350,15 +350,23 @@ TEST(QuantGemm, BitsDependOnlyOnTheRowAndColumn) {
 // ---- The documented order of int8 and fp8 (kernels.hpp, quant_gemm), one value at a time ----
 
 // This path's lanes and multiply-add: 4 lanes with a multiply then an add on the SSE2 baseline,
-// 8 fused lanes on the AVX2 paths (avx512 included); a native build's only path follows the
-// compiler's target.
+// 8 fused lanes on avx2, 16 on avx512 and avx512_bf16, and vdpbf16ps (bf16_dot) for bf16 x on
+// avx512_bf16; a native build's only path follows the compiler's target.
 struct Arith {
     int lanes;
     bool fused;
+    bool bf16_dot = false;
 };
 Arith path_arith(CpuIsa isa) {
     if (isa == CpuIsa::kNative) {
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && \
+    defined(__AVX512VL__) && defined(__FMA__) && defined(__F16C__)
+#if defined(__AVX512BF16__)
+        return {16, true, true};
+#else
+        return {16, true};
+#endif
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
         return {8, true};
 #elif defined(__SSE2__)
         return {4, false};
@@ -373,7 +381,16 @@ Arith path_arith(CpuIsa isa) {
         return {4, true};
 #endif
     }
+    if (isa == CpuIsa::kAvx512) return {16, true};
+    if (isa == CpuIsa::kAvx512Bf16) return {16, true, true};
     return {8, true};
+}
+// Whether quant_gemm runs vdpbf16ps for this x and W on this path (kernels.hpp: bf16 x with bf16,
+// int8, or fp8 W whose scale blocks are whole chunks of 32).
+bool uses_bf16_dot(const Arith& ar, ActivationType xt, const Weights& w) {
+    return ar.bf16_dot && xt == ActivationType::kBfloat16 &&
+           (w.type == WeightType::kBfloat16 || w.type == WeightType::kInt8 ||
+            (w.type == WeightType::kFp8E4m3 && w.block_cols % 32 == 0));
 }
 float madd(const Arith& ar, float a, float b, float c) {
     if (ar.fused) return std::fma(a, b, c);
@@ -446,6 +463,71 @@ float documented_y(const Arith& ar, const Activations& x, const Weights& w, Inde
     return nan ? std::numeric_limits<float>::quiet_NaN() : lane_tree(total);
 }
 
+// vdpbf16ps's arithmetic, one of its two steps per lane: acc + a * b rounded once (the product of
+// two bf16 is exact in float32), subnormal inputs read as zero and a subnormal result flushed to
+// a zero of its sign.
+float flush(float v) { return std::fpclassify(v) == FP_SUBNORMAL ? std::copysign(0.0f, v) : v; }
+float dp_step(float acc, float a, float b) {
+    return flush(std::fma(flush(a), flush(b), flush(acc)));
+}
+
+// y[i, j] where quant_gemm runs vdpbf16ps (uses_bf16_dot), as kernels.hpp and quant_kernels.cpp
+// (Bf16Dot, arrange_x_bf16) document it: x row i times 2^P (P = -E clamped to [-126, 126], max
+// |x_i| < 2^E; 0 for a zero row), each value rounded to float32 and cut to its top 16 bits; W's
+// exact values (bf16, int8 codes, fp8 values); 16 lanes, chunks of 32 columns zero-padded; per
+// chunk lane l takes the product of column 2l + 1, then of column 2l (dp_step). bf16: the lanes'
+// tree times 2^-P; int8: (tree * 2^-P) * scale; fp8: a lane's sum restarts at every scale block
+// and is added into the lane's total as fma(sum * 2^-P, scale, total), then the tree; a NaN code
+// in row j gives NaN.
+float documented_bf16_dot_y(const Activations& x, const Weights& w, Index i, Index j) {
+    constexpr int kLanes = 16;
+    const Index k = w.cols, padded = (k + 31) / 32 * 32;
+    const float* xr = x.f32.data() + i * x.k;
+    float max_abs = 0.0f;
+    for (Index c = 0; c < k; ++c) max_abs = std::max(max_abs, std::abs(xr[c]));
+    int p = 0;
+    if (max_abs > 0.0f && std::isfinite(max_abs)) {
+        int e = 0;
+        std::frexp(max_abs, &e);
+        p = std::clamp(-e, -126, 126);
+    }
+    const float up = std::ldexp(1.0f, p), back = std::ldexp(1.0f, -p);
+    const auto x_at = [&](Index c) {
+        if (c >= k) return 0.0f;
+        const float t = xr[c] * up;
+        return static_cast<float>(bf16_to_double(bf16_bits_of(t)));  // the top 16 bits
+    };
+    bool nan = false;
+    const auto w_at = [&](Index c) {
+        if (c >= k) return 0.0f;
+        const double v = w.q(j, c);
+        nan = nan || std::isnan(v);
+        return std::isnan(v) ? 0.0f : static_cast<float>(v);
+    };
+    const bool fp8 = w.type == WeightType::kFp8E4m3;
+    std::vector<float> total(kLanes, 0.0f);
+    for (int l = 0; l < kLanes; ++l) {
+        float s = 0.0f, t = 0.0f;
+        Index block = -1;
+        for (Index c0 = 0; c0 < padded; c0 += 32) {
+            for (const Index c : {c0 + 2 * l + 1, c0 + 2 * l}) {
+                if (fp8 && c / w.block_cols != block) {
+                    if (block >= 0) t = std::fma(s * back, w.scale(j, block * w.block_cols), t);
+                    s = 0.0f;
+                    block = c / w.block_cols;
+                }
+                s = dp_step(s, x_at(c), w_at(c));
+            }
+        }
+        if (fp8 && block >= 0) t = std::fma(s * back, w.scale(j, block * w.block_cols), t);
+        total[static_cast<std::size_t>(l)] = fp8 ? t : s;
+    }
+    const float tree = lane_tree(total);
+    if (nan) return std::numeric_limits<float>::quiet_NaN();
+    if (fp8) return tree;
+    return w.type == WeightType::kInt8 ? (tree * back) * w.scale_inv[j] : tree * back;
+}
+
 TEST(QuantGemm, Int8AndFp8FollowTheDocumentedOrderBitForBit) {
     // Decode (m = 1, 3, 6) and prefill (m = 9, 37), k with a partial chunk, fp8 blocks of whole
     // chunks (128 x 128, 16 x 32) and not (7 x 5, 64 x 40 on AVX2), rows of x scaled far from 1
@@ -483,7 +565,9 @@ TEST(QuantGemm, Int8AndFp8FollowTheDocumentedOrderBitForBit) {
                     int failures = 0;
                     for (Index i = 0; i < cs.m; ++i) {
                         for (Index j = 0; j < cs.n; ++j) {
-                            const float want = documented_y(ar, x, w, i, j);
+                            const float want = uses_bf16_dot(ar, xt, w)
+                                                   ? documented_bf16_dot_y(x, w, i, j)
+                                                   : documented_y(ar, x, w, i, j);
                             const float got = y[i * cs.n + j];
                             const bool same = std::isnan(want)
                                                   ? std::isnan(got)
@@ -502,10 +586,58 @@ TEST(QuantGemm, Int8AndFp8FollowTheDocumentedOrderBitForBit) {
     });
 }
 
+TEST(QuantGemm, Bf16DotFollowsTheDocumentedOrderBitForBit) {
+    // Where the path runs vdpbf16ps (avx512_bf16, bf16 x): bf16, int8 and fp8 W (blocks of whole
+    // chunks) against documented_bf16_dot_y, decode and prefill, a partial chunk, rows of x scaled
+    // far from 1, a zero row and a row of bf16 subnormals (read as zero unless scaled up).
+    bool ran = false;
+    for_each_path([&](CpuIsa isa) {
+        const Arith ar = path_arith(isa);
+        if (!ar.bf16_dot) return;
+        ran = true;
+        std::uint32_t seed = 700;
+        for (const Index m : {1, 3, 6, 9, 37}) {
+            for (const WeightType wt :
+                 {WeightType::kBfloat16, WeightType::kInt8, WeightType::kFp8E4m3}) {
+                const Index n = 29, k = 300;
+                Weights w = random_weights(wt, n, k, ++seed, 16, 64);
+                if (wt == WeightType::kFp8E4m3) w.fp8[2 * k + 7] = 0x7F;  // row 2: NaN
+                Activations x = random_x(ActivationType::kBfloat16, m, k, ++seed);
+                const float row_scale[] = {1.0f, 0x1p-90f, 0x1p90f, 0.0f, 0x1p-3f, 0x1p-135f};
+                for (Index i = 0; i < m; ++i) {
+                    for (Index c = 0; c < k; ++c) {
+                        float& v = x.f32[i * k + c];
+                        v *= row_scale[i % 6];
+                        x.bf16[i * k + c] = bf16_bits_of(v);
+                        v = static_cast<float>(bf16_to_double(x.bf16[i * k + c]));
+                    }
+                }
+                ASSERT_TRUE(uses_bf16_dot(ar, x.type, w));
+                const std::vector<float> y = gemm(x, w);
+                int failures = 0;
+                for (Index i = 0; i < m; ++i) {
+                    for (Index j = 0; j < n; ++j) {
+                        const float want = documented_bf16_dot_y(x, w, i, j), got = y[i * n + j];
+                        const bool same = std::isnan(want)
+                                              ? std::isnan(got)
+                                              : std::memcmp(&want, &got, sizeof(float)) == 0;
+                        if (!same && ++failures <= 5) {
+                            ADD_FAILURE() << case_name(wt, x.type, m, n, k) << ": y[" << i << ", "
+                                          << j << "] = " << got << ", documented " << want;
+                        }
+                    }
+                }
+            }
+        }
+    });
+    if (!ran) GTEST_SKIP() << "no path here runs vdpbf16ps (avx512_bf16)";
+}
+
 TEST(QuantGemm, Float32AndBf16GiveTheBitsOfTheirFloat32Values) {
     // bf16 W and its float32 values, a bf16 x and its float32 values (every weight type): the
-    // same bits (the even/odd layout of float32 and bf16 W; int8 and fp8 take x's values too).
-    for_each_path([&](CpuIsa) {
+    // same bits (the even/odd layout of float32 and bf16 W; int8 and fp8 take x's values too) --
+    // except a bf16 x where the path runs vdpbf16ps (Bf16DotFollowsTheDocumentedOrderBitForBit).
+    for_each_path([&](CpuIsa isa) {
         std::uint32_t seed = 250;
         for (const Index m : {2, 9}) {
             for (const WeightType wt : kWeightTypes) {
@@ -513,8 +645,10 @@ TEST(QuantGemm, Float32AndBf16GiveTheBitsOfTheirFloat32Values) {
                 const Activations xb = random_x(ActivationType::kBfloat16, m, 260, ++seed);
                 Activations xf = xb;
                 xf.type = ActivationType::kFloat32;
-                const std::vector<float> y = gemm(xb, w);
-                EXPECT_TRUE(same_bits(y, gemm(xf, w))) << type_name(wt) << " m=" << m;
+                const std::vector<float> y = gemm(xf, w);
+                if (!uses_bf16_dot(path_arith(isa), xb.type, w)) {
+                    EXPECT_TRUE(same_bits(gemm(xb, w), y)) << type_name(wt) << " m=" << m;
+                }
                 if (wt == WeightType::kBfloat16) {
                     Weights f = w;
                     f.type = WeightType::kFloat32;
@@ -526,19 +660,26 @@ TEST(QuantGemm, Float32AndBf16GiveTheBitsOfTheirFloat32Values) {
     });
 }
 
-TEST(QuantGemm, Fp8RowsOfAnyMagnitudeStayAccurate) {
-    // Rows of x scaled by 2^-100 to 2^100 (the power of two each row gets in the x panel): every
-    // y within the float64 reference's bound, as at scale 1.
+TEST(QuantGemm, RowsOfAnyMagnitudeStayAccurate) {
+    // Rows of x scaled by 2^-100 to 2^100 (the power of two each row gets in the x panel: fp8 W,
+    // and every quantised W on vdpbf16ps paths): every y within the float64 reference's bound, as
+    // at scale 1.
     for_each_path([&](CpuIsa) {
         std::uint32_t seed = 280;
         for (const float f : {0x1p-100f, 0x1p-40f, 0x1p40f, 0x1p100f}) {
             for (const Index m : {2, 9}) {
-                const Weights w = random_weights(WeightType::kFp8E4m3, 30, 300, ++seed);
-                Activations x = random_x(ActivationType::kFloat32, m, 300, ++seed);
-                for (float& v : x.f32) v *= f;
-                expect_matches_reference(
-                    x, w, gemm(x, w),
-                    "x * 2^" + std::to_string(std::ilogb(f)) + " m=" + std::to_string(m));
+                for (const WeightType wt :
+                     {WeightType::kFp8E4m3, WeightType::kBfloat16, WeightType::kInt8}) {
+                    for (const ActivationType xt : kActivationTypes) {
+                        const Weights w = random_weights(wt, 30, 300, ++seed);
+                        Activations x = random_x(xt, m, 300, ++seed);
+                        for (float& v : x.f32) v *= f;
+                        for (std::uint16_t& b : x.bf16) b = bf16_bits_of(bf16_to_double(b) * f);
+                        expect_matches_reference(x, w, gemm(x, w),
+                                                 "x * 2^" + std::to_string(std::ilogb(f)) + " " +
+                                                     case_name(wt, xt, m, 30, 300));
+                    }
+                }
             }
         }
     });

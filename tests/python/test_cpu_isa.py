@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from routing_reference import make_tie_free_logits, reference_epilogue, reference_topk
 
-ALL_PATHS = ("baseline", "avx2", "avx512", "native")
+ALL_PATHS = ("baseline", "avx2", "avx512", "avx512_bf16", "native")
 AVAILABLE = moelb.available_cpu_isas()
 
 
@@ -98,7 +98,7 @@ def test_moelb_isa_auto_is_the_default(isa: str) -> None:
 @pytest.mark.parametrize(
     ("isa", "message"),
     [
-        ("sse9", "MOELB_ISA='sse9' is not an ISA path; expected 'baseline', 'avx2', 'avx512' or"),
+        ("sse9", "MOELB_ISA='sse9' is not an ISA path; expected 'baseline', 'avx2', 'avx512', 'avx512_bf16' or"),
         *[
             (p, f"MOELB_ISA={p}: this build has no {p} path")
             for p in ALL_PATHS

@@ -1,8 +1,9 @@
 // The vector instruction set of the hot kernels (docs/architecture.md, "Portable build and ISA
 // dispatch"). A portable build (MOELB_NATIVE=OFF, the default) compiles the kernels that gain from
 // wider vectors -- routing scores and top-k, the MoE layer's GEMMs and SwiGLU -- once per path and
-// picks one at run time from the CPU: "avx512" (x86-64-v4: AVX-512 F/BW/CD/DQ/VL, and the OS saves
-// the AVX-512 state), else "avx2" (x86-64-v3: AVX2, FMA, BMI2, F16C, and the OS saves the AVX
+// picks one at run time from the CPU: "avx512_bf16" (avx512 and AVX512_BF16: the bf16-activation
+// GEMMs use vdpbf16ps), else "avx512" (x86-64-v4: AVX-512 F/BW/CD/DQ/VL, and the OS saves the
+// AVX-512 state), else "avx2" (x86-64-v3: AVX2, FMA, BMI2, F16C, and the OS saves the AVX
 // state), else "baseline" (the target's base ISA: SSE2 on x86-64; NEON on aarch64). Everything
 // else is compiled for the base ISA. A MOELB_NATIVE=ON build compiles everything, the kernels
 // included, for the build machine (-march=native) and has the single path "native".
@@ -17,13 +18,14 @@
 namespace moelb {
 
 enum class CpuIsa {
-    kBaseline,  // "baseline"
-    kAvx2,      // "avx2"
-    kAvx512,    // "avx512"
-    kNative,    // "native": a MOELB_NATIVE=ON build's only path
+    kBaseline,    // "baseline"
+    kAvx2,        // "avx2"
+    kAvx512,      // "avx512"
+    kAvx512Bf16,  // "avx512_bf16": avx512's kernels, and vdpbf16ps where x is bf16
+    kNative,      // "native": a MOELB_NATIVE=ON build's only path
 };
 
-// "baseline", "avx2", "avx512", "native".
+// "baseline", "avx2", "avx512", "avx512_bf16", "native".
 std::string_view to_string(CpuIsa isa);
 // The path named `name`; InvalidArgument naming `param` for an unknown name.
 CpuIsa parse_cpu_isa(std::string_view name, std::string_view param);

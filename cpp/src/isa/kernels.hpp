@@ -203,10 +203,10 @@ struct Kernels {
     // done (2 per lane of each FMA); *sink = a value that depends on every chain.
     std::int64_t (*fma_loop)(std::int64_t iterations, float seed, float* sink);
     // The same with bf16 x bf16 -> float32 dot products (2 flops per product) as this path does
-    // them on this CPU: vdpbf16ps where the CPU has AVX512_BF16 (the avx512 path), else both
-    // operands converted to float32 in registers and FMA.
+    // them: vdpbf16ps on the avx512_bf16 path, else one operand widened to float32 in registers
+    // and FMA.
     std::int64_t (*bf16_dot_loop)(std::int64_t iterations, float seed, float* sink);
-    // How bf16_dot_loop computes on this CPU ("avx512_bf16 vdpbf16ps", "avx2 convert + fma", ...).
+    // How bf16_dot_loop computes ("avx512_bf16 vdpbf16ps", "avx2 convert + fma", ...).
     const char* (*bf16_dot_method)();
 };
 
@@ -220,6 +220,9 @@ namespace moelb::isa_avx2 {
 const isa::Kernels& kernels();
 }
 namespace moelb::isa_avx512 {
+const isa::Kernels& kernels();
+}
+namespace moelb::isa_avx512_bf16 {
 const isa::Kernels& kernels();
 }
 namespace moelb::isa_native {

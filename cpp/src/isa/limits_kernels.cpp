@@ -16,9 +16,8 @@
 #else
 #define MOELB_LIMITS_VEC 0
 #endif
-#if defined(__AVX512F__) && defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#include <cpuid.h>
-#define MOELB_LIMITS_AVX512_BF16 1
+#if defined(__AVX512BF16__)
+#define MOELB_LIMITS_AVX512_BF16 1  // the avx512_bf16 path
 #endif
 
 #include "kernels.hpp"
@@ -38,18 +37,8 @@ std::uint16_t bf16_bits(float v) {
 }
 
 #if defined(MOELB_LIMITS_AVX512_BF16)
-// AVX512_BF16 (CPUID leaf 7, sub-leaf 1, EAX bit 5); the avx512 path already has the OS's AVX-512
-// state.
-bool cpu_has_avx512_bf16() {
-    unsigned a = 0, b = 0, c = 0, d = 0;
-    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || a < 1) return false;
-    if (!__get_cpuid_count(7, 1, &a, &b, &c, &d)) return false;
-    return ((a >> 5) & 1u) != 0;
-}
-
 // 32 bf16 products per vdpbf16ps: 16 lanes, each the sum of two products added to the lane.
-__attribute__((target("avx512bf16,avx512f,avx512bw,avx512vl"))) std::int64_t dot_avx512_bf16(
-    std::int64_t iterations, float seed, float* sink) {
+std::int64_t dot_avx512_bf16(std::int64_t iterations, float seed, float* sink) {
     alignas(64) std::uint16_t a[kDotValues];
     for (int t = 0; t < kDotValues; ++t) a[t] = bf16_bits(seed + static_cast<float>(t % 7) * 0.01f);
     const __m512i b_bits = _mm512_set1_epi16(static_cast<short>(bf16_bits(seed * 0.001f)));
@@ -189,13 +178,13 @@ std::int64_t fma_loop(std::int64_t iterations, float seed, float* sink) {
     return iterations * kChains * kWidth * 2;
 }
 
-// Without AVX512_BF16: one operand read from L1 as bf16 and widened in registers (a shift for the
-// even values, a mask for the odd ones), the other float32 in registers -- a bf16-weight GEMM's
-// inner loop -- and FMAs.
+// vdpbf16ps on the avx512_bf16 path; elsewhere one operand read from L1 as bf16 and widened in
+// registers (a shift for the even values, a mask for the odd ones), the other float32 in registers
+// -- a bf16-weight GEMM's inner loop -- and FMAs.
 std::int64_t bf16_dot_loop(std::int64_t iterations, float seed, float* sink) {
 #if defined(MOELB_LIMITS_AVX512_BF16)
-    if (cpu_has_avx512_bf16()) return dot_avx512_bf16(iterations, seed, sink);
-#endif
+    return dot_avx512_bf16(iterations, seed, sink);
+#else
     alignas(64) std::uint16_t a[kDotValues];
     for (int t = 0; t < kDotValues; ++t) a[t] = bf16_bits(seed + static_cast<float>(t % 7) * 0.01f);
     const float bv = seed * 0.001f;
@@ -282,11 +271,13 @@ std::int64_t bf16_dot_loop(std::int64_t iterations, float seed, float* sink) {
     *sink = total;
 #endif
     return iterations * kDotValues * 2;
+#endif
 }
 
 const char* bf16_dot_method() {
 #if defined(MOELB_LIMITS_AVX512_BF16)
-    if (cpu_has_avx512_bf16()) return "avx512_bf16 vdpbf16ps (512-bit)";
+    return "avx512_bf16 vdpbf16ps (512-bit)";
+#elif MOELB_LIMITS_VEC == 512
     return "avx512 bf16 widened to float32 + fma (512-bit)";
 #elif MOELB_LIMITS_VEC == 256
     return "avx2 bf16 widened to float32 + fma (256-bit)";
