@@ -3,7 +3,7 @@ run for each variant, interleaved, in one run.
 
 A variant is a moelb build (a folder holding the ``moelb`` package, e.g. made by ``pip install
 --target``; none: the moelb this Python imports) and optionally an ISA path forced through the
-``MOELB_ISA`` environment variable (``baseline``, ``avx2``, ``avx512``; see ``moelb.cpu_isa()``):
+``MOELB_ISA`` environment variable (``baseline``, ``avx2``, ``avx512``, ``avx512_bf16``; see ``moelb.cpu_isa()``):
 
     --variant NAME=[FOLDER][:ISA]
 

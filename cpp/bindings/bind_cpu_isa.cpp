@@ -23,8 +23,8 @@ std::vector<std::string> names(const std::vector<CpuIsa>& isas) {
 void bind_cpu_isa(py::module_& m) {
     m.def(
         "cpu_isa", [] { return std::string(to_string(cpu_isa())); },
-        "The ISA path of the hot kernels: 'baseline', 'avx2', 'avx512' or (a MOELB_NATIVE=ON "
-        "build) 'native'. Chosen at import: MOELB_ISA when set, else the widest this CPU runs.");
+        "The ISA path of the hot kernels: 'baseline', 'avx2', 'avx512', 'avx512_bf16' (avx512 "
+        "with vdpbf16ps for bf16 activations) or (a MOELB_NATIVE=ON build) 'native'. Chosen at import: MOELB_ISA when set, else the widest this CPU runs.");
     m.def(
         "available_cpu_isas", [] { return names(available_cpu_isas()); },
         "The ISA paths this build has and this CPU runs, narrowest first.");

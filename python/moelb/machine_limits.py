@@ -11,7 +11,7 @@ each the best of ``passes`` passes:
   streams in lockstep on the AVX paths, as the GEMV kernels read weight rows);
 - ``fma_peak_gflops``: float32 FMAs on independent chains, 2 flops per lane;
 - ``bf16_dot_peak_gflops``: bf16 x bf16 -> float32 products, 2 flops each, as this path does them
-  on this CPU (``bf16_dot_method``): ``vdpbf16ps`` on the avx512 path of a CPU with AVX512_BF16,
+  on this CPU (``bf16_dot_method``): ``vdpbf16ps`` on the avx512_bf16 path,
   else one bf16 operand read from L1 and widened to float32 in registers, times a float32 one with
   FMA (a bf16-weight GEMM's inner loop).
 """

@@ -34,7 +34,7 @@ struct MachineLimits {
     // 1e9 flops per second; on a path without FMA (baseline), a multiply and an add.
     double fma_peak_gflops = 0.0;
     // bf16 x bf16 -> float32 products, 2 flops each, as the path does them on this CPU (see
-    // bf16_dot_method): vdpbf16ps on the avx512 path of a CPU with AVX512_BF16, else one bf16
+    // bf16_dot_method): vdpbf16ps on the avx512_bf16 path, else one bf16
     // operand read from L1 and widened to float32 in registers, multiplied by a float32 one with
     // FMA (a bf16-weight GEMM's inner loop).
     double bf16_dot_peak_gflops = 0.0;

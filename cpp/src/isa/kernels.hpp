@@ -184,7 +184,8 @@ struct Kernels {
     // y[i, j] = sum_c x[i, c] * w[j, c] in float32 (see QuantGemmArgs). y[i, j]'s bits depend
     // only on x row i, W row j (with its scales) and the path: not on m, the column range, the
     // scratch or the caller's threads, so callers may split rows and columns any way. A bf16 x
-    // and its float32 values give the same bits, and so do a bf16 W and its float32 values; int8
+    // and its float32 values give the same bits (except on the avx512_bf16 path, where a bf16 x
+    // with a bf16, int8 or fp8 W runs vdpbf16ps), and so do a bf16 W and its float32 values; int8
     // scales the row's sum, fp8 each scale block's lane sums (see QuantWeights). A NaN fp8 code
     // makes its row's outputs NaN. Small m streams W once (each weight converted in registers and
     // used for every row of x); large m converts blocks of W rows into float32 panels in the

@@ -3,14 +3,15 @@
 // with row scales, and x in float32 or bf16.
 //
 // One dot-product order for every y[i, j], whatever the call. k is cut into chunks of kChunk =
-// 2 * kLanes values from column 0, the last one zero-padded; each chunk gives two vectors of
-// kLanes values; lane l of one vector accumulator takes, chunk after chunk, the product from the
-// first vector and then the one from the second, as FMAs where the path has them (mul then add on
-// SSE2); a fixed tree sums the accumulator's lanes at the end ((l, l + kLanes / 2), ..., (0, 1)).
-// Tiles, k-blocks (accumulators parked in the scratch between them), which rows of x share a pass
-// over W: these change when each FMA runs, never its operands, so y[i, j]'s bits depend only on x
-// row i, W row j (with its scales) and the path. A bf16 x and its float32 values give the same
-// bits. Per weight type:
+// 2 * kLanes values from column 0 (kLanes = 4 on SSE2 and plain C++, 8 on avx2, 16 on avx512 and
+// avx512_bf16), the last one zero-padded; each chunk gives two vectors of kLanes values; lane l of
+// one vector accumulator takes, chunk after chunk, the product from the first vector and then the
+// one from the second, as FMAs where the path has them (mul then add on SSE2); a fixed tree sums
+// the accumulator's lanes at the end ((l, l + kLanes / 2), ..., (0, 1)). Tiles, k-blocks
+// (accumulators parked in the scratch between them), which rows of x share a pass over W: these
+// change when each FMA runs, never its operands, so y[i, j]'s bits depend only on x row i, W row
+// j (with its scales) and the path. A bf16 x and its float32 values give the same bits (except
+// under vdpbf16ps, below). Per weight type (FmaDot):
 //   float32, bf16  the even/odd layout (first vector: the chunk's values 2l, second: 2l + 1) -- a
 //                  32-bit lane holding two bf16 gives the even value by a shift, the odd one by a
 //                  mask; the products x * w. A bf16 W and its float32 values give the same bits.
@@ -30,10 +31,19 @@
 // loop is the conversion and the FMAs alone (a multiply with an fp8-subnormal input is also slow
 // on AMD Zen).
 //
-// x is arranged once per call (the x panel, float32 in the scratch). Decode (small m): W is
+// The avx512_bf16 path, bf16 x with bf16, int8 or fp8 W (scale blocks of whole chunks): vdpbf16ps
+// (Bf16Dot). x row i is normalised by 2^P_i (its largest |x| into [1/2, 1): arrange_x_bf16) and
+// kept in bf16; W's values are converted to bf16 exactly (int8 codes by float32, fp8 by a table:
+// every E4M3 value is a normal bf16); per chunk of 32 values lane l adds the product of values
+// 2l + 1 and then 2l (vdpbf16ps's order, each rounded once; bf16 subnormal inputs and float32
+// subnormal results are zeros, which the normalisation keeps below what matters). bf16:
+// y = tree * 2^-P_i; int8: y = (tree * 2^-P_i) * scale[j]; fp8: per scale block total +=
+// (sum * 2^-P_i) * scale, as above. So a bf16 x no longer gives its float32 values' bits there.
+//
+// x is arranged once per call (the x panel in the scratch: float32, or bf16 for vdpbf16ps). Decode (small m): W is
 // streamed once, each chunk of up to 4 rows converted in registers and multiplied into every row
-// of x. Prefill (large m): kBlockRows rows of W at a time are converted into a float32 panel in
-// the scratch, then register tiles of kTileX rows of x by kTileW rows of W run over k-blocks that
+// of x. Prefill (large m): kBlockRows rows of W at a time are converted into a float32 (bf16 for
+// vdpbf16ps) panel in the scratch, then register tiles of kTileX rows of x by kTileW rows of W run over k-blocks that
 // stay in L1 (fp8: k-blocks of whole scale blocks).
 #include <bit>
 #include <cmath>
