@@ -405,14 +405,13 @@ float lane_tree(std::vector<float> v) {
     return v[0];
 }
 
-// y[i, j] for int8 and fp8 W as kernels.hpp documents it. L lanes, chunks of 2L columns; int8:
-// lane l takes columns l, l + L, l + 2L, ... (natural layout); fp8: 2l, 2l + 1, 2l + 2L,
-// 2l + 2L + 1, ... (even/odd layout); columns up to the end of the last chunk are zeros, except
-// fp8 with blocks that are not whole chunks, where columns past k are skipped. int8: sum of x * q,
-// then the tree, then * scale. fp8: x row i times 2^P (P = 126 - E clamped to [0, 127], max |x_i| <
-// 2^E), each code as fp8 * 2^-120; a lane's sum restarts at every scale block and is added into the
-// lane's total as total = madd(sum * 2^(120 - P), scale, total); then the tree; any NaN code in
-// row j gives NaN.
+// y[i, j] for int8 and fp8 W as kernels.hpp documents it. L lanes, chunks of 2L columns, the
+// natural layout: lane l takes columns l, l + L, l + 2L, ...; columns up to the end of the last
+// chunk are zeros, except fp8 with blocks that are not whole chunks, where columns past k are
+// skipped. int8: sum of x * q, then the tree, then * scale. fp8: x row i times 2^Q (Q = 14 - E
+// clamped to [-126, 127], max |x_i| < 2^E), values below 2^-126 then zeros, each code as
+// fp8 * 2^-8; a lane's sum restarts at every scale block and is added into the lane's total as
+// total = madd(sum * 2^(8 - Q), scale, total); then the tree; any NaN code in row j gives NaN.
 float documented_y(const Arith& ar, const Activations& x, const Weights& w, Index i, Index j) {
     const Index k = w.cols, chunk = 2 * ar.lanes, padded = (k + chunk - 1) / chunk * chunk;
     const float* xr = x.f32.data() + i * x.k;
@@ -432,30 +431,29 @@ float documented_y(const Arith& ar, const Activations& x, const Weights& w, Inde
     for (Index c = 0; c < k; ++c) max_abs = std::max(max_abs, std::abs(xr[c]));
     int e = 0;
     std::frexp(max_abs, &e);
-    const int p = std::clamp(126 - e, 0, 127);
-    const float up = std::ldexp(1.0f, p), back = std::ldexp(1.0f, 120 - p);
+    const int q_exp = std::clamp(14 - e, -126, 127);
+    const float up = std::ldexp(1.0f, q_exp), back = std::ldexp(1.0f, 8 - q_exp);
     bool nan = false;
     const bool whole_chunks = w.block_cols % chunk == 0;
     for (int l = 0; l < ar.lanes; ++l) {
         float s = 0.0f, t = 0.0f;
         Index block = -1;
-        for (Index u = 0; u < padded / ar.lanes; ++u) {
-            // The lane's u-th column: 2l + (u odd) in chunk u / 2.
-            const Index c = (u / 2) * chunk + 2 * l + u % 2;
-            if (c >= (whole_chunks ? padded : k)) continue;
+        for (Index c = l; c < (whole_chunks ? padded : k); c += ar.lanes) {
             const Index b = c / w.block_cols;
             if (b != block) {
                 if (block >= 0) t = madd(ar, s * back, w.scale(j, block * w.block_cols), t);
                 s = 0.0f;
                 block = b;
             }
-            float q = 0.0f;
+            float q = 0.0f, xv = 0.0f;
             if (c < k) {
                 const double v = fp8_to_double(w.fp8[j * k + c]);
                 nan = nan || std::isnan(v);
-                q = std::isnan(v) ? 0.0f : static_cast<float>(std::ldexp(v, -120));
+                q = std::isnan(v) ? 0.0f : static_cast<float>(std::ldexp(v, -8));
+                xv = xr[c] * up;
+                if (std::abs(xv) < 0x1p-126f) xv = 0.0f;
             }
-            s = madd(ar, c < k ? xr[c] * up : 0.0f, q, s);
+            s = madd(ar, xv, q, s);
         }
         if (block >= 0) t = madd(ar, s * back, w.scale(j, block * w.block_cols), t);
         total[static_cast<std::size_t>(l)] = t;

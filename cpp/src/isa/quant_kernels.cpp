@@ -40,11 +40,11 @@
 // y = tree * 2^-P_i; int8: y = (tree * 2^-P_i) * scale[j]; fp8: per scale block total +=
 // (sum * 2^-P_i) * scale, as above. So a bf16 x no longer gives its float32 values' bits there.
 //
-// x is arranged once per call (the x panel in the scratch: float32, or bf16 for vdpbf16ps). Decode (small m): W is
-// streamed once, each chunk of up to 4 rows converted in registers and multiplied into every row
-// of x. Prefill (large m): kBlockRows rows of W at a time are converted into a float32 (bf16 for
-// vdpbf16ps) panel in the scratch, then register tiles of kTileX rows of x by kTileW rows of W run over k-blocks that
-// stay in L1 (fp8: k-blocks of whole scale blocks).
+// x is arranged once per call (the x panel in the scratch: float32, or bf16 for vdpbf16ps). Decode
+// (small m): W is streamed once, each chunk of up to 4 rows converted in registers and multiplied
+// into every row of x. Prefill (large m): kBlockRows rows of W at a time are converted into a
+// float32 (bf16 for vdpbf16ps) panel in the scratch, then register tiles of kTileX rows of x by
+// kTileW rows of W run over k-blocks that stay in L1 (fp8: k-blocks of whole scale blocks).
 #include <bit>
 #include <cmath>
 #include <cstddef>
@@ -334,25 +334,9 @@ float bf16_value(std::uint16_t bits) { return std::bit_cast<float>(std::uint32_t
     return static_cast<std::uint16_t>(std::bit_cast<std::uint32_t>(v) >> 16);
 }
 
-// fp8 E4M3FN for FmaDot: each code as the float32 fp8(q) * 2^-120, exactly: the sign-extended
-// byte shifted left by 20 and masked to 0x87F00000 has the sign in bit 31, the exponent field
-// 0000eeee and the mantissa mmm0...: 2^(e - 127) * 1.mmm = fp8 * 2^-120 for e >= 1, and for e = 0
-// the float32 subnormal mmm * 2^-129 = fp8 * 2^-120 as well. NaN codes (0x7F, 0xFF) come out
-// finite and are caught apart (check_nan, tail): their row's outputs are NaN. The x panel holds
-// x * 2^P (see fp8_x_exponent), so products are x * fp8 * 2^(P - 120); each scale block's lane
-// sums are scaled back and multiplied by the block's scale at its end (block_flush in
-// decode_tile, panel_tile).
-MOELB_INLINE float fp8_scaled(std::uint8_t b) {
-    const std::uint32_t u =
-        static_cast<std::uint32_t>(static_cast<std::int32_t>(static_cast<std::int8_t>(b))) << 20;
-    return std::bit_cast<float>(u & 0x87F00000u);
-}
-MOELB_INLINE bool fp8_is_nan(std::uint8_t b) { return (b & 0x7Fu) == 0x7Fu; }
-
-#if defined(MOELB_QUANT_BF16_DOT)
-// fp8 E4M3FN for Bf16Dot: the bf16 bits of the code's exact value -- every E4M3FN value, the
-// subnormals (m * 2^-9) included, is a normal bf16 (vdpbf16ps reads bf16 subnormals as zero). By
-// the magnitude m = code & 0x7F (0x7F, NaN, gives 480: caught apart like FmaDot's).
+// fp8 E4M3FN: the bf16 bits of each code's exact value by its magnitude m = code & 0x7F -- every
+// E4M3FN value, the subnormals (m * 2^-9) included, is a normal bf16 (and float32); 0x7F, NaN,
+// gives 480: NaN codes are caught apart (check_nan, tail), their row's outputs NaN.
 constexpr std::uint16_t fp8_magnitude_bf16(unsigned m) {
     unsigned e = m >> 3, mant = m & 7u;
     if (e == 0) {
@@ -378,7 +362,13 @@ constexpr Fp8Bf16Table kFp8Bf16 = make_fp8_bf16_table();
 MOELB_INLINE float fp8_value(std::uint8_t b) {
     return bf16_value(static_cast<std::uint16_t>(kFp8Bf16.v[b & 0x7Fu] | (b & 0x80u) << 8));
 }
-#endif
+// FmaDot's fp8 operand: fp8 * 2^-8, a normal float32 for every code (2^-17 <= |v| < 2) -- what
+// the vector paths get from the code's bits as an IEEE half (sign, then the code's 7 magnitude
+// bits as 0eeee.mmm: 2^(e - 15) * 1.mmm, or for e = 0 the half subnormal 0.mmm * 2^-14) widened
+// by F16C's vcvtph2ps. A subnormal float32 operand would cost Intel cores a microcode assist per
+// FMA (fp8 * 2^-120, an earlier choice, made fp8 13x slower than bf16 on a Xeon).
+MOELB_INLINE float fp8_scaled(std::uint8_t b) { return fp8_value(b) * 0x1p-8f; }
+MOELB_INLINE bool fp8_is_nan(std::uint8_t b) { return (b & 0x7Fu) == 0x7Fu; }
 
 // ---- Reading W: one loader per stored type --------------------------------------------------
 //
@@ -521,8 +511,8 @@ struct Int8Rows : RowPointers<std::int8_t> {
     }
 };
 
-// fp8 E4M3FN with block scales: FmaDot the even/odd layout of fp8_scaled, Bf16Dot the codes'
-// exact bf16 values in order (fp8_magnitude_bf16).
+// fp8 E4M3FN with block scales: FmaDot the natural layout of fp8_scaled (as int8's), Bf16Dot the
+// codes' exact bf16 values in order (fp8_magnitude_bf16).
 template <class D>
 struct Fp8Rows : RowPointers<std::uint8_t> {
     using Dot = D;
@@ -586,26 +576,28 @@ struct Fp8Rows : RowPointers<std::uint8_t> {
     MOELB_INLINE void chunk(int jj, Index c, Parts<Dot>& w) const {
         const std::uint8_t* p = at(jj, c);
         if constexpr (std::is_same_v<Dot, FmaDot>) {
+            // The codes as IEEE halves (fp8_scaled): sign-extended to 16 bits, shifted left by 7
+            // (bit 15 = the sign, bits 7-13 = the magnitude) and bit 14 (a copy of the sign)
+            // cleared; then widened to float32 in order (the natural layout).
 #if defined(MOELB_QUANT_AVX512)
-            // 32 sign-extended 16-bit words, word t = column t: dword l holds columns 2l (low)
-            // and 2l + 1 (high). Each code's sign-extended bits shifted to bit 20 of its dword
-            // and masked as in fp8_scaled: << 20 for the low word, << 4 for the high one.
-            const __m512i mask = _mm512_set1_epi32(static_cast<int>(0x87F00000u));
             const __m512i d =
                 _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-            w[0] = _mm512_castsi512_ps(_mm512_and_si512(_mm512_slli_epi32(d, 20), mask));
-            w[1] = _mm512_castsi512_ps(_mm512_and_si512(_mm512_slli_epi32(d, 4), mask));
+            const __m512i h = _mm512_and_si512(_mm512_slli_epi16(d, 7),
+                                               _mm512_set1_epi16(static_cast<short>(0xBF80)));
+            w[0] = _mm512_cvtph_ps(_mm512_castsi512_si256(h));
+            w[1] = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(h, 1));
 #elif defined(MOELB_QUANT_AVX2)
-            // As above with 16 words.
-            const __m256i mask = _mm256_set1_epi32(static_cast<int>(0x87F00000u));
             const __m256i d =
                 _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-            w[0] = _mm256_castsi256_ps(_mm256_and_si256(_mm256_slli_epi32(d, 20), mask));
-            w[1] = _mm256_castsi256_ps(_mm256_and_si256(_mm256_slli_epi32(d, 4), mask));
+            const __m256i h = _mm256_and_si256(_mm256_slli_epi16(d, 7),
+                                               _mm256_set1_epi16(static_cast<short>(0xBF80)));
+            w[0] = _mm256_cvtph_ps(_mm256_castsi256_si128(h));
+            w[1] = _mm256_cvtph_ps(_mm256_extracti128_si256(h, 1));
 #else
             alignas(64) float v[kChunk];
             for (int t = 0; t < kChunk; ++t) v[t] = fp8_scaled(p[t]);
-            deinterleave(v, w[0], w[1]);
+            w[0] = vload(v);
+            w[1] = vload(v + kLanes);
 #endif
         } else {
 #if defined(MOELB_QUANT_BF16_DOT)
@@ -633,11 +625,9 @@ struct Fp8Rows : RowPointers<std::uint8_t> {
             if (fp8_is_nan(r[col])) nan[jj] = true;
         }
         if constexpr (std::is_same_v<Dot, FmaDot>) {
-            scalar_chunk<Dot, false>([r](Index col) { return fp8_scaled(r[col]); }, c, cols, w);
+            scalar_chunk<Dot, true>([r](Index col) { return fp8_scaled(r[col]); }, c, cols, w);
         } else {
-#if defined(MOELB_QUANT_BF16_DOT)
             scalar_chunk<Dot, false>([r](Index col) { return fp8_value(r[col]); }, c, cols, w);
-#endif
         }
     }
 };
@@ -835,19 +825,19 @@ static_assert(kTileX == 3 && kTileW == 4);
 
 // ---- The x panel ------------------------------------------------------------------------------
 
-// The power of two fp8 puts on x row i in its FmaDot panel: 2^P with P = 126 - E clamped to [0,
-// 127], E the exponent of the row's largest |x| (max |x| < 2^E; 0 for a zero row, no finite
-// value). Then |x * 2^P| < 2^126 and the products x * 2^P * fp8 * 2^-120 (Fp8Rows) stay below 2^15
-// and are normal float32 unless |x * fp8| < 2^-131 * max |x| (or < 2^-133): x * fp8 rounded once,
-// scaled by an exact power of two. xg[i] = 2^(120 - P) undoes it at each block's end
-// (block_flush). max_bits: the largest |x| of the row as float32 bits (sign cleared; above
-// 0x7F800000: NaN).
+// The power of two fp8 puts on x row i in its FmaDot panel: 2^Q with Q = 14 - E clamped to
+// [-126, 127], E the exponent of the row's largest |x| (max |x| < 2^E; 0 for a zero row or one
+// with inf or NaN). Then |x * 2^Q| < 2^14, the products x * 2^Q * fp8 * 2^-8 (fp8_scaled) stay
+// below 2^15, and x * fp8 is rounded once, scaled by an exact power of two; xg[i] = 2^(8 - Q)
+// undoes it at each block's end (block_flush). Panel values below 2^-126 (x below 2^(E - 140))
+// are stored as zeros: a subnormal FMA operand would cost Intel cores a microcode assist.
+// max_bits: the largest |x| of the row as float32 bits (sign cleared; from 0x7F800000: inf, NaN).
 MOELB_INLINE int fp8_x_exponent(std::uint32_t max_bits) {
     if (max_bits >= 0x7F800000u) return 0;  // inf or NaN (NaN rows propagate anyway)
     int e = 0;
     std::frexp(std::bit_cast<float>(max_bits), &e);
-    const int p = 126 - e;
-    return p < 0 ? 0 : (p > 127 ? 127 : p);
+    const int q = 14 - e;
+    return q < -126 ? -126 : (q > 127 ? 127 : q);
 }
 
 // The largest |x| of row i's k values as float32 bits (an integer max, which vectorises).
@@ -870,9 +860,9 @@ std::uint32_t row_max_bits(const QuantGemmArgs& a, Index i, Index k) {
 }
 
 // FmaDot's x rows [0, m): row i at xp + i * kp, chunk c at + c * kChunk, the last chunk
-// zero-padded. The even/odd layout (f32, bf16, fp8 W): even values, then odd; the natural one
-// (int8 W): the values in order. fp8 W: the values times 2^P with xg[i] = 2^(120 - P)
-// (fp8_x_exponent); other W: xg[i] = 1.
+// zero-padded. The even/odd layout (f32, bf16 W): even values, then odd; the natural one (int8,
+// fp8 W): the values in order. fp8 W: the values times 2^Q, those below 2^-126 as zeros, with
+// xg[i] = 2^(8 - Q) (fp8_x_exponent); other W: xg[i] = 1.
 void arrange_x(const QuantGemmArgs& a, Index k, Index kp, float* xp, float* xg, bool natural,
                bool fp8) {
     const Index full = k / kChunk, chunks = (k + kChunk - 1) / kChunk;
@@ -884,9 +874,9 @@ void arrange_x(const QuantGemmArgs& a, Index k, Index kp, float* xp, float* xg, 
         float f = 1.0f;
         xg[i] = 1.0f;
         if (fp8) {
-            const int p = fp8_x_exponent(row_max_bits(a, i, k));
-            f = std::ldexp(1.0f, p);
-            xg[i] = std::ldexp(1.0f, 120 - p);
+            const int q = fp8_x_exponent(row_max_bits(a, i, k));
+            f = std::ldexp(1.0f, q);
+            xg[i] = std::ldexp(1.0f, 8 - q);
         }
         if (natural) {
             if (f32) {
@@ -894,10 +884,16 @@ void arrange_x(const QuantGemmArgs& a, Index k, Index kp, float* xp, float* xg, 
             } else {
                 for (Index c = 0; c < k; ++c) dst[c] = bf16_value(rowb[c]);
             }
+            if (fp8) {
+                for (Index c = 0; c < k; ++c) {
+                    const float v = dst[c] * f;
+                    dst[c] = std::abs(v) < 0x1p-126f ? 0.0f : v;
+                }
+            }
             for (Index c = k; c < chunks * kChunk; ++c) dst[c] = 0.0f;
             continue;
         }
-        const Vec fv = vset1(f);  // exact: a power of two with no overflow (fp8_x_exponent)
+        const Vec fv = vset1(f);  // 1 (fp8 W take the natural layout)
         Parts<FmaDot> w;
         for (Index c = 0; c < full; ++c) {
             if (f32) {
@@ -1089,9 +1085,9 @@ MOELB_INLINE float madd1(float a, float b, float c) {
 }
 
 // fp8 with scale blocks that are not whole chunks (block_cols % kChunk != 0), any m, FmaDot: the
-// even/odd layout's lanes one value at a time, lane l's sum closed (added into the lane's total
-// as in block_flush) whenever its next column is in another scale block, and at the end; columns
-// past k are skipped. Slow, and the same for every m.
+// natural layout's lanes one value at a time (lane l: columns l, l + kLanes, ...), lane l's sum
+// closed (added into the lane's total as in block_flush) whenever its next column is in another
+// scale block, and at the end; columns past k are skipped. Slow, and the same for every m.
 void run_fp8_lanes(Fp8Rows<FmaDot>& ld, const QuantGemmArgs& a, const Layout& L) {
     for (Index j = a.n_begin; j < a.n_end; ++j) {
         ld.bind(j, 1);
@@ -1105,19 +1101,14 @@ void run_fp8_lanes(Fp8Rows<FmaDot>& ld, const QuantGemmArgs& a, const Layout& L)
             for (int l = 0; l < kLanes; ++l) {
                 float sum = 0.0f;
                 Index block = -1;
-                for (Index col0 = 0; col0 < L.k; col0 += kChunk) {
-                    for (int h = 0; h < 2; ++h) {
-                        const Index col = col0 + 2 * l + h;
-                        if (col >= L.k) continue;
-                        const Index b = col / ld.block_cols;
-                        if (b != block) {
-                            if (block >= 0) total[l] = madd1(sum * L.xg[i], s[block], total[l]);
-                            sum = 0.0f;
-                            block = b;
-                        }
-                        // x in the panel's even/odd layout: value 2l + h of the chunk at l + h L.
-                        sum = madd1(x[col0 + h * kLanes + l], fp8_scaled(q[col]), sum);
+                for (Index col = l; col < L.k; col += kLanes) {
+                    const Index b = col / ld.block_cols;
+                    if (b != block) {
+                        if (block >= 0) total[l] = madd1(sum * L.xg[i], s[block], total[l]);
+                        sum = 0.0f;
+                        block = b;
                     }
+                    sum = madd1(x[col], fp8_scaled(q[col]), sum);
                 }
                 if (block >= 0) total[l] = madd1(sum * L.xg[i], s[block], total[l]);
             }
@@ -1258,7 +1249,8 @@ void quant_gemm(const QuantGemmArgs& a) {
 #endif
         return;
     }
-    arrange_x(a, k, L.kp, L.xp, L.xg, w.type == WeightType::kInt8, w.type == WeightType::kFp8E4m3);
+    arrange_x(a, k, L.kp, L.xp, L.xg, w.type == WeightType::kInt8 || w.type == WeightType::kFp8E4m3,
+              w.type == WeightType::kFp8E4m3);
     run_weights<FmaDot>(a, L);
 }
 
