@@ -18,18 +18,18 @@
 //   int8           the natural layout (first vector: values l, second: kLanes + l, so lane l takes
 //                  the columns l mod kLanes in order; widened by sign-extending loads); the
 //                  products x * float(q) (exact); y = tree * scale[j] (one rounding).
-//   fp8            the even/odd layout; x row i carries 2^P_i in the x panel (P_i from the row's
-//                  largest |x|, see fp8_x_exponent) and each code is converted to fp8 * 2^-120
-//                  exactly by shift and mask (Fp8Rows); each lane's sum restarts at every scale
-//                  block and at the block's end is added into the lane's total as total +=
-//                  (sum * 2^(120 - P_i)) * scale (exact power of two, then one multiply-add), so
-//                  every product is x * fp8 rounded once (while |x * fp8| >= 2^-131 max |x_i|)
-//                  and each block's scale is applied once. Scale blocks that are not whole chunks
-//                  take a scalar driver with the same rule per lane (columns past k skipped). A
-//                  NaN code (0x7F, 0xFF) makes its row's outputs NaN.
+//   fp8            the natural layout; x row i carries 2^Q_i in the x panel (Q_i from the row's
+//                  largest |x|, see fp8_x_exponent; values below 2^-126 stored as zeros) and
+//                  each code is converted to fp8 * 2^-8 exactly (F16C: fp8_scaled), so no FMA
+//                  operand is subnormal; each lane's sum restarts at every scale block and at the
+//                  block's end is added into the lane's total as total += (sum * 2^(8 - Q_i)) *
+//                  scale (exact power of two, then one multiply-add), so every product is
+//                  x * fp8 rounded once (while |x| >= 2^-140 max |x_i|) and each block's scale is
+//                  applied once. Scale blocks that are not whole chunks take a scalar driver with
+//                  the same rule per lane (columns past k skipped). A NaN code (0x7F, 0xFF)
+//                  makes its row's outputs NaN.
 // Per weight rather than per block, the scale would cost a multiply per weight: decode's inner
-// loop is the conversion and the FMAs alone (a multiply with an fp8-subnormal input is also slow
-// on AMD Zen).
+// loop is the conversion and the FMAs alone.
 //
 // The avx512_bf16 path, bf16 x with bf16, int8 or fp8 W (scale blocks of whole chunks): vdpbf16ps
 // (Bf16Dot). x row i is normalised by 2^P_i (its largest |x| into [1/2, 1): arrange_x_bf16) and
