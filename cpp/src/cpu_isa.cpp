@@ -135,62 +135,41 @@ std::vector<std::string> missing_features(CpuIsa isa) {
     return missing;
 }
 
-// Whether this build compiled `isa`. It does not touch the path's table: a path's code (the
-// avx512_bf16 table is built on its first use) may run only on a CPU that has the path.
-bool compiled(CpuIsa isa) {
-    switch (isa) {
+// The paths this build compiled, narrowest first, with their tables' getters. Availability reads
+// this list, never a table: a path's code (the avx512_bf16 table is built on its first use) may
+// run only on a CPU that has the path.
+struct CompiledPath {
+    CpuIsa isa;
+    const isa::Kernels& (*kernels)();
+};
+constexpr CompiledPath kCompiledPaths[] = {
 #if defined(MOELB_ISA_HAVE_BASELINE)
-        case CpuIsa::kBaseline:
-            return true;
+    {CpuIsa::kBaseline, &isa_baseline::kernels},
 #endif
 #if defined(MOELB_ISA_HAVE_AVX2)
-        case CpuIsa::kAvx2:
-            return true;
+    {CpuIsa::kAvx2, &isa_avx2::kernels},
 #endif
 #if defined(MOELB_ISA_HAVE_AVX512)
-        case CpuIsa::kAvx512:
-            return true;
+    {CpuIsa::kAvx512, &isa_avx512::kernels},
 #endif
 #if defined(MOELB_ISA_HAVE_AVX512_BF16)
-        case CpuIsa::kAvx512Bf16:
-            return true;
+    {CpuIsa::kAvx512Bf16, &isa_avx512_bf16::kernels},
 #endif
 #if defined(MOELB_ISA_HAVE_NATIVE)
-        case CpuIsa::kNative:
-            return true;
+    {CpuIsa::kNative, &isa_native::kernels},
 #endif
-        default:
-            return false;
-    }
-}
+};
 
-// The kernel table of a compiled path that this CPU runs (nullptr if this build lacks it).
-const isa::Kernels* table(CpuIsa isa) {
-    switch (isa) {
-#if defined(MOELB_ISA_HAVE_BASELINE)
-        case CpuIsa::kBaseline:
-            return &isa_baseline::kernels();
-#endif
-#if defined(MOELB_ISA_HAVE_AVX2)
-        case CpuIsa::kAvx2:
-            return &isa_avx2::kernels();
-#endif
-#if defined(MOELB_ISA_HAVE_AVX512)
-        case CpuIsa::kAvx512:
-            return &isa_avx512::kernels();
-#endif
-#if defined(MOELB_ISA_HAVE_AVX512_BF16)
-        case CpuIsa::kAvx512Bf16:
-            return &isa_avx512_bf16::kernels();
-#endif
-#if defined(MOELB_ISA_HAVE_NATIVE)
-        case CpuIsa::kNative:
-            return &isa_native::kernels();
-#endif
-        default:
-            return nullptr;
+const CompiledPath* find_compiled(CpuIsa isa) {
+    for (const CompiledPath& p : kCompiledPaths) {
+        if (p.isa == isa) return &p;
     }
+    return nullptr;
 }
+bool compiled(CpuIsa isa) { return find_compiled(isa) != nullptr; }
+
+// The kernel table of a compiled path that this CPU runs.
+const isa::Kernels* table(CpuIsa isa) { return &find_compiled(isa)->kernels(); }
 
 std::string join(const std::vector<std::string>& names) {
     std::ostringstream os;
@@ -248,10 +227,7 @@ CpuIsa parse_cpu_isa(std::string_view name, std::string_view param) {
 
 std::vector<CpuIsa> compiled_cpu_isas() {
     std::vector<CpuIsa> out;
-    for (const CpuIsa isa : {CpuIsa::kBaseline, CpuIsa::kAvx2, CpuIsa::kAvx512, CpuIsa::kAvx512Bf16,
-                             CpuIsa::kNative}) {
-        if (compiled(isa)) out.push_back(isa);
-    }
+    for (const CompiledPath& p : kCompiledPaths) out.push_back(p.isa);
     return out;
 }
 
