@@ -350,8 +350,8 @@ TEST(QuantGemm, BitsDependOnlyOnTheRowAndColumn) {
 // ---- The documented order of int8 and fp8 (kernels.hpp, quant_gemm), one value at a time ----
 
 // This path's lanes and multiply-add: 4 lanes with a multiply then an add on the SSE2 baseline,
-// 8 fused lanes on avx2, 16 on avx512 and avx512_bf16, and vdpbf16ps (bf16_dot) for bf16 x on
-// avx512_bf16; a native build's only path follows the compiler's target.
+// 8 fused lanes on avx2 and avx512, 16 on avx512_bf16 with vdpbf16ps (bf16_dot) for bf16 x; a
+// native build's only path follows the compiler's target.
 struct Arith {
     int lanes;
     bool fused;
@@ -360,12 +360,8 @@ struct Arith {
 Arith path_arith(CpuIsa isa) {
     if (isa == CpuIsa::kNative) {
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && \
-    defined(__AVX512VL__) && defined(__FMA__) && defined(__F16C__)
-#if defined(__AVX512BF16__)
+    defined(__AVX512VL__) && defined(__AVX512BF16__) && defined(__FMA__) && defined(__F16C__)
         return {16, true, true};
-#else
-        return {16, true};
-#endif
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
         return {8, true};
 #elif defined(__SSE2__)
@@ -381,7 +377,6 @@ Arith path_arith(CpuIsa isa) {
         return {4, true};
 #endif
     }
-    if (isa == CpuIsa::kAvx512) return {16, true};
     if (isa == CpuIsa::kAvx512Bf16) return {16, true, true};
     return {8, true};
 }

@@ -2,7 +2,8 @@
 // dispatch"). A portable build (MOELB_NATIVE=OFF, the default) compiles the kernels that gain from
 // wider vectors -- routing scores and top-k, the MoE layer's GEMMs and SwiGLU -- once per path and
 // picks one at run time from the CPU: "avx512_bf16" (avx512 and AVX512_BF16: the bf16-activation
-// GEMMs use vdpbf16ps), else "avx512" (x86-64-v4: AVX-512 F/BW/CD/DQ/VL, and the OS saves the
+// GEMMs use vdpbf16ps; compiled only with -DMOELB_ISA_AVX512_BF16=ON until verified on such a
+// CPU), else "avx512" (x86-64-v4: AVX-512 F/BW/CD/DQ/VL, and the OS saves the
 // AVX-512 state), else "avx2" (x86-64-v3: AVX2, FMA, BMI2, F16C, and the OS saves the AVX
 // state), else "baseline" (the target's base ISA: SSE2 on x86-64; NEON on aarch64). Everything
 // else is compiled for the base ISA. A MOELB_NATIVE=ON build compiles everything, the kernels
